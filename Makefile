@@ -1,0 +1,39 @@
+# The two commands of the quick start:
+#   make run    set up (virtual environment + install) and run the main job on the bundled letter data
+#   make test   set up and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STORES := data/stores
+RUNS := runs
+
+.PHONY: run test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[test,plot]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/pipeline ingest data/letter/letter-recognition.data $(STORES)/letter-train.zarr \
+	    --target 0 --rows 0:16000 --force
+	$(BIN)/pipeline ingest data/letter/letter-recognition.data $(STORES)/letter-test.zarr \
+	    --target 0 --rows 16000: --like $(STORES)/letter-train.zarr --force
+	$(BIN)/pipeline inspect $(STORES)/letter-train.zarr
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check pipeline kernels tests bench
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check pipeline kernels tests bench
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[test,plot,bench]"
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(STORES) $(RUNS) bench/out
