@@ -1,0 +1,309 @@
+"""The parameter-server extension: handlers and state on a real scheduler (gen_cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from distributed import Event, get_worker
+from distributed.protocol import to_serialize
+from distributed.protocol.serialize import Serialized, serialize
+from distributed.utils_test import gen_cluster
+
+from pipeline.ps import (
+    EXTENSION_NAME,
+    ParameterServer,
+    ParameterServerExtension,
+    PSError,
+    decode_vector,
+    encode_vector,
+)
+
+N = 10
+
+
+def _serialized(arr: np.ndarray) -> Serialized:
+    header, frames = serialize(arr, serializers=["dask", "pickle"])
+    return Serialized(header, frames)
+
+
+def test_decode_vector_accepts_float32_frames():
+    vec = np.arange(N, dtype=np.float32)
+    out = decode_vector(_serialized(vec), N)
+    np.testing.assert_array_equal(out, vec)
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        (np.arange(N, dtype=np.float64), "float32"),
+        (np.arange(N + 1, dtype=np.float32), "shape"),
+        (np.arange(N, dtype=np.int32), "float32"),
+    ],
+)
+def test_decode_vector_refuses_wrong_dtype_or_length(bad, fragment):
+    with pytest.raises(PSError, match=fragment):
+        decode_vector(_serialized(bad), N)
+
+
+def test_decode_vector_refuses_pickled_objects():
+    header, frames = serialize({"evil": 1}, serializers=["pickle"])
+    with pytest.raises(PSError, match="expected a NumPy array"):
+        decode_vector(Serialized(header, frames), N)
+    with pytest.raises(PSError, match="expected a float32 array"):
+        decode_vector(b"\x00" * 40, N)
+
+
+def test_decode_vector_refuses_unknown_compression():
+    header, frames = serialize(np.zeros(N, np.float32), serializers=["dask"])
+    header = dict(header, compression=("zip-bomb",))
+    with pytest.raises(PSError, match="compression"):
+        decode_vector(Serialized(header, frames), N)
+
+
+async def _create(c, job, params, **kw):
+    return await c.scheduler.ps_create(
+        job=job, params=to_serialize(params), n_params=int(params.size), **kw
+    )
+
+
+@gen_cluster(client=True)
+async def test_sync_round_weighted_sum_and_release(c, s, a, b):
+    ParameterServerExtension(s)
+    w0 = np.zeros(N, np.float32)
+    await _create(c, "j1", w0, mode="sync", aggregate="mean", optimizer={"name": "sgd", "lr": 1.0})
+    r1 = await c.scheduler.ps_join(job="j1", name="p1")
+    await c.scheduler.ps_join(job="j1", name="p2")
+    assert r1["version"] == 0 and r1["skip_batches"] == 0
+    d1 = np.full(N, -1.0, np.float32)  # delta = w_v - w_local: -1 means "moved to +1"
+    d2 = np.full(N, -4.0, np.float32)
+    push1 = asyncio.ensure_future(
+        c.scheduler.ps_push(job="j1", name="p1", version=0, delta=to_serialize(d1), samples=30, batches=3, loss=1.0)
+    )
+    await asyncio.sleep(0.2)
+    assert not push1.done()  # waits for p2: the round is not complete
+    r2 = await c.scheduler.ps_push(
+        job="j1", name="p2", version=0, delta=to_serialize(d2), samples=10, batches=1, loss=3.0
+    )
+    r1 = await push1
+    expected = -(0.75 * d1 + 0.25 * d2)  # weighted by samples, server SGD lr 1
+    for r in (r1, r2):
+        assert r["status"] == "OK" and r["version"] == 1
+        np.testing.assert_allclose(np.asarray(r["params"]), expected, rtol=1e-6)
+    ext = s.extensions[EXTENSION_NAME]
+    assert ext.jobs["j1"].progress == {"p1": 3, "p2": 1}
+    await c.scheduler.ps_close(job="j1")
+    assert not ext.jobs and not ext.key_to_participant
+
+
+@gen_cluster(client=True)
+async def test_sum_aggregate_scales_by_participants(c, s, a, b):
+    ParameterServerExtension(s)
+    await _create(c, "j", np.zeros(N, np.float32), mode="sync", aggregate="sum")
+    for name in ("a", "b"):
+        await c.scheduler.ps_join(job="j", name=name)
+    delta = to_serialize(np.full(N, -1.0, np.float32))
+    rs = await asyncio.gather(
+        *(
+            c.scheduler.ps_push(job="j", name=n, version=0, delta=delta, samples=5, batches=1, loss=0.5)
+            for n in ("a", "b")
+        )
+    )
+    np.testing.assert_allclose(np.asarray(rs[0]["params"]), 2.0)
+
+
+@gen_cluster(client=True)
+async def test_barrier_never_waits_for_a_participant_that_left(c, s, a, b):
+    ParameterServerExtension(s)
+    await _create(c, "j", np.zeros(N, np.float32), mode="sync")
+    await c.scheduler.ps_join(job="j", name="alive")
+    await c.scheduler.ps_join(job="j", name="dead")
+    push = asyncio.ensure_future(
+        c.scheduler.ps_push(
+            job="j", name="alive", version=0, delta=to_serialize(np.ones(N, np.float32)), samples=1, batches=1, loss=0.1
+        )
+    )
+    await asyncio.sleep(0.1)
+    assert not push.done()
+    await c.scheduler.ps_leave(job="j", name="dead")
+    r = await asyncio.wait_for(push, 5)
+    assert r["version"] == 1
+
+
+@gen_cluster(client=True)
+async def test_expected_participant_blocks_round_until_its_task_ends(c, s, a, b):
+    ParameterServerExtension(s)
+    await _create(c, "j", np.zeros(N, np.float32), mode="sync")
+    ev = Event("go")
+    fut = c.submit(lambda: Event("go").wait(10), key="never-joins", pure=False)
+    await c.scheduler.ps_expect(job="j", names=["early", "late"], keys=[None, fut.key], epoch=0)
+    await c.scheduler.ps_join(job="j", name="early")
+    push = asyncio.ensure_future(
+        c.scheduler.ps_push(
+            job="j", name="early", version=0, delta=to_serialize(np.ones(N, np.float32)), samples=1, batches=1, loss=0.1
+        )
+    )
+    await asyncio.sleep(0.3)
+    assert not push.done()  # "late" was announced: the round waits for it
+    await ev.set()
+    await fut  # its task ended without joining: the round goes on without it
+    r = await asyncio.wait_for(push, 5)
+    assert r["version"] == 1
+    assert not s.extensions[EXTENSION_NAME].key_to_participant
+
+
+def _join_and_hold(job: str) -> str:
+    ps = ParameterServer(job)
+    w = get_worker()
+    ps.call("join", name="task-p", key=w.get_current_task(), worker=w.address)
+    Event("release").wait(10)
+    return w.address
+
+
+@gen_cluster(client=True)
+async def test_participant_dropped_when_its_task_ends(c, s, a, b):
+    ext = ParameterServerExtension(s)
+    await _create(c, "j", np.zeros(N, np.float32), mode="async")
+    fut = c.submit(_join_and_hold, "j", pure=False)
+    while "task-p" not in ext.jobs["j"].participants:
+        await asyncio.sleep(0.02)
+    await Event("release").set()
+    await fut
+    assert "task-p" not in ext.jobs["j"].participants
+    assert not ext.key_to_participant
+
+
+@gen_cluster(client=True)
+async def test_async_applies_each_push_and_records_staleness(c, s, a, b):
+    ext = ParameterServerExtension(s)
+    await _create(c, "j", np.zeros(N, np.float32), mode="async", optimizer={"name": "sgd", "lr": 0.5})
+    await c.scheduler.ps_join(job="j", name="x")
+    await c.scheduler.ps_join(job="j", name="y")
+    delta = to_serialize(np.full(N, -2.0, np.float32))
+    r = await c.scheduler.ps_push(job="j", name="x", version=0, delta=delta, samples=4, batches=1, loss=1.0)
+    assert r["version"] == 1
+    np.testing.assert_allclose(np.asarray(r["params"]), 1.0)
+    r = await c.scheduler.ps_push(job="j", name="y", version=0, delta=delta, samples=4, batches=1, loss=1.0)
+    assert r["version"] == 2 and r["staleness"] == 1
+    np.testing.assert_allclose(np.asarray(r["params"]), 2.0)
+    m = await c.scheduler.ps_metrics(job="j")
+    assert m["pushes"] == 2 and m["samples"] == 8 and m["staleness"] == {0: 1, 1: 1}
+    assert ext.jobs["j"].version == 2
+
+
+@gen_cluster(client=True)
+async def test_ssp_runner_ahead_waits_for_slowest(c, s, a, b):
+    ParameterServerExtension(s)
+    await _create(c, "j", np.zeros(N, np.float32), mode="ssp", staleness=1)
+    await c.scheduler.ps_join(job="j", name="fast")
+    await c.scheduler.ps_join(job="j", name="slow")
+    delta = to_serialize(np.zeros(N, np.float32))
+
+    def push(name, version):
+        return c.scheduler.ps_push(job="j", name=name, version=version, delta=delta, samples=1, batches=1, loss=0.0)
+
+    r = await push("fast", 0)  # clock 1 vs 0: within the bound
+    assert r["status"] == "OK"
+    second = asyncio.ensure_future(push("fast", r["version"]))  # clock 2 vs 0: must wait
+    await asyncio.sleep(0.3)
+    assert not second.done()
+    await push("slow", 0)
+    r = await asyncio.wait_for(second, 5)
+    assert r["status"] == "OK"
+
+
+@gen_cluster(client=True)
+async def test_refuses_unknown_job_wrong_length_and_unjoined(c, s, a, b):
+    ParameterServerExtension(s)
+    await _create(c, "j", np.zeros(N, np.float32), mode="async")
+    with pytest.raises(PSError, match="unknown job"):
+        await c.scheduler.ps_pull(job="nope")
+    await c.scheduler.ps_join(job="j", name="p")
+    with pytest.raises(PSError, match="shape"):
+        await c.scheduler.ps_push(
+            job="j", name="p", version=0, delta=to_serialize(np.zeros(N + 1, np.float32)), samples=1, batches=1, loss=0.0
+        )
+    with pytest.raises(PSError, match="float32"):
+        await c.scheduler.ps_push(
+            job="j", name="p", version=0, delta=to_serialize(np.zeros(N, np.float64)), samples=1, batches=1, loss=0.0
+        )
+    with pytest.raises(PSError, match="has not joined"):
+        await c.scheduler.ps_push(
+            job="j", name="stranger", version=0, delta=to_serialize(np.zeros(N, np.float32)), samples=1, batches=1, loss=0.0
+        )
+    with pytest.raises(PSError, match="invalid job id"):
+        await c.scheduler.ps_pull(job="../../etc/passwd")
+    with pytest.raises(PSError, match="already exists"):
+        await _create(c, "j", np.zeros(N, np.float32))
+
+
+@gen_cluster(client=True)
+async def test_two_jobs_do_not_mix(c, s, a, b):
+    ext = ParameterServerExtension(s)
+    await _create(c, "A", np.zeros(N, np.float32), mode="async")
+    await _create(c, "B", np.zeros(2 * N, np.float32), mode="async")
+    await c.scheduler.ps_join(job="A", name="p")
+    await c.scheduler.ps_join(job="B", name="p")
+    await c.scheduler.ps_push(
+        job="A", name="p", version=0, delta=to_serialize(np.full(N, -1.0, np.float32)), samples=1, batches=1, loss=0.0
+    )
+    rb = await c.scheduler.ps_pull(job="B")
+    np.testing.assert_array_equal(np.asarray(rb["params"]), np.zeros(2 * N, np.float32))
+    ra = await c.scheduler.ps_pull(job="A")
+    np.testing.assert_array_equal(np.asarray(ra["params"]), np.ones(N, np.float32))
+    await c.scheduler.ps_close(job="A")
+    await c.scheduler.ps_close(job="B")
+    assert not ext.jobs and not ext.key_to_participant
+    assert [f["job"] for f in ext.finished] == ["A", "B"]
+
+
+@gen_cluster(client=True)
+async def test_divergence_fails_job_with_round_and_fix(c, s, a, b):
+    ParameterServerExtension(s)
+    await _create(c, "j", np.zeros(N, np.float32), mode="async")
+    await c.scheduler.ps_join(job="j", name="p")
+    r = await c.scheduler.ps_push(
+        job="j", name="p", version=0, delta=to_serialize(np.full(N, np.nan, np.float32)), samples=1, batches=1, loss=1.0
+    )
+    assert r["status"] == "failed"
+    assert "round 0" in r["message"] and "lower the learning rate" in r["message"]
+    np.testing.assert_array_equal(np.asarray(r["params"]), 0.0)  # the bad update was not applied
+
+
+@gen_cluster(client=True)
+async def test_state_round_trips_through_create(c, s, a, b):
+    ParameterServerExtension(s)
+    await _create(c, "j", np.zeros(N, np.float32), mode="async", optimizer={"name": "adam", "lr": 0.1})
+    await c.scheduler.ps_join(job="j", name="p")
+    await c.scheduler.ps_push(
+        job="j", name="p", version=0, delta=to_serialize(np.ones(N, np.float32)), samples=1, batches=2, loss=1.0
+    )
+    st = await c.scheduler.ps_state(job="j")
+    assert st["version"] == 1 and st["optimizer_state"]["t"] == 1 and st["progress"] == {"p": 2}
+    buffers = {k: encode_vector(np.asarray(v)) for k, v in st["optimizer_state"]["buffers"].items()}
+    await _create(
+        c,
+        "j2",
+        np.asarray(st["params"]),
+        mode="async",
+        optimizer={"name": "adam", "lr": 0.1},
+        version=st["version"],
+        optimizer_state={"t": 1, "buffers": buffers},
+        progress=st["progress"],
+    )
+    st2 = await c.scheduler.ps_state(job="j2")
+    assert st2["version"] == 1
+    np.testing.assert_array_equal(np.asarray(st2["params"]), np.asarray(st["params"]))
+    np.testing.assert_array_equal(
+        np.asarray(st2["optimizer_state"]["buffers"]["m"]), np.asarray(st["optimizer_state"]["buffers"]["m"])
+    )
+    r = await c.scheduler.ps_join(job="j2", name="p")
+    assert r["skip_batches"] == 2
+
+
+@gen_cluster(client=True, scheduler_kwargs={"preload": ["pipeline.ps"]})
+async def test_preload_installs_extension(c, s, a, b):
+    assert s.extensions[EXTENSION_NAME].installed_by == "preload"
+    info = await c.scheduler.ps_info()
+    assert info["installed_by"] == "preload"
