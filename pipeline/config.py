@@ -1,0 +1,209 @@
+"""The training configuration: one typed dataclass, a comment on every default.
+
+Read from TOML (flat keys, or grouped in tables whose names are ignored), overridden with
+``key=value`` strings; an unknown key, a wrong type or a bad value is a :class:`ConfigError`
+naming the key. The resolved configuration is printed at start and saved with the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+from pipeline.errors import ConfigError
+
+ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
+LOSSES = ("auto", "softmax_ce", "bce_logits", "mse")
+LOCAL_OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw")
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
+MODES = ("sync", "async", "ssp")
+SCHEDULES = ("constant", "step", "cosine")
+BACKENDS = ("auto", "cpu", "numpy", "cuda")
+PLACEMENTS = ("dynamic", "federated")
+MAX_WIDTH = 1 << 16
+MAX_PARAMS = 1 << 28
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (see the comment on each field)."""
+
+    # --- model -----------------------------------------------------------------------------
+    hidden: list[int] = field(default_factory=lambda: [256, 128])  # hidden widths; [] = linear/logistic
+    activation: str = "relu"  # identity | sigmoid | tanh | relu | leaky_relu
+    loss: str = "auto"  # auto: softmax cross-entropy (classification) or MSE (regression)
+    # --- local optimizer (runs on the workers) ---------------------------------------------
+    optimizer: str = "adam"  # sgd | momentum | nesterov | rmsprop | adam | adamw
+    lr: float = 1e-3  # local learning rate
+    momentum: float = 0.9  # momentum / nesterov coefficient
+    weight_decay: float = 0.0  # L2 (adamw: decoupled) weight decay
+    batch_size: int = 256  # rows per minibatch
+    local_steps: int = 8  # minibatches between pushes to the parameter server
+    overlap: bool = True  # keep computing while a push is in flight (one round of delay)
+    # --- parameter server (runs in the scheduler) --------------------------------------------
+    mode: str = "async"  # sync (rounds) | async | ssp (bounded staleness)
+    staleness: int = 2  # ssp: how many pushes a participant may run ahead of the slowest
+    damping: bool = False  # async/ssp: divide the server step by 1 + staleness
+    server_optimizer: str = "sgd"  # sgd (lr 1 = add every worker's progress) | momentum | adam
+    server_lr: float = 1.0  # server learning rate applied to the combined delta
+    aggregate: str = "sum"  # sync: sum (scaled mean) or mean (plain model averaging) of deltas
+    schedule: str = "constant"  # server learning-rate schedule: constant | step | cosine
+    warmup: int = 0  # server rounds of linear learning-rate warm-up
+    step_size: int = 1000  # step schedule: rounds between decays
+    gamma: float = 0.5  # step schedule: decay factor
+    # --- data and epochs ---------------------------------------------------------------------
+    epochs: int = 20  # maximum number of passes over the training rows
+    patience: int = 3  # stop after this many epochs without validation improvement (0 = never)
+    min_delta: float = 1e-4  # smallest validation-loss decrease that counts as improvement
+    validation: float = 0.1  # fraction of the store held out for validation (by row range)
+    validation_store: str = ""  # a separate validation store; overrides `validation`
+    rows_per_task: int = 0  # rows a training task covers; 0 = about 4 tasks per worker thread
+    shuffle_chunks: int = 4  # row chunks mixed by the loader's shuffle buffer
+    prefetch: int = 2  # chunks read ahead by the loader's background thread
+    normalize: bool = True  # standardize features with the store's mean/std
+    placement: str = "dynamic"  # dynamic (faster workers take more) | federated (rows stay put)
+    # --- runtime ---------------------------------------------------------------------------
+    backend: str = "cpu"  # kernels: cpu (Numba) | numpy | cuda | auto
+    checkpoint_seconds: float = 60.0  # checkpoint the server at most this often mid-epoch
+    join_timeout: float = 120.0  # sync: seconds to wait for an announced participant to start
+    barrier_timeout: float = 600.0  # seconds a push may wait at a barrier before failing
+    no_worker_timeout: float = 300.0  # seconds to wait for capacity when every worker is gone
+    seed: int = 0  # seeds initialization, shuffling and the validation split
+
+    # ----------------------------------------------------------------------------------------
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for the first key with a bad value."""
+        checks: list[tuple[str, bool, str]] = [
+            ("activation", self.activation in ACTIVATIONS, f"one of {ACTIVATIONS}"),
+            ("loss", self.loss in LOSSES, f"one of {LOSSES}"),
+            ("optimizer", self.optimizer in LOCAL_OPTIMIZERS, f"one of {LOCAL_OPTIMIZERS}"),
+            ("server_optimizer", self.server_optimizer in SERVER_OPTIMIZERS, f"one of {SERVER_OPTIMIZERS}"),
+            ("mode", self.mode in MODES, f"one of {MODES}"),
+            ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+            ("backend", self.backend in BACKENDS, f"one of {BACKENDS}"),
+            ("placement", self.placement in PLACEMENTS, f"one of {PLACEMENTS}"),
+            ("aggregate", self.aggregate in ("sum", "mean"), "'sum' or 'mean'"),
+            ("lr", self.lr > 0, "> 0"),
+            ("server_lr", self.server_lr > 0, "> 0"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("batch_size", 1 <= self.batch_size <= 1 << 20, "between 1 and 1048576"),
+            ("local_steps", 1 <= self.local_steps <= 1 << 20, ">= 1"),
+            ("staleness", self.staleness >= 0, ">= 0"),
+            ("epochs", 1 <= self.epochs <= 1 << 20, ">= 1"),
+            ("patience", self.patience >= 0, ">= 0"),
+            ("validation", 0 <= self.validation < 1, "in [0, 1)"),
+            ("rows_per_task", self.rows_per_task >= 0, ">= 0"),
+            ("shuffle_chunks", self.shuffle_chunks >= 1, ">= 1"),
+            ("prefetch", self.prefetch >= 1, ">= 1"),
+            ("warmup", self.warmup >= 0, ">= 0"),
+            ("step_size", self.step_size >= 1, ">= 1"),
+            ("gamma", 0 < self.gamma <= 1, "in (0, 1]"),
+            ("checkpoint_seconds", self.checkpoint_seconds > 0, "> 0"),
+            ("join_timeout", self.join_timeout > 0, "> 0"),
+            ("barrier_timeout", self.barrier_timeout > 0, "> 0"),
+            ("no_worker_timeout", self.no_worker_timeout > 0, "> 0"),
+            ("hidden", all(1 <= h <= MAX_WIDTH for h in self.hidden), f"widths between 1 and {MAX_WIDTH}"),
+        ]
+        for key, ok, want in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' = {getattr(self, key)!r} is invalid: must be {want}")
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+        """A config from ``base`` (defaults when None) updated by ``values``, type-checked."""
+        hints = get_type_hints(cls)
+        merged = dataclasses.asdict(base) if base is not None else {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"unknown config key '{key}'; known keys: {', '.join(cls.keys())}"
+                )
+            merged[key] = _coerce(key, value, hints[key])
+        return cls(**merged)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike, base: TrainConfig | None = None) -> TrainConfig:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {os.fspath(path)!r} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {os.fspath(path)!r} is not valid TOML: {exc}") from None
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, dict):  # [model], [optimizer], ... tables group keys
+                flat.update(value)
+            else:
+                flat[key] = value
+        return cls.from_dict(flat, base)
+
+    def with_overrides(self, assignments: list[str] | tuple[str, ...]) -> TrainConfig:
+        """Apply ``key=value`` strings (TOML values, or bare strings)."""
+        values: dict[str, Any] = {}
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ConfigError(f"--set expects key=value, got {item!r}")
+            try:
+                values[key] = tomllib.loads(f"v = {raw.strip()}")["v"]
+            except tomllib.TOMLDecodeError:
+                values[key] = raw.strip()
+        return TrainConfig.from_dict(values, self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        lines = ["# resolved training configuration"]
+        for key, value in self.to_dict().items():
+            lines.append(f"{key} = {json.dumps(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the field's type; ints widen to floats, nothing else converts."""
+    name = hint if isinstance(hint, str) else getattr(hint, "__name__", str(hint))
+    if hint is bool or name == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif hint is int or name == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float or name == "float":
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str or name == "str":
+        if isinstance(value, str):
+            return value
+    elif str(hint).startswith("list[int]"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, str):
+            parts = [p for p in value.replace(",", " ").split() if p]
+            if all(p.lstrip("-").isdigit() for p in parts):
+                value = [int(p) for p in parts]
+        if isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            return list(value)
+        name = "list of ints"
+    raise ConfigError(f"config key '{key}' must be {name}, got {value!r} ({type(value).__name__})")

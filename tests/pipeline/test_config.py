@@ -1,0 +1,59 @@
+"""The typed training configuration: TOML, key=value overrides, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import TrainConfig
+from pipeline.errors import ConfigError
+
+
+def test_defaults_are_valid_and_round_trip_through_toml(tmp_path):
+    cfg = TrainConfig()
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert TrainConfig.from_toml(path) == cfg
+
+
+def test_toml_tables_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\nhidden = [64, 32]\nactivation = "tanh"\n[optimizer]\nlr = 0.01\nepochs = 3\n')
+    cfg = TrainConfig.from_toml(path).with_overrides(["mode=sync", "lr=2e-3", "hidden=[8]", "overlap=false"])
+    assert cfg.hidden == [8] and cfg.activation == "tanh" and cfg.epochs == 3
+    assert cfg.lr == pytest.approx(2e-3) and cfg.mode == "sync" and cfg.overlap is False
+
+
+def test_int_widens_to_float_but_not_the_reverse():
+    assert TrainConfig.from_dict({"lr": 1}).lr == 1.0
+    with pytest.raises(ConfigError, match="'epochs' must be int"):
+        TrainConfig.from_dict({"epochs": 2.5})
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("epoch=3", "unknown config key 'epoch'"),
+        ("batch_size=0", "'batch_size' = 0 is invalid"),
+        ("batch_size=-5", "'batch_size' = -5 is invalid"),
+        ("lr=fast", "'lr' must be float"),
+        ("mode=gossip", "'mode' = 'gossip' is invalid"),
+        ("hidden=[1000000000]", "'hidden'"),
+        ("hidden=['a']", "'hidden' must be list of ints"),
+        ("overlap=maybe", "'overlap' must be bool"),
+        ("validation=1.5", "'validation' = 1.5 is invalid"),
+        ("noequals", "--set expects key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")) as info:
+        TrainConfig().with_overrides([override])
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        TrainConfig.from_toml(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        TrainConfig.from_toml(bad)
