@@ -1,0 +1,260 @@
+"""Chunk-aware shuffled minibatch stream over a store, with bounded prefetch.
+
+One epoch:
+
+1. the units (row chunks, or row ranges given by the caller) are put in a new random order seeded
+   by ``(seed, epoch)``;
+2. a background thread reads them in that order, at most ``prefetch`` units ahead, through a
+   bounded queue (``queue.Queue(maxsize=prefetch)``): memory never holds "everything ready";
+3. rows go into a shuffle pool of about ``buffer_chunks`` units (the WebDataset / tf.data shuffle
+   buffer); each batch takes ``batch_size`` rows at random from the pool, the holes are filled from
+   the pool's tail, and a new unit is added when the pool drops below its size. Every row is
+   emitted exactly once per epoch and the stream is reproducible from ``(seed, epoch, units)``;
+4. each batch is converted from the store's compact dtype to float32 (and standardized with the
+   store's mean/std) only then, so uint8 pixels are read and buffered as uint8.
+
+With ``shuffle=False`` units come in order and rows in order (evaluation, prediction).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from pipeline.store import Store, open_store
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _reader(
+    store: Store,
+    units: list[tuple[int, int]],
+    q: queue.Queue,
+    stop: threading.Event,
+) -> None:
+    """Read ``units`` in order into ``q``; stops when ``stop`` is set. Runs in its own thread."""
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for a, b in units:
+            if stop.is_set():
+                return
+            if not put(store.read_rows(a, b)):
+                return
+        put(_END)
+    except BaseException as exc:  # propagated to the consumer
+        put(_Failure(exc))
+
+
+class ChunkLoader:
+    """Shuffled minibatches ``(X float32 (b, n_features), y)`` of a store's rows."""
+
+    def __init__(
+        self,
+        store: Store | str,
+        chunks: Sequence[int] | None = None,
+        *,
+        ranges: Sequence[tuple[int, int]] | None = None,
+        batch_size: int = 256,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_chunks: int = 4,
+        prefetch: int = 2,
+        normalize: bool = True,
+        drop_last: bool = False,
+    ) -> None:
+        self.store = store if isinstance(store, Store) else open_store(store)
+        if chunks is not None and ranges is not None:
+            raise ValueError("pass chunks or ranges, not both")
+        if ranges is not None:
+            units = [(int(a), int(b)) for a, b in ranges]
+            for a, b in units:
+                if not 0 <= a <= b <= self.store.n_rows:
+                    raise ValueError(f"row range {a}:{b} outside the store's {self.store.n_rows} rows")
+        else:
+            ids = range(self.store.n_chunks) if chunks is None else chunks
+            units = []
+            for i in ids:
+                sl = self.store.chunk_slice(int(i))
+                units.append((sl.start, sl.stop))
+        self.units = [u for u in units if u[1] > u[0]]
+        if batch_size <= 0 or prefetch <= 0 or buffer_chunks <= 0:
+            raise ValueError("batch_size, prefetch and buffer_chunks must be positive")
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.buffer_chunks = int(buffer_chunks)
+        self.prefetch = int(prefetch)
+        self.normalize = bool(normalize)
+        self.drop_last = bool(drop_last)
+        self.n_rows = sum(b - a for a, b in self.units)
+        self.read_seconds = 0.0
+        self._mean = self.store.mean.astype(np.float32)
+        self._inv_std = (1.0 / self.store.std).astype(np.float32)
+        self._y_dtype = np.int32 if self.store.task == "classification" else np.float32
+        self._threads: list[tuple[threading.Thread, threading.Event, queue.Queue]] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every prefetch thread this loader started."""
+        for thread, stop, q in self._threads:
+            stop.set()
+            while True:  # unblock a reader waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+            thread.join(timeout=10)
+        self._threads = []
+
+    def __enter__(self) -> ChunkLoader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        if self.drop_last:
+            return self.n_rows // self.batch_size
+        return -(-self.n_rows // self.batch_size)
+
+    # -- the stream -------------------------------------------------------------------------------
+
+    def _convert(self, X: np.ndarray, y: np.ndarray, owned: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (normalized) copy of a batch; ``owned``: X is already a fresh array we may modify."""
+        Xf = np.ascontiguousarray(X, dtype=np.float32)
+        if Xf is X and not owned:
+            Xf = Xf.copy()
+        if self.normalize:
+            Xf -= self._mean
+            Xf *= self._inv_std
+        return Xf, np.ascontiguousarray(y, dtype=self._y_dtype)
+
+    def epoch(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Batches of one epoch; every row of the unit subset exactly once."""
+        order = list(self.units)
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        if self.shuffle:
+            order = [order[i] for i in rng.permutation(len(order))]
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=_reader, args=(self.store, order, q, stop), name="chunk-loader-prefetch", daemon=True
+        )
+        entry = (thread, stop, q)
+        self._threads.append(entry)
+        thread.start()
+
+        def units() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            while True:
+                t0 = time.perf_counter()
+                item = q.get()
+                self.read_seconds += time.perf_counter() - t0
+                if item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+
+        try:
+            if self.shuffle:
+                yield from self._shuffled(units(), rng)
+            else:
+                yield from self._sequential(units())
+        finally:
+            stop.set()
+            while True:
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+            thread.join(timeout=10)
+            if entry in self._threads:
+                self._threads.remove(entry)
+
+    def _sequential(self, units: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator:
+        bs = self.batch_size
+        carry_X: np.ndarray | None = None
+        carry_y: np.ndarray | None = None
+        for X, y in units:
+            if carry_X is not None:
+                X = np.concatenate([carry_X, X])
+                y = np.concatenate([carry_y, y])  # type: ignore[list-item]
+                carry_X = carry_y = None
+            n_full = (len(X) // bs) * bs
+            for a in range(0, n_full, bs):
+                yield self._convert(X[a : a + bs], y[a : a + bs])
+            if n_full < len(X):
+                carry_X, carry_y = X[n_full:], y[n_full:]
+        if carry_X is not None and len(carry_X) and not self.drop_last:
+            yield self._convert(carry_X, carry_y)  # type: ignore[arg-type]
+
+    def _shuffled(self, units: Iterator[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator) -> Iterator:
+        bs = self.batch_size
+        max_unit = max((b - a for a, b in self.units), default=0)
+        fill = max(self.buffer_chunks * max_unit, bs)
+        pool_X: np.ndarray | None = None
+        pool_y: np.ndarray | None = None
+        n = 0
+        it = iter(units)
+        exhausted = False
+        while True:
+            while not exhausted and n < fill:
+                try:
+                    X, y = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                if pool_X is None:
+                    pool_X = np.empty((fill + max_unit, *X.shape[1:]), X.dtype)
+                    pool_y = np.empty((fill + max_unit, *y.shape[1:]), y.dtype)
+                m = len(X)
+                pool_X[n : n + m] = X
+                pool_y[n : n + m] = y  # type: ignore[index]
+                n += m
+            if exhausted:
+                break
+            # steady state: pool holds >= fill rows; take one random batch, refill holes from the tail
+            sel = np.sort(rng.choice(n, size=bs, replace=False))
+            Xb, yb = pool_X[sel], pool_y[sel]  # type: ignore[index]
+            cut = n - bs
+            holes = sel[sel < cut]
+            if len(holes):
+                tail = np.arange(cut, n)
+                movers = tail[~np.isin(tail, sel, assume_unique=True)]
+                pool_X[holes] = pool_X[movers]  # type: ignore[index]
+                pool_y[holes] = pool_y[movers]  # type: ignore[index]
+            n = cut
+            yield self._convert(Xb, yb, owned=True)
+        if n:
+            perm = rng.permutation(n)
+            stop = (n // bs) * bs if self.drop_last else n
+            for a in range(0, stop, bs):
+                idx = perm[a : a + bs]
+                yield self._convert(pool_X[idx], pool_y[idx], owned=True)  # type: ignore[index]

@@ -1,0 +1,485 @@
+"""The dataset store: one Zarr v3 group per dataset.
+
+Layout::
+
+    DEST/                 Zarr v3 group; attributes describe the dataset (see ``Store.attrs``)
+      X                   (n_rows, n_features), the source's compact dtype (uint8 stays uint8)
+      y                   (n_rows,) int32 class indices, or float32 (n_rows,) / (n_rows, k) targets
+
+Both arrays are chunked along rows only, with the same ``chunk_rows``, so row-chunk ``i`` of ``X``
+and of ``y`` hold the same rows and a chunk is the unit of reading and of work. Every chunk goes
+through the compressor and then ``Crc32cCodec``: a corrupted chunk fails its checksum on read and
+:meth:`Store.read_chunk` names the array, the chunk and the store.
+
+Writers (:func:`create_store`) write beside the destination (``DEST.tmp-xxxxxxxx``) and rename into
+place when everything succeeded, so an interrupted ingest leaves neither a half-written store nor
+temporary litter.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+from pipeline.errors import StoreError
+
+FORMAT_VERSION = 1
+CODECS = ("lz4", "zstd", "none")
+# Default codec, chosen by read speed (bench/io.py on this 2-core machine, 150k x 784 float32, 16 MB
+# chunks, page cache warm): plain zarr read none/lz4/zstd-1 = 2450/1885/974 MB/s, through the
+# shuffled loader 1525/1129/788 MB/s. Uncompressed chunks read fastest and leave the scarce cores
+# to training; compression saved little here (lz4: 1.1x on Gaussian floats, 1.3x on letter's uint8).
+# Pick --codec lz4 for compressible data on slow disks or object stores, where bytes cost more.
+DEFAULT_CODEC = "none"
+# Target bytes of one row chunk of X: big enough that per-chunk overhead (task, metadata, a
+# decompress call) is amortised, small enough that a loader buffering 4 chunks plus 2 in flight
+# stays within ~100-200 MB. bench/io.py, plain lz4 read by chunk size 4/16/64 MB: 1620/1885/733 MB/s.
+TARGET_CHUNK_BYTES = 16 * 2**20
+MIN_CHUNK_ROWS = 1024
+
+
+def default_chunk_rows(bytes_per_row: int, n_rows: int | None = None) -> int:
+    """Rows per chunk so one chunk of ``X`` holds about 16 MB (clamped to [1024, 2**20] rows).
+
+    When ``n_rows`` is known and small, chunks shrink so the store still has about 8 chunks
+    (never below 1024 rows): the shuffled loader and the task planner need several chunks.
+    """
+    rows = TARGET_CHUNK_BYTES // max(1, int(bytes_per_row))
+    rows = int(min(max(rows, MIN_CHUNK_ROWS), 2**20))
+    if n_rows is not None and n_rows > 0:
+        rows = min(rows, max(MIN_CHUNK_ROWS, math.ceil(n_rows / 8 / 256) * 256))
+    return rows
+
+
+def _compressors(codec: str, itemsize: int) -> list[Any]:
+    if codec == "lz4":
+        comp: list[Any] = [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=itemsize)]
+    elif codec == "zstd":
+        comp = [ZstdCodec(level=1)]
+    elif codec == "none":
+        comp = []
+    else:
+        raise StoreError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    return [*comp, Crc32cCodec()]
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _local(path: str | os.PathLike) -> str:
+    s = os.fspath(path)
+    return s[len("file://") :] if s.startswith("file://") else s
+
+
+class RunningStats:
+    """Per-column count, mean and sum of squared deviations in float64, merged batch by batch
+    (Chan et al.'s parallel update), so statistics of a file need one streaming pass."""
+
+    def __init__(self, n: int) -> None:
+        self.count = 0
+        self.mean = np.zeros(n, np.float64)
+        self.m2 = np.zeros(n, np.float64)
+
+    def update(self, x: np.ndarray) -> None:
+        """Merge the rows of ``x`` (any dtype), in slices of ~256K values to bound float64 temporaries."""
+        x = np.asarray(x).reshape(len(x), -1)
+        step = max(1, 2**18 // max(1, x.shape[1]))
+        for a in range(0, len(x), step):
+            self._merge(np.array(x[a : a + step], dtype=np.float64))  # a copy: modified in place
+
+    def _merge(self, x: np.ndarray) -> None:
+        nb = len(x)
+        if nb == 0:
+            return
+        mb = x.mean(axis=0)
+        x -= mb
+        np.square(x, out=x)
+        m2b = x.sum(axis=0)
+        n = self.count + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2b + delta**2 * (self.count * nb / n)
+        self.count = n
+
+    @property
+    def std(self) -> np.ndarray:
+        """Population standard deviation with zeros (constant columns) replaced by 1."""
+        std = np.sqrt(self.m2 / max(self.count, 1))
+        return np.where(std > 0, std, 1.0)
+
+
+class Store:
+    """An opened dataset store. ``X``/``y`` are lazy Zarr arrays; use :meth:`read_chunk`."""
+
+    def __init__(self, path: str, group: zarr.Group) -> None:
+        self.path = path
+        self.group = group
+        try:
+            self.X: zarr.Array = group["X"]  # type: ignore[assignment]
+            self.y: zarr.Array = group["y"]  # type: ignore[assignment]
+        except KeyError as exc:
+            raise StoreError(
+                f"store {path!r} lacks array {exc}; it is damaged: re-create it with `pipeline ingest`"
+            ) from None
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        self.n_rows = int(self.X.shape[0])
+        self.n_features = int(self.X.shape[1])
+        self.chunk_rows = int(self.X.chunks[0])
+        self.n_chunks = math.ceil(self.n_rows / self.chunk_rows) if self.n_rows else 0
+        self.task: str = self.attrs.get("task", "classification")
+        classes = self.attrs.get("classes")
+        self.classes: list[str] | None = list(classes) if classes is not None else None
+        self.feature_names: list[str] = list(
+            self.attrs.get("feature_names") or [f"f{i}" for i in range(self.n_features)]
+        )
+        self.mean = np.asarray(self.attrs.get("mean", np.zeros(self.n_features)), np.float64)
+        std = np.asarray(self.attrs.get("std", np.ones(self.n_features)), np.float64)
+        self.std = np.where(std > 0, std, 1.0)
+        target = self.attrs.get("target") or {}
+        k = 1 if self.y.ndim == 1 else int(self.y.shape[1])
+        self.y_mean = np.asarray(target.get("mean", np.zeros(k)), np.float64)
+        self.y_std = np.asarray(target.get("std", np.ones(k)), np.float64)
+
+    def __repr__(self) -> str:
+        return (
+            f"Store({self.path!r}, rows={self.n_rows}, features={self.n_features}, "
+            f"task={self.task}, chunks={self.n_chunks}x{self.chunk_rows})"
+        )
+
+    def chunk_slice(self, i: int) -> slice:
+        """Rows of chunk ``i`` (the last chunk's ``stop`` is clipped to ``n_rows``)."""
+        if not 0 <= i < self.n_chunks:
+            raise StoreError(f"store {self.path!r} has {self.n_chunks} chunks; chunk {i} does not exist")
+        return slice(i * self.chunk_rows, min((i + 1) * self.chunk_rows, self.n_rows))
+
+    def _read(self, name: str, rows: slice, chunk: int | str) -> np.ndarray:
+        arr = self.X if name == "X" else self.y
+        try:
+            return np.asarray(arr[rows])
+        except Exception as exc:  # checksum mismatch, truncated or undecodable chunk
+            detail = str(exc).split(". ")[0].strip().rstrip(".")
+            raise StoreError(
+                f"chunk {chunk} of array {name!r} (rows {rows.start}:{rows.stop}) in store {self.path!r} "
+                f"is corrupted or unreadable ({type(exc).__name__}: {detail}); re-create the store from its source"
+            ) from exc
+
+    def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (compact dtype) ``X`` and ``y`` of rows ``start:stop``."""
+        sl = slice(start, stop)
+        c0 = start // self.chunk_rows
+        c1 = max(c0, (stop - 1) // self.chunk_rows)
+        chunk: int | str = c0 if c0 == c1 else f"{c0}-{c1}"
+        return self._read("X", sl, chunk), self._read("y", sl, chunk)
+
+    def read_chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (compact dtype) ``X`` rows and ``y`` of row-chunk ``i``."""
+        sl = self.chunk_slice(i)
+        return self._read("X", sl, i), self._read("y", sl, i)
+
+    def codec(self) -> str:
+        return str(self.attrs.get("codec", "?"))
+
+
+def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
+    """Open the store at ``path`` (a local path or an fsspec URL such as ``s3://bucket/x.zarr``)."""
+    spath = os.fspath(path)
+    if not _is_url(spath):
+        local = _local(spath)
+        if not os.path.exists(local):
+            raise StoreError(
+                f"store {spath!r} does not exist; create it with `pipeline ingest` or `pipeline synth`"
+            )
+        target: Any = local
+    else:
+        target = spath
+    try:
+        group = zarr.open_group(target, mode=mode)  # type: ignore[arg-type]
+    except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
+        raise StoreError(
+            f"{spath!r} is not a pipeline store ({type(exc).__name__}: {exc}); create one with `pipeline ingest`"
+        ) from None
+    except Exception as exc:
+        if type(exc).__name__ in ("GroupNotFoundError", "NodeTypeValidationError", "ContainsArrayError"):
+            raise StoreError(
+                f"{spath!r} is not a pipeline store; create one with `pipeline ingest`"
+            ) from None
+        raise
+    version = group.attrs.get("format_version")
+    if version is None:
+        raise StoreError(
+            f"{spath!r} is a Zarr group but not a pipeline store (no format_version); "
+            "create one with `pipeline ingest`"
+        )
+    if int(version) > FORMAT_VERSION:  # type: ignore[arg-type]
+        raise StoreError(
+            f"store {spath!r} has format_version {version}, newer than this pipeline's "
+            f"{FORMAT_VERSION}; upgrade the pipeline package"
+        )
+    return Store(spath, group)
+
+
+class StoreWriter:
+    """Appends rows to a new store in chunk-aligned writes; see :func:`create_store`.
+
+    Use as a context manager: a clean exit commits (attributes, rename into place); an exception
+    or KeyboardInterrupt removes everything written.
+    """
+
+    def __init__(
+        self,
+        dest: str | os.PathLike,
+        n_features: int,
+        *,
+        y_shape_tail: tuple[int, ...] = (),
+        x_dtype: Any,
+        y_dtype: Any,
+        chunk_rows: int | None = None,
+        codec: str | None = None,
+        force: bool = False,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.dest = os.fspath(dest)
+        self.url = _is_url(self.dest)
+        codec = codec or DEFAULT_CODEC
+        if codec not in CODECS:
+            raise StoreError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+        self.codec = codec
+        x_dtype = np.dtype(x_dtype)
+        y_dtype = np.dtype(y_dtype)
+        self.n_features = int(n_features)
+        self.chunk_rows = int(chunk_rows or default_chunk_rows(self.n_features * x_dtype.itemsize))
+        if self.chunk_rows <= 0:
+            raise StoreError(f"--chunk-rows must be positive, got {chunk_rows}")
+        self.attrs: dict[str, Any] = dict(attrs or {})
+        self.n_rows = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_rows = 0
+        self._done = False
+        if self.url:
+            import fsspec
+
+            self._fs, self._fs_path = fsspec.core.url_to_fs(self.dest)
+            if self._fs.exists(self._fs_path):
+                if not force:
+                    raise StoreError(f"store {self.dest!r} exists; pass --force to overwrite")
+                self._fs.rm(self._fs_path, recursive=True)
+            self.tmp = self.dest  # object stores have no rename: write in place, delete on failure
+        else:
+            local = Path(_local(self.dest))
+            if local.exists() and not force:
+                raise StoreError(f"store {self.dest!r} exists; pass --force to overwrite")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = str(local.with_name(f"{local.name}.tmp-{uuid.uuid4().hex[:8]}"))
+        try:
+            self.group = zarr.open_group(self.tmp, mode="w")
+            self.X = self.group.create_array(
+                "X",
+                shape=(0, self.n_features),
+                chunks=(self.chunk_rows, self.n_features),
+                dtype=x_dtype,
+                compressors=_compressors(codec, x_dtype.itemsize),
+                fill_value=0,
+            )
+            self.y = self.group.create_array(
+                "y",
+                shape=(0, *y_shape_tail),
+                chunks=(self.chunk_rows, *y_shape_tail),
+                dtype=y_dtype,
+                compressors=_compressors(codec, y_dtype.itemsize),
+                fill_value=0,
+            )
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit_result = self.commit()
+        else:
+            self.abort()
+
+    def append(self, X: np.ndarray, y: np.ndarray) -> None:
+        """Queue rows; whole chunks are written as soon as they are complete."""
+        if len(X) != len(y):
+            raise StoreError(f"internal: {len(X)} rows of X but {len(y)} of y")
+        if len(X) == 0:
+            return
+        self._pending.append((X, y))
+        self._pending_rows += len(X)
+        if self._pending_rows >= self.chunk_rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self._pending:
+            return
+        X = np.concatenate([p[0] for p in self._pending]) if len(self._pending) > 1 else self._pending[0][0]
+        y = np.concatenate([p[1] for p in self._pending]) if len(self._pending) > 1 else self._pending[0][1]
+        n = len(X) if final else (len(X) // self.chunk_rows) * self.chunk_rows
+        if n:
+            a, b = self.n_rows, self.n_rows + n
+            self.X.resize((b, self.n_features))
+            self.y.resize((b, *self.y.shape[1:]))
+            self.X[a:b] = X[:n]
+            self.y[a:b] = y[:n]
+            self.n_rows = b
+        rest = len(X) - n
+        self._pending = [(X[n:], y[n:])] if rest else []
+        self._pending_rows = rest
+
+    def commit(self) -> Store:
+        """Write the last partial chunk and the attributes, then move the store into place."""
+        if self._done:
+            raise StoreError("internal: store already committed")
+        try:
+            self._flush(final=True)
+            attrs = {
+                "format_version": FORMAT_VERSION,
+                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "codec": self.codec,
+                **self.attrs,
+                "n_rows": self.n_rows,
+                "chunk_rows": self.chunk_rows,
+            }
+            self.group.attrs.update(_jsonable(attrs))
+            if not self.url:
+                local = Path(_local(self.dest))
+                if local.exists():
+                    shutil.rmtree(local) if local.is_dir() else local.unlink()
+                os.replace(self.tmp, local)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        return open_store(self.dest)
+
+    def abort(self) -> None:
+        """Remove everything written so far."""
+        self._done = True
+        if self.url:
+            try:
+                if self._fs.exists(self._fs_path):
+                    self._fs.rm(self._fs_path, recursive=True)
+            except Exception:  # pragma: no cover - best effort on object stores
+                pass
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def create_store(
+    dest: str | os.PathLike,
+    n_features: int,
+    *,
+    y_shape_tail: tuple[int, ...] = (),
+    x_dtype: Any,
+    y_dtype: Any,
+    chunk_rows: int | None = None,
+    codec: str | None = None,
+    force: bool = False,
+    attrs: Mapping[str, Any] | None = None,
+) -> StoreWriter:
+    """A :class:`StoreWriter` for a new store at ``dest``; refuses an existing one without force.
+
+    ``codec``: "none", "lz4" (blosc) or "zstd" (level 1); None means :data:`DEFAULT_CODEC`.
+    ``chunk_rows``: None means :func:`default_chunk_rows` of the row size.
+    """
+    return StoreWriter(
+        dest,
+        n_features,
+        y_shape_tail=y_shape_tail,
+        x_dtype=x_dtype,
+        y_dtype=y_dtype,
+        chunk_rows=chunk_rows,
+        codec=codec,
+        force=force,
+        attrs=attrs,
+    )
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return _jsonable(v.tolist())
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def verify_store(store: Store | str) -> list[str]:
+    """Read every chunk of ``X`` and ``y``; one message per bad chunk (empty list: all good)."""
+    st = store if isinstance(store, Store) else open_store(store)
+    bad = []
+    for i in range(st.n_chunks):
+        sl = st.chunk_slice(i)
+        for name in ("X", "y"):
+            try:
+                st._read(name, sl, i)
+            except StoreError as exc:
+                bad.append(str(exc))
+    return bad
+
+
+def bytes_on_disk(store: Store) -> int | None:
+    """Total bytes of the store's files (local stores; None elsewhere)."""
+    if _is_url(store.path):
+        return None
+    total = 0
+    for root, _dirs, files in os.walk(_local(store.path)):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+def describe(store: Store) -> dict[str, Any]:
+    """What ``pipeline inspect`` shows: shape, dtype, chunks, codecs, size, classes, statistics."""
+    a = store.attrs
+    info: dict[str, Any] = {
+        "path": store.path,
+        "format_version": a.get("format_version"),
+        "rows": store.n_rows,
+        "features": store.n_features,
+        "task": store.task,
+        "X": {"shape": list(store.X.shape), "dtype": str(store.X.dtype), "chunks": list(store.X.chunks)},
+        "y": {"shape": list(store.y.shape), "dtype": str(store.y.dtype), "chunks": list(store.y.chunks)},
+        "n_chunks": store.n_chunks,
+        "codec": a.get("codec"),
+        "codecs": [type(c).__name__ for c in (*store.X.compressors,)],
+        "bytes_on_disk": bytes_on_disk(store),
+        "bytes_uncompressed": int(store.X.nbytes + store.y.nbytes),
+        "created": a.get("created"),
+        "source": a.get("source"),
+    }
+    target = a.get("target") or {}
+    if store.task == "classification":
+        counts = target.get("class_counts") or []
+        info["classes"] = {
+            str(c): int(n) for c, n in zip(store.classes or [], counts, strict=False)
+        }
+    else:
+        info["target"] = {"name": target.get("name"), "mean": target.get("mean"), "std": target.get("std")}
+    info["features_stats"] = [
+        {"name": n, "mean": float(m), "std": float(s)}
+        for n, m, s in zip(store.feature_names, store.mean, store.std, strict=False)
+    ]
+    info["encodings"] = [
+        {k: v for k, v in e.items() if k != "categories"} | ({"categories": len(e["categories"])} if "categories" in e else {})
+        for e in a.get("encodings") or []
+    ]
+    return info
