@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import click
 
@@ -50,6 +51,370 @@ def cli(ctx: click.Context, verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Training, evaluation, prediction
+# --------------------------------------------------------------------------------------------
+
+_cluster_options = [
+    click.option("--scheduler", metavar="ADDRESS", help="Connect to a running Dask scheduler "
+                 "(tcp://host:8786, tls://...). Default: start a local cluster."),
+    click.option("--workers", default=2, show_default=True, help="Local cluster: worker processes."),
+    click.option("--threads-per-worker", default=1, show_default=True, help="Local cluster: threads per worker."),
+    click.option("--memory-limit", default="auto", show_default=True, help="Local cluster: memory limit per worker (e.g. 2GiB)."),
+    click.option("--dashboard-address", default=":0", show_default=True, help="Local cluster: dashboard address (':0' = free port, 'none' = off)."),
+    click.option("--tls-ca-file", type=click.Path(), help="CA certificate for a tls:// scheduler."),
+    click.option("--tls-cert", type=click.Path(), help="Client certificate for a tls:// scheduler."),
+    click.option("--tls-key", type=click.Path(), help="Client private key for a tls:// scheduler."),
+]
+
+
+def cluster_options(f):  # noqa: ANN001, ANN201 - click decorator
+    for opt in reversed(_cluster_options):
+        f = opt(f)
+    return f
+
+
+def _client(kw: dict):  # noqa: ANN202
+    from pipeline.connect import cluster_client
+
+    dash = kw.pop("dashboard_address")
+    return cluster_client(
+        kw.pop("scheduler"),
+        workers=kw.pop("workers"),
+        threads_per_worker=kw.pop("threads_per_worker"),
+        memory_limit=kw.pop("memory_limit"),
+        dashboard_address=None if dash in ("none", "") else dash,
+        tls_ca=kw.pop("tls_ca_file"),
+        tls_cert=kw.pop("tls_cert"),
+        tls_key=kw.pop("tls_key"),
+    )
+
+
+def _echo(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        click.echo(msg, err=True)
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--config", "config_file", type=click.Path(), help="TOML file of training settings.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one setting (repeatable).")
+@click.option("--out", default="runs/latest", show_default=True, help="Run directory (model, checkpoint, history).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
+@click.option("--report", type=click.Path(), help="Write Dask's performance report (HTML) for the run.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the final metrics.")
+@cluster_options
+def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: str, resume: bool,
+          force: bool, report: str | None, quiet: bool, **cluster_kw) -> None:
+    """Train a neural network on STORE (a store made by `pipeline ingest` or `pipeline synth`).
+
+    \b
+    Examples:
+      pipeline train data/stores/letter-train.zarr --out runs/letter
+      pipeline train big.zarr --config train.toml --set epochs=5 --set mode=sync
+      pipeline train big.zarr --scheduler tcp://10.0.0.1:8786 --out runs/big
+      pipeline train big.zarr --out runs/big --resume
+    """
+    import contextlib
+    import json
+    from pathlib import Path
+
+    from pipeline.config import TrainConfig
+    from pipeline.train import RunDir, resumed_config
+    from pipeline.train import train as run_training
+
+    RunDir(Path(out)).check(resume, force)  # fail before starting a cluster
+    base = resumed_config(out) if resume else TrainConfig()  # --resume: the run's own settings
+    cfg = TrainConfig.from_toml(config_file, base) if config_file else base
+    cfg = cfg.with_overrides(list(overrides))
+    _echo("configuration:\n" + "\n".join(f"  {k} = {json.dumps(v)}" for k, v in cfg.to_dict().items()), quiet)
+    with _client(cluster_kw) as client:
+        _echo(f"dask dashboard: {client.dashboard_link}  (training page: /pipeline)", quiet)
+        if report:
+            from distributed import performance_report
+
+            ctx = performance_report(filename=report)
+        else:
+            ctx = contextlib.nullcontext()
+
+        def on_epoch(r: dict) -> None:
+            metric = r.get("val_accuracy", r.get("val_r2"))
+            name = "val_acc" if "val_accuracy" in r else "val_r2"
+            _echo(
+                f"epoch {r['epoch'] + 1:>3}  train_loss {r['train_loss']:.4f}  "
+                + (f"val_loss {r['val_loss']:.4f}  {name} {metric:.4f}  " if metric is not None else "")
+                + f"{r['samples_per_s']:,.0f} samples/s  rounds {r['rounds']}",
+                quiet,
+            )
+
+        with ctx:
+            result = run_training(store, cfg, out, client=client, resume=resume, force=force,
+                                  log=lambda m: _echo(m, quiet), on_epoch=on_epoch)
+    final = result.final
+    click.echo(json.dumps({"run_dir": str(result.run_dir), "epochs": len(result.history),
+                           "stopped_early": result.stopped_early,
+                           **{k: v for k, v in final.items() if k.startswith("val_")}}))
+
+
+@cli.command()
+@click.argument("run_dir")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@cluster_options
+def evaluate(run_dir: str, store: str, as_json: bool, **cluster_kw) -> None:
+    """Evaluate the model of RUN_DIR (or a model file) on every row of STORE, out of core.
+
+    \b
+    Example:
+      pipeline evaluate runs/letter data/stores/letter-test.zarr
+    """
+    import json
+
+    from pipeline.inference import evaluate_store
+    from pipeline.model import load_model
+
+    model = load_model(run_dir)
+    with _client(cluster_kw) as client:
+        metrics = evaluate_store(model, store, client)
+    if as_json:
+        click.echo(json.dumps(metrics))
+        return
+    for k, v in metrics.items():
+        if k in ("confusion", "classes"):
+            continue
+        click.echo(f"{k:>10}: {v:.4f}" if isinstance(v, float) else f"{k:>10}: {v}")
+    if "confusion" in metrics:
+        classes = metrics.get("classes") or [str(i) for i in range(len(metrics["confusion"]))]
+        click.echo("confusion matrix (rows: true, columns: predicted):")
+        width = max(5, *(len(str(c)) for c in classes)) + 1
+        click.echo(" " * width + "".join(f"{str(c):>{width}}" for c in classes))
+        for c, line in zip(classes, metrics["confusion"], strict=True):
+            click.echo(f"{str(c):>{width}}" + "".join(f"{v:>{width}}" for v in line))
+
+
+@cli.command()
+@click.argument("run_dir")
+@click.argument("store")
+@click.argument("out")
+@click.option("--proba", is_flag=True, help="Also write class probabilities.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@cluster_options
+def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **cluster_kw) -> None:
+    """Predict every row of STORE with the model of RUN_DIR into OUT (*.zarr or *.parquet).
+
+    Rows are processed chunk by chunk on the workers and written in place; OUT appears only
+    when every chunk succeeded.
+
+    \b
+    Example:
+      pipeline predict runs/letter data/stores/letter-test.zarr predictions.parquet --proba
+    """
+    import json
+
+    from pipeline.inference import predict_store
+    from pipeline.model import load_model
+
+    model = load_model(run_dir)
+    with _client(cluster_kw) as client:
+        result = predict_store(model, store, out, client, proba=proba, force=force)
+    click.echo(json.dumps(result))
+
+
+@cli.command()
+@click.argument("directory", default="runs")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def runs(directory: str, as_json: bool) -> None:
+    """List the runs in DIRECTORY with their final metrics."""
+    import json
+    from pathlib import Path
+
+    rows = []
+    for hist in sorted(Path(directory).glob("*/history.json")):
+        try:
+            data = json.loads(hist.read_text())
+        except (OSError, ValueError):
+            continue
+        epochs = data.get("epochs") or []
+        last = epochs[-1] if epochs else {}
+        rows.append({
+            "run": str(hist.parent),
+            "epochs": len(epochs),
+            "best_epoch": data.get("best_epoch"),
+            "val_loss": last.get("val_loss"),
+            "val_metric": last.get("val_accuracy", last.get("val_r2")),
+            "samples_per_s": last.get("samples_per_s"),
+        })
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo(f"no runs in {directory!r}")
+        return
+    click.echo(f"{'run':<30} {'epochs':>6} {'val_loss':>9} {'val_metric':>10} {'samples/s':>10}")
+    for r in rows:
+        vl = f"{r['val_loss']:.4f}" if isinstance(r["val_loss"], float) else "-"
+        vm = f"{r['val_metric']:.4f}" if isinstance(r["val_metric"], float) else "-"
+        sps = f"{r['samples_per_s']:,.0f}" if isinstance(r["samples_per_s"], float) else "-"
+        click.echo(f"{r['run']:<30} {r['epochs']:>6} {vl:>9} {vm:>10} {sps:>10}")
+
+
+# --------------------------------------------------------------------------------------------
+# Data: ingest, synth, inspect
+# --------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("dest")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "npy", "npz", "idx"]),
+              help="Source format (default: from the file name / content).")
+@click.option("--target", metavar="COL", help="Target column: name or 0-based index (negative from the end). Default: last column.")
+@click.option("--labels", type=click.Path(dir_okay=False), help="Labels file (IDX images, or a .npy of labels for a .npy of features).")
+@click.option("--drop", multiple=True, metavar="COL", help="Column to leave out (name or index; repeatable).")
+@click.option("--task", type=click.Choice(["classification", "regression"]), help="Override the inferred task.")
+@click.option("--delimiter", metavar="D", help="CSV field separator (default: detected; 'tab', 'space').")
+@click.option("--header/--no-header", default=None, help="Whether the CSV's first line names the columns (default: detected).")
+@click.option("--comment", default="|", show_default=True, help="Skip CSV lines starting with this.")
+@click.option("--rows", metavar="START:STOP", help="Only data rows START:STOP (0-based, either side may be empty).")
+@click.option("--chunk-rows", type=click.IntRange(min=1), help="Rows per chunk (default: ~16 MB chunks).")
+@click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), help="Chunk compression (default: none, the fastest to read; lz4 for compressible data on slow storage).")
+@click.option("--missing", type=click.Choice(["impute", "reject", "drop"]), default="impute", show_default=True,
+              help="Missing values: impute (mean / most frequent), reject (error) or drop the row.")
+@click.option("--encoding", type=click.Choice(["auto", "onehot", "ordinal"]), default="auto", show_default=True,
+              help="String features: one-hot (auto: <= 16 categories) or ordinal codes.")
+@click.option("--like", metavar="TRAIN_STORE", help="Reuse the training store's columns, encodings, classes and mean/std.")
+@click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress or summary.")
+def ingest(src: str, dest: str, fmt: str | None, target: str | None, labels: str | None, drop: tuple[str, ...],
+           task: str | None, delimiter: str | None, header: bool | None, comment: str, rows: str | None,
+           chunk_rows: int | None, codec: str | None, missing: str, encoding: str, like: str | None,
+           force: bool, quiet: bool) -> None:
+    """Stream a CSV, Parquet, .npy/.npz or IDX file into a Zarr store DEST.
+
+    \b
+    Examples:
+      pipeline ingest data/letter/letter-recognition.data letter.zarr --target 0 --rows 0:16000
+      pipeline ingest data/letter/letter-recognition.data letter-test.zarr --rows 16000: --like letter.zarr
+      pipeline ingest data/adult/adult.data adult.zarr
+      pipeline ingest data/adult/adult.test adult-test.zarr --like adult.zarr
+      pipeline ingest data/california_housing/housing.csv housing.zarr --target median_house_value
+      pipeline ingest train-images-idx3-ubyte.gz mnist.zarr --labels train-labels-idx1-ubyte.gz
+    """
+    from pipeline.ingest import ingest as run_ingest
+
+    t0 = time.perf_counter()
+    store = run_ingest(
+        src, dest, format=fmt, target=target, labels=labels, drop=drop, task=task, delimiter=delimiter,
+        header=header, comment=comment, rows=rows, chunk_rows=chunk_rows, codec=codec, missing=missing,
+        encoding=encoding, like=like, force=force, progress=not quiet and sys.stderr.isatty(),
+    )
+    if not quiet:
+        what = f"{len(store.classes or [])} classes" if store.task == "classification" else "regression"
+        click.echo(
+            f"{store.path}: {store.n_rows:,} rows x {store.n_features} features ({store.X.dtype}), {what}, "
+            f"{store.n_chunks} chunks of {store.chunk_rows:,} rows, in {time.perf_counter() - t0:.1f}s"
+        )
+
+
+@cli.command()
+@click.argument("dest")
+@click.option("--rows", type=click.IntRange(min=1), required=True, help="Number of rows.")
+@click.option("--features", type=click.IntRange(min=1), required=True, help="Number of features.")
+@click.option("--classes", type=click.IntRange(min=2), help="Number of classes (default 10).")
+@click.option("--regression", is_flag=True, help="A regression target instead of classes.")
+@click.option("--hidden", type=click.IntRange(min=1), default=64, show_default=True, help="Teacher network width.")
+@click.option("--noise", type=click.FloatRange(min=0), default=0.1, show_default=True, help="Label noise (fraction of the logit scale).")
+@click.option("--dtype", type=click.Choice(["float32", "uint8"]), default="float32", show_default=True, help="Feature dtype.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (the data depend on it only).")
+@click.option("--chunk-rows", type=click.IntRange(min=1), help="Rows per chunk (default: ~16 MB chunks).")
+@click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), help="Chunk compression (default: none, the fastest to read; lz4 for compressible data on slow storage).")
+@click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress or summary.")
+def synth(dest: str, rows: int, features: int, classes: int | None, regression: bool, hidden: int, noise: float,
+          dtype: str, seed: int, chunk_rows: int | None, codec: str | None, force: bool, quiet: bool) -> None:
+    """Generate a learnable synthetic store (a random teacher network labels Gaussian inputs).
+
+    \b
+    Examples:
+      pipeline synth synth.zarr --rows 1000000 --features 784 --classes 10
+      pipeline synth big.zarr --rows 4000000 --features 784 --dtype uint8      # ~3 GB, streamed
+      pipeline synth reg.zarr --rows 100000 --features 20 --regression
+    """
+    from pipeline.errors import StoreError
+    from pipeline.synth import synth as run_synth
+
+    if regression and classes:
+        raise StoreError("--classes and --regression exclude each other; pass one")
+    t0 = time.perf_counter()
+    store = run_synth(
+        dest, rows=rows, features=features, classes=None if regression else (classes or 10), hidden=hidden,
+        noise=noise, seed=seed, chunk_rows=chunk_rows, codec=codec, dtype=dtype, force=force,
+        progress=not quiet and sys.stderr.isatty(),
+    )
+    if not quiet:
+        click.echo(
+            f"{store.path}: {store.n_rows:,} rows x {store.n_features} features, {store.task}, "
+            f"{store.n_chunks} chunks, in {time.perf_counter() - t0:.1f}s"
+        )
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.option("--verify", is_flag=True, help="Read every chunk and report corrupted ones (exit 1 if any).")
+def inspect(store: str, as_json: bool, verify: bool) -> None:
+    """Describe a store: shape, dtype, chunks, codecs, size, class balance, feature statistics.
+
+    \b
+    Examples:
+      pipeline inspect data/stores/letter-train.zarr
+      pipeline inspect data/stores/letter-train.zarr --json --verify
+    """
+    import json
+
+    from pipeline.errors import StoreError
+    from pipeline.store import describe, open_store, verify_store
+
+    st = open_store(store)
+    info = describe(st)
+    bad = verify_store(st) if verify else []
+    if verify:
+        info["verify"] = {"chunks": st.n_chunks, "bad": bad}
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+    else:
+        disk = info["bytes_on_disk"]
+        ratio = f" ({info['bytes_uncompressed'] / disk:.1f}x)" if disk else ""
+        click.echo(f"store    {info['path']}  (format {info['format_version']}, created {info['created']})")
+        click.echo(f"task     {info['task']}")
+        click.echo(f"X        {tuple(info['X']['shape'])} {info['X']['dtype']}, chunks of {st.chunk_rows:,} rows x {st.n_chunks}")
+        click.echo(f"y        {tuple(info['y']['shape'])} {info['y']['dtype']}")
+        click.echo(f"codec    {info['codec']} ({' + '.join(info['codecs'])})")
+        click.echo(f"size     {disk if disk is not None else '?':,} bytes on disk{ratio}" if disk else "size     ? (remote)")
+        src = info.get("source") or {}
+        click.echo(f"source   {src.get('path', src.get('format', '?'))}  rows {src.get('rows', '')}")
+        if "classes" in info:
+            total = max(1, sum(info["classes"].values()))
+            parts = [f"{c}: {n} ({100 * n / total:.1f}%)" for c, n in info["classes"].items()]
+            click.echo(f"classes  {len(parts)}: " + ", ".join(parts[:12]) + (" ..." if len(parts) > 12 else ""))
+        else:
+            t = info["target"]
+            click.echo(f"target   {t['name']}: mean {t['mean']}, std {t['std']}")
+        click.echo("features (name, mean, std):")
+        feats = info["features_stats"]
+        for f in feats[:20]:
+            click.echo(f"  {f['name'][:32]:32s} {f['mean']:12.4g} {f['std']:12.4g}")
+        if len(feats) > 20:
+            click.echo(f"  ... {len(feats) - 20} more (--json for all)")
+        if verify:
+            click.echo(f"verify   {st.n_chunks} chunks read, {len(bad)} bad")
+            for msg in bad:
+                click.echo(f"  {msg}")
+    if bad:
+        raise StoreError(f"{len(bad)} corrupted chunk(s) in {store!r}: {bad[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,9 +43,9 @@ class TrainConfig:
     weight_decay: float = 0.0  # L2 (adamw: decoupled) weight decay
     batch_size: int = 256  # rows per minibatch
     local_steps: int = 8  # minibatches between pushes to the parameter server
-    overlap: bool = True  # keep computing while a push is in flight (one round of delay)
+    overlap: bool = False  # keep computing while a push is in flight (costs one round of staleness)
     # --- parameter server (runs in the scheduler) --------------------------------------------
-    mode: str = "async"  # sync (rounds) | async | ssp (bounded staleness)
+    mode: str = "sync"  # sync (rounds, reproducible) | async | ssp (bounded staleness)
     staleness: int = 2  # ssp: how many pushes a participant may run ahead of the slowest
     damping: bool = False  # async/ssp: divide the server step by 1 + staleness
     server_optimizer: str = "sgd"  # sgd (lr 1 = add every worker's progress) | momentum | adam

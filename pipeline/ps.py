@@ -292,6 +292,9 @@ class ParameterServerExtension(SchedulerPlugin):
         scheduler.handlers.update(handlers)
         scheduler.extensions[EXTENSION_NAME] = self
         scheduler.add_plugin(self, name=self.name, idempotent=True)
+        from pipeline.dashboard import register_prometheus
+
+        register_prometheus(self)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -846,6 +849,17 @@ class InstallParameterServer(SchedulerPlugin):
     async def start(self, scheduler: Any) -> None:
         if EXTENSION_NAME not in scheduler.extensions:
             ParameterServerExtension(scheduler, installed_by="plugin")
+
+
+def _register_dashboard_page() -> None:
+    # The scheduler reads its table of dashboard pages when it starts its HTTP server, after
+    # importing its preloads: registering on import is what puts /pipeline on the dashboard.
+    from pipeline.dashboard import register
+
+    register()
+
+
+_register_dashboard_page()
 
 
 def dask_setup(scheduler: Any) -> None:

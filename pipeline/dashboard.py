@@ -1,0 +1,266 @@
+"""Training on the Dask dashboard (``/pipeline``) and in Prometheus (``/metrics``).
+
+The page is a Bokeh document like Dask's own pages: loss per round, train and validation
+metrics per epoch, samples/s over time, the staleness distribution, pushes and samples per
+worker and each worker's time split into read / compute / communicate. It refreshes twice a
+second from the parameter-server extension's in-memory state, shows running jobs and the last
+finished ones, and a selector switches between jobs.
+
+:func:`register` adds the page to ``distributed.dashboard.scheduler.applications``; the
+scheduler reads that table when it starts its HTTP server, which is why the registration
+happens when :mod:`pipeline.ps` is imported as a scheduler preload.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Any
+
+import numpy as np
+
+ROUTE = "/pipeline"
+_REFRESH_MS = 500
+_extensions: weakref.WeakSet = weakref.WeakSet()
+_collector_registered = False
+
+
+def _ext(scheduler: Any) -> Any:
+    from pipeline.ps import EXTENSION_NAME
+
+    return scheduler.extensions.get(EXTENSION_NAME)
+
+
+def job_snapshot(ext: Any, job: str | None) -> dict[str, Any] | None:
+    """The metrics and round history of ``job`` (running or recently finished), or of the most
+    recent job when ``job`` is None."""
+    if ext is None:
+        return None
+    if job is None:
+        if ext.jobs:
+            job = list(ext.jobs)[-1]
+        elif ext.finished:
+            job = ext.finished[-1]["job"]
+        else:
+            return None
+    if job in ext.jobs:
+        st = ext.jobs[job]
+        snap = ext._metrics(st)
+        snap["history"] = list(st.history)
+        return snap
+    for f in reversed(ext.finished):
+        if f["job"] == job:
+            return f
+    return None
+
+
+def job_names(ext: Any) -> list[str]:
+    if ext is None:
+        return []
+    names = [f["job"] for f in ext.finished if f["job"] not in ext.jobs]
+    return names + list(ext.jobs)
+
+
+def _rates(history: list, window: float = 5.0) -> tuple[list[float], list[float], list[float]]:
+    """Samples/s and rounds/s over time from the round history (seconds since the first round)."""
+    if len(history) < 2:
+        return [], [], []
+    h = np.asarray([(r[0], r[1], r[3]) for r in history], dtype=np.float64)
+    t0 = h[0, 0]
+    edges = np.arange(t0, h[-1, 0] + window, window)
+    idx = np.searchsorted(edges, h[:, 0], side="right") - 1
+    samples = np.bincount(idx, weights=h[:, 2], minlength=len(edges))
+    rounds = np.bincount(idx, minlength=len(edges)).astype(float)
+    xs = (edges - t0 + window / 2).tolist()
+    return xs, (samples / window).tolist(), (rounds / window).tolist()
+
+
+def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:
+    """Bokeh document of the training page (signature of Dask's dashboard applications)."""
+    from bokeh.layouts import column, row
+    from bokeh.models import ColumnDataSource, Div, Select
+    from bokeh.plotting import figure
+
+    ext = _ext(scheduler)
+    names = job_names(ext)
+    select = Select(title="Job", options=names or ["(no job yet)"], value=(names[-1] if names else "(no job yet)"))
+    summary = Div(text="No training job has run on this scheduler yet.", width=900)
+    src_rounds = ColumnDataSource({"round": [], "loss": []})
+    src_epochs = ColumnDataSource({"epoch": [], "train_loss": [], "val_loss": [], "val_metric": []})
+    src_rate = ColumnDataSource({"t": [], "samples_per_s": [], "rounds_per_s": []})
+    src_stale = ColumnDataSource({"staleness": [], "count": []})
+    src_workers = ColumnDataSource(
+        {"worker": [], "pushes": [], "samples": [], "read": [], "compute": [], "communicate": []}
+    )
+    opts = {"height": 260, "sizing_mode": "stretch_width", "tools": "pan,wheel_zoom,box_zoom,reset,save"}
+    f_loss = figure(title="Training loss per round", x_axis_label="round", name="pipeline-loss", **opts)
+    f_loss.line("round", "loss", source=src_rounds, line_width=2)
+    f_epoch = figure(title="Loss and validation metric per epoch", x_axis_label="epoch", name="pipeline-epochs", **opts)
+    f_epoch.line("epoch", "train_loss", source=src_epochs, color="#1f77b4", legend_label="train loss", line_width=2)
+    f_epoch.line("epoch", "val_loss", source=src_epochs, color="#ff7f0e", legend_label="validation loss", line_width=2)
+    f_epoch.scatter("epoch", "val_metric", source=src_epochs, color="#2ca02c", legend_label="validation accuracy / R^2", size=7)
+    f_rate = figure(title="Throughput", x_axis_label="seconds since start", name="pipeline-throughput", **opts)
+    f_rate.line("t", "samples_per_s", source=src_rate, legend_label="samples/s", line_width=2)
+    f_rate.line("t", "rounds_per_s", source=src_rate, legend_label="rounds/s", color="#d62728", line_width=2)
+    f_stale = figure(title="Staleness of pushes", x_axis_label="rounds behind", name="pipeline-staleness", **opts)
+    f_stale.vbar(x="staleness", top="count", width=0.8, source=src_stale)
+    f_workers = figure(
+        title="Pushes per worker", x_range=[], name="pipeline-workers", height=260, sizing_mode="stretch_width"
+    )
+    f_workers.vbar(x="worker", top="pushes", width=0.7, source=src_workers)
+    f_time = figure(
+        title="Time per worker: read / compute / communicate (s)",
+        x_range=[],
+        name="pipeline-time",
+        height=260,
+        sizing_mode="stretch_width",
+    )
+    f_time.vbar_stack(
+        ["read", "compute", "communicate"],
+        x="worker",
+        width=0.7,
+        source=src_workers,
+        color=["#9467bd", "#1f77b4", "#ff7f0e"],
+        legend_label=["read", "compute", "communicate"],
+    )
+
+    def update() -> None:
+        ext_now = _ext(scheduler)
+        names_now = job_names(ext_now)
+        if names_now and select.options != names_now:
+            select.options = names_now
+            if select.value not in names_now:
+                select.value = names_now[-1]
+        snap = job_snapshot(ext_now, select.value if select.value in names_now else None)
+        if snap is None:
+            return
+        hist = snap.get("history") or []
+        src_rounds.data = {"round": [h[1] for h in hist], "loss": [h[2] for h in hist]}
+        ep = snap.get("epochs") or []
+        src_epochs.data = {
+            "epoch": [e.get("epoch", i) for i, e in enumerate(ep)],
+            "train_loss": [e.get("train_loss", np.nan) for e in ep],
+            "val_loss": [e.get("val_loss", np.nan) for e in ep],
+            "val_metric": [e.get("val_accuracy", e.get("val_r2", np.nan)) for e in ep],
+        }
+        t, sps, rps = _rates(hist)
+        src_rate.data = {"t": t, "samples_per_s": sps, "rounds_per_s": rps}
+        stale = snap.get("staleness") or {}
+        src_stale.data = {"staleness": [int(k) for k in stale], "count": [int(v) for v in stale.values()]}
+        pw = snap.get("per_worker") or {}
+        workers = sorted(pw)
+        src_workers.data = {
+            "worker": workers,
+            "pushes": [pw[w]["pushes"] for w in workers],
+            "samples": [pw[w]["samples"] for w in workers],
+            "read": [pw[w]["read"] for w in workers],
+            "compute": [pw[w]["compute"] for w in workers],
+            "communicate": [pw[w]["communicate"] for w in workers],
+        }
+        f_workers.x_range.factors = workers
+        f_time.x_range.factors = workers
+        elapsed = max(1e-9, (snap.get("last_push") or time.time()) - snap["created"])
+        ckpt = snap.get("checkpoint_time") or 0
+        state = "failed: " + snap["failed"] if snap.get("failed") else ("finished" if snap.get("closed") else "running")
+        summary.text = (
+            f"<b>{snap['job']}</b> ({state}) &mdash; mode <b>{snap['mode']}</b>, "
+            f"{snap['n_params']:,} parameters, round {snap['version']:,}, epoch {snap.get('epoch', 0)}, "
+            f"{snap['pushes']:,} pushes, {snap['samples']:,} samples, "
+            f"{snap['samples'] / elapsed:,.0f} samples/s, {snap['version'] / elapsed:,.1f} rounds/s, "
+            f"loss {snap['loss'] if snap['loss'] is not None else float('nan'):.4f}, lr {snap['lr']:.3g}, "
+            f"participants {len(snap['participants'])}, "
+            + (f"checkpoint {time.time() - ckpt:,.0f} s ago" if ckpt else "no checkpoint yet")
+        )
+
+    update()
+    doc.add_periodic_callback(update, _REFRESH_MS)
+    doc.title = "Dask: Training"
+    doc.add_root(
+        column(
+            row(select, summary, sizing_mode="stretch_width"),
+            row(f_loss, f_epoch, sizing_mode="stretch_width"),
+            row(f_rate, f_stale, sizing_mode="stretch_width"),
+            row(f_workers, f_time, sizing_mode="stretch_width"),
+            sizing_mode="stretch_width",
+        )
+    )
+    try:
+        from distributed.dashboard.components.shared import BOKEH_THEME  # type: ignore[attr-defined]
+        from distributed.dashboard.utils import env  # type: ignore[attr-defined]
+
+        doc.template = env.get_template("simple.html")
+        doc.template_variables.update(extra)
+        doc.theme = BOKEH_THEME
+    except Exception:  # noqa: BLE001 - the page works with Bokeh's plain template too
+        pass
+
+
+def register() -> bool:
+    """Add the training page to the scheduler dashboard's table of pages; False without Bokeh."""
+    try:
+        from distributed.dashboard import scheduler as dash
+    except ImportError:
+        return False
+    dash.applications.setdefault(ROUTE, training_doc)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Prometheus
+# --------------------------------------------------------------------------------------------
+
+
+class TrainingCollector:
+    """Prometheus collector of every parameter-server job on this process's schedulers."""
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        fams = {
+            "rounds": CounterMetricFamily("pipeline_rounds", "Server updates applied", labels=["job"]),
+            "samples": CounterMetricFamily("pipeline_samples", "Training samples pushed", labels=["job"]),
+            "pushes": CounterMetricFamily("pipeline_pushes", "Deltas pushed", labels=["job"]),
+            "bytes_in": CounterMetricFamily("pipeline_bytes_received", "Delta bytes received", labels=["job"]),
+            "bytes_out": CounterMetricFamily("pipeline_bytes_sent", "Parameter bytes sent", labels=["job"]),
+            "loss": GaugeMetricFamily("pipeline_loss", "Training loss (moving average)", labels=["job"]),
+            "val": GaugeMetricFamily("pipeline_validation_loss", "Last validation loss", labels=["job"]),
+            "participants": GaugeMetricFamily("pipeline_participants", "Active participants", labels=["job"]),
+            "staleness": GaugeMetricFamily("pipeline_staleness_mean", "Mean staleness of pushes", labels=["job"]),
+            "ckpt": GaugeMetricFamily(
+                "pipeline_checkpoint_age_seconds", "Seconds since the last checkpoint (-1: none yet)", labels=["job"]
+            ),
+        }
+        now = time.time()
+        for ext in list(_extensions):
+            for st in list(ext.jobs.values()):
+                lab = [st.job]
+                fams["rounds"].add_metric(lab, st.version)
+                fams["samples"].add_metric(lab, st.samples)
+                fams["pushes"].add_metric(lab, st.pushes)
+                fams["bytes_in"].add_metric(lab, st.bytes_in)
+                fams["bytes_out"].add_metric(lab, st.bytes_out)
+                fams["loss"].add_metric(lab, st.loss_ema if st.loss_ema is not None else float("nan"))
+                val = st.epochs[-1].get("val_loss", float("nan")) if st.epochs else float("nan")
+                fams["val"].add_metric(lab, val)
+                fams["participants"].add_metric(lab, len(st.participants))
+                n = sum(st.staleness_hist.values())
+                mean = sum(k * v for k, v in st.staleness_hist.items()) / n if n else 0.0
+                fams["staleness"].add_metric(lab, mean)
+                fams["ckpt"].add_metric(lab, now - st.checkpoint_time if st.checkpoint_time else -1.0)
+        yield from fams.values()
+
+
+def register_prometheus(ext: Any) -> bool:
+    """Expose ``ext``'s jobs on ``/metrics`` (one collector per process); False without
+    ``prometheus_client``."""
+    global _collector_registered
+    _extensions.add(ext)
+    if _collector_registered:
+        return True
+    try:
+        import prometheus_client
+    except ImportError:
+        return False
+    prometheus_client.REGISTRY.register(TrainingCollector())
+    _collector_registered = True
+    return True

@@ -1,0 +1,229 @@
+"""Out-of-core evaluation and prediction on the cluster.
+
+Each task reads its row chunk straight from the store on the worker, runs the model forward
+and returns metric partial sums (evaluation) or writes its rows of the output (prediction):
+a Zarr array whose chunks match the input's, or one Parquet file per input chunk in a
+dataset directory. Outputs are written beside their destination and renamed into place when
+every task succeeded, so a failed run leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError, StoreError
+from pipeline.model import Model
+from pipeline.store import Store, open_store
+from pipeline.worker import cached_trainer, evaluate_task, finish_metrics, merge_metrics
+
+
+def _check_compatible(model: Model, store: Store) -> None:
+    if store.n_features != model.n_features:
+        raise StoreError(
+            f"store {store.path!r} has {store.n_features} features but the model expects "
+            f"{model.n_features}; ingest it with --like TRAIN_STORE"
+        )
+
+
+def _eval_cfg(model: Model) -> dict[str, Any]:
+    cfg = model.config
+    return {
+        "optimizer": "sgd",
+        "lr": 1e-3,
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "batch_size": 1024,
+        "backend": cfg.get("backend", "cpu") if cfg.get("backend") != "auto" else "cpu",
+        "seed": 0,
+        "prefetch": 2,
+        "normalize": model.normalize,
+    }
+
+
+def _target(model: Model) -> dict | None:
+    if model.task == "classification":
+        return None
+    t = model.target or {"mean": [0.0], "std": [1.0]}
+    return {"mean": np.asarray(t["mean"], np.float64), "std": np.asarray(t["std"], np.float64)}
+
+
+def _chunk_ranges(store: Store) -> list[tuple[int, int]]:
+    out = []
+    for i in range(store.n_chunks):
+        sl = store.chunk_slice(i)
+        out.append((sl.start, min(sl.stop, store.n_rows)))
+    return out
+
+
+def evaluate_store(model: Model, store_path: str, client: Any) -> dict[str, Any]:
+    """Metrics of ``model`` on every row of the store, computed chunk by chunk on the workers:
+    accuracy, log loss and confusion matrix, or R^2, RMSE and MAE."""
+    store = open_store(store_path)
+    _check_compatible(model, store)
+    if model.task != store.task:
+        raise StoreError(f"store {store_path!r} is a {store.task} store; the model does {model.task}")
+    params = client.scatter(model.params, broadcast=True)
+    cfg = _eval_cfg(model)
+    token = uuid.uuid4().hex[:8]
+    futures = [
+        client.submit(
+            evaluate_task,
+            store.path,
+            [r],
+            params,
+            None,
+            model.spec,
+            cfg,
+            _target(model),
+            key=f"evaluate-{i}-{token}",
+            pure=False,
+            retries=2,
+        )
+        for i, r in enumerate(_chunk_ranges(store))
+    ]
+    metrics = finish_metrics(merge_metrics(client.gather(futures)), _target(model))
+    if model.classes is not None:
+        metrics["classes"] = list(model.classes)
+    return metrics
+
+
+def predict_task(
+    store_path: str,
+    row_range: tuple[int, int],
+    index: int,
+    params: np.ndarray,
+    spec: dict,
+    cfg: dict,
+    target: dict | None,
+    out_tmp: str,
+    fmt: str,
+    proba: bool,
+    classes: list[str] | None,
+) -> int:
+    """Predict rows ``row_range`` and write them to the temporary output; returns rows written."""
+    from pipeline.loader import ChunkLoader
+
+    trainer = cached_trainer("model", "predict", spec, cfg)
+    trainer.set_params(np.asarray(params, dtype=np.float32))
+    loader = ChunkLoader(
+        open_store(store_path), ranges=[row_range], batch_size=4096, shuffle=False, normalize=cfg["normalize"]
+    )
+    outs = []
+    try:
+        for X, _ in loader.epoch(0):
+            outs.append(trainer.forward(X))
+    finally:
+        loader.close()
+    a, b = row_range
+    raw = np.concatenate(outs) if outs else np.zeros((0, spec["n_out"]), np.float32)
+    if target is not None:
+        values = raw.reshape(len(raw), -1) * target["std"] + target["mean"]
+        pred: np.ndarray = values[:, 0] if values.shape[1] == 1 else values
+    else:
+        pred = raw.argmax(axis=1).astype(np.int32)
+    if fmt == "zarr":
+        import zarr
+
+        group = zarr.open_group(out_tmp, mode="r+")
+        group["prediction"][a:b] = pred
+        if proba and target is None:
+            group["proba"][a:b] = raw.astype(np.float32)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        cols: dict[str, Any] = {"row": np.arange(a, b, dtype=np.int64)}
+        if target is None and classes is not None:
+            cols["prediction"] = pa.array(np.asarray(classes, dtype=object)[pred].tolist(), pa.string())
+        elif pred.ndim == 2:
+            for j in range(pred.shape[1]):
+                cols[f"prediction_{j}"] = pred[:, j]
+        else:
+            cols["prediction"] = pred
+        if proba and target is None:
+            for j, name in enumerate(classes or range(raw.shape[1])):
+                cols[f"proba_{name}"] = raw[:, j].astype(np.float32)
+        pq.write_table(pa.table(cols), os.path.join(out_tmp, f"part-{index:06d}.parquet"))
+    return b - a
+
+
+def predict_store(
+    model: Model,
+    store_path: str,
+    out: str,
+    client: Any,
+    *,
+    proba: bool = False,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Write predictions for every row of the store to ``out`` (``.zarr`` or ``.parquet``)."""
+    store = open_store(store_path)
+    _check_compatible(model, store)
+    if proba and model.task != "classification":
+        raise PipelineError("--proba is for classification models")
+    dest = Path(out)
+    fmt = "zarr" if dest.suffix == ".zarr" else "parquet" if dest.suffix in (".parquet", ".pq") else ""
+    if not fmt:
+        raise PipelineError(f"output {out!r}: name it *.zarr (Zarr group) or *.parquet (Parquet dataset)")
+    if dest.exists() and not force:
+        raise PipelineError(f"output {out!r} already exists; pass --force to overwrite it")
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    ranges = _chunk_ranges(store)
+    target = _target(model)
+    try:
+        if fmt == "zarr":
+            import zarr
+
+            group = zarr.open_group(str(tmp), mode="w")
+            chunk = store.chunk_rows
+            if target is None:
+                group.create_array("prediction", shape=(store.n_rows,), chunks=(chunk,), dtype="int32")
+                if proba:
+                    group.create_array(
+                        "proba", shape=(store.n_rows, model.spec["n_out"]), chunks=(chunk, model.spec["n_out"]), dtype="float32"
+                    )
+            else:
+                shape = (store.n_rows,) if model.spec["n_out"] == 1 else (store.n_rows, model.spec["n_out"])
+                group.create_array("prediction", shape=shape, chunks=(chunk, *shape[1:]), dtype="float64")
+            group.attrs.update(
+                {"classes": model.classes, "task": model.task, "source": store.path, "kind": "predictions"}
+            )
+        else:
+            tmp.mkdir(parents=True)
+        params = client.scatter(model.params, broadcast=True)
+        cfg = _eval_cfg(model)
+        token = uuid.uuid4().hex[:8]
+        futures = [
+            client.submit(
+                predict_task,
+                store.path,
+                r,
+                i,
+                params,
+                model.spec,
+                cfg,
+                target,
+                str(tmp),
+                fmt,
+                proba,
+                model.classes,
+                key=f"predict-{i}-{token}",
+                pure=False,
+                retries=2,
+            )
+            for i, r in enumerate(ranges)
+        ]
+        rows = sum(client.gather(futures))
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"rows": rows, "out": str(dest), "format": fmt}

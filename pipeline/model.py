@@ -1,0 +1,163 @@
+"""Trained models: weights, architecture, preprocessing and training config in one file.
+
+A model file (``model.npz``, written atomically and checksummed by :mod:`pipeline.checkpoint`)
+loads without a cluster: ``pipeline.load_model(path).predict(X)``. ``X`` holds rows encoded
+like the training store (what ``pipeline ingest --like`` produces); the model applies the
+store's normalization itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.checkpoint import load_file, save_file
+from pipeline.errors import CheckpointError
+
+MODEL_FORMAT = 1
+
+
+@dataclass
+class Model:
+    """A trained multi-layer perceptron with the preprocessing it was trained with."""
+
+    spec: dict
+    params: np.ndarray
+    task: str
+    mean: np.ndarray
+    std: np.ndarray
+    normalize: bool = True
+    classes: list[str] | None = None
+    feature_names: list[str] = field(default_factory=list)
+    target: dict | None = None  # regression: {"mean": [...], "std": [...]}
+    encodings: Any = None
+    config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    _trainer: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_training(
+        cls, store: Any, spec: dict, target: dict | None, params: np.ndarray, cfg: Any, history: list[dict]
+    ) -> Model:
+        return cls(
+            spec=dict(spec),
+            params=np.asarray(params, dtype=np.float32).copy(),
+            task=store.task,
+            mean=np.asarray(store.mean, dtype=np.float64),
+            std=np.asarray(store.std, dtype=np.float64),
+            normalize=bool(cfg.normalize),
+            classes=list(store.classes) if store.classes is not None else None,
+            feature_names=list(store.feature_names),
+            target=None if target is None else {k: np.asarray(v).tolist() for k, v in target.items()},
+            encodings=store.attrs.get("encodings"),
+            config=cfg.to_dict(),
+            metrics=dict(history[-1]) if history else {},
+        )
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        meta = {
+            "model_format": MODEL_FORMAT,
+            "spec": self.spec,
+            "task": self.task,
+            "normalize": self.normalize,
+            "classes": self.classes,
+            "feature_names": self.feature_names,
+            "target": self.target,
+            "encodings": self.encodings,
+            "config": self.config,
+            "metrics": self.metrics,
+        }
+        save_file(path, "model", {"params": self.params, "mean": self.mean, "std": self.std}, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Model:
+        p = os.fspath(path)
+        if os.path.isdir(p):
+            p = os.path.join(p, "model.npz")
+        arrays, meta = load_file(p, "model")
+        if meta.get("model_format", 0) > MODEL_FORMAT:
+            raise CheckpointError(
+                f"model file {p!r} has model format {meta.get('model_format')}; this version reads up "
+                f"to {MODEL_FORMAT}: upgrade the project to load it"
+            )
+        try:
+            return cls(
+                spec=meta["spec"],
+                params=arrays["params"],
+                task=meta["task"],
+                mean=arrays["mean"],
+                std=arrays["std"],
+                normalize=meta.get("normalize", True),
+                classes=meta.get("classes"),
+                feature_names=meta.get("feature_names", []),
+                target=meta.get("target"),
+                encodings=meta.get("encodings"),
+                config=meta.get("config", {}),
+                metrics=meta.get("metrics", {}),
+            )
+        except KeyError as exc:
+            raise CheckpointError(f"model file {p!r} lacks {exc}; it is not a complete model") from None
+
+    # -- inference -------------------------------------------------------------------------
+
+    @property
+    def n_features(self) -> int:
+        return int(self.spec["n_in"])
+
+    def _forward(self, X: np.ndarray) -> np.ndarray:
+        if self._trainer is None:
+            from kernels.mlp import MLPSpec, MLPTrainer
+
+            self._trainer = MLPTrainer(
+                MLPSpec(**{**self.spec, "hidden": tuple(self.spec["hidden"])}),
+                backend="cpu",
+                params=self.params,
+                max_batch=1024,
+            )
+        return self._trainer.forward(X)
+
+    def transform_features(self, X: Any) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ValueError(f"expected rows of {self.n_features} features, got shape {X.shape}")
+        Xf = X.astype(np.float64)
+        if self.normalize:
+            Xf = (Xf - self.mean) / self.std
+        return np.ascontiguousarray(Xf, dtype=np.float32)
+
+    def decision(self, X: Any) -> np.ndarray:
+        """Class probabilities (classification) or de-standardized predictions (regression)."""
+        out = self._forward(self.transform_features(X))
+        if self.task == "classification":
+            return out
+        t = self.target or {"mean": [0.0], "std": [1.0]}
+        return out.reshape(len(out), -1) * np.asarray(t["std"]) + np.asarray(t["mean"])
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        if self.task != "classification":
+            raise ValueError("predict_proba is for classification models")
+        return self.decision(X)
+
+    def predict_index(self, X: Any) -> np.ndarray:
+        """Class indices (classification) or values (regression, 1-D when one target)."""
+        out = self.decision(X)
+        if self.task == "classification":
+            return out.argmax(axis=1)
+        return out[:, 0] if out.shape[1] == 1 else out
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Class labels (names from the store) or predicted values."""
+        idx = self.predict_index(X)
+        if self.task == "classification" and self.classes is not None:
+            return np.asarray(self.classes, dtype=object)[idx]
+        return idx
+
+
+def load_model(path: str | os.PathLike) -> Model:
+    """Load a model file (or a run directory holding ``model.npz``) without a cluster."""
+    return Model.load(path)

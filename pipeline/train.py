@@ -1,0 +1,633 @@
+"""The training driver: epochs of tasks on the cluster, evaluation, checkpoints, the run directory.
+
+The driver never touches rows. It plans row ranges of the store into tasks, submits them each
+epoch (dynamic placement lets faster workers take more; sync mode pins one participant per
+worker thread so every round has all of them), evaluates on the workers at each epoch end,
+checkpoints the parameter server's state atomically, stops early, and writes the history and
+the final model to the run directory::
+
+    RUN_DIR/config.toml      resolved configuration
+    RUN_DIR/checkpoint.npz   server state (weights, optimizer state, round, epoch, position)
+    RUN_DIR/model.npz        the trained model (best validation epoch), see pipeline.model
+    RUN_DIR/history.json     per-epoch and per-round metrics
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.checkpoint import load_file, save_file
+from pipeline.config import TrainConfig
+from pipeline.errors import CheckpointError, ConfigError, StoreError, TrainingError
+from pipeline.model import Model
+from pipeline.ps import ParameterServer
+from pipeline.store import Store, open_store
+from pipeline.worker import evaluate_task, finish_metrics, merge_metrics, train_task
+
+logger = logging.getLogger(__name__)
+
+Ranges = list[tuple[int, int]]
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: row ranges, tasks, validation split
+# --------------------------------------------------------------------------------------------
+
+
+def row_ranges(store: Store, max_rows: int) -> Ranges:
+    """The store's row chunks, each cut into equal parts of at most ``max_rows`` rows."""
+    out: Ranges = []
+    for i in range(store.n_chunks):
+        sl = store.chunk_slice(i)
+        start, stop = sl.start, min(sl.stop, store.n_rows)
+        parts = max(1, math.ceil((stop - start) / max_rows))
+        edges = np.linspace(start, stop, parts + 1).round().astype(int)
+        out.extend((int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a)
+    return out
+
+
+def split_validation(ranges: Ranges, fraction: float, seed: int) -> tuple[Ranges, Ranges]:
+    """Hold out about ``fraction`` of the rows as whole ranges chosen by ``seed``."""
+    if fraction <= 0 or len(ranges) < 2:
+        return list(ranges), []
+    rng = np.random.default_rng([seed, 7919])
+    order = rng.permutation(len(ranges))
+    total = sum(b - a for a, b in ranges)
+    val_idx: set[int] = set()
+    held = 0
+    for i in order:
+        if held >= fraction * total or len(val_idx) == len(ranges) - 1:
+            break
+        val_idx.add(int(i))
+        held += ranges[i][1] - ranges[i][0]
+    train = [r for i, r in enumerate(ranges) if i not in val_idx]
+    val = [r for i, r in enumerate(ranges) if i in val_idx]
+    return train, val
+
+
+def group_ranges(ranges: Ranges, rows_per_task: int) -> list[Ranges]:
+    """Consecutive ranges grouped into tasks of about ``rows_per_task`` rows."""
+    tasks: list[Ranges] = []
+    cur: Ranges = []
+    rows = 0
+    for a, b in ranges:
+        if cur and rows + (b - a) > rows_per_task:
+            tasks.append(cur)
+            cur, rows = [], 0
+        cur.append((a, b))
+        rows += b - a
+    if cur:
+        tasks.append(cur)
+    return tasks
+
+
+def default_rows_per_task(n_rows: int, n_threads: int, cfg: TrainConfig) -> int:
+    """About four tasks per worker thread per epoch, never fewer rows than two pushes' worth,
+    and at most 2**18 rows (a few seconds of work) so that a lost task loses little."""
+    per_push = cfg.batch_size * cfg.local_steps
+    want = math.ceil(n_rows / max(1, 4 * n_threads))
+    return int(min(max(want, 2 * per_push), 1 << 18))
+
+
+def build_spec(store: Store, cfg: TrainConfig) -> tuple[dict, dict | None]:
+    """The model spec for this store and config, and the regression target scaling (or None)."""
+    if store.task == "classification":
+        n_out = len(store.classes or [])
+        if n_out < 2:
+            raise StoreError(f"store {store.path!r} has fewer than 2 classes; nothing to learn")
+        loss = "softmax_ce" if cfg.loss == "auto" else cfg.loss
+        if loss == "mse":
+            raise ConfigError("config key 'loss' = 'mse' does not fit a classification store")
+        if loss == "bce_logits" and n_out != 2:
+            raise ConfigError("config key 'loss' = 'bce_logits' needs a binary store")
+        if loss == "bce_logits":
+            raise ConfigError("config key 'loss' = 'bce_logits' is for multi-label targets; use softmax_ce")
+        target = None
+    else:
+        n_out = 1 if store.y.ndim == 1 else int(store.y.shape[1])
+        loss = "mse" if cfg.loss == "auto" else cfg.loss
+        if loss != "mse":
+            raise ConfigError(f"config key 'loss' = {loss!r} does not fit a regression store; use mse")
+        mean = np.atleast_1d(np.asarray(store.y_mean, dtype=np.float64))
+        std = np.atleast_1d(np.asarray(store.y_std, dtype=np.float64))
+        target = {"mean": mean, "std": np.where(std > 0, std, 1.0)}
+    widths = [store.n_features, *cfg.hidden, n_out]
+    n_params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    from pipeline.config import MAX_PARAMS
+
+    if n_params > MAX_PARAMS:
+        raise ConfigError(
+            f"config key 'hidden' = {cfg.hidden} gives {n_params:,} parameters (limit {MAX_PARAMS:,}); "
+            "use narrower layers"
+        )
+    spec = {
+        "n_in": store.n_features,
+        "hidden": list(cfg.hidden),
+        "n_out": n_out,
+        "activation": cfg.activation,
+        "loss": loss,
+    }
+    return spec, target
+
+
+def task_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The part of the config that training tasks need (plain, msgpack-friendly)."""
+    keys = (
+        "optimizer lr momentum weight_decay batch_size local_steps overlap backend seed "
+        "shuffle_chunks prefetch normalize barrier_timeout"
+    ).split()
+    return {k: getattr(cfg, k) for k in keys}
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint.npz"
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model.npz"
+
+    @property
+    def history(self) -> Path:
+        return self.path / "history.json"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.toml"
+
+    def check(self, resume: bool, force: bool) -> None:
+        """Raise if resuming without a checkpoint, or starting over an existing run without force."""
+        if resume:
+            if not self.checkpoint.is_file():
+                raise CheckpointError(
+                    f"nothing to resume: {str(self.checkpoint)!r} does not exist; train without --resume"
+                )
+        elif self.path.is_file():
+            raise TrainingError(f"run directory {str(self.path)!r} is a file; choose another --out")
+        elif self.path.exists() and any(self.path.iterdir()) and not force:
+            raise TrainingError(
+                f"run directory {str(self.path)!r} already holds a run; pass --resume to continue it, "
+                "--force to overwrite it, or choose another --out"
+            )
+
+    def prepare(self, resume: bool, force: bool) -> None:
+        self.check(resume, force)
+        if resume:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        for p in (self.checkpoint, self.model, self.history):
+            p.unlink(missing_ok=True)
+
+    def write_json(self, path: Path, data: Any) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, default=_json_default))
+        os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: Model
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    installed_by: str = ""
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def _total_threads(client: Any) -> dict[str, int]:
+    return {w: int(info.get("nthreads", 1)) for w, info in client.scheduler_info(n_workers=-1)["workers"].items()}
+
+
+def check_workers_can_open(client: Any, store_path: str) -> None:
+    """Fail before training if some worker cannot open the store, naming those workers."""
+
+    def _probe(path: str = store_path) -> str:
+        try:
+            from pipeline.store import open_store as _open
+
+            _open(path)
+        except Exception as exc:  # noqa: BLE001 - reported to the user below
+            return f"{type(exc).__name__}: {exc}"
+        return ""
+
+    results = client.run(_probe)
+    bad = {w: msg for w, msg in results.items() if msg}
+    if bad:
+        names = ", ".join(sorted(bad))
+        first = next(iter(bad.values()))
+        raise StoreError(
+            f"{len(bad)} of {len(results)} workers cannot open store {store_path!r} ({names}): {first}; "
+            "put the store on a path or URL every worker can reach"
+        )
+
+
+class Trainer:
+    """Runs one training job on a Dask cluster (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: str,
+        cfg: TrainConfig,
+        out: str | os.PathLike,
+        client: Any,
+        *,
+        resume: bool = False,
+        force: bool = False,
+        log: Callable[[str], None] | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.store_path = str(store)
+        self.store = open_store(self.store_path)
+        self.cfg = cfg
+        self.client = client
+        self.run = RunDir(Path(out))
+        self.resume = resume
+        self.force = force
+        self.log = log or (lambda msg: logger.info(msg))
+        self.on_epoch = on_epoch
+        self.spec, self.target = build_spec(self.store, cfg)
+        self.val_path = cfg.validation_store or self.store_path
+        if cfg.validation_store:
+            vs = open_store(cfg.validation_store)
+            if vs.n_features != self.store.n_features or vs.task != self.store.task:
+                raise StoreError(
+                    f"validation store {cfg.validation_store!r} does not match {self.store_path!r} "
+                    "(features or task differ); ingest it with --like"
+                )
+        self.job = f"run-{uuid.uuid4().hex[:12]}"
+
+    # -- planning ------------------------------------------------------------------------
+
+    def plan(self, n_threads: int) -> tuple[list[Ranges], Ranges]:
+        cfg = self.cfg
+        rows_per_task = cfg.rows_per_task or default_rows_per_task(self.store.n_rows, n_threads, cfg)
+        ranges = row_ranges(self.store, rows_per_task)
+        if cfg.validation_store:
+            vs = open_store(cfg.validation_store)
+            train, val = ranges, row_ranges(vs, 1 << 16)
+        else:
+            train, val = split_validation(ranges, cfg.validation, cfg.seed)
+        if not train:
+            raise StoreError(f"store {self.store_path!r} has no rows to train on")
+        return group_ranges(train, rows_per_task), val
+
+    # -- main loop -------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        from distributed import span
+
+        cfg, client = self.cfg, self.client
+        self.run.prepare(self.resume, self.force)
+        installed_by = ParameterServer.ensure_installed(client)
+        check_workers_can_open(client, self.store_path)
+        if cfg.validation_store:
+            check_workers_can_open(client, cfg.validation_store)
+        threads = _total_threads(client)
+        if not threads:
+            raise TrainingError("the cluster has no workers; start some with `dask worker ADDRESS`")
+        n_threads = sum(threads.values())
+
+        from kernels.mlp import MLPSpec, init_params
+
+        state = self._load_checkpoint() if self.resume else None
+        if state is not None:
+            params, meta = state["params"], state["meta"]
+            history, start_epoch = meta["history"], int(meta["epoch"])
+            done_tasks = set(meta.get("done_tasks", []))
+            best = (float(meta["best_loss"]), state.get("best_params", params), int(meta["best_epoch"]))
+            self.job = meta["job"]
+            n_threads = int(meta.get("n_threads", n_threads))
+        else:
+            params = init_params(MLPSpec(**{**self.spec, "hidden": tuple(self.spec["hidden"])}), seed=cfg.seed)
+            history, start_epoch, done_tasks = [], 0, set()
+            best = (math.inf, params.copy(), -1)
+        self.run.config.write_text(cfg.to_toml())
+        tasks, val_ranges = self.plan(n_threads)
+        ps = ParameterServer(self.job, client)
+        rounds_per_epoch = sum(
+            math.ceil(sum(b - a for a, b in t) / cfg.batch_size / cfg.local_steps) for t in tasks
+        )
+        ps.create(
+            params,
+            mode=cfg.mode,
+            staleness=cfg.staleness,
+            damping=cfg.damping,
+            aggregate=cfg.aggregate,
+            optimizer={"name": cfg.server_optimizer, "lr": cfg.server_lr, "momentum": cfg.momentum},
+            schedule={
+                "kind": cfg.schedule,
+                "warmup": cfg.warmup,
+                "step_size": cfg.step_size,
+                "gamma": cfg.gamma,
+                "total_steps": rounds_per_epoch * cfg.epochs,
+            },
+            version=int(state["meta"]["version"]) if state else 0,
+            optimizer_state=state.get("optimizer_state") if state else None,
+            progress=state["meta"].get("progress") if state else None,
+            epoch=start_epoch,
+            join_timeout=cfg.join_timeout,
+        )
+        self.log(
+            f"job {self.job}: {len(tasks)} tasks per epoch over {self.store.n_rows:,} rows, "
+            f"{len(val_ranges)} validation ranges, parameter server installed by {installed_by}"
+        )
+        stopped_early = False
+        last_ckpt = time.monotonic()
+        epoch = start_epoch
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                t0 = time.perf_counter()
+                with span(f"epoch-{epoch}"):
+                    stats = self._run_epoch(ps, epoch, tasks, threads, done_tasks, last_ckpt, history, best)
+                    val = self._evaluate(epoch, val_ranges)
+                done_tasks = set()
+                last_ckpt = time.monotonic()
+                seconds = time.perf_counter() - t0
+                m = ps.metrics()
+                record = {
+                    "epoch": epoch,
+                    "rounds": m["version"],
+                    "samples": stats["samples"],
+                    "train_loss": stats["loss"],
+                    "seconds": seconds,
+                    "samples_per_s": stats["samples"] / seconds if seconds else 0.0,
+                    "read_s": stats["read"],
+                    "compute_s": stats["compute"],
+                    "communicate_s": stats["communicate"],
+                    **{f"val_{k}": v for k, v in val.items() if k != "confusion"},
+                }
+                history.append(record)
+                ps.call("record", epoch={k: v for k, v in record.items() if isinstance(v, int | float)})
+                val_loss = val.get("loss", stats["loss"])
+                improved = val_loss < best[0] - cfg.min_delta
+                if improved or best[2] < 0:
+                    best = (float(val_loss), ps.pull()[0].copy(), epoch)
+                self._checkpoint(ps, epoch + 1, history, best, set())
+                if self.on_epoch is not None:
+                    self.on_epoch(record)
+                if cfg.patience and epoch - best[2] >= cfg.patience:
+                    stopped_early = True
+                    self.log(f"early stop: no validation improvement for {cfg.patience} epochs")
+                    break
+        except KeyboardInterrupt:
+            self.log("interrupted: writing a checkpoint before stopping")
+            self._checkpoint(ps, epoch, history, best, done_tasks)
+            raise
+        finally:
+            metrics = {}
+            try:
+                metrics = ps.metrics(history=True)
+                ps.close()
+            except Exception:  # noqa: BLE001 - closing is best effort (scheduler may be gone)
+                logger.debug("could not close job %s", self.job, exc_info=True)
+        model = Model.from_training(self.store, self.spec, self.target, best[1], cfg, history)
+        model.save(self.run.model)
+        self.run.write_json(
+            self.run.history,
+            {
+                "job": self.job,
+                "installed_by": installed_by,
+                "best_epoch": best[2],
+                "stopped_early": stopped_early,
+                "epochs": history,
+                "rounds": metrics.get("history", []),
+                "round_columns": ["time", "version", "loss", "samples", "deltas"],
+            },
+        )
+        return TrainResult(self.run.path, model, history, stopped_early, installed_by)
+
+    # -- one epoch -------------------------------------------------------------------------
+
+    def _run_epoch(
+        self,
+        ps: ParameterServer,
+        epoch: int,
+        tasks: list[Ranges],
+        threads: dict[str, int],
+        done_tasks: set[str],
+        last_ckpt: float,
+        history: list[dict],
+        best: tuple,
+    ) -> dict[str, float]:
+        from distributed import wait
+
+        cfg, client = self.cfg, self.client
+        rng = np.random.default_rng([cfg.seed, epoch, 104729])
+        order = [int(i) for i in rng.permutation(len(tasks))]
+        spec, tcfg = self.spec, task_config(cfg)
+        if cfg.mode == "sync" or cfg.placement == "federated":
+            # one participant per worker thread (sync) / per worker (federated): each gets a
+            # fixed share of the ranges, chosen by position so the split is reproducible
+            slots = [w for w, n in sorted(threads.items()) for _ in range(n if cfg.mode == "sync" else 1)]
+            if cfg.placement == "federated":
+                shares = [[r for j, t in enumerate(tasks) if j % len(slots) == k for r in t] for k in range(len(slots))]
+            else:
+                shares = [[r for j in order[k :: len(slots)] for r in tasks[j]] for k in range(len(slots))]
+            work = [(f"e{epoch}-s{k}", share, [slots[k]]) for k, share in enumerate(shares) if share]
+        else:
+            work = [(f"e{epoch}-t{j}", tasks[j], None) for j in order]
+        work = [w for w in work if w[0] not in done_tasks]
+        futures = {}
+        for name, ranges, workers in work:
+            key = f"train-chunk-{name}-{self.job}"
+            futures[key] = (
+                name,
+                client.submit(
+                    train_task,
+                    self.job,
+                    name,
+                    self.store_path,
+                    ranges,
+                    epoch,
+                    spec,
+                    tcfg,
+                    self.target,
+                    key=key,
+                    workers=workers,
+                    allow_other_workers=bool(workers) and cfg.placement != "federated",
+                    retries=2,
+                    pure=False,
+                ),
+            )
+        if cfg.mode == "sync":
+            ps.call("expect", names=[n for n, _ in futures.values()], keys=list(futures), epoch=epoch)
+        else:
+            ps.call("expect", names=[], keys=[], epoch=epoch)
+        pending = {f for _, f in futures.values()}
+        results: list[dict] = []
+        no_workers_since: float | None = None
+        try:
+            while pending:
+                try:
+                    wait(pending, timeout=1.0, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    pass  # nothing finished this second: check workers and checkpoints below
+                done = {f for f in pending if f.done()}
+                pending -= done
+                for f in done:
+                    if f.status == "error":
+                        exc = f.exception()
+                        if isinstance(exc, TrainingError):
+                            raise TrainingError(str(exc)) from None
+                        raise TrainingError(
+                            f"training task {f.key} failed: {type(exc).__name__}: {exc}"
+                        ) from exc
+                    r = f.result()
+                    results.append(r)
+                    done_tasks.add(r["name"])
+                if pending:
+                    if not client.scheduler_info(n_workers=-1)["workers"]:
+                        no_workers_since = no_workers_since or time.monotonic()
+                        if time.monotonic() - no_workers_since > cfg.no_worker_timeout:
+                            raise TrainingError(
+                                f"no workers for {cfg.no_worker_timeout:.0f} s; start workers or "
+                                "raise no_worker_timeout (a checkpoint was written; use --resume)"
+                            )
+                    else:
+                        no_workers_since = None
+                if time.monotonic() - last_ckpt > cfg.checkpoint_seconds:
+                    self._checkpoint(ps, epoch, history, best, done_tasks)
+                    last_ckpt = time.monotonic()
+        except BaseException:
+            client.cancel([f for _, f in futures.values()])
+            try:
+                self._checkpoint(ps, epoch, history, best, done_tasks)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                logger.debug("checkpoint after failure did not succeed", exc_info=True)
+            raise
+        samples = sum(r["samples"] for r in results)
+        loss = sum(r["loss"] * r["samples"] for r in results if r["samples"]) / max(samples, 1)
+        return {
+            "samples": samples,
+            "loss": loss,
+            "read": sum(r["read"] for r in results),
+            "compute": sum(r["compute"] for r in results),
+            "communicate": sum(r["communicate"] for r in results),
+        }
+
+    def _evaluate(self, epoch: int, val_ranges: Ranges) -> dict[str, Any]:
+        if not val_ranges:
+            return {}
+        tcfg = task_config(self.cfg)
+        groups = group_ranges(val_ranges, 1 << 16)
+        futures = [
+            self.client.submit(
+                evaluate_task,
+                self.val_path,
+                g,
+                None,
+                self.job,
+                self.spec,
+                tcfg,
+                self.target,
+                key=f"evaluate-e{epoch}-{i}-{self.job}",
+                pure=False,
+                retries=2,
+            )
+            for i, g in enumerate(groups)
+        ]
+        return finish_metrics(merge_metrics(self.client.gather(futures)), self.target)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _checkpoint(
+        self, ps: ParameterServer, epoch: int, history: list, best: tuple, done_tasks: set[str]
+    ) -> None:
+        st = ps.state()
+        arrays = {"params": st["params"], "best_params": best[1]}
+        for k, v in st["optimizer_state"]["buffers"].items():
+            arrays[f"opt_{k}"] = v
+        meta = {
+            "job": self.job,
+            "epoch": epoch,
+            "version": st["version"],
+            "optimizer_t": st["optimizer_state"]["t"],
+            "progress": st.get("progress", {}),
+            "done_tasks": sorted(done_tasks),
+            "history": history,
+            "best_loss": best[0] if math.isfinite(best[0]) else 1e300,
+            "best_epoch": best[2],
+            "config": self.cfg.to_dict(),
+            "store": self.store_path,
+            "spec": self.spec,
+            "n_threads": sum(_total_threads(self.client).values()) or 1,
+            "time": time.time(),
+        }
+        save_file(self.run.checkpoint, "checkpoint", arrays, json.loads(json.dumps(meta, default=_json_default)))
+        ps.call("record", checkpoint=True)
+
+    def _load_checkpoint(self) -> dict[str, Any]:
+        arrays, meta = load_file(self.run.checkpoint, "checkpoint")
+        if meta.get("spec") != self.spec:
+            raise CheckpointError(
+                f"checkpoint {str(self.run.checkpoint)!r} is for a different model or store; "
+                "resume with the same store and model config"
+            )
+        buffers = {k[4:]: v for k, v in arrays.items() if k.startswith("opt_")}
+        return {
+            "params": arrays["params"],
+            "best_params": arrays.get("best_params", arrays["params"]),
+            "optimizer_state": {"t": int(meta.get("optimizer_t", 0)), "buffers": buffers},
+            "meta": meta,
+        }
+
+
+def resumed_config(out: str | os.PathLike) -> TrainConfig:
+    """The configuration saved in the checkpoint of run directory ``out``."""
+    _, meta = load_file(RunDir(Path(out)).checkpoint, "checkpoint")
+    return TrainConfig.from_dict(meta["config"])
+
+
+def train(
+    store: str,
+    cfg: TrainConfig | None = None,
+    out: str | os.PathLike = "runs/latest",
+    *,
+    client: Any,
+    resume: bool = False,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train on ``store`` with ``cfg`` on the cluster of ``client``; write the run to ``out``."""
+    if resume and cfg is None:
+        cfg = resumed_config(out)
+    return Trainer(
+        store, cfg or TrainConfig(), out, client, resume=resume, force=force, log=log, on_epoch=on_epoch
+    ).fit()

@@ -1,0 +1,326 @@
+"""The tasks that run on Dask workers: train on a few row ranges, evaluate, predict.
+
+A training task joins its job on the parameter server, reads its rows straight from the store
+with the loader (data never passes through the client or the scheduler), takes
+``local_steps`` minibatch steps with the kernels, pushes ``delta = w_pulled - w_local`` and
+continues. With ``overlap`` the push travels while the next local steps run; the reply is
+folded in at the next push boundary (``w = w_server + local progress since the push``), which
+keeps every step's inputs deterministic. Time is split into read / compute / communicate and
+reported through Dask's fine performance metrics and in the task's result.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+from distributed import get_worker
+from distributed.metrics import context_meter
+
+from pipeline.errors import TrainingError
+from pipeline.loader import ChunkLoader
+from pipeline.ps import ParameterServer, encode_vector
+from pipeline.store import open_store
+
+_CACHE_SIZE = 8
+_trainers: OrderedDict[tuple, Any] = OrderedDict()
+_stores: OrderedDict[str, Any] = OrderedDict()
+_lock = threading.Lock()
+
+
+def _store(path: str) -> Any:
+    """Open stores once per worker process (metadata reads are not free on object stores)."""
+    with _lock:
+        st = _stores.get(path)
+        if st is None:
+            st = _stores[path] = open_store(path)
+            while len(_stores) > _CACHE_SIZE:
+                _stores.popitem(last=False)
+        return st
+
+
+def make_trainer(spec: dict, cfg: dict) -> Any:
+    """A fresh :class:`kernels.mlp.MLPTrainer` for ``spec`` with the local optimizer of ``cfg``."""
+    from kernels.mlp import MLPSpec, MLPTrainer
+
+    optimizer = cfg["optimizer"]
+    return MLPTrainer(
+        MLPSpec(**{**spec, "hidden": tuple(spec["hidden"])}),
+        backend=cfg["backend"],
+        optimizer="momentum" if optimizer == "nesterov" else optimizer,
+        nesterov=optimizer == "nesterov",
+        lr=cfg["lr"],
+        momentum=cfg["momentum"],
+        weight_decay=cfg["weight_decay"],
+        max_batch=cfg["batch_size"],
+        seed=cfg["seed"],
+    )
+
+
+def cached_trainer(job: str, purpose: str, spec: dict, cfg: dict) -> Any:
+    """One trainer per (job, purpose, thread) on this worker, so that the local optimizer's
+    state and compiled buffers survive from one task of the job to the next."""
+    key = (job, purpose, threading.get_ident(), repr(sorted(spec.items())), repr(sorted(cfg.items())))
+    with _lock:
+        tr = _trainers.get(key)
+        if tr is not None:
+            _trainers.move_to_end(key)
+            return tr
+    tr = make_trainer(spec, cfg)
+    with _lock:
+        _trainers[key] = tr
+        while len(_trainers) > _CACHE_SIZE:
+            _trainers.popitem(last=False)
+    return tr
+
+
+def prepare_targets(y: np.ndarray, target: dict | None) -> np.ndarray:
+    """Classification labels as int32; regression targets standardized as float32 2-D."""
+    if target is None:
+        return np.ascontiguousarray(y, dtype=np.int32)
+    yy = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    return np.ascontiguousarray((yy - target["mean"]) / target["std"], dtype=np.float32)
+
+
+class _Comm:
+    """Push/pull bookkeeping of one participant, timing only the time spent waiting."""
+
+    def __init__(self, ps: ParameterServer, name: str, timeout: float) -> None:
+        self.ps, self.name, self.timeout = ps, name, timeout
+        self.seconds = 0.0
+
+    def wait(self, fut: Any) -> dict:
+        t = time.perf_counter()
+        try:
+            reply = fut.result()
+        finally:
+            self.seconds += time.perf_counter() - t
+        status = reply.get("status")
+        if status == "failed":
+            raise TrainingError(reply.get("message") or "the parameter server failed the job")
+        if status == "timeout":
+            raise TrainingError(
+                f"participant {self.name}: {reply.get('message')}; raise barrier_timeout or "
+                "check that every worker is alive"
+            )
+        return reply
+
+    def call(self, route: str, **kwargs: Any) -> dict:
+        return self.wait(self.ps.call_soon(route, **kwargs))
+
+
+def train_task(
+    job: str,
+    name: str,
+    store_path: str,
+    ranges: list[tuple[int, int]],
+    epoch: int,
+    spec: dict,
+    cfg: dict,
+    target: dict | None,
+) -> dict[str, Any]:
+    """Train on ``ranges`` of the store as participant ``name`` of ``job``; return statistics."""
+    t_start = time.perf_counter()
+    worker = get_worker()
+    comm = _Comm(ParameterServer(job), name, cfg["barrier_timeout"])
+    reply = comm.call("join", name=name, key=worker.get_current_task(), worker=worker.address)
+    trainer = cached_trainer(job, "train", spec, cfg)
+    anchor = np.array(reply["params"], dtype=np.float32)
+    version = int(reply["version"])
+    skip = int(reply.get("skip_batches", 0))
+    trainer.set_params(anchor)
+
+    local_steps, overlap = cfg["local_steps"], cfg["overlap"]
+    pending = None
+    steps = samples = batches_done = 0
+    n_since = b_since = 0
+    loss_since: list[float] = []
+    losses: list[float] = []
+    compute = 0.0
+    reported = {"read": 0.0, "compute": 0.0, "communicate": 0.0}
+
+    def fold(fut: Any) -> None:
+        # w_local = w_server + (w_local - w_at_push): keep the progress made while in flight
+        nonlocal anchor, version
+        r = comm.wait(fut)
+        fresh = np.asarray(r["params"], dtype=np.float32)
+        if overlap:
+            trainer.set_params(fresh + (trainer.get_params() - anchor))
+        else:
+            trainer.set_params(fresh)
+        anchor, version = fresh, int(r["version"])
+
+    def push() -> None:
+        nonlocal pending, anchor, n_since, b_since, loss_since
+        if pending is not None:
+            fold(pending)
+            pending = None
+        current = trainer.get_params()
+        delta = anchor - current
+        now = {"read": loader.read_seconds, "compute": compute, "communicate": comm.seconds}
+        timings = {k: v - reported[k] for k, v in now.items()}  # since the last push
+        reported.update(now)
+        fut = comm.ps.call_soon(
+            "push",
+            name=name,
+            version=version,
+            delta=encode_vector(delta),
+            samples=n_since,
+            batches=b_since,
+            loss=float(np.mean(loss_since)) if loss_since else 0.0,
+            timings=timings,
+            timeout=cfg["barrier_timeout"],
+        )
+        anchor = current
+        n_since = b_since = 0
+        loss_since = []
+        if overlap:
+            pending = fut
+        else:
+            fold(fut)
+
+    loader = ChunkLoader(
+        _store(store_path),
+        ranges=ranges,
+        batch_size=cfg["batch_size"],
+        shuffle=True,
+        seed=cfg["seed"],
+        buffer_chunks=cfg["shuffle_chunks"],
+        prefetch=cfg["prefetch"],
+        normalize=cfg["normalize"],
+    )
+    try:
+        for i, (X, y) in enumerate(loader.epoch(epoch)):
+            if i < skip:  # a rerun after a lost worker: these batches were already absorbed
+                continue
+            t = time.perf_counter()
+            loss = trainer.step(X, prepare_targets(y, target))
+            compute += time.perf_counter() - t
+            steps += 1
+            samples += len(X)
+            n_since += len(X)
+            b_since += 1
+            batches_done += 1
+            loss_since.append(loss)
+            losses.append(loss)
+            if b_since == local_steps:
+                push()
+        if b_since:
+            push()
+        if pending is not None:
+            fold(pending)
+            pending = None
+    finally:
+        read_seconds = loader.read_seconds
+        loader.close()
+        try:
+            comm.ps.call_soon("leave", name=name).result(timeout=10)
+        except Exception:  # noqa: BLE001 - the scheduler drops us anyway when the task ends
+            pass
+    total = time.perf_counter() - t_start
+    for label, secs in (("read", read_seconds), ("compute", compute), ("communicate", comm.seconds)):
+        context_meter.digest_metric(label, secs, "seconds")
+    return {
+        "name": name,
+        "worker": worker.address,
+        "samples": samples,
+        "steps": steps,
+        "skipped": skip,
+        "loss": float(np.mean(losses)) if losses else float("nan"),
+        "read": read_seconds,
+        "compute": compute,
+        "communicate": comm.seconds,
+        "total": total,
+        "version": version,
+    }
+
+
+def evaluate_arrays(probs_or_pred: np.ndarray, y: np.ndarray, target: dict | None, n_classes: int) -> dict:
+    """Partial sums for metrics over one batch (merged with :func:`merge_metrics`)."""
+    if target is None:
+        yi = np.asarray(y, dtype=np.int64)
+        p = np.clip(probs_or_pred[np.arange(len(yi)), yi], 1e-15, 1.0)
+        pred = probs_or_pred.argmax(axis=1)
+        conf = np.zeros((n_classes, n_classes), np.int64)
+        np.add.at(conf, (yi, pred), 1)
+        return {"n": len(yi), "loss_sum": float(-np.log(p).sum()), "confusion": conf}
+    yy = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    pred = np.asarray(probs_or_pred, dtype=np.float64).reshape(len(y), -1) * target["std"] + target["mean"]
+    err = pred - yy
+    zerr = err / target["std"]
+    return {
+        "n": len(yy),
+        "loss_sum": float(np.mean(zerr**2, axis=1).sum()),
+        "sse": (err**2).sum(axis=0),
+        "sae": np.abs(err).sum(axis=0),
+        "sum_y": yy.sum(axis=0),
+        "sum_y2": (yy**2).sum(axis=0),
+    }
+
+
+def merge_metrics(parts: list[dict]) -> dict:
+    out: dict[str, Any] = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = v if k not in out else out[k] + v
+    return out
+
+
+def finish_metrics(sums: dict, target: dict | None) -> dict[str, Any]:
+    """Final metrics from merged partial sums: accuracy, log loss, confusion matrix; or R^2,
+    RMSE, MAE (averaged over output columns)."""
+    n = int(sums.get("n", 0))
+    if n == 0:
+        return {"n": 0}
+    if target is None:
+        conf = np.asarray(sums["confusion"])
+        return {
+            "n": n,
+            "loss": sums["loss_sum"] / n,
+            "log_loss": sums["loss_sum"] / n,
+            "accuracy": float(np.trace(conf) / n),
+            "confusion": conf.tolist(),
+        }
+    sst = sums["sum_y2"] - sums["sum_y"] ** 2 / n
+    r2 = 1 - sums["sse"] / np.where(sst > 0, sst, 1.0)
+    return {
+        "n": n,
+        "loss": sums["loss_sum"] / n,
+        "r2": float(np.mean(r2)),
+        "rmse": float(np.mean(np.sqrt(sums["sse"] / n))),
+        "mae": float(np.mean(sums["sae"] / n)),
+    }
+
+
+def evaluate_task(
+    store_path: str,
+    ranges: list[tuple[int, int]],
+    params: np.ndarray | None,
+    job: str | None,
+    spec: dict,
+    cfg: dict,
+    target: dict | None,
+) -> dict:
+    """Metric partial sums of the model (``params``, or the job's current weights) on ``ranges``."""
+    if params is None:
+        params = ParameterServer(str(job)).pull()[0]
+    trainer = cached_trainer(job or "model", "eval", spec, cfg)
+    trainer.set_params(np.asarray(params, dtype=np.float32))
+    loader = ChunkLoader(
+        _store(store_path),
+        ranges=ranges,
+        batch_size=max(cfg["batch_size"], 1024),
+        shuffle=False,
+        normalize=cfg["normalize"],
+        prefetch=cfg["prefetch"],
+    )
+    parts = []
+    try:
+        for X, y in loader.epoch(0):
+            parts.append(evaluate_arrays(trainer.forward(X), y, target, spec["n_out"]))
+    finally:
+        loader.close()
+    return merge_metrics(parts)

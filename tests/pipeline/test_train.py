@@ -1,0 +1,143 @@
+"""Distributed training end to end on a real LocalCluster with worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from pipeline.config import TrainConfig
+from pipeline.inference import evaluate_store
+from pipeline.model import load_model
+from pipeline.store import open_store
+from pipeline.train import train
+
+EPOCHS = 12
+
+
+@pytest.fixture(scope="module")
+def sklearn_accuracy(letter_stores: tuple[str, str]) -> float:
+    """scikit-learn's MLPClassifier, same architecture, optimizer, batch and epochs."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    train_s, test_s = (open_store(p) for p in letter_stores)
+    X = (train_s.X[:] - train_s.mean) / train_s.std
+    Xt = (test_s.X[:] - train_s.mean) / train_s.std
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = MLPClassifier((256, 128), batch_size=256, learning_rate_init=1e-3, max_iter=EPOCHS, random_state=0)
+        clf.fit(X, train_s.y[:])
+    return float(clf.score(Xt, test_s.y[:]))
+
+
+@pytest.fixture(scope="module")
+def undisturbed(letter_stores, client, tmp_path_factory) -> dict[str, float]:
+    """Test accuracy of an undisturbed run per mode (the reference for the fault tests)."""
+    out: dict[str, float] = {}
+    for mode in ("sync", "async", "ssp"):
+        cfg = TrainConfig(mode=mode, epochs=EPOCHS, patience=0)
+        res = train(letter_stores[0], cfg, tmp_path_factory.mktemp(mode), client=client)
+        out[mode] = evaluate_store(res.model, letter_stores[1], client)["accuracy"]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "ssp"])
+def test_each_mode_reaches_sklearn_accuracy(mode, undisturbed, sklearn_accuracy):
+    assert undisturbed[mode] >= sklearn_accuracy - 0.02, (mode, undisturbed[mode], sklearn_accuracy)
+
+
+def test_run_directory_holds_model_history_and_config(letter_stores, client, tmp_path):
+    res = train(letter_stores[0], TrainConfig(epochs=2, patience=0), tmp_path / "run", client=client)
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {
+        "model.npz",
+        "history.json",
+        "config.toml",
+        "checkpoint.npz",
+    }
+    assert res.installed_by == "preload"
+    assert [h["epoch"] for h in res.history] == [0, 1]
+    assert res.history[1]["rounds"] > res.history[0]["rounds"] > 0
+    model = load_model(tmp_path / "run")
+    test = open_store(letter_stores[1])
+    pred = model.predict(test.X[:100])
+    assert set(pred) <= set(test.classes)
+
+
+def test_sync_mode_is_reproducible(letter_stores, client, tmp_path):
+    cfg = TrainConfig(mode="sync", epochs=2, patience=0, seed=3)
+    a = train(letter_stores[0], cfg, tmp_path / "a", client=client)
+    b = train(letter_stores[0], cfg, tmp_path / "b", client=client)
+    np.testing.assert_array_equal(a.model.params, b.model.params)
+    c = train(letter_stores[0], TrainConfig(mode="sync", epochs=2, patience=0, seed=4), tmp_path / "c", client=client)
+    assert not np.array_equal(a.model.params, c.model.params)
+
+
+def _kill_worker_mid_task(client, stop: threading.Event, killed: list) -> None:
+    """SIGKILL the process of a worker that is running a training task (epoch >= 1)."""
+    pids = client.run(os.getpid)
+    while not stop.is_set():
+        for worker, keys in client.processing().items():
+            if any(str(k).startswith("train-chunk-e1-") or str(k).startswith("train-chunk-e2-") for k in keys):
+                os.kill(pids[worker], signal.SIGKILL)
+                killed.append(worker)
+                return
+        time.sleep(0.005)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["sync", "async", "ssp"])
+def test_sigkilled_worker_is_survived(mode, letter_stores, client, undisturbed, tmp_path):
+    cfg = TrainConfig(mode=mode, epochs=EPOCHS, patience=0)
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_worker_mid_task, args=(client, stop, killed), daemon=True)
+    killer.start()
+    try:
+        res = train(letter_stores[0], cfg, tmp_path / "run", client=client)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no worker was killed: the test did not exercise worker loss"
+    assert len(res.history) == EPOCHS
+    acc = evaluate_store(res.model, letter_stores[1], client)["accuracy"]
+    assert acc >= undisturbed[mode] - 0.02, (acc, undisturbed[mode])
+    client.wait_for_workers(2, timeout=60)  # the nanny restarts the killed worker
+
+
+def test_resume_continues_rounds_and_history(letter_stores, client, tmp_path):
+    out = tmp_path / "run"
+    first = train(letter_stores[0], TrainConfig(epochs=2, patience=0), out, client=client)
+    rounds_after_2 = first.history[-1]["rounds"]
+    more = TrainConfig.from_dict({"epochs": 4, "patience": 0})
+    resumed = train(letter_stores[0], more, out, client=client, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    assert resumed.history[1] == first.history[1]  # history kept, not recomputed
+    assert resumed.history[2]["rounds"] > rounds_after_2
+    assert resumed.history[3]["rounds"] > resumed.history[2]["rounds"]
+
+
+def test_existing_run_directory_is_not_clobbered(letter_stores, client, tmp_path):
+    from pipeline.errors import TrainingError
+
+    out = tmp_path / "run"
+    train(letter_stores[0], TrainConfig(epochs=1, patience=0), out, client=client)
+    before = (out / "model.npz").read_bytes()
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(letter_stores[0], TrainConfig(epochs=1, patience=0), out, client=client)
+    assert (out / "model.npz").read_bytes() == before
+
+
+def test_regression_store_trains_and_reports_r2(client, tmp_path):
+    from pipeline.synth import synth
+
+    store = synth(tmp_path / "reg.zarr", rows=6000, features=8, classes=None, seed=1)
+    res = train(store.path, TrainConfig(epochs=6, patience=0, hidden=[64]), tmp_path / "run", client=client)
+    assert "val_r2" in res.history[-1]
+    assert res.history[-1]["val_r2"] > 0.5
+    metrics = evaluate_store(res.model, store.path, client)
+    assert metrics["r2"] > 0.5 and metrics["rmse"] > 0
