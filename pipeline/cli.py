@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -47,6 +48,11 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
+    if not verbose:
+        # Dask logs every worker start and stop at INFO; keep the terminal for training.
+        # The environment variable reaches the worker processes a local cluster spawns.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

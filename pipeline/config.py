@@ -56,8 +56,8 @@ class TrainConfig:
     step_size: int = 1000  # step schedule: rounds between decays
     gamma: float = 0.5  # step schedule: decay factor
     # --- data and epochs ---------------------------------------------------------------------
-    epochs: int = 20  # maximum number of passes over the training rows
-    patience: int = 3  # stop after this many epochs without validation improvement (0 = never)
+    epochs: int = 50  # maximum number of passes over the training rows (early stopping ends sooner)
+    patience: int = 5  # stop after this many epochs without validation improvement (0 = never)
     min_delta: float = 1e-4  # smallest validation-loss decrease that counts as improvement
     validation: float = 0.1  # fraction of the store held out for validation (by row range)
     validation_store: str = ""  # a separate validation store; overrides `validation`
