@@ -214,6 +214,8 @@ class _Job:
     aggregate: str
     owner: str | None
     version: int = 0
+    snapshot: np.ndarray | None = None
+    snapshot_version: int = -1
     participants: dict[str, _Participant] = field(default_factory=dict)
     expected: dict[str, str | None] = field(default_factory=dict)  # name -> task key
     expected_since: float = 0.0
@@ -308,11 +310,20 @@ class ParameterServerExtension(SchedulerPlugin):
             raise PSError(f"job {job!r} is closed")
         return state
 
+    def _snapshot(self, st: _Job) -> np.ndarray:
+        """An immutable copy of the weights at the current version, shared by every reply of
+        that version. Replies are written to sockets after the handler returns, zero-copy from
+        the array they reference; a later in-place update must never show through them."""
+        if st.snapshot_version != st.version or st.snapshot is None:
+            st.snapshot = st.params.copy()
+            st.snapshot_version = st.version
+        return st.snapshot
+
     def _reply(self, st: _Job, status: str = "OK", **extra: Any) -> dict[str, Any]:
         st.bytes_out += st.params.nbytes
         return {
             "status": status,
-            "params": encode_vector(st.params),
+            "params": encode_vector(self._snapshot(st)),
             "version": st.version,
             "message": st.failed,
             **extra,
@@ -598,12 +609,12 @@ class ParameterServerExtension(SchedulerPlugin):
         st = self._job(job)
         return {
             "status": "OK",
-            "params": encode_vector(st.params),
+            "params": encode_vector(self._snapshot(st)),
             "version": st.version,
             "optimizer": st.optimizer.config(),
             "optimizer_state": {
                 "t": st.optimizer.t,
-                "buffers": {k: encode_vector(v) for k, v in st.optimizer.buffers.items()},
+                "buffers": {k: encode_vector(v.copy()) for k, v in st.optimizer.buffers.items()},
             },
             "progress": dict(st.progress),
             "failed": st.failed,
