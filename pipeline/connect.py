@@ -17,17 +17,64 @@ from pipeline.errors import PipelineError
 logger = logging.getLogger(__name__)
 
 
-def _security(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> Any:
-    if not (tls_ca or tls_cert or tls_key):
-        return None  # the Dask config (distributed.comm.tls.*) still applies
-    from distributed.security import Security
+def _tls_from_config() -> bool:
+    """Whether the Dask config (``distributed.comm.tls.*``) gives the client a CA and a certificate."""
+    import dask
 
-    for label, path in (("--tls-ca-file", tls_ca), ("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+    return bool(
+        dask.config.get("distributed.comm.tls.ca-file", None)
+        and dask.config.get("distributed.comm.tls.client.cert", None)
+    )
+
+
+def _security(
+    scheduler: str, tls_ca: str | None, tls_cert: str | None, tls_key: str | None
+) -> tuple[str, Any]:
+    """The address to connect to and the :class:`~distributed.security.Security` to use (None:
+    the Dask config applies). Refuses, as a :class:`PipelineError`, the combinations that would
+    otherwise end in a traceback deep inside distributed or in a connection that hangs."""
+    given = {"--tls-ca-file": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}
+    scheme = scheduler.split("://", 1)[0].lower() if "://" in scheduler else ""
+    if not any(given.values()):
+        if scheme == "tls" and not _tls_from_config():
+            raise PipelineError(
+                f"the scheduler {scheduler!r} uses TLS but no certificates were given: pass "
+                "--tls-ca-file, --tls-cert and --tls-key (or set distributed.comm.tls.ca-file and "
+                "distributed.comm.tls.client.cert/key in the Dask config)"
+            )
+        return scheduler, None  # the Dask config (distributed.comm.tls.*) still applies
+    for label, path in given.items():
         if path and not os.path.isfile(path):
             raise PipelineError(f"{label} {path!r} does not exist")
-    return Security(
-        tls_ca_file=tls_ca, tls_client_cert=tls_cert, tls_client_key=tls_key, require_encryption=True
-    )
+    if not (tls_ca and tls_cert):
+        missing = " and ".join(k for k in ("--tls-ca-file", "--tls-cert") if not given[k])
+        raise PipelineError(
+            f"TLS needs {missing} as well (the key may be in the --tls-cert file or in --tls-key)"
+        )
+    if not scheme:
+        scheduler = f"tls://{scheduler}"
+    elif scheme != "tls":
+        raise PipelineError(
+            f"--tls-* options were given but the scheduler address {scheduler!r} is not tls://; "
+            "use tls://HOST:PORT"
+        )
+    from distributed.security import Security
+
+    try:
+        security = Security(
+            tls_ca_file=tls_ca,
+            tls_client_cert=tls_cert,
+            tls_client_key=tls_key,
+            require_encryption=True,
+        )
+        security.get_connection_args("client")  # loads the files: bad PEM fails here
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"cannot load the TLS certificates ({exc})") from None
+    return scheduler, security
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 @contextlib.contextmanager
@@ -50,13 +97,25 @@ def cluster_client(
     from distributed import Client, LocalCluster
 
     if scheduler:
-        security = _security(tls_ca, tls_cert, tls_key)
+        scheduler, security = _security(scheduler, tls_ca, tls_cert, tls_key)
         try:
             client = Client(scheduler, timeout=timeout, security=security, set_as_default=True)
         except (OSError, TimeoutError) as exc:
+            hint = "check the address and that `dask scheduler` is running"
+            if scheduler.startswith("tls://"):
+                hint += "; if it is, check that the certificates are signed by the cluster's CA"
+            elif "reset" in str(exc).lower():
+                hint += "; a scheduler started with TLS needs a tls:// address and --tls-* options"
+            when = f" within {timeout:.0f} s" if "timed out" in str(exc).lower() else ""
             raise PipelineError(
-                f"cannot reach the Dask scheduler at {scheduler!r} within {timeout:.0f} s ({exc}); "
-                "check the address and that `dask scheduler` is running"
+                f"cannot reach the Dask scheduler at {scheduler!r}{when} ({_one_line(exc)}); {hint}"
+            ) from None
+        except (RuntimeError, TypeError) as exc:
+            if "encryption" not in str(exc) and "TLS" not in str(exc):
+                raise
+            raise PipelineError(
+                f"cannot connect to {scheduler!r}: {_one_line(exc)}; check the address scheme "
+                "(tcp:// or tls://) against the --tls-* options and distributed.comm.tls.* config"
             ) from None
         try:
             yield client
@@ -65,13 +124,19 @@ def cluster_client(
         return
     if workers < 1 or threads_per_worker < 1:
         raise PipelineError("--workers and --threads-per-worker must be at least 1")
+    scheduler_kwargs: dict[str, Any] = {"preload": ["pipeline.ps"]}
+    if dashboard_address is None:
+        # No dashboard pages; the scheduler's HTTP server (/metrics, /health) still needs a
+        # port, and a free one never collides with another cluster's 8787.
+        dashboard_address = "127.0.0.1:0"
+        scheduler_kwargs["dashboard"] = False
     cluster = LocalCluster(
         n_workers=workers,
         threads_per_worker=threads_per_worker,
         processes=processes,
         memory_limit=memory_limit,
         dashboard_address=dashboard_address,
-        scheduler_kwargs={"preload": ["pipeline.ps"]},
+        scheduler_kwargs=scheduler_kwargs,
         host="127.0.0.1",
     )
     try:

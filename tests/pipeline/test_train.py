@@ -17,12 +17,14 @@ from pipeline.model import load_model
 from pipeline.store import open_store
 from pipeline.train import train
 
-EPOCHS = 12
+EPOCHS = 20
+# Both sides hold out 10% of the training rows and keep the best validation epoch.
+COMPARE = {"epochs": EPOCHS, "patience": 0, "validation": 0.1}
 
 
 @pytest.fixture(scope="module")
 def sklearn_accuracy(letter_stores: tuple[str, str]) -> float:
-    """scikit-learn's MLPClassifier, same architecture, optimizer, batch and epochs."""
+    """scikit-learn's MLPClassifier, same architecture, optimizer, batch, epochs and 10% holdout."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
@@ -31,7 +33,16 @@ def sklearn_accuracy(letter_stores: tuple[str, str]) -> float:
     Xt = (test_s.X[:] - train_s.mean) / train_s.std
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        clf = MLPClassifier((256, 128), batch_size=256, learning_rate_init=1e-3, max_iter=EPOCHS, random_state=0)
+        clf = MLPClassifier(
+            (256, 128),
+            batch_size=256,
+            learning_rate_init=1e-3,
+            max_iter=EPOCHS,
+            random_state=0,
+            early_stopping=True,
+            validation_fraction=0.1,
+            n_iter_no_change=EPOCHS,
+        )
         clf.fit(X, train_s.y[:])
     return float(clf.score(Xt, test_s.y[:]))
 
@@ -41,7 +52,7 @@ def undisturbed(letter_stores, client, tmp_path_factory) -> dict[str, float]:
     """Test accuracy of an undisturbed run per mode (the reference for the fault tests)."""
     out: dict[str, float] = {}
     for mode in ("sync", "async", "ssp"):
-        cfg = TrainConfig(mode=mode, epochs=EPOCHS, patience=0)
+        cfg = TrainConfig(mode=mode, **COMPARE)
         res = train(letter_stores[0], cfg, tmp_path_factory.mktemp(mode), client=client)
         out[mode] = evaluate_store(res.model, letter_stores[1], client)["accuracy"]
     return out
@@ -93,7 +104,7 @@ def _kill_worker_mid_task(client, stop: threading.Event, killed: list) -> None:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode", ["sync", "async", "ssp"])
 def test_sigkilled_worker_is_survived(mode, letter_stores, client, undisturbed, tmp_path):
-    cfg = TrainConfig(mode=mode, epochs=EPOCHS, patience=0)
+    cfg = TrainConfig(mode=mode, **COMPARE)
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_worker_mid_task, args=(client, stop, killed), daemon=True)
     killer.start()
