@@ -158,7 +158,8 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
 
         with ctx:
             result = run_training(store, cfg, out, client=client, resume=resume, force=force,
-                                  log=lambda m: _echo(m, quiet), on_epoch=on_epoch)
+                                  log=lambda m: _echo(m, quiet), on_epoch=on_epoch,
+                                  progress=not quiet and sys.stderr.isatty())
     final = result.final
     click.echo(json.dumps({"run_dir": str(result.run_dir), "epochs": len(result.history),
                            "stopped_early": result.stopped_early,

@@ -31,6 +31,7 @@ from pipeline.checkpoint import load_file, save_file
 from pipeline.config import TrainConfig
 from pipeline.errors import CheckpointError, ConfigError, StoreError, TrainingError
 from pipeline.model import Model
+from pipeline.progress import Progress
 from pipeline.ps import ParameterServer
 from pipeline.store import Store, open_store
 from pipeline.worker import evaluate_task, finish_metrics, merge_metrics, train_task
@@ -271,8 +272,10 @@ class Trainer:
         force: bool = False,
         log: Callable[[str], None] | None = None,
         on_epoch: Callable[[dict], None] | None = None,
+        progress: bool = False,
     ) -> None:
         self.store_path = str(store)
+        self.progress = progress
         self.store = open_store(self.store_path)
         self.cfg = cfg
         self.client = client
@@ -310,6 +313,11 @@ class Trainer:
     # -- main loop -------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
+        # distributed.wait and friends use the *current* client: make it ours for the run
+        with self.client.as_current():
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         from distributed import span
 
         cfg, client = self.cfg, self.client
@@ -418,18 +426,19 @@ class Trainer:
                 logger.debug("could not close job %s", self.job, exc_info=True)
         model = Model.from_training(self.store, self.spec, self.target, best[1], cfg, history)
         model.save(self.run.model)
-        self.run.write_json(
-            self.run.history,
-            {
-                "job": self.job,
-                "installed_by": installed_by,
-                "best_epoch": best[2],
-                "stopped_early": stopped_early,
-                "epochs": history,
-                "rounds": metrics.get("history", []),
-                "round_columns": ["time", "version", "loss", "samples", "deltas"],
-            },
-        )
+        history_doc = {
+            "job": self.job,
+            "installed_by": installed_by,
+            "best_epoch": best[2],
+            "stopped_early": stopped_early,
+            "epochs": history,
+            "rounds": metrics.get("history", []),
+            "round_columns": ["time", "version", "loss", "samples", "deltas"],
+        }
+        self.run.write_json(self.run.history, history_doc)
+        from pipeline.plots import save_plots
+
+        save_plots(self.run.path, history_doc)
         return TrainResult(self.run.path, model, history, stopped_early, installed_by)
 
     # -- one epoch -------------------------------------------------------------------------
@@ -492,6 +501,13 @@ class Trainer:
         pending = {f for _, f in futures.values()}
         results: list[dict] = []
         no_workers_since: float | None = None
+        bar = Progress(
+            f"epoch {epoch + 1}/{cfg.epochs}",
+            total=sum(b - a for _, ranges, _ in work for a, b in ranges),
+            enabled=self.progress,
+            unit="samples",
+        )
+        samples0 = ps.metrics()["samples"] if self.progress else 0
         try:
             while pending:
                 try:
@@ -521,6 +537,9 @@ class Trainer:
                             )
                     else:
                         no_workers_since = None
+                if self.progress:
+                    m = ps.metrics()
+                    bar.set(m["samples"] - samples0, f"loss {m['loss']:.4f}" if m["loss"] is not None else "")
                 if time.monotonic() - last_ckpt > cfg.checkpoint_seconds:
                     self._checkpoint(ps, epoch, history, best, done_tasks)
                     last_ckpt = time.monotonic()
@@ -531,6 +550,7 @@ class Trainer:
             except Exception:  # noqa: BLE001 - the original error matters more
                 logger.debug("checkpoint after failure did not succeed", exc_info=True)
             raise
+        bar.clear()
         samples = sum(r["samples"] for r in results)
         loss = sum(r["loss"] * r["samples"] for r in results if r["samples"]) / max(samples, 1)
         return {
@@ -624,10 +644,19 @@ def train(
     force: bool = False,
     log: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    progress: bool = False,
 ) -> TrainResult:
     """Train on ``store`` with ``cfg`` on the cluster of ``client``; write the run to ``out``."""
     if resume and cfg is None:
         cfg = resumed_config(out)
     return Trainer(
-        store, cfg or TrainConfig(), out, client, resume=resume, force=force, log=log, on_epoch=on_epoch
+        store,
+        cfg or TrainConfig(),
+        out,
+        client,
+        resume=resume,
+        force=force,
+        log=log,
+        on_epoch=on_epoch,
+        progress=progress,
     ).fit()
