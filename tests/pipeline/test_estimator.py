@@ -1,0 +1,292 @@
+"""The scikit-learn compatible estimators: sklearn's checks, real data, the cluster path, persistence."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.model_selection import GridSearchCV, train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import pipeline
+from pipeline import estimator as est_mod
+from pipeline.estimator import (
+    LinearRegression,
+    LogisticRegression,
+    MLPClassifier,
+    MLPRegressor,
+    expected_failed_checks,
+    load_estimator,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+
+# Sized for the checks' tiny datasets (see the module docstring of pipeline.estimator).
+CHECKED = [
+    MLPClassifier(hidden_layer_sizes=(16,), batch_size=16, max_iter=40, random_state=0),
+    MLPRegressor(hidden_layer_sizes=(16,), batch_size=16, max_iter=40, random_state=0),
+    LogisticRegression(batch_size=16, max_iter=40, random_state=0),
+    LinearRegression(batch_size=16, learning_rate_init=1e-2, max_iter=40, random_state=0),
+]
+
+
+@parametrize_with_checks(CHECKED, expected_failed_checks=expected_failed_checks)
+def test_sklearn_estimator_checks(estimator: Any, check: Any) -> None:
+    check(estimator)
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def letter() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """letter-recognition as arrays (string labels), conventional 16,000 / 4,000 split."""
+    with open(DATA / "letter" / "letter-recognition.data", newline="") as fh:
+        rows = list(csv.reader(fh))
+    y = np.array([r[0] for r in rows])
+    X = np.array([[int(v) for v in r[1:]] for r in rows], dtype=np.float64)
+    return X[:16000], y[:16000], X[16000:], y[16000:]
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    X, y = load_digits(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+    return Xtr, ytr, Xte, yte
+
+
+@pytest.fixture(scope="module")
+def housing() -> tuple[np.ndarray, np.ndarray]:
+    """California housing's numeric columns (rows with a missing value dropped), target in $100k."""
+    with open(DATA / "california_housing" / "housing.csv", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        ti = header.index("median_house_value")
+        cols = [i for i, h in enumerate(header) if h not in ("median_house_value", "ocean_proximity")]
+        rows = [r for r in reader if all(r[i] for i in [*cols, ti])]
+    X = np.array([[float(r[i]) for i in cols] for r in rows])
+    y = np.array([float(r[ti]) for r in rows]) / 1e5
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def cluster_clf(letter, client) -> MLPClassifier:  # type: ignore[no-untyped-def]
+    """A classifier trained on the cluster (16,000 rows > cluster_min_rows) with an explicit client."""
+    Xtr, ytr, _, _ = letter
+    clf = MLPClassifier(max_iter=6, n_iter_no_change=0, random_state=0, client=client)
+    return clf.fit(Xtr, ytr)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_stray_cluster() -> Iterator[None]:
+    """Every cluster test here uses the module's client; no estimator LocalCluster may outlive us."""
+    yield
+    est_mod.shutdown_local_cluster()
+
+
+# --------------------------------------------------------------------------------------------
+# the cluster path
+# --------------------------------------------------------------------------------------------
+
+
+def test_fit_on_cluster_uses_parameter_server(cluster_clf, letter, client):
+    _, _, Xte, yte = letter
+    assert cluster_clf.fitted_on_ == "cluster"
+    assert cluster_clf.ps_installed_by_  # the scheduler's parameter-server extension ran the job
+    assert all(h["rounds"] > 0 for h in cluster_clf.history_)
+    assert [h["rounds"] for h in cluster_clf.history_] == sorted(h["rounds"] for h in cluster_clf.history_)
+    assert len(cluster_clf.loss_curve_) == 6 and cluster_clf.loss_curve_[-1] < cluster_clf.loss_curve_[0]
+    assert list(cluster_clf.classes_) == sorted(set(yte))
+    assert cluster_clf.score(Xte, yte) > 0.7  # chance is 1/26
+    assert isinstance(cluster_clf.model_, pipeline.model.Model)
+    assert not est_mod._local  # the given client was used, no LocalCluster was started
+
+
+def test_dask_arrays_train_on_current_client(housing, client):
+    da = pytest.importorskip("dask.array")
+    X, y = housing
+    Xd, yd = da.from_array(X[:16000], chunks=(3000, 4)), da.from_array(y[:16000], chunks=5000)
+    reg = MLPRegressor(hidden_layer_sizes=(64,), max_iter=5, n_iter_no_change=0, random_state=0, cluster_min_rows=0)
+    reg.fit(Xd, yd)  # client=None: the current (default) client of the module's cluster
+    assert reg.fitted_on_ == "cluster" and not est_mod._local
+    assert reg.n_features_in_ == X.shape[1]
+    assert reg.score(X[16000:], y[16000:]) > 0.5
+    np.testing.assert_array_equal(reg.predict(da.from_array(X[16000:17000])), reg.predict(X[16000:17000]))
+
+
+def test_store_path_fit_predict_score(letter_stores, client):
+    train_path, test_path = letter_stores
+    clf = MLPClassifier(max_iter=3, n_iter_no_change=0, random_state=0, client=client).fit(train_path)
+    assert clf.fitted_on_ == "cluster" and clf.n_features_in_ == 16 and len(clf.classes_) == 26
+    acc = clf.score(test_path)
+    assert acc > 0.5
+    from pipeline.store import open_store
+
+    st = open_store(test_path)
+    pred_store = clf.predict(test_path)
+    labels = np.asarray(st.classes, dtype=object)[st.y[:]]
+    assert len(pred_store) == st.n_rows
+    assert abs(np.mean(pred_store == labels) - acc) < 1e-9
+    agree = np.mean(pred_store == clf.predict(st.X[:]))  # in-process on the same rows
+    assert agree > 0.99
+    proba = clf.predict_proba(test_path)
+    assert proba.shape == (st.n_rows, 26)
+    np.testing.assert_allclose(proba.sum(axis=1), 1, rtol=1e-5)
+
+
+def test_pickle_and_model_file_round_trips_on_cluster_model(cluster_clf, letter, tmp_path):
+    _, _, Xte, _ = letter
+    pred, proba = cluster_clf.predict(Xte), cluster_clf.predict_proba(Xte)
+    clone = pickle.loads(pickle.dumps(cluster_clf))
+    assert clone.client is None  # a live Client is not pickled
+    np.testing.assert_array_equal(clone.predict(Xte), pred)
+    np.testing.assert_array_equal(clone.predict_proba(Xte), proba)
+    cluster_clf.save(tmp_path / "model.npz")
+    model = pipeline.load_model(tmp_path / "model.npz")
+    np.testing.assert_array_equal(model.predict(Xte), pred)  # letter's labels are strings already
+    np.testing.assert_array_equal(model.predict_proba(Xte), proba.astype(np.float32))
+    back = load_estimator(tmp_path / "model.npz")
+    assert type(back) is MLPClassifier and back.get_params()["max_iter"] == 6
+    np.testing.assert_array_equal(back.predict(Xte), pred)
+    np.testing.assert_array_equal(back.predict_proba(Xte), proba)
+
+
+# --------------------------------------------------------------------------------------------
+# in-process (small data)
+# --------------------------------------------------------------------------------------------
+
+
+def test_digits_accuracy_in_process(digits):
+    Xtr, ytr, Xte, yte = digits
+    clf = MLPClassifier(random_state=0).fit(Xtr, ytr)
+    assert clf.fitted_on_ == "local"
+    assert clf.score(Xte, yte) > 0.9  # chance is 0.1
+    assert clf.predict_proba(Xte).shape == (len(Xte), 10)
+    logit = LogisticRegression(learning_rate_init=1e-2, random_state=0).fit(Xtr, ytr)
+    assert logit.model_.spec["hidden"] == [] and logit.score(Xte, yte) > 0.9
+
+
+def test_regression_r2(housing):
+    X, y = housing
+    Xtr, Xte, ytr, yte = train_test_split(X[:8000], y[:8000], random_state=0)
+    reg = MLPRegressor(hidden_layer_sizes=(64, 32), max_iter=30, random_state=0).fit(Xtr, ytr)
+    assert reg.score(Xte, yte) > 0.65
+    lin = LinearRegression(learning_rate_init=1e-2, max_iter=30, random_state=0).fit(Xtr, ytr)
+    assert 0.5 < lin.score(Xte, yte) < reg.score(Xte, yte)
+    two = MLPRegressor(hidden_layer_sizes=(32,), max_iter=10, random_state=0).fit(Xtr, np.c_[ytr, 2 * ytr])
+    assert two.predict(Xte).shape == (len(Xte), 2)
+
+
+def test_pipeline_and_grid_search(digits):
+    Xtr, ytr, Xte, yte = digits
+    pipe = make_pipeline(StandardScaler(), MLPClassifier(batch_size=32, max_iter=10, random_state=0))
+    grid = GridSearchCV(pipe, {"mlpclassifier__hidden_layer_sizes": [(16,), (64,)]}, cv=2)
+    grid.fit(Xtr, ytr)
+    assert grid.best_params_["mlpclassifier__hidden_layer_sizes"] in [(16,), (64,)]
+    assert grid.score(Xte, yte) > 0.85
+
+
+def test_pickle_and_model_file_in_process_with_integer_labels(digits, tmp_path):
+    Xtr, ytr, Xte, _ = digits
+    clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=5, random_state=0).fit(Xtr, ytr)
+    pred, proba = clf.predict(Xte), clf.predict_proba(Xte)
+    clone = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_array_equal(clone.predict(Xte), pred)
+    np.testing.assert_array_equal(clone.predict_proba(Xte), proba)
+    clf.save(tmp_path / "m.npz")
+    model = pipeline.load_model(tmp_path / "m.npz")
+    np.testing.assert_array_equal(model.predict(Xte), pred.astype(str))  # model files name classes
+    back = load_estimator(tmp_path / "m.npz")
+    assert back.classes_.dtype == clf.classes_.dtype
+    np.testing.assert_array_equal(back.predict(Xte), pred)
+    np.testing.assert_array_equal(back.predict_proba(Xte), proba)
+
+
+def test_partial_fit_improves_and_continues(digits):
+    Xtr, ytr, Xte, yte = digits
+    clf = MLPClassifier(hidden_layer_sizes=(64,), batch_size=64, random_state=0)
+    clf.partial_fit(Xtr, ytr, classes=np.arange(10))
+    first = clf.score(Xte, yte)
+    for _ in range(6):
+        clf.partial_fit(Xtr, ytr)
+    assert clf.n_iter_ == 7 and len(clf.loss_curve_) == 7
+    assert clf.loss_curve_[-1] < clf.loss_curve_[0]
+    assert clf.score(Xte, yte) > first + 0.05
+    # a partial pass on rows lacking some classes keeps classes_; it continues a full fit too
+    clf.partial_fit(Xtr[ytr < 5], ytr[ytr < 5])
+    assert list(clf.classes_) == list(range(10))
+    full = MLPClassifier(hidden_layer_sizes=(64,), max_iter=3, random_state=0).fit(Xtr, ytr)
+    before = full.model_.params.copy()
+    full.partial_fit(Xtr, ytr)
+    assert not np.array_equal(before, full.model_.params) and full.n_iter_ == 4
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_errors_are_clear_one_liners(digits, tmp_path):
+    Xtr, ytr, _, _ = digits
+    clf = MLPClassifier(max_iter=1, random_state=0)
+    cases = [
+        (lambda: clf.fit(Xtr, None), "requires y"),
+        (lambda: clf.fit(Xtr, ytr[:-1]), "inconsistent numbers of samples"),
+        (lambda: clf.fit(Xtr[:, :, None], ytr), "dim 3"),
+        (lambda: clf.fit(np.where(Xtr == 0, np.nan, Xtr), ytr), "NaN"),
+        (lambda: clf.fit(Xtr, np.zeros(len(Xtr))), "1 class"),
+        (lambda: clf.fit(Xtr, ytr + 0.5), "Unknown label type"),
+        (lambda: clf.fit(str(tmp_path), ytr), "pass y=None"),
+        (lambda: MLPClassifier().partial_fit(Xtr, ytr), "classes must be passed"),
+        (lambda: MLPClassifier(activation="swish").fit(Xtr, ytr), "activation"),
+        (lambda: clf.fit(Xtr, ytr).predict(Xtr[:, :5]), "features"),
+        (lambda: clf.partial_fit(Xtr, ytr, classes=[0, 1]), "differ from the fitted classes_"),
+    ]
+    for call, fragment in cases:
+        with pytest.raises(ValueError, match=fragment) as info:
+            call()
+        assert "\n" not in str(info.value), str(info.value)
+    from pipeline.errors import StoreError
+
+    with pytest.raises(StoreError, match="does not exist"):
+        MLPClassifier().fit(str(tmp_path / "missing.zarr"))
+
+
+LAZY_SCRIPT = """
+import numpy as np
+from sklearn.datasets import load_digits
+from pipeline import MLPClassifier
+from pipeline import estimator
+
+if __name__ == "__main__":
+    X, y = load_digits(return_X_y=True)
+    clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=2, cluster_min_rows=0, random_state=0).fit(X, y)
+    assert clf.fitted_on_ == "cluster" and "client" in estimator._local, clf.fitted_on_
+    print("OK", clf.ps_installed_by_, round(clf.score(X, y), 3))
+"""
+
+
+def test_without_a_client_the_estimator_starts_and_closes_its_own_cluster(tmp_path):
+    """In a fresh process (this one has the module's default client): lazy LocalCluster, atexit close."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fit.py"
+    script.write_text(LAZY_SCRIPT)
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("OK "), proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
