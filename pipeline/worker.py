@@ -11,13 +11,14 @@ reported through Dask's fine performance metrics and in the task's result.
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
-from distributed import get_worker
+from distributed import get_worker, rejoin, secede
 from distributed.metrics import context_meter
 
 from pipeline.errors import TrainingError
@@ -86,16 +87,42 @@ def prepare_targets(y: np.ndarray, target: dict | None) -> np.ndarray:
 
 
 class _Comm:
-    """Push/pull bookkeeping of one participant, timing only the time spent waiting."""
+    """Push/pull bookkeeping of one participant, timing only the time spent waiting.
+
+    A reply held at a barrier (sync round, ssp bound) may take long. While it waits the task
+    leaves the worker's thread pool, so the thread can run another job's task: otherwise two
+    sync jobs sharing single-threaded workers can each hold a thread while waiting for a task
+    of theirs queued behind the other's (a cross-job deadlock broken only by join_timeout).
+    """
+
+    _LONG_WAIT = 0.2  # seconds before leaving the thread pool
 
     def __init__(self, ps: ParameterServer, name: str, timeout: float) -> None:
         self.ps, self.name, self.timeout = ps, name, timeout
         self.seconds = 0.0
+        self._seceded_once = False
+
+    def _result_yielding_thread(self, fut: Any) -> dict:
+        try:
+            return fut.result(timeout=self._LONG_WAIT)
+        except concurrent.futures.TimeoutError:
+            pass
+        if not self._seceded_once:
+            secede()  # tells the worker the task is long-running and frees its slot
+            self._seceded_once = True
+        else:
+            from distributed.threadpoolexecutor import secede as pool_secede
+
+            pool_secede(adjust=True)
+        try:
+            return fut.result()
+        finally:
+            rejoin()  # blocks until the pool has a free slot again
 
     def wait(self, fut: Any) -> dict:
         t = time.perf_counter()
         try:
-            reply = fut.result()
+            reply = self._result_yielding_thread(fut)
         finally:
             self.seconds += time.perf_counter() - t
         status = reply.get("status")

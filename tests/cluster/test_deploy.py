@@ -1,0 +1,249 @@
+"""Deployment on a real cluster: `dask scheduler --preload pipeline.ps`, `dask worker` processes,
+`pipeline train --scheduler ...` as a subprocess, over tcp:// and tls://.
+
+Every process runs on 127.0.0.1 with free ports and is stopped at the end of its module (or
+test), failures included; see conftest.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.cluster.conftest import (
+    ROOT,
+    Cluster,
+    child_env,
+    free_port,
+    run_cli,
+    running_cluster,
+)
+
+TRAIN = ["--set", "epochs=3", "--set", "mode=sync", "--set", "seed=0", "--quiet"]
+
+
+def _train(store: Path, cluster: Cluster, out: Path, *extra: str, timeout: float = 180.0):
+    return run_cli(["train", str(store), "--scheduler", cluster.address, "--out", str(out),
+                    *TRAIN, *cluster.tls_args("client"), *extra], cwd=out.parent, timeout=timeout)
+
+
+def _history(run: Path) -> dict:
+    return json.loads((run / "history.json").read_text())
+
+
+def _params(run: Path) -> np.ndarray:
+    from pipeline.model import load_model
+
+    return np.asarray(load_model(run).params)
+
+
+def _one_line_error(stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected a one-line error, got:\n{stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# tcp://
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_uses_the_preloaded_parameter_server(letter_store: Path, tcp_cluster: Cluster,
+                                                    tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    r = _train(letter_store, tcp_cluster, run)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["epochs"] == 3
+    hist = _history(run)
+    assert hist["installed_by"] == "preload"  # not the plugin a client installs when missing
+    assert len(hist["epochs"]) == 3
+    assert hist["epochs"][-1]["val_accuracy"] > 0.5  # it learned (about 0.8 after 3 epochs)
+    # both workers took part: sync rounds combined two deltas
+    deltas = hist["round_columns"].index("deltas")
+    assert max(row[deltas] for row in hist["rounds"]) == 2
+    assert (run / "model.npz").is_file() and (run / "checkpoint.npz").is_file()
+    # the preload also put the training page on the scheduler's dashboard
+    log = tcp_cluster.scheduler.text()
+    dash = next(ln for ln in log.splitlines() if "dashboard at:" in ln).rsplit(" ", 1)[-1]
+    dash = dash.replace("http://", "").rstrip("/").split("/")[0]
+    with urllib.request.urlopen(f"http://{dash}/pipeline", timeout=30) as resp:
+        assert resp.status == 200
+
+
+def test_concurrent_sync_trainings_match_solo_runs(letter_store: Path, tcp_cluster: Cluster,
+                                                   tmp_path: Path) -> None:
+    solo = tmp_path / "solo"
+    r = _train(letter_store, tcp_cluster, solo)
+    assert r.returncode == 0, r.stderr
+
+    outs = [tmp_path / "a", tmp_path / "b"]
+    log_start = len(tcp_cluster.scheduler.text())
+    results: dict[Path, subprocess.CompletedProcess] = {}
+
+    def go(out: Path) -> None:
+        # join_timeout is short so that a barrier stall would show as a logged, dropped
+        # participant (and a different model) instead of a slow pass
+        results[out] = _train(letter_store, tcp_cluster, out, "--set", "join_timeout=20",
+                              timeout=240)
+
+    threads = [threading.Thread(target=go, args=(o,)) for o in outs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reference = _params(solo)
+    for out in outs:
+        assert results[out].returncode == 0, results[out].stderr
+        assert _history(out)["installed_by"] == "preload"
+    # A participant waiting at a sync barrier leaves its worker's thread pool, so two jobs on
+    # single-threaded workers never wait for each other's queued tasks.
+    assert "did not join within" not in tcp_cluster.scheduler.text()[log_start:]
+    for out in outs:
+        # two jobs on one parameter server stay apart, and sync mode is reproducible: each
+        # gives exactly what it gives alone
+        np.testing.assert_array_equal(_params(out), reference, err_msg=f"{out.name} != solo")
+    jobs = {_history(p)["job"] for p in (solo, *outs)}
+    assert len(jobs) == 3
+
+
+def test_worker_that_cannot_read_the_store_is_named(letter_store: Path, tmp_path: Path) -> None:
+    # The store is given as a relative path: the driver and the good worker run in the store's
+    # directory, the other worker in another directory where the path does not exist.
+    here = letter_store.parent
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    bad_port = free_port()
+    with running_cluster(tmp_path / "cluster", workers=0) as cluster:
+        cluster.start_worker("good", cwd=here)
+        cluster.start_worker("bad", cwd=elsewhere, port=bad_port)
+        out = tmp_path / "run"
+        r = run_cli(["train", letter_store.name, "--scheduler", cluster.address, "--out", str(out),
+                     *TRAIN], cwd=here, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = _one_line_error(r.stderr)
+    bad = f"tcp://127.0.0.1:{bad_port}"
+    assert bad in line and "1 of 2 workers" in line, line
+    assert letter_store.name in line
+    assert not (out / "model.npz").exists()  # refused before training started
+
+
+# --------------------------------------------------------------------------------------------
+# tls://
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_over_tls(letter_store: Path, tls_cluster: Cluster, tmp_path: Path) -> None:
+    assert tls_cluster.address.startswith("tls://")
+    run = tmp_path / "run"
+    r = _train(letter_store, tls_cluster, run)
+    assert r.returncode == 0, r.stderr
+    hist = _history(run)
+    assert hist["installed_by"] == "preload"
+    assert len(hist["epochs"]) == 3
+
+
+@pytest.mark.parametrize("case", ["no-certs", "other-ca", "tcp-scheme"])
+def test_client_without_valid_certificates_is_refused(case: str, letter_store: Path,
+                                                      tls_cluster: Cluster, tmp_path: Path) -> None:
+    address = tls_cluster.address
+    extra: list[str] = []
+    if case == "other-ca":
+        other = tmp_path / "other"
+        subprocess.run(["bash", str(ROOT / "cluster" / "make-tls-certs.sh"), str(other)],
+                       check=True, capture_output=True, timeout=60)
+        extra = ["--tls-ca-file", str(other / "ca.pem"), "--tls-cert", str(other / "client.pem"),
+                 "--tls-key", str(other / "client-key.pem")]
+    elif case == "tcp-scheme":
+        address = address.replace("tls://", "tcp://")
+    out = tmp_path / "run"
+    r = run_cli(["train", str(letter_store), "--scheduler", address, "--out", str(out), *TRAIN,
+                 *extra], cwd=tmp_path, timeout=60)
+    assert r.returncode == 1
+    line = _one_line_error(r.stderr)
+    assert address in line
+    if case == "no-certs":
+        assert "--tls-ca-file" in line
+    if case == "other-ca":
+        assert "certificate" in line.lower()
+    assert not (out / "history.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# cluster/start-local.sh, stop-local.sh and pipeline.yaml
+# --------------------------------------------------------------------------------------------
+
+
+def test_start_and_stop_local_scripts(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    start = [str(ROOT / "cluster" / "start-local.sh"), "--workers", "1", "--port", "0",
+             "--dashboard-port", "0", "--tls", "--run-dir", str(run_dir)]
+    stop_cmd = [str(ROOT / "cluster" / "stop-local.sh"), "--run-dir", str(run_dir)]
+    pids: list[int] = []
+    try:
+        r = subprocess.run(start, capture_output=True, text=True, timeout=120, env=child_env())
+        pids = [int(f.read_text()) for f in run_dir.glob("*.pid")]
+        assert r.returncode == 0, r.stdout + r.stderr
+        address = json.loads((run_dir / "scheduler.json").read_text())["address"]
+        assert address.startswith("tls://127.0.0.1:")
+        assert f"scheduler: {address}" in r.stdout and "/pipeline" in r.stdout
+        assert "Register worker" in (run_dir / "scheduler.log").read_text()
+        again = subprocess.run(start, capture_output=True, text=True, timeout=60, env=child_env())
+        assert again.returncode == 1 and "already running" in again.stderr
+    finally:
+        s = subprocess.run(stop_cmd, capture_output=True, text=True, timeout=120)
+        for pid in pids:  # whatever happened, leave nothing behind (each is a session leader)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+    assert s.returncode == 0, s.stderr
+    assert "stopped scheduler" in s.stdout and "stopped workers" in s.stdout
+    assert not (run_dir / "scheduler.pid").exists()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
+
+
+def test_pipeline_yaml_uses_real_distributed_keys() -> None:
+    """Every key of cluster/pipeline.yaml, the commented TLS block included, exists in
+    distributed's own schema (distributed/distributed.yaml)."""
+    import distributed
+    import yaml
+
+    text = (ROOT / "cluster" / "pipeline.yaml").read_text()
+    commented_key = re.compile(r"^(\s*)# (\s*[a-z][a-z0-9-]*:(\s.*)?)$")
+    uncommented = "\n".join(commented_key.sub(r"\1\2", ln) for ln in text.splitlines())
+    ours = yaml.safe_load(uncommented)
+    schema = yaml.safe_load((Path(distributed.__file__).parent / "distributed.yaml").read_text())
+
+    def leaves(d: dict, prefix: tuple = ()) -> list[tuple]:
+        out = []
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "pre-spawn-environ":  # its keys are env variables
+                out += leaves(v, (*prefix, k))
+            else:
+                out.append((*prefix, k))
+        return out
+
+    keys = leaves(ours)
+    assert ("distributed", "comm", "tls", "client", "cert") in keys  # the TLS block was read
+    assert ("distributed", "comm", "require-encryption") in keys
+    for key in keys:
+        node = schema
+        for part in key:
+            assert isinstance(node, dict) and part in node, f"{'.'.join(key)} is not a distributed key"
+            node = node[part]
+    assert ours["distributed"]["scheduler"]["preload"] == ["pipeline.ps"]
+    env = ours["distributed"]["nanny"]["pre-spawn-environ"]
+    assert {env[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")} == {1}
