@@ -29,11 +29,11 @@ run: $(VENV)/.installed
 	@echo "model, history and checkpoint: $(RUNS)/letter/  performance report: $(RUNS)/letter-report.html"
 
 test: $(VENV)/.installed
-	$(BIN)/ruff check pipeline kernels tests bench
+	$(BIN)/ruff check pipeline kernels tests bench cluster
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check pipeline kernels tests bench
+	$(BIN)/ruff check pipeline kernels tests bench cluster
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[test,plot,bench]"
