@@ -1,0 +1,157 @@
+"""The `pipeline` command end to end: train, evaluate, predict, runs, resume, Ctrl-C, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import zarr
+
+from pipeline.checkpoint import load_file
+from pipeline.model import load_model
+from pipeline.store import open_store
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+CLUSTER = ("--workers", "2", "--dashboard-address", "none")
+
+
+@pytest.fixture(scope="module")
+def trained(letter_stores, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    r = run("train", letter_stores[0], "--out", str(out), "--set", "epochs=3", "--set", "patience=0", *CLUSTER)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["epochs"] == 3 and 0 < summary["val_accuracy"] <= 1
+    assert "configuration:" in r.stderr and "epoch   3" in r.stderr
+    return out
+
+
+def test_train_writes_a_run_and_prints_the_resolved_config(trained):
+    assert "mode = \"sync\"" in (trained / "config.toml").read_text()
+    history = json.loads((trained / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [0, 1, 2]
+    assert len(history["rounds"]) == history["epochs"][-1]["rounds"]
+
+
+def test_evaluate_json_and_table(trained, letter_stores):
+    r = run("evaluate", str(trained), letter_stores[1], "--json", *CLUSTER)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["n"] == 4000 and 0.3 < m["accuracy"] <= 1
+    assert np.asarray(m["confusion"]).sum() == 4000
+    model = load_model(trained)
+    test = open_store(letter_stores[1])
+    local = np.mean(model.predict_index(test.X[:]) == test.y[:])
+    assert m["accuracy"] == pytest.approx(local, abs=1e-9)  # the cluster agrees with the model file
+    r = run("evaluate", str(trained), letter_stores[1], *CLUSTER)
+    assert "accuracy" in r.stdout and "confusion matrix" in r.stdout
+
+
+def test_predict_to_zarr_and_parquet(trained, letter_stores, tmp_path):
+    test = open_store(letter_stores[1])
+    model = load_model(trained)
+    expected = model.predict_index(test.X[:])
+    out = tmp_path / "pred.zarr"
+    r = run("predict", str(trained), letter_stores[1], str(out), "--proba", *CLUSTER)
+    assert r.returncode == 0, r.stderr
+    g = zarr.open_group(str(out), mode="r")
+    np.testing.assert_array_equal(g["prediction"][:], expected)
+    np.testing.assert_allclose(g["proba"][:].sum(axis=1), 1, rtol=1e-5)
+    pout = tmp_path / "pred.parquet"
+    r = run("predict", str(trained), letter_stores[1], str(pout), *CLUSTER)
+    assert r.returncode == 0, r.stderr
+    table = pq.read_table(pout).sort_by("row")
+    assert table.num_rows == 4000
+    assert table["prediction"].to_pylist() == [test.classes[i] for i in expected]
+    r = run("predict", str(trained), letter_stores[1], str(pout), *CLUSTER)
+    assert r.returncode == 1 and "already exists" in r.stderr and "--force" in r.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp litter
+
+
+def test_runs_lists_the_run(trained):
+    r = run("runs", str(trained.parent), "--json")
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)
+    assert row["epochs"] == 3 and row["run"].endswith("run")
+
+
+def test_resume_continues_from_the_checkpoint(letter_stores, tmp_path):
+    out = tmp_path / "run"
+    r = run("train", letter_stores[0], "--out", str(out), "--set", "epochs=2", "--set", "patience=0", *CLUSTER)
+    assert r.returncode == 0, r.stderr
+    r = run("train", letter_stores[0], "--out", str(out), "--resume", "--set", "epochs=3", *CLUSTER)
+    assert r.returncode == 0, r.stderr
+    history = json.loads((out / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [0, 1, 2]
+    rounds = [e["rounds"] for e in history["epochs"]]
+    assert rounds == sorted(rounds) and rounds[2] > rounds[1]
+
+
+def test_ctrl_c_stops_cleanly_with_a_checkpoint(letter_stores, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", letter_stores[0], "--out", str(out),
+         "--set", "epochs=500", "--set", "patience=0", *CLUSTER],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        deadline = time.time() + 120
+        lines = []
+        while time.time() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if line.startswith("epoch   2"):
+                break
+        assert any(x.startswith("epoch   2") for x in lines), "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, rest[1]
+    assert "interrupted" in rest[1]
+    arrays, meta = load_file(out / "checkpoint.npz", "checkpoint")
+    assert meta["epoch"] >= 2 and arrays["params"].dtype == np.float32
+    r = run("train", letter_stores[0], "--out", str(out), "--resume", "--set", f"epochs={meta['epoch'] + 1}", *CLUSTER)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("--set", "epoch=3"), "unknown config key 'epoch'"),
+        (("--set", "batch_size=0"), "'batch_size' = 0 is invalid"),
+        (("--set", "lr=fast"), "'lr' must be float"),
+        (("--config", "missing.toml"), "not found"),
+    ],
+)
+def test_config_errors_are_one_line(letter_stores, tmp_path, args, fragment):
+    r = run("train", letter_stores[0], "--out", str(tmp_path / "run"), *args, *CLUSTER)
+    assert r.returncode == 1
+    lines = [x for x in r.stderr.strip().splitlines() if x]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_has_examples():
+    r = run("--help")
+    assert r.returncode == 0 and "ingest" in r.stdout and "train" in r.stdout
+    for cmd in ("train", "evaluate", "predict", "ingest", "synth", "inspect"):
+        r = run(cmd, "--help")
+        assert r.returncode == 0 and ("Example" in r.stdout or "example" in r.stdout), cmd
