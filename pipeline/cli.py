@@ -34,7 +34,7 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="pipeline", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pipeline")
 @click.option("--verbose", "-v", is_flag=True, help="Show tracebacks and debug logging.")
 @click.pass_context

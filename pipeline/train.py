@@ -399,6 +399,7 @@ class Trainer:
                     "compute_s": stats["compute"],
                     "communicate_s": stats["communicate"],
                     **{f"val_{k}": v for k, v in val.items() if k != "confusion"},
+                    "tasks": stats["tasks"],
                 }
                 history.append(record)
                 ps.call("record", epoch={k: v for k, v in record.items() if isinstance(v, int | float)})
@@ -453,7 +454,7 @@ class Trainer:
         last_ckpt: float,
         history: list[dict],
         best: tuple,
-    ) -> dict[str, float]:
+    ) -> dict[str, Any]:
         from distributed import wait
 
         cfg, client = self.cfg, self.client
@@ -554,6 +555,10 @@ class Trainer:
         samples = sum(r["samples"] for r in results)
         loss = sum(r["loss"] * r["samples"] for r in results if r["samples"]) / max(samples, 1)
         return {
+            "tasks": sorted(
+                ({"name": r["name"], "worker": r["worker"], "samples": r["samples"]} for r in results),
+                key=lambda t: t["name"],
+            ),
             "samples": samples,
             "loss": loss,
             "read": sum(r["read"] for r in results),

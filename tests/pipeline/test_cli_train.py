@@ -155,3 +155,9 @@ def test_help_has_examples():
     for cmd in ("train", "evaluate", "predict", "ingest", "synth", "inspect"):
         r = run(cmd, "--help")
         assert r.returncode == 0 and ("Example" in r.stdout or "example" in r.stdout), cmd
+
+
+def test_dask_pipeline_is_the_same_command():
+    exe = Path(sys.executable).parent / "dask"
+    r = subprocess.run([str(exe), "pipeline", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "Out-of-core neural-network training" in r.stdout
