@@ -1,0 +1,105 @@
+"""Run every benchmark and write bench/RESULTS.md.
+
+    python -m bench                  # full runs (tens of minutes; out-of-core 1/4/16 GB dominates)
+    python -m bench --quick          # tiny sizes, writes bench/out/RESULTS-quick.md instead
+    python -m bench --only throughput,local_steps
+    python -m bench --collect        # rebuild RESULTS.md from the tables the modules last wrote
+                                     # to bench/out/ (after running them one by one)
+    python -m bench --ooc-sizes 1,4  # pass sizes to the out-of-core benchmark
+
+Each module also runs alone (``python -m bench.<name>``) and keeps its table in bench/out/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.common import OUT, machine, write_out
+
+HERE = Path(__file__).resolve().parent
+# (module, title, full command)
+BENCHMARKS = [
+    ("kernels", "Kernel train-step throughput", "python -m bench.kernels"),
+    ("io", "Ingest and loader I/O", "python -m bench.io"),
+    ("throughput", "End-to-end throughput against peers", "python -m bench.throughput"),
+    ("local_steps", "Push interval: throughput vs convergence (issue 4)", "python -m bench.local_steps"),
+    ("time_to_accuracy", "Time to accuracy and default-settings quality (issue 5)",
+     "python -m bench.time_to_accuracy"),
+    ("out_of_core", "Out of core: memory, throughput, disk", "python -m bench.out_of_core --sizes {ooc}"),
+    ("ps_limits", "Parameter-server limits", "python -m bench.ps_limits"),
+]
+
+
+def _run_one(name: str, quick: bool, ooc: str) -> tuple[str, float]:
+    mod = importlib.import_module(f"bench.{name}")
+    argv = ["--quick"] if quick else []
+    if name == "out_of_core" and not quick:
+        argv += ["--sizes", ooc]
+    if name == "io":
+        argv += ["--out", str(OUT / ("io-quick.md" if quick else "io.md"))]
+    t = time.perf_counter()
+    text = mod.main(argv)
+    if name == "kernels":  # the other modules keep their own table in bench/out/
+        write_out("kernels" + ("-quick" if quick else ""), text)
+    return text, time.perf_counter() - t
+
+
+def render(sections: list[tuple[str, str, str, float | None]], quick: bool, preamble: str = "") -> str:
+    m = machine()
+    lines = [
+        "# Benchmark results" + (" (quick smoke sizes: not meaningful figures)" if quick else ""),
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']} RAM; written {m['date']}; "
+        f"load average when written {m['load']} (the machine was shared with other work: "
+        "each table's header gives the load around its own run). Regenerate with `python -m bench`.",
+        "",
+    ]
+    if preamble:
+        lines += [preamble, ""]
+    for title, cmd, text, secs in sections:
+        took = f" ({secs:.0f} s)" if secs is not None else ""
+        body = "\n".join("#" + ln if ln.startswith("#") else ln for ln in text.strip().splitlines())
+        lines += [f"## {title}", "", f"Command: `{cmd}`{took}", "", body, ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    ap.add_argument("--only", default="", help="comma-separated benchmark names")
+    ap.add_argument("--collect", action="store_true", help="assemble RESULTS.md from bench/out/*.md")
+    ap.add_argument("--ooc-sizes", default="1,4,16", help="out-of-core store sizes in GB")
+    ap.add_argument(
+        "--preamble",
+        default=str(Path(__file__).with_name("findings.md")),
+        help="a file whose text goes at the top of RESULTS.md (default: bench/findings.md, the "
+        "written summary of the last full run: update it when the figures change)",
+    )
+    args = ap.parse_args(argv)
+    chosen = [b for b in BENCHMARKS if not args.only or b[0] in args.only.split(",")]
+    sections = []
+    for name, title, cmd in chosen:
+        cmd = cmd.format(ooc=args.ooc_sizes) + (" --quick" if args.quick else "")
+        if args.collect:
+            f = OUT / f"{name}{'-quick' if args.quick else ''}.md"
+            if not f.exists():
+                continue
+            text, secs = f.read_text(), None
+        else:
+            text, secs = _run_one(name, args.quick, args.ooc_sizes)
+        sections.append((title, cmd, text, secs))
+    pre = Path(args.preamble).read_text() if args.preamble and Path(args.preamble).is_file() else ""
+    doc = render(sections, args.quick, pre)
+    dest = OUT / "RESULTS-quick.md" if args.quick else HERE / "RESULTS.md"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(doc)
+    print(f"wrote {dest}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Time to a stated test accuracy (or R^2), and the final test metric at default settings, for this
+pipeline, PyTorch and scikit-learn's MLP, on the real datasets in data/ and a synthetic one.
+
+    python -m bench.time_to_accuracy                 # all datasets
+    python -m bench.time_to_accuracy --datasets letter,adult
+    python -m bench.time_to_accuracy --quick         # letter only, few epochs (smoke run)
+
+Splits (test rows are never trained on; the same test store scores every trainer):
+* letter: rows 0:16000 / 16000: (the customary split), ``target=0``;
+* adult: adult.data / adult.test ingested ``like`` adult.data;
+* shuttle: shuttle.trn / shuttle.tst;
+* california_housing (target ``median_house_value``, dollars) and diamonds (target ``price``,
+  raw dollars, not log: the store's y is what ``pipeline.ingest`` gives): a random 80/20 split
+  (seed 0) written as two CSV files, the test one ingested ``like`` the training one;
+* synthetic: ``pipeline.synth`` 784 uint8 features, 10 classes, 50,000 + 10,000 rows.
+
+Trainers, each at its own defaults:
+* **pipeline**: ``TrainConfig()`` untouched (MLP hidden 256-128, Adam lr 1e-3, batch 256, sync,
+  local_steps 8, up to 50 epochs, patience 5) except ``validation_store`` = the test store, on a
+  fresh 2-worker LocalCluster (1 thread each) per dataset. Time = sum of epoch seconds (each
+  includes the validation pass), then + driver setup/teardown (wall - epochs), then + cluster start.
+* **pytorch**: the typical loop: same hidden 256-128, Adam lr 1e-3, ``DataLoader(batch_size=256,
+  shuffle=True)``, 2 threads, up to 50 epochs, stopped after 5 epochs without a better test
+  metric (the pipeline's patience, applied to the metric); evaluation time excluded.
+* **scikit-learn**: ``MLPClassifier()`` / ``MLPRegressor()`` with every default (hidden 100,
+  batch min(200, n), alpha 1e-4, max_iter 200, tol 1e-4, n_iter_no_change 10), driven one
+  shuffled epoch per ``partial_fit`` so the test metric can be read after each epoch; its own
+  stopping rule (training loss) is applied; evaluation time excluded. Regression targets are
+  standardized for it (what ``TransformedTargetRegressor(StandardScaler())`` does; measured: on
+  raw dollars its defaults end at R^2 -0.99 on california_housing after 200 epochs), and its X is
+  the same standardized array every in-memory trainer gets.
+
+The stated threshold per dataset is 99% of the lowest best-epoch test metric among the three
+trainers (so each reaches it); it is printed in the table. The time-to-threshold run of the pipeline
+validates on the test store (as the peers are scored on it after every epoch). The issue-5 table's
+"pipeline default" is a second run with ``TrainConfig()`` untouched: early stopping on its own 10%
+validation split of the training rows, the returned (best-validation-epoch) model then scored on
+the test rows; "early stop on test" is the first run's best epoch (optimistic); the peers' figures
+are their last epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import (
+    KernelPeer,
+    SklearnPeer,
+    TorchPeer,
+    arrays,
+    load,
+    local_cluster,
+    md_table,
+    metric,
+    run_pipeline,
+    tmpdir,
+    val_metric,
+    write_out,
+)
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+DATASETS = ("letter", "adult", "shuttle", "california_housing", "diamonds", "synthetic")
+
+
+def _random_split_csv(src: Path, tmp: Path, frac: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
+    import pyarrow.csv as pcsv
+
+    t = pcsv.read_csv(src)
+    order = np.random.default_rng(seed).permutation(t.num_rows)
+    n_test = int(round(frac * t.num_rows))
+    paths = []
+    for name, idx in (("train", order[n_test:]), ("test", order[:n_test])):
+        p = tmp / f"{src.stem}-{name}.csv"
+        pcsv.write_csv(t.take(idx), p)
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+def prepare(name: str, tmp: Path, quick: bool = False) -> tuple[Any, Any, str]:
+    """(train store, test store, description of the split)."""
+    from pipeline.ingest import ingest
+
+    tr, te = tmp / f"{name}-train.zarr", tmp / f"{name}-test.zarr"
+    if name == "letter":
+        src = DATA / "letter/letter-recognition.data"
+        a = ingest(src, tr, target=0, rows="0:16000", force=True)
+        b = ingest(src, te, target=0, rows="16000:", like=a, force=True)
+        return a, b, "rows 0:16000 / 16000:"
+    if name == "adult":
+        a = ingest(DATA / "adult/adult.data", tr, force=True)
+        b = ingest(DATA / "adult/adult.test", te, like=a, force=True)
+        return a, b, "adult.data / adult.test"
+    if name == "shuttle":
+        a = ingest(DATA / "shuttle/shuttle.trn", tr, force=True)
+        b = ingest(DATA / "shuttle/shuttle.tst", te, like=a, force=True)
+        return a, b, "shuttle.trn / shuttle.tst"
+    if name in ("california_housing", "diamonds"):
+        src, target = {"california_housing": (DATA / "california_housing/housing.csv", "median_house_value"),
+                       "diamonds": (DATA / "diamonds/diamonds.csv", "price")}[name]  # fmt: skip
+        p_tr, p_te = _random_split_csv(src, tmp)
+        a = ingest(p_tr, tr, target=target, force=True)
+        b = ingest(p_te, te, target=target, like=a, force=True)
+        return a, b, f"random 80/20 (seed 0), y = raw {target}"
+    if name == "synthetic":
+        from bench.common import mnist_like
+
+        rows, test = (3_000, 1_000) if quick else (50_000, 10_000)
+        a, b = mnist_like(tmp, rows, test, 784 if not quick else 64, 10)
+        return a, b, f"synth 784 uint8, 10 classes, {rows:,} / {test:,}"
+    raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+
+
+def curve_peer(peer: Any, Xte, yte, task: str, max_epochs: int, stop: Any) -> list[tuple[float, float]]:
+    """(cumulative training seconds, test metric) after each epoch until ``stop(curve)``."""
+    out, t = [], 0.0
+    for _ in range(max_epochs):
+        t0 = time.perf_counter()
+        peer.epoch()
+        t += time.perf_counter() - t0
+        out.append((t, metric(peer.predict(Xte), yte, task)))
+        if stop(out):
+            break
+    return out
+
+
+def patience_stop(patience: int) -> Any:
+    def stop(curve: list[tuple[float, float]]) -> bool:
+        best = int(np.argmax([m for _, m in curve]))
+        return len(curve) - 1 - best >= patience
+
+    return stop
+
+
+def first_time(curve: list[tuple[float, float]], thr: float) -> float | None:
+    return next((t for t, m in curve if m >= thr), None)
+
+
+def one_dataset(name: str, tmp: Path, quick: bool, max_epochs: int) -> dict[str, Any]:
+    train, test, split = prepare(name, tmp, quick)
+    task = train.task
+    Xtr, ytr = arrays(train)
+    Xte, yte = arrays(test, like=train)
+    n_out = len(train.classes) if task == "classification" else ytr.shape[1]
+    ym = float(train.y_mean[0]) if task != "classification" else 0.0
+    ys = float(train.y_std[0]) if task != "classification" else 1.0
+    curves: dict[str, list[tuple[float, float]]] = {}
+    final: dict[str, float] = {}
+    epochs_cap = 3 if quick else max_epochs
+    # pipeline at its defaults
+    t0 = time.perf_counter()
+    with local_cluster(2) as client:
+        startup = time.perf_counter() - t0
+        cfg: dict[str, Any] = {"validation_store": str(test.path)}
+        if quick:
+            cfg["epochs"] = epochs_cap
+        r = run_pipeline(client, train, tmp / f"{name}-run", **cfg)
+        # issue 5's figure: TrainConfig() untouched (early stopping on 10% of the training rows),
+        # the returned model scored on the test rows, which it never saw
+        cfg_def: dict[str, Any] = {"epochs": epochs_cap} if quick else {}
+        r_def = run_pipeline(client, train, tmp / f"{name}-default", **cfg_def)
+    Xraw, _ = test.read_rows(0, test.n_rows)
+    final["pipeline (validation 10% of train)"] = metric(r_def["model"].decision(Xraw), yte, task)
+    hist = r["history"]
+    c, acc_t = [], 0.0
+    for h in hist:
+        acc_t += h["seconds"]
+        c.append((acc_t, val_metric(h, task)))
+    curves["pipeline"] = c
+    best_epoch = int(np.argmin([h.get("val_loss", math.inf) for h in hist]))
+    final["pipeline"] = val_metric(hist[best_epoch], task)
+    overhead = r["wall"] - r["epoch_seconds"]
+    # pytorch, typical loop
+    try:
+        tp = TorchPeer(Xtr, ytr, (256, 128), n_out, task=task, y_mean=ym, y_std=ys)
+        curves["pytorch"] = curve_peer(tp, Xte, yte, task, min(50, epochs_cap), patience_stop(5))
+        final["pytorch"] = curves["pytorch"][-1][1]
+    except ImportError:
+        pass
+    # scikit-learn defaults
+    sk = SklearnPeer(Xtr, ytr, task=task, defaults=True, y_mean=ym, y_std=ys)
+    curves["scikit-learn"] = curve_peer(sk, Xte, yte, task, min(200, epochs_cap if quick else 200),
+                                        lambda c: sk.converged())  # fmt: skip
+    final["scikit-learn"] = curves["scikit-learn"][-1][1]
+    # an in-memory kernels row (same architecture as the pipeline default), for the gap
+    kp = KernelPeer(Xtr, ytr, (256, 128), n_out, task=task, y_mean=ym, y_std=ys)
+    curves["kernels in memory"] = curve_peer(kp, Xte, yte, task, min(50, epochs_cap), patience_stop(5))
+    best = {k: max(m for _, m in v) for k, v in curves.items()}
+    thr = 0.99 * min(best[k] for k in ("pipeline", "pytorch", "scikit-learn") if k in best)
+    thr = math.floor(thr * 1000) / 1000
+    times = {k: first_time(v, thr) for k, v in curves.items()}
+    return {"name": name, "split": split, "task": task, "rows": (train.n_rows, test.n_rows), "thr": thr,
+            "times": times, "final": final, "epochs": {k: len(v) for k, v in curves.items()},
+            "overhead": overhead, "startup": startup, "best": best,
+            "s_per_epoch": {"pipeline": float(np.median([h["seconds"] for h in hist])),
+                            **{k: v[-1][0] / len(v) for k, v in curves.items() if k != "pipeline"}},
+            "compute_share": sum(h["compute_s"] for h in hist) / 2 / max(r["epoch_seconds"], 1e-9)}  # fmt: skip
+
+
+def run(quick: bool = False, datasets: Sequence[str] = DATASETS, max_epochs: int = 200) -> tuple[str, list[dict]]:
+    if quick:
+        datasets = ("letter",)
+    load0 = load()
+    res = []
+    with tmpdir("bench-tta-") as tmp:
+        for name in datasets:
+            res.append(one_dataset(name, tmp, quick, max_epochs))
+    t_rows, f_rows = [], []
+    for r in res:
+        met = "accuracy" if r["task"] == "classification" else "R^2"
+        tt = r["times"]
+        p = tt.get("pipeline")
+        peers = {k: v for k, v in tt.items() if k in ("pytorch", "scikit-learn")}
+        first = p is not None and all(v is None or p <= v for v in peers.values())
+        fmt_t = lambda v: "not reached" if v is None else f"{v:.2f}"  # noqa: E731
+        t_rows.append({
+            "dataset": r["name"], "threshold": f"{met} >= {r['thr']:.3f}",
+            "pipeline (epochs only) s": fmt_t(p),
+            "+ driver s": fmt_t(None if p is None else p + r["overhead"]),
+            "+ cluster start s": fmt_t(None if p is None else p + r["overhead"] + r["startup"]),
+            "pytorch s": fmt_t(tt.get("pytorch")), "scikit-learn s": fmt_t(tt.get("scikit-learn")),
+            "kernels in memory s": fmt_t(tt.get("kernels in memory")),
+            "s/epoch pipeline / torch / sklearn / kernels": " / ".join(
+                f"{r['s_per_epoch'][k]:.2f}" if k in r["s_per_epoch"] else "-"
+                for k in ("pipeline", "pytorch", "scikit-learn", "kernels in memory")),
+            "pipeline compute share": f"{100 * r['compute_share']:.0f}%",
+            "pipeline first (epochs only)?": "yes" if first else "NO",
+            "pipeline first (+ cluster start)?": "yes" if p is not None and all(
+                v is None or p + r["overhead"] + r["startup"] <= v for v in peers.values()) else "NO",
+        })  # fmt: skip
+        fin = r["final"]
+        gap = 100 * (fin["scikit-learn"] - fin["pipeline (validation 10% of train)"])
+        real = r["name"] != "synthetic"
+        f_rows.append({
+            "dataset": r["name"], "split": r["split"], "train/test rows": f"{r['rows'][0]:,} / {r['rows'][1]:,}",
+            "metric": met, "pipeline default": f"{fin['pipeline (validation 10% of train)']:.4f}",
+            "pipeline, early stop on test": f"{fin['pipeline']:.4f}",
+            "pytorch": f"{fin['pytorch']:.4f}" if "pytorch" in fin else "n/a",
+            "scikit-learn default": f"{fin['scikit-learn']:.4f}", "gap to sklearn (points)": f"{gap:+.2f}",
+            "within 2 points (issue 5)?": ("yes" if gap <= 2.0 else "NO") if real else "(synthetic)",
+            "epochs pipeline/torch/sklearn": "/".join(str(r["epochs"].get(k, "-"))
+                                                       for k in ("pipeline", "pytorch", "scikit-learn")),
+        })  # fmt: skip
+    head = (f"time to a stated test metric (threshold = 99% of the lowest best-epoch metric of the three "
+            f"trainers); fresh 2-worker LocalCluster per dataset; load average before {load0:.2f}, after "
+            f"{load():.2f}")  # fmt: skip
+    text = "\n".join([
+        head, "", "### time to threshold (seconds)", "", md_table(t_rows), "",
+        "### final test metric at default settings (issue 5: pipeline within 2 points of scikit-learn's MLP; "
+        "'gap' > 0 means scikit-learn is better)", "", md_table(f_rows),
+    ])  # fmt: skip
+    return text, res
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(prog="python -m bench.time_to_accuracy", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--max-epochs", type=int, default=200, help="cap for scikit-learn (its default max_iter)")
+    args = ap.parse_args(argv)
+    text, _ = run(args.quick, [d for d in args.datasets.split(",") if d], args.max_epochs)
+    print(text)
+    write_out("time_to_accuracy" + ("-quick" if args.quick else ""), text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
