@@ -54,14 +54,10 @@ accuracy / R^2 from :func:`pipeline.inference.evaluate_store`.
 probabilities / values, with class labels as strings; :func:`load_estimator` restores the
 estimator itself with its original label dtype.
 
-scikit-learn's estimator checks (``parametrize_with_checks``) pass, except this one, declared
-as an expected failure by :func:`expected_failed_checks` (scikit-learn 1.9's mechanism; the
-``_xfail_checks`` tag is gone):
-
-- ``check_methods_sample_order_invariance``: predictions go through the float32 Numba kernels,
-  whose GEMM blocks rows for SIMD, so a row's output can differ in its last float32 bits (about
-  1e-6 relative) with its position in the batch; the check demands rtol 1e-7. (It passes or
-  fails by luck of the data, so it is not strict.)
+scikit-learn's estimator checks (``parametrize_with_checks``) all pass. In-memory predictions
+run in float64 (see :meth:`pipeline.model.Model._forward`), so a row's prediction does not
+depend on the other rows of the batch, as ``check_methods_sample_order_invariance`` and
+``check_methods_subset_invariance`` demand.
 
 The checks run on instances sized for tiny data (``batch_size=16``, ``max_iter=40``; linear
 models ``learning_rate_init=1e-2``): the defaults mirror :class:`TrainConfig`, sized for
@@ -895,11 +891,6 @@ def load_estimator(path: str | os.PathLike) -> _BaseMLP:
 
 def expected_failed_checks(estimator: BaseEstimator) -> dict[str, str]:
     """scikit-learn estimator checks these estimators are known to fail, with the reason
-    (pass as ``parametrize_with_checks(..., expected_failed_checks=expected_failed_checks)``)."""
-    return {
-        "check_methods_sample_order_invariance": (
-            "predictions run through the float32 Numba kernels, whose GEMM blocks rows for SIMD: a "
-            "row's output can differ in its last float32 bits (~1e-6 relative) with its position in "
-            "the batch, above the check's rtol of 1e-7"
-        ),
-    }
+    (pass as ``parametrize_with_checks(..., expected_failed_checks=expected_failed_checks)``).
+    None today."""
+    return {}

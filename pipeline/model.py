@@ -110,16 +110,21 @@ class Model:
         return int(self.spec["n_in"])
 
     def _forward(self, X: np.ndarray) -> np.ndarray:
+        """In-memory predictions, in float64 through the NumPy reference kernels (backend ``numpy``): a row's
+        output does not depend on the other rows of the batch (float32 SIMD GEMM blocking
+        changes a row's last bits with its position), as scikit-learn's checks demand. Stores
+        are predicted out of core by the float32 Numba kernels (pipeline.inference)."""
         if self._trainer is None:
             from kernels.mlp import MLPSpec, MLPTrainer
 
             self._trainer = MLPTrainer(
                 MLPSpec(**{**self.spec, "hidden": tuple(self.spec["hidden"])}),
-                backend="cpu",
-                params=self.params,
-                max_batch=1024,
+                backend="numpy",
+                params=np.asarray(self.params, dtype=np.float64),
+                max_batch=4096,
+                dtype=np.float64,
             )
-        return self._trainer.forward(X)
+        return self._trainer.forward(np.asarray(X, dtype=np.float64))
 
     def transform_features(self, X: Any) -> np.ndarray:
         X = np.asarray(X)
@@ -128,7 +133,7 @@ class Model:
         Xf = X.astype(np.float64)
         if self.normalize:
             Xf = (Xf - self.mean) / self.std
-        return np.ascontiguousarray(Xf, dtype=np.float32)
+        return np.ascontiguousarray(Xf, dtype=np.float32)  # what the Numba kernels take
 
     def decision(self, X: Any) -> np.ndarray:
         """Class probabilities (classification) or de-standardized predictions (regression)."""
