@@ -31,6 +31,29 @@ def _check_compatible(model: Model, store: Store) -> None:
         )
 
 
+def check_inputs(
+    model: Model, store_path: str, out: str | None = None, *, proba: bool = False, force: bool = False
+) -> tuple[Store, str]:
+    """Everything :func:`evaluate_store` / :func:`predict_store` refuse, checked without a
+    cluster: the store opens and matches the model; ``out`` (for predictions) has a known
+    suffix and is not clobbered without ``force``. Returns the store and the output format."""
+    store = open_store(store_path)
+    _check_compatible(model, store)
+    if out is None:
+        if model.task != store.task:
+            raise StoreError(f"store {store_path!r} is a {store.task} store; the model does {model.task}")
+        return store, ""
+    if proba and model.task != "classification":
+        raise PipelineError("--proba is for classification models")
+    dest = Path(out)
+    fmt = "zarr" if dest.suffix == ".zarr" else "parquet" if dest.suffix in (".parquet", ".pq") else ""
+    if not fmt:
+        raise PipelineError(f"output {out!r}: name it *.zarr (Zarr group) or *.parquet (Parquet dataset)")
+    if dest.exists() and not force:
+        raise PipelineError(f"output {out!r} already exists; pass --force to overwrite it")
+    return store, fmt
+
+
 def _eval_cfg(model: Model) -> dict[str, Any]:
     cfg = model.config
     return {
@@ -64,11 +87,10 @@ def _chunk_ranges(store: Store) -> list[tuple[int, int]]:
 def evaluate_store(model: Model, store_path: str, client: Any) -> dict[str, Any]:
     """Metrics of ``model`` on every row of the store, computed chunk by chunk on the workers:
     accuracy, log loss and confusion matrix, or R^2, RMSE and MAE."""
-    store = open_store(store_path)
-    _check_compatible(model, store)
-    if model.task != store.task:
-        raise StoreError(f"store {store_path!r} is a {store.task} store; the model does {model.task}")
-    params = client.scatter(model.params, broadcast=True)
+    store, _ = check_inputs(model, store_path)
+    # hash=False: a content-hashed key is shared by back-to-back calls with the same
+    # model, and the release of the previous call's future can drop this call's data.
+    params = client.scatter(model.params, broadcast=True, hash=False)
     cfg = _eval_cfg(model)
     token = uuid.uuid4().hex[:8]
     futures = [
@@ -163,16 +185,8 @@ def predict_store(
     force: bool = False,
 ) -> dict[str, Any]:
     """Write predictions for every row of the store to ``out`` (``.zarr`` or ``.parquet``)."""
-    store = open_store(store_path)
-    _check_compatible(model, store)
-    if proba and model.task != "classification":
-        raise PipelineError("--proba is for classification models")
+    store, fmt = check_inputs(model, store_path, out, proba=proba, force=force)
     dest = Path(out)
-    fmt = "zarr" if dest.suffix == ".zarr" else "parquet" if dest.suffix in (".parquet", ".pq") else ""
-    if not fmt:
-        raise PipelineError(f"output {out!r}: name it *.zarr (Zarr group) or *.parquet (Parquet dataset)")
-    if dest.exists() and not force:
-        raise PipelineError(f"output {out!r} already exists; pass --force to overwrite it")
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     ranges = _chunk_ranges(store)
     target = _target(model)
@@ -196,7 +210,7 @@ def predict_store(
             )
         else:
             tmp.mkdir(parents=True)
-        params = client.scatter(model.params, broadcast=True)
+        params = client.scatter(model.params, broadcast=True, hash=False)
         cfg = _eval_cfg(model)
         token = uuid.uuid4().hex[:8]
         futures = [
