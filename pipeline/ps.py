@@ -222,6 +222,7 @@ class _Job:
     join_timeout: float = 120.0
     pending: dict[str, tuple[np.ndarray, int, float]] = field(default_factory=dict)
     progress: dict[str, int] = field(default_factory=dict)  # participant -> batches absorbed
+    summaries: dict[str, dict] = field(default_factory=dict)  # participant -> its task's result
     failed: str | None = None
     closed: bool = False
     event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -259,7 +260,9 @@ class ParameterServerExtension(SchedulerPlugin):
     * ``ps_join``     -- a participant joins: returns weights, version, batches to skip
     * ``ps_push``     -- push a delta with its sample count; returns the new weights
     * ``ps_pull``     -- current weights and version
-    * ``ps_leave``    -- a participant leaves (also done automatically when its task ends)
+    * ``ps_leave``    -- a participant leaves (also done automatically when its task ends),
+      optionally leaving its task's summary for the driver
+    * ``ps_summaries``-- the driver takes the summaries of finished participants
     * ``ps_state``    -- full state for a checkpoint (weights, optimizer state, counters)
     * ``ps_metrics``  -- counters of one job or all jobs (msgpack-able, for dashboards)
     * ``ps_record``   -- the driver records an epoch's validation metrics or a checkpoint
@@ -285,6 +288,7 @@ class ParameterServerExtension(SchedulerPlugin):
             "ps_push": self.push,
             "ps_pull": self.pull,
             "ps_leave": self.leave,
+            "ps_summaries": self.take_summaries,
             "ps_state": self.state,
             "ps_metrics": self.metrics,
             "ps_record": self.record,
@@ -600,10 +604,24 @@ class ParameterServerExtension(SchedulerPlugin):
     def pull(self, job: str | None = None) -> dict[str, Any]:
         return self._reply(self._job(job))
 
-    def leave(self, job: str | None = None, name: str | None = None) -> dict[str, Any]:
+    def leave(
+        self, job: str | None = None, name: str | None = None, summary: dict | None = None
+    ) -> dict[str, Any]:
         st = self._job(job)
+        if summary is not None:
+            if not isinstance(summary, dict) or len(summary) > 64:
+                raise PSError("summary: expected a small dict of task statistics")
+            # Kept here, not only as the task's result: a worker that dies after its task
+            # finished takes the result with it, and Dask would rerun the (already pushed) task.
+            st.summaries[str(name)] = summary
         self._drop_participant(st, str(name), "left")
         return {"status": "OK"}
+
+    def take_summaries(self, job: str | None = None, names: list | None = None) -> dict[str, Any]:
+        """Hand over (and forget) the summaries left by ``names``; missing ones are absent."""
+        st = self._job(job)
+        got = {str(n): st.summaries.pop(str(n)) for n in names or () if str(n) in st.summaries}
+        return {"status": "OK", "summaries": got}
 
     def state(self, job: str | None = None) -> dict[str, Any]:
         st = self._job(job)

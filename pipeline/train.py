@@ -1,8 +1,9 @@
 """The training driver: epochs of tasks on the cluster, evaluation, checkpoints, the run directory.
 
 The driver never touches rows. It plans row ranges of the store into tasks, submits them each
-epoch (dynamic placement lets faster workers take more; sync mode pins one participant per
-worker thread so every round has all of them), evaluates on the workers at each epoch end,
+epoch (dynamic placement lets faster workers take more; sync mode runs one participant per
+worker thread so every round has all of them; federated placement pins each worker's share
+to it), evaluates on the workers at each epoch end,
 checkpoints the parameter server's state atomically, stops early, and writes the history and
 the final model to the run directory::
 
@@ -29,7 +30,7 @@ import numpy as np
 
 from pipeline.checkpoint import load_file, save_file
 from pipeline.config import TrainConfig
-from pipeline.errors import CheckpointError, ConfigError, StoreError, TrainingError
+from pipeline.errors import CheckpointError, ConfigError, PipelineError, StoreError, TrainingError
 from pipeline.model import Model
 from pipeline.progress import Progress
 from pipeline.ps import ParameterServer
@@ -314,8 +315,24 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         # distributed.wait and friends use the *current* client: make it ours for the run
+        from distributed.comm.core import CommClosedError
+
         with self.client.as_current():
-            return self._fit()
+            try:
+                return self._fit()
+            except PipelineError:
+                raise
+            except Exception as exc:
+                lost = isinstance(exc, CommClosedError) or "scheduler-connection-lost" in str(exc)
+                if not lost and self.client.status == "running":
+                    raise
+                where = getattr(self.client.scheduler, "address", None) or "its address"
+                raise TrainingError(
+                    f"lost the Dask scheduler at {where} and the parameter server in it "
+                    f"({type(exc).__name__}); the last checkpoint is in {str(self.run.path)!r}: start a "
+                    f"scheduler and workers, then run `pipeline train {self.store_path} --out "
+                    f"{self.run.path} --resume --scheduler ADDRESS`"
+                ) from None
 
     def _fit(self) -> TrainResult:
         from distributed import span
@@ -384,7 +401,6 @@ class Trainer:
                 with span(f"epoch-{epoch}"):
                     stats = self._run_epoch(ps, epoch, tasks, threads, done_tasks, last_ckpt, history, best)
                     val = self._evaluate(epoch, val_ranges)
-                done_tasks = set()
                 last_ckpt = time.monotonic()
                 seconds = time.perf_counter() - t0
                 m = ps.metrics()
@@ -408,6 +424,7 @@ class Trainer:
                 if improved or best[2] < 0:
                     best = (float(val_loss), ps.pull()[0].copy(), epoch)
                 self._checkpoint(ps, epoch + 1, history, best, set())
+                done_tasks = set()
                 if self.on_epoch is not None:
                     self.on_epoch(record)
                 if cfg.patience and epoch - best[2] >= cfg.patience:
@@ -416,7 +433,10 @@ class Trainer:
                     break
         except KeyboardInterrupt:
             self.log("interrupted: writing a checkpoint before stopping")
-            self._checkpoint(ps, epoch, history, best, done_tasks)
+            if history and history[-1]["epoch"] == epoch:  # between epochs: this one is recorded
+                self._checkpoint(ps, epoch + 1, history, best, set())
+            else:
+                self._checkpoint(ps, epoch, history, best, done_tasks)
             raise
         finally:
             metrics = {}
@@ -469,7 +489,13 @@ class Trainer:
                 shares = [[r for j, t in enumerate(tasks) if j % len(slots) == k for r in t] for k in range(len(slots))]
             else:
                 shares = [[r for j in order[k :: len(slots)] for r in tasks[j]] for k in range(len(slots))]
-            work = [(f"e{epoch}-s{k}", share, [slots[k]]) for k, share in enumerate(shares) if share]
+            # Only federated shares are pinned to their worker (the data stays there). Sync shares
+            # are not: a share pinned, even loosely, to a worker that has died sits in Dask's
+            # no-worker state and is not rescheduled when a new worker joins.
+            pin = cfg.placement == "federated"
+            work = [
+                (f"e{epoch}-s{k}", share, [slots[k]] if pin else None) for k, share in enumerate(shares) if share
+            ]
         else:
             work = [(f"e{epoch}-t{j}", tasks[j], None) for j in order]
         work = [w for w in work if w[0] not in done_tasks]
@@ -490,7 +516,6 @@ class Trainer:
                     self.target,
                     key=key,
                     workers=workers,
-                    allow_other_workers=bool(workers) and cfg.placement != "federated",
                     retries=2,
                     pure=False,
                 ),
@@ -525,19 +550,16 @@ class Trainer:
                         raise TrainingError(
                             f"training task {f.key} failed: {type(exc).__name__}: {exc}"
                         ) from exc
-                    r = f.result()
-                    results.append(r)
-                    done_tasks.add(r["name"])
+                finished = [f for f in done if f.status == "finished"]
+                if finished:
+                    results.extend(self._task_results(ps, finished, futures))
+                    done_tasks.update(futures[f.key][0] for f in finished)
+                    for f in finished:
+                        # released at once: if its worker dies later, Dask must not rerun
+                        # a task whose updates the parameter server already holds
+                        f.release()
                 if pending:
-                    if not client.scheduler_info(n_workers=-1)["workers"]:
-                        no_workers_since = no_workers_since or time.monotonic()
-                        if time.monotonic() - no_workers_since > cfg.no_worker_timeout:
-                            raise TrainingError(
-                                f"no workers for {cfg.no_worker_timeout:.0f} s; start workers or "
-                                "raise no_worker_timeout (a checkpoint was written; use --resume)"
-                            )
-                    else:
-                        no_workers_since = None
+                    no_workers_since = self._check_workers(no_workers_since)
                 if self.progress:
                     m = ps.metrics()
                     bar.set(m["samples"] - samples0, f"loss {m['loss']:.4f}" if m["loss"] is not None else "")
@@ -545,7 +567,7 @@ class Trainer:
                     self._checkpoint(ps, epoch, history, best, done_tasks)
                     last_ckpt = time.monotonic()
         except BaseException:
-            client.cancel([f for _, f in futures.values()])
+            client.cancel(list(pending))
             try:
                 self._checkpoint(ps, epoch, history, best, done_tasks)
             except Exception:  # noqa: BLE001 - the original error matters more
@@ -565,6 +587,41 @@ class Trainer:
             "compute": sum(r["compute"] for r in results),
             "communicate": sum(r["communicate"] for r in results),
         }
+
+    def _task_results(self, ps: ParameterServer, finished: list, futures: dict) -> list[dict]:
+        """The summaries of finished training tasks, as their participants left them with the
+        parameter server; a task whose summary is missing is asked for its result."""
+        names = [futures[f.key][0] for f in finished]
+        got = ps.call("summaries", names=names)["summaries"]
+        return [got[n] if n in got else f.result() for n, f in zip(names, finished, strict=True)]
+
+    def _check_workers(self, since: float | None) -> float | None:
+        """Track how long the cluster has had no workers; fail after ``no_worker_timeout``."""
+        if self.client.scheduler_info(n_workers=-1)["workers"]:
+            return None
+        since = since or time.monotonic()
+        if time.monotonic() - since > self.cfg.no_worker_timeout:
+            raise TrainingError(
+                f"no workers for {self.cfg.no_worker_timeout:.0f} s; start workers or "
+                "raise no_worker_timeout (a checkpoint was written; use --resume)"
+            )
+        return since
+
+    def _gather(self, futures: list) -> list:
+        """``client.gather`` that gives up after ``no_worker_timeout`` without workers."""
+        from distributed import wait
+
+        since = None
+        while True:
+            try:
+                wait(futures, timeout=1.0)
+            except TimeoutError:
+                since = self._check_workers(since)
+                continue
+            try:
+                return [f.result(timeout=10) for f in futures]
+            except TimeoutError:
+                continue  # a worker left with a result: Dask recomputes it, wait again
 
     def _evaluate(self, epoch: int, val_ranges: Ranges) -> dict[str, Any]:
         if not val_ranges:
@@ -587,7 +644,7 @@ class Trainer:
             )
             for i, g in enumerate(groups)
         ]
-        return finish_metrics(merge_metrics(self.client.gather(futures)), self.target)
+        return finish_metrics(merge_metrics(self._gather(futures)), self.target)
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -595,6 +652,10 @@ class Trainer:
         self, ps: ParameterServer, epoch: int, history: list, best: tuple, done_tasks: set[str]
     ) -> None:
         st = ps.state()
+        if st.get("failed"):
+            # a diverged job's weights are not a state to resume from: keep the last good one
+            logger.warning("not checkpointing job %s: %s", self.job, st["failed"])
+            return
         arrays = {"params": st["params"], "best_params": best[1]}
         for k, v in st["optimizer_state"]["buffers"].items():
             arrays[f"opt_{k}"] = v

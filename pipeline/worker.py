@@ -12,6 +12,7 @@ reported through Dask's fine performance metrics and in the task's result.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -25,6 +26,8 @@ from pipeline.errors import TrainingError
 from pipeline.loader import ChunkLoader
 from pipeline.ps import ParameterServer, encode_vector
 from pipeline.store import open_store
+
+logger = logging.getLogger(__name__)
 
 _CACHE_SIZE = 8
 _trainers: OrderedDict[tuple, Any] = OrderedDict()
@@ -243,14 +246,7 @@ def train_task(
     finally:
         read_seconds = loader.read_seconds
         loader.close()
-        try:
-            comm.ps.call_soon("leave", name=name).result(timeout=10)
-        except Exception:  # noqa: BLE001 - the scheduler drops us anyway when the task ends
-            pass
-    total = time.perf_counter() - t_start
-    for label, secs in (("read", read_seconds), ("compute", compute), ("communicate", comm.seconds)):
-        context_meter.digest_metric(label, secs, "seconds")
-    return {
+    summary = {
         "name": name,
         "worker": worker.address,
         "samples": samples,
@@ -260,9 +256,18 @@ def train_task(
         "read": read_seconds,
         "compute": compute,
         "communicate": comm.seconds,
-        "total": total,
+        "total": time.perf_counter() - t_start,
         "version": version,
     }
+    for label, secs in (("read", read_seconds), ("compute", compute), ("communicate", comm.seconds)):
+        context_meter.digest_metric(label, secs, "seconds")
+    # Leave the summary with the parameter server: the driver reads it there, so a worker
+    # dying between the end of this task and the driver's gather loses nothing.
+    try:
+        comm.ps.call_soon("leave", name=name, summary=summary).result(timeout=30)
+    except Exception:  # noqa: BLE001 - the driver falls back to this task's result
+        logger.debug("participant %s could not leave its summary", name, exc_info=True)
+    return summary
 
 
 def evaluate_arrays(probs_or_pred: np.ndarray, y: np.ndarray, target: dict | None, n_classes: int) -> dict:

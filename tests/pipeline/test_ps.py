@@ -307,3 +307,19 @@ async def test_preload_installs_extension(c, s, a, b):
     assert s.extensions[EXTENSION_NAME].installed_by == "preload"
     info = await c.scheduler.ps_info()
     assert info["installed_by"] == "preload"
+
+
+@gen_cluster(client=True)
+async def test_leave_keeps_the_summary_until_the_driver_takes_it(c, s, a, b):
+    """A task's summary survives its worker: the driver reads it from the server, once."""
+    ext = ParameterServerExtension(s)
+    await _create(c, "j", np.zeros(N, np.float32), mode="async")
+    await c.scheduler.ps_join(job="j", name="p")
+    summary = {"name": "p", "samples": 128, "loss": 0.5, "worker": "tcp://w"}
+    await c.scheduler.ps_leave(job="j", name="p", summary=summary)
+    assert "p" not in ext.jobs["j"].participants
+    got = await c.scheduler.ps_summaries(job="j", names=["p", "never-ran"])
+    assert got["summaries"] == {"p": summary}
+    assert (await c.scheduler.ps_summaries(job="j", names=["p"]))["summaries"] == {}
+    with pytest.raises(PSError, match="small dict"):
+        await c.scheduler.ps_leave(job="j", name="q", summary=[1, 2])
