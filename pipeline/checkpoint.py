@@ -70,6 +70,11 @@ def load_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray]
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        if "allow_pickle" in str(exc):
+            raise CheckpointError(
+                f"{kind} file {str(path)!r} holds pickled Python objects, which are never loaded; "
+                f"it is not a {kind} of this project"
+            ) from None
         raise CheckpointError(f"{kind} file {str(path)!r} is unreadable or truncated ({exc})") from None
     raw = arrays.pop(_META, None)
     if raw is None:

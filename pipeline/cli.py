@@ -66,8 +66,12 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 _cluster_options = [
     click.option("--scheduler", metavar="ADDRESS", help="Connect to a running Dask scheduler "
                  "(tcp://host:8786, tls://...). Default: start a local cluster."),
-    click.option("--workers", default=2, show_default=True, help="Local cluster: worker processes."),
-    click.option("--threads-per-worker", default=1, show_default=True, help="Local cluster: threads per worker."),
+    click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+                 help="Seconds to wait for --scheduler to answer."),
+    click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+                 help="Local cluster: worker processes."),
+    click.option("--threads-per-worker", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Local cluster: threads per worker."),
     click.option("--memory-limit", default="auto", show_default=True, help="Local cluster: memory limit per worker (e.g. 2GiB)."),
     click.option("--dashboard-address", default=":0", show_default=True, help="Local cluster: dashboard address (':0' = free port, 'none' = off)."),
     click.option("--tls-ca-file", type=click.Path(), help="CA certificate for a tls:// scheduler."),
@@ -95,6 +99,7 @@ def _client(kw: dict):  # noqa: ANN202
         tls_ca=kw.pop("tls_ca_file"),
         tls_cert=kw.pop("tls_cert"),
         tls_key=kw.pop("tls_key"),
+        timeout=kw.pop("connect_timeout"),
     )
 
 
@@ -129,10 +134,12 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
     from pathlib import Path
 
     from pipeline.config import TrainConfig
+    from pipeline.store import open_store
     from pipeline.train import RunDir, resumed_config
     from pipeline.train import train as run_training
 
     RunDir(Path(out)).check(resume, force)  # fail before starting a cluster
+    open_store(store)
     base = resumed_config(out) if resume else TrainConfig()  # --resume: the run's own settings
     cfg = TrainConfig.from_toml(config_file, base) if config_file else base
     cfg = cfg.with_overrides(list(overrides))
@@ -180,10 +187,11 @@ def evaluate(run_dir: str, store: str, as_json: bool, **cluster_kw) -> None:
     """
     import json
 
-    from pipeline.inference import evaluate_store
+    from pipeline.inference import check_inputs, evaluate_store
     from pipeline.model import load_model
 
     model = load_model(run_dir)
+    check_inputs(model, store)  # fail before starting a cluster
     with _client(cluster_kw) as client:
         metrics = evaluate_store(model, store, client)
     if as_json:
@@ -221,10 +229,11 @@ def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **clus
     """
     import json
 
-    from pipeline.inference import predict_store
+    from pipeline.inference import check_inputs, predict_store
     from pipeline.model import load_model
 
     model = load_model(run_dir)
+    check_inputs(model, store, out, proba=proba, force=force)  # fail before starting a cluster
     with _client(cluster_kw) as client:
         result = predict_store(model, store, out, client, proba=proba, force=force)
     click.echo(json.dumps(result))

@@ -110,6 +110,11 @@ def cluster_client(
             raise PipelineError(
                 f"cannot reach the Dask scheduler at {scheduler!r}{when} ({_one_line(exc)}); {hint}"
             ) from None
+        except ValueError as exc:
+            raise PipelineError(
+                f"{scheduler!r} is not a scheduler address ({_one_line(exc)}); "
+                "use tcp://HOST:PORT or tls://HOST:PORT"
+            ) from None
         except (RuntimeError, TypeError) as exc:
             if "encryption" not in str(exc) and "TLS" not in str(exc):
                 raise
