@@ -1,0 +1,604 @@
+"""Every row of docs/bad-inputs.md, run.
+
+The table is the specification: for each row, the quoted part of its message must appear in the
+one line the user sees, the exit status (or the exception the API raises) must be the row's, and
+the working directory must be exactly as it was (every file byte-for-byte), apart from what the
+row says is created. A row without a case here, or a case without a row, fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "bad-inputs.md"
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    fragment: str  # the quoted part of the message ("" for an accepted input)
+    exit: str  # "0", "1", "2" or an exception class name
+    afterwards: str
+
+
+def doc_rows() -> dict[str, Row]:
+    rows: dict[str, Row] = {}
+    for line in DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 6 or not re.fullmatch(r"[A-Z]\d+", cells[0]):
+            continue
+        quoted = re.findall(r"`([^`]*)`", cells[3])
+        assert len(quoted) <= 1, f"row {cells[0]}: quote one fragment of the message"
+        assert cells[0] not in rows, f"row {cells[0]} appears twice"
+        rows[cells[0]] = Row(cells[0], quoted[0] if quoted else "", cells[4], cells[5])
+    return rows
+
+
+ROWS = doc_rows()
+
+
+# --------------------------------------------------------------------------------------------
+# Running one row
+# --------------------------------------------------------------------------------------------
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``root`` (directories as ``/``)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        out[rel] = "/" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@dataclass
+class Outcome:
+    exit: str
+    message: str
+    created: set[str] = field(default_factory=set)  # top-level names the row may create
+
+
+@dataclass
+class Trial:
+    """The working directory of one row, and how the bad input is tried."""
+
+    path: Path
+    shared: Shared
+    before: dict[str, str] | None = None
+
+    def write(self, name: str, text: str) -> Path:
+        p = self.path / name
+        p.write_text(text)
+        return p
+
+    def copy(self, src: Path, name: str) -> Path:
+        dest = self.path / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest)
+        return dest
+
+    def cli(self, *args: str, created: set[str] | None = None) -> Outcome:
+        """Run the command in-process; the message is its last stderr line (no traceback)."""
+        self.before = snapshot(self.path)
+        r = CliRunner().invoke(cli, [str(a) for a in args])
+        if r.exception is not None and not isinstance(r.exception, SystemExit):
+            raise r.exception
+        stderr = r.stderr
+        assert "Traceback" not in stderr, stderr
+        lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+        message = lines[-1] if lines and r.exit_code else ""
+        if r.exit_code == 1:
+            assert message.startswith("error: "), stderr
+        return Outcome(str(r.exit_code), message, created or set())
+
+    def call(self, fn: Callable[[], object]) -> Outcome:
+        """Call the API; the message is the exception's."""
+        self.before = snapshot(self.path)
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - the row names the class
+            return Outcome(type(exc).__name__, str(exc))
+        return Outcome("0", "")
+
+
+CASES: dict[str, Callable[[Trial], Outcome]] = {}
+
+
+def case(row_id: str) -> Callable:
+    def register(fn: Callable[[Trial], Outcome]) -> Callable[[Trial], Outcome]:
+        assert row_id not in CASES, row_id
+        CASES[row_id] = fn
+        return fn
+
+    return register
+
+
+GOOD_CSV = "a,b,c\n1,2,x\n3,4,y\n5,6,x\n7,8,y\n"
+
+
+# -- source files ----------------------------------------------------------------------------
+
+
+@case("F1")
+def _(t: Trial) -> Outcome:
+    return t.cli("ingest", "missing.csv", "out.zarr")
+
+
+@case("F2")
+def _(t: Trial) -> Outcome:
+    t.write("empty.csv", "")
+    return t.cli("ingest", "empty.csv", "out.zarr")
+
+
+@case("F3")
+def _(t: Trial) -> Outcome:
+    t.write("ragged.csv", "a,b,c\n1,2,x\n3,4\n5,6,x\n")
+    return t.cli("ingest", "ragged.csv", "out.zarr")
+
+
+@case("F4")
+def _(t: Trial) -> Outcome:
+    (t.path / "bad.parquet").write_bytes(np.random.default_rng(0).bytes(4096))
+    return t.cli("ingest", "bad.parquet", "out.zarr")
+
+
+@case("F5")
+def _(t: Trial) -> Outcome:
+    np.save(t.path / "x.npy", np.zeros((10, 3), np.float32))
+    np.save(t.path / "y.npy", np.zeros(7, np.int64))
+    return t.cli("ingest", "x.npy", "out.zarr", "--labels", "y.npy")
+
+
+@case("F6")
+def _(t: Trial) -> Outcome:
+    t.write("nan.csv", "a,b,c\n1,,x\n3,4,y\n")
+    return t.cli("ingest", "nan.csv", "out.zarr", "--missing", "reject")
+
+
+@case("F7")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    return t.cli("ingest", "good.csv", "out.zarr", "--target", "nope")
+
+
+@case("F8")
+def _(t: Trial) -> Outcome:
+    t.write("single.csv", "a,b,c\n1,2,x\n3,4,x\n")
+    return t.cli("ingest", "single.csv", "out.zarr")
+
+
+@case("F9")
+def _(t: Trial) -> Outcome:
+    t.write("ids.csv", "s,v,y\n" + "".join(f"id{i},{i % 7},{i % 2}\n" for i in range(100_001)))
+    return t.cli("ingest", "ids.csv", "out.zarr")
+
+
+@case("F10")
+def _(t: Trial) -> Outcome:
+    t.write("hostile.csv", "../../evil,/etc/passwd,c\n1,2,x\n3,4,y\n5,6,x\n7,8,y\n")
+    out = t.cli("ingest", "hostile.csv", "out.zarr", "--quiet", created={"out.zarr"})
+    from pipeline.store import open_store
+
+    assert open_store(str(t.path / "out.zarr")).feature_names == ["../../evil", "/etc/passwd"]
+    assert not (t.path.parent / "evil").exists() and not (t.path / "etc").exists()
+    return out
+
+
+@case("F11")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    return t.cli("ingest", "good.csv", "out.zarr", "--rows", "abc")
+
+
+@case("F12")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    return t.cli("ingest", "good.csv", "out.zarr", "--chunk-rows", "0")
+
+
+@case("F13")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    t.copy(t.shared.store4, "old.zarr")
+    return t.cli("ingest", "good.csv", "old.zarr")
+
+
+@case("F14")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    t.copy(t.shared.store4, "train.zarr")
+    return t.cli("ingest", "good.csv", "out.zarr", "--like", "train.zarr")
+
+
+# -- stores ----------------------------------------------------------------------------------
+
+
+@case("S1")
+def _(t: Trial) -> Outcome:
+    return t.cli("inspect", "nostore.zarr")
+
+
+@case("S2")
+def _(t: Trial) -> Outcome:
+    (t.path / "notastore").mkdir()
+    t.write("notastore/readme.txt", "not a store")
+    return t.cli("inspect", "notastore")
+
+
+@case("S3")
+def _(t: Trial) -> Outcome:
+    import zarr
+
+    t.copy(t.shared.store4, "newer.zarr")
+    zarr.open_group(str(t.path / "newer.zarr"), mode="r+").attrs["format_version"] = 99
+    return t.cli("inspect", "newer.zarr")
+
+
+@case("S4")
+def _(t: Trial) -> Outcome:
+    shutil.rmtree(t.copy(t.shared.store4, "noy.zarr") / "y")
+    return t.cli("train", "noy.zarr", "--out", "run")
+
+
+@case("S5")
+def _(t: Trial) -> Outcome:
+    chunk = t.copy(t.shared.store4, "bad.zarr") / "X" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[10] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    return t.cli("inspect", "bad.zarr", "--verify")
+
+
+@case("S6")
+def _(t: Trial) -> Outcome:
+    return t.cli("synth", "out.zarr", "--rows", "0", "--features", "4")
+
+
+@case("S7")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.run, "run")
+    t.copy(t.shared.store5, "five.zarr")
+    return t.cli("evaluate", "run", "five.zarr", "--scheduler", t.shared.unreachable, "--connect-timeout", "1")
+
+
+# -- training settings -----------------------------------------------------------------------
+
+
+def _train_set(t: Trial, *args: str) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    return t.cli("train", "s.zarr", "--out", "run", *args)
+
+
+for _id, _setting in {
+    "C1": "batch_size=0",
+    "C2": "batch_size=-5",
+    "C3": "hidden=[1000000000]",
+    "C4": "hidden=[0]",
+    "C5": "bogus=1",
+    "C6": "epochs=abc",
+    "C7": "hidden=abc",
+    "C8": "mode=bogus",
+    "C9": "lr=-1",
+    "C10": "validation=1.5",
+    "C11": "noequals",
+}.items():
+    case(_id)(lambda t, s=_setting: _train_set(t, "--set", s))
+
+
+@case("C12")
+def _(t: Trial) -> Outcome:
+    t.write("bad.toml", "epochs = [\n")
+    return _train_set(t, "--config", "bad.toml")
+
+
+@case("C13")
+def _(t: Trial) -> Outcome:
+    return _train_set(t, "--config", "nonexist.toml")
+
+
+@case("C14")
+def _(t: Trial) -> Outcome:
+    return _train_set(t, "--workers", "0")
+
+
+# -- runs and model files --------------------------------------------------------------------
+
+
+def _model_dir(t: Trial, name: str) -> Path:
+    d = t.path / name
+    d.mkdir()
+    return d
+
+
+@case("M1")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    return t.cli("train", "s.zarr", "--out", "fresh", "--resume")
+
+
+@case("M2")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    t.copy(t.shared.run, "run")
+    return t.cli("train", "s.zarr", "--out", "run", "--set", "epochs=1")
+
+
+@case("M3")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    _model_dir(t, "empty")
+    return t.cli("evaluate", "empty", "s.zarr")
+
+
+@case("M4")
+def _(t: Trial) -> Outcome:
+    from pipeline.checkpoint import load_file, save_file
+
+    t.copy(t.shared.store4, "s.zarr")
+    arrays, meta = load_file(t.shared.run / "model.npz", "model")
+    meta = {k: v for k, v in meta.items() if k not in ("kind", "format_version", "sha256")}
+    meta["model_format"] = 99
+    save_file(_model_dir(t, "newer") / "model.npz", "model", arrays, meta)
+    return t.cli("evaluate", "newer", "s.zarr")
+
+
+@case("M5")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    data = bytearray((t.shared.run / "model.npz").read_bytes())
+    data[200] ^= 0xFF
+    (_model_dir(t, "flipped") / "model.npz").write_bytes(bytes(data))
+    return t.cli("evaluate", "flipped", "s.zarr")
+
+
+@case("M6")
+def _(t: Trial) -> Outcome:
+    import zipfile
+
+    t.copy(t.shared.store4, "s.zarr")
+    src = t.shared.run / "model.npz"
+    with zipfile.ZipFile(src) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    import io
+
+    params = np.load(io.BytesIO(members["params.npy"]))
+    buf = io.BytesIO()
+    np.save(buf, params + np.float32(1.0))  # a valid array, but not the one the checksum covers
+    members["params.npy"] = buf.getvalue()
+    with zipfile.ZipFile(_model_dir(t, "altered") / "model.npz", "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    return t.cli("evaluate", "altered", "s.zarr")
+
+
+class _Boom:
+    """Unpickling this would leave a file behind: proof that nothing was unpickled."""
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.touch, (Path("UNPICKLED"),))
+
+
+@case("M7")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    np.savez(_model_dir(t, "pickled") / "model.npz", params=np.array([_Boom()], dtype=object))
+    out = t.cli("evaluate", "pickled", "s.zarr")
+    assert not (t.path / "UNPICKLED").exists()
+    return out
+
+
+@case("M8")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    ck = t.copy(t.shared.run, "cut") / "checkpoint.npz"
+    data = ck.read_bytes()
+    ck.write_bytes(data[: len(data) // 2])
+    return t.cli("train", "s.zarr", "--out", "cut", "--resume")
+
+
+@case("M9")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    t.copy(t.shared.run, "run")
+    t.write("old.parquet", "previous predictions")
+    # an unreachable scheduler: reaching it would fail, so the refusal comes first
+    return t.cli("predict", "run", "s.zarr", "old.parquet", "--scheduler", t.shared.unreachable,
+                 "--connect-timeout", "1")
+
+
+@case("M10")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    t.copy(t.shared.run, "run")
+    return t.cli("predict", "run", "s.zarr", "preds.txt")
+
+
+# -- clusters and the parameter server -------------------------------------------------------
+
+
+@case("K1")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    return t.cli("train", "s.zarr", "--out", "run", "--scheduler", t.shared.unreachable, "--connect-timeout", "2")
+
+
+@case("K2")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    return t.cli("train", "s.zarr", "--out", "run", "--scheduler", "foo://bar")
+
+
+def _push(t: Trial, job: str, delta: np.ndarray, name: str = "p") -> Outcome:
+    from distributed.protocol import to_serialize
+
+    from pipeline.ps import ParameterServer
+
+    ps = t.shared.ps
+    before = ps.call("pull")
+    out = t.call(
+        lambda: ParameterServer(job, t.shared.client).call(
+            "push", name=name, version=0, delta=to_serialize(delta), samples=1, batches=1, loss=0.0
+        )
+    )
+    after = ps.call("pull")
+    assert after["version"] == before["version"]
+    np.testing.assert_array_equal(after["params"], before["params"])
+    return out
+
+
+@case("K3")
+def _(t: Trial) -> Outcome:
+    return _push(t, "nope", np.zeros(10, np.float32))
+
+
+@case("K4")
+def _(t: Trial) -> Outcome:
+    return _push(t, t.shared.ps.job, np.zeros(11, np.float32))
+
+
+@case("K5")
+def _(t: Trial) -> Outcome:
+    return _push(t, t.shared.ps.job, np.zeros(10, np.float64))
+
+
+@case("K6")
+def _(t: Trial) -> Outcome:
+    return _push(t, t.shared.ps.job, np.zeros(10, np.float32), name="stranger")
+
+
+@case("K7")
+def _(t: Trial) -> Outcome:
+    from pipeline.ps import ParameterServer
+
+    jobs_before = t.shared.client.run_on_scheduler(_job_names)
+    out = t.call(lambda: ParameterServer("../../etc/passwd", t.shared.client))
+    assert t.shared.client.run_on_scheduler(_job_names) == jobs_before
+    return out
+
+
+def _job_names(dask_scheduler) -> list[str]:  # noqa: ANN001
+    return sorted(dask_scheduler.extensions["pipeline_ps"].jobs)
+
+
+# -- Python API ------------------------------------------------------------------------------
+
+
+def _fit(t: Trial, X: object, y: object, **params: object) -> Outcome:
+    from sklearn.exceptions import NotFittedError
+
+    from pipeline.estimator import MLPClassifier
+
+    est = MLPClassifier(max_iter=1, **params)
+    out = t.call(lambda: est.fit(X, y))
+    with pytest.raises(NotFittedError):
+        est.predict(np.zeros((1, 3)))
+    return out
+
+
+_X = np.random.default_rng(0).random((40, 3))
+_Y = np.arange(40) % 2
+
+
+@case("A1")
+def _(t: Trial) -> Outcome:
+    return _fit(t, _X, _Y, hidden_layer_sizes=(0,))
+
+
+@case("A2")
+def _(t: Trial) -> Outcome:
+    return _fit(t, _X, _Y, batch_size=0)
+
+
+@case("A3")
+def _(t: Trial) -> Outcome:
+    X = _X.copy()
+    X[3, 1] = np.nan
+    return _fit(t, X, _Y)
+
+
+@case("A4")
+def _(t: Trial) -> Outcome:
+    return _fit(t, str(t.shared.store4), _Y)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures and the tests
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shared:
+    store4: Path
+    store5: Path
+    run: Path
+    client: object
+    ps: object
+    unreachable: str
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when the block ends: nothing listens
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    """Two small stores, a trained run, and a parameter-server job on a real LocalCluster."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.config import TrainConfig
+    from pipeline.ps import ParameterServer
+    from pipeline.synth import synth
+    from pipeline.train import train
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+    store4, store5 = root / "s4.zarr", root / "s5.zarr"
+    synth(str(store4), rows=400, features=4, classes=3, seed=0)
+    synth(str(store5), rows=400, features=5, classes=3, seed=0)
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp", dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        cfg = TrainConfig().with_overrides(["epochs=1", "validation=0", "hidden=[8]"])
+        run = train(str(store4), cfg, root / "run", client=client).run_dir
+        ParameterServer.ensure_installed(client)
+        ps = ParameterServer("bad-inputs", client)
+        ps.create(np.arange(10, dtype=np.float32), mode="async")
+        ps.call("join", name="p", key=None, worker=None)
+        yield Shared(store4, store5, Path(run), client, ps, f"tcp://127.0.0.1:{_closed_port()}")
+
+
+def test_the_table_and_the_cases_match() -> None:
+    assert len(ROWS) >= 25
+    assert set(ROWS) == set(CASES), (sorted(set(ROWS) - set(CASES)), sorted(set(CASES) - set(ROWS)))
+    for row in ROWS.values():
+        assert row.afterwards, f"row {row.id} says nothing about the data afterwards"
+        assert row.fragment or row.exit == "0", f"row {row.id} quotes no message"
+
+
+@pytest.mark.parametrize("row_id", list(ROWS))
+def test_bad_input(row_id: str, shared: Shared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    row = ROWS[row_id]
+    monkeypatch.chdir(tmp_path)
+    trial = Trial(tmp_path, shared)
+    out = CASES[row_id](trial)
+    assert out.exit == row.exit, (out.exit, out.message)
+    assert row.fragment in out.message, out.message
+    assert "\n" not in out.message.strip()
+    after = snapshot(tmp_path)
+    created = {k for k in after if k.split("/")[0] in out.created}
+    assert out.created <= {k.split("/")[0] for k in created}, "the row's output was not created"
+    assert {k: v for k, v in after.items() if k not in created} == trial.before
