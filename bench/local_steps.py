@@ -1,4 +1,4 @@
-"""How the push interval trades throughput for convergence (issue 4), one run, same samples.
+"""How the push interval trades throughput for convergence, one run, same samples.
 
     python -m bench.local_steps            # local_steps 1..32, MNIST-like 120k rows, 2 epochs
     python -m bench.local_steps --quick    # tiny smoke run

@@ -32,7 +32,7 @@ Trainers, each at its own defaults:
 
 The stated threshold per dataset is 99% of the lowest best-epoch test metric among the three
 trainers (so each reaches it); it is printed in the table. The time-to-threshold run of the pipeline
-validates on the test store (as the peers are scored on it after every epoch). The issue-5 table's
+validates on the test store (as the peers are scored on it after every epoch). The default-settings table's
 "pipeline default" is a second run with ``TrainConfig()`` untouched: early stopping on its own 10%
 validation split of the training rows, the returned (best-validation-epoch) model then scored on
 the test rows; "early stop on test" is the first run's best epoch (optimistic); the peers' figures
@@ -161,7 +161,7 @@ def one_dataset(name: str, tmp: Path, quick: bool, max_epochs: int) -> dict[str,
         if quick:
             cfg["epochs"] = epochs_cap
         r = run_pipeline(client, train, tmp / f"{name}-run", **cfg)
-        # issue 5's figure: TrainConfig() untouched (early stopping on 10% of the training rows),
+        # the default-settings figure: TrainConfig() untouched (early stopping on 10% of the training rows),
         # the returned model scored on the test rows, which it never saw
         cfg_def: dict[str, Any] = {"epochs": epochs_cap} if quick else {}
         r_def = run_pipeline(client, train, tmp / f"{name}-default", **cfg_def)
@@ -243,7 +243,7 @@ def run(quick: bool = False, datasets: Sequence[str] = DATASETS, max_epochs: int
             "pipeline, early stop on test": f"{fin['pipeline']:.4f}",
             "pytorch": f"{fin['pytorch']:.4f}" if "pytorch" in fin else "n/a",
             "scikit-learn default": f"{fin['scikit-learn']:.4f}", "gap to sklearn (points)": f"{gap:+.2f}",
-            "within 2 points (issue 5)?": ("yes" if gap <= 2.0 else "NO") if real else "(synthetic)",
+            "within 2 points?": ("yes" if gap <= 2.0 else "NO") if real else "(synthetic)",
             "epochs pipeline/torch/sklearn": "/".join(str(r["epochs"].get(k, "-"))
                                                        for k in ("pipeline", "pytorch", "scikit-learn")),
         })  # fmt: skip
@@ -252,7 +252,7 @@ def run(quick: bool = False, datasets: Sequence[str] = DATASETS, max_epochs: int
             f"{load():.2f}")  # fmt: skip
     text = "\n".join([
         head, "", "### time to threshold (seconds)", "", md_table(t_rows), "",
-        "### final test metric at default settings (issue 5: pipeline within 2 points of scikit-learn's MLP; "
+        "### final test metric at default settings (target: pipeline within 2 points of scikit-learn's MLP; "
         "'gap' > 0 means scikit-learn is better)", "", md_table(f_rows),
     ])  # fmt: skip
     return text, res
