@@ -223,6 +223,7 @@ class _Job:
     pending: dict[str, tuple[np.ndarray, int, float]] = field(default_factory=dict)
     progress: dict[str, int] = field(default_factory=dict)  # participant -> batches absorbed
     summaries: dict[str, dict] = field(default_factory=dict)  # participant -> its task's result
+    local_states: dict[str, dict] = field(default_factory=dict)  # sync: slot -> local optimizer state
     failed: str | None = None
     closed: bool = False
     event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -261,7 +262,8 @@ class ParameterServerExtension(SchedulerPlugin):
     * ``ps_push``     -- push a delta with its sample count; returns the new weights
     * ``ps_pull``     -- current weights and version
     * ``ps_leave``    -- a participant leaves (also done automatically when its task ends),
-      optionally leaving its task's summary for the driver
+      optionally leaving its task's summary for the driver and (sync) its share's local
+      optimizer state for the next epoch's task
     * ``ps_summaries``-- the driver takes the summaries of finished participants
     * ``ps_state``    -- full state for a checkpoint (weights, optimizer state, counters)
     * ``ps_metrics``  -- counters of one job or all jobs (msgpack-able, for dashboards)
@@ -506,19 +508,32 @@ class ParameterServerExtension(SchedulerPlugin):
         name: str | None = None,
         key: str | None = None,
         worker: str | None = None,
+        slot: str | None = None,
     ) -> dict[str, Any]:
         st = self._job(job)
         if not isinstance(name, str) or not name:
             raise PSError("ps_join needs a participant name")
         if st.failed:
             return self._reply(st, "failed")
+        extra: dict[str, Any] = {}
+        if st.mode == "sync" and slot is not None:
+            # Sync runs are reproducible whichever worker runs a share: the share's local
+            # optimizer state travels with it from one epoch's task to the next.
+            extra["keep_state"] = True
+            saved = st.local_states.get(str(slot))
+            if saved is not None:
+                extra["local_state"] = {
+                    "t": saved["t"],
+                    "lr": saved["lr"],
+                    "buffers": {k: encode_vector(v) for k, v in saved["buffers"].items()},
+                }
         clocks = [p.clock for p in st.participants.values()]
         start_clock = min(clocks) if clocks else 0
         st.participants[name] = _Participant(name, key, worker, clock=start_clock)
         st.expected.pop(name, None)
         if key is not None:
             self.key_to_participant[key] = (st.job, name)
-        return self._reply(st, skip_batches=st.progress.get(name, 0))
+        return self._reply(st, skip_batches=st.progress.get(name, 0), **extra)
 
     async def push(
         self,
@@ -605,9 +620,25 @@ class ParameterServerExtension(SchedulerPlugin):
         return self._reply(self._job(job))
 
     def leave(
-        self, job: str | None = None, name: str | None = None, summary: dict | None = None
+        self,
+        job: str | None = None,
+        name: str | None = None,
+        summary: dict | None = None,
+        slot: str | None = None,
+        local_state: dict | None = None,
     ) -> dict[str, Any]:
         st = self._job(job)
+        if local_state is not None and slot is not None and st.mode == "sync":
+            buffers = local_state.get("buffers") if isinstance(local_state, dict) else None
+            if not isinstance(buffers, dict) or len(buffers) > 4:
+                raise PSError("local_state: expected {'t', 'lr', 'buffers': {name: float32 vector}}")
+            st.local_states[str(slot)] = {
+                "t": int(local_state.get("t", 0)),
+                "lr": float(local_state.get("lr", 0.0)),
+                "buffers": {
+                    str(k): decode_vector(v, st.params.size, f"local_state.{k}").copy() for k, v in buffers.items()
+                },
+            }
         if summary is not None:
             if not isinstance(summary, dict) or len(summary) > 64:
                 raise PSError("summary: expected a small dict of task statistics")

@@ -156,8 +156,20 @@ def train_task(
     t_start = time.perf_counter()
     worker = get_worker()
     comm = _Comm(ParameterServer(job), name, cfg["barrier_timeout"])
-    reply = comm.call("join", name=name, key=worker.get_current_task(), worker=worker.address)
+    slot = name.split("-", 1)[-1]  # "e3-s1" -> "s1": the share, whatever the epoch
+    reply = comm.call("join", name=name, key=worker.get_current_task(), worker=worker.address, slot=slot)
     trainer = cached_trainer(job, "train", spec, cfg)
+    keep_state = bool(reply.get("keep_state"))
+    if keep_state:
+        # sync: the share's own local optimizer state (fresh in its first epoch), not this
+        # thread's, so the run does not depend on which worker runs which share
+        trainer.reset_optimizer()
+        saved = reply.get("local_state")
+        if saved:
+            trainer.optimizer.load_state_dict(
+                {"t": saved["t"], "lr": saved["lr"],
+                 **{f"opt.{k}": np.asarray(v, dtype=np.float32) for k, v in saved["buffers"].items()}}
+            )  # fmt: skip
     anchor = np.array(reply["params"], dtype=np.float32)
     version = int(reply["version"])
     skip = int(reply.get("skip_batches", 0))
@@ -263,8 +275,19 @@ def train_task(
         context_meter.digest_metric(label, secs, "seconds")
     # Leave the summary with the parameter server: the driver reads it there, so a worker
     # dying between the end of this task and the driver's gather loses nothing.
+    extra: dict[str, Any] = {}
+    if keep_state:
+        opt = trainer.optimizer.state_dict()
+        extra = {
+            "slot": slot,
+            "local_state": {
+                "t": int(opt["t"]),
+                "lr": float(opt["lr"]),
+                "buffers": {k[4:]: encode_vector(v) for k, v in opt.items() if k.startswith("opt.")},
+            },
+        }
     try:
-        comm.ps.call_soon("leave", name=name, summary=summary).result(timeout=30)
+        comm.ps.call_soon("leave", name=name, summary=summary, **extra).result(timeout=30)
     except Exception:  # noqa: BLE001 - the driver falls back to this task's result
         logger.debug("participant %s could not leave its summary", name, exc_info=True)
     return summary

@@ -323,3 +323,23 @@ async def test_leave_keeps_the_summary_until_the_driver_takes_it(c, s, a, b):
     assert (await c.scheduler.ps_summaries(job="j", names=["p"]))["summaries"] == {}
     with pytest.raises(PSError, match="small dict"):
         await c.scheduler.ps_leave(job="j", name="q", summary=[1, 2])
+
+
+@gen_cluster(client=True)
+async def test_sync_share_keeps_its_local_optimizer_state_across_tasks(c, s, a, b):
+    """The local optimizer state of a sync share travels with the share, not the worker."""
+    ParameterServerExtension(s)
+    await _create(c, "j", np.zeros(N, np.float32), mode="sync")
+    first = await c.scheduler.ps_join(job="j", name="e0-s1", slot="s1")
+    assert first["keep_state"] is True and "local_state" not in first  # first epoch: fresh
+    m = np.arange(N, dtype=np.float32)
+    state = {"t": 7, "lr": 1e-3, "buffers": {"m": to_serialize(m), "v": to_serialize(m * 2)}}
+    await c.scheduler.ps_leave(job="j", name="e0-s1", slot="s1", local_state=state)
+    again = await c.scheduler.ps_join(job="j", name="e1-s1", slot="s1")
+    assert again["local_state"]["t"] == 7
+    np.testing.assert_array_equal(again["local_state"]["buffers"]["v"], m * 2)
+    other = await c.scheduler.ps_join(job="j", name="e1-s0", slot="s0")
+    assert "local_state" not in other  # shares do not mix
+    with pytest.raises(PSError, match="shape"):
+        bad = {"t": 1, "lr": 1e-3, "buffers": {"m": to_serialize(np.zeros(N + 1, np.float32))}}
+        await c.scheduler.ps_leave(job="j", name="e1-s0", slot="s0", local_state=bad)
