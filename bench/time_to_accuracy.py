@@ -16,7 +16,7 @@ Splits (test rows are never trained on; the same test store scores every trainer
 
 Trainers, each at its own defaults:
 * **pipeline**: ``TrainConfig()`` untouched (MLP hidden 256-128, Adam lr 1e-3, batch 256, sync,
-  local_steps 8, up to 50 epochs, patience 5) except ``validation_store`` = the test store, on a
+  local_steps 8, up to 100 epochs, patience 5 once 1.5M samples are seen) except ``validation_store`` = the test store, on a
   fresh 2-worker LocalCluster (1 thread each) per dataset. Time = sum of epoch seconds (each
   includes the validation pass), then + driver setup/teardown (wall - epochs), then + cluster start.
 * **pytorch**: the typical loop: same hidden 256-128, Adam lr 1e-3, ``DataLoader(batch_size=256,

@@ -278,6 +278,9 @@ class _BaseMLP(BaseEstimator):
             values[k] = float(values[k])
         for k in ("batch_size", "local_steps", "epochs", "patience"):
             values[k] = int(values[k])
+        # n_iter_no_change counts from the first epoch, as in scikit-learn (``options`` may
+        # set the command's min_samples floor instead)
+        values["min_samples"] = 0
         values.update(self.options or {})
         from pipeline.errors import ConfigError
 

@@ -427,7 +427,8 @@ class Trainer:
                 done_tasks = set()
                 if self.on_epoch is not None:
                     self.on_epoch(record)
-                if cfg.patience and epoch - best[2] >= cfg.patience:
+                seen = sum(h["samples"] for h in history)
+                if cfg.patience and epoch - best[2] >= cfg.patience and seen >= cfg.min_samples:
                     stopped_early = True
                     self.log(f"early stop: no validation improvement for {cfg.patience} epochs")
                     break

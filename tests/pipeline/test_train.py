@@ -167,3 +167,15 @@ def test_federated_placement_keeps_each_share_on_its_worker(letter_stores, clien
             assert owner.setdefault(share, task["worker"]) == task["worker"], (share, epoch["epoch"])
     assert len(set(owner.values())) == 2  # both workers hold a share of the rows
     assert res.history[-1]["val_accuracy"] > 0.5
+
+
+def test_min_samples_defers_early_stopping(letter_stores, client, tmp_path):
+    # lr 1e-9: the validation loss cannot improve by min_delta, so patience 1 stops at once ...
+    base = {"epochs": 4, "patience": 1, "lr": 1e-9, "mode": "sync"}
+    stopped = train(letter_stores[0], TrainConfig.from_dict({**base, "min_samples": 0}), tmp_path / "a", client=client)
+    assert stopped.stopped_early and len(stopped.history) == 2
+    # ... unless fewer than min_samples training samples have been seen
+    seen_per_epoch = stopped.history[0]["samples"]
+    floor = 3 * seen_per_epoch
+    held = train(letter_stores[0], TrainConfig.from_dict({**base, "min_samples": floor}), tmp_path / "b", client=client)
+    assert len(held.history) == 3 and held.stopped_early  # stops as soon as the floor is passed
