@@ -7,7 +7,7 @@ Starts ``dask scheduler --preload pipeline.ps`` and two ``dask worker --no-nanny
 ``--kill-every`` seconds SIGKILLs the oldest worker and starts a fresh one. Every ``--sample``
 seconds it records the resident memory of the scheduler, the workers and the driver, and the
 parameter server's round and samples. At the end the driver is interrupted (Ctrl-C: it writes a
-checkpoint) and the table is printed and written to ``bench/out/soak.md``.
+checkpoint) and the table is printed and written to ``bench/out/soak/soak.md``.
 
 The verdict compares the scheduler's memory over the last third of the run with the first
 third: a parameter server that leaked per push, per participant or per killed worker grows.
@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", type=float, default=60.0, help="seconds between memory samples")
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--features", type=int, default=32)
+    ap.add_argument("--out", default=str(OUT / "soak"), help="scratch directory (store, run, logs, soak.md)")
     args = ap.parse_args(argv)
 
-    work = OUT / "soak"
+    work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     store = work / f"store-{args.rows}x{args.features}.zarr"
     if not store.exists():
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"scheduler memory, first third {first:.0f} MB, last third {last:.0f} MB ({(last / first - 1) * 100:+.1f}%)",
     ]
-    (OUT / "soak.md").write_text("\n".join(lines) + "\n")
+    (work / "soak.md").write_text("\n".join(lines) + "\n")
     print(lines[-1])
     return 0
 

@@ -44,3 +44,22 @@ def test_main_collect_writes_results(tmp_path: Path) -> None:
 
     doc = render([("T", "python -m bench.x", "| a |\n| --- |\n| 1 |", 1.0)], quick=True)
     assert "# Benchmark results" in doc and "Command: `python -m bench.x`" in doc and "| 1 |" in doc
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_soak_runs_kills_and_reports(tmp_path: Path) -> None:
+    """A minute-long soak: workers are killed and replaced while training goes on."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.soak", "--minutes", "0.6", "--kill-every", "12", "--sample", "5",
+         "--rows", "20000", "--features", "8", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=170, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "soak.md").read_text()
+    assert "driver exit 130" in report  # interrupted at the end, not crashed
+    rows = [ln.split("|") for ln in report.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    assert rows and int(rows[-1][7]) >= 2, report  # at least two workers were killed ...
+    samples = [int(r[6].replace(",", "")) for r in rows]
+    assert samples[-1] > samples[0], report  # ... and training went on
