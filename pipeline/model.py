@@ -110,10 +110,10 @@ class Model:
         return int(self.spec["n_in"])
 
     def _forward(self, X: np.ndarray) -> np.ndarray:
-        """In-memory predictions, in float64 through the NumPy reference kernels (backend ``numpy``): a row's
-        output does not depend on the other rows of the batch (float32 SIMD GEMM blocking
-        changes a row's last bits with its position), as scikit-learn's checks demand. Stores
-        are predicted out of core by the float32 Numba kernels (pipeline.inference)."""
+        """In-memory predictions, in float64 through the NumPy reference kernels (backend
+        ``numpy``): a row's output does not depend on the other rows of the batch (float32 SIMD
+        GEMM blocking changes a row's last bits with its position), as scikit-learn's checks
+        demand. Stores are predicted out of core by the float32 Numba kernels (pipeline.inference)."""
         if self._trainer is None:
             from kernels.mlp import MLPSpec, MLPTrainer
 

@@ -117,6 +117,31 @@ def decode_vector(obj: Any, n: int, what: str = "vector") -> np.ndarray:
     return arr
 
 
+def encode_opt_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer state ``{"t", ["lr"], "buffers": {name: vector}}`` for the wire: the
+    buffers as zero-copy float32 frames (pass copies of buffers that will change)."""
+    out: dict[str, Any] = {
+        "t": int(state.get("t", 0)),
+        "buffers": {str(k): encode_vector(v) for k, v in (state.get("buffers") or {}).items()},
+    }
+    if state.get("lr") is not None:
+        out["lr"] = float(state["lr"])
+    return out
+
+
+def decode_opt_state(obj: Any, n: int, what: str) -> dict[str, Any]:
+    """The optimizer state :func:`encode_opt_state` sent, each buffer checked to be a float32
+    vector of length ``n`` (owned copies); :class:`PSError` otherwise."""
+    buffers = (obj.get("buffers") or {}) if isinstance(obj, Mapping) else None
+    if not isinstance(buffers, Mapping) or len(buffers) > 4:
+        raise PSError(f"{what}: expected {{'t', 'buffers': {{name: float32 vector}}}}")
+    return {
+        "t": int(obj.get("t", 0)),
+        "lr": None if obj.get("lr") is None else float(obj["lr"]),
+        "buffers": {str(k): decode_vector(v, n, f"{what} buffer {k}").copy() for k, v in buffers.items()},
+    }
+
+
 def _check_job_id(job: Any) -> str:
     if not isinstance(job, str) or not _JOB_RE.match(job):
         raise PSError(
@@ -450,11 +475,12 @@ class ParameterServerExtension(SchedulerPlugin):
         vec = decode_vector(params, n_params, "params").copy()
         opt = ServerOptimizer(**(optimizer or {}), n=n_params)
         if optimizer_state:
-            opt.t = int(optimizer_state.get("t", 0))
-            for name, buf in (optimizer_state.get("buffers") or {}).items():
-                if name not in opt.buffers:
-                    raise PSError(f"optimizer state has unknown buffer {name!r}")
-                opt.buffers[name] = decode_vector(buf, n_params, f"optimizer buffer {name}").copy()
+            restored = decode_opt_state(optimizer_state, n_params, "optimizer state")
+            unknown = sorted(set(restored["buffers"]) - set(opt.buffers))
+            if unknown:
+                raise PSError(f"optimizer state has unknown buffer {unknown[0]!r}")
+            opt.t = restored["t"]
+            opt.buffers.update(restored["buffers"])
         try:
             sched = Schedule(**(schedule or {}))
         except (TypeError, ValueError) as exc:
@@ -522,11 +548,7 @@ class ParameterServerExtension(SchedulerPlugin):
             extra["keep_state"] = True
             saved = st.local_states.get(str(slot))
             if saved is not None:
-                extra["local_state"] = {
-                    "t": saved["t"],
-                    "lr": saved["lr"],
-                    "buffers": {k: encode_vector(v) for k, v in saved["buffers"].items()},
-                }
+                extra["local_state"] = encode_opt_state(saved)
         clocks = [p.clock for p in st.participants.values()]
         start_clock = min(clocks) if clocks else 0
         st.participants[name] = _Participant(name, key, worker, clock=start_clock)
@@ -629,16 +651,7 @@ class ParameterServerExtension(SchedulerPlugin):
     ) -> dict[str, Any]:
         st = self._job(job)
         if local_state is not None and slot is not None and st.mode == "sync":
-            buffers = local_state.get("buffers") if isinstance(local_state, dict) else None
-            if not isinstance(buffers, dict) or len(buffers) > 4:
-                raise PSError("local_state: expected {'t', 'lr', 'buffers': {name: float32 vector}}")
-            st.local_states[str(slot)] = {
-                "t": int(local_state.get("t", 0)),
-                "lr": float(local_state.get("lr", 0.0)),
-                "buffers": {
-                    str(k): decode_vector(v, st.params.size, f"local_state.{k}").copy() for k, v in buffers.items()
-                },
-            }
+            st.local_states[str(slot)] = decode_opt_state(local_state, st.params.size, "local_state")
         if summary is not None:
             if not isinstance(summary, dict) or len(summary) > 64:
                 raise PSError("summary: expected a small dict of task statistics")
@@ -661,10 +674,9 @@ class ParameterServerExtension(SchedulerPlugin):
             "params": encode_vector(self._snapshot(st)),
             "version": st.version,
             "optimizer": st.optimizer.config(),
-            "optimizer_state": {
-                "t": st.optimizer.t,
-                "buffers": {k: encode_vector(v.copy()) for k, v in st.optimizer.buffers.items()},
-            },
+            "optimizer_state": encode_opt_state(
+                {"t": st.optimizer.t, "buffers": {k: v.copy() for k, v in st.optimizer.buffers.items()}}
+            ),
             "progress": dict(st.progress),
             "failed": st.failed,
             "metrics": self._metrics(st),
@@ -849,14 +861,7 @@ class ParameterServer:
         overwrite: bool = False,
     ) -> dict[str, Any]:
         params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
-        opt_state = None
-        if optimizer_state:
-            opt_state = {
-                "t": int(optimizer_state.get("t", 0)),
-                "buffers": {
-                    k: encode_vector(v) for k, v in (optimizer_state.get("buffers") or {}).items()
-                },
-            }
+        opt_state = encode_opt_state(optimizer_state) if optimizer_state else None
         client_id = getattr(self._client, "id", None)
         return self.call(
             "create",

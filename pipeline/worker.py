@@ -24,7 +24,7 @@ from distributed.metrics import context_meter
 
 from pipeline.errors import TrainingError
 from pipeline.loader import ChunkLoader
-from pipeline.ps import ParameterServer, encode_vector
+from pipeline.ps import ParameterServer, encode_opt_state, encode_vector
 from pipeline.store import open_store
 
 logger = logging.getLogger(__name__)
@@ -167,9 +167,8 @@ def train_task(
         saved = reply.get("local_state")
         if saved:
             trainer.optimizer.load_state_dict(
-                {"t": saved["t"], "lr": saved["lr"],
-                 **{f"opt.{k}": np.asarray(v, dtype=np.float32) for k, v in saved["buffers"].items()}}
-            )  # fmt: skip
+                {"t": saved["t"], "lr": saved["lr"], **{f"opt.{k}": v for k, v in saved["buffers"].items()}}
+            )
     anchor = np.array(reply["params"], dtype=np.float32)
     version = int(reply["version"])
     skip = int(reply.get("skip_batches", 0))
@@ -278,14 +277,8 @@ def train_task(
     extra: dict[str, Any] = {}
     if keep_state:
         opt = trainer.optimizer.state_dict()
-        extra = {
-            "slot": slot,
-            "local_state": {
-                "t": int(opt["t"]),
-                "lr": float(opt["lr"]),
-                "buffers": {k[4:]: encode_vector(v) for k, v in opt.items() if k.startswith("opt.")},
-            },
-        }
+        buffers = {k.removeprefix("opt."): v for k, v in opt.items() if k.startswith("opt.")}
+        extra = {"slot": slot, "local_state": encode_opt_state({"t": opt["t"], "lr": opt["lr"], "buffers": buffers})}
     try:
         comm.ps.call_soon("leave", name=name, summary=summary, **extra).result(timeout=30)
     except Exception:  # noqa: BLE001 - the driver falls back to this task's result

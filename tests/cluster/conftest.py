@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,36 +19,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.processes import DASK, PIPELINE, ROOT, Proc, child_env, free_port
+
 DATA = ROOT / "data"
-BIN = Path(sys.executable).parent
-DASK = str(BIN / "dask")
-PIPELINE = str(BIN / "pipeline")
 START_TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment of every process started here: no stray Dask config from the caller."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 def stop(proc: Proc, grace: float = 10.0) -> None:

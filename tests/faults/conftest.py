@@ -9,13 +9,10 @@ kills stray child processes when it starts.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,49 +20,22 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import DASK, PIPELINE, ROOT, Proc, free_port
+from tests.processes import child_env as _clean_env
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-BIN = Path(sys.executable).parent
-DASK = str(BIN / "dask")
-PIPELINE = str(BIN / "pipeline")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """No stray Dask config from the caller; the test directory importable (for the slow-worker
-    preload); warnings not turned into errors inside the children."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONWARNINGS"] = "ignore"
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT), env.get("PYTHONPATH", "")])
-    env["DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL"] = "15s"
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL the process group and reap it."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(10)
+    """A clean environment (tests.processes.child_env), the test directory importable (for the
+    slow-worker preload), warnings not turned into errors inside the children, and a short
+    worker TTL so that a SIGKILLed worker is noticed quickly."""
+    return _clean_env(
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL="15s",
+        **extra,
+    )
 
 
 @dataclass
@@ -109,6 +79,13 @@ class Procs:
              "--no-dashboard", "--memory-limit", "0", *extra],
             **env,
         )
+
+    def cluster(self, *names: str) -> tuple[Proc, str, list[Proc]]:
+        """A scheduler and one single-threaded worker per name, all registered."""
+        sched, address = self.scheduler()
+        workers = [self.worker(address, n) for n in names]
+        wait_workers(address, len(names))
+        return sched, address, workers
 
     def train(self, store: str | Path, address: str, out: Path, *args: str) -> Proc:
         return self.start(

@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.checkpoint import load_file
 
-from .conftest import Procs, error_line, history, wait_for, wait_workers
+from .conftest import PIPELINE, Procs, error_line, history, wait_for, wait_workers
 
 FAST = ("--set", "patience=0", "--set", "hidden=[32]", "--set", "local_steps=4", "--set", "batch_size=128")
 
@@ -41,9 +41,7 @@ def _finish(proc, timeout: float) -> str:  # noqa: ANN001
 
 @pytest.mark.timeout(240)
 def test_all_workers_killed_then_a_new_worker_joins(procs: Procs, small_store: Path, tmp_path: Path) -> None:
-    _, addr = procs.scheduler()
-    workers = [procs.worker(addr, f"w{i}") for i in range(2)]
-    wait_workers(addr, 2)
+    _, addr, workers = procs.cluster("w0", "w1")
     run = tmp_path / "run"
     train = procs.train(small_store, addr, run, "--set", "epochs=6", "--set", "mode=sync",
                         "--set", "no_worker_timeout=90", *FAST)
@@ -64,9 +62,7 @@ def test_all_workers_killed_then_a_new_worker_joins(procs: Procs, small_store: P
 def test_no_worker_returns_fails_with_one_line_after_no_worker_timeout(
     procs: Procs, small_store: Path, tmp_path: Path
 ) -> None:
-    _, addr = procs.scheduler()
-    workers = [procs.worker(addr, f"w{i}") for i in range(2)]
-    wait_workers(addr, 2)
+    _, addr, workers = procs.cluster("w0", "w1")
     run = tmp_path / "run"
     train = procs.train(small_store, addr, run, "--set", "epochs=50", "--set", "mode=async",
                         "--set", "no_worker_timeout=4", *FAST)
@@ -87,9 +83,7 @@ def test_no_worker_returns_fails_with_one_line_after_no_worker_timeout(
 
 @pytest.mark.timeout(240)
 def test_scheduler_killed_then_resume_on_a_new_scheduler(procs: Procs, small_store: Path, tmp_path: Path) -> None:
-    sched, addr = procs.scheduler()
-    workers = [procs.worker(addr, f"a{i}") for i in range(2)]
-    wait_workers(addr, 2)
+    sched, addr, workers = procs.cluster("a0", "a1")
     run = tmp_path / "run"
     epochs = 8
     train = procs.train(small_store, addr, run, "--set", f"epochs={epochs}", "--set", "mode=async",
@@ -107,23 +101,14 @@ def test_scheduler_killed_then_resume_on_a_new_scheduler(procs: Procs, small_sto
     done = int(meta["epoch"])
     assert done >= 2 and [e["epoch"] for e in meta["history"]] == list(range(done))
 
-    _, addr2 = procs.scheduler()
-    for i in range(2):
-        procs.worker(addr2, f"b{i}")
-    wait_workers(addr2, 2)
-    resumed = procs.start("resume", [procs_pipeline(), "train", str(small_store), "--resume", "--out", str(run),
+    _, addr2, _ = procs.cluster("b0", "b1")
+    resumed = procs.start("resume", [PIPELINE, "train", str(small_store), "--resume", "--out", str(run),
                                      "--scheduler", addr2])
     out = _finish(resumed, 150)
     assert resumed.popen.returncode == 0, out[-3000:]
     h = history(run)
     assert [e["epoch"] for e in h["epochs"]] == list(range(epochs))  # nothing lost, nothing twice
     assert h["epochs"][: done] == meta["history"]
-
-
-def procs_pipeline() -> str:
-    from .conftest import PIPELINE
-
-    return PIPELINE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +140,7 @@ def test_divergence_stops_with_the_round_and_keeps_the_last_good_checkpoint(
     assert _finish(first, 90) and first.popen.returncode == 0, first.text()[-3000:]
     good, _ = load_file(run / "checkpoint.npz", "checkpoint")
     # ... then resume it with a server step that overflows float32
-    bad = procs.start("diverge", [procs_pipeline(), "train", str(small_store), "--resume", "--out", str(run),
+    bad = procs.start("diverge", [PIPELINE, "train", str(small_store), "--resume", "--out", str(run),
                                   "--scheduler", addr, "--set", "epochs=3", "--set", "server_lr=1e30"])
     out = _finish(bad, 90)
     assert bad.popen.returncode == 1, out[-3000:]
@@ -182,7 +167,7 @@ def test_corrupted_chunk_is_named_by_train_and_inspect(cluster, small_store: Pat
     assert train.popen.returncode == 1, out[-3000:]
     line = error_line(out)
     assert "chunk 3" in line and str(store) in line, line
-    insp = procs.start("inspect", [procs_pipeline(), "inspect", str(store), "--verify"])
+    insp = procs.start("inspect", [PIPELINE, "inspect", str(store), "--verify"])
     out = _finish(insp, 60)
     assert insp.popen.returncode == 1
     line = error_line(out)
