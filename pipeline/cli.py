@@ -57,6 +57,39 @@ def cli(ctx: click.Context, verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:
+        quiet = _OneLineDaskErrors()
+        for name in ("", "distributed"):
+            for handler in logging.getLogger(name).handlers:
+                handler.addFilter(quiet)
+
+
+class _OneLineDaskErrors(logging.Filter):
+    """Keeps Dask's own error logs to one line each when ``--verbose`` is off.
+
+    When a scheduler goes away, distributed's client logs the tracebacks of its reconnect and
+    close coroutines (``CancelledError`` while shutting down) before the pipeline reports the
+    loss as one line. Shutdown cancellations are dropped; any other Dask traceback is folded into
+    its message line. ``--verbose`` shows them all.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("distributed") or not record.exc_info:
+            return True
+        exc = record.exc_info[1]
+        if exc is None:
+            return True
+        import asyncio
+
+        if isinstance(exc, asyncio.CancelledError):
+            return False
+        message = record.getMessage().strip()
+        detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        record.msg = f"{message} ({detail})" if message else detail
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+        return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -161,3 +161,36 @@ def test_dask_pipeline_is_the_same_command():
     exe = Path(sys.executable).parent / "dask"
     r = subprocess.run([str(exe), "pipeline", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "Out-of-core neural-network training" in r.stdout
+
+
+_LOGGING_PROBE = """
+import asyncio, logging, sys
+from pipeline.cli import cli
+
+@cli.command("probe")
+def probe():
+    import distributed  # noqa: F401  (configures its loggers as a real run does)
+    log = logging.getLogger("distributed.client")
+    for exc in (asyncio.CancelledError(), OSError("boom")):
+        try:
+            raise exc
+        except BaseException:
+            log.exception("closing" if isinstance(exc, OSError) else "")
+
+cli(sys.argv[1:], prog_name="pipeline")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_dask_tracebacks_are_one_line_unless_verbose(verbose):
+    # distributed's client logs the tracebacks of its shutdown coroutines when a scheduler
+    # vanishes; without --verbose they must not bury the pipeline's own one-line error.
+    args = [sys.executable, "-c", _LOGGING_PROBE, *(["--verbose"] if verbose else []), "probe"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    if verbose:
+        assert r.stderr.count("Traceback") == 2, r.stderr
+    else:
+        assert "Traceback" not in r.stderr and "CancelledError" not in r.stderr, r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].endswith("distributed.client: closing (OSError: boom)"), r.stderr
