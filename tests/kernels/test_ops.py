@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import numpy as np
 import pytest
 
@@ -199,3 +202,36 @@ def test_cpu_label_out_of_range():
     logits = np.zeros((2, 3), np.float32)
     with pytest.raises(ValueError, match="out of range"):
         K.softmax_cross_entropy(logits.copy(), logits, np.array([0, 3]))
+
+
+@pytest.mark.cuda
+def test_simulator_shared_arrays_are_one_per_block():
+    # Every thread of a simulated block must get the same cuda.shared.array; the simulator's
+    # own allocation is an unlocked check-then-set, which kernels.cuda makes atomic.
+    from numba import config
+
+    if not config.ENABLE_CUDASIM:
+        pytest.skip("a simulator property")
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    import kernels.cuda  # noqa: F401  (installs the thread-safe allocation)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(50):
+            shared, n = FakeCUDAShared(0), 16
+            barrier, got = threading.Barrier(n), []
+
+            def thread(shared=shared, barrier=barrier, got=got):
+                barrier.wait()
+                got.append(shared.array((8, 8), np.float32))
+
+            ts = [threading.Thread(target=thread) for _ in range(n)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            assert len({id(a) for a in got}) == 1
+    finally:
+        sys.setswitchinterval(old)
