@@ -39,7 +39,14 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
     env["DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL"] = "15s"
     with open(log, "ab") as fh:
-        return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # SIGINT back to its default in the child: the soak stops the driver with it, and a soak
+        # started in the background of a non-interactive shell inherits SIGINT ignored
+        return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=_default_sigint)  # fmt: skip
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _rss_mb(pid: int) -> float:

@@ -109,6 +109,9 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint(letter_stores, tmp_path):
         [sys.executable, "-m", "pipeline.cli", "train", letter_stores[0], "--out", str(out),
          "--set", "epochs=500", "--set", "patience=0", *CLUSTER],
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        # a test run started in the background of a non-interactive shell has SIGINT ignored,
+        # and children inherit that: give the command the disposition a terminal user has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.time() + 120
