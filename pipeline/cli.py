@@ -59,7 +59,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     )
     if not verbose:
         quiet = _OneLineDaskErrors()
-        for name in ("", "distributed"):
+        for name in ("", *_OneLineDaskErrors._SOURCES):
             for handler in logging.getLogger(name).handlers:
                 handler.addFilter(quiet)
 
@@ -69,12 +69,15 @@ class _OneLineDaskErrors(logging.Filter):
 
     When a scheduler goes away, distributed's client logs the tracebacks of its reconnect and
     close coroutines (``CancelledError`` while shutting down) before the pipeline reports the
-    loss as one line. Shutdown cancellations are dropped; any other Dask traceback is folded into
-    its message line. ``--verbose`` shows them all.
+    loss as one line. Shutdown cancellations are dropped; any other traceback logged by Dask or
+    the event loop under it (distributed, tornado, asyncio) is folded into its message's first
+    line. ``--verbose`` shows them all.
     """
 
+    _SOURCES = ("distributed", "tornado", "asyncio")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("distributed") or not record.exc_info:
+        if not record.exc_info or record.name.split(".", 1)[0] not in self._SOURCES:
             return True
         exc = record.exc_info[1]
         if exc is None:
@@ -83,7 +86,7 @@ class _OneLineDaskErrors(logging.Filter):
 
         if isinstance(exc, asyncio.CancelledError):
             return False
-        message = record.getMessage().strip()
+        message = (record.getMessage().strip().splitlines() or [""])[0]
         detail = f"{type(exc).__name__}: {exc}".rstrip(": ")
         record.msg = f"{message} ({detail})" if message else detail
         record.args = ()

@@ -179,6 +179,10 @@ def probe():
             raise exc
         except BaseException:
             log.exception("closing" if isinstance(exc, OSError) else "")
+    try:
+        raise RuntimeError("lost")
+    except RuntimeError:
+        logging.getLogger("asyncio").exception("Task exception was never retrieved\\nfuture: <Task>")
 
 cli(sys.argv[1:], prog_name="pipeline")
 """
@@ -192,8 +196,10 @@ def test_dask_tracebacks_are_one_line_unless_verbose(verbose):
     r = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     if verbose:
-        assert r.stderr.count("Traceback") == 2, r.stderr
+        assert r.stderr.count("Traceback") == 3, r.stderr
     else:
         assert "Traceback" not in r.stderr and "CancelledError" not in r.stderr, r.stderr
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-        assert len(lines) == 1 and lines[0].endswith("distributed.client: closing (OSError: boom)"), r.stderr
+        assert len(lines) == 2, r.stderr
+        assert lines[0].endswith("distributed.client: closing (OSError: boom)"), r.stderr
+        assert lines[1].endswith("asyncio: Task exception was never retrieved (RuntimeError: lost)"), r.stderr
