@@ -400,9 +400,11 @@ class Trainer:
                 t0 = time.perf_counter()
                 with span(f"epoch-{epoch}"):
                     stats = self._run_epoch(ps, epoch, tasks, threads, done_tasks, last_ckpt, history, best)
+                    t_val = time.perf_counter()
                     val = self._evaluate(epoch, val_ranges)
                 last_ckpt = time.monotonic()
-                seconds = time.perf_counter() - t0
+                t_end = time.perf_counter()
+                seconds = t_end - t0
                 m = ps.metrics()
                 record = {
                     "epoch": epoch,
@@ -414,6 +416,10 @@ class Trainer:
                     "read_s": stats["read"],
                     "compute_s": stats["compute"],
                     "communicate_s": stats["communicate"],
+                    # the driver's view of the epoch: training tasks submitted -> all done, then
+                    # the validation pass (``seconds`` is their sum plus bookkeeping)
+                    "train_s": t_val - t0,
+                    "validate_s": t_end - t_val,
                     **{f"val_{k}": v for k, v in val.items() if k != "confusion"},
                     "tasks": stats["tasks"],
                 }

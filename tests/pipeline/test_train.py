@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -74,6 +75,10 @@ def test_run_directory_holds_model_history_and_config(letter_stores, client, tmp
     assert res.installed_by == "preload"
     assert [h["epoch"] for h in res.history] == [0, 1]
     assert res.history[1]["rounds"] > res.history[0]["rounds"] > 0
+    # where each epoch's time went, as the driver saw it
+    for h in json.loads((tmp_path / "run" / "history.json").read_text())["epochs"]:
+        assert h["train_s"] > 0 and h["validate_s"] > 0
+        assert h["train_s"] + h["validate_s"] <= h["seconds"] < h["train_s"] + h["validate_s"] + 0.5
     model = load_model(tmp_path / "run")
     test = open_store(letter_stores[1])
     pred = model.predict(test.X[:100])
