@@ -29,6 +29,7 @@ BENCHMARKS = [
     ("local_steps", "Push interval: throughput vs convergence", "python -m bench.local_steps"),
     ("time_to_accuracy", "Time to accuracy and default-settings quality",
      "python -m bench.time_to_accuracy"),
+    ("epoch_anatomy", "Where an epoch goes on small stores", "python -m bench.epoch_anatomy"),
     ("out_of_core", "Out of core: memory, throughput, disk", "python -m bench.out_of_core --sizes {ooc}"),
     ("ps_limits", "Parameter-server limits", "python -m bench.ps_limits"),
 ]

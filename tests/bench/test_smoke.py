@@ -22,6 +22,7 @@ CASES = {
     "time_to_accuracy": ["| letter |", "within 2 points"],
     "out_of_core": ["peak RSS MB", "page cache"],
     "ps_limits": ["pushes/s", "| 1e+05 | 2 |"],
+    "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
 }
 
 
