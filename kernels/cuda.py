@@ -47,7 +47,6 @@ except ImportError:
     _cupy = None
 
 
-
 def _simulator_shared_arrays_thread_safe() -> None:
     """Make the simulator's ``cuda.shared.array`` allocation atomic.
 
