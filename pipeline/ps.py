@@ -289,6 +289,8 @@ class ParameterServerExtension(SchedulerPlugin):
     * ``ps_leave``    -- a participant leaves (also done automatically when its task ends),
       optionally leaving its task's summary for the driver and (sync) its share's local
       optimizer state for the next epoch's task
+    * ``ps_epoch_end``-- (sync) a participant that has left waits until every participant of
+      the epoch has left, and gets the epoch's final weights (it validates them in its task)
     * ``ps_summaries``-- the driver takes the summaries of finished participants
     * ``ps_state``    -- full state for a checkpoint (weights, optimizer state, counters)
     * ``ps_metrics``  -- counters of one job or all jobs (msgpack-able, for dashboards)
@@ -315,6 +317,7 @@ class ParameterServerExtension(SchedulerPlugin):
             "ps_push": self.push,
             "ps_pull": self.pull,
             "ps_leave": self.leave,
+            "ps_epoch_end": self.epoch_end,
             "ps_summaries": self.take_summaries,
             "ps_state": self.state,
             "ps_metrics": self.metrics,
@@ -660,6 +663,20 @@ class ParameterServerExtension(SchedulerPlugin):
             st.summaries[str(name)] = summary
         self._drop_participant(st, str(name), "left")
         return {"status": "OK"}
+
+    async def epoch_end(self, job: str | None = None, timeout: float = 600.0) -> dict[str, Any]:
+        """Wait until no participant is active or expected (every task of the epoch has left or
+        been dropped), then reply with the weights: in sync mode, the epoch's final weights.
+
+        A participant whose task is rerun after a lost worker joins again after this may have
+        replied; the reply's version lets the driver notice (it then validates on its own)."""
+        st = self._job(job)
+        ok = await self._wait(st, lambda: not st.participants and not st.expected, float(timeout))
+        if not ok:
+            return self._reply(st, "timeout", message=f"epoch not finished within {timeout} s")
+        if st.failed:
+            return self._reply(st, "failed")
+        return self._reply(st)
 
     def take_summaries(self, job: str | None = None, names: list | None = None) -> dict[str, Any]:
         """Hand over (and forget) the summaries left by ``names``; missing ones are absent."""

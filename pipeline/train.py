@@ -35,7 +35,7 @@ from pipeline.model import Model
 from pipeline.progress import Progress
 from pipeline.ps import ParameterServer
 from pipeline.store import Store, open_store
-from pipeline.worker import evaluate_task, finish_metrics, merge_metrics, train_task
+from pipeline.worker import array_metrics, evaluate_task, finish_metrics, merge_metrics, train_task
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,21 @@ def group_ranges(ranges: Ranges, rows_per_task: int) -> list[Ranges]:
     if cur:
         tasks.append(cur)
     return tasks
+
+
+def split_rows(ranges: Ranges, parts: int) -> list[Ranges]:
+    """``ranges`` cut into ``parts`` consecutive pieces of (nearly) equal row counts."""
+    total = sum(b - a for a, b in ranges)
+    bounds = [total * k // parts for k in range(parts + 1)]
+    out: list[Ranges] = [[] for _ in range(parts)]
+    offset = 0
+    for a, b in ranges:
+        for k in range(parts):
+            lo, hi = max(a, a + bounds[k] - offset), min(b, a + bounds[k + 1] - offset)
+            if hi > lo:
+                out[k].append((lo, hi))
+        offset += b - a
+    return out
 
 
 def default_rows_per_task(n_rows: int, n_threads: int, cfg: TrainConfig) -> int:
@@ -362,6 +377,7 @@ class Trainer:
             params = init_params(MLPSpec(**{**self.spec, "hidden": tuple(self.spec["hidden"])}), seed=cfg.seed)
             history, start_epoch, done_tasks = [], 0, set()
             best = (math.inf, params.copy(), -1)
+        self.n_threads = n_threads  # the plan's thread count, saved with checkpoints for --resume
         self.run.config.write_text(cfg.to_toml())
         tasks, val_ranges = self.plan(n_threads)
         ps = ParameterServer(self.job, client)
@@ -399,16 +415,20 @@ class Trainer:
             for epoch in range(start_epoch, cfg.epochs):
                 t0 = time.perf_counter()
                 with span(f"epoch-{epoch}"):
-                    stats = self._run_epoch(ps, epoch, tasks, threads, done_tasks, last_ckpt, history, best)
+                    stats = self._run_epoch(
+                        ps, epoch, tasks, threads, done_tasks, last_ckpt, history, best, val_ranges
+                    )
                     t_val = time.perf_counter()
-                    val = self._evaluate(epoch, val_ranges)
-                last_ckpt = time.monotonic()
+                    st = ps.state()  # the epoch's final weights: for `best` and the checkpoint
+                    # validated inside the training tasks (sync), if they all saw these weights
+                    val = stats["val"] if stats["val_version"] == st["version"] else None
+                    if val is None:
+                        val = self._evaluate(epoch, val_ranges)
                 t_end = time.perf_counter()
                 seconds = t_end - t0
-                m = ps.metrics()
                 record = {
                     "epoch": epoch,
-                    "rounds": m["version"],
+                    "rounds": st["version"],
                     "samples": stats["samples"],
                     "train_loss": stats["loss"],
                     "seconds": seconds,
@@ -417,19 +437,30 @@ class Trainer:
                     "compute_s": stats["compute"],
                     "communicate_s": stats["communicate"],
                     # the driver's view of the epoch: training tasks submitted -> all done, then
-                    # the validation pass (``seconds`` is their sum plus bookkeeping)
+                    # the validation pass (``seconds`` is their sum plus bookkeeping); validated
+                    # inside the training tasks, ``validate_s`` is the slowest task's share of
+                    # ``train_s`` (and the pass itself only fetches the weights)
                     "train_s": t_val - t0,
-                    "validate_s": t_end - t_val,
+                    "validate_s": stats["validate"] if val is stats["val"] else t_end - t_val,
+                    "validated_in_tasks": val is stats["val"],
                     **{f"val_{k}": v for k, v in val.items() if k != "confusion"},
                     "tasks": stats["tasks"],
                 }
                 history.append(record)
-                ps.call("record", epoch={k: v for k, v in record.items() if isinstance(v, int | float)})
                 val_loss = val.get("loss", stats["loss"])
                 improved = val_loss < best[0] - cfg.min_delta
                 if improved or best[2] < 0:
-                    best = (float(val_loss), ps.pull()[0].copy(), epoch)
-                self._checkpoint(ps, epoch + 1, history, best, set())
+                    best = (float(val_loss), st["params"], epoch)
+                self._checkpoint(
+                    ps,
+                    epoch + 1,
+                    history,
+                    best,
+                    set(),
+                    state=st,
+                    record={k: v for k, v in record.items() if isinstance(v, int | float)},
+                )
+                last_ckpt = time.monotonic()
                 done_tasks = set()
                 if self.on_epoch is not None:
                     self.on_epoch(record)
@@ -481,6 +512,7 @@ class Trainer:
         last_ckpt: float,
         history: list[dict],
         best: tuple,
+        val_ranges: Ranges,
     ) -> dict[str, Any]:
         from distributed import wait
 
@@ -505,9 +537,14 @@ class Trainer:
             ]
         else:
             work = [(f"e{epoch}-t{j}", tasks[j], None) for j in order]
+        # Sync: the shares run together and the last to leave closes the epoch, so they can
+        # validate its final weights themselves, each on a slice of the validation rows, instead
+        # of a separate round of tasks (not after a resume mid-epoch: some shares are done).
+        in_task_val = cfg.mode == "sync" and bool(val_ranges) and not done_tasks and bool(work)
+        val_slices = split_rows(val_ranges, len(work)) if in_task_val else [[] for _ in work]
         work = [w for w in work if w[0] not in done_tasks]
         futures = {}
-        for name, ranges, workers in work:
+        for (name, ranges, workers), val_slice in zip(work, val_slices, strict=True):
             key = f"train-chunk-{name}-{self.job}"
             futures[key] = (
                 name,
@@ -521,6 +558,7 @@ class Trainer:
                     spec,
                     tcfg,
                     self.target,
+                    {"path": self.val_path, "ranges": val_slice} if val_slice else None,
                     key=key,
                     workers=workers,
                     retries=2,
@@ -583,7 +621,18 @@ class Trainer:
         bar.clear()
         samples = sum(r["samples"] for r in results)
         loss = sum(r["loss"] * r["samples"] for r in results if r["samples"]) / max(samples, 1)
+        val, val_version, validate = None, None, 0.0
+        wanted = {name for (name, _, _), sl in zip(work, val_slices, strict=True) if sl}
+        got = {r["name"]: r for r in results if "val" in r}
+        versions = {got[n]["val_version"] for n in wanted if n in got}
+        if in_task_val and set(got) >= wanted and len(versions) == 1:
+            # merged in share order: the same sums whichever worker ran which share
+            val = finish_metrics(merge_metrics([array_metrics(got[n]["val"]) for n in sorted(wanted)]), self.target)
+            val_version, validate = versions.pop(), max(got[n]["validate"] for n in wanted)
         return {
+            "val": val,
+            "val_version": val_version,
+            "validate": validate,
             "tasks": sorted(
                 ({"name": r["name"], "worker": r["worker"], "samples": r["samples"]} for r in results),
                 key=lambda t: t["name"],
@@ -656,12 +705,23 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------
 
     def _checkpoint(
-        self, ps: ParameterServer, epoch: int, history: list, best: tuple, done_tasks: set[str]
+        self,
+        ps: ParameterServer,
+        epoch: int,
+        history: list,
+        best: tuple,
+        done_tasks: set[str],
+        state: dict | None = None,
+        record: dict | None = None,
     ) -> None:
-        st = ps.state()
+        """Write the run's checkpoint from the server's ``state`` (fetched if not given); tell
+        the server (and its dashboard) about it, with the epoch's ``record`` if one is given."""
+        st = state if state is not None else ps.state()
         if st.get("failed"):
             # a diverged job's weights are not a state to resume from: keep the last good one
             logger.warning("not checkpointing job %s: %s", self.job, st["failed"])
+            if record is not None:
+                ps.call("record", epoch=record)
             return
         arrays = {"params": st["params"], "best_params": best[1]}
         for k, v in st["optimizer_state"]["buffers"].items():
@@ -679,11 +739,11 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "store": self.store_path,
             "spec": self.spec,
-            "n_threads": sum(_total_threads(self.client).values()) or 1,
+            "n_threads": self.n_threads,
             "time": time.time(),
         }
         save_file(self.run.checkpoint, "checkpoint", arrays, json.loads(json.dumps(meta, default=_json_default)))
-        ps.call("record", checkpoint=True)
+        ps.call("record", checkpoint=True, epoch=record)
 
     def _load_checkpoint(self) -> dict[str, Any]:
         arrays, meta = load_file(self.run.checkpoint, "checkpoint")

@@ -151,8 +151,14 @@ def train_task(
     spec: dict,
     cfg: dict,
     target: dict | None,
+    val: dict | None = None,
 ) -> dict[str, Any]:
-    """Train on ``ranges`` of the store as participant ``name`` of ``job``; return statistics."""
+    """Train on ``ranges`` of the store as participant ``name`` of ``job``; return statistics.
+
+    ``val`` (sync mode: ``{"path": store, "ranges": [...]}``) asks the task to validate its share
+    of the validation rows with the epoch's final weights once every participant has left: the
+    epoch then needs no separate validation round of tasks. Its partial sums travel in the
+    summary (``val``, plain lists) with the version they were computed at (``val_version``)."""
     t_start = time.perf_counter()
     worker = get_worker()
     comm = _Comm(ParameterServer(job), name, cfg["barrier_timeout"])
@@ -283,6 +289,27 @@ def train_task(
         comm.ps.call_soon("leave", name=name, summary=summary, **extra).result(timeout=30)
     except Exception:  # noqa: BLE001 - the driver falls back to this task's result
         logger.debug("participant %s could not leave its summary", name, exc_info=True)
+    if val and val.get("ranges"):
+        try:
+            final = comm.call("epoch_end", timeout=cfg["barrier_timeout"])
+            t_val = time.perf_counter()
+            params = np.asarray(final["params"], dtype=np.float32)
+            partial = evaluate_ranges(_store(val["path"]), val["ranges"], params, job, spec, cfg, target)
+        except Exception:  # noqa: BLE001 - the training part is done and must not be rerun:
+            # without ``val`` in the summary the driver validates on its own (and reports errors)
+            logger.debug("participant %s could not validate", name, exc_info=True)
+            return summary
+        context_meter.digest_metric("validate", time.perf_counter() - t_val, "seconds")
+        summary = {
+            **summary,
+            "val": plain_metrics(partial),
+            "val_version": int(final["version"]),
+            "validate": time.perf_counter() - t_val,
+        }
+        try:  # the same route again: only the summary changes (the participant left already)
+            comm.ps.call_soon("leave", name=name, summary=summary).result(timeout=30)
+        except Exception:  # noqa: BLE001 - the driver falls back to this task's result
+            logger.debug("participant %s could not leave its validation", name, exc_info=True)
     return summary
 
 
@@ -307,6 +334,17 @@ def evaluate_arrays(probs_or_pred: np.ndarray, y: np.ndarray, target: dict | Non
         "sum_y": yy.sum(axis=0),
         "sum_y2": (yy**2).sum(axis=0),
     }
+
+
+def plain_metrics(sums: dict) -> dict[str, Any]:
+    """Partial sums as msgpack-friendly numbers and lists (undone by :func:`array_metrics`)."""
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in sums.items()}
+
+
+def array_metrics(sums: dict) -> dict[str, Any]:
+    """Inverse of :func:`plain_metrics`: lists back to arrays, so partial sums add up (Dask's
+    messages decode lists as tuples, which ``+`` would concatenate)."""
+    return {k: np.asarray(v) if isinstance(v, list | tuple) else v for k, v in sums.items()}
 
 
 def merge_metrics(parts: list[dict]) -> dict:
@@ -355,10 +393,23 @@ def evaluate_task(
     """Metric partial sums of the model (``params``, or the job's current weights) on ``ranges``."""
     if params is None:
         params = ParameterServer(str(job)).pull()[0]
+    return evaluate_ranges(_store(store_path), ranges, params, job, spec, cfg, target)
+
+
+def evaluate_ranges(
+    store: Any,
+    ranges: list[tuple[int, int]],
+    params: np.ndarray,
+    job: str | None,
+    spec: dict,
+    cfg: dict,
+    target: dict | None,
+) -> dict:
+    """Metric partial sums of the model ``params`` on ``ranges`` of an open ``store``."""
     trainer = cached_trainer(job or "model", "eval", spec, cfg)
     trainer.set_params(np.asarray(params, dtype=np.float32))
     loader = ChunkLoader(
-        _store(store_path),
+        store,
         ranges=ranges,
         batch_size=max(cfg["batch_size"], 1024),
         shuffle=False,

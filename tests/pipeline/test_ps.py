@@ -326,6 +326,41 @@ async def test_leave_keeps_the_summary_until_the_driver_takes_it(c, s, a, b):
 
 
 @gen_cluster(client=True)
+async def test_epoch_end_waits_for_every_share_and_returns_the_final_weights(c, s, a, b):
+    """A share that has left waits at ps_epoch_end until the epoch's last round is applied and
+    every share (joined or still expected) has left; then all get the same final weights."""
+    ParameterServerExtension(s)
+    await _create(c, "j", np.zeros(N, np.float32), mode="sync", aggregate="mean", optimizer={"name": "sgd", "lr": 1.0})
+    await c.scheduler.ps_expect(job="j", names=["short", "long", "late"], keys=[None, None, None], epoch=0)
+    for name in ("short", "long", "late"):
+        await c.scheduler.ps_join(job="j", name=name)
+    minus = to_serialize(np.full(N, -1.0, np.float32))
+    await asyncio.gather(
+        *(
+            c.scheduler.ps_push(job="j", name=n, version=0, delta=minus, samples=1, batches=1, loss=0.1)
+            for n in ("short", "long", "late")
+        )
+    )
+    await c.scheduler.ps_leave(job="j", name="short")
+    first = asyncio.ensure_future(c.scheduler.ps_epoch_end(job="j", timeout=10))
+    # "long" has one more round on its own (its sibling "late" is still there, not pushing)
+    await c.scheduler.ps_leave(job="j", name="late")
+    r = await c.scheduler.ps_push(job="j", name="long", version=1, delta=minus, samples=1, batches=1, loss=0.1)
+    assert r["version"] == 2
+    await asyncio.sleep(0.2)
+    assert not first.done()  # "long" has not left yet
+    await c.scheduler.ps_leave(job="j", name="long")
+    got = [await asyncio.wait_for(first, 5), await c.scheduler.ps_epoch_end(job="j", timeout=10)]
+    for reply in got:
+        assert reply["status"] == "OK" and reply["version"] == 2
+        np.testing.assert_array_equal(np.asarray(reply["params"]), np.full(N, 2.0, np.float32))
+    # an expected share that never joins holds the epoch open until the timeout
+    await c.scheduler.ps_expect(job="j", names=["never"], keys=[None], epoch=1)
+    r = await c.scheduler.ps_epoch_end(job="j", timeout=0.3)
+    assert r["status"] == "timeout" and "epoch not finished" in r["message"]
+
+
+@gen_cluster(client=True)
 async def test_sync_share_keeps_its_local_optimizer_state_across_tasks(c, s, a, b):
     """The local optimizer state of a sync share travels with the share, not the worker."""
     ParameterServerExtension(s)
