@@ -10,14 +10,18 @@ Per dataset: the train / test split of ``bench.time_to_accuracy``, a fresh 2-wor
 ``patience=0``; the first epoch (JIT compilation, worker caches) is left out and the medians of
 the others are reported. Columns:
 
-* **epoch**: the epoch's wall time in the driver (training phase + validation pass);
+* **epoch**: the epoch's wall time in the driver;
 * **training phase**: training tasks submitted until all finished (``train_s`` in history.json);
-* **validation**: the validation pass (``validate_s``), its own round of tasks;
+  in sync mode (the default) this includes the validation: the shares validate the epoch's
+  final weights inside their tasks, each on a slice of the validation rows;
+* **validation**: ``validate_s``: validated in the tasks, the slowest share's validation (part
+  of the training phase); otherwise the separate validation pass, its own round of tasks;
 * **per task: compute / read / wait at PS**: inside one training task, mean over the tasks: the
   kernels' minibatch steps, waiting for the loader, and waiting for the parameter server's
   replies (sync barriers included);
-* **task overhead**: training phase minus the slowest task's compute + read + wait: submission,
-  scheduling, the task's join/leave, gathering results;
+* **task overhead**: training phase minus the mean task's compute + read + wait (and minus the
+  validation when it ran inside the tasks): submission, scheduling, the task's join/leave,
+  gathering results;
 * **no-op round trip**: submit one no-op task per worker thread and gather them, median of 30, on
   the same cluster: the floor Dask puts under any phase of an epoch;
 * **in memory**: the same model and batch in one process over the same rows (this project's
@@ -77,7 +81,8 @@ def one_dataset(name: str, tmp: Path, epochs: int, quick: bool) -> dict[str, Any
                 for k in ("compute_s", "read_s", "communicate_s")}  # fmt: skip
     # the slowest task bounds the phase from below; approximate it by the mean task (tasks are
     # equal shares of the rows in the default sync mode)
-    overhead = med("train_s") - sum(per_task.values())
+    in_tasks = all(h.get("validated_in_tasks") for h in hist)
+    overhead = med("train_s") - sum(per_task.values()) - (med("validate_s") if in_tasks else 0.0)
     Xtr, ytr = arrays(train)
     task = train.task
     n_out = len(train.classes) if task == "classification" else ytr.shape[1]
@@ -93,7 +98,7 @@ def one_dataset(name: str, tmp: Path, epochs: int, quick: bool) -> dict[str, Any
     return {"name": name, "rows": (train.n_rows, test.n_rows), "epochs": len(hist), "epoch": med("seconds"),
             "train": med("train_s"), "validate": med("validate_s"), "per_task": per_task,
             "overhead": overhead, "rtt": rtt, "memory": float(np.median(mem)),
-            "tasks": len(hist[-1]["tasks"]), "rounds": (hist[-1]["rounds"] - hist[0]["rounds"]) / max(1, len(hist) - 1)}  # fmt: skip
+            "in_tasks": in_tasks, "tasks": len(hist[-1]["tasks"]), "rounds": (hist[-1]["rounds"] - hist[0]["rounds"]) / max(1, len(hist) - 1)}  # fmt: skip
 
 
 def run(datasets: Sequence[str] = DATASETS, epochs: int = 15, quick: bool = False) -> tuple[str, list[dict]]:
@@ -111,7 +116,7 @@ def run(datasets: Sequence[str] = DATASETS, epochs: int = 15, quick: bool = Fals
         rows.append({
             "dataset": r["name"], "train / validation rows": f"{r['rows'][0]:,} / {r['rows'][1]:,}",
             "epochs (median of)": r["epochs"], "tasks / rounds per epoch": f"{r['tasks']} / {r['rounds']:.0f}",
-            "epoch ms": ms(r["epoch"]), "training phase ms": ms(r["train"]), "validation ms": ms(r["validate"]),
+            "epoch ms": ms(r["epoch"]), "training phase ms": ms(r["train"]), "validation ms": ms(r["validate"]) + (" (in tasks)" if r["in_tasks"] else " (own pass)"),
             "per task: compute / read / wait at PS ms": f"{ms(pt['compute_s'])} / {ms(pt['read_s'])} / "
                                                          f"{ms(pt['communicate_s'])}",
             "task overhead ms": ms(r["overhead"]), "no-op round trip ms": ms(r["rtt"]),
