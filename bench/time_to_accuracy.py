@@ -18,7 +18,7 @@ Trainers, each at its own defaults:
 * **pipeline**: ``TrainConfig()`` untouched (MLP hidden 256-128, Adam lr 1e-3, batch 256, sync,
   local_steps 8, up to 100 epochs, patience 5 once 1.5M samples are seen) except ``validation_store`` = the test store, on a
   fresh 2-worker LocalCluster (1 thread each) per dataset. Time = sum of epoch seconds (each
-  includes the validation pass), then + driver setup/teardown (wall - epochs), then + cluster start.
+  includes its validation), then + driver setup/teardown (wall - epochs), then + cluster start.
 * **pytorch**: the typical loop: same hidden 256-128, Adam lr 1e-3, ``DataLoader(batch_size=256,
   shuffle=True)``, 2 threads, up to 50 epochs, stopped after 5 epochs without a better test
   metric (the pipeline's patience, applied to the metric); evaluation time excluded.
