@@ -56,6 +56,9 @@ def test_training_page_serves_figures_with_the_runs_data(letter_stores, dash_cli
     res = train(letter_stores[0], TrainConfig(epochs=2, patience=0), tmp_path / "run", client=dash_client)
     html = urllib.request.urlopen(_base(dash_client) + "/pipeline", timeout=10).read().decode()
     assert "bokeh" in html.lower()
+    # only the scheduler serves the page: the workers trained without importing the dashboard
+    imported = dash_client.run(lambda: "distributed.dashboard.scheduler" in sys.modules)
+    assert len(imported) == 2 and not any(imported.values())
 
     from bokeh.client import pull_session
 
