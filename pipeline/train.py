@@ -541,8 +541,8 @@ class Trainer:
         # validate its final weights themselves, each on a slice of the validation rows, instead
         # of a separate round of tasks (not after a resume mid-epoch: some shares are done).
         in_task_val = cfg.mode == "sync" and bool(val_ranges) and not done_tasks and bool(work)
-        val_slices = split_rows(val_ranges, len(work)) if in_task_val else [[] for _ in work]
         work = [w for w in work if w[0] not in done_tasks]
+        val_slices = split_rows(val_ranges, len(work)) if in_task_val else [[] for _ in work]
         futures = {}
         for (name, ranges, workers), val_slice in zip(work, val_slices, strict=True):
             key = f"train-chunk-{name}-{self.job}"

@@ -299,13 +299,9 @@ def train_task(
             # without ``val`` in the summary the driver validates on its own (and reports errors)
             logger.debug("participant %s could not validate", name, exc_info=True)
             return summary
-        context_meter.digest_metric("validate", time.perf_counter() - t_val, "seconds")
-        summary = {
-            **summary,
-            "val": plain_metrics(partial),
-            "val_version": int(final["version"]),
-            "validate": time.perf_counter() - t_val,
-        }
+        validate = time.perf_counter() - t_val
+        context_meter.digest_metric("validate", validate, "seconds")
+        summary = {**summary, "val": plain_metrics(partial), "val_version": int(final["version"]), "validate": validate}
         try:  # the same route again: only the summary changes (the participant left already)
             comm.ps.call_soon("leave", name=name, summary=summary).result(timeout=30)
         except Exception:  # noqa: BLE001 - the driver falls back to this task's result

@@ -180,6 +180,27 @@ def test_resume_continues_rounds_and_history(letter_stores, client, tmp_path):
     assert resumed.history[3]["rounds"] > resumed.history[2]["rounds"]
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_resume_mid_epoch_runs_only_the_unfinished_tasks(mode, letter_stores, client, tmp_path):
+    """A checkpoint written mid-epoch lists the tasks already done; the resumed epoch submits the
+    others only, and validates with its own pass (the done shares cannot validate)."""
+    from pipeline.checkpoint import load_file, save_file
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(mode=mode, epochs=1, patience=0)
+    full = train(letter_stores[0], cfg, out, client=client)
+    tasks = sorted(t["name"] for t in full.history[0]["tasks"])
+    assert len(tasks) >= 2
+    arrays, meta = load_file(out / "checkpoint.npz", "checkpoint")
+    meta.update(epoch=0, history=[], done_tasks=tasks[:1], progress={}, best_epoch=-1, best_loss=1e300)
+    save_file(out / "checkpoint.npz", "checkpoint", arrays, meta)
+    resumed = train(letter_stores[0], None, out, client=client, resume=True)
+    (rec,) = resumed.history
+    assert sorted(t["name"] for t in rec["tasks"]) == tasks[1:]
+    assert 0 < rec["samples"] < full.history[0]["samples"]
+    assert rec["validated_in_tasks"] is False and rec["val_n"] == full.history[0]["val_n"]
+
+
 def test_existing_run_directory_is_not_clobbered(letter_stores, client, tmp_path):
     from pipeline.errors import TrainingError
 
