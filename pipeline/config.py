@@ -55,6 +55,7 @@ class TrainConfig:
     warmup: int = 0  # server rounds of linear learning-rate warm-up
     step_size: int = 1000  # step schedule: rounds between decays
     gamma: float = 0.5  # step schedule: decay factor
+    ema: float = 0.0  # average the weights over rounds (decay <= ema): the model validated and saved; 0 = off
     # --- data and epochs ---------------------------------------------------------------------
     epochs: int = 100  # maximum number of passes over the training rows (early stopping ends sooner)
     patience: int = 5  # stop after this many epochs without validation improvement (0 = never)
@@ -113,6 +114,7 @@ class TrainConfig:
             ("warmup", self.warmup >= 0, ">= 0"),
             ("step_size", self.step_size >= 1, ">= 1"),
             ("gamma", 0 < self.gamma <= 1, "in (0, 1]"),
+            ("ema", 0 <= self.ema < 1, "in [0, 1) (0 = off, e.g. 0.999)"),
             ("checkpoint_seconds", self.checkpoint_seconds > 0, "> 0"),
             ("join_timeout", self.join_timeout > 0, "> 0"),
             ("barrier_timeout", self.barrier_timeout > 0, "> 0"),

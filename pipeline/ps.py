@@ -160,6 +160,12 @@ class ServerOptimizer:
 
     Plain NumPy in place (a few vector passes per round): cheap enough for the event loop at
     the sizes this project trains, and free of JIT compilation inside the scheduler.
+
+    ``ema`` > 0 also keeps an exponential moving average of the weights (Polyak averaging), the
+    buffer ``average``: after update ``t`` (1-based) ``average += (1 - d) * (params - average)``
+    with ``d = min(ema, (1 + t) / (10 + t))``, so it starts as the weights themselves and its
+    horizon grows with training up to ``1 / (1 - ema)`` updates. The average is the *model*
+    (what is validated, kept as best and saved); training continues from the raw weights.
     """
 
     def __init__(
@@ -170,14 +176,18 @@ class ServerOptimizer:
         beta1: float = 0.9,
         beta2: float = 0.999,
         eps: float = 1e-8,
+        ema: float = 0.0,
         n: int = 0,
     ) -> None:
         if name not in SERVER_OPTIMIZERS:
             raise PSError(f"unknown server optimizer {name!r}; use one of {SERVER_OPTIMIZERS}")
         if not lr > 0:
             raise PSError(f"server learning rate must be > 0, got {lr}")
+        if not 0 <= ema < 1:
+            raise PSError(f"ema must be in [0, 1), got {ema}")
         self.name, self.lr, self.momentum = name, float(lr), float(momentum)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        self.ema = float(ema)
         self.t = 0
         self.buffers: dict[str, np.ndarray] = {}
         if name == "momentum":
@@ -185,6 +195,8 @@ class ServerOptimizer:
         elif name == "adam":
             self.buffers["m"] = np.zeros(n, np.float32)
             self.buffers["v"] = np.zeros(n, np.float32)
+        if self.ema:
+            self.buffers["average"] = np.zeros(n, np.float32)  # meaningful once t >= 1
 
     def step(self, params: np.ndarray, grad: np.ndarray, lr: float) -> None:
         self.t += 1
@@ -204,6 +216,15 @@ class ServerOptimizer:
             c1 = 1 - self.beta1**self.t
             c2 = 1 - self.beta2**self.t
             params -= np.float32(lr / c1) * m / (np.sqrt(v / np.float32(c2)) + np.float32(self.eps))
+        if self.ema:
+            avg = self.buffers["average"]
+            d = min(self.ema, (1 + self.t) / (10 + self.t))
+            avg += np.float32(1 - d) * (params - avg) if self.t > 1 else params - avg
+
+    def model(self, params: np.ndarray) -> np.ndarray:
+        """The weights to validate and save: the average (``ema`` > 0, after an update) or
+        ``params`` themselves. The array may change in place with the next update."""
+        return self.buffers["average"] if self.ema and self.t else params
 
     def config(self) -> dict[str, Any]:
         return {
@@ -213,6 +234,7 @@ class ServerOptimizer:
             "beta1": self.beta1,
             "beta2": self.beta2,
             "eps": self.eps,
+            "ema": self.ema,
         }
 
 
@@ -241,6 +263,8 @@ class _Job:
     version: int = 0
     snapshot: np.ndarray | None = None
     snapshot_version: int = -1
+    model_snapshot: np.ndarray | None = None  # the same for the model weights (ema > 0)
+    model_snapshot_version: int = -1
     participants: dict[str, _Participant] = field(default_factory=dict)
     expected: dict[str, str | None] = field(default_factory=dict)  # name -> task key
     expected_since: float = 0.0
@@ -353,11 +377,21 @@ class ParameterServerExtension(SchedulerPlugin):
             st.snapshot_version = st.version
         return st.snapshot
 
-    def _reply(self, st: _Job, status: str = "OK", **extra: Any) -> dict[str, Any]:
+    def _model_snapshot(self, st: _Job) -> np.ndarray:
+        """Like :meth:`_snapshot`, for the model weights (the average when ``ema`` > 0)."""
+        if not st.optimizer.ema:
+            return self._snapshot(st)
+        if st.model_snapshot_version != st.version or st.model_snapshot is None:
+            st.model_snapshot = st.optimizer.model(st.params).copy()
+            st.model_snapshot_version = st.version
+        return st.model_snapshot
+
+    def _reply(self, st: _Job, status: str = "OK", model: bool = False, **extra: Any) -> dict[str, Any]:
+        """A reply carrying the weights to train from, or (``model``) the weights to validate."""
         st.bytes_out += st.params.nbytes
         return {
             "status": status,
-            "params": encode_vector(self._snapshot(st)),
+            "params": encode_vector(self._model_snapshot(st) if model else self._snapshot(st)),
             "version": st.version,
             "message": st.failed,
             **extra,
@@ -641,8 +675,8 @@ class ParameterServerExtension(SchedulerPlugin):
             return self._reply(st, "failed")
         return self._reply(st, staleness=staleness)
 
-    def pull(self, job: str | None = None) -> dict[str, Any]:
-        return self._reply(self._job(job))
+    def pull(self, job: str | None = None, model: bool = False) -> dict[str, Any]:
+        return self._reply(self._job(job), model=bool(model))
 
     def leave(
         self,
@@ -666,7 +700,8 @@ class ParameterServerExtension(SchedulerPlugin):
 
     async def epoch_end(self, job: str | None = None, timeout: float = 600.0) -> dict[str, Any]:
         """Wait until no participant is active or expected (every task of the epoch has left or
-        been dropped), then reply with the weights: in sync mode, the epoch's final weights.
+        been dropped), then reply with the model weights (the average if ``ema`` > 0): in sync
+        mode, the epoch's final model.
 
         A participant whose task is rerun after a lost worker joins again after this may have
         replied; the reply's version lets the driver notice (it then validates on its own)."""
@@ -676,7 +711,7 @@ class ParameterServerExtension(SchedulerPlugin):
             return self._reply(st, "timeout", message=f"epoch not finished within {timeout} s")
         if st.failed:
             return self._reply(st, "failed")
-        return self._reply(st)
+        return self._reply(st, model=True)
 
     def take_summaries(self, job: str | None = None, names: list | None = None) -> dict[str, Any]:
         """Hand over (and forget) the summaries left by ``names``; missing ones are absent."""
@@ -899,16 +934,20 @@ class ParameterServer:
             client=client_id,
         )
 
-    def pull(self) -> tuple[np.ndarray, int]:
-        r = self.call("pull")
+    def pull(self, model: bool = False) -> tuple[np.ndarray, int]:
+        """The weights to train from and their version; ``model``: the weights to validate
+        (the average over rounds when the server keeps one, ``ema`` > 0)."""
+        r = self.call("pull", model=model)
         return np.asarray(r["params"]), int(r["version"])
 
     def state(self) -> dict[str, Any]:
+        """Everything a checkpoint needs, plus ``model``: the weights to validate and save."""
         r = self.call("state")
         r["params"] = np.asarray(r["params"])
-        r["optimizer_state"]["buffers"] = {
-            k: np.asarray(v) for k, v in r["optimizer_state"]["buffers"].items()
-        }
+        buffers = {k: np.asarray(v) for k, v in r["optimizer_state"]["buffers"].items()}
+        r["optimizer_state"]["buffers"] = buffers
+        averaged = r["optimizer"].get("ema") and r["optimizer_state"]["t"] and "average" in buffers
+        r["model"] = buffers["average"] if averaged else r["params"]
         return r
 
     def metrics(self, history: bool = False) -> dict[str, Any]:

@@ -390,7 +390,7 @@ class Trainer:
             staleness=cfg.staleness,
             damping=cfg.damping,
             aggregate=cfg.aggregate,
-            optimizer={"name": cfg.server_optimizer, "lr": cfg.server_lr, "momentum": cfg.momentum},
+            optimizer={"name": cfg.server_optimizer, "lr": cfg.server_lr, "momentum": cfg.momentum, "ema": cfg.ema},
             schedule={
                 "kind": cfg.schedule,
                 "warmup": cfg.warmup,
@@ -419,7 +419,7 @@ class Trainer:
                         ps, epoch, tasks, threads, done_tasks, last_ckpt, history, best, val_ranges
                     )
                     t_val = time.perf_counter()
-                    st = ps.state()  # the epoch's final weights: for `best` and the checkpoint
+                    st = ps.state()  # the epoch's final model: for `best` and the checkpoint
                     # validated inside the training tasks (sync), if they all saw these weights
                     val = stats["val"] if stats["val_version"] == st["version"] else None
                     if val is None:
@@ -450,7 +450,7 @@ class Trainer:
                 val_loss = val.get("loss", stats["loss"])
                 improved = val_loss < best[0] - cfg.min_delta
                 if improved or best[2] < 0:
-                    best = (float(val_loss), st["params"], epoch)
+                    best = (float(val_loss), st["model"], epoch)
                 self._checkpoint(
                     ps,
                     epoch + 1,

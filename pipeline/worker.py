@@ -388,7 +388,7 @@ def evaluate_task(
 ) -> dict:
     """Metric partial sums of the model (``params``, or the job's current weights) on ``ranges``."""
     if params is None:
-        params = ParameterServer(str(job)).pull()[0]
+        params = ParameterServer(str(job)).pull(model=True)[0]
     return evaluate_ranges(_store(store_path), ranges, params, job, spec, cfg, target)
 
 

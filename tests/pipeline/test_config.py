@@ -41,6 +41,7 @@ def test_int_widens_to_float_but_not_the_reverse():
         ("hidden=['a']", "'hidden' must be list of ints"),
         ("overlap=maybe", "'overlap' must be bool"),
         ("validation=1.5", "'validation' = 1.5 is invalid"),
+        ("ema=1", "'ema' = 1.0 is invalid"),
         ("noequals", "--set expects key=value"),
     ],
 )

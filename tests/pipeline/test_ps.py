@@ -302,6 +302,48 @@ async def test_state_round_trips_through_create(c, s, a, b):
     assert r["skip_batches"] == 2
 
 
+@gen_cluster(client=True)
+async def test_ema_average_matches_a_numpy_reference_and_survives_a_checkpoint(c, s, a, b):
+    """``ema``: the server keeps a moving average of the weights (NumPy float64 reference,
+    decay min(ema, (1 + t) / (10 + t)) after update t); pulls with ``model`` and the epoch's end
+    reply carry the average, training pulls carry the raw weights; the average is an optimizer
+    buffer, so a job created from a checkpointed state continues it."""
+    ParameterServerExtension(s)
+    rng = np.random.default_rng(0)
+    opt = {"name": "momentum", "lr": 0.5, "momentum": 0.9, "ema": 0.8}
+    await _create(c, "j", np.zeros(N, np.float32), mode="async", optimizer=opt)
+    await c.scheduler.ps_join(job="j", name="p")
+    params, vel, avg = np.zeros(N), np.zeros(N), None
+    pulled = await c.scheduler.ps_pull(job="j", model=True)
+    np.testing.assert_array_equal(np.asarray(pulled["params"]), 0.0)  # no update yet: the weights
+    for t in range(1, 8):
+        delta = rng.standard_normal(N).astype(np.float32)
+        r = await c.scheduler.ps_push(
+            job="j", name="p", version=t - 1, delta=to_serialize(delta), samples=1, batches=1, loss=1.0
+        )
+        vel = 0.9 * vel + delta
+        params = params - 0.5 * vel
+        d = min(0.8, (1 + t) / (10 + t))
+        avg = params.copy() if avg is None else d * avg + (1 - d) * params
+        np.testing.assert_allclose(np.asarray(r["params"]), params, rtol=1e-5, atol=1e-6)
+    model = np.asarray((await c.scheduler.ps_pull(job="j", model=True))["params"])
+    np.testing.assert_allclose(model, avg, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(model, params, atol=1e-3)
+    raw = np.asarray((await c.scheduler.ps_pull(job="j"))["params"])
+    np.testing.assert_allclose(raw, params, rtol=1e-5, atol=1e-6)
+    await c.scheduler.ps_leave(job="j", name="p")
+    np.testing.assert_array_equal(np.asarray((await c.scheduler.ps_epoch_end(job="j"))["params"]), model)
+    st = await c.scheduler.ps_state(job="j")
+    buffers = {k: encode_vector(np.asarray(v)) for k, v in st["optimizer_state"]["buffers"].items()}
+    await _create(
+        c, "j2", np.asarray(st["params"]), mode="async", optimizer=opt, version=st["version"],
+        optimizer_state={"t": st["optimizer_state"]["t"], "buffers": buffers},
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray((await c.scheduler.ps_pull(job="j2", model=True))["params"]), model)
+    with pytest.raises(PSError, match="ema"):
+        await _create(c, "j3", np.zeros(N, np.float32), optimizer={"name": "sgd", "ema": 1.0})
+
+
 @gen_cluster(client=True, scheduler_kwargs={"preload": ["pipeline.ps"]})
 async def test_preload_installs_extension(c, s, a, b):
     assert s.extensions[EXTENSION_NAME].installed_by == "preload"

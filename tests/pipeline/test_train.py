@@ -86,24 +86,30 @@ def test_run_directory_holds_model_history_and_config(letter_stores, client, tmp
     assert set(pred) <= set(test.classes)
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_epoch_validation_equals_a_separate_pass_over_the_final_weights(mode, letter_stores, client, tmp_path):
+@pytest.mark.parametrize("mode,ema", [("sync", 0.0), ("async", 0.0), ("sync", 0.99), ("async", 0.99)])
+def test_epoch_validation_equals_a_separate_pass_over_the_final_weights(mode, ema, letter_stores, client, tmp_path):
     """Sync shares validate the epoch's final weights inside their tasks, each on a slice of the
     validation rows; async epochs use a separate round of validation tasks. Either way the
-    epoch's metrics are those of the checkpointed weights over the whole validation store."""
+    epoch's metrics are those of the checkpointed weights over the whole validation store: with
+    ``ema``, of the checkpointed average (the model saved), not of the raw weights."""
     from pipeline.checkpoint import load_file
     from pipeline.train import build_spec, row_ranges, task_config
     from pipeline.worker import evaluate_task, finish_metrics
 
-    cfg = TrainConfig(mode=mode, epochs=1, patience=0, validation_store=letter_stores[1])
+    cfg = TrainConfig(mode=mode, epochs=2, patience=0, validation_store=letter_stores[1], ema=ema)
     res = train(letter_stores[0], cfg, tmp_path / "run", client=client)
     rec = res.history[-1]
     assert rec["validated_in_tasks"] is (mode == "sync")
     arrays, _ = load_file(tmp_path / "run" / "checkpoint.npz", "checkpoint")
+    model_weights = arrays["opt_average"] if ema else arrays["params"]
+    if ema:
+        assert not np.array_equal(arrays["opt_average"], arrays["params"])
+    if res.history[-1]["val_loss"] <= res.history[0]["val_loss"]:  # the last epoch is the best
+        np.testing.assert_array_equal(res.model.params, model_weights)
     test = open_store(letter_stores[1])
     spec, target = build_spec(open_store(letter_stores[0]), cfg)
     sums = client.submit(
-        evaluate_task, letter_stores[1], row_ranges(test, 1 << 20), arrays["params"], None, spec,
+        evaluate_task, letter_stores[1], row_ranges(test, 1 << 20), model_weights, None, spec,
         task_config(cfg), target, pure=False,
     ).result()  # fmt: skip
     whole = finish_metrics(sums, target)
