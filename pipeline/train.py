@@ -527,7 +527,10 @@ class Trainer:
             if cfg.placement == "federated":
                 shares = [[r for j, t in enumerate(tasks) if j % len(slots) == k for r in t] for k in range(len(slots))]
             else:
-                shares = [[r for j in order[k :: len(slots)] for r in tasks[j]] for k in range(len(slots))]
+                # equal row counts, not whole tasks: the shares meet at every sync round, so an
+                # epoch lasts as long as its largest share (tasks are whole chunks or equal
+                # parts of one: 15 chunk tasks over 2 shares would make one 14% larger)
+                shares = split_rows([r for j in order for r in tasks[j]], len(slots))
             # Only federated shares are pinned to their worker (the data stays there). Sync shares
             # are not: a share pinned, even loosely, to a worker that has died sits in Dask's
             # no-worker state and is not rescheduled when a new worker joins.

@@ -131,6 +131,18 @@ def test_split_rows_cuts_ranges_into_equal_consecutive_slices():
         assert max(sizes) - min(sizes) <= 1
 
 
+def test_sync_shares_get_equal_rows_whatever_the_tasks(letter_stores, client, tmp_path):
+    """rows_per_task 7000 cuts the store into 3 tasks; the two sync shares still train on the
+    same number of rows (within one), every row once per epoch."""
+    cfg = TrainConfig(mode="sync", epochs=2, patience=0, rows_per_task=7000, validation_store=letter_stores[1])
+    res = train(letter_stores[0], cfg, tmp_path / "run", client=client)
+    n_rows = open_store(letter_stores[0]).n_rows
+    for rec in res.history:
+        samples = [t["samples"] for t in rec["tasks"]]
+        assert len(samples) == 2 and sum(samples) == n_rows
+        assert max(samples) - min(samples) <= 1
+
+
 def test_sync_mode_is_reproducible(letter_stores, client, tmp_path):
     cfg = TrainConfig(mode="sync", epochs=2, patience=0, seed=3)
     a = train(letter_stores[0], cfg, tmp_path / "a", client=client)
