@@ -55,7 +55,7 @@ class TrainConfig:
     warmup: int = 0  # server rounds of linear learning-rate warm-up
     step_size: int = 1000  # step schedule: rounds between decays
     gamma: float = 0.5  # step schedule: decay factor
-    ema: float = 0.0  # average the weights over rounds (decay <= ema): the model validated and saved; 0 = off
+    ema: float = 0.999  # average the weights over rounds (decay <= ema): the model validated and saved; 0 = off
     # --- data and epochs ---------------------------------------------------------------------
     epochs: int = 100  # maximum number of passes over the training rows (early stopping ends sooner)
     patience: int = 5  # stop after this many epochs without validation improvement (0 = never)

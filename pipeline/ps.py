@@ -513,11 +513,16 @@ class ParameterServerExtension(SchedulerPlugin):
         opt = ServerOptimizer(**(optimizer or {}), n=n_params)
         if optimizer_state:
             restored = decode_opt_state(optimizer_state, n_params, "optimizer state")
+            if not opt.ema:  # resumed with ema = 0: the average is derived state, drop it
+                restored["buffers"].pop("average", None)
             unknown = sorted(set(restored["buffers"]) - set(opt.buffers))
             if unknown:
                 raise PSError(f"optimizer state has unknown buffer {unknown[0]!r}")
             opt.t = restored["t"]
             opt.buffers.update(restored["buffers"])
+            if opt.ema and "average" not in restored["buffers"]:
+                # a state saved without averaging: the average starts from the weights
+                opt.buffers["average"] = vec.copy()
         try:
             sched = Schedule(**(schedule or {}))
         except (TypeError, ValueError) as exc:

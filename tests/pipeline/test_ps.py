@@ -340,6 +340,19 @@ async def test_ema_average_matches_a_numpy_reference_and_survives_a_checkpoint(c
         optimizer_state={"t": st["optimizer_state"]["t"], "buffers": buffers},
     )  # fmt: skip
     np.testing.assert_array_equal(np.asarray((await c.scheduler.ps_pull(job="j2", model=True))["params"]), model)
+    # a state saved without averaging, resumed with it: the average starts from the weights
+    no_avg = {k: v for k, v in buffers.items() if k != "average"}
+    await _create(
+        c, "j4", np.asarray(st["params"]), mode="async", optimizer=opt, version=st["version"],
+        optimizer_state={"t": st["optimizer_state"]["t"], "buffers": no_avg},
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray((await c.scheduler.ps_pull(job="j4", model=True))["params"]), raw)
+    # a state saved with averaging, resumed without: the average is dropped
+    await _create(
+        c, "j5", np.asarray(st["params"]), mode="async", optimizer={**opt, "ema": 0.0}, version=st["version"],
+        optimizer_state={"t": st["optimizer_state"]["t"], "buffers": buffers},
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray((await c.scheduler.ps_pull(job="j5", model=True))["params"]), raw)
     with pytest.raises(PSError, match="ema"):
         await _create(c, "j3", np.zeros(N, np.float32), optimizer={"name": "sgd", "ema": 1.0})
 
