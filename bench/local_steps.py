@@ -68,8 +68,10 @@ def run(quick: bool = False, rows: int = 120_000, epochs: int = 2, steps: Sequen
         out.append({"run": "kernels in memory", "local_steps": "-", "samples/s": mem_sps, "vs in-memory": "1.00x",
                     "rounds": None, "test acc": acc_mem, "acc gap (points)": 0.0})  # fmt: skip
         with local_cluster(2) as client:
+            # min_share_gflop 0 (also the default): the sweep is about local steps between two
+            # workers, whatever the store's size
             base = {"hidden": list(hidden), "epochs": epochs, "patience": 0, "validation_store": str(test.path),
-                    "batch_size": batch}  # fmt: skip
+                    "batch_size": batch, "min_share_gflop": 0.0}  # fmt: skip
             run_pipeline(client, test, tmp / "warm", **{**base, "epochs": 1, "validation_store": ""})
             for mode in modes:
                 for ls in steps:

@@ -68,6 +68,10 @@ class TrainConfig:
     validation: float = 0.1  # fraction of the store held out for validation (by row range)
     validation_store: str = ""  # a separate validation store; overrides `validation`
     rows_per_task: int = 0  # rows a training task covers; 0 = about 4 tasks per worker thread
+    # sync: training GFLOP per share per epoch below which fewer shares (workers) train; a small
+    # store can learn in fewer epochs in one share than over several (bench/findings.md, e.g. 20);
+    # 0 = one share per worker thread
+    min_share_gflop: float = 0.0
     shuffle_chunks: int = 4  # row chunks mixed by the loader's shuffle buffer
     prefetch: int = 2  # chunks read ahead by the loader's background thread
     normalize: bool = True  # standardize features with the store's mean/std
@@ -109,6 +113,7 @@ class TrainConfig:
             ("min_samples", self.min_samples >= 0, ">= 0"),
             ("validation", 0 <= self.validation < 1, "in [0, 1)"),
             ("rows_per_task", self.rows_per_task >= 0, ">= 0"),
+            ("min_share_gflop", self.min_share_gflop >= 0, ">= 0 (0 = one share per worker thread)"),
             ("shuffle_chunks", self.shuffle_chunks >= 1, ">= 1"),
             ("prefetch", self.prefetch >= 1, ">= 1"),
             ("warmup", self.warmup >= 0, ">= 0"),

@@ -117,6 +117,24 @@ def default_rows_per_task(n_rows: int, n_threads: int, cfg: TrainConfig) -> int:
     return int(min(max(want, 2 * per_push), 1 << 18))
 
 
+def train_flops_per_row(spec: dict) -> int:
+    """Multiply-adds x 2 of one training step per row: forward, and backward for the inputs'
+    and the weights' gradients (3 products per layer)."""
+    sizes = [spec["n_in"], *spec["hidden"], spec["n_out"]]
+    return 6 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
+def n_sync_shares(rows: int, spec: dict, n_slots: int, min_share_gflop: float) -> int:
+    """How many sync shares train an epoch of ``rows``: one per worker thread (``n_slots``), but
+    no more than leave each share ``min_share_gflop`` of training per epoch (at least one).
+    Local SGD over more shares needs more epochs; on a small store that costs more than the
+    shares save per epoch."""
+    if min_share_gflop <= 0:
+        return max(1, n_slots)
+    gflop = rows * train_flops_per_row(spec) / 1e9
+    return max(1, min(n_slots, int(gflop // min_share_gflop)))
+
+
 def build_spec(store: Store, cfg: TrainConfig) -> tuple[dict, dict | None]:
     """The model spec for this store and config, and the regression target scaling (or None)."""
     if store.task == "classification":
@@ -408,6 +426,16 @@ class Trainer:
             f"job {self.job}: {len(tasks)} tasks per epoch over {self.store.n_rows:,} rows, "
             f"{len(val_ranges)} validation ranges, parameter server installed by {installed_by}"
         )
+        if cfg.mode == "sync" and cfg.placement != "federated":
+            rows = sum(b - a for t in tasks for a, b in t)
+            n = n_sync_shares(rows, self.spec, n_threads, cfg.min_share_gflop)
+            if n < n_threads:
+                self.log(
+                    f"{n} sync share(s) for {n_threads} worker threads: an epoch is "
+                    f"{rows * train_flops_per_row(self.spec) / 1e9:.1f} GFLOP of training, under "
+                    f"min_share_gflop = {cfg.min_share_gflop:g} per share (--set min_share_gflop=0 "
+                    "uses every thread)"
+                )
         stopped_early = False
         last_ckpt = time.monotonic()
         epoch = start_epoch
@@ -530,7 +558,8 @@ class Trainer:
                 # equal row counts, not whole tasks: the shares meet at every sync round, so an
                 # epoch lasts as long as its largest share (tasks are whole chunks or equal
                 # parts of one: 15 chunk tasks over 2 shares would make one 14% larger)
-                shares = split_rows([r for j in order for r in tasks[j]], len(slots))
+                n = n_sync_shares(sum(b - a for t in tasks for a, b in t), spec, len(slots), cfg.min_share_gflop)
+                shares = split_rows([r for j in order for r in tasks[j]], n)
             # Only federated shares are pinned to their worker (the data stays there). Sync shares
             # are not: a share pinned, even loosely, to a worker that has died sits in Dask's
             # no-worker state and is not rescheduled when a new worker joins.

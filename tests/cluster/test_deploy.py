@@ -29,7 +29,7 @@ from tests.cluster.conftest import (
     running_cluster,
 )
 
-TRAIN = ["--set", "epochs=3", "--set", "mode=sync", "--set", "seed=0", "--quiet"]
+TRAIN = ["--set", "epochs=3", "--set", "mode=sync", "--set", "seed=0", "--set", "min_share_gflop=0", "--quiet"]
 
 
 def _train(store: Path, cluster: Cluster, out: Path, *extra: str, timeout: float = 180.0):

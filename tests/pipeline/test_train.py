@@ -134,13 +134,39 @@ def test_split_rows_cuts_ranges_into_equal_consecutive_slices():
 def test_sync_shares_get_equal_rows_whatever_the_tasks(letter_stores, client, tmp_path):
     """rows_per_task 7000 cuts the store into 3 tasks; the two sync shares still train on the
     same number of rows (within one), every row once per epoch."""
-    cfg = TrainConfig(mode="sync", epochs=2, patience=0, rows_per_task=7000, validation_store=letter_stores[1])
+    cfg = TrainConfig(mode="sync", epochs=2, patience=0, rows_per_task=7000, validation_store=letter_stores[1],
+                      min_share_gflop=0)  # fmt: skip
     res = train(letter_stores[0], cfg, tmp_path / "run", client=client)
     n_rows = open_store(letter_stores[0]).n_rows
     for rec in res.history:
         samples = [t["samples"] for t in rec["tasks"]]
         assert len(samples) == 2 and sum(samples) == n_rows
         assert max(samples) - min(samples) <= 1
+
+
+def test_sync_share_count_follows_the_epoch_s_work():
+    from pipeline.train import n_sync_shares, train_flops_per_row
+
+    spec = {"n_in": 16, "hidden": [256, 128], "n_out": 26}
+    assert train_flops_per_row(spec) == 6 * (16 * 256 + 256 * 128 + 128 * 26)
+    per_row = train_flops_per_row(spec)  # ~0.24 MFLOP: 16,000 rows are ~3.9 GFLOP
+    assert n_sync_shares(16_000, spec, 2, 20.0) == 1
+    assert n_sync_shares(16_000, spec, 2, 0.0) == 2  # 0: one share per thread
+    rows_for_3 = int(3 * 20e9 / per_row) + 1
+    assert n_sync_shares(rows_for_3, spec, 8, 20.0) == 3
+    assert n_sync_shares(100 * rows_for_3, spec, 8, 20.0) == 8  # never more than the threads
+    assert n_sync_shares(10, spec, 0, 20.0) == 1
+
+
+def test_min_share_gflop_trains_a_small_store_in_one_sync_share(letter_stores, client, tmp_path):
+    logs: list[str] = []
+    cfg = TrainConfig(mode="sync", epochs=1, patience=0, validation_store=letter_stores[1], min_share_gflop=20)
+    res = train(letter_stores[0], cfg, tmp_path / "one", client=client, log=logs.append)
+    n_rows = open_store(letter_stores[0]).n_rows
+    assert [t["samples"] for t in res.history[0]["tasks"]] == [n_rows]
+    assert any("1 sync share(s) for 2 worker threads" in m and "min_share_gflop=0" in m for m in logs), logs
+    both = train(letter_stores[0], cfg.with_overrides(["min_share_gflop=0"]), tmp_path / "two", client=client)
+    assert len(both.history[0]["tasks"]) == 2  # the default: one share per worker thread
 
 
 def test_sync_mode_is_reproducible(letter_stores, client, tmp_path):
@@ -205,7 +231,7 @@ def test_resume_mid_epoch_runs_only_the_unfinished_tasks(mode, letter_stores, cl
     from pipeline.checkpoint import load_file, save_file
 
     out = tmp_path / "run"
-    cfg = TrainConfig(mode=mode, epochs=1, patience=0)
+    cfg = TrainConfig(mode=mode, epochs=1, patience=0, min_share_gflop=0)
     full = train(letter_stores[0], cfg, out, client=client)
     tasks = sorted(t["name"] for t in full.history[0]["tasks"])
     assert len(tasks) >= 2
