@@ -4,6 +4,7 @@ pipeline, PyTorch and scikit-learn's MLP, on the real datasets in data/ and a sy
     python -m bench.time_to_accuracy                 # all datasets
     python -m bench.time_to_accuracy --datasets letter,adult
     python -m bench.time_to_accuracy --quick         # letter only, few epochs (smoke run)
+    python -m bench.time_to_accuracy --set ema=0     # the pipeline with a setting changed
 
 Splits (test rows are never trained on; the same test store scores every trainer):
 * letter: rows 0:16000 / 16000: (the customary split), ``target=0``;
@@ -146,7 +147,15 @@ def first_time(curve: list[tuple[float, float]], thr: float) -> float | None:
     return next((t for t, m in curve if m >= thr), None)
 
 
-def one_dataset(name: str, tmp: Path, quick: bool, max_epochs: int) -> dict[str, Any]:
+def pipeline_overrides(sets: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` settings for every pipeline run, checked like ``pipeline train --set``."""
+    from pipeline.config import TrainConfig
+
+    cfg = TrainConfig().with_overrides(list(sets))
+    return {item.partition("=")[0].strip(): getattr(cfg, item.partition("=")[0].strip()) for item in sets}
+
+
+def one_dataset(name: str, tmp: Path, quick: bool, max_epochs: int, overrides: dict[str, Any]) -> dict[str, Any]:
     train, test, split = prepare(name, tmp, quick)
     task = train.task
     Xtr, ytr = arrays(train)
@@ -161,7 +170,7 @@ def one_dataset(name: str, tmp: Path, quick: bool, max_epochs: int) -> dict[str,
     t0 = time.perf_counter()
     with local_cluster(2) as client:
         startup = time.perf_counter() - t0
-        cfg: dict[str, Any] = {"validation_store": str(test.path)}
+        cfg: dict[str, Any] = {**overrides, "validation_store": str(test.path)}
         if quick:
             cfg["epochs"] = epochs_cap
         r = run_pipeline(client, train, tmp / f"{name}-run", **cfg)
@@ -170,7 +179,7 @@ def one_dataset(name: str, tmp: Path, quick: bool, max_epochs: int) -> dict[str,
         r_warm = run_pipeline(client, train, tmp / f"{name}-warm", **cfg)
         # the default-settings figure: TrainConfig() untouched (early stopping on 10% of the training rows),
         # the returned model scored on the test rows, which it never saw
-        cfg_def: dict[str, Any] = {"epochs": epochs_cap} if quick else {}
+        cfg_def: dict[str, Any] = {**overrides, **({"epochs": epochs_cap} if quick else {})}
         r_def = run_pipeline(client, train, tmp / f"{name}-default", **cfg_def)
     Xraw, _ = test.read_rows(0, test.n_rows)
     final["pipeline (validation 10% of train)"] = metric(r_def["model"].decision(Xraw), yte, task)
@@ -216,14 +225,17 @@ def one_dataset(name: str, tmp: Path, quick: bool, max_epochs: int) -> dict[str,
             "compute_share": sum(h["compute_s"] for h in hist) / 2 / max(r["epoch_seconds"], 1e-9)}  # fmt: skip
 
 
-def run(quick: bool = False, datasets: Sequence[str] = DATASETS, max_epochs: int = 200) -> tuple[str, list[dict]]:
+def run(
+    quick: bool = False, datasets: Sequence[str] = DATASETS, max_epochs: int = 200, sets: Sequence[str] = ()
+) -> tuple[str, list[dict]]:
+    overrides = pipeline_overrides(sets)
     if quick:
         datasets = ("letter",)
     load0 = load()
     res = []
     with tmpdir("bench-tta-") as tmp:
         for name in datasets:
-            res.append(one_dataset(name, tmp, quick, max_epochs))
+            res.append(one_dataset(name, tmp, quick, max_epochs, overrides))
     t_rows, f_rows = [], []
     for r in res:
         met = "accuracy" if r["task"] == "classification" else "R^2"
@@ -268,6 +280,8 @@ def run(quick: bool = False, datasets: Sequence[str] = DATASETS, max_epochs: int
     head = (f"time to a stated test metric (threshold = 99% of the lowest best-epoch metric of the three "
             f"trainers); fresh 2-worker LocalCluster per dataset; load average before {load0:.2f}, after "
             f"{load():.2f}")  # fmt: skip
+    if overrides:
+        head += "; pipeline settings changed: " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())
     text = "\n".join([
         head, "", "### time to threshold (seconds)", "", md_table(t_rows), "",
         "### final test metric at default settings (target: pipeline within 2 points of scikit-learn's MLP; "
@@ -281,10 +295,18 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--max-epochs", type=int, default=200, help="cap for scikit-learn (its default max_iter)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a pipeline setting for every pipeline run, as `pipeline train --set` (repeatable)")  # fmt: skip
     args = ap.parse_args(argv)
-    text, _ = run(args.quick, [d for d in args.datasets.split(",") if d], args.max_epochs)
+    from pipeline.errors import ConfigError
+
+    try:
+        pipeline_overrides(args.sets)
+    except ConfigError as exc:
+        ap.error(str(exc))
+    text, _ = run(args.quick, [d for d in args.datasets.split(",") if d], args.max_epochs, args.sets)
     print(text)
-    write_out("time_to_accuracy" + ("-quick" if args.quick else ""), text)
+    write_out("time_to_accuracy" + ("-quick" if args.quick else "") + ("-set" if args.sets else ""), text)
     return text
 
 

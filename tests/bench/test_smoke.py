@@ -39,6 +39,16 @@ def test_quick_mode_runs(name: str) -> None:
         assert needle in proc.stdout, f"{needle!r} missing from:\n{proc.stdout}"
 
 
+def test_time_to_accuracy_settings_are_checked_like_train_set() -> None:
+    from bench.time_to_accuracy import pipeline_overrides
+    from pipeline.errors import ConfigError
+
+    assert pipeline_overrides(["min_share_gflop=20", "ema=0"]) == {"min_share_gflop": 20.0, "ema": 0.0}
+    assert pipeline_overrides([]) == {}
+    with pytest.raises(ConfigError, match="unknown config key 'emma'"):
+        pipeline_overrides(["emma=0"])
+
+
 def test_main_collect_writes_results(tmp_path: Path) -> None:
     """``python -m bench --collect`` assembles whatever tables exist without running anything."""
     from bench.__main__ import render
