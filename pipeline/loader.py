@@ -11,7 +11,9 @@ One epoch:
    the pool's tail, and a new unit is added when the pool drops below its size. Every row is
    emitted exactly once per epoch and the stream is reproducible from ``(seed, epoch, units)``;
 4. each batch is converted from the store's compact dtype to float32 (and standardized with the
-   store's mean/std) only then, so uint8 pixels are read and buffered as uint8.
+   store's mean/std) only then, so uint8 pixels are read and buffered as uint8; gathering,
+   converting, standardizing and refilling the pool's holes is one ``nogil`` Numba pass per
+   batch (:mod:`kernels.rows`, checked bit for bit against the NumPy expressions).
 
 With ``shuffle=False`` units come in order and rows in order (evaluation, prediction).
 """
@@ -107,8 +109,16 @@ class ChunkLoader:
         self.drop_last = bool(drop_last)
         self.n_rows = sum(b - a for a, b in self.units)
         self.read_seconds = 0.0
-        self._mean = self.store.mean.astype(np.float32)
-        self._inv_std = (1.0 / self.store.std).astype(np.float32)
+        from kernels import rows  # numba: loaded with the first loader, not with this module
+
+        self._take_rows, self._draw_rows = rows.take_rows, rows.draw_rows
+        n_features = self.store.n_features
+        if self.normalize:
+            self._mean = np.ascontiguousarray(self.store.mean, dtype=np.float32).reshape(-1)
+            self._inv_std = np.ascontiguousarray(1.0 / self.store.std, dtype=np.float32).reshape(-1)
+        else:  # (x - 0) * 1 is x exactly: one code path
+            self._mean = np.zeros(n_features, np.float32)
+            self._inv_std = np.ones(n_features, np.float32)
         self._y_dtype = np.int32 if self.store.task == "classification" else np.float32
         self._threads: list[tuple[threading.Thread, threading.Event, queue.Queue]] = []
 
@@ -146,15 +156,9 @@ class ChunkLoader:
 
     # -- the stream -------------------------------------------------------------------------------
 
-    def _convert(self, X: np.ndarray, y: np.ndarray, owned: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """float32 (normalized) copy of a batch; ``owned``: X is already a fresh array we may modify."""
-        Xf = np.ascontiguousarray(X, dtype=np.float32)
-        if Xf is X and not owned:
-            Xf = Xf.copy()
-        if self.normalize:
-            Xf -= self._mean
-            Xf *= self._inv_std
-        return Xf, np.ascontiguousarray(y, dtype=self._y_dtype)
+    def _take(self, X: np.ndarray, y: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (standardized) copy of rows ``rows`` of ``X`` and their targets: one nogil pass."""
+        return self._take_rows(X, y, rows, self._mean, self._inv_std, self._y_dtype)
 
     def epoch(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Batches of one epoch; every row of the unit subset exactly once."""
@@ -209,11 +213,11 @@ class ChunkLoader:
                 carry_X = carry_y = None
             n_full = (len(X) // bs) * bs
             for a in range(0, n_full, bs):
-                yield self._convert(X[a : a + bs], y[a : a + bs])
+                yield self._take(X, y, np.arange(a, a + bs))
             if n_full < len(X):
                 carry_X, carry_y = X[n_full:], y[n_full:]
         if carry_X is not None and len(carry_X) and not self.drop_last:
-            yield self._convert(carry_X, carry_y)  # type: ignore[arg-type]
+            yield self._take(carry_X, carry_y, np.arange(len(carry_X)))  # type: ignore[arg-type]
 
     def _shuffled(self, units: Iterator[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator) -> Iterator:
         bs = self.batch_size
@@ -242,19 +246,12 @@ class ChunkLoader:
                 break
             # steady state: pool holds >= fill rows; take one random batch, refill holes from the tail
             sel = np.sort(rng.choice(n, size=bs, replace=False))
-            Xb, yb = pool_X[sel], pool_y[sel]  # type: ignore[index]
-            cut = n - bs
-            holes = sel[sel < cut]
-            if len(holes):
-                tail = np.arange(cut, n)
-                movers = tail[~np.isin(tail, sel, assume_unique=True)]
-                pool_X[holes] = pool_X[movers]  # type: ignore[index]
-                pool_y[holes] = pool_y[movers]  # type: ignore[index]
-            n = cut
-            yield self._convert(Xb, yb, owned=True)
+            batch = self._draw_rows(pool_X, pool_y, n, sel, self._mean, self._inv_std, self._y_dtype)  # type: ignore[arg-type]
+            n -= bs
+            yield batch
         if n:
             perm = rng.permutation(n)
             stop = (n // bs) * bs if self.drop_last else n
             for a in range(0, stop, bs):
                 idx = perm[a : a + bs]
-                yield self._convert(pool_X[idx], pool_y[idx], owned=True)  # type: ignore[index]
+                yield self._take(pool_X, pool_y, idx)  # type: ignore[arg-type]
