@@ -190,6 +190,7 @@ class ServerOptimizer:
         self.ema = float(ema)
         self.t = 0
         self.buffers: dict[str, np.ndarray] = {}
+        self._work: np.ndarray | None = None
         if name == "momentum":
             self.buffers["velocity"] = np.zeros(n, np.float32)
         elif name == "adam":
@@ -198,15 +199,27 @@ class ServerOptimizer:
         if self.ema:
             self.buffers["average"] = np.zeros(n, np.float32)  # meaningful once t >= 1
 
+    def _scratch(self, like: np.ndarray) -> np.ndarray:
+        """A work vector shaped like ``like``, kept between rounds (not state: never saved)."""
+        if self._work is None or self._work.shape != like.shape:
+            self._work = np.empty_like(like)
+        return self._work
+
     def step(self, params: np.ndarray, grad: np.ndarray, lr: float) -> None:
+        """Apply one update in place; ``grad`` is read only. Element-wise results equal the
+        plain expressions (``params -= lr * grad`` ...): the products go through one scratch
+        vector instead of a fresh temporary per round."""
         self.t += 1
+        tmp = self._scratch(params)
         if self.name == "sgd":
-            params -= np.float32(lr) * grad
+            np.multiply(grad, np.float32(lr), out=tmp)
+            params -= tmp
         elif self.name == "momentum":
             vel = self.buffers["velocity"]
             vel *= np.float32(self.momentum)
             vel += grad
-            params -= np.float32(lr) * vel
+            np.multiply(vel, np.float32(lr), out=tmp)
+            params -= tmp
         else:
             m, v = self.buffers["m"], self.buffers["v"]
             m *= np.float32(self.beta1)
@@ -219,7 +232,10 @@ class ServerOptimizer:
         if self.ema:
             avg = self.buffers["average"]
             d = min(self.ema, (1 + self.t) / (10 + self.t))
-            avg += np.float32(1 - d) * (params - avg) if self.t > 1 else params - avg
+            np.subtract(params, avg, out=tmp)
+            if self.t > 1:
+                tmp *= np.float32(1 - d)
+            avg += tmp
 
     def model(self, params: np.ndarray) -> np.ndarray:
         """The weights to validate and save: the average (``ema`` > 0, after an update) or
@@ -270,6 +286,8 @@ class _Job:
     expected_since: float = 0.0
     join_timeout: float = 120.0
     pending: dict[str, tuple[np.ndarray, int, float]] = field(default_factory=dict)
+    grad: np.ndarray | None = None  # sync: the round's combined delta (reused every round)
+    grad_tmp: np.ndarray | None = None
     progress: dict[str, int] = field(default_factory=dict)  # participant -> batches absorbed
     summaries: dict[str, dict] = field(default_factory=dict)  # participant -> its task's result
     local_states: dict[str, dict] = field(default_factory=dict)  # sync: slot -> local optimizer state
@@ -438,10 +456,15 @@ class ParameterServerExtension(SchedulerPlugin):
             return
         names = sorted(st.pending)  # fixed order: reproducible float sums
         total = sum(st.pending[n][1] for n in names)
-        grad = np.zeros_like(st.params)
-        for n in names:
+        if st.grad is None or st.grad.shape != st.params.shape:  # kept: no 2 fresh vectors a round
+            st.grad, st.grad_tmp = np.empty_like(st.params), np.empty_like(st.params)
+        grad, tmp = st.grad, st.grad_tmp
+        for i, n in enumerate(names):
             delta, samples, _ = st.pending[n]
-            grad += np.float32(samples / total if total else 1 / len(names)) * delta
+            weight = np.float32(samples / total if total else 1 / len(names))
+            np.multiply(delta, weight, out=grad if i == 0 else tmp)
+            if i:
+                grad += tmp
         if st.aggregate == "sum":
             grad *= np.float32(len(names))
         losses = [st.pending[n][2] for n in names]
@@ -653,7 +676,9 @@ class ParameterServerExtension(SchedulerPlugin):
             if staleness:
                 # joined just as a round closed: its delta belongs to a finished round
                 return self._reply(st, dropped=True)
-            st.pending[name] = (vec.copy(), samples, loss)
+            # a delta off the wire is this message's own buffer; an in-process caller's array
+            # may change after the call, so that one is copied
+            st.pending[name] = (vec if isinstance(delta, Serialized) else vec.copy(), samples, loss)
             st.progress[name] = st.progress.get(name, 0) + int(batches)
             self._maybe_close_round(st)
             ok = await self._wait(st, lambda: st.version > version, timeout)

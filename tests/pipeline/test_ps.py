@@ -97,6 +97,38 @@ async def test_sync_round_weighted_sum_and_release(c, s, a, b):
     assert not ext.jobs and not ext.key_to_participant
 
 
+def _params(reply: dict) -> np.ndarray:
+    p = reply["params"]  # an in-process reply holds the Serialize wrapper itself
+    return np.asarray(getattr(p, "data", p))
+
+
+@gen_cluster(client=True)
+async def test_sync_round_uses_an_in_process_delta_as_it_was_pushed(c, s, a, b):
+    """A delta off the wire is kept as received; one pushed in process (the caller's own array)
+    is copied, so changing that array while the round is open changes nothing."""
+    ext = ParameterServerExtension(s)
+    await _create(c, "j", np.zeros(N, np.float32), mode="sync", aggregate="mean")
+    for name in ("p1", "p2"):
+        await c.scheduler.ps_join(job="j", name=name)
+    d1 = np.full(N, -2.0, np.float32)
+    push1 = asyncio.ensure_future(ext.push(job="j", name="p1", version=0, delta=d1, samples=1, batches=1, loss=1.0))
+    await asyncio.sleep(0.1)
+    d1[:] = 1e6  # the caller reuses its buffer before the round closes
+    r2 = await c.scheduler.ps_push(
+        job="j", name="p2", version=0, delta=to_serialize(np.full(N, -4.0, np.float32)), samples=1, loss=1.0
+    )
+    r1 = await push1
+    for r in (r1, r2):
+        np.testing.assert_array_equal(_params(r), np.full(N, 3.0, np.float32))  # -(-2 - 4) / 2
+    # the next round reuses the server's work vectors and still adds up
+    both = [
+        ext.push(job="j", name=n, version=1, delta=np.full(N, v, np.float32), samples=1, loss=1.0)
+        for n, v in (("p1", 1.0), ("p2", 3.0))
+    ]
+    for r in await asyncio.gather(*both):
+        np.testing.assert_array_equal(_params(r), np.full(N, 1.0, np.float32))
+
+
 @gen_cluster(client=True)
 async def test_sum_aggregate_scales_by_participants(c, s, a, b):
     ParameterServerExtension(s)
