@@ -83,6 +83,11 @@ class TrainConfig:
     barrier_timeout: float = 600.0  # seconds a push may wait at a barrier before failing
     no_worker_timeout: float = 300.0  # seconds to wait for capacity when every worker is gone
     seed: int = 0  # seeds initialization, shuffling and the validation split
+    # Workers whose environment fixed a glibc malloc tunable (a Dask nanny sets
+    # MALLOC_TRIM_THRESHOLD_) lose glibc's dynamic mmap threshold: every array over 128 KiB is a
+    # fresh mmap that page-faults in (2 MB vector ops 17x slower). Training tasks set it to this
+    # many MiB once per worker process (glibc's own ceiling, 32); 0 = leave the allocator alone.
+    mmap_threshold_mb: int = 32
 
     # ----------------------------------------------------------------------------------------
 
@@ -124,6 +129,7 @@ class TrainConfig:
             ("join_timeout", self.join_timeout > 0, "> 0"),
             ("barrier_timeout", self.barrier_timeout > 0, "> 0"),
             ("no_worker_timeout", self.no_worker_timeout > 0, "> 0"),
+            ("mmap_threshold_mb", 0 <= self.mmap_threshold_mb <= 32, "between 0 (leave it alone) and 32"),
             ("hidden", all(1 <= h <= MAX_WIDTH for h in self.hidden), f"widths between 1 and {MAX_WIDTH}"),
         ]
         for key, ok, want in checks:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import PipelineError, StoreError
 from pipeline.model import Model
 from pipeline.store import Store, open_store
@@ -66,6 +67,7 @@ def _eval_cfg(model: Model) -> dict[str, Any]:
         "seed": 0,
         "prefetch": 2,
         "normalize": model.normalize,
+        "mmap_threshold_mb": int(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB)),
     }
 
 
@@ -131,6 +133,7 @@ def predict_task(
     """Predict rows ``row_range`` and write them to the temporary output; returns rows written."""
     from pipeline.loader import ChunkLoader
 
+    restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
     trainer = cached_trainer("model", "predict", spec, cfg)
     trainer.set_params(np.asarray(params, dtype=np.float32))
     loader = ChunkLoader(

@@ -180,7 +180,7 @@ def task_config(cfg: TrainConfig) -> dict[str, Any]:
     """The part of the config that training tasks need (plain, msgpack-friendly)."""
     keys = (
         "optimizer lr momentum weight_decay batch_size local_steps overlap backend seed "
-        "shuffle_chunks prefetch normalize barrier_timeout"
+        "shuffle_chunks prefetch normalize barrier_timeout mmap_threshold_mb"
     ).split()
     return {k: getattr(cfg, k) for k in keys}
 

@@ -22,6 +22,7 @@ import numpy as np
 from distributed import get_worker, rejoin, secede
 from distributed.metrics import context_meter
 
+from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import TrainingError
 from pipeline.loader import ChunkLoader
 from pipeline.ps import ParameterServer, encode_opt_state, encode_vector
@@ -160,6 +161,7 @@ def train_task(
     epoch then needs no separate validation round of tasks. Its partial sums travel in the
     summary (``val``, plain lists) with the version they were computed at (``val_version``)."""
     t_start = time.perf_counter()
+    restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))  # see pipeline/allocator.py
     worker = get_worker()
     comm = _Comm(ParameterServer(job), name, cfg["barrier_timeout"])
     slot = name.split("-", 1)[-1]  # "e3-s1" -> "s1": the share, whatever the epoch
@@ -387,6 +389,7 @@ def evaluate_task(
     target: dict | None,
 ) -> dict:
     """Metric partial sums of the model (``params``, or the job's current weights) on ``ranges``."""
+    restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
     if params is None:
         params = ParameterServer(str(job)).pull(model=True)[0]
     return evaluate_ranges(_store(store_path), ranges, params, job, spec, cfg, target)

@@ -42,6 +42,7 @@ def test_int_widens_to_float_but_not_the_reverse():
         ("overlap=maybe", "'overlap' must be bool"),
         ("validation=1.5", "'validation' = 1.5 is invalid"),
         ("ema=1", "'ema' = 1.0 is invalid"),
+        ("mmap_threshold_mb=64", "'mmap_threshold_mb' = 64 is invalid: must be between 0"),
         ("noequals", "--set expects key=value"),
     ],
 )
