@@ -30,7 +30,7 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check pipeline kernels tests bench cluster
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check pipeline kernels tests bench cluster

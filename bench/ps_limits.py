@@ -8,7 +8,8 @@ For each number of workers a LocalCluster of that many single-threaded worker pr
 started with ``pipeline.ps`` preloaded into its scheduler; for each parameter count an
 ``async`` job (server SGD lr 1) is created and one task per worker joins it and pushes zero-compute
 deltas back to back through ``worker.scheduler.ps_push`` (``ParameterServer.call_soon``, exactly
-what ``pipeline.worker.train_task`` does), each push waiting for its reply (the new weights).
+what ``pipeline.worker.train_task`` does, after restoring glibc's mmap threshold as it does),
+each push waiting for its reply (the new weights).
 Pushes that complete inside a common measurement window of ``--seconds`` are counted.
 
 MB/s in = delta bytes received by the scheduler; the reply carries the same number of bytes back,
@@ -38,8 +39,10 @@ def push_loop(job: str, name: str, n: int, start: float, seconds: float) -> dict
     """Runs on a worker: join, push zero deltas until the window closes, leave."""
     from distributed import get_worker
 
+    from pipeline.allocator import restore_mmap_threshold
     from pipeline.ps import ParameterServer, encode_vector
 
+    restore_mmap_threshold()  # as every training task does first (pipeline/allocator.py)
     ps = ParameterServer(job)
     w = get_worker()
     reply = ps.call_soon("join", name=name, key=w.get_current_task(), worker=w.address).result()
