@@ -12,8 +12,11 @@ here, ``a - b`` on two 535,818-element float32 vectors takes 2.3 ms in such a pr
 
 :func:`restore_mmap_threshold` sets the threshold to the ceiling glibc's dynamic threshold would
 reach by itself (32 MiB on 64-bit), once per process, and only where the dynamic threshold is
-off because of a tunable set in the environment and the threshold itself was not chosen. The
-trim threshold is left as Dask set it. Nothing happens off glibc (macOS, musl) or with 0.
+off because of a tunable set in the environment the process started with and the threshold
+itself was not chosen. The trim threshold is left as Dask set it. Nothing happens off glibc
+(macOS, musl) or with 0. Training, evaluation and prediction tasks call it first (config key
+``mmap_threshold_mb``); so does the parameter server when it is installed on a scheduler, which
+a 2 MB reply per push and participant would otherwise cost the same page faults.
 """
 
 from __future__ import annotations
@@ -49,9 +52,31 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
+def startup_environ() -> dict[str, str]:
+    """The environment this process started with: what glibc read when it set up malloc.
+
+    Not ``os.environ``: distributed's nanny puts its ``pre-spawn-environ`` into the *parent's*
+    ``os.environ`` before starting workers, so the driver of a LocalCluster (and the scheduler
+    that lives in it) shows ``MALLOC_TRIM_THRESHOLD_`` although its own malloc never saw it.
+    ``/proc/self/environ`` holds the environment as it was at exec; elsewhere ``os.environ``.
+    """
+    try:
+        with open("/proc/self/environ", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return dict(os.environ)
+    env = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key.decode(errors="replace")] = value.decode(errors="replace")
+    return env
+
+
 def needs_restoring(environ: dict[str, str] | None = None) -> bool:
-    """True when the environment fixed a malloc tunable but not the mmap threshold itself."""
-    env = os.environ if environ is None else environ
+    """True when the environment (default: :func:`startup_environ`) fixed a malloc tunable but
+    not the mmap threshold itself."""
+    env = startup_environ() if environ is None else environ
     tunables = env.get("GLIBC_TUNABLES", "")
     if "MALLOC_MMAP_THRESHOLD_" in env or "malloc.mmap_threshold" in tunables:
         return False  # somebody chose the threshold: theirs to keep

@@ -50,6 +50,7 @@ from distributed.protocol import to_serialize
 from distributed.protocol.compression import compressions
 from distributed.protocol.serialize import Serialized
 
+from pipeline.allocator import restore_mmap_threshold
 from pipeline.optim import Schedule
 
 logger = logging.getLogger(__name__)
@@ -347,6 +348,7 @@ class ParameterServerExtension(SchedulerPlugin):
     name = "pipeline-ps"
 
     def __init__(self, scheduler: Any, installed_by: str = "preload") -> None:
+        restore_mmap_threshold()  # a scheduler started with a malloc tunable set: pipeline/allocator.py
         self.scheduler = scheduler
         self.installed_by = installed_by
         self.jobs: dict[str, _Job] = {}

@@ -84,6 +84,20 @@ def test_restoring_moves_multi_megabyte_blocks_back_to_the_heap():
     assert _run(code)[2:4] == ["False", "False"]
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads /proc/self/environ")
+def test_the_environment_that_counts_is_the_one_the_process_started_with():
+    # a nanny puts MALLOC_TRIM_THRESHOLD_ into its *parent's* os.environ: the driver's malloc
+    # never saw it, so the driver (and a LocalCluster scheduler living in it) is left alone
+    code = (
+        "import os\n"
+        "os.environ['MALLOC_TRIM_THRESHOLD_'] = '65536'\n"
+        "from pipeline.allocator import needs_restoring, startup_environ\n"
+        "print(needs_restoring(), 'MALLOC_TRIM_THRESHOLD_' in startup_environ())\n"
+    )
+    assert _run(code) == ["False", "False"]
+    assert _run(code, MALLOC_TRIM_THRESHOLD_="65536") == ["True", "True"]
+
+
 @needs_glibc
 def test_a_nanny_s_worker_allocates_from_the_heap_after_training(letter_stores, tmp_path):
     from pipeline.config import TrainConfig
@@ -100,3 +114,35 @@ def test_a_nanny_s_worker_allocates_from_the_heap_after_training(letter_stores, 
         train(letter_stores[0], cfg.with_overrides(["mmap_threshold_mb=32"]), tmp_path / "run", client=c)
         (after,) = c.run(worker_allocator).values()
         assert after == {"trim": "65536", "new_mmaps": 0}
+
+
+def _scheduler_mmaps(tmp_path, **env: str) -> int:
+    """New mmapped blocks per malloc(2 MiB) in a real `dask scheduler --preload pipeline.ps`."""
+    from distributed import Client
+
+    from tests.processes import DASK, ROOT, Proc, child_env, free_port
+
+    port = free_port()
+    clean = {k: v for k, v in child_env().items() if not k.startswith("MALLOC_")}
+    log = tmp_path / f"scheduler-{port}.log"
+    with open(log, "wb") as out:
+        popen = subprocess.Popen(
+            [DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
+             "--preload", "pipeline.ps"],
+            env={**clean, "PYTHONPATH": str(ROOT), **env}, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    proc = Proc("scheduler", popen, log)
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", timeout=60) as c:
+            assert c.run_on_scheduler(lambda dask_scheduler: "pipeline_ps" in dask_scheduler.extensions)
+            return int(c.run_on_scheduler(new_mmaps))
+    finally:
+        proc.kill()
+
+
+@needs_glibc
+def test_the_parameter_server_restores_its_scheduler_s_threshold(tmp_path):
+    assert _scheduler_mmaps(tmp_path, MALLOC_TRIM_THRESHOLD_="65536") == 0
+    # a threshold chosen in the scheduler's environment is kept
+    assert _scheduler_mmaps(tmp_path, MALLOC_TRIM_THRESHOLD_="65536", MALLOC_MMAP_THRESHOLD_="131072") == 1
