@@ -15,8 +15,8 @@ reach by itself (32 MiB on 64-bit), once per process, and only where the dynamic
 off because of a tunable set in the environment the process started with and the threshold
 itself was not chosen. The trim threshold is left as Dask set it. Nothing happens off glibc
 (macOS, musl) or with 0. Training, evaluation and prediction tasks call it first (config key
-``mmap_threshold_mb``); so does the parameter server when it is installed on a scheduler, which
-a 2 MB reply per push and participant would otherwise cost the same page faults.
+``mmap_threshold_mb``); so does the parameter server when it is installed on a scheduler, where
+every multi-MB delta received and reply sent would otherwise pay the same page faults.
 """
 
 from __future__ import annotations
