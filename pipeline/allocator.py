@@ -22,6 +22,7 @@ every multi-MB delta received and reply sent would otherwise pay the same page f
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -35,7 +36,7 @@ MAX_MMAP_THRESHOLD_MB = 32  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit (HEAP
 _FIXING_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 _lock = threading.Lock()
-_done: dict[str, bool] = {}
+_restored = False  # this process's threshold was set (it stays set until the process ends)
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -52,6 +53,7 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
 def startup_environ() -> dict[str, str]:
     """The environment this process started with: what glibc read when it set up malloc.
 
@@ -59,6 +61,7 @@ def startup_environ() -> dict[str, str]:
     ``os.environ`` before starting workers, so the driver of a LocalCluster (and the scheduler
     that lives in it) shows ``MALLOC_TRIM_THRESHOLD_`` although its own malloc never saw it.
     ``/proc/self/environ`` holds the environment as it was at exec; elsewhere ``os.environ``.
+    Read once per process (it cannot change); do not modify the returned dict.
     """
     try:
         with open("/proc/self/environ", "rb") as fh:
@@ -95,15 +98,15 @@ def restore_mmap_threshold(mb: int = MAX_MMAP_THRESHOLD_MB) -> bool:
     mb = int(mb)
     if not 0 <= mb <= MAX_MMAP_THRESHOLD_MB:
         raise ValueError(f"mmap_threshold_mb must be in [0, {MAX_MMAP_THRESHOLD_MB}], got {mb}")
+    global _restored
     with _lock:
-        if _done.get("set"):
+        if _restored:
             return True
         if not mb or not needs_restoring():
             return False
         libc = _glibc()
         if libc is None:
             return False
-        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, mb << 20))
-        logger.debug("mmap threshold %s to %d MiB", "raised" if ok else "could not be raised", mb)
-        _done["set"] = ok
-        return ok
+        _restored = bool(libc.mallopt(M_MMAP_THRESHOLD, mb << 20))
+        logger.debug("mmap threshold %s to %d MiB", "raised" if _restored else "could not be raised", mb)
+        return _restored

@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+from pipeline.allocator import MAX_MMAP_THRESHOLD_MB
 from pipeline.errors import ConfigError
 
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
@@ -87,7 +88,7 @@ class TrainConfig:
     # MALLOC_TRIM_THRESHOLD_) lose glibc's dynamic mmap threshold: every array over 128 KiB is a
     # fresh mmap that page-faults in (2 MB vector ops 17x slower). Training tasks set it to this
     # many MiB once per worker process (glibc's own ceiling, 32); 0 = leave the allocator alone.
-    mmap_threshold_mb: int = 32
+    mmap_threshold_mb: int = MAX_MMAP_THRESHOLD_MB
 
     # ----------------------------------------------------------------------------------------
 
@@ -129,7 +130,8 @@ class TrainConfig:
             ("join_timeout", self.join_timeout > 0, "> 0"),
             ("barrier_timeout", self.barrier_timeout > 0, "> 0"),
             ("no_worker_timeout", self.no_worker_timeout > 0, "> 0"),
-            ("mmap_threshold_mb", 0 <= self.mmap_threshold_mb <= 32, "between 0 (leave it alone) and 32"),
+            ("mmap_threshold_mb", 0 <= self.mmap_threshold_mb <= MAX_MMAP_THRESHOLD_MB,
+             f"between 0 (leave it alone) and {MAX_MMAP_THRESHOLD_MB}"),  # fmt: skip
             ("hidden", all(1 <= h <= MAX_WIDTH for h in self.hidden), f"widths between 1 and {MAX_WIDTH}"),
         ]
         for key, ok, want in checks:

@@ -200,8 +200,9 @@ class ServerOptimizer:
         if self.ema:
             self.buffers["average"] = np.zeros(n, np.float32)  # meaningful once t >= 1
 
-    def _scratch(self, like: np.ndarray) -> np.ndarray:
-        """A work vector shaped like ``like``, kept between rounds (not state: never saved)."""
+    def work_vector(self, like: np.ndarray) -> np.ndarray:
+        """A work vector shaped like ``like``, kept between rounds (not state: never saved).
+        :meth:`step` overwrites it; free for the caller's use before that."""
         if self._work is None or self._work.shape != like.shape:
             self._work = np.empty_like(like)
         return self._work
@@ -211,7 +212,7 @@ class ServerOptimizer:
         plain expressions (``params -= lr * grad`` ...): the products go through one scratch
         vector instead of a fresh temporary per round."""
         self.t += 1
-        tmp = self._scratch(params)
+        tmp = self.work_vector(params)
         if self.name == "sgd":
             np.multiply(grad, np.float32(lr), out=tmp)
             params -= tmp
@@ -288,7 +289,6 @@ class _Job:
     join_timeout: float = 120.0
     pending: dict[str, tuple[np.ndarray, int, float]] = field(default_factory=dict)
     grad: np.ndarray | None = None  # sync: the round's combined delta (reused every round)
-    grad_tmp: np.ndarray | None = None
     progress: dict[str, int] = field(default_factory=dict)  # participant -> batches absorbed
     summaries: dict[str, dict] = field(default_factory=dict)  # participant -> its task's result
     local_states: dict[str, dict] = field(default_factory=dict)  # sync: slot -> local optimizer state
@@ -458,9 +458,10 @@ class ParameterServerExtension(SchedulerPlugin):
             return
         names = sorted(st.pending)  # fixed order: reproducible float sums
         total = sum(st.pending[n][1] for n in names)
-        if st.grad is None or st.grad.shape != st.params.shape:  # kept: no 2 fresh vectors a round
-            st.grad, st.grad_tmp = np.empty_like(st.params), np.empty_like(st.params)
-        grad, tmp = st.grad, st.grad_tmp
+        if st.grad is None:  # kept: no fresh vectors a round
+            st.grad = np.empty_like(st.params)
+        grad = st.grad
+        tmp = st.optimizer.work_vector(st.params)  # free until the step below
         for i, n in enumerate(names):
             delta, samples, _ = st.pending[n]
             weight = np.float32(samples / total if total else 1 / len(names))
