@@ -3,10 +3,11 @@ the number of pushing worker processes.
 
     python -m bench.ps_limits            # 1e4..1e7 parameters x 1, 2, 4, 8 worker processes
     python -m bench.ps_limits --quick    # tiny smoke run
+    python -m bench.ps_limits --optimizer adam --sizes 1e6,1e7 --workers 1   # server Adam's cost
 
 For each number of workers a LocalCluster of that many single-threaded worker processes is
 started with ``pipeline.ps`` preloaded into its scheduler; for each parameter count an
-``async`` job (server SGD lr 1) is created and one task per worker joins it and pushes zero-compute
+``async`` job (server SGD lr 1, or ``--optimizer momentum|adam``) is created and one task per worker joins it and pushes zero-compute
 deltas back to back through ``worker.scheduler.ps_push`` (``ParameterServer.call_soon``, exactly
 what ``pipeline.worker.train_task`` does, after restoring glibc's mmap threshold as it does),
 each push waiting for its reply (the new weights).
@@ -66,7 +67,7 @@ def push_loop(job: str, name: str, n: int, start: float, seconds: float) -> dict
     return {"pushes": done, "latency_ms": 1e3 * float(np.median(lat)) if lat else float("nan")}
 
 
-def measure(client: Any, n_workers: int, n: int, seconds: float) -> dict[str, Any]:
+def measure(client: Any, n_workers: int, n: int, seconds: float, optimizer: str = "sgd") -> dict[str, Any]:
     import uuid
 
     from pipeline.ps import ParameterServer
@@ -74,7 +75,7 @@ def measure(client: Any, n_workers: int, n: int, seconds: float) -> dict[str, An
     job = f"psbench-{uuid.uuid4().hex[:8]}"
     ps = ParameterServer(job, client)
     p0 = np.ones(n, np.float32)
-    ps.create(p0, mode="async", optimizer={"name": "sgd", "lr": 1.0})
+    ps.create(p0, mode="async", optimizer={"name": optimizer, "lr": 1.0})
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     start = time.time() + 1.0 + n * 4e-8 * n_workers  # time to ship the job's weights to everyone
     futs = [client.submit(push_loop, job, f"w{i}", n, start, seconds, workers=[w], pure=False,
@@ -84,7 +85,7 @@ def measure(client: Any, n_workers: int, n: int, seconds: float) -> dict[str, An
     m = ps.metrics()
     ps.close()
     pushes = sum(r["pushes"] for r in res)
-    if not np.array_equal(params, p0):
+    if not np.array_equal(params, p0):  # zero deltas move no optimizer's weights
         raise AssertionError("zero deltas changed the weights")
     if version != m["pushes"] or version < pushes:
         raise AssertionError(f"server version {version} vs {m['pushes']} pushes reported, {pushes} counted")
@@ -94,7 +95,7 @@ def measure(client: Any, n_workers: int, n: int, seconds: float) -> dict[str, An
 
 
 def run(quick: bool = False, sizes: Sequence[int] = SIZES, workers: Sequence[int] = WORKERS,
-        seconds: float = 3.0) -> tuple[str, list[dict]]:  # fmt: skip
+        seconds: float = 3.0, optimizer: str = "sgd") -> tuple[str, list[dict]]:  # fmt: skip
     if quick:
         sizes, workers, seconds = (10_000, 100_000), (1, 2), 0.5
     load0 = load()
@@ -102,8 +103,8 @@ def run(quick: bool = False, sizes: Sequence[int] = SIZES, workers: Sequence[int
     for nw in workers:
         with local_cluster(nw) as client:
             for n in sizes:
-                rows.append(measure(client, nw, n, seconds))
-    head = (f"async mode, server SGD, zero-compute deltas, {seconds:g} s window per cell, LocalCluster of N "
+                rows.append(measure(client, nw, n, seconds, optimizer))
+    head = (f"async mode, server {optimizer}, zero-compute deltas, {seconds:g} s window per cell, LocalCluster of N "
             f"single-threaded worker processes on this machine (loopback TCP); load average before {load0:.2f}, "
             f"after {load():.2f}")  # fmt: skip
     fmt = {"params": ".0e", "MB/push": ".2f", "pushes/s": ",.0f", "MB/s in": ",.0f", "median push ms": ".2f"}
@@ -116,11 +117,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--seconds", type=float, default=3.0, help="measurement window per cell")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--workers", default=",".join(map(str, WORKERS)))
+    ap.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adam"),
+                    help="the server's optimizer (its per-round cost on the scheduler)")
     args = ap.parse_args(argv)
     text, _ = run(args.quick, [int(float(s)) for s in args.sizes.split(",")],
-                  [int(s) for s in args.workers.split(",")], args.seconds)  # fmt: skip
+                  [int(s) for s in args.workers.split(",")], args.seconds, args.optimizer)  # fmt: skip
     print(text)
-    write_out("ps_limits" + ("-quick" if args.quick else ""), text)
+    write_out("ps_limits" + ("-quick" if args.quick else "") + ("" if args.optimizer == "sgd" else f"-{args.optimizer}"), text)
     return text
 
 

@@ -192,6 +192,7 @@ class ServerOptimizer:
         self.t = 0
         self.buffers: dict[str, np.ndarray] = {}
         self._work: np.ndarray | None = None
+        self._work2: np.ndarray | None = None  # adam's second work vector
         if name == "momentum":
             self.buffers["velocity"] = np.zeros(n, np.float32)
         elif name == "adam":
@@ -209,8 +210,8 @@ class ServerOptimizer:
 
     def step(self, params: np.ndarray, grad: np.ndarray, lr: float) -> None:
         """Apply one update in place; ``grad`` is read only. Element-wise results equal the
-        plain expressions (``params -= lr * grad`` ...): the products go through one scratch
-        vector instead of a fresh temporary per round."""
+        plain expressions (``params -= lr * grad`` ...): the products go through scratch
+        vectors kept between rounds (one; two for adam) instead of fresh temporaries per round."""
         self.t += 1
         tmp = self.work_vector(params)
         if self.name == "sgd":
@@ -223,14 +224,27 @@ class ServerOptimizer:
             np.multiply(vel, np.float32(lr), out=tmp)
             params -= tmp
         else:
+            # params -= lr/c1 * m / (sqrt(v / c2) + eps), operation by operation as written,
+            # through the work vector and a second one kept for adam alone
             m, v = self.buffers["m"], self.buffers["v"]
             m *= np.float32(self.beta1)
-            m += np.float32(1 - self.beta1) * grad
+            np.multiply(grad, np.float32(1 - self.beta1), out=tmp)
+            m += tmp
             v *= np.float32(self.beta2)
-            v += np.float32(1 - self.beta2) * np.square(grad)
+            np.square(grad, out=tmp)
+            tmp *= np.float32(1 - self.beta2)
+            v += tmp
             c1 = 1 - self.beta1**self.t
             c2 = 1 - self.beta2**self.t
-            params -= np.float32(lr / c1) * m / (np.sqrt(v / np.float32(c2)) + np.float32(self.eps))
+            if self._work2 is None or self._work2.shape != params.shape:
+                self._work2 = np.empty_like(params)
+            num = self._work2
+            np.multiply(m, np.float32(lr / c1), out=num)
+            np.divide(v, np.float32(c2), out=tmp)
+            np.sqrt(tmp, out=tmp)
+            tmp += np.float32(self.eps)
+            num /= tmp
+            params -= num
         if self.ema:
             avg = self.buffers["average"]
             d = min(self.ema, (1 + self.t) / (10 + self.t))
