@@ -59,6 +59,7 @@ EXTENSION_NAME = "pipeline_ps"
 MODES = ("sync", "async", "ssp")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 _JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_MAX_SLOTS = 4096  # sync shares whose local optimizer states a job keeps
 _HISTORY_LEN = 20_000
 _FINISHED_KEPT = 8
 _TASK_ALIVE = frozenset({"waiting", "queued", "no-worker", "processing"})
@@ -537,6 +538,7 @@ class ParameterServerExtension(SchedulerPlugin):
         join_timeout: float = 120.0,
         overwrite: bool = False,
         client: str | None = None,
+        local_states: dict | None = None,
     ) -> dict[str, Any]:
         _check_job_id(job)
         if job in self.jobs and not overwrite and not self.jobs[job].closed:
@@ -567,6 +569,18 @@ class ParameterServerExtension(SchedulerPlugin):
             sched = Schedule(**(schedule or {}))
         except (TypeError, ValueError) as exc:
             raise PSError(f"bad schedule: {exc}") from None
+        locals_: dict[str, dict] = {}
+        if local_states:
+            # sync shares' local optimizer states from a checkpoint: a resumed run continues
+            # each share's optimizer where it stopped
+            if mode != "sync":
+                raise PSError("local_states belong to sync jobs only")
+            if not isinstance(local_states, Mapping) or len(local_states) > _MAX_SLOTS:
+                raise PSError(f"local_states: expected at most {_MAX_SLOTS} {{slot: optimizer state}}")
+            locals_ = {
+                str(slot): decode_opt_state(v, n_params, f"local_state of {slot}")
+                for slot, v in local_states.items()
+            }
         self.jobs[job] = _Job(
             job=job,
             params=vec,
@@ -581,6 +595,7 @@ class ParameterServerExtension(SchedulerPlugin):
             join_timeout=float(join_timeout),
             progress={str(k): int(v) for k, v in (progress or {}).items()},
             epoch=int(epoch),
+            local_states=locals_,
         )
         logger.info("job %s created: %d parameters, mode %s", job, n_params, mode)
         return {"status": "OK", "installed_by": self.installed_by, "version": int(version)}
@@ -777,6 +792,9 @@ class ParameterServerExtension(SchedulerPlugin):
                 {"t": st.optimizer.t, "buffers": {k: v.copy() for k, v in st.optimizer.buffers.items()}}
             ),
             "progress": dict(st.progress),
+            # sync: each share's local optimizer state as its last task left it (replaced, never
+            # changed in place, when a task leaves: no copy needed)
+            "local_states": {k: encode_opt_state(v) for k, v in st.local_states.items()},
             "failed": st.failed,
             "metrics": self._metrics(st),
         }
@@ -958,9 +976,14 @@ class ParameterServer:
         epoch: int = 0,
         join_timeout: float = 120.0,
         overwrite: bool = False,
+        local_states: dict | None = None,
     ) -> dict[str, Any]:
+        """Create the job on the scheduler. ``optimizer_state`` (server) and ``local_states``
+        (sync: slot -> the share's local optimizer state ``{"t", "lr", "buffers"}``) continue a
+        checkpointed run."""
         params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
         opt_state = encode_opt_state(optimizer_state) if optimizer_state else None
+        locals_ = {str(k): encode_opt_state(v) for k, v in local_states.items()} if local_states else None
         client_id = getattr(self._client, "id", None)
         return self.call(
             "create",
@@ -976,6 +999,7 @@ class ParameterServer:
             optimizer_state=opt_state,
             progress=progress,
             epoch=int(epoch),
+            local_states=locals_,
             join_timeout=float(join_timeout),
             overwrite=overwrite,
             client=client_id,
@@ -993,6 +1017,8 @@ class ParameterServer:
         r["params"] = np.asarray(r["params"])
         buffers = {k: np.asarray(v) for k, v in r["optimizer_state"]["buffers"].items()}
         r["optimizer_state"]["buffers"] = buffers
+        for loc in r.get("local_states", {}).values():
+            loc["buffers"] = {k: np.asarray(v) for k, v in loc["buffers"].items()}
         averaged = r["optimizer"].get("ema") and r["optimizer_state"]["t"] and "average" in buffers
         r["model"] = buffers["average"] if averaged else r["params"]
         return r

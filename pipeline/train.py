@@ -9,6 +9,7 @@ the final model to the run directory::
 
     RUN_DIR/config.toml      resolved configuration
     RUN_DIR/checkpoint.npz   server state (weights, optimizer state, round, epoch, position)
+                             and, sync, each share's local optimizer state
     RUN_DIR/model.npz        the trained model (best validation epoch), see pipeline.model
     RUN_DIR/history.json     per-epoch and per-round metrics
 """
@@ -418,6 +419,7 @@ class Trainer:
             },
             version=int(state["meta"]["version"]) if state else 0,
             optimizer_state=state.get("optimizer_state") if state else None,
+            local_states=state.get("local_states") if state and cfg.mode == "sync" else None,
             progress=state["meta"].get("progress") if state else None,
             epoch=start_epoch,
             join_timeout=cfg.join_timeout,
@@ -758,11 +760,20 @@ class Trainer:
         arrays = {"params": st["params"], "best_params": best[1]}
         for k, v in st["optimizer_state"]["buffers"].items():
             arrays[f"opt_{k}"] = v
+        # sync shares' local optimizer states: slot -> t, lr and the names of its arrays
+        local_meta: dict[str, dict] = {}
+        for i, (slot, loc) in enumerate(sorted(st.get("local_states", {}).items())):
+            names = {}
+            for j, (k, v) in enumerate(sorted(loc["buffers"].items())):
+                names[k] = f"local{i}_{j}"
+                arrays[names[k]] = v
+            local_meta[slot] = {"t": loc["t"], "lr": loc.get("lr"), "arrays": names}
         meta = {
             "job": self.job,
             "epoch": epoch,
             "version": st["version"],
             "optimizer_t": st["optimizer_state"]["t"],
+            "local_states": local_meta,
             "progress": st.get("progress", {}),
             "done_tasks": sorted(done_tasks),
             "history": history,
@@ -785,10 +796,26 @@ class Trainer:
                 "resume with the same store and model config"
             )
         buffers = {k[4:]: v for k, v in arrays.items() if k.startswith("opt_")}
+        local_states = {}
+        try:
+            for slot, loc in (meta.get("local_states") or {}).items():
+                local_states[slot] = {"t": int(loc["t"]), "lr": loc.get("lr"),
+                                      "buffers": {k: arrays[a] for k, a in loc["arrays"].items()}}  # fmt: skip
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise CheckpointError(
+                f"checkpoint {str(self.run.checkpoint)!r} has a malformed local optimizer state; "
+                "resume from an earlier checkpoint"
+            ) from None
+        saved = meta.get("config") or {}
+        if local_states and any(saved.get(k) != getattr(self.cfg, k) for k in ("optimizer", "lr", "mode")):
+            # a share's local state belongs to the local optimizer that made it
+            self.log("local optimizer or mode changed since the checkpoint: shares start with a fresh local state")
+            local_states = {}
         return {
             "params": arrays["params"],
             "best_params": arrays.get("best_params", arrays["params"]),
             "optimizer_state": {"t": int(meta.get("optimizer_t", 0)), "buffers": buffers},
+            "local_states": local_states,
             "meta": meta,
         }
 

@@ -508,3 +508,31 @@ async def test_sync_share_keeps_its_local_optimizer_state_across_tasks(c, s, a, 
         bad = {"t": 1, "lr": 1e-3, "buffers": {"m": to_serialize(np.zeros(N + 1, np.float32))}}
         await c.scheduler.ps_leave(job="j", name="e1-s0", slot="s0", local_state=bad)
 
+
+@gen_cluster(client=True)
+async def test_local_states_round_trip_through_state_and_create(c, s, a, b):
+    """A sync job's shares' local optimizer states are part of its state, and a job created
+    from that state (a resumed run) hands each share its own state back."""
+    ParameterServerExtension(s)
+    await _create(c, "j", np.zeros(N, np.float32), mode="sync")
+    await c.scheduler.ps_join(job="j", name="e0-s1", slot="s1")
+    m = np.arange(N, dtype=np.float32)
+    state = {"t": 5, "lr": 1e-3, "buffers": {"m": to_serialize(m), "v": to_serialize(m + 1)}}
+    await c.scheduler.ps_leave(job="j", name="e0-s1", slot="s1", local_state=state)
+    st = await c.scheduler.ps_state(job="j")
+    assert set(st["local_states"]) == {"s1"} and st["local_states"]["s1"]["t"] == 5
+    saved = {
+        slot: {"t": v["t"], "lr": v["lr"], "buffers": {k: to_serialize(np.asarray(b)) for k, b in v["buffers"].items()}}
+        for slot, v in st["local_states"].items()
+    }  # fmt: skip
+    await _create(c, "k", np.zeros(N, np.float32), mode="sync", local_states=saved)
+    back = await c.scheduler.ps_join(job="k", name="e1-s1", slot="s1")
+    assert back["local_state"]["t"] == 5 and back["local_state"]["lr"] == 1e-3
+    np.testing.assert_array_equal(back["local_state"]["buffers"]["v"], m + 1)
+    assert "local_state" not in await c.scheduler.ps_join(job="k", name="e1-s0", slot="s0")
+    with pytest.raises(PSError, match="sync jobs only"):
+        await _create(c, "a", np.zeros(N, np.float32), mode="async", local_states=saved)
+    short = {"s0": {"t": 1, "buffers": {"m": to_serialize(np.zeros(N - 1, np.float32))}}}
+    with pytest.raises(PSError, match="local_state of s0"):
+        await _create(c, "b", np.zeros(N, np.float32), mode="sync", local_states=short)
+    assert "b" not in s.extensions[EXTENSION_NAME].jobs  # a refused create leaves no job

@@ -224,6 +224,32 @@ def test_resume_continues_rounds_and_history(letter_stores, client, tmp_path):
     assert resumed.history[3]["rounds"] > resumed.history[2]["rounds"]
 
 
+def test_sync_resume_at_an_epoch_boundary_repeats_the_uninterrupted_run(letter_stores, client, tmp_path):
+    """The checkpoint keeps every sync share's local optimizer state (Adam's moments and step
+    count): a run stopped after its first epoch and resumed ends with the weights of a run that
+    was never stopped, bit for bit."""
+    from pipeline.checkpoint import load_file
+
+    cfg = {"epochs": 3, "patience": 0, "min_share_gflop": 0}
+    straight = train(letter_stores[0], TrainConfig(**cfg), tmp_path / "straight", client=client)
+    out = tmp_path / "cut"
+    train(letter_stores[0], TrainConfig(**{**cfg, "epochs": 1}), out, client=client)
+    arrays, meta = load_file(out / "checkpoint.npz", "checkpoint")
+    assert sorted(meta["local_states"]) == ["s0", "s1"]
+    assert all(sorted(v["arrays"]) == ["m", "v"] and v["t"] > 0 for v in meta["local_states"].values())
+    resumed = train(letter_stores[0], TrainConfig(**cfg), out, client=client, resume=True)
+    assert [h["val_accuracy"] for h in resumed.history] == [h["val_accuracy"] for h in straight.history]
+    a, _ = load_file(out / "checkpoint.npz", "checkpoint")
+    b, _ = load_file(tmp_path / "straight" / "checkpoint.npz", "checkpoint")
+    for k in ("params", "opt_average", "local0_0", "local1_1"):
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # a state belongs to the local optimizer that made it: a changed learning rate starts afresh
+    said: list[str] = []
+    train(letter_stores[0], TrainConfig(**{**cfg, "epochs": 4, "lr": 2e-3}), out, client=client,
+          resume=True, log=said.append)  # fmt: skip
+    assert any("fresh local state" in m for m in said), said
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_resume_mid_epoch_runs_only_the_unfinished_tasks(mode, letter_stores, client, tmp_path):
     """A checkpoint written mid-epoch lists the tasks already done; the resumed epoch submits the
