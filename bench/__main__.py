@@ -7,6 +7,9 @@
                                      # to bench/out/ (after running them one by one)
     python -m bench --ooc-sizes 1,4  # pass sizes to the out-of-core benchmark
 
+A table whose module drew a figure (bench/figures.py) gets it linked underneath; a full run's
+figures are copied to bench/figures/, kept in git beside RESULTS.md.
+
 Each module also runs alone (``python -m bench.<name>``) and keeps its table in bench/out/.
 """
 
@@ -14,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench.common import OUT, machine, write_out
+from bench.figures import FIGURES, TITLES
 
 HERE = Path(__file__).resolve().parent
 # (module, title, full command)
@@ -49,7 +54,24 @@ def _run_one(name: str, quick: bool, ooc: str) -> tuple[str, float]:
     return text, time.perf_counter() - t
 
 
-def render(sections: list[tuple[str, str, str, float | None]], quick: bool, preamble: str = "") -> str:
+def publish_figure(name: str, quick: bool) -> str | None:
+    """The markdown image line for benchmark ``name``'s figure, if its last run drew one: a full
+    run's figure is copied to bench/figures/ (kept in git with RESULTS.md), a quick run's is
+    linked where it lies in bench/out/."""
+    src = OUT / f"{name}{'-quick' if quick else ''}.png"
+    if not src.is_file():
+        return None
+    if quick:
+        rel = src.relative_to(HERE).as_posix()
+    else:
+        FIGURES.mkdir(exist_ok=True)
+        shutil.copyfile(src, FIGURES / f"{name}.png")
+        rel = f"{FIGURES.name}/{name}.png"
+    return f"![{TITLES.get(name, name)}]({rel})"
+
+
+def render(sections: list[tuple[str, str, str, float | None]], quick: bool, preamble: str = "",
+           figures: dict[str, str] | None = None) -> str:  # fmt: skip
     m = machine()
     lines = [
         "# Benchmark results" + (" (quick smoke sizes: not meaningful figures)" if quick else ""),
@@ -65,6 +87,8 @@ def render(sections: list[tuple[str, str, str, float | None]], quick: bool, prea
         took = f" ({secs:.0f} s)" if secs is not None else ""
         body = "\n".join("#" + ln if ln.startswith("#") else ln for ln in text.strip().splitlines())
         lines += [f"## {title}", "", f"Command: `{cmd}`{took}", "", body, ""]
+        if figures and title in figures:
+            lines += [figures[title], ""]
     return "\n".join(lines)
 
 
@@ -83,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = ap.parse_args(argv)
     chosen = [b for b in BENCHMARKS if not args.only or b[0] in args.only.split(",")]
     sections = []
+    figs: dict[str, str] = {}
     for name, title, cmd in chosen:
         cmd = cmd.format(ooc=args.ooc_sizes) + (" --quick" if args.quick else "")
         if args.collect:
@@ -93,8 +118,11 @@ def main(argv: Sequence[str] | None = None) -> str:
         else:
             text, secs = _run_one(name, args.quick, args.ooc_sizes)
         sections.append((title, cmd, text, secs))
+        fig = publish_figure(name, args.quick)
+        if fig:
+            figs[title] = fig
     pre = Path(args.preamble).read_text() if args.preamble and Path(args.preamble).is_file() else ""
-    doc = render(sections, args.quick, pre)
+    doc = render(sections, args.quick, pre, figs)
     dest = OUT / "RESULTS-quick.md" if args.quick else HERE / "RESULTS.md"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(doc)

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import figures
 from bench.common import OUT, load, local_cluster, md_table, run_pipeline, write_out
 
 FEATURES = 784
@@ -58,6 +59,8 @@ class Sampler:
 
         self.procs = {w: psutil.Process(p) for w, p in pids.items()}
         self.peak = dict.fromkeys(pids, 0)
+        self.series: list[tuple[float, float]] = []  # (seconds, MB of the largest worker)
+        self._t0 = time.perf_counter()
         self.read0 = {w: self._read(p) for w, p in self.procs.items()}
         self.read1 = dict(self.read0)
         self.every = every
@@ -72,18 +75,23 @@ class Sampler:
             return 0
 
     def _sample(self) -> None:
+        top = 0
         for w, p in self.procs.items():
             try:
-                self.peak[w] = max(self.peak[w], p.memory_info().rss)
+                rss = p.memory_info().rss
+                self.peak[w] = max(self.peak[w], rss)
+                top = max(top, rss)
                 self.read1[w] = self._read(p)
             except Exception:  # noqa: BLE001 - the worker may restart; keep sampling the rest
                 pass
+        self.series.append((time.perf_counter() - self._t0, top / 2**20))
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             self._sample()
 
     def __enter__(self) -> Sampler:
+        self._t0 = time.perf_counter()
         self._t.start()
         return self
 
@@ -126,7 +134,7 @@ def one_size(gb: float, tmp: Path, memory_limit: str, rows: int | None = None, h
             "page cache": cache, "epoch s": secs, "samples/s": rows / secs,
             "worker RSS before MB": max(base.values()) / 2**20, "peak RSS MB (max worker)": peaks[-1] / 2**20,
             "peak RSS MB (min worker)": peaks[0] / 2**20, "disk read MB/s": read / 1e6 / secs,
-            "store MB/s": disk / 1e6 / secs, "workers lost": restarts}  # fmt: skip
+            "store MB/s": disk / 1e6 / secs, "workers lost": restarts, "_series": s.series}  # fmt: skip
 
 
 def run(quick: bool = False, sizes: Sequence[float] = (1, 4, 16), huge: bool = False,
@@ -162,7 +170,8 @@ def run(quick: bool = False, sizes: Sequence[float] = (1, 4, 16), huge: bool = F
     fmt = {"store GB (X)": ".3f", "GB on disk": ".3f", "rows": ",d", "generate s": ".1f", "epoch s": ".1f",
            "samples/s": ",.0f", "worker RSS before MB": ".0f", "peak RSS MB (max worker)": ".0f",
            "peak RSS MB (min worker)": ".0f", "disk read MB/s": ".1f", "store MB/s": ".1f", "workers lost": "d"}  # fmt: skip
-    text = head + "\n\n" + md_table(rows_out, fmt) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    shown = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows_out]
+    text = head + "\n\n" + md_table(shown, fmt) + "\n\n" + "\n".join(f"- {n}" for n in notes)
     return text, rows_out
 
 
@@ -174,9 +183,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--memory-limit", default="2GiB", help="per-worker memory limit")
     args = ap.parse_args(argv)
     sizes = [float(s) for s in args.sizes.split(",") if s]
-    text, _ = run(args.quick, sizes, args.huge, args.memory_limit)
+    text, rows = run(args.quick, sizes, args.huge, args.memory_limit)
     print(text)
-    write_out("out_of_core" + ("-quick" if args.quick else ""), text)
+    stem = "out_of_core" + ("-quick" if args.quick else "")
+    write_out(stem, text)
+    if rows:
+        from dask.utils import parse_bytes
+
+        figures.out_of_core(rows, [r["_series"] for r in rows], parse_bytes(args.memory_limit) / 2**20, stem)
     return text
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import figures
 from bench.common import load, local_cluster, md_table, write_out
 
 SIZES = (10_000, 100_000, 1_000_000, 10_000_000)
@@ -120,10 +121,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adam"),
                     help="the server's optimizer (its per-round cost on the scheduler)")
     args = ap.parse_args(argv)
-    text, _ = run(args.quick, [int(float(s)) for s in args.sizes.split(",")],
+    text, rows = run(args.quick, [int(float(s)) for s in args.sizes.split(",")],
                   [int(s) for s in args.workers.split(",")], args.seconds, args.optimizer)  # fmt: skip
     print(text)
-    write_out("ps_limits" + ("-quick" if args.quick else "") + ("" if args.optimizer == "sgd" else f"-{args.optimizer}"), text)
+    stem = "ps_limits" + ("-quick" if args.quick else "") + ("" if args.optimizer == "sgd" else f"-{args.optimizer}")
+    write_out(stem, text)
+    figures.ps_limits(rows, stem)
     return text
 
 

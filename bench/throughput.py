@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import figures
 from bench.common import (
     KernelPeer,
     SklearnPeer,
@@ -200,6 +201,8 @@ def run(quick: bool = False, rows: int = 120_000, epochs: int = 2, variants: boo
     tlines.append(f"| pipeline accuracy within 1 point of in-memory | {-acc_gap:+.2f} points (pipeline - in-memory) | "
                   f"{'yes' if acc_gap <= 1.0 else 'NO'} |")  # fmt: skip
     numbers["targets"] = targets
+    numbers["rows"] = rows_out
+    numbers["pytorch"] = torch_sps
     arch = "-".join(map(str, sizes))
     head = (f"MLP {arch}, batch {batch}, Adam lr 1e-3, {len(Xtr):,} training rows x {epochs} epochs = "
             f"{n_samples:,} samples per trainer, accuracy on {len(Xte):,} test rows; GEMM peak {peak:.0f} GFLOP/s "
@@ -215,9 +218,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--rows", type=int, default=120_000, help="training rows (plus 10,000 test rows)")
     ap.add_argument("--epochs", type=int, default=2, help="passes over the training rows, every trainer")
     args = ap.parse_args(argv)
-    text, _ = run(quick=args.quick, rows=args.rows, epochs=args.epochs)
+    text, numbers = run(quick=args.quick, rows=args.rows, epochs=args.epochs)
     print(text)
-    write_out("throughput" + ("-quick" if args.quick else ""), text)
+    stem = "throughput" + ("-quick" if args.quick else "")
+    write_out(stem, text)
+    figures.throughput(numbers["rows"], numbers["limit"], numbers["pytorch"], stem)
     return text
 
 

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import figures
 from bench.common import (
     KernelPeer,
     SklearnPeer,
@@ -218,6 +219,8 @@ def one_dataset(name: str, tmp: Path, quick: bool, max_epochs: int, overrides: d
     times["pipeline (warm cluster)"] = first_time(c_warm, thr)
     return {"name": name, "split": split, "task": task, "rows": (train.n_rows, test.n_rows), "thr": thr,
             "times": times, "final": final, "epochs": {k: len(v) for k, v in curves.items()},
+            "curves": {"pipeline": curves["pipeline"], "pipeline (warm cluster)": c_warm,
+                       **{k: v for k, v in curves.items() if k != "pipeline"}},
             "overhead": overhead, "startup": startup, "best": best,
             "first_epoch": hist[0]["seconds"], "first_epoch_warm": r_warm["history"][0]["seconds"],
             "s_per_epoch": {"pipeline": float(np.median([h["seconds"] for h in hist])),
@@ -304,9 +307,11 @@ def main(argv: Sequence[str] | None = None) -> str:
         pipeline_overrides(args.sets)
     except ConfigError as exc:
         ap.error(str(exc))
-    text, _ = run(args.quick, [d for d in args.datasets.split(",") if d], args.max_epochs, args.sets)
+    text, res = run(args.quick, [d for d in args.datasets.split(",") if d], args.max_epochs, args.sets)
     print(text)
-    write_out("time_to_accuracy" + ("-quick" if args.quick else "") + ("-set" if args.sets else ""), text)
+    stem = "time_to_accuracy" + ("-quick" if args.quick else "") + ("-set" if args.sets else "")
+    write_out(stem, text)
+    figures.time_to_accuracy(res, stem)
     return text
 
 

@@ -26,9 +26,16 @@ CASES = {
 }
 
 
+FIGURES = {"throughput", "time_to_accuracy", "out_of_core", "ps_limits"}  # draw a PNG too
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_quick_mode_runs(name: str) -> None:
+    from bench.common import OUT
+
+    png = OUT / f"{name}-quick.png"
+    png.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, "-m", f"bench.{name}", "--quick"],
@@ -37,6 +44,9 @@ def test_quick_mode_runs(name: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     for needle in CASES[name]:
         assert needle in proc.stdout, f"{needle!r} missing from:\n{proc.stdout}"
+    if name in FIGURES:  # the figure beside the table: a real PNG with something drawn in it
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, (png, len(data))
 
 
 def test_time_to_accuracy_settings_are_checked_like_train_set() -> None:
@@ -47,6 +57,26 @@ def test_time_to_accuracy_settings_are_checked_like_train_set() -> None:
     assert pipeline_overrides([]) == {}
     with pytest.raises(ConfigError, match="unknown config key 'emma'"):
         pipeline_overrides(["emma=0"])
+
+
+def test_full_run_figures_are_published_beside_results(tmp_path: Path, monkeypatch) -> None:
+    """A full run's figure is copied from bench/out/ to bench/figures/ and linked relative to
+    bench/; a quick one is linked where it lies; a benchmark without a figure gets no link."""
+    import bench.__main__ as main
+
+    out, figs = tmp_path / "out", tmp_path / "figures"
+    out.mkdir()
+    (out / "ps_limits.png").write_bytes(b"\x89PNG full")
+    (out / "ps_limits-quick.png").write_bytes(b"\x89PNG quick")
+    monkeypatch.setattr(main, "OUT", out)
+    monkeypatch.setattr(main, "FIGURES", figs)
+    monkeypatch.setattr(main, "HERE", tmp_path)
+    assert main.publish_figure("ps_limits", quick=False) == f"![{main.TITLES['ps_limits']}](figures/ps_limits.png)"
+    assert (figs / "ps_limits.png").read_bytes() == b"\x89PNG full"
+    assert main.publish_figure("ps_limits", quick=True).endswith("(out/ps_limits-quick.png)")
+    assert main.publish_figure("kernels", quick=False) is None
+    doc = main.render([("T", "python -m bench.x", "| a |", None)], quick=False, figures={"T": "![t](figures/x.png)"})
+    assert doc.index("| a |") < doc.index("![t](figures/x.png)")
 
 
 def test_main_collect_writes_results(tmp_path: Path) -> None:
