@@ -84,17 +84,25 @@ def time_to_accuracy(results: Sequence[dict], stem: str) -> Path | None:
     return _save(plt, fig, stem)
 
 
-def throughput(rows: Sequence[dict], limit: float, torch_sps: float | None, stem: str) -> Path | None:
-    """samples/s per trainer as bars, with the GEMM-implied limit and 1.3x PyTorch marked."""
+def throughput(rows: Sequence[dict], limit: float, torch_sps: float | None, stem: str,
+               passes: dict[str, list[float]] | None = None) -> Path | None:  # fmt: skip
+    """samples/s per trainer as bars (the median; whiskers span the passes), with the
+    GEMM-implied limit and 1.3x PyTorch marked."""
+    import textwrap
+
     plt = _pyplot()
     if plt is None:
         return None
     names = [r["trainer"] for r in rows]
     sps = [r["samples/s"] for r in rows]
+    err = None
+    if passes and all(len(passes.get(n, ())) > 1 for n in names):
+        err = [[v - min(passes[n]) for n, v in zip(names, sps, strict=True)],
+               [max(passes[n]) - v for n, v in zip(names, sps, strict=True)]]  # fmt: skip
     colours = [next((c for k, c in COLOURS.items() if name.startswith(k.split(" (")[0])), "C4") for name in names]
-    fig, ax = plt.subplots(figsize=(10, 0.38 * len(rows) + 1.4))
-    ax.barh(range(len(rows)), sps, color=colours)
-    ax.set_yticks(range(len(rows)), names, fontsize=8)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.4))
+    ax.barh(range(len(rows)), sps, color=colours, xerr=err, error_kw={"lw": 0.8, "capsize": 2})
+    ax.set_yticks(range(len(rows)), [textwrap.fill(n, 32) for n in names], fontsize=8)
     ax.invert_yaxis()
     if limit <= 3 * max(sps):  # (tiny quick-mode models have a limit far off the chart)
         ax.axvline(limit, ls="--", color="k", lw=0.8, label=f"GEMM-peak limit {limit:,.0f}")
