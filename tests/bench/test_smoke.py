@@ -104,3 +104,24 @@ def test_soak_runs_kills_and_reports(tmp_path: Path) -> None:
     assert rows and int(rows[-1][7]) >= 2, report  # at least two workers were killed ...
     samples = [int(r[6].replace(",", "")) for r in rows]
     assert samples[-1] > samples[0], report  # ... and training went on
+
+
+def test_throughput_reports_the_median_of_its_passes() -> None:
+    """The table's figures (and so the targets) are each trainer's median over the passes, with
+    every pass shown; a single pass is reported as it is."""
+    from bench.throughput import _median_rows
+
+    passes = [
+        [{"trainer": "a", "samples/s": 10.0, "seconds": 3.0, "test acc": 0.5, "wall": None},
+         {"trainer": "b", "samples/s": 40.0, "seconds": 1.0, "test acc": 0.6, "wall": 1.5}],
+        [{"trainer": "a", "samples/s": 30.0, "seconds": 1.0, "test acc": 0.5, "wall": None},
+         {"trainer": "b", "samples/s": 20.0, "seconds": 2.0, "test acc": 0.6, "wall": 2.5}],
+        [{"trainer": "a", "samples/s": 20.0, "seconds": 2.0, "test acc": 0.5, "wall": None},
+         {"trainer": "b", "samples/s": 60000.0, "seconds": 0.1, "test acc": 0.6, "wall": 0.5}],
+    ]  # fmt: skip
+    a, b = _median_rows(passes)
+    assert (a["trainer"], a["samples/s"], a["seconds"], a["wall"]) == ("a", 20.0, 2.0, None)
+    assert (b["samples/s"], b["wall"], b["test acc"]) == (40.0, 1.5, 0.6)
+    assert b["samples/s per pass"] == "0.0k / 0.0k / 60.0k"
+    (single,) = _median_rows([passes[0][:1]])
+    assert single == {"trainer": "a", "samples/s": 10.0, "seconds": 3.0, "test acc": 0.5, "wall": None}
