@@ -20,7 +20,7 @@ FIGURES = Path(__file__).resolve().parent / "figures"
 TITLES = {
     "time_to_accuracy": "time to accuracy: test metric vs training seconds, threshold dashed",
     "throughput": "end-to-end throughput, samples/s",
-    "out_of_core": "out of core: worker RSS during one epoch, and samples/s, per store size",
+    "out_of_core": "out of core: largest worker RSS over each one-epoch run, and samples/s, per store size",
     "ps_limits": "parameter server: MB/s in and pushes/s vs parameters",
 }
 # one colour per trainer, the same in every figure

@@ -59,8 +59,7 @@ class Sampler:
 
         self.procs = {w: psutil.Process(p) for w, p in pids.items()}
         self.peak = dict.fromkeys(pids, 0)
-        self.series: list[tuple[float, float]] = []  # (seconds, MB of the largest worker)
-        self._t0 = time.perf_counter()
+        self.series: list[tuple[float, float]] = []  # (seconds since __enter__, MB of the largest worker)
         self.read0 = {w: self._read(p) for w, p in self.procs.items()}
         self.read1 = dict(self.read0)
         self.every = every
@@ -75,7 +74,7 @@ class Sampler:
             return 0
 
     def _sample(self) -> None:
-        top = 0
+        top = 0  # (called from __enter__ on: _t0 is set there)
         for w, p in self.procs.items():
             try:
                 rss = p.memory_info().rss

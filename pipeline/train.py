@@ -419,7 +419,7 @@ class Trainer:
             },
             version=int(state["meta"]["version"]) if state else 0,
             optimizer_state=state.get("optimizer_state") if state else None,
-            local_states=state.get("local_states") if state and cfg.mode == "sync" else None,
+            local_states=state.get("local_states") if state else None,  # empty unless sync, same optimizer
             progress=state["meta"].get("progress") if state else None,
             epoch=start_epoch,
             join_timeout=cfg.join_timeout,
