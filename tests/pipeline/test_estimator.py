@@ -317,3 +317,18 @@ def test_full_batch_rmsprop_with_its_own_rho_in_process():
     # the bias's gradient is 0 on standardized data: RMSprop would scale float32 rounding noise
     # up to a full step, so the weights are compared
     np.testing.assert_allclose(est.model_.params[:3], p[:3], rtol=1e-4, atol=1e-5)
+
+
+def test_step_activation_trains_and_predicts_the_same_from_its_model_file(tmp_path):
+    """activation="step" (threshold hidden units, straight-through gradient) learns XOR-like
+    quadrants that a linear model cannot, and the saved model predicts the same labels."""
+    rng = np.random.default_rng(9)
+    X = rng.uniform(-1, 1, (600, 2))
+    y = np.where((X[:, 0] > 0) ^ (X[:, 1] > 0), "odd", "even")
+    clf = MLPClassifier(hidden_layer_sizes=(32,), activation="step", batch_size=20, learning_rate_init=1e-2,
+                        max_iter=60, n_iter_no_change=0, random_state=1)  # fmt: skip
+    clf.fit(X[:400], y[:400])
+    assert clf.score(X[400:], y[400:]) > 0.9
+    assert clf.model_.spec["activation"] == "step"
+    clf.save(tmp_path / "m.npz")
+    np.testing.assert_array_equal(pipeline.load_model(tmp_path / "m.npz").predict(X[400:]), clf.predict(X[400:]))
