@@ -405,6 +405,10 @@ class MLPTrainer:
         self._acc_rows += b
         return loss
 
+    def discard_accumulated(self) -> None:
+        """Forget the gradients accumulated since the last :meth:`apply`."""
+        self._acc, self._acc_rows = None, 0
+
     @property
     def accumulated_rows(self) -> int:
         """Rows whose gradients :meth:`apply` would average."""
@@ -417,7 +421,7 @@ class MLPTrainer:
         if not rows or self._acc is None:
             return 0
         self.K.to_device((self._acc / rows).astype(self.dtype), out=self._grad)
-        self._acc, self._acc_rows = None, 0
+        self.discard_accumulated()
         self.optimizer.step(self._flat, self._grad, lr)
         return rows
 

@@ -238,6 +238,8 @@ def train_task(
             fold(fut)
 
     full_batch = cfg["batch_size"] == 0  # one step with the mean gradient of every row
+    if full_batch:
+        trainer.discard_accumulated()  # a failed task on this thread may have left some behind
     loader = ChunkLoader(
         _store(store_path),
         ranges=ranges,

@@ -297,6 +297,11 @@ def test_full_batch_accumulated_over_pieces_is_plain_gradient_descent(name):
         W, b = W - 0.1 * 2 * X.T @ r / len(X), b - 0.1 * 2 * r.mean(axis=0)
     np.testing.assert_allclose(tr.get_params(), np.concatenate([W.ravel(), b]), rtol=1e-10, atol=1e-12)
     assert tr.accumulated_rows == 0 and tr.apply() == 0  # nothing accumulated: no step
+    before = tr.get_params()
+    tr.accumulate(X[:5], y[:5])
+    tr.discard_accumulated()
+    assert tr.apply() == 0
+    np.testing.assert_array_equal(tr.get_params(), before)
 
 
 def test_full_batch_equals_one_step_on_every_row():
