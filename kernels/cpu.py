@@ -32,7 +32,7 @@ from kernels.reference import (  # noqa: F401  (re-exported memory helpers)
 # error_model="numpy": float division without a zero check, so the loops vectorize
 _JIT = {"nogil": True, "cache": True, "fastmath": False, "error_model": "numpy"}
 _CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
-IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU = range(5)
+IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, STEP = range(6)
 
 
 def act_code(activation: str) -> int:
@@ -76,6 +76,10 @@ def _bias_act(out, x, bias, code, slope):  # out, x: (B, O); bias: (O,)
         elif code == TANH:
             for j in range(o):
                 out[i, j] = np.tanh(x[i, j] + bias[j])
+        elif code == STEP:
+            one = x.dtype.type(1)
+            for j in range(o):
+                out[i, j] = one if x[i, j] + bias[j] > zero else zero
         else:
             for j in range(o):
                 out[i, j] = _sigmoid(x[i, j] + bias[j])
@@ -87,7 +91,7 @@ def _act_bwd(dx, dy, y, code, slope):  # dx, dy, y: (B, O)
     zero = y.dtype.type(0)
     one = y.dtype.type(1)
     for i in range(b):
-        if code == IDENTITY:
+        if code == IDENTITY or code == STEP:  # step: straight-through (reference.py)
             for j in range(o):
                 dx[i, j] = dy[i, j]
         elif code == RELU:
@@ -107,7 +111,7 @@ def _act_bwd(dx, dy, y, code, slope):  # dx, dy, y: (B, O)
 @njit(**_JIT)
 def _act_bwd_inplace(d, y, code, slope):  # d, y: (B, O); d = d * f'(x)
     # a separate in-place version: with dx aliasing dy LLVM's runtime alias check fails and the
-    # three-array loop above runs scalar, ~40x slower
+    # three-array loop above runs scalar, ~40x slower; identity and step leave d as it is
     b, o = y.shape
     zero = y.dtype.type(0)
     one = y.dtype.type(1)

@@ -36,7 +36,7 @@ SIM = bool(config.ENABLE_CUDASIM)
 TILE = 8 if SIM else 16  # GEMM tile edge (threads per block = TILE * TILE)
 TPB = 32 if SIM else 256  # threads per block of the element-wise kernels
 MAX_BLOCKS = 1 if SIM else 1024  # grid-stride loops cover the rest
-IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU = range(5)
+IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, STEP = range(6)
 _CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
 
 try:  # cuBLAS for the matrix products when CuPy is present (never under the simulator)
@@ -207,6 +207,9 @@ def _apply(z, code, slope):
         return z if z > 0 else z * slope
     if code == TANH:
         return math.tanh(z)
+    if code == STEP:
+        zero = slope * 0  # 0 and 1 in the array's dtype (slope is cast to it)
+        return zero + 1 if z > 0 else zero
     if code == SIGMOID:
         if z >= 0:
             return 1 / (1 + math.exp(-z))
@@ -243,7 +246,7 @@ def _act_bwd_k(dx, dy, y, code, slope):  # dx, dy, y: (B, O)
             g = g * (1 - yy * yy)
         elif code == SIGMOID:
             g = g * yy * (1 - yy)
-        dx[i, j] = g
+        dx[i, j] = g  # identity and step (straight-through, see reference.py): g = dy
 
 
 @cuda.jit

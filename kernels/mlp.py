@@ -13,7 +13,13 @@ and the scalar loss out.
 
 Weight decay (``weight_decay``) follows PyTorch: coupled L2 over the whole flat buffer (biases
 included) for sgd/momentum/rmsprop/adam, decoupled for adamw. The reported loss is the data loss
-(without the decay term). ``rmsprop`` uses ``beta2`` as its decay rate ``rho``.
+(without the decay term). ``rmsprop`` decays its squared-gradient average by ``rho`` (PyTorch's
+``alpha``, default 0.99).
+
+Full-batch gradient descent over more rows than fit one buffer: :meth:`MLPTrainer.accumulate`
+adds a minibatch's gradient (weighted by its rows) to a running sum, :meth:`MLPTrainer.apply`
+takes one optimizer step with the mean gradient of every row accumulated since the last one.
+Memory stays that of one minibatch, whatever the number of rows.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ class MLPSpec:
     n_in: int
     hidden: tuple[int, ...]  # widths of the hidden layers
     n_out: int
-    activation: str = "relu"  # identity|sigmoid|tanh|relu|leaky_relu (hidden layers only)
+    activation: str = "relu"  # identity|sigmoid|tanh|relu|leaky_relu|step (hidden layers only)
     loss: str = "softmax_ce"  # softmax_ce | bce_logits | mse
     leaky_slope: float = 0.01  # negative-side slope of leaky_relu (>= 0)
 
@@ -136,7 +142,7 @@ class FlatOptimizer:
 
     ``step(params, grad)`` updates ``params`` in place. State buffers are created on the first
     step with the dtype (and memory) of ``params``; ``t`` counts the steps taken (Adam's
-    bias-correction count). ``rmsprop`` uses ``beta2`` as its decay rate.
+    bias-correction count). ``rmsprop`` decays its average of squared gradients by ``rho``.
     """
 
     def __init__(
@@ -151,13 +157,14 @@ class FlatOptimizer:
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         backend: str | ModuleType = "cpu",
+        rho: float = 0.99,
     ) -> None:
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
         if lr <= 0 or eps <= 0 or weight_decay < 0:
             raise ValueError("optimizer needs lr > 0, eps > 0 and weight_decay >= 0")
-        if not (0 <= momentum < 1 and 0 <= beta1 < 1 and 0 <= beta2 < 1):
-            raise ValueError("momentum, beta1 and beta2 must be in [0, 1)")
+        if not (0 <= momentum < 1 and 0 <= beta1 < 1 and 0 <= beta2 < 1 and 0 <= rho < 1):
+            raise ValueError("momentum, beta1, beta2 and rho must be in [0, 1)")
         self.name = name
         self.n_params = int(n_params)
         self.lr = float(lr)
@@ -165,6 +172,7 @@ class FlatOptimizer:
         self.nesterov = bool(nesterov)
         self.beta1 = float(beta1)
         self.beta2 = float(beta2)
+        self.rho = float(rho)
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
         self.K = _backend(backend)
@@ -194,7 +202,7 @@ class FlatOptimizer:
         elif self.name == "momentum":
             K.momentum_update(params, s["velocity"], grad, lr, self.momentum, self.nesterov, wd)
         elif self.name == "rmsprop":
-            K.rmsprop_update(params, s["sq_avg"], grad, lr, self.beta2, self.eps, wd)
+            K.rmsprop_update(params, s["sq_avg"], grad, lr, self.rho, self.eps, wd)
         elif self.name == "adam":
             K.adam_update(params, s["m"], s["v"], grad, lr, self.beta1, self.beta2, self.eps, wd,
                           self.t)  # fmt: skip
@@ -232,6 +240,7 @@ class MLPTrainer:
 
     ``step`` runs forward, loss, backward and the optimizer update with preallocated buffers
     (views of them for batches smaller than ``max_batch``; a larger batch grows them once).
+    ``accumulate`` and ``apply`` split it for full-batch gradient descent (module docstring).
     """
 
     def __init__(
@@ -250,6 +259,7 @@ class MLPTrainer:
         dtype: Any = np.float32,
         params: np.ndarray | None = None,
         seed: int = 0,
+        rho: float = 0.99,
     ) -> None:
         self.spec = spec
         self.K = get_backend(backend)
@@ -270,8 +280,10 @@ class MLPTrainer:
         self._dW = [gv[f"W{i}"] for i in range(spec.n_layers)]
         self._db = [gv[f"b{i}"] for i in range(spec.n_layers)]
         self.optimizer = FlatOptimizer(
-            optimizer, n, lr, momentum, nesterov, beta1, beta2, eps, weight_decay, self.K
+            optimizer, n, lr, momentum, nesterov, beta1, beta2, eps, weight_decay, self.K, rho
         )
+        self._acc: np.ndarray | None = None  # float64 host sum of row-weighted gradients
+        self._acc_rows = 0
         self._cap = 0
         self._alloc(int(max_batch))
 
@@ -376,6 +388,45 @@ class MLPTrainer:
 
     def step(self, X: np.ndarray, y: np.ndarray) -> float:
         """One minibatch: forward, loss, backward, optimizer update; the pre-update mean loss."""
+        loss = self._gradient(X, y)
+        self.optimizer.step(self._flat, self._grad)
+        return loss
+
+    def accumulate(self, X: np.ndarray, y: np.ndarray) -> float:
+        """Add this minibatch's gradient, times its rows, to the running sum; no update. The
+        minibatch's mean loss (before any update since the last :meth:`apply`)."""
+        loss = self._gradient(X, y)
+        b = np.shape(X)[0]
+        g = np.asarray(self.K.to_host(self._grad), dtype=np.float64)
+        if self._acc is None:
+            self._acc = g * b
+        else:
+            self._acc += g * b
+        self._acc_rows += b
+        return loss
+
+    def discard_accumulated(self) -> None:
+        """Forget the gradients accumulated since the last :meth:`apply`."""
+        self._acc, self._acc_rows = None, 0
+
+    @property
+    def accumulated_rows(self) -> int:
+        """Rows whose gradients :meth:`apply` would average."""
+        return self._acc_rows
+
+    def apply(self, lr: float | None = None) -> int:
+        """One optimizer step with the mean gradient of every row accumulated since the last
+        call (full-batch gradient descent over them); the number of rows, 0 (no step) if none."""
+        rows = self._acc_rows
+        if not rows or self._acc is None:
+            return 0
+        self.K.to_device((self._acc / rows).astype(self.dtype), out=self._grad)
+        self.discard_accumulated()
+        self.optimizer.step(self._flat, self._grad, lr)
+        return rows
+
+    def _gradient(self, X: np.ndarray, y: np.ndarray) -> float:
+        """Forward, loss, backward into the gradient buffer; the mean loss."""
         b = np.shape(X)[0]
         if b < 1:
             raise ValueError("empty batch")
@@ -396,7 +447,6 @@ class MLPTrainer:
                 K.gemm(dprev, dz, self._W[layer], trans_b=True)
                 K.act_backward(dprev, dprev, a_in, spec.activation, spec.leaky_slope)
                 dz = dprev
-        self.optimizer.step(self._flat, self._grad)
         return loss
 
     def _chunks(self, n: int) -> list[slice]:

@@ -10,8 +10,20 @@ Conventions: outputs first, gradients prefixed ``d``; outputs may alias inputs w
 says so (in-place use). Weight shape is (I, O) so a layer computes ``inp @ weight + bias``.
 Losses return the mean loss as a Python float and write the gradient of that mean.
 
-Activations are named ``identity | sigmoid | tanh | relu | leaky_relu``; ``act_backward`` takes the
-activation *output* ``y`` (all five derivatives are functions of it; leaky_relu needs slope >= 0).
+Activations are named ``identity | sigmoid | tanh | relu | leaky_relu | step``; ``act_backward``
+takes the activation *output* ``y`` (every derivative is a function of it; leaky_relu needs
+slope >= 0).
+
+``step`` is the Heaviside threshold of the perceptron: ``f(x) = 1`` if ``x > 0`` else ``0``. Its
+derivative is 0 almost everywhere, so plain backpropagation through it learns nothing; its
+backward pass is the straight-through estimator (Hinton's lectures 2012; Bengio, Leonard &
+Courville 2013): ``dx = dy``, the derivative of the identity. For a single threshold unit
+trained on the squared error ``(f(w.x + b) - t)**2`` one SGD step with the straight-through
+gradient is exactly Rosenblatt's perceptron rule ``w += eta (t - f(w.x + b)) x`` with
+``eta = 2 lr / B`` (tests/kernels/test_gradcheck.py checks it step by step); in hidden layers
+it trains a network of hard threshold units by that same surrogate gradient. It is a biased
+estimate of a gradient that is zero, not the gradient itself: a finite-difference check of a
+step layer sees 0.
 
 Loss definitions (all means):
     softmax_cross_entropy  mean over rows of -log softmax(logits)[label]
@@ -26,7 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
-ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
+ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "step")
 LOSSES = ("softmax_ce", "bce_logits", "mse")
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam", "adamw")
 
@@ -101,6 +113,8 @@ def _act(x: np.ndarray, activation: str, slope: float) -> np.ndarray:
         return np.tanh(x)
     if activation == "relu":
         return np.maximum(x, 0)
+    if activation == "step":
+        return (x > 0).astype(x.dtype)
     return np.where(x > 0, x, x * x.dtype.type(slope))
 
 
@@ -132,9 +146,9 @@ def act_backward(
     activation: str,
     slope: float = 0.01,
 ) -> None:
-    """dx = dy * f'(x), with f' written in terms of y = f(x)."""
+    """dx = dy * f'(x), with f' written in terms of y = f(x) (``step``: dx = dy, straight-through)."""
     _check_activation(activation)
-    if activation == "identity":
+    if activation in ("identity", "step"):
         dx[...] = dy
     elif activation == "sigmoid":
         dx[...] = dy * y * (1 - y)

@@ -17,7 +17,7 @@ from typing import Any, get_type_hints
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB
 from pipeline.errors import ConfigError
 
-ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu")
+ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "step")
 LOSSES = ("auto", "softmax_ce", "bce_logits", "mse")
 LOCAL_OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -35,14 +35,23 @@ class TrainConfig:
 
     # --- model -----------------------------------------------------------------------------
     hidden: list[int] = field(default_factory=lambda: [256, 128])  # hidden widths; [] = linear/logistic
-    activation: str = "relu"  # identity | sigmoid | tanh | relu | leaky_relu
+    # identity | sigmoid | tanh | relu | leaky_relu | step (hidden layers). step is the perceptron's
+    # threshold (1 if x > 0 else 0), trained by the straight-through gradient (kernels/reference.py)
+    activation: str = "relu"
     loss: str = "auto"  # auto: softmax cross-entropy (classification) or MSE (regression)
     # --- local optimizer (runs on the workers) ---------------------------------------------
     optimizer: str = "adam"  # sgd | momentum | nesterov | rmsprop | adam | adamw
     lr: float = 1e-3  # local learning rate
     momentum: float = 0.9  # momentum / nesterov coefficient
+    beta1: float = 0.9  # adam / adamw: decay of the gradient average
+    beta2: float = 0.999  # adam / adamw: decay of the squared-gradient average
+    rho: float = 0.99  # rmsprop: decay of the squared-gradient average (PyTorch's alpha, 0.99)
     weight_decay: float = 0.0  # L2 (adamw: decoupled) weight decay
-    batch_size: int = 256  # rows per minibatch
+    # rows per minibatch; 0 = full batch: each training task takes one step with the mean gradient
+    # of all its rows (streamed, accumulated over 4096-row pieces); one task per worker thread
+    # and epoch, so with `aggregate = "mean"` and the sgd server at lr 1 an epoch is one step of
+    # full-batch gradient descent over every training row (`ema = 0` saves those weights)
+    batch_size: int = 256
     local_steps: int = 8  # minibatches between pushes to the parameter server
     overlap: bool = False  # keep computing while a push is in flight (costs one round of staleness)
     # --- parameter server (runs in the scheduler) --------------------------------------------
@@ -51,6 +60,9 @@ class TrainConfig:
     damping: bool = False  # async/ssp: divide the server step by 1 + staleness
     server_optimizer: str = "sgd"  # sgd (lr 1 = add every worker's progress) | momentum | adam
     server_lr: float = 1.0  # server learning rate applied to the combined delta
+    server_momentum: float = 0.9  # server momentum optimizer's coefficient (not the local `momentum`)
+    server_beta1: float = 0.9  # server adam: decay of the delta average (not the local `beta1`)
+    server_beta2: float = 0.999  # server adam: decay of the squared-delta average
     aggregate: str = "sum"  # sync: sum (scaled mean) or mean (plain model averaging) of deltas
     schedule: str = "constant"  # server learning-rate schedule: constant | step | cosine
     warmup: int = 0  # server rounds of linear learning-rate warm-up
@@ -110,8 +122,14 @@ class TrainConfig:
             ("lr", self.lr > 0, "> 0"),
             ("server_lr", self.server_lr > 0, "> 0"),
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("rho", 0 <= self.rho < 1, "in [0, 1) (PyTorch's default 0.99)"),
+            ("server_momentum", 0 <= self.server_momentum < 1, "in [0, 1)"),
+            ("server_beta1", 0 <= self.server_beta1 < 1, "in [0, 1)"),
+            ("server_beta2", 0 <= self.server_beta2 < 1, "in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("batch_size", 1 <= self.batch_size <= 1 << 20, "between 1 and 1048576"),
+            ("batch_size", 0 <= self.batch_size <= 1 << 20, "between 0 (full batch) and 1048576"),
             ("local_steps", 1 <= self.local_steps <= 1 << 20, ">= 1"),
             ("staleness", self.staleness >= 0, ">= 0"),
             ("epochs", 1 <= self.epochs <= 1 << 20, ">= 1"),

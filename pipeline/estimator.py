@@ -13,7 +13,13 @@ Constructor parameters map onto :class:`pipeline.config.TrainConfig`::
     server_optimizer -> server_optimizer  server_lr -> server_lr    max_iter -> epochs
     n_iter_no_change -> patience        tol -> min_delta            validation_fraction -> validation
     backend -> backend                  random_state -> seed (None: a random seed per fit)
-    options -> any other TrainConfig key, as a dict (e.g. {"staleness": 4, "aggregate": "mean"})
+    options -> any other TrainConfig key, as a dict (e.g. {"staleness": 4, "aggregate": "mean"},
+               {"rho": 0.9} for rmsprop, {"beta1": 0.8, "server_beta2": 0.99})
+
+``activation`` is one of identity, sigmoid, tanh, relu, leaky_relu and step (the perceptron's
+threshold, trained by the straight-through gradient: :mod:`kernels.reference`). ``batch_size=0``
+is full-batch gradient descent: every epoch is one step with the mean gradient of all training
+rows (accumulated over pieces of 4,096 rows, so memory does not grow with the data).
 
 Where training runs (the ``client`` and ``cluster_min_rows`` parameters):
 
@@ -114,6 +120,7 @@ _CONFIG_KEYS = {
     "backend": "backend",
 }
 WRITE_BLOCK_ROWS = 1 << 16  # rows per write when copying NumPy input into the temporary store
+FULL_BATCH_ROWS = 4096  # batch_size=0 (full batch): rows per piece of the accumulated gradient
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,14 +520,24 @@ class _BaseMLP(BaseEstimator):
             lr=cfg.lr,
             momentum=cfg.momentum,
             nesterov=cfg.optimizer == "nesterov",
+            beta1=cfg.beta1,
+            beta2=cfg.beta2,
+            rho=cfg.rho,
             weight_decay=cfg.weight_decay,
-            max_batch=cfg.batch_size,
+            max_batch=cfg.batch_size or FULL_BATCH_ROWS,
             params=params,
             seed=cfg.seed,
         )
 
     @staticmethod
     def _epoch(trainer: Any, Xn: np.ndarray, t: np.ndarray, batch: int, rng: np.random.Generator) -> float:
+        if batch == 0:  # full batch: one step with the mean gradient of every row
+            total = 0.0
+            for a in range(0, len(Xn), FULL_BATCH_ROWS):
+                piece = slice(a, a + FULL_BATCH_ROWS)
+                total += trainer.accumulate(Xn[piece], t[piece]) * len(Xn[piece])
+            trainer.apply()
+            return total / max(1, len(Xn))
         order = rng.permutation(len(Xn))
         total = 0.0
         for a in range(0, len(order), batch):

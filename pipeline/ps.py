@@ -187,6 +187,9 @@ class ServerOptimizer:
             raise PSError(f"server learning rate must be > 0, got {lr}")
         if not 0 <= ema < 1:
             raise PSError(f"ema must be in [0, 1), got {ema}")
+        for key, value in (("momentum", momentum), ("beta1", beta1), ("beta2", beta2)):
+            if not 0 <= value < 1:
+                raise PSError(f"server optimizer {key} must be in [0, 1), got {value}")
         self.name, self.lr, self.momentum = name, float(lr), float(momentum)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
         self.ema = float(ema)

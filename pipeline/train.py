@@ -112,7 +112,10 @@ def split_rows(ranges: Ranges, parts: int) -> list[Ranges]:
 
 def default_rows_per_task(n_rows: int, n_threads: int, cfg: TrainConfig) -> int:
     """About four tasks per worker thread per epoch, never fewer rows than two pushes' worth,
-    and at most 2**18 rows (a few seconds of work) so that a lost task loses little."""
+    and at most 2**18 rows (a few seconds of work) so that a lost task loses little. Full batch
+    (``batch_size = 0``): one task per worker thread, since every task is one gradient step."""
+    if cfg.batch_size == 0:
+        return max(1, math.ceil(n_rows / max(1, n_threads)))
     per_push = cfg.batch_size * cfg.local_steps
     want = math.ceil(n_rows / max(1, 4 * n_threads))
     return int(min(max(want, 2 * per_push), 1 << 18))
@@ -180,7 +183,7 @@ def build_spec(store: Store, cfg: TrainConfig) -> tuple[dict, dict | None]:
 def task_config(cfg: TrainConfig) -> dict[str, Any]:
     """The part of the config that training tasks need (plain, msgpack-friendly)."""
     keys = (
-        "optimizer lr momentum weight_decay batch_size local_steps overlap backend seed "
+        "optimizer lr momentum beta1 beta2 rho weight_decay batch_size local_steps overlap backend seed "
         "shuffle_chunks prefetch normalize barrier_timeout mmap_threshold_mb"
     ).split()
     return {k: getattr(cfg, k) for k in keys}
@@ -400,8 +403,9 @@ class Trainer:
         self.run.config.write_text(cfg.to_toml())
         tasks, val_ranges = self.plan(n_threads)
         ps = ParameterServer(self.job, client)
-        rounds_per_epoch = sum(
-            math.ceil(sum(b - a for a, b in t) / cfg.batch_size / cfg.local_steps) for t in tasks
+        rounds_per_epoch = sum(  # full batch (batch_size 0): one round per task
+            math.ceil(sum(b - a for a, b in t) / cfg.batch_size / cfg.local_steps) if cfg.batch_size else 1
+            for t in tasks
         )
         ps.create(
             params,
@@ -409,7 +413,8 @@ class Trainer:
             staleness=cfg.staleness,
             damping=cfg.damping,
             aggregate=cfg.aggregate,
-            optimizer={"name": cfg.server_optimizer, "lr": cfg.server_lr, "momentum": cfg.momentum, "ema": cfg.ema},
+            optimizer={"name": cfg.server_optimizer, "lr": cfg.server_lr, "momentum": cfg.server_momentum,
+                       "beta1": cfg.server_beta1, "beta2": cfg.server_beta2, "ema": cfg.ema},  # fmt: skip
             schedule={
                 "kind": cfg.schedule,
                 "warmup": cfg.warmup,

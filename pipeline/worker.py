@@ -31,6 +31,9 @@ from pipeline.store import open_store
 logger = logging.getLogger(__name__)
 
 _CACHE_SIZE = 8
+# batch_size = 0 (full batch): rows per piece over which a task accumulates its gradient, so
+# that memory stays that of one minibatch whatever the number of rows
+FULL_BATCH_ROWS = 4096
 _trainers: OrderedDict[tuple, Any] = OrderedDict()
 _stores: OrderedDict[str, Any] = OrderedDict()
 _lock = threading.Lock()
@@ -59,8 +62,11 @@ def make_trainer(spec: dict, cfg: dict) -> Any:
         nesterov=optimizer == "nesterov",
         lr=cfg["lr"],
         momentum=cfg["momentum"],
+        beta1=cfg.get("beta1", 0.9),
+        beta2=cfg.get("beta2", 0.999),
+        rho=cfg.get("rho", 0.99),
         weight_decay=cfg["weight_decay"],
-        max_batch=cfg["batch_size"],
+        max_batch=cfg["batch_size"] or FULL_BATCH_ROWS,
         seed=cfg["seed"],
     )
 
@@ -231,11 +237,14 @@ def train_task(
         else:
             fold(fut)
 
+    full_batch = cfg["batch_size"] == 0  # one step with the mean gradient of every row
+    if full_batch:
+        trainer.discard_accumulated()  # a failed task on this thread may have left some behind
     loader = ChunkLoader(
         _store(store_path),
         ranges=ranges,
-        batch_size=cfg["batch_size"],
-        shuffle=True,
+        batch_size=cfg["batch_size"] or FULL_BATCH_ROWS,
+        shuffle=not full_batch,
         seed=cfg["seed"],
         buffer_chunks=cfg["shuffle_chunks"],
         prefetch=cfg["prefetch"],
@@ -246,17 +255,27 @@ def train_task(
             if i < skip:  # a rerun after a lost worker: these batches were already absorbed
                 continue
             t = time.perf_counter()
-            loss = trainer.step(X, prepare_targets(y, target))
+            if full_batch:
+                loss = trainer.accumulate(X, prepare_targets(y, target))
+            else:
+                loss = trainer.step(X, prepare_targets(y, target))
+                steps += 1
             compute += time.perf_counter() - t
-            steps += 1
             samples += len(X)
             n_since += len(X)
             b_since += 1
             batches_done += 1
-            loss_since.append(loss)
+            loss_since.append(loss * len(X) if full_batch else loss)  # full batch: summed below
             losses.append(loss)
-            if b_since == local_steps:
+            if b_since == local_steps and not full_batch:
                 push()
+        if full_batch and b_since:
+            t = time.perf_counter()
+            trainer.apply()
+            compute += time.perf_counter() - t
+            steps += 1
+            loss_since = [float(np.sum(loss_since)) / n_since]  # the mean loss over every row
+            losses = list(loss_since)
         if b_since:
             push()
         if pending is not None:

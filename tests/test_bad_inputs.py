@@ -282,7 +282,7 @@ def _train_set(t: Trial, *args: str) -> Outcome:
 
 
 for _id, _setting in {
-    "C1": "batch_size=0",
+    "C1": "batch_size=2000000",
     "C2": "batch_size=-5",
     "C3": "hidden=[1000000000]",
     "C4": "hidden=[0]",
@@ -293,6 +293,9 @@ for _id, _setting in {
     "C9": "lr=-1",
     "C10": "validation=1.5",
     "C11": "noequals",
+    "C31": "rho=1",
+    "C32": "server_beta2=1",
+    "C33": "activation=heaviside",
 }.items():
     case(_id)(lambda t, s=_setting: _train_set(t, "--set", s))
 
@@ -518,7 +521,7 @@ def _(t: Trial) -> Outcome:
 
 @case("A2")
 def _(t: Trial) -> Outcome:
-    return _fit(t, _X, _Y, batch_size=0)
+    return _fit(t, _X, _Y, batch_size=-1)
 
 
 @case("A3")

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from kernels.mlp import FlatOptimizer, MLPSpec, MLPTrainer, init_params, views
-from tests.kernels.helpers import BACKENDS
+from tests.kernels.helpers import ALL_BACKENDS, BACKENDS
 
 OPTIMIZERS = [
     ("sgd", {}),
     ("momentum", {}),
     ("momentum", {"nesterov": True}),
-    ("rmsprop", {"beta2": 0.9}),
+    ("rmsprop", {"rho": 0.9}),
     ("adam", {}),
     ("adamw", {}),
 ]
@@ -215,7 +215,7 @@ def test_flat_optimizer_matches_torch(optimizer, kw, name):
         topt = torch.optim.SGD([tp], lr=0.01, momentum=0.9, nesterov=kw.get("nesterov", False),
                                weight_decay=wd)  # fmt: skip
     elif optimizer == "rmsprop":
-        topt = torch.optim.RMSprop([tp], lr=0.01, alpha=kw["beta2"], eps=1e-8, weight_decay=wd)
+        topt = torch.optim.RMSprop([tp], lr=0.01, alpha=kw["rho"], eps=1e-8, weight_decay=wd)
     elif optimizer == "adam":
         topt = torch.optim.Adam([tp], lr=0.01, weight_decay=wd)
     else:
@@ -242,3 +242,79 @@ def test_flat_optimizer_lr_override_and_validation():
         opt.step(p, np.ones(4, np.float32))
     with pytest.raises(ValueError, match="unknown optimizer"):
         FlatOptimizer("lamb", 3)
+
+
+# -- RMSprop's decay rho ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL_BACKENDS)
+@pytest.mark.parametrize("rho", [None, 0.9, 0.5])
+def test_rmsprop_decay_is_rho(name, rho):
+    """RMSprop against its plain-NumPy definition (PyTorch's, rho = its alpha, default 0.99);
+    Adam's beta2 plays no part in it."""
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal(9)
+    grads = [rng.standard_normal(9) for _ in range(5)]
+    kw = {} if rho is None else {"rho": rho}
+    opt = FlatOptimizer("rmsprop", 9, lr=0.01, beta2=0.123, weight_decay=0.05, backend=name, **kw)
+    p = opt.K.to_device(p0.copy())
+    for g in grads:
+        opt.step(p, opt.K.to_device(g))
+    r = 0.99 if rho is None else rho
+    want, s = p0.copy(), np.zeros(9)
+    for g in grads:
+        g = g + 0.05 * want
+        s = r * s + (1 - r) * g * g
+        want = want - 0.01 * g / (np.sqrt(s) + 1e-8)
+    np.testing.assert_allclose(opt.K.to_host(p), want, rtol=1e-10, atol=1e-12)
+
+
+def test_rho_is_validated():
+    with pytest.raises(ValueError, match="rho"):
+        FlatOptimizer("rmsprop", 3, rho=1.0)
+
+
+# -- full batch: accumulate, then apply --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL_BACKENDS)
+def test_full_batch_accumulated_over_pieces_is_plain_gradient_descent(name):
+    """Linear least squares: accumulating the gradient over uneven pieces then one step equals
+    one step of full-batch gradient descent written in plain NumPy, epoch after epoch."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((23, 4))
+    y = X @ rng.standard_normal((4, 1)) + 0.1 * rng.standard_normal((23, 1))
+    spec = MLPSpec(4, (), 1, loss="mse")
+    p0 = 0.1 * rng.standard_normal(spec.n_params)
+    tr = MLPTrainer(spec, backend=name, optimizer="sgd", lr=0.1, dtype=np.float64, params=p0, max_batch=8)
+    W, b = p0[:4].reshape(4, 1).copy(), p0[4:].copy()
+    for _ in range(3):
+        for a, z in ((0, 8), (8, 16), (16, 23)):
+            tr.accumulate(X[a:z], y[a:z])
+        assert tr.accumulated_rows == 23
+        assert tr.apply() == 23
+        r = X @ W + b - y  # gradient of mean((XW + b - y)^2)
+        W, b = W - 0.1 * 2 * X.T @ r / len(X), b - 0.1 * 2 * r.mean(axis=0)
+    np.testing.assert_allclose(tr.get_params(), np.concatenate([W.ravel(), b]), rtol=1e-10, atol=1e-12)
+    assert tr.accumulated_rows == 0 and tr.apply() == 0  # nothing accumulated: no step
+    before = tr.get_params()
+    tr.accumulate(X[:5], y[:5])
+    tr.discard_accumulated()
+    assert tr.apply() == 0
+    np.testing.assert_array_equal(tr.get_params(), before)
+
+
+def test_full_batch_equals_one_step_on_every_row():
+    """On a hidden-layer network with Adam: pieces accumulated then applied give the same weights
+    as one step over all rows at once (the reference backend, float64)."""
+    spec = MLPSpec(5, (6,), 3, activation="tanh")
+    X, y = _data(spec, 30, seed=5)
+    p0 = init_params(spec, seed=2, dtype=np.float64)
+    one = MLPTrainer(spec, backend="numpy", dtype=np.float64, params=p0, max_batch=30)
+    acc = MLPTrainer(spec, backend="numpy", dtype=np.float64, params=p0, max_batch=7)
+    for _ in range(2):
+        one.step(X, y)
+        for a in range(0, 30, 7):
+            acc.accumulate(X[a : a + 7], y[a : a + 7])
+        acc.apply()
+    np.testing.assert_allclose(acc.get_params(), one.get_params(), rtol=1e-10, atol=1e-12)

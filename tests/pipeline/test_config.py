@@ -33,7 +33,13 @@ def test_int_widens_to_float_but_not_the_reverse():
     "override, fragment",
     [
         ("epoch=3", "unknown config key 'epoch'"),
-        ("batch_size=0", "'batch_size' = 0 is invalid"),
+        ("batch_size=2000000", "'batch_size' = 2000000 is invalid: must be between 0"),
+        ("rho=1", "'rho' = 1.0 is invalid: must be in"),
+        ("beta2=-0.1", "'beta2' = -0.1 is invalid"),
+        ("server_momentum=1", "'server_momentum' = 1.0 is invalid"),
+        ("server_beta1=1.5", "'server_beta1' = 1.5 is invalid"),
+        ("server_beta2=-1", "'server_beta2' = -1.0 is invalid"),
+        ("activation=heaviside", "'activation' = 'heaviside' is invalid"),
         ("batch_size=-5", "'batch_size' = -5 is invalid"),
         ("lr=fast", "'lr' must be float"),
         ("mode=gossip", "'mode' = 'gossip' is invalid"),
@@ -59,3 +65,15 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("lr = = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         TrainConfig.from_toml(bad)
+
+
+def test_learner_keys_default_and_override():
+    """The step activation, full batch (0), rmsprop's rho and the server's own momentum and
+    Adam betas are ordinary keys, independent of the local ones."""
+    cfg = TrainConfig()
+    assert (cfg.rho, cfg.beta1, cfg.beta2) == (0.99, 0.9, 0.999)
+    assert (cfg.server_momentum, cfg.server_beta1, cfg.server_beta2) == (0.9, 0.9, 0.999)
+    cfg = cfg.with_overrides(["activation=step", "batch_size=0", "rho=0.9", "momentum=0.5",
+                              "server_momentum=0.7", "server_beta1=0.8", "server_beta2=0.95"])  # fmt: skip
+    assert cfg.activation == "step" and cfg.batch_size == 0 and cfg.rho == 0.9
+    assert (cfg.momentum, cfg.server_momentum, cfg.server_beta1, cfg.server_beta2) == (0.5, 0.7, 0.8, 0.95)

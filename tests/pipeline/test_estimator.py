@@ -290,3 +290,45 @@ def test_without_a_client_the_estimator_starts_and_closes_its_own_cluster(tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("OK "), proc.stdout
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_full_batch_rmsprop_with_its_own_rho_in_process():
+    """batch_size=0 trains in process by full-batch steps, and options={"rho": ...} is the
+    RMSprop decay used: the weights equal full-batch RMSprop written in plain NumPy."""
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((5000, 3)) * [1.0, 2.0, 0.5] + 1.0
+    y = X @ [0.5, -1.0, 2.0] + 0.1 * rng.standard_normal(5000)
+    est = MLPRegressor(hidden_layer_sizes=(), batch_size=0, optimizer="rmsprop", learning_rate_init=0.05,
+                       max_iter=4, n_iter_no_change=0, validation_fraction=0.0, client="local",
+                       random_state=0, options={"rho": 0.5})  # fmt: skip
+    est.fit(X, y)
+    assert est.n_iter_ == 4
+    from kernels.mlp import MLPSpec, init_params
+
+    Xn = (X - X.mean(axis=0)) / X.std(axis=0)
+    t = ((y - y.mean()) / y.std()).reshape(-1, 1)
+    p = init_params(MLPSpec(3, (), 1, loss="mse"), seed=0).astype(np.float64)
+    s = np.zeros_like(p)
+    for _ in range(4):
+        r = Xn @ p[:3].reshape(3, 1) + p[3] - t
+        g = np.concatenate([(2 * Xn.T @ r / len(X)).ravel(), [2 * r.mean()]])
+        s = 0.5 * s + 0.5 * g * g
+        p = p - 0.05 * g / (np.sqrt(s) + 1e-8)
+    # the bias's gradient is 0 on standardized data: RMSprop would scale float32 rounding noise
+    # up to a full step, so the weights are compared
+    np.testing.assert_allclose(est.model_.params[:3], p[:3], rtol=1e-4, atol=1e-5)
+
+
+def test_step_activation_trains_and_predicts_the_same_from_its_model_file(tmp_path):
+    """activation="step" (threshold hidden units, straight-through gradient) learns XOR-like
+    quadrants that a linear model cannot, and the saved model predicts the same labels."""
+    rng = np.random.default_rng(9)
+    X = rng.uniform(-1, 1, (600, 2))
+    y = np.where((X[:, 0] > 0) ^ (X[:, 1] > 0), "odd", "even")
+    clf = MLPClassifier(hidden_layer_sizes=(32,), activation="step", batch_size=20, learning_rate_init=1e-2,
+                        max_iter=60, n_iter_no_change=0, random_state=1)  # fmt: skip
+    clf.fit(X[:400], y[:400])
+    assert clf.score(X[400:], y[400:]) > 0.9
+    assert clf.model_.spec["activation"] == "step"
+    clf.save(tmp_path / "m.npz")
+    np.testing.assert_array_equal(pipeline.load_model(tmp_path / "m.npz").predict(X[400:]), clf.predict(X[400:]))

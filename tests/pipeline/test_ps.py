@@ -24,28 +24,34 @@ from pipeline.ps import (
 N = 10
 
 
-def _plain_step(name: str, p: np.ndarray, g: np.ndarray, lr: float, t: int, bufs: dict) -> np.ndarray:
+def _plain_step(
+    name: str, p: np.ndarray, g: np.ndarray, lr: float, t: int, bufs: dict,
+    mu: float = 0.9, b1: float = 0.9, b2: float = 0.999,
+) -> np.ndarray:  # fmt: skip
     """The server optimizers as plain float32 expressions, a fresh temporary per operation."""
     f = np.float32
     if name == "sgd":
         return p - f(lr) * g
     if name == "momentum":
-        bufs["velocity"] = bufs["velocity"] * f(0.9) + g
+        bufs["velocity"] = bufs["velocity"] * f(mu) + g
         return p - bufs["velocity"] * f(lr)
-    bufs["m"] = bufs["m"] * f(0.9) + f(1 - 0.9) * g
-    bufs["v"] = bufs["v"] * f(0.999) + f(1 - 0.999) * np.square(g)
-    c1, c2 = 1 - 0.9**t, 1 - 0.999**t
+    bufs["m"] = bufs["m"] * f(b1) + f(1 - b1) * g
+    bufs["v"] = bufs["v"] * f(b2) + f(1 - b2) * np.square(g)
+    c1, c2 = 1 - b1**t, 1 - b2**t
     return p - f(lr / c1) * bufs["m"] / (np.sqrt(bufs["v"] / f(c2)) + f(1e-8))
 
 
+@pytest.mark.parametrize("hyper", [{}, {"mu": 0.5, "b1": 0.7, "b2": 0.95}])
 @pytest.mark.parametrize("ema", [0.0, 0.9])
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adam"])
-def test_server_optimizer_equals_the_plain_expressions_bit_for_bit(name, ema):
+def test_server_optimizer_equals_the_plain_expressions_bit_for_bit(name, ema, hyper):
     """Each step goes through work vectors kept between rounds, with the plain expressions'
-    float32 results exactly (a refactor that reorders an operation changes a bit and fails)."""
+    float32 results exactly (a refactor that reorders an operation changes a bit and fails);
+    the server's momentum and betas are its own (``server_momentum``, ``server_beta1/2``)."""
     n = 1000
     rng = np.random.default_rng(3)
-    opt = ServerOptimizer(name, lr=0.01, ema=ema, n=n)
+    names = {"mu": "momentum", "b1": "beta1", "b2": "beta2"}
+    opt = ServerOptimizer(name, lr=0.01, ema=ema, n=n, **{names[k]: v for k, v in hyper.items()})
     params = rng.standard_normal(n).astype(np.float32)
     ref = params.copy()
     bufs = {k: np.zeros(n, np.float32) for k in ("velocity", "m", "v")}
@@ -53,7 +59,7 @@ def test_server_optimizer_equals_the_plain_expressions_bit_for_bit(name, ema):
     for t in range(1, 6):
         g = rng.standard_normal(n).astype(np.float32)
         opt.step(params, g, 0.01)
-        ref = _plain_step(name, ref, g, 0.01, t, bufs)
+        ref = _plain_step(name, ref, g, 0.01, t, bufs, **hyper)
         np.testing.assert_array_equal(params, ref)
         if ema:
             d = min(ema, (1 + t) / (10 + t))
@@ -63,6 +69,12 @@ def test_server_optimizer_equals_the_plain_expressions_bit_for_bit(name, ema):
             kept = (opt._work, opt._work2)
         assert opt._work is kept[0] and opt._work2 is kept[1]  # no fresh work vectors per round
     assert (opt._work2 is not None) == (name == "adam")
+
+
+def test_server_optimizer_refuses_momentum_or_betas_outside_0_1():
+    for key in ("momentum", "beta1", "beta2"):
+        with pytest.raises(PSError, match=f"server optimizer {key} must be in"):
+            ServerOptimizer("adam", n=3, **{key: 1.0})
 
 
 def _serialized(arr: np.ndarray) -> Serialized:

@@ -315,3 +315,70 @@ def test_min_samples_defers_early_stopping(letter_stores, client, tmp_path):
     floor = 3 * seen_per_epoch
     held = train(letter_stores[0], TrainConfig.from_dict({**base, "min_samples": floor}), tmp_path / "b", client=client)
     assert len(held.history) == 3 and held.stopped_early  # stops as soon as the floor is passed
+
+
+# -- full batch and the server optimizer's own hyperparameters ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_regression(tmp_path_factory) -> str:
+    from pipeline.synth import synth
+
+    return synth(tmp_path_factory.mktemp("small") / "r.zarr", rows=3000, features=5, classes=None,
+                 noise=0.1, seed=3, chunk_rows=500).path  # fmt: skip
+
+
+def _final_params(out) -> np.ndarray:
+    from pipeline.checkpoint import load_file
+
+    arrays, _ = load_file(out / "checkpoint.npz", "checkpoint")
+    return np.asarray(arrays["params"])
+
+
+def test_full_batch_epoch_is_one_step_of_gradient_descent(small_regression, client, tmp_path):
+    """batch_size = 0 on two workers (sync, mean of the shares' deltas, server sgd at lr 1): each
+    epoch is one round and the weights are those of full-batch gradient descent over every
+    training row, written in plain NumPy."""
+    from kernels.mlp import MLPSpec, init_params
+
+    cfg = TrainConfig(hidden=[], batch_size=0, optimizer="sgd", lr=0.1, aggregate="mean", validation=0.0,
+                      patience=0, epochs=3, ema=0.0, min_share_gflop=0, seed=0)  # fmt: skip
+    res = train(small_regression, cfg, tmp_path / "run", client=client)
+    assert [h["rounds"] for h in res.history] == [1, 2, 3]  # one step per epoch
+    st = open_store(small_regression)
+    X = (st.X[:].astype(np.float64) - st.mean) / st.std
+    y = ((st.y[:].astype(np.float64) - st.y_mean) / st.y_std).reshape(-1, 1)
+    p = init_params(MLPSpec(5, (), 1, loss="mse"), seed=0).astype(np.float64)
+    W, b = p[:5].reshape(5, 1), p[5:]
+    for _ in range(3):
+        r = X @ W + b - y
+        W, b = W - 0.1 * 2 * X.T @ r / len(X), b - 0.1 * 2 * r.mean(axis=0)
+    np.testing.assert_allclose(_final_params(tmp_path / "run"), np.concatenate([W.ravel(), b]), rtol=1e-4, atol=1e-5)
+
+
+def test_server_momentum_is_not_the_local_momentum(small_regression, client, tmp_path):
+    """server_momentum = 0 makes the server's momentum optimizer plain sgd, bit for bit, while
+    the local momentum stays 0.9."""
+    base = {"hidden": [8], "epochs": 1, "patience": 0, "min_share_gflop": 0, "optimizer": "momentum"}
+    train(small_regression, TrainConfig(**base, server_optimizer="sgd"), tmp_path / "sgd", client=client)
+    cfg = TrainConfig(**base, server_optimizer="momentum", server_momentum=0.0, momentum=0.9)
+    train(small_regression, cfg, tmp_path / "mom0", client=client)
+    np.testing.assert_array_equal(_final_params(tmp_path / "mom0"), _final_params(tmp_path / "sgd"))
+
+
+def test_server_adam_betas_are_used_and_survive_a_resume(small_regression, client, tmp_path):
+    """The server's Adam betas change the run, and a run stopped and resumed (its settings read
+    back from the checkpoint) ends with the weights of a run that was never stopped."""
+    from pipeline.train import resumed_config
+
+    base = {"hidden": [8], "patience": 0, "min_share_gflop": 0, "server_optimizer": "adam", "server_lr": 0.01}
+    betas = {"server_beta1": 0.5, "server_beta2": 0.9}
+    train(small_regression, TrainConfig(**base, epochs=2, **betas), tmp_path / "straight", client=client)
+    train(small_regression, TrainConfig(**base, epochs=2), tmp_path / "default", client=client)
+    assert not np.array_equal(_final_params(tmp_path / "straight"), _final_params(tmp_path / "default"))
+    out = tmp_path / "cut"
+    train(small_regression, TrainConfig(**base, epochs=1, **betas), out, client=client)
+    resumed = resumed_config(out).with_overrides(["epochs=2"])
+    assert (resumed.server_beta1, resumed.server_beta2) == (0.5, 0.9)
+    train(small_regression, resumed, out, client=client, resume=True)
+    np.testing.assert_array_equal(_final_params(out), _final_params(tmp_path / "straight"))
