@@ -279,8 +279,11 @@ def _is_header(rows: list[list[str]], numeric: Callable[[str], bool]) -> bool:
 
 
 def _sniff_csv(
-    src: Path, delimiter: str | None, header: bool | None, comment: str, text_encoding: str = "utf-8"
+    src: Path, delimiter: str | None, header: bool | None, comment: str, text_encoding: str = "utf-8",
+    expected: Sequence[str] = (),
 ) -> _CsvLayout:
+    """The layout of a CSV source. ``expected``: column names the source should have (those of a
+    ``like=`` store); a first line holding them all is the header."""
     lines: list[str] = []
     lead_hash: list[str] = []  # "#" lines before the first line: comments, or a "#"-prefixed header
     skip = 0
@@ -325,7 +328,7 @@ def _sniff_csv(
         return bool(num_re.match(v.strip())) or v.strip() in MISSING_TOKENS
 
     if header is None:
-        header = _is_header(rows, numeric)
+        header = bool(expected) and set(expected) <= set(first) or _is_header(rows, numeric)
     if header:
         names = [v or f"c{j}" for j, v in enumerate(first)]
         if len(set(names)) != len(names):
@@ -1458,7 +1461,8 @@ def ingest(
         if fmt in ("csv", "parquet"):
             table: dict[str, Any] = {}
             if fmt == "csv":
-                layout = _sniff_csv(path, delimiter, header, comment, text_encoding)
+                expected = [e["name"] for e in like_store.attrs.get("encodings") or []] if like_store else []
+                layout = _sniff_csv(path, delimiter, header, comment, text_encoding, expected)
                 names = layout.names
                 source_attrs.update(delimiter=layout.delimiter, header=layout.header)
                 if layout.decimal_comma:

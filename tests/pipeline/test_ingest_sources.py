@@ -311,3 +311,55 @@ def test_unlabelled_data_under_like(tmp_path):
     np.testing.assert_array_equal(st.mean, tr.mean)
     with pytest.raises(IngestError, match="--unlabelled needs --like"):
         ingest(tmp_path / "new.csv", tmp_path / "m.zarr", unlabelled=True)
+
+
+def test_unlabelled_store_predicts_like_its_labelled_twin(tmp_path):
+    """Ingest unlabelled rows under --like, predict them with a trained model: the predictions are
+    those of the same rows ingested with their labels; evaluate and train refuse the store."""
+    from click.testing import CliRunner
+    from distributed import Client, LocalCluster
+
+    from pipeline.cli import cli
+    from pipeline.config import TrainConfig
+    from pipeline.inference import predict_store
+    from pipeline.model import load_model
+    from pipeline.train import train
+
+    ab_csv(tmp_path / "tr.csv")
+    ingest(tmp_path / "tr.csv", tmp_path / "tr.zarr")
+    (tmp_path / "new.csv").write_text("a,b\n" + "".join(f"{A[i]},{B[i]}\n" for i in range(40)))
+    (tmp_path / "lab.csv").write_text("a,b,label\n" + "".join(f"{A[i]},{B[i]},{YN[i]}\n" for i in range(40)))
+    runner = CliRunner()
+    r = runner.invoke(cli, ["ingest", str(tmp_path / "new.csv"), str(tmp_path / "new.zarr"), "--like",
+                            str(tmp_path / "tr.zarr"), "--unlabelled"])
+    assert r.exit_code == 0 and "unlabelled: for predict only" in r.output, r.output
+    ingest(tmp_path / "lab.csv", tmp_path / "lab.zarr", like=tmp_path / "tr.zarr")
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        cfg = TrainConfig().with_overrides(["epochs=2", "validation=0", "hidden=[8]"])
+        train(str(tmp_path / "tr.zarr"), cfg, tmp_path / "run", client=client)
+        model = load_model(tmp_path / "run")
+        for name in ("new", "lab"):
+            predict_store(model, str(tmp_path / f"{name}.zarr"), str(tmp_path / f"{name}.parquet"), client)
+    new, lab = (pq.read_table(tmp_path / f"{n}.parquet").to_pydict() for n in ("new", "lab"))
+    assert len(new["prediction"]) == 40 and new == lab
+    r = runner.invoke(cli, ["evaluate", str(tmp_path / "run"), str(tmp_path / "new.zarr")])
+    assert r.exit_code == 1 and "has no targets (ingested with --unlabelled)" in r.stderr, r.output
+    r = runner.invoke(cli, ["train", str(tmp_path / "new.zarr"), "--out", str(tmp_path / "run2")])
+    assert r.exit_code == 1 and "has no targets" in r.stderr and not (tmp_path / "run2").exists()
+
+
+def test_command_prints_unseen_category_warnings(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    (tmp_path / "tr.csv").write_text("c,label\n" + "".join(f"{'uv'[i % 2]},{YN[i]}\n" for i in range(40)))
+    (tmp_path / "te.csv").write_text("c,label\nu,yes\nw,no\nw,no\n")
+    ingest(tmp_path / "tr.csv", tmp_path / "tr.zarr")
+    r = CliRunner().invoke(cli, ["ingest", str(tmp_path / "te.csv"), str(tmp_path / "te.zarr"), "--like",
+                                 str(tmp_path / "tr.zarr"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.startswith("warning: categories unseen in the training store") and "column 'c': 2 row(s)" in r.stderr
