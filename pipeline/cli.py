@@ -332,7 +332,8 @@ def runs(directory: str, as_json: bool) -> None:
 @click.option("--task", type=click.Choice(["classification", "regression"]), help="Override the inferred task.")
 @click.option("--delimiter", metavar="D", help="CSV field separator (default: detected; 'tab', 'space').")
 @click.option("--header/--no-header", default=None, help="Whether the CSV's first line names the columns (default: detected).")
-@click.option("--comment", default="|", show_default=True, help="Skip CSV lines starting with this.")
+@click.option("--comment", default="|", show_default=True,
+              help="Skip CSV lines starting with this ('#' lines before the header are skipped too).")
 @click.option("--rows", metavar="START:STOP", help="Only data rows START:STOP (0-based, either side may be empty).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), help="Rows per chunk (default: ~16 MB chunks).")
 @click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), help="Chunk compression (default: none, the fastest to read; lz4 for compressible data on slow storage).")
