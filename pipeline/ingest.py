@@ -252,8 +252,9 @@ def _is_header(rows: list[list[str]], numeric: Callable[[str], bool]) -> bool:
     Yes when every field of it is non-numeric while some column below is numeric, or when the
     columns below vote for it and none against: a numeric column whose first field is not a
     number votes for; a column of repeated strings (categories, labels) votes for when its
-    first field is none of them, against when it is one. A header-only file is a header when
-    none of its fields is a number.
+    first field is none of them, against when it is one (only columns of at most a quarter as many
+    distinct strings as lines vote, so a rare first value of a headerless file is not taken for a
+    name). A header-only file is a header when none of its fields is a number.
     """
     first, body = [v.strip() for v in rows[0]], rows[1:]
     if not body:
@@ -268,7 +269,7 @@ def _is_header(rows: list[list[str]], numeric: Callable[[str], bool]) -> bool:
             for_ += not numeric(v)
         elif not any(numeric(c) for c in col):
             distinct = set(col)
-            if len(distinct) <= max(1, len(col) // 2):
+            if len(distinct) <= max(2, len(col) // 4):  # few categories, each seen several times
                 if v in distinct:
                     against += 1
                 else:
@@ -505,7 +506,7 @@ def _parse(arr: pa.Array, name: str = "?", decimal_comma: bool = False) -> _Pars
         arr = pc.cast(arr, pa.float64(), safe=False)
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         s = pc.fill_null(pc.utf8_trim_whitespace(arr), "")  # null -> "" (a missing token)
-        if decimal_comma:
+        if decimal_comma and pc.any(pc.match_substring(s, ",")).as_py():
             s = pc.replace_substring_regex(s, _DECIMAL_COMMA_RE, r"\1.\2")
         miss = pc.is_in(s, value_set=pa.array(MISSING_TOKENS)).to_numpy(zero_copy_only=False)
         try:

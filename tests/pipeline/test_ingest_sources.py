@@ -62,6 +62,11 @@ def test_headerless_files_stay_headerless(tmp_path):
     st = ingest(tmp_path / "h.csv", tmp_path / "h.zarr")
     assert st.attrs["source"]["header"] is False and st.n_rows == 120
     np.testing.assert_array_equal(labels(st), YN)
+    # a first value seen nowhere below, in a column of many categories (letter's layout), is data
+    letters = ["Z"] + [chr(ord("A") + i % 25) for i in range(119)]
+    (tmp_path / "l.csv").write_text("".join(f"{letters[i]},{i % 16},{i % 7}\n" for i in range(120)))
+    st = ingest(tmp_path / "l.csv", tmp_path / "l.zarr", target=0)
+    assert st.attrs["source"]["header"] is False and st.n_rows == 120 and "Z" in st.classes
 
 
 # ---- delimiters, decimal commas, quotes, comments, byte order marks ------------------------------------
