@@ -13,9 +13,9 @@ Two streaming passes:
 Policies (recorded in the store's ``encodings`` attribute so prediction applies the same ones):
 
 * **Columns**: the target is a name or 0-based index (negative allowed), default the last column
-  that is not dropped; ``drop`` removes columns (they are not even read from Parquet). A column is numeric when its values parse as numbers; a column whose
-  values are mostly numbers but has a few that are not is an error (naming column and row); a
-  column of strings is categorical.
+  that is not dropped; ``drop`` removes columns (they are not even read from Parquet). A column
+  is numeric when its values parse as numbers; a column whose values are mostly numbers but has a
+  few that are not is an error (naming column and row); a column of strings is categorical.
 * **Categorical features**: ``encoding="auto"`` one-hot encodes columns of at most 16 categories
   (features ``name=category``) and ordinal-encodes the others (codes 0..K-1 in sorted category
   order); ``"onehot"``/``"ordinal"`` force one. Categories unseen in training (``like=``) become an
@@ -34,9 +34,10 @@ Policies (recorded in the store's ``encodings`` attribute so prediction applies 
   it was detected. With a delimiter other than ``,``, numbers may have a decimal comma (``1,5``,
   the convention of semicolon files). A header is detected when every field of the first line is
   non-numeric while some column below is numeric, or when the columns vote for it: a numeric column
-  whose first field is not a number, or a column of repeated strings whose first field is none of
-  them, votes for; a column of repeated strings whose first field is one of them votes against
-  (override with ``header``). A UTF-8 byte order mark is dropped. Text is UTF-8 unless
+  whose first field is not a number, or a column of few categories whose first field is none of
+  them, votes for; a column of few categories whose first field is one of them votes against
+  (override with ``header``; under ``like=``, a first line holding the training columns is the
+  header). A UTF-8 byte order mark is dropped. Text is UTF-8 unless
   ``text_encoding`` says otherwise; undecodable bytes are an error naming the line.
 * **Comments**: lines starting with ``comment`` (default ``|``, adult.test's first line) are
   skipped, as are blank lines (a comment line inside the data is skipped when its field count
@@ -132,16 +133,17 @@ _SUPPORTED = (
 
 
 def detect_format(src: Path) -> str:
-    """The format of ``src`` from its suffix; a name without a suffix is CSV when its start is
-    UTF-8 text. An unknown suffix (.json, .xlsx, ...) is refused: ``--format`` overrides."""
+    """The format of ``src`` from its suffix; a name without a suffix (or a numbered one, ``x.1``)
+    is CSV when its start is UTF-8 text. An unknown suffix (.json, .xlsx, ...) is refused:
+    ``--format`` overrides. A directory is a Parquet dataset."""
     if src.is_dir():
         return "parquet"
     name = src.name.lower()
     if name.endswith(".gz"):
         name = name[:-3]
     suffix = Path(name).suffix
-    if suffix and not suffix[1:].isdigit() and suffix not in (".parquet", ".pq", ".npy", ".npz", ".idx", ".ubyte", *_CSV_SUFFIXES) \
-            and not re.search(r"idx\d", name):
+    known = suffix in (".parquet", ".pq", ".npy", ".npz", ".idx", ".ubyte", *_CSV_SUFFIXES)
+    if suffix and not known and not suffix[1:].isdigit() and not re.search(r"idx\d", name):
         raise IngestError(
             f"cannot tell the format of {str(src)!r}: {suffix} files are not read; supported: {_SUPPORTED}; "
             f"pass --format {'|'.join(FORMATS)} if it is one of them"
@@ -789,68 +791,61 @@ def _ingest_table(
             feature_names.append(e["name"])
     n_features = len(feature_names)
 
-    # target
-    target_attrs: dict[str, Any]
-    if tcol is None:  # unlabelled (like=): y holds zeros, the store is for prediction only
-        assert like is not None
+    # target (unlabelled, like=: an empty profile, the training store's classes; y holds zeros)
+    tp = profiles[tcol] if tcol is not None else _ColumnProfile("")
+    if tp.n_missing and missing != "drop":
+        r, v = tp.first_missing  # type: ignore[misc]
+        raise IngestError(
+            f"target column {tcol!r} is missing ({v!r}) at data row {r} (0-based); fix it or pass --missing drop"
+        )
+    target_attrs: dict[str, Any] = {"name": tcol}
+    string_labels = tp.n_nonnum > 0
+    if like is not None:
+        classes = like.classes
         lt = like.attrs.get("target") or {}
-        target_attrs = {k: v for k, v in lt.items() if k != "class_counts"} | {"name": None}
-        classes, class_values, string_labels = like.classes, lt.get("class_values"), False
+        string_labels = lt.get("kind") == "string"
+        class_values = lt.get("class_values")
+        if task == "classification":
+            _check_known_labels(tp, classes or [], class_values, string_labels, like.path)
     else:
-        tp = profiles[tcol]
-        if tp.n_missing and missing != "drop":
-            r, v = tp.first_missing  # type: ignore[misc]
-            raise IngestError(
-                f"target column {tcol!r} is missing ({v!r}) at data row {r} (0-based); fix it or pass --missing drop"
-            )
-        target_attrs = {"name": tcol}
-        string_labels = tp.n_nonnum > 0
-        if like is not None:
-            classes = like.classes
-            lt = like.attrs.get("target") or {}
-            string_labels = lt.get("kind") == "string"
-            class_values = lt.get("class_values")
-            if task == "classification":
-                _check_known_labels(tp, classes or [], class_values, string_labels, like.path)
-        else:
-            if task is None:
-                if string_labels:
-                    task = "classification"
-                elif tp.integral and tp.num_counts is not None and len(tp.num_counts) <= MAX_CLASSES_INFERRED:
-                    task = "classification"
-                else:
-                    task = "regression"
-            if task == "classification":
-                if string_labels:
-                    labels: dict[str, int] = {}
-                    for k, v in {**tp.nonnum_counts, **(tp.num_str_counts or {})}.items():
-                        k2 = k[:-1] if k.endswith(".") else k
-                        labels[k2] = labels.get(k2, 0) + v
-                    classes = sorted(labels)
-                    class_values = None
-                else:
-                    if tp.num_counts is None or len(tp.num_counts) > 10_000:
-                        raise IngestError(f"target column {tcol!r} has too many distinct values for classification; pass --task regression")
-                    vals = sorted(tp.num_counts)
-                    class_values = vals
-                    classes = [str(int(v)) if float(v).is_integer() else str(v) for v in vals]
-                if len(classes) < 2:
-                    raise IngestError(
-                        f"target column {tcol!r} has a single class {classes[0]!r}; a classifier needs at least 2 "
-                        "(check --target, or pass --task regression)"
-                    )
+        if task is None:
+            if string_labels:
+                task = "classification"
+            elif tp.integral and tp.num_counts is not None and len(tp.num_counts) <= MAX_CLASSES_INFERRED:
+                task = "classification"
             else:
-                if string_labels:
-                    r, v = tp.first_nonnum  # type: ignore[misc]
-                    raise IngestError(
-                        f"target column {tcol!r} has the non-numeric value {v!r} at data row {r} (0-based) but the "
-                        "task is regression; pass --task classification or fix the value"
-                    )
-                classes = None
+                task = "regression"
+        if task == "classification":
+            if string_labels:
+                labels: dict[str, int] = {}
+                for k, v in {**tp.nonnum_counts, **(tp.num_str_counts or {})}.items():
+                    k2 = k[:-1] if k.endswith(".") else k
+                    labels[k2] = labels.get(k2, 0) + v
+                classes = sorted(labels)
                 class_values = None
-        target_attrs["kind"] = "string" if string_labels else "numeric"
-        if class_values is not None:
-            target_attrs["class_values"] = list(class_values)
+            else:
+                if tp.num_counts is None or len(tp.num_counts) > 10_000:
+                    raise IngestError(f"target column {tcol!r} has too many distinct values for classification; pass --task regression")
+                vals = sorted(tp.num_counts)
+                class_values = vals
+                classes = [str(int(v)) if float(v).is_integer() else str(v) for v in vals]
+            if len(classes) < 2:
+                raise IngestError(
+                    f"target column {tcol!r} has a single class {classes[0]!r}; a classifier needs at least 2 "
+                    "(check --target, or pass --task regression)"
+                )
+        else:
+            if string_labels:
+                r, v = tp.first_nonnum  # type: ignore[misc]
+                raise IngestError(
+                    f"target column {tcol!r} has the non-numeric value {v!r} at data row {r} (0-based) but the "
+                    "task is regression; pass --task classification or fix the value"
+                )
+            classes = None
+            class_values = None
+    target_attrs["kind"] = "string" if string_labels else "numeric"
+    if class_values is not None:
+        target_attrs["class_values"] = list(class_values)
 
     # dtype: uint8 if every feature is an integer in 0..255 and nothing gets a fractional fill
     compact = True
@@ -937,11 +932,9 @@ def _ingest_table(
             Xc = X.astype(x_dtype, copy=False)
             if like is None:
                 xstats.update(X)
-            if tpar is None:
-                pass
-            elif task == "classification":
+            if tpar is not None and task == "classification":
                 class_counts += np.bincount(y, minlength=n_classes)
-            else:
+            elif tpar is not None:
                 ystats.update(y[:, None])
             w.append(Xc, y)
             prog.update(n)
@@ -954,8 +947,9 @@ def _ingest_table(
             w.attrs["std"] = xstats.std.tolist()
         if tcol is None:
             w.attrs["labelled"] = False
-        elif task == "classification":
-            target_attrs["class_counts"] = class_counts.tolist()
+        if task == "classification":
+            if tcol is not None:
+                target_attrs["class_counts"] = class_counts.tolist()
         else:
             lt = (like.attrs.get("target") or {}) if like is not None else {}
             target_attrs["mean"] = lt.get("mean", ystats.mean.tolist())
