@@ -325,12 +325,12 @@ def runs(directory: str, as_json: bool) -> None:
 @click.argument("src", type=click.Path())
 @click.argument("dest")
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "npy", "npz", "idx"]),
-              help="Source format (default: from the file name / content).")
-@click.option("--target", metavar="COL", help="Target column: name or 0-based index (negative from the end). Default: last column.")
+              help="Source format (default: from the file name; an unknown suffix such as .json is refused).")
+@click.option("--target", metavar="COL", help="Target column: name or 0-based index (negative from the end). Default: the last column not dropped.")
 @click.option("--labels", type=click.Path(dir_okay=False), help="Labels file (IDX images, or a .npy of labels for a .npy of features).")
 @click.option("--drop", multiple=True, metavar="COL", help="Column to leave out (name or index; repeatable).")
 @click.option("--task", type=click.Choice(["classification", "regression"]), help="Override the inferred task.")
-@click.option("--delimiter", metavar="D", help="CSV field separator (default: detected; 'tab', 'space').")
+@click.option("--delimiter", metavar="D", help="CSV field separator (default: detected; 'tab', 'space'). With one other than ',', 1,5 is 1.5.")
 @click.option("--header/--no-header", default=None, help="Whether the CSV's first line names the columns (default: detected).")
 @click.option("--comment", default="|", show_default=True,
               help="Skip CSV lines starting with this ('#' lines before the header are skipped too).")
