@@ -233,16 +233,20 @@ def _fields(line: str, delimiter: str) -> list[str]:
 def _detect_delimiter(lines: list[str]) -> str:
     """The first of ``, TAB ; |`` that splits every line (header included, quotes respected) into
     the same number (> 1) of fields, then whitespace; failing that, the same tests without the
-    first line (a header of a different shape); else ",". When both "," and ";" fit, ";" wins:
-    semicolon files write decimal commas ("1,5"), comma files rarely hold semicolons."""
+    first line (a header of a different shape); else ",". When "," and another one fit, the
+    other wins if it is ";" or its fields hold decimal commas ("1,5"): files with those
+    delimiters write decimal commas, comma files rarely hold semicolons."""
+    decimal = re.compile(_DECIMAL_COMMA_RE)
     for sample in (lines, lines[1:] or lines):
         fits = []
         for cand in (",", "\t", ";", "|", " "):
             widths = {len(_fields(ln, cand)) for ln in sample}
             if len(widths) == 1 and widths != {1}:
                 fits.append(cand)
-        if "," in fits and ";" in fits:
-            return ";"
+        if len(fits) > 1 and fits[0] == ",":
+            other = fits[1]
+            if other == ";" or any(decimal.match(f.strip()) for ln in sample for f in _fields(ln, other)):
+                return other
         if fits:
             return fits[0]
     return ","

@@ -83,6 +83,15 @@ def test_semicolon_file_with_decimal_commas(tmp_path, given):
     np.testing.assert_array_equal(labels(st), YN)
 
 
+def test_tab_file_with_decimal_commas(tmp_path):
+    ab_csv(tmp_path / "t.tsv", "\t", "a\tb\tlabel\n", fmt=lambda v: str(v).replace(".", ","))
+    (tmp_path / "t.txt").write_text((tmp_path / "t.tsv").read_text().split("\n", 1)[1])  # headerless
+    for name in ("t.tsv", "t.txt"):
+        st = ingest(tmp_path / name, tmp_path / f"{name}.zarr")
+        assert st.attrs["source"]["delimiter"] == "\t"
+        np.testing.assert_allclose(read_all(st)[0], np.c_[A, B], rtol=1e-6)
+
+
 def test_comma_file_keeps_commas_out_of_numbers(tmp_path):
     (tmp_path / "q.csv").write_text('a,"b",label\n' + "".join(f'{A[i]},"1,5",{YN[i]}\n' for i in range(120)))
     st = ingest(tmp_path / "q.csv", tmp_path / "q.zarr")
