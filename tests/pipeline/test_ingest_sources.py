@@ -359,6 +359,9 @@ def test_unlabelled_store_predicts_like_its_labelled_twin(tmp_path):
             predict_store(model, str(tmp_path / f"{name}.zarr"), str(tmp_path / f"{name}.parquet"), client)
     new, lab = (pq.read_table(tmp_path / f"{n}.parquet").to_pydict() for n in ("new", "lab"))
     assert len(new["prediction"]) == 40 and new == lab
+    back = ingest(tmp_path / "new.parquet", tmp_path / "back.zarr", target="row", task="regression")  # predict's dataset
+    assert back.n_rows == 40 and all(f.startswith("prediction=") for f in back.feature_names)
+    np.testing.assert_array_equal(read_all(back)[1], np.arange(40))
     r = runner.invoke(cli, ["evaluate", str(tmp_path / "run"), str(tmp_path / "new.zarr")])
     assert r.exit_code == 1 and "has no targets (ingested with --unlabelled)" in r.stderr, r.output
     r = runner.invoke(cli, ["train", str(tmp_path / "new.zarr"), "--out", str(tmp_path / "run2")])
