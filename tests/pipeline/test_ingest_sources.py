@@ -366,6 +366,13 @@ def test_unlabelled_store_predicts_like_its_labelled_twin(tmp_path):
     assert r.exit_code == 1 and "has no targets (ingested with --unlabelled)" in r.stderr, r.output
     r = runner.invoke(cli, ["train", str(tmp_path / "new.zarr"), "--out", str(tmp_path / "run2")])
     assert r.exit_code == 1 and "has no targets" in r.stderr and not (tmp_path / "run2").exists()
+    from pipeline.errors import StoreError
+
+    for store, val in ((tmp_path / "new.zarr", None), (tmp_path / "tr.zarr", str(tmp_path / "new.zarr"))):
+        cfg = TrainConfig().with_overrides(["epochs=1", "hidden=[8]"] + ([f"validation_store={val!r}"] if val else []))
+        with pytest.raises(StoreError, match="has no targets"):  # the API refuses before any cluster work
+            train(str(store), cfg, tmp_path / "run3", client=None)
+    assert not (tmp_path / "run3").exists()
 
 
 def test_command_prints_unseen_category_warnings(tmp_path):
