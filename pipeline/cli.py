@@ -175,7 +175,10 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
     from pipeline.train import train as run_training
 
     RunDir(Path(out)).check(resume, force)  # fail before starting a cluster
-    open_store(store)
+    if open_store(store).attrs.get("labelled") is False:
+        from pipeline.errors import StoreError
+
+        raise StoreError(f"store {store!r} has no targets (ingested with --unlabelled); train on a labelled store")
     base = resumed_config(out) if resume else TrainConfig()  # --resume: the run's own settings
     cfg = TrainConfig.from_toml(config_file, base) if config_file else base
     cfg = cfg.with_overrides(list(overrides))
@@ -319,17 +322,18 @@ def runs(directory: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("src", type=click.Path())
 @click.argument("dest")
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "npy", "npz", "idx"]),
-              help="Source format (default: from the file name / content).")
-@click.option("--target", metavar="COL", help="Target column: name or 0-based index (negative from the end). Default: last column.")
+              help="Source format (default: from the file name; an unknown suffix such as .json is refused).")
+@click.option("--target", metavar="COL", help="Target column: name or 0-based index (negative from the end). Default: the last column not dropped.")
 @click.option("--labels", type=click.Path(dir_okay=False), help="Labels file (IDX images, or a .npy of labels for a .npy of features).")
 @click.option("--drop", multiple=True, metavar="COL", help="Column to leave out (name or index; repeatable).")
 @click.option("--task", type=click.Choice(["classification", "regression"]), help="Override the inferred task.")
-@click.option("--delimiter", metavar="D", help="CSV field separator (default: detected; 'tab', 'space').")
+@click.option("--delimiter", metavar="D", help="CSV field separator (default: detected; 'tab', 'space'). With one other than ',', 1,5 is 1.5.")
 @click.option("--header/--no-header", default=None, help="Whether the CSV's first line names the columns (default: detected).")
-@click.option("--comment", default="|", show_default=True, help="Skip CSV lines starting with this.")
+@click.option("--comment", default="|", show_default=True,
+              help="Skip CSV lines starting with this ('#' lines before the header are skipped too).")
 @click.option("--rows", metavar="START:STOP", help="Only data rows START:STOP (0-based, either side may be empty).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), help="Rows per chunk (default: ~16 MB chunks).")
 @click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), help="Chunk compression (default: none, the fastest to read; lz4 for compressible data on slow storage).")
@@ -337,14 +341,19 @@ def runs(directory: str, as_json: bool) -> None:
               help="Missing values: impute (mean / most frequent), reject (error) or drop the row.")
 @click.option("--encoding", type=click.Choice(["auto", "onehot", "ordinal"]), default="auto", show_default=True,
               help="String features: one-hot (auto: <= 16 categories) or ordinal codes.")
+@click.option("--text-encoding", default="utf-8", show_default=True, metavar="CODEC",
+              help="Character encoding of a CSV source (e.g. latin-1, cp1252).")
 @click.option("--like", metavar="TRAIN_STORE", help="Reuse the training store's columns, encodings, classes and mean/std.")
+@click.option("--unlabelled", is_flag=True, help="With --like: the source has no target column (a store to predict).")
 @click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary.")
 def ingest(src: str, dest: str, fmt: str | None, target: str | None, labels: str | None, drop: tuple[str, ...],
            task: str | None, delimiter: str | None, header: bool | None, comment: str, rows: str | None,
-           chunk_rows: int | None, codec: str | None, missing: str, encoding: str, like: str | None,
-           force: bool, quiet: bool) -> None:
-    """Stream a CSV, Parquet, .npy/.npz or IDX file into a Zarr store DEST.
+           chunk_rows: int | None, codec: str | None, missing: str, encoding: str, text_encoding: str,
+           like: str | None, unlabelled: bool, force: bool, quiet: bool) -> None:
+    """Stream a CSV, Parquet (a file or a directory of them), .npy/.npz or IDX file into a Zarr store DEST.
+
+    Warnings (categories unseen in the --like store) are printed as `warning: ...` lines.
 
     \b
     Examples:
@@ -354,17 +363,27 @@ def ingest(src: str, dest: str, fmt: str | None, target: str | None, labels: str
       pipeline ingest data/adult/adult.test adult-test.zarr --like adult.zarr
       pipeline ingest data/california_housing/housing.csv housing.zarr --target median_house_value
       pipeline ingest train-images-idx3-ubyte.gz mnist.zarr --labels train-labels-idx1-ubyte.gz
+      pipeline ingest new.csv new.zarr --like adult.zarr --unlabelled      # then: pipeline predict
     """
+    import warnings
+
     from pipeline.ingest import ingest as run_ingest
 
     t0 = time.perf_counter()
-    store = run_ingest(
-        src, dest, format=fmt, target=target, labels=labels, drop=drop, task=task, delimiter=delimiter,
-        header=header, comment=comment, rows=rows, chunk_rows=chunk_rows, codec=codec, missing=missing,
-        encoding=encoding, like=like, force=force, progress=not quiet and sys.stderr.isatty(),
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        store = run_ingest(
+            src, dest, format=fmt, target=target, labels=labels, drop=drop, task=task, delimiter=delimiter,
+            header=header, comment=comment, rows=rows, chunk_rows=chunk_rows, codec=codec, missing=missing,
+            encoding=encoding, like=like, force=force, progress=not quiet and sys.stderr.isatty(),
+            unlabelled=unlabelled, text_encoding=text_encoding,
+        )
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
     if not quiet:
         what = f"{len(store.classes or [])} classes" if store.task == "classification" else "regression"
+        if store.attrs.get("labelled") is False:
+            what += " (unlabelled: for predict only)"
         click.echo(
             f"{store.path}: {store.n_rows:,} rows x {store.n_features} features ({store.X.dtype}), {what}, "
             f"{store.n_chunks} chunks of {store.chunk_rows:,} rows, in {time.perf_counter() - t0:.1f}s"

@@ -41,6 +41,11 @@ def check_inputs(
     store = open_store(store_path)
     _check_compatible(model, store)
     if out is None:
+        if store.attrs.get("labelled") is False:
+            raise StoreError(
+                f"store {store_path!r} has no targets (ingested with --unlabelled), so there is nothing to "
+                "evaluate against; use `pipeline predict`, or ingest the data with its target column"
+            )
         if model.task != store.task:
             raise StoreError(f"store {store_path!r} is a {store.task} store; the model does {model.task}")
         return store, ""

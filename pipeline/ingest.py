@@ -12,10 +12,10 @@ Two streaming passes:
 
 Policies (recorded in the store's ``encodings`` attribute so prediction applies the same ones):
 
-* **Columns**: the target is a name or 0-based index (negative allowed), default the last column;
-  ``drop`` removes columns. A column is numeric when its values parse as numbers; a column whose
-  values are mostly numbers but has a few that are not is an error (naming column and row); a
-  column of strings is categorical.
+* **Columns**: the target is a name or 0-based index (negative allowed), default the last column
+  that is not dropped; ``drop`` removes columns (they are not even read from Parquet). A column
+  is numeric when its values parse as numbers; a column whose values are mostly numbers but has a
+  few that are not is an error (naming column and row); a column of strings is categorical.
 * **Categorical features**: ``encoding="auto"`` one-hot encodes columns of at most 16 categories
   (features ``name=category``) and ordinal-encodes the others (codes 0..K-1 in sorted category
   order); ``"onehot"``/``"ordinal"`` force one. Categories unseen in training (``like=``) become an
@@ -27,15 +27,35 @@ Policies (recorded in the store's ``encodings`` attribute so prediction applies 
   ``impute`` (default) fills numeric features with the training mean and categorical features with
   the most frequent category; ``reject`` raises naming the column and row; ``drop`` drops the row.
   A missing target is an error unless ``drop``. The store never holds NaN.
-* **CSV layout**: delimiter detected among ``, TAB ; | space`` (consistent count over the first
-  lines); a space delimiter means whitespace-separated: runs of blanks are one separator and
-  leading blanks are ignored (aligned columns). A header is detected when every field of the first
-  line is non-numeric while some column below is numeric (override with ``header``).
+* **CSV layout**: delimiter detected among ``, TAB ; | space``: the one that splits the first lines,
+  header included and quoted fields respected, into the same number of fields (``;`` wins a tie
+  with ``,``); a space delimiter means whitespace-separated: runs of blanks are one separator and
+  leading blanks are ignored (aligned columns). Errors about columns name the delimiter and whether
+  it was detected. With a delimiter other than ``,``, numbers may have a decimal comma (``1,5``,
+  the convention of semicolon files). A header is detected when every field of the first line is
+  non-numeric while some column below is numeric, or when the columns vote for it: a numeric column
+  whose first field is not a number, or a column of few categories whose first field is none of
+  them, votes for; a column of few categories whose first field is one of them votes against
+  (override with ``header``; under ``like=``, a first line holding the training columns is the
+  header). A UTF-8 byte order mark is dropped. Text is UTF-8 unless
+  ``text_encoding`` says otherwise; undecodable bytes are an error naming the line.
 * **Comments**: lines starting with ``comment`` (default ``|``, adult.test's first line) are
   skipped, as are blank lines (a comment line inside the data is skipped when its field count
-  differs from the data's).
+  differs from the data's), and ``#`` lines before the first line, except a last one with the
+  data's field count, which is the header (``#id,a,label``).
+* **Formats**: from the suffix (``--format`` overrides); an unknown suffix (``.json``, ``.xlsx``) is
+  refused, a name without a suffix is CSV when it starts as UTF-8 text. A directory is a Parquet
+  dataset: its ``*.parquet`` files in name order, with the same columns (what ``predict`` writes).
+  Parquet integers beyond 2^53, and types other than numbers, booleans, decimals and strings
+  (timestamps, dates, binary, lists), are errors naming the column and suggesting ``drop``.
+* **NumPy labels**: ``(n,)`` or ``(n, 1)`` numbers, or strings (class names).
 * ``like=TRAIN_STORE`` reuses the training store's columns, encodings, imputation values, classes
-  and mean/std, so train and test agree; extra columns in the source are ignored.
+  and mean/std, so train and test agree; extra columns in the source are ignored. Categories the
+  training data did not have raise an :class:`UnseenCategoryWarning` with counts per column. A
+  training store without encodings (``synth``, NumPy) matches the source's columns by its feature
+  names (``x0``, ``x1``, ...), all numeric. ``unlabelled=True`` ingests a source without the target
+  column: ``y`` holds zeros, the store's ``labelled`` attribute is false, and only ``predict``
+  accepts it.
 
 Feature dtype is the source's compact dtype: uint8 when every feature is an integer in 0..255
 (images, one-hot codes, letter's 0..15 features), else float32.
@@ -48,6 +68,7 @@ import gzip
 import io
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -70,9 +91,14 @@ MAX_CATEGORIES = 100_000
 _MAX_COUNTED = 10_000  # distinct numbers counted per column (class labels, mixed columns)
 MAX_CLASSES_INFERRED = 50
 _NUM_RE = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|Inf|INF|infinity|Infinity)$"
+_DECIMAL_COMMA_RE = r"^([+-]?\d*),(\d+(?:[eE][+-]?\d+)?)$"  # 1,5 under a delimiter other than ","
 CSV_BLOCK = 8 * 2**20
 ARRAY_BLOCK_BYTES = 32 * 2**20
 _CSV_SUFFIXES = {".csv", ".tsv", ".txt", ".data", ".dat", ".test", ".trn", ".tst", ".train"}
+
+
+class UnseenCategoryWarning(UserWarning):
+    """A source ingested ``like=`` a training store has categories the training data did not."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,11 +126,28 @@ def parse_rows(rows: str | slice | tuple | None) -> tuple[int, int | None]:
     return start, (None if stop is None else int(stop))
 
 
+_SUPPORTED = (
+    "CSV/text (" + " ".join(sorted(_CSV_SUFFIXES)) + "), Parquet (.parquet .pq, or a directory of them), "
+    "NumPy (.npy .npz), IDX (.idx .ubyte); any of them .gz"
+)
+
+
 def detect_format(src: Path) -> str:
+    """The format of ``src`` from its suffix; a name without a suffix (or a numbered one, ``x.1``)
+    is CSV when its start is UTF-8 text. An unknown suffix (.json, .xlsx, ...) is refused:
+    ``--format`` overrides. A directory is a Parquet dataset."""
+    if src.is_dir():
+        return "parquet"
     name = src.name.lower()
     if name.endswith(".gz"):
         name = name[:-3]
     suffix = Path(name).suffix
+    known = suffix in (".parquet", ".pq", ".npy", ".npz", ".idx", ".ubyte", *_CSV_SUFFIXES)
+    if suffix and not known and not suffix[1:].isdigit() and not re.search(r"idx\d", name):
+        raise IngestError(
+            f"cannot tell the format of {str(src)!r}: {suffix} files are not read; supported: {_SUPPORTED}; "
+            f"pass --format {'|'.join(FORMATS)} if it is one of them"
+        )
     if suffix in (".parquet", ".pq"):
         return "parquet"
     if suffix in (".npy", ".npz"):
@@ -131,10 +174,12 @@ def _open_text_bytes(path: Path) -> Any:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
-def _open_text(path: Path) -> Any:
+def _open_text(path: Path, encoding: str = "utf-8", errors: str = "strict") -> Any:
+    """Text lines of ``path`` (gzip or plain); a UTF-8 byte order mark is dropped."""
+    encoding = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="")
-    return open(path, encoding="utf-8", errors="replace", newline="")
+        return gzip.open(path, "rt", encoding=encoding, errors=errors, newline="")
+    return open(path, encoding=encoding, errors=errors, newline="")
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,51 +193,149 @@ class _CsvLayout:
     header: bool
     names: list[str]
     skip: int  # lines before the data (leading comments + header)
+    decimal_comma: bool = False  # "1,5" is the number 1.5 (delimiter other than ",")
+    detected: bool = False  # the delimiter was detected, not given
+    encoding: str = "utf-8"  # text encoding of the file
+
+    def describe(self) -> str:
+        """The delimiter, as error messages show it: "delimiter ';' (detected)"."""
+        shown = {"\t": "tab", " ": "whitespace"}.get(self.delimiter, self.delimiter)
+        return f"delimiter {shown!r} ({'detected' if self.detected else 'given'})"
 
 
-def _sniff_csv(src: Path, delimiter: str | None, header: bool | None, comment: str) -> _CsvLayout:
-    lines: list[str] = []
-    skip = 0
-    with _open_text(src) as text:
-        for line in text:
-            stripped = line.strip()
-            if not lines and (not stripped or (comment and stripped.startswith(comment))):
-                skip += 1
-                continue
-            if stripped and not (comment and stripped.startswith(comment)):
-                lines.append(line.rstrip("\r\n"))
-            if len(lines) >= 50:
+def _text_error(src: Path, exc: UnicodeDecodeError, encoding: str = "utf-8") -> IngestError:
+    """The message for text that does not decode, naming the first bad byte and its line."""
+    bad = exc.object[exc.start : exc.start + 1].hex() if isinstance(exc.object, bytes) else "?"
+    where = ""
+    with _open_text_bytes(src) as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                where = f" on line {i}"
+                bad = raw[e.start : e.start + 1].hex()
                 break
+            if i >= 1_000_000:
+                break
+    return IngestError(
+        f"{str(src)!r} is not {encoding} text: byte 0x{bad}{where} does not decode; re-encode the file as "
+        "UTF-8 (e.g. iconv -f latin1 -t utf-8) or pass its encoding with --text-encoding (e.g. latin-1)"
+    )
+
+
+def _fields(line: str, delimiter: str) -> list[str]:
+    """The fields of one line; quoted fields may hold the delimiter."""
+    if delimiter == " ":
+        return line.split()
+    return next(csv.reader([line], delimiter=delimiter, quotechar='"', skipinitialspace=True), [])
+
+
+def _detect_delimiter(lines: list[str]) -> str:
+    """The first of ``, TAB ; |`` that splits every line (header included, quotes respected) into
+    the same number (> 1) of fields, then whitespace; failing that, the same tests without the
+    first line (a header of a different shape); else ",". When "," and another one fit, the
+    other wins if it is ";" or its fields hold decimal commas ("1,5"): files with those
+    delimiters write decimal commas, comma files rarely hold semicolons."""
+    decimal = re.compile(_DECIMAL_COMMA_RE)
+    for sample in (lines, lines[1:] or lines):
+        fits = []
+        for cand in (",", "\t", ";", "|", " "):
+            widths = {len(_fields(ln, cand)) for ln in sample}
+            if len(widths) == 1 and widths != {1}:
+                fits.append(cand)
+        if len(fits) > 1 and fits[0] == ",":
+            other = fits[1]
+            if other == ";" or any(decimal.match(f.strip()) for ln in sample for f in _fields(ln, other)):
+                return other
+        if fits:
+            return fits[0]
+    return ","
+
+
+def _is_header(rows: list[list[str]], numeric: Callable[[str], bool]) -> bool:
+    """Whether the first row names the columns.
+
+    Yes when every field of it is non-numeric while some column below is numeric, or when the
+    columns below vote for it and none against: a numeric column whose first field is not a
+    number votes for; a column of repeated strings (categories, labels) votes for when its
+    first field is none of them, against when it is one (only columns of at most a quarter as many
+    distinct strings as lines vote, so a rare first value of a headerless file is not taken for a
+    name). A header-only file is a header when none of its fields is a number.
+    """
+    first, body = [v.strip() for v in rows[0]], rows[1:]
+    if not body:
+        return all(not numeric(v) for v in first)
+    for_, against, some_numeric = 0, 0, False
+    for j, v in enumerate(first):
+        col = [r[j].strip() for r in body if j < len(r) and r[j].strip() not in MISSING_TOKENS]
+        if not col:
+            continue
+        if all(numeric(c) for c in col):
+            some_numeric = True
+            for_ += not numeric(v)
+        elif not any(numeric(c) for c in col):
+            distinct = set(col)
+            if len(distinct) <= max(2, len(col) // 4):  # few categories, each seen several times
+                if v in distinct:
+                    against += 1
+                else:
+                    for_ += 1
+    if some_numeric and all(not numeric(v) for v in first):
+        return True
+    return for_ > 0 and against == 0
+
+
+def _sniff_csv(
+    src: Path, delimiter: str | None, header: bool | None, comment: str, text_encoding: str = "utf-8",
+    expected: Sequence[str] = (),
+) -> _CsvLayout:
+    """The layout of a CSV source. ``expected``: column names the source should have (those of a
+    ``like=`` store); a first line holding them all is the header."""
+    lines: list[str] = []
+    lead_hash: list[str] = []  # "#" lines before the first line: comments, or a "#"-prefixed header
+    skip = 0
+    try:
+        with _open_text(src, text_encoding) as text:
+            for line in text:
+                stripped = line.strip()
+                if not lines and (not stripped or (comment and stripped.startswith(comment))):
+                    skip += 1 + len(lead_hash)
+                    lead_hash = []
+                    continue
+                if not lines and stripped.startswith("#"):
+                    lead_hash.append(line.rstrip("\r\n"))
+                    continue
+                if stripped and not (comment and stripped.startswith(comment)):
+                    lines.append(line.rstrip("\r\n"))
+                if len(lines) >= 50:
+                    break
+    except UnicodeDecodeError as exc:
+        raise _text_error(src, exc, text_encoding) from None
     if not lines:
         raise IngestError(f"source {str(src)!r} is empty (no data lines); check the file")
+    detected = delimiter is None
     if delimiter is None:
-        sample = lines[1:] if len(lines) > 1 else lines
-        for cand in (",", "\t", ";", "|", " "):
-            counts = {ln.count(cand) for ln in sample}
-            if len(counts) == 1 and counts != {0}:
-                delimiter = cand
-                break
-        else:
-            widths = {len(ln.split()) for ln in sample}
-            delimiter = " " if len(widths) == 1 and widths != {1} else ","
+        delimiter = _detect_delimiter(lines)
     elif delimiter in ("\\t", "tab"):
         delimiter = "\t"
     elif delimiter in ("whitespace", "space", "\\s"):
         delimiter = " "
-    if delimiter == " ":  # whitespace-separated: runs of spaces/tabs are one separator
-        rows = [ln.split() for ln in lines]
-    else:
-        rows = list(csv.reader(lines, delimiter=delimiter, quotechar='"', skipinitialspace=True))
+    if lead_hash and header is not False:  # the last "#" line is the header when it has the data's shape
+        width = len(_fields(lines[0], delimiter))
+        if width > 1 and len(_fields(lead_hash[-1], delimiter)) == width:  # "#id,a,label"
+            lines.insert(0, lead_hash.pop()[1:])
+            header = True
+    skip += len(lead_hash)  # the other "#" lines are comments
+    rows = [_fields(ln, delimiter) for ln in lines]
     first = [c.strip() for c in rows[0]]
+    decimal_comma = delimiter != ","
+    num_re = re.compile(_NUM_RE if not decimal_comma else f"{_NUM_RE}|{_DECIMAL_COMMA_RE}")
 
     def numeric(v: str) -> bool:
-        return bool(re.match(_NUM_RE, v.strip())) or v.strip() in MISSING_TOKENS
+        return bool(num_re.match(v.strip())) or v.strip() in MISSING_TOKENS
 
     if header is None:
-        later_numeric = any(
-            all(numeric(r[j]) for r in rows[1:] if j < len(r)) for j in range(len(first))
-        ) if len(rows) > 1 else False
-        header = all(not numeric(v) for v in first) and later_numeric
+        header = bool(expected) and set(expected) <= set(first) or _is_header(rows, numeric)
     if header:
         names = [v or f"c{j}" for j, v in enumerate(first)]
         if len(set(names)) != len(names):
@@ -205,7 +348,7 @@ def _sniff_csv(src: Path, delimiter: str | None, header: bool | None, comment: s
         skip += 1
     else:
         names = [f"c{j}" for j in range(len(first))]
-    return _CsvLayout(delimiter, bool(header), names, skip)
+    return _CsvLayout(delimiter, bool(header), names, skip, decimal_comma, detected, text_encoding)
 
 
 _WS_EDGES = re.compile(rb"(?m)^[ \t]+|[ \t]+(?=\r?$)")
@@ -258,7 +401,10 @@ def _csv_batches(src: Path, layout: _CsvLayout, comment: str, block_size: int | 
             source = io.BufferedReader(_CollapseWhitespace(_open_text_bytes(src)), buffer_size=2**20)
         reader = pcsv.open_csv(
             source,
-            read_options=pcsv.ReadOptions(column_names=layout.names, skip_rows=layout.skip, block_size=block_size or CSV_BLOCK),
+            read_options=pcsv.ReadOptions(
+                column_names=layout.names, skip_rows=layout.skip, block_size=block_size or CSV_BLOCK,
+                encoding=layout.encoding,
+            ),
             parse_options=pcsv.ParseOptions(
                 delimiter=layout.delimiter, quote_char='"', ignore_empty_lines=True, invalid_row_handler=handler
             ),
@@ -276,37 +422,69 @@ def _csv_batches(src: Path, layout: _CsvLayout, comment: str, block_size: int | 
             where = f"line {line}" if line else "a line"
             raise IngestError(
                 f"ragged CSV: {where} of {str(src)!r} has {row.actual_columns} fields, expected "
-                f"{row.expected_columns} ({row.text[:60]!r}); fix the row or pass --delimiter"
+                f"{row.expected_columns} ({row.text[:60]!r}) with the {layout.describe()}; fix the row or "
+                "pass --delimiter"
+            ) from None
+        if "UTF8" in str(exc) or "UTF-8" in str(exc):
+            raise IngestError(
+                f"{str(src)!r} is not UTF-8 text (invalid UTF-8 bytes past the first lines); re-encode the file "
+                "as UTF-8 (e.g. iconv -f latin1 -t utf-8) or pass its encoding with --text-encoding (e.g. latin-1)"
             ) from None
         raise IngestError(f"cannot parse {str(src)!r} as CSV ({exc}); check --delimiter/--format") from None
 
 
 def _find_line(src: Path, text: str) -> int | None:
-    with _open_text(src) as lines:
+    with _open_text(src, errors="replace") as lines:
         for i, raw in enumerate(lines, 1):
             if raw.rstrip("\r\n") == text.rstrip("\r\n"):
                 return i
     return None
 
 
-def _parquet_batches(src: Path) -> Iterator[pa.RecordBatch]:
+def _parquet_files(src: Path) -> list[Path]:
+    """``src`` itself, or the ``*.parquet``/``*.pq`` files of a dataset directory (what ``predict``
+    writes) in name order, hidden ones (``.name``, ``_name``) left out."""
+    if not src.is_dir():
+        return [src]
+    files = sorted(
+        p for p in src.rglob("*")
+        if p.is_file() and p.suffix.lower() in (".parquet", ".pq")
+        and not any(part.startswith((".", "_")) for part in p.relative_to(src).parts)
+    )
+    if not files:
+        raise IngestError(f"source {str(src)!r} is a directory without Parquet files; pass a file or a Parquet dataset")
+    return files
+
+
+def _parquet_batches(src: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(str(src))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise IngestError(f"cannot read {str(src)!r} as Parquet ({exc}); check --format") from None
-    with pf:
-        yield from pf.iter_batches(batch_size=65536)
+    for path in _parquet_files(src):
+        try:
+            pf = pq.ParquetFile(str(path))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise IngestError(f"cannot read {str(path)!r} as Parquet ({exc}); check --format") from None
+        with pf:
+            yield from pf.iter_batches(batch_size=65536, columns=columns)
 
 
 def _parquet_names(src: Path) -> list[str]:
     import pyarrow.parquet as pq
 
-    try:
-        return list(pq.read_schema(str(src)).names)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise IngestError(f"cannot read {str(src)!r} as Parquet ({exc}); check --format") from None
+    names: list[str] | None = None
+    for path in _parquet_files(src):
+        try:
+            these = list(pq.read_schema(str(path)).names)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise IngestError(f"cannot read {str(path)!r} as Parquet ({exc}); check --format") from None
+        if names is None:
+            names = these
+        elif set(these) != set(names):
+            raise IngestError(
+                f"{str(path)!r} has the columns {these[:8]}, not those of the other files of the dataset "
+                f"{str(src)!r} ({names[:8]}); a dataset's files must share their columns"
+            )
+    return names or []
 
 
 @dataclass
@@ -320,14 +498,22 @@ class _Parsed:
     strings: pa.Array | None  # trimmed strings (string columns only)
 
 
-def _parse(arr: pa.Array) -> _Parsed:
+_SAFE_INT = 2**53  # integers beyond this lose digits as float64
+
+
+def _parse(arr: pa.Array, name: str = "?", decimal_comma: bool = False) -> _Parsed:
+    """Parse one batch of column ``name``. ``decimal_comma``: "1,5" is the number 1.5."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     n = len(arr)
     if pa.types.is_dictionary(arr.type):
         arr = arr.cast(pa.string())
+    if pa.types.is_decimal(arr.type):
+        arr = pc.cast(arr, pa.float64(), safe=False)
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         s = pc.fill_null(pc.utf8_trim_whitespace(arr), "")  # null -> "" (a missing token)
+        if decimal_comma and pc.any(pc.match_substring(s, ",")).as_py():
+            s = pc.replace_substring_regex(s, _DECIMAL_COMMA_RE, r"\1.\2")
         miss = pc.is_in(s, value_set=pa.array(MISSING_TOKENS)).to_numpy(zero_copy_only=False)
         try:
             vals = pc.cast(pc.if_else(pa.array(miss), None, s), pa.float64()).to_numpy(zero_copy_only=False)
@@ -341,11 +527,23 @@ def _parse(arr: pa.Array) -> _Parsed:
         vals = np.where(inf, np.nan, vals)
         return _Parsed(vals, miss | inf, nonnum, inf, s)
     if pa.types.is_boolean(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
+        if pa.types.is_integer(arr.type) and arr.type.bit_width == 64 and len(arr) - arr.null_count:
+            mm = pc.min_max(arr)
+            lo, hi = mm["min"].as_py(), mm["max"].as_py()
+            if max(abs(lo), abs(hi)) > _SAFE_INT:
+                big = hi if abs(hi) > _SAFE_INT else lo
+                raise IngestError(
+                    f"column {name!r} holds the integer {big}, beyond 2^53, which a float64 cannot hold exactly "
+                    f"(an identifier?); leave it out with --drop {name}, or store it as a string"
+                )
         vals = np.asarray(pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False), np.float64)
         inf = np.isinf(vals)
         miss = np.isnan(vals) | inf
         return _Parsed(np.where(inf, np.nan, vals), miss, np.zeros(n, bool), inf, None)
-    raise IngestError(f"column type {arr.type} is not supported; cast it to a number or a string")
+    raise IngestError(
+        f"column {name!r} has the type {arr.type}, which is not supported; leave it out with --drop {name}, "
+        "or cast it to a number or a string"
+    )
 
 
 @dataclass
@@ -435,10 +633,25 @@ def _resolve_column(spec: Any, names: list[str], what: str) -> str:
     return names[idx]
 
 
+def _numeric_encodings(like: Store, names: list[str], src: Path) -> list[dict[str, Any]]:
+    """Encodings for a training store that has none (made by ``synth`` or from NumPy arrays):
+    its features, found by name among the source's columns, are numeric, imputed with the
+    training means."""
+    feats = like.feature_names
+    absent = [f for f in feats if f not in names]
+    if absent:
+        raise IngestError(
+            f"the training store {like.path!r} was not ingested from a table (no column encodings) and its "
+            f"features {absent[:5]} are not columns of {str(src)!r}; name the source's feature columns "
+            f"{', '.join(feats[:3])}{' ...' if len(feats) > 3 else ''}, or ingest the training data from a table too"
+        )
+    return [{"name": f, "kind": "numeric", "fill": float(m)} for f, m in zip(feats, like.mean, strict=True)]
+
+
 def _ingest_table(
     src: Path,
     dest: str,
-    batches: Callable[[], Iterator[pa.RecordBatch]],
+    batches: Callable[[list[str]], Iterator[pa.RecordBatch]],
     names: list[str],
     source_attrs: dict[str, Any],
     *,
@@ -453,31 +666,56 @@ def _ingest_table(
     like: Store | None,
     force: bool,
     progress: bool,
+    unlabelled: bool = False,
+    decimal_comma: bool = False,
+    layout: str = "",
 ) -> Store:
+    in_layout = f" with the {layout}" if layout else ""
+    tcol: str | None
     if like is not None:
         t_name = (like.attrs.get("target") or {}).get("name")
-        tcol = _resolve_column(target if target is not None else t_name, names, "target")
+        if unlabelled:
+            tcol = None
+        else:
+            try:
+                tcol = _resolve_column(target if target is not None else t_name, names, "target")
+            except IngestError as exc:
+                raise IngestError(f"{exc} (for data without targets, pass --unlabelled)") from None
         encs = like.attrs.get("encodings") or []
+        if not encs:
+            encs = _numeric_encodings(like, names, src)
         feats = [e["name"] for e in encs]
         absent = [f for f in feats if f not in names]
         if absent:
             raise IngestError(
-                f"columns {absent[:5]} of the training store {like.path!r} are not in {str(src)!r}; "
+                f"columns {absent[:5]} of the training store {like.path!r} are not in {str(src)!r}{in_layout}; "
                 "ingest a source with the same columns"
             )
         task = like.task
     else:
-        tcol = _resolve_column(target, names, "target")
         dropped = {_resolve_column(d, names, "--drop") for d in drop}
+        if target is None:  # the last column that is not dropped
+            kept = [n for n in names if n not in dropped]
+            if not kept:
+                raise IngestError(f"--drop leaves no columns of {str(src)!r}; keep a target and a feature")
+            tcol = kept[-1]
+        else:
+            tcol = _resolve_column(target, names, "target")
+            if tcol in dropped:
+                raise IngestError(f"column {tcol!r} is both --target and --drop; pass it to one of them")
         feats = [n for n in names if n != tcol and n not in dropped]
         if not feats:
-            raise IngestError("no feature columns left after --target/--drop; keep at least one")
+            raise IngestError(
+                f"no feature columns left after --target/--drop: {str(src)!r} has {len(names)} column(s) "
+                f"({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}){in_layout}; keep at least one feature"
+                + (", or pass --delimiter" if layout else "")
+            )
     start, stop = rows
 
     def ranged() -> Iterator[tuple[int, pa.RecordBatch]]:
         """Batches restricted to the requested data rows, with the index of their first row."""
         pos = 0
-        for b in batches():
+        for b in batches([*feats, *([tcol] if tcol is not None else [])]):
             n = b.num_rows
             lo, hi = max(start - pos, 0), n if stop is None else min(stop - pos, n)
             if hi > lo:
@@ -487,14 +725,14 @@ def _ingest_table(
                 return
 
     # ---- pass 1: profile and validate -------------------------------------------------------
-    profiles = {c: _ColumnProfile(c) for c in [*feats, tcol]}
+    profiles = {c: _ColumnProfile(c) for c in [*feats, *([tcol] if tcol is not None else [])]}
     n_seen = 0
     n_drop = 0
     prog = Progress(f"ingest {src.name}: pass 1/2", enabled=progress)
     for row0, b in ranged():
         drop_mask = np.zeros(b.num_rows, bool)
         for c in profiles:
-            p = _parse(b.column(c))
+            p = _parse(b.column(c), c, decimal_comma)
             profiles[c].update(p, row0)
             drop_mask |= p.missing
         n_drop += int(drop_mask.sum())
@@ -502,6 +740,11 @@ def _ingest_table(
         prog.update(b.num_rows)
     prog.done()
     if n_seen == 0:
+        if rows == (0, None) and source_attrs.get("header"):
+            raise IngestError(
+                f"source {str(src)!r} has a header line ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}) "
+                "but no data rows; check the file"
+            )
         raise IngestError(f"source {str(src)!r} has no data rows{' in --rows' if rows != (0, None) else ''}; check the file and --rows")
     n_out = n_seen - n_drop if missing == "drop" else n_seen
     if n_out == 0:
@@ -510,7 +753,7 @@ def _ingest_table(
     # column kinds
     encodings: list[dict[str, Any]] = []
     if like is not None:
-        encodings = [dict(e) for e in like.attrs["encodings"]]
+        encodings = [dict(e) for e in encs]
     for c in feats:
         pr = profiles[c]
         enc = next((e for e in encodings if e["name"] == c), None)
@@ -552,8 +795,8 @@ def _ingest_table(
             feature_names.append(e["name"])
     n_features = len(feature_names)
 
-    # target
-    tp = profiles[tcol]
+    # target (unlabelled, like=: an empty profile, the training store's classes; y holds zeros)
+    tp = profiles[tcol] if tcol is not None else _ColumnProfile("")
     if tp.n_missing and missing != "drop":
         r, v = tp.first_missing  # type: ignore[misc]
         raise IngestError(
@@ -628,6 +871,7 @@ def _ingest_table(
     n_classes = len(classes) if classes else 0
     class_counts = np.zeros(n_classes, np.int64)
     unknown: dict[str, int] = {}
+    unknown_example: dict[str, str] = {}
     value_sets = {e["name"]: pa.array(e["categories"], pa.string()) for e in encodings if e["kind"] != "numeric"}
     label_set = pa.array(classes, pa.string()) if classes and string_labels else None
     attrs = {
@@ -647,7 +891,7 @@ def _ingest_table(
             keep = np.ones(n, bool)
             X = np.zeros((n, n_features), np.float32)
             for e in encodings:
-                p = _parse(b.column(e["name"]))
+                p = _parse(b.column(e["name"]), e["name"], decimal_comma)
                 if missing == "drop":
                     keep &= ~p.missing
                 o = e["offset"]
@@ -660,16 +904,19 @@ def _ingest_table(
                 unk = np.isnan(codes)
                 if unk.any():
                     unknown[e["name"]] = unknown.get(e["name"], 0) + int(unk.sum())
+                    unknown_example.setdefault(e["name"], s[int(np.argmax(unk))].as_py())
                 if e["kind"] == "onehot":
                     rows_ok = np.nonzero(~unk)[0]
                     X[rows_ok, o + codes[rows_ok].astype(np.int64)] = 1.0
                 else:
                     fill_code = e["categories"].index(e["fill"])
                     X[:, o] = np.where(unk, fill_code, codes)
-            tpar = _parse(b.column(tcol))
-            if missing == "drop":
+            tpar = _parse(b.column(tcol), tcol, decimal_comma) if tcol is not None else None
+            if tpar is not None and missing == "drop":
                 keep &= ~tpar.missing
-            if task == "classification":
+            if tpar is None:
+                y = np.zeros(n, np.int32 if task == "classification" else np.float32)
+            elif task == "classification":
                 if string_labels:
                     lab = _clean_label(tpar.strings)  # type: ignore[arg-type]
                     y = pc.index_in(lab, value_set=label_set).to_numpy(zero_copy_only=False)
@@ -689,9 +936,9 @@ def _ingest_table(
             Xc = X.astype(x_dtype, copy=False)
             if like is None:
                 xstats.update(X)
-            if task == "classification":
+            if tpar is not None and task == "classification":
                 class_counts += np.bincount(y, minlength=n_classes)
-            else:
+            elif tpar is not None:
                 ystats.update(y[:, None])
             w.append(Xc, y)
             prog.update(n)
@@ -702,8 +949,11 @@ def _ingest_table(
         else:
             w.attrs["mean"] = xstats.mean.tolist()
             w.attrs["std"] = xstats.std.tolist()
+        if tcol is None:
+            w.attrs["labelled"] = False
         if task == "classification":
-            target_attrs["class_counts"] = class_counts.tolist()
+            if tcol is not None:
+                target_attrs["class_counts"] = class_counts.tolist()
         else:
             lt = (like.attrs.get("target") or {}) if like is not None else {}
             target_attrs["mean"] = lt.get("mean", ystats.mean.tolist())
@@ -717,6 +967,15 @@ def _ingest_table(
             "missing_imputed": {c: profiles[c].n_missing for c in feats if profiles[c].n_missing and missing == "impute"},
             "unknown_categories": unknown,
         }
+    if unknown:
+        warnings.warn(
+            "categories unseen in the training store, encoded as unknown (all-zero one-hot, or the most "
+            "frequent category's code): " + "; ".join(
+                f"column {c!r}: {k:,} row(s), e.g. {unknown_example[c]!r}" for c, k in unknown.items()
+            ),
+            UnseenCategoryWarning,
+            stacklevel=3,
+        )
     return w.commit_result  # type: ignore[attr-defined]
 
 
@@ -796,8 +1055,15 @@ def _npy_source(opener: Callable[[], Any], name: str) -> _ArraySource:
         except ValueError as exc:
             raise IngestError(f"{name} is not a valid .npy array ({exc}); check --format") from None
         offset = f.tell()
+    if dtype.names:
+        raise IngestError(
+            f"{name} is a structured array (fields {', '.join(dtype.names[:6])}); save a plain array, "
+            "e.g. np.column_stack([a[f] for f in a.dtype.names])"
+        )
     if dtype.hasobject:
         raise IngestError(f"{name} holds Python objects; save a numeric array")
+    if len(shape) == 0:
+        raise IngestError(f"{name} holds a single value (a 0-d array); save one row per sample")
     if fortran and len(shape) > 1:
         raise IngestError(f"{name} is Fortran-ordered; save it with np.ascontiguousarray")
 
@@ -891,6 +1157,15 @@ def _ingest_arrays(
 ) -> Store:
     n_total = xs.shape[0]
     tcol: int | None = None
+    if xs.dtype.kind not in "biuf":
+        raise IngestError(f"{xs.name} has dtype {xs.dtype}; features must be numbers (bool, integer or float)")
+    if ys is not None and len(ys.shape) == 2 and ys.shape[1] == 1 and (like is None or like.y.ndim == 1):
+        ys = _ArraySource(ys.shape[:1], ys.dtype, ys.open, ys.name)  # (n, 1) labels are (n,) labels
+    y_str = ys is not None and ys.dtype.kind in "US"
+    if ys is not None and not y_str and ys.dtype.kind not in "biuf":
+        raise IngestError(f"labels {ys.name} have dtype {ys.dtype}; save numbers or strings")
+    if y_str and (len(ys.shape) != 1 or task == "regression"):  # type: ignore[union-attr]
+        raise IngestError(f"labels {ys.name} are strings: they must be one class name per row, (n,) and a classification")
     if ys is None:
         if len(xs.shape) != 2 or xs.shape[1] < 2:
             raise IngestError(
@@ -933,6 +1208,7 @@ def _ingest_arrays(
 
     floaty = xs.dtype.kind == "f"
     y_float = (ys.dtype if ys is not None else xs.dtype).kind == "f"
+    str_counts: dict[str, int] = {}
     # ---- pass 1 ---------------------------------------------------------------------------------
     total = np.zeros(n_features)
     count = np.zeros(n_features)
@@ -954,6 +1230,14 @@ def _ingest_arrays(
             Xf = np.where(bad, 0.0, X.astype(np.float64))
             total += Xf.sum(axis=0)
             count += (~bad).sum(axis=0)
+        if y_str:
+            u, c = np.unique(np.char.strip(y.astype(str)), return_counts=True)
+            for a, b in zip(u.tolist(), c.tolist(), strict=True):
+                str_counts[a] = str_counts.get(a, 0) + b
+            if len(str_counts) > MAX_CATEGORIES:
+                raise IngestError(f"labels {ys.name} have more than {MAX_CATEGORIES:,} distinct strings; they are not classes")  # type: ignore[union-attr]
+            prog.update(len(X))
+            continue
         yv = np.asarray(y, np.float64)
         if y_float and not np.all(np.isfinite(yv)):
             r = int(np.argmax(~np.isfinite(yv.reshape(len(yv), -1)).any(axis=1)))
@@ -970,7 +1254,24 @@ def _ingest_arrays(
         prog.update(len(X))
     prog.done()
     y_tail = tuple(ys.shape[1:]) if ys is not None else ()
-    if like is not None:
+    if y_str:
+        if like is not None:
+            if like.task != "classification":
+                raise IngestError(f"labels {ys.name} are strings but the training store {like.path!r} is a regression")  # type: ignore[union-attr]
+            classes = like.classes
+            unknown_labels = sorted(set(str_counts) - set(classes or []))
+            if unknown_labels:
+                raise IngestError(
+                    f"labels {unknown_labels[:5]} are not among the classes of the training store {like.path!r}"
+                )
+        else:
+            classes = sorted(str_counts)
+            if len(classes) < 2:
+                raise IngestError(
+                    f"the labels have a single class {classes[0] if classes else None!r}; a classifier needs at least 2"
+                )
+        task, class_values = "classification", None
+    elif like is not None:
         task = like.task
         classes = like.classes
         class_values = (like.attrs.get("target") or {}).get("class_values")
@@ -1015,6 +1316,7 @@ def _ingest_arrays(
     xstats = RunningStats(n_features)
     ystats = RunningStats(int(np.prod(y_tail)) if y_tail else 1)
     cv = np.asarray(class_values, np.float64) if class_values is not None else None
+    class_names = np.asarray(classes if y_str else [], dtype=str)
     counts = np.zeros(len(classes) if classes else 0, np.int64)
     attrs: dict[str, Any] = {
         "task": task,
@@ -1037,12 +1339,15 @@ def _ingest_arrays(
                         keep &= ~bad.any(axis=1)
                     else:
                         X = np.where(bad, fill.astype(X.dtype), X)
-            yv = np.asarray(y, np.float64)
+            yv = np.char.strip(y.astype(str)) if y_str else np.asarray(y, np.float64)
             if y_float:
                 keep &= np.isfinite(yv.reshape(len(yv), -1)).all(axis=1)
             X, yv = X[keep], yv[keep]
             Xc = X.astype(x_dtype, copy=False)
-            if task == "classification":
+            if y_str:
+                yo = np.searchsorted(class_names, yv).astype(np.int32)
+                counts += np.bincount(yo, minlength=len(counts))
+            elif task == "classification":
                 yo = np.searchsorted(cv, yv).astype(np.int32)  # type: ignore[arg-type]
                 counts += np.bincount(yo, minlength=len(counts))
             else:
@@ -1056,8 +1361,10 @@ def _ingest_arrays(
         ref = like if like is not None else None
         w.attrs["mean"] = (ref.mean if ref is not None else xstats.mean).tolist()
         w.attrs["std"] = (ref.std if ref is not None else xstats.std).tolist()
-        tattrs: dict[str, Any] = {"name": "labels" if ys is not None else f"x{tcol}", "kind": "numeric"}
-        if class_values is not None:
+        tattrs: dict[str, Any] = {"name": "labels" if ys is not None else f"x{tcol}", "kind": "string" if y_str else "numeric"}
+        if y_str:
+            tattrs["class_counts"] = counts.tolist()
+        elif class_values is not None:
             tattrs["class_values"] = list(class_values)
             tattrs["class_counts"] = counts.tolist()
         else:
@@ -1107,16 +1414,33 @@ def ingest(
     like: str | os.PathLike | Store | None = None,
     force: bool = False,
     progress: bool = False,
+    unlabelled: bool = False,
+    text_encoding: str = "utf-8",
 ) -> Store:
-    """Ingest ``src`` into a new store at ``dest`` and return it opened. See the module docstring."""
+    """Ingest ``src`` into a new store at ``dest`` and return it opened. See the module docstring.
+
+    ``unlabelled`` (with ``like``): the source has no target column; the store's ``y`` holds
+    zeros and its ``labelled`` attribute is false, so it can be predicted but not evaluated or
+    trained on. ``text_encoding``: the character encoding of a CSV source (default UTF-8).
+    """
     path = Path(src)
     if not path.exists():
         raise IngestError(f"source file {str(src)!r} does not exist; check the path")
-    if path.is_dir():
-        raise IngestError(f"source {str(src)!r} is a directory; pass a file")
+    if path.is_dir() and format not in (None, "parquet"):
+        raise IngestError(f"source {str(src)!r} is a directory; pass a file (only Parquet datasets are directories)")
     if format is not None and format not in FORMATS:
         raise IngestError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-    if path.stat().st_size == 0:
+    if labels is not None and target is not None:
+        raise IngestError("--target names a column of the source, but with --labels the labels file is the target; drop --target")
+    if unlabelled and like is None:
+        raise IngestError("--unlabelled needs --like TRAIN_STORE (the training store gives the columns and classes)")
+    if unlabelled and (target is not None or labels is not None):
+        raise IngestError("--unlabelled ingests data without targets; drop --target/--labels")
+    try:
+        "".encode(text_encoding)
+    except LookupError:
+        raise IngestError(f"unknown text encoding {text_encoding!r}; pass e.g. utf-8, latin-1 or cp1252") from None
+    if not path.is_dir() and path.stat().st_size == 0:
         raise IngestError(f"source {str(src)!r} is empty; check the file")
     if missing not in MISSING_POLICIES:
         raise IngestError(f"unknown missing-value policy {missing!r}; choose impute, reject or drop")
@@ -1130,32 +1454,42 @@ def ingest(
     like_store = like if isinstance(like, Store) or like is None else open_store(like)
     if like_store is not None and task is not None and task != like_store.task:
         raise IngestError(f"--task {task} contradicts the training store's task {like_store.task}; drop --task")
-    source_attrs: dict[str, Any] = {"path": str(path.resolve()), "format": fmt, "md5": _md5(path)}
+    source_attrs: dict[str, Any] = {"path": str(path.resolve()), "format": fmt, "md5": _md5(path) if path.is_file() else None}
     common = dict(rows=row_range, chunk_rows=chunk_rows, codec=codec, missing=missing, like=like_store, force=force, progress=progress)
     try:
         if fmt in ("csv", "parquet"):
+            table: dict[str, Any] = {}
             if fmt == "csv":
-                layout = _sniff_csv(path, delimiter, header, comment)
+                expected = [e["name"] for e in like_store.attrs.get("encodings") or []] if like_store else []
+                layout = _sniff_csv(path, delimiter, header, comment, text_encoding, expected)
                 names = layout.names
                 source_attrs.update(delimiter=layout.delimiter, header=layout.header)
+                if layout.decimal_comma:
+                    source_attrs["decimal_comma"] = True
+                if text_encoding != "utf-8":
+                    source_attrs["text_encoding"] = text_encoding
+                table.update(decimal_comma=layout.decimal_comma, layout=layout.describe())
 
-                def batches() -> Iterator[pa.RecordBatch]:
+                def batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
                     return _csv_batches(path, layout, comment)
             else:
                 names = _parquet_names(path)
 
-                def batches() -> Iterator[pa.RecordBatch]:
-                    return _parquet_batches(path)
+                def batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
+                    return _parquet_batches(path, columns)
 
             store = _ingest_table(
                 path, os.fspath(dest), batches, names, source_attrs,
-                target=target, drop=drop, task=task, encoding=encoding, **common,  # type: ignore[arg-type]
+                target=target, drop=drop, task=task, encoding=encoding, unlabelled=unlabelled,
+                **table, **common,  # type: ignore[arg-type]
             )
         else:
             if labels and not Path(labels).exists():
                 raise IngestError(f"labels file {str(labels)!r} does not exist; check the path")
             if drop:
                 raise IngestError(f"--drop applies to CSV and Parquet sources, not {fmt}")
+            if unlabelled:
+                raise IngestError(f"--unlabelled applies to CSV and Parquet sources, not {fmt}")
             if fmt == "npy":
                 xs = _npy_source(lambda: open(path, "rb"), str(path))
                 ys = _npy_source(lambda: open(labels, "rb"), str(labels)) if labels else None  # type: ignore[arg-type]
@@ -1169,5 +1503,5 @@ def ingest(
                 source_attrs["labels"] = str(Path(labels).resolve())
             store = _ingest_arrays(path, os.fspath(dest), xs, ys, source_attrs, target=target, task=task, **common)  # type: ignore[arg-type]
     except UnicodeDecodeError as exc:
-        raise IngestError(f"{str(src)!r} is not UTF-8 text ({exc.reason}); check --format") from None
+        raise _text_error(path, exc) from None
     return store

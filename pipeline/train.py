@@ -315,6 +315,11 @@ class Trainer:
         self.store_path = str(store)
         self.progress = progress
         self.store = open_store(self.store_path)
+        for path, st in ((self.store_path, self.store), *(
+            ((cfg.validation_store, open_store(cfg.validation_store)),) if cfg.validation_store else ()
+        )):
+            if st.attrs.get("labelled") is False:  # ingested with --unlabelled: y is all zeros
+                raise StoreError(f"store {path!r} has no targets (ingested with --unlabelled); train on a labelled store")
         self.cfg = cfg
         self.client = client
         self.run = RunDir(Path(out))

@@ -222,6 +222,216 @@ def _(t: Trial) -> Outcome:
     return t.cli("ingest", "good.csv", "out.zarr", "--like", "train.zarr")
 
 
+_AB = [(0.5, -1.25, "yes"), (-0.75, 0.5, "no"), (1.5, 0.25, "yes"), (-2.0, -0.5, "no"), (0.25, 1.0, "yes"), (-1.0, 0.75, "no")]
+
+
+def _ab_rows(delimiter: str = ",") -> str:
+    return "".join(f"{a}{delimiter}{b}{delimiter}{y}\n" for a, b, y in _AB)
+
+
+def _open(t: Trial, name: str = "out.zarr"):  # noqa: ANN202
+    from pipeline.store import open_store
+
+    return open_store(str(t.path / name))
+
+
+@case("F25")
+def _(t: Trial) -> Outcome:
+    t.write("allcat.csv", "color,size,label\n" + "".join(f"{c},{s},{y}\n" for c, s, y in
+            [("red", "S", "no"), ("green", "S", "yes"), ("blue", "M", "no"), ("red", "M", "yes"), ("green", "L", "no"),
+             ("blue", "L", "yes")]))
+    out = t.cli("ingest", "allcat.csv", "out.zarr", created={"out.zarr"})
+    assert _open(t).classes == ["no", "yes"] and _open(t).n_rows == 6
+    return out
+
+
+@case("F26")
+def _(t: Trial) -> Outcome:
+    t.write("yearhdr.csv", "name,2019,2020,label\n" + "".join(f"n{i % 2},{a},{b},{y}\n" for i, (a, b, y) in enumerate(_AB)))
+    out = t.cli("ingest", "yearhdr.csv", "out.zarr", created={"out.zarr"})
+    st = _open(t)
+    assert st.feature_names == ["name=n0", "name=n1", "2019", "2020"] and st.n_rows == 6
+    return out
+
+
+@case("F27")
+def _(t: Trial) -> Outcome:
+    t.write("euro.csv", "a;b;label\n" + _ab_rows(";").replace(".", ","))
+    out = t.cli("ingest", "euro.csv", "out.zarr", "--delimiter", ";", created={"out.zarr"})
+    np.testing.assert_allclose(_open(t).read_chunk(0)[0], [[a, b] for a, b, _ in _AB])
+    return out
+
+
+@case("F28")
+def _(t: Trial) -> Outcome:
+    t.write("idlast.csv", "a,b,label,row_id\n" + "".join(f"{a},{b},{y},{1000 + i}\n" for i, (a, b, y) in enumerate(_AB)))
+    out = t.cli("ingest", "idlast.csv", "out.zarr", "--drop", "row_id", created={"out.zarr"})
+    st = _open(t)
+    assert st.attrs["target"]["name"] == "label" and st.feature_names == ["a", "b"]
+    return out
+
+
+@case("F29")
+def _(t: Trial) -> Outcome:
+    np.save(t.path / "x.npy", np.arange(12.0).reshape(6, 2))
+    np.save(t.path / "ycol.npy", (np.arange(6) % 2)[:, None])
+    out = t.cli("ingest", "x.npy", "out.zarr", "--labels", "ycol.npy", created={"out.zarr"})
+    assert _open(t).task == "classification" and _open(t).classes == ["0", "1"]
+    return out
+
+
+@case("F30")
+def _(t: Trial) -> Outcome:
+    t.write("data.json", '{"a": 0.5, "label": "yes"}\n{"a": 1.5, "label": "no"}\n')
+    return t.cli("ingest", "data.json", "out.zarr")
+
+
+@case("F31")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    t.copy(t.shared.store4, "synth.zarr")
+    return t.cli("ingest", "good.csv", "out.zarr", "--like", "synth.zarr", "--target", "c")
+
+
+@case("F32")
+def _(t: Trial) -> Outcome:
+    t.write("cities.csv", "city,temp,label\n" + "".join(f"{c},{a},{y}\n" for c, (a, _, y) in
+            zip(['"Paris, France"', "Oslo", '"Rome, Italy"'] * 2, _AB, strict=True)))
+    out = t.cli("ingest", "cities.csv", "out.zarr", created={"out.zarr"})
+    assert _open(t).feature_names == ["city=Oslo", "city=Paris, France", "city=Rome, Italy", "temp"]
+    return out
+
+
+@case("F33")
+def _(t: Trial) -> Outcome:
+    t.write("hashcomment.csv", "# exported 2026-01-01\na,b,label\n" + _ab_rows())
+    out = t.cli("ingest", "hashcomment.csv", "out.zarr", created={"out.zarr"})
+    assert _open(t).feature_names == ["a", "b"] and _open(t).n_rows == 6
+    return out
+
+
+@case("F34")
+def _(t: Trial) -> Outcome:
+    t.write("headeronly.csv", "a,b,label\n")
+    return t.cli("ingest", "headeronly.csv", "out.zarr")
+
+
+@case("F35")
+def _(t: Trial) -> Outcome:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"big": pa.array([2**62] * 4, pa.int64()), "y": [0, 1, 0, 1]}), t.path / "big.parquet")
+    return t.cli("ingest", "big.parquet", "out.zarr")
+
+
+@case("F36")
+def _(t: Trial) -> Outcome:
+    np.save(t.path / "x.npy", np.arange(12.0).reshape(6, 2))
+    np.save(t.path / "ystr.npy", np.array(["cat", "dog"] * 3))
+    out = t.cli("ingest", "x.npy", "out.zarr", "--labels", "ystr.npy", created={"out.zarr"})
+    st = _open(t)
+    assert st.classes == ["cat", "dog"] and st.read_chunk(0)[1].tolist() == [0, 1] * 3
+    return out
+
+
+@case("F37")
+def _(t: Trial) -> Outcome:
+    np.save(t.path / "rec.npy", np.zeros(4, dtype=[("a", "f4"), ("b", "i4")]))
+    return t.cli("ingest", "rec.npy", "out.zarr")
+
+
+@case("F38")
+def _(t: Trial) -> Outcome:
+    np.save(t.path / "scalar.npy", np.array(3.0))
+    return t.cli("ingest", "scalar.npy", "out.zarr")
+
+
+@case("F39")
+def _(t: Trial) -> Outcome:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ts = pa.array(np.arange(6).astype("datetime64[s]"))
+    pq.write_table(pa.table({"a": [a for a, _, _ in _AB], "label": [y for *_, y in _AB], "ts": ts}), t.path / "ts.parquet")
+    return t.cli("ingest", "ts.parquet", "out.zarr")
+
+
+@case("F40")
+def _(t: Trial) -> Outcome:
+    (t.path / "latin1.csv").write_text("name,a,label\n" + "".join(f"caf\xe9{i},{a},{y}\n" for i, (a, _, y) in enumerate(_AB)),
+                                       encoding="latin-1")
+    return t.cli("ingest", "latin1.csv", "out.zarr")
+
+
+@case("F41")
+def _(t: Trial) -> Outcome:
+    t.write("bom.csv", "\ufeffa,b,label\n" + _ab_rows())
+    out = t.cli("ingest", "bom.csv", "out.zarr", "--target", "a", created={"out.zarr"})
+    assert _open(t).attrs["target"]["name"] == "a"
+    return out
+
+
+@case("F42")
+def _(t: Trial) -> Outcome:
+    from pipeline.ingest import ingest
+
+    t.write("train.csv", "c,label\n" + "".join(f"{'uv'[i % 2]},{y}\n" for i, (*_, y) in enumerate(_AB)))
+    t.write("test.csv", "c,label\nu,yes\nw,no\n")
+    ingest(t.path / "train.csv", t.path / "train.zarr")
+    out = t.cli("ingest", "test.csv", "out.zarr", "--like", "train.zarr", created={"out.zarr"})
+    assert _open(t).attrs["source"]["unknown_categories"] == {"c": 1}
+    return out
+
+
+@case("F43")
+def _(t: Trial) -> Outcome:
+    np.save(t.path / "x.npy", np.arange(12.0).reshape(6, 2))
+    np.save(t.path / "y.npy", np.arange(6) % 2)
+    return t.cli("ingest", "x.npy", "out.zarr", "--labels", "y.npy", "--target", "0")
+
+
+@case("F44")
+def _(t: Trial) -> Outcome:
+    t.write("new.csv", "a,b\n1,2\n3,4\n")
+    return t.cli("ingest", "new.csv", "out.zarr", "--unlabelled")
+
+
+@case("F45")
+def _(t: Trial) -> Outcome:
+    import zarr
+
+    t.copy(t.shared.run, "run")
+    t.copy(t.shared.store4, "new.zarr")
+    zarr.open_group(str(t.path / "new.zarr"), mode="r+").attrs["labelled"] = False
+    return t.cli("evaluate", "run", "new.zarr", "--scheduler", t.shared.unreachable, "--connect-timeout", "1")
+
+
+@case("F46")
+def _(t: Trial) -> Outcome:
+    (t.path / "folder").mkdir()
+    t.write("folder/notes.txt", "not data")
+    return t.cli("ingest", "folder", "out.zarr")
+
+
+@case("F47")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    return t.cli("ingest", "good.csv", "out.zarr", "--target", "c", "--drop", "c")
+
+
+@case("F48")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    return t.cli("ingest", "good.csv", "out.zarr", "--text-encoding", "nope")
+
+
+@case("F49")
+def _(t: Trial) -> Outcome:
+    t.write("one.csv", "value\n1\n2\n3\n")
+    return t.cli("ingest", "one.csv", "out.zarr")
+
+
 # -- stores ----------------------------------------------------------------------------------
 
 

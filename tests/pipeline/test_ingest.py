@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import IngestError
-from pipeline.ingest import ingest, parse_rows
+from pipeline.ingest import UnseenCategoryWarning, ingest, parse_rows
 from pipeline.store import StoreWriter
 
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -171,7 +171,8 @@ def test_missing_policies_and_like(tmp_path):
     assert ingest(tmp_path / "train.csv", tmp_path / "d.zarr", missing="drop").n_rows == 3
     with pytest.raises(IngestError, match=r"column 'num' .* data row 1"):
         ingest(tmp_path / "train.csv", tmp_path / "r.zarr", missing="reject")
-    te = ingest(tmp_path / "test.csv", tmp_path / "te.zarr", like=tmp_path / "tr.zarr")
+    with pytest.warns(UnseenCategoryWarning, match=r"column 'cat': 1 row\(s\), e.g. 'zzz'"):
+        te = ingest(tmp_path / "test.csv", tmp_path / "te.zarr", like=tmp_path / "tr.zarr")
     Xt, yt = read_all(te)
     assert te.feature_names == st.feature_names and te.classes == st.classes
     np.testing.assert_allclose(Xt, [[4, 0, 0], [2, 0, 1]])  # train mean; unknown category all zero
