@@ -18,7 +18,8 @@ Constructor parameters map onto :class:`pipeline.config.TrainConfig`::
 Where training runs (the ``client`` and ``cluster_min_rows`` parameters):
 
 - ``fit(path)`` with a store made by ``pipeline ingest`` (``y`` must be None) always trains on the
-  cluster through :func:`pipeline.train.train`.
+  cluster through :func:`pipeline.train.train`. ``classes_`` keep the label column's type: the
+  numbers of a numeric label column (int64 when integral), else strings.
 - ``fit(X, y)`` with arrays writes a temporary store (:func:`pipeline.store.create_store`; Dask
   arrays block by block, never computed whole) and trains on the cluster, unless the rule below
   sends it in-process. The temporary store and run directory are deleted after training.
@@ -42,7 +43,11 @@ given rows, in-process with :class:`kernels.mlp.MLPTrainer`, continuing from the
 (also after a cluster ``fit``) and from the local optimizer state of the previous ``partial_fit``.
 The first call of an unfitted estimator fixes the feature (and regression target) standardization
 from its rows and, for classifiers, needs ``classes`` (every label of all calls), as in
-scikit-learn. ``fit`` starts over.
+scikit-learn: ``classes_`` are those, and a batch with a label outside them is refused. Dask
+arrays are computed and checked like NumPy input (NaN / inf refused). ``fit`` starts over.
+
+``predict`` / ``score`` on a store path check the store (it exists, matches the model) before
+any cluster is used or started.
 
 Prediction on in-memory arrays runs in this process through :class:`pipeline.model.Model`; on a
 store path it runs chunk by chunk on the cluster (:mod:`pipeline.inference`) and returns the
@@ -173,6 +178,11 @@ def _is_dask(X: Any) -> bool:
     return type(X).__module__.startswith("dask.") and hasattr(X, "blocks")
 
 
+def _computed(a: Any) -> Any:
+    """``a`` computed if it is a Dask array, else ``a``."""
+    return a.compute() if _is_dask(a) else a
+
+
 @contextlib.contextmanager
 def _one_line_errors() -> Iterator[None]:
     """scikit-learn's validation errors on one line (the NaN one, a paragraph, cut to its point)."""
@@ -187,6 +197,17 @@ def _one_line_errors() -> Iterator[None]:
         else:
             msg = " ".join(lines)
         raise ValueError(msg) from None
+
+
+def _store_classes(st: Any) -> np.ndarray:
+    """A classification store's labels with their real dtype: the numbers a numeric label column
+    held (int64 when all integral, else float64), else the strings."""
+    target = st.attrs.get("target") or {}
+    values = target.get("class_values")
+    if target.get("kind") != "string" and values is not None and len(values) == len(st.classes):
+        arr = np.asarray(values, dtype=np.float64)
+        return arr.astype(np.int64) if np.all(arr == np.round(arr)) else arr
+    return np.asarray(st.classes, dtype=object)
 
 
 def _jsonable(v: Any) -> Any:
@@ -309,14 +330,20 @@ class _BaseMLP(BaseEstimator):
     def _encode_y(self, y: np.ndarray, reset: bool) -> np.ndarray:
         raise NotImplementedError
 
-    def _validate_arrays(self, X: Any, y: Any, reset: bool) -> tuple[Any, np.ndarray | Any]:
-        """Validated float X and encoded y (NumPy), or the Dask arrays checked lazily."""
+    def _validate_arrays(
+        self, X: Any, y: Any, reset: bool, reset_classes: bool | None = None
+    ) -> tuple[Any, np.ndarray | Any]:
+        """Validated float X and encoded y (NumPy), or the Dask arrays checked lazily.
+        ``reset`` fixes the features; ``reset_classes`` (default: ``reset``) takes ``classes_``
+        from ``y``, else every label of ``y`` must be one of ``classes_``."""
+        if reset_classes is None:
+            reset_classes = reset
         if y is None:
             raise ValueError(
                 f"This {type(self).__name__} estimator requires y to be passed, but the target y is None"
             )
         if _is_dask(X) or _is_dask(y):
-            return self._validate_dask(X, y, reset)
+            return self._validate_dask(X, y, reset, reset_classes)
         multi = self._task == "regression"
         with _one_line_errors():
             X, y = validate_data(
@@ -324,9 +351,9 @@ class _BaseMLP(BaseEstimator):
             )
         if self._task == "regression" and y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
-        return X, self._encode_y(y, reset)
+        return X, self._encode_y(y, reset_classes)
 
-    def _validate_dask(self, X: Any, y: Any, reset: bool) -> tuple[Any, Any]:
+    def _validate_dask(self, X: Any, y: Any, reset: bool, reset_classes: bool) -> tuple[Any, Any]:
         import dask.array as da
 
         X, y = da.asarray(X), da.asarray(y)
@@ -352,7 +379,7 @@ class _BaseMLP(BaseEstimator):
         if self._task == "classification":
             labels = np.unique(y.compute() if y.nbytes < 2**27 else da.unique(y).compute())
             check_classification_targets(labels)
-            self._set_classes(labels, reset)
+            self._set_classes(labels, reset_classes)
         return X.rechunk({1: -1}), y
 
     def _set_classes(self, labels: np.ndarray, reset: bool) -> None:
@@ -374,8 +401,8 @@ class _BaseMLP(BaseEstimator):
         local = self.client == "local" or (self.client is None and n < int(self.cluster_min_rows))
         if local:
             if _is_dask(X):
-                X, y = X.compute(), y.compute()
-                y = self._encode_y(np.asarray(y), reset=False)
+                # in memory now: the same checks as NumPy input (NaN / inf refused)
+                X, y = self._validate_arrays(np.asarray(X.compute()), np.asarray(_computed(y)), reset=True)
             self._fit_local(np.asarray(X), y, cfg)
             self.fitted_on_ = "local"
             return self
@@ -399,7 +426,7 @@ class _BaseMLP(BaseEstimator):
         if hasattr(self, "feature_names_in_"):
             del self.feature_names_in_
         if self._task == "classification":
-            self.classes_ = np.asarray(st.classes, dtype=object)
+            self.classes_ = _store_classes(st)
         with tempfile.TemporaryDirectory(prefix="pipeline-estimator-") as tmp:
             self._train_on_cluster(path, cfg, os.path.join(tmp, "run"))
         return self
@@ -604,11 +631,16 @@ class _BaseMLP(BaseEstimator):
                 self._set_classes(labels, reset=True)
             elif classes is not None and not np.array_equal(np.unique(np.asarray(classes)), self.classes_):
                 raise ValueError(f"classes={list(classes)!r} differ from the fitted classes_ {list(self.classes_)!r}")
-        X, y = self._validate_arrays(X, y, reset=first)
-        if _is_dask(X):
-            X, y = np.asarray(X.compute()), np.asarray(y.compute())
-            if self._task == "classification":
-                y = self._encode_y(y, reset=False)
+        if _is_dask(X) or _is_dask(y):  # partial_fit trains in memory: checked as NumPy input
+            X, y = np.asarray(_computed(X)), np.asarray(_computed(y))
+        try:
+            # classifiers: classes_ come from ``classes`` (above); y's labels must be among them
+            X, y = self._validate_arrays(X, y, reset=first, reset_classes=first and self._task == "regression")
+        except ValueError:
+            if first:  # a refused first call leaves the estimator as it was
+                for attr in ("classes_", "n_features_in_", "feature_names_in_"):
+                    self.__dict__.pop(attr, None)
+            raise
         X = np.asarray(X)
         if first:
             mean, std = X.mean(axis=0, dtype=np.float64), X.std(axis=0, dtype=np.float64)
@@ -660,9 +692,10 @@ class _BaseMLP(BaseEstimator):
     def _predict_store(self, path: str, proba: bool) -> np.ndarray:
         import zarr
 
-        from pipeline.inference import predict_store
+        from pipeline.inference import check_inputs, predict_store
 
         check_is_fitted(self, "model_")
+        check_inputs(self.model_, path)  # a missing or mismatched store fails before any cluster
         with tempfile.TemporaryDirectory(prefix="pipeline-estimator-") as tmp:
             out = os.path.join(tmp, "pred.zarr")
             client = self._cluster()
@@ -675,9 +708,10 @@ class _BaseMLP(BaseEstimator):
         """Accuracy (classifier) or R^2 (regressor) on every row of a store, on the cluster."""
         if y is not None:
             raise ValueError("score(store_path, y): a store holds its own targets; pass y=None")
-        from pipeline.inference import evaluate_store
+        from pipeline.inference import check_inputs, evaluate_store
 
         check_is_fitted(self, "model_")
+        check_inputs(self.model_, os.fspath(path))  # a missing or mismatched store fails before any cluster
         client = self._cluster()
         with client.as_current():
             metrics = evaluate_store(self.model_, os.fspath(path), client)

@@ -231,6 +231,66 @@ def test_partial_fit_improves_and_continues(digits):
     assert not np.array_equal(before, full.model_.params) and full.n_iter_ == 4
 
 
+def test_partial_fit_honours_classes_with_class_sorted_batches():
+    """Rows sorted by class: each batch holds one class; ``classes`` fixes all of them up front."""
+    from sklearn.datasets import load_iris
+
+    X, y = load_iris(return_X_y=True)
+    order = np.argsort(y, kind="stable")
+    X, y = X[order], y[order]
+    clf = MLPClassifier(hidden_layer_sizes=(16,), random_state=0)
+    for a in range(0, len(X), 50):  # the second batch's class 1 is not "unseen": it is in classes
+        clf.partial_fit(X[a : a + 50], y[a : a + 50], classes=[0, 1, 2])
+    assert clf.n_iter_ == 3
+    assert clf.classes_.tolist() == [0, 1, 2] and clf.classes_.dtype.kind == "i"
+    assert clf.predict_proba(X).shape == (len(X), 3)
+    assert set(clf.predict(X)) <= {0, 1, 2}
+    fresh = MLPClassifier(hidden_layer_sizes=(16,), random_state=0)
+    with pytest.raises(ValueError, match=r"y has labels \[2\] that are not in classes_ \[0, 1\]"):
+        fresh.partial_fit(X, y, classes=[0, 1])
+    assert not hasattr(fresh, "classes_") and not hasattr(fresh, "model_")  # the refused call left nothing
+
+
+def test_dask_arrays_with_nan_are_refused_in_process():
+    da = pytest.importorskip("dask.array")
+    rng = np.random.default_rng(0)
+    X, y = rng.random((60, 3)), np.arange(60) % 2
+    Xn = X.copy()
+    Xn[7, 1] = np.nan
+    Xi = X.copy()
+    Xi[8, 0] = np.inf
+    cases = [
+        (MLPClassifier(max_iter=1), da.from_array(Xn, chunks=20), da.from_array(y, chunks=20), "Input X contains NaN"),
+        (MLPClassifier(max_iter=1), da.from_array(Xi, chunks=20), da.from_array(y, chunks=20), "Input X contains infinity"),
+        (MLPRegressor(max_iter=1), da.from_array(X, chunks=20), da.from_array(np.where(y, np.nan, 1.0), chunks=20), "Input y contains NaN"),
+    ]
+    for est, Xd, yd, fragment in cases:
+        extra = {"classes": [0, 1]} if isinstance(est, MLPClassifier) else {}
+        with pytest.raises(ValueError, match=fragment):
+            est.fit(Xd, yd)
+        with pytest.raises(ValueError, match=fragment):
+            est.partial_fit(Xd, yd, **extra)
+        assert not hasattr(est, "model_")
+
+
+def test_store_fit_keeps_numeric_labels_dtype(tmp_path, client):
+    """A store of numeric labels gives numeric classes_: score and partial_fit on arrays work."""
+    from pipeline.store import open_store
+    from pipeline.synth import synth
+
+    path = str(tmp_path / "s.zarr")
+    synth(path, rows=600, features=4, classes=3, seed=0)
+    clf = MLPClassifier(hidden_layer_sizes=(16,), max_iter=2, n_iter_no_change=0, random_state=0, client=client)
+    clf.fit(path)
+    assert clf.classes_.dtype.kind == "i" and clf.classes_.tolist() == [0, 1, 2]
+    st = open_store(path)
+    X, y = st.X[:].astype(np.float64), st.y[:].astype(np.int64)
+    assert set(clf.predict(X)) <= {0, 1, 2}
+    assert abs(clf.score(X, y) - clf.score(path)) < 1e-3
+    clf.partial_fit(X, y)  # the labels of the arrays are the store's classes
+    assert clf.n_iter_ == 3
+
+
 # --------------------------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------------------------
@@ -270,6 +330,13 @@ from pipeline import estimator
 
 if __name__ == "__main__":
     X, y = load_digits(return_X_y=True)
+    small = MLPClassifier(hidden_layer_sizes=(8,), max_iter=1, random_state=0).fit(X, y)  # in-process
+    for call in (small.predict, small.predict_proba, small.score):
+        try:
+            call("mistyped.zarr")
+        except Exception as exc:
+            assert "does not exist" in str(exc), exc
+        assert not estimator._local, "a mistyped store path started a cluster"
     clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=2, cluster_min_rows=0, random_state=0).fit(X, y)
     assert clf.fitted_on_ == "cluster" and "client" in estimator._local, clf.fitted_on_
     print("OK", clf.ps_installed_by_, round(clf.score(X, y), 3))
