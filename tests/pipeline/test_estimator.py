@@ -29,13 +29,8 @@ from pipeline.estimator import (
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 
-# Sized for the checks' tiny datasets (see the module docstring of pipeline.estimator).
-CHECKED = [
-    MLPClassifier(hidden_layer_sizes=(16,), batch_size=16, max_iter=40, random_state=0),
-    MLPRegressor(hidden_layer_sizes=(16,), batch_size=16, max_iter=40, random_state=0),
-    LogisticRegression(batch_size=16, max_iter=40, random_state=0),
-    LinearRegression(batch_size=16, learning_rate_init=1e-2, max_iter=40, random_state=0),
-]
+# Every estimator at its defaults (no instance sized for the checks' tiny datasets).
+CHECKED = [MLPClassifier(), MLPRegressor(), LogisticRegression(), LinearRegression()]
 
 
 @parametrize_with_checks(CHECKED, expected_failed_checks=expected_failed_checks)
@@ -187,6 +182,48 @@ def test_regression_r2(housing):
     assert two.predict(Xte).shape == (len(Xte), 2)
 
 
+PARITY = [
+    *[(e, d) for e in ("LogisticRegression", "MLPClassifier") for d in ("iris", "wine", "breast_cancer")],
+    ("LinearRegression", "diabetes"),
+    ("MLPRegressor", "diabetes"),
+]
+
+
+@pytest.mark.parametrize(("estimator", "dataset"), PARITY)
+def test_defaults_match_scikit_learn_on_its_bundled_datasets(estimator, dataset):
+    """At their defaults, at most 1 point of accuracy (0.02 R^2) below scikit-learn's equivalent
+    at its defaults (bench.sklearn_parity: same split, same standardization, MLPs averaged over
+    the same five random_states)."""
+    from bench.sklearn_parity import MARGIN, compare
+
+    row = compare(estimator, dataset, seeds=range(5))
+    assert row["ours"] >= row["sklearn"] - MARGIN[row["metric"]], row
+
+
+def test_linear_models_in_memory_are_solved_and_minibatch_remains_available():
+    from sklearn.datasets import load_diabetes
+    from sklearn.linear_model import LinearRegression as SkLinear
+
+    X, y = load_diabetes(return_X_y=True)
+    lin = LinearRegression().fit(X, y)
+    assert lin.history_[0]["solver"] == "lstsq" and lin.n_iter_ == 1
+    np.testing.assert_allclose(lin.predict(X), SkLinear().fit(X, y).predict(X), rtol=1e-4, atol=1e-3)
+    steps = LinearRegression(solver="minibatch", max_iter=3, random_state=0).fit(X, y)
+    assert [h["epoch"] for h in steps.history_] == [0, 1, 2] and "solver" not in steps.history_[0]
+    Xd, yd = load_digits(return_X_y=True)
+    logit = LogisticRegression().fit(Xd, yd)
+    assert logit.history_[0]["solver"] == "lbfgs" and logit.history_[0]["converged"]
+    assert logit.score(Xd, yd) > 0.99
+
+
+def test_early_stopping_holds_out_validation_only_when_asked(digits):
+    Xtr, ytr, _, _ = digits
+    plain = MLPClassifier(hidden_layer_sizes=(16,), max_iter=3, random_state=0).fit(Xtr, ytr)
+    assert plain.history_[0]["samples"] == len(Xtr) and "val_loss" not in plain.history_[0]
+    held = MLPClassifier(hidden_layer_sizes=(16,), max_iter=3, early_stopping=True, random_state=0).fit(Xtr, ytr)
+    assert held.history_[0]["samples"] == len(Xtr) - int(0.1 * len(Xtr)) and "val_loss" in held.history_[0]
+
+
 def test_pipeline_and_grid_search(digits):
     Xtr, ytr, Xte, yte = digits
     pipe = make_pipeline(StandardScaler(), MLPClassifier(batch_size=32, max_iter=10, random_state=0))
@@ -309,6 +346,7 @@ def test_errors_are_clear_one_liners(digits, tmp_path):
         (lambda: clf.fit(str(tmp_path), ytr), "pass y=None"),
         (lambda: MLPClassifier().partial_fit(Xtr, ytr), "classes must be passed"),
         (lambda: MLPClassifier(activation="swish").fit(Xtr, ytr), "activation"),
+        (lambda: LogisticRegression(solver="lbfgs").fit(Xtr, ytr), "solver='lbfgs' is invalid"),
         (lambda: clf.fit(Xtr, ytr).predict(Xtr[:, :5]), "features"),
         (lambda: clf.partial_fit(Xtr, ytr, classes=[0, 1]), "differ from the fitted classes_"),
     ]
