@@ -327,7 +327,10 @@ class _BaseMLP(BaseEstimator):
         from pipeline.errors import ConfigError
 
         if self.solver not in SOLVERS:
-            raise ValueError(f"solver={self.solver!r} is invalid: use one of {', '.join(SOLVERS)}")
+            raise ValueError(
+                f"solver={self.solver!r} is invalid: use one of {', '.join(SOLVERS)} "
+                "(the minibatch optimizer is the optimizer parameter, e.g. optimizer='sgd')"
+            )
         try:
             return TrainConfig.from_dict(values)
         except ConfigError as exc:

@@ -552,6 +552,11 @@ def _(t: Trial) -> Outcome:
     return out
 
 
+@case("A9")
+def _(t: Trial) -> Outcome:
+    return _fit(t, _X, _Y, solver="lbfgs")
+
+
 def _store_call(t: Trial, method: str) -> Outcome:
     from pipeline import estimator
     from pipeline.estimator import MLPClassifier
