@@ -16,7 +16,8 @@ Constructor parameters map onto :class:`pipeline.config.TrainConfig`::
     options -> any other TrainConfig key, as a dict (e.g. {"staleness": 4, "aggregate": "mean"})
 
 The defaults are scikit-learn's (``MLPClassifier``: one hidden layer of 100, Adam at lr 1e-3,
-``max_iter=200`` epochs, ``tol=1e-4``, ``n_iter_no_change=10``), not the command's (sized for
+``max_iter=200`` epochs, ``tol=1e-4``, ``n_iter_no_change=10``; batches of 256 rows where
+scikit-learn takes ``min(200, n)``), not the command's (sized for
 out-of-core data), so an estimator swapped in for scikit-learn's learns what it learns. As in
 scikit-learn, ``validation_fraction`` is held out only with ``early_stopping=True``; otherwise
 every row trains and ``n_iter_no_change`` watches the training loss (the model kept is the best
