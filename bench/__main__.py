@@ -37,6 +37,8 @@ BENCHMARKS = [
     ("epoch_anatomy", "Where an epoch goes on small stores", "python -m bench.epoch_anatomy"),
     ("out_of_core", "Out of core: memory, throughput, disk", "python -m bench.out_of_core --sizes {ooc}"),
     ("ps_limits", "Parameter-server limits", "python -m bench.ps_limits"),
+    ("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets",
+     "python -m bench.sklearn_parity"),
 ]
 
 

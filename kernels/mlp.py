@@ -100,11 +100,18 @@ class MLPSpec:
         return sum(s[i] * s[i + 1] + s[i + 1] for i in range(self.n_layers))
 
 
-def init_params(spec: MLPSpec, seed: int = 0, dtype: Any = np.float32) -> np.ndarray:
-    """Flat initial parameters: He normal (relu family) or Glorot uniform, zero biases."""
+INIT_SCHEMES = ("auto", "glorot")
+
+
+def init_params(spec: MLPSpec, seed: int = 0, dtype: Any = np.float32, scheme: str = "auto") -> np.ndarray:
+    """Flat initial parameters, zero biases. ``scheme="auto"``: He normal for the relu family,
+    Glorot uniform otherwise; ``"glorot"``: Glorot uniform for every activation (scikit-learn's
+    MLP initialization; smaller first-layer weights than He's when there are few inputs)."""
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"unknown init scheme {scheme!r}; use one of {', '.join(INIT_SCHEMES)}")
     rng = np.random.default_rng(seed)
     flat = np.zeros(spec.n_params, dtype=np.float64)
-    he = spec.activation in ("relu", "leaky_relu")
+    he = scheme == "auto" and spec.activation in ("relu", "leaky_relu")
     for v in spec.layout():
         if v.name.startswith("b"):
             continue

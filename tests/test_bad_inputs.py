@@ -746,6 +746,51 @@ def _(t: Trial) -> Outcome:
     return _fit(t, str(t.shared.store4), _Y)
 
 
+@case("A5")
+def _(t: Trial) -> Outcome:
+    import dask.array as da
+
+    X = _X.copy()
+    X[3, 1] = np.nan
+    return _fit(t, da.from_array(X, chunks=10), da.from_array(_Y, chunks=10))
+
+
+@case("A6")
+def _(t: Trial) -> Outcome:
+    from pipeline.estimator import MLPClassifier
+
+    est = MLPClassifier()
+    out = t.call(lambda: est.partial_fit(_X, np.arange(len(_X)) % 3, classes=[0, 1]))
+    assert not hasattr(est, "classes_") and not hasattr(est, "model_")
+    return out
+
+
+@case("A9")
+def _(t: Trial) -> Outcome:
+    return _fit(t, _X, _Y, solver="lbfgs")
+
+
+def _store_call(t: Trial, method: str) -> Outcome:
+    from pipeline import estimator
+    from pipeline.estimator import MLPClassifier
+
+    est = MLPClassifier(hidden_layer_sizes=(4,), max_iter=1, random_state=0).fit(_X, _Y)
+    started = dict(estimator._local)
+    out = t.call(lambda: getattr(est, method)("mistyped.zarr"))
+    assert estimator._local == started  # no cluster of the estimators' own was started
+    return out
+
+
+@case("A7")
+def _(t: Trial) -> Outcome:
+    return _store_call(t, "predict")
+
+
+@case("A8")
+def _(t: Trial) -> Outcome:
+    return _store_call(t, "score")
+
+
 # --------------------------------------------------------------------------------------------
 # Fixtures and the tests
 # --------------------------------------------------------------------------------------------

@@ -62,6 +62,11 @@ def test_init_params_deterministic_and_scaled():
     assert abs(v["W0"].std() - np.sqrt(2 / 400)) < 0.01 * np.sqrt(2 / 400) * 5  # He
     g = views(spec, init_params(MLPSpec(400, (300,), 10, activation="tanh")))
     assert abs(g["W0"].std() - np.sqrt(2 / 700)) < 0.05 * np.sqrt(2 / 700)  # Glorot uniform
+    r = views(spec, init_params(spec, seed=3, scheme="glorot"))  # relu, scikit-learn's scheme
+    lim = np.sqrt(6 / 700)
+    assert np.abs(r["W0"]).max() <= lim * (1 + 1e-6) and abs(r["W0"].std() - lim / np.sqrt(3)) < 0.05 * lim
+    with pytest.raises(ValueError, match="unknown init scheme 'xavier'"):
+        init_params(spec, scheme="xavier")
 
 
 @pytest.mark.parametrize(

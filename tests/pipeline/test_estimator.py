@@ -29,13 +29,8 @@ from pipeline.estimator import (
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 
-# Sized for the checks' tiny datasets (see the module docstring of pipeline.estimator).
-CHECKED = [
-    MLPClassifier(hidden_layer_sizes=(16,), batch_size=16, max_iter=40, random_state=0),
-    MLPRegressor(hidden_layer_sizes=(16,), batch_size=16, max_iter=40, random_state=0),
-    LogisticRegression(batch_size=16, max_iter=40, random_state=0),
-    LinearRegression(batch_size=16, learning_rate_init=1e-2, max_iter=40, random_state=0),
-]
+# Every estimator at its defaults (no instance sized for the checks' tiny datasets).
+CHECKED = [MLPClassifier(), MLPRegressor(), LogisticRegression(), LinearRegression()]
 
 
 @parametrize_with_checks(CHECKED, expected_failed_checks=expected_failed_checks)
@@ -187,6 +182,48 @@ def test_regression_r2(housing):
     assert two.predict(Xte).shape == (len(Xte), 2)
 
 
+PARITY = [
+    *[(e, d) for e in ("LogisticRegression", "MLPClassifier") for d in ("iris", "wine", "breast_cancer")],
+    ("LinearRegression", "diabetes"),
+    ("MLPRegressor", "diabetes"),
+]
+
+
+@pytest.mark.parametrize(("estimator", "dataset"), PARITY)
+def test_defaults_match_scikit_learn_on_its_bundled_datasets(estimator, dataset):
+    """At their defaults, at most 1 point of accuracy (0.02 R^2) below scikit-learn's equivalent
+    at its defaults (bench.sklearn_parity: same split, same standardization, MLPs averaged over
+    the same five random_states)."""
+    from bench.sklearn_parity import MARGIN, compare
+
+    row = compare(estimator, dataset, seeds=range(5))
+    assert row["ours"] >= row["sklearn"] - MARGIN[row["metric"]], row
+
+
+def test_linear_models_in_memory_are_solved_and_minibatch_remains_available():
+    from sklearn.datasets import load_diabetes
+    from sklearn.linear_model import LinearRegression as SkLinear
+
+    X, y = load_diabetes(return_X_y=True)
+    lin = LinearRegression().fit(X, y)
+    assert lin.history_[0]["solver"] == "lstsq" and lin.n_iter_ == 1
+    np.testing.assert_allclose(lin.predict(X), SkLinear().fit(X, y).predict(X), rtol=1e-4, atol=1e-3)
+    steps = LinearRegression(solver="minibatch", max_iter=3, random_state=0).fit(X, y)
+    assert [h["epoch"] for h in steps.history_] == [0, 1, 2] and "solver" not in steps.history_[0]
+    Xd, yd = load_digits(return_X_y=True)
+    logit = LogisticRegression().fit(Xd, yd)
+    assert logit.history_[0]["solver"] == "lbfgs" and logit.history_[0]["converged"]
+    assert logit.score(Xd, yd) > 0.99
+
+
+def test_early_stopping_holds_out_validation_only_when_asked(digits):
+    Xtr, ytr, _, _ = digits
+    plain = MLPClassifier(hidden_layer_sizes=(16,), max_iter=3, random_state=0).fit(Xtr, ytr)
+    assert plain.history_[0]["samples"] == len(Xtr) and "val_loss" not in plain.history_[0]
+    held = MLPClassifier(hidden_layer_sizes=(16,), max_iter=3, early_stopping=True, random_state=0).fit(Xtr, ytr)
+    assert held.history_[0]["samples"] == len(Xtr) - int(0.1 * len(Xtr)) and "val_loss" in held.history_[0]
+
+
 def test_pipeline_and_grid_search(digits):
     Xtr, ytr, Xte, yte = digits
     pipe = make_pipeline(StandardScaler(), MLPClassifier(batch_size=32, max_iter=10, random_state=0))
@@ -231,6 +268,66 @@ def test_partial_fit_improves_and_continues(digits):
     assert not np.array_equal(before, full.model_.params) and full.n_iter_ == 4
 
 
+def test_partial_fit_honours_classes_with_class_sorted_batches():
+    """Rows sorted by class: each batch holds one class; ``classes`` fixes all of them up front."""
+    from sklearn.datasets import load_iris
+
+    X, y = load_iris(return_X_y=True)
+    order = np.argsort(y, kind="stable")
+    X, y = X[order], y[order]
+    clf = MLPClassifier(hidden_layer_sizes=(16,), random_state=0)
+    for a in range(0, len(X), 50):  # the second batch's class 1 is not "unseen": it is in classes
+        clf.partial_fit(X[a : a + 50], y[a : a + 50], classes=[0, 1, 2])
+    assert clf.n_iter_ == 3
+    assert clf.classes_.tolist() == [0, 1, 2] and clf.classes_.dtype.kind == "i"
+    assert clf.predict_proba(X).shape == (len(X), 3)
+    assert set(clf.predict(X)) <= {0, 1, 2}
+    fresh = MLPClassifier(hidden_layer_sizes=(16,), random_state=0)
+    with pytest.raises(ValueError, match=r"y has labels \[2\] that are not in classes_ \[0, 1\]"):
+        fresh.partial_fit(X, y, classes=[0, 1])
+    assert not hasattr(fresh, "classes_") and not hasattr(fresh, "model_")  # the refused call left nothing
+
+
+def test_dask_arrays_with_nan_are_refused_in_process():
+    da = pytest.importorskip("dask.array")
+    rng = np.random.default_rng(0)
+    X, y = rng.random((60, 3)), np.arange(60) % 2
+    Xn = X.copy()
+    Xn[7, 1] = np.nan
+    Xi = X.copy()
+    Xi[8, 0] = np.inf
+    cases = [
+        (MLPClassifier(max_iter=1), da.from_array(Xn, chunks=20), da.from_array(y, chunks=20), "Input X contains NaN"),
+        (MLPClassifier(max_iter=1), da.from_array(Xi, chunks=20), da.from_array(y, chunks=20), "Input X contains infinity"),
+        (MLPRegressor(max_iter=1), da.from_array(X, chunks=20), da.from_array(np.where(y, np.nan, 1.0), chunks=20), "Input y contains NaN"),
+    ]
+    for est, Xd, yd, fragment in cases:
+        extra = {"classes": [0, 1]} if isinstance(est, MLPClassifier) else {}
+        with pytest.raises(ValueError, match=fragment):
+            est.fit(Xd, yd)
+        with pytest.raises(ValueError, match=fragment):
+            est.partial_fit(Xd, yd, **extra)
+        assert not hasattr(est, "model_")
+
+
+def test_store_fit_keeps_numeric_labels_dtype(tmp_path, client):
+    """A store of numeric labels gives numeric classes_: score and partial_fit on arrays work."""
+    from pipeline.store import open_store
+    from pipeline.synth import synth
+
+    path = str(tmp_path / "s.zarr")
+    synth(path, rows=600, features=4, classes=3, seed=0)
+    clf = MLPClassifier(hidden_layer_sizes=(16,), max_iter=2, n_iter_no_change=0, random_state=0, client=client)
+    clf.fit(path)
+    assert clf.classes_.dtype.kind == "i" and clf.classes_.tolist() == [0, 1, 2]
+    st = open_store(path)
+    X, y = st.X[:].astype(np.float64), st.y[:].astype(np.int64)
+    assert set(clf.predict(X)) <= {0, 1, 2}
+    assert abs(clf.score(X, y) - clf.score(path)) < 1e-3
+    clf.partial_fit(X, y)  # the labels of the arrays are the store's classes
+    assert clf.n_iter_ == 3
+
+
 # --------------------------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------------------------
@@ -249,6 +346,7 @@ def test_errors_are_clear_one_liners(digits, tmp_path):
         (lambda: clf.fit(str(tmp_path), ytr), "pass y=None"),
         (lambda: MLPClassifier().partial_fit(Xtr, ytr), "classes must be passed"),
         (lambda: MLPClassifier(activation="swish").fit(Xtr, ytr), "activation"),
+        (lambda: LogisticRegression(solver="lbfgs").fit(Xtr, ytr), "solver='lbfgs' is invalid"),
         (lambda: clf.fit(Xtr, ytr).predict(Xtr[:, :5]), "features"),
         (lambda: clf.partial_fit(Xtr, ytr, classes=[0, 1]), "differ from the fitted classes_"),
     ]
@@ -270,6 +368,13 @@ from pipeline import estimator
 
 if __name__ == "__main__":
     X, y = load_digits(return_X_y=True)
+    small = MLPClassifier(hidden_layer_sizes=(8,), max_iter=1, random_state=0).fit(X, y)  # in-process
+    for call in (small.predict, small.predict_proba, small.score):
+        try:
+            call("mistyped.zarr")
+        except Exception as exc:
+            assert "does not exist" in str(exc), exc
+        assert not estimator._local, "a mistyped store path started a cluster"
     clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=2, cluster_min_rows=0, random_state=0).fit(X, y)
     assert clf.fitted_on_ == "cluster" and "client" in estimator._local, clf.fitted_on_
     print("OK", clf.ps_installed_by_, round(clf.score(X, y), 3))
