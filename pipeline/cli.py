@@ -416,7 +416,7 @@ def synth(dest: str, rows: int, features: int, classes: int | None, regression: 
 @cli.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
-@click.option("--verify", is_flag=True, help="Read every chunk and report corrupted ones (exit 1 if any).")
+@click.option("--verify", is_flag=True, help="Read every chunk and report corrupted or missing ones (exit 1 if any).")
 def inspect(store: str, as_json: bool, verify: bool) -> None:
     """Describe a store: shape, dtype, chunks, codecs, size, class balance, feature statistics.
 
@@ -466,7 +466,7 @@ def inspect(store: str, as_json: bool, verify: bool) -> None:
             for msg in bad:
                 click.echo(f"  {msg}")
     if bad:
-        raise StoreError(f"{len(bad)} corrupted chunk(s) in {store!r}: {bad[0]}")
+        raise StoreError(f"{len(bad)} damaged chunk(s) in {store!r}: {bad[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,11 +5,17 @@ and returns metric partial sums (evaluation) or writes its rows of the output (p
 a Zarr array whose chunks match the input's, or one Parquet file per input chunk in a
 dataset directory. Outputs are written beside their destination and renamed into place when
 every task succeeded, so a failed run leaves no half-written output.
+
+Both kinds of output carry a mark of this program (the Zarr group's ``kind = "predictions"``
+attribute, the ``pipeline = predictions`` key of every Parquet file's schema metadata): ``force``
+replaces an existing output only when it bears that mark, never a user's own data.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -20,8 +26,11 @@ import numpy as np
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import PipelineError, StoreError
 from pipeline.model import Model
-from pipeline.store import Store, open_store
+from pipeline.store import Store, check_not_inside, open_store, replace_dir
 from pipeline.worker import cached_trainer, evaluate_task, finish_metrics, merge_metrics
+
+PARQUET_MARK = {b"pipeline": b"predictions"}
+_PART = re.compile(r"part-\d{6}\.parquet")
 
 
 def _check_compatible(model: Model, store: Store) -> None:
@@ -30,6 +39,40 @@ def _check_compatible(model: Model, store: Store) -> None:
             f"store {store.path!r} has {store.n_features} features but the model expects "
             f"{model.n_features}; ingest it with --like TRAIN_STORE"
         )
+
+
+def foreign_output_reason(out: str | os.PathLike) -> str | None:
+    """Why the existing ``out`` is not a prediction output of this program (None: it is one,
+    or an empty directory, and ``force`` may replace it)."""
+    dest = Path(out)
+    if dest.is_symlink():
+        return "it is a symbolic link"
+    if not dest.is_dir():
+        return "it is a file, not a prediction output of pipeline"
+    names = os.listdir(dest)
+    if not names:
+        return None
+    if dest.suffix == ".zarr":
+        extra = sorted(set(names) - {"zarr.json", "prediction", "proba"})
+        try:
+            attrs = json.loads((dest / "zarr.json").read_text()).get("attributes") or {}
+        except (OSError, ValueError, AttributeError):
+            attrs = {}
+        if extra or attrs.get("kind") != "predictions":
+            return "it is not a prediction output of pipeline"
+        return None
+    import pyarrow.parquet as pq
+
+    for name in sorted(names):
+        if not _PART.fullmatch(name):
+            return f"it holds {name!r}, which pipeline's predictions do not"
+        try:
+            meta = pq.read_schema(dest / name).metadata or {}
+        except Exception:  # noqa: BLE001 - unreadable: not ours
+            meta = {}
+        if meta.get(b"pipeline") != PARQUET_MARK[b"pipeline"]:
+            return f"its {name!r} was not written by pipeline"
+    return None
 
 
 def check_inputs(
@@ -50,8 +93,16 @@ def check_inputs(
     fmt = "zarr" if dest.suffix == ".zarr" else "parquet" if dest.suffix in (".parquet", ".pq") else ""
     if not fmt:
         raise PipelineError(f"output {out!r}: name it *.zarr (Zarr group) or *.parquet (Parquet dataset)")
-    if dest.exists() and not force:
-        raise PipelineError(f"output {out!r} already exists; pass --force to overwrite it")
+    check_not_inside(dest, {"store": store.path})
+    if dest.exists() or dest.is_symlink():
+        reason = foreign_output_reason(dest)
+        if reason is not None:
+            raise PipelineError(
+                f"output {out!r} exists and {reason}; --force replaces only earlier predictions: "
+                "choose another name"
+            )
+        if not force:
+            raise PipelineError(f"output {out!r} already exists; pass --force to overwrite it")
     return store, fmt
 
 
@@ -174,7 +225,8 @@ def predict_task(
         if proba and target is None:
             for j, name in enumerate(classes or range(raw.shape[1])):
                 cols[f"proba_{name}"] = raw[:, j].astype(np.float32)
-        pq.write_table(pa.table(cols), os.path.join(out_tmp, f"part-{index:06d}.parquet"))
+        table = pa.table(cols).replace_schema_metadata(PARQUET_MARK)  # what --force may replace
+        pq.write_table(table, os.path.join(out_tmp, f"part-{index:06d}.parquet"))
     return b - a
 
 
@@ -237,9 +289,14 @@ def predict_store(
             for i, r in enumerate(ranges)
         ]
         rows = sum(client.gather(futures))
-        if dest.exists():
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        os.replace(tmp, dest)
+        if dest.exists() or dest.is_symlink():
+            reason = foreign_output_reason(dest)  # it may have changed during the run
+            if reason is not None or not force:
+                raise PipelineError(
+                    f"output {out!r} appeared or changed while predicting; it was left as it is: "
+                    "choose another name"
+                )
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -222,6 +222,41 @@ def _(t: Trial) -> Outcome:
     return t.cli("ingest", "good.csv", "out.zarr", "--like", "train.zarr")
 
 
+@case("F15")
+def _(t: Trial) -> Outcome:
+    (t.path / "mydata").mkdir()
+    t.write("mydata/notes.txt", "precious")
+    t.write("mydata/train.csv", GOOD_CSV)
+    return t.cli("ingest", "mydata/train.csv", "mydata", "--force")
+
+
+@case("F16")
+def _(t: Trial) -> Outcome:
+    t.write("same.csv", GOOD_CSV)
+    return t.cli("ingest", "same.csv", "same.csv", "--force")
+
+
+@case("F17")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    return t.cli("ingest", "good.csv", ".", "--force")
+
+
+@case("F18")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    t.cli("ingest", "good.csv", "train.zarr", "--quiet")
+    return t.cli("ingest", "good.csv", "train.zarr", "--like", "train.zarr", "--force")
+
+
+@case("F19")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    (t.path / "docs").mkdir()
+    t.write("docs/notes.txt", "precious")
+    return t.cli("ingest", "good.csv", "docs", "--force")
+
+
 # -- stores ----------------------------------------------------------------------------------
 
 
@@ -271,6 +306,27 @@ def _(t: Trial) -> Outcome:
     t.copy(t.shared.run, "run")
     t.copy(t.shared.store5, "five.zarr")
     return t.cli("evaluate", "run", "five.zarr", "--scheduler", t.shared.unreachable, "--connect-timeout", "1")
+
+
+@case("S8")
+def _(t: Trial) -> Outcome:
+    (t.path / "docs").mkdir()
+    t.write("docs/notes.txt", "precious")
+    return t.cli("synth", "docs", "--rows", "100", "--features", "3", "--force")
+
+
+@case("S9")
+def _(t: Trial) -> Outcome:
+    t.cli("synth", "s.zarr", "--rows", "3000", "--features", "4", "--chunk-rows", "1024", "--quiet")
+    (t.path / "s.zarr" / "X" / "c" / "1" / "0").unlink()
+    return t.cli("inspect", "s.zarr", "--verify")
+
+
+@case("S10")
+def _(t: Trial) -> Outcome:
+    t.cli("synth", "s.zarr", "--rows", "3000", "--features", "4", "--chunk-rows", "1024", "--quiet")
+    (t.path / "s.zarr" / "y" / "c" / "2").unlink()
+    return t.cli("inspect", "s.zarr", "--verify")
 
 
 # -- training settings -----------------------------------------------------------------------
@@ -412,10 +468,18 @@ def _(t: Trial) -> Outcome:
 def _(t: Trial) -> Outcome:
     t.copy(t.shared.store4, "s.zarr")
     t.copy(t.shared.run, "run")
-    t.write("old.parquet", "previous predictions")
+    _earlier_predictions(t, "old.parquet")
     # an unreachable scheduler: reaching it would fail, so the refusal comes first
     return t.cli("predict", "run", "s.zarr", "old.parquet", "--scheduler", t.shared.unreachable,
                  "--connect-timeout", "1")
+
+
+def _earlier_predictions(t: Trial, name: str) -> None:
+    """A prediction output written by `pipeline predict` (on the shared cluster)."""
+    from pipeline.inference import predict_store
+    from pipeline.model import load_model
+
+    predict_store(load_model(t.path / "run"), str(t.path / "s.zarr"), str(t.path / name), t.shared.client)
 
 
 @case("M10")
@@ -423,6 +487,19 @@ def _(t: Trial) -> Outcome:
     t.copy(t.shared.store4, "s.zarr")
     t.copy(t.shared.run, "run")
     return t.cli("predict", "run", "s.zarr", "preds.txt")
+
+
+@case("M11")
+def _(t: Trial) -> Outcome:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t.copy(t.shared.store4, "s.zarr")
+    t.copy(t.shared.run, "run")
+    (t.path / "sales.parquet").mkdir()
+    pq.write_table(pa.table({"region": ["north", "south"], "sales": [10.5, 7.25]}), t.path / "sales.parquet" / "2024.parquet")
+    return t.cli("predict", "run", "s.zarr", "sales.parquet", "--force", "--scheduler", t.shared.unreachable,
+                 "--connect-timeout", "1")
 
 
 # -- clusters and the parameter server -------------------------------------------------------
