@@ -179,6 +179,10 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
     base = resumed_config(out) if resume else TrainConfig()  # --resume: the run's own settings
     cfg = TrainConfig.from_toml(config_file, base) if config_file else base
     cfg = cfg.with_overrides(list(overrides))
+    if cfg.validation_store:  # fail before starting a cluster
+        from pipeline.train import check_validation_store
+
+        check_validation_store(open_store(store), cfg.validation_store)
     _echo("configuration:\n" + "\n".join(f"  {k} = {json.dumps(v)}" for k, v in cfg.to_dict().items()), quiet)
     with _client(cluster_kw) as client:
         _echo(f"dask dashboard: {client.dashboard_link}  (training page: /pipeline)", quiet)

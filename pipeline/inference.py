@@ -26,18 +26,37 @@ import numpy as np
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import PipelineError, StoreError
 from pipeline.model import Model
-from pipeline.store import Store, check_not_inside, open_store, replace_dir
+from pipeline.store import Store, check_not_inside, layout_mismatch, open_store, replace_dir
 from pipeline.worker import cached_trainer, evaluate_task, finish_metrics, merge_metrics
 
 PARQUET_MARK = {b"pipeline": b"predictions"}
 _PART = re.compile(r"part-\d{6}\.parquet")
 
 
-def _check_compatible(model: Model, store: Store) -> None:
+def model_layout(model: Model) -> dict[str, Any]:
+    """The model's features and classes, as :func:`pipeline.store.layout_mismatch` takes them."""
+    return {
+        "n_features": model.n_features,
+        "feature_names": list(model.feature_names or []),
+        "encodings": model.encodings or [],
+        "task": model.task,
+        "classes": model.classes,
+    }
+
+
+def _check_compatible(model: Model, store: Store, labels: bool = False) -> None:
+    """Refuse a store whose features (count, names, order, encodings) or, when its labels are
+    used (``labels``: evaluation), task and classes differ from the model's."""
     if store.n_features != model.n_features:
         raise StoreError(
             f"store {store.path!r} has {store.n_features} features but the model expects "
             f"{model.n_features}; ingest it with --like TRAIN_STORE"
+        )
+    problem = layout_mismatch(model_layout(model), store, labels=labels)
+    if problem:
+        raise StoreError(
+            f"store {store.path!r} does not match the model: it {problem}; ingest it with "
+            "--like TRAIN_STORE (the store the model was trained on)"
         )
 
 
@@ -82,10 +101,10 @@ def check_inputs(
     cluster: the store opens and matches the model; ``out`` (for predictions) has a known
     suffix and is not clobbered without ``force``. Returns the store and the output format."""
     store = open_store(store_path)
-    _check_compatible(model, store)
+    if out is None and model.task != store.task:
+        raise StoreError(f"store {store_path!r} is a {store.task} store; the model does {model.task}")
+    _check_compatible(model, store, labels=out is None)
     if out is None:
-        if model.task != store.task:
-            raise StoreError(f"store {store_path!r} is a {store.task} store; the model does {model.task}")
         return store, ""
     if proba and model.task != "classification":
         raise PipelineError("--proba is for classification models")
@@ -122,6 +141,12 @@ def _eval_cfg(model: Model) -> dict[str, Any]:
     }
 
 
+def _norm(model: Model) -> dict:
+    """The model's feature statistics: rows are standardized with these, never the store's own,
+    so one model gives one answer whatever store (or array) holds the rows."""
+    return {"mean": np.asarray(model.mean, np.float64).tolist(), "std": np.asarray(model.std, np.float64).tolist()}
+
+
 def _target(model: Model) -> dict | None:
     if model.task == "classification":
         return None
@@ -156,6 +181,7 @@ def evaluate_store(model: Model, store_path: str, client: Any) -> dict[str, Any]
             model.spec,
             cfg,
             _target(model),
+            _norm(model),
             key=f"evaluate-{i}-{token}",
             pure=False,
             retries=2,
@@ -180,15 +206,18 @@ def predict_task(
     fmt: str,
     proba: bool,
     classes: list[str] | None,
+    norm: dict | None = None,
 ) -> int:
-    """Predict rows ``row_range`` and write them to the temporary output; returns rows written."""
+    """Predict rows ``row_range`` and write them to the temporary output; returns rows written.
+    ``norm``: the model's mean/std (the store's own when None)."""
     from pipeline.loader import ChunkLoader
 
     restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
     trainer = cached_trainer("model", "predict", spec, cfg)
     trainer.set_params(np.asarray(params, dtype=np.float32))
     loader = ChunkLoader(
-        open_store(store_path), ranges=[row_range], batch_size=4096, shuffle=False, normalize=cfg["normalize"]
+        open_store(store_path), ranges=[row_range], batch_size=4096, shuffle=False, normalize=cfg["normalize"],
+        mean=None if norm is None else norm["mean"], std=None if norm is None else norm["std"],
     )
     outs = []
     try:
@@ -267,6 +296,7 @@ def predict_store(
             tmp.mkdir(parents=True)
         params = client.scatter(model.params, broadcast=True, hash=False)
         cfg = _eval_cfg(model)
+        norm = _norm(model)
         token = uuid.uuid4().hex[:8]
         futures = [
             client.submit(
@@ -282,6 +312,7 @@ def predict_store(
                 fmt,
                 proba,
                 model.classes,
+                norm,
                 key=f"predict-{i}-{token}",
                 pure=False,
                 retries=2,

@@ -277,6 +277,67 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
 
 
 # --------------------------------------------------------------------------------------------
+# Whether a store holds rows laid out like the ones a model was trained on
+# --------------------------------------------------------------------------------------------
+
+
+def layout_of(store: Store) -> dict[str, Any]:
+    """What rows and labels mean in ``store``: the reference :func:`layout_mismatch` compares with."""
+    return {
+        "n_features": store.n_features,
+        "feature_names": store.feature_names,
+        "encodings": store.attrs.get("encodings") or [],
+        "task": store.task,
+        "classes": store.classes,
+    }
+
+
+def _generic_names(names: list[str]) -> bool:
+    """Names made up for unnamed columns (x0, x1, ... or f0, f1, ...): they say nothing."""
+    return not names or names == [f"x{i}" for i in range(len(names))] or names == [f"f{i}" for i in range(len(names))]
+
+
+def _short(items: list[Any], limit: int = 6) -> str:
+    shown = ", ".join(str(x) for x in items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def layout_mismatch(ref: Mapping[str, Any], store: Store, *, labels: bool) -> str | None:
+    """How ``store``'s features (names, order, encodings) and, when ``labels``, its task and
+    class list differ from ``ref`` (a model's or a training store's, as :func:`layout_of`
+    gives it); None when they agree. Made-up names (x0, x1, ...) and absent encodings are not
+    compared: they carry no meaning. Classes must be the same list in the same order (a store
+    ingested with ``--like`` has the training store's whole list even when some classes have
+    no rows), since labels are stored as indices into it."""
+    if store.n_features != int(ref["n_features"]):
+        return f"has {store.n_features} features, expected {ref['n_features']}"
+    want, have = list(ref.get("feature_names") or []), list(store.feature_names)
+    if not (_generic_names(want) or _generic_names(have)) and want != have:
+        if sorted(want) == sorted(have):
+            j = next(i for i, (a, b) in enumerate(zip(want, have, strict=True)) if a != b)
+            return f"has its features in another order (feature {j} is {have[j]!r}, expected {want[j]!r})"
+        missing = [n for n in want if n not in have]
+        extra = [n for n in have if n not in want]
+        return f"has features {_short(extra)} where {_short(missing)} are expected"
+    ref_encs = {e.get("name"): e for e in ref.get("encodings") or [] if isinstance(e, Mapping)}
+    for e in store.attrs.get("encodings") or []:
+        r = ref_encs.get(e.get("name"))
+        if r is None:
+            continue
+        if r.get("kind") != e.get("kind") or list(r.get("categories") or []) != list(e.get("categories") or []):
+            what = f"{e.get('kind')} with categories {_short(list(e.get('categories') or []))}"
+            expected = f"{r.get('kind')} with categories {_short(list(r.get('categories') or []))}"
+            return f"encodes column {e.get('name')!r} as {what}, expected {expected}"
+    if labels:
+        if store.task != ref.get("task"):
+            return f"is a {store.task} store, expected {ref.get('task')}"
+        want_c, have_c = ref.get("classes"), store.classes
+        if want_c is not None and have_c is not None and list(want_c) != list(have_c):
+            return f"has the classes [{_short(list(have_c))}], expected [{_short(list(want_c))}] in this order"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # What --force may replace, atomic replacement, stale temporaries
 # --------------------------------------------------------------------------------------------
 

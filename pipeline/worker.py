@@ -156,7 +156,7 @@ def train_task(
 ) -> dict[str, Any]:
     """Train on ``ranges`` of the store as participant ``name`` of ``job``; return statistics.
 
-    ``val`` (sync mode: ``{"path": store, "ranges": [...]}``) asks the task to validate its share
+    ``val`` (sync mode: ``{"path": store, "ranges": [...], "norm": {"mean", "std"} or None}``) asks the task to validate its share
     of the validation rows with the epoch's final weights once every participant has left: the
     epoch then needs no separate validation round of tasks. Its partial sums travel in the
     summary (``val``, plain lists) with the version they were computed at (``val_version``)."""
@@ -296,7 +296,7 @@ def train_task(
             final = comm.call("epoch_end", timeout=cfg["barrier_timeout"])
             t_val = time.perf_counter()
             params = np.asarray(final["params"], dtype=np.float32)
-            partial = evaluate_ranges(_store(val["path"]), val["ranges"], params, job, spec, cfg, target)
+            partial = evaluate_ranges(_store(val["path"]), val["ranges"], params, job, spec, cfg, target, val.get("norm"))
         except Exception:  # noqa: BLE001 - the training part is done and must not be rerun:
             # without ``val`` in the summary the driver validates on its own (and reports errors)
             logger.debug("participant %s could not validate", name, exc_info=True)
@@ -387,12 +387,15 @@ def evaluate_task(
     spec: dict,
     cfg: dict,
     target: dict | None,
+    norm: dict | None = None,
 ) -> dict:
-    """Metric partial sums of the model (``params``, or the job's current weights) on ``ranges``."""
+    """Metric partial sums of the model (``params``, or the job's current weights) on ``ranges``.
+    ``norm`` (``{"mean": [...], "std": [...]}``): the model's feature statistics, which
+    standardize the rows instead of the store's own."""
     restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
     if params is None:
         params = ParameterServer(str(job)).pull(model=True)[0]
-    return evaluate_ranges(_store(store_path), ranges, params, job, spec, cfg, target)
+    return evaluate_ranges(_store(store_path), ranges, params, job, spec, cfg, target, norm)
 
 
 def evaluate_ranges(
@@ -403,8 +406,10 @@ def evaluate_ranges(
     spec: dict,
     cfg: dict,
     target: dict | None,
+    norm: dict | None = None,
 ) -> dict:
-    """Metric partial sums of the model ``params`` on ``ranges`` of an open ``store``."""
+    """Metric partial sums of the model ``params`` on ``ranges`` of an open ``store``
+    (standardized with ``norm``'s mean/std when given, else the store's)."""
     trainer = cached_trainer(job or "model", "eval", spec, cfg)
     trainer.set_params(np.asarray(params, dtype=np.float32))
     loader = ChunkLoader(
@@ -414,6 +419,8 @@ def evaluate_ranges(
         shuffle=False,
         normalize=cfg["normalize"],
         prefetch=cfg["prefetch"],
+        mean=None if norm is None else norm["mean"],
+        std=None if norm is None else norm["std"],
     )
     parts = []
     try:
