@@ -139,6 +139,14 @@ def _client(kw: dict):  # noqa: ANN202
     )
 
 
+def _on_driver(path: str) -> str:
+    """A local path made absolute here, on the driver: tasks run in worker processes whose
+    working directory (on a --scheduler cluster) is not the command's. URLs are left alone."""
+    if "://" in path and not path.startswith("file://"):
+        return path
+    return os.path.abspath(path.removeprefix("file://"))
+
+
 def _echo(msg: str, quiet: bool = False) -> None:
     if not quiet:
         click.echo(msg, err=True)
@@ -233,7 +241,7 @@ def evaluate(run_dir: str, store: str, as_json: bool, **cluster_kw) -> None:
     model = load_model(run_dir)
     check_inputs(model, store)  # fail before starting a cluster
     with _client(cluster_kw) as client:
-        metrics = evaluate_store(model, store, client)
+        metrics = evaluate_store(model, _on_driver(store), client)
     if as_json:
         click.echo(json.dumps(metrics))
         return
@@ -275,7 +283,8 @@ def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **clus
     model = load_model(run_dir)
     check_inputs(model, store, out, proba=proba, force=force)  # fail before starting a cluster
     with _client(cluster_kw) as client:
-        result = predict_store(model, store, out, client, proba=proba, force=force)
+        result = predict_store(model, _on_driver(store), _on_driver(out), client, proba=proba, force=force)
+    result["out"] = out  # as the user named it
     click.echo(json.dumps(result))
 
 
