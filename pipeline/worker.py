@@ -331,6 +331,8 @@ def evaluate_arrays(probs_or_pred: np.ndarray, y: np.ndarray, target: dict | Non
         "sae": np.abs(err).sum(axis=0),
         "sum_y": yy.sum(axis=0),
         "sum_y2": (yy**2).sum(axis=0),
+        "min_y": yy.min(axis=0),  # merged by minimum / maximum: tell a constant target exactly
+        "max_y": yy.max(axis=0),
     }
 
 
@@ -345,11 +347,18 @@ def array_metrics(sums: dict) -> dict[str, Any]:
     return {k: np.asarray(v) if isinstance(v, list | tuple) else v for k, v in sums.items()}
 
 
+_MERGE = {"min_y": np.minimum, "max_y": np.maximum}
+
+
 def merge_metrics(parts: list[dict]) -> dict:
+    """Partial sums added up (``min_y`` / ``max_y`` by minimum / maximum)."""
     out: dict[str, Any] = {}
     for part in parts:
         for k, v in part.items():
-            out[k] = v if k not in out else out[k] + v
+            if k not in out:
+                out[k] = v
+            else:
+                out[k] = _MERGE[k](out[k], v) if k in _MERGE else out[k] + v
     return out
 
 
@@ -370,6 +379,12 @@ def finish_metrics(sums: dict, target: dict | None) -> dict[str, Any]:
         }
     sst = sums["sum_y2"] - sums["sum_y"] ** 2 / n
     r2 = 1 - sums["sse"] / np.where(sst > 0, sst, 1.0)
+    if "min_y" in sums:
+        # A constant target has no variance to explain: R^2 is 1 for exact predictions and 0
+        # otherwise, as scikit-learn's r2_score (force_finite=True) defines it, instead of the
+        # huge negative number that rounding noise in sst would give.
+        constant = np.asarray(sums["min_y"]) == np.asarray(sums["max_y"])
+        r2 = np.where(constant, np.where(np.asarray(sums["sse"]) == 0, 1.0, 0.0), r2)
     return {
         "n": n,
         "loss": sums["loss_sum"] / n,

@@ -144,3 +144,28 @@ def test_force_replaces_only_earlier_predictions(run, client, tmp_path):
     assert open_store(tmp_path / "other.zarr").n_rows == 500
     with pytest.raises(StoreError, match="is the store"):  # the input itself
         predict_store(model, te.path, te.path, client, force=True)
+
+
+def _r2_in_batches(y: np.ndarray, pred: np.ndarray, batch: int = 700) -> float:
+    """R^2 as evaluation computes it: partial sums per batch, merged, finished."""
+    from pipeline.worker import evaluate_arrays, finish_metrics, merge_metrics
+
+    k = 1 if y.ndim == 1 else y.shape[1]
+    target = {"mean": np.zeros(k), "std": np.ones(k)}
+    parts = [evaluate_arrays(pred[a : a + batch], y[a : a + batch], target, k) for a in range(0, len(y), batch)]
+    return finish_metrics(merge_metrics(parts), target)["r2"]
+
+
+def test_r2_of_a_constant_target_is_defined_as_scikit_learn_does():
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(0)
+    y = np.full(5000, 5.3, np.float32)  # rounding noise makes its sum of squares not quite zero
+    pred = y + 0.01 * rng.standard_normal(5000)
+    assert _r2_in_batches(y, pred) == r2_score(y, pred) == 0.0
+    assert _r2_in_batches(y, y.astype(np.float64)) == r2_score(y, y) == 1.0
+    y2 = np.column_stack([rng.standard_normal(5000) * 3 + 1, y])  # one constant column of two
+    p2 = np.column_stack([y2[:, 0] + rng.standard_normal(5000), pred])
+    assert _r2_in_batches(y2, p2) == pytest.approx(r2_score(y2, p2), abs=1e-9)
+    yv = y2[:, 0]
+    assert _r2_in_batches(yv, p2[:, 0]) == pytest.approx(r2_score(yv, p2[:, 0]), abs=1e-9)
