@@ -169,3 +169,18 @@ def test_r2_of_a_constant_target_is_defined_as_scikit_learn_does():
     assert _r2_in_batches(y2, p2) == pytest.approx(r2_score(y2, p2), abs=1e-9)
     yv = y2[:, 0]
     assert _r2_in_batches(yv, p2[:, 0]) == pytest.approx(r2_score(yv, p2[:, 0]), abs=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_validation_store_is_standardized_like_the_training_store(mode, run, client, tmp_path):
+    """Epoch validation on a store with its own statistics agrees with evaluating the model."""
+    _, root = run
+    val = ingest(_csv(tmp_path / "val.csv", 1500, 6, shift=1.0), tmp_path / "val.zarr")  # not --like
+    cfg = TrainConfig().with_overrides(
+        ["epochs=1", "hidden=[16]", "patience=0", f"mode={mode}", f"validation_store={val.path!r}".replace("'", '"')]
+    )
+    res = train(str(root / "tr.zarr"), cfg, tmp_path / "run", client=client)
+    m = evaluate_store(load_model(res.run_dir), val.path, client)
+    assert res.final["val_n"] == 1500
+    assert res.final["val_accuracy"] == pytest.approx(m["accuracy"], abs=1e-12)
+    assert res.final["val_loss"] == pytest.approx(m["loss"], rel=1e-5)
