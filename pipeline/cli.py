@@ -263,7 +263,7 @@ def evaluate(run_dir: str, store: str, as_json: bool, **cluster_kw) -> None:
 @click.argument("store")
 @click.argument("out")
 @click.option("--proba", is_flag=True, help="Also write class probabilities.")
-@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT if it holds earlier predictions (never other files).")
 @cluster_options
 def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **cluster_kw) -> None:
     """Predict every row of STORE with the model of RUN_DIR into OUT (*.zarr or *.parquet).
@@ -351,7 +351,7 @@ def runs(directory: str, as_json: bool) -> None:
 @click.option("--encoding", type=click.Choice(["auto", "onehot", "ordinal"]), default="auto", show_default=True,
               help="String features: one-hot (auto: <= 16 categories) or ordinal codes.")
 @click.option("--like", metavar="TRAIN_STORE", help="Reuse the training store's columns, encodings, classes and mean/std.")
-@click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
+@click.option("--force", is_flag=True, help="Replace DEST if it is a store written by pipeline (never other files).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary.")
 def ingest(src: str, dest: str, fmt: str | None, target: str | None, labels: str | None, drop: tuple[str, ...],
            task: str | None, delimiter: str | None, header: bool | None, comment: str, rows: str | None,
@@ -396,7 +396,7 @@ def ingest(src: str, dest: str, fmt: str | None, target: str | None, labels: str
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (the data depend on it only).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), help="Rows per chunk (default: ~16 MB chunks).")
 @click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), help="Chunk compression (default: none, the fastest to read; lz4 for compressible data on slow storage).")
-@click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
+@click.option("--force", is_flag=True, help="Replace DEST if it is a store written by pipeline (never other files).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary.")
 def synth(dest: str, rows: int, features: int, classes: int | None, regression: bool, hidden: int, noise: float,
           dtype: str, seed: int, chunk_rows: int | None, codec: str | None, force: bool, quiet: bool) -> None:
