@@ -184,3 +184,18 @@ def test_a_validation_store_is_standardized_like_the_training_store(mode, run, c
     assert res.final["val_n"] == 1500
     assert res.final["val_accuracy"] == pytest.approx(m["accuracy"], abs=1e-12)
     assert res.final["val_loss"] == pytest.approx(m["loss"], rel=1e-5)
+
+
+def test_an_ordinal_column_encoded_with_other_categories_is_refused(tmp_path):
+    from pipeline.store import layout_mismatch, layout_of
+
+    (tmp_path / "tr.csv").write_text("x,colour,y\n" + "".join(f"{i},{'red green blue'.split()[i % 3]},{i % 2}\n" for i in range(30)))
+    (tmp_path / "te.csv").write_text("x,colour,y\n" + "".join(f"{i},{'red blue'.split()[i % 2]},{i % 2}\n" for i in range(30)))
+    tr = ingest(tmp_path / "tr.csv", tmp_path / "tr.zarr", encoding="ordinal")
+    alone = ingest(tmp_path / "te.csv", tmp_path / "alone.zarr", encoding="ordinal")
+    like = ingest(tmp_path / "te.csv", tmp_path / "like.zarr", like=tr.path)
+    assert alone.feature_names == tr.feature_names  # same names: only the codes differ
+    problem = layout_mismatch(layout_of(tr), alone, labels=True)
+    assert problem == ("encodes column 'colour' as ordinal with categories blue, red, "
+                       "expected ordinal with categories blue, green, red")
+    assert layout_mismatch(layout_of(tr), like, labels=True) is None
