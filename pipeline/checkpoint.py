@@ -59,6 +59,17 @@ def save_file(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray],
     return path
 
 
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:4096]
+    if not head or b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(head) - 3  # a character cut at the end of the sample
+    return True
+
+
 def load_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read a file written by :func:`save_file`; refuse a wrong kind, version or checksum."""
     path = Path(path)
@@ -67,6 +78,12 @@ def load_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray]
     try:
         with open(path, "rb") as fh:
             data = fh.read()
+        if not data.startswith(b"PK"):  # not a zip: np.load would take it for a pickle
+            what = "a text file" if _looks_like_text(data) else "not a NumPy .npz archive"
+            raise CheckpointError(
+                f"{str(path)!r} is not a {kind} file of this project ({what}); pass the run "
+                f"directory or the {'model.npz' if kind == 'model' else 'checkpoint.npz'} it holds"
+            )
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:

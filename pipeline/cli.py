@@ -139,6 +139,14 @@ def _client(kw: dict):  # noqa: ANN202
     )
 
 
+def _on_driver(path: str) -> str:
+    """A local path made absolute here, on the driver: tasks run in worker processes whose
+    working directory (on a --scheduler cluster) is not the command's. URLs are left alone."""
+    if "://" in path and not path.startswith("file://"):
+        return path
+    return os.path.abspath(path.removeprefix("file://"))
+
+
 def _echo(msg: str, quiet: bool = False) -> None:
     if not quiet:
         click.echo(msg, err=True)
@@ -182,6 +190,10 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
     base = resumed_config(out) if resume else TrainConfig()  # --resume: the run's own settings
     cfg = TrainConfig.from_toml(config_file, base) if config_file else base
     cfg = cfg.with_overrides(list(overrides))
+    if cfg.validation_store:  # fail before starting a cluster
+        from pipeline.train import check_validation_store
+
+        check_validation_store(open_store(store), cfg.validation_store)
     _echo("configuration:\n" + "\n".join(f"  {k} = {json.dumps(v)}" for k, v in cfg.to_dict().items()), quiet)
     with _client(cluster_kw) as client:
         _echo(f"dask dashboard: {client.dashboard_link}  (training page: /pipeline)", quiet)
@@ -232,7 +244,7 @@ def evaluate(run_dir: str, store: str, as_json: bool, **cluster_kw) -> None:
     model = load_model(run_dir)
     check_inputs(model, store)  # fail before starting a cluster
     with _client(cluster_kw) as client:
-        metrics = evaluate_store(model, store, client)
+        metrics = evaluate_store(model, _on_driver(store), client)
     if as_json:
         click.echo(json.dumps(metrics))
         return
@@ -254,7 +266,7 @@ def evaluate(run_dir: str, store: str, as_json: bool, **cluster_kw) -> None:
 @click.argument("store")
 @click.argument("out")
 @click.option("--proba", is_flag=True, help="Also write class probabilities.")
-@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT if it holds earlier predictions (never other files).")
 @cluster_options
 def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **cluster_kw) -> None:
     """Predict every row of STORE with the model of RUN_DIR into OUT (*.zarr or *.parquet).
@@ -274,7 +286,8 @@ def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **clus
     model = load_model(run_dir)
     check_inputs(model, store, out, proba=proba, force=force)  # fail before starting a cluster
     with _client(cluster_kw) as client:
-        result = predict_store(model, store, out, client, proba=proba, force=force)
+        result = predict_store(model, _on_driver(store), _on_driver(out), client, proba=proba, force=force)
+    result["out"] = out  # as the user named it
     click.echo(json.dumps(result))
 
 
@@ -345,7 +358,7 @@ def runs(directory: str, as_json: bool) -> None:
               help="Character encoding of a CSV source (e.g. latin-1, cp1252).")
 @click.option("--like", metavar="TRAIN_STORE", help="Reuse the training store's columns, encodings, classes and mean/std.")
 @click.option("--unlabelled", is_flag=True, help="With --like: the source has no target column (a store to predict).")
-@click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
+@click.option("--force", is_flag=True, help="Replace DEST if it is a store written by pipeline (never other files).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary.")
 def ingest(src: str, dest: str, fmt: str | None, target: str | None, labels: str | None, drop: tuple[str, ...],
            task: str | None, delimiter: str | None, header: bool | None, comment: str, rows: str | None,
@@ -402,7 +415,7 @@ def ingest(src: str, dest: str, fmt: str | None, target: str | None, labels: str
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (the data depend on it only).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), help="Rows per chunk (default: ~16 MB chunks).")
 @click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), help="Chunk compression (default: none, the fastest to read; lz4 for compressible data on slow storage).")
-@click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
+@click.option("--force", is_flag=True, help="Replace DEST if it is a store written by pipeline (never other files).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary.")
 def synth(dest: str, rows: int, features: int, classes: int | None, regression: bool, hidden: int, noise: float,
           dtype: str, seed: int, chunk_rows: int | None, codec: str | None, force: bool, quiet: bool) -> None:
@@ -435,7 +448,7 @@ def synth(dest: str, rows: int, features: int, classes: int | None, regression: 
 @cli.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
-@click.option("--verify", is_flag=True, help="Read every chunk and report corrupted ones (exit 1 if any).")
+@click.option("--verify", is_flag=True, help="Read every chunk and report corrupted or missing ones (exit 1 if any).")
 def inspect(store: str, as_json: bool, verify: bool) -> None:
     """Describe a store: shape, dtype, chunks, codecs, size, class balance, feature statistics.
 
@@ -485,7 +498,7 @@ def inspect(store: str, as_json: bool, verify: bool) -> None:
             for msg in bad:
                 click.echo(f"  {msg}")
     if bad:
-        raise StoreError(f"{len(bad)} corrupted chunk(s) in {store!r}: {bad[0]}")
+        raise StoreError(f"{len(bad)} damaged chunk(s) in {store!r}: {bad[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,11 +5,17 @@ and returns metric partial sums (evaluation) or writes its rows of the output (p
 a Zarr array whose chunks match the input's, or one Parquet file per input chunk in a
 dataset directory. Outputs are written beside their destination and renamed into place when
 every task succeeded, so a failed run leaves no half-written output.
+
+Both kinds of output carry a mark of this program (the Zarr group's ``kind = "predictions"``
+attribute, the ``pipeline = predictions`` key of every Parquet file's schema metadata): ``force``
+replaces an existing output only when it bears that mark, never a user's own data.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -20,16 +26,72 @@ import numpy as np
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import PipelineError, StoreError
 from pipeline.model import Model
-from pipeline.store import Store, open_store
+from pipeline.store import Store, check_not_inside, layout_mismatch, open_store, replace_dir
 from pipeline.worker import cached_trainer, evaluate_task, finish_metrics, merge_metrics
 
+PARQUET_MARK = {b"pipeline": b"predictions"}
+_PART = re.compile(r"part-\d{6}\.parquet")
 
-def _check_compatible(model: Model, store: Store) -> None:
+
+def model_layout(model: Model) -> dict[str, Any]:
+    """The model's features and classes, as :func:`pipeline.store.layout_mismatch` takes them."""
+    return {
+        "n_features": model.n_features,
+        "feature_names": list(model.feature_names or []),
+        "encodings": model.encodings or [],
+        "task": model.task,
+        "classes": model.classes,
+    }
+
+
+def _check_compatible(model: Model, store: Store, labels: bool = False) -> None:
+    """Refuse a store whose features (count, names, order, encodings) or, when its labels are
+    used (``labels``: evaluation), task and classes differ from the model's."""
     if store.n_features != model.n_features:
         raise StoreError(
             f"store {store.path!r} has {store.n_features} features but the model expects "
             f"{model.n_features}; ingest it with --like TRAIN_STORE"
         )
+    problem = layout_mismatch(model_layout(model), store, labels=labels)
+    if problem:
+        raise StoreError(
+            f"store {store.path!r} does not match the model: it {problem}; ingest it with "
+            "--like TRAIN_STORE (the store the model was trained on)"
+        )
+
+
+def foreign_output_reason(out: str | os.PathLike) -> str | None:
+    """Why the existing ``out`` is not a prediction output of this program (None: it is one,
+    or an empty directory, and ``force`` may replace it)."""
+    dest = Path(out)
+    if dest.is_symlink():
+        return "it is a symbolic link"
+    if not dest.is_dir():
+        return "it is a file, not a prediction output of pipeline"
+    names = os.listdir(dest)
+    if not names:
+        return None
+    if dest.suffix == ".zarr":
+        extra = sorted(set(names) - {"zarr.json", "prediction", "proba"})
+        try:
+            attrs = json.loads((dest / "zarr.json").read_text()).get("attributes") or {}
+        except (OSError, ValueError, AttributeError):
+            attrs = {}
+        if extra or attrs.get("kind") != "predictions":
+            return "it is not a prediction output of pipeline"
+        return None
+    import pyarrow.parquet as pq
+
+    for name in sorted(names):
+        if not _PART.fullmatch(name):
+            return f"it holds {name!r}, which pipeline's predictions do not"
+        try:
+            meta = pq.read_schema(dest / name).metadata or {}
+        except Exception:  # noqa: BLE001 - unreadable: not ours
+            meta = {}
+        if meta.get(b"pipeline") != PARQUET_MARK[b"pipeline"]:
+            return f"its {name!r} was not written by pipeline"
+    return None
 
 
 def check_inputs(
@@ -39,15 +101,15 @@ def check_inputs(
     cluster: the store opens and matches the model; ``out`` (for predictions) has a known
     suffix and is not clobbered without ``force``. Returns the store and the output format."""
     store = open_store(store_path)
-    _check_compatible(model, store)
+    if out is None and store.attrs.get("labelled") is False:
+        raise StoreError(
+            f"store {store_path!r} has no targets (ingested with --unlabelled), so there is nothing to "
+            "evaluate against; use `pipeline predict`, or ingest the data with its target column"
+        )
+    if out is None and model.task != store.task:
+        raise StoreError(f"store {store_path!r} is a {store.task} store; the model does {model.task}")
+    _check_compatible(model, store, labels=out is None)
     if out is None:
-        if store.attrs.get("labelled") is False:
-            raise StoreError(
-                f"store {store_path!r} has no targets (ingested with --unlabelled), so there is nothing to "
-                "evaluate against; use `pipeline predict`, or ingest the data with its target column"
-            )
-        if model.task != store.task:
-            raise StoreError(f"store {store_path!r} is a {store.task} store; the model does {model.task}")
         return store, ""
     if proba and model.task != "classification":
         raise PipelineError("--proba is for classification models")
@@ -55,8 +117,16 @@ def check_inputs(
     fmt = "zarr" if dest.suffix == ".zarr" else "parquet" if dest.suffix in (".parquet", ".pq") else ""
     if not fmt:
         raise PipelineError(f"output {out!r}: name it *.zarr (Zarr group) or *.parquet (Parquet dataset)")
-    if dest.exists() and not force:
-        raise PipelineError(f"output {out!r} already exists; pass --force to overwrite it")
+    check_not_inside(dest, {"store": store.path})
+    if dest.exists() or dest.is_symlink():
+        reason = foreign_output_reason(dest)
+        if reason is not None:
+            raise PipelineError(
+                f"output {out!r} exists and {reason}; --force replaces only earlier predictions: "
+                "choose another name"
+            )
+        if not force:
+            raise PipelineError(f"output {out!r} already exists; pass --force to overwrite it")
     return store, fmt
 
 
@@ -74,6 +144,12 @@ def _eval_cfg(model: Model) -> dict[str, Any]:
         "normalize": model.normalize,
         "mmap_threshold_mb": int(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB)),
     }
+
+
+def _norm(model: Model) -> dict:
+    """The model's feature statistics: rows are standardized with these, never the store's own,
+    so one model gives one answer whatever store (or array) holds the rows."""
+    return {"mean": np.asarray(model.mean, np.float64).tolist(), "std": np.asarray(model.std, np.float64).tolist()}
 
 
 def _target(model: Model) -> dict | None:
@@ -110,6 +186,7 @@ def evaluate_store(model: Model, store_path: str, client: Any) -> dict[str, Any]
             model.spec,
             cfg,
             _target(model),
+            _norm(model),
             key=f"evaluate-{i}-{token}",
             pure=False,
             retries=2,
@@ -134,15 +211,18 @@ def predict_task(
     fmt: str,
     proba: bool,
     classes: list[str] | None,
+    norm: dict | None = None,
 ) -> int:
-    """Predict rows ``row_range`` and write them to the temporary output; returns rows written."""
+    """Predict rows ``row_range`` and write them to the temporary output; returns rows written.
+    ``norm``: the model's mean/std (the store's own when None)."""
     from pipeline.loader import ChunkLoader
 
     restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
     trainer = cached_trainer("model", "predict", spec, cfg)
     trainer.set_params(np.asarray(params, dtype=np.float32))
     loader = ChunkLoader(
-        open_store(store_path), ranges=[row_range], batch_size=4096, shuffle=False, normalize=cfg["normalize"]
+        open_store(store_path), ranges=[row_range], batch_size=4096, shuffle=False, normalize=cfg["normalize"],
+        mean=None if norm is None else norm["mean"], std=None if norm is None else norm["std"],
     )
     outs = []
     try:
@@ -179,7 +259,8 @@ def predict_task(
         if proba and target is None:
             for j, name in enumerate(classes or range(raw.shape[1])):
                 cols[f"proba_{name}"] = raw[:, j].astype(np.float32)
-        pq.write_table(pa.table(cols), os.path.join(out_tmp, f"part-{index:06d}.parquet"))
+        table = pa.table(cols).replace_schema_metadata(PARQUET_MARK)  # what --force may replace
+        pq.write_table(table, os.path.join(out_tmp, f"part-{index:06d}.parquet"))
     return b - a
 
 
@@ -220,6 +301,7 @@ def predict_store(
             tmp.mkdir(parents=True)
         params = client.scatter(model.params, broadcast=True, hash=False)
         cfg = _eval_cfg(model)
+        norm = _norm(model)
         token = uuid.uuid4().hex[:8]
         futures = [
             client.submit(
@@ -235,6 +317,7 @@ def predict_store(
                 fmt,
                 proba,
                 model.classes,
+                norm,
                 key=f"predict-{i}-{token}",
                 pure=False,
                 retries=2,
@@ -242,9 +325,14 @@ def predict_store(
             for i, r in enumerate(ranges)
         ]
         rows = sum(client.gather(futures))
-        if dest.exists():
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        os.replace(tmp, dest)
+        if dest.exists() or dest.is_symlink():
+            reason = foreign_output_reason(dest)  # it may have changed during the run
+            if reason is not None or not force:
+                raise PipelineError(
+                    f"output {out!r} appeared or changed while predicting; it was left as it is: "
+                    "choose another name"
+                )
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

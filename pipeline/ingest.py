@@ -81,7 +81,15 @@ import pyarrow.compute as pc
 
 from pipeline.errors import IngestError
 from pipeline.progress import Progress
-from pipeline.store import RunningStats, Store, create_store, default_chunk_rows, open_store
+from pipeline.store import (
+    RunningStats,
+    Store,
+    check_not_inside,
+    check_replaceable,
+    create_store,
+    default_chunk_rows,
+    open_store,
+)
 
 FORMATS = ("csv", "parquet", "npy", "npz", "idx")
 MISSING_TOKENS = ["", "?", "NA", "N/A", "NaN", "nan", "NAN", "null", "NULL", "None", "none"]
@@ -1449,6 +1457,10 @@ def ingest(
         raise IngestError(f"unknown task {task!r}; choose classification or regression")
     if encoding not in ("auto", "onehot", "ordinal"):
         raise IngestError(f"unknown encoding {encoding!r}; choose auto, onehot or ordinal")
+    like_path = like.path if isinstance(like, Store) else like
+    # --force replaces only a store this program wrote, never an input
+    check_not_inside(dest, {"source file": path, "labels file": labels, "--like store": like_path})
+    check_replaceable(dest, force)
     fmt = format or detect_format(path)
     row_range = parse_rows(rows)
     like_store = like if isinstance(like, Store) or like is None else open_store(like)

@@ -11,7 +11,7 @@ One epoch:
    the pool's tail, and a new unit is added when the pool drops below its size. Every row is
    emitted exactly once per epoch and the stream is reproducible from ``(seed, epoch, units)``;
 4. each batch is converted from the store's compact dtype to float32 (and standardized with the
-   store's mean/std) only then, so uint8 pixels are read and buffered as uint8; gathering,
+   store's mean/std, or the ``mean``/``std`` given, a model's for evaluation) only then, so uint8 pixels are read and buffered as uint8; gathering,
    converting, standardizing and refilling the pool's holes is one ``nogil`` Numba pass per
    batch (:mod:`kernels.rows`, checked bit for bit against the NumPy expressions).
 
@@ -82,6 +82,8 @@ class ChunkLoader:
         prefetch: int = 2,
         normalize: bool = True,
         drop_last: bool = False,
+        mean: Any = None,
+        std: Any = None,
     ) -> None:
         self.store = store if isinstance(store, Store) else open_store(store)
         if chunks is not None and ranges is not None:
@@ -114,8 +116,14 @@ class ChunkLoader:
         self._take_rows, self._draw_rows = rows.take_rows, rows.draw_rows
         n_features = self.store.n_features
         if self.normalize:
-            self._mean = np.ascontiguousarray(self.store.mean, dtype=np.float32).reshape(-1)
-            self._inv_std = np.ascontiguousarray(1.0 / self.store.std, dtype=np.float32).reshape(-1)
+            # a model's own statistics when given (evaluation, prediction), else the store's
+            m = np.asarray(self.store.mean if mean is None else mean, dtype=np.float64).reshape(-1)
+            s = np.asarray(self.store.std if std is None else std, dtype=np.float64).reshape(-1)
+            if len(m) != n_features or len(s) != n_features:
+                raise ValueError(f"mean/std of {len(m)}/{len(s)} features for a store of {n_features}")
+            s = np.where(s > 0, s, 1.0)
+            self._mean = np.ascontiguousarray(m, dtype=np.float32)
+            self._inv_std = np.ascontiguousarray(1.0 / s, dtype=np.float32)
         else:  # (x - 0) * 1 is x exactly: one code path
             self._mean = np.zeros(n_features, np.float32)
             self._inv_std = np.ones(n_features, np.float32)

@@ -12,16 +12,32 @@ through the compressor and then ``Crc32cCodec``: a corrupted chunk fails its che
 :meth:`Store.read_chunk` names the array, the chunk and the store.
 
 Writers (:func:`create_store`) write beside the destination (``DEST.tmp-xxxxxxxx``) and rename into
-place when everything succeeded, so an interrupted ingest leaves neither a half-written store nor
-temporary litter.
+place when everything succeeded, so an interrupted ingest leaves no half-written store. The
+temporary group records its writer (host, process id and start time); a temporary left by a
+writer that was killed is removed by the next writer to the same destination, on the same host,
+once that process is gone. Nothing else is ever removed.
+
+Replacing (``force``) is allowed only over a store this program wrote: a directory holding nothing
+but ``zarr.json``, ``X`` and ``y`` whose group attributes carry ``format_version`` (or an empty
+directory). A folder of documents, a source file or any other data is refused, never deleted.
+The old store is renamed aside, the new one renamed into place, and only then is the old one
+removed, so an interruption never leaves the destination empty-handed.
+
+Every chunk of ``X`` and ``y`` is written, including chunks equal to the fill value (Zarr skips
+those by default), and the store records it (``all_chunks_written``). Zarr reads an absent chunk
+as the fill value, so for such stores :meth:`Store.read_rows` and :func:`verify_store` check that
+every chunk they read exists and name a missing one instead of returning zeros.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import glob
+import json
 import math
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -150,6 +166,10 @@ class Store:
         k = 1 if self.y.ndim == 1 else int(self.y.shape[1])
         self.y_mean = np.asarray(target.get("mean", np.zeros(k)), np.float64)
         self.y_std = np.asarray(target.get("std", np.ones(k)), np.float64)
+        # Stores that record writing every chunk get each chunk's existence checked once, on
+        # its first read (one stat, or one request on an object store, per chunk and array).
+        self.check_chunks = bool(self.attrs.get("all_chunks_written"))
+        self._present: set[tuple[str, int]] = set()
 
     def __repr__(self) -> str:
         return (
@@ -163,8 +183,35 @@ class Store:
             raise StoreError(f"store {self.path!r} has {self.n_chunks} chunks; chunk {i} does not exist")
         return slice(i * self.chunk_rows, min((i + 1) * self.chunk_rows, self.n_rows))
 
+    def chunk_exists(self, name: str, i: int) -> bool:
+        """Whether row-chunk ``i`` of array ``name`` ("X" or "y") is stored (not merely implied)."""
+        arr = self.X if name == "X" else self.y
+        key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))  # type: ignore[union-attr]
+        if not _is_url(self.path):
+            return os.path.isfile(os.path.join(_local(self.path), name, *key.split("/")))
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(self.path)
+        return bool(fs.exists(f"{root.rstrip('/')}/{name}/{key}"))
+
+    def check_chunks_exist(self, name: str, rows: slice) -> None:
+        """Raise :class:`StoreError` naming the first chunk of ``rows`` absent from array ``name``."""
+        if not self.check_chunks or rows.stop <= rows.start:
+            return
+        for i in range(rows.start // self.chunk_rows, (rows.stop - 1) // self.chunk_rows + 1):
+            if (name, i) in self._present:
+                continue
+            if not self.chunk_exists(name, i):
+                a, b = i * self.chunk_rows, min((i + 1) * self.chunk_rows, self.n_rows)
+                raise StoreError(
+                    f"chunk {i} of array {name!r} (rows {a}:{b}) in store {self.path!r} is missing "
+                    "(Zarr would read it as zeros); re-create the store from its source"
+                )
+            self._present.add((name, i))
+
     def _read(self, name: str, rows: slice, chunk: int | str) -> np.ndarray:
         arr = self.X if name == "X" else self.y
+        self.check_chunks_exist(name, rows)
         try:
             return np.asarray(arr[rows])
         except Exception as exc:  # checksum mismatch, truncated or undecodable chunk
@@ -229,6 +276,249 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
     return Store(spath, group)
 
 
+# --------------------------------------------------------------------------------------------
+# Whether a store holds rows laid out like the ones a model was trained on
+# --------------------------------------------------------------------------------------------
+
+
+def layout_of(store: Store) -> dict[str, Any]:
+    """What rows and labels mean in ``store``: the reference :func:`layout_mismatch` compares with."""
+    return {
+        "n_features": store.n_features,
+        "feature_names": store.feature_names,
+        "encodings": store.attrs.get("encodings") or [],
+        "task": store.task,
+        "classes": store.classes,
+    }
+
+
+def _generic_names(names: list[str]) -> bool:
+    """Names made up for unnamed columns (x0, x1, ... or f0, f1, ...): they say nothing."""
+    return not names or names == [f"x{i}" for i in range(len(names))] or names == [f"f{i}" for i in range(len(names))]
+
+
+def _short(items: list[Any], limit: int = 6) -> str:
+    shown = ", ".join(str(x) for x in items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def layout_mismatch(ref: Mapping[str, Any], store: Store, *, labels: bool) -> str | None:
+    """How ``store``'s features (names, order, encodings) and, when ``labels``, its task and
+    class list differ from ``ref`` (a model's or a training store's, as :func:`layout_of`
+    gives it); None when they agree. Made-up names (x0, x1, ...) and absent encodings are not
+    compared: they carry no meaning. Classes must be the same list in the same order (a store
+    ingested with ``--like`` has the training store's whole list even when some classes have
+    no rows), since labels are stored as indices into it."""
+    if store.n_features != int(ref["n_features"]):
+        return f"has {store.n_features} features, expected {ref['n_features']}"
+    want, have = list(ref.get("feature_names") or []), list(store.feature_names)
+    if not (_generic_names(want) or _generic_names(have)) and want != have:
+        if sorted(want) == sorted(have):
+            j = next(i for i, (a, b) in enumerate(zip(want, have, strict=True)) if a != b)
+            return f"has its features in another order (feature {j} is {have[j]!r}, expected {want[j]!r})"
+        missing = [n for n in want if n not in have]
+        extra = [n for n in have if n not in want]
+        return f"has features {_short(extra)} where {_short(missing)} are expected"
+    ref_encs = {e.get("name"): e for e in ref.get("encodings") or [] if isinstance(e, Mapping)}
+    for e in store.attrs.get("encodings") or []:
+        r = ref_encs.get(e.get("name"))
+        if r is None:
+            continue
+        if r.get("kind") != e.get("kind") or list(r.get("categories") or []) != list(e.get("categories") or []):
+            what = f"{e.get('kind')} with categories {_short(list(e.get('categories') or []))}"
+            expected = f"{r.get('kind')} with categories {_short(list(r.get('categories') or []))}"
+            return f"encodes column {e.get('name')!r} as {what}, expected {expected}"
+    if labels:
+        if store.task != ref.get("task"):
+            return f"is a {store.task} store, expected {ref.get('task')}"
+        want_c, have_c = ref.get("classes"), store.classes
+        if want_c is not None and have_c is not None and list(want_c) != list(have_c):
+            return f"has the classes [{_short(list(have_c))}], expected [{_short(list(want_c))}] in this order"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# What --force may replace, atomic replacement, stale temporaries
+# --------------------------------------------------------------------------------------------
+
+STORE_ENTRIES = frozenset({"zarr.json", "X", "y"})
+
+
+def _listing(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _group_attrs(path: Path) -> dict[str, Any] | None:
+    """Attributes of the Zarr v3 group at ``path`` (None when it is not one)."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("node_type") != "group":
+        return None
+    attrs = meta.get("attributes")
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def foreign_store_reason(dest: str | os.PathLike) -> str | None:
+    """Why the existing ``dest`` is not a store this program wrote (None: it is one, or an
+    empty directory, and ``force`` may replace it)."""
+    spath = os.fspath(dest)
+    if _is_url(spath):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(spath)
+        root = root.rstrip("/")
+        names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)] if fs.isdir(root) else None
+        if names is None:
+            return "it is a file, not a store"
+        if not names:
+            return None
+        extra = [n for n in names if n not in STORE_ENTRIES]
+        if extra:
+            return f"it holds {_listing(extra)}, which no store of this program holds"
+        try:
+            attrs = json.loads(fs.cat(f"{root}/zarr.json")).get("attributes") or {}
+        except (OSError, ValueError, AttributeError):
+            attrs = {}
+        return None if "format_version" in attrs else "it is not a store written by this program"
+    path = Path(_local(spath))
+    if path.is_symlink():
+        return "it is a symbolic link"
+    if not path.is_dir():
+        return "it is a file, not a store"
+    names = os.listdir(path)
+    if not names:
+        return None
+    extra = [n for n in names if n not in STORE_ENTRIES]
+    if extra:
+        return f"it holds {_listing(extra)}, which no store of this program holds"
+    attrs = _group_attrs(path)
+    if attrs is None or "format_version" not in attrs:
+        return "it is not a store written by this program (no pipeline format_version in zarr.json)"
+    return None
+
+
+def check_replaceable(dest: str | os.PathLike, force: bool, what: str = "store") -> None:
+    """Refuse an existing ``dest`` unless ``force`` is given and it is a store this program wrote."""
+    spath = os.fspath(dest)
+    if _is_url(spath):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(spath)
+        exists = fs.exists(root)
+    else:
+        local = Path(_local(spath))
+        exists = local.exists() or local.is_symlink()
+    if not exists:
+        return
+    reason = foreign_store_reason(spath)
+    if reason is not None:
+        raise StoreError(
+            f"{spath!r} exists and {reason}; --force replaces only a {what} written by pipeline: "
+            "choose another destination"
+        )
+    if not force:
+        raise StoreError(f"{what} {spath!r} exists; pass --force to overwrite")
+
+
+def check_not_inside(dest: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None]) -> None:
+    """Refuse a local ``dest`` that is, or contains, one of the ``inputs`` (label -> path):
+    writing it would replace the input."""
+    spath = os.fspath(dest)
+    if _is_url(spath):
+        return
+    d = os.path.realpath(_local(spath))
+    for label, p in inputs.items():
+        if p is None or _is_url(os.fspath(p)):
+            continue
+        q = os.path.realpath(_local(os.fspath(p)))
+        if q == d or q.startswith(d.rstrip(os.sep) + os.sep):
+            where = "is" if q == d else "contains"
+            raise StoreError(
+                f"destination {spath!r} {where} the {label} {os.fspath(p)!r}; writing it would destroy "
+                f"the {label}: choose another destination"
+            )
+
+
+def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Move the finished directory ``tmp`` to ``dest``, replacing what is there: the old
+    ``dest`` is renamed aside first and removed only once ``tmp`` is in place (put back if the
+    move fails), so ``dest`` is at every moment either the old or the new one, never a mix."""
+    dest = Path(dest)
+    aside = None
+    if dest.exists() or dest.is_symlink():
+        aside = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dest, aside)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, dest)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot, from /proc), or None when no
+    such process runs; "" when running but the start time is unknown (no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except FileNotFoundError:
+        return None
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return ""
+
+
+def writer_marker() -> dict[str, Any]:
+    """Who writes a temporary store: host, process id and its start time."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "started": _start_time(pid) or ""}
+
+
+def _writer_gone(marker: Any) -> bool:
+    if not isinstance(marker, dict) or marker.get("host") != socket.gethostname():
+        return False  # another host's writer, or no record: not ours to judge
+    try:
+        pid = int(marker["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    now = _start_time(pid)
+    return now is None or bool(now and marker.get("started") and now != marker["started"])
+
+
+def clean_stale_temps(dest: str | os.PathLike) -> list[str]:
+    """Remove ``DEST.tmp-*`` directories left by writers of this program that are no longer
+    running (killed ingests); returns what was removed. A temporary without this program's
+    writer record, or whose writer still runs or ran on another host, is left alone."""
+    dest = Path(os.path.abspath(_local(os.fspath(dest))))
+    removed = []
+    try:
+        siblings = list(dest.parent.glob(f"{glob.escape(dest.name)}.tmp-*"))
+    except OSError:
+        return removed
+    for p in siblings:
+        if p.is_symlink() or not p.is_dir():
+            continue
+        attrs = _group_attrs(p)
+        if attrs is None or set(os.listdir(p)) - STORE_ENTRIES:
+            continue
+        if _writer_gone(attrs.get("writer")):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(str(p))
+    return removed
+
+
 class StoreWriter:
     """Appends rows to a new store in chunk-aligned writes; see :func:`create_store`.
 
@@ -255,6 +545,7 @@ class StoreWriter:
         if codec not in CODECS:
             raise StoreError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
         self.codec = codec
+        self.force = bool(force)
         x_dtype = np.dtype(x_dtype)
         y_dtype = np.dtype(y_dtype)
         self.n_features = int(n_features)
@@ -270,19 +561,22 @@ class StoreWriter:
             import fsspec
 
             self._fs, self._fs_path = fsspec.core.url_to_fs(self.dest)
+            check_replaceable(self.dest, force)
             if self._fs.exists(self._fs_path):
-                if not force:
-                    raise StoreError(f"store {self.dest!r} exists; pass --force to overwrite")
                 self._fs.rm(self._fs_path, recursive=True)
             self.tmp = self.dest  # object stores have no rename: write in place, delete on failure
         else:
-            local = Path(_local(self.dest))
-            if local.exists() and not force:
-                raise StoreError(f"store {self.dest!r} exists; pass --force to overwrite")
+            local = Path(os.path.abspath(_local(self.dest)))
+            if not local.name or local.parent == local:
+                raise StoreError(f"{self.dest!r} cannot hold a store; name a directory such as data.zarr")
+            check_replaceable(self.dest, force)
             local.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(local)
             self.tmp = str(local.with_name(f"{local.name}.tmp-{uuid.uuid4().hex[:8]}"))
         try:
-            self.group = zarr.open_group(self.tmp, mode="w")
+            # the writer's record lets a later writer remove this temporary if the process dies
+            self.group = zarr.open_group(self.tmp, mode="w", attributes={"writer": writer_marker()})
+            # write_empty_chunks: every chunk is stored, so an absent one means damage (see Store)
             self.X = self.group.create_array(
                 "X",
                 shape=(0, self.n_features),
@@ -290,6 +584,7 @@ class StoreWriter:
                 dtype=x_dtype,
                 compressors=_compressors(codec, x_dtype.itemsize),
                 fill_value=0,
+                config={"write_empty_chunks": True},
             )
             self.y = self.group.create_array(
                 "y",
@@ -298,6 +593,7 @@ class StoreWriter:
                 dtype=y_dtype,
                 compressors=_compressors(codec, y_dtype.itemsize),
                 fill_value=0,
+                config={"write_empty_chunks": True},
             )
         except BaseException:
             self.abort()
@@ -353,13 +649,23 @@ class StoreWriter:
                 **self.attrs,
                 "n_rows": self.n_rows,
                 "chunk_rows": self.chunk_rows,
+                "all_chunks_written": True,
             }
+            if "writer" in self.group.attrs:
+                del self.group.attrs["writer"]
             self.group.attrs.update(_jsonable(attrs))
             if not self.url:
-                local = Path(_local(self.dest))
-                if local.exists():
-                    shutil.rmtree(local) if local.is_dir() else local.unlink()
-                os.replace(self.tmp, local)
+                local = Path(os.path.abspath(_local(self.dest)))
+                if local.exists() or local.is_symlink():
+                    reason = foreign_store_reason(local)  # it may have changed while writing
+                    if reason is not None:
+                        raise StoreError(
+                            f"{self.dest!r} changed while the store was written and {reason}; "
+                            "it was left as it is: choose another destination"
+                        )
+                    if not self.force:
+                        raise StoreError(f"store {self.dest!r} appeared while writing; pass --force to overwrite")
+                replace_dir(self.tmp, local)
         except BaseException:
             self.abort()
             raise
@@ -424,7 +730,9 @@ def _jsonable(v: Any) -> Any:
 
 
 def verify_store(store: Store | str) -> list[str]:
-    """Read every chunk of ``X`` and ``y``; one message per bad chunk (empty list: all good)."""
+    """Read every chunk of ``X`` and ``y``; one message per bad chunk (empty list: all good).
+    A chunk is bad when it fails its checksum or cannot be decoded, or, in a store that records
+    writing every chunk, when it is absent (Zarr would read it as zeros)."""
     st = store if isinstance(store, Store) else open_store(store)
     bad = []
     for i in range(st.n_chunks):

@@ -35,7 +35,7 @@ from pipeline.errors import CheckpointError, ConfigError, PipelineError, StoreEr
 from pipeline.model import Model
 from pipeline.progress import Progress
 from pipeline.ps import ParameterServer
-from pipeline.store import Store, open_store
+from pipeline.store import Store, layout_mismatch, layout_of, open_store
 from pipeline.worker import array_metrics, evaluate_task, finish_metrics, merge_metrics, train_task
 
 logger = logging.getLogger(__name__)
@@ -273,6 +273,17 @@ def _total_threads(client: Any) -> dict[str, int]:
     return {w: int(info.get("nthreads", 1)) for w, info in client.scheduler_info(n_workers=-1)["workers"].items()}
 
 
+def check_validation_store(store: Store, validation_store: str) -> None:
+    """Refuse a validation store whose features (count, names, order, encodings), task or
+    classes differ from the training store's."""
+    problem = layout_mismatch(layout_of(store), open_store(validation_store), labels=True)
+    if problem:
+        raise StoreError(
+            f"validation store {validation_store!r} does not match the training store {store.path!r}: "
+            f"it {problem}; ingest it with --like {store.path}"
+        )
+
+
 def check_workers_can_open(client: Any, store_path: str) -> None:
     """Fail before training if some worker cannot open the store, naming those workers."""
 
@@ -329,13 +340,12 @@ class Trainer:
         self.on_epoch = on_epoch
         self.spec, self.target = build_spec(self.store, cfg)
         self.val_path = cfg.validation_store or self.store_path
+        # a validation store is standardized like the training store (the model's statistics)
+        self.val_norm = (
+            {"mean": self.store.mean.tolist(), "std": self.store.std.tolist()} if cfg.validation_store else None
+        )
         if cfg.validation_store:
-            vs = open_store(cfg.validation_store)
-            if vs.n_features != self.store.n_features or vs.task != self.store.task:
-                raise StoreError(
-                    f"validation store {cfg.validation_store!r} does not match {self.store_path!r} "
-                    "(features or task differ); ingest it with --like"
-                )
+            check_validation_store(self.store, cfg.validation_store)
         self.job = f"run-{uuid.uuid4().hex[:12]}"
 
     # -- planning ------------------------------------------------------------------------
@@ -602,7 +612,7 @@ class Trainer:
                     spec,
                     tcfg,
                     self.target,
-                    {"path": self.val_path, "ranges": val_slice} if val_slice else None,
+                    {"path": self.val_path, "ranges": val_slice, "norm": self.val_norm} if val_slice else None,
                     key=key,
                     workers=workers,
                     retries=2,
@@ -738,6 +748,7 @@ class Trainer:
                 self.spec,
                 tcfg,
                 self.target,
+                self.val_norm,
                 key=f"evaluate-e{epoch}-{i}-{self.job}",
                 pure=False,
                 retries=2,

@@ -162,7 +162,7 @@ def train_task(
 ) -> dict[str, Any]:
     """Train on ``ranges`` of the store as participant ``name`` of ``job``; return statistics.
 
-    ``val`` (sync mode: ``{"path": store, "ranges": [...]}``) asks the task to validate its share
+    ``val`` (sync mode: ``{"path": store, "ranges": [...], "norm": {"mean", "std"} or None}``) asks the task to validate its share
     of the validation rows with the epoch's final weights once every participant has left: the
     epoch then needs no separate validation round of tasks. Its partial sums travel in the
     summary (``val``, plain lists) with the version they were computed at (``val_version``)."""
@@ -315,7 +315,7 @@ def train_task(
             final = comm.call("epoch_end", timeout=cfg["barrier_timeout"])
             t_val = time.perf_counter()
             params = np.asarray(final["params"], dtype=np.float32)
-            partial = evaluate_ranges(_store(val["path"]), val["ranges"], params, job, spec, cfg, target)
+            partial = evaluate_ranges(_store(val["path"]), val["ranges"], params, job, spec, cfg, target, val.get("norm"))
         except Exception:  # noqa: BLE001 - the training part is done and must not be rerun:
             # without ``val`` in the summary the driver validates on its own (and reports errors)
             logger.debug("participant %s could not validate", name, exc_info=True)
@@ -350,6 +350,8 @@ def evaluate_arrays(probs_or_pred: np.ndarray, y: np.ndarray, target: dict | Non
         "sae": np.abs(err).sum(axis=0),
         "sum_y": yy.sum(axis=0),
         "sum_y2": (yy**2).sum(axis=0),
+        "min_y": yy.min(axis=0),  # merged by minimum / maximum: tell a constant target exactly
+        "max_y": yy.max(axis=0),
     }
 
 
@@ -364,11 +366,18 @@ def array_metrics(sums: dict) -> dict[str, Any]:
     return {k: np.asarray(v) if isinstance(v, list | tuple) else v for k, v in sums.items()}
 
 
+_MERGE = {"min_y": np.minimum, "max_y": np.maximum}
+
+
 def merge_metrics(parts: list[dict]) -> dict:
+    """Partial sums added up (``min_y`` / ``max_y`` by minimum / maximum)."""
     out: dict[str, Any] = {}
     for part in parts:
         for k, v in part.items():
-            out[k] = v if k not in out else out[k] + v
+            if k not in out:
+                out[k] = v
+            else:
+                out[k] = _MERGE[k](out[k], v) if k in _MERGE else out[k] + v
     return out
 
 
@@ -389,6 +398,12 @@ def finish_metrics(sums: dict, target: dict | None) -> dict[str, Any]:
         }
     sst = sums["sum_y2"] - sums["sum_y"] ** 2 / n
     r2 = 1 - sums["sse"] / np.where(sst > 0, sst, 1.0)
+    if "min_y" in sums:
+        # A constant target has no variance to explain: R^2 is 1 for exact predictions and 0
+        # otherwise, as scikit-learn's r2_score (force_finite=True) defines it, instead of the
+        # huge negative number that rounding noise in sst would give.
+        constant = np.asarray(sums["min_y"]) == np.asarray(sums["max_y"])
+        r2 = np.where(constant, np.where(np.asarray(sums["sse"]) == 0, 1.0, 0.0), r2)
     return {
         "n": n,
         "loss": sums["loss_sum"] / n,
@@ -406,12 +421,15 @@ def evaluate_task(
     spec: dict,
     cfg: dict,
     target: dict | None,
+    norm: dict | None = None,
 ) -> dict:
-    """Metric partial sums of the model (``params``, or the job's current weights) on ``ranges``."""
+    """Metric partial sums of the model (``params``, or the job's current weights) on ``ranges``.
+    ``norm`` (``{"mean": [...], "std": [...]}``): the model's feature statistics, which
+    standardize the rows instead of the store's own."""
     restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
     if params is None:
         params = ParameterServer(str(job)).pull(model=True)[0]
-    return evaluate_ranges(_store(store_path), ranges, params, job, spec, cfg, target)
+    return evaluate_ranges(_store(store_path), ranges, params, job, spec, cfg, target, norm)
 
 
 def evaluate_ranges(
@@ -422,8 +440,10 @@ def evaluate_ranges(
     spec: dict,
     cfg: dict,
     target: dict | None,
+    norm: dict | None = None,
 ) -> dict:
-    """Metric partial sums of the model ``params`` on ``ranges`` of an open ``store``."""
+    """Metric partial sums of the model ``params`` on ``ranges`` of an open ``store``
+    (standardized with ``norm``'s mean/std when given, else the store's)."""
     trainer = cached_trainer(job or "model", "eval", spec, cfg)
     trainer.set_params(np.asarray(params, dtype=np.float32))
     loader = ChunkLoader(
@@ -433,6 +453,8 @@ def evaluate_ranges(
         shuffle=False,
         normalize=cfg["normalize"],
         prefetch=cfg["prefetch"],
+        mean=None if norm is None else norm["mean"],
+        std=None if norm is None else norm["std"],
     )
     parts = []
     try:

@@ -432,6 +432,41 @@ def _(t: Trial) -> Outcome:
     return t.cli("ingest", "one.csv", "out.zarr")
 
 
+@case("F15")
+def _(t: Trial) -> Outcome:
+    (t.path / "mydata").mkdir()
+    t.write("mydata/notes.txt", "precious")
+    t.write("mydata/train.csv", GOOD_CSV)
+    return t.cli("ingest", "mydata/train.csv", "mydata", "--force")
+
+
+@case("F16")
+def _(t: Trial) -> Outcome:
+    t.write("same.csv", GOOD_CSV)
+    return t.cli("ingest", "same.csv", "same.csv", "--force")
+
+
+@case("F17")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    return t.cli("ingest", "good.csv", ".", "--force")
+
+
+@case("F18")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    t.cli("ingest", "good.csv", "train.zarr", "--quiet")
+    return t.cli("ingest", "good.csv", "train.zarr", "--like", "train.zarr", "--force")
+
+
+@case("F19")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    (t.path / "docs").mkdir()
+    t.write("docs/notes.txt", "precious")
+    return t.cli("ingest", "good.csv", "docs", "--force")
+
+
 # -- stores ----------------------------------------------------------------------------------
 
 
@@ -481,6 +516,36 @@ def _(t: Trial) -> Outcome:
     t.copy(t.shared.run, "run")
     t.copy(t.shared.store5, "five.zarr")
     return t.cli("evaluate", "run", "five.zarr", "--scheduler", t.shared.unreachable, "--connect-timeout", "1")
+
+
+@case("S8")
+def _(t: Trial) -> Outcome:
+    (t.path / "docs").mkdir()
+    t.write("docs/notes.txt", "precious")
+    return t.cli("synth", "docs", "--rows", "100", "--features", "3", "--force")
+
+
+@case("S9")
+def _(t: Trial) -> Outcome:
+    t.cli("synth", "s.zarr", "--rows", "3000", "--features", "4", "--chunk-rows", "1024", "--quiet")
+    (t.path / "s.zarr" / "X" / "c" / "1" / "0").unlink()
+    return t.cli("inspect", "s.zarr", "--verify")
+
+
+@case("S10")
+def _(t: Trial) -> Outcome:
+    t.cli("synth", "s.zarr", "--rows", "3000", "--features", "4", "--chunk-rows", "1024", "--quiet")
+    (t.path / "s.zarr" / "y" / "c" / "2").unlink()
+    return t.cli("inspect", "s.zarr", "--verify")
+
+
+@case("S11")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    t.write("swapped.csv", "b,a,c\n2,1,x\n4,3,y\n")
+    t.cli("ingest", "good.csv", "s.zarr", "--quiet")
+    t.cli("ingest", "swapped.csv", "swapped.zarr", "--quiet")
+    return t.cli("train", "s.zarr", "--out", "run", "--set", "validation_store=swapped.zarr")
 
 
 # -- training settings -----------------------------------------------------------------------
@@ -625,10 +690,18 @@ def _(t: Trial) -> Outcome:
 def _(t: Trial) -> Outcome:
     t.copy(t.shared.store4, "s.zarr")
     t.copy(t.shared.run, "run")
-    t.write("old.parquet", "previous predictions")
+    _earlier_predictions(t, "old.parquet")
     # an unreachable scheduler: reaching it would fail, so the refusal comes first
     return t.cli("predict", "run", "s.zarr", "old.parquet", "--scheduler", t.shared.unreachable,
                  "--connect-timeout", "1")
+
+
+def _earlier_predictions(t: Trial, name: str) -> None:
+    """A prediction output written by `pipeline predict` (on the shared cluster)."""
+    from pipeline.inference import predict_store
+    from pipeline.model import load_model
+
+    predict_store(load_model(t.path / "run"), str(t.path / "s.zarr"), str(t.path / name), t.shared.client)
 
 
 @case("M10")
@@ -636,6 +709,64 @@ def _(t: Trial) -> Outcome:
     t.copy(t.shared.store4, "s.zarr")
     t.copy(t.shared.run, "run")
     return t.cli("predict", "run", "s.zarr", "preds.txt")
+
+
+@case("M11")
+def _(t: Trial) -> Outcome:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t.copy(t.shared.store4, "s.zarr")
+    t.copy(t.shared.run, "run")
+    (t.path / "sales.parquet").mkdir()
+    pq.write_table(pa.table({"region": ["north", "south"], "sales": [10.5, 7.25]}), t.path / "sales.parquet" / "2024.parquet")
+    return t.cli("predict", "run", "s.zarr", "sales.parquet", "--force", "--scheduler", t.shared.unreachable,
+                 "--connect-timeout", "1")
+
+
+NAMED_CSV = "a,b,c,label\n" + "".join(f"{i % 5},{(i * 3) % 7},{i % 2},{'xyz'[i % 3]}\n" for i in range(30))
+
+
+def _named_run(t: Trial) -> None:
+    """train.zarr from a CSV with named columns and classes x, y, z, and a model of it in run/
+    (untrained weights: only the model's description of its inputs matters here)."""
+    from pipeline.config import TrainConfig
+    from pipeline.ingest import ingest
+    from pipeline.model import Model
+    from pipeline.train import build_spec
+
+    t.write("train.csv", NAMED_CSV)
+    store = ingest(t.path / "train.csv", t.path / "train.zarr")
+    cfg = TrainConfig().with_overrides(["hidden=[4]"])
+    spec, target = build_spec(store, cfg)
+    n = sum(a * b + b for a, b in zip([3, 4], [4, 3], strict=True))
+    model = Model.from_training(store, spec, target, np.zeros(n, np.float32), cfg, [])
+    (t.path / "run").mkdir()
+    model.save(t.path / "run" / "model.npz")
+
+
+@case("M12")
+def _(t: Trial) -> Outcome:
+    _named_run(t)
+    t.write("swapped.csv", "b,a,c,label\n" + NAMED_CSV.split("\n", 1)[1])
+    t.cli("ingest", "swapped.csv", "swapped.zarr", "--quiet")
+    return t.cli("evaluate", "run", "swapped.zarr", "--scheduler", t.shared.unreachable, "--connect-timeout", "1")
+
+
+@case("M13")
+def _(t: Trial) -> Outcome:
+    _named_run(t)
+    rows = [ln for ln in NAMED_CSV.splitlines()[1:] if not ln.endswith(",x")]
+    t.write("nox.csv", "a,b,c,label\n" + "\n".join(rows) + "\n")
+    t.cli("ingest", "nox.csv", "nox.zarr", "--quiet")
+    return t.cli("evaluate", "run", "nox.zarr", "--scheduler", t.shared.unreachable, "--connect-timeout", "1")
+
+
+@case("M14")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    t.write("model.txt", "hidden = [64]\nlr = 0.01\n")
+    return t.cli("evaluate", "model.txt", "s.zarr")
 
 
 # -- clusters and the parameter server -------------------------------------------------------

@@ -140,6 +140,30 @@ def test_worker_that_cannot_read_the_store_is_named(letter_store: Path, tmp_path
     assert not (out / "model.npz").exists()  # refused before training started
 
 
+def test_evaluate_and_predict_resolve_relative_paths_on_the_driver(tmp_path: Path) -> None:
+    # The worker runs in another directory: relative STORE and OUT must reach it as absolute paths.
+    here = tmp_path / "here"
+    elsewhere = tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    r = run_cli(["synth", "s.zarr", "--rows", "3000", "--features", "4", "--classes", "3", "--quiet"], cwd=here)
+    assert r.returncode == 0, r.stderr
+    with running_cluster(tmp_path / "cluster", workers=0) as cluster:
+        cluster.start_worker("w", cwd=elsewhere)
+        r = run_cli(["train", str(here / "s.zarr"), "--scheduler", cluster.address, "--out", str(here / "run"),
+                     "--set", "epochs=1", "--set", "hidden=[8]", "--quiet"], cwd=here)
+        assert r.returncode == 0, r.stderr
+        r = run_cli(["evaluate", "run", "s.zarr", "--json", "--scheduler", cluster.address], cwd=here)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["n"] == 3000
+        for out in ("p.parquet", "p.zarr"):
+            r = run_cli(["predict", "run", "s.zarr", out, "--scheduler", cluster.address], cwd=here)
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout) == {"rows": 3000, "out": out, "format": out.split(".")[1]}
+            assert (here / out).is_dir()
+    assert sorted(p.name for p in elsewhere.iterdir()) == []  # nothing landed in the worker's directory
+
+
 # --------------------------------------------------------------------------------------------
 # tls://
 # --------------------------------------------------------------------------------------------

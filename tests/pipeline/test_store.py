@@ -135,3 +135,120 @@ def test_default_chunk_rows():
     assert default_chunk_rows(10**9) == 1024
     assert default_chunk_rows(4) == 2**20
     assert default_chunk_rows(64, n_rows=16000) == 2048
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_force_replaces_only_a_store_of_this_program(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.txt").write_text("precious")
+    plain = tmp_path / "plain.zarr"
+    zarr.open_group(str(plain), mode="w").attrs["owner"] = "someone else"
+    (tmp_path / "file.zarr").write_text("a file")
+    _write(tmp_path / "s.zarr")
+    (tmp_path / "extra.zarr").mkdir()
+    _write(tmp_path / "extra.zarr", force=True)
+    (tmp_path / "extra.zarr" / "mine.txt").write_text("kept")  # a user file inside a store
+    before = _tree(tmp_path)
+    for name, reason in [
+        ("docs", "holds notes.txt"),
+        ("plain.zarr", "not a store written by this program"),
+        ("file.zarr", "is a file"),
+        ("extra.zarr", "holds mine.txt"),
+    ]:
+        with pytest.raises(StoreError, match=f"{reason}.*--force replaces only a store written by pipeline"):
+            _write(tmp_path / name, n=10, force=True)
+    assert _tree(tmp_path) == before
+    (tmp_path / "empty.zarr").mkdir()  # an empty directory holds nothing to lose
+    _write(tmp_path / "empty.zarr", n=10, force=True)
+    _write(tmp_path / "s.zarr", n=10, force=True)
+    assert open_store(tmp_path / "s.zarr").n_rows == 10 and open_store(tmp_path / "empty.zarr").n_rows == 10
+
+
+def test_forced_replacement_swaps_in_only_a_complete_store(tmp_path, monkeypatch):
+    import pipeline.store as store_mod
+
+    _write(tmp_path / "s.zarr")
+    seen = []
+    original = store_mod.replace_dir
+
+    def watch(tmp, dest):
+        seen.append(open_store(dest).n_rows)  # the old store is whole until the swap
+        assert open_store(tmp).n_rows == 300  # the new one is complete before it
+        original(tmp, dest)
+
+    monkeypatch.setattr(store_mod, "replace_dir", watch)
+    _write(tmp_path / "s.zarr", n=300, force=True)
+    assert seen == [1000] and open_store(tmp_path / "s.zarr").n_rows == 300
+    assert sorted(os.listdir(tmp_path)) == ["s.zarr"]  # neither the old store nor temp litter
+
+
+def test_a_killed_writer_leaves_a_temp_the_next_writer_removes(tmp_path):
+    import subprocess
+    import sys
+
+    dest = tmp_path / "s.zarr"
+    code = (
+        "import os, numpy as np\n"
+        "from pipeline.store import create_store\n"
+        f"w = create_store({str(dest)!r}, 3, x_dtype='float32', y_dtype='int32', chunk_rows=10, attrs={{}})\n"
+        "w.append(np.ones((25, 3), np.float32), np.zeros(25, np.int32))\n"
+        "os._exit(9)  # killed: no cleanup runs\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 9
+    stale = [p.name for p in tmp_path.iterdir()]
+    assert len(stale) == 1 and stale[0].startswith("s.zarr.tmp-")
+    # a temporary of a writer that still runs (this process) and a stranger's are left alone
+    with create_store(tmp_path / "s.zarr", 3, x_dtype="float32", y_dtype="int32", attrs={}) as w:
+        w.append(np.ones((5, 3), np.float32), np.zeros(5, np.int32))
+        (tmp_path / "s.zarr.tmp-foreign").mkdir()
+        (tmp_path / "s.zarr.tmp-foreign" / "data.txt").write_text("not ours")
+        live = Path(w.tmp).name
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, "s.zarr.tmp-foreign"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr", "s.zarr.tmp-foreign"]
+    assert "writer" not in open_store(dest).attrs
+
+
+def test_every_chunk_is_written_even_when_it_equals_the_fill_value(tmp_path):
+    # class-sorted labels and blank images: whole chunks of zeros, which Zarr skips by default
+    with create_store(tmp_path / "s.zarr", 4, x_dtype=np.uint8, y_dtype=np.int32, chunk_rows=10, attrs={}) as w:
+        w.append(np.zeros((25, 4), np.uint8), np.zeros(25, np.int32))
+    st = open_store(tmp_path / "s.zarr")
+    assert st.attrs["all_chunks_written"] is True
+    assert all(st.chunk_exists(a, i) for a in ("X", "y") for i in range(3))
+    assert verify_store(st) == []
+
+
+@pytest.mark.parametrize("array", ["X", "y"])
+def test_a_missing_chunk_is_named_not_read_as_zeros(tmp_path, array):
+    from pipeline.loader import ChunkLoader
+
+    _write(tmp_path / "s.zarr")
+    chunk = Path(tmp_path, "s.zarr", array, "c", "3", *(["0"] if array == "X" else []))
+    chunk.unlink()
+    st = open_store(tmp_path / "s.zarr")
+    st.read_chunk(2)
+    msg = rf"chunk 3 of array '{array}' \(rows 384:512\) in store '.*s\.zarr' is missing"
+    with pytest.raises(StoreError, match=msg):
+        st.read_chunk(3)
+    with pytest.raises(StoreError, match=msg):
+        st.read_rows(300, 400)  # a range straddling chunks 2 and 3
+    bad = verify_store(st)
+    assert len(bad) == 1 and "chunk 3" in bad[0] and "missing" in bad[0]
+    with pytest.raises(StoreError, match=msg), ChunkLoader(st, batch_size=64, shuffle=False) as loader:
+        for _ in loader.epoch(0):
+            pass
+
+
+def test_stores_without_the_record_are_read_as_before(tmp_path):
+    """A store written before every chunk was recorded may lack all-fill chunks legitimately."""
+    _write(tmp_path / "s.zarr")
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
+    del g.attrs["all_chunks_written"]
+    Path(tmp_path, "s.zarr", "y", "c", "1").unlink()
+    st = open_store(tmp_path / "s.zarr")
+    assert not st.check_chunks and (st.read_chunk(1)[1] == 0).all()
