@@ -223,6 +223,7 @@ def predict_task(
     loader = ChunkLoader(
         open_store(store_path), ranges=[row_range], batch_size=4096, shuffle=False, normalize=cfg["normalize"],
         mean=None if norm is None else norm["mean"], std=None if norm is None else norm["std"],
+        labels=False,
     )
     outs = []
     try:

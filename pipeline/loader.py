@@ -43,6 +43,7 @@ def _reader(
     units: list[tuple[int, int]],
     q: queue.Queue,
     stop: threading.Event,
+    labels: bool = True,
 ) -> None:
     """Read ``units`` in order into ``q``; stops when ``stop`` is set. Runs in its own thread."""
 
@@ -59,7 +60,7 @@ def _reader(
         for a, b in units:
             if stop.is_set():
                 return
-            if not put(store.read_rows(a, b)):
+            if not put(store.read_rows(a, b, labels)):
                 return
         put(_END)
     except BaseException as exc:  # propagated to the consumer
@@ -84,6 +85,7 @@ class ChunkLoader:
         drop_last: bool = False,
         mean: Any = None,
         std: Any = None,
+        labels: bool = True,
     ) -> None:
         self.store = store if isinstance(store, Store) else open_store(store)
         if chunks is not None and ranges is not None:
@@ -109,6 +111,7 @@ class ChunkLoader:
         self.prefetch = int(prefetch)
         self.normalize = bool(normalize)
         self.drop_last = bool(drop_last)
+        self.labels = bool(labels)  # False: y is never read (prediction); zeros stand in for it
         self.n_rows = sum(b - a for a, b in self.units)
         self.read_seconds = 0.0
         from kernels import rows  # numba: loaded with the first loader, not with this module
@@ -177,7 +180,7 @@ class ChunkLoader:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         thread = threading.Thread(
-            target=_reader, args=(self.store, order, q, stop), name="chunk-loader-prefetch", daemon=True
+            target=_reader, args=(self.store, order, q, stop, self.labels), name="chunk-loader-prefetch", daemon=True
         )
         entry = (thread, stop, q)
         self._threads.append(entry)

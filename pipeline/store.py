@@ -221,13 +221,17 @@ class Store:
                 f"is corrupted or unreadable ({type(exc).__name__}: {detail}); re-create the store from its source"
             ) from exc
 
-    def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Raw (compact dtype) ``X`` and ``y`` of rows ``start:stop``."""
+    def read_rows(self, start: int, stop: int, labels: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (compact dtype) ``X`` and ``y`` of rows ``start:stop``. With ``labels=False``
+        (prediction) ``y`` is not read: zeros of its dtype and shape stand in for it."""
         sl = slice(start, stop)
         c0 = start // self.chunk_rows
         c1 = max(c0, (stop - 1) // self.chunk_rows)
         chunk: int | str = c0 if c0 == c1 else f"{c0}-{c1}"
-        return self._read("X", sl, chunk), self._read("y", sl, chunk)
+        X = self._read("X", sl, chunk)
+        if not labels:
+            return X, np.zeros((stop - start,) + tuple(self.y.shape[1:]), dtype=self.y.dtype)
+        return X, self._read("y", sl, chunk)
 
     def read_chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw (compact dtype) ``X`` rows and ``y`` of row-chunk ``i``."""
