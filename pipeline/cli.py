@@ -180,7 +180,9 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
     cfg = TrainConfig.from_toml(config_file, base) if config_file else base
     cfg = cfg.with_overrides(list(overrides))
     _echo("configuration:\n" + "\n".join(f"  {k} = {json.dumps(v)}" for k, v in cfg.to_dict().items()), quiet)
-    with _client(cluster_kw) as client:
+    # claimed before the cluster starts, for the whole run: a second training into the same
+    # --out (even with --force) is refused until this one ends
+    with RunDir(Path(out)).claim(resume, force), _client(cluster_kw) as client:
         _echo(f"dask dashboard: {client.dashboard_link}  (training page: /pipeline)", quiet)
         if report:
             from distributed import performance_report

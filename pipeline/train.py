@@ -16,6 +16,7 @@ the final model to the run directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -191,6 +192,13 @@ def task_config(cfg: TrainConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+LOCK_NAME = ".lock"
+
+# Run directories this process holds, by resolved path: the open lock file and how many
+# claims are nested (the command claims before it starts a cluster, the trainer again).
+_HELD: dict[str, list] = {}
+
+
 @dataclass
 class RunDir:
     path: Path
@@ -211,20 +219,72 @@ class RunDir:
     def config(self) -> Path:
         return self.path / "config.toml"
 
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK_NAME
+
+    def holds_run(self) -> bool:
+        """Whether the directory holds anything but its lock file."""
+        return self.path.is_dir() and any(p.name != LOCK_NAME for p in self.path.iterdir())
+
     def check(self, resume: bool, force: bool) -> None:
         """Raise if resuming without a checkpoint, or starting over an existing run without force."""
         if resume:
             if not self.checkpoint.is_file():
+                if self.config.is_file():
+                    raise CheckpointError(
+                        f"nothing to resume: run directory {str(self.path)!r} holds the configuration of a "
+                        "run that stopped before its first checkpoint; start it again with --force"
+                    )
                 raise CheckpointError(
                     f"nothing to resume: {str(self.checkpoint)!r} does not exist; train without --resume"
                 )
         elif self.path.is_file():
             raise TrainingError(f"run directory {str(self.path)!r} is a file; choose another --out")
-        elif self.path.exists() and any(self.path.iterdir()) and not force:
+        elif self.holds_run() and not force:
+            if not self.checkpoint.is_file() and self.config.is_file():
+                raise TrainingError(
+                    f"run directory {str(self.path)!r} holds a run that stopped before its first "
+                    "checkpoint (nothing to resume); pass --force to start it again, or choose another --out"
+                )
+            if not self.checkpoint.is_file():
+                raise TrainingError(
+                    f"run directory {str(self.path)!r} is not empty and holds no run; choose another "
+                    "--out, or pass --force to write the run beside its files"
+                )
             raise TrainingError(
                 f"run directory {str(self.path)!r} already holds a run; pass --resume to continue it, "
                 "--force to overwrite it, or choose another --out"
             )
+
+    def owner(self) -> str | None:
+        """Who trains into this directory now ("pid N on HOST"), or None when nobody does.
+
+        The claim is an exclusive ``flock`` on the lock file, which the kernel drops when its
+        process ends however it ends: a lock file left by a killed run is not a claim."""
+        import fcntl
+
+        key = str(self.path.resolve())
+        if key in _HELD:
+            return f"pid {os.getpid()} on {_hostname()} (this process)"
+        try:
+            fd = os.open(self.lock, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return _read_owner(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    def claim(self, resume: bool, force: bool) -> _Claim:
+        """Claim the directory for one training (a context manager); raise if another process
+        trains into it, or if :meth:`check` refuses it. Nested claims in one process share it."""
+        return _Claim(self, resume, force)
 
     def prepare(self, resume: bool, force: bool) -> None:
         self.check(resume, force)
@@ -238,6 +298,86 @@ class RunDir:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(data, indent=1, default=_json_default))
         os.replace(tmp, path)
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _read_owner(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").split()
+        return f"pid {text[0]} on {text[1]}" if len(text) >= 2 else "another process"
+    except OSError:
+        return "another process"
+
+
+class _Claim:
+    """An exclusive, process-lifetime claim on a run directory (see :meth:`RunDir.claim`)."""
+
+    def __init__(self, run: RunDir, resume: bool, force: bool) -> None:
+        self.run, self.resume, self.force = run, resume, force
+        self.key = ""
+        self.created = False
+
+    def __enter__(self) -> _Claim:
+        import fcntl
+
+        run = self.run
+        run.check(self.resume, self.force)  # nothing is created for a refused directory
+        self.key = str(run.path.resolve())
+        if self.key in _HELD:
+            _HELD[self.key][1] += 1
+            return self
+        self.created = not run.path.exists()
+        if not self.resume:
+            run.path.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = _read_owner(fd)
+                os.close(fd)
+                raise TrainingError(
+                    f"run directory {str(run.path)!r} is in use by another training ({owner}); "
+                    "wait for it to finish or choose another --out (--force does not take over a live run)"
+                ) from None
+            try:  # the file may have been removed by its previous owner between open and flock
+                same = os.fstat(fd).st_ino == os.stat(run.lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {_hostname()} {time.time():.0f}\n".encode(), 0)
+        _HELD[self.key] = [fd, 1]
+        try:
+            run.check(self.resume, self.force)  # again, now that no one else can change it
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        held = _HELD.get(self.key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[self.key]
+            with contextlib.suppress(OSError):
+                self.run.lock.unlink()
+            os.close(held[0])
+            if self.created:  # a directory made for a run that wrote nothing goes again
+                with contextlib.suppress(OSError):
+                    self.run.path.rmdir()
 
 
 def _json_default(o: Any) -> Any:
@@ -351,7 +491,7 @@ class Trainer:
         # distributed.wait and friends use the *current* client: make it ours for the run
         from distributed.comm.core import CommClosedError
 
-        with self.client.as_current():
+        with self.client.as_current(), self.run.claim(self.resume, self.force):
             try:
                 return self._fit()
             except PipelineError:

@@ -425,6 +425,52 @@ def _(t: Trial) -> Outcome:
     return t.cli("predict", "run", "s.zarr", "preds.txt")
 
 
+_HOLD_RUN = """
+import sys, time
+from pathlib import Path
+from pipeline.train import RunDir
+RunDir(Path(sys.argv[1])).claim(False, True).__enter__()
+print("claimed", flush=True)
+time.sleep(600)
+"""
+
+
+@case("M19")
+def _(t: Trial) -> Outcome:
+    import subprocess
+    import sys
+
+    t.copy(t.shared.store4, "s.zarr")
+    t.copy(t.shared.run, "run")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_RUN, str(t.path / "run")], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "claimed"
+        return t.cli("train", "s.zarr", "--out", "run", "--force", "--scheduler", t.shared.unreachable)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()  # type: ignore[union-attr]
+
+
+def _failed_run(t: Trial) -> None:
+    t.copy(t.shared.store4, "s.zarr")
+    (t.path / "failed").mkdir()
+    shutil.copy2(t.shared.run / "config.toml", t.path / "failed" / "config.toml")
+
+
+@case("M20")
+def _(t: Trial) -> Outcome:
+    _failed_run(t)
+    return t.cli("train", "s.zarr", "--out", "failed")
+
+
+@case("M21")
+def _(t: Trial) -> Outcome:
+    _failed_run(t)
+    return t.cli("train", "s.zarr", "--out", "failed", "--resume")
+
+
 # -- clusters and the parameter server -------------------------------------------------------
 
 

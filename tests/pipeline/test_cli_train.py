@@ -203,3 +203,69 @@ def test_dask_tracebacks_are_one_line_unless_verbose(verbose):
         assert len(lines) == 2, r.stderr
         assert lines[0].endswith("distributed.client: closing (OSError: boom)"), r.stderr
         assert lines[1].endswith("asyncio: Task exception was never retrieved (RuntimeError: lost)"), r.stderr
+
+
+# -- the run directory is claimed for the life of a run -----------------------------------------
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from pipeline.train import RunDir
+claim = RunDir(Path(sys.argv[1])).claim(False, True)
+claim.__enter__()
+print("claimed", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory) -> str:
+    from pipeline.synth import synth
+
+    return synth(tmp_path_factory.mktemp("small") / "s.zarr", rows=2000, features=4, classes=3, seed=0).path
+
+
+def _popen_train(store: str, out: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", store, "--out", str(out), "--set", "epochs=2",
+         "--set", "hidden=[8]", "--workers", "1", "--dashboard-address", "none", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+def test_two_trainings_started_together_into_one_out_do_not_both_succeed(small_store, tmp_path):
+    out = tmp_path / "run"
+    procs = [_popen_train(small_store, out), _popen_train(small_store, out)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 1], results
+    loser = next(r for r in results if r[0] == 1)
+    assert "is in use by another training (pid" in loser[2] or "already holds a run" in loser[2], loser[2]
+    winner = next(r for r in results if r[0] == 0)
+    assert json.loads(winner[1].strip().splitlines()[-1])["epochs"] == 2
+    assert not (out / ".lock").exists()  # released when the run ended
+    load_model(out)
+
+
+def test_force_does_not_take_over_a_live_run_but_a_dead_one_s_lock_is_no_claim(small_store, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out), "600"], stdout=subprocess.PIPE, text=True,
+                              env=env)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        p = _popen_train(small_store, out, "--force")
+        code, _, err = p.wait(timeout=120), *p.communicate()
+        assert code == 1 and f"is in use by another training (pid {holder.pid} on " in err, err
+        assert sorted(x.name for x in out.iterdir()) == [".lock"]  # nothing written beside it
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    # the killed holder's lock file is still there, but the kernel dropped its lock
+    assert (out / ".lock").read_text().split()[0] == str(holder.pid)
+    p = _popen_train(small_store, out)
+    code, _, err = p.wait(timeout=300), *p.communicate()
+    assert code == 0, err
+    assert (out / "model.npz").is_file() and not (out / ".lock").exists()
