@@ -61,23 +61,15 @@ def row_ranges(store: Store, max_rows: int) -> Ranges:
     return out
 
 
-def split_validation(ranges: Ranges, fraction: float, seed: int) -> tuple[Ranges, Ranges]:
-    """Hold out about ``fraction`` of the rows as whole ranges chosen by ``seed``."""
-    if fraction <= 0 or len(ranges) < 2:
-        return list(ranges), []
-    rng = np.random.default_rng([seed, 7919])
-    order = rng.permutation(len(ranges))
-    total = sum(b - a for a, b in ranges)
-    val_idx: set[int] = set()
-    held = 0
-    for i in order:
-        if held >= fraction * total or len(val_idx) == len(ranges) - 1:
-            break
-        val_idx.add(int(i))
-        held += ranges[i][1] - ranges[i][0]
-    train = [r for i, r in enumerate(ranges) if i not in val_idx]
-    val = [r for i, r in enumerate(ranges) if i in val_idx]
-    return train, val
+def held_out_count(store: Store, fraction: float, seed: int, ranges: Ranges | None = None) -> int:
+    """How many rows of ``ranges`` (default: the whole store) are held out for validation."""
+    from pipeline.loader import held_out_mask, held_out_rows
+
+    if fraction <= 0:
+        return 0
+    if ranges is None:
+        return sum(len(held_out_rows(store, c, fraction, seed)) for c in range(store.n_chunks))
+    return sum(int(held_out_mask(store, a, b, fraction, seed).sum()) for a, b in ranges)
 
 
 def group_ranges(ranges: Ranges, rows_per_task: int) -> list[Ranges]:
@@ -179,12 +171,18 @@ def build_spec(store: Store, cfg: TrainConfig) -> tuple[dict, dict | None]:
 
 
 def task_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The part of the config that training tasks need (plain, msgpack-friendly)."""
+    """The part of the config that training tasks need (plain, msgpack-friendly).
+
+    ``holdout`` is set when validation rows are held out of the training store: training
+    tasks then skip those rows and evaluation tasks read only them (pipeline.loader)."""
     keys = (
         "optimizer lr momentum weight_decay batch_size local_steps overlap backend seed "
         "shuffle_chunks prefetch normalize barrier_timeout mmap_threshold_mb"
     ).split()
-    return {k: getattr(cfg, k) for k in keys}
+    out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
+    if cfg.validation > 0 and not cfg.validation_store:
+        out["holdout"] = {"fraction": cfg.validation, "seed": cfg.seed}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,6 +431,30 @@ def check_workers_can_open(client: Any, store_path: str) -> None:
         )
 
 
+def check_backend(backend: str, client: Any = None) -> None:
+    """Fail before training when the kernel ``backend`` cannot run: on this machine (no
+    ``client``: a local cluster's workers run here), or on some of ``client``'s workers."""
+    if backend != "cuda":
+        return
+
+    def _probe(name: str = backend) -> str:
+        try:
+            from kernels import get_backend
+
+            get_backend(name)
+        except Exception as exc:  # noqa: BLE001 - reported to the user below
+            return str(exc)
+        return ""
+
+    results = {"this machine": _probe()} if client is None else client.run(_probe)
+    bad = {w: msg for w, msg in results.items() if msg}
+    if bad:
+        where = "on this machine" if client is None else f"on {len(bad)} of {len(results)} workers ({', '.join(sorted(bad))})"
+        raise ConfigError(
+            f"config key 'backend' = 'cuda' cannot run {where}: {next(iter(bad.values()))}"
+        )
+
+
 class Trainer:
     """Runs one training job on a Dask cluster (see the module docstring)."""
 
@@ -458,6 +480,8 @@ class Trainer:
         self.resume = resume
         self.force = force
         self.log = log or (lambda msg: logger.info(msg))
+        self.warn = log or (lambda msg: logger.warning(msg))
+        self.train_rows = self.store.n_rows
         self.on_epoch = on_epoch
         self.spec, self.target = build_spec(self.store, cfg)
         self.val_path = cfg.validation_store or self.store_path
@@ -475,15 +499,34 @@ class Trainer:
     def plan(self, n_threads: int) -> tuple[list[Ranges], Ranges]:
         cfg = self.cfg
         rows_per_task = cfg.rows_per_task or default_rows_per_task(self.store.n_rows, n_threads, cfg)
-        ranges = row_ranges(self.store, rows_per_task)
+        train = row_ranges(self.store, rows_per_task)
+        held = 0
         if cfg.validation_store:
             vs = open_store(cfg.validation_store)
-            train, val = ranges, row_ranges(vs, 1 << 16)
+            val = row_ranges(vs, 1 << 16)
+        elif cfg.validation > 0:
+            # rows held out in every chunk (pipeline.loader.held_out_rows): the tasks read whole
+            # ranges and keep the training rows; validation reads the same chunks for the others
+            held = held_out_count(self.store, cfg.validation, cfg.seed)
+            val = row_ranges(self.store, 1 << 16) if held else []
+            if not held:
+                self.warn(
+                    f"warning: validation = {cfg.validation:g} of {self.store.n_rows:,} rows holds out no "
+                    "row; early stopping and the saved model follow the training loss (set "
+                    "validation_store, or validation = 0 to say so)"
+                )
         else:
-            train, val = split_validation(ranges, cfg.validation, cfg.seed)
-        if not train:
+            val = []
+        self.train_rows = self.store.n_rows - held
+        if not train or self.train_rows <= 0:
             raise StoreError(f"store {self.store_path!r} has no rows to train on")
         return group_ranges(train, rows_per_task), val
+
+    def _train_rows(self, ranges: Ranges) -> int:
+        """About how many training rows ``ranges`` hold (validation rows held out in every chunk
+        are skipped by the tasks, about the same share of every range)."""
+        rows = sum(b - a for a, b in ranges)
+        return round(rows * self.train_rows / self.store.n_rows) if self.store.n_rows else rows
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -515,6 +558,7 @@ class Trainer:
         self.run.prepare(self.resume, self.force)
         installed_by = ParameterServer.ensure_installed(client)
         check_workers_can_open(client, self.store_path)
+        check_backend(cfg.backend, client)
         if cfg.validation_store:
             check_workers_can_open(client, cfg.validation_store)
         threads = _total_threads(client)
@@ -541,7 +585,7 @@ class Trainer:
         tasks, val_ranges = self.plan(n_threads)
         ps = ParameterServer(self.job, client)
         rounds_per_epoch = sum(
-            math.ceil(sum(b - a for a, b in t) / cfg.batch_size / cfg.local_steps) for t in tasks
+            math.ceil(self._train_rows(t) / cfg.batch_size / cfg.local_steps) for t in tasks
         )
         ps.create(
             params,
@@ -569,7 +613,7 @@ class Trainer:
             f"{len(val_ranges)} validation ranges, parameter server installed by {installed_by}"
         )
         if cfg.mode == "sync" and cfg.placement != "federated":
-            rows = sum(b - a for t in tasks for a, b in t)
+            rows = self.train_rows
             n = n_sync_shares(rows, self.spec, n_threads, cfg.min_share_gflop)
             if n < n_threads:
                 self.log(
@@ -700,7 +744,7 @@ class Trainer:
                 # equal row counts, not whole tasks: the shares meet at every sync round, so an
                 # epoch lasts as long as its largest share (tasks are whole chunks or equal
                 # parts of one: 15 chunk tasks over 2 shares would make one 14% larger)
-                n = n_sync_shares(sum(b - a for t in tasks for a, b in t), spec, len(slots), cfg.min_share_gflop)
+                n = n_sync_shares(self.train_rows, spec, len(slots), cfg.min_share_gflop)
                 shares = split_rows([r for j in order for r in tasks[j]], n)
             # Only federated shares are pinned to their worker (the data stays there). Sync shares
             # are not: a share pinned, even loosely, to a worker that has died sits in Dask's
@@ -748,7 +792,7 @@ class Trainer:
         no_workers_since: float | None = None
         bar = Progress(
             f"epoch {epoch + 1}/{cfg.epochs}",
-            total=sum(b - a for _, ranges, _ in work for a, b in ranges),
+            total=sum(self._train_rows(ranges) for _, ranges, _ in work),
             enabled=self.progress,
             unit="samples",
         )

@@ -143,6 +143,13 @@ class _Comm:
         return self.wait(self.ps.call_soon(route, **kwargs))
 
 
+def _holdout(cfg: dict, keep: str) -> dict | None:
+    """The loader's row selection when validation rows are held out of the training store
+    (``cfg["holdout"]``): training tasks read the other rows, evaluation reads those."""
+    held = cfg.get("holdout")
+    return {**held, "keep": keep} if held else None
+
+
 def train_task(
     job: str,
     name: str,
@@ -240,6 +247,7 @@ def train_task(
         buffer_chunks=cfg["shuffle_chunks"],
         prefetch=cfg["prefetch"],
         normalize=cfg["normalize"],
+        holdout=_holdout(cfg, "train"),
     )
     try:
         for i, (X, y) in enumerate(loader.epoch(epoch)):
@@ -414,6 +422,7 @@ def evaluate_ranges(
         shuffle=False,
         normalize=cfg["normalize"],
         prefetch=cfg["prefetch"],
+        holdout=_holdout(cfg, "validation"),
     )
     parts = []
     try:
