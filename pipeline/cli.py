@@ -171,7 +171,7 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
 
     from pipeline.config import TrainConfig
     from pipeline.store import open_store
-    from pipeline.train import RunDir, resumed_config
+    from pipeline.train import RunDir, check_backend, resumed_config
     from pipeline.train import train as run_training
 
     RunDir(Path(out)).check(resume, force)  # fail before starting a cluster
@@ -179,6 +179,8 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
     base = resumed_config(out) if resume else TrainConfig()  # --resume: the run's own settings
     cfg = TrainConfig.from_toml(config_file, base) if config_file else base
     cfg = cfg.with_overrides(list(overrides))
+    if not cluster_kw["scheduler"]:
+        check_backend(cfg.backend)  # a local cluster's workers run here: fail before starting it
     _echo("configuration:\n" + "\n".join(f"  {k} = {json.dumps(v)}" for k, v in cfg.to_dict().items()), quiet)
     # claimed before the cluster starts, for the whole run: a second training into the same
     # --out (even with --force) is refused until this one ends

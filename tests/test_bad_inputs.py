@@ -293,6 +293,11 @@ for _id, _setting in {
     "C9": "lr=-1",
     "C10": "validation=1.5",
     "C11": "noequals",
+    "C15": "min_delta=nan",
+    "C16": "min_delta=-0.01",
+    "C17": "lr=inf",
+    "C18": "weight_decay=inf",
+    "C19": "seed=-1",
 }.items():
     case(_id)(lambda t, s=_setting: _train_set(t, "--set", s))
 
@@ -311,6 +316,24 @@ def _(t: Trial) -> Outcome:
 @case("C14")
 def _(t: Trial) -> Outcome:
     return _train_set(t, "--workers", "0")
+
+
+@case("C20")
+def _(t: Trial) -> Outcome:
+    t.write("server.toml", "lr = 0.01\n[server]\nlr = 0.5\n")
+    return _train_set(t, "--config", "server.toml")
+
+
+@case("C21")
+def _(t: Trial) -> Outcome:
+    t.write("twice.toml", "lr = 0.01\n[optimizer]\nlr = 0.5\n")
+    return _train_set(t, "--config", "twice.toml")
+
+
+@case("C22")
+def _(t: Trial) -> Outcome:
+    t.write("nested.toml", "[model]\nhidden = [8]\n[model.deep]\nwidth = 3\n")
+    return _train_set(t, "--config", "nested.toml")
 
 
 # -- runs and model files --------------------------------------------------------------------

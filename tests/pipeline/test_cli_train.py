@@ -269,3 +269,20 @@ def test_force_does_not_take_over_a_live_run_but_a_dead_one_s_lock_is_no_claim(s
     code, _, err = p.wait(timeout=300), *p.communicate()
     assert code == 0, err
     assert (out / "model.npz").is_file() and not (out / ".lock").exists()
+
+
+def test_cuda_backend_without_a_gpu_is_refused_before_the_cluster_starts(small_store, tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", NUMBA_ENABLE_CUDASIM="0")  # no simulator: the real check
+    probe = subprocess.run([sys.executable, "-c", "import kernels; print(kernels._real_gpu())"], env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    if probe.stdout.strip() == "True":
+        pytest.skip("this machine has a CUDA GPU")
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", small_store, "--out", str(tmp_path / "run"),
+         "--set", "backend=cuda", *CLUSTER],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("error: config key 'backend' = 'cuda' cannot run on this machine: CUDA backend "
+                               "unavailable"), r.stderr  # fmt: skip
+    assert "dask dashboard" not in r.stderr and not (tmp_path / "run").exists()
