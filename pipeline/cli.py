@@ -7,10 +7,12 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 
 import click
 
@@ -29,8 +31,8 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+        except KeyboardInterrupt as exc:
+            click.echo(f"interrupted ({exc})" if str(exc) else "interrupted", err=True)
             ctx.exit(130)
 
 
@@ -144,6 +146,27 @@ def _echo(msg: str, quiet: bool = False) -> None:
         click.echo(msg, err=True)
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (how Slurm, Kubernetes and ``kill`` stop a job) takes Ctrl-C's path while the
+    block runs: the trainer writes a checkpoint and the command exits with status 130."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @cli.command()
 @click.argument("store")
 @click.option("--config", "config_file", type=click.Path(), help="TOML file of training settings.")
@@ -165,7 +188,6 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
       pipeline train big.zarr --scheduler tcp://10.0.0.1:8786 --out runs/big
       pipeline train big.zarr --out runs/big --resume
     """
-    import contextlib
     import json
     from pathlib import Path
 
@@ -184,7 +206,7 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
     _echo("configuration:\n" + "\n".join(f"  {k} = {json.dumps(v)}" for k, v in cfg.to_dict().items()), quiet)
     # claimed before the cluster starts, for the whole run: a second training into the same
     # --out (even with --force) is refused until this one ends
-    with RunDir(Path(out)).claim(resume, force), _client(cluster_kw) as client:
+    with RunDir(Path(out)).claim(resume, force), _sigterm_interrupts(), _client(cluster_kw) as client:
         _echo(f"dask dashboard: {client.dashboard_link}  (training page: /pipeline)", quiet)
         if report:
             from distributed import performance_report
@@ -213,6 +235,21 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
                            **{k: v for k, v in final.items() if k.startswith("val_")}}))
 
 
+def _load_run_model(run_dir: str):  # noqa: ANN202
+    """The model of ``run_dir`` (a run directory or a model file); a run directory without
+    one is explained: still training, interrupted (how to finish it), or failed."""
+    from pathlib import Path
+
+    from pipeline.errors import CheckpointError
+    from pipeline.model import load_model
+    from pipeline.train import RunDir
+
+    why = RunDir(Path(run_dir)).missing_model()
+    if why:
+        raise CheckpointError(why)
+    return load_model(run_dir)
+
+
 @cli.command()
 @click.argument("run_dir")
 @click.argument("store")
@@ -228,9 +265,8 @@ def evaluate(run_dir: str, store: str, as_json: bool, **cluster_kw) -> None:
     import json
 
     from pipeline.inference import check_inputs, evaluate_store
-    from pipeline.model import load_model
 
-    model = load_model(run_dir)
+    model = _load_run_model(run_dir)
     check_inputs(model, store)  # fail before starting a cluster
     with _client(cluster_kw) as client:
         metrics = evaluate_store(model, store, client)
@@ -270,9 +306,8 @@ def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **clus
     import json
 
     from pipeline.inference import check_inputs, predict_store
-    from pipeline.model import load_model
 
-    model = load_model(run_dir)
+    model = _load_run_model(run_dir)
     check_inputs(model, store, out, proba=proba, force=force)  # fail before starting a cluster
     with _client(cluster_kw) as client:
         result = predict_store(model, store, out, client, proba=proba, force=force)

@@ -279,6 +279,36 @@ class RunDir:
         finally:
             os.close(fd)
 
+    def missing_model(self, store: str = "STORE") -> str | None:
+        """Why a run directory without ``model.npz`` has none (training, interrupted, failed),
+        and what to do; None when it is not a run directory without a model."""
+        if not self.path.is_dir() or self.model.exists():
+            return None
+        where = repr(str(self.path))
+        owner = self.owner()
+        if owner is not None:
+            return (
+                f"run directory {where} is still training ({owner}); its model.npz is written when the "
+                "run ends: wait for it, or stop it (Ctrl-C or SIGTERM writes a checkpoint) and resume it"
+            )
+        if self.checkpoint.is_file():
+            try:
+                _, meta = load_file(self.checkpoint, "checkpoint")
+                epoch, store = int(meta["epoch"]), str(meta.get("store") or store)
+            except (CheckpointError, KeyError, TypeError, ValueError):
+                return None
+            return (
+                f"run directory {where} holds an interrupted run (checkpoint after {epoch} epoch(s), no "
+                f"model.npz); continue it with `pipeline train {store} --out {self.path} --resume`, or write "
+                f"the model of its best epoch so far with `... --resume --set epochs={max(epoch, 1)}`"
+            )
+        if self.config.is_file():
+            return (
+                f"run directory {where} holds a run that stopped before its first checkpoint (no "
+                "model.npz); train it again with --force"
+            )
+        return None
+
     def claim(self, resume: bool, force: bool) -> _Claim:
         """Claim the directory for one training (a context manager); raise if another process
         trains into it, or if :meth:`check` refuses it. Nested claims in one process share it."""

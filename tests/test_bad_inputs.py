@@ -494,6 +494,38 @@ def _(t: Trial) -> Outcome:
     return t.cli("train", "s.zarr", "--out", "failed", "--resume")
 
 
+@case("M22")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    (t.copy(t.shared.run, "cut") / "model.npz").unlink()
+    return t.cli("evaluate", "cut", "s.zarr", "--scheduler", t.shared.unreachable)
+
+
+@case("M23")
+def _(t: Trial) -> Outcome:
+    import subprocess
+    import sys
+
+    t.copy(t.shared.store4, "s.zarr")
+    (t.path / "live").mkdir()
+    shutil.copy2(t.shared.run / "config.toml", t.path / "live" / "config.toml")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_RUN, str(t.path / "live")], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "claimed"
+        return t.cli("evaluate", "live", "s.zarr", "--scheduler", t.shared.unreachable)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()  # type: ignore[union-attr]
+
+
+@case("M24")
+def _(t: Trial) -> Outcome:
+    _failed_run(t)
+    return t.cli("predict", "failed", "s.zarr", "out.parquet", "--scheduler", t.shared.unreachable)
+
+
 # -- clusters and the parameter server -------------------------------------------------------
 
 

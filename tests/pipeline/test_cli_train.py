@@ -286,3 +286,40 @@ def test_cuda_backend_without_a_gpu_is_refused_before_the_cluster_starts(small_s
     assert r.stderr.startswith("error: config key 'backend' = 'cuda' cannot run on this machine: CUDA backend "
                                "unavailable"), r.stderr  # fmt: skip
     assert "dask dashboard" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_sigterm_stops_with_a_checkpoint_and_evaluate_explains_the_interrupted_run(small_store, tmp_path):
+    out = tmp_path / "run"
+    proc = _popen_train(small_store, out, "--set", "epochs=500", "--set", "patience=0")
+    try:
+        deadline = time.time() + 120
+        lines = []
+        while time.time() < deadline:
+            lines.append(proc.stderr.readline())
+            if lines[-1].startswith("epoch   2"):
+                break
+        assert lines[-1].startswith("epoch   2"), "".join(lines)
+        # while it trains, evaluate says so instead of "model.npz not found"
+        r = run("evaluate", str(out), small_store, "--scheduler", "tcp://127.0.0.1:1")
+        assert r.returncode == 1 and f"is still training (pid {proc.pid} on " in r.stderr, r.stderr
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, rest[1]
+    assert "interrupted (SIGTERM)" in rest[1]
+    _, meta = load_file(out / "checkpoint.npz", "checkpoint")
+    assert meta["epoch"] >= 2 and not (out / "model.npz").exists()
+    r = run("evaluate", str(out), small_store, "--scheduler", "tcp://127.0.0.1:1")
+    assert r.returncode == 1, r.stderr
+    line = r.stderr.strip()
+    assert line.startswith(f"error: run directory {str(out)!r} holds an interrupted run (checkpoint after "
+                           f"{meta['epoch']} epoch(s), no model.npz); continue it with `pipeline train "
+                           f"{small_store} --out {out} --resume`"), line  # fmt: skip
+    # the command it suggests writes the model of the best epoch so far
+    suggested = line.split("`... ")[1].rstrip("`").split()
+    r = run("train", small_store, "--out", str(out), *suggested, "--workers", "1", "--dashboard-address", "none")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["epochs"] == meta["epoch"]
+    assert run("evaluate", str(out), small_store, "--workers", "1", "--dashboard-address", "none").returncode == 0
