@@ -229,10 +229,10 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
             result = run_training(store, cfg, out, client=client, resume=resume, force=force,
                                   log=lambda m: _echo(m, quiet), on_epoch=on_epoch,
                                   progress=not quiet and sys.stderr.isatty())
-    final = result.final
+    saved = result.best  # the metrics of the model written, not of the last epoch
     click.echo(json.dumps({"run_dir": str(result.run_dir), "epochs": len(result.history),
-                           "stopped_early": result.stopped_early,
-                           **{k: v for k, v in final.items() if k.startswith("val_")}}))
+                           "stopped_early": result.stopped_early, "best_epoch": saved.get("epoch"),
+                           **{k: v for k, v in saved.items() if k.startswith("val_")}}))
 
 
 def _load_run_model(run_dir: str):  # noqa: ANN202
@@ -318,9 +318,12 @@ def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **clus
 @click.argument("directory", default="runs")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def runs(directory: str, as_json: bool) -> None:
-    """List the runs in DIRECTORY with their final metrics."""
+    """List the runs in DIRECTORY with the validation metrics of their saved models (the best
+    epoch, which early stopping or a later worse epoch leaves behind the last)."""
     import json
     from pathlib import Path
+
+    from pipeline.train import saved_epoch
 
     rows = []
     for hist in sorted(Path(directory).glob("*/history.json")):
@@ -329,14 +332,14 @@ def runs(directory: str, as_json: bool) -> None:
         except (OSError, ValueError):
             continue
         epochs = data.get("epochs") or []
-        last = epochs[-1] if epochs else {}
+        saved = saved_epoch(data)  # the saved model's epoch (its best), not the last one
         rows.append({
             "run": str(hist.parent),
             "epochs": len(epochs),
-            "best_epoch": data.get("best_epoch"),
-            "val_loss": last.get("val_loss"),
-            "val_metric": last.get("val_accuracy", last.get("val_r2")),
-            "samples_per_s": last.get("samples_per_s"),
+            "best_epoch": saved.get("epoch"),
+            "val_loss": saved.get("val_loss"),
+            "val_metric": saved.get("val_accuracy", saved.get("val_r2")),
+            "samples_per_s": epochs[-1].get("samples_per_s") if epochs else None,
         })
     if as_json:
         click.echo(json.dumps(rows))
@@ -344,12 +347,13 @@ def runs(directory: str, as_json: bool) -> None:
     if not rows:
         click.echo(f"no runs in {directory!r}")
         return
-    click.echo(f"{'run':<30} {'epochs':>6} {'val_loss':>9} {'val_metric':>10} {'samples/s':>10}")
+    click.echo(f"{'run':<30} {'epochs':>6} {'best':>5} {'val_loss':>9} {'val_metric':>10} {'samples/s':>10}")
     for r in rows:
+        best = str(r["best_epoch"] + 1) if isinstance(r["best_epoch"], int) else "-"  # 1-based, as printed
         vl = f"{r['val_loss']:.4f}" if isinstance(r["val_loss"], float) else "-"
         vm = f"{r['val_metric']:.4f}" if isinstance(r["val_metric"], float) else "-"
         sps = f"{r['samples_per_s']:,.0f}" if isinstance(r["samples_per_s"], float) else "-"
-        click.echo(f"{r['run']:<30} {r['epochs']:>6} {vl:>9} {vm:>10} {sps:>10}")
+        click.echo(f"{r['run']:<30} {r['epochs']:>6} {best:>5} {vl:>9} {vm:>10} {sps:>10}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -428,10 +428,28 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
     installed_by: str = ""
+    best_epoch: int = -1  # the epoch whose weights ``model`` holds (-1: none recorded)
 
     @property
     def final(self) -> dict:
+        """The last epoch's record."""
         return self.history[-1] if self.history else {}
+
+    @property
+    def best(self) -> dict:
+        """The record of the epoch the saved model comes from (the best validation epoch)."""
+        return saved_epoch({"best_epoch": self.best_epoch, "epochs": self.history})
+
+
+def saved_epoch(history: dict) -> dict:
+    """The epoch record of a run's saved model in its ``history.json`` document: the best
+    epoch (the last one when the history does not name it)."""
+    epochs = history.get("epochs") or []
+    best = history.get("best_epoch")
+    for rec in epochs:
+        if rec.get("epoch") == best:
+            return rec
+    return epochs[-1] if epochs else {}
 
 
 def _total_threads(client: Any) -> dict[str, int]:
@@ -742,7 +760,7 @@ class Trainer:
         from pipeline.plots import save_plots
 
         save_plots(self.run.path, history_doc)
-        return TrainResult(self.run.path, model, history, stopped_early, installed_by)
+        return TrainResult(self.run.path, model, history, stopped_early, installed_by, best[2])
 
     # -- one epoch -------------------------------------------------------------------------
 

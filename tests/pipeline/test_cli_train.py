@@ -323,3 +323,35 @@ def test_sigterm_stops_with_a_checkpoint_and_evaluate_explains_the_interrupted_r
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["epochs"] == meta["epoch"]
     assert run("evaluate", str(out), small_store, "--workers", "1", "--dashboard-address", "none").returncode == 0
+
+
+def test_report_is_written_without_dask_size_warnings(small_store, tmp_path):
+    """A worker's profile is a tree as deep as the stacks it sampled (up to 100 levels: the first
+    task imports the compiled kernels); Dask sized it for the report with a recursion deeper
+    than Python's default limit and printed a 'Sizeof calculation ... failed' warning."""
+    report = tmp_path / "report.html"
+    p = _popen_train(small_store, tmp_path / "run", "--report", str(report))
+    code, _, err = p.wait(timeout=300), *p.communicate()
+    assert code == 0, err
+    assert report.stat().st_size > 10_000
+    assert "Sizeof calculation" not in err and "WARNING" not in err, err
+
+
+def test_final_line_and_runs_show_the_saved_model_s_epoch(small_store, tmp_path):
+    # min_delta larger than any decrease: no epoch improves on the first, which is the one saved
+    out = tmp_path / "runs" / "a"
+    p = _popen_train(small_store, out, "--set", "epochs=3", "--set", "patience=0", "--set", "min_delta=1e9")
+    code, stdout, err = p.wait(timeout=300), *p.communicate()
+    assert code == 0, err
+    final = json.loads(stdout.strip().splitlines()[-1])
+    epochs = json.loads((out / "history.json").read_text())["epochs"]
+    assert len(epochs) == 3 and epochs[0]["val_loss"] != epochs[-1]["val_loss"]
+    assert final["best_epoch"] == 0 and final["epochs"] == 3
+    assert final["val_loss"] == epochs[0]["val_loss"] and final["val_accuracy"] == epochs[0]["val_accuracy"]
+    r = run("runs", str(out.parent), "--json")
+    (row,) = json.loads(r.stdout)
+    assert row["best_epoch"] == 0 and row["val_loss"] == epochs[0]["val_loss"]
+    assert row["samples_per_s"] == epochs[-1]["samples_per_s"]
+    table = run("runs", str(out.parent)).stdout.splitlines()
+    assert table[0].split() == ["run", "epochs", "best", "val_loss", "val_metric", "samples/s"]
+    assert table[1].split()[1:4] == ["3", "1", f"{epochs[0]['val_loss']:.4f}"]
