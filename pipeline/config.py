@@ -88,7 +88,7 @@ class TrainConfig:
     join_timeout: float = 120.0  # sync: seconds to wait for an announced participant to start
     barrier_timeout: float = 600.0  # seconds a push may wait at a barrier before failing
     no_worker_timeout: float = 300.0  # seconds to wait for capacity when every worker is gone
-    seed: int = 0  # seeds initialization, shuffling and the validation split
+    seed: int = 0  # seeds initialization, shuffling and the validation split (0 to 2**32 - 1)
     # Workers whose environment fixed a glibc malloc tunable (a Dask nanny sets
     # MALLOC_TRIM_THRESHOLD_) lose glibc's dynamic mmap threshold: every array over 128 KiB is a
     # fresh mmap that page-faults in (2 MB vector ops 17x slower). Training tasks set it to this

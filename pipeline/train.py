@@ -17,6 +17,7 @@ the final model to the run directory::
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -366,7 +367,11 @@ class _Claim:
             fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    # a file system without locks: train unclaimed rather than not at all
+                    logger.warning("cannot lock %s (%s): concurrent runs into it are not detected", run.lock, exc)
+                    break
                 owner = _read_owner(fd)
                 os.close(fd)
                 raise TrainingError(
@@ -1072,6 +1077,7 @@ def train(
 ) -> TrainResult:
     """Train on ``store`` with ``cfg`` on the cluster of ``client``; write the run to ``out``."""
     if resume and cfg is None:
+        RunDir(Path(out)).check(resume, force)  # say why there is nothing to resume
         cfg = resumed_config(out)
     return Trainer(
         store,
