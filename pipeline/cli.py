@@ -7,10 +7,12 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 
 import click
 
@@ -29,8 +31,8 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+        except KeyboardInterrupt as exc:
+            click.echo(f"interrupted ({exc})" if str(exc) else "interrupted", err=True)
             ctx.exit(130)
 
 
@@ -152,6 +154,27 @@ def _echo(msg: str, quiet: bool = False) -> None:
         click.echo(msg, err=True)
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (how Slurm, Kubernetes and ``kill`` stop a job) takes Ctrl-C's path while the
+    block runs: the trainer writes a checkpoint and the command exits with status 130."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @cli.command()
 @click.argument("store")
 @click.option("--config", "config_file", type=click.Path(), help="TOML file of training settings.")
@@ -173,13 +196,12 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
       pipeline train big.zarr --scheduler tcp://10.0.0.1:8786 --out runs/big
       pipeline train big.zarr --out runs/big --resume
     """
-    import contextlib
     import json
     from pathlib import Path
 
     from pipeline.config import TrainConfig
     from pipeline.store import open_store
-    from pipeline.train import RunDir, resumed_config
+    from pipeline.train import RunDir, check_backend, resumed_config
     from pipeline.train import train as run_training
 
     RunDir(Path(out)).check(resume, force)  # fail before starting a cluster
@@ -194,8 +216,12 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
         from pipeline.train import check_validation_store
 
         check_validation_store(open_store(store), cfg.validation_store)
+    if not cluster_kw["scheduler"]:
+        check_backend(cfg.backend)  # a local cluster's workers run here: fail before starting it
     _echo("configuration:\n" + "\n".join(f"  {k} = {json.dumps(v)}" for k, v in cfg.to_dict().items()), quiet)
-    with _client(cluster_kw) as client:
+    # claimed before the cluster starts, for the whole run: a second training into the same
+    # --out (even with --force) is refused until this one ends
+    with RunDir(Path(out)).claim(resume, force), _sigterm_interrupts(), _client(cluster_kw) as client:
         _echo(f"dask dashboard: {client.dashboard_link}  (training page: /pipeline)", quiet)
         if report:
             from distributed import performance_report
@@ -218,10 +244,25 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
             result = run_training(store, cfg, out, client=client, resume=resume, force=force,
                                   log=lambda m: _echo(m, quiet), on_epoch=on_epoch,
                                   progress=not quiet and sys.stderr.isatty())
-    final = result.final
+    saved = result.best  # the metrics of the model written, not of the last epoch
     click.echo(json.dumps({"run_dir": str(result.run_dir), "epochs": len(result.history),
-                           "stopped_early": result.stopped_early,
-                           **{k: v for k, v in final.items() if k.startswith("val_")}}))
+                           "stopped_early": result.stopped_early, "best_epoch": saved.get("epoch"),
+                           **{k: v for k, v in saved.items() if k.startswith("val_")}}))
+
+
+def _load_run_model(run_dir: str):  # noqa: ANN202
+    """The model of ``run_dir`` (a run directory or a model file); a run directory without
+    one is explained: still training, interrupted (how to finish it), or failed."""
+    from pathlib import Path
+
+    from pipeline.errors import CheckpointError
+    from pipeline.model import load_model
+    from pipeline.train import RunDir
+
+    why = RunDir(Path(run_dir)).missing_model()
+    if why:
+        raise CheckpointError(why)
+    return load_model(run_dir)
 
 
 @cli.command()
@@ -239,9 +280,8 @@ def evaluate(run_dir: str, store: str, as_json: bool, **cluster_kw) -> None:
     import json
 
     from pipeline.inference import check_inputs, evaluate_store
-    from pipeline.model import load_model
 
-    model = load_model(run_dir)
+    model = _load_run_model(run_dir)
     check_inputs(model, store)  # fail before starting a cluster
     with _client(cluster_kw) as client:
         metrics = evaluate_store(model, _on_driver(store), client)
@@ -281,9 +321,8 @@ def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **clus
     import json
 
     from pipeline.inference import check_inputs, predict_store
-    from pipeline.model import load_model
 
-    model = load_model(run_dir)
+    model = _load_run_model(run_dir)
     check_inputs(model, store, out, proba=proba, force=force)  # fail before starting a cluster
     with _client(cluster_kw) as client:
         result = predict_store(model, _on_driver(store), _on_driver(out), client, proba=proba, force=force)
@@ -295,9 +334,12 @@ def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **clus
 @click.argument("directory", default="runs")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def runs(directory: str, as_json: bool) -> None:
-    """List the runs in DIRECTORY with their final metrics."""
+    """List the runs in DIRECTORY with the validation metrics of their saved models (the best
+    epoch, which early stopping or a later worse epoch leaves behind the last)."""
     import json
     from pathlib import Path
+
+    from pipeline.train import saved_epoch
 
     rows = []
     for hist in sorted(Path(directory).glob("*/history.json")):
@@ -306,14 +348,14 @@ def runs(directory: str, as_json: bool) -> None:
         except (OSError, ValueError):
             continue
         epochs = data.get("epochs") or []
-        last = epochs[-1] if epochs else {}
+        saved = saved_epoch(data)  # the saved model's epoch (its best), not the last one
         rows.append({
             "run": str(hist.parent),
             "epochs": len(epochs),
-            "best_epoch": data.get("best_epoch"),
-            "val_loss": last.get("val_loss"),
-            "val_metric": last.get("val_accuracy", last.get("val_r2")),
-            "samples_per_s": last.get("samples_per_s"),
+            "best_epoch": saved.get("epoch"),
+            "val_loss": saved.get("val_loss"),
+            "val_metric": saved.get("val_accuracy", saved.get("val_r2")),
+            "samples_per_s": epochs[-1].get("samples_per_s") if epochs else None,
         })
     if as_json:
         click.echo(json.dumps(rows))
@@ -321,12 +363,13 @@ def runs(directory: str, as_json: bool) -> None:
     if not rows:
         click.echo(f"no runs in {directory!r}")
         return
-    click.echo(f"{'run':<30} {'epochs':>6} {'val_loss':>9} {'val_metric':>10} {'samples/s':>10}")
+    click.echo(f"{'run':<30} {'epochs':>6} {'best':>5} {'val_loss':>9} {'val_metric':>10} {'samples/s':>10}")
     for r in rows:
+        best = str(r["best_epoch"] + 1) if isinstance(r["best_epoch"], int) else "-"  # 1-based, as printed
         vl = f"{r['val_loss']:.4f}" if isinstance(r["val_loss"], float) else "-"
         vm = f"{r['val_metric']:.4f}" if isinstance(r["val_metric"], float) else "-"
         sps = f"{r['samples_per_s']:,.0f}" if isinstance(r["samples_per_s"], float) else "-"
-        click.echo(f"{r['run']:<30} {r['epochs']:>6} {vl:>9} {vm:>10} {sps:>10}")
+        click.echo(f"{r['run']:<30} {r['epochs']:>6} {best:>5} {vl:>9} {vm:>10} {sps:>10}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The training configuration: one typed dataclass, a comment on every default.
 
-Read from TOML (flat keys, or grouped in tables whose names are ignored), overridden with
+Read from TOML (flat keys, or grouped in one level of tables whose names only group keys: a
+key set twice, or ``[server] lr`` that would read as the local ``lr``, is refused), overridden with
 ``key=value`` strings; an unknown key, a wrong type or a bad value is a :class:`ConfigError`
 naming the key. The resolved configuration is printed at start and saved with the run.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ BACKENDS = ("auto", "cpu", "numpy", "cuda")
 PLACEMENTS = ("dynamic", "federated")
 MAX_WIDTH = 1 << 16
 MAX_PARAMS = 1 << 28
+MAX_SEED = (1 << 32) - 1  # seeds NumPy's generators, which take no negative seed
 
 
 @dataclass
@@ -78,7 +81,9 @@ class TrainConfig:
     # large ones stop by patience alone. Without it, california_housing stopped at test R^2
     # 0.762 (scikit-learn 0.800) on a noisy validation plateau; with it, 0.801.
     min_samples: int = 1_500_000
-    validation: float = 0.1  # fraction of the store held out for validation (by row range)
+    # fraction of the store's rows held out for validation: that share of every row chunk, one
+    # row drawn by `seed` from each of as many equal strata (whatever order the rows are in)
+    validation: float = 0.1
     validation_store: str = ""  # a separate validation store; overrides `validation`
     rows_per_task: int = 0  # rows a training task covers; 0 = about 4 tasks per worker thread
     # sync: training GFLOP per share per epoch below which fewer shares (workers) train; a small
@@ -95,7 +100,7 @@ class TrainConfig:
     join_timeout: float = 120.0  # sync: seconds to wait for an announced participant to start
     barrier_timeout: float = 600.0  # seconds a push may wait at a barrier before failing
     no_worker_timeout: float = 300.0  # seconds to wait for capacity when every worker is gone
-    seed: int = 0  # seeds initialization, shuffling and the validation split
+    seed: int = 0  # seeds initialization, shuffling and the validation split (0 to 2**32 - 1)
     # Workers whose environment fixed a glibc malloc tunable (a Dask nanny sets
     # MALLOC_TRIM_THRESHOLD_) lose glibc's dynamic mmap threshold: every array over 128 KiB is a
     # fresh mmap that page-faults in (2 MB vector ops 17x slower). Training tasks set it to this
@@ -109,6 +114,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for the first key with a bad value."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                # nan compares false with everything: a nan min_delta made every epoch "no
+                # improvement"; an infinite lr or weight_decay diverges at the first step
+                raise ConfigError(f"config key '{f.name}' = {value!r} is invalid: must be a finite number")
         checks: list[tuple[str, bool, str]] = [
             ("activation", self.activation in ACTIVATIONS, f"one of {ACTIVATIONS}"),
             ("loss", self.loss in LOSSES, f"one of {LOSSES}"),
@@ -134,6 +145,7 @@ class TrainConfig:
             ("staleness", self.staleness >= 0, ">= 0"),
             ("epochs", 1 <= self.epochs <= 1 << 20, ">= 1"),
             ("patience", self.patience >= 0, ">= 0"),
+            ("min_delta", self.min_delta >= 0, ">= 0 (a decrease of the validation loss smaller than this is no improvement)"),
             ("min_samples", self.min_samples >= 0, ">= 0"),
             ("validation", 0 <= self.validation < 1, "in [0, 1)"),
             ("rows_per_task", self.rows_per_task >= 0, ">= 0"),
@@ -151,6 +163,7 @@ class TrainConfig:
             ("mmap_threshold_mb", 0 <= self.mmap_threshold_mb <= MAX_MMAP_THRESHOLD_MB,
              f"between 0 (leave it alone) and {MAX_MMAP_THRESHOLD_MB}"),  # fmt: skip
             ("hidden", all(1 <= h <= MAX_WIDTH for h in self.hidden), f"widths between 1 and {MAX_WIDTH}"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"between 0 and {MAX_SEED}"),
         ]
         for key, ok, want in checks:
             if not ok:
@@ -184,13 +197,7 @@ class TrainConfig:
             raise ConfigError(f"config file {os.fspath(path)!r} not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {os.fspath(path)!r} is not valid TOML: {exc}") from None
-        flat: dict[str, Any] = {}
-        for key, value in data.items():
-            if isinstance(value, dict):  # [model], [optimizer], ... tables group keys
-                flat.update(value)
-            else:
-                flat[key] = value
-        return cls.from_dict(flat, base)
+        return cls.from_dict(_flatten(data, os.fspath(path)), base)
 
     def with_overrides(self, assignments: list[str] | tuple[str, ...]) -> TrainConfig:
         """Apply ``key=value`` strings (TOML values, or bare strings)."""
@@ -214,6 +221,43 @@ class TrainConfig:
         for key, value in self.to_dict().items():
             lines.append(f"{key} = {json.dumps(value)}")
         return "\n".join(lines) + "\n"
+
+
+def _flatten(data: dict[str, Any], path: str) -> dict[str, Any]:
+    """The keys of a config file, top level and one level of tables (``[model]``,
+    ``[optimizer]``, ...) whose names only group keys; a key set twice, a key in a table that
+    would read as another key (``[server] lr`` is the local ``lr``, not ``server_lr``) and a
+    table nested in a table are refused."""
+    known = set(TrainConfig.keys())
+    flat: dict[str, Any] = {}
+    where: dict[str, str] = {}
+
+    def put(key: str, value: Any, place: str) -> None:
+        if key in flat:
+            raise ConfigError(
+                f"config file {path!r} sets '{key}' twice ({where[key]} and {place}); keep one"
+            )
+        flat[key], where[key] = value, place
+
+    for name, value in data.items():
+        if not isinstance(value, dict):
+            put(name, value, "top level")
+            continue
+        for key, inner in value.items():
+            if isinstance(inner, dict):
+                raise ConfigError(
+                    f"config file {path!r}: table [{name}.{key}] is nested; tables only group keys, one "
+                    f"level deep: put its keys in [{name}] or at the top level"
+                )
+            meant = f"{name}_{key}"
+            if meant in known:
+                raise ConfigError(
+                    f"config file {path!r}: '{key}' in table [{name}] would set the local '{key}' (table "
+                    f"names only group keys); write {meant} = {json.dumps(inner)} for the {name}'s setting, "
+                    f"or move '{key}' out of [{name}]"
+                )
+            put(key, inner, f"[{name}]")
+    return flat
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -16,10 +16,14 @@ One epoch:
    batch (:mod:`kernels.rows`, checked bit for bit against the NumPy expressions).
 
 With ``shuffle=False`` units come in order and rows in order (evaluation, prediction).
+
+Validation rows held out of a training store (:func:`held_out_rows`) are dropped from each unit
+as it is read (``holdout``, training) or kept alone (evaluation): both read whole row ranges.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -38,11 +42,53 @@ class _Failure:
         self.exc = exc
 
 
+def held_out_rows(store: Store, chunk: int, fraction: float, seed: int) -> np.ndarray:
+    """The rows of row chunk ``chunk`` held out for validation (sorted, absolute indices).
+
+    Every chunk holds out its share of ``fraction`` (rounded so that the store as a whole holds
+    out ``round(fraction * n_rows)`` rows), one row drawn at random, by ``seed``, from each of
+    that many equal strata of the chunk: the validation rows are spread over the whole store
+    and over every part of each chunk, whatever order the rows are in (class-sorted rows give
+    every class), and training and validation read the same whole chunks."""
+    sl = store.chunk_slice(chunk)
+    start, stop = sl.start, min(sl.stop, store.n_rows)
+    n = stop - start
+    k = int(math.floor(fraction * stop + 0.5) - math.floor(fraction * start + 0.5))
+    if n <= 0 or k <= 0:
+        return np.empty(0, np.int64)
+    k = min(k, n)
+    j = np.arange(k + 1, dtype=np.int64)
+    edges = j * n // k
+    rng = np.random.default_rng([int(seed), 7919, int(chunk)])
+    return start + rng.integers(edges[:-1], edges[1:])
+
+
+def held_out_mask(store: Store, start: int, stop: int, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of rows ``start:stop``: True where the row is held out for validation."""
+    mask = np.zeros(max(0, stop - start), bool)
+    if stop <= start or fraction <= 0:
+        return mask
+    for c in range(start // store.chunk_rows, (stop - 1) // store.chunk_rows + 1):
+        rows = held_out_rows(store, c, fraction, seed)
+        rows = rows[(rows >= start) & (rows < stop)]
+        mask[rows - start] = True
+    return mask
+
+
+def _select(store: Store, a: int, b: int, holdout: dict | None) -> np.ndarray | None:
+    """The rows of ``a:b`` a loader with ``holdout`` keeps (a boolean mask), or None for all."""
+    if not holdout:
+        return None
+    mask = held_out_mask(store, a, b, holdout["fraction"], holdout["seed"])
+    return mask if holdout.get("keep") == "validation" else ~mask
+
+
 def _reader(
     store: Store,
     units: list[tuple[int, int]],
     q: queue.Queue,
     stop: threading.Event,
+    holdout: dict | None = None,
     labels: bool = True,
 ) -> None:
     """Read ``units`` in order into ``q``; stops when ``stop`` is set. Runs in its own thread."""
@@ -60,7 +106,13 @@ def _reader(
         for a, b in units:
             if stop.is_set():
                 return
-            if not put(store.read_rows(a, b, labels)):
+            X, y = store.read_rows(a, b, labels)
+            keep = _select(store, a, b, holdout)
+            if keep is not None:
+                if not keep.any():
+                    continue
+                X, y = X[keep], y[keep]
+            if not put((X, y)):
                 return
         put(_END)
     except BaseException as exc:  # propagated to the consumer
@@ -85,6 +137,7 @@ class ChunkLoader:
         drop_last: bool = False,
         mean: Any = None,
         std: Any = None,
+        holdout: dict | None = None,
         labels: bool = True,
     ) -> None:
         self.store = store if isinstance(store, Store) else open_store(store)
@@ -112,7 +165,13 @@ class ChunkLoader:
         self.normalize = bool(normalize)
         self.drop_last = bool(drop_last)
         self.labels = bool(labels)  # False: y is never read (prediction); zeros stand in for it
-        self.n_rows = sum(b - a for a, b in self.units)
+        # ``holdout`` ({"fraction", "seed", "keep": "train" | "validation"}): of each unit, only
+        # the rows held out for validation (see held_out_rows), or only the others
+        self.holdout = dict(holdout) if holdout else None
+        if self.holdout:
+            self.n_rows = sum(int(_select(self.store, a, b, self.holdout).sum()) for a, b in self.units)  # type: ignore[union-attr]
+        else:
+            self.n_rows = sum(b - a for a, b in self.units)
         self.read_seconds = 0.0
         from kernels import rows  # numba: loaded with the first loader, not with this module
 
@@ -180,7 +239,8 @@ class ChunkLoader:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         thread = threading.Thread(
-            target=_reader, args=(self.store, order, q, stop, self.labels), name="chunk-loader-prefetch", daemon=True
+            target=_reader, args=(self.store, order, q, stop, self.holdout, self.labels),
+            name="chunk-loader-prefetch", daemon=True,
         )
         entry = (thread, stop, q)
         self._threads.append(entry)

@@ -16,6 +16,8 @@ the final model to the run directory::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -60,23 +62,15 @@ def row_ranges(store: Store, max_rows: int) -> Ranges:
     return out
 
 
-def split_validation(ranges: Ranges, fraction: float, seed: int) -> tuple[Ranges, Ranges]:
-    """Hold out about ``fraction`` of the rows as whole ranges chosen by ``seed``."""
-    if fraction <= 0 or len(ranges) < 2:
-        return list(ranges), []
-    rng = np.random.default_rng([seed, 7919])
-    order = rng.permutation(len(ranges))
-    total = sum(b - a for a, b in ranges)
-    val_idx: set[int] = set()
-    held = 0
-    for i in order:
-        if held >= fraction * total or len(val_idx) == len(ranges) - 1:
-            break
-        val_idx.add(int(i))
-        held += ranges[i][1] - ranges[i][0]
-    train = [r for i, r in enumerate(ranges) if i not in val_idx]
-    val = [r for i, r in enumerate(ranges) if i in val_idx]
-    return train, val
+def held_out_count(store: Store, fraction: float, seed: int, ranges: Ranges | None = None) -> int:
+    """How many rows of ``ranges`` (default: the whole store) are held out for validation."""
+    from pipeline.loader import held_out_mask, held_out_rows
+
+    if fraction <= 0:
+        return 0
+    if ranges is None:
+        return sum(len(held_out_rows(store, c, fraction, seed)) for c in range(store.n_chunks))
+    return sum(int(held_out_mask(store, a, b, fraction, seed).sum()) for a, b in ranges)
 
 
 def group_ranges(ranges: Ranges, rows_per_task: int) -> list[Ranges]:
@@ -181,17 +175,30 @@ def build_spec(store: Store, cfg: TrainConfig) -> tuple[dict, dict | None]:
 
 
 def task_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The part of the config that training tasks need (plain, msgpack-friendly)."""
+    """The part of the config that training tasks need (plain, msgpack-friendly).
+
+    ``holdout`` is set when validation rows are held out of the training store: training
+    tasks then skip those rows and evaluation tasks read only them (pipeline.loader)."""
     keys = (
         "optimizer lr momentum beta1 beta2 rho weight_decay batch_size local_steps overlap backend seed "
         "shuffle_chunks prefetch normalize barrier_timeout mmap_threshold_mb"
     ).split()
-    return {k: getattr(cfg, k) for k in keys}
+    out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
+    if cfg.validation > 0 and not cfg.validation_store:
+        out["holdout"] = {"fraction": cfg.validation, "seed": cfg.seed}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # Run directory
 # --------------------------------------------------------------------------------------------
+
+
+LOCK_NAME = ".lock"
+
+# Run directories this process holds, by resolved path: the open lock file and how many
+# claims are nested (the command claims before it starts a cluster, the trainer again).
+_HELD: dict[str, list] = {}
 
 
 @dataclass
@@ -214,20 +221,102 @@ class RunDir:
     def config(self) -> Path:
         return self.path / "config.toml"
 
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK_NAME
+
+    def holds_run(self) -> bool:
+        """Whether the directory holds anything but its lock file."""
+        return self.path.is_dir() and any(p.name != LOCK_NAME for p in self.path.iterdir())
+
     def check(self, resume: bool, force: bool) -> None:
         """Raise if resuming without a checkpoint, or starting over an existing run without force."""
         if resume:
             if not self.checkpoint.is_file():
+                if self.config.is_file():
+                    raise CheckpointError(
+                        f"nothing to resume: run directory {str(self.path)!r} holds the configuration of a "
+                        "run that stopped before its first checkpoint; start it again with --force"
+                    )
                 raise CheckpointError(
                     f"nothing to resume: {str(self.checkpoint)!r} does not exist; train without --resume"
                 )
         elif self.path.is_file():
             raise TrainingError(f"run directory {str(self.path)!r} is a file; choose another --out")
-        elif self.path.exists() and any(self.path.iterdir()) and not force:
+        elif self.holds_run() and not force:
+            if not self.checkpoint.is_file() and self.config.is_file():
+                raise TrainingError(
+                    f"run directory {str(self.path)!r} holds a run that stopped before its first "
+                    "checkpoint (nothing to resume); pass --force to start it again, or choose another --out"
+                )
+            if not self.checkpoint.is_file():
+                raise TrainingError(
+                    f"run directory {str(self.path)!r} is not empty and holds no run; choose another "
+                    "--out, or pass --force to write the run beside its files"
+                )
             raise TrainingError(
                 f"run directory {str(self.path)!r} already holds a run; pass --resume to continue it, "
                 "--force to overwrite it, or choose another --out"
             )
+
+    def owner(self) -> str | None:
+        """Who trains into this directory now ("pid N on HOST"), or None when nobody does.
+
+        The claim is an exclusive ``flock`` on the lock file, which the kernel drops when its
+        process ends however it ends: a lock file left by a killed run is not a claim."""
+        import fcntl
+
+        key = str(self.path.resolve())
+        if key in _HELD:
+            return f"pid {os.getpid()} on {_hostname()} (this process)"
+        try:
+            fd = os.open(self.lock, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return _read_owner(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    def missing_model(self, store: str = "STORE") -> str | None:
+        """Why a run directory without ``model.npz`` has none (training, interrupted, failed),
+        and what to do; None when it is not a run directory without a model."""
+        if not self.path.is_dir() or self.model.exists():
+            return None
+        where = repr(str(self.path))
+        owner = self.owner()
+        if owner is not None:
+            return (
+                f"run directory {where} is still training ({owner}); its model.npz is written when the "
+                "run ends: wait for it, or stop it (Ctrl-C or SIGTERM writes a checkpoint) and resume it"
+            )
+        if self.checkpoint.is_file():
+            try:
+                _, meta = load_file(self.checkpoint, "checkpoint")
+                epoch, store = int(meta["epoch"]), str(meta.get("store") or store)
+            except (CheckpointError, KeyError, TypeError, ValueError):
+                return None
+            return (
+                f"run directory {where} holds an interrupted run (checkpoint after {epoch} epoch(s), no "
+                f"model.npz); continue it with `pipeline train {store} --out {self.path} --resume`, or write "
+                f"the model of its best epoch so far with `... --resume --set epochs={max(epoch, 1)}`"
+            )
+        if self.config.is_file():
+            return (
+                f"run directory {where} holds a run that stopped before its first checkpoint (no "
+                "model.npz); train it again with --force"
+            )
+        return None
+
+    def claim(self, resume: bool, force: bool) -> _Claim:
+        """Claim the directory for one training (a context manager); raise if another process
+        trains into it, or if :meth:`check` refuses it. Nested claims in one process share it."""
+        return _Claim(self, resume, force)
 
     def prepare(self, resume: bool, force: bool) -> None:
         self.check(resume, force)
@@ -241,6 +330,90 @@ class RunDir:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(data, indent=1, default=_json_default))
         os.replace(tmp, path)
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _read_owner(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").split()
+        return f"pid {text[0]} on {text[1]}" if len(text) >= 2 else "another process"
+    except OSError:
+        return "another process"
+
+
+class _Claim:
+    """An exclusive, process-lifetime claim on a run directory (see :meth:`RunDir.claim`)."""
+
+    def __init__(self, run: RunDir, resume: bool, force: bool) -> None:
+        self.run, self.resume, self.force = run, resume, force
+        self.key = ""
+        self.created = False
+
+    def __enter__(self) -> _Claim:
+        import fcntl
+
+        run = self.run
+        run.check(self.resume, self.force)  # nothing is created for a refused directory
+        self.key = str(run.path.resolve())
+        if self.key in _HELD:
+            _HELD[self.key][1] += 1
+            return self
+        self.created = not run.path.exists()
+        if not self.resume:
+            run.path.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    # a file system without locks: train unclaimed rather than not at all
+                    logger.warning("cannot lock %s (%s): concurrent runs into it are not detected", run.lock, exc)
+                    break
+                owner = _read_owner(fd)
+                os.close(fd)
+                raise TrainingError(
+                    f"run directory {str(run.path)!r} is in use by another training ({owner}); "
+                    "wait for it to finish or choose another --out (--force does not take over a live run)"
+                ) from None
+            try:  # the file may have been removed by its previous owner between open and flock
+                same = os.fstat(fd).st_ino == os.stat(run.lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {_hostname()} {time.time():.0f}\n".encode(), 0)
+        _HELD[self.key] = [fd, 1]
+        try:
+            run.check(self.resume, self.force)  # again, now that no one else can change it
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        held = _HELD.get(self.key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[self.key]
+            with contextlib.suppress(OSError):
+                self.run.lock.unlink()
+            os.close(held[0])
+            if self.created:  # a directory made for a run that wrote nothing goes again
+                with contextlib.suppress(OSError):
+                    self.run.path.rmdir()
 
 
 def _json_default(o: Any) -> Any:
@@ -263,10 +436,28 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
     installed_by: str = ""
+    best_epoch: int = -1  # the epoch whose weights ``model`` holds (-1: none recorded)
 
     @property
     def final(self) -> dict:
+        """The last epoch's record."""
         return self.history[-1] if self.history else {}
+
+    @property
+    def best(self) -> dict:
+        """The record of the epoch the saved model comes from (the best validation epoch)."""
+        return saved_epoch({"best_epoch": self.best_epoch, "epochs": self.history})
+
+
+def saved_epoch(history: dict) -> dict:
+    """The epoch record of a run's saved model in its ``history.json`` document: the best
+    epoch (the last one when the history does not name it)."""
+    epochs = history.get("epochs") or []
+    best = history.get("best_epoch")
+    for rec in epochs:
+        if rec.get("epoch") == best:
+            return rec
+    return epochs[-1] if epochs else {}
 
 
 def _total_threads(client: Any) -> dict[str, int]:
@@ -307,6 +498,30 @@ def check_workers_can_open(client: Any, store_path: str) -> None:
         )
 
 
+def check_backend(backend: str, client: Any = None) -> None:
+    """Fail before training when the kernel ``backend`` cannot run: on this machine (no
+    ``client``: a local cluster's workers run here), or on some of ``client``'s workers."""
+    if backend != "cuda":
+        return
+
+    def _probe(name: str = backend) -> str:
+        try:
+            from kernels import get_backend
+
+            get_backend(name)
+        except Exception as exc:  # noqa: BLE001 - reported to the user below
+            return str(exc)
+        return ""
+
+    results = {"this machine": _probe()} if client is None else client.run(_probe)
+    bad = {w: msg for w, msg in results.items() if msg}
+    if bad:
+        where = "on this machine" if client is None else f"on {len(bad)} of {len(results)} workers ({', '.join(sorted(bad))})"
+        raise ConfigError(
+            f"config key 'backend' = 'cuda' cannot run {where}: {next(iter(bad.values()))}"
+        )
+
+
 class Trainer:
     """Runs one training job on a Dask cluster (see the module docstring)."""
 
@@ -337,6 +552,8 @@ class Trainer:
         self.resume = resume
         self.force = force
         self.log = log or (lambda msg: logger.info(msg))
+        self.warn = log or (lambda msg: logger.warning(msg))
+        self.train_rows = self.store.n_rows
         self.on_epoch = on_epoch
         self.spec, self.target = build_spec(self.store, cfg)
         self.val_path = cfg.validation_store or self.store_path
@@ -353,15 +570,34 @@ class Trainer:
     def plan(self, n_threads: int) -> tuple[list[Ranges], Ranges]:
         cfg = self.cfg
         rows_per_task = cfg.rows_per_task or default_rows_per_task(self.store.n_rows, n_threads, cfg)
-        ranges = row_ranges(self.store, rows_per_task)
+        train = row_ranges(self.store, rows_per_task)
+        held = 0
         if cfg.validation_store:
             vs = open_store(cfg.validation_store)
-            train, val = ranges, row_ranges(vs, 1 << 16)
+            val = row_ranges(vs, 1 << 16)
+        elif cfg.validation > 0:
+            # rows held out in every chunk (pipeline.loader.held_out_rows): the tasks read whole
+            # ranges and keep the training rows; validation reads the same chunks for the others
+            held = held_out_count(self.store, cfg.validation, cfg.seed)
+            val = row_ranges(self.store, 1 << 16) if held else []
+            if not held:
+                self.warn(
+                    f"warning: validation = {cfg.validation:g} of {self.store.n_rows:,} rows holds out no "
+                    "row; early stopping and the saved model follow the training loss (set "
+                    "validation_store, or validation = 0 to say so)"
+                )
         else:
-            train, val = split_validation(ranges, cfg.validation, cfg.seed)
-        if not train:
+            val = []
+        self.train_rows = self.store.n_rows - held
+        if not train or self.train_rows <= 0:
             raise StoreError(f"store {self.store_path!r} has no rows to train on")
         return group_ranges(train, rows_per_task), val
+
+    def _train_rows(self, ranges: Ranges) -> int:
+        """About how many training rows ``ranges`` hold (validation rows held out in every chunk
+        are skipped by the tasks, about the same share of every range)."""
+        rows = sum(b - a for a, b in ranges)
+        return round(rows * self.train_rows / self.store.n_rows) if self.store.n_rows else rows
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -369,7 +605,7 @@ class Trainer:
         # distributed.wait and friends use the *current* client: make it ours for the run
         from distributed.comm.core import CommClosedError
 
-        with self.client.as_current():
+        with self.client.as_current(), self.run.claim(self.resume, self.force):
             try:
                 return self._fit()
             except PipelineError:
@@ -393,6 +629,7 @@ class Trainer:
         self.run.prepare(self.resume, self.force)
         installed_by = ParameterServer.ensure_installed(client)
         check_workers_can_open(client, self.store_path)
+        check_backend(cfg.backend, client)
         if cfg.validation_store:
             check_workers_can_open(client, cfg.validation_store)
         threads = _total_threads(client)
@@ -419,7 +656,7 @@ class Trainer:
         tasks, val_ranges = self.plan(n_threads)
         ps = ParameterServer(self.job, client)
         rounds_per_epoch = sum(  # full batch (batch_size 0): one round per task
-            math.ceil(sum(b - a for a, b in t) / cfg.batch_size / cfg.local_steps) if cfg.batch_size else 1
+            math.ceil(self._train_rows(t) / cfg.batch_size / cfg.local_steps) if cfg.batch_size else 1
             for t in tasks
         )
         ps.create(
@@ -449,7 +686,7 @@ class Trainer:
             f"{len(val_ranges)} validation ranges, parameter server installed by {installed_by}"
         )
         if cfg.mode == "sync" and cfg.placement != "federated":
-            rows = sum(b - a for t in tasks for a, b in t)
+            rows = self.train_rows
             n = n_sync_shares(rows, self.spec, n_threads, cfg.min_share_gflop)
             if n < n_threads:
                 self.log(
@@ -548,7 +785,7 @@ class Trainer:
         from pipeline.plots import save_plots
 
         save_plots(self.run.path, history_doc)
-        return TrainResult(self.run.path, model, history, stopped_early, installed_by)
+        return TrainResult(self.run.path, model, history, stopped_early, installed_by, best[2])
 
     # -- one epoch -------------------------------------------------------------------------
 
@@ -580,7 +817,7 @@ class Trainer:
                 # equal row counts, not whole tasks: the shares meet at every sync round, so an
                 # epoch lasts as long as its largest share (tasks are whole chunks or equal
                 # parts of one: 15 chunk tasks over 2 shares would make one 14% larger)
-                n = n_sync_shares(sum(b - a for t in tasks for a, b in t), spec, len(slots), cfg.min_share_gflop)
+                n = n_sync_shares(self.train_rows, spec, len(slots), cfg.min_share_gflop)
                 shares = split_rows([r for j in order for r in tasks[j]], n)
             # Only federated shares are pinned to their worker (the data stays there). Sync shares
             # are not: a share pinned, even loosely, to a worker that has died sits in Dask's
@@ -628,7 +865,7 @@ class Trainer:
         no_workers_since: float | None = None
         bar = Progress(
             f"epoch {epoch + 1}/{cfg.epochs}",
-            total=sum(b - a for _, ranges, _ in work for a, b in ranges),
+            total=sum(self._train_rows(ranges) for _, ranges, _ in work),
             enabled=self.progress,
             unit="samples",
         )
@@ -861,6 +1098,7 @@ def train(
 ) -> TrainResult:
     """Train on ``store`` with ``cfg`` on the cluster of ``client``; write the run to ``out``."""
     if resume and cfg is None:
+        RunDir(Path(out)).check(resume, force)  # say why there is nothing to resume
         cfg = resumed_config(out)
     return Trainer(
         store,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -149,6 +150,27 @@ class _Comm:
         return self.wait(self.ps.call_soon(route, **kwargs))
 
 
+# Dask samples the stacks of running tasks into a per-worker profile, a tree up to 100 levels
+# deep (the first task here imports and compiles the kernels: stacks that deep). Every message
+# a worker sends is sized with Dask's recursive sizeof, about 8 Python frames per level of that
+# tree: under Python's default limit of 1,000 frames the profile a performance report (or the
+# dashboard's profile page) asks for could not be sized, and Dask logged a "Sizeof calculation
+# ... failed" warning. This limit sizes the deepest profile Dask records.
+_MIN_RECURSION_LIMIT = 2500
+
+
+def _allow_profile_sizing() -> None:
+    if sys.getrecursionlimit() < _MIN_RECURSION_LIMIT:
+        sys.setrecursionlimit(_MIN_RECURSION_LIMIT)
+
+
+def _holdout(cfg: dict, keep: str) -> dict | None:
+    """The loader's row selection when validation rows are held out of the training store
+    (``cfg["holdout"]``): training tasks read the other rows, evaluation reads those."""
+    held = cfg.get("holdout")
+    return {**held, "keep": keep} if held else None
+
+
 def train_task(
     job: str,
     name: str,
@@ -168,6 +190,7 @@ def train_task(
     summary (``val``, plain lists) with the version they were computed at (``val_version``)."""
     t_start = time.perf_counter()
     restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))  # see pipeline/allocator.py
+    _allow_profile_sizing()
     worker = get_worker()
     comm = _Comm(ParameterServer(job), name, cfg["barrier_timeout"])
     slot = name.split("-", 1)[-1]  # "e3-s1" -> "s1": the share, whatever the epoch
@@ -249,6 +272,7 @@ def train_task(
         buffer_chunks=cfg["shuffle_chunks"],
         prefetch=cfg["prefetch"],
         normalize=cfg["normalize"],
+        holdout=_holdout(cfg, "train"),
     )
     try:
         for i, (X, y) in enumerate(loader.epoch(epoch)):
@@ -427,6 +451,7 @@ def evaluate_task(
     ``norm`` (``{"mean": [...], "std": [...]}``): the model's feature statistics, which
     standardize the rows instead of the store's own."""
     restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
+    _allow_profile_sizing()
     if params is None:
         params = ParameterServer(str(job)).pull(model=True)[0]
     return evaluate_ranges(_store(store_path), ranges, params, job, spec, cfg, target, norm)
@@ -455,6 +480,7 @@ def evaluate_ranges(
         prefetch=cfg["prefetch"],
         mean=None if norm is None else norm["mean"],
         std=None if norm is None else norm["std"],
+        holdout=_holdout(cfg, "validation"),
     )
     parts = []
     try:

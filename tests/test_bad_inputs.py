@@ -571,6 +571,13 @@ for _id, _setting in {
     "C31": "rho=1",
     "C32": "server_beta2=1",
     "C33": "activation=heaviside",
+
+
+    "C15": "min_delta=nan",
+    "C16": "min_delta=-0.01",
+    "C17": "lr=inf",
+    "C18": "weight_decay=inf",
+    "C19": "seed=-1",
 }.items():
     case(_id)(lambda t, s=_setting: _train_set(t, "--set", s))
 
@@ -589,6 +596,24 @@ def _(t: Trial) -> Outcome:
 @case("C14")
 def _(t: Trial) -> Outcome:
     return _train_set(t, "--workers", "0")
+
+
+@case("C20")
+def _(t: Trial) -> Outcome:
+    t.write("server.toml", "lr = 0.01\n[server]\nlr = 0.5\n")
+    return _train_set(t, "--config", "server.toml")
+
+
+@case("C21")
+def _(t: Trial) -> Outcome:
+    t.write("twice.toml", "lr = 0.01\n[optimizer]\nlr = 0.5\n")
+    return _train_set(t, "--config", "twice.toml")
+
+
+@case("C22")
+def _(t: Trial) -> Outcome:
+    t.write("nested.toml", "[model]\nhidden = [8]\n[model.deep]\nwidth = 3\n")
+    return _train_set(t, "--config", "nested.toml")
 
 
 # -- runs and model files --------------------------------------------------------------------
@@ -767,6 +792,84 @@ def _(t: Trial) -> Outcome:
     t.copy(t.shared.store4, "s.zarr")
     t.write("model.txt", "hidden = [64]\nlr = 0.01\n")
     return t.cli("evaluate", "model.txt", "s.zarr")
+
+
+_HOLD_RUN = """
+import sys, time
+from pathlib import Path
+from pipeline.train import RunDir
+RunDir(Path(sys.argv[1])).claim(False, True).__enter__()
+print("claimed", flush=True)
+time.sleep(600)
+"""
+
+
+@case("M19")
+def _(t: Trial) -> Outcome:
+    import subprocess
+    import sys
+
+    t.copy(t.shared.store4, "s.zarr")
+    t.copy(t.shared.run, "run")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_RUN, str(t.path / "run")], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "claimed"
+        return t.cli("train", "s.zarr", "--out", "run", "--force", "--scheduler", t.shared.unreachable)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()  # type: ignore[union-attr]
+
+
+def _failed_run(t: Trial) -> None:
+    t.copy(t.shared.store4, "s.zarr")
+    (t.path / "failed").mkdir()
+    shutil.copy2(t.shared.run / "config.toml", t.path / "failed" / "config.toml")
+
+
+@case("M20")
+def _(t: Trial) -> Outcome:
+    _failed_run(t)
+    return t.cli("train", "s.zarr", "--out", "failed")
+
+
+@case("M21")
+def _(t: Trial) -> Outcome:
+    _failed_run(t)
+    return t.cli("train", "s.zarr", "--out", "failed", "--resume")
+
+
+@case("M22")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    (t.copy(t.shared.run, "cut") / "model.npz").unlink()
+    return t.cli("evaluate", "cut", "s.zarr", "--scheduler", t.shared.unreachable)
+
+
+@case("M23")
+def _(t: Trial) -> Outcome:
+    import subprocess
+    import sys
+
+    t.copy(t.shared.store4, "s.zarr")
+    (t.path / "live").mkdir()
+    shutil.copy2(t.shared.run / "config.toml", t.path / "live" / "config.toml")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_RUN, str(t.path / "live")], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "claimed"
+        return t.cli("evaluate", "live", "s.zarr", "--scheduler", t.shared.unreachable)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()  # type: ignore[union-attr]
+
+
+@case("M24")
+def _(t: Trial) -> Outcome:
+    _failed_run(t)
+    return t.cli("predict", "failed", "s.zarr", "out.parquet", "--scheduler", t.shared.unreachable)
 
 
 # -- clusters and the parameter server -------------------------------------------------------

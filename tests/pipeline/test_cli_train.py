@@ -203,3 +203,155 @@ def test_dask_tracebacks_are_one_line_unless_verbose(verbose):
         assert len(lines) == 2, r.stderr
         assert lines[0].endswith("distributed.client: closing (OSError: boom)"), r.stderr
         assert lines[1].endswith("asyncio: Task exception was never retrieved (RuntimeError: lost)"), r.stderr
+
+
+# -- the run directory is claimed for the life of a run -----------------------------------------
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from pipeline.train import RunDir
+claim = RunDir(Path(sys.argv[1])).claim(False, True)
+claim.__enter__()
+print("claimed", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory) -> str:
+    from pipeline.synth import synth
+
+    return synth(tmp_path_factory.mktemp("small") / "s.zarr", rows=2000, features=4, classes=3, seed=0).path
+
+
+def _popen_train(store: str, out: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", store, "--out", str(out), "--set", "epochs=2",
+         "--set", "hidden=[8]", "--workers", "1", "--dashboard-address", "none", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+def test_two_trainings_started_together_into_one_out_do_not_both_succeed(small_store, tmp_path):
+    out = tmp_path / "run"
+    procs = [_popen_train(small_store, out), _popen_train(small_store, out)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 1], results
+    loser = next(r for r in results if r[0] == 1)
+    assert "is in use by another training (pid" in loser[2] or "already holds a run" in loser[2], loser[2]
+    winner = next(r for r in results if r[0] == 0)
+    assert json.loads(winner[1].strip().splitlines()[-1])["epochs"] == 2
+    assert not (out / ".lock").exists()  # released when the run ended
+    load_model(out)
+
+
+def test_force_does_not_take_over_a_live_run_but_a_dead_one_s_lock_is_no_claim(small_store, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out), "600"], stdout=subprocess.PIPE, text=True,
+                              env=env)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        p = _popen_train(small_store, out, "--force")
+        code, _, err = p.wait(timeout=120), *p.communicate()
+        assert code == 1 and f"is in use by another training (pid {holder.pid} on " in err, err
+        assert sorted(x.name for x in out.iterdir()) == [".lock"]  # nothing written beside it
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    # the killed holder's lock file is still there, but the kernel dropped its lock
+    assert (out / ".lock").read_text().split()[0] == str(holder.pid)
+    p = _popen_train(small_store, out)
+    code, _, err = p.wait(timeout=300), *p.communicate()
+    assert code == 0, err
+    assert (out / "model.npz").is_file() and not (out / ".lock").exists()
+
+
+def test_cuda_backend_without_a_gpu_is_refused_before_the_cluster_starts(small_store, tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", NUMBA_ENABLE_CUDASIM="0")  # no simulator: the real check
+    probe = subprocess.run([sys.executable, "-c", "import kernels; print(kernels._real_gpu())"], env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    if probe.stdout.strip() == "True":
+        pytest.skip("this machine has a CUDA GPU")
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", small_store, "--out", str(tmp_path / "run"),
+         "--set", "backend=cuda", *CLUSTER],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("error: config key 'backend' = 'cuda' cannot run on this machine: CUDA backend "
+                               "unavailable"), r.stderr  # fmt: skip
+    assert "dask dashboard" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_sigterm_stops_with_a_checkpoint_and_evaluate_explains_the_interrupted_run(small_store, tmp_path):
+    out = tmp_path / "run"
+    proc = _popen_train(small_store, out, "--set", "epochs=500", "--set", "patience=0")
+    try:
+        deadline = time.time() + 120
+        lines = []
+        while time.time() < deadline:
+            lines.append(proc.stderr.readline())
+            if lines[-1].startswith("epoch   2"):
+                break
+        assert lines[-1].startswith("epoch   2"), "".join(lines)
+        # while it trains, evaluate says so instead of "model.npz not found"
+        r = run("evaluate", str(out), small_store, "--scheduler", "tcp://127.0.0.1:1")
+        assert r.returncode == 1 and f"is still training (pid {proc.pid} on " in r.stderr, r.stderr
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, rest[1]
+    assert "interrupted (SIGTERM)" in rest[1]
+    _, meta = load_file(out / "checkpoint.npz", "checkpoint")
+    assert meta["epoch"] >= 2 and not (out / "model.npz").exists()
+    r = run("evaluate", str(out), small_store, "--scheduler", "tcp://127.0.0.1:1")
+    assert r.returncode == 1, r.stderr
+    line = r.stderr.strip()
+    assert line.startswith(f"error: run directory {str(out)!r} holds an interrupted run (checkpoint after "
+                           f"{meta['epoch']} epoch(s), no model.npz); continue it with `pipeline train "
+                           f"{small_store} --out {out} --resume`"), line  # fmt: skip
+    # the command it suggests writes the model of the best epoch so far
+    suggested = line.split("`... ")[1].rstrip("`").split()
+    r = run("train", small_store, "--out", str(out), *suggested, "--workers", "1", "--dashboard-address", "none")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["epochs"] == meta["epoch"]
+    assert run("evaluate", str(out), small_store, "--workers", "1", "--dashboard-address", "none").returncode == 0
+
+
+def test_report_is_written_without_dask_size_warnings(small_store, tmp_path):
+    """A worker's profile is a tree as deep as the stacks it sampled (up to 100 levels: the first
+    task imports the compiled kernels); Dask sized it for the report with a recursion deeper
+    than Python's default limit and printed a 'Sizeof calculation ... failed' warning."""
+    report = tmp_path / "report.html"
+    p = _popen_train(small_store, tmp_path / "run", "--report", str(report))
+    code, _, err = p.wait(timeout=300), *p.communicate()
+    assert code == 0, err
+    assert report.stat().st_size > 10_000
+    assert "Sizeof calculation" not in err and "WARNING" not in err, err
+
+
+def test_final_line_and_runs_show_the_saved_model_s_epoch(small_store, tmp_path):
+    # min_delta larger than any decrease: no epoch improves on the first, which is the one saved
+    out = tmp_path / "runs" / "a"
+    p = _popen_train(small_store, out, "--set", "epochs=3", "--set", "patience=0", "--set", "min_delta=1e9")
+    code, stdout, err = p.wait(timeout=300), *p.communicate()
+    assert code == 0, err
+    final = json.loads(stdout.strip().splitlines()[-1])
+    epochs = json.loads((out / "history.json").read_text())["epochs"]
+    assert len(epochs) == 3 and epochs[0]["val_loss"] != epochs[-1]["val_loss"]
+    assert final["best_epoch"] == 0 and final["epochs"] == 3
+    assert final["val_loss"] == epochs[0]["val_loss"] and final["val_accuracy"] == epochs[0]["val_accuracy"]
+    r = run("runs", str(out.parent), "--json")
+    (row,) = json.loads(r.stdout)
+    assert row["best_epoch"] == 0 and row["val_loss"] == epochs[0]["val_loss"]
+    assert row["samples_per_s"] == epochs[-1]["samples_per_s"]
+    table = run("runs", str(out.parent)).stdout.splitlines()
+    assert table[0].split() == ["run", "epochs", "best", "val_loss", "val_metric", "samples/s"]
+    assert table[1].split()[1:4] == ["3", "1", f"{epochs[0]['val_loss']:.4f}"]

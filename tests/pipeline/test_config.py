@@ -77,3 +77,48 @@ def test_learner_keys_default_and_override():
                               "server_momentum=0.7", "server_beta1=0.8", "server_beta2=0.95"])  # fmt: skip
     assert cfg.activation == "step" and cfg.batch_size == 0 and cfg.rho == 0.9
     assert (cfg.momentum, cfg.server_momentum, cfg.server_beta1, cfg.server_beta2) == (0.5, 0.7, 0.8, 0.95)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("min_delta=nan", "'min_delta' = nan is invalid: must be a finite number"),
+        ("min_delta=-0.01", "'min_delta' = -0.01 is invalid: must be >= 0"),
+        ("min_delta=inf", "'min_delta' = inf is invalid: must be a finite number"),
+        ("lr=inf", "'lr' = inf is invalid: must be a finite number"),
+        ("lr=nan", "'lr' = nan is invalid"),
+        ("weight_decay=inf", "'weight_decay' = inf is invalid: must be a finite number"),
+        ("server_lr=inf", "'server_lr' = inf is invalid"),
+        ("momentum=nan", "'momentum' = nan is invalid"),
+        ("barrier_timeout=inf", "'barrier_timeout' = inf is invalid"),
+        ("seed=-1", "'seed' = -1 is invalid: must be between 0 and 4294967295"),
+        ("seed=4294967296", "'seed' = 4294967296 is invalid"),
+    ],
+)
+def test_non_finite_and_out_of_range_values_are_refused(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")) as info:
+        TrainConfig().with_overrides([override])
+    assert "\n" not in str(info.value)
+    assert TrainConfig().with_overrides(["seed=4294967295", "min_delta=0"]).seed == 4294967295
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        # a table name does not prefix its keys: [server] lr would be the local lr
+        ('lr = 0.01\n[server]\nlr = 0.5\n', "'lr' in table [server] would set the local 'lr' (table names only "
+                                            "group keys); write server_lr = 0.5"),
+        ('[server]\noptimizer = "adam"\n', 'write server_optimizer = "adam"'),
+        ('lr = 0.01\n[optimizer]\nlr = 0.5\n', "sets 'lr' twice (top level and [optimizer]); keep one"),
+        ('[model]\nepochs = 3\n[data]\nepochs = 4\n', "sets 'epochs' twice ([model] and [data])"),
+        ('[model]\nhidden = [8]\n[model.deep]\nx = 1\n', "table [model.deep] is nested; tables only group keys, "
+                                                         "one level deep"),
+    ],
+)
+def test_misleading_toml_tables_are_refused(tmp_path, text, fragment):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+                       .replace(")", r"\)")) as info:  # fmt: skip
+        TrainConfig.from_toml(path)
+    assert "\n" not in str(info.value)

@@ -382,3 +382,83 @@ def test_server_adam_betas_are_used_and_survive_a_resume(small_regression, clien
     assert (resumed.server_beta1, resumed.server_beta2) == (0.5, 0.9)
     train(small_regression, resumed, out, client=client, resume=True)
     np.testing.assert_array_equal(_final_params(out), _final_params(tmp_path / "straight"))
+
+
+# -- validation rows held out of the training store ----------------------------------------------
+
+
+def _sorted_store(path, n, chunk_rows=1024, classes=3):
+    """``n`` rows sorted by class (``classes`` equal blocks); X[:, 0] is the row's index."""
+    import zarr
+
+    from tests.pipeline.test_loader import make_store
+
+    make_store(path, n=n, f=2, chunk_rows=chunk_rows)
+    g = zarr.open_group(str(path), mode="r+")
+    g["y"][:] = (np.arange(n) * classes // n).astype(np.int32)
+    return open_store(path)
+
+
+@pytest.mark.parametrize("n, chunk_rows", [(1500, 1024), (3000, 1024), (1024, 1024), (395_000, 73_728)])
+def test_the_validation_fraction_is_held_out_from_every_chunk(n, chunk_rows, tmp_path):
+    """Whole chunks of at least 1,024 rows held out 68% of 1,500 rows, 34% of 3,000, none of
+    1,024 and 18.7% of a 395k-row store for validation = 0.1."""
+    from pipeline.loader import held_out_rows
+    from pipeline.train import held_out_count, row_ranges
+
+    st = _sorted_store(tmp_path / "s.zarr", n, chunk_rows)
+    for fraction in (0.1, 0.25):
+        held = held_out_count(st, fraction, seed=0)
+        assert abs(held - fraction * n) <= 1, (n, fraction, held)
+        # the same count, range by range, however the store is cut into tasks
+        assert held_out_count(st, fraction, 0, row_ranges(st, 700)) == held
+        per_chunk = [len(held_out_rows(st, c, fraction, 0)) for c in range(st.n_chunks)]
+        for c, k in enumerate(per_chunk):
+            sl = st.chunk_slice(c)
+            assert abs(k - fraction * (min(sl.stop, n) - sl.start)) <= 1
+    rows = np.concatenate([held_out_rows(st, c, 0.1, 0) for c in range(st.n_chunks)])
+    assert len(np.unique(rows)) == len(rows) and rows.min() >= 0 and rows.max() < n
+    other = np.concatenate([held_out_rows(st, c, 0.1, 1) for c in range(st.n_chunks)])
+    assert not np.array_equal(rows, other)  # the seed chooses them
+
+
+def test_class_sorted_rows_give_a_validation_of_every_class_without_overlap(tmp_path):
+    from pipeline.loader import ChunkLoader
+    from pipeline.train import row_ranges
+
+    st = _sorted_store(tmp_path / "s.zarr", 1500)
+    ranges = row_ranges(st, 400)
+    hold = {"fraction": 0.1, "seed": 0}
+    seen = {}
+    for keep in ("train", "validation"):
+        with ChunkLoader(st, ranges=ranges, batch_size=64, normalize=False, holdout={**hold, "keep": keep}) as L:
+            batches = list(L.epoch(0))
+            assert L.n_rows == sum(len(X) for X, _ in batches)
+        seen[keep] = (np.concatenate([X[:, 0] for X, _ in batches]).astype(int),
+                      np.concatenate([y for _, y in batches]))  # fmt: skip
+    train_ids, val_ids = seen["train"][0], seen["validation"][0]
+    assert len(val_ids) == 150 and len(train_ids) == 1350
+    assert not set(train_ids) & set(val_ids)
+    assert sorted([*train_ids, *val_ids]) == list(range(1500))  # every row once, in one part
+    counts = np.bincount(seen["validation"][1], minlength=3)
+    assert counts.min() >= 45, counts  # each class about a third of the validation rows
+
+
+def test_a_store_too_small_to_hold_out_a_row_warns(tmp_path):
+    from pipeline.train import Trainer
+
+    st = _sorted_store(tmp_path / "s.zarr", 4, classes=2)
+    said: list[str] = []
+    trainer = Trainer(st.path, TrainConfig(validation=0.1), tmp_path / "run", client=None, log=said.append)
+    tasks, val = trainer.plan(2)
+    assert val == [] and sum(b - a for t in tasks for a, b in t) == 4
+    assert any("holds out no row" in m for m in said), said
+
+
+def test_training_on_class_sorted_rows_validates_on_every_class(client, tmp_path):
+    st = _sorted_store(tmp_path / "s.zarr", 1500)
+    res = train(st.path, TrainConfig(epochs=2, patience=0, hidden=[8], validation=0.1), tmp_path / "run",
+                client=client)  # fmt: skip
+    for rec in res.history:
+        assert rec["val_n"] == 150
+        assert sum(t["samples"] for t in rec["tasks"]) == 1350
