@@ -139,7 +139,7 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint(letter_stores, tmp_path):
     "args, fragment",
     [
         (("--set", "epoch=3"), "unknown config key 'epoch'"),
-        (("--set", "batch_size=0"), "'batch_size' = 0 is invalid"),
+        (("--set", "batch_size=-3"), "'batch_size' = -3 is invalid"),
         (("--set", "lr=fast"), "'lr' must be float"),
         (("--config", "missing.toml"), "not found"),
     ],
