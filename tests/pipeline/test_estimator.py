@@ -405,14 +405,14 @@ def test_full_batch_rmsprop_with_its_own_rho_in_process():
     y = X @ [0.5, -1.0, 2.0] + 0.1 * rng.standard_normal(5000)
     est = MLPRegressor(hidden_layer_sizes=(), batch_size=0, optimizer="rmsprop", learning_rate_init=0.05,
                        max_iter=4, n_iter_no_change=0, validation_fraction=0.0, client="local",
-                       random_state=0, options={"rho": 0.5})  # fmt: skip
+                       random_state=0, options={"rho": 0.5}, solver="minibatch")  # fmt: skip
     est.fit(X, y)
     assert est.n_iter_ == 4
     from kernels.mlp import MLPSpec, init_params
 
     Xn = (X - X.mean(axis=0)) / X.std(axis=0)
     t = ((y - y.mean()) / y.std()).reshape(-1, 1)
-    p = init_params(MLPSpec(3, (), 1, loss="mse"), seed=0).astype(np.float64)
+    p = init_params(MLPSpec(3, (), 1, loss="mse"), seed=0, scheme="glorot").astype(np.float64)
     s = np.zeros_like(p)
     for _ in range(4):
         r = Xn @ p[:3].reshape(3, 1) + p[3] - t
