@@ -84,6 +84,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A headless Chromium driven by Selenium, logging the page's console; skipped without one."""
     try:
         from selenium import webdriver
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.chrome.service import Service
     except ImportError:
         pytest.skip("Selenium is not installed; pip install -e '.[test]' installs it")
@@ -96,7 +97,11 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     for flag in (*FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=opts, service=Service(driver_path))
+    try:
+        driver = webdriver.Chrome(options=opts, service=Service(driver_path))
+    except WebDriverException as exc:  # e.g. a snap wrapper in place of the browser
+        first = (exc.msg or str(exc)).strip().splitlines()[0].split(";")[0]
+        pytest.skip(f"{chromium} with {driver_path} does not start ({first}); to run the browser test: {APT}")
     try:
         driver.set_page_load_timeout(60)
         driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": CATCH_ERRORS})
