@@ -1,6 +1,8 @@
 # The two commands of the quick start:
 #   make run    set up (virtual environment + install) and run the main job on the bundled letter data
-#   make test   set up and run the whole test suite
+#   make test   set up and run the whole test suite; the test of the dashboard's training page
+#               runs in a headless Chromium and is skipped without one (Debian/Ubuntu:
+#               apt-get install chromium chromium-driver)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
