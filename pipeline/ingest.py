@@ -10,6 +10,12 @@ Two streaming passes:
 * pass 2 encodes and writes row chunks, computing the per-feature mean/std (float64, merged batch
   by batch) of exactly what was written.
 
+Between the passes, :mod:`pipeline.ingest_plan` turns the profile (and the ``like=`` store) into
+an :class:`~pipeline.ingest_plan.IngestPlan`: features and encodings, task, classes, dtypes, chunk
+size and where the statistics come from, decided without reading or writing a file. Each source
+then encodes its batches (tables: Arrow record batches; arrays: row blocks) and one writer,
+``_write``, streams them into the store as the plan says.
+
 Policies (recorded in the store's ``encodings`` attribute so prediction applies the same ones):
 
 * **Columns**: the target is a name or 0-based index (negative allowed), default the last column
