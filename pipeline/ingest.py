@@ -982,6 +982,77 @@ def _npz_sources(path: Path) -> tuple[_ArraySource, _ArraySource]:
     return _npy_source(member(xk), f"{path}[{xk}]"), _npy_source(member(yk), f"{path}[{yk}]")
 
 
+def _profile_arrays(
+    pairs: Iterator[tuple[int, np.ndarray, np.ndarray]], xs: _ArraySource, ys: _ArraySource | None, tcol: int | None,
+    *, n_features: int, rows: int, missing: str, label: str, progress: bool,
+) -> ArrayProfile:
+    """Pass 1 over arrays: sums of the finite features (for imputation), rows with a missing or
+    infinite feature, and the labels (strings, or numbers and whether they are integers);
+    refuses missing features under ``reject`` and missing targets unless ``drop``."""
+    floaty = xs.dtype.kind == "f"
+    y_float = (ys.dtype if ys is not None else xs.dtype).kind == "f"
+    y_str = ys is not None and ys.dtype.kind in "US"
+    str_counts: dict[str, int] = {}
+    total = np.zeros(n_features)
+    count = np.zeros(n_features)
+    n_bad_rows = 0
+    label_counts: dict[float, int] | None = {}
+    y_integral = True
+    prog = Progress(label, total=rows, enabled=progress)
+    for pos, X, y in pairs:
+        if floaty:
+            bad = ~np.isfinite(X)
+            if bad.any():
+                if missing == "reject":
+                    r, c = np.argwhere(bad)[0]
+                    raise IngestError(
+                        f"column {int(c)} has a missing or infinite value ({X[r, c]}) at row {pos + int(r)} "
+                        "(0-based) and --missing reject was given; fix the data or use --missing impute/drop"
+                    )
+                n_bad_rows += int(bad.any(axis=1).sum())
+            Xf = np.where(bad, 0.0, X.astype(np.float64))
+            total += Xf.sum(axis=0)
+            count += (~bad).sum(axis=0)
+        if y_str:
+            u, c = np.unique(np.char.strip(y.astype(str)), return_counts=True)
+            for a, b in zip(u.tolist(), c.tolist(), strict=True):
+                str_counts[a] = str_counts.get(a, 0) + b
+            if len(str_counts) > MAX_CATEGORIES:
+                raise IngestError(f"labels {ys.name} have more than {MAX_CATEGORIES:,} distinct strings; they are not classes")  # type: ignore[union-attr]
+            prog.update(len(X))
+            continue
+        yv = np.asarray(y, np.float64)
+        if y_float and not np.all(np.isfinite(yv)):
+            r = int(np.argmax(~np.isfinite(yv.reshape(len(yv), -1)).any(axis=1)))
+            if missing != "drop":
+                raise IngestError(f"target is missing or infinite at row {pos + r} (0-based); fix it or pass --missing drop")
+        if label_counts is not None and yv.ndim == 1:
+            fin = yv[np.isfinite(yv)]
+            y_integral = y_integral and bool(np.all(fin == np.round(fin)))
+            u, c = np.unique(fin, return_counts=True)
+            for a, b in zip(u.tolist(), c.tolist(), strict=True):
+                label_counts[a] = label_counts.get(a, 0) + b
+            if len(label_counts) > _MAX_COUNTED:
+                label_counts = None
+        prog.update(len(X))
+    prog.done()
+    y_tail = tuple(ys.shape[1:]) if ys is not None else ()
+    labels = LabelProfile(
+        kind="string" if y_str else "numeric",
+        strings=str_counts,
+        values=label_counts,
+        integral=y_integral,
+        scalar=not y_tail,
+        kind_from_dtype=True,
+        subject=f"the labels {ys.name!r}" if ys is not None else f"target column {tcol}",
+        hint="pass --task regression if this is a target value",
+    )
+    return ArrayProfile(
+        xs.dtype, total, count, n_bad_rows, rows, labels, y_tail,
+        "labels" if ys is not None else f"x{tcol}",
+    )
+
+
 def _ingest_arrays(
     src: Path, dest: str, xs: _ArraySource, ys: _ArraySource | None, source_attrs: dict[str, Any], opts: _Options,
     *, target: Any, task: str | None,
@@ -1040,65 +1111,10 @@ def _ingest_arrays(
 
     floaty = xs.dtype.kind == "f"
     y_float = (ys.dtype if ys is not None else xs.dtype).kind == "f"
-    str_counts: dict[str, int] = {}
     # ---- pass 1 ---------------------------------------------------------------------------------
-    total = np.zeros(n_features)
-    count = np.zeros(n_features)
-    n_bad_rows = 0
-    label_counts: dict[float, int] | None = {}
-    y_integral = True
-    prog = Progress(f"ingest {src.name}: pass 1/2", total=stop - start, enabled=opts.progress)
-    for pos, X, y in pairs():
-        if floaty:
-            bad = ~np.isfinite(X)
-            if bad.any():
-                if missing == "reject":
-                    r, c = np.argwhere(bad)[0]
-                    raise IngestError(
-                        f"column {int(c)} has a missing or infinite value ({X[r, c]}) at row {pos + int(r)} "
-                        "(0-based) and --missing reject was given; fix the data or use --missing impute/drop"
-                    )
-                n_bad_rows += int(bad.any(axis=1).sum())
-            Xf = np.where(bad, 0.0, X.astype(np.float64))
-            total += Xf.sum(axis=0)
-            count += (~bad).sum(axis=0)
-        if y_str:
-            u, c = np.unique(np.char.strip(y.astype(str)), return_counts=True)
-            for a, b in zip(u.tolist(), c.tolist(), strict=True):
-                str_counts[a] = str_counts.get(a, 0) + b
-            if len(str_counts) > MAX_CATEGORIES:
-                raise IngestError(f"labels {ys.name} have more than {MAX_CATEGORIES:,} distinct strings; they are not classes")  # type: ignore[union-attr]
-            prog.update(len(X))
-            continue
-        yv = np.asarray(y, np.float64)
-        if y_float and not np.all(np.isfinite(yv)):
-            r = int(np.argmax(~np.isfinite(yv.reshape(len(yv), -1)).any(axis=1)))
-            if missing != "drop":
-                raise IngestError(f"target is missing or infinite at row {pos + r} (0-based); fix it or pass --missing drop")
-        if label_counts is not None and yv.ndim == 1:
-            fin = yv[np.isfinite(yv)]
-            y_integral = y_integral and bool(np.all(fin == np.round(fin)))
-            u, c = np.unique(fin, return_counts=True)
-            for a, b in zip(u.tolist(), c.tolist(), strict=True):
-                label_counts[a] = label_counts.get(a, 0) + b
-            if len(label_counts) > _MAX_COUNTED:
-                label_counts = None
-        prog.update(len(X))
-    prog.done()
-    y_tail = tuple(ys.shape[1:]) if ys is not None else ()
-    labels = LabelProfile(
-        kind="string" if y_str else "numeric",
-        strings=str_counts,
-        values=label_counts,
-        integral=y_integral,
-        scalar=not y_tail,
-        kind_from_dtype=True,
-        subject=f"the labels {ys.name!r}" if ys is not None else f"target column {tcol}",
-        hint="pass --task regression if this is a target value",
-    )
-    profile = ArrayProfile(
-        xs.dtype, total, count, n_bad_rows, stop - start, labels, y_tail,
-        "labels" if ys is not None else f"x{tcol}",
+    profile = _profile_arrays(
+        pairs(), xs, ys, tcol, n_features=n_features, rows=stop - start, missing=missing,
+        label=f"ingest {src.name}: pass 1/2", progress=opts.progress,
     )
     plan = plan_arrays(profile, task=task, missing=missing, training=like, chunk_rows=opts.chunk_rows)
 
@@ -1131,7 +1147,7 @@ def _ingest_arrays(
             yield X, yo, n
 
     def summary(n_read: int, n_written: int) -> dict[str, Any]:
-        return {"rows": [start, stop], "rows_read": stop - start, "rows_with_missing": n_bad_rows}
+        return {"rows": [start, stop], "rows_read": stop - start, "rows_with_missing": profile.rows_with_missing}
 
     return _write(dest, plan, encoded(), source_attrs, summary, opts, f"ingest {src.name}: pass 2/2", stop - start)
 
