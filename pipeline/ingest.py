@@ -661,6 +661,27 @@ class _Table:
     layout: str = ""  # the CSV delimiter, as errors show it
 
 
+def _profile_table(
+    batches: Iterator[tuple[int, pa.RecordBatch]], columns: list[str], decimal_comma: bool, prog: Progress,
+) -> tuple[dict[str, _ColumnProfile], int, int]:
+    """Pass 1 over a table: the profile of each column, the rows read and the rows with a
+    missing value (those ``--missing drop`` drops)."""
+    profiles = {c: _ColumnProfile(c) for c in columns}
+    n_seen = 0
+    n_drop = 0
+    for row0, b in batches:
+        drop_mask = np.zeros(b.num_rows, bool)
+        for c in profiles:
+            p = _parse(b.column(c), c, decimal_comma)
+            profiles[c].update(p, row0)
+            drop_mask |= p.missing
+        n_drop += int(drop_mask.sum())
+        n_seen += b.num_rows
+        prog.update(b.num_rows)
+    prog.done()
+    return profiles, n_seen, n_drop
+
+
 def _ingest_table(
     table: _Table, dest: str, opts: _Options, *, target: Any, drop: Sequence[Any], task: str | None,
     encoding: str, unlabelled: bool = False,
@@ -685,20 +706,9 @@ def _ingest_table(
                 return
 
     # ---- pass 1: profile and validate -------------------------------------------------------
-    profiles = {c: _ColumnProfile(c) for c in cols.read}
-    n_seen = 0
-    n_drop = 0
-    prog = Progress(f"ingest {src.name}: pass 1/2", enabled=opts.progress)
-    for row0, b in ranged():
-        drop_mask = np.zeros(b.num_rows, bool)
-        for c in profiles:
-            p = _parse(b.column(c), c, decimal_comma)
-            profiles[c].update(p, row0)
-            drop_mask |= p.missing
-        n_drop += int(drop_mask.sum())
-        n_seen += b.num_rows
-        prog.update(b.num_rows)
-    prog.done()
+    profiles, n_seen, n_drop = _profile_table(
+        ranged(), cols.read, decimal_comma, Progress(f"ingest {src.name}: pass 1/2", enabled=opts.progress)
+    )
     if n_seen == 0:
         if opts.rows == (0, None) and table.attrs.get("header"):
             raise IngestError(
