@@ -10,6 +10,12 @@ Two streaming passes:
 * pass 2 encodes and writes row chunks, computing the per-feature mean/std (float64, merged batch
   by batch) of exactly what was written.
 
+Between the passes, :mod:`pipeline.ingest_plan` turns the profile (and the ``like=`` store) into
+an :class:`~pipeline.ingest_plan.IngestPlan`: features and encodings, task, classes, dtypes, chunk
+size and where the statistics come from, decided without reading or writing a file. Each source
+then encodes its batches (tables: Arrow record batches; arrays: row blocks) and one writer,
+``_write``, streams them into the store as the plan says.
+
 Policies (recorded in the store's ``encodings`` attribute so prediction applies the same ones):
 
 * **Columns**: the target is a name or 0-based index (negative allowed), default the last column
@@ -70,7 +76,7 @@ import os
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +86,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import IngestError
+from pipeline.ingest_plan import (
+    ArrayProfile,
+    IngestPlan,
+    LabelProfile,
+    Training,
+    plan_arrays,
+    plan_table,
+    select_columns,
+)
 from pipeline.progress import Progress
 from pipeline.store import (
     RunningStats,
@@ -87,17 +102,14 @@ from pipeline.store import (
     check_not_inside,
     check_replaceable,
     create_store,
-    default_chunk_rows,
     open_store,
 )
 
 FORMATS = ("csv", "parquet", "npy", "npz", "idx")
 MISSING_TOKENS = ["", "?", "NA", "N/A", "NaN", "nan", "NAN", "null", "NULL", "None", "none"]
 MISSING_POLICIES = {"impute": "impute", "impute-mean": "impute", "reject": "reject", "drop": "drop", "drop-row": "drop"}
-ONEHOT_MAX = 16
 MAX_CATEGORIES = 100_000
 _MAX_COUNTED = 10_000  # distinct numbers counted per column (class labels, mixed columns)
-MAX_CLASSES_INFERRED = 50
 _NUM_RE = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|Inf|INF|infinity|Infinity)$"
 _DECIMAL_COMMA_RE = r"^([+-]?\d*),(\d+(?:[eE][+-]?\d+)?)$"  # 1,5 under a delimiter other than ","
 CSV_BLOCK = 8 * 2**20
@@ -624,120 +636,40 @@ def _clean_label(s: pa.Array) -> pa.Array:
     return pc.replace_substring_regex(s, r"\.$", "")
 
 
-def _resolve_column(spec: Any, names: list[str], what: str) -> str:
-    if spec is None:
-        return names[-1]
-    if isinstance(spec, str) and spec in names:
-        return spec
-    try:
-        idx = int(spec)
-    except (TypeError, ValueError):
-        raise IngestError(
-            f"{what} column {spec!r} not found; columns are: {', '.join(names[:30])}"
-            + (" ..." if len(names) > 30 else "")
-        ) from None
-    if not -len(names) <= idx < len(names):
-        raise IngestError(f"{what} column index {idx} out of range; the source has {len(names)} columns (0-based)")
-    return names[idx]
+@dataclass
+class _Options:
+    """How to write, shared by table and array sources."""
+
+    rows: tuple[int, int | None]
+    chunk_rows: int | None
+    codec: str | None
+    missing: str
+    training: Training | None
+    force: bool
+    progress: bool
 
 
-def _numeric_encodings(like: Store, names: list[str], src: Path) -> list[dict[str, Any]]:
-    """Encodings for a training store that has none (made by ``synth`` or from NumPy arrays):
-    its features, found by name among the source's columns, are numeric, imputed with the
-    training means."""
-    feats = like.feature_names
-    absent = [f for f in feats if f not in names]
-    if absent:
-        raise IngestError(
-            f"the training store {like.path!r} was not ingested from a table (no column encodings) and its "
-            f"features {absent[:5]} are not columns of {str(src)!r}; name the source's feature columns "
-            f"{', '.join(feats[:3])}{' ...' if len(feats) > 3 else ''}, or ingest the training data from a table too"
-        )
-    return [{"name": f, "kind": "numeric", "fill": float(m)} for f, m in zip(feats, like.mean, strict=True)]
+@dataclass
+class _Table:
+    """A CSV or Parquet source: its columns and a reader of record batches of some of them."""
+
+    path: Path
+    batches: Callable[[list[str]], Iterator[pa.RecordBatch]]
+    names: list[str]
+    attrs: dict[str, Any]  # the store's ``source`` attribute so far
+    decimal_comma: bool = False
+    layout: str = ""  # the CSV delimiter, as errors show it
 
 
-def _ingest_table(
-    src: Path,
-    dest: str,
-    batches: Callable[[list[str]], Iterator[pa.RecordBatch]],
-    names: list[str],
-    source_attrs: dict[str, Any],
-    *,
-    target: Any,
-    drop: Sequence[Any],
-    task: str | None,
-    rows: tuple[int, int | None],
-    chunk_rows: int | None,
-    codec: str | None,
-    missing: str,
-    encoding: str,
-    like: Store | None,
-    force: bool,
-    progress: bool,
-    unlabelled: bool = False,
-    decimal_comma: bool = False,
-    layout: str = "",
-) -> Store:
-    in_layout = f" with the {layout}" if layout else ""
-    tcol: str | None
-    if like is not None:
-        t_name = (like.attrs.get("target") or {}).get("name")
-        if unlabelled:
-            tcol = None
-        else:
-            try:
-                tcol = _resolve_column(target if target is not None else t_name, names, "target")
-            except IngestError as exc:
-                raise IngestError(f"{exc} (for data without targets, pass --unlabelled)") from None
-        encs = like.attrs.get("encodings") or []
-        if not encs:
-            encs = _numeric_encodings(like, names, src)
-        feats = [e["name"] for e in encs]
-        absent = [f for f in feats if f not in names]
-        if absent:
-            raise IngestError(
-                f"columns {absent[:5]} of the training store {like.path!r} are not in {str(src)!r}{in_layout}; "
-                "ingest a source with the same columns"
-            )
-        task = like.task
-    else:
-        dropped = {_resolve_column(d, names, "--drop") for d in drop}
-        if target is None:  # the last column that is not dropped
-            kept = [n for n in names if n not in dropped]
-            if not kept:
-                raise IngestError(f"--drop leaves no columns of {str(src)!r}; keep a target and a feature")
-            tcol = kept[-1]
-        else:
-            tcol = _resolve_column(target, names, "target")
-            if tcol in dropped:
-                raise IngestError(f"column {tcol!r} is both --target and --drop; pass it to one of them")
-        feats = [n for n in names if n != tcol and n not in dropped]
-        if not feats:
-            raise IngestError(
-                f"no feature columns left after --target/--drop: {str(src)!r} has {len(names)} column(s) "
-                f"({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}){in_layout}; keep at least one feature"
-                + (", or pass --delimiter" if layout else "")
-            )
-    start, stop = rows
-
-    def ranged() -> Iterator[tuple[int, pa.RecordBatch]]:
-        """Batches restricted to the requested data rows, with the index of their first row."""
-        pos = 0
-        for b in batches([*feats, *([tcol] if tcol is not None else [])]):
-            n = b.num_rows
-            lo, hi = max(start - pos, 0), n if stop is None else min(stop - pos, n)
-            if hi > lo:
-                yield pos + lo, b.slice(lo, hi - lo)
-            pos += n
-            if stop is not None and pos >= stop:
-                return
-
-    # ---- pass 1: profile and validate -------------------------------------------------------
-    profiles = {c: _ColumnProfile(c) for c in [*feats, *([tcol] if tcol is not None else [])]}
+def _profile_table(
+    batches: Iterator[tuple[int, pa.RecordBatch]], columns: list[str], decimal_comma: bool, prog: Progress,
+) -> tuple[dict[str, _ColumnProfile], int, int]:
+    """Pass 1 over a table: the profile of each column, the rows read and the rows with a
+    missing value (those ``--missing drop`` drops)."""
+    profiles = {c: _ColumnProfile(c) for c in columns}
     n_seen = 0
     n_drop = 0
-    prog = Progress(f"ingest {src.name}: pass 1/2", enabled=progress)
-    for row0, b in ranged():
+    for row0, b in batches:
         drop_mask = np.zeros(b.num_rows, bool)
         for c in profiles:
             p = _parse(b.column(c), c, decimal_comma)
@@ -747,153 +679,59 @@ def _ingest_table(
         n_seen += b.num_rows
         prog.update(b.num_rows)
     prog.done()
+    return profiles, n_seen, n_drop
+
+
+def _ingest_table(
+    table: _Table, dest: str, opts: _Options, *, target: Any, drop: Sequence[Any], task: str | None,
+    encoding: str, unlabelled: bool = False,
+) -> Store:
+    src, names, missing, decimal_comma = table.path, table.names, opts.missing, table.decimal_comma
+    cols = select_columns(
+        names, target=target, drop=drop, training=opts.training, unlabelled=unlabelled, src=str(src),
+        layout=table.layout,
+    )
+    start, stop = opts.rows
+
+    def ranged() -> Iterator[tuple[int, pa.RecordBatch]]:
+        """Batches restricted to the requested data rows, with the index of their first row."""
+        pos = 0
+        for b in table.batches(cols.read):
+            n = b.num_rows
+            lo, hi = max(start - pos, 0), n if stop is None else min(stop - pos, n)
+            if hi > lo:
+                yield pos + lo, b.slice(lo, hi - lo)
+            pos += n
+            if stop is not None and pos >= stop:
+                return
+
+    # ---- pass 1: profile and validate -------------------------------------------------------
+    profiles, n_seen, n_drop = _profile_table(
+        ranged(), cols.read, decimal_comma, Progress(f"ingest {src.name}: pass 1/2", enabled=opts.progress)
+    )
     if n_seen == 0:
-        if rows == (0, None) and source_attrs.get("header"):
+        if opts.rows == (0, None) and table.attrs.get("header"):
             raise IngestError(
                 f"source {str(src)!r} has a header line ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}) "
                 "but no data rows; check the file"
             )
-        raise IngestError(f"source {str(src)!r} has no data rows{' in --rows' if rows != (0, None) else ''}; check the file and --rows")
-    n_out = n_seen - n_drop if missing == "drop" else n_seen
-    if n_out == 0:
-        raise IngestError("every row has a missing value; use --missing impute")
-
-    # column kinds
-    encodings: list[dict[str, Any]] = []
-    if like is not None:
-        encodings = [dict(e) for e in encs]
-    for c in feats:
-        pr = profiles[c]
-        enc = next((e for e in encodings if e["name"] == c), None)
-        numeric_expected = enc["kind"] == "numeric" if enc else (pr.n_nonnum == 0 or pr.n_num > pr.n_nonnum)
-        if numeric_expected and pr.n_nonnum:
-            r, v = pr.first_nonnum  # type: ignore[misc]
-            raise IngestError(
-                f"column {c!r} is numeric but has the non-numeric value {v!r} at data row {r} (0-based); "
-                "fix the value or mark it missing (empty, ?, NA)"
-            )
-        if missing == "reject" and pr.n_missing:
-            r, v = pr.first_missing  # type: ignore[misc]
-            raise IngestError(
-                f"column {c!r} has a missing or infinite value ({v!r}) at data row {r} (0-based) and "
-                "--missing reject was given; fix the data or use --missing impute/drop"
-            )
-        if enc is not None:
-            continue
-        if numeric_expected:
-            encodings.append({"name": c, "kind": "numeric", "fill": pr.mean})
-        else:
-            counts = dict(pr.nonnum_counts)
-            if pr.n_num:
-                if pr.num_str_counts is None:
-                    raise IngestError(f"column {c!r} mixes numbers and strings with too many values; clean it up")
-                for k, v in pr.num_str_counts.items():
-                    counts[k] = counts.get(k, 0) + v
-            cats = sorted(counts)
-            kind = encoding if encoding != "auto" else ("onehot" if len(cats) <= ONEHOT_MAX else "ordinal")
-            fill = max(cats, key=lambda k: (counts[k], k))
-            encodings.append({"name": c, "kind": kind, "categories": cats, "fill": fill})
-    # feature layout
-    feature_names: list[str] = []
-    for e in encodings:
-        e["offset"] = len(feature_names)
-        if e["kind"] == "onehot":
-            feature_names += [f"{e['name']}={k}" for k in e["categories"]]
-        else:
-            feature_names.append(e["name"])
-    n_features = len(feature_names)
-
-    # target (unlabelled, like=: an empty profile, the training store's classes; y holds zeros)
-    tp = profiles[tcol] if tcol is not None else _ColumnProfile("")
-    if tp.n_missing and missing != "drop":
-        r, v = tp.first_missing  # type: ignore[misc]
         raise IngestError(
-            f"target column {tcol!r} is missing ({v!r}) at data row {r} (0-based); fix it or pass --missing drop"
+            f"source {str(src)!r} has no data rows{' in --rows' if opts.rows != (0, None) else ''}; check the file and --rows"
         )
-    target_attrs: dict[str, Any] = {"name": tcol}
-    string_labels = tp.n_nonnum > 0
-    if like is not None:
-        classes = like.classes
-        lt = like.attrs.get("target") or {}
-        string_labels = lt.get("kind") == "string"
-        class_values = lt.get("class_values")
-        if task == "classification":
-            _check_known_labels(tp, classes or [], class_values, string_labels, like.path)
-    else:
-        if task is None:
-            if string_labels:
-                task = "classification"
-            elif tp.integral and tp.num_counts is not None and len(tp.num_counts) <= MAX_CLASSES_INFERRED:
-                task = "classification"
-            else:
-                task = "regression"
-        if task == "classification":
-            if string_labels:
-                labels: dict[str, int] = {}
-                for k, v in {**tp.nonnum_counts, **(tp.num_str_counts or {})}.items():
-                    k2 = k[:-1] if k.endswith(".") else k
-                    labels[k2] = labels.get(k2, 0) + v
-                classes = sorted(labels)
-                class_values = None
-            else:
-                if tp.num_counts is None or len(tp.num_counts) > 10_000:
-                    raise IngestError(f"target column {tcol!r} has too many distinct values for classification; pass --task regression")
-                vals = sorted(tp.num_counts)
-                class_values = vals
-                classes = [str(int(v)) if float(v).is_integer() else str(v) for v in vals]
-            if len(classes) < 2:
-                raise IngestError(
-                    f"target column {tcol!r} has a single class {classes[0]!r}; a classifier needs at least 2 "
-                    "(check --target, or pass --task regression)"
-                )
-        else:
-            if string_labels:
-                r, v = tp.first_nonnum  # type: ignore[misc]
-                raise IngestError(
-                    f"target column {tcol!r} has the non-numeric value {v!r} at data row {r} (0-based) but the "
-                    "task is regression; pass --task classification or fix the value"
-                )
-            classes = None
-            class_values = None
-    target_attrs["kind"] = "string" if string_labels else "numeric"
-    if class_values is not None:
-        target_attrs["class_values"] = list(class_values)
+    plan = plan_table(
+        cols, profiles, n_out=n_seen - n_drop if missing == "drop" else n_seen, task=task, encoding=encoding,
+        missing=missing, training=opts.training, chunk_rows=opts.chunk_rows,
+    )
 
-    # dtype: uint8 if every feature is an integer in 0..255 and nothing gets a fractional fill
-    compact = True
-    for e in encodings:
-        if e["kind"] == "numeric":
-            pr = profiles[e["name"]]
-            if not (pr.integral and pr.minimum >= 0 and pr.maximum <= 255) or (pr.n_missing and missing == "impute"):
-                compact = False
-        elif e["kind"] == "ordinal" and len(e["categories"]) > 256:
-            compact = False
-    x_dtype = np.uint8 if compact else np.float32
-    y_dtype = np.int32 if task == "classification" else np.float32
-    if chunk_rows is None:
-        chunk_rows = default_chunk_rows(n_features * np.dtype(x_dtype).itemsize, n_out)
-
-    # ---- pass 2: encode and write --------------------------------------------------------------
-    xstats = RunningStats(n_features)
-    ystats = RunningStats(1)
-    n_classes = len(classes) if classes else 0
-    class_counts = np.zeros(n_classes, np.int64)
+    # ---- pass 2: encode (the writer writes) -------------------------------------------------------
+    tcol, target_plan, encodings, n_features = cols.target, plan.target, plan.encodings, plan.n_features
     unknown: dict[str, int] = {}
     unknown_example: dict[str, str] = {}
     value_sets = {e["name"]: pa.array(e["categories"], pa.string()) for e in encodings if e["kind"] != "numeric"}
-    label_set = pa.array(classes, pa.string()) if classes and string_labels else None
-    attrs = {
-        "task": task,
-        "classes": classes,
-        "feature_names": feature_names,
-        "encodings": encodings,
-        "missing": missing,
-        "source": source_attrs,
-    }
-    prog = Progress(f"ingest {src.name}: pass 2/2", total=n_seen, enabled=progress)
-    with create_store(
-        dest, n_features, x_dtype=x_dtype, y_dtype=y_dtype, chunk_rows=chunk_rows, codec=codec, force=force, attrs=attrs
-    ) as w:
+    classes = target_plan.classes
+    label_set = pa.array(classes, pa.string()) if classes and target_plan.string_labels else None
+
+    def encoded() -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         for _row0, b in ranged():
             n = b.num_rows
             keep = np.ones(n, bool)
@@ -923,14 +761,14 @@ def _ingest_table(
             if tpar is not None and missing == "drop":
                 keep &= ~tpar.missing
             if tpar is None:
-                y = np.zeros(n, np.int32 if task == "classification" else np.float32)
-            elif task == "classification":
-                if string_labels:
+                y = np.zeros(n, target_plan.dtype)
+            elif target_plan.task == "classification":
+                if target_plan.string_labels:
                     lab = _clean_label(tpar.strings)  # type: ignore[arg-type]
                     y = pc.index_in(lab, value_set=label_set).to_numpy(zero_copy_only=False)
                     y = np.asarray(pd_fill(y), np.float64)
                 else:
-                    cv = np.asarray(class_values, np.float64)
+                    cv = np.asarray(target_plan.class_values, np.float64)
                     pos = np.clip(np.searchsorted(cv, tpar.values), 0, len(cv) - 1)
                     y = np.where(cv[pos] == tpar.values, pos, np.nan)
                 bad = np.isnan(y) & keep
@@ -941,40 +779,20 @@ def _ingest_table(
                 y = tpar.values.astype(np.float32)
             if not keep.all():
                 X, y = X[keep], y[keep]
-            Xc = X.astype(x_dtype, copy=False)
-            if like is None:
-                xstats.update(X)
-            if tpar is not None and task == "classification":
-                class_counts += np.bincount(y, minlength=n_classes)
-            elif tpar is not None:
-                ystats.update(y[:, None])
-            w.append(Xc, y)
-            prog.update(n)
-        prog.done()
-        if like is not None:
-            w.attrs["mean"] = like.mean.tolist()
-            w.attrs["std"] = like.std.tolist()
-        else:
-            w.attrs["mean"] = xstats.mean.tolist()
-            w.attrs["std"] = xstats.std.tolist()
-        if tcol is None:
-            w.attrs["labelled"] = False
-        if task == "classification":
-            if tcol is not None:
-                target_attrs["class_counts"] = class_counts.tolist()
-        else:
-            lt = (like.attrs.get("target") or {}) if like is not None else {}
-            target_attrs["mean"] = lt.get("mean", ystats.mean.tolist())
-            target_attrs["std"] = lt.get("std", ystats.std.tolist())
-        w.attrs["target"] = target_attrs
-        w.attrs["source"] = {
-            **source_attrs,
+            yield X, y, n
+
+    def summary(n_read: int, n_written: int) -> dict[str, Any]:
+        return {
             "rows": [start, stop],
-            "rows_read": n_seen,
-            "rows_dropped": n_seen - w.n_rows - w._pending_rows,
-            "missing_imputed": {c: profiles[c].n_missing for c in feats if profiles[c].n_missing and missing == "impute"},
+            "rows_read": n_read,
+            "rows_dropped": n_read - n_written,
+            "missing_imputed": {
+                c: profiles[c].n_missing for c in cols.features if profiles[c].n_missing and missing == "impute"
+            },
             "unknown_categories": unknown,
         }
+
+    store = _write(dest, plan, encoded(), table.attrs, summary, opts, f"ingest {src.name}: pass 2/2", n_seen)
     if unknown:
         warnings.warn(
             "categories unseen in the training store, encoded as unknown (all-zero one-hot, or the most "
@@ -984,7 +802,7 @@ def _ingest_table(
             UnseenCategoryWarning,
             stacklevel=3,
         )
-    return w.commit_result  # type: ignore[attr-defined]
+    return store
 
 
 def pd_fill(a: Any) -> np.ndarray:
@@ -992,19 +810,47 @@ def pd_fill(a: Any) -> np.ndarray:
     return np.asarray(a, dtype=np.float64) if not isinstance(a, np.ndarray) or a.dtype == object else a.astype(np.float64)
 
 
-def _check_known_labels(tp: _ColumnProfile, classes: list[str], class_values: Any, string_labels: bool, path: str) -> None:
-    if string_labels:
-        seen = {**tp.nonnum_counts, **(tp.num_str_counts or {})}
-        seen_clean = {k[:-1] if k.endswith(".") else k for k in seen}
-        unknown = sorted(seen_clean - set(classes))
-    else:
-        known = set(class_values or [])
-        unknown = sorted(str(v) for v in (tp.num_counts or {}) if v not in known)
-    if unknown:
-        raise IngestError(
-            f"labels {unknown[:5]} are not among the classes of the training store {path!r} ({classes[:10]}); "
-            "check --target or ingest the training data with every class"
-        )
+# --------------------------------------------------------------------------------------------
+# The writer, shared by tables and arrays
+# --------------------------------------------------------------------------------------------
+
+
+def _write(
+    dest: str, plan: IngestPlan, batches: Iterable[tuple[np.ndarray, np.ndarray, int]], source: dict[str, Any],
+    summary: Callable[[int, int], dict[str, Any]], opts: _Options, label: str, total: int,
+) -> Store:
+    """Write the encoded ``batches`` (features, targets, rows read) into a new store at ``dest``
+    as ``plan`` says, merging the feature statistics (unless the plan takes the training
+    store's) and the class counts or target statistics of what is written. ``summary(rows
+    read, rows written)``: what the source attribute adds once every batch is written."""
+    target = plan.target
+    xstats = RunningStats(plan.n_features)
+    ystats = RunningStats(int(np.prod(target.shape)) if target.shape else 1)
+    class_counts = np.zeros(len(target.classes) if target.classes else 0, np.int64)
+    count_classes = plan.labelled and target.task == "classification"
+    y_stats = plan.labelled and target.task != "classification"
+    n_read = n_written = 0
+    prog = Progress(label, total=total, enabled=opts.progress)
+    with create_store(
+        dest, plan.n_features, y_shape_tail=target.shape, x_dtype=plan.x_dtype, y_dtype=target.dtype,
+        chunk_rows=plan.chunk_rows, codec=opts.codec, force=opts.force, attrs=plan.store_attrs(source),
+    ) as w:
+        for X, y, n in batches:
+            Xc = np.ascontiguousarray(X.astype(plan.x_dtype, copy=False))
+            if plan.training_stats is None:
+                xstats.update(Xc)
+            if count_classes:
+                class_counts += np.bincount(y, minlength=len(class_counts))
+            elif y_stats:
+                ystats.update(y.reshape(len(y), -1))
+            w.append(Xc, y)
+            n_read += n
+            n_written += len(Xc)
+            prog.update(n)
+        prog.done()
+        w.attrs.update(plan.final_attrs(xstats, ystats, class_counts))
+        w.attrs["source"] = {**source, **summary(n_read, n_written)}
+    return w.commit_result  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1146,28 +992,87 @@ def _npz_sources(path: Path) -> tuple[_ArraySource, _ArraySource]:
     return _npy_source(member(xk), f"{path}[{xk}]"), _npy_source(member(yk), f"{path}[{yk}]")
 
 
+def _profile_arrays(
+    pairs: Iterator[tuple[int, np.ndarray, np.ndarray]], xs: _ArraySource, ys: _ArraySource | None, tcol: int | None,
+    *, n_features: int, rows: int, missing: str, label: str, progress: bool,
+) -> ArrayProfile:
+    """Pass 1 over arrays: sums of the finite features (for imputation), rows with a missing or
+    infinite feature, and the labels (strings, or numbers and whether they are integers);
+    refuses missing features under ``reject`` and missing targets unless ``drop``."""
+    floaty = xs.dtype.kind == "f"
+    y_float = (ys.dtype if ys is not None else xs.dtype).kind == "f"
+    y_str = ys is not None and ys.dtype.kind in "US"
+    str_counts: dict[str, int] = {}
+    total = np.zeros(n_features)
+    count = np.zeros(n_features)
+    n_bad_rows = 0
+    label_counts: dict[float, int] | None = {}
+    y_integral = True
+    prog = Progress(label, total=rows, enabled=progress)
+    for pos, X, y in pairs:
+        if floaty:
+            bad = ~np.isfinite(X)
+            if bad.any():
+                if missing == "reject":
+                    r, c = np.argwhere(bad)[0]
+                    raise IngestError(
+                        f"column {int(c)} has a missing or infinite value ({X[r, c]}) at row {pos + int(r)} "
+                        "(0-based) and --missing reject was given; fix the data or use --missing impute/drop"
+                    )
+                n_bad_rows += int(bad.any(axis=1).sum())
+            Xf = np.where(bad, 0.0, X.astype(np.float64))
+            total += Xf.sum(axis=0)
+            count += (~bad).sum(axis=0)
+        if y_str:
+            u, c = np.unique(np.char.strip(y.astype(str)), return_counts=True)
+            for a, b in zip(u.tolist(), c.tolist(), strict=True):
+                str_counts[a] = str_counts.get(a, 0) + b
+            if len(str_counts) > MAX_CATEGORIES:
+                raise IngestError(f"labels {ys.name} have more than {MAX_CATEGORIES:,} distinct strings; they are not classes")  # type: ignore[union-attr]
+            prog.update(len(X))
+            continue
+        yv = np.asarray(y, np.float64)
+        if y_float and not np.all(np.isfinite(yv)):
+            r = int(np.argmax(~np.isfinite(yv.reshape(len(yv), -1)).any(axis=1)))
+            if missing != "drop":
+                raise IngestError(f"target is missing or infinite at row {pos + r} (0-based); fix it or pass --missing drop")
+        if label_counts is not None and yv.ndim == 1:
+            fin = yv[np.isfinite(yv)]
+            y_integral = y_integral and bool(np.all(fin == np.round(fin)))
+            u, c = np.unique(fin, return_counts=True)
+            for a, b in zip(u.tolist(), c.tolist(), strict=True):
+                label_counts[a] = label_counts.get(a, 0) + b
+            if len(label_counts) > _MAX_COUNTED:
+                label_counts = None
+        prog.update(len(X))
+    prog.done()
+    y_tail = tuple(ys.shape[1:]) if ys is not None else ()
+    labels = LabelProfile(
+        kind="string" if y_str else "numeric",
+        strings=str_counts,
+        values=label_counts,
+        integral=y_integral,
+        scalar=not y_tail,
+        kind_from_dtype=True,
+        subject=f"the labels {ys.name!r}" if ys is not None else f"target column {tcol}",
+        hint="pass --task regression if this is a target value",
+    )
+    return ArrayProfile(
+        xs.dtype, total, count, n_bad_rows, rows, labels, y_tail,
+        "labels" if ys is not None else f"x{tcol}",
+    )
+
+
 def _ingest_arrays(
-    src: Path,
-    dest: str,
-    xs: _ArraySource,
-    ys: _ArraySource | None,
-    source_attrs: dict[str, Any],
-    *,
-    target: Any,
-    task: str | None,
-    rows: tuple[int, int | None],
-    chunk_rows: int | None,
-    codec: str | None,
-    missing: str,
-    like: Store | None,
-    force: bool,
-    progress: bool,
+    src: Path, dest: str, xs: _ArraySource, ys: _ArraySource | None, source_attrs: dict[str, Any], opts: _Options,
+    *, target: Any, task: str | None,
 ) -> Store:
+    like, missing, rows = opts.training, opts.missing, opts.rows
     n_total = xs.shape[0]
     tcol: int | None = None
     if xs.dtype.kind not in "biuf":
         raise IngestError(f"{xs.name} has dtype {xs.dtype}; features must be numbers (bool, integer or float)")
-    if ys is not None and len(ys.shape) == 2 and ys.shape[1] == 1 and (like is None or like.y.ndim == 1):
+    if ys is not None and len(ys.shape) == 2 and ys.shape[1] == 1 and (like is None or like.y_ndim == 1):
         ys = _ArraySource(ys.shape[:1], ys.dtype, ys.open, ys.name)  # (n, 1) labels are (n,) labels
     y_str = ys is not None and ys.dtype.kind in "US"
     if ys is not None and not y_str and ys.dtype.kind not in "biuf":
@@ -1216,172 +1121,45 @@ def _ingest_arrays(
 
     floaty = xs.dtype.kind == "f"
     y_float = (ys.dtype if ys is not None else xs.dtype).kind == "f"
-    str_counts: dict[str, int] = {}
     # ---- pass 1 ---------------------------------------------------------------------------------
-    total = np.zeros(n_features)
-    count = np.zeros(n_features)
-    n_bad_rows = 0
-    label_counts: dict[float, int] | None = {}
-    y_integral = True
-    prog = Progress(f"ingest {src.name}: pass 1/2", total=stop - start, enabled=progress)
-    for pos, X, y in pairs():
-        if floaty:
-            bad = ~np.isfinite(X)
-            if bad.any():
-                if missing == "reject":
-                    r, c = np.argwhere(bad)[0]
-                    raise IngestError(
-                        f"column {int(c)} has a missing or infinite value ({X[r, c]}) at row {pos + int(r)} "
-                        "(0-based) and --missing reject was given; fix the data or use --missing impute/drop"
-                    )
-                n_bad_rows += int(bad.any(axis=1).sum())
-            Xf = np.where(bad, 0.0, X.astype(np.float64))
-            total += Xf.sum(axis=0)
-            count += (~bad).sum(axis=0)
-        if y_str:
-            u, c = np.unique(np.char.strip(y.astype(str)), return_counts=True)
-            for a, b in zip(u.tolist(), c.tolist(), strict=True):
-                str_counts[a] = str_counts.get(a, 0) + b
-            if len(str_counts) > MAX_CATEGORIES:
-                raise IngestError(f"labels {ys.name} have more than {MAX_CATEGORIES:,} distinct strings; they are not classes")  # type: ignore[union-attr]
-            prog.update(len(X))
-            continue
-        yv = np.asarray(y, np.float64)
-        if y_float and not np.all(np.isfinite(yv)):
-            r = int(np.argmax(~np.isfinite(yv.reshape(len(yv), -1)).any(axis=1)))
-            if missing != "drop":
-                raise IngestError(f"target is missing or infinite at row {pos + r} (0-based); fix it or pass --missing drop")
-        if label_counts is not None and yv.ndim == 1:
-            fin = yv[np.isfinite(yv)]
-            y_integral = y_integral and bool(np.all(fin == np.round(fin)))
-            u, c = np.unique(fin, return_counts=True)
-            for a, b in zip(u.tolist(), c.tolist(), strict=True):
-                label_counts[a] = label_counts.get(a, 0) + b
-            if len(label_counts) > 10_000:
-                label_counts = None
-        prog.update(len(X))
-    prog.done()
-    y_tail = tuple(ys.shape[1:]) if ys is not None else ()
-    if y_str:
-        if like is not None:
-            if like.task != "classification":
-                raise IngestError(f"labels {ys.name} are strings but the training store {like.path!r} is a regression")  # type: ignore[union-attr]
-            classes = like.classes
-            unknown_labels = sorted(set(str_counts) - set(classes or []))
-            if unknown_labels:
-                raise IngestError(
-                    f"labels {unknown_labels[:5]} are not among the classes of the training store {like.path!r}"
-                )
-        else:
-            classes = sorted(str_counts)
-            if len(classes) < 2:
-                raise IngestError(
-                    f"the labels have a single class {classes[0] if classes else None!r}; a classifier needs at least 2"
-                )
-        task, class_values = "classification", None
-    elif like is not None:
-        task = like.task
-        classes = like.classes
-        class_values = (like.attrs.get("target") or {}).get("class_values")
-        if task == "classification":
-            known = set(class_values or [])
-            unknown = sorted(v for v in (label_counts or {}) if v not in known)
-            if unknown:
-                raise IngestError(f"labels {unknown[:5]} are not among the classes of the training store {like.path!r}")
-    else:
-        if task is None:
-            task = (
-                "classification"
-                if not y_tail and label_counts is not None and y_integral and len(label_counts) <= MAX_CLASSES_INFERRED
-                else "regression"
-            )
-        if task == "classification":
-            if y_tail or label_counts is None:
-                raise IngestError("labels are not a 1-D array of class values; pass --task regression")
-            class_values = sorted(label_counts)
-            classes = [str(int(v)) if float(v).is_integer() else str(v) for v in class_values]
-            if len(classes) < 2:
-                raise IngestError(
-                    f"the labels have a single class {classes[0] if classes else None!r}; a classifier needs at "
-                    "least 2 (pass --task regression if this is a target value)"
-                )
-        else:
-            classes = None
-            class_values = None
-    fill = np.where(count > 0, total / np.maximum(count, 1), 0.0)
-    src_dt = xs.dtype.newbyteorder("=") if xs.dtype.byteorder == ">" else xs.dtype
-    if src_dt.kind == "b":
-        x_dtype = np.dtype(np.uint8)
-    elif src_dt.kind in "ui" and src_dt.itemsize <= 2:
-        x_dtype = src_dt
-    else:
-        x_dtype = np.dtype(np.float32)
-    n_out = (stop - start) - (n_bad_rows if missing == "drop" else 0)
-    if chunk_rows is None:
-        chunk_rows = default_chunk_rows(n_features * x_dtype.itemsize, n_out)
-    y_dtype = np.int32 if task == "classification" else np.float32
+    profile = _profile_arrays(
+        pairs(), xs, ys, tcol, n_features=n_features, rows=stop - start, missing=missing,
+        label=f"ingest {src.name}: pass 1/2", progress=opts.progress,
+    )
+    plan = plan_arrays(profile, task=task, missing=missing, training=like, chunk_rows=opts.chunk_rows)
+
     # ---- pass 2 ---------------------------------------------------------------------------------
-    xstats = RunningStats(n_features)
-    ystats = RunningStats(int(np.prod(y_tail)) if y_tail else 1)
-    cv = np.asarray(class_values, np.float64) if class_values is not None else None
-    class_names = np.asarray(classes if y_str else [], dtype=str)
-    counts = np.zeros(len(classes) if classes else 0, np.int64)
-    attrs: dict[str, Any] = {
-        "task": task,
-        "classes": classes,
-        "feature_names": [f"x{i}" for i in range(n_features)],
-        "encodings": [],
-        "missing": missing,
-    }
-    prog = Progress(f"ingest {src.name}: pass 2/2", total=stop - start, enabled=progress)
-    with create_store(
-        dest, n_features, y_shape_tail=y_tail, x_dtype=x_dtype, y_dtype=y_dtype,
-        chunk_rows=chunk_rows, codec=codec, force=force, attrs=attrs,
-    ) as w:
+    target_plan, fill = plan.target, plan.fill
+    cv = np.asarray(target_plan.class_values, np.float64) if target_plan.class_values is not None else None
+    class_names = np.asarray(target_plan.classes if y_str else [], dtype=str)
+
+    def encoded() -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         for _pos, X, y in pairs():
-            keep = np.ones(len(X), bool)
+            n = len(X)
+            keep = np.ones(n, bool)
             if floaty:
                 bad = ~np.isfinite(X)
                 if bad.any():
                     if missing == "drop":
                         keep &= ~bad.any(axis=1)
                     else:
-                        X = np.where(bad, fill.astype(X.dtype), X)
+                        X = np.where(bad, fill.astype(X.dtype), X)  # type: ignore[union-attr]
             yv = np.char.strip(y.astype(str)) if y_str else np.asarray(y, np.float64)
             if y_float:
                 keep &= np.isfinite(yv.reshape(len(yv), -1)).all(axis=1)
             X, yv = X[keep], yv[keep]
-            Xc = X.astype(x_dtype, copy=False)
             if y_str:
                 yo = np.searchsorted(class_names, yv).astype(np.int32)
-                counts += np.bincount(yo, minlength=len(counts))
-            elif task == "classification":
+            elif target_plan.task == "classification":
                 yo = np.searchsorted(cv, yv).astype(np.int32)  # type: ignore[arg-type]
-                counts += np.bincount(yo, minlength=len(counts))
             else:
                 yo = yv.astype(np.float32)
-                ystats.update(yo.reshape(len(yo), -1))
-            if like is None:
-                xstats.update(Xc)
-            w.append(np.ascontiguousarray(Xc), yo)
-            prog.update(len(X))
-        prog.done()
-        ref = like if like is not None else None
-        w.attrs["mean"] = (ref.mean if ref is not None else xstats.mean).tolist()
-        w.attrs["std"] = (ref.std if ref is not None else xstats.std).tolist()
-        tattrs: dict[str, Any] = {"name": "labels" if ys is not None else f"x{tcol}", "kind": "string" if y_str else "numeric"}
-        if y_str:
-            tattrs["class_counts"] = counts.tolist()
-        elif class_values is not None:
-            tattrs["class_values"] = list(class_values)
-            tattrs["class_counts"] = counts.tolist()
-        else:
-            lt = (like.attrs.get("target") or {}) if like is not None else {}
-            tattrs["mean"] = lt.get("mean", ystats.mean.tolist())
-            tattrs["std"] = lt.get("std", ystats.std.tolist())
-        w.attrs["target"] = tattrs
-        w.attrs["source"] = {**source_attrs, "rows": [start, stop], "rows_read": stop - start, "rows_with_missing": n_bad_rows}
-    return w.commit_result  # type: ignore[attr-defined]
+            yield X, yo, n
+
+    def summary(n_read: int, n_written: int) -> dict[str, Any]:
+        return {"rows": [start, stop], "rows_read": stop - start, "rows_with_missing": profile.rows_with_missing}
+
+    return _write(dest, plan, encoded(), source_attrs, summary, opts, f"ingest {src.name}: pass 2/2", stop - start)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1467,10 +1245,12 @@ def ingest(
     if like_store is not None and task is not None and task != like_store.task:
         raise IngestError(f"--task {task} contradicts the training store's task {like_store.task}; drop --task")
     source_attrs: dict[str, Any] = {"path": str(path.resolve()), "format": fmt, "md5": _md5(path) if path.is_file() else None}
-    common = dict(rows=row_range, chunk_rows=chunk_rows, codec=codec, missing=missing, like=like_store, force=force, progress=progress)
+    opts = _Options(
+        rows=row_range, chunk_rows=chunk_rows, codec=codec, missing=missing,
+        training=Training.of(like_store) if like_store is not None else None, force=force, progress=progress,
+    )
     try:
         if fmt in ("csv", "parquet"):
-            table: dict[str, Any] = {}
             if fmt == "csv":
                 expected = [e["name"] for e in like_store.attrs.get("encodings") or []] if like_store else []
                 layout = _sniff_csv(path, delimiter, header, comment, text_encoding, expected)
@@ -1480,20 +1260,20 @@ def ingest(
                     source_attrs["decimal_comma"] = True
                 if text_encoding != "utf-8":
                     source_attrs["text_encoding"] = text_encoding
-                table.update(decimal_comma=layout.decimal_comma, layout=layout.describe())
 
                 def batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
                     return _csv_batches(path, layout, comment)
+
+                table = _Table(path, batches, names, source_attrs, layout.decimal_comma, layout.describe())
             else:
-                names = _parquet_names(path)
 
                 def batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
                     return _parquet_batches(path, columns)
 
+                table = _Table(path, batches, _parquet_names(path), source_attrs)
             store = _ingest_table(
-                path, os.fspath(dest), batches, names, source_attrs,
-                target=target, drop=drop, task=task, encoding=encoding, unlabelled=unlabelled,
-                **table, **common,  # type: ignore[arg-type]
+                table, os.fspath(dest), opts, target=target, drop=drop, task=task, encoding=encoding,
+                unlabelled=unlabelled,
             )
         else:
             if labels and not Path(labels).exists():
@@ -1513,7 +1293,7 @@ def ingest(
                 xs, ys = _idx_source(path), _idx_source(Path(labels))
             if labels:
                 source_attrs["labels"] = str(Path(labels).resolve())
-            store = _ingest_arrays(path, os.fspath(dest), xs, ys, source_attrs, target=target, task=task, **common)  # type: ignore[arg-type]
+            store = _ingest_arrays(path, os.fspath(dest), xs, ys, source_attrs, opts, target=target, task=task)
     except UnicodeDecodeError as exc:
         raise _text_error(path, exc) from None
     return store
