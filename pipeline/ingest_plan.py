@@ -220,6 +220,12 @@ def decide_target(labels: LabelProfile, task: str | None, training: Training | N
         else:
             string_labels = training.target.get("kind") == "string"
         task = "classification" if labels.kind_from_dtype and string_labels else training.task
+        if task == "regression" and labels.first_string is not None:
+            r, v = labels.first_string
+            raise IngestError(
+                f"{labels.subject} has the non-numeric value {v!r} at data row {r} (0-based) but the training "
+                f"store {training.path!r} is a regression; fix the value or leave the row out"
+            )
         class_values = None if labels.kind_from_dtype and string_labels else training.target.get("class_values")
         if task == "classification":
             check_known_labels(labels, string_labels, training)

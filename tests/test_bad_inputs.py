@@ -467,6 +467,14 @@ def _(t: Trial) -> Outcome:
     return t.cli("ingest", "good.csv", "docs", "--force")
 
 
+@case("F20")
+def _(t: Trial) -> Outcome:
+    t.write("train.csv", "a,y\n" + "".join(f"{i},{2 * i + 0.5}\n" for i in range(20)))
+    assert t.cli("ingest", "train.csv", "train.zarr").exit == "0"
+    t.write("test.csv", "a,y\n1,2.5\n2,abc\n3,6.5\n")
+    return t.cli("ingest", "test.csv", "out.zarr", "--like", "train.zarr")
+
+
 # -- stores ----------------------------------------------------------------------------------
 
 
