@@ -523,7 +523,10 @@ def inspect(store: str, as_json: bool, verify: bool) -> None:
         click.echo(f"size     {disk if disk is not None else '?':,} bytes on disk{ratio}" if disk else "size     ? (remote)")
         src = info.get("source") or {}
         click.echo(f"source   {src.get('path', src.get('format', '?'))}  rows {src.get('rows', '')}")
-        if "classes" in info:
+        if st.attrs.get("labelled") is False:
+            click.echo(f"labels   none (ingested with --unlabelled, for predict only); classes {', '.join(st.classes or [])}"
+                       if st.task == "classification" else "labels   none (ingested with --unlabelled, for predict only)")
+        elif "classes" in info:
             total = max(1, sum(info["classes"].values()))
             parts = [f"{c}: {n} ({100 * n / total:.1f}%)" for c, n in info["classes"].items()]
             click.echo(f"classes  {len(parts)}: " + ", ".join(parts[:12]) + (" ..." if len(parts) > 12 else ""))

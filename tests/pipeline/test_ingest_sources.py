@@ -325,6 +325,14 @@ def test_unlabelled_data_under_like(tmp_path):
     np.testing.assert_array_equal(st.mean, tr.mean)
     with pytest.raises(IngestError, match="--unlabelled needs --like"):
         ingest(tmp_path / "new.csv", tmp_path / "m.zarr", unlabelled=True)
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    shown = CliRunner().invoke(cli, ["inspect", str(tmp_path / "n.zarr")])
+    assert shown.exit_code == 0, shown.output
+    assert f"labels   none (ingested with --unlabelled, for predict only); classes {', '.join(tr.classes)}" in shown.output
+    assert "classes  0:" not in shown.output  # no class counts of zeros standing in for labels
 
 
 def test_unlabelled_store_predicts_like_its_labelled_twin(tmp_path):
