@@ -88,6 +88,7 @@ class ParameterServer:
     @staticmethod
     def ensure_installed(client: Any) -> str:
         """Install the extension on the client's scheduler if no preload did; return who did."""
+
         def _installed(dask_scheduler: Any) -> str | None:
             ext = dask_scheduler.extensions.get(EXTENSION_NAME)
             return None if ext is None else ext.installed_by
@@ -125,7 +126,9 @@ class ParameterServer:
         checkpointed run."""
         params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
         opt_state = encode_opt_state(optimizer_state) if optimizer_state else None
-        locals_ = {str(k): encode_opt_state(v) for k, v in local_states.items()} if local_states else None
+        locals_ = (
+            {str(k): encode_opt_state(v) for k, v in local_states.items()} if local_states else None
+        )
         client_id = getattr(self._client, "id", None)
         return self._send(
             "create",
@@ -187,7 +190,9 @@ class ParameterServer:
     def pull(self, model: bool = False) -> tuple[np.ndarray, int]:
         """The weights to train from and their version; ``model``: the weights to validate
         (the average over rounds when the server keeps one, ``ema`` > 0)."""
-        return self._send("pull", lambda r: (np.asarray(r["params"]), int(r["version"])), model=model)
+        return self._send(
+            "pull", lambda r: (np.asarray(r["params"]), int(r["version"])), model=model
+        )
 
     def leave(
         self,
@@ -219,7 +224,9 @@ class ParameterServer:
 
     def record(self, epoch: Mapping[str, Any] | None = None, checkpoint: bool = False) -> Reply:
         """Record an epoch's metrics (shown on the dashboard) or that a checkpoint was saved."""
-        return self._send("record", epoch=None if epoch is None else dict(epoch), checkpoint=checkpoint)
+        return self._send(
+            "record", epoch=None if epoch is None else dict(epoch), checkpoint=checkpoint
+        )
 
     def close(self) -> None:
         """Drop the job from the server (its metrics stay visible for a while)."""

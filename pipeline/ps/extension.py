@@ -69,13 +69,16 @@ class ParameterServerExtension(SchedulerPlugin):
     name = "pipeline-ps"
 
     def __init__(self, scheduler: Any, installed_by: str = "preload") -> None:
-        restore_mmap_threshold()  # a scheduler started with a malloc tunable set: pipeline/allocator.py
+        # a scheduler started with a malloc tunable set: see pipeline/allocator.py
+        restore_mmap_threshold()
         self.scheduler = scheduler
         self.installed_by = installed_by
         self.jobs: dict[str, Job] = {}
         self.finished: deque[dict[str, Any]] = deque(maxlen=_FINISHED_KEPT)
         self.key_to_participant: dict[str, tuple[str, str]] = {}  # task key -> (job, participant)
-        scheduler.handlers.update({route: getattr(self, method) for route, method in ROUTES.items()})
+        scheduler.handlers.update(
+            {route: getattr(self, method) for route, method in ROUTES.items()}
+        )
         scheduler.extensions[EXTENSION_NAME] = self
         scheduler.add_plugin(self, name=self.name, idempotent=True)
 
@@ -109,7 +112,12 @@ class ParameterServerExtension(SchedulerPlugin):
         return self._job(job).join(name, **kw)
 
     async def push(
-        self, job: str | None = None, name: str | None = None, version: int | None = None, delta: Any = None, **kw: Any
+        self,
+        job: str | None = None,
+        name: str | None = None,
+        version: int | None = None,
+        delta: Any = None,
+        **kw: Any,
     ) -> dict[str, Any]:
         return await self._job(job).push(name, version, delta, **kw)
 

@@ -75,7 +75,9 @@ class Job:
     grad: np.ndarray | None = None  # sync: the round's combined delta (reused every round)
     progress: dict[str, int] = field(default_factory=dict)  # participant -> batches absorbed
     summaries: dict[str, dict] = field(default_factory=dict)  # participant -> its task's result
-    local_states: dict[str, dict] = field(default_factory=dict)  # sync: slot -> local optimizer state
+    local_states: dict[str, dict] = field(
+        default_factory=dict
+    )  # sync: slot -> local optimizer state
     failed: str | None = None
     closed: bool = False
     event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -153,7 +155,9 @@ class Job:
             if mode != "sync":
                 raise PSError("local_states belong to sync jobs only")
             if not isinstance(local_states, Mapping) or len(local_states) > _MAX_SLOTS:
-                raise PSError(f"local_states: expected at most {_MAX_SLOTS} {{slot: optimizer state}}")
+                raise PSError(
+                    f"local_states: expected at most {_MAX_SLOTS} {{slot: optimizer state}}"
+                )
             locals_ = {
                 str(slot): decode_opt_state(v, n_params, f"local_state of {slot}")
                 for slot, v in local_states.items()
@@ -305,7 +309,10 @@ class Job:
     # -- requests ----------------------------------------------------------------------------
 
     def expect(
-        self, names: list[str] | None = None, keys: list[str | None] | None = None, epoch: int | None = None
+        self,
+        names: list[str] | None = None,
+        keys: list[str | None] | None = None,
+        epoch: int | None = None,
     ) -> dict[str, Any]:
         """Announce the participants of an epoch (sync mode waits for them)."""
         names = list(names or [])
@@ -390,7 +397,11 @@ class Job:
                 return self.reply(dropped=True)
             # a delta off the wire is this message's own buffer; an in-process caller's array
             # may change after the call, so that one is copied
-            self.pending[name] = (vec if isinstance(delta, Serialized) else vec.copy(), samples, loss)
+            self.pending[name] = (
+                vec if isinstance(delta, Serialized) else vec.copy(),
+                samples,
+                loss,
+            )
             self.progress[name] = self.progress.get(name, 0) + int(batches)
             self.maybe_close_round()
             ok = await self.wait(lambda: self.version > version, timeout)
@@ -408,7 +419,11 @@ class Job:
 
                 def caught_up() -> bool:
                     clocks = [q.clock for q in self.participants.values()]
-                    return not clocks or p.clock - min(clocks) <= self.staleness or name not in self.participants
+                    return (
+                        not clocks
+                        or p.clock - min(clocks) <= self.staleness
+                        or name not in self.participants
+                    )
 
                 ok = await self.wait(caught_up, timeout)
         if not ok:
@@ -418,7 +433,12 @@ class Job:
         return self.reply(staleness=staleness)
 
     def _count_push(
-        self, p: Participant, samples: int, loss: float, staleness: int, timings: Mapping[str, float] | None
+        self,
+        p: Participant,
+        samples: int,
+        loss: float,
+        staleness: int,
+        timings: Mapping[str, float] | None,
     ) -> None:
         self.pushes += 1
         self.samples += samples
@@ -442,7 +462,9 @@ class Job:
         """``name`` leaves, optionally leaving its task's summary and (sync) its share's local
         optimizer state."""
         if local_state is not None and slot is not None and self.mode == "sync":
-            self.local_states[str(slot)] = decode_opt_state(local_state, self.params.size, "local_state")
+            self.local_states[str(slot)] = decode_opt_state(
+                local_state, self.params.size, "local_state"
+            )
         if summary is not None:
             if not isinstance(summary, dict) or len(summary) > 64:
                 raise PSError("summary: expected a small dict of task statistics")
@@ -474,7 +496,10 @@ class Job:
             "version": self.version,
             "optimizer": self.optimizer.config(),
             "optimizer_state": encode_opt_state(
-                {"t": self.optimizer.t, "buffers": {k: v.copy() for k, v in self.optimizer.buffers.items()}}
+                {
+                    "t": self.optimizer.t,
+                    "buffers": {k: v.copy() for k, v in self.optimizer.buffers.items()},
+                }
             ),
             "progress": dict(self.progress),
             # sync: each share's local optimizer state as its last task left it (replaced, never
@@ -484,7 +509,9 @@ class Job:
             "metrics": self.metrics(),
         }
 
-    def record(self, epoch: Mapping[str, Any] | None = None, checkpoint: bool = False) -> dict[str, Any]:
+    def record(
+        self, epoch: Mapping[str, Any] | None = None, checkpoint: bool = False
+    ) -> dict[str, Any]:
         """The driver records an epoch's validation metrics or that it saved a checkpoint."""
         if epoch is not None:
             self.epochs.append(dict(epoch))

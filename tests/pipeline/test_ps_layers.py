@@ -31,8 +31,15 @@ def _imports(path: Path) -> set[str]:
 def _run(code: str) -> None:
     """Run ``code`` in a fresh interpreter that imports this checkout's ``pipeline``."""
     env = child_env(PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -42,7 +49,9 @@ def test_the_package_holds_the_modules_in_the_documented_order() -> None:
         ours = {m for m in _imports(PACKAGE / f"{name}.py") if m.startswith("pipeline.ps")}
         allowed = {f"pipeline.ps.{m}" for m in ORDER[:i]}
         later = {m for m in ours if not any(m == a or m.startswith(a + ".") for a in allowed)}
-        assert not later, f"pipeline/ps/{name}.py imports {sorted(later)}: only {ORDER[:i]} come before it"
+        assert not later, (
+            f"pipeline/ps/{name}.py imports {sorted(later)}: only {ORDER[:i]} come before it"
+        )
 
 
 @pytest.mark.parametrize("module", ["pipeline.ps", *(f"pipeline.ps.{m}" for m in ORDER)])
@@ -57,7 +66,7 @@ def test_the_dashboard_knows_nothing_of_the_parameter_server(module: str) -> Non
     assert not {m for m in imported if m == "pipeline.ps" or m.startswith("pipeline.ps.")}
     code = (
         f"import sys, pipeline.{module}\n"
-        "leaked = sorted(m for m in sys.modules if m == 'pipeline.ps' or m.startswith('pipeline.ps.'))\n"
+        "leaked = sorted(m for m in sys.modules if m.split('.')[:2] == ['pipeline', 'ps'])\n"
         "assert not leaked, leaked\n"
     )
     _run(code)
