@@ -70,3 +70,45 @@ def test_the_dashboard_knows_nothing_of_the_parameter_server(module: str) -> Non
         "assert not leaked, leaked\n"
     )
     _run(code)
+
+
+def test_the_collector_reads_the_snapshots_of_the_source_it_was_given() -> None:
+    """The seam the preload wires: the dashboard sees jobs only through a JobSource, held weakly."""
+    import gc
+
+    import numpy as np
+
+    from pipeline import dashboard
+    from pipeline.jobview import JobSnapshot
+    from pipeline.ps.job import Job
+
+    class Owner:  # stands for the scheduler the source belongs to
+        pass
+
+    class Source:
+        def __init__(self, job: Job) -> None:
+            self.job = job
+
+        def job_names(self) -> list[str]:
+            return [self.job.job]
+
+        def snapshot(self, job: str | None = None) -> JobSnapshot | None:
+            return self.job.view(history=True)
+
+        def running(self) -> list[JobSnapshot]:
+            return [self.job.view()]
+
+    owner = Owner()
+    source = Source(Job.create("seam-job", np.zeros(3, np.float32), 3, mode="async"))
+    source.job.version = 7
+    dashboard.watch(owner, source)
+    assert dashboard.source_of(owner) is source
+
+    def rounds() -> dict[str, float]:
+        fams = {f.name: f for f in dashboard.TrainingCollector().collect()}
+        return {s.labels["job"]: s.value for s in fams["pipeline_rounds"].samples}
+
+    assert rounds()["seam-job"] == 7
+    del source
+    gc.collect()
+    assert dashboard.source_of(owner) is None and "seam-job" not in rounds()
