@@ -8,7 +8,7 @@ the number of pushing worker processes.
 For each number of workers a LocalCluster of that many single-threaded worker processes is
 started with ``pipeline.ps`` preloaded into its scheduler; for each parameter count an
 ``async`` job (server SGD lr 1, or ``--optimizer momentum|adam``) is created and one task per worker joins it and pushes zero-compute
-deltas back to back through ``worker.scheduler.ps_push`` (``ParameterServer.call_soon``, exactly
+deltas back to back through ``worker.scheduler.ps_push`` (``ParameterServer.soon.push``, exactly
 what ``pipeline.worker.train_task`` does, after restoring glibc's mmap threshold as it does),
 each push waiting for its reply (the new weights).
 Pushes that complete inside a common measurement window of ``--seconds`` are counted.
@@ -47,7 +47,7 @@ def push_loop(job: str, name: str, n: int, start: float, seconds: float) -> dict
     restore_mmap_threshold()  # as every training task does first (pipeline/allocator.py)
     ps = ParameterServer(job)
     w = get_worker()
-    reply = ps.call_soon("join", name=name, key=w.get_current_task(), worker=w.address).result()
+    reply = ps.soon.join(name, key=w.get_current_task(), worker=w.address).result()
     version = int(reply["version"])
     delta = np.zeros(n, np.float32)
     enc = encode_vector(delta)
@@ -57,14 +57,13 @@ def push_loop(job: str, name: str, n: int, start: float, seconds: float) -> dict
     done, lat = 0, []
     while True:
         t = time.perf_counter()
-        r = ps.call_soon("push", name=name, version=version, delta=enc, samples=1, batches=1, loss=0.0,
-                         timings={}, timeout=60.0).result()  # fmt: skip
+        r = ps.soon.push(name, version, enc, samples=1, batches=1, loss=0.0, timeout=60.0).result()
         version = int(r["version"])
         if time.time() > end:
             break
         done += 1
         lat.append(time.perf_counter() - t)
-    ps.call_soon("leave", name=name).result()
+    ps.soon.leave(name).result()
     return {"pushes": done, "latency_ms": 1e3 * float(np.median(lat)) if lat else float("nan")}
 
 

@@ -3,12 +3,15 @@
 The page is a Bokeh document like Dask's own pages: loss per round, train and validation
 metrics per epoch, samples/s over time, the staleness distribution, pushes and samples per
 worker and each worker's time split into read / compute / communicate. It refreshes twice a
-second from the parameter-server extension's in-memory state, shows running jobs and the last
-finished ones, and a selector switches between jobs.
+second from read-only snapshots of the training jobs (:mod:`pipeline.jobview`), shows running
+jobs and the last finished ones, and a selector switches between jobs.
 
-:func:`register` adds the page to ``distributed.dashboard.scheduler.applications``; the
-scheduler reads that table when it starts its HTTP server, which is why the registration
-happens when :mod:`pipeline.ps` is imported as a scheduler preload.
+This module knows nothing of the parameter server: :func:`watch` hands it a scheduler's
+:class:`~pipeline.jobview.JobSource` (the parameter server's installer does, see
+:mod:`pipeline.ps.install`). :func:`register` adds the page to
+``distributed.dashboard.scheduler.applications``; the scheduler reads that table when it
+starts its HTTP server, which is why the registration happens when :mod:`pipeline.ps` is
+imported as a scheduler preload.
 """
 
 from __future__ import annotations
@@ -19,46 +22,33 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.jobview import JobSnapshot, JobSource
+
 ROUTE = "/pipeline"
 _REFRESH_MS = 500
-_extensions: weakref.WeakSet = weakref.WeakSet()
+# (scheduler, its job source), both held weakly: the dashboard never keeps a scheduler alive
+_sources: list[tuple[weakref.ref, weakref.ref]] = []
 _collector_registered = False
 
 
-def _ext(scheduler: Any) -> Any:
-    from pipeline.ps import EXTENSION_NAME
+def watch(scheduler: Any, source: JobSource) -> bool:
+    """Show ``source``'s jobs on ``scheduler``'s training page and on this process's
+    ``/metrics``; False where ``prometheus_client`` is missing (the page still works)."""
+    _sources[:] = [(s, j) for s, j in _sources if s() is not None and j() is not None and s() is not scheduler]
+    _sources.append((weakref.ref(scheduler), weakref.ref(source)))
+    return register_prometheus()
 
-    return scheduler.extensions.get(EXTENSION_NAME)
 
-
-def job_snapshot(ext: Any, job: str | None) -> dict[str, Any] | None:
-    """The metrics and round history of ``job`` (running or recently finished), or of the most
-    recent job when ``job`` is None."""
-    if ext is None:
-        return None
-    if job is None:
-        if ext.jobs:
-            job = list(ext.jobs)[-1]
-        elif ext.finished:
-            job = ext.finished[-1]["job"]
-        else:
-            return None
-    if job in ext.jobs:
-        st = ext.jobs[job]
-        snap = ext._metrics(st)
-        snap["history"] = list(st.history)
-        return snap
-    for f in reversed(ext.finished):
-        if f["job"] == job:
-            return f
+def source_of(scheduler: Any) -> JobSource | None:
+    """The job source :func:`watch` gave for ``scheduler``, if any (and still alive)."""
+    for s, j in _sources:
+        if s() is scheduler:
+            return j()
     return None
 
 
-def job_names(ext: Any) -> list[str]:
-    if ext is None:
-        return []
-    names = [f["job"] for f in ext.finished if f["job"] not in ext.jobs]
-    return names + list(ext.jobs)
+def _all_sources() -> list[JobSource]:
+    return [src for _, ref in list(_sources) if (src := ref()) is not None]
 
 
 def _rates(history: list, window: float = 5.0) -> tuple[list[float], list[float], list[float]]:
@@ -75,14 +65,30 @@ def _rates(history: list, window: float = 5.0) -> tuple[list[float], list[float]
     return xs, (samples / window).tolist(), (rounds / window).tolist()
 
 
+def _summary_html(snap: JobSnapshot) -> str:
+    """The line above the plots: the job's state and counters."""
+    elapsed = max(1e-9, (snap.last_push or time.time()) - snap.created)
+    ckpt = snap.checkpoint_time
+    state = "failed: " + snap.failed if snap.failed else ("finished" if snap.closed else "running")
+    loss = snap.loss if snap.loss is not None else float("nan")
+    return (
+        f"<b>{snap.job}</b> ({state}) &mdash; mode <b>{snap.mode}</b>, "
+        f"{snap.n_params:,} parameters, round {snap.version:,}, epoch {snap.epoch}, "
+        f"{snap.pushes:,} pushes, {snap.samples:,} samples, "
+        f"{snap.samples / elapsed:,.0f} samples/s, {snap.version / elapsed:,.1f} rounds/s, "
+        f"loss {loss:.4f}, lr {snap.lr:.3g}, participants {len(snap.participants)}, "
+        + (f"checkpoint {time.time() - ckpt:,.0f} s ago" if ckpt else "no checkpoint yet")
+    )
+
+
 def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:
     """Bokeh document of the training page (signature of Dask's dashboard applications)."""
     from bokeh.layouts import column, row
     from bokeh.models import ColumnDataSource, Div, Select
     from bokeh.plotting import figure
 
-    ext = _ext(scheduler)
-    names = job_names(ext)
+    src = source_of(scheduler)
+    names = src.job_names() if src is not None else []
     select = Select(title="Job", options=names or ["(no job yet)"], value=(names[-1] if names else "(no job yet)"))
     summary = Div(text="No training job has run on this scheduler yet.", width=900)
     src_rounds = ColumnDataSource({"round": [], "loss": []})
@@ -125,18 +131,20 @@ def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:
     )
 
     def update() -> None:
-        ext_now = _ext(scheduler)
-        names_now = job_names(ext_now)
+        src_now = source_of(scheduler)
+        if src_now is None:
+            return
+        names_now = src_now.job_names()
         if names_now and select.options != names_now:
             select.options = names_now
             if select.value not in names_now:
                 select.value = names_now[-1]
-        snap = job_snapshot(ext_now, select.value if select.value in names_now else None)
+        snap = src_now.snapshot(select.value if select.value in names_now else None)
         if snap is None:
             return
-        hist = snap.get("history") or []
+        hist = snap.history
         src_rounds.data = {"round": [h[1] for h in hist], "loss": [h[2] for h in hist]}
-        ep = snap.get("epochs") or []
+        ep = snap.epochs
         src_epochs.data = {
             "epoch": [e.get("epoch", i) for i, e in enumerate(ep)],
             "train_loss": [e.get("train_loss", np.nan) for e in ep],
@@ -145,9 +153,9 @@ def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:
         }
         t, sps, rps = _rates(hist)
         src_rate.data = {"t": t, "samples_per_s": sps, "rounds_per_s": rps}
-        stale = snap.get("staleness") or {}
+        stale = snap.staleness
         src_stale.data = {"staleness": [int(k) for k in stale], "count": [int(v) for v in stale.values()]}
-        pw = snap.get("per_worker") or {}
+        pw = snap.per_worker
         workers = sorted(pw)
         src_workers.data = {
             "worker": workers,
@@ -159,18 +167,7 @@ def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:
         }
         f_workers.x_range.factors = workers
         f_time.x_range.factors = workers
-        elapsed = max(1e-9, (snap.get("last_push") or time.time()) - snap["created"])
-        ckpt = snap.get("checkpoint_time") or 0
-        state = "failed: " + snap["failed"] if snap.get("failed") else ("finished" if snap.get("closed") else "running")
-        summary.text = (
-            f"<b>{snap['job']}</b> ({state}) &mdash; mode <b>{snap['mode']}</b>, "
-            f"{snap['n_params']:,} parameters, round {snap['version']:,}, epoch {snap.get('epoch', 0)}, "
-            f"{snap['pushes']:,} pushes, {snap['samples']:,} samples, "
-            f"{snap['samples'] / elapsed:,.0f} samples/s, {snap['version'] / elapsed:,.1f} rounds/s, "
-            f"loss {snap['loss'] if snap['loss'] is not None else float('nan'):.4f}, lr {snap['lr']:.3g}, "
-            f"participants {len(snap['participants'])}, "
-            + (f"checkpoint {time.time() - ckpt:,.0f} s ago" if ckpt else "no checkpoint yet")
-        )
+        summary.text = _summary_html(snap)
 
     update()
     doc.add_periodic_callback(update, _REFRESH_MS)
@@ -211,7 +208,7 @@ def register() -> bool:
 
 
 class TrainingCollector:
-    """Prometheus collector of every parameter-server job on this process's schedulers."""
+    """Prometheus collector of every training job of the sources :func:`watch` was given."""
 
     def collect(self) -> Any:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -231,30 +228,27 @@ class TrainingCollector:
             ),
         }
         now = time.time()
-        for ext in list(_extensions):
-            for st in list(ext.jobs.values()):
+        for src in _all_sources():
+            for st in src.running():
                 lab = [st.job]
                 fams["rounds"].add_metric(lab, st.version)
                 fams["samples"].add_metric(lab, st.samples)
                 fams["pushes"].add_metric(lab, st.pushes)
                 fams["bytes_in"].add_metric(lab, st.bytes_in)
                 fams["bytes_out"].add_metric(lab, st.bytes_out)
-                fams["loss"].add_metric(lab, st.loss_ema if st.loss_ema is not None else float("nan"))
+                fams["loss"].add_metric(lab, st.loss if st.loss is not None else float("nan"))
                 val = st.epochs[-1].get("val_loss", float("nan")) if st.epochs else float("nan")
                 fams["val"].add_metric(lab, val)
                 fams["participants"].add_metric(lab, len(st.participants))
-                n = sum(st.staleness_hist.values())
-                mean = sum(k * v for k, v in st.staleness_hist.items()) / n if n else 0.0
-                fams["staleness"].add_metric(lab, mean)
+                fams["staleness"].add_metric(lab, st.mean_staleness())
                 fams["ckpt"].add_metric(lab, now - st.checkpoint_time if st.checkpoint_time else -1.0)
         yield from fams.values()
 
 
-def register_prometheus(ext: Any) -> bool:
-    """Expose ``ext``'s jobs on ``/metrics`` (one collector per process); False without
+def register_prometheus() -> bool:
+    """Expose the watched jobs on ``/metrics`` (one collector per process); False without
     ``prometheus_client``."""
     global _collector_registered
-    _extensions.add(ext)
     if _collector_registered:
         return True
     try:

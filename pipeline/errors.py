@@ -25,3 +25,7 @@ class CheckpointError(PipelineError):
 
 class TrainingError(PipelineError):
     """Training cannot go on (divergence, no workers, parameter-server refusal)."""
+
+
+class PSError(ValueError):
+    """A request the parameter server refuses (unknown job, wrong length or dtype, ...)."""

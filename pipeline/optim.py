@@ -1,15 +1,24 @@
-"""Learning-rate schedules shared by the local (worker) and server optimizers.
+"""Learning-rate schedules shared by the local (worker) and server optimizers, and the
+server's optimizer itself.
 
 A schedule maps a step count (server rounds on the parameter server) to a multiplier of the
 base learning rate. Pure Python, no arrays: the parameter server calls it once per update.
+:class:`ServerOptimizer` is the parameter server's optimizer over the flat weight vector
+(plain NumPy in place); the parameter server (:mod:`pipeline.ps`) owns one per job.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PSError
 
 SCHEDULES = ("constant", "step", "cosine")
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
 @dataclass(frozen=True)
@@ -55,4 +64,121 @@ class Schedule:
             "gamma": self.gamma,
             "total_steps": self.total_steps,
             "min_factor": self.min_factor,
+        }
+
+
+class ServerOptimizer:
+    """The server's optimizer over the flat parameter vector; the combined delta is its gradient.
+
+    Plain NumPy in place (a few vector passes per round): cheap enough for the event loop at
+    the sizes this project trains, and free of JIT compilation inside the scheduler.
+
+    ``ema`` > 0 also keeps an exponential moving average of the weights (Polyak averaging), the
+    buffer ``average``: after update ``t`` (1-based) ``average += (1 - d) * (params - average)``
+    with ``d = min(ema, (1 + t) / (10 + t))``, so it starts as the weights themselves and its
+    horizon grows with training up to ``1 / (1 - ema)`` updates. The average is the *model*
+    (what is validated, kept as best and saved); training continues from the raw weights.
+    """
+
+    def __init__(
+        self,
+        name: str = "sgd",
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        ema: float = 0.0,
+        n: int = 0,
+    ) -> None:
+        if name not in SERVER_OPTIMIZERS:
+            raise PSError(f"unknown server optimizer {name!r}; use one of {SERVER_OPTIMIZERS}")
+        if not lr > 0:
+            raise PSError(f"server learning rate must be > 0, got {lr}")
+        if not 0 <= ema < 1:
+            raise PSError(f"ema must be in [0, 1), got {ema}")
+        for key, value in (("momentum", momentum), ("beta1", beta1), ("beta2", beta2)):
+            if not 0 <= value < 1:
+                raise PSError(f"server optimizer {key} must be in [0, 1), got {value}")
+        self.name, self.lr, self.momentum = name, float(lr), float(momentum)
+        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        self.ema = float(ema)
+        self.t = 0
+        self.buffers: dict[str, np.ndarray] = {}
+        self._work: np.ndarray | None = None
+        self._work2: np.ndarray | None = None  # adam's second work vector
+        if name == "momentum":
+            self.buffers["velocity"] = np.zeros(n, np.float32)
+        elif name == "adam":
+            self.buffers["m"] = np.zeros(n, np.float32)
+            self.buffers["v"] = np.zeros(n, np.float32)
+        if self.ema:
+            self.buffers["average"] = np.zeros(n, np.float32)  # meaningful once t >= 1
+
+    def work_vector(self, like: np.ndarray) -> np.ndarray:
+        """A work vector shaped like ``like``, kept between rounds (not state: never saved).
+        :meth:`step` overwrites it; free for the caller's use before that."""
+        if self._work is None or self._work.shape != like.shape:
+            self._work = np.empty_like(like)
+        return self._work
+
+    def step(self, params: np.ndarray, grad: np.ndarray, lr: float) -> None:
+        """Apply one update in place; ``grad`` is read only. Element-wise results equal the
+        plain expressions (``params -= lr * grad`` ...): the products go through scratch
+        vectors kept between rounds (one; two for adam) instead of fresh temporaries per round."""
+        self.t += 1
+        tmp = self.work_vector(params)
+        if self.name == "sgd":
+            np.multiply(grad, np.float32(lr), out=tmp)
+            params -= tmp
+        elif self.name == "momentum":
+            vel = self.buffers["velocity"]
+            vel *= np.float32(self.momentum)
+            vel += grad
+            np.multiply(vel, np.float32(lr), out=tmp)
+            params -= tmp
+        else:
+            # params -= lr/c1 * m / (sqrt(v / c2) + eps), operation by operation as written,
+            # through the work vector and a second one kept for adam alone
+            m, v = self.buffers["m"], self.buffers["v"]
+            m *= np.float32(self.beta1)
+            np.multiply(grad, np.float32(1 - self.beta1), out=tmp)
+            m += tmp
+            v *= np.float32(self.beta2)
+            np.square(grad, out=tmp)
+            tmp *= np.float32(1 - self.beta2)
+            v += tmp
+            c1 = 1 - self.beta1**self.t
+            c2 = 1 - self.beta2**self.t
+            if self._work2 is None or self._work2.shape != params.shape:
+                self._work2 = np.empty_like(params)
+            num = self._work2
+            np.multiply(m, np.float32(lr / c1), out=num)
+            np.divide(v, np.float32(c2), out=tmp)
+            np.sqrt(tmp, out=tmp)
+            tmp += np.float32(self.eps)
+            num /= tmp
+            params -= num
+        if self.ema:
+            avg = self.buffers["average"]
+            d = min(self.ema, (1 + self.t) / (10 + self.t))
+            np.subtract(params, avg, out=tmp)
+            if self.t > 1:
+                tmp *= np.float32(1 - d)
+            avg += tmp
+
+    def model(self, params: np.ndarray) -> np.ndarray:
+        """The weights to validate and save: the average (``ema`` > 0, after an update) or
+        ``params`` themselves. The array may change in place with the next update."""
+        return self.buffers["average"] if self.ema and self.t else params
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "eps": self.eps,
+            "ema": self.ema,
         }

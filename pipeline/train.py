@@ -857,9 +857,9 @@ class Trainer:
                 ),
             )
         if cfg.mode == "sync":
-            ps.call("expect", names=[n for n, _ in futures.values()], keys=list(futures), epoch=epoch)
+            ps.expect(names=[n for n, _ in futures.values()], keys=list(futures), epoch=epoch)
         else:
-            ps.call("expect", names=[], keys=[], epoch=epoch)
+            ps.expect(names=[], keys=[], epoch=epoch)
         pending = {f for _, f in futures.values()}
         results: list[dict] = []
         no_workers_since: float | None = None
@@ -939,7 +939,7 @@ class Trainer:
         """The summaries of finished training tasks, as their participants left them with the
         parameter server; a task whose summary is missing is asked for its result."""
         names = [futures[f.key][0] for f in finished]
-        got = ps.call("summaries", names=names)["summaries"]
+        got = ps.summaries(names)
         return [got[n] if n in got else f.result() for n, f in zip(names, finished, strict=True)]
 
     def _check_workers(self, since: float | None) -> float | None:
@@ -1013,7 +1013,7 @@ class Trainer:
             # a diverged job's weights are not a state to resume from: keep the last good one
             logger.warning("not checkpointing job %s: %s", self.job, st["failed"])
             if record is not None:
-                ps.call("record", epoch=record)
+                ps.record(epoch=record)
             return
         arrays = {"params": st["params"], "best_params": best[1]}
         for k, v in st["optimizer_state"]["buffers"].items():
@@ -1044,7 +1044,7 @@ class Trainer:
             "time": time.time(),
         }
         save_file(self.run.checkpoint, "checkpoint", arrays, json.loads(json.dumps(meta, default=_json_default)))
-        ps.call("record", checkpoint=True, epoch=record)
+        ps.record(epoch=record, checkpoint=True)
 
     def _load_checkpoint(self) -> dict[str, Any]:
         arrays, meta = load_file(self.run.checkpoint, "checkpoint")

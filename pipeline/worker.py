@@ -26,7 +26,7 @@ from distributed.metrics import context_meter
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import TrainingError
 from pipeline.loader import ChunkLoader
-from pipeline.ps import ParameterServer, encode_opt_state, encode_vector
+from pipeline.ps import ParameterServer
 from pipeline.store import open_store
 
 logger = logging.getLogger(__name__)
@@ -146,9 +146,6 @@ class _Comm:
             )
         return reply
 
-    def call(self, route: str, **kwargs: Any) -> dict:
-        return self.wait(self.ps.call_soon(route, **kwargs))
-
 
 # Dask samples the stacks of running tasks into a per-worker profile, a tree up to 100 levels
 # deep (the first task here imports and compiles the kernels: stacks that deep). Every message
@@ -194,7 +191,7 @@ def train_task(
     worker = get_worker()
     comm = _Comm(ParameterServer(job), name, cfg["barrier_timeout"])
     slot = name.split("-", 1)[-1]  # "e3-s1" -> "s1": the share, whatever the epoch
-    reply = comm.call("join", name=name, key=worker.get_current_task(), worker=worker.address, slot=slot)
+    reply = comm.wait(comm.ps.soon.join(name, key=worker.get_current_task(), worker=worker.address, slot=slot))
     trainer = cached_trainer(job, "train", spec, cfg)
     keep_state = bool(reply.get("keep_state"))
     if keep_state:
@@ -241,11 +238,10 @@ def train_task(
         now = {"read": loader.read_seconds, "compute": compute, "communicate": comm.seconds}
         timings = {k: v - reported[k] for k, v in now.items()}  # since the last push
         reported.update(now)
-        fut = comm.ps.call_soon(
-            "push",
+        fut = comm.ps.soon.push(
             name=name,
             version=version,
-            delta=encode_vector(delta),
+            delta=delta,
             samples=n_since,
             batches=b_since,
             loss=float(np.mean(loss_since)) if loss_since else 0.0,
@@ -329,14 +325,14 @@ def train_task(
     if keep_state:
         opt = trainer.optimizer.state_dict()
         buffers = {k.removeprefix("opt."): v for k, v in opt.items() if k.startswith("opt.")}
-        extra = {"slot": slot, "local_state": encode_opt_state({"t": opt["t"], "lr": opt["lr"], "buffers": buffers})}
+        extra = {"slot": slot, "local_state": {"t": opt["t"], "lr": opt["lr"], "buffers": buffers}}
     try:
-        comm.ps.call_soon("leave", name=name, summary=summary, **extra).result(timeout=30)
+        comm.ps.soon.leave(name, summary=summary, **extra).result(timeout=30)
     except Exception:  # noqa: BLE001 - the driver falls back to this task's result
         logger.debug("participant %s could not leave its summary", name, exc_info=True)
     if val and val.get("ranges"):
         try:
-            final = comm.call("epoch_end", timeout=cfg["barrier_timeout"])
+            final = comm.wait(comm.ps.soon.epoch_end(timeout=cfg["barrier_timeout"]))
             t_val = time.perf_counter()
             params = np.asarray(final["params"], dtype=np.float32)
             partial = evaluate_ranges(_store(val["path"]), val["ranges"], params, job, spec, cfg, target, val.get("norm"))
@@ -348,7 +344,7 @@ def train_task(
         context_meter.digest_metric("validate", validate, "seconds")
         summary = {**summary, "val": plain_metrics(partial), "val_version": int(final["version"]), "validate": validate}
         try:  # the same route again: only the summary changes (the participant left already)
-            comm.ps.call_soon("leave", name=name, summary=summary).result(timeout=30)
+            comm.ps.soon.leave(name, summary=summary).result(timeout=30)
         except Exception:  # noqa: BLE001 - the driver falls back to this task's result
             logger.debug("participant %s could not leave its validation", name, exc_info=True)
     return summary

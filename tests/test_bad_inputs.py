@@ -1077,7 +1077,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
         ParameterServer.ensure_installed(client)
         ps = ParameterServer("bad-inputs", client)
         ps.create(np.arange(10, dtype=np.float32), mode="async")
-        ps.call("join", name="p", key=None, worker=None)
+        ps.join("p")
         yield Shared(store4, store5, Path(run), client, ps, f"tcp://127.0.0.1:{_closed_port()}")
 
 

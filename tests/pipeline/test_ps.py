@@ -242,7 +242,7 @@ async def test_expected_participant_blocks_round_until_its_task_ends(c, s, a, b)
 def _join_and_hold(job: str) -> str:
     ps = ParameterServer(job)
     w = get_worker()
-    ps.call("join", name="task-p", key=w.get_current_task(), worker=w.address)
+    ps.join("task-p", key=w.get_current_task(), worker=w.address)
     Event("release").wait(10)
     return w.address
 

@@ -1,0 +1,98 @@
+"""A read-only view of the parameter server's training jobs, for the dashboard and Prometheus.
+
+The parameter server (:mod:`pipeline.ps`) produces :class:`JobSnapshot` values; the training
+page and the Prometheus collector (:mod:`pipeline.dashboard`) read them through a
+:class:`JobSource`. Neither side imports the other: the scheduler preload hands the
+extension to the dashboard as its source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """One job's counters at one moment (running or finished); a copy, never updated.
+
+    ``history`` holds the rounds ``(time, version, loss, samples, deltas)`` when the snapshot
+    was asked for with them, else it is empty; ``epochs`` the driver's per-epoch records.
+    """
+
+    job: str
+    mode: str
+    n_params: int
+    version: int
+    epoch: int
+    pushes: int
+    samples: int
+    bytes_in: int
+    bytes_out: int
+    loss: float | None
+    lr: float
+    participants: tuple[str, ...]
+    expected: tuple[str, ...]
+    staleness: Mapping[int, int]
+    per_worker: Mapping[str, Mapping[str, float]]
+    created: float
+    last_push: float
+    checkpoint_time: float
+    failed: str | None
+    closed: bool
+    epochs: tuple[Mapping[str, Any], ...]
+    history: tuple[tuple, ...] = ()
+
+    @classmethod
+    def from_metrics(cls, m: Mapping[str, Any]) -> JobSnapshot:
+        """The snapshot of a job's metrics dict (the ``ps_metrics`` reply of one job)."""
+        return cls(
+            job=str(m["job"]),
+            mode=str(m["mode"]),
+            n_params=int(m["n_params"]),
+            version=int(m["version"]),
+            epoch=int(m.get("epoch", 0)),
+            pushes=int(m["pushes"]),
+            samples=int(m["samples"]),
+            bytes_in=int(m["bytes_in"]),
+            bytes_out=int(m["bytes_out"]),
+            loss=m["loss"],
+            lr=float(m["lr"]),
+            participants=tuple(m["participants"]),
+            expected=tuple(m.get("expected", ())),
+            staleness=MappingProxyType({int(k): int(v) for k, v in m["staleness"].items()}),
+            per_worker=MappingProxyType(
+                {k: MappingProxyType(dict(v)) for k, v in m["per_worker"].items()}
+            ),
+            created=float(m["created"]),
+            last_push=float(m["last_push"]),
+            checkpoint_time=float(m["checkpoint_time"]),
+            failed=m["failed"],
+            closed=bool(m["closed"]),
+            epochs=tuple(MappingProxyType(dict(e)) for e in m.get("epochs", ())),
+            history=tuple(tuple(h) for h in m.get("history", ())),
+        )
+
+    def mean_staleness(self) -> float:
+        """Mean staleness of the pushes so far (0 before the first)."""
+        n = sum(self.staleness.values())
+        return sum(k * v for k, v in self.staleness.items()) / n if n else 0.0
+
+
+class JobSource(Protocol):
+    """What the dashboard reads: the jobs of one scheduler's parameter server."""
+
+    def job_names(self) -> list[str]:
+        """Recently finished jobs (oldest first, those not running again), then running ones."""
+        ...
+
+    def snapshot(self, job: str | None = None) -> JobSnapshot | None:
+        """``job`` (running or recently finished) with its round history; the most recent job
+        when ``job`` is None; None when there is no such job."""
+        ...
+
+    def running(self) -> list[JobSnapshot]:
+        """Every running job, without round history."""
+        ...

@@ -1,0 +1,83 @@
+"""A parameter server that lives inside the Dask scheduler.
+
+One formulation covers every mode (FedOpt's): a participant (a training task on a worker)
+pulls weights ``w_v``, runs ``local_steps`` minibatch steps with its local optimizer and pushes
+``delta = w_v - w_local`` with the number of samples it saw. The server treats the delta as a
+gradient for its own optimizer (server SGD with lr 1 on the sum of deltas adds every
+participant's progress; with ``aggregate="mean"`` it is plain model averaging).
+
+Modes
+-----
+``sync``
+    Rounds (BSP). The server waits for one delta from every active participant, combines them
+    weighted by samples in a fixed order (sorted participant names, so runs reproduce) and
+    releases the next round. Participants the driver announced for an epoch are waited for
+    until they join or their task ends.
+``async``
+    Each delta is applied as it arrives, optionally damped by its staleness.
+``ssp``
+    Stale-synchronous: async, but a participant more than ``staleness`` pushes ahead of the
+    slowest active participant waits.
+
+A participant that leaves (its task ended, erred or was cancelled, or its worker died) leaves
+the round at once: no barrier ever waits for the dead.
+
+The package, from the wire up (each module imports only those above it):
+
+``wire``
+    Vectors as zero-copy float32 frames, checked from their header without unpickling.
+``job``
+    :class:`Job`: one job's weights, server optimizer (:class:`pipeline.optim.ServerOptimizer`),
+    participants and rounds; the rules of the three modes. Needs no scheduler.
+``extension``
+    :class:`ParameterServerExtension`: the scheduler routes ``ps_*``, one short handler each,
+    and the plugin hooks that drop participants whose task or worker is gone.
+``install``
+    The plugin that installs the extension on a scheduler that was not preloaded, and
+    :func:`dask_setup` so that ``dask scheduler --preload pipeline.ps`` installs it on a real
+    cluster; both hand the extension to the dashboard (:mod:`pipeline.dashboard`) as the source
+    of its read-only job snapshots (:mod:`pipeline.jobview`).
+``client``
+    :class:`ParameterServer`: the handle on one job, one method per route, usable from the
+    driver and from inside tasks.
+"""
+
+from __future__ import annotations
+
+from pipeline.errors import PSError
+from pipeline.optim import SERVER_OPTIMIZERS, ServerOptimizer
+from pipeline.ps.client import ParameterServer
+from pipeline.ps.extension import EXTENSION_NAME, ROUTES, ParameterServerExtension
+from pipeline.ps.install import InstallParameterServer, dask_setup, install, register_dashboard_page
+from pipeline.ps.job import MODES, Job, Participant
+from pipeline.ps.wire import (
+    check_job_id,
+    decode_opt_state,
+    decode_vector,
+    encode_opt_state,
+    encode_vector,
+)
+
+__all__ = [
+    "EXTENSION_NAME",
+    "MODES",
+    "ROUTES",
+    "SERVER_OPTIMIZERS",
+    "InstallParameterServer",
+    "Job",
+    "PSError",
+    "ParameterServer",
+    "ParameterServerExtension",
+    "Participant",
+    "ServerOptimizer",
+    "check_job_id",
+    "dask_setup",
+    "decode_opt_state",
+    "decode_vector",
+    "encode_opt_state",
+    "encode_vector",
+    "install",
+    "register_dashboard_page",
+]
+
+register_dashboard_page()

@@ -1,0 +1,248 @@
+"""The user-facing handle on one parameter-server job: one method per route."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PSError
+from pipeline.ps.extension import EXTENSION_NAME
+from pipeline.ps.install import InstallParameterServer
+from pipeline.ps.wire import check_job_id, encode_opt_state, encode_vector
+
+# The reply of a route (a dict with "status"), or from the ``soon`` view a
+# concurrent.futures.Future of it
+Reply = Any
+
+
+class ParameterServer:
+    """Handle on one job of the parameter server, usable from the driver and inside tasks.
+
+    On the driver it uses the given (or current) :class:`distributed.Client`; inside a task it
+    talks to the scheduler through the worker's own connection, so tasks need no client.
+    Each route ``ps_<name>`` has one method here; :attr:`soon` is the same handle whose
+    methods return a :class:`concurrent.futures.Future` of the reply instead of waiting for it
+    (a task overlaps a push with its next steps, or waits outside its worker's thread slot).
+    :meth:`call` and :meth:`call_soon` reach a route by name, arguments passed through as
+    given (to test the server's checks).
+    """
+
+    def __init__(self, job: str, client: Any = None) -> None:
+        self.job = check_job_id(job)
+        self._client = client
+        self._deferred = False
+
+    @property
+    def soon(self) -> ParameterServer:
+        """This handle with methods that return a future of the reply."""
+        twin = copy.copy(self)
+        twin._deferred = True
+        return twin
+
+    # connection: the driver's client, or the worker we run on
+    def _endpoint(self) -> tuple[Any, Any]:
+        if self._client is None:
+            from distributed import get_worker
+
+            try:
+                w = get_worker()
+            except ValueError:
+                from distributed import get_client
+
+                self._client = get_client()
+            else:
+                return w.scheduler, w.loop
+        return self._client.scheduler, self._client.loop
+
+    def _send(self, route: str, post: Callable[[dict], Any] | None = None, **kwargs: Any) -> Any:
+        """Call ``ps_<route>``: the reply (``post`` applied), or its future from :attr:`soon`."""
+        rpc, loop = self._endpoint()
+
+        async def request() -> Any:
+            reply = await getattr(rpc, f"ps_{route}")(job=self.job, **kwargs)
+            return reply if post is None else post(reply)
+
+        if self._deferred:
+            return asyncio.run_coroutine_threadsafe(request(), loop.asyncio_loop)
+        from distributed.utils import sync
+
+        return sync(loop, request)
+
+    def call(self, route: str, **kwargs: Any) -> Any:
+        """Call ``ps_<route>`` with ``kwargs`` as given and wait for the answer."""
+        from distributed.utils import sync
+
+        rpc, loop = self._endpoint()
+        return sync(loop, getattr(rpc, f"ps_{route}"), job=self.job, **kwargs)
+
+    def call_soon(self, route: str, **kwargs: Any) -> Any:
+        """Start ``ps_<route>`` on the event loop; returns a :class:`concurrent.futures.Future`."""
+        rpc, loop = self._endpoint()
+        coro = getattr(rpc, f"ps_{route}")(job=self.job, **kwargs)
+        return asyncio.run_coroutine_threadsafe(coro, loop.asyncio_loop)
+
+    @staticmethod
+    def ensure_installed(client: Any) -> str:
+        """Install the extension on the client's scheduler if no preload did; return who did."""
+
+        def _installed(dask_scheduler: Any) -> str | None:
+            ext = dask_scheduler.extensions.get(EXTENSION_NAME)
+            return None if ext is None else ext.installed_by
+
+        found = client.run_on_scheduler(_installed)
+        if found is None:
+            client.register_plugin(InstallParameterServer(), name="pipeline-ps-installer")
+            found = client.run_on_scheduler(_installed)
+        if found is None:  # pragma: no cover - defensive
+            raise PSError("could not install the parameter server on the scheduler")
+        return found
+
+    # -- routes, in the extension's order ----------------------------------------------------
+
+    def create(
+        self,
+        params: np.ndarray,
+        *,
+        mode: str = "sync",
+        staleness: int = 2,
+        damping: bool = False,
+        aggregate: str = "sum",
+        optimizer: dict | None = None,
+        schedule: dict | None = None,
+        version: int = 0,
+        optimizer_state: dict | None = None,
+        progress: dict | None = None,
+        epoch: int = 0,
+        join_timeout: float = 120.0,
+        overwrite: bool = False,
+        local_states: dict | None = None,
+    ) -> Reply:
+        """Create the job on the scheduler. ``optimizer_state`` (server) and ``local_states``
+        (sync: slot -> the share's local optimizer state ``{"t", "lr", "buffers"}``) continue a
+        checkpointed run."""
+        params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
+        opt_state = encode_opt_state(optimizer_state) if optimizer_state else None
+        locals_ = (
+            {str(k): encode_opt_state(v) for k, v in local_states.items()} if local_states else None
+        )
+        client_id = getattr(self._client, "id", None)
+        return self._send(
+            "create",
+            params=encode_vector(params),
+            n_params=int(params.size),
+            mode=mode,
+            staleness=int(staleness),
+            damping=bool(damping),
+            aggregate=aggregate,
+            optimizer=optimizer,
+            schedule=schedule,
+            version=int(version),
+            optimizer_state=opt_state,
+            progress=progress,
+            epoch=int(epoch),
+            local_states=locals_,
+            join_timeout=float(join_timeout),
+            overwrite=overwrite,
+            client=client_id,
+        )
+
+    def expect(self, names: list[str], keys: list[str | None], epoch: int | None = None) -> Reply:
+        """Announce the participants (and their task keys) of ``epoch``."""
+        return self._send("expect", names=list(names), keys=list(keys), epoch=epoch)
+
+    def join(
+        self, name: str, key: str | None = None, worker: str | None = None, slot: str | None = None
+    ) -> Reply:
+        """Join as participant ``name`` (task ``key`` on ``worker``; ``slot``: its sync share):
+        the weights, their version, the batches to skip and (sync) the share's local state."""
+        return self._send("join", name=name, key=key, worker=worker, slot=slot)
+
+    def push(
+        self,
+        name: str,
+        version: int,
+        delta: Any,
+        samples: int,
+        batches: int,
+        loss: float,
+        timings: Mapping[str, float] | None = None,
+        timeout: float = 600.0,
+    ) -> Reply:
+        """Push ``delta`` (a float32 vector, or one already wrapped by ``encode_vector``)
+        computed from the weights of ``version``; the reply carries the weights to go on from."""
+        wire = encode_vector(delta) if isinstance(delta, np.ndarray) else delta
+        return self._send(
+            "push",
+            name=name,
+            version=int(version),
+            delta=wire,
+            samples=int(samples),
+            batches=int(batches),
+            loss=float(loss),
+            timings=dict(timings or {}),
+            timeout=float(timeout),
+        )
+
+    def pull(self, model: bool = False) -> tuple[np.ndarray, int]:
+        """The weights to train from and their version; ``model``: the weights to validate
+        (the average over rounds when the server keeps one, ``ema`` > 0)."""
+        return self._send(
+            "pull", lambda r: (np.asarray(r["params"]), int(r["version"])), model=model
+        )
+
+    def leave(
+        self,
+        name: str,
+        summary: dict | None = None,
+        slot: str | None = None,
+        local_state: Mapping[str, Any] | None = None,
+    ) -> Reply:
+        """Leave, optionally with the task's ``summary`` and (sync) the share's local optimizer
+        state ``{"t", "lr", "buffers": {name: vector}}`` for the next epoch's task."""
+        encoded = None if local_state is None else encode_opt_state(local_state)
+        return self._send("leave", name=name, summary=summary, slot=slot, local_state=encoded)
+
+    def epoch_end(self, timeout: float = 600.0) -> Reply:
+        """Wait until every participant of the epoch has left: the epoch's model weights."""
+        return self._send("epoch_end", timeout=float(timeout))
+
+    def summaries(self, names: list[str]) -> dict[str, dict]:
+        """The summaries left by participants ``names`` (taken: the server forgets them)."""
+        return self._send("summaries", lambda r: r["summaries"], names=list(names))
+
+    def state(self) -> dict[str, Any]:
+        """Everything a checkpoint needs, plus ``model``: the weights to validate and save."""
+        return self._send("state", _arrays_of_state)
+
+    def metrics(self, history: bool = False) -> dict[str, Any]:
+        """The job's counters (``history``: with the round history)."""
+        return self._send("metrics", history=history)
+
+    def record(self, epoch: Mapping[str, Any] | None = None, checkpoint: bool = False) -> Reply:
+        """Record an epoch's metrics (shown on the dashboard) or that a checkpoint was saved."""
+        return self._send(
+            "record", epoch=None if epoch is None else dict(epoch), checkpoint=checkpoint
+        )
+
+    def close(self) -> None:
+        """Drop the job from the server (its metrics stay visible for a while)."""
+        self._send("close")
+
+    def info(self) -> dict[str, Any]:
+        """How the extension was installed and which jobs it holds."""
+        return self._send("info")
+
+
+def _arrays_of_state(r: dict[str, Any]) -> dict[str, Any]:
+    r["params"] = np.asarray(r["params"])
+    buffers = {k: np.asarray(v) for k, v in r["optimizer_state"]["buffers"].items()}
+    r["optimizer_state"]["buffers"] = buffers
+    for loc in r.get("local_states", {}).values():
+        loc["buffers"] = {k: np.asarray(v) for k, v in loc["buffers"].items()}
+    averaged = r["optimizer"].get("ema") and r["optimizer_state"]["t"] and "average" in buffers
+    r["model"] = buffers["average"] if averaged else r["params"]
+    return r

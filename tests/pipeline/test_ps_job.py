@@ -1,0 +1,209 @@
+"""The parameter server's job without a scheduler: rounds, leaving, staleness, async updates."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.errors import PSError
+from pipeline.jobview import JobSnapshot
+from pipeline.ps.job import Job
+from pipeline.ps.wire import decode_vector
+
+N = 4
+
+
+def _job(mode: str, **kw: object) -> Job:
+    kw.setdefault("optimizer", {"name": "sgd", "lr": 1.0})
+    return Job.create("j", np.zeros(N, np.float32), N, mode=mode, **kw)
+
+
+def _weights(reply: dict) -> np.ndarray:
+    return decode_vector(reply["params"], N).copy()
+
+
+async def _pending(task: asyncio.Task) -> bool:
+    """True if ``task`` is still waiting after the event loop had time to run it."""
+    await asyncio.sleep(0.05)
+    return not task.done()
+
+
+def test_sync_round_waits_for_every_participant_and_weights_by_samples() -> None:
+    async def main() -> None:
+        job = _job("sync", aggregate="mean")
+        job.join("a", key="task-a")
+        job.join("b", key="task-b")
+        assert job.keys == {"task-a": ("j", "a"), "task-b": ("j", "b")}
+        first = asyncio.ensure_future(
+            job.push("a", 0, np.full(N, 1, np.float32), samples=30, batches=3, loss=1.0)
+        )
+        assert await _pending(first)  # the barrier holds until "b" has pushed
+        assert job.version == 0
+        second = await job.push("b", 0, np.full(N, 3, np.float32), samples=10, batches=1, loss=3.0)
+        r1 = await asyncio.wait_for(first, 1)
+        assert r1["version"] == second["version"] == job.version == 1
+        # server SGD lr 1 on the sample-weighted mean delta (30 * 1 + 10 * 3) / 40 = 1.5
+        np.testing.assert_allclose(_weights(r1), np.full(N, -1.5))
+        np.testing.assert_array_equal(_weights(r1), _weights(second))
+        assert job.progress == {"a": 3, "b": 1}
+        assert job.history[-1][1:] == (1, 2.0, 40, 2)
+
+    asyncio.run(main())
+
+
+def test_a_participant_leaving_releases_the_round_without_it() -> None:
+    async def main() -> None:
+        job = _job("sync")
+        job.join("stays", key="k1")
+        job.join("goes", key="k2")
+        push = asyncio.ensure_future(
+            job.push("stays", 0, np.ones(N, np.float32), samples=5, batches=1, loss=0.5)
+        )
+        assert await _pending(push)
+        job.leave("goes", summary={"rows": 7})
+        r = await asyncio.wait_for(push, 1)
+        assert r["status"] == "OK" and r["version"] == 1
+        np.testing.assert_array_equal(_weights(r), -np.ones(N, np.float32))  # only its delta
+        assert "goes" not in job.participants and "k2" not in job.keys
+        assert job.take_summaries(["goes", "never"]) == {
+            "status": "OK",
+            "summaries": {"goes": {"rows": 7}},
+        }
+        assert job.take_summaries(["goes"])["summaries"] == {}  # handed over once
+        with pytest.raises(PSError, match="has not joined"):
+            await job.push("goes", 1, np.ones(N, np.float32), samples=1)
+
+    asyncio.run(main())
+
+
+def test_an_announced_participant_is_waited_for_until_it_joins_or_times_out() -> None:
+    async def main() -> None:
+        job = _job("sync", join_timeout=0.0)
+        job.expect(names=["early", "late"], keys=[None, "task-late"], epoch=0)
+        assert job.keys == {"task-late": ("j", "late")}
+        job.join("early")
+        push = asyncio.ensure_future(
+            job.push("early", 0, np.ones(N, np.float32), samples=1, batches=1, loss=0.1)
+        )
+        assert await _pending(push)  # "late" was announced: the round waits for it
+        job.expire_expected()  # what the waiters do when their wait times out
+        r = await asyncio.wait_for(push, 1)
+        assert r["version"] == 1 and not job.expected and not job.keys
+
+    asyncio.run(main())
+
+
+def test_ssp_lets_a_participant_run_at_most_staleness_pushes_ahead() -> None:
+    async def main() -> None:
+        job = _job("ssp", staleness=1)
+        job.join("fast")
+        job.join("slow")
+        one = np.ones(N, np.float32)
+        r = await asyncio.wait_for(job.push("fast", 0, one, samples=1, batches=1, loss=0.0), 1)
+        assert r["version"] == 1  # one ahead of "slow": allowed
+        ahead = asyncio.ensure_future(job.push("fast", 1, one, samples=1, batches=1, loss=0.0))
+        assert await _pending(ahead)  # two ahead: waits, its update already applied
+        assert job.version == 2 and job.participants["fast"].clock == 2
+        r_slow = await asyncio.wait_for(job.push("slow", 0, one, samples=1, batches=1, loss=0.0), 1)
+        assert r_slow["staleness"] == 2
+        r = await asyncio.wait_for(ahead, 1)
+        assert r["status"] == "OK" and r["version"] == 3
+        assert job.staleness_hist == {0: 2, 2: 1}
+
+    asyncio.run(main())
+
+
+def test_async_applies_each_delta_at_once_damped_by_its_staleness() -> None:
+    async def main() -> None:
+        job = _job("async", damping=True)
+        job.join("a", worker="w1")
+        job.join("b", worker="w2")
+        timings = {"read": 0.5, "compute": 1.0}
+        r = await job.push(
+            "a", 0, np.full(N, 2, np.float32), samples=3, batches=1, loss=1.0, timings=timings
+        )
+        assert r["version"] == 1 and r["staleness"] == 0
+        np.testing.assert_array_equal(_weights(r), np.full(N, -2, np.float32))
+        # "b" pushes from version 0, one round stale: its step is halved (lr / (1 + 1))
+        r = await job.push("b", 0, np.full(N, 2, np.float32), samples=4, batches=1, loss=3.0)
+        assert r["version"] == 2 and r["staleness"] == 1
+        np.testing.assert_array_equal(_weights(r), np.full(N, -3, np.float32))
+        assert (job.pushes, job.samples) == (2, 7)
+        assert job.per_worker["w1"]["read"] == 0.5 and job.per_worker["w2"]["pushes"] == 1
+
+    asyncio.run(main())
+
+
+def test_a_non_finite_push_fails_the_job_and_wakes_every_waiter() -> None:
+    async def main() -> None:
+        job = _job("sync")
+        job.join("a")
+        job.join("b")
+        waiting = asyncio.ensure_future(
+            job.push("a", 0, np.ones(N, np.float32), samples=1, batches=1, loss=0.1)
+        )
+        assert await _pending(waiting)
+        bad = np.full(N, np.nan, np.float32)
+        r = await job.push("b", 0, bad, samples=1, batches=1, loss=0.1)
+        assert r["status"] == "failed" and "not finite" in r["message"]
+        assert (await asyncio.wait_for(waiting, 1))["status"] == "failed"
+        assert job.join("c")["status"] == "failed"
+        np.testing.assert_array_equal(job.params, np.zeros(N, np.float32))  # nothing applied
+
+    asyncio.run(main())
+
+
+def test_epoch_end_waits_for_the_last_participant_and_close_releases_everyone() -> None:
+    async def main() -> None:
+        job = _job("sync")
+        job.join("a", key="ka")
+        job.join("b", key="kb")
+        end = asyncio.ensure_future(job.epoch_end(timeout=5))
+        job.leave("a")
+        assert await _pending(end)
+        job.leave("b")
+        assert (await asyncio.wait_for(end, 1))["status"] == "OK"
+        job.join("c", key="kc")
+        blocked = asyncio.ensure_future(job.epoch_end(timeout=5))
+        assert await _pending(blocked)
+        final = job.close()
+        await asyncio.wait_for(blocked, 1)
+        assert final["closed"] and final["participants"] == [] and not job.keys
+
+    asyncio.run(main())
+
+
+def test_view_is_a_read_only_snapshot() -> None:
+    async def main() -> None:
+        job = _job("async")
+        job.join("a", worker="w")
+        await job.push("a", 0, np.ones(N, np.float32), samples=2, batches=1, loss=0.5)
+        job.record(epoch={"epoch": 0, "val_loss": 0.25}, checkpoint=True)
+        snap = job.view(history=True)
+        assert isinstance(snap, JobSnapshot)
+        assert (snap.version, snap.samples, snap.participants, snap.loss) == (1, 2, ("a",), 0.5)
+        assert snap.epochs[0]["val_loss"] == 0.25 and len(snap.history) == 1
+        assert snap.checkpoint_time <= time.time() and snap.mean_staleness() == 0.0
+        with pytest.raises(AttributeError):
+            setattr(snap, "version", 5)  # noqa: B010 - a frozen dataclass refuses it
+        with pytest.raises(TypeError):
+            operator.setitem(snap.per_worker["w"], "pushes", 9)
+        await job.push("a", 1, np.ones(N, np.float32), samples=2, batches=1, loss=0.5)
+        assert snap.version == 1  # a copy: later rounds do not show through
+
+    asyncio.run(main())
+
+
+def test_create_refuses_what_it_cannot_mean() -> None:
+    with pytest.raises(PSError, match="unknown mode"):
+        _job("bsp")
+    with pytest.raises(PSError, match="staleness"):
+        _job("ssp", staleness=-1)
+    with pytest.raises(PSError, match=r"expected float32 of shape \(4,\)"):
+        Job.create("j", np.zeros(N + 1, np.float32), N)
+    with pytest.raises(PSError, match="sync jobs only"):
+        _job("async", local_states={"s0": {"t": 1, "buffers": {}}})
