@@ -80,6 +80,16 @@ def run_batches(
     }
 
 
+# BLAS threads while training in this process: one, as in a Dask worker (its nanny sets
+# OMP/OpenBLAS/MKL threads to 1). The same thread count gives the same GEMM results, so a run
+# here equals a one-worker cluster run bit for bit (with two threads OpenBLAS sums some products
+# in another order). And a multi-threaded GEMM waits for all its threads at every call: on a
+# loaded 2-core machine a step of MLP 784-512-256-10 took 4-5x longer with 2 BLAS threads than
+# with one, and a 60k-row store's 5 epochs 310 s against 29 s (bench/findings.md, "Where a step
+# and a cold run go").
+BLAS_THREADS = 1
+
+
 class LocalServer:
     """The parameter server's part of a one-share job, in this process: the handle
     :class:`pipeline.train.Trainer` talks to (``create``, ``state``, ``metrics``, ``call``)."""
@@ -165,7 +175,9 @@ class LocalTrainer(Trainer):
         self._trainer: Any = None
 
     def fit(self) -> Any:
-        with self.run.claim(self.resume, self.force):
+        from threadpoolctl import threadpool_limits
+
+        with self.run.claim(self.resume, self.force), threadpool_limits(BLAS_THREADS, user_api="blas"):
             return self._fit()
 
     # the cluster-bound hooks of Trainer._fit
