@@ -88,6 +88,8 @@ def run_batches(
 # with one, and a 60k-row store's 5 epochs 310 s against 29 s (bench/findings.md, "Where a step
 # and a cold run go").
 BLAS_THREADS = 1
+# validation rows kept in memory between epochs up to this size
+VAL_CACHE_MB = 512
 
 
 class LocalServer:
@@ -173,6 +175,7 @@ class LocalTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._trainer: Any = None
+        self._val_batches: list | None = None
 
     def fit(self) -> Any:
         from threadpoolctl import threadpool_limits
@@ -280,13 +283,44 @@ class LocalTrainer(Trainer):
         return stats
 
     def _evaluate(self, epoch: int, val_ranges: Ranges) -> dict[str, Any]:
+        """The model's metrics on the validation rows: the batches of
+        :func:`pipeline.worker.evaluate_ranges`, read once and kept in memory for the next
+        epochs when they take at most ``VAL_CACHE_MB`` (the rows held out of a store are spread
+        over all its chunks: reading them is reading the whole store)."""
+        from pipeline.loader import ChunkLoader
         from pipeline.store import open_store
-        from pipeline.worker import evaluate_ranges, finish_metrics
+        from pipeline.worker import (
+            _holdout,
+            cached_trainer,
+            evaluate_arrays,
+            finish_metrics,
+            merge_metrics,
+        )
 
         if not val_ranges:
             return {}
-        store = self.store if self.val_path == self.store_path else open_store(self.val_path)
-        params = self._ps.state()["model"]
-        sums = evaluate_ranges(store, val_ranges, params, self.job, self.spec, task_config(self.cfg),
-                               self.target, self.val_norm)  # fmt: skip
-        return finish_metrics(sums, self.target)
+        cfg, tcfg = self.cfg, task_config(self.cfg)
+        batches = self._val_batches
+        if batches is None:
+            norm = self.val_norm
+            loader = ChunkLoader(
+                self.store if self.val_path == self.store_path else open_store(self.val_path),
+                ranges=val_ranges,
+                batch_size=max(cfg.batch_size, 1024),
+                shuffle=False,
+                normalize=cfg.normalize,
+                prefetch=cfg.prefetch,
+                mean=None if norm is None else norm["mean"],
+                std=None if norm is None else norm["std"],
+                holdout=_holdout(tcfg, "validation"),
+            )
+            try:
+                batches = list(loader.epoch(0))
+            finally:
+                loader.close()
+            if sum(X.nbytes + y.nbytes for X, y in batches) <= VAL_CACHE_MB * 2**20:
+                self._val_batches = batches
+        trainer = cached_trainer(self.job, "eval", self.spec, tcfg)
+        trainer.set_params(np.asarray(self._ps.state()["model"], dtype=np.float32))
+        parts = [evaluate_arrays(trainer.forward(X), y, self.target, self.spec["n_out"]) for X, y in batches]
+        return finish_metrics(merge_metrics(parts), self.target)

@@ -83,6 +83,8 @@ def test_in_process_equals_a_one_worker_cluster_and_resumes_in_process(store, tm
     assert sorted(a) == sorted(b)
     for key in a:  # the same weights, optimizer states and average, bit for bit
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    val = [[e["val_loss"] for e in json.loads((d / "history.json").read_text())["epochs"]] for d in (local, cluster)]
+    assert val[0] == val[1]  # validated on the same rows with the same weights
     # --resume continues in this process (no cluster flag needed)
     r = run("train", store, "--out", str(local), "--resume", "--set", "epochs=3", cluster=False)
     assert r.returncode == 0, r.stderr
