@@ -228,6 +228,7 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
       pipeline train big.zarr --config train.toml --set epochs=5 --set mode=sync
       pipeline train big.zarr --scheduler tcp://10.0.0.1:8786 --out runs/big
       pipeline train big.zarr --out runs/big --resume
+      pipeline train small.zarr --workers 2     # a Dask cluster even below cluster_min_rows rows
     """
     import json
     from pathlib import Path
