@@ -3,7 +3,8 @@
     python -m bench.step_anatomy            # MLP 784-512-256-10, batch 256, Adam, float32; 60k x 784, 5 epochs
     python -m bench.step_anatomy --quick    # tiny sizes (smoke run)
 
-Part 1, one step in this process (the kernels' cpu backend, this machine's BLAS threads), medians
+Part 1, one step in this process (the kernels' cpu backend with 1 BLAS thread, as in a worker
+and in-process training, and again with BLAS's default threads), medians
 over many repeats of: the step's nine GEMMs alone (3 per layer: forward, input gradient, weight
 gradient, on the trainer's own buffers), forward + loss + backward (``_gradient``), the local
 optimizer's update, the whole step; element-wise work is the gradient pass minus its GEMMs. The
@@ -202,7 +203,11 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     with tmpdir("step-anatomy") as tmp:
         store = synth(str(tmp / "s.zarr"), rows=rows, features=SIZES[0], classes=SIZES[-1], seed=0)
-        parts = step_parts(batch, repeats)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1, user_api="blas"):  # as in a worker and in-process training
+            parts = step_parts(batch, repeats)
+        parts2 = step_parts(batch, repeats)  # BLAS's default threads (the cores)
         ld = loader_per_batch(store, batch)
         with local_cluster(1) as client:
             pp = push_pull(client, parts["n_params"], max(5, repeats // 10))
@@ -213,15 +218,17 @@ def main(argv: Sequence[str] | None = None) -> str:
                                 ("--workers", "2", "--dashboard-address", "none"))  # fmt: skip
     step = parts["step"]
     per_step = [
-        {"part": "GEMMs (9 per step)", "ms": parts["gemm"] * 1e3},
-        {"part": "element-wise (bias, activations, loss)", "ms": parts["elementwise"] * 1e3},
-        {"part": "optimizer (Adam)", "ms": parts["optimizer"] * 1e3},
-        {"part": "whole step", "ms": step * 1e3},
+        {"part": "GEMMs (9 per step)", "ms": parts["gemm"] * 1e3, "ms, default BLAS threads": parts2["gemm"] * 1e3},
+        {"part": "element-wise (bias, activations, loss)", "ms": parts["elementwise"] * 1e3,
+         "ms, default BLAS threads": parts2["elementwise"] * 1e3},
+        {"part": "optimizer (Adam)", "ms": parts["optimizer"] * 1e3, "ms, default BLAS threads": parts2["optimizer"] * 1e3},
+        {"part": "whole step", "ms": step * 1e3, "ms, default BLAS threads": parts2["step"] * 1e3},
         {"part": "loader, one batch", "ms": ld * 1e3},
         {"part": "push + pull per step (1/8 of 2 pulls)", "ms": 2 * pp / 8 * 1e3},
-    ]
+    ]  # fmt: skip
     for r in per_step:
         r["% of step"] = 100 * r["ms"] / (step * 1e3)
+        r.setdefault("ms, default BLAS threads", float("nan"))
     share_rows = [
         {"process": "driver (scheduler + PS)", "CPU s": shares["driver_cpu"], "% of wall x 2 cores":
          100 * shares["driver_cpu"] / (2 * shares["wall"])},
@@ -233,8 +240,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     text = (
         f"Machine: {mach['cpu']}, {mach['cores']} cores (shared, loaded: load {mach['load']}), {mach['date']}; "
         f"MLP {'-'.join(map(str, SIZES))}, batch {batch}, Adam, float32; GEMM rate in the step "
-        f"{parts['gemm_gflops']:.1f} GFLOP/s\n\n"
-        + md_table(per_step, {"ms": ".3f", "% of step": ".0f"})
+        f"{parts['gemm_gflops']:.1f} GFLOP/s with 1 BLAS thread, {parts2['gemm_gflops']:.1f} with the default\n\n"
+        + md_table(per_step, {"ms": ".3f", "% of step": ".0f", "ms, default BLAS threads": ".3f"})
         + f"\n\nCPU over a 2-worker training run ({rows:,} rows, {epochs} epochs, {shares['wall']:.1f} s wall):\n\n"
         + md_table(share_rows, {"CPU s": ".2f", "% of wall x 2 cores": ".0f"})
         + f"\n\nCold `pipeline train` ({rows:,} x {SIZES[0]}, {int(cold['epochs'])} epochs), in process "
