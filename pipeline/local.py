@@ -199,18 +199,43 @@ class LocalTrainer(Trainer):
     def _run_epoch(self, ps: LocalServer, epoch: int, tasks: list[Ranges], threads: dict[str, int],
                    done_tasks: set[str], last_ckpt: float, history: list[dict], best: tuple,
                    val_ranges: Ranges) -> dict[str, Any]:  # fmt: skip
+        """The epoch's work as a one-thread cluster would run it, in this process: one share of
+        every range (sync; federated: in plan order), else the tasks one after the other."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, epoch, 104729])
+        order = [int(i) for i in rng.permutation(len(tasks))]
+        if cfg.placement == "federated":
+            work = [(f"e{epoch}-{SLOT}", [r for t in tasks for r in t])]
+        elif cfg.mode == "sync":
+            work = [(f"e{epoch}-{SLOT}", split_rows([r for j in order for r in tasks[j]], 1)[0])]
+        else:
+            work = [(f"e{epoch}-t{j}", tasks[j]) for j in order]
+        stats = {"val": None, "val_version": None, "validate": 0.0, "tasks": [], "samples": 0,
+                 "loss": 0.0, "read": 0.0, "compute": 0.0, "communicate": 0.0}  # fmt: skip
+        state = {"last_ckpt": last_ckpt}
+        results = []
+        for name, ranges in work:
+            if name in done_tasks or not ranges:
+                continue
+            r = self._run_task(ps, epoch, name, ranges, done_tasks, state, history, best)
+            results.append(r)
+            done_tasks.add(name)
+            stats["tasks"].append({"name": name, "worker": "this process", "samples": r["samples"]})
+            for k in ("read", "compute"):
+                stats[k] += r[k]
+        samples = sum(r["samples"] for r in results)
+        stats["samples"] = samples
+        stats["loss"] = sum(r["loss"] * r["samples"] for r in results if r["samples"]) / max(samples, 1)
+        stats["tasks"].sort(key=lambda t: t["name"])
+        return stats
+
+    def _run_task(self, ps: LocalServer, epoch: int, name: str, ranges: Ranges, done_tasks: set[str],
+                  state: dict, history: list[dict], best: tuple) -> dict[str, Any]:  # fmt: skip
+        """What :func:`pipeline.worker.train_task` does with ``ranges``, here."""
         from pipeline.loader import ChunkLoader
         from pipeline.worker import FULL_BATCH_ROWS, _holdout, make_trainer, prepare_targets
 
         cfg, tcfg = self.cfg, task_config(self.cfg)
-        rng = np.random.default_rng([cfg.seed, epoch, 104729])
-        order = [int(i) for i in rng.permutation(len(tasks))]
-        ranges = split_rows([r for j in order for r in tasks[j]], 1)[0]
-        name = f"e{epoch}-{SLOT}"
-        stats = {"val": None, "val_version": None, "validate": 0.0, "tasks": [], "samples": 0,
-                 "loss": 0.0, "read": 0.0, "compute": 0.0, "communicate": 0.0}  # fmt: skip
-        if name in done_tasks or not ranges:
-            return stats
         if self._trainer is None:
             self._trainer = make_trainer(self.spec, tcfg)
         trainer = self._trainer
@@ -237,7 +262,6 @@ class LocalTrainer(Trainer):
             normalize=cfg.normalize,
             holdout=_holdout(tcfg, "train"),
         )
-        state = {"last_ckpt": last_ckpt}
 
         def sync(samples: int, batches: int, loss: float) -> None:
             nonlocal anchor
@@ -272,15 +296,9 @@ class LocalTrainer(Trainer):
             opt = trainer.optimizer.state_dict()
             ps.local_states[SLOT] = {"t": opt["t"], "lr": opt["lr"],
                                      "buffers": {k.removeprefix("opt."): v for k, v in opt.items() if k.startswith("opt.")}}  # fmt: skip
-        done_tasks.add(name)
         total = time.perf_counter() - t0
-        loss = r["loss"] if r["samples"] else 0.0
-        stats.update(
-            tasks=[{"name": name, "worker": "this process", "samples": r["samples"]}],
-            samples=r["samples"], loss=loss, read=read,
-            compute=max(0.0, total - read),
-        )  # fmt: skip
-        return stats
+        return {"samples": r["samples"], "loss": r["loss"] if r["samples"] else 0.0, "read": read,
+                "compute": max(0.0, total - read)}  # fmt: skip
 
     def _evaluate(self, epoch: int, val_ranges: Ranges) -> dict[str, Any]:
         """The model's metrics on the validation rows: the batches of

@@ -128,3 +128,18 @@ def test_api_without_client_trains_in_process(store, tmp_path):
     res = train(store, TrainConfig(hidden=[8], epochs=2, patience=0), tmp_path / "run")
     assert len(res.history) == 2 and res.installed_by == "this process (no cluster)"
     assert Path(res.run_dir, "model.npz").exists()
+
+
+@pytest.mark.parametrize("extra", [("--set", "mode=async"), ("--set", "batch_size=0")])
+def test_other_modes_in_process_equal_a_one_worker_cluster(store, tmp_path, extra):
+    # async: one task after another (each its own shuffle), not one share; full batch: one step
+    local, cluster = tmp_path / "local", tmp_path / "cluster"
+    assert run("train", store, "--out", str(local), "--set", "epochs=2", *SMALL, *extra, cluster=False).returncode == 0
+    r = run("train", store, "--out", str(cluster), "--set", "epochs=2", *SMALL, *extra,
+            "--workers", "1", "--dashboard-address", "none")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    a, _ = load_file(local / "checkpoint.npz", "checkpoint")
+    b, _ = load_file(cluster / "checkpoint.npz", "checkpoint")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
