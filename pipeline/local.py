@@ -4,8 +4,8 @@ A small store trains faster in one process than on a cluster: starting workers, 
 kernels in each and the task and parameter-server round trips cost seconds that a few epochs
 of a small store never win back (bench/findings.md, "Where a step and a cold run go").
 :class:`LocalTrainer` is :class:`pipeline.train.Trainer` with its one cluster-bound part
-replaced: each epoch is one share of the training rows, trained here by the loop of
-:func:`run_batches`, and :class:`LocalServer` stands in for the parameter server (the same
+replaced: each epoch's work (in sync mode one share of the training rows, in async and ssp
+mode its tasks one after the other) is trained here by the loop of :func:`run_batches`, and :class:`LocalServer` stands in for the parameter server (the same
 server optimizer, schedule and weight average, applied every ``local_steps`` minibatches). The
 run directory, checkpoints, ``--resume`` and the Ctrl-C / SIGTERM checkpoint are the driver's.
 Such a run equals a one-worker, one-thread sync run on a cluster: same rows, same order, same
