@@ -25,7 +25,7 @@ run: $(VENV)/.installed
 	$(BIN)/pipeline ingest data/letter/letter-recognition.data $(STORES)/letter-test.zarr \
 	    --target 0 --rows 16000: --like $(STORES)/letter-train.zarr --force
 	$(BIN)/pipeline inspect $(STORES)/letter-train.zarr
-	$(BIN)/pipeline train $(STORES)/letter-train.zarr --out $(RUNS)/letter --force \
+	$(BIN)/pipeline train $(STORES)/letter-train.zarr --out $(RUNS)/letter --force --workers 2 \
 	    --report $(RUNS)/letter-report.html
 	$(BIN)/pipeline evaluate $(RUNS)/letter $(STORES)/letter-test.zarr
 	@echo "model, history and checkpoint: $(RUNS)/letter/  performance report: $(RUNS)/letter-report.html"

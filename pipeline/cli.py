@@ -13,6 +13,8 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -175,6 +177,37 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: bool, cluster_kw: dict) -> str:
+    """Why ``pipeline train`` runs in this process (its log line), or "" for a Dask cluster:
+    a store of fewer than ``cluster_min_rows`` rows, when neither --scheduler, --workers nor
+    --threads-per-worker (nor --report, Dask's report) asks for a cluster; --resume continues
+    where the run trained."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    asked = bool(cluster_kw["scheduler"]) or report or any(
+        ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None) for k in ("workers", "threads_per_worker")
+    )
+    if asked:
+        return ""
+    if resume:
+        from pipeline.checkpoint import load_file
+        from pipeline.train import RunDir
+
+        _, meta = load_file(RunDir(Path(out)).checkpoint, "checkpoint")
+        return "training in this process, as the run being resumed did (--workers N trains on a Dask cluster)" \
+            if meta.get("in_process") else ""  # fmt: skip
+    from pipeline.store import open_store
+
+    rows = open_store(store).n_rows
+    if not rows < cfg.cluster_min_rows:
+        return ""
+    return (
+        f"training in this process: {rows:,} rows, under cluster_min_rows = {cfg.cluster_min_rows:,} "
+        "(--workers N or --scheduler ADDRESS trains on a Dask cluster)"
+    )
+
+
 @cli.command()
 @click.argument("store")
 @click.option("--config", "config_file", type=click.Path(), help="TOML file of training settings.")
@@ -195,6 +228,7 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
       pipeline train big.zarr --config train.toml --set epochs=5 --set mode=sync
       pipeline train big.zarr --scheduler tcp://10.0.0.1:8786 --out runs/big
       pipeline train big.zarr --out runs/big --resume
+      pipeline train small.zarr --workers 2     # a Dask cluster even below cluster_min_rows rows
     """
     import json
     from pathlib import Path
@@ -219,10 +253,15 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
     if not cluster_kw["scheduler"]:
         check_backend(cfg.backend)  # a local cluster's workers run here: fail before starting it
     _echo("configuration:\n" + "\n".join(f"  {k} = {json.dumps(v)}" for k, v in cfg.to_dict().items()), quiet)
+    in_process = _trains_in_process(store, out, cfg, resume, bool(report), cluster_kw)
+    if in_process:
+        _echo(in_process, quiet)
     # claimed before the cluster starts, for the whole run: a second training into the same
     # --out (even with --force) is refused until this one ends
-    with RunDir(Path(out)).claim(resume, force), _sigterm_interrupts(), _client(cluster_kw) as client:
-        _echo(f"dask dashboard: {client.dashboard_link}  (training page: /pipeline)", quiet)
+    clients = contextlib.nullcontext() if in_process else _client(cluster_kw)
+    with RunDir(Path(out)).claim(resume, force), _sigterm_interrupts(), clients as client:
+        if client is not None:
+            _echo(f"dask dashboard: {client.dashboard_link}  (training page: /pipeline)", quiet)
         if report:
             from distributed import performance_report
 

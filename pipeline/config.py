@@ -96,6 +96,11 @@ class TrainConfig:
     placement: str = "dynamic"  # dynamic (faster workers take more) | federated (rows stay put)
     # --- runtime ---------------------------------------------------------------------------
     backend: str = "cpu"  # kernels: cpu (Numba) | numpy | cuda | auto
+    # `pipeline train` on a store of fewer rows trains in its own process with the same kernels
+    # (one share, as a one-worker cluster would) unless --workers or --scheduler asks for a
+    # cluster: starting a cluster costs more than it saves there (bench/findings.md,
+    # "Where a step and a cold run go"). 0 = always a cluster.
+    cluster_min_rows: int = 100_000
     checkpoint_seconds: float = 60.0  # checkpoint the server at most this often mid-epoch
     join_timeout: float = 120.0  # sync: seconds to wait for an announced participant to start
     barrier_timeout: float = 600.0  # seconds a push may wait at a barrier before failing

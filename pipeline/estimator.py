@@ -591,19 +591,16 @@ class _BaseMLP(BaseEstimator):
 
     @staticmethod
     def _epoch(trainer: Any, Xn: np.ndarray, t: np.ndarray, batch: int, rng: np.random.Generator) -> float:
+        """One epoch in memory by the in-process loop of `pipeline train` (pipeline.local): the
+        mean loss over the rows."""
+        from pipeline.local import run_batches
+
         if batch == 0:  # full batch: one step with the mean gradient of every row
-            total = 0.0
-            for a in range(0, len(Xn), FULL_BATCH_ROWS):
-                piece = slice(a, a + FULL_BATCH_ROWS)
-                total += trainer.accumulate(Xn[piece], t[piece]) * len(Xn[piece])
-            trainer.apply()
-            return total / max(1, len(Xn))
+            pieces = (slice(a, a + FULL_BATCH_ROWS) for a in range(0, len(Xn), FULL_BATCH_ROWS))
+            return run_batches(trainer, ((Xn[p], t[p]) for p in pieces), full_batch=True)["row_loss"]
         order = rng.permutation(len(Xn))
-        total = 0.0
-        for a in range(0, len(order), batch):
-            idx = order[a : a + batch]
-            total += trainer.step(Xn[idx], t[idx]) * len(idx)
-        return total / max(1, len(order))
+        batches = ((Xn[idx], t[idx]) for idx in (order[a : a + batch] for a in range(0, len(order), batch)))
+        return run_batches(trainer, batches)["row_loss"]
 
     def _fit_local(self, X: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> None:
         """The driver's loop in one process: epochs of shuffled minibatches, validation split,

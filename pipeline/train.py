@@ -622,11 +622,12 @@ class Trainer:
                     f"{self.run.path} --resume --scheduler ADDRESS`"
                 ) from None
 
-    def _fit(self) -> TrainResult:
-        from distributed import span
+    # -- where the work runs (pipeline.local.LocalTrainer: in this process) -----------------
 
+    def _connect(self) -> tuple[str, dict[str, int]]:
+        """Install the parameter server and check the workers; who installed it, and the
+        workers' thread counts."""
         cfg, client = self.cfg, self.client
-        self.run.prepare(self.resume, self.force)
         installed_by = ParameterServer.ensure_installed(client)
         check_workers_can_open(client, self.store_path)
         check_backend(cfg.backend, client)
@@ -635,6 +636,22 @@ class Trainer:
         threads = _total_threads(client)
         if not threads:
             raise TrainingError("the cluster has no workers; start some with `dask worker ADDRESS`")
+        return installed_by, threads
+
+    def _server(self) -> Any:
+        """The handle of this job's parameter server."""
+        return ParameterServer(self.job, self.client)
+
+    def _span(self, name: str) -> Any:
+        """Dask's span around a phase (an epoch), for the dashboard and performance reports."""
+        from distributed import span
+
+        return span(name)
+
+    def _fit(self) -> TrainResult:
+        cfg = self.cfg
+        self.run.prepare(self.resume, self.force)
+        installed_by, threads = self._connect()
         n_threads = sum(threads.values())
 
         from kernels.mlp import MLPSpec, init_params
@@ -654,7 +671,7 @@ class Trainer:
         self.n_threads = n_threads  # the plan's thread count, saved with checkpoints for --resume
         self.run.config.write_text(cfg.to_toml())
         tasks, val_ranges = self.plan(n_threads)
-        ps = ParameterServer(self.job, client)
+        ps = self._server()
         rounds_per_epoch = sum(  # full batch (batch_size 0): one round per task
             math.ceil(self._train_rows(t) / cfg.batch_size / cfg.local_steps) if cfg.batch_size else 1
             for t in tasks
@@ -701,7 +718,7 @@ class Trainer:
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 t0 = time.perf_counter()
-                with span(f"epoch-{epoch}"):
+                with self._span(f"epoch-{epoch}"):
                     stats = self._run_epoch(
                         ps, epoch, tasks, threads, done_tasks, last_ckpt, history, best, val_ranges
                     )
@@ -1041,6 +1058,7 @@ class Trainer:
             "store": self.store_path,
             "spec": self.spec,
             "n_threads": self.n_threads,
+            "in_process": self.client is None,  # `pipeline train --resume` continues where it trained
             "time": time.time(),
         }
         save_file(self.run.checkpoint, "checkpoint", arrays, json.loads(json.dumps(meta, default=_json_default)))
@@ -1089,18 +1107,25 @@ def train(
     cfg: TrainConfig | None = None,
     out: str | os.PathLike = "runs/latest",
     *,
-    client: Any,
+    client: Any = None,
     resume: bool = False,
     force: bool = False,
     log: Callable[[str], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     progress: bool = False,
 ) -> TrainResult:
-    """Train on ``store`` with ``cfg`` on the cluster of ``client``; write the run to ``out``."""
+    """Train on ``store`` with ``cfg`` on the cluster of ``client``; write the run to ``out``.
+    ``client=None`` trains in this process (pipeline.local)."""
     if resume and cfg is None:
         RunDir(Path(out)).check(resume, force)  # say why there is nothing to resume
         cfg = resumed_config(out)
-    return Trainer(
+    if client is None:
+        from pipeline.local import LocalTrainer
+
+        cls: type[Trainer] = LocalTrainer
+    else:
+        cls = Trainer
+    return cls(
         store,
         cfg or TrainConfig(),
         out,

@@ -23,6 +23,7 @@ CASES = {
     "out_of_core": ["peak RSS MB", "page cache"],
     "ps_limits": ["pushes/s", "| 1e+05 | 2 |"],
     "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
+    "step_anatomy": ["| GEMMs (9 per step) |", "| cluster start |", "driver (scheduler + PS)"],
     "sklearn_parity": ["| MLPClassifier | iris | 112 / 38 |", "| MLPRegressor | diabetes |"],
 }
 

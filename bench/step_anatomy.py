@@ -1,0 +1,258 @@
+"""Where one training step and one whole ``pipeline train`` process spend their time.
+
+    python -m bench.step_anatomy            # MLP 784-512-256-10, batch 256, Adam, float32; 60k x 784, 5 epochs
+    python -m bench.step_anatomy --quick    # tiny sizes (smoke run)
+
+Part 1, one step in this process (the kernels' cpu backend with 1 BLAS thread, as in a worker
+and in-process training, and again with BLAS's default threads), medians
+over many repeats of: the step's nine GEMMs alone (3 per layer: forward, input gradient, weight
+gradient, on the trainer's own buffers), forward + loss + backward (``_gradient``), the local
+optimizer's update, the whole step; element-wise work is the gradient pass minus its GEMMs. The
+loader: one batch from a ChunkLoader over an on-disk store (read, shuffle, standardize; the
+second pass over it). Push /
+pull: one pull of the whole parameter vector from the parameter server in the scheduler of a
+1-worker LocalCluster, per step at ``local_steps = 8`` (one push and one pull per 8 steps). The
+scheduler's share: the driver process's CPU seconds (the LocalCluster's scheduler and the
+parameter server run there) over a 2-worker training run's wall time, beside the workers'.
+
+Part 2, a cold ``pipeline train`` process on a synthetic store (``pipeline synth``) with
+``hidden=[512,256]``, ``patience=0``, in process (the default below ``cluster_min_rows``) and
+with ``--workers 2``: imports (a fresh interpreter importing the command's
+modules), cluster start (a LocalCluster of 2 workers, --workers 2 only), worker warm-up (first epoch minus the
+median of the others), per-epoch training and validation (history.json), checkpoint and model
+save (timed again on the run's own files), and the whole process's wall time from outside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import local_cluster, machine, md_table, tmpdir, write_out
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = (784, 512, 256, 10)
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def step_parts(batch: int, repeats: int) -> dict[str, float]:
+    """Seconds per step of the GEMMs, the gradient pass, the optimizer and the whole step."""
+    from kernels.mlp import MLPSpec, MLPTrainer
+
+    spec = MLPSpec(n_in=SIZES[0], hidden=SIZES[1:-1], n_out=SIZES[-1], activation="relu", loss="softmax_ce")
+    tr = MLPTrainer(spec, backend="cpu", optimizer="adam", lr=1e-3, max_batch=batch, seed=0)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((batch, SIZES[0])).astype(np.float32)
+    y = rng.integers(0, SIZES[-1], batch).astype(np.int32)
+    tr.step(X, y)  # buffers, JIT
+    K = tr.K
+
+    def gemms() -> None:
+        a = X
+        for layer in range(spec.n_layers):
+            K.gemm(tr._acts[layer][:batch], a, tr._W[layer])
+            a = tr._acts[layer][:batch]
+        for layer in range(spec.n_layers - 1, -1, -1):
+            a_in = X if layer == 0 else tr._acts[layer - 1][:batch]
+            K.gemm(tr._dW[layer], a_in, tr._deltas[layer][:batch], trans_a=True)
+            if layer:
+                K.gemm(tr._deltas[layer - 1][:batch], tr._deltas[layer][:batch], tr._W[layer], trans_b=True)
+
+    out = {
+        "gemm": _median_time(gemms, repeats),
+        "gradient": _median_time(lambda: tr._gradient(X, y), repeats),
+        "optimizer": _median_time(lambda: tr.optimizer.step(tr._flat, tr._grad), repeats),
+        "step": _median_time(lambda: tr.step(X, y), repeats),
+    }
+    out["elementwise"] = max(0.0, out["gradient"] - out["gemm"])
+    flops = 6 * sum(a * b for a, b in zip(SIZES[:-1], SIZES[1:], strict=True)) * batch
+    out["gemm_gflops"] = flops / out["gemm"] / 1e9
+    out["n_params"] = int(tr.get_params().size)
+    return out
+
+
+def loader_per_batch(store: Any, batch: int) -> float:
+    from pipeline.loader import ChunkLoader
+
+    with ChunkLoader(store, batch_size=batch, seed=0) as ld:
+        for _batch in ld.epoch(1):  # compiled row kernels, the store in the page cache
+            pass
+        n = 0
+        t = time.perf_counter()
+        for _batch in ld.epoch(0):
+            n += 1
+        return (time.perf_counter() - t) / max(1, n)
+
+
+def push_pull(client: Any, n_params: int, repeats: int) -> float:
+    """Seconds of one pull of the whole vector from the parameter server (a push costs the same
+    bytes the other way)."""
+    import uuid
+
+    from pipeline.ps import ParameterServer
+
+    ParameterServer.ensure_installed(client)
+    ps = ParameterServer(f"anatomy-{uuid.uuid4().hex[:8]}", client)
+    ps.create(np.zeros(n_params, np.float32))
+    try:
+        return _median_time(lambda: ps.pull(), repeats)
+    finally:
+        ps.close()
+
+
+def cluster_shares(client: Any, store: Any, out: Path, epochs: int) -> dict[str, float]:
+    """Driver (scheduler + parameter server) and worker CPU seconds over a training run's wall."""
+    import psutil
+
+    from pipeline.config import TrainConfig
+    from pipeline.train import train
+
+    me = psutil.Process()
+    kids = me.children(recursive=True)
+
+    def cpu(p: Any) -> float:
+        try:
+            c = p.cpu_times()
+            return c.user + c.system
+        except psutil.Error:
+            return 0.0
+
+    d0, w0 = cpu(me), sum(cpu(k) for k in kids)
+    t = time.perf_counter()
+    cfg = TrainConfig(hidden=list(SIZES[1:-1]), epochs=epochs, patience=0, validation=0.0)
+    train(str(store.path), cfg, out, client=client, force=True)
+    wall = time.perf_counter() - t
+    return {"wall": wall, "driver_cpu": cpu(me) - d0, "workers_cpu": sum(cpu(k) for k in kids) - w0}
+
+
+def cold_run(store_path: str, out: Path, epochs: int, extra: Sequence[str] = ()) -> dict[str, float]:
+    """The phases of one cold ``pipeline train`` process (see the module docstring); ``extra``
+    arguments (``--workers 2``: on a cluster)."""
+    from pipeline.checkpoint import load_file, save_file
+    from pipeline.model import Model
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import pipeline.cli, pipeline.train, pipeline.worker, distributed"],
+                   env=env, check=True)  # fmt: skip
+    imports = time.perf_counter() - t
+    probe = ("import time\nfrom pipeline.connect import cluster_client\nt = time.perf_counter()\n"
+             "with cluster_client(None, workers=2, dashboard_address=None) as c:\n"
+             "    print(time.perf_counter() - t)")
+    got = subprocess.run([sys.executable, "-c", probe], env=env, check=True, capture_output=True, text=True)
+    cluster = float(got.stdout.split()[-1])
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", store_path, "--out", str(out), "--force", "-q",
+           "--set", f"hidden={list(SIZES[1:-1])}", "--set", f"epochs={epochs}", "--set", "patience=0", *extra]  # fmt: skip
+    t = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    total = time.perf_counter() - t
+    hist = json.loads((out / "history.json").read_text())["epochs"]
+    secs = [h["seconds"] for h in hist]
+    steady = float(np.median(secs[1:])) if len(secs) > 1 else secs[0]
+    arrays, meta = load_file(out / "checkpoint.npz", "checkpoint")
+    t = time.perf_counter()
+    save_file(out / "checkpoint-again.npz", "checkpoint", arrays, meta)
+    checkpoint = time.perf_counter() - t
+    model = Model.load(out / "model.npz")
+    t = time.perf_counter()
+    model.save(out / "model-again.npz")
+    save = time.perf_counter() - t
+    on_cluster = bool(extra)
+    return {
+        "process": total,
+        "imports": imports,
+        "cluster start": cluster if on_cluster else 0.0,
+        "warm-up (epoch 1 - steady)": secs[0] - steady,
+        "training (sum of train_s)": float(sum(h["train_s"] for h in hist)),
+        "validation (sum of validate_s)": float(sum(h["validate_s"] for h in hist)),
+        "checkpoint (one, x epochs)": checkpoint * len(hist),
+        "model save": save,
+        "epochs": float(len(hist)),
+        "steady epoch": steady,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    ap.add_argument("--rows", type=int, default=60_000)
+    ap.add_argument("--epochs", type=int, default=5)
+    args = ap.parse_args(argv)
+    rows, epochs, repeats = (4_000, 2, 20) if args.quick else (args.rows, args.epochs, 300)
+    batch = 256
+    mach = machine()
+    from pipeline.synth import synth
+
+    with tmpdir("step-anatomy") as tmp:
+        store = synth(str(tmp / "s.zarr"), rows=rows, features=SIZES[0], classes=SIZES[-1], seed=0)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1, user_api="blas"):  # as in a worker and in-process training
+            parts = step_parts(batch, repeats)
+        parts2 = step_parts(batch, repeats)  # BLAS's default threads (the cores)
+        ld = loader_per_batch(store, batch)
+        with local_cluster(1) as client:
+            pp = push_pull(client, parts["n_params"], max(5, repeats // 10))
+        with local_cluster(2) as client:
+            shares = cluster_shares(client, store, tmp / "run-shares", epochs)
+        cold = cold_run(str(store.path), tmp / "run-cold", epochs)
+        cold_cluster = cold_run(str(store.path), tmp / "run-cold-cluster", epochs,
+                                ("--workers", "2", "--dashboard-address", "none"))  # fmt: skip
+    step = parts["step"]
+    per_step = [
+        {"part": "GEMMs (9 per step)", "ms": parts["gemm"] * 1e3, "ms, default BLAS threads": parts2["gemm"] * 1e3},
+        {"part": "element-wise (bias, activations, loss)", "ms": parts["elementwise"] * 1e3,
+         "ms, default BLAS threads": parts2["elementwise"] * 1e3},
+        {"part": "optimizer (Adam)", "ms": parts["optimizer"] * 1e3, "ms, default BLAS threads": parts2["optimizer"] * 1e3},
+        {"part": "whole step", "ms": step * 1e3, "ms, default BLAS threads": parts2["step"] * 1e3},
+        {"part": "loader, one batch", "ms": ld * 1e3},
+        {"part": "push + pull per step (1/8 of 2 pulls)", "ms": 2 * pp / 8 * 1e3},
+    ]  # fmt: skip
+    for r in per_step:
+        r["% of step"] = 100 * r["ms"] / (step * 1e3)
+        r.setdefault("ms, default BLAS threads", float("nan"))
+    share_rows = [
+        {"process": "driver (scheduler + PS)", "CPU s": shares["driver_cpu"], "% of wall x 2 cores":
+         100 * shares["driver_cpu"] / (2 * shares["wall"])},
+        {"process": "2 workers", "CPU s": shares["workers_cpu"], "% of wall x 2 cores":
+         100 * shares["workers_cpu"] / (2 * shares["wall"])},
+    ]  # fmt: skip
+    cold_rows = [{"phase": k, "in process (default) s": v, "--workers 2 s": cold_cluster[k]}
+                 for k, v in cold.items() if k != "epochs"]  # fmt: skip
+    text = (
+        f"Machine: {mach['cpu']}, {mach['cores']} cores (shared, loaded: load {mach['load']}), {mach['date']}; "
+        f"MLP {'-'.join(map(str, SIZES))}, batch {batch}, Adam, float32; GEMM rate in the step "
+        f"{parts['gemm_gflops']:.1f} GFLOP/s with 1 BLAS thread, {parts2['gemm_gflops']:.1f} with the default\n\n"
+        + md_table(per_step, {"ms": ".3f", "% of step": ".0f", "ms, default BLAS threads": ".3f"})
+        + f"\n\nCPU over a 2-worker training run ({rows:,} rows, {epochs} epochs, {shares['wall']:.1f} s wall):\n\n"
+        + md_table(share_rows, {"CPU s": ".2f", "% of wall x 2 cores": ".0f"})
+        + f"\n\nCold `pipeline train` ({rows:,} x {SIZES[0]}, {int(cold['epochs'])} epochs), in process "
+        "(the default below cluster_min_rows) and on a 2-worker cluster:\n\n"
+        + md_table(cold_rows, {"in process (default) s": ".2f", "--workers 2 s": ".2f"})
+        + "\n"
+    )
+    print(text)
+    write_out("step_anatomy-quick" if args.quick else "step_anatomy", text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

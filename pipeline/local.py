@@ -1,0 +1,344 @@
+"""Training in this process, with the same kernels and the driver's own loop.
+
+A small store trains faster in one process than on a cluster: starting workers, compiling the
+kernels in each and the task and parameter-server round trips cost seconds that a few epochs
+of a small store never win back (bench/findings.md, "Where a step and a cold run go").
+:class:`LocalTrainer` is :class:`pipeline.train.Trainer` with its one cluster-bound part
+replaced: each epoch's work (in sync mode one share of the training rows, in async and ssp
+mode its tasks one after the other) is trained here by the loop of :func:`run_batches`, and :class:`LocalServer` stands in for the parameter server (the same
+server optimizer, schedule and weight average, applied every ``local_steps`` minibatches). The
+run directory, checkpoints, ``--resume`` and the Ctrl-C / SIGTERM checkpoint are the driver's.
+Such a run equals a one-worker, one-thread sync run on a cluster: same rows, same order, same
+weights (``overlap`` has no push in flight to hide here and is ignored).
+
+:func:`run_batches` is the in-process minibatch loop, shared with the scikit-learn estimators'
+in-process training (pipeline.estimator).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import TrainingError
+from pipeline.train import Ranges, Trainer, split_rows, task_config
+
+SLOT = "s0"  # the one share's slot, as a cluster's first sync share is named
+
+
+def run_batches(
+    trainer: Any,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    *,
+    full_batch: bool = False,
+    local_steps: int = 0,
+    sync: Callable[[int, int, float], None] | None = None,
+    skip: int = 0,
+) -> dict[str, Any]:
+    """Train ``trainer`` (a :class:`kernels.mlp.MLPTrainer`) on ``batches``: a step per
+    minibatch, or with ``full_batch`` one step with the mean gradient of them all.
+
+    Every ``local_steps`` minibatches (and after the last) ``sync(samples, batches, loss)`` is
+    called with the rows, minibatches and mean loss since the previous call, as a worker
+    pushes to the parameter server. The first ``skip`` batches are passed over (already
+    trained before an interruption). Returns ``samples``, ``batches``, ``loss`` (the mean of
+    the minibatch losses; full batch: over the rows) and ``row_loss`` (the mean over rows)."""
+    samples = n_since = b_since = n_batches = 0
+    weighted = 0.0
+    losses: list[float] = []
+    since: list[float] = []
+    for i, (X, y) in enumerate(batches):
+        if i < skip:
+            continue
+        b = len(X)
+        loss = trainer.accumulate(X, y) if full_batch else trainer.step(X, y)
+        samples += b
+        n_since += b
+        b_since += 1
+        n_batches += 1
+        weighted += loss * b
+        losses.append(loss)
+        since.append(loss * b if full_batch else loss)
+        if sync is not None and not full_batch and b_since == local_steps:
+            sync(n_since, b_since, float(np.mean(since)))
+            n_since = b_since = 0
+            since = []
+    if full_batch:
+        trainer.apply()
+        if samples:
+            losses = since = [weighted / samples]
+    if sync is not None and b_since:
+        sync(n_since, b_since, float(np.mean(since)))
+    return {
+        "samples": samples,
+        "batches": n_batches,
+        "loss": float(np.mean(losses)) if losses else float("nan"),
+        "row_loss": weighted / max(1, samples),
+    }
+
+
+# BLAS threads while training in this process: one, as in a Dask worker (its nanny sets
+# OMP/OpenBLAS/MKL threads to 1). The same thread count gives the same GEMM results, so a run
+# here equals a one-worker cluster run bit for bit (with two threads OpenBLAS sums some products
+# in another order). And a multi-threaded GEMM waits for all its threads at every call: on a
+# loaded 2-core machine a step of MLP 784-512-256-10 took 4-5x longer with 2 BLAS threads than
+# with one, and a 60k-row store's 5 epochs 310 s against 29 s (bench/findings.md, "Where a step
+# and a cold run go").
+BLAS_THREADS = 1
+# validation rows kept in memory between epochs up to this size
+VAL_CACHE_MB = 512
+
+
+class LocalServer:
+    """The parameter server's part of a one-share job, in this process: the handle
+    :class:`pipeline.train.Trainer` talks to (``create``, ``state``, ``metrics``, ``call``)."""
+
+    def __init__(self, job: str) -> None:
+        self.job = job
+        self.history: list[tuple] = []
+        self.samples = 0
+        self.loss: float | None = None
+        self.failed: str | None = None
+
+    def create(self, params: np.ndarray, *, mode: str, optimizer: dict, schedule: dict, version: int = 0,
+               optimizer_state: dict | None = None, local_states: dict | None = None,
+               progress: dict | None = None, **_: Any) -> None:  # fmt: skip
+        from pipeline.optim import Schedule
+        from pipeline.ps import ServerOptimizer
+
+        self.params = np.array(params, dtype=np.float32)
+        self.mode = mode
+        self.optimizer = ServerOptimizer(**optimizer, n=self.params.size)
+        if optimizer_state:
+            buffers = {k: np.array(v, dtype=np.float32) for k, v in optimizer_state["buffers"].items()}
+            if not self.optimizer.ema:
+                buffers.pop("average", None)
+            self.optimizer.t = int(optimizer_state["t"])
+            self.optimizer.buffers.update(buffers)
+            if self.optimizer.ema and "average" not in buffers:
+                self.optimizer.buffers["average"] = self.params.copy()
+        self.schedule = Schedule(**schedule)
+        self.version = int(version)
+        self.local_states = dict(local_states or {}) if mode == "sync" else {}
+        self.progress = {str(k): int(v) for k, v in (progress or {}).items()}
+
+    def push(self, name: str, delta: np.ndarray, samples: int, batches: int, loss: float) -> np.ndarray:
+        """Apply one participant's ``delta`` as the server does (a round of one); the new weights."""
+        lr = self.optimizer.lr * self.schedule.factor(self.version)
+        self.optimizer.step(self.params, delta, lr)
+        self.version += 1
+        self.progress[name] = self.progress.get(name, 0) + int(batches)
+        self.samples += samples
+        self.loss = loss if self.loss is None else 0.9 * self.loss + 0.1 * loss
+        self.history.append((time.time(), self.version, loss, samples, 1))
+        if not np.isfinite(self.params[:: max(1, self.params.size // 4096)]).all():
+            self.failed = f"parameters became non-finite at round {self.version}"
+            raise TrainingError(self.failed)
+        return self.params
+
+    def state(self) -> dict[str, Any]:
+        buffers = {k: v.copy() for k, v in self.optimizer.buffers.items()}
+        params = self.params.copy()
+        averaged = self.optimizer.ema and self.optimizer.t and "average" in buffers
+        return {
+            "params": params,
+            "model": buffers["average"] if averaged else params,
+            "version": self.version,
+            "optimizer": self.optimizer.config(),
+            "optimizer_state": {"t": self.optimizer.t, "buffers": buffers},
+            "progress": dict(self.progress),
+            "local_states": dict(self.local_states),
+            "failed": self.failed,
+        }
+
+    def metrics(self, history: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {"samples": self.samples, "loss": self.loss}
+        if history:
+            out["history"] = [list(h) for h in self.history]
+        return out
+
+    def call(self, route: str, **_: Any) -> dict[str, Any]:
+        return {"status": "OK"}  # record, expect: the dashboard's and the barrier's, none here
+
+    def close(self) -> None:
+        pass
+
+
+class LocalTrainer(Trainer):
+    """:class:`pipeline.train.Trainer` in this process (module docstring); ``client`` is None."""
+
+    installed_by = "this process (no cluster)"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._trainer: Any = None
+        self._val_batches: list | None = None
+
+    def fit(self) -> Any:
+        from threadpoolctl import threadpool_limits
+
+        with self.run.claim(self.resume, self.force), threadpool_limits(BLAS_THREADS, user_api="blas"):
+            return self._fit()
+
+    # the cluster-bound hooks of Trainer._fit
+    def _connect(self) -> tuple[str, dict[str, int]]:
+        return self.installed_by, {"this process": 1}
+
+    def _server(self) -> LocalServer:
+        self._ps = LocalServer(self.job)
+        return self._ps
+
+    def _span(self, name: str) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def _run_epoch(self, ps: LocalServer, epoch: int, tasks: list[Ranges], threads: dict[str, int],
+                   done_tasks: set[str], last_ckpt: float, history: list[dict], best: tuple,
+                   val_ranges: Ranges) -> dict[str, Any]:  # fmt: skip
+        """The epoch's work as a one-thread cluster would run it, in this process: one share of
+        every range (sync; federated: in plan order), else the tasks one after the other."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, epoch, 104729])
+        order = [int(i) for i in rng.permutation(len(tasks))]
+        if cfg.placement == "federated":
+            work = [(f"e{epoch}-{SLOT}", [r for t in tasks for r in t])]
+        elif cfg.mode == "sync":
+            work = [(f"e{epoch}-{SLOT}", split_rows([r for j in order for r in tasks[j]], 1)[0])]
+        else:
+            work = [(f"e{epoch}-t{j}", tasks[j]) for j in order]
+        stats = {"val": None, "val_version": None, "validate": 0.0, "tasks": [], "samples": 0,
+                 "loss": 0.0, "read": 0.0, "compute": 0.0, "communicate": 0.0}  # fmt: skip
+        state = {"last_ckpt": last_ckpt}
+        results = []
+        for name, ranges in work:
+            if name in done_tasks or not ranges:
+                continue
+            r = self._run_task(ps, epoch, name, ranges, done_tasks, state, history, best)
+            results.append(r)
+            done_tasks.add(name)
+            stats["tasks"].append({"name": name, "worker": "this process", "samples": r["samples"]})
+            for k in ("read", "compute"):
+                stats[k] += r[k]
+        samples = sum(r["samples"] for r in results)
+        stats["samples"] = samples
+        stats["loss"] = sum(r["loss"] * r["samples"] for r in results if r["samples"]) / max(samples, 1)
+        stats["tasks"].sort(key=lambda t: t["name"])
+        return stats
+
+    def _run_task(self, ps: LocalServer, epoch: int, name: str, ranges: Ranges, done_tasks: set[str],
+                  state: dict, history: list[dict], best: tuple) -> dict[str, Any]:  # fmt: skip
+        """What :func:`pipeline.worker.train_task` does with ``ranges``, here."""
+        from pipeline.loader import ChunkLoader
+        from pipeline.worker import FULL_BATCH_ROWS, _holdout, make_trainer, prepare_targets
+
+        cfg, tcfg = self.cfg, task_config(self.cfg)
+        if self._trainer is None:
+            self._trainer = make_trainer(self.spec, tcfg)
+        trainer = self._trainer
+        if cfg.mode == "sync":  # the share's own local optimizer state, as a cluster's task loads it
+            trainer.reset_optimizer()
+            saved = ps.local_states.get(SLOT)
+            if saved:
+                trainer.optimizer.load_state_dict(
+                    {"t": saved["t"], "lr": saved["lr"], **{f"opt.{k}": v for k, v in saved["buffers"].items()}}
+                )
+        trainer.set_params(ps.params)
+        anchor = trainer.get_params()
+        full_batch = cfg.batch_size == 0
+        if full_batch:
+            trainer.discard_accumulated()
+        loader = ChunkLoader(
+            self.store,
+            ranges=ranges,
+            batch_size=cfg.batch_size or FULL_BATCH_ROWS,
+            shuffle=not full_batch,
+            seed=cfg.seed,
+            buffer_chunks=cfg.shuffle_chunks,
+            prefetch=cfg.prefetch,
+            normalize=cfg.normalize,
+            holdout=_holdout(tcfg, "train"),
+        )
+
+        def sync(samples: int, batches: int, loss: float) -> None:
+            nonlocal anchor
+            fresh = ps.push(name, anchor - trainer.get_params(), samples, batches, loss)
+            trainer.set_params(fresh)
+            anchor = trainer.get_params()
+            if time.monotonic() - state["last_ckpt"] > cfg.checkpoint_seconds:
+                self._checkpoint(ps, epoch, history, best, done_tasks)
+                state["last_ckpt"] = time.monotonic()
+
+        t0 = time.perf_counter()
+        target = self.target
+        try:
+            r = run_batches(
+                trainer,
+                ((X, prepare_targets(y, target)) for X, y in loader.epoch(epoch)),
+                full_batch=full_batch,
+                local_steps=cfg.local_steps,
+                sync=sync,
+                skip=ps.progress.get(name, 0),
+            )
+        except BaseException:
+            try:
+                self._checkpoint(ps, epoch, history, best, done_tasks)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+            raise
+        finally:
+            read = loader.read_seconds
+            loader.close()
+        if cfg.mode == "sync":
+            opt = trainer.optimizer.state_dict()
+            ps.local_states[SLOT] = {"t": opt["t"], "lr": opt["lr"],
+                                     "buffers": {k.removeprefix("opt."): v for k, v in opt.items() if k.startswith("opt.")}}  # fmt: skip
+        total = time.perf_counter() - t0
+        return {"samples": r["samples"], "loss": r["loss"] if r["samples"] else 0.0, "read": read,
+                "compute": max(0.0, total - read)}  # fmt: skip
+
+    def _evaluate(self, epoch: int, val_ranges: Ranges) -> dict[str, Any]:
+        """The model's metrics on the validation rows: the batches of
+        :func:`pipeline.worker.evaluate_ranges`, read once and kept in memory for the next
+        epochs when they take at most ``VAL_CACHE_MB`` (the rows held out of a store are spread
+        over all its chunks: reading them is reading the whole store)."""
+        from pipeline.loader import ChunkLoader
+        from pipeline.store import open_store
+        from pipeline.worker import (
+            _holdout,
+            cached_trainer,
+            evaluate_arrays,
+            finish_metrics,
+            merge_metrics,
+        )
+
+        if not val_ranges:
+            return {}
+        cfg, tcfg = self.cfg, task_config(self.cfg)
+        batches = self._val_batches
+        if batches is None:
+            norm = self.val_norm
+            loader = ChunkLoader(
+                self.store if self.val_path == self.store_path else open_store(self.val_path),
+                ranges=val_ranges,
+                batch_size=max(cfg.batch_size, 1024),
+                shuffle=False,
+                normalize=cfg.normalize,
+                prefetch=cfg.prefetch,
+                mean=None if norm is None else norm["mean"],
+                std=None if norm is None else norm["std"],
+                holdout=_holdout(tcfg, "validation"),
+            )
+            try:
+                batches = list(loader.epoch(0))
+            finally:
+                loader.close()
+            if sum(X.nbytes + y.nbytes for X, y in batches) <= VAL_CACHE_MB * 2**20:
+                self._val_batches = batches
+        trainer = cached_trainer(self.job, "eval", self.spec, tcfg)
+        trainer.set_params(np.asarray(self._ps.state()["model"], dtype=np.float32))
+        parts = [evaluate_arrays(trainer.forward(X), y, self.target, self.spec["n_out"]) for X, y in batches]
+        return finish_metrics(merge_metrics(parts), self.target)

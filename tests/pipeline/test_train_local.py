@@ -1,0 +1,145 @@
+"""`pipeline train` on a small store trains in its own process unless a cluster is asked for."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.checkpoint import load_file
+from pipeline.model import load_model
+from pipeline.store import open_store
+
+# the command, with starting a cluster made an error: an in-process run must never start one
+NO_CLUSTER = (
+    "import sys, pipeline.connect as c\n"
+    "def refuse(*a, **k):\n"
+    "    raise SystemExit('a Dask cluster was started')\n"
+    "c.cluster_client = refuse\n"
+    "from pipeline.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+SMALL = ("--set", "hidden=[16]", "--set", "patience=0")
+
+
+def command(*args: str, cluster: bool = True) -> list[str]:
+    if cluster:
+        return [sys.executable, "-m", "pipeline.cli", *args]
+    return [sys.executable, "-c", NO_CLUSTER, *args]
+
+
+def run(*args: str, cluster: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(command(*args, cluster=cluster), capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    from pipeline.synth import synth
+
+    return synth(tmp_path_factory.mktemp("local") / "s.zarr", rows=3000, features=6, classes=3, seed=0).path
+
+
+def test_a_small_store_trains_in_process_and_its_model_evaluates(store, tmp_path):
+    out = tmp_path / "run"
+    r = run("train", store, "--out", str(out), "--set", "epochs=3", "--set", "lr=0.01", "--set", "ema=0", *SMALL,
+            cluster=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "training in this process: 3,000 rows, under cluster_min_rows = 100,000" in r.stderr
+    assert "dask dashboard" not in r.stderr
+    assert {"model.npz", "history.json", "checkpoint.npz", "config.toml"} <= {p.name for p in out.iterdir()}
+    history = json.loads((out / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [0, 1, 2]
+    assert history["installed_by"] == "this process (no cluster)"
+    assert len(history["rounds"]) == history["epochs"][-1]["rounds"] > 0
+    model = load_model(out)
+    st = open_store(store)
+    accuracy = float(np.mean(model.predict_index(st.X[:]) == st.y[:]))
+    assert accuracy > 0.6  # learned: 3 classes
+    r = run("evaluate", str(out), store, "--json", "--workers", "1", "--dashboard-address", "none")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_in_process_equals_a_one_worker_cluster_and_resumes_in_process(store, tmp_path):
+    local, cluster = tmp_path / "local", tmp_path / "cluster"
+    r = run("train", store, "--out", str(local), "--set", "epochs=2", *SMALL, cluster=False)
+    assert r.returncode == 0, r.stderr
+    r = run("train", store, "--out", str(cluster), "--set", "epochs=2", *SMALL,
+            "--workers", "1", "--dashboard-address", "none")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "training in this process" not in r.stderr and "dask dashboard" in r.stderr
+    assert json.loads((cluster / "history.json").read_text())["installed_by"] != "this process (no cluster)"
+    a, meta_a = load_file(local / "checkpoint.npz", "checkpoint")
+    b, meta_b = load_file(cluster / "checkpoint.npz", "checkpoint")
+    assert meta_a["in_process"] and not meta_b["in_process"]
+    assert sorted(a) == sorted(b)
+    for key in a:  # the same weights, optimizer states and average, bit for bit
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    val = [[e["val_loss"] for e in json.loads((d / "history.json").read_text())["epochs"]] for d in (local, cluster)]
+    assert val[0] == val[1]  # validated on the same rows with the same weights
+    # --resume continues in this process (no cluster flag needed)
+    r = run("train", store, "--out", str(local), "--resume", "--set", "epochs=3", cluster=False)
+    assert r.returncode == 0, r.stderr
+    assert "training in this process, as the run being resumed did" in r.stderr
+    history = json.loads((local / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [0, 1, 2]
+
+
+def test_sigterm_in_process_writes_a_checkpoint_that_resumes(store, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(command("train", store, "--out", str(out), "--set", "epochs=5000", *SMALL, cluster=False),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        lines: list[str] = []
+        while time.time() < deadline:
+            lines.append(proc.stderr.readline())
+            if lines[-1].startswith("epoch   2"):
+                break
+        assert lines[-1].startswith("epoch   2"), "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, rest[1]
+    assert "interrupted (SIGTERM)" in rest[1]
+    _, meta = load_file(out / "checkpoint.npz", "checkpoint")
+    assert meta["epoch"] >= 2 and not (out / "model.npz").exists()
+    r = run("train", store, "--out", str(out), "--resume", "--set", f"epochs={meta['epoch'] + 1}", cluster=False)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["epochs"] == meta["epoch"] + 1
+    assert (out / "model.npz").exists()
+
+
+def test_api_without_client_trains_in_process(store, tmp_path):
+    from pipeline.config import TrainConfig
+    from pipeline.train import train
+
+    res = train(store, TrainConfig(hidden=[8], epochs=2, patience=0), tmp_path / "run")
+    assert len(res.history) == 2 and res.installed_by == "this process (no cluster)"
+    assert Path(res.run_dir, "model.npz").exists()
+
+
+@pytest.mark.parametrize("extra", [("--set", "mode=async"), ("--set", "batch_size=0")])
+def test_other_modes_in_process_equal_a_one_worker_cluster(store, tmp_path, extra):
+    # async: one task after another (each its own shuffle), not one share; full batch: one step
+    local, cluster = tmp_path / "local", tmp_path / "cluster"
+    assert run("train", store, "--out", str(local), "--set", "epochs=2", *SMALL, *extra, cluster=False).returncode == 0
+    r = run("train", store, "--out", str(cluster), "--set", "epochs=2", *SMALL, *extra,
+            "--workers", "1", "--dashboard-address", "none")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    a, _ = load_file(local / "checkpoint.npz", "checkpoint")
+    b, _ = load_file(cluster / "checkpoint.npz", "checkpoint")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
