@@ -106,8 +106,7 @@ class LocalServer:
     def create(self, params: np.ndarray, *, mode: str, optimizer: dict, schedule: dict, version: int = 0,
                optimizer_state: dict | None = None, local_states: dict | None = None,
                progress: dict | None = None, **_: Any) -> None:  # fmt: skip
-        from pipeline.optim import Schedule
-        from pipeline.ps import ServerOptimizer
+        from pipeline.optim import Schedule, ServerOptimizer
 
         self.params = np.array(params, dtype=np.float32)
         self.mode = mode
