@@ -94,7 +94,8 @@ VAL_CACHE_MB = 512
 
 class LocalServer:
     """The parameter server's part of a one-share job, in this process: the handle
-    :class:`pipeline.train.Trainer` talks to (``create``, ``state``, ``metrics``, ``call``)."""
+    :class:`pipeline.train.Trainer` talks to (``create``, ``state``, ``metrics``, ``record``,
+    ``expect``, ``close``), as :class:`pipeline.ps.ParameterServer` does on a cluster."""
 
     def __init__(self, job: str) -> None:
         self.job = job
@@ -159,8 +160,11 @@ class LocalServer:
             out["history"] = [list(h) for h in self.history]
         return out
 
-    def call(self, route: str, **_: Any) -> dict[str, Any]:
-        return {"status": "OK"}  # record, expect: the dashboard's and the barrier's, none here
+    def record(self, **_: Any) -> None:
+        """The dashboard's epoch record: no dashboard here."""
+
+    def expect(self, *_: Any, **__: Any) -> None:
+        """The sync barrier's roster: a round of one needs none."""
 
     def close(self) -> None:
         pass
