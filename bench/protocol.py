@@ -71,7 +71,7 @@ def versions() -> dict[str, Any]:
             for i in threadpool_info()
             if i.get("user_api") == "blas"
         ]
-    out["env"] = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")}
+    out["env"] = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     return out
 
 

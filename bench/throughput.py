@@ -42,6 +42,14 @@ Rows:
   users run it**: two 1-thread workers as Dask starts them, no warm-up. The headline ratio is
   against the tuned row.
 
+**OpenMP wait policy.** PyTorch's CPU kernels run on OpenMP threads that spin while they wait
+for each other; on a shared machine whose other processes hold the cores, two spinning threads
+made a step 10-50x slower here (measured 2026-12-01 under load average ~10: an epoch of 5,000
+rows of 784-256-128-10 took 2.6-7.4 s with 2 threads against 0.09-0.49 s with
+``OMP_WAIT_POLICY=PASSIVE``, and 0.45 s with 1 thread). The benchmark sets
+``OMP_WAIT_POLICY=PASSIVE`` (unless already set) before anything loads OpenMP, for every trainer
+alike, and records it in the header: the PyTorch rows then measure PyTorch, not the spinning.
+
 The GEMM-implied limit is the pass's NumPy GEMM peak over the training FLOPs of one sample
 (2.41 MFLOP for this MLP).
 """
@@ -413,6 +421,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     if args.passes < 1:
         ap.error("--passes must be >= 1")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch or any OpenMP runtime loads
     text, numbers = run(quick=args.quick, rows=args.rows, epochs=args.epochs, passes=args.passes, cold=not args.no_cold)
     print(text)
     stem = "throughput" + ("-quick" if args.quick else "")

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -357,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="a pipeline setting for every pipeline run, as `pipeline train --set` (repeatable)")  # fmt: skip
     args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench.throughput: PyTorch threads do not spin
     from pipeline.errors import ConfigError
 
     try:

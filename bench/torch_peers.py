@@ -267,10 +267,94 @@ def cold_main(argv: Sequence[str]) -> None:
     torch.save(peer.model.state_dict(), out)
 
 
+# -------------------------------------------------------------------------------------------
+# streaming the Zarr store (out of core)
+# -------------------------------------------------------------------------------------------
+
+
+def stream_dataset(path: str, batch: int = 256, buffer_chunks: int = 4, seed: int = 0, prefetch: int = 2) -> Any:
+    """An ``IterableDataset`` mirroring the pipeline's loader: whole chunks read in a shuffled
+    order, rows shuffled within a buffer of ``buffer_chunks`` chunks, standardized to float32
+    with the store's statistics, and read ahead by a prefetch thread (``prefetch`` chunks)."""
+    import queue
+    import threading
+
+    import torch
+
+    from pipeline.store import open_store
+
+    class ZarrStream(torch.utils.data.IterableDataset):
+        def __init__(self) -> None:
+            self.st = open_store(path)
+            self.mean = self.st.mean.astype(np.float32)
+            self.inv = (1.0 / self.st.std).astype(np.float32)
+            self.epoch = 0
+
+        def __iter__(self):  # noqa: ANN204
+            rng = np.random.default_rng(seed + self.epoch)
+            self.epoch += 1
+            order = rng.permutation(self.st.n_chunks)
+            q: queue.Queue = queue.Queue(maxsize=prefetch)
+
+            def reader() -> None:
+                for i in order:
+                    X, y = self.st.read_chunk(int(i))
+                    q.put(((X.astype(np.float32) - self.mean) * self.inv, np.asarray(y, dtype=np.int64)))
+                q.put(None)
+
+            threading.Thread(target=reader, daemon=True).start()
+            bx: list = []
+            by: list = []
+            while True:
+                item = q.get()
+                if item is not None:
+                    bx.append(item[0])
+                    by.append(item[1])
+                if item is None or len(bx) >= buffer_chunks:
+                    if not bx:
+                        break
+                    X, y = np.concatenate(bx), np.concatenate(by)
+                    bx, by = [], []
+                    perm = rng.permutation(len(X))
+                    for j in range(0, len(X), batch):
+                        idx = perm[j : j + batch]
+                        yield torch.from_numpy(X[idx]), torch.from_numpy(y[idx])
+                if item is None:
+                    break
+
+    return ZarrStream()
+
+
+def stream_main(argv: Sequence[str]) -> None:
+    """``python -m bench.torch_peers stream STORE EPOCHS SIZES ADAM``: train from the store with
+    :func:`stream_dataset`; prints one JSON line per epoch (``epoch``, ``seconds``,
+    ``samples``) as the epoch ends, so the caller can sample memory and reads per epoch."""
+    import torch
+
+    path, epochs, sizes_s, kind = argv[:4]
+    sizes = [int(v) for v in sizes_s.split(",")]
+    torch.set_num_threads(2)
+    ds = stream_dataset(path)
+    model = build_model(sizes, 0)
+    opt = adam(model.parameters(), 1e-3, kind)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    print(json.dumps({"ready": True}), flush=True)
+    for e in range(int(epochs)):
+        t, n = time.perf_counter(), 0
+        for xb, yb in ds:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(xb), yb).backward()
+            opt.step()
+            n += len(xb)
+        print(json.dumps({"epoch": e, "seconds": time.perf_counter() - t, "samples": n}), flush=True)
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "ddp":
         ddp_main(sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "cold":
         cold_main(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "stream":
+        stream_main(sys.argv[2:])
     else:
         sys.exit("usage: python -m bench.torch_peers ddp DATA.npz OUT.json SIZES BATCH EPOCHS PERIOD ADAM")
