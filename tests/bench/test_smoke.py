@@ -24,7 +24,8 @@ CASES = {
     "local_steps": ["| pipeline sync | 8 |", "kernels in memory"],
     "time_to_accuracy": ["| letter | accuracy >= 0.500 |", "within 2 points", "(2 of 2)", "2 seeds per system",
                          "Raw figures: `bench/out/results/time_to_accuracy-quick-"],
-    "out_of_core": ["peak RSS MB", "page cache"],
+    "out_of_core": ["peak RSS MB", "page cache MB (epoch end)", "| pytorch IterableDataset |", "| 2 |",
+                    "memory binds?", "Raw figures: `bench/out/results/out_of_core-quick-"],
     "ps_limits": ["pushes/s", "| 1e+05 | 2 |"],
     "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
     "sklearn_parity": ["| MLPClassifier | iris | 112 / 38 |", "| MLPRegressor | diabetes |"],
@@ -33,7 +34,7 @@ CASES = {
 
 # throughput's smoke run starts five clusters and four fresh processes (cold timings, torch.compile,
 # two-process PyTorch); time_to_accuracy's runs two seeds: minutes on a loaded 2-core machine
-TIMEOUT = {"throughput": 900, "time_to_accuracy": 600}
+TIMEOUT = {"throughput": 900, "time_to_accuracy": 600, "out_of_core": 420}
 FIGURES = {"throughput", "time_to_accuracy", "out_of_core", "ps_limits"}  # draw a PNG too
 
 
@@ -168,3 +169,20 @@ def test_provenance_names_versions_commit_and_json(tmp_path: Path, monkeypatch) 
     text = "\n".join(protocol.provenance_lines(m))
     assert f"Commit {m['commit']}" in text and f"numpy {np.__version__}" in text
     assert "BLAS: " in text and f"Raw figures: `{path}`" in text
+
+
+def test_out_of_core_says_whether_memory_binds() -> None:
+    """Memory binds only under a cap below half the store, or with a store at least twice the
+    RAM; otherwise the table says it does not (and why), whatever the sizes run."""
+    from bench.out_of_core import binds, cap_support, own_memory_cgroup
+
+    gib = 2**30
+    assert binds(10 * gib, None, 24 * gib).startswith("NO: store 10.00 GiB < 2x RAM (24.0 GiB), no cap")
+    assert binds(10 * gib, 8 * gib, 24 * gib).startswith("NO:") and "cap 8.0 GiB not below half" in binds(
+        10 * gib, 8 * gib, 24 * gib)  # fmt: skip
+    assert binds(10 * gib, 3 * gib, 24 * gib).startswith("yes: cap 3.0 GiB around the workers")
+    assert binds(50 * gib, None, 24 * gib).startswith("yes: store 50.0 GiB >= 2x RAM")
+    ok, why = cap_support()  # only looks: creates nothing
+    d, limit_file = own_memory_cgroup()
+    assert isinstance(ok, bool) and why
+    assert limit_file in ("memory.limit_in_bytes", "memory.max") or d is None
