@@ -294,6 +294,7 @@ def run(quick: bool = False, sizes: Sequence[float] = (1, 4, 16), huge: bool = F
     from dask.utils import parse_bytes
 
     load0 = load()
+    m = meta()  # the commit and versions as the run starts
     free = sh.disk_usage(OUT.parent.parent).free / 1e9
     rows_out: list[dict] = []
     OUT.mkdir(parents=True, exist_ok=True)
@@ -325,7 +326,6 @@ def run(quick: bool = False, sizes: Sequence[float] = (1, 4, 16), huge: bool = F
     if not any(r["memory binds?"].startswith("yes") for r in rows_out):
         notes.append("memory did not bind on any size of this run: the figures show streaming, not a store "
                      "larger than the memory available to the workers")  # fmt: skip
-    m = meta()
     m["json"] = str(save_json("out_of_core" + ("-quick" if quick else ""),
                               {"benchmark": "out_of_core", "meta": m, "quick": quick, "epochs": epochs, "cap": cap,
                                "cap_support": why, "notes": notes,

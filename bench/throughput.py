@@ -340,6 +340,7 @@ def run(quick: bool = False, rows: int = 120_000, epochs: int = 2, passes: int =
     batch, n_classes = 256, 10
     sizes = (features, *hidden, n_classes)
     flops = _flops(sizes)
+    m = meta()  # the commit and versions as the run starts
     info: dict[str, Any] = {}
     try:
         import torch  # noqa: F401
@@ -374,7 +375,6 @@ def run(quick: bool = False, rows: int = 120_000, epochs: int = 2, passes: int =
                     raise AssertionError(f"{name} did not learn in pass {p['pass']}: accuracy {r['acc']:.3f}")
     rows_out, targets = summarize(recs, n_samples, flops)
     flagged = [p["pass"] for p in recs if p["conditions"]["flags"]]
-    m = meta()
     payload = {"benchmark": "throughput", "meta": m, "quick": quick, "rows": len(Xtr), "test_rows": len(Xte),
                "epochs": epochs, "sizes": sizes, "batch": batch, "flops_per_sample": flops, "info": info,
                "passes": recs, "table": rows_out, "targets": targets}  # fmt: skip

@@ -282,6 +282,7 @@ def run(
     if quick:
         datasets = ("letter",)
     load0 = load()
+    m = meta()  # the commit and versions as the run starts
     res, raw = [], []
     with tmpdir("bench-tta-") as tmp:
         for name in datasets:
@@ -289,7 +290,6 @@ def run(
             per_seed = [one_dataset(name, tmp, quick, max_epochs, overrides, seed, prepared) for seed in range(seeds)]
             raw.append(per_seed)
             res.append(merge_seeds(per_seed))
-    m = meta()
     m["json"] = str(save_json("time_to_accuracy" + ("-quick" if quick else ""),
                               {"benchmark": "time_to_accuracy", "meta": m, "quick": quick, "seeds": seeds,
                                "thresholds": {r["name"]: r["thr"] for r in res}, "overrides": overrides,
