@@ -81,7 +81,10 @@ def render(sections: list[tuple[str, str, str, float | None]], quick: bool, prea
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']} RAM; written {m['date']}; "
         f"load average when written {m['load']} (the machine was shared with other work: "
-        "each table's header gives the load around its own run). Regenerate with `python -m bench`.",
+        "each table's header gives the load around its own run). Regenerate with `python -m bench`. "
+        "Tables under the protocol of bench/protocol.py (throughput, time to accuracy, out of core) give their "
+        "commit, versions and per-pass conditions in their header and name the JSON under bench/results/ "
+        "their figures come from.",
         "",
     ]
     if preamble:

@@ -24,6 +24,8 @@ Trainers, each at its own defaults:
   epochs), then + cluster start. The same job is then run again on the now warm cluster (its
   epochs repeat the first run's metrics exactly, sync mode): "warm cluster" is its time, what a
   second job on a long-lived cluster pays.
+* **pytorch best practice** (classification stores): :class:`bench.torch_peers.TorchBest` with
+  the same hidden 256-128, stopped like the typical loop below; evaluation time excluded.
 * **pytorch**: the typical loop: same hidden 256-128, Adam lr 1e-3, ``DataLoader(batch_size=256,
   shuffle=True)``, 2 threads, up to 50 epochs, stopped after 5 epochs without a better test
   metric (the pipeline's patience, applied to the metric); evaluation time excluded.
@@ -35,8 +37,14 @@ Trainers, each at its own defaults:
   raw dollars its defaults end at R^2 -0.99 on california_housing after 200 epochs), and its X is
   the same standardized array every in-memory trainer gets.
 
-The stated threshold per dataset is 99% of the lowest best-epoch test metric among the three
-trainers (so each reaches it); it is printed in the table. "kernels in memory" is the pipeline's
+The threshold per dataset is fixed in code (``THRESHOLDS``) before any run: the values are those
+of the 2026-12-01 run (then derived after the fact from one seed as 99% of the lowest best-epoch
+metric of the three trainers) and no longer move with the results. Every system runs ``--seeds``
+(3) seeds (the pipeline's ``seed``, the peers' initialization and shuffling); the table gives the
+median time over the seeds with its range and in how many seeds the threshold was reached, the
+pipeline cold (a fresh cluster per seed, its start and the driver included in the last column)
+and warm (the same job again on that cluster) side by side. Raw figures:
+``bench/results/time_to_accuracy-*.json`` (:mod:`bench.protocol`). "kernels in memory" is the pipeline's
 default model and local optimizer run by this project's kernels in one process on the whole
 in-memory array (no Dask, no parameter server, no reads): where even it is not first, no
 scheduling of the pipeline's work can make the pipeline first. The time-to-threshold run of the pipeline
@@ -51,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,9 +82,14 @@ from bench.common import (
     val_metric,
     write_out,
 )
+from bench.protocol import meta, provenance_lines, save_json
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 DATASETS = ("letter", "adult", "shuttle", "california_housing", "diamonds", "synthetic")
+# fixed before the run (never derived from the run being reported); --quick: letter, 3 epochs
+THRESHOLDS = {"letter": 0.940, "adult": 0.844, "shuttle": 0.988, "california_housing": 0.791, "diamonds": 0.968,
+              "synthetic": 0.582}  # fmt: skip
+QUICK_THRESHOLD = 0.5
 
 
 def _random_split_csv(src: Path, tmp: Path, frac: float = 0.2, seed: int = 0) -> tuple[Path, Path]:
@@ -159,8 +173,10 @@ def pipeline_overrides(sets: Sequence[str]) -> dict[str, Any]:
     return {item.partition("=")[0].strip(): getattr(cfg, item.partition("=")[0].strip()) for item in sets}
 
 
-def one_dataset(name: str, tmp: Path, quick: bool, max_epochs: int, overrides: dict[str, Any]) -> dict[str, Any]:
-    train, test, split = prepare(name, tmp, quick)
+def one_dataset(name: str, tmp: Path, quick: bool, max_epochs: int, overrides: dict[str, Any], seed: int = 0,
+                prepared: tuple[Any, Any, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    train, test, split = prepared or prepare(name, tmp, quick)
+    overrides = {"seed": seed, **overrides}
     task = train.task
     Xtr, ytr = arrays(train)
     Xte, yte = arrays(test, like=train)
@@ -202,25 +218,34 @@ def one_dataset(name: str, tmp: Path, quick: bool, max_epochs: int, overrides: d
     overhead = r["wall"] - r["epoch_seconds"]
     # pytorch, typical loop
     try:
-        tp = TorchPeer(Xtr, ytr, (256, 128), n_out, task=task, y_mean=ym, y_std=ys)
+        tp = TorchPeer(Xtr, ytr, (256, 128), n_out, task=task, y_mean=ym, y_std=ys, seed=seed)
         curves["pytorch"] = curve_peer(tp, Xte, yte, task, min(50, epochs_cap), patience_stop(5))
         final["pytorch"] = curves["pytorch"][-1][1]
     except ImportError:
         pass
+    # pytorch at best practice (classification: its loss is cross-entropy), Adam fused or foreach as measured here
+    if task == "classification":
+        try:
+            from bench.torch_peers import TorchBest, pick_adam
+
+            sizes = (Xtr.shape[1], 256, 128, n_out)
+            tb = TorchBest(Xtr, ytr, sizes, seed=seed, adam_kind=pick_adam(sizes)["kind"])
+            curves["pytorch best practice"] = curve_peer(tb, Xte, yte, task, min(50, epochs_cap), patience_stop(5))
+        except ImportError:
+            pass
     # scikit-learn defaults
-    sk = SklearnPeer(Xtr, ytr, task=task, defaults=True, y_mean=ym, y_std=ys)
+    sk = SklearnPeer(Xtr, ytr, task=task, defaults=True, y_mean=ym, y_std=ys, seed=seed)
     curves["scikit-learn"] = curve_peer(sk, Xte, yte, task, min(200, epochs_cap if quick else 200),
                                         lambda c: sk.converged())  # fmt: skip
     final["scikit-learn"] = curves["scikit-learn"][-1][1]
     # an in-memory kernels row (same architecture as the pipeline default), for the gap
-    kp = KernelPeer(Xtr, ytr, (256, 128), n_out, task=task, y_mean=ym, y_std=ys)
+    kp = KernelPeer(Xtr, ytr, (256, 128), n_out, task=task, y_mean=ym, y_std=ys, seed=seed)
     curves["kernels in memory"] = curve_peer(kp, Xte, yte, task, min(50, epochs_cap), patience_stop(5))
     best = {k: max(m for _, m in v) for k, v in curves.items()}
-    thr = 0.99 * min(best[k] for k in ("pipeline", "pytorch", "scikit-learn") if k in best)
-    thr = math.floor(thr * 1000) / 1000
+    thr = QUICK_THRESHOLD if quick else THRESHOLDS[name]
     times = {k: first_time(v, thr) for k, v in curves.items()}
     times["pipeline (warm cluster)"] = first_time(c_warm, thr)
-    return {"name": name, "split": split, "task": task, "rows": (train.n_rows, test.n_rows), "thr": thr,
+    return {"name": name, "seed": seed, "split": split, "task": task, "rows": (train.n_rows, test.n_rows), "thr": thr,
             "times": times, "final": final, "epochs": {k: len(v) for k, v in curves.items()},
             "curves": {"pipeline": curves["pipeline"], "pipeline (warm cluster)": c_warm,
                        **{k: v for k, v in curves.items() if k != "pipeline"}},
@@ -231,45 +256,82 @@ def one_dataset(name: str, tmp: Path, quick: bool, max_epochs: int, overrides: d
             "compute_share": sum(h["compute_s"] for h in hist) / 2 / max(r["epoch_seconds"], 1e-9)}  # fmt: skip
 
 
+def _agg(vals: Sequence[float | None]) -> tuple[float | None, str]:
+    """Median over the seeds that reached the threshold, and ``median (min-max; k of n)``; a
+    system that missed it in most seeds has no median."""
+    got = [v for v in vals if v is not None]
+    if len(got) * 2 <= len(vals) - (len(vals) % 2 == 0):
+        return None, f"not reached ({len(got)} of {len(vals)})"
+    med = float(np.median(got))
+    rng = f"{min(got):.2f}-{max(got):.2f}; " if len(got) > 1 else ""
+    return med, f"{med:.2f} ({rng}{len(got)} of {len(vals)})"
+
+
+def merge_seeds(per_seed: list[dict]) -> dict[str, Any]:
+    """One dataset's figures over its seeds: median times (with range and reach count), median
+    final metrics, and the first seed's curves (for the figure)."""
+    r = dict(per_seed[0])
+    keys = set().union(*(p["times"] for p in per_seed))
+    r["time_lists"] = {k: [p["times"].get(k) for p in per_seed] for k in keys}
+    r["times"] = {k: _agg(v)[0] for k, v in r["time_lists"].items()}
+    r["time_text"] = {k: _agg(v)[1] for k, v in r["time_lists"].items()}
+    cold = [None if p["times"].get("pipeline") is None else p["times"]["pipeline"] + p["overhead"] + p["startup"]
+            for p in per_seed]  # fmt: skip
+    r["time_lists"]["pipeline cold (+ driver, cluster start)"] = cold
+    r["times"]["pipeline cold (+ driver, cluster start)"], r["time_text"]["pipeline cold (+ driver, cluster start)"] = _agg(cold)
+    r["final"] = {k: float(np.median([p["final"][k] for p in per_seed])) for k in per_seed[0]["final"]}
+    for k in ("overhead", "startup", "first_epoch", "first_epoch_warm", "compute_share"):
+        r[k] = float(np.median([p[k] for p in per_seed]))
+    r["seeds"] = [p["seed"] for p in per_seed]
+    return r
+
+
 def run(
-    quick: bool = False, datasets: Sequence[str] = DATASETS, max_epochs: int = 200, sets: Sequence[str] = ()
+    quick: bool = False, datasets: Sequence[str] = DATASETS, max_epochs: int = 200, sets: Sequence[str] = (),
+    seeds: int = 3,
 ) -> tuple[str, list[dict]]:
     overrides = pipeline_overrides(sets)
     if quick:
         datasets = ("letter",)
     load0 = load()
-    res = []
+    m = meta()  # the commit and versions as the run starts
+    res, raw = [], []
     with tmpdir("bench-tta-") as tmp:
         for name in datasets:
-            res.append(one_dataset(name, tmp, quick, max_epochs, overrides))
+            prepared = prepare(name, tmp, quick)
+            per_seed = [one_dataset(name, tmp, quick, max_epochs, overrides, seed, prepared) for seed in range(seeds)]
+            raw.append(per_seed)
+            res.append(merge_seeds(per_seed))
+    m["json"] = str(save_json("time_to_accuracy" + ("-quick" if quick else ""),
+                              {"benchmark": "time_to_accuracy", "meta": m, "quick": quick, "seeds": seeds,
+                               "thresholds": {r["name"]: r["thr"] for r in res}, "overrides": overrides,
+                               "per_seed": [[{k: v for k, v in p.items() if k != "curves"} | {"curves": p["curves"]}
+                                             for p in ps] for ps in raw]}, quick))  # fmt: skip
     t_rows, f_rows = [], []
     for r in res:
         met = "accuracy" if r["task"] == "classification" else "R^2"
-        tt = r["times"]
+        tt, tx = r["times"], r["time_text"]
         p = tt.get("pipeline")
-        peers = {k: v for k, v in tt.items() if k in ("pytorch", "scikit-learn")}
+        peers = {k: v for k, v in tt.items() if k in ("pytorch", "pytorch best practice", "scikit-learn")}
         first = p is not None and all(v is None or p <= v for v in peers.values())
         pw = tt.get("pipeline (warm cluster)")
+        pc = tt.get("pipeline cold (+ driver, cluster start)")
         tk = tt.get("kernels in memory")
         first_warm = pw is not None and all(v is None or pw <= v for v in peers.values())
-        fmt_t = lambda v: "not reached" if v is None else f"{v:.2f}"  # noqa: E731
         t_rows.append({
-            "dataset": r["name"], "threshold": f"{met} >= {r['thr']:.3f}",
-            "pipeline (epochs only) s": fmt_t(p),
-            "pipeline, warm cluster s": fmt_t(pw),
+            "dataset": r["name"], "threshold (fixed)": f"{met} >= {r['thr']:.3f}",
+            "pipeline warm cluster s": tx.get("pipeline (warm cluster)", "n/a"),
+            "pipeline fresh cluster, epochs only s": tx.get("pipeline", "n/a"),
+            "pipeline cold (+ driver, cluster start) s": tx.get("pipeline cold (+ driver, cluster start)", "n/a"),
             "first epoch s, fresh / warm cluster": f"{r['first_epoch']:.2f} / {r['first_epoch_warm']:.2f}",
-            "+ driver s": fmt_t(None if p is None else p + r["overhead"]),
-            "+ cluster start s": fmt_t(None if p is None else p + r["overhead"] + r["startup"]),
-            "pytorch s": fmt_t(tt.get("pytorch")), "scikit-learn s": fmt_t(tt.get("scikit-learn")),
-            "kernels in memory s": fmt_t(tt.get("kernels in memory")),
-            "s/epoch pipeline / torch / sklearn / kernels": " / ".join(
-                f"{r['s_per_epoch'][k]:.2f}" if k in r["s_per_epoch"] else "-"
-                for k in ("pipeline", "pytorch", "scikit-learn", "kernels in memory")),
+            "pytorch s": tx.get("pytorch", "n/a"),
+            "pytorch best practice s": tx.get("pytorch best practice", "n/a (regression)"), "scikit-learn s": tx.get("scikit-learn", "n/a"),
+            "kernels in memory s": tx.get("kernels in memory", "n/a"),
             "pipeline compute share": f"{100 * r['compute_share']:.0f}%",
-            "pipeline first (epochs only)?": "yes" if first else "NO",
-            "pipeline first (warm cluster)?": "yes" if first_warm else "NO",
-            "pipeline first (+ cluster start)?": "yes" if p is not None and all(
-                v is None or p + r["overhead"] + r["startup"] <= v for v in peers.values()) else "NO",
+            "pipeline first (warm)?": "yes" if first_warm else "NO",
+            "pipeline first (fresh cluster, epochs only)?": "yes" if first else "NO",
+            "pipeline first (cold)?": "yes" if pc is not None and all(v is None or pc <= v for v in peers.values())
+            else "NO",
             # the pipeline's default model and optimizer in one process, no Dask at all: where
             # even this is not first, no scheduling of the pipeline's work can be
             "kernels in memory first?": "yes" if tk is not None and all(
@@ -285,18 +347,17 @@ def run(
             "pytorch": f"{fin['pytorch']:.4f}" if "pytorch" in fin else "n/a",
             "scikit-learn default": f"{fin['scikit-learn']:.4f}", "gap to sklearn (points)": f"{gap:+.2f}",
             "within 2 points?": ("yes" if gap <= 2.0 else "NO") if real else "(synthetic)",
-            "epochs pipeline/torch/sklearn": "/".join(str(r["epochs"].get(k, "-"))
-                                                       for k in ("pipeline", "pytorch", "scikit-learn")),
         })  # fmt: skip
-    head = (f"time to a stated test metric (threshold = 99% of the lowest best-epoch metric of the three "
-            f"trainers); fresh 2-worker LocalCluster per dataset; load average before {load0:.2f}, after "
+    head = (f"time to a test metric fixed in code before the run (`THRESHOLDS`); {seeds} seed{'s' if seeds > 1 else ''} "
+            f"per system: median seconds (range; seeds reaching the threshold); a fresh 2-worker LocalCluster per "
+            f"seed (cold), then the same job on that warm cluster; load average before {load0:.2f}, after "
             f"{load():.2f}")  # fmt: skip
     if overrides:
         head += "; pipeline settings changed: " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())
     text = "\n".join([
-        head, "", "### time to threshold (seconds)", "", md_table(t_rows), "",
-        "### final test metric at default settings (target: pipeline within 2 points of scikit-learn's MLP; "
-        "'gap' > 0 means scikit-learn is better)", "", md_table(f_rows),
+        head, "", *provenance_lines(m), "", "### time to threshold (seconds)", "", md_table(t_rows), "",
+        "### final test metric at default settings, median over the seeds (target: pipeline within 2 points of "
+        "scikit-learn's MLP; 'gap' > 0 means scikit-learn is better)", "", md_table(f_rows),
     ])  # fmt: skip
     return text, res
 
@@ -305,17 +366,22 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap = argparse.ArgumentParser(prog="python -m bench.time_to_accuracy", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per system (default 3; --quick: 2)")
     ap.add_argument("--max-epochs", type=int, default=200, help="cap for scikit-learn (its default max_iter)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="a pipeline setting for every pipeline run, as `pipeline train --set` (repeatable)")  # fmt: skip
     args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench.throughput: PyTorch threads do not spin
     from pipeline.errors import ConfigError
 
     try:
         pipeline_overrides(args.sets)
     except ConfigError as exc:
         ap.error(str(exc))
-    text, res = run(args.quick, [d for d in args.datasets.split(",") if d], args.max_epochs, args.sets)
+    if args.seeds < 1:
+        ap.error("--seeds must be >= 1")
+    seeds = min(args.seeds, 2) if args.quick else args.seeds
+    text, res = run(args.quick, [d for d in args.datasets.split(",") if d], args.max_epochs, args.sets, seeds)
     print(text)
     stem = "time_to_accuracy" + ("-quick" if args.quick else "") + ("-set" if args.sets else "")
     write_out(stem, text)
