@@ -1,7 +1,8 @@
 """Smoke tests: every benchmark's quick mode runs and prints its table.
 
-Each runs as a subprocess (``python -m bench.<name> --quick``) so that a benchmark's clusters,
-threads and third-party warnings stay out of the test process. A missing optional peer
+The cluster benchmarks run as a subprocess (``python -m bench.<name> --quick``) so that a
+benchmark's clusters, threads and third-party warnings stay out of the test process; the
+in-process ones (``bench.kernels``, ``bench.io``) are called through their ``main``. A missing optional peer
 (torch, dask-ml) drops its row inside the benchmark; it never fails the run.
 """
 
@@ -127,3 +128,33 @@ def test_throughput_reports_the_median_of_its_passes() -> None:
     assert b["samples/s per pass"] == "0.0k / 0.0k / 60.0k"
     (single,) = _median_rows([passes[0][:1]])
     assert single == {"trainer": "a", "samples/s": 10.0, "seconds": 3.0, "test acc": 0.5, "wall": None}
+
+
+def test_bench_kernels_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    """The kernel benchmark runs end to end (tiny sizes) and prints its table."""
+    from bench.kernels import main
+
+    table = main(["--quick"])
+    printed = capsys.readouterr().out
+    assert table in printed
+    assert "GEMM peak" in table
+    assert "| trainer | samples/s | GFLOP/s | % of GEMM-implied limit | vs PyTorch |" in table
+    for row in ("| cpu |", "| numpy |", "| sklearn-mlp |"):
+        assert row in table
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    assert "| pytorch-cpu |" in table
+
+
+def test_bench_io_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m bench.io --quick` runs end to end (in-process) and prints its tables."""
+    from bench import io as bench_io
+
+    text = bench_io.main(["--quick", "--out", str(tmp_path / "io.md")])
+    out = capsys.readouterr().out
+    assert "| ingest csv |" in out and "| ingest parquet |" in out
+    for codec in ("none", "lz4", "zstd"):
+        assert f"| {codec} |" in out
+    assert (tmp_path / "io.md").read_text().strip() == text.strip()
