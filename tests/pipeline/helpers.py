@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -58,3 +59,15 @@ def corrupt_chunk(store_path: str | Path, array: str, index: int) -> Path:
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     return path
+
+
+def read_until(stream: IO[str], prefix: str, timeout: float = 120) -> list[str]:
+    """Read lines of a running command's output until one starts with ``prefix`` (asserted)."""
+    deadline = time.time() + timeout
+    lines: list[str] = []
+    while time.time() < deadline:
+        lines.append(stream.readline())
+        if lines[-1].startswith(prefix) or not lines[-1]:
+            break
+    assert lines and lines[-1].startswith(prefix), "".join(lines)
+    return lines

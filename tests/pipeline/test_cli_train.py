@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import zarr
 from pipeline.checkpoint import load_file
 from pipeline.model import load_model
 from pipeline.store import open_store
-from tests.pipeline.helpers import CLI, cli_env, run_cli
+from tests.pipeline.helpers import CLI, cli_env, read_until, run_cli
 
 CLUSTER = ("--workers", "2", "--dashboard-address", "none")
 
@@ -106,14 +105,7 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint(letter_stores, tmp_path):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        deadline = time.time() + 120
-        lines = []
-        while time.time() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            if line.startswith("epoch   2"):
-                break
-        assert any(x.startswith("epoch   2") for x in lines), "".join(lines)
+        read_until(proc.stderr, "epoch   2")
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=120)
     finally:
@@ -284,13 +276,7 @@ def test_sigterm_stops_with_a_checkpoint_and_evaluate_explains_the_interrupted_r
     out = tmp_path / "run"
     proc = _popen_train(small_store, out, "--set", "epochs=500", "--set", "patience=0")
     try:
-        deadline = time.time() + 120
-        lines = []
-        while time.time() < deadline:
-            lines.append(proc.stderr.readline())
-            if lines[-1].startswith("epoch   2"):
-                break
-        assert lines[-1].startswith("epoch   2"), "".join(lines)
+        read_until(proc.stderr, "epoch   2")
         # while it trains, evaluate says so instead of "model.npz not found"
         r = run_cli("evaluate", str(out), small_store, "--scheduler", "tcp://127.0.0.1:1")
         assert r.returncode == 1 and f"is still training (pid {proc.pid} on " in r.stderr, r.stderr
