@@ -1,7 +1,8 @@
 """Smoke tests: every benchmark's quick mode runs and prints its table.
 
-Each runs as a subprocess (``python -m bench.<name> --quick``) so that a benchmark's clusters,
-threads and third-party warnings stay out of the test process. A missing optional peer
+The cluster benchmarks run as a subprocess (``python -m bench.<name> --quick``) so that a
+benchmark's clusters, threads and third-party warnings stay out of the test process; the
+in-process ones (``bench.kernels``, ``bench.io``) are called through their ``main``. A missing optional peer
 (torch, dask-ml) drops its row inside the benchmark; it never fails the run.
 """
 
@@ -187,3 +188,33 @@ def test_out_of_core_says_whether_memory_binds() -> None:
     d, limit_file = own_memory_cgroup()
     assert isinstance(ok, bool) and why
     assert limit_file in ("memory.limit_in_bytes", "memory.max") or d is None
+
+
+def test_bench_kernels_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    """The kernel benchmark runs end to end (tiny sizes) and prints its table."""
+    from bench.kernels import main
+
+    table = main(["--quick"])
+    printed = capsys.readouterr().out
+    assert table in printed
+    assert "GEMM peak" in table
+    assert "| trainer | samples/s | GFLOP/s | % of GEMM-implied limit | vs PyTorch |" in table
+    for row in ("| cpu |", "| numpy |", "| sklearn-mlp |"):
+        assert row in table
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    assert "| pytorch-cpu |" in table
+
+
+def test_bench_io_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m bench.io --quick` runs end to end (in-process) and prints its tables."""
+    from bench import io as bench_io
+
+    text = bench_io.main(["--quick", "--out", str(tmp_path / "io.md")])
+    out = capsys.readouterr().out
+    assert "| ingest csv |" in out and "| ingest parquet |" in out
+    for codec in ("none", "lz4", "zstd"):
+        assert f"| {codec} |" in out
+    assert (tmp_path / "io.md").read_text().strip() == text.strip()

@@ -20,19 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cluster.conftest import (
-    ROOT,
-    Cluster,
-    child_env,
-    free_port,
-    run_cli,
-    running_cluster,
-)
+from tests.cluster.conftest import run_cli, running_cluster
+from tests.processes import ROOT, Procs, child_env, free_port
 
 TRAIN = ["--set", "epochs=3", "--set", "mode=sync", "--set", "seed=0", "--set", "min_share_gflop=0", "--quiet"]
 
 
-def _train(store: Path, cluster: Cluster, out: Path, *extra: str, timeout: float = 180.0):
+def _train(store: Path, cluster: Procs, out: Path, *extra: str, timeout: float = 180.0):
     return run_cli(["train", str(store), "--scheduler", cluster.address, "--out", str(out),
                     *TRAIN, *cluster.tls_args("client"), *extra], cwd=out.parent, timeout=timeout)
 
@@ -60,7 +54,7 @@ def _one_line_error(stderr: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def test_train_uses_the_preloaded_parameter_server(letter_store: Path, tcp_cluster: Cluster,
+def test_train_uses_the_preloaded_parameter_server(letter_store: Path, tcp_cluster: Procs,
                                                     tmp_path: Path) -> None:
     run = tmp_path / "run"
     r = _train(letter_store, tcp_cluster, run)
@@ -76,21 +70,21 @@ def test_train_uses_the_preloaded_parameter_server(letter_store: Path, tcp_clust
     assert max(row[deltas] for row in hist["rounds"]) == 2
     assert (run / "model.npz").is_file() and (run / "checkpoint.npz").is_file()
     # the preload also put the training page on the scheduler's dashboard
-    log = tcp_cluster.scheduler.text()
+    log = tcp_cluster.schedulers[tcp_cluster.address].text()
     dash = next(ln for ln in log.splitlines() if "dashboard at:" in ln).rsplit(" ", 1)[-1]
     dash = dash.replace("http://", "").rstrip("/").split("/")[0]
     with urllib.request.urlopen(f"http://{dash}/pipeline", timeout=30) as resp:
         assert resp.status == 200
 
 
-def test_concurrent_sync_trainings_match_solo_runs(letter_store: Path, tcp_cluster: Cluster,
+def test_concurrent_sync_trainings_match_solo_runs(letter_store: Path, tcp_cluster: Procs,
                                                    tmp_path: Path) -> None:
     solo = tmp_path / "solo"
     r = _train(letter_store, tcp_cluster, solo)
     assert r.returncode == 0, r.stderr
 
     outs = [tmp_path / "a", tmp_path / "b"]
-    log_start = len(tcp_cluster.scheduler.text())
+    log_start = len(tcp_cluster.schedulers[tcp_cluster.address].text())
     results: dict[Path, subprocess.CompletedProcess] = {}
 
     def go(out: Path) -> None:
@@ -110,7 +104,7 @@ def test_concurrent_sync_trainings_match_solo_runs(letter_store: Path, tcp_clust
         assert _history(out)["installed_by"] == "preload"
     # A participant waiting at a sync barrier leaves its worker's thread pool, so two jobs on
     # single-threaded workers never wait for each other's queued tasks.
-    assert "did not join within" not in tcp_cluster.scheduler.text()[log_start:]
+    assert "did not join within" not in tcp_cluster.schedulers[tcp_cluster.address].text()[log_start:]
     for out in outs:
         # two jobs on one parameter server stay apart, and sync mode is reproducible: each
         # gives exactly what it gives alone
@@ -127,8 +121,8 @@ def test_worker_that_cannot_read_the_store_is_named(letter_store: Path, tmp_path
     elsewhere.mkdir()
     bad_port = free_port()
     with running_cluster(tmp_path / "cluster", workers=0) as cluster:
-        cluster.start_worker("good", cwd=here)
-        cluster.start_worker("bad", cwd=elsewhere, port=bad_port)
+        cluster.worker(cluster.address, "good", cwd=here)
+        cluster.worker(cluster.address, "bad", cwd=elsewhere, port=bad_port)
         out = tmp_path / "run"
         r = run_cli(["train", letter_store.name, "--scheduler", cluster.address, "--out", str(out),
                      *TRAIN], cwd=here, timeout=120)
@@ -149,7 +143,7 @@ def test_evaluate_and_predict_resolve_relative_paths_on_the_driver(tmp_path: Pat
     r = run_cli(["synth", "s.zarr", "--rows", "3000", "--features", "4", "--classes", "3", "--quiet"], cwd=here)
     assert r.returncode == 0, r.stderr
     with running_cluster(tmp_path / "cluster", workers=0) as cluster:
-        cluster.start_worker("w", cwd=elsewhere)
+        cluster.worker(cluster.address, "w", cwd=elsewhere)
         r = run_cli(["train", str(here / "s.zarr"), "--scheduler", cluster.address, "--out", str(here / "run"),
                      "--set", "epochs=1", "--set", "hidden=[8]", "--quiet"], cwd=here)
         assert r.returncode == 0, r.stderr
@@ -169,7 +163,7 @@ def test_evaluate_and_predict_resolve_relative_paths_on_the_driver(tmp_path: Pat
 # --------------------------------------------------------------------------------------------
 
 
-def test_train_over_tls(letter_store: Path, tls_cluster: Cluster, tmp_path: Path) -> None:
+def test_train_over_tls(letter_store: Path, tls_cluster: Procs, tmp_path: Path) -> None:
     assert tls_cluster.address.startswith("tls://")
     run = tmp_path / "run"
     r = _train(letter_store, tls_cluster, run)
@@ -181,7 +175,7 @@ def test_train_over_tls(letter_store: Path, tls_cluster: Cluster, tmp_path: Path
 
 @pytest.mark.parametrize("case", ["no-certs", "other-ca", "tcp-scheme"])
 def test_client_without_valid_certificates_is_refused(case: str, letter_store: Path,
-                                                      tls_cluster: Cluster, tmp_path: Path) -> None:
+                                                      tls_cluster: Procs, tmp_path: Path) -> None:
     address = tls_cluster.address
     extra: list[str] = []
     if case == "other-ca":

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from pipeline.checkpoint import load_file
+from tests.processes import PIPELINE, Procs, wait_for
 
-from .conftest import PIPELINE, Procs, error_line, history, wait_for, wait_workers
+from .conftest import error_line, fault_procs, history, wait_workers
 
 # min_share_gflop=0: these stores are tiny, and the faults need every worker to hold a share
 FAST = ("--set", "patience=0", "--set", "hidden=[32]", "--set", "local_steps=4", "--set", "batch_size=128",
@@ -43,7 +44,7 @@ def _finish(proc, timeout: float) -> str:  # noqa: ANN001
 
 @pytest.mark.timeout(240)
 def test_all_workers_killed_then_a_new_worker_joins(procs: Procs, small_store: Path, tmp_path: Path) -> None:
-    _, addr, workers = procs.cluster("w0", "w1")
+    _, addr, workers = procs.cluster("w0", "w1", nanny=False)
     run = tmp_path / "run"
     train = procs.train(small_store, addr, run, "--set", "epochs=6", "--set", "mode=sync",
                         "--set", "no_worker_timeout=90", *FAST)
@@ -53,7 +54,7 @@ def test_all_workers_killed_then_a_new_worker_joins(procs: Procs, small_store: P
         w.kill()
     time.sleep(4)  # capacity is gone for a while: the driver must wait, not fail or hang
     assert train.alive(), train.text()
-    procs.worker(addr, "w-new")
+    procs.worker(addr, "w-new", nanny=False)
     out = _finish(train, 150)
     assert train.popen.returncode == 0, out[-3000:]
     h = history(run)
@@ -64,7 +65,7 @@ def test_all_workers_killed_then_a_new_worker_joins(procs: Procs, small_store: P
 def test_no_worker_returns_fails_with_one_line_after_no_worker_timeout(
     procs: Procs, small_store: Path, tmp_path: Path
 ) -> None:
-    _, addr, workers = procs.cluster("w0", "w1")
+    _, addr, workers = procs.cluster("w0", "w1", nanny=False)
     run = tmp_path / "run"
     train = procs.train(small_store, addr, run, "--set", "epochs=50", "--set", "mode=async",
                         "--set", "no_worker_timeout=4", *FAST)
@@ -85,7 +86,7 @@ def test_no_worker_returns_fails_with_one_line_after_no_worker_timeout(
 
 @pytest.mark.timeout(240)
 def test_scheduler_killed_then_resume_on_a_new_scheduler(procs: Procs, small_store: Path, tmp_path: Path) -> None:
-    sched, addr, workers = procs.cluster("a0", "a1")
+    sched, addr, workers = procs.cluster("a0", "a1", nanny=False)
     run = tmp_path / "run"
     epochs = 8
     train = procs.train(small_store, addr, run, "--set", f"epochs={epochs}", "--set", "mode=async",
@@ -103,7 +104,7 @@ def test_scheduler_killed_then_resume_on_a_new_scheduler(procs: Procs, small_sto
     done = int(meta["epoch"])
     assert done >= 2 and [e["epoch"] for e in meta["history"]] == list(range(done))
 
-    _, addr2, _ = procs.cluster("b0", "b1")
+    _, addr2, _ = procs.cluster("b0", "b1", nanny=False)
     resumed = procs.start("resume", [PIPELINE, "train", str(small_store), "--resume", "--out", str(run),
                                      "--scheduler", addr2])
     out = _finish(resumed, 150)
@@ -120,11 +121,11 @@ def test_scheduler_killed_then_resume_on_a_new_scheduler(procs: Procs, small_sto
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    p = Procs(tmp_path_factory.mktemp("cluster"))
+    p = fault_procs(tmp_path_factory.mktemp("cluster"))
     try:
         _, addr = p.scheduler()
-        p.worker(addr, "fast")
-        p.worker(addr, "slow", "--preload", "slowpatch", FAULTS_SLOW_STEP="0.03")
+        p.worker(addr, "fast", nanny=False)
+        p.worker(addr, "slow", "--preload", "slowpatch", nanny=False, FAULTS_SLOW_STEP="0.03")
         wait_workers(addr, 2)
         yield p, addr
     finally:
@@ -244,7 +245,8 @@ def _worker_names(addr: str) -> dict[str, str]:
 def test_slowpatch_is_test_only() -> None:
     """The slow-worker preload lives with the tests and nothing in production imports it."""
     root = Path(__file__).resolve().parents[2]
-    for sub in ("pipeline", "kernels"):
-        for f in (root / sub).rglob("*.py"):
-            assert "slowpatch" not in f.read_text(), f
+    sources = [f for sub in ("pipeline", "kernels") for f in (root / sub).rglob("*.py")]
+    assert root / "pipeline" / "__init__.py" in sources and root / "kernels" / "__init__.py" in sources
+    for f in sources:
+        assert "slowpatch" not in f.read_text(), f
     assert os.path.isfile(Path(__file__).with_name("slowpatch.py"))

@@ -7,11 +7,10 @@ stray child processes when it starts, so no cluster may outlive the module that 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[2] / "data"
+from tests.pipeline.helpers import LETTER
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +19,7 @@ def letter_stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     from pipeline.ingest import ingest
 
     root = tmp_path_factory.mktemp("letter")
-    src = DATA / "letter" / "letter-recognition.data"
+    src = LETTER
     train = ingest(src, root / "train.zarr", target=0, rows="0:16000")
     test = ingest(src, root / "test.zarr", target=0, rows="16000:", like=train.path)
     return train.path, test.path

@@ -120,25 +120,17 @@ def _scheduler_mmaps(tmp_path, **env: str) -> int:
     """New mmapped blocks per malloc(2 MiB) in a real `dask scheduler --preload pipeline.ps`."""
     from distributed import Client
 
-    from tests.processes import DASK, ROOT, Proc, child_env, free_port
+    from tests.processes import ROOT, Procs, child_env
 
-    port = free_port()
     clean = {k: v for k, v in child_env().items() if not k.startswith("MALLOC_")}
-    log = tmp_path / f"scheduler-{port}.log"
-    with open(log, "wb") as out:
-        popen = subprocess.Popen(
-            [DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard",
-             "--preload", "pipeline.ps"],
-            env={**clean, "PYTHONPATH": str(ROOT), **env}, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    proc = Proc("scheduler", popen, log)
+    procs = Procs(tmp_path / "scheduler", env={**clean, "PYTHONPATH": str(ROOT)}, grace=0)
     try:
-        with Client(f"tcp://127.0.0.1:{port}", timeout=60) as c:
+        _, address = procs.scheduler(dashboard=False, **env)
+        with Client(address, timeout=60) as c:
             assert c.run_on_scheduler(lambda dask_scheduler: "pipeline_ps" in dask_scheduler.extensions)
             return int(c.run_on_scheduler(new_mmaps))
     finally:
-        proc.kill()
+        procs.close()
 
 
 @needs_glibc

@@ -14,10 +14,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import cli
 from pipeline.store import StoreWriter, open_store
-from tests.pipeline.test_store import corrupt_chunk
-
-DATA = Path(__file__).resolve().parents[2] / "data"
-LETTER = DATA / "letter/letter-recognition.data"
+from tests.pipeline.helpers import LETTER, corrupt_chunk
 
 
 def run(*args: str):

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +16,7 @@ import zarr
 from pipeline.checkpoint import load_file
 from pipeline.model import load_model
 from pipeline.store import open_store
-
-
-def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
-
+from tests.pipeline.helpers import CLI, cli_env, read_until, run_cli
 
 CLUSTER = ("--workers", "2", "--dashboard-address", "none")
 
@@ -33,7 +24,7 @@ CLUSTER = ("--workers", "2", "--dashboard-address", "none")
 @pytest.fixture(scope="module")
 def trained(letter_stores, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "run"
-    r = run("train", letter_stores[0], "--out", str(out), "--set", "epochs=3", "--set", "patience=0", *CLUSTER)
+    r = run_cli("train", letter_stores[0], "--out", str(out), "--set", "epochs=3", "--set", "patience=0", *CLUSTER)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["epochs"] == 3 and 0 < summary["val_accuracy"] <= 1
@@ -49,7 +40,7 @@ def test_train_writes_a_run_and_prints_the_resolved_config(trained):
 
 
 def test_evaluate_json_and_table(trained, letter_stores):
-    r = run("evaluate", str(trained), letter_stores[1], "--json", *CLUSTER)
+    r = run_cli("evaluate", str(trained), letter_stores[1], "--json", *CLUSTER)
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)
     assert m["n"] == 4000 and 0.3 < m["accuracy"] <= 1
@@ -58,7 +49,7 @@ def test_evaluate_json_and_table(trained, letter_stores):
     test = open_store(letter_stores[1])
     local = np.mean(model.predict_index(test.X[:]) == test.y[:])
     assert m["accuracy"] == pytest.approx(local, abs=1e-9)  # the cluster agrees with the model file
-    r = run("evaluate", str(trained), letter_stores[1], *CLUSTER)
+    r = run_cli("evaluate", str(trained), letter_stores[1], *CLUSTER)
     assert "accuracy" in r.stdout and "confusion matrix" in r.stdout
 
 
@@ -67,24 +58,24 @@ def test_predict_to_zarr_and_parquet(trained, letter_stores, tmp_path):
     model = load_model(trained)
     expected = model.predict_index(test.X[:])
     out = tmp_path / "pred.zarr"
-    r = run("predict", str(trained), letter_stores[1], str(out), "--proba", *CLUSTER)
+    r = run_cli("predict", str(trained), letter_stores[1], str(out), "--proba", *CLUSTER)
     assert r.returncode == 0, r.stderr
     g = zarr.open_group(str(out), mode="r")
     np.testing.assert_array_equal(g["prediction"][:], expected)
     np.testing.assert_allclose(g["proba"][:].sum(axis=1), 1, rtol=1e-5)
     pout = tmp_path / "pred.parquet"
-    r = run("predict", str(trained), letter_stores[1], str(pout), *CLUSTER)
+    r = run_cli("predict", str(trained), letter_stores[1], str(pout), *CLUSTER)
     assert r.returncode == 0, r.stderr
     table = pq.read_table(pout).sort_by("row")
     assert table.num_rows == 4000
     assert table["prediction"].to_pylist() == [test.classes[i] for i in expected]
-    r = run("predict", str(trained), letter_stores[1], str(pout), *CLUSTER)
+    r = run_cli("predict", str(trained), letter_stores[1], str(pout), *CLUSTER)
     assert r.returncode == 1 and "already exists" in r.stderr and "--force" in r.stderr
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp litter
 
 
 def test_runs_lists_the_run(trained):
-    r = run("runs", str(trained.parent), "--json")
+    r = run_cli("runs", str(trained.parent), "--json")
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)
     assert row["epochs"] == 3 and row["run"].endswith("run")
@@ -92,9 +83,9 @@ def test_runs_lists_the_run(trained):
 
 def test_resume_continues_from_the_checkpoint(letter_stores, tmp_path):
     out = tmp_path / "run"
-    r = run("train", letter_stores[0], "--out", str(out), "--set", "epochs=2", "--set", "patience=0", *CLUSTER)
+    r = run_cli("train", letter_stores[0], "--out", str(out), "--set", "epochs=2", "--set", "patience=0", *CLUSTER)
     assert r.returncode == 0, r.stderr
-    r = run("train", letter_stores[0], "--out", str(out), "--resume", "--set", "epochs=3", *CLUSTER)
+    r = run_cli("train", letter_stores[0], "--out", str(out), "--resume", "--set", "epochs=3", *CLUSTER)
     assert r.returncode == 0, r.stderr
     history = json.loads((out / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [0, 1, 2]
@@ -104,9 +95,9 @@ def test_resume_continues_from_the_checkpoint(letter_stores, tmp_path):
 
 def test_ctrl_c_stops_cleanly_with_a_checkpoint(letter_stores, tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = cli_env()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "train", letter_stores[0], "--out", str(out),
+        [*CLI, "train", letter_stores[0], "--out", str(out),
          "--set", "epochs=500", "--set", "patience=0", *CLUSTER],
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         # a test run started in the background of a non-interactive shell has SIGINT ignored,
@@ -114,14 +105,7 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint(letter_stores, tmp_path):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        deadline = time.time() + 120
-        lines = []
-        while time.time() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            if line.startswith("epoch   2"):
-                break
-        assert any(x.startswith("epoch   2") for x in lines), "".join(lines)
+        read_until(proc.stderr, "epoch   2")
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=120)
     finally:
@@ -131,7 +115,7 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint(letter_stores, tmp_path):
     assert "interrupted" in rest[1]
     arrays, meta = load_file(out / "checkpoint.npz", "checkpoint")
     assert meta["epoch"] >= 2 and arrays["params"].dtype == np.float32
-    r = run("train", letter_stores[0], "--out", str(out), "--resume", "--set", f"epochs={meta['epoch'] + 1}", *CLUSTER)
+    r = run_cli("train", letter_stores[0], "--out", str(out), "--resume", "--set", f"epochs={meta['epoch'] + 1}", *CLUSTER)
     assert r.returncode == 0, r.stderr
 
 
@@ -145,7 +129,7 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint(letter_stores, tmp_path):
     ],
 )
 def test_config_errors_are_one_line(letter_stores, tmp_path, args, fragment):
-    r = run("train", letter_stores[0], "--out", str(tmp_path / "run"), *args, *CLUSTER)
+    r = run_cli("train", letter_stores[0], "--out", str(tmp_path / "run"), *args, *CLUSTER)
     assert r.returncode == 1
     lines = [x for x in r.stderr.strip().splitlines() if x]
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.stderr
@@ -153,10 +137,10 @@ def test_config_errors_are_one_line(letter_stores, tmp_path, args, fragment):
 
 
 def test_help_has_examples():
-    r = run("--help")
+    r = run_cli("--help")
     assert r.returncode == 0 and "ingest" in r.stdout and "train" in r.stdout
     for cmd in ("train", "evaluate", "predict", "ingest", "synth", "inspect"):
-        r = run(cmd, "--help")
+        r = run_cli(cmd, "--help")
         assert r.returncode == 0 and ("Example" in r.stdout or "example" in r.stdout), cmd
 
 
@@ -226,9 +210,9 @@ def small_store(tmp_path_factory) -> str:
 
 
 def _popen_train(store: str, out: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = cli_env()
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "train", store, "--out", str(out), "--set", "epochs=2",
+        [*CLI, "train", store, "--out", str(out), "--set", "epochs=2",
          "--set", "hidden=[8]", "--workers", "1", "--dashboard-address", "none", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
@@ -250,7 +234,7 @@ def test_two_trainings_started_together_into_one_out_do_not_both_succeed(small_s
 
 def test_force_does_not_take_over_a_live_run_but_a_dead_one_s_lock_is_no_claim(small_store, tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = cli_env()
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out), "600"], stdout=subprocess.PIPE, text=True,
                               env=env)  # fmt: skip
     try:
@@ -272,13 +256,13 @@ def test_force_does_not_take_over_a_live_run_but_a_dead_one_s_lock_is_no_claim(s
 
 
 def test_cuda_backend_without_a_gpu_is_refused_before_the_cluster_starts(small_store, tmp_path):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", NUMBA_ENABLE_CUDASIM="0")  # no simulator: the real check
+    env = cli_env(NUMBA_ENABLE_CUDASIM="0")  # no simulator: the real check
     probe = subprocess.run([sys.executable, "-c", "import kernels; print(kernels._real_gpu())"], env=env,
                            capture_output=True, text=True, timeout=120)  # fmt: skip
     if probe.stdout.strip() == "True":
         pytest.skip("this machine has a CUDA GPU")
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "train", small_store, "--out", str(tmp_path / "run"),
+        [*CLI, "train", small_store, "--out", str(tmp_path / "run"),
          "--set", "backend=cuda", *CLUSTER],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
@@ -292,15 +276,9 @@ def test_sigterm_stops_with_a_checkpoint_and_evaluate_explains_the_interrupted_r
     out = tmp_path / "run"
     proc = _popen_train(small_store, out, "--set", "epochs=500", "--set", "patience=0")
     try:
-        deadline = time.time() + 120
-        lines = []
-        while time.time() < deadline:
-            lines.append(proc.stderr.readline())
-            if lines[-1].startswith("epoch   2"):
-                break
-        assert lines[-1].startswith("epoch   2"), "".join(lines)
+        read_until(proc.stderr, "epoch   2")
         # while it trains, evaluate says so instead of "model.npz not found"
-        r = run("evaluate", str(out), small_store, "--scheduler", "tcp://127.0.0.1:1")
+        r = run_cli("evaluate", str(out), small_store, "--scheduler", "tcp://127.0.0.1:1")
         assert r.returncode == 1 and f"is still training (pid {proc.pid} on " in r.stderr, r.stderr
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=120)
@@ -311,7 +289,7 @@ def test_sigterm_stops_with_a_checkpoint_and_evaluate_explains_the_interrupted_r
     assert "interrupted (SIGTERM)" in rest[1]
     _, meta = load_file(out / "checkpoint.npz", "checkpoint")
     assert meta["epoch"] >= 2 and not (out / "model.npz").exists()
-    r = run("evaluate", str(out), small_store, "--scheduler", "tcp://127.0.0.1:1")
+    r = run_cli("evaluate", str(out), small_store, "--scheduler", "tcp://127.0.0.1:1")
     assert r.returncode == 1, r.stderr
     line = r.stderr.strip()
     assert line.startswith(f"error: run directory {str(out)!r} holds an interrupted run (checkpoint after "
@@ -319,10 +297,10 @@ def test_sigterm_stops_with_a_checkpoint_and_evaluate_explains_the_interrupted_r
                            f"{small_store} --out {out} --resume`"), line  # fmt: skip
     # the command it suggests writes the model of the best epoch so far
     suggested = line.split("`... ")[1].rstrip("`").split()
-    r = run("train", small_store, "--out", str(out), *suggested, "--workers", "1", "--dashboard-address", "none")
+    r = run_cli("train", small_store, "--out", str(out), *suggested, "--workers", "1", "--dashboard-address", "none")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["epochs"] == meta["epoch"]
-    assert run("evaluate", str(out), small_store, "--workers", "1", "--dashboard-address", "none").returncode == 0
+    assert run_cli("evaluate", str(out), small_store, "--workers", "1", "--dashboard-address", "none").returncode == 0
 
 
 def test_report_is_written_without_dask_size_warnings(small_store, tmp_path):
@@ -348,10 +326,10 @@ def test_final_line_and_runs_show_the_saved_model_s_epoch(small_store, tmp_path)
     assert len(epochs) == 3 and epochs[0]["val_loss"] != epochs[-1]["val_loss"]
     assert final["best_epoch"] == 0 and final["epochs"] == 3
     assert final["val_loss"] == epochs[0]["val_loss"] and final["val_accuracy"] == epochs[0]["val_accuracy"]
-    r = run("runs", str(out.parent), "--json")
+    r = run_cli("runs", str(out.parent), "--json")
     (row,) = json.loads(r.stdout)
     assert row["best_epoch"] == 0 and row["val_loss"] == epochs[0]["val_loss"]
     assert row["samples_per_s"] == epochs[-1]["samples_per_s"]
-    table = run("runs", str(out.parent)).stdout.splitlines()
+    table = run_cli("runs", str(out.parent)).stdout.splitlines()
     assert table[0].split() == ["run", "epochs", "best", "val_loss", "val_metric", "samples/s"]
     assert table[1].split()[1:4] == ["3", "1", f"{epochs[0]['val_loss']:.4f}"]

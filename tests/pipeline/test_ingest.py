@@ -6,7 +6,6 @@ import csv
 import gzip
 import os
 import struct
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,13 +15,7 @@ import pytest
 from pipeline.errors import IngestError
 from pipeline.ingest import UnseenCategoryWarning, ingest, parse_rows
 from pipeline.store import StoreWriter
-
-DATA = Path(__file__).resolve().parents[2] / "data"
-
-
-def read_all(store):
-    parts = [store.read_chunk(i) for i in range(store.n_chunks)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+from tests.pipeline.helpers import DATA, read_all
 
 
 def make_table(n=500, seed=0):

@@ -13,15 +13,11 @@ import pytest
 
 from pipeline.errors import IngestError
 from pipeline.ingest import UnseenCategoryWarning, ingest
+from tests.pipeline.helpers import read_all
 
 A = np.random.default_rng(1).normal(size=120).round(3)
 B = np.random.default_rng(2).normal(size=120).round(3)
 YN = np.where(A + B > 0, "yes", "no")
-
-
-def read_all(store):
-    parts = [store.read_chunk(i) for i in range(store.n_chunks)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def labels(store):

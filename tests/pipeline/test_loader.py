@@ -12,22 +12,7 @@ import pytest
 from pipeline.errors import StoreError
 from pipeline.loader import ChunkLoader
 from pipeline.store import create_store, open_store
-from tests.pipeline.test_store import corrupt_chunk
-
-
-def make_store(path, n=5000, f=3, chunk_rows=500, dtype=np.float32, task="classification"):
-    """Row i has X[i, 0] == i, so rows can be identified after shuffling."""
-    X = np.zeros((n, f), dtype)
-    X[:, 0] = np.arange(n)
-    X[:, 1:] = (np.arange(n)[:, None] % 7) * 2.0
-    y = (np.arange(n) % 3).astype(np.int32) if task == "classification" else np.arange(n, dtype=np.float32)
-    X64 = X.astype(np.float64)
-    with create_store(path, f, x_dtype=dtype, y_dtype=y.dtype, chunk_rows=chunk_rows, attrs={
-        "task": task, "classes": ["a", "b", "c"] if task == "classification" else None,
-        "mean": X64.mean(0).tolist(), "std": X64.std(0).tolist(),
-    }) as w:
-        w.append(X, y)
-    return open_store(path)
+from tests.pipeline.helpers import corrupt_chunk, make_store
 
 
 def ids(batches):
@@ -147,12 +132,15 @@ def test_thread_stops_on_break_close_and_gc(tmp_path):
 def test_reader_errors_reach_the_consumer(tmp_path):
     st = make_store(tmp_path / "s.zarr")
     corrupt_chunk(tmp_path / "s.zarr", "X", 6)
-    with ChunkLoader(open_store(tmp_path / "s.zarr"), batch_size=100, shuffle=False) as L:
+    seen: list = []
+    with ChunkLoader(open_store(tmp_path / "s.zarr"), batch_size=100, shuffle=False, normalize=False) as L:
         with pytest.raises(StoreError, match="chunk 6 of array 'X'"):
-            for _ in L.epoch(0):
-                pass
+            for batch in L.epoch(0):
+                seen.append(batch)
     assert not prefetch_threads()
-    assert L.read_seconds >= 0
+    # in order, every row before the bad chunk arrived, and the waits for them were counted
+    assert ids(seen).tolist() == list(range(6 * 500))
+    assert L.read_seconds > 0
     del st
 
 

@@ -14,6 +14,7 @@ import pytest
 from pipeline.config import TrainConfig
 from pipeline.ps import EXTENSION_NAME
 from pipeline.train import train
+from tests.pipeline.helpers import CLI
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_task_names_spans_and_fine_metrics(letter_stores, dash_client, tmp_path)
 def test_cli_report_writes_performance_report(letter_stores, tmp_path):
     report = tmp_path / "perf.html"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "train", letter_stores[0], "--out", str(tmp_path / "run"),
+        [*CLI, "train", letter_stores[0], "--out", str(tmp_path / "run"),
          "--set", "epochs=1", "--report", str(report), "-q", "--dashboard-address", "none"],
         capture_output=True, text=True, timeout=240,
     )

@@ -20,6 +20,7 @@ from pipeline.store import (
     open_store,
     verify_store,
 )
+from tests.pipeline.helpers import corrupt_chunk
 
 
 def _write(dest, n=1000, f=5, chunk_rows=128, codec="lz4", **kw):
@@ -31,15 +32,6 @@ def _write(dest, n=1000, f=5, chunk_rows=128, codec="lz4", **kw):
         for a in range(0, n, 77):  # appends not aligned with chunks
             w.append(X[a : a + 77], y[a : a + 77])
     return X, y
-
-
-def corrupt_chunk(store_path: str | Path, array: str, index: int) -> Path:
-    """Flip one byte in the middle of a stored chunk file."""
-    path = Path(store_path, array, "c", str(index), *(["0"] if array == "X" else []))
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-    return path
 
 
 @pytest.mark.parametrize("codec", ["lz4", "zstd", "none"])

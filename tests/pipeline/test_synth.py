@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.errors import StoreError
 from pipeline.synth import synth
-from tests.pipeline.test_ingest import read_all
+from tests.pipeline.helpers import read_all
 
 
 def test_deterministic_by_seed_not_chunking(tmp_path):

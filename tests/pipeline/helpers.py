@@ -1,0 +1,73 @@
+"""Shared helpers of the pipeline tests: bundled data paths, small stores made in place, store
+readers, a chunk corrupter and the ``pipeline`` command run as its own process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from pipeline.store import Store, create_store, open_store
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+LETTER = DATA / "letter" / "letter-recognition.data"
+# the `pipeline` command, as a child of this interpreter
+CLI = (sys.executable, "-m", "pipeline.cli")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a `pipeline` child: this one, warnings not turned into errors."""
+    return dict(os.environ, PYTHONWARNINGS="ignore", **extra)
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the `pipeline` command to its end; a hang is a failure, not a stuck test session."""
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=cli_env())
+
+
+def read_all(store: Store) -> tuple[np.ndarray, np.ndarray]:
+    """Every row of a store, chunk by chunk, as (X, y)."""
+    parts = [store.read_chunk(i) for i in range(store.n_chunks)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def make_store(path: Any, n: int = 5000, f: int = 3, chunk_rows: int = 500, dtype: Any = np.float32,
+               task: str = "classification") -> Store:
+    """Row i has X[i, 0] == i, so rows can be identified after shuffling."""
+    X = np.zeros((n, f), dtype)
+    X[:, 0] = np.arange(n)
+    X[:, 1:] = (np.arange(n)[:, None] % 7) * 2.0
+    y = (np.arange(n) % 3).astype(np.int32) if task == "classification" else np.arange(n, dtype=np.float32)
+    X64 = X.astype(np.float64)
+    with create_store(path, f, x_dtype=dtype, y_dtype=y.dtype, chunk_rows=chunk_rows, attrs={
+        "task": task, "classes": ["a", "b", "c"] if task == "classification" else None,
+        "mean": X64.mean(0).tolist(), "std": X64.std(0).tolist(),
+    }) as w:  # fmt: skip
+        w.append(X, y)
+    return open_store(path)
+
+
+def corrupt_chunk(store_path: str | Path, array: str, index: int) -> Path:
+    """Flip one byte in the middle of a stored chunk file."""
+    path = Path(store_path, array, "c", str(index), *(["0"] if array == "X" else []))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+def read_until(stream: IO[str], prefix: str, timeout: float = 120) -> list[str]:
+    """Read lines of a running command's output until one starts with ``prefix`` (asserted)."""
+    deadline = time.time() + timeout
+    lines: list[str] = []
+    while time.time() < deadline:
+        lines.append(stream.readline())
+        if lines[-1].startswith(prefix) or not lines[-1]:
+            break
+    assert lines and lines[-1].startswith(prefix), "".join(lines)
+    return lines
