@@ -141,3 +141,15 @@ def test_a_resumed_counter_stops_where_the_uninterrupted_one_does():
         first.update(v, samples)
     resumed = EarlyStopping(3, 0.01, 0, first.best_loss, first.best_epoch, epoch=2, seen=2 * samples)
     assert [resumed.update(v, samples) for v in losses[2:]] == stops[2:] == [False, False, True, True]
+
+
+def test_a_run_state_moves_to_the_next_epoch_with_no_task_done():
+    from pipeline.runstate import RunState
+
+    run = RunState("run-x", epoch=3, done_tasks={"e3-t0"})
+    assert run.best.epoch == -1 and run.best.loss == math.inf and run.samples == 0
+    run.history.append({"epoch": 3, "samples": 40})
+    run.finish_epoch()
+    assert run.epoch == 4 and run.done_tasks == set() and run.samples == 40
+    run.finish_epoch()  # an interrupted run finishes an epoch once, whatever calls it again
+    assert run.epoch == 4
