@@ -54,7 +54,9 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def save_file(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+def save_file(
+    path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+) -> Path:
     """Write ``arrays`` and ``meta`` to ``path`` atomically (temp file + fsync + rename)."""
     path = Path(path)
     if _META in arrays:
@@ -110,7 +112,9 @@ def load_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray]
                 f"{kind} file {str(path)!r} holds pickled Python objects, which are never loaded; "
                 f"it is not a {kind} of this project"
             ) from None
-        raise CheckpointError(f"{kind} file {str(path)!r} is unreadable or truncated ({exc})") from None
+        raise CheckpointError(
+            f"{kind} file {str(path)!r} is unreadable or truncated ({exc})"
+        ) from None
     raw = arrays.pop(_META, None)
     if raw is None:
         raise CheckpointError(f"{str(path)!r} is not a {kind} file of this project (no metadata)")
@@ -175,7 +179,10 @@ def write_checkpoint(
     """Write ``run`` and the parameter server's ``server`` state (as ``ParameterServer.state``
     returns it) to ``path``; ``meta`` adds keys (``config``, ``store``, ``spec``, ``in_process``)."""
     params = server["params"]
-    arrays = {"params": params, "best_params": params if run.best.params is None else run.best.params}
+    arrays = {
+        "params": params,
+        "best_params": params if run.best.params is None else run.best.params,
+    }
     for k, v in server["optimizer_state"]["buffers"].items():
         arrays[f"opt_{k}"] = v
     # sync shares' local optimizer states: slot -> t, lr and the names of its arrays
@@ -209,7 +216,11 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     arrays, meta = load_file(path, "checkpoint")
     try:
         local_states = {
-            slot: {"t": int(loc["t"]), "lr": loc.get("lr"), "buffers": {k: arrays[a] for k, a in loc["arrays"].items()}}
+            slot: {
+                "t": int(loc["t"]),
+                "lr": loc.get("lr"),
+                "buffers": {k: arrays[a] for k, a in loc["arrays"].items()},
+            }
             for slot, loc in (meta.get("local_states") or {}).items()
         }
     except (KeyError, TypeError, ValueError, AttributeError):

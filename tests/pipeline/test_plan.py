@@ -18,7 +18,14 @@ from pipeline.train import build_spec
 def store(tmp_path_factory) -> Store:
     from pipeline.synth import synth
 
-    return synth(tmp_path_factory.mktemp("plan") / "s.zarr", rows=2000, features=5, classes=3, chunk_rows=300, seed=0)
+    return synth(
+        tmp_path_factory.mktemp("plan") / "s.zarr",
+        rows=2000,
+        features=5,
+        classes=3,
+        chunk_rows=300,
+        seed=0,
+    )
 
 
 def _rows(ranges) -> list[int]:
@@ -32,7 +39,9 @@ def _plan(store: Store, n_threads: int = 4, val_store: Store | None = None, **kw
 
 
 def test_tasks_cover_every_row_once_in_groups_of_rows_per_task(store):
-    plan, cfg, _ = _plan(store, mode="async", rows_per_task=250, validation=0.1, batch_size=16, local_steps=2)
+    plan, cfg, _ = _plan(
+        store, mode="async", rows_per_task=250, validation=0.1, batch_size=16, local_steps=2
+    )
     assert _rows([r for t in plan.tasks for r in t]) == list(range(store.n_rows))
     # a chunk of 300 rows is cut into equal parts of at most 250 rows, then grouped
     assert all(b - a <= 250 for t in plan.tasks for a, b in t)
@@ -87,8 +96,12 @@ def test_async_work_is_every_task_in_a_seeded_order(store):
     plan, cfg, spec = _plan(store, mode="async", rows_per_task=200)
     work = epoch_work(plan, cfg, 3, {"a": 2, "b": 2}, spec)
     assert [w.name for w in work] == [f"e3-t{j}" for j in task_order(len(plan.tasks), cfg.seed, 3)]
-    assert sorted(w.ranges for w in work) == sorted(plan.tasks) and all(w.workers is None for w in work)
-    assert [w.name for w in epoch_work(plan, cfg, 3, {"a": 2, "b": 2}, spec)] == [w.name for w in work]
+    assert sorted(w.ranges for w in work) == sorted(plan.tasks) and all(
+        w.workers is None for w in work
+    )
+    assert [w.name for w in epoch_work(plan, cfg, 3, {"a": 2, "b": 2}, spec)] == [
+        w.name for w in work
+    ]
     assert task_order(len(plan.tasks), cfg.seed, 4) != task_order(len(plan.tasks), cfg.seed, 3)
 
 
@@ -102,7 +115,9 @@ def test_sync_work_is_one_unpinned_share_of_equal_rows_per_thread(store):
 
 
 def test_federated_work_pins_every_worker_its_share_of_the_tasks(store):
-    plan, cfg, spec = _plan(store, mode="async", placement="federated", rows_per_task=200, validation=0)
+    plan, cfg, spec = _plan(
+        store, mode="async", placement="federated", rows_per_task=200, validation=0
+    )
     work = epoch_work(plan, cfg, 5, {"b": 4, "a": 1}, spec)
     assert [(w.name, w.workers) for w in work] == [("e5-s0", ["a"]), ("e5-s1", ["b"])]
     for k, w in enumerate(work):
@@ -114,7 +129,13 @@ def test_federated_work_pins_every_worker_its_share_of_the_tasks(store):
 
 def test_early_stopping_waits_patience_epochs_without_improvement():
     es = EarlyStopping(patience=2, min_delta=0.1)
-    assert [es.update(loss, 10) for loss in (1.0, 0.95, 0.8, 0.85, 0.75)] == [False, False, False, False, True]
+    assert [es.update(loss, 10) for loss in (1.0, 0.95, 0.8, 0.85, 0.75)] == [
+        False,
+        False,
+        False,
+        False,
+        True,
+    ]
     assert es.best_epoch == 0 + 2 and es.best_loss == 0.8 and es.seen == 50 and es.epoch == 5
     assert not es.improved  # 0.75 is within min_delta of 0.8
 
@@ -127,7 +148,11 @@ def test_the_first_epoch_is_always_the_best_so_far_and_patience_0_never_stops():
 
 def test_min_samples_defers_the_stop_until_enough_samples_were_seen():
     es = EarlyStopping(patience=1, min_samples=100)
-    assert [es.update(1.0, 40) for _ in range(3)] == [False, False, True]  # 120 samples at the third
+    assert [es.update(1.0, 40) for _ in range(3)] == [
+        False,
+        False,
+        True,
+    ]  # 120 samples at the third
     eager = EarlyStopping(patience=1)
     assert [eager.update(1.0, 40) for _ in range(3)] == [False, True, True]
 
@@ -139,8 +164,12 @@ def test_a_resumed_counter_stops_where_the_uninterrupted_one_does():
     first = EarlyStopping(patience=3, min_delta=0.01)
     for v in losses[:2]:
         first.update(v, samples)
-    resumed = EarlyStopping(3, 0.01, 0, first.best_loss, first.best_epoch, epoch=2, seen=2 * samples)
-    assert [resumed.update(v, samples) for v in losses[2:]] == stops[2:] == [False, False, True, True]
+    resumed = EarlyStopping(
+        3, 0.01, 0, first.best_loss, first.best_epoch, epoch=2, seen=2 * samples
+    )
+    assert (
+        [resumed.update(v, samples) for v in losses[2:]] == stops[2:] == [False, False, True, True]
+    )
 
 
 def test_a_run_state_moves_to_the_next_epoch_with_no_task_done():
