@@ -230,7 +230,9 @@ class LocalTrainer(Trainer):
         stats["tasks"].sort(key=lambda t: t["name"])
         return stats
 
-    def _run_task(self, ps: LocalServer, run: RunState, name: str, ranges: Ranges) -> dict[str, Any]:
+    def _run_task(
+        self, ps: LocalServer, run: RunState, name: str, ranges: Ranges
+    ) -> dict[str, Any]:
         """What :func:`pipeline.worker.train_task` does with ``ranges``, here."""
         from pipeline.loader import ChunkLoader
         from pipeline.worker import FULL_BATCH_ROWS, _holdout, make_trainer, prepare_targets

@@ -576,7 +576,7 @@ class Trainer:
             params = init_params(MLPSpec(**{**self.spec, "hidden": tuple(self.spec["hidden"])}), seed=cfg.seed)
             run = RunState(self.job, best=BestModel(params=params.copy()), n_threads=n_threads)
         self.run_state = run
-        self.n_threads = run.n_threads  # the plan's thread count, saved with checkpoints for --resume
+        self.n_threads = run.n_threads  # the plan's thread count, kept in checkpoints for --resume
         self.run.config.write_text(cfg.to_toml())
         self.plan(run.n_threads)
         plan = self.epoch_plan
@@ -605,17 +605,25 @@ class Trainer:
         )
         self.log(
             f"job {self.job}: {len(plan.tasks)} tasks per epoch over {self.store.n_rows:,} rows, "
-            f"{len(plan.val_ranges)} validation ranges, parameter server installed by {installed_by}"
+            f"{len(plan.val_ranges)} validation ranges, "
+            f"parameter server installed by {installed_by}"
         )
         if plan.sync_shares and plan.sync_shares < plan.n_threads:
             self.log(
-                f"{plan.sync_shares} sync share(s) for {plan.n_threads} worker threads: an epoch is "
-                f"{plan.train_rows * train_flops_per_row(self.spec) / 1e9:.1f} GFLOP of training, under "
+                f"{plan.sync_shares} sync share(s) for {plan.n_threads} worker threads: an epoch "
+                f"is {plan.train_rows * train_flops_per_row(self.spec) / 1e9:.1f} GFLOP of "
+                "training, under "
                 f"min_share_gflop = {cfg.min_share_gflop:g} per share (--set min_share_gflop=0 "
                 "uses every thread)"
             )
         stopping = EarlyStopping(
-            cfg.patience, cfg.min_delta, cfg.min_samples, run.best.loss, run.best.epoch, run.epoch, run.samples
+            cfg.patience,
+            cfg.min_delta,
+            cfg.min_samples,
+            best_loss=run.best.loss,
+            best_epoch=run.best.epoch,
+            epoch=run.epoch,
+            seen=run.samples,
         )
         stopped_early = False
         run.last_checkpoint = time.monotonic()
@@ -626,7 +634,7 @@ class Trainer:
                 with self._span(f"epoch-{epoch}"):
                     stats = self._run_epoch(ps, run, threads)
                     t_val = time.perf_counter()
-                    st = ps.state()  # the epoch's final model: for the best model and the checkpoint
+                    st = ps.state()  # the epoch's final model: the best model, the checkpoint
                     # validated inside the training tasks (sync), if they all saw these weights
                     val = stats["val"] if stats["val_version"] == st["version"] else None
                     if val is None:
@@ -658,9 +666,8 @@ class Trainer:
                 if stopping.improved:
                     run.best = BestModel(stopping.best_loss, st["model"], epoch)
                 run.finish_epoch()
-                self._checkpoint(
-                    ps, run, state=st, record={k: v for k, v in record.items() if isinstance(v, int | float)}
-                )
+                numbers = {k: v for k, v in record.items() if isinstance(v, int | float)}
+                self._checkpoint(ps, run, state=st, record=numbers)
                 if self.on_epoch is not None:
                     self.on_epoch(record)
                 if stop:
@@ -669,7 +676,7 @@ class Trainer:
                     break
         except KeyboardInterrupt:
             self.log("interrupted: writing a checkpoint before stopping")
-            if run.history and run.history[-1]["epoch"] == run.epoch:  # between epochs: this one is recorded
+            if run.history and run.history[-1]["epoch"] == run.epoch:  # recorded: between epochs
                 run.finish_epoch()
             self._checkpoint(ps, run)
             raise
@@ -680,7 +687,9 @@ class Trainer:
                 ps.close()
             except Exception:  # noqa: BLE001 - closing is best effort (scheduler may be gone)
                 logger.debug("could not close job %s", self.job, exc_info=True)
-        model = Model.from_training(self.store, self.spec, self.target, run.best.params, cfg, run.history)
+        model = Model.from_training(
+            self.store, self.spec, self.target, run.best.params, cfg, run.history
+        )
         model.save(self.run.model)
         history_doc = {
             "job": self.job,
@@ -695,11 +704,15 @@ class Trainer:
         from pipeline.plots import save_plots
 
         save_plots(self.run.path, history_doc)
-        return TrainResult(self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch)
+        return TrainResult(
+            self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch
+        )
 
     # -- one epoch -------------------------------------------------------------------------
 
-    def _run_epoch(self, ps: ParameterServer, run: RunState, threads: dict[str, int]) -> dict[str, Any]:
+    def _run_epoch(
+        self, ps: ParameterServer, run: RunState, threads: dict[str, int]
+    ) -> dict[str, Any]:
         """Train epoch ``run.epoch`` of the plan on workers with ``threads`` threads each: submit
         its tasks not in ``run.done_tasks``, add them there as they finish, checkpoint every
         ``checkpoint_seconds``; the epoch's summed task results."""
@@ -877,7 +890,11 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------
 
     def _checkpoint(
-        self, ps: ParameterServer, run: RunState, state: dict | None = None, record: dict | None = None
+        self,
+        ps: ParameterServer,
+        run: RunState,
+        state: dict | None = None,
+        record: dict | None = None,
     ) -> None:
         """Write ``run`` and the server's ``state`` (fetched if not given) to the run's checkpoint
         (layout: pipeline.checkpoint); tell the server (and its dashboard) about it, with the
@@ -909,7 +926,9 @@ class Trainer:
                 f"checkpoint {str(path)!r} is for a different model or store; "
                 "resume with the same store and model config"
             )
-        if ckpt.local_states and any(ckpt.config.get(k) != getattr(self.cfg, k) for k in ("optimizer", "lr", "mode")):
+        keys = ("optimizer", "lr", "mode")
+        changed = [k for k in keys if ckpt.config.get(k) != getattr(self.cfg, k)]
+        if ckpt.local_states and changed:
             # a share's local state belongs to the local optimizer that made it
             self.log("local optimizer or mode changed since the checkpoint: shares start with a fresh local state")
             ckpt.local_states = {}
