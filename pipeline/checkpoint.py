@@ -4,6 +4,20 @@ A file holds named float arrays and a JSON metadata record (kind, format version
 It is written to a temporary file beside its destination, flushed to disk and renamed over it,
 so a crash mid-write leaves the previous file intact. The metadata carries a SHA-256 of every
 array; a file whose content does not match is refused.
+
+A training checkpoint (:func:`write_checkpoint`, :func:`read_checkpoint`) holds these arrays:
+
+    params          the server's weights
+    best_params     the weights of the best validation epoch so far
+    opt_NAME        the server optimizer's buffers (``m``, ``v``, ``average``, ...)
+    localI_J        sync shares' local optimizer buffers, named in ``local_states``
+
+and these meta keys: ``job``, ``epoch`` (the epoch running or next to run), ``version`` (the
+server's round), ``optimizer_t``, ``local_states`` (slot -> ``t``, ``lr`` and ``arrays``: buffer
+name -> array name), ``progress`` (task -> pushes done), ``done_tasks`` (tasks of ``epoch``
+finished), ``history``, ``best_loss`` (1e300 for none), ``best_epoch`` (-1 for none),
+``config``, ``store``, ``spec``, ``n_threads``, ``in_process`` and ``time``. Format version 1;
+a reader of a later version reads every file an earlier one wrote.
 """
 
 from __future__ import annotations
@@ -11,15 +25,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
+import time
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.errors import CheckpointError
+from pipeline.runstate import BestModel, RunState
 
 FORMAT_VERSION = 1
 _META = "__meta__"
@@ -36,7 +54,9 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def save_file(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+def save_file(
+    path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+) -> Path:
     """Write ``arrays`` and ``meta`` to ``path`` atomically (temp file + fsync + rename)."""
     path = Path(path)
     if _META in arrays:
@@ -92,7 +112,9 @@ def load_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray]
                 f"{kind} file {str(path)!r} holds pickled Python objects, which are never loaded; "
                 f"it is not a {kind} of this project"
             ) from None
-        raise CheckpointError(f"{kind} file {str(path)!r} is unreadable or truncated ({exc})") from None
+        raise CheckpointError(
+            f"{kind} file {str(path)!r} is unreadable or truncated ({exc})"
+        ) from None
     raw = arrays.pop(_META, None)
     if raw is None:
         raise CheckpointError(f"{str(path)!r} is not a {kind} file of this project (no metadata)")
@@ -113,3 +135,127 @@ def load_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray]
             f"{kind} file {str(path)!r} failed its checksum (corrupted); use an earlier checkpoint"
         )
     return arrays, meta
+
+
+# --------------------------------------------------------------------------------------------
+# Training checkpoints: the layout above
+# --------------------------------------------------------------------------------------------
+
+NO_BEST_LOSS = 1e300  # ``best_loss`` of a run without a best epoch (JSON has no infinity)
+
+
+@dataclass
+class Checkpoint:
+    """A training checkpoint read back: the run's state and the parameter server's."""
+
+    run: RunState
+    params: np.ndarray
+    version: int
+    optimizer_state: dict[str, Any]  # {"t": int, "buffers": {name: array}}
+    local_states: dict[str, dict] = field(default_factory=dict)  # slot -> {"t", "lr", "buffers"}
+    progress: dict[str, int] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # every meta key, as written
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.meta.get("config") or {}
+
+    @property
+    def spec(self) -> Any:
+        return self.meta.get("spec")
+
+
+def _json_safe(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+def write_checkpoint(
+    path: str | os.PathLike, run: RunState, server: dict[str, Any], **meta: Any
+) -> Path:
+    """Write ``run`` and the parameter server's ``server`` state (as ``ParameterServer.state``
+    returns it) to ``path``; ``meta`` adds keys (``config``, ``store``, ``spec``, ``in_process``)."""
+    params = server["params"]
+    arrays = {
+        "params": params,
+        "best_params": params if run.best.params is None else run.best.params,
+    }
+    for k, v in server["optimizer_state"]["buffers"].items():
+        arrays[f"opt_{k}"] = v
+    # sync shares' local optimizer states: slot -> t, lr and the names of its arrays
+    local_meta: dict[str, dict] = {}
+    for i, (slot, loc) in enumerate(sorted(server.get("local_states", {}).items())):
+        names = {}
+        for j, (k, v) in enumerate(sorted(loc["buffers"].items())):
+            names[k] = f"local{i}_{j}"
+            arrays[names[k]] = v
+        local_meta[slot] = {"t": loc["t"], "lr": loc.get("lr"), "arrays": names}
+    record = {
+        "job": run.job,
+        "epoch": run.epoch,
+        "version": server["version"],
+        "optimizer_t": server["optimizer_state"]["t"],
+        "local_states": local_meta,
+        "progress": server.get("progress", {}),
+        "done_tasks": sorted(run.done_tasks),
+        "history": run.history,
+        "best_loss": run.best.loss if math.isfinite(run.best.loss) else NO_BEST_LOSS,
+        "best_epoch": run.best.epoch,
+        **meta,
+        "n_threads": run.n_threads,
+        "time": time.time(),
+    }
+    return save_file(path, "checkpoint", arrays, json.loads(json.dumps(record, default=_json_safe)))
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by :func:`write_checkpoint` (any format version up to this one)."""
+    arrays, meta = load_file(path, "checkpoint")
+    try:
+        local_states = {
+            slot: {
+                "t": int(loc["t"]),
+                "lr": loc.get("lr"),
+                "buffers": {k: arrays[a] for k, a in loc["arrays"].items()},
+            }
+            for slot, loc in (meta.get("local_states") or {}).items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has a malformed local optimizer state; resume from an earlier checkpoint"
+        ) from None
+    try:
+        params = arrays["params"]
+        best_loss = float(meta["best_loss"])
+        run = RunState(
+            job=str(meta["job"]),
+            epoch=int(meta["epoch"]),
+            history=list(meta["history"]),
+            done_tasks=set(meta.get("done_tasks", [])),
+            best=BestModel(
+                math.inf if best_loss >= NO_BEST_LOSS else best_loss,
+                arrays.get("best_params", params),
+                int(meta["best_epoch"]),
+            ),
+            n_threads=int(meta.get("n_threads", 0)),
+        )
+        version = int(meta["version"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} lacks part of a run's state; resume from an earlier checkpoint"
+        ) from None
+    return Checkpoint(
+        run=run,
+        params=params,
+        version=version,
+        optimizer_state={
+            "t": int(meta.get("optimizer_t", 0)),
+            "buffers": {k[4:]: v for k, v in arrays.items() if k.startswith("opt_")},
+        },
+        local_states=local_states,
+        progress=meta.get("progress") or {},
+        meta=meta,
+    )

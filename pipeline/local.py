@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import TrainingError
+from pipeline.runstate import RunState
 from pipeline.train import Ranges, Trainer, split_rows, task_config
 
 SLOT = "s0"  # the one share's slot, as a cluster's first sync share is named
@@ -199,12 +200,10 @@ class LocalTrainer(Trainer):
 
         return contextlib.nullcontext()
 
-    def _run_epoch(self, ps: LocalServer, epoch: int, tasks: list[Ranges], threads: dict[str, int],
-                   done_tasks: set[str], last_ckpt: float, history: list[dict], best: tuple,
-                   val_ranges: Ranges) -> dict[str, Any]:  # fmt: skip
+    def _run_epoch(self, ps: LocalServer, run: RunState, threads: dict[str, int]) -> dict[str, Any]:
         """The epoch's work as a one-thread cluster would run it, in this process: one share of
         every range (sync; federated: in plan order), else the tasks one after the other."""
-        cfg = self.cfg
+        cfg, epoch, tasks, done_tasks = self.cfg, run.epoch, self.epoch_plan.tasks, run.done_tasks
         rng = np.random.default_rng([cfg.seed, epoch, 104729])
         order = [int(i) for i in rng.permutation(len(tasks))]
         if cfg.placement == "federated":
@@ -215,12 +214,11 @@ class LocalTrainer(Trainer):
             work = [(f"e{epoch}-t{j}", tasks[j]) for j in order]
         stats = {"val": None, "val_version": None, "validate": 0.0, "tasks": [], "samples": 0,
                  "loss": 0.0, "read": 0.0, "compute": 0.0, "communicate": 0.0}  # fmt: skip
-        state = {"last_ckpt": last_ckpt}
         results = []
         for name, ranges in work:
             if name in done_tasks or not ranges:
                 continue
-            r = self._run_task(ps, epoch, name, ranges, done_tasks, state, history, best)
+            r = self._run_task(ps, run, name, ranges)
             results.append(r)
             done_tasks.add(name)
             stats["tasks"].append({"name": name, "worker": "this process", "samples": r["samples"]})
@@ -232,13 +230,14 @@ class LocalTrainer(Trainer):
         stats["tasks"].sort(key=lambda t: t["name"])
         return stats
 
-    def _run_task(self, ps: LocalServer, epoch: int, name: str, ranges: Ranges, done_tasks: set[str],
-                  state: dict, history: list[dict], best: tuple) -> dict[str, Any]:  # fmt: skip
+    def _run_task(
+        self, ps: LocalServer, run: RunState, name: str, ranges: Ranges
+    ) -> dict[str, Any]:
         """What :func:`pipeline.worker.train_task` does with ``ranges``, here."""
         from pipeline.loader import ChunkLoader
         from pipeline.worker import FULL_BATCH_ROWS, _holdout, make_trainer, prepare_targets
 
-        cfg, tcfg = self.cfg, task_config(self.cfg)
+        cfg, tcfg, epoch = self.cfg, task_config(self.cfg), run.epoch
         if self._trainer is None:
             self._trainer = make_trainer(self.spec, tcfg)
         trainer = self._trainer
@@ -271,9 +270,8 @@ class LocalTrainer(Trainer):
             fresh = ps.push(name, anchor - trainer.get_params(), samples, batches, loss)
             trainer.set_params(fresh)
             anchor = trainer.get_params()
-            if time.monotonic() - state["last_ckpt"] > cfg.checkpoint_seconds:
-                self._checkpoint(ps, epoch, history, best, done_tasks)
-                state["last_ckpt"] = time.monotonic()
+            if time.monotonic() - run.last_checkpoint > cfg.checkpoint_seconds:
+                self._checkpoint(ps, run)
 
         t0 = time.perf_counter()
         target = self.target
@@ -288,7 +286,7 @@ class LocalTrainer(Trainer):
             )
         except BaseException:
             try:
-                self._checkpoint(ps, epoch, history, best, done_tasks)
+                self._checkpoint(ps, run)
             except Exception:  # noqa: BLE001 - the original error matters more
                 pass
             raise

@@ -20,7 +20,6 @@ import contextlib
 import errno
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -31,106 +30,35 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.checkpoint import load_file, save_file
+from pipeline.checkpoint import Checkpoint, load_file, read_checkpoint, write_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.errors import CheckpointError, ConfigError, PipelineError, StoreError, TrainingError
 from pipeline.model import Model
+from pipeline.plan import (  # noqa: F401 - the planning helpers, also importable from here
+    EpochPlan,
+    Ranges,
+    default_rows_per_task,
+    epoch_work,
+    group_ranges,
+    held_out_count,
+    n_sync_shares,
+    plan_epochs,
+    row_ranges,
+    split_rows,
+    train_flops_per_row,
+)
 from pipeline.progress import Progress
 from pipeline.ps import ParameterServer
+from pipeline.runstate import BestModel, EarlyStopping, RunState
 from pipeline.store import Store, layout_mismatch, layout_of, open_store
 from pipeline.worker import array_metrics, evaluate_task, finish_metrics, merge_metrics, train_task
 
 logger = logging.getLogger(__name__)
 
-Ranges = list[tuple[int, int]]
-
 
 # --------------------------------------------------------------------------------------------
-# Planning: row ranges, tasks, validation split
+# The model and the tasks' configuration (planning the epochs: pipeline.plan)
 # --------------------------------------------------------------------------------------------
-
-
-def row_ranges(store: Store, max_rows: int) -> Ranges:
-    """The store's row chunks, each cut into equal parts of at most ``max_rows`` rows."""
-    out: Ranges = []
-    for i in range(store.n_chunks):
-        sl = store.chunk_slice(i)
-        start, stop = sl.start, min(sl.stop, store.n_rows)
-        parts = max(1, math.ceil((stop - start) / max_rows))
-        edges = np.linspace(start, stop, parts + 1).round().astype(int)
-        out.extend((int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a)
-    return out
-
-
-def held_out_count(store: Store, fraction: float, seed: int, ranges: Ranges | None = None) -> int:
-    """How many rows of ``ranges`` (default: the whole store) are held out for validation."""
-    from pipeline.loader import held_out_mask, held_out_rows
-
-    if fraction <= 0:
-        return 0
-    if ranges is None:
-        return sum(len(held_out_rows(store, c, fraction, seed)) for c in range(store.n_chunks))
-    return sum(int(held_out_mask(store, a, b, fraction, seed).sum()) for a, b in ranges)
-
-
-def group_ranges(ranges: Ranges, rows_per_task: int) -> list[Ranges]:
-    """Consecutive ranges grouped into tasks of about ``rows_per_task`` rows."""
-    tasks: list[Ranges] = []
-    cur: Ranges = []
-    rows = 0
-    for a, b in ranges:
-        if cur and rows + (b - a) > rows_per_task:
-            tasks.append(cur)
-            cur, rows = [], 0
-        cur.append((a, b))
-        rows += b - a
-    if cur:
-        tasks.append(cur)
-    return tasks
-
-
-def split_rows(ranges: Ranges, parts: int) -> list[Ranges]:
-    """``ranges`` cut into ``parts`` consecutive pieces of (nearly) equal row counts."""
-    total = sum(b - a for a, b in ranges)
-    bounds = [total * k // parts for k in range(parts + 1)]
-    out: list[Ranges] = [[] for _ in range(parts)]
-    offset = 0
-    for a, b in ranges:
-        for k in range(parts):
-            lo, hi = max(a, a + bounds[k] - offset), min(b, a + bounds[k + 1] - offset)
-            if hi > lo:
-                out[k].append((lo, hi))
-        offset += b - a
-    return out
-
-
-def default_rows_per_task(n_rows: int, n_threads: int, cfg: TrainConfig) -> int:
-    """About four tasks per worker thread per epoch, never fewer rows than two pushes' worth,
-    and at most 2**18 rows (a few seconds of work) so that a lost task loses little. Full batch
-    (``batch_size = 0``): one task per worker thread, since every task is one gradient step."""
-    if cfg.batch_size == 0:
-        return max(1, math.ceil(n_rows / max(1, n_threads)))
-    per_push = cfg.batch_size * cfg.local_steps
-    want = math.ceil(n_rows / max(1, 4 * n_threads))
-    return int(min(max(want, 2 * per_push), 1 << 18))
-
-
-def train_flops_per_row(spec: dict) -> int:
-    """Multiply-adds x 2 of one training step per row: forward, and backward for the inputs'
-    and the weights' gradients (3 products per layer)."""
-    sizes = [spec["n_in"], *spec["hidden"], spec["n_out"]]
-    return 6 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-
-
-def n_sync_shares(rows: int, spec: dict, n_slots: int, min_share_gflop: float) -> int:
-    """How many sync shares train an epoch of ``rows``: one per worker thread (``n_slots``), but
-    no more than leave each share ``min_share_gflop`` of training per epoch (at least one).
-    Local SGD over more shares needs more epochs; on a small store that costs more than the
-    shares save per epoch."""
-    if min_share_gflop <= 0:
-        return max(1, n_slots)
-    gflop = rows * train_flops_per_row(spec) / 1e9
-    return max(1, min(n_slots, int(gflop // min_share_gflop)))
 
 
 def build_spec(store: Store, cfg: TrainConfig) -> tuple[dict, dict | None]:
@@ -568,36 +496,19 @@ class Trainer:
     # -- planning ------------------------------------------------------------------------
 
     def plan(self, n_threads: int) -> tuple[list[Ranges], Ranges]:
-        cfg = self.cfg
-        rows_per_task = cfg.rows_per_task or default_rows_per_task(self.store.n_rows, n_threads, cfg)
-        train = row_ranges(self.store, rows_per_task)
-        held = 0
-        if cfg.validation_store:
-            vs = open_store(cfg.validation_store)
-            val = row_ranges(vs, 1 << 16)
-        elif cfg.validation > 0:
-            # rows held out in every chunk (pipeline.loader.held_out_rows): the tasks read whole
-            # ranges and keep the training rows; validation reads the same chunks for the others
-            held = held_out_count(self.store, cfg.validation, cfg.seed)
-            val = row_ranges(self.store, 1 << 16) if held else []
-            if not held:
-                self.warn(
-                    f"warning: validation = {cfg.validation:g} of {self.store.n_rows:,} rows holds out no "
-                    "row; early stopping and the saved model follow the training loss (set "
-                    "validation_store, or validation = 0 to say so)"
-                )
-        else:
-            val = []
-        self.train_rows = self.store.n_rows - held
-        if not train or self.train_rows <= 0:
-            raise StoreError(f"store {self.store_path!r} has no rows to train on")
-        return group_ranges(train, rows_per_task), val
+        """Plan the epochs for ``n_threads`` worker threads (:func:`pipeline.plan.plan_epochs`,
+        kept in ``self.epoch_plan``); the training tasks and the validation ranges."""
+        vs = open_store(self.cfg.validation_store) if self.cfg.validation_store else None
+        plan = plan_epochs(self.store, self.cfg, n_threads, self.spec, vs)
+        if plan.warning:
+            self.warn(plan.warning)
+        self.epoch_plan = plan
+        self.train_rows = plan.train_rows
+        return plan.tasks, plan.val_ranges
 
     def _train_rows(self, ranges: Ranges) -> int:
-        """About how many training rows ``ranges`` hold (validation rows held out in every chunk
-        are skipped by the tasks, about the same share of every range)."""
-        rows = sum(b - a for a, b in ranges)
-        return round(rows * self.train_rows / self.store.n_rows) if self.store.n_rows else rows
+        """About how many training rows ``ranges`` hold (see :meth:`EpochPlan.task_rows`)."""
+        return self.epoch_plan.task_rows(ranges)
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -656,26 +567,20 @@ class Trainer:
 
         from kernels.mlp import MLPSpec, init_params
 
-        state = self._load_checkpoint() if self.resume else None
-        if state is not None:
-            params, meta = state["params"], state["meta"]
-            history, start_epoch = meta["history"], int(meta["epoch"])
-            done_tasks = set(meta.get("done_tasks", []))
-            best = (float(meta["best_loss"]), state.get("best_params", params), int(meta["best_epoch"]))
-            self.job = meta["job"]
-            n_threads = int(meta.get("n_threads", n_threads))
+        ckpt = self._load_checkpoint() if self.resume else None
+        if ckpt is not None:
+            params, run = ckpt.params, ckpt.run
+            self.job = run.job
+            run.n_threads = run.n_threads or n_threads
         else:
             params = init_params(MLPSpec(**{**self.spec, "hidden": tuple(self.spec["hidden"])}), seed=cfg.seed)
-            history, start_epoch, done_tasks = [], 0, set()
-            best = (math.inf, params.copy(), -1)
-        self.n_threads = n_threads  # the plan's thread count, saved with checkpoints for --resume
+            run = RunState(self.job, best=BestModel(params=params.copy()), n_threads=n_threads)
+        self.run_state = run
+        self.n_threads = run.n_threads  # the plan's thread count, kept in checkpoints for --resume
         self.run.config.write_text(cfg.to_toml())
-        tasks, val_ranges = self.plan(n_threads)
+        self.plan(run.n_threads)
+        plan = self.epoch_plan
         ps = self._server()
-        rounds_per_epoch = sum(  # full batch (batch_size 0): one round per task
-            math.ceil(self._train_rows(t) / cfg.batch_size / cfg.local_steps) if cfg.batch_size else 1
-            for t in tasks
-        )
         ps.create(
             params,
             mode=cfg.mode,
@@ -689,45 +594,51 @@ class Trainer:
                 "warmup": cfg.warmup,
                 "step_size": cfg.step_size,
                 "gamma": cfg.gamma,
-                "total_steps": rounds_per_epoch * cfg.epochs,
+                "total_steps": plan.rounds_per_epoch * cfg.epochs,
             },
-            version=int(state["meta"]["version"]) if state else 0,
-            optimizer_state=state.get("optimizer_state") if state else None,
-            local_states=state.get("local_states") if state else None,  # empty unless sync, same optimizer
-            progress=state["meta"].get("progress") if state else None,
-            epoch=start_epoch,
+            version=ckpt.version if ckpt else 0,
+            optimizer_state=ckpt.optimizer_state if ckpt else None,
+            local_states=ckpt.local_states if ckpt else None,  # empty unless sync, same optimizer
+            progress=ckpt.progress if ckpt else None,
+            epoch=run.epoch,
             join_timeout=cfg.join_timeout,
         )
         self.log(
-            f"job {self.job}: {len(tasks)} tasks per epoch over {self.store.n_rows:,} rows, "
-            f"{len(val_ranges)} validation ranges, parameter server installed by {installed_by}"
+            f"job {self.job}: {len(plan.tasks)} tasks per epoch over {self.store.n_rows:,} rows, "
+            f"{len(plan.val_ranges)} validation ranges, "
+            f"parameter server installed by {installed_by}"
         )
-        if cfg.mode == "sync" and cfg.placement != "federated":
-            rows = self.train_rows
-            n = n_sync_shares(rows, self.spec, n_threads, cfg.min_share_gflop)
-            if n < n_threads:
-                self.log(
-                    f"{n} sync share(s) for {n_threads} worker threads: an epoch is "
-                    f"{rows * train_flops_per_row(self.spec) / 1e9:.1f} GFLOP of training, under "
-                    f"min_share_gflop = {cfg.min_share_gflop:g} per share (--set min_share_gflop=0 "
-                    "uses every thread)"
-                )
+        if plan.sync_shares and plan.sync_shares < plan.n_threads:
+            self.log(
+                f"{plan.sync_shares} sync share(s) for {plan.n_threads} worker threads: an epoch "
+                f"is {plan.train_rows * train_flops_per_row(self.spec) / 1e9:.1f} GFLOP of "
+                "training, under "
+                f"min_share_gflop = {cfg.min_share_gflop:g} per share (--set min_share_gflop=0 "
+                "uses every thread)"
+            )
+        stopping = EarlyStopping(
+            cfg.patience,
+            cfg.min_delta,
+            cfg.min_samples,
+            best_loss=run.best.loss,
+            best_epoch=run.best.epoch,
+            epoch=run.epoch,
+            seen=run.samples,
+        )
         stopped_early = False
-        last_ckpt = time.monotonic()
-        epoch = start_epoch
+        run.last_checkpoint = time.monotonic()
         try:
-            for epoch in range(start_epoch, cfg.epochs):
+            for epoch in range(run.epoch, cfg.epochs):
+                run.epoch = epoch
                 t0 = time.perf_counter()
                 with self._span(f"epoch-{epoch}"):
-                    stats = self._run_epoch(
-                        ps, epoch, tasks, threads, done_tasks, last_ckpt, history, best, val_ranges
-                    )
+                    stats = self._run_epoch(ps, run, threads)
                     t_val = time.perf_counter()
-                    st = ps.state()  # the epoch's final model: for `best` and the checkpoint
+                    st = ps.state()  # the epoch's final model: the best model, the checkpoint
                     # validated inside the training tasks (sync), if they all saw these weights
                     val = stats["val"] if stats["val_version"] == st["version"] else None
                     if val is None:
-                        val = self._evaluate(epoch, val_ranges)
+                        val = self._evaluate(epoch, plan.val_ranges)
                 t_end = time.perf_counter()
                 seconds = t_end - t0
                 record = {
@@ -750,35 +661,24 @@ class Trainer:
                     **{f"val_{k}": v for k, v in val.items() if k != "confusion"},
                     "tasks": stats["tasks"],
                 }
-                history.append(record)
-                val_loss = val.get("loss", stats["loss"])
-                improved = val_loss < best[0] - cfg.min_delta
-                if improved or best[2] < 0:
-                    best = (float(val_loss), st["model"], epoch)
-                self._checkpoint(
-                    ps,
-                    epoch + 1,
-                    history,
-                    best,
-                    set(),
-                    state=st,
-                    record={k: v for k, v in record.items() if isinstance(v, int | float)},
-                )
-                last_ckpt = time.monotonic()
-                done_tasks = set()
+                run.history.append(record)
+                stop = stopping.update(val.get("loss", stats["loss"]), stats["samples"])
+                if stopping.improved:
+                    run.best = BestModel(stopping.best_loss, st["model"], epoch)
+                run.finish_epoch()
+                numbers = {k: v for k, v in record.items() if isinstance(v, int | float)}
+                self._checkpoint(ps, run, state=st, record=numbers)
                 if self.on_epoch is not None:
                     self.on_epoch(record)
-                seen = sum(h["samples"] for h in history)
-                if cfg.patience and epoch - best[2] >= cfg.patience and seen >= cfg.min_samples:
+                if stop:
                     stopped_early = True
                     self.log(f"early stop: no validation improvement for {cfg.patience} epochs")
                     break
         except KeyboardInterrupt:
             self.log("interrupted: writing a checkpoint before stopping")
-            if history and history[-1]["epoch"] == epoch:  # between epochs: this one is recorded
-                self._checkpoint(ps, epoch + 1, history, best, set())
-            else:
-                self._checkpoint(ps, epoch, history, best, done_tasks)
+            if run.history and run.history[-1]["epoch"] == run.epoch:  # recorded: between epochs
+                run.finish_epoch()
+            self._checkpoint(ps, run)
             raise
         finally:
             metrics = {}
@@ -787,14 +687,16 @@ class Trainer:
                 ps.close()
             except Exception:  # noqa: BLE001 - closing is best effort (scheduler may be gone)
                 logger.debug("could not close job %s", self.job, exc_info=True)
-        model = Model.from_training(self.store, self.spec, self.target, best[1], cfg, history)
+        model = Model.from_training(
+            self.store, self.spec, self.target, run.best.params, cfg, run.history
+        )
         model.save(self.run.model)
         history_doc = {
             "job": self.job,
             "installed_by": installed_by,
-            "best_epoch": best[2],
+            "best_epoch": run.best.epoch,
             "stopped_early": stopped_early,
-            "epochs": history,
+            "epochs": run.history,
             "rounds": metrics.get("history", []),
             "round_columns": ["time", "version", "loss", "samples", "deltas"],
         }
@@ -802,49 +704,24 @@ class Trainer:
         from pipeline.plots import save_plots
 
         save_plots(self.run.path, history_doc)
-        return TrainResult(self.run.path, model, history, stopped_early, installed_by, best[2])
+        return TrainResult(
+            self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch
+        )
 
     # -- one epoch -------------------------------------------------------------------------
 
     def _run_epoch(
-        self,
-        ps: ParameterServer,
-        epoch: int,
-        tasks: list[Ranges],
-        threads: dict[str, int],
-        done_tasks: set[str],
-        last_ckpt: float,
-        history: list[dict],
-        best: tuple,
-        val_ranges: Ranges,
+        self, ps: ParameterServer, run: RunState, threads: dict[str, int]
     ) -> dict[str, Any]:
+        """Train epoch ``run.epoch`` of the plan on workers with ``threads`` threads each: submit
+        its tasks not in ``run.done_tasks``, add them there as they finish, checkpoint every
+        ``checkpoint_seconds``; the epoch's summed task results."""
         from distributed import wait
 
-        cfg, client = self.cfg, self.client
-        rng = np.random.default_rng([cfg.seed, epoch, 104729])
-        order = [int(i) for i in rng.permutation(len(tasks))]
+        cfg, client, plan = self.cfg, self.client, self.epoch_plan
+        epoch, done_tasks, val_ranges = run.epoch, run.done_tasks, plan.val_ranges
         spec, tcfg = self.spec, task_config(cfg)
-        if cfg.mode == "sync" or cfg.placement == "federated":
-            # one participant per worker thread (sync) / per worker (federated): each gets a
-            # fixed share of the ranges, chosen by position so the split is reproducible
-            slots = [w for w, n in sorted(threads.items()) for _ in range(n if cfg.mode == "sync" else 1)]
-            if cfg.placement == "federated":
-                shares = [[r for j, t in enumerate(tasks) if j % len(slots) == k for r in t] for k in range(len(slots))]
-            else:
-                # equal row counts, not whole tasks: the shares meet at every sync round, so an
-                # epoch lasts as long as its largest share (tasks are whole chunks or equal
-                # parts of one: 15 chunk tasks over 2 shares would make one 14% larger)
-                n = n_sync_shares(self.train_rows, spec, len(slots), cfg.min_share_gflop)
-                shares = split_rows([r for j in order for r in tasks[j]], n)
-            # Only federated shares are pinned to their worker (the data stays there). Sync shares
-            # are not: a share pinned, even loosely, to a worker that has died sits in Dask's
-            # no-worker state and is not rescheduled when a new worker joins.
-            pin = cfg.placement == "federated"
-            work = [
-                (f"e{epoch}-s{k}", share, [slots[k]] if pin else None) for k, share in enumerate(shares) if share
-            ]
-        else:
-            work = [(f"e{epoch}-t{j}", tasks[j], None) for j in order]
+        work = epoch_work(plan, cfg, epoch, threads, spec)
         # Sync: the shares run together and the last to leave closes the epoch, so they can
         # validate its final weights themselves, each on a slice of the validation rows, instead
         # of a separate round of tasks (not after a resume mid-epoch: some shares are done).
@@ -916,13 +793,12 @@ class Trainer:
                 if self.progress:
                     m = ps.metrics()
                     bar.set(m["samples"] - samples0, f"loss {m['loss']:.4f}" if m["loss"] is not None else "")
-                if time.monotonic() - last_ckpt > cfg.checkpoint_seconds:
-                    self._checkpoint(ps, epoch, history, best, done_tasks)
-                    last_ckpt = time.monotonic()
+                if time.monotonic() - run.last_checkpoint > cfg.checkpoint_seconds:
+                    self._checkpoint(ps, run)
         except BaseException:
             client.cancel(list(pending))
             try:
-                self._checkpoint(ps, epoch, history, best, done_tasks)
+                self._checkpoint(ps, run)
             except Exception:  # noqa: BLE001 - the original error matters more
                 logger.debug("checkpoint after failure did not succeed", exc_info=True)
             raise
@@ -1016,15 +892,13 @@ class Trainer:
     def _checkpoint(
         self,
         ps: ParameterServer,
-        epoch: int,
-        history: list,
-        best: tuple,
-        done_tasks: set[str],
+        run: RunState,
         state: dict | None = None,
         record: dict | None = None,
     ) -> None:
-        """Write the run's checkpoint from the server's ``state`` (fetched if not given); tell
-        the server (and its dashboard) about it, with the epoch's ``record`` if one is given."""
+        """Write ``run`` and the server's ``state`` (fetched if not given) to the run's checkpoint
+        (layout: pipeline.checkpoint); tell the server (and its dashboard) about it, with the
+        epoch's ``record`` if one is given."""
         st = state if state is not None else ps.state()
         if st.get("failed"):
             # a diverged job's weights are not a state to resume from: keep the last good one
@@ -1032,68 +906,33 @@ class Trainer:
             if record is not None:
                 ps.record(epoch=record)
             return
-        arrays = {"params": st["params"], "best_params": best[1]}
-        for k, v in st["optimizer_state"]["buffers"].items():
-            arrays[f"opt_{k}"] = v
-        # sync shares' local optimizer states: slot -> t, lr and the names of its arrays
-        local_meta: dict[str, dict] = {}
-        for i, (slot, loc) in enumerate(sorted(st.get("local_states", {}).items())):
-            names = {}
-            for j, (k, v) in enumerate(sorted(loc["buffers"].items())):
-                names[k] = f"local{i}_{j}"
-                arrays[names[k]] = v
-            local_meta[slot] = {"t": loc["t"], "lr": loc.get("lr"), "arrays": names}
-        meta = {
-            "job": self.job,
-            "epoch": epoch,
-            "version": st["version"],
-            "optimizer_t": st["optimizer_state"]["t"],
-            "local_states": local_meta,
-            "progress": st.get("progress", {}),
-            "done_tasks": sorted(done_tasks),
-            "history": history,
-            "best_loss": best[0] if math.isfinite(best[0]) else 1e300,
-            "best_epoch": best[2],
-            "config": self.cfg.to_dict(),
-            "store": self.store_path,
-            "spec": self.spec,
-            "n_threads": self.n_threads,
-            "in_process": self.client is None,  # `pipeline train --resume` continues where it trained
-            "time": time.time(),
-        }
-        save_file(self.run.checkpoint, "checkpoint", arrays, json.loads(json.dumps(meta, default=_json_default)))
+        write_checkpoint(
+            self.run.checkpoint,
+            run,
+            st,
+            config=self.cfg.to_dict(),
+            store=self.store_path,
+            spec=self.spec,
+            in_process=self.client is None,  # `pipeline train --resume` continues where it trained
+        )
+        run.last_checkpoint = time.monotonic()
         ps.record(epoch=record, checkpoint=True)
 
-    def _load_checkpoint(self) -> dict[str, Any]:
-        arrays, meta = load_file(self.run.checkpoint, "checkpoint")
-        if meta.get("spec") != self.spec:
+    def _load_checkpoint(self) -> Checkpoint:
+        path = self.run.checkpoint
+        ckpt = read_checkpoint(path)
+        if ckpt.spec != self.spec:
             raise CheckpointError(
-                f"checkpoint {str(self.run.checkpoint)!r} is for a different model or store; "
+                f"checkpoint {str(path)!r} is for a different model or store; "
                 "resume with the same store and model config"
             )
-        buffers = {k[4:]: v for k, v in arrays.items() if k.startswith("opt_")}
-        local_states = {}
-        try:
-            for slot, loc in (meta.get("local_states") or {}).items():
-                local_states[slot] = {"t": int(loc["t"]), "lr": loc.get("lr"),
-                                      "buffers": {k: arrays[a] for k, a in loc["arrays"].items()}}  # fmt: skip
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise CheckpointError(
-                f"checkpoint {str(self.run.checkpoint)!r} has a malformed local optimizer state; "
-                "resume from an earlier checkpoint"
-            ) from None
-        saved = meta.get("config") or {}
-        if local_states and any(saved.get(k) != getattr(self.cfg, k) for k in ("optimizer", "lr", "mode")):
+        keys = ("optimizer", "lr", "mode")
+        changed = [k for k in keys if ckpt.config.get(k) != getattr(self.cfg, k)]
+        if ckpt.local_states and changed:
             # a share's local state belongs to the local optimizer that made it
             self.log("local optimizer or mode changed since the checkpoint: shares start with a fresh local state")
-            local_states = {}
-        return {
-            "params": arrays["params"],
-            "best_params": arrays.get("best_params", arrays["params"]),
-            "optimizer_state": {"t": int(meta.get("optimizer_t", 0)), "buffers": buffers},
-            "local_states": local_states,
-            "meta": meta,
-        }
+            ckpt.local_states = {}
+        return ckpt
 
 
 def resumed_config(out: str | os.PathLike) -> TrainConfig:

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline.checkpoint import FORMAT_VERSION, load_file, save_file
+from pipeline.checkpoint import (
+    FORMAT_VERSION,
+    NO_BEST_LOSS,
+    load_file,
+    read_checkpoint,
+    save_file,
+    write_checkpoint,
+)
 from pipeline.errors import CheckpointError
+from pipeline.runstate import RunState
 
 
 def test_round_trip(tmp_path):
@@ -79,3 +90,93 @@ ck.save_file({str(path)!r}, "checkpoint", {{"params": np.zeros(8, np.float32)}},
     arrays, meta = load_file(path, "checkpoint")
     assert meta["epoch"] == 1
     np.testing.assert_array_equal(arrays["params"], 7)
+
+
+# -- the training checkpoint's layout ------------------------------------------------------------
+
+# A checkpoint of format version 1 as the driver wrote it before the layout moved into
+# pipeline.checkpoint: 2 epochs of sync training with Adam (local and server) on
+# synth(rows=300, features=4, classes=3, seed=0), hidden=[4], validation=0.2, in this process.
+V1 = Path(__file__).with_name("checkpoint_v1.npz")
+
+
+def test_a_version_1_checkpoint_reads_back_into_the_run_state():
+    ckpt = read_checkpoint(V1)
+    run = ckpt.run
+    assert (
+        run.epoch == 2 and [h["epoch"] for h in run.history] == [0, 1] and run.done_tasks == set()
+    )
+    assert run.job.startswith("run-") and run.n_threads == 1
+    assert run.best.epoch == 0 and run.best.loss == pytest.approx(2.5223587)
+    assert run.best.params.shape == ckpt.params.shape == (35,)
+    assert ckpt.version == 2 and ckpt.optimizer_state["t"] == 2
+    assert sorted(ckpt.optimizer_state["buffers"]) == ["average", "m", "v"]
+    assert list(ckpt.local_states) == ["s0"] and ckpt.local_states["s0"]["t"] == 16
+    assert sorted(ckpt.local_states["s0"]["buffers"]) == ["m", "v"]
+    assert ckpt.progress == {"e0-s0": 8, "e1-s0": 8}
+    assert ckpt.config["optimizer"] == "adam" and ckpt.spec["hidden"] == [4]
+
+
+def test_written_checkpoints_keep_the_version_1_layout(tmp_path):
+    old_arrays, old_meta = load_file(V1, "checkpoint")
+    ckpt = read_checkpoint(V1)
+    server = {
+        "params": ckpt.params,
+        "version": ckpt.version,
+        "optimizer_state": ckpt.optimizer_state,
+        "local_states": ckpt.local_states,
+        "progress": ckpt.progress,
+    }
+    extra = {k: old_meta[k] for k in ("config", "store", "spec", "in_process")}
+    write_checkpoint(tmp_path / "c.npz", ckpt.run, server, **extra)
+    arrays, meta = load_file(tmp_path / "c.npz", "checkpoint")
+    assert sorted(arrays) == sorted(old_arrays)
+    for k, v in old_arrays.items():
+        np.testing.assert_array_equal(arrays[k], v)
+    assert sorted(meta) == sorted(old_meta)
+    assert {k: v for k, v in meta.items() if k not in ("time", "sha256")} == {
+        k: v for k, v in old_meta.items() if k not in ("time", "sha256")
+    }
+
+
+def test_a_run_without_a_best_epoch_and_a_malformed_local_state(tmp_path):
+    run = RunState("run-x", epoch=0, done_tasks={"e0-t1", "e0-t0"})
+    server = {
+        "params": np.ones(3, np.float32),
+        "version": 4,
+        "optimizer_state": {"t": 0, "buffers": {}},
+    }
+    write_checkpoint(tmp_path / "c.npz", run, server)
+    _, meta = load_file(tmp_path / "c.npz", "checkpoint")
+    assert meta["best_loss"] == NO_BEST_LOSS and meta["done_tasks"] == ["e0-t0", "e0-t1"]
+    back = read_checkpoint(tmp_path / "c.npz").run
+    assert (
+        back.best.loss == math.inf
+        and back.best.epoch == -1
+        and back.done_tasks == {"e0-t0", "e0-t1"}
+    )
+    np.testing.assert_array_equal(back.best.params, server["params"])  # no best yet: the weights
+    arrays, meta = load_file(tmp_path / "c.npz", "checkpoint")
+    meta["local_states"] = {"s0": {"t": 1, "lr": 0.1, "arrays": {"m": "missing"}}}
+    save_file(tmp_path / "c.npz", "checkpoint", arrays, meta)
+    with pytest.raises(CheckpointError, match="malformed local optimizer state"):
+        read_checkpoint(tmp_path / "c.npz")
+
+
+def test_a_version_1_checkpoint_resumes(tmp_path):
+    from pipeline.synth import synth
+    from pipeline.train import resumed_config, train
+
+    st = synth(tmp_path / "s.zarr", rows=300, features=4, classes=3, seed=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(V1, run / "checkpoint.npz")
+    cfg = resumed_config(run)
+    cfg.epochs = 3
+    res = train(st.path, cfg, run, client=None, resume=True)
+    old = read_checkpoint(V1).run
+    assert [h["epoch"] for h in res.history] == [0, 1, 2]
+    assert res.history[:2] == old.history
+    assert res.history[2]["rounds"] > res.history[1]["rounds"]  # the server's round went on
+    new = read_checkpoint(run / "checkpoint.npz")
+    assert new.run.job == old.job and new.run.epoch == 3 and new.version == res.history[2]["rounds"]
