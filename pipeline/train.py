@@ -34,11 +34,12 @@ import numpy as np
 from pipeline.checkpoint import load_file, save_file
 from pipeline.config import TrainConfig
 from pipeline.errors import CheckpointError, ConfigError, PipelineError, StoreError, TrainingError
+from pipeline.metrics import array_metrics, finish_metrics, merge_metrics
 from pipeline.model import Model
 from pipeline.progress import Progress
 from pipeline.ps import ParameterServer
 from pipeline.store import Store, layout_mismatch, layout_of, open_store
-from pipeline.worker import array_metrics, evaluate_task, finish_metrics, merge_metrics, train_task
+from pipeline.worker import evaluate_task, train_task
 
 logger = logging.getLogger(__name__)
 
