@@ -71,12 +71,7 @@ class LocalServer:
         self.optimizer = ServerOptimizer(**optimizer, n=self.params.size)
         if optimizer_state:
             buffers = {k: np.array(v, dtype=np.float32) for k, v in optimizer_state["buffers"].items()}
-            if not self.optimizer.ema:
-                buffers.pop("average", None)
-            self.optimizer.t = int(optimizer_state["t"])
-            self.optimizer.buffers.update(buffers)
-            if self.optimizer.ema and "average" not in buffers:
-                self.optimizer.buffers["average"] = self.params.copy()
+            self.optimizer.load_state({**optimizer_state, "buffers": buffers}, self.params)
         self.schedule = Schedule(**schedule)
         self.version = int(version)
         self.local_states = dict(local_states or {}) if mode == "sync" else {}
@@ -97,7 +92,8 @@ class LocalServer:
         return self.params
 
     def state(self) -> dict[str, Any]:
-        buffers = {k: v.copy() for k, v in self.optimizer.buffers.items()}
+        opt_state = self.optimizer.state()
+        buffers = opt_state["buffers"]
         params = self.params.copy()
         averaged = self.optimizer.ema and self.optimizer.t and "average" in buffers
         return {
@@ -105,7 +101,7 @@ class LocalServer:
             "model": buffers["average"] if averaged else params,
             "version": self.version,
             "optimizer": self.optimizer.config(),
-            "optimizer_state": {"t": self.optimizer.t, "buffers": buffers},
+            "optimizer_state": opt_state,
             "progress": dict(self.progress),
             "local_states": dict(self.local_states),
             "failed": self.failed,

@@ -2,8 +2,9 @@
 
 A training task joins its job on the parameter server, reads its rows straight from the store
 with the loader (data never passes through the client or the scheduler), takes
-``local_steps`` minibatch steps with the kernels, pushes ``delta = w_pulled - w_local`` and
-continues. With ``overlap`` the push travels while the next local steps run; the reply is
+``local_steps`` minibatch steps with the kernels (by :func:`pipeline.loop.run_batches`, the loop
+in-process training and the estimators use too), pushes ``delta = w_pulled - w_local`` and
+continues (:class:`_Pusher`). With ``overlap`` the push travels while the next local steps run; the reply is
 folded in at the next push boundary (``w = w_server + local progress since the push``), which
 keeps every step's inputs deterministic. Time is split into read / compute / communicate and
 reported through Dask's fine performance metrics and in the task's result.
