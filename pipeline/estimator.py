@@ -106,7 +106,14 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
 
 from pipeline.config import TrainConfig
-from pipeline.loop import FULL_BATCH_ROWS, load_local_state, local_state, make_trainer, run_batches
+from pipeline.loop import (
+    FULL_BATCH_ROWS,
+    load_local_state,
+    local_state,
+    make_trainer,
+    prepare_targets,
+    run_batches,
+)
 from pipeline.model import Model
 
 __all__ = [
@@ -558,12 +565,6 @@ class _BaseMLP(BaseEstimator):
             return len(self.classes_)
         return 1 if y.ndim == 1 else int(y.shape[1])
 
-    def _targets(self, y: np.ndarray, target: dict | None) -> np.ndarray:
-        if target is None:
-            return np.ascontiguousarray(y, dtype=np.int64)
-        yy = y.reshape(len(y), -1).astype(np.float64)
-        return np.ascontiguousarray((yy - target["mean"]) / target["std"], dtype=np.float32)
-
     def _new_trainer(self, cfg: TrainConfig, spec: dict, params: np.ndarray | None) -> Any:
         """An in-process trainer from ``params``, else from scikit-learn's initialization (Glorot
         uniform for every activation: on few inputs He's larger first-layer weights generalize
@@ -608,7 +609,7 @@ class _BaseMLP(BaseEstimator):
             self._fit_linear(model, X, y, target, cfg)
             return
         Xn = model.transform_features(X)
-        t = self._targets(y, target)
+        t = prepare_targets(y, target)
         rng = np.random.default_rng([cfg.seed, 1])
         n_val = int(len(X) * cfg.validation) if cfg.patience else 0
         if n_val and len(X) - n_val >= 1:
@@ -655,7 +656,7 @@ class _BaseMLP(BaseEstimator):
         A = np.hstack([Xn, np.ones((n, 1))])  # the bias is the last row of theta
         wd = float(cfg.weight_decay)
         if self._task == "regression":
-            T = self._targets(y, target).astype(np.float64)
+            T = prepare_targets(y, target).astype(np.float64)
             k = T.shape[1]
             if wd == 0:
                 theta = np.linalg.lstsq(A, T, rcond=None)[0]
@@ -758,7 +759,7 @@ class _BaseMLP(BaseEstimator):
             target = {k: np.asarray(v, np.float64) for k, v in model.target.items()}
         epoch = self.n_iter_
         loss = self._epoch(
-            trainer, model.transform_features(X), self._targets(y, target), cfg.batch_size,
+            trainer, model.transform_features(X), prepare_targets(y, target), cfg.batch_size,
             np.random.default_rng([cfg.seed, epoch]),
         )
         self.model_ = replace(model, params=trainer.get_params().astype(np.float32), _trainer=None)
