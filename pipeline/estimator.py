@@ -106,6 +106,14 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
 
 from pipeline.config import TrainConfig
+from pipeline.loop import (
+    FULL_BATCH_ROWS,
+    load_local_state,
+    local_state,
+    make_trainer,
+    prepare_targets,
+    run_batches,
+)
 from pipeline.model import Model
 
 __all__ = [
@@ -139,7 +147,6 @@ _CONFIG_KEYS = {
 }
 SOLVERS = ("auto", "minibatch")  # auto: linear models on in-memory data solved exactly
 WRITE_BLOCK_ROWS = 1 << 16  # rows per write when copying NumPy input into the temporary store
-FULL_BATCH_ROWS = 4096  # batch_size=0 (full batch): rows per piece of the accumulated gradient
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,43 +565,21 @@ class _BaseMLP(BaseEstimator):
             return len(self.classes_)
         return 1 if y.ndim == 1 else int(y.shape[1])
 
-    def _targets(self, y: np.ndarray, target: dict | None) -> np.ndarray:
-        if target is None:
-            return np.ascontiguousarray(y, dtype=np.int64)
-        yy = y.reshape(len(y), -1).astype(np.float64)
-        return np.ascontiguousarray((yy - target["mean"]) / target["std"], dtype=np.float32)
-
     def _new_trainer(self, cfg: TrainConfig, spec: dict, params: np.ndarray | None) -> Any:
         """An in-process trainer from ``params``, else from scikit-learn's initialization (Glorot
         uniform for every activation: on few inputs He's larger first-layer weights generalize
         worse, e.g. iris's MLP at 0.84-0.95 test accuracy over five seeds against 0.97)."""
-        from kernels.mlp import MLPSpec, MLPTrainer, init_params
+        from kernels.mlp import MLPSpec, init_params
 
-        mspec = MLPSpec(**{**spec, "hidden": tuple(spec["hidden"])})
         if params is None:
-            params = init_params(mspec, cfg.seed, scheme="glorot")
-        return MLPTrainer(
-            mspec,
-            backend=cfg.backend if cfg.backend != "auto" else "cpu",
-            optimizer=cfg.optimizer,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.optimizer == "nesterov",
-            beta1=cfg.beta1,
-            beta2=cfg.beta2,
-            rho=cfg.rho,
-            weight_decay=cfg.weight_decay,
-            max_batch=cfg.batch_size or FULL_BATCH_ROWS,
-            params=params,
-            seed=cfg.seed,
-        )
+            params = init_params(MLPSpec(**{**spec, "hidden": tuple(spec["hidden"])}), cfg.seed, scheme="glorot")
+        backend = cfg.backend if cfg.backend != "auto" else "cpu"
+        return make_trainer(spec, {**cfg.to_dict(), "backend": backend}, params)
 
     @staticmethod
     def _epoch(trainer: Any, Xn: np.ndarray, t: np.ndarray, batch: int, rng: np.random.Generator) -> float:
         """One epoch in memory by the in-process loop of `pipeline train` (pipeline.local): the
         mean loss over the rows."""
-        from pipeline.local import run_batches
-
         if batch == 0:  # full batch: one step with the mean gradient of every row
             pieces = (slice(a, a + FULL_BATCH_ROWS) for a in range(0, len(Xn), FULL_BATCH_ROWS))
             return run_batches(trainer, ((Xn[p], t[p]) for p in pieces), full_batch=True)["row_loss"]
@@ -624,7 +609,7 @@ class _BaseMLP(BaseEstimator):
             self._fit_linear(model, X, y, target, cfg)
             return
         Xn = model.transform_features(X)
-        t = self._targets(y, target)
+        t = prepare_targets(y, target)
         rng = np.random.default_rng([cfg.seed, 1])
         n_val = int(len(X) * cfg.validation) if cfg.patience else 0
         if n_val and len(X) - n_val >= 1:
@@ -671,7 +656,7 @@ class _BaseMLP(BaseEstimator):
         A = np.hstack([Xn, np.ones((n, 1))])  # the bias is the last row of theta
         wd = float(cfg.weight_decay)
         if self._task == "regression":
-            T = self._targets(y, target).astype(np.float64)
+            T = prepare_targets(y, target).astype(np.float64)
             k = T.shape[1]
             if wd == 0:
                 theta = np.linalg.lstsq(A, T, rcond=None)[0]
@@ -768,17 +753,17 @@ class _BaseMLP(BaseEstimator):
         trainer = self._new_trainer(cfg, model.spec, None if first else model.params)
         state = getattr(self, "_opt_state", None)
         if state is not None and state.get("optimizer") == cfg.optimizer:
-            trainer.optimizer.load_state_dict(state["state"])
+            load_local_state(trainer, state["state"])
         target = None
         if model.target is not None:
             target = {k: np.asarray(v, np.float64) for k, v in model.target.items()}
         epoch = self.n_iter_
         loss = self._epoch(
-            trainer, model.transform_features(X), self._targets(y, target), cfg.batch_size,
+            trainer, model.transform_features(X), prepare_targets(y, target), cfg.batch_size,
             np.random.default_rng([cfg.seed, epoch]),
         )
         self.model_ = replace(model, params=trainer.get_params().astype(np.float32), _trainer=None)
-        self._opt_state = {"optimizer": cfg.optimizer, "state": trainer.optimizer.state_dict()}
+        self._opt_state = {"optimizer": cfg.optimizer, "state": local_state(trainer)}
         self.history_ = [*self.history_, {"epoch": epoch, "samples": len(X), "train_loss": float(loss)}]
         self.loss_curve_ = [*self.loss_curve_, float(loss)]
         self.n_iter_ = epoch + 1

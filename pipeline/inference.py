@@ -25,9 +25,10 @@ import numpy as np
 
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import PipelineError, StoreError
+from pipeline.metrics import finish_metrics, merge_metrics
 from pipeline.model import Model
 from pipeline.store import Store, check_not_inside, layout_mismatch, open_store, replace_dir
-from pipeline.worker import cached_trainer, evaluate_task, finish_metrics, merge_metrics
+from pipeline.worker import cached_trainer, evaluate_task
 
 PARQUET_MARK = {b"pipeline": b"predictions"}
 _PART = re.compile(r"part-\d{6}\.parquet")

@@ -5,80 +5,37 @@ kernels in each and the task and parameter-server round trips cost seconds that 
 of a small store never win back (bench/findings.md, "Where a step and a cold run go").
 :class:`LocalTrainer` is :class:`pipeline.train.Trainer` with its one cluster-bound part
 replaced: each epoch's work (in sync mode one share of the training rows, in async and ssp
-mode its tasks one after the other) is trained here by the loop of :func:`run_batches`, and :class:`LocalServer` stands in for the parameter server (the same
+mode its tasks one after the other) is trained here by the worker task's own loop
+(:func:`pipeline.loop.run_batches`), and :class:`LocalServer` stands in for the parameter server (the same
 server optimizer, schedule and weight average, applied every ``local_steps`` minibatches). The
 run directory, checkpoints, ``--resume`` and the Ctrl-C / SIGTERM checkpoint are the driver's.
 Such a run equals a one-worker, one-thread sync run on a cluster: same rows, same order, same
 weights (``overlap`` has no push in flight to hide here and is ignored).
 
-:func:`run_batches` is the in-process minibatch loop, shared with the scikit-learn estimators'
-in-process training (pipeline.estimator).
+:func:`pipeline.loop.run_batches` is the one in-process minibatch loop: the worker task, this
+module and the scikit-learn estimators' in-memory training (pipeline.estimator) all use it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
 from pipeline.errors import TrainingError
+from pipeline.loop import (
+    FULL_BATCH_ROWS,
+    load_local_state,
+    local_state,
+    make_trainer,
+    prepare_targets,
+    run_batches,
+)
 from pipeline.runstate import RunState
 from pipeline.train import Ranges, Trainer, split_rows, task_config
 
 SLOT = "s0"  # the one share's slot, as a cluster's first sync share is named
-
-
-def run_batches(
-    trainer: Any,
-    batches: Iterable[tuple[np.ndarray, np.ndarray]],
-    *,
-    full_batch: bool = False,
-    local_steps: int = 0,
-    sync: Callable[[int, int, float], None] | None = None,
-    skip: int = 0,
-) -> dict[str, Any]:
-    """Train ``trainer`` (a :class:`kernels.mlp.MLPTrainer`) on ``batches``: a step per
-    minibatch, or with ``full_batch`` one step with the mean gradient of them all.
-
-    Every ``local_steps`` minibatches (and after the last) ``sync(samples, batches, loss)`` is
-    called with the rows, minibatches and mean loss since the previous call, as a worker
-    pushes to the parameter server. The first ``skip`` batches are passed over (already
-    trained before an interruption). Returns ``samples``, ``batches``, ``loss`` (the mean of
-    the minibatch losses; full batch: over the rows) and ``row_loss`` (the mean over rows)."""
-    samples = n_since = b_since = n_batches = 0
-    weighted = 0.0
-    losses: list[float] = []
-    since: list[float] = []
-    for i, (X, y) in enumerate(batches):
-        if i < skip:
-            continue
-        b = len(X)
-        loss = trainer.accumulate(X, y) if full_batch else trainer.step(X, y)
-        samples += b
-        n_since += b
-        b_since += 1
-        n_batches += 1
-        weighted += loss * b
-        losses.append(loss)
-        since.append(loss * b if full_batch else loss)
-        if sync is not None and not full_batch and b_since == local_steps:
-            sync(n_since, b_since, float(np.mean(since)))
-            n_since = b_since = 0
-            since = []
-    if full_batch:
-        trainer.apply()
-        if samples:
-            losses = since = [weighted / samples]
-    if sync is not None and b_since:
-        sync(n_since, b_since, float(np.mean(since)))
-    return {
-        "samples": samples,
-        "batches": n_batches,
-        "loss": float(np.mean(losses)) if losses else float("nan"),
-        "row_loss": weighted / max(1, samples),
-    }
 
 
 # BLAS threads while training in this process: one, as in a Dask worker (its nanny sets
@@ -115,12 +72,7 @@ class LocalServer:
         self.optimizer = ServerOptimizer(**optimizer, n=self.params.size)
         if optimizer_state:
             buffers = {k: np.array(v, dtype=np.float32) for k, v in optimizer_state["buffers"].items()}
-            if not self.optimizer.ema:
-                buffers.pop("average", None)
-            self.optimizer.t = int(optimizer_state["t"])
-            self.optimizer.buffers.update(buffers)
-            if self.optimizer.ema and "average" not in buffers:
-                self.optimizer.buffers["average"] = self.params.copy()
+            self.optimizer.load_state({**optimizer_state, "buffers": buffers}, self.params)
         self.schedule = Schedule(**schedule)
         self.version = int(version)
         self.local_states = dict(local_states or {}) if mode == "sync" else {}
@@ -141,7 +93,8 @@ class LocalServer:
         return self.params
 
     def state(self) -> dict[str, Any]:
-        buffers = {k: v.copy() for k, v in self.optimizer.buffers.items()}
+        opt_state = self.optimizer.state()
+        buffers = opt_state["buffers"]
         params = self.params.copy()
         averaged = self.optimizer.ema and self.optimizer.t and "average" in buffers
         return {
@@ -149,7 +102,7 @@ class LocalServer:
             "model": buffers["average"] if averaged else params,
             "version": self.version,
             "optimizer": self.optimizer.config(),
-            "optimizer_state": {"t": self.optimizer.t, "buffers": buffers},
+            "optimizer_state": opt_state,
             "progress": dict(self.progress),
             "local_states": dict(self.local_states),
             "failed": self.failed,
@@ -235,19 +188,14 @@ class LocalTrainer(Trainer):
     ) -> dict[str, Any]:
         """What :func:`pipeline.worker.train_task` does with ``ranges``, here."""
         from pipeline.loader import ChunkLoader
-        from pipeline.worker import FULL_BATCH_ROWS, _holdout, make_trainer, prepare_targets
+        from pipeline.worker import _holdout
 
         cfg, tcfg, epoch = self.cfg, task_config(self.cfg), run.epoch
         if self._trainer is None:
             self._trainer = make_trainer(self.spec, tcfg)
         trainer = self._trainer
         if cfg.mode == "sync":  # the share's own local optimizer state, as a cluster's task loads it
-            trainer.reset_optimizer()
-            saved = ps.local_states.get(SLOT)
-            if saved:
-                trainer.optimizer.load_state_dict(
-                    {"t": saved["t"], "lr": saved["lr"], **{f"opt.{k}": v for k, v in saved["buffers"].items()}}
-                )
+            load_local_state(trainer, ps.local_states.get(SLOT))
         trainer.set_params(ps.params)
         anchor = trainer.get_params()
         full_batch = cfg.batch_size == 0
@@ -294,9 +242,7 @@ class LocalTrainer(Trainer):
             read = loader.read_seconds
             loader.close()
         if cfg.mode == "sync":
-            opt = trainer.optimizer.state_dict()
-            ps.local_states[SLOT] = {"t": opt["t"], "lr": opt["lr"],
-                                     "buffers": {k.removeprefix("opt."): v for k, v in opt.items() if k.startswith("opt.")}}  # fmt: skip
+            ps.local_states[SLOT] = local_state(trainer)
         total = time.perf_counter() - t0
         return {"samples": r["samples"], "loss": r["loss"] if r["samples"] else 0.0, "read": read,
                 "compute": max(0.0, total - read)}  # fmt: skip
@@ -307,14 +253,9 @@ class LocalTrainer(Trainer):
         epochs when they take at most ``VAL_CACHE_MB`` (the rows held out of a store are spread
         over all its chunks: reading them is reading the whole store)."""
         from pipeline.loader import ChunkLoader
+        from pipeline.metrics import evaluate_arrays, finish_metrics, merge_metrics
         from pipeline.store import open_store
-        from pipeline.worker import (
-            _holdout,
-            cached_trainer,
-            evaluate_arrays,
-            finish_metrics,
-            merge_metrics,
-        )
+        from pipeline.worker import _holdout, cached_trainer
 
         if not val_ranges:
             return {}

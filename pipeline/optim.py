@@ -10,6 +10,7 @@ base learning rate. Pure Python, no arrays: the parameter server calls it once p
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +172,28 @@ class ServerOptimizer:
         """The weights to validate and save: the average (``ema`` > 0, after an update) or
         ``params`` themselves. The array may change in place with the next update."""
         return self.buffers["average"] if self.ema and self.t else params
+
+    def state(self) -> dict[str, Any]:
+        """The step count and copies of the buffers, ``{"t", "buffers": {name: vector}}``: the
+        server optimizer's part of a checkpoint (undone by :meth:`load_state`)."""
+        return {"t": self.t, "buffers": {k: v.copy() for k, v in self.buffers.items()}}
+
+    def load_state(self, state: Mapping[str, Any], params: np.ndarray) -> None:
+        """Restore what :meth:`state` gave (buffers already float32 vectors of this length).
+
+        A saved average is derived state and dropped when ``ema`` is off; with ``ema`` on and
+        no average saved, the average starts from ``params``. :class:`PSError` names a buffer
+        this optimizer does not have (a state saved by another optimizer)."""
+        buffers = dict(state.get("buffers") or {})
+        if not self.ema:
+            buffers.pop("average", None)
+        unknown = sorted(set(buffers) - set(self.buffers))
+        if unknown:
+            raise PSError(f"optimizer state has unknown buffer {unknown[0]!r}")
+        self.t = int(state.get("t", 0))
+        self.buffers.update(buffers)
+        if self.ema and "average" not in buffers:
+            self.buffers["average"] = np.array(params, dtype=np.float32)
 
     def config(self) -> dict[str, Any]:
         return {

@@ -33,6 +33,7 @@ import numpy as np
 from pipeline.checkpoint import Checkpoint, load_file, read_checkpoint, write_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.errors import CheckpointError, ConfigError, PipelineError, StoreError, TrainingError
+from pipeline.metrics import array_metrics, finish_metrics, merge_metrics
 from pipeline.model import Model
 from pipeline.plan import (  # noqa: F401 - the planning helpers, also importable from here
     EpochPlan,
@@ -51,7 +52,7 @@ from pipeline.progress import Progress
 from pipeline.ps import ParameterServer
 from pipeline.runstate import BestModel, EarlyStopping, RunState
 from pipeline.store import Store, layout_mismatch, layout_of, open_store
-from pipeline.worker import array_metrics, evaluate_task, finish_metrics, merge_metrics, train_task
+from pipeline.worker import evaluate_task, train_task
 
 logger = logging.getLogger(__name__)
 

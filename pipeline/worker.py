@@ -2,8 +2,9 @@
 
 A training task joins its job on the parameter server, reads its rows straight from the store
 with the loader (data never passes through the client or the scheduler), takes
-``local_steps`` minibatch steps with the kernels, pushes ``delta = w_pulled - w_local`` and
-continues. With ``overlap`` the push travels while the next local steps run; the reply is
+``local_steps`` minibatch steps with the kernels (by :func:`pipeline.loop.run_batches`, the loop
+in-process training and the estimators use too), pushes ``delta = w_pulled - w_local`` and
+continues (:class:`_Pusher`). With ``overlap`` the push travels while the next local steps run; the reply is
 folded in at the next push boundary (``w = w_server + local progress since the push``), which
 keeps every step's inputs deterministic. Time is split into read / compute / communicate and
 reported through Dask's fine performance metrics and in the task's result.
@@ -26,15 +27,21 @@ from distributed.metrics import context_meter
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import TrainingError
 from pipeline.loader import ChunkLoader
+from pipeline.loop import (
+    FULL_BATCH_ROWS,
+    load_local_state,
+    local_state,
+    make_trainer,
+    prepare_targets,
+    run_batches,
+)
+from pipeline.metrics import evaluate_arrays, merge_metrics, plain_metrics
 from pipeline.ps import ParameterServer
 from pipeline.store import open_store
 
 logger = logging.getLogger(__name__)
 
 _CACHE_SIZE = 8
-# batch_size = 0 (full batch): rows per piece over which a task accumulates its gradient, so
-# that memory stays that of one minibatch whatever the number of rows
-FULL_BATCH_ROWS = 4096
 _trainers: OrderedDict[tuple, Any] = OrderedDict()
 _stores: OrderedDict[str, Any] = OrderedDict()
 _lock = threading.Lock()
@@ -49,27 +56,6 @@ def _store(path: str) -> Any:
             while len(_stores) > _CACHE_SIZE:
                 _stores.popitem(last=False)
         return st
-
-
-def make_trainer(spec: dict, cfg: dict) -> Any:
-    """A fresh :class:`kernels.mlp.MLPTrainer` for ``spec`` with the local optimizer of ``cfg``."""
-    from kernels.mlp import MLPSpec, MLPTrainer
-
-    optimizer = cfg["optimizer"]
-    return MLPTrainer(
-        MLPSpec(**{**spec, "hidden": tuple(spec["hidden"])}),
-        backend=cfg["backend"],
-        optimizer="momentum" if optimizer == "nesterov" else optimizer,
-        nesterov=optimizer == "nesterov",
-        lr=cfg["lr"],
-        momentum=cfg["momentum"],
-        beta1=cfg.get("beta1", 0.9),
-        beta2=cfg.get("beta2", 0.999),
-        rho=cfg.get("rho", 0.99),
-        weight_decay=cfg["weight_decay"],
-        max_batch=cfg["batch_size"] or FULL_BATCH_ROWS,
-        seed=cfg["seed"],
-    )
 
 
 def cached_trainer(job: str, purpose: str, spec: dict, cfg: dict) -> Any:
@@ -87,14 +73,6 @@ def cached_trainer(job: str, purpose: str, spec: dict, cfg: dict) -> Any:
         while len(_trainers) > _CACHE_SIZE:
             _trainers.popitem(last=False)
     return tr
-
-
-def prepare_targets(y: np.ndarray, target: dict | None) -> np.ndarray:
-    """Classification labels as int32; regression targets standardized as float32 2-D."""
-    if target is None:
-        return np.ascontiguousarray(y, dtype=np.int32)
-    yy = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
-    return np.ascontiguousarray((yy - target["mean"]) / target["std"], dtype=np.float32)
 
 
 class _Comm:
@@ -147,6 +125,66 @@ class _Comm:
         return reply
 
 
+class _Pusher:
+    """The push side of a training task: the weights last received from the parameter server
+    (``anchor``, at ``version``), the push still in flight with ``overlap``, and the time
+    already reported. :meth:`push` is :func:`pipeline.loop.run_batches`'s ``sync`` callback.
+
+    A push sends ``delta = anchor - w_local``. Without ``overlap`` the reply replaces the local
+    weights; with it the reply is folded in at the next push boundary, keeping the progress
+    made while it travelled: ``w_local = w_server + (w_local - w_at_push)``."""
+
+    def __init__(self, comm: _Comm, trainer: Any, loader: ChunkLoader, name: str, joined: dict, cfg: dict) -> None:
+        self.comm, self.trainer, self.loader, self.name = comm, trainer, loader, name
+        self.overlap: bool = cfg["overlap"]
+        self.timeout: float = cfg["barrier_timeout"]
+        self.anchor = np.array(joined["params"], dtype=np.float32)
+        self.version = int(joined["version"])
+        self.pending: Any = None  # the push in flight (overlap)
+        self.timing: dict[str, float] = {"compute": 0.0}  # run_batches adds the kernels' seconds
+        self.reported = {"read": 0.0, "compute": 0.0, "communicate": 0.0}
+        trainer.set_params(self.anchor)
+
+    def _fold(self, fut: Any) -> None:
+        r = self.comm.wait(fut)
+        fresh = np.asarray(r["params"], dtype=np.float32)
+        if self.overlap:
+            self.trainer.set_params(fresh + (self.trainer.get_params() - self.anchor))
+        else:
+            self.trainer.set_params(fresh)
+        self.anchor, self.version = fresh, int(r["version"])
+
+    def push(self, samples: int, batches: int, loss: float) -> None:
+        """Send the progress since the last push (``samples`` rows in ``batches`` minibatches,
+        mean ``loss``) with the time spent since then."""
+        self.finish()
+        current = self.trainer.get_params()
+        now = {"read": self.loader.read_seconds, "compute": self.timing["compute"], "communicate": self.comm.seconds}
+        timings = {k: v - self.reported[k] for k, v in now.items()}
+        self.reported.update(now)
+        fut = self.comm.ps.soon.push(
+            name=self.name,
+            version=self.version,
+            delta=self.anchor - current,
+            samples=samples,
+            batches=batches,
+            loss=loss,
+            timings=timings,
+            timeout=self.timeout,
+        )
+        self.anchor = current
+        if self.overlap:
+            self.pending = fut
+        else:
+            self._fold(fut)
+
+    def finish(self) -> None:
+        """Fold in the push still in flight, if any."""
+        if self.pending is not None:
+            fut, self.pending = self.pending, None
+            self._fold(fut)
+
+
 # Dask samples the stacks of running tasks into a per-worker profile, a tree up to 100 levels
 # deep (the first task here imports and compiles the kernels: stacks that deep). Every message
 # a worker sends is sized with Dask's recursive sizeof, about 8 Python frames per level of that
@@ -197,65 +235,8 @@ def train_task(
     if keep_state:
         # sync: the share's own local optimizer state (fresh in its first epoch), not this
         # thread's, so the run does not depend on which worker runs which share
-        trainer.reset_optimizer()
-        saved = reply.get("local_state")
-        if saved:
-            trainer.optimizer.load_state_dict(
-                {"t": saved["t"], "lr": saved["lr"], **{f"opt.{k}": v for k, v in saved["buffers"].items()}}
-            )
-    anchor = np.array(reply["params"], dtype=np.float32)
-    version = int(reply["version"])
+        load_local_state(trainer, reply.get("local_state"))
     skip = int(reply.get("skip_batches", 0))
-    trainer.set_params(anchor)
-
-    local_steps, overlap = cfg["local_steps"], cfg["overlap"]
-    pending = None
-    steps = samples = batches_done = 0
-    n_since = b_since = 0
-    loss_since: list[float] = []
-    losses: list[float] = []
-    compute = 0.0
-    reported = {"read": 0.0, "compute": 0.0, "communicate": 0.0}
-
-    def fold(fut: Any) -> None:
-        # w_local = w_server + (w_local - w_at_push): keep the progress made while in flight
-        nonlocal anchor, version
-        r = comm.wait(fut)
-        fresh = np.asarray(r["params"], dtype=np.float32)
-        if overlap:
-            trainer.set_params(fresh + (trainer.get_params() - anchor))
-        else:
-            trainer.set_params(fresh)
-        anchor, version = fresh, int(r["version"])
-
-    def push() -> None:
-        nonlocal pending, anchor, n_since, b_since, loss_since
-        if pending is not None:
-            fold(pending)
-            pending = None
-        current = trainer.get_params()
-        delta = anchor - current
-        now = {"read": loader.read_seconds, "compute": compute, "communicate": comm.seconds}
-        timings = {k: v - reported[k] for k, v in now.items()}  # since the last push
-        reported.update(now)
-        fut = comm.ps.soon.push(
-            name=name,
-            version=version,
-            delta=delta,
-            samples=n_since,
-            batches=b_since,
-            loss=float(np.mean(loss_since)) if loss_since else 0.0,
-            timings=timings,
-            timeout=cfg["barrier_timeout"],
-        )
-        anchor = current
-        n_since = b_since = 0
-        loss_since = []
-        if overlap:
-            pending = fut
-        else:
-            fold(fut)
-
     full_batch = cfg["batch_size"] == 0  # one step with the mean gradient of every row
     if full_batch:
         trainer.discard_accumulated()  # a failed task on this thread may have left some behind
@@ -270,47 +251,29 @@ def train_task(
         normalize=cfg["normalize"],
         holdout=_holdout(cfg, "train"),
     )
+    pusher = _Pusher(comm, trainer, loader, name, reply, cfg)
     try:
-        for i, (X, y) in enumerate(loader.epoch(epoch)):
-            if i < skip:  # a rerun after a lost worker: these batches were already absorbed
-                continue
-            t = time.perf_counter()
-            if full_batch:
-                loss = trainer.accumulate(X, prepare_targets(y, target))
-            else:
-                loss = trainer.step(X, prepare_targets(y, target))
-                steps += 1
-            compute += time.perf_counter() - t
-            samples += len(X)
-            n_since += len(X)
-            b_since += 1
-            batches_done += 1
-            loss_since.append(loss * len(X) if full_batch else loss)  # full batch: summed below
-            losses.append(loss)
-            if b_since == local_steps and not full_batch:
-                push()
-        if full_batch and b_since:
-            t = time.perf_counter()
-            trainer.apply()
-            compute += time.perf_counter() - t
-            steps += 1
-            loss_since = [float(np.sum(loss_since)) / n_since]  # the mean loss over every row
-            losses = list(loss_since)
-        if b_since:
-            push()
-        if pending is not None:
-            fold(pending)
-            pending = None
+        r = run_batches(
+            trainer,
+            ((X, prepare_targets(y, target)) for X, y in loader.epoch(epoch)),
+            full_batch=full_batch,
+            local_steps=cfg["local_steps"],
+            sync=pusher.push,
+            skip=skip,
+            timing=pusher.timing,
+        )
+        pusher.finish()
     finally:
         read_seconds = loader.read_seconds
         loader.close()
+    compute, version = pusher.timing["compute"], pusher.version
     summary = {
         "name": name,
         "worker": worker.address,
-        "samples": samples,
-        "steps": steps,
+        "samples": r["samples"],
+        "steps": r["steps"],
         "skipped": skip,
-        "loss": float(np.mean(losses)) if losses else float("nan"),
+        "loss": r["loss"],
         "read": read_seconds,
         "compute": compute,
         "communicate": comm.seconds,
@@ -323,9 +286,7 @@ def train_task(
     # dying between the end of this task and the driver's gather loses nothing.
     extra: dict[str, Any] = {}
     if keep_state:
-        opt = trainer.optimizer.state_dict()
-        buffers = {k.removeprefix("opt."): v for k, v in opt.items() if k.startswith("opt.")}
-        extra = {"slot": slot, "local_state": {"t": opt["t"], "lr": opt["lr"], "buffers": buffers}}
+        extra = {"slot": slot, "local_state": local_state(trainer)}
     try:
         comm.ps.soon.leave(name, summary=summary, **extra).result(timeout=30)
     except Exception:  # noqa: BLE001 - the driver falls back to this task's result
@@ -348,89 +309,6 @@ def train_task(
         except Exception:  # noqa: BLE001 - the driver falls back to this task's result
             logger.debug("participant %s could not leave its validation", name, exc_info=True)
     return summary
-
-
-def evaluate_arrays(probs_or_pred: np.ndarray, y: np.ndarray, target: dict | None, n_classes: int) -> dict:
-    """Partial sums for metrics over one batch (merged with :func:`merge_metrics`)."""
-    if target is None:
-        yi = np.asarray(y, dtype=np.int64)
-        p = np.clip(probs_or_pred[np.arange(len(yi)), yi], 1e-15, 1.0)
-        pred = probs_or_pred.argmax(axis=1)
-        conf = np.zeros((n_classes, n_classes), np.int64)
-        np.add.at(conf, (yi, pred), 1)
-        return {"n": len(yi), "loss_sum": float(-np.log(p).sum()), "confusion": conf}
-    yy = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
-    pred = np.asarray(probs_or_pred, dtype=np.float64).reshape(len(y), -1) * target["std"] + target["mean"]
-    err = pred - yy
-    zerr = err / target["std"]
-    return {
-        "n": len(yy),
-        "loss_sum": float(np.mean(zerr**2, axis=1).sum()),
-        "sse": (err**2).sum(axis=0),
-        "sae": np.abs(err).sum(axis=0),
-        "sum_y": yy.sum(axis=0),
-        "sum_y2": (yy**2).sum(axis=0),
-        "min_y": yy.min(axis=0),  # merged by minimum / maximum: tell a constant target exactly
-        "max_y": yy.max(axis=0),
-    }
-
-
-def plain_metrics(sums: dict) -> dict[str, Any]:
-    """Partial sums as msgpack-friendly numbers and lists (undone by :func:`array_metrics`)."""
-    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in sums.items()}
-
-
-def array_metrics(sums: dict) -> dict[str, Any]:
-    """Inverse of :func:`plain_metrics`: lists back to arrays, so partial sums add up (Dask's
-    messages decode lists as tuples, which ``+`` would concatenate)."""
-    return {k: np.asarray(v) if isinstance(v, list | tuple) else v for k, v in sums.items()}
-
-
-_MERGE = {"min_y": np.minimum, "max_y": np.maximum}
-
-
-def merge_metrics(parts: list[dict]) -> dict:
-    """Partial sums added up (``min_y`` / ``max_y`` by minimum / maximum)."""
-    out: dict[str, Any] = {}
-    for part in parts:
-        for k, v in part.items():
-            if k not in out:
-                out[k] = v
-            else:
-                out[k] = _MERGE[k](out[k], v) if k in _MERGE else out[k] + v
-    return out
-
-
-def finish_metrics(sums: dict, target: dict | None) -> dict[str, Any]:
-    """Final metrics from merged partial sums: accuracy, log loss, confusion matrix; or R^2,
-    RMSE, MAE (averaged over output columns)."""
-    n = int(sums.get("n", 0))
-    if n == 0:
-        return {"n": 0}
-    if target is None:
-        conf = np.asarray(sums["confusion"])
-        return {
-            "n": n,
-            "loss": sums["loss_sum"] / n,
-            "log_loss": sums["loss_sum"] / n,
-            "accuracy": float(np.trace(conf) / n),
-            "confusion": conf.tolist(),
-        }
-    sst = sums["sum_y2"] - sums["sum_y"] ** 2 / n
-    r2 = 1 - sums["sse"] / np.where(sst > 0, sst, 1.0)
-    if "min_y" in sums:
-        # A constant target has no variance to explain: R^2 is 1 for exact predictions and 0
-        # otherwise, as scikit-learn's r2_score (force_finite=True) defines it, instead of the
-        # huge negative number that rounding noise in sst would give.
-        constant = np.asarray(sums["min_y"]) == np.asarray(sums["max_y"])
-        r2 = np.where(constant, np.where(np.asarray(sums["sse"]) == 0, 1.0, 0.0), r2)
-    return {
-        "n": n,
-        "loss": sums["loss_sum"] / n,
-        "r2": float(np.mean(r2)),
-        "rmse": float(np.mean(np.sqrt(sums["sse"] / n))),
-        "mae": float(np.mean(sums["sae"] / n)),
-    }
 
 
 def evaluate_task(

@@ -133,17 +133,7 @@ class Job:
         vec = decode_vector(params, n_params, "params").copy()
         opt = ServerOptimizer(**(optimizer or {}), n=n_params)
         if optimizer_state:
-            restored = decode_opt_state(optimizer_state, n_params, "optimizer state")
-            if not opt.ema:  # resumed with ema = 0: the average is derived state, drop it
-                restored["buffers"].pop("average", None)
-            unknown = sorted(set(restored["buffers"]) - set(opt.buffers))
-            if unknown:
-                raise PSError(f"optimizer state has unknown buffer {unknown[0]!r}")
-            opt.t = restored["t"]
-            opt.buffers.update(restored["buffers"])
-            if opt.ema and "average" not in restored["buffers"]:
-                # a state saved without averaging: the average starts from the weights
-                opt.buffers["average"] = vec.copy()
+            opt.load_state(decode_opt_state(optimizer_state, n_params, "optimizer state"), vec)
         try:
             sched = Schedule(**(schedule or {}))
         except (TypeError, ValueError) as exc:
@@ -495,12 +485,7 @@ class Job:
             "params": encode_vector(self.weights()),
             "version": self.version,
             "optimizer": self.optimizer.config(),
-            "optimizer_state": encode_opt_state(
-                {
-                    "t": self.optimizer.t,
-                    "buffers": {k: v.copy() for k, v in self.optimizer.buffers.items()},
-                }
-            ),
+            "optimizer_state": encode_opt_state(self.optimizer.state()),
             "progress": dict(self.progress),
             # sync: each share's local optimizer state as its last task left it (replaced, never
             # changed in place, when a task leaves: no copy needed)

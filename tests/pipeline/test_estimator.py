@@ -18,6 +18,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import pipeline
 from pipeline import estimator as est_mod
+from pipeline.config import LOCAL_OPTIMIZERS
 from pipeline.estimator import (
     LinearRegression,
     LogisticRegression,
@@ -266,6 +267,30 @@ def test_partial_fit_improves_and_continues(digits):
     before = full.model_.params.copy()
     full.partial_fit(Xtr, ytr)
     assert not np.array_equal(before, full.model_.params) and full.n_iter_ == 4
+
+
+@pytest.mark.parametrize("optimizer", LOCAL_OPTIMIZERS)
+def test_every_local_optimizer_fits_in_process(optimizer):
+    """Every local optimizer the config accepts trains in memory, by fit and by partial_fit,
+    through the one trainer factory the workers use: the loss falls and the model learns two
+    separable blobs. ``nesterov`` is momentum with the look-ahead, not a name the kernels reject."""
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(-1.0, 1.0, (150, 4)), rng.normal(1.0, 1.0, (150, 4))])
+    y = np.repeat([0, 1], 150)
+    lr = 0.05 if optimizer in ("sgd", "momentum", "nesterov") else 0.01
+    kw = dict(hidden_layer_sizes=(8,), optimizer=optimizer, learning_rate_init=lr, batch_size=32, random_state=0)
+    clf = MLPClassifier(max_iter=8, n_iter_no_change=0, **kw).fit(X, y)
+    assert clf.fitted_on_ == "local" and clf.n_iter_ == 8
+    assert clf.loss_curve_[-1] < 0.8 * clf.loss_curve_[0]
+    assert clf.score(X, y) > 0.9
+    part = MLPClassifier(**kw)
+    for _ in range(4):
+        part.partial_fit(X, y, classes=[0, 1])
+    assert part.loss_curve_[-1] < part.loss_curve_[0]
+    assert part._opt_state["state"]["t"] == 4 * 10  # the local optimizer's steps carry over
+    if optimizer == "nesterov":  # the look-ahead is applied: not the plain momentum run
+        plain = MLPClassifier(max_iter=8, n_iter_no_change=0, **{**kw, "optimizer": "momentum"}).fit(X, y)
+        assert not np.array_equal(plain.model_.params, clf.model_.params)
 
 
 def test_partial_fit_honours_classes_with_class_sorted_batches():

@@ -148,7 +148,7 @@ def test_force_replaces_only_earlier_predictions(run, client, tmp_path):
 
 def _r2_in_batches(y: np.ndarray, pred: np.ndarray, batch: int = 700) -> float:
     """R^2 as evaluation computes it: partial sums per batch, merged, finished."""
-    from pipeline.worker import evaluate_arrays, finish_metrics, merge_metrics
+    from pipeline.metrics import evaluate_arrays, finish_metrics, merge_metrics
 
     k = 1 if y.ndim == 1 else y.shape[1]
     target = {"mean": np.zeros(k), "std": np.ones(k)}

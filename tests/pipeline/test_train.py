@@ -93,8 +93,9 @@ def test_epoch_validation_equals_a_separate_pass_over_the_final_weights(mode, em
     epoch's metrics are those of the checkpointed weights over the whole validation store: with
     ``ema``, of the checkpointed average (the model saved), not of the raw weights."""
     from pipeline.checkpoint import load_file
+    from pipeline.metrics import finish_metrics
     from pipeline.train import build_spec, row_ranges, task_config
-    from pipeline.worker import evaluate_task, finish_metrics
+    from pipeline.worker import evaluate_task
 
     cfg = TrainConfig(mode=mode, epochs=2, patience=0, validation_store=letter_stores[1], ema=ema)
     res = train(letter_stores[0], cfg, tmp_path / "run", client=client)

@@ -1,0 +1,139 @@
+"""The one way a model is trained in a process: the trainer factory and the minibatch loop.
+
+Three callers share them: the training task on a Dask worker (pipeline.worker), training a
+small store in the driver's process (pipeline.local) and the scikit-learn estimators' in-memory
+``fit`` and ``partial_fit`` (pipeline.estimator). :func:`make_trainer` builds a
+:class:`kernels.mlp.MLPTrainer` with the local optimizer of a config, :func:`run_batches` takes
+the minibatch steps (or accumulates one full-batch step) and calls back every ``local_steps``
+minibatches, where a worker pushes to the parameter server. :func:`local_state` and
+:func:`load_local_state` are the one format of a local optimizer's state outside the trainer:
+what a sync share hands the parameter server to keep, and what the checkpoint saves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+# batch_size = 0 (full batch): rows per piece over which a task accumulates its gradient, so
+# that memory stays that of one minibatch whatever the number of rows
+FULL_BATCH_ROWS = 4096
+
+
+def make_trainer(spec: Mapping[str, Any], cfg: Mapping[str, Any], params: np.ndarray | None = None) -> Any:
+    """A fresh :class:`kernels.mlp.MLPTrainer` for ``spec`` with the local optimizer of ``cfg``
+    (the training tasks' config, :func:`pipeline.train.task_config`), from ``params`` if given.
+
+    ``optimizer = "nesterov"`` is momentum with Nesterov's look-ahead: the kernels know it as
+    the momentum optimizer with ``nesterov=True``."""
+    from kernels.mlp import MLPSpec, MLPTrainer
+
+    optimizer = cfg["optimizer"]
+    return MLPTrainer(
+        MLPSpec(**{**spec, "hidden": tuple(spec["hidden"])}),
+        backend=cfg["backend"],
+        optimizer="momentum" if optimizer == "nesterov" else optimizer,
+        nesterov=optimizer == "nesterov",
+        lr=cfg["lr"],
+        momentum=cfg["momentum"],
+        beta1=cfg.get("beta1", 0.9),
+        beta2=cfg.get("beta2", 0.999),
+        rho=cfg.get("rho", 0.99),
+        weight_decay=cfg["weight_decay"],
+        max_batch=cfg["batch_size"] or FULL_BATCH_ROWS,
+        params=params,
+        seed=cfg["seed"],
+    )
+
+
+def prepare_targets(y: np.ndarray, target: dict | None) -> np.ndarray:
+    """Classification labels as int32; regression targets standardized as float32 2-D."""
+    if target is None:
+        return np.ascontiguousarray(y, dtype=np.int32)
+    yy = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    return np.ascontiguousarray((yy - target["mean"]) / target["std"], dtype=np.float32)
+
+
+def local_state(trainer: Any) -> dict[str, Any]:
+    """The local optimizer's state as ``{"t", "lr", "buffers": {name: array}}``: what a sync
+    share leaves with the parameter server and a checkpoint saves (undone by
+    :func:`load_local_state`)."""
+    opt = trainer.optimizer.state_dict()
+    buffers = {k.removeprefix("opt."): v for k, v in opt.items() if k.startswith("opt.")}
+    return {"t": opt["t"], "lr": opt["lr"], "buffers": buffers}
+
+
+def load_local_state(trainer: Any, state: Mapping[str, Any] | None) -> None:
+    """Reset ``trainer``'s local optimizer, then restore ``state`` (:func:`local_state`'s
+    format) into it when there is one."""
+    trainer.reset_optimizer()
+    if state:
+        lr = {} if state.get("lr") is None else {"lr": state["lr"]}  # none saved: the config's
+        trainer.optimizer.load_state_dict(
+            {"t": state["t"], **lr, **{f"opt.{k}": v for k, v in state["buffers"].items()}}
+        )
+
+
+def run_batches(
+    trainer: Any,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    *,
+    full_batch: bool = False,
+    local_steps: int = 0,
+    sync: Callable[[int, int, float], None] | None = None,
+    skip: int = 0,
+    timing: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Train ``trainer`` (a :class:`kernels.mlp.MLPTrainer`) on ``batches``: a step per
+    minibatch, or with ``full_batch`` one step with the mean gradient of them all.
+
+    Every ``local_steps`` minibatches (and after the last) ``sync(samples, batches, loss)`` is
+    called with the rows, minibatches and mean loss since the previous call, as a worker
+    pushes to the parameter server. The first ``skip`` batches are passed over (already
+    trained before an interruption). ``timing["compute"]``, when given, grows by the seconds
+    spent in the kernels as they run (a ``sync`` callback may read it). Returns ``samples``,
+    ``batches``, ``steps`` (optimizer steps taken), ``loss`` (the mean of the minibatch
+    losses; full batch: over the rows) and ``row_loss`` (the mean over rows)."""
+    samples = n_since = b_since = n_batches = steps = 0
+    weighted = 0.0
+    losses: list[float] = []
+    since: list[float] = []
+    clock = timing if timing is not None else {}
+    clock.setdefault("compute", 0.0)
+    for i, (X, y) in enumerate(batches):
+        if i < skip:
+            continue
+        b = len(X)
+        t = time.perf_counter()
+        loss = trainer.accumulate(X, y) if full_batch else trainer.step(X, y)
+        clock["compute"] += time.perf_counter() - t
+        samples += b
+        n_since += b
+        b_since += 1
+        n_batches += 1
+        steps += 0 if full_batch else 1
+        weighted += loss * b
+        losses.append(loss)
+        since.append(loss * b if full_batch else loss)
+        if sync is not None and not full_batch and b_since == local_steps:
+            sync(n_since, b_since, float(np.mean(since)))
+            n_since = b_since = 0
+            since = []
+    if full_batch:
+        t = time.perf_counter()
+        steps += 1 if trainer.apply() else 0
+        clock["compute"] += time.perf_counter() - t
+        if samples:
+            losses = since = [weighted / samples]
+    if sync is not None and b_since:
+        sync(n_since, b_since, float(np.mean(since)))
+    return {
+        "samples": samples,
+        "batches": n_batches,
+        "steps": steps,
+        "loss": float(np.mean(losses)) if losses else float("nan"),
+        "row_loss": weighted / max(1, samples),
+    }
