@@ -115,6 +115,7 @@ from pipeline.loop import (
     run_batches,
 )
 from pipeline.model import Model
+from pipeline.runstate import BestModel, EarlyStopping
 
 __all__ = [
     "LinearRegression",
@@ -618,7 +619,10 @@ class _BaseMLP(BaseEstimator):
         else:
             tr, va = np.arange(len(X)), np.arange(0)
         trainer = self._new_trainer(cfg, spec, None)
-        best = (np.inf, trainer.get_params(), -1)
+        # the driver's stopping rule, counted from the first epoch (no min_samples floor in
+        # this loop); a new best keeps that epoch's weights
+        stopping = EarlyStopping(cfg.patience, cfg.min_delta)
+        best = BestModel(params=trainer.get_params())
         history: list[dict] = []
         for epoch in range(cfg.epochs):
             loss = self._epoch(trainer, Xn[tr], t[tr], cfg.batch_size, np.random.default_rng([cfg.seed, epoch]))
@@ -632,11 +636,12 @@ class _BaseMLP(BaseEstimator):
                 val_loss = float(trainer.loss(Xn[va], t[va]))
                 record["val_loss"] = val_loss
             history.append(record)
-            if val_loss < best[0] - cfg.min_delta or best[2] < 0:
-                best = (float(val_loss), trainer.get_params(), epoch)
-            if cfg.patience and epoch - best[2] >= cfg.patience:
+            stop = stopping.update(val_loss, len(tr))
+            if stopping.improved:
+                best = BestModel(stopping.best_loss, trainer.get_params(), epoch)
+            if stop:
                 break
-        model.params = np.asarray(best[1], np.float32).copy()
+        model.params = np.asarray(best.params, np.float32).copy()
         model.metrics = dict(history[-1])
         self.model_ = model
         self.history_ = history

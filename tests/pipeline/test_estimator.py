@@ -27,8 +27,7 @@ from pipeline.estimator import (
     expected_failed_checks,
     load_estimator,
 )
-
-DATA = Path(__file__).resolve().parents[2] / "data"
+from tests.pipeline.helpers import DATA
 
 # Every estimator at its defaults (no instance sized for the checks' tiny datasets).
 CHECKED = [MLPClassifier(), MLPRegressor(), LogisticRegression(), LinearRegression()]
@@ -99,7 +98,7 @@ def test_fit_on_cluster_uses_parameter_server(cluster_clf, letter, client):
     _, _, Xte, yte = letter
     assert cluster_clf.fitted_on_ == "cluster"
     assert cluster_clf.ps_installed_by_  # the scheduler's parameter-server extension ran the job
-    assert all(h["rounds"] > 0 for h in cluster_clf.history_)
+    assert cluster_clf.history_ and all(h["rounds"] > 0 for h in cluster_clf.history_)
     assert [h["rounds"] for h in cluster_clf.history_] == sorted(h["rounds"] for h in cluster_clf.history_)
     assert len(cluster_clf.loss_curve_) == 6 and cluster_clf.loss_curve_[-1] < cluster_clf.loss_curve_[0]
     assert list(cluster_clf.classes_) == sorted(set(yte))

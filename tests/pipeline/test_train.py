@@ -392,7 +392,7 @@ def _sorted_store(path, n, chunk_rows=1024, classes=3):
     """``n`` rows sorted by class (``classes`` equal blocks); X[:, 0] is the row's index."""
     import zarr
 
-    from tests.pipeline.test_loader import make_store
+    from tests.pipeline.helpers import make_store
 
     make_store(path, n=n, f=2, chunk_rows=chunk_rows)
     g = zarr.open_group(str(path), mode="r+")

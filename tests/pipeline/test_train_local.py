@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 from pipeline.checkpoint import load_file
 from pipeline.model import load_model
 from pipeline.store import open_store
+from tests.pipeline.helpers import CLI, cli_env, read_until, run_cli
 
 # the command, with starting a cluster made an error: an in-process run must never start one
 NO_CLUSTER = (
@@ -31,13 +30,14 @@ SMALL = ("--set", "hidden=[16]", "--set", "patience=0")
 
 def command(*args: str, cluster: bool = True) -> list[str]:
     if cluster:
-        return [sys.executable, "-m", "pipeline.cli", *args]
+        return [*CLI, *args]
     return [sys.executable, "-c", NO_CLUSTER, *args]
 
 
 def run(*args: str, cluster: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run(command(*args, cluster=cluster), capture_output=True, text=True, timeout=300, env=env)
+    if cluster:
+        return run_cli(*args)
+    return subprocess.run(command(*args, cluster=False), capture_output=True, text=True, timeout=300, env=cli_env())
 
 
 @pytest.fixture(scope="module")
@@ -95,17 +95,10 @@ def test_in_process_equals_a_one_worker_cluster_and_resumes_in_process(store, tm
 
 def test_sigterm_in_process_writes_a_checkpoint_that_resumes(store, tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.Popen(command("train", store, "--out", str(out), "--set", "epochs=5000", *SMALL, cluster=False),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())  # fmt: skip
     try:
-        deadline = time.time() + 120
-        lines: list[str] = []
-        while time.time() < deadline:
-            lines.append(proc.stderr.readline())
-            if lines[-1].startswith("epoch   2"):
-                break
-        assert lines[-1].startswith("epoch   2"), "".join(lines)
+        read_until(proc.stderr, "epoch   2")
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=120)
     finally:
