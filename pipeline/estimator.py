@@ -619,9 +619,9 @@ class _BaseMLP(BaseEstimator):
         else:
             tr, va = np.arange(len(X)), np.arange(0)
         trainer = self._new_trainer(cfg, spec, None)
-        # the driver's stopping rule, counted from the first epoch (no min_samples floor in
-        # this loop); a new best keeps that epoch's weights
-        stopping = EarlyStopping(cfg.patience, cfg.min_delta)
+        # the driver's stopping rule, counted from the first epoch (min_samples is 0 unless
+        # ``options`` sets the command's floor); a new best keeps that epoch's weights
+        stopping = EarlyStopping(cfg.patience, cfg.min_delta, cfg.min_samples)
         best = BestModel(params=trainer.get_params())
         history: list[dict] = []
         for epoch in range(cfg.epochs):

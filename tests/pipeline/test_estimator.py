@@ -461,3 +461,16 @@ def test_step_activation_trains_and_predicts_the_same_from_its_model_file(tmp_pa
     assert clf.model_.spec["activation"] == "step"
     clf.save(tmp_path / "m.npz")
     np.testing.assert_array_equal(pipeline.load_model(tmp_path / "m.npz").predict(X[400:]), clf.predict(X[400:]))
+
+
+def test_options_min_samples_is_a_floor_under_in_process_early_stopping():
+    """``options={"min_samples": N}`` holds early stopping off until N rows were trained, as in
+    the command; by default (0) n_iter_no_change counts from the first epoch."""
+    from sklearn.datasets import load_iris
+
+    X, y = load_iris(return_X_y=True)
+    # tol so large that no epoch after the first counts as an improvement
+    quick = MLPClassifier(n_iter_no_change=1, tol=1e9, random_state=0).fit(X, y)
+    floored = MLPClassifier(n_iter_no_change=1, tol=1e9, random_state=0, options={"min_samples": 150 * 6}).fit(X, y)
+    assert quick.n_iter_ == 2
+    assert floored.n_iter_ == 6  # 150 rows an epoch: the floor is reached after the sixth
