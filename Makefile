@@ -8,6 +8,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STORES := data/stores
 RUNS := runs
+# style is enforced, not claimed: ruff's lint rules (pyproject.toml, lines of at most 120
+# characters) and ruff's formatter over every Python file of the project
+CODE := pipeline kernels tests bench cluster docs
 
 .PHONY: run test lint bench clean
 
@@ -30,12 +33,12 @@ run: $(VENV)/.installed
 	$(BIN)/pipeline evaluate $(RUNS)/letter $(STORES)/letter-test.zarr
 	@echo "model, history and checkpoint: $(RUNS)/letter/  performance report: $(RUNS)/letter-report.html"
 
-test: $(VENV)/.installed
-	$(BIN)/ruff check pipeline kernels tests bench cluster
+test: lint
 	$(BIN)/python -m pytest --durations=15
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check pipeline kernels tests bench cluster
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[test,plot,bench]"

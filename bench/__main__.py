@@ -32,14 +32,12 @@ BENCHMARKS = [
     ("io", "Ingest and loader I/O", "python -m bench.io"),
     ("throughput", "End-to-end throughput against peers", "python -m bench.throughput"),
     ("local_steps", "Push interval: throughput vs convergence", "python -m bench.local_steps"),
-    ("time_to_accuracy", "Time to accuracy and default-settings quality",
-     "python -m bench.time_to_accuracy"),
+    ("time_to_accuracy", "Time to accuracy and default-settings quality", "python -m bench.time_to_accuracy"),
     ("epoch_anatomy", "Where an epoch goes on small stores", "python -m bench.epoch_anatomy"),
     ("step_anatomy", "Where a training step and a cold `pipeline train` go", "python -m bench.step_anatomy"),
     ("out_of_core", "Out of core: memory, throughput, disk", "python -m bench.out_of_core --sizes {ooc}"),
     ("ps_limits", "Parameter-server limits", "python -m bench.ps_limits"),
-    ("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets",
-     "python -m bench.sklearn_parity"),
+    ("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets", "python -m bench.sklearn_parity"),
 ]
 
 
@@ -73,8 +71,12 @@ def publish_figure(name: str, quick: bool) -> str | None:
     return f"![{TITLES.get(name, name)}]({rel})"
 
 
-def render(sections: list[tuple[str, str, str, float | None]], quick: bool, preamble: str = "",
-           figures: dict[str, str] | None = None) -> str:  # fmt: skip
+def render(
+    sections: list[tuple[str, str, str, float | None]],
+    quick: bool,
+    preamble: str = "",
+    figures: dict[str, str] | None = None,
+) -> str:
     m = machine()
     lines = [
         "# Benchmark results" + (" (quick smoke sizes: not meaningful figures)" if quick else ""),

@@ -103,8 +103,16 @@ def split_store(src: Any, train_dest: Path, test_dest: Path, n_test: int) -> tup
     out = []
     for dest, (a, b) in ((train_dest, (0, st.n_rows - n_test)), (test_dest, (st.n_rows - n_test, st.n_rows))):
         attrs = {k: v for k, v in st.attrs.items() if k not in ("n_rows", "format_version")}
-        with create_store(dest, st.n_features, y_shape_tail=tuple(st.y.shape[1:]), x_dtype=st.X.dtype,
-                          y_dtype=st.y.dtype, chunk_rows=st.chunk_rows, force=True, attrs=attrs) as w:
+        with create_store(
+            dest,
+            st.n_features,
+            y_shape_tail=tuple(st.y.shape[1:]),
+            x_dtype=st.X.dtype,
+            y_dtype=st.y.dtype,
+            chunk_rows=st.chunk_rows,
+            force=True,
+            attrs=attrs,
+        ) as w:
             step = st.chunk_rows
             for i in range(a, b, step):
                 X, y = st.read_rows(i, min(i + step, b))
@@ -131,8 +139,9 @@ def mnist_like(tmp: Path, rows: int, test_rows: int, features: int = 784, classe
     """A synthetic MNIST-shaped uint8 store split into train and test stores."""
     from pipeline.synth import synth
 
-    full = synth(tmp / "full.zarr", rows=rows + test_rows, features=features, classes=classes,
-                 dtype="uint8", force=True)
+    full = synth(
+        tmp / "full.zarr", rows=rows + test_rows, features=features, classes=classes, dtype="uint8", force=True
+    )
     return split_store(full, tmp / "train.zarr", tmp / "test.zarr", test_rows)
 
 
@@ -167,8 +176,21 @@ class Peer:
 class KernelPeer(Peer):
     """This project's kernels in one process (MLPTrainer, cpu backend, BLAS threads as given)."""
 
-    def __init__(self, X, y, hidden, n_out, batch=256, lr=1e-3, seed=0, task="classification",
-                 threads=2, y_mean=0.0, y_std=1.0, shuffle=True):  # fmt: skip
+    def __init__(
+        self,
+        X,
+        y,
+        hidden,
+        n_out,
+        batch=256,
+        lr=1e-3,
+        seed=0,
+        task="classification",
+        threads=2,
+        y_mean=0.0,
+        y_std=1.0,
+        shuffle=True,
+    ):
         from kernels.mlp import MLPSpec, MLPTrainer
 
         self.name = "kernels in memory"
@@ -199,8 +221,21 @@ class KernelPeer(Peer):
 class TorchPeer(Peer):
     """PyTorch CPU (2 threads), the typical loop: DataLoader(TensorDataset, shuffle=True)."""
 
-    def __init__(self, X, y, hidden, n_out, batch=256, lr=1e-3, seed=0, task="classification",
-                 threads=2, y_mean=0.0, y_std=1.0, loader=True):  # fmt: skip
+    def __init__(
+        self,
+        X,
+        y,
+        hidden,
+        n_out,
+        batch=256,
+        lr=1e-3,
+        seed=0,
+        task="classification",
+        threads=2,
+        y_mean=0.0,
+        y_std=1.0,
+        loader=True,
+    ):
         import torch
 
         torch.set_num_threads(threads)
@@ -246,8 +281,20 @@ class SklearnPeer(Peer):
     """scikit-learn MLPClassifier/MLPRegressor: ``partial_fit`` epochs (``defaults=False``) or its
     default settings one ``fit`` epoch at a time (``warm_start``, ``max_iter=1``, shuffled)."""
 
-    def __init__(self, X, y, hidden=(100,), n_out=0, batch=256, lr=1e-3, seed=0, task="classification",
-                 defaults=False, y_mean=0.0, y_std=1.0):  # fmt: skip
+    def __init__(
+        self,
+        X,
+        y,
+        hidden=(100,),
+        n_out=0,
+        batch=256,
+        lr=1e-3,
+        seed=0,
+        task="classification",
+        defaults=False,
+        y_mean=0.0,
+        y_std=1.0,
+    ):
         from sklearn.neural_network import MLPClassifier, MLPRegressor
 
         self.task, self.X, self.defaults = task, X, defaults
@@ -257,8 +304,15 @@ class SklearnPeer(Peer):
         if defaults:  # scikit-learn's defaults, driven one shuffled epoch per partial_fit
             self.est = cls(random_state=seed)
         else:
-            self.est = cls(hidden_layer_sizes=tuple(hidden), solver="adam", batch_size=batch,
-                           learning_rate_init=lr, alpha=0.0, shuffle=True, random_state=seed)  # fmt: skip
+            self.est = cls(
+                hidden_layer_sizes=tuple(hidden),
+                solver="adam",
+                batch_size=batch,
+                learning_rate_init=lr,
+                alpha=0.0,
+                shuffle=True,
+                random_state=seed,
+            )
         self.name = "scikit-learn MLP"
         self.classes = np.unique(self.y) if task == "classification" else None
         self.losses: list[float] = []
@@ -312,8 +366,9 @@ def local_cluster(workers: int = 2, memory_limit: str | float | None = "auto") -
 
     for name in ("distributed", "distributed.worker.memory", "distributed.nanny"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    with cluster_client(workers=workers, threads_per_worker=1, memory_limit=memory_limit,
-                        dashboard_address=None) as client:  # fmt: skip
+    with cluster_client(
+        workers=workers, threads_per_worker=1, memory_limit=memory_limit, dashboard_address=None
+    ) as client:
         yield client
 
 
@@ -329,8 +384,14 @@ def run_pipeline(client: Any, store: Any, out: Path, **cfg: Any) -> dict[str, An
     hist = res.history
     samples = sum(h["samples"] for h in hist)
     seconds = sum(h["seconds"] for h in hist)
-    return {"wall": wall, "samples": samples, "epoch_seconds": seconds, "history": hist,
-            "stopped_early": res.stopped_early, "model": res.model}  # fmt: skip
+    return {
+        "wall": wall,
+        "samples": samples,
+        "epoch_seconds": seconds,
+        "history": hist,
+        "stopped_early": res.stopped_early,
+        "model": res.model,
+    }
 
 
 def val_metric(record: dict, task: str) -> float:

@@ -73,12 +73,13 @@ def one_dataset(name: str, tmp: Path, epochs: int, quick: bool) -> dict[str, Any
     with local_cluster(2) as client:
         n_threads = sum(client.nthreads().values())
         rtt = round_trip(client, n_threads)
-        r = run_pipeline(client, train, tmp / f"{name}-run", validation_store=str(test.path), epochs=epochs,
-                         patience=0)  # fmt: skip
+        r = run_pipeline(client, train, tmp / f"{name}-run", validation_store=str(test.path), epochs=epochs, patience=0)
     hist = r["history"][1:] or r["history"]
     med = lambda key: float(np.median([h[key] for h in hist]))  # noqa: E731
-    per_task = {k: float(np.median([h[k] / max(1, len(h["tasks"])) for h in hist]))
-                for k in ("compute_s", "read_s", "communicate_s")}  # fmt: skip
+    per_task = {
+        k: float(np.median([h[k] / max(1, len(h["tasks"])) for h in hist]))
+        for k in ("compute_s", "read_s", "communicate_s")
+    }
     # the slowest task bounds the phase from below; approximate it by the mean task (tasks are
     # equal shares of the rows in the default sync mode)
     in_tasks = all(h.get("validated_in_tasks") for h in hist)
@@ -95,10 +96,21 @@ def one_dataset(name: str, tmp: Path, epochs: int, quick: bool) -> dict[str, Any
         t = time.perf_counter()
         kp.epoch()
         mem.append(time.perf_counter() - t)
-    return {"name": name, "rows": (train.n_rows, test.n_rows), "epochs": len(hist), "epoch": med("seconds"),
-            "train": med("train_s"), "validate": med("validate_s"), "per_task": per_task,
-            "overhead": overhead, "rtt": rtt, "memory": float(np.median(mem)),
-            "in_tasks": in_tasks, "tasks": len(hist[-1]["tasks"]), "rounds": (hist[-1]["rounds"] - hist[0]["rounds"]) / max(1, len(hist) - 1)}  # fmt: skip
+    return {
+        "name": name,
+        "rows": (train.n_rows, test.n_rows),
+        "epochs": len(hist),
+        "epoch": med("seconds"),
+        "train": med("train_s"),
+        "validate": med("validate_s"),
+        "per_task": per_task,
+        "overhead": overhead,
+        "rtt": rtt,
+        "memory": float(np.median(mem)),
+        "in_tasks": in_tasks,
+        "tasks": len(hist[-1]["tasks"]),
+        "rounds": (hist[-1]["rounds"] - hist[0]["rounds"]) / max(1, len(hist) - 1),
+    }
 
 
 def run(datasets: Sequence[str] = DATASETS, epochs: int = 15, quick: bool = False) -> tuple[str, list[dict]]:
@@ -113,17 +125,27 @@ def run(datasets: Sequence[str] = DATASETS, epochs: int = 15, quick: bool = Fals
     rows = []
     for r in res:
         pt = r["per_task"]
-        rows.append({
-            "dataset": r["name"], "train / validation rows": f"{r['rows'][0]:,} / {r['rows'][1]:,}",
-            "epochs (median of)": r["epochs"], "tasks / rounds per epoch": f"{r['tasks']} / {r['rounds']:.0f}",
-            "epoch ms": ms(r["epoch"]), "training phase ms": ms(r["train"]), "validation ms": ms(r["validate"]) + (" (in tasks)" if r["in_tasks"] else " (own pass)"),
-            "per task: compute / read / wait at PS ms": f"{ms(pt['compute_s'])} / {ms(pt['read_s'])} / "
-                                                         f"{ms(pt['communicate_s'])}",
-            "task overhead ms": ms(r["overhead"]), "no-op round trip ms": ms(r["rtt"]),
-            "in memory ms": ms(r["memory"]), "epoch / in memory": f"{r['epoch'] / r['memory']:.1f}x",
-        })  # fmt: skip
-    head = (f"median epoch anatomy (first epoch left out), TrainConfig() defaults, 2-worker LocalCluster, "
-            f"validation on the test store; load average before {load0:.2f}, after {load():.2f}")  # fmt: skip
+        rows.append(
+            {
+                "dataset": r["name"],
+                "train / validation rows": f"{r['rows'][0]:,} / {r['rows'][1]:,}",
+                "epochs (median of)": r["epochs"],
+                "tasks / rounds per epoch": f"{r['tasks']} / {r['rounds']:.0f}",
+                "epoch ms": ms(r["epoch"]),
+                "training phase ms": ms(r["train"]),
+                "validation ms": ms(r["validate"]) + (" (in tasks)" if r["in_tasks"] else " (own pass)"),
+                "per task: compute / read / wait at PS ms": f"{ms(pt['compute_s'])} / {ms(pt['read_s'])} / "
+                f"{ms(pt['communicate_s'])}",
+                "task overhead ms": ms(r["overhead"]),
+                "no-op round trip ms": ms(r["rtt"]),
+                "in memory ms": ms(r["memory"]),
+                "epoch / in memory": f"{r['epoch'] / r['memory']:.1f}x",
+            }
+        )
+    head = (
+        f"median epoch anatomy (first epoch left out), TrainConfig() defaults, 2-worker LocalCluster, "
+        f"validation on the test store; load average before {load0:.2f}, after {load():.2f}"
+    )
     return head + "\n\n" + md_table(rows), res
 
 

@@ -24,8 +24,14 @@ TITLES = {
     "ps_limits": "parameter server: MB/s in and pushes/s vs parameters",
 }
 # one colour per trainer, the same in every figure
-COLOURS = {"pipeline": "C0", "pipeline (warm cluster)": "C9", "pytorch": "C1", "scikit-learn": "C2",
-           "kernels in memory": "C7", "dask-ml": "C3"}  # fmt: skip
+COLOURS = {
+    "pipeline": "C0",
+    "pipeline (warm cluster)": "C9",
+    "pytorch": "C1",
+    "scikit-learn": "C2",
+    "kernels in memory": "C7",
+    "dask-ml": "C3",
+}
 
 
 def _pyplot() -> Any | None:
@@ -84,8 +90,9 @@ def time_to_accuracy(results: Sequence[dict], stem: str) -> Path | None:
     return _save(plt, fig, stem)
 
 
-def throughput(rows: Sequence[dict], limit: float, torch_sps: float | None, stem: str,
-               passes: dict[str, list[float]] | None = None) -> Path | None:  # fmt: skip
+def throughput(
+    rows: Sequence[dict], limit: float, torch_sps: float | None, stem: str, passes: dict[str, list[float]] | None = None
+) -> Path | None:
     """samples/s per trainer as bars (the median; whiskers span the passes), with the
     GEMM-implied limit and 1.3x PyTorch marked."""
     import textwrap
@@ -97,8 +104,10 @@ def throughput(rows: Sequence[dict], limit: float, torch_sps: float | None, stem
     sps = [r["samples/s"] for r in rows]
     err = None
     if passes and all(len(passes.get(n, ())) > 1 for n in names):
-        err = [[v - min(passes[n]) for n, v in zip(names, sps, strict=True)],
-               [max(passes[n]) - v for n, v in zip(names, sps, strict=True)]]  # fmt: skip
+        err = [
+            [v - min(passes[n]) for n, v in zip(names, sps, strict=True)],
+            [max(passes[n]) - v for n, v in zip(names, sps, strict=True)],
+        ]
     colours = [next((c for k, c in COLOURS.items() if name.startswith(k.split(" (")[0])), "C4") for name in names]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.4))
     ax.barh(range(len(rows)), sps, color=colours, xerr=err, error_kw={"lw": 0.8, "capsize": 2})
@@ -115,7 +124,9 @@ def throughput(rows: Sequence[dict], limit: float, torch_sps: float | None, stem
     return _save(plt, fig, stem)
 
 
-def out_of_core(rows: Sequence[dict], series: Sequence[list[tuple[float, float]]], limit_mb: float, stem: str) -> Path | None:
+def out_of_core(
+    rows: Sequence[dict], series: Sequence[list[tuple[float, float]]], limit_mb: float, stem: str
+) -> Path | None:
     """Largest worker RSS over each run of one epoch (one line per store size, time scaled to the
     run's length, the memory limit dashed) and samples/s per store size."""
     plt = _pyplot()
@@ -134,8 +145,9 @@ def out_of_core(rows: Sequence[dict], series: Sequence[list[tuple[float, float]]
     a.legend(fontsize=7)
     b.bar(labels, [r["samples/s"] for r in rows], color="C0")
     for i, r in enumerate(rows):
-        b.annotate(f"{r['disk read MB/s']:.0f} MB/s\nfrom disk", (i, r["samples/s"]), ha="center",
-                   va="bottom", fontsize=7)  # fmt: skip
+        b.annotate(
+            f"{r['disk read MB/s']:.0f} MB/s\nfrom disk", (i, r["samples/s"]), ha="center", va="bottom", fontsize=7
+        )
     b.set_ylabel("samples/s", fontsize=8)
     b.set_ylim(0, max(r["samples/s"] for r in rows) * 1.25 if rows else 1)
     for ax in (a, b):

@@ -56,7 +56,7 @@ def write_sources(tmp: Path, rows: int) -> tuple[Path, Path]:
             if writer_pq is None:
                 writer_pq = pq.ParquetWriter(pq_path, t.schema)
             writer_pq.write_table(t)
-    writer_pq.close()  # type: ignore[union-attr]
+    writer_pq.close()
     return csv_path, pq_path
 
 
@@ -70,8 +70,15 @@ def bench_ingest(tmp: Path, rows: int) -> list[dict]:
         st = ingest(src, tmp / f"{src.suffix[1:]}.zarr", force=True)
         dt = time.perf_counter() - t
         assert st.n_rows == rows and st.n_features == 25
-        out.append({"what": f"ingest {src.suffix[1:]}", "MB": size / 1e6, "s": dt, "MB/s": size / 1e6 / dt,
-                    "rows/s": rows / dt})
+        out.append(
+            {
+                "what": f"ingest {src.suffix[1:]}",
+                "MB": size / 1e6,
+                "s": dt,
+                "MB/s": size / 1e6 / dt,
+                "rows/s": rows / dt,
+            }
+        )
     return out
 
 
@@ -113,11 +120,19 @@ def bench_codecs(tmp: Path, rows: int, features: int, chunk_rows: int | None) ->
         t_plain = min(plain_read(st) for _ in range(2))
         t_load, wait, n = min(loader_epoch(st, e) for e in range(2))
         assert n == rows
-        out.append({
-            "codec": codec, "disk MB": _dir_bytes(path) / 1e6, "X MB": mb, "chunk MB": st.chunk_rows * features * 4 / 1e6,
-            "zarr MB/s": mb / t_plain, "zarr rows/s": rows / t_plain,
-            "loader MB/s": mb / t_load, "loader rows/s": rows / t_load, "wait": wait / t_load,
-        })
+        out.append(
+            {
+                "codec": codec,
+                "disk MB": _dir_bytes(path) / 1e6,
+                "X MB": mb,
+                "chunk MB": st.chunk_rows * features * 4 / 1e6,
+                "zarr MB/s": mb / t_plain,
+                "zarr rows/s": rows / t_plain,
+                "loader MB/s": mb / t_load,
+                "loader rows/s": rows / t_load,
+                "wait": wait / t_load,
+            }
+        )
     return out
 
 
@@ -127,8 +142,15 @@ def bench_chunk_sizes(tmp: Path, rows: int, features: int) -> list[dict]:
     out = []
     for chunk_mb in (4, 16, 64):
         chunk_rows = chunk_mb * 2**20 // (4 * features)
-        st = synth(tmp / f"chunk{chunk_mb}.zarr", rows=rows, features=features, classes=10, codec="lz4",
-                   chunk_rows=chunk_rows, force=True)
+        st = synth(
+            tmp / f"chunk{chunk_mb}.zarr",
+            rows=rows,
+            features=features,
+            classes=10,
+            codec="lz4",
+            chunk_rows=chunk_rows,
+            force=True,
+        )
         plain_read(st)
         t = min(plain_read(st) for _ in range(2))
         out.append({"chunk MB": chunk_mb, "zarr MB/s": st.X.nbytes / 1e6 / t})
@@ -139,8 +161,9 @@ def table(rows: list[dict], fmt: dict[str, str]) -> str:
     head = list(rows[0])
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for r in rows:
-        lines.append("| " + " | ".join(format(r[k], fmt.get(k, "")) if not isinstance(r[k], str) else r[k]
-                                       for k in head) + " |")
+        lines.append(
+            "| " + " | ".join(format(r[k], fmt.get(k, "")) if not isinstance(r[k], str) else r[k] for k in head) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -158,14 +181,33 @@ def main(argv: list[str] | None = None) -> str:
         ing = bench_ingest(tmp, csv_rows)
         cod = bench_codecs(tmp, rows, features, chunk_rows)
         chk = [] if args.quick else bench_chunk_sizes(tmp, rows, features)
-    f = {"MB": ".1f", "s": ".2f", "MB/s": ".0f", "rows/s": ",.0f", "disk MB": ".1f", "X MB": ".1f", "chunk MB": ".1f",
-         "zarr MB/s": ".0f", "zarr rows/s": ",.0f", "loader MB/s": ".0f", "loader rows/s": ",.0f", "wait": ".0%"}
+    f = {
+        "MB": ".1f",
+        "s": ".2f",
+        "MB/s": ".0f",
+        "rows/s": ",.0f",
+        "disk MB": ".1f",
+        "X MB": ".1f",
+        "chunk MB": ".1f",
+        "zarr MB/s": ".0f",
+        "zarr rows/s": ",.0f",
+        "loader MB/s": ".0f",
+        "loader rows/s": ",.0f",
+        "wait": ".0%",
+    }
     best = max(cod, key=lambda r: r["loader MB/s"])
     parts = [
         f"## bench.io ({'quick' if args.quick else 'full'}; {os.cpu_count()} cores, python {sys.version.split()[0]})",
-        "", "### ingest (25-column table: 20 floats, 1 string, 1 label)", "", table(ing, f),
-        "", f"### read, per codec ({rows:,} rows x {features} float32)", "", table(cod, f),
-        "", f"fastest loader: {best['codec']}",
+        "",
+        "### ingest (25-column table: 20 floats, 1 string, 1 label)",
+        "",
+        table(ing, f),
+        "",
+        f"### read, per codec ({rows:,} rows x {features} float32)",
+        "",
+        table(cod, f),
+        "",
+        f"fastest loader: {best['codec']}",
     ]
     if chk:
         parts += ["", "### plain read vs chunk size (lz4)", "", table(chk, {"zarr MB/s": ".0f"})]

@@ -119,9 +119,16 @@ def torch_epoch(spec: MLPSpec, X: np.ndarray, y: np.ndarray, batch: int) -> Call
 def sklearn_epoch(spec: MLPSpec, X: np.ndarray, y: np.ndarray, batch: int) -> Callable[[], None]:
     from sklearn.neural_network import MLPClassifier
 
-    clf = MLPClassifier(hidden_layer_sizes=spec.hidden, activation="relu", solver="adam",
-                        batch_size=batch, learning_rate_init=1e-3, alpha=0.0, shuffle=False,
-                        random_state=0)  # fmt: skip
+    clf = MLPClassifier(
+        hidden_layer_sizes=spec.hidden,
+        activation="relu",
+        solver="adam",
+        batch_size=batch,
+        learning_rate_init=1e-3,
+        alpha=0.0,
+        shuffle=False,
+        random_state=0,
+    )
     classes = np.arange(spec.n_out)
 
     def epoch() -> None:  # partial_fit = one pass over the data in minibatches of `batch`

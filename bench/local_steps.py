@@ -37,8 +37,14 @@ from bench.common import (
 STEPS = (1, 2, 4, 8, 16, 32)
 
 
-def run(quick: bool = False, rows: int = 120_000, epochs: int = 2, steps: Sequence[int] = STEPS,
-        modes: Sequence[str] = ("sync",), dataset: str = "synthetic") -> tuple[str, dict]:  # fmt: skip
+def run(
+    quick: bool = False,
+    rows: int = 120_000,
+    epochs: int = 2,
+    steps: Sequence[int] = STEPS,
+    modes: Sequence[str] = ("sync",),
+    dataset: str = "synthetic",
+) -> tuple[str, dict]:
     batch, n_classes = 256, 10
     if quick:
         rows, test_rows, features, hidden, epochs, steps = 4_000, 1_000, 64, (32, 16), 1, (1, 8)
@@ -65,27 +71,53 @@ def run(quick: bool = False, rows: int = 120_000, epochs: int = 2, steps: Sequen
         dt = timed_epochs(kp, epochs)
         acc_mem = metric(kp.predict(Xte), yte, "classification")
         mem_sps = epochs * len(Xtr) / dt
-        out.append({"run": "kernels in memory", "local_steps": "-", "samples/s": mem_sps, "vs in-memory": "1.00x",
-                    "rounds": None, "test acc": acc_mem, "acc gap (points)": 0.0})  # fmt: skip
+        out.append(
+            {
+                "run": "kernels in memory",
+                "local_steps": "-",
+                "samples/s": mem_sps,
+                "vs in-memory": "1.00x",
+                "rounds": None,
+                "test acc": acc_mem,
+                "acc gap (points)": 0.0,
+            }
+        )
         with local_cluster(2) as client:
             # min_share_gflop 0 (also the default): the sweep is about local steps between two
             # workers, whatever the store's size
-            base = {"hidden": list(hidden), "epochs": epochs, "patience": 0, "validation_store": str(test.path),
-                    "batch_size": batch, "min_share_gflop": 0.0}  # fmt: skip
+            base = {
+                "hidden": list(hidden),
+                "epochs": epochs,
+                "patience": 0,
+                "validation_store": str(test.path),
+                "batch_size": batch,
+                "min_share_gflop": 0.0,
+            }
             run_pipeline(client, test, tmp / "warm", **{**base, "epochs": 1, "validation_store": ""})
             for mode in modes:
                 for ls in steps:
                     r = run_pipeline(client, train, tmp / "run", **{**base, "local_steps": ls, "mode": mode})
                     sps = r["samples"] / r["epoch_seconds"]
                     acc = float(r["history"][-1]["val_accuracy"])
-                    out.append({"run": f"pipeline {mode}", "local_steps": str(ls), "samples/s": sps,
-                                "vs in-memory": f"{sps / mem_sps:.2f}x", "rounds": r["history"][-1]["rounds"],
-                                "test acc": acc, "acc gap (points)": 100 * (acc_mem - acc)})  # fmt: skip
+                    out.append(
+                        {
+                            "run": f"pipeline {mode}",
+                            "local_steps": str(ls),
+                            "samples/s": sps,
+                            "vs in-memory": f"{sps / mem_sps:.2f}x",
+                            "rounds": r["history"][-1]["rounds"],
+                            "test acc": acc,
+                            "acc gap (points)": 100 * (acc_mem - acc),
+                        }
+                    )
                     numbers[f"{mode}-{ls}"] = {"sps": sps, "acc": acc}
     numbers["memory"] = {"sps": mem_sps, "acc": acc_mem}
-    head = (f"{dataset if not quick else 'synthetic'}: MLP {'-'.join(map(str, (features, *hidden, n_classes)))}, batch {batch}, Adam lr 1e-3 (local), "
-            f"{len(Xtr):,} rows x {epochs} epochs per run, accuracy on {len(Xte):,} test rows; "
-            f"load average before {load0:.2f}, after {load():.2f}")  # fmt: skip
+    head = (
+        f"{dataset if not quick else 'synthetic'}: MLP {'-'.join(map(str, (features, *hidden, n_classes)))}, "
+        f"batch {batch}, Adam lr 1e-3 (local), "
+        f"{len(Xtr):,} rows x {epochs} epochs per run, accuracy on {len(Xte):,} test rows; "
+        f"load average before {load0:.2f}, after {load():.2f}"
+    )
     fmt = {"samples/s": ",.0f", "test acc": ".4f", "acc gap (points)": "+.2f", "rounds": "d"}
     text = head + "\n\n" + md_table(out, fmt)
     return text, numbers
@@ -98,14 +130,18 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma-separated local_steps values")
     ap.add_argument("--mode", default="sync", help="comma-separated modes (sync, async, ssp)")
-    ap.add_argument("--datasets", default="synthetic,letter",
-                    help="synthetic (MNIST-like, --rows/--epochs) and/or letter (16-256-128-26, batch 128, 8 epochs)")
+    ap.add_argument(
+        "--datasets",
+        default="synthetic,letter",
+        help="synthetic (MNIST-like, --rows/--epochs) and/or letter (16-256-128-26, batch 128, 8 epochs)",
+    )
     args = ap.parse_args(argv)
     steps = tuple(int(s) for s in args.steps.split(","))
     parts = []
-    for ds in (["synthetic"] if args.quick else args.datasets.split(",")):
-        t, _ = run(quick=args.quick, rows=args.rows, epochs=args.epochs, steps=steps, modes=args.mode.split(","),
-                   dataset=ds)
+    for ds in ["synthetic"] if args.quick else args.datasets.split(","):
+        t, _ = run(
+            quick=args.quick, rows=args.rows, epochs=args.epochs, steps=steps, modes=args.mode.split(","), dataset=ds
+        )
         parts.append(t)
     text = "\n\n".join(parts)
     print(text)

@@ -200,8 +200,20 @@ def _torch_stream(path: Path, epochs: int, sizes: Sequence[int], cap: MemoryCap 
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "bench.torch_peers", "stream", str(path), str(epochs),
-                             ",".join(map(str, sizes)), "foreach"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.torch_peers",
+            "stream",
+            str(path),
+            str(epochs),
+            ",".join(map(str, sizes)),
+            "foreach",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     out = []
     try:
         if cap is not None:
@@ -212,8 +224,11 @@ def _torch_stream(path: Path, epochs: int, sizes: Sequence[int], cap: MemoryCap 
         with Sampler({"torch": proc.pid}) as s:
             for line in proc.stdout:
                 rec = json.loads(line)
-                rec.update(read_mb=(s.read1["torch"] - s.read0["torch"]) / 1e6, page_cache_mb=meminfo_mb(),
-                           peak_rss_mb=s.peak["torch"] / 2**20)  # fmt: skip
+                rec.update(
+                    read_mb=(s.read1["torch"] - s.read0["torch"]) / 1e6,
+                    page_cache_mb=meminfo_mb(),
+                    peak_rss_mb=s.peak["torch"] / 2**20,
+                )
                 s.read0 = dict(s.read1)
                 out.append(rec)
     finally:
@@ -222,8 +237,16 @@ def _torch_stream(path: Path, epochs: int, sizes: Sequence[int], cap: MemoryCap 
     return out
 
 
-def one_size(gb: float, tmp: Path, memory_limit: str, rows: int | None = None, hidden=(256, 128), epochs: int = 2,
-             cap: int | None = None, torch_peer: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+def one_size(
+    gb: float,
+    tmp: Path,
+    memory_limit: str,
+    rows: int | None = None,
+    hidden=(256, 128),
+    epochs: int = 2,
+    cap: int | None = None,
+    torch_peer: bool = True,
+) -> list[dict[str, Any]]:
     from pipeline.config import TrainConfig
     from pipeline.synth import synth
     from pipeline.train import train
@@ -251,14 +274,24 @@ def one_size(gb: float, tmp: Path, memory_limit: str, rows: int | None = None, h
             run_pipeline(client, warm, tmp / "warm-run", hidden=list(hidden), epochs=1, patience=0, validation=0.0)
             cache = drop_caches()
             with Sampler(pids) as s:
+
                 def on_epoch(rec: dict) -> None:  # per epoch: bytes read from disk, page cache, peak RSS
                     s._sample()
-                    per_epoch.append({"epoch": rec["epoch"], "seconds": rec["seconds"], "samples": rec["samples"],
-                                      "read_mb": sum(s.read1[w] - s.read0[w] for w in pids) / 1e6,
-                                      "page_cache_mb": meminfo_mb(), "peak_rss_mb": max(s.peak.values()) / 2**20})  # fmt: skip
+                    per_epoch.append(
+                        {
+                            "epoch": rec["epoch"],
+                            "seconds": rec["seconds"],
+                            "samples": rec["samples"],
+                            "read_mb": sum(s.read1[w] - s.read0[w] for w in pids) / 1e6,
+                            "page_cache_mb": meminfo_mb(),
+                            "peak_rss_mb": max(s.peak.values()) / 2**20,
+                        }
+                    )
                     s.read0 = dict(s.read1)
 
-                cfg = TrainConfig.from_dict({"hidden": list(hidden), "epochs": epochs, "patience": 0, "validation": 0.0})
+                cfg = TrainConfig.from_dict(
+                    {"hidden": list(hidden), "epochs": epochs, "patience": 0, "validation": 0.0}
+                )
                 res = train(str(st.path), cfg, tmp / "run", client=client, force=True, on_epoch=on_epoch)
             samples = sum(h["samples"] for h in res.history)
             if samples != rows * epochs:
@@ -273,22 +306,52 @@ def one_size(gb: float, tmp: Path, memory_limit: str, rows: int | None = None, h
     out = []
     common = {"store GB (X)": rows * FEATURES / 1e9, "GB on disk": disk / 1e9, "memory binds?": verdict}
     for e in per_epoch:
-        out.append({"trainer": "pipeline", **common, "epoch": e["epoch"] + 1, "epoch s": e["seconds"],
-                    "samples/s": e["samples"] / e["seconds"], "read from disk MB": e["read_mb"], "page cache MB (epoch end)": e["page_cache_mb"],
-                    "peak RSS MB (max process)": e["peak_rss_mb"], "worker RSS before MB": max(base.values()) / 2**20,
-                    "generate s": gen, "cache before": cache, "workers lost": restarts})  # fmt: skip
+        out.append(
+            {
+                "trainer": "pipeline",
+                **common,
+                "epoch": e["epoch"] + 1,
+                "epoch s": e["seconds"],
+                "samples/s": e["samples"] / e["seconds"],
+                "read from disk MB": e["read_mb"],
+                "page cache MB (epoch end)": e["page_cache_mb"],
+                "peak RSS MB (max process)": e["peak_rss_mb"],
+                "worker RSS before MB": max(base.values()) / 2**20,
+                "generate s": gen,
+                "cache before": cache,
+                "workers lost": restarts,
+            }
+        )
     for e in tstream:
-        out.append({"trainer": "pytorch IterableDataset", **common, "epoch": e["epoch"] + 1, "epoch s": e["seconds"],
-                    "samples/s": e["samples"] / e["seconds"], "read from disk MB": e["read_mb"],
-                    "page cache MB (epoch end)": e["page_cache_mb"], "peak RSS MB (max process)": e["peak_rss_mb"],
-                    "worker RSS before MB": None, "generate s": None, "cache before": "dropped?", "workers lost": 0})  # fmt: skip
+        out.append(
+            {
+                "trainer": "pytorch IterableDataset",
+                **common,
+                "epoch": e["epoch"] + 1,
+                "epoch s": e["seconds"],
+                "samples/s": e["samples"] / e["seconds"],
+                "read from disk MB": e["read_mb"],
+                "page cache MB (epoch end)": e["page_cache_mb"],
+                "peak RSS MB (max process)": e["peak_rss_mb"],
+                "worker RSS before MB": None,
+                "generate s": None,
+                "cache before": "dropped?",
+                "workers lost": 0,
+            }
+        )
     if out:
         out[0]["_series"] = s.series
     return out
 
 
-def run(quick: bool = False, sizes: Sequence[float] = (1, 4, 16), huge: bool = False,
-        memory_limit: str = "2GiB", epochs: int = 2, cap: str | None = None) -> tuple[str, list[dict]]:  # fmt: skip
+def run(
+    quick: bool = False,
+    sizes: Sequence[float] = (1, 4, 16),
+    huge: bool = False,
+    memory_limit: str = "2GiB",
+    epochs: int = 2,
+    cap: str | None = None,
+) -> tuple[str, list[dict]]:
     import shutil as sh
 
     from dask.utils import parse_bytes
@@ -305,8 +368,10 @@ def run(quick: bool = False, sizes: Sequence[float] = (1, 4, 16), huge: bool = F
         plan.append((2.2 * ram_bytes() / 1e9, None))
     ok, why = cap_support()
     cap_bytes = parse_bytes(cap) if cap else None
-    notes = [f"memory cap: {'requested ' + cap + ' (' + why + ')' if cap else 'none'}; "
-             f"a cap is {'possible' if ok else 'not possible'} here ({why})"]  # fmt: skip
+    notes = [
+        f"memory cap: {'requested ' + cap + ' (' + why + ')' if cap else 'none'}; "
+        f"a cap is {'possible' if ok else 'not possible'} here ({why})"
+    ]
     if cap and not ok:
         raise SystemExit(f"--memory-cap {cap}: no memory cgroup can be created here ({why}); run without it")
     import tempfile
@@ -321,22 +386,50 @@ def run(quick: bool = False, sizes: Sequence[float] = (1, 4, 16), huge: bool = F
     if pipe:
         p = [r["peak RSS MB (max process)"] for r in pipe]
         sp = [r["samples/s"] for r in pipe]
-        notes.append(f"pipeline peak RSS spread across sizes and epochs: {100 * (max(p) / min(p) - 1):.1f}% "
-                     f"(target <= 10%); throughput spread: {100 * (max(sp) / min(sp) - 1):.1f}%")  # fmt: skip
+        notes.append(
+            f"pipeline peak RSS spread across sizes and epochs: {100 * (max(p) / min(p) - 1):.1f}% "
+            f"(target <= 10%); throughput spread: {100 * (max(sp) / min(sp) - 1):.1f}%"
+        )
     if not any(r["memory binds?"].startswith("yes") for r in rows_out):
-        notes.append("memory did not bind on any size of this run: the figures show streaming, not a store "
-                     "larger than the memory available to the workers")  # fmt: skip
-    m["json"] = str(save_json("out_of_core" + ("-quick" if quick else ""),
-                              {"benchmark": "out_of_core", "meta": m, "quick": quick, "epochs": epochs, "cap": cap,
-                               "cap_support": why, "notes": notes,
-                               "rows": [{k: v for k, v in r.items() if k != "_series"} for r in rows_out]}, quick))  # fmt: skip
-    head = (f"{epochs} epochs, MLP {FEATURES}-256-128-10 (default config), 2 workers x 1 thread, memory_limit "
-            f"{memory_limit} per worker, {free:.0f} GB free disk at start; per epoch: bytes the processes read from "
-            f"the block device, the page cache at the epoch's end, peak RSS; load average before {load0:.2f}, "
-            f"after {load():.2f}")  # fmt: skip
-    fmt = {"store GB (X)": ".3f", "GB on disk": ".3f", "generate s": ".1f", "samples/s": ",.0f",
-           "worker RSS before MB": ".0f", "peak RSS MB (max process)": ".0f", "read from disk MB": ".1f",
-           "page cache MB (epoch end)": ".0f", "workers lost": "d", "epoch": "d", "epoch s": ".2f"}  # fmt: skip
+        notes.append(
+            "memory did not bind on any size of this run: the figures show streaming, not a store "
+            "larger than the memory available to the workers"
+        )
+    m["json"] = str(
+        save_json(
+            "out_of_core" + ("-quick" if quick else ""),
+            {
+                "benchmark": "out_of_core",
+                "meta": m,
+                "quick": quick,
+                "epochs": epochs,
+                "cap": cap,
+                "cap_support": why,
+                "notes": notes,
+                "rows": [{k: v for k, v in r.items() if k != "_series"} for r in rows_out],
+            },
+            quick,
+        )
+    )
+    head = (
+        f"{epochs} epochs, MLP {FEATURES}-256-128-10 (default config), 2 workers x 1 thread, memory_limit "
+        f"{memory_limit} per worker, {free:.0f} GB free disk at start; per epoch: bytes the processes read from "
+        f"the block device, the page cache at the epoch's end, peak RSS; load average before {load0:.2f}, "
+        f"after {load():.2f}"
+    )
+    fmt = {
+        "store GB (X)": ".3f",
+        "GB on disk": ".3f",
+        "generate s": ".1f",
+        "samples/s": ",.0f",
+        "worker RSS before MB": ".0f",
+        "peak RSS MB (max process)": ".0f",
+        "read from disk MB": ".1f",
+        "page cache MB (epoch end)": ".0f",
+        "workers lost": "d",
+        "epoch": "d",
+        "epoch s": ".2f",
+    }
     shown = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows_out]
     text = "\n".join([head, "", *provenance_lines(m), "", md_table(shown, fmt), "", *(f"- {n}" for n in notes)])
     return text, rows_out
@@ -349,9 +442,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--huge", action="store_true", help="also a 26 GB store (larger than this machine's RAM)")
     ap.add_argument("--memory-limit", default="2GiB", help="per-worker memory limit")
     ap.add_argument("--epochs", type=int, default=2, help="epochs per store (at least 2 to see the page cache act)")
-    ap.add_argument("--memory-cap", default=None, metavar="SIZE",
-                    help="put the workers (and the PyTorch peer) in a memory cgroup capped at SIZE, e.g. 3GiB: "
-                         "memory binds once the store is more than twice the cap")  # fmt: skip
+    ap.add_argument(
+        "--memory-cap",
+        default=None,
+        metavar="SIZE",
+        help="put the workers (and the PyTorch peer) in a memory cgroup capped at SIZE, e.g. 3GiB: "
+        "memory binds once the store is more than twice the cap",
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench.throughput: PyTorch threads do not spin
     sizes = [float(s) for s in args.sizes.split(",") if s]
@@ -363,9 +460,15 @@ def main(argv: Sequence[str] | None = None) -> str:
     if series:
         from dask.utils import parse_bytes
 
-        figs = [{"store GB (X)": r["store GB (X)"], "peak RSS MB (max worker)": r["peak RSS MB (max process)"],
-                 "samples/s": r["samples/s"], "disk read MB/s": r["read from disk MB"] / r["epoch s"]}
-                for r in series]  # fmt: skip
+        figs = [
+            {
+                "store GB (X)": r["store GB (X)"],
+                "peak RSS MB (max worker)": r["peak RSS MB (max process)"],
+                "samples/s": r["samples/s"],
+                "disk read MB/s": r["read from disk MB"] / r["epoch s"],
+            }
+            for r in series
+        ]
         figures.out_of_core(figs, [r["_series"] for r in series], parse_bytes(args.memory_limit) / 2**20, stem)
     return text
 

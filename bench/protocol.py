@@ -71,17 +71,25 @@ def versions() -> dict[str, Any]:
             for i in threadpool_info()
             if i.get("user_api") == "blas"
         ]
-    out["env"] = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    out["env"] = {
+        k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")
+    }
     return out
 
 
 def git_commit() -> str:
     """The checkout's commit, with ``+dirty`` when tracked files differ from it."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                             check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -92,11 +100,15 @@ def provenance_lines(meta: dict[str, Any]) -> list[str]:
     v = meta["versions"]
     pk = ", ".join(f"{k} {v[k]}" for k in ("python", *PACKAGES) if k in v and v[k])
     missing = [k for k in PACKAGES if k in v and not v[k]]
-    blas = "; ".join(f"{b['internal_api']} {b['version']} {b['num_threads']} threads ({b['architecture']})"
-                     for b in v.get("blas", []))  # fmt: skip
+    blas = "; ".join(
+        f"{b['internal_api']} {b['version']} {b['num_threads']} threads ({b['architecture']})"
+        for b in v.get("blas", [])
+    )
     env = ", ".join(f"{k}={x}" for k, x in v.get("env", {}).items() if x) or "no OpenBLAS/OMP overrides"
-    lines = [f"Commit {meta['commit']}; {pk}" + (f"; not installed: {', '.join(missing)}" if missing else "") + ".",
-             f"BLAS: {blas or '?'}; {env}."]  # fmt: skip
+    lines = [
+        f"Commit {meta['commit']}; {pk}" + (f"; not installed: {', '.join(missing)}" if missing else "") + ".",
+        f"BLAS: {blas or '?'}; {env}.",
+    ]
     if meta.get("json"):
         lines.append(f"Raw figures: `{meta['json']}`.")
     return lines
@@ -224,8 +236,13 @@ def rotated(names: Sequence[str], k: int) -> list[str]:
     return names[k:] + names[:k]
 
 
-def run_passes(trainers: dict[str, Callable[[], dict[str, Any]]], passes: int = 5, cores: int = 2,
-               peak_n: int = 1024, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def run_passes(
+    trainers: dict[str, Callable[[], dict[str, Any]]],
+    passes: int = 5,
+    cores: int = 2,
+    peak_n: int = 1024,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
     """Run every trainer once per pass, the order rotated per pass; each trainer returns a dict of
     its figures (e.g. ``samples/s``). Returns one record per pass: ``order``, ``conditions``
     and ``results`` (trainer -> figures)."""
@@ -261,8 +278,9 @@ def ratio_summary(num: Sequence[float | None], den: Sequence[float | None], targ
     }
     if target is not None:
         hits = sum(1 for r in ratios if r is not None and r >= target)
-        out.update(target=target, hits=hits, passes=len(ratios), needed=needed(len(ratios)),
-                   met=hits >= needed(len(ratios)))  # fmt: skip
+        out.update(
+            target=target, hits=hits, passes=len(ratios), needed=needed(len(ratios)), met=hits >= needed(len(ratios))
+        )
     return out
 
 
@@ -276,8 +294,11 @@ def fmt_ratio(s: dict) -> str:
 
 def conditions_table(passes: list[dict[str, Any]]) -> str:
     """One markdown row per pass: order, load, steal, other processes, GEMM peaks, flag."""
-    lines = ["| pass | first trainer | load before / after | steal | other processes (cores) | GEMM numpy / torch GFLOP/s | under load? |",
-             "| ---: | --- | --- | ---: | ---: | --- | --- |"]  # fmt: skip
+    lines = [
+        "| pass | first trainer | load before / after | steal | other processes (cores) "
+        "| GEMM numpy / torch GFLOP/s | under load? |",
+        "| ---: | --- | --- | ---: | ---: | --- | --- |",
+    ]
     for p in passes:
         c = p["conditions"]
         tg = c.get("gemm_torch_gflops")

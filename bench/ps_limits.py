@@ -7,7 +7,8 @@ the number of pushing worker processes.
 
 For each number of workers a LocalCluster of that many single-threaded worker processes is
 started with ``pipeline.ps`` preloaded into its scheduler; for each parameter count an
-``async`` job (server SGD lr 1, or ``--optimizer momentum|adam``) is created and one task per worker joins it and pushes zero-compute
+``async`` job (server SGD lr 1, or ``--optimizer momentum|adam``) is created and one task per worker joins it
+and pushes zero-compute
 deltas back to back through ``worker.scheduler.ps_push`` (``ParameterServer.soon.push``, exactly
 what ``pipeline.worker.train_task`` does, after restoring glibc's mmap threshold as it does),
 each push waiting for its reply (the new weights).
@@ -78,8 +79,10 @@ def measure(client: Any, n_workers: int, n: int, seconds: float, optimizer: str 
     ps.create(p0, mode="async", optimizer={"name": optimizer, "lr": 1.0})
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     start = time.time() + 1.0 + n * 4e-8 * n_workers  # time to ship the job's weights to everyone
-    futs = [client.submit(push_loop, job, f"w{i}", n, start, seconds, workers=[w], pure=False,
-                          key=f"ps-push-{job}-{i}") for i, w in enumerate(workers[:n_workers])]  # fmt: skip
+    futs = [
+        client.submit(push_loop, job, f"w{i}", n, start, seconds, workers=[w], pure=False, key=f"ps-push-{job}-{i}")
+        for i, w in enumerate(workers[:n_workers])
+    ]
     res = client.gather(futs)
     params, version = ps.pull()
     m = ps.metrics()
@@ -89,13 +92,23 @@ def measure(client: Any, n_workers: int, n: int, seconds: float, optimizer: str 
         raise AssertionError("zero deltas changed the weights")
     if version != m["pushes"] or version < pushes:
         raise AssertionError(f"server version {version} vs {m['pushes']} pushes reported, {pushes} counted")
-    return {"params": n, "workers": n_workers, "MB/push": 4 * n / 1e6, "pushes/s": pushes / seconds,
-            "MB/s in": pushes * 4 * n / 1e6 / seconds,
-            "median push ms": float(np.median([r["latency_ms"] for r in res]))}  # fmt: skip
+    return {
+        "params": n,
+        "workers": n_workers,
+        "MB/push": 4 * n / 1e6,
+        "pushes/s": pushes / seconds,
+        "MB/s in": pushes * 4 * n / 1e6 / seconds,
+        "median push ms": float(np.median([r["latency_ms"] for r in res])),
+    }
 
 
-def run(quick: bool = False, sizes: Sequence[int] = SIZES, workers: Sequence[int] = WORKERS,
-        seconds: float = 3.0, optimizer: str = "sgd") -> tuple[str, list[dict]]:  # fmt: skip
+def run(
+    quick: bool = False,
+    sizes: Sequence[int] = SIZES,
+    workers: Sequence[int] = WORKERS,
+    seconds: float = 3.0,
+    optimizer: str = "sgd",
+) -> tuple[str, list[dict]]:
     if quick:
         sizes, workers, seconds = (10_000, 100_000), (1, 2), 0.5
     load0 = load()
@@ -104,9 +117,11 @@ def run(quick: bool = False, sizes: Sequence[int] = SIZES, workers: Sequence[int
         with local_cluster(nw) as client:
             for n in sizes:
                 rows.append(measure(client, nw, n, seconds, optimizer))
-    head = (f"async mode, server {optimizer}, zero-compute deltas, {seconds:g} s window per cell, LocalCluster of N "
-            f"single-threaded worker processes on this machine (loopback TCP); load average before {load0:.2f}, "
-            f"after {load():.2f}")  # fmt: skip
+    head = (
+        f"async mode, server {optimizer}, zero-compute deltas, {seconds:g} s window per cell, LocalCluster of N "
+        f"single-threaded worker processes on this machine (loopback TCP); load average before {load0:.2f}, "
+        f"after {load():.2f}"
+    )
     fmt = {"params": ".0e", "MB/push": ".2f", "pushes/s": ",.0f", "MB/s in": ",.0f", "median push ms": ".2f"}
     return head + "\n\n" + md_table(rows, fmt), rows
 
@@ -117,11 +132,20 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--seconds", type=float, default=3.0, help="measurement window per cell")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--workers", default=",".join(map(str, WORKERS)))
-    ap.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adam"),
-                    help="the server's optimizer (its per-round cost on the scheduler)")
+    ap.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=("sgd", "momentum", "adam"),
+        help="the server's optimizer (its per-round cost on the scheduler)",
+    )
     args = ap.parse_args(argv)
-    text, rows = run(args.quick, [int(float(s)) for s in args.sizes.split(",")],
-                  [int(s) for s in args.workers.split(",")], args.seconds, args.optimizer)  # fmt: skip
+    text, rows = run(
+        args.quick,
+        [int(float(s)) for s in args.sizes.split(",")],
+        [int(s) for s in args.workers.split(",")],
+        args.seconds,
+        args.optimizer,
+    )
     print(text)
     stem = "ps_limits" + ("-quick" if args.quick else "") + ("" if args.optimizer == "sgd" else f"-{args.optimizer}")
     write_out(stem, text)

@@ -41,8 +41,9 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as fh:
         # SIGINT back to its default in the child: the soak stops the driver with it, and a soak
         # started in the background of a non-interactive shell inherits SIGINT ignored
-        return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=_default_sigint)  # fmt: skip
+        return subprocess.Popen(
+            args, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_default_sigint
+        )
 
 
 def _default_sigint() -> None:
@@ -62,7 +63,7 @@ def _ps_counters(address: str) -> tuple[int, int, int]:
     """(round, samples, participants) of the one job on the scheduler, via a short client."""
     from distributed import Client
 
-    def read(dask_scheduler) -> tuple[int, int, int]:  # noqa: ANN001
+    def read(dask_scheduler) -> tuple[int, int, int]:
         ext = dask_scheduler.extensions["pipeline_ps"]
         if not ext.jobs:
             return (0, 0, 0)
@@ -70,7 +71,7 @@ def _ps_counters(address: str) -> tuple[int, int, int]:
         return (st.version, st.samples, len(st.participants))
 
     with Client(address, timeout=10) as c:
-        return tuple(c.run_on_scheduler(read))  # type: ignore[return-value]
+        return tuple(c.run_on_scheduler(read))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     address = f"tcp://127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
     sched = _start(
-        [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address",
-         f"127.0.0.1:{_free_port()}", "--preload", "pipeline.ps"],
+        [
+            str(BIN / "dask"),
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-address",
+            f"127.0.0.1:{_free_port()}",
+            "--preload",
+            "pipeline.ps",
+        ],
         work / "scheduler.log",
     )
     procs.append(sched)
@@ -105,8 +116,21 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal n_started
         n_started += 1
         p = _start(
-            [str(BIN / "dask"), "worker", address, "--no-nanny", "--nthreads", "1", "--memory-limit", "0",
-             "--name", f"w{n_started}", "--host", "127.0.0.1", "--no-dashboard"],
+            [
+                str(BIN / "dask"),
+                "worker",
+                address,
+                "--no-nanny",
+                "--nthreads",
+                "1",
+                "--memory-limit",
+                "0",
+                "--name",
+                f"w{n_started}",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+            ],
             work / "workers.log",
         )
         procs.append(p)
@@ -121,9 +145,29 @@ def main(argv: list[str] | None = None) -> int:
         with Client(address, timeout=30) as c:
             c.wait_for_workers(2, timeout=60)
         driver = _start(
-            [str(BIN / "pipeline"), "train", str(store), "--scheduler", address, "--out", str(work / "run"),
-             "--force", "--quiet", "--set", "mode=async", "--set", "epochs=100000", "--set", "patience=0",
-             "--set", "hidden=[64,64]", "--set", "validation=0.01", "--set", "checkpoint_seconds=60"],
+            [
+                str(BIN / "pipeline"),
+                "train",
+                str(store),
+                "--scheduler",
+                address,
+                "--out",
+                str(work / "run"),
+                "--force",
+                "--quiet",
+                "--set",
+                "mode=async",
+                "--set",
+                "epochs=100000",
+                "--set",
+                "patience=0",
+                "--set",
+                "hidden=[64,64]",
+                "--set",
+                "validation=0.01",
+                "--set",
+                "checkpoint_seconds=60",
+            ],
             work / "driver.log",
         )
         procs.append(driver)
@@ -156,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                     kills,
                 )
                 rows.append(row)
-                print(f"| {row[0]:.1f} | {row[1]:.0f} | {row[2]} | {row[3]:.0f} | {row[4]:,} | {row[5]:,} | {row[6]} |",
-                      flush=True)
+                print(
+                    f"| {row[0]:.1f} | {row[1]:.0f} | {row[2]} | {row[3]:.0f} | {row[4]:,} | {row[5]:,} | {row[6]} |",
+                    flush=True,
+                )
                 next_sample += args.sample
             time.sleep(1)
         driver.send_signal(signal.SIGINT)

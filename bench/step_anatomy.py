@@ -151,16 +151,35 @@ def cold_run(store_path: str, out: Path, epochs: int, extra: Sequence[str] = ())
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import pipeline.cli, pipeline.train, pipeline.worker, distributed"],
-                   env=env, check=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", "import pipeline.cli, pipeline.train, pipeline.worker, distributed"], env=env, check=True
+    )
     imports = time.perf_counter() - t
-    probe = ("import time\nfrom pipeline.connect import cluster_client\nt = time.perf_counter()\n"
-             "with cluster_client(None, workers=2, dashboard_address=None) as c:\n"
-             "    print(time.perf_counter() - t)")
+    probe = (
+        "import time\nfrom pipeline.connect import cluster_client\nt = time.perf_counter()\n"
+        "with cluster_client(None, workers=2, dashboard_address=None) as c:\n"
+        "    print(time.perf_counter() - t)"
+    )
     got = subprocess.run([sys.executable, "-c", probe], env=env, check=True, capture_output=True, text=True)
     cluster = float(got.stdout.split()[-1])
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", store_path, "--out", str(out), "--force", "-q",
-           "--set", f"hidden={list(SIZES[1:-1])}", "--set", f"epochs={epochs}", "--set", "patience=0", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "train",
+        store_path,
+        "--out",
+        str(out),
+        "--force",
+        "-q",
+        "--set",
+        f"hidden={list(SIZES[1:-1])}",
+        "--set",
+        f"epochs={epochs}",
+        "--set",
+        "patience=0",
+        *extra,
+    ]
     t = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     total = time.perf_counter() - t
@@ -214,29 +233,46 @@ def main(argv: Sequence[str] | None = None) -> str:
         with local_cluster(2) as client:
             shares = cluster_shares(client, store, tmp / "run-shares", epochs)
         cold = cold_run(str(store.path), tmp / "run-cold", epochs)
-        cold_cluster = cold_run(str(store.path), tmp / "run-cold-cluster", epochs,
-                                ("--workers", "2", "--dashboard-address", "none"))  # fmt: skip
+        cold_cluster = cold_run(
+            str(store.path), tmp / "run-cold-cluster", epochs, ("--workers", "2", "--dashboard-address", "none")
+        )
     step = parts["step"]
     per_step = [
         {"part": "GEMMs (9 per step)", "ms": parts["gemm"] * 1e3, "ms, default BLAS threads": parts2["gemm"] * 1e3},
-        {"part": "element-wise (bias, activations, loss)", "ms": parts["elementwise"] * 1e3,
-         "ms, default BLAS threads": parts2["elementwise"] * 1e3},
-        {"part": "optimizer (Adam)", "ms": parts["optimizer"] * 1e3, "ms, default BLAS threads": parts2["optimizer"] * 1e3},
+        {
+            "part": "element-wise (bias, activations, loss)",
+            "ms": parts["elementwise"] * 1e3,
+            "ms, default BLAS threads": parts2["elementwise"] * 1e3,
+        },
+        {
+            "part": "optimizer (Adam)",
+            "ms": parts["optimizer"] * 1e3,
+            "ms, default BLAS threads": parts2["optimizer"] * 1e3,
+        },
         {"part": "whole step", "ms": step * 1e3, "ms, default BLAS threads": parts2["step"] * 1e3},
         {"part": "loader, one batch", "ms": ld * 1e3},
         {"part": "push + pull per step (1/8 of 2 pulls)", "ms": 2 * pp / 8 * 1e3},
-    ]  # fmt: skip
+    ]
     for r in per_step:
         r["% of step"] = 100 * r["ms"] / (step * 1e3)
         r.setdefault("ms, default BLAS threads", float("nan"))
     share_rows = [
-        {"process": "driver (scheduler + PS)", "CPU s": shares["driver_cpu"], "% of wall x 2 cores":
-         100 * shares["driver_cpu"] / (2 * shares["wall"])},
-        {"process": "2 workers", "CPU s": shares["workers_cpu"], "% of wall x 2 cores":
-         100 * shares["workers_cpu"] / (2 * shares["wall"])},
-    ]  # fmt: skip
-    cold_rows = [{"phase": k, "in process (default) s": v, "--workers 2 s": cold_cluster[k]}
-                 for k, v in cold.items() if k != "epochs"]  # fmt: skip
+        {
+            "process": "driver (scheduler + PS)",
+            "CPU s": shares["driver_cpu"],
+            "% of wall x 2 cores": 100 * shares["driver_cpu"] / (2 * shares["wall"]),
+        },
+        {
+            "process": "2 workers",
+            "CPU s": shares["workers_cpu"],
+            "% of wall x 2 cores": 100 * shares["workers_cpu"] / (2 * shares["wall"]),
+        },
+    ]
+    cold_rows = [
+        {"phase": k, "in process (default) s": v, "--workers 2 s": cold_cluster[k]}
+        for k, v in cold.items()
+        if k != "epochs"
+    ]
     text = (
         f"Machine: {mach['cpu']}, {mach['cores']} cores (shared, loaded: load {mach['load']}), {mach['date']}; "
         f"MLP {'-'.join(map(str, SIZES))}, batch {batch}, Adam, float32; GEMM rate in the step "

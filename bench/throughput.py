@@ -129,8 +129,17 @@ def steady(make: Callable[[np.ndarray, np.ndarray], Peer], data: dict, epochs: i
     return {"seconds": dt, "acc": metric(pred, data["yte"], "classification")}
 
 
-def dask_ml_run(client: Any, train: Any, test_X: np.ndarray, test_y: np.ndarray, hidden: Sequence[int], batch: int,
-                epochs: int, n_classes: int, warm: bool) -> dict:  # fmt: skip
+def dask_ml_run(
+    client: Any,
+    train: Any,
+    test_X: np.ndarray,
+    test_y: np.ndarray,
+    hidden: Sequence[int],
+    batch: int,
+    epochs: int,
+    n_classes: int,
+    warm: bool,
+) -> dict:
     import dask.array as da
     from dask_ml.wrappers import Incremental
     from sklearn.exceptions import ConvergenceWarning
@@ -143,8 +152,14 @@ def dask_ml_run(client: Any, train: Any, test_X: np.ndarray, test_y: np.ndarray,
     Xf = (X.astype(np.float32) - mean) * inv
 
     def est() -> Any:
-        return MLPClassifier(hidden_layer_sizes=tuple(hidden), solver="adam", batch_size=batch,
-                             learning_rate_init=1e-3, alpha=0.0, random_state=0)  # fmt: skip
+        return MLPClassifier(
+            hidden_layer_sizes=tuple(hidden),
+            solver="adam",
+            batch_size=batch,
+            learning_rate_init=1e-3,
+            alpha=0.0,
+            random_state=0,
+        )
 
     classes = np.arange(n_classes)
     with client.as_current(), warnings.catch_warnings():
@@ -152,8 +167,9 @@ def dask_ml_run(client: Any, train: Any, test_X: np.ndarray, test_y: np.ndarray,
         warnings.simplefilter("ignore", FutureWarning)
         if warm:  # untimed: a throw-away estimator over one block of the test rows
             n = min(len(test_X), train.chunk_rows)
-            Incremental(est(), random_state=0).partial_fit(da.from_array(test_X[:n], chunks=n),
-                                                          da.from_array(test_y[:n], chunks=n), classes=classes)  # fmt: skip
+            Incremental(est(), random_state=0).partial_fit(
+                da.from_array(test_X[:n], chunks=n), da.from_array(test_y[:n], chunks=n), classes=classes
+            )
         inc = Incremental(est(), shuffle_blocks=True, random_state=0)
         t = time.perf_counter()
         for _ in range(epochs):
@@ -176,29 +192,74 @@ def _tune_worker() -> str:
 def _pipeline_cold(train: Any, test: Any, tmp: Path, hidden: Sequence[int], epochs: int, batch: int) -> float:
     """``pipeline train`` as a whole process, as a user runs it, to a saved model."""
     cfg = tmp / "cold.toml"
-    cfg.write_text(f"hidden = {list(hidden)}\nepochs = {epochs}\nbatch_size = {batch}\npatience = 0\n"
-                   f"validation_store = {json.dumps(str(test.path))}\n")  # fmt: skip
+    cfg.write_text(
+        f"hidden = {list(hidden)}\nepochs = {epochs}\nbatch_size = {batch}\npatience = 0\n"
+        f"validation_store = {json.dumps(str(test.path))}\n"
+    )
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(train.path), "--config", str(cfg), "--out",
-                    str(tmp / "cold-run"), "--force", "-q"], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "train",
+            str(train.path),
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp / "cold-run"),
+            "--force",
+            "-q",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - t
 
 
 def _torch_cold(train: Any, test: Any, tmp: Path, sizes: Sequence[int], epochs: int, kind: str) -> float:
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bench.torch_peers", "cold", str(train.path), str(test.path),
-                    str(tmp / "cold.pt"), str(epochs), kind, ",".join(map(str, sizes))], check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.torch_peers",
+            "cold",
+            str(train.path),
+            str(test.path),
+            str(tmp / "cold.pt"),
+            str(epochs),
+            kind,
+            ",".join(map(str, sizes)),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - t
 
 
-def trainers(train: Any, test: Any, tmp: Path, data: dict, hidden: Sequence[int], batch: int, epochs: int,
-             n_classes: int, cold: bool, info: dict) -> dict[str, Callable[[], dict]]:  # fmt: skip
+def trainers(
+    train: Any,
+    test: Any,
+    tmp: Path,
+    data: dict,
+    hidden: Sequence[int],
+    batch: int,
+    epochs: int,
+    n_classes: int,
+    cold: bool,
+    info: dict,
+) -> dict[str, Callable[[], dict]]:
     """Name -> a function training that row once and returning its figures."""
     sizes = (data["Xtr"].shape[1], *hidden, n_classes)
     n_samples = epochs * len(data["Xtr"])
-    base = {"hidden": list(hidden), "epochs": epochs, "patience": 0, "validation_store": str(test.path),
-            "batch_size": batch}  # fmt: skip
+    base = {
+        "hidden": list(hidden),
+        "epochs": epochs,
+        "patience": 0,
+        "validation_store": str(test.path),
+        "batch_size": batch,
+    }
     out: dict[str, Callable[[], dict]] = {}
 
     def pipeline(over: dict, name: str, with_cold: bool) -> Callable[[], dict]:
@@ -207,8 +268,11 @@ def trainers(train: Any, test: Any, tmp: Path, data: dict, hidden: Sequence[int]
                 run_pipeline(client, test, tmp / "warm", **{**base, **over, "epochs": 1, "validation_store": ""})
                 r = run_pipeline(client, train, tmp / "run", **{**base, **over})
             _check_samples(name, r["samples"], n_samples)
-            res = {"seconds": r["epoch_seconds"], "acc": float(r["history"][-1]["val_accuracy"]),
-                   "driver wall": r["wall"]}  # fmt: skip
+            res = {
+                "seconds": r["epoch_seconds"],
+                "acc": float(r["history"][-1]["val_accuracy"]),
+                "driver wall": r["wall"],
+            }
             if with_cold:
                 res["cold"] = _pipeline_cold(train, test, tmp, hidden, epochs, batch)
             return res
@@ -232,8 +296,9 @@ def trainers(train: Any, test: Any, tmp: Path, data: dict, hidden: Sequence[int]
         out[BEST] = best
         out[TUTORIAL] = lambda: steady(lambda X, y: TorchTutorial(X, y, sizes, batch), data, epochs)
         if info.get("compile") is None:
-            out[COMPILED] = lambda: steady(lambda X, y: TorchBest(X, y, sizes, batch, adam_kind=kind, compile=True),
-                                           data, epochs)  # fmt: skip
+            out[COMPILED] = lambda: steady(
+                lambda X, y: TorchBest(X, y, sizes, batch, adam_kind=kind, compile=True), data, epochs
+            )
 
         def ddp() -> dict:
             return run_ddp(tmp / "arrays.npz", tmp / "ddp.json", sizes, batch, epochs, 8, kind)
@@ -265,8 +330,9 @@ def trainers(train: Any, test: Any, tmp: Path, data: dict, hidden: Sequence[int]
 def summarize(passes: list[dict], n_samples: int, flops: int) -> tuple[list[dict], list[dict]]:
     """Table rows (one per trainer: medians and per-pass figures) and the targets."""
     names = list(passes[0]["results"])
-    order = [n for n in (DEFAULT, EMA0, BEST, TUTORIAL, COMPILED, DDP, MEMORY, SKLEARN, DML_TUNED, DML_USER)
-             if n in names]  # fmt: skip
+    order = [
+        n for n in (DEFAULT, EMA0, BEST, TUTORIAL, COMPILED, DDP, MEMORY, SKLEARN, DML_TUNED, DML_USER) if n in names
+    ]
 
     def per(name: str, key: str) -> list[float | None]:
         return [p["results"][name].get(key) for p in passes]
@@ -279,15 +345,19 @@ def summarize(passes: list[dict], n_samples: int, flops: int) -> tuple[list[dict
         vals = [v for v in sps[n] if v is not None]
         colds = [c for c in per(n, "cold") if c is not None]
         r = ratio_summary(sps[n], sps[DEFAULT])
-        rows.append({
-            "trainer": n,
-            "samples/s (median)": float(np.median(vals)) if vals else None,
-            "samples/s per pass": " / ".join("n/a" if v is None else f"{v / 1e3:.1f}k" for v in sps[n]),
-            "vs pipeline (per-pass median)": f"{r['median']:.2f}x" if r["median"] else "n/a",
-            "% of GEMM limit": f"{100 * float(np.median([v / lim for v, lim in zip(sps[n], limit, strict=True) if v])):.0f}%",
-            "test acc (median)": float(np.median([a for a in per(n, "acc") if a is not None])),
-            "cold s (median)": float(np.median(colds)) if colds else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "trainer": n,
+                "samples/s (median)": float(np.median(vals)) if vals else None,
+                "samples/s per pass": " / ".join("n/a" if v is None else f"{v / 1e3:.1f}k" for v in sps[n]),
+                "vs pipeline (per-pass median)": f"{r['median']:.2f}x" if r["median"] else "n/a",
+                "% of GEMM limit": (
+                    f"{100 * float(np.median([v / lim for v, lim in zip(sps[n], limit, strict=True) if v])):.0f}%"
+                ),
+                "test acc (median)": float(np.median([a for a in per(n, "acc") if a is not None])),
+                "cold s (median)": float(np.median(colds)) if colds else None,
+            }
+        )
     targets = []
 
     def add(label: str, num: str, den: str, want: float, key: str = "sps") -> None:
@@ -308,13 +378,25 @@ def summarize(passes: list[dict], n_samples: int, flops: int) -> tuple[list[dict
     if BEST in names:
         gap = [100 * (a - b) for a, b in zip(per(DEFAULT, "acc"), per(BEST, "acc"), strict=True)]
         gap0 = [100 * (a - b) for a, b in zip(per(EMA0, "acc"), per(BEST, "acc"), strict=True)]
-        for label, g in (("accuracy within 1 point of PyTorch best practice (ema on)", gap),
-                         ("accuracy within 1 point of PyTorch best practice (ema=0)", gap0)):  # fmt: skip
+        for label, g in (
+            ("accuracy within 1 point of PyTorch best practice (ema on)", gap),
+            ("accuracy within 1 point of PyTorch best practice (ema=0)", gap0),
+        ):
             hits = sum(1 for x in g if x >= -1.0)
-            targets.append({"target": label, "per_pass": g, "median": float(np.median(g)), "min": min(g),
-                            "max": max(g), "points": True, "hits": hits, "passes": len(g),
-                            "needed": ratio_summary(g, g, 0)["needed"],
-                            "met": hits >= ratio_summary(g, g, 0)["needed"]})  # fmt: skip
+            targets.append(
+                {
+                    "target": label,
+                    "per_pass": g,
+                    "median": float(np.median(g)),
+                    "min": min(g),
+                    "max": max(g),
+                    "points": True,
+                    "hits": hits,
+                    "passes": len(g),
+                    "needed": ratio_summary(g, g, 0)["needed"],
+                    "met": hits >= ratio_summary(g, g, 0)["needed"],
+                }
+            )
     return rows, targets
 
 
@@ -332,7 +414,9 @@ def target_lines(targets: list[dict], flagged: list[int]) -> list[str]:
     return lines
 
 
-def run(quick: bool = False, rows: int = 120_000, epochs: int = 2, passes: int = 5, cold: bool = True) -> tuple[str, dict]:
+def run(
+    quick: bool = False, rows: int = 120_000, epochs: int = 2, passes: int = 5, cold: bool = True
+) -> tuple[str, dict]:
     if quick:
         rows, test_rows, features, hidden, epochs, peak_n, passes = 4_000, 1_000, 64, (32, 16), 1, 256, 1
     else:
@@ -375,9 +459,21 @@ def run(quick: bool = False, rows: int = 120_000, epochs: int = 2, passes: int =
                     raise AssertionError(f"{name} did not learn in pass {p['pass']}: accuracy {r['acc']:.3f}")
     rows_out, targets = summarize(recs, n_samples, flops)
     flagged = [p["pass"] for p in recs if p["conditions"]["flags"]]
-    payload = {"benchmark": "throughput", "meta": m, "quick": quick, "rows": len(Xtr), "test_rows": len(Xte),
-               "epochs": epochs, "sizes": sizes, "batch": batch, "flops_per_sample": flops, "info": info,
-               "passes": recs, "table": rows_out, "targets": targets}  # fmt: skip
+    payload = {
+        "benchmark": "throughput",
+        "meta": m,
+        "quick": quick,
+        "rows": len(Xtr),
+        "test_rows": len(Xte),
+        "epochs": epochs,
+        "sizes": sizes,
+        "batch": batch,
+        "flops_per_sample": flops,
+        "info": info,
+        "passes": recs,
+        "table": rows_out,
+        "targets": targets,
+    }
     m["json"] = str(save_json("throughput" + ("-quick" if quick else ""), payload, quick))
     arch = "-".join(map(str, sizes))
     adam = info.get("adam", {})
@@ -391,18 +487,33 @@ def run(quick: bool = False, rows: int = 120_000, epochs: int = 2, passes: int =
         *provenance_lines(m),
     ]
     if info.get("torch"):
-        head.append(f"PyTorch Adam: {adam.get('kind')} chosen (ms per step here: fused "
-                    f"{_ms(adam.get('fused'))}, foreach {_ms(adam.get('foreach'))}); torch.compile: "
-                    f"{'works' if info.get('compile') is None else 'not run: ' + info['compile']}.")  # fmt: skip
+        head.append(
+            f"PyTorch Adam: {adam.get('kind')} chosen (ms per step here: fused "
+            f"{_ms(adam.get('fused'))}, foreach {_ms(adam.get('foreach'))}); torch.compile: "
+            f"{'works' if info.get('compile') is None else 'not run: ' + info['compile']}."
+        )
     fmt = {"samples/s (median)": ",.0f", "test acc (median)": ".4f", "cold s (median)": ".2f"}
-    text = "\n".join([
-        *head, "", "Conditions per pass:", "", conditions_table(recs), "",
-        md_table(rows_out, fmt), "", "Targets (per-pass ratios; met = in at least 4 of 5 passes):", "",
-        *target_lines(targets, flagged),
-    ])  # fmt: skip
-    numbers = {"rows": rows_out, "limit": float(np.median([p["conditions"]["gemm_numpy_gflops"] for p in recs])) * 1e9
-               / flops, "passes": {r["trainer"]: [n_samples / p["results"][r["trainer"]]["seconds"] for p in recs]
-                                   for r in rows_out}, "json": m["json"]}  # fmt: skip
+    text = "\n".join(
+        [
+            *head,
+            "",
+            "Conditions per pass:",
+            "",
+            conditions_table(recs),
+            "",
+            md_table(rows_out, fmt),
+            "",
+            "Targets (per-pass ratios; met = in at least 4 of 5 passes):",
+            "",
+            *target_lines(targets, flagged),
+        ]
+    )
+    numbers = {
+        "rows": rows_out,
+        "limit": float(np.median([p["conditions"]["gemm_numpy_gflops"] for p in recs])) * 1e9 / flops,
+        "passes": {r["trainer"]: [n_samples / p["results"][r["trainer"]]["seconds"] for p in recs] for r in rows_out},
+        "json": m["json"],
+    }
     return text, numbers
 
 

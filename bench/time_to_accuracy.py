@@ -17,7 +17,8 @@ Splits (test rows are never trained on; the same test store scores every trainer
 
 Trainers, each at its own defaults:
 * **pipeline**: ``TrainConfig()`` untouched (MLP hidden 256-128, Adam lr 1e-3, batch 256, sync,
-  local_steps 8, up to 100 epochs, patience 5 once 1.5M samples are seen) except ``validation_store`` = the test store, on a
+  local_steps 8, up to 100 epochs, patience 5 once 1.5M samples are seen) except ``validation_store`` = the test
+  store, on a
   fresh 2-worker LocalCluster (1 thread each) per dataset. Time = sum of epoch seconds (each
   includes its validation; the first epoch on a fresh cluster also includes the workers' warm-up:
   importing the modules and loading the compiled kernels), then + driver setup/teardown (wall -
@@ -87,8 +88,14 @@ from bench.protocol import meta, provenance_lines, save_json
 DATA = Path(__file__).resolve().parent.parent / "data"
 DATASETS = ("letter", "adult", "shuttle", "california_housing", "diamonds", "synthetic")
 # fixed before the run (never derived from the run being reported); --quick: letter, 3 epochs
-THRESHOLDS = {"letter": 0.940, "adult": 0.844, "shuttle": 0.988, "california_housing": 0.791, "diamonds": 0.968,
-              "synthetic": 0.582}  # fmt: skip
+THRESHOLDS = {
+    "letter": 0.940,
+    "adult": 0.844,
+    "shuttle": 0.988,
+    "california_housing": 0.791,
+    "diamonds": 0.968,
+    "synthetic": 0.582,
+}
 QUICK_THRESHOLD = 0.5
 
 
@@ -125,8 +132,10 @@ def prepare(name: str, tmp: Path, quick: bool = False) -> tuple[Any, Any, str]:
         b = ingest(DATA / "shuttle/shuttle.tst", te, like=a, force=True)
         return a, b, "shuttle.trn / shuttle.tst"
     if name in ("california_housing", "diamonds"):
-        src, target = {"california_housing": (DATA / "california_housing/housing.csv", "median_house_value"),
-                       "diamonds": (DATA / "diamonds/diamonds.csv", "price")}[name]  # fmt: skip
+        src, target = {
+            "california_housing": (DATA / "california_housing/housing.csv", "median_house_value"),
+            "diamonds": (DATA / "diamonds/diamonds.csv", "price"),
+        }[name]
         p_tr, p_te = _random_split_csv(src, tmp)
         a = ingest(p_tr, tr, target=target, force=True)
         b = ingest(p_te, te, target=target, like=a, force=True)
@@ -173,8 +182,15 @@ def pipeline_overrides(sets: Sequence[str]) -> dict[str, Any]:
     return {item.partition("=")[0].strip(): getattr(cfg, item.partition("=")[0].strip()) for item in sets}
 
 
-def one_dataset(name: str, tmp: Path, quick: bool, max_epochs: int, overrides: dict[str, Any], seed: int = 0,
-                prepared: tuple[Any, Any, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def one_dataset(
+    name: str,
+    tmp: Path,
+    quick: bool,
+    max_epochs: int,
+    overrides: dict[str, Any],
+    seed: int = 0,
+    prepared: tuple[Any, Any, str] | None = None,
+) -> dict[str, Any]:
     train, test, split = prepared or prepare(name, tmp, quick)
     overrides = {"seed": seed, **overrides}
     task = train.task
@@ -235,8 +251,9 @@ def one_dataset(name: str, tmp: Path, quick: bool, max_epochs: int, overrides: d
             pass
     # scikit-learn defaults
     sk = SklearnPeer(Xtr, ytr, task=task, defaults=True, y_mean=ym, y_std=ys, seed=seed)
-    curves["scikit-learn"] = curve_peer(sk, Xte, yte, task, min(200, epochs_cap if quick else 200),
-                                        lambda c: sk.converged())  # fmt: skip
+    curves["scikit-learn"] = curve_peer(
+        sk, Xte, yte, task, min(200, epochs_cap if quick else 200), lambda c: sk.converged()
+    )
     final["scikit-learn"] = curves["scikit-learn"][-1][1]
     # an in-memory kernels row (same architecture as the pipeline default), for the gap
     kp = KernelPeer(Xtr, ytr, (256, 128), n_out, task=task, y_mean=ym, y_std=ys, seed=seed)
@@ -245,15 +262,32 @@ def one_dataset(name: str, tmp: Path, quick: bool, max_epochs: int, overrides: d
     thr = QUICK_THRESHOLD if quick else THRESHOLDS[name]
     times = {k: first_time(v, thr) for k, v in curves.items()}
     times["pipeline (warm cluster)"] = first_time(c_warm, thr)
-    return {"name": name, "seed": seed, "split": split, "task": task, "rows": (train.n_rows, test.n_rows), "thr": thr,
-            "times": times, "final": final, "epochs": {k: len(v) for k, v in curves.items()},
-            "curves": {"pipeline": curves["pipeline"], "pipeline (warm cluster)": c_warm,
-                       **{k: v for k, v in curves.items() if k != "pipeline"}},
-            "overhead": overhead, "startup": startup, "best": best,
-            "first_epoch": hist[0]["seconds"], "first_epoch_warm": r_warm["history"][0]["seconds"],
-            "s_per_epoch": {"pipeline": float(np.median([h["seconds"] for h in hist])),
-                            **{k: v[-1][0] / len(v) for k, v in curves.items() if k != "pipeline"}},
-            "compute_share": sum(h["compute_s"] for h in hist) / 2 / max(r["epoch_seconds"], 1e-9)}  # fmt: skip
+    return {
+        "name": name,
+        "seed": seed,
+        "split": split,
+        "task": task,
+        "rows": (train.n_rows, test.n_rows),
+        "thr": thr,
+        "times": times,
+        "final": final,
+        "epochs": {k: len(v) for k, v in curves.items()},
+        "curves": {
+            "pipeline": curves["pipeline"],
+            "pipeline (warm cluster)": c_warm,
+            **{k: v for k, v in curves.items() if k != "pipeline"},
+        },
+        "overhead": overhead,
+        "startup": startup,
+        "best": best,
+        "first_epoch": hist[0]["seconds"],
+        "first_epoch_warm": r_warm["history"][0]["seconds"],
+        "s_per_epoch": {
+            "pipeline": float(np.median([h["seconds"] for h in hist])),
+            **{k: v[-1][0] / len(v) for k, v in curves.items() if k != "pipeline"},
+        },
+        "compute_share": sum(h["compute_s"] for h in hist) / 2 / max(r["epoch_seconds"], 1e-9),
+    }
 
 
 def _agg(vals: Sequence[float | None]) -> tuple[float | None, str]:
@@ -275,10 +309,14 @@ def merge_seeds(per_seed: list[dict]) -> dict[str, Any]:
     r["time_lists"] = {k: [p["times"].get(k) for p in per_seed] for k in keys}
     r["times"] = {k: _agg(v)[0] for k, v in r["time_lists"].items()}
     r["time_text"] = {k: _agg(v)[1] for k, v in r["time_lists"].items()}
-    cold = [None if p["times"].get("pipeline") is None else p["times"]["pipeline"] + p["overhead"] + p["startup"]
-            for p in per_seed]  # fmt: skip
+    cold = [
+        None if p["times"].get("pipeline") is None else p["times"]["pipeline"] + p["overhead"] + p["startup"]
+        for p in per_seed
+    ]
     r["time_lists"]["pipeline cold (+ driver, cluster start)"] = cold
-    r["times"]["pipeline cold (+ driver, cluster start)"], r["time_text"]["pipeline cold (+ driver, cluster start)"] = _agg(cold)
+    r["times"]["pipeline cold (+ driver, cluster start)"], r["time_text"]["pipeline cold (+ driver, cluster start)"] = (
+        _agg(cold)
+    )
     r["final"] = {k: float(np.median([p["final"][k] for p in per_seed])) for k in per_seed[0]["final"]}
     for k in ("overhead", "startup", "first_epoch", "first_epoch_warm", "compute_share"):
         r[k] = float(np.median([p[k] for p in per_seed]))
@@ -287,7 +325,10 @@ def merge_seeds(per_seed: list[dict]) -> dict[str, Any]:
 
 
 def run(
-    quick: bool = False, datasets: Sequence[str] = DATASETS, max_epochs: int = 200, sets: Sequence[str] = (),
+    quick: bool = False,
+    datasets: Sequence[str] = DATASETS,
+    max_epochs: int = 200,
+    sets: Sequence[str] = (),
     seeds: int = 3,
 ) -> tuple[str, list[dict]]:
     overrides = pipeline_overrides(sets)
@@ -302,11 +343,23 @@ def run(
             per_seed = [one_dataset(name, tmp, quick, max_epochs, overrides, seed, prepared) for seed in range(seeds)]
             raw.append(per_seed)
             res.append(merge_seeds(per_seed))
-    m["json"] = str(save_json("time_to_accuracy" + ("-quick" if quick else ""),
-                              {"benchmark": "time_to_accuracy", "meta": m, "quick": quick, "seeds": seeds,
-                               "thresholds": {r["name"]: r["thr"] for r in res}, "overrides": overrides,
-                               "per_seed": [[{k: v for k, v in p.items() if k != "curves"} | {"curves": p["curves"]}
-                                             for p in ps] for ps in raw]}, quick))  # fmt: skip
+    m["json"] = str(
+        save_json(
+            "time_to_accuracy" + ("-quick" if quick else ""),
+            {
+                "benchmark": "time_to_accuracy",
+                "meta": m,
+                "quick": quick,
+                "seeds": seeds,
+                "thresholds": {r["name"]: r["thr"] for r in res},
+                "overrides": overrides,
+                "per_seed": [
+                    [{k: v for k, v in p.items() if k != "curves"} | {"curves": p["curves"]} for p in ps] for ps in raw
+                ],
+            },
+            quick,
+        )
+    )
     t_rows, f_rows = [], []
     for r in res:
         met = "accuracy" if r["task"] == "classification" else "R^2"
@@ -318,47 +371,72 @@ def run(
         pc = tt.get("pipeline cold (+ driver, cluster start)")
         tk = tt.get("kernels in memory")
         first_warm = pw is not None and all(v is None or pw <= v for v in peers.values())
-        t_rows.append({
-            "dataset": r["name"], "threshold (fixed)": f"{met} >= {r['thr']:.3f}",
-            "pipeline warm cluster s": tx.get("pipeline (warm cluster)", "n/a"),
-            "pipeline fresh cluster, epochs only s": tx.get("pipeline", "n/a"),
-            "pipeline cold (+ driver, cluster start) s": tx.get("pipeline cold (+ driver, cluster start)", "n/a"),
-            "first epoch s, fresh / warm cluster": f"{r['first_epoch']:.2f} / {r['first_epoch_warm']:.2f}",
-            "pytorch s": tx.get("pytorch", "n/a"),
-            "pytorch best practice s": tx.get("pytorch best practice", "n/a (regression)"), "scikit-learn s": tx.get("scikit-learn", "n/a"),
-            "kernels in memory s": tx.get("kernels in memory", "n/a"),
-            "pipeline compute share": f"{100 * r['compute_share']:.0f}%",
-            "pipeline first (warm)?": "yes" if first_warm else "NO",
-            "pipeline first (fresh cluster, epochs only)?": "yes" if first else "NO",
-            "pipeline first (cold)?": "yes" if pc is not None and all(v is None or pc <= v for v in peers.values())
-            else "NO",
-            # the pipeline's default model and optimizer in one process, no Dask at all: where
-            # even this is not first, no scheduling of the pipeline's work can be
-            "kernels in memory first?": "yes" if tk is not None and all(
-                v is None or tk <= v for v in peers.values()) else "NO",
-        })  # fmt: skip
+        t_rows.append(
+            {
+                "dataset": r["name"],
+                "threshold (fixed)": f"{met} >= {r['thr']:.3f}",
+                "pipeline warm cluster s": tx.get("pipeline (warm cluster)", "n/a"),
+                "pipeline fresh cluster, epochs only s": tx.get("pipeline", "n/a"),
+                "pipeline cold (+ driver, cluster start) s": tx.get("pipeline cold (+ driver, cluster start)", "n/a"),
+                "first epoch s, fresh / warm cluster": f"{r['first_epoch']:.2f} / {r['first_epoch_warm']:.2f}",
+                "pytorch s": tx.get("pytorch", "n/a"),
+                "pytorch best practice s": tx.get("pytorch best practice", "n/a (regression)"),
+                "scikit-learn s": tx.get("scikit-learn", "n/a"),
+                "kernels in memory s": tx.get("kernels in memory", "n/a"),
+                "pipeline compute share": f"{100 * r['compute_share']:.0f}%",
+                "pipeline first (warm)?": "yes" if first_warm else "NO",
+                "pipeline first (fresh cluster, epochs only)?": "yes" if first else "NO",
+                "pipeline first (cold)?": "yes"
+                if pc is not None and all(v is None or pc <= v for v in peers.values())
+                else "NO",
+                # the pipeline's default model and optimizer in one process, no Dask at all: where
+                # even this is not first, no scheduling of the pipeline's work can be
+                "kernels in memory first?": "yes"
+                if tk is not None and all(v is None or tk <= v for v in peers.values())
+                else "NO",
+            }
+        )
         fin = r["final"]
         gap = 100 * (fin["scikit-learn"] - fin["pipeline (validation 10% of train)"])
         real = r["name"] != "synthetic"
-        f_rows.append({
-            "dataset": r["name"], "split": r["split"], "train/test rows": f"{r['rows'][0]:,} / {r['rows'][1]:,}",
-            "metric": met, "pipeline default": f"{fin['pipeline (validation 10% of train)']:.4f}",
-            "pipeline, early stop on test": f"{fin['pipeline']:.4f}",
-            "pytorch": f"{fin['pytorch']:.4f}" if "pytorch" in fin else "n/a",
-            "scikit-learn default": f"{fin['scikit-learn']:.4f}", "gap to sklearn (points)": f"{gap:+.2f}",
-            "within 2 points?": ("yes" if gap <= 2.0 else "NO") if real else "(synthetic)",
-        })  # fmt: skip
-    head = (f"time to a test metric fixed in code before the run (`THRESHOLDS`); {seeds} seed{'s' if seeds > 1 else ''} "
-            f"per system: median seconds (range; seeds reaching the threshold); a fresh 2-worker LocalCluster per "
-            f"seed (cold), then the same job on that warm cluster; load average before {load0:.2f}, after "
-            f"{load():.2f}")  # fmt: skip
+        f_rows.append(
+            {
+                "dataset": r["name"],
+                "split": r["split"],
+                "train/test rows": f"{r['rows'][0]:,} / {r['rows'][1]:,}",
+                "metric": met,
+                "pipeline default": f"{fin['pipeline (validation 10% of train)']:.4f}",
+                "pipeline, early stop on test": f"{fin['pipeline']:.4f}",
+                "pytorch": f"{fin['pytorch']:.4f}" if "pytorch" in fin else "n/a",
+                "scikit-learn default": f"{fin['scikit-learn']:.4f}",
+                "gap to sklearn (points)": f"{gap:+.2f}",
+                "within 2 points?": ("yes" if gap <= 2.0 else "NO") if real else "(synthetic)",
+            }
+        )
+    head = (
+        f"time to a test metric fixed in code before the run (`THRESHOLDS`); {seeds} seed{'s' if seeds > 1 else ''} "
+        f"per system: median seconds (range; seeds reaching the threshold); a fresh 2-worker LocalCluster per "
+        f"seed (cold), then the same job on that warm cluster; load average before {load0:.2f}, after "
+        f"{load():.2f}"
+    )
     if overrides:
         head += "; pipeline settings changed: " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())
-    text = "\n".join([
-        head, "", *provenance_lines(m), "", "### time to threshold (seconds)", "", md_table(t_rows), "",
-        "### final test metric at default settings, median over the seeds (target: pipeline within 2 points of "
-        "scikit-learn's MLP; 'gap' > 0 means scikit-learn is better)", "", md_table(f_rows),
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            head,
+            "",
+            *provenance_lines(m),
+            "",
+            "### time to threshold (seconds)",
+            "",
+            md_table(t_rows),
+            "",
+            "### final test metric at default settings, median over the seeds (target: pipeline within 2 points of "
+            "scikit-learn's MLP; 'gap' > 0 means scikit-learn is better)",
+            "",
+            md_table(f_rows),
+        ]
+    )
     return text, res
 
 
@@ -368,8 +446,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--seeds", type=int, default=3, help="seeds per system (default 3; --quick: 2)")
     ap.add_argument("--max-epochs", type=int, default=200, help="cap for scikit-learn (its default max_iter)")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="a pipeline setting for every pipeline run, as `pipeline train --set` (repeatable)")  # fmt: skip
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a pipeline setting for every pipeline run, as `pipeline train --set` (repeatable)",
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench.throughput: PyTorch threads do not spin
     from pipeline.errors import ConfigError

@@ -93,8 +93,18 @@ def pick_adam(sizes: Sequence[int], batch: int = 256, steps: int = 30, threads: 
 class TorchBest(Peer):
     """PyTorch at its best practice on in-memory tensors (see the module docstring)."""
 
-    def __init__(self, X: np.ndarray, y: np.ndarray, sizes: Sequence[int], batch: int = 256, lr: float = 1e-3,
-                 seed: int = 0, threads: int = 2, adam_kind: str = "fused", compile: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        sizes: Sequence[int],
+        batch: int = 256,
+        lr: float = 1e-3,
+        seed: int = 0,
+        threads: int = 2,
+        adam_kind: str = "fused",
+        compile: bool = False,
+    ) -> None:
         import torch
 
         torch.set_num_threads(threads)
@@ -127,8 +137,16 @@ class TorchBest(Peer):
 class TorchTutorial(TorchBest):
     """The tutorial loop: ``DataLoader(TensorDataset, batch_size, shuffle=True)``, plain Adam."""
 
-    def __init__(self, X: np.ndarray, y: np.ndarray, sizes: Sequence[int], batch: int = 256, lr: float = 1e-3,
-                 seed: int = 0, threads: int = 2) -> None:  # fmt: skip
+    def __init__(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        sizes: Sequence[int],
+        batch: int = 256,
+        lr: float = 1e-3,
+        seed: int = 0,
+        threads: int = 2,
+    ) -> None:
         import torch
 
         super().__init__(X, y, sizes, batch, lr, seed, threads)
@@ -164,8 +182,19 @@ def compile_works(sizes: Sequence[int]) -> str | None:
 # -------------------------------------------------------------------------------------------
 
 
-def _ddp_worker(rank: int, world: int, port: int, data: str, sizes: list[int], batch: int, epochs: int,
-                warm: bool, period: int, adam_kind: str, out: str) -> None:  # fmt: skip
+def _ddp_worker(
+    rank: int,
+    world: int,
+    port: int,
+    data: str,
+    sizes: list[int],
+    batch: int,
+    epochs: int,
+    warm: bool,
+    period: int,
+    adam_kind: str,
+    out: str,
+) -> None:
     import torch
     import torch.distributed as dist
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
@@ -181,8 +210,9 @@ def _ddp_worker(rank: int, world: int, port: int, data: str, sizes: list[int], b
 
     def run(X: Any, Y: Any, n_epochs: int, validate: bool = True) -> Any:
         model = build_model(sizes, 0)
-        opt = PostLocalSGDOptimizer(adam(model.parameters(), 1e-3, adam_kind),
-                                    PeriodicModelAverager(period=period, warmup_steps=0))  # fmt: skip
+        opt = PostLocalSGDOptimizer(
+            adam(model.parameters(), 1e-3, adam_kind), PeriodicModelAverager(period=period, warmup_steps=0)
+        )
         gen = torch.Generator().manual_seed(0)  # the same permutation in both processes
         for _ in range(n_epochs):
             perm = torch.randperm(len(X), generator=gen)
@@ -227,19 +257,39 @@ def ddp_main(argv: Sequence[str]) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, data, [int(x) for x in sizes.split(",")], int(batch), int(epochs), warm,
-                                int(period), kind, out), nprocs=2, join=True)  # fmt: skip
+    mp.spawn(
+        _ddp_worker,
+        args=(2, port, data, [int(x) for x in sizes.split(",")], int(batch), int(epochs), warm, int(period), kind, out),
+        nprocs=2,
+        join=True,
+    )
 
 
-def run_ddp(data: Path, out: Path, sizes: Sequence[int], batch: int, epochs: int, period: int = 8,
-            adam_kind: str = "foreach") -> dict[str, Any]:  # fmt: skip
+def run_ddp(
+    data: Path, out: Path, sizes: Sequence[int], batch: int, epochs: int, period: int = 8, adam_kind: str = "foreach"
+) -> dict[str, Any]:
     """Run the two-process peer in a fresh process; returns steady ``seconds`` (both processes
     training, after the warm-up), ``acc`` and ``cold`` (the whole process, to a saved model)."""
     import subprocess
 
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bench.torch_peers", "ddp", str(data), str(out), ",".join(map(str, sizes)),
-                    str(batch), str(epochs), str(period), adam_kind], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.torch_peers",
+            "ddp",
+            str(data),
+            str(out),
+            ",".join(map(str, sizes)),
+            str(batch),
+            str(epochs),
+            str(period),
+            adam_kind,
+        ],
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     cold = time.perf_counter() - t
     res = json.loads(out.read_text())
     res["cold"] = cold
@@ -290,7 +340,7 @@ def stream_dataset(path: str, batch: int = 256, buffer_chunks: int = 4, seed: in
             self.inv = (1.0 / self.st.std).astype(np.float32)
             self.epoch = 0
 
-        def __iter__(self):  # noqa: ANN204
+        def __iter__(self):
             rng = np.random.default_rng(seed + self.epoch)
             self.epoch += 1
             order = rng.permutation(self.st.n_chunks)

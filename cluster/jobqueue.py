@@ -39,7 +39,7 @@ COMMON = {
 }
 
 
-def make_cluster(kind: str):  # noqa: ANN201 - dask_jobqueue types are optional imports
+def make_cluster(kind: str):
     if kind == "slurm":
         from dask_jobqueue import SLURMCluster
 

@@ -40,9 +40,7 @@ def act_code(activation: str) -> int:
     try:
         return _CODES[activation]
     except KeyError:
-        raise ValueError(
-            f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}"
-        ) from None
+        raise ValueError(f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,9 +442,20 @@ def _adam_call(params, m, v, grad, lr, beta1, beta2, eps, t, wd, decay) -> None:
     step_size = lr / (1 - beta1**t)
     bc2_sqrt = math.sqrt(1 - beta2**t)
     _adam(
-        params, m, v, grad, dt(beta1), dt(1 - beta1), dt(beta2), dt(1 - beta2),
-        dt(step_size), dt(bc2_sqrt), dt(eps), dt(wd), dt(decay),
-    )  # fmt: skip
+        params,
+        m,
+        v,
+        grad,
+        dt(beta1),
+        dt(1 - beta1),
+        dt(beta2),
+        dt(1 - beta2),
+        dt(step_size),
+        dt(bc2_sqrt),
+        dt(eps),
+        dt(wd),
+        dt(decay),
+    )
 
 
 def adam_update(

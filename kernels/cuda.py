@@ -42,7 +42,7 @@ _CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
 try:  # cuBLAS for the matrix products when CuPy is present (never under the simulator)
     if SIM:
         raise ImportError
-    import cupy as _cupy  # type: ignore[import-not-found]
+    import cupy as _cupy
 except ImportError:
     _cupy = None
 
@@ -111,9 +111,7 @@ def act_code(activation: str) -> int:
     try:
         return _CODES[activation]
     except KeyError:
-        raise ValueError(
-            f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}"
-        ) from None
+        raise ValueError(f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}") from None
 
 
 def _blocks(n: int) -> int:
@@ -195,8 +193,7 @@ def _make_gemm(nbtype: Any) -> Any:
     return gemm_k
 
 
-_GEMM = {np.dtype(np.float32): _make_gemm(numba.float32),
-         np.dtype(np.float64): _make_gemm(numba.float64)}  # fmt: skip
+_GEMM = {np.dtype(np.float32): _make_gemm(numba.float32), np.dtype(np.float64): _make_gemm(numba.float64)}
 
 
 @cuda.jit(device=True)
@@ -407,8 +404,7 @@ def gemm(
         _cupy.matmul(ca.T if trans_a else ca, cb.T if trans_b else cb, out=_cupy.asarray(out))
         return
     grid = ((n + TILE - 1) // TILE, (m + TILE - 1) // TILE)
-    _GEMM[np.dtype(out.dtype)][grid, (TILE, TILE)](out, a, b, bool(trans_a), bool(trans_b),
-                                                   m, n, kk)  # fmt: skip
+    _GEMM[np.dtype(out.dtype)][grid, (TILE, TILE)](out, a, b, bool(trans_a), bool(trans_b), m, n, kk)
 
 
 def dense_forward(
@@ -553,8 +549,9 @@ def momentum_update(
 ) -> None:
     """Heavy-ball / Nesterov momentum (PyTorch form)."""
     dt = np.dtype(params.dtype).type
-    _momentum_k[_blocks(params.size), TPB](params, velocity, grad, dt(lr), dt(momentum),
-                                           bool(nesterov), dt(weight_decay))  # fmt: skip
+    _momentum_k[_blocks(params.size), TPB](
+        params, velocity, grad, dt(lr), dt(momentum), bool(nesterov), dt(weight_decay)
+    )
 
 
 def rmsprop_update(
@@ -568,8 +565,7 @@ def rmsprop_update(
 ) -> None:
     """RMSprop (PyTorch form)."""
     dt = np.dtype(params.dtype).type
-    _rmsprop_k[_blocks(params.size), TPB](params, sq_avg, grad, dt(lr), dt(rho), dt(1 - rho),
-                                          dt(eps), dt(weight_decay))  # fmt: skip
+    _rmsprop_k[_blocks(params.size), TPB](params, sq_avg, grad, dt(lr), dt(rho), dt(1 - rho), dt(eps), dt(weight_decay))
 
 
 def _adam_launch(params, m, v, grad, lr, beta1, beta2, eps, t, wd, decay) -> None:
@@ -579,9 +575,20 @@ def _adam_launch(params, m, v, grad, lr, beta1, beta2, eps, t, wd, decay) -> Non
     step_size = lr / (1 - beta1**t)
     bc2_sqrt = math.sqrt(1 - beta2**t)
     _adam_k[_blocks(params.size), TPB](
-        params, m, v, grad, dt(beta1), dt(1 - beta1), dt(beta2), dt(1 - beta2),
-        dt(step_size), dt(bc2_sqrt), dt(eps), dt(wd), dt(decay),
-    )  # fmt: skip
+        params,
+        m,
+        v,
+        grad,
+        dt(beta1),
+        dt(1 - beta1),
+        dt(beta2),
+        dt(1 - beta2),
+        dt(step_size),
+        dt(bc2_sqrt),
+        dt(eps),
+        dt(wd),
+        dt(decay),
+    )
 
 
 def adam_update(

@@ -62,9 +62,7 @@ class MLPSpec:
         if self.n_in < 1 or self.n_out < 1 or any(h < 1 for h in self.hidden):
             raise ValueError(f"layer widths must be >= 1, got {self.sizes}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {self.activation!r}; use one of {', '.join(ACTIVATIONS)}"
-            )
+            raise ValueError(f"unknown activation {self.activation!r}; use one of {', '.join(ACTIVATIONS)}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}")
         if self.leaky_slope < 0:
@@ -211,11 +209,9 @@ class FlatOptimizer:
         elif self.name == "rmsprop":
             K.rmsprop_update(params, s["sq_avg"], grad, lr, self.rho, self.eps, wd)
         elif self.name == "adam":
-            K.adam_update(params, s["m"], s["v"], grad, lr, self.beta1, self.beta2, self.eps, wd,
-                          self.t)  # fmt: skip
+            K.adam_update(params, s["m"], s["v"], grad, lr, self.beta1, self.beta2, self.eps, wd, self.t)
         else:
-            K.adamw_update(params, s["m"], s["v"], grad, lr, self.beta1, self.beta2, self.eps, wd,
-                           self.t)  # fmt: skip
+            K.adamw_update(params, s["m"], s["v"], grad, lr, self.beta1, self.beta2, self.eps, wd, self.t)
 
     def state_dict(self) -> dict[str, np.ndarray | int | float]:
         """Host copies of the state buffers plus ``t`` and ``lr``."""

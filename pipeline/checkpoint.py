@@ -54,9 +54,7 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def save_file(
-    path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]
-) -> Path:
+def save_file(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
     """Write ``arrays`` and ``meta`` to ``path`` atomically (temp file + fsync + rename)."""
     path = Path(path)
     if _META in arrays:
@@ -112,9 +110,7 @@ def load_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray]
                 f"{kind} file {str(path)!r} holds pickled Python objects, which are never loaded; "
                 f"it is not a {kind} of this project"
             ) from None
-        raise CheckpointError(
-            f"{kind} file {str(path)!r} is unreadable or truncated ({exc})"
-        ) from None
+        raise CheckpointError(f"{kind} file {str(path)!r} is unreadable or truncated ({exc})") from None
     raw = arrays.pop(_META, None)
     if raw is None:
         raise CheckpointError(f"{str(path)!r} is not a {kind} file of this project (no metadata)")
@@ -131,9 +127,7 @@ def load_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray]
             f"project reads up to {FORMAT_VERSION}: upgrade the project to load it"
         )
     if meta.get("sha256") != _digest(arrays):
-        raise CheckpointError(
-            f"{kind} file {str(path)!r} failed its checksum (corrupted); use an earlier checkpoint"
-        )
+        raise CheckpointError(f"{kind} file {str(path)!r} failed its checksum (corrupted); use an earlier checkpoint")
     return arrays, meta
 
 
@@ -173,9 +167,7 @@ def _json_safe(o: Any) -> Any:
     raise TypeError(type(o).__name__)
 
 
-def write_checkpoint(
-    path: str | os.PathLike, run: RunState, server: dict[str, Any], **meta: Any
-) -> Path:
+def write_checkpoint(path: str | os.PathLike, run: RunState, server: dict[str, Any], **meta: Any) -> Path:
     """Write ``run`` and the parameter server's ``server`` state (as ``ParameterServer.state``
     returns it) to ``path``; ``meta`` adds keys (``config``, ``store``, ``spec``, ``in_process``)."""
     params = server["params"]

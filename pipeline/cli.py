@@ -25,7 +25,7 @@ from pipeline.errors import PipelineError
 class _Group(click.Group):
     """Turns :class:`PipelineError` into a one-line message and exit status 1."""
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except PipelineError as exc:
@@ -104,29 +104,50 @@ class _OneLineDaskErrors(logging.Filter):
 # --------------------------------------------------------------------------------------------
 
 _cluster_options = [
-    click.option("--scheduler", metavar="ADDRESS", help="Connect to a running Dask scheduler "
-                 "(tcp://host:8786, tls://...). Default: start a local cluster."),
-    click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-                 help="Seconds to wait for --scheduler to answer."),
-    click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
-                 help="Local cluster: worker processes."),
-    click.option("--threads-per-worker", type=click.IntRange(min=1), default=1, show_default=True,
-                 help="Local cluster: threads per worker."),
-    click.option("--memory-limit", default="auto", show_default=True, help="Local cluster: memory limit per worker (e.g. 2GiB)."),
-    click.option("--dashboard-address", default=":0", show_default=True, help="Local cluster: dashboard address (':0' = free port, 'none' = off)."),
+    click.option(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="Connect to a running Dask scheduler (tcp://host:8786, tls://...). Default: start a local cluster.",
+    ),
+    click.option(
+        "--connect-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=10.0,
+        show_default=True,
+        help="Seconds to wait for --scheduler to answer.",
+    ),
+    click.option(
+        "--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Local cluster: worker processes."
+    ),
+    click.option(
+        "--threads-per-worker",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Local cluster: threads per worker.",
+    ),
+    click.option(
+        "--memory-limit", default="auto", show_default=True, help="Local cluster: memory limit per worker (e.g. 2GiB)."
+    ),
+    click.option(
+        "--dashboard-address",
+        default=":0",
+        show_default=True,
+        help="Local cluster: dashboard address (':0' = free port, 'none' = off).",
+    ),
     click.option("--tls-ca-file", type=click.Path(), help="CA certificate for a tls:// scheduler."),
     click.option("--tls-cert", type=click.Path(), help="Client certificate for a tls:// scheduler."),
     click.option("--tls-key", type=click.Path(), help="Client private key for a tls:// scheduler."),
 ]
 
 
-def cluster_options(f):  # noqa: ANN001, ANN201 - click decorator
+def cluster_options(f):
     for opt in reversed(_cluster_options):
         f = opt(f)
     return f
 
 
-def _client(kw: dict):  # noqa: ANN202
+def _client(kw: dict):
     from pipeline.connect import cluster_client
 
     dash = kw.pop("dashboard_address")
@@ -185,8 +206,13 @@ def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: boo
     from click.core import ParameterSource
 
     ctx = click.get_current_context()
-    asked = bool(cluster_kw["scheduler"]) or report or any(
-        ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None) for k in ("workers", "threads_per_worker")
+    asked = (
+        bool(cluster_kw["scheduler"])
+        or report
+        or any(
+            ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)
+            for k in ("workers", "threads_per_worker")
+        )
     )
     if asked:
         return ""
@@ -195,8 +221,11 @@ def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: boo
         from pipeline.train import RunDir
 
         _, meta = load_file(RunDir(Path(out)).checkpoint, "checkpoint")
-        return "training in this process, as the run being resumed did (--workers N trains on a Dask cluster)" \
-            if meta.get("in_process") else ""  # fmt: skip
+        return (
+            "training in this process, as the run being resumed did (--workers N trains on a Dask cluster)"
+            if meta.get("in_process")
+            else ""
+        )
     from pipeline.store import open_store
 
     rows = open_store(store).n_rows
@@ -218,8 +247,17 @@ def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: boo
 @click.option("--report", type=click.Path(), help="Write Dask's performance report (HTML) for the run.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the final metrics.")
 @cluster_options
-def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: str, resume: bool,
-          force: bool, report: str | None, quiet: bool, **cluster_kw) -> None:
+def train(
+    store: str,
+    config_file: str | None,
+    overrides: tuple[str, ...],
+    out: str,
+    resume: bool,
+    force: bool,
+    report: str | None,
+    quiet: bool,
+    **cluster_kw,
+) -> None:
     """Train a neural network on STORE (a store made by `pipeline ingest` or `pipeline synth`).
 
     \b
@@ -280,16 +318,32 @@ def train(store: str, config_file: str | None, overrides: tuple[str, ...], out: 
             )
 
         with ctx:
-            result = run_training(store, cfg, out, client=client, resume=resume, force=force,
-                                  log=lambda m: _echo(m, quiet), on_epoch=on_epoch,
-                                  progress=not quiet and sys.stderr.isatty())
+            result = run_training(
+                store,
+                cfg,
+                out,
+                client=client,
+                resume=resume,
+                force=force,
+                log=lambda m: _echo(m, quiet),
+                on_epoch=on_epoch,
+                progress=not quiet and sys.stderr.isatty(),
+            )
     saved = result.best  # the metrics of the model written, not of the last epoch
-    click.echo(json.dumps({"run_dir": str(result.run_dir), "epochs": len(result.history),
-                           "stopped_early": result.stopped_early, "best_epoch": saved.get("epoch"),
-                           **{k: v for k, v in saved.items() if k.startswith("val_")}}))
+    click.echo(
+        json.dumps(
+            {
+                "run_dir": str(result.run_dir),
+                "epochs": len(result.history),
+                "stopped_early": result.stopped_early,
+                "best_epoch": saved.get("epoch"),
+                **{k: v for k, v in saved.items() if k.startswith("val_")},
+            }
+        )
+    )
 
 
-def _load_run_model(run_dir: str):  # noqa: ANN202
+def _load_run_model(run_dir: str):
     """The model of ``run_dir`` (a run directory or a model file); a run directory without
     one is explained: still training, interrupted (how to finish it), or failed."""
     from pathlib import Path
@@ -388,14 +442,16 @@ def runs(directory: str, as_json: bool) -> None:
             continue
         epochs = data.get("epochs") or []
         saved = saved_epoch(data)  # the saved model's epoch (its best), not the last one
-        rows.append({
-            "run": str(hist.parent),
-            "epochs": len(epochs),
-            "best_epoch": saved.get("epoch"),
-            "val_loss": saved.get("val_loss"),
-            "val_metric": saved.get("val_accuracy", saved.get("val_r2")),
-            "samples_per_s": epochs[-1].get("samples_per_s") if epochs else None,
-        })
+        rows.append(
+            {
+                "run": str(hist.parent),
+                "epochs": len(epochs),
+                "best_epoch": saved.get("epoch"),
+                "val_loss": saved.get("val_loss"),
+                "val_metric": saved.get("val_accuracy", saved.get("val_r2")),
+                "samples_per_s": epochs[-1].get("samples_per_s") if epochs else None,
+            }
+        )
     if as_json:
         click.echo(json.dumps(rows))
         return
@@ -419,33 +475,94 @@ def runs(directory: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("src", type=click.Path())
 @click.argument("dest")
-@click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "npy", "npz", "idx"]),
-              help="Source format (default: from the file name; an unknown suffix such as .json is refused).")
-@click.option("--target", metavar="COL", help="Target column: name or 0-based index (negative from the end). Default: the last column not dropped.")
-@click.option("--labels", type=click.Path(dir_okay=False), help="Labels file (IDX images, or a .npy of labels for a .npy of features).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "parquet", "npy", "npz", "idx"]),
+    help="Source format (default: from the file name; an unknown suffix such as .json is refused).",
+)
+@click.option(
+    "--target",
+    metavar="COL",
+    help="Target column: name or 0-based index (negative from the end). Default: the last column not dropped.",
+)
+@click.option(
+    "--labels",
+    type=click.Path(dir_okay=False),
+    help="Labels file (IDX images, or a .npy of labels for a .npy of features).",
+)
 @click.option("--drop", multiple=True, metavar="COL", help="Column to leave out (name or index; repeatable).")
 @click.option("--task", type=click.Choice(["classification", "regression"]), help="Override the inferred task.")
-@click.option("--delimiter", metavar="D", help="CSV field separator (default: detected; 'tab', 'space'). With one other than ',', 1,5 is 1.5.")
-@click.option("--header/--no-header", default=None, help="Whether the CSV's first line names the columns (default: detected).")
-@click.option("--comment", default="|", show_default=True,
-              help="Skip CSV lines starting with this ('#' lines before the header are skipped too).")
+@click.option(
+    "--delimiter",
+    metavar="D",
+    help="CSV field separator (default: detected; 'tab', 'space'). With one other than ',', 1,5 is 1.5.",
+)
+@click.option(
+    "--header/--no-header", default=None, help="Whether the CSV's first line names the columns (default: detected)."
+)
+@click.option(
+    "--comment",
+    default="|",
+    show_default=True,
+    help="Skip CSV lines starting with this ('#' lines before the header are skipped too).",
+)
 @click.option("--rows", metavar="START:STOP", help="Only data rows START:STOP (0-based, either side may be empty).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), help="Rows per chunk (default: ~16 MB chunks).")
-@click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), help="Chunk compression (default: none, the fastest to read; lz4 for compressible data on slow storage).")
-@click.option("--missing", type=click.Choice(["impute", "reject", "drop"]), default="impute", show_default=True,
-              help="Missing values: impute (mean / most frequent), reject (error) or drop the row.")
-@click.option("--encoding", type=click.Choice(["auto", "onehot", "ordinal"]), default="auto", show_default=True,
-              help="String features: one-hot (auto: <= 16 categories) or ordinal codes.")
-@click.option("--text-encoding", default="utf-8", show_default=True, metavar="CODEC",
-              help="Character encoding of a CSV source (e.g. latin-1, cp1252).")
-@click.option("--like", metavar="TRAIN_STORE", help="Reuse the training store's columns, encodings, classes and mean/std.")
+@click.option(
+    "--codec",
+    type=click.Choice(["lz4", "zstd", "none"]),
+    help="Chunk compression (default: none, the fastest to read; lz4 for compressible data on slow storage).",
+)
+@click.option(
+    "--missing",
+    type=click.Choice(["impute", "reject", "drop"]),
+    default="impute",
+    show_default=True,
+    help="Missing values: impute (mean / most frequent), reject (error) or drop the row.",
+)
+@click.option(
+    "--encoding",
+    type=click.Choice(["auto", "onehot", "ordinal"]),
+    default="auto",
+    show_default=True,
+    help="String features: one-hot (auto: <= 16 categories) or ordinal codes.",
+)
+@click.option(
+    "--text-encoding",
+    default="utf-8",
+    show_default=True,
+    metavar="CODEC",
+    help="Character encoding of a CSV source (e.g. latin-1, cp1252).",
+)
+@click.option(
+    "--like", metavar="TRAIN_STORE", help="Reuse the training store's columns, encodings, classes and mean/std."
+)
 @click.option("--unlabelled", is_flag=True, help="With --like: the source has no target column (a store to predict).")
 @click.option("--force", is_flag=True, help="Replace DEST if it is a store written by pipeline (never other files).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary.")
-def ingest(src: str, dest: str, fmt: str | None, target: str | None, labels: str | None, drop: tuple[str, ...],
-           task: str | None, delimiter: str | None, header: bool | None, comment: str, rows: str | None,
-           chunk_rows: int | None, codec: str | None, missing: str, encoding: str, text_encoding: str,
-           like: str | None, unlabelled: bool, force: bool, quiet: bool) -> None:
+def ingest(
+    src: str,
+    dest: str,
+    fmt: str | None,
+    target: str | None,
+    labels: str | None,
+    drop: tuple[str, ...],
+    task: str | None,
+    delimiter: str | None,
+    header: bool | None,
+    comment: str,
+    rows: str | None,
+    chunk_rows: int | None,
+    codec: str | None,
+    missing: str,
+    encoding: str,
+    text_encoding: str,
+    like: str | None,
+    unlabelled: bool,
+    force: bool,
+    quiet: bool,
+) -> None:
     """Stream a CSV, Parquet (a file or a directory of them), .npy/.npz or IDX file into a Zarr store DEST.
 
     Warnings (categories unseen in the --like store) are printed as `warning: ...` lines.
@@ -468,10 +585,26 @@ def ingest(src: str, dest: str, fmt: str | None, target: str | None, labels: str
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         store = run_ingest(
-            src, dest, format=fmt, target=target, labels=labels, drop=drop, task=task, delimiter=delimiter,
-            header=header, comment=comment, rows=rows, chunk_rows=chunk_rows, codec=codec, missing=missing,
-            encoding=encoding, like=like, force=force, progress=not quiet and sys.stderr.isatty(),
-            unlabelled=unlabelled, text_encoding=text_encoding,
+            src,
+            dest,
+            format=fmt,
+            target=target,
+            labels=labels,
+            drop=drop,
+            task=task,
+            delimiter=delimiter,
+            header=header,
+            comment=comment,
+            rows=rows,
+            chunk_rows=chunk_rows,
+            codec=codec,
+            missing=missing,
+            encoding=encoding,
+            like=like,
+            force=force,
+            progress=not quiet and sys.stderr.isatty(),
+            unlabelled=unlabelled,
+            text_encoding=text_encoding,
         )
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
@@ -492,15 +625,40 @@ def ingest(src: str, dest: str, fmt: str | None, target: str | None, labels: str
 @click.option("--classes", type=click.IntRange(min=2), help="Number of classes (default 10).")
 @click.option("--regression", is_flag=True, help="A regression target instead of classes.")
 @click.option("--hidden", type=click.IntRange(min=1), default=64, show_default=True, help="Teacher network width.")
-@click.option("--noise", type=click.FloatRange(min=0), default=0.1, show_default=True, help="Label noise (fraction of the logit scale).")
-@click.option("--dtype", type=click.Choice(["float32", "uint8"]), default="float32", show_default=True, help="Feature dtype.")
+@click.option(
+    "--noise",
+    type=click.FloatRange(min=0),
+    default=0.1,
+    show_default=True,
+    help="Label noise (fraction of the logit scale).",
+)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "uint8"]), default="float32", show_default=True, help="Feature dtype."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (the data depend on it only).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), help="Rows per chunk (default: ~16 MB chunks).")
-@click.option("--codec", type=click.Choice(["lz4", "zstd", "none"]), help="Chunk compression (default: none, the fastest to read; lz4 for compressible data on slow storage).")
+@click.option(
+    "--codec",
+    type=click.Choice(["lz4", "zstd", "none"]),
+    help="Chunk compression (default: none, the fastest to read; lz4 for compressible data on slow storage).",
+)
 @click.option("--force", is_flag=True, help="Replace DEST if it is a store written by pipeline (never other files).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary.")
-def synth(dest: str, rows: int, features: int, classes: int | None, regression: bool, hidden: int, noise: float,
-          dtype: str, seed: int, chunk_rows: int | None, codec: str | None, force: bool, quiet: bool) -> None:
+def synth(
+    dest: str,
+    rows: int,
+    features: int,
+    classes: int | None,
+    regression: bool,
+    hidden: int,
+    noise: float,
+    dtype: str,
+    seed: int,
+    chunk_rows: int | None,
+    codec: str | None,
+    force: bool,
+    quiet: bool,
+) -> None:
     """Generate a learnable synthetic store (a random teacher network labels Gaussian inputs).
 
     \b
@@ -516,8 +674,17 @@ def synth(dest: str, rows: int, features: int, classes: int | None, regression: 
         raise StoreError("--classes and --regression exclude each other; pass one")
     t0 = time.perf_counter()
     store = run_synth(
-        dest, rows=rows, features=features, classes=None if regression else (classes or 10), hidden=hidden,
-        noise=noise, seed=seed, chunk_rows=chunk_rows, codec=codec, dtype=dtype, force=force,
+        dest,
+        rows=rows,
+        features=features,
+        classes=None if regression else (classes or 10),
+        hidden=hidden,
+        noise=noise,
+        seed=seed,
+        chunk_rows=chunk_rows,
+        codec=codec,
+        dtype=dtype,
+        force=force,
         progress=not quiet and sys.stderr.isatty(),
     )
     if not quiet:
@@ -556,15 +723,23 @@ def inspect(store: str, as_json: bool, verify: bool) -> None:
         ratio = f" ({info['bytes_uncompressed'] / disk:.1f}x)" if disk else ""
         click.echo(f"store    {info['path']}  (format {info['format_version']}, created {info['created']})")
         click.echo(f"task     {info['task']}")
-        click.echo(f"X        {tuple(info['X']['shape'])} {info['X']['dtype']}, chunks of {st.chunk_rows:,} rows x {st.n_chunks}")
+        click.echo(
+            f"X        {tuple(info['X']['shape'])} {info['X']['dtype']}, "
+            f"chunks of {st.chunk_rows:,} rows x {st.n_chunks}"
+        )
         click.echo(f"y        {tuple(info['y']['shape'])} {info['y']['dtype']}")
         click.echo(f"codec    {info['codec']} ({' + '.join(info['codecs'])})")
-        click.echo(f"size     {disk if disk is not None else '?':,} bytes on disk{ratio}" if disk else "size     ? (remote)")
+        click.echo(
+            f"size     {disk if disk is not None else '?':,} bytes on disk{ratio}" if disk else "size     ? (remote)"
+        )
         src = info.get("source") or {}
         click.echo(f"source   {src.get('path', src.get('format', '?'))}  rows {src.get('rows', '')}")
         if st.attrs.get("labelled") is False:
-            click.echo(f"labels   none (ingested with --unlabelled, for predict only); classes {', '.join(st.classes or [])}"
-                       if st.task == "classification" else "labels   none (ingested with --unlabelled, for predict only)")
+            click.echo(
+                f"labels   none (ingested with --unlabelled, for predict only); classes {', '.join(st.classes or [])}"
+                if st.task == "classification"
+                else "labels   none (ingested with --unlabelled, for predict only)"
+            )
         elif "classes" in info:
             total = max(1, sum(info["classes"].values()))
             parts = [f"{c}: {n} ({100 * n / total:.1f}%)" for c, n in info["classes"].items()]

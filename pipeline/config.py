@@ -150,7 +150,11 @@ class TrainConfig:
             ("staleness", self.staleness >= 0, ">= 0"),
             ("epochs", 1 <= self.epochs <= 1 << 20, ">= 1"),
             ("patience", self.patience >= 0, ">= 0"),
-            ("min_delta", self.min_delta >= 0, ">= 0 (a decrease of the validation loss smaller than this is no improvement)"),
+            (
+                "min_delta",
+                self.min_delta >= 0,
+                ">= 0 (a decrease of the validation loss smaller than this is no improvement)",
+            ),
             ("min_samples", self.min_samples >= 0, ">= 0"),
             ("validation", 0 <= self.validation < 1, "in [0, 1)"),
             ("rows_per_task", self.rows_per_task >= 0, ">= 0"),
@@ -165,8 +169,11 @@ class TrainConfig:
             ("join_timeout", self.join_timeout > 0, "> 0"),
             ("barrier_timeout", self.barrier_timeout > 0, "> 0"),
             ("no_worker_timeout", self.no_worker_timeout > 0, "> 0"),
-            ("mmap_threshold_mb", 0 <= self.mmap_threshold_mb <= MAX_MMAP_THRESHOLD_MB,
-             f"between 0 (leave it alone) and {MAX_MMAP_THRESHOLD_MB}"),  # fmt: skip
+            (
+                "mmap_threshold_mb",
+                0 <= self.mmap_threshold_mb <= MAX_MMAP_THRESHOLD_MB,
+                f"between 0 (leave it alone) and {MAX_MMAP_THRESHOLD_MB}",
+            ),
             ("hidden", all(1 <= h <= MAX_WIDTH for h in self.hidden), f"widths between 1 and {MAX_WIDTH}"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"between 0 and {MAX_SEED}"),
         ]
@@ -187,9 +194,7 @@ class TrainConfig:
         merged = dataclasses.asdict(base) if base is not None else {}
         for key, value in values.items():
             if key not in hints:
-                raise ConfigError(
-                    f"unknown config key '{key}'; known keys: {', '.join(cls.keys())}"
-                )
+                raise ConfigError(f"unknown config key '{key}'; known keys: {', '.join(cls.keys())}")
             merged[key] = _coerce(key, value, hints[key])
         return cls(**merged)
 
@@ -239,9 +244,7 @@ def _flatten(data: dict[str, Any], path: str) -> dict[str, Any]:
 
     def put(key: str, value: Any, place: str) -> None:
         if key in flat:
-            raise ConfigError(
-                f"config file {path!r} sets '{key}' twice ({where[key]} and {place}); keep one"
-            )
+            raise ConfigError(f"config file {path!r} sets '{key}' twice ({where[key]} and {place}); keep one")
         flat[key], where[key] = value, place
 
     for name, value in data.items():
@@ -289,9 +292,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             parts = [p for p in value.replace(",", " ").split() if p]
             if all(p.lstrip("-").isdigit() for p in parts):
                 value = [int(p) for p in parts]
-        if isinstance(value, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return list(value)
         name = "list of ints"
     raise ConfigError(f"config key '{key}' must be {name}, got {value!r} ({type(value).__name__})")

@@ -27,9 +27,7 @@ def _tls_from_config() -> bool:
     )
 
 
-def _security(
-    scheduler: str, tls_ca: str | None, tls_cert: str | None, tls_key: str | None
-) -> tuple[str, Any]:
+def _security(scheduler: str, tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> tuple[str, Any]:
     """The address to connect to and the :class:`~distributed.security.Security` to use (None:
     the Dask config applies). Refuses, as a :class:`PipelineError`, the combinations that would
     otherwise end in a traceback deep inside distributed or in a connection that hangs."""
@@ -48,15 +46,12 @@ def _security(
             raise PipelineError(f"{label} {path!r} does not exist")
     if not (tls_ca and tls_cert):
         missing = " and ".join(k for k in ("--tls-ca-file", "--tls-cert") if not given[k])
-        raise PipelineError(
-            f"TLS needs {missing} as well (the key may be in the --tls-cert file or in --tls-key)"
-        )
+        raise PipelineError(f"TLS needs {missing} as well (the key may be in the --tls-cert file or in --tls-key)")
     if not scheme:
         scheduler = f"tls://{scheduler}"
     elif scheme != "tls":
         raise PipelineError(
-            f"--tls-* options were given but the scheduler address {scheduler!r} is not tls://; "
-            "use tls://HOST:PORT"
+            f"--tls-* options were given but the scheduler address {scheduler!r} is not tls://; use tls://HOST:PORT"
         )
     from distributed.security import Security
 
@@ -112,8 +107,7 @@ def cluster_client(
             ) from None
         except ValueError as exc:
             raise PipelineError(
-                f"{scheduler!r} is not a scheduler address ({_one_line(exc)}); "
-                "use tcp://HOST:PORT or tls://HOST:PORT"
+                f"{scheduler!r} is not a scheduler address ({_one_line(exc)}); use tcp://HOST:PORT or tls://HOST:PORT"
             ) from None
         except (RuntimeError, TypeError) as exc:
             if "encryption" not in str(exc) and "TLS" not in str(exc):

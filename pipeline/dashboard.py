@@ -104,7 +104,9 @@ def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:
     f_epoch = figure(title="Loss and validation metric per epoch", x_axis_label="epoch", name="pipeline-epochs", **opts)
     f_epoch.line("epoch", "train_loss", source=src_epochs, color="#1f77b4", legend_label="train loss", line_width=2)
     f_epoch.line("epoch", "val_loss", source=src_epochs, color="#ff7f0e", legend_label="validation loss", line_width=2)
-    f_epoch.scatter("epoch", "val_metric", source=src_epochs, color="#2ca02c", legend_label="validation accuracy / R^2", size=7)
+    f_epoch.scatter(
+        "epoch", "val_metric", source=src_epochs, color="#2ca02c", legend_label="validation accuracy / R^2", size=7
+    )
     f_rate = figure(title="Throughput", x_axis_label="seconds since start", name="pipeline-throughput", **opts)
     f_rate.line("t", "samples_per_s", source=src_rate, legend_label="samples/s", line_width=2)
     f_rate.line("t", "rounds_per_s", source=src_rate, legend_label="rounds/s", color="#d62728", line_width=2)
@@ -182,8 +184,8 @@ def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:
         )
     )
     try:
-        from distributed.dashboard.components.shared import BOKEH_THEME  # type: ignore[attr-defined]
-        from distributed.dashboard.utils import env  # type: ignore[attr-defined]
+        from distributed.dashboard.components.shared import BOKEH_THEME
+        from distributed.dashboard.utils import env
 
         doc.template = env.get_template("simple.html")
         doc.template_variables.update(extra)

@@ -381,9 +381,7 @@ class _BaseMLP(BaseEstimator):
         if reset_classes is None:
             reset_classes = reset
         if y is None:
-            raise ValueError(
-                f"This {type(self).__name__} estimator requires y to be passed, but the target y is None"
-            )
+            raise ValueError(f"This {type(self).__name__} estimator requires y to be passed, but the target y is None")
         if _is_dask(X) or _is_dask(y):
             return self._validate_dask(X, y, reset, reset_classes)
         multi = self._task == "regression"
@@ -491,7 +489,9 @@ class _BaseMLP(BaseEstimator):
         attrs: dict[str, Any] = {
             "task": self._task,
             "classes": [str(c) for c in self.classes_] if self._task == "classification" else None,
-            "feature_names": [str(n) for n in names] if names is not None else [f"x{i}" for i in range(self.n_features_in_)],
+            "feature_names": [str(n) for n in names]
+            if names is not None
+            else [f"x{i}" for i in range(self.n_features_in_)],
             "encodings": [],
             "source": {"format": "estimator", "estimator": type(self).__name__},
         }
@@ -507,8 +507,12 @@ class _BaseMLP(BaseEstimator):
         xs, ys = RunningStats(n_features), RunningStats(int(np.prod(y_tail)) if y_tail else 1)
         counts = np.zeros(len(self.classes_) if cls else 0, np.int64)
         with create_store(
-            dest, n_features, y_shape_tail=y_tail, x_dtype=np.float32,
-            y_dtype=np.int32 if cls else np.float32, attrs=self._store_attrs(),
+            dest,
+            n_features,
+            y_shape_tail=y_tail,
+            x_dtype=np.float32,
+            y_dtype=np.int32 if cls else np.float32,
+            attrs=self._store_attrs(),
         ) as w:
             for Xb, yb in self._blocks(X, y):
                 Xb = np.ascontiguousarray(Xb, dtype=np.float32)
@@ -601,10 +605,17 @@ class _BaseMLP(BaseEstimator):
             target = {"mean": yy.mean(axis=0), "std": np.where(ystd > 0, ystd, 1.0)}
         spec = self._spec(cfg, X.shape[1], self._n_out(y))
         model = Model(
-            spec=spec, params=np.zeros(0, np.float32), task=self._task, mean=mean, std=std,
-            normalize=cfg.normalize, classes=self._model_classes(), feature_names=self._feature_names(),
+            spec=spec,
+            params=np.zeros(0, np.float32),
+            task=self._task,
+            mean=mean,
+            std=std,
+            normalize=cfg.normalize,
+            classes=self._model_classes(),
+            feature_names=self._feature_names(),
             target=None if target is None else {k: v.tolist() for k, v in target.items()},
-            encodings=[], config=cfg.to_dict(),
+            encodings=[],
+            config=cfg.to_dict(),
         )
         if not cfg.hidden and self.solver == "auto":
             self._fit_linear(model, X, y, target, cfg)
@@ -627,9 +638,7 @@ class _BaseMLP(BaseEstimator):
         for epoch in range(cfg.epochs):
             loss = self._epoch(trainer, Xn[tr], t[tr], cfg.batch_size, np.random.default_rng([cfg.seed, epoch]))
             if not np.isfinite(loss):
-                raise ValueError(
-                    f"training diverged (loss {loss}) in epoch {epoch}; lower learning_rate_init"
-                )
+                raise ValueError(f"training diverged (loss {loss}) in epoch {epoch}; lower learning_rate_init")
             record: dict[str, Any] = {"epoch": epoch, "samples": len(tr), "train_loss": float(loss)}
             val_loss = loss
             if len(va):
@@ -687,7 +696,10 @@ class _BaseMLP(BaseEstimator):
                 return value + wd / 2 * float(flat @ flat), (grad.ravel() + wd * flat)
 
             res = minimize(
-                objective, np.zeros((n_in + 1) * k), jac=True, method="L-BFGS-B",
+                objective,
+                np.zeros((n_in + 1) * k),
+                jac=True,
+                method="L-BFGS-B",
                 options={"maxiter": int(cfg.epochs), "gtol": float(cfg.min_delta)},
             )
             theta = res.x.reshape(n_in + 1, k)
@@ -746,9 +758,17 @@ class _BaseMLP(BaseEstimator):
                 target = {"mean": yy.mean(axis=0).tolist(), "std": np.where(ystd > 0, ystd, 1.0).tolist()}
             spec = self._spec(cfg, X.shape[1], self._n_out(y))
             self.model_ = Model(
-                spec=spec, params=np.zeros(0, np.float32), task=self._task, mean=mean,
-                std=np.where(std > 0, std, 1.0), normalize=cfg.normalize, classes=self._model_classes(),
-                feature_names=self._feature_names(), target=target, encodings=[], config=cfg.to_dict(),
+                spec=spec,
+                params=np.zeros(0, np.float32),
+                task=self._task,
+                mean=mean,
+                std=np.where(std > 0, std, 1.0),
+                normalize=cfg.normalize,
+                classes=self._model_classes(),
+                feature_names=self._feature_names(),
+                target=target,
+                encodings=[],
+                config=cfg.to_dict(),
             )
             self.history_, self.loss_curve_, self.n_iter_ = [], [], 0
             self.fitted_on_ = "local"
@@ -764,7 +784,10 @@ class _BaseMLP(BaseEstimator):
             target = {k: np.asarray(v, np.float64) for k, v in model.target.items()}
         epoch = self.n_iter_
         loss = self._epoch(
-            trainer, model.transform_features(X), prepare_targets(y, target), cfg.batch_size,
+            trainer,
+            model.transform_features(X),
+            prepare_targets(y, target),
+            cfg.batch_size,
             np.random.default_rng([cfg.seed, epoch]),
         )
         self.model_ = replace(model, params=trainer.get_params().astype(np.float32), _trainer=None)
@@ -841,14 +864,14 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def _set_classes(self, labels: np.ndarray, reset: bool) -> None:
         if reset or not hasattr(self, "classes_"):
             if len(labels) < 2:
-                raise ValueError(
-                    f"y has 1 class ({labels[0]!s}); a classifier needs at least 2 classes"
-                )
+                raise ValueError(f"y has 1 class ({labels[0]!s}); a classifier needs at least 2 classes")
             self.classes_ = labels
         else:
             unknown = np.setdiff1d(labels, self.classes_)
             if len(unknown):
-                raise ValueError(f"y has labels {unknown[:5].tolist()} that are not in classes_ {self.classes_.tolist()}")
+                raise ValueError(
+                    f"y has labels {unknown[:5].tolist()} that are not in classes_ {self.classes_.tolist()}"
+                )
 
     def _encode_y(self, y: np.ndarray, reset: bool) -> np.ndarray:
         y = np.asarray(y)
@@ -1004,8 +1027,7 @@ def load_estimator(path: str | os.PathLike) -> _BaseMLP:
     meta = model.config.get("estimator")
     if not isinstance(meta, dict) or meta.get("class") not in _CLASSES:
         raise CheckpointError(
-            f"model file {os.fspath(path)!r} was not written by an estimator's save(); "
-            "load it with pipeline.load_model"
+            f"model file {os.fspath(path)!r} was not written by an estimator's save(); load it with pipeline.load_model"
         )
     est = _CLASSES[meta["class"]]()
     params = dict(meta["params"])

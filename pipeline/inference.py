@@ -123,8 +123,7 @@ def check_inputs(
         reason = foreign_output_reason(dest)
         if reason is not None:
             raise PipelineError(
-                f"output {out!r} exists and {reason}; --force replaces only earlier predictions: "
-                "choose another name"
+                f"output {out!r} exists and {reason}; --force replaces only earlier predictions: choose another name"
             )
         if not force:
             raise PipelineError(f"output {out!r} already exists; pass --force to overwrite it")
@@ -222,8 +221,13 @@ def predict_task(
     trainer = cached_trainer("model", "predict", spec, cfg)
     trainer.set_params(np.asarray(params, dtype=np.float32))
     loader = ChunkLoader(
-        open_store(store_path), ranges=[row_range], batch_size=4096, shuffle=False, normalize=cfg["normalize"],
-        mean=None if norm is None else norm["mean"], std=None if norm is None else norm["std"],
+        open_store(store_path),
+        ranges=[row_range],
+        batch_size=4096,
+        shuffle=False,
+        normalize=cfg["normalize"],
+        mean=None if norm is None else norm["mean"],
+        std=None if norm is None else norm["std"],
         labels=False,
     )
     outs = []
@@ -291,7 +295,10 @@ def predict_store(
                 group.create_array("prediction", shape=(store.n_rows,), chunks=(chunk,), dtype="int32")
                 if proba:
                     group.create_array(
-                        "proba", shape=(store.n_rows, model.spec["n_out"]), chunks=(chunk, model.spec["n_out"]), dtype="float32"
+                        "proba",
+                        shape=(store.n_rows, model.spec["n_out"]),
+                        chunks=(chunk, model.spec["n_out"]),
+                        dtype="float32",
                     )
             else:
                 shape = (store.n_rows,) if model.spec["n_out"] == 1 else (store.n_rows, model.spec["n_out"])
@@ -331,8 +338,7 @@ def predict_store(
             reason = foreign_output_reason(dest)  # it may have changed during the run
             if reason is not None or not force:
                 raise PipelineError(
-                    f"output {out!r} appeared or changed while predicting; it was left as it is: "
-                    "choose another name"
+                    f"output {out!r} appeared or changed while predicting; it was left as it is: choose another name"
                 )
         replace_dir(tmp, dest)
     except BaseException:

@@ -185,8 +185,7 @@ def detect_format(src: Path) -> str:
     except UnicodeDecodeError:
         pass
     raise IngestError(
-        f"cannot tell the format of {str(src)!r} from its name or content; pass --format "
-        f"{'|'.join(FORMATS)}"
+        f"cannot tell the format of {str(src)!r} from its name or content; pass --format {'|'.join(FORMATS)}"
     )
 
 
@@ -306,7 +305,11 @@ def _is_header(rows: list[list[str]], numeric: Callable[[str], bool]) -> bool:
 
 
 def _sniff_csv(
-    src: Path, delimiter: str | None, header: bool | None, comment: str, text_encoding: str = "utf-8",
+    src: Path,
+    delimiter: str | None,
+    header: bool | None,
+    comment: str,
+    text_encoding: str = "utf-8",
     expected: Sequence[str] = (),
 ) -> _CsvLayout:
     """The layout of a CSV source. ``expected``: column names the source should have (those of a
@@ -403,7 +406,9 @@ class _CollapseWhitespace(io.RawIOBase):
         super().close()
 
 
-def _csv_batches(src: Path, layout: _CsvLayout, comment: str, block_size: int | None = None) -> Iterator[pa.RecordBatch]:
+def _csv_batches(
+    src: Path, layout: _CsvLayout, comment: str, block_size: int | None = None
+) -> Iterator[pa.RecordBatch]:
     import pyarrow.csv as pcsv
 
     bad: list[Any] = []
@@ -422,7 +427,9 @@ def _csv_batches(src: Path, layout: _CsvLayout, comment: str, block_size: int | 
         reader = pcsv.open_csv(
             source,
             read_options=pcsv.ReadOptions(
-                column_names=layout.names, skip_rows=layout.skip, block_size=block_size or CSV_BLOCK,
+                column_names=layout.names,
+                skip_rows=layout.skip,
+                block_size=block_size or CSV_BLOCK,
                 encoding=layout.encoding,
             ),
             parse_options=pcsv.ParseOptions(
@@ -467,8 +474,10 @@ def _parquet_files(src: Path) -> list[Path]:
     if not src.is_dir():
         return [src]
     files = sorted(
-        p for p in src.rglob("*")
-        if p.is_file() and p.suffix.lower() in (".parquet", ".pq")
+        p
+        for p in src.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in (".parquet", ".pq")
         and not any(part.startswith((".", "_")) for part in p.relative_to(src).parts)
     )
     if not files:
@@ -604,7 +613,9 @@ class _ColumnProfile:
                     self.num_str_counts = None
                 else:
                     for item in vc.to_pylist():
-                        self.num_str_counts[item["values"]] = self.num_str_counts.get(item["values"], 0) + item["counts"]
+                        self.num_str_counts[item["values"]] = (
+                            self.num_str_counts.get(item["values"], 0) + item["counts"]
+                        )
         nm = int(p.missing.sum())
         if nm:
             self.n_missing += nm
@@ -617,7 +628,7 @@ class _ColumnProfile:
             self.n_nonnum += nn
             if self.first_nonnum is None:
                 i = int(np.argmax(p.nonnum))
-                self.first_nonnum = (row0 + i, p.strings[i].as_py())  # type: ignore[index]
+                self.first_nonnum = (row0 + i, p.strings[i].as_py())
             vc = pc.value_counts(pc.filter(p.strings, pa.array(p.nonnum)))
             for item in vc.to_pylist():
                 self.nonnum_counts[item["values"]] = self.nonnum_counts.get(item["values"], 0) + item["counts"]
@@ -662,7 +673,10 @@ class _Table:
 
 
 def _profile_table(
-    batches: Iterator[tuple[int, pa.RecordBatch]], columns: list[str], decimal_comma: bool, prog: Progress,
+    batches: Iterator[tuple[int, pa.RecordBatch]],
+    columns: list[str],
+    decimal_comma: bool,
+    prog: Progress,
 ) -> tuple[dict[str, _ColumnProfile], int, int]:
     """Pass 1 over a table: the profile of each column, the rows read and the rows with a
     missing value (those ``--missing drop`` drops)."""
@@ -683,12 +697,24 @@ def _profile_table(
 
 
 def _ingest_table(
-    table: _Table, dest: str, opts: _Options, *, target: Any, drop: Sequence[Any], task: str | None,
-    encoding: str, unlabelled: bool = False,
+    table: _Table,
+    dest: str,
+    opts: _Options,
+    *,
+    target: Any,
+    drop: Sequence[Any],
+    task: str | None,
+    encoding: str,
+    unlabelled: bool = False,
 ) -> Store:
     src, names, missing, decimal_comma = table.path, table.names, opts.missing, table.decimal_comma
     cols = select_columns(
-        names, target=target, drop=drop, training=opts.training, unlabelled=unlabelled, src=str(src),
+        names,
+        target=target,
+        drop=drop,
+        training=opts.training,
+        unlabelled=unlabelled,
+        src=str(src),
         layout=table.layout,
     )
     start, stop = opts.rows
@@ -716,11 +742,18 @@ def _ingest_table(
                 "but no data rows; check the file"
             )
         raise IngestError(
-            f"source {str(src)!r} has no data rows{' in --rows' if opts.rows != (0, None) else ''}; check the file and --rows"
+            f"source {str(src)!r} has no data rows{' in --rows' if opts.rows != (0, None) else ''}; "
+            "check the file and --rows"
         )
     plan = plan_table(
-        cols, profiles, n_out=n_seen - n_drop if missing == "drop" else n_seen, task=task, encoding=encoding,
-        missing=missing, training=opts.training, chunk_rows=opts.chunk_rows,
+        cols,
+        profiles,
+        n_out=n_seen - n_drop if missing == "drop" else n_seen,
+        task=task,
+        encoding=encoding,
+        missing=missing,
+        training=opts.training,
+        chunk_rows=opts.chunk_rows,
     )
 
     # ---- pass 2: encode (the writer writes) -------------------------------------------------------
@@ -764,7 +797,7 @@ def _ingest_table(
                 y = np.zeros(n, target_plan.dtype)
             elif target_plan.task == "classification":
                 if target_plan.string_labels:
-                    lab = _clean_label(tpar.strings)  # type: ignore[arg-type]
+                    lab = _clean_label(tpar.strings)
                     y = pc.index_in(lab, value_set=label_set).to_numpy(zero_copy_only=False)
                     y = np.asarray(pd_fill(y), np.float64)
                 else:
@@ -796,9 +829,8 @@ def _ingest_table(
     if unknown:
         warnings.warn(
             "categories unseen in the training store, encoded as unknown (all-zero one-hot, or the most "
-            "frequent category's code): " + "; ".join(
-                f"column {c!r}: {k:,} row(s), e.g. {unknown_example[c]!r}" for c, k in unknown.items()
-            ),
+            "frequent category's code): "
+            + "; ".join(f"column {c!r}: {k:,} row(s), e.g. {unknown_example[c]!r}" for c, k in unknown.items()),
             UnseenCategoryWarning,
             stacklevel=3,
         )
@@ -807,7 +839,9 @@ def _ingest_table(
 
 def pd_fill(a: Any) -> np.ndarray:
     """Arrow int array with nulls -> float64 NumPy with NaN."""
-    return np.asarray(a, dtype=np.float64) if not isinstance(a, np.ndarray) or a.dtype == object else a.astype(np.float64)
+    return (
+        np.asarray(a, dtype=np.float64) if not isinstance(a, np.ndarray) or a.dtype == object else a.astype(np.float64)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -816,8 +850,14 @@ def pd_fill(a: Any) -> np.ndarray:
 
 
 def _write(
-    dest: str, plan: IngestPlan, batches: Iterable[tuple[np.ndarray, np.ndarray, int]], source: dict[str, Any],
-    summary: Callable[[int, int], dict[str, Any]], opts: _Options, label: str, total: int,
+    dest: str,
+    plan: IngestPlan,
+    batches: Iterable[tuple[np.ndarray, np.ndarray, int]],
+    source: dict[str, Any],
+    summary: Callable[[int, int], dict[str, Any]],
+    opts: _Options,
+    label: str,
+    total: int,
 ) -> Store:
     """Write the encoded ``batches`` (features, targets, rows read) into a new store at ``dest``
     as ``plan`` says, merging the feature statistics (unless the plan takes the training
@@ -832,8 +872,15 @@ def _write(
     n_read = n_written = 0
     prog = Progress(label, total=total, enabled=opts.progress)
     with create_store(
-        dest, plan.n_features, y_shape_tail=target.shape, x_dtype=plan.x_dtype, y_dtype=target.dtype,
-        chunk_rows=plan.chunk_rows, codec=opts.codec, force=opts.force, attrs=plan.store_attrs(source),
+        dest,
+        plan.n_features,
+        y_shape_tail=target.shape,
+        x_dtype=plan.x_dtype,
+        y_dtype=target.dtype,
+        chunk_rows=plan.chunk_rows,
+        codec=opts.codec,
+        force=opts.force,
+        attrs=plan.store_attrs(source),
     ) as w:
         for X, y, n in batches:
             Xc = np.ascontiguousarray(X.astype(plan.x_dtype, copy=False))
@@ -850,7 +897,7 @@ def _write(
         prog.done()
         w.attrs.update(plan.final_attrs(xstats, ystats, class_counts))
         w.attrs["source"] = {**source, **summary(n_read, n_written)}
-    return w.commit_result  # type: ignore[attr-defined]
+    return w.commit_result
 
 
 # --------------------------------------------------------------------------------------------
@@ -974,7 +1021,14 @@ def _npz_sources(path: Path) -> tuple[_ArraySource, _ArraySource]:
         raise IngestError(f"{str(path)!r} is not a valid .npz (zip) file; check --format") from None
     with zf:
         keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-    for xk, yk in (("X", "y"), ("x", "y"), ("X", "Y"), ("data", "target"), ("x_train", "y_train"), ("images", "labels")):
+    for xk, yk in (
+        ("X", "y"),
+        ("x", "y"),
+        ("X", "Y"),
+        ("data", "target"),
+        ("x_train", "y_train"),
+        ("images", "labels"),
+    ):
         if xk in keys and yk in keys:
             break
     else:
@@ -993,8 +1047,16 @@ def _npz_sources(path: Path) -> tuple[_ArraySource, _ArraySource]:
 
 
 def _profile_arrays(
-    pairs: Iterator[tuple[int, np.ndarray, np.ndarray]], xs: _ArraySource, ys: _ArraySource | None, tcol: int | None,
-    *, n_features: int, rows: int, missing: str, label: str, progress: bool,
+    pairs: Iterator[tuple[int, np.ndarray, np.ndarray]],
+    xs: _ArraySource,
+    ys: _ArraySource | None,
+    tcol: int | None,
+    *,
+    n_features: int,
+    rows: int,
+    missing: str,
+    label: str,
+    progress: bool,
 ) -> ArrayProfile:
     """Pass 1 over arrays: sums of the finite features (for imputation), rows with a missing or
     infinite feature, and the labels (strings, or numbers and whether they are integers);
@@ -1028,14 +1090,18 @@ def _profile_arrays(
             for a, b in zip(u.tolist(), c.tolist(), strict=True):
                 str_counts[a] = str_counts.get(a, 0) + b
             if len(str_counts) > MAX_CATEGORIES:
-                raise IngestError(f"labels {ys.name} have more than {MAX_CATEGORIES:,} distinct strings; they are not classes")  # type: ignore[union-attr]
+                raise IngestError(
+                    f"labels {ys.name} have more than {MAX_CATEGORIES:,} distinct strings; they are not classes"
+                )
             prog.update(len(X))
             continue
         yv = np.asarray(y, np.float64)
         if y_float and not np.all(np.isfinite(yv)):
             r = int(np.argmax(~np.isfinite(yv.reshape(len(yv), -1)).any(axis=1)))
             if missing != "drop":
-                raise IngestError(f"target is missing or infinite at row {pos + r} (0-based); fix it or pass --missing drop")
+                raise IngestError(
+                    f"target is missing or infinite at row {pos + r} (0-based); fix it or pass --missing drop"
+                )
         if label_counts is not None and yv.ndim == 1:
             fin = yv[np.isfinite(yv)]
             y_integral = y_integral and bool(np.all(fin == np.round(fin)))
@@ -1058,14 +1124,27 @@ def _profile_arrays(
         hint="pass --task regression if this is a target value",
     )
     return ArrayProfile(
-        xs.dtype, total, count, n_bad_rows, rows, labels, y_tail,
+        xs.dtype,
+        total,
+        count,
+        n_bad_rows,
+        rows,
+        labels,
+        y_tail,
         "labels" if ys is not None else f"x{tcol}",
     )
 
 
 def _ingest_arrays(
-    src: Path, dest: str, xs: _ArraySource, ys: _ArraySource | None, source_attrs: dict[str, Any], opts: _Options,
-    *, target: Any, task: str | None,
+    src: Path,
+    dest: str,
+    xs: _ArraySource,
+    ys: _ArraySource | None,
+    source_attrs: dict[str, Any],
+    opts: _Options,
+    *,
+    target: Any,
+    task: str | None,
 ) -> Store:
     like, missing, rows = opts.training, opts.missing, opts.rows
     n_total = xs.shape[0]
@@ -1077,8 +1156,10 @@ def _ingest_arrays(
     y_str = ys is not None and ys.dtype.kind in "US"
     if ys is not None and not y_str and ys.dtype.kind not in "biuf":
         raise IngestError(f"labels {ys.name} have dtype {ys.dtype}; save numbers or strings")
-    if y_str and (len(ys.shape) != 1 or task == "regression"):  # type: ignore[union-attr]
-        raise IngestError(f"labels {ys.name} are strings: they must be one class name per row, (n,) and a classification")
+    if y_str and (len(ys.shape) != 1 or task == "regression"):
+        raise IngestError(
+            f"labels {ys.name} are strings: they must be one class name per row, (n,) and a classification"
+        )
     if ys is None:
         if len(xs.shape) != 2 or xs.shape[1] < 2:
             raise IngestError(
@@ -1098,11 +1179,16 @@ def _ingest_arrays(
     start, stop = rows
     stop = n_total if stop is None else min(stop, n_total)
     if stop <= start:
-        raise IngestError(f"source {str(src)!r} has no data rows{' in --rows' if rows != (0, None) else ''} (it has {n_total}); check --rows")
+        raise IngestError(
+            f"source {str(src)!r} has no data rows{' in --rows' if rows != (0, None) else ''} "
+            f"(it has {n_total}); check --rows"
+        )
     row_items = int(np.prod(xs.shape[1:], dtype=np.int64)) if len(xs.shape) > 1 else 1
     n_features = row_items - (1 if tcol is not None else 0)
     if like is not None and like.n_features != n_features:
-        raise IngestError(f"{xs.name} has {n_features} features but the training store {like.path!r} has {like.n_features}")
+        raise IngestError(
+            f"{xs.name} has {n_features} features but the training store {like.path!r} has {like.n_features}"
+        )
     block = max(1, ARRAY_BLOCK_BYTES // max(1, row_items * xs.dtype.itemsize))
 
     def pairs() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -1123,8 +1209,15 @@ def _ingest_arrays(
     y_float = (ys.dtype if ys is not None else xs.dtype).kind == "f"
     # ---- pass 1 ---------------------------------------------------------------------------------
     profile = _profile_arrays(
-        pairs(), xs, ys, tcol, n_features=n_features, rows=stop - start, missing=missing,
-        label=f"ingest {src.name}: pass 1/2", progress=opts.progress,
+        pairs(),
+        xs,
+        ys,
+        tcol,
+        n_features=n_features,
+        rows=stop - start,
+        missing=missing,
+        label=f"ingest {src.name}: pass 1/2",
+        progress=opts.progress,
     )
     plan = plan_arrays(profile, task=task, missing=missing, training=like, chunk_rows=opts.chunk_rows)
 
@@ -1143,7 +1236,7 @@ def _ingest_arrays(
                     if missing == "drop":
                         keep &= ~bad.any(axis=1)
                     else:
-                        X = np.where(bad, fill.astype(X.dtype), X)  # type: ignore[union-attr]
+                        X = np.where(bad, fill.astype(X.dtype), X)
             yv = np.char.strip(y.astype(str)) if y_str else np.asarray(y, np.float64)
             if y_float:
                 keep &= np.isfinite(yv.reshape(len(yv), -1)).all(axis=1)
@@ -1151,7 +1244,7 @@ def _ingest_arrays(
             if y_str:
                 yo = np.searchsorted(class_names, yv).astype(np.int32)
             elif target_plan.task == "classification":
-                yo = np.searchsorted(cv, yv).astype(np.int32)  # type: ignore[arg-type]
+                yo = np.searchsorted(cv, yv).astype(np.int32)
             else:
                 yo = yv.astype(np.float32)
             yield X, yo, n
@@ -1217,7 +1310,9 @@ def ingest(
     if format is not None and format not in FORMATS:
         raise IngestError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     if labels is not None and target is not None:
-        raise IngestError("--target names a column of the source, but with --labels the labels file is the target; drop --target")
+        raise IngestError(
+            "--target names a column of the source, but with --labels the labels file is the target; drop --target"
+        )
     if unlabelled and like is None:
         raise IngestError("--unlabelled needs --like TRAIN_STORE (the training store gives the columns and classes)")
     if unlabelled and (target is not None or labels is not None):
@@ -1244,10 +1339,19 @@ def ingest(
     like_store = like if isinstance(like, Store) or like is None else open_store(like)
     if like_store is not None and task is not None and task != like_store.task:
         raise IngestError(f"--task {task} contradicts the training store's task {like_store.task}; drop --task")
-    source_attrs: dict[str, Any] = {"path": str(path.resolve()), "format": fmt, "md5": _md5(path) if path.is_file() else None}
+    source_attrs: dict[str, Any] = {
+        "path": str(path.resolve()),
+        "format": fmt,
+        "md5": _md5(path) if path.is_file() else None,
+    }
     opts = _Options(
-        rows=row_range, chunk_rows=chunk_rows, codec=codec, missing=missing,
-        training=Training.of(like_store) if like_store is not None else None, force=force, progress=progress,
+        rows=row_range,
+        chunk_rows=chunk_rows,
+        codec=codec,
+        missing=missing,
+        training=Training.of(like_store) if like_store is not None else None,
+        force=force,
+        progress=progress,
     )
     try:
         if fmt in ("csv", "parquet"):
@@ -1272,7 +1376,13 @@ def ingest(
 
                 table = _Table(path, batches, _parquet_names(path), source_attrs)
             store = _ingest_table(
-                table, os.fspath(dest), opts, target=target, drop=drop, task=task, encoding=encoding,
+                table,
+                os.fspath(dest),
+                opts,
+                target=target,
+                drop=drop,
+                task=task,
+                encoding=encoding,
                 unlabelled=unlabelled,
             )
         else:
@@ -1284,7 +1394,7 @@ def ingest(
                 raise IngestError(f"--unlabelled applies to CSV and Parquet sources, not {fmt}")
             if fmt == "npy":
                 xs = _npy_source(lambda: open(path, "rb"), str(path))
-                ys = _npy_source(lambda: open(labels, "rb"), str(labels)) if labels else None  # type: ignore[arg-type]
+                ys = _npy_source(lambda: open(labels, "rb"), str(labels)) if labels else None
             elif fmt == "npz":
                 xs, ys = _npz_sources(path)
             else:

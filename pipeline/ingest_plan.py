@@ -247,13 +247,16 @@ def decide_target(labels: LabelProfile, task: str | None, training: Training | N
         if not labels.scalar:
             raise IngestError("labels are not a 1-D array of class values; pass --task regression")
         if labels.values is None:
-            raise IngestError(f"{labels.subject} has too many distinct values for classification; pass --task regression")
+            raise IngestError(
+                f"{labels.subject} has too many distinct values for classification; pass --task regression"
+            )
         class_values = sorted(labels.values)
         classes = class_names(class_values)
     if len(classes) < 2:
         hint = f" ({labels.hint})" if not string_labels or not labels.kind_from_dtype else ""
         raise IngestError(
-            f"{labels.subject} has a single class {classes[0] if classes else None!r}; a classifier needs at least 2{hint}"
+            f"{labels.subject} has a single class {classes[0] if classes else None!r}; "
+            f"a classifier needs at least 2{hint}"
         )
     return TargetPlan(name, task, string_labels, classes, class_values, shape)
 
@@ -311,8 +314,14 @@ class Columns:
 
 
 def select_columns(
-    names: list[str], *, target: Any, drop: Sequence[Any], training: Training | None, unlabelled: bool,
-    src: str, layout: str = "",
+    names: list[str],
+    *,
+    target: Any,
+    drop: Sequence[Any],
+    training: Training | None,
+    unlabelled: bool,
+    src: str,
+    layout: str = "",
 ) -> Columns:
     """The feature and target columns among ``names`` (``layout``: the CSV delimiter, as
     errors show it)."""
@@ -373,8 +382,15 @@ def table_labels(tp: _ColumnProfile) -> LabelProfile:
 
 
 def plan_table(
-    columns: Columns, profiles: dict[str, _ColumnProfile], *, n_out: int, task: str | None, encoding: str,
-    missing: str, training: Training | None, chunk_rows: int | None,
+    columns: Columns,
+    profiles: dict[str, _ColumnProfile],
+    *,
+    n_out: int,
+    task: str | None,
+    encoding: str,
+    missing: str,
+    training: Training | None,
+    chunk_rows: int | None,
 ) -> IngestPlan:
     """The plan of a table from its column profiles: numeric or categorical columns (one-hot up
     to :data:`ONEHOT_MAX` categories under ``encoding="auto"``), imputation values, the target,
@@ -387,13 +403,13 @@ def plan_table(
         enc = next((e for e in encodings if e["name"] == c), None)
         numeric_expected = enc["kind"] == "numeric" if enc else (pr.n_nonnum == 0 or pr.n_num > pr.n_nonnum)
         if numeric_expected and pr.n_nonnum:
-            r, v = pr.first_nonnum  # type: ignore[misc]
+            r, v = pr.first_nonnum
             raise IngestError(
                 f"column {c!r} is numeric but has the non-numeric value {v!r} at data row {r} (0-based); "
                 "fix the value or mark it missing (empty, ?, NA)"
             )
         if missing == "reject" and pr.n_missing:
-            r, v = pr.first_missing  # type: ignore[misc]
+            r, v = pr.first_missing
             raise IngestError(
                 f"column {c!r} has a missing or infinite value ({v!r}) at data row {r} (0-based) and "
                 "--missing reject was given; fix the data or use --missing impute/drop"
@@ -425,7 +441,7 @@ def plan_table(
     if tcol is not None:
         tp = profiles[tcol]
         if tp.n_missing and missing != "drop":
-            r, v = tp.first_missing  # type: ignore[misc]
+            r, v = tp.first_missing
             raise IngestError(
                 f"target column {tcol!r} is missing ({v!r}) at data row {r} (0-based); fix it or pass --missing drop"
             )
@@ -446,7 +462,13 @@ def plan_table(
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(len(feature_names) * x_dtype.itemsize, n_out)
     return IngestPlan(
-        feature_names, encodings, target, x_dtype, chunk_rows, missing, n_out,
+        feature_names,
+        encodings,
+        target,
+        x_dtype,
+        chunk_rows,
+        missing,
+        n_out,
         training_stats=(training.mean, training.std) if training is not None else None,
     )
 
@@ -472,7 +494,12 @@ class ArrayProfile:
 
 
 def plan_arrays(
-    profile: ArrayProfile, *, task: str | None, missing: str, training: Training | None, chunk_rows: int | None,
+    profile: ArrayProfile,
+    *,
+    task: str | None,
+    missing: str,
+    training: Training | None,
+    chunk_rows: int | None,
 ) -> IngestPlan:
     """The plan of arrays: the target, imputation means, and the source's compact feature dtype
     (bool -> uint8, integers of at most 16 bits kept, else float32)."""
@@ -491,6 +518,13 @@ def plan_arrays(
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(n_features * x_dtype.itemsize, n_out)
     return IngestPlan(
-        [f"x{i}" for i in range(n_features)], [], target, x_dtype, chunk_rows, missing, n_out,
-        training_stats=(training.mean, training.std) if training is not None else None, fill=fill,
+        [f"x{i}" for i in range(n_features)],
+        [],
+        target,
+        x_dtype,
+        chunk_rows,
+        missing,
+        n_out,
+        training_stats=(training.mean, training.std) if training is not None else None,
+        fill=fill,
     )

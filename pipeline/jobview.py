@@ -63,9 +63,7 @@ class JobSnapshot:
             participants=tuple(m["participants"]),
             expected=tuple(m.get("expected", ())),
             staleness=MappingProxyType({int(k): int(v) for k, v in m["staleness"].items()}),
-            per_worker=MappingProxyType(
-                {k: MappingProxyType(dict(v)) for k, v in m["per_worker"].items()}
-            ),
+            per_worker=MappingProxyType({k: MappingProxyType(dict(v)) for k, v in m["per_worker"].items()}),
             created=float(m["created"]),
             last_push=float(m["last_push"]),
             checkpoint_time=float(m["checkpoint_time"]),

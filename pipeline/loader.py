@@ -11,7 +11,8 @@ One epoch:
    the pool's tail, and a new unit is added when the pool drops below its size. Every row is
    emitted exactly once per epoch and the stream is reproducible from ``(seed, epoch, units)``;
 4. each batch is converted from the store's compact dtype to float32 (and standardized with the
-   store's mean/std, or the ``mean``/``std`` given, a model's for evaluation) only then, so uint8 pixels are read and buffered as uint8; gathering,
+   store's mean/std, or the ``mean``/``std`` given, a model's for evaluation) only then,
+   so uint8 pixels are read and buffered as uint8; gathering,
    converting, standardizing and refilling the pool's holes is one ``nogil`` Numba pass per
    batch (:mod:`kernels.rows`, checked bit for bit against the NumPy expressions).
 
@@ -115,7 +116,7 @@ def _reader(
             if not put((X, y)):
                 return
         put(_END)
-    except BaseException as exc:  # propagated to the consumer
+    except BaseException as exc:  # noqa: BLE001 - propagated to the consumer, which re-raises it
         put(_Failure(exc))
 
 
@@ -169,7 +170,7 @@ class ChunkLoader:
         # the rows held out for validation (see held_out_rows), or only the others
         self.holdout = dict(holdout) if holdout else None
         if self.holdout:
-            self.n_rows = sum(int(_select(self.store, a, b, self.holdout).sum()) for a, b in self.units)  # type: ignore[union-attr]
+            self.n_rows = sum(int(_select(self.store, a, b, self.holdout).sum()) for a, b in self.units)
         else:
             self.n_rows = sum(b - a for a, b in self.units)
         self.read_seconds = 0.0
@@ -215,7 +216,7 @@ class ChunkLoader:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - nothing can be reported from a finalizer
             pass
 
     def __len__(self) -> int:
@@ -239,8 +240,10 @@ class ChunkLoader:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         thread = threading.Thread(
-            target=_reader, args=(self.store, order, q, stop, self.holdout, self.labels),
-            name="chunk-loader-prefetch", daemon=True,
+            target=_reader,
+            args=(self.store, order, q, stop, self.holdout, self.labels),
+            name="chunk-loader-prefetch",
+            daemon=True,
         )
         entry = (thread, stop, q)
         self._threads.append(entry)
@@ -280,7 +283,7 @@ class ChunkLoader:
         for X, y in units:
             if carry_X is not None:
                 X = np.concatenate([carry_X, X])
-                y = np.concatenate([carry_y, y])  # type: ignore[list-item]
+                y = np.concatenate([carry_y, y])
                 carry_X = carry_y = None
             n_full = (len(X) // bs) * bs
             for a in range(0, n_full, bs):
@@ -288,7 +291,7 @@ class ChunkLoader:
             if n_full < len(X):
                 carry_X, carry_y = X[n_full:], y[n_full:]
         if carry_X is not None and len(carry_X) and not self.drop_last:
-            yield self._take(carry_X, carry_y, np.arange(len(carry_X)))  # type: ignore[arg-type]
+            yield self._take(carry_X, carry_y, np.arange(len(carry_X)))
 
     def _shuffled(self, units: Iterator[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator) -> Iterator:
         bs = self.batch_size
@@ -311,13 +314,13 @@ class ChunkLoader:
                     pool_y = np.empty((fill + max_unit, *y.shape[1:]), y.dtype)
                 m = len(X)
                 pool_X[n : n + m] = X
-                pool_y[n : n + m] = y  # type: ignore[index]
+                pool_y[n : n + m] = y
                 n += m
             if exhausted:
                 break
             # steady state: pool holds >= fill rows; take one random batch, refill holes from the tail
             sel = np.sort(rng.choice(n, size=bs, replace=False))
-            batch = self._draw_rows(pool_X, pool_y, n, sel, self._mean, self._inv_std, self._y_dtype)  # type: ignore[arg-type]
+            batch = self._draw_rows(pool_X, pool_y, n, sel, self._mean, self._inv_std, self._y_dtype)
             n -= bs
             yield batch
         if n:
@@ -325,4 +328,4 @@ class ChunkLoader:
             stop = (n // bs) * bs if self.drop_last else n
             for a in range(0, stop, bs):
                 idx = perm[a : a + bs]
-                yield self._take(pool_X, pool_y, idx)  # type: ignore[arg-type]
+                yield self._take(pool_X, pool_y, idx)

@@ -62,9 +62,19 @@ class LocalServer:
         self.loss: float | None = None
         self.failed: str | None = None
 
-    def create(self, params: np.ndarray, *, mode: str, optimizer: dict, schedule: dict, version: int = 0,
-               optimizer_state: dict | None = None, local_states: dict | None = None,
-               progress: dict | None = None, **_: Any) -> None:  # fmt: skip
+    def create(
+        self,
+        params: np.ndarray,
+        *,
+        mode: str,
+        optimizer: dict,
+        schedule: dict,
+        version: int = 0,
+        optimizer_state: dict | None = None,
+        local_states: dict | None = None,
+        progress: dict | None = None,
+        **_: Any,
+    ) -> None:
         from pipeline.optim import Schedule, ServerOptimizer
 
         self.params = np.array(params, dtype=np.float32)
@@ -165,8 +175,17 @@ class LocalTrainer(Trainer):
             work = [(f"e{epoch}-{SLOT}", split_rows([r for j in order for r in tasks[j]], 1)[0])]
         else:
             work = [(f"e{epoch}-t{j}", tasks[j]) for j in order]
-        stats = {"val": None, "val_version": None, "validate": 0.0, "tasks": [], "samples": 0,
-                 "loss": 0.0, "read": 0.0, "compute": 0.0, "communicate": 0.0}  # fmt: skip
+        stats = {
+            "val": None,
+            "val_version": None,
+            "validate": 0.0,
+            "tasks": [],
+            "samples": 0,
+            "loss": 0.0,
+            "read": 0.0,
+            "compute": 0.0,
+            "communicate": 0.0,
+        }
         results = []
         for name, ranges in work:
             if name in done_tasks or not ranges:
@@ -183,9 +202,7 @@ class LocalTrainer(Trainer):
         stats["tasks"].sort(key=lambda t: t["name"])
         return stats
 
-    def _run_task(
-        self, ps: LocalServer, run: RunState, name: str, ranges: Ranges
-    ) -> dict[str, Any]:
+    def _run_task(self, ps: LocalServer, run: RunState, name: str, ranges: Ranges) -> dict[str, Any]:
         """What :func:`pipeline.worker.train_task` does with ``ranges``, here."""
         from pipeline.loader import ChunkLoader
         from pipeline.worker import _holdout
@@ -244,8 +261,12 @@ class LocalTrainer(Trainer):
         if cfg.mode == "sync":
             ps.local_states[SLOT] = local_state(trainer)
         total = time.perf_counter() - t0
-        return {"samples": r["samples"], "loss": r["loss"] if r["samples"] else 0.0, "read": read,
-                "compute": max(0.0, total - read)}  # fmt: skip
+        return {
+            "samples": r["samples"],
+            "loss": r["loss"] if r["samples"] else 0.0,
+            "read": read,
+            "compute": max(0.0, total - read),
+        }
 
     def _evaluate(self, epoch: int, val_ranges: Ranges) -> dict[str, Any]:
         """The model's metrics on the validation rows: the batches of

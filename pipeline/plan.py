@@ -166,12 +166,9 @@ def plan_epochs(
     shares = 0
     if cfg.mode == "sync" and cfg.placement != "federated":
         shares = n_sync_shares(train_rows, spec, n_threads, cfg.min_share_gflop)
-    plan = EpochPlan(
-        tasks, val, rows_per_task, store.n_rows, train_rows, held, n_threads, shares, 0, warning
-    )
+    plan = EpochPlan(tasks, val, rows_per_task, store.n_rows, train_rows, held, n_threads, shares, 0, warning)
     rounds = sum(  # full batch (batch_size 0): one round per task
-        math.ceil(plan.task_rows(t) / cfg.batch_size / cfg.local_steps) if cfg.batch_size else 1
-        for t in tasks
+        math.ceil(plan.task_rows(t) / cfg.batch_size / cfg.local_steps) if cfg.batch_size else 1 for t in tasks
     )
     return EpochPlan(
         tasks,
@@ -202,9 +199,7 @@ def task_order(n_tasks: int, seed: int, epoch: int) -> list[int]:
     return [int(i) for i in rng.permutation(n_tasks)]
 
 
-def epoch_work(
-    plan: EpochPlan, cfg: TrainConfig, epoch: int, threads: dict[str, int], spec: dict
-) -> list[Work]:
+def epoch_work(plan: EpochPlan, cfg: TrainConfig, epoch: int, threads: dict[str, int], spec: dict) -> list[Work]:
     """The training tasks of ``epoch`` of the model ``spec`` on workers with ``threads``
     threads each, in submission
     order: the plan's tasks (async, ssp), or one share per worker thread (sync) or per worker
@@ -217,10 +212,7 @@ def epoch_work(
     # fixed share of the ranges, chosen by position so the split is reproducible
     slots = [w for w, n in sorted(threads.items()) for _ in range(n if cfg.mode == "sync" else 1)]
     if cfg.placement == "federated":
-        shares = [
-            [r for j, t in enumerate(tasks) if j % len(slots) == k for r in t]
-            for k in range(len(slots))
-        ]
+        shares = [[r for j, t in enumerate(tasks) if j % len(slots) == k for r in t] for k in range(len(slots))]
     else:
         # equal row counts, not whole tasks: the shares meet at every sync round, so an
         # epoch lasts as long as its largest share (tasks are whole chunks or equal
@@ -231,8 +223,4 @@ def epoch_work(
     # are not: a share pinned, even loosely, to a worker that has died sits in Dask's
     # no-worker state and is not rescheduled when a new worker joins.
     pin = cfg.placement == "federated"
-    return [
-        Work(f"e{epoch}-s{k}", share, [slots[k]] if pin else None)
-        for k, share in enumerate(shares)
-        if share
-    ]
+    return [Work(f"e{epoch}-s{k}", share, [slots[k]] if pin else None) for k, share in enumerate(shares) if share]

@@ -32,9 +32,7 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     done_tasks: set[str] = field(default_factory=set)
     best: BestModel = field(default_factory=BestModel)
-    n_threads: int = (
-        0  # the thread count the epochs were planned for, kept for --resume (0: unknown)
-    )
+    n_threads: int = 0  # the thread count the epochs were planned for, kept for --resume (0: unknown)
     last_checkpoint: float = 0.0  # time.monotonic() of the last checkpoint (not saved)
 
     @property
@@ -73,8 +71,4 @@ class EarlyStopping:
         self.improved = val_loss < self.best_loss - self.min_delta or self.best_epoch < 0
         if self.improved:
             self.best_loss, self.best_epoch = float(val_loss), epoch
-        return (
-            bool(self.patience)
-            and epoch - self.best_epoch >= self.patience
-            and self.seen >= self.min_samples
-        )
+        return bool(self.patience) and epoch - self.best_epoch >= self.patience and self.seen >= self.min_samples

@@ -142,8 +142,8 @@ class Store:
         self.path = path
         self.group = group
         try:
-            self.X: zarr.Array = group["X"]  # type: ignore[assignment]
-            self.y: zarr.Array = group["y"]  # type: ignore[assignment]
+            self.X: zarr.Array = group["X"]
+            self.y: zarr.Array = group["y"]
         except KeyError as exc:
             raise StoreError(
                 f"store {path!r} lacks array {exc}; it is damaged: re-create it with `pipeline ingest`"
@@ -186,7 +186,7 @@ class Store:
     def chunk_exists(self, name: str, i: int) -> bool:
         """Whether row-chunk ``i`` of array ``name`` ("X" or "y") is stored (not merely implied)."""
         arr = self.X if name == "X" else self.y
-        key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))  # type: ignore[union-attr]
+        key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
         if not _is_url(self.path):
             return os.path.isfile(os.path.join(_local(self.path), name, *key.split("/")))
         import fsspec
@@ -248,31 +248,26 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
     if not _is_url(spath):
         local = _local(spath)
         if not os.path.exists(local):
-            raise StoreError(
-                f"store {spath!r} does not exist; create it with `pipeline ingest` or `pipeline synth`"
-            )
+            raise StoreError(f"store {spath!r} does not exist; create it with `pipeline ingest` or `pipeline synth`")
         target: Any = local
     else:
         target = spath
     try:
-        group = zarr.open_group(target, mode=mode)  # type: ignore[arg-type]
+        group = zarr.open_group(target, mode=mode)
     except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
         raise StoreError(
             f"{spath!r} is not a pipeline store ({type(exc).__name__}: {exc}); create one with `pipeline ingest`"
         ) from None
     except Exception as exc:
         if type(exc).__name__ in ("GroupNotFoundError", "NodeTypeValidationError", "ContainsArrayError"):
-            raise StoreError(
-                f"{spath!r} is not a pipeline store; create one with `pipeline ingest`"
-            ) from None
+            raise StoreError(f"{spath!r} is not a pipeline store; create one with `pipeline ingest`") from None
         raise
     version = group.attrs.get("format_version")
     if version is None:
         raise StoreError(
-            f"{spath!r} is a Zarr group but not a pipeline store (no format_version); "
-            "create one with `pipeline ingest`"
+            f"{spath!r} is a Zarr group but not a pipeline store (no format_version); create one with `pipeline ingest`"
         )
-    if int(version) > FORMAT_VERSION:  # type: ignore[arg-type]
+    if int(version) > FORMAT_VERSION:
         raise StoreError(
             f"store {spath!r} has format_version {version}, newer than this pipeline's "
             f"{FORMAT_VERSION}; upgrade the pipeline package"
@@ -683,7 +678,7 @@ class StoreWriter:
             try:
                 if self._fs.exists(self._fs_path):
                     self._fs.rm(self._fs_path, recursive=True)
-            except Exception:  # pragma: no cover - best effort on object stores
+            except Exception:  # noqa: BLE001 - best effort on object stores
                 pass
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -781,9 +776,7 @@ def describe(store: Store) -> dict[str, Any]:
     target = a.get("target") or {}
     if store.task == "classification":
         counts = target.get("class_counts") or []
-        info["classes"] = {
-            str(c): int(n) for c, n in zip(store.classes or [], counts, strict=False)
-        }
+        info["classes"] = {str(c): int(n) for c, n in zip(store.classes or [], counts, strict=False)}
     else:
         info["target"] = {"name": target.get("name"), "mean": target.get("mean"), "std": target.get("std")}
     info["features_stats"] = [
@@ -791,7 +784,8 @@ def describe(store: Store) -> dict[str, Any]:
         for n, m, s in zip(store.feature_names, store.mean, store.std, strict=False)
     ]
     info["encodings"] = [
-        {k: v for k, v in e.items() if k != "categories"} | ({"categories": len(e["categories"])} if "categories" in e else {})
+        {k: v for k, v in e.items() if k != "categories"}
+        | ({"categories": len(e["categories"])} if "categories" in e else {})
         for e in a.get("encodings") or []
     ]
     return info

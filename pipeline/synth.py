@@ -80,9 +80,10 @@ def synth(
     if noise < 0:
         raise StoreError("--noise must be >= 0")
     regression = not classes
-    n_out = 1 if regression else int(classes)  # type: ignore[arg-type]
+    n_out = 1 if regression else int(classes)
     teacher = _Teacher(features, hidden, n_out, seed, noise, dtype == "uint8")
-    # calibrate on a sample (generated block by block): logit scale, per-class bias (balance), regression standardization
+    # calibrate on a sample (generated block by block): logit scale, per-class bias (balance),
+    # regression standardization
     srng = np.random.default_rng([seed, 0x5A3])
     sample = max(2000, min(_SAMPLE_ROWS, 2**24 // (4 * features)))  # <= ~16 MB of inputs
     z = np.concatenate(
@@ -148,7 +149,17 @@ def synth(
         w.attrs["mean"] = xstats.mean.tolist()
         w.attrs["std"] = xstats.std.tolist()
         if regression:
-            w.attrs["target"] = {"name": "y", "kind": "numeric", "mean": ystats.mean.tolist(), "std": ystats.std.tolist()}
+            w.attrs["target"] = {
+                "name": "y",
+                "kind": "numeric",
+                "mean": ystats.mean.tolist(),
+                "std": ystats.std.tolist(),
+            }
         else:
-            w.attrs["target"] = {"name": "y", "kind": "numeric", "class_values": list(range(n_out)), "class_counts": counts.tolist()}
+            w.attrs["target"] = {
+                "name": "y",
+                "kind": "numeric",
+                "class_values": list(range(n_out)),
+                "class_counts": counts.tolist(),
+            }
     return w.commit_result

@@ -445,10 +445,12 @@ def check_backend(backend: str, client: Any = None) -> None:
     results = {"this machine": _probe()} if client is None else client.run(_probe)
     bad = {w: msg for w, msg in results.items() if msg}
     if bad:
-        where = "on this machine" if client is None else f"on {len(bad)} of {len(results)} workers ({', '.join(sorted(bad))})"
-        raise ConfigError(
-            f"config key 'backend' = 'cuda' cannot run {where}: {next(iter(bad.values()))}"
+        where = (
+            "on this machine"
+            if client is None
+            else f"on {len(bad)} of {len(results)} workers ({', '.join(sorted(bad))})"
         )
+        raise ConfigError(f"config key 'backend' = 'cuda' cannot run {where}: {next(iter(bad.values()))}")
 
 
 class Trainer:
@@ -470,11 +472,14 @@ class Trainer:
         self.store_path = str(store)
         self.progress = progress
         self.store = open_store(self.store_path)
-        for path, st in ((self.store_path, self.store), *(
-            ((cfg.validation_store, open_store(cfg.validation_store)),) if cfg.validation_store else ()
-        )):
+        for path, st in (
+            (self.store_path, self.store),
+            *(((cfg.validation_store, open_store(cfg.validation_store)),) if cfg.validation_store else ()),
+        ):
             if st.attrs.get("labelled") is False:  # ingested with --unlabelled: y is all zeros
-                raise StoreError(f"store {path!r} has no targets (ingested with --unlabelled); train on a labelled store")
+                raise StoreError(
+                    f"store {path!r} has no targets (ingested with --unlabelled); train on a labelled store"
+                )
         self.cfg = cfg
         self.client = client
         self.run = RunDir(Path(out))
@@ -588,8 +593,14 @@ class Trainer:
             staleness=cfg.staleness,
             damping=cfg.damping,
             aggregate=cfg.aggregate,
-            optimizer={"name": cfg.server_optimizer, "lr": cfg.server_lr, "momentum": cfg.server_momentum,
-                       "beta1": cfg.server_beta1, "beta2": cfg.server_beta2, "ema": cfg.ema},  # fmt: skip
+            optimizer={
+                "name": cfg.server_optimizer,
+                "lr": cfg.server_lr,
+                "momentum": cfg.server_momentum,
+                "beta1": cfg.server_beta1,
+                "beta2": cfg.server_beta2,
+                "ema": cfg.ema,
+            },
             schedule={
                 "kind": cfg.schedule,
                 "warmup": cfg.warmup,
@@ -686,11 +697,9 @@ class Trainer:
             try:
                 metrics = ps.metrics(history=True)
                 ps.close()
-            except Exception:  # noqa: BLE001 - closing is best effort (scheduler may be gone)
+            except Exception:
                 logger.debug("could not close job %s", self.job, exc_info=True)
-        model = Model.from_training(
-            self.store, self.spec, self.target, run.best.params, cfg, run.history
-        )
+        model = Model.from_training(self.store, self.spec, self.target, run.best.params, cfg, run.history)
         model.save(self.run.model)
         history_doc = {
             "job": self.job,
@@ -705,15 +714,11 @@ class Trainer:
         from pipeline.plots import save_plots
 
         save_plots(self.run.path, history_doc)
-        return TrainResult(
-            self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch
-        )
+        return TrainResult(self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch)
 
     # -- one epoch -------------------------------------------------------------------------
 
-    def _run_epoch(
-        self, ps: ParameterServer, run: RunState, threads: dict[str, int]
-    ) -> dict[str, Any]:
+    def _run_epoch(self, ps: ParameterServer, run: RunState, threads: dict[str, int]) -> dict[str, Any]:
         """Train epoch ``run.epoch`` of the plan on workers with ``threads`` threads each: submit
         its tasks not in ``run.done_tasks``, add them there as they finish, checkpoint every
         ``checkpoint_seconds``; the epoch's summed task results."""
@@ -778,9 +783,7 @@ class Trainer:
                         exc = f.exception()
                         if isinstance(exc, TrainingError):
                             raise TrainingError(str(exc)) from None
-                        raise TrainingError(
-                            f"training task {f.key} failed: {type(exc).__name__}: {exc}"
-                        ) from exc
+                        raise TrainingError(f"training task {f.key} failed: {type(exc).__name__}: {exc}") from exc
                 finished = [f for f in done if f.status == "finished"]
                 if finished:
                     results.extend(self._task_results(ps, finished, futures))
@@ -800,7 +803,7 @@ class Trainer:
             client.cancel(list(pending))
             try:
                 self._checkpoint(ps, run)
-            except Exception:  # noqa: BLE001 - the original error matters more
+            except Exception:
                 logger.debug("checkpoint after failure did not succeed", exc_info=True)
             raise
         bar.clear()

@@ -219,7 +219,8 @@ def train_task(
 ) -> dict[str, Any]:
     """Train on ``ranges`` of the store as participant ``name`` of ``job``; return statistics.
 
-    ``val`` (sync mode: ``{"path": store, "ranges": [...], "norm": {"mean", "std"} or None}``) asks the task to validate its share
+    ``val`` (sync mode: ``{"path": store, "ranges": [...], "norm": {"mean", "std"} or None}``) asks the task to
+    validate its share
     of the validation rows with the epoch's final weights once every participant has left: the
     epoch then needs no separate validation round of tasks. Its partial sums travel in the
     summary (``val``, plain lists) with the version they were computed at (``val_version``)."""
@@ -289,15 +290,17 @@ def train_task(
         extra = {"slot": slot, "local_state": local_state(trainer)}
     try:
         comm.ps.soon.leave(name, summary=summary, **extra).result(timeout=30)
-    except Exception:  # noqa: BLE001 - the driver falls back to this task's result
+    except Exception:
         logger.debug("participant %s could not leave its summary", name, exc_info=True)
     if val and val.get("ranges"):
         try:
             final = comm.wait(comm.ps.soon.epoch_end(timeout=cfg["barrier_timeout"]))
             t_val = time.perf_counter()
             params = np.asarray(final["params"], dtype=np.float32)
-            partial = evaluate_ranges(_store(val["path"]), val["ranges"], params, job, spec, cfg, target, val.get("norm"))
-        except Exception:  # noqa: BLE001 - the training part is done and must not be rerun:
+            partial = evaluate_ranges(
+                _store(val["path"]), val["ranges"], params, job, spec, cfg, target, val.get("norm")
+            )
+        except Exception:
             # without ``val`` in the summary the driver validates on its own (and reports errors)
             logger.debug("participant %s could not validate", name, exc_info=True)
             return summary
@@ -306,7 +309,7 @@ def train_task(
         summary = {**summary, "val": plain_metrics(partial), "val_version": int(final["version"]), "validate": validate}
         try:  # the same route again: only the summary changes (the participant left already)
             comm.ps.soon.leave(name, summary=summary).result(timeout=30)
-        except Exception:  # noqa: BLE001 - the driver falls back to this task's result
+        except Exception:
             logger.debug("participant %s could not leave its validation", name, exc_info=True)
     return summary
 

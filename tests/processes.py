@@ -122,9 +122,14 @@ class Procs:
         log = self.root / f"{len(self.procs) + 1:02d}-{name}.log"
         with open(log, "wb") as fh:  # the child holds its own copy
             popen = subprocess.Popen(
-                list(args), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=cwd or self.root, env={**self.env, **env}, start_new_session=True,
-            )  # fmt: skip
+                list(args),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd or self.root,
+                env={**self.env, **env},
+                start_new_session=True,
+            )
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
@@ -146,18 +151,38 @@ class Procs:
         if not self.tls:
             return []
         d = self.tls[role]
-        return ["--tls-ca-file", str(d / "ca.pem"), "--tls-cert", str(d / f"{role}.pem"),
-                "--tls-key", str(d / f"{role}-key.pem")]  # fmt: skip
+        return [
+            "--tls-ca-file",
+            str(d / "ca.pem"),
+            "--tls-cert",
+            str(d / f"{role}.pem"),
+            "--tls-key",
+            str(d / f"{role}-key.pem"),
+        ]
 
     def scheduler(self, dashboard: bool = True, **env: str) -> tuple[Proc, str]:
         """`dask scheduler --preload pipeline.ps` on a free loopback port, listening."""
         port = free_port()
         proto = "tls" if self.tls else "tcp"
         board = ["--dashboard-address", "127.0.0.1:0"] if dashboard else ["--no-dashboard"]
-        proc = self.start("scheduler", [
-            DASK, "scheduler", "--preload", "pipeline.ps", "--protocol", proto, "--host", "127.0.0.1",
-            "--port", str(port), *board, *self.tls_args("scheduler"),
-        ], **env)  # fmt: skip
+        proc = self.start(
+            "scheduler",
+            [
+                DASK,
+                "scheduler",
+                "--preload",
+                "pipeline.ps",
+                "--protocol",
+                proto,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *board,
+                *self.tls_args("scheduler"),
+            ],
+            **env,
+        )
         self.wait(proc, "the scheduler to listen", lambda: "Scheduler at:" in proc.text())
         self.address = f"{proto}://127.0.0.1:{port}"
         self.schedulers[self.address] = proc
@@ -167,8 +192,16 @@ class Procs:
         """Worker registrations the scheduler at ``address`` has logged."""
         return self.schedulers[address].text().count("Register worker")
 
-    def worker(self, address: str, name: str, *extra: str, nanny: bool = True, cwd: Path | None = None,
-               port: int | None = None, **env: str) -> Proc:
+    def worker(
+        self,
+        address: str,
+        name: str,
+        *extra: str,
+        nanny: bool = True,
+        cwd: Path | None = None,
+        port: int | None = None,
+        **env: str,
+    ) -> Proc:
         """A single-threaded `dask worker` of the scheduler at ``address``, registered with it.
 
         ``nanny=False`` makes a killed worker stay dead (no nanny restarts it)."""

@@ -59,20 +59,10 @@ def _imports(path: str) -> set[str]:
 
 
 def test_every_module_is_in_one_layer() -> None:
-    modules = {
-        p.relative_to(ROOT).as_posix()
-        for d in ("pipeline", "kernels")
-        for p in (ROOT / d).rglob("*.py")
-    }
-    assert sorted(modules - set(LAYERS)) == [], (
-        "add these modules to a layer of docs/architecture.md"
-    )
-    assert sorted(set(LAYERS) - modules) == [], (
-        "docs/architecture.md lists modules that do not exist"
-    )
-    assert len(LAYERS) == sum(len(_paths(row[1])) for row in _table("Layer")), (
-        "a module is in two layers"
-    )
+    modules = {p.relative_to(ROOT).as_posix() for d in ("pipeline", "kernels") for p in (ROOT / d).rglob("*.py")}
+    assert sorted(modules - set(LAYERS)) == [], "add these modules to a layer of docs/architecture.md"
+    assert sorted(set(LAYERS) - modules) == [], "docs/architecture.md lists modules that do not exist"
+    assert len(LAYERS) == sum(len(_paths(row[1])) for row in _table("Layer")), "a module is in two layers"
 
 
 def test_no_module_imports_a_layer_below_its_own() -> None:
@@ -83,6 +73,4 @@ def test_no_module_imports_a_layer_below_its_own() -> None:
         if target in LAYERS and LAYERS[target] > rank and (path, target) not in UPWARD
     ]
     assert wrong == []
-    assert UPWARD and all(t in _imports(f) for f, t in UPWARD), (
-        "an allowed upward import no longer exists"
-    )
+    assert UPWARD and all(t in _imports(f) for f, t in UPWARD), "an allowed upward import no longer exists"

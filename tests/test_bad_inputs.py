@@ -222,14 +222,21 @@ def _(t: Trial) -> Outcome:
     return t.cli("ingest", "good.csv", "out.zarr", "--like", "train.zarr")
 
 
-_AB = [(0.5, -1.25, "yes"), (-0.75, 0.5, "no"), (1.5, 0.25, "yes"), (-2.0, -0.5, "no"), (0.25, 1.0, "yes"), (-1.0, 0.75, "no")]
+_AB = [
+    (0.5, -1.25, "yes"),
+    (-0.75, 0.5, "no"),
+    (1.5, 0.25, "yes"),
+    (-2.0, -0.5, "no"),
+    (0.25, 1.0, "yes"),
+    (-1.0, 0.75, "no"),
+]
 
 
 def _ab_rows(delimiter: str = ",") -> str:
     return "".join(f"{a}{delimiter}{b}{delimiter}{y}\n" for a, b, y in _AB)
 
 
-def _open(t: Trial, name: str = "out.zarr"):  # noqa: ANN202
+def _open(t: Trial, name: str = "out.zarr"):
     from pipeline.store import open_store
 
     return open_store(str(t.path / name))
@@ -237,9 +244,21 @@ def _open(t: Trial, name: str = "out.zarr"):  # noqa: ANN202
 
 @case("F25")
 def _(t: Trial) -> Outcome:
-    t.write("allcat.csv", "color,size,label\n" + "".join(f"{c},{s},{y}\n" for c, s, y in
-            [("red", "S", "no"), ("green", "S", "yes"), ("blue", "M", "no"), ("red", "M", "yes"), ("green", "L", "no"),
-             ("blue", "L", "yes")]))
+    t.write(
+        "allcat.csv",
+        "color,size,label\n"
+        + "".join(
+            f"{c},{s},{y}\n"
+            for c, s, y in [
+                ("red", "S", "no"),
+                ("green", "S", "yes"),
+                ("blue", "M", "no"),
+                ("red", "M", "yes"),
+                ("green", "L", "no"),
+                ("blue", "L", "yes"),
+            ]
+        ),
+    )
     out = t.cli("ingest", "allcat.csv", "out.zarr", created={"out.zarr"})
     assert _open(t).classes == ["no", "yes"] and _open(t).n_rows == 6
     return out
@@ -247,7 +266,9 @@ def _(t: Trial) -> Outcome:
 
 @case("F26")
 def _(t: Trial) -> Outcome:
-    t.write("yearhdr.csv", "name,2019,2020,label\n" + "".join(f"n{i % 2},{a},{b},{y}\n" for i, (a, b, y) in enumerate(_AB)))
+    t.write(
+        "yearhdr.csv", "name,2019,2020,label\n" + "".join(f"n{i % 2},{a},{b},{y}\n" for i, (a, b, y) in enumerate(_AB))
+    )
     out = t.cli("ingest", "yearhdr.csv", "out.zarr", created={"out.zarr"})
     st = _open(t)
     assert st.feature_names == ["name=n0", "name=n1", "2019", "2020"] and st.n_rows == 6
@@ -264,7 +285,9 @@ def _(t: Trial) -> Outcome:
 
 @case("F28")
 def _(t: Trial) -> Outcome:
-    t.write("idlast.csv", "a,b,label,row_id\n" + "".join(f"{a},{b},{y},{1000 + i}\n" for i, (a, b, y) in enumerate(_AB)))
+    t.write(
+        "idlast.csv", "a,b,label,row_id\n" + "".join(f"{a},{b},{y},{1000 + i}\n" for i, (a, b, y) in enumerate(_AB))
+    )
     out = t.cli("ingest", "idlast.csv", "out.zarr", "--drop", "row_id", created={"out.zarr"})
     st = _open(t)
     assert st.attrs["target"]["name"] == "label" and st.feature_names == ["a", "b"]
@@ -295,8 +318,13 @@ def _(t: Trial) -> Outcome:
 
 @case("F32")
 def _(t: Trial) -> Outcome:
-    t.write("cities.csv", "city,temp,label\n" + "".join(f"{c},{a},{y}\n" for c, (a, _, y) in
-            zip(['"Paris, France"', "Oslo", '"Rome, Italy"'] * 2, _AB, strict=True)))
+    t.write(
+        "cities.csv",
+        "city,temp,label\n"
+        + "".join(
+            f"{c},{a},{y}\n" for c, (a, _, y) in zip(['"Paris, France"', "Oslo", '"Rome, Italy"'] * 2, _AB, strict=True)
+        ),
+    )
     out = t.cli("ingest", "cities.csv", "out.zarr", created={"out.zarr"})
     assert _open(t).feature_names == ["city=Oslo", "city=Paris, France", "city=Rome, Italy", "temp"]
     return out
@@ -353,14 +381,17 @@ def _(t: Trial) -> Outcome:
     import pyarrow.parquet as pq
 
     ts = pa.array(np.arange(6).astype("datetime64[s]"))
-    pq.write_table(pa.table({"a": [a for a, _, _ in _AB], "label": [y for *_, y in _AB], "ts": ts}), t.path / "ts.parquet")
+    pq.write_table(
+        pa.table({"a": [a for a, _, _ in _AB], "label": [y for *_, y in _AB], "ts": ts}), t.path / "ts.parquet"
+    )
     return t.cli("ingest", "ts.parquet", "out.zarr")
 
 
 @case("F40")
 def _(t: Trial) -> Outcome:
-    (t.path / "latin1.csv").write_text("name,a,label\n" + "".join(f"caf\xe9{i},{a},{y}\n" for i, (a, _, y) in enumerate(_AB)),
-                                       encoding="latin-1")
+    (t.path / "latin1.csv").write_text(
+        "name,a,label\n" + "".join(f"caf\xe9{i},{a},{y}\n" for i, (a, _, y) in enumerate(_AB)), encoding="latin-1"
+    )
     return t.cli("ingest", "latin1.csv", "out.zarr")
 
 
@@ -579,8 +610,6 @@ for _id, _setting in {
     "C31": "rho=1",
     "C32": "server_beta2=1",
     "C33": "activation=heaviside",
-
-
     "C15": "min_delta=nan",
     "C16": "min_delta=-0.01",
     "C17": "lr=inf",
@@ -697,7 +726,7 @@ def _(t: Trial) -> Outcome:
 class _Boom:
     """Unpickling this would leave a file behind: proof that nothing was unpickled."""
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (Path.touch, (Path("UNPICKLED"),))
 
 
@@ -725,8 +754,9 @@ def _(t: Trial) -> Outcome:
     t.copy(t.shared.run, "run")
     _earlier_predictions(t, "old.parquet")
     # an unreachable scheduler: reaching it would fail, so the refusal comes first
-    return t.cli("predict", "run", "s.zarr", "old.parquet", "--scheduler", t.shared.unreachable,
-                 "--connect-timeout", "1")
+    return t.cli(
+        "predict", "run", "s.zarr", "old.parquet", "--scheduler", t.shared.unreachable, "--connect-timeout", "1"
+    )
 
 
 def _earlier_predictions(t: Trial, name: str) -> None:
@@ -752,9 +782,20 @@ def _(t: Trial) -> Outcome:
     t.copy(t.shared.store4, "s.zarr")
     t.copy(t.shared.run, "run")
     (t.path / "sales.parquet").mkdir()
-    pq.write_table(pa.table({"region": ["north", "south"], "sales": [10.5, 7.25]}), t.path / "sales.parquet" / "2024.parquet")
-    return t.cli("predict", "run", "s.zarr", "sales.parquet", "--force", "--scheduler", t.shared.unreachable,
-                 "--connect-timeout", "1")
+    pq.write_table(
+        pa.table({"region": ["north", "south"], "sales": [10.5, 7.25]}), t.path / "sales.parquet" / "2024.parquet"
+    )
+    return t.cli(
+        "predict",
+        "run",
+        "s.zarr",
+        "sales.parquet",
+        "--force",
+        "--scheduler",
+        t.shared.unreachable,
+        "--connect-timeout",
+        "1",
+    )
 
 
 NAMED_CSV = "a,b,c,label\n" + "".join(f"{i % 5},{(i * 3) % 7},{i % 2},{'xyz'[i % 3]}\n" for i in range(30))
@@ -819,15 +860,14 @@ def _(t: Trial) -> Outcome:
 
     t.copy(t.shared.store4, "s.zarr")
     t.copy(t.shared.run, "run")
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_RUN, str(t.path / "run")], stdout=subprocess.PIPE,
-                              text=True)  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_RUN, str(t.path / "run")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "claimed"
         return t.cli("train", "s.zarr", "--out", "run", "--force", "--scheduler", t.shared.unreachable)
     finally:
         holder.kill()
         holder.wait()
-        holder.stdout.close()  # type: ignore[union-attr]
+        holder.stdout.close()
 
 
 def _failed_run(t: Trial) -> None:
@@ -863,15 +903,16 @@ def _(t: Trial) -> Outcome:
     t.copy(t.shared.store4, "s.zarr")
     (t.path / "live").mkdir()
     shutil.copy2(t.shared.run / "config.toml", t.path / "live" / "config.toml")
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_RUN, str(t.path / "live")], stdout=subprocess.PIPE,
-                              text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_RUN, str(t.path / "live")], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "claimed"
         return t.cli("evaluate", "live", "s.zarr", "--scheduler", t.shared.unreachable)
     finally:
         holder.kill()
         holder.wait()
-        holder.stdout.close()  # type: ignore[union-attr]
+        holder.stdout.close()
 
 
 @case("M24")
@@ -943,7 +984,7 @@ def _(t: Trial) -> Outcome:
     return out
 
 
-def _job_names(dask_scheduler) -> list[str]:  # noqa: ANN001
+def _job_names(dask_scheduler) -> list[str]:
     return sorted(dask_scheduler.extensions["pipeline_ps"].jobs)
 
 
@@ -1069,7 +1110,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     synth(str(store4), rows=400, features=4, classes=3, seed=0)
     synth(str(store5), rows=400, features=5, classes=3, seed=0)
     with (
-        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp", dashboard_address=":0") as cluster,
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, protocol="tcp", dashboard_address=":0"
+        ) as cluster,
         Client(cluster) as client,
     ):
         cfg = TrainConfig().with_overrides(["epochs=1", "validation=0", "hidden=[8]"])

@@ -31,8 +31,13 @@ EXPECTED = {
 def _checkout_state() -> str:
     """Untracked and modified files of the checkout (ignored ones such as caches excluded)."""
     try:
-        r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        r = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired):
         pytest.skip("git is not available to check the checkout")
     if r.returncode != 0:
@@ -55,8 +60,9 @@ def test_example_runs_and_prints_its_result(script: str, tmp_path: Path) -> None
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PIPELINE_EXAMPLES_OUT": str(out), "PYTHONWARNINGS": "error"}
     before = _checkout_state()
-    r = subprocess.run([sys.executable, str(EXAMPLES / script)], cwd=work, env=env, capture_output=True,
-                       text=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(EXAMPLES / script)], cwd=work, env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     match = re.search(pattern, r.stdout)
     assert match, r.stdout
@@ -69,7 +75,13 @@ def test_example_runs_and_prints_its_result(script: str, tmp_path: Path) -> None
 def test_an_example_writes_under_out_when_given(tmp_path: Path) -> None:
     """--out wins over the environment variable."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PIPELINE_EXAMPLES_OUT": str(tmp_path / "env")}
-    r = subprocess.run([sys.executable, str(EXAMPLES / "california_housing.py"), "--out", str(tmp_path / "arg")],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(EXAMPLES / "california_housing.py"), "--out", str(tmp_path / "arg")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "arg" / "housing.zarr").is_dir() and not (tmp_path / "env").exists()

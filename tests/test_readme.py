@@ -61,7 +61,11 @@ def test_tour_commands_run_as_written(workdir: Path):
             continue
         proc = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", block],
-            cwd=workdir, env=_env(), capture_output=True, text=True, timeout=400,
+            cwd=workdir,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=400,
         )
         assert proc.returncode == 0, f"README block failed:\n{block}\n{proc.stderr[-3000:]}"
     assert (workdir / "runs" / "adult" / "model.npz").is_file()

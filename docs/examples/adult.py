@@ -43,13 +43,16 @@ def main() -> None:
     out = output_dir()
     train = ingest(DATA / "adult.data", out / "adult-train.zarr")
     test = ingest(DATA / "adult.test", out / "adult-test.zarr", like=train.path)
-    print(f"train {train.n_rows} rows, test {test.n_rows} rows, {train.n_features} encoded features, "
-          f"classes {train.classes}")  # fmt: skip
+    print(
+        f"train {train.n_rows} rows, test {test.n_rows} rows, {train.n_features} encoded features, "
+        f"classes {train.classes}"
+    )
     X_tr, y_tr = train.X[:], train.y[:]  # y: class indices into train.classes
     X_te, y_te = test.X[:], test.y[:]
 
-    clf = LogisticRegression(batch_size=256, learning_rate_init=1e-2, max_iter=10, n_iter_no_change=3,
-                             client="local", random_state=0)  # fmt: skip
+    clf = LogisticRegression(
+        batch_size=256, learning_rate_init=1e-2, max_iter=10, n_iter_no_change=3, client="local", random_state=0
+    )
     clf.fit(X_tr, y_tr)
     acc = clf.score(X_te, y_te)
     print(f"pipeline LogisticRegression: test accuracy {acc:.4f} after {clf.n_iter_} epochs")

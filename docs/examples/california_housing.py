@@ -44,12 +44,21 @@ def main() -> None:
     print(f"ingested {store.n_rows} rows, {store.n_features} features into {store.path}")
     X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.2, random_state=0)
 
-    gd = LinearRegression(batch_size=0, optimizer="sgd", learning_rate_init=0.1, max_iter=500,
-                          n_iter_no_change=0, validation_fraction=0.0, client="local",
-                          random_state=0)  # fmt: skip
+    gd = LinearRegression(
+        batch_size=0,
+        optimizer="sgd",
+        learning_rate_init=0.1,
+        max_iter=500,
+        n_iter_no_change=0,
+        validation_fraction=0.0,
+        client="local",
+        random_state=0,
+    )
     gd.fit(X_tr, y_tr)
-    print(f"full-batch gradient descent, {gd.n_iter_} steps: test R^2 {gd.score(X_te, y_te):.4f}, "
-          f"training loss {gd.loss_curve_[0]:.3f} -> {gd.loss_curve_[-1]:.3f} (standardized MSE)")  # fmt: skip
+    print(
+        f"full-batch gradient descent, {gd.n_iter_} steps: test R^2 {gd.score(X_te, y_te):.4f}, "
+        f"training loss {gd.loss_curve_[0]:.3f} -> {gd.loss_curve_[-1]:.3f} (standardized MSE)"
+    )
 
     # the exact least-squares fit on the same standardized features, for comparison
     mean, std = X_tr.mean(axis=0), X_tr.std(axis=0)

@@ -52,15 +52,19 @@ def main() -> None:
     with cluster_client(workers=2, threads_per_worker=1, dashboard_address=None) as client:
         result = train(tr.path, cfg, out / "run", client=client)
         for h in result.history:
-            print(f"epoch {h['epoch']}: train loss {h['train_loss']:.3f}, "
-                  f"val accuracy {h.get('val_accuracy', float('nan')):.3f}, rounds {h['rounds']}")  # fmt: skip
+            print(
+                f"epoch {h['epoch']}: train loss {h['train_loss']:.3f}, "
+                f"val accuracy {h.get('val_accuracy', float('nan')):.3f}, rounds {h['rounds']}"
+            )
         metrics = evaluate_store(result.model, te.path, client)
     print(f"test accuracy on the cluster: {metrics['accuracy']:.3f}")
 
     model = load_model(out / "run")  # no cluster needed from here on
     pred = model.predict(te.X[:2000])
-    print(f"the saved model in this process: accuracy {np.mean(pred == np.asarray(te.classes)[te.y[:2000]]):.3f} "
-          f"on the first 2,000 test rows; run directory {out / 'run'}")  # fmt: skip
+    print(
+        f"the saved model in this process: accuracy {np.mean(pred == np.asarray(te.classes)[te.y[:2000]]):.3f} "
+        f"on the first 2,000 test rows; run directory {out / 'run'}"
+    )
 
 
 if __name__ == "__main__":

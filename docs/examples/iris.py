@@ -27,15 +27,28 @@ def main() -> None:
     X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
 
     # 150 rows: small batches and enough epochs; features are standardized by the estimator
-    clf = MLPClassifier(hidden_layer_sizes=(16,), batch_size=16, learning_rate_init=1e-2,
-                        max_iter=100, n_iter_no_change=0, random_state=0)  # fmt: skip
+    clf = MLPClassifier(
+        hidden_layer_sizes=(16,),
+        batch_size=16,
+        learning_rate_init=1e-2,
+        max_iter=100,
+        n_iter_no_change=0,
+        random_state=0,
+    )
     clf.fit(X_tr, y_tr)
     print(f"pipeline MLPClassifier: test accuracy {clf.score(X_te, y_te):.3f} after {clf.n_iter_} epochs")
 
     # the perceptron's threshold units (1 if x > 0 else 0) in the hidden layer: their derivative
     # is 0 almost everywhere, so they learn through the straight-through gradient
-    step = MLPClassifier(hidden_layer_sizes=(16,), activation="step", batch_size=16, learning_rate_init=1e-2,
-                         max_iter=100, n_iter_no_change=0, random_state=0).fit(X_tr, y_tr)  # fmt: skip
+    step = MLPClassifier(
+        hidden_layer_sizes=(16,),
+        activation="step",
+        batch_size=16,
+        learning_rate_init=1e-2,
+        max_iter=100,
+        n_iter_no_change=0,
+        random_state=0,
+    ).fit(X_tr, y_tr)
     print(f"with step (threshold) hidden units: test accuracy {step.score(X_te, y_te):.3f}")
 
     with warnings.catch_warnings():

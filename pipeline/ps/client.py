@@ -126,9 +126,7 @@ class ParameterServer:
         checkpointed run."""
         params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
         opt_state = encode_opt_state(optimizer_state) if optimizer_state else None
-        locals_ = (
-            {str(k): encode_opt_state(v) for k, v in local_states.items()} if local_states else None
-        )
+        locals_ = {str(k): encode_opt_state(v) for k, v in local_states.items()} if local_states else None
         client_id = getattr(self._client, "id", None)
         return self._send(
             "create",
@@ -154,9 +152,7 @@ class ParameterServer:
         """Announce the participants (and their task keys) of ``epoch``."""
         return self._send("expect", names=list(names), keys=list(keys), epoch=epoch)
 
-    def join(
-        self, name: str, key: str | None = None, worker: str | None = None, slot: str | None = None
-    ) -> Reply:
+    def join(self, name: str, key: str | None = None, worker: str | None = None, slot: str | None = None) -> Reply:
         """Join as participant ``name`` (task ``key`` on ``worker``; ``slot``: its sync share):
         the weights, their version, the batches to skip and (sync) the share's local state."""
         return self._send("join", name=name, key=key, worker=worker, slot=slot)
@@ -190,9 +186,7 @@ class ParameterServer:
     def pull(self, model: bool = False) -> tuple[np.ndarray, int]:
         """The weights to train from and their version; ``model``: the weights to validate
         (the average over rounds when the server keeps one, ``ema`` > 0)."""
-        return self._send(
-            "pull", lambda r: (np.asarray(r["params"]), int(r["version"])), model=model
-        )
+        return self._send("pull", lambda r: (np.asarray(r["params"]), int(r["version"])), model=model)
 
     def leave(
         self,
@@ -224,9 +218,7 @@ class ParameterServer:
 
     def record(self, epoch: Mapping[str, Any] | None = None, checkpoint: bool = False) -> Reply:
         """Record an epoch's metrics (shown on the dashboard) or that a checkpoint was saved."""
-        return self._send(
-            "record", epoch=None if epoch is None else dict(epoch), checkpoint=checkpoint
-        )
+        return self._send("record", epoch=None if epoch is None else dict(epoch), checkpoint=checkpoint)
 
     def close(self) -> None:
         """Drop the job from the server (its metrics stay visible for a while)."""

@@ -76,9 +76,7 @@ class ParameterServerExtension(SchedulerPlugin):
         self.jobs: dict[str, Job] = {}
         self.finished: deque[dict[str, Any]] = deque(maxlen=_FINISHED_KEPT)
         self.key_to_participant: dict[str, tuple[str, str]] = {}  # task key -> (job, participant)
-        scheduler.handlers.update(
-            {route: getattr(self, method) for route, method in ROUTES.items()}
-        )
+        scheduler.handlers.update({route: getattr(self, method) for route, method in ROUTES.items()})
         scheduler.extensions[EXTENSION_NAME] = self
         scheduler.add_plugin(self, name=self.name, idempotent=True)
 
@@ -144,9 +142,7 @@ class ParameterServerExtension(SchedulerPlugin):
         jobs = {name: st.metrics() for name, st in self.jobs.items()}
         return {"jobs": jobs, "finished": list(self.finished)}
 
-    def record(
-        self, job: str | None = None, epoch: dict | None = None, checkpoint: bool = False
-    ) -> dict[str, Any]:
+    def record(self, job: str | None = None, epoch: dict | None = None, checkpoint: bool = False) -> dict[str, Any]:
         return self._job(job).record(epoch, checkpoint)
 
     def close_job(self, job: str | None = None) -> dict[str, Any]:

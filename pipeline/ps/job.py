@@ -75,9 +75,7 @@ class Job:
     grad: np.ndarray | None = None  # sync: the round's combined delta (reused every round)
     progress: dict[str, int] = field(default_factory=dict)  # participant -> batches absorbed
     summaries: dict[str, dict] = field(default_factory=dict)  # participant -> its task's result
-    local_states: dict[str, dict] = field(
-        default_factory=dict
-    )  # sync: slot -> local optimizer state
+    local_states: dict[str, dict] = field(default_factory=dict)  # sync: slot -> local optimizer state
     failed: str | None = None
     closed: bool = False
     event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -145,12 +143,9 @@ class Job:
             if mode != "sync":
                 raise PSError("local_states belong to sync jobs only")
             if not isinstance(local_states, Mapping) or len(local_states) > _MAX_SLOTS:
-                raise PSError(
-                    f"local_states: expected at most {_MAX_SLOTS} {{slot: optimizer state}}"
-                )
+                raise PSError(f"local_states: expected at most {_MAX_SLOTS} {{slot: optimizer state}}")
             locals_ = {
-                str(slot): decode_opt_state(v, n_params, f"local_state of {slot}")
-                for slot, v in local_states.items()
+                str(slot): decode_opt_state(v, n_params, f"local_state of {slot}") for slot, v in local_states.items()
             }
         return cls(
             job=job,
@@ -409,11 +404,7 @@ class Job:
 
                 def caught_up() -> bool:
                     clocks = [q.clock for q in self.participants.values()]
-                    return (
-                        not clocks
-                        or p.clock - min(clocks) <= self.staleness
-                        or name not in self.participants
-                    )
+                    return not clocks or p.clock - min(clocks) <= self.staleness or name not in self.participants
 
                 ok = await self.wait(caught_up, timeout)
         if not ok:
@@ -446,15 +437,11 @@ class Job:
         for k in ("read", "compute", "communicate"):
             w[k] += float((timings or {}).get(k, 0.0))
 
-    def leave(
-        self, name: Any, summary: Any = None, slot: str | None = None, local_state: Any = None
-    ) -> dict[str, Any]:
+    def leave(self, name: Any, summary: Any = None, slot: str | None = None, local_state: Any = None) -> dict[str, Any]:
         """``name`` leaves, optionally leaving its task's summary and (sync) its share's local
         optimizer state."""
         if local_state is not None and slot is not None and self.mode == "sync":
-            self.local_states[str(slot)] = decode_opt_state(
-                local_state, self.params.size, "local_state"
-            )
+            self.local_states[str(slot)] = decode_opt_state(local_state, self.params.size, "local_state")
         if summary is not None:
             if not isinstance(summary, dict) or len(summary) > 64:
                 raise PSError("summary: expected a small dict of task statistics")
@@ -494,9 +481,7 @@ class Job:
             "metrics": self.metrics(),
         }
 
-    def record(
-        self, epoch: Mapping[str, Any] | None = None, checkpoint: bool = False
-    ) -> dict[str, Any]:
+    def record(self, epoch: Mapping[str, Any] | None = None, checkpoint: bool = False) -> dict[str, Any]:
         """The driver records an epoch's validation metrics or that it saved a checkpoint."""
         if epoch is not None:
             self.epochs.append(dict(epoch))

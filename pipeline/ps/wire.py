@@ -59,9 +59,7 @@ def decode_vector(obj: Any, n: int, what: str = "vector") -> np.ndarray:
         frames = [compressions[c].decompress(f) for c, f in zip(names, obj.frames, strict=True)]
         buf = frames[0] if len(frames) == 1 else b"".join(bytes(f) for f in frames)
         if len(memoryview(buf).cast("B")) != 4 * n:
-            raise PSError(
-                f"{what}: payload of {len(memoryview(buf).cast('B'))} bytes, expected {4 * n}"
-            )
+            raise PSError(f"{what}: payload of {len(memoryview(buf).cast('B'))} bytes, expected {4 * n}")
         arr = np.frombuffer(buf, dtype="<f4")
     else:
         raise PSError(f"{what}: expected a float32 array, got {type(obj).__name__}")
@@ -91,9 +89,7 @@ def decode_opt_state(obj: Any, n: int, what: str) -> dict[str, Any]:
     return {
         "t": int(obj.get("t", 0)),
         "lr": None if obj.get("lr") is None else float(obj["lr"]),
-        "buffers": {
-            str(k): decode_vector(v, n, f"{what} buffer {k}").copy() for k, v in buffers.items()
-        },
+        "buffers": {str(k): decode_vector(v, n, f"{what} buffer {k}").copy() for k, v in buffers.items()},
     }
 
 

@@ -19,14 +19,34 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 CASES = {
-    "throughput": ["| pipeline default", "| pytorch best practice (target) |", "| pytorch tutorial (DataLoader) |",
-                   "| pytorch 2-process local SGD", "| pipeline ema=0", "dask-ml Incremental, tuned",
-                   "Conditions per pass:", "Raw figures: `bench/out/results/throughput-quick-", "Targets ("],
+    "throughput": [
+        "| pipeline default",
+        "| pytorch best practice (target) |",
+        "| pytorch tutorial (DataLoader) |",
+        "| pytorch 2-process local SGD",
+        "| pipeline ema=0",
+        "dask-ml Incremental, tuned",
+        "Conditions per pass:",
+        "Raw figures: `bench/out/results/throughput-quick-",
+        "Targets (",
+    ],
     "local_steps": ["| pipeline sync | 8 |", "kernels in memory"],
-    "time_to_accuracy": ["| letter | accuracy >= 0.500 |", "within 2 points", "; 2 of 2)", "2 seeds per system", "pytorch best practice s",
-                         "Raw figures: `bench/out/results/time_to_accuracy-quick-"],
-    "out_of_core": ["peak RSS MB", "page cache MB (epoch end)", "| pytorch IterableDataset |", "| 2 |",
-                    "memory binds?", "Raw figures: `bench/out/results/out_of_core-quick-"],
+    "time_to_accuracy": [
+        "| letter | accuracy >= 0.500 |",
+        "within 2 points",
+        "; 2 of 2)",
+        "2 seeds per system",
+        "pytorch best practice s",
+        "Raw figures: `bench/out/results/time_to_accuracy-quick-",
+    ],
+    "out_of_core": [
+        "peak RSS MB",
+        "page cache MB (epoch end)",
+        "| pytorch IterableDataset |",
+        "| 2 |",
+        "memory binds?",
+        "Raw figures: `bench/out/results/out_of_core-quick-",
+    ],
     "ps_limits": ["pushes/s", "| 1e+05 | 2 |"],
     "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
     "step_anatomy": ["| GEMMs (9 per step) |", "| cluster start |", "driver (scheduler + PS)"],
@@ -52,8 +72,13 @@ def test_quick_mode_runs(name: str) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, "-m", f"bench.{name}", "--quick"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT.get(name, 180), check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT.get(name, 180),
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for needle in CASES[name]:
         assert needle in proc.stdout, f"{needle!r} missing from:\n{proc.stdout}"
@@ -106,10 +131,30 @@ def test_soak_runs_kills_and_reports(tmp_path: Path) -> None:
     """A minute-long soak: workers are killed and replaced while training goes on."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.soak", "--minutes", "0.6", "--kill-every", "12", "--sample", "5",
-         "--rows", "20000", "--features", "8", "--out", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=170, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bench.soak",
+            "--minutes",
+            "0.6",
+            "--kill-every",
+            "12",
+            "--sample",
+            "5",
+            "--rows",
+            "20000",
+            "--features",
+            "8",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (tmp_path / "soak.md").read_text()
     assert "driver exit 130" in report  # interrupted at the end, not crashed
@@ -143,8 +188,16 @@ def test_pass_order_rotates_and_load_is_flagged() -> None:
     recs = run_passes({n: (lambda n=n: calls.append(n) or {"seconds": 1.0}) for n in "abc"}, passes=3, peak_n=64)
     assert calls == list("abcbcacab") and [r["order"][0] for r in recs] == list("abc")
     c = recs[0]["conditions"]
-    assert {"load_before", "load_after", "steal_before", "steal_after", "other_cores", "gemm_numpy_gflops",
-            "gemm_torch_gflops", "flags"} <= set(c)  # fmt: skip
+    assert {
+        "load_before",
+        "load_after",
+        "steal_before",
+        "steal_after",
+        "other_cores",
+        "gemm_numpy_gflops",
+        "gemm_torch_gflops",
+        "flags",
+    } <= set(c)
     assert c["steal_after"] >= c["steal_before"] and c["gemm_numpy_gflops"] > 0
     quiet = {"steal_share": 0.0, "other_cores": 0.1, "load_before": 1.0}
     assert under_load(quiet, 2) == []
@@ -181,7 +234,8 @@ def test_out_of_core_says_whether_memory_binds() -> None:
     gib = 2**30
     assert binds(10 * gib, None, 24 * gib).startswith("NO: store 10.00 GiB < 2x RAM (24.0 GiB), no cap")
     assert binds(10 * gib, 8 * gib, 24 * gib).startswith("NO:") and "cap 8.0 GiB not below half" in binds(
-        10 * gib, 8 * gib, 24 * gib)  # fmt: skip
+        10 * gib, 8 * gib, 24 * gib
+    )
     assert binds(10 * gib, 3 * gib, 24 * gib).startswith("yes: cap 3.0 GiB around the workers")
     assert binds(50 * gib, None, 24 * gib).startswith("yes: store 50.0 GiB >= 2x RAM")
     ok, why = cap_support()  # only looks: creates nothing

@@ -31,8 +31,9 @@ def running_cluster(root: Path, workers: int = 2, tls: dict[str, Path] | None = 
 
 def run_cli(args: Sequence[str], cwd: Path, timeout: float = 180.0) -> subprocess.CompletedProcess:
     """Run the ``pipeline`` command; a hang is a failure, not a stuck test session."""
-    return subprocess.run([PIPELINE, *args], cwd=cwd, env=child_env(), capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [PIPELINE, *args], cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,19 @@ def letter_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """letter-recognition's conventional training rows, ingested with the CLI."""
     root = tmp_path_factory.mktemp("store")
     dest = root / "letter.zarr"
-    r = run_cli(["ingest", str(DATA / "letter" / "letter-recognition.data"), str(dest),
-                 "--target", "0", "--rows", "0:16000", "--quiet"], cwd=root)
+    r = run_cli(
+        [
+            "ingest",
+            str(DATA / "letter" / "letter-recognition.data"),
+            str(dest),
+            "--target",
+            "0",
+            "--rows",
+            "0:16000",
+            "--quiet",
+        ],
+        cwd=root,
+    )
     assert r.returncode == 0, r.stderr
     return dest
 
@@ -55,8 +67,9 @@ def tcp_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Procs]:
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("certs")
-    subprocess.run(["bash", str(ROOT / "cluster" / "make-tls-certs.sh"), str(d)], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        ["bash", str(ROOT / "cluster" / "make-tls-certs.sh"), str(d)], check=True, capture_output=True, timeout=60
+    )
     return d
 
 

@@ -27,8 +27,21 @@ TRAIN = ["--set", "epochs=3", "--set", "mode=sync", "--set", "seed=0", "--set", 
 
 
 def _train(store: Path, cluster: Procs, out: Path, *extra: str, timeout: float = 180.0):
-    return run_cli(["train", str(store), "--scheduler", cluster.address, "--out", str(out),
-                    *TRAIN, *cluster.tls_args("client"), *extra], cwd=out.parent, timeout=timeout)
+    return run_cli(
+        [
+            "train",
+            str(store),
+            "--scheduler",
+            cluster.address,
+            "--out",
+            str(out),
+            *TRAIN,
+            *cluster.tls_args("client"),
+            *extra,
+        ],
+        cwd=out.parent,
+        timeout=timeout,
+    )
 
 
 def _history(run: Path) -> dict:
@@ -54,8 +67,7 @@ def _one_line_error(stderr: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def test_train_uses_the_preloaded_parameter_server(letter_store: Path, tcp_cluster: Procs,
-                                                    tmp_path: Path) -> None:
+def test_train_uses_the_preloaded_parameter_server(letter_store: Path, tcp_cluster: Procs, tmp_path: Path) -> None:
     run = tmp_path / "run"
     r = _train(letter_store, tcp_cluster, run)
     assert r.returncode == 0, r.stderr
@@ -77,8 +89,7 @@ def test_train_uses_the_preloaded_parameter_server(letter_store: Path, tcp_clust
         assert resp.status == 200
 
 
-def test_concurrent_sync_trainings_match_solo_runs(letter_store: Path, tcp_cluster: Procs,
-                                                   tmp_path: Path) -> None:
+def test_concurrent_sync_trainings_match_solo_runs(letter_store: Path, tcp_cluster: Procs, tmp_path: Path) -> None:
     solo = tmp_path / "solo"
     r = _train(letter_store, tcp_cluster, solo)
     assert r.returncode == 0, r.stderr
@@ -90,8 +101,7 @@ def test_concurrent_sync_trainings_match_solo_runs(letter_store: Path, tcp_clust
     def go(out: Path) -> None:
         # join_timeout is short so that a barrier stall would show as a logged, dropped
         # participant (and a different model) instead of a slow pass
-        results[out] = _train(letter_store, tcp_cluster, out, "--set", "join_timeout=20",
-                              timeout=240)
+        results[out] = _train(letter_store, tcp_cluster, out, "--set", "join_timeout=20", timeout=240)
 
     threads = [threading.Thread(target=go, args=(o,)) for o in outs]
     for t in threads:
@@ -124,8 +134,11 @@ def test_worker_that_cannot_read_the_store_is_named(letter_store: Path, tmp_path
         cluster.worker(cluster.address, "good", cwd=here)
         cluster.worker(cluster.address, "bad", cwd=elsewhere, port=bad_port)
         out = tmp_path / "run"
-        r = run_cli(["train", letter_store.name, "--scheduler", cluster.address, "--out", str(out),
-                     *TRAIN], cwd=here, timeout=120)
+        r = run_cli(
+            ["train", letter_store.name, "--scheduler", cluster.address, "--out", str(out), *TRAIN],
+            cwd=here,
+            timeout=120,
+        )
     assert r.returncode == 1, r.stdout + r.stderr
     line = _one_line_error(r.stderr)
     bad = f"tcp://127.0.0.1:{bad_port}"
@@ -144,8 +157,22 @@ def test_evaluate_and_predict_resolve_relative_paths_on_the_driver(tmp_path: Pat
     assert r.returncode == 0, r.stderr
     with running_cluster(tmp_path / "cluster", workers=0) as cluster:
         cluster.worker(cluster.address, "w", cwd=elsewhere)
-        r = run_cli(["train", str(here / "s.zarr"), "--scheduler", cluster.address, "--out", str(here / "run"),
-                     "--set", "epochs=1", "--set", "hidden=[8]", "--quiet"], cwd=here)
+        r = run_cli(
+            [
+                "train",
+                str(here / "s.zarr"),
+                "--scheduler",
+                cluster.address,
+                "--out",
+                str(here / "run"),
+                "--set",
+                "epochs=1",
+                "--set",
+                "hidden=[8]",
+                "--quiet",
+            ],
+            cwd=here,
+        )
         assert r.returncode == 0, r.stderr
         r = run_cli(["evaluate", "run", "s.zarr", "--json", "--scheduler", cluster.address], cwd=here)
         assert r.returncode == 0, r.stderr
@@ -174,21 +201,35 @@ def test_train_over_tls(letter_store: Path, tls_cluster: Procs, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("case", ["no-certs", "other-ca", "tcp-scheme"])
-def test_client_without_valid_certificates_is_refused(case: str, letter_store: Path,
-                                                      tls_cluster: Procs, tmp_path: Path) -> None:
+def test_client_without_valid_certificates_is_refused(
+    case: str, letter_store: Path, tls_cluster: Procs, tmp_path: Path
+) -> None:
     address = tls_cluster.address
     extra: list[str] = []
     if case == "other-ca":
         other = tmp_path / "other"
-        subprocess.run(["bash", str(ROOT / "cluster" / "make-tls-certs.sh"), str(other)],
-                       check=True, capture_output=True, timeout=60)
-        extra = ["--tls-ca-file", str(other / "ca.pem"), "--tls-cert", str(other / "client.pem"),
-                 "--tls-key", str(other / "client-key.pem")]
+        subprocess.run(
+            ["bash", str(ROOT / "cluster" / "make-tls-certs.sh"), str(other)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        extra = [
+            "--tls-ca-file",
+            str(other / "ca.pem"),
+            "--tls-cert",
+            str(other / "client.pem"),
+            "--tls-key",
+            str(other / "client-key.pem"),
+        ]
     elif case == "tcp-scheme":
         address = address.replace("tls://", "tcp://")
     out = tmp_path / "run"
-    r = run_cli(["train", str(letter_store), "--scheduler", address, "--out", str(out), *TRAIN,
-                 *extra], cwd=tmp_path, timeout=60)
+    r = run_cli(
+        ["train", str(letter_store), "--scheduler", address, "--out", str(out), *TRAIN, *extra],
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert r.returncode == 1
     line = _one_line_error(r.stderr)
     assert address in line
@@ -206,8 +247,18 @@ def test_client_without_valid_certificates_is_refused(case: str, letter_store: P
 
 def test_start_and_stop_local_scripts(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    start = [str(ROOT / "cluster" / "start-local.sh"), "--workers", "1", "--port", "0",
-             "--dashboard-port", "0", "--tls", "--run-dir", str(run_dir)]
+    start = [
+        str(ROOT / "cluster" / "start-local.sh"),
+        "--workers",
+        "1",
+        "--port",
+        "0",
+        "--dashboard-port",
+        "0",
+        "--tls",
+        "--run-dir",
+        str(run_dir),
+    ]
     stop_cmd = [str(ROOT / "cluster" / "stop-local.sh"), "--run-dir", str(run_dir)]
     pids: list[int] = []
     try:

@@ -11,7 +11,7 @@ import os
 import time
 
 
-def dask_setup(worker) -> None:  # noqa: ANN001 - dask preload hook
+def dask_setup(worker) -> None:
     delay = float(os.environ.get("FAULTS_SLOW_STEP", "0.05"))
     from kernels import mlp
 
@@ -19,9 +19,9 @@ def dask_setup(worker) -> None:  # noqa: ANN001 - dask preload hook
     if getattr(original, "_faults_slow", False):
         return
 
-    def slow_step(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def slow_step(self, *args, **kwargs):
         time.sleep(delay)
         return original(self, *args, **kwargs)
 
-    slow_step._faults_slow = True  # type: ignore[attr-defined]
+    slow_step._faults_slow = True
     mlp.MLPTrainer.step = slow_step

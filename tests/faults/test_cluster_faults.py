@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,8 +23,18 @@ from tests.processes import PIPELINE, Procs, wait_for
 from .conftest import error_line, fault_procs, history, wait_workers
 
 # min_share_gflop=0: these stores are tiny, and the faults need every worker to hold a share
-FAST = ("--set", "patience=0", "--set", "hidden=[32]", "--set", "local_steps=4", "--set", "batch_size=128",
-        "--set", "min_share_gflop=0")
+FAST = (
+    "--set",
+    "patience=0",
+    "--set",
+    "hidden=[32]",
+    "--set",
+    "local_steps=4",
+    "--set",
+    "batch_size=128",
+    "--set",
+    "min_share_gflop=0",
+)
 
 
 def _checkpoint_epoch(run: Path) -> int:
@@ -33,10 +44,10 @@ def _checkpoint_epoch(run: Path) -> int:
         return -1
 
 
-def _finish(proc, timeout: float) -> str:  # noqa: ANN001
+def _finish(proc, timeout: float) -> str:
     try:
         proc.popen.wait(timeout)
-    except Exception:
+    except subprocess.TimeoutExpired:
         proc.kill()
         raise AssertionError(f"{proc.name} did not finish within {timeout} s:\n{proc.text()[-3000:]}") from None
     return proc.text()
@@ -46,8 +57,9 @@ def _finish(proc, timeout: float) -> str:  # noqa: ANN001
 def test_all_workers_killed_then_a_new_worker_joins(procs: Procs, small_store: Path, tmp_path: Path) -> None:
     _, addr, workers = procs.cluster("w0", "w1", nanny=False)
     run = tmp_path / "run"
-    train = procs.train(small_store, addr, run, "--set", "epochs=6", "--set", "mode=sync",
-                        "--set", "no_worker_timeout=90", *FAST)
+    train = procs.train(
+        small_store, addr, run, "--set", "epochs=6", "--set", "mode=sync", "--set", "no_worker_timeout=90", *FAST
+    )
     wait_for(lambda: _checkpoint_epoch(run) >= 1 or not train.alive(), 120, "the first epoch")
     assert train.alive(), train.text()
     for w in workers:
@@ -67,8 +79,9 @@ def test_no_worker_returns_fails_with_one_line_after_no_worker_timeout(
 ) -> None:
     _, addr, workers = procs.cluster("w0", "w1", nanny=False)
     run = tmp_path / "run"
-    train = procs.train(small_store, addr, run, "--set", "epochs=50", "--set", "mode=async",
-                        "--set", "no_worker_timeout=4", *FAST)
+    train = procs.train(
+        small_store, addr, run, "--set", "epochs=50", "--set", "mode=async", "--set", "no_worker_timeout=4", *FAST
+    )
     wait_for(lambda: _checkpoint_epoch(run) >= 1 or not train.alive(), 90, "the first epoch")
     for w in workers:
         w.kill()
@@ -89,8 +102,18 @@ def test_scheduler_killed_then_resume_on_a_new_scheduler(procs: Procs, small_sto
     sched, addr, workers = procs.cluster("a0", "a1", nanny=False)
     run = tmp_path / "run"
     epochs = 8
-    train = procs.train(small_store, addr, run, "--set", f"epochs={epochs}", "--set", "mode=async",
-                        "--set", "checkpoint_seconds=0.5", *FAST)
+    train = procs.train(
+        small_store,
+        addr,
+        run,
+        "--set",
+        f"epochs={epochs}",
+        "--set",
+        "mode=async",
+        "--set",
+        "checkpoint_seconds=0.5",
+        *FAST,
+    )
     wait_for(lambda: _checkpoint_epoch(run) >= 2 or not train.alive(), 150, "two epochs")
     assert train.alive(), train.text()
     sched.kill()
@@ -105,13 +128,14 @@ def test_scheduler_killed_then_resume_on_a_new_scheduler(procs: Procs, small_sto
     assert done >= 2 and [e["epoch"] for e in meta["history"]] == list(range(done))
 
     _, addr2, _ = procs.cluster("b0", "b1", nanny=False)
-    resumed = procs.start("resume", [PIPELINE, "train", str(small_store), "--resume", "--out", str(run),
-                                     "--scheduler", addr2])
+    resumed = procs.start(
+        "resume", [PIPELINE, "train", str(small_store), "--resume", "--out", str(run), "--scheduler", addr2]
+    )
     out = _finish(resumed, 150)
     assert resumed.popen.returncode == 0, out[-3000:]
     h = history(run)
     assert [e["epoch"] for e in h["epochs"]] == list(range(epochs))  # nothing lost, nothing twice
-    assert h["epochs"][: done] == meta["history"]
+    assert h["epochs"][:done] == meta["history"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +144,7 @@ def test_scheduler_killed_then_resume_on_a_new_scheduler(procs: Procs, small_sto
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def cluster(tmp_path_factory: pytest.TempPathFactory):
     p = fault_procs(tmp_path_factory.mktemp("cluster"))
     try:
         _, addr = p.scheduler()
@@ -143,8 +167,23 @@ def test_divergence_stops_with_the_round_and_keeps_the_last_good_checkpoint(
     assert _finish(first, 90) and first.popen.returncode == 0, first.text()[-3000:]
     good, _ = load_file(run / "checkpoint.npz", "checkpoint")
     # ... then resume it with a server step that overflows float32
-    bad = procs.start("diverge", [PIPELINE, "train", str(small_store), "--resume", "--out", str(run),
-                                  "--scheduler", addr, "--set", "epochs=3", "--set", "server_lr=1e30"])
+    bad = procs.start(
+        "diverge",
+        [
+            PIPELINE,
+            "train",
+            str(small_store),
+            "--resume",
+            "--out",
+            str(run),
+            "--scheduler",
+            addr,
+            "--set",
+            "epochs=3",
+            "--set",
+            "server_lr=1e30",
+        ],
+    )
     out = _finish(bad, 90)
     assert bad.popen.returncode == 1, out[-3000:]
     line = error_line(out)
@@ -177,15 +216,13 @@ def test_corrupted_chunk_is_named_by_train_and_inspect(cluster, small_store: Pat
     assert "chunk 3" in line and str(store) in line, line
 
 
-def _clocks(addr: str, stop: threading.Event, samples: list) -> None:  # noqa: ANN001
+def _clocks(addr: str, stop: threading.Event, samples: list) -> None:
     """Sample every live participant's clock (pushes counted by the ssp barrier) and worker."""
     from distributed import Client
 
-    def read(dask_scheduler) -> list:  # noqa: ANN001
+    def read(dask_scheduler) -> list:
         ext = dask_scheduler.extensions["pipeline_ps"]
-        return [
-            {n: (p.clock, p.worker) for n, p in st.participants.items()} for st in ext.jobs.values()
-        ]
+        return [{n: (p.clock, p.worker) for n, p in st.participants.items()} for st in ext.jobs.values()]
 
     with Client(addr, timeout=10) as c:
         while not stop.is_set():
@@ -203,8 +240,20 @@ def test_slow_worker_does_not_hold_back_the_fast_one(cluster, small_store: Path,
     sampler = threading.Thread(target=_clocks, args=(addr, stop, samples), daemon=True)
     sampler.start()
     try:
-        train = procs.train(small_store, addr, run, "--set", "epochs=2", "--set", f"mode={mode}",
-                            "--set", f"staleness={staleness}", "--set", "validation=0", *FAST)
+        train = procs.train(
+            small_store,
+            addr,
+            run,
+            "--set",
+            "epochs=2",
+            "--set",
+            f"mode={mode}",
+            "--set",
+            f"staleness={staleness}",
+            "--set",
+            "validation=0",
+            *FAST,
+        )
         out = _finish(train, 120)
     finally:
         stop.set()

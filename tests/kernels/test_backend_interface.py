@@ -50,9 +50,7 @@ def _shape(sig: inspect.Signature) -> list[tuple[str, str, Any]]:
     return [(p.name, p.kind.name, p.default) for p in sig.parameters.values()]
 
 
-def interface_differences(
-    modules: dict[str, types.ModuleType], backend_only: dict[str, set[str]]
-) -> list[str]:
+def interface_differences(modules: dict[str, types.ModuleType], backend_only: dict[str, set[str]]) -> list[str]:
     """One line per public name that is missing somewhere or whose signature differs."""
     funcs = {label: public_functions(m) for label, m in modules.items()}
     problems = []
@@ -68,8 +66,7 @@ def interface_differences(
         shapes = {label: _shape(funcs[label][name]) for label in sorted(have)}
         if len({repr(s) for s in shapes.values()}) > 1:
             problems.append(
-                f"{name}: signatures differ: "
-                + "; ".join(f"{label}{funcs[label][name]}" for label in sorted(have))
+                f"{name}: signatures differ: " + "; ".join(f"{label}{funcs[label][name]}" for label in sorted(have))
             )
     return problems
 
@@ -82,8 +79,15 @@ def test_backends_export_the_same_functions_with_the_same_signatures():
 def test_backends_cover_every_kernel_of_the_specification():
     spec = public_functions(kernels.reference)
     # the interface the model code calls (guards against an empty or half-read listing)
-    assert {"gemm", "dense_forward", "dense_backward", "softmax_cross_entropy", "adam_update",
-            "to_device", "to_host"} <= set(spec)
+    assert {
+        "gemm",
+        "dense_forward",
+        "dense_backward",
+        "softmax_cross_entropy",
+        "adam_update",
+        "to_device",
+        "to_host",
+    } <= set(spec)
     for label, module in BACKENDS.items():
         assert set(spec) <= set(public_functions(module)), label
 
@@ -92,8 +96,9 @@ def test_backends_share_the_activation_names_and_codes():
     for module in (kernels.cpu, kernels.cuda):
         assert module.ACTIVATIONS == kernels.reference.ACTIVATIONS, module.__name__
         codes = [module.act_code(a) for a in module.ACTIVATIONS]
-        assert codes == [module.IDENTITY, module.SIGMOID, module.TANH, module.RELU,
-                         module.LEAKY_RELU, module.STEP], module.__name__
+        assert codes == [module.IDENTITY, module.SIGMOID, module.TANH, module.RELU, module.LEAKY_RELU, module.STEP], (
+            module.__name__
+        )
 
 
 def _fake(name: str, **funcs: Any) -> types.ModuleType:
@@ -111,6 +116,7 @@ def test_a_differing_signature_or_missing_kernel_is_named():
     def gemm_other(out, a, b, trans_b=False, trans_a=False): ...
     def gemm_jit(out, a, b, trans_a=False, trans_b=True):
         return None
+
     def softmax(out, logits): ...
 
     spec = _fake("spec", gemm=gemm, softmax=softmax)
@@ -120,8 +126,9 @@ def test_a_differing_signature_or_missing_kernel_is_named():
 
     missing = _fake("missing", gemm=gemm)
     problems = interface_differences({"spec": spec, "missing": missing}, {})
-    assert problems == ["softmax: defined in ['spec'] but expected in ['missing', 'spec'] "
-                        "(every kernel is in all backends)"]
+    assert problems == [
+        "softmax: defined in ['spec'] but expected in ['missing', 'spec'] (every kernel is in all backends)"
+    ]
 
     # a numba dispatcher is compared through its Python function
     jitted = types.ModuleType("jitted")

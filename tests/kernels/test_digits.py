@@ -42,8 +42,15 @@ def _accuracy(tr, X, y):
 @pytest.fixture(scope="module")
 def sklearn_accuracy(digits):
     Xtr, Xte, ytr, yte = digits
-    clf = MLPClassifier(hidden_layer_sizes=HIDDEN, solver="adam", learning_rate_init=LR,
-                        batch_size=BATCH, max_iter=EPOCHS, alpha=0.0, random_state=0)  # fmt: skip
+    clf = MLPClassifier(
+        hidden_layer_sizes=HIDDEN,
+        solver="adam",
+        learning_rate_init=LR,
+        batch_size=BATCH,
+        max_iter=EPOCHS,
+        alpha=0.0,
+        random_state=0,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(Xtr, ytr)
@@ -65,9 +72,7 @@ def test_digits_cuda_matches_cpu_on_reduced_problem():
     X, y = load_digits(return_X_y=True)
     keep = y < 3
     X = (X[keep] / 16.0).astype(np.float32).reshape(-1, 4, 2, 4, 2).mean(axis=(2, 4))
-    Xtr, Xte, ytr, yte = train_test_split(
-        X.reshape(-1, 16), y[keep], test_size=0.25, random_state=0, stratify=y[keep]
-    )
+    Xtr, Xte, ytr, yte = train_test_split(X.reshape(-1, 16), y[keep], test_size=0.25, random_state=0, stratify=y[keep])
     args = (Xtr[:120], ytr[:120], (8,), 3, 40, 0.05)
     acc_cpu = _accuracy(_train("cpu", *args, n_out=3), Xte[:90], yte[:90])
     acc_cuda = _accuracy(_train("cuda", *args, n_out=3), Xte[:90], yte[:90])

@@ -76,9 +76,14 @@ def test_l2_decay_gradient():
 
 @pytest.mark.parametrize(
     "loss,activation",
-    [("softmax_ce", "relu"), ("softmax_ce", "tanh"), ("bce_logits", "sigmoid"),
-     ("mse", "leaky_relu"), ("mse", "identity")],
-)  # fmt: skip
+    [
+        ("softmax_ce", "relu"),
+        ("softmax_ce", "tanh"),
+        ("bce_logits", "sigmoid"),
+        ("mse", "leaky_relu"),
+        ("mse", "identity"),
+    ],
+)
 def test_three_layer_mlp_gradient(loss, activation):
     """Whole-network backward: one SGD step with lr=1 exposes the gradient as old - new."""
     spec = MLPSpec(5, (4, 3), 3, activation=activation, loss=loss, leaky_slope=0.1)
@@ -177,8 +182,7 @@ def test_step_hidden_layer_learns_with_the_straight_through_gradient():
     rng = np.random.default_rng(7)
     X = rng.uniform(-1, 1, (400, 2))
     y = ((X[:, 0] > 0) ^ (X[:, 1] > 0)).astype(np.int64)
-    tr = MLPTrainer(MLPSpec(2, (32,), 2, activation="step"), backend="numpy", lr=1e-2,
-                    dtype=np.float64, seed=1)  # fmt: skip
+    tr = MLPTrainer(MLPSpec(2, (32,), 2, activation="step"), backend="numpy", lr=1e-2, dtype=np.float64, seed=1)
     for epoch in range(60):
         order = np.random.default_rng(epoch).permutation(len(X))
         for a in range(0, len(X), 20):

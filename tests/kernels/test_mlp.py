@@ -71,9 +71,8 @@ def test_init_params_deterministic_and_scaled():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"activation": "gelu"}, "activation"), ({"loss": "hinge"}, "loss"),
-     ({"hidden": (0,)}, "widths")],
-)  # fmt: skip
+    [({"activation": "gelu"}, "activation"), ({"loss": "hinge"}, "loss"), ({"hidden": (0,)}, "widths")],
+)
 def test_spec_validation(kwargs, match):
     base = {"n_in": 3, "hidden": (2,), "n_out": 2}
     with pytest.raises(ValueError, match=match):
@@ -97,8 +96,16 @@ def test_trainer_validation():
 def _compare(name, spec, dtype, optimizer, kw, batches, max_batch=8, **extra):
     X, y = _data(spec, sum(batches))
     p0 = init_params(spec, seed=1, dtype=dtype)
-    common = {"optimizer": optimizer, "lr": 0.01, "weight_decay": 0.01, "max_batch": max_batch,
-              "dtype": dtype, "params": p0, **kw, **extra}  # fmt: skip
+    common = {
+        "optimizer": optimizer,
+        "lr": 0.01,
+        "weight_decay": 0.01,
+        "max_batch": max_batch,
+        "dtype": dtype,
+        "params": p0,
+        **kw,
+        **extra,
+    }
     ref = MLPTrainer(spec, backend="numpy", **common)
     fast = MLPTrainer(spec, backend=name, **common)
     tol = STEP_TOL[np.dtype(dtype).type]
@@ -134,9 +141,8 @@ def test_cuda_trainer_matches_numpy(dtype, optimizer, kw):
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize(
     "loss,activation,n_out",
-    [("bce_logits", "tanh", 1), ("bce_logits", "sigmoid", 2), ("mse", "leaky_relu", 1),
-     ("mse", "identity", 2)],
-)  # fmt: skip
+    [("bce_logits", "tanh", 1), ("bce_logits", "sigmoid", 2), ("mse", "leaky_relu", 1), ("mse", "identity", 2)],
+)
 def test_trainer_losses_match_numpy(name, loss, activation, n_out):
     spec = MLPSpec(5, (3,), n_out, activation=activation, loss=loss)
     fast, _ = _compare(name, spec, np.float32, "adam", {}, [4, 2], max_batch=4)
@@ -217,8 +223,7 @@ def test_flat_optimizer_matches_torch(optimizer, kw, name):
     if optimizer == "sgd":
         topt = torch.optim.SGD([tp], lr=0.01, weight_decay=wd)
     elif optimizer == "momentum":
-        topt = torch.optim.SGD([tp], lr=0.01, momentum=0.9, nesterov=kw.get("nesterov", False),
-                               weight_decay=wd)  # fmt: skip
+        topt = torch.optim.SGD([tp], lr=0.01, momentum=0.9, nesterov=kw.get("nesterov", False), weight_decay=wd)
     elif optimizer == "rmsprop":
         topt = torch.optim.RMSprop([tp], lr=0.01, alpha=kw["rho"], eps=1e-8, weight_decay=wd)
     elif optimizer == "adam":

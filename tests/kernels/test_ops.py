@@ -170,9 +170,7 @@ def _opt_call(mod, opt, arrays, t):
 
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "opt", ["l2", "sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw"]
-)
+@pytest.mark.parametrize("opt", ["l2", "sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw"])
 def test_flat_updates(name, dtype, opt):
     K = backend(name)
     rng = np.random.default_rng(5)

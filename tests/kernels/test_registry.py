@@ -77,11 +77,7 @@ def test_import_kernels_is_cheap():
 def test_cpu_kernels_release_the_gil():
     from kernels import cpu
 
-    jitted = [
-        (name, obj)
-        for name, obj in vars(cpu).items()
-        if isinstance(obj, numba.core.registry.CPUDispatcher)
-    ]
+    jitted = [(name, obj) for name, obj in vars(cpu).items() if isinstance(obj, numba.core.registry.CPUDispatcher)]
     # every @njit in the file is a module-level dispatcher checked here
     assert len(jitted) == inspect.getsource(cpu).count("\n@njit(") > 10
     for name, fn in jitted:

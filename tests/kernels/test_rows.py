@@ -16,7 +16,7 @@ def _pool(rng, p, f, x_dtype, y_shape, y_dtype):
         x = rng.integers(0, 256, (p, f)).astype(x_dtype)
     else:
         x = (rng.standard_normal((p, f)) * 50 + 3).astype(x_dtype)
-    y = (rng.integers(0, 7, (p, *y_shape)) if np.dtype(y_dtype).kind in "iu" else rng.standard_normal((p, *y_shape)))
+    y = rng.integers(0, 7, (p, *y_shape)) if np.dtype(y_dtype).kind in "iu" else rng.standard_normal((p, *y_shape))
     return x, y.astype(y_dtype)
 
 

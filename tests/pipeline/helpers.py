@@ -36,18 +36,28 @@ def read_all(store: Store) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def make_store(path: Any, n: int = 5000, f: int = 3, chunk_rows: int = 500, dtype: Any = np.float32,
-               task: str = "classification") -> Store:
+def make_store(
+    path: Any, n: int = 5000, f: int = 3, chunk_rows: int = 500, dtype: Any = np.float32, task: str = "classification"
+) -> Store:
     """Row i has X[i, 0] == i, so rows can be identified after shuffling."""
     X = np.zeros((n, f), dtype)
     X[:, 0] = np.arange(n)
     X[:, 1:] = (np.arange(n)[:, None] % 7) * 2.0
     y = (np.arange(n) % 3).astype(np.int32) if task == "classification" else np.arange(n, dtype=np.float32)
     X64 = X.astype(np.float64)
-    with create_store(path, f, x_dtype=dtype, y_dtype=y.dtype, chunk_rows=chunk_rows, attrs={
-        "task": task, "classes": ["a", "b", "c"] if task == "classification" else None,
-        "mean": X64.mean(0).tolist(), "std": X64.std(0).tolist(),
-    }) as w:  # fmt: skip
+    with create_store(
+        path,
+        f,
+        x_dtype=dtype,
+        y_dtype=y.dtype,
+        chunk_rows=chunk_rows,
+        attrs={
+            "task": task,
+            "classes": ["a", "b", "c"] if task == "classification" else None,
+            "mean": X64.mean(0).tolist(),
+            "std": X64.std(0).tolist(),
+        },
+    ) as w:
         w.append(X, y)
     return open_store(path)
 

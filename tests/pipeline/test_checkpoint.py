@@ -103,9 +103,7 @@ V1 = Path(__file__).with_name("checkpoint_v1.npz")
 def test_a_version_1_checkpoint_reads_back_into_the_run_state():
     ckpt = read_checkpoint(V1)
     run = ckpt.run
-    assert (
-        run.epoch == 2 and [h["epoch"] for h in run.history] == [0, 1] and run.done_tasks == set()
-    )
+    assert run.epoch == 2 and [h["epoch"] for h in run.history] == [0, 1] and run.done_tasks == set()
     assert run.job.startswith("run-") and run.n_threads == 1
     assert run.best.epoch == 0 and run.best.loss == pytest.approx(2.5223587)
     assert run.best.params.shape == ckpt.params.shape == (35,)
@@ -150,11 +148,7 @@ def test_a_run_without_a_best_epoch_and_a_malformed_local_state(tmp_path):
     _, meta = load_file(tmp_path / "c.npz", "checkpoint")
     assert meta["best_loss"] == NO_BEST_LOSS and meta["done_tasks"] == ["e0-t0", "e0-t1"]
     back = read_checkpoint(tmp_path / "c.npz").run
-    assert (
-        back.best.loss == math.inf
-        and back.best.epoch == -1
-        and back.done_tasks == {"e0-t0", "e0-t1"}
-    )
+    assert back.best.loss == math.inf and back.best.epoch == -1 and back.done_tasks == {"e0-t0", "e0-t1"}
     np.testing.assert_array_equal(back.best.params, server["params"])  # no best yet: the weights
     arrays, meta = load_file(tmp_path / "c.npz", "checkpoint")
     meta["local_states"] = {"s0": {"t": 1, "lr": 0.1, "arrays": {"m": "missing"}}}

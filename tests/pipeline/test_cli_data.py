@@ -50,8 +50,12 @@ def test_make_run_sequence(tmp_path):
 def test_subprocess_entry_point(tmp_path):
     exe = Path(sys.executable).with_name("pipeline")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
-    p = subprocess.run([*cmd, "ingest", str(tmp_path / "nope.csv"), str(tmp_path / "x.zarr")],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [*cmd, "ingest", str(tmp_path / "nope.csv"), str(tmp_path / "x.zarr")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 1 and p.stderr.startswith("error: source file") and "does not exist" in p.stderr
 
 
@@ -63,8 +67,10 @@ def test_synth_command(tmp_path):
     r = run("synth", tmp_path / "r.zarr", "--rows", "100", "--features", "3", "--regression", "--codec", "zstd")
     assert r.exit_code == 0 and open_store(tmp_path / "r.zarr").task == "regression"
     fails(run("synth", tmp_path / "s.zarr", "--rows", "10", "--features", "2"), "exists; pass --force")
-    fails(run("synth", tmp_path / "t.zarr", "--rows", "10", "--features", "2", "--classes", "3", "--regression"),
-          "exclude each other")
+    fails(
+        run("synth", tmp_path / "t.zarr", "--rows", "10", "--features", "2", "--classes", "3", "--regression"),
+        "exclude each other",
+    )
 
 
 def test_help_has_examples():
@@ -118,7 +124,9 @@ def test_npz_lengths_differ(tmp_path):
 
 def test_nan_inf_under_reject(tmp_path):
     (tmp_path / "m.csv").write_text("a,b,label\n1,2,x\n3,inf,y\n4,5,x\n")
-    fails(run("ingest", tmp_path / "m.csv", tmp_path / "s.zarr", "--missing", "reject"), "column 'b'", "data row 1", "inf")
+    fails(
+        run("ingest", tmp_path / "m.csv", tmp_path / "s.zarr", "--missing", "reject"), "column 'b'", "data row 1", "inf"
+    )
     A = np.ones((5, 3))
     A[3, 0] = np.nan
     np.save(tmp_path / "a.npy", A)

@@ -33,7 +33,7 @@ def trained(letter_stores, tmp_path_factory) -> Path:
 
 
 def test_train_writes_a_run_and_prints_the_resolved_config(trained):
-    assert "mode = \"sync\"" in (trained / "config.toml").read_text()
+    assert 'mode = "sync"' in (trained / "config.toml").read_text()
     history = json.loads((trained / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [0, 1, 2]
     assert len(history["rounds"]) == history["epochs"][-1]["rounds"]
@@ -97,9 +97,11 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint(letter_stores, tmp_path):
     out = tmp_path / "run"
     env = cli_env()
     proc = subprocess.Popen(
-        [*CLI, "train", letter_stores[0], "--out", str(out),
-         "--set", "epochs=500", "--set", "patience=0", *CLUSTER],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        [*CLI, "train", letter_stores[0], "--out", str(out), "--set", "epochs=500", "--set", "patience=0", *CLUSTER],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
         # a test run started in the background of a non-interactive shell has SIGINT ignored,
         # and children inherit that: give the command the disposition a terminal user has
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -115,7 +117,9 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint(letter_stores, tmp_path):
     assert "interrupted" in rest[1]
     arrays, meta = load_file(out / "checkpoint.npz", "checkpoint")
     assert meta["epoch"] >= 2 and arrays["params"].dtype == np.float32
-    r = run_cli("train", letter_stores[0], "--out", str(out), "--resume", "--set", f"epochs={meta['epoch'] + 1}", *CLUSTER)
+    r = run_cli(
+        "train", letter_stores[0], "--out", str(out), "--resume", "--set", f"epochs={meta['epoch'] + 1}", *CLUSTER
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -212,10 +216,27 @@ def small_store(tmp_path_factory) -> str:
 def _popen_train(store: str, out: Path, *extra: str) -> subprocess.Popen:
     env = cli_env()
     return subprocess.Popen(
-        [*CLI, "train", store, "--out", str(out), "--set", "epochs=2",
-         "--set", "hidden=[8]", "--workers", "1", "--dashboard-address", "none", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        [
+            *CLI,
+            "train",
+            store,
+            "--out",
+            str(out),
+            "--set",
+            "epochs=2",
+            "--set",
+            "hidden=[8]",
+            "--workers",
+            "1",
+            "--dashboard-address",
+            "none",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def test_two_trainings_started_together_into_one_out_do_not_both_succeed(small_store, tmp_path):
@@ -235,8 +256,9 @@ def test_two_trainings_started_together_into_one_out_do_not_both_succeed(small_s
 def test_force_does_not_take_over_a_live_run_but_a_dead_one_s_lock_is_no_claim(small_store, tmp_path):
     out = tmp_path / "run"
     env = cli_env()
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out), "600"], stdout=subprocess.PIPE, text=True,
-                              env=env)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(out), "600"], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert holder.stdout.readline().strip() == "claimed"
         p = _popen_train(small_store, out, "--force")
@@ -257,18 +279,26 @@ def test_force_does_not_take_over_a_live_run_but_a_dead_one_s_lock_is_no_claim(s
 
 def test_cuda_backend_without_a_gpu_is_refused_before_the_cluster_starts(small_store, tmp_path):
     env = cli_env(NUMBA_ENABLE_CUDASIM="0")  # no simulator: the real check
-    probe = subprocess.run([sys.executable, "-c", "import kernels; print(kernels._real_gpu())"], env=env,
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    probe = subprocess.run(
+        [sys.executable, "-c", "import kernels; print(kernels._real_gpu())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if probe.stdout.strip() == "True":
         pytest.skip("this machine has a CUDA GPU")
     r = subprocess.run(
-        [*CLI, "train", small_store, "--out", str(tmp_path / "run"),
-         "--set", "backend=cuda", *CLUSTER],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+        [*CLI, "train", small_store, "--out", str(tmp_path / "run"), "--set", "backend=cuda", *CLUSTER],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode == 1, r.stderr
-    assert r.stderr.startswith("error: config key 'backend' = 'cuda' cannot run on this machine: CUDA backend "
-                               "unavailable"), r.stderr  # fmt: skip
+    assert r.stderr.startswith(
+        "error: config key 'backend' = 'cuda' cannot run on this machine: CUDA backend unavailable"
+    ), r.stderr
     assert "dask dashboard" not in r.stderr and not (tmp_path / "run").exists()
 
 
@@ -292,9 +322,11 @@ def test_sigterm_stops_with_a_checkpoint_and_evaluate_explains_the_interrupted_r
     r = run_cli("evaluate", str(out), small_store, "--scheduler", "tcp://127.0.0.1:1")
     assert r.returncode == 1, r.stderr
     line = r.stderr.strip()
-    assert line.startswith(f"error: run directory {str(out)!r} holds an interrupted run (checkpoint after "
-                           f"{meta['epoch']} epoch(s), no model.npz); continue it with `pipeline train "
-                           f"{small_store} --out {out} --resume`"), line  # fmt: skip
+    assert line.startswith(
+        f"error: run directory {str(out)!r} holds an interrupted run (checkpoint after "
+        f"{meta['epoch']} epoch(s), no model.npz); continue it with `pipeline train "
+        f"{small_store} --out {out} --resume`"
+    ), line
     # the command it suggests writes the model of the best epoch so far
     suggested = line.split("`... ")[1].rstrip("`").split()
     r = run_cli("train", small_store, "--out", str(out), *suggested, "--workers", "1", "--dashboard-address", "none")

@@ -73,8 +73,17 @@ def test_learner_keys_default_and_override():
     cfg = TrainConfig()
     assert (cfg.rho, cfg.beta1, cfg.beta2) == (0.99, 0.9, 0.999)
     assert (cfg.server_momentum, cfg.server_beta1, cfg.server_beta2) == (0.9, 0.9, 0.999)
-    cfg = cfg.with_overrides(["activation=step", "batch_size=0", "rho=0.9", "momentum=0.5",
-                              "server_momentum=0.7", "server_beta1=0.8", "server_beta2=0.95"])  # fmt: skip
+    cfg = cfg.with_overrides(
+        [
+            "activation=step",
+            "batch_size=0",
+            "rho=0.9",
+            "momentum=0.5",
+            "server_momentum=0.7",
+            "server_beta1=0.8",
+            "server_beta2=0.95",
+        ]
+    )
     assert cfg.activation == "step" and cfg.batch_size == 0 and cfg.rho == 0.9
     assert (cfg.momentum, cfg.server_momentum, cfg.server_beta1, cfg.server_beta2) == (0.5, 0.7, 0.8, 0.95)
 
@@ -106,19 +115,24 @@ def test_non_finite_and_out_of_range_values_are_refused(override, fragment):
     "text, fragment",
     [
         # a table name does not prefix its keys: [server] lr would be the local lr
-        ('lr = 0.01\n[server]\nlr = 0.5\n', "'lr' in table [server] would set the local 'lr' (table names only "
-                                            "group keys); write server_lr = 0.5"),
+        (
+            "lr = 0.01\n[server]\nlr = 0.5\n",
+            "'lr' in table [server] would set the local 'lr' (table names only group keys); write server_lr = 0.5",
+        ),
         ('[server]\noptimizer = "adam"\n', 'write server_optimizer = "adam"'),
-        ('lr = 0.01\n[optimizer]\nlr = 0.5\n', "sets 'lr' twice (top level and [optimizer]); keep one"),
-        ('[model]\nepochs = 3\n[data]\nepochs = 4\n', "sets 'epochs' twice ([model] and [data])"),
-        ('[model]\nhidden = [8]\n[model.deep]\nx = 1\n', "table [model.deep] is nested; tables only group keys, "
-                                                         "one level deep"),
+        ("lr = 0.01\n[optimizer]\nlr = 0.5\n", "sets 'lr' twice (top level and [optimizer]); keep one"),
+        ("[model]\nepochs = 3\n[data]\nepochs = 4\n", "sets 'epochs' twice ([model] and [data])"),
+        (
+            "[model]\nhidden = [8]\n[model.deep]\nx = 1\n",
+            "table [model.deep] is nested; tables only group keys, one level deep",
+        ),
     ],
 )
 def test_misleading_toml_tables_are_refused(tmp_path, text, fragment):
     path = tmp_path / "c.toml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
-                       .replace(")", r"\)")) as info:  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")
+    ) as info:
         TrainConfig.from_toml(path)
     assert "\n" not in str(info.value)

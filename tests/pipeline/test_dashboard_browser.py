@@ -25,14 +25,30 @@ import pytest
 from pipeline.config import TrainConfig
 from pipeline.train import train
 
-FIGURES = ("pipeline-loss", "pipeline-epochs", "pipeline-throughput", "pipeline-staleness",
-           "pipeline-workers", "pipeline-time")
+FIGURES = (
+    "pipeline-loss",
+    "pipeline-epochs",
+    "pipeline-throughput",
+    "pipeline-staleness",
+    "pipeline-workers",
+    "pipeline-time",
+)
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 DRIVER = ("chromedriver",)
 APT = "apt-get install chromium chromium-driver"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", "--disable-default-apps", "--window-size=1400,1000")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--disable-default-apps",
+    "--window-size=1400,1000",
+)
 
 # Run before any script of the page: uncaught exceptions and rejected promises, kept on window.
 CATCH_ERRORS = """
@@ -134,8 +150,7 @@ def drawn(seen: dict) -> bool:
     """Every figure on the page with a nonzero size and canvas and data in every renderer."""
     figs = seen["figures"]
     return set(FIGURES) <= set(figs) and all(
-        min(figs[f]["size"]) > 0 and min(figs[f]["canvas"]) > 0 and figs[f]["rows"]
-        and min(figs[f]["rows"]) > 0
+        min(figs[f]["size"]) > 0 and min(figs[f]["canvas"]) > 0 and figs[f]["rows"] and min(figs[f]["rows"]) > 0
         for f in FIGURES
     )
 
@@ -179,11 +194,13 @@ def test_training_page_draws_and_moves_while_a_job_trains(letter_stores, browser
         """More rounds drawn in other pixels, and one more epoch (its record arrives on its own)."""
         loss0, loss1 = before["figures"]["pipeline-loss"], after["figures"]["pipeline-loss"]
         epochs0, epochs1 = before["figures"]["pipeline-epochs"], after["figures"]["pipeline-epochs"]
-        return (loss1["rows"][0] > loss0["rows"][0] and loss1["pixels"] != loss0["pixels"]
-                and epochs1["rows"][0] > epochs0["rows"][0])
+        return (
+            loss1["rows"][0] > loss0["rows"][0]
+            and loss1["pixels"] != loss0["pixels"]
+            and epochs1["rows"][0] > epochs0["rows"][0]
+        )
 
-    train(letter_stores[0], TrainConfig(epochs=3, patience=0), tmp_path / "run", client=page_client,
-          on_epoch=on_epoch)
+    train(letter_stores[0], TrainConfig(epochs=3, patience=0), tmp_path / "run", client=page_client, on_epoch=on_epoch)
 
     shots = f"(screenshots in {tmp_path})"
     assert not errors, f"the training page logged errors {shots}:\n" + "\n".join(errors)
@@ -194,6 +211,8 @@ def test_training_page_draws_and_moves_while_a_job_trains(letter_stores, browser
     assert "(running)" in first["summary"] and "(running)" in second["summary"], second["summary"]
     before, after = first["figures"]["pipeline-loss"], second["figures"]["pipeline-loss"]
     epochs = first["figures"]["pipeline-epochs"], second["figures"]["pipeline-epochs"]
-    assert changed, (f"the plots did not change between two epochs {shots}: loss {before} then {after}, "
-                     f"epochs {epochs[0]} then {epochs[1]}")
+    assert changed, (
+        f"the plots did not change between two epochs {shots}: loss {before} then {after}, "
+        f"epochs {epochs[0]} then {epochs[1]}"
+    )
     assert second["summary"] != first["summary"]

@@ -75,7 +75,7 @@ def housing() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def cluster_clf(letter, client) -> MLPClassifier:  # type: ignore[no-untyped-def]
+def cluster_clf(letter, client) -> MLPClassifier:
     """A classifier trained on the cluster (16,000 rows > cluster_min_rows) with an explicit client."""
     Xtr, ytr, _, _ = letter
     clf = MLPClassifier(max_iter=6, n_iter_no_change=0, random_state=0, client=client)
@@ -322,8 +322,18 @@ def test_dask_arrays_with_nan_are_refused_in_process():
     Xi[8, 0] = np.inf
     cases = [
         (MLPClassifier(max_iter=1), da.from_array(Xn, chunks=20), da.from_array(y, chunks=20), "Input X contains NaN"),
-        (MLPClassifier(max_iter=1), da.from_array(Xi, chunks=20), da.from_array(y, chunks=20), "Input X contains infinity"),
-        (MLPRegressor(max_iter=1), da.from_array(X, chunks=20), da.from_array(np.where(y, np.nan, 1.0), chunks=20), "Input y contains NaN"),
+        (
+            MLPClassifier(max_iter=1),
+            da.from_array(Xi, chunks=20),
+            da.from_array(y, chunks=20),
+            "Input X contains infinity",
+        ),
+        (
+            MLPRegressor(max_iter=1),
+            da.from_array(X, chunks=20),
+            da.from_array(np.where(y, np.nan, 1.0), chunks=20),
+            "Input y contains NaN",
+        ),
     ]
     for est, Xd, yd, fragment in cases:
         extra = {"classes": [0, 1]} if isinstance(est, MLPClassifier) else {}
@@ -413,9 +423,7 @@ def test_without_a_client_the_estimator_starts_and_closes_its_own_cluster(tmp_pa
     script = tmp_path / "fit.py"
     script.write_text(LAZY_SCRIPT)
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("OK "), proc.stdout
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -427,9 +435,19 @@ def test_full_batch_rmsprop_with_its_own_rho_in_process():
     rng = np.random.default_rng(8)
     X = rng.standard_normal((5000, 3)) * [1.0, 2.0, 0.5] + 1.0
     y = X @ [0.5, -1.0, 2.0] + 0.1 * rng.standard_normal(5000)
-    est = MLPRegressor(hidden_layer_sizes=(), batch_size=0, optimizer="rmsprop", learning_rate_init=0.05,
-                       max_iter=4, n_iter_no_change=0, validation_fraction=0.0, client="local",
-                       random_state=0, options={"rho": 0.5}, solver="minibatch")  # fmt: skip
+    est = MLPRegressor(
+        hidden_layer_sizes=(),
+        batch_size=0,
+        optimizer="rmsprop",
+        learning_rate_init=0.05,
+        max_iter=4,
+        n_iter_no_change=0,
+        validation_fraction=0.0,
+        client="local",
+        random_state=0,
+        options={"rho": 0.5},
+        solver="minibatch",
+    )
     est.fit(X, y)
     assert est.n_iter_ == 4
     from kernels.mlp import MLPSpec, init_params
@@ -454,8 +472,15 @@ def test_step_activation_trains_and_predicts_the_same_from_its_model_file(tmp_pa
     rng = np.random.default_rng(9)
     X = rng.uniform(-1, 1, (600, 2))
     y = np.where((X[:, 0] > 0) ^ (X[:, 1] > 0), "odd", "even")
-    clf = MLPClassifier(hidden_layer_sizes=(32,), activation="step", batch_size=20, learning_rate_init=1e-2,
-                        max_iter=60, n_iter_no_change=0, random_state=1)  # fmt: skip
+    clf = MLPClassifier(
+        hidden_layer_sizes=(32,),
+        activation="step",
+        batch_size=20,
+        learning_rate_init=1e-2,
+        max_iter=60,
+        n_iter_no_change=0,
+        random_state=1,
+    )
     clf.fit(X[:400], y[:400])
     assert clf.score(X[400:], y[400:]) > 0.9
     assert clf.model_.spec["activation"] == "step"

@@ -20,8 +20,9 @@ from pipeline.store import open_store
 from pipeline.train import check_validation_store, train
 
 
-def _csv(path: Path, n: int, seed: int, shift: float = 0.0, classes: str = "cat,dog,eel",
-         columns: str = "a,b,c") -> Path:
+def _csv(
+    path: Path, n: int, seed: int, shift: float = 0.0, classes: str = "cat,dog,eel", columns: str = "a,b,c"
+) -> Path:
     """Three features; the class is the largest of a, b, c (plus noise), named by ``classes``."""
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((n, 3))
@@ -32,7 +33,8 @@ def _csv(path: Path, n: int, seed: int, shift: float = 0.0, classes: str = "cat,
     cols = [order[c] for c in columns.split(",")]
     lines = [f"{columns},label"] + [
         ",".join(f"{X[i, j] + shift:.4f}" for j in cols) + f",{'cat dog eel'.split()[y[i]]}"
-        for i in range(n) if keep[i]
+        for i in range(n)
+        if keep[i]
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -67,16 +69,19 @@ def test_one_model_gives_one_answer_on_every_path(run, client, tmp_path):
     predict_store(model, own.path, str(out), client)
     import zarr
 
-    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["prediction"][:],
-                                  model.predict_index(open_store(own.path).X[:]))
+    np.testing.assert_array_equal(
+        zarr.open_group(str(out), mode="r")["prediction"][:], model.predict_index(open_store(own.path).X[:])
+    )
 
 
 def test_a_store_laid_out_differently_is_refused(run, client, tmp_path):
     run_dir, root = run
     model = load_model(run_dir)
     swapped = ingest(_csv(tmp_path / "sw.csv", 600, 2, columns="b,a,c"), tmp_path / "sw.zarr")
-    for call in (lambda: evaluate_store(model, swapped.path, client),
-                 lambda: predict_store(model, swapped.path, str(tmp_path / "p.parquet"), client)):
+    for call in (
+        lambda: evaluate_store(model, swapped.path, client),
+        lambda: predict_store(model, swapped.path, str(tmp_path / "p.parquet"), client),
+    ):
         with pytest.raises(StoreError, match=r"features in another order \(feature 0 is 'b', expected 'a'\).*--like"):
             call()
     assert not (tmp_path / "p.parquet").exists()
@@ -189,13 +194,19 @@ def test_a_validation_store_is_standardized_like_the_training_store(mode, run, c
 def test_an_ordinal_column_encoded_with_other_categories_is_refused(tmp_path):
     from pipeline.store import layout_mismatch, layout_of
 
-    (tmp_path / "tr.csv").write_text("x,colour,y\n" + "".join(f"{i},{'red green blue'.split()[i % 3]},{i % 2}\n" for i in range(30)))
-    (tmp_path / "te.csv").write_text("x,colour,y\n" + "".join(f"{i},{'red blue'.split()[i % 2]},{i % 2}\n" for i in range(30)))
+    (tmp_path / "tr.csv").write_text(
+        "x,colour,y\n" + "".join(f"{i},{'red green blue'.split()[i % 3]},{i % 2}\n" for i in range(30))
+    )
+    (tmp_path / "te.csv").write_text(
+        "x,colour,y\n" + "".join(f"{i},{'red blue'.split()[i % 2]},{i % 2}\n" for i in range(30))
+    )
     tr = ingest(tmp_path / "tr.csv", tmp_path / "tr.zarr", encoding="ordinal")
     alone = ingest(tmp_path / "te.csv", tmp_path / "alone.zarr", encoding="ordinal")
     like = ingest(tmp_path / "te.csv", tmp_path / "like.zarr", like=tr.path)
     assert alone.feature_names == tr.feature_names  # same names: only the codes differ
     problem = layout_mismatch(layout_of(tr), alone, labels=True)
-    assert problem == ("encodes column 'colour' as ordinal with categories blue, red, "
-                       "expected ordinal with categories blue, green, red")
+    assert problem == (
+        "encodes column 'colour' as ordinal with categories blue, red, "
+        "expected ordinal with categories blue, green, red"
+    )
     assert layout_mismatch(layout_of(tr), like, labels=True) is None

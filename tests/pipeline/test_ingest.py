@@ -66,18 +66,22 @@ def test_csv_round_trip(tmp_path, delimiter, header, name):
 
 def test_parquet_round_trip(tmp_path):
     a, b, color, label = make_table(3000)
-    pq.write_table(pa.table({"a": a, "b": b, "color": color, "label": label}), tmp_path / "t.parquet", row_group_size=700)
+    pq.write_table(
+        pa.table({"a": a, "b": b, "color": color, "label": label}), tmp_path / "t.parquet", row_group_size=700
+    )
     st = ingest(tmp_path / "t.parquet", tmp_path / "s.zarr", chunk_rows=1000)
     assert st.n_rows == 3000
     check_table_store(st, a, b, color, label)
 
 
 def test_parquet_nulls_and_dictionary(tmp_path):
-    t = pa.table({
-        "x": pa.array([1.0, None, 3.0, float("nan"), 5.0]),
-        "c": pa.array(["u", "v", None, "v", "u"]).dictionary_encode(),
-        "y": pa.array([0.5, 1.5, 2.5, 3.5, 4.5]),
-    })
+    t = pa.table(
+        {
+            "x": pa.array([1.0, None, 3.0, float("nan"), 5.0]),
+            "c": pa.array(["u", "v", None, "v", "u"]).dictionary_encode(),
+            "y": pa.array([0.5, 1.5, 2.5, 3.5, 4.5]),
+        }
+    )
     pq.write_table(t, tmp_path / "t.parquet")
     st = ingest(tmp_path / "t.parquet", tmp_path / "s.zarr")
     X, y = read_all(st)
@@ -142,7 +146,9 @@ def test_idx(tmp_path, gz):
     sfx = ".gz" if gz else ""
     write_idx(tmp_path / f"img-idx3-ubyte{sfx}", images, gz)
     write_idx(tmp_path / f"lab-idx1-ubyte{sfx}", labels, gz)
-    st = ingest(tmp_path / f"img-idx3-ubyte{sfx}", tmp_path / "m.zarr", labels=tmp_path / f"lab-idx1-ubyte{sfx}", chunk_rows=128)
+    st = ingest(
+        tmp_path / f"img-idx3-ubyte{sfx}", tmp_path / "m.zarr", labels=tmp_path / f"lab-idx1-ubyte{sfx}", chunk_rows=128
+    )
     X, y = read_all(st)
     assert st.X.dtype == np.uint8 and X.shape == (300, 784) and st.n_chunks == 3
     np.testing.assert_array_equal(X, images.reshape(300, -1))
@@ -151,9 +157,7 @@ def test_idx(tmp_path, gz):
 
 
 def test_missing_policies_and_like(tmp_path):
-    (tmp_path / "train.csv").write_text(
-        "num,cat,label\n1,a,x\n?,b,y\n3,,x\n5,a,y\n7,a,x\n"
-    )
+    (tmp_path / "train.csv").write_text("num,cat,label\n1,a,x\n?,b,y\n3,,x\n5,a,y\n7,a,x\n")
     (tmp_path / "test.csv").write_text("num,cat,label\nNA,zzz,y\n2,b,x\n")
     st = ingest(tmp_path / "train.csv", tmp_path / "tr.zarr")
     X, _ = read_all(st)
@@ -183,7 +187,9 @@ def test_ordinal_encoding_and_drop(tmp_path):
     cats = st.attrs["encodings"][1]["categories"]
     np.testing.assert_array_equal(np.array(cats)[X[:, 1].astype(int)], [f"k{i % 20}" for i in range(200)])
     assert st.classes == ["0", "1"]
-    st = ingest(tmp_path / "t.csv", tmp_path / "o.zarr", encoding="onehot", target="label", task="regression", force=True)
+    st = ingest(
+        tmp_path / "t.csv", tmp_path / "o.zarr", encoding="onehot", target="label", task="regression", force=True
+    )
     assert st.n_features == 1 + 20 + 1 and st.task == "regression"
 
 
@@ -220,8 +226,7 @@ def test_interrupted_ingest_leaves_nothing(tmp_path, monkeypatch):
 
 def _rows(path, delimiter=",", skip_header=False):
     with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f, delimiter=delimiter, skipinitialspace=True)
-                if r and not r[0].startswith("|")]
+        rows = [r for r in csv.reader(f, delimiter=delimiter, skipinitialspace=True) if r and not r[0].startswith("|")]
     return rows[1:] if skip_header else rows
 
 

@@ -74,22 +74,22 @@ def _csv_unlabelled(tmp: Path) -> Store:
 
 
 def _semicolon(tmp: Path) -> Store:
-    (tmp / "euro.csv").write_bytes(
-        "\ufeffa;b;y\n1,5;3;0,25\n2,25;4;1,5\n;5;2\n4;250;3,75\n".encode()
-    )
+    (tmp / "euro.csv").write_bytes("\ufeffa;b;y\n1,5;3;0,25\n2,25;4;1,5\n;5;2\n4;250;3,75\n".encode())
     return ingest(tmp / "euro.csv", tmp / "euro.zarr")
 
 
 def _parquet(tmp: Path) -> Store:
     rng = np.random.default_rng(3)
     n = 1000
-    t = pa.table({
-        "f": pa.array(np.where(np.arange(n) % 13 == 0, np.nan, rng.normal(size=n))),
-        "i": pa.array(rng.integers(0, 50, n)),
-        "s": pa.array([str(v) for v in rng.choice(["u", "v", "w"], n)]).dictionary_encode(),
-        "b": pa.array(rng.random(n) < 0.5),
-        "label": pa.array(rng.integers(0, 4, n)),
-    })
+    t = pa.table(
+        {
+            "f": pa.array(np.where(np.arange(n) % 13 == 0, np.nan, rng.normal(size=n))),
+            "i": pa.array(rng.integers(0, 50, n)),
+            "s": pa.array([str(v) for v in rng.choice(["u", "v", "w"], n)]).dictionary_encode(),
+            "b": pa.array(rng.random(n) < 0.5),
+            "label": pa.array(rng.integers(0, 4, n)),
+        }
+    )
     pq.write_table(t, tmp / "t.parquet", row_group_size=300)
     return ingest(tmp / "t.parquet", tmp / "pq.zarr", chunk_rows=256)
 

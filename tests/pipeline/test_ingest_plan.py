@@ -39,9 +39,16 @@ def profiles_of(columns: dict[str, list]) -> dict[str, _ColumnProfile]:
 
 def training(**kw) -> Training:
     base = dict(
-        path="train.zarr", task="classification", classes=["no", "yes"], target={"name": "y", "kind": "string"},
-        encodings=[{"name": "a", "kind": "numeric", "fill": 0.5}], feature_names=["a"], mean=[0.5], std=[2.0],
-        n_features=1, y_ndim=1,
+        path="train.zarr",
+        task="classification",
+        classes=["no", "yes"],
+        target={"name": "y", "kind": "string"},
+        encodings=[{"name": "a", "kind": "numeric", "fill": 0.5}],
+        feature_names=["a"],
+        mean=[0.5],
+        std=[2.0],
+        n_features=1,
+        y_ndim=1,
     )
     return Training(**{**base, **kw})
 
@@ -64,7 +71,12 @@ def test_table_labels_drop_a_trailing_dot_and_count_numbers_among_strings():
     labels = table_labels(tp)
     assert labels.kind == "string" and labels.strings == {"<=50K": 2, ">50K": 1, "7": 1}
     t = decide_target(labels, None, None, "y")
-    assert (t.task, t.classes, t.class_values, t.string_labels) == ("classification", ["7", "<=50K", ">50K"], None, True)
+    assert (t.task, t.classes, t.class_values, t.string_labels) == (
+        "classification",
+        ["7", "<=50K", ">50K"],
+        None,
+        True,
+    )
     assert t.dtype == np.int32
 
 
@@ -93,11 +105,15 @@ def test_labels_the_training_store_does_not_know_are_refused():
     known = table_labels(profiles_of({"y": ["yes", "no.", "no"]})["y"])
     assert decide_target(known, None, like, "y").classes == ["no", "yes"]
     unknown = table_labels(profiles_of({"y": ["yes", "maybe", "no"]})["y"])
-    with pytest.raises(IngestError, match=r"labels \['maybe'\] are not among the classes of the training store 'train.zarr'"):
+    with pytest.raises(
+        IngestError, match=r"labels \['maybe'\] are not among the classes of the training store 'train.zarr'"
+    ):
         decide_target(unknown, None, like, "y")
     numeric_like = training(classes=["0", "1"], target={"name": "y", "kind": "numeric", "class_values": [0.0, 1.0]})
     with pytest.raises(IngestError, match=r"labels \['2.0'\] are not among the classes"):
-        decide_target(LabelProfile("numeric", values={0.0: 3, 2.0: 1}, kind_from_dtype=True), None, numeric_like, "labels")
+        decide_target(
+            LabelProfile("numeric", values={0.0: 3, 2.0: 1}, kind_from_dtype=True), None, numeric_like, "labels"
+        )
     regression_like = training(task="regression", classes=None, target={"name": "y", "kind": "numeric"})
     with pytest.raises(IngestError, match="holds strings but the training store 'train.zarr' is a regression"):
         decide_target(LabelProfile("string", strings={"a": 1}, kind_from_dtype=True), None, regression_like, "labels")
@@ -130,40 +146,85 @@ def test_plan_table_encodings_layout_and_dtype():
     }
     columns = Columns(["n", "c", "many"], "y")
     plan = plan_table(
-        columns, profiles_of(cols), n_out=68, task=None, encoding="auto", missing="impute", training=None,
+        columns,
+        profiles_of(cols),
+        n_out=68,
+        task=None,
+        encoding="auto",
+        missing="impute",
+        training=None,
         chunk_rows=None,
     )
     assert plan.feature_names == ["n", "c=blue", "c=green", "c=red", "many"]
     assert [(e["name"], e["kind"], e["offset"]) for e in plan.encodings] == [
-        ("n", "numeric", 0), ("c", "onehot", 1), ("many", "ordinal", 4)
+        ("n", "numeric", 0),
+        ("c", "onehot", 1),
+        ("many", "ordinal", 4),
     ]
     assert plan.encodings[1]["fill"] == "red"  # the most frequent category
     assert plan.x_dtype == np.uint8 and plan.chunk_rows > 0 and plan.task == "classification"
     cols["n"][5] = "NA"  # an imputed mean is fractional: float32
     plan = plan_table(
-        columns, profiles_of(cols), n_out=68, task=None, encoding="onehot", missing="impute", training=None,
+        columns,
+        profiles_of(cols),
+        n_out=68,
+        task=None,
+        encoding="onehot",
+        missing="impute",
+        training=None,
         chunk_rows=100,
     )
     assert plan.x_dtype == np.float32 and plan.chunk_rows == 100 and plan.n_features == 21
     with pytest.raises(IngestError, match="every row has a missing value"):
-        plan_table(columns, profiles_of(cols), n_out=0, task=None, encoding="auto", missing="drop", training=None,
-                   chunk_rows=None)
+        plan_table(
+            columns,
+            profiles_of(cols),
+            n_out=0,
+            task=None,
+            encoding="auto",
+            missing="drop",
+            training=None,
+            chunk_rows=None,
+        )
     with pytest.raises(IngestError, match=r"column 'n' has a missing or infinite value \('NA'\) at data row 5"):
-        plan_table(columns, profiles_of(cols), n_out=68, task=None, encoding="auto", missing="reject",
-                   training=None, chunk_rows=None)
+        plan_table(
+            columns,
+            profiles_of(cols),
+            n_out=68,
+            task=None,
+            encoding="auto",
+            missing="reject",
+            training=None,
+            chunk_rows=None,
+        )
 
 
 def test_final_attrs_use_the_training_statistics_under_like():
     xstats, ystats = RunningStats(1), RunningStats(1)
     xstats.update(np.array([[1.0], [3.0]]))
     cols = Columns(["a"], None, training().encodings)
-    plan = plan_table(cols, profiles_of({"a": [1, 3]}), n_out=2, task=None, encoding="auto", missing="impute",
-                      training=training(), chunk_rows=None)
+    plan = plan_table(
+        cols,
+        profiles_of({"a": [1, 3]}),
+        n_out=2,
+        task=None,
+        encoding="auto",
+        missing="impute",
+        training=training(),
+        chunk_rows=None,
+    )
     attrs = plan.final_attrs(xstats, ystats, np.zeros(2, np.int64))
-    assert attrs == {"mean": [0.5], "std": [2.0], "labelled": False,
-                     "target": {"name": None, "kind": "string"}}
-    alone = plan_table(Columns(["a"], "y"), profiles_of({"a": [1, 3], "y": [0.5, 1.5]}), n_out=2, task=None,
-                       encoding="auto", missing="impute", training=None, chunk_rows=None)
+    assert attrs == {"mean": [0.5], "std": [2.0], "labelled": False, "target": {"name": None, "kind": "string"}}
+    alone = plan_table(
+        Columns(["a"], "y"),
+        profiles_of({"a": [1, 3], "y": [0.5, 1.5]}),
+        n_out=2,
+        task=None,
+        encoding="auto",
+        missing="impute",
+        training=None,
+        chunk_rows=None,
+    )
     ystats.update(np.array([[0.5], [1.5]]))
     attrs = alone.final_attrs(xstats, ystats, np.zeros(0, np.int64))
     assert attrs["mean"] == [2.0] and attrs["std"] == [1.0]
@@ -171,8 +232,8 @@ def test_final_attrs_use_the_training_statistics_under_like():
 
 
 @pytest.mark.parametrize(
-    ("dtype", "expected"), [(np.bool_, np.uint8), (">i2", np.int16), (np.uint8, np.uint8), (np.int32, np.float32),
-                            (np.float64, np.float32)],
+    ("dtype", "expected"),
+    [(np.bool_, np.uint8), (">i2", np.int16), (np.uint8, np.uint8), (np.int32, np.float32), (np.float64, np.float32)],
 )
 def test_plan_arrays_dtype_and_fill(dtype, expected):
     labels = LabelProfile("numeric", values={0.0: 2, 1.0: 2}, kind_from_dtype=True)
@@ -186,6 +247,14 @@ def test_plan_arrays_dtype_and_fill(dtype, expected):
 def test_planning_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     columns = select_columns(["a", "y"], target=None, drop=(), training=None, unlabelled=False, src="t.csv")
-    plan_table(columns, profiles_of({"a": [1.5, 2.5], "y": ["u", "v"]}), n_out=2, task=None, encoding="auto",
-               missing="impute", training=None, chunk_rows=None)
+    plan_table(
+        columns,
+        profiles_of({"a": [1.5, 2.5], "y": ["u", "v"]}),
+        n_out=2,
+        task=None,
+        encoding="auto",
+        missing="impute",
+        training=None,
+        chunk_rows=None,
+    )
     assert list(tmp_path.iterdir()) == []

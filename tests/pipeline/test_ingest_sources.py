@@ -189,16 +189,22 @@ def test_like_a_store_without_encodings(tmp_path):
     np.testing.assert_allclose(Xt, X, rtol=1e-6)
     np.testing.assert_array_equal(yt, (A > 0).astype(int))
     ab_csv(tmp_path / "ab.csv")
-    with pytest.raises(IngestError, match=r"no column encodings\) and its features \['x0', 'x1', 'x2'\] are not columns"):
+    with pytest.raises(
+        IngestError, match=r"no column encodings\) and its features \['x0', 'x1', 'x2'\] are not columns"
+    ):
         ingest(tmp_path / "ab.csv", tmp_path / "bad.zarr", like=tr, target="label")
     assert not (tmp_path / "bad.zarr").exists()
 
 
 def test_unseen_categories_warn_per_column(tmp_path):
-    (tmp_path / "tr.csv").write_text("c,d,label\n" + "".join(f"{'uv'[i % 2]},{'pq'[i % 2]},{YN[i]}\n" for i in range(40)))
+    (tmp_path / "tr.csv").write_text(
+        "c,d,label\n" + "".join(f"{'uv'[i % 2]},{'pq'[i % 2]},{YN[i]}\n" for i in range(40))
+    )
     (tmp_path / "te.csv").write_text("c,d,label\nu,p,yes\nw,p,no\nw,z,no\nv,q,yes\n")
     ingest(tmp_path / "tr.csv", tmp_path / "tr.zarr")
-    with pytest.warns(UnseenCategoryWarning, match=r"column 'c': 2 row\(s\), e.g. 'w'; column 'd': 1 row\(s\), e.g. 'z'"):
+    with pytest.warns(
+        UnseenCategoryWarning, match=r"column 'c': 2 row\(s\), e.g. 'w'; column 'd': 1 row\(s\), e.g. 'z'"
+    ):
         te = ingest(tmp_path / "te.csv", tmp_path / "te.zarr", like=tmp_path / "tr.zarr")
     assert te.attrs["source"]["unknown_categories"] == {"c": 2, "d": 1}
 
@@ -253,13 +259,17 @@ def test_npy_structured_and_zero_d_arrays(tmp_path):
 def test_parquet_integers_beyond_2_53(tmp_path):
     big = pa.array([2**62 + i for i in range(120)], pa.int64())
     pq.write_table(pa.table({"big": big, "a": A, "y": (A > 0).astype(np.int64)}), tmp_path / "b.parquet")
-    with pytest.raises(IngestError, match=r"column 'big' holds the integer 4611686018427388\d+, beyond 2\^53.*--drop big"):
+    with pytest.raises(
+        IngestError, match=r"column 'big' holds the integer 4611686018427388\d+, beyond 2\^53.*--drop big"
+    ):
         ingest(tmp_path / "b.parquet", tmp_path / "b.zarr")
     st = ingest(tmp_path / "b.parquet", tmp_path / "b.zarr", drop=["big"])
     assert st.feature_names == ["a"]
     ok = pa.array([2**53 - i for i in range(120)], pa.int64())  # exactly representable: accepted
     pq.write_table(pa.table({"n": ok, "y": (A > 0).astype(np.int64)}), tmp_path / "ok.parquet")
-    np.testing.assert_array_equal(read_all(ingest(tmp_path / "ok.parquet", tmp_path / "ok.zarr"))[0][:2, 0], [2.0**53, 2.0**53])
+    np.testing.assert_array_equal(
+        read_all(ingest(tmp_path / "ok.parquet", tmp_path / "ok.zarr"))[0][:2, 0], [2.0**53, 2.0**53]
+    )
 
 
 @pytest.mark.parametrize(
@@ -273,7 +283,9 @@ def test_parquet_integers_beyond_2_53(tmp_path):
 )
 def test_parquet_unsupported_types_name_the_column(tmp_path, column, kind):
     pq.write_table(pa.table({"a": A, "label": YN, "odd": column}), tmp_path / "t.parquet")
-    with pytest.raises(IngestError, match=rf"column 'odd' has the type {kind}, which is not supported; leave it out with --drop odd"):
+    with pytest.raises(
+        IngestError, match=rf"column 'odd' has the type {kind}, which is not supported; leave it out with --drop odd"
+    ):
         ingest(tmp_path / "t.parquet", tmp_path / "t.zarr", target="label")
     st = ingest(tmp_path / "t.parquet", tmp_path / "t.zarr", drop=["odd"])  # the last column
     assert st.feature_names == ["a"] and st.attrs["target"]["name"] == "label"
@@ -327,7 +339,9 @@ def test_unlabelled_data_under_like(tmp_path):
 
     shown = CliRunner().invoke(cli, ["inspect", str(tmp_path / "n.zarr")])
     assert shown.exit_code == 0, shown.output
-    assert f"labels   none (ingested with --unlabelled, for predict only); classes {', '.join(tr.classes)}" in shown.output
+    assert (
+        f"labels   none (ingested with --unlabelled, for predict only); classes {', '.join(tr.classes)}" in shown.output
+    )
     assert "classes  0:" not in shown.output  # no class counts of zeros standing in for labels
 
 
@@ -348,8 +362,17 @@ def test_unlabelled_store_predicts_like_its_labelled_twin(tmp_path):
     (tmp_path / "new.csv").write_text("a,b\n" + "".join(f"{A[i]},{B[i]}\n" for i in range(40)))
     (tmp_path / "lab.csv").write_text("a,b,label\n" + "".join(f"{A[i]},{B[i]},{YN[i]}\n" for i in range(40)))
     runner = CliRunner()
-    r = runner.invoke(cli, ["ingest", str(tmp_path / "new.csv"), str(tmp_path / "new.zarr"), "--like",
-                            str(tmp_path / "tr.zarr"), "--unlabelled"])
+    r = runner.invoke(
+        cli,
+        [
+            "ingest",
+            str(tmp_path / "new.csv"),
+            str(tmp_path / "new.zarr"),
+            "--like",
+            str(tmp_path / "tr.zarr"),
+            "--unlabelled",
+        ],
+    )
     assert r.exit_code == 0 and "unlabelled: for predict only" in r.output, r.output
     ingest(tmp_path / "lab.csv", tmp_path / "lab.zarr", like=tmp_path / "tr.zarr")
     with (
@@ -363,7 +386,9 @@ def test_unlabelled_store_predicts_like_its_labelled_twin(tmp_path):
             predict_store(model, str(tmp_path / f"{name}.zarr"), str(tmp_path / f"{name}.parquet"), client)
     new, lab = (pq.read_table(tmp_path / f"{n}.parquet").to_pydict() for n in ("new", "lab"))
     assert len(new["prediction"]) == 40 and new == lab
-    back = ingest(tmp_path / "new.parquet", tmp_path / "back.zarr", target="row", task="regression")  # predict's dataset
+    back = ingest(
+        tmp_path / "new.parquet", tmp_path / "back.zarr", target="row", task="regression"
+    )  # predict's dataset
     assert back.n_rows == 40 and all(f.startswith("prediction=") for f in back.feature_names)
     np.testing.assert_array_equal(read_all(back)[1], np.arange(40))
     r = runner.invoke(cli, ["evaluate", str(tmp_path / "run"), str(tmp_path / "new.zarr")])
@@ -387,7 +412,11 @@ def test_command_prints_unseen_category_warnings(tmp_path):
     (tmp_path / "tr.csv").write_text("c,label\n" + "".join(f"{'uv'[i % 2]},{YN[i]}\n" for i in range(40)))
     (tmp_path / "te.csv").write_text("c,label\nu,yes\nw,no\nw,no\n")
     ingest(tmp_path / "tr.csv", tmp_path / "tr.zarr")
-    r = CliRunner().invoke(cli, ["ingest", str(tmp_path / "te.csv"), str(tmp_path / "te.zarr"), "--like",
-                                 str(tmp_path / "tr.zarr"), "--quiet"])
+    r = CliRunner().invoke(
+        cli,
+        ["ingest", str(tmp_path / "te.csv"), str(tmp_path / "te.zarr"), "--like", str(tmp_path / "tr.zarr"), "--quiet"],
+    )
     assert r.exit_code == 0, r.output
-    assert r.stderr.startswith("warning: categories unseen in the training store") and "column 'c': 2 row(s)" in r.stderr
+    assert (
+        r.stderr.startswith("warning: categories unseen in the training store") and "column 'c': 2 row(s)" in r.stderr
+    )

@@ -88,8 +88,15 @@ def test_bounded_memory_streaming(tmp_path):
     # 40 chunks of 1 MB = 40 MB of float32; the loader holds ~buffer + prefetch chunks at a time
     n, f, chunk = 40 * 2048, 128, 2048
     rng = np.random.default_rng(0)
-    with create_store(tmp_path / "big.zarr", f, x_dtype=np.float32, y_dtype=np.int32, chunk_rows=chunk, codec="none",
-                      attrs={"task": "classification", "classes": ["0", "1"]}) as w:
+    with create_store(
+        tmp_path / "big.zarr",
+        f,
+        x_dtype=np.float32,
+        y_dtype=np.int32,
+        chunk_rows=chunk,
+        codec="none",
+        attrs={"task": "classification", "classes": ["0", "1"]},
+    ) as w:
         for _ in range(0, n, chunk):
             w.append(rng.standard_normal((chunk, f), dtype=np.float32), np.zeros(chunk, np.int32))
     st = open_store(tmp_path / "big.zarr")

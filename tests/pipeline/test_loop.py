@@ -17,8 +17,10 @@ SPEC = {"n_in": 5, "hidden": [7], "n_out": 3, "activation": "relu"}
 
 def _batches(n: int, rows: int = 16, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    return [(rng.normal(size=(rows, 5)).astype(np.float32), prepare_targets(rng.integers(0, 3, rows), None))
-            for _ in range(n)]  # fmt: skip
+    return [
+        (rng.normal(size=(rows, 5)).astype(np.float32), prepare_targets(rng.integers(0, 3, rows), None))
+        for _ in range(n)
+    ]
 
 
 def _trainer(optimizer: str, **cfg: object) -> object:
@@ -56,13 +58,17 @@ def test_run_batches_syncs_every_local_steps_and_skips_trained_batches():
     calls: list[tuple[int, int]] = []
     timing: dict[str, float] = {}
     tr = _trainer("sgd")
-    r = run_batches(tr, _batches(7), local_steps=3, sync=lambda n, b, loss: calls.append((n, b)), skip=1,
-                    timing=timing)  # fmt: skip
+    r = run_batches(tr, _batches(7), local_steps=3, sync=lambda n, b, loss: calls.append((n, b)), skip=1, timing=timing)
     assert calls == [(48, 3), (48, 3)]  # six batches after the skipped one: two pushes of three
     assert r["samples"] == 96 and r["batches"] == r["steps"] == 6 and timing["compute"] > 0
     calls.clear()
-    r = run_batches(_trainer("sgd", batch_size=0), _batches(5), full_batch=True, local_steps=2,
-                    sync=lambda n, b, loss: calls.append((n, b)))  # fmt: skip
+    r = run_batches(
+        _trainer("sgd", batch_size=0),
+        _batches(5),
+        full_batch=True,
+        local_steps=2,
+        sync=lambda n, b, loss: calls.append((n, b)),
+    )
     assert calls == [(80, 5)] and r["steps"] == 1  # full batch: one step, one push after it
     assert r["loss"] == pytest.approx(r["row_loss"])
 

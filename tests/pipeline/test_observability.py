@@ -42,12 +42,18 @@ def test_prometheus_metrics_match_the_server_during_training(letter_stores, dash
             seen["versions"] = dash_client.run_on_scheduler(_versions)
 
     train(letter_stores[0], TrainConfig(epochs=2, patience=0), tmp_path / "run", client=dash_client, on_epoch=on_epoch)
-    (job, version), = seen["versions"].items()
+    ((job, version),) = seen["versions"].items()
     text = seen["text"]
     m = re.search(rf'^pipeline_rounds_total{{job="{job}"}} (\S+)$', text, re.M)
     assert m and float(m.group(1)) == version > 0
-    for name in ("pipeline_samples_total", "pipeline_pushes_total", "pipeline_bytes_received_total",
-                 "pipeline_loss", "pipeline_staleness_mean", "pipeline_checkpoint_age_seconds"):
+    for name in (
+        "pipeline_samples_total",
+        "pipeline_pushes_total",
+        "pipeline_bytes_received_total",
+        "pipeline_loss",
+        "pipeline_staleness_mean",
+        "pipeline_checkpoint_age_seconds",
+    ):
         assert re.search(rf'^{name}{{job="{job}"}} \S+$', text, re.M), name
     samples = float(re.search(rf'^pipeline_samples_total{{job="{job}"}} (\S+)$', text, re.M).group(1))
     assert samples >= 2 * 13000  # two epochs of ~14,000 training rows pushed
@@ -66,8 +72,14 @@ def test_training_page_serves_figures_with_the_runs_data(letter_stores, dash_cli
     with pull_session(url=_base(dash_client) + "/pipeline") as session:
         doc = session.document
         names = {m.name for m in doc.select({"type": __import__("bokeh.models").models.Plot})}
-        assert {"pipeline-loss", "pipeline-epochs", "pipeline-throughput", "pipeline-staleness",
-                "pipeline-workers", "pipeline-time"} <= names
+        assert {
+            "pipeline-loss",
+            "pipeline-epochs",
+            "pipeline-throughput",
+            "pipeline-staleness",
+            "pipeline-workers",
+            "pipeline-time",
+        } <= names
         loss_fig = doc.select_one({"name": "pipeline-loss"})
         data = loss_fig.renderers[0].data_source.data
         history = json.loads((tmp_path / "run" / "history.json").read_text())
@@ -95,9 +107,23 @@ def test_task_names_spans_and_fine_metrics(letter_stores, dash_client, tmp_path)
 def test_cli_report_writes_performance_report(letter_stores, tmp_path):
     report = tmp_path / "perf.html"
     proc = subprocess.run(
-        [*CLI, "train", letter_stores[0], "--out", str(tmp_path / "run"),
-         "--set", "epochs=1", "--report", str(report), "-q", "--dashboard-address", "none"],
-        capture_output=True, text=True, timeout=240,
+        [
+            *CLI,
+            "train",
+            letter_stores[0],
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "epochs=1",
+            "--report",
+            str(report),
+            "-q",
+            "--dashboard-address",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr
     text = report.read_text()

@@ -39,9 +39,7 @@ def _plan(store: Store, n_threads: int = 4, val_store: Store | None = None, **kw
 
 
 def test_tasks_cover_every_row_once_in_groups_of_rows_per_task(store):
-    plan, cfg, _ = _plan(
-        store, mode="async", rows_per_task=250, validation=0.1, batch_size=16, local_steps=2
-    )
+    plan, cfg, _ = _plan(store, mode="async", rows_per_task=250, validation=0.1, batch_size=16, local_steps=2)
     assert _rows([r for t in plan.tasks for r in t]) == list(range(store.n_rows))
     # a chunk of 300 rows is cut into equal parts of at most 250 rows, then grouped
     assert all(b - a <= 250 for t in plan.tasks for a, b in t)
@@ -96,12 +94,8 @@ def test_async_work_is_every_task_in_a_seeded_order(store):
     plan, cfg, spec = _plan(store, mode="async", rows_per_task=200)
     work = epoch_work(plan, cfg, 3, {"a": 2, "b": 2}, spec)
     assert [w.name for w in work] == [f"e3-t{j}" for j in task_order(len(plan.tasks), cfg.seed, 3)]
-    assert sorted(w.ranges for w in work) == sorted(plan.tasks) and all(
-        w.workers is None for w in work
-    )
-    assert [w.name for w in epoch_work(plan, cfg, 3, {"a": 2, "b": 2}, spec)] == [
-        w.name for w in work
-    ]
+    assert sorted(w.ranges for w in work) == sorted(plan.tasks) and all(w.workers is None for w in work)
+    assert [w.name for w in epoch_work(plan, cfg, 3, {"a": 2, "b": 2}, spec)] == [w.name for w in work]
     assert task_order(len(plan.tasks), cfg.seed, 4) != task_order(len(plan.tasks), cfg.seed, 3)
 
 
@@ -115,9 +109,7 @@ def test_sync_work_is_one_unpinned_share_of_equal_rows_per_thread(store):
 
 
 def test_federated_work_pins_every_worker_its_share_of_the_tasks(store):
-    plan, cfg, spec = _plan(
-        store, mode="async", placement="federated", rows_per_task=200, validation=0
-    )
+    plan, cfg, spec = _plan(store, mode="async", placement="federated", rows_per_task=200, validation=0)
     work = epoch_work(plan, cfg, 5, {"b": 4, "a": 1}, spec)
     assert [(w.name, w.workers) for w in work] == [("e5-s0", ["a"]), ("e5-s1", ["b"])]
     for k, w in enumerate(work):
@@ -164,12 +156,8 @@ def test_a_resumed_counter_stops_where_the_uninterrupted_one_does():
     first = EarlyStopping(patience=3, min_delta=0.01)
     for v in losses[:2]:
         first.update(v, samples)
-    resumed = EarlyStopping(
-        3, 0.01, 0, first.best_loss, first.best_epoch, epoch=2, seen=2 * samples
-    )
-    assert (
-        [resumed.update(v, samples) for v in losses[2:]] == stops[2:] == [False, False, True, True]
-    )
+    resumed = EarlyStopping(3, 0.01, 0, first.best_loss, first.best_epoch, epoch=2, seen=2 * samples)
+    assert [resumed.update(v, samples) for v in losses[2:]] == stops[2:] == [False, False, True, True]
 
 
 def test_a_run_state_moves_to_the_next_epoch_with_no_task_done():

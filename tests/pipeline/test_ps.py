@@ -25,9 +25,16 @@ N = 10
 
 
 def _plain_step(
-    name: str, p: np.ndarray, g: np.ndarray, lr: float, t: int, bufs: dict,
-    mu: float = 0.9, b1: float = 0.9, b2: float = 0.999,
-) -> np.ndarray:  # fmt: skip
+    name: str,
+    p: np.ndarray,
+    g: np.ndarray,
+    lr: float,
+    t: int,
+    bufs: dict,
+    mu: float = 0.9,
+    b1: float = 0.9,
+    b2: float = 0.999,
+) -> np.ndarray:
     """The server optimizers as plain float32 expressions, a fresh temporary per operation."""
     f = np.float32
     if name == "sgd":
@@ -117,9 +124,7 @@ def test_decode_vector_refuses_unknown_compression():
 
 
 async def _create(c, job, params, **kw):
-    return await c.scheduler.ps_create(
-        job=job, params=to_serialize(params), n_params=int(params.size), **kw
-    )
+    return await c.scheduler.ps_create(job=job, params=to_serialize(params), n_params=int(params.size), **kw)
 
 
 @gen_cluster(client=True)
@@ -308,7 +313,13 @@ async def test_refuses_unknown_job_wrong_length_and_unjoined(c, s, a, b):
     await c.scheduler.ps_join(job="j", name="p")
     with pytest.raises(PSError, match="shape"):
         await c.scheduler.ps_push(
-            job="j", name="p", version=0, delta=to_serialize(np.zeros(N + 1, np.float32)), samples=1, batches=1, loss=0.0
+            job="j",
+            name="p",
+            version=0,
+            delta=to_serialize(np.zeros(N + 1, np.float32)),
+            samples=1,
+            batches=1,
+            loss=0.0,
         )
     with pytest.raises(PSError, match="float32"):
         await c.scheduler.ps_push(
@@ -316,7 +327,13 @@ async def test_refuses_unknown_job_wrong_length_and_unjoined(c, s, a, b):
         )
     with pytest.raises(PSError, match="has not joined"):
         await c.scheduler.ps_push(
-            job="j", name="stranger", version=0, delta=to_serialize(np.zeros(N, np.float32)), samples=1, batches=1, loss=0.0
+            job="j",
+            name="stranger",
+            version=0,
+            delta=to_serialize(np.zeros(N, np.float32)),
+            samples=1,
+            batches=1,
+            loss=0.0,
         )
     with pytest.raises(PSError, match="invalid job id"):
         await c.scheduler.ps_pull(job="../../etc/passwd")
@@ -422,22 +439,37 @@ async def test_ema_average_matches_a_numpy_reference_and_survives_a_checkpoint(c
     st = await c.scheduler.ps_state(job="j")
     buffers = {k: encode_vector(np.asarray(v)) for k, v in st["optimizer_state"]["buffers"].items()}
     await _create(
-        c, "j2", np.asarray(st["params"]), mode="async", optimizer=opt, version=st["version"],
+        c,
+        "j2",
+        np.asarray(st["params"]),
+        mode="async",
+        optimizer=opt,
+        version=st["version"],
         optimizer_state={"t": st["optimizer_state"]["t"], "buffers": buffers},
-    )  # fmt: skip
+    )
     np.testing.assert_array_equal(np.asarray((await c.scheduler.ps_pull(job="j2", model=True))["params"]), model)
     # a state saved without averaging, resumed with it: the average starts from the weights
     no_avg = {k: v for k, v in buffers.items() if k != "average"}
     await _create(
-        c, "j4", np.asarray(st["params"]), mode="async", optimizer=opt, version=st["version"],
+        c,
+        "j4",
+        np.asarray(st["params"]),
+        mode="async",
+        optimizer=opt,
+        version=st["version"],
         optimizer_state={"t": st["optimizer_state"]["t"], "buffers": no_avg},
-    )  # fmt: skip
+    )
     np.testing.assert_array_equal(np.asarray((await c.scheduler.ps_pull(job="j4", model=True))["params"]), raw)
     # a state saved with averaging, resumed without: the average is dropped
     await _create(
-        c, "j5", np.asarray(st["params"]), mode="async", optimizer={**opt, "ema": 0.0}, version=st["version"],
+        c,
+        "j5",
+        np.asarray(st["params"]),
+        mode="async",
+        optimizer={**opt, "ema": 0.0},
+        version=st["version"],
         optimizer_state={"t": st["optimizer_state"]["t"], "buffers": buffers},
-    )  # fmt: skip
+    )
     np.testing.assert_array_equal(np.asarray((await c.scheduler.ps_pull(job="j5", model=True))["params"]), raw)
     with pytest.raises(PSError, match="ema"):
         await _create(c, "j3", np.zeros(N, np.float32), optimizer={"name": "sgd", "ema": 1.0})
@@ -536,7 +568,7 @@ async def test_local_states_round_trip_through_state_and_create(c, s, a, b):
     saved = {
         slot: {"t": v["t"], "lr": v["lr"], "buffers": {k: to_serialize(np.asarray(b)) for k, b in v["buffers"].items()}}
         for slot, v in st["local_states"].items()
-    }  # fmt: skip
+    }
     await _create(c, "k", np.zeros(N, np.float32), mode="sync", local_states=saved)
     back = await c.scheduler.ps_join(job="k", name="e1-s1", slot="s1")
     assert back["local_state"]["t"] == 5 and back["local_state"]["lr"] == 1e-3

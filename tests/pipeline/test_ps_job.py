@@ -38,9 +38,7 @@ def test_sync_round_waits_for_every_participant_and_weights_by_samples() -> None
         job.join("a", key="task-a")
         job.join("b", key="task-b")
         assert job.keys == {"task-a": ("j", "a"), "task-b": ("j", "b")}
-        first = asyncio.ensure_future(
-            job.push("a", 0, np.full(N, 1, np.float32), samples=30, batches=3, loss=1.0)
-        )
+        first = asyncio.ensure_future(job.push("a", 0, np.full(N, 1, np.float32), samples=30, batches=3, loss=1.0))
         assert await _pending(first)  # the barrier holds until "b" has pushed
         assert job.version == 0
         second = await job.push("b", 0, np.full(N, 3, np.float32), samples=10, batches=1, loss=3.0)
@@ -60,9 +58,7 @@ def test_a_participant_leaving_releases_the_round_without_it() -> None:
         job = _job("sync")
         job.join("stays", key="k1")
         job.join("goes", key="k2")
-        push = asyncio.ensure_future(
-            job.push("stays", 0, np.ones(N, np.float32), samples=5, batches=1, loss=0.5)
-        )
+        push = asyncio.ensure_future(job.push("stays", 0, np.ones(N, np.float32), samples=5, batches=1, loss=0.5))
         assert await _pending(push)
         job.leave("goes", summary={"rows": 7})
         r = await asyncio.wait_for(push, 1)
@@ -86,9 +82,7 @@ def test_an_announced_participant_is_waited_for_until_it_joins_or_times_out() ->
         job.expect(names=["early", "late"], keys=[None, "task-late"], epoch=0)
         assert job.keys == {"task-late": ("j", "late")}
         job.join("early")
-        push = asyncio.ensure_future(
-            job.push("early", 0, np.ones(N, np.float32), samples=1, batches=1, loss=0.1)
-        )
+        push = asyncio.ensure_future(job.push("early", 0, np.ones(N, np.float32), samples=1, batches=1, loss=0.1))
         assert await _pending(push)  # "late" was announced: the round waits for it
         job.expire_expected()  # what the waiters do when their wait times out
         r = await asyncio.wait_for(push, 1)
@@ -123,9 +117,7 @@ def test_async_applies_each_delta_at_once_damped_by_its_staleness() -> None:
         job.join("a", worker="w1")
         job.join("b", worker="w2")
         timings = {"read": 0.5, "compute": 1.0}
-        r = await job.push(
-            "a", 0, np.full(N, 2, np.float32), samples=3, batches=1, loss=1.0, timings=timings
-        )
+        r = await job.push("a", 0, np.full(N, 2, np.float32), samples=3, batches=1, loss=1.0, timings=timings)
         assert r["version"] == 1 and r["staleness"] == 0
         np.testing.assert_array_equal(_weights(r), np.full(N, -2, np.float32))
         # "b" pushes from version 0, one round stale: its step is halved (lr / (1 + 1))
@@ -143,9 +135,7 @@ def test_a_non_finite_push_fails_the_job_and_wakes_every_waiter() -> None:
         job = _job("sync")
         job.join("a")
         job.join("b")
-        waiting = asyncio.ensure_future(
-            job.push("a", 0, np.ones(N, np.float32), samples=1, batches=1, loss=0.1)
-        )
+        waiting = asyncio.ensure_future(job.push("a", 0, np.ones(N, np.float32), samples=1, batches=1, loss=0.1))
         assert await _pending(waiting)
         bad = np.full(N, np.nan, np.float32)
         r = await job.push("b", 0, bad, samples=1, batches=1, loss=0.1)

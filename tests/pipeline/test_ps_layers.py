@@ -49,9 +49,7 @@ def test_the_package_holds_the_modules_in_the_documented_order() -> None:
         ours = {m for m in _imports(PACKAGE / f"{name}.py") if m.startswith("pipeline.ps")}
         allowed = {f"pipeline.ps.{m}" for m in ORDER[:i]}
         later = {m for m in ours if not any(m == a or m.startswith(a + ".") for a in allowed)}
-        assert not later, (
-            f"pipeline/ps/{name}.py imports {sorted(later)}: only {ORDER[:i]} come before it"
-        )
+        assert not later, f"pipeline/ps/{name}.py imports {sorted(later)}: only {ORDER[:i]} come before it"
 
 
 @pytest.mark.parametrize("module", ["pipeline.ps", *(f"pipeline.ps.{m}" for m in ORDER)])

@@ -27,8 +27,16 @@ def _write(dest, n=1000, f=5, chunk_rows=128, codec="lz4", **kw):
     rng = np.random.default_rng(0)
     X = rng.integers(0, 255, (n, f), dtype=np.uint8)
     y = rng.integers(0, 3, n).astype(np.int32)
-    with create_store(dest, f, x_dtype=np.uint8, y_dtype=np.int32, chunk_rows=chunk_rows, codec=codec,
-                      attrs={"task": "classification", "classes": ["a", "b", "c"]}, **kw) as w:
+    with create_store(
+        dest,
+        f,
+        x_dtype=np.uint8,
+        y_dtype=np.int32,
+        chunk_rows=chunk_rows,
+        codec=codec,
+        attrs={"task": "classification", "classes": ["a", "b", "c"]},
+        **kw,
+    ) as w:
         for a in range(0, n, 77):  # appends not aligned with chunks
             w.append(X[a : a + 77], y[a : a + 77])
     return X, y
@@ -102,8 +110,9 @@ def test_interrupted_write_leaves_nothing(tmp_path, exc):
 
 def test_fsspec_memory_url():
     url = "memory://pipeline-test/s.zarr"
-    with create_store(url, 2, x_dtype="float32", y_dtype="float32", chunk_rows=4, force=True,
-                      attrs={"task": "regression"}) as w:
+    with create_store(
+        url, 2, x_dtype="float32", y_dtype="float32", chunk_rows=4, force=True, attrs={"task": "regression"}
+    ) as w:
         w.append(np.arange(20, dtype=np.float32).reshape(10, 2), np.arange(10, dtype=np.float32))
     st = open_store(url)
     assert st.n_rows == 10 and st.task == "regression" and st.attrs["codec"] == DEFAULT_CODEC

@@ -110,9 +110,16 @@ def test_epoch_validation_equals_a_separate_pass_over_the_final_weights(mode, em
     test = open_store(letter_stores[1])
     spec, target = build_spec(open_store(letter_stores[0]), cfg)
     sums = client.submit(
-        evaluate_task, letter_stores[1], row_ranges(test, 1 << 20), model_weights, None, spec,
-        task_config(cfg), target, pure=False,
-    ).result()  # fmt: skip
+        evaluate_task,
+        letter_stores[1],
+        row_ranges(test, 1 << 20),
+        model_weights,
+        None,
+        spec,
+        task_config(cfg),
+        target,
+        pure=False,
+    ).result()
     whole = finish_metrics(sums, target)
     assert rec["val_n"] == whole["n"] == test.n_rows
     assert rec["val_accuracy"] == whole["accuracy"]
@@ -135,8 +142,9 @@ def test_split_rows_cuts_ranges_into_equal_consecutive_slices():
 def test_sync_shares_get_equal_rows_whatever_the_tasks(letter_stores, client, tmp_path):
     """rows_per_task 7000 cuts the store into 3 tasks; the two sync shares still train on the
     same number of rows (within one), every row once per epoch."""
-    cfg = TrainConfig(mode="sync", epochs=2, patience=0, rows_per_task=7000, validation_store=letter_stores[1],
-                      min_share_gflop=0)  # fmt: skip
+    cfg = TrainConfig(
+        mode="sync", epochs=2, patience=0, rows_per_task=7000, validation_store=letter_stores[1], min_share_gflop=0
+    )
     res = train(letter_stores[0], cfg, tmp_path / "run", client=client)
     n_rows = open_store(letter_stores[0]).n_rows
     for rec in res.history:
@@ -246,8 +254,14 @@ def test_sync_resume_at_an_epoch_boundary_repeats_the_uninterrupted_run(letter_s
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     # a state belongs to the local optimizer that made it: a changed learning rate starts afresh
     said: list[str] = []
-    train(letter_stores[0], TrainConfig(**{**cfg, "epochs": 4, "lr": 2e-3}), out, client=client,
-          resume=True, log=said.append)  # fmt: skip
+    train(
+        letter_stores[0],
+        TrainConfig(**{**cfg, "epochs": 4, "lr": 2e-3}),
+        out,
+        client=client,
+        resume=True,
+        log=said.append,
+    )
     assert any("fresh local state" in m for m in said), said
 
 
@@ -325,8 +339,15 @@ def test_min_samples_defers_early_stopping(letter_stores, client, tmp_path):
 def small_regression(tmp_path_factory) -> str:
     from pipeline.synth import synth
 
-    return synth(tmp_path_factory.mktemp("small") / "r.zarr", rows=3000, features=5, classes=None,
-                 noise=0.1, seed=3, chunk_rows=500).path  # fmt: skip
+    return synth(
+        tmp_path_factory.mktemp("small") / "r.zarr",
+        rows=3000,
+        features=5,
+        classes=None,
+        noise=0.1,
+        seed=3,
+        chunk_rows=500,
+    ).path
 
 
 def _final_params(out) -> np.ndarray:
@@ -342,8 +363,19 @@ def test_full_batch_epoch_is_one_step_of_gradient_descent(small_regression, clie
     training row, written in plain NumPy."""
     from kernels.mlp import MLPSpec, init_params
 
-    cfg = TrainConfig(hidden=[], batch_size=0, optimizer="sgd", lr=0.1, aggregate="mean", validation=0.0,
-                      patience=0, epochs=3, ema=0.0, min_share_gflop=0, seed=0)  # fmt: skip
+    cfg = TrainConfig(
+        hidden=[],
+        batch_size=0,
+        optimizer="sgd",
+        lr=0.1,
+        aggregate="mean",
+        validation=0.0,
+        patience=0,
+        epochs=3,
+        ema=0.0,
+        min_share_gflop=0,
+        seed=0,
+    )
     res = train(small_regression, cfg, tmp_path / "run", client=client)
     assert [h["rounds"] for h in res.history] == [1, 2, 3]  # one step per epoch
     st = open_store(small_regression)
@@ -435,8 +467,10 @@ def test_class_sorted_rows_give_a_validation_of_every_class_without_overlap(tmp_
         with ChunkLoader(st, ranges=ranges, batch_size=64, normalize=False, holdout={**hold, "keep": keep}) as L:
             batches = list(L.epoch(0))
             assert L.n_rows == sum(len(X) for X, _ in batches)
-        seen[keep] = (np.concatenate([X[:, 0] for X, _ in batches]).astype(int),
-                      np.concatenate([y for _, y in batches]))  # fmt: skip
+        seen[keep] = (
+            np.concatenate([X[:, 0] for X, _ in batches]).astype(int),
+            np.concatenate([y for _, y in batches]),
+        )
     train_ids, val_ids = seen["train"][0], seen["validation"][0]
     assert len(val_ids) == 150 and len(train_ids) == 1350
     assert not set(train_ids) & set(val_ids)
@@ -458,8 +492,7 @@ def test_a_store_too_small_to_hold_out_a_row_warns(tmp_path):
 
 def test_training_on_class_sorted_rows_validates_on_every_class(client, tmp_path):
     st = _sorted_store(tmp_path / "s.zarr", 1500)
-    res = train(st.path, TrainConfig(epochs=2, patience=0, hidden=[8], validation=0.1), tmp_path / "run",
-                client=client)  # fmt: skip
+    res = train(st.path, TrainConfig(epochs=2, patience=0, hidden=[8], validation=0.1), tmp_path / "run", client=client)
     for rec in res.history:
         assert rec["val_n"] == 150
         assert sum(t["samples"] for t in rec["tasks"]) == 1350

@@ -49,8 +49,20 @@ def store(tmp_path_factory) -> str:
 
 def test_a_small_store_trains_in_process_and_its_model_evaluates(store, tmp_path):
     out = tmp_path / "run"
-    r = run("train", store, "--out", str(out), "--set", "epochs=3", "--set", "lr=0.01", "--set", "ema=0", *SMALL,
-            cluster=False)  # fmt: skip
+    r = run(
+        "train",
+        store,
+        "--out",
+        str(out),
+        "--set",
+        "epochs=3",
+        "--set",
+        "lr=0.01",
+        "--set",
+        "ema=0",
+        *SMALL,
+        cluster=False,
+    )
     assert r.returncode == 0, r.stderr
     assert "training in this process: 3,000 rows, under cluster_min_rows = 100,000" in r.stderr
     assert "dask dashboard" not in r.stderr
@@ -72,8 +84,19 @@ def test_in_process_equals_a_one_worker_cluster_and_resumes_in_process(store, tm
     local, cluster = tmp_path / "local", tmp_path / "cluster"
     r = run("train", store, "--out", str(local), "--set", "epochs=2", *SMALL, cluster=False)
     assert r.returncode == 0, r.stderr
-    r = run("train", store, "--out", str(cluster), "--set", "epochs=2", *SMALL,
-            "--workers", "1", "--dashboard-address", "none")  # fmt: skip
+    r = run(
+        "train",
+        store,
+        "--out",
+        str(cluster),
+        "--set",
+        "epochs=2",
+        *SMALL,
+        "--workers",
+        "1",
+        "--dashboard-address",
+        "none",
+    )
     assert r.returncode == 0, r.stderr
     assert "training in this process" not in r.stderr and "dask dashboard" in r.stderr
     assert json.loads((cluster / "history.json").read_text())["installed_by"] != "this process (no cluster)"
@@ -95,8 +118,13 @@ def test_in_process_equals_a_one_worker_cluster_and_resumes_in_process(store, tm
 
 def test_sigterm_in_process_writes_a_checkpoint_that_resumes(store, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(command("train", store, "--out", str(out), "--set", "epochs=5000", *SMALL, cluster=False),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())  # fmt: skip
+    proc = subprocess.Popen(
+        command("train", store, "--out", str(out), "--set", "epochs=5000", *SMALL, cluster=False),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
     try:
         read_until(proc.stderr, "epoch   2")
         proc.send_signal(signal.SIGTERM)
@@ -128,8 +156,20 @@ def test_other_modes_in_process_equal_a_one_worker_cluster(store, tmp_path, extr
     # async: one task after another (each its own shuffle), not one share; full batch: one step
     local, cluster = tmp_path / "local", tmp_path / "cluster"
     assert run("train", store, "--out", str(local), "--set", "epochs=2", *SMALL, *extra, cluster=False).returncode == 0
-    r = run("train", store, "--out", str(cluster), "--set", "epochs=2", *SMALL, *extra,
-            "--workers", "1", "--dashboard-address", "none")  # fmt: skip
+    r = run(
+        "train",
+        store,
+        "--out",
+        str(cluster),
+        "--set",
+        "epochs=2",
+        *SMALL,
+        *extra,
+        "--workers",
+        "1",
+        "--dashboard-address",
+        "none",
+    )
     assert r.returncode == 0, r.stderr
     a, _ = load_file(local / "checkpoint.npz", "checkpoint")
     b, _ = load_file(cluster / "checkpoint.npz", "checkpoint")
