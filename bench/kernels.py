@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bench.protocol import gemm_peak_numpy
 from kernels.mlp import MLPSpec, MLPTrainer, init_params, views
 
 
@@ -32,21 +33,6 @@ from kernels.mlp import MLPSpec, MLPTrainer, init_params, views
 class Row:
     name: str
     samples_per_s: float
-
-
-def gemm_peak(n: int, repeat: int = 3) -> float:
-    """Best fp32 GFLOP/s of an n x n x n NumPy matmul."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    c = np.empty((n, n), dtype=np.float32)
-    np.matmul(a, b, out=c)
-    best = np.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        np.matmul(a, b, out=c)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 def _best_rates(epochs: dict[str, Callable[[], None]], n_samples: int, repeat: int) -> dict:
@@ -150,7 +136,7 @@ def run(quick: bool = False, repeat: int = 5) -> tuple[str, dict[str, float]]:
     X = rng.standard_normal((batch * n_batches, spec.n_in), dtype=np.float32)
     y = rng.integers(0, spec.n_out, size=len(X)).astype(np.int64)
     load = os.getloadavg()[0]
-    peak = gemm_peak(peak_n)
+    peak = gemm_peak_numpy(peak_n)
     w_sizes = [v.size for v in spec.layout() if v.name.startswith("W")]
     flops = 2 * (3 * sum(w_sizes) - w_sizes[0])
     limit = peak * 1e9 / flops

@@ -309,42 +309,42 @@ def one_size(
                 tstream = _torch_stream(path, epochs, (FEATURES, *hidden, 10), c2)
     finally:
         shutil.rmtree(path, ignore_errors=True)
-    out = []
     common = {"store GB (X)": rows * FEATURES / 1e9, "GB on disk": disk / 1e9, "memory binds?": verdict}
-    for e in per_epoch:
-        out.append(
-            {
-                "trainer": "pipeline",
-                **common,
-                "epoch": e["epoch"] + 1,
-                "epoch s": e["seconds"],
-                "samples/s": e["samples"] / e["seconds"],
-                "read from disk MB": e["read_mb"],
-                "page cache MB (epoch end)": e["page_cache_mb"],
-                "peak RSS MB (max process)": e["peak_rss_mb"],
+
+    def epoch_row(trainer: str, e: dict, **extra: Any) -> dict[str, Any]:
+        return {
+            "trainer": trainer,
+            **common,
+            "epoch": e["epoch"] + 1,
+            "epoch s": e["seconds"],
+            "samples/s": e["samples"] / e["seconds"],
+            "read from disk MB": e["read_mb"],
+            "page cache MB (epoch end)": e["page_cache_mb"],
+            "peak RSS MB (max process)": e["peak_rss_mb"],
+            **extra,
+        }
+
+    out = [
+        epoch_row(
+            "pipeline",
+            e,
+            **{
                 "worker RSS before MB": max(base.values()) / 2**20,
                 "generate s": gen,
                 "cache before": cache,
                 "workers lost": restarts,
-            }
+            },
         )
-    for e in tstream:
-        out.append(
-            {
-                "trainer": "pytorch IterableDataset",
-                **common,
-                "epoch": e["epoch"] + 1,
-                "epoch s": e["seconds"],
-                "samples/s": e["samples"] / e["seconds"],
-                "read from disk MB": e["read_mb"],
-                "page cache MB (epoch end)": e["page_cache_mb"],
-                "peak RSS MB (max process)": e["peak_rss_mb"],
-                "worker RSS before MB": None,
-                "generate s": None,
-                "cache before": "dropped?",
-                "workers lost": 0,
-            }
+        for e in per_epoch
+    ]
+    out += [
+        epoch_row(
+            "pytorch IterableDataset",
+            e,
+            **{"worker RSS before MB": None, "generate s": None, "cache before": "dropped?", "workers lost": 0},
         )
+        for e in tstream
+    ]
     if out:
         out[0]["_series"] = s.series
     return out

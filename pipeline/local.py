@@ -26,16 +26,19 @@ import numpy as np
 from pipeline.errors import TrainingError
 from pipeline.loop import (
     FULL_BATCH_ROWS,
+    holdout_selection,
     load_local_state,
     local_state,
     make_trainer,
     prepare_targets,
     run_batches,
 )
+from pipeline.plan import epoch_work
 from pipeline.runstate import RunState
-from pipeline.train import Ranges, Trainer, split_rows, task_config
+from pipeline.train import Ranges, Trainer, task_config
 
 SLOT = "s0"  # the one share's slot, as a cluster's first sync share is named
+SLOT_WORKER = "this process"  # the one "worker" the epoch is planned for
 
 
 # BLAS threads while training in this process: one, as in a Dask worker (its nanny sets
@@ -166,15 +169,9 @@ class LocalTrainer(Trainer):
     def _run_epoch(self, ps: LocalServer, run: RunState, threads: dict[str, int]) -> dict[str, Any]:
         """The epoch's work as a one-thread cluster would run it, in this process: one share of
         every range (sync; federated: in plan order), else the tasks one after the other."""
-        cfg, epoch, tasks, done_tasks = self.cfg, run.epoch, self.epoch_plan.tasks, run.done_tasks
-        rng = np.random.default_rng([cfg.seed, epoch, 104729])
-        order = [int(i) for i in rng.permutation(len(tasks))]
-        if cfg.placement == "federated":
-            work = [(f"e{epoch}-{SLOT}", [r for t in tasks for r in t])]
-        elif cfg.mode == "sync":
-            work = [(f"e{epoch}-{SLOT}", split_rows([r for j in order for r in tasks[j]], 1)[0])]
-        else:
-            work = [(f"e{epoch}-t{j}", tasks[j]) for j in order]
+        epoch, done_tasks = run.epoch, run.done_tasks
+        # the plan's own work for a cluster of one single-threaded worker
+        work = [(w.name, w.ranges) for w in epoch_work(self.epoch_plan, self.cfg, epoch, {SLOT_WORKER: 1}, self.spec)]
         stats = {
             "val": None,
             "val_version": None,
@@ -205,7 +202,6 @@ class LocalTrainer(Trainer):
     def _run_task(self, ps: LocalServer, run: RunState, name: str, ranges: Ranges) -> dict[str, Any]:
         """What :func:`pipeline.worker.train_task` does with ``ranges``, here."""
         from pipeline.loader import ChunkLoader
-        from pipeline.worker import _holdout
 
         cfg, tcfg, epoch = self.cfg, task_config(self.cfg), run.epoch
         if self._trainer is None:
@@ -227,7 +223,7 @@ class LocalTrainer(Trainer):
             buffer_chunks=cfg.shuffle_chunks,
             prefetch=cfg.prefetch,
             normalize=cfg.normalize,
-            holdout=_holdout(tcfg, "train"),
+            holdout=holdout_selection(tcfg, "train"),
         )
 
         def sync(samples: int, batches: int, loss: float) -> None:
@@ -276,7 +272,7 @@ class LocalTrainer(Trainer):
         from pipeline.loader import ChunkLoader
         from pipeline.metrics import evaluate_arrays, finish_metrics, merge_metrics
         from pipeline.store import open_store
-        from pipeline.worker import _holdout, cached_trainer
+        from pipeline.worker import cached_trainer
 
         if not val_ranges:
             return {}
@@ -293,7 +289,7 @@ class LocalTrainer(Trainer):
                 prefetch=cfg.prefetch,
                 mean=None if norm is None else norm["mean"],
                 std=None if norm is None else norm["std"],
-                holdout=_holdout(tcfg, "validation"),
+                holdout=holdout_selection(tcfg, "validation"),
             )
             try:
                 batches = list(loader.epoch(0))

@@ -49,6 +49,13 @@ def make_trainer(spec: Mapping[str, Any], cfg: Mapping[str, Any], params: np.nda
     )
 
 
+def holdout_selection(cfg: Mapping[str, Any], keep: str) -> dict | None:
+    """The loader's row selection when validation rows are held out of the training store
+    (``cfg["holdout"]``): training reads the other rows (``keep="train"``), evaluation those."""
+    held = cfg.get("holdout")
+    return {**held, "keep": keep} if held else None
+
+
 def prepare_targets(y: np.ndarray, target: dict | None) -> np.ndarray:
     """Classification labels as int32; regression targets standardized as float32 2-D."""
     if target is None:

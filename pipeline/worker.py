@@ -29,6 +29,7 @@ from pipeline.errors import TrainingError
 from pipeline.loader import ChunkLoader
 from pipeline.loop import (
     FULL_BATCH_ROWS,
+    holdout_selection,
     load_local_state,
     local_state,
     make_trainer,
@@ -199,13 +200,6 @@ def _allow_profile_sizing() -> None:
         sys.setrecursionlimit(_MIN_RECURSION_LIMIT)
 
 
-def _holdout(cfg: dict, keep: str) -> dict | None:
-    """The loader's row selection when validation rows are held out of the training store
-    (``cfg["holdout"]``): training tasks read the other rows, evaluation reads those."""
-    held = cfg.get("holdout")
-    return {**held, "keep": keep} if held else None
-
-
 def train_task(
     job: str,
     name: str,
@@ -250,7 +244,7 @@ def train_task(
         buffer_chunks=cfg["shuffle_chunks"],
         prefetch=cfg["prefetch"],
         normalize=cfg["normalize"],
-        holdout=_holdout(cfg, "train"),
+        holdout=holdout_selection(cfg, "train"),
     )
     pusher = _Pusher(comm, trainer, loader, name, reply, cfg)
     try:
@@ -357,7 +351,7 @@ def evaluate_ranges(
         prefetch=cfg["prefetch"],
         mean=None if norm is None else norm["mean"],
         std=None if norm is None else norm["std"],
-        holdout=_holdout(cfg, "validation"),
+        holdout=holdout_selection(cfg, "validation"),
     )
     parts = []
     try:
