@@ -120,10 +120,15 @@ class ParameterServer:
         join_timeout: float = 120.0,
         overwrite: bool = False,
         local_states: dict | None = None,
+        aggregator: str = "mean",
+        trim_fraction: float = 0.1,
+        krum_f: int = 1,
+        buffer_size: int = 0,
     ) -> Reply:
         """Create the job on the scheduler. ``optimizer_state`` (server) and ``local_states``
         (sync: slot -> the share's local optimizer state ``{"t", "lr", "buffers"}``) continue a
-        checkpointed run."""
+        checkpointed run. ``aggregator``, ``trim_fraction``, ``krum_f``: how a round's deltas
+        combine (:func:`pipeline.fedagg.aggregate`); ``buffer_size`` > 0: buffered async rounds."""
         params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
         opt_state = encode_opt_state(optimizer_state) if optimizer_state else None
         locals_ = {str(k): encode_opt_state(v) for k, v in local_states.items()} if local_states else None
@@ -146,6 +151,10 @@ class ParameterServer:
             join_timeout=float(join_timeout),
             overwrite=overwrite,
             client=client_id,
+            aggregator=aggregator,
+            trim_fraction=float(trim_fraction),
+            krum_f=int(krum_f),
+            buffer_size=int(buffer_size),
         )
 
     def expect(self, names: list[str], keys: list[str | None], epoch: int | None = None) -> Reply:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from distributed.protocol.serialize import Serialized
 
+from pipeline import fedagg
 from pipeline.errors import PSError
 from pipeline.jobview import JobSnapshot
 from pipeline.optim import Schedule, ServerOptimizer
@@ -62,6 +63,10 @@ class Job:
     damping: bool
     aggregate: str
     owner: str | None
+    aggregator: str = "mean"  # how a round's deltas combine (pipeline.fedagg); "sum" scales it
+    trim_fraction: float = 0.1
+    krum_f: int = 1
+    buffer_size: int = 0
     version: int = 0
     snapshot: np.ndarray | None = None
     snapshot_version: int = -1
@@ -117,9 +122,17 @@ class Job:
         owner: str | None = None,
         local_states: Mapping[str, Any] | None = None,
         keys: dict[str, tuple[str, str]] | None = None,
+        aggregator: str = "mean",
+        trim_fraction: float = 0.1,
+        krum_f: int = 1,
+        buffer_size: int = 0,
     ) -> Job:
         """A job from the arguments of ``ps_create`` (wire-encoded vectors or arrays), every
-        one checked; :class:`PSError` names the first that is wrong."""
+        one checked; :class:`PSError` names the first that is wrong.
+
+        ``aggregator`` (with ``trim_fraction``, ``krum_f``): how a sync round's deltas combine
+        (:func:`pipeline.fedagg.aggregate`); ``aggregate = "sum"`` then scales the result by the
+        number of deltas. ``buffer_size`` > 0 (async jobs): buffered asynchronous rounds (FedBuff)."""
         if not isinstance(n_params, int) or not 0 < n_params <= 2**31 - 1:
             raise PSError(f"n_params must be a positive int, got {n_params!r}")
         if mode not in MODES:
@@ -128,6 +141,11 @@ class Job:
             raise PSError(f"unknown aggregate {aggregate!r}; use 'sum' or 'mean'")
         if not isinstance(staleness, int) or staleness < 0:
             raise PSError(f"staleness must be an int >= 0, got {staleness!r}")
+        fedagg.check(aggregator, trim_fraction, krum_f)
+        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 0:
+            raise PSError(f"buffer_size must be an int >= 0, got {buffer_size!r}")
+        if buffer_size and mode != "async":
+            raise PSError(f"buffer_size (buffered asynchronous rounds) needs mode 'async', not {mode!r}")
         vec = decode_vector(params, n_params, "params").copy()
         opt = ServerOptimizer(**(optimizer or {}), n=n_params)
         if optimizer_state:
@@ -157,6 +175,10 @@ class Job:
             damping=bool(damping),
             aggregate=aggregate,
             owner=owner,
+            aggregator=aggregator,
+            trim_fraction=float(trim_fraction),
+            krum_f=int(krum_f),
+            buffer_size=int(buffer_size),
             version=int(version),
             join_timeout=float(join_timeout),
             progress={str(k): int(v) for k, v in (progress or {}).items()},
@@ -244,23 +266,31 @@ class Job:
             return
         names = sorted(self.pending)  # fixed order: reproducible float sums
         total = sum(self.pending[n][1] for n in names)
-        if self.grad is None:  # kept: no fresh vectors a round
-            self.grad = np.empty_like(self.params)
-        grad = self.grad
-        tmp = self.optimizer.work_vector(self.params)  # free until the step below
-        for i, n in enumerate(names):
-            delta, samples, _ = self.pending[n]
-            weight = np.float32(samples / total if total else 1 / len(names))
-            np.multiply(delta, weight, out=grad if i == 0 else tmp)
-            if i:
-                grad += tmp
-        if self.aggregate == "sum":
-            grad *= np.float32(len(names))
+        grad = self._combine(names)
         losses = [self.pending[n][2] for n in names]
         self.optimizer.step(self.params, grad, self.lr())
         self.version += 1
         self.pending.clear()
         self.after_update(float(np.mean(losses)), total, len(names))
+
+    def _combine(self, names: list[str]) -> np.ndarray:
+        """The combined delta of the pooled deltas of ``names`` (in that order), by the job's
+        aggregator, times their number when ``aggregate = "sum"``. Written into a vector kept
+        between rounds (valid until the next round)."""
+        if self.grad is None:  # kept: no fresh vectors a round
+            self.grad = np.empty_like(self.params)
+        fedagg.aggregate(
+            [self.pending[n][0] for n in names],
+            [self.pending[n][1] for n in names],
+            self.aggregator,
+            trim_fraction=self.trim_fraction,
+            krum_f=self.krum_f,
+            out=self.grad,
+            work=self.optimizer.work_vector(self.params),  # free until the optimizer's step
+        )
+        if self.aggregate == "sum":
+            self.grad *= np.float32(len(names))
+        return self.grad
 
     def after_update(self, loss: float, samples: int, n_deltas: int) -> None:
         """Record a round in the history; a non-finite weight fails the job."""
