@@ -252,3 +252,95 @@ def test_a_real_parameter_server_takes_the_aggregator_from_create(client) -> Non
         ps.close()
     with pytest.raises(PSError, match="unknown aggregator 'avg'"):
         ParameterServer("fedagg-bad", client).create(np.zeros(N, np.float32), aggregator="avg")
+
+
+# -- FedBuff: buffered asynchronous rounds ----------------------------------------------------------
+
+
+def test_fedbuff_steps_once_per_k_deltas_with_staleness_weights() -> None:
+    async def main() -> None:
+        job = _job(mode="async", aggregate="mean", buffer_size=3)
+        for name in ("a", "b", "c", "d"):
+            job.join(name)
+        one = np.ones(N, np.float32)
+        r = await job.push("a", 0, one * 2, samples=10, batches=1, loss=1.0)
+        assert r["version"] == 0 and len(job.buffer) == 1  # buffered, no step yet
+        await job.push("b", 0, one * 4, samples=30, batches=2, loss=2.0)
+        assert job.version == 0 and not job.history
+        r = await job.push("c", 0, one * 8, samples=10, batches=1, loss=3.0)  # the third: one step
+        assert r["version"] == job.version == 1 and not job.buffer
+        # all fresh: the sample-weighted mean (10*2 + 30*4 + 10*8) / 50
+        np.testing.assert_allclose(job.params, -one * 4.4, rtol=1e-6)
+        assert job.history[-1][1:] == (1, 2.0, 50, 3) and job.progress == {"a": 1, "b": 2, "c": 1}
+        # next buffer: "d" pushes from version 0 (1 stale), "a" twice from version 1 (fresh)
+        await job.push("d", 0, one * 3, samples=20, batches=1, loss=0.0)
+        await job.push("a", 1, one, samples=10, batches=1, loss=0.0)
+        assert job.version == 1
+        await job.push("a", 1, one, samples=10, batches=1, loss=0.0)
+        assert job.version == 2 and job.staleness_hist == {0: 5, 1: 1}
+        step = (20 * 3 / np.sqrt(2) + 10 * 1 + 10 * 1) / 40
+        np.testing.assert_allclose(job.params, -one * (4.4 + step), rtol=1e-6)
+
+    asyncio.run(main())
+
+
+def test_fedbuff_buffer_is_in_the_state_and_a_job_resumes_from_it() -> None:
+    async def main() -> None:
+        job = _job(mode="async", aggregate="mean", buffer_size=2, optimizer={"name": "fedadam", "lr": 0.1})
+        job.join("a")
+        job.join("b")
+        await job.push("a", 0, np.full(N, 1, np.float32), samples=4, batches=1, loss=1.0)
+        await job.push("b", 0, np.full(N, 3, np.float32), samples=4, batches=1, loss=1.0)  # a step
+        await job.push("a", 0, np.full(N, 5, np.float32), samples=2, batches=1, loss=1.0)  # 1 stale, buffered
+        st = job.state()
+        assert st["buffer"]["samples"] == [2] and st["buffer"]["staleness"] == [1]
+        twin = Job.create(
+            "j2",
+            st["params"],
+            N,
+            mode="async",
+            aggregate="mean",
+            buffer_size=2,
+            optimizer=st["optimizer"],
+            optimizer_state=st["optimizer_state"],
+            version=st["version"],
+            buffer=st["buffer"],
+        )
+        for j in (job, twin):
+            j.join("b")
+            await j.push("b", 1, np.full(N, 2, np.float32), samples=6, batches=1, loss=1.0)
+        assert job.version == twin.version == 2
+        np.testing.assert_array_equal(job.params, twin.params)
+        with pytest.raises(PSError, match="below buffer_size 2"):
+            Job.create("j3", st["params"], N, mode="async", buffer_size=2, buffer={**st["buffer"], "samples": []})
+
+    asyncio.run(main())
+
+
+def test_fedbuff_refuses_what_it_cannot_combine() -> None:
+    with pytest.raises(PSError, match="combines with aggregator 'mean', not 'median'"):
+        _job(mode="async", buffer_size=2, aggregator="median")
+    with pytest.raises(PSError, match="damping and buffer_size"):
+        _job(mode="async", buffer_size=2, damping=True)
+
+
+def test_a_real_parameter_server_checkpoints_and_restores_the_fedbuff_buffer(client) -> None:
+    ps = ParameterServer("fedbuff-state", client)
+    ps.ensure_installed(client)
+    ps.create(np.zeros(N, np.float32), mode="async", aggregate="mean", buffer_size=3)
+    twin = ParameterServer("fedbuff-resumed", client)
+    try:
+        ps.join("a")
+        ps.push("a", 0, np.full(N, 2, np.float32), samples=5, batches=1, loss=0.5)
+        st = ps.state()
+        assert st["version"] == 0 and list(st["buffer"]["samples"]) == [5]
+        np.testing.assert_array_equal(st["buffer"]["deltas"][0], np.full(N, 2, np.float32))
+        twin.create(st["params"], mode="async", aggregate="mean", buffer_size=3, buffer=st["buffer"])
+        twin.join("b")
+        for _ in range(2):
+            r = twin.push("b", 0, np.full(N, 2, np.float32), samples=5, batches=1, loss=0.5)
+        assert r["version"] == 1  # the restored delta counted towards the three
+        np.testing.assert_allclose(np.asarray(r["params"]), np.full(N, -2, np.float32))
+    finally:
+        ps.close()
+        twin.close()
