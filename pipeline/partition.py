@@ -54,7 +54,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError, StoreError
 from pipeline.loader import held_out_mask
-from pipeline.store import Store, open_store, read_rows_at
+from pipeline.store import Store, open_store, read_rows_at, replace_dir
 
 PARTITIONS = ("iid", "dirichlet", "classes", "column")
 PARTITION_FILES = frozenset({"meta.json", "offsets.npy", "rows.npy", "counts.npy", "shares.npy"})
@@ -406,9 +406,7 @@ def make_partition(
         if shares is not None:
             np.save(tmp / "shares.npy", shares)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        replace_dir(tmp, dest)  # an old partition (force) is set aside until the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -267,3 +267,27 @@ def test_memory_is_chunks_and_clients_not_rows(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert p.sizes().sum() == n
     assert peak < n * 2, peak  # a permutation of the rows is n * 8 bytes, an int32 owner per row n * 4
+
+
+def test_a_loader_over_a_clients_rows_streams_exactly_them(tmp_path: Path) -> None:
+    from pipeline.loader import ChunkLoader
+
+    st = make_store(tmp_path / "s.zarr", n=3000, chunk_rows=500)  # X[:, 0] is the row id
+    p = make_partition(st, 3, "iid", seed=2, out=tmp_path / "p")
+    rows = p.rows(1)[p.rows(1) < 1500]  # chunks 0-2 only
+    os.remove(Path(st.path, "X", "c", "4", "0"))  # never read
+    st = open_store(st.path)
+    with ChunkLoader(st, rows=rows, batch_size=64, normalize=False, seed=1) as loader:
+        assert loader.n_rows == len(rows) and len(loader.units) == 3
+        for epoch in (0, 1):
+            got = np.concatenate([X[:, 0] for X, _ in loader.epoch(epoch)]).astype(np.int64)
+            np.testing.assert_array_equal(np.sort(got), rows)
+    held = {"fraction": 0.2, "seed": 3, "keep": "train"}
+    with ChunkLoader(st, rows=rows, batch_size=64, normalize=False, holdout=held) as loader:
+        keep = rows[~held_out_mask(st, 0, 3000, 0.2, 3)[rows]]
+        got = np.concatenate([X[:, 0] for X, _ in loader.epoch(0)]).astype(np.int64)
+        assert loader.n_rows == len(keep) and np.array_equal(np.sort(got), keep)
+    with pytest.raises(ValueError, match="one of chunks, ranges and rows"):
+        ChunkLoader(st, chunks=[0], rows=rows)
+    with pytest.raises(ValueError, match="outside the store's 3000 rows"):
+        ChunkLoader(st, rows=[5, 3000])
