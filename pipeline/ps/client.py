@@ -120,10 +120,13 @@ class ParameterServer:
         join_timeout: float = 120.0,
         overwrite: bool = False,
         local_states: dict | None = None,
+        compression: str = "none",
+        topk_fraction: float = 0.01,
     ) -> Reply:
         """Create the job on the scheduler. ``optimizer_state`` (server) and ``local_states``
         (sync: slot -> the share's local optimizer state ``{"t", "lr", "buffers"}``) continue a
-        checkpointed run."""
+        checkpointed run. ``compression`` (with ``topk_fraction``): the codec every delta
+        arrives in (:func:`pipeline.ps.wire.compress`); other encodings are refused."""
         params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
         opt_state = encode_opt_state(optimizer_state) if optimizer_state else None
         locals_ = {str(k): encode_opt_state(v) for k, v in local_states.items()} if local_states else None
@@ -146,6 +149,8 @@ class ParameterServer:
             join_timeout=float(join_timeout),
             overwrite=overwrite,
             client=client_id,
+            compression=compression,
+            topk_fraction=float(topk_fraction),
         )
 
     def expect(self, names: list[str], keys: list[str | None], epoch: int | None = None) -> Reply:
@@ -168,8 +173,9 @@ class ParameterServer:
         timings: Mapping[str, float] | None = None,
         timeout: float = 600.0,
     ) -> Reply:
-        """Push ``delta`` (a float32 vector, or one already wrapped by ``encode_vector``)
-        computed from the weights of ``version``; the reply carries the weights to go on from."""
+        """Push ``delta`` (a float32 vector, or one already wrapped by ``encode_vector`` or
+        encoded by :func:`pipeline.ps.wire.compress` in the job's codec) computed from the
+        weights of ``version``; the reply carries the weights to go on from (float32)."""
         wire = encode_vector(delta) if isinstance(delta, np.ndarray) else delta
         return self._send(
             "push",

@@ -27,7 +27,7 @@ from distributed.protocol.serialize import Serialized
 from pipeline.errors import PSError
 from pipeline.jobview import JobSnapshot
 from pipeline.optim import Schedule, ServerOptimizer
-from pipeline.ps.wire import decode_opt_state, decode_vector, encode_opt_state, encode_vector
+from pipeline.ps.wire import CODECS, decode_delta, decode_opt_state, decode_vector, encode_opt_state, encode_vector
 
 logger = logging.getLogger("pipeline.ps")
 
@@ -62,6 +62,8 @@ class Job:
     damping: bool
     aggregate: str
     owner: str | None
+    compression: str = "none"  # the codec every delta of the job arrives in (pipeline.ps.wire)
+    topk_fraction: float = 0.01
     version: int = 0
     snapshot: np.ndarray | None = None
     snapshot_version: int = -1
@@ -117,6 +119,8 @@ class Job:
         owner: str | None = None,
         local_states: Mapping[str, Any] | None = None,
         keys: dict[str, tuple[str, str]] | None = None,
+        compression: str = "none",
+        topk_fraction: float = 0.01,
     ) -> Job:
         """A job from the arguments of ``ps_create`` (wire-encoded vectors or arrays), every
         one checked; :class:`PSError` names the first that is wrong."""
@@ -128,6 +132,10 @@ class Job:
             raise PSError(f"unknown aggregate {aggregate!r}; use 'sum' or 'mean'")
         if not isinstance(staleness, int) or staleness < 0:
             raise PSError(f"staleness must be an int >= 0, got {staleness!r}")
+        if compression not in CODECS:
+            raise PSError(f"unknown compression {compression!r}; use one of {', '.join(CODECS)}")
+        if not isinstance(topk_fraction, float | int) or not 0 < topk_fraction <= 1:
+            raise PSError(f"topk_fraction must be in (0, 1], got {topk_fraction!r}")
         vec = decode_vector(params, n_params, "params").copy()
         opt = ServerOptimizer(**(optimizer or {}), n=n_params)
         if optimizer_state:
@@ -157,6 +165,8 @@ class Job:
             damping=bool(damping),
             aggregate=aggregate,
             owner=owner,
+            compression=compression,
+            topk_fraction=float(topk_fraction),
             version=int(version),
             join_timeout=float(join_timeout),
             progress={str(k): int(v) for k, v in (progress or {}).items()},
@@ -363,9 +373,9 @@ class Job:
             raise PSError(f"push for version {version!r}; the server is at version {self.version}")
         if not isinstance(samples, int) or samples < 0:
             raise PSError(f"samples must be an int >= 0, got {samples!r}")
-        vec = decode_vector(delta, self.params.size, "delta")
+        vec = decode_delta(delta, self.params.size, self.compression, self.topk_fraction)
         loss = float(loss)
-        self.bytes_in += vec.nbytes
+        self.bytes_in += _wire_bytes(delta, vec)
         if not np.isfinite(loss) or not np.isfinite(vec).all():
             what = "loss" if not np.isfinite(loss) else "update"
             self.fail(
@@ -380,10 +390,10 @@ class Job:
             if staleness:
                 # joined just as a round closed: its delta belongs to a finished round
                 return self.reply(dropped=True)
-            # a delta off the wire is this message's own buffer; an in-process caller's array
-            # may change after the call, so that one is copied
+            # a delta off the wire is this message's own buffer (or, compressed, a fresh decoded
+            # array); an in-process caller's array may change after the call, so that one is copied
             self.pending[name] = (
-                vec if isinstance(delta, Serialized) else vec.copy(),
+                vec if isinstance(delta, Serialized) or self.compression != "none" else vec.copy(),
                 samples,
                 loss,
             )
@@ -540,3 +550,13 @@ class Job:
     def view(self, history: bool = False) -> JobSnapshot:
         """The job's public, read-only snapshot (for the dashboard and Prometheus)."""
         return JobSnapshot.from_metrics(self.metrics(history=history))
+
+
+def _wire_bytes(delta: Any, vec: np.ndarray) -> int:
+    """The payload bytes a pushed delta took on the wire (its frames; compressed: every frame)."""
+    if isinstance(delta, Mapping):
+        return sum(_wire_bytes(v, vec) for k, v in delta.items() if k not in ("codec", "n", "k"))
+    if isinstance(delta, Serialized):
+        return sum(len(memoryview(f).cast("B")) for f in delta.frames)
+    data = getattr(delta, "data", delta)
+    return int(data.nbytes) if isinstance(data, np.ndarray) else vec.nbytes
