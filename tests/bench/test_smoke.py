@@ -49,6 +49,15 @@ CASES = {
         "Raw figures: `bench/out/results/out_of_core-quick-",
     ],
     "ps_limits": ["pushes/s", "| 1e+05 | 2 |"],
+    "ps_compression": [
+        "| int8 | 0.",
+        "within 0.5: ",
+        "| topk | 1e+05 | 1 |",
+        "sched ms/push (process)",
+        "| 1M | GPU | none |",
+        "shards for 64 (estimate)",
+        "Raw figures: `bench/out/results/ps_compression-quick-",
+    ],
     "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
     "step_anatomy": ["| GEMMs (9 per step) |", "| cluster start |", "driver (scheduler + PS)"],
     "sklearn_parity": ["| MLPClassifier | iris | 112 / 38 |", "| MLPRegressor | diabetes |"],
@@ -57,7 +66,7 @@ CASES = {
 
 # throughput's smoke run starts five clusters and four fresh processes (cold timings, torch.compile,
 # two-process PyTorch); time_to_accuracy's runs two seeds: minutes on a loaded 2-core machine
-TIMEOUT = {"throughput": 900, "time_to_accuracy": 600, "out_of_core": 420}
+TIMEOUT = {"throughput": 900, "time_to_accuracy": 600, "out_of_core": 420, "ps_compression": 420}
 FIGURES = {"throughput", "time_to_accuracy", "out_of_core", "ps_limits"}  # draw a PNG too
 
 
@@ -124,6 +133,33 @@ def test_full_run_figures_are_published_beside_results(tmp_path: Path, monkeypat
     assert main.publish_figure("kernels", quick=False) is None
     doc = main.render([("T", "python -m bench.x", "| a |", None)], quick=False, figures={"T": "![t](figures/x.png)"})
     assert doc.index("| a |") < doc.index("![t](figures/x.png)")
+
+
+def test_compression_projection_is_the_stated_arithmetic() -> None:
+    """Saturation = push period / scheduler CPU per push, capped by the link in either direction
+    (replies are float32); per-push costs are a + b x params fitted through the measured cells."""
+    from bench.ps_compression import BATCH, GPU_FLOPS, LINKS, LOCAL_STEPS, MODELS, n_params, projection
+
+    rows = [
+        {
+            "codec": c,
+            "params": n,
+            "workers": 1,
+            "sched ms/push (process)": 0.5 + n * 1e-6,
+            "median push ms": 1.0,
+            "MB/push": (4 if c == "none" else 1) * n / 1e6,
+        }
+        for c in ("none", "fp16", "bf16", "topk", "int8")
+        for n in (1_000_000, 10_000_000)
+    ]
+    proj = projection(rows, {"flops": 50e9, "params": 1, "step_s": 1.0})
+    p = n_params(MODELS["1M"])
+    assert p == 784 * 1024 + 1024 + 1024 * 256 + 256 + 256 * 10 + 10
+    r = next(x for x in proj if (x["model"], x["workers"], x["codec"]) == ("1M", "GPU", "int8"))
+    period = LOCAL_STEPS * 6 * p * BATCH / GPU_FLOPS + 1e-3
+    cpu = (0.5 + p * 1e-6) / 1e3
+    assert abs(r["push every ms"] - 1e3 * period) < 1e-6 and abs(r["N (server CPU)"] - period / cpu) < 1e-6
+    assert abs(r["N (10 GbE)"] - min(period / cpu, LINKS["10 GbE"] * period / (4 * p))) < 1e-6
 
 
 def test_main_collect_writes_results(tmp_path: Path) -> None:
