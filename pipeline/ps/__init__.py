@@ -25,7 +25,8 @@ the round at once: no barrier ever waits for the dead.
 The package, from the wire up (each module imports only those above it):
 
 ``wire``
-    Vectors as zero-copy float32 frames, checked from their header without unpickling.
+    Vectors as zero-copy float32 frames, and deltas compressed as fp16, bf16, top-k or int8
+    (with error feedback on the worker), checked from their header without unpickling.
 ``job``
     :class:`Job`: one job's weights, server optimizer (:class:`pipeline.optim.ServerOptimizer`),
     participants and rounds; the rules of the three modes. Needs no scheduler.

@@ -146,20 +146,19 @@ def test_compression_projection_is_the_stated_arithmetic() -> None:
             "params": n,
             "workers": 1,
             "sched ms/push (process)": 0.5 + n * 1e-6,
-            "median push ms": 1.0,
             "MB/push": (4 if c == "none" else 1) * n / 1e6,
         }
         for c in ("none", "fp16", "bf16", "topk", "int8")
         for n in (1_000_000, 10_000_000)
     ]
-    proj = projection(rows, {"flops": 50e9, "params": 1, "step_s": 1.0})
+    proj = projection(rows, {"flops": 50e9, "params": 1, "step_s": 1.0, "step_wall_s": 1.0})
     p = n_params(MODELS["1M"])
     assert p == 784 * 1024 + 1024 + 1024 * 256 + 256 + 256 * 10 + 10
     r = next(x for x in proj if (x["model"], x["workers"], x["codec"]) == ("1M", "GPU", "int8"))
-    period = LOCAL_STEPS * 6 * p * BATCH / GPU_FLOPS + 1e-3
-    cpu = (0.5 + p * 1e-6) / 1e3
-    assert abs(r["push every ms"] - 1e3 * period) < 1e-6 and abs(r["N (server CPU)"] - period / cpu) < 1e-6
-    assert abs(r["N (10 GbE)"] - min(period / cpu, LINKS["10 GbE"] * period / (4 * p))) < 1e-6
+    cpu, bw = (0.5 + p * 1e-6) / 1e3, LINKS["10 GbE"]
+    period = LOCAL_STEPS * 6 * p * BATCH / GPU_FLOPS + cpu + (1 * p + 4 * p) / bw
+    assert abs(r["N 10 GbE"] - min(period / cpu, period * bw / (4 * p))) < 1e-6
+    assert r["binds 10 GbE"] == ("CPU" if period / cpu <= period * bw / (4 * p) else "link")
 
 
 def test_main_collect_writes_results(tmp_path: Path) -> None:
