@@ -42,6 +42,7 @@ BENCHMARKS = [
         "Compressed deltas: accuracy, server cost, where one server saturates",
         "python -m bench.ps_compression",
     ),
+    ("overlap", "Overlap: accuracy with the push in flight", "python -m bench.overlap"),
     ("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets", "python -m bench.sklearn_parity"),
 ]
 

@@ -58,6 +58,7 @@ CASES = {
         "shards for 64 (estimate)",
         "Raw figures: `bench/out/results/ps_compression-quick-",
     ],
+    "overlap": ["| overlap on |", "| overlap off |", "within 0.5: ", "Raw figures: `bench/out/results/overlap-quick-"],
     "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
     "step_anatomy": ["| GEMMs (9 per step) |", "| cluster start |", "driver (scheduler + PS)"],
     "sklearn_parity": ["| MLPClassifier | iris | 112 / 38 |", "| MLPRegressor | diabetes |"],
