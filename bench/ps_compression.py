@@ -20,10 +20,11 @@ gap meets it in at least ``ceil(0.8 x seeds)`` seeds (3 of 3). Datasets: ``lette
 2 epochs).
 
 **Server cost.** ``bench.ps_limits``' zero-compute pushers (async, server SGD), one job per
-codec and size (1e6, 1e7 parameters), 1 and 2 pusher processes: pushes/s, MB/s of wire bytes
-absorbed, median push latency, and the scheduler's CPU time per push (its event-loop thread,
-and its whole process). Validation as in ``bench.ps_limits``: the server's version equals its
-pushes and zero deltas leave the weights unchanged (every codec decodes zeros to zeros).
+codec and size (1e4 for the per-message cost, 1e6, 1e7 parameters), 1 and 2 pusher processes:
+pushes/s, MB/s of wire bytes absorbed, median push latency, and the scheduler's CPU time per
+push (its event-loop thread, and its whole process). Validation as in ``bench.ps_limits``: the
+server's version equals its pushes and zero deltas leave the weights unchanged (every codec
+decodes zeros to zeros).
 
 **Projection.** From those per-push costs: the worker count at which one in-scheduler server
 saturates (its CPU, or its NIC in either direction: replies are float32 whatever the codec), for
@@ -50,7 +51,7 @@ CODECS = ("none", "fp16", "bf16", "topk", "int8")
 # accuracy runs: each codec at its default, and top-k with 10x the default share
 RUNS = {c: {"compression": c} for c in CODECS} | {"topk 10%": {"compression": "topk", "topk_fraction": 0.1}}
 TARGET_POINTS = {"fp16": 0.5, "bf16": 0.5, "topk": 1.0, "topk 10%": 1.0, "int8": 1.0}
-SIZES = (1_000_000, 10_000_000)
+SIZES = (10_000, 1_000_000, 10_000_000)
 PUSHERS = (1, 2)
 GPU_FLOPS = 19.5e12 * 0.5  # A100 fp32 peak (non-tensor-core) at an assumed 50% utilisation
 LINKS = {"10 GbE": 10e9 / 8, "100 GbE": 100e9 / 8}  # line rate, bytes/s each way
@@ -196,21 +197,20 @@ def cpu_step_flops(quick: bool) -> dict[str, float]:
     return {"params": p, "step_s": step, "step_wall_s": wall, "flops": 6 * p * BATCH / step}
 
 
-def _fit(rows: list[dict[str, Any]], codec: str, key: str) -> tuple[float, float]:
-    """``a + b * params`` through ``codec``'s cells, taking per size the smallest figure over the
-    pusher counts (the least disturbed on a shared machine); least squares with a, b >= 0 (a cost
-    does not fall as the vector grows: a noisy negative slope becomes a constant)."""
+def _fit(rows: list[dict[str, Any]], codec: str, key: str, params: int) -> tuple[float, float]:
+    """A per-push cost as ``a + b * params``: ``a`` (the per-message part) is ``codec``'s figure
+    at the smallest size measured, ``b`` the per-parameter rest at the measured size nearest to
+    ``params`` (nearest on a log scale; the costs are not linear over 1e4..1e7 on a machine whose
+    caches and memory bandwidth are shared). Per size the smaller of the pusher counts' figures
+    is taken (the least disturbed)."""
     sizes = sorted({r["params"] for r in rows if r["codec"] == codec})
-    x = np.array(sizes, float)
-    y = np.array([min(r[key] for r in rows if r["codec"] == codec and r["params"] == n) for n in sizes], float)
-    if len(sizes) == 1:
-        return 0.0, float(y[0] / x[0])
-    b, a = np.polyfit(x, y, 1)
-    if b < 0:
-        return float(y.mean()), 0.0
-    if a < 0:
-        return 0.0, float((x * y).sum() / (x * x).sum())
-    return float(a), float(b)
+
+    def at(n: int) -> float:
+        return min(r[key] for r in rows if r["codec"] == codec and r["params"] == n)
+
+    a = at(sizes[0]) if len(sizes) > 1 else 0.0
+    near = min(sizes[1:] or sizes, key=lambda n: abs(math.log(n / params)))
+    return a, max(0.0, (at(near) - a) / near)
 
 
 def handler_cost(n: int, reps: int = 20) -> list[dict[str, Any]]:
@@ -268,8 +268,8 @@ def projection(rows: list[dict[str, Any]], cpu: dict[str, float]) -> list[dict[s
         for kind, flops in (("CPU", cpu["flops"]), ("GPU", GPU_FLOPS)):
             compute = LOCAL_STEPS * 6 * p * BATCH / flops  # seconds of steps between two pushes
             for codec in CODECS:
-                ca, cb = _fit(rows, codec, "sched ms/push (process)")
-                ba, bb = _fit(rows, codec, "MB/push")
+                ca, cb = _fit(rows, codec, "sched ms/push (process)", p)
+                ba, bb = _fit(rows, codec, "MB/push", p)
                 cpu_push = (ca + cb * p) / 1e3  # scheduler seconds per push
                 bytes_in = (ba + bb * p) * 1e6
                 bytes_out = 4.0 * p  # the reply: float32 weights
@@ -319,8 +319,9 @@ def projection_text(proj: list[dict[str, Any]], cpu: dict[str, float]) -> str:
         f"parameters), 100M = MLP {MODELS['100M']} ({n_params(MODELS['100M']):,}). A worker (overlap off, the "
         "default) pushes every compute + latency, the latency being the push's own cost: its bytes in over "
         "the link, the scheduler's CPU for it, the float32 reply back (queueing excluded). Scheduler CPU per "
-        "push (whole process) and wire bytes per push fitted as a + b x params through the measured 1e6 and "
-        "1e7 cells above, per size the smaller of the 1- and 2-pusher figures (the 100M rows extrapolate). "
+        "push (whole process) and wire bytes per push as a + b x params: a = the 1e4 cell (the per-message "
+        "part), b = the per-parameter rest at the nearest measured size (1e6 for 1M, 1e7 for 100M: an "
+        "extrapolation), per size the smaller of the 1- and 2-pusher figures. "
         "N = workers at which the server saturates, "
         "the smaller of its CPU (period / CPU per push) and its link (period x line rate / the larger of bytes "
         "in and out); 'binds' says which. Replies are float32 whatever the codec, so compression never "

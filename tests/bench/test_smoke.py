@@ -138,28 +138,38 @@ def test_full_run_figures_are_published_beside_results(tmp_path: Path, monkeypat
 
 def test_compression_projection_is_the_stated_arithmetic() -> None:
     """Saturation = push period / scheduler CPU per push, capped by the link in either direction
-    (replies are float32); per-push costs are a + b x params fitted through the measured cells."""
+    (replies are float32); a per-push cost is the smallest size's figure plus the per-parameter
+    rest at the nearest measured size, the least disturbed pusher count per size."""
     from bench.ps_compression import BATCH, GPU_FLOPS, LINKS, LOCAL_STEPS, MODELS, n_params, projection
+
+    def cost(n: int, workers: int) -> float:
+        return 0.5 + n * (1e-6 if n < 5e6 else 3e-6) + (workers - 1)
 
     rows = [
         {
             "codec": c,
             "params": n,
-            "workers": 1,
-            "sched ms/push (process)": 0.5 + n * 1e-6,
+            "workers": w,
+            "sched ms/push (process)": cost(n, w),
             "MB/push": (4 if c == "none" else 1) * n / 1e6,
         }
         for c in ("none", "fp16", "bf16", "topk", "int8")
-        for n in (1_000_000, 10_000_000)
+        for n in (10_000, 1_000_000, 10_000_000)
+        for w in (1, 2)
     ]
     proj = projection(rows, {"flops": 50e9, "params": 1, "step_s": 1.0, "step_wall_s": 1.0})
     p = n_params(MODELS["1M"])
     assert p == 784 * 1024 + 1024 + 1024 * 256 + 256 + 256 * 10 + 10
     r = next(x for x in proj if (x["model"], x["workers"], x["codec"]) == ("1M", "GPU", "int8"))
-    cpu, bw = (0.5 + p * 1e-6) / 1e3, LINKS["10 GbE"]
+    a = cost(10_000, 1)
+    cpu, bw = (a + (cost(1_000_000, 1) - a) / 1e6 * p) / 1e3, LINKS["10 GbE"]
+    assert abs(r["sched ms/push"] - 1e3 * cpu) < 1e-9
     period = LOCAL_STEPS * 6 * p * BATCH / GPU_FLOPS + cpu + (1 * p + 4 * p) / bw
     assert abs(r["N 10 GbE"] - min(period / cpu, period * bw / (4 * p))) < 1e-6
     assert r["binds 10 GbE"] == ("CPU" if period / cpu <= period * bw / (4 * p) else "link")
+    big = next(x for x in proj if (x["model"], x["workers"], x["codec"]) == ("100M", "CPU", "none"))
+    p100 = n_params(MODELS["100M"])
+    assert abs(big["sched ms/push"] - (a + (cost(10_000_000, 1) - a) / 1e7 * p100)) < 1e-6
 
 
 def test_main_collect_writes_results(tmp_path: Path) -> None:
