@@ -164,7 +164,8 @@ def test_compression_projection_is_the_stated_arithmetic() -> None:
     a = cost(10_000, 1)
     cpu, bw = (a + (cost(1_000_000, 1) - a) / 1e6 * p) / 1e3, LINKS["10 GbE"]
     assert abs(r["sched ms/push"] - 1e3 * cpu) < 1e-9
-    period = LOCAL_STEPS * 6 * p * BATCH / GPU_FLOPS + cpu + (1 * p + 4 * p) / bw
+    bytes_in = 1e6 * (0.01 + (1.0 - 0.01) / 1e6 * p)  # int8 rows above: 1 byte per parameter
+    period = LOCAL_STEPS * 6 * p * BATCH / GPU_FLOPS + cpu + (bytes_in + 4 * p) / bw
     assert abs(r["N 10 GbE"] - min(period / cpu, period * bw / (4 * p))) < 1e-6
     assert r["binds 10 GbE"] == ("CPU" if period / cpu <= period * bw / (4 * p) else "link")
     big = next(x for x in proj if (x["model"], x["workers"], x["codec"]) == ("100M", "CPU", "none"))
