@@ -55,7 +55,7 @@ CASES = {
         "| topk | 1e+05 | 1 |",
         "sched ms/push (process)",
         "| 1M | GPU | none |",
-        "shards for 64 (estimate)",
+        "shards for 64, 100 GbE (estimate)",
         "Raw figures: `bench/out/results/ps_compression-quick-",
     ],
     "overlap": ["| overlap on |", "| overlap off |", "within 0.5: ", "Raw figures: `bench/out/results/overlap-quick-"],
