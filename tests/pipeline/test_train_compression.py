@@ -56,3 +56,22 @@ def test_topk_without_error_feedback_learns_less_in_process(letter_stores, clien
     acc_none = evaluate_store(plain.model, letter_stores[1], client)["accuracy"]
     assert acc[True] > 0.5 and acc[True] > acc[False] + 0.2, (acc, acc_none)
     assert acc_none >= acc[True] - 0.02, (acc, acc_none)
+
+
+@pytest.mark.timeout(300)
+def test_a_resumed_compressed_run_repeats_the_uninterrupted_one(letter_stores, client, tmp_path):
+    """int8 rounds to nearest and the shares' residuals are checkpointed with their local state:
+    a sync run stopped after its first epoch and resumed ends with the weights and residuals of a
+    run that was never stopped, bit for bit."""
+    cfg = {"epochs": 2, "patience": 0, "min_share_gflop": 0, "compression": "int8"}
+    straight = train(letter_stores[0], TrainConfig(**cfg), tmp_path / "straight", client=client)
+    out = tmp_path / "cut"
+    train(letter_stores[0], TrainConfig(**{**cfg, "epochs": 1}), out, client=client)
+    resumed = train(letter_stores[0], TrainConfig(**cfg), out, client=client, resume=True)
+    np.testing.assert_array_equal(resumed.model.params, straight.model.params)
+    a, b = (read_checkpoint(p / "checkpoint.npz") for p in (out, tmp_path / "straight"))
+    np.testing.assert_array_equal(a.params, b.params)
+    assert sorted(a.local_states) == sorted(b.local_states) == ["s0", "s1"]
+    for slot in a.local_states:
+        ra, rb = (c.local_states[slot]["buffers"][DeltaCompressor.RESIDUAL] for c in (a, b))
+        np.testing.assert_array_equal(ra, rb, err_msg=slot)
