@@ -52,7 +52,11 @@ from pipeline.ps.extension import EXTENSION_NAME, ROUTES, ParameterServerExtensi
 from pipeline.ps.install import InstallParameterServer, dask_setup, install, register_dashboard_page
 from pipeline.ps.job import MODES, Job, Participant
 from pipeline.ps.wire import (
+    CODECS,
+    DeltaCompressor,
     check_job_id,
+    compress,
+    decode_delta,
     decode_opt_state,
     decode_vector,
     encode_opt_state,
@@ -60,10 +64,12 @@ from pipeline.ps.wire import (
 )
 
 __all__ = [
+    "CODECS",
     "EXTENSION_NAME",
     "MODES",
     "ROUTES",
     "SERVER_OPTIMIZERS",
+    "DeltaCompressor",
     "InstallParameterServer",
     "Job",
     "PSError",
@@ -72,7 +78,9 @@ __all__ = [
     "Participant",
     "ServerOptimizer",
     "check_job_id",
+    "compress",
     "dask_setup",
+    "decode_delta",
     "decode_opt_state",
     "decode_vector",
     "encode_opt_state",
