@@ -37,6 +37,12 @@ BENCHMARKS = [
     ("step_anatomy", "Where a training step and a cold `pipeline train` go", "python -m bench.step_anatomy"),
     ("out_of_core", "Out of core: memory, throughput, disk", "python -m bench.out_of_core --sizes {ooc}"),
     ("ps_limits", "Parameter-server limits", "python -m bench.ps_limits"),
+    (
+        "ps_compression",
+        "Compressed deltas: accuracy, server cost, where one server saturates",
+        "python -m bench.ps_compression",
+    ),
+    ("overlap", "Overlap: accuracy with the push in flight", "python -m bench.overlap"),
     ("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets", "python -m bench.sklearn_parity"),
     ("fed_strategies", "Robust aggregation against a Byzantine client", "python -m bench.fed_strategies"),
 ]

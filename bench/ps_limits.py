@@ -38,12 +38,16 @@ SIZES = (10_000, 100_000, 1_000_000, 10_000_000)
 WORKERS = (1, 2, 4, 8)
 
 
-def push_loop(job: str, name: str, n: int, start: float, seconds: float) -> dict[str, Any]:
-    """Runs on a worker: join, push zero deltas until the window closes, leave."""
+def push_loop(
+    job: str, name: str, n: int, start: float, seconds: float, compression: str = "none", topk_fraction: float = 0.01
+) -> dict[str, Any]:
+    """Runs on a worker: join, push zero deltas (encoded once with ``compression``) until the
+    window closes, leave."""
     from distributed import get_worker
 
     from pipeline.allocator import restore_mmap_threshold
-    from pipeline.ps import ParameterServer, encode_vector
+    from pipeline.ps import ParameterServer
+    from pipeline.ps.wire import compress
 
     restore_mmap_threshold()  # as every training task does first (pipeline/allocator.py)
     ps = ParameterServer(job)
@@ -51,7 +55,7 @@ def push_loop(job: str, name: str, n: int, start: float, seconds: float) -> dict
     reply = ps.soon.join(name, key=w.get_current_task(), worker=w.address).result()
     version = int(reply["version"])
     delta = np.zeros(n, np.float32)
-    enc = encode_vector(delta)
+    enc = compress(delta, compression, topk_fraction)[0]
     while time.time() < start:
         time.sleep(0.001)
     end = start + seconds
@@ -68,7 +72,23 @@ def push_loop(job: str, name: str, n: int, start: float, seconds: float) -> dict
     return {"pushes": done, "latency_ms": 1e3 * float(np.median(lat)) if lat else float("nan")}
 
 
-def measure(client: Any, n_workers: int, n: int, seconds: float, optimizer: str = "sgd") -> dict[str, Any]:
+def _scheduler_cpu(dask_scheduler: Any) -> tuple[float, float]:
+    """CPU seconds of the scheduler's event-loop thread and of its whole process."""
+    return time.thread_time(), time.process_time()
+
+
+def measure(
+    client: Any,
+    n_workers: int,
+    n: int,
+    seconds: float,
+    optimizer: str = "sgd",
+    compression: str = "none",
+    topk_fraction: float = 0.01,
+) -> dict[str, Any]:
+    """One cell: ``n_workers`` pushers of ``n``-parameter zero deltas in ``compression``; with
+    the scheduler's CPU per push (event-loop thread, and whole process: the process also holds
+    the idle driver and Dask's offload thread, which deserializes messages over 10 MiB)."""
     import uuid
 
     from pipeline.ps import ParameterServer
@@ -76,23 +96,42 @@ def measure(client: Any, n_workers: int, n: int, seconds: float, optimizer: str 
     job = f"psbench-{uuid.uuid4().hex[:8]}"
     ps = ParameterServer(job, client)
     p0 = np.ones(n, np.float32)
-    ps.create(p0, mode="async", optimizer={"name": optimizer, "lr": 1.0})
+    ps.create(
+        p0, mode="async", optimizer={"name": optimizer, "lr": 1.0}, compression=compression, topk_fraction=topk_fraction
+    )
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     start = time.time() + 1.0 + n * 4e-8 * n_workers  # time to ship the job's weights to everyone
     futs = [
-        client.submit(push_loop, job, f"w{i}", n, start, seconds, workers=[w], pure=False, key=f"ps-push-{job}-{i}")
+        client.submit(
+            push_loop,
+            job,
+            f"w{i}",
+            n,
+            start,
+            seconds,
+            compression,
+            topk_fraction,
+            workers=[w],
+            pure=False,
+            key=f"ps-push-{job}-{i}",
+        )
         for i, w in enumerate(workers[:n_workers])
     ]
+    cpu0 = client.run_on_scheduler(_scheduler_cpu)
+    m0 = ps.metrics()
     res = client.gather(futs)
+    cpu1 = client.run_on_scheduler(_scheduler_cpu)
     params, version = ps.pull()
     m = ps.metrics()
     ps.close()
     pushes = sum(r["pushes"] for r in res)
+    all_pushes = m["pushes"] - m0["pushes"]  # every push between the two CPU readings
+    wire = (m["bytes_in"] - m0["bytes_in"]) / max(all_pushes, 1)
     if not np.array_equal(params, p0):  # zero deltas move no optimizer's weights
         raise AssertionError("zero deltas changed the weights")
     if version != m["pushes"] or version < pushes:
         raise AssertionError(f"server version {version} vs {m['pushes']} pushes reported, {pushes} counted")
-    return {
+    out = {
         "params": n,
         "workers": n_workers,
         "MB/push": 4 * n / 1e6,
@@ -100,6 +139,11 @@ def measure(client: Any, n_workers: int, n: int, seconds: float, optimizer: str 
         "MB/s in": pushes * 4 * n / 1e6 / seconds,
         "median push ms": float(np.median([r["latency_ms"] for r in res])),
     }
+    if compression != "none":
+        out = {"codec": compression, **out, "MB/push": wire / 1e6, "MB/s in": pushes * wire / 1e6 / seconds}
+    out["sched ms/push (loop)"] = 1e3 * (cpu1[0] - cpu0[0]) / max(all_pushes, 1)
+    out["sched ms/push (process)"] = 1e3 * (cpu1[1] - cpu0[1]) / max(all_pushes, 1)
+    return out
 
 
 def run(
@@ -122,7 +166,15 @@ def run(
         f"single-threaded worker processes on this machine (loopback TCP); load average before {load0:.2f}, "
         f"after {load():.2f}"
     )
-    fmt = {"params": ".0e", "MB/push": ".2f", "pushes/s": ",.0f", "MB/s in": ",.0f", "median push ms": ".2f"}
+    fmt = {
+        "params": ".0e",
+        "MB/push": ".2f",
+        "pushes/s": ",.0f",
+        "MB/s in": ",.0f",
+        "median push ms": ".2f",
+        "sched ms/push (loop)": ".2f",
+        "sched ms/push (process)": ".2f",
+    }
     return head + "\n\n" + md_table(rows, fmt), rows
 
 

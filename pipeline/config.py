@@ -27,6 +27,7 @@ MODES = ("sync", "async", "ssp")
 SCHEDULES = ("constant", "step", "cosine")
 BACKENDS = ("auto", "cpu", "numpy", "cuda")
 PLACEMENTS = ("dynamic", "federated")
+COMPRESSIONS = ("none", "fp16", "bf16", "topk", "int8")  # pipeline.ps.wire.CODECS
 MAX_WIDTH = 1 << 16
 MAX_PARAMS = 1 << 28
 MAX_SEED = (1 << 32) - 1  # seeds NumPy's generators, which take no negative seed
@@ -72,6 +73,12 @@ class TrainConfig:
     step_size: int = 1000  # step schedule: rounds between decays
     gamma: float = 0.5  # step schedule: decay factor
     ema: float = 0.999  # average the weights over rounds (decay <= ema): the model validated and saved; 0 = off
+    # deltas on the wire: none (float32) | fp16 | bf16 (half the bytes) | topk (the largest
+    # topk_fraction of entries, ~8 bytes each) | int8 (a quarter, a float32 scale per 4096 entries).
+    # Replies (weights) stay float32. bench/README.md, "Compressed deltas", has the accuracy cost.
+    compression: str = "none"
+    topk_fraction: float = 0.01  # topk: share of a delta's entries sent per push (k = ceil(fraction x n))
+    error_feedback: bool = True  # keep what compression dropped on the worker and add it to the next delta
     # --- data and epochs ---------------------------------------------------------------------
     epochs: int = 100  # maximum number of passes over the training rows (early stopping ends sooner)
     patience: int = 5  # stop after this many epochs without validation improvement (0 = never)
@@ -165,6 +172,8 @@ class TrainConfig:
             ("step_size", self.step_size >= 1, ">= 1"),
             ("gamma", 0 < self.gamma <= 1, "in (0, 1]"),
             ("ema", 0 <= self.ema < 1, "in [0, 1) (0 = off, e.g. 0.999)"),
+            ("compression", self.compression in COMPRESSIONS, f"one of {COMPRESSIONS}"),
+            ("topk_fraction", 0 < self.topk_fraction <= 1, "in (0, 1] (e.g. 0.01: 1% of the entries per push)"),
             ("checkpoint_seconds", self.checkpoint_seconds > 0, "> 0"),
             ("join_timeout", self.join_timeout > 0, "> 0"),
             ("barrier_timeout", self.barrier_timeout > 0, "> 0"),

@@ -34,6 +34,7 @@ from pipeline.loop import (
     run_batches,
 )
 from pipeline.plan import epoch_work
+from pipeline.ps.wire import DeltaCompressor
 from pipeline.runstate import RunState
 from pipeline.train import Ranges, Trainer, task_config
 
@@ -145,6 +146,7 @@ class LocalTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._trainer: Any = None
+        self._residual: np.ndarray | None = None  # async/ssp: the error-feedback residual between tasks
         self._val_batches: list | None = None
 
     def fit(self) -> Any:
@@ -211,6 +213,15 @@ class LocalTrainer(Trainer):
             load_local_state(trainer, ps.local_states.get(SLOT))
         trainer.set_params(ps.params)
         anchor = trainer.get_params()
+        # compressed deltas as a cluster's push sends them, error feedback included (the residual
+        # stays with the share's local state, as on a cluster): the same weights as a one-worker run
+        saved = ps.local_states.get(SLOT) if cfg.mode == "sync" else None
+        compressor = DeltaCompressor(
+            cfg.compression,
+            cfg.topk_fraction,
+            cfg.error_feedback,
+            (saved or {}).get("buffers", {}).get(DeltaCompressor.RESIDUAL) if cfg.mode == "sync" else self._residual,
+        )
         full_batch = cfg.batch_size == 0
         if full_batch:
             trainer.discard_accumulated()
@@ -228,7 +239,8 @@ class LocalTrainer(Trainer):
 
         def sync(samples: int, batches: int, loss: float) -> None:
             nonlocal anchor
-            fresh = ps.push(name, anchor - trainer.get_params(), samples, batches, loss)
+            _, sent = compressor(anchor - trainer.get_params())
+            fresh = ps.push(name, sent, samples, batches, loss)
             trainer.set_params(fresh)
             anchor = trainer.get_params()
             if time.monotonic() - run.last_checkpoint > cfg.checkpoint_seconds:
@@ -256,6 +268,10 @@ class LocalTrainer(Trainer):
             loader.close()
         if cfg.mode == "sync":
             ps.local_states[SLOT] = local_state(trainer)
+            if compressor.residual is not None:
+                ps.local_states[SLOT]["buffers"][DeltaCompressor.RESIDUAL] = compressor.residual
+        else:
+            self._residual = compressor.residual
         total = time.perf_counter() - t0
         return {
             "samples": r["samples"],

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.ps.wire import DeltaCompressor
+
 # batch_size = 0 (full batch): rows per piece over which a task accumulates its gradient, so
 # that memory stays that of one minibatch whatever the number of rows
 FULL_BATCH_ROWS = 4096
@@ -78,13 +80,13 @@ def local_state(trainer: Any) -> dict[str, Any]:
 
 def load_local_state(trainer: Any, state: Mapping[str, Any] | None) -> None:
     """Reset ``trainer``'s local optimizer, then restore ``state`` (:func:`local_state`'s
-    format) into it when there is one."""
+    format) into it when there is one. An error-feedback residual kept beside the optimizer's
+    buffers (:class:`pipeline.ps.wire.DeltaCompressor`) is not the optimizer's and is skipped."""
     trainer.reset_optimizer()
     if state:
         lr = {} if state.get("lr") is None else {"lr": state["lr"]}  # none saved: the config's
-        trainer.optimizer.load_state_dict(
-            {"t": state["t"], **lr, **{f"opt.{k}": v for k, v in state["buffers"].items()}}
-        )
+        buffers = {k: v for k, v in state["buffers"].items() if k != DeltaCompressor.RESIDUAL}
+        trainer.optimizer.load_state_dict({"t": state["t"], **lr, **{f"opt.{k}": v for k, v in buffers.items()}})
 
 
 def run_batches(

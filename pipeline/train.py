@@ -110,7 +110,7 @@ def task_config(cfg: TrainConfig) -> dict[str, Any]:
     tasks then skip those rows and evaluation tasks read only them (pipeline.loader)."""
     keys = (
         "optimizer lr momentum beta1 beta2 rho weight_decay batch_size local_steps overlap backend seed "
-        "shuffle_chunks prefetch normalize barrier_timeout mmap_threshold_mb"
+        "shuffle_chunks prefetch normalize barrier_timeout mmap_threshold_mb compression topk_fraction error_feedback"
     ).split()
     out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
     if cfg.validation > 0 and not cfg.validation_store:
@@ -614,6 +614,8 @@ class Trainer:
             progress=ckpt.progress if ckpt else None,
             epoch=run.epoch,
             join_timeout=cfg.join_timeout,
+            compression=cfg.compression,
+            topk_fraction=cfg.topk_fraction,
         )
         self.log(
             f"job {self.job}: {len(plan.tasks)} tasks per epoch over {self.store.n_rows:,} rows, "

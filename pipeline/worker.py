@@ -38,12 +38,16 @@ from pipeline.loop import (
 )
 from pipeline.metrics import evaluate_arrays, merge_metrics, plain_metrics
 from pipeline.ps import ParameterServer
+from pipeline.ps.wire import DeltaCompressor
 from pipeline.store import open_store
 
 logger = logging.getLogger(__name__)
 
 _CACHE_SIZE = 8
 _trainers: OrderedDict[tuple, Any] = OrderedDict()
+# async/ssp: a worker thread's error-feedback residual per job, kept from one task to the next as
+# the thread's local optimizer state is (sync shares carry theirs with their local state)
+_residuals: OrderedDict[tuple, np.ndarray] = OrderedDict()
 _stores: OrderedDict[str, Any] = OrderedDict()
 _lock = threading.Lock()
 
@@ -133,10 +137,24 @@ class _Pusher:
 
     A push sends ``delta = anchor - w_local``. Without ``overlap`` the reply replaces the local
     weights; with it the reply is folded in at the next push boundary, keeping the progress
-    made while it travelled: ``w_local = w_server + (w_local - w_at_push)``."""
+    made while it travelled: ``w_local = w_server + (w_local - w_at_push)``.
 
-    def __init__(self, comm: _Comm, trainer: Any, loader: ChunkLoader, name: str, joined: dict, cfg: dict) -> None:
+    With ``compression`` the delta travels encoded (``compressor``); with error feedback what the
+    encoding dropped stays in ``compressor.residual`` and goes out with the next push. The
+    reply's weights are float32 either way."""
+
+    def __init__(
+        self,
+        comm: _Comm,
+        trainer: Any,
+        loader: ChunkLoader,
+        name: str,
+        joined: dict,
+        cfg: dict,
+        compressor: DeltaCompressor | None = None,
+    ) -> None:
         self.comm, self.trainer, self.loader, self.name = comm, trainer, loader, name
+        self.compressor = compressor or DeltaCompressor()
         self.overlap: bool = cfg["overlap"]
         self.timeout: float = cfg["barrier_timeout"]
         self.anchor = np.array(joined["params"], dtype=np.float32)
@@ -163,10 +181,11 @@ class _Pusher:
         now = {"read": self.loader.read_seconds, "compute": self.timing["compute"], "communicate": self.comm.seconds}
         timings = {k: v - self.reported[k] for k, v in now.items()}
         self.reported.update(now)
+        wire, _ = self.compressor(self.anchor - current)
         fut = self.comm.ps.soon.push(
             name=self.name,
             version=self.version,
-            delta=self.anchor - current,
+            delta=wire,
             samples=samples,
             batches=batches,
             loss=loss,
@@ -227,10 +246,25 @@ def train_task(
     reply = comm.wait(comm.ps.soon.join(name, key=worker.get_current_task(), worker=worker.address, slot=slot))
     trainer = cached_trainer(job, "train", spec, cfg)
     keep_state = bool(reply.get("keep_state"))
+    saved = reply.get("local_state") if keep_state else None
+    residual = None
+    if saved:
+        saved = {**saved, "buffers": dict(saved.get("buffers") or {})}
+        residual = saved["buffers"].pop(DeltaCompressor.RESIDUAL, None)
     if keep_state:
         # sync: the share's own local optimizer state (fresh in its first epoch), not this
         # thread's, so the run does not depend on which worker runs which share
-        load_local_state(trainer, reply.get("local_state"))
+        load_local_state(trainer, saved)
+    ef_key = (job, threading.get_ident())
+    if not keep_state:
+        with _lock:
+            residual = _residuals.get(ef_key)
+    compressor = DeltaCompressor(
+        cfg.get("compression", "none"),
+        cfg.get("topk_fraction", 0.01),
+        cfg.get("error_feedback", True),
+        None if residual is None else np.asarray(residual, dtype=np.float32),
+    )
     skip = int(reply.get("skip_batches", 0))
     full_batch = cfg["batch_size"] == 0  # one step with the mean gradient of every row
     if full_batch:
@@ -246,7 +280,7 @@ def train_task(
         normalize=cfg["normalize"],
         holdout=holdout_selection(cfg, "train"),
     )
-    pusher = _Pusher(comm, trainer, loader, name, reply, cfg)
+    pusher = _Pusher(comm, trainer, loader, name, reply, cfg, compressor)
     try:
         r = run_batches(
             trainer,
@@ -281,7 +315,15 @@ def train_task(
     # dying between the end of this task and the driver's gather loses nothing.
     extra: dict[str, Any] = {}
     if keep_state:
-        extra = {"slot": slot, "local_state": local_state(trainer)}
+        state = local_state(trainer)
+        if compressor.residual is not None:  # travels (and is checkpointed) with the share's state
+            state["buffers"] = {**state["buffers"], DeltaCompressor.RESIDUAL: compressor.residual}
+        extra = {"slot": slot, "local_state": state}
+    elif compressor.residual is not None:
+        with _lock:
+            _residuals[ef_key] = compressor.residual
+            while len(_residuals) > _CACHE_SIZE:
+                _residuals.popitem(last=False)
     try:
         comm.ps.soon.leave(name, summary=summary, **extra).result(timeout=30)
     except Exception:

@@ -615,6 +615,8 @@ for _id, _setting in {
     "C17": "lr=inf",
     "C18": "weight_decay=inf",
     "C19": "seed=-1",
+    "C51": "compression=gzip",
+    "C52": "topk_fraction=0",
 }.items():
     case(_id)(lambda t, s=_setting: _train_set(t, "--set", s))
 
@@ -982,6 +984,53 @@ def _(t: Trial) -> Outcome:
     out = t.call(lambda: ParameterServer("../../etc/passwd", t.shared.client))
     assert t.shared.client.run_on_scheduler(_job_names) == jobs_before
     return out
+
+
+def _compressed_push(t: Trial, codec: str, delta: object) -> Outcome:
+    """A push to a fresh 10-parameter job of ``codec`` deltas (top-k: 2 entries a push); the
+    job's weights and round must be unchanged afterwards."""
+    from pipeline.ps import ParameterServer
+
+    ps = ParameterServer(f"bad-inputs-{codec}", t.shared.client)
+    ps.create(np.arange(10, dtype=np.float32), mode="async", compression=codec, topk_fraction=0.2, overwrite=True)
+    ps.join("p")
+    before = ps.call("pull")
+    out = t.call(lambda: ps.call("push", name="p", version=0, delta=delta, samples=1, batches=1, loss=0.0))
+    after = ps.call("pull")
+    assert after["version"] == before["version"] == 0
+    np.testing.assert_array_equal(after["params"], before["params"])
+    ps.close()
+    return out
+
+
+def _topk(index: list[int]) -> dict:
+    from distributed.protocol import to_serialize
+
+    values = np.ones(len(index), np.float32)
+    return {
+        "codec": "topk",
+        "n": 10,
+        "k": 2,
+        "index": to_serialize(np.array(index, np.int32)),
+        "values": to_serialize(values),
+    }
+
+
+@case("C53")
+def _(t: Trial) -> Outcome:
+    return _compressed_push(t, "topk", _topk([3, 10]))
+
+
+@case("C54")
+def _(t: Trial) -> Outcome:
+    from distributed.protocol import to_serialize
+
+    return _compressed_push(t, "int8", to_serialize(np.zeros(10, np.float32)))
+
+
+@case("C55")
+def _(t: Trial) -> Outcome:
+    return _compressed_push(t, "topk", _topk([4, 4]))
 
 
 def _job_names(dask_scheduler) -> list[str]:

@@ -25,7 +25,8 @@ the round at once: no barrier ever waits for the dead.
 The package, from the wire up (each module imports only those above it):
 
 ``wire``
-    Vectors as zero-copy float32 frames, checked from their header without unpickling.
+    Vectors as zero-copy float32 frames, and deltas compressed as fp16, bf16, top-k or int8
+    (with error feedback on the worker), checked from their header without unpickling.
 ``job``
     :class:`Job`: one job's weights, server optimizer (:class:`pipeline.optim.ServerOptimizer`),
     participants and rounds; the rules of the three modes. Needs no scheduler.
@@ -51,7 +52,11 @@ from pipeline.ps.extension import EXTENSION_NAME, ROUTES, ParameterServerExtensi
 from pipeline.ps.install import InstallParameterServer, dask_setup, install, register_dashboard_page
 from pipeline.ps.job import MODES, Job, Participant
 from pipeline.ps.wire import (
+    CODECS,
+    DeltaCompressor,
     check_job_id,
+    compress,
+    decode_delta,
     decode_opt_state,
     decode_vector,
     encode_opt_state,
@@ -59,10 +64,12 @@ from pipeline.ps.wire import (
 )
 
 __all__ = [
+    "CODECS",
     "EXTENSION_NAME",
     "MODES",
     "ROUTES",
     "SERVER_OPTIMIZERS",
+    "DeltaCompressor",
     "InstallParameterServer",
     "Job",
     "PSError",
@@ -71,7 +78,9 @@ __all__ = [
     "Participant",
     "ServerOptimizer",
     "check_job_id",
+    "compress",
     "dask_setup",
+    "decode_delta",
     "decode_opt_state",
     "decode_vector",
     "encode_opt_state",

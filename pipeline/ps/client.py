@@ -125,12 +125,16 @@ class ParameterServer:
         krum_f: int = 1,
         buffer_size: int = 0,
         buffer: dict | None = None,
+        compression: str = "none",
+        topk_fraction: float = 0.01,
     ) -> Reply:
         """Create the job on the scheduler. ``optimizer_state`` (server) and ``local_states``
         (sync: slot -> the share's local optimizer state ``{"t", "lr", "buffers"}``) continue a
         checkpointed run. ``aggregator``, ``trim_fraction``, ``krum_f``: how a round's deltas
         combine (:func:`pipeline.fedagg.aggregate`); ``buffer_size`` > 0: buffered async rounds,
-        ``buffer``: the deltas they had buffered (``state()["buffer"]`` of a checkpointed job)."""
+        ``buffer``: the deltas they had buffered (``state()["buffer"]`` of a checkpointed job).
+        ``compression`` (with ``topk_fraction``): the codec every delta arrives in
+        (:func:`pipeline.ps.wire.compress`); other encodings are refused."""
         params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
         opt_state = encode_opt_state(optimizer_state) if optimizer_state else None
         locals_ = {str(k): encode_opt_state(v) for k, v in local_states.items()} if local_states else None
@@ -158,6 +162,8 @@ class ParameterServer:
             krum_f=int(krum_f),
             buffer_size=int(buffer_size),
             buffer=_encode_buffer(buffer),
+            compression=compression,
+            topk_fraction=float(topk_fraction),
         )
 
     def expect(self, names: list[str], keys: list[str | None], epoch: int | None = None) -> Reply:
@@ -180,8 +186,9 @@ class ParameterServer:
         timings: Mapping[str, float] | None = None,
         timeout: float = 600.0,
     ) -> Reply:
-        """Push ``delta`` (a float32 vector, or one already wrapped by ``encode_vector``)
-        computed from the weights of ``version``; the reply carries the weights to go on from."""
+        """Push ``delta`` (a float32 vector, or one already wrapped by ``encode_vector`` or
+        encoded by :func:`pipeline.ps.wire.compress` in the job's codec) computed from the
+        weights of ``version``; the reply carries the weights to go on from (float32)."""
         wire = encode_vector(delta) if isinstance(delta, np.ndarray) else delta
         return self._send(
             "push",

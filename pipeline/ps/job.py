@@ -29,7 +29,7 @@ from pipeline import fedagg
 from pipeline.errors import PSError
 from pipeline.jobview import JobSnapshot
 from pipeline.optim import Schedule, ServerOptimizer
-from pipeline.ps.wire import decode_opt_state, decode_vector, encode_opt_state, encode_vector
+from pipeline.ps.wire import CODECS, decode_delta, decode_opt_state, decode_vector, encode_opt_state, encode_vector
 
 logger = logging.getLogger("pipeline.ps")
 
@@ -68,6 +68,8 @@ class Job:
     trim_fraction: float = 0.1
     krum_f: int = 1
     buffer_size: int = 0
+    compression: str = "none"  # the codec every delta of the job arrives in (pipeline.ps.wire)
+    topk_fraction: float = 0.01
     version: int = 0
     snapshot: np.ndarray | None = None
     snapshot_version: int = -1
@@ -129,6 +131,8 @@ class Job:
         krum_f: int = 1,
         buffer_size: int = 0,
         buffer: Mapping[str, Any] | None = None,
+        compression: str = "none",
+        topk_fraction: float = 0.01,
     ) -> Job:
         """A job from the arguments of ``ps_create`` (wire-encoded vectors or arrays), every
         one checked; :class:`PSError` names the first that is wrong.
@@ -157,6 +161,10 @@ class Job:
         if buffer_size and damping:
             raise PSError("damping and buffer_size both weight stale deltas; use one of them")
         buffered = _decode_buffer(buffer, n_params, buffer_size) if buffer else []
+        if compression not in CODECS:
+            raise PSError(f"unknown compression {compression!r}; use one of {', '.join(CODECS)}")
+        if not isinstance(topk_fraction, float | int) or not 0 < topk_fraction <= 1:
+            raise PSError(f"topk_fraction must be in (0, 1], got {topk_fraction!r}")
         vec = decode_vector(params, n_params, "params").copy()
         opt = ServerOptimizer(**(optimizer or {}), n=n_params)
         if optimizer_state:
@@ -191,6 +199,8 @@ class Job:
             krum_f=int(krum_f),
             buffer_size=int(buffer_size),
             buffer=buffered,
+            compression=compression,
+            topk_fraction=float(topk_fraction),
             version=int(version),
             join_timeout=float(join_timeout),
             progress={str(k): int(v) for k, v in (progress or {}).items()},
@@ -429,9 +439,9 @@ class Job:
             raise PSError(f"push for version {version!r}; the server is at version {self.version}")
         if not isinstance(samples, int) or samples < 0:
             raise PSError(f"samples must be an int >= 0, got {samples!r}")
-        vec = decode_vector(delta, self.params.size, "delta")
+        vec = decode_delta(delta, self.params.size, self.compression, self.topk_fraction)
         loss = float(loss)
-        self.bytes_in += vec.nbytes
+        self.bytes_in += _wire_bytes(delta, vec)
         if not np.isfinite(loss) or not np.isfinite(vec).all():
             what = "loss" if not np.isfinite(loss) else "update"
             self.fail(
@@ -446,10 +456,10 @@ class Job:
             if staleness:
                 # joined just as a round closed: its delta belongs to a finished round
                 return self.reply(dropped=True)
-            # a delta off the wire is this message's own buffer; an in-process caller's array
-            # may change after the call, so that one is copied
+            # a delta off the wire is this message's own buffer (or, compressed, a fresh decoded
+            # array); an in-process caller's array may change after the call, so that one is copied
             self.pending[name] = (
-                vec if isinstance(delta, Serialized) else vec.copy(),
+                vec if isinstance(delta, Serialized) or self.compression != "none" else vec.copy(),
                 samples,
                 loss,
             )
@@ -457,7 +467,8 @@ class Job:
             self.maybe_close_round()
             ok = await self.wait(lambda: self.version > version, timeout)
         elif self.buffer_size:
-            self.buffer.append((vec if isinstance(delta, Serialized) else vec.copy(), samples, loss, staleness))
+            fresh = isinstance(delta, Serialized) or self.compression != "none"
+            self.buffer.append((vec if fresh else vec.copy(), samples, loss, staleness))
             self.progress[name] = self.progress.get(name, 0) + int(batches)
             p.clock += 1
             if len(self.buffer) >= self.buffer_size:
@@ -639,3 +650,13 @@ def _decode_buffer(buffer: Mapping[str, Any], n_params: int, buffer_size: int) -
             raise PSError(f"buffer: delta {i} needs int samples and staleness >= 0")
         out.append((vec, samples, float(loss), stale))
     return out
+
+
+def _wire_bytes(delta: Any, vec: np.ndarray) -> int:
+    """The payload bytes a pushed delta took on the wire (its frames; compressed: every frame)."""
+    if isinstance(delta, Mapping):
+        return sum(_wire_bytes(v, vec) for k, v in delta.items() if k not in ("codec", "n", "k"))
+    if isinstance(delta, Serialized):
+        return sum(len(memoryview(f).cast("B")) for f in delta.frames)
+    data = getattr(delta, "data", delta)
+    return int(data.nbytes) if isinstance(data, np.ndarray) else vec.nbytes

@@ -1,14 +1,17 @@
-"""The parameter server's wire format: float32 vectors as zero-copy frames.
+"""The parameter server's wire format: float32 vectors (and compressed deltas) as zero-copy frames.
 
 Vectors travel as flat little-endian float32 buffers wrapped in
 :func:`distributed.protocol.to_serialize`. The scheduler never deserializes them:
 :func:`decode_vector` checks the header (serializer, type, dtype, shape) and builds the array
 with ``np.frombuffer``; anything else is refused with :class:`PSError`. Optimizer states
 (``{"t", ["lr"], "buffers": {name: vector}}``) travel the same way, buffer by buffer.
+Deltas may travel compressed (:func:`compress`, :func:`decode_delta`: fp16, bf16, top-k,
+int8), each frame checked the same way.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +32,9 @@ def encode_vector(vec: np.ndarray) -> Any:
     return to_serialize(vec)
 
 
+_DTYPE_NAMES = {"<f4": "float32", "<f2": "float16", "<u2": "uint16", "|i1": "int8", "<i4": "int32"}
+
+
 def decode_vector(obj: Any, n: int, what: str = "vector") -> np.ndarray:
     """Return the float32 array of length ``n`` carried by ``obj``, or raise :class:`PSError`.
 
@@ -36,6 +42,13 @@ def decode_vector(obj: Any, n: int, what: str = "vector") -> np.ndarray:
     caller, or the array itself from an in-process one. Only a NumPy float32 vector of length
     ``n`` is accepted; the type named in the header is never unpickled.
     """
+    return _frame(obj, "<f4", n, what)
+
+
+def _frame(obj: Any, dtype: str, n: int, what: str) -> np.ndarray:
+    """The 1-d array of ``dtype`` (a NumPy type string such as ``"<f4"``) and length ``n``
+    carried by ``obj`` (as :func:`decode_vector`), checked from its header, never unpickled."""
+    name = _DTYPE_NAMES[dtype]
     if isinstance(obj, np.ndarray):
         arr = obj
     elif hasattr(obj, "data") and isinstance(obj.data, np.ndarray):  # Serialize, in-process
@@ -47,9 +60,9 @@ def decode_vector(obj: Any, n: int, what: str = "vector") -> np.ndarray:
         if header.get("serializer") != "dask" or header.get("type") != "numpy.ndarray":
             raise PSError(f"{what}: expected a NumPy array, got {header.get('type')!r}")
         sub = header.get("sub-header") or {}
-        dtype = sub.get("dtype")
-        if not (isinstance(dtype, list | tuple) and len(dtype) == 2 and dtype[1] == "<f4"):
-            raise PSError(f"{what}: dtype must be float32, got {dtype!r}")
+        got = sub.get("dtype")
+        if not (isinstance(got, list | tuple) and len(got) == 2 and got[1] == dtype):
+            raise PSError(f"{what}: dtype must be {name}, got {got!r}")
         shape = tuple(sub.get("shape") or ())
         if shape != (n,):
             raise PSError(f"{what}: expected shape ({n},), got {shape}")
@@ -58,14 +71,194 @@ def decode_vector(obj: Any, n: int, what: str = "vector") -> np.ndarray:
             raise PSError(f"{what}: unsupported frame compression {names!r}")
         frames = [compressions[c].decompress(f) for c, f in zip(names, obj.frames, strict=True)]
         buf = frames[0] if len(frames) == 1 else b"".join(bytes(f) for f in frames)
-        if len(memoryview(buf).cast("B")) != 4 * n:
-            raise PSError(f"{what}: payload of {len(memoryview(buf).cast('B'))} bytes, expected {4 * n}")
-        arr = np.frombuffer(buf, dtype="<f4")
+        size = np.dtype(dtype).itemsize * n
+        if len(memoryview(buf).cast("B")) != size:
+            raise PSError(f"{what}: payload of {len(memoryview(buf).cast('B'))} bytes, expected {size}")
+        arr = np.frombuffer(buf, dtype=dtype) if n else np.empty(0, dtype)
     else:
-        raise PSError(f"{what}: expected a float32 array, got {type(obj).__name__}")
-    if arr.dtype != np.float32 or arr.ndim != 1 or arr.size != n:
-        raise PSError(f"{what}: expected float32 of shape ({n},), got {arr.dtype} {arr.shape}")
+        raise PSError(f"{what}: expected a {name} array, got {type(obj).__name__}")
+    if arr.dtype != np.dtype(dtype) or arr.ndim != 1 or arr.size != n:
+        raise PSError(f"{what}: expected {name} of shape ({n},), got {arr.dtype} {arr.shape}")
     return arr
+
+
+# -- compressed deltas ------------------------------------------------------------------------
+#
+# A compressed delta is a small dict ``{"codec", "n", <arrays>}`` whose arrays travel as
+# zero-copy frames like float32 vectors do; the server checks every frame's header and the
+# arrays' values it relies on (index range and order, finite scales) and never unpickles.
+#
+# * ``fp16``: ``data`` float16 (n,). Half the bytes; |x| > 65504 overflows (refused on the
+#   worker), |x| < 6e-8 flushes to zero (error feedback sends it later).
+# * ``bf16``: ``data`` uint16 (n,): the top half of each float32, rounded to nearest even. The
+#   float32 range, 8 bits of mantissa.
+# * ``topk``: ``index`` int32 (k,) strictly increasing, ``values`` float32 (k,): the k =
+#   ceil(topk_fraction * n) entries of largest magnitude, sent exactly.
+# * ``int8``: ``data`` int8 (n,) and ``scales`` float32 (ceil(n / 4096),): block b holds
+#   ``data * scales[b]`` with ``scales[b] = max |x| / 127`` over its 4096 entries. Rounding is to
+#   nearest, not stochastic: with error feedback the rounding error of one push is sent with the
+#   next (so nothing is lost on average, which is what stochastic rounding buys), it keeps sync
+#   runs reproducible whichever worker runs a share (no random stream to carry along) and costs
+#   one pass less.
+#
+# Replies (the weights sent back) stay float32: they are weights, not updates, and rounding
+# them each round loses what no residual can give back (a bf16 weight moves in steps of 2**-8
+# of its size, larger than a typical local update; fp16's 2**-11 still swallows most Adam
+# steps of lr 1e-3 on weights near 1). The server itself always adds in float32.
+
+CODECS = ("none", "fp16", "bf16", "topk", "int8")
+INT8_BLOCK = 4096
+_FP16_MAX = 65504.0
+
+
+def topk_count(n: int, fraction: float) -> int:
+    """Entries a top-k delta of ``n`` parameters carries: ``ceil(fraction * n)``, 1 to n."""
+    return min(n, max(1, math.ceil(fraction * n)))
+
+
+def compress(vec: np.ndarray, codec: str, topk_fraction: float = 0.01) -> tuple[Any, np.ndarray]:
+    """``(wire, decoded)``: ``vec`` encoded with ``codec`` for the wire, and the float32 vector
+    the server will decode from it (what error feedback subtracts). ``none`` sends ``vec``."""
+    vec = np.ascontiguousarray(vec, dtype=np.float32).reshape(-1)
+    n = vec.size
+    if codec == "none":
+        return to_serialize(vec), vec
+    if codec == "fp16":
+        with np.errstate(over="ignore"):
+            half = vec.astype(np.float16)
+        if np.isinf(half).any() and np.isfinite(vec).all():
+            raise PSError(
+                f"a delta entry exceeds float16's range ({_FP16_MAX:g}); use compression = 'bf16' "
+                "(float32's range) or lower the learning rate"
+            )
+        return {"codec": codec, "n": n, "data": to_serialize(half)}, half.astype(np.float32)
+    if codec == "bf16":
+        bits = vec.view(np.uint32)
+        top = ((bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(
+            np.uint16
+        )
+        return {"codec": codec, "n": n, "data": to_serialize(top)}, _from_bf16(top)
+    if codec == "topk":
+        k = topk_count(n, topk_fraction)
+        index = np.sort(np.argpartition(np.abs(vec), n - k)[n - k :]).astype(np.int32)
+        values = vec[index]
+        decoded = np.zeros(n, np.float32)
+        decoded[index] = values
+        wire = {"codec": codec, "n": n, "k": k, "index": to_serialize(index), "values": to_serialize(values)}
+        return wire, decoded
+    if codec == "int8":
+        blocks = -(-n // INT8_BLOCK)
+        padded = np.zeros(blocks * INT8_BLOCK, np.float32)
+        padded[:n] = vec
+        shaped = padded.reshape(blocks, INT8_BLOCK)
+        scales = (np.abs(shaped).max(axis=1) / np.float32(127)).astype(np.float32)
+        inv = np.divide(np.float32(1), scales, out=np.zeros_like(scales), where=scales > 0)
+        q = np.clip(np.rint(shaped * inv[:, None]), -127, 127).astype(np.int8).reshape(-1)[:n]
+        wire = {"codec": codec, "n": n, "data": to_serialize(q), "scales": to_serialize(scales)}
+        return wire, _from_int8(q, scales)
+    raise PSError(f"unknown compression {codec!r}; use one of {', '.join(CODECS)}")
+
+
+class DeltaCompressor:
+    """Encodes one participant's deltas in ``codec``, with error feedback: what compression
+    dropped from a delta (``delta - decoded``) is kept in :attr:`residual` and added to the
+    next delta, so over many pushes the server receives the sum of the deltas up to the last
+    residual. ``residual``: a saved one to continue from (sync shares keep it with their local
+    optimizer state). ``codec = "none"`` passes deltas through and keeps nothing."""
+
+    RESIDUAL = "ef_residual"  # its name among a sync share's local-state buffers
+
+    def __init__(
+        self,
+        codec: str = "none",
+        topk_fraction: float = 0.01,
+        error_feedback: bool = True,
+        residual: np.ndarray | None = None,
+    ) -> None:
+        if codec not in CODECS:
+            raise PSError(f"unknown compression {codec!r}; use one of {', '.join(CODECS)}")
+        self.codec, self.topk_fraction = codec, float(topk_fraction)
+        self.error_feedback = bool(error_feedback) and codec != "none"
+        self.residual: np.ndarray | None = None
+        if self.error_feedback and residual is not None:
+            self.residual = np.array(residual, dtype=np.float32).reshape(-1)
+
+    def __call__(self, delta: np.ndarray) -> tuple[Any, np.ndarray]:
+        """``(wire, decoded)`` for ``delta`` (plus the residual kept so far); updates the residual.
+        With ``none`` the wire is ``delta`` itself (a float32 array)."""
+        if self.codec == "none":
+            return delta, delta
+        delta = np.asarray(delta, dtype=np.float32)
+        if self.residual is not None and self.residual.shape == delta.shape:
+            delta = delta + self.residual
+        wire, decoded = compress(delta, self.codec, self.topk_fraction)
+        if self.error_feedback:
+            self.residual = delta - decoded
+        return wire, decoded
+
+
+def _from_bf16(top: np.ndarray) -> np.ndarray:
+    return (top.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def _from_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    out = q.astype(np.float32)
+    full = (q.size // INT8_BLOCK) * INT8_BLOCK
+    out[:full].reshape(-1, INT8_BLOCK)[:] *= scales[: full // INT8_BLOCK, None]
+    if full < q.size:
+        out[full:] *= scales[-1]
+    return out
+
+
+def decode_delta(obj: Any, n: int, codec: str = "none", topk_fraction: float = 0.01, what: str = "delta") -> np.ndarray:
+    """The float32 delta of length ``n`` that ``obj`` carries in the job's ``codec``, or
+    :class:`PSError` naming what is wrong (another codec, a frame's dtype or length, an index
+    out of range or out of order, a bad scale). Every frame is checked from its header as
+    :func:`decode_vector` does; nothing is unpickled."""
+    if codec == "none":
+        if isinstance(obj, Mapping):
+            raise PSError(
+                f"{what}: encoded as {obj.get('codec')!r}, but the job expects float32 deltas (compression = 'none')"
+            )
+        return decode_vector(obj, n, what)
+    if not isinstance(obj, Mapping):
+        plain = isinstance(obj, Serialized | np.ndarray) or isinstance(getattr(obj, "data", None), np.ndarray)
+        got = "an uncompressed array" if plain else type(obj).__name__
+        raise PSError(f"{what}: the job expects {codec} deltas (compression = {codec!r}), got {got}")
+    got = obj.get("codec")
+    if got != codec:
+        raise PSError(f"{what}: encoded as {got!r}, but the job expects {codec!r}")
+    if obj.get("n") != n:
+        raise PSError(f"{what}: {codec} delta of {obj.get('n')!r} parameters, expected {n}")
+    for key in {"fp16": ("data",), "bf16": ("data",), "topk": ("index", "values"), "int8": ("data", "scales")}.get(
+        codec, ()
+    ):
+        if key not in obj:
+            raise PSError(f"{what}: {codec} delta without its {key!r} frame")
+    if codec == "fp16":
+        return _frame(obj["data"], "<f2", n, f"{what} data").astype(np.float32)
+    if codec == "bf16":
+        return _from_bf16(_frame(obj["data"], "<u2", n, f"{what} data"))
+    if codec == "topk":
+        k = topk_count(n, topk_fraction)
+        if obj.get("k") != k:
+            raise PSError(f"{what}: top-k delta of k={obj.get('k')!r} entries, the job expects k={k}")
+        index = _frame(obj["index"], "<i4", k, f"{what} index")
+        values = _frame(obj["values"], "<f4", k, f"{what} values")
+        if index[0] < 0 or index[-1] >= n:
+            raise PSError(f"{what}: top-k index out of range [0, {n}): {int(index.min())}..{int(index.max())}")
+        if k > 1 and not (index[1:] > index[:-1]).all():
+            raise PSError(f"{what}: top-k indices must be strictly increasing (sorted, no repeats)")
+        out = np.zeros(n, np.float32)
+        out[index] = values
+        return out
+    if codec == "int8":
+        q = _frame(obj["data"], "|i1", n, f"{what} data")
+        scales = _frame(obj["scales"], "<f4", -(-n // INT8_BLOCK), f"{what} scales")
+        if (scales < 0).any():  # a non-finite scale decodes to a non-finite delta: the job fails as diverged
+            raise PSError(f"{what}: int8 block scales must be >= 0")
+        return _from_int8(q, scales)
+    raise PSError(f"{what}: unknown compression {codec!r}; use one of {', '.join(CODECS)}")
 
 
 def encode_opt_state(state: Mapping[str, Any]) -> dict[str, Any]:

@@ -49,6 +49,16 @@ CASES = {
         "Raw figures: `bench/out/results/out_of_core-quick-",
     ],
     "ps_limits": ["pushes/s", "| 1e+05 | 2 |"],
+    "ps_compression": [
+        "| int8 | 0.",
+        "within 0.5: ",
+        "| topk | 1e+05 | 1 |",
+        "sched ms/push (process)",
+        "| 1M | GPU | none |",
+        "shards for 64, 100 GbE (estimate)",
+        "Raw figures: `bench/out/results/ps_compression-quick-",
+    ],
+    "overlap": ["| overlap on |", "| overlap off |", "within 0.5: ", "Raw figures: `bench/out/results/overlap-quick-"],
     "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
     "step_anatomy": ["| GEMMs (9 per step) |", "| cluster start |", "driver (scheduler + PS)"],
     "sklearn_parity": ["| MLPClassifier | iris | 112 / 38 |", "| MLPRegressor | diabetes |"],
@@ -63,7 +73,7 @@ CASES = {
 
 # throughput's smoke run starts five clusters and four fresh processes (cold timings, torch.compile,
 # two-process PyTorch); time_to_accuracy's runs two seeds: minutes on a loaded 2-core machine
-TIMEOUT = {"throughput": 900, "time_to_accuracy": 600, "out_of_core": 420}
+TIMEOUT = {"throughput": 900, "time_to_accuracy": 600, "out_of_core": 420, "ps_compression": 420}
 FIGURES = {"throughput", "time_to_accuracy", "out_of_core", "ps_limits"}  # draw a PNG too
 
 
@@ -130,6 +140,43 @@ def test_full_run_figures_are_published_beside_results(tmp_path: Path, monkeypat
     assert main.publish_figure("kernels", quick=False) is None
     doc = main.render([("T", "python -m bench.x", "| a |", None)], quick=False, figures={"T": "![t](figures/x.png)"})
     assert doc.index("| a |") < doc.index("![t](figures/x.png)")
+
+
+def test_compression_projection_is_the_stated_arithmetic() -> None:
+    """Saturation = push period / scheduler CPU per push, capped by the link in either direction
+    (replies are float32); a per-push cost is the smallest size's figure plus the per-parameter
+    rest at the nearest measured size, the least disturbed pusher count per size."""
+    from bench.ps_compression import BATCH, GPU_FLOPS, LINKS, LOCAL_STEPS, MODELS, n_params, projection
+
+    def cost(n: int, workers: int) -> float:
+        return 0.5 + n * (1e-6 if n < 5e6 else 3e-6) + (workers - 1)
+
+    rows = [
+        {
+            "codec": c,
+            "params": n,
+            "workers": w,
+            "sched ms/push (process)": cost(n, w),
+            "MB/push": (4 if c == "none" else 1) * n / 1e6,
+        }
+        for c in ("none", "fp16", "bf16", "topk", "int8")
+        for n in (10_000, 1_000_000, 10_000_000)
+        for w in (1, 2)
+    ]
+    proj = projection(rows, {"flops": 50e9, "params": 1, "step_s": 1.0, "step_wall_s": 1.0})
+    p = n_params(MODELS["1M"])
+    assert p == 784 * 1024 + 1024 + 1024 * 256 + 256 + 256 * 10 + 10
+    r = next(x for x in proj if (x["model"], x["workers"], x["codec"]) == ("1M", "GPU", "int8"))
+    a = cost(10_000, 1)
+    cpu, bw = (a + (cost(1_000_000, 1) - a) / 1e6 * p) / 1e3, LINKS["10 GbE"]
+    assert abs(r["sched ms/push"] - 1e3 * cpu) < 1e-9
+    bytes_in = 1e6 * (0.01 + (1.0 - 0.01) / 1e6 * p)  # int8 rows above: 1 byte per parameter
+    period = LOCAL_STEPS * 6 * p * BATCH / GPU_FLOPS + cpu + (bytes_in + 4 * p) / bw
+    assert abs(r["N 10 GbE"] - min(period / cpu, period * bw / (4 * p))) < 1e-6
+    assert r["binds 10 GbE"] == ("CPU" if period / cpu <= period * bw / (4 * p) else "link")
+    big = next(x for x in proj if (x["model"], x["workers"], x["codec"]) == ("100M", "CPU", "none"))
+    p100 = n_params(MODELS["100M"])
+    assert abs(big["sched ms/push"] - (a + (cost(10_000_000, 1) - a) / 1e7 * p100)) < 1e-6
 
 
 def test_main_collect_writes_results(tmp_path: Path) -> None:

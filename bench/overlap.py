@@ -1,0 +1,104 @@
+"""Overlap: does sending a round's delta while the next round computes keep the accuracy?
+
+    python -m bench.overlap            # letter + 784-wide synthetic, 3 seeds
+    python -m bench.overlap --quick    # tiny smoke run
+
+``overlap = true`` sends the delta of round t and keeps stepping; the reply is folded in on
+arrival at the next push boundary with the correction ``w = w_server + (w_local - w_at_push)``
+(pipeline/worker.py, ``_Pusher``), so the steps taken while the push travelled are kept and
+their delta goes out with the next push: one round of staleness, no lost work. The same
+datasets, models, epochs (so the same samples) and seeds as ``bench.ps_compression``'s accuracy
+part, sync mode on a 2-worker LocalCluster; each seed is one protocol pass (both settings, the
+order rotated). Target: overlap within 0.5 points of the non-overlapped run in at least
+``ceil(0.8 x seeds)`` seeds. Epoch seconds are given for orientation only (one shared machine;
+bench.throughput is the place for throughput).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from bench import protocol
+from bench.common import load, local_cluster, md_table, run_pipeline, tmpdir, write_out
+from bench.ps_compression import _datasets
+
+SETTINGS = ("overlap off", "overlap on")
+TARGET_POINTS = 0.5
+
+
+def run(quick: bool = False, seeds: Sequence[int] = (0, 1, 2)) -> tuple[str, dict[str, Any]]:
+    if quick:
+        seeds = tuple(seeds)[:2]
+    meta = protocol.meta()
+    load0 = load()
+    results: dict[str, Any] = {}
+    with tmpdir("bench-overlap-") as tmp, local_cluster(2) as client:
+        for name, train, test, settings in _datasets(tmp, quick):
+            base = {**settings, "patience": 0, "validation_store": str(test.path), "min_share_gflop": 0.0}
+            run_pipeline(client, test, tmp / "warm", **{**base, "epochs": 1, "validation_store": ""})
+            passes = []
+            for k, seed in enumerate(seeds):
+                order = protocol.rotated(SETTINGS, k)
+                got: dict[str, dict[str, float]] = {}
+                with protocol.measure_pass() as cond:
+                    for setting in order:
+                        r = run_pipeline(client, train, tmp / "run", **base, seed=seed, overlap=setting == "overlap on")
+                        got[setting] = {"acc": float(r["history"][-1]["val_accuracy"]), "seconds": r["epoch_seconds"]}
+                passes.append({"seed": seed, "order": order, "conditions": cond, "results": got})
+            results[name] = {"settings": settings, "rows": [train.n_rows, test.n_rows], "passes": passes}
+    path = protocol.save_json("overlap" + ("-quick" if quick else ""), {"meta": meta, "results": results}, quick)
+    meta["json"] = str(path)
+    parts = ["\n".join(protocol.provenance_lines(meta)) + f"\nLoad average before {load0:.2f}, after {load():.2f}."]
+    for name, res in results.items():
+        passes = res["passes"]
+        need = protocol.needed(len(passes))
+        gaps = [100 * (p["results"]["overlap off"]["acc"] - p["results"]["overlap on"]["acc"]) for p in passes]
+        rows = []
+        for setting in SETTINGS:
+            row: dict[str, Any] = {"setting": setting}
+            for p in passes:
+                row[f"seed {p['seed']} acc"] = p["results"][setting]["acc"]
+            row["median acc"] = float(np.median([p["results"][setting]["acc"] for p in passes]))
+            row["median epoch s (sum)"] = float(np.median([p["results"][setting]["seconds"] for p in passes]))
+            if setting == "overlap on":
+                hits = sum(g <= TARGET_POINTS for g in gaps)
+                row["gap per seed (points)"] = " / ".join(f"{g:+.2f}" for g in gaps)
+                row["target"] = (
+                    f"within {TARGET_POINTS:g}: {'met' if hits >= need else 'NOT met'} ({hits} of {len(gaps)})"
+                )
+            else:
+                row["gap per seed (points)"] = "-"
+                row["target"] = "-"
+            rows.append(row)
+        s = res["settings"]
+        fmt = {k: ".4f" for r in rows for k in r if k.endswith("acc")}
+        fmt["median epoch s (sum)"] = ".1f"
+        parts.append(
+            f"**{name}** ({res['rows'][0]:,} / {res['rows'][1]:,} rows, hidden {s['hidden']}, batch "
+            f"{s['batch_size']}, {s['epochs']} epochs, sync, 2 workers; a positive gap = overlap below)\n\n"
+            + md_table(rows, fmt)
+            + "\n\nConditions per seed (pass):\n\n"
+            + protocol.conditions_table(
+                [{"pass": p["seed"], "order": p["order"], "conditions": p["conditions"]} for p in passes]
+            )
+        )
+    return "\n\n".join(parts), results
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(prog="python -m bench.overlap", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    ap.add_argument("--seeds", default="0,1,2")
+    args = ap.parse_args(argv)
+    text, _ = run(args.quick, tuple(int(s) for s in args.seeds.split(",")))
+    print(text)
+    write_out("overlap" + ("-quick" if args.quick else ""), text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

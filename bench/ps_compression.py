@@ -1,0 +1,420 @@
+"""Compressed deltas: what each codec costs in accuracy, what it saves the parameter server, and
+where a single in-scheduler server saturates.
+
+    python -m bench.ps_compression            # accuracy (letter + 784-wide synthetic, 3 seeds),
+                                              # server cost at 1e6 and 1e7 parameters, projection
+    python -m bench.ps_compression --quick    # tiny smoke run
+    python -m bench.ps_compression --parts server,projection   # skip the accuracy runs
+
+**Accuracy.** For each dataset and seed the pipeline trains end to end from the Zarr store on a
+2-worker LocalCluster (1 thread each, sync mode, default settings otherwise: 8 local steps,
+server SGD lr 1 on the sum of deltas, local Adam lr 1e-3) once per codec (``none`` = float32,
+``fp16``, ``bf16``, ``topk`` at ``topk_fraction = 0.01``, ``int8``; error feedback on), the
+same epochs and so the same samples, and the test accuracy is compared with float32's *in the
+same seed*. A seed is one pass of the protocol (bench/protocol.py): every codec once, the order
+rotated by one codec per seed, the machine's state recorded around it. Targets: within 0.5
+points of float32 for fp16/bf16, within 1 point for topk and int8, met only when the per-seed
+gap meets it in at least ``ceil(0.8 x seeds)`` seeds (3 of 3). Datasets: ``letter`` (16,000 /
+4,000, MLP 16-256-128-26, batch 128, 4 epochs) and the 784-wide synthetic set
+(``pipeline.synth``, uint8 like MNIST, 30,000 / 5,000 rows, MLP 784-256-128-10, batch 256,
+2 epochs).
+
+**Server cost.** ``bench.ps_limits``' zero-compute pushers (async, server SGD), one job per
+codec and size (1e4 for the per-message cost, 1e6, 1e7 parameters), 1 and 2 pusher processes:
+pushes/s, MB/s of wire bytes absorbed, median push latency, and the scheduler's CPU time per
+push (its event-loop thread, and its whole process). Validation as in ``bench.ps_limits``: the
+server's version equals its pushes and zero deltas leave the weights unchanged (every codec
+decodes zeros to zeros).
+
+**Projection.** From those per-push costs: the worker count at which one in-scheduler server
+saturates (its CPU, or its NIC in either direction: replies are float32 whatever the codec), for
+a 1M- and a 100M-parameter MLP at local_steps 8, batch 256, on 10 GbE and 100 GbE, for CPU
+workers (a single-threaded training step measured here) and GPU workers (an assumed A100 at
+50% of its 19.5 TFLOP/s fp32). See the printed table's notes for every assumption; a sharded
+server is **not built**: its column is an estimate, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from bench import protocol
+from bench.common import load, local_cluster, md_table, mnist_like, run_pipeline, tmpdir, write_out
+
+CODECS = ("none", "fp16", "bf16", "topk", "int8")
+# accuracy runs: each codec at its default, and top-k with 10x the default share
+RUNS = {c: {"compression": c} for c in CODECS} | {"topk 10%": {"compression": "topk", "topk_fraction": 0.1}}
+TARGET_POINTS = {"fp16": 0.5, "bf16": 0.5, "topk": 1.0, "topk 10%": 1.0, "int8": 1.0}
+SIZES = (10_000, 1_000_000, 10_000_000)
+PUSHERS = (1, 2)
+GPU_FLOPS = 19.5e12 * 0.5  # A100 fp32 peak (non-tensor-core) at an assumed 50% utilisation
+LINKS = {"10 GbE": 10e9 / 8, "100 GbE": 100e9 / 8}  # line rate, bytes/s each way
+LOCAL_STEPS, BATCH = 8, 256
+MODELS = {"1M": (784, (1024, 256), 10), "100M": (784, (8192, 8192, 3072), 10)}
+
+
+# -------------------------------------------------------------------------------------------
+# accuracy
+# -------------------------------------------------------------------------------------------
+
+
+def _datasets(tmp: Any, quick: bool) -> list[tuple[str, Any, Any, dict[str, Any]]]:
+    out = []
+    if not quick:
+        from bench.time_to_accuracy import prepare
+
+        tr, te, _ = prepare("letter", tmp)
+        out.append(("letter", tr, te, {"hidden": [256, 128], "batch_size": 128, "epochs": 4}))
+        tr, te = mnist_like(tmp / "synth", 30_000, 5_000, 784, 10)
+        out.append(("synthetic-784", tr, te, {"hidden": [256, 128], "batch_size": 256, "epochs": 2}))
+    else:
+        tr, te = mnist_like(tmp / "synth", 3_000, 1_000, 64, 10)
+        out.append(("synthetic-64", tr, te, {"hidden": [32, 16], "batch_size": 128, "epochs": 1}))
+    return out
+
+
+def accuracy(client: Any, seeds: Sequence[int], quick: bool, log: Any = print) -> dict[str, Any]:
+    """Test accuracy per dataset, seed and codec, with the per-seed gap to float32."""
+    results: dict[str, Any] = {}
+    with tmpdir("bench-compress-") as tmp:
+        for name, train, test, settings in _datasets(tmp, quick):
+            base = {**settings, "patience": 0, "validation_store": str(test.path), "min_share_gflop": 0.0}
+            run_pipeline(client, test, tmp / "warm", **{**base, "epochs": 1, "validation_store": ""})
+            passes = []
+            for k, seed in enumerate(seeds):
+                order = protocol.rotated(list(RUNS), k)
+                accs: dict[str, float] = {}
+                with protocol.measure_pass() as cond:
+                    for codec in order:
+                        log(f"{name} seed {seed}: {codec}")
+                        r = run_pipeline(client, train, tmp / "run", **base, seed=seed, **RUNS[codec])
+                        accs[codec] = float(r["history"][-1]["val_accuracy"])  # the test store
+                passes.append({"seed": seed, "order": order, "conditions": cond, "accuracy": accs})
+            results[name] = {"settings": settings, "rows": [train.n_rows, test.n_rows], "passes": passes}
+    return results
+
+
+def accuracy_table(results: dict[str, Any]) -> str:
+    lines = []
+    for name, res in results.items():
+        passes = res["passes"]
+        need = protocol.needed(len(passes))
+        rows = []
+        for codec in RUNS:
+            accs = [p["accuracy"][codec] for p in passes]
+            gaps = [100 * (p["accuracy"]["none"] - p["accuracy"][codec]) for p in passes]
+            row: dict[str, Any] = {"codec": codec}
+            for p, a in zip(passes, accs, strict=True):
+                row[f"seed {p['seed']} acc"] = a
+            row["median acc"] = float(np.median(accs))
+            if codec == "none":
+                row["gap per seed (points)"] = "-"
+                row["median gap"] = "-"
+                row["target"] = "-"
+            else:
+                limit = TARGET_POINTS[codec]
+                hits = sum(g <= limit for g in gaps)
+                row["gap per seed (points)"] = " / ".join(f"{g:+.2f}" for g in gaps)
+                row["median gap"] = f"{np.median(gaps):+.2f}"
+                row["target"] = f"within {limit:g}: {'met' if hits >= need else 'NOT met'} ({hits} of {len(gaps)})"
+            rows.append(row)
+        s = res["settings"]
+        fmt = {k: ".4f" for r in rows for k in r if k.endswith("acc")}
+        lines.append(
+            f"**{name}** ({res['rows'][0]:,} / {res['rows'][1]:,} rows, hidden {s['hidden']}, batch "
+            f"{s['batch_size']}, {s['epochs']} epochs, sync, 2 workers; a positive gap = below float32)\n\n"
+            + md_table(rows, fmt)
+            + "\n\nConditions per seed (pass):\n\n"
+            + protocol.conditions_table(
+                [{"pass": p["seed"], "order": p["order"], "conditions": p["conditions"]} for p in passes]
+            )
+        )
+    return "\n\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------
+# server cost
+# -------------------------------------------------------------------------------------------
+
+
+def server_cost(sizes: Sequence[int], pushers: Sequence[int], seconds: float) -> list[dict[str, Any]]:
+    from bench.ps_limits import measure
+
+    rows = []
+    for nw in pushers:
+        with local_cluster(nw) as client:
+            for n in sizes:
+                for codec in CODECS:
+                    r = measure(client, nw, n, seconds, compression=codec)
+                    rows.append({"codec": codec, **{k: v for k, v in r.items() if k != "codec"}})
+    return rows
+
+
+# -------------------------------------------------------------------------------------------
+# projection
+# -------------------------------------------------------------------------------------------
+
+
+def n_params(model: tuple[int, tuple[int, ...], int]) -> int:
+    widths = [model[0], *model[1], model[2]]
+    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+
+
+def cpu_step_flops(quick: bool) -> dict[str, float]:
+    """FLOP/s one single-threaded worker reaches on the 1M-parameter MLP (batch 256, Adam),
+    counted as 6 FLOP per parameter per sample."""
+    from threadpoolctl import threadpool_limits
+
+    from kernels.mlp import MLPSpec, MLPTrainer
+
+    f, hidden, out = MODELS["1M"] if not quick else (64, (64,), 10)
+    spec = MLPSpec(f, hidden, out, loss="softmax_ce")
+    tr = MLPTrainer(spec, backend="cpu", lr=1e-3, max_batch=BATCH, seed=0)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((BATCH, f), dtype=np.float32)
+    y = rng.integers(0, out, BATCH).astype(np.int32)
+    import numba
+
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            for _ in range(3):
+                tr.step(X, y)
+            reps, t, c = (5 if quick else 30), time.perf_counter(), time.process_time()
+            for _ in range(reps):
+                tr.step(X, y)
+            wall, step = (time.perf_counter() - t) / reps, (time.process_time() - c) / reps
+    finally:
+        numba.set_num_threads(threads)
+    p = n_params((f, hidden, out))
+    return {"params": p, "step_s": step, "step_wall_s": wall, "flops": 6 * p * BATCH / step}
+
+
+def _fit(rows: list[dict[str, Any]], codec: str, key: str, params: int) -> tuple[float, float]:
+    """A per-push cost as ``a + b * params``: ``a`` (the per-message part) is ``codec``'s figure
+    at the smallest size measured, ``b`` the per-parameter rest at the measured size nearest to
+    ``params`` (nearest on a log scale; the costs are not linear over 1e4..1e7 on a machine whose
+    caches and memory bandwidth are shared). Per size the smaller of the pusher counts' figures
+    is taken (the least disturbed)."""
+    sizes = sorted({r["params"] for r in rows if r["codec"] == codec})
+
+    def at(n: int) -> float:
+        return min(r[key] for r in rows if r["codec"] == codec and r["params"] == n)
+
+    a = at(sizes[0]) if len(sizes) > 1 else 0.0
+    near = min(sizes[1:] or sizes, key=lambda n: abs(math.log(n / params)))
+    return a, max(0.0, (at(near) - a) / near)
+
+
+def handler_cost(n: int, reps: int = 20) -> list[dict[str, Any]]:
+    """The push handler's own CPU per codec, in this process, no sockets: a :class:`Job` (async,
+    server SGD) given a delta as the scheduler receives it (a ``Serialized`` per frame). Split
+    into decoding (header checks included) and the rest of the handler (finite check, the step,
+    the reply's copy of the weights). Thread CPU time, the best of ``reps``."""
+    import asyncio
+
+    from distributed.protocol.serialize import Serialize, Serialized, serialize
+
+    from pipeline.ps.job import Job
+    from pipeline.ps.wire import compress, decode_delta
+
+    def remote(wire: Any) -> Any:
+        def one(v: Any) -> Any:
+            return Serialized(*serialize(v.data, serializers=["dask"])) if isinstance(v, Serialize) else v
+
+        return {k: one(v) for k, v in wire.items()} if isinstance(wire, dict) else one(wire)
+
+    delta = (np.random.default_rng(0).standard_normal(n) * 1e-3).astype(np.float32)
+    out = []
+    for codec in CODECS:
+        wire = remote(compress(delta, codec, 0.01)[0])
+
+        async def go(wire: Any = wire, codec: str = codec) -> tuple[float, float]:
+            job = Job.create("cost", np.zeros(n, np.float32), n, mode="async", compression=codec)
+            job.join("p")
+            dec, tot = [], []
+            for _ in range(reps):
+                t = time.thread_time()
+                decode_delta(wire, n, codec, 0.01)
+                dec.append(time.thread_time() - t)
+                t = time.thread_time()
+                await job.push("p", job.version, wire, samples=1, loss=0.0)
+                tot.append(time.thread_time() - t)
+            return min(dec), min(tot)
+
+        dec, tot = asyncio.run(go())
+        out.append({"codec": codec, "params": n, "decode ms": 1e3 * dec, "whole handler ms": 1e3 * tot})
+    return out
+
+
+def projection(rows: list[dict[str, Any]], cpu: dict[str, float]) -> list[dict[str, Any]]:
+    """Workers at which one in-scheduler server saturates, per model, worker kind, codec and link.
+
+    A worker (overlap off, the default) pushes every ``compute + latency`` seconds, the latency
+    being the push's own cost: its bytes in over the link, the scheduler's CPU for it, the float32
+    reply back over the link (queueing excluded: it only starts at saturation). The server's CPU
+    saturates at ``period / cpu_per_push`` workers, its link at ``period x bandwidth / max(bytes
+    in, bytes out)``; the smaller binds."""
+    out = []
+    for mname, model in MODELS.items():
+        p = n_params(model)
+        for kind, flops in (("CPU", cpu["flops"]), ("GPU", GPU_FLOPS)):
+            compute = LOCAL_STEPS * 6 * p * BATCH / flops  # seconds of steps between two pushes
+            for codec in CODECS:
+                ca, cb = _fit(rows, codec, "sched ms/push (process)", p)
+                ba, bb = _fit(rows, codec, "MB/push", p)
+                cpu_push = (ca + cb * p) / 1e3  # scheduler seconds per push
+                bytes_in = (ba + bb * p) * 1e6
+                bytes_out = 4.0 * p  # the reply: float32 weights
+                row: dict[str, Any] = {
+                    "model": mname,
+                    "workers": kind,
+                    "codec": codec,
+                    "compute ms/push": 1e3 * compute,
+                    "MB in/out per push": f"{bytes_in / 1e6:.2f} / {bytes_out / 1e6:.1f}",
+                    "sched ms/push": 1e3 * cpu_push,
+                }
+                for link, bw in LINKS.items():
+                    period = compute + cpu_push + (bytes_in + bytes_out) / bw
+                    n_cpu = period / cpu_push
+                    n_nic = period * bw / max(bytes_in, bytes_out)
+                    row[f"N {link}"] = min(n_cpu, n_nic)
+                    row[f"binds {link}"] = "CPU" if n_cpu <= n_nic else "link"
+                # sharded (NOT built): S shards, each with its own CPU and link; a push costs every
+                # shard the per-message part ``ca`` and 1/S of the per-byte parts (CPU and link)
+                bw = LINKS["100 GbE"]
+                period = compute + cpu_push + (bytes_in + bytes_out) / bw
+                budget = period / 64 - ca / 1e3  # one shard's seconds per push left for its bytes at 64 workers
+                per_byte = max(cb * p / 1e3, max(bytes_in, bytes_out) / bw)
+                need = per_byte / budget if budget > 0 else math.inf
+                row["shards for 64, 100 GbE (estimate)"] = (
+                    "never (per-message cost)" if need == math.inf else math.ceil(need)
+                )
+                out.append(row)
+    return out
+
+
+def projection_text(proj: list[dict[str, Any]], cpu: dict[str, float]) -> str:
+    fmt = {"compute ms/push": ".2f", "sched ms/push": ".2f"}
+    fmt.update({f"N {link}": ",.1f" for link in LINKS})
+    gpu1m = {r["codec"]: r for r in proj if r["model"] == "1M" and r["workers"] == "GPU"}
+    verdict = []
+    for codec in ("none", *[c for c in CODECS if c != "none"]):
+        n = gpu1m[codec]["N 100 GbE"]
+        verdict.append(f"{codec}: {'met' if n >= 64 else 'NOT met'} (saturates at ~{n:,.1f} GPU workers)")
+    return (
+        f"Assumptions: local_steps {LOCAL_STEPS}, batch {BATCH}, 6 FLOP per parameter per sample; CPU worker = "
+        f"one single-threaded process at {cpu['flops'] / 1e9:.1f} GFLOP/s (measured here: a "
+        f"{cpu['params']:,}-parameter MLP step took {1e3 * cpu['step_s']:.2f} ms of CPU, "
+        f"{1e3 * cpu['step_wall_s']:.2f} ms wall on this shared machine; the kernels alone, no loader: a real "
+        f"worker pushes less often); GPU worker = an assumed A100 at 50% of 19.5 TFLOP/s fp32 = "
+        f"{GPU_FLOPS / 1e12:.2f} TFLOP/s. Models: 1M = MLP {MODELS['1M']} ({n_params(MODELS['1M']):,} "
+        f"parameters), 100M = MLP {MODELS['100M']} ({n_params(MODELS['100M']):,}). A worker (overlap off, the "
+        "default) pushes every compute + latency, the latency being the push's own cost: its bytes in over "
+        "the link, the scheduler's CPU for it, the float32 reply back (queueing excluded). Scheduler CPU per "
+        "push (whole process) and wire bytes per push as a + b x params: a = the 1e4 cell (the per-message "
+        "part), b = the per-parameter rest at the nearest measured size (1e6 for 1M, 1e7 for 100M: an "
+        "extrapolation), per size the smaller of the 1- and 2-pusher figures. "
+        "N = workers at which the server saturates, "
+        "the smaller of its CPU (period / CPU per push) and its link (period x line rate / the larger of bytes "
+        "in and out); 'binds' says which. Replies are float32 whatever the codec, so compression never "
+        "lowers the bytes out. The CPU figures come from a shared 2-core machine under load (see the load "
+        "average above): a dedicated core does better, so read N as a lower bound within a factor of ~2. "
+        "Sharding is NOT built: 'shards for 64' keeps the per-message CPU part whole on every shard and "
+        "divides the per-byte parts (CPU and link) by the shard count; it is an estimate, not a measurement.\n\n"
+        + md_table(proj, fmt)
+        + "\n\nTarget 'the server is not the bottleneck up to 64 GPU workers for the 1M-parameter model at "
+        "local_steps 8' (single in-scheduler server, 100 GbE): " + "; ".join(verdict) + "."
+    )
+
+
+# -------------------------------------------------------------------------------------------
+
+
+def run(
+    quick: bool = False,
+    parts: Sequence[str] = ("accuracy", "server", "projection"),
+    seeds: Sequence[int] = (0, 1, 2),
+    seconds: float = 3.0,
+) -> tuple[str, dict[str, Any]]:
+    sizes, pushers = SIZES, PUSHERS
+    if quick:
+        seeds, sizes, pushers, seconds = tuple(seeds)[:2], (10_000, 100_000), (1,), 0.5
+    meta = protocol.meta()
+    payload: dict[str, Any] = {"meta": meta, "quick": quick}
+    load0 = load()
+    texts = []
+    if "accuracy" in parts:
+        with local_cluster(2) as client:
+            payload["accuracy"] = accuracy(client, seeds, quick)
+    rows: list[dict[str, Any]] = []
+    if "server" in parts or "projection" in parts:
+        rows = server_cost(sizes, pushers, seconds)
+        payload["server"] = rows
+    if "server" in parts:
+        payload["handler"] = [r for n in sizes for r in handler_cost(n, 5 if quick else 20)]
+    if "projection" in parts:
+        cpu = cpu_step_flops(quick)
+        payload["cpu_step"] = cpu
+        payload["projection"] = projection(rows, cpu)
+    path = protocol.save_json("ps_compression" + ("-quick" if quick else ""), payload, quick=quick)
+    meta["json"] = str(path)
+    head = "\n".join(protocol.provenance_lines(meta)) + f"\nLoad average before {load0:.2f}, after {load():.2f}."
+    if "accuracy" in parts:
+        texts.append("### Accuracy after the same samples, per codec\n\n" + accuracy_table(payload["accuracy"]))
+    if rows:
+        fmt = {
+            "params": ".0e",
+            "MB/push": ".3f",
+            "pushes/s": ",.0f",
+            "MB/s in": ",.0f",
+            "median push ms": ".2f",
+            "sched ms/push (loop)": ".2f",
+            "sched ms/push (process)": ".2f",
+        }
+        texts.append(
+            f"### What the scheduler absorbs per codec\n\nasync, server SGD, zero-compute pushers, {seconds:g} s "
+            "window per cell; MB/push = wire bytes of one delta; sched ms/push = the scheduler's CPU time per "
+            "push (event-loop thread; whole process, which also holds the idle driver and the thread that "
+            "deserializes messages over 10 MiB)\n\n" + md_table(rows, fmt)
+        )
+    if payload.get("handler"):
+        texts.append(
+            "### The push handler's own CPU per codec (in this process, no sockets)\n\n"
+            "A `Job` (async, server SGD) handed each codec's delta as the scheduler receives it; thread CPU "
+            "time, best of the repetitions. The rest of the handler (finite check, server step, the reply's "
+            "copy of the weights) works on float32 vectors of the full length whatever the codec.\n\n"
+            + md_table(payload["handler"], {"params": ".0e", "decode ms": ".2f", "whole handler ms": ".2f"})
+        )
+    if "projection" in parts:
+        texts.append("### Where one in-scheduler server saturates\n\n" + projection_text(payload["projection"], cpu))
+    return head + "\n\n" + "\n\n".join(texts), payload
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(prog="python -m bench.ps_compression", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    ap.add_argument("--parts", default="accuracy,server,projection")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seconds", type=float, default=3.0, help="measurement window per server cell")
+    args = ap.parse_args(argv)
+    text, _ = run(
+        args.quick,
+        args.parts.split(","),
+        tuple(int(s) for s in args.seeds.split(",")),
+        args.seconds,
+    )
+    print(text)
+    write_out("ps_compression" + ("-quick" if args.quick else ""), text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Compressed deltas: each codec against a NumPy reference, the server's header checks, error
+feedback, and pushes through a real scheduler (gen_cluster)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from distributed.protocol.serialize import Serialize, Serialized, serialize
+from distributed.utils_test import gen_cluster
+
+from pipeline.config import COMPRESSIONS
+from pipeline.ps import EXTENSION_NAME, ParameterServerExtension, PSError
+from pipeline.ps.wire import CODECS, INT8_BLOCK, DeltaCompressor, compress, decode_delta, topk_count
+
+N = 10_000  # not a multiple of the int8 block: the last block is short
+FRACTION = 0.05
+
+
+def _remote(wire):
+    """What the scheduler receives: every zero-copy frame as a Serialized (header + frames)."""
+
+    def one(v):
+        if isinstance(v, Serialize):
+            return Serialized(*serialize(v.data, serializers=["dask"]))
+        return v
+
+    return {k: one(v) for k, v in wire.items()} if isinstance(wire, dict) else one(wire)
+
+
+def _delta(seed: int = 0, n: int = N) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(n) * np.exp(rng.standard_normal(n))).astype(np.float32) * np.float32(1e-3)
+
+
+def _bf16_reference(x: np.ndarray) -> np.ndarray:
+    """Round each float32 to the nearer of its two bf16 neighbours (ties: even last bit), in
+    float64 arithmetic, element by element."""
+    bits = x.view(np.uint32).astype(np.uint64)
+    down = bits & 0xFFFF0000
+    up = down + 0x10000
+    out = np.empty_like(x)
+    for i in range(x.size):
+        lo = np.array([down[i]], np.uint64).astype(np.uint32).view(np.float32)[0]
+        hi = np.array([up[i]], np.uint64).astype(np.uint32).view(np.float32)[0]
+        dlo, dhi = abs(float(x[i]) - float(lo)), abs(float(hi) - float(x[i]))
+        if dlo < dhi or (dlo == dhi and not (int(down[i]) >> 16) & 1):
+            out[i] = lo
+        else:
+            out[i] = hi
+    return out
+
+
+def test_the_config_knows_every_codec():
+    assert COMPRESSIONS == CODECS
+
+
+def test_fp16_round_trip_equals_numpy_half_precision():
+    x = _delta()
+    wire, decoded = compress(x, "fp16")
+    back = decode_delta(_remote(wire), N, "fp16")
+    np.testing.assert_array_equal(back, x.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(back, decoded)
+    normal = np.abs(x) > 6.2e-5  # float16's normal range: relative error at most 2**-11
+    assert (np.abs(back - x)[normal] <= 2.0**-11 * np.abs(x[normal])).all()
+    assert wire["data"].data.nbytes == 2 * N
+
+
+def test_fp16_overflow_is_refused_on_the_worker():
+    with pytest.raises(PSError, match="exceeds float16's range"):
+        compress(np.array([1.0, 7e4], np.float32), "fp16")
+
+
+def test_bf16_rounds_to_nearest_even_like_the_reference():
+    x = _delta(1, 3000)
+    ties = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x3F808001], np.uint32).view(np.float32)
+    x = np.concatenate([x, ties])
+    wire, decoded = compress(x, "bf16")
+    back = decode_delta(_remote(wire), x.size, "bf16")
+    np.testing.assert_array_equal(back, _bf16_reference(x))
+    np.testing.assert_array_equal(back, decoded)
+    # halfway cases go to the even neighbour: 1 + 2**-8 -> 1.0, 1 + 3 * 2**-8 -> 1 + 2**-6 ...
+    assert back[-4:].view(np.uint32).tolist() == [0x3F800000, 0x3F820000, 0xBF800000, 0x3F810000]
+    assert (np.abs(back - x) <= 2.0**-8 * np.abs(x)).all()
+    assert wire["data"].data.dtype == np.uint16
+
+
+def test_topk_sends_the_largest_entries_exactly():
+    x = _delta(2)
+    k = topk_count(N, FRACTION)
+    assert k == math.ceil(FRACTION * N) and topk_count(10, 1e-9) == 1 and topk_count(10, 1.0) == 10
+    wire, decoded = compress(x, "topk", FRACTION)
+    back = decode_delta(_remote(wire), N, "topk", FRACTION)
+    ref = np.zeros_like(x)
+    top = np.argsort(-np.abs(x), kind="stable")[:k]
+    ref[top] = x[top]
+    np.testing.assert_array_equal(back, ref)
+    np.testing.assert_array_equal(back, decoded)
+    assert wire["index"].data.dtype == np.int32 and (np.diff(wire["index"].data) > 0).all()
+
+
+def test_int8_error_is_at_most_half_a_step_of_each_block():
+    x = _delta(3)
+    x[INT8_BLOCK : 2 * INT8_BLOCK] = 0.0  # an all-zero block: scale 0, decodes to zeros
+    wire, decoded = compress(x, "int8")
+    back = decode_delta(_remote(wire), N, "int8")
+    np.testing.assert_array_equal(back, decoded)
+    for b in range(math.ceil(N / INT8_BLOCK)):
+        sl = slice(b * INT8_BLOCK, min(N, (b + 1) * INT8_BLOCK))
+        step = np.abs(x[sl]).max() / 127
+        ref = np.clip(np.rint(x[sl] / step), -127, 127) * step if step else np.zeros_like(x[sl])
+        np.testing.assert_allclose(back[sl], ref, rtol=1e-6, atol=1e-12)
+        assert (np.abs(back[sl] - x[sl]) <= step / 2 * (1 + 1e-5) + 1e-12).all()
+    assert wire["data"].data.dtype == np.int8 and wire["scales"].data.size == math.ceil(N / INT8_BLOCK)
+
+
+@pytest.mark.parametrize("codec", [c for c in CODECS if c != "none"])
+def test_error_feedback_sends_the_sum_up_to_the_last_residual(codec):
+    """Over many pushes the server receives the sum of the deltas minus only what is still in
+    the last residual; without error feedback what was dropped is lost."""
+    ef, plain = DeltaCompressor(codec, FRACTION), DeltaCompressor(codec, FRACTION, error_feedback=False)
+    total = np.zeros(N, np.float64)
+    got, got_plain = np.zeros(N, np.float64), np.zeros(N, np.float64)
+    for step in range(30):
+        d = _delta(100 + step)
+        total += d
+        got += ef(d)[1]
+        got_plain += plain(d)[1]
+    assert plain.residual is None
+    np.testing.assert_allclose(got + ef.residual, total, atol=1e-7)
+    if codec == "topk":  # dropping 95% each push: a large gap without feedback, none with it
+        assert np.abs(got_plain - total).sum() > 10 * np.abs(got + ef.residual - total).sum()
+
+
+def test_none_passes_the_delta_through():
+    x = _delta()
+    wire, decoded = DeltaCompressor("none")(x)
+    assert wire is x and decoded is x
+    with pytest.raises(PSError, match="unknown compression 'zip'"):
+        DeltaCompressor("zip")
+
+
+def _with(wire: dict, **changes) -> dict:
+    out = _remote(wire)
+    for k, v in changes.items():
+        out[k] = _remote(Serialize(v)) if isinstance(v, np.ndarray) else v
+    return out
+
+
+@pytest.mark.parametrize(
+    "codec, change, fragment",
+    [
+        ("fp16", {"data": np.zeros(N, np.float32)}, "dtype must be float16"),
+        ("fp16", {"data": np.zeros(N - 1, np.float16)}, r"expected shape \(10000,\)"),
+        ("bf16", {"data": np.zeros(N, np.int16)}, "dtype must be uint16"),
+        ("int8", {"data": np.zeros(N, np.uint8)}, "dtype must be int8"),
+        ("int8", {"scales": np.zeros(2, np.float32)}, r"scales: expected shape \(3,\)"),
+        ("int8", {"scales": np.array([1, -1, 1], np.float32)}, "scales must be >= 0"),
+        ("topk", {"index": np.full(500, N, np.int32)}, "index out of range"),
+        ("topk", {"index": np.arange(-1, 499, dtype=np.int32)}, "index out of range"),
+        ("topk", {"index": np.zeros(500, np.int32)}, "strictly increasing"),
+        ("topk", {"index": np.arange(500, dtype=np.int64)}, "dtype must be int32"),
+        ("topk", {"values": np.zeros(499, np.float32)}, r"values: expected shape \(500,\)"),
+        ("topk", {"k": 499}, "k=499 entries, the job expects k=500"),
+        ("topk", {"n": N + 1}, "delta of 10001 parameters, expected 10000"),
+        ("fp16", {"codec": "bf16"}, "encoded as 'bf16', but the job expects 'fp16'"),
+    ],
+)
+def test_the_server_refuses_malformed_frames_from_their_headers(codec, change, fragment):
+    wire, _ = compress(_delta(), codec, FRACTION)
+    with pytest.raises(PSError, match=fragment):
+        decode_delta(_with(wire, **change), N, codec, FRACTION)
+
+
+def test_the_server_refuses_a_missing_frame_a_pickle_and_a_plain_vector():
+    wire, _ = compress(_delta(), "topk", FRACTION)
+    bad = _remote(wire)
+    del bad["values"]
+    with pytest.raises(PSError, match="without its 'values' frame"):
+        decode_delta(bad, N, "topk", FRACTION)
+    header, frames = serialize({"evil": 1}, serializers=["pickle"])
+    with pytest.raises(PSError, match="expected a NumPy array"):
+        decode_delta(_with(wire, index=Serialized(header, frames)), N, "topk", FRACTION)
+    with pytest.raises(PSError, match="the job expects int8 deltas .* got an uncompressed array"):
+        decode_delta(_remote(Serialize(_delta())), N, "int8")
+    with pytest.raises(PSError, match="encoded as 'topk', but the job expects float32 deltas"):
+        decode_delta(_remote(wire), N, "none")
+
+
+@gen_cluster(client=True)
+async def test_compressed_pushes_through_the_scheduler(c, s, a, b):
+    """A top-k job applies exactly the decoded delta, counts the compressed bytes, refuses a
+    bad index with the job unchanged, and replies with float32 weights."""
+    ParameterServerExtension(s)
+    w0 = np.ones(N, np.float32)
+    await c.scheduler.ps_create(
+        job="tk",
+        params=Serialize(w0),
+        n_params=N,
+        mode="async",
+        optimizer={"name": "sgd", "lr": 1.0},
+        compression="topk",
+        topk_fraction=FRACTION,
+    )
+    await c.scheduler.ps_join(job="tk", name="p")
+    wire, decoded = compress(_delta(), "topk", FRACTION)
+    r = await c.scheduler.ps_push(job="tk", name="p", version=0, delta=wire, samples=1, batches=1, loss=0.0)
+    params = np.asarray(r["params"])
+    assert r["version"] == 1 and params.dtype == np.float32
+    np.testing.assert_array_equal(params, w0 - decoded)
+    job = s.extensions[EXTENSION_NAME].jobs["tk"]
+    assert job.bytes_in == 8 * topk_count(N, FRACTION)
+    bad = {**wire, "index": Serialize(np.full(topk_count(N, FRACTION), N, np.int32))}
+    with pytest.raises(PSError, match="index out of range"):
+        await c.scheduler.ps_push(job="tk", name="p", version=1, delta=bad, samples=1, batches=1, loss=0.0)
+    assert job.version == 1 and np.array_equal(job.params, w0 - decoded)
+    with pytest.raises(PSError, match="unknown compression 'zip'"):
+        await c.scheduler.ps_create(job="z", params=Serialize(w0), n_params=N, compression="zip")
+    await c.scheduler.ps_close(job="tk")

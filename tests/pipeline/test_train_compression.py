@@ -1,0 +1,77 @@
+"""Training with compressed deltas end to end: a real LocalCluster, the letter store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.checkpoint import read_checkpoint
+from pipeline.config import TrainConfig
+from pipeline.inference import evaluate_store
+from pipeline.ps.wire import DeltaCompressor
+from pipeline.train import train
+
+RUN = {"epochs": 3, "patience": 0, "topk_fraction": 0.05}
+
+
+@pytest.fixture(scope="module")
+def float32_accuracy(letter_stores, client, tmp_path_factory) -> float:
+    res = train(letter_stores[0], TrainConfig(**RUN), tmp_path_factory.mktemp("none"), client=client)
+    return evaluate_store(res.model, letter_stores[1], client)["accuracy"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("codec", ["fp16", "bf16", "topk", "int8"])
+def test_each_codec_trains_about_as_well_as_float32(codec, float32_accuracy, letter_stores, client, tmp_path):
+    """Sync run on two workers: the job decodes every push, the shares' residuals travel with
+    their local state into the checkpoint, and the model learns about as well as float32."""
+    res = train(letter_stores[0], TrainConfig(compression=codec, **RUN), tmp_path, client=client)
+    acc = evaluate_store(res.model, letter_stores[1], client)["accuracy"]
+    assert float32_accuracy > 0.7
+    # 3 epochs are short for top-k (5% of the entries a push): it catches up over longer runs
+    assert acc > float32_accuracy - (0.08 if codec == "topk" else 0.02), (codec, acc, float32_accuracy)
+    ckpt = read_checkpoint(res.run_dir / "checkpoint.npz")
+    residuals = [s["buffers"].get(DeltaCompressor.RESIDUAL) for s in ckpt.local_states.values()]
+    assert residuals and all(r is not None and r.shape == res.model.params.shape for r in residuals)
+    assert any(np.abs(r).max() > 0 for r in residuals)  # something was held back for later
+
+
+@pytest.mark.timeout(300)
+def test_async_topk_trains_and_counts_compressed_bytes(float32_accuracy, letter_stores, client, tmp_path):
+    cfg = TrainConfig(mode="async", compression="topk", **RUN)
+    res = train(letter_stores[0], cfg, tmp_path, client=client)
+    acc = evaluate_store(res.model, letter_stores[1], client)["accuracy"]
+    assert acc > float32_accuracy - 0.08, (acc, float32_accuracy)
+
+
+def test_topk_without_error_feedback_learns_less_in_process(letter_stores, client, tmp_path):
+    """In this process (the one-share run a cluster would do): the same codec with and without
+    error feedback; dropping 99% of every delta for good costs accuracy that feedback keeps."""
+    base = {"epochs": 2, "patience": 0, "compression": "topk", "topk_fraction": 0.01, "ema": 0.0}
+    acc = {}
+    for ef in (True, False):
+        res = train(letter_stores[0], TrainConfig(error_feedback=ef, **base), tmp_path / str(ef))
+        acc[ef] = evaluate_store(res.model, letter_stores[1], client)["accuracy"]
+    plain = train(letter_stores[0], TrainConfig(**{**base, "compression": "none"}), tmp_path / "none")
+    acc_none = evaluate_store(plain.model, letter_stores[1], client)["accuracy"]
+    assert acc[True] > 0.5 and acc[True] > acc[False] + 0.2, (acc, acc_none)
+    assert acc_none >= acc[True] - 0.02, (acc, acc_none)
+
+
+@pytest.mark.timeout(300)
+def test_a_resumed_compressed_run_repeats_the_uninterrupted_one(letter_stores, client, tmp_path):
+    """int8 rounds to nearest and the shares' residuals are checkpointed with their local state:
+    a sync run stopped after its first epoch and resumed ends with the weights and residuals of a
+    run that was never stopped, bit for bit."""
+    cfg = {"epochs": 2, "patience": 0, "min_share_gflop": 0, "compression": "int8"}
+    straight = train(letter_stores[0], TrainConfig(**cfg), tmp_path / "straight", client=client)
+    out = tmp_path / "cut"
+    train(letter_stores[0], TrainConfig(**{**cfg, "epochs": 1}), out, client=client)
+    resumed = train(letter_stores[0], TrainConfig(**cfg), out, client=client, resume=True)
+    np.testing.assert_array_equal(resumed.model.params, straight.model.params)
+    a, b = (read_checkpoint(p / "checkpoint.npz") for p in (out, tmp_path / "straight"))
+    np.testing.assert_array_equal(a.params, b.params)
+    assert sorted(a.local_states) == sorted(b.local_states) == ["s0", "s1"]
+    for slot in a.local_states:
+        ra, rb = (c.local_states[slot]["buffers"][DeltaCompressor.RESIDUAL] for c in (a, b))
+        np.testing.assert_array_equal(ra, rb, err_msg=slot)
