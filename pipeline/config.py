@@ -30,6 +30,7 @@ PLACEMENTS = ("dynamic", "federated")
 MAX_WIDTH = 1 << 16
 MAX_PARAMS = 1 << 28
 MAX_SEED = (1 << 32) - 1  # seeds NumPy's generators, which take no negative seed
+MAX_PS_SHARDS = 64  # parameter-server shards (one worker each)
 
 
 @dataclass
@@ -72,6 +73,9 @@ class TrainConfig:
     step_size: int = 1000  # step schedule: rounds between decays
     gamma: float = 0.5  # step schedule: decay factor
     ema: float = 0.999  # average the weights over rounds (decay <= ema): the model validated and saved; 0 = off
+    # split the parameters by range over this many server shards on workers started with
+    # `--resources ps-shard=1` (the scheduler then only coordinates); 0 = one server in the scheduler
+    ps_shards: int = 0
     # --- data and epochs ---------------------------------------------------------------------
     epochs: int = 100  # maximum number of passes over the training rows (early stopping ends sooner)
     patience: int = 5  # stop after this many epochs without validation improvement (0 = never)
@@ -165,6 +169,7 @@ class TrainConfig:
             ("step_size", self.step_size >= 1, ">= 1"),
             ("gamma", 0 < self.gamma <= 1, "in (0, 1]"),
             ("ema", 0 <= self.ema < 1, "in [0, 1) (0 = off, e.g. 0.999)"),
+            ("ps_shards", 0 <= self.ps_shards <= MAX_PS_SHARDS, f"between 0 (in the scheduler) and {MAX_PS_SHARDS}"),
             ("checkpoint_seconds", self.checkpoint_seconds > 0, "> 0"),
             ("join_timeout", self.join_timeout > 0, "> 0"),
             ("barrier_timeout", self.barrier_timeout > 0, "> 0"),
