@@ -778,23 +778,14 @@ class Trainer:
 
     def _restore_shards(self, ps: Any, run: RunState, exc: Exception) -> Any:
         """Place the job on the ps-shard workers present from the last checkpoint (or the
-        initial weights before the first) under a new job id; the training since is redone."""
+        initial weights before the first) under a new job id; the training since is redone.
+        Waits up to ``no_worker_timeout`` for enough ps-shard workers (a dead one may still be
+        listed for a moment: a placement that fails is tried again)."""
         from kernels.mlp import MLPSpec, init_params
 
         self.warn(f"{exc}; restoring the parameter server from the last checkpoint (training since it is redone)")
-        try:
+        with contextlib.suppress(Exception):
             ps.close()
-        except Exception:
-            logger.debug("could not close job %s on its shards", self.job, exc_info=True)
-        deadline = time.monotonic() + self.cfg.no_worker_timeout
-        while len(shard_workers(self.client.scheduler_info(n_workers=-1))) < self.cfg.ps_shards:
-            if time.monotonic() > deadline:
-                raise TrainingError(
-                    f"fewer than ps_shards = {self.cfg.ps_shards} ps-shard workers for "
-                    f"{self.cfg.no_worker_timeout:.0f} s after a shard was lost; start one with `dask worker "
-                    "ADDRESS --resources ps-shard=1` and resume with --resume"
-                ) from None
-            time.sleep(0.5)
         ckpt = read_checkpoint(self.run.checkpoint) if self.run.checkpoint.is_file() else None
         if ckpt is not None:
             params, saved = ckpt.params, ckpt.run
@@ -804,9 +795,25 @@ class Trainer:
         for f in dataclasses.fields(RunState):
             if f.name != "last_checkpoint":
                 setattr(run, f.name, getattr(saved, f.name))
-        self.job = run.job = f"run-{uuid.uuid4().hex[:12]}"  # no clash with the lost job's tasks
-        ps = self._server()
-        self._create_job(ps, params, run, ckpt)
+        deadline = time.monotonic() + self.cfg.no_worker_timeout
+        while True:
+            if len(shard_workers(self.client.scheduler_info(n_workers=-1))) >= self.cfg.ps_shards:
+                self.job = run.job = f"run-{uuid.uuid4().hex[:12]}"  # no clash with the lost job's tasks
+                ps = self._server()
+                try:
+                    self._create_job(ps, params, run, ckpt)
+                except ShardLostError:
+                    with contextlib.suppress(Exception):
+                        ps.close()
+                else:
+                    break
+            if time.monotonic() > deadline:
+                raise TrainingError(
+                    f"fewer than ps_shards = {self.cfg.ps_shards} ps-shard workers answered for "
+                    f"{self.cfg.no_worker_timeout:.0f} s after a shard was lost; start one with `dask worker "
+                    "ADDRESS --resources ps-shard=1` and resume with --resume"
+                ) from None
+            time.sleep(0.5)
         self.log(f"job {self.job}: restored on shards {[a for a, _, _ in ps.shards]} at epoch {run.epoch}")
         return ps
 

@@ -93,3 +93,64 @@ def test_more_shards_than_shard_workers_is_refused_in_one_line(letter_stores, cl
         train(letter_stores[0], TrainConfig(epochs=1, ps_shards=3), tmp_path / "x", client=client)
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "x" / "checkpoint.npz").exists()
+
+
+def test_a_checkpoint_resumes_on_any_shard_count(letter_stores, client, shard_procs, tmp_path):
+    """The checkpoint holds the shards' states joined by range (the single server's layout): a
+    run trained on 2 shards, resumed on the scheduler's server, then on 2 shards again ends
+    with the weights of a run never stopped, bit for bit."""
+    from pipeline.checkpoint import load_file
+
+    cfg = {"mode": "sync", "patience": 0, "server_optimizer": "adam", "server_lr": 1e-3}
+    straight = train(letter_stores[0], TrainConfig(**cfg, epochs=4), tmp_path / "straight", client=client)
+    out = tmp_path / "cut"
+    train(letter_stores[0], TrainConfig(**cfg, epochs=2, ps_shards=2), out, client=client)
+    train(letter_stores[0], TrainConfig(**cfg, epochs=3, ps_shards=0), out, client=client, resume=True)
+    resumed = train(letter_stores[0], TrainConfig(**cfg, epochs=4, ps_shards=2), out, client=client, resume=True)
+    assert [h["rounds"] for h in resumed.history] == [h["rounds"] for h in straight.history]
+    np.testing.assert_array_equal(resumed.model.params, straight.model.params)
+    a, _ = load_file(out / "checkpoint.npz", "checkpoint")
+    b, _ = load_file(tmp_path / "straight" / "checkpoint.npz", "checkpoint")
+    for k in ("params", "opt_m", "opt_v", "opt_average", "local0_0", "local1_1"):
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _kill_a_shard_mid_epoch(client, procs, used: list[str], killed: list[str]) -> None:
+    """SIGKILL the worker of the job's first shard once epoch 1's training tasks run."""
+    pids = client.run(os.getpid, workers=used)
+    by_pid = {p.pid: p for p in procs}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(str(k).startswith("train-chunk-e1-") for keys in client.processing().values() for k in keys):
+            by_pid[pids[used[0]]].kill()
+            killed.append(used[0])
+            return
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_shard_worker_is_survived(letter_stores, client, shard_procs, tmp_path):
+    """A shard's worker SIGKILLed mid-epoch: the job is placed again on the ps-shard workers
+    present (a spare joined for it) from the last checkpoint, the epoch is trained again and
+    the run ends with every epoch, a finite model that learned."""
+    import threading
+
+    spare = _start_shard_worker(client.scheduler.address)
+    procs = [*shard_procs, spare]
+    try:
+        used = _wait_for_shard_workers(client, 3)[:2]  # ShardedParameterServer takes the first, sorted
+        said: list[str] = []
+        killed: list[str] = []
+        killer = threading.Thread(target=_kill_a_shard_mid_epoch, args=(client, procs, used, killed), daemon=True)
+        killer.start()
+        cfg = TrainConfig(mode="sync", epochs=3, patience=0, ps_shards=2)
+        res = train(letter_stores[0], cfg, tmp_path / "run", client=client, log=said.append)
+        killer.join()
+    finally:
+        spare.kill()
+        spare.wait()
+    assert killed, "no shard worker was killed: the test did not exercise shard loss"
+    assert any("restoring the parameter server from the last checkpoint" in m for m in said), said
+    assert [h["epoch"] for h in res.history] == [0, 1, 2]
+    assert np.isfinite(res.model.params).all()
+    assert res.history[-1]["val_accuracy"] > 0.6, [h["val_accuracy"] for h in res.history]
