@@ -37,6 +37,7 @@ BENCHMARKS = [
     ("step_anatomy", "Where a training step and a cold `pipeline train` go", "python -m bench.step_anatomy"),
     ("out_of_core", "Out of core: memory, throughput, disk", "python -m bench.out_of_core --sizes {ooc}"),
     ("ps_limits", "Parameter-server limits", "python -m bench.ps_limits"),
+    ("ps_shards", "Sharded parameter server against the scheduler's", "python -m bench.ps_shards"),
     ("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets", "python -m bench.sklearn_parity"),
 ]
 

@@ -1,9 +1,9 @@
 """The parameter server's scheduler extension: one route per request, state in :class:`Job`.
 
-The routes over jobs (:class:`JobRoutes`) serve both the scheduler (:class:`ParameterServerExtension`)
-and a parameter-server shard on a worker (:mod:`pipeline.ps.shard`). For a sharded job the
-scheduler keeps coordination only (:class:`ShardMap`): where the shards are, which task is which
-participant, and it forwards the drop of a participant whose task ended to every shard.
+For a sharded job (:mod:`pipeline.ps.shard`) the scheduler keeps coordination only
+(:class:`ShardMap`): where the shards are, which task is which participant, and it forwards the
+drop of a participant whose task ended to every shard. A shard serves this class's routes over
+jobs on its worker (:class:`pipeline.ps.shard.ShardExtension`).
 """
 
 from __future__ import annotations
@@ -62,13 +62,53 @@ class ShardMap:
     tickets: dict[str, int] = field(default_factory=dict)
 
 
-class JobRoutes:
-    """The routes over ``self.jobs`` shared by the scheduler extension and a shard."""
+class ParameterServerExtension(SchedulerPlugin):
+    """Scheduler extension holding the parameters of every training job on the cluster.
 
-    installed_by: str
-    jobs: dict[str, Job]
-    finished: deque[dict[str, Any]]
-    key_to_participant: dict[str, tuple[str, str]]
+    Routes (all ``ps_*``):
+
+    * ``ps_create``   -- create a job from initial parameters (or a checkpointed state)
+    * ``ps_expect``   -- announce the participants of an epoch (sync mode waits for them)
+    * ``ps_join``     -- a participant joins: returns weights, version, batches to skip
+    * ``ps_push``     -- push a delta with its sample count; returns the new weights
+    * ``ps_pull``     -- current weights and version
+    * ``ps_leave``    -- a participant leaves (also done automatically when its task ends),
+      optionally leaving its task's summary for the driver and (sync) its share's local
+      optimizer state for the next epoch's task
+    * ``ps_epoch_end``-- (sync) a participant that has left waits until every participant of
+      the epoch has left, and gets the epoch's final weights (it validates them in its task)
+    * ``ps_summaries``-- the driver takes the summaries of finished participants
+    * ``ps_state``    -- full state for a checkpoint (weights, optimizer state, counters)
+    * ``ps_metrics``  -- counters of one job or all jobs (msgpack-able, for dashboards)
+    * ``ps_record``   -- the driver records an epoch's validation metrics or a checkpoint
+    * ``ps_close``    -- drop a job (its metrics stay visible for a while)
+    * ``ps_info``     -- how the extension was installed and which jobs exist
+    * ``ps_place``    -- (sharded job) the driver records where the job's shards are
+    * ``ps_shards``   -- (sharded job) a participant (or the driver announcing an epoch) asks
+      where the shards are and registers its task key, for the drop forwarded when it ends
+
+    As a scheduler plugin it learns when a participant's task leaves the ``processing`` state
+    or its worker is removed, and drops the participant from its job's round. It is also the
+    dashboard's :class:`pipeline.jobview.JobSource` (:meth:`job_names`, :meth:`snapshot`,
+    :meth:`running`).
+    """
+
+    name = "pipeline-ps"
+
+    def __init__(self, scheduler: Any, installed_by: str = "preload") -> None:
+        # a scheduler started with a malloc tunable set: see pipeline/allocator.py
+        restore_mmap_threshold()
+        self.scheduler = scheduler
+        self.installed_by = installed_by
+        self.jobs: dict[str, Job] = {}
+        self.finished: deque[dict[str, Any]] = deque(maxlen=_FINISHED_KEPT)
+        self.key_to_participant: dict[str, tuple[str, str]] = {}  # task key -> (job, participant)
+        self.sharded: dict[str, ShardMap] = {}  # job -> its shards (the job's state lives there)
+        self._ticket = 0
+        self._forwards: set[asyncio.Task] = set()
+        scheduler.handlers.update({route: getattr(self, method) for route, method in ROUTES.items()})
+        scheduler.extensions[EXTENSION_NAME] = self
+        scheduler.add_plugin(self, name=self.name, idempotent=True)
 
     def _job(self, job: Any) -> Job:
         check_job_id(job)
@@ -137,68 +177,14 @@ class JobRoutes:
 
     def close_job(self, job: str | None = None) -> dict[str, Any]:
         check_job_id(job)
+        if self.sharded.pop(job, None) is not None:
+            for key in [k for k, v in self.key_to_participant.items() if v[0] == job]:
+                self.key_to_participant.pop(key, None)
         st = self.jobs.pop(job, None)
         if st is None:
             return {"status": "OK", "existed": False}
         self.finished.append(st.close())
         return {"status": "OK", "existed": True}
-
-
-class ParameterServerExtension(JobRoutes, SchedulerPlugin):
-    """Scheduler extension holding the parameters of every training job on the cluster.
-
-    Routes (all ``ps_*``):
-
-    * ``ps_create``   -- create a job from initial parameters (or a checkpointed state)
-    * ``ps_expect``   -- announce the participants of an epoch (sync mode waits for them)
-    * ``ps_join``     -- a participant joins: returns weights, version, batches to skip
-    * ``ps_push``     -- push a delta with its sample count; returns the new weights
-    * ``ps_pull``     -- current weights and version
-    * ``ps_leave``    -- a participant leaves (also done automatically when its task ends),
-      optionally leaving its task's summary for the driver and (sync) its share's local
-      optimizer state for the next epoch's task
-    * ``ps_epoch_end``-- (sync) a participant that has left waits until every participant of
-      the epoch has left, and gets the epoch's final weights (it validates them in its task)
-    * ``ps_summaries``-- the driver takes the summaries of finished participants
-    * ``ps_state``    -- full state for a checkpoint (weights, optimizer state, counters)
-    * ``ps_metrics``  -- counters of one job or all jobs (msgpack-able, for dashboards)
-    * ``ps_record``   -- the driver records an epoch's validation metrics or a checkpoint
-    * ``ps_close``    -- drop a job (its metrics stay visible for a while)
-    * ``ps_info``     -- how the extension was installed and which jobs exist
-    * ``ps_place``    -- (sharded job) the driver records where the job's shards are
-    * ``ps_shards``   -- (sharded job) a participant (or the driver announcing an epoch) asks
-      where the shards are and registers its task key, for the drop forwarded when it ends
-
-    As a scheduler plugin it learns when a participant's task leaves the ``processing`` state
-    or its worker is removed, and drops the participant from its job's round. It is also the
-    dashboard's :class:`pipeline.jobview.JobSource` (:meth:`job_names`, :meth:`snapshot`,
-    :meth:`running`).
-    """
-
-    name = "pipeline-ps"
-
-    def __init__(self, scheduler: Any, installed_by: str = "preload") -> None:
-        # a scheduler started with a malloc tunable set: see pipeline/allocator.py
-        restore_mmap_threshold()
-        self.scheduler = scheduler
-        self.installed_by = installed_by
-        self.jobs: dict[str, Job] = {}
-        self.finished: deque[dict[str, Any]] = deque(maxlen=_FINISHED_KEPT)
-        self.key_to_participant: dict[str, tuple[str, str]] = {}  # task key -> (job, participant)
-        self.sharded: dict[str, ShardMap] = {}  # job -> its shards (the job's state lives there)
-        self._ticket = 0
-        self._forwards: set[asyncio.Task] = set()
-        scheduler.handlers.update({route: getattr(self, method) for route, method in ROUTES.items()})
-        scheduler.extensions[EXTENSION_NAME] = self
-        scheduler.add_plugin(self, name=self.name, idempotent=True)
-
-    def close_job(self, job: str | None = None) -> dict[str, Any]:
-        check_job_id(job)
-        sm = self.sharded.pop(job, None)
-        if sm is not None:
-            for name in [k for k, v in self.key_to_participant.items() if v[0] == job]:
-                self.key_to_participant.pop(name, None)
-        return super().close_job(job)
 
     def info(self, job: str | None = None) -> dict[str, Any]:
         finished = [f["job"] for f in self.finished]

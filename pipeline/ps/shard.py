@@ -58,7 +58,7 @@ import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.errors import PSError, ShardLostError
-from pipeline.ps.extension import JobRoutes
+from pipeline.ps.extension import ParameterServerExtension
 from pipeline.ps.wire import check_job_id, encode_opt_state, encode_vector
 
 logger = logging.getLogger("pipeline.ps")
@@ -101,16 +101,19 @@ def shard_workers(info: Mapping[str, Any]) -> list[str]:
     return sorted(a for a, w in workers.items() if (w.get("resources") or {}).get(SHARD_RESOURCE, 0) > 0)
 
 
-class ShardExtension(JobRoutes):
+class ShardExtension(ParameterServerExtension):
     """The shards one ``ps-shard`` worker holds: one :class:`Job` per job over its slice,
-    served on the worker's own routes (listed in :data:`SHARD_ROUTES`)."""
+    served on the worker's own routes (listed in :data:`SHARD_ROUTES`) by the scheduler
+    extension's handlers over jobs. The scheduler's plugin hooks are never called here: the
+    scheduler forwards ``ps_drop`` instead."""
 
-    def __init__(self, worker: Any) -> None:
+    def __init__(self, worker: Any) -> None:  # no scheduler: not the parent's __init__
         self.worker = worker
         self.installed_by = "shard"
         self.jobs = {}
         self.finished = deque(maxlen=_FINISHED_KEPT)
         self.key_to_participant = {}  # unused on a shard: the scheduler sees the tasks
+        self.sharded = {}
         self.tickets: dict[tuple[str, str], int] = {}  # (job, participant) -> ticket of its join
         worker.handlers.update({route: getattr(self, method) for route, method in SHARD_ROUTES.items()})
         worker.extensions[SHARD_EXTENSION] = self

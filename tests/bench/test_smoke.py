@@ -49,6 +49,12 @@ CASES = {
         "Raw figures: `bench/out/results/out_of_core-quick-",
     ],
     "ps_limits": ["pushes/s", "| 1e+05 | 2 |"],
+    "ps_shards": [
+        "sched CPU ms/push",
+        "| 2 | 1e+05 | 2 |",
+        "shards cannot add cores here",
+        "Raw figures: `bench/out/results/ps_shards-quick-",
+    ],
     "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
     "step_anatomy": ["| GEMMs (9 per step) |", "| cluster start |", "driver (scheduler + PS)"],
     "sklearn_parity": ["| MLPClassifier | iris | 112 / 38 |", "| MLPRegressor | diabetes |"],
