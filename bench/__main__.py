@@ -38,6 +38,7 @@ BENCHMARKS = [
     ("out_of_core", "Out of core: memory, throughput, disk", "python -m bench.out_of_core --sizes {ooc}"),
     ("ps_limits", "Parameter-server limits", "python -m bench.ps_limits"),
     ("ps_shards", "Sharded parameter server against the scheduler's", "python -m bench.ps_shards"),
+    ("ps_saturation", "Parameter-server saturation: measured against predicted", "python -m bench.ps_saturation"),
     ("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets", "python -m bench.sklearn_parity"),
 ]
 

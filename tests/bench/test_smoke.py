@@ -55,6 +55,12 @@ CASES = {
         "shards cannot add cores here",
         "Raw figures: `bench/out/results/ps_shards-quick-",
     ],
+    "ps_saturation": [
+        "Predicted capacity 1/c_s",
+        "| 4 | ",
+        "achieved / offered",
+        "Raw figures: `bench/out/results/ps_saturation-quick-",
+    ],
     "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
     "step_anatomy": ["| GEMMs (9 per step) |", "| cluster start |", "driver (scheduler + PS)"],
     "sklearn_parity": ["| MLPClassifier | iris | 112 / 38 |", "| MLPRegressor | diabetes |"],
