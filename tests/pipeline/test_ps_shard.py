@@ -80,8 +80,9 @@ def test_sync_on_two_shards_gives_the_single_server_s_weights_bit_for_bit(letter
     assert [h["val_loss"] for h in two.history] == [h["val_loss"] for h in one.history]
 
 
-def test_async_on_two_shards_learns(letter_stores, client, shard_procs, tmp_path):
-    cfg = TrainConfig(mode="async", epochs=3, patience=0, ps_shards=2)
+@pytest.mark.parametrize("mode", ["async", "ssp"])
+def test_async_and_ssp_on_two_shards_learn(mode, letter_stores, client, shard_procs, tmp_path):
+    cfg = TrainConfig(mode=mode, epochs=3, patience=0, ps_shards=2)
     res = train(letter_stores[0], cfg, tmp_path / "a", client=client)
     assert all(np.isfinite(res.model.params))
     accs = [h["val_accuracy"] for h in res.history]
