@@ -577,9 +577,13 @@ class Trainer:
         return ParameterServer(self.job, self.client)
 
     def _placement(self, workers: list[str] | None) -> dict[str, Any]:
-        """``client.submit``'s placement of a training or evaluation task: off ps-shard workers."""
+        """``client.submit``'s placement of a training or evaluation task: off ps-shard workers
+        (the workers that train, as the scheduler lists them now: a replaced worker is in)."""
         if workers or not getattr(self, "_task_workers", None):
             return {"workers": workers}
+        if time.monotonic() - getattr(self, "_task_workers_at", 0.0) > 1.0:  # one look per burst of tasks
+            self._task_workers = sorted(_total_threads(self.client)) or self._task_workers
+            self._task_workers_at = time.monotonic()
         return {"workers": self._task_workers, "allow_other_workers": True}
 
     def _span(self, name: str) -> Any:
