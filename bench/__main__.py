@@ -43,6 +43,8 @@ BENCHMARKS = [
         "python -m bench.ps_compression",
     ),
     ("overlap", "Overlap: accuracy with the push in flight", "python -m bench.overlap"),
+    ("ps_shards", "Sharded parameter server against the scheduler's", "python -m bench.ps_shards"),
+    ("ps_saturation", "Parameter-server saturation: measured against predicted", "python -m bench.ps_saturation"),
     ("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets", "python -m bench.sklearn_parity"),
     ("fed_strategies", "Robust aggregation against a Byzantine client", "python -m bench.fed_strategies"),
 ]

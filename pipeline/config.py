@@ -31,6 +31,7 @@ COMPRESSIONS = ("none", "fp16", "bf16", "topk", "int8")  # pipeline.ps.wire.CODE
 MAX_WIDTH = 1 << 16
 MAX_PARAMS = 1 << 28
 MAX_SEED = (1 << 32) - 1  # seeds NumPy's generators, which take no negative seed
+MAX_PS_SHARDS = 64  # parameter-server shards (one worker each)
 
 
 @dataclass
@@ -79,6 +80,9 @@ class TrainConfig:
     compression: str = "none"
     topk_fraction: float = 0.01  # topk: share of a delta's entries sent per push (k = ceil(fraction x n))
     error_feedback: bool = True  # keep what compression dropped on the worker and add it to the next delta
+    # split the parameters by range over this many server shards on workers started with
+    # `--resources ps-shard=1` (the scheduler then only coordinates); 0 = one server in the scheduler
+    ps_shards: int = 0
     # --- data and epochs ---------------------------------------------------------------------
     epochs: int = 100  # maximum number of passes over the training rows (early stopping ends sooner)
     patience: int = 5  # stop after this many epochs without validation improvement (0 = never)
@@ -174,6 +178,7 @@ class TrainConfig:
             ("ema", 0 <= self.ema < 1, "in [0, 1) (0 = off, e.g. 0.999)"),
             ("compression", self.compression in COMPRESSIONS, f"one of {COMPRESSIONS}"),
             ("topk_fraction", 0 < self.topk_fraction <= 1, "in (0, 1] (e.g. 0.01: 1% of the entries per push)"),
+            ("ps_shards", 0 <= self.ps_shards <= MAX_PS_SHARDS, f"between 0 (in the scheduler) and {MAX_PS_SHARDS}"),
             ("checkpoint_seconds", self.checkpoint_seconds > 0, "> 0"),
             ("join_timeout", self.join_timeout > 0, "> 0"),
             ("barrier_timeout", self.barrier_timeout > 0, "> 0"),
@@ -189,6 +194,12 @@ class TrainConfig:
         for key, ok, want in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' = {getattr(self, key)!r} is invalid: must be {want}")
+        if self.ps_shards and self.compression != "none":
+            # a sharded push slices the float32 delta by range; a compressed frame is not sliceable
+            raise ConfigError(
+                f"compression = {self.compression!r} with ps_shards = {self.ps_shards} is not supported: "
+                "set compression = 'none' or ps_shards = 0"
+            )
 
     # -- construction -------------------------------------------------------------------------
 

@@ -29,3 +29,8 @@ class TrainingError(PipelineError):
 
 class PSError(ValueError):
     """A request the parameter server refuses (unknown job, wrong length or dtype, ...)."""
+
+
+class ShardLostError(PSError):
+    """A parameter-server shard is unreachable (its worker died): the driver restores the
+    shards from the last checkpoint and trains the rounds since it again."""

@@ -157,6 +157,11 @@ class LocalTrainer(Trainer):
 
     # the cluster-bound hooks of Trainer._fit
     def _connect(self) -> tuple[str, dict[str, int]]:
+        if self.cfg.ps_shards:
+            raise TrainingError(
+                f"ps_shards = {self.cfg.ps_shards} needs a Dask cluster with ps-shard workers and this run "
+                "trains in this process; pass --scheduler ADDRESS or set ps_shards = 0"
+            )
         return self.installed_by, {"this process": 1}
 
     def _server(self) -> LocalServer:

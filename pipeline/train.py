@@ -17,6 +17,7 @@ the final model to the run directory::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -32,7 +33,7 @@ import numpy as np
 
 from pipeline.checkpoint import Checkpoint, load_file, read_checkpoint, write_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.errors import CheckpointError, ConfigError, PipelineError, StoreError, TrainingError
+from pipeline.errors import CheckpointError, ConfigError, PipelineError, ShardLostError, StoreError, TrainingError
 from pipeline.metrics import array_metrics, finish_metrics, merge_metrics
 from pipeline.model import Model
 from pipeline.plan import (  # noqa: F401 - the planning helpers, also importable from here
@@ -50,6 +51,7 @@ from pipeline.plan import (  # noqa: F401 - the planning helpers, also importabl
 )
 from pipeline.progress import Progress
 from pipeline.ps import ParameterServer
+from pipeline.ps.shard import ShardedParameterServer, shard_workers
 from pipeline.runstate import BestModel, EarlyStopping, RunState
 from pipeline.store import Store, layout_mismatch, layout_of, open_store
 from pipeline.worker import evaluate_task, train_task
@@ -111,6 +113,7 @@ def task_config(cfg: TrainConfig) -> dict[str, Any]:
     keys = (
         "optimizer lr momentum beta1 beta2 rho weight_decay batch_size local_steps overlap backend seed "
         "shuffle_chunks prefetch normalize barrier_timeout mmap_threshold_mb compression topk_fraction error_feedback"
+        " ps_shards"
     ).split()
     out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
     if cfg.validation > 0 and not cfg.validation_store:
@@ -390,7 +393,10 @@ def saved_epoch(history: dict) -> dict:
 
 
 def _total_threads(client: Any) -> dict[str, int]:
-    return {w: int(info.get("nthreads", 1)) for w, info in client.scheduler_info(n_workers=-1)["workers"].items()}
+    """The threads of each worker that trains: ``ps-shard`` workers are reserved for shards."""
+    info = client.scheduler_info(n_workers=-1)
+    reserved = set(shard_workers(info))
+    return {w: int(v.get("nthreads", 1)) for w, v in info["workers"].items() if w not in reserved}
 
 
 def check_validation_store(store: Store, validation_store: str) -> None:
@@ -553,11 +559,33 @@ class Trainer:
         threads = _total_threads(client)
         if not threads:
             raise TrainingError("the cluster has no workers; start some with `dask worker ADDRESS`")
+        n_shard = len(shard_workers(client.scheduler_info(n_workers=-1)))
+        if cfg.ps_shards > n_shard:
+            raise TrainingError(
+                f"ps_shards = {cfg.ps_shards} but the cluster has {n_shard} worker(s) started with "
+                "`--resources ps-shard=1`; start more with `dask worker ADDRESS --resources ps-shard=1` "
+                "or lower ps_shards (0 = the parameter server in the scheduler)"
+            )
+        # tasks keep off ps-shard workers: restricted (loosely: any worker if all these are
+        # gone) to the workers seen here, when there are shard workers to keep off
+        self._task_workers = sorted(threads) if n_shard else None
         return installed_by, threads
 
     def _server(self) -> Any:
-        """The handle of this job's parameter server."""
+        """The handle of this job's parameter server (its shards with ``ps_shards``)."""
+        if self.cfg.ps_shards:
+            return ShardedParameterServer(self.job, self.client, self.cfg.ps_shards)
         return ParameterServer(self.job, self.client)
+
+    def _placement(self, workers: list[str] | None) -> dict[str, Any]:
+        """``client.submit``'s placement of a training or evaluation task: off ps-shard workers
+        (the workers that train, as the scheduler lists them now: a replaced worker is in)."""
+        if workers or not getattr(self, "_task_workers", None):
+            return {"workers": workers}
+        if time.monotonic() - getattr(self, "_task_workers_at", 0.0) > 1.0:  # one look per burst of tasks
+            self._task_workers = sorted(_total_threads(self.client)) or self._task_workers
+            self._task_workers_at = time.monotonic()
+        return {"workers": self._task_workers, "allow_other_workers": True}
 
     def _span(self, name: str) -> Any:
         """Dask's span around a phase (an epoch), for the dashboard and performance reports."""
@@ -587,36 +615,7 @@ class Trainer:
         self.plan(run.n_threads)
         plan = self.epoch_plan
         ps = self._server()
-        ps.create(
-            params,
-            mode=cfg.mode,
-            staleness=cfg.staleness,
-            damping=cfg.damping,
-            aggregate=cfg.aggregate,
-            optimizer={
-                "name": cfg.server_optimizer,
-                "lr": cfg.server_lr,
-                "momentum": cfg.server_momentum,
-                "beta1": cfg.server_beta1,
-                "beta2": cfg.server_beta2,
-                "ema": cfg.ema,
-            },
-            schedule={
-                "kind": cfg.schedule,
-                "warmup": cfg.warmup,
-                "step_size": cfg.step_size,
-                "gamma": cfg.gamma,
-                "total_steps": plan.rounds_per_epoch * cfg.epochs,
-            },
-            version=ckpt.version if ckpt else 0,
-            optimizer_state=ckpt.optimizer_state if ckpt else None,
-            local_states=ckpt.local_states if ckpt else None,  # empty unless sync, same optimizer
-            progress=ckpt.progress if ckpt else None,
-            epoch=run.epoch,
-            join_timeout=cfg.join_timeout,
-            compression=cfg.compression,
-            topk_fraction=cfg.topk_fraction,
-        )
+        self._create_job(ps, params, run, ckpt)
         self.log(
             f"job {self.job}: {len(plan.tasks)} tasks per epoch over {self.store.n_rows:,} rows, "
             f"{len(plan.val_ranges)} validation ranges, "
@@ -646,13 +645,7 @@ class Trainer:
                 run.epoch = epoch
                 t0 = time.perf_counter()
                 with self._span(f"epoch-{epoch}"):
-                    stats = self._run_epoch(ps, run, threads)
-                    t_val = time.perf_counter()
-                    st = ps.state()  # the epoch's final model: the best model, the checkpoint
-                    # validated inside the training tasks (sync), if they all saw these weights
-                    val = stats["val"] if stats["val_version"] == st["version"] else None
-                    if val is None:
-                        val = self._evaluate(epoch, plan.val_ranges)
+                    ps, stats, st, val, t_val = self._train_epoch(ps, run, threads)
                 t_end = time.perf_counter()
                 seconds = t_end - t0
                 record = {
@@ -718,7 +711,118 @@ class Trainer:
         save_plots(self.run.path, history_doc)
         return TrainResult(self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch)
 
+    def _create_job(self, ps: Any, params: np.ndarray, run: RunState, ckpt: Checkpoint | None) -> None:
+        """Create the job on the parameter server from ``params`` (and ``ckpt``'s server state)."""
+        cfg = self.cfg
+        ps.create(
+            params,
+            mode=cfg.mode,
+            staleness=cfg.staleness,
+            damping=cfg.damping,
+            aggregate=cfg.aggregate,
+            optimizer={
+                "name": cfg.server_optimizer,
+                "lr": cfg.server_lr,
+                "momentum": cfg.server_momentum,
+                "beta1": cfg.server_beta1,
+                "beta2": cfg.server_beta2,
+                "ema": cfg.ema,
+            },
+            schedule={
+                "kind": cfg.schedule,
+                "warmup": cfg.warmup,
+                "step_size": cfg.step_size,
+                "gamma": cfg.gamma,
+                "total_steps": self.epoch_plan.rounds_per_epoch * cfg.epochs,
+            },
+            version=ckpt.version if ckpt else 0,
+            optimizer_state=ckpt.optimizer_state if ckpt else None,
+            local_states=ckpt.local_states if ckpt else None,  # empty unless sync, same optimizer
+            progress=ckpt.progress if ckpt else None,
+            epoch=run.epoch,
+            join_timeout=cfg.join_timeout,
+            compression=cfg.compression,
+            topk_fraction=cfg.topk_fraction,
+        )
+
     # -- one epoch -------------------------------------------------------------------------
+
+    def _train_epoch(self, ps: Any, run: RunState, threads: dict[str, int]) -> tuple[Any, dict, dict, dict, float]:
+        """Train epoch ``run.epoch`` and fetch the server's state after it, validating it
+        unless the tasks did: ``(ps, stats, state, val, t_val)``. A lost parameter-server
+        shard restores the job from the last checkpoint (``ps`` is then a new handle) and the
+        epoch runs again from there."""
+        while True:
+            try:
+                stats = self._run_epoch(ps, run, threads)
+                t_val = time.perf_counter()
+                st = ps.state()  # the epoch's final model: the best model, the checkpoint
+                # validated inside the training tasks (sync), if they all saw these weights
+                val = stats["val"] if stats["val_version"] == st["version"] else None
+                if val is None:
+                    val = self._evaluate(run.epoch, self.epoch_plan.val_ranges)
+                return ps, stats, st, val, t_val
+            except ShardLostError as exc:
+                epoch = run.epoch
+                ps = self._restore_shards(ps, run, exc)
+                if run.epoch != epoch:  # the last checkpoint is of another epoch: not this loop's
+                    raise TrainingError(
+                        f"a parameter-server shard was lost and the last checkpoint is of epoch {run.epoch}, "
+                        f"not {epoch}; resume the run with --resume"
+                    ) from None
+
+    def _check_shards(self, ps: Any, ask: bool = False) -> None:
+        """Raise :class:`ShardLostError` if a shard's worker has left the cluster (``ask``:
+        or a shard does not answer)."""
+        if not isinstance(ps, ShardedParameterServer):
+            return
+        alive = self.client.scheduler_info(n_workers=-1)["workers"]
+        gone = [a for a, _, _ in ps.shards if a not in alive]
+        if gone:
+            raise ShardLostError(f"the worker of parameter-server shard {gone[0]} left the cluster")
+        if ask:
+            ps.ping()
+
+    def _restore_shards(self, ps: Any, run: RunState, exc: Exception) -> Any:
+        """Place the job on the ps-shard workers present from the last checkpoint (or the
+        initial weights before the first) under a new job id; the training since is redone.
+        Waits up to ``no_worker_timeout`` for enough ps-shard workers (a dead one may still be
+        listed for a moment: a placement that fails is tried again)."""
+        from kernels.mlp import MLPSpec, init_params
+
+        self.warn(f"{exc}; restoring the parameter server from the last checkpoint (training since it is redone)")
+        with contextlib.suppress(Exception):
+            ps.close()
+        ckpt = read_checkpoint(self.run.checkpoint) if self.run.checkpoint.is_file() else None
+        if ckpt is not None:
+            params, saved = ckpt.params, ckpt.run
+        else:
+            params = init_params(MLPSpec(**{**self.spec, "hidden": tuple(self.spec["hidden"])}), seed=self.cfg.seed)
+            saved = RunState(run.job, best=BestModel(params=params.copy()), n_threads=run.n_threads)
+        for f in dataclasses.fields(RunState):
+            if f.name != "last_checkpoint":
+                setattr(run, f.name, getattr(saved, f.name))
+        deadline = time.monotonic() + self.cfg.no_worker_timeout
+        while True:
+            if len(shard_workers(self.client.scheduler_info(n_workers=-1))) >= self.cfg.ps_shards:
+                self.job = run.job = f"run-{uuid.uuid4().hex[:12]}"  # no clash with the lost job's tasks
+                ps = self._server()
+                try:
+                    self._create_job(ps, params, run, ckpt)
+                except ShardLostError:
+                    with contextlib.suppress(Exception):
+                        ps.close()
+                else:
+                    break
+            if time.monotonic() > deadline:
+                raise TrainingError(
+                    f"fewer than ps_shards = {self.cfg.ps_shards} ps-shard workers answered for "
+                    f"{self.cfg.no_worker_timeout:.0f} s after a shard was lost; start one with `dask worker "
+                    "ADDRESS --resources ps-shard=1` and resume with --resume"
+                ) from None
+            time.sleep(0.5)
+        self.log(f"job {self.job}: restored on shards {[a for a, _, _ in ps.shards]} at epoch {run.epoch}")
+        return ps
 
     def _run_epoch(self, ps: ParameterServer, run: RunState, threads: dict[str, int]) -> dict[str, Any]:
         """Train epoch ``run.epoch`` of the plan on workers with ``threads`` threads each: submit
@@ -753,9 +857,9 @@ class Trainer:
                     self.target,
                     {"path": self.val_path, "ranges": val_slice, "norm": self.val_norm} if val_slice else None,
                     key=key,
-                    workers=workers,
                     retries=2,
                     pure=False,
+                    **self._placement(workers),
                 ),
             )
         if cfg.mode == "sync":
@@ -782,6 +886,7 @@ class Trainer:
                 pending -= done
                 for f in done:
                     if f.status == "error":
+                        self._check_shards(ps, ask=True)  # a lost shard fails tasks: restore it
                         exc = f.exception()
                         if isinstance(exc, TrainingError):
                             raise TrainingError(str(exc)) from None
@@ -796,6 +901,7 @@ class Trainer:
                         f.release()
                 if pending:
                     no_workers_since = self._check_workers(no_workers_since)
+                    self._check_shards(ps)
                 if self.progress:
                     m = ps.metrics()
                     bar.set(m["samples"] - samples0, f"loss {m['loss']:.4f}" if m["loss"] is not None else "")
@@ -888,6 +994,7 @@ class Trainer:
                 key=f"evaluate-e{epoch}-{i}-{self.job}",
                 pure=False,
                 retries=2,
+                **self._placement(None),
             )
             for i, g in enumerate(groups)
         ]

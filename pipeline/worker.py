@@ -38,6 +38,7 @@ from pipeline.loop import (
 )
 from pipeline.metrics import evaluate_arrays, merge_metrics, plain_metrics
 from pipeline.ps import ParameterServer
+from pipeline.ps.shard import ShardedParameterServer
 from pipeline.ps.wire import DeltaCompressor
 from pipeline.store import open_store
 
@@ -78,6 +79,11 @@ def cached_trainer(job: str, purpose: str, spec: dict, cfg: dict) -> Any:
         while len(_trainers) > _CACHE_SIZE:
             _trainers.popitem(last=False)
     return tr
+
+
+def _server(job: str, cfg: dict) -> Any:
+    """The handle of ``job``'s parameter server: its shards when the run has ``ps_shards``."""
+    return ShardedParameterServer(job) if cfg.get("ps_shards") else ParameterServer(job)
 
 
 class _Comm:
@@ -241,7 +247,7 @@ def train_task(
     restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))  # see pipeline/allocator.py
     _allow_profile_sizing()
     worker = get_worker()
-    comm = _Comm(ParameterServer(job), name, cfg["barrier_timeout"])
+    comm = _Comm(_server(job, cfg), name, cfg["barrier_timeout"])
     slot = name.split("-", 1)[-1]  # "e3-s1" -> "s1": the share, whatever the epoch
     reply = comm.wait(comm.ps.soon.join(name, key=worker.get_current_task(), worker=worker.address, slot=slot))
     trainer = cached_trainer(job, "train", spec, cfg)
@@ -366,7 +372,7 @@ def evaluate_task(
     restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
     _allow_profile_sizing()
     if params is None:
-        params = ParameterServer(str(job)).pull(model=True)[0]
+        params = _server(str(job), cfg).pull(model=True)[0]
     return evaluate_ranges(_store(store_path), ranges, params, job, spec, cfg, target, norm)
 
 

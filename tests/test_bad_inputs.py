@@ -617,8 +617,14 @@ for _id, _setting in {
     "C19": "seed=-1",
     "C51": "compression=gzip",
     "C52": "topk_fraction=0",
+    "C63": "ps_shards=-1",
 }.items():
     case(_id)(lambda t, s=_setting: _train_set(t, "--set", s))
+
+
+@case("C67")
+def _(t: Trial) -> Outcome:
+    return _train_set(t, "--set", "compression=fp16", "--set", "ps_shards=2")
 
 
 @case("C12")
@@ -1035,6 +1041,37 @@ def _(t: Trial) -> Outcome:
 
 def _job_names(dask_scheduler) -> list[str]:
     return sorted(dask_scheduler.extensions["pipeline_ps"].jobs)
+
+
+def _sharded_names(dask_scheduler) -> list[str]:
+    return sorted(dask_scheduler.extensions["pipeline_ps"].sharded)
+
+
+@case("C64")
+def _(t: Trial) -> Outcome:
+    from pipeline.config import TrainConfig
+    from pipeline.train import train
+
+    jobs_before = t.shared.client.run_on_scheduler(_job_names)
+    cfg = TrainConfig().with_overrides(["epochs=1", "validation=0", "hidden=[8]", "ps_shards=2"])
+    out = t.call(lambda: train(str(t.shared.store4), cfg, t.path / "run", client=t.shared.client))
+    assert t.shared.client.run_on_scheduler(_job_names) == jobs_before
+    assert t.shared.client.run_on_scheduler(_sharded_names) == []
+    return out
+
+
+@case("C65")
+def _(t: Trial) -> Outcome:
+    return _train_set(t, "--set", "ps_shards=2")
+
+
+@case("C66")
+def _(t: Trial) -> Outcome:
+    client = t.shared.client
+    shards = [["tcp://127.0.0.1:1", 0, 4], ["tcp://127.0.0.1:2", 5, 10]]
+    out = t.call(lambda: client.sync(client.scheduler.ps_place, job="gap", shards=shards, n_params=10))
+    assert client.run_on_scheduler(_sharded_names) == []
+    return out
 
 
 # -- Python API ------------------------------------------------------------------------------

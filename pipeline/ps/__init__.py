@@ -41,6 +41,12 @@ The package, from the wire up (each module imports only those above it):
 ``client``
     :class:`ParameterServer`: the handle on one job, one method per route, usable from the
     driver and from inside tasks.
+``shard``
+    The sharded server (``ps_shards > 0``): the vector split by range over jobs (:class:`Job`) on
+    workers started with ``--resources ps-shard=1``, the worker plugin that installs them, and
+    :class:`pipeline.ps.shard.ShardedParameterServer`, the same methods as
+    :class:`ParameterServer` sent to every shard in parallel. The scheduler then keeps only
+    the shard map and forwards drops (see the module's docstring).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from pipeline.ps.client import ParameterServer
 from pipeline.ps.extension import EXTENSION_NAME, ROUTES, ParameterServerExtension
 from pipeline.ps.install import InstallParameterServer, dask_setup, install, register_dashboard_page
 from pipeline.ps.job import MODES, Job, Participant
+from pipeline.ps.shard import SHARD_RESOURCE, InstallShard, ShardedParameterServer, ShardExtension
 from pipeline.ps.wire import (
     CODECS,
     DeltaCompressor,
@@ -70,13 +77,17 @@ __all__ = [
     "ROUTES",
     "SERVER_OPTIMIZERS",
     "DeltaCompressor",
+    "SHARD_RESOURCE",
     "InstallParameterServer",
+    "InstallShard",
     "Job",
     "PSError",
     "ParameterServer",
     "ParameterServerExtension",
     "Participant",
     "ServerOptimizer",
+    "ShardExtension",
+    "ShardedParameterServer",
     "check_job_id",
     "compress",
     "dask_setup",

@@ -1,9 +1,17 @@
-"""The parameter server's scheduler extension: one route per request, state in :class:`Job`."""
+"""The parameter server's scheduler extension: one route per request, state in :class:`Job`.
+
+For a sharded job (:mod:`pipeline.ps.shard`) the scheduler keeps coordination only
+(:class:`ShardMap`): where the shards are, which task is which participant, and it forwards the
+drop of a participant whose task ended to every shard. A shard serves this class's routes over
+jobs on its worker (:class:`pipeline.ps.shard.ShardExtension`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -35,7 +43,23 @@ ROUTES: dict[str, str] = {
     "ps_record": "record",
     "ps_close": "close_job",
     "ps_info": "info",
+    "ps_place": "place",
+    "ps_shards": "shards",
 }
+
+
+@dataclass
+class ShardMap:
+    """The scheduler's record of a sharded job: ``shards`` (address, lo, hi) cover the flat
+    vector by range; ``tickets`` (participant -> the last ticket issued to it at join) let a
+    forwarded drop spare a participant that joined again since (a retried task)."""
+
+    job: str
+    shards: list[tuple[str, int, int]]
+    n_params: int
+    owner: str | None
+    workers: dict[str, str | None] = field(default_factory=dict)  # participant -> worker
+    tickets: dict[str, int] = field(default_factory=dict)
 
 
 class ParameterServerExtension(SchedulerPlugin):
@@ -59,6 +83,9 @@ class ParameterServerExtension(SchedulerPlugin):
     * ``ps_record``   -- the driver records an epoch's validation metrics or a checkpoint
     * ``ps_close``    -- drop a job (its metrics stay visible for a while)
     * ``ps_info``     -- how the extension was installed and which jobs exist
+    * ``ps_place``    -- (sharded job) the driver records where the job's shards are
+    * ``ps_shards``   -- (sharded job) a participant (or the driver announcing an epoch) asks
+      where the shards are and registers its task key, for the drop forwarded when it ends
 
     As a scheduler plugin it learns when a participant's task leaves the ``processing`` state
     or its worker is removed, and drops the participant from its job's round. It is also the
@@ -76,6 +103,9 @@ class ParameterServerExtension(SchedulerPlugin):
         self.jobs: dict[str, Job] = {}
         self.finished: deque[dict[str, Any]] = deque(maxlen=_FINISHED_KEPT)
         self.key_to_participant: dict[str, tuple[str, str]] = {}  # task key -> (job, participant)
+        self.sharded: dict[str, ShardMap] = {}  # job -> its shards (the job's state lives there)
+        self._ticket = 0
+        self._forwards: set[asyncio.Task] = set()
         scheduler.handlers.update({route: getattr(self, method) for route, method in ROUTES.items()})
         scheduler.extensions[EXTENSION_NAME] = self
         scheduler.add_plugin(self, name=self.name, idempotent=True)
@@ -147,6 +177,9 @@ class ParameterServerExtension(SchedulerPlugin):
 
     def close_job(self, job: str | None = None) -> dict[str, Any]:
         check_job_id(job)
+        if self.sharded.pop(job, None) is not None:
+            for key in [k for k, v in self.key_to_participant.items() if v[0] == job]:
+                self.key_to_participant.pop(key, None)
         st = self.jobs.pop(job, None)
         if st is None:
             return {"status": "OK", "existed": False}
@@ -155,7 +188,84 @@ class ParameterServerExtension(SchedulerPlugin):
 
     def info(self, job: str | None = None) -> dict[str, Any]:
         finished = [f["job"] for f in self.finished]
-        return {"installed_by": self.installed_by, "jobs": sorted(self.jobs), "finished": finished}
+        return {
+            "installed_by": self.installed_by,
+            "jobs": sorted(self.jobs),
+            "finished": finished,
+            "sharded": sorted(self.sharded),
+        }
+
+    # -- sharded jobs: coordination only -----------------------------------------------------
+
+    def place(
+        self,
+        job: str | None = None,
+        shards: list | None = None,
+        n_params: int = 0,
+        client: str | None = None,
+    ) -> dict[str, Any]:
+        """Record (or replace) where the shards of ``job`` are: ``[(address, lo, hi), ...]``
+        covering ``[0, n_params)`` in order."""
+        check_job_id(job)
+        if job in self.jobs:
+            raise PSError(f"job {job!r} already exists on this scheduler unsharded; pick another job id")
+        cuts = [(str(a), int(lo), int(hi)) for a, lo, hi in shards or ()]
+        ends = [0] + [hi for _, _, hi in cuts]
+        if not cuts or any(lo != ends[i] or hi <= lo for i, (_, lo, hi) in enumerate(cuts)) or ends[-1] != n_params:
+            raise PSError(f"shards of job {job!r} must cover [0, {n_params}) by consecutive ranges, got {cuts}")
+        old = self.sharded.get(job)
+        self.sharded[job] = ShardMap(job, cuts, int(n_params), client)
+        if old is not None:  # replaced (shards restored): the old participants are gone
+            for key in [k for k, v in self.key_to_participant.items() if v[0] == job]:
+                self.key_to_participant.pop(key, None)
+        logger.info("job %s placed on %d shards: %s", job, len(cuts), [a for a, _, _ in cuts])
+        return {"status": "OK"}
+
+    def shards(
+        self,
+        job: str | None = None,
+        names: list | None = None,
+        keys: list | None = None,
+        worker: str | None = None,
+    ) -> dict[str, Any]:
+        """Where the shards of ``job`` are; registers ``names``' task ``keys`` (a participant
+        joining, or the driver announcing an epoch) and issues the ticket its joins carry."""
+        check_job_id(job)
+        sm = self.sharded.get(job)
+        if sm is None:
+            raise PSError(f"job {job!r} is not a sharded job on this scheduler")
+        names = [str(n) for n in names or ()]
+        keys = list(keys or [None] * len(names))
+        if len(keys) != len(names):
+            raise PSError("ps_shards: names and keys differ in length")
+        self._ticket += 1
+        for n, k in zip(names, keys, strict=True):
+            if k is not None:
+                self.key_to_participant[k] = (job, n)
+            if worker is not None:
+                sm.workers[n] = worker
+                sm.tickets[n] = self._ticket
+        return {"status": "OK", "shards": [list(c) for c in sm.shards], "n_params": sm.n_params, "ticket": self._ticket}
+
+    def _forward(self, sm: ShardMap, route: str, **kw: Any) -> None:
+        """Send ``route`` to every shard of ``sm`` in the background (errors only logged: a
+        lost shard is the driver's to notice and restore)."""
+
+        async def send(addr: str) -> None:
+            try:
+                await getattr(self.scheduler.rpc(addr), route)(job=sm.job, **kw)
+            except Exception:
+                logger.debug("job %s: %s to shard %s failed", sm.job, route, addr, exc_info=True)
+
+        for addr, _, _ in sm.shards:
+            task = asyncio.ensure_future(send(addr))
+            self._forwards.add(task)
+            task.add_done_callback(self._forwards.discard)
+
+    def _drop_sharded(self, sm: ShardMap, name: str, why: str) -> None:
+        sm.workers.pop(name, None)
+        logger.debug("job %s: participant %s left (%s); forwarding to its shards", sm.job, name, why)
+        self._forward(sm, "ps_drop", name=name, ticket=sm.tickets.get(name, 0), why=why)
 
     # -- scheduler plugin hooks: participants leave with their task or worker ----------------
 
@@ -168,17 +278,29 @@ class ParameterServerExtension(SchedulerPlugin):
             st = self.jobs.get(entry[0])
             if st is not None:
                 st.drop(entry[1], f"task {start} -> {finish}")
+            elif entry[0] in self.sharded:
+                self._drop_sharded(self.sharded[entry[0]], entry[1], f"task {start} -> {finish}")
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         for st in self.jobs.values():
             for name, p in list(st.participants.items()):
                 if p.worker == worker:
                     st.drop(name, "worker removed")
+        for sm in self.sharded.values():
+            for name in [n for n, w in sm.workers.items() if w == worker]:
+                self._drop_sharded(sm, name, "worker removed")
+            if any(addr == worker for addr, _, _ in sm.shards):
+                logger.warning("job %s: the worker of its shard %s was removed", sm.job, worker)
 
     def remove_client(self, scheduler: Any, client: str) -> None:
         for job, st in list(self.jobs.items()):
             if st.owner is not None and st.owner == client:
                 logger.info("job %s: its driver %s disconnected; closing it", job, client)
+                self.close_job(job)
+        for job, sm in list(self.sharded.items()):
+            if sm.owner is not None and sm.owner == client:
+                logger.info("job %s: its driver %s disconnected; closing its shards", job, client)
+                self._forward(sm, "ps_close")
                 self.close_job(job)
 
     # -- the dashboard's read-only view (pipeline.jobview.JobSource) -------------------------

@@ -59,6 +59,18 @@ CASES = {
         "Raw figures: `bench/out/results/ps_compression-quick-",
     ],
     "overlap": ["| overlap on |", "| overlap off |", "within 0.5: ", "Raw figures: `bench/out/results/overlap-quick-"],
+    "ps_shards": [
+        "sched CPU ms/push",
+        "| 2 | 1e+05 | 2 |",
+        "shards cannot add cores here",
+        "Raw figures: `bench/out/results/ps_shards-quick-",
+    ],
+    "ps_saturation": [
+        "Predicted capacity 1/c_s",
+        "| 4 | ",
+        "achieved / offered",
+        "Raw figures: `bench/out/results/ps_saturation-quick-",
+    ],
     "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
     "step_anatomy": ["| GEMMs (9 per step) |", "| cluster start |", "driver (scheduler + PS)"],
     "sklearn_parity": ["| MLPClassifier | iris | 112 / 38 |", "| MLPRegressor | diabetes |"],

@@ -1,0 +1,540 @@
+"""A sharded parameter server: the flat vector split by range over shards on reserved workers.
+
+Layout
+------
+With ``ps_shards = k > 0`` a job's flat parameter vector ``[0, n)`` is cut into ``k``
+consecutive ranges of (nearly) equal length (:func:`split_ranges`). Each range lives on a
+*shard*: a :class:`pipeline.ps.job.Job` over that slice, held by :class:`ShardExtension` on a
+Dask worker started with the ``ps-shard`` resource (``dask worker SCHED --resources
+ps-shard=1``). A shard is the same ``Job`` on a shorter vector, so the rules of the sync,
+async and ssp modes, the server optimizer (elementwise: each shard steps its own slice of
+its state) and failure on non-finite values hold per shard unchanged.
+
+Who does what
+-------------
+* The **driver** (:class:`ShardedParameterServer` on the client) picks ``k`` ``ps-shard``
+  workers, creates the job's slice on each (``ps_create``), and records the shard map on the
+  scheduler (``ps_place``). It announces epochs to every shard, and reads a checkpoint as
+  each shard's state concatenated by range: the checkpoint format is the single server's, so
+  a run resumes on any shard count, 0 (the in-scheduler server) included.
+* The **scheduler** keeps coordination only (:class:`pipeline.ps.extension.ShardMap`): the
+  shard map, and which task key is which participant. When a participant's task ends or its
+  worker is removed it forwards ``ps_drop`` to every shard, so no barrier waits for the dead.
+  No vector passes through it.
+* A **participant** (a training task) asks the scheduler once for the map (``ps_shards``, at
+  join), then joins, pushes and pulls its slices to every shard in parallel
+  (``asyncio.gather`` over the worker's connection pool), each slice a zero-copy float32
+  frame; the weights it trains from are the shards' replies concatenated. Each shard keeps
+  its own version; the participant pushes each slice with the version that shard last sent.
+* A ``ps-shard`` worker never runs training or evaluation tasks of a job (they are restricted
+  to the other workers), whether or not the job is sharded.
+
+Failure
+-------
+A shard whose worker dies loses the rounds it held since the last checkpoint. The driver
+notices (the address leaves the scheduler's worker list, or a request fails with
+:class:`pipeline.errors.ShardLostError`), closes the job on the surviving shards, places a
+new job on the ``ps-shard`` workers then present (waiting up to ``no_worker_timeout`` for
+enough of them) from the last checkpoint (every shard from its slice of it: the surviving
+shards are rolled back too, so that all slices are of one state) and trains again from there:
+what is lost is the training since the last checkpoint (``checkpoint_seconds``, and every epoch
+end), never the run.
+
+On a worker, Dask's comm deserializes a request's frames before the handler sees them (a
+worker runs the tasks the scheduler sends it anyway); :func:`pipeline.ps.wire.decode_vector`
+then checks dtype and length as on the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.protocol.serialize import Serialize
+
+from pipeline.errors import PSError, ShardLostError
+from pipeline.ps.extension import ParameterServerExtension
+from pipeline.ps.wire import check_job_id, encode_opt_state, encode_vector
+
+logger = logging.getLogger("pipeline.ps")
+
+SHARD_RESOURCE = "ps-shard"
+SHARD_EXTENSION = "pipeline_ps_shard"
+_FINISHED_KEPT = 8
+
+# worker route -> handler method of the shard extension (the scheduler's routes over jobs,
+# plus ps_drop: a participant's task ended, forwarded by the scheduler)
+SHARD_ROUTES: dict[str, str] = {
+    "ps_create": "create",
+    "ps_expect": "expect",
+    "ps_join": "join",
+    "ps_push": "push",
+    "ps_pull": "pull",
+    "ps_leave": "leave",
+    "ps_drop": "drop",
+    "ps_epoch_end": "epoch_end",
+    "ps_summaries": "take_summaries",
+    "ps_state": "state",
+    "ps_metrics": "metrics",
+    "ps_record": "record",
+    "ps_close": "close_job",
+    "ps_info": "info",
+}
+
+
+def split_ranges(n: int, k: int) -> list[tuple[int, int]]:
+    """``[0, n)`` cut into ``k`` consecutive ranges whose lengths differ by at most one."""
+    if not 0 < k <= n:
+        raise PSError(f"cannot split {n} parameters over {k} shards")
+    cuts = [n * i // k for i in range(k + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(k)]
+
+
+def shard_workers(info: Mapping[str, Any]) -> list[str]:
+    """The addresses (sorted) of the workers in ``scheduler_info()`` that carry ``ps-shard``."""
+    workers = info.get("workers") or {}
+    return sorted(a for a, w in workers.items() if (w.get("resources") or {}).get(SHARD_RESOURCE, 0) > 0)
+
+
+class ShardExtension(ParameterServerExtension):
+    """The shards one ``ps-shard`` worker holds: one :class:`Job` per job over its slice,
+    served on the worker's own routes (listed in :data:`SHARD_ROUTES`) by the scheduler
+    extension's handlers over jobs. The scheduler's plugin hooks are never called here: the
+    scheduler forwards ``ps_drop`` instead."""
+
+    def __init__(self, worker: Any) -> None:  # no scheduler: not the parent's __init__
+        self.worker = worker
+        self.installed_by = "shard"
+        self.jobs = {}
+        self.finished = deque(maxlen=_FINISHED_KEPT)
+        self.key_to_participant = {}  # unused on a shard: the scheduler sees the tasks
+        self.sharded = {}
+        self.tickets: dict[tuple[str, str], int] = {}  # (job, participant) -> ticket of its join
+        worker.handlers.update({route: getattr(self, method) for route, method in SHARD_ROUTES.items()})
+        worker.extensions[SHARD_EXTENSION] = self
+
+    def join(self, job: str | None = None, name: str | None = None, ticket: int = 0, **kw: Any) -> dict[str, Any]:
+        reply = self._job(job).join(name, **kw)
+        self.tickets[(str(job), str(name))] = int(ticket)
+        return reply
+
+    def drop(self, job: str | None = None, name: str | None = None, ticket: int = 0, why: str = "") -> dict:
+        """The scheduler forwards that ``name``'s task ended: drop it unless it joined again
+        since (a retried task carries a later ticket)."""
+        st = self.jobs.get(str(job))
+        if st is None or st.closed:
+            return {"status": "OK"}
+        if self.tickets.get((str(job), str(name)), 0) <= int(ticket):
+            st.drop(str(name), why or "task ended")
+        return {"status": "OK"}
+
+    def info(self, job: str | None = None) -> dict[str, Any]:
+        return {"installed_by": self.installed_by, "jobs": sorted(self.jobs), "worker": self.worker.address}
+
+    def close_job(self, job: str | None = None) -> dict[str, Any]:
+        self.tickets = {k: v for k, v in self.tickets.items() if k[0] != job}
+        return super().close_job(job)
+
+
+def install_shard(worker: Any) -> ShardExtension:
+    """The worker's shard extension, created if it has none yet."""
+    ext = worker.extensions.get(SHARD_EXTENSION)
+    if ext is None:
+        ext = ShardExtension(worker)
+    return ext
+
+
+class InstallShard(WorkerPlugin):
+    """Installs :class:`ShardExtension` on every worker carrying the ``ps-shard`` resource
+    (``client.register_plugin``; workers that join later get it too). Registering it again
+    keeps the shards a worker holds: teardown leaves them in place."""
+
+    name = "pipeline-ps-shard"
+
+    def setup(self, worker: Any) -> None:
+        if worker.state.total_resources.get(SHARD_RESOURCE, 0) > 0:
+            install_shard(worker)
+
+    def teardown(self, worker: Any) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# the handle: one job over its shards
+# --------------------------------------------------------------------------------------------
+
+
+def _slice_state(state: Mapping[str, Any] | None, lo: int, hi: int) -> dict[str, Any] | None:
+    """An optimizer state ``{"t", ["lr"], "buffers"}`` restricted to ``[lo, hi)``, for the wire."""
+    if not state:
+        return None
+    buffers = {k: np.asarray(v, dtype=np.float32)[lo:hi] for k, v in (state.get("buffers") or {}).items()}
+    return encode_opt_state({**state, "buffers": buffers})
+
+
+def _cat_state(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Optimizer states of consecutive slices as one (``t`` and ``lr`` from the first)."""
+    first = parts[0]
+    names = list(first.get("buffers") or {})
+    out = {k: v for k, v in first.items() if k != "buffers"}
+    out["buffers"] = {k: np.concatenate([np.asarray(p["buffers"][k], dtype=np.float32) for p in parts]) for k in names}
+    return out
+
+
+def _status(replies: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The first reply that is not OK, a failed one first."""
+    for want in ("failed", "timeout"):
+        for r in replies:
+            if r.get("status") == want:
+                return r
+    return None
+
+
+class ShardedParameterServer:
+    """Handle on one sharded job: the methods of :class:`pipeline.ps.ParameterServer`, each
+    request sent to every shard in parallel and the replies joined by range.
+
+    ``n_shards`` is used by :meth:`create` (the driver); a handle inside a task learns the
+    shard map from the scheduler when it joins (or at its first request)."""
+
+    def __init__(self, job: str, client: Any = None, n_shards: int = 0) -> None:
+        self.job = check_job_id(job)
+        self.n_shards = int(n_shards)
+        self._client = client
+        self._deferred = False
+        # shared with :attr:`soon`'s twin (mutated in place): the map and each shard's version
+        self._map: list[tuple[str, int, int]] = []
+        self._versions: list[int] = []
+
+    @property
+    def soon(self) -> ShardedParameterServer:
+        """This handle with methods that return a future of the reply."""
+        twin = copy.copy(self)
+        twin._deferred = True
+        return twin
+
+    @property
+    def shards(self) -> list[tuple[str, int, int]]:
+        """The shard map ``[(address, lo, hi), ...]`` (empty until created or joined)."""
+        return list(self._map)
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _endpoint(self) -> tuple[Any, Any, Any]:
+        """(scheduler rpc, connection pool, loop) of the worker we run on, or of the client."""
+        if self._client is None:
+            from distributed import get_worker
+
+            try:
+                w = get_worker()
+            except ValueError:
+                from distributed import get_client
+
+                self._client = get_client()
+            else:
+                return w.scheduler, w.rpc, w.loop
+        return self._client.scheduler, self._client.rpc, self._client.loop
+
+    def _run(self, coro_fn: Any, *args: Any, **kwargs: Any) -> Any:
+        sched, pool, loop = self._endpoint()
+        coro = coro_fn(sched, pool, *args, **kwargs)
+        if self._deferred:
+            return asyncio.run_coroutine_threadsafe(coro, loop.asyncio_loop)
+        from distributed.utils import sync
+
+        async def run() -> Any:
+            return await coro
+
+        return sync(loop, run)
+
+    async def _locate(self, sched: Any, **register: Any) -> int:
+        """Fetch the shard map from the scheduler (registering ``names``/``keys``); the ticket."""
+        r = await sched.ps_shards(job=self.job, **register)
+        shards = [(str(a), int(lo), int(hi)) for a, lo, hi in r["shards"]]
+        if shards != self._map:
+            self._map[:] = shards
+            self._versions[:] = [0] * len(shards)
+        return int(r["ticket"])
+
+    async def _fan(self, pool: Any, route: str, kws: Sequence[Mapping[str, Any]] | None = None) -> list[dict]:
+        """``ps_<route>`` on every shard at once (``kws``: each shard's own arguments)."""
+        kws = kws if kws is not None else [{}] * len(self._map)
+
+        async def one(addr: str, kw: Mapping[str, Any]) -> dict:
+            try:
+                return await getattr(pool(addr), f"ps_{route}")(job=self.job, **kw)
+            except OSError as exc:
+                raise ShardLostError(
+                    f"parameter-server shard {addr} of job {self.job} is unreachable ({type(exc).__name__}: {exc})"
+                ) from None
+
+        return list(await asyncio.gather(*(one(a, kw) for (a, _, _), kw in zip(self._map, kws, strict=True))))
+
+    def _join_replies(self, replies: Sequence[Mapping[str, Any]], model: bool = False) -> dict[str, Any]:
+        """One reply from the shards' replies: the weights concatenated, the lowest version
+        (each shard's own kept for the next push)."""
+        bad = _status(replies)
+        if not model:
+            self._versions[:] = [int(r["version"]) for r in replies]
+        out = dict(replies[0])
+        if bad is not None:
+            out.update(status=bad["status"], message=bad.get("message"))
+        out["params"] = np.concatenate([np.asarray(r["params"], dtype=np.float32) for r in replies])
+        out["version"] = min(int(r["version"]) for r in replies)
+        if all(r.get("local_state") for r in replies):
+            out["local_state"] = _cat_state([r["local_state"] for r in replies])
+        return out
+
+    # -- routes ------------------------------------------------------------------------------
+
+    def create(self, params: np.ndarray, **kw: Any) -> dict[str, Any]:
+        """Create the job's slice on ``n_shards`` ``ps-shard`` workers and record the map on
+        the scheduler. Arguments as :meth:`pipeline.ps.ParameterServer.create`."""
+        params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
+        client = self._client
+        client.register_plugin(InstallShard(), name=InstallShard.name)
+        workers = shard_workers(client.scheduler_info(n_workers=-1))
+        if len(workers) < self.n_shards:
+            raise PSError(
+                f"ps_shards = {self.n_shards} but the cluster has {len(workers)} worker(s) with the "
+                f"'{SHARD_RESOURCE}' resource; start more with `dask worker SCHEDULER --resources {SHARD_RESOURCE}=1`"
+            )
+        ranges = split_ranges(int(params.size), self.n_shards)
+        self._map[:] = [(a, lo, hi) for a, (lo, hi) in zip(workers[: self.n_shards], ranges, strict=True)]
+        self._versions[:] = [int(kw.get("version", 0))] * self.n_shards
+        opt_state = kw.pop("optimizer_state", None)
+        local_states = kw.pop("local_states", None) or {}
+        overwrite = kw.pop("overwrite", False)
+        kws = []
+        for _, lo, hi in self._map:
+            locals_ = {str(s): _slice_state(v, lo, hi) for s, v in local_states.items()} or None
+            kws.append(
+                {
+                    **kw,
+                    "params": encode_vector(params[lo:hi]),
+                    "n_params": hi - lo,
+                    "optimizer_state": _slice_state(opt_state, lo, hi),
+                    "local_states": locals_,
+                    "overwrite": bool(overwrite),
+                    "client": client.id,
+                }
+            )
+
+        async def request(sched: Any, pool: Any) -> dict[str, Any]:
+            await self._fan(pool, "create", kws)
+            return await sched.ps_place(job=self.job, shards=self._map, n_params=int(params.size), client=client.id)
+
+        return self._run(request)
+
+    def expect(self, names: list[str], keys: list[str | None], epoch: int | None = None) -> dict[str, Any]:
+        """Register the epoch's task keys on the scheduler and announce them to every shard."""
+
+        async def request(sched: Any, pool: Any) -> dict[str, Any]:
+            await self._locate(sched, names=list(names), keys=list(keys))
+            kw = {"names": list(names), "keys": list(keys), "epoch": epoch}
+            rs = await self._fan(pool, "expect", [kw] * len(self._map))
+            return rs[0]
+
+        return self._run(request)
+
+    def join(self, name: str, key: str | None = None, worker: str | None = None, slot: str | None = None) -> Any:
+        """Ask the scheduler for the map (registering ``key``), then join every shard."""
+
+        async def request(sched: Any, pool: Any) -> dict[str, Any]:
+            ticket = await self._locate(sched, names=[name], keys=[key], worker=worker)
+            kw = {"name": name, "key": key, "worker": worker, "slot": slot, "ticket": ticket}
+            return self._join_replies(await self._fan(pool, "join", [kw] * len(self._map)))
+
+        return self._run(request)
+
+    def push(
+        self,
+        name: str,
+        version: int,
+        delta: Any,
+        samples: int,
+        batches: int,
+        loss: float,
+        timings: Mapping[str, float] | None = None,
+        timeout: float = 600.0,
+    ) -> Any:
+        """Push ``delta``'s slices, each with the version its shard last sent (``version``,
+        the lowest of those, is what the caller saw)."""
+        if isinstance(delta, Serialize):  # the worker's pusher wraps a float32 delta for the wire
+            delta = delta.data
+        delta = np.ascontiguousarray(delta, dtype=np.float32).reshape(-1)
+        base = {"samples": int(samples), "batches": int(batches), "loss": float(loss), "timeout": float(timeout)}
+
+        async def request(sched: Any, pool: Any) -> dict[str, Any]:
+            if not self._map:
+                await self._locate(sched)
+            kws = [
+                {
+                    **base,
+                    "name": name,
+                    "version": v,
+                    "delta": encode_vector(delta[lo:hi]),
+                    "timings": dict(timings or {}) if i == 0 else {},
+                }
+                for i, ((_, lo, hi), v) in enumerate(zip(self._map, self._versions, strict=True))
+            ]
+            return self._join_replies(await self._fan(pool, "push", kws))
+
+        return self._run(request)
+
+    def pull(self, model: bool = False) -> Any:
+        """The weights (``model``: the weights to validate) and their (lowest) version."""
+
+        async def request(sched: Any, pool: Any) -> Any:
+            if not self._map:
+                await self._locate(sched)
+            r = self._join_replies(await self._fan(pool, "pull", [{"model": model}] * len(self._map)), model=True)
+            return r["params"], int(r["version"])
+
+        return self._run(request)
+
+    def leave(
+        self,
+        name: str,
+        summary: dict | None = None,
+        slot: str | None = None,
+        local_state: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Leave every shard; the summary stays with the first, the local state is sliced."""
+
+        async def request(sched: Any, pool: Any) -> dict[str, Any]:
+            if not self._map:
+                await self._locate(sched)
+            kws = [
+                {
+                    "name": name,
+                    "summary": summary if i == 0 else None,
+                    "slot": slot,
+                    "local_state": None if local_state is None else _slice_state(local_state, lo, hi),
+                }
+                for i, (_, lo, hi) in enumerate(self._map)
+            ]
+            return (await self._fan(pool, "leave", kws))[0]
+
+        return self._run(request)
+
+    def epoch_end(self, timeout: float = 600.0) -> Any:
+        """Wait until every participant of the epoch has left every shard: the model weights."""
+
+        async def request(sched: Any, pool: Any) -> dict[str, Any]:
+            if not self._map:
+                await self._locate(sched)
+            rs = await self._fan(pool, "epoch_end", [{"timeout": float(timeout)}] * len(self._map))
+            return self._join_replies(rs, model=True)
+
+        return self._run(request)
+
+    def summaries(self, names: list[str]) -> dict[str, dict]:
+        """The summaries left by participants ``names`` (with the first shard; taken)."""
+
+        async def request(sched: Any, pool: Any) -> dict[str, dict]:
+            r = await self._fan(pool, "summaries", [{"names": list(names)}] + [{"names": []}] * (len(self._map) - 1))
+            return r[0]["summaries"]
+
+        return self._run(request)
+
+    def state(self) -> dict[str, Any]:
+        """Every shard's state joined by range: the single server's checkpoint layout."""
+
+        async def request(sched: Any, pool: Any) -> dict[str, Any]:
+            rs = await self._fan(pool, "state")
+            out = dict(rs[0])
+            out["params"] = np.concatenate([np.asarray(r["params"], dtype=np.float32) for r in rs])
+            out["version"] = min(int(r["version"]) for r in rs)
+            out["optimizer_state"] = _cat_state([r["optimizer_state"] for r in rs])
+            slots = set.intersection(*(set(r.get("local_states") or {}) for r in rs))
+            out["local_states"] = {s: _cat_state([r["local_states"][s] for r in rs]) for s in sorted(slots)}
+            out["failed"] = next((r["failed"] for r in rs if r.get("failed")), None)
+            out["metrics"] = self._merge_metrics([r["metrics"] for r in rs])
+            buffers = out["optimizer_state"]["buffers"]
+            averaged = out["optimizer"].get("ema") and out["optimizer_state"]["t"] and "average" in buffers
+            out["model"] = buffers["average"] if averaged else out["params"]
+            return out
+
+        return self._run(request)
+
+    def _merge_metrics(self, ms: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The first shard's counters (every push reaches every shard), bytes summed, and a
+        row per shard."""
+        out = dict(ms[0])
+        out["n_params"] = sum(int(m["n_params"]) for m in ms)
+        out["version"] = min(int(m["version"]) for m in ms)
+        out["bytes_in"] = sum(int(m["bytes_in"]) for m in ms)
+        out["bytes_out"] = sum(int(m["bytes_out"]) for m in ms)
+        out["failed"] = next((m["failed"] for m in ms if m.get("failed")), None)
+        out["shards"] = [
+            {"address": a, "lo": lo, "hi": hi, **{k: m[k] for k in ("version", "pushes", "bytes_in")}}
+            for (a, lo, hi), m in zip(self._map, ms, strict=True)
+        ]
+        return out
+
+    def metrics(self, history: bool = False) -> dict[str, Any]:
+        """The job's counters (``history``: with the round history of the first shard)."""
+
+        async def request(sched: Any, pool: Any) -> dict[str, Any]:
+            ms = await self._fan(pool, "metrics", [{"history": history}] + [{}] * (len(self._map) - 1))
+            return self._merge_metrics(ms)
+
+        return self._run(request)
+
+    def record(self, epoch: Mapping[str, Any] | None = None, checkpoint: bool = False) -> Any:
+        """Record an epoch's metrics or a checkpoint (with the first shard; a record is for
+        display only, so an unreachable shard is not an error here)."""
+
+        async def request(sched: Any, pool: Any) -> dict[str, Any]:
+            kw = {"epoch": None if epoch is None else dict(epoch), "checkpoint": checkpoint}
+            try:
+                return await pool(self._map[0][0]).ps_record(job=self.job, **kw)
+            except OSError:
+                logger.debug("job %s: record not delivered to shard %s", self.job, self._map[0][0])
+                return {"status": "OK"}
+
+        return self._run(request)
+
+    def close(self) -> None:
+        """Drop the job from every reachable shard and its map from the scheduler."""
+
+        async def request(sched: Any, pool: Any) -> None:
+            async def one(addr: str) -> None:
+                try:
+                    await asyncio.wait_for(pool(addr).ps_close(job=self.job), 10)
+                except (OSError, TimeoutError):
+                    logger.debug("job %s: shard %s unreachable at close", self.job, addr)
+
+            await asyncio.gather(*(one(a) for a, _, _ in self._map))
+            await sched.ps_close(job=self.job)
+
+        self._run(request)
+
+    def ping(self, timeout: float = 5.0) -> None:
+        """Raise :class:`ShardLostError` if a shard does not answer within ``timeout``."""
+
+        async def request(sched: Any, pool: Any) -> None:
+            async def one(addr: str) -> None:
+                try:
+                    await asyncio.wait_for(pool(addr).ps_info(job=self.job), timeout)
+                except (OSError, TimeoutError):
+                    raise ShardLostError(f"parameter-server shard {addr} of job {self.job} does not answer") from None
+
+            await asyncio.gather(*(one(a) for a, _, _ in self._map))
+
+        self._run(request)
+
+    def info(self) -> dict[str, Any]:
+        """How the scheduler's extension was installed and which jobs it coordinates."""
+
+        async def request(sched: Any, pool: Any) -> dict[str, Any]:
+            return await sched.ps_info(job=self.job)
+
+        return self._run(request)

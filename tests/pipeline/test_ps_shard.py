@@ -1,0 +1,157 @@
+"""The sharded parameter server on a real cluster: shards on workers started with the
+``ps-shard`` resource (``dask worker SCHED --resources ps-shard=1``, as the README says)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from pipeline.config import TrainConfig
+from pipeline.errors import PSError, TrainingError
+from pipeline.ps.shard import SHARD_RESOURCE, shard_workers, split_ranges
+from pipeline.train import train
+
+
+def _start_shard_worker(address: str) -> subprocess.Popen:
+    """A `dask worker` process carrying the ps-shard resource (no nanny: killing it kills it)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "distributed.cli.dask_worker",
+        address,
+        "--nthreads",
+        "1",
+        "--no-nanny",
+        "--no-dashboard",
+        "--host",
+        "127.0.0.1",
+        "--resources",
+        f"{SHARD_RESOURCE}=1",
+    ]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for_shard_workers(client: object, n: int, timeout: float = 60) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = shard_workers(client.scheduler_info(n_workers=-1))
+        if len(found) >= n:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {n} ps-shard workers joined within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def shard_procs(client) -> Iterator[list[subprocess.Popen]]:
+    """Two ps-shard workers beside the module's two training workers."""
+    procs = [_start_shard_worker(client.scheduler.address) for _ in range(2)]
+    try:
+        _wait_for_shard_workers(client, 2)
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_split_ranges_covers_the_vector_in_nearly_equal_consecutive_ranges():
+    assert split_ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert split_ranges(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    with pytest.raises(PSError):
+        split_ranges(3, 4)
+
+
+def test_sync_on_two_shards_gives_the_single_server_s_weights_bit_for_bit(letter_stores, client, shard_procs, tmp_path):
+    base = {"mode": "sync", "epochs": 2, "patience": 0, "seed": 3, "server_optimizer": "adam", "server_lr": 1e-3}
+    one = train(letter_stores[0], TrainConfig(**base), tmp_path / "one", client=client)
+    two = train(letter_stores[0], TrainConfig(**base, ps_shards=2), tmp_path / "two", client=client)
+    # the shards did hold the job: no training task ran on a ps-shard worker
+    reserved = set(shard_workers(client.scheduler_info(n_workers=-1)))
+    assert not {t["worker"] for h in two.history for t in h["tasks"]} & reserved
+    assert [h["rounds"] for h in two.history] == [h["rounds"] for h in one.history]
+    np.testing.assert_array_equal(two.model.params, one.model.params)
+    assert [h["val_loss"] for h in two.history] == [h["val_loss"] for h in one.history]
+
+
+@pytest.mark.parametrize("mode", ["async", "ssp"])
+def test_async_and_ssp_on_two_shards_learn(mode, letter_stores, client, shard_procs, tmp_path):
+    cfg = TrainConfig(mode=mode, epochs=3, patience=0, ps_shards=2)
+    res = train(letter_stores[0], cfg, tmp_path / "a", client=client)
+    assert all(np.isfinite(res.model.params))
+    accs = [h["val_accuracy"] for h in res.history]
+    assert accs[-1] > 0.6, accs
+
+
+def test_more_shards_than_shard_workers_is_refused_in_one_line(letter_stores, client, shard_procs, tmp_path):
+    with pytest.raises(TrainingError, match=r"ps_shards = 3 but the cluster has 2 worker\(s\)") as exc:
+        train(letter_stores[0], TrainConfig(epochs=1, ps_shards=3), tmp_path / "x", client=client)
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "x" / "checkpoint.npz").exists()
+
+
+def test_a_checkpoint_resumes_on_any_shard_count(letter_stores, client, shard_procs, tmp_path):
+    """The checkpoint holds the shards' states joined by range (the single server's layout): a
+    run trained on 2 shards, resumed on the scheduler's server, then on 2 shards again ends
+    with the weights of a run never stopped, bit for bit."""
+    from pipeline.checkpoint import load_file
+
+    cfg = {"mode": "sync", "patience": 0, "server_optimizer": "adam", "server_lr": 1e-3}
+    straight = train(letter_stores[0], TrainConfig(**cfg, epochs=4), tmp_path / "straight", client=client)
+    out = tmp_path / "cut"
+    train(letter_stores[0], TrainConfig(**cfg, epochs=2, ps_shards=2), out, client=client)
+    train(letter_stores[0], TrainConfig(**cfg, epochs=3, ps_shards=0), out, client=client, resume=True)
+    resumed = train(letter_stores[0], TrainConfig(**cfg, epochs=4, ps_shards=2), out, client=client, resume=True)
+    assert [h["rounds"] for h in resumed.history] == [h["rounds"] for h in straight.history]
+    np.testing.assert_array_equal(resumed.model.params, straight.model.params)
+    a, _ = load_file(out / "checkpoint.npz", "checkpoint")
+    b, _ = load_file(tmp_path / "straight" / "checkpoint.npz", "checkpoint")
+    for k in ("params", "opt_m", "opt_v", "opt_average", "local0_0", "local1_1"):
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _kill_a_shard_mid_epoch(client, procs, used: list[str], killed: list[str]) -> None:
+    """SIGKILL the worker of the job's first shard once epoch 1's training tasks run."""
+    pids = client.run(os.getpid, workers=used)
+    by_pid = {p.pid: p for p in procs}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(str(k).startswith("train-chunk-e1-") for keys in client.processing().values() for k in keys):
+            by_pid[pids[used[0]]].kill()
+            killed.append(used[0])
+            return
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_shard_worker_is_survived(letter_stores, client, shard_procs, tmp_path):
+    """A shard's worker SIGKILLed mid-epoch: the job is placed again on the ps-shard workers
+    present (a spare joined for it) from the last checkpoint, the epoch is trained again and
+    the run ends with every epoch, a finite model that learned."""
+    import threading
+
+    spare = _start_shard_worker(client.scheduler.address)
+    procs = [*shard_procs, spare]
+    try:
+        used = _wait_for_shard_workers(client, 3)[:2]  # ShardedParameterServer takes the first, sorted
+        said: list[str] = []
+        killed: list[str] = []
+        killer = threading.Thread(target=_kill_a_shard_mid_epoch, args=(client, procs, used, killed), daemon=True)
+        killer.start()
+        cfg = TrainConfig(mode="sync", epochs=3, patience=0, ps_shards=2)
+        res = train(letter_stores[0], cfg, tmp_path / "run", client=client, log=said.append)
+        killer.join()
+    finally:
+        spare.kill()
+        spare.wait()
+    assert killed, "no shard worker was killed: the test did not exercise shard loss"
+    assert any("restoring the parameter server from the last checkpoint" in m for m in said), said
+    assert [h["epoch"] for h in res.history] == [0, 1, 2]
+    assert np.isfinite(res.model.params).all()
+    assert res.history[-1]["val_accuracy"] > 0.6, [h["val_accuracy"] for h in res.history]
