@@ -242,7 +242,12 @@ class Job:
         waiting_for = (set(self.participants) | set(self.expected)) - set(self.pending)
         if waiting_for:
             return
-        names = sorted(self.pending)  # fixed order: reproducible float sums
+        self._apply_round(sorted(self.pending))
+
+    def _apply_round(self, names: list[str]) -> None:
+        """Combine the pooled deltas of ``names`` (weighted by their samples), take the
+        server's step and start the next round."""
+        names = sorted(names)  # fixed order: reproducible float sums
         total = sum(self.pending[n][1] for n in names)
         if self.grad is None:  # kept: no fresh vectors a round
             self.grad = np.empty_like(self.params)
@@ -351,9 +356,13 @@ class Job:
         loss: float = float("nan"),
         timings: Mapping[str, float] | None = None,
         timeout: float = 600.0,
+        wait: bool = True,
     ) -> dict[str, Any]:
         """Apply (async, ssp) or pool (sync) ``name``'s delta; reply with the weights to go on
-        from once the mode lets the participant continue."""
+        from once the mode lets the participant continue. ``wait=False`` (sync; a federated
+        client's one push of a round) pools the delta and replies at once, without weights: the
+        participant does not wait for the round (which closes when every expected participant
+        has pushed, or by :meth:`close_round`)."""
         if self.failed:
             return self.reply("failed")
         p = self.participants.get(name) if isinstance(name, str) else None
@@ -389,6 +398,8 @@ class Job:
             )
             self.progress[name] = self.progress.get(name, 0) + int(batches)
             self.maybe_close_round()
+            if not wait:
+                return {"status": "OK", "version": self.version, "pooled": True, "message": self.failed}
             ok = await self.wait(lambda: self.version > version, timeout)
         else:
             lr = self.lr()
@@ -459,6 +470,42 @@ class Job:
         if self.failed:
             return self.reply("failed")
         return self.reply(model=True)
+
+    def close_round(self, min_count: Any = 1) -> dict[str, Any]:
+        """Close the open sync round now (a federated round at its deadline): apply the pooled
+        deltas if at least ``min_count`` participants pushed one, else discard them; either way
+        no participant of the round is expected or active any more (a late push is refused).
+        ``arrived``: the participants whose deltas were pooled."""
+        if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < 1:
+            raise PSError(f"close_round: min_count must be an int >= 1, got {min_count!r}")
+        if self.mode != "sync":
+            raise PSError(f"close_round is for sync jobs; job {self.job!r} is {self.mode}")
+        arrived = sorted(self.pending)
+        for name in list(self.participants):
+            p = self.participants.pop(name)
+            if p.key is not None:
+                self.keys.pop(p.key, None)
+        for key in self.expected.values():
+            if key is not None:
+                self.keys.pop(key, None)
+        self.expected.clear()
+        status = "discarded"
+        if self.failed:
+            self.pending.clear()
+        elif arrived and len(arrived) >= min_count:
+            self._apply_round(arrived)
+            status = "applied"
+        else:
+            if arrived:
+                logger.warning(
+                    "job %s: round closed with %d of the %d deltas it needs; discarded",
+                    self.job,
+                    len(arrived),
+                    min_count,
+                )
+            self.pending.clear()
+        self.notify()
+        return {"status": status, "version": self.version, "arrived": arrived, "message": self.failed}
 
     def take_summaries(self, names: list | None = None) -> dict[str, Any]:
         """Hand over (and forget) the summaries left by ``names``; missing ones are absent."""
