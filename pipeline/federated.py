@@ -111,21 +111,6 @@ def check_federated_config(cfg: TrainConfig, sites: list[Site]) -> None:
     server_optimizer(cfg)
 
 
-def site_cluster_client(sites: list[str], threads: int = 1, dashboard_address: str | None = ":0") -> Any:
-    """A client of a local cluster with one worker process per site, each declaring the site's
-    resource (``SITE=1``): every site's tasks run on its own worker, as on a real federation."""
-    from distributed import Client, Nanny, Scheduler, SpecCluster
-
-    workers = {
-        f"site-{name}": {"cls": Nanny, "options": {"nthreads": threads, "resources": {name: 1}}} for name in sites
-    }
-    options: dict[str, Any] = {"dashboard_address": dashboard_address} if dashboard_address else {"dashboard": False}
-    cluster = SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": options}, silence_logs=logging.ERROR)
-    client = Client(cluster)
-    client.wait_for_workers(len(workers), timeout=120)
-    return client
-
-
 class FederatedTrainer:
     """Runs one federated training on the sites of ``cfg.sites`` (see the module docstring)."""
 

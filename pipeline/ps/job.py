@@ -579,10 +579,22 @@ class Job:
             "failed": self.failed,
             "closed": self.closed,
             "epochs": list(self.epochs),
+            **self._site_metrics(),
         }
         if history:
             out["history"] = [list(h) for h in self.history]
         return out
+
+    def _site_metrics(self) -> dict[str, Any]:
+        """A federated job's last per-site evaluation, as the driver recorded it."""
+        for rec in reversed(self.epochs):
+            if isinstance(rec.get("sites"), Mapping):
+                return {
+                    "sites": {str(k): dict(v) for k, v in rec["sites"].items()},
+                    "site_mean": rec.get("site_mean"),
+                    "site_worst_decile": rec.get("site_worst_decile"),
+                }
+        return {}
 
     def view(self, history: bool = False) -> JobSnapshot:
         """The job's public, read-only snapshot (for the dashboard and Prometheus)."""

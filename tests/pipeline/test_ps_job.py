@@ -243,3 +243,34 @@ def test_create_refuses_what_it_cannot_mean() -> None:
         Job.create("j", np.zeros(N + 1, np.float32), N)
     with pytest.raises(PSError, match="sync jobs only"):
         _job("async", local_states={"s0": {"t": 1, "buffers": {}}})
+
+
+def test_per_site_evaluation_reaches_the_snapshot_and_prometheus() -> None:
+    pytest.importorskip("prometheus_client")
+    from pipeline import dashboard
+
+    async def main() -> None:
+        job = _job("sync", aggregate="mean")
+        assert job.view().sites == {} and job.view().site_mean is None
+        sites = {"a": {"loss": 0.5, "metric": 0.8, "n": 10}, "b": {"loss": 0.7, "metric": 0.6, "n": 30}}
+        job.record(epoch={"epoch": 0, "val_loss": 0.65, "sites": sites, "site_mean": 0.65, "site_worst_decile": 0.6})
+        job.record(epoch={"epoch": 1, "train_loss": 0.6})  # a round without evaluation keeps the last one
+        snap = job.view()
+        assert dict(snap.sites["b"]) == sites["b"] and snap.site_mean == 0.65 and snap.site_worst_decile == 0.6
+        assert "sites (accuracy / R^2): a 0.8000" in dashboard._summary_html(snap)
+
+        class Source:
+            def running(self) -> list:
+                return [snap]
+
+        holder, source = type("Scheduler", (), {})(), Source()
+        dashboard.watch(holder, source)
+        try:
+            fams = {f.name: f for f in dashboard.TrainingCollector().collect()}
+        finally:
+            dashboard._sources[:] = [(s, j) for s, j in dashboard._sources if s() is not holder]
+        got = {s.labels["site"]: s.value for s in fams["pipeline_site_loss"].samples}
+        assert got == {"a": 0.5, "b": 0.7}
+        assert [s.value for s in fams["pipeline_site_metric_worst_decile"].samples] == [0.6]
+
+    asyncio.run(main())
