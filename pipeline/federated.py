@@ -442,7 +442,13 @@ class FederatedTrainer:
                     pass
                 pending = {f for f in pending if not f.done()}
                 if pending and int(ps.metrics()["version"]) > v0:
-                    break  # every client still in the round has pushed: it applied itself
+                    # every client still in the round has pushed: it applied itself; those
+                    # still running are leaving (their summaries), or lost with their worker
+                    try:
+                        wait(list(pending), timeout=min(2.0, max(0.05, deadline - time.monotonic())))
+                    except TimeoutError:
+                        pass
+                    break
         finally:
             need = max(1, math.ceil(cfg.min_responses * len(sampled)))
             closed = ps.close_round(need)
@@ -463,15 +469,19 @@ class FederatedTrainer:
                 errors[site] = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
             f.release()
         applied = int(closed["version"]) > v0
-        responded = sorted(s for s, r in results.items() if not r.get("late"))
+        # whose deltas the round combined: the server's word (a client that pushed may not have
+        # left its summary yet when the round applied itself)
+        combined = set(closed["last_applied"] if applied else closed["arrived"])
+        responded = sorted(s for s in sampled if names[s] in combined)
+        known = [s for s in responded if s in results]
         for site, err in sorted(errors.items()):
             self.log(f"warning: site {site} failed in round {rnd + 1}: {err}")
         if errors and len(errors) == len(sampled):
             raise TrainingError(
                 f"every sampled site failed in round {rnd + 1}; site {min(errors)}: {errors[min(errors)]}"
             )
-        samples = sum(int(results[s]["samples"]) for s in responded)
-        loss = sum(float(results[s]["loss"]) * int(results[s]["samples"]) for s in responded) / max(samples, 1)
+        samples = sum(int(results[s]["samples"]) for s in known)
+        loss = sum(float(results[s]["loss"]) * int(results[s]["samples"]) for s in known) / max(samples, 1)
         missing = sorted(set(sampled) - set(responded))
         self.log(
             f"round {rnd + 1}/{cfg.rounds}: sampled {', '.join(sampled)}; responded "
@@ -490,10 +500,10 @@ class FederatedTrainer:
             "responded": responded,
             "applied": applied,
             "samples": samples,
-            "train_loss": loss if responded else float("nan"),
+            "train_loss": loss if known else float("nan"),
             "tasks": [
                 {"name": names[s], "site": s, "worker": results[s].get("worker"), "samples": results[s]["samples"]}
-                for s in responded
+                for s in known
             ],
         }
 

@@ -73,6 +73,7 @@ class Job:
     join_timeout: float = 120.0
     pending: dict[str, tuple[np.ndarray, int, float]] = field(default_factory=dict)
     grad: np.ndarray | None = None  # sync: the round's combined delta (reused every round)
+    last_applied: list[str] = field(default_factory=list)  # sync: whose deltas the last round combined
     progress: dict[str, int] = field(default_factory=dict)  # participant -> batches absorbed
     summaries: dict[str, dict] = field(default_factory=dict)  # participant -> its task's result
     local_states: dict[str, dict] = field(default_factory=dict)  # sync: slot -> local optimizer state
@@ -265,6 +266,7 @@ class Job:
         self.optimizer.step(self.params, grad, self.lr())
         self.version += 1
         self.pending.clear()
+        self.last_applied = names
         self.after_update(float(np.mean(losses)), total, len(names))
 
     def after_update(self, loss: float, samples: int, n_deltas: int) -> None:
@@ -475,7 +477,9 @@ class Job:
         """Close the open sync round now (a federated round at its deadline): apply the pooled
         deltas if at least ``min_count`` participants pushed one, else discard them; either way
         no participant of the round is expected or active any more (a late push is refused).
-        ``arrived``: the participants whose deltas were pooled."""
+        ``arrived``: the participants whose deltas were pooled; ``last_applied``: those whose
+        deltas the last applied round combined (this one's, or the round that applied itself
+        when its last expected participant pushed)."""
         if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < 1:
             raise PSError(f"close_round: min_count must be an int >= 1, got {min_count!r}")
         if self.mode != "sync":
@@ -505,7 +509,13 @@ class Job:
                 )
             self.pending.clear()
         self.notify()
-        return {"status": status, "version": self.version, "arrived": arrived, "message": self.failed}
+        return {
+            "status": status,
+            "version": self.version,
+            "arrived": arrived,
+            "last_applied": list(self.last_applied),
+            "message": self.failed,
+        }
 
     def take_summaries(self, names: list | None = None) -> dict[str, Any]:
         """Hand over (and forget) the summaries left by ``names``; missing ones are absent."""

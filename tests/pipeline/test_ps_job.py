@@ -101,7 +101,7 @@ def test_close_round_applies_what_arrived_or_discards_it_below_min_count() -> No
         job.join("r0-b", key="kb")
         await job.push("r0-a", 0, np.full(N, 1, np.float32), samples=5, loss=1.0, wait=False)
         r = job.close_round(2)  # one of the two needed: discarded
-        assert r == {"status": "discarded", "version": 0, "arrived": ["r0-a"], "message": None}
+        assert r == {"status": "discarded", "version": 0, "arrived": ["r0-a"], "last_applied": [], "message": None}
         assert not job.pending and not job.participants and not job.expected and not job.keys
         np.testing.assert_array_equal(job.params, np.zeros(N))
         with pytest.raises(PSError, match="has not joined"):  # a late push of the closed round
@@ -111,9 +111,10 @@ def test_close_round_applies_what_arrived_or_discards_it_below_min_count() -> No
             job.join(n)
             await job.push(n, 0, np.full(N, 2, np.float32), samples=5, loss=1.0, wait=False)
         r = job.close_round(2)  # "r1-c" never came: the round applies with the two
-        assert r["status"] == "applied" and r["version"] == 1 and r["arrived"] == ["r1-a", "r1-b"]
+        assert r["status"] == "applied" and r["version"] == 1 and r["arrived"] == r["last_applied"] == ["r1-a", "r1-b"]
         np.testing.assert_allclose(job.params, np.full(N, -2.0))
-        assert job.close_round(1)["status"] == "discarded"  # nothing pooled: nothing applied
+        r = job.close_round(1)  # nothing pooled: nothing applied; the last round's names stay
+        assert r["status"] == "discarded" and r["last_applied"] == ["r1-a", "r1-b"]
         with pytest.raises(PSError, match="min_count must be an int >= 1"):
             job.close_round(0)
         with pytest.raises(PSError, match="for sync jobs"):
