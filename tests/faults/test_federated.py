@@ -239,3 +239,27 @@ def test_a_killed_site_is_left_out_until_a_new_worker_for_it_starts(sites, tmp_p
         assert "b" in hist[-1]["responded"] or any("b" in e["responded"] for e in hist[back_at:])
     finally:
         procs.close()
+
+
+@pytest.mark.timeout(240)
+def test_estimator_fits_sites_on_its_own_cluster_of_one_worker_per_site(sites, cluster) -> None:
+    from distributed import Client
+
+    from pipeline.estimator import MLPClassifier
+
+    stores = {"a": str(sites["a"] / "a.zarr"), "b": str(sites["b"] / "b.zarr")}
+    _, addr = cluster
+    with Client(addr, timeout=10, set_as_default=False) as c:  # workers of sites a, b, z only
+        with pytest.raises(ValueError, match=r"has no worker declaring resource\(s\) q; start one per site"):
+            MLPClassifier(client=c).fit({"a": stores["a"], "q": stores["b"]})
+    with pytest.raises(ValueError, match="each site's store holds its own targets; pass y=None"):
+        MLPClassifier().fit(stores, [0, 1])
+    clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=4, learning_rate_init=3e-3, options={"ema": 0})
+    clf.fit(stores)
+    assert clf.fitted_on_ == "sites" and clf.n_iter_ == 4 and len(clf.classes_) == 26
+    assert [h["responded"] for h in clf.history_] == [["a", "b"]] * 4
+    from pipeline.store import open_store
+    from tests.pipeline.helpers import read_all
+
+    X, y = read_all(open_store(sites["root"] / "test.zarr"))
+    assert np.mean(clf.predict(X) == clf.classes_[y]) > 0.3  # 4 rounds of 2 sites: learning
