@@ -258,12 +258,14 @@ def _train_federated(
     from pipeline.train import RunDir, check_backend, resumed_config
     from pipeline.train import train as run_training
 
+    if sites_file:
+        read_sites(sites_file)  # fail before starting a cluster, naming the file as given
     base = resumed_config(out) if resume else TrainConfig()
     cfg = TrainConfig.from_toml(config_file, base) if config_file else base
     if sites_file:
         overrides = (*overrides, f"sites={json.dumps(os.path.abspath(sites_file))}")
     cfg = cfg.with_overrides(list(overrides))
-    sites = read_sites(cfg.sites)  # fail before starting a cluster
+    sites = read_sites(cfg.sites)
     check_federated_config(cfg, sites)
     if not cluster_kw["scheduler"]:
         check_backend(cfg.backend)
@@ -363,7 +365,11 @@ def train(
             "site's store from the sites file"
         )
     RunDir(Path(out)).check(resume, force)  # fail before starting a cluster
-    federated = bool(sites_file) or (not store and resume and bool(resumed_config(out).sites))
+    federated = bool(sites_file)
+    if not store and not sites_file:  # the config may name the sites file (key 'sites')
+        peek = resumed_config(out) if resume else TrainConfig()
+        peek = (TrainConfig.from_toml(config_file, peek) if config_file else peek).with_overrides(list(overrides))
+        federated = bool(peek.sites)
     if federated:
         _train_federated(sites_file, config_file, overrides, out, resume, force, quiet, **cluster_kw)
         return
