@@ -22,7 +22,7 @@ from pipeline.errors import ConfigError
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "step")
 LOSSES = ("auto", "softmax_ce", "bce_logits", "mse")
 LOCAL_OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw")
-SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "fedadam", "adagrad", "yogi")
 MODES = ("sync", "async", "ssp")
 SCHEDULES = ("constant", "step", "cosine")
 BACKENDS = ("auto", "cpu", "numpy", "cuda")
@@ -68,7 +68,9 @@ class TrainConfig:
     mode: str = "sync"  # sync (rounds, reproducible) | async | ssp (bounded staleness)
     staleness: int = 2  # ssp: how many pushes a participant may run ahead of the slowest
     damping: bool = False  # async/ssp: divide the server step by 1 + staleness
-    server_optimizer: str = "sgd"  # sgd (lr 1 = add every worker's progress) | momentum | adam
+    # sgd (lr 1 = add every worker's progress) | momentum | adam | fedadam (adam without bias
+    # correction, eps = server_tau) | adagrad | yogi (federated runs: set by `strategy`)
+    server_optimizer: str = "sgd"
     server_lr: float = 1.0  # server learning rate applied to the combined delta
     server_momentum: float = 0.9  # server momentum optimizer's coefficient (not the local `momentum`)
     server_beta1: float = 0.9  # server adam: decay of the delta average (not the local `beta1`)

@@ -61,28 +61,32 @@ from pipeline.train import RunDir, TrainResult, build_spec, check_backend, task_
 
 logger = logging.getLogger(__name__)
 
-# strategy -> the server optimizer that steps the weighted mean of the round's deltas
-_STRATEGY_OPTIMIZER = {"fedavg": "sgd", "fedavgm": "momentum"}
+# strategy -> the server optimizer that steps the (weighted mean, or robust) combination of a
+# round's deltas (pipeline.optim): FedAvg / FedProx plain SGD, FedAvgM server momentum, the
+# FedOpt family adaptive steps with tau as their adaptivity (FedAdam: Adam without bias
+# correction, eps = tau)
+_STRATEGY_OPTIMIZER = {
+    "fedavg": "sgd",
+    "fedprox": "sgd",
+    "fedavgm": "momentum",
+    "fedadam": "fedadam",
+    "fedyogi": "yogi",
+    "fedadagrad": "adagrad",
+}
 
 
 def server_optimizer(cfg: TrainConfig) -> dict[str, Any]:
-    """The parameter server's optimizer for ``cfg.strategy`` (FedAvg: SGD at ``server_lr``
-    over the weighted mean delta, 1.0 = the weighted mean of the clients' models; FedAvgM:
-    server momentum ``server_momentum``); a strategy this build cannot run is refused."""
-    name = _STRATEGY_OPTIMIZER.get(cfg.strategy)
-    if name is None:
-        raise ConfigError(
-            f"config key 'strategy' = {cfg.strategy!r} is not available in this build (it needs "
-            "its server optimizer or local proximal term); use fedavg or fedavgm"
-        )
-    if cfg.aggregator != "mean":
-        raise ConfigError(f"config key 'aggregator' = {cfg.aggregator!r} is not available in this build; use mean")
+    """The parameter server's optimizer for ``cfg.strategy``, with ``server_lr``,
+    ``server_momentum`` (fedavgm), ``server_beta1``/``server_beta2`` and ``server_tau``
+    (fedadam, fedyogi, fedadagrad). FedAvg at ``server_lr`` 1.0 makes the new weights the
+    sample-weighted mean of the clients' models."""
     return {
-        "name": name,
+        "name": _STRATEGY_OPTIMIZER[cfg.strategy],
         "lr": cfg.server_lr,
         "momentum": cfg.server_momentum,
         "beta1": cfg.server_beta1,
         "beta2": cfg.server_beta2,
+        "tau": cfg.server_tau,
         "ema": cfg.ema,
     }
 
@@ -108,7 +112,6 @@ def check_federated_config(cfg: TrainConfig, sites: list[Site]) -> None:
             f"config key 'min_clients' = {cfg.min_clients} exceeds the {len(sites)} site(s) of {cfg.sites!r}; "
             "lower min_clients or add sites"
         )
-    server_optimizer(cfg)
 
 
 class FederatedTrainer:
@@ -196,6 +199,9 @@ class FederatedTrainer:
             params,
             mode="sync",
             aggregate="mean",  # the deltas' mean weighted by each client's samples
+            aggregator=cfg.aggregator,
+            trim_fraction=cfg.trim_fraction,
+            krum_f=cfg.krum_f,
             optimizer=server_optimizer(cfg),
             schedule={
                 "kind": cfg.schedule,
@@ -214,6 +220,11 @@ class FederatedTrainer:
             f"job {self.job}: federated {cfg.strategy} over {len(self.sites)} sites (training rows: {rows}), "
             f"{cfg.rounds} rounds, parameter server installed by {installed_by}"
         )
+        if cfg.strategy in ("fedadam", "fedyogi", "fedadagrad") and cfg.server_lr >= 0.5:
+            self.log(
+                f"warning: strategy {cfg.strategy} at server_lr = {cfg.server_lr:g} steps every weight by about "
+                "server_lr each round; adaptive server optimizers usually want 0.01 to 0.1"
+            )
         stopping = EarlyStopping(
             cfg.patience,
             cfg.min_delta,

@@ -263,3 +263,38 @@ def test_estimator_fits_sites_on_its_own_cluster_of_one_worker_per_site(sites, c
 
     X, y = read_all(open_store(sites["root"] / "test.zarr"))
     assert np.mean(clf.predict(X) == clf.classes_[y]) > 0.3  # 4 rounds of 2 sites: learning
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    "settings, optimizer",
+    [
+        ({"strategy": "fedavgm", "server_momentum": 0.5}, "momentum"),
+        ({"strategy": "fedprox", "proximal_mu": 0.01, "aggregator": "trimmed_mean"}, "sgd"),
+        ({"strategy": "fedadam", "server_lr": 0.01}, "fedadam"),
+        ({"strategy": "fedyogi", "server_lr": 0.01, "aggregator": "median"}, "yogi"),
+        ({"strategy": "fedadagrad", "server_lr": 0.1}, "adagrad"),
+    ],
+)
+def test_every_strategy_trains_with_its_server_optimizer(cluster, tmp_path, settings, optimizer) -> None:
+    """The driver in this process, the sites on the real cluster (their relative store paths
+    resolve only on their own workers, as above)."""
+    from distributed import Client
+
+    from pipeline.config import TrainConfig
+    from pipeline.train import train
+
+    procs, addr = cluster
+    sf = _sites_file(tmp_path / "sites.toml", a="a.zarr", b="b.zarr")
+    cfg = TrainConfig.from_dict(
+        {"sites": str(sf), "rounds": 4, "hidden": [64], "lr": 3e-3, "ema": 0.0, "batch_size": 128, "patience": 0}
+        | settings
+    )
+    with Client(addr, timeout=10, set_as_default=False) as c:
+        res = train(None, cfg, tmp_path / "run", client=c)
+    assert [e["applied"] for e in res.history] == [True] * 4
+    assert res.history[-1]["val_accuracy"] > 0.3  # 26 classes: chance is 0.04
+    meta = load_file(tmp_path / "run" / "checkpoint.npz", "checkpoint")[1]
+    assert meta["config"]["strategy"] == settings["strategy"]
+    st = load_file(tmp_path / "run" / "checkpoint.npz", "checkpoint")[0]
+    assert optimizer == "sgd" or any(k.startswith("opt_") for k in st)  # the server optimizer's buffers
