@@ -215,7 +215,7 @@ def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: boo
             for k in ("workers", "threads_per_worker")
         )
     )
-    if asked:
+    if asked or cfg.clients:  # simulated clients are tasks on a cluster
         return ""
     if resume:
         from pipeline.checkpoint import load_file
@@ -235,6 +235,21 @@ def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: boo
     return (
         f"training in this process: {rows:,} rows, under cluster_min_rows = {cfg.cluster_min_rows:,} "
         "(--workers N or --scheduler ADDRESS trains on a Dask cluster)"
+    )
+
+
+def _round_line(r: dict) -> str:
+    """The line printed after a federated round: losses, the pooled metric, each site's."""
+    metric = r.get("val_accuracy", r.get("val_r2"))
+    name = "val_acc" if "val_accuracy" in r else "val_r2"
+    per_site = "  ".join(f"{s} {v['metric']:.4f}" for s, v in sorted((r.get("sites") or {}).items()))
+    spread = ""
+    if not per_site and r.get("site_mean") is not None:
+        spread = f"clients: mean {r['site_mean']:.4f}  worst decile {r['site_worst_decile']:.4f}"
+    return (
+        f"round {r['round'] + 1:>3}  train_loss {r['train_loss']:.4f}  "
+        + (f"val_loss {r['val_loss']:.4f}  {name} {metric:.4f}  " if metric is not None else "")
+        + (f"sites: {per_site}" if per_site else spread)
     )
 
 
@@ -277,15 +292,7 @@ def _train_federated(
         _echo(f"dask dashboard: {client.dashboard_link}  (training page: /pipeline)", quiet)
 
         def on_round(r: dict) -> None:
-            metric = r.get("val_accuracy", r.get("val_r2"))
-            name = "val_acc" if "val_accuracy" in r else "val_r2"
-            per_site = "  ".join(f"{s} {v['metric']:.4f}" for s, v in sorted((r.get("sites") or {}).items()))
-            _echo(
-                f"round {r['round'] + 1:>3}  train_loss {r['train_loss']:.4f}  "
-                + (f"val_loss {r['val_loss']:.4f}  {name} {metric:.4f}  " if metric is not None else "")
-                + (f"sites: {per_site}" if per_site else ""),
-                quiet,
-            )
+            _echo(_round_line(r), quiet)
 
         result = run_training(
             None,
@@ -406,6 +413,9 @@ def train(
             ctx = contextlib.nullcontext()
 
         def on_epoch(r: dict) -> None:
+            if "round" in r:  # simulated federated clients (clients = N)
+                _echo(_round_line(r), quiet)
+                return
             metric = r.get("val_accuracy", r.get("val_r2"))
             name = "val_acc" if "val_accuracy" in r else "val_r2"
             _echo(

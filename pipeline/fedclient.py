@@ -22,7 +22,9 @@ from pipeline.errors import PSError
 from pipeline.loader import ChunkLoader, held_out_mask
 from pipeline.loop import FULL_BATCH_ROWS, holdout_selection, load_local_state, prepare_targets, run_batches
 from pipeline.metrics import plain_metrics
+from pipeline.partition import open_partition
 from pipeline.ps import ParameterServer
+from pipeline.store import read_rows_at
 from pipeline.worker import _allow_profile_sizing, _Comm, _store, cached_trainer, evaluate_ranges
 
 logger = logging.getLogger(__name__)
@@ -99,18 +101,63 @@ def fit_client(
     cfg: dict,
     target: dict | None,
     norm: dict | None,
+    client: dict | None = None,
 ) -> dict[str, Any]:
     """One federated client's round: join ``job`` as participant ``name``, train
     ``cfg["local_epochs"]`` passes over the site's training rows from the round's weights
     (standardized with the federation's pooled ``norm``), push ONE delta with its sample
     count without waiting for the round, leave. The summary says what was pushed; a push
-    refused because the round closed meanwhile is ``"late": True`` (nothing applied)."""
-    t_start = time.perf_counter()
+    refused because the round closed meanwhile is ``"late": True`` (nothing applied).
+
+    ``client`` (simulated clients: ``{"partition": path, "k": k}``): the rows are client
+    ``k``'s of the run's partition of the one store (its training rows already)."""
     restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
     _allow_profile_sizing()
     worker = get_worker()
+    return _fit_one(job, name, store_path, round_, spec, cfg, target, norm, client, worker, worker.get_current_task())
+
+
+def fit_clients(
+    job: str,
+    names: list[str],
+    ks: list[int],
+    store_path: str,
+    partition_path: str,
+    round_: int,
+    spec: dict,
+    cfg: dict,
+    target: dict | None,
+) -> dict[str, Any]:
+    """Simulated clients ``ks`` (participants ``names``) of one round, one after the other in
+    this task, each as :func:`fit_client` trains one: ``{"clients": {name: summary}}``."""
+    restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
+    _allow_profile_sizing()
+    worker = get_worker()
+    out = {}
+    for name, k in zip(names, ks, strict=True):
+        part = {"partition": partition_path, "k": int(k)}
+        out[name] = _fit_one(job, name, store_path, round_, spec, cfg, target, None, part, worker, None)
+        if out[name]["late"]:
+            break  # the round is over: the task's other clients are not trained for nothing
+    return {"clients": out}
+
+
+def _fit_one(
+    job: str,
+    name: str,
+    store_path: str,
+    round_: int,
+    spec: dict,
+    cfg: dict,
+    target: dict | None,
+    norm: dict | None,
+    client: dict | None,
+    worker: Any,
+    key: str | None,
+) -> dict[str, Any]:
+    t_start = time.perf_counter()
     comm = _Comm(ParameterServer(job), name, cfg["barrier_timeout"])
-    reply = comm.wait(comm.ps.soon.join(name, key=worker.get_current_task(), worker=worker.address))
+    reply = comm.wait(comm.ps.soon.join(name, key=key, worker=worker.address))
     anchor = np.array(reply["params"], dtype=np.float32)
     version = int(reply["version"])
     trainer = cached_trainer(job, "fit", spec, cfg)
@@ -119,8 +166,10 @@ def fit_client(
     full_batch = cfg["batch_size"] == 0
     if full_batch:
         trainer.discard_accumulated()
+    rows = None if client is None else open_partition(client["partition"]).rows(int(client["k"]))
     loader = ChunkLoader(
         _store(store_path),
+        rows=rows,
         batch_size=cfg["batch_size"] or FULL_BATCH_ROWS,
         shuffle=not full_batch,
         seed=cfg["seed"],
@@ -129,7 +178,7 @@ def fit_client(
         normalize=cfg["normalize"],
         mean=None if norm is None else norm["mean"],
         std=None if norm is None else norm["std"],
-        holdout=holdout_selection(cfg, "train"),
+        holdout=holdout_selection(cfg, "train") if rows is None else None,
     )
     timing: dict[str, float] = {"compute": 0.0}
     samples = batches = 0
@@ -154,7 +203,7 @@ def fit_client(
     late = False
     t_push = time.perf_counter()
     try:
-        comm.wait(
+        pushed = comm.wait(
             comm.ps.soon.push(
                 name=name,
                 version=version,
@@ -167,6 +216,9 @@ def fit_client(
                 wait=False,
             )
         )
+        if pushed.get("dropped"):  # joined after its round had closed: a delta of a finished round
+            late = True
+            comm.ps.soon.leave(name).result(timeout=30)
     except PSError as exc:  # the round closed (deadline) before this delta arrived
         late = True
         logger.info("federated client %s: delta not taken (%s)", name, exc)
@@ -211,3 +263,63 @@ def evaluate_client(
     store = _store(store_path)
     sums = evaluate_ranges(store, _chunk_ranges(store), params, job, spec, cfg, target, norm)
     return {"worker": _worker_address(), "version": int(version), "sums": plain_metrics(sums)}
+
+
+def evaluate_clients(
+    job: str,
+    store_path: str,
+    partition_path: str,
+    first: int,
+    stop: int,
+    spec: dict,
+    cfg: dict,
+    target: dict | None,
+) -> dict[str, Any]:
+    """Simulated clients ``first`` to ``stop - 1``: the job's current model on each client's
+    own rows, read in one pass (the rows of a group of clients, about 64k). Returns per-client
+    arrays ``n``, ``loss`` and ``metric`` (accuracy, or R^2 of the client's targets; NaN for a
+    client without rows or, regression, with a constant target)."""
+    restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
+    _allow_profile_sizing()
+    params, version = ParameterServer(job).pull(model=True)
+    store = _store(store_path)
+    part = open_partition(partition_path)
+    sizes = part.sizes()[first:stop]
+    rows = np.concatenate([part.rows(k) for k in range(first, stop)]) if stop > first else np.empty(0, np.int64)
+    owner = np.repeat(np.arange(stop - first), sizes)
+    trainer = cached_trainer(job, "eval", spec, cfg)
+    trainer.set_params(np.asarray(params, dtype=np.float32))
+    k = stop - first
+    n = np.bincount(owner, minlength=k).astype(np.int64)
+    loss_sum = np.zeros(k)
+    hit = np.zeros(k)
+    sse, sy, syy = np.zeros(k), np.zeros(k), np.zeros(k)
+    step = 1 << 14
+    for a in range(0, len(rows), step):
+        X, y = read_rows_at(store, rows[a : a + step])
+        own = owner[a : a + step]
+        x = np.asarray(X, np.float32)
+        if cfg["normalize"]:
+            x = ((x - store.mean.astype(np.float32)) / store.std.astype(np.float32)).astype(np.float32)
+        out = trainer.forward(np.ascontiguousarray(x))
+        if target is None:
+            yi = np.asarray(y, np.int64).reshape(-1)
+            p = np.clip(out[np.arange(len(yi)), yi], 1e-15, 1.0)
+            loss_sum += np.bincount(own, weights=-np.log(p), minlength=k)
+            hit += np.bincount(own, weights=(out.argmax(axis=1) == yi).astype(np.float64), minlength=k)
+        else:
+            yy = np.asarray(y, np.float64).reshape(len(y), -1)
+            pred = np.asarray(out, np.float64).reshape(len(y), -1) * target["std"] + target["mean"]
+            z = ((pred - yy) / target["std"]) ** 2
+            loss_sum += np.bincount(own, weights=z.mean(axis=1), minlength=k)
+            sse += np.bincount(own, weights=((pred - yy) ** 2).sum(axis=1), minlength=k)
+            sy += np.bincount(own, weights=yy.sum(axis=1), minlength=k)
+            syy += np.bincount(own, weights=(yy**2).sum(axis=1), minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        loss = np.where(n > 0, loss_sum / np.maximum(n, 1), np.nan)
+        if target is None:
+            metric = np.where(n > 0, hit / np.maximum(n, 1), np.nan)
+        else:
+            sst = syy - sy**2 / np.maximum(n, 1)
+            metric = np.where((n > 0) & (sst > 0), 1 - sse / np.where(sst > 0, sst, 1.0), np.nan)
+    return {"version": int(version), "n": n.tolist(), "loss": loss.tolist(), "metric": metric.tolist()}

@@ -38,10 +38,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.checkpoint import read_checkpoint, write_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.errors import CheckpointError, ConfigError, PipelineError, StoreError, TrainingError
-from pipeline.fedclient import evaluate_client, fit_client, site_info
+from pipeline.fedclient import evaluate_client, evaluate_clients, fit_client, fit_clients, site_info
 from pipeline.metrics import array_metrics, finish_metrics, merge_metrics
 from pipeline.model import Model
 from pipeline.ps import ParameterServer
@@ -129,14 +131,10 @@ class FederatedTrainer:
         on_epoch: Callable[[dict], None] | None = None,
         progress: bool = False,
     ) -> None:
-        if not cfg.sites:
-            raise ConfigError("a federated run needs config key 'sites' (a sites file)")
         if client is None:
-            raise TrainingError("a federated run needs a Dask cluster whose workers declare the sites' resources")
+            raise TrainingError("a federated run needs a Dask cluster (--scheduler ADDRESS, or --workers N)")
         self.cfg = cfg
-        self.sites = read_sites(cfg.sites)
-        check_federated_config(cfg, self.sites)
-        self.digest = sites_digest(self.sites)
+        self._init_clients()
         self.client = client
         self.run = RunDir(Path(out))
         self.resume = resume
@@ -145,6 +143,15 @@ class FederatedTrainer:
         self.on_epoch = on_epoch
         self.progress = progress
         self.job = f"fed-{uuid.uuid4().hex[:12]}"
+        self.store_path = ""
+
+    def _init_clients(self) -> None:
+        """The clients of the run: here the sites of the sites file."""
+        if not self.cfg.sites:
+            raise ConfigError("a federated run needs config key 'sites' (a sites file)")
+        self.sites = read_sites(self.cfg.sites)
+        check_federated_config(self.cfg, self.sites)
+        self.digest = sites_digest(self.sites)
         self.store_of = {s.name: s.store for s in self.sites}
         self.fed: Federation | None = None
 
@@ -176,9 +183,8 @@ class FederatedTrainer:
         self.run.prepare(self.resume, self.force)
         installed_by = ParameterServer.ensure_installed(client)
         check_backend(cfg.backend, client)
-        fed = self.fed = pool_sites(cfg.sites, self._site_infos())
-        self.spec, self.target = build_spec(fed, cfg)
-        self.norm = fed.norm() if cfg.normalize else None
+        schema = self._schema()
+        self.spec, self.target = build_spec(schema, cfg)
         self.tcfg = {**task_config(cfg), "local_epochs": cfg.local_epochs, "proximal_mu": cfg.proximal_mu}
         from kernels.mlp import MLPSpec, init_params
 
@@ -215,10 +221,9 @@ class FederatedTrainer:
             epoch=run.epoch,
             join_timeout=cfg.round_deadline + cfg.no_worker_timeout,
         )
-        rows = ", ".join(f"{n} {r:,}" for n, r in fed.rows.items())
         self.log(
-            f"job {self.job}: federated {cfg.strategy} over {len(self.sites)} sites (training rows: {rows}), "
-            f"{cfg.rounds} rounds, parameter server installed by {installed_by}"
+            f"job {self.job}: {self._describe_clients()}, {cfg.rounds} rounds, "
+            f"parameter server installed by {installed_by}"
         )
         if cfg.strategy in ("fedadam", "fedyogi", "fedadagrad") and cfg.server_lr >= 0.5:
             self.log(
@@ -239,17 +244,14 @@ class FederatedTrainer:
             for rnd in range(run.epoch, cfg.rounds):
                 run.epoch = rnd
                 t0 = time.perf_counter()
-                live = self._live_sites(ps, run)
-                n = clients_per_round(len(live), cfg.fraction_fit, cfg.min_clients)
-                sampled = sample_clients(live, n, cfg.seed, rnd)
-                record = self._round(ps, rnd, sampled)
+                record = self._round(ps, rnd, self._sample(ps, run, rnd))
                 st = ps.state()
                 if st.get("failed"):
                     raise TrainingError(str(st["failed"]))
                 record["rounds"] = st["version"]
                 evaluate = (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds
                 if evaluate:
-                    record.update(self._evaluate(rnd, self._available()))
+                    record.update(self._evaluate_round(rnd))
                 record["seconds"] = time.perf_counter() - t0
                 run.history.append(record)
                 if evaluate:
@@ -281,18 +283,12 @@ class FederatedTrainer:
                 ps.close()
             except Exception:
                 logger.debug("could not close job %s", self.job, exc_info=True)
-        model = Model.from_training(fed, self.spec, self.target, run.best.params, cfg, run.history)
+        model = Model.from_training(schema, self.spec, self.target, run.best.params, cfg, run.history)
         model.save(self.run.model)
         history_doc = {
             "job": self.job,
             "installed_by": installed_by,
-            "federated": {
-                "sites": {
-                    s.name: {"store": s.store, "rows": fed.rows[s.name], "held_out": fed.held_out[s.name]}
-                    for s in self.sites
-                },
-                "strategy": cfg.strategy,
-            },
+            "federated": {**self._history_info(), "strategy": cfg.strategy},
             "best_epoch": run.best.epoch,
             "stopped_early": stopped_early,
             "epochs": run.history,
@@ -315,7 +311,67 @@ class FederatedTrainer:
             total += int(rec.get("samples", 0))
         return total
 
-    # -- the sites -------------------------------------------------------------------------
+    # -- the sites (the hooks a simulation overrides) ---------------------------------------
+
+    def _schema(self) -> Federation:
+        """Ask every site for its schema and sums; the pooled view the model is built from."""
+        fed = self.fed = pool_sites(self.cfg.sites, self._site_infos())
+        self.norm = fed.norm() if self.cfg.normalize else None
+        return fed
+
+    def _describe_clients(self) -> str:
+        assert self.fed is not None
+        rows = ", ".join(f"{n} {r:,}" for n, r in self.fed.rows.items())
+        return f"federated {self.cfg.strategy} over {len(self.sites)} sites (training rows: {rows})"
+
+    def _history_info(self) -> dict[str, Any]:
+        assert self.fed is not None
+        fed = self.fed
+        return {
+            "sites": {
+                s.name: {"store": s.store, "rows": fed.rows[s.name], "held_out": fed.held_out[s.name]}
+                for s in self.sites
+            }
+        }
+
+    def _sample(self, ps: ParameterServer, run: RunState, rnd: int) -> list[str]:
+        """The sites of round ``rnd``: sampled from those with workers now."""
+        cfg = self.cfg
+        live = self._live_sites(ps, run)
+        return sample_clients(live, clients_per_round(len(live), cfg.fraction_fit, cfg.min_clients), cfg.seed, rnd)
+
+    def _round_keys(self, sampled: list[str], rnd: int, tag: str) -> dict[str, str | None]:
+        """The task key of each sampled client (the server drops a participant whose task ends)."""
+        return {site: f"fit-{self.job}-r{rnd}-{site}-{tag}" for site in sampled}
+
+    def _submit_round(
+        self, sampled: list[str], names: dict[str, str], keys: dict[str, str | None], rnd: int, tag: str
+    ) -> dict[Any, list[str]]:
+        """Submit the round's training tasks: a future -> the clients it trains (one site each)."""
+        return {
+            self.client.submit(
+                fit_client,
+                self.job,
+                names[site],
+                self.store_of[site],
+                rnd,
+                self.spec,
+                self.tcfg,
+                self.target,
+                self.norm,
+                key=keys[site],
+                resources={site: 1},
+                pure=False,
+                retries=0,  # a rerun would push twice: a lost client is a missing response
+            ): [site]
+            for site in sampled
+        }
+
+    def _evaluate_round(self, rnd: int) -> dict[str, Any]:
+        return self._evaluate(rnd, self._available())
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        return {"sites": self.digest}
 
     def _available(self) -> list[str]:
         """The sites with at least one worker declaring their resource now."""
@@ -416,29 +472,12 @@ class FederatedTrainer:
         from distributed import wait
 
         cfg, client = self.cfg, self.client
-        names = {site: f"r{rnd}-{site}" for site in sampled}
+        names = {site: f"r{rnd}-{site}" for site in sampled}  # a site's name, or c<k> (simulated)
         tag = uuid.uuid4().hex[:6]  # fresh keys: a resumed round is not an old one
-        keys = {site: f"fit-{self.job}-r{rnd}-{site}-{tag}" for site in sampled}
-        reply = ps.expect(names=list(names.values()), keys=list(keys.values()), epoch=rnd)
+        keys = self._round_keys(sampled, rnd, tag)
+        reply = ps.expect(names=list(names.values()), keys=[keys[s] for s in sampled], epoch=rnd)
         v0 = int(reply["version"])
-        futures = {
-            client.submit(
-                fit_client,
-                self.job,
-                names[site],
-                self.store_of[site],
-                rnd,
-                self.spec,
-                self.tcfg,
-                self.target,
-                self.norm,
-                key=keys[site],
-                resources={site: 1},
-                pure=False,
-                retries=0,  # a rerun would push twice: a lost client is a missing response
-            ): site
-            for site in sampled
-        }
+        futures = self._submit_round(sampled, names, keys, rnd, tag)
         deadline = time.monotonic() + cfg.round_deadline
         pending = set(futures)
         try:
@@ -469,15 +508,21 @@ class FederatedTrainer:
         summaries = ps.summaries(list(names.values()))
         errors: dict[str, str] = {}
         results: dict[str, dict] = {}
-        for f, site in futures.items():
-            name = names[site]
-            if name in summaries:
-                results[site] = summaries[name]
-            elif f.status == "finished":
-                results[site] = f.result()
+        for f, group in futures.items():
+            got: dict[str, dict] = {}
+            if f.status == "finished":
+                r = f.result()
+                got = r["clients"] if "clients" in r else {names[group[0]]: r}
             elif f.status == "error":
                 exc = f.exception()
-                errors[site] = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+                msg = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+                errors.update({site: msg for site in group if names[site] not in summaries})
+            for site in group:
+                name = names[site]
+                if name in summaries:
+                    results[site] = summaries[name]
+                elif name in got:
+                    results[site] = got[name]
             f.release()
         applied = int(closed["version"]) > v0
         # whose deltas the round combined: the server's word (a client that pushed may not have
@@ -494,10 +539,14 @@ class FederatedTrainer:
         samples = sum(int(results[s]["samples"]) for s in known)
         loss = sum(float(results[s]["loss"]) * int(results[s]["samples"]) for s in known) / max(samples, 1)
         missing = sorted(set(sampled) - set(responded))
+        if len(sampled) <= 8:
+            who = f"sampled {', '.join(sampled)}; responded {', '.join(responded) or 'none'}" + (
+                f" (no response from {', '.join(missing)})" if missing else ""
+            )
+        else:  # many (simulated) clients: counts
+            who = f"sampled {len(sampled)} clients; {len(responded)} responded"
         self.log(
-            f"round {rnd + 1}/{cfg.rounds}: sampled {', '.join(sampled)}; responded "
-            f"{', '.join(responded) or 'none'}"
-            + (f" (no response from {', '.join(missing)})" if missing else "")
+            f"round {rnd + 1}/{cfg.rounds}: {who}"
             + (
                 f"; applied, version {closed['version']}"
                 if applied
@@ -601,10 +650,10 @@ class FederatedTrainer:
             run,
             st,
             config=self.cfg.to_dict(),
-            store=self.cfg.sites,
+            store=self.cfg.sites or self.store_path,
             spec=self.spec,
             in_process=False,
-            federated={"sites": self.digest},
+            federated=self._checkpoint_meta(),
         )
         run.last_checkpoint = time.monotonic()
         ps.record(epoch=shown, checkpoint=True)
@@ -622,5 +671,284 @@ class FederatedTrainer:
                 f"the sites file {self.cfg.sites!r} names other sites or store paths than the run in "
                 f"{str(self.run.path)!r} was trained on; resume with the sites file it was started with, "
                 "or start a new run (--force)"
+            )
+        return ckpt
+
+
+# --------------------------------------------------------------------------------------------
+# Simulated clients: row-index views of one store
+# --------------------------------------------------------------------------------------------
+
+EVAL_GROUP_ROWS = 1 << 16  # rows of the clients one evaluation task scores
+
+
+def sample_indices(n_clients: int, n: int, seed: int, round_: int) -> np.ndarray:
+    """``n`` of clients ``0 .. n_clients - 1`` (sorted), drawn by a generator seeded with
+    ``(seed, round)``: without a list of the clients, whatever their number."""
+    if n >= n_clients:
+        return np.arange(n_clients)
+    rng = np.random.default_rng([int(seed), int(round_), 15485863])
+    return np.sort(rng.choice(n_clients, size=n, replace=False))
+
+
+def client_groups(sizes: np.ndarray, rows: int = EVAL_GROUP_ROWS) -> list[tuple[int, int]]:
+    """Consecutive clients in groups of about ``rows`` rows (a client never split): ``(first, stop)``."""
+    groups, first, total = [], 0, 0
+    for k, size in enumerate(np.asarray(sizes).tolist()):
+        if total and total + size > rows:
+            groups.append((first, k))
+            first, total = k, 0
+        total += size
+    if first < len(sizes):
+        groups.append((first, len(sizes)))
+    return groups
+
+
+class SimulatedTrainer(FederatedTrainer):
+    """Federated training of ``cfg.clients`` simulated clients on one store: client ``k`` is a
+    row-index view of it from a partition (``cfg.partition``) computed once, out of core, into
+    ``OUT/partition/`` (a resumed run reuses it, and refuses one made otherwise). Each sampled
+    client is an ordinary task on any worker reading only its rows; the driver holds the
+    partition's offsets and sizes and per-client metric arrays (written to
+    ``OUT/clients.npz``), never a Python object per client, so its memory does not grow with
+    the number of clients beyond a few numbers each."""
+
+    def __init__(self, store: str, cfg: TrainConfig, out: str | os.PathLike, client: Any, **kw: Any) -> None:
+        self._store_arg = str(store)
+        super().__init__(cfg, out, client, **kw)
+        self.store_path = self._store_arg
+
+    def _init_clients(self) -> None:
+        cfg = self.cfg
+        if cfg.clients <= 0:
+            raise ConfigError("a simulated federated run needs config key 'clients' > 0")
+        if cfg.validation_store:
+            raise ConfigError(
+                "config key 'validation_store' does not apply to simulated clients: the store's held-out rows "
+                "(validation) validate the model"
+            )
+        if cfg.mode != "sync":
+            raise ConfigError(
+                f"config key 'mode' = {cfg.mode!r}: federated rounds run in sync mode in this build; set mode = 'sync'"
+            )
+        if cfg.min_clients > cfg.clients:
+            raise ConfigError(
+                f"config key 'min_clients' = {cfg.min_clients} exceeds clients = {cfg.clients}; lower min_clients"
+            )
+        from pipeline.store import open_store
+
+        self.store = open_store(self._store_arg)
+        if self.store.attrs.get("labelled") is False:
+            raise StoreError(
+                f"store {self._store_arg!r} has no targets (ingested with --unlabelled); train on a labelled store"
+            )
+
+    @property
+    def partition_dir(self) -> Path:
+        return self.run.path / "partition"
+
+    def _held_out(self) -> tuple[float, int] | None:
+        return (self.cfg.validation, self.cfg.seed) if self.cfg.validation > 0 else None
+
+    def _schema(self) -> Any:
+        from pipeline.partition import make_partition, open_partition
+
+        cfg = self.cfg
+        args = {
+            "alpha": cfg.partition_alpha,
+            "classes": cfg.partition_classes,
+            "column": cfg.partition_column,
+            "seed": cfg.seed,
+            "exclude_held_out": self._held_out(),
+        }
+        if self.resume and (self.partition_dir / "meta.json").is_file():
+            part = open_partition(self.partition_dir)
+            problem = part.mismatch(self.store, cfg.clients, cfg.partition, **args)
+            if problem:
+                raise CheckpointError(
+                    f"the partition in {str(self.partition_dir)!r} was made otherwise ({problem}); resume with the "
+                    "settings the run started with, or start a new run (--force)"
+                )
+        else:
+            t0 = time.perf_counter()
+            part = make_partition(self.store, cfg.clients, cfg.partition, **args, out=self.partition_dir, force=True)
+            self.log(
+                f"partition: {part.n_clients:,} clients ({cfg.partition}) of {self.store.n_rows:,} rows in "
+                f"{time.perf_counter() - t0:.1f} s, kept in {str(self.partition_dir)!r}"
+            )
+        self.partition = part
+        self.sizes = part.sizes()  # (n_clients,) int64: what the driver keeps per client
+        self.norm = None  # the tasks standardize with the store's own statistics
+        return self.store
+
+    def _describe_clients(self) -> str:
+        sizes = self.sizes
+        return (
+            f"federated {self.cfg.strategy} over {len(sizes):,} simulated clients ({self.cfg.partition}; rows per "
+            f"client {int(sizes.min()):,} to {int(sizes.max()):,})"
+        )
+
+    def _history_info(self) -> dict[str, Any]:
+        sizes = self.sizes
+        return {
+            "clients": int(len(sizes)),
+            "partition": self.cfg.partition,
+            "rows_per_client": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
+        }
+
+    def _sample(self, ps: ParameterServer, run: RunState, rnd: int) -> list[str]:
+        cfg = self.cfg
+        live = np.flatnonzero(self.sizes > 0)  # a client without rows has nothing to train on
+        n = clients_per_round(len(live), cfg.fraction_fit, cfg.min_clients)
+        picked = live[sample_indices(len(live), n, cfg.seed, rnd)]
+        if not self.client.scheduler_info(n_workers=-1)["workers"]:
+            self._wait_for_workers()
+        return [f"c{int(k)}" for k in picked]
+
+    def _wait_for_workers(self) -> None:
+        since = time.monotonic()
+        while not self.client.scheduler_info(n_workers=-1)["workers"]:
+            if time.monotonic() - since > self.cfg.no_worker_timeout:
+                raise TrainingError(
+                    f"no workers for {self.cfg.no_worker_timeout:.0f} s; start workers or raise no_worker_timeout "
+                    "(a checkpoint was written; use --resume)"
+                )
+            time.sleep(0.5)
+
+    def _round_keys(self, sampled: list[str], rnd: int, tag: str) -> dict[str, str | None]:
+        return dict.fromkeys(sampled)  # several clients per task: none is its task
+
+    def _submit_round(
+        self, sampled: list[str], names: dict[str, str], keys: dict[str, str | None], rnd: int, tag: str
+    ) -> dict[Any, list[str]]:
+        """The sampled clients in groups, one task each, of about ``EVAL_GROUP_ROWS`` rows and at
+        least one group per worker thread: a task trains its clients one after the other, each
+        joining, pushing its one delta and leaving as its own participant."""
+        threads = sum(int(w.get("nthreads", 1)) for w in self.client.scheduler_info(n_workers=-1)["workers"].values())
+        ks = np.array([int(c[1:]) for c in sampled], np.int64)
+        rows = int(self.sizes[ks].sum())
+        n_groups = max(1, min(len(sampled), max(threads, math.ceil(rows / EVAL_GROUP_ROWS))))
+        futures = {}
+        for g, part in enumerate(np.array_split(np.arange(len(sampled)), n_groups)):
+            group = [sampled[i] for i in part]
+            futures[
+                self.client.submit(
+                    fit_clients,
+                    self.job,
+                    [names[c] for c in group],
+                    [int(c[1:]) for c in group],
+                    self.store_path,
+                    str(self.partition_dir),
+                    rnd,
+                    self.spec,
+                    self.tcfg,
+                    self.target,
+                    key=f"fit-{self.job}-r{rnd}-g{g}-{tag}",
+                    pure=False,
+                    retries=0,
+                )
+            ] = group
+        return futures
+
+    def _round(self, ps: ParameterServer, rnd: int, sampled: list[str]) -> dict[str, Any]:
+        record = super()._round(ps, rnd, sampled)
+        # counts, not lists: a round may sample thousands of clients
+        record["sampled"] = len(record["sampled"])
+        record["responded"] = len(record["responded"])
+        record.pop("tasks", None)
+        return record
+
+    def _evaluate_round(self, rnd: int) -> dict[str, Any]:
+        """The store's held-out rows (``val_*``: early stopping, the best model) and every
+        client's own rows in groups of about 64k rows: the spread over clients
+        (``site_mean`` weighted by rows, ``site_worst_decile``); the per-client arrays go to
+        ``OUT/clients.npz``."""
+        from distributed import wait
+
+        from pipeline.plan import VAL_RANGE_ROWS, group_ranges, row_ranges
+        from pipeline.worker import evaluate_task
+
+        cfg, client = self.cfg, self.client
+        tag = uuid.uuid4().hex[:6]
+        val_futures = []
+        if self._held_out():
+            val_futures = [
+                client.submit(
+                    evaluate_task,
+                    self.store_path,
+                    g,
+                    None,
+                    self.job,
+                    self.spec,
+                    self.tcfg,
+                    self.target,
+                    None,
+                    key=f"evaluate-{self.job}-r{rnd}-v{i}-{tag}",
+                    pure=False,
+                    retries=2,
+                )
+                for i, g in enumerate(group_ranges(row_ranges(self.store, VAL_RANGE_ROWS), VAL_RANGE_ROWS))
+            ]
+        groups = client_groups(self.sizes)
+        client_futures = [
+            client.submit(
+                evaluate_clients,
+                self.job,
+                self.store_path,
+                str(self.partition_dir),
+                a,
+                b,
+                self.spec,
+                self.tcfg,
+                self.target,
+                key=f"evaluate-clients-{self.job}-r{rnd}-{a}-{tag}",
+                pure=False,
+                retries=2,
+            )
+            for a, b in groups
+        ]
+        wait(val_futures + client_futures, timeout=max(cfg.round_deadline, cfg.no_worker_timeout))
+        out: dict[str, Any] = {}
+        done_val = [f for f in val_futures if f.status == "finished"]
+        if val_futures and len(done_val) == len(val_futures):
+            pooled = finish_metrics(merge_metrics([f.result() for f in done_val]), self.target)
+            out.update({f"val_{k}": v for k, v in pooled.items() if k != "confusion"})
+        n = np.zeros(len(self.sizes), np.int64)
+        loss = np.full(len(self.sizes), np.nan)
+        metric = np.full(len(self.sizes), np.nan)
+        for (a, b), f in zip(groups, client_futures, strict=True):
+            if f.status != "finished":
+                continue
+            r = f.result()
+            n[a:b], loss[a:b], metric[a:b] = r["n"], r["loss"], r["metric"]
+        client.cancel([f for f in val_futures + client_futures if not f.done()])
+        scored = (n > 0) & np.isfinite(metric)
+        if scored.any():
+            m, w = metric[scored], n[scored]
+            worst = np.sort(m)[: max(1, math.ceil(len(m) / 10))]
+            out["site_mean"] = float(np.sum(m * w) / np.sum(w))
+            out["site_worst_decile"] = float(np.mean(worst))
+            out["clients_evaluated"] = int(scored.sum())
+            tmp = self.run.path / ".clients.npz.tmp"
+            with open(tmp, "wb") as fh:
+                np.savez(fh, n=n, loss=loss, metric=metric, round=np.int64(rnd))
+            os.replace(tmp, self.run.path / "clients.npz")
+        return out
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        return {"clients": int(self.cfg.clients), "partition": self.cfg.partition}
+
+    def _load_checkpoint(self) -> Any:
+        path = self.run.checkpoint
+        ckpt = read_checkpoint(path)
+        fed = ckpt.meta.get("federated")
+        if not isinstance(fed, dict) or fed.get("clients") is None:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is not of a run of simulated clients; resume it with its own settings"
+            )
+        if ckpt.meta.get("store") != self.store_path:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is of store {ckpt.meta.get('store')!r}, not {self.store_path!r}; resume "
+                "with the store the run started with"
             )
         return ckpt

@@ -976,6 +976,12 @@ def train(
         ).fit()
     if not store:
         raise ConfigError("nothing to train on: pass a store, or a sites file (config key 'sites')")
+    if cfg is not None and cfg.clients:
+        from pipeline.federated import SimulatedTrainer
+
+        return SimulatedTrainer(
+            store, cfg, out, client, resume=resume, force=force, log=log, on_epoch=on_epoch, progress=progress
+        ).fit()
     if client is None:
         from pipeline.local import LocalTrainer
 
