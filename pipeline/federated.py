@@ -93,6 +93,19 @@ def server_optimizer(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
+def check_federated_mode(cfg: TrainConfig) -> None:
+    """Federated runs are sync (rounds) or async (FedBuff: clients replaced as they finish)."""
+    if cfg.mode == "ssp":
+        raise ConfigError(
+            "config key 'mode' = 'ssp' does not apply to federated runs; use 'sync' (rounds) or 'async' (buffered)"
+        )
+    if cfg.mode == "async" and cfg.aggregator != "mean":
+        raise ConfigError(
+            f"config key 'aggregator' = {cfg.aggregator!r} needs rounds (mode = 'sync'); asynchronous federated "
+            "training combines buffered deltas by their staleness-weighted mean"
+        )
+
+
 def check_federated_config(cfg: TrainConfig, sites: list[Site]) -> None:
     """Refuse settings a federated run of ``sites`` cannot honour (before any cluster work)."""
     if cfg.validation_store:
@@ -100,10 +113,7 @@ def check_federated_config(cfg: TrainConfig, sites: list[Site]) -> None:
             "config key 'validation_store' does not apply to a federated run: each site validates on "
             "its own held-out rows (set validation, e.g. 0.1)"
         )
-    if cfg.mode != "sync":
-        raise ConfigError(
-            f"config key 'mode' = {cfg.mode!r}: federated rounds run in sync mode in this build; set mode = 'sync'"
-        )
+    check_federated_mode(cfg)
     if cfg.min_sites > len(sites):
         raise ConfigError(
             f"config key 'min_sites' = {cfg.min_sites} exceeds the {len(sites)} site(s) of {cfg.sites!r}; "
@@ -144,6 +154,8 @@ class FederatedTrainer:
         self.progress = progress
         self.job = f"fed-{uuid.uuid4().hex[:12]}"
         self.store_path = ""
+        self._inflight: dict[Any, tuple[str, float, int]] = {}  # async: future -> (client, start, version)
+        self._per_round = 1
 
     def _init_clients(self) -> None:
         """The clients of the run: here the sites of the sites file."""
@@ -201,9 +213,11 @@ class FederatedTrainer:
             run = RunState(self.job, best=BestModel(params=params.copy()))
         self.run.config.write_text(cfg.to_toml())
         ps = ParameterServer(self.job, client)
+        self._per_round = self._clients_per_round()
         ps.create(
             params,
-            mode="sync",
+            mode=cfg.mode,
+            buffer_size=(cfg.buffer_size or self._per_round) if cfg.mode == "async" else 0,
             aggregate="mean",  # the deltas' mean weighted by each client's samples
             aggregator=cfg.aggregator,
             trim_fraction=cfg.trim_fraction,
@@ -244,7 +258,10 @@ class FederatedTrainer:
             for rnd in range(run.epoch, cfg.rounds):
                 run.epoch = rnd
                 t0 = time.perf_counter()
-                record = self._round(ps, rnd, self._sample(ps, run, rnd))
+                if cfg.mode == "async":
+                    record = self._round_async(ps, run, rnd)
+                else:
+                    record = self._round(ps, rnd, self._sample(ps, run, rnd))
                 st = ps.state()
                 if st.get("failed"):
                     raise TrainingError(str(st["failed"]))
@@ -277,6 +294,9 @@ class FederatedTrainer:
             self._checkpoint(ps, run)
             raise
         finally:
+            if self._inflight:
+                self.client.cancel(list(self._inflight))
+                self._inflight.clear()
             metrics: dict[str, Any] = {}
             try:
                 metrics = ps.metrics(history=True)
@@ -339,6 +359,14 @@ class FederatedTrainer:
         cfg = self.cfg
         live = self._live_sites(ps, run)
         return sample_clients(live, clients_per_round(len(live), cfg.fraction_fit, cfg.min_clients), cfg.seed, rnd)
+
+    def _clients_per_round(self) -> int:
+        """Clients a round samples when every site is available (async: the buffer's default size)."""
+        return clients_per_round(len(self.store_of), self.cfg.fraction_fit, self.cfg.min_clients)
+
+    def _candidates(self, ps: ParameterServer, run: RunState) -> list[str]:
+        """Async: the clients a new task may be given (the live sites; waits as rounds do)."""
+        return self._live_sites(ps, run)
 
     def _round_keys(self, sampled: list[str], rnd: int, tag: str) -> dict[str, str | None]:
         """The task key of each sampled client (the server drops a participant whose task ends)."""
@@ -567,6 +595,99 @@ class FederatedTrainer:
             ],
         }
 
+    # -- asynchronous federated training ---------------------------------------------------
+
+    def _round_async(self, ps: ParameterServer, run: RunState, rnd: int) -> dict[str, Any]:
+        """Round ``rnd`` of asynchronous federated training: ``concurrency`` clients (default: a
+        round's worth) train at once; each one that finishes is replaced by a newly sampled one
+        (at most one task per client at a time) and its delta joins the server's buffer (FedBuff:
+        one step per ``buffer_size`` deltas, each weighted by ``1 / sqrt(1 + staleness)``). The
+        round is over once ``clients per round`` clients have finished (those finishing at the
+        same moment count too); a task running longer than ``round_deadline`` is cancelled;
+        tasks still running carry over into the next round."""
+        from distributed import wait
+
+        cfg = self.cfg
+        per_round = self._per_round
+        concurrency = cfg.concurrency or per_round
+        rng = np.random.default_rng([cfg.seed, rnd, 7919])
+        ps.expect(names=[], keys=[], epoch=rnd)  # the dashboard's round counter
+        submitted: list[str] = []
+        results: dict[str, dict] = {}
+        done_clients: list[str] = []
+        lost: list[str] = []
+        errors: dict[str, str] = {}
+        seq = 0
+        while len(done_clients) + len(lost) < per_round:
+            busy = {c for c, _, _ in self._inflight.values()}
+            if len(self._inflight) < concurrency:
+                free = [c for c in self._candidates(ps, run) if c not in busy]
+                for c in rng.permutation(len(free))[: concurrency - len(self._inflight)]:
+                    client_name = free[int(c)]
+                    tag = uuid.uuid4().hex[:6]
+                    name = f"a{rnd}-{seq}-{client_name}"
+                    seq += 1
+                    for f in self._submit_round([client_name], {client_name: name}, {client_name: None}, rnd, tag):
+                        self._inflight[f] = (client_name, time.monotonic(), seq)
+                    submitted.append(client_name)
+            if not self._inflight:
+                time.sleep(0.5)
+                continue
+            try:
+                wait(list(self._inflight), timeout=1.0, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                pass
+            now = time.monotonic()
+            for f in list(self._inflight):
+                client_name, started, _ = self._inflight[f]
+                if f.done():
+                    del self._inflight[f]
+                    if f.status == "finished":
+                        r = f.result()
+                        summary = next(iter(r["clients"].values())) if "clients" in r else r
+                        if not summary.get("late"):
+                            results[client_name] = summary
+                            done_clients.append(client_name)
+                            continue
+                    elif f.status == "error":
+                        exc = f.exception()
+                        errors[client_name] = (
+                            str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+                        )
+                    lost.append(client_name)
+                    f.release()
+                elif now - started > cfg.round_deadline:  # its worker died, or it is far too slow
+                    del self._inflight[f]
+                    self.client.cancel([f])
+                    lost.append(client_name)
+            if errors and not done_clients and len(errors) >= per_round:
+                first = min(errors)
+                raise TrainingError(f"every client failed in round {rnd + 1}; {first}: {errors[first]}")
+        for client_name, err in sorted(errors.items()):
+            self.log(f"warning: {client_name} failed in round {rnd + 1}: {err}")
+        samples = sum(int(results[c]["samples"]) for c in done_clients)
+        loss = sum(float(results[c]["loss"]) * int(results[c]["samples"]) for c in done_clients) / max(samples, 1)
+        version = int(ps.metrics()["version"])
+        many = len(self.store_of) > 8 if self.store_of else True
+        self.log(
+            f"round {rnd + 1}/{cfg.rounds} (async): "
+            + (
+                f"{len(done_clients)} clients finished, {len(lost)} lost"
+                if many
+                else f"finished {', '.join(done_clients) or 'none'}" + (f"; lost {', '.join(lost)}" if lost else "")
+            )
+            + f"; version {version}"
+        )
+        return {
+            "epoch": rnd,
+            "round": rnd,
+            "sampled": len(submitted) if many else submitted,
+            "responded": len(done_clients) if many else sorted(set(done_clients)),
+            "applied": True,
+            "samples": samples,
+            "train_loss": loss if done_clients else float("nan"),
+        }
+
     # -- per-site evaluation ---------------------------------------------------------------
 
     def _evaluate(self, rnd: int, sites: list[str]) -> dict[str, Any]:
@@ -727,16 +848,15 @@ class SimulatedTrainer(FederatedTrainer):
                 "config key 'validation_store' does not apply to simulated clients: the store's held-out rows "
                 "(validation) validate the model"
             )
-        if cfg.mode != "sync":
-            raise ConfigError(
-                f"config key 'mode' = {cfg.mode!r}: federated rounds run in sync mode in this build; set mode = 'sync'"
-            )
+        check_federated_mode(cfg)
         if cfg.min_clients > cfg.clients:
             raise ConfigError(
                 f"config key 'min_clients' = {cfg.min_clients} exceeds clients = {cfg.clients}; lower min_clients"
             )
         from pipeline.store import open_store
 
+        self.store_of: dict[str, str] = {}  # no sites
+        self._draws = 0
         self.store = open_store(self._store_arg)
         if self.store.attrs.get("labelled") is False:
             raise StoreError(
@@ -814,6 +934,19 @@ class SimulatedTrainer(FederatedTrainer):
                     "(a checkpoint was written; use --resume)"
                 )
             time.sleep(0.5)
+
+    def _clients_per_round(self) -> int:
+        return clients_per_round(int(np.count_nonzero(self.sizes)), self.cfg.fraction_fit, self.cfg.min_clients)
+
+    def _candidates(self, ps: ParameterServer, run: RunState) -> list[str]:
+        """Async: a few clients drawn from all of them (never a list of every client)."""
+        if not self.client.scheduler_info(n_workers=-1)["workers"]:
+            self._wait_for_workers()
+        live = np.flatnonzero(self.sizes > 0)
+        want = min(len(live), 2 * (self.cfg.concurrency or self._per_round) + 8)
+        self._draws += 1
+        rng = np.random.default_rng([self.cfg.seed, run.epoch, self._draws, 104723])
+        return [f"c{int(k)}" for k in live[rng.choice(len(live), size=want, replace=False)]]
 
     def _round_keys(self, sampled: list[str], rnd: int, tag: str) -> dict[str, str | None]:
         return dict.fromkeys(sampled)  # several clients per task: none is its task

@@ -298,3 +298,24 @@ def test_every_strategy_trains_with_its_server_optimizer(cluster, tmp_path, sett
     assert meta["config"]["strategy"] == settings["strategy"]
     st = load_file(tmp_path / "run" / "checkpoint.npz", "checkpoint")[0]
     assert optimizer == "sgd" or any(k.startswith("opt_") for k in st)  # the server optimizer's buffers
+
+
+@pytest.mark.timeout(240)
+def test_asynchronous_sites_buffer_their_deltas(cluster, tmp_path) -> None:
+    from distributed import Client
+
+    from pipeline.config import TrainConfig
+    from pipeline.train import train
+
+    _, addr = cluster
+    sf = _sites_file(tmp_path / "sites.toml", a="a.zarr", b="b.zarr")
+    cfg = TrainConfig.from_dict(
+        {"sites": str(sf), "rounds": 4, "mode": "async", "buffer_size": 2, "hidden": [64], "lr": 3e-3}
+        | {"ema": 0.0, "batch_size": 128, "patience": 0}
+    )
+    with Client(addr, timeout=10, set_as_default=False) as c:
+        res = train(None, cfg, tmp_path / "run", client=c)
+    assert [e["round"] for e in res.history] == list(range(4))
+    assert all(set(e["responded"]) <= {"a", "b"} and e["responded"] for e in res.history)
+    assert res.history[-1]["rounds"] >= 3 and res.history[-1]["val_accuracy"] > 0.2
+    assert set(res.history[-1]["sites"]) == {"a", "b"}

@@ -53,3 +53,15 @@ def test_simulated_clients_train_resume_and_keep_their_partition(letter_stores, 
         train(
             letter_stores[0], cfg.with_overrides(["rounds=7", "partition_alpha=2.0"]), run, client=client, resume=True
         )
+
+
+def test_asynchronous_simulated_clients_are_replaced_as_they_finish(letter_stores, client, tmp_path):
+    cfg = TrainConfig.from_dict(
+        {**BASE, "clients": 12, "fraction_fit": 0.5, "rounds": 3, "mode": "async", "concurrency": 3, "buffer_size": 2}
+    )
+    res = train(letter_stores[0], cfg, tmp_path / "run", client=client)
+    assert [e["round"] for e in res.history] == [0, 1, 2]
+    assert all(e["responded"] >= 6 for e in res.history)  # a round ends once 6 clients finished
+    deltas = sum(e["responded"] for e in res.history)
+    assert res.history[-1]["rounds"] == deltas // 2  # one FedBuff step per 2 deltas
+    assert res.history[-1]["val_accuracy"] > 0.05
