@@ -84,16 +84,16 @@ def _summary_html(snap: JobSnapshot) -> str:
 
 def _sites_html(snap: JobSnapshot) -> str:
     """A federated job's last per-site evaluation: each site's loss and metric, and the spread."""
+    spread = ""
+    if snap.site_mean is not None and snap.site_worst_decile is not None:
+        spread = f"mean {snap.site_mean:.4f}, worst decile {snap.site_worst_decile:.4f}"
     if not snap.sites:
-        return ""
+        return f"<br>clients (accuracy / R^2): {spread}" if spread else ""
     cells = ", ".join(
         f"{site} {v.get('metric', float('nan')):.4f} (loss {v.get('loss', float('nan')):.4f}, n {int(v.get('n', 0)):,})"
         for site, v in sorted(snap.sites.items())
     )
-    spread = ""
-    if snap.site_mean is not None and snap.site_worst_decile is not None:
-        spread = f"; mean {snap.site_mean:.4f}, worst decile {snap.site_worst_decile:.4f}"
-    return f"<br>sites (accuracy / R^2): {cells}{spread}"
+    return f"<br>sites (accuracy / R^2): {cells}" + (f"; {spread}" if spread else "")
 
 
 def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:

@@ -182,11 +182,12 @@ class FederatedTrainer:
                 if not lost and self.client.status == "running":
                     raise
                 where = getattr(self.client.scheduler, "address", None) or "its address"
+                what = f"--sites {self.cfg.sites}" if self.cfg.sites else self.store_path
                 raise TrainingError(
                     f"lost the Dask scheduler at {where} and the parameter server in it "
                     f"({type(exc).__name__}); the last checkpoint is in {str(self.run.path)!r}: start a "
-                    f"scheduler and the sites' workers, then run `pipeline train --sites {self.cfg.sites} "
-                    f"--out {self.run.path} --resume --scheduler ADDRESS`"
+                    f"scheduler and the workers, then run `pipeline train {what} --out {self.run.path} --resume "
+                    "--scheduler ADDRESS`"
                 ) from None
 
     def _fit(self) -> TrainResult:

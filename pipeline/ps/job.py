@@ -676,11 +676,13 @@ class Job:
         return out
 
     def _site_metrics(self) -> dict[str, Any]:
-        """A federated job's last per-site evaluation, as the driver recorded it."""
+        """A federated job's last per-site evaluation (simulated clients: the spread alone), as
+        the driver recorded it."""
         for rec in reversed(self.epochs):
-            if isinstance(rec.get("sites"), Mapping):
+            if rec.get("site_mean") is not None or isinstance(rec.get("sites"), Mapping):
+                sites = rec.get("sites") if isinstance(rec.get("sites"), Mapping) else {}
                 return {
-                    "sites": {str(k): dict(v) for k, v in rec["sites"].items()},
+                    "sites": {str(k): dict(v) for k, v in sites.items()},
                     "site_mean": rec.get("site_mean"),
                     "site_worst_decile": rec.get("site_worst_decile"),
                 }
