@@ -227,6 +227,8 @@ class RunDir:
             try:
                 _, meta = load_file(self.checkpoint, "checkpoint")
                 epoch, store = int(meta["epoch"]), str(meta.get("store") or store)
+                if isinstance(meta.get("federated"), dict) and meta["federated"].get("sites"):
+                    store = f"--sites {store}"  # a federated run: its sites file
             except (CheckpointError, KeyError, TypeError, ValueError):
                 return None
             return (

@@ -237,6 +237,10 @@ def test_a_killed_site_is_left_out_until_a_new_worker_for_it_starts(sites, tmp_p
         assert gone and all(e["responded"] == ["a"] for e in gone)
         assert "no response from b" in out or any(e["sampled"] == ["a"] for e in gone)
         assert "b" in hist[-1]["responded"] or any("b" in e["responded"] for e in hist[back_at:])
+        from pipeline.train import RunDir
+
+        hint = RunDir(run).missing_model()  # what `pipeline evaluate RUN ...` says of it
+        assert hint is not None and f"pipeline train --sites {sf} --out {run} --resume" in hint
     finally:
         procs.close()
 
