@@ -93,6 +93,23 @@ def server_optimizer(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
+RESULT_TIMEOUT = 10.0  # seconds to fetch a finished task's result before counting it as lost
+
+
+def fetched(future: Any, timeout: float = RESULT_TIMEOUT) -> Any:
+    """A finished task's result, or None when it cannot be had: its worker died before the
+    result was fetched (Dask would recompute it, on a worker of the site that may be gone).
+    The round goes on without it instead of waiting."""
+    try:
+        return future.result(timeout=timeout)
+    except TimeoutError:
+        future.cancel()
+        return None
+    except Exception:  # the task's own failure: reported as a missing response
+        logger.debug("task %s failed after it finished", future.key, exc_info=True)
+        return None
+
+
 def check_federated_mode(cfg: TrainConfig) -> None:
     """Federated runs are sync (rounds) or async (FedBuff: clients replaced as they finish)."""
     if cfg.mode == "ssp":
@@ -485,7 +502,13 @@ class FederatedTrainer:
                     f"site {name!r} cannot read its store {self.store_of[name]!r} ({detail}); fix its path in "
                     f"{cfg.sites!r}: it is the path as that site's workers see it"
                 )
-            info = f.result()
+            try:  # a worker lost after its report: Dask recomputes it when the site is back
+                info = f.result(timeout=cfg.no_worker_timeout)
+            except TimeoutError:
+                raise TrainingError(
+                    f"site {name!r}'s worker left before its report was fetched and none came back within "
+                    f"{cfg.no_worker_timeout:.0f} s; start a worker with `--resources {name}=1`"
+                ) from None
             if not info.get("labelled", True):
                 raise StoreError(
                     f"site {name!r}'s store {self.store_of[name]!r} has no targets (ingested with --unlabelled); "
@@ -539,8 +562,7 @@ class FederatedTrainer:
         results: dict[str, dict] = {}
         for f, group in futures.items():
             got: dict[str, dict] = {}
-            if f.status == "finished":
-                r = f.result()
+            if f.status == "finished" and (r := fetched(f)) is not None:
                 got = r["clients"] if "clients" in r else {names[group[0]]: r}
             elif f.status == "error":
                 exc = f.exception()
@@ -643,14 +665,14 @@ class FederatedTrainer:
                 client_name, started, _ = self._inflight[f]
                 if f.done():
                     del self._inflight[f]
-                    if f.status == "finished":
-                        r = f.result()
+                    r = fetched(f) if f.status == "finished" else None
+                    if r is not None:
                         summary = next(iter(r["clients"].values())) if "clients" in r else r
                         if not summary.get("late"):
                             results[client_name] = summary
                             done_clients.append(client_name)
                             continue
-                    elif f.status == "error":
+                    if f.status == "error":
                         exc = f.exception()
                         errors[client_name] = (
                             str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
@@ -682,7 +704,7 @@ class FederatedTrainer:
         return {
             "epoch": rnd,
             "round": rnd,
-            "sampled": len(submitted) if many else submitted,
+            "sampled": len(submitted) if many else sorted(set(submitted)),
             "responded": len(done_clients) if many else sorted(set(done_clients)),
             "applied": True,
             "samples": samples,
@@ -726,9 +748,10 @@ class FederatedTrainer:
         per_site: dict[str, dict[str, Any]] = {}
         parts = []
         for f, site in sorted(futures.items(), key=lambda kv: kv[1]):
-            if f.status != "finished":
+            r = fetched(f) if f.status == "finished" else None
+            if r is None:
                 continue
-            sums = array_metrics(f.result()["sums"])
+            sums = array_metrics(r["sums"])
             m = finish_metrics(sums, self.target)
             if not m.get("n"):
                 continue
@@ -1043,17 +1066,17 @@ class SimulatedTrainer(FederatedTrainer):
         ]
         wait(val_futures + client_futures, timeout=max(cfg.round_deadline, cfg.no_worker_timeout))
         out: dict[str, Any] = {}
-        done_val = [f for f in val_futures if f.status == "finished"]
+        done_val = [r for f in val_futures if f.status == "finished" and (r := fetched(f)) is not None]
         if val_futures and len(done_val) == len(val_futures):
-            pooled = finish_metrics(merge_metrics([f.result() for f in done_val]), self.target)
+            pooled = finish_metrics(merge_metrics(done_val), self.target)
             out.update({f"val_{k}": v for k, v in pooled.items() if k != "confusion"})
         n = np.zeros(len(self.sizes), np.int64)
         loss = np.full(len(self.sizes), np.nan)
         metric = np.full(len(self.sizes), np.nan)
         for (a, b), f in zip(groups, client_futures, strict=True):
-            if f.status != "finished":
+            r = fetched(f) if f.status == "finished" else None
+            if r is None:
                 continue
-            r = f.result()
             n[a:b], loss[a:b], metric[a:b] = r["n"], r["loss"], r["metric"]
         client.cancel([f for f in val_futures + client_futures if not f.done()])
         scored = (n > 0) & np.isfinite(metric)

@@ -184,7 +184,8 @@ def test_a_store_path_only_another_site_can_resolve_fails_loudly(cluster, tmp_pa
 
 
 @pytest.mark.timeout(300)
-def test_a_killed_site_is_left_out_until_a_new_worker_for_it_starts(sites, tmp_path) -> None:
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_killed_site_is_left_out_until_a_new_worker_for_it_starts(sites, tmp_path, mode) -> None:
     procs = fault_procs(tmp_path / "procs")
     try:
         _, addr = procs.scheduler()
@@ -205,6 +206,8 @@ def test_a_killed_site_is_left_out_until_a_new_worker_for_it_starts(sites, tmp_p
             "min_responses=0.5",
             "--set",
             "no_worker_timeout=60",
+            "--set",
+            f"mode={mode}",
             *FAST,
         )
         wait_for(lambda: len(_ckpt_history(run)) >= 3 or not train.alive(), 150, "three rounds")
