@@ -434,11 +434,12 @@ class _BaseMLP(BaseEstimator):
     # -- fit ----------------------------------------------------------------------------------
 
     def fit(self, X: Any, y: Any = None) -> Any:
-        """Train from scratch on arrays (NumPy, pandas, Dask) or a store path (``y=None``)."""
+        """Train from scratch on arrays (NumPy, pandas, Dask), a store path (``y=None``), or
+        ``{site: store_path}`` (``y=None``): federated over the sites (docs/federated.md)."""
         cfg = self._train_config()
         for attr in ("_opt_state", "model_", "classes_", "history_", "loss_curve_"):
             self.__dict__.pop(attr, None)
-        if isinstance(X, Mapping):
+        if isinstance(X, Mapping) and not hasattr(X, "tocsr"):  # scipy's DOK sparse arrays are dicts
             if y is not None:
                 raise ValueError("fit({site: store_path}, y): each site's store holds its own targets; pass y=None")
             return self._fit_sites(dict(X), cfg)
