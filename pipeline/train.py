@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,10 +49,11 @@ from pipeline.plan import (  # noqa: F401 - the planning helpers, also importabl
     train_flops_per_row,
 )
 from pipeline.progress import Progress
-from pipeline.ps import ParameterServer
 from pipeline.runstate import BestModel, EarlyStopping, RunState
 from pipeline.store import Store, layout_mismatch, layout_of, open_store
-from pipeline.worker import evaluate_task, train_task
+
+if TYPE_CHECKING:  # imported where a cluster is used: training in process never loads distributed
+    from pipeline.ps import ParameterServer
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +253,9 @@ class RunDir:
         if resume:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        for p in (self.checkpoint, self.model, self.history):
+        from pipeline.plots import PLOT_FILES  # an earlier run's plots are not this run's
+
+        for p in (self.checkpoint, self.model, self.history, *(self.path / n for n in PLOT_FILES)):
             p.unlink(missing_ok=True)
 
     def write_json(self, path: Path, data: Any) -> None:
@@ -544,6 +547,8 @@ class Trainer:
     def _connect(self) -> tuple[str, dict[str, int]]:
         """Install the parameter server and check the workers; who installed it, and the
         workers' thread counts."""
+        from pipeline.ps import ParameterServer
+
         cfg, client = self.cfg, self.client
         installed_by = ParameterServer.ensure_installed(client)
         check_workers_can_open(client, self.store_path)
@@ -557,6 +562,8 @@ class Trainer:
 
     def _server(self) -> Any:
         """The handle of this job's parameter server."""
+        from pipeline.ps import ParameterServer
+
         return ParameterServer(self.job, self.client)
 
     def _span(self, name: str) -> Any:
@@ -711,9 +718,6 @@ class Trainer:
             "round_columns": ["time", "version", "loss", "samples", "deltas"],
         }
         self.run.write_json(self.run.history, history_doc)
-        from pipeline.plots import save_plots
-
-        save_plots(self.run.path, history_doc)
         return TrainResult(self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch)
 
     # -- one epoch -------------------------------------------------------------------------
@@ -723,6 +727,8 @@ class Trainer:
         its tasks not in ``run.done_tasks``, add them there as they finish, checkpoint every
         ``checkpoint_seconds``; the epoch's summed task results."""
         from distributed import wait
+
+        from pipeline.worker import train_task
 
         cfg, client, plan = self.cfg, self.client, self.epoch_plan
         epoch, done_tasks, val_ranges = run.epoch, run.done_tasks, plan.val_ranges
@@ -870,6 +876,8 @@ class Trainer:
     def _evaluate(self, epoch: int, val_ranges: Ranges) -> dict[str, Any]:
         if not val_ranges:
             return {}
+        from pipeline.worker import evaluate_task
+
         tcfg = task_config(self.cfg)
         groups = group_ranges(val_ranges, 1 << 16)
         futures = [
