@@ -3,6 +3,9 @@
     python -m bench.cold_start                       # 60,000 x 784 store, 1 epoch, 3 passes
     python -m bench.cold_start --epochs 5 --passes 5
     python -m bench.cold_start --quick               # 4,000 x 784, 1 pass (smoke run)
+    python -m bench.cold_start --baseline DIR        # an earlier commit's files in DIR, run in the same passes
+
+(DIR from ``git archive COMMIT | tar -x -C DIR && cp bench/cold_start.py DIR/bench/``.)
 
 One synthetic store (``pipeline synth``, 10 classes), MLP 784-512-256-10 (``hidden=[512,256]``,
 the other settings at their defaults: batch 256, Adam, validation on 10% held-out rows), two
@@ -346,31 +349,31 @@ def _command(store: str, out: Path, epochs: int, extra: Sequence[str]) -> list[s
     ]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+def _env(root: Path = ROOT) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore"}
 
 
-def plain_run(store: str, out: Path, epochs: int, extra: Sequence[str]) -> float:
+def plain_run(store: str, out: Path, epochs: int, extra: Sequence[str], root: Path = ROOT) -> float:
     """Wall seconds of the plain command, from outside."""
     import subprocess
 
     t = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *_command(store, out, epochs, extra)],
-        env=_env(),
+        env=_env(root),
         check=True,
         capture_output=True,
     )
     return time.perf_counter() - t
 
 
-def timed_run(store: str, out: Path, epochs: int, extra: Sequence[str]) -> dict[str, Any]:
+def timed_run(store: str, out: Path, epochs: int, extra: Sequence[str], root: Path = ROOT) -> dict[str, Any]:
     """The phases of one cold process under the timers, with its wall time from outside and
     the run's history figures."""
     import subprocess
 
     dest = out.parent / f"{out.name}-phases.json"
-    env = {**_env(), OUT_ENV: str(dest), LAUNCH_ENV: repr(time.time())}
+    env = {**_env(root), OUT_ENV: str(dest), LAUNCH_ENV: repr(time.time())}
     t = time.perf_counter()
     subprocess.run(
         [sys.executable, "-c", "import sys; from bench.cold_start import child; sys.exit(child())"]
@@ -406,23 +409,29 @@ def _median(xs: Sequence[float]) -> float:
     return float(np.median(xs)) if xs else float("nan")
 
 
-def run(rows: int, epochs: int, passes: int, quick: bool) -> tuple[str, dict[str, Any]]:
+def run(rows: int, epochs: int, passes: int, quick: bool, baseline: Path | None = None) -> tuple[str, dict[str, Any]]:
+    """The table and the raw figures; with ``baseline`` (another checkout holding this module
+    as ``bench/cold_start.py``) each way runs from both checkouts in the same passes."""
     from bench.common import machine, md_table, tmpdir
     from bench.protocol import meta, provenance_lines, rotated, save_json
     from pipeline.synth import synth
 
     mach = machine()
-    results: dict[str, dict[str, list]] = {w: {"plain": [], "timed": []} for w in WAYS}
+    ways = {w: (extra, ROOT) for w, extra in WAYS.items()}
+    if baseline is not None:
+        ways.update({f"{w} (baseline)": (extra, baseline) for w, extra in WAYS.items()})
+    results: dict[str, dict[str, list]] = {w: {"plain": [], "timed": []} for w in ways}
     with tmpdir("cold-start-") as tmp:
         store = synth(str(tmp / "s.zarr"), rows=rows, features=784, classes=10, seed=0)
-        plain_run(str(store.path), tmp / "warm", 1, ())  # page cache and Numba's cache, as a user's second run
+        for root in {r for _, r in ways.values()}:  # page cache and Numba's cache, as a user's second run
+            plain_run(str(store.path), tmp / "warm", 1, (), root)
         for k in range(passes):
             load0 = os.getloadavg()[0]
-            for way in rotated(list(WAYS), k):
-                extra = WAYS[way]
-                tag = way.replace(" ", "-")
-                results[way]["plain"].append(plain_run(str(store.path), tmp / f"plain-{tag}-{k}", epochs, extra))
-                timed = timed_run(str(store.path), tmp / f"timed-{tag}-{k}", epochs, extra)
+            for way in rotated(list(ways), k):
+                extra, root = ways[way]
+                tag = way.replace(" ", "-").replace("(", "").replace(")", "")
+                results[way]["plain"].append(plain_run(str(store.path), tmp / f"plain-{tag}-{k}", epochs, extra, root))
+                timed = timed_run(str(store.path), tmp / f"timed-{tag}-{k}", epochs, extra, root)
                 timed["load_before"] = load0
                 results[way]["timed"].append(timed)
     payload = {
@@ -433,6 +442,7 @@ def run(rows: int, epochs: int, passes: int, quick: bool) -> tuple[str, dict[str
         "epochs": epochs,
         "passes": passes,
         "results": results,
+        "baseline": str(baseline) if baseline else None,
     }
     info = dict(payload["meta"])
     info["json"] = str(save_json("cold_start" + ("-quick" if quick else ""), payload, quick))
@@ -442,7 +452,7 @@ def run(rows: int, epochs: int, passes: int, quick: bool) -> tuple[str, dict[str
     extra_rows = ("of training: reads (read_s)", "workers' JIT / cache load (sum)", *first_imports)
     for phase in (*PHASES, *extra_rows):
         row: dict[str, Any] = {"phase": phase}
-        for way in WAYS:
+        for way in ways:
             timed = results[way]["timed"]
             if phase.startswith("of training: reads"):
                 vals = [t["history"]["read_s"] for t in timed]
@@ -456,21 +466,21 @@ def run(rows: int, epochs: int, passes: int, quick: bool) -> tuple[str, dict[str
             row[f"{way} s"] = _median(vals)
         rows_out.append(row)
     for label, key in (("whole process, timed", "wall_s"), ("overhead (process - training)", "overhead_s")):
-        rows_out.append({"phase": label, **{f"{w} s": _median([t[key] for t in results[w]["timed"]]) for w in WAYS}})
-    rows_out.append({"phase": "whole process, plain command", **{f"{w} s": _median(results[w]["plain"]) for w in WAYS}})
+        rows_out.append({"phase": label, **{f"{w} s": _median([t[key] for t in results[w]["timed"]]) for w in ways}})
+    rows_out.append({"phase": "whole process, plain command", **{f"{w} s": _median(results[w]["plain"]) for w in ways}})
     imported = {
-        way: ", ".join(m for m in WATCHED if results[way]["timed"][-1]["imported"][m]) or "none" for way in WAYS
+        way: ", ".join(m for m in WATCHED if results[way]["timed"][-1]["imported"][m]) or "none" for way in ways
     }
-    numba = {way: results[way]["timed"][-1]["numba"] for way in WAYS}
+    numba = {way: results[way]["timed"][-1]["numba"] for way in ways}
     text = (
         f"Cold `pipeline train` by phase: {rows:,} x 784 synthetic store, MLP 784-{'-'.join(map(str, HIDDEN))}-10, "
         f"{epochs} epoch(s), defaults otherwise; medians of {passes} interleaved pass(es). Machine: {mach['cpu']}, "
         f"{mach['cores']} cores (shared), load {mach['load']}, {mach['date']}.\n"
         + "\n".join(provenance_lines(info))
         + "\n\n"
-        + md_table(rows_out, {f"{w} s": ".3f" for w in WAYS})
+        + md_table(rows_out, {f"{w} s": ".3f" for w in ways})
         + "\n\nImported: "
-        + "; ".join(f"{w}: {imported[w]}" for w in WAYS)
+        + "; ".join(f"{w}: {imported[w]}" for w in ways)
         + ". Numba in the driver: "
         + "; ".join(
             f"{w}: {n['dispatchers']} kernels, {n['cache_hits']} cache loads, {n['cache_misses']} compiles"
@@ -489,9 +499,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--rows", type=int, default=60_000)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (with this file as bench/cold_start.py) to run beside this one in the same passes",
+    )
     args = ap.parse_args(argv)
     rows, passes = (4_000, 1) if args.quick else (args.rows, args.passes)
-    text, _ = run(rows, args.epochs, passes, args.quick)
+    text, _ = run(rows, args.epochs, passes, args.quick, args.baseline)
     print(text)
     write_out("cold_start" + ("-quick" if args.quick else ""), text)
     return text
