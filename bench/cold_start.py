@@ -361,6 +361,7 @@ def plain_run(store: str, out: Path, epochs: int, extra: Sequence[str], root: Pa
     subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *_command(store, out, epochs, extra)],
         env=_env(root),
+        cwd=root,  # the current directory comes first on sys.path: the checkout's own modules
         check=True,
         capture_output=True,
     )
@@ -379,6 +380,7 @@ def timed_run(store: str, out: Path, epochs: int, extra: Sequence[str], root: Pa
         [sys.executable, "-c", "import sys; from bench.cold_start import child; sys.exit(child())"]
         + _command(store, out, epochs, extra),
         env=env,
+        cwd=root,
         check=True,
         capture_output=True,
     )
