@@ -95,25 +95,29 @@ class PhaseClock:
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # the main thread's CPU seconds, exclusive likewise
         self.counts: dict[str, int] = {}
         self.background: dict[str, float] = {}
         self.main = threading.main_thread()
-        self.stack: list[list] = []  # [name, start, nested seconds]
+        self.stack: list[list] = []  # [name, start, nested seconds, CPU start, nested CPU seconds]
 
     def enter(self, name: str) -> None:
         if threading.current_thread() is self.main:
-            self.stack.append([name, time.perf_counter(), 0.0])
+            self.stack.append([name, time.perf_counter(), 0.0, time.thread_time(), 0.0])
 
     def exit(self, name: str, t0: float) -> None:
         now = time.perf_counter()
         if threading.current_thread() is not self.main:
             self.background[name] = self.background.get(name, 0.0) + now - t0
             return
-        name, start, nested = self.stack.pop()
+        cpu_now = time.thread_time()
+        name, start, nested, cpu_start, cpu_nested = self.stack.pop()
         self.totals[name] = self.totals.get(name, 0.0) + (now - start - nested)
+        self.cpu[name] = self.cpu.get(name, 0.0) + (cpu_now - cpu_start - cpu_nested)
         self.counts[name] = self.counts.get(name, 0) + 1
         if self.stack:
             self.stack[-1][2] += now - start
+            self.stack[-1][4] += cpu_now - cpu_start
 
     def wrap(self, name: str, fn: Callable) -> Callable:
         clock = self
@@ -316,6 +320,8 @@ def child(argv: Sequence[str] | None = None) -> int:
         out = {
             "phases": phases,
             "counts": clock.counts,
+            "cpu_phases": {**clock.cpu, "other": time.thread_time() - sum(clock.cpu.values())},
+            "process_cpu_s": time.process_time(),  # every thread of the process, up to here
             "background": clock.background,
             "process_in_timer_s": total + interpreter,
             "numba": _cache_counts(dispatchers),
@@ -353,10 +359,13 @@ def _env(root: Path = ROOT) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore"}
 
 
-def plain_run(store: str, out: Path, epochs: int, extra: Sequence[str], root: Path = ROOT) -> float:
-    """Wall seconds of the plain command, from outside."""
+def plain_run(store: str, out: Path, epochs: int, extra: Sequence[str], root: Path = ROOT) -> tuple[float, float]:
+    """Wall seconds of the plain command, from outside, and the CPU seconds of it and of every
+    process it started (a cluster's workers)."""
+    import resource
     import subprocess
 
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *_command(store, out, epochs, extra)],
@@ -365,7 +374,9 @@ def plain_run(store: str, out: Path, epochs: int, extra: Sequence[str], root: Pa
         check=True,
         capture_output=True,
     )
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime + after.ru_stime) - (cpu.ru_utime + cpu.ru_stime)
 
 
 def timed_run(store: str, out: Path, epochs: int, extra: Sequence[str], root: Path = ROOT) -> dict[str, Any]:
@@ -422,7 +433,7 @@ def run(rows: int, epochs: int, passes: int, quick: bool, baseline: Path | None 
     ways = {w: (extra, ROOT) for w, extra in WAYS.items()}
     if baseline is not None:
         ways.update({f"{w} (baseline)": (extra, baseline) for w, extra in WAYS.items()})
-    results: dict[str, dict[str, list]] = {w: {"plain": [], "timed": []} for w in ways}
+    results: dict[str, dict[str, list]] = {w: {"plain": [], "plain_cpu": [], "timed": []} for w in ways}
     with tmpdir("cold-start-") as tmp:
         store = synth(str(tmp / "s.zarr"), rows=rows, features=784, classes=10, seed=0)
         for root in {r for _, r in ways.values()}:  # page cache and Numba's cache, as a user's second run
@@ -432,7 +443,9 @@ def run(rows: int, epochs: int, passes: int, quick: bool, baseline: Path | None 
             for way in rotated(list(ways), k):
                 extra, root = ways[way]
                 tag = way.replace(" ", "-").replace("(", "").replace(")", "")
-                results[way]["plain"].append(plain_run(str(store.path), tmp / f"plain-{tag}-{k}", epochs, extra, root))
+                wall, cpu = plain_run(str(store.path), tmp / f"plain-{tag}-{k}", epochs, extra, root)
+                results[way]["plain"].append(wall)
+                results[way]["plain_cpu"].append(cpu)
                 timed = timed_run(str(store.path), tmp / f"timed-{tag}-{k}", epochs, extra, root)
                 timed["load_before"] = load0
                 results[way]["timed"].append(timed)
@@ -470,6 +483,32 @@ def run(rows: int, epochs: int, passes: int, quick: bool, baseline: Path | None 
     for label, key in (("whole process, timed", "wall_s"), ("overhead (process - training)", "overhead_s")):
         rows_out.append({"phase": label, **{f"{w} s": _median([t[key] for t in results[w]["timed"]]) for w in ways}})
     rows_out.append({"phase": "whole process, plain command", **{f"{w} s": _median(results[w]["plain"]) for w in ways}})
+    rows_out.append(
+        {
+            "phase": "CPU s of the plain command (+ workers)",
+            **{f"{w} s": _median(results[w]["plain_cpu"]) for w in ways},
+        }
+    )
+    # the main thread's CPU seconds by phase: what a machine's load does not stretch
+    cpu_rows = []
+    for phase in (p for p in PHASES if p not in ("interpreter start", "exit")):
+        cpu_rows.append(
+            {
+                "phase": phase,
+                **{f"{w} s": _median([t["cpu_phases"].get(phase, 0.0) for t in results[w]["timed"]]) for w in ways},
+            }
+        )
+    cpu_rows.append(
+        {
+            "phase": "overhead (all but training)",
+            **{
+                f"{w} s": _median(
+                    [sum(v for k, v in t["cpu_phases"].items() if k != "training") for t in results[w]["timed"]]
+                )
+                for w in ways
+            },
+        }
+    )
     imported = {
         way: ", ".join(m for m in WATCHED if results[way]["timed"][-1]["imported"][m]) or "none" for way in ways
     }
@@ -481,6 +520,10 @@ def run(rows: int, epochs: int, passes: int, quick: bool, baseline: Path | None 
         + "\n".join(provenance_lines(info))
         + "\n\n"
         + md_table(rows_out, {f"{w} s": ".3f" for w in ways})
+        + "\n\nThe main thread's CPU seconds by phase (time.thread_time(), exclusive like the wall times; "
+        "a loaded machine stretches the wall times, much less these; on a cluster the driver's main thread mostly "
+        "waits, its event loop and the workers do the work: see the CPU row above):\n\n"
+        + md_table(cpu_rows, {f"{w} s": ".3f" for w in ways})
         + "\n\nImported: "
         + "; ".join(f"{w}: {imported[w]}" for w in ways)
         + ". Numba in the driver: "
