@@ -35,6 +35,7 @@ BENCHMARKS = [
     ("time_to_accuracy", "Time to accuracy and default-settings quality", "python -m bench.time_to_accuracy"),
     ("epoch_anatomy", "Where an epoch goes on small stores", "python -m bench.epoch_anatomy"),
     ("step_anatomy", "Where a training step and a cold `pipeline train` go", "python -m bench.step_anatomy"),
+    ("cold_start", "A cold `pipeline train` process by phase", "python -m bench.cold_start"),
     ("out_of_core", "Out of core: memory, throughput, disk", "python -m bench.out_of_core --sizes {ooc}"),
     ("ps_limits", "Parameter-server limits", "python -m bench.ps_limits"),
     (

@@ -336,9 +336,6 @@ class FederatedTrainer:
             "round_columns": ["time", "version", "loss", "samples", "deltas"],
         }
         self.run.write_json(self.run.history, history_doc)
-        from pipeline.plots import save_plots
-
-        save_plots(self.run.path, history_doc)
         return TrainResult(self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch)
 
     @staticmethod

@@ -147,6 +147,7 @@ class LocalTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._trainer: Any = None
         self._residual: np.ndarray | None = None  # async/ssp: the error-feedback residual between tasks
+        self._eval_trainer: Any = None
         self._val_batches: list | None = None
 
     def fit(self) -> Any:
@@ -293,7 +294,6 @@ class LocalTrainer(Trainer):
         from pipeline.loader import ChunkLoader
         from pipeline.metrics import evaluate_arrays, finish_metrics, merge_metrics
         from pipeline.store import open_store
-        from pipeline.worker import cached_trainer
 
         if not val_ranges:
             return {}
@@ -318,7 +318,9 @@ class LocalTrainer(Trainer):
                 loader.close()
             if sum(X.nbytes + y.nbytes for X, y in batches) <= VAL_CACHE_MB * 2**20:
                 self._val_batches = batches
-        trainer = cached_trainer(self.job, "eval", self.spec, tcfg)
+        if self._eval_trainer is None:  # one for the run (a cluster's workers keep theirs per job)
+            self._eval_trainer = make_trainer(self.spec, tcfg)
+        trainer = self._eval_trainer
         trainer.set_params(np.asarray(self._ps.state()["model"], dtype=np.float32))
         parts = [evaluate_arrays(trainer.forward(X), y, self.target, self.spec["n_out"]) for X, y in batches]
         return finish_metrics(merge_metrics(parts), self.target)

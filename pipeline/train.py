@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,11 +49,11 @@ from pipeline.plan import (  # noqa: F401 - the planning helpers, also importabl
     train_flops_per_row,
 )
 from pipeline.progress import Progress
-from pipeline.ps import ParameterServer
-from pipeline.ps.shard import ShardedParameterServer, shard_workers
 from pipeline.runstate import BestModel, EarlyStopping, RunState
 from pipeline.store import Store, layout_mismatch, layout_of, open_store
-from pipeline.worker import evaluate_task, train_task
+
+if TYPE_CHECKING:  # imported where a cluster is used: training in process never loads distributed
+    from pipeline.ps import ParameterServer
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,9 @@ class RunDir:
         if resume:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        for p in (self.checkpoint, self.model, self.history):
+        from pipeline.plots import PLOT_FILES  # an earlier run's plots are not this run's
+
+        for p in (self.checkpoint, self.model, self.history, *(self.path / n for n in PLOT_FILES)):
             p.unlink(missing_ok=True)
 
     def write_json(self, path: Path, data: Any) -> None:
@@ -395,6 +397,8 @@ def saved_epoch(history: dict) -> dict:
 
 def _total_threads(client: Any) -> dict[str, int]:
     """The threads of each worker that trains: ``ps-shard`` workers are reserved for shards."""
+    from pipeline.ps.shard import shard_workers
+
     info = client.scheduler_info(n_workers=-1)
     reserved = set(shard_workers(info))
     return {w: int(v.get("nthreads", 1)) for w, v in info["workers"].items() if w not in reserved}
@@ -551,6 +555,8 @@ class Trainer:
     def _connect(self) -> tuple[str, dict[str, int]]:
         """Install the parameter server and check the workers; who installed it, and the
         workers' thread counts."""
+        from pipeline.ps import ParameterServer
+
         cfg, client = self.cfg, self.client
         installed_by = ParameterServer.ensure_installed(client)
         check_workers_can_open(client, self.store_path)
@@ -560,6 +566,8 @@ class Trainer:
         threads = _total_threads(client)
         if not threads:
             raise TrainingError("the cluster has no workers; start some with `dask worker ADDRESS`")
+        from pipeline.ps.shard import shard_workers
+
         n_shard = len(shard_workers(client.scheduler_info(n_workers=-1)))
         if cfg.ps_shards > n_shard:
             raise TrainingError(
@@ -575,7 +583,11 @@ class Trainer:
     def _server(self) -> Any:
         """The handle of this job's parameter server (its shards with ``ps_shards``)."""
         if self.cfg.ps_shards:
+            from pipeline.ps.shard import ShardedParameterServer
+
             return ShardedParameterServer(self.job, self.client, self.cfg.ps_shards)
+        from pipeline.ps import ParameterServer
+
         return ParameterServer(self.job, self.client)
 
     def _placement(self, workers: list[str] | None) -> dict[str, Any]:
@@ -707,9 +719,6 @@ class Trainer:
             "round_columns": ["time", "version", "loss", "samples", "deltas"],
         }
         self.run.write_json(self.run.history, history_doc)
-        from pipeline.plots import save_plots
-
-        save_plots(self.run.path, history_doc)
         return TrainResult(self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch)
 
     def _create_job(self, ps: Any, params: np.ndarray, run: RunState, ckpt: Checkpoint | None) -> None:
@@ -775,6 +784,8 @@ class Trainer:
     def _check_shards(self, ps: Any, ask: bool = False) -> None:
         """Raise :class:`ShardLostError` if a shard's worker has left the cluster (``ask``:
         or a shard does not answer)."""
+        from pipeline.ps.shard import ShardedParameterServer
+
         if not isinstance(ps, ShardedParameterServer):
             return
         alive = self.client.scheduler_info(n_workers=-1)["workers"]
@@ -803,6 +814,8 @@ class Trainer:
         for f in dataclasses.fields(RunState):
             if f.name != "last_checkpoint":
                 setattr(run, f.name, getattr(saved, f.name))
+        from pipeline.ps.shard import shard_workers
+
         deadline = time.monotonic() + self.cfg.no_worker_timeout
         while True:
             if len(shard_workers(self.client.scheduler_info(n_workers=-1))) >= self.cfg.ps_shards:
@@ -830,6 +843,8 @@ class Trainer:
         its tasks not in ``run.done_tasks``, add them there as they finish, checkpoint every
         ``checkpoint_seconds``; the epoch's summed task results."""
         from distributed import wait
+
+        from pipeline.worker import train_task
 
         cfg, client, plan = self.cfg, self.client, self.epoch_plan
         epoch, done_tasks, val_ranges = run.epoch, run.done_tasks, plan.val_ranges
@@ -979,6 +994,8 @@ class Trainer:
     def _evaluate(self, epoch: int, val_ranges: Ranges) -> dict[str, Any]:
         if not val_ranges:
             return {}
+        from pipeline.worker import evaluate_task
+
         tcfg = task_config(self.cfg)
         groups = group_ranges(val_ranges, 1 << 16)
         futures = [

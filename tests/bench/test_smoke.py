@@ -73,6 +73,12 @@ CASES = {
     ],
     "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
     "step_anatomy": ["| GEMMs (9 per step) |", "| cluster start |", "driver (scheduler + PS)"],
+    "cold_start": [
+        "| JIT / cache load |",
+        "| overhead (process - training) |",
+        "| whole process, plain command |",
+        "Raw figures: `bench/out/results/cold_start-quick-",
+    ],
     "sklearn_parity": ["| MLPClassifier | iris | 112 / 38 |", "| MLPRegressor | diabetes |"],
     "fed_strategies": [
         "| mean, no attacker | no |",
@@ -85,7 +91,7 @@ CASES = {
 
 # throughput's smoke run starts five clusters and four fresh processes (cold timings, torch.compile,
 # two-process PyTorch); time_to_accuracy's runs two seeds: minutes on a loaded 2-core machine
-TIMEOUT = {"throughput": 900, "time_to_accuracy": 600, "out_of_core": 420, "ps_compression": 420}
+TIMEOUT = {"throughput": 900, "time_to_accuracy": 600, "out_of_core": 420, "ps_compression": 420, "cold_start": 300}
 FIGURES = {"throughput", "time_to_accuracy", "out_of_core", "ps_limits"}  # draw a PNG too
 
 

@@ -117,6 +117,7 @@ def test_cli_report_writes_performance_report(letter_stores, tmp_path):
             "epochs=1",
             "--report",
             str(report),
+            "--plots",
             "-q",
             "--dashboard-address",
             "none",

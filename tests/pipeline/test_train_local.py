@@ -176,3 +176,41 @@ def test_other_modes_in_process_equal_a_one_worker_cluster(store, tmp_path, extr
     assert sorted(a) == sorted(b)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# the whole in-process command, then what it imported: no Dask cluster machinery at all, and
+# matplotlib only when the plots are asked for
+NO_DISTRIBUTED = (
+    "import sys\n"
+    "from pipeline.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'distributed', 'bokeh', 'tornado', 'matplotlib'})\n"
+    "print('imported:', ','.join(loaded))\n"
+    "sys.exit(code)\n"
+)
+PLOTS = ("curves.png", "rounds.png", "throughput.png")
+
+
+def test_training_in_process_never_imports_distributed_and_plots_when_asked(store, tmp_path):
+    def train(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        args = ("train", store, "--out", str(out), "--set", "epochs=2", *SMALL, *extra)
+        return subprocess.run(
+            [sys.executable, "-c", NO_DISTRIBUTED, *args], capture_output=True, text=True, timeout=300, env=cli_env()
+        )
+
+    out = tmp_path / "run"
+    (out).mkdir()
+    for name in PLOTS:  # an earlier run's plots, left in the directory
+        (out / name).write_bytes(b"old")
+    r = train(out, "--force")
+    assert r.returncode == 0, r.stderr
+    assert "training in this process" in r.stderr
+    assert "imported: \n" in r.stdout, r.stdout
+    for name in ("model.npz", "history.json", "checkpoint.npz"):
+        assert (out / name).stat().st_size > 0, name
+    assert not any((out / name).exists() for name in PLOTS)  # not asked for: none, and no stale ones
+    r = train(tmp_path / "plotted", "--plots")
+    assert r.returncode == 0, r.stderr
+    assert "imported: matplotlib\n" in r.stdout, r.stdout
+    for name in PLOTS:
+        assert (tmp_path / "plotted" / name).stat().st_size > 1000, name
