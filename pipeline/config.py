@@ -27,6 +27,7 @@ MODES = ("sync", "async", "ssp")
 SCHEDULES = ("constant", "step", "cosine")
 BACKENDS = ("auto", "cpu", "numpy", "cuda")
 PLACEMENTS = ("dynamic", "federated")
+DP_MODES = ("off", "central", "local")  # pipeline.privacy.DP_MODES
 MAX_WIDTH = 1 << 16
 MAX_PARAMS = 1 << 28
 MAX_SEED = (1 << 32) - 1  # seeds NumPy's generators, which take no negative seed
@@ -111,6 +112,16 @@ class TrainConfig:
     # fresh mmap that page-faults in (2 MB vector ops 17x slower). Training tasks set it to this
     # many MiB once per worker process (glibc's own ceiling, 32); 0 = leave the allocator alone.
     mmap_threshold_mb: int = MAX_MMAP_THRESHOLD_MB
+    # --- privacy (docs/privacy.md; sync mode) ----------------------------------------------
+    # off | central (the parameter server clips each update on arrival and noises the round's
+    # sum) | local (each site clips and noises its own update before it leaves)
+    dp: str = "off"
+    clip_norm: float = 1.0  # L2 clip of each update (the starting clip when clip_quantile > 0)
+    clip_quantile: float = 0.0  # central: adaptive clipping to this quantile of update norms; 0 = fixed clip
+    noise_multiplier: float = 0.0  # Gaussian noise std = noise_multiplier x clip_norm (on the round's sum)
+    dp_delta: float = 1e-5  # the delta epsilon is reported at (well below 1 / participants)
+    target_epsilon: float = 0.0  # stop before a round would take epsilon above this; 0 = no budget
+    secure_aggregation: bool = False  # pairwise-masked updates: the server only ever sees their sum
 
     # ----------------------------------------------------------------------------------------
 
@@ -176,10 +187,36 @@ class TrainConfig:
             ),
             ("hidden", all(1 <= h <= MAX_WIDTH for h in self.hidden), f"widths between 1 and {MAX_WIDTH}"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"between 0 and {MAX_SEED}"),
+            ("dp", self.dp in DP_MODES, f"one of {DP_MODES}"),
+            ("clip_norm", self.clip_norm > 0, "> 0"),
+            ("clip_quantile", 0 <= self.clip_quantile < 1, "in [0, 1) (0 = a fixed clip, e.g. 0.5 = the median norm)"),
+            ("noise_multiplier", self.noise_multiplier >= 0, ">= 0"),
+            ("dp_delta", 0 < self.dp_delta < 1, "in (0, 1), e.g. 1e-5"),
+            ("target_epsilon", self.target_epsilon >= 0, ">= 0 (0 = no budget)"),
         ]
         for key, ok, want in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' = {getattr(self, key)!r} is invalid: must be {want}")
+        self._validate_privacy()
+
+    def _validate_privacy(self) -> None:
+        """The privacy keys that only make sense together."""
+        key = "dp" if self.dp != "off" else "secure_aggregation"
+        if (self.dp != "off" or self.secure_aggregation) and self.mode != "sync":
+            raise ConfigError(
+                f"config key '{key}' = {getattr(self, key)!r} needs mode = 'sync' (rounds of updates), "
+                f"not {self.mode!r}"
+            )
+        if self.target_epsilon > 0 and (self.dp == "off" or self.noise_multiplier == 0):
+            raise ConfigError(
+                f"config key 'target_epsilon' = {self.target_epsilon!r} needs dp = 'central' or 'local' and "
+                "noise_multiplier > 0 (without noise epsilon is infinite)"
+            )
+        if self.clip_quantile > 0 and self.dp != "central":
+            raise ConfigError(
+                f"config key 'clip_quantile' = {self.clip_quantile!r} needs dp = 'central' (adaptive clipping "
+                "runs on the parameter server)"
+            )
 
     # -- construction -------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ extension to the dashboard as its source.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -44,6 +44,10 @@ class JobSnapshot:
     closed: bool
     epochs: tuple[Mapping[str, Any], ...]
     history: tuple[tuple, ...] = ()
+    # differential privacy: dp (off | central | local), epsilon spent at delta, rounds
+    # accounted, clip, noise_multiplier, sampling_rate, target_epsilon, exhausted,
+    # secure_aggregation (empty for jobs of servers without privacy)
+    privacy: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def from_metrics(cls, m: Mapping[str, Any]) -> JobSnapshot:
@@ -71,7 +75,15 @@ class JobSnapshot:
             closed=bool(m["closed"]),
             epochs=tuple(MappingProxyType(dict(e)) for e in m.get("epochs", ())),
             history=tuple(tuple(h) for h in m.get("history", ())),
+            privacy=MappingProxyType(dict(m.get("privacy") or {})),
         )
+
+    @property
+    def epsilon(self) -> float | None:
+        """The privacy spent so far (epsilon at the job's delta); None without DP."""
+        if self.privacy.get("dp", "off") == "off":
+            return None
+        return float(self.privacy.get("epsilon", 0.0))
 
     def mean_staleness(self) -> float:
         """Mean staleness of the pushes so far (0 before the first)."""

@@ -37,6 +37,7 @@ from pipeline.loop import (
     run_batches,
 )
 from pipeline.metrics import evaluate_arrays, merge_metrics, plain_metrics
+from pipeline.privacy import noise_rng, privatize_local
 from pipeline.ps import ParameterServer
 from pipeline.store import open_store
 
@@ -126,6 +127,10 @@ class _Comm:
         return reply
 
 
+class BudgetSpent(Exception):
+    """The parameter server applies no further round: the privacy budget is spent."""
+
+
 class _Pusher:
     """The push side of a training task: the weights last received from the parameter server
     (``anchor``, at ``version``), the push still in flight with ``overlap``, and the time
@@ -144,10 +149,18 @@ class _Pusher:
         self.pending: Any = None  # the push in flight (overlap)
         self.timing: dict[str, float] = {"compute": 0.0}  # run_batches adds the kernels' seconds
         self.reported = {"read": 0.0, "compute": 0.0, "communicate": 0.0}
+        # local DP: each delta is clipped and noised here, before it leaves the site
+        self.local_dp = cfg.get("dp") == "local"
+        self.clip, self.noise = float(cfg.get("clip_norm", 1.0)), float(cfg.get("noise_multiplier", 0.0))
+        self.rng = noise_rng() if self.local_dp else None
+        # what was pushed (a task stopped by the privacy budget reports it): rows, minibatches, loss sum
+        self.pushed = {"samples": 0, "batches": 0, "loss": 0.0}
         trainer.set_params(self.anchor)
 
     def _fold(self, fut: Any) -> None:
         r = self.comm.wait(fut)
+        if r.get("stop"):
+            raise BudgetSpent(r.get("message") or "the privacy budget is spent")
         fresh = np.asarray(r["params"], dtype=np.float32)
         if self.overlap:
             self.trainer.set_params(fresh + (self.trainer.get_params() - self.anchor))
@@ -163,10 +176,16 @@ class _Pusher:
         now = {"read": self.loader.read_seconds, "compute": self.timing["compute"], "communicate": self.comm.seconds}
         timings = {k: v - self.reported[k] for k, v in now.items()}
         self.reported.update(now)
+        delta = self.anchor - current
+        if self.local_dp:
+            privatize_local(delta, self.clip, self.noise, self.rng)
+        self.pushed["samples"] += samples
+        self.pushed["batches"] += batches
+        self.pushed["loss"] += loss * batches
         fut = self.comm.ps.soon.push(
             name=self.name,
             version=self.version,
-            delta=self.anchor - current,
+            delta=delta,
             samples=samples,
             batches=batches,
             loss=loss,
@@ -247,17 +266,25 @@ def train_task(
         holdout=holdout_selection(cfg, "train"),
     )
     pusher = _Pusher(comm, trainer, loader, name, reply, cfg)
+    stopped = ""
     try:
-        r = run_batches(
-            trainer,
-            ((X, prepare_targets(y, target)) for X, y in loader.epoch(epoch)),
-            full_batch=full_batch,
-            local_steps=cfg["local_steps"],
-            sync=pusher.push,
-            skip=skip,
-            timing=pusher.timing,
-        )
-        pusher.finish()
+        try:
+            r = run_batches(
+                trainer,
+                ((X, prepare_targets(y, target)) for X, y in loader.epoch(epoch)),
+                full_batch=full_batch,
+                local_steps=cfg["local_steps"],
+                sync=pusher.push,
+                skip=skip,
+                timing=pusher.timing,
+            )
+            pusher.finish()
+        except BudgetSpent as exc:
+            # the server applies no further round: the task ends with what it took
+            stopped = str(exc)
+            done = pusher.pushed
+            loss = done["loss"] / done["batches"] if done["batches"] else float("nan")
+            r = {"samples": done["samples"], "steps": done["batches"], "loss": loss}
     finally:
         read_seconds = loader.read_seconds
         loader.close()
@@ -274,6 +301,7 @@ def train_task(
         "communicate": comm.seconds,
         "total": time.perf_counter() - t_start,
         "version": version,
+        **({"stopped": stopped} if stopped else {}),
     }
     for label, secs in (("read", read_seconds), ("compute", compute), ("communicate", comm.seconds)):
         context_meter.digest_metric(label, secs, "seconds")

@@ -615,8 +615,17 @@ for _id, _setting in {
     "C17": "lr=inf",
     "C18": "weight_decay=inf",
     "C19": "seed=-1",
+    "C56": "dp=global",
+    "C57": "target_epsilon=3",
+    "C59": "clip_quantile=0.5",
+    "C60": "dp_delta=0",
 }.items():
     case(_id)(lambda t, s=_setting: _train_set(t, "--set", s))
+
+
+@case("C58")
+def _(t: Trial) -> Outcome:
+    return _train_set(t, "--set", "dp=central", "--set", "mode=async")
 
 
 @case("C12")

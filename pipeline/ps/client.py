@@ -120,10 +120,12 @@ class ParameterServer:
         join_timeout: float = 120.0,
         overwrite: bool = False,
         local_states: dict | None = None,
+        privacy: dict | None = None,
     ) -> Reply:
         """Create the job on the scheduler. ``optimizer_state`` (server) and ``local_states``
         (sync: slot -> the share's local optimizer state ``{"t", "lr", "buffers"}``) continue a
-        checkpointed run."""
+        checkpointed run; ``privacy``: differential privacy of the updates
+        (:func:`pipeline.privacy.check_privacy`)."""
         params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
         opt_state = encode_opt_state(optimizer_state) if optimizer_state else None
         locals_ = {str(k): encode_opt_state(v) for k, v in local_states.items()} if local_states else None
@@ -146,6 +148,7 @@ class ParameterServer:
             join_timeout=float(join_timeout),
             overwrite=overwrite,
             client=client_id,
+            privacy=privacy,
         )
 
     def expect(self, names: list[str], keys: list[str | None], epoch: int | None = None) -> Reply:

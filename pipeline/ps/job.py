@@ -27,6 +27,16 @@ from distributed.protocol.serialize import Serialized
 from pipeline.errors import PSError
 from pipeline.jobview import JobSnapshot
 from pipeline.optim import Schedule, ServerOptimizer
+from pipeline.privacy import (
+    AdaptiveClip,
+    RdpAccountant,
+    add_noise,
+    check_privacy,
+    clip_update,
+    local_epsilon,
+    noise_rng,
+    split_noise,
+)
 from pipeline.ps.wire import decode_opt_state, decode_vector, encode_opt_state, encode_vector
 
 logger = logging.getLogger("pipeline.ps")
@@ -94,6 +104,15 @@ class Job:
     history: deque = field(default_factory=lambda: deque(maxlen=_HISTORY_LEN))
     epochs: list = field(default_factory=list)
     epoch: int = 0
+    # differential privacy (pipeline.privacy): the settings, the accountant of the rounds
+    # applied, adaptive clipping's clip, and the round's count of updates that needed no clip
+    privacy: dict[str, Any] = field(default_factory=lambda: check_privacy(None))
+    accountant: RdpAccountant | None = None
+    adaptive: AdaptiveClip | None = None
+    dp_rng: np.random.Generator | None = None
+    dp_unclipped: int = 0
+    round_size: int = 0  # sync: participants announced for the current epoch or round
+    exhausted: bool = False  # the privacy budget allows no further round
 
     # -- creation ----------------------------------------------------------------------------
 
@@ -117,9 +136,12 @@ class Job:
         owner: str | None = None,
         local_states: Mapping[str, Any] | None = None,
         keys: dict[str, tuple[str, str]] | None = None,
+        privacy: Mapping[str, Any] | None = None,
     ) -> Job:
         """A job from the arguments of ``ps_create`` (wire-encoded vectors or arrays), every
-        one checked; :class:`PSError` names the first that is wrong."""
+        one checked; :class:`PSError` names the first that is wrong. ``privacy``: the
+        settings of :func:`pipeline.privacy.check_privacy` (differential privacy of the
+        updates; sync mode only)."""
         if not isinstance(n_params, int) or not 0 < n_params <= 2**31 - 1:
             raise PSError(f"n_params must be a positive int, got {n_params!r}")
         if mode not in MODES:
@@ -128,6 +150,9 @@ class Job:
             raise PSError(f"unknown aggregate {aggregate!r}; use 'sum' or 'mean'")
         if not isinstance(staleness, int) or staleness < 0:
             raise PSError(f"staleness must be an int >= 0, got {staleness!r}")
+        dp = check_privacy(privacy)
+        if dp["dp"] != "off" and mode != "sync":
+            raise PSError(f"privacy: dp = {dp['dp']!r} needs mode 'sync' (rounds of deltas), not {mode!r}")
         vec = decode_vector(params, n_params, "params").copy()
         opt = ServerOptimizer(**(optimizer or {}), n=n_params)
         if optimizer_state:
@@ -163,7 +188,24 @@ class Job:
             epoch=int(epoch),
             local_states=locals_,
             keys=keys if keys is not None else {},
+        )._start_privacy(dp)
+
+    def _start_privacy(self, dp: dict[str, Any]) -> Job:
+        """Set up the accountant, adaptive clipping and the noise generator of ``dp``."""
+        self.privacy = dp
+        if dp["dp"] == "off":
+            return self
+        self.accountant = RdpAccountant(
+            dp["noise_multiplier"],
+            dp["sampling_rate"] if dp["dp"] == "central" else 1.0,
+            dp["delta"],
+            rounds=dp["rounds"],
         )
+        if dp["dp"] == "central" and dp["clip_quantile"] > 0:
+            self.adaptive = AdaptiveClip(dp["clip"] or dp["clip_norm"], dp["clip_quantile"])
+        self.dp_rng = noise_rng(dp["seed"])
+        self.exhausted = self._budget_spent()
+        return self
 
     # -- state helpers -----------------------------------------------------------------------
 
@@ -256,11 +298,97 @@ class Job:
                 grad += tmp
         if self.aggregate == "sum":
             grad *= np.float32(len(names))
+        self._privatize(grad, len(names))
         losses = [self.pending[n][2] for n in names]
         self.optimizer.step(self.params, grad, self.lr())
         self.version += 1
         self.pending.clear()
         self.after_update(float(np.mean(losses)), total, len(names))
+
+    # -- differential privacy (pipeline.privacy) ---------------------------------------------
+
+    def clip(self) -> float:
+        """The clip of the updates now (adaptive clipping moves it every round)."""
+        return self.adaptive.clip if self.adaptive is not None else float(self.privacy["clip_norm"])
+
+    def _clip(self, vec: np.ndarray) -> np.ndarray:
+        """Central DP: ``vec`` clipped to the clip (a writable copy if it was read-only),
+        counting whether it needed no clipping (adaptive clipping's signal)."""
+        if not vec.flags.writeable:
+            vec = vec.copy()
+        clip = self.clip()
+        if clip_update(vec, clip) <= clip:
+            self.dp_unclipped += 1
+        return vec
+
+    def _privatize(self, grad: np.ndarray, n_deltas: int) -> None:
+        """Central DP on the round's combined delta ``grad`` (equal-weight mean, or sum with
+        ``aggregate = "sum"``) of ``n_deltas`` clipped deltas: noise ``z x clip`` on the sum,
+        a mean divided by the participants expected per round (a fixed denominator; see
+        :mod:`pipeline.privacy`); then adaptive clipping's step and the accountant's round.
+        A no-op when DP is off; local DP only counts the round."""
+        dp = self.privacy
+        if dp["dp"] == "off" or self.accountant is None:
+            return
+        if dp["dp"] == "central":
+            expected = float(dp["expected"] or self.round_size or n_deltas)
+            z, count_std = dp["noise_multiplier"], 0.0
+            if self.adaptive is not None:
+                z, count_std = split_noise(z, expected)
+            std = z * self.clip()
+            if self.aggregate == "mean":
+                grad *= np.float32(n_deltas / expected)  # the sum over the fixed denominator
+                std /= expected
+            add_noise(grad, std, self.dp_rng)
+            if self.adaptive is not None:
+                self.adaptive.update(self.dp_unclipped, expected, count_std, self.dp_rng)
+            self.dp_unclipped = 0
+        self.accountant.step()
+        if self._budget_spent():
+            self.exhausted = True
+            logger.info("job %s: %s", self.job, self.budget_message())
+
+    def epsilon(self) -> float:
+        """The privacy spent so far: epsilon at the job's delta (0 without DP or rounds)."""
+        acc = self.accountant
+        if acc is None or not acc.rounds:
+            return 0.0
+        if self.privacy["dp"] == "local":
+            return local_epsilon(acc.rounds, acc.noise_multiplier, acc.delta)
+        return acc.epsilon()
+
+    def _budget_spent(self) -> bool:
+        """Whether one more round would take epsilon above ``target_epsilon``."""
+        target = self.privacy["target_epsilon"]
+        acc = self.accountant
+        if acc is None or target <= 0:
+            return False
+        if self.privacy["dp"] == "local":
+            return local_epsilon(acc.rounds + 1, acc.noise_multiplier, acc.delta) > target
+        return acc.would_exceed(target)
+
+    def budget_message(self) -> str:
+        return (
+            f"privacy budget reached: another round would take epsilon above target_epsilon = "
+            f"{self.privacy['target_epsilon']:g} (epsilon = {self.epsilon():.4g} after "
+            f"{self.accountant.rounds if self.accountant else 0} rounds at delta = {self.privacy['delta']:g})"
+        )
+
+    def privacy_metrics(self) -> dict[str, Any]:
+        """What the dashboard, Prometheus and checkpoints see of the privacy spent."""
+        dp = self.privacy
+        return {
+            "dp": dp["dp"],
+            "epsilon": self.epsilon(),
+            "delta": dp["delta"],
+            "rounds": self.accountant.rounds if self.accountant else 0,
+            "clip": self.clip(),
+            "noise_multiplier": dp["noise_multiplier"],
+            "sampling_rate": dp["sampling_rate"],
+            "target_epsilon": dp["target_epsilon"],
+            "exhausted": self.exhausted,
+            "secure_aggregation": dp["secure_aggregation"],
+        }
 
     def after_update(self, loss: float, samples: int, n_deltas: int) -> None:
         """Record a round in the history; a non-finite weight fails the job."""
@@ -309,6 +437,9 @@ class Job:
             self.progress = {}  # positions within an epoch; a new epoch starts from zero
         self.expected = {}
         if self.mode == "sync":
+            self.round_size = len(names)
+            if self.adaptive is not None and names and not self.privacy["expected"]:
+                split_noise(self.privacy["noise_multiplier"], len(names))  # PSError if it cannot pay
             for n, k in zip(names, keys, strict=True):
                 if n not in self.participants:
                     self.expected[n] = k
@@ -377,19 +508,26 @@ class Job:
         self._count_push(p, samples, loss, staleness, timings)
 
         if self.mode == "sync":
+            if self.exhausted:
+                # the privacy budget allows no further round: the participant stops
+                return self.reply(stop=True, message=self.budget_message())
             if staleness:
                 # joined just as a round closed: its delta belongs to a finished round
                 return self.reply(dropped=True)
             # a delta off the wire is this message's own buffer; an in-process caller's array
             # may change after the call, so that one is copied
-            self.pending[name] = (
-                vec if isinstance(delta, Serialized) else vec.copy(),
-                samples,
-                loss,
-            )
+            own = vec if isinstance(delta, Serialized) else vec.copy()
+            weight = samples
+            if self.privacy["dp"] == "central":
+                own, weight = self._clip(own), 1  # equal weights: sample counts are data
+            elif self.privacy["dp"] == "local":
+                weight = 1  # the sites noised their deltas; the mean stays unweighted
+            self.pending[name] = (own, weight, loss)
             self.progress[name] = self.progress.get(name, 0) + int(batches)
             self.maybe_close_round()
-            ok = await self.wait(lambda: self.version > version, timeout)
+            ok = await self.wait(lambda: self.version > version or self.exhausted, timeout)
+            if self.exhausted and self.version <= version:
+                return self.reply(stop=True, message=self.budget_message())
         else:
             lr = self.lr()
             if self.damping and staleness:
@@ -479,6 +617,9 @@ class Job:
             "local_states": {k: encode_opt_state(v) for k, v in self.local_states.items()},
             "failed": self.failed,
             "metrics": self.metrics(),
+            # the rounds the accountant has counted and adaptive clipping's clip: a resumed
+            # run goes on spending from there
+            "privacy": self.privacy_metrics(),
         }
 
     def record(self, epoch: Mapping[str, Any] | None = None, checkpoint: bool = False) -> dict[str, Any]:
@@ -532,6 +673,7 @@ class Job:
             "failed": self.failed,
             "closed": self.closed,
             "epochs": list(self.epochs),
+            "privacy": self.privacy_metrics(),
         }
         if history:
             out["history"] = [list(h) for h in self.history]
