@@ -212,6 +212,12 @@ class TrainConfig:
                 f"config key 'target_epsilon' = {self.target_epsilon!r} needs dp = 'central' or 'local' and "
                 "noise_multiplier > 0 (without noise epsilon is infinite)"
             )
+        if self.secure_aggregation and (self.dp == "local" or self.clip_quantile > 0):
+            key = "dp" if self.dp == "local" else "clip_quantile"
+            raise ConfigError(
+                f"config key '{key}' = {getattr(self, key)!r} does not combine with secure_aggregation: the "
+                "masked sum needs updates inside a fixed clip (use dp = 'central' with a fixed clip_norm)"
+            )
         if self.clip_quantile > 0 and self.dp != "central":
             raise ConfigError(
                 f"config key 'clip_quantile' = {self.clip_quantile!r} needs dp = 'central' (adaptive clipping "

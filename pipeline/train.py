@@ -110,7 +110,8 @@ def task_config(cfg: TrainConfig) -> dict[str, Any]:
     tasks then skip those rows and evaluation tasks read only them (pipeline.loader)."""
     keys = (
         "optimizer lr momentum beta1 beta2 rho weight_decay batch_size local_steps overlap backend seed "
-        "shuffle_chunks prefetch normalize barrier_timeout mmap_threshold_mb dp clip_norm noise_multiplier"
+        "shuffle_chunks prefetch normalize barrier_timeout mmap_threshold_mb dp clip_norm noise_multiplier "
+        "secure_aggregation"
     ).split()
     out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
     if cfg.validation > 0 and not cfg.validation_store:

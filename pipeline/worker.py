@@ -37,8 +37,9 @@ from pipeline.loop import (
     run_batches,
 )
 from pipeline.metrics import evaluate_arrays, merge_metrics, plain_metrics
-from pipeline.privacy import noise_rng, privatize_local
+from pipeline.privacy import clip_update, noise_rng, privatize_local
 from pipeline.ps import ParameterServer
+from pipeline.secagg import mask, new_keypair, quantize, round_info, scale_for
 from pipeline.store import open_store
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,8 @@ class _Pusher:
         self.local_dp = cfg.get("dp") == "local"
         self.clip, self.noise = float(cfg.get("clip_norm", 1.0)), float(cfg.get("noise_multiplier", 0.0))
         self.rng = noise_rng() if self.local_dp else None
+        # secure aggregation: deltas leave clipped, quantized and masked, one round at a time
+        self.secure = bool(cfg.get("secure_aggregation"))
         # what was pushed (a task stopped by the privacy budget reports it): rows, minibatches, loss sum
         self.pushed = {"samples": 0, "batches": 0, "loss": 0.0}
         trainer.set_params(self.anchor)
@@ -182,6 +185,10 @@ class _Pusher:
         self.pushed["samples"] += samples
         self.pushed["batches"] += batches
         self.pushed["loss"] += loss * batches
+        if self.secure:
+            self.anchor = current
+            self._secure_push(delta, samples, batches, loss, timings)
+            return
         fut = self.comm.ps.soon.push(
             name=self.name,
             version=self.version,
@@ -197,6 +204,43 @@ class _Pusher:
             self.pending = fut
         else:
             self._fold(fut)
+
+    def _secure_push(self, delta: np.ndarray, samples: int, batches: int, loss: float, timings: dict) -> None:
+        """Secure aggregation (pipeline.secagg): clip ``delta``, exchange this round's keys
+        through the server, push it quantized and masked for the roster; again with fresh
+        keys when the server redoes the round without a participant that disappeared."""
+        clip_update(delta, self.clip)
+        ps = self.comm.ps
+        while True:
+            private, public = new_keypair()
+            r = self.comm.wait(ps.soon.exchange_keys(self.name, self.version, public, timeout=self.timeout))
+            if r.get("stop"):
+                raise BudgetSpent(r.get("message") or "the privacy budget is spent")
+            if r.get("dropped") or "roster" not in r:
+                break  # the round finished without it: go on from the fresh weights
+            roster, attempt = r["roster"], int(r["attempt"])
+            q = quantize(delta, scale_for(len(roster), self.clip))
+            masked = mask(q, self.name, private, roster, round_info(ps.job, self.version, attempt, sorted(roster)))
+            r = self.comm.wait(
+                ps.soon.push(
+                    name=self.name,
+                    version=self.version,
+                    delta=masked.view(np.float32),
+                    samples=samples,
+                    batches=batches,
+                    loss=loss,
+                    timings=timings,
+                    timeout=self.timeout,
+                    attempt=attempt,
+                )
+            )
+            if not r.get("redo"):
+                break
+        if r.get("stop"):
+            raise BudgetSpent(r.get("message") or "the privacy budget is spent")
+        fresh = np.asarray(r["params"], dtype=np.float32)
+        self.trainer.set_params(fresh)
+        self.anchor, self.version = fresh, int(r["version"])
 
     def finish(self) -> None:
         """Fold in the push still in flight, if any."""

@@ -628,6 +628,16 @@ def _(t: Trial) -> Outcome:
     return _train_set(t, "--set", "dp=central", "--set", "mode=async")
 
 
+@case("C61")
+def _(t: Trial) -> Outcome:
+    return _train_set(t, "--set", "secure_aggregation=true", "--set", "dp=local")
+
+
+@case("C62")
+def _(t: Trial) -> Outcome:
+    return _train_set(t, "--set", "secure_aggregation=true", "--set", "dp=central", "--set", "clip_quantile=0.5")
+
+
 @case("C12")
 def _(t: Trial) -> Outcome:
     t.write("bad.toml", "epochs = [\n")

@@ -170,10 +170,14 @@ class ParameterServer:
         loss: float,
         timings: Mapping[str, float] | None = None,
         timeout: float = 600.0,
+        attempt: int | None = None,
     ) -> Reply:
         """Push ``delta`` (a float32 vector, or one already wrapped by ``encode_vector``)
-        computed from the weights of ``version``; the reply carries the weights to go on from."""
+        computed from the weights of ``version``; the reply carries the weights to go on from.
+        Secure aggregation: ``delta`` is the masked uint32 vector seen as float32, for the
+        round's key-exchange ``attempt``."""
         wire = encode_vector(delta) if isinstance(delta, np.ndarray) else delta
+        extra = {} if attempt is None else {"attempt": int(attempt)}
         return self._send(
             "push",
             name=name,
@@ -184,6 +188,15 @@ class ParameterServer:
             loss=float(loss),
             timings=dict(timings or {}),
             timeout=float(timeout),
+            **extra,
+        )
+
+    def exchange_keys(self, name: str, version: int, public_key: bytes, timeout: float = 600.0) -> Reply:
+        """Secure aggregation: send this round's X25519 ``public_key``; the reply carries the
+        roster (name -> public key) and the round's ``attempt`` once every participant has
+        sent its key (or ``dropped`` with fresh weights, ``stop`` when the budget is spent)."""
+        return self._send(
+            "exchange_keys", name=name, version=int(version), public_key=bytes(public_key), timeout=float(timeout)
         )
 
     def pull(self, model: bool = False) -> tuple[np.ndarray, int]:

@@ -38,6 +38,7 @@ from pipeline.privacy import (
     split_noise,
 )
 from pipeline.ps.wire import decode_opt_state, decode_vector, encode_opt_state, encode_vector
+from pipeline.secagg import KEY_BYTES, dequantize, scale_for
 
 logger = logging.getLogger("pipeline.ps")
 
@@ -113,6 +114,14 @@ class Job:
     dp_unclipped: int = 0
     round_size: int = 0  # sync: participants announced for the current epoch or round
     exhausted: bool = False  # the privacy budget allows no further round
+    # secure aggregation (pipeline.secagg): the round's attempt, public keys, roster, the
+    # running uint32 sum of the masked vectors (never one participant's vector on its own)
+    sa_attempt: int = 0
+    sa_keys: dict[str, bytes] = field(default_factory=dict)
+    sa_roster: list[str] | None = None
+    sa_sum: np.ndarray | None = None
+    sa_pushed: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # name -> samples, batches, loss
+    sa_last_total: np.ndarray | None = None  # the last round's int32 sum of quantized deltas (inspection)
 
     # -- creation ----------------------------------------------------------------------------
 
@@ -279,6 +288,9 @@ class Job:
 
     def maybe_close_round(self) -> None:
         """In sync mode: if every active and expected participant has pushed, apply the round."""
+        if self.mode == "sync" and self.privacy["secure_aggregation"] and not self.failed:
+            self._secure_round()
+            return
         if self.mode != "sync" or not self.pending or self.failed:
             return
         waiting_for = (set(self.participants) | set(self.expected)) - set(self.pending)
@@ -304,6 +316,140 @@ class Job:
         self.version += 1
         self.pending.clear()
         self.after_update(float(np.mean(losses)), total, len(names))
+
+    # -- secure aggregation (pipeline.secagg) -------------------------------------------------
+
+    async def exchange_keys(self, name: Any, version: Any, public_key: Any, timeout: float = 600.0) -> dict[str, Any]:
+        """Secure aggregation: participant ``name`` (at weights ``version``) sends its round's
+        X25519 public key and gets the roster (name -> public key of every participant of the
+        round) and the round's attempt once every active participant has sent its key.
+        A participant whose weights are behind gets ``dropped`` (the fresh weights) instead."""
+        if not self.privacy["secure_aggregation"]:
+            raise PSError(f"job {self.job!r} does not use secure aggregation")
+        if not isinstance(name, str) or name not in self.participants:
+            raise PSError(f"participant {name!r} has not joined job {self.job!r} (or has left it)")
+        if not isinstance(version, int) or not 0 <= version <= self.version:
+            raise PSError(f"exchange_keys for version {version!r}; the server is at version {self.version}")
+        if not isinstance(public_key, bytes | bytearray) or len(public_key) != KEY_BYTES:
+            raise PSError(f"public_key: expected {KEY_BYTES} raw bytes of an X25519 key")
+        while True:
+            if self.failed:
+                return self.reply("failed")
+            if self.exhausted:
+                return self.reply(stop=True, message=self.budget_message())
+            if version < self.version:
+                return self.reply(dropped=True)  # its delta belongs to a finished round
+            attempt = self.sa_attempt
+            if self.sa_roster is not None and name not in self.sa_roster:
+                # the round's roster was fixed without it: it waits for the next round
+                ok = await self.wait(lambda a=attempt: self.version > version or self.sa_attempt != a, timeout)
+            else:
+                self.sa_keys[name] = bytes(public_key)
+                self.maybe_close_round()
+                ok = await self.wait(
+                    lambda a=attempt: self.sa_roster is not None or self.sa_attempt != a or self.version > version,
+                    timeout,
+                )
+                if ok and self.sa_attempt == attempt and self.version == version and self.sa_roster is not None:
+                    if name in self.sa_roster:
+                        roster = {n: self.sa_keys[n] for n in self.sa_roster}
+                        return {"status": "OK", "roster": roster, "attempt": attempt, "version": self.version}
+            if not ok:
+                return self.reply("timeout", message=f"key exchange not finished within {timeout} s")
+
+    async def _secure_push(
+        self,
+        name: str,
+        version: int,
+        vec: np.ndarray,
+        samples: int,
+        batches: int,
+        loss: float,
+        attempt: int | None,
+        timeout: float,
+    ) -> dict[str, Any]:
+        """Add ``name``'s masked vector to the round's running sum; reply once the round is
+        applied, or with ``redo`` when it must be masked again for a new roster."""
+        if self.exhausted:
+            return self.reply(stop=True, message=self.budget_message())
+        if version < self.version:
+            return self.reply(dropped=True)
+        roster = self.sa_roster
+        if roster is None or name not in roster or attempt != self.sa_attempt:
+            return self.reply(redo=True, attempt=self.sa_attempt)  # exchange keys again
+        if name in self.sa_pushed:
+            raise PSError(f"participant {name!r} already pushed in round {self.version}")
+        masked = vec.view(np.uint32)
+        if self.sa_sum is None:
+            self.sa_sum = masked.copy()
+        else:
+            self.sa_sum += masked  # uint32: modulo 2**32
+        self.sa_pushed[name] = (samples, int(batches), loss)
+        self.maybe_close_round()
+        ok = await self.wait(lambda: self.version > version or self.sa_attempt != attempt or self.exhausted, timeout)
+        if not ok:
+            return self.reply("timeout", message=f"barrier not released within {timeout} s")
+        if self.failed:
+            return self.reply("failed")
+        if self.version > version:
+            return self.reply(staleness=0)
+        if self.exhausted:
+            return self.reply(stop=True, message=self.budget_message())
+        return self.reply(redo=True, attempt=self.sa_attempt)
+
+    def _secure_round(self) -> None:
+        """Fix the roster once every active participant has sent its key; redo the round
+        without a roster member that left before pushing; apply the round once every roster
+        member has pushed: the uint32 sum, dequantized, is the sum of the clipped deltas."""
+        for n in [n for n in self.sa_keys if n not in self.participants]:
+            if self.sa_roster is None:
+                del self.sa_keys[n]  # left before the roster was fixed: not in it
+        if self.sa_roster is None:
+            waiting = (set(self.participants) | set(self.expected)) - set(self.sa_keys)
+            if self.sa_keys and not waiting:
+                self.sa_roster = sorted(self.sa_keys)
+                self.notify()
+            return
+        roster = self.sa_roster
+        gone = [n for n in roster if n not in self.sa_pushed and n not in self.participants]
+        if gone:
+            logger.warning(
+                "job %s: %s left round %d before pushing; redoing the round with the %d others (attempt %d)",
+                self.job,
+                ", ".join(gone),
+                self.version,
+                len(roster) - len(gone),
+                self.sa_attempt + 1,
+            )
+            self._secure_reset(self.sa_attempt + 1)
+            self._secure_round()  # the survivors may all have sent keys already
+            return
+        if len(self.sa_pushed) < len(roster):
+            return
+        n = len(roster)
+        assert self.sa_sum is not None
+        self.sa_last_total = self.sa_sum.view(np.int32).copy()
+        if self.grad is None:
+            self.grad = np.empty_like(self.params)
+        grad = self.grad
+        grad[:] = dequantize(self.sa_sum, scale_for(n, self.privacy["clip_norm"]))  # the sum
+        grad *= np.float32(1 / n)  # the equal-weight mean, as the pooled path forms it
+        if self.aggregate == "sum":
+            grad *= np.float32(n)
+        self._privatize(grad, n)
+        pushed = self.sa_pushed
+        self.optimizer.step(self.params, grad, self.lr())
+        self.version += 1
+        for name, (_, batches, _) in pushed.items():
+            self.progress[name] = self.progress.get(name, 0) + batches
+        self._secure_reset(0)
+        self.after_update(float(np.mean([v[2] for v in pushed.values()])), sum(v[0] for v in pushed.values()), n)
+
+    def _secure_reset(self, attempt: int) -> None:
+        """Forget the round's keys, roster and sum (a new round, or a redo of this one)."""
+        self.sa_attempt = attempt
+        self.sa_keys, self.sa_roster, self.sa_sum, self.sa_pushed = {}, None, None, {}
+        self.notify()
 
     # -- differential privacy (pipeline.privacy) ---------------------------------------------
 
@@ -482,9 +628,11 @@ class Job:
         loss: float = float("nan"),
         timings: Mapping[str, float] | None = None,
         timeout: float = 600.0,
+        attempt: int | None = None,
     ) -> dict[str, Any]:
         """Apply (async, ssp) or pool (sync) ``name``'s delta; reply with the weights to go on
-        from once the mode lets the participant continue."""
+        from once the mode lets the participant continue. With secure aggregation the delta
+        is a masked uint32 vector (its bytes as float32) for round ``attempt``."""
         if self.failed:
             return self.reply("failed")
         p = self.participants.get(name) if isinstance(name, str) else None
@@ -497,7 +645,8 @@ class Job:
         vec = decode_vector(delta, self.params.size, "delta")
         loss = float(loss)
         self.bytes_in += vec.nbytes
-        if not np.isfinite(loss) or not np.isfinite(vec).all():
+        secure = self.mode == "sync" and self.privacy["secure_aggregation"]
+        if not np.isfinite(loss) or (not secure and not np.isfinite(vec).all()):
             what = "loss" if not np.isfinite(loss) else "update"
             self.fail(
                 f"training diverged at round {self.version}: the {what} is not finite "
@@ -507,6 +656,8 @@ class Job:
         staleness = self.version - version
         self._count_push(p, samples, loss, staleness, timings)
 
+        if secure:
+            return await self._secure_push(name, version, vec, samples, batches, loss, attempt, timeout)
         if self.mode == "sync":
             if self.exhausted:
                 # the privacy budget allows no further round: the participant stops

@@ -75,3 +75,54 @@ def test_a_resumed_run_goes_on_spending_from_its_checkpoint(letter_stores, clien
     assert rec["dp_rounds"] == rec["rounds"] > spent["dp_rounds"]  # counted from the checkpoint's rounds
     assert rec["epsilon"] == pytest.approx(RdpAccountant(0.1, 1.0, 1e-5).epsilon(rounds=rec["dp_rounds"]))
     assert resumed.privacy["clip"] != 0.1  # adaptive clipping moved the clip, and resumed from it
+
+
+def test_secure_aggregation_trains_as_clipped_plain_aggregation_does(letter_stores, client, tmp_path) -> None:
+    """The masked, quantized sum equals the plain sum of the clipped deltas up to the
+    fixed-point rounding: a sync run with secure aggregation ends at the weights of the same
+    run whose server clips in the clear (central DP without noise)."""
+    base = {**SMALL, "epochs": 1, "clip_norm": 0.5}
+    secure = train(letter_stores[0], TrainConfig(**base, secure_aggregation=True), tmp_path / "secure", client=client)
+    clear = train(letter_stores[0], TrainConfig(**base, dp="central"), tmp_path / "clear", client=client)
+    assert secure.history[-1]["rounds"] == clear.history[-1]["rounds"] > 0
+    np.testing.assert_allclose(secure.model.params, clear.model.params, atol=1e-4)
+    doc = json.loads((tmp_path / "secure" / "history.json").read_text())
+    assert doc["privacy"]["secure_aggregation"] is True
+
+
+def _kill_a_worker_mid_epoch(client, stop, killed) -> None:
+    """SIGKILL the worker running a training task of the second epoch, once."""
+    import os
+    import signal
+    import time
+
+    pids = client.run(os.getpid)
+    while not stop.is_set():
+        for worker, keys in client.processing().items():
+            if any(str(k).startswith("train-chunk-e1-") for k in keys):
+                time.sleep(0.3)  # inside the epoch's rounds, not at its start
+                os.kill(pids[worker], signal.SIGKILL)
+                killed.append(worker)
+                return
+        time.sleep(0.005)
+
+
+@pytest.mark.timeout(240)
+def test_secure_aggregation_survives_a_worker_killed_mid_epoch(letter_stores, tmp_path) -> None:
+    import threading
+
+    from pipeline.connect import cluster_client
+
+    cfg = TrainConfig(**{**SMALL, "batch_size": 64}, epochs=3, secure_aggregation=True, clip_norm=0.5)
+    stop, killed = threading.Event(), []
+    with cluster_client(workers=2, threads_per_worker=1, dashboard_address=None) as client:
+        killer = threading.Thread(target=_kill_a_worker_mid_epoch, args=(client, stop, killed), daemon=True)
+        killer.start()
+        try:
+            res = train(letter_stores[0], cfg, tmp_path / "run", client=client)
+        finally:
+            stop.set()
+            killer.join()
+    assert killed, "no worker was killed: the test did not exercise worker loss"
+    assert len(res.history) == 3 and np.isfinite(res.model.params).all()
+    assert res.history[-1]["val_accuracy"] > res.history[0]["val_accuracy"] - 0.05  # still learning, not corrupted
