@@ -20,6 +20,9 @@ class JobSnapshot:
 
     ``history`` holds the rounds ``(time, version, loss, samples, deltas)`` when the snapshot
     was asked for with them, else it is empty; ``epochs`` the driver's per-epoch records.
+    A federated job's last per-site evaluation: ``sites`` (site -> ``{"loss", "metric", "n"}``),
+    ``site_mean`` (the metric weighted by each site's rows) and ``site_worst_decile`` (the
+    mean metric of the worst tenth of the sites); empty / None for other jobs.
     """
 
     job: str
@@ -48,6 +51,9 @@ class JobSnapshot:
     # accounted, clip, noise_multiplier, sampling_rate, target_epsilon, exhausted,
     # secure_aggregation (empty for jobs of servers without privacy)
     privacy: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    sites: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: MappingProxyType({}))
+    site_mean: float | None = None
+    site_worst_decile: float | None = None
 
     @classmethod
     def from_metrics(cls, m: Mapping[str, Any]) -> JobSnapshot:
@@ -76,6 +82,9 @@ class JobSnapshot:
             epochs=tuple(MappingProxyType(dict(e)) for e in m.get("epochs", ())),
             history=tuple(tuple(h) for h in m.get("history", ())),
             privacy=MappingProxyType(dict(m.get("privacy") or {})),
+            sites=MappingProxyType({str(k): MappingProxyType(dict(v)) for k, v in (m.get("sites") or {}).items()}),
+            site_mean=m.get("site_mean"),
+            site_worst_decile=m.get("site_worst_decile"),
         )
 
     @property

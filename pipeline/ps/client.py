@@ -120,11 +120,19 @@ class ParameterServer:
         join_timeout: float = 120.0,
         overwrite: bool = False,
         local_states: dict | None = None,
+        aggregator: str = "mean",
+        trim_fraction: float = 0.1,
+        krum_f: int = 1,
+        buffer_size: int = 0,
+        buffer: dict | None = None,
         privacy: dict | None = None,
     ) -> Reply:
         """Create the job on the scheduler. ``optimizer_state`` (server) and ``local_states``
         (sync: slot -> the share's local optimizer state ``{"t", "lr", "buffers"}``) continue a
-        checkpointed run; ``privacy``: differential privacy of the updates
+        checkpointed run. ``aggregator``, ``trim_fraction``, ``krum_f``: how a round's deltas
+        combine (:func:`pipeline.fedagg.aggregate`); ``buffer_size`` > 0: buffered async rounds,
+        ``buffer``: the deltas they had buffered (``state()["buffer"]`` of a checkpointed job);
+        ``privacy``: differential privacy and secure aggregation of the updates
         (:func:`pipeline.privacy.check_privacy`)."""
         params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
         opt_state = encode_opt_state(optimizer_state) if optimizer_state else None
@@ -149,6 +157,11 @@ class ParameterServer:
             overwrite=overwrite,
             client=client_id,
             privacy=privacy,
+            aggregator=aggregator,
+            trim_fraction=float(trim_fraction),
+            krum_f=int(krum_f),
+            buffer_size=int(buffer_size),
+            buffer=_encode_buffer(buffer),
         )
 
     def expect(self, names: list[str], keys: list[str | None], epoch: int | None = None) -> Reply:
@@ -170,12 +183,15 @@ class ParameterServer:
         loss: float,
         timings: Mapping[str, float] | None = None,
         timeout: float = 600.0,
+        wait: bool = True,
         attempt: int | None = None,
     ) -> Reply:
         """Push ``delta`` (a float32 vector, or one already wrapped by ``encode_vector``)
         computed from the weights of ``version``; the reply carries the weights to go on from.
-        Secure aggregation: ``delta`` is the masked uint32 vector seen as float32, for the
-        round's key-exchange ``attempt``."""
+        ``wait=False`` (sync): the delta is pooled for the round and the reply comes at once,
+        without weights (a federated client pushes once and leaves). Secure aggregation:
+        ``delta`` is the masked uint32 vector seen as float32, for the round's key-exchange
+        ``attempt``."""
         wire = encode_vector(delta) if isinstance(delta, np.ndarray) else delta
         extra = {} if attempt is None else {"attempt": int(attempt)}
         return self._send(
@@ -188,6 +204,7 @@ class ParameterServer:
             loss=float(loss),
             timings=dict(timings or {}),
             timeout=float(timeout),
+            wait=bool(wait),
             **extra,
         )
 
@@ -220,6 +237,11 @@ class ParameterServer:
         """Wait until every participant of the epoch has left: the epoch's model weights."""
         return self._send("epoch_end", timeout=float(timeout))
 
+    def close_round(self, min_count: int) -> Reply:
+        """Close the open sync round: apply its pooled deltas if at least ``min_count`` arrived,
+        else discard them; ``{"status": "applied" | "discarded", "version", "arrived"}``."""
+        return self._send("close_round", min_count=int(min_count))
+
     def summaries(self, names: list[str]) -> dict[str, dict]:
         """The summaries left by participants ``names`` (taken: the server forgets them)."""
         return self._send("summaries", lambda r: r["summaries"], names=list(names))
@@ -251,6 +273,21 @@ def _arrays_of_state(r: dict[str, Any]) -> dict[str, Any]:
     r["optimizer_state"]["buffers"] = buffers
     for loc in r.get("local_states", {}).values():
         loc["buffers"] = {k: np.asarray(v) for k, v in loc["buffers"].items()}
+    if r.get("buffer"):
+        r["buffer"]["deltas"] = [np.asarray(d) for d in r["buffer"]["deltas"]]
     averaged = r["optimizer"].get("ema") and r["optimizer_state"]["t"] and "average" in buffers
     r["model"] = buffers["average"] if averaged else r["params"]
     return r
+
+
+def _encode_buffer(buffer: dict | None) -> dict | None:
+    """``state()["buffer"]`` with its deltas wrapped for the wire (None when empty)."""
+    if not buffer or not buffer.get("deltas"):
+        return None
+    deltas = [np.ascontiguousarray(d, dtype=np.float32).reshape(-1) for d in buffer["deltas"]]
+    return {
+        "deltas": [encode_vector(d) for d in deltas],
+        "samples": [int(n) for n in buffer["samples"]],
+        "losses": [float(x) for x in buffer["losses"]],
+        "staleness": [int(n) for n in buffer["staleness"]],
+    }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 from distributed.protocol.serialize import Serialized
 
+from pipeline import fedagg
 from pipeline.errors import PSError
 from pipeline.jobview import JobSnapshot
 from pipeline.optim import Schedule, ServerOptimizer
@@ -73,6 +75,10 @@ class Job:
     damping: bool
     aggregate: str
     owner: str | None
+    aggregator: str = "mean"  # how a round's deltas combine (pipeline.fedagg); "sum" scales it
+    trim_fraction: float = 0.1
+    krum_f: int = 1
+    buffer_size: int = 0
     version: int = 0
     snapshot: np.ndarray | None = None
     snapshot_version: int = -1
@@ -84,6 +90,8 @@ class Job:
     join_timeout: float = 120.0
     pending: dict[str, tuple[np.ndarray, int, float]] = field(default_factory=dict)
     grad: np.ndarray | None = None  # sync: the round's combined delta (reused every round)
+    last_applied: list[str] = field(default_factory=list)  # sync: whose deltas the last round combined
+    buffer: list = field(default_factory=list)  # FedBuff: (delta, samples, loss, staleness) since the last step
     progress: dict[str, int] = field(default_factory=dict)  # participant -> batches absorbed
     summaries: dict[str, dict] = field(default_factory=dict)  # participant -> its task's result
     local_states: dict[str, dict] = field(default_factory=dict)  # sync: slot -> local optimizer state
@@ -145,12 +153,22 @@ class Job:
         owner: str | None = None,
         local_states: Mapping[str, Any] | None = None,
         keys: dict[str, tuple[str, str]] | None = None,
+        aggregator: str = "mean",
+        trim_fraction: float = 0.1,
+        krum_f: int = 1,
+        buffer_size: int = 0,
+        buffer: Mapping[str, Any] | None = None,
         privacy: Mapping[str, Any] | None = None,
     ) -> Job:
         """A job from the arguments of ``ps_create`` (wire-encoded vectors or arrays), every
-        one checked; :class:`PSError` names the first that is wrong. ``privacy``: the
-        settings of :func:`pipeline.privacy.check_privacy` (differential privacy of the
-        updates; sync mode only)."""
+        one checked; :class:`PSError` names the first that is wrong.
+
+        ``aggregator`` (with ``trim_fraction``, ``krum_f``): how a sync round's deltas combine
+        (:func:`pipeline.fedagg.aggregate`); ``aggregate = "sum"`` then scales the result by the
+        number of deltas. ``buffer_size`` > 0 (async jobs): buffered asynchronous rounds (FedBuff,
+        :meth:`push`); ``buffer``: the deltas a checkpointed job had buffered (``state()["buffer"]``).
+        ``privacy``: the settings of :func:`pipeline.privacy.check_privacy` (differential
+        privacy and secure aggregation of the updates; sync mode only)."""
         if not isinstance(n_params, int) or not 0 < n_params <= 2**31 - 1:
             raise PSError(f"n_params must be a positive int, got {n_params!r}")
         if mode not in MODES:
@@ -162,6 +180,18 @@ class Job:
         dp = check_privacy(privacy)
         if dp["dp"] != "off" and mode != "sync":
             raise PSError(f"privacy: dp = {dp['dp']!r} needs mode 'sync' (rounds of deltas), not {mode!r}")
+        fedagg.check(aggregator, trim_fraction, krum_f)
+        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 0:
+            raise PSError(f"buffer_size must be an int >= 0, got {buffer_size!r}")
+        if buffer_size and mode != "async":
+            raise PSError(f"buffer_size (buffered asynchronous rounds) needs mode 'async', not {mode!r}")
+        if buffer_size and aggregator != "mean":
+            raise PSError(
+                f"buffer_size (buffered asynchronous rounds) combines with aggregator 'mean', not {aggregator!r}"
+            )
+        if buffer_size and damping:
+            raise PSError("damping and buffer_size both weight stale deltas; use one of them")
+        buffered = _decode_buffer(buffer, n_params, buffer_size) if buffer else []
         vec = decode_vector(params, n_params, "params").copy()
         opt = ServerOptimizer(**(optimizer or {}), n=n_params)
         if optimizer_state:
@@ -191,6 +221,11 @@ class Job:
             damping=bool(damping),
             aggregate=aggregate,
             owner=owner,
+            aggregator=aggregator,
+            trim_fraction=float(trim_fraction),
+            krum_f=int(krum_f),
+            buffer_size=int(buffer_size),
+            buffer=buffered,
             version=int(version),
             join_timeout=float(join_timeout),
             progress={str(k): int(v) for k, v in (progress or {}).items()},
@@ -296,25 +331,20 @@ class Job:
         waiting_for = (set(self.participants) | set(self.expected)) - set(self.pending)
         if waiting_for:
             return
-        names = sorted(self.pending)  # fixed order: reproducible float sums
+        self._apply_round(sorted(self.pending))
+
+    def _apply_round(self, names: list[str]) -> None:
+        """Combine the pooled deltas of ``names`` (:meth:`_combine`), take the server's step
+        and start the next round."""
+        names = sorted(names)  # fixed order: reproducible float sums
         total = sum(self.pending[n][1] for n in names)
-        if self.grad is None:  # kept: no fresh vectors a round
-            self.grad = np.empty_like(self.params)
-        grad = self.grad
-        tmp = self.optimizer.work_vector(self.params)  # free until the step below
-        for i, n in enumerate(names):
-            delta, samples, _ = self.pending[n]
-            weight = np.float32(samples / total if total else 1 / len(names))
-            np.multiply(delta, weight, out=grad if i == 0 else tmp)
-            if i:
-                grad += tmp
-        if self.aggregate == "sum":
-            grad *= np.float32(len(names))
+        grad = self._combine(names)
         self._privatize(grad, len(names))
         losses = [self.pending[n][2] for n in names]
         self.optimizer.step(self.params, grad, self.lr())
         self.version += 1
         self.pending.clear()
+        self.last_applied = names
         self.after_update(float(np.mean(losses)), total, len(names))
 
     # -- secure aggregation (pipeline.secagg) -------------------------------------------------
@@ -367,9 +397,11 @@ class Job:
         loss: float,
         attempt: int | None,
         timeout: float,
+        wait: bool = True,
     ) -> dict[str, Any]:
         """Add ``name``'s masked vector to the round's running sum; reply once the round is
-        applied, or with ``redo`` when it must be masked again for a new roster."""
+        applied, or with ``redo`` when it must be masked again for a new roster (``wait=False``:
+        at once, as :meth:`push`)."""
         if self.exhausted:
             return self.reply(stop=True, message=self.budget_message())
         if version < self.version:
@@ -386,6 +418,8 @@ class Job:
             self.sa_sum += masked  # uint32: modulo 2**32
         self.sa_pushed[name] = (samples, int(batches), loss)
         self.maybe_close_round()
+        if not wait:
+            return {"status": "OK", "version": self.version, "pooled": True, "message": self.failed}
         ok = await self.wait(lambda: self.version > version or self.sa_attempt != attempt or self.exhausted, timeout)
         if not ok:
             return self.reply("timeout", message=f"barrier not released within {timeout} s")
@@ -442,6 +476,7 @@ class Job:
         self.version += 1
         for name, (_, batches, _) in pushed.items():
             self.progress[name] = self.progress.get(name, 0) + batches
+        self.last_applied = list(roster)
         self._secure_reset(0)
         self.after_update(float(np.mean([v[2] for v in pushed.values()])), sum(v[0] for v in pushed.values()), n)
 
@@ -536,6 +571,49 @@ class Job:
             "secure_aggregation": dp["secure_aggregation"],
         }
 
+    def _combine(self, names: list[str]) -> np.ndarray:
+        """The combined delta of the pooled deltas of ``names`` (in that order), by the job's
+        aggregator, times their number when ``aggregate = "sum"``. Written into a vector kept
+        between rounds (valid until the next round)."""
+        if self.grad is None:  # kept: no fresh vectors a round
+            self.grad = np.empty_like(self.params)
+        fedagg.aggregate(
+            [self.pending[n][0] for n in names],
+            [self.pending[n][1] for n in names],
+            self.aggregator,
+            trim_fraction=self.trim_fraction,
+            krum_f=self.krum_f,
+            out=self.grad,
+            work=self.optimizer.work_vector(self.params),  # free until the optimizer's step
+        )
+        if self.aggregate == "sum":
+            self.grad *= np.float32(len(names))
+        return self.grad
+
+    def _step_buffer(self) -> None:
+        """FedBuff: one server step with the buffered deltas, then an empty buffer.
+
+        Each delta ``d_i`` (``n_i`` samples, pushed ``s_i`` versions stale) is scaled by its
+        staleness weight ``w_i = 1 / sqrt(1 + s_i)`` and the step's delta is the sample-weighted
+        mean ``sum(n_i w_i d_i) / sum(n_i)`` (equal weights when no samples are counted): with
+        equal samples FedBuff's ``(1/K) sum(w_i d_i)``; stale deltas count less without the
+        fresh ones counting more. ``aggregate = "sum"`` scales it by the number of deltas."""
+        entries, self.buffer = self.buffer, []
+        total = sum(e[1] for e in entries)
+        if self.grad is None:
+            self.grad = np.empty_like(self.params)
+        grad, tmp = self.grad, self.optimizer.work_vector(self.params)
+        for i, (delta, samples, _, stale) in enumerate(entries):
+            share = samples / total if total else 1 / len(entries)
+            np.multiply(delta, np.float32(share / math.sqrt(1 + stale)), out=grad if i == 0 else tmp)
+            if i:
+                grad += tmp
+        if self.aggregate == "sum":
+            grad *= np.float32(len(entries))
+        self.optimizer.step(self.params, grad, self.lr())
+        self.version += 1
+        self.after_update(float(np.mean([e[2] for e in entries])), total, len(entries))
+
     def after_update(self, loss: float, samples: int, n_deltas: int) -> None:
         """Record a round in the history; a non-finite weight fails the job."""
         self.history.append((time.time(), self.version, loss, samples, n_deltas))
@@ -628,11 +706,15 @@ class Job:
         loss: float = float("nan"),
         timings: Mapping[str, float] | None = None,
         timeout: float = 600.0,
+        wait: bool = True,
         attempt: int | None = None,
     ) -> dict[str, Any]:
         """Apply (async, ssp) or pool (sync) ``name``'s delta; reply with the weights to go on
-        from once the mode lets the participant continue. With secure aggregation the delta
-        is a masked uint32 vector (its bytes as float32) for round ``attempt``."""
+        from once the mode lets the participant continue. ``wait=False`` (sync; a federated
+        client's one push of a round) pools the delta and replies at once, without weights: the
+        participant does not wait for the round (which closes when every expected participant
+        has pushed, or by :meth:`close_round`). With secure aggregation the delta is a masked
+        uint32 vector (its bytes as float32) for the round's key-exchange ``attempt``."""
         if self.failed:
             return self.reply("failed")
         p = self.participants.get(name) if isinstance(name, str) else None
@@ -657,7 +739,7 @@ class Job:
         self._count_push(p, samples, loss, staleness, timings)
 
         if secure:
-            return await self._secure_push(name, version, vec, samples, batches, loss, attempt, timeout)
+            return await self._secure_push(name, version, vec, samples, batches, loss, attempt, timeout, wait)
         if self.mode == "sync":
             if self.exhausted:
                 # the privacy budget allows no further round: the participant stops
@@ -676,9 +758,18 @@ class Job:
             self.pending[name] = (own, weight, loss)
             self.progress[name] = self.progress.get(name, 0) + int(batches)
             self.maybe_close_round()
+            if not wait:
+                return {"status": "OK", "version": self.version, "pooled": True, "message": self.failed}
             ok = await self.wait(lambda: self.version > version or self.exhausted, timeout)
             if self.exhausted and self.version <= version:
                 return self.reply(stop=True, message=self.budget_message())
+        elif self.buffer_size:
+            self.buffer.append((vec if isinstance(delta, Serialized) else vec.copy(), samples, loss, staleness))
+            self.progress[name] = self.progress.get(name, 0) + int(batches)
+            p.clock += 1
+            if len(self.buffer) >= self.buffer_size:
+                self._step_buffer()
+            ok = True
         else:
             lr = self.lr()
             if self.damping and staleness:
@@ -749,6 +840,62 @@ class Job:
             return self.reply("failed")
         return self.reply(model=True)
 
+    def close_round(self, min_count: Any = 1) -> dict[str, Any]:
+        """Close the open sync round now (a federated round at its deadline): apply the pooled
+        deltas if at least ``min_count`` participants pushed one, else discard them; either way
+        no participant of the round is expected or active any more (a late push is refused).
+        ``arrived``: the participants whose deltas were pooled; ``last_applied``: those whose
+        deltas the last applied round combined (this one's, or the round that applied itself
+        when its last expected participant pushed)."""
+        if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < 1:
+            raise PSError(f"close_round: min_count must be an int >= 1, got {min_count!r}")
+        if self.mode != "sync":
+            raise PSError(f"close_round is for sync jobs; job {self.job!r} is {self.mode}")
+        arrived = sorted(self.pending)
+        for name in list(self.participants):
+            p = self.participants.pop(name)
+            if p.key is not None:
+                self.keys.pop(p.key, None)
+        for key in self.expected.values():
+            if key is not None:
+                self.keys.pop(key, None)
+        self.expected.clear()
+        status = "discarded"
+        if self.privacy["secure_aggregation"]:
+            # a round that applied itself had every roster member's masked vector; a partial
+            # sum still has uncancelled masks and cannot be unmasked: it is discarded
+            arrived = sorted(self.sa_pushed)
+            if arrived:
+                logger.warning(
+                    "job %s: secure round closed with %d masked deltas of a roster of %d; discarded",
+                    self.job,
+                    len(arrived),
+                    len(self.sa_roster or arrived),
+                )
+            self._secure_reset(0)
+        elif self.failed:
+            self.pending.clear()
+        elif arrived and len(arrived) >= min_count:
+            self._apply_round(arrived)
+            status = "applied"
+        else:
+            if arrived:
+                logger.warning(
+                    "job %s: round closed with %d of the %d deltas it needs; discarded",
+                    self.job,
+                    len(arrived),
+                    min_count,
+                )
+            self.pending.clear()
+        self.notify()
+        return {
+            "status": status,
+            "version": self.version,
+            "arrived": arrived,
+            "last_applied": list(self.last_applied),
+            "message": self.failed,
+        }
+
     def take_summaries(self, names: list | None = None) -> dict[str, Any]:
         """Hand over (and forget) the summaries left by ``names``; missing ones are absent."""
         got = {str(n): self.summaries.pop(str(n)) for n in names or () if str(n) in self.summaries}
@@ -766,6 +913,13 @@ class Job:
             # sync: each share's local optimizer state as its last task left it (replaced, never
             # changed in place, when a task leaves: no copy needed)
             "local_states": {k: encode_opt_state(v) for k, v in self.local_states.items()},
+            # FedBuff: the deltas received since the last step (copies: the job keeps adding)
+            "buffer": {
+                "deltas": [encode_vector(e[0].copy()) for e in self.buffer],
+                "samples": [e[1] for e in self.buffer],
+                "losses": [e[2] for e in self.buffer],
+                "staleness": [e[3] for e in self.buffer],
+            },
             "failed": self.failed,
             "metrics": self.metrics(),
             # the rounds the accountant has counted and adaptive clipping's clip: a resumed
@@ -825,11 +979,42 @@ class Job:
             "closed": self.closed,
             "epochs": list(self.epochs),
             "privacy": self.privacy_metrics(),
+            **self._site_metrics(),
         }
         if history:
             out["history"] = [list(h) for h in self.history]
         return out
 
+    def _site_metrics(self) -> dict[str, Any]:
+        """A federated job's last per-site evaluation, as the driver recorded it."""
+        for rec in reversed(self.epochs):
+            if isinstance(rec.get("sites"), Mapping):
+                return {
+                    "sites": {str(k): dict(v) for k, v in rec["sites"].items()},
+                    "site_mean": rec.get("site_mean"),
+                    "site_worst_decile": rec.get("site_worst_decile"),
+                }
+        return {}
+
     def view(self, history: bool = False) -> JobSnapshot:
         """The job's public, read-only snapshot (for the dashboard and Prometheus)."""
         return JobSnapshot.from_metrics(self.metrics(history=history))
+
+
+def _decode_buffer(buffer: Mapping[str, Any], n_params: int, buffer_size: int) -> list:
+    """The buffered deltas of ``state()["buffer"]``, checked; :class:`PSError` names what is wrong."""
+    try:
+        deltas = list(buffer["deltas"])
+        rest = [list(buffer[k]) for k in ("samples", "losses", "staleness")]
+    except (KeyError, TypeError):
+        raise PSError("buffer: expected {deltas, samples, losses, staleness} lists") from None
+    if any(len(r) != len(deltas) for r in rest) or len(deltas) >= max(1, buffer_size):
+        raise PSError(f"buffer: lists of one length below buffer_size {buffer_size} expected")
+    out = []
+    for i, d in enumerate(deltas):
+        vec = decode_vector(d, n_params, f"buffered delta {i}").copy()
+        samples, loss, stale = rest[0][i], rest[1][i], rest[2][i]
+        if not (isinstance(samples, int) and samples >= 0 and isinstance(stale, int) and stale >= 0):
+            raise PSError(f"buffer: delta {i} needs int samples and staleness >= 0")
+        out.append((vec, samples, float(loss), stale))
+    return out
