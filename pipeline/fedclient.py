@@ -22,8 +22,17 @@ from pipeline.errors import PSError
 from pipeline.loader import ChunkLoader, held_out_mask
 from pipeline.loop import FULL_BATCH_ROWS, holdout_selection, load_local_state, prepare_targets, run_batches
 from pipeline.metrics import plain_metrics
+from pipeline.privacy import clip_update, noise_rng, privatize_local
 from pipeline.ps import ParameterServer
-from pipeline.worker import _allow_profile_sizing, _Comm, _store, cached_trainer, evaluate_ranges
+from pipeline.worker import (
+    BudgetSpent,
+    _allow_profile_sizing,
+    _Comm,
+    _store,
+    cached_trainer,
+    evaluate_ranges,
+    masked_for_round,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -153,21 +162,39 @@ def fit_client(
     rows = samples // max(1, cfg["local_epochs"])  # the weight of this site's delta: its rows
     late = False
     t_push = time.perf_counter()
+    delta = anchor - trainer.get_params()
+    clip = float(cfg.get("clip_norm", 1.0))
+    if cfg.get("dp") == "local":  # the delta leaves the site clipped and noised
+        privatize_local(delta, clip, float(cfg.get("noise_multiplier", 0.0)), noise_rng())
     try:
-        comm.wait(
-            comm.ps.soon.push(
-                name=name,
-                version=version,
-                delta=anchor - trainer.get_params(),
-                samples=rows,
-                batches=batches,
-                loss=loss,
-                timings={"read": read_seconds, "compute": timing["compute"]},
-                timeout=cfg["barrier_timeout"],
-                wait=False,
+        if cfg.get("secure_aggregation"):
+            clip_update(delta, clip)  # the fixed-point sum is sized for deltas inside the clip
+        while True:
+            wire, attempt = delta, None
+            if cfg.get("secure_aggregation"):
+                got = masked_for_round(comm, name, version, delta, clip)
+                if isinstance(got, dict):  # the round closed before the roster was fixed
+                    raise PSError(got.get("message") or "the round closed before its keys were exchanged")
+                wire, attempt = got
+            r = comm.wait(
+                comm.ps.soon.push(
+                    name=name,
+                    version=version,
+                    delta=wire,
+                    samples=rows,
+                    batches=batches,
+                    loss=loss,
+                    timings={"read": read_seconds, "compute": timing["compute"]},
+                    timeout=cfg["barrier_timeout"],
+                    wait=False,
+                    attempt=attempt,
+                )
             )
-        )
-    except PSError as exc:  # the round closed (deadline) before this delta arrived
+            if not r.get("redo"):  # redo: a roster member left; mask again for the others
+                break
+        if r.get("stop"):
+            raise BudgetSpent(r.get("message") or "the privacy budget is spent")
+    except (PSError, BudgetSpent) as exc:  # the round closed (deadline) before this delta arrived
         late = True
         logger.info("federated client %s: delta not taken (%s)", name, exc)
     communicate = comm.seconds + time.perf_counter() - t_push

@@ -57,7 +57,7 @@ from pipeline.sites import (
     site_spread,
     sites_digest,
 )
-from pipeline.train import RunDir, TrainResult, build_spec, check_backend, task_config
+from pipeline.train import RunDir, TrainResult, build_spec, check_backend, privacy_settings, task_config
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,12 @@ class FederatedTrainer:
             optimizer_state=ckpt.optimizer_state if ckpt else None,
             epoch=run.epoch,
             join_timeout=cfg.round_deadline + cfg.no_worker_timeout,
+            # the accountant's amplification: the share of the sites sampled in a round
+            privacy=privacy_settings(
+                cfg,
+                ckpt.meta.get("privacy") if ckpt else None,
+                clients_per_round(len(self.sites), cfg.fraction_fit, cfg.min_clients) / max(1, len(self.sites)),
+            ),
         )
         rows = ", ".join(f"{n} {r:,}" for n, r in fed.rows.items())
         self.log(
@@ -235,6 +241,7 @@ class FederatedTrainer:
             seen=run.samples,
         )
         stopped_early = False
+        privacy: dict[str, Any] = {}
         try:
             for rnd in range(run.epoch, cfg.rounds):
                 run.epoch = rnd
@@ -247,6 +254,10 @@ class FederatedTrainer:
                 if st.get("failed"):
                     raise TrainingError(str(st["failed"]))
                 record["rounds"] = st["version"]
+                privacy = st.get("privacy") or {}
+                if privacy.get("dp", "off") != "off":
+                    # the privacy spent up to this round's model: epsilon at delta over the rounds applied
+                    record.update(epsilon=privacy["epsilon"], dp_delta=privacy["delta"], dp_rounds=privacy["rounds"])
                 evaluate = (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds
                 if evaluate:
                     record.update(self._evaluate(rnd, self._available()))
@@ -266,6 +277,14 @@ class FederatedTrainer:
                 if stop:
                     stopped_early = True
                     self.log(f"early stop: no validation improvement for {cfg.patience} rounds")
+                    break
+                if privacy.get("exhausted"):
+                    stopped_early = True
+                    self.log(
+                        f"privacy budget: stopping after {privacy['rounds']} rounds at epsilon = "
+                        f"{privacy['epsilon']:.4g} (delta = {privacy['delta']:g}); another round would exceed "
+                        f"target_epsilon = {cfg.target_epsilon:g}"
+                    )
                     break
         except KeyboardInterrupt:
             self.log("interrupted: writing a checkpoint before stopping")
@@ -299,11 +318,16 @@ class FederatedTrainer:
             "rounds": metrics.get("history", []),
             "round_columns": ["time", "version", "loss", "samples", "deltas"],
         }
+        privacy = metrics.get("privacy") or privacy
+        if privacy.get("dp", "off") == "off" and not privacy.get("secure_aggregation"):
+            privacy = {}
+        if privacy:
+            history_doc["privacy"] = privacy
         self.run.write_json(self.run.history, history_doc)
         from pipeline.plots import save_plots
 
         save_plots(self.run.path, history_doc)
-        return TrainResult(self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch)
+        return TrainResult(self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch, privacy)
 
     @staticmethod
     def _samples_since(run: RunState) -> int:

@@ -132,6 +132,23 @@ class BudgetSpent(Exception):
     """The parameter server applies no further round: the privacy budget is spent."""
 
 
+def masked_for_round(comm: _Comm, name: str, version: int, delta: np.ndarray, clip: float) -> tuple[Any, int] | dict:
+    """Secure aggregation (pipeline.secagg): exchange this round's keys through the server
+    and return ``delta`` (already clipped to ``clip``) quantized and masked for the round's
+    roster, as the float32 view the wire carries, with the round's attempt; or the server's
+    reply when the participant is not in a round any more (``dropped``, ``stop``)."""
+    private, public = new_keypair()
+    r = comm.wait(comm.ps.soon.exchange_keys(name, version, public, timeout=comm.timeout))
+    if r.get("stop"):
+        raise BudgetSpent(r.get("message") or "the privacy budget is spent")
+    if "roster" not in r:
+        return r
+    roster, attempt = r["roster"], int(r["attempt"])
+    q = quantize(delta, scale_for(len(roster), clip))
+    masked = mask(q, name, private, roster, round_info(comm.ps.job, version, attempt, sorted(roster)))
+    return masked.view(np.float32), attempt
+
+
 class _Pusher:
     """The push side of a training task: the weights last received from the parameter server
     (``anchor``, at ``version``), the push still in flight with ``overlap``, and the time
@@ -212,20 +229,16 @@ class _Pusher:
         clip_update(delta, self.clip)
         ps = self.comm.ps
         while True:
-            private, public = new_keypair()
-            r = self.comm.wait(ps.soon.exchange_keys(self.name, self.version, public, timeout=self.timeout))
-            if r.get("stop"):
-                raise BudgetSpent(r.get("message") or "the privacy budget is spent")
-            if r.get("dropped") or "roster" not in r:
+            got = masked_for_round(self.comm, self.name, self.version, delta, self.clip)
+            if isinstance(got, dict):
+                r = got
                 break  # the round finished without it: go on from the fresh weights
-            roster, attempt = r["roster"], int(r["attempt"])
-            q = quantize(delta, scale_for(len(roster), self.clip))
-            masked = mask(q, self.name, private, roster, round_info(ps.job, self.version, attempt, sorted(roster)))
+            masked, attempt = got
             r = self.comm.wait(
                 ps.soon.push(
                     name=self.name,
                     version=self.version,
-                    delta=masked.view(np.float32),
+                    delta=masked,
                     samples=samples,
                     batches=batches,
                     loss=loss,

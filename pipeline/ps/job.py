@@ -365,6 +365,8 @@ class Job:
         while True:
             if self.failed:
                 return self.reply("failed")
+            if name not in self.participants:  # the round closed (deadline) without it
+                return self.reply(dropped=True, message=f"participant {name!r} is no longer in round {self.version}")
             if self.exhausted:
                 return self.reply(stop=True, message=self.budget_message())
             if version < self.version:
@@ -872,7 +874,7 @@ class Job:
                     len(arrived),
                     len(self.sa_roster or arrived),
                 )
-            self._secure_reset(0)
+            self._secure_reset(self.sa_attempt + 1)  # wakes the clients still exchanging keys
         elif self.failed:
             self.pending.clear()
         elif arrived and len(arrived) >= min_count:
