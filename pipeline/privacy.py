@@ -157,67 +157,38 @@ class AdaptiveClip:
 # --------------------------------------------------------------------------------------------
 
 
-def _log_add(a: float, b: float) -> float:
-    """log(exp(a) + exp(b)) without overflow."""
-    lo, hi = min(a, b), max(a, b)
-    if lo == -math.inf:
-        return hi
-    return hi + math.log1p(math.exp(lo - hi))
-
-
-def _log_binom(n: float, k: float) -> float:
-    """log |binomial(n, k)| for real n (log-gamma)."""
-    return float(special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1))
-
-
-def _log_erfc(x: float) -> float:
-    """log(erfc(x)), accurate far in the tail."""
-    return math.log(2) + float(special.log_ndtr(-x * math.sqrt(2)))
-
-
 def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
     """log A_alpha for an integer order (Mironov et al. 2019, Section 3.2): the binomial
-    expansion of E_{z ~ N(0, sigma^2)} [(1 - q + q exp((2z - 1) / (2 sigma^2)))^alpha]."""
-    total = -math.inf
-    log_q, log_1mq = math.log(q), math.log1p(-q)
-    for k in range(alpha + 1):
-        term = _log_binom(alpha, k) + k * log_q + (alpha - k) * log_1mq + (k * k - k) / (2 * sigma**2)
-        total = _log_add(total, term)
-    return total
+    expansion of E_{z ~ N(0, sigma^2)} [(1 - q + q exp((2z - 1) / (2 sigma^2)))^alpha],
+    summed in log space (vectorized over the alpha + 1 terms)."""
+    k = np.arange(alpha + 1, dtype=np.float64)
+    log_binom = special.gammaln(alpha + 1) - special.gammaln(k + 1) - special.gammaln(alpha - k + 1)
+    terms = log_binom + k * math.log(q) + (alpha - k) * math.log1p(-q) + (k * k - k) / (2 * sigma**2)
+    return float(special.logsumexp(terms))
 
 
 def _log_a_fractional(q: float, sigma: float, alpha: float, max_terms: int = 1000) -> float:
     """log A_alpha for a fractional order (Mironov et al. 2019, Section 3.3): the integral
-    split at z0, where the mixture's two components cross, each side a convergent series."""
+    split at z0, where the mixture's two components cross, each side a convergent series,
+    summed until both sides' terms fall and are 30 nats below the total (vectorized)."""
     z0 = sigma**2 * math.log(1 / q - 1) + 0.5
-    log_q, log_1mq = math.log(q), math.log1p(-q)
-    part0 = part1 = -math.inf
-    last0 = last1 = -math.inf
-    for i in range(max_terms):
-        j = alpha - i
-        coef = _log_binom(alpha, i)
-        s0 = (
-            coef
-            + i * log_q
-            + j * log_1mq
-            + (i * i - i) / (2 * sigma**2)
-            + math.log(0.5)
-            + _log_erfc((i - z0) / (math.sqrt(2) * sigma))
-        )
-        s1 = (
-            coef
-            + j * log_q
-            + i * log_1mq
-            + (j * j - j) / (2 * sigma**2)
-            + math.log(0.5)
-            + _log_erfc((z0 - j) / (math.sqrt(2) * sigma))
-        )
-        part0, part1 = _log_add(part0, s0), _log_add(part1, s1)
-        total = _log_add(part0, part1)
-        if s0 < last0 and s1 < last1 and max(s0, s1) < total - 30:
-            return total
-        last0, last1 = s0, s1
-    return math.inf  # did not converge: this order gives no bound
+    i = np.arange(max_terms, dtype=np.float64)
+    j = alpha - i
+    coef = special.gammaln(alpha + 1) - special.gammaln(i + 1) - special.gammaln(alpha - i + 1)
+    log_q, log_1mq, half = math.log(q), math.log1p(-q), math.log(0.5)
+    root = math.sqrt(2) * sigma
+    s0 = coef + i * log_q + j * log_1mq + (i * i - i) / (2 * sigma**2) + half + _log_erfc_array((i - z0) / root)
+    s1 = coef + j * log_q + i * log_1mq + (j * j - j) / (2 * sigma**2) + half + _log_erfc_array((z0 - j) / root)
+    total = np.logaddexp(np.logaddexp.accumulate(s0), np.logaddexp.accumulate(s1))
+    falling = np.zeros(max_terms, dtype=bool)
+    falling[1:] = (s0[1:] < s0[:-1]) & (s1[1:] < s1[:-1])
+    done = np.flatnonzero(falling & (np.maximum(s0, s1) < total - 30))
+    return float(total[done[0]]) if done.size else math.inf  # no convergence: no bound at this order
+
+
+def _log_erfc_array(x: np.ndarray) -> np.ndarray:
+    """log(erfc(x)) elementwise, accurate far in the tail."""
+    return math.log(2) + special.log_ndtr(-x * math.sqrt(2))
 
 
 def rdp_sampled_gaussian(q: float, noise_multiplier: float, orders: Sequence[float] = DEFAULT_ORDERS) -> np.ndarray:
@@ -279,6 +250,7 @@ class RdpAccountant:
     def __post_init__(self) -> None:
         self.rdp = np.zeros(len(self.orders), dtype=np.float64)
         rounds, self.rounds = self.rounds, 0
+        self.round_rdp()  # computed once, before the first round needs it
         if rounds:
             self.step(rounds)
 
@@ -321,6 +293,30 @@ class RdpAccountant:
             else:
                 hi = mid
         return lo
+
+
+def noise_for_epsilon(target_epsilon: float, rounds: int, sampling_rate: float, delta: float = 1e-5) -> float:
+    """The smallest noise multiplier (to 0.1%) whose ``rounds`` rounds at ``sampling_rate``
+    stay within ``target_epsilon`` at ``delta``: how to choose ``noise_multiplier`` for a
+    budget."""
+    if target_epsilon <= 0 or rounds < 1:
+        raise ValueError(f"need target_epsilon > 0 and rounds >= 1, got {target_epsilon}, {rounds}")
+
+    def eps(z: float) -> float:
+        return RdpAccountant(z, sampling_rate, delta).epsilon(rounds=rounds)
+
+    lo, hi = 0.05, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ValueError(f"no noise multiplier up to 1e4 reaches epsilon {target_epsilon}")
+    while hi - lo > 1e-3 * hi:  # epsilon falls as the noise grows
+        mid = (lo + hi) / 2
+        if eps(mid) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def local_epsilon(rounds: int, noise_multiplier: float, delta: float) -> float:

@@ -19,6 +19,7 @@ from pipeline.privacy import (
     epsilon_from_rdp,
     l2_norm,
     local_epsilon,
+    noise_for_epsilon,
     privatize_local,
     rdp_sampled_gaussian,
     split_noise,
@@ -185,3 +186,8 @@ def test_check_privacy_fills_defaults_and_names_the_bad_setting() -> None:
     ):
         with pytest.raises(PSError, match=match):
             check_privacy(bad)
+
+
+def test_noise_for_epsilon_is_the_least_noise_within_the_budget() -> None:
+    z = noise_for_epsilon(3.0, 50, 0.1, 1e-5)
+    assert RdpAccountant(z, 0.1, 1e-5).epsilon(rounds=50) <= 3.0 < RdpAccountant(z * 0.99, 0.1).epsilon(rounds=50)
