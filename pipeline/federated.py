@@ -219,6 +219,7 @@ class FederatedTrainer:
                 cfg,
                 ckpt.meta.get("privacy") if ckpt else None,
                 clients_per_round(len(self.sites), cfg.fraction_fit, cfg.min_clients) / max(1, len(self.sites)),
+                participants=clients_per_round(len(self.sites), cfg.fraction_fit, cfg.min_clients),
             ),
         )
         rows = ", ".join(f"{n} {r:,}" for n, r in fed.rows.items())

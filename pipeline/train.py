@@ -118,13 +118,24 @@ def task_config(cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
-def privacy_settings(cfg: TrainConfig, spent: dict | None = None, sampling_rate: float = 1.0) -> dict | None:
+def privacy_settings(
+    cfg: TrainConfig, spent: dict | None = None, sampling_rate: float = 1.0, participants: int = 0
+) -> dict | None:
     """The parameter server's privacy settings (:func:`pipeline.privacy.check_privacy`) of
     ``cfg``, going on from the privacy ``spent`` by a checkpointed run; None without privacy.
     ``sampling_rate``: the share of participants taking part in a round (every share of a
-    sync epoch takes part in its rounds: 1)."""
+    sync epoch takes part in its rounds: 1); ``participants`` per round, when known, lets
+    adaptive clipping be refused before training if that many cannot pay for its noisy count."""
     if cfg.dp == "off" and not cfg.secure_aggregation:
         return None
+    if cfg.clip_quantile > 0 and cfg.noise_multiplier > 0 and participants:
+        from pipeline.errors import PSError
+        from pipeline.privacy import split_noise
+
+        try:
+            split_noise(cfg.noise_multiplier, participants)
+        except PSError as exc:
+            raise ConfigError(f"config key 'clip_quantile' = {cfg.clip_quantile!r}: {exc}") from None
     spent = spent or {}
     out = {
         "dp": cfg.dp,
@@ -639,7 +650,9 @@ class Trainer:
             progress=ckpt.progress if ckpt else None,
             epoch=run.epoch,
             join_timeout=cfg.join_timeout,
-            privacy=privacy_settings(cfg, ckpt.meta.get("privacy") if ckpt else None),
+            privacy=privacy_settings(
+                cfg, ckpt.meta.get("privacy") if ckpt else None, participants=plan.sync_shares or plan.n_threads
+            ),
         )
         self.log(
             f"job {self.job}: {len(plan.tasks)} tasks per epoch over {self.store.n_rows:,} rows, "

@@ -65,7 +65,7 @@ def test_a_resumed_run_goes_on_spending_from_its_checkpoint(letter_stores, clien
     cfg = {**SMALL, "dp": "central", "noise_multiplier": 2.0, "clip_quantile": 0.5, "clip_norm": 0.1}
     out = tmp_path / "run"
     # two shares per round cannot pay for adaptive clipping's noisy count at z = 2: refused
-    with pytest.raises(Exception, match="cannot afford noise_multiplier"):
+    with pytest.raises(ConfigError, match="cannot afford noise_multiplier = 2"):
         train(letter_stores[0], TrainConfig(**cfg, epochs=1), tmp_path / "refused", client=client)
     cfg["noise_multiplier"] = 0.1
     first = train(letter_stores[0], TrainConfig(**cfg, epochs=1), out, client=client)
