@@ -440,7 +440,7 @@ def train(
                 # the privacy the whole run spent (its last round), not only the saved epoch's
                 **(
                     {"epsilon": result.privacy["epsilon"], "dp_delta": result.privacy["delta"]}
-                    if result.privacy
+                    if result.privacy.get("dp", "off") != "off"
                     else {}
                 ),
             }
