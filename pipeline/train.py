@@ -128,6 +128,11 @@ def privacy_settings(
     adaptive clipping be refused before training if that many cannot pay for its noisy count."""
     if cfg.dp == "off" and not cfg.secure_aggregation:
         return None
+    if cfg.secure_aggregation and participants == 1:
+        raise ConfigError(
+            "config key 'secure_aggregation' = True needs at least 2 participants per round (this run has 1: "
+            "alone, a participant's delta would go unmasked); use more workers or sites, or min_clients >= 2"
+        )
     if cfg.clip_quantile > 0 and cfg.noise_multiplier > 0 and participants:
         from pipeline.errors import PSError
         from pipeline.privacy import split_noise

@@ -383,6 +383,12 @@ class Job:
                     timeout,
                 )
                 if ok and self.sa_attempt == attempt and self.version == version and self.sa_roster is not None:
+                    if self.sa_roster == [name]:
+                        # alone in the round: nothing would mask its delta, so it sends none
+                        self._secure_reset(self.sa_attempt + 1)
+                        return self.reply(
+                            dropped=True, message="secure aggregation needs at least 2 participants in a round"
+                        )
                     if name in self.sa_roster:
                         roster = {n: self.sa_keys[n] for n in self.sa_roster}
                         return {"status": "OK", "roster": roster, "attempt": attempt, "version": self.version}

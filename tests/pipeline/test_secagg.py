@@ -202,3 +202,18 @@ def test_key_exchange_checks_its_arguments() -> None:
             await plain.exchange_keys("a", 0, b"\0" * 32)
 
     asyncio.run(main())
+
+
+def test_a_participant_alone_in_a_round_sends_nothing() -> None:
+    """Alone, a participant's "masked" vector would be its quantized delta in the clear: the
+    job tells it to skip the round instead, and never receives it."""
+
+    async def main() -> Job:
+        job = _job()
+        job.join("a")
+        r = await job.exchange_keys("a", 0, new_keypair()[1], timeout=5)
+        assert r["dropped"] and "at least 2 participants" in r["message"]
+        assert job.sa_sum is None and job.version == 0
+        return job
+
+    asyncio.run(main())

@@ -126,3 +126,10 @@ def test_secure_aggregation_survives_a_worker_killed_mid_epoch(letter_stores, tm
     assert killed, "no worker was killed: the test did not exercise worker loss"
     assert len(res.history) == 3 and np.isfinite(res.model.params).all()
     assert res.history[-1]["val_accuracy"] > res.history[0]["val_accuracy"] - 0.05  # still learning, not corrupted
+
+
+def test_secure_aggregation_with_one_share_per_round_is_refused(letter_stores, client, tmp_path) -> None:
+    """One sync share would push its delta with no peer to mask it: refused before training."""
+    cfg = TrainConfig(**SMALL, epochs=1, secure_aggregation=True, min_share_gflop=1e9)  # one share
+    with pytest.raises(ConfigError, match="needs at least 2 participants per round"):
+        train(letter_stores[0], cfg, tmp_path / "run", client=client)
