@@ -178,8 +178,11 @@ class Job:
         if not isinstance(staleness, int) or staleness < 0:
             raise PSError(f"staleness must be an int >= 0, got {staleness!r}")
         dp = check_privacy(privacy)
-        if dp["dp"] != "off" and mode != "sync":
-            raise PSError(f"privacy: dp = {dp['dp']!r} needs mode 'sync' (rounds of deltas), not {mode!r}")
+        private = "secure_aggregation" if dp["secure_aggregation"] else f"dp = {dp['dp']!r}"
+        if (dp["dp"] != "off" or dp["secure_aggregation"]) and mode != "sync":
+            raise PSError(f"privacy: {private} needs mode 'sync' (rounds of deltas), not {mode!r}")
+        if (dp["dp"] != "off" or dp["secure_aggregation"]) and aggregator != "mean":
+            raise PSError(f"privacy: {private} needs aggregator 'mean' (a sum of clipped deltas), not {aggregator!r}")
         fedagg.check(aggregator, trim_fraction, krum_f)
         if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 0:
             raise PSError(f"buffer_size must be an int >= 0, got {buffer_size!r}")

@@ -180,6 +180,10 @@ def test_privacy_off_changes_nothing() -> None:
 def test_privacy_settings_are_checked_at_creation() -> None:
     with pytest.raises(PSError, match="needs mode 'sync'"):
         Job.create("j", np.zeros(N, np.float32), N, mode="async", privacy={"dp": "central"})
+    with pytest.raises(PSError, match="secure_aggregation needs mode 'sync'"):
+        Job.create("j", np.zeros(N, np.float32), N, mode="ssp", privacy={"secure_aggregation": True})
+    with pytest.raises(PSError, match="needs aggregator 'mean'"):
+        Job.create("j", np.zeros(N, np.float32), N, mode="sync", aggregator="median", privacy={"dp": "central"})
     with pytest.raises(PSError, match="unknown dp"):
         _job({"dp": "maybe"})
     assert math.isfinite(_job({"dp": "central", "noise_multiplier": 1.0}).epsilon())
