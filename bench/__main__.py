@@ -48,6 +48,7 @@ BENCHMARKS = [
     ("ps_saturation", "Parameter-server saturation: measured against predicted", "python -m bench.ps_saturation"),
     ("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets", "python -m bench.sklearn_parity"),
     ("fed_strategies", "Robust aggregation against a Byzantine client", "python -m bench.fed_strategies"),
+    ("privacy", "The cost of privacy: DP, secure aggregation, both", "python -m bench.privacy"),
 ]
 
 

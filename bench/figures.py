@@ -22,6 +22,7 @@ TITLES = {
     "throughput": "end-to-end throughput, samples/s",
     "out_of_core": "out of core: largest worker RSS over each one-epoch run, and samples/s, per store size",
     "ps_limits": "parameter server: MB/s in and pushes/s vs parameters",
+    "privacy": "accuracy after R rounds against the epsilon spent (central DP), with no privacy and secure aggregation",
 }
 # one colour per trainer, the same in every figure
 COLOURS = {

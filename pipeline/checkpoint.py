@@ -16,7 +16,8 @@ and these meta keys: ``job``, ``epoch`` (the epoch running or next to run), ``ve
 server's round), ``optimizer_t``, ``local_states`` (slot -> ``t``, ``lr`` and ``arrays``: buffer
 name -> array name), ``progress`` (task -> pushes done), ``done_tasks`` (tasks of ``epoch``
 finished), ``history``, ``best_loss`` (1e300 for none), ``best_epoch`` (-1 for none),
-``config``, ``store``, ``spec``, ``n_threads``, ``in_process`` and ``time``. Format version 1;
+``privacy`` (the privacy spent: ``rounds`` accounted, ``clip``, ``epsilon``; absent without
+DP), ``config``, ``store``, ``spec``, ``n_threads``, ``in_process`` and ``time``. Format version 1;
 a reader of a later version reads every file an earlier one wrote.
 """
 
@@ -185,7 +186,11 @@ def write_checkpoint(path: str | os.PathLike, run: RunState, server: dict[str, A
             names[k] = f"local{i}_{j}"
             arrays[names[k]] = v
         local_meta[slot] = {"t": loc["t"], "lr": loc.get("lr"), "arrays": names}
+    # the privacy spent (rounds accounted, adaptive clipping's clip): a resumed run goes on from it
+    privacy = server.get("privacy") or {}
+    private = privacy.get("dp", "off") != "off" or privacy.get("secure_aggregation")
     record = {
+        **({"privacy": privacy} if private else {}),
         "job": run.job,
         "epoch": run.epoch,
         "version": server["version"],

@@ -215,7 +215,8 @@ def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: boo
             for k in ("workers", "threads_per_worker")
         )
     )
-    if asked or cfg.clients:  # simulated clients are tasks on a cluster
+    if asked or cfg.clients or cfg.dp != "off" or cfg.secure_aggregation:  # simulated clients are tasks on a
+        # cluster; privacy lives in the parameter server
         return ""
     if resume:
         from pipeline.checkpoint import load_file
@@ -426,7 +427,8 @@ def train(
             _echo(
                 f"epoch {r['epoch'] + 1:>3}  train_loss {r['train_loss']:.4f}  "
                 + (f"val_loss {r['val_loss']:.4f}  {name} {metric:.4f}  " if metric is not None else "")
-                + f"{r['samples_per_s']:,.0f} samples/s  rounds {r['rounds']}",
+                + f"{r['samples_per_s']:,.0f} samples/s  rounds {r['rounds']}"
+                + (f"  epsilon {r['epsilon']:.3g}" if "epsilon" in r else ""),
                 quiet,
             )
 
@@ -456,6 +458,12 @@ def train(
                 "stopped_early": result.stopped_early,
                 "best_epoch": saved.get("epoch"),
                 **{k: v for k, v in saved.items() if k.startswith("val_")},
+                # the privacy the whole run spent (its last round), not only the saved epoch's
+                **(
+                    {"epsilon": result.privacy["epsilon"], "dp_delta": result.privacy["delta"]}
+                    if result.privacy.get("dp", "off") != "off"
+                    else {}
+                ),
             }
         )
     )

@@ -28,6 +28,7 @@ SCHEDULES = ("constant", "step", "cosine")
 BACKENDS = ("auto", "cpu", "numpy", "cuda")
 COMPRESSIONS = ("none", "fp16", "bf16", "topk", "int8")  # pipeline.ps.wire.CODECS
 PARTITIONS = ("iid", "dirichlet", "classes", "column")
+DP_MODES = ("off", "central", "local")  # pipeline.privacy.DP_MODES
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
 # The removed key `placement`: "dynamic" (what every run does) is still read, so that the
@@ -155,6 +156,16 @@ class TrainConfig:
     # fresh mmap that page-faults in (2 MB vector ops 17x slower). Training tasks set it to this
     # many MiB once per worker process (glibc's own ceiling, 32); 0 = leave the allocator alone.
     mmap_threshold_mb: int = MAX_MMAP_THRESHOLD_MB
+    # --- privacy (docs/privacy.md; sync mode) ----------------------------------------------
+    # off | central (the parameter server clips each update on arrival and noises the round's
+    # sum) | local (each site clips and noises its own update before it leaves)
+    dp: str = "off"
+    clip_norm: float = 1.0  # L2 clip of each update (the starting clip when clip_quantile > 0)
+    clip_quantile: float = 0.0  # central: adaptive clipping to this quantile of update norms; 0 = fixed clip
+    noise_multiplier: float = 0.0  # Gaussian noise std = noise_multiplier x clip_norm (on the round's sum)
+    dp_delta: float = 1e-5  # the delta epsilon is reported at (well below 1 / participants)
+    target_epsilon: float = 0.0  # stop before a round would take epsilon above this; 0 = no budget
+    secure_aggregation: bool = False  # pairwise-masked updates: the server only ever sees their sum
 
     # ----------------------------------------------------------------------------------------
 
@@ -222,6 +233,12 @@ class TrainConfig:
             ),
             ("hidden", all(1 <= h <= MAX_WIDTH for h in self.hidden), f"widths between 1 and {MAX_WIDTH}"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"between 0 and {MAX_SEED}"),
+            ("dp", self.dp in DP_MODES, f"one of {DP_MODES}"),
+            ("clip_norm", self.clip_norm > 0, "> 0"),
+            ("clip_quantile", 0 <= self.clip_quantile < 1, "in [0, 1) (0 = a fixed clip, e.g. 0.5 = the median norm)"),
+            ("noise_multiplier", self.noise_multiplier >= 0, ">= 0"),
+            ("dp_delta", 0 < self.dp_delta < 1, "in (0, 1), e.g. 1e-5"),
+            ("target_epsilon", self.target_epsilon >= 0, ">= 0 (0 = no budget)"),
             ("clients", 0 <= self.clients <= 1 << 24, "between 0 (off) and 16777216"),
             ("partition", self.partition in PARTITIONS, f"one of {PARTITIONS}"),
             ("partition_alpha", self.partition_alpha > 0, "> 0 (smaller = more skewed)"),
@@ -253,6 +270,53 @@ class TrainConfig:
                 "set compression = 'none' or ps_shards = 0"
             )
         self._validate_federation()
+        self._validate_privacy()
+
+    def _validate_privacy(self) -> None:
+        """The privacy keys that only make sense together."""
+        key = "dp" if self.dp != "off" else "secure_aggregation"
+        if (self.dp != "off" or self.secure_aggregation) and self.mode != "sync":
+            raise ConfigError(
+                f"config key '{key}' = {getattr(self, key)!r} needs mode = 'sync' (rounds of updates), "
+                f"not {self.mode!r}"
+            )
+        if (self.dp != "off" or self.secure_aggregation) and self.aggregator != "mean":
+            raise ConfigError(
+                f"config key '{key}' = {getattr(self, key)!r} needs aggregator = 'mean' (the privacy and the "
+                f"masked sum are those of a sum of clipped updates), not {self.aggregator!r}"
+            )
+        if self.target_epsilon > 0 and (self.dp == "off" or self.noise_multiplier == 0):
+            raise ConfigError(
+                f"config key 'target_epsilon' = {self.target_epsilon!r} needs dp = 'central' or 'local' and "
+                "noise_multiplier > 0 (without noise epsilon is infinite)"
+            )
+        if self.secure_aggregation and (self.dp == "local" or self.clip_quantile > 0):
+            key = "dp" if self.dp == "local" else "clip_quantile"
+            raise ConfigError(
+                f"config key '{key}' = {getattr(self, key)!r} does not combine with secure_aggregation: the "
+                "masked sum needs updates inside a fixed clip (use dp = 'central' with a fixed clip_norm)"
+            )
+        if self.secure_aggregation and self.compression != "none":
+            raise ConfigError(
+                f"config key 'compression' = {self.compression!r} does not combine with secure_aggregation: "
+                "masked updates are exact integers that a lossy codec would break; set compression = 'none'"
+            )
+        if (self.dp != "off" or self.secure_aggregation) and self.ps_shards:
+            raise ConfigError(
+                f"config key '{key}' = {getattr(self, key)!r} needs the parameter server in the scheduler "
+                f"(clipping and masks cover the whole update, not a shard's range); set ps_shards = 0"
+            )
+        if self.secure_aggregation and self.clients:
+            raise ConfigError(
+                f"config key 'secure_aggregation' does not apply to simulated clients (clients = {self.clients}): "
+                "they train one after another in a task, and the key exchange needs every client of a round "
+                "at once; use real sites (--sites) or secure_aggregation = false"
+            )
+        if self.clip_quantile > 0 and self.dp != "central":
+            raise ConfigError(
+                f"config key 'clip_quantile' = {self.clip_quantile!r} needs dp = 'central' (adaptive clipping "
+                "runs on the parameter server)"
+            )
 
     def _validate_federation(self) -> None:
         """The federation keys that only make sense together."""

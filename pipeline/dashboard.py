@@ -77,6 +77,16 @@ def _summary_html(snap: JobSnapshot) -> str:
         f"{snap.pushes:,} pushes, {snap.samples:,} samples, "
         f"{snap.samples / elapsed:,.0f} samples/s, {snap.version / elapsed:,.1f} rounds/s, "
         f"loss {loss:.4f}, lr {snap.lr:.3g}, participants {len(snap.participants)}, "
+        + (
+            f"privacy <b>{snap.privacy['dp']}</b> DP: epsilon {snap.epsilon:.3g} at delta {snap.privacy['delta']:g} "
+            f"after {snap.privacy['rounds']:,} rounds (clip {snap.privacy['clip']:.3g}"
+            + (f", budget {snap.privacy['target_epsilon']:g}" if snap.privacy.get("target_epsilon") else "")
+            + ("; budget reached" if snap.privacy.get("exhausted") else "")
+            + "), "
+            if snap.epsilon is not None
+            else ""
+        )
+        + ("secure aggregation, " if snap.privacy.get("secure_aggregation") else "")
         + (f"checkpoint {time.time() - ckpt:,.0f} s ago" if ckpt else "no checkpoint yet")
         + _sites_html(snap)
     )
@@ -240,6 +250,9 @@ class TrainingCollector:
             "val": GaugeMetricFamily("pipeline_validation_loss", "Last validation loss", labels=["job"]),
             "participants": GaugeMetricFamily("pipeline_participants", "Active participants", labels=["job"]),
             "staleness": GaugeMetricFamily("pipeline_staleness_mean", "Mean staleness of pushes", labels=["job"]),
+            "epsilon": GaugeMetricFamily(
+                "pipeline_privacy_epsilon", "Differential privacy spent: epsilon at the job's delta", labels=["job"]
+            ),
             "ckpt": GaugeMetricFamily(
                 "pipeline_checkpoint_age_seconds", "Seconds since the last checkpoint (-1: none yet)", labels=["job"]
             ),
@@ -275,6 +288,8 @@ class TrainingCollector:
                 fams["participants"].add_metric(lab, len(st.participants))
                 fams["staleness"].add_metric(lab, st.mean_staleness())
                 fams["ckpt"].add_metric(lab, now - st.checkpoint_time if st.checkpoint_time else -1.0)
+                if st.epsilon is not None:
+                    fams["epsilon"].add_metric(lab, st.epsilon)
                 for site, v in sorted(st.sites.items()):
                     fams["site_loss"].add_metric([st.job, site], float(v.get("loss", float("nan"))))
                     fams["site_metric"].add_metric([st.job, site], float(v.get("metric", float("nan"))))

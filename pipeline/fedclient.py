@@ -23,10 +23,19 @@ from pipeline.loader import ChunkLoader, held_out_mask
 from pipeline.loop import FULL_BATCH_ROWS, holdout_selection, load_local_state, prepare_targets, run_batches
 from pipeline.metrics import plain_metrics
 from pipeline.partition import open_partition
+from pipeline.privacy import clip_update, noise_rng, privatize_local
 from pipeline.ps import ParameterServer
 from pipeline.ps.wire import DeltaCompressor
 from pipeline.store import read_rows_at
-from pipeline.worker import _allow_profile_sizing, _Comm, _store, cached_trainer, evaluate_ranges
+from pipeline.worker import (
+    BudgetSpent,
+    _allow_profile_sizing,
+    _Comm,
+    _store,
+    cached_trainer,
+    evaluate_ranges,
+    masked_for_round,
+)
 
 # Error feedback of a real site's compressed deltas, kept by the site's worker process between
 # rounds: (job, store path) -> what compression has not sent yet. A restarted worker starts from
@@ -210,36 +219,56 @@ def _fit_one(
     rows = samples // max(1, cfg["local_epochs"])  # the weight of this site's delta: its rows
     late = False
     t_push = time.perf_counter()
+    delta = anchor - trainer.get_params()
+    clip = float(cfg.get("clip_norm", 1.0))
+    if cfg.get("dp") == "local":  # the delta leaves the site clipped and noised
+        privatize_local(delta, clip, float(cfg.get("noise_multiplier", 0.0)), noise_rng())
     feedback = client is None and bool(cfg.get("error_feedback", True))
-    compressor = DeltaCompressor(
+    compressor = DeltaCompressor(  # secure aggregation is refused with compression (config)
         cfg.get("compression", "none"),
         cfg.get("topk_fraction", 0.01),
         error_feedback=feedback,
         residual=_RESIDUALS.get((job, store_path)) if feedback else None,
     )
-    wire, _ = compressor(anchor - trainer.get_params())
     try:
-        pushed = comm.wait(
-            comm.ps.soon.push(
-                name=name,
-                version=version,
-                delta=wire,
-                samples=rows,
-                batches=batches,
-                loss=loss,
-                timings={"read": read_seconds, "compute": timing["compute"]},
-                timeout=cfg["barrier_timeout"],
-                wait=False,
+        if cfg.get("secure_aggregation"):
+            clip_update(delta, clip)  # the fixed-point sum is sized for deltas inside the clip
+        while True:
+            wire, attempt = delta, None
+            if cfg.get("secure_aggregation"):
+                got = masked_for_round(comm, name, version, delta, clip)
+                if isinstance(got, dict):  # the round closed before the roster was fixed
+                    raise PSError(got.get("message") or "the round closed before its keys were exchanged")
+                wire, attempt = got
+            else:
+                wire, _ = compressor(delta)
+            r = comm.wait(
+                comm.ps.soon.push(
+                    name=name,
+                    version=version,
+                    delta=wire,
+                    samples=rows,
+                    batches=batches,
+                    loss=loss,
+                    timings={"read": read_seconds, "compute": timing["compute"]},
+                    timeout=cfg["barrier_timeout"],
+                    wait=False,
+                    attempt=attempt,
+                )
             )
-        )
-        if pushed.get("dropped"):  # joined after its round had closed: a delta of a finished round
+            if not r.get("redo"):  # redo: a roster member left; mask again for the others
+                break
+        if r.get("stop"):
+            raise BudgetSpent(r.get("message") or "the privacy budget is spent")
+        if r.get("dropped"):  # joined after its round had closed: a delta of a finished round
             late = True
             comm.ps.soon.leave(name).result(timeout=30)
-        elif compressor.residual is not None:  # taken: what it left out goes with the next round
+        elif compressor.residual is not None:
+            # taken: what compression left out goes with the site's next round
             if len(_RESIDUALS) >= _MAX_RESIDUALS:
                 _RESIDUALS.pop(next(iter(_RESIDUALS)))
             _RESIDUALS[(job, store_path)] = compressor.residual
-    except PSError as exc:  # the round closed (deadline) before this delta arrived
+    except (PSError, BudgetSpent) as exc:  # the round closed (deadline) before this delta arrived
         late = True
         logger.info("federated client %s: delta not taken (%s)", name, exc)
     communicate = comm.seconds + time.perf_counter() - t_push

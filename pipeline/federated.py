@@ -59,7 +59,7 @@ from pipeline.sites import (
     site_spread,
     sites_digest,
 )
-from pipeline.train import RunDir, TrainResult, build_spec, check_backend, task_config
+from pipeline.train import RunDir, TrainResult, build_spec, check_backend, privacy_settings, task_config
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +254,13 @@ class FederatedTrainer:
             join_timeout=cfg.round_deadline + cfg.no_worker_timeout,
             compression=cfg.compression,
             topk_fraction=cfg.topk_fraction,
+            # the accountant's amplification: the share of the clients sampled in a round
+            privacy=privacy_settings(
+                cfg,
+                ckpt.meta.get("privacy") if ckpt else None,
+                self._per_round / max(1, self._n_clients()),
+                participants=self._per_round,
+            ),
         )
         self.log(
             f"job {self.job}: {self._describe_clients()}, {cfg.rounds} rounds, "
@@ -274,6 +281,7 @@ class FederatedTrainer:
             seen=run.samples,
         )
         stopped_early = False
+        privacy: dict[str, Any] = {}
         try:
             for rnd in range(run.epoch, cfg.rounds):
                 run.epoch = rnd
@@ -286,6 +294,10 @@ class FederatedTrainer:
                 if st.get("failed"):
                     raise TrainingError(str(st["failed"]))
                 record["rounds"] = st["version"]
+                privacy = st.get("privacy") or {}
+                if privacy.get("dp", "off") != "off":
+                    # the privacy spent up to this round's model: epsilon at delta over the rounds applied
+                    record.update(epsilon=privacy["epsilon"], dp_delta=privacy["delta"], dp_rounds=privacy["rounds"])
                 evaluate = (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds
                 if evaluate:
                     record.update(self._evaluate_round(rnd))
@@ -305,6 +317,14 @@ class FederatedTrainer:
                 if stop:
                     stopped_early = True
                     self.log(f"early stop: no validation improvement for {cfg.patience} rounds")
+                    break
+                if privacy.get("exhausted"):
+                    stopped_early = True
+                    self.log(
+                        f"privacy budget: stopping after {privacy['rounds']} rounds at epsilon = "
+                        f"{privacy['epsilon']:.4g} (delta = {privacy['delta']:g}); another round would exceed "
+                        f"target_epsilon = {cfg.target_epsilon:g}"
+                    )
                     break
         except KeyboardInterrupt:
             self.log("interrupted: writing a checkpoint before stopping")
@@ -335,8 +355,13 @@ class FederatedTrainer:
             "rounds": metrics.get("history", []),
             "round_columns": ["time", "version", "loss", "samples", "deltas"],
         }
+        privacy = metrics.get("privacy") or privacy
+        if privacy.get("dp", "off") == "off" and not privacy.get("secure_aggregation"):
+            privacy = {}
+        if privacy:
+            history_doc["privacy"] = privacy
         self.run.write_json(self.run.history, history_doc)
-        return TrainResult(self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch)
+        return TrainResult(self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch, privacy)
 
     @staticmethod
     def _samples_since(run: RunState) -> int:
@@ -377,9 +402,14 @@ class FederatedTrainer:
         live = self._live_sites(ps, run)
         return sample_clients(live, clients_per_round(len(live), cfg.fraction_fit, cfg.min_clients), cfg.seed, rnd)
 
+    def _n_clients(self) -> int:
+        """The clients a round samples from when every one is available (the privacy
+        accountant's population)."""
+        return len(self.store_of)
+
     def _clients_per_round(self) -> int:
         """Clients a round samples when every site is available (async: the buffer's default size)."""
-        return clients_per_round(len(self.store_of), self.cfg.fraction_fit, self.cfg.min_clients)
+        return clients_per_round(self._n_clients(), self.cfg.fraction_fit, self.cfg.min_clients)
 
     def _candidates(self, ps: ParameterServer, run: RunState) -> list[str]:
         """Async: the clients a new task may be given (the live sites; waits as rounds do)."""
@@ -958,8 +988,11 @@ class SimulatedTrainer(FederatedTrainer):
                 )
             time.sleep(0.5)
 
+    def _n_clients(self) -> int:
+        return int(np.count_nonzero(self.sizes))
+
     def _clients_per_round(self) -> int:
-        return clients_per_round(int(np.count_nonzero(self.sizes)), self.cfg.fraction_fit, self.cfg.min_clients)
+        return clients_per_round(self._n_clients(), self.cfg.fraction_fit, self.cfg.min_clients)
 
     def _candidates(self, ps: ParameterServer, run: RunState) -> list[str]:
         """Async: a few clients drawn from all of them (never a list of every client)."""

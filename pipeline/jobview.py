@@ -47,6 +47,10 @@ class JobSnapshot:
     closed: bool
     epochs: tuple[Mapping[str, Any], ...]
     history: tuple[tuple, ...] = ()
+    # differential privacy: dp (off | central | local), epsilon spent at delta, rounds
+    # accounted, clip, noise_multiplier, sampling_rate, target_epsilon, exhausted,
+    # secure_aggregation (empty for jobs of servers without privacy)
+    privacy: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     sites: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: MappingProxyType({}))
     site_mean: float | None = None
     site_worst_decile: float | None = None
@@ -77,10 +81,18 @@ class JobSnapshot:
             closed=bool(m["closed"]),
             epochs=tuple(MappingProxyType(dict(e)) for e in m.get("epochs", ())),
             history=tuple(tuple(h) for h in m.get("history", ())),
+            privacy=MappingProxyType(dict(m.get("privacy") or {})),
             sites=MappingProxyType({str(k): MappingProxyType(dict(v)) for k, v in (m.get("sites") or {}).items()}),
             site_mean=m.get("site_mean"),
             site_worst_decile=m.get("site_worst_decile"),
         )
+
+    @property
+    def epsilon(self) -> float | None:
+        """The privacy spent so far (epsilon at the job's delta); None without DP."""
+        if self.privacy.get("dp", "off") == "off":
+            return None
+        return float(self.privacy.get("epsilon", 0.0))
 
     def mean_staleness(self) -> float:
         """Mean staleness of the pushes so far (0 before the first)."""

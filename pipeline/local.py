@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import TrainingError
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.loop import (
     FULL_BATCH_ROWS,
     holdout_selection,
@@ -145,6 +145,12 @@ class LocalTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.cfg.dp != "off" or self.cfg.secure_aggregation:
+            key = "dp" if self.cfg.dp != "off" else "secure_aggregation"
+            raise ConfigError(
+                f"config key '{key}' = {getattr(self.cfg, key)!r} needs the parameter server of a Dask cluster "
+                "(it clips, noises and accounts the rounds); train with a client (--workers N)"
+            )
         self._trainer: Any = None
         self._residual: np.ndarray | None = None  # async/ssp: the error-feedback residual between tasks
         self._eval_trainer: Any = None

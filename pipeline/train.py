@@ -112,11 +112,51 @@ def task_config(cfg: TrainConfig) -> dict[str, Any]:
     keys = (
         "optimizer lr momentum beta1 beta2 rho weight_decay batch_size local_steps overlap backend seed "
         "shuffle_chunks prefetch normalize barrier_timeout mmap_threshold_mb compression topk_fraction error_feedback"
-        " ps_shards"
+        " ps_shards dp clip_norm noise_multiplier secure_aggregation"
     ).split()
     out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
     if cfg.validation > 0 and not cfg.validation_store:
         out["holdout"] = {"fraction": cfg.validation, "seed": cfg.seed}
+    return out
+
+
+def privacy_settings(
+    cfg: TrainConfig, spent: dict | None = None, sampling_rate: float = 1.0, participants: int = 0
+) -> dict | None:
+    """The parameter server's privacy settings (:func:`pipeline.privacy.check_privacy`) of
+    ``cfg``, going on from the privacy ``spent`` by a checkpointed run; None without privacy.
+    ``sampling_rate``: the share of participants taking part in a round (every share of a
+    sync epoch takes part in its rounds: 1); ``participants`` per round, when known, lets
+    adaptive clipping be refused before training if that many cannot pay for its noisy count."""
+    if cfg.dp == "off" and not cfg.secure_aggregation:
+        return None
+    if cfg.secure_aggregation and participants == 1:
+        raise ConfigError(
+            "config key 'secure_aggregation' = True needs at least 2 participants per round (this run has 1: "
+            "alone, a participant's delta would go unmasked); use more workers or sites, or min_clients >= 2"
+        )
+    if cfg.clip_quantile > 0 and cfg.noise_multiplier > 0 and participants:
+        from pipeline.errors import PSError
+        from pipeline.privacy import split_noise
+
+        try:
+            split_noise(cfg.noise_multiplier, participants)
+        except PSError as exc:
+            raise ConfigError(f"config key 'clip_quantile' = {cfg.clip_quantile!r}: {exc}") from None
+    spent = spent or {}
+    out = {
+        "dp": cfg.dp,
+        "clip_norm": cfg.clip_norm,
+        "clip_quantile": cfg.clip_quantile,
+        "noise_multiplier": cfg.noise_multiplier,
+        "delta": cfg.dp_delta,
+        "target_epsilon": cfg.target_epsilon,
+        "sampling_rate": sampling_rate,
+        "secure_aggregation": cfg.secure_aggregation,
+        "rounds": int(spent.get("rounds", 0)),
+    }
+    if cfg.clip_quantile > 0 and spent.get("clip"):
+        out["clip"] = float(spent["clip"])
     return out
 
 
@@ -372,6 +412,7 @@ class TrainResult:
     stopped_early: bool = False
     installed_by: str = ""
     best_epoch: int = -1  # the epoch whose weights ``model`` holds (-1: none recorded)
+    privacy: dict = field(default_factory=dict)  # the privacy spent (epsilon, delta, rounds, ...); {} without DP
 
     @property
     def final(self) -> dict:
@@ -652,6 +693,7 @@ class Trainer:
             seen=run.samples,
         )
         stopped_early = False
+        privacy: dict = {}
         run.last_checkpoint = time.monotonic()
         try:
             for epoch in range(run.epoch, cfg.epochs):
@@ -681,6 +723,10 @@ class Trainer:
                     **{f"val_{k}": v for k, v in val.items() if k != "confusion"},
                     "tasks": stats["tasks"],
                 }
+                privacy = st.get("privacy") or {}
+                if privacy.get("dp", "off") != "off":
+                    # the privacy spent up to this epoch's model: epsilon at delta over the rounds
+                    record.update(epsilon=privacy["epsilon"], dp_delta=privacy["delta"], dp_rounds=privacy["rounds"])
                 run.history.append(record)
                 stop = stopping.update(val.get("loss", stats["loss"]), stats["samples"])
                 if stopping.improved:
@@ -693,6 +739,14 @@ class Trainer:
                 if stop:
                     stopped_early = True
                     self.log(f"early stop: no validation improvement for {cfg.patience} epochs")
+                    break
+                if privacy.get("exhausted"):
+                    stopped_early = True
+                    self.log(
+                        f"privacy budget: stopping after {privacy['rounds']} rounds at epsilon = "
+                        f"{privacy['epsilon']:.4g} (delta = {privacy['delta']:g}); another round would exceed "
+                        f"target_epsilon = {cfg.target_epsilon:g}"
+                    )
                     break
         except KeyboardInterrupt:
             self.log("interrupted: writing a checkpoint before stopping")
@@ -718,8 +772,13 @@ class Trainer:
             "rounds": metrics.get("history", []),
             "round_columns": ["time", "version", "loss", "samples", "deltas"],
         }
+        privacy = metrics.get("privacy") or privacy
+        if privacy.get("dp", "off") == "off" and not privacy.get("secure_aggregation"):
+            privacy = {}
+        if privacy:
+            history_doc["privacy"] = privacy
         self.run.write_json(self.run.history, history_doc)
-        return TrainResult(self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch)
+        return TrainResult(self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch, privacy)
 
     def _create_job(self, ps: Any, params: np.ndarray, run: RunState, ckpt: Checkpoint | None) -> None:
         """Create the job on the parameter server from ``params`` (and ``ckpt``'s server state)."""
@@ -753,6 +812,11 @@ class Trainer:
             join_timeout=cfg.join_timeout,
             compression=cfg.compression,
             topk_fraction=cfg.topk_fraction,
+            privacy=privacy_settings(
+                cfg,
+                ckpt.meta.get("privacy") if ckpt else None,
+                participants=self.epoch_plan.sync_shares or self.epoch_plan.n_threads,
+            ),
         )
 
     # -- one epoch -------------------------------------------------------------------------

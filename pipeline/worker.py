@@ -37,9 +37,11 @@ from pipeline.loop import (
     run_batches,
 )
 from pipeline.metrics import evaluate_arrays, merge_metrics, plain_metrics
+from pipeline.privacy import clip_update, noise_rng, privatize_local
 from pipeline.ps import ParameterServer
 from pipeline.ps.shard import ShardedParameterServer
 from pipeline.ps.wire import DeltaCompressor
+from pipeline.secagg import mask, new_keypair, quantize, round_info, scale_for
 from pipeline.store import open_store
 
 logger = logging.getLogger(__name__)
@@ -136,6 +138,27 @@ class _Comm:
         return reply
 
 
+class BudgetSpent(Exception):
+    """The parameter server applies no further round: the privacy budget is spent."""
+
+
+def masked_for_round(comm: _Comm, name: str, version: int, delta: np.ndarray, clip: float) -> tuple[Any, int] | dict:
+    """Secure aggregation (pipeline.secagg): exchange this round's keys through the server
+    and return ``delta`` (already clipped to ``clip``) quantized and masked for the round's
+    roster, as the float32 view the wire carries, with the round's attempt; or the server's
+    reply when the participant is not in a round any more (``dropped``, ``stop``)."""
+    private, public = new_keypair()
+    r = comm.wait(comm.ps.soon.exchange_keys(name, version, public, timeout=comm.timeout))
+    if r.get("stop"):
+        raise BudgetSpent(r.get("message") or "the privacy budget is spent")
+    if "roster" not in r:
+        return r
+    roster, attempt = r["roster"], int(r["attempt"])
+    q = quantize(delta, scale_for(len(roster), clip))
+    masked = mask(q, name, private, roster, round_info(comm.ps.job, version, attempt, sorted(roster)))
+    return masked.view(np.float32), attempt
+
+
 class _Pusher:
     """The push side of a training task: the weights last received from the parameter server
     (``anchor``, at ``version``), the push still in flight with ``overlap``, and the time
@@ -168,10 +191,20 @@ class _Pusher:
         self.pending: Any = None  # the push in flight (overlap)
         self.timing: dict[str, float] = {"compute": 0.0}  # run_batches adds the kernels' seconds
         self.reported = {"read": 0.0, "compute": 0.0, "communicate": 0.0}
+        # local DP: each delta is clipped and noised here, before it leaves the site
+        self.local_dp = cfg.get("dp") == "local"
+        self.clip, self.noise = float(cfg.get("clip_norm", 1.0)), float(cfg.get("noise_multiplier", 0.0))
+        self.rng = noise_rng() if self.local_dp else None
+        # secure aggregation: deltas leave clipped, quantized and masked, one round at a time
+        self.secure = bool(cfg.get("secure_aggregation"))
+        # what was pushed (a task stopped by the privacy budget reports it): rows, minibatches, loss sum
+        self.pushed = {"samples": 0, "batches": 0, "loss": 0.0}
         trainer.set_params(self.anchor)
 
     def _fold(self, fut: Any) -> None:
         r = self.comm.wait(fut)
+        if r.get("stop"):
+            raise BudgetSpent(r.get("message") or "the privacy budget is spent")
         fresh = np.asarray(r["params"], dtype=np.float32)
         if self.overlap:
             self.trainer.set_params(fresh + (self.trainer.get_params() - self.anchor))
@@ -187,7 +220,17 @@ class _Pusher:
         now = {"read": self.loader.read_seconds, "compute": self.timing["compute"], "communicate": self.comm.seconds}
         timings = {k: v - self.reported[k] for k, v in now.items()}
         self.reported.update(now)
-        wire, _ = self.compressor(self.anchor - current)
+        delta = self.anchor - current
+        if self.local_dp:
+            privatize_local(delta, self.clip, self.noise, self.rng)
+        self.pushed["samples"] += samples
+        self.pushed["batches"] += batches
+        self.pushed["loss"] += loss * batches
+        if self.secure:
+            self.anchor = current
+            self._secure_push(delta, samples, batches, loss, timings)
+            return
+        wire, _ = self.compressor(delta)
         fut = self.comm.ps.soon.push(
             name=self.name,
             version=self.version,
@@ -203,6 +246,39 @@ class _Pusher:
             self.pending = fut
         else:
             self._fold(fut)
+
+    def _secure_push(self, delta: np.ndarray, samples: int, batches: int, loss: float, timings: dict) -> None:
+        """Secure aggregation (pipeline.secagg): clip ``delta``, exchange this round's keys
+        through the server, push it quantized and masked for the roster; again with fresh
+        keys when the server redoes the round without a participant that disappeared."""
+        clip_update(delta, self.clip)
+        ps = self.comm.ps
+        while True:
+            got = masked_for_round(self.comm, self.name, self.version, delta, self.clip)
+            if isinstance(got, dict):
+                r = got
+                break  # the round finished without it: go on from the fresh weights
+            masked, attempt = got
+            r = self.comm.wait(
+                ps.soon.push(
+                    name=self.name,
+                    version=self.version,
+                    delta=masked,
+                    samples=samples,
+                    batches=batches,
+                    loss=loss,
+                    timings=timings,
+                    timeout=self.timeout,
+                    attempt=attempt,
+                )
+            )
+            if not r.get("redo"):
+                break
+        if r.get("stop"):
+            raise BudgetSpent(r.get("message") or "the privacy budget is spent")
+        fresh = np.asarray(r["params"], dtype=np.float32)
+        self.trainer.set_params(fresh)
+        self.anchor, self.version = fresh, int(r["version"])
 
     def finish(self) -> None:
         """Fold in the push still in flight, if any."""
@@ -287,17 +363,25 @@ def train_task(
         holdout=holdout_selection(cfg, "train"),
     )
     pusher = _Pusher(comm, trainer, loader, name, reply, cfg, compressor)
+    stopped = ""
     try:
-        r = run_batches(
-            trainer,
-            ((X, prepare_targets(y, target)) for X, y in loader.epoch(epoch)),
-            full_batch=full_batch,
-            local_steps=cfg["local_steps"],
-            sync=pusher.push,
-            skip=skip,
-            timing=pusher.timing,
-        )
-        pusher.finish()
+        try:
+            r = run_batches(
+                trainer,
+                ((X, prepare_targets(y, target)) for X, y in loader.epoch(epoch)),
+                full_batch=full_batch,
+                local_steps=cfg["local_steps"],
+                sync=pusher.push,
+                skip=skip,
+                timing=pusher.timing,
+            )
+            pusher.finish()
+        except BudgetSpent as exc:
+            # the server applies no further round: the task ends with what it took
+            stopped = str(exc)
+            done = pusher.pushed
+            loss = done["loss"] / done["batches"] if done["batches"] else float("nan")
+            r = {"samples": done["samples"], "steps": done["batches"], "loss": loss}
     finally:
         read_seconds = loader.read_seconds
         loader.close()
@@ -314,6 +398,7 @@ def train_task(
         "communicate": comm.seconds,
         "total": time.perf_counter() - t_start,
         "version": version,
+        **({"stopped": stopped} if stopped else {}),
     }
     for label, secs in (("read", read_seconds), ("compute", compute), ("communicate", comm.seconds)):
         context_meter.digest_metric(label, secs, "seconds")

@@ -645,6 +645,10 @@ for _id, _setting in {
     "C51": "compression=gzip",
     "C52": "topk_fraction=0",
     "C63": "ps_shards=-1",
+    "C56": "dp=global",
+    "C57": "target_epsilon=3",
+    "C59": "clip_quantile=0.5",
+    "C60": "dp_delta=0",
 }.items():
     case(_id)(lambda t, s=_setting: _train_set(t, "--set", s))
 
@@ -652,6 +656,21 @@ for _id, _setting in {
 @case("C67")
 def _(t: Trial) -> Outcome:
     return _train_set(t, "--set", "compression=fp16", "--set", "ps_shards=2")
+
+
+@case("C58")
+def _(t: Trial) -> Outcome:
+    return _train_set(t, "--set", "dp=central", "--set", "mode=async")
+
+
+@case("C61")
+def _(t: Trial) -> Outcome:
+    return _train_set(t, "--set", "secure_aggregation=true", "--set", "dp=local")
+
+
+@case("C62")
+def _(t: Trial) -> Outcome:
+    return _train_set(t, "--set", "secure_aggregation=true", "--set", "dp=central", "--set", "clip_quantile=0.5")
 
 
 for _id, _setting in {
@@ -666,6 +685,9 @@ for _id, _setting in {
     "C42": ("aggregator=krum", "krum_f=2"),
     "C43": ("trim_fraction=0.5",),
     "C68": ("clients=10", "ps_shards=2"),
+    "C69": ("secure_aggregation=true", "dp=central", "compression=int8"),
+    "C70": ("dp=central", "ps_shards=2"),
+    "C71": ("clients=10", "secure_aggregation=true"),
 }.items():
     case(_id)(lambda t, s=_setting: _train_set(t, *(a for v in s for a in ("--set", v))))
 

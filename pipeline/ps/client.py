@@ -127,6 +127,7 @@ class ParameterServer:
         buffer: dict | None = None,
         compression: str = "none",
         topk_fraction: float = 0.01,
+        privacy: dict | None = None,
     ) -> Reply:
         """Create the job on the scheduler. ``optimizer_state`` (server) and ``local_states``
         (sync: slot -> the share's local optimizer state ``{"t", "lr", "buffers"}``) continue a
@@ -134,7 +135,8 @@ class ParameterServer:
         combine (:func:`pipeline.fedagg.aggregate`); ``buffer_size`` > 0: buffered async rounds,
         ``buffer``: the deltas they had buffered (``state()["buffer"]`` of a checkpointed job).
         ``compression`` (with ``topk_fraction``): the codec every delta arrives in
-        (:func:`pipeline.ps.wire.compress`); other encodings are refused."""
+        (:func:`pipeline.ps.wire.compress`); other encodings are refused. ``privacy``: differential
+        privacy and secure aggregation of the updates (:func:`pipeline.privacy.check_privacy`)."""
         params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
         opt_state = encode_opt_state(optimizer_state) if optimizer_state else None
         locals_ = {str(k): encode_opt_state(v) for k, v in local_states.items()} if local_states else None
@@ -157,6 +159,7 @@ class ParameterServer:
             join_timeout=float(join_timeout),
             overwrite=overwrite,
             client=client_id,
+            privacy=privacy,
             aggregator=aggregator,
             trim_fraction=float(trim_fraction),
             krum_f=int(krum_f),
@@ -186,13 +189,17 @@ class ParameterServer:
         timings: Mapping[str, float] | None = None,
         timeout: float = 600.0,
         wait: bool = True,
+        attempt: int | None = None,
     ) -> Reply:
         """Push ``delta`` (a float32 vector, or one already wrapped by ``encode_vector`` or
         encoded by :func:`pipeline.ps.wire.compress` in the job's codec) computed from the
         weights of ``version``; the reply carries the weights to go on from (float32).
         ``wait=False`` (sync): the delta is pooled for the round and the reply comes at once,
-        without weights (a federated client pushes once and leaves)."""
+        without weights (a federated client pushes once and leaves). Secure aggregation:
+        ``delta`` is the masked uint32 vector seen as float32, for the round's key-exchange
+        ``attempt``."""
         wire = encode_vector(delta) if isinstance(delta, np.ndarray) else delta
+        extra = {} if attempt is None else {"attempt": int(attempt)}
         return self._send(
             "push",
             name=name,
@@ -204,6 +211,15 @@ class ParameterServer:
             timings=dict(timings or {}),
             timeout=float(timeout),
             wait=bool(wait),
+            **extra,
+        )
+
+    def exchange_keys(self, name: str, version: int, public_key: bytes, timeout: float = 600.0) -> Reply:
+        """Secure aggregation: send this round's X25519 ``public_key``; the reply carries the
+        roster (name -> public key) and the round's ``attempt`` once every participant has
+        sent its key (or ``dropped`` with fresh weights, ``stop`` when the budget is spent)."""
+        return self._send(
+            "exchange_keys", name=name, version=int(version), public_key=bytes(public_key), timeout=float(timeout)
         )
 
     def pull(self, model: bool = False) -> tuple[np.ndarray, int]:

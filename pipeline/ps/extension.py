@@ -34,6 +34,7 @@ ROUTES: dict[str, str] = {
     "ps_expect": "expect",
     "ps_join": "join",
     "ps_push": "push",
+    "ps_exchange_keys": "exchange_keys",
     "ps_pull": "pull",
     "ps_leave": "leave",
     "ps_epoch_end": "epoch_end",
@@ -72,6 +73,8 @@ class ParameterServerExtension(SchedulerPlugin):
     * ``ps_expect``   -- announce the participants of an epoch (sync mode waits for them)
     * ``ps_join``     -- a participant joins: returns weights, version, batches to skip
     * ``ps_push``     -- push a delta with its sample count; returns the new weights
+    * ``ps_exchange_keys`` -- (secure aggregation) send the round's public key, get every
+      participant's (the roster) once all have sent theirs: the server only relays them
     * ``ps_pull``     -- current weights and version
     * ``ps_leave``    -- a participant leaves (also done automatically when its task ends),
       optionally leaving its task's summary for the driver and (sync) its share's local
@@ -151,6 +154,11 @@ class ParameterServerExtension(SchedulerPlugin):
         **kw: Any,
     ) -> dict[str, Any]:
         return await self._job(job).push(name, version, delta, **kw)
+
+    async def exchange_keys(
+        self, job: str | None = None, name: str | None = None, version: int | None = None, **kw: Any
+    ) -> dict[str, Any]:
+        return await self._job(job).exchange_keys(name, version, **kw)
 
     def pull(self, job: str | None = None, model: bool = False) -> dict[str, Any]:
         return self._job(job).reply(model=bool(model))

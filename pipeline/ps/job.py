@@ -29,7 +29,18 @@ from pipeline import fedagg
 from pipeline.errors import PSError
 from pipeline.jobview import JobSnapshot
 from pipeline.optim import Schedule, ServerOptimizer
+from pipeline.privacy import (
+    AdaptiveClip,
+    RdpAccountant,
+    add_noise,
+    check_privacy,
+    clip_update,
+    local_epsilon,
+    noise_rng,
+    split_noise,
+)
 from pipeline.ps.wire import CODECS, decode_delta, decode_opt_state, decode_vector, encode_opt_state, encode_vector
+from pipeline.secagg import KEY_BYTES, dequantize, scale_for
 
 logger = logging.getLogger("pipeline.ps")
 
@@ -104,6 +115,23 @@ class Job:
     history: deque = field(default_factory=lambda: deque(maxlen=_HISTORY_LEN))
     epochs: list = field(default_factory=list)
     epoch: int = 0
+    # differential privacy (pipeline.privacy): the settings, the accountant of the rounds
+    # applied, adaptive clipping's clip, and the round's count of updates that needed no clip
+    privacy: dict[str, Any] = field(default_factory=lambda: check_privacy(None))
+    accountant: RdpAccountant | None = None
+    adaptive: AdaptiveClip | None = None
+    dp_rng: np.random.Generator | None = None
+    dp_unclipped: int = 0
+    round_size: int = 0  # sync: participants announced for the current epoch or round
+    exhausted: bool = False  # the privacy budget allows no further round
+    # secure aggregation (pipeline.secagg): the round's attempt, public keys, roster, the
+    # running uint32 sum of the masked vectors (never one participant's vector on its own)
+    sa_attempt: int = 0
+    sa_keys: dict[str, bytes] = field(default_factory=dict)
+    sa_roster: list[str] | None = None
+    sa_sum: np.ndarray | None = None
+    sa_pushed: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # name -> samples, batches, loss
+    sa_last_total: np.ndarray | None = None  # the last round's int32 sum of quantized deltas (inspection)
 
     # -- creation ----------------------------------------------------------------------------
 
@@ -134,6 +162,7 @@ class Job:
         buffer: Mapping[str, Any] | None = None,
         compression: str = "none",
         topk_fraction: float = 0.01,
+        privacy: Mapping[str, Any] | None = None,
     ) -> Job:
         """A job from the arguments of ``ps_create`` (wire-encoded vectors or arrays), every
         one checked; :class:`PSError` names the first that is wrong.
@@ -141,7 +170,9 @@ class Job:
         ``aggregator`` (with ``trim_fraction``, ``krum_f``): how a sync round's deltas combine
         (:func:`pipeline.fedagg.aggregate`); ``aggregate = "sum"`` then scales the result by the
         number of deltas. ``buffer_size`` > 0 (async jobs): buffered asynchronous rounds (FedBuff,
-        :meth:`push`); ``buffer``: the deltas a checkpointed job had buffered (``state()["buffer"]``)."""
+        :meth:`push`); ``buffer``: the deltas a checkpointed job had buffered (``state()["buffer"]``).
+        ``privacy``: the settings of :func:`pipeline.privacy.check_privacy` (differential
+        privacy and secure aggregation of the updates; sync mode only)."""
         if not isinstance(n_params, int) or not 0 < n_params <= 2**31 - 1:
             raise PSError(f"n_params must be a positive int, got {n_params!r}")
         if mode not in MODES:
@@ -150,6 +181,12 @@ class Job:
             raise PSError(f"unknown aggregate {aggregate!r}; use 'sum' or 'mean'")
         if not isinstance(staleness, int) or staleness < 0:
             raise PSError(f"staleness must be an int >= 0, got {staleness!r}")
+        dp = check_privacy(privacy)
+        private = "secure_aggregation" if dp["secure_aggregation"] else f"dp = {dp['dp']!r}"
+        if (dp["dp"] != "off" or dp["secure_aggregation"]) and mode != "sync":
+            raise PSError(f"privacy: {private} needs mode 'sync' (rounds of deltas), not {mode!r}")
+        if (dp["dp"] != "off" or dp["secure_aggregation"]) and aggregator != "mean":
+            raise PSError(f"privacy: {private} needs aggregator 'mean' (a sum of clipped deltas), not {aggregator!r}")
         fedagg.check(aggregator, trim_fraction, krum_f)
         if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 0:
             raise PSError(f"buffer_size must be an int >= 0, got {buffer_size!r}")
@@ -208,7 +245,24 @@ class Job:
             epoch=int(epoch),
             local_states=locals_,
             keys=keys if keys is not None else {},
+        )._start_privacy(dp)
+
+    def _start_privacy(self, dp: dict[str, Any]) -> Job:
+        """Set up the accountant, adaptive clipping and the noise generator of ``dp``."""
+        self.privacy = dp
+        if dp["dp"] == "off":
+            return self
+        self.accountant = RdpAccountant(
+            dp["noise_multiplier"],
+            dp["sampling_rate"] if dp["dp"] == "central" else 1.0,
+            dp["delta"],
+            rounds=dp["rounds"],
         )
+        if dp["dp"] == "central" and dp["clip_quantile"] > 0:
+            self.adaptive = AdaptiveClip(dp["clip"] or dp["clip_norm"], dp["clip_quantile"])
+        self.dp_rng = noise_rng(dp["seed"])
+        self.exhausted = self._budget_spent()
+        return self
 
     # -- state helpers -----------------------------------------------------------------------
 
@@ -282,6 +336,9 @@ class Job:
 
     def maybe_close_round(self) -> None:
         """In sync mode: if every active and expected participant has pushed, apply the round."""
+        if self.mode == "sync" and self.privacy["secure_aggregation"] and not self.failed:
+            self._secure_round()
+            return
         if self.mode != "sync" or not self.pending or self.failed:
             return
         waiting_for = (set(self.participants) | set(self.expected)) - set(self.pending)
@@ -295,12 +352,245 @@ class Job:
         names = sorted(names)  # fixed order: reproducible float sums
         total = sum(self.pending[n][1] for n in names)
         grad = self._combine(names)
+        self._privatize(grad, len(names))
         losses = [self.pending[n][2] for n in names]
         self.optimizer.step(self.params, grad, self.lr())
         self.version += 1
         self.pending.clear()
         self.last_applied = names
         self.after_update(float(np.mean(losses)), total, len(names))
+
+    # -- secure aggregation (pipeline.secagg) -------------------------------------------------
+
+    async def exchange_keys(self, name: Any, version: Any, public_key: Any, timeout: float = 600.0) -> dict[str, Any]:
+        """Secure aggregation: participant ``name`` (at weights ``version``) sends its round's
+        X25519 public key and gets the roster (name -> public key of every participant of the
+        round) and the round's attempt once every active participant has sent its key.
+        A participant whose weights are behind gets ``dropped`` (the fresh weights) instead."""
+        if not self.privacy["secure_aggregation"]:
+            raise PSError(f"job {self.job!r} does not use secure aggregation")
+        if not isinstance(name, str) or name not in self.participants:
+            raise PSError(f"participant {name!r} has not joined job {self.job!r} (or has left it)")
+        if not isinstance(version, int) or not 0 <= version <= self.version:
+            raise PSError(f"exchange_keys for version {version!r}; the server is at version {self.version}")
+        if not isinstance(public_key, bytes | bytearray) or len(public_key) != KEY_BYTES:
+            raise PSError(f"public_key: expected {KEY_BYTES} raw bytes of an X25519 key")
+        while True:
+            if self.failed:
+                return self.reply("failed")
+            if name not in self.participants:  # the round closed (deadline) without it
+                return self.reply(dropped=True, message=f"participant {name!r} is no longer in round {self.version}")
+            if self.exhausted:
+                return self.reply(stop=True, message=self.budget_message())
+            if version < self.version:
+                return self.reply(dropped=True)  # its delta belongs to a finished round
+            attempt = self.sa_attempt
+            if self.sa_roster is not None and name not in self.sa_roster:
+                # the round's roster was fixed without it: it waits for the next round
+                ok = await self.wait(lambda a=attempt: self.version > version or self.sa_attempt != a, timeout)
+            else:
+                self.sa_keys[name] = bytes(public_key)
+                self.maybe_close_round()
+                ok = await self.wait(
+                    lambda a=attempt: self.sa_roster is not None or self.sa_attempt != a or self.version > version,
+                    timeout,
+                )
+                if ok and self.sa_attempt == attempt and self.version == version and self.sa_roster is not None:
+                    if self.sa_roster == [name]:
+                        # alone in the round: nothing would mask its delta, so it sends none
+                        self._secure_reset(self.sa_attempt + 1)
+                        return self.reply(
+                            dropped=True, message="secure aggregation needs at least 2 participants in a round"
+                        )
+                    if name in self.sa_roster:
+                        roster = {n: self.sa_keys[n] for n in self.sa_roster}
+                        return {"status": "OK", "roster": roster, "attempt": attempt, "version": self.version}
+            if not ok:
+                return self.reply("timeout", message=f"key exchange not finished within {timeout} s")
+
+    async def _secure_push(
+        self,
+        name: str,
+        version: int,
+        vec: np.ndarray,
+        samples: int,
+        batches: int,
+        loss: float,
+        attempt: int | None,
+        timeout: float,
+        wait: bool = True,
+    ) -> dict[str, Any]:
+        """Add ``name``'s masked vector to the round's running sum; reply once the round is
+        applied, or with ``redo`` when it must be masked again for a new roster (``wait=False``:
+        at once, as :meth:`push`)."""
+        if self.exhausted:
+            return self.reply(stop=True, message=self.budget_message())
+        if version < self.version:
+            return self.reply(dropped=True)
+        roster = self.sa_roster
+        if roster is None or name not in roster or attempt != self.sa_attempt:
+            return self.reply(redo=True, attempt=self.sa_attempt)  # exchange keys again
+        if name in self.sa_pushed:
+            raise PSError(f"participant {name!r} already pushed in round {self.version}")
+        masked = vec.view(np.uint32)
+        if self.sa_sum is None:
+            self.sa_sum = masked.copy()
+        else:
+            self.sa_sum += masked  # uint32: modulo 2**32
+        self.sa_pushed[name] = (samples, int(batches), loss)
+        self.maybe_close_round()
+        if not wait:
+            return {"status": "OK", "version": self.version, "pooled": True, "message": self.failed}
+        ok = await self.wait(lambda: self.version > version or self.sa_attempt != attempt or self.exhausted, timeout)
+        if not ok:
+            return self.reply("timeout", message=f"barrier not released within {timeout} s")
+        if self.failed:
+            return self.reply("failed")
+        if self.version > version:
+            return self.reply(staleness=0)
+        if self.exhausted:
+            return self.reply(stop=True, message=self.budget_message())
+        return self.reply(redo=True, attempt=self.sa_attempt)
+
+    def _secure_round(self) -> None:
+        """Fix the roster once every active participant has sent its key; redo the round
+        without a roster member that left before pushing; apply the round once every roster
+        member has pushed: the uint32 sum, dequantized, is the sum of the clipped deltas."""
+        for n in [n for n in self.sa_keys if n not in self.participants]:
+            if self.sa_roster is None:
+                del self.sa_keys[n]  # left before the roster was fixed: not in it
+        if self.sa_roster is None:
+            waiting = (set(self.participants) | set(self.expected)) - set(self.sa_keys)
+            if self.sa_keys and not waiting:
+                self.sa_roster = sorted(self.sa_keys)
+                self.notify()
+            return
+        roster = self.sa_roster
+        gone = [n for n in roster if n not in self.sa_pushed and n not in self.participants]
+        if gone:
+            logger.warning(
+                "job %s: %s left round %d before pushing; redoing the round with the %d others (attempt %d)",
+                self.job,
+                ", ".join(gone),
+                self.version,
+                len(roster) - len(gone),
+                self.sa_attempt + 1,
+            )
+            self._secure_reset(self.sa_attempt + 1)
+            self._secure_round()  # the survivors may all have sent keys already
+            return
+        if len(self.sa_pushed) < len(roster):
+            return
+        n = len(roster)
+        assert self.sa_sum is not None
+        self.sa_last_total = self.sa_sum.view(np.int32).copy()
+        if self.grad is None:
+            self.grad = np.empty_like(self.params)
+        grad = self.grad
+        grad[:] = dequantize(self.sa_sum, scale_for(n, self.privacy["clip_norm"]))  # the sum
+        grad *= np.float32(1 / n)  # the equal-weight mean, as the pooled path forms it
+        if self.aggregate == "sum":
+            grad *= np.float32(n)
+        self._privatize(grad, n)
+        pushed = self.sa_pushed
+        self.optimizer.step(self.params, grad, self.lr())
+        self.version += 1
+        for name, (_, batches, _) in pushed.items():
+            self.progress[name] = self.progress.get(name, 0) + batches
+        self.last_applied = list(roster)
+        self._secure_reset(0)
+        self.after_update(float(np.mean([v[2] for v in pushed.values()])), sum(v[0] for v in pushed.values()), n)
+
+    def _secure_reset(self, attempt: int) -> None:
+        """Forget the round's keys, roster and sum (a new round, or a redo of this one)."""
+        self.sa_attempt = attempt
+        self.sa_keys, self.sa_roster, self.sa_sum, self.sa_pushed = {}, None, None, {}
+        self.notify()
+
+    # -- differential privacy (pipeline.privacy) ---------------------------------------------
+
+    def clip(self) -> float:
+        """The clip of the updates now (adaptive clipping moves it every round)."""
+        return self.adaptive.clip if self.adaptive is not None else float(self.privacy["clip_norm"])
+
+    def _clip(self, vec: np.ndarray) -> np.ndarray:
+        """Central DP: ``vec`` clipped to the clip (a writable copy if it was read-only),
+        counting whether it needed no clipping (adaptive clipping's signal)."""
+        if not vec.flags.writeable:
+            vec = vec.copy()
+        clip = self.clip()
+        if clip_update(vec, clip) <= clip:
+            self.dp_unclipped += 1
+        return vec
+
+    def _privatize(self, grad: np.ndarray, n_deltas: int) -> None:
+        """Central DP on the round's combined delta ``grad`` (equal-weight mean, or sum with
+        ``aggregate = "sum"``) of ``n_deltas`` clipped deltas: noise ``z x clip`` on the sum,
+        a mean divided by the participants expected per round (a fixed denominator; see
+        :mod:`pipeline.privacy`); then adaptive clipping's step and the accountant's round.
+        A no-op when DP is off; local DP only counts the round."""
+        dp = self.privacy
+        if dp["dp"] == "off" or self.accountant is None:
+            return
+        if dp["dp"] == "central":
+            expected = float(dp["expected"] or self.round_size or n_deltas)
+            z, count_std = dp["noise_multiplier"], 0.0
+            if self.adaptive is not None:
+                z, count_std = split_noise(z, expected)
+            std = z * self.clip()
+            if self.aggregate == "mean":
+                grad *= np.float32(n_deltas / expected)  # the sum over the fixed denominator
+                std /= expected
+            add_noise(grad, std, self.dp_rng)
+            if self.adaptive is not None:
+                self.adaptive.update(self.dp_unclipped, expected, count_std, self.dp_rng)
+            self.dp_unclipped = 0
+        self.accountant.step()
+        if self._budget_spent():
+            self.exhausted = True
+            logger.info("job %s: %s", self.job, self.budget_message())
+
+    def epsilon(self) -> float:
+        """The privacy spent so far: epsilon at the job's delta (0 without DP or rounds)."""
+        acc = self.accountant
+        if acc is None or not acc.rounds:
+            return 0.0
+        if self.privacy["dp"] == "local":
+            return local_epsilon(acc.rounds, acc.noise_multiplier, acc.delta)
+        return acc.epsilon()
+
+    def _budget_spent(self) -> bool:
+        """Whether one more round would take epsilon above ``target_epsilon``."""
+        target = self.privacy["target_epsilon"]
+        acc = self.accountant
+        if acc is None or target <= 0:
+            return False
+        if self.privacy["dp"] == "local":
+            return local_epsilon(acc.rounds + 1, acc.noise_multiplier, acc.delta) > target
+        return acc.would_exceed(target)
+
+    def budget_message(self) -> str:
+        return (
+            f"privacy budget reached: another round would take epsilon above target_epsilon = "
+            f"{self.privacy['target_epsilon']:g} (epsilon = {self.epsilon():.4g} after "
+            f"{self.accountant.rounds if self.accountant else 0} rounds at delta = {self.privacy['delta']:g})"
+        )
+
+    def privacy_metrics(self) -> dict[str, Any]:
+        """What the dashboard, Prometheus and checkpoints see of the privacy spent."""
+        dp = self.privacy
+        return {
+            "dp": dp["dp"],
+            "epsilon": self.epsilon(),
+            "delta": dp["delta"],
+            "rounds": self.accountant.rounds if self.accountant else 0,
+            "clip": self.clip(),
+            "noise_multiplier": dp["noise_multiplier"],
+            "sampling_rate": dp["sampling_rate"],
+            "target_epsilon": dp["target_epsilon"],
+            "exhausted": self.exhausted,
+            "secure_aggregation": dp["secure_aggregation"],
+        }
 
     def _combine(self, names: list[str]) -> np.ndarray:
         """The combined delta of the pooled deltas of ``names`` (in that order), by the job's
@@ -392,6 +682,9 @@ class Job:
             self.progress = {}  # positions within an epoch; a new epoch starts from zero
         self.expected = {}
         if self.mode == "sync":
+            self.round_size = len(names)
+            if self.adaptive is not None and names and not self.privacy["expected"]:
+                split_noise(self.privacy["noise_multiplier"], len(names))  # PSError if it cannot pay
             for n, k in zip(names, keys, strict=True):
                 if n not in self.participants:
                     self.expected[n] = k
@@ -435,12 +728,14 @@ class Job:
         timings: Mapping[str, float] | None = None,
         timeout: float = 600.0,
         wait: bool = True,
+        attempt: int | None = None,
     ) -> dict[str, Any]:
         """Apply (async, ssp) or pool (sync) ``name``'s delta; reply with the weights to go on
         from once the mode lets the participant continue. ``wait=False`` (sync; a federated
         client's one push of a round) pools the delta and replies at once, without weights: the
         participant does not wait for the round (which closes when every expected participant
-        has pushed, or by :meth:`close_round`)."""
+        has pushed, or by :meth:`close_round`). With secure aggregation the delta is a masked
+        uint32 vector (its bytes as float32) for the round's key-exchange ``attempt``."""
         if self.failed:
             return self.reply("failed")
         p = self.participants.get(name) if isinstance(name, str) else None
@@ -453,7 +748,8 @@ class Job:
         vec = decode_delta(delta, self.params.size, self.compression, self.topk_fraction)
         loss = float(loss)
         self.bytes_in += _wire_bytes(delta, vec)
-        if not np.isfinite(loss) or not np.isfinite(vec).all():
+        secure = self.mode == "sync" and self.privacy["secure_aggregation"]
+        if not np.isfinite(loss) or (not secure and not np.isfinite(vec).all()):
             what = "loss" if not np.isfinite(loss) else "update"
             self.fail(
                 f"training diverged at round {self.version}: the {what} is not finite "
@@ -463,22 +759,31 @@ class Job:
         staleness = self.version - version
         self._count_push(p, samples, loss, staleness, timings)
 
+        if secure:
+            return await self._secure_push(name, version, vec, samples, batches, loss, attempt, timeout, wait)
         if self.mode == "sync":
+            if self.exhausted:
+                # the privacy budget allows no further round: the participant stops
+                return self.reply(stop=True, message=self.budget_message())
             if staleness:
                 # joined just as a round closed: its delta belongs to a finished round
                 return self.reply(dropped=True)
             # a delta off the wire is this message's own buffer (or, compressed, a fresh decoded
             # array); an in-process caller's array may change after the call, so that one is copied
-            self.pending[name] = (
-                vec if isinstance(delta, Serialized) or self.compression != "none" else vec.copy(),
-                samples,
-                loss,
-            )
+            own = vec if isinstance(delta, Serialized) or self.compression != "none" else vec.copy()
+            weight = samples
+            if self.privacy["dp"] == "central":
+                own, weight = self._clip(own), 1  # equal weights: sample counts are data
+            elif self.privacy["dp"] == "local":
+                weight = 1  # the sites noised their deltas; the mean stays unweighted
+            self.pending[name] = (own, weight, loss)
             self.progress[name] = self.progress.get(name, 0) + int(batches)
             self.maybe_close_round()
             if not wait:
                 return {"status": "OK", "version": self.version, "pooled": True, "message": self.failed}
-            ok = await self.wait(lambda: self.version > version, timeout)
+            ok = await self.wait(lambda: self.version > version or self.exhausted, timeout)
+            if self.exhausted and self.version <= version:
+                return self.reply(stop=True, message=self.budget_message())
         elif self.buffer_size:
             fresh = isinstance(delta, Serialized) or self.compression != "none"
             self.buffer.append((vec if fresh else vec.copy(), samples, loss, staleness))
@@ -578,7 +883,19 @@ class Job:
                 self.keys.pop(key, None)
         self.expected.clear()
         status = "discarded"
-        if self.failed:
+        if self.privacy["secure_aggregation"]:
+            # a round that applied itself had every roster member's masked vector; a partial
+            # sum still has uncancelled masks and cannot be unmasked: it is discarded
+            arrived = sorted(self.sa_pushed)
+            if arrived:
+                logger.warning(
+                    "job %s: secure round closed with %d masked deltas of a roster of %d; discarded",
+                    self.job,
+                    len(arrived),
+                    len(self.sa_roster or arrived),
+                )
+            self._secure_reset(self.sa_attempt + 1)  # wakes the clients still exchanging keys
+        elif self.failed:
             self.pending.clear()
         elif arrived and len(arrived) >= min_count:
             self._apply_round(arrived)
@@ -627,6 +944,9 @@ class Job:
             },
             "failed": self.failed,
             "metrics": self.metrics(),
+            # the rounds the accountant has counted and adaptive clipping's clip: a resumed
+            # run goes on spending from there
+            "privacy": self.privacy_metrics(),
         }
 
     def record(self, epoch: Mapping[str, Any] | None = None, checkpoint: bool = False) -> dict[str, Any]:
@@ -680,6 +1000,7 @@ class Job:
             "failed": self.failed,
             "closed": self.closed,
             "epochs": list(self.epochs),
+            "privacy": self.privacy_metrics(),
             **self._site_metrics(),
         }
         if history:

@@ -86,13 +86,20 @@ CASES = {
         "| multi-krum f=1 m=5 | yes |",
         "Dirichlet(0.3)",
     ],
+    "privacy": [
+        "| no privacy | 0.000 | n/a |",
+        "| central DP, epsilon 1 |",
+        "| secure aggregation |",
+        "| secure aggregation + DP, epsilon 3 |",
+        "the job in this process",
+    ],
 }
 
 
 # throughput's smoke run starts five clusters and four fresh processes (cold timings, torch.compile,
 # two-process PyTorch); time_to_accuracy's runs two seeds: minutes on a loaded 2-core machine
 TIMEOUT = {"throughput": 900, "time_to_accuracy": 600, "out_of_core": 420, "ps_compression": 420, "cold_start": 300}
-FIGURES = {"throughput", "time_to_accuracy", "out_of_core", "ps_limits"}  # draw a PNG too
+FIGURES = {"throughput", "time_to_accuracy", "out_of_core", "ps_limits", "privacy"}  # draw a PNG too
 
 
 def _optional_peer(needle: str) -> str | None:

@@ -365,3 +365,16 @@ def test_final_line_and_runs_show_the_saved_model_s_epoch(small_store, tmp_path)
     table = run_cli("runs", str(out.parent)).stdout.splitlines()
     assert table[0].split() == ["run", "epochs", "best", "val_loss", "val_metric", "samples/s"]
     assert table[1].split()[1:4] == ["3", "1", f"{epochs[0]['val_loss']:.4f}"]
+
+
+def test_dp_trains_on_a_cluster_and_prints_epsilon_until_the_budget_stops_it(small_store, tmp_path):
+    """A store small enough to train in-process still gets a cluster (the parameter server does
+    the privacy); each epoch line and the final line carry epsilon; the budget stops the run."""
+    out = tmp_path / "run"
+    budget = ("--set", "dp=central", "--set", "noise_multiplier=5", "--set", "target_epsilon=3")
+    r = run_cli("train", small_store, "--out", str(out), "--set", "epochs=40", "--set", "patience=0", *budget)
+    assert r.returncode == 0, r.stderr
+    assert "training in this process" not in r.stderr and "epsilon " in r.stderr
+    assert "privacy budget: stopping after 11 rounds" in r.stderr  # z = 5, q = 1: 11 rounds within 3
+    final = json.loads(r.stdout.strip().splitlines()[-1])
+    assert 0 < final["epsilon"] <= 3 and final["dp_delta"] == 1e-5 and final["epochs"] < 40

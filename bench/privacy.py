@@ -1,0 +1,241 @@
+"""The cost of privacy: rounds per second and accuracy after R rounds, side by side.
+
+    python -m bench.privacy            # 500 clients, 50 per round, 30 rounds
+    python -m bench.privacy --quick    # tiny smoke run
+
+A synthetic 10-class store (``pipeline.synth``, 64 features) is split IID among ``--clients``
+simulated clients (``pipeline.partition``). Each round ``--per-round`` of them are sampled;
+each starts from the global weights, trains ``--local-epochs`` passes over its own rows
+(``pipeline.loop``'s trainer, SGD lr 0.1, batch 10, MLP 64-64-10) and pushes its delta to a
+real parameter-server job (:class:`pipeline.ps.job.Job`, driven in this process: the same
+clipping, noise, accounting and secure-aggregation code a cluster runs, without the network).
+With secure aggregation every sampled client makes its X25519 key pair, gets the roster through
+the job's key exchange and masks its quantized delta for it (``pipeline.secagg``), as the worker
+does. The server is FedAvg (server SGD lr 1 on the equal-weight mean of the clipped deltas).
+
+Rows: no privacy; clipping alone (central DP's clip, no noise: what clipping costs); central DP
+at epsilon about 1, 3 and 8 (delta 1e-5) after R rounds, the
+noise multiplier chosen by ``pipeline.privacy.noise_for_epsilon`` for the schedule (sampling
+rate ``per_round / clients``); secure aggregation alone; secure aggregation with DP at epsilon
+about 3. Reported: the noise multiplier, epsilon spent, test accuracy after the last round and
+rounds per second (wall time of the whole round: local training of the sampled clients, one
+after the other, key exchange, masking, the server's work). One seed per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from bench.common import OUT, load, md_table, mnist_like, tmpdir, write_out
+
+DELTA = 1e-5
+CLIP = 0.5
+
+
+def _configs(rounds: int, q: float) -> list[tuple[str, dict, float | None]]:
+    """(label, the job's privacy settings, target epsilon) per row."""
+    from pipeline.privacy import noise_for_epsilon
+
+    rows: list[tuple[str, dict, float | None]] = [
+        ("no privacy", {}, None),
+        ("clipping only (no noise)", {"dp": "central", "noise_multiplier": 0.0}, None),
+    ]
+    for eps in (8.0, 3.0, 1.0):
+        z = noise_for_epsilon(eps, rounds, q, DELTA)
+        rows.append((f"central DP, epsilon {eps:g}", {"dp": "central", "noise_multiplier": z}, eps))
+    rows.append(("secure aggregation", {"secure_aggregation": True}, None))
+    z = noise_for_epsilon(3.0, rounds, q, DELTA)
+    rows.append(
+        (
+            "secure aggregation + DP, epsilon 3",
+            {"dp": "central", "noise_multiplier": z, "secure_aggregation": True},
+            3.0,
+        )
+    )
+    return rows
+
+
+async def _client(job: Any, name: str, delta: np.ndarray, secure: bool) -> None:
+    """One sampled client's push: plain, or through the key exchange and masking."""
+    from pipeline.privacy import clip_update
+    from pipeline.secagg import mask, new_keypair, quantize, round_info, scale_for
+
+    version = job.version
+    if not secure:
+        await job.push(name, version, delta, samples=len(delta), batches=1, loss=0.0)
+        return
+    clip_update(delta, CLIP)
+    while True:
+        private, public = new_keypair()
+        r = await job.exchange_keys(name, version, public)
+        roster, attempt = r["roster"], r["attempt"]
+        q = quantize(delta, scale_for(len(roster), CLIP))
+        masked = mask(q, name, private, roster, round_info(job.job, version, attempt, sorted(roster)))
+        reply = await job.push(name, version, masked.view(np.float32), samples=1, batches=1, loss=0.0, attempt=attempt)
+        if not reply.get("redo"):
+            return
+
+
+def _train_row(settings: dict, data: list, Xte: np.ndarray, yte: np.ndarray, start: np.ndarray, tr: Any, args: Any):
+    from pipeline.loop import load_local_state, run_batches
+    from pipeline.ps.job import Job
+
+    privacy = {"clip_norm": CLIP, "delta": DELTA, "sampling_rate": args.per_round / args.clients, **settings}
+    secure = bool(settings.get("secure_aggregation"))
+    rng = np.random.default_rng(1)
+    batch = 10
+
+    async def run() -> tuple[Any, float]:
+        job = Job.create(
+            "bench-privacy",
+            start.copy(),
+            start.size,
+            mode="sync",
+            aggregate="mean",
+            optimizer={"name": "sgd", "lr": 1.0},
+            privacy=privacy if (settings.get("dp") or secure) else None,
+        )
+        t0 = time.perf_counter()
+        for _ in range(args.rounds):
+            sampled = sorted(rng.choice(len(data), args.per_round, replace=False).tolist())
+            names = [f"c{k}" for k in sampled]
+            job.expect(names, [None] * len(names))
+            deltas = {}
+            for k, name in zip(sampled, names, strict=True):
+                X, y = data[k]
+                tr.set_params(job.params)
+                load_local_state(tr, None)
+                for _ in range(args.local_epochs):
+                    order = rng.permutation(len(X))
+                    run_batches(
+                        tr, ((X[order[a : a + batch]], y[order[a : a + batch]]) for a in range(0, len(X), batch))
+                    )
+                deltas[name] = job.params - tr.get_params()
+                job.join(name)
+            await asyncio.gather(*(_client(job, n, d, secure) for n, d in deltas.items()))
+            for name in names:
+                job.leave(name)
+        return job, time.perf_counter() - t0
+
+    job, seconds = asyncio.run(run())
+    tr.set_params(job.params)
+    acc = float(np.mean(tr.forward(Xte).argmax(axis=1) == yte))
+    return acc, args.rounds / seconds, job.epsilon(), job.version
+
+
+def run(args: Any) -> tuple[str, list[dict]]:
+    from pipeline.config import TrainConfig
+    from pipeline.loop import make_trainer
+    from pipeline.partition import make_partition
+    from pipeline.store import read_rows_at
+    from pipeline.train import task_config
+
+    features, n_classes = 64, 10
+    load0 = load()
+    out: list[dict] = []
+    q = args.per_round / args.clients
+    with tmpdir("bench-privacy-") as tmp:
+        train, test = mnist_like(tmp, args.rows, args.rows // 4, features, n_classes)
+        part = make_partition(train, args.clients, "iid", seed=0, out=tmp / "partition")
+        mean, std = train.mean.astype(np.float32), train.std.astype(np.float32)
+        data = []
+        for k in range(args.clients):
+            X, y = read_rows_at(train, part.rows(k))
+            data.append((((X.astype(np.float32) - mean) / std).astype(np.float32), y.astype(np.int32)))
+        Xte, yte = test.read_rows(0, test.n_rows)
+        Xte = ((Xte.astype(np.float32) - mean) / std).astype(np.float32)
+        spec = {"n_in": features, "hidden": [64], "n_out": n_classes, "activation": "relu"}
+        tr = make_trainer(spec, task_config(TrainConfig(optimizer="sgd", lr=0.1, batch_size=10)))
+        start = tr.get_params()
+        # warm-up (kernel compilation, first key agreement): not timed
+        _train_row(
+            {"secure_aggregation": True}, data, Xte, yte, start, tr, argparse.Namespace(**{**vars(args), "rounds": 1})
+        )
+        for label, settings, target in _configs(args.rounds, q):
+            acc, rps, eps, applied = _train_row(settings, data, Xte, yte, start, tr, args)
+            out.append(
+                {
+                    "setting": label,
+                    "noise multiplier": settings.get("noise_multiplier", 0.0),
+                    "epsilon": eps if settings.get("noise_multiplier") else None,
+                    "target": target,
+                    "rounds": applied,
+                    "test acc": acc,
+                    "rounds/s": rps,
+                }
+            )
+    head = (
+        f"synthetic {features} features, {n_classes} classes, {args.rows:,} training rows split IID among "
+        f"{args.clients} clients; {args.per_round} sampled per round (q = {q:g}), {args.rounds} rounds of "
+        f"{args.local_epochs} local epochs; clip {CLIP}, delta {DELTA:g}; the job in this process (no network); "
+        f"load average before {load0:.2f}, after {load():.2f}"
+    )
+    table = md_table(
+        [{**r, "target": r["target"] if r["target"] is not None else ""} for r in out],
+        {"noise multiplier": ".3f", "epsilon": ".3f", "target": "g", "test acc": ".4f", "rounds/s": ".2f"},
+    )
+    return head + "\n\n" + table, out
+
+
+def figure(rows: list[dict], stem: str) -> Any:
+    """Test accuracy against epsilon (log scale): DP rows as a curve, no privacy and secure
+    aggregation alone as horizontal lines, secure aggregation with DP as a marker."""
+    from bench.figures import _pyplot, _save
+
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    dp = sorted(
+        (r for r in rows if r["epsilon"] is not None and "secure" not in r["setting"]), key=lambda r: r["epsilon"]
+    )
+    ax.plot([r["epsilon"] for r in dp], [r["test acc"] for r in dp], "o-", color="C0", label="central DP")
+    lines = {"no privacy": ("--", "k"), "clipping only (no noise)": (":", "C7"), "secure aggregation": ("-.", "C2")}
+    for r in rows:
+        if r["epsilon"] is None:
+            ls, colour = lines.get(r["setting"], (":", "C4"))
+            ax.axhline(r["test acc"], ls=ls, color=colour, lw=1.2, label=f"{r['setting']} (no epsilon)")
+        elif "secure" in r["setting"]:
+            ax.plot([r["epsilon"]], [r["test acc"]], "s", color="C3", label=r["setting"])
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator([r["epsilon"] for r in dp]))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("epsilon spent (delta 1e-5)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(plt, fig, stem)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(prog="python -m bench.privacy", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    ap.add_argument("--clients", type=int, default=500)
+    ap.add_argument("--per-round", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--local-epochs", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=20_000)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.clients, args.per_round, args.rounds, args.rows = 40, 8, 3, 2_000
+    text, rows = run(args)
+    print(text)
+    stem = "privacy" + ("-quick" if args.quick else "")
+    write_out(stem, text)
+    (OUT / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    figure(rows, stem)
+    return text
+
+
+if __name__ == "__main__":
+    main()
