@@ -34,7 +34,6 @@ from pipeline.loop import (
     run_batches,
 )
 from pipeline.plan import epoch_work
-from pipeline.ps.wire import DeltaCompressor
 from pipeline.runstate import RunState
 from pipeline.train import Ranges, Trainer, task_config
 
@@ -228,12 +227,18 @@ class LocalTrainer(Trainer):
         # compressed deltas as a cluster's push sends them, error feedback included (the residual
         # stays with the share's local state, as on a cluster): the same weights as a one-worker run
         saved = ps.local_states.get(SLOT) if cfg.mode == "sync" else None
-        compressor = DeltaCompressor(
-            cfg.compression,
-            cfg.topk_fraction,
-            cfg.error_feedback,
-            (saved or {}).get("buffers", {}).get(DeltaCompressor.RESIDUAL) if cfg.mode == "sync" else self._residual,
-        )
+        compressor: Any = None
+        if cfg.compression != "none":  # the codecs live beside the wire (which imports distributed)
+            from pipeline.ps.wire import DeltaCompressor
+
+            compressor = DeltaCompressor(
+                cfg.compression,
+                cfg.topk_fraction,
+                cfg.error_feedback,
+                (saved or {}).get("buffers", {}).get(DeltaCompressor.RESIDUAL)
+                if cfg.mode == "sync"
+                else self._residual,
+            )
         full_batch = cfg.batch_size == 0
         if full_batch:
             trainer.discard_accumulated()
@@ -251,7 +256,8 @@ class LocalTrainer(Trainer):
 
         def sync(samples: int, batches: int, loss: float) -> None:
             nonlocal anchor
-            _, sent = compressor(anchor - trainer.get_params())
+            delta = anchor - trainer.get_params()
+            sent = delta if compressor is None else compressor(delta)[1]
             fresh = ps.push(name, sent, samples, batches, loss)
             trainer.set_params(fresh)
             anchor = trainer.get_params()
@@ -280,10 +286,10 @@ class LocalTrainer(Trainer):
             loader.close()
         if cfg.mode == "sync":
             ps.local_states[SLOT] = local_state(trainer)
-            if compressor.residual is not None:
-                ps.local_states[SLOT]["buffers"][DeltaCompressor.RESIDUAL] = compressor.residual
+            if compressor is not None and compressor.residual is not None:
+                ps.local_states[SLOT]["buffers"][compressor.RESIDUAL] = compressor.residual
         else:
-            self._residual = compressor.residual
+            self._residual = None if compressor is None else compressor.residual
         total = time.perf_counter() - t0
         return {
             "samples": r["samples"],

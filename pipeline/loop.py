@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.ps.wire import DeltaCompressor
+from pipeline.optim import EF_RESIDUAL
 
 # batch_size = 0 (full batch): rows per piece over which a task accumulates its gradient, so
 # that memory stays that of one minibatch whatever the number of rows
@@ -85,7 +85,7 @@ def load_local_state(trainer: Any, state: Mapping[str, Any] | None) -> None:
     trainer.reset_optimizer()
     if state:
         lr = {} if state.get("lr") is None else {"lr": state["lr"]}  # none saved: the config's
-        buffers = {k: v for k, v in state["buffers"].items() if k != DeltaCompressor.RESIDUAL}
+        buffers = {k: v for k, v in state["buffers"].items() if k != EF_RESIDUAL}
         trainer.optimizer.load_state_dict({"t": state["t"], **lr, **{f"opt.{k}": v for k, v in buffers.items()}})
 
 

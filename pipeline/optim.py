@@ -26,6 +26,9 @@ import numpy as np
 from pipeline.errors import PSError
 
 SCHEDULES = ("constant", "step", "cosine")
+# The name of error feedback's residual among a sync share's local-state buffers
+# (pipeline.ps.wire.DeltaCompressor): kept with the share's optimizer state, not part of it.
+EF_RESIDUAL = "ef_residual"
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "fedadam", "adagrad", "yogi")
 ADAPTIVE = ("fedadam", "adagrad", "yogi")  # the FedOpt family: m, v and tau, no bias correction
 

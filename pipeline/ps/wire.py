@@ -22,6 +22,7 @@ from distributed.protocol.compression import compressions
 from distributed.protocol.serialize import Serialized
 
 from pipeline.errors import PSError
+from pipeline.optim import EF_RESIDUAL
 
 _JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
@@ -166,7 +167,7 @@ class DeltaCompressor:
     residual. ``residual``: a saved one to continue from (sync shares keep it with their local
     optimizer state). ``codec = "none"`` passes deltas through and keeps nothing."""
 
-    RESIDUAL = "ef_residual"  # its name among a sync share's local-state buffers
+    RESIDUAL = EF_RESIDUAL  # its name among a sync share's local-state buffers
 
     def __init__(
         self,
