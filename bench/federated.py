@@ -28,7 +28,7 @@ count; the server replaces the model by the sample-weighted mean (FedAvg). The s
 Each system runs in a fresh process per measurement; the harness samples the resident memory of
 that process and all its descendants (Ray's GCS, raylet and actors; Dask's nannies and workers)
 every 0.2 s with psutil: peak RSS summed over the tree (shared pages count once per process)
-and peak PSS (shared pages divided among the processes sharing them). Figures per run:
+and, every 1 s, peak PSS (shared pages divided among the processes sharing them). Figures per run:
 
 * **rounds/s** (steady): rounds 2..R over the time from the end of round 1 to the end of round R
   (start-up, the first round's warm-up and the final evaluation excluded for both alike);
@@ -174,10 +174,11 @@ def partition(data: Path, store: Any, y: np.ndarray, n_clients: int, seed: int =
 
 
 class TreeMemory:
-    """Samples the summed RSS and PSS of a process and all its descendants in a thread."""
+    """Samples the summed RSS (every ``interval`` s) and PSS (every ``pss_every`` samples) of a
+    process and all its descendants in a thread."""
 
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
-        self.pid, self.interval = pid, interval
+    def __init__(self, pid: int, interval: float = 0.2, pss_every: int = 5) -> None:
+        self.pid, self.interval, self.pss_every, self._n = pid, interval, pss_every, 0
         self.peak_rss = self.peak_pss = 0
         self.max_procs = 0
         self._stop = threading.Event()
@@ -191,13 +192,20 @@ class TreeMemory:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             return
+        full = self._n % self.pss_every == 0  # PSS reads /proc/PID/smaps: every 5th sample only
+        self._n += 1
         rss = pss = 0
         for p in procs:
             with contextlib.suppress(psutil.Error):
-                m = p.memory_full_info()
+                if full:
+                    m = p.memory_full_info()
+                    pss += getattr(m, "pss", m.rss)
+                else:
+                    m = p.memory_info()
                 rss += m.rss
-                pss += getattr(m, "pss", m.rss)
-        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+        self.peak_rss = max(self.peak_rss, rss)
+        if full:
+            self.peak_pss = max(self.peak_pss, pss)
         self.max_procs = max(self.max_procs, len(procs))
 
     def _run(self) -> None:
