@@ -38,6 +38,7 @@ BENCHMARKS = [
     ("out_of_core", "Out of core: memory, throughput, disk", "python -m bench.out_of_core --sizes {ooc}"),
     ("ps_limits", "Parameter-server limits", "python -m bench.ps_limits"),
     ("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets", "python -m bench.sklearn_parity"),
+    ("fed_strategies", "Robust aggregation against a Byzantine client", "python -m bench.fed_strategies"),
 ]
 
 

@@ -16,6 +16,12 @@ included) for sgd/momentum/rmsprop/adam, decoupled for adamw. The reported loss 
 (without the decay term). ``rmsprop`` decays its squared-gradient average by ``rho`` (PyTorch's
 ``alpha``, default 0.99).
 
+FedProx (Li et al. 2020): with ``proximal_mu`` > 0 the trainer minimises the data loss plus
+``mu/2 ||w - w_anchor||^2``, the anchor being the weights last given to :meth:`MLPTrainer.set_params`
+(the global weights a federated round starts from): every gradient gets ``mu (w - w_anchor)``
+added before the optimizer's step (after the data gradient, before weight decay, which the
+optimizer applies). ``proximal_mu = 0`` takes no extra pass and keeps no anchor.
+
 Full-batch gradient descent over more rows than fit one buffer: :meth:`MLPTrainer.accumulate`
 adds a minibatch's gradient (weighted by its rows) to a running sum, :meth:`MLPTrainer.apply`
 takes one optimizer step with the mean gradient of every row accumulated since the last one.
@@ -263,8 +269,12 @@ class MLPTrainer:
         params: np.ndarray | None = None,
         seed: int = 0,
         rho: float = 0.99,
+        proximal_mu: float = 0.0,
     ) -> None:
+        if not (math.isfinite(proximal_mu) and proximal_mu >= 0):
+            raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
         self.spec = spec
+        self.proximal_mu = float(proximal_mu)
         self.K = get_backend(backend)
         self.backend = backend
         self.dtype = np.dtype(dtype)
@@ -276,6 +286,7 @@ class MLPTrainer:
         n = spec.n_params
         self._flat = self.K.zeros(n, self.dtype)
         self._grad = self.K.zeros(n, self.dtype)
+        self._anchor = self.K.zeros(n, self.dtype) if self.proximal_mu else None  # FedProx: w_start
         self.set_params(init_params(spec, seed, self.dtype) if params is None else params)
         pv, gv = views(spec, self._flat), views(spec, self._grad)
         self._W = [pv[f"W{i}"] for i in range(spec.n_layers)]
@@ -342,13 +353,22 @@ class MLPTrainer:
     # -- parameters and state ---------------------------------------------------------------
 
     def set_params(self, flat: np.ndarray) -> None:
-        """Copy ``flat`` (n_params,) into the trainer's buffer; optimizer state is kept."""
+        """Copy ``flat`` (n_params,) into the trainer's buffer; optimizer state is kept. With
+        ``proximal_mu`` > 0 these weights also become the proximal anchor."""
         flat = np.asarray(flat)
         if flat.shape != (self.spec.n_params,):
             raise ValueError(f"params have shape {flat.shape}, expected ({self.spec.n_params},)")
         if self._device and flat.dtype != self.dtype:
             flat = flat.astype(self.dtype)
         self.K.to_device(flat, out=self._flat)
+        if self._anchor is not None:
+            self.K.to_device(flat, out=self._anchor)
+
+    def _proximal(self) -> None:
+        """FedProx: the gradient buffer += mu * (params - anchor)."""
+        if self._anchor is not None:
+            self.K.l2_decay(self._grad, self._flat, self.proximal_mu)
+            self.K.l2_decay(self._grad, self._anchor, -self.proximal_mu)
 
     def get_params(self) -> np.ndarray:
         """Host copy of the flat parameters."""
@@ -392,6 +412,7 @@ class MLPTrainer:
     def step(self, X: np.ndarray, y: np.ndarray) -> float:
         """One minibatch: forward, loss, backward, optimizer update; the pre-update mean loss."""
         loss = self._gradient(X, y)
+        self._proximal()
         self.optimizer.step(self._flat, self._grad)
         return loss
 
@@ -425,6 +446,7 @@ class MLPTrainer:
             return 0
         self.K.to_device((self._acc / rows).astype(self.dtype), out=self._grad)
         self.discard_accumulated()
+        self._proximal()  # the weights did not move while accumulating: once for the mean
         self.optimizer.step(self._flat, self._grad, lr)
         return rows
 

@@ -20,6 +20,8 @@ With ``shuffle=False`` units come in order and rows in order (evaluation, predic
 
 Validation rows held out of a training store (:func:`held_out_rows`) are dropped from each unit
 as it is read (``holdout``, training) or kept alone (evaluation): both read whole row ranges.
+A loader over given row ids (``rows``: a simulated client's rows, :mod:`pipeline.partition`) reads
+the chunks holding them and keeps only those rows of each, the same way.
 """
 
 from __future__ import annotations
@@ -76,12 +78,18 @@ def held_out_mask(store: Store, start: int, stop: int, fraction: float, seed: in
     return mask
 
 
-def _select(store: Store, a: int, b: int, holdout: dict | None) -> np.ndarray | None:
-    """The rows of ``a:b`` a loader with ``holdout`` keeps (a boolean mask), or None for all."""
+def _select(store: Store, a: int, b: int, holdout: dict | None, rows: np.ndarray | None = None) -> np.ndarray | None:
+    """The rows of ``a:b`` a loader with ``holdout`` (and ``rows``, sorted ids) keeps (a
+    boolean mask), or None for all."""
+    keep = None
+    if rows is not None:
+        keep = np.zeros(b - a, bool)
+        keep[rows[np.searchsorted(rows, a) : np.searchsorted(rows, b)] - a] = True
     if not holdout:
-        return None
+        return keep
     mask = held_out_mask(store, a, b, holdout["fraction"], holdout["seed"])
-    return mask if holdout.get("keep") == "validation" else ~mask
+    mask = mask if holdout.get("keep") == "validation" else ~mask
+    return mask if keep is None else mask & keep
 
 
 def _reader(
@@ -91,6 +99,7 @@ def _reader(
     stop: threading.Event,
     holdout: dict | None = None,
     labels: bool = True,
+    rows: np.ndarray | None = None,
 ) -> None:
     """Read ``units`` in order into ``q``; stops when ``stop`` is set. Runs in its own thread."""
 
@@ -108,7 +117,7 @@ def _reader(
             if stop.is_set():
                 return
             X, y = store.read_rows(a, b, labels)
-            keep = _select(store, a, b, holdout)
+            keep = _select(store, a, b, holdout, rows)
             if keep is not None:
                 if not keep.any():
                     continue
@@ -140,10 +149,19 @@ class ChunkLoader:
         std: Any = None,
         holdout: dict | None = None,
         labels: bool = True,
+        rows: Any = None,
     ) -> None:
         self.store = store if isinstance(store, Store) else open_store(store)
-        if chunks is not None and ranges is not None:
-            raise ValueError("pass chunks or ranges, not both")
+        if sum(x is not None for x in (chunks, ranges, rows)) > 1:
+            raise ValueError("pass one of chunks, ranges and rows")
+        # ``rows``: sorted row ids (a simulated client's); each unit is a chunk holding some
+        self.rows: np.ndarray | None = None
+        if rows is not None:
+            ids = np.unique(np.asarray(rows, dtype=np.int64))
+            if len(ids) and not 0 <= ids[0] <= ids[-1] < self.store.n_rows:
+                raise ValueError(f"row ids outside the store's {self.store.n_rows} rows")
+            self.rows = ids
+            chunks = np.unique(ids // self.store.chunk_rows).tolist()
         if ranges is not None:
             units = [(int(a), int(b)) for a, b in ranges]
             for a, b in units:
@@ -170,7 +188,9 @@ class ChunkLoader:
         # the rows held out for validation (see held_out_rows), or only the others
         self.holdout = dict(holdout) if holdout else None
         if self.holdout:
-            self.n_rows = sum(int(_select(self.store, a, b, self.holdout).sum()) for a, b in self.units)
+            self.n_rows = sum(int(_select(self.store, a, b, self.holdout, self.rows).sum()) for a, b in self.units)
+        elif self.rows is not None:
+            self.n_rows = len(self.rows)
         else:
             self.n_rows = sum(b - a for a, b in self.units)
         self.read_seconds = 0.0
@@ -241,7 +261,7 @@ class ChunkLoader:
         stop = threading.Event()
         thread = threading.Thread(
             target=_reader,
-            args=(self.store, order, q, stop, self.holdout, self.labels),
+            args=(self.store, order, q, stop, self.holdout, self.labels, self.rows),
             name="chunk-loader-prefetch",
             daemon=True,
         )

@@ -28,7 +28,9 @@ def make_trainer(spec: Mapping[str, Any], cfg: Mapping[str, Any], params: np.nda
     (the training tasks' config, :func:`pipeline.train.task_config`), from ``params`` if given.
 
     ``optimizer = "nesterov"`` is momentum with Nesterov's look-ahead: the kernels know it as
-    the momentum optimizer with ``nesterov=True``."""
+    the momentum optimizer with ``nesterov=True``. ``proximal_mu`` > 0 (FedProx) adds
+    ``mu (w - w_start)`` to every gradient, ``w_start`` being the weights last set with
+    ``set_params`` (or ``params``): the round's global weights."""
     from kernels.mlp import MLPSpec, MLPTrainer
 
     optimizer = cfg["optimizer"]
@@ -46,6 +48,7 @@ def make_trainer(spec: Mapping[str, Any], cfg: Mapping[str, Any], params: np.nda
         max_batch=cfg["batch_size"] or FULL_BATCH_ROWS,
         params=params,
         seed=cfg["seed"],
+        proximal_mu=float(cfg.get("proximal_mu", 0.0)),
     )
 
 

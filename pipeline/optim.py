@@ -5,6 +5,13 @@ A schedule maps a step count (server rounds on the parameter server) to a multip
 base learning rate. Pure Python, no arrays: the parameter server calls it once per update.
 :class:`ServerOptimizer` is the parameter server's optimizer over the flat weight vector
 (plain NumPy in place); the parameter server (:mod:`pipeline.ps`) owns one per job.
+
+Besides ``sgd``, ``momentum`` and ``adam`` (with bias correction) it has the adaptive server
+optimizers of federated learning (Reddi et al. 2021, "Adaptive Federated Optimization"), with
+``d`` the combined delta: ``m = beta1 m + (1 - beta1) d`` and ``params -= lr m / (sqrt(v) + tau)``,
+no bias correction, where ``v`` is ``v + d^2`` (``adagrad``), ``v - (1 - beta2) d^2 sign(v - d^2)``
+(``yogi``) or ``beta2 v + (1 - beta2) d^2`` (``fedadam``; also ``adam`` with
+``bias_correction=False``, whose ``eps`` plays ``tau``'s part); ``m`` and ``v`` start at zero.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import numpy as np
 from pipeline.errors import PSError
 
 SCHEDULES = ("constant", "step", "cosine")
-SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "fedadam", "adagrad", "yogi")
+ADAPTIVE = ("fedadam", "adagrad", "yogi")  # the FedOpt family: m, v and tau, no bias correction
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,8 @@ class ServerOptimizer:
         eps: float = 1e-8,
         ema: float = 0.0,
         n: int = 0,
+        tau: float = 1e-3,
+        bias_correction: bool = True,
     ) -> None:
         if name not in SERVER_OPTIMIZERS:
             raise PSError(f"unknown server optimizer {name!r}; use one of {SERVER_OPTIMIZERS}")
@@ -101,8 +111,11 @@ class ServerOptimizer:
         for key, value in (("momentum", momentum), ("beta1", beta1), ("beta2", beta2)):
             if not 0 <= value < 1:
                 raise PSError(f"server optimizer {key} must be in [0, 1), got {value}")
+        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+            raise PSError(f"server optimizer tau must be > 0, got {tau!r}")
         self.name, self.lr, self.momentum = name, float(lr), float(momentum)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        self.tau, self.bias_correction = float(tau), bool(bias_correction)
         self.ema = float(ema)
         self.t = 0
         self.buffers: dict[str, np.ndarray] = {}
@@ -110,7 +123,7 @@ class ServerOptimizer:
         self._work2: np.ndarray | None = None  # adam's second work vector
         if name == "momentum":
             self.buffers["velocity"] = np.zeros(n, np.float32)
-        elif name == "adam":
+        elif name == "adam" or name in ADAPTIVE:
             self.buffers["m"] = np.zeros(n, np.float32)
             self.buffers["v"] = np.zeros(n, np.float32)
         if self.ema:
@@ -126,7 +139,8 @@ class ServerOptimizer:
     def step(self, params: np.ndarray, grad: np.ndarray, lr: float) -> None:
         """Apply one update in place; ``grad`` is read only. Element-wise results equal the
         plain expressions (``params -= lr * grad`` ...): the products go through scratch
-        vectors kept between rounds (one; two for adam) instead of fresh temporaries per round."""
+        vectors kept between rounds (one; two for the adam family) instead of fresh temporaries
+        per round."""
         self.t += 1
         tmp = self.work_vector(params)
         if self.name == "sgd":
@@ -138,6 +152,8 @@ class ServerOptimizer:
             vel += grad
             np.multiply(vel, np.float32(lr), out=tmp)
             params -= tmp
+        elif self.name in ADAPTIVE or not self.bias_correction:
+            self._adaptive_step(params, grad, lr, tmp)
         else:
             # params -= lr/c1 * m / (sqrt(v / c2) + eps), operation by operation as written,
             # through the work vector and a second one kept for adam alone
@@ -167,6 +183,36 @@ class ServerOptimizer:
             if self.t > 1:
                 tmp *= np.float32(1 - d)
             avg += tmp
+
+    def _adaptive_step(self, params: np.ndarray, grad: np.ndarray, lr: float, tmp: np.ndarray) -> None:
+        """The FedOpt update (module docstring), operation by operation through the two work
+        vectors. ``adam`` without bias correction uses ``eps`` where the others use ``tau``."""
+        m, v = self.buffers["m"], self.buffers["v"]
+        if self._work2 is None or self._work2.shape != params.shape:
+            self._work2 = np.empty_like(params)
+        work = self._work2
+        m *= np.float32(self.beta1)
+        np.multiply(grad, np.float32(1 - self.beta1), out=tmp)
+        m += tmp
+        np.square(grad, out=tmp)  # d^2
+        if self.name == "adagrad":
+            v += tmp
+        elif self.name == "yogi":
+            np.subtract(v, tmp, out=work)
+            np.sign(work, out=work)
+            work *= tmp
+            work *= np.float32(1 - self.beta2)
+            v -= work
+        else:
+            v *= np.float32(self.beta2)
+            tmp *= np.float32(1 - self.beta2)
+            v += tmp
+        tau = self.eps if self.name == "adam" else self.tau
+        np.multiply(m, np.float32(lr), out=work)
+        np.sqrt(v, out=tmp)
+        tmp += np.float32(tau)
+        work /= tmp
+        params -= work
 
     def model(self, params: np.ndarray) -> np.ndarray:
         """The weights to validate and save: the average (``ema`` > 0, after an update) or
@@ -204,4 +250,6 @@ class ServerOptimizer:
             "beta2": self.beta2,
             "eps": self.eps,
             "ema": self.ema,
+            "tau": self.tau,
+            "bias_correction": self.bias_correction,
         }

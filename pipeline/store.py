@@ -242,6 +242,37 @@ class Store:
         return str(self.attrs.get("codec", "?"))
 
 
+def read_rows_at(store: Store, rows: np.ndarray, labels: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Raw (compact dtype) ``X[rows]`` and ``y[rows]``, in the order of ``rows`` (any order,
+    repeats allowed), reading only the chunks that hold them, one chunk at a time: memory is
+    one chunk's worth beyond the result. Every chunk read is checked as :meth:`Store.read_rows`
+    checks it (present, checksum). With ``labels=False`` ``y`` is not read: zeros stand in."""
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
+        raise StoreError(f"row ids must be a 1-D integer array, got {rows.dtype} of shape {rows.shape}")
+    n = len(rows)
+    X = np.empty((n, store.n_features), store.X.dtype)
+    y = np.zeros((n, *store.y.shape[1:]), store.y.dtype)
+    if not n:
+        return X, y
+    lo_all, hi_all = int(rows.min()), int(rows.max())
+    if lo_all < 0 or hi_all >= store.n_rows:
+        bad = lo_all if lo_all < 0 else hi_all
+        raise StoreError(f"row {bad} is outside store {store.path!r}, which has {store.n_rows} rows")
+    order = np.argsort(rows, kind="stable")
+    srt = rows[order].astype(np.int64)
+    chunk_of = srt // store.chunk_rows
+    cuts = np.concatenate([[0], np.flatnonzero(np.diff(chunk_of)) + 1, [n]])
+    for i, j in zip(cuts[:-1], cuts[1:], strict=True):
+        c = int(chunk_of[i])
+        lo, hi = int(srt[i]), int(srt[j - 1]) + 1
+        sl, at, dest = slice(lo, hi), srt[i:j] - lo, order[i:j]
+        X[dest] = store._read("X", sl, c)[at]
+        if labels:
+            y[dest] = store._read("y", sl, c)[at]
+    return X, y
+
+
 def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
     """Open the store at ``path`` (a local path or an fsspec URL such as ``s3://bucket/x.zarr``)."""
     spath = os.fspath(path)

@@ -120,10 +120,17 @@ class ParameterServer:
         join_timeout: float = 120.0,
         overwrite: bool = False,
         local_states: dict | None = None,
+        aggregator: str = "mean",
+        trim_fraction: float = 0.1,
+        krum_f: int = 1,
+        buffer_size: int = 0,
+        buffer: dict | None = None,
     ) -> Reply:
         """Create the job on the scheduler. ``optimizer_state`` (server) and ``local_states``
         (sync: slot -> the share's local optimizer state ``{"t", "lr", "buffers"}``) continue a
-        checkpointed run."""
+        checkpointed run. ``aggregator``, ``trim_fraction``, ``krum_f``: how a round's deltas
+        combine (:func:`pipeline.fedagg.aggregate`); ``buffer_size`` > 0: buffered async rounds,
+        ``buffer``: the deltas they had buffered (``state()["buffer"]`` of a checkpointed job)."""
         params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
         opt_state = encode_opt_state(optimizer_state) if optimizer_state else None
         locals_ = {str(k): encode_opt_state(v) for k, v in local_states.items()} if local_states else None
@@ -146,6 +153,11 @@ class ParameterServer:
             join_timeout=float(join_timeout),
             overwrite=overwrite,
             client=client_id,
+            aggregator=aggregator,
+            trim_fraction=float(trim_fraction),
+            krum_f=int(krum_f),
+            buffer_size=int(buffer_size),
+            buffer=_encode_buffer(buffer),
         )
 
     def expect(self, names: list[str], keys: list[str | None], epoch: int | None = None) -> Reply:
@@ -235,6 +247,21 @@ def _arrays_of_state(r: dict[str, Any]) -> dict[str, Any]:
     r["optimizer_state"]["buffers"] = buffers
     for loc in r.get("local_states", {}).values():
         loc["buffers"] = {k: np.asarray(v) for k, v in loc["buffers"].items()}
+    if r.get("buffer"):
+        r["buffer"]["deltas"] = [np.asarray(d) for d in r["buffer"]["deltas"]]
     averaged = r["optimizer"].get("ema") and r["optimizer_state"]["t"] and "average" in buffers
     r["model"] = buffers["average"] if averaged else r["params"]
     return r
+
+
+def _encode_buffer(buffer: dict | None) -> dict | None:
+    """``state()["buffer"]`` with its deltas wrapped for the wire (None when empty)."""
+    if not buffer or not buffer.get("deltas"):
+        return None
+    deltas = [np.ascontiguousarray(d, dtype=np.float32).reshape(-1) for d in buffer["deltas"]]
+    return {
+        "deltas": [encode_vector(d) for d in deltas],
+        "samples": [int(n) for n in buffer["samples"]],
+        "losses": [float(x) for x in buffer["losses"]],
+        "staleness": [int(n) for n in buffer["staleness"]],
+    }

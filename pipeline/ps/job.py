@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 from distributed.protocol.serialize import Serialized
 
+from pipeline import fedagg
 from pipeline.errors import PSError
 from pipeline.jobview import JobSnapshot
 from pipeline.optim import Schedule, ServerOptimizer
@@ -62,6 +64,10 @@ class Job:
     damping: bool
     aggregate: str
     owner: str | None
+    aggregator: str = "mean"  # how a round's deltas combine (pipeline.fedagg); "sum" scales it
+    trim_fraction: float = 0.1
+    krum_f: int = 1
+    buffer_size: int = 0
     version: int = 0
     snapshot: np.ndarray | None = None
     snapshot_version: int = -1
@@ -73,6 +79,7 @@ class Job:
     join_timeout: float = 120.0
     pending: dict[str, tuple[np.ndarray, int, float]] = field(default_factory=dict)
     grad: np.ndarray | None = None  # sync: the round's combined delta (reused every round)
+    buffer: list = field(default_factory=list)  # FedBuff: (delta, samples, loss, staleness) since the last step
     progress: dict[str, int] = field(default_factory=dict)  # participant -> batches absorbed
     summaries: dict[str, dict] = field(default_factory=dict)  # participant -> its task's result
     local_states: dict[str, dict] = field(default_factory=dict)  # sync: slot -> local optimizer state
@@ -117,9 +124,19 @@ class Job:
         owner: str | None = None,
         local_states: Mapping[str, Any] | None = None,
         keys: dict[str, tuple[str, str]] | None = None,
+        aggregator: str = "mean",
+        trim_fraction: float = 0.1,
+        krum_f: int = 1,
+        buffer_size: int = 0,
+        buffer: Mapping[str, Any] | None = None,
     ) -> Job:
         """A job from the arguments of ``ps_create`` (wire-encoded vectors or arrays), every
-        one checked; :class:`PSError` names the first that is wrong."""
+        one checked; :class:`PSError` names the first that is wrong.
+
+        ``aggregator`` (with ``trim_fraction``, ``krum_f``): how a sync round's deltas combine
+        (:func:`pipeline.fedagg.aggregate`); ``aggregate = "sum"`` then scales the result by the
+        number of deltas. ``buffer_size`` > 0 (async jobs): buffered asynchronous rounds (FedBuff,
+        :meth:`push`); ``buffer``: the deltas a checkpointed job had buffered (``state()["buffer"]``)."""
         if not isinstance(n_params, int) or not 0 < n_params <= 2**31 - 1:
             raise PSError(f"n_params must be a positive int, got {n_params!r}")
         if mode not in MODES:
@@ -128,6 +145,18 @@ class Job:
             raise PSError(f"unknown aggregate {aggregate!r}; use 'sum' or 'mean'")
         if not isinstance(staleness, int) or staleness < 0:
             raise PSError(f"staleness must be an int >= 0, got {staleness!r}")
+        fedagg.check(aggregator, trim_fraction, krum_f)
+        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 0:
+            raise PSError(f"buffer_size must be an int >= 0, got {buffer_size!r}")
+        if buffer_size and mode != "async":
+            raise PSError(f"buffer_size (buffered asynchronous rounds) needs mode 'async', not {mode!r}")
+        if buffer_size and aggregator != "mean":
+            raise PSError(
+                f"buffer_size (buffered asynchronous rounds) combines with aggregator 'mean', not {aggregator!r}"
+            )
+        if buffer_size and damping:
+            raise PSError("damping and buffer_size both weight stale deltas; use one of them")
+        buffered = _decode_buffer(buffer, n_params, buffer_size) if buffer else []
         vec = decode_vector(params, n_params, "params").copy()
         opt = ServerOptimizer(**(optimizer or {}), n=n_params)
         if optimizer_state:
@@ -157,6 +186,11 @@ class Job:
             damping=bool(damping),
             aggregate=aggregate,
             owner=owner,
+            aggregator=aggregator,
+            trim_fraction=float(trim_fraction),
+            krum_f=int(krum_f),
+            buffer_size=int(buffer_size),
+            buffer=buffered,
             version=int(version),
             join_timeout=float(join_timeout),
             progress={str(k): int(v) for k, v in (progress or {}).items()},
@@ -244,23 +278,55 @@ class Job:
             return
         names = sorted(self.pending)  # fixed order: reproducible float sums
         total = sum(self.pending[n][1] for n in names)
-        if self.grad is None:  # kept: no fresh vectors a round
-            self.grad = np.empty_like(self.params)
-        grad = self.grad
-        tmp = self.optimizer.work_vector(self.params)  # free until the step below
-        for i, n in enumerate(names):
-            delta, samples, _ = self.pending[n]
-            weight = np.float32(samples / total if total else 1 / len(names))
-            np.multiply(delta, weight, out=grad if i == 0 else tmp)
-            if i:
-                grad += tmp
-        if self.aggregate == "sum":
-            grad *= np.float32(len(names))
+        grad = self._combine(names)
         losses = [self.pending[n][2] for n in names]
         self.optimizer.step(self.params, grad, self.lr())
         self.version += 1
         self.pending.clear()
         self.after_update(float(np.mean(losses)), total, len(names))
+
+    def _combine(self, names: list[str]) -> np.ndarray:
+        """The combined delta of the pooled deltas of ``names`` (in that order), by the job's
+        aggregator, times their number when ``aggregate = "sum"``. Written into a vector kept
+        between rounds (valid until the next round)."""
+        if self.grad is None:  # kept: no fresh vectors a round
+            self.grad = np.empty_like(self.params)
+        fedagg.aggregate(
+            [self.pending[n][0] for n in names],
+            [self.pending[n][1] for n in names],
+            self.aggregator,
+            trim_fraction=self.trim_fraction,
+            krum_f=self.krum_f,
+            out=self.grad,
+            work=self.optimizer.work_vector(self.params),  # free until the optimizer's step
+        )
+        if self.aggregate == "sum":
+            self.grad *= np.float32(len(names))
+        return self.grad
+
+    def _step_buffer(self) -> None:
+        """FedBuff: one server step with the buffered deltas, then an empty buffer.
+
+        Each delta ``d_i`` (``n_i`` samples, pushed ``s_i`` versions stale) is scaled by its
+        staleness weight ``w_i = 1 / sqrt(1 + s_i)`` and the step's delta is the sample-weighted
+        mean ``sum(n_i w_i d_i) / sum(n_i)`` (equal weights when no samples are counted): with
+        equal samples FedBuff's ``(1/K) sum(w_i d_i)``; stale deltas count less without the
+        fresh ones counting more. ``aggregate = "sum"`` scales it by the number of deltas."""
+        entries, self.buffer = self.buffer, []
+        total = sum(e[1] for e in entries)
+        if self.grad is None:
+            self.grad = np.empty_like(self.params)
+        grad, tmp = self.grad, self.optimizer.work_vector(self.params)
+        for i, (delta, samples, _, stale) in enumerate(entries):
+            share = samples / total if total else 1 / len(entries)
+            np.multiply(delta, np.float32(share / math.sqrt(1 + stale)), out=grad if i == 0 else tmp)
+            if i:
+                grad += tmp
+        if self.aggregate == "sum":
+            grad *= np.float32(len(entries))
+        self.optimizer.step(self.params, grad, self.lr())
+        self.version += 1
+        self.after_update(float(np.mean([e[2] for e in entries])), total, len(entries))
 
     def after_update(self, loss: float, samples: int, n_deltas: int) -> None:
         """Record a round in the history; a non-finite weight fails the job."""
@@ -390,6 +456,13 @@ class Job:
             self.progress[name] = self.progress.get(name, 0) + int(batches)
             self.maybe_close_round()
             ok = await self.wait(lambda: self.version > version, timeout)
+        elif self.buffer_size:
+            self.buffer.append((vec if isinstance(delta, Serialized) else vec.copy(), samples, loss, staleness))
+            self.progress[name] = self.progress.get(name, 0) + int(batches)
+            p.clock += 1
+            if len(self.buffer) >= self.buffer_size:
+                self._step_buffer()
+            ok = True
         else:
             lr = self.lr()
             if self.damping and staleness:
@@ -477,6 +550,13 @@ class Job:
             # sync: each share's local optimizer state as its last task left it (replaced, never
             # changed in place, when a task leaves: no copy needed)
             "local_states": {k: encode_opt_state(v) for k, v in self.local_states.items()},
+            # FedBuff: the deltas received since the last step (copies: the job keeps adding)
+            "buffer": {
+                "deltas": [encode_vector(e[0].copy()) for e in self.buffer],
+                "samples": [e[1] for e in self.buffer],
+                "losses": [e[2] for e in self.buffer],
+                "staleness": [e[3] for e in self.buffer],
+            },
             "failed": self.failed,
             "metrics": self.metrics(),
         }
@@ -540,3 +620,22 @@ class Job:
     def view(self, history: bool = False) -> JobSnapshot:
         """The job's public, read-only snapshot (for the dashboard and Prometheus)."""
         return JobSnapshot.from_metrics(self.metrics(history=history))
+
+
+def _decode_buffer(buffer: Mapping[str, Any], n_params: int, buffer_size: int) -> list:
+    """The buffered deltas of ``state()["buffer"]``, checked; :class:`PSError` names what is wrong."""
+    try:
+        deltas = list(buffer["deltas"])
+        rest = [list(buffer[k]) for k in ("samples", "losses", "staleness")]
+    except (KeyError, TypeError):
+        raise PSError("buffer: expected {deltas, samples, losses, staleness} lists") from None
+    if any(len(r) != len(deltas) for r in rest) or len(deltas) >= max(1, buffer_size):
+        raise PSError(f"buffer: lists of one length below buffer_size {buffer_size} expected")
+    out = []
+    for i, d in enumerate(deltas):
+        vec = decode_vector(d, n_params, f"buffered delta {i}").copy()
+        samples, loss, stale = rest[0][i], rest[1][i], rest[2][i]
+        if not (isinstance(samples, int) and samples >= 0 and isinstance(stale, int) and stale >= 0):
+            raise PSError(f"buffer: delta {i} needs int samples and staleness >= 0")
+        out.append((vec, samples, float(loss), stale))
+    return out

@@ -52,6 +52,12 @@ CASES = {
     "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
     "step_anatomy": ["| GEMMs (9 per step) |", "| cluster start |", "driver (scheduler + PS)"],
     "sklearn_parity": ["| MLPClassifier | iris | 112 / 38 |", "| MLPRegressor | diabetes |"],
+    "fed_strategies": [
+        "| mean, no attacker | no |",
+        "| krum f=1 | yes |",
+        "| multi-krum f=1 m=5 | yes |",
+        "Dirichlet(0.3)",
+    ],
 }
 
 
