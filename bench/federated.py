@@ -144,22 +144,31 @@ def partition(data: Path, store: Any, y: np.ndarray, n_clients: int, seed: int =
     :func:`dirichlet_partition`."""
     out = data / f"partition-{n_clients}"
     out.mkdir(parents=True, exist_ok=True)
+    refused = None
     try:
         from pipeline.partition import make_partition
     except ImportError:
         offsets, rows = dirichlet_partition(y, n_clients, ALPHA, seed)
         source = "bench.federated.dirichlet_partition"
     else:
-        p = make_partition(store, n_clients, "dirichlet", alpha=ALPHA, seed=seed, out=data / f"pp-{n_clients}")
-        parts = [np.asarray(p.rows(k), np.int64) for k in range(n_clients)]
-        offsets = np.concatenate([[0], np.cumsum([len(r) for r in parts])]).astype(np.int64)
-        rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        source = "pipeline.partition.make_partition"
+        from pipeline.errors import ConfigError
+
+        try:
+            p = make_partition(store, n_clients, "dirichlet", alpha=ALPHA, seed=seed, out=data / f"pp-{n_clients}")
+        except ConfigError as exc:  # every client >= 1 row is impossible here: Flower gets empty clients
+            refused = str(exc)
+            p = make_partition(
+                store, n_clients, "dirichlet", alpha=ALPHA, seed=seed, out=data / f"pp-{n_clients}", min_rows=0
+            )
+        offsets = np.asarray(p.offsets, np.int64)
+        rows = np.concatenate([np.asarray(p.rows(k), np.int64) for k in range(n_clients)])
+        source = "pipeline.partition.make_partition" + (" (min_rows 0)" if refused else "")
     np.save(out / "offsets.npy", offsets)
     np.save(out / "rows.npy", rows)
     sizes = np.diff(offsets)
     return {
         "source": source,
+        "refused": refused,
         "clients": n_clients,
         "rows_min": int(sizes.min()),
         "rows_median": float(np.median(sizes)),
@@ -293,6 +302,19 @@ def run_flower(python: Path, data: Path, n: int, args: argparse.Namespace, k: in
     }
 
 
+def guarded(fn: Any) -> Any:
+    """A run that fails (a refused configuration, a crash) is recorded as ``{"error": ...}``: its
+    cells say so and the other runs go on."""
+
+    def run() -> dict[str, Any]:
+        try:
+            return fn()
+        except RuntimeError as exc:
+            return {"error": str(exc)}
+
+    return run
+
+
 def pipeline_available() -> str | None:
     """None when this checkout trains simulated clients, else why not."""
     from pipeline.config import TrainConfig
@@ -417,6 +439,17 @@ def summarize(passes: list[dict], clients: Sequence[int], pipeline_missing: str 
     return tg
 
 
+def failures(passes: list[dict]) -> list[str]:
+    """One line per failed run (its cells read n/a): the last line of its error."""
+    out = []
+    for p in passes:
+        for name, r in p["results"].items():
+            if r.get("error"):
+                last = [ln for ln in r["error"].splitlines() if ln.strip()][-1]
+                out.append(f"* {name}, pass {p['pass']}: failed: {last.strip()[:300]}")
+    return [*out, ""] if out else []
+
+
 def render(res: dict[str, Any]) -> str:
     passes, clients = res["passes"], res["clients"]
     miss = res["pipeline_missing"]
@@ -463,10 +496,16 @@ def render(res: dict[str, Any]) -> str:
         "Partitions: "
         + "; ".join(
             f"N={p['clients']:,}: rows per client {p['rows_min']}-{p['rows_max']} (median {p['rows_median']:g})"
+            + (
+                f", {p['empty_clients']:,} clients without rows (the default min_rows 1 is refused: {p['refused']})"
+                if p.get("refused")
+                else ""
+            )
             for p in res["partitions"]
         )
         + ".",
         "",
+        *failures(passes),
         "## Targets (per pass; met in at least 4 of 5 passes)",
         "",
     ]
@@ -539,9 +578,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         counter = {"k": 0}
         trainers: dict[str, Any] = {}
         for n in clients:
-            trainers[f"flower N={n}"] = lambda n=n: run_flower(python, tmp, n, args, counter["k"])
+            trainers[f"flower N={n}"] = guarded(lambda n=n: run_flower(python, tmp, n, args, counter["k"]))
             if not miss:
-                trainers[f"pipeline N={n}"] = lambda n=n: run_pipeline_side(tmp, prep, n, args, counter["k"])
+                trainers[f"pipeline N={n}"] = guarded(lambda n=n: run_pipeline_side(tmp, prep, n, args, counter["k"]))
 
         def log(msg: str) -> None:
             counter["k"] += 1
