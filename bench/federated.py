@@ -3,7 +3,7 @@
     python -m bench.federated                        # 100, 1,000 and 10,000 clients, 5 passes
     python -m bench.federated --clients 100,1000 --rounds 20 --passes 5
     python -m bench.federated --systems flower       # the Flower side alone
-    python -m bench.federated --quick                # 10 clients, 2 rounds, 1 pass (smoke run)
+    python -m bench.federated --quick                # 10 clients, 3 rounds, 1 pass (smoke run)
     python -m bench.federated --flower-python PATH   # Flower's interpreter (default: .venv-flwr)
 
 The task: ``pipeline.synth``'s 784-wide uint8 classification set (10 classes), 60,000 training
@@ -30,8 +30,10 @@ that process and all its descendants (Ray's GCS, raylet and actors; Dask's nanni
 every 0.2 s with psutil: peak RSS summed over the tree (shared pages count once per process)
 and, every 1 s, peak PSS (shared pages divided among the processes sharing them). Figures per run:
 
-* **rounds/s** (steady): rounds 2..R over the time from the end of round 1 to the end of round R
-  (start-up, the first round's warm-up and the final evaluation excluded for both alike);
+* **rounds/s** (steady): rounds 2..R-1 over the time from the end of round 1 to the end of round
+  R-1 (start-up, the first round's warm-up and the last round, in which the pipeline evaluates
+  every client on its rows, excluded for both alike); the pipeline's rounds include writing its
+  checkpoint (Flower writes none);
 * **cold**: the whole process, from its start to its exit (imports, Ray/Dask start, all rounds,
   evaluation, shutdown);
 * **accuracy** of the final global model on the 10,000 common test rows after R rounds.
@@ -74,6 +76,7 @@ from bench.protocol import (
     save_json,
 )
 
+T0 = time.perf_counter()  # the process's start, for the pipeline peer's timestamps
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 FLOWER_PYTHON = ROOT / ".venv-flwr" / "bin" / "python"
@@ -257,10 +260,12 @@ def rounds_for(n: int, args: dict[str, Any]) -> int:
 
 
 def steady_rounds_per_s(round_end: Sequence[float]) -> float | None:
-    """Rounds 2..R over the time from the end of round 1 to the end of round R."""
-    if len(round_end) < 2:
+    """Rounds 2..R-1 over the time from the end of round 1 to the end of round R-1: the first round
+    (warm-up: Ray actors or Dask workers importing and compiling) and the last (the pipeline's
+    per-client evaluation runs in it) are left out for both systems alike."""
+    if len(round_end) < 3:
         return None
-    return (len(round_end) - 1) / max(round_end[-1] - round_end[0], 1e-9)
+    return (len(round_end) - 2) / max(round_end[-2] - round_end[0], 1e-9)
 
 
 # -------------------------------------------------------------------------------------------
@@ -343,38 +348,48 @@ def pipeline_config(n: int, args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch,
         "seed": args.seed,
         "min_clients": 1,
+        "validation": 0.0,  # every client trains on all its rows, as Flower's do
+        "eval_every": rounds_for(n, vars(args)),  # per-client evaluation after the last round only
+        "patience": 0,
     }
 
 
 def pipeline_peer_main(argv: Sequence[str]) -> None:
-    """``python -m bench.federated pipeline-peer TRAIN.zarr TEST.zarr RUN OUT.json CONFIG_JSON``: one
-    pipeline run on a fresh 2-worker LocalCluster; writes per-round end times and the accuracy."""
-    t0 = time.perf_counter()
+    """``python -m bench.federated pipeline-peer TRAIN.zarr TEST.zarr RUN OUT.json CONFIG_JSON DATA``: one
+    pipeline run on a fresh 2-worker LocalCluster; writes the end time of every round (seconds since
+    the process started, taken when the round's record is out, its checkpoint written), the test
+    accuracy and whether the run's partition is the one given to Flower (``DATA/partition-N``)."""
     from bench.common import local_cluster
     from pipeline.config import TrainConfig
     from pipeline.store import open_store
     from pipeline.train import train
 
-    train_p, test_p, run_dir, out, cfg_s = argv[:5]
+    train_p, test_p, run_dir, out, cfg_s, data = argv[:6]
     cfg = TrainConfig.from_dict(json.loads(cfg_s))
+    ends: list[float] = []
     with local_cluster(2) as client:
-        setup = time.perf_counter() - t0
-        res = train(train_p, cfg, run_dir, client=client, force=True)
-    hist = res.history
-    ends, acc_t = [], setup
-    for h in hist:
-        acc_t += h["seconds"]
-        ends.append(acc_t)
+        setup = time.perf_counter() - T0
+        res = train(
+            train_p, cfg, run_dir, client=client, force=True, on_epoch=lambda r: ends.append(time.perf_counter() - T0)
+        )
     test = open_store(test_p)
     Xraw, yte = test.read_rows(0, test.n_rows)
     acc = float(np.mean(res.model.decision(Xraw).argmax(axis=1) == np.asarray(yte)))
-    Path(out).write_text(json.dumps({"round_end": ends, "accuracy": acc, "setup": setup, "rounds": len(hist)}))
+    mine, theirs = Path(data) / f"partition-{cfg.clients}", Path(run_dir) / "partition"
+    same = None
+    if (theirs / "rows.npy").is_file():
+        same = all(np.array_equal(np.load(mine / f), np.load(theirs / f)) for f in ("offsets.npy", "rows.npy"))
+    Path(out).write_text(
+        json.dumps(
+            {"round_end": ends, "accuracy": acc, "setup": setup, "rounds": len(res.history), "same_partition": same}
+        )
+    )
 
 
 def run_pipeline_side(data: Path, prep: dict[str, Any], n: int, args: argparse.Namespace, k: int) -> dict[str, Any]:
     out = data / f"pipeline-{n}-{k}.json"
     cmd = [sys.executable, "-m", "bench.federated", "pipeline-peer", str(prep["train"].path), str(prep["test"].path)]
-    cmd += [str(data / f"run-{n}-{k}"), str(out), json.dumps(pipeline_config(n, args))]
+    cmd += [str(data / f"run-{n}-{k}"), str(out), json.dumps(pipeline_config(n, args)), str(data)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     wall, mem = run_measured(cmd, env, data / f"pipeline-{n}-{k}.log", args.timeout)
     res = json.loads(out.read_text())
@@ -387,6 +402,7 @@ def run_pipeline_side(data: Path, prep: dict[str, Any], n: int, args: argparse.N
         "processes": mem.max_procs,
         "round_end": res["round_end"],
         "setup": res["setup"],
+        "same_partition": res["same_partition"],
     }
 
 
@@ -545,10 +561,10 @@ def render(res: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> str:
     ap = argparse.ArgumentParser(prog="python -m bench.federated", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="10 clients, 2 rounds, 1 pass, a tiny set")
+    ap.add_argument("--quick", action="store_true", help="10 clients, 3 rounds, 1 pass, a tiny set")
     ap.add_argument("--clients", default="100,1000,10000")
     ap.add_argument("--rounds", type=int, default=10, help="rounds at up to 1,000 clients")
-    ap.add_argument("--rounds-large", type=int, default=4, help="rounds above 1,000 clients")
+    ap.add_argument("--rounds-large", type=int, default=4, help="rounds above 1,000 clients (at least 3)")
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
@@ -561,8 +577,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--systems", default="flower,pipeline")
     args = ap.parse_args(argv)
     if args.quick:
-        args.clients, args.rounds, args.passes, args.rows, args.test_rows = "10", 2, 1, 2_000, 500
-        args.rounds_large = 2
+        args.clients, args.rounds, args.passes, args.rows, args.test_rows = "10", 3, 1, 2_000, 500
+        args.rounds_large = 3
     clients = [int(c) for c in args.clients.split(",")]
     python = Path(args.flower_python)
     if not python.exists():

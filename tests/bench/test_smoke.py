@@ -330,7 +330,7 @@ def test_dirichlet_partition_covers_every_row_once_and_repeats_with_the_seed() -
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_federated_quick_runs_flower_and_the_pipeline(tmp_path: Path) -> None:
-    """`python -m bench.federated --quick`: 10 clients, 2 rounds, Flower's simulation engine in its own
+    """`python -m bench.federated --quick`: 10 clients, 3 rounds, Flower's simulation engine in its own
     interpreter (and the pipeline's simulated clients where this checkout has them)."""
     python, why = _flower_python()
     if python is None:
@@ -355,10 +355,11 @@ def test_federated_quick_runs_flower_and_the_pipeline(tmp_path: Path) -> None:
     raw = ROOT / out.split("Raw figures: `")[1].split("`")[0]
     res = json.loads(raw.read_text())
     fl = res["passes"][0]["results"]["flower N=10"]
-    assert len(fl["round_end"]) == 2 and 0.0 <= fl["accuracy"] <= 1.0
+    assert len(fl["round_end"]) == 3 and 0.0 <= fl["accuracy"] <= 1.0 and fl["rounds_per_s"] > 0
     assert fl["peak_rss"] > 0 and fl["processes"] >= 2  # Ray's processes were sampled with the driver
     if pipeline_available() is None:
         pl = res["passes"][0]["results"]["pipeline N=10"]
-        assert len(pl["round_end"]) == 2 and 0.0 <= pl["accuracy"] <= 1.0
+        assert len(pl["round_end"]) == 3 and 0.0 <= pl["accuracy"] <= 1.0 and pl["rounds_per_s"] > 0
+        assert pl["same_partition"] is True  # the pipeline trained the clients Flower got
     else:
         assert "| 10 | pipeline | not run |" in out and "NOT MEASURED" in out
