@@ -39,6 +39,7 @@ BENCHMARKS = [
     ("ps_limits", "Parameter-server limits", "python -m bench.ps_limits"),
     ("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets", "python -m bench.sklearn_parity"),
     ("fed_strategies", "Robust aggregation against a Byzantine client", "python -m bench.fed_strategies"),
+    ("federated", "Federated simulation vs Flower", "python -m bench.federated"),
 ]
 
 
