@@ -147,12 +147,13 @@ def cluster_options(f):
     return f
 
 
-def _client(kw: dict):
+def _client(kw: dict, sites: list[str] | None = None):
     from pipeline.connect import cluster_client
 
     dash = kw.pop("dashboard_address")
     return cluster_client(
         kw.pop("scheduler"),
+        sites=sites,
         workers=kw.pop("workers"),
         threads_per_worker=kw.pop("threads_per_worker"),
         memory_limit=kw.pop("memory_limit"),
@@ -214,7 +215,7 @@ def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: boo
             for k in ("workers", "threads_per_worker")
         )
     )
-    if asked:
+    if asked or cfg.clients:  # simulated clients are tasks on a cluster
         return ""
     if resume:
         from pipeline.checkpoint import load_file
@@ -237,8 +238,94 @@ def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: boo
     )
 
 
+def _round_line(r: dict) -> str:
+    """The line printed after a federated round: losses, the pooled metric, each site's."""
+    metric = r.get("val_accuracy", r.get("val_r2"))
+    name = "val_acc" if "val_accuracy" in r else "val_r2"
+    per_site = "  ".join(f"{s} {v['metric']:.4f}" for s, v in sorted((r.get("sites") or {}).items()))
+    spread = ""
+    if not per_site and r.get("site_mean") is not None:
+        spread = f"clients: mean {r['site_mean']:.4f}  worst decile {r['site_worst_decile']:.4f}"
+    return (
+        f"round {r['round'] + 1:>3}  train_loss {r['train_loss']:.4f}  "
+        + (f"val_loss {r['val_loss']:.4f}  {name} {metric:.4f}  " if metric is not None else "")
+        + (f"sites: {per_site}" if per_site else spread)
+    )
+
+
+def _train_federated(
+    sites_file: str | None,
+    config_file: str | None,
+    overrides: tuple[str, ...],
+    out: str,
+    resume: bool,
+    force: bool,
+    quiet: bool,
+    **cluster_kw: Any,
+) -> None:
+    """`pipeline train --sites FILE`: a federated run on the scheduler's site workers, or on a
+    local cluster of one worker per site (each declaring its site's resource)."""
+    import json
+
+    from pipeline.config import TrainConfig
+    from pipeline.federated import check_federated_config
+    from pipeline.sites import read_sites
+    from pipeline.train import RunDir, check_backend, resumed_config
+    from pipeline.train import train as run_training
+
+    if sites_file:
+        read_sites(sites_file)  # fail before starting a cluster, naming the file as given
+    base = resumed_config(out) if resume else TrainConfig()
+    cfg = TrainConfig.from_toml(config_file, base) if config_file else base
+    if sites_file:
+        overrides = (*overrides, f"sites={json.dumps(os.path.abspath(sites_file))}")
+    cfg = cfg.with_overrides(list(overrides))
+    sites = read_sites(cfg.sites)
+    check_federated_config(cfg, sites)
+    if not cluster_kw["scheduler"]:
+        check_backend(cfg.backend)
+    _echo("configuration:\n" + "\n".join(f"  {k} = {json.dumps(v)}" for k, v in cfg.to_dict().items()), quiet)
+    if not cluster_kw["scheduler"]:
+        _echo(f"starting a local cluster of one worker per site ({', '.join(s.name for s in sites)})", quiet)
+    clients = _client(cluster_kw, sites=None if cluster_kw["scheduler"] else [s.name for s in sites])
+    with RunDir(Path(out)).claim(resume, force), _sigterm_interrupts(), clients as client:
+        _echo(f"dask dashboard: {client.dashboard_link}  (training page: /pipeline)", quiet)
+
+        def on_round(r: dict) -> None:
+            _echo(_round_line(r), quiet)
+
+        result = run_training(
+            None,
+            cfg,
+            out,
+            client=client,
+            resume=resume,
+            force=force,
+            log=lambda m: _echo(m, quiet),
+            on_epoch=on_round,
+        )
+    saved = result.best
+    click.echo(
+        json.dumps(
+            {
+                "run_dir": str(result.run_dir),
+                "rounds": len(result.history),
+                "stopped_early": result.stopped_early,
+                "best_round": saved.get("round"),
+                **{k: v for k, v in saved.items() if k.startswith("val_") or k.startswith("site_")},
+            }
+        )
+    )
+
+
 @cli.command()
-@click.argument("store")
+@click.argument("store", required=False)
+@click.option(
+    "--sites",
+    "sites_file",
+    type=click.Path(),
+    help="Federated: a TOML file of [sites.NAME] store = PATH (as that site's workers see it); no STORE then.",
+)
 @click.option("--config", "config_file", type=click.Path(), help="TOML file of training settings.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one setting (repeatable).")
 @click.option("--out", default="runs/latest", show_default=True, help="Run directory (model, checkpoint, history).")
@@ -248,7 +335,8 @@ def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: boo
 @click.option("--quiet", "-q", is_flag=True, help="Print only the final metrics.")
 @cluster_options
 def train(
-    store: str,
+    store: str | None,
+    sites_file: str | None,
     config_file: str | None,
     overrides: tuple[str, ...],
     out: str,
@@ -267,16 +355,33 @@ def train(
       pipeline train big.zarr --scheduler tcp://10.0.0.1:8786 --out runs/big
       pipeline train big.zarr --out runs/big --resume
       pipeline train small.zarr --workers 2     # a Dask cluster even below cluster_min_rows rows
+      pipeline train --sites sites.toml --scheduler tcp://10.0.0.1:8786 --out runs/fed   # federated
     """
     import json
     from pathlib import Path
 
     from pipeline.config import TrainConfig
+    from pipeline.errors import ConfigError
     from pipeline.store import open_store
     from pipeline.train import RunDir, check_backend, resumed_config
     from pipeline.train import train as run_training
 
+    if store and sites_file:
+        raise ConfigError(
+            f"pass either STORE ({store!r}) or --sites ({sites_file!r}), not both: a federated run reads each "
+            "site's store from the sites file"
+        )
     RunDir(Path(out)).check(resume, force)  # fail before starting a cluster
+    federated = bool(sites_file)
+    if not store and not sites_file:  # the config may name the sites file (key 'sites')
+        peek = resumed_config(out) if resume else TrainConfig()
+        peek = (TrainConfig.from_toml(config_file, peek) if config_file else peek).with_overrides(list(overrides))
+        federated = bool(peek.sites)
+    if federated:
+        _train_federated(sites_file, config_file, overrides, out, resume, force, quiet, **cluster_kw)
+        return
+    if not store:
+        raise ConfigError("nothing to train on: pass a STORE, or --sites FILE for a federated run")
     if open_store(store).attrs.get("labelled") is False:
         from pipeline.errors import StoreError
 
@@ -308,6 +413,9 @@ def train(
             ctx = contextlib.nullcontext()
 
         def on_epoch(r: dict) -> None:
+            if "round" in r:  # simulated federated clients (clients = N)
+                _echo(_round_line(r), quiet)
+                return
             metric = r.get("val_accuracy", r.get("val_r2"))
             name = "val_acc" if "val_accuracy" in r else "val_r2"
             _echo(

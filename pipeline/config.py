@@ -22,11 +22,18 @@ from pipeline.errors import ConfigError
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "step")
 LOSSES = ("auto", "softmax_ce", "bce_logits", "mse")
 LOCAL_OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw")
-SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "fedadam", "adagrad", "yogi")
 MODES = ("sync", "async", "ssp")
 SCHEDULES = ("constant", "step", "cosine")
 BACKENDS = ("auto", "cpu", "numpy", "cuda")
-PLACEMENTS = ("dynamic", "federated")
+PARTITIONS = ("iid", "dirichlet", "classes", "column")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
+# The removed key `placement`: "dynamic" (what every run does) is still read, so that the
+# configurations saved with earlier runs resume; "federated" is refused with this hint.
+PLACEMENT_HINT = (
+    "placement = 'federated' was replaced by sites (a sites file) or clients (simulated clients); see docs/federated.md"
+)
 MAX_WIDTH = 1 << 16
 MAX_PARAMS = 1 << 28
 MAX_SEED = (1 << 32) - 1  # seeds NumPy's generators, which take no negative seed
@@ -61,7 +68,9 @@ class TrainConfig:
     mode: str = "sync"  # sync (rounds, reproducible) | async | ssp (bounded staleness)
     staleness: int = 2  # ssp: how many pushes a participant may run ahead of the slowest
     damping: bool = False  # async/ssp: divide the server step by 1 + staleness
-    server_optimizer: str = "sgd"  # sgd (lr 1 = add every worker's progress) | momentum | adam
+    # sgd (lr 1 = add every worker's progress) | momentum | adam | fedadam (adam without bias
+    # correction, eps = server_tau) | adagrad | yogi (federated runs: set by `strategy`)
+    server_optimizer: str = "sgd"
     server_lr: float = 1.0  # server learning rate applied to the combined delta
     server_momentum: float = 0.9  # server momentum optimizer's coefficient (not the local `momentum`)
     server_beta1: float = 0.9  # server adam: decay of the delta average (not the local `beta1`)
@@ -93,7 +102,31 @@ class TrainConfig:
     shuffle_chunks: int = 4  # row chunks mixed by the loader's shuffle buffer
     prefetch: int = 2  # chunks read ahead by the loader's background thread
     normalize: bool = True  # standardize features with the store's mean/std
-    placement: str = "dynamic"  # dynamic (faster workers take more) | federated (rows stay put)
+    # --- federated learning (docs/federated.md) ----------------------------------------------
+    # A sites file (TOML: [sites.NAME] store = "path as that site's workers see it"); each site's
+    # rows stay on the Dask workers started with `--resources NAME=1`. "" = not federated
+    sites: str = ""
+    clients: int = 0  # simulated clients: row-index views of the one store; 0 = off
+    partition: str = "iid"  # simulated clients: iid | dirichlet | classes | column
+    partition_alpha: float = 0.5  # dirichlet concentration over labels (smaller = more skewed)
+    partition_classes: int = 2  # "classes": labels per client
+    partition_column: str = ""  # "column": a feature column whose value names the client
+    rounds: int = 50  # federated rounds (replace `epochs` in federated runs)
+    fraction_fit: float = 1.0  # share of the available clients sampled per round
+    min_clients: int = 1  # at least this many clients per round (and to start one)
+    round_deadline: float = 600.0  # seconds after which a round closes with what has arrived
+    min_responses: float = 0.5  # share of the sampled clients needed to apply a round at its deadline
+    local_epochs: int = 1  # passes over its rows each sampled client makes per round
+    min_sites: int = 1  # fewer live sites than this for no_worker_timeout stops the run
+    eval_every: int = 1  # rounds between per-site evaluations
+    strategy: str = "fedavg"  # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedadagrad
+    proximal_mu: float = 0.0  # FedProx proximal term (fedprox needs > 0)
+    server_tau: float = 1e-3  # FedOpt adaptivity (fedadam / fedyogi / fedadagrad)
+    aggregator: str = "mean"  # mean (weighted by samples) | median | trimmed_mean | krum
+    trim_fraction: float = 0.1  # trimmed_mean: share cut at each end
+    krum_f: int = 1  # krum: assumed Byzantine clients
+    buffer_size: int = 0  # async federated (FedBuff): deltas per server step; 0 = clients per round
+    concurrency: int = 0  # async federated: clients training at once; 0 = sampled clients per round
     # --- runtime ---------------------------------------------------------------------------
     backend: str = "cpu"  # kernels: cpu (Numba) | numpy | cuda | auto
     # `pipeline train` on a store of fewer rows trains in its own process with the same kernels
@@ -133,7 +166,6 @@ class TrainConfig:
             ("mode", self.mode in MODES, f"one of {MODES}"),
             ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
             ("backend", self.backend in BACKENDS, f"one of {BACKENDS}"),
-            ("placement", self.placement in PLACEMENTS, f"one of {PLACEMENTS}"),
             ("aggregate", self.aggregate in ("sum", "mean"), "'sum' or 'mean'"),
             ("lr", self.lr > 0, "> 0"),
             ("server_lr", self.server_lr > 0, "> 0"),
@@ -176,10 +208,53 @@ class TrainConfig:
             ),
             ("hidden", all(1 <= h <= MAX_WIDTH for h in self.hidden), f"widths between 1 and {MAX_WIDTH}"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"between 0 and {MAX_SEED}"),
+            ("clients", 0 <= self.clients <= 1 << 24, "between 0 (off) and 16777216"),
+            ("partition", self.partition in PARTITIONS, f"one of {PARTITIONS}"),
+            ("partition_alpha", self.partition_alpha > 0, "> 0 (smaller = more skewed)"),
+            ("partition_classes", self.partition_classes >= 1, ">= 1"),
+            ("rounds", 1 <= self.rounds <= 1 << 20, ">= 1"),
+            ("fraction_fit", 0 < self.fraction_fit <= 1, "in (0, 1]"),
+            ("min_clients", self.min_clients >= 1, ">= 1"),
+            ("round_deadline", self.round_deadline > 0, "> 0 (seconds)"),
+            ("min_responses", 0 < self.min_responses <= 1, "in (0, 1]"),
+            ("local_epochs", 1 <= self.local_epochs <= 1 << 16, ">= 1"),
+            ("min_sites", self.min_sites >= 1, ">= 1"),
+            ("eval_every", self.eval_every >= 1, ">= 1"),
+            ("strategy", self.strategy in STRATEGIES, f"one of {STRATEGIES}"),
+            ("proximal_mu", self.proximal_mu >= 0, ">= 0"),
+            ("server_tau", self.server_tau > 0, "> 0"),
+            ("aggregator", self.aggregator in AGGREGATORS, f"one of {AGGREGATORS}"),
+            ("trim_fraction", 0 <= self.trim_fraction < 0.5, "in [0, 0.5)"),
+            ("krum_f", self.krum_f >= 0, ">= 0"),
+            ("buffer_size", self.buffer_size >= 0, ">= 0 (0 = the clients of a round)"),
+            ("concurrency", self.concurrency >= 0, ">= 0 (0 = the clients sampled per round)"),
         ]
         for key, ok, want in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' = {getattr(self, key)!r} is invalid: must be {want}")
+        self._validate_federation()
+
+    def _validate_federation(self) -> None:
+        """The federation keys that only make sense together."""
+        if self.sites and self.clients:
+            raise ConfigError(
+                f"config keys 'sites' = {self.sites!r} and 'clients' = {self.clients} are exclusive: a sites "
+                "file federates real sites, clients simulates them on one store; set one of them"
+            )
+        if self.clients and self.partition == "column" and not self.partition_column:
+            raise ConfigError(
+                "config key 'partition' = 'column' needs partition_column: the feature column whose value "
+                "names each client"
+            )
+        if self.strategy == "fedprox" and self.proximal_mu <= 0:
+            raise ConfigError(
+                "config key 'strategy' = 'fedprox' needs proximal_mu > 0 (e.g. 0.01); with 0 it is fedavg"
+            )
+        if self.aggregator == "krum" and self.min_clients < 2 * self.krum_f + 3:
+            raise ConfigError(
+                f"config key 'aggregator' = 'krum' with krum_f = {self.krum_f} needs min_clients >= "
+                f"{2 * self.krum_f + 3} (2 f + 3 clients per round); raise min_clients or lower krum_f"
+            )
 
     # -- construction -------------------------------------------------------------------------
 
@@ -193,6 +268,12 @@ class TrainConfig:
         hints = get_type_hints(cls)
         merged = dataclasses.asdict(base) if base is not None else {}
         for key, value in values.items():
+            if key == "placement":
+                # removed: "dynamic" is what every run does (configurations of earlier runs
+                # still resume); federated training is the sites or clients keys now
+                if value == "dynamic":
+                    continue
+                raise ConfigError(PLACEMENT_HINT)
             if key not in hints:
                 raise ConfigError(f"unknown config key '{key}'; known keys: {', '.join(cls.keys())}")
             merged[key] = _coerce(key, value, hints[key])

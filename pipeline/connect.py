@@ -85,10 +85,13 @@ def cluster_client(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     processes: bool = True,
+    sites: list[str] | None = None,
 ) -> Iterator[Any]:
     """Yield a :class:`distributed.Client`: connected to ``scheduler`` if given, else to a new
     LocalCluster of ``workers`` processes (its dashboard address is logged and available as
-    ``client.dashboard_link``). Everything started here is closed on exit."""
+    ``client.dashboard_link``). ``sites`` (federated): the LocalCluster has one worker per
+    site instead, each declaring its site's resource (``SITE=1``), as a site's own workers
+    would. Everything started here is closed on exit."""
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -130,7 +133,7 @@ def cluster_client(
         dashboard_address = "127.0.0.1:0"
         scheduler_kwargs["dashboard"] = False
     cluster = LocalCluster(
-        n_workers=workers,
+        n_workers=0 if sites else workers,
         threads_per_worker=threads_per_worker,
         processes=processes,
         memory_limit=memory_limit,
@@ -139,7 +142,15 @@ def cluster_client(
         host="127.0.0.1",
     )
     try:
+        if sites:
+            template = cluster.new_spec
+            for name in sites:
+                options = {**template["options"], "resources": {name: 1}}
+                cluster.worker_spec[f"site-{name}"] = {"cls": template["cls"], "options": options}
+            cluster.sync(cluster._correct_state)
         with Client(cluster, set_as_default=True) as client:
+            if sites:
+                client.wait_for_workers(len(sites), timeout=120)
             yield client
     finally:
         cluster.close()

@@ -78,7 +78,22 @@ def _summary_html(snap: JobSnapshot) -> str:
         f"{snap.samples / elapsed:,.0f} samples/s, {snap.version / elapsed:,.1f} rounds/s, "
         f"loss {loss:.4f}, lr {snap.lr:.3g}, participants {len(snap.participants)}, "
         + (f"checkpoint {time.time() - ckpt:,.0f} s ago" if ckpt else "no checkpoint yet")
+        + _sites_html(snap)
     )
+
+
+def _sites_html(snap: JobSnapshot) -> str:
+    """A federated job's last per-site evaluation: each site's loss and metric, and the spread."""
+    spread = ""
+    if snap.site_mean is not None and snap.site_worst_decile is not None:
+        spread = f"mean {snap.site_mean:.4f}, worst decile {snap.site_worst_decile:.4f}"
+    if not snap.sites:
+        return f"<br>clients (accuracy / R^2): {spread}" if spread else ""
+    cells = ", ".join(
+        f"{site} {v.get('metric', float('nan')):.4f} (loss {v.get('loss', float('nan')):.4f}, n {int(v.get('n', 0)):,})"
+        for site, v in sorted(snap.sites.items())
+    )
+    return f"<br>sites (accuracy / R^2): {cells}" + (f"; {spread}" if spread else "")
 
 
 def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:
@@ -228,6 +243,22 @@ class TrainingCollector:
             "ckpt": GaugeMetricFamily(
                 "pipeline_checkpoint_age_seconds", "Seconds since the last checkpoint (-1: none yet)", labels=["job"]
             ),
+            "site_loss": GaugeMetricFamily(
+                "pipeline_site_loss", "Federated: last loss on each site's own held-out rows", labels=["job", "site"]
+            ),
+            "site_metric": GaugeMetricFamily(
+                "pipeline_site_metric",
+                "Federated: last accuracy (or R^2) on each site's own held-out rows",
+                labels=["job", "site"],
+            ),
+            "site_mean": GaugeMetricFamily(
+                "pipeline_site_metric_mean", "Federated: the sites' metric weighted by their rows", labels=["job"]
+            ),
+            "site_worst": GaugeMetricFamily(
+                "pipeline_site_metric_worst_decile",
+                "Federated: mean metric of the worst tenth of sites",
+                labels=["job"],
+            ),
         }
         now = time.time()
         for src in _all_sources():
@@ -244,6 +275,13 @@ class TrainingCollector:
                 fams["participants"].add_metric(lab, len(st.participants))
                 fams["staleness"].add_metric(lab, st.mean_staleness())
                 fams["ckpt"].add_metric(lab, now - st.checkpoint_time if st.checkpoint_time else -1.0)
+                for site, v in sorted(st.sites.items()):
+                    fams["site_loss"].add_metric([st.job, site], float(v.get("loss", float("nan"))))
+                    fams["site_metric"].add_metric([st.job, site], float(v.get("metric", float("nan"))))
+                if st.site_mean is not None:
+                    fams["site_mean"].add_metric(lab, float(st.site_mean))
+                if st.site_worst_decile is not None:
+                    fams["site_worst"].add_metric(lab, float(st.site_worst_decile))
         yield from fams.values()
 
 

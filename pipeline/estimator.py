@@ -41,6 +41,11 @@ Where training runs (the ``client`` and ``cluster_min_rows`` parameters):
 - ``fit(path)`` with a store made by ``pipeline ingest`` (``y`` must be None) always trains on the
   cluster through :func:`pipeline.train.train`. ``classes_`` keep the label column's type: the
   numbers of a numeric label column (int64 when integral), else strings.
+- ``fit({"site-a": path_a, "site-b": path_b})`` (``y`` must be None) trains federated
+  (:mod:`pipeline.federated`, ``max_iter`` rounds): each site's store is read only by the
+  workers declaring the site's Dask resource. With a client (``client=`` or the current one)
+  every site needs such a worker there (else a ValueError names the missing ones); without one,
+  a local cluster of one worker per site is started for the fit (paths made absolute here).
 - ``fit(X, y)`` with arrays writes a temporary store (:func:`pipeline.store.create_store`; Dask
   arrays block by block, never computed whole) and trains on the cluster, unless the rule below
   sends it in-process. The temporary store and run directory are deleted after training.
@@ -93,10 +98,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -432,6 +438,10 @@ class _BaseMLP(BaseEstimator):
         cfg = self._train_config()
         for attr in ("_opt_state", "model_", "classes_", "history_", "loss_curve_"):
             self.__dict__.pop(attr, None)
+        if isinstance(X, Mapping):
+            if y is not None:
+                raise ValueError("fit({site: store_path}, y): each site's store holds its own targets; pass y=None")
+            return self._fit_sites(dict(X), cfg)
         if _is_path(X):
             if y is not None:
                 raise ValueError("fit(store_path, y): a store holds its own targets; pass y=None")
@@ -469,6 +479,75 @@ class _BaseMLP(BaseEstimator):
             self.classes_ = _store_classes(st)
         with tempfile.TemporaryDirectory(prefix="pipeline-estimator-") as tmp:
             self._train_on_cluster(path, cfg, os.path.join(tmp, "run"))
+        return self
+
+    def _fit_sites(self, stores: dict[Any, Any], cfg: TrainConfig) -> Any:
+        """Federated ``fit({site: store_path, ...})`` (pipeline.federated): each site's store is
+        read only by the workers that declare the site's resource. With a client of its own
+        (``client=`` or the current one) every site needs such a worker there; else a local
+        cluster of one worker per site is started for this fit."""
+        from pipeline.connect import cluster_client
+        from pipeline.errors import ConfigError
+        from pipeline.sites import SITE_NAME, read_sites, site_resources
+        from pipeline.train import train
+
+        if not stores:
+            raise ValueError("fit({}): name at least one site and its store path, e.g. {'site-a': 'a.zarr'}")
+        for name, path in stores.items():
+            if not isinstance(name, str) or not SITE_NAME.fullmatch(name):
+                raise ValueError(
+                    f"fit({{site: store}}): site name {name!r} is invalid: use letters, digits, '_', '.' and '-' "
+                    "(the Dask resource its workers declare)"
+                )
+            if not _is_path(path):
+                raise ValueError(
+                    f"fit({{site: store}}): the store of site {name!r} must be a path, got {type(path).__name__}"
+                )
+        user = self.client if self.client is not None and not isinstance(self.client, str) else None
+        if user is None and self.client is None:
+            try:
+                from distributed import get_client
+
+                user = get_client()
+            except ValueError:
+                user = None
+        with tempfile.TemporaryDirectory(prefix="pipeline-estimator-") as tmp:
+            sites_file = os.path.join(tmp, "sites.toml")
+            with open(sites_file, "w") as fh:
+                for name, path in sorted(stores.items()):
+                    where = os.fspath(path) if user is not None else os.path.abspath(os.fspath(path))
+                    fh.write(f"[sites.{json.dumps(name)}]\nstore = {json.dumps(where)}\n")
+            read_sites(sites_file)
+            fcfg = replace(cfg, sites=sites_file, rounds=cfg.epochs, mode="sync")
+            try:
+                fcfg.validate()
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            if user is not None:
+                have = site_resources(user.scheduler_info(n_workers=-1))
+                missing = sorted(n for n in stores if not have.get(n))
+                if missing:
+                    raise ValueError(
+                        f"the client's cluster has no worker declaring resource(s) {', '.join(missing)}; start one per "
+                        f"site with `dask worker SCHEDULER --resources {missing[0]}=1`, or fit without a client (the "
+                        "estimator then starts one local worker per site)"
+                    )
+                clients: Any = contextlib.nullcontext(user)
+            else:
+                clients = cluster_client(workers=1, dashboard_address=None, sites=sorted(stores))
+            with clients as client, client.as_current():
+                res = train(None, fcfg, os.path.join(tmp, "run"), client=client, force=True)
+        self.model_ = res.model
+        self.history_ = list(res.history)
+        self.loss_curve_ = [float(h["train_loss"]) for h in res.history]
+        self.n_iter_ = len(res.history)
+        self.n_features_in_ = res.model.n_features
+        if hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        if self._task == "classification":
+            self.classes_ = np.asarray(res.model.classes, dtype=object)
+        self.fitted_on_ = "sites"
+        self.ps_installed_by_ = res.installed_by
         return self
 
     def _train_on_cluster(self, store: str, cfg: TrainConfig, out: str) -> None:

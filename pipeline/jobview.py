@@ -9,7 +9,7 @@ extension to the dashboard as its source.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -20,6 +20,9 @@ class JobSnapshot:
 
     ``history`` holds the rounds ``(time, version, loss, samples, deltas)`` when the snapshot
     was asked for with them, else it is empty; ``epochs`` the driver's per-epoch records.
+    A federated job's last per-site evaluation: ``sites`` (site -> ``{"loss", "metric", "n"}``),
+    ``site_mean`` (the metric weighted by each site's rows) and ``site_worst_decile`` (the
+    mean metric of the worst tenth of the sites); empty / None for other jobs.
     """
 
     job: str
@@ -44,6 +47,9 @@ class JobSnapshot:
     closed: bool
     epochs: tuple[Mapping[str, Any], ...]
     history: tuple[tuple, ...] = ()
+    sites: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: MappingProxyType({}))
+    site_mean: float | None = None
+    site_worst_decile: float | None = None
 
     @classmethod
     def from_metrics(cls, m: Mapping[str, Any]) -> JobSnapshot:
@@ -71,6 +77,9 @@ class JobSnapshot:
             closed=bool(m["closed"]),
             epochs=tuple(MappingProxyType(dict(e)) for e in m.get("epochs", ())),
             history=tuple(tuple(h) for h in m.get("history", ())),
+            sites=MappingProxyType({str(k): MappingProxyType(dict(v)) for k, v in (m.get("sites") or {}).items()}),
+            site_mean=m.get("site_mean"),
+            site_worst_decile=m.get("site_worst_decile"),
         )
 
     def mean_staleness(self) -> float:

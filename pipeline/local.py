@@ -168,7 +168,7 @@ class LocalTrainer(Trainer):
 
     def _run_epoch(self, ps: LocalServer, run: RunState, threads: dict[str, int]) -> dict[str, Any]:
         """The epoch's work as a one-thread cluster would run it, in this process: one share of
-        every range (sync; federated: in plan order), else the tasks one after the other."""
+        every range (sync), else the tasks one after the other."""
         epoch, done_tasks = run.epoch, run.done_tasks
         # the plan's own work for a cluster of one single-threaded worker
         work = [(w.name, w.ranges) for w in epoch_work(self.epoch_plan, self.cfg, epoch, {SLOT_WORKER: 1}, self.spec)]

@@ -109,11 +109,11 @@ def n_sync_shares(rows: int, spec: dict, n_slots: int, min_share_gflop: float) -
 class EpochPlan:
     """What every epoch of a run trains and validates on.
 
-    ``tasks`` are groups of row ranges (one training task each, before sync or federated
-    shares regroup them), ``val_ranges`` the ranges evaluation reads (of the validation store,
+    ``tasks`` are groups of row ranges (one training task each, before sync shares regroup
+    them), ``val_ranges`` the ranges evaluation reads (of the validation store,
     or of the training store whose held-out rows they select), ``train_rows`` the rows left
     to train on, ``sync_shares`` how many shares a sync epoch over ``n_threads`` threads splits
-    into (0 unless sync with dynamic placement), ``warning`` a message for the user (or empty)."""
+    into (0 unless sync), ``warning`` a message for the user (or empty)."""
 
     tasks: list[Ranges]
     val_ranges: Ranges
@@ -164,7 +164,7 @@ def plan_epochs(
         raise StoreError(f"store {store.path!r} has no rows to train on")
     tasks = group_ranges(train, rows_per_task)
     shares = 0
-    if cfg.mode == "sync" and cfg.placement != "federated":
+    if cfg.mode == "sync":
         shares = n_sync_shares(train_rows, spec, n_threads, cfg.min_share_gflop)
     plan = EpochPlan(tasks, val, rows_per_task, store.n_rows, train_rows, held, n_threads, shares, 0, warning)
     rounds = sum(  # full batch (batch_size 0): one round per task
@@ -201,26 +201,20 @@ def task_order(n_tasks: int, seed: int, epoch: int) -> list[int]:
 
 def epoch_work(plan: EpochPlan, cfg: TrainConfig, epoch: int, threads: dict[str, int], spec: dict) -> list[Work]:
     """The training tasks of ``epoch`` of the model ``spec`` on workers with ``threads``
-    threads each, in submission
-    order: the plan's tasks (async, ssp), or one share per worker thread (sync) or per worker
-    (federated). Empty shares are left out."""
+    threads each, in submission order: the plan's tasks (async, ssp), or one share per worker
+    thread (sync). Empty shares are left out. No task is pinned to a worker: a task pinned,
+    even loosely, to a worker that has died sits in Dask's no-worker state and is not
+    rescheduled when a new worker joins (federated runs route by site resource instead,
+    pipeline.federated)."""
     tasks = plan.tasks
     order = task_order(len(tasks), cfg.seed, epoch)
-    if not (cfg.mode == "sync" or cfg.placement == "federated"):
+    if cfg.mode != "sync":
         return [Work(f"e{epoch}-t{j}", tasks[j], None) for j in order]
-    # one participant per worker thread (sync) / per worker (federated): each gets a
-    # fixed share of the ranges, chosen by position so the split is reproducible
-    slots = [w for w, n in sorted(threads.items()) for _ in range(n if cfg.mode == "sync" else 1)]
-    if cfg.placement == "federated":
-        shares = [[r for j, t in enumerate(tasks) if j % len(slots) == k for r in t] for k in range(len(slots))]
-    else:
-        # equal row counts, not whole tasks: the shares meet at every sync round, so an
-        # epoch lasts as long as its largest share (tasks are whole chunks or equal
-        # parts of one: 15 chunk tasks over 2 shares would make one 14% larger)
-        n = n_sync_shares(plan.train_rows, spec, len(slots), cfg.min_share_gflop)
-        shares = split_rows([r for j in order for r in tasks[j]], n)
-    # Only federated shares are pinned to their worker (the data stays there). Sync shares
-    # are not: a share pinned, even loosely, to a worker that has died sits in Dask's
-    # no-worker state and is not rescheduled when a new worker joins.
-    pin = cfg.placement == "federated"
-    return [Work(f"e{epoch}-s{k}", share, [slots[k]] if pin else None) for k, share in enumerate(shares) if share]
+    # one participant per worker thread, each with a fixed share of the ranges: equal row
+    # counts, not whole tasks: the shares meet at every sync round, so an epoch lasts as long
+    # as its largest share (tasks are whole chunks or equal parts of one: 15 chunk tasks over
+    # 2 shares would make one 14% larger)
+    slots = [w for w, n in sorted(threads.items()) for _ in range(n)]
+    n = n_sync_shares(plan.train_rows, spec, len(slots), cfg.min_share_gflop)
+    shares = split_rows([r for j in order for r in tasks[j]], n)
+    return [Work(f"e{epoch}-s{k}", share, None) for k, share in enumerate(shares) if share]

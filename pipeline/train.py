@@ -1,9 +1,8 @@
 """The training driver: epochs of tasks on the cluster, evaluation, checkpoints, the run directory.
 
 The driver never touches rows. It plans row ranges of the store into tasks, submits them each
-epoch (dynamic placement lets faster workers take more; sync mode runs one participant per
-worker thread so every round has all of them; federated placement pins each worker's share
-to it), evaluates on the workers at each epoch end,
+epoch (faster workers take more; sync mode runs one participant per worker thread so every
+round has all of them), evaluates on the workers at each epoch end,
 checkpoints the parameter server's state atomically, stops early, and writes the history and
 the final model to the run directory::
 
@@ -946,7 +945,7 @@ def resumed_config(out: str | os.PathLike) -> TrainConfig:
 
 
 def train(
-    store: str,
+    store: str | None,
     cfg: TrainConfig | None = None,
     out: str | os.PathLike = "runs/latest",
     *,
@@ -958,10 +957,31 @@ def train(
     progress: bool = False,
 ) -> TrainResult:
     """Train on ``store`` with ``cfg`` on the cluster of ``client``; write the run to ``out``.
-    ``client=None`` trains in this process (pipeline.local)."""
+    ``client=None`` trains in this process (pipeline.local). With ``cfg.sites`` (a sites
+    file) the run is federated (pipeline.federated): ``store`` must be None, every site's
+    store is named in the sites file."""
     if resume and cfg is None:
         RunDir(Path(out)).check(resume, force)  # say why there is nothing to resume
         cfg = resumed_config(out)
+    if cfg is not None and cfg.sites:
+        if store:
+            raise ConfigError(
+                f"pass either a store ({store!r}) or a sites file ({cfg.sites!r}), not both: a federated run "
+                "reads each site's store from the sites file"
+            )
+        from pipeline.federated import FederatedTrainer
+
+        return FederatedTrainer(
+            cfg, out, client, resume=resume, force=force, log=log, on_epoch=on_epoch, progress=progress
+        ).fit()
+    if not store:
+        raise ConfigError("nothing to train on: pass a store, or a sites file (config key 'sites')")
+    if cfg is not None and cfg.clients:
+        from pipeline.federated import SimulatedTrainer
+
+        return SimulatedTrainer(
+            store, cfg, out, client, resume=resume, force=force, log=log, on_epoch=on_epoch, progress=progress
+        ).fit()
     if client is None:
         from pipeline.local import LocalTrainer
 

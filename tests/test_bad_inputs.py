@@ -587,6 +587,33 @@ def _(t: Trial) -> Outcome:
     return t.cli("train", "s.zarr", "--out", "run", "--set", "validation_store=swapped.zarr")
 
 
+@case("S12")
+def _(t: Trial) -> Outcome:
+    return t.cli("train", "--sites", "nosites.toml", "--out", "run")
+
+
+@case("S13")
+def _(t: Trial) -> Outcome:
+    return _train_sites(t, '[sites."a b"]\nstore = "a.zarr"\n')
+
+
+@case("S14")
+def _(t: Trial) -> Outcome:
+    return _train_sites(t, "[sites.a]\n")
+
+
+@case("S15")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    t.write("sites.toml", ONE_SITE)
+    return t.cli("train", "s.zarr", "--sites", "sites.toml", "--out", "run")
+
+
+@case("S16")
+def _(t: Trial) -> Outcome:
+    return _train_sites(t, "", name="empty.toml")
+
+
 # -- training settings -----------------------------------------------------------------------
 
 
@@ -617,6 +644,39 @@ for _id, _setting in {
     "C19": "seed=-1",
 }.items():
     case(_id)(lambda t, s=_setting: _train_set(t, "--set", s))
+
+
+for _id, _setting in {
+    "C34": ("placement=federated",),
+    "C35": ("sites=sites.toml", "clients=10"),
+    "C36": ("fraction_fit=0",),
+    "C37": ("min_responses=0",),
+    "C38": ("strategy=fedprox",),
+    "C39": ("strategy=scaffold",),
+    "C40": ("round_deadline=0",),
+    "C41": ("clients=10", "partition=column"),
+    "C42": ("aggregator=krum", "krum_f=2"),
+    "C43": ("trim_fraction=0.5",),
+}.items():
+    case(_id)(lambda t, s=_setting: _train_set(t, *(a for v in s for a in ("--set", v))))
+
+
+def _train_sites(t: Trial, text: str, *args: str, name: str = "sites.toml") -> Outcome:
+    t.write(name, text)
+    return t.cli("train", "--sites", name, "--out", "run", *args)
+
+
+ONE_SITE = '[sites.a]\nstore = "a.zarr"\n'
+
+
+@case("C44")
+def _(t: Trial) -> Outcome:
+    return _train_sites(t, ONE_SITE, "--set", "min_sites=3")
+
+
+@case("C45")
+def _(t: Trial) -> Outcome:
+    return _train_sites(t, ONE_SITE, "--set", "validation_store=v.zarr")
 
 
 @case("C12")
@@ -1051,6 +1111,31 @@ def _(t: Trial) -> Outcome:
 @case("A9")
 def _(t: Trial) -> Outcome:
     return _fit(t, _X, _Y, solver="lbfgs")
+
+
+@case("A10")
+def _(t: Trial) -> Outcome:
+    return _fit(t, {"a": "a.zarr"}, _Y)
+
+
+@case("A11")
+def _(t: Trial) -> Outcome:
+    return _fit(t, {}, None)
+
+
+@case("A12")
+def _(t: Trial) -> Outcome:
+    return _fit(t, {"a b": "a.zarr"}, None)
+
+
+@case("A13")
+def _(t: Trial) -> Outcome:
+    return _fit(t, {"a": 3}, None)
+
+
+@case("A14")
+def _(t: Trial) -> Outcome:
+    return _fit(t, {"a": "a.zarr"}, None, client=t.shared.client)
 
 
 def _store_call(t: Trial, method: str) -> Outcome:

@@ -179,9 +179,12 @@ class ParameterServer:
         loss: float,
         timings: Mapping[str, float] | None = None,
         timeout: float = 600.0,
+        wait: bool = True,
     ) -> Reply:
         """Push ``delta`` (a float32 vector, or one already wrapped by ``encode_vector``)
-        computed from the weights of ``version``; the reply carries the weights to go on from."""
+        computed from the weights of ``version``; the reply carries the weights to go on from.
+        ``wait=False`` (sync): the delta is pooled for the round and the reply comes at once,
+        without weights (a federated client pushes once and leaves)."""
         wire = encode_vector(delta) if isinstance(delta, np.ndarray) else delta
         return self._send(
             "push",
@@ -193,6 +196,7 @@ class ParameterServer:
             loss=float(loss),
             timings=dict(timings or {}),
             timeout=float(timeout),
+            wait=bool(wait),
         )
 
     def pull(self, model: bool = False) -> tuple[np.ndarray, int]:
@@ -215,6 +219,11 @@ class ParameterServer:
     def epoch_end(self, timeout: float = 600.0) -> Reply:
         """Wait until every participant of the epoch has left: the epoch's model weights."""
         return self._send("epoch_end", timeout=float(timeout))
+
+    def close_round(self, min_count: int) -> Reply:
+        """Close the open sync round: apply its pooled deltas if at least ``min_count`` arrived,
+        else discard them; ``{"status": "applied" | "discarded", "version", "arrived"}``."""
+        return self._send("close_round", min_count=int(min_count))
 
     def summaries(self, names: list[str]) -> dict[str, dict]:
         """The summaries left by participants ``names`` (taken: the server forgets them)."""

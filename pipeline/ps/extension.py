@@ -29,6 +29,7 @@ ROUTES: dict[str, str] = {
     "ps_pull": "pull",
     "ps_leave": "leave",
     "ps_epoch_end": "epoch_end",
+    "ps_close_round": "close_round",
     "ps_summaries": "take_summaries",
     "ps_state": "state",
     "ps_metrics": "metrics",
@@ -53,6 +54,8 @@ class ParameterServerExtension(SchedulerPlugin):
       optimizer state for the next epoch's task
     * ``ps_epoch_end``-- (sync) a participant that has left waits until every participant of
       the epoch has left, and gets the epoch's final weights (it validates them in its task)
+    * ``ps_close_round``-- (sync; a federated round at its deadline) apply the pooled deltas
+      if at least ``min_count`` arrived, else discard them; the round's participants are done
     * ``ps_summaries``-- the driver takes the summaries of finished participants
     * ``ps_state``    -- full state for a checkpoint (weights, optimizer state, counters)
     * ``ps_metrics``  -- counters of one job or all jobs (msgpack-able, for dashboards)
@@ -129,6 +132,9 @@ class ParameterServerExtension(SchedulerPlugin):
         """A participant that has left waits for the epoch's last round (the reply's version
         lets the driver notice a rerun task that joined again after it)."""
         return await self._job(job).epoch_end(timeout)
+
+    def close_round(self, job: str | None = None, min_count: Any = 1) -> dict[str, Any]:
+        return self._job(job).close_round(min_count)
 
     def take_summaries(self, job: str | None = None, names: list | None = None) -> dict[str, Any]:
         return self._job(job).take_summaries(names)

@@ -79,6 +79,7 @@ class Job:
     join_timeout: float = 120.0
     pending: dict[str, tuple[np.ndarray, int, float]] = field(default_factory=dict)
     grad: np.ndarray | None = None  # sync: the round's combined delta (reused every round)
+    last_applied: list[str] = field(default_factory=list)  # sync: whose deltas the last round combined
     buffer: list = field(default_factory=list)  # FedBuff: (delta, samples, loss, staleness) since the last step
     progress: dict[str, int] = field(default_factory=dict)  # participant -> batches absorbed
     summaries: dict[str, dict] = field(default_factory=dict)  # participant -> its task's result
@@ -276,13 +277,19 @@ class Job:
         waiting_for = (set(self.participants) | set(self.expected)) - set(self.pending)
         if waiting_for:
             return
-        names = sorted(self.pending)  # fixed order: reproducible float sums
+        self._apply_round(sorted(self.pending))
+
+    def _apply_round(self, names: list[str]) -> None:
+        """Combine the pooled deltas of ``names`` (:meth:`_combine`), take the server's step
+        and start the next round."""
+        names = sorted(names)  # fixed order: reproducible float sums
         total = sum(self.pending[n][1] for n in names)
         grad = self._combine(names)
         losses = [self.pending[n][2] for n in names]
         self.optimizer.step(self.params, grad, self.lr())
         self.version += 1
         self.pending.clear()
+        self.last_applied = names
         self.after_update(float(np.mean(losses)), total, len(names))
 
     def _combine(self, names: list[str]) -> np.ndarray:
@@ -417,9 +424,13 @@ class Job:
         loss: float = float("nan"),
         timings: Mapping[str, float] | None = None,
         timeout: float = 600.0,
+        wait: bool = True,
     ) -> dict[str, Any]:
         """Apply (async, ssp) or pool (sync) ``name``'s delta; reply with the weights to go on
-        from once the mode lets the participant continue."""
+        from once the mode lets the participant continue. ``wait=False`` (sync; a federated
+        client's one push of a round) pools the delta and replies at once, without weights: the
+        participant does not wait for the round (which closes when every expected participant
+        has pushed, or by :meth:`close_round`)."""
         if self.failed:
             return self.reply("failed")
         p = self.participants.get(name) if isinstance(name, str) else None
@@ -455,6 +466,8 @@ class Job:
             )
             self.progress[name] = self.progress.get(name, 0) + int(batches)
             self.maybe_close_round()
+            if not wait:
+                return {"status": "OK", "version": self.version, "pooled": True, "message": self.failed}
             ok = await self.wait(lambda: self.version > version, timeout)
         elif self.buffer_size:
             self.buffer.append((vec if isinstance(delta, Serialized) else vec.copy(), samples, loss, staleness))
@@ -532,6 +545,50 @@ class Job:
         if self.failed:
             return self.reply("failed")
         return self.reply(model=True)
+
+    def close_round(self, min_count: Any = 1) -> dict[str, Any]:
+        """Close the open sync round now (a federated round at its deadline): apply the pooled
+        deltas if at least ``min_count`` participants pushed one, else discard them; either way
+        no participant of the round is expected or active any more (a late push is refused).
+        ``arrived``: the participants whose deltas were pooled; ``last_applied``: those whose
+        deltas the last applied round combined (this one's, or the round that applied itself
+        when its last expected participant pushed)."""
+        if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < 1:
+            raise PSError(f"close_round: min_count must be an int >= 1, got {min_count!r}")
+        if self.mode != "sync":
+            raise PSError(f"close_round is for sync jobs; job {self.job!r} is {self.mode}")
+        arrived = sorted(self.pending)
+        for name in list(self.participants):
+            p = self.participants.pop(name)
+            if p.key is not None:
+                self.keys.pop(p.key, None)
+        for key in self.expected.values():
+            if key is not None:
+                self.keys.pop(key, None)
+        self.expected.clear()
+        status = "discarded"
+        if self.failed:
+            self.pending.clear()
+        elif arrived and len(arrived) >= min_count:
+            self._apply_round(arrived)
+            status = "applied"
+        else:
+            if arrived:
+                logger.warning(
+                    "job %s: round closed with %d of the %d deltas it needs; discarded",
+                    self.job,
+                    len(arrived),
+                    min_count,
+                )
+            self.pending.clear()
+        self.notify()
+        return {
+            "status": status,
+            "version": self.version,
+            "arrived": arrived,
+            "last_applied": list(self.last_applied),
+            "message": self.failed,
+        }
 
     def take_summaries(self, names: list | None = None) -> dict[str, Any]:
         """Hand over (and forget) the summaries left by ``names``; missing ones are absent."""
@@ -612,10 +669,24 @@ class Job:
             "failed": self.failed,
             "closed": self.closed,
             "epochs": list(self.epochs),
+            **self._site_metrics(),
         }
         if history:
             out["history"] = [list(h) for h in self.history]
         return out
+
+    def _site_metrics(self) -> dict[str, Any]:
+        """A federated job's last per-site evaluation (simulated clients: the spread alone), as
+        the driver recorded it."""
+        for rec in reversed(self.epochs):
+            if rec.get("site_mean") is not None or isinstance(rec.get("sites"), Mapping):
+                sites = rec.get("sites") if isinstance(rec.get("sites"), Mapping) else {}
+                return {
+                    "sites": {str(k): dict(v) for k, v in sites.items()},
+                    "site_mean": rec.get("site_mean"),
+                    "site_worst_decile": rec.get("site_worst_decile"),
+                }
+        return {}
 
     def view(self, history: bool = False) -> JobSnapshot:
         """The job's public, read-only snapshot (for the dashboard and Prometheus)."""

@@ -136,3 +136,32 @@ def test_misleading_toml_tables_are_refused(tmp_path, text, fragment):
     ) as info:
         TrainConfig.from_toml(path)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        ({"placement": "federated"}, "placement = 'federated' was replaced by sites (a sites file) or clients"),
+        ({"sites": "s.toml", "clients": 4}, "'sites' = 's.toml' and 'clients' = 4 are exclusive"),
+        ({"fraction_fit": 0}, "'fraction_fit' = 0.0 is invalid: must be in (0, 1]"),
+        ({"min_responses": 1.5}, "'min_responses' = 1.5 is invalid"),
+        ({"round_deadline": 0}, "'round_deadline' = 0.0 is invalid"),
+        ({"strategy": "scaffold"}, "'strategy' = 'scaffold' is invalid: must be one of"),
+        ({"strategy": "fedprox"}, "'strategy' = 'fedprox' needs proximal_mu > 0"),
+        ({"aggregator": "krum", "krum_f": 1, "min_clients": 4}, "needs min_clients >= 5"),
+        ({"trim_fraction": 0.5}, "'trim_fraction' = 0.5 is invalid: must be in [0, 0.5)"),
+        ({"clients": 10, "partition": "column"}, "'partition' = 'column' needs partition_column"),
+        ({"partition": "shards"}, "'partition' = 'shards' is invalid"),
+        ({"rounds": 0}, "'rounds' = 0 is invalid"),
+    ],
+)
+def test_federation_keys_are_checked(values, fragment):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict(values)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_removed_placement_key_reads_as_before_when_dynamic():
+    # configurations saved by earlier runs say placement = "dynamic": they still resume
+    assert TrainConfig.from_dict({"placement": "dynamic", "epochs": 3}) == TrainConfig(epochs=3)
+    assert "placement" not in TrainConfig.keys()

@@ -86,8 +86,6 @@ def test_sync_shares_follow_the_threads_and_min_share_gflop(store):
     assert every.sync_shares == 4
     few, _, _ = _plan(store, n_threads=4, mode="sync", min_share_gflop=1e9)
     assert few.sync_shares == 1  # too little work per share: one share
-    fed, _, _ = _plan(store, n_threads=4, mode="sync", placement="federated")
-    assert fed.sync_shares == 0  # federated: one share per worker, whatever its work
 
 
 def test_async_work_is_every_task_in_a_seeded_order(store):
@@ -106,14 +104,6 @@ def test_sync_work_is_one_unpinned_share_of_equal_rows_per_thread(store):
     sizes = [sum(b - a for a, b in w.ranges) for w in work]
     assert max(sizes) - min(sizes) <= 1 and all(w.workers is None for w in work)
     assert sorted(_rows([r for w in work for r in w.ranges])) == list(range(store.n_rows))
-
-
-def test_federated_work_pins_every_worker_its_share_of_the_tasks(store):
-    plan, cfg, spec = _plan(store, mode="async", placement="federated", rows_per_task=200, validation=0)
-    work = epoch_work(plan, cfg, 5, {"b": 4, "a": 1}, spec)
-    assert [(w.name, w.workers) for w in work] == [("e5-s0", ["a"]), ("e5-s1", ["b"])]
-    for k, w in enumerate(work):
-        assert w.ranges == [r for j, t in enumerate(plan.tasks) if j % 2 == k for r in t]
 
 
 # -- early stopping ------------------------------------------------------------------------------

@@ -76,6 +76,53 @@ def test_a_participant_leaving_releases_the_round_without_it() -> None:
     asyncio.run(main())
 
 
+def test_a_push_without_wait_pools_the_delta_and_the_round_applies_when_all_pushed() -> None:
+    async def main() -> None:
+        job = _job("sync", aggregate="mean")
+        job.expect(["r0-a", "r0-b"], ["ka", "kb"], epoch=0)
+        job.join("r0-a", key="ka")
+        r = await asyncio.wait_for(job.push("r0-a", 0, np.full(N, 2, np.float32), samples=10, loss=1.0, wait=False), 1)
+        assert r["status"] == "OK" and r["pooled"] and "params" not in r and job.version == 0
+        job.leave("r0-a")
+        assert job.version == 0  # "r0-b" is still expected
+        job.join("r0-b", key="kb")
+        await asyncio.wait_for(job.push("r0-b", 0, np.full(N, 4, np.float32), samples=30, loss=1.0, wait=False), 1)
+        assert job.version == 1  # every expected participant pushed: the round applied itself
+        np.testing.assert_allclose(job.params, np.full(N, -3.5))  # (10 * 2 + 30 * 4) / 40
+
+    asyncio.run(main())
+
+
+def test_close_round_applies_what_arrived_or_discards_it_below_min_count() -> None:
+    async def main() -> None:
+        job = _job("sync", aggregate="mean")
+        job.expect(["r0-a", "r0-b", "r0-c"], ["ka", "kb", "kc"], epoch=0)
+        job.join("r0-a", key="ka")
+        job.join("r0-b", key="kb")
+        await job.push("r0-a", 0, np.full(N, 1, np.float32), samples=5, loss=1.0, wait=False)
+        r = job.close_round(2)  # one of the two needed: discarded
+        assert r == {"status": "discarded", "version": 0, "arrived": ["r0-a"], "last_applied": [], "message": None}
+        assert not job.pending and not job.participants and not job.expected and not job.keys
+        np.testing.assert_array_equal(job.params, np.zeros(N))
+        with pytest.raises(PSError, match="has not joined"):  # a late push of the closed round
+            await job.push("r0-b", 0, np.ones(N, np.float32), samples=1, loss=1.0, wait=False)
+        job.expect(["r1-a", "r1-b", "r1-c"], ["ka1", "kb1", "kc1"], epoch=1)
+        for n in ("r1-a", "r1-b"):
+            job.join(n)
+            await job.push(n, 0, np.full(N, 2, np.float32), samples=5, loss=1.0, wait=False)
+        r = job.close_round(2)  # "r1-c" never came: the round applies with the two
+        assert r["status"] == "applied" and r["version"] == 1 and r["arrived"] == r["last_applied"] == ["r1-a", "r1-b"]
+        np.testing.assert_allclose(job.params, np.full(N, -2.0))
+        r = job.close_round(1)  # nothing pooled: nothing applied; the last round's names stay
+        assert r["status"] == "discarded" and r["last_applied"] == ["r1-a", "r1-b"]
+        with pytest.raises(PSError, match="min_count must be an int >= 1"):
+            job.close_round(0)
+        with pytest.raises(PSError, match="for sync jobs"):
+            _job("async").close_round(1)
+
+    asyncio.run(main())
+
+
 def test_an_announced_participant_is_waited_for_until_it_joins_or_times_out() -> None:
     async def main() -> None:
         job = _job("sync", join_timeout=0.0)
@@ -197,3 +244,34 @@ def test_create_refuses_what_it_cannot_mean() -> None:
         Job.create("j", np.zeros(N + 1, np.float32), N)
     with pytest.raises(PSError, match="sync jobs only"):
         _job("async", local_states={"s0": {"t": 1, "buffers": {}}})
+
+
+def test_per_site_evaluation_reaches_the_snapshot_and_prometheus() -> None:
+    pytest.importorskip("prometheus_client")
+    from pipeline import dashboard
+
+    async def main() -> None:
+        job = _job("sync", aggregate="mean")
+        assert job.view().sites == {} and job.view().site_mean is None
+        sites = {"a": {"loss": 0.5, "metric": 0.8, "n": 10}, "b": {"loss": 0.7, "metric": 0.6, "n": 30}}
+        job.record(epoch={"epoch": 0, "val_loss": 0.65, "sites": sites, "site_mean": 0.65, "site_worst_decile": 0.6})
+        job.record(epoch={"epoch": 1, "train_loss": 0.6})  # a round without evaluation keeps the last one
+        snap = job.view()
+        assert dict(snap.sites["b"]) == sites["b"] and snap.site_mean == 0.65 and snap.site_worst_decile == 0.6
+        assert "sites (accuracy / R^2): a 0.8000" in dashboard._summary_html(snap)
+
+        class Source:
+            def running(self) -> list:
+                return [snap]
+
+        holder, source = type("Scheduler", (), {})(), Source()
+        dashboard.watch(holder, source)
+        try:
+            fams = {f.name: f for f in dashboard.TrainingCollector().collect()}
+        finally:
+            dashboard._sources[:] = [(s, j) for s, j in dashboard._sources if s() is not holder]
+        got = {s.labels["site"]: s.value for s in fams["pipeline_site_loss"].samples}
+        assert got == {"a": 0.5, "b": 0.7}
+        assert [s.value for s in fams["pipeline_site_metric_worst_decile"].samples] == [0.6]
+
+    asyncio.run(main())

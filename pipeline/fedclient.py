@@ -1,0 +1,325 @@
+"""A federated site's tasks: what runs on the site's own Dask workers, next to its rows.
+
+The driver submits each of them with ``resources={site: 1}``, so only a worker that declares
+the site's resource runs it, and a restarted worker (new port) picks it up. None of them sends
+a row anywhere: :func:`site_info` returns the site's schema and sums over its training rows,
+:func:`fit_client` pushes one model delta with its sample count to the parameter server,
+:func:`evaluate_client` returns metric partial sums over the site's own held-out rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from distributed import get_worker
+from distributed.metrics import context_meter
+
+from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
+from pipeline.errors import PSError
+from pipeline.loader import ChunkLoader, held_out_mask
+from pipeline.loop import FULL_BATCH_ROWS, holdout_selection, load_local_state, prepare_targets, run_batches
+from pipeline.metrics import plain_metrics
+from pipeline.partition import open_partition
+from pipeline.ps import ParameterServer
+from pipeline.store import read_rows_at
+from pipeline.worker import _allow_profile_sizing, _Comm, _store, cached_trainer, evaluate_ranges
+
+logger = logging.getLogger(__name__)
+
+
+def _worker_address() -> str:
+    try:
+        return str(get_worker().address)
+    except ValueError:  # called outside a worker (tests)
+        return "this process"
+
+
+def _chunk_ranges(store: Any) -> list[tuple[int, int]]:
+    return [(s.start, s.stop) for s in (store.chunk_slice(i) for i in range(store.n_chunks))]
+
+
+def site_info(store_path: str, holdout: dict | None = None) -> dict[str, Any]:
+    """What the driver needs to plan from one site, computed on the site: its rows, schema
+    (features, encodings, task, classes, dtype) and, over its *training* rows (``holdout``,
+    ``{"fraction", "seed"}``: the rows held out for validation are left out), per-feature
+    count, sum and sum of squares, and the class counts (regression: the target's sums)."""
+    store = _store(store_path)
+    n_f = store.n_features
+    width = 1 if store.y.ndim == 1 else int(store.y.shape[1])
+    s, ss = np.zeros(n_f, np.float64), np.zeros(n_f, np.float64)
+    ys, yss = np.zeros(width, np.float64), np.zeros(width, np.float64)
+    n_classes = len(store.classes or [])
+    counts = np.zeros(n_classes, np.int64)
+    count = held = 0
+    for i in range(store.n_chunks):
+        sl = store.chunk_slice(i)
+        X, y = store.read_chunk(i)
+        if holdout and holdout.get("fraction", 0) > 0:
+            mask = held_out_mask(store, sl.start, sl.stop, holdout["fraction"], holdout["seed"])
+            held += int(mask.sum())
+            X, y = X[~mask], y[~mask]
+        x = np.asarray(X, dtype=np.float64)
+        count += len(x)
+        s += x.sum(axis=0)
+        ss += np.square(x).sum(axis=0)
+        if store.task == "classification":
+            counts += np.bincount(np.asarray(y, np.int64).reshape(-1), minlength=n_classes)[:n_classes]
+        else:
+            yy = np.asarray(y, np.float64).reshape(len(y), -1)
+            ys += yy.sum(axis=0)
+            yss += np.square(yy).sum(axis=0)
+    return {
+        "worker": _worker_address(),
+        "n_rows": store.n_rows,
+        "n_features": n_f,
+        "feature_names": list(store.feature_names),
+        "encodings": store.attrs.get("encodings") or [],
+        "task": store.task,
+        "classes": None if store.classes is None else list(store.classes),
+        "dtype": str(store.X.dtype),
+        "y_width": width,
+        "labelled": store.attrs.get("labelled") is not False,
+        "n_held_out": held,
+        "count": count,
+        "sum": s.tolist(),
+        "sumsq": ss.tolist(),
+        "class_counts": counts.tolist(),
+        "y_sum": ys.tolist(),
+        "y_sumsq": yss.tolist(),
+    }
+
+
+def fit_client(
+    job: str,
+    name: str,
+    store_path: str,
+    round_: int,
+    spec: dict,
+    cfg: dict,
+    target: dict | None,
+    norm: dict | None,
+    client: dict | None = None,
+) -> dict[str, Any]:
+    """One federated client's round: join ``job`` as participant ``name``, train
+    ``cfg["local_epochs"]`` passes over the site's training rows from the round's weights
+    (standardized with the federation's pooled ``norm``), push ONE delta with its sample
+    count without waiting for the round, leave. The summary says what was pushed; a push
+    refused because the round closed meanwhile is ``"late": True`` (nothing applied).
+
+    ``client`` (simulated clients: ``{"partition": path, "k": k}``): the rows are client
+    ``k``'s of the run's partition of the one store (its training rows already)."""
+    restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
+    _allow_profile_sizing()
+    worker = get_worker()
+    return _fit_one(job, name, store_path, round_, spec, cfg, target, norm, client, worker, worker.get_current_task())
+
+
+def fit_clients(
+    job: str,
+    names: list[str],
+    ks: list[int],
+    store_path: str,
+    partition_path: str,
+    round_: int,
+    spec: dict,
+    cfg: dict,
+    target: dict | None,
+) -> dict[str, Any]:
+    """Simulated clients ``ks`` (participants ``names``) of one round, one after the other in
+    this task, each as :func:`fit_client` trains one: ``{"clients": {name: summary}}``."""
+    restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
+    _allow_profile_sizing()
+    worker = get_worker()
+    out = {}
+    for name, k in zip(names, ks, strict=True):
+        part = {"partition": partition_path, "k": int(k)}
+        out[name] = _fit_one(job, name, store_path, round_, spec, cfg, target, None, part, worker, None)
+        if out[name]["late"]:
+            break  # the round is over: the task's other clients are not trained for nothing
+    return {"clients": out}
+
+
+def _fit_one(
+    job: str,
+    name: str,
+    store_path: str,
+    round_: int,
+    spec: dict,
+    cfg: dict,
+    target: dict | None,
+    norm: dict | None,
+    client: dict | None,
+    worker: Any,
+    key: str | None,
+) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    comm = _Comm(ParameterServer(job), name, cfg["barrier_timeout"])
+    reply = comm.wait(comm.ps.soon.join(name, key=key, worker=worker.address))
+    anchor = np.array(reply["params"], dtype=np.float32)
+    version = int(reply["version"])
+    trainer = cached_trainer(job, "fit", spec, cfg)
+    load_local_state(trainer, None)  # every round starts the local optimizer afresh
+    trainer.set_params(anchor)
+    full_batch = cfg["batch_size"] == 0
+    if full_batch:
+        trainer.discard_accumulated()
+    rows = None if client is None else open_partition(client["partition"]).rows(int(client["k"]))
+    loader = ChunkLoader(
+        _store(store_path),
+        rows=rows,
+        batch_size=cfg["batch_size"] or FULL_BATCH_ROWS,
+        shuffle=not full_batch,
+        seed=cfg["seed"],
+        buffer_chunks=cfg["shuffle_chunks"],
+        prefetch=cfg["prefetch"],
+        normalize=cfg["normalize"],
+        mean=None if norm is None else norm["mean"],
+        std=None if norm is None else norm["std"],
+        holdout=holdout_selection(cfg, "train") if rows is None else None,
+    )
+    timing: dict[str, float] = {"compute": 0.0}
+    samples = batches = 0
+    losses: list[float] = []
+    try:
+        for e in range(cfg["local_epochs"]):
+            r = run_batches(
+                trainer,
+                ((X, prepare_targets(y, target)) for X, y in loader.epoch(round_ * cfg["local_epochs"] + e)),
+                full_batch=full_batch,
+                timing=timing,
+            )
+            samples += r["samples"]
+            batches += r["batches"]
+            if r["samples"]:
+                losses.append(r["row_loss"])
+    finally:
+        read_seconds = loader.read_seconds
+        loader.close()
+    loss = float(np.mean(losses)) if losses else 0.0
+    rows = samples // max(1, cfg["local_epochs"])  # the weight of this site's delta: its rows
+    late = False
+    t_push = time.perf_counter()
+    try:
+        pushed = comm.wait(
+            comm.ps.soon.push(
+                name=name,
+                version=version,
+                delta=anchor - trainer.get_params(),
+                samples=rows,
+                batches=batches,
+                loss=loss,
+                timings={"read": read_seconds, "compute": timing["compute"]},
+                timeout=cfg["barrier_timeout"],
+                wait=False,
+            )
+        )
+        if pushed.get("dropped"):  # joined after its round had closed: a delta of a finished round
+            late = True
+            comm.ps.soon.leave(name).result(timeout=30)
+    except PSError as exc:  # the round closed (deadline) before this delta arrived
+        late = True
+        logger.info("federated client %s: delta not taken (%s)", name, exc)
+    communicate = comm.seconds + time.perf_counter() - t_push
+    summary = {
+        "name": name,
+        "worker": worker.address,
+        "samples": rows,
+        "batches": batches,
+        "loss": loss,
+        "version": version,
+        "late": late,
+        "read": read_seconds,
+        "compute": timing["compute"],
+        "communicate": communicate,
+        "total": time.perf_counter() - t_start,
+    }
+    for label, secs in (("read", read_seconds), ("compute", timing["compute"])):
+        context_meter.digest_metric(label, secs, "seconds")
+    if not late:
+        try:
+            comm.ps.soon.leave(name, summary=summary).result(timeout=30)
+        except Exception:
+            logger.debug("federated client %s could not leave its summary", name, exc_info=True)
+    return summary
+
+
+def evaluate_client(
+    job: str,
+    store_path: str,
+    spec: dict,
+    cfg: dict,
+    target: dict | None,
+    norm: dict | None,
+) -> dict[str, Any]:
+    """Metric partial sums (plain lists) of the job's current model on the site's own
+    held-out rows (all its rows when the run holds none out), standardized with the
+    federation's pooled ``norm``."""
+    restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
+    _allow_profile_sizing()
+    params, version = ParameterServer(job).pull(model=True)
+    store = _store(store_path)
+    sums = evaluate_ranges(store, _chunk_ranges(store), params, job, spec, cfg, target, norm)
+    return {"worker": _worker_address(), "version": int(version), "sums": plain_metrics(sums)}
+
+
+def evaluate_clients(
+    job: str,
+    store_path: str,
+    partition_path: str,
+    first: int,
+    stop: int,
+    spec: dict,
+    cfg: dict,
+    target: dict | None,
+) -> dict[str, Any]:
+    """Simulated clients ``first`` to ``stop - 1``: the job's current model on each client's
+    own rows, read in one pass (the rows of a group of clients, about 64k). Returns per-client
+    arrays ``n``, ``loss`` and ``metric`` (accuracy, or R^2 of the client's targets; NaN for a
+    client without rows or, regression, with a constant target)."""
+    restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
+    _allow_profile_sizing()
+    params, version = ParameterServer(job).pull(model=True)
+    store = _store(store_path)
+    part = open_partition(partition_path)
+    sizes = part.sizes()[first:stop]
+    rows = np.concatenate([part.rows(k) for k in range(first, stop)]) if stop > first else np.empty(0, np.int64)
+    owner = np.repeat(np.arange(stop - first), sizes)
+    trainer = cached_trainer(job, "eval", spec, cfg)
+    trainer.set_params(np.asarray(params, dtype=np.float32))
+    k = stop - first
+    n = np.bincount(owner, minlength=k).astype(np.int64)
+    loss_sum = np.zeros(k)
+    hit = np.zeros(k)
+    sse, sy, syy = np.zeros(k), np.zeros(k), np.zeros(k)
+    step = 1 << 14
+    for a in range(0, len(rows), step):
+        X, y = read_rows_at(store, rows[a : a + step])
+        own = owner[a : a + step]
+        x = np.asarray(X, np.float32)
+        if cfg["normalize"]:
+            x = ((x - store.mean.astype(np.float32)) / store.std.astype(np.float32)).astype(np.float32)
+        out = trainer.forward(np.ascontiguousarray(x))
+        if target is None:
+            yi = np.asarray(y, np.int64).reshape(-1)
+            p = np.clip(out[np.arange(len(yi)), yi], 1e-15, 1.0)
+            loss_sum += np.bincount(own, weights=-np.log(p), minlength=k)
+            hit += np.bincount(own, weights=(out.argmax(axis=1) == yi).astype(np.float64), minlength=k)
+        else:
+            yy = np.asarray(y, np.float64).reshape(len(y), -1)
+            pred = np.asarray(out, np.float64).reshape(len(y), -1) * target["std"] + target["mean"]
+            z = ((pred - yy) / target["std"]) ** 2
+            loss_sum += np.bincount(own, weights=z.mean(axis=1), minlength=k)
+            sse += np.bincount(own, weights=((pred - yy) ** 2).sum(axis=1), minlength=k)
+            sy += np.bincount(own, weights=yy.sum(axis=1), minlength=k)
+            syy += np.bincount(own, weights=(yy**2).sum(axis=1), minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        loss = np.where(n > 0, loss_sum / np.maximum(n, 1), np.nan)
+        if target is None:
+            metric = np.where(n > 0, hit / np.maximum(n, 1), np.nan)
+        else:
+            sst = syy - sy**2 / np.maximum(n, 1)
+            metric = np.where((n > 0) & (sst > 0), 1 - sse / np.where(sst > 0, sst, 1.0), np.nan)
+    return {"version": int(version), "n": n.tolist(), "loss": loss.tolist(), "metric": metric.tolist()}

@@ -1,0 +1,1088 @@
+"""The federated driver: rounds of sampled sites, each training on its own rows where they are.
+
+A site is the set of Dask workers started with ``--resources SITE=1``; the sites file
+(:mod:`pipeline.sites`) says where each site's store is as its workers see it. The driver never
+opens a store: it asks every site for its schema and sums (:func:`pipeline.fedclient.site_info`,
+run on the site), refuses sites that disagree, and pools the normalization statistics. Then,
+round after round:
+
+1. the *available* sites are those with at least one worker holding their resource; the round
+   samples ``max(min_clients, ceil(fraction_fit * available))`` of them with a generator seeded
+   by ``(seed, round)`` (a resumed run samples the same);
+2. the parameter server's sync job expects the round's clients; each sampled site runs
+   :func:`pipeline.fedclient.fit_client` (``local_epochs`` over its training rows, one delta
+   pushed with its sample count, no waiting);
+3. the round applies itself when every sampled client has pushed (the weighted mean of the
+   deltas, stepped by the strategy's server optimizer), or closes at ``round_deadline`` with
+   what arrived if that is at least ``min_responses`` of the sampled clients (else it is
+   discarded); unfinished tasks are cancelled, so a site whose workers died holds nothing up;
+4. every ``eval_every`` rounds each live site evaluates the model on its own held-out rows:
+   per-site loss and metric, their weighted mean (early stopping and the best model follow
+   it) and worst decile go into the history, the dashboard and Prometheus.
+
+A site without workers is left out of the sampling until a worker with its resource returns;
+the run stops with one line only when fewer than ``min_sites`` sites have workers for
+``no_worker_timeout`` seconds. The run directory is the one :mod:`pipeline.train` writes
+(lock, ``config.toml``, ``checkpoint.npz`` after every round, ``history.json``, ``model.npz``
+with the pooled mean/std and the classes); ``--resume`` continues at the next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.checkpoint import read_checkpoint, write_checkpoint
+from pipeline.config import TrainConfig
+from pipeline.errors import CheckpointError, ConfigError, PipelineError, StoreError, TrainingError
+from pipeline.fedclient import evaluate_client, evaluate_clients, fit_client, fit_clients, site_info
+from pipeline.metrics import array_metrics, finish_metrics, merge_metrics
+from pipeline.model import Model
+from pipeline.ps import ParameterServer
+from pipeline.runstate import BestModel, EarlyStopping, RunState
+from pipeline.sites import (
+    Federation,
+    Site,
+    clients_per_round,
+    pool_sites,
+    read_sites,
+    sample_clients,
+    site_resources,
+    site_spread,
+    sites_digest,
+)
+from pipeline.train import RunDir, TrainResult, build_spec, check_backend, task_config
+
+logger = logging.getLogger(__name__)
+
+# strategy -> the server optimizer that steps the (weighted mean, or robust) combination of a
+# round's deltas (pipeline.optim): FedAvg / FedProx plain SGD, FedAvgM server momentum, the
+# FedOpt family adaptive steps with tau as their adaptivity (FedAdam: Adam without bias
+# correction, eps = tau)
+_STRATEGY_OPTIMIZER = {
+    "fedavg": "sgd",
+    "fedprox": "sgd",
+    "fedavgm": "momentum",
+    "fedadam": "fedadam",
+    "fedyogi": "yogi",
+    "fedadagrad": "adagrad",
+}
+
+
+def server_optimizer(cfg: TrainConfig) -> dict[str, Any]:
+    """The parameter server's optimizer for ``cfg.strategy``, with ``server_lr``,
+    ``server_momentum`` (fedavgm), ``server_beta1``/``server_beta2`` and ``server_tau``
+    (fedadam, fedyogi, fedadagrad). FedAvg at ``server_lr`` 1.0 makes the new weights the
+    sample-weighted mean of the clients' models."""
+    return {
+        "name": _STRATEGY_OPTIMIZER[cfg.strategy],
+        "lr": cfg.server_lr,
+        "momentum": cfg.server_momentum,
+        "beta1": cfg.server_beta1,
+        "beta2": cfg.server_beta2,
+        "tau": cfg.server_tau,
+        "ema": cfg.ema,
+    }
+
+
+def check_federated_mode(cfg: TrainConfig) -> None:
+    """Federated runs are sync (rounds) or async (FedBuff: clients replaced as they finish)."""
+    if cfg.mode == "ssp":
+        raise ConfigError(
+            "config key 'mode' = 'ssp' does not apply to federated runs; use 'sync' (rounds) or 'async' (buffered)"
+        )
+    if cfg.mode == "async" and cfg.aggregator != "mean":
+        raise ConfigError(
+            f"config key 'aggregator' = {cfg.aggregator!r} needs rounds (mode = 'sync'); asynchronous federated "
+            "training combines buffered deltas by their staleness-weighted mean"
+        )
+
+
+def check_federated_config(cfg: TrainConfig, sites: list[Site]) -> None:
+    """Refuse settings a federated run of ``sites`` cannot honour (before any cluster work)."""
+    if cfg.validation_store:
+        raise ConfigError(
+            "config key 'validation_store' does not apply to a federated run: each site validates on "
+            "its own held-out rows (set validation, e.g. 0.1)"
+        )
+    check_federated_mode(cfg)
+    if cfg.min_sites > len(sites):
+        raise ConfigError(
+            f"config key 'min_sites' = {cfg.min_sites} exceeds the {len(sites)} site(s) of {cfg.sites!r}; "
+            "lower min_sites or add sites"
+        )
+    if cfg.min_clients > len(sites):
+        raise ConfigError(
+            f"config key 'min_clients' = {cfg.min_clients} exceeds the {len(sites)} site(s) of {cfg.sites!r}; "
+            "lower min_clients or add sites"
+        )
+
+
+class FederatedTrainer:
+    """Runs one federated training on the sites of ``cfg.sites`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out: str | os.PathLike,
+        client: Any,
+        *,
+        resume: bool = False,
+        force: bool = False,
+        log: Callable[[str], None] | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
+        progress: bool = False,
+    ) -> None:
+        if client is None:
+            raise TrainingError("a federated run needs a Dask cluster (--scheduler ADDRESS, or --workers N)")
+        self.cfg = cfg
+        self._init_clients()
+        self.client = client
+        self.run = RunDir(Path(out))
+        self.resume = resume
+        self.force = force
+        self.log = log or (lambda msg: logger.info(msg))
+        self.on_epoch = on_epoch
+        self.progress = progress
+        self.job = f"fed-{uuid.uuid4().hex[:12]}"
+        self.store_path = ""
+        self._inflight: dict[Any, tuple[str, float, int]] = {}  # async: future -> (client, start, version)
+        self._per_round = 1
+
+    def _init_clients(self) -> None:
+        """The clients of the run: here the sites of the sites file."""
+        if not self.cfg.sites:
+            raise ConfigError("a federated run needs config key 'sites' (a sites file)")
+        self.sites = read_sites(self.cfg.sites)
+        check_federated_config(self.cfg, self.sites)
+        self.digest = sites_digest(self.sites)
+        self.store_of = {s.name: s.store for s in self.sites}
+        self.fed: Federation | None = None
+
+    # -- main loop -------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        from distributed.comm.core import CommClosedError
+
+        with self.client.as_current(), self.run.claim(self.resume, self.force):
+            try:
+                return self._fit()
+            except PipelineError:
+                raise
+            except Exception as exc:
+                lost = isinstance(exc, CommClosedError) or "scheduler-connection-lost" in str(exc)
+                if not lost and self.client.status == "running":
+                    raise
+                where = getattr(self.client.scheduler, "address", None) or "its address"
+                what = f"--sites {self.cfg.sites}" if self.cfg.sites else self.store_path
+                raise TrainingError(
+                    f"lost the Dask scheduler at {where} and the parameter server in it "
+                    f"({type(exc).__name__}); the last checkpoint is in {str(self.run.path)!r}: start a "
+                    f"scheduler and the workers, then run `pipeline train {what} --out {self.run.path} --resume "
+                    "--scheduler ADDRESS`"
+                ) from None
+
+    def _fit(self) -> TrainResult:
+        cfg, client = self.cfg, self.client
+        ckpt = self._load_checkpoint() if self.resume else None
+        self.run.prepare(self.resume, self.force)
+        installed_by = ParameterServer.ensure_installed(client)
+        check_backend(cfg.backend, client)
+        schema = self._schema()
+        self.spec, self.target = build_spec(schema, cfg)
+        self.tcfg = {**task_config(cfg), "local_epochs": cfg.local_epochs, "proximal_mu": cfg.proximal_mu}
+        from kernels.mlp import MLPSpec, init_params
+
+        if ckpt is not None:
+            if ckpt.spec != self.spec:
+                raise CheckpointError(
+                    f"checkpoint {str(self.run.checkpoint)!r} is for a different model or schema; resume with "
+                    "the same sites and model config"
+                )
+            params, run = ckpt.params, ckpt.run
+            self.job = run.job
+        else:
+            params = init_params(MLPSpec(**{**self.spec, "hidden": tuple(self.spec["hidden"])}), seed=cfg.seed)
+            run = RunState(self.job, best=BestModel(params=params.copy()))
+        self.run.config.write_text(cfg.to_toml())
+        ps = ParameterServer(self.job, client)
+        self._per_round = self._clients_per_round()
+        ps.create(
+            params,
+            mode=cfg.mode,
+            buffer_size=(cfg.buffer_size or self._per_round) if cfg.mode == "async" else 0,
+            aggregate="mean",  # the deltas' mean weighted by each client's samples
+            aggregator=cfg.aggregator,
+            trim_fraction=cfg.trim_fraction,
+            krum_f=cfg.krum_f,
+            optimizer=server_optimizer(cfg),
+            schedule={
+                "kind": cfg.schedule,
+                "warmup": cfg.warmup,
+                "step_size": cfg.step_size,
+                "gamma": cfg.gamma,
+                "total_steps": cfg.rounds,
+            },
+            version=ckpt.version if ckpt else 0,
+            optimizer_state=ckpt.optimizer_state if ckpt else None,
+            epoch=run.epoch,
+            join_timeout=cfg.round_deadline + cfg.no_worker_timeout,
+        )
+        self.log(
+            f"job {self.job}: {self._describe_clients()}, {cfg.rounds} rounds, "
+            f"parameter server installed by {installed_by}"
+        )
+        if cfg.strategy in ("fedadam", "fedyogi", "fedadagrad") and cfg.server_lr >= 0.5:
+            self.log(
+                f"warning: strategy {cfg.strategy} at server_lr = {cfg.server_lr:g} steps every weight by about "
+                "server_lr each round; adaptive server optimizers usually want 0.01 to 0.1"
+            )
+        stopping = EarlyStopping(
+            cfg.patience,
+            cfg.min_delta,
+            cfg.min_samples,
+            best_loss=run.best.loss,
+            best_epoch=run.best.epoch,
+            epoch=run.epoch,
+            seen=run.samples,
+        )
+        stopped_early = False
+        try:
+            for rnd in range(run.epoch, cfg.rounds):
+                run.epoch = rnd
+                t0 = time.perf_counter()
+                if cfg.mode == "async":
+                    record = self._round_async(ps, run, rnd)
+                else:
+                    record = self._round(ps, rnd, self._sample(ps, run, rnd))
+                st = ps.state()
+                if st.get("failed"):
+                    raise TrainingError(str(st["failed"]))
+                record["rounds"] = st["version"]
+                evaluate = (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds
+                if evaluate:
+                    record.update(self._evaluate_round(rnd))
+                record["seconds"] = time.perf_counter() - t0
+                run.history.append(record)
+                if evaluate:
+                    stopping.epoch = rnd  # patience counts rounds, whatever eval_every
+                    stop = stopping.update(record.get("val_loss", record["train_loss"]), self._samples_since(run))
+                    if stopping.improved:
+                        run.best = BestModel(stopping.best_loss, st["model"], rnd)
+                else:
+                    stop = False
+                run.finish_epoch()
+                self._checkpoint(ps, run, st, record)
+                if self.on_epoch is not None:
+                    self.on_epoch(record)
+                if stop:
+                    stopped_early = True
+                    self.log(f"early stop: no validation improvement for {cfg.patience} rounds")
+                    break
+        except KeyboardInterrupt:
+            self.log("interrupted: writing a checkpoint before stopping")
+            self._checkpoint(ps, run)
+            raise
+        except TrainingError:
+            self._checkpoint(ps, run)
+            raise
+        finally:
+            if self._inflight:
+                self.client.cancel(list(self._inflight))
+                self._inflight.clear()
+            metrics: dict[str, Any] = {}
+            try:
+                metrics = ps.metrics(history=True)
+                ps.close()
+            except Exception:
+                logger.debug("could not close job %s", self.job, exc_info=True)
+        model = Model.from_training(schema, self.spec, self.target, run.best.params, cfg, run.history)
+        model.save(self.run.model)
+        history_doc = {
+            "job": self.job,
+            "installed_by": installed_by,
+            "federated": {**self._history_info(), "strategy": cfg.strategy},
+            "best_epoch": run.best.epoch,
+            "stopped_early": stopped_early,
+            "epochs": run.history,
+            "rounds": metrics.get("history", []),
+            "round_columns": ["time", "version", "loss", "samples", "deltas"],
+        }
+        self.run.write_json(self.run.history, history_doc)
+        from pipeline.plots import save_plots
+
+        save_plots(self.run.path, history_doc)
+        return TrainResult(self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch)
+
+    @staticmethod
+    def _samples_since(run: RunState) -> int:
+        """Training samples of the rounds since the previous evaluation (the last one included)."""
+        total = 0
+        for rec in reversed(run.history):
+            if rec is not run.history[-1] and "val_loss" in rec:
+                break
+            total += int(rec.get("samples", 0))
+        return total
+
+    # -- the sites (the hooks a simulation overrides) ---------------------------------------
+
+    def _schema(self) -> Federation:
+        """Ask every site for its schema and sums; the pooled view the model is built from."""
+        fed = self.fed = pool_sites(self.cfg.sites, self._site_infos())
+        self.norm = fed.norm() if self.cfg.normalize else None
+        return fed
+
+    def _describe_clients(self) -> str:
+        assert self.fed is not None
+        rows = ", ".join(f"{n} {r:,}" for n, r in self.fed.rows.items())
+        return f"federated {self.cfg.strategy} over {len(self.sites)} sites (training rows: {rows})"
+
+    def _history_info(self) -> dict[str, Any]:
+        assert self.fed is not None
+        fed = self.fed
+        return {
+            "sites": {
+                s.name: {"store": s.store, "rows": fed.rows[s.name], "held_out": fed.held_out[s.name]}
+                for s in self.sites
+            }
+        }
+
+    def _sample(self, ps: ParameterServer, run: RunState, rnd: int) -> list[str]:
+        """The sites of round ``rnd``: sampled from those with workers now."""
+        cfg = self.cfg
+        live = self._live_sites(ps, run)
+        return sample_clients(live, clients_per_round(len(live), cfg.fraction_fit, cfg.min_clients), cfg.seed, rnd)
+
+    def _clients_per_round(self) -> int:
+        """Clients a round samples when every site is available (async: the buffer's default size)."""
+        return clients_per_round(len(self.store_of), self.cfg.fraction_fit, self.cfg.min_clients)
+
+    def _candidates(self, ps: ParameterServer, run: RunState) -> list[str]:
+        """Async: the clients a new task may be given (the live sites; waits as rounds do)."""
+        return self._live_sites(ps, run)
+
+    def _round_keys(self, sampled: list[str], rnd: int, tag: str) -> dict[str, str | None]:
+        """The task key of each sampled client (the server drops a participant whose task ends)."""
+        return {site: f"fit-{self.job}-r{rnd}-{site}-{tag}" for site in sampled}
+
+    def _submit_round(
+        self, sampled: list[str], names: dict[str, str], keys: dict[str, str | None], rnd: int, tag: str
+    ) -> dict[Any, list[str]]:
+        """Submit the round's training tasks: a future -> the clients it trains (one site each)."""
+        return {
+            self.client.submit(
+                fit_client,
+                self.job,
+                names[site],
+                self.store_of[site],
+                rnd,
+                self.spec,
+                self.tcfg,
+                self.target,
+                self.norm,
+                key=keys[site],
+                resources={site: 1},
+                pure=False,
+                retries=0,  # a rerun would push twice: a lost client is a missing response
+            ): [site]
+            for site in sampled
+        }
+
+    def _evaluate_round(self, rnd: int) -> dict[str, Any]:
+        return self._evaluate(rnd, self._available())
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        return {"sites": self.digest}
+
+    def _available(self) -> list[str]:
+        """The sites with at least one worker declaring their resource now."""
+        have = site_resources(self.client.scheduler_info(n_workers=-1))
+        return sorted(s for s in self.store_of if have.get(s))
+
+    def _live_sites(self, ps: ParameterServer, run: RunState) -> list[str]:
+        """The sites available for this round; waits while fewer than ``min_sites`` (or
+        ``min_clients``) have workers, and stops the run after ``no_worker_timeout``."""
+        cfg = self.cfg
+        need = max(cfg.min_sites, cfg.min_clients)
+        since: float | None = None
+        while True:
+            live = self._available()
+            if len(live) >= need:
+                return live
+            now = time.monotonic()
+            if since is None:
+                since = now
+                missing = sorted(set(self.store_of) - set(live))
+                self.log(
+                    f"waiting for sites: {len(live)} of {len(self.store_of)} have workers, {need} needed "
+                    f"(no worker for {', '.join(missing)})"
+                )
+            elif now - since > cfg.no_worker_timeout:
+                missing = sorted(set(self.store_of) - set(live))
+                raise TrainingError(
+                    f"only {len(live)} of {len(self.store_of)} sites had workers for {cfg.no_worker_timeout:.0f} s "
+                    f"(none for {', '.join(missing)}), fewer than min_sites = {cfg.min_sites} / min_clients = "
+                    f"{cfg.min_clients}; start workers with `dask worker SCHEDULER --resources SITE=1` or lower "
+                    "min_sites (a checkpoint was written; use --resume)"
+                )
+            time.sleep(0.5)
+
+    def _site_infos(self) -> dict[str, dict]:
+        """Every site's :func:`site_info`, run on the site; waits up to ``no_worker_timeout``
+        for sites without workers, and names a site whose store cannot be read."""
+        from distributed import wait
+
+        cfg = self.cfg
+        holdout = {"fraction": cfg.validation, "seed": cfg.seed} if cfg.validation > 0 else None
+        futures = {
+            self.client.submit(
+                site_info,
+                store,
+                holdout,
+                key=f"site-info-{name}-{self.job}",
+                resources={name: 1},
+                pure=False,
+            ): name
+            for name, store in self.store_of.items()
+        }
+        deadline = time.monotonic() + cfg.no_worker_timeout
+        announced = False
+        try:
+            while True:
+                try:
+                    wait(list(futures), timeout=1.0)
+                except TimeoutError:
+                    pass
+                pending = sorted(n for f, n in futures.items() if not f.done())
+                if not pending:
+                    break
+                if not announced:
+                    self.log(f"waiting for the first report of site(s) {', '.join(pending)}")
+                    announced = True
+                if time.monotonic() > deadline:
+                    raise TrainingError(
+                        f"site(s) {', '.join(pending)} of {cfg.sites!r} did not report within "
+                        f"{cfg.no_worker_timeout:.0f} s: no worker declares their resource; start one per site "
+                        "with `dask worker SCHEDULER --resources SITE=1`"
+                    )
+        except BaseException:
+            self.client.cancel(list(futures))
+            raise
+        infos = {}
+        for f, name in sorted(futures.items(), key=lambda kv: kv[1]):
+            if f.status == "error":
+                exc = f.exception()
+                detail = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+                raise StoreError(
+                    f"site {name!r} cannot read its store {self.store_of[name]!r} ({detail}); fix its path in "
+                    f"{cfg.sites!r}: it is the path as that site's workers see it"
+                )
+            info = f.result()
+            if not info.get("labelled", True):
+                raise StoreError(
+                    f"site {name!r}'s store {self.store_of[name]!r} has no targets (ingested with --unlabelled); "
+                    "every site trains on a labelled store"
+                )
+            infos[name] = info
+        return infos
+
+    # -- one round -------------------------------------------------------------------------
+
+    def _round(self, ps: ParameterServer, rnd: int, sampled: list[str]) -> dict[str, Any]:
+        """Run round ``rnd`` with the ``sampled`` sites; its history record."""
+        from distributed import wait
+
+        cfg, client = self.cfg, self.client
+        names = {site: f"r{rnd}-{site}" for site in sampled}  # a site's name, or c<k> (simulated)
+        tag = uuid.uuid4().hex[:6]  # fresh keys: a resumed round is not an old one
+        keys = self._round_keys(sampled, rnd, tag)
+        reply = ps.expect(names=list(names.values()), keys=[keys[s] for s in sampled], epoch=rnd)
+        v0 = int(reply["version"])
+        futures = self._submit_round(sampled, names, keys, rnd, tag)
+        deadline = time.monotonic() + cfg.round_deadline
+        pending = set(futures)
+        try:
+            while pending and time.monotonic() < deadline:
+                try:
+                    wait(
+                        list(pending),
+                        timeout=min(1.0, max(0.05, deadline - time.monotonic())),
+                        return_when="FIRST_COMPLETED",
+                    )
+                except TimeoutError:
+                    pass
+                pending = {f for f in pending if not f.done()}
+                if pending and int(ps.metrics()["version"]) > v0:
+                    # every client still in the round has pushed: it applied itself; those
+                    # still running are leaving (their summaries), or lost with their worker
+                    try:
+                        wait(list(pending), timeout=min(2.0, max(0.05, deadline - time.monotonic())))
+                    except TimeoutError:
+                        pass
+                    break
+        finally:
+            need = max(1, math.ceil(cfg.min_responses * len(sampled)))
+            closed = ps.close_round(need)
+            unfinished = [f for f in futures if not f.done()]
+            if unfinished:
+                client.cancel(unfinished)
+        summaries = ps.summaries(list(names.values()))
+        errors: dict[str, str] = {}
+        results: dict[str, dict] = {}
+        for f, group in futures.items():
+            got: dict[str, dict] = {}
+            if f.status == "finished":
+                r = f.result()
+                got = r["clients"] if "clients" in r else {names[group[0]]: r}
+            elif f.status == "error":
+                exc = f.exception()
+                msg = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+                errors.update({site: msg for site in group if names[site] not in summaries})
+            for site in group:
+                name = names[site]
+                if name in summaries:
+                    results[site] = summaries[name]
+                elif name in got:
+                    results[site] = got[name]
+            f.release()
+        applied = int(closed["version"]) > v0
+        # whose deltas the round combined: the server's word (a client that pushed may not have
+        # left its summary yet when the round applied itself)
+        combined = set(closed["last_applied"] if applied else closed["arrived"])
+        responded = sorted(s for s in sampled if names[s] in combined)
+        known = [s for s in responded if s in results]
+        for site, err in sorted(errors.items()):
+            self.log(f"warning: site {site} failed in round {rnd + 1}: {err}")
+        if errors and len(errors) == len(sampled):
+            raise TrainingError(
+                f"every sampled site failed in round {rnd + 1}; site {min(errors)}: {errors[min(errors)]}"
+            )
+        samples = sum(int(results[s]["samples"]) for s in known)
+        loss = sum(float(results[s]["loss"]) * int(results[s]["samples"]) for s in known) / max(samples, 1)
+        missing = sorted(set(sampled) - set(responded))
+        if len(sampled) <= 8:
+            who = f"sampled {', '.join(sampled)}; responded {', '.join(responded) or 'none'}" + (
+                f" (no response from {', '.join(missing)})" if missing else ""
+            )
+        else:  # many (simulated) clients: counts
+            who = f"sampled {len(sampled)} clients; {len(responded)} responded"
+        self.log(
+            f"round {rnd + 1}/{cfg.rounds}: {who}"
+            + (
+                f"; applied, version {closed['version']}"
+                if applied
+                else f"; discarded ({len(responded)} of {need} needed)"
+            )
+        )
+        return {
+            "epoch": rnd,
+            "round": rnd,
+            "sampled": list(sampled),
+            "responded": responded,
+            "applied": applied,
+            "samples": samples,
+            "train_loss": loss if known else float("nan"),
+            "tasks": [
+                {"name": names[s], "site": s, "worker": results[s].get("worker"), "samples": results[s]["samples"]}
+                for s in known
+            ],
+        }
+
+    # -- asynchronous federated training ---------------------------------------------------
+
+    def _round_async(self, ps: ParameterServer, run: RunState, rnd: int) -> dict[str, Any]:
+        """Round ``rnd`` of asynchronous federated training: ``concurrency`` clients (default: a
+        round's worth) train at once; each one that finishes is replaced by a newly sampled one
+        (at most one task per client at a time) and its delta joins the server's buffer (FedBuff:
+        one step per ``buffer_size`` deltas, each weighted by ``1 / sqrt(1 + staleness)``). The
+        round is over once ``clients per round`` clients have finished (those finishing at the
+        same moment count too); a task running longer than ``round_deadline`` is cancelled;
+        tasks still running carry over into the next round."""
+        from distributed import wait
+
+        cfg = self.cfg
+        per_round = self._per_round
+        concurrency = cfg.concurrency or per_round
+        rng = np.random.default_rng([cfg.seed, rnd, 7919])
+        ps.expect(names=[], keys=[], epoch=rnd)  # the dashboard's round counter
+        submitted: list[str] = []
+        results: dict[str, dict] = {}
+        done_clients: list[str] = []
+        lost: list[str] = []
+        errors: dict[str, str] = {}
+        seq = 0
+        while len(done_clients) + len(lost) < per_round:
+            busy = {c for c, _, _ in self._inflight.values()}
+            if len(self._inflight) < concurrency:
+                free = [c for c in self._candidates(ps, run) if c not in busy]
+                for c in rng.permutation(len(free))[: concurrency - len(self._inflight)]:
+                    client_name = free[int(c)]
+                    tag = uuid.uuid4().hex[:6]
+                    name = f"a{rnd}-{seq}-{client_name}"
+                    seq += 1
+                    for f in self._submit_round([client_name], {client_name: name}, {client_name: None}, rnd, tag):
+                        self._inflight[f] = (client_name, time.monotonic(), seq)
+                    submitted.append(client_name)
+            if not self._inflight:
+                time.sleep(0.5)
+                continue
+            try:
+                wait(list(self._inflight), timeout=1.0, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                pass
+            now = time.monotonic()
+            for f in list(self._inflight):
+                client_name, started, _ = self._inflight[f]
+                if f.done():
+                    del self._inflight[f]
+                    if f.status == "finished":
+                        r = f.result()
+                        summary = next(iter(r["clients"].values())) if "clients" in r else r
+                        if not summary.get("late"):
+                            results[client_name] = summary
+                            done_clients.append(client_name)
+                            continue
+                    elif f.status == "error":
+                        exc = f.exception()
+                        errors[client_name] = (
+                            str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+                        )
+                    lost.append(client_name)
+                    f.release()
+                elif now - started > cfg.round_deadline:  # its worker died, or it is far too slow
+                    del self._inflight[f]
+                    self.client.cancel([f])
+                    lost.append(client_name)
+            if errors and not done_clients and len(errors) >= per_round:
+                first = min(errors)
+                raise TrainingError(f"every client failed in round {rnd + 1}; {first}: {errors[first]}")
+        for client_name, err in sorted(errors.items()):
+            self.log(f"warning: {client_name} failed in round {rnd + 1}: {err}")
+        samples = sum(int(results[c]["samples"]) for c in done_clients)
+        loss = sum(float(results[c]["loss"]) * int(results[c]["samples"]) for c in done_clients) / max(samples, 1)
+        version = int(ps.metrics()["version"])
+        many = len(self.store_of) > 8 if self.store_of else True
+        self.log(
+            f"round {rnd + 1}/{cfg.rounds} (async): "
+            + (
+                f"{len(done_clients)} clients finished, {len(lost)} lost"
+                if many
+                else f"finished {', '.join(done_clients) or 'none'}" + (f"; lost {', '.join(lost)}" if lost else "")
+            )
+            + f"; version {version}"
+        )
+        return {
+            "epoch": rnd,
+            "round": rnd,
+            "sampled": len(submitted) if many else submitted,
+            "responded": len(done_clients) if many else sorted(set(done_clients)),
+            "applied": True,
+            "samples": samples,
+            "train_loss": loss if done_clients else float("nan"),
+        }
+
+    # -- per-site evaluation ---------------------------------------------------------------
+
+    def _evaluate(self, rnd: int, sites: list[str]) -> dict[str, Any]:
+        """Each live site's metrics on its own held-out rows, their pooled values (``val_*``)
+        and spread (``site_mean``, ``site_worst_decile``); sites that do not answer within
+        ``round_deadline`` are left out of this evaluation."""
+        from distributed import wait
+
+        if not sites:
+            return {}
+        tag = uuid.uuid4().hex[:6]
+        futures = {
+            self.client.submit(
+                evaluate_client,
+                self.job,
+                self.store_of[site],
+                self.spec,
+                self.tcfg,
+                self.target,
+                self.norm,
+                key=f"evaluate-{self.job}-r{rnd}-{site}-{tag}",
+                resources={site: 1},
+                pure=False,
+            ): site
+            for site in sites
+        }
+        try:
+            wait(list(futures), timeout=self.cfg.round_deadline)
+        except TimeoutError:
+            pass
+        late = [f for f in futures if not f.done()]
+        if late:
+            self.client.cancel(late)
+        metric = "accuracy" if self.target is None else "r2"
+        per_site: dict[str, dict[str, Any]] = {}
+        parts = []
+        for f, site in sorted(futures.items(), key=lambda kv: kv[1]):
+            if f.status != "finished":
+                continue
+            sums = array_metrics(f.result()["sums"])
+            m = finish_metrics(sums, self.target)
+            if not m.get("n"):
+                continue
+            parts.append(sums)
+            per_site[site] = {"loss": m["loss"], "metric": m[metric], "n": m["n"]}
+            f.release()
+        if not parts:
+            return {}
+        pooled = finish_metrics(merge_metrics(parts), self.target)
+        spread = site_spread({s: {**v, metric: v["metric"]} for s, v in per_site.items()}, metric)
+        return {
+            **{f"val_{k}": v for k, v in pooled.items() if k != "confusion"},
+            "sites": per_site,
+            **spread,
+        }
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _checkpoint(
+        self, ps: ParameterServer, run: RunState, state: dict | None = None, record: dict | None = None
+    ) -> None:
+        """Write ``run`` and the server's state to the run's checkpoint (the round, the
+        sites' fingerprint); tell the server, with the round's ``record`` if given."""
+        try:
+            st = state if state is not None else ps.state()
+        except Exception:
+            logger.debug("no state for a checkpoint of job %s", self.job, exc_info=True)
+            return
+        shown = None
+        if record is not None:
+            shown = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            if "sites" in record:
+                shown["sites"] = record["sites"]
+        if st.get("failed"):
+            logger.warning("not checkpointing job %s: %s", self.job, st["failed"])
+            if shown is not None:
+                ps.record(epoch=shown)
+            return
+        write_checkpoint(
+            self.run.checkpoint,
+            run,
+            st,
+            config=self.cfg.to_dict(),
+            store=self.cfg.sites or self.store_path,
+            spec=self.spec,
+            in_process=False,
+            federated=self._checkpoint_meta(),
+        )
+        run.last_checkpoint = time.monotonic()
+        ps.record(epoch=shown, checkpoint=True)
+
+    def _load_checkpoint(self) -> Any:
+        path = self.run.checkpoint
+        ckpt = read_checkpoint(path)
+        fed = ckpt.meta.get("federated")
+        if not isinstance(fed, dict):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is of a run that was not federated; resume it without --sites"
+            )
+        if fed.get("sites") != self.digest:
+            raise CheckpointError(
+                f"the sites file {self.cfg.sites!r} names other sites or store paths than the run in "
+                f"{str(self.run.path)!r} was trained on; resume with the sites file it was started with, "
+                "or start a new run (--force)"
+            )
+        return ckpt
+
+
+# --------------------------------------------------------------------------------------------
+# Simulated clients: row-index views of one store
+# --------------------------------------------------------------------------------------------
+
+EVAL_GROUP_ROWS = 1 << 16  # rows of the clients one evaluation task scores
+
+
+def sample_indices(n_clients: int, n: int, seed: int, round_: int) -> np.ndarray:
+    """``n`` of clients ``0 .. n_clients - 1`` (sorted), drawn by a generator seeded with
+    ``(seed, round)``: without a list of the clients, whatever their number."""
+    if n >= n_clients:
+        return np.arange(n_clients)
+    rng = np.random.default_rng([int(seed), int(round_), 15485863])
+    return np.sort(rng.choice(n_clients, size=n, replace=False))
+
+
+def client_groups(sizes: np.ndarray, rows: int = EVAL_GROUP_ROWS) -> list[tuple[int, int]]:
+    """Consecutive clients in groups of about ``rows`` rows (a client never split): ``(first, stop)``."""
+    groups, first, total = [], 0, 0
+    for k, size in enumerate(np.asarray(sizes).tolist()):
+        if total and total + size > rows:
+            groups.append((first, k))
+            first, total = k, 0
+        total += size
+    if first < len(sizes):
+        groups.append((first, len(sizes)))
+    return groups
+
+
+class SimulatedTrainer(FederatedTrainer):
+    """Federated training of ``cfg.clients`` simulated clients on one store: client ``k`` is a
+    row-index view of it from a partition (``cfg.partition``) computed once, out of core, into
+    ``OUT/partition/`` (a resumed run reuses it, and refuses one made otherwise). Each sampled
+    client is an ordinary task on any worker reading only its rows; the driver holds the
+    partition's offsets and sizes and per-client metric arrays (written to
+    ``OUT/clients.npz``), never a Python object per client, so its memory does not grow with
+    the number of clients beyond a few numbers each."""
+
+    def __init__(self, store: str, cfg: TrainConfig, out: str | os.PathLike, client: Any, **kw: Any) -> None:
+        self._store_arg = str(store)
+        super().__init__(cfg, out, client, **kw)
+        self.store_path = self._store_arg
+
+    def _init_clients(self) -> None:
+        cfg = self.cfg
+        if cfg.clients <= 0:
+            raise ConfigError("a simulated federated run needs config key 'clients' > 0")
+        if cfg.validation_store:
+            raise ConfigError(
+                "config key 'validation_store' does not apply to simulated clients: the store's held-out rows "
+                "(validation) validate the model"
+            )
+        check_federated_mode(cfg)
+        if cfg.min_clients > cfg.clients:
+            raise ConfigError(
+                f"config key 'min_clients' = {cfg.min_clients} exceeds clients = {cfg.clients}; lower min_clients"
+            )
+        from pipeline.store import open_store
+
+        self.store_of: dict[str, str] = {}  # no sites
+        self._draws = 0
+        self.store = open_store(self._store_arg)
+        if self.store.attrs.get("labelled") is False:
+            raise StoreError(
+                f"store {self._store_arg!r} has no targets (ingested with --unlabelled); train on a labelled store"
+            )
+
+    @property
+    def partition_dir(self) -> Path:
+        return self.run.path / "partition"
+
+    def _held_out(self) -> tuple[float, int] | None:
+        return (self.cfg.validation, self.cfg.seed) if self.cfg.validation > 0 else None
+
+    def _schema(self) -> Any:
+        from pipeline.partition import make_partition, open_partition
+
+        cfg = self.cfg
+        args = {
+            "alpha": cfg.partition_alpha,
+            "classes": cfg.partition_classes,
+            "column": cfg.partition_column,
+            "seed": cfg.seed,
+            "exclude_held_out": self._held_out(),
+        }
+        if self.resume and (self.partition_dir / "meta.json").is_file():
+            part = open_partition(self.partition_dir)
+            problem = part.mismatch(self.store, cfg.clients, cfg.partition, **args)
+            if problem:
+                raise CheckpointError(
+                    f"the partition in {str(self.partition_dir)!r} was made otherwise ({problem}); resume with the "
+                    "settings the run started with, or start a new run (--force)"
+                )
+        else:
+            t0 = time.perf_counter()
+            part = make_partition(self.store, cfg.clients, cfg.partition, **args, out=self.partition_dir, force=True)
+            self.log(
+                f"partition: {part.n_clients:,} clients ({cfg.partition}) of {self.store.n_rows:,} rows in "
+                f"{time.perf_counter() - t0:.1f} s, kept in {str(self.partition_dir)!r}"
+            )
+        self.partition = part
+        self.sizes = part.sizes()  # (n_clients,) int64: what the driver keeps per client
+        self.norm = None  # the tasks standardize with the store's own statistics
+        return self.store
+
+    def _describe_clients(self) -> str:
+        sizes = self.sizes
+        return (
+            f"federated {self.cfg.strategy} over {len(sizes):,} simulated clients ({self.cfg.partition}; rows per "
+            f"client {int(sizes.min()):,} to {int(sizes.max()):,})"
+        )
+
+    def _history_info(self) -> dict[str, Any]:
+        sizes = self.sizes
+        return {
+            "clients": int(len(sizes)),
+            "partition": self.cfg.partition,
+            "rows_per_client": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
+        }
+
+    def _sample(self, ps: ParameterServer, run: RunState, rnd: int) -> list[str]:
+        cfg = self.cfg
+        live = np.flatnonzero(self.sizes > 0)  # a client without rows has nothing to train on
+        n = clients_per_round(len(live), cfg.fraction_fit, cfg.min_clients)
+        picked = live[sample_indices(len(live), n, cfg.seed, rnd)]
+        if not self.client.scheduler_info(n_workers=-1)["workers"]:
+            self._wait_for_workers()
+        return [f"c{int(k)}" for k in picked]
+
+    def _wait_for_workers(self) -> None:
+        since = time.monotonic()
+        while not self.client.scheduler_info(n_workers=-1)["workers"]:
+            if time.monotonic() - since > self.cfg.no_worker_timeout:
+                raise TrainingError(
+                    f"no workers for {self.cfg.no_worker_timeout:.0f} s; start workers or raise no_worker_timeout "
+                    "(a checkpoint was written; use --resume)"
+                )
+            time.sleep(0.5)
+
+    def _clients_per_round(self) -> int:
+        return clients_per_round(int(np.count_nonzero(self.sizes)), self.cfg.fraction_fit, self.cfg.min_clients)
+
+    def _candidates(self, ps: ParameterServer, run: RunState) -> list[str]:
+        """Async: a few clients drawn from all of them (never a list of every client)."""
+        if not self.client.scheduler_info(n_workers=-1)["workers"]:
+            self._wait_for_workers()
+        live = np.flatnonzero(self.sizes > 0)
+        want = min(len(live), 2 * (self.cfg.concurrency or self._per_round) + 8)
+        self._draws += 1
+        rng = np.random.default_rng([self.cfg.seed, run.epoch, self._draws, 104723])
+        return [f"c{int(k)}" for k in live[rng.choice(len(live), size=want, replace=False)]]
+
+    def _round_keys(self, sampled: list[str], rnd: int, tag: str) -> dict[str, str | None]:
+        return dict.fromkeys(sampled)  # several clients per task: none is its task
+
+    def _submit_round(
+        self, sampled: list[str], names: dict[str, str], keys: dict[str, str | None], rnd: int, tag: str
+    ) -> dict[Any, list[str]]:
+        """The sampled clients in groups, one task each, of about ``EVAL_GROUP_ROWS`` rows and at
+        least one group per worker thread: a task trains its clients one after the other, each
+        joining, pushing its one delta and leaving as its own participant."""
+        threads = sum(int(w.get("nthreads", 1)) for w in self.client.scheduler_info(n_workers=-1)["workers"].values())
+        ks = np.array([int(c[1:]) for c in sampled], np.int64)
+        rows = int(self.sizes[ks].sum())
+        n_groups = max(1, min(len(sampled), max(threads, math.ceil(rows / EVAL_GROUP_ROWS))))
+        futures = {}
+        for g, part in enumerate(np.array_split(np.arange(len(sampled)), n_groups)):
+            group = [sampled[i] for i in part]
+            futures[
+                self.client.submit(
+                    fit_clients,
+                    self.job,
+                    [names[c] for c in group],
+                    [int(c[1:]) for c in group],
+                    self.store_path,
+                    str(self.partition_dir),
+                    rnd,
+                    self.spec,
+                    self.tcfg,
+                    self.target,
+                    key=f"fit-{self.job}-r{rnd}-g{g}-{tag}",
+                    pure=False,
+                    retries=0,
+                )
+            ] = group
+        return futures
+
+    def _round(self, ps: ParameterServer, rnd: int, sampled: list[str]) -> dict[str, Any]:
+        record = super()._round(ps, rnd, sampled)
+        # counts, not lists: a round may sample thousands of clients
+        record["sampled"] = len(record["sampled"])
+        record["responded"] = len(record["responded"])
+        record.pop("tasks", None)
+        return record
+
+    def _evaluate_round(self, rnd: int) -> dict[str, Any]:
+        """The store's held-out rows (``val_*``: early stopping, the best model) and every
+        client's own rows in groups of about 64k rows: the spread over clients
+        (``site_mean`` weighted by rows, ``site_worst_decile``); the per-client arrays go to
+        ``OUT/clients.npz``."""
+        from distributed import wait
+
+        from pipeline.plan import VAL_RANGE_ROWS, group_ranges, row_ranges
+        from pipeline.worker import evaluate_task
+
+        cfg, client = self.cfg, self.client
+        tag = uuid.uuid4().hex[:6]
+        val_futures = []
+        if self._held_out():
+            val_futures = [
+                client.submit(
+                    evaluate_task,
+                    self.store_path,
+                    g,
+                    None,
+                    self.job,
+                    self.spec,
+                    self.tcfg,
+                    self.target,
+                    None,
+                    key=f"evaluate-{self.job}-r{rnd}-v{i}-{tag}",
+                    pure=False,
+                    retries=2,
+                )
+                for i, g in enumerate(group_ranges(row_ranges(self.store, VAL_RANGE_ROWS), VAL_RANGE_ROWS))
+            ]
+        groups = client_groups(self.sizes)
+        client_futures = [
+            client.submit(
+                evaluate_clients,
+                self.job,
+                self.store_path,
+                str(self.partition_dir),
+                a,
+                b,
+                self.spec,
+                self.tcfg,
+                self.target,
+                key=f"evaluate-clients-{self.job}-r{rnd}-{a}-{tag}",
+                pure=False,
+                retries=2,
+            )
+            for a, b in groups
+        ]
+        wait(val_futures + client_futures, timeout=max(cfg.round_deadline, cfg.no_worker_timeout))
+        out: dict[str, Any] = {}
+        done_val = [f for f in val_futures if f.status == "finished"]
+        if val_futures and len(done_val) == len(val_futures):
+            pooled = finish_metrics(merge_metrics([f.result() for f in done_val]), self.target)
+            out.update({f"val_{k}": v for k, v in pooled.items() if k != "confusion"})
+        n = np.zeros(len(self.sizes), np.int64)
+        loss = np.full(len(self.sizes), np.nan)
+        metric = np.full(len(self.sizes), np.nan)
+        for (a, b), f in zip(groups, client_futures, strict=True):
+            if f.status != "finished":
+                continue
+            r = f.result()
+            n[a:b], loss[a:b], metric[a:b] = r["n"], r["loss"], r["metric"]
+        client.cancel([f for f in val_futures + client_futures if not f.done()])
+        scored = (n > 0) & np.isfinite(metric)
+        if scored.any():
+            m, w = metric[scored], n[scored]
+            worst = np.sort(m)[: max(1, math.ceil(len(m) / 10))]
+            out["site_mean"] = float(np.sum(m * w) / np.sum(w))
+            out["site_worst_decile"] = float(np.mean(worst))
+            out["clients_evaluated"] = int(scored.sum())
+            tmp = self.run.path / ".clients.npz.tmp"
+            with open(tmp, "wb") as fh:
+                np.savez(fh, n=n, loss=loss, metric=metric, round=np.int64(rnd))
+            os.replace(tmp, self.run.path / "clients.npz")
+        return out
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        return {"clients": int(self.cfg.clients), "partition": self.cfg.partition}
+
+    def _load_checkpoint(self) -> Any:
+        path = self.run.checkpoint
+        ckpt = read_checkpoint(path)
+        fed = ckpt.meta.get("federated")
+        if not isinstance(fed, dict) or fed.get("clients") is None:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is not of a run of simulated clients; resume it with its own settings"
+            )
+        if ckpt.meta.get("store") != self.store_path:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is of store {ckpt.meta.get('store')!r}, not {self.store_path!r}; resume "
+                "with the store the run started with"
+            )
+        return ckpt
