@@ -3,6 +3,7 @@
     python -m bench.federated                        # 100, 1,000 and 10,000 clients, 5 passes
     python -m bench.federated --clients 100,1000 --rounds 20 --passes 5
     python -m bench.federated --systems flower       # the Flower side alone
+    python -m bench.federated --render bench/results/federated-X.json   # a saved run's table again
     python -m bench.federated --quick                # 10 clients, 3 rounds, 1 pass (smoke run)
     python -m bench.federated --flower-python PATH   # Flower's interpreter (default: .venv-flwr)
 
@@ -458,6 +459,11 @@ def summarize(passes: list[dict], clients: Sequence[int], pipeline_missing: str 
     return tg
 
 
+def sampled(n: int) -> int:
+    """Clients per round at ``n`` clients: 10%, at least one (both systems)."""
+    return max(1, int(n * FRACTION + 1e-9))
+
+
 def failures(passes: list[dict]) -> list[str]:
     """One line per failed run (its cells read n/a): the last line of its error."""
     out = []
@@ -488,6 +494,10 @@ def render(res: dict[str, Any]) -> str:
                     "clients": f"{n:,}",
                     "system": system + ("" if kinds <= {"dirichlet"} else " (iid split)"),
                     "rounds/s (steady)": _med(_series(passes, name, "rounds_per_s")),
+                    "ms per sampled client": _med(
+                        [None if r is None else 1000 / r / sampled(n) for r in _series(passes, name, "rounds_per_s")],
+                        ".0f",
+                    ),
                     "rounds": str(rounds_for(n, res["args"])),
                     "cold s": _med(_series(passes, name, "cold"), ".1f"),
                     "test acc %": _med(acc, ".1f"),
@@ -579,7 +589,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds one run may take")
     ap.add_argument("--flower-python", default=str(FLOWER_PYTHON))
     ap.add_argument("--systems", default="flower,pipeline")
+    ap.add_argument("--render", default="", help="print the table of a saved JSON (bench/results/federated-*.json)")
     args = ap.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        saved["json"] = args.render
+        text = render(saved)
+        print(text)
+        return text
     if args.quick:
         args.clients, args.rounds, args.passes, args.rows, args.test_rows = "10", 3, 1, 2_000, 500
         args.rounds_large = 3
