@@ -20,6 +20,10 @@ and the Ray backend limited to 2 CPUs, 1 CPU per client (two clients train at on
 pipeline's two single-thread workers do). Each Ray actor memory-maps the arrays once and reads
 only its client's rows per call.
 
+Sampling: FedAvg draws the round's nodes with ``random.sample`` over the node ids, which the
+simulation draws anew in every run, so the sampled clients differ from run to run even with the
+``random`` module seeded (the pipeline's sampling repeats with its seed).
+
 Timing: the start of every round (``configure_train``) and the end of its aggregation are
 recorded in the server process; the test accuracy of the final global model is computed after
 the last round (not timed). The JSON written to ``OUT.json``: ``round_start``/``round_end``
