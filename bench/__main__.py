@@ -49,6 +49,7 @@ BENCHMARKS = [
     ("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets", "python -m bench.sklearn_parity"),
     ("fed_strategies", "Robust aggregation against a Byzantine client", "python -m bench.fed_strategies"),
     ("privacy", "The cost of privacy: DP, secure aggregation, both", "python -m bench.privacy"),
+    ("federated", "Federated simulation vs Flower", "python -m bench.federated"),
 ]
 
 

@@ -359,3 +359,79 @@ def test_bench_io_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     for codec in ("none", "lz4", "zstd"):
         assert f"| {codec} |" in out
     assert (tmp_path / "io.md").read_text().strip() == text.strip()
+
+
+def _flower_python() -> tuple[str | None, str]:
+    """An interpreter that imports flwr (with Ray) and torch: ``BENCH_FLOWER_PYTHON``, the
+    checkout's ``.venv-flwr``, or this one; (None, why) when there is none."""
+    from bench.federated import FLOWER_PYTHON
+
+    tried = []
+    for cand in (os.environ.get("BENCH_FLOWER_PYTHON"), str(FLOWER_PYTHON), sys.executable):
+        if not cand or not Path(cand).exists():
+            continue
+        ok = subprocess.run([cand, "-c", "import flwr, ray, torch"], capture_output=True, check=False)
+        if ok.returncode == 0:
+            return cand, ""
+        tried.append(cand)
+    return None, f"no interpreter imports flwr, ray and torch (tried {', '.join(tried) or 'none'})"
+
+
+def test_dirichlet_partition_covers_every_row_once_and_repeats_with_the_seed() -> None:
+    from bench.federated import dirichlet_partition
+
+    y = np.random.default_rng(1).integers(0, 10, 5_000)
+    offsets, rows = dirichlet_partition(y, 1_000, 0.3, seed=3)
+    sizes = np.diff(offsets)
+    assert len(offsets) == 1_001 and offsets[-1] == len(y)
+    assert sorted(rows.tolist()) == list(range(len(y)))  # every row in exactly one client
+    assert sizes.min() >= 1  # no client without rows
+    for k in (0, 17, 999):  # sorted within each client
+        part = rows[offsets[k] : offsets[k + 1]]
+        assert (np.diff(part) > 0).all()
+    again = dirichlet_partition(y, 1_000, 0.3, seed=3)
+    assert (again[0] == offsets).all() and (again[1] == rows).all()
+    other = dirichlet_partition(y, 1_000, 0.3, seed=4)
+    assert not np.array_equal(other[1], rows)
+    # skewed: with alpha 0.3 a typical client of 100 holds few of the 10 labels
+    o100, r100 = dirichlet_partition(y, 100, 0.3, seed=3)
+    labels_per_client = [len(np.unique(y[r100[o100[k] : o100[k + 1]]])) for k in range(100)]
+    assert np.median(labels_per_client) < 8
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_federated_quick_runs_flower_and_the_pipeline(tmp_path: Path) -> None:
+    """`python -m bench.federated --quick`: 10 clients, 3 rounds, Flower's simulation engine in its own
+    interpreter (and the pipeline's simulated clients where this checkout has them)."""
+    python, why = _flower_python()
+    if python is None:
+        pytest.skip(f"Flower is not installed: {why}")
+    from bench.federated import pipeline_available
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.federated", "--quick", "--flower-python", python],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=570,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "| 10 | flower | " in out and "Raw figures: `bench/out/results/federated-" in out
+    assert "flwr 1." in out  # the Flower venv's versions beside the project's
+    import json
+
+    raw = ROOT / out.split("Raw figures: `")[1].split("`")[0]
+    res = json.loads(raw.read_text())
+    fl = res["passes"][0]["results"]["flower N=10"]
+    assert len(fl["round_end"]) == 3 and 0.0 <= fl["accuracy"] <= 1.0 and fl["rounds_per_s"] > 0
+    assert fl["peak_rss"] > 0 and fl["processes"] >= 2  # Ray's processes were sampled with the driver
+    if pipeline_available() is None:
+        pl = res["passes"][0]["results"]["pipeline N=10"]
+        assert len(pl["round_end"]) == 3 and 0.0 <= pl["accuracy"] <= 1.0 and pl["rounds_per_s"] > 0
+        assert pl["same_partition"] is True  # the pipeline trained the clients Flower got
+    else:
+        assert "| 10 | pipeline | not run |" in out and "NOT MEASURED" in out
