@@ -314,11 +314,17 @@ def _hostname() -> str:
 
 
 def _read_owner(fd: int) -> str:
-    try:
-        text = os.pread(fd, 200, 0).decode(errors="replace").split()
-        return f"pid {text[0]} on {text[1]}" if len(text) >= 2 else "another process"
-    except OSError:
-        return "another process"
+    """Who holds the lock on ``fd``: the holder writes its pid and host just after taking the
+    lock, so a claim that lost the race may look before they are there (waited for, briefly)."""
+    for _ in range(20):
+        try:
+            text = os.pread(fd, 200, 0).decode(errors="replace").split()
+        except OSError:
+            return "another process"
+        if len(text) >= 2:
+            return f"pid {text[0]} on {text[1]}"
+        time.sleep(0.05)
+    return "another process"
 
 
 class _Claim:
