@@ -898,8 +898,9 @@ def client_groups(sizes: np.ndarray, rows: int = EVAL_GROUP_ROWS) -> list[tuple[
 class SimulatedTrainer(FederatedTrainer):
     """Federated training of ``cfg.clients`` simulated clients on one store: client ``k`` is a
     row-index view of it from a partition (``cfg.partition``) computed once, out of core, into
-    ``OUT/partition/`` (a resumed run reuses it, and refuses one made otherwise). Each sampled
-    client is an ordinary task on any worker reading only its rows; the driver holds the
+    ``OUT/partition/`` (a resumed run reuses it, and refuses one made otherwise). The sampled
+    clients run in ordinary tasks on any worker, a group of them per task reading only their
+    rows (and, :meth:`_folds`, pushing one weighted-mean delta for the group); the driver holds the
     partition's offsets and sizes and per-client metric arrays (written to
     ``OUT/clients.npz``), never a Python object per client, so its memory does not grow with
     the number of clients beyond a few numbers each."""
