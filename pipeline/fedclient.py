@@ -144,12 +144,21 @@ def fit_clients(
     spec: dict,
     cfg: dict,
     target: dict | None,
+    group: str | None = None,
 ) -> dict[str, Any]:
     """Simulated clients ``ks`` (participants ``names``) of one round, one after the other in
-    this task, each as :func:`fit_client` trains one: ``{"clients": {name: summary}}``."""
+    this task, each as :func:`fit_client` trains one: ``{"clients": {name: summary}}``.
+
+    With ``group`` (a participant name; runs whose server takes the plain weighted mean of
+    the deltas: no privacy, no robust aggregator) the task is ONE participant: it reads the
+    rows of all its clients in one pass over the chunks holding them, trains each client from
+    the round's weights on its own rows and pushes the clients' sample-weighted mean delta
+    once, weighted by their rows together (see :func:`_fit_group`)."""
     restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
     _allow_profile_sizing()
     worker = get_worker()
+    if group is not None:
+        return {"clients": _fit_group(job, group, names, ks, store_path, partition_path, round_, spec, cfg, target)}
     out = {}
     for name, k in zip(names, ks, strict=True):
         part = {"partition": partition_path, "k": int(k)}
@@ -157,6 +166,148 @@ def fit_clients(
         if out[name]["late"]:
             break  # the round is over: the task's other clients are not trained for nothing
     return {"clients": out}
+
+
+def _fit_group(
+    job: str,
+    group: str,
+    names: list[str],
+    ks: list[int],
+    store_path: str,
+    partition_path: str,
+    round_: int,
+    spec: dict,
+    cfg: dict,
+    target: dict | None,
+) -> dict[str, dict[str, Any]]:
+    """Clients ``ks`` trained as participant ``group``: their rows read once (the union, by
+    chunk), each client trained from the round's weights on its own rows, the deltas folded
+    into their mean weighted by each client's rows (summed in the clients' order, in float64)
+    and pushed once with the rows together. The weighted mean of these group means, weighted
+    by the groups' rows, is the weighted mean over the clients (up to float rounding), so the
+    server holds one delta per task instead of one per client.
+
+    A client's minibatches are its rows in an order drawn from ``(seed, epoch, k)`` (a
+    loader's shuffle pool is not needed: the rows are in memory). Returns a summary per
+    client (``late`` for all of them when the round closed before the push)."""
+    t_start = time.perf_counter()
+    worker = get_worker()
+    store = _store(store_path)
+    part = open_partition(partition_path)
+    comm = _Comm(ParameterServer(job), group, cfg["barrier_timeout"])
+    reply = comm.wait(comm.ps.soon.join(group, worker=worker.address))
+    anchor = np.array(reply["params"], dtype=np.float32)
+    version = int(reply["version"])
+    t_read = time.perf_counter()
+    rows = [part.rows(int(k)) for k in ks]
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    X_all, y_all = read_rows_at(store, np.concatenate(rows) if rows else np.empty(0, np.int64))
+    read_seconds = time.perf_counter() - t_read
+    from kernels.rows import take_rows
+
+    n_f = store.n_features
+    if cfg["normalize"]:
+        s = np.asarray(store.std, dtype=np.float64).reshape(-1)
+        mean = np.ascontiguousarray(np.asarray(store.mean, dtype=np.float64).reshape(-1), dtype=np.float32)
+        inv_std = np.ascontiguousarray(1.0 / np.where(s > 0, s, 1.0), dtype=np.float32)
+    else:
+        mean, inv_std = np.zeros(n_f, np.float32), np.ones(n_f, np.float32)
+    y_dtype = np.int32 if store.task == "classification" else np.float32
+    trainer = cached_trainer(job, "fit", spec, cfg)
+    full_batch = cfg["batch_size"] == 0
+    size = cfg["batch_size"] or FULL_BATCH_ROWS
+    epochs = cfg["local_epochs"]
+    folded = np.zeros(anchor.size, np.float64)
+    total = 0
+    summaries: dict[str, dict[str, Any]] = {}
+    timing: dict[str, float] = {"compute": 0.0}
+    for name, k, a, b in zip(names, ks, offsets[:-1], offsets[1:], strict=True):
+        t0 = time.perf_counter()
+        load_local_state(trainer, None)  # every client starts the local optimizer afresh
+        trainer.set_params(anchor)
+        if full_batch:
+            trainer.discard_accumulated()
+        mine = np.arange(a, b, dtype=np.int64)
+        samples = batches = 0
+        losses: list[float] = []
+        compute0 = timing["compute"]
+        for e in range(epochs):
+            order = (
+                mine
+                if full_batch
+                else mine[np.random.default_rng([cfg["seed"], round_ * epochs + e, int(k)]).permutation(len(mine))]
+            )
+            r = run_batches(
+                trainer,
+                (
+                    (X, prepare_targets(y, target))
+                    for X, y in (
+                        take_rows(X_all, y_all, order[i : i + size], mean, inv_std, y_dtype)
+                        for i in range(0, len(order), size)
+                    )
+                ),
+                full_batch=full_batch,
+                timing=timing,
+            )
+            samples += r["samples"]
+            batches += r["batches"]
+            if r["samples"]:
+                losses.append(r["row_loss"])
+        n = samples // max(1, epochs)
+        delta = anchor - trainer.get_params()
+        folded += np.float64(n) * delta  # in the clients' order: the same sum whichever worker runs it
+        total += n
+        summaries[name] = {
+            "name": name,
+            "worker": worker.address,
+            "samples": n,
+            "batches": batches,
+            "loss": float(np.mean(losses)) if losses else 0.0,
+            "version": version,
+            "late": False,
+            "read": read_seconds * (b - a) / max(1, len(X_all)),  # the shared read, shared out by rows
+            "compute": timing["compute"] - compute0,
+            "communicate": 0.0,
+            "total": time.perf_counter() - t0,
+        }
+    del X_all, y_all
+    delta = (folded / max(total, 1)).astype(np.float32)
+    loss = sum(v["loss"] * v["samples"] for v in summaries.values()) / max(total, 1)
+    compressor = DeltaCompressor(cfg.get("compression", "none"), cfg.get("topk_fraction", 0.01), error_feedback=False)
+    t_push = time.perf_counter()
+    late = False
+    try:
+        wire, _ = compressor(delta)
+        r = comm.wait(
+            comm.ps.soon.push(
+                name=group,
+                version=version,
+                delta=wire,
+                samples=total,
+                batches=sum(v["batches"] for v in summaries.values()),
+                loss=loss,
+                timings={"read": read_seconds, "compute": timing["compute"]},
+                timeout=cfg["barrier_timeout"],
+                wait=False,
+            )
+        )
+        late = bool(r.get("dropped"))
+    except PSError as exc:  # the round closed (deadline) before this delta arrived
+        late = True
+        logger.info("federated clients %s: folded delta not taken (%s)", group, exc)
+    communicate = comm.seconds + time.perf_counter() - t_push
+    for label, secs in (("read", read_seconds), ("compute", timing["compute"])):
+        context_meter.digest_metric(label, secs, "seconds")
+    try:  # no summary left with the server: the task's result carries one per client
+        comm.ps.soon.leave(group).result(timeout=30)
+    except Exception:
+        logger.debug("federated clients %s could not leave", group, exc_info=True)
+    share = communicate / max(1, len(summaries))
+    for v in summaries.values():
+        v["late"] = late
+        v["communicate"] = share
+    logger.debug("federated clients %s: %d clients in %.3f s", group, len(summaries), time.perf_counter() - t_start)
+    return summaries
 
 
 def _fit_one(

@@ -419,8 +419,19 @@ class FederatedTrainer:
         """The task key of each sampled client (the server drops a participant whose task ends)."""
         return {site: f"fit-{self.job}-r{rnd}-{site}-{tag}" for site in sampled}
 
+    def _participants(self, sampled: list[str], names: dict[str, str], rnd: int) -> dict[str, str]:
+        """The parameter server's participant of each sampled client: its own name (a site
+        pushes its own delta)."""
+        return dict(names)
+
     def _submit_round(
-        self, sampled: list[str], names: dict[str, str], keys: dict[str, str | None], rnd: int, tag: str
+        self,
+        sampled: list[str],
+        names: dict[str, str],
+        keys: dict[str, str | None],
+        rnd: int,
+        tag: str,
+        parts: dict[str, str] | None = None,
     ) -> dict[Any, list[str]]:
         """Submit the round's training tasks: a future -> the clients it trains (one site each)."""
         return {
@@ -556,9 +567,15 @@ class FederatedTrainer:
         names = {site: f"r{rnd}-{site}" for site in sampled}  # a site's name, or c<k> (simulated)
         tag = uuid.uuid4().hex[:6]  # fresh keys: a resumed round is not an old one
         keys = self._round_keys(sampled, rnd, tag)
-        reply = ps.expect(names=list(names.values()), keys=[keys[s] for s in sampled], epoch=rnd)
+        # the server's participant of each client: itself, or the task that folds its delta
+        parts = self._participants(sampled, names, rnd)
+        first = {}
+        for s in sampled:
+            first.setdefault(parts[s], s)
+        counts = {p: n for p in first if (n := sum(1 for s in sampled if parts[s] == p)) > 1}
+        reply = ps.expect(names=list(first), keys=[keys[s] for s in first.values()], epoch=rnd)
         v0 = int(reply["version"])
-        futures = self._submit_round(sampled, names, keys, rnd, tag)
+        futures = self._submit_round(sampled, names, keys, rnd, tag, parts)
         deadline = time.monotonic() + cfg.round_deadline
         pending = set(futures)
         try:
@@ -582,7 +599,7 @@ class FederatedTrainer:
                     break
         finally:
             need = max(1, math.ceil(cfg.min_responses * len(sampled)))
-            closed = ps.close_round(need)
+            closed = ps.close_round(need, counts)
             unfinished = [f for f in futures if not f.done()]
             if unfinished:
                 client.cancel(unfinished)
@@ -608,7 +625,7 @@ class FederatedTrainer:
         # whose deltas the round combined: the server's word (a client that pushed may not have
         # left its summary yet when the round applied itself)
         combined = set(closed["last_applied"] if applied else closed["arrived"])
-        responded = sorted(s for s in sampled if names[s] in combined)
+        responded = sorted(s for s in sampled if parts[s] in combined)
         known = [s for s in responded if s in results]
         for site, err in sorted(errors.items()):
             self.log(f"warning: site {site} failed in round {rnd + 1}: {err}")
@@ -881,8 +898,9 @@ def client_groups(sizes: np.ndarray, rows: int = EVAL_GROUP_ROWS) -> list[tuple[
 class SimulatedTrainer(FederatedTrainer):
     """Federated training of ``cfg.clients`` simulated clients on one store: client ``k`` is a
     row-index view of it from a partition (``cfg.partition``) computed once, out of core, into
-    ``OUT/partition/`` (a resumed run reuses it, and refuses one made otherwise). Each sampled
-    client is an ordinary task on any worker reading only its rows; the driver holds the
+    ``OUT/partition/`` (a resumed run reuses it, and refuses one made otherwise). The sampled
+    clients run in ordinary tasks on any worker, a group of them per task reading only their
+    rows (and, :meth:`_folds`, pushing one weighted-mean delta for the group); the driver holds the
     partition's offsets and sizes and per-client metric arrays (written to
     ``OUT/clients.npz``), never a Python object per client, so its memory does not grow with
     the number of clients beyond a few numbers each."""
@@ -1007,19 +1025,54 @@ class SimulatedTrainer(FederatedTrainer):
     def _round_keys(self, sampled: list[str], rnd: int, tag: str) -> dict[str, str | None]:
         return dict.fromkeys(sampled)  # several clients per task: none is its task
 
-    def _submit_round(
-        self, sampled: list[str], names: dict[str, str], keys: dict[str, str | None], rnd: int, tag: str
-    ) -> dict[Any, list[str]]:
-        """The sampled clients in groups, one task each, of about ``EVAL_GROUP_ROWS`` rows and at
-        least one group per worker thread: a task trains its clients one after the other, each
-        joining, pushing its one delta and leaving as its own participant."""
+    def _folds(self) -> bool:
+        """Whether a task pushes its clients' deltas folded into one: the server takes their
+        plain sample-weighted mean (sync rounds, ``aggregator = "mean"``, no differential
+        privacy, no secure aggregation). Robust aggregators, DP and secure aggregation need
+        each client's own delta."""
+        cfg = self.cfg
+        return cfg.mode == "sync" and cfg.aggregator == "mean" and cfg.dp == "off" and not cfg.secure_aggregation
+
+    def _groups(self, sampled: list[str]) -> list[list[str]]:
+        """The sampled clients in groups, one task each, of about ``EVAL_GROUP_ROWS`` rows and
+        at least one group per worker thread."""
         threads = sum(int(w.get("nthreads", 1)) for w in self.client.scheduler_info(n_workers=-1)["workers"].values())
         ks = np.array([int(c[1:]) for c in sampled], np.int64)
         rows = int(self.sizes[ks].sum())
         n_groups = max(1, min(len(sampled), max(threads, math.ceil(rows / EVAL_GROUP_ROWS))))
+        return [[sampled[i] for i in part] for part in np.array_split(np.arange(len(sampled)), n_groups)]
+
+    def _participants(self, sampled: list[str], names: dict[str, str], rnd: int) -> dict[str, str]:
+        """Folding (:meth:`_folds`): the clients of a group share the group's participant
+        (``r<round>-g<group>``); else each client is its own."""
+        if not self._folds():
+            return dict(names)
+        return {c: f"r{rnd}-g{g}" for g, group in enumerate(self._groups(sampled)) for c in group}
+
+    def _submit_round(
+        self,
+        sampled: list[str],
+        names: dict[str, str],
+        keys: dict[str, str | None],
+        rnd: int,
+        tag: str,
+        parts: dict[str, str] | None = None,
+    ) -> dict[Any, list[str]]:
+        """The sampled clients in groups (:meth:`_groups`; with ``parts``, a task per
+        participant): a task trains its clients one after the other, each joining, pushing its
+        one delta and leaving as its own participant, or, folding, as one participant pushing
+        the group's weighted mean delta (:func:`pipeline.fedclient.fit_clients`)."""
+        folded = parts is not None and any(parts[c] != names[c] for c in sampled)
+        if folded:
+            assert parts is not None
+            by: dict[str, list[str]] = {}
+            for c in sampled:
+                by.setdefault(parts[c], []).append(c)
+            groups = list(by.values())
+        else:
+            groups = self._groups(sampled)
         futures = {}
-        for g, part in enumerate(np.array_split(np.arange(len(sampled)), n_groups)):
-            group = [sampled[i] for i in part]
+        for g, group in enumerate(groups):
             futures[
                 self.client.submit(
                     fit_clients,
@@ -1032,6 +1085,7 @@ class SimulatedTrainer(FederatedTrainer):
                     self.spec,
                     self.tcfg,
                     self.target,
+                    parts[group[0]] if folded and parts is not None else None,
                     key=f"fit-{self.job}-r{rnd}-g{g}-{tag}",
                     pure=False,
                     retries=0,

@@ -243,9 +243,14 @@ class ParameterServer:
         """Wait until every participant of the epoch has left: the epoch's model weights."""
         return self._send("epoch_end", timeout=float(timeout))
 
-    def close_round(self, min_count: int) -> Reply:
-        """Close the open sync round: apply its pooled deltas if at least ``min_count`` arrived,
-        else discard them; ``{"status": "applied" | "discarded", "version", "arrived"}``."""
+    def close_round(self, min_count: int, counts: dict[str, int] | None = None) -> Reply:
+        """Close the open sync round: apply its pooled deltas if at least ``min_count`` arrived
+        (a participant named in ``counts`` counting as that many), else discard them;
+        ``{"status": "applied" | "discarded", "version", "arrived"}``."""
+        if counts:
+            return self._send(
+                "close_round", min_count=int(min_count), counts={str(k): int(v) for k, v in counts.items()}
+            )
         return self._send("close_round", min_count=int(min_count))
 
     def summaries(self, names: list[str]) -> dict[str, dict]:

@@ -171,8 +171,8 @@ class ParameterServerExtension(SchedulerPlugin):
         lets the driver notice a rerun task that joined again after it)."""
         return await self._job(job).epoch_end(timeout)
 
-    def close_round(self, job: str | None = None, min_count: Any = 1) -> dict[str, Any]:
-        return self._job(job).close_round(min_count)
+    def close_round(self, job: str | None = None, min_count: Any = 1, counts: Any = None) -> dict[str, Any]:
+        return self._job(job).close_round(min_count, counts)
 
     def take_summaries(self, job: str | None = None, names: list | None = None) -> dict[str, Any]:
         return self._job(job).take_summaries(names)

@@ -862,15 +862,22 @@ class Job:
             return self.reply("failed")
         return self.reply(model=True)
 
-    def close_round(self, min_count: Any = 1) -> dict[str, Any]:
+    def close_round(self, min_count: Any = 1, counts: Any = None) -> dict[str, Any]:
         """Close the open sync round now (a federated round at its deadline): apply the pooled
         deltas if at least ``min_count`` participants pushed one, else discard them; either way
         no participant of the round is expected or active any more (a late push is refused).
         ``arrived``: the participants whose deltas were pooled; ``last_applied``: those whose
         deltas the last applied round combined (this one's, or the round that applied itself
-        when its last expected participant pushed)."""
+        when its last expected participant pushed). ``counts`` (``{name: n}``): a participant
+        whose delta stands for ``n`` clients (a task's folded delta) counts ``n`` towards
+        ``min_count``; the others count one."""
         if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < 1:
             raise PSError(f"close_round: min_count must be an int >= 1, got {min_count!r}")
+        if counts is not None and not isinstance(counts, dict):
+            raise PSError("close_round: counts must map participant names to ints >= 1")
+        counts = dict(counts or {})
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts.values()):
+            raise PSError("close_round: counts must map participant names to ints >= 1")
         if self.mode != "sync":
             raise PSError(f"close_round is for sync jobs; job {self.job!r} is {self.mode}")
         arrived = sorted(self.pending)
@@ -897,7 +904,7 @@ class Job:
             self._secure_reset(self.sa_attempt + 1)  # wakes the clients still exchanging keys
         elif self.failed:
             self.pending.clear()
-        elif arrived and len(arrived) >= min_count:
+        elif arrived and sum(counts.get(n, 1) for n in arrived) >= min_count:
             self._apply_round(arrived)
             status = "applied"
         else:

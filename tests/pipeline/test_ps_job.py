@@ -194,6 +194,25 @@ def test_a_non_finite_push_fails_the_job_and_wakes_every_waiter() -> None:
     asyncio.run(main())
 
 
+def test_close_round_counts_a_folded_delta_as_the_clients_it_stands_for() -> None:
+    async def main() -> None:
+        job = _job("sync", aggregate="mean")
+        for rnd, (min_count, status) in enumerate(((4, "applied"), (5, "discarded"))):
+            job.expect([f"r{rnd}-g0", f"r{rnd}-g1"], [None, None], epoch=rnd)
+            job.join(f"r{rnd}-g0")
+            await job.push(f"r{rnd}-g0", job.version, np.full(N, 1, np.float32), samples=9, loss=1.0, wait=False)
+            # one task's delta for 4 clients: 4 responses, not 1
+            r = job.close_round(min_count, {f"r{rnd}-g0": 4, f"r{rnd}-g1": 3})
+            assert r["status"] == status and r["arrived"] == [f"r{rnd}-g0"]
+        np.testing.assert_allclose(job.params, np.full(N, -1.0))
+        with pytest.raises(PSError, match="counts must map participant names to ints >= 1"):
+            job.close_round(1, {"r2-g0": 0})
+        with pytest.raises(PSError, match="counts must map participant names to ints >= 1"):
+            job.close_round(1, ["r2-g0"])
+
+    asyncio.run(main())
+
+
 def test_epoch_end_waits_for_the_last_participant_and_close_releases_everyone() -> None:
     async def main() -> None:
         job = _job("sync")

@@ -3,6 +3,8 @@ ordinary tasks on a real LocalCluster; the partition is computed once and kept w
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,55 @@ def test_simulated_clients_push_compressed_deltas(letter_stores, client, tmp_pat
     packed = train(letter_stores[0], cfg.with_overrides(["compression=int8"]), tmp_path / "int8", client=client)
     assert [e["responded"] for e in packed.history] == [4, 4, 4]
     assert abs(packed.history[-1]["val_accuracy"] - plain.history[-1]["val_accuracy"]) < 0.05
+
+
+def test_a_task_folds_its_clients_deltas_into_one_weighted_mean(letter_stores, client, tmp_path):
+    # Folded: each task pushes its clients' sample-weighted mean delta once. Per client: a
+    # trimmed mean trimming nothing is the unweighted mean of every client's own delta, the
+    # weighted one for clients of equal size (iid). Full batch: no shuffle order differs.
+    cfg = TrainConfig.from_dict(
+        {**BASE, "batch_size": 0, "local_epochs": 2, "clients": 16, "partition": "iid", "fraction_fit": 0.5}
+    )
+    cfg = cfg.with_overrides(["rounds=3"])
+    folded = train(letter_stores[0], cfg, tmp_path / "folded", client=client)
+    each = train(
+        letter_stores[0],
+        cfg.with_overrides(["aggregator=trimmed_mean", "trim_fraction=0"]),
+        tmp_path / "each",
+        client=client,
+    )
+    sizes = open_partition(tmp_path / "folded" / "partition").sizes()
+    assert sizes.min() == sizes.max()  # equal clients: weighted and unweighted means agree
+    for a, b in zip(folded.history, each.history, strict=True):
+        assert (a["sampled"], a["responded"], a["applied"], a["samples"]) == (
+            b["sampled"],
+            b["responded"],
+            b["applied"],
+            b["samples"],
+        )
+        assert a["responded"] == 8 and a["samples"] == 8 * int(sizes[0])
+    assert abs(folded.history[-1]["val_accuracy"] - each.history[-1]["val_accuracy"]) < 1e-4
+    assert abs(folded.history[-1]["val_loss"] - each.history[-1]["val_loss"]) < 1e-4
+    # the server combined one delta per task (2 workers: 2 tasks), not one per client
+    deltas = [r[4] for r in json.loads((tmp_path / "folded" / "history.json").read_text())["rounds"]]
+    per_client = [r[4] for r in json.loads((tmp_path / "each" / "history.json").read_text())["rounds"]]
+    assert deltas == [2, 2, 2] and per_client == [8, 8, 8]
+
+
+def test_folded_minibatch_clients_train_and_count_as_clients(letter_stores, client, tmp_path):
+    cfg = TrainConfig.from_dict(
+        {
+            **BASE,
+            "lr": 1e-2,
+            "clients": 40,
+            "partition": "dirichlet",
+            "partition_alpha": 0.5,
+            "fraction_fit": 0.5,
+            "rounds": 3,
+        }
+    )
+    res = train(letter_stores[0], cfg, tmp_path / "run", client=client)
+    assert [(e["sampled"], e["responded"], e["applied"]) for e in res.history] == [(20, 20, True)] * 3
+    sizes = open_partition(tmp_path / "run" / "partition").sizes()
+    assert all(e["samples"] > 0 for e in res.history) and res.history[-1]["samples"] <= int(sizes.sum())
+    assert res.history[-1]["val_accuracy"] > 0.1
