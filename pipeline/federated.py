@@ -59,7 +59,15 @@ from pipeline.sites import (
     site_spread,
     sites_digest,
 )
-from pipeline.train import RunDir, TrainResult, build_spec, check_backend, privacy_settings, task_config
+from pipeline.train import (
+    RunDir,
+    TrainResult,
+    budget_spent_line,
+    build_spec,
+    check_backend,
+    privacy_settings,
+    task_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -320,11 +328,7 @@ class FederatedTrainer:
                     break
                 if privacy.get("exhausted"):
                     stopped_early = True
-                    self.log(
-                        f"privacy budget: stopping after {privacy['rounds']} rounds at epsilon = "
-                        f"{privacy['epsilon']:.4g} (delta = {privacy['delta']:g}); another round would exceed "
-                        f"target_epsilon = {cfg.target_epsilon:g}"
-                    )
+                    self.log(budget_spent_line(privacy, cfg.target_epsilon))
                     break
         except KeyboardInterrupt:
             self.log("interrupted: writing a checkpoint before stopping")

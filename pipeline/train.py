@@ -120,6 +120,15 @@ def task_config(cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
+def budget_spent_line(privacy: dict, target_epsilon: float) -> str:
+    """The log line of a run stopped by its privacy budget (``privacy``: the job's accounting)."""
+    return (
+        f"privacy budget: stopping after {privacy['rounds']} rounds at epsilon = "
+        f"{privacy['epsilon']:.4g} (delta = {privacy['delta']:g}); another round would exceed "
+        f"target_epsilon = {target_epsilon:g}"
+    )
+
+
 def privacy_settings(
     cfg: TrainConfig, spent: dict | None = None, sampling_rate: float = 1.0, participants: int = 0
 ) -> dict | None:
@@ -748,11 +757,7 @@ class Trainer:
                     break
                 if privacy.get("exhausted"):
                     stopped_early = True
-                    self.log(
-                        f"privacy budget: stopping after {privacy['rounds']} rounds at epsilon = "
-                        f"{privacy['epsilon']:.4g} (delta = {privacy['delta']:g}); another round would exceed "
-                        f"target_epsilon = {cfg.target_epsilon:g}"
-                    )
+                    self.log(budget_spent_line(privacy, cfg.target_epsilon))
                     break
         except KeyboardInterrupt:
             self.log("interrupted: writing a checkpoint before stopping")

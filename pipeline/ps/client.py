@@ -19,6 +19,22 @@ from pipeline.ps.wire import check_job_id, encode_opt_state, encode_vector
 Reply = Any
 
 
+def dask_endpoint(client: Any) -> tuple[Any, Any]:
+    """``(client, via)``: ``via`` is what requests go through (its ``scheduler`` rpc, ``rpc``
+    pool and ``loop``): ``client`` when given, else the worker this runs on, else the current
+    client (then returned as ``client`` too, to be kept)."""
+    if client is None:
+        from distributed import get_worker
+
+        try:
+            return None, get_worker()
+        except ValueError:
+            from distributed import get_client
+
+            client = get_client()
+    return client, client
+
+
 class ParameterServer:
     """Handle on one job of the parameter server, usable from the driver and inside tasks.
 
@@ -45,18 +61,8 @@ class ParameterServer:
 
     # connection: the driver's client, or the worker we run on
     def _endpoint(self) -> tuple[Any, Any]:
-        if self._client is None:
-            from distributed import get_worker
-
-            try:
-                w = get_worker()
-            except ValueError:
-                from distributed import get_client
-
-                self._client = get_client()
-            else:
-                return w.scheduler, w.loop
-        return self._client.scheduler, self._client.loop
+        self._client, via = dask_endpoint(self._client)
+        return via.scheduler, via.loop
 
     def _send(self, route: str, post: Callable[[dict], Any] | None = None, **kwargs: Any) -> Any:
         """Call ``ps_<route>``: the reply (``post`` applied), or its future from :attr:`soon`."""

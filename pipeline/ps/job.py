@@ -881,14 +881,7 @@ class Job:
         if self.mode != "sync":
             raise PSError(f"close_round is for sync jobs; job {self.job!r} is {self.mode}")
         arrived = sorted(self.pending)
-        for name in list(self.participants):
-            p = self.participants.pop(name)
-            if p.key is not None:
-                self.keys.pop(p.key, None)
-        for key in self.expected.values():
-            if key is not None:
-                self.keys.pop(key, None)
-        self.expected.clear()
+        self._forget_participants()
         status = "discarded"
         if self.privacy["secure_aggregation"]:
             # a round that applied itself had every roster member's masked vector; a partial
@@ -964,9 +957,8 @@ class Job:
             self.checkpoint_time = time.time()
         return {"status": "OK"}
 
-    def close(self) -> dict[str, Any]:
-        """Close the job: every waiter wakes; returns its final metrics with recent history."""
-        self.closed = True
+    def _forget_participants(self) -> None:
+        """No participant is active or expected any more (their task keys leave the index)."""
         for name in list(self.participants):
             p = self.participants.pop(name)
             if p.key is not None:
@@ -975,6 +967,11 @@ class Job:
             if key is not None:
                 self.keys.pop(key, None)
         self.expected.clear()
+
+    def close(self) -> dict[str, Any]:
+        """Close the job: every waiter wakes; returns its final metrics with recent history."""
+        self.closed = True
+        self._forget_participants()
         self.pending.clear()
         summary = self.metrics()
         summary["history"] = [list(h) for h in list(self.history)[-2000:]]

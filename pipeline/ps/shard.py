@@ -59,6 +59,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol.serialize import Serialize
 
 from pipeline.errors import PSError, ShardLostError
+from pipeline.ps.client import dask_endpoint
 from pipeline.ps.extension import ParameterServerExtension
 from pipeline.ps.wire import check_job_id, encode_opt_state, encode_vector
 
@@ -228,18 +229,8 @@ class ShardedParameterServer:
 
     def _endpoint(self) -> tuple[Any, Any, Any]:
         """(scheduler rpc, connection pool, loop) of the worker we run on, or of the client."""
-        if self._client is None:
-            from distributed import get_worker
-
-            try:
-                w = get_worker()
-            except ValueError:
-                from distributed import get_client
-
-                self._client = get_client()
-            else:
-                return w.scheduler, w.rpc, w.loop
-        return self._client.scheduler, self._client.rpc, self._client.loop
+        self._client, via = dask_endpoint(self._client)
+        return via.scheduler, via.rpc, via.loop
 
     def _run(self, coro_fn: Any, *args: Any, **kwargs: Any) -> Any:
         sched, pool, loop = self._endpoint()
