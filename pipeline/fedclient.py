@@ -19,8 +19,14 @@ from distributed.metrics import context_meter
 
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import PSError
-from pipeline.loader import ChunkLoader, held_out_mask
-from pipeline.loop import FULL_BATCH_ROWS, holdout_selection, load_local_state, prepare_targets, run_batches
+from pipeline.loader import held_out_mask
+from pipeline.loop import (
+    FULL_BATCH_ROWS,
+    load_local_state,
+    prepare_targets,
+    run_batches,
+    training_loader,
+)
 from pipeline.metrics import plain_metrics
 from pipeline.partition import open_partition
 from pipeline.privacy import clip_update, noise_rng, privatize_local
@@ -335,19 +341,7 @@ def _fit_one(
     if full_batch:
         trainer.discard_accumulated()
     rows = None if client is None else open_partition(client["partition"]).rows(int(client["k"]))
-    loader = ChunkLoader(
-        _store(store_path),
-        rows=rows,
-        batch_size=cfg["batch_size"] or FULL_BATCH_ROWS,
-        shuffle=not full_batch,
-        seed=cfg["seed"],
-        buffer_chunks=cfg["shuffle_chunks"],
-        prefetch=cfg["prefetch"],
-        normalize=cfg["normalize"],
-        mean=None if norm is None else norm["mean"],
-        std=None if norm is None else norm["std"],
-        holdout=holdout_selection(cfg, "train") if rows is None else None,
-    )
+    loader = training_loader(_store(store_path), cfg, rows=rows, norm=norm)
     timing: dict[str, float] = {"compute": 0.0}
     samples = batches = 0
     losses: list[float] = []

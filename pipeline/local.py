@@ -25,13 +25,13 @@ import numpy as np
 
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.loop import (
-    FULL_BATCH_ROWS,
     holdout_selection,
     load_local_state,
     local_state,
     make_trainer,
     prepare_targets,
     run_batches,
+    training_loader,
 )
 from pipeline.plan import epoch_work
 from pipeline.runstate import RunState
@@ -214,8 +214,6 @@ class LocalTrainer(Trainer):
 
     def _run_task(self, ps: LocalServer, run: RunState, name: str, ranges: Ranges) -> dict[str, Any]:
         """What :func:`pipeline.worker.train_task` does with ``ranges``, here."""
-        from pipeline.loader import ChunkLoader
-
         cfg, tcfg, epoch = self.cfg, task_config(self.cfg), run.epoch
         if self._trainer is None:
             self._trainer = make_trainer(self.spec, tcfg)
@@ -242,17 +240,7 @@ class LocalTrainer(Trainer):
         full_batch = cfg.batch_size == 0
         if full_batch:
             trainer.discard_accumulated()
-        loader = ChunkLoader(
-            self.store,
-            ranges=ranges,
-            batch_size=cfg.batch_size or FULL_BATCH_ROWS,
-            shuffle=not full_batch,
-            seed=cfg.seed,
-            buffer_chunks=cfg.shuffle_chunks,
-            prefetch=cfg.prefetch,
-            normalize=cfg.normalize,
-            holdout=holdout_selection(tcfg, "train"),
-        )
+        loader = training_loader(self.store, tcfg, ranges=ranges)
 
         def sync(samples: int, batches: int, loss: float) -> None:
             nonlocal anchor

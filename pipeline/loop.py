@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.loader import ChunkLoader
 from pipeline.optim import EF_RESIDUAL
 
 # batch_size = 0 (full batch): rows per piece over which a task accumulates its gradient, so
@@ -59,6 +60,35 @@ def holdout_selection(cfg: Mapping[str, Any], keep: str) -> dict | None:
     (``cfg["holdout"]``): training reads the other rows (``keep="train"``), evaluation those."""
     held = cfg.get("holdout")
     return {**held, "keep": keep} if held else None
+
+
+def training_loader(
+    store: Any,
+    cfg: Mapping[str, Any],
+    *,
+    ranges: Any = None,
+    rows: Any = None,
+    norm: Mapping[str, Any] | None = None,
+) -> ChunkLoader:
+    """The minibatch stream a training task reads (the worker task, in-process training and a
+    federated client alike): ``ranges`` of ``store`` without their held-out rows, or a simulated
+    client's ``rows`` (its training rows already); full batch (``batch_size`` 0) in pieces of
+    ``FULL_BATCH_ROWS``, unshuffled; standardized with ``norm``'s mean/std when given."""
+    full_batch = cfg["batch_size"] == 0
+    return ChunkLoader(
+        store,
+        ranges=ranges,
+        rows=rows,
+        batch_size=cfg["batch_size"] or FULL_BATCH_ROWS,
+        shuffle=not full_batch,
+        seed=cfg["seed"],
+        buffer_chunks=cfg["shuffle_chunks"],
+        prefetch=cfg["prefetch"],
+        normalize=cfg["normalize"],
+        mean=None if norm is None else norm["mean"],
+        std=None if norm is None else norm["std"],
+        holdout=holdout_selection(cfg, "train") if rows is None else None,
+    )
 
 
 def prepare_targets(y: np.ndarray, target: dict | None) -> np.ndarray:

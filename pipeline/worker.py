@@ -28,13 +28,13 @@ from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import TrainingError
 from pipeline.loader import ChunkLoader
 from pipeline.loop import (
-    FULL_BATCH_ROWS,
     holdout_selection,
     load_local_state,
     local_state,
     make_trainer,
     prepare_targets,
     run_batches,
+    training_loader,
 )
 from pipeline.metrics import evaluate_arrays, merge_metrics, plain_metrics
 from pipeline.privacy import clip_update, noise_rng, privatize_local
@@ -351,17 +351,7 @@ def train_task(
     full_batch = cfg["batch_size"] == 0  # one step with the mean gradient of every row
     if full_batch:
         trainer.discard_accumulated()  # a failed task on this thread may have left some behind
-    loader = ChunkLoader(
-        _store(store_path),
-        ranges=ranges,
-        batch_size=cfg["batch_size"] or FULL_BATCH_ROWS,
-        shuffle=not full_batch,
-        seed=cfg["seed"],
-        buffer_chunks=cfg["shuffle_chunks"],
-        prefetch=cfg["prefetch"],
-        normalize=cfg["normalize"],
-        holdout=holdout_selection(cfg, "train"),
-    )
+    loader = training_loader(_store(store_path), cfg, ranges=ranges)
     pusher = _Pusher(comm, trainer, loader, name, reply, cfg, compressor)
     stopped = ""
     try:
