@@ -46,6 +46,7 @@ BENCHMARKS = [
     ("overlap", "Overlap: accuracy with the push in flight", "python -m bench.overlap"),
     ("ps_shards", "Sharded parameter server against the scheduler's", "python -m bench.ps_shards"),
     ("ps_saturation", "Parameter-server saturation: measured against predicted", "python -m bench.ps_saturation"),
+    ("ps_transport", "Sync rounds: TCP against shared memory", "python -m bench.ps_transport"),
     ("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets", "python -m bench.sklearn_parity"),
     ("fed_strategies", "Robust aggregation against a Byzantine client", "python -m bench.fed_strategies"),
     ("privacy", "The cost of privacy: DP, secure aggregation, both", "python -m bench.privacy"),

@@ -93,6 +93,9 @@ class TrainConfig:
     # split the parameters by range over this many server shards on workers started with
     # `--resources ps-shard=1` (the scheduler then only coordinates); 0 = one server in the scheduler
     ps_shards: int = 0
+    # sync rounds of workers on the scheduler's host move deltas and weights through shared
+    # memory instead of TCP (same floats; docs/architecture.md); false = always TCP
+    ps_shared_memory: bool = True
     # --- data and epochs ---------------------------------------------------------------------
     epochs: int = 100  # maximum number of passes over the training rows (early stopping ends sooner)
     patience: int = 5  # stop after this many epochs without validation improvement (0 = never)

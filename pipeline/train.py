@@ -112,7 +112,7 @@ def task_config(cfg: TrainConfig) -> dict[str, Any]:
     keys = (
         "optimizer lr momentum beta1 beta2 rho weight_decay batch_size local_steps overlap backend seed "
         "shuffle_chunks prefetch normalize barrier_timeout mmap_threshold_mb compression topk_fraction error_feedback"
-        " ps_shards dp clip_norm noise_multiplier secure_aggregation"
+        " ps_shards ps_shared_memory dp clip_norm noise_multiplier secure_aggregation"
     ).split()
     out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
     if cfg.validation > 0 and not cfg.validation_store:

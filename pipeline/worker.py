@@ -39,6 +39,8 @@ from pipeline.loop import (
 from pipeline.metrics import evaluate_arrays, merge_metrics, plain_metrics
 from pipeline.privacy import clip_update, noise_rng, privatize_local
 from pipeline.ps import ParameterServer
+from pipeline.ps import shm as shmem
+from pipeline.ps.job import SHM_DELTA
 from pipeline.ps.shard import ShardedParameterServer
 from pipeline.ps.wire import DeltaCompressor
 from pipeline.secagg import mask, new_keypair, quantize, round_info, scale_for
@@ -170,7 +172,12 @@ class _Pusher:
 
     With ``compression`` the delta travels encoded (``compressor``); with error feedback what the
     encoding dropped stays in ``compressor.residual`` and goes out with the next push. The
-    reply's weights are float32 either way."""
+    reply's weights are float32 either way.
+
+    When the join reply describes shared-memory segments that this process can attach (it runs
+    on the scheduler's host, :mod:`pipeline.ps.shm`), the delta is written into the push
+    segment and the reply's weights are read from the job's weights segment: the same floats
+    without the TCP copies."""
 
     def __init__(
         self,
@@ -199,18 +206,46 @@ class _Pusher:
         self.secure = bool(cfg.get("secure_aggregation"))
         # what was pushed (a task stopped by the privacy budget reports it): rows, minibatches, loss sum
         self.pushed = {"samples": 0, "batches": 0, "loss": 0.0}
+        self.shm_weights: Any = None
+        self.shm_push: Any = None
+        info = joined.get("shm")
+        if isinstance(info, dict) and self.compressor.codec == "none" and not self.secure:
+            n = self.anchor.size
+            self.shm_weights = shmem.attach(info.get("weights"), n)
+            self.shm_push = shmem.attach(info.get("push"), n) if self.shm_weights is not None else None
+            if self.shm_push is None:
+                self.detach()
         trainer.set_params(self.anchor)
+
+    def detach(self) -> None:
+        """Unmap the shared-memory segments (the server unlinks them when the task leaves)."""
+        for seg in (self.shm_weights, self.shm_push):
+            if seg is not None:
+                seg.close()
+        self.shm_weights = self.shm_push = None
 
     def _fold(self, fut: Any) -> None:
         r = self.comm.wait(fut)
         if r.get("stop"):
             raise BudgetSpent(r.get("message") or "the privacy budget is spent")
-        fresh = np.asarray(r["params"], dtype=np.float32)
+        fresh = self._weights(r)
         if self.overlap:
             self.trainer.set_params(fresh + (self.trainer.get_params() - self.anchor))
         else:
             self.trainer.set_params(fresh)
         self.anchor, self.version = fresh, int(r["version"])
+
+    def _weights(self, r: dict) -> np.ndarray:
+        """The weights a push reply carries: in it, or in the weights segment at its version
+        (pulled over TCP should a write ever overlap the read: the sequence lock says so)."""
+        if not r.get("shm"):
+            return np.asarray(r["params"], dtype=np.float32)
+        version = int(r["version"])
+        fresh = self.shm_weights.read(version) if self.shm_weights is not None else None
+        if fresh is None:
+            params, r["version"] = self.comm.ps.pull()
+            fresh = np.asarray(params, dtype=np.float32)
+        return fresh
 
     def push(self, samples: int, batches: int, loss: float) -> None:
         """Send the progress since the last push (``samples`` rows in ``batches`` minibatches,
@@ -230,7 +265,11 @@ class _Pusher:
             self.anchor = current
             self._secure_push(delta, samples, batches, loss, timings)
             return
-        wire, _ = self.compressor(delta)
+        if self.shm_push is not None:
+            self.shm_push.data[:] = delta
+            wire: Any = SHM_DELTA
+        else:
+            wire, _ = self.compressor(delta)
         fut = self.comm.ps.soon.push(
             name=self.name,
             version=self.version,
@@ -325,7 +364,10 @@ def train_task(
     worker = get_worker()
     comm = _Comm(_server(job, cfg), name, cfg["barrier_timeout"])
     slot = name.split("-", 1)[-1]  # "e3-s1" -> "s1": the share, whatever the epoch
-    reply = comm.wait(comm.ps.soon.join(name, key=worker.get_current_task(), worker=worker.address, slot=slot))
+    same_host = {"shm": True} if cfg.get("ps_shared_memory", True) and isinstance(comm.ps, ParameterServer) else {}
+    reply = comm.wait(
+        comm.ps.soon.join(name, key=worker.get_current_task(), worker=worker.address, slot=slot, **same_host)
+    )
     trainer = cached_trainer(job, "train", spec, cfg)
     keep_state = bool(reply.get("keep_state"))
     saved = reply.get("local_state") if keep_state else None
@@ -375,6 +417,7 @@ def train_task(
     finally:
         read_seconds = loader.read_seconds
         loader.close()
+        pusher.detach()
     compute, version = pusher.timing["compute"], pusher.version
     summary = {
         "name": name,

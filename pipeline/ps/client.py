@@ -179,10 +179,20 @@ class ParameterServer:
         """Announce the participants (and their task keys) of ``epoch``."""
         return self._send("expect", names=list(names), keys=list(keys), epoch=epoch)
 
-    def join(self, name: str, key: str | None = None, worker: str | None = None, slot: str | None = None) -> Reply:
+    def join(
+        self,
+        name: str,
+        key: str | None = None,
+        worker: str | None = None,
+        slot: str | None = None,
+        shm: bool = False,
+    ) -> Reply:
         """Join as participant ``name`` (task ``key`` on ``worker``; ``slot``: its sync share):
-        the weights, their version, the batches to skip and (sync) the share's local state."""
-        return self._send("join", name=name, key=key, worker=worker, slot=slot)
+        the weights, their version, the batches to skip and (sync) the share's local state;
+        ``shm``: with the shared-memory segments to use if this process shares the server's
+        host (:mod:`pipeline.ps.shm`)."""
+        extra = {"shm": True} if shm else {}
+        return self._send("join", name=name, key=key, worker=worker, slot=slot, **extra)
 
     def push(
         self,

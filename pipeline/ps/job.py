@@ -39,12 +39,14 @@ from pipeline.privacy import (
     noise_rng,
     split_noise,
 )
+from pipeline.ps import shm as shmem
 from pipeline.ps.wire import CODECS, decode_delta, decode_opt_state, decode_vector, encode_opt_state, encode_vector
 from pipeline.secagg import KEY_BYTES, dequantize, scale_for
 
 logger = logging.getLogger("pipeline.ps")
 
 MODES = ("sync", "async", "ssp")
+SHM_DELTA = "shm"  # a push whose delta is in the participant's push segment (pipeline.ps.shm)
 _MAX_SLOTS = 4096  # sync shares whose local optimizer states a job keeps
 _HISTORY_LEN = 20_000
 
@@ -132,6 +134,10 @@ class Job:
     sa_sum: np.ndarray | None = None
     sa_pushed: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # name -> samples, batches, loss
     sa_last_total: np.ndarray | None = None  # the last round's int32 sum of quantized deltas (inspection)
+    # same-host transport (pipeline.ps.shm): the weights segment, each participant's push segment
+    shm_weights: Any = None
+    shm_push: dict[str, Any] = field(default_factory=dict)
+    bytes_shm: int = 0  # of bytes_in and bytes_out, those that went through shared memory
 
     # -- creation ----------------------------------------------------------------------------
 
@@ -308,6 +314,7 @@ class Job:
         it already pushed in sync mode stays in the open round."""
         p = self.participants.pop(name, None)
         expected_key = self.expected.pop(name, None)
+        self._release_shm(name)  # a delta it pushed was copied into the round
         for key in (getattr(p, "key", None), expected_key):
             if key is not None:
                 self.keys.pop(key, None)
@@ -694,14 +701,33 @@ class Job:
         return {"status": "OK", "version": self.version}
 
     def join(
-        self, name: Any, key: str | None = None, worker: str | None = None, slot: str | None = None
+        self,
+        name: Any,
+        key: str | None = None,
+        worker: str | None = None,
+        slot: str | None = None,
+        shm: bool = False,
     ) -> dict[str, Any]:
-        """Participant ``name`` joins: the weights, their version and the batches to skip."""
+        """Participant ``name`` joins: the weights, their version and the batches to skip.
+        ``shm``: it can use shared memory if it runs on this host (:mod:`pipeline.ps.shm`); the
+        reply then describes the job's weights segment and the participant's push segment
+        when the job's rounds can use them (sync mode, uncompressed, no secure aggregation)."""
         if not isinstance(name, str) or not name:
             raise PSError("ps_join needs a participant name")
         if self.failed:
             return self.reply("failed")
         extra: dict[str, Any] = {}
+        if shm is True and self._shm_usable():
+            old = self.shm_push.pop(name, None)
+            if old is not None:
+                old.close()
+            if self.shm_weights is None:
+                self.shm_weights = shmem.create(self.params.size)
+            in_use = sum(g.shm.size for g in (self.shm_weights, *self.shm_push.values()) if g is not None)
+            seg = shmem.create(self.params.size, in_use) if self.shm_weights is not None else None
+            if seg is not None:
+                self.shm_push[name] = seg
+                extra["shm"] = {"weights": self.shm_weights.describe(), "push": seg.describe()}
         if self.mode == "sync" and slot is not None:
             # Sync runs are reproducible whichever worker runs a share: the share's local
             # optimizer state travels with it from one epoch's task to the next.
@@ -745,9 +771,17 @@ class Job:
             raise PSError(f"push for version {version!r}; the server is at version {self.version}")
         if not isinstance(samples, int) or samples < 0:
             raise PSError(f"samples must be an int >= 0, got {samples!r}")
-        vec = decode_delta(delta, self.params.size, self.compression, self.topk_fraction)
+        if isinstance(delta, str) and delta == SHM_DELTA:
+            seg = self.shm_push.get(name)
+            if seg is None:
+                raise PSError(f"participant {name!r} has no shared-memory segment; push the delta itself")
+            vec = seg.data  # the participant writes it again only after this push's reply
+            self.bytes_shm += vec.nbytes
+            self.bytes_in += vec.nbytes
+        else:
+            vec = decode_delta(delta, self.params.size, self.compression, self.topk_fraction)
+            self.bytes_in += _wire_bytes(delta, vec)
         loss = float(loss)
-        self.bytes_in += _wire_bytes(delta, vec)
         secure = self.mode == "sync" and self.privacy["secure_aggregation"]
         if not np.isfinite(loss) or (not secure and not np.isfinite(vec).all()):
             what = "loss" if not np.isfinite(loss) else "update"
@@ -813,7 +847,41 @@ class Job:
             return self.reply("timeout", message=f"barrier not released within {timeout} s")
         if self.failed:
             return self.reply("failed")
-        return self.reply(staleness=staleness)
+        return self._push_reply(name, staleness=staleness)
+
+    def _shm_usable(self) -> bool:
+        """Rounds whose vectors can go through shared memory: sync mode (the weights cannot
+        change before every participant of the round has pushed again), uncompressed float32,
+        no secure aggregation (masked vectors travel as they are)."""
+        return (
+            self.mode == "sync"
+            and self.compression == "none"
+            and not self.privacy["secure_aggregation"]
+            and not self.closed
+        )
+
+    def _push_reply(self, name: str, **extra: Any) -> dict[str, Any]:
+        """The reply to a push: the weights themselves, or for a participant with a push
+        segment their version in the job's weights segment (written once per version)."""
+        seg = self.shm_weights
+        if seg is None or name not in self.shm_push or self.failed:
+            return self.reply(**extra)
+        if seg.version != self.version:
+            seg.write(self.params, self.version)
+        self.bytes_out += self.params.nbytes
+        self.bytes_shm += self.params.nbytes
+        return {"status": "OK", "version": self.version, "message": self.failed, "shm": True, **extra}
+
+    def _release_shm(self, name: str | None = None) -> None:
+        """Unlink ``name``'s push segment (every segment of the job when None)."""
+        names = list(self.shm_push) if name is None else [name]
+        for n in names:
+            seg = self.shm_push.pop(n, None)
+            if seg is not None:
+                seg.close()
+        if name is None and self.shm_weights is not None:
+            self.shm_weights.close()
+            self.shm_weights = None
 
     def _count_push(
         self,
@@ -972,6 +1040,7 @@ class Job:
         """Close the job: every waiter wakes; returns its final metrics with recent history."""
         self.closed = True
         self._forget_participants()
+        self._release_shm()
         self.pending.clear()
         summary = self.metrics()
         summary["history"] = [list(h) for h in list(self.history)[-2000:]]
@@ -992,6 +1061,7 @@ class Job:
             "samples": self.samples,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "bytes_shm": self.bytes_shm,
             "loss": self.loss_ema,
             "lr": self.lr(),
             "participants": sorted(self.participants),

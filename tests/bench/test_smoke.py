@@ -71,6 +71,12 @@ CASES = {
         "achieved / offered",
         "Raw figures: `bench/out/results/ps_saturation-quick-",
     ],
+    "ps_transport": [
+        "| 2 | 10,000 | shm |",
+        "| 2 | 10,000 | tcp |",
+        "scheduler CPU per push, TCP / shared memory",
+        "Raw figures: `bench/out/results/ps_transport-quick-",
+    ],
     "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
     "step_anatomy": ["| GEMMs (9 per step) |", "| cluster start |", "driver (scheduler + PS)"],
     "cold_start": [
