@@ -95,6 +95,7 @@ from bench.protocol import (
 
 DEFAULT = "pipeline default (sync, local_steps 8)"
 EMA0 = "pipeline ema=0 (accuracy parity)"
+TCP = "pipeline over TCP only (ps_shared_memory=false)"
 BEST = "pytorch best practice (target)"
 TUTORIAL = "pytorch tutorial (DataLoader)"
 COMPILED = "pytorch best practice + torch.compile"
@@ -281,6 +282,7 @@ def trainers(
 
     out[DEFAULT] = pipeline({}, DEFAULT, cold)
     out[EMA0] = pipeline({"ema": 0.0}, EMA0, False)
+    out[TCP] = pipeline({"ps_shared_memory": False}, TCP, False)
 
     if info.get("torch"):
         from bench.torch_peers import TorchBest, TorchTutorial, run_ddp
@@ -331,7 +333,9 @@ def summarize(passes: list[dict], n_samples: int, flops: int) -> tuple[list[dict
     """Table rows (one per trainer: medians and per-pass figures) and the targets."""
     names = list(passes[0]["results"])
     order = [
-        n for n in (DEFAULT, EMA0, BEST, TUTORIAL, COMPILED, DDP, MEMORY, SKLEARN, DML_TUNED, DML_USER) if n in names
+        n
+        for n in (DEFAULT, EMA0, TCP, BEST, TUTORIAL, COMPILED, DDP, MEMORY, SKLEARN, DML_TUNED, DML_USER)
+        if n in names
     ]
 
     def per(name: str, key: str) -> list[float | None]:

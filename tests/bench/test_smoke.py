@@ -26,6 +26,7 @@ CASES = {
         "| pytorch tutorial (DataLoader) |",
         "| pytorch 2-process local SGD",
         "| pipeline ema=0",
+        "| pipeline over TCP only (ps_shared_memory=false) |",
         "dask-ml Incremental, tuned",
         "Conditions per pass:",
         "Raw figures: `bench/out/results/throughput-quick-",
