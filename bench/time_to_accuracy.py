@@ -38,6 +38,16 @@ Trainers, each at its own defaults:
   raw dollars its defaults end at R^2 -0.99 on california_housing after 200 epochs), and its X is
   the same standardized array every in-memory trainer gets.
 
+**Cold, as a user runs it.** "pipeline command, cold" is a fresh ``pipeline train`` process
+(``--set validation_store=TEST --set seed=S``, every other setting at its default): below
+``cluster_min_rows`` the command trains in one process with the same kernels, as it does for a
+user; its time to the threshold is the process's wall time up to the end of the first epoch that
+reaches it (the whole process minus the epochs after it: an upper bound). A peer's cold figure
+is a fresh process's start-up (importing its library and reading both stores into the
+standardized arrays it trains on, measured in a subprocess) plus its training time to the
+threshold. Targets: on stores of 50,000 training rows or more the command first; on smaller
+ones within 1.5x of the fastest peer's cold time.
+
 The threshold per dataset is fixed in code (``THRESHOLDS``) before any run: the values are those
 of the 2026-12-01 run (then derived after the fact from one seed as 99% of the lowest best-epoch
 metric of the three trainers) and no longer move with the results. Every system runs ``--seeds``
@@ -84,6 +94,7 @@ from bench.common import (
     write_out,
 )
 from bench.protocol import meta, provenance_lines, save_json
+from pipeline.config import TrainConfig
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 DATASETS = ("letter", "adult", "shuttle", "california_housing", "diamonds", "synthetic")
@@ -174,6 +185,50 @@ def first_time(curve: list[tuple[float, float]], thr: float) -> float | None:
     return next((t for t, m in curve if m >= thr), None)
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def command_cold(train: Any, test: Any, out: Path, seed: int, quick: bool, overrides: dict[str, Any]) -> dict:
+    """A fresh ``pipeline train`` process as a user runs it (in this process below
+    ``cluster_min_rows``, as the command decides): its wall time and, from its history.json, the
+    curve of (process seconds at the end of each epoch, test metric). An epoch's process time is
+    the whole process minus the epochs after it: an upper bound (the model save and exit after
+    the last epoch are counted in every epoch's figure)."""
+    import json
+    import subprocess
+    import sys
+
+    sets = {"validation_store": str(test.path), "seed": seed, **overrides, **({"epochs": 3} if quick else {})}
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", str(train.path), "--out", str(out), "--force", "-q"]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    t = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    wall = time.perf_counter() - t
+    hist = json.loads((out / "history.json").read_text())["epochs"]
+    secs = [h["seconds"] for h in hist]
+    curve = [(wall - sum(secs[i + 1 :]), val_metric(h, train.task)) for i, h in enumerate(hist)]
+    return {"wall": wall, "curve": curve, "epochs": len(hist)}
+
+
+def peer_startup(train: Any, test: Any, library: str) -> float:
+    """Seconds for a fresh process to import ``library`` and read the two stores into the
+    standardized in-memory arrays the in-memory peers train on: what a peer's cold run pays
+    before its first epoch (its training time to the threshold is added to it)."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import {library}\nfrom bench.common import arrays\nfrom pipeline.store import open_store\n"
+        f"tr = open_store({str(train.path)!r})\narrays(tr)\narrays(open_store({str(test.path)!r}), like=tr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
 def pipeline_overrides(sets: Sequence[str]) -> dict[str, Any]:
     """``key=value`` settings for every pipeline run, checked like ``pipeline train --set``."""
     from pipeline.config import TrainConfig
@@ -217,6 +272,7 @@ def one_dataset(
         # the returned model scored on the test rows, which it never saw
         cfg_def: dict[str, Any] = {**overrides, **({"epochs": epochs_cap} if quick else {})}
         r_def = run_pipeline(client, train, tmp / f"{name}-default", **cfg_def)
+    cmd = command_cold(train, test, tmp / f"{name}-command", seed, quick, overrides)
     Xraw, _ = test.read_rows(0, test.n_rows)
     final["pipeline (validation 10% of train)"] = metric(r_def["model"].decision(Xraw), yte, task)
     hist = r["history"]
@@ -262,6 +318,13 @@ def one_dataset(
     thr = QUICK_THRESHOLD if quick else THRESHOLDS[name]
     times = {k: first_time(v, thr) for k, v in curves.items()}
     times["pipeline (warm cluster)"] = first_time(c_warm, thr)
+    # cold, whole processes: the command as a user runs it, and each in-memory peer's fresh
+    # process start-up (imports, reading the stores) plus its training time to the threshold
+    times["pipeline command, cold"] = first_time(cmd["curve"], thr)
+    startup_of = {"pytorch": "torch", "pytorch best practice": "torch", "scikit-learn": "sklearn"}
+    for peer, lib in startup_of.items():
+        if times.get(peer) is not None:
+            times[f"{peer}, cold"] = peer_startup(train, test, lib) + times[peer]
     return {
         "name": name,
         "seed": seed,
@@ -279,6 +342,8 @@ def one_dataset(
         },
         "overhead": overhead,
         "startup": startup,
+        "command": {"wall": cmd["wall"], "epochs": cmd["epochs"], "curve": cmd["curve"]},
+        "in_process": train.n_rows < TrainConfig().cluster_min_rows,
         "best": best,
         "first_epoch": hist[0]["seconds"],
         "first_epoch_warm": r_warm["history"][0]["seconds"],
@@ -371,6 +436,15 @@ def run(
         pc = tt.get("pipeline cold (+ driver, cluster start)")
         tk = tt.get("kernels in memory")
         first_warm = pw is not None and all(v is None or pw <= v for v in peers.values())
+        pcmd = tt.get("pipeline command, cold")
+        peer_cold = {k: v for k, v in tt.items() if k.endswith(", cold") and k != "pipeline command, cold"}
+        fastest = min((v for v in peer_cold.values() if v is not None), default=None)
+        if pcmd is None or fastest is None:
+            cold_vs = "n/a"
+        else:
+            want = "first" if r["rows"][0] >= 50_000 else "<= 1.5x"
+            ok = pcmd <= fastest if want == "first" else pcmd <= 1.5 * fastest
+            cold_vs = f"{pcmd / fastest:.2f}x ({want}: {'yes' if ok else 'NO'})"
         t_rows.append(
             {
                 "dataset": r["name"],
@@ -378,6 +452,12 @@ def run(
                 "pipeline warm cluster s": tx.get("pipeline (warm cluster)", "n/a"),
                 "pipeline fresh cluster, epochs only s": tx.get("pipeline", "n/a"),
                 "pipeline cold (+ driver, cluster start) s": tx.get("pipeline cold (+ driver, cluster start)", "n/a"),
+                "pipeline command, cold s": tx.get("pipeline command, cold", "n/a")
+                + (" (in process)" if r["in_process"] else " (its cluster)"),
+                "fastest peer, cold s": "n/a"
+                if fastest is None
+                else f"{fastest:.2f} ({min(peer_cold, key=lambda k: peer_cold[k] or math.inf)})",
+                "command cold / fastest peer cold": cold_vs,
                 "first epoch s, fresh / warm cluster": f"{r['first_epoch']:.2f} / {r['first_epoch_warm']:.2f}",
                 "pytorch s": tx.get("pytorch", "n/a"),
                 "pytorch best practice s": tx.get("pytorch best practice", "n/a (regression)"),

@@ -39,6 +39,8 @@ CASES = {
         "; 2 of 2)",
         "2 seeds per system",
         "pytorch best practice s",
+        "(in process)",
+        "command cold / fastest peer cold",
         "Raw figures: `bench/out/results/time_to_accuracy-quick-",
     ],
     "out_of_core": [
