@@ -139,11 +139,18 @@ class ParameterServerExtension(SchedulerPlugin):
         logger.info("job %s created: %d parameters, mode %s", job, st.params.size, st.mode)
         return {"status": "OK", "installed_by": self.installed_by, "version": st.version}
 
-    def expect(self, job: str | None = None, **kw: Any) -> dict[str, Any]:
-        return self._job(job).expect(**kw)
+    # A route that changes a job first waits for a round it is combining off the event loop
+    # (Job.settled): the job's state never changes under a running aggregation.
 
-    def join(self, job: str | None = None, name: str | None = None, **kw: Any) -> dict[str, Any]:
-        return self._job(job).join(name, **kw)
+    async def expect(self, job: str | None = None, **kw: Any) -> dict[str, Any]:
+        st = self._job(job)
+        await st.settled()
+        return st.expect(**kw)
+
+    async def join(self, job: str | None = None, name: str | None = None, **kw: Any) -> dict[str, Any]:
+        st = self._job(job)
+        await st.settled()
+        return st.join(name, **kw)
 
     async def push(
         self,
@@ -163,22 +170,26 @@ class ParameterServerExtension(SchedulerPlugin):
     def pull(self, job: str | None = None, model: bool = False) -> dict[str, Any]:
         return self._job(job).reply(model=bool(model))
 
-    def leave(self, job: str | None = None, name: str | None = None, **kw: Any) -> dict[str, Any]:
-        return self._job(job).leave(name, **kw)
+    async def leave(self, job: str | None = None, name: str | None = None, **kw: Any) -> dict[str, Any]:
+        st = self._job(job)
+        await st.settled()
+        return st.leave(name, **kw)
 
     async def epoch_end(self, job: str | None = None, timeout: float = 600.0) -> dict[str, Any]:
         """A participant that has left waits for the epoch's last round (the reply's version
         lets the driver notice a rerun task that joined again after it)."""
         return await self._job(job).epoch_end(timeout)
 
-    def close_round(self, job: str | None = None, min_count: Any = 1, counts: Any = None) -> dict[str, Any]:
-        return self._job(job).close_round(min_count, counts)
+    async def close_round(self, job: str | None = None, min_count: Any = 1, counts: Any = None) -> dict[str, Any]:
+        return await self._job(job).close_round(min_count, counts)
 
     def take_summaries(self, job: str | None = None, names: list | None = None) -> dict[str, Any]:
         return self._job(job).take_summaries(names)
 
-    def state(self, job: str | None = None) -> dict[str, Any]:
-        return self._job(job).state()
+    async def state(self, job: str | None = None) -> dict[str, Any]:
+        st = self._job(job)
+        await st.settled()  # a checkpoint holds whole rounds
+        return st.state()
 
     def metrics(self, job: str | None = None, history: bool = False) -> dict[str, Any]:
         if job is not None:

@@ -120,8 +120,10 @@ class ShardExtension(ParameterServerExtension):
         worker.handlers.update({route: getattr(self, method) for route, method in SHARD_ROUTES.items()})
         worker.extensions[SHARD_EXTENSION] = self
 
-    def join(self, job: str | None = None, name: str | None = None, ticket: int = 0, **kw: Any) -> dict[str, Any]:
-        reply = self._job(job).join(name, **kw)
+    async def join(self, job: str | None = None, name: str | None = None, ticket: int = 0, **kw: Any) -> dict[str, Any]:
+        st = self._job(job)
+        await st.settled()
+        reply = st.join(name, **kw)
         self.tickets[(str(job), str(name))] = int(ticket)
         return reply
 
