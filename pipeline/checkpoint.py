@@ -11,13 +11,16 @@ A training checkpoint (:func:`write_checkpoint`, :func:`read_checkpoint`) holds 
     best_params     the weights of the best validation epoch so far
     opt_NAME        the server optimizer's buffers (``m``, ``v``, ``average``, ...)
     localI_J        sync shares' local optimizer buffers, named in ``local_states``
+    bufferI         asynchronous federated runs (FedBuff): the deltas buffered since the
+                    server's last step, in arrival order
 
 and these meta keys: ``job``, ``epoch`` (the epoch running or next to run), ``version`` (the
 server's round), ``optimizer_t``, ``local_states`` (slot -> ``t``, ``lr`` and ``arrays``: buffer
 name -> array name), ``progress`` (task -> pushes done), ``done_tasks`` (tasks of ``epoch``
 finished), ``history``, ``best_loss`` (1e300 for none), ``best_epoch`` (-1 for none),
 ``privacy`` (the privacy spent: ``rounds`` accounted, ``clip``, ``epsilon``; absent without
-DP), ``config``, ``store``, ``spec``, ``n_threads``, ``in_process`` and ``time``. Format version 1;
+DP), ``buffer`` (the buffered deltas' ``samples``, ``losses`` and ``staleness``; absent when
+nothing is buffered), ``config``, ``store``, ``spec``, ``n_threads``, ``in_process`` and ``time``. Format version 1;
 a reader of a later version reads every file an earlier one wrote.
 """
 
@@ -150,6 +153,8 @@ class Checkpoint:
     local_states: dict[str, dict] = field(default_factory=dict)  # slot -> {"t", "lr", "buffers"}
     progress: dict[str, int] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)  # every meta key, as written
+    # FedBuff: the buffered deltas, as the parameter server's ``state()["buffer"]`` (None: none)
+    buffer: dict[str, list] | None = None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -186,11 +191,19 @@ def write_checkpoint(path: str | os.PathLike, run: RunState, server: dict[str, A
             names[k] = f"local{i}_{j}"
             arrays[names[k]] = v
         local_meta[slot] = {"t": loc["t"], "lr": loc.get("lr"), "arrays": names}
+    # FedBuff: the deltas buffered since the last server step (a resumed run steps with them)
+    buffer = server.get("buffer") or {}
+    for i, d in enumerate(buffer.get("deltas") or ()):
+        arrays[f"buffer{i}"] = np.asarray(d, dtype=np.float32)
+    buffered = (
+        {"buffer": {k: list(buffer[k]) for k in ("samples", "losses", "staleness")}} if buffer.get("deltas") else {}
+    )
     # the privacy spent (rounds accounted, adaptive clipping's clip): a resumed run goes on from it
     privacy = server.get("privacy") or {}
     private = privacy.get("dp", "off") != "off" or privacy.get("secure_aggregation")
     record = {
         **({"privacy": privacy} if private else {}),
+        **buffered,
         "job": run.job,
         "epoch": run.epoch,
         "version": server["version"],
@@ -225,6 +238,23 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"checkpoint {str(path)!r} has a malformed local optimizer state; resume from an earlier checkpoint"
         ) from None
     try:
+        buf = meta.get("buffer")
+        buffer = None
+        if buf is not None:
+            n = len(buf["samples"])
+            if n != len(buf["losses"]) or n != len(buf["staleness"]):
+                raise ValueError("buffer lists of different lengths")
+            buffer = {
+                "deltas": [arrays[f"buffer{i}"] for i in range(n)],
+                "samples": [int(x) for x in buf["samples"]],
+                "losses": [float(x) for x in buf["losses"]],
+                "staleness": [int(x) for x in buf["staleness"]],
+            }
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has malformed buffered deltas; resume from an earlier checkpoint"
+        ) from None
+    try:
         params = arrays["params"]
         best_loss = float(meta["best_loss"])
         run = RunState(
@@ -255,4 +285,5 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         local_states=local_states,
         progress=meta.get("progress") or {},
         meta=meta,
+        buffer=buffer,
     )

@@ -73,7 +73,8 @@ def _summary_html(snap: JobSnapshot) -> str:
     loss = snap.loss if snap.loss is not None else float("nan")
     return (
         f"<b>{snap.job}</b> ({state}) &mdash; mode <b>{snap.mode}</b>, "
-        f"{snap.n_params:,} parameters, round {snap.version:,}, epoch {snap.epoch}, "
+        + (f"on {len(snap.shards)} parameter-server shards, " if snap.shards else "")
+        + f"{snap.n_params:,} parameters, round {snap.version:,}, epoch {snap.epoch}, "
         f"{snap.pushes:,} pushes, {snap.samples:,} samples, "
         f"{snap.samples / elapsed:,.0f} samples/s, {snap.version / elapsed:,.1f} rounds/s, "
         f"loss {loss:.4f}, lr {snap.lr:.3g}, participants {len(snap.participants)}, "
@@ -115,7 +116,7 @@ def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:
     src = source_of(scheduler)
     names = src.job_names() if src is not None else []
     select = Select(title="Job", options=names or ["(no job yet)"], value=(names[-1] if names else "(no job yet)"))
-    summary = Div(text="No training job has run on this scheduler yet.", width=900)
+    summary = Div(text="No training job has run on this scheduler yet.", width=900, name="pipeline-summary")
     src_rounds = ColumnDataSource({"round": [], "loss": []})
     src_epochs = ColumnDataSource({"epoch": [], "train_loss": [], "val_loss": [], "val_metric": []})
     src_rate = ColumnDataSource({"t": [], "samples_per_s": [], "rounds_per_s": []})

@@ -237,13 +237,23 @@ class FederatedTrainer:
         else:
             params = init_params(MLPSpec(**{**self.spec, "hidden": tuple(self.spec["hidden"])}), seed=cfg.seed)
             run = RunState(self.job, best=BestModel(params=params.copy()))
+        self._per_round = self._clients_per_round()
+        buffer_size = (cfg.buffer_size or self._per_round) if cfg.mode == "async" else 0
+        buffered = ckpt.buffer if ckpt is not None else None
+        if buffered and len(buffered["deltas"]) >= max(1, buffer_size):
+            n = len(buffered["deltas"])
+            raise CheckpointError(
+                f"checkpoint {str(self.run.checkpoint)!r} holds {n} buffered deltas of an asynchronous run, which "
+                f"{'mode = ' + repr(cfg.mode) if cfg.mode != 'async' else f'buffer_size = {buffer_size}'} cannot take; "
+                f"resume with mode = 'async' and buffer_size > {n}"
+            )
         self.run.config.write_text(cfg.to_toml())
         ps = ParameterServer(self.job, client)
-        self._per_round = self._clients_per_round()
         ps.create(
             params,
             mode=cfg.mode,
-            buffer_size=(cfg.buffer_size or self._per_round) if cfg.mode == "async" else 0,
+            buffer_size=buffer_size,
+            buffer=buffered,  # FedBuff: the deltas buffered when the checkpoint was written
             aggregate="mean",  # the deltas' mean weighted by each client's samples
             aggregator=cfg.aggregator,
             trim_fraction=cfg.trim_fraction,
@@ -684,6 +694,7 @@ class FederatedTrainer:
         per_round = self._per_round
         concurrency = cfg.concurrency or per_round
         rng = np.random.default_rng([cfg.seed, rnd, 7919])
+        self._draws = 0  # simulated clients' candidate draws count within the round: a resumed round draws alike
         ps.expect(names=[], keys=[], epoch=rnd)  # the dashboard's round counter
         submitted: list[str] = []
         results: dict[str, dict] = {}

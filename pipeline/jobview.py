@@ -22,7 +22,8 @@ class JobSnapshot:
     was asked for with them, else it is empty; ``epochs`` the driver's per-epoch records.
     A federated job's last per-site evaluation: ``sites`` (site -> ``{"loss", "metric", "n"}``),
     ``site_mean`` (the metric weighted by each site's rows) and ``site_worst_decile`` (the
-    mean metric of the worst tenth of the sites); empty / None for other jobs.
+    mean metric of the worst tenth of the sites); empty / None for other jobs. ``shards``: a
+    sharded job's shards (its counters are the first shard's, every push reaching every shard).
     """
 
     job: str
@@ -54,6 +55,9 @@ class JobSnapshot:
     sites: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: MappingProxyType({}))
     site_mean: float | None = None
     site_worst_decile: float | None = None
+    # a sharded job (ps_shards > 0): one row per shard {"address", "lo", "hi", "version",
+    # "pushes", "bytes_in"}; empty for a job held by the scheduler
+    shards: tuple[Mapping[str, Any], ...] = ()
 
     @classmethod
     def from_metrics(cls, m: Mapping[str, Any]) -> JobSnapshot:
@@ -85,6 +89,7 @@ class JobSnapshot:
             sites=MappingProxyType({str(k): MappingProxyType(dict(v)) for k, v in (m.get("sites") or {}).items()}),
             site_mean=m.get("site_mean"),
             site_worst_decile=m.get("site_worst_decile"),
+            shards=tuple(MappingProxyType(dict(r)) for r in m.get("shards") or ()),
         )
 
     @property

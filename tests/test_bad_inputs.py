@@ -850,6 +850,20 @@ def _(t: Trial) -> Outcome:
     )
 
 
+@case("C80")
+def _(t: Trial) -> Outcome:
+    from pipeline.config import TrainConfig
+    from pipeline.train import train
+
+    t.copy(t.shared.store4, "s.zarr")
+    cfg = TrainConfig().with_overrides(
+        ["hidden=[8]", "clients=4", "fraction_fit=0.5", "rounds=1", "mode=async", "concurrency=1", "buffer_size=3"]
+    )
+    train("s.zarr", cfg, "run", client=t.shared.client)  # 2 deltas buffered, no server step yet
+    more = cfg.with_overrides(["rounds=2", "buffer_size=2"])
+    return t.call(lambda: train("s.zarr", more, "run", client=t.shared.client, resume=True))
+
+
 def _earlier_predictions(t: Trial, name: str) -> None:
     """A prediction output written by `pipeline predict` (on the shared cluster)."""
     from pipeline.inference import predict_store

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,8 @@ logger = logging.getLogger("pipeline.ps")
 
 EXTENSION_NAME = "pipeline_ps"
 _FINISHED_KEPT = 8
+_VIEW_REFRESH = 0.5  # seconds: how stale a sharded job's view may get before it is fetched again
+_VIEW_TIMEOUT = 5.0  # seconds a shard has to answer for the view
 _TASK_ALIVE = frozenset({"waiting", "queued", "no-worker", "processing"})
 
 # scheduler route -> handler method of the extension
@@ -43,7 +47,7 @@ ROUTES: dict[str, str] = {
     "ps_state": "state",
     "ps_metrics": "metrics",
     "ps_record": "record",
-    "ps_close": "close_job",
+    "ps_close": "finish",
     "ps_info": "info",
     "ps_place": "place",
     "ps_shards": "shards",
@@ -62,6 +66,27 @@ class ShardMap:
     owner: str | None
     workers: dict[str, str | None] = field(default_factory=dict)  # participant -> worker
     tickets: dict[str, int] = field(default_factory=dict)
+    # the dashboard's view: the shards' metrics merged (merge_shard_metrics), as last fetched
+    view: dict[str, Any] | None = None
+    view_time: float = -1e9  # time.monotonic() of that fetch
+    fetching: bool = False
+
+
+def merge_shard_metrics(shards: Sequence[tuple[str, int, int]], ms: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One job's metrics from its shards' (``ps_metrics`` replies, in range order): the first
+    shard's counters (every push reaches every shard, with the same loss), the whole vector's
+    length, the lowest version, bytes summed, and a row per shard (``shards``)."""
+    out = dict(ms[0])
+    out["n_params"] = sum(int(m["n_params"]) for m in ms)
+    out["version"] = min(int(m["version"]) for m in ms)
+    out["bytes_in"] = sum(int(m["bytes_in"]) for m in ms)
+    out["bytes_out"] = sum(int(m["bytes_out"]) for m in ms)
+    out["failed"] = next((m["failed"] for m in ms if m.get("failed")), None)
+    out["shards"] = [
+        {"address": a, "lo": lo, "hi": hi, **{k: m[k] for k in ("version", "pushes", "bytes_in")}}
+        for (a, lo, hi), m in zip(shards, ms, strict=True)
+    ]
+    return out
 
 
 class ParameterServerExtension(SchedulerPlugin):
@@ -87,7 +112,8 @@ class ParameterServerExtension(SchedulerPlugin):
     * ``ps_state``    -- full state for a checkpoint (weights, optimizer state, counters)
     * ``ps_metrics``  -- counters of one job or all jobs (msgpack-able, for dashboards)
     * ``ps_record``   -- the driver records an epoch's validation metrics or a checkpoint
-    * ``ps_close``    -- drop a job (its metrics stay visible for a while)
+    * ``ps_close``    -- drop a job (its metrics stay visible for a while; a sharded job's
+      are fetched from its shards first)
     * ``ps_info``     -- how the extension was installed and which jobs exist
     * ``ps_place``    -- (sharded job) the driver records where the job's shards are
     * ``ps_shards``   -- (sharded job) a participant (or the driver announcing an epoch) asks
@@ -96,7 +122,9 @@ class ParameterServerExtension(SchedulerPlugin):
     As a scheduler plugin it learns when a participant's task leaves the ``processing`` state
     or its worker is removed, and drops the participant from its job's round. It is also the
     dashboard's :class:`pipeline.jobview.JobSource` (:meth:`job_names`, :meth:`snapshot`,
-    :meth:`running`).
+    :meth:`running`), sharded jobs included: their view is fetched from the shards in the
+    background (at most every ``_VIEW_REFRESH`` seconds while it is read) and shown as last
+    fetched.
     """
 
     name = "pipeline-ps"
@@ -139,11 +167,18 @@ class ParameterServerExtension(SchedulerPlugin):
         logger.info("job %s created: %d parameters, mode %s", job, st.params.size, st.mode)
         return {"status": "OK", "installed_by": self.installed_by, "version": st.version}
 
-    def expect(self, job: str | None = None, **kw: Any) -> dict[str, Any]:
-        return self._job(job).expect(**kw)
+    # A route that changes a job first waits for a round it is combining off the event loop
+    # (Job.settled): the job's state never changes under a running aggregation.
 
-    def join(self, job: str | None = None, name: str | None = None, **kw: Any) -> dict[str, Any]:
-        return self._job(job).join(name, **kw)
+    async def expect(self, job: str | None = None, **kw: Any) -> dict[str, Any]:
+        st = self._job(job)
+        await st.settled()
+        return st.expect(**kw)
+
+    async def join(self, job: str | None = None, name: str | None = None, **kw: Any) -> dict[str, Any]:
+        st = self._job(job)
+        await st.settled()
+        return st.join(name, **kw)
 
     async def push(
         self,
@@ -163,22 +198,26 @@ class ParameterServerExtension(SchedulerPlugin):
     def pull(self, job: str | None = None, model: bool = False) -> dict[str, Any]:
         return self._job(job).reply(model=bool(model))
 
-    def leave(self, job: str | None = None, name: str | None = None, **kw: Any) -> dict[str, Any]:
-        return self._job(job).leave(name, **kw)
+    async def leave(self, job: str | None = None, name: str | None = None, **kw: Any) -> dict[str, Any]:
+        st = self._job(job)
+        await st.settled()
+        return st.leave(name, **kw)
 
     async def epoch_end(self, job: str | None = None, timeout: float = 600.0) -> dict[str, Any]:
         """A participant that has left waits for the epoch's last round (the reply's version
         lets the driver notice a rerun task that joined again after it)."""
         return await self._job(job).epoch_end(timeout)
 
-    def close_round(self, job: str | None = None, min_count: Any = 1, counts: Any = None) -> dict[str, Any]:
-        return self._job(job).close_round(min_count, counts)
+    async def close_round(self, job: str | None = None, min_count: Any = 1, counts: Any = None) -> dict[str, Any]:
+        return await self._job(job).close_round(min_count, counts)
 
     def take_summaries(self, job: str | None = None, names: list | None = None) -> dict[str, Any]:
         return self._job(job).take_summaries(names)
 
-    def state(self, job: str | None = None) -> dict[str, Any]:
-        return self._job(job).state()
+    async def state(self, job: str | None = None) -> dict[str, Any]:
+        st = self._job(job)
+        await st.settled()  # a checkpoint holds whole rounds
+        return st.state()
 
     def metrics(self, job: str | None = None, history: bool = False) -> dict[str, Any]:
         if job is not None:
@@ -189,11 +228,23 @@ class ParameterServerExtension(SchedulerPlugin):
     def record(self, job: str | None = None, epoch: dict | None = None, checkpoint: bool = False) -> dict[str, Any]:
         return self._job(job).record(epoch, checkpoint)
 
+    async def finish(self, job: str | None = None) -> dict[str, Any]:
+        """``ps_close``: :meth:`close_job`; a sharded job's final view is fetched from its shards (still open: the
+        driver closes them after the scheduler) for the finished jobs the dashboard shows."""
+        check_job_id(job)
+        sm = self.sharded.get(job)
+        if sm is not None:
+            await self._fetch_view(sm, history=True)
+        return self.close_job(job)
+
     def close_job(self, job: str | None = None) -> dict[str, Any]:
         check_job_id(job)
-        if self.sharded.pop(job, None) is not None:
+        sm = self.sharded.pop(job, None)
+        if sm is not None:
             for key in [k for k, v in self.key_to_participant.items() if v[0] == job]:
                 self.key_to_participant.pop(key, None)
+            if sm.view is not None:
+                self.finished.append({**sm.view, "closed": True, "participants": [], "expected": []})
         st = self.jobs.pop(job, None)
         if st is None:
             return {"status": "OK", "existed": False}
@@ -229,6 +280,8 @@ class ParameterServerExtension(SchedulerPlugin):
             raise PSError(f"shards of job {job!r} must cover [0, {n_params}) by consecutive ranges, got {cuts}")
         old = self.sharded.get(job)
         self.sharded[job] = ShardMap(job, cuts, int(n_params), client)
+        if old is not None:  # the view of the shards it replaces stays until the new ones answer
+            self.sharded[job].view = old.view
         if old is not None:  # replaced (shards restored): the old participants are gone
             for key in [k for k, v in self.key_to_participant.items() if v[0] == job]:
                 self.key_to_participant.pop(key, None)
@@ -253,6 +306,7 @@ class ParameterServerExtension(SchedulerPlugin):
         if len(keys) != len(names):
             raise PSError("ps_shards: names and keys differ in length")
         self._ticket += 1
+        self._sharded_view(sm, history=False)  # keeps the dashboard's view fresh while the job trains
         for n, k in zip(names, keys, strict=True):
             if k is not None:
                 self.key_to_participant[k] = (job, n)
@@ -320,22 +374,79 @@ class ParameterServerExtension(SchedulerPlugin):
     # -- the dashboard's read-only view (pipeline.jobview.JobSource) -------------------------
 
     def job_names(self) -> list[str]:
-        return [f["job"] for f in self.finished if f["job"] not in self.jobs] + list(self.jobs)
+        running = list(self.jobs) + list(self.sharded)
+        return [f["job"] for f in self.finished if f["job"] not in running] + running
 
     def snapshot(self, job: str | None = None) -> JobSnapshot | None:
         if job is None:
-            if self.jobs:
-                job = list(self.jobs)[-1]
+            running = list(self.jobs) + list(self.sharded)
+            if running:
+                job = running[-1]
             elif self.finished:
                 job = self.finished[-1]["job"]
             else:
                 return None
         if job in self.jobs:
             return self.jobs[job].view(history=True)
+        if job in self.sharded:
+            return self._sharded_view(self.sharded[job], history=True)
         for f in reversed(self.finished):
             if f["job"] == job:
                 return JobSnapshot.from_metrics(f)
         return None
 
     def running(self) -> list[JobSnapshot]:
-        return [st.view() for st in list(self.jobs.values())]
+        snaps = [st.view() for st in list(self.jobs.values())]
+        for sm in list(self.sharded.values()):
+            snap = self._sharded_view(sm, history=False)
+            if snap is not None:
+                snaps.append(snap)
+        return snaps
+
+    def _sharded_view(self, sm: ShardMap, history: bool) -> JobSnapshot | None:
+        """A sharded job's view as last fetched (None before the first answer); a fetch starts
+        in the background when it is older than ``_VIEW_REFRESH`` seconds or lacks the history
+        asked for."""
+        stale = time.monotonic() - sm.view_time > _VIEW_REFRESH
+        if not sm.fetching and (stale or (history and sm.view is not None and "history" not in sm.view)):
+            sm.fetching = True
+            self._spawn(self._fetch_view(sm, history))
+        if sm.view is None:
+            return None
+        view = sm.view if history else {k: v for k, v in sm.view.items() if k != "history"}
+        return JobSnapshot.from_metrics(view)
+
+    async def _fetch_view(self, sm: ShardMap, history: bool) -> None:
+        """Fetch the shards' metrics (``history``: the first shard's round history too) into
+        ``sm.view``; a shard that does not answer leaves the last view in place."""
+        sm.fetching = True
+        try:
+            ms = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        self.scheduler.rpc(addr).ps_metrics(job=sm.job, history=history and i == 0)
+                        for i, (addr, _, _) in enumerate(sm.shards)
+                    )
+                ),
+                _VIEW_TIMEOUT,
+            )
+        except (OSError, TimeoutError, PSError):
+            logger.debug("job %s: no view from its shards", sm.job, exc_info=True)
+        else:
+            view = merge_shard_metrics(sm.shards, ms)
+            if not history and sm.view is not None and "history" in sm.view:
+                view["history"] = sm.view["history"]  # kept until the next fetch with history
+            sm.view, sm.view_time = view, time.monotonic()
+        finally:
+            sm.fetching = False
+
+    def _spawn(self, coro: Any) -> None:
+        """Run ``coro`` in the background on the scheduler's event loop (from any thread)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.scheduler.loop.add_callback(self._spawn, coro)
+            return
+        task = loop.create_task(coro)
+        self._forwards.add(task)
+        task.add_done_callback(self._forwards.discard)

@@ -101,6 +101,7 @@ class Job:
     local_states: dict[str, dict] = field(default_factory=dict)  # sync: slot -> local optimizer state
     failed: str | None = None
     closed: bool = False
+    combining: asyncio.Task | None = None  # sync: a round combined off the event loop (robust aggregators)
     event: asyncio.Event = field(default_factory=asyncio.Event)
     keys: dict[str, tuple[str, str]] = field(default_factory=dict)  # shared with the extension
     # metrics (msgpack-able): everything the dashboard and /metrics show
@@ -346,7 +347,7 @@ class Job:
         if self.mode == "sync" and self.privacy["secure_aggregation"] and not self.failed:
             self._secure_round()
             return
-        if self.mode != "sync" or not self.pending or self.failed:
+        if self.mode != "sync" or not self.pending or self.failed or self.combining is not None:
             return
         waiting_for = (set(self.participants) | set(self.expected)) - set(self.pending)
         if waiting_for:
@@ -354,16 +355,53 @@ class Job:
         self._apply_round(sorted(self.pending))
 
     def _apply_round(self, names: list[str]) -> None:
-        """Combine the pooled deltas of ``names`` (:meth:`_combine`), take the server's step
-        and start the next round."""
+        """Combine the pooled deltas of ``names`` (the whole pool; :meth:`_combine`), take the
+        server's step and start the next round.
+
+        The weighted mean combines on the spot. A robust aggregator (median, trimmed mean,
+        Krum: seconds for many clients or a large model) combines in a thread off the event
+        loop (:meth:`_apply_off_loop`), so the scheduler goes on answering heartbeats and
+        other routes meanwhile; until the round is applied :attr:`combining` is set and every
+        request that would change the job waits for it (:meth:`settled`)."""
         names = sorted(names)  # fixed order: reproducible float sums
-        total = sum(self.pending[n][1] for n in names)
-        grad = self._combine(names)
+        pooled, self.pending = {n: self.pending[n] for n in names}, {}
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if self.aggregator == "mean" or loop is None:
+            self._step_round(pooled, self._combine(pooled))
+            return
+        self.combining = loop.create_task(self._apply_off_loop(pooled))
+
+    async def _apply_off_loop(self, pooled: dict[str, tuple[np.ndarray, int, float]]) -> None:
+        """The round of ``pooled`` combined in a worker thread, then stepped on the loop (or
+        dropped if the job failed or closed meanwhile)."""
+        try:
+            grad = await asyncio.to_thread(self._combine, pooled)
+        except (PSError, MemoryError, ValueError) as exc:  # the round cannot be applied: nor the job go on
+            self.fail(f"combining round {self.version} with aggregator {self.aggregator!r} failed: {exc}")
+            return
+        finally:
+            self.combining = None
+        if self.failed or self.closed:
+            self.notify()
+            return
+        self._step_round(pooled, grad)
+
+    async def settled(self) -> None:
+        """Return once no round is being combined off the event loop (at once when none is)."""
+        while self.combining is not None:
+            await asyncio.shield(self.combining)
+
+    def _step_round(self, pooled: dict[str, tuple[np.ndarray, int, float]], grad: np.ndarray) -> None:
+        """The server's step with the round's combined delta ``grad``: the next round starts."""
+        names = list(pooled)
+        total = sum(v[1] for v in pooled.values())
         self._privatize(grad, len(names))
-        losses = [self.pending[n][2] for n in names]
+        losses = [v[2] for v in pooled.values()]
         self.optimizer.step(self.params, grad, self.lr())
         self.version += 1
-        self.pending.clear()
         self.last_applied = names
         self.after_update(float(np.mean(losses)), total, len(names))
 
@@ -599,24 +637,28 @@ class Job:
             "secure_aggregation": dp["secure_aggregation"],
         }
 
-    def _combine(self, names: list[str]) -> np.ndarray:
-        """The combined delta of the pooled deltas of ``names`` (in that order), by the job's
-        aggregator, times their number when ``aggregate = "sum"``. Written into a vector kept
-        between rounds (valid until the next round)."""
-        if self.grad is None:  # kept: no fresh vectors a round
-            self.grad = np.empty_like(self.params)
+    def _combine(self, pooled: Mapping[str, tuple[np.ndarray, int, float]]) -> np.ndarray:
+        """The combined delta of the ``pooled`` deltas (in their order), by the job's aggregator,
+        times their number when ``aggregate = "sum"``. Written into a vector kept between rounds
+        (valid until the next round). Touches nothing else of the job: a robust aggregator runs
+        it in a worker thread while the event loop goes on."""
+        grad = self.grad
+        if grad is None:  # kept: no fresh vectors a round
+            grad = self.grad = np.empty_like(self.params)
         fedagg.aggregate(
-            [self.pending[n][0] for n in names],
-            [self.pending[n][1] for n in names],
+            [v[0] for v in pooled.values()],
+            [v[1] for v in pooled.values()],
             self.aggregator,
             trim_fraction=self.trim_fraction,
             krum_f=self.krum_f,
-            out=self.grad,
-            work=self.optimizer.work_vector(self.params),  # free until the optimizer's step
+            out=grad,
+            # the weighted mean's scratch vector, free until the optimizer's step (the robust
+            # aggregators, off the loop, need none of the optimizer's)
+            work=self.optimizer.work_vector(self.params) if self.aggregator == "mean" else None,
         )
         if self.aggregate == "sum":
-            self.grad *= np.float32(len(names))
-        return self.grad
+            grad *= np.float32(len(pooled))
+        return grad
 
     def _step_buffer(self) -> None:
         """FedBuff: one server step with the buffered deltas, then an empty buffer.
@@ -761,7 +803,10 @@ class Job:
         client's one push of a round) pools the delta and replies at once, without weights: the
         participant does not wait for the round (which closes when every expected participant
         has pushed, or by :meth:`close_round`). With secure aggregation the delta is a masked
-        uint32 vector (its bytes as float32) for the round's key-exchange ``attempt``."""
+        uint32 vector (its bytes as float32) for the round's key-exchange ``attempt``.
+        A push arriving while a round is being combined off the event loop waits for it: it
+        then belongs to the next round (or, a delta of the round just applied, is stale)."""
+        await self.settled()
         if self.failed:
             return self.reply("failed")
         p = self.participants.get(name) if isinstance(name, str) else None
@@ -930,7 +975,7 @@ class Job:
             return self.reply("failed")
         return self.reply(model=True)
 
-    def close_round(self, min_count: Any = 1, counts: Any = None) -> dict[str, Any]:
+    async def close_round(self, min_count: Any = 1, counts: Any = None) -> dict[str, Any]:
         """Close the open sync round now (a federated round at its deadline): apply the pooled
         deltas if at least ``min_count`` participants pushed one, else discard them; either way
         no participant of the round is expected or active any more (a late push is refused).
@@ -938,7 +983,9 @@ class Job:
         deltas the last applied round combined (this one's, or the round that applied itself
         when its last expected participant pushed). ``counts`` (``{name: n}``): a participant
         whose delta stands for ``n`` clients (a task's folded delta) counts ``n`` towards
-        ``min_count``; the others count one."""
+        ``min_count``; the others count one. A round being combined off the event loop (one
+        that applied itself at its last push, or this one) is waited for: the reply's version
+        counts it."""
         if not isinstance(min_count, int) or isinstance(min_count, bool) or min_count < 1:
             raise PSError(f"close_round: min_count must be an int >= 1, got {min_count!r}")
         if counts is not None and not isinstance(counts, dict):
@@ -948,6 +995,7 @@ class Job:
             raise PSError("close_round: counts must map participant names to ints >= 1")
         if self.mode != "sync":
             raise PSError(f"close_round is for sync jobs; job {self.job!r} is {self.mode}")
+        await self.settled()
         arrived = sorted(self.pending)
         self._forget_participants()
         status = "discarded"
@@ -967,6 +1015,7 @@ class Job:
             self.pending.clear()
         elif arrived and sum(counts.get(n, 1) for n in arrived) >= min_count:
             self._apply_round(arrived)
+            await self.settled()
             status = "applied"
         else:
             if arrived:
@@ -1073,6 +1122,7 @@ class Job:
             "checkpoint_time": self.checkpoint_time,
             "failed": self.failed,
             "closed": self.closed,
+            "combining": self.combining is not None,
             "epochs": list(self.epochs),
             "privacy": self.privacy_metrics(),
             **self._site_metrics(),

@@ -20,7 +20,8 @@ Who does what
 * The **scheduler** keeps coordination only (:class:`pipeline.ps.extension.ShardMap`): the
   shard map, and which task key is which participant. When a participant's task ends or its
   worker is removed it forwards ``ps_drop`` to every shard, so no barrier waits for the dead.
-  No vector passes through it.
+  For the dashboard and ``/metrics`` it fetches the shards' counters in the background (and
+  once more when the job closes). No vector passes through it.
 * A **participant** (a training task) asks the scheduler once for the map (``ps_shards``, at
   join), then joins, pushes and pulls its slices to every shard in parallel
   (``asyncio.gather`` over the worker's connection pool), each slice a zero-copy float32
@@ -60,7 +61,7 @@ from distributed.protocol.serialize import Serialize
 
 from pipeline.errors import PSError, ShardLostError
 from pipeline.ps.client import dask_endpoint
-from pipeline.ps.extension import ParameterServerExtension
+from pipeline.ps.extension import ParameterServerExtension, merge_shard_metrics
 from pipeline.ps.wire import check_job_id, encode_opt_state, encode_vector
 
 logger = logging.getLogger("pipeline.ps")
@@ -120,8 +121,10 @@ class ShardExtension(ParameterServerExtension):
         worker.handlers.update({route: getattr(self, method) for route, method in SHARD_ROUTES.items()})
         worker.extensions[SHARD_EXTENSION] = self
 
-    def join(self, job: str | None = None, name: str | None = None, ticket: int = 0, **kw: Any) -> dict[str, Any]:
-        reply = self._job(job).join(name, **kw)
+    async def join(self, job: str | None = None, name: str | None = None, ticket: int = 0, **kw: Any) -> dict[str, Any]:
+        st = self._job(job)
+        await st.settled()
+        reply = st.join(name, **kw)
         self.tickets[(str(job), str(name))] = int(ticket)
         return reply
 
@@ -456,19 +459,8 @@ class ShardedParameterServer:
         return self._run(request)
 
     def _merge_metrics(self, ms: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """The first shard's counters (every push reaches every shard), bytes summed, and a
-        row per shard."""
-        out = dict(ms[0])
-        out["n_params"] = sum(int(m["n_params"]) for m in ms)
-        out["version"] = min(int(m["version"]) for m in ms)
-        out["bytes_in"] = sum(int(m["bytes_in"]) for m in ms)
-        out["bytes_out"] = sum(int(m["bytes_out"]) for m in ms)
-        out["failed"] = next((m["failed"] for m in ms if m.get("failed")), None)
-        out["shards"] = [
-            {"address": a, "lo": lo, "hi": hi, **{k: m[k] for k in ("version", "pushes", "bytes_in")}}
-            for (a, lo, hi), m in zip(self._map, ms, strict=True)
-        ]
-        return out
+        """The shards' metrics as one job's (:func:`pipeline.ps.extension.merge_shard_metrics`)."""
+        return merge_shard_metrics(self._map, ms)
 
     def metrics(self, history: bool = False) -> dict[str, Any]:
         """The job's counters (``history``: with the round history of the first shard)."""
@@ -494,7 +486,9 @@ class ShardedParameterServer:
         return self._run(request)
 
     def close(self) -> None:
-        """Drop the job from every reachable shard and its map from the scheduler."""
+        """Drop the job's map from the scheduler (which first fetches the job's final metrics
+        from the shards, for the dashboard's finished jobs), then the job from every reachable
+        shard."""
 
         async def request(sched: Any, pool: Any) -> None:
             async def one(addr: str) -> None:
@@ -503,8 +497,10 @@ class ShardedParameterServer:
                 except (OSError, TimeoutError):
                     logger.debug("job %s: shard %s unreachable at close", self.job, addr)
 
-            await asyncio.gather(*(one(a) for a, _, _ in self._map))
-            await sched.ps_close(job=self.job)
+            try:
+                await sched.ps_close(job=self.job)
+            finally:
+                await asyncio.gather(*(one(a) for a, _, _ in self._map))
 
         self._run(request)
 

@@ -254,6 +254,80 @@ def test_a_real_parameter_server_takes_the_aggregator_from_create(client) -> Non
         ParameterServer("fedagg-bad", client).create(np.zeros(N, np.float32), aggregator="avg")
 
 
+# -- robust rounds off the event loop ---------------------------------------------------------------
+
+
+def test_requests_arriving_while_a_robust_round_combines_wait_for_it() -> None:
+    size, n = 1 << 18, 5
+
+    async def main() -> None:
+        job = Job.create("big", np.zeros(size, np.float32), size, mode="sync", aggregate="mean", aggregator="krum")
+        deltas = _deltas(n=n, size=size, seed=9)
+        for i in range(n):
+            job.join(f"p{i}")
+        for i, d in enumerate(deltas):
+            r = await job.push(f"p{i}", 0, d, samples=1, batches=1, loss=0.5, wait=False)
+        # the last push pooled its delta and replied before the round was applied
+        assert r["pooled"] and r["version"] == 0 and job.combining is not None and not job.pending
+        assert job.metrics()["combining"] is True
+        again = await job.push("p0", 0, deltas[0], samples=1, batches=1, loss=0.5, wait=False)
+        assert again["dropped"] and again["version"] == 1  # waited: its round is over, it is stale
+        closed = await job.close_round(1)
+        assert closed["status"] == "discarded" and closed["arrived"] == [] and closed["version"] == 1
+        assert closed["last_applied"] == [f"p{i}" for i in range(n)] and job.combining is None
+        np.testing.assert_array_equal(job.params, -fedagg.aggregate(deltas, [1] * n, "krum", krum_f=1))
+
+        # a job closed while its round combines keeps its weights: the result is dropped
+        twin = Job.create("twin", np.zeros(size, np.float32), size, mode="sync", aggregate="mean", aggregator="median")
+        for i in range(n):
+            twin.join(f"p{i}")
+        for i, d in enumerate(deltas):
+            await twin.push(f"p{i}", 0, d, samples=1, batches=1, loss=0.5, wait=False)
+        assert twin.combining is not None
+        twin.close()
+        await twin.settled()
+        assert twin.version == 0 and not twin.params.any()
+
+    asyncio.run(main())
+
+
+def test_a_robust_round_on_the_scheduler_leaves_it_answering_and_gives_the_same_weights(client) -> None:
+    """A median over 16 deltas of 1M parameters takes a good fraction of a second: the
+    scheduler answers ps_metrics while it runs (the round not applied yet), and the weights
+    are those of the aggregator called directly."""
+    n, size = 16, 1 << 20
+    rng = np.random.default_rng(11)
+    deltas = [rng.standard_normal(size).astype(np.float32) for _ in range(n)]
+    ps = ParameterServer("fedagg-off-loop", client)
+    ps.ensure_installed(client)
+    ps.create(
+        np.zeros(size, np.float32),
+        mode="sync",
+        aggregate="mean",
+        aggregator="median",
+        optimizer={"name": "sgd", "lr": 1.0},
+    )
+    try:
+        names = [f"p{i:02d}" for i in range(n)]
+        for name in names:
+            ps.join(name)
+        for name, d in zip(names, deltas, strict=True):
+            r = ps.push(name, 0, d, samples=1 + len(name), batches=1, loss=0.25, wait=False)
+        assert r["status"] == "OK" and r["version"] == 0
+        seen = []
+        while not seen or seen[-1][1] == 0:
+            m = ps.metrics()
+            seen.append((m["combining"], m["version"]))
+            assert len(seen) < 100_000
+        # answered while the round combined (before it was applied), then the round applied
+        assert (True, 0) in seen and seen[-1] == (False, 1)
+        st = ps.state()
+        assert st["version"] == 1
+        np.testing.assert_array_equal(np.asarray(st["params"]), -fedagg.aggregate(deltas, [1] * n, "median"))
+    finally:
+        ps.close()
+
+
 # -- FedBuff: buffered asynchronous rounds ----------------------------------------------------------
 
 

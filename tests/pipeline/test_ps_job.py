@@ -100,7 +100,7 @@ def test_close_round_applies_what_arrived_or_discards_it_below_min_count() -> No
         job.join("r0-a", key="ka")
         job.join("r0-b", key="kb")
         await job.push("r0-a", 0, np.full(N, 1, np.float32), samples=5, loss=1.0, wait=False)
-        r = job.close_round(2)  # one of the two needed: discarded
+        r = await job.close_round(2)  # one of the two needed: discarded
         assert r == {"status": "discarded", "version": 0, "arrived": ["r0-a"], "last_applied": [], "message": None}
         assert not job.pending and not job.participants and not job.expected and not job.keys
         np.testing.assert_array_equal(job.params, np.zeros(N))
@@ -110,15 +110,15 @@ def test_close_round_applies_what_arrived_or_discards_it_below_min_count() -> No
         for n in ("r1-a", "r1-b"):
             job.join(n)
             await job.push(n, 0, np.full(N, 2, np.float32), samples=5, loss=1.0, wait=False)
-        r = job.close_round(2)  # "r1-c" never came: the round applies with the two
+        r = await job.close_round(2)  # "r1-c" never came: the round applies with the two
         assert r["status"] == "applied" and r["version"] == 1 and r["arrived"] == r["last_applied"] == ["r1-a", "r1-b"]
         np.testing.assert_allclose(job.params, np.full(N, -2.0))
-        r = job.close_round(1)  # nothing pooled: nothing applied; the last round's names stay
+        r = await job.close_round(1)  # nothing pooled: nothing applied; the last round's names stay
         assert r["status"] == "discarded" and r["last_applied"] == ["r1-a", "r1-b"]
         with pytest.raises(PSError, match="min_count must be an int >= 1"):
-            job.close_round(0)
+            await job.close_round(0)
         with pytest.raises(PSError, match="for sync jobs"):
-            _job("async").close_round(1)
+            await _job("async").close_round(1)
 
     asyncio.run(main())
 
@@ -202,13 +202,13 @@ def test_close_round_counts_a_folded_delta_as_the_clients_it_stands_for() -> Non
             job.join(f"r{rnd}-g0")
             await job.push(f"r{rnd}-g0", job.version, np.full(N, 1, np.float32), samples=9, loss=1.0, wait=False)
             # one task's delta for 4 clients: 4 responses, not 1
-            r = job.close_round(min_count, {f"r{rnd}-g0": 4, f"r{rnd}-g1": 3})
+            r = await job.close_round(min_count, {f"r{rnd}-g0": 4, f"r{rnd}-g1": 3})
             assert r["status"] == status and r["arrived"] == [f"r{rnd}-g0"]
         np.testing.assert_allclose(job.params, np.full(N, -1.0))
         with pytest.raises(PSError, match="counts must map participant names to ints >= 1"):
-            job.close_round(1, {"r2-g0": 0})
+            await job.close_round(1, {"r2-g0": 0})
         with pytest.raises(PSError, match="counts must map participant names to ints >= 1"):
-            job.close_round(1, ["r2-g0"])
+            await job.close_round(1, ["r2-g0"])
 
     asyncio.run(main())
 

@@ -116,6 +116,75 @@ def test_a_checkpoint_resumes_on_any_shard_count(letter_stores, client, shard_pr
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def _sharded_page(dask_scheduler, rounds: int | None = None) -> dict | None:
+    """On the scheduler: what the training page and /metrics show of the (one) sharded job, or
+    None while its view (fetched from the shards in the background) is not there yet, or not
+    at ``rounds``. Runs on the scheduler's event loop, as the page's callbacks do."""
+    import prometheus_client
+    from bokeh.document import Document
+
+    from pipeline.dashboard import source_of, training_doc
+
+    src = source_of(dask_scheduler)
+    job = next(iter(src.sharded), None) or src.finished[-1]["job"]
+    snap = src.snapshot(job)
+    if snap is None or (rounds is not None and snap.version != rounds) or not snap.history:
+        return None
+    doc = Document()
+    training_doc(dask_scheduler, {}, doc)
+    text = prometheus_client.generate_latest().decode()
+    return {
+        "job": job,
+        "names": src.job_names(),
+        "running": [s.job for s in src.running()],
+        "version": snap.version,
+        "pushes": snap.pushes,
+        "loss": snap.loss,
+        "n_params": snap.n_params,
+        "shards": [dict(r) for r in snap.shards],
+        "closed": snap.closed,
+        "summary": doc.select_one({"name": "pipeline-summary"}).text,
+        "loss_rounds": list(doc.select_one({"name": "pipeline-loss"}).renderers[0].data_source.data["round"]),
+        "metrics": [line for line in text.splitlines() if f'job="{job}"' in line],
+    }
+
+
+def _wait_for_page(client, rounds: int | None = None, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        page = client.run_on_scheduler(_sharded_page, rounds=rounds)
+        if page is not None:
+            return page
+        time.sleep(0.2)
+    raise AssertionError(f"the training page did not show the sharded job at round {rounds} within {timeout} s")
+
+
+def test_the_training_page_and_prometheus_show_a_sharded_job(letter_stores, client, shard_procs, tmp_path):
+    seen: dict = {}
+
+    def on_epoch(rec: dict) -> None:
+        if rec["epoch"] == 0:  # the job is running: between its epochs
+            seen["during"] = _wait_for_page(client, rounds=rec["rounds"])
+
+    cfg = TrainConfig(mode="sync", epochs=2, patience=0, ps_shards=2)
+    res = train(letter_stores[0], cfg, tmp_path / "run", client=client, on_epoch=on_epoch)
+    during = seen["during"]
+    job = during["job"]
+    assert job in during["names"] and job in during["running"] and not during["closed"]
+    assert during["version"] == res.history[0]["rounds"] > 0 and during["pushes"] >= during["version"]
+    assert during["n_params"] == res.model.params.size and during["loss"] > 0
+    assert [(r["lo"], r["hi"]) for r in during["shards"]] == split_ranges(res.model.params.size, 2)
+    assert f"<b>{job}</b> (running)" in during["summary"] and "on 2 parameter-server shards" in during["summary"]
+    assert len(during["loss_rounds"]) == during["version"]  # the loss per round, from the first shard
+    prom = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in during["metrics"]}
+    assert prom["pipeline_rounds_total"] == during["version"] and prom["pipeline_pushes_total"] == during["pushes"]
+    # finished: still on the page with its final counters (fetched from the shards at close)
+    after = _wait_for_page(client)
+    assert after["job"] == job and job in after["names"] and job not in after["running"] and after["closed"]
+    assert after["version"] == res.history[-1]["rounds"] == len(after["loss_rounds"])
+    assert f"<b>{job}</b> (finished)" in after["summary"]
+
+
 def _kill_a_shard_mid_epoch(client, procs, used: list[str], killed: list[str]) -> None:
     """SIGKILL the worker of the job's first shard once epoch 1's training tasks run."""
     pids = client.run(os.getpid, workers=used)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.checkpoint import load_file
+from pipeline.checkpoint import load_file, read_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.errors import CheckpointError
 from pipeline.federated import client_groups, sample_indices
@@ -67,6 +67,47 @@ def test_asynchronous_simulated_clients_are_replaced_as_they_finish(letter_store
     deltas = sum(e["responded"] for e in res.history)
     assert res.history[-1]["rounds"] == deltas // 2  # one FedBuff step per 2 deltas
     assert res.history[-1]["val_accuracy"] > 0.05
+
+
+def test_an_interrupted_asynchronous_run_resumes_with_its_buffered_deltas(letter_stores, client, tmp_path):
+    # One client in flight at a time: no delta is stale and none is in flight at a round's end,
+    # so an asynchronous run is deterministic. 2 clients a round, a server step per 3 deltas:
+    # interrupted after round 2 (4 deltas), one delta waits in the buffer; the resumed run
+    # must step with it to end where the uninterrupted run ends.
+    cfg = TrainConfig.from_dict(
+        {**BASE, "clients": 8, "fraction_fit": 0.25, "rounds": 4, "mode": "async", "concurrency": 1, "buffer_size": 3}
+    )
+    whole = train(letter_stores[0], cfg, tmp_path / "whole", client=client)
+    assert [e["responded"] for e in whole.history] == [2, 2, 2, 2] and whole.history[-1]["rounds"] == 2
+
+    def stop_after_round_two(record: dict) -> None:
+        if record["round"] == 1:
+            raise KeyboardInterrupt
+
+    run = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(letter_stores[0], cfg, run, client=client, on_epoch=stop_after_round_two)
+    cut = read_checkpoint(run / "checkpoint.npz")
+    assert cut.version == 1 and cut.run.epoch == 2
+    assert cut.buffer is not None and len(cut.buffer["deltas"]) == 1 and cut.buffer["staleness"] == [0]
+    assert cut.buffer["samples"][0] > 0 and cut.buffer["deltas"][0].shape == cut.params.shape
+    assert np.abs(cut.buffer["deltas"][0]).max() > 0
+
+    resumed = train(letter_stores[0], cfg, run, client=client, resume=True)
+    assert [e["round"] for e in resumed.history] == [0, 1, 2, 3]
+    end, ref = read_checkpoint(run / "checkpoint.npz"), read_checkpoint(tmp_path / "whole" / "checkpoint.npz")
+    assert end.version == ref.version == 2
+    np.testing.assert_array_equal(end.params, ref.params)  # the buffered delta was not lost
+    assert len(end.buffer["deltas"]) == len(ref.buffer["deltas"]) == 2
+    for a, b in zip(end.buffer["deltas"], ref.buffer["deltas"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [e["train_loss"] for e in resumed.history] == [e["train_loss"] for e in whole.history]
+
+    # a resume whose buffer could not take the buffered deltas is refused, the run untouched
+    before = (run / "checkpoint.npz").read_bytes()
+    with pytest.raises(CheckpointError, match=r"holds 2 buffered deltas .* buffer_size > 2"):
+        train(letter_stores[0], cfg.with_overrides(["rounds=5", "buffer_size=2"]), run, client=client, resume=True)
+    assert (run / "checkpoint.npz").read_bytes() == before
 
 
 def test_simulated_clients_push_compressed_deltas(letter_stores, client, tmp_path):
