@@ -16,6 +16,15 @@ batches of ``batch`` rows in a shuffled order) over its rows and returns its mod
 count; the server replaces the model by the sample-weighted mean (FedAvg). The split: Dirichlet
 (alpha 0.3) over labels, the same rows per client for both systems (see :func:`partition`).
 
+Like for like: pass ``i`` runs both systems with seed ``--seed + i`` (the partition, the initial
+weights, the clients sampled per round and the local shuffles change from pass to pass, so the
+medians are over different samplings), and both train the same clients in every round: the
+harness computes the pipeline's sampling for the seed (:func:`sampling_plan`, the pipeline's own
+functions) and gives it to Flower, whose server maps partition ids to its nodes before round 1 and
+sends each round to exactly those nodes; both sides record which clients trained each round and
+a run that differs from the plan is refused (:func:`check_trained`). Where the two partitions
+differ (10,000 clients: the pipeline runs an iid split) Flower samples as FedAvg does.
+
 * **Flower** (``bench.flower_peer``): Flower's simulation engine (``run_simulation`` with its
   Ray backend, 2 CPUs, 1 CPU per client: two clients train at once), FedAvg from
   ``flwr.serverapp.strategy``, PyTorch clients with one thread each. It runs in its own virtual
@@ -37,11 +46,16 @@ and, every 1 s, peak PSS (shared pages divided among the processes sharing them)
   checkpoint (Flower writes none);
 * **cold**: the whole process, from its start to its exit (imports, Ray/Dask start, all rounds,
   evaluation, shutdown);
-* **accuracy** of the final global model on the 10,000 common test rows after R rounds.
+* **accuracy** of the final global model on the 10,000 common test rows after R rounds;
+* **where a pipeline round goes** (:class:`RoundClock`, :func:`round_breakdown`): per steady
+  round, the driver's steps (sample + open the round + submit, close + fetch, state + checkpoint),
+  the scheduler's latency to the first task and the slowest task's read / compute / join + push,
+  from the driver's timestamps, Dask's task stream and the tasks' own timings.
 
-R is ``--rounds`` (10) up to 1,000 clients and ``--rounds-large`` (4) above: a Flower round of
+R is ``--rounds`` (10) up to 1,000 clients and ``--rounds-large`` (3) above: a Flower round of
 1,000 sampled clients takes tens of seconds on 2 cores, and at 10,000 clients only speed and
-memory are compared.
+memory are compared. The default run (3 client counts, 5 passes) takes about 15 minutes on a
+quiet 2-core machine.
 
 Targets (per pass, met in at least 4 of 5 passes, :mod:`bench.protocol`): accuracy within 1
 point of Flower's at 100 and 1,000 clients; at least 3x Flower's rounds/s at 100 and 1,000
@@ -96,10 +110,9 @@ TARGET_MEMORY = 1.10
 
 def prepare(dest: Path, rows: int, test_rows: int, features: int = 784, seed: int = 0) -> dict[str, Any]:
     """Write the train/test stores and, for the Flower side, the same rows as .npy files (training
-    rows standardized with the training store's statistics, as the pipeline's loader does), the
-    initial parameters and the layer sizes."""
+    rows standardized with the training store's statistics, as the pipeline's loader does) and the
+    layer sizes (the data do not change with the pass's seed; partitions and weights do)."""
     from bench.common import arrays, mnist_like
-    from kernels.mlp import MLPSpec, init_params
 
     train, test = mnist_like(dest, rows, test_rows, features, 10)
     X, y = arrays(train)
@@ -109,9 +122,15 @@ def prepare(dest: Path, rows: int, test_rows: int, features: int = 784, seed: in
     np.save(dest / "Xte.npy", Xte)
     np.save(dest / "yte.npy", yte)
     sizes = [features, *HIDDEN, len(train.classes)]
-    np.save(dest / "init.npy", init_params(MLPSpec(features, HIDDEN, sizes[-1]), seed=seed))
     (dest / "sizes.json").write_text(json.dumps(sizes))
     return {"train": train, "test": test, "sizes": sizes, "y": y}
+
+
+def initial_weights(dest: Path, sizes: Sequence[int], seed: int) -> None:
+    """``init-s<seed>.npy``: the pipeline's initial parameters for ``seed`` (``kernels.mlp.init_params``)."""
+    from kernels.mlp import MLPSpec, init_params
+
+    np.save(dest / f"init-s{seed}.npy", init_params(MLPSpec(sizes[0], HIDDEN, sizes[-1]), seed=seed))
 
 
 def dirichlet_partition(y: np.ndarray, n_clients: int, alpha: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -142,13 +161,15 @@ def dirichlet_partition(y: np.ndarray, n_clients: int, alpha: float, seed: int =
 
 
 def partition(data: Path, store: Any, y: np.ndarray, n_clients: int, seed: int = 0) -> dict[str, Any]:
-    """Client k's rows for both systems, written to ``data/partition-N/{offsets,rows}.npy``.
+    """Client k's rows for both systems, written to ``data/partition-N-s<seed>/{offsets,rows}.npy``.
     ``pipeline.partition.make_partition`` (kind dirichlet, alpha 0.3) when this checkout has it
     (the pipeline then computes the same partition from the same seed), else
-    :func:`dirichlet_partition`."""
-    out = data / f"partition-{n_clients}"
+    :func:`dirichlet_partition`. ``pipeline_sizes``: the rows per client of the partition the
+    pipeline trains (an iid split where Dirichlet is refused), from which its sampling draws."""
+    out = data / f"partition-{n_clients}-s{seed}"
     out.mkdir(parents=True, exist_ok=True)
     refused = None
+    pipeline_sizes = None
     try:
         from pipeline.partition import make_partition
     except ImportError:
@@ -158,21 +179,26 @@ def partition(data: Path, store: Any, y: np.ndarray, n_clients: int, seed: int =
         from pipeline.errors import ConfigError
 
         try:
-            p = make_partition(store, n_clients, "dirichlet", alpha=ALPHA, seed=seed, out=data / f"pp-{n_clients}")
+            pp = data / f"pp-{n_clients}"
+            p = make_partition(store, n_clients, "dirichlet", alpha=ALPHA, seed=seed, out=pp, force=True)
         except ConfigError as exc:  # every client >= 1 row is impossible here: Flower gets empty clients
             refused = str(exc)
-            p = make_partition(
-                store, n_clients, "dirichlet", alpha=ALPHA, seed=seed, out=data / f"pp-{n_clients}", min_rows=0
-            )
+            p = make_partition(store, n_clients, "dirichlet", alpha=ALPHA, seed=seed, out=pp, min_rows=0, force=True)
         offsets = np.asarray(p.offsets, np.int64)
         rows = np.concatenate([np.asarray(p.rows(k), np.int64) for k in range(n_clients)])
         source = "pipeline.partition.make_partition" + (" (min_rows 0)" if refused else "")
+        pipeline_sizes = np.diff(offsets)
+        if refused:
+            iid = make_partition(store, n_clients, "iid", seed=seed, out=data / f"pp-{n_clients}-iid", force=True)
+            pipeline_sizes = np.asarray(iid.sizes(), np.int64)
     np.save(out / "offsets.npy", offsets)
     np.save(out / "rows.npy", rows)
     sizes = np.diff(offsets)
     return {
         "source": source,
         "refused": refused,
+        "seed": seed,
+        "pipeline_sizes": pipeline_sizes,
         "clients": n_clients,
         "rows_min": int(sizes.min()),
         "rows_median": float(np.median(sizes)),
@@ -274,13 +300,55 @@ def steady_rounds_per_s(round_end: Sequence[float]) -> float | None:
 # -------------------------------------------------------------------------------------------
 
 
+def sampling_plan(sizes: np.ndarray, rounds: int, seed: int, min_clients: int = 1) -> list[list[int]]:
+    """The clients the pipeline samples in each round with ``seed`` (its own rule,
+    ``pipeline.federated.SimulatedTrainer._sample``: ``clients_per_round`` of the clients with
+    rows, drawn by ``sample_indices`` seeded by (seed, round)); given to Flower so that both
+    systems train the same clients in every round."""
+    from pipeline.federated import sample_indices
+    from pipeline.sites import clients_per_round
+
+    live = np.flatnonzero(np.asarray(sizes) > 0)
+    n = clients_per_round(len(live), FRACTION, min_clients)
+    return [[int(k) for k in live[sample_indices(len(live), n, seed, r)]] for r in range(rounds)]
+
+
+def write_plan(data: Path, part: dict[str, Any], rounds: int) -> Path | None:
+    """``plan-N-s<seed>.json`` where both systems train the same partition (else None: at 10,000
+    clients the pipeline trains an iid split, so its clients are not Flower's and Flower samples
+    as FedAvg does)."""
+    if part.get("refused") or part.get("pipeline_sizes") is None:
+        return None
+    path = data / f"plan-{part['clients']}-s{part['seed']}.json"
+    path.write_text(json.dumps({"rounds": sampling_plan(part["pipeline_sizes"], rounds, part["seed"])}))
+    return path
+
+
+def check_trained(who: str, got: list[list[int]] | None, plan: Path | None) -> bool | None:
+    """Whether ``who`` trained exactly the plan's clients in every round (None without a plan);
+    a run that did not is refused (its figures would not be like for like)."""
+    if plan is None:
+        return None
+    want = json.loads(plan.read_text())["rounds"]
+    if got != want:
+        pairs = zip(got or [], want, strict=False)
+        first = next((r for r, (a, b) in enumerate(pairs) if a != b), min(len(got or []), len(want)))
+        raise RuntimeError(
+            f"{who} did not train the planned clients ({plan.name}): round {first + 1} differs "
+            f"({len(got or [])} rounds recorded, {len(want)} planned)"
+        )
+    return True
+
+
 def flower_versions(python: Path) -> dict[str, Any]:
     code = "import json; from bench.flower_peer import versions; print(json.dumps(versions()))"
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     return json.loads(out.stdout)
 
 
-def run_flower(python: Path, data: Path, n: int, args: argparse.Namespace, k: int) -> dict[str, Any]:
+def run_flower(
+    python: Path, data: Path, n: int, args: argparse.Namespace, k: int, seed: int, plan: Path | None
+) -> dict[str, Any]:
     out = data / f"flower-{n}-{k}.json"
     cmd = [str(python), "-m", "bench.flower_peer", str(data), str(out), "--clients", str(n)]
     cmd += [
@@ -291,7 +359,8 @@ def run_flower(python: Path, data: Path, n: int, args: argparse.Namespace, k: in
         "--batch",
         str(args.batch),
     ]
-    cmd += ["--lr", str(args.lr), "--fraction", str(FRACTION), "--seed", str(args.seed)]
+    cmd += ["--lr", str(args.lr), "--fraction", str(FRACTION), "--seed", str(seed)]
+    cmd += ["--plan", str(plan)] if plan is not None else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
     env.pop("VIRTUAL_ENV", None)
     wall, mem = run_measured(cmd, env, data / f"flower-{n}-{k}.log", args.timeout)
@@ -305,6 +374,10 @@ def run_flower(python: Path, data: Path, n: int, args: argparse.Namespace, k: in
         "processes": mem.max_procs,
         "round_end": res["round_end"],
         "setup": res["setup"],
+        "map_seconds": res.get("map_seconds"),
+        "seed": seed,
+        "trained": res.get("trained"),
+        "same_clients": check_trained("Flower", res.get("trained"), plan),
     }
 
 
@@ -333,7 +406,7 @@ def pipeline_available() -> str | None:
     return None
 
 
-def pipeline_config(n: int, args: argparse.Namespace, kind: str = "dirichlet") -> dict[str, Any]:
+def pipeline_config(n: int, args: argparse.Namespace, kind: str = "dirichlet", seed: int = 0) -> dict[str, Any]:
     """The pipeline settings matching the Flower side."""
     return {
         "clients": n,
@@ -347,7 +420,7 @@ def pipeline_config(n: int, args: argparse.Namespace, kind: str = "dirichlet") -
         "optimizer": "sgd",
         "lr": args.lr,
         "batch_size": args.batch,
-        "seed": args.seed,
+        "seed": seed,
         "min_clients": 1,
         "validation": 0.0,  # every client trains on all its rows, as Flower's do
         "eval_every": rounds_for(n, vars(args)),  # per-client evaluation after the last round only
@@ -355,11 +428,167 @@ def pipeline_config(n: int, args: argparse.Namespace, kind: str = "dirichlet") -
     }
 
 
+class RoundClock:
+    """Wall-clock timestamps (``time.time``, as Dask's task stream) of a pipeline run's rounds, taken
+    by wrapping the simulated trainer's steps in the peer process (nothing else changes): round
+    start (``_sample``), tasks submitted (``_submit_round``), round closed on the driver
+    (``_round`` returns: results fetched), checkpoint written (``_checkpoint``), record out
+    (``on_epoch``); and each task's own timings (its per-client summaries: read, compute,
+    communicate)."""
+
+    STEPS = ("start", "submitted", "closed", "checkpoint0", "checkpoint1", "end")
+
+    def __init__(self) -> None:
+        self.marks: list[dict[str, float]] = []
+        self.task_times: list[list[dict[str, float]]] = []  # per round, per task
+        self.sampled: list[list[int]] = []
+
+    def mark(self, step: str) -> None:
+        if self.marks:
+            self.marks[-1].setdefault(step, time.time())
+
+    @contextlib.contextmanager
+    def installed(self) -> Any:
+        import pipeline.federated as fed
+
+        cls = fed.SimulatedTrainer
+        saved = {n: getattr(cls, n) for n in ("_sample", "_submit_round", "_round", "_checkpoint")}
+        saved_fetched = fed.fetched
+
+        def sample(trainer: Any, ps: Any, run: Any, rnd: int) -> list[str]:
+            self.marks.append({"start": time.time()})
+            self.task_times.append([])
+            got = saved["_sample"](trainer, ps, run, rnd)
+            self.sampled.append(sorted(int(c[1:]) for c in got))
+            return got
+
+        def submit(trainer: Any, *a: Any, **kw: Any) -> Any:
+            got = saved["_submit_round"](trainer, *a, **kw)
+            self.mark("submitted")
+            return got
+
+        def round_(trainer: Any, *a: Any, **kw: Any) -> Any:
+            got = saved["_round"](trainer, *a, **kw)
+            self.mark("closed")
+            return got
+
+        def checkpoint(trainer: Any, *a: Any, **kw: Any) -> Any:
+            self.mark("checkpoint0")
+            got = saved["_checkpoint"](trainer, *a, **kw)
+            self.mark("checkpoint1")
+            return got
+
+        def fetched(future: Any, *a: Any, **kw: Any) -> Any:
+            got = saved_fetched(future, *a, **kw)
+            if self.task_times and isinstance(got, dict) and "clients" in got:
+                per = list(got["clients"].values())
+                self.task_times[-1].append(
+                    {k: float(sum(v.get(k, 0.0) for v in per)) for k in ("read", "compute", "communicate")}
+                )
+            return got
+
+        for name, fn in (
+            ("_sample", sample),
+            ("_submit_round", submit),
+            ("_round", round_),
+            ("_checkpoint", checkpoint),
+        ):
+            setattr(cls, name, fn)
+        fed.fetched = fetched
+        try:
+            yield self
+        finally:
+            for name, fn in saved.items():
+                setattr(cls, name, fn)
+            fed.fetched = saved_fetched
+
+
+BREAKDOWN = [
+    ("sample + expect + submit", "driver: sample the round's clients, open the round on the server, submit its tasks"),
+    ("to first task start", "the scheduler routes the tasks, a worker starts the first"),
+    ("tasks: read rows", "the slowest task's read of its clients' rows"),
+    ("tasks: compute", "the slowest task's training steps (numba kernels)"),
+    ("tasks: join + push", "the slowest task's join (pull of the weights), push and leave"),
+    ("tasks: other", "the rest of the slowest task (setup, standardizing, folding) and the other task's lag"),
+    ("close + fetch", "from the last task's end to the round closed on the driver (close_round, summaries, results)"),
+    ("state + checkpoint", "the round's server state, the checkpoint written (fsync) and the record"),
+]
+
+
+def round_breakdown(clock: RoundClock, tasks: list[dict[str, Any]]) -> list[dict[str, float]] | None:
+    """Milliseconds of each :data:`BREAKDOWN` step per round (``total`` = the round from its start to
+    its record; the loop's gap to the next round's start is in ``state + checkpoint``). A round's
+    tasks are found in the task stream by their key (``fit-JOB-r<round>-...``)."""
+    out = []
+    for r, (m, times) in enumerate(zip(clock.marks, clock.task_times, strict=False)):
+        mine = [t for t in tasks if f"-r{r}-" in t["key"]]
+        if not mine or not {"submitted", "closed", "end"} <= set(m) or not times:
+            continue
+        first, last = min(t["start"] for t in mine), max(t["stop"] for t in mine)
+        slow = max(mine, key=lambda t: t["stop"] - t["start"])
+        # the slowest task's own timings: tasks and summaries are matched by duration rank
+        own = max(times, key=lambda v: v["read"] + v["compute"] + v["communicate"])
+        span = (last - first) * 1000
+        parts = {
+            "sample + expect + submit": (m["submitted"] - m["start"]) * 1000,
+            "to first task start": (first - m["submitted"]) * 1000,
+            "tasks: read rows": own["read"] * 1000,
+            "tasks: compute": own["compute"] * 1000,
+            "tasks: join + push": own["communicate"] * 1000,
+            "close + fetch": (m["closed"] - last) * 1000,
+            "state + checkpoint": (m["end"] - m["closed"]) * 1000,
+        }
+        parts["tasks: other"] = span - parts["tasks: read rows"] - parts["tasks: compute"] - parts["tasks: join + push"]
+        parts["total"] = (m["end"] - m["start"]) * 1000
+        parts["checkpoint"] = (m.get("checkpoint1", m["end"]) - m.get("checkpoint0", m["end"])) * 1000
+        parts["slowest task"] = (slow["stop"] - slow["start"]) * 1000
+        out.append(parts)
+    return out
+
+
+def steady_breakdown(rounds: list[dict[str, float]] | None) -> dict[str, float] | None:
+    """The median of every step over the steady rounds (2..R-1, as rounds/s counts them)."""
+    steady = (rounds or [])[1:-1]
+    if not steady:
+        return None
+    return {k: float(np.median([r[k] for r in steady])) for k in steady[0]}
+
+
+def breakdown_table(res: dict[str, Any]) -> list[str]:
+    """Where a steady pipeline round goes, per client count: milliseconds, median over passes of
+    each run's median over its steady rounds."""
+    cols = {}
+    for n in res["clients"]:
+        runs = [b for b in _series(res["passes"], f"pipeline N={n}", "breakdown") if b]
+        if runs:
+            cols[n] = {k: float(np.median([b[k] for b in runs])) for k in runs[0]}
+    if not cols:
+        return []
+    rows = []
+    for step, what in [*BREAKDOWN, ("total", "the round, start to record (sum of the above)")]:
+        rows.append({"step": step, **{f"N={n:,} ms": f"{c[step]:.1f}" for n, c in cols.items()}, "what": what})
+    extra = [("slowest task", "wall time of the round's slowest task"), ("checkpoint", "of which the checkpoint")]
+    for step, what in extra:
+        rows.append({"step": step, **{f"N={n:,} ms": f"{c[step]:.1f}" for n, c in cols.items()}, "what": what})
+    return [
+        "Where a steady pipeline round goes (ms; the median over passes of each run's median over rounds "
+        "2..R-1; timestamps from the driver and Dask's task stream, the tasks' own read / compute / "
+        "communicate timings; 2 tasks per round run side by side on the 2 workers):",
+        "",
+        md_table(rows),
+        "",
+    ]
+
+
 def pipeline_peer_main(argv: Sequence[str]) -> None:
     """``python -m bench.federated pipeline-peer TRAIN.zarr TEST.zarr RUN OUT.json CONFIG_JSON DATA``: one
     pipeline run on a fresh 2-worker LocalCluster; writes the end time of every round (seconds since
     the process started, taken when the round's record is out, its checkpoint written), the test
-    accuracy and whether the run's partition is the one given to Flower (``DATA/partition-N``)."""
+    accuracy, whether the run's partition is the one given to Flower (``DATA/partition-N-s<seed>``)
+    and the clients sampled in each round (recorded from ``SimulatedTrainer._sample``'s result), and
+    the timestamps of :func:`round_breakdown`."""
+    from distributed import get_task_stream
+
     from bench.common import local_cluster
     from pipeline.config import TrainConfig
     from pipeline.store import open_store
@@ -368,31 +597,60 @@ def pipeline_peer_main(argv: Sequence[str]) -> None:
     train_p, test_p, run_dir, out, cfg_s, data = argv[:6]
     cfg = TrainConfig.from_dict(json.loads(cfg_s))
     ends: list[float] = []
-    with local_cluster(2) as client:
+    clock = RoundClock()
+    with local_cluster(2) as client, clock.installed():
         setup = time.perf_counter() - T0
-        res = train(
-            train_p, cfg, run_dir, client=client, force=True, on_epoch=lambda r: ends.append(time.perf_counter() - T0)
-        )
+        with get_task_stream(client=client) as stream:
+            res = train(
+                train_p,
+                cfg,
+                run_dir,
+                client=client,
+                force=True,
+                on_epoch=lambda r: (ends.append(time.perf_counter() - T0), clock.mark("end")),
+            )
+    tasks = [
+        {"key": t["key"], "start": ss["start"], "stop": ss["stop"]}
+        for t in stream.data
+        if str(t["key"]).startswith("fit-")
+        for ss in t["startstops"]
+        if ss["action"] == "compute"
+    ]
     test = open_store(test_p)
     Xraw, yte = test.read_rows(0, test.n_rows)
     acc = float(np.mean(res.model.decision(Xraw).argmax(axis=1) == np.asarray(yte)))
-    mine, theirs = Path(data) / f"partition-{cfg.clients}", Path(run_dir) / "partition"
+    mine, theirs = Path(data) / f"partition-{cfg.clients}-s{cfg.seed}", Path(run_dir) / "partition"
     same = None
     if (theirs / "rows.npy").is_file():
         same = all(np.array_equal(np.load(mine / f), np.load(theirs / f)) for f in ("offsets.npy", "rows.npy"))
     Path(out).write_text(
         json.dumps(
-            {"round_end": ends, "accuracy": acc, "setup": setup, "rounds": len(res.history), "same_partition": same}
+            {
+                "round_end": ends,
+                "accuracy": acc,
+                "setup": setup,
+                "rounds": len(res.history),
+                "same_partition": same,
+                "sampled": clock.sampled,
+                "breakdown": round_breakdown(clock, tasks),
+            }
         )
     )
 
 
 def run_pipeline_side(
-    data: Path, prep: dict[str, Any], n: int, args: argparse.Namespace, k: int, kind: str = "dirichlet"
+    data: Path,
+    prep: dict[str, Any],
+    n: int,
+    args: argparse.Namespace,
+    k: int,
+    kind: str = "dirichlet",
+    seed: int = 0,
+    plan: Path | None = None,
 ) -> dict[str, Any]:
     out = data / f"pipeline-{n}-{k}.json"
     cmd = [sys.executable, "-m", "bench.federated", "pipeline-peer", str(prep["train"].path), str(prep["test"].path)]
-    cmd += [str(data / f"run-{n}-{k}"), str(out), json.dumps(pipeline_config(n, args, kind)), str(data)]
+    cmd += [str(data / f"run-{n}-{k}"), str(out), json.dumps(pipeline_config(n, args, kind, seed)), str(data)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     wall, mem = run_measured(cmd, env, data / f"pipeline-{n}-{k}.log", args.timeout)
     res = json.loads(out.read_text())
@@ -407,6 +665,9 @@ def run_pipeline_side(
         "setup": res["setup"],
         "same_partition": res["same_partition"],
         "partition": kind,
+        "breakdown": steady_breakdown(res.get("breakdown")),
+        "seed": seed,
+        "same_clients": check_trained("the pipeline", res.get("sampled"), plan),
     }
 
 
@@ -475,6 +736,49 @@ def failures(passes: list[dict]) -> list[str]:
     return [*out, ""] if out else []
 
 
+def same_clients_lines(res: dict[str, Any]) -> list[str]:
+    """Whether both systems trained the same clients in every round, per client count."""
+    out = []
+    for n in res["clients"]:
+        if not any(p["results"].get(f"flower N={n}") for p in res["passes"]):
+            continue  # Flower not run
+        fl = _series(res["passes"], f"flower N={n}", "same_clients")
+        pl = _series(res["passes"], f"pipeline N={n}", "same_clients")
+        if any(v is True for v in fl) and all(a is True and b is True for a, b in zip(fl, pl, strict=True)):
+            out.append(f"N={n:,}: both trained the same clients in every round of every pass (checked)")
+        elif all(v is None for v in fl):
+            out.append(f"N={n:,}: Flower sampled its own clients (FedAvg's sampling; the partitions differ)")
+        else:
+            per = " / ".join(str(a is True and b is True) for a, b in zip(fl, pl, strict=True))
+            out.append(f"N={n:,}: same clients per pass {per}")
+    if "seeds" not in res:
+        return []
+    if not out:
+        return [f"Seeds per pass: {', '.join(map(str, res['seeds']))}.", ""]
+    return [
+        f"Seeds per pass: {', '.join(map(str, res['seeds']))} (both systems the same in a pass: partition, initial "
+        "weights, sampled clients, local shuffles). Clients per round: the pipeline's sampling, sent to Flower "
+        "node by node; " + "; ".join(out) + ".",
+        "",
+    ]
+
+
+def partition_line(parts: list[dict[str, Any]], n: int) -> str:
+    """Rows per client at ``n`` clients over the passes' partitions (one per seed)."""
+    mine = [p for p in parts if p["clients"] == n]
+    lo, hi = min(p["rows_min"] for p in mine), max(p["rows_max"] for p in mine)
+    med = sorted(p["rows_median"] for p in mine)
+    text = f"N={n:,}: rows per client {lo}-{hi} (median {med[0]:g}" + (f"-{med[-1]:g})" if len(med) > 1 else ")")
+    refused = [p for p in mine if p.get("refused")]
+    if refused:
+        empty = sorted(p["empty_clients"] for p in refused)
+        text += (
+            f", {empty[0]:,}" + (f"-{empty[-1]:,}" if len(empty) > 1 else "") + " clients without rows (the default "
+            f"min_rows 1 is refused: {refused[0]['refused']})"
+        )
+    return text
+
+
 def render(res: dict[str, Any]) -> str:
     passes, clients = res["passes"], res["clients"]
     miss = res["pipeline_missing"]
@@ -511,8 +815,13 @@ def render(res: dict[str, Any]) -> str:
         f"# Federated simulation vs Flower ({res['meta']['date']})",
         "",
         *provenance_lines(res["meta"]),
-        f"Flower side: its own venv (`{fv.get('executable')}`): flwr {fv.get('flwr')}, ray {fv.get('ray')}, "
-        f"torch {fv.get('torch')}, numpy {fv.get('numpy')}, protobuf {fv.get('protobuf')}, grpcio {fv.get('grpcio')}.",
+        (
+            f"Flower side: its own venv (`{fv.get('executable')}`): flwr {fv.get('flwr')}, ray {fv.get('ray')}, "
+            f"torch {fv.get('torch')}, numpy {fv.get('numpy')}, protobuf {fv.get('protobuf')}, "
+            f"grpcio {fv.get('grpcio')}."
+            if fv
+            else "Flower side: not run (--systems)."
+        ),
         "",
         f"Task: synthetic 784-wide uint8, 10 classes, {res['args']['rows']:,} training / "
         f"{res['args']['test_rows']:,} test rows; MLP {'-'.join(map(str, res['sizes']))}; Dirichlet({ALPHA}) over "
@@ -523,18 +832,10 @@ def render(res: dict[str, Any]) -> str:
         "",
         md_table(rows),
         "",
-        "Partitions: "
-        + "; ".join(
-            f"N={p['clients']:,}: rows per client {p['rows_min']}-{p['rows_max']} (median {p['rows_median']:g})"
-            + (
-                f", {p['empty_clients']:,} clients without rows (the default min_rows 1 is refused: {p['refused']})"
-                if p.get("refused")
-                else ""
-            )
-            for p in res["partitions"]
-        )
-        + ".",
+        "Partitions: " + "; ".join(partition_line(res["partitions"], n) for n in clients) + ".",
         "",
+        *same_clients_lines(res),
+        *breakdown_table(res),
         *failures(passes),
         "## Targets (per pass; met in at least 4 of 5 passes)",
         "",
@@ -578,7 +879,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--quick", action="store_true", help="10 clients, 3 rounds, 1 pass, a tiny set")
     ap.add_argument("--clients", default="100,1000,10000")
     ap.add_argument("--rounds", type=int, default=10, help="rounds at up to 1,000 clients")
-    ap.add_argument("--rounds-large", type=int, default=4, help="rounds above 1,000 clients (at least 3)")
+    ap.add_argument("--rounds-large", type=int, default=3, help="rounds above 1,000 clients (at least 3)")
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
@@ -602,7 +903,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         args.rounds_large = 3
     clients = [int(c) for c in args.clients.split(",")]
     python = Path(args.flower_python)
-    if not python.exists():  # `python -m bench` goes on with the other tables
+    systems = args.systems.split(",")
+    if "flower" in systems and not python.exists():  # `python -m bench` goes on with the other tables
         text = (
             f"Not run: no Flower interpreter at {python}; create it with `python -m venv .venv-flwr && "
             '.venv-flwr/bin/pip install "flwr[simulation]" torch numpy psutil` (bench/README.md), or pass '
@@ -610,21 +912,45 @@ def main(argv: Sequence[str] | None = None) -> str:
         )
         print(text)
         return text
-    systems = args.systems.split(",")
     miss = pipeline_available() if "pipeline" in systems else "not requested (--systems)"
+    # one seed per pass, the same for both systems in a pass: the partition, the initial weights,
+    # the clients sampled per round and the local shuffles change from pass to pass
+    seeds = [args.seed + i for i in range(args.passes)]
     with tmpdir("federated") as tmp:
         prep = prepare(tmp, args.rows, args.test_rows, seed=args.seed)
-        parts = [partition(tmp, prep["train"], prep["y"], n, args.seed) for n in clients]
+        parts: dict[tuple[int, int], dict[str, Any]] = {}
+        plans: dict[tuple[int, int], Path | None] = {}
+        for seed in seeds:
+            initial_weights(tmp, prep["sizes"], seed)
+            for n in clients:
+                parts[n, seed] = partition(tmp, prep["train"], prep["y"], n, seed)
+                plans[n, seed] = None if miss else write_plan(tmp, parts[n, seed], rounds_for(n, vars(args)))
         counter = {"k": 0}
         trainers: dict[str, Any] = {}
-        for n, part in zip(clients, parts, strict=True):
-            trainers[f"flower N={n}"] = guarded(lambda n=n: run_flower(python, tmp, n, args, counter["k"]))
-            # where the pipeline's partitioner refuses Dirichlet(alpha) (a client would get no rows), the
-            # pipeline runs an iid split of as many clients: memory and speed stay comparable, accuracy is not
-            kind = "iid" if part.get("refused") else "dirichlet"
+
+        def seed_now() -> int:  # the pass of the run about to start (log counts the runs)
+            return seeds[(counter["k"] - 1) // len(trainers)]
+
+        for n in clients:
+            if "flower" in systems:
+                trainers[f"flower N={n}"] = guarded(
+                    lambda n=n: run_flower(python, tmp, n, args, counter["k"], seed_now(), plans[n, seed_now()])
+                )
             if not miss:
                 trainers[f"pipeline N={n}"] = guarded(
-                    lambda n=n, kind=kind: run_pipeline_side(tmp, prep, n, args, counter["k"], kind)
+                    lambda n=n: run_pipeline_side(
+                        tmp,
+                        prep,
+                        n,
+                        args,
+                        counter["k"],
+                        # where the pipeline's partitioner refuses Dirichlet(alpha) (a client would get no
+                        # rows), it runs an iid split of as many clients: memory and speed stay comparable,
+                        # accuracy is not
+                        "iid" if parts[n, seed_now()].get("refused") else "dirichlet",
+                        seed_now(),
+                        plans[n, seed_now()],
+                    )
                 )
 
         def log(msg: str) -> None:
@@ -632,14 +958,16 @@ def main(argv: Sequence[str] | None = None) -> str:
             print(msg, flush=True)
 
         passes = run_passes(trainers, passes=args.passes, log=log)
+        part_list = [{k: v for k, v in p.items() if k != "pipeline_sizes"} for p in parts.values()]
         res = {
             "meta": meta(),
-            "flower_versions": flower_versions(python),
+            "flower_versions": flower_versions(python) if "flower" in systems else {},
             "args": vars(args),
             "clients": clients,
+            "seeds": seeds,
             "sizes": prep["sizes"],
-            "partitions": parts,
-            "partition_source": parts[0]["source"],
+            "partitions": part_list,
+            "partition_source": part_list[0]["source"],
             "pipeline_missing": miss,
             "passes": passes,
         }

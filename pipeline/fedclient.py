@@ -10,6 +10,7 @@ a row anywhere: :func:`site_info` returns the site's schema and sums over its tr
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -50,7 +51,65 @@ from pipeline.worker import (
 _RESIDUALS: dict[tuple[str, str], np.ndarray] = {}
 _MAX_RESIDUALS = 16
 
+# Simulated clients: the decoded row-chunks of the run's store, kept by a worker process between
+# rounds (job, store path) -> {chunk: (X, y)}. A round's clients' rows are scattered over every
+# chunk of the store, so without them each task read (and checked) the whole store every round.
+# Only a store whose X and y fit in CHUNK_CACHE_SHARE of the worker's memory limit (at most
+# CHUNK_CACHE_MAX_BYTES) is kept; a larger one is read as before. One job's chunks at a time: a
+# store does not change during a run, and a new run drops the last one's.
+CHUNK_CACHE_SHARE = 0.25
+CHUNK_CACHE_MAX_BYTES = 1 << 30
+_chunks: dict[tuple[str, str], dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+_chunks_lock = threading.Lock()
+
 logger = logging.getLogger(__name__)
+
+
+def _cache_budget() -> int:
+    """Bytes of decoded chunks a worker process keeps (:data:`CHUNK_CACHE_SHARE` of its memory
+    limit, at most :data:`CHUNK_CACHE_MAX_BYTES`; a quarter of that without a limit)."""
+    try:
+        limit = get_worker().memory_manager.memory_limit
+    except (ValueError, AttributeError):  # outside a worker (tests)
+        limit = None
+    if not limit:
+        return CHUNK_CACHE_MAX_BYTES // 4
+    return int(min(CHUNK_CACHE_MAX_BYTES, CHUNK_CACHE_SHARE * limit))
+
+
+def read_client_rows(store: Any, rows: np.ndarray, job: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pipeline.store.read_rows_at` for simulated clients of ``job``: the same arrays (in
+    the order of ``rows``), served from the chunks this worker already decoded for the job when
+    the store fits the cache budget (:func:`_cache_budget`); each chunk is read (and checked) from
+    the store once per worker process and run."""
+    rows = np.asarray(rows)
+    nbytes = store.n_rows * (
+        store.n_features * store.X.dtype.itemsize + int(np.prod(store.y.shape[1:])) * store.y.dtype.itemsize
+    )
+    if nbytes > _cache_budget() or not len(rows) or rows.dtype.kind not in "iu":
+        return read_rows_at(store, rows)
+    lo, hi = int(rows.min()), int(rows.max())
+    if lo < 0 or hi >= store.n_rows:
+        return read_rows_at(store, rows)  # its error names the row
+    key = (job, str(store.path))
+    with _chunks_lock:
+        for other in [k for k in _chunks if k[0] != job]:
+            del _chunks[other]
+        have = _chunks.setdefault(key, {})
+    X = np.empty((len(rows), store.n_features), store.X.dtype)
+    y = np.zeros((len(rows), *store.y.shape[1:]), store.y.dtype)
+    chunk_of = rows.astype(np.int64) // store.chunk_rows
+    for c in np.unique(chunk_of).tolist():
+        got = have.get(c)
+        if got is None:
+            got = store.read_chunk(c)
+            with _chunks_lock:
+                have[c] = got
+        at = np.flatnonzero(chunk_of == c)
+        local = rows[at] - c * store.chunk_rows
+        X[at] = got[0][local]
+        y[at] = got[1][local]
+    return X, y
 
 
 def _worker_address() -> str:
@@ -207,7 +266,7 @@ def _fit_group(
     t_read = time.perf_counter()
     rows = [part.rows(int(k)) for k in ks]
     offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
-    X_all, y_all = read_rows_at(store, np.concatenate(rows) if rows else np.empty(0, np.int64))
+    X_all, y_all = read_client_rows(store, np.concatenate(rows) if rows else np.empty(0, np.int64), job)
     read_seconds = time.perf_counter() - t_read
     from kernels.rows import take_rows
 

@@ -617,7 +617,10 @@ class FederatedTrainer:
             unfinished = [f for f in futures if not f.done()]
             if unfinished:
                 client.cancel(unfinished)
-        summaries = ps.summaries(list(names.values()))
+        # a participant standing for several clients (a folded task) leaves no summary with the
+        # server: its task's result carries them, so there is nothing to ask for
+        folded = any(parts[s] != names[s] for s in sampled)
+        summaries = {} if folded else ps.summaries(list(names.values()))
         errors: dict[str, str] = {}
         results: dict[str, dict] = {}
         for f, group in futures.items():
@@ -943,6 +946,7 @@ class SimulatedTrainer(FederatedTrainer):
 
         self.store_of: dict[str, str] = {}  # no sites
         self._draws = 0
+        self._threads: int | None = None  # worker threads when the round was sampled
         self.store = open_store(self._store_arg)
         if self.store.attrs.get("labelled") is False:
             raise StoreError(
@@ -1007,8 +1011,12 @@ class SimulatedTrainer(FederatedTrainer):
         live = np.flatnonzero(self.sizes > 0)  # a client without rows has nothing to train on
         n = clients_per_round(len(live), cfg.fraction_fit, cfg.min_clients)
         picked = live[sample_indices(len(live), n, cfg.seed, rnd)]
-        if not self.client.scheduler_info(n_workers=-1)["workers"]:
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        if not workers:
             self._wait_for_workers()
+            workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        # the round's groups are cut by these threads (one look at the cluster per round)
+        self._threads = sum(int(w.get("nthreads", 1)) for w in workers.values())
         return [f"c{int(k)}" for k in picked]
 
     def _wait_for_workers(self) -> None:
@@ -1051,7 +1059,10 @@ class SimulatedTrainer(FederatedTrainer):
     def _groups(self, sampled: list[str]) -> list[list[str]]:
         """The sampled clients in groups, one task each, of about ``EVAL_GROUP_ROWS`` rows and
         at least one group per worker thread."""
-        threads = sum(int(w.get("nthreads", 1)) for w in self.client.scheduler_info(n_workers=-1)["workers"].values())
+        threads = self._threads  # counted by this round's _sample
+        if threads is None:
+            workers = self.client.scheduler_info(n_workers=-1)["workers"]
+            threads = sum(int(w.get("nthreads", 1)) for w in workers.values())
         ks = np.array([int(c[1:]) for c in sampled], np.int64)
         rows = int(self.sizes[ks].sum())
         n_groups = max(1, min(len(sampled), max(threads, math.ceil(rows / EVAL_GROUP_ROWS))))

@@ -438,9 +438,16 @@ def test_federated_quick_runs_flower_and_the_pipeline(tmp_path: Path) -> None:
     fl = res["passes"][0]["results"]["flower N=10"]
     assert len(fl["round_end"]) == 3 and 0.0 <= fl["accuracy"] <= 1.0 and fl["rounds_per_s"] > 0
     assert fl["peak_rss"] > 0 and fl["processes"] >= 2  # Ray's processes were sampled with the driver
+    assert len(fl["trained"]) == 3 and all(len(r) == 1 for r in fl["trained"])  # 10% of 10 clients per round
     if pipeline_available() is None:
         pl = res["passes"][0]["results"]["pipeline N=10"]
         assert len(pl["round_end"]) == 3 and 0.0 <= pl["accuracy"] <= 1.0 and pl["rounds_per_s"] > 0
-        assert pl["same_partition"] is True  # the pipeline trained the clients Flower got
+        assert pl["same_partition"] is True  # the pipeline trained the partition Flower got
+        # ... and Flower trained the clients the pipeline sampled, round by round (checked by the run)
+        assert fl["same_clients"] is True and pl["same_clients"] is True and fl["seed"] == pl["seed"]
+        assert "both trained the same clients in every round" in out
+        steps = pl["breakdown"]  # where the steady round went, from the driver's and the tasks' clocks
+        assert steps["total"] > 0 and steps["tasks: compute"] > 0 and steps["slowest task"] > 0
+        assert "| tasks: read rows |" in out
     else:
         assert "| 10 | pipeline | not run |" in out and "NOT MEASURED" in out
