@@ -82,7 +82,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "synthetic": {"hidden": [512, 256], "batch_size": 256},  # the issue's MLP 784-512-256-10
     "letter": {},  # the pipeline's defaults (16-256-128-26, batch 256)
 }
-QUICK_THRESHOLD, QUICK_BUDGET = 0.5, 4  # --quick: letter, 2 seeds
+QUICK_THRESHOLD, QUICK_BUDGET = 0.75, 4  # --quick: letter, 2 seeds
 TARGET = 1.25  # 2-worker epochs / 1-process epochs, at most
 # settings a one-process reference shares with the 2-worker variant it is compared with; every other
 # key (local_steps, aggregate, server_*, warmup, schedule, mode, overlap, ...) shapes the rounds
@@ -207,7 +207,8 @@ def run(
                 trainers[f"2 workers [{vname}]"] = ("2 workers", vset)
                 refs[vname] = rname
             # warm the workers (imports, compiled kernels); times only, the epochs do not depend on it
-            run_pipeline(client, test, tmp / "warm", **{**base, "epochs": 1, "validation_store": ""})
+            for warm in (client, None):  # and this process (its kernels' compiled code)
+                run_pipeline(warm, test, tmp / "warm", **{**base, "epochs": 1, "validation_store": ""})
             passes = []
             for k, seed in enumerate(seeds):
                 order = protocol.rotated(list(trainers), k)
