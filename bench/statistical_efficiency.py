@@ -27,8 +27,8 @@ threshold (finer than whole epochs; the target is read on whole epochs), the bes
 accuracy within the budget, seconds per epoch (validation included) and seconds of epochs to the
 threshold, so the trade-off in throughput is visible beside the epochs.
 
-**Variants.** ``default`` and ``ema=0`` always run (the one-process reference with the same ``ema``).
-``--variant KEY=VALUE[,KEY=VALUE]`` adds a 2-worker run with settings changed, e.g.
+**Variants.** ``default`` and ``ema=0`` run unless ``--no-ema0`` (each against the one-process run
+with the same ``ema``). ``--variant KEY=VALUE[,KEY=VALUE]`` adds a 2-worker run with settings changed, e.g.
 ``local_steps=4`` or ``server_lr=1.5``; its one-process reference keeps the defaults except the keys
 that also mean something in one process (``REFERENCE_KEYS``: ``ema``, the model and the local
 optimizer), so a round-structure change (``local_steps``, ``aggregate``, ``server_*``, ...) is
