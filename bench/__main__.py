@@ -33,6 +33,11 @@ BENCHMARKS = [
     ("throughput", "End-to-end throughput against peers", "python -m bench.throughput"),
     ("local_steps", "Push interval: throughput vs convergence", "python -m bench.local_steps"),
     ("time_to_accuracy", "Time to accuracy and default-settings quality", "python -m bench.time_to_accuracy"),
+    (
+        "statistical_efficiency",
+        "Statistical efficiency: epochs to a test accuracy, 2 workers vs one process",
+        "python -m bench.statistical_efficiency",
+    ),
     ("epoch_anatomy", "Where an epoch goes on small stores", "python -m bench.epoch_anatomy"),
     ("step_anatomy", "Where a training step and a cold `pipeline train` go", "python -m bench.step_anatomy"),
     ("cold_start", "A cold `pipeline train` process by phase", "python -m bench.cold_start"),

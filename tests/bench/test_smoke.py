@@ -43,6 +43,15 @@ CASES = {
         "command cold / fastest peer cold",
         "Raw figures: `bench/out/results/time_to_accuracy-quick-",
     ],
+    "statistical_efficiency": [
+        "| 1 process [default] |",
+        "| 2 workers [default] |",
+        "| 2 workers [ema=0] |",
+        "| default | 1 process [default] |",
+        "<= 1.25x per seed",
+        "test accuracy >= 0.75 fixed in code",
+        "Raw figures: `bench/out/results/statistical_efficiency-quick-",
+    ],
     "out_of_core": [
         "peak RSS MB",
         "page cache MB (epoch end)",
@@ -107,7 +116,14 @@ CASES = {
 
 # throughput's smoke run starts five clusters and four fresh processes (cold timings, torch.compile,
 # two-process PyTorch); time_to_accuracy's runs two seeds: minutes on a loaded 2-core machine
-TIMEOUT = {"throughput": 900, "time_to_accuracy": 600, "out_of_core": 420, "ps_compression": 420, "cold_start": 300}
+TIMEOUT = {
+    "throughput": 900,
+    "time_to_accuracy": 600,
+    "statistical_efficiency": 300,
+    "out_of_core": 420,
+    "ps_compression": 420,
+    "cold_start": 300,
+}
 FIGURES = {"throughput", "time_to_accuracy", "out_of_core", "ps_limits", "privacy"}  # draw a PNG too
 
 
@@ -451,3 +467,30 @@ def test_federated_quick_runs_flower_and_the_pipeline(tmp_path: Path) -> None:
         assert "| tasks: read rows |" in out
     else:
         assert "| 10 | pipeline | not run |" in out and "NOT MEASURED" in out
+
+
+def test_statistical_efficiency_reads_epochs_and_references_as_stated() -> None:
+    """The first epoch (1-based) at or above the threshold, a miss as None; the interpolated
+    epoch between the epochs around it; a median with misses counted as later than any epoch;
+    a round-structure variant is compared with the default one-process run, an ema variant with
+    the one-process run of the same ema; variants are checked like ``pipeline train --set``."""
+    from bench.statistical_efficiency import (
+        _median_epochs,
+        first_epoch,
+        interpolated_epoch,
+        parse_variant,
+        reference_of,
+    )
+    from pipeline.errors import ConfigError
+
+    curve = [0.50, 0.58, 0.60, 0.59, 0.61]
+    assert first_epoch(curve, 0.60) == 3 and first_epoch(curve, 0.62) is None
+    assert first_epoch(curve, 0.40) == 1 and interpolated_epoch(curve, 0.40) == 1.0
+    assert abs(interpolated_epoch(curve, 0.59) - 2.5) < 1e-9 and interpolated_epoch(curve, 0.62) is None
+    assert _median_epochs([3, 5, 4]) == 4.0 and _median_epochs([3, None, 4]) == 4.0
+    assert _median_epochs([3, None, None]) is None
+    v = parse_variant("local_steps=4, server_lr=1.5,ema=0")
+    assert v == {"local_steps": 4, "server_lr": 1.5, "ema": 0.0}
+    assert reference_of(v) == {"ema": 0.0} and reference_of({"aggregate": "mean"}) == {}
+    with pytest.raises(ConfigError, match="unknown config key 'local_step'"):
+        parse_variant("local_step=4")
