@@ -340,10 +340,23 @@ def check_trained(who: str, got: list[list[int]] | None, plan: Path | None) -> b
     return True
 
 
+def shown(path: str | Path) -> str:
+    """``path`` as the tables and JSON give it: relative to the checkout when inside it (a
+    machine's own directories are nobody else's business), else as given."""
+    p = Path(path)
+    try:
+        return p.absolute().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(p)
+
+
 def flower_versions(python: Path) -> dict[str, Any]:
     code = "import json; from bench.flower_peer import versions; print(json.dumps(versions()))"
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    return json.loads(out.stdout)
+    v = json.loads(out.stdout)
+    if v.get("executable"):
+        v["executable"] = shown(v["executable"])
+    return v
 
 
 def run_flower(
@@ -962,7 +975,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         res = {
             "meta": meta(),
             "flower_versions": flower_versions(python) if "flower" in systems else {},
-            "args": vars(args),
+            "args": {**vars(args), "flower_python": shown(args.flower_python)},
             "clients": clients,
             "seeds": seeds,
             "sizes": prep["sizes"],
