@@ -688,6 +688,7 @@ for _id, _setting in {
     "C69": ("secure_aggregation=true", "dp=central", "compression=int8"),
     "C70": ("dp=central", "ps_shards=2"),
     "C71": ("clients=10", "secure_aggregation=true"),
+    "C72": ("ps_shared_memory=maybe",),
 }.items():
     case(_id)(lambda t, s=_setting: _train_set(t, *(a for v in s for a in ("--set", v))))
 
@@ -1134,6 +1135,11 @@ def _(t: Trial) -> Outcome:
 @case("C55")
 def _(t: Trial) -> Outcome:
     return _compressed_push(t, "topk", _topk([4, 4]))
+
+
+@case("C73")
+def _(t: Trial) -> Outcome:
+    return _compressed_push(t, "none", "shm")  # the shared-memory marker, but no segment was given
 
 
 def _job_names(dask_scheduler) -> list[str]:

@@ -27,6 +27,10 @@ The package, from the wire up (each module imports only those above it):
 ``wire``
     Vectors as zero-copy float32 frames, and deltas compressed as fp16, bf16, top-k or int8
     (with error feedback on the worker), checked from their header without unpickling.
+``shm``
+    Same-host transport: shared-memory segments the server creates for a sync round's delta
+    (one per participant) and weights (one per job), attached by workers on its host, checked
+    by a nonce (``ps_shared_memory``).
 ``job``
     :class:`Job`: one job's weights, server optimizer (:class:`pipeline.optim.ServerOptimizer`),
     participants and rounds; the rules of the three modes. Needs no scheduler.

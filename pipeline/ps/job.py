@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from distributed.protocol.serialize import Serialized
 
+import pipeline.ps.shm as shmem
 from pipeline import fedagg
 from pipeline.errors import PSError
 from pipeline.jobview import JobSnapshot
@@ -39,7 +40,6 @@ from pipeline.privacy import (
     noise_rng,
     split_noise,
 )
-from pipeline.ps import shm as shmem
 from pipeline.ps.wire import CODECS, decode_delta, decode_opt_state, decode_vector, encode_opt_state, encode_vector
 from pipeline.secagg import KEY_BYTES, dequantize, scale_for
 

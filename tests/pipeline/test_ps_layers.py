@@ -13,7 +13,7 @@ from tests.processes import ROOT, child_env
 
 PACKAGE = ROOT / "pipeline" / "ps"
 # each module may import only the modules before it (the package's __init__ imports them all)
-ORDER = ["wire", "job", "extension", "install", "client", "shard"]
+ORDER = ["wire", "shm", "job", "extension", "install", "client", "shard"]
 
 
 def _imports(path: Path) -> set[str]:
