@@ -163,6 +163,9 @@ class ParameterServerExtension(SchedulerPlugin):
         if job in self.jobs and not overwrite and not self.jobs[job].closed:
             raise PSError(f"job {job!r} already exists on this scheduler; pick another job id")
         st = Job.create(job, owner=client, keys=self.key_to_participant, **kw)
+        replaced = self.jobs.get(st.job)
+        if replaced is not None:
+            replaced.release_shm()  # its shared-memory segments go with it
         self.jobs[st.job] = st
         logger.info("job %s created: %d parameters, mode %s", job, st.params.size, st.mode)
         return {"status": "OK", "installed_by": self.installed_by, "version": st.version}

@@ -315,7 +315,7 @@ class Job:
         it already pushed in sync mode stays in the open round."""
         p = self.participants.pop(name, None)
         expected_key = self.expected.pop(name, None)
-        self._release_shm(name)  # a delta it pushed was copied into the round
+        self.release_shm(name)  # a delta it pushed was copied into the round
         for key in (getattr(p, "key", None), expected_key):
             if key is not None:
                 self.keys.pop(key, None)
@@ -917,7 +917,7 @@ class Job:
         self.bytes_shm += self.params.nbytes
         return {"status": "OK", "version": self.version, "message": self.failed, "shm": True, **extra}
 
-    def _release_shm(self, name: str | None = None) -> None:
+    def release_shm(self, name: str | None = None) -> None:
         """Unlink ``name``'s push segment (every segment of the job when None)."""
         names = list(self.shm_push) if name is None else [name]
         for n in names:
@@ -1089,7 +1089,7 @@ class Job:
         """Close the job: every waiter wakes; returns its final metrics with recent history."""
         self.closed = True
         self._forget_participants()
-        self._release_shm()
+        self.release_shm()
         self.pending.clear()
         summary = self.metrics()
         summary["history"] = [list(h) for h in list(self.history)[-2000:]]

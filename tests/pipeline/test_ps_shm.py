@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.ps import EXTENSION_NAME, PSError
+from pipeline.ps import EXTENSION_NAME, ParameterServer, PSError
 from pipeline.ps import shm as shmem
 from pipeline.ps.job import SHM_DELTA, Job
 
@@ -143,6 +143,18 @@ def test_a_sync_round_through_shared_memory_equals_the_round_over_the_wire():
         assert not names & _segments()
 
     asyncio.run(go())
+
+
+@needs_dev_shm
+def test_a_job_created_again_over_one_with_segments_unlinks_them(client):
+    """``ps_create(overwrite=True)`` replaces a job: the old job's segments are unlinked."""
+    ps = ParameterServer("shm-overwrite", client)
+    ps.create(np.zeros(16, np.float32), mode="sync")
+    names = {seg["name"] for seg in ps.join("a", shm=True)["shm"].values()}
+    assert names <= _segments()
+    ps.create(np.zeros(16, np.float32), mode="sync", overwrite=True)
+    assert not names & _segments()
+    ps.close()
 
 
 @pytest.fixture(scope="module")
