@@ -355,21 +355,19 @@ def _command(store: str, out: Path, epochs: int, extra: Sequence[str]) -> list[s
     ]
 
 
-def _env(root: Path = ROOT) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore"}
-
-
 def plain_run(store: str, out: Path, epochs: int, extra: Sequence[str], root: Path = ROOT) -> tuple[float, float]:
     """Wall seconds of the plain command, from outside, and the CPU seconds of it and of every
     process it started (a cluster's workers)."""
     import resource
     import subprocess
 
+    from bench.common import child_env
+
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *_command(store, out, epochs, extra)],
-        env=_env(root),
+        env=child_env(root),
         cwd=root,  # the current directory comes first on sys.path: the checkout's own modules
         check=True,
         capture_output=True,
@@ -384,8 +382,10 @@ def timed_run(store: str, out: Path, epochs: int, extra: Sequence[str], root: Pa
     the run's history figures."""
     import subprocess
 
+    from bench.common import child_env
+
     dest = out.parent / f"{out.name}-phases.json"
-    env = {**_env(root), OUT_ENV: str(dest), LAUNCH_ENV: repr(time.time())}
+    env = {**child_env(root), OUT_ENV: str(dest), LAUNCH_ENV: repr(time.time())}
     t = time.perf_counter()
     subprocess.run(
         [sys.executable, "-c", "import sys; from bench.cold_start import child; sys.exit(child())"]

@@ -21,6 +21,13 @@ from typing import Any
 import numpy as np
 
 OUT = Path(__file__).resolve().parent / "out"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
+
+
+def child_env(root: Path = ROOT) -> dict[str, str]:
+    """The environment of a benchmark's child Python process: ``root``'s packages first on the
+    path (this checkout, or an earlier commit's files to compare with), warnings off."""
+    return {**os.environ, "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore"}
 
 
 # -------------------------------------------------------------------------------------------

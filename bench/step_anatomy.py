@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import local_cluster, machine, md_table, tmpdir, write_out
+from bench.common import child_env, local_cluster, machine, md_table, tmpdir, write_out
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (784, 512, 256, 10)
@@ -149,7 +148,7 @@ def cold_run(store_path: str, out: Path, epochs: int, extra: Sequence[str] = ())
     from pipeline.checkpoint import load_file, save_file
     from pipeline.model import Model
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    env = child_env()
     t = time.perf_counter()
     subprocess.run(
         [sys.executable, "-c", "import pipeline.cli, pipeline.train, pipeline.worker, distributed"], env=env, check=True

@@ -84,6 +84,7 @@ from bench.common import (
     SklearnPeer,
     TorchPeer,
     arrays,
+    child_env,
     load,
     local_cluster,
     md_table,
@@ -185,9 +186,6 @@ def first_time(curve: list[tuple[float, float]], thr: float) -> float | None:
     return next((t for t, m in curve if m >= thr), None)
 
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
 def command_cold(train: Any, test: Any, out: Path, seed: int, quick: bool, overrides: dict[str, Any]) -> dict:
     """A fresh ``pipeline train`` process as a user runs it (in this process below
     ``cluster_min_rows``, as the command decides): its wall time and, from its history.json, the
@@ -202,7 +200,7 @@ def command_cold(train: Any, test: Any, out: Path, seed: int, quick: bool, overr
     cmd = [sys.executable, "-m", "pipeline.cli", "train", str(train.path), "--out", str(out), "--force", "-q"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    env = child_env()
     t = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     wall = time.perf_counter() - t
@@ -223,7 +221,7 @@ def peer_startup(train: Any, test: Any, library: str) -> float:
         f"import {library}\nfrom bench.common import arrays\nfrom pipeline.store import open_store\n"
         f"tr = open_store({str(train.path)!r})\narrays(tr)\narrays(open_store({str(test.path)!r}), like=tr)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    env = child_env()
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
     return time.perf_counter() - t

@@ -255,7 +255,9 @@ class _Pusher:
         now = {"read": self.loader.read_seconds, "compute": self.timing["compute"], "communicate": self.comm.seconds}
         timings = {k: v - self.reported[k] for k, v in now.items()}
         self.reported.update(now)
-        delta = self.anchor - current
+        # with a push segment the delta is computed straight into it: the server reads it there
+        seg = self.shm_push
+        delta = self.anchor - current if seg is None else np.subtract(self.anchor, current, out=seg.data)
         if self.local_dp:
             privatize_local(delta, self.clip, self.noise, self.rng)
         self.pushed["samples"] += samples
@@ -265,11 +267,7 @@ class _Pusher:
             self.anchor = current
             self._secure_push(delta, samples, batches, loss, timings)
             return
-        if self.shm_push is not None:
-            self.shm_push.data[:] = delta
-            wire: Any = SHM_DELTA
-        else:
-            wire, _ = self.compressor(delta)
+        wire, _ = (SHM_DELTA, None) if seg is not None else self.compressor(delta)
         fut = self.comm.ps.soon.push(
             name=self.name,
             version=self.version,
