@@ -24,6 +24,8 @@ from pathlib import Path
 
 from bench.common import OUT, machine, write_out
 from bench.figures import FIGURES, TITLES
+from bench.targets import collect
+from bench.targets import render as render_targets
 
 HERE = Path(__file__).resolve().parent
 # (module, title, full command)
@@ -107,6 +109,8 @@ def render(
         "their figures come from.",
         "",
     ]
+    if not quick:
+        lines += [render_targets(collect()), ""]
     if preamble:
         lines += [preamble, ""]
     for title, cmd, text, secs in sections:

@@ -1,0 +1,416 @@
+"""Every measured target in one table, read from the raw figures the benchmarks kept.
+
+    python -m bench.targets                 # print the table (markdown)
+    python -m bench.targets --results DIR   # from another results directory
+    python -m bench.targets --write         # and put it at the top of bench/RESULTS.md in place
+
+For each benchmark the newest full (not ``--quick``) JSON under ``bench/results/`` is read; each
+target is stated with its figure in every pass (or seed), the rule it is judged by, and whether it
+is met. The rule is the benchmark protocol's (:mod:`bench.protocol`): a ratio counts as met when it
+holds in at least 4 of 5 passes, i.e. in ``ceil(0.8 n)`` of ``n`` passes, unless the target names
+its own rule (statistical efficiency: the median of 3 seeds). Passes flagged as taken under load
+are counted in the last column: their rates are not a quiet machine's. A benchmark with no full
+run on record is listed as "no run", never as met. ``python -m bench`` puts this table at the top
+of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.protocol import RESULTS
+
+
+@dataclass
+class Target:
+    area: str
+    target: str
+    figures: str  # per pass / per seed, as printed
+    rule: str
+    met: bool | None  # None: not measured
+    source: str  # the JSON's name, or "" when there is none
+    flagged: str = ""  # "k of n" passes flagged as under load
+
+
+def needed(n: int) -> int:
+    """Passes that must meet a target out of ``n``: 4 of 5, ``ceil(0.8 n)`` in general."""
+    return max(1, math.ceil(0.8 * n))
+
+
+def full_runs(kind: str, results: Path = RESULTS) -> list[tuple[Path, dict[str, Any]]]:
+    """The full runs of benchmark ``kind`` (files ``kind-<UTC stamp>.json``), newest first."""
+    out = []
+    for path in sorted(results.glob(f"{kind}-*.json"), reverse=True):
+        if not path.stem[len(kind) + 1 :][:1].isdigit():
+            continue  # another benchmark whose name starts with this one's
+        data = json.loads(path.read_text())
+        if not data.get("quick"):
+            out.append((path, data))
+    return out
+
+
+def newest(kind: str, results: Path = RESULTS, has: str = "") -> tuple[Path, dict[str, Any]] | None:
+    """The newest full run of benchmark ``kind`` (with key ``has`` when given), or None: a run of
+    some of a benchmark's parts (e.g. ``--parts server``) does not hide the last run of the others."""
+    return next(((p, d) for p, d in full_runs(kind, results) if not has or has in d), None)
+
+
+def _fmt(x: float, unit: str = "x") -> str:
+    if unit == "pt":
+        return f"{x:+.2f}"
+    if unit == "%":
+        return f"{100 * x:.0f}%"
+    if unit == "s":
+        return f"{x:.2f} s"
+    return f"{x:.2f}{unit}"
+
+
+def _per(xs: Sequence[float], unit: str = "x") -> str:
+    return " / ".join(_fmt(x, unit) for x in xs)
+
+
+def _flagged(conds: Sequence[dict[str, Any]]) -> str:
+    flags = sum(1 for c in conds if c.get("flags"))
+    return f"{flags} of {len(conds)}"
+
+
+def _missing(area: str, target: str, command: str) -> Target:
+    return Target(area, target, f"no full run on record (`{command}`)", "", None, "")
+
+
+def throughput_targets(results: Path = RESULTS) -> list[Target]:
+    got = newest("throughput", results)
+    if got is None:
+        return [_missing("speed", "steady state and cold against PyTorch, dask-ml", "python -m bench.throughput")]
+    path, d = got
+    flagged = _flagged([p["conditions"] for p in d["passes"]])
+    out = []
+    for t in d["targets"]:
+        xs = t["per_pass"]
+        if t.get("points"):
+            figures = _per(xs, "pt") + " points (deterministic: the same samples in every pass)"
+            rule = "not more than 1 point below"
+        elif "GEMM" in t["target"]:
+            figures = _per(xs, "%")
+            rule = f"{needed(len(xs))} of {len(xs)} passes"
+        else:
+            figures = _per(xs)
+            rule = f"{needed(len(xs))} of {len(xs)} passes"
+        out.append(Target("speed", t["target"], figures, rule, bool(t["met"]), path.name, flagged))
+    return out
+
+
+def cold_start_targets(results: Path = RESULTS, limit: float = 2.0) -> list[Target]:
+    got = newest("cold_start", results)
+    name = "cold `pipeline train`: start-up, warm-up, validation and checkpoints under 2 s"
+    if got is None:
+        return [_missing("speed", name, "python -m bench.cold_start --epochs 5")]
+    path, d = got
+    out = []
+    for layout, res in d["results"].items():
+        xs = [t["overhead_s"] for t in res["timed"]]
+        n_ok = sum(x < limit for x in xs)
+        loads = [t.get("load_before", 0.0) for t in res["timed"]]
+        flagged = f"{sum(x > d['meta']['host']['cores'] for x in loads)} of {len(loads)} (load)"
+        out.append(
+            Target(
+                "speed",
+                f"{name} ({layout}, {d['epochs']} epochs of {d['rows']:,} x {d['features']})",
+                _per(xs, "s") + f" (median {statistics.median(xs):.2f} s)",
+                f"{needed(len(xs))} of {len(xs)} passes",
+                n_ok >= needed(len(xs)),
+                path.name,
+                flagged,
+            )
+        )
+    return out
+
+
+VARIANTS = ("default", "ema=0")  # the pipeline's defaults, and the same without weight averaging
+
+
+def statistical_efficiency_targets(results: Path = RESULTS, limit: float = 1.25) -> list[Target]:
+    """Per dataset, the default settings and ``ema=0``, each from the newest full run that has it
+    (runs of other settings tried, ``--variant local_steps=4`` etc., are not the target's)."""
+    name = "statistical efficiency: epochs to the threshold on 2 workers <= 1.25x one process"
+    runs = full_runs("statistical_efficiency", results)
+    picked: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
+    for path, d in runs:
+        for ds, v in d["results"].items():
+            for variant in v["references"]:
+                if variant in VARIANTS:
+                    picked.setdefault((ds, variant), (path, v))
+    if not picked:
+        return [_missing("speed", name, "python -m bench.statistical_efficiency")]
+    out = []
+    for (ds, variant), (path, v) in sorted(picked.items()):
+        ref = v["references"][variant]
+        two = next(k for k in v["passes"][0]["results"] if k.startswith("2 ") and k.endswith(f"[{variant}]"))
+        ratios: list[float | None] = []
+        for p in v["passes"]:
+            a, b = p["results"][two]["epochs_to_threshold"], p["results"][ref]["epochs_to_threshold"]
+            ratios.append(a / b if a and b else None)
+        shown = " / ".join("not reached" if r is None else f"{r:.2f}x" for r in ratios) + " per seed"
+        if any(r is None for r in ratios):
+            met = False
+        else:
+            med = statistics.median([r for r in ratios if r is not None])
+            met = med <= limit
+            over = sum(1 for r in ratios if r is not None and r > limit)
+            shown += f" (median {med:.2f}x" + (f"; {over} of {len(ratios)} seeds above 1.25x" if over else "") + ")"
+        out.append(
+            Target(
+                "speed",
+                f"{name}: {ds}, threshold {v['threshold']}, {variant}",
+                shown,
+                f"median of {len(ratios)} seeds (the target's own rule)",
+                met,
+                path.name,
+                _flagged([p["conditions"] for p in v["passes"]]),
+            )
+        )
+    return out
+
+
+PEERS_COLD = ("pytorch best practice, cold", "pytorch, cold", "scikit-learn, cold")
+PEERS_WARM = ("pytorch best practice", "pytorch", "scikit-learn")
+
+
+def time_to_accuracy_targets(results: Path = RESULTS, big: int = 50_000) -> list[Target]:
+    got = newest("time_to_accuracy", results)
+    name = "time to accuracy"
+    if got is None:
+        return [_missing("speed", name, "python -m bench.time_to_accuracy")]
+    path, d = got
+    by_ds: dict[str, list[dict[str, Any]]] = {}
+    for seed in d["per_seed"]:
+        for rec in seed:
+            by_ds.setdefault(rec["name"], []).append(rec)
+    out = []
+    for ds, recs in by_ds.items():
+        rows = recs[0]["rows"][0]
+
+        def ratio(rec: dict[str, Any], mine: str, peers: Sequence[str]) -> float | None:
+            t = rec["times"]
+            best = [t[p] for p in peers if t.get(p) is not None]
+            if t.get(mine) is None or not best:
+                return None
+            return t[mine] / min(best)
+
+        def show(xs: list[float | None]) -> str:
+            return " / ".join("not reached" if x is None else f"{x:.2f}x" for x in xs)
+
+        cold = [ratio(r, "pipeline command, cold", PEERS_COLD) for r in recs]
+        n = len(recs)
+        if rows >= big:
+            warm = [ratio(r, "pipeline (warm cluster)", PEERS_WARM) for r in recs]
+            for label, xs in (("cold", cold), ("warm", warm)):
+                hits = sum(1 for x in xs if x is not None and x < 1.0)
+                out.append(
+                    Target(
+                        "speed",
+                        f"{name}, {ds} ({rows:,} training rows, threshold {recs[0]['thr']}): the pipeline first, "
+                        f"{label} (time over the fastest peer's)",
+                        show(xs) + " per seed",
+                        f"below 1.0x in {needed(n)} of {n} seeds",
+                        hits >= needed(n),
+                        path.name,
+                    )
+                )
+        else:
+            hits = sum(1 for x in cold if x is not None and x <= 1.5)
+            out.append(
+                Target(
+                    "speed",
+                    f"{name}, {ds} ({rows:,} training rows, threshold {recs[0]['thr']}): the command cold within "
+                    "1.5x of the fastest peer's cold time",
+                    show(cold) + " per seed",
+                    f"{needed(n)} of {n} seeds",
+                    hits >= needed(n),
+                    path.name,
+                )
+            )
+    return out
+
+
+FED_NAMES = {
+    "speed": "rounds/s >= 3x Flower's",
+    "accuracy": "accuracy within 1 point of Flower's",
+    "memory": "peak memory flat from 100 to 10,000 clients (within 10%)",
+}
+
+
+def federated_targets(results: Path = RESULTS) -> list[Target]:
+    got = newest("federated", results)
+    if got is None:
+        return [_missing("federated", "against Flower", "python -m bench.federated")]
+    path, d = got
+    flagged = _flagged([p["conditions"] for p in d["passes"] if "conditions" in p])
+    largest = max(d.get("clients", [0]))
+    out = []
+    for key, t in d["targets"].items():
+        kind, _, n = key.partition(" ")
+        xs = t["per_pass"]
+        label = FED_NAMES.get(kind, key)
+        if kind == "memory":
+            label = f"peak memory flat from 100 to {largest:,} clients (within 10%)"
+        unit = "pt" if kind == "accuracy" else "x"
+        out.append(
+            Target(
+                "federated",
+                f"{label}{', ' + n.replace('N=', '') + ' clients' if n else ''}",
+                _per(xs, unit) + (" points" if unit == "pt" else ""),
+                f"{t.get('needed', needed(len(xs)))} of {len(xs)} passes",
+                bool(t["met"]),
+                path.name,
+                flagged,
+            )
+        )
+    return out
+
+
+CODEC_LIMITS = {"fp16": 0.5, "bf16": 0.5, "int8": 1.0, "topk": 1.0}
+
+
+def compression_targets(results: Path = RESULTS) -> list[Target]:
+    got = newest("ps_compression", results, has="accuracy")
+    if got is None:
+        return [_missing("scale", "compressed deltas: accuracy against float32", "python -m bench.ps_compression")]
+    path, d = got
+    out = []
+    for ds, v in d["accuracy"].items():
+        for codec, limit in CODEC_LIMITS.items():
+            gaps = [100 * (p["accuracy"]["none"] - p["accuracy"][codec]) for p in v["passes"] if codec in p["accuracy"]]
+            if not gaps:
+                continue
+            out.append(
+                Target(
+                    "scale",
+                    f"{codec} deltas: accuracy within {limit} points of float32, {ds}",
+                    _per(gaps, "pt") + " points below float32 per seed",
+                    f"all {len(gaps)} seeds",
+                    all(g <= limit for g in gaps),
+                    path.name,
+                )
+            )
+    return out
+
+
+def projection_targets(results: Path = RESULTS, want: int = 64) -> list[Target]:
+    """The scaling projection's target: one parameter server is not the bottleneck up to 64 GPU
+    workers for the 1M-parameter model at local_steps 8 (worker counts at saturation, per codec)."""
+    got = newest("ps_compression", results, has="projection")
+    name = f"projection: the parameter server not the bottleneck up to {want} GPU workers, 1M parameters"
+    if got is None:
+        return [_missing("scale", name, "python -m bench.ps_compression --parts server,projection")]
+    path, d = got
+    rows = [r for r in d["projection"] if r["model"] == "1M" and r["workers"] == "GPU"]
+    figures = "; ".join(f"{r['codec']} {r['N 10 GbE']:.1f} / {r['N 100 GbE']:.1f}" for r in rows)
+    best = max(max(r["N 10 GbE"], r["N 100 GbE"]) for r in rows)
+    return [
+        Target(
+            "scale",
+            name + " (one in-scheduler server; workers at saturation on 10 / 100 GbE, by codec)",
+            figures,
+            f">= {want} workers with some codec",
+            best >= want,
+            path.name,
+        )
+    ]
+
+
+def overlap_targets(results: Path = RESULTS) -> list[Target]:
+    got = newest("overlap", results)
+    if got is None:
+        return [_missing("scale", "overlap: accuracy within 0.5 points", "python -m bench.overlap")]
+    path, d = got
+    out = []
+    for ds, v in d["results"].items():
+        gaps = [100 * (p["results"]["overlap off"]["acc"] - p["results"]["overlap on"]["acc"]) for p in v["passes"]]
+        out.append(
+            Target(
+                "scale",
+                f"overlap: accuracy within 0.5 points of the non-overlapped run, {ds}",
+                _per(gaps, "pt") + " points below per seed",
+                f"all {len(gaps)} seeds",
+                all(g <= 0.5 for g in gaps),
+                path.name,
+            )
+        )
+    return out
+
+
+def collect(results: Path = RESULTS) -> list[Target]:
+    """Every target of every benchmark that states one, newest full runs."""
+    return [
+        *throughput_targets(results),
+        *cold_start_targets(results),
+        *statistical_efficiency_targets(results),
+        *time_to_accuracy_targets(results),
+        *federated_targets(results),
+        *compression_targets(results),
+        *projection_targets(results),
+        *overlap_targets(results),
+    ]
+
+
+def render(targets: Sequence[Target]) -> str:
+    met = sum(1 for t in targets if t.met)
+    missing = sum(1 for t in targets if t.met is None)
+    lines = [
+        HEADING,
+        "",
+        f"{met} of {len(targets)} targets met"
+        + (f", {missing} without a full run" if missing else "")
+        + ". Built by `python -m bench.targets` from the newest full run of each benchmark under "
+        "bench/results/ (the JSON is named in each row); the rule column says how a target is judged, "
+        "the last column how many passes were flagged as taken under load (bench/protocol.py).",
+        "",
+        "| area | target | per pass / per seed | rule | met? | raw figures | under load |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for t in targets:
+        verdict = "no run" if t.met is None else ("met" if t.met else "**NOT met**")
+        src = f"`{t.source}`" if t.source else "-"
+        lines.append(f"| {t.area} | {t.target} | {t.figures} | {t.rule} | {verdict} | {src} | {t.flagged or '-'} |")
+    return "\n".join(lines)
+
+
+HEADING = "## Targets: newest full runs"
+
+
+def place(doc: str, table: str) -> str:
+    """``doc`` (RESULTS.md's text) with its targets section replaced by ``table``, or ``table``
+    inserted before the first other section when it has none."""
+    lines = doc.splitlines()
+    if HEADING in lines:
+        start = lines.index(HEADING)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        return "\n".join([*lines[:start], *table.splitlines(), "", *lines[end:]]) + "\n"
+    first = next((i for i, ln in enumerate(lines) if ln.startswith("## ")), len(lines))
+    return "\n".join([*lines[:first], *table.splitlines(), "", *lines[first:]]) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(prog="python -m bench.targets", description=__doc__.split("\n")[0])
+    ap.add_argument("--results", default=str(RESULTS), help="directory of the benchmarks' JSON files")
+    ap.add_argument("--write", action="store_true", help="replace the targets section of bench/RESULTS.md")
+    args = ap.parse_args(argv)
+    text = render(collect(Path(args.results)))
+    print(text)
+    if args.write:
+        dest = Path(__file__).resolve().parent / "RESULTS.md"
+        dest.write_text(place(dest.read_text() if dest.is_file() else "# Benchmark results\n", text))
+        print(f"wrote {dest}")
+    return text
+
+
+if __name__ == "__main__":
+    main()

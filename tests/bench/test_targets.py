@@ -1,0 +1,69 @@
+"""bench.targets: the summary table of targets is read from the raw figures the benchmarks kept."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from bench.protocol import RESULTS
+from bench.targets import collect, needed, newest, place, render
+
+KEPT = sorted(RESULTS.glob("throughput-*.json"))
+
+
+def test_needed_is_four_of_five() -> None:
+    assert needed(5) == 4
+    assert needed(3) == 3
+    assert needed(10) == 8
+    assert needed(1) == 1
+
+
+def test_targets_follow_the_newest_full_run_and_skip_quick_ones(tmp_path: Path) -> None:
+    src = KEPT[-1]
+    shutil.copy(src, tmp_path / src.name)
+    data = json.loads(src.read_text())
+    # a newer quick run must not replace the full one
+    quick = dict(data, quick=True, targets=[dict(t, met=not t["met"]) for t in data["targets"]])
+    (tmp_path / "throughput-29991231T000000Z.json").write_text(json.dumps(quick))
+    path, got = newest("throughput", tmp_path)
+    assert path.name == src.name
+    rows = [t for t in collect(tmp_path) if t.source == src.name]
+    assert [t.target for t in rows] == [t["target"] for t in data["targets"]]
+    assert [t.met for t in rows] == [bool(t["met"]) for t in data["targets"]]
+    # every other benchmark has no run in this directory: listed as such, never as met
+    others = [t for t in collect(tmp_path) if t.source != src.name]
+    assert others and all(t.met is None for t in others)
+    text = render(collect(tmp_path))
+    assert f"{sum(1 for t in rows if t.met)} of {len(rows) + len(others)} targets met" in text
+    assert "no run" in text
+
+
+def test_a_flipped_pass_changes_the_verdict(tmp_path: Path) -> None:
+    src = sorted(RESULTS.glob("cold_start-*.json"))[-1]
+    data = json.loads(src.read_text())
+    for t in data["results"]["in process"]["timed"]:
+        t["overhead_s"] = 1.5
+    (tmp_path / src.name).write_text(json.dumps(data))
+    row = next(t for t in collect(tmp_path) if "in process" in t.target)
+    assert row.met is True
+    data["results"]["in process"]["timed"][0]["overhead_s"] = 2.5
+    (tmp_path / src.name).write_text(json.dumps(data))
+    row = next(t for t in collect(tmp_path) if "in process" in t.target)
+    assert row.met is False
+    assert "2.50 s" in row.figures
+
+
+def test_the_kept_results_render() -> None:
+    text = render(collect())
+    assert text.startswith("## Targets: newest full runs")
+    assert "| speed | steady: pipeline >= 1.3x PyTorch best practice |" in text
+
+
+def test_place_replaces_only_its_own_section() -> None:
+    doc = "# Benchmark results\n\nMachine: x\n\n## Summary\n\ntext\n"
+    once = place(doc, "## Targets: newest full runs\n\n| a |")
+    assert once.index("## Targets") < once.index("## Summary")
+    twice = place(once, "## Targets: newest full runs\n\n| b |")
+    assert "| a |" not in twice and "| b |" in twice
+    assert twice.count("## Targets") == 1 and "## Summary\n\ntext" in twice
