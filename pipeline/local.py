@@ -154,6 +154,7 @@ class LocalTrainer(Trainer):
         self._residual: np.ndarray | None = None  # async/ssp: the error-feedback residual between tasks
         self._eval_trainer: Any = None
         self._val_batches: list | None = None
+        self._val_future: Any = None  # the validation rows being read during the first epoch
 
     def fit(self) -> Any:
         from threadpoolctl import threadpool_limits
@@ -183,6 +184,7 @@ class LocalTrainer(Trainer):
         """The epoch's work as a one-thread cluster would run it, in this process: one share of
         every range (sync), else the tasks one after the other."""
         epoch, done_tasks = run.epoch, run.done_tasks
+        self._prefetch_validation()
         # the plan's own work for a cluster of one single-threaded worker
         work = [(w.name, w.ranges) for w in epoch_work(self.epoch_plan, self.cfg, epoch, {SLOT_WORKER: 1}, self.spec)]
         stats = {
@@ -286,36 +288,59 @@ class LocalTrainer(Trainer):
             "compute": max(0.0, total - read),
         }
 
+    def _read_validation(self, val_ranges: Ranges) -> list:
+        """The validation rows as the batches of :func:`pipeline.worker.evaluate_ranges`."""
+        from pipeline.loader import ChunkLoader
+        from pipeline.store import open_store
+
+        cfg, tcfg, norm = self.cfg, task_config(self.cfg), self.val_norm
+        loader = ChunkLoader(
+            self.store if self.val_path == self.store_path else open_store(self.val_path),
+            ranges=val_ranges,
+            batch_size=max(cfg.batch_size, 1024),
+            shuffle=False,
+            normalize=cfg.normalize,
+            prefetch=cfg.prefetch,
+            mean=None if norm is None else norm["mean"],
+            std=None if norm is None else norm["std"],
+            holdout=holdout_selection(tcfg, "validation"),
+        )
+        try:
+            return list(loader.epoch(0))
+        finally:
+            loader.close()
+
+    def _prefetch_validation(self) -> None:
+        """Start reading the validation rows on a thread of their own while the first epoch
+        trains: training here uses one BLAS thread, so on a machine with a second core the
+        read (a pass over every chunk: the held-out rows are spread over all of them) is done
+        by the time the epoch ends. The batches are the ones :meth:`_evaluate` would read."""
+        if self._val_batches is not None or self._val_future is not None or not self.epoch_plan.val_ranges:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="pipeline-validation-read")
+        self._val_future = pool.submit(self._read_validation, self.epoch_plan.val_ranges)
+        pool.shutdown(wait=False)
+
     def _evaluate(self, epoch: int, val_ranges: Ranges) -> dict[str, Any]:
         """The model's metrics on the validation rows: the batches of
-        :func:`pipeline.worker.evaluate_ranges`, read once and kept in memory for the next
-        epochs when they take at most ``VAL_CACHE_MB`` (the rows held out of a store are spread
-        over all its chunks: reading them is reading the whole store)."""
-        from pipeline.loader import ChunkLoader
+        :func:`pipeline.worker.evaluate_ranges`, read once (the first time on a thread during
+        the first epoch, :meth:`_prefetch_validation`) and kept in memory for the next epochs
+        when they take at most ``VAL_CACHE_MB`` (the rows held out of a store are spread over
+        all its chunks: reading them is reading the whole store)."""
         from pipeline.metrics import evaluate_arrays, finish_metrics, merge_metrics
-        from pipeline.store import open_store
 
         if not val_ranges:
             return {}
-        cfg, tcfg = self.cfg, task_config(self.cfg)
+        tcfg = task_config(self.cfg)
         batches = self._val_batches
         if batches is None:
-            norm = self.val_norm
-            loader = ChunkLoader(
-                self.store if self.val_path == self.store_path else open_store(self.val_path),
-                ranges=val_ranges,
-                batch_size=max(cfg.batch_size, 1024),
-                shuffle=False,
-                normalize=cfg.normalize,
-                prefetch=cfg.prefetch,
-                mean=None if norm is None else norm["mean"],
-                std=None if norm is None else norm["std"],
-                holdout=holdout_selection(tcfg, "validation"),
-            )
-            try:
-                batches = list(loader.epoch(0))
-            finally:
-                loader.close()
+            future, self._val_future = self._val_future, None
+            if future is not None and val_ranges is self.epoch_plan.val_ranges:
+                batches = future.result()
+            else:
+                batches = self._read_validation(val_ranges)
             if sum(X.nbytes + y.nbytes for X, y in batches) <= VAL_CACHE_MB * 2**20:
                 self._val_batches = batches
         if self._eval_trainer is None:  # one for the run (a cluster's workers keep theirs per job)

@@ -214,3 +214,35 @@ def test_training_in_process_never_imports_distributed_and_plots_when_asked(stor
     assert "imported: matplotlib\n" in r.stdout, r.stdout
     for name in PLOTS:
         assert (tmp_path / "plotted" / name).stat().st_size > 1000, name
+
+
+def test_validation_rows_are_read_on_a_thread_during_the_first_epoch(store, tmp_path):
+    import threading
+
+    from pipeline.config import TrainConfig
+    from pipeline.local import LocalTrainer
+
+    calls: list[tuple[str, int]] = []
+
+    class Watched(LocalTrainer):
+        def _read_validation(self, val_ranges):
+            calls.append((threading.current_thread().name, len(val_ranges)))
+            return super()._read_validation(val_ranges)
+
+    cfg = TrainConfig(hidden=[8], epochs=3, patience=0)
+    trainer = Watched(store, cfg, tmp_path / "run", None)
+    res = trainer.fit()
+    # one read, off the training thread, kept for the later epochs
+    assert len(calls) == 1 and calls[0][0].startswith("pipeline-validation-read")
+    assert trainer._val_batches is not None and trainer._val_future is None
+    # the same batches a read in this thread gives
+    again = trainer._read_validation(trainer.epoch_plan.val_ranges)
+    assert len(again) == len(trainer._val_batches)
+    for (xa, ya), (xb, yb) in zip(again, trainer._val_batches, strict=True):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    # and the metrics equal those of a run validating in this thread
+    plain = LocalTrainer(store, cfg, tmp_path / "plain", None)
+    plain._prefetch_validation = lambda: None  # read when first validating, in this thread
+    other = plain.fit()
+    assert [e["val_loss"] for e in res.history] == [e["val_loss"] for e in other.history]
