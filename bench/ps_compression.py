@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -287,7 +289,7 @@ def projection(rows: list[dict[str, Any]], cpu: dict[str, float]) -> list[dict[s
                     n_nic = period * bw / max(bytes_in, bytes_out)
                     row[f"N {link}"] = min(n_cpu, n_nic)
                     row[f"binds {link}"] = "CPU" if n_cpu <= n_nic else "link"
-                # sharded (NOT built): S shards, each with its own CPU and link; a push costs every
+                # sharded (estimate): S shards, each with its own CPU and link; a push costs every
                 # shard the per-message part ``ca`` and 1/S of the per-byte parts (CPU and link)
                 bw = LINKS["100 GbE"]
                 period = compute + cpu_push + (bytes_in + bytes_out) / bw
@@ -297,12 +299,29 @@ def projection(rows: list[dict[str, Any]], cpu: dict[str, float]) -> list[dict[s
                 row["shards for 64, 100 GbE (estimate)"] = (
                     "never (per-message cost)" if need == math.inf else math.ceil(need)
                 )
+                # what 64 workers allow one server per push (100 GbE period): the whole budget, and
+                # with the 8 workers of each host summed before they push (8 pushes a round, not 64);
+                # against the measured per-message part ``ca`` no data path on Python messages meets it
+                row["budget ms/push at 64"] = 1e3 * period / 64
+                row["budget ms/push, 8 per host summed"] = 1e3 * period / 8
+                row["per-message ms"] = ca  # already ms
+                budget8 = period / 8 - ca / 1e3
+                need8 = per_byte / budget8 if budget8 > 0 else math.inf
+                row["shards for 64, 8 per host summed (estimate)"] = (
+                    "never (per-message cost)" if need8 == math.inf else math.ceil(need8)
+                )
                 out.append(row)
     return out
 
 
 def projection_text(proj: list[dict[str, Any]], cpu: dict[str, float]) -> str:
-    fmt = {"compute ms/push": ".2f", "sched ms/push": ".2f"}
+    fmt = {
+        "compute ms/push": ".2f",
+        "sched ms/push": ".2f",
+        "budget ms/push at 64": ".3f",
+        "budget ms/push, 8 per host summed": ".3f",
+        "per-message ms": ".2f",
+    }
     fmt.update({f"N {link}": ",.1f" for link in LINKS})
     gpu1m = {r["codec"]: r for r in proj if r["model"] == "1M" and r["workers"] == "GPU"}
     verdict = []
@@ -327,12 +346,32 @@ def projection_text(proj: list[dict[str, Any]], cpu: dict[str, float]) -> str:
         "in and out); 'binds' says which. Replies are float32 whatever the codec, so compression never "
         "lowers the bytes out. The CPU figures come from a shared 2-core machine under load (see the load "
         "average above): a dedicated core does better, so read N as a lower bound within a factor of ~2. "
-        "Sharding is NOT built: 'shards for 64' keeps the per-message CPU part whole on every shard and "
-        "divides the per-byte parts (CPU and link) by the shard count; it is an estimate, not a measurement.\n\n"
+        "Sharding (`ps_shards`) cannot add cores on a 2-core machine: 'shards for 64' keeps the per-message CPU "
+        "part whole on every shard and divides the per-byte parts (CPU and link) by the shard count; it is an "
+        "estimate, not a measurement.\n\n"
         + md_table(proj, fmt)
         + "\n\nTarget 'the server is not the bottleneck up to 64 GPU workers for the 1M-parameter model at "
-        "local_steps 8' (single in-scheduler server, 100 GbE): " + "; ".join(verdict) + "."
+        "local_steps 8' (single in-scheduler server, 100 GbE): " + "; ".join(verdict) + ". "
+        "'budget ms/push at 64' is the server time one push may take for 64 workers to keep it busy at "
+        "most all the time (the push period over 64); ', 8 per host summed' is the same if each host's 8 "
+        "workers summed their deltas before one push (8 pushes a round); 'per-message ms' is the measured "
+        "cost of a message of any size (the 1e4-parameter cell); 'shards for 64, 8 per host summed' is the "
+        "shard estimate above with 8 pushes a round instead of 64 (summing on the host is NOT built). "
+        "Where the budget is below the per-message "
+        "cost, no sharding or compression of this design meets the target: the vectors would have to travel "
+        "outside Python messages (a collective such as an allreduce between the workers)."
     )
+
+
+def reproject(path: str | os.PathLike) -> str:
+    """The projection recomputed from a kept JSON's measured server rows and CPU step (no new
+    measurement): for a table whose columns changed after the run."""
+    import json
+
+    d = json.loads(Path(path).read_text())
+    if "server" not in d or "cpu_step" not in d:
+        raise SystemExit(f"{path}: no server rows and CPU step kept (run with --parts server,projection)")
+    return projection_text(projection(d["server"], d["cpu_step"]), d["cpu_step"])
 
 
 # -------------------------------------------------------------------------------------------
@@ -404,7 +443,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--parts", default="accuracy,server,projection")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--seconds", type=float, default=3.0, help="measurement window per server cell")
+    ap.add_argument("--reproject", metavar="JSON", help="print the projection recomputed from a kept run's figures")
     args = ap.parse_args(argv)
+    if args.reproject:
+        text = reproject(args.reproject)
+        print(text)
+        return text
     text, _ = run(
         args.quick,
         args.parts.split(","),

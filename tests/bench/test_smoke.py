@@ -227,6 +227,23 @@ def test_compression_projection_is_the_stated_arithmetic() -> None:
     big = next(x for x in proj if (x["model"], x["workers"], x["codec"]) == ("100M", "CPU", "none"))
     p100 = n_params(MODELS["100M"])
     assert abs(big["sched ms/push"] - (a + (cost(10_000_000, 1) - a) / 1e7 * p100)) < 1e-6
+    # the budgets: the 100 GbE push period over 64 pushes a round, or over 8 (a host's 8 summed)
+    bw = LINKS["100 GbE"]
+    period = LOCAL_STEPS * 6 * p * BATCH / GPU_FLOPS + cpu + (bytes_in + 4 * p) / bw
+    assert abs(r["budget ms/push at 64"] - 1e3 * period / 64) < 1e-9
+    assert abs(r["budget ms/push, 8 per host summed"] - 1e3 * period / 8) < 1e-9
+    assert r["per-message ms"] == a
+    # a budget below the per-message cost cannot be met by any shard count
+    assert (r["shards for 64, 100 GbE (estimate)"] == "never (per-message cost)") == (period / 64 * 1e3 <= a)
+
+
+def test_compression_projection_recomputes_from_a_kept_run() -> None:
+    from bench.protocol import RESULTS
+    from bench.ps_compression import reproject
+
+    kept = [f for f in sorted(RESULTS.glob("ps_compression-*.json")) if "cpu_step" in f.read_text()]
+    text = reproject(kept[-1])
+    assert "| budget ms/push at 64 |" in text and "1M | GPU | none" in text
 
 
 def test_main_collect_writes_results(tmp_path: Path) -> None:
