@@ -3,6 +3,7 @@
     python -m bench.throughput              # 120k-row MNIST-like uint8 store, 2 epochs, 5 passes
     python -m bench.throughput --quick      # tiny smoke run (1 pass)
     python -m bench.throughput --passes 3 --rows 60000
+    python -m bench.throughput --accuracy-only --seeds 0,1,2   # the accuracy rows alone, 3 seeds
 
 Data: ``pipeline.synth`` store of 784 uint8 features, 10 classes (``--rows`` training rows plus
 10,000 held-out test rows in a separate store). Model: MLP 784-512-256-10, batch 256, Adam lr

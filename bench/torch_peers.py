@@ -16,12 +16,14 @@ ServerOptimizer`): after averaging update ``t`` (1-based) ``average += (1 - d) *
 average)`` with ``d = min(ema, (1 + t) / (10 + t))``, so update 1 copies the weights. The
 pipeline updates its average once per sync round, after the server's step; a round combines one
 push from each of its 2 workers, each after ``local_steps`` (8) minibatches of 256, so a round
-is 2 x 8 x 256 = 4,096 samples of progress, and a worker's last push of a task (a few steps
-short) closes a round too. The PyTorch loop takes one minibatch per step, so it updates its
-average every ``every`` = 2 x 8 = 16 optimizer steps (the same samples between updates) and
-after an epoch's last step when steps are left over (the pipeline's rounds close with the
-epoch too). It predicts with the average (the pipeline validates and saves the average) and
-trains on from the raw weights. The update is one ``torch._foreach_lerp_`` over the parameters
+is 2 x 8 x 256 = 4,096 samples of progress, and each worker's last push of the epoch (its share's
+leftover minibatches) closes a shorter round. The PyTorch loop takes one minibatch per step, so
+it updates its average every ``every`` = 2 x 8 = 16 optimizer steps (the same samples between
+updates) and after an epoch's last step when steps are left over. At the throughput
+benchmark's size (120,000 rows, 2 epochs) both take 60 updates: a worker's 60,000-row share is
+235 minibatches an epoch, 29 rounds of 8 and one of 3; PyTorch's 469 steps an epoch are 29
+updates of 16 and one of 5. It predicts with the average (the pipeline validates and saves the
+average) and trains on from the raw weights. The update is one ``torch._foreach_lerp_`` over the parameters
 inside :meth:`TorchBest.epoch`'s timed loop, so its cost is in the row's timing.
 
 Two-process data parallel (``python -m bench.torch_peers ddp ...``): two processes on 127.0.0.1
