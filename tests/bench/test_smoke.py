@@ -159,6 +159,15 @@ def test_quick_mode_runs(name: str) -> None:
         if _optional_peer(needle) and importlib.util.find_spec(_optional_peer(needle)) is None:
             continue  # a missing peer drops its row (or shows n/a); the run still succeeds
         assert needle in proc.stdout, f"{needle!r} missing from:\n{proc.stdout}"
+    if name == "throughput" and importlib.util.find_spec("torch") is not None:
+        # the averaging row trained: its test accuracy (table column 6) is a number in [0, 1]
+        row = next(
+            ln
+            for ln in proc.stdout.splitlines()
+            if ln.startswith("| pytorch best practice + the same weight averaging |")
+        )
+        acc = float(row.split("|")[6])
+        assert 0.0 <= acc <= 1.0, row
     if name in FIGURES:  # the figure beside the table: a real PNG with something drawn in it
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, (png, len(data))
