@@ -23,8 +23,9 @@ updates) and after an epoch's last step when steps are left over. At the through
 benchmark's size (120,000 rows, 2 epochs) both take 60 updates: a worker's 60,000-row share is
 235 minibatches an epoch, 29 rounds of 8 and one of 3; PyTorch's 469 steps an epoch are 29
 updates of 16 and one of 5. It predicts with the average (the pipeline validates and saves the
-average) and trains on from the raw weights. The update is one ``torch._foreach_lerp_`` over the parameters
-inside :meth:`TorchBest.epoch`'s timed loop, so its cost is in the row's timing.
+average) and trains on from the raw weights. The update is one in-place ``torch._foreach_lerp_``
+over the parameters, called from the epoch's loop (the best-practice loop with the update added),
+so its cost is in the row's timing.
 
 Two-process data parallel (``python -m bench.torch_peers ddp ...``): two processes on 127.0.0.1
 with the gloo backend, one thread each, each training on its half of a shuffled permutation
