@@ -3,6 +3,7 @@
     python -m bench.throughput              # 120k-row MNIST-like uint8 store, 2 epochs, 5 passes
     python -m bench.throughput --quick      # tiny smoke run (1 pass)
     python -m bench.throughput --passes 3 --rows 60000
+    python -m bench.throughput --accuracy-only --seeds 0,1,2   # the accuracy rows alone, 3 seeds
 
 Data: ``pipeline.synth`` store of 784 uint8 features, 10 classes (``--rows`` training rows plus
 10,000 held-out test rows in a separate store). Model: MLP 784-512-256-10, batch 256, Adam lr
@@ -28,8 +29,14 @@ Rows:
 
 * **pipeline default**: ``pipeline.train.train`` on a fresh 2-worker LocalCluster (1 thread
   each), default config except the architecture, ``validation_store`` = the test store and
-  ``patience=0``. **pipeline ema=0**: the same without weight averaging (accuracy parity: no
-  peer averages weights).
+  ``patience=0``. **pipeline ema=0**: the same without weight averaging (accuracy parity with
+  the peers that do not average).
+* **pytorch best practice + the same weight averaging**: the best-practice loop plus the
+  pipeline's ``ema`` average (decay 0.999, warm-up ``min(ema, (1 + t) / (10 + t))``), updated
+  every 16 optimizer steps of 256 rows (the samples of one sync round of the pipeline: 2 workers
+  x ``local_steps`` 8 minibatches) and at each epoch's end, and evaluated on the average; the
+  update runs inside the timed loop (:class:`bench.torch_peers.TorchBestAveraged`). Its accuracy
+  is the parity target for the pipeline with ``ema`` on.
 * **pytorch best practice** (the target row), **pytorch tutorial (DataLoader)**, **pytorch
   best practice + torch.compile** (or a row saying why it cannot run), **pytorch 2-process local
   SGD** (gloo, 1 thread each, averaging every 8 steps): :mod:`bench.torch_peers`. Same initial
@@ -52,6 +59,16 @@ alike, and records it in the header: the PyTorch rows then measure PyTorch, not 
 
 The GEMM-implied limit is the pass's NumPy GEMM peak over the training FLOPs of one sample
 (2.41 MFLOP for this MLP).
+
+**Accuracy only** (``--accuracy-only``, with ``--seeds``): accuracy after the same samples is
+deterministic (sync rounds; PyTorch on CPU with a seeded generator), so this mode trains only
+the accuracy-parity systems once per seed, with no warm-up, timing or cold runs: the pipeline
+with ``ema`` on and with ``ema = 0`` (2-worker LocalCluster, as in the timed rows), PyTorch best
+practice, PyTorch best practice with the same averaging and, as a sensitivity check, the same
+averaging updated every ``local_steps`` (8) steps. The seed is the pipeline's ``seed`` and the
+PyTorch peers' (initial weights, the same for both, and shuffling); the data are the same store
+for every seed. Each seed is one pass of :mod:`bench.protocol` (conditions recorded, seconds
+kept for orientation only). Raw figures go to ``bench/results/throughput-accuracy-*.json``.
 """
 
 from __future__ import annotations
@@ -92,11 +109,14 @@ from bench.protocol import (
     run_passes,
     save_json,
 )
+from pipeline.config import TrainConfig
 
 DEFAULT = "pipeline default (sync, local_steps 8)"
 EMA0 = "pipeline ema=0 (accuracy parity)"
 TCP = "pipeline over TCP only (ps_shared_memory=false)"
 BEST = "pytorch best practice (target)"
+BEST_EMA = "pytorch best practice + the same weight averaging"
+BEST_EMA_LOCAL = "pytorch best practice + the same weight averaging, every 8 steps (sensitivity)"
 TUTORIAL = "pytorch tutorial (DataLoader)"
 COMPILED = "pytorch best practice + torch.compile"
 DDP = "pytorch 2-process local SGD (gloo, every 8 steps)"
@@ -104,6 +124,10 @@ MEMORY = "kernels in memory (1 process, 2 BLAS threads)"
 SKLEARN = "scikit-learn MLPClassifier partial_fit"
 DML_TUNED = "dask-ml Incremental, tuned (1 worker, 2 BLAS threads)"
 DML_USER = "dask-ml Incremental, as users run it (2 workers)"
+
+WORKERS = 2  # the pipeline's LocalCluster
+EMA = TrainConfig().ema  # the pipeline's default weight averaging, given to the averaging peer
+ROUND_STEPS = WORKERS * TrainConfig().local_steps  # minibatches of 256 in one sync round
 
 
 def _check_samples(name: str, got: int, want: int) -> None:
@@ -273,6 +297,7 @@ def trainers(
                 "seconds": r["epoch_seconds"],
                 "acc": float(r["history"][-1]["val_accuracy"]),
                 "driver wall": r["wall"],
+                "rounds": int(r["history"][-1]["rounds"]),
             }
             if with_cold:
                 res["cold"] = _pipeline_cold(train, test, tmp, hidden, epochs, batch)
@@ -285,7 +310,7 @@ def trainers(
     out[TCP] = pipeline({"ps_shared_memory": False}, TCP, False)
 
     if info.get("torch"):
-        from bench.torch_peers import TorchBest, TorchTutorial, run_ddp
+        from bench.torch_peers import TorchBest, TorchBestAveraged, TorchTutorial, run_ddp
 
         kind = info["adam"]["kind"]
 
@@ -296,6 +321,9 @@ def trainers(
             return r
 
         out[BEST] = best
+        out[BEST_EMA] = lambda: steady(
+            lambda X, y: TorchBestAveraged(X, y, sizes, batch, adam_kind=kind, ema=EMA, every=ROUND_STEPS), data, epochs
+        )
         out[TUTORIAL] = lambda: steady(lambda X, y: TorchTutorial(X, y, sizes, batch), data, epochs)
         if info.get("compile") is None:
             out[COMPILED] = lambda: steady(
@@ -334,7 +362,7 @@ def summarize(passes: list[dict], n_samples: int, flops: int) -> tuple[list[dict
     names = list(passes[0]["results"])
     order = [
         n
-        for n in (DEFAULT, EMA0, TCP, BEST, TUTORIAL, COMPILED, DDP, MEMORY, SKLEARN, DML_TUNED, DML_USER)
+        for n in (DEFAULT, EMA0, TCP, BEST, BEST_EMA, TUTORIAL, COMPILED, DDP, MEMORY, SKLEARN, DML_TUNED, DML_USER)
         if n in names
     ]
 
@@ -379,29 +407,44 @@ def summarize(passes: list[dict], n_samples: int, flops: int) -> tuple[list[dict
     add("cold: pipeline train process >= 1.0x PyTorch's process (time ratio)", DEFAULT, BEST, 1.0, "cold")
     lim = ratio_summary(sps[DEFAULT], limit, 0.75)
     targets.append({**lim, "target": "steady: pipeline >= 75% of the GEMM-implied limit", "want": 0.75})
-    if BEST in names:
-        gap = [100 * (a - b) for a, b in zip(per(DEFAULT, "acc"), per(BEST, "acc"), strict=True)]
-        gap0 = [100 * (a - b) for a, b in zip(per(EMA0, "acc"), per(BEST, "acc"), strict=True)]
-        for label, g in (
-            ("accuracy within 1 point of PyTorch best practice (ema on)", gap),
-            ("accuracy within 1 point of PyTorch best practice (ema=0)", gap0),
-        ):
-            hits = sum(1 for x in g if x >= -1.0)
-            targets.append(
-                {
-                    "target": label,
-                    "per_pass": g,
-                    "median": float(np.median(g)),
-                    "min": min(g),
-                    "max": max(g),
-                    "points": True,
-                    "hits": hits,
-                    "passes": len(g),
-                    "needed": ratio_summary(g, g, 0)["needed"],
-                    "met": hits >= ratio_summary(g, g, 0)["needed"],
-                }
-            )
+    targets += accuracy_targets(passes)
     return rows, targets
+
+
+def points_target(label: str, gaps: list[float]) -> dict:
+    """A target on accuracy gaps in points (one per pass): met where the pipeline is not below
+    the peer by more than 1 point, in at least ``needed`` passes."""
+    hits = sum(1 for x in gaps if x >= -1.0)
+    need = ratio_summary(gaps, gaps, 0)["needed"]
+    return {
+        "target": label,
+        "per_pass": gaps,
+        "median": float(np.median(gaps)),
+        "min": min(gaps),
+        "max": max(gaps),
+        "points": True,
+        "hits": hits,
+        "passes": len(gaps),
+        "needed": need,
+        "met": hits >= need,
+    }
+
+
+def accuracy_targets(passes: list[dict]) -> list[dict]:
+    """The accuracy-parity targets, pipeline minus peer in points per pass: ema on and ema=0
+    against PyTorch best practice, and ema on against PyTorch with the same averaging (each
+    when both rows ran)."""
+    names = set(passes[0]["results"])
+    out = []
+    for label, num, den in (
+        ("accuracy within 1 point of PyTorch best practice (ema on)", DEFAULT, BEST),
+        ("accuracy within 1 point of PyTorch best practice (ema=0)", EMA0, BEST),
+        ("accuracy within 1 point of PyTorch best practice + the same weight averaging (ema on)", DEFAULT, BEST_EMA),
+    ):
+        if num in names and den in names:
+            gaps = [100 * (p["results"][num]["acc"] - p["results"][den]["acc"]) for p in passes]
+            out.append(points_target(label, gaps))
+    return out
 
 
 def target_lines(targets: list[dict], flagged: list[int]) -> list[str]:
@@ -521,6 +564,166 @@ def run(
     return text, numbers
 
 
+def accuracy_trainers(
+    train: Any, test: Any, tmp: Path, data: dict, hidden: Sequence[int], batch: int, epochs: int, seed: int, info: dict
+) -> dict[str, Callable[[], dict]]:
+    """Name -> a function training that accuracy-parity row once with ``seed`` (no warm-up, no
+    cold run) and returning its test accuracy after ``epochs`` epochs and its seconds."""
+    n_classes = int(max(data["ytr"].max(), data["yte"].max())) + 1
+    sizes = (data["Xtr"].shape[1], *hidden, n_classes)
+    n_samples = epochs * len(data["Xtr"])
+    base = {
+        "hidden": list(hidden),
+        "epochs": epochs,
+        "patience": 0,
+        "validation_store": str(test.path),
+        "batch_size": batch,
+        "seed": seed,
+    }
+    out: dict[str, Callable[[], dict]] = {}
+
+    def pipeline(over: dict, name: str) -> Callable[[], dict]:
+        def fn() -> dict:
+            with local_cluster(WORKERS) as client:
+                r = run_pipeline(client, train, tmp / "run", **{**base, **over})
+            _check_samples(name, r["samples"], n_samples)
+            return {
+                "seconds": r["epoch_seconds"],
+                "acc": float(r["history"][-1]["val_accuracy"]),
+                "rounds": int(r["history"][-1]["rounds"]),
+            }
+
+        return fn
+
+    out[DEFAULT] = pipeline({}, DEFAULT)
+    out[EMA0] = pipeline({"ema": 0.0}, EMA0)
+    if info.get("torch"):
+        from bench.torch_peers import TorchBest, TorchBestAveraged
+
+        kind = info["adam"]["kind"]
+
+        def torch_row(make: Callable[[], Any]) -> Callable[[], dict]:
+            def fn() -> dict:
+                t = time.perf_counter()
+                peer = make()
+                for _ in range(epochs):
+                    peer.epoch()
+                    pred = peer.predict(data["Xte"])
+                res = {"seconds": time.perf_counter() - t, "acc": metric(pred, data["yte"], "classification")}
+                if hasattr(peer, "t"):
+                    res["updates"] = peer.t
+                return res
+
+            return fn
+
+        X, y = data["Xtr"], data["ytr"]
+        out[BEST] = torch_row(lambda: TorchBest(X, y, sizes, batch, seed=seed, adam_kind=kind))
+        for name, every in ((BEST_EMA, ROUND_STEPS), (BEST_EMA_LOCAL, TrainConfig().local_steps)):
+            out[name] = torch_row(
+                lambda every=every: TorchBestAveraged(
+                    X, y, sizes, batch, seed=seed, adam_kind=kind, ema=EMA, every=every
+                )
+            )
+    return out
+
+
+def run_accuracy(
+    quick: bool = False, rows: int = 120_000, epochs: int = 2, seeds: Sequence[int] = (0,)
+) -> tuple[str, dict]:
+    """The accuracy-parity rows once per seed (module docstring, "Accuracy only"): a table of test
+    accuracies after the same samples and the accuracy targets, one pass per seed."""
+    if quick:
+        rows, test_rows, features, hidden, epochs, peak_n = 4_000, 1_000, 64, (32, 16), 1, 256
+    else:
+        test_rows, features, hidden, peak_n = 10_000, 784, (512, 256), 1024
+    batch, n_classes = 256, 10
+    sizes = (features, *hidden, n_classes)
+    m = meta()
+    info: dict[str, Any] = {}
+    try:
+        import torch  # noqa: F401
+
+        from bench.torch_peers import adam, build_model
+
+        info["torch"] = True
+        try:  # the kind every timed run so far chose here; rounding may differ between the two
+            adam(build_model(sizes).parameters(), 1e-3, "fused")
+            info["adam"] = {"kind": "fused"}
+        except (RuntimeError, TypeError, ValueError) as exc:
+            info["adam"] = {"kind": "foreach", "fused": f"unavailable: {exc}"}
+    except ImportError:
+        info["torch"] = False
+    recs = []
+    with tmpdir("bench-acc-") as tmp:
+        train, test = mnist_like(tmp, rows, test_rows, features, n_classes)
+        Xtr, ytr = arrays(train)
+        Xte, yte = arrays(test, like=train)
+        data = {"Xtr": Xtr, "ytr": ytr, "Xte": Xte, "yte": yte}
+        for i, seed in enumerate(seeds):
+            fns = accuracy_trainers(train, test, tmp, data, hidden, batch, epochs, seed, info)
+            rec = run_passes(
+                fns, 1, cores=2, peak_n=peak_n, log=lambda s, seed=seed: print(f"seed {seed}: {s}", file=sys.stderr)
+            )
+            recs.append({**rec[0], "pass": i + 1, "seed": seed})
+    names = list(recs[0]["results"])
+    table = []
+    for n in names:
+        accs = [p["results"][n]["acc"] for p in recs]
+        extra = [p["results"][n].get("rounds", p["results"][n].get("updates")) for p in recs]
+        table.append(
+            {
+                "trainer": n,
+                "test acc per seed": " / ".join(f"{a:.4f}" for a in accs),
+                "median": float(np.median(accs)),
+                "averaging updates (pipeline: rounds)": " / ".join("n/a" if e is None else str(e) for e in extra),
+            }
+        )
+    targets = accuracy_targets(recs)
+    n_samples = epochs * len(Xtr)
+    payload = {
+        "benchmark": "throughput-accuracy",
+        "meta": m,
+        "quick": quick,
+        "rows": len(Xtr),
+        "test_rows": len(Xte),
+        "epochs": epochs,
+        "sizes": sizes,
+        "batch": batch,
+        "seeds": list(seeds),
+        "ema": EMA,
+        "round_steps": ROUND_STEPS,
+        "info": info,
+        "passes": recs,
+        "table": table,
+        "targets": targets,
+    }
+    m["json"] = str(save_json("throughput-accuracy" + ("-quick" if quick else ""), payload, quick))
+    arch = "-".join(map(str, sizes))
+    text = "\n".join(
+        [
+            f"Accuracy only: MLP {arch}, batch {batch}, Adam lr 1e-3, float32, {len(Xtr):,} training rows x {epochs} "
+            f"epochs = {n_samples:,} samples per trainer, accuracy on {len(Xte):,} test rows; seeds "
+            f"{', '.join(map(str, seeds))} (one pass each; no warm-up, no timing claims). PyTorch Adam: "
+            f"{info.get('adam', {}).get('kind', 'n/a')}. Averaging: ema {EMA:g}, d = min(ema, (1 + t) / (10 + t)), "
+            f"the pipeline per sync round, PyTorch every {ROUND_STEPS} steps and at each epoch's end.",
+            "",
+            *provenance_lines(m),
+            "",
+            "Conditions per seed (pass = seed in the order given):",
+            "",
+            conditions_table(recs),
+            "",
+            md_table(table, {"median": ".4f"}),
+            "",
+            "Targets (pipeline minus peer in points, per seed; met = in at least "
+            f"{targets[0]['needed'] if targets else '?'} of {len(recs)} seeds):",
+            "",
+            *target_lines(targets, []),
+        ]
+    )
+    return text, {"table": table, "targets": targets, "json": m["json"]}
+
+
 def _ms(v: Any) -> str:
     return f"{1e3 * v:.2f}" if isinstance(v, float) else str(v)
 
@@ -532,11 +735,31 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--epochs", type=int, default=2, help="passes over the training rows, every trainer")
     ap.add_argument("--passes", type=int, default=5, help="interleaved passes of every trainer")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold (whole-process) timings")
+    ap.add_argument(
+        "--accuracy-only",
+        action="store_true",
+        help="only the accuracy-parity rows (pipeline ema on / ema=0, PyTorch with and without the same averaging), "
+        "once per seed, no timing",
+    )
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds for --accuracy-only (default 0)")
     args = ap.parse_args(argv)
     if args.passes < 1:
         ap.error("--passes must be >= 1")
+    try:
+        seeds = [int(v) for v in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        ap.error(f"--seeds must be distinct integers >= 0, got {args.seeds!r}")
+    if args.seeds != "0" and not args.accuracy_only:
+        ap.error("--seeds applies to --accuracy-only (the timed rows use seed 0)")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch or any OpenMP runtime loads
+    if args.accuracy_only:
+        text, _ = run_accuracy(quick=args.quick, rows=args.rows, epochs=args.epochs, seeds=seeds)
+        print(text)
+        write_out("throughput-accuracy" + ("-quick" if args.quick else ""), text)
+        return text
     text, numbers = run(quick=args.quick, rows=args.rows, epochs=args.epochs, passes=args.passes, cold=not args.no_cold)
     print(text)
     stem = "throughput" + ("-quick" if args.quick else "")

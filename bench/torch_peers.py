@@ -10,6 +10,23 @@ memory once, a ``randperm`` per epoch and ``index_select`` per batch, ``zero_gra
 True)``, and Adam with ``fused=True`` or ``foreach=True``, whichever :func:`pick_adam` measures
 faster on this machine (recorded in the table).
 
+Best practice + the same weight averaging (``TorchBestAveraged``): the best-practice loop
+unchanged, plus the pipeline's ``ema`` average of the weights (:class:`pipeline.optim.
+ServerOptimizer`): after averaging update ``t`` (1-based) ``average += (1 - d) * (weights -
+average)`` with ``d = min(ema, (1 + t) / (10 + t))``, so update 1 copies the weights. The
+pipeline updates its average once per sync round, after the server's step; a round combines one
+push from each of its 2 workers, each after ``local_steps`` (8) minibatches of 256, so a round
+is 2 x 8 x 256 = 4,096 samples of progress, and each worker's last push of the epoch (its share's
+leftover minibatches) closes a shorter round. The PyTorch loop takes one minibatch per step, so
+it updates its average every ``every`` = 2 x 8 = 16 optimizer steps (the same samples between
+updates) and after an epoch's last step when steps are left over. At the throughput
+benchmark's size (120,000 rows, 2 epochs) both take 60 updates: a worker's 60,000-row share is
+235 minibatches an epoch, 29 rounds of 8 and one of 3; PyTorch's 469 steps an epoch are 29
+updates of 16 and one of 5. It predicts with the average (the pipeline validates and saves the
+average) and trains on from the raw weights. The update is one in-place ``torch._foreach_lerp_``
+over the parameters, called from the epoch's loop (the best-practice loop with the update added),
+so its cost is in the row's timing.
+
 Two-process data parallel (``python -m bench.torch_peers ddp ...``): two processes on 127.0.0.1
 with the gloo backend, one thread each, each training on its half of a shuffled permutation
 (shared seed) with ``PostLocalSGDOptimizer`` averaging the parameters every ``period`` (8) steps
@@ -132,6 +149,72 @@ class TorchBest(Peer):
     def predict(self, X: np.ndarray) -> np.ndarray:
         with self.torch.no_grad():
             return self.model(self.torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).numpy()
+
+
+class TorchBestAveraged(TorchBest):
+    """:class:`TorchBest` plus the pipeline's weight average (``ema``; see the module
+    docstring): updated every ``every`` optimizer steps and after an epoch's last step, with
+    ``d = min(ema, (1 + t) / (10 + t))`` at update ``t``; :meth:`predict` uses the average."""
+
+    def __init__(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        sizes: Sequence[int],
+        batch: int = 256,
+        lr: float = 1e-3,
+        seed: int = 0,
+        threads: int = 2,
+        adam_kind: str = "fused",
+        ema: float = 0.999,
+        every: int = 16,
+    ) -> None:
+        import copy
+
+        if not 0 < ema < 1:
+            raise ValueError(f"ema must be in (0, 1), got {ema}")
+        if every < 1:
+            raise ValueError(f"every must be >= 1 optimizer steps, got {every}")
+        super().__init__(X, y, sizes, batch, lr, seed, threads, adam_kind)
+        self.ema, self.every = float(ema), int(every)
+        self.t = 0  # averaging updates so far
+        self.since = 0  # optimizer steps since the last update
+        self.weights = [p for p in self.model.parameters()]
+        self.averaged = copy.deepcopy(self.model).requires_grad_(False)  # the average's tensors
+        self.average = list(self.averaged.parameters())
+        self.name = f"pytorch best practice + the same weight averaging (ema {ema:g}, every {every} steps)"
+
+    def update_average(self) -> None:
+        """One averaging update, in place: ``average += (1 - d) * (weights - average)``."""
+        self.t += 1
+        self.since = 0
+        with self.torch.no_grad():
+            if self.t == 1:  # the pipeline's average starts at zero and takes the whole difference
+                self.torch._foreach_copy_(self.average, self.weights)
+            else:
+                d = min(self.ema, (1 + self.t) / (10 + self.t))
+                self.torch._foreach_lerp_(self.average, self.weights, 1.0 - d)
+
+    def epoch(self) -> None:
+        torch, b = self.torch, self.batch
+        perm = torch.randperm(len(self.tx), generator=self.gen)
+        self.model.train()
+        for i in range(0, len(perm), b):
+            idx = perm[i : i + b]
+            xb, yb = self.tx.index_select(0, idx), self.ty.index_select(0, idx)
+            self.opt.zero_grad(set_to_none=True)
+            self.loss(self.fwd(xb), yb).backward()
+            self.opt.step()
+            self.since += 1
+            if self.since == self.every:
+                self.update_average()
+        if self.since:
+            self.update_average()
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        model = self.averaged if self.t else self.model
+        with self.torch.no_grad():
+            return model(self.torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).numpy()
 
 
 class TorchTutorial(TorchBest):

@@ -23,6 +23,8 @@ CASES = {
     "throughput": [
         "| pipeline default",
         "| pytorch best practice (target) |",
+        "| pytorch best practice + the same weight averaging |",
+        "| accuracy within 1 point of PyTorch best practice + the same weight averaging (ema on) |",
         "| pytorch tutorial (DataLoader) |",
         "| pytorch 2-process local SGD",
         "| pipeline ema=0",
@@ -157,9 +159,113 @@ def test_quick_mode_runs(name: str) -> None:
         if _optional_peer(needle) and importlib.util.find_spec(_optional_peer(needle)) is None:
             continue  # a missing peer drops its row (or shows n/a); the run still succeeds
         assert needle in proc.stdout, f"{needle!r} missing from:\n{proc.stdout}"
+    if name == "throughput" and importlib.util.find_spec("torch") is not None:
+        # the averaging row trained: its test accuracy (table column 6) is a number in [0, 1]
+        row = next(
+            ln
+            for ln in proc.stdout.splitlines()
+            if ln.startswith("| pytorch best practice + the same weight averaging |")
+        )
+        acc = float(row.split("|")[6])
+        assert 0.0 <= acc <= 1.0, row
     if name in FIGURES:  # the figure beside the table: a real PNG with something drawn in it
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, (png, len(data))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_throughput_accuracy_only_quick() -> None:
+    """``--accuracy-only`` trains the accuracy-parity rows once per seed and keeps their raw
+    figures: every row has a finite accuracy in [0, 1] for each seed, the PyTorch averaging row
+    took as many averaging updates as the pipeline took sync rounds, and the averaging target is
+    reported."""
+    import json
+    import math
+    import re
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.throughput", "--quick", "--accuracy-only", "--seeds", "0,1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=360,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = re.search(r"Raw figures: `([^`]+)`", proc.stdout)
+    assert found, proc.stdout
+    path = Path(found.group(1))
+    rec = json.loads((path if path.is_absolute() else ROOT / "bench" / path.relative_to("bench")).read_text())
+    assert [p["seed"] for p in rec["passes"]] == [0, 1]
+    want = {"pipeline default (sync, local_steps 8)", "pipeline ema=0 (accuracy parity)"}
+    if importlib.util.find_spec("torch") is not None:
+        want |= {"pytorch best practice (target)", "pytorch best practice + the same weight averaging"}
+    for p in rec["passes"]:
+        assert want <= set(p["results"]), p["results"].keys()
+        for name in want:
+            acc = p["results"][name]["acc"]
+            assert math.isfinite(acc) and 0.0 <= acc <= 1.0, (name, acc)
+        if "pytorch best practice + the same weight averaging" in p["results"]:
+            updates = p["results"]["pytorch best practice + the same weight averaging"]["updates"]
+            assert updates == p["results"]["pipeline default (sync, local_steps 8)"]["rounds"] >= 1
+    if importlib.util.find_spec("torch") is not None:
+        assert "| pytorch best practice + the same weight averaging |" in proc.stdout
+        labels = [t["target"] for t in rec["targets"]]
+        assert "accuracy within 1 point of PyTorch best practice + the same weight averaging (ema on)" in labels
+
+
+@pytest.mark.parametrize(("ema", "every", "epochs"), [(0.999, 3, 2), (0.6, 1, 2)])
+def test_torch_weight_average_matches_the_numpy_rule_and_the_server_optimizer(
+    ema: float, every: int, epochs: int
+) -> None:
+    """The PyTorch peer's average equals a plain-NumPy run of the pipeline's rule on the same
+    weights (``average += (1 - d) * (w - average)``, ``d = min(ema, (1 + t) / (10 + t))``,
+    update 1 copies), and the pipeline's own :class:`ServerOptimizer` fed the same weights. It
+    is updated every ``every`` steps and after an epoch's last step, and ``predict`` uses it.
+    ``ema`` 0.6 reaches its cap at update 13, 0.999 never does here."""
+    pytest.importorskip("torch")
+    from bench.torch_peers import TorchBestAveraged
+    from pipeline.optim import ServerOptimizer
+
+    class Recording(TorchBestAveraged):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.seen: list[np.ndarray] = []  # the weights at each update, before it
+            super().__init__(*args, **kwargs)
+
+        def update_average(self) -> None:
+            self.seen.append(np.concatenate([p.detach().numpy().ravel() for p in self.weights]))
+            super().update_average()
+
+    rng = np.random.default_rng(3)
+    n, batch = 50, 8  # 7 steps per epoch, the last of 2 rows
+    X = rng.standard_normal((n, 6)).astype(np.float32)
+    y = rng.integers(0, 3, n)
+    peer = Recording(X, y, (6, 5, 3), batch=batch, lr=0.05, threads=1, adam_kind="foreach", ema=ema, every=every)
+    for _ in range(epochs):
+        peer.epoch()
+    steps = -(-n // batch)
+    assert peer.t == len(peer.seen) == epochs * -(-steps // every)
+    ref = np.zeros_like(peer.seen[0], dtype=np.float64)
+    server = ServerOptimizer("sgd", lr=1.0, ema=ema, n=ref.size)
+    params = np.zeros(ref.size, np.float32)
+    for t, w in enumerate(peer.seen, start=1):
+        d = min(ema, (1 + t) / (10 + t))
+        ref = w.astype(np.float64) if t == 1 else ref + (1 - d) * (w - ref)
+        server.step(params, params - w, 1.0)  # sgd at lr 1: the server's weights become w
+        np.testing.assert_allclose(params, w, rtol=0, atol=1e-6)
+    got = np.concatenate([p.detach().numpy().ravel() for p in peer.average])
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, server.model(params), rtol=1e-5, atol=1e-6)
+    assert np.abs(got - peer.seen[-1]).max() > 1e-4  # the average is not the last weights
+    # predict: the averaged weights (Linear stores W as out x in), ReLU between the layers
+    shapes = [(5, 6), (5,), (3, 5), (3,)]
+    parts = np.split(ref, np.cumsum([int(np.prod(s)) for s in shapes])[:-1])
+    W0, b0, W1, b1 = (q.reshape(s) for q, s in zip(parts, shapes, strict=True))
+    want = np.maximum(X @ W0.T + b0, 0) @ W1.T + b1
+    np.testing.assert_allclose(peer.predict(X), want, rtol=1e-4, atol=1e-5)
 
 
 def test_time_to_accuracy_settings_are_checked_like_train_set() -> None:
