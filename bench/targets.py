@@ -107,6 +107,30 @@ def throughput_targets(results: Path = RESULTS) -> list[Target]:
     return out
 
 
+def accuracy_targets(results: Path = RESULTS) -> list[Target]:
+    """The accuracy targets over seeds (``python -m bench.throughput --accuracy-only --seeds``),
+    the newest run of each store size; accuracies after the same samples do not depend on load."""
+    runs = full_runs("throughput-accuracy", results)
+    newest_by_rows: dict[int, tuple[Path, dict[str, Any]]] = {}
+    for path, d in runs:
+        newest_by_rows.setdefault(d["rows"], (path, d))
+    out = []
+    for rows, (path, d) in sorted(newest_by_rows.items(), reverse=True):
+        for t in d["targets"]:
+            xs = t["per_pass"]
+            out.append(
+                Target(
+                    "speed",
+                    f"{t['target']}, seeds {', '.join(map(str, d['seeds']))}, {rows:,} rows x {d['epochs']} epochs",
+                    _per(xs, "pt") + " points per seed",
+                    f"not more than 1 point below in {len(xs)} of {len(xs)} seeds",
+                    bool(t["met"]),
+                    path.name,
+                )
+            )
+    return out
+
+
 def cold_start_targets(results: Path = RESULTS, limit: float = 2.0) -> list[Target]:
     got = newest("cold_start", results)
     name = "cold `pipeline train`: start-up, warm-up, validation and checkpoints under 2 s"
@@ -360,6 +384,7 @@ def collect(results: Path = RESULTS) -> list[Target]:
     """Every target of every benchmark that states one, newest full runs."""
     return [
         *throughput_targets(results),
+        *accuracy_targets(results),
         *cold_start_targets(results),
         *statistical_efficiency_targets(results),
         *time_to_accuracy_targets(results),
