@@ -3,10 +3,21 @@
 A site is the set of Dask workers started with ``--resources SITE=1``; the sites file
 (:mod:`pipeline.sites`) says where each site's store is as its workers see it. The driver never
 opens a store: it asks every site for its schema and sums (:func:`pipeline.fedclient.site_info`,
-run on the site), refuses sites that disagree, and pools the normalization statistics. Then,
-round after round:
+run on the site), refuses sites that disagree, and pools the normalization statistics.
 
-1. the *available* sites are those with at least one worker holding their resource; the round
+It starts as soon as every site has reported, or ``site_grace`` seconds after
+``max(min_sites, min_clients)`` sites have (one log line names the sites it starts without);
+fewer reports than that within ``no_worker_timeout`` stop it with one line. The statistics and
+class counts pooled from the sites that reported are the run's *plan*, fixed for the run (the
+model's statistics). The other sites' report tasks stay pending in Dask until a worker with their
+resource registers; between rounds (:meth:`FederatedTrainer._poll_late`, never waiting) a site
+whose late report agrees with the plan's schema is *admitted* and trains with the plan's
+statistics, and one that differs is refused for the run with one line (never sampled). The plan
+and the admitted sites, with the round each joined at, are in every checkpoint: ``--resume``
+trains with the same statistics and sites and may still admit the others. Then, round after
+round:
+
+1. the *available* sites are the admitted ones with at least one worker holding their resource; the round
    samples ``max(min_clients, ceil(fraction_fit * available))`` of them with a generator seeded
    by ``(seed, round)`` (a resumed run samples the same);
 2. the parameter server's sync job expects the round's clients; each sampled site runs
@@ -21,10 +32,12 @@ round after round:
    it) and worst decile go into the history, the dashboard and Prometheus.
 
 A site without workers is left out of the sampling until a worker with its resource returns;
-the run stops with one line only when fewer than ``min_sites`` sites have workers for
-``no_worker_timeout`` seconds. The run directory is the one :mod:`pipeline.train` writes
-(lock, ``config.toml``, ``checkpoint.npz`` after every round, ``history.json``, ``model.npz``
-with the pooled mean/std and the classes); ``--resume`` continues at the next round.
+the run stops with one line only when fewer than ``min_sites`` admitted sites have workers for
+``no_worker_timeout`` seconds. Each round's history record names the sites admitted (``admitted``)
+or refused (``refused``) before it; ``history.json`` gives each site's ``admitted_round``. The
+run directory is the one :mod:`pipeline.train` writes (lock, ``config.toml``, ``checkpoint.npz``
+after every round, ``history.json``, ``model.npz`` with the plan's mean/std and the classes);
+``--resume`` continues at the next round.
 """
 
 from __future__ import annotations
