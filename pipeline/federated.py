@@ -564,18 +564,24 @@ class FederatedTrainer:
             if len(live) >= need:
                 return live
             now = time.monotonic()
+            # an admitted site without workers, or a site whose report has not come (or was refused)
+            missing = sorted(set(self.admitted) - set(live))
+            unadmitted = sorted(set(self.store_of) - set(self.admitted))
+            absent = "; ".join(
+                ([f"no worker for {', '.join(missing)}"] if missing else [])
+                + ([f"not admitted: {', '.join(unadmitted)}"] if unadmitted else [])
+            )
             if since is None:
                 since = now
-                missing = sorted(set(self.store_of) - set(live))
                 self.log(
-                    f"waiting for sites: {len(live)} of {len(self.store_of)} have workers, {need} needed "
-                    f"(no worker for {', '.join(missing)})"
+                    f"waiting for sites: {len(live)} of {len(self.store_of)} are admitted with workers, "
+                    f"{need} needed ({absent})"
                 )
             elif now - since > cfg.no_worker_timeout:
-                missing = sorted(set(self.store_of) - set(live))
                 raise TrainingError(
-                    f"only {len(live)} of {len(self.store_of)} sites had workers for {cfg.no_worker_timeout:.0f} s "
-                    f"(none for {', '.join(missing)}), fewer than min_sites = {cfg.min_sites} / min_clients = "
+                    f"only {len(live)} of {len(self.store_of)} sites were admitted with workers for "
+                    f"{cfg.no_worker_timeout:.0f} s "
+                    f"({absent}), fewer than min_sites = {cfg.min_sites} / min_clients = "
                     f"{cfg.min_clients}; start workers with `dask worker SCHEDULER --resources SITE=1` or lower "
                     "min_sites (a checkpoint was written; use --resume)"
                 )

@@ -506,3 +506,50 @@ def test_fewer_sites_than_min_sites_at_the_start_stop_the_run_in_one_line(cluste
         # the requests for q's and r's reports were cancelled with the run
         wait_for(lambda: not _site_reports_left(c), 10, "no site report left in the scheduler")
         assert not any(str(k).startswith("site-info-") for k in c.futures)
+
+
+@pytest.mark.timeout(240)
+def test_a_site_not_admitted_before_the_checkpoint_joins_the_resumed_run(cluster, sites, tmp_path):
+    """A run ends without site c (no worker); resumed with c's worker up, c is asked again,
+    admitted, and trains with the statistics the run started with."""
+    from distributed import Client
+
+    from pipeline.ingest import ingest
+    from pipeline.train import train
+
+    procs, addr = cluster
+    home_c = tmp_path / "home-c"
+    home_c.mkdir()
+    ingest(str(LETTER), home_c / "c.zarr", target=0, rows="17500:19000", like=str(sites["a"] / "a.zarr"))
+    sf = _sites_file(tmp_path / "sites.toml", a="a.zarr", b="b.zarr", c="c.zarr")
+    run = tmp_path / "run"
+    started: list = []
+    try:
+        with Client(addr, timeout=10, set_as_default=False) as c:
+            res = train(None, _late_cfg(sf, rounds=2), run, client=c)
+            assert all(e["sampled"] == ["a", "b"] for e in res.history)
+            assert history(run)["federated"]["sites"]["c"]["admitted_round"] is None
+            first = load_file(run / "model.npz", "model")[0]
+            wait_for(lambda: not _site_reports_left(c), 10, "no site report left in the scheduler")
+            started.append(procs.worker(addr, "site-c-late", "--resources", "c=1", nanny=False, cwd=home_c))
+
+            def report_arrives(record: dict) -> None:
+                if record["round"] == 2:
+                    wait_for(lambda: _reported(c, "c"), 60, "site c's report")
+
+            lines: list[str] = []
+            res2 = train(
+                None, _late_cfg(sf, rounds=5), run, client=c, resume=True, log=lines.append, on_epoch=report_arrives
+            )
+            text = "\n".join(lines)
+            assert "resuming with the admitted site(s) a, b and the run's statistics; site(s) c may join" in text
+            joined = history(run)["federated"]["sites"]["c"]["admitted_round"]
+            assert joined in (2, 3), text
+            assert res2.history[joined]["admitted"] == ["c"]
+            assert all(e["sampled"] == ["a", "b", "c"] for e in res2.history[joined:])
+            second = load_file(run / "model.npz", "model")[0]
+            assert second["mean"].tobytes() == first["mean"].tobytes()
+            assert second["std"].tobytes() == first["std"].tobytes()
+    finally:
+        for p in started:
+            p.kill()
