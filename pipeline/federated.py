@@ -14,8 +14,9 @@ resource registers; between rounds (:meth:`FederatedTrainer._poll_late`, never w
 whose late report agrees with the plan's schema is *admitted* and trains with the plan's
 statistics, and one that differs is refused for the run with one line (never sampled). The plan
 and the admitted sites, with the round each joined at, are in every checkpoint: ``--resume``
-trains with the same statistics and sites and may still admit the others. Then, round after
-round:
+trains with the same statistics and may still admit the others; every admitted site is asked
+for its report again and sampled only once it agrees with the plan (one whose store changed is
+refused for the run with one line). Then, round after round:
 
 1. the *available* sites are the admitted ones with at least one worker holding their resource; the round
    samples ``max(min_clients, ceil(fraction_fit * available))`` of them with a generator seeded
@@ -199,6 +200,10 @@ class FederatedTrainer:
         self.admitted: dict[str, int] = {}  # site -> the round it joined at (0: the start)
         self.site_rows: dict[str, tuple[int, int]] = {}  # admitted site -> (training rows, held-out rows)
         self.refused: dict[str, str] = {}  # site -> why its late report was refused
+        # --resume: admitted sites whose report has not agreed with the plan in this process yet
+        # (never sampled until it has: a store may have changed between the runs)
+        self._unchecked: set[str] = set()
+        self._start_round = 0  # the round the run starts (or resumes) at
         self._events: dict[str, Any] = {}  # admissions and refusals since the last round's record
         self._resumed_fed: dict[str, Any] | None = None  # the checkpoint's federated meta (--resume)
 
@@ -241,6 +246,7 @@ class FederatedTrainer:
         cfg, client = self.cfg, self.client
         ckpt = self._load_checkpoint() if self.resume else None
         self._resumed_fed = ckpt.meta.get("federated") if ckpt is not None else None
+        self._start_round = ckpt.run.epoch if ckpt is not None else 0
         self.run.prepare(self.resume, self.force)
         installed_by = ParameterServer.ensure_installed(client)
         check_backend(cfg.backend, client)
@@ -416,7 +422,9 @@ class FederatedTrainer:
     def _schema(self) -> Federation:
         """The federation the model is built from: pooled from the sites that report at the start
         (:meth:`_site_infos`), or, on ``--resume``, the plan and admitted sites the checkpoint
-        holds (no re-pooling); sites not admitted yet are asked again and may join later."""
+        holds (no re-pooling). On resume every site is asked for its report again: an admitted
+        site is sampled only once its report agrees with the plan (:meth:`_await_checks`, a
+        store may have changed between the runs); sites not admitted yet may join later."""
         saved = self._resumed_fed or {}
         plan = saved.get("plan")
         if plan is not None:
@@ -426,13 +434,16 @@ class FederatedTrainer:
                     self.admitted[name] = int(entry["round"])
                     self.site_rows[name] = (int(entry["rows"]), int(entry["held_out"]))
             awaited = sorted(set(self.store_of) - set(self.admitted))
-            for name in awaited:
+            self._unchecked = set(self.admitted)
+            for name in self.store_of:
                 self._ask(name)
             if awaited:
                 self.log(
                     f"resuming with the admitted site(s) {', '.join(sorted(self.admitted))} and the run's statistics; "
                     f"site(s) {', '.join(awaited)} may join when they report"
                 )
+            self.fed = fed
+            self._await_checks(self._start_round)
         else:  # a new run, or the checkpoint of an earlier version (every site must report, as then)
             infos = self._site_infos(require_all=self._resumed_fed is not None)
             fed = pool_sites(self.cfg.sites, infos)
@@ -548,9 +559,35 @@ class FederatedTrainer:
         return meta
 
     def _available(self) -> list[str]:
-        """The admitted sites with at least one worker declaring their resource now."""
+        """The admitted sites with at least one worker declaring their resource now (on resume:
+        whose report agreed with the plan in this process)."""
         have = site_resources(self.client.scheduler_info(n_workers=-1))
-        return sorted(s for s in self.admitted if have.get(s))
+        return sorted(s for s in self.admitted if have.get(s) and s not in self._unchecked)
+
+    def _await_checks(self, rnd: int) -> None:
+        """Resume: wait (at most ``no_worker_timeout``) for the reports of the admitted sites that
+        have a worker now and check each against the plan (:meth:`_poll_late`), so that the
+        first round samples from the same sites as the run would have without the interruption.
+        An admitted site without a worker is checked between rounds when its report comes."""
+        from distributed import wait
+
+        t0 = time.monotonic()
+        while True:
+            self._poll_late(rnd)
+            have = site_resources(self.client.scheduler_info(n_workers=-1))
+            waiting = sorted(s for s in self._unchecked if have.get(s))
+            if not waiting:
+                return
+            if time.monotonic() - t0 > self.cfg.no_worker_timeout:
+                self.log(
+                    f"resuming without site(s) {', '.join(waiting)} for now: no report within "
+                    f"{self.cfg.no_worker_timeout:.0f} s; each is sampled again once its report agrees with the run's"
+                )
+                return
+            try:
+                wait(list(self._late), timeout=0.5, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                pass
 
     def _live_sites(self, ps: ParameterServer, run: RunState) -> list[str]:
         """The sites available for this round; waits while fewer than ``min_sites`` (or
@@ -564,11 +601,14 @@ class FederatedTrainer:
             if len(live) >= need:
                 return live
             now = time.monotonic()
-            # an admitted site without workers, or a site whose report has not come (or was refused)
-            missing = sorted(set(self.admitted) - set(live))
+            # an admitted site without workers or (resume) not checked again yet, or a site whose
+            # report has not come (or was refused)
+            missing = sorted(set(self.admitted) - set(live) - self._unchecked)
+            unchecked = sorted(self._unchecked)
             unadmitted = sorted(set(self.store_of) - set(self.admitted))
             absent = "; ".join(
                 ([f"no worker for {', '.join(missing)}"] if missing else [])
+                + ([f"report awaited from {', '.join(unchecked)}"] if unchecked else [])
                 + ([f"not admitted: {', '.join(unadmitted)}"] if unadmitted else [])
             )
             if since is None:
@@ -706,7 +746,9 @@ class FederatedTrainer:
         rounds; never waits). A site whose schema agrees with the run's (:func:`schema_mismatch`,
         the check the start makes) is admitted from round ``rnd`` on and trains with the run's
         statistics; one that differs, cannot read its store or has no targets is refused for
-        this run with one line (it is never sampled)."""
+        this run with one line (it is never sampled). A site admitted before a checkpoint
+        (``--resume``) is checked alike: it is sampled again once its report agrees, and is
+        refused for this run, with one line, when its store has changed."""
         if not self._late or self.fed is None:
             return
         for name, info, error in self._reports():
@@ -717,14 +759,28 @@ class FederatedTrainer:
             else:
                 diff = schema_mismatch(self.fed.schema(), info)
                 problem = f"its store {diff}" if diff else None
+            readmitted = name in self._unchecked
+            self._unchecked.discard(name)
             if problem is not None:
                 self.refused[name] = problem
                 self._events.setdefault("refused", {})[name] = problem
+                if readmitted:  # its store changed since it was admitted: out of the run, and of the checkpoint
+                    since = self.admitted.pop(name)
+                    self.site_rows.pop(name, None)
+                    self.log(
+                        f"warning: site {name!r}, admitted at round {since + 1} before the checkpoint, reported before "
+                        f"round {rnd + 1} and is refused for this run: {problem}; the run goes on without it (restore "
+                        "its store, or ingest it with --like a reference store, so that it can join a resumed run)"
+                    )
+                    continue
                 self.log(
                     f"warning: site {name!r} reported before round {rnd + 1} and is refused for this run: {problem}; "
                     "the run goes on without it (ingest its store with --like a reference store so that it can join "
                     "a resumed run)"
                 )
+                continue
+            if readmitted:  # the plan's site as before: sampled again (its rows may have grown)
+                self.site_rows[name] = (int(info["count"]), int(info.get("n_held_out", 0)))
                 continue
             self.admitted[name] = rnd
             self.site_rows[name] = (int(info["count"]), int(info.get("n_held_out", 0)))

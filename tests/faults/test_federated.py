@@ -370,7 +370,8 @@ def test_a_site_without_a_worker_at_the_start_joins_later_and_stays_admitted_on_
     """Three sites, min_sites = 2, no worker for c at the start: the run starts with a and b
     (one line names c), c is admitted when its worker starts after round 1, is sampled and
     evaluated from round 2 on, trains with the statistics pooled from a and b only, and a
-    resume keeps those statistics bit for bit and c admitted without asking anew."""
+    resume keeps those statistics bit for bit and c admitted (its report, asked anew, only
+    checked against the plan: no admission, no re-pooling)."""
     from distributed import Client
 
     from pipeline.fedclient import site_info
@@ -550,6 +551,77 @@ def test_a_site_not_admitted_before_the_checkpoint_joins_the_resumed_run(cluster
             second = load_file(run / "model.npz", "model")[0]
             assert second["mean"].tobytes() == first["mean"].tobytes()
             assert second["std"].tobytes() == first["std"].tobytes()
+    finally:
+        for p in started:
+            p.kill()
+
+
+def _site_up(client, site: str) -> bool:
+    from pipeline.sites import site_resources
+
+    return bool(site_resources(client.scheduler_info(n_workers=-1)).get(site))
+
+
+@pytest.mark.timeout(300)
+def test_an_admitted_site_whose_store_changed_is_refused_on_resume_and_never_sampled(cluster, sites, tmp_path):
+    """Sites a, b and c train two rounds, c admitted. Between the runs c's store is replaced
+    by one of another class set (4 classes where the run has letter's 26; c's new worker runs
+    where c.zarr is that store). The resumed run asks every site for its report again: c is
+    refused with one line naming it and the difference before any round samples it, a and b
+    train the remaining rounds, and the checkpoint no longer counts c as admitted."""
+    from distributed import Client
+
+    from pipeline.ingest import ingest
+    from pipeline.synth import synth
+    from pipeline.train import train
+
+    procs, addr = cluster
+    home_c, home_c2 = tmp_path / "home-c", tmp_path / "home-c2"
+    home_c.mkdir()
+    home_c2.mkdir()
+    ingest(str(LETTER), home_c / "c.zarr", target=0, rows="16000:17500", like=str(sites["a"] / "a.zarr"))
+    synth(str(home_c2 / "c.zarr"), rows=2000, features=16, classes=4, seed=2)
+    sf = _sites_file(tmp_path / "sites.toml", a="a.zarr", b="b.zarr", c="c.zarr")
+    run = tmp_path / "run"
+    started: list = []
+    try:
+        with Client(addr, timeout=10, set_as_default=False) as c:
+            started.append(procs.worker(addr, "site-c", "--resources", "c=1", nanny=False, cwd=home_c))
+            wait_for(lambda: _site_up(c, "c"), 60, "site c's worker")
+            # site_grace: the start waits for c's report (a loaded machine may be slow to give it)
+            res = train(None, _late_cfg(sf, rounds=2, site_grace=30.0), run, client=c)
+            assert all(e["sampled"] == ["a", "b", "c"] for e in res.history), res.history
+            assert sorted(load_file(run / "checkpoint.npz", "checkpoint")[1]["federated"]["admitted"]) == [
+                "a",
+                "b",
+                "c",
+            ]
+            started.pop().kill()
+            wait_for(lambda: not _site_up(c, "c"), 60, "site c's worker gone")
+            started.append(procs.worker(addr, "site-c2", "--resources", "c=1", nanny=False, cwd=home_c2))
+            wait_for(lambda: _site_up(c, "c"), 60, "site c's new worker")
+
+            lines: list[str] = []
+            res2 = train(None, _late_cfg(sf, rounds=4), run, client=c, resume=True, log=lines.append)
+            refusals = [line for line in lines if "refused for this run" in line]
+            assert len(refusals) == 1, lines
+            assert refusals[0].startswith(
+                "warning: site 'c', admitted at round 1 before the checkpoint, reported before round 3 and is "
+                "refused for this run: its store has the classes ["
+            ), refusals
+            assert "the run goes on without it" in refusals[0] and "\n" not in refusals[0]
+            h = res2.history
+            assert [e["round"] for e in h] == [0, 1, 2, 3] and all(e["applied"] for e in h[2:])
+            for e in h[2:]:  # c never sampled, trained or evaluated after the change
+                assert e["sampled"] == e["responded"] == ["a", "b"], e
+                assert {t["site"] for t in e["tasks"]} == {"a", "b"} and set(e["sites"]) == {"a", "b"}
+            assert list(h[2]["refused"]) == ["c"] and h[2]["refused"]["c"].startswith("its store has the classes")
+            fed = history(run)["federated"]
+            assert fed["sites"]["c"]["admitted_round"] is None and fed["sites"]["c"]["refused"] == h[2]["refused"]["c"]
+            meta = load_file(run / "checkpoint.npz", "checkpoint")[1]["federated"]
+            assert sorted(meta["admitted"]) == ["a", "b"]
+            assert (run / "model.npz").is_file()
+            wait_for(lambda: not _site_reports_left(c), 10, "no site report left in the scheduler")
     finally:
         for p in started:
             p.kill()
