@@ -20,7 +20,8 @@ refused for the run with one line). Then, round after round:
 
 1. the *available* sites are the admitted ones with at least one worker holding their resource; the round
    samples ``max(min_clients, ceil(fraction_fit * available))`` of them with a generator seeded
-   by ``(seed, round)`` (a resumed run samples the same);
+   by ``(seed, round)`` (a resumed run samples the same); central DP accounts the round at
+   ``sampled / available`` (fewer live sites: a higher rate, more privacy spent);
 2. the parameter server's sync job expects the round's clients; each sampled site runs
    :func:`pipeline.fedclient.fit_client` (``local_epochs`` over its training rows, one delta
    pushed with its sample count, no waiting);
@@ -196,6 +197,7 @@ class FederatedTrainer:
         self.store_path = ""
         self._inflight: dict[Any, tuple[str, float, int]] = {}  # async: future -> (client, start, version)
         self._per_round = 1
+        self._rate = (1, 1)  # the round being run: (clients sampled, candidates they were sampled from)
         self._late: dict[Any, str] = {}  # site_info futures not yet collected -> their site
         self.admitted: dict[str, int] = {}  # site -> the round it joined at (0: the start)
         self.site_rows: dict[str, tuple[int, int]] = {}  # admitted site -> (training rows, held-out rows)
@@ -301,7 +303,8 @@ class FederatedTrainer:
             join_timeout=cfg.round_deadline + cfg.no_worker_timeout,
             compression=cfg.compression,
             topk_fraction=cfg.topk_fraction,
-            # the accountant's amplification: the share of the clients sampled in a round
+            # the accountant's amplification: the share of the clients sampled in a round when every
+            # one is a candidate; a round sampled from fewer is accounted at its own rate (_round)
             privacy=privacy_settings(
                 cfg,
                 ckpt.meta.get("privacy") if ckpt else None,
@@ -337,6 +340,14 @@ class FederatedTrainer:
                     record = self._round_async(ps, run, rnd)
                 else:
                     record = self._round(ps, rnd, self._sample(ps, run, rnd))
+                if record is None:  # at its sampling rate this round would overspend the privacy budget
+                    stopped_early = True
+                    privacy = ps.state().get("privacy") or {}
+                    self.log(
+                        budget_spent_line(privacy, cfg.target_epsilon)
+                        + f" (round {rnd + 1} would sample {self._rate[0]} of {self._rate[1]} candidates)"
+                    )
+                    break
                 record.update(self._take_events())  # the sites admitted or refused before this round
                 st = ps.state()
                 if st.get("failed"):
@@ -490,7 +501,9 @@ class FederatedTrainer:
         """The sites of round ``rnd``: sampled from those with workers now."""
         cfg = self.cfg
         live = self._live_sites(ps, run)
-        return sample_clients(live, clients_per_round(len(live), cfg.fraction_fit, cfg.min_clients), cfg.seed, rnd)
+        n = clients_per_round(len(live), cfg.fraction_fit, cfg.min_clients)
+        self._rate = (min(n, len(live)), len(live))
+        return sample_clients(live, n, cfg.seed, rnd)
 
     def _n_clients(self) -> int:
         """The clients a round samples from when every one is available (the privacy
@@ -792,8 +805,11 @@ class FederatedTrainer:
 
     # -- one round -------------------------------------------------------------------------
 
-    def _round(self, ps: ParameterServer, rnd: int, sampled: list[str]) -> dict[str, Any]:
-        """Run round ``rnd`` with the ``sampled`` sites; its history record."""
+    def _round(self, ps: ParameterServer, rnd: int, sampled: list[str]) -> dict[str, Any] | None:
+        """Run round ``rnd`` with the ``sampled`` sites; its history record (``candidates``: how
+        many sites or clients they were sampled from). Central DP accounts the round at its
+        own sampling rate, ``sampled / candidates``: None, nothing run, when at that rate the
+        round would take epsilon above ``target_epsilon``."""
         from distributed import wait
 
         cfg, client = self.cfg, self.client
@@ -806,7 +822,11 @@ class FederatedTrainer:
         for s in sampled:
             first.setdefault(parts[s], s)
         counts = {p: n for p in first if (n := sum(1 for s in sampled if parts[s] == p)) > 1}
-        reply = ps.expect(names=list(first), keys=[keys[s] for s in first.values()], epoch=rnd)
+        n_sampled, candidates = self._rate
+        rate = n_sampled / candidates if cfg.dp == "central" and candidates else None
+        reply = ps.expect(names=list(first), keys=[keys[s] for s in first.values()], epoch=rnd, sampling_rate=rate)
+        if reply.get("exhausted"):
+            return None
         v0 = int(reply["version"])
         futures = self._submit_round(sampled, names, keys, rnd, tag, parts)
         deadline = time.monotonic() + cfg.round_deadline
@@ -890,6 +910,7 @@ class FederatedTrainer:
             "epoch": rnd,
             "round": rnd,
             "sampled": list(sampled),
+            "candidates": candidates,
             "responded": responded,
             "applied": applied,
             "samples": samples,
@@ -1230,6 +1251,7 @@ class SimulatedTrainer(FederatedTrainer):
         live = np.flatnonzero(self.sizes > 0)  # a client without rows has nothing to train on
         n = clients_per_round(len(live), cfg.fraction_fit, cfg.min_clients)
         picked = live[sample_indices(len(live), n, cfg.seed, rnd)]
+        self._rate = (len(picked), len(live))  # every client with rows is a candidate
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
         if not workers:
             self._wait_for_workers()
@@ -1338,8 +1360,10 @@ class SimulatedTrainer(FederatedTrainer):
             ] = group
         return futures
 
-    def _round(self, ps: ParameterServer, rnd: int, sampled: list[str]) -> dict[str, Any]:
+    def _round(self, ps: ParameterServer, rnd: int, sampled: list[str]) -> dict[str, Any] | None:
         record = super()._round(ps, rnd, sampled)
+        if record is None:
+            return None
         # counts, not lists: a round may sample thousands of clients
         record["sampled"] = len(record["sampled"])
         record["responded"] = len(record["responded"])

@@ -625,3 +625,49 @@ def test_an_admitted_site_whose_store_changed_is_refused_on_resume_and_never_sam
     finally:
         for p in started:
             p.kill()
+
+
+@pytest.mark.timeout(300)
+def test_central_dp_accounts_each_round_at_the_rate_of_the_sites_it_sampled_from(cluster, sites, tmp_path):
+    """Central DP, sites a, b, c, two sampled per round: c has no worker at the start, so the
+    first round samples 2 of 2 candidates (rate 1), the rounds after c joins 2 of 3. The
+    epsilon reported is an accountant's fed those rates round by round (from the history's
+    sampled and candidate counts), larger than the uniform 2 of 3 would have claimed."""
+    from distributed import Client
+
+    from pipeline.ingest import ingest
+    from pipeline.privacy import RdpAccountant
+    from pipeline.train import train
+
+    procs, addr = cluster
+    home_c = tmp_path / "home-c"
+    home_c.mkdir()
+    ingest(str(LETTER), home_c / "c.zarr", target=0, rows="16000:17500", like=str(sites["a"] / "a.zarr"))
+    sf = _sites_file(tmp_path / "sites.toml", a="a.zarr", b="b.zarr", c="c.zarr")
+    run = tmp_path / "run"
+    z, delta = 1.0, 1e-5
+    cfg = _late_cfg(sf, dp="central", clip_norm=1.0, noise_multiplier=z, fraction_fit=0.6, min_clients=2)
+    started: list = []
+    try:
+        with Client(addr, timeout=10, set_as_default=False) as c:
+
+            def c_starts(record: dict) -> None:
+                if record["round"] == 0:
+                    _late_worker(procs, addr, c, "c", home_c, started)
+
+            res = train(None, cfg, run, client=c, on_epoch=c_starts)
+            h = res.history
+            assert [(len(e["sampled"]), e["candidates"]) for e in h] == [(2, 2), (2, 3), (2, 3)], h
+            applied = [e for e in h if e["applied"]]
+            assert len(applied) == 3
+            acc = RdpAccountant(z, 2 / 3, delta)
+            for e in applied:
+                acc.step(1, len(e["sampled"]) / e["candidates"])
+                assert e["epsilon"] == pytest.approx(acc.epsilon(), rel=1e-9)
+            uniform = RdpAccountant(z, 2 / 3, delta).epsilon(rounds=3)
+            doc = history(run)["privacy"]
+            assert doc["epsilon"] == pytest.approx(acc.epsilon(), rel=1e-9) and doc["epsilon"] > uniform * 1.05
+            assert doc["sampling_rate"] == pytest.approx(2 / 3) and doc["rates"] == [[1.0, 1]]
+    finally:
+        for p in started:
+            p.kill()
