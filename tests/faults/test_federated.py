@@ -671,3 +671,50 @@ def test_central_dp_accounts_each_round_at_the_rate_of_the_sites_it_sampled_from
     finally:
         for p in started:
             p.kill()
+
+
+@pytest.mark.timeout(240)
+def test_a_round_whose_real_sampling_rate_would_overspend_the_budget_is_not_run(cluster, tmp_path):
+    """Central DP, sites a, b, c with no worker for c: every round samples 2 of 2 candidates
+    (rate 1, where all three sites would give 2/3). The budget allows one round at rate 1 and
+    a second only at 2/3: after the first round the job's look ahead at the run's rate sees
+    room, but the second round, announced at its real rate 1, is refused and the run stops
+    with the budget line naming the round's candidates; epsilon stays within the budget."""
+    from distributed import Client
+
+    from pipeline.privacy import RdpAccountant, epsilon_from_rdp
+    from pipeline.train import train
+
+    _, addr = cluster
+    sf = _sites_file(tmp_path / "sites.toml", a="a.zarr", b="b.zarr", c="c.zarr")
+    run = tmp_path / "run"
+    z, delta = 1.0, 1e-5
+    acc = RdpAccountant(z, 2 / 3, delta)
+    acc.step(1, 1.0)
+    at_run_rate, at_real_rate = (
+        epsilon_from_rdp(acc.orders, acc.rdp + acc.round_rdp(q), delta)[0] for q in (2 / 3, 1.0)
+    )
+    assert at_run_rate < at_real_rate
+    target = (at_run_rate + at_real_rate) / 2
+    cfg = _late_cfg(
+        sf,
+        rounds=4,
+        dp="central",
+        clip_norm=1.0,
+        noise_multiplier=z,
+        fraction_fit=0.6,
+        min_clients=2,
+        target_epsilon=target,
+    )
+    lines: list[str] = []
+    with Client(addr, timeout=10, set_as_default=False) as c:
+        res = train(None, cfg, run, client=c, log=lines.append)
+        assert [(e["sampled"], e["candidates"], e["applied"]) for e in res.history] == [(["a", "b"], 2, True)]
+        assert res.stopped_early
+        stop = [line for line in lines if line.startswith("privacy budget: stopping after 1 rounds")]
+        assert len(stop) == 1 and stop[0].endswith("(round 2 would sample 2 of 2 candidates)"), lines
+        doc = history(run)["privacy"]
+        assert doc["rounds"] == 1 and doc["epsilon"] == pytest.approx(acc.epsilon(), rel=1e-9)
+        assert doc["epsilon"] <= target
+        assert doc["exhausted"] and doc["rates"] == [[1.0, 1]]
+        assert (run / "model.npz").is_file()
