@@ -133,6 +133,9 @@ class TrainConfig:
     min_responses: float = 0.5  # share of the sampled clients needed to apply a round at its deadline
     local_epochs: int = 1  # passes over its rows each sampled client makes per round
     min_sites: int = 1  # fewer live sites than this for no_worker_timeout stops the run
+    # seconds the start waits for the other sites once max(min_sites, min_clients) have reported;
+    # the run then starts without them and they join when they report (docs/federated.md)
+    site_grace: float = 30.0
     eval_every: int = 1  # rounds between per-site evaluations
     strategy: str = "fedavg"  # fedavg | fedavgm | fedprox | fedadam | fedyogi | fedadagrad
     proximal_mu: float = 0.0  # FedProx proximal term (fedprox needs > 0)
@@ -253,6 +256,7 @@ class TrainConfig:
             ("min_responses", 0 < self.min_responses <= 1, "in (0, 1]"),
             ("local_epochs", 1 <= self.local_epochs <= 1 << 16, ">= 1"),
             ("min_sites", self.min_sites >= 1, ">= 1"),
+            ("site_grace", self.site_grace >= 0, ">= 0 (seconds)"),
             ("eval_every", self.eval_every >= 1, ">= 1"),
             ("strategy", self.strategy in STRATEGIES, f"one of {STRATEGIES}"),
             ("proximal_mu", self.proximal_mu >= 0, ">= 0"),

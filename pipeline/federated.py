@@ -3,12 +3,25 @@
 A site is the set of Dask workers started with ``--resources SITE=1``; the sites file
 (:mod:`pipeline.sites`) says where each site's store is as its workers see it. The driver never
 opens a store: it asks every site for its schema and sums (:func:`pipeline.fedclient.site_info`,
-run on the site), refuses sites that disagree, and pools the normalization statistics. Then,
-round after round:
+run on the site), refuses sites that disagree, and pools the normalization statistics.
 
-1. the *available* sites are those with at least one worker holding their resource; the round
+It starts as soon as every site has reported, or ``site_grace`` seconds after
+``max(min_sites, min_clients)`` sites have (one log line names the sites it starts without);
+fewer reports than that within ``no_worker_timeout`` stop it with one line. The statistics and
+class counts pooled from the sites that reported are the run's *plan*, fixed for the run (the
+model's statistics). The other sites' report tasks stay pending in Dask until a worker with their
+resource registers; between rounds (:meth:`FederatedTrainer._poll_late`, never waiting) a site
+whose late report agrees with the plan's schema is *admitted* and trains with the plan's
+statistics, and one that differs is refused for the run with one line (never sampled). The plan
+and the admitted sites, with the round each joined at, are in every checkpoint: ``--resume``
+trains with the same statistics and may still admit the others; every admitted site is asked
+for its report again and sampled only once it agrees with the plan (one whose store changed is
+refused for the run with one line). Then, round after round:
+
+1. the *available* sites are the admitted ones with at least one worker holding their resource; the round
    samples ``max(min_clients, ceil(fraction_fit * available))`` of them with a generator seeded
-   by ``(seed, round)`` (a resumed run samples the same);
+   by ``(seed, round)`` (a resumed run samples the same); central DP accounts the round at
+   ``sampled / available`` (fewer live sites: a higher rate, more privacy spent);
 2. the parameter server's sync job expects the round's clients; each sampled site runs
    :func:`pipeline.fedclient.fit_client` (``local_epochs`` over its training rows, one delta
    pushed with its sample count, no waiting);
@@ -21,10 +34,12 @@ round after round:
    it) and worst decile go into the history, the dashboard and Prometheus.
 
 A site without workers is left out of the sampling until a worker with its resource returns;
-the run stops with one line only when fewer than ``min_sites`` sites have workers for
-``no_worker_timeout`` seconds. The run directory is the one :mod:`pipeline.train` writes
-(lock, ``config.toml``, ``checkpoint.npz`` after every round, ``history.json``, ``model.npz``
-with the pooled mean/std and the classes); ``--resume`` continues at the next round.
+the run stops with one line only when fewer than ``min_sites`` admitted sites have workers for
+``no_worker_timeout`` seconds. Each round's history record names the sites admitted (``admitted``)
+or refused (``refused``) before it; ``history.json`` gives each site's ``admitted_round``. The
+run directory is the one :mod:`pipeline.train` writes (lock, ``config.toml``, ``checkpoint.npz``
+after every round, ``history.json``, ``model.npz`` with the plan's mean/std and the classes);
+``--resume`` continues at the next round.
 """
 
 from __future__ import annotations
@@ -55,6 +70,7 @@ from pipeline.sites import (
     pool_sites,
     read_sites,
     sample_clients,
+    schema_mismatch,
     site_resources,
     site_spread,
     sites_digest,
@@ -181,6 +197,17 @@ class FederatedTrainer:
         self.store_path = ""
         self._inflight: dict[Any, tuple[str, float, int]] = {}  # async: future -> (client, start, version)
         self._per_round = 1
+        self._rate = (1, 1)  # the round being run: (clients sampled, candidates they were sampled from)
+        self._late: dict[Any, str] = {}  # site_info futures not yet collected -> their site
+        self.admitted: dict[str, int] = {}  # site -> the round it joined at (0: the start)
+        self.site_rows: dict[str, tuple[int, int]] = {}  # admitted site -> (training rows, held-out rows)
+        self.refused: dict[str, str] = {}  # site -> why its late report was refused
+        # --resume: admitted sites whose report has not agreed with the plan in this process yet
+        # (never sampled until it has: a store may have changed between the runs)
+        self._unchecked: set[str] = set()
+        self._start_round = 0  # the round the run starts (or resumes) at
+        self._events: dict[str, Any] = {}  # admissions and refusals since the last round's record
+        self._resumed_fed: dict[str, Any] | None = None  # the checkpoint's federated meta (--resume)
 
     def _init_clients(self) -> None:
         """The clients of the run: here the sites of the sites file."""
@@ -214,10 +241,14 @@ class FederatedTrainer:
                     f"scheduler and the workers, then run `pipeline train {what} --out {self.run.path} --resume "
                     "--scheduler ADDRESS`"
                 ) from None
+            finally:
+                self._drop_late()  # the reports of sites that never came: nothing left pending
 
     def _fit(self) -> TrainResult:
         cfg, client = self.cfg, self.client
         ckpt = self._load_checkpoint() if self.resume else None
+        self._resumed_fed = ckpt.meta.get("federated") if ckpt is not None else None
+        self._start_round = ckpt.run.epoch if ckpt is not None else 0
         self.run.prepare(self.resume, self.force)
         installed_by = ParameterServer.ensure_installed(client)
         check_backend(cfg.backend, client)
@@ -272,7 +303,8 @@ class FederatedTrainer:
             join_timeout=cfg.round_deadline + cfg.no_worker_timeout,
             compression=cfg.compression,
             topk_fraction=cfg.topk_fraction,
-            # the accountant's amplification: the share of the clients sampled in a round
+            # the accountant's amplification: the share of the clients sampled in a round when every
+            # one is a candidate; a round sampled from fewer is accounted at its own rate (_round)
             privacy=privacy_settings(
                 cfg,
                 ckpt.meta.get("privacy") if ckpt else None,
@@ -308,6 +340,15 @@ class FederatedTrainer:
                     record = self._round_async(ps, run, rnd)
                 else:
                     record = self._round(ps, rnd, self._sample(ps, run, rnd))
+                if record is None:  # at its sampling rate this round would overspend the privacy budget
+                    stopped_early = True
+                    privacy = ps.state().get("privacy") or {}
+                    self.log(
+                        budget_spent_line(privacy, cfg.target_epsilon)
+                        + f" (round {rnd + 1} would sample {self._rate[0]} of {self._rate[1]} candidates)"
+                    )
+                    break
+                record.update(self._take_events())  # the sites admitted or refused before this round
                 st = ps.state()
                 if st.get("failed"):
                     raise TrainingError(str(st["failed"]))
@@ -390,31 +431,79 @@ class FederatedTrainer:
     # -- the sites (the hooks a simulation overrides) ---------------------------------------
 
     def _schema(self) -> Federation:
-        """Ask every site for its schema and sums; the pooled view the model is built from."""
-        fed = self.fed = pool_sites(self.cfg.sites, self._site_infos())
+        """The federation the model is built from: pooled from the sites that report at the start
+        (:meth:`_site_infos`), or, on ``--resume``, the plan and admitted sites the checkpoint
+        holds (no re-pooling). On resume every site is asked for its report again: an admitted
+        site is sampled only once its report agrees with the plan (:meth:`_await_checks`, a
+        store may have changed between the runs); sites not admitted yet may join later."""
+        saved = self._resumed_fed or {}
+        plan = saved.get("plan")
+        if plan is not None:
+            fed = Federation.from_plan(self.cfg.sites, plan)
+            for name, entry in (saved.get("admitted") or {}).items():
+                if name in self.store_of:
+                    self.admitted[name] = int(entry["round"])
+                    self.site_rows[name] = (int(entry["rows"]), int(entry["held_out"]))
+            awaited = sorted(set(self.store_of) - set(self.admitted))
+            self._unchecked = set(self.admitted)
+            for name in self.store_of:
+                self._ask(name)
+            if awaited:
+                self.log(
+                    f"resuming with the admitted site(s) {', '.join(sorted(self.admitted))} and the run's statistics; "
+                    f"site(s) {', '.join(awaited)} may join when they report"
+                )
+            self.fed = fed
+            self._await_checks(self._start_round)
+        else:  # a new run, or the checkpoint of an earlier version (every site must report, as then)
+            infos = self._site_infos(require_all=self._resumed_fed is not None)
+            fed = pool_sites(self.cfg.sites, infos)
+            self.admitted = dict.fromkeys(sorted(infos), 0)
+            self.site_rows = {n: (fed.rows[n], fed.held_out[n]) for n in infos}
+            if self._resumed_fed is None:
+                self._events["admitted"] = sorted(infos)
+        self.fed = fed
         self.norm = fed.norm() if self.cfg.normalize else None
         return fed
 
     def _describe_clients(self) -> str:
-        assert self.fed is not None
-        rows = ", ".join(f"{n} {r:,}" for n, r in self.fed.rows.items())
-        return f"federated {self.cfg.strategy} over {len(self.sites)} sites (training rows: {rows})"
+        rows = ", ".join(f"{n} {self.site_rows[n][0]:,}" for n in sorted(self.admitted))
+        awaited = sorted(set(self.store_of) - set(self.admitted))
+        return f"federated {self.cfg.strategy} over {len(self.admitted)} sites (training rows: {rows})" + (
+            f"; awaiting {', '.join(awaited)}" if awaited else ""
+        )
 
     def _history_info(self) -> dict[str, Any]:
+        """Each site of the sites file: its store and, once admitted, its rows and the round it
+        joined at (``admitted_round``; 0: at the start), else ``admitted_round`` None and why it
+        was refused, if it was; ``planned_from``: the sites whose sums made the statistics."""
         assert self.fed is not None
-        fed = self.fed
-        return {
-            "sites": {
-                s.name: {"store": s.store, "rows": fed.rows[s.name], "held_out": fed.held_out[s.name]}
-                for s in self.sites
-            }
-        }
+        sites: dict[str, dict[str, Any]] = {}
+        for s in self.sites:
+            entry: dict[str, Any] = {"store": s.store}
+            if s.name in self.admitted:
+                rows, held_out = self.site_rows[s.name]
+                entry.update(rows=rows, held_out=held_out, admitted_round=self.admitted[s.name])
+            else:
+                entry["admitted_round"] = None
+                if s.name in self.refused:
+                    entry["refused"] = self.refused[s.name]
+            sites[s.name] = entry
+        return {"sites": sites, "planned_from": sorted(self.fed.rows)}
+
+    def _take_events(self) -> dict[str, Any]:
+        """The admissions (``admitted``: sites) and refusals (``refused``: site -> why) since the
+        last round's record, for the next one."""
+        events, self._events = self._events, {}
+        return events
 
     def _sample(self, ps: ParameterServer, run: RunState, rnd: int) -> list[str]:
         """The sites of round ``rnd``: sampled from those with workers now."""
         cfg = self.cfg
         live = self._live_sites(ps, run)
-        return sample_clients(live, clients_per_round(len(live), cfg.fraction_fit, cfg.min_clients), cfg.seed, rnd)
+        n = clients_per_round(len(live), cfg.fraction_fit, cfg.min_clients)
+        self._rate = (min(n, len(live)), len(live))
+        return sample_clients(live, n, cfg.seed, rnd)
 
     def _n_clients(self) -> int:
         """The clients a round samples from when every one is available (the privacy
@@ -471,12 +560,47 @@ class FederatedTrainer:
         return self._evaluate(rnd, self._available())
 
     def _checkpoint_meta(self) -> dict[str, Any]:
-        return {"sites": self.digest}
+        """The sites' fingerprint, the plan (schema and pooled statistics, fixed for the run) and
+        the admitted sites with the round each joined at: a resumed run trains with the same."""
+        meta: dict[str, Any] = {"sites": self.digest}
+        if self.fed is not None:
+            meta["plan"] = self.fed.plan()
+            meta["admitted"] = {
+                n: {"round": r, "rows": self.site_rows[n][0], "held_out": self.site_rows[n][1]}
+                for n, r in sorted(self.admitted.items())
+            }
+        return meta
 
     def _available(self) -> list[str]:
-        """The sites with at least one worker declaring their resource now."""
+        """The admitted sites with at least one worker declaring their resource now (on resume:
+        whose report agreed with the plan in this process)."""
         have = site_resources(self.client.scheduler_info(n_workers=-1))
-        return sorted(s for s in self.store_of if have.get(s))
+        return sorted(s for s in self.admitted if have.get(s) and s not in self._unchecked)
+
+    def _await_checks(self, rnd: int) -> None:
+        """Resume: wait (at most ``no_worker_timeout``) for the reports of the admitted sites that
+        have a worker now and check each against the plan (:meth:`_poll_late`), so that the
+        first round samples from the same sites as the run would have without the interruption.
+        An admitted site without a worker is checked between rounds when its report comes."""
+        from distributed import wait
+
+        t0 = time.monotonic()
+        while True:
+            self._poll_late(rnd)
+            have = site_resources(self.client.scheduler_info(n_workers=-1))
+            waiting = sorted(s for s in self._unchecked if have.get(s))
+            if not waiting:
+                return
+            if time.monotonic() - t0 > self.cfg.no_worker_timeout:
+                self.log(
+                    f"resuming without site(s) {', '.join(waiting)} for now: no report within "
+                    f"{self.cfg.no_worker_timeout:.0f} s; each is sampled again once its report agrees with the run's"
+                )
+                return
+            try:
+                wait(list(self._late), timeout=0.5, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                pass
 
     def _live_sites(self, ps: ParameterServer, run: RunState) -> list[str]:
         """The sites available for this round; waits while fewer than ``min_sites`` (or
@@ -485,96 +609,207 @@ class FederatedTrainer:
         need = max(cfg.min_sites, cfg.min_clients)
         since: float | None = None
         while True:
+            self._poll_late(run.epoch)
             live = self._available()
             if len(live) >= need:
                 return live
             now = time.monotonic()
+            # an admitted site without workers or (resume) not checked again yet, or a site whose
+            # report has not come (or was refused)
+            missing = sorted(set(self.admitted) - set(live) - self._unchecked)
+            unchecked = sorted(self._unchecked)
+            unadmitted = sorted(set(self.store_of) - set(self.admitted))
+            absent = "; ".join(
+                ([f"no worker for {', '.join(missing)}"] if missing else [])
+                + ([f"report awaited from {', '.join(unchecked)}"] if unchecked else [])
+                + ([f"not admitted: {', '.join(unadmitted)}"] if unadmitted else [])
+            )
             if since is None:
                 since = now
-                missing = sorted(set(self.store_of) - set(live))
                 self.log(
-                    f"waiting for sites: {len(live)} of {len(self.store_of)} have workers, {need} needed "
-                    f"(no worker for {', '.join(missing)})"
+                    f"waiting for sites: {len(live)} of {len(self.store_of)} are admitted with workers, "
+                    f"{need} needed ({absent})"
                 )
             elif now - since > cfg.no_worker_timeout:
-                missing = sorted(set(self.store_of) - set(live))
                 raise TrainingError(
-                    f"only {len(live)} of {len(self.store_of)} sites had workers for {cfg.no_worker_timeout:.0f} s "
-                    f"(none for {', '.join(missing)}), fewer than min_sites = {cfg.min_sites} / min_clients = "
+                    f"only {len(live)} of {len(self.store_of)} sites were admitted with workers for "
+                    f"{cfg.no_worker_timeout:.0f} s "
+                    f"({absent}), fewer than min_sites = {cfg.min_sites} / min_clients = "
                     f"{cfg.min_clients}; start workers with `dask worker SCHEDULER --resources SITE=1` or lower "
                     "min_sites (a checkpoint was written; use --resume)"
                 )
             time.sleep(0.5)
 
-    def _site_infos(self) -> dict[str, dict]:
-        """Every site's :func:`site_info`, run on the site; waits up to ``no_worker_timeout``
-        for sites without workers, and names a site whose store cannot be read."""
+    def _ask(self, name: str) -> None:
+        """Submit :func:`site_info` on site ``name`` (it waits in Dask until a worker declares
+        the site's resource); :meth:`_reports` collects it."""
+        cfg = self.cfg
+        holdout = {"fraction": cfg.validation, "seed": cfg.seed} if cfg.validation > 0 else None
+        future = self.client.submit(
+            site_info,
+            self.store_of[name],
+            holdout,
+            key=f"site-info-{name}-{self.job}-{uuid.uuid4().hex[:6]}",
+            resources={name: 1},
+            pure=False,
+        )
+        self._late[future] = name
+
+    def _reports(self) -> list[tuple[str, dict | None, str | None]]:
+        """The site reports that have arrived since the last call, by site: ``(site, info,
+        None)``, or ``(site, None, why)`` when its task failed (its store cannot be read). A
+        report whose worker left before it was fetched is asked for again."""
+        out = []
+        for future, name in list(self._late.items()):
+            if not future.done():
+                continue
+            del self._late[future]
+            if future.status == "error":
+                exc = future.exception()
+                out.append((name, None, str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"))
+                future.release()
+                continue
+            info = fetched(future) if future.status == "finished" else None
+            future.release()
+            if info is None:  # lost with its worker (or cancelled): Dask runs it again when the site is back
+                self._ask(name)
+                continue
+            out.append((name, info, None))
+        return sorted(out, key=lambda r: r[0])
+
+    def _drop_late(self) -> None:
+        """Cancel the reports still awaited (the run is over)."""
+        if self._late:
+            try:
+                self.client.cancel(list(self._late))
+            except Exception:  # the scheduler is gone: nothing is pending there any more
+                logger.debug("could not cancel the pending site reports", exc_info=True)
+            self._late.clear()
+
+    def _site_infos(self, require_all: bool = False) -> dict[str, dict]:
+        """The :func:`site_info` of the sites the run starts with, run on each site.
+
+        The run starts as soon as every site has reported, or ``site_grace`` seconds after
+        ``max(min_sites, min_clients)`` sites have (at the latest ``no_worker_timeout`` after
+        asking, when that many have); the others' reports stay pending and are collected
+        between rounds (:meth:`_poll_late`). Fewer than that many within ``no_worker_timeout``
+        stops the run with one line; so does a site that reports a store it cannot read or one
+        without targets. ``require_all`` (the checkpoint of an earlier version, whose statistics
+        pooled every site): every site must report."""
         from distributed import wait
 
         cfg = self.cfg
-        holdout = {"fraction": cfg.validation, "seed": cfg.seed} if cfg.validation > 0 else None
-        futures = {
-            self.client.submit(
-                site_info,
-                store,
-                holdout,
-                key=f"site-info-{name}-{self.job}",
-                resources={name: 1},
-                pure=False,
-            ): name
-            for name, store in self.store_of.items()
-        }
-        deadline = time.monotonic() + cfg.no_worker_timeout
+        for name in self.store_of:
+            self._ask(name)
+        need = len(self.store_of) if require_all else max(cfg.min_sites, cfg.min_clients)
+        infos: dict[str, dict] = {}
+        t0 = time.monotonic()
+        quorum: float | None = None
         announced = False
-        try:
-            while True:
-                try:
-                    wait(list(futures), timeout=1.0)
-                except TimeoutError:
-                    pass
-                pending = sorted(n for f, n in futures.items() if not f.done())
-                if not pending:
+        while True:
+            try:
+                wait(list(self._late), timeout=0.5, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                pass
+            for name, info, error in self._reports():
+                if error is not None:
+                    raise StoreError(
+                        f"site {name!r} cannot read its store {self.store_of[name]!r} ({error}); fix its path in "
+                        f"{cfg.sites!r}: it is the path as that site's workers see it"
+                    )
+                if not info or not info.get("labelled", True):
+                    raise StoreError(
+                        f"site {name!r}'s store {self.store_of[name]!r} has no targets (ingested with --unlabelled); "
+                        "every site trains on a labelled store"
+                    )
+                infos[name] = info
+            pending = sorted(set(self.store_of) - set(infos))
+            if not pending:
+                return infos
+            now = time.monotonic()
+            if len(infos) >= need:
+                quorum = now if quorum is None else quorum
+                if now - quorum >= cfg.site_grace or now - t0 >= cfg.no_worker_timeout:
                     break
-                if not announced:
-                    self.log(f"waiting for the first report of site(s) {', '.join(pending)}")
-                    announced = True
-                if time.monotonic() > deadline:
+            elif now - t0 > cfg.no_worker_timeout:
+                if require_all:
                     raise TrainingError(
                         f"site(s) {', '.join(pending)} of {cfg.sites!r} did not report within "
                         f"{cfg.no_worker_timeout:.0f} s: no worker declares their resource; start one per site "
                         "with `dask worker SCHEDULER --resources SITE=1`"
                     )
-        except BaseException:
-            self.client.cancel(list(futures))
-            raise
-        infos = {}
-        for f, name in sorted(futures.items(), key=lambda kv: kv[1]):
-            if f.status == "error":
-                exc = f.exception()
-                detail = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
-                raise StoreError(
-                    f"site {name!r} cannot read its store {self.store_of[name]!r} ({detail}); fix its path in "
-                    f"{cfg.sites!r}: it is the path as that site's workers see it"
-                )
-            try:  # a worker lost after its report: Dask recomputes it when the site is back
-                info = f.result(timeout=cfg.no_worker_timeout)
-            except TimeoutError:
                 raise TrainingError(
-                    f"site {name!r}'s worker left before its report was fetched and none came back within "
-                    f"{cfg.no_worker_timeout:.0f} s; start a worker with `--resources {name}=1`"
-                ) from None
-            if not info.get("labelled", True):
-                raise StoreError(
-                    f"site {name!r}'s store {self.store_of[name]!r} has no targets (ingested with --unlabelled); "
-                    "every site trains on a labelled store"
+                    f"only {len(infos)} of {len(self.store_of)} sites of {cfg.sites!r} reported within "
+                    f"{cfg.no_worker_timeout:.0f} s (none from {', '.join(pending)}), fewer than min_sites = "
+                    f"{cfg.min_sites} / min_clients = {cfg.min_clients}; start a worker per site with "
+                    "`dask worker SCHEDULER --resources SITE=1` or lower min_sites"
                 )
-            infos[name] = info
+            if not announced:
+                self.log(f"waiting for the first report of site(s) {', '.join(pending)}")
+                announced = True
+        self.log(
+            f"starting with {len(infos)} of {len(self.store_of)} sites: no report from site(s) {', '.join(pending)} "
+            f"within {time.monotonic() - t0:.0f} s; each joins the run when a worker with its resource reports a "
+            "store of the same schema"
+        )
         return infos
+
+    def _poll_late(self, rnd: int) -> None:
+        """Admit or refuse the sites whose first report arrived since the last look (between
+        rounds; never waits). A site whose schema agrees with the run's (:func:`schema_mismatch`,
+        the check the start makes) is admitted from round ``rnd`` on and trains with the run's
+        statistics; one that differs, cannot read its store or has no targets is refused for
+        this run with one line (it is never sampled). A site admitted before a checkpoint
+        (``--resume``) is checked alike: it is sampled again once its report agrees, and is
+        refused for this run, with one line, when its store has changed."""
+        if not self._late or self.fed is None:
+            return
+        for name, info, error in self._reports():
+            if error is not None:
+                problem = f"it cannot read its store {self.store_of[name]!r} ({error})"
+            elif not info or not info.get("labelled", True):
+                problem = f"its store {self.store_of[name]!r} has no targets (ingested with --unlabelled)"
+            else:
+                diff = schema_mismatch(self.fed.schema(), info)
+                problem = f"its store {diff}" if diff else None
+            readmitted = name in self._unchecked
+            self._unchecked.discard(name)
+            if problem is not None:
+                self.refused[name] = problem
+                self._events.setdefault("refused", {})[name] = problem
+                if readmitted:  # its store changed since it was admitted: out of the run, and of the checkpoint
+                    since = self.admitted.pop(name)
+                    self.site_rows.pop(name, None)
+                    self.log(
+                        f"warning: site {name!r}, admitted at round {since + 1} before the checkpoint, reported before "
+                        f"round {rnd + 1} and is refused for this run: {problem}; the run goes on without it (restore "
+                        "its store, or ingest it with --like a reference store, so that it can join a resumed run)"
+                    )
+                    continue
+                self.log(
+                    f"warning: site {name!r} reported before round {rnd + 1} and is refused for this run: {problem}; "
+                    "the run goes on without it (ingest its store with --like a reference store so that it can join "
+                    "a resumed run)"
+                )
+                continue
+            if readmitted:  # the plan's site as before: sampled again (its rows may have grown)
+                self.site_rows[name] = (int(info["count"]), int(info.get("n_held_out", 0)))
+                continue
+            self.admitted[name] = rnd
+            self.site_rows[name] = (int(info["count"]), int(info.get("n_held_out", 0)))
+            self._events.setdefault("admitted", []).append(name)
+            self.log(
+                f"site {name} reported and joins the run at round {rnd + 1} ({int(info['count']):,} training rows, "
+                "trained with the run's statistics)"
+            )
 
     # -- one round -------------------------------------------------------------------------
 
-    def _round(self, ps: ParameterServer, rnd: int, sampled: list[str]) -> dict[str, Any]:
-        """Run round ``rnd`` with the ``sampled`` sites; its history record."""
+    def _round(self, ps: ParameterServer, rnd: int, sampled: list[str]) -> dict[str, Any] | None:
+        """Run round ``rnd`` with the ``sampled`` sites; its history record (``candidates``: how
+        many sites or clients they were sampled from). Central DP accounts the round at its
+        own sampling rate, ``sampled / candidates``: None, nothing run, when at that rate the
+        round would take epsilon above ``target_epsilon``."""
         from distributed import wait
 
         cfg, client = self.cfg, self.client
@@ -587,7 +822,11 @@ class FederatedTrainer:
         for s in sampled:
             first.setdefault(parts[s], s)
         counts = {p: n for p in first if (n := sum(1 for s in sampled if parts[s] == p)) > 1}
-        reply = ps.expect(names=list(first), keys=[keys[s] for s in first.values()], epoch=rnd)
+        n_sampled, candidates = self._rate
+        rate = n_sampled / candidates if cfg.dp == "central" and candidates else None
+        reply = ps.expect(names=list(first), keys=[keys[s] for s in first.values()], epoch=rnd, sampling_rate=rate)
+        if reply.get("exhausted"):
+            return None
         v0 = int(reply["version"])
         futures = self._submit_round(sampled, names, keys, rnd, tag, parts)
         deadline = time.monotonic() + cfg.round_deadline
@@ -671,6 +910,7 @@ class FederatedTrainer:
             "epoch": rnd,
             "round": rnd,
             "sampled": list(sampled),
+            "candidates": candidates,
             "responded": responded,
             "applied": applied,
             "samples": samples,
@@ -1011,6 +1251,7 @@ class SimulatedTrainer(FederatedTrainer):
         live = np.flatnonzero(self.sizes > 0)  # a client without rows has nothing to train on
         n = clients_per_round(len(live), cfg.fraction_fit, cfg.min_clients)
         picked = live[sample_indices(len(live), n, cfg.seed, rnd)]
+        self._rate = (len(picked), len(live))  # every client with rows is a candidate
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
         if not workers:
             self._wait_for_workers()
@@ -1119,8 +1360,10 @@ class SimulatedTrainer(FederatedTrainer):
             ] = group
         return futures
 
-    def _round(self, ps: ParameterServer, rnd: int, sampled: list[str]) -> dict[str, Any]:
+    def _round(self, ps: ParameterServer, rnd: int, sampled: list[str]) -> dict[str, Any] | None:
         record = super()._round(ps, rnd, sampled)
+        if record is None:
+            return None
         # counts, not lists: a round may sample thousands of clients
         record["sampled"] = len(record["sampled"])
         record["responded"] = len(record["responded"])

@@ -18,9 +18,12 @@ the number that arrived, so the mean's sensitivity is ``clip / expected`` and it
 
 Which participants take part in a round is the amplification the accountant knows about:
 ``sampling_rate`` q is the share of participants sampled per round (1 when every one takes
-part every round). :class:`RdpAccountant` composes the Poisson-subsampled Gaussian mechanism
-in Rényi DP (Mironov, Talwar and Zhang 2019, "Rényi Differential Privacy of the Sampled
-Gaussian Mechanism") over the rounds and converts to (epsilon, delta) with the bound of
+part every round); a round sampled from fewer candidates than the whole population (sites
+down or not admitted yet) is accounted at its own rate ``sampled / candidates``
+(:meth:`RdpAccountant.step` with ``q``), which is higher: such a round costs more.
+:class:`RdpAccountant` composes the Poisson-subsampled Gaussian mechanism in Rényi DP
+(Mironov, Talwar and Zhang 2019, "Rényi Differential Privacy of the Sampled Gaussian
+Mechanism") over the rounds and converts to (epsilon, delta) with the bound of
 Canonne, Kamath and Steinke 2020 (Proposition 12), the same computation as
 ``dp_accounting.rdp.RdpAccountant`` with ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``
 per round (its published values are checked in the tests). Fixed-size uniform sampling of
@@ -344,9 +347,31 @@ PRIVACY_KEYS = (
     "expected",
     "secure_aggregation",
     "rounds",
+    "rates",
     "clip",
     "seed",
 )
+
+
+def _check_rates(rates: Any, rounds: int) -> list[list]:
+    """``rates`` of :func:`check_privacy`: ``[[q, n], ...]`` with q in (0, 1], n >= 1 and the
+    n summing to at most ``rounds``."""
+    want = f"privacy: rates must be [[sampling rate in (0, 1], rounds >= 1], ...] within rounds = {rounds}"
+    if not isinstance(rates, list | tuple):
+        raise PSError(f"{want}, got {rates!r}")
+    out: list[list] = []
+    for pair in rates:
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise PSError(f"{want}, got {rates!r}")
+        q, n = pair
+        if isinstance(q, bool) or not isinstance(q, int | float) or not 0 < q <= 1:
+            raise PSError(f"{want}, got {rates!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise PSError(f"{want}, got {rates!r}")
+        out.append([float(q), int(n)])
+    if sum(n for _, n in out) > rounds:
+        raise PSError(f"{want}, got {rates!r}")
+    return out
 
 
 def check_privacy(spec: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -357,8 +382,10 @@ def check_privacy(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     fixed clip); ``noise_multiplier`` >= 0; ``delta`` in (0, 1); ``target_epsilon`` >= 0
     (0: no budget); ``sampling_rate`` in (0, 1]; ``expected`` >= 0 participants per round
     (0: the round's announced participants); ``secure_aggregation`` bool; ``rounds``
-    accounted before (a resumed run) and ``clip`` (adaptive clipping's clip then);
-    ``seed``: the noise generator's seed (tests only; None = OS entropy)."""
+    accounted before (a resumed run), ``rates`` (``[[q, n], ...]``: how many of those rounds
+    were accounted at a rate ``q`` other than ``sampling_rate``; the rest were at it) and
+    ``clip`` (adaptive clipping's clip then); ``seed``: the noise generator's seed (tests
+    only; None = OS entropy)."""
     if spec is None:
         spec = {}
     if not isinstance(spec, Mapping):
@@ -377,6 +404,7 @@ def check_privacy(spec: Mapping[str, Any] | None) -> dict[str, Any]:
         "expected": spec.get("expected", 0),
         "secure_aggregation": spec.get("secure_aggregation", False),
         "rounds": spec.get("rounds", 0),
+        "rates": spec.get("rates") or [],
         "clip": spec.get("clip"),
         "seed": spec.get("seed"),
     }
@@ -400,6 +428,7 @@ def check_privacy(spec: Mapping[str, Any] | None) -> dict[str, Any]:
         raise PSError(f"privacy: secure_aggregation must be true or false, got {out['secure_aggregation']!r}")
     if isinstance(out["rounds"], bool) or not isinstance(out["rounds"], int) or out["rounds"] < 0:
         raise PSError(f"privacy: rounds must be an int >= 0, got {out['rounds']!r}")
+    out["rates"] = _check_rates(out["rates"], out["rounds"])
     if out["clip"] is not None:
         number("clip", lambda v: v > 0, "> 0")
     if out["seed"] is not None and (isinstance(out["seed"], bool) or not isinstance(out["seed"], int)):

@@ -10,8 +10,10 @@ A sites file (TOML) names each site and where its store is *as that site's worke
 A site is the set of Dask workers started with ``--resources hospital-a=1`` (site name ==
 resource name). The driver never opens a site's store: :func:`pipeline.fedclient.site_info`
 runs on the site and reports its rows, schema and per-feature sums over its training rows;
-:func:`pool_sites` checks that every site's schema agrees and combines the sums into the
-normalization statistics and class counts the whole federation trains with.
+:func:`pool_sites` checks that the reporting sites' schemas agree and combines their sums into
+the normalization statistics and class counts the whole federation trains with. That plan is
+fixed for the run (:meth:`Federation.plan`, kept in every checkpoint): a site reporting later is
+checked against its schema (:func:`schema_mismatch`) and trains with its statistics.
 """
 
 from __future__ import annotations
@@ -159,6 +161,57 @@ class Federation:
         """The pooled statistics as the tasks take them (``{"mean": [...], "std": [...]}``)."""
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}
 
+    def schema(self) -> dict[str, Any]:
+        """The schema every site of the run shares (:func:`schema_of`): a site reporting after
+        the plan is checked against it (:func:`schema_mismatch`)."""
+        return schema_of(
+            {
+                "n_features": self.n_features,
+                "feature_names": self.feature_names,
+                "encodings": self.encodings,
+                "task": self.task,
+                "classes": self.classes,
+                "y_width": self.y_width,
+            }
+        )
+
+    def plan(self) -> dict[str, Any]:
+        """The federation as JSON-safe data (a checkpoint's meta): the schema, the pooled
+        statistics (float64 written as JSON numbers, which read back bit for bit) and the
+        planned sites' rows. :meth:`from_plan` rebuilds it without asking a site."""
+        return {
+            **self.schema(),
+            "encodings": self.encodings,
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "y_mean": self.y_mean.tolist(),
+            "y_std": self.y_std.tolist(),
+            "class_counts": None if self.class_counts is None else self.class_counts.tolist(),
+            "rows": dict(self.rows),
+            "held_out": dict(self.held_out),
+        }
+
+    @classmethod
+    def from_plan(cls, path: str, plan: Mapping[str, Any]) -> Federation:
+        """The federation :meth:`plan` describes (a resumed run's: no re-pooling)."""
+        counts = plan.get("class_counts")
+        return cls(
+            path=path,
+            task=plan["task"],
+            classes=None if plan.get("classes") is None else list(plan["classes"]),
+            n_features=int(plan["n_features"]),
+            feature_names=list(plan["feature_names"]),
+            encodings=plan.get("encodings"),
+            mean=np.asarray(plan["mean"], np.float64),
+            std=np.asarray(plan["std"], np.float64),
+            y_mean=np.atleast_1d(np.asarray(plan["y_mean"], np.float64)),
+            y_std=np.atleast_1d(np.asarray(plan["y_std"], np.float64)),
+            y_width=int(plan.get("y_width", 1)),
+            class_counts=None if counts is None else np.asarray(counts, np.int64),
+            rows={str(k): int(v) for k, v in (plan.get("rows") or {}).items()},
+            held_out={str(k): int(v) for k, v in (plan.get("held_out") or {}).items()},
+        )
+
 
 def _layout(info: Mapping[str, Any]) -> SimpleNamespace:
     """A site's report in the shape :func:`pipeline.store.layout_mismatch` reads a store."""
@@ -169,6 +222,29 @@ def _layout(info: Mapping[str, Any]) -> SimpleNamespace:
         task=info["task"],
         classes=None if info.get("classes") is None else list(info["classes"]),
     )
+
+
+def schema_of(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The schema part of a site's report (or of a :meth:`Federation.plan`): what every site
+    of a run must share."""
+    return {
+        "n_features": int(info["n_features"]),
+        "feature_names": list(info["feature_names"]),
+        "encodings": info.get("encodings") or [],
+        "task": info["task"],
+        "classes": None if info.get("classes") is None else list(info["classes"]),
+        "y_width": int(info.get("y_width", 1)),
+    }
+
+
+def schema_mismatch(reference: Mapping[str, Any], info: Mapping[str, Any]) -> str | None:
+    """How the site's report ``info`` differs from the schema ``reference`` (:func:`schema_of`):
+    features, their encodings, the task and classes (:func:`pipeline.store.layout_mismatch`),
+    the target's width; None when it agrees."""
+    problem = layout_mismatch(reference, _layout(info), labels=True)
+    if problem is None and int(info.get("y_width", 1)) != int(reference.get("y_width", 1)):
+        problem = f"has {info.get('y_width')} target columns, expected {reference.get('y_width')}"
+    return problem
 
 
 def _pooled(count: int, s: np.ndarray, ss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -187,18 +263,9 @@ def pool_sites(sites_path: str, infos: Mapping[str, Mapping[str, Any]]) -> Feder
         raise StoreError(f"sites file {sites_path!r}: no site reported its store")
     ref_name = names[0]
     ref = infos[ref_name]
-    reference = {
-        "n_features": int(ref["n_features"]),
-        "feature_names": list(ref["feature_names"]),
-        "encodings": ref.get("encodings") or [],
-        "task": ref["task"],
-        "classes": ref.get("classes"),
-    }
+    reference = schema_of(ref)
     for name in names[1:]:
-        info = infos[name]
-        problem = layout_mismatch(reference, _layout(info), labels=True)
-        if problem is None and info.get("y_width", 1) != ref.get("y_width", 1):
-            problem = f"has {info.get('y_width')} target columns, expected {ref.get('y_width')}"
+        problem = schema_mismatch(reference, infos[name])
         if problem:
             raise StoreError(
                 f"site {name!r} does not match site {ref_name!r}: its store {problem}; ingest it with "

@@ -164,6 +164,8 @@ def privacy_settings(
         "secure_aggregation": cfg.secure_aggregation,
         "rounds": int(spent.get("rounds", 0)),
     }
+    if spent.get("rates"):  # rounds accounted at their own rate (fewer candidates than all)
+        out["rates"] = [[float(q), int(n)] for q, n in spent["rates"]]
     if cfg.clip_quantile > 0 and spent.get("clip"):
         out["clip"] = float(spent["clip"])
     return out

@@ -689,6 +689,7 @@ for _id, _setting in {
     "C70": ("dp=central", "ps_shards=2"),
     "C71": ("clients=10", "secure_aggregation=true"),
     "C72": ("ps_shared_memory=maybe",),
+    "C74": ("site_grace=-1",),
 }.items():
     case(_id)(lambda t, s=_setting: _train_set(t, *(a for v in s for a in ("--set", v))))
 

@@ -175,9 +175,13 @@ class ParameterServer:
             topk_fraction=float(topk_fraction),
         )
 
-    def expect(self, names: list[str], keys: list[str | None], epoch: int | None = None) -> Reply:
-        """Announce the participants (and their task keys) of ``epoch``."""
-        return self._send("expect", names=list(names), keys=list(keys), epoch=epoch)
+    def expect(
+        self, names: list[str], keys: list[str | None], epoch: int | None = None, sampling_rate: float | None = None
+    ) -> Reply:
+        """Announce the participants (and their task keys) of ``epoch``; ``sampling_rate``: the
+        share of the candidates the round sampled (central DP accounts the round at it)."""
+        extra = {} if sampling_rate is None else {"sampling_rate": float(sampling_rate)}
+        return self._send("expect", names=list(names), keys=list(keys), epoch=epoch, **extra)
 
     def join(
         self,

@@ -126,6 +126,10 @@ class Job:
     dp_rng: np.random.Generator | None = None
     dp_unclipped: int = 0
     round_size: int = 0  # sync: participants announced for the current epoch or round
+    # central DP: the sampling rate of the round announced (None: the job's sampling_rate) and
+    # how many applied rounds were accounted at each rate other than the job's
+    round_rate: float | None = None
+    dp_rates: dict[float, int] = field(default_factory=dict)
     exhausted: bool = False  # the privacy budget allows no further round
     # secure aggregation (pipeline.secagg): the round's attempt, public keys, roster, the
     # running uint32 sum of the masked vectors (never one participant's vector on its own)
@@ -259,12 +263,17 @@ class Job:
         self.privacy = dp
         if dp["dp"] == "off":
             return self
+        central = dp["dp"] == "central"
+        rates = dp["rates"] if central else []  # local DP is not amplified by sampling
         self.accountant = RdpAccountant(
             dp["noise_multiplier"],
-            dp["sampling_rate"] if dp["dp"] == "central" else 1.0,
+            dp["sampling_rate"] if central else 1.0,
             dp["delta"],
-            rounds=dp["rounds"],
+            rounds=dp["rounds"] - sum(n for _, n in rates),
         )
+        for q, n in rates:  # the rounds a resumed run accounted at their own rates
+            self.accountant.step(n, q)
+            self.dp_rates[q] = self.dp_rates.get(q, 0) + n
         if dp["dp"] == "central" and dp["clip_quantile"] > 0:
             self.adaptive = AdaptiveClip(dp["clip"] or dp["clip_norm"], dp["clip_quantile"])
         self.dp_rng = noise_rng(dp["seed"])
@@ -572,8 +581,9 @@ class Job:
         """Central DP on the round's combined delta ``grad`` (equal-weight mean, or sum with
         ``aggregate = "sum"``) of ``n_deltas`` clipped deltas: noise ``z x clip`` on the sum,
         a mean divided by the participants expected per round (a fixed denominator; see
-        :mod:`pipeline.privacy`); then adaptive clipping's step and the accountant's round.
-        A no-op when DP is off; local DP only counts the round."""
+        :mod:`pipeline.privacy`); then adaptive clipping's step and the accountant's round, at
+        the round's own sampling rate when :meth:`expect` gave one. A no-op when DP is off;
+        local DP only counts the round."""
         dp = self.privacy
         if dp["dp"] == "off" or self.accountant is None:
             return
@@ -590,7 +600,10 @@ class Job:
             if self.adaptive is not None:
                 self.adaptive.update(self.dp_unclipped, expected, count_std, self.dp_rng)
             self.dp_unclipped = 0
-        self.accountant.step()
+        q = self.round_rate if dp["dp"] == "central" else None
+        self.accountant.step(1, q)
+        if q is not None and q != self.accountant.sampling_rate:
+            self.dp_rates[q] = self.dp_rates.get(q, 0) + 1
         if self._budget_spent():
             self.exhausted = True
             logger.info("job %s: %s", self.job, self.budget_message())
@@ -632,6 +645,8 @@ class Job:
             "clip": self.clip(),
             "noise_multiplier": dp["noise_multiplier"],
             "sampling_rate": dp["sampling_rate"],
+            # the applied rounds accounted at another rate (fewer candidates): [[q, rounds], ...]
+            "rates": [[q, n] for q, n in sorted(self.dp_rates.items())],
             "target_epsilon": dp["target_epsilon"],
             "exhausted": self.exhausted,
             "secure_aggregation": dp["secure_aggregation"],
@@ -720,8 +735,17 @@ class Job:
         names: list[str] | None = None,
         keys: list[str | None] | None = None,
         epoch: int | None = None,
+        sampling_rate: float | None = None,
     ) -> dict[str, Any]:
-        """Announce the participants of an epoch (sync mode waits for them)."""
+        """Announce the participants of an epoch (sync mode waits for them). ``sampling_rate``
+        (central DP, sync): the share of the candidates this round sampled, accounted for it
+        instead of the job's ``sampling_rate`` (a round sampled from fewer candidates costs
+        more privacy); a round whose rate would take epsilon above ``target_epsilon`` marks
+        the budget spent (``exhausted`` in the reply) and is not applied."""
+        if sampling_rate is not None and (
+            isinstance(sampling_rate, bool) or not isinstance(sampling_rate, int | float) or not 0 < sampling_rate <= 1
+        ):
+            raise PSError(f"ps_expect: sampling_rate must be in (0, 1], got {sampling_rate!r}")
         names = list(names or [])
         keys = list(keys or [None] * len(names))
         if len(keys) != len(names):
@@ -732,14 +756,26 @@ class Job:
         self.expected = {}
         if self.mode == "sync":
             self.round_size = len(names)
+            self.round_rate = None if sampling_rate is None else float(sampling_rate)
+            if (
+                self.privacy["dp"] == "central"
+                and self.round_rate is not None
+                and self.accountant is not None
+                and not self.exhausted
+                and self.accountant.would_exceed(self.privacy["target_epsilon"], self.round_rate)
+            ):
+                self.exhausted = True  # this round, at its rate, would overspend: nothing more is applied
+                logger.info("job %s: %s", self.job, self.budget_message())
             if self.adaptive is not None and names and not self.privacy["expected"]:
                 split_noise(self.privacy["noise_multiplier"], len(names))  # PSError if it cannot pay
             for n, k in zip(names, keys, strict=True):
-                if n not in self.participants:
+                if n not in self.participants and not (self.exhausted and self.round_rate is not None):
                     self.expected[n] = k
                     if k is not None:
                         self.keys[k] = (self.job, n)
             self.expected_since = time.time()
+        if self.privacy["dp"] != "off":
+            return {"status": "OK", "version": self.version, "exhausted": self.exhausted}
         return {"status": "OK", "version": self.version}
 
     def join(

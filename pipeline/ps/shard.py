@@ -326,12 +326,16 @@ class ShardedParameterServer:
 
         return self._run(request)
 
-    def expect(self, names: list[str], keys: list[str | None], epoch: int | None = None) -> dict[str, Any]:
+    def expect(
+        self, names: list[str], keys: list[str | None], epoch: int | None = None, sampling_rate: float | None = None
+    ) -> dict[str, Any]:
         """Register the epoch's task keys on the scheduler and announce them to every shard."""
 
         async def request(sched: Any, pool: Any) -> dict[str, Any]:
             await self._locate(sched, names=list(names), keys=list(keys))
             kw = {"names": list(names), "keys": list(keys), "epoch": epoch}
+            if sampling_rate is not None:
+                kw["sampling_rate"] = float(sampling_rate)
             rs = await self._fan(pool, "expect", [kw] * len(self._map))
             return rs[0]
 

@@ -245,3 +245,54 @@ def test_the_dashboard_and_prometheus_show_the_privacy_spent() -> None:
     assert got["dp-job"] == pytest.approx(eps)
     del source
     gc.collect()
+
+
+def test_each_round_is_accounted_at_the_sampling_rate_its_expect_announced() -> None:
+    """Rounds announced with their own sampling rate (fewer candidates than the job's
+    population) are accounted at it: epsilon is the Rényi divergences of those rates summed
+    (Mironov et al.'s formula) and converted; rounds announced without one, or at the job's
+    rate, cost what they always did. A job resumed from the state's rounds and rates goes on
+    from the same epsilon, and a round whose rate would overspend the budget is refused at
+    its announcement."""
+    from pipeline.privacy import DEFAULT_ORDERS, epsilon_from_rdp, rdp_sampled_gaussian
+
+    async def main() -> None:
+        z, q0, delta = 1.5, 0.25, 1e-5
+        privacy = {"dp": "central", "noise_multiplier": z, "sampling_rate": q0, "delta": delta}
+        job = _job(privacy, aggregate="mean")
+        rates = [0.5, None, q0, 1.0, 0.5]  # None: no rate announced (the job's)
+        for q in rates:
+            reply = job.expect(["a"], [None], sampling_rate=q)
+            assert reply["exhausted"] is False
+            await _round(job, {"a": np.zeros(N, np.float32)})
+        applied = [q0 if q is None else q for q in rates]
+        rdp = sum(rdp_sampled_gaussian(q, z, DEFAULT_ORDERS) for q in applied)
+        want = epsilon_from_rdp(DEFAULT_ORDERS, rdp, delta)[0]
+        m = job.metrics()["privacy"]
+        assert m["rounds"] == 5 and m["epsilon"] == pytest.approx(want, rel=1e-12)
+        assert m["rates"] == [[0.5, 2], [1.0, 1]]  # the rounds at another rate than the job's
+        uniform = RdpAccountant(z, q0, delta).epsilon(rounds=5)
+        assert m["epsilon"] > uniform  # fewer candidates, less amplification: more privacy spent
+        # a resumed job takes the rounds and their rates from the state
+        spent = job.state()["privacy"]
+        again = _job({**privacy, "rounds": spent["rounds"], "rates": spent["rates"]})
+        assert again.epsilon() == pytest.approx(m["epsilon"], rel=1e-12)
+        assert again.metrics()["privacy"]["rates"] == m["rates"]
+        # the budget: a target between one more round at the job's rate and one at rate 1
+        acc = again.accountant
+        assert acc is not None
+        after = [epsilon_from_rdp(DEFAULT_ORDERS, acc.rdp + acc.round_rdp(q), delta)[0] for q in (q0, 1.0)]
+        assert after[0] < after[1]
+        target = (after[0] + after[1]) / 2
+        tight = _job({**privacy, "rounds": spent["rounds"], "rates": spent["rates"], "target_epsilon": target})
+        assert not tight.exhausted  # one more round at the job's rate fits
+        reply = tight.expect(["a"], [None], sampling_rate=1.0)
+        assert reply["exhausted"] is True and not tight.expected
+        replies = await _round(tight, {"a": np.ones(N, np.float32)})
+        assert replies[0]["stop"] and tight.version == 0 and tight.epsilon() == pytest.approx(m["epsilon"])
+        with pytest.raises(PSError, match="sampling_rate must be in"):
+            job.expect(["a"], [None], sampling_rate=0.0)
+        with pytest.raises(PSError, match="rates must be"):
+            _job({**privacy, "rounds": 1, "rates": [[0.5, 2]]})
+
+    asyncio.run(main())

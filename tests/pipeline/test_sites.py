@@ -7,11 +7,13 @@ import pytest
 
 from pipeline.errors import ConfigError, StoreError
 from pipeline.sites import (
+    Federation,
     Site,
     clients_per_round,
     pool_sites,
     read_sites,
     sample_clients,
+    schema_mismatch,
     site_resources,
     site_spread,
     sites_digest,
@@ -94,6 +96,28 @@ def test_a_site_whose_schema_differs_is_refused_naming_it(other, fragment):
         pool_sites("s.toml", {"a": _info(x, y, encodings=ordinal), "z": _info(x, y, **other)})
     msg = str(err.value)
     assert msg.startswith("site 'z' does not match site 'a'") and fragment in msg and "--like" in msg
+
+
+def test_a_plan_reads_back_bit_for_bit_and_checks_a_late_report():
+    """The plan a checkpoint keeps (JSON) rebuilds the same statistics, and a site reporting
+    after it is checked against its schema as the start checks the sites."""
+    import json
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(3, 2, (300, 2)), rng.normal(-1, 0.7, (100, 2))
+    fed = pool_sites("s.toml", {"a": _info(a, rng.integers(0, 2, 300)), "b": _info(b, rng.integers(0, 2, 100))})
+    back = Federation.from_plan("s.toml", json.loads(json.dumps(fed.plan())))
+    for key in ("mean", "std", "y_mean", "y_std", "class_counts"):
+        assert getattr(back, key).tobytes() == getattr(fed, key).tobytes(), key
+    assert back.schema() == fed.schema() and back.rows == fed.rows and back.norm() == fed.norm()
+    x, y = np.ones((4, 2)), np.zeros(4, int)
+    assert schema_mismatch(back.schema(), _info(x, y)) is None
+    assert schema_mismatch(back.schema(), _info(x, y, classes=("a", "c"))) == (
+        "has the classes [a, c], expected [a, b] in this order"
+    )
+    assert schema_mismatch(back.schema(), _info(np.ones((4, 3)), y, names=("p", "q", "r"))) == (
+        "has 3 features, expected 2"
+    )
 
 
 def test_sampling_is_seeded_by_round_and_bounded():
