@@ -380,6 +380,41 @@ def overlap_targets(results: Path = RESULTS) -> list[Target]:
     return out
 
 
+def out_of_core_targets(results: Path = RESULTS) -> list[Target]:
+    """Out of core with memory that binds (a cgroup cap around the workers, or a store of at
+    least 2x RAM), at least 2 epochs: the pipeline's peak RSS flat (within 10% over the epochs and
+    sizes) and its samples/s against the PyTorch peer streaming the same store, epoch by epoch."""
+    name = "out of core, memory binding: the workers' peak RSS flat (within 10%), >= 2 epochs"
+    got = newest("out_of_core", results)
+    if got is None:
+        return [_missing("speed", name, "python -m bench.out_of_core --memory-cap 1.5GiB --sizes 3.5")]
+    path, d = got
+    rows = [r for r in d["rows"] if r["memory binds?"].startswith("yes")]
+    pipe = [r for r in rows if r["trainer"] == "pipeline"]
+    if not pipe:
+        return [Target("speed", name, "memory did not bind in the newest run", "", None, path.name)]
+    rss = [r["peak RSS MB (max process)"] for r in pipe]
+    peer = {(r["store GB (X)"], r["epoch"]): r["samples/s"] for r in rows if r["trainer"] != "pipeline"}
+    ratios = [
+        r["samples/s"] / peer[(r["store GB (X)"], r["epoch"])] for r in pipe if (r["store GB (X)"], r["epoch"]) in peer
+    ]
+    figures = (
+        f"peak RSS {' / '.join(f'{x:.0f}' for x in rss)} MB per epoch (spread {100 * (max(rss) / min(rss) - 1):.1f}%)"
+    )
+    if ratios:
+        figures += f"; samples/s {_per(ratios)} the PyTorch streaming peer's, per epoch"
+    return [
+        Target(
+            "speed",
+            f"{name} ({pipe[0]['memory binds?'][5:]})",
+            figures,
+            f"{len({r['epoch'] for r in pipe})} epochs, spread <= 10%",
+            max(rss) / min(rss) <= 1.1 and len({r["epoch"] for r in pipe}) >= 2,
+            path.name,
+        )
+    ]
+
+
 def collect(results: Path = RESULTS) -> list[Target]:
     """Every target of every benchmark that states one, newest full runs."""
     return [
@@ -388,6 +423,7 @@ def collect(results: Path = RESULTS) -> list[Target]:
         *cold_start_targets(results),
         *statistical_efficiency_targets(results),
         *time_to_accuracy_targets(results),
+        *out_of_core_targets(results),
         *federated_targets(results),
         *compression_targets(results),
         *projection_targets(results),
