@@ -33,8 +33,10 @@ run: $(VENV)/.installed
 	$(BIN)/pipeline evaluate $(RUNS)/letter $(STORES)/letter-test.zarr
 	@echo "model, history and checkpoint: $(RUNS)/letter/  performance report: $(RUNS)/letter-report.html"
 
+# two test processes (pytest-xdist), one test module each at a time: module-scoped clusters are made
+# once, and a module waiting on processes or timeouts leaves the other core to the next module
 test: lint
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check $(CODE)

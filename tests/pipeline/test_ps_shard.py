@@ -49,6 +49,20 @@ def _wait_for_shard_workers(client: object, n: int, timeout: float = 60) -> list
 
 
 @pytest.fixture(scope="module")
+def client() -> Iterator[object]:
+    """The module's LocalCluster (two training workers), made and used with a 5 s connect
+    timeout: Distributed retries a refused connection until ``comm.timeouts.connect`` (30 s by
+    default), which is how long a push to a killed shard's worker would wait before it fails."""
+    import dask
+
+    from pipeline.connect import cluster_client
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "5s"}):
+        with cluster_client(workers=2, threads_per_worker=1, dashboard_address=None) as c:
+            yield c
+
+
+@pytest.fixture(scope="module")
 def shard_procs(client) -> Iterator[list[subprocess.Popen]]:
     """Two ps-shard workers beside the module's two training workers."""
     procs = [_start_shard_worker(client.scheduler.address) for _ in range(2)]

@@ -173,23 +173,30 @@ def _finished_bytes_shm(client) -> int:
 
 
 @needs_dev_shm
-def test_training_weights_do_not_depend_on_the_transport(client, letter_stores, tmp_path):
+def test_training_weights_do_not_depend_on_the_transport(client, letter_stores, tmp_path, monkeypatch):
     """The same sync run with shared memory (the default) and over TCP only: the same weights,
     average and local optimizer states bit for bit; the default run moved its vectors through
-    shared memory, the other none, and neither left a segment behind."""
+    shared memory, the other none, and neither left a segment behind.
+
+    The server (in this process: the LocalCluster's scheduler) names every segment it creates
+    through ``shm._name``; the names are recorded as they are drawn, so the check is of this
+    run's segments whatever other processes on the machine create in /dev/shm meanwhile."""
     from pipeline.checkpoint import load_file
     from pipeline.config import TrainConfig
     from pipeline.train import train
 
-    before = _segments()
+    created: dict[bool, list[str]] = {True: [], False: []}
+    draw = shmem._name
     moved, arrays = {}, {}
     for flag in (True, False):
+        monkeypatch.setattr(shmem, "_name", lambda flag=flag: created[flag].append(draw()) or created[flag][-1])
         cfg = TrainConfig(mode="sync", epochs=2, patience=0, hidden=[32], min_share_gflop=0, ps_shared_memory=flag)
         train(letter_stores[0], cfg, tmp_path / f"shm-{flag}", client=client)
         moved[flag] = _finished_bytes_shm(client)
         arrays[flag], _ = load_file(tmp_path / f"shm-{flag}" / "checkpoint.npz", "checkpoint")
     assert moved[True] > 0 and moved[False] == 0
+    assert created[True] and not created[False]  # segments only where shared memory was asked for
     assert sorted(arrays[True]) == sorted(arrays[False])
     for name in arrays[True]:
         np.testing.assert_array_equal(arrays[True][name], arrays[False][name], err_msg=name)
-    assert _segments() <= before  # every segment of the runs was unlinked
+    assert not set(created[True]) & _segments()  # every segment of the runs was unlinked
