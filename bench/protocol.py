@@ -316,8 +316,20 @@ def meta() -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "commit": git_commit(),
         "versions": versions(),
-        "host": {"cores": os.cpu_count(), "machine": platform.machine()},
+        "host": {"cores": os.cpu_count(), "machine": platform.machine(), "cpu": cpu_model()},
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string: runs on
+    different CPUs compare only through their side-by-side ratios."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def _default(o: Any) -> Any:

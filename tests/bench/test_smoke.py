@@ -453,6 +453,7 @@ def test_provenance_names_versions_commit_and_json(tmp_path: Path, monkeypatch) 
     monkeypatch.setattr(protocol, "QUICK_RESULTS", tmp_path)
     m = protocol.meta()
     assert m["versions"]["numpy"] and "python" in m["versions"] and m["commit"]
+    assert m["host"]["cpu"] == protocol.cpu_model() and m["host"]["cpu"] != ""
     path = protocol.save_json("unit", {"meta": m, "x": np.float32(1.5)}, quick=True)
     assert json.loads(Path(tmp_path / Path(path).name).read_text())["x"] == 1.5
     m["json"] = str(path)

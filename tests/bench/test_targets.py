@@ -47,7 +47,8 @@ def test_a_flipped_pass_changes_the_verdict(tmp_path: Path) -> None:
     (tmp_path / src.name).write_text(json.dumps(data))
     row = next(t for t in collect(tmp_path) if "in process" in t.target)
     assert row.met is True
-    data["results"]["in process"]["timed"][0]["overhead_s"] = 2.5
+    for t in data["results"]["in process"]["timed"][:2]:  # 3 of 5 (or 1 of 3) passes under 2 s
+        t["overhead_s"] = 2.5
     (tmp_path / src.name).write_text(json.dumps(data))
     row = next(t for t in collect(tmp_path) if "in process" in t.target)
     assert row.met is False
