@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -377,6 +377,19 @@ def local_cluster(workers: int = 2, memory_limit: str | float | None = "auto") -
         workers=workers, threads_per_worker=1, memory_limit=memory_limit, dashboard_address=None
     ) as client:
         yield client
+
+
+def pipeline_settings(test: Any, hidden: Sequence[int], epochs: int, batch: int, **extra: Any) -> dict[str, Any]:
+    """The pipeline's settings for a timed or accuracy row: the model, ``epochs`` without early
+    stopping, validated on the ``test`` store after every epoch (plus ``extra``)."""
+    return {
+        "hidden": list(hidden),
+        "epochs": epochs,
+        "patience": 0,
+        "validation_store": str(test.path),
+        "batch_size": batch,
+        **extra,
+    }
 
 
 def run_pipeline(client: Any, store: Any, out: Path, **cfg: Any) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from bench.common import (
     md_table,
     metric,
     mnist_like,
+    pipeline_settings,
     run_pipeline,
     timed_epochs,
     tmpdir,
@@ -85,14 +86,7 @@ def run(
         with local_cluster(2) as client:
             # min_share_gflop 0 (also the default): the sweep is about local steps between two
             # workers, whatever the store's size
-            base = {
-                "hidden": list(hidden),
-                "epochs": epochs,
-                "patience": 0,
-                "validation_store": str(test.path),
-                "batch_size": batch,
-                "min_share_gflop": 0.0,
-            }
+            base = pipeline_settings(test, hidden, epochs, batch, min_share_gflop=0.0)
             run_pipeline(client, test, tmp / "warm", **{**base, "epochs": 1, "validation_store": ""})
             for mode in modes:
                 for ls in steps:

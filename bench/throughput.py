@@ -96,6 +96,7 @@ from bench.common import (
     md_table,
     metric,
     mnist_like,
+    pipeline_settings,
     run_pipeline,
     tmpdir,
     write_out,
@@ -278,13 +279,7 @@ def trainers(
     """Name -> a function training that row once and returning its figures."""
     sizes = (data["Xtr"].shape[1], *hidden, n_classes)
     n_samples = epochs * len(data["Xtr"])
-    base = {
-        "hidden": list(hidden),
-        "epochs": epochs,
-        "patience": 0,
-        "validation_store": str(test.path),
-        "batch_size": batch,
-    }
+    base = pipeline_settings(test, hidden, epochs, batch)
     out: dict[str, Callable[[], dict]] = {}
 
     def pipeline(over: dict, name: str, with_cold: bool) -> Callable[[], dict]:
@@ -572,14 +567,7 @@ def accuracy_trainers(
     n_classes = int(max(data["ytr"].max(), data["yte"].max())) + 1
     sizes = (data["Xtr"].shape[1], *hidden, n_classes)
     n_samples = epochs * len(data["Xtr"])
-    base = {
-        "hidden": list(hidden),
-        "epochs": epochs,
-        "patience": 0,
-        "validation_store": str(test.path),
-        "batch_size": batch,
-        "seed": seed,
-    }
+    base = pipeline_settings(test, hidden, epochs, batch, seed=seed)
     out: dict[str, Callable[[], dict]] = {}
 
     def pipeline(over: dict, name: str) -> Callable[[], dict]:
@@ -608,7 +596,7 @@ def accuracy_trainers(
                 peer = make()
                 for _ in range(epochs):
                     peer.epoch()
-                    pred = peer.predict(data["Xte"])
+                pred = peer.predict(data["Xte"])
                 res = {"seconds": time.perf_counter() - t, "acc": metric(pred, data["yte"], "classification")}
                 if hasattr(peer, "t"):
                     res["updates"] = peer.t

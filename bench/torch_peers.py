@@ -145,10 +145,22 @@ class TorchBest(Peer):
             self.opt.zero_grad(set_to_none=True)
             self.loss(self.fwd(xb), yb).backward()
             self.opt.step()
+            self.stepped()
+        self.epoch_done()
+
+    def stepped(self) -> None:
+        """After each optimizer step (nothing here; a subclass's hook)."""
+
+    def epoch_done(self) -> None:
+        """After an epoch's last step (nothing here; a subclass's hook)."""
+
+    def scored(self) -> Any:
+        """The module :meth:`predict` evaluates."""
+        return self.model
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         with self.torch.no_grad():
-            return self.model(self.torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).numpy()
+            return self.scored()(self.torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).numpy()
 
 
 class TorchBestAveraged(TorchBest):
@@ -195,26 +207,17 @@ class TorchBestAveraged(TorchBest):
                 d = min(self.ema, (1 + self.t) / (10 + self.t))
                 self.torch._foreach_lerp_(self.average, self.weights, 1.0 - d)
 
-    def epoch(self) -> None:
-        torch, b = self.torch, self.batch
-        perm = torch.randperm(len(self.tx), generator=self.gen)
-        self.model.train()
-        for i in range(0, len(perm), b):
-            idx = perm[i : i + b]
-            xb, yb = self.tx.index_select(0, idx), self.ty.index_select(0, idx)
-            self.opt.zero_grad(set_to_none=True)
-            self.loss(self.fwd(xb), yb).backward()
-            self.opt.step()
-            self.since += 1
-            if self.since == self.every:
-                self.update_average()
+    def stepped(self) -> None:
+        self.since += 1
+        if self.since == self.every:
+            self.update_average()
+
+    def epoch_done(self) -> None:
         if self.since:
             self.update_average()
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        model = self.averaged if self.t else self.model
-        with self.torch.no_grad():
-            return model(self.torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).numpy()
+    def scored(self) -> Any:
+        return self.averaged if self.t else self.model
 
 
 class TorchTutorial(TorchBest):

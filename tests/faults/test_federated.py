@@ -14,11 +14,14 @@ happened on that site's workers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -358,6 +361,21 @@ def _site_reports_left(client) -> list[str]:
     return client.run_on_scheduler(keys)
 
 
+@contextlib.contextmanager
+def _client_and_its_workers(addr: str) -> Iterator[tuple[Any, list]]:
+    """A client of the cluster at ``addr`` and a list for the worker processes a test starts,
+    killed when it ends (whatever it ends with)."""
+    from distributed import Client
+
+    started: list = []
+    try:
+        with Client(addr, timeout=10, set_as_default=False) as c:
+            yield c, started
+    finally:
+        for p in started:
+            p.kill()
+
+
 def _late_worker(procs: Procs, addr: str, client, site: str, home: Path, started: list) -> None:
     """Start a worker of ``site`` and wait until the run's request for its report is answered
     (so the next round's look at the late reports sees it)."""
@@ -372,7 +390,6 @@ def test_a_site_without_a_worker_at_the_start_joins_later_and_stays_admitted_on_
     evaluated from round 2 on, trains with the statistics pooled from a and b only, and a
     resume keeps those statistics bit for bit and c admitted (its report, asked anew, only
     checked against the plan: no admission, no re-pooling)."""
-    from distributed import Client
 
     from pipeline.fedclient import site_info
     from pipeline.ingest import ingest
@@ -393,61 +410,55 @@ def test_a_site_without_a_worker_at_the_start_joins_later_and_stays_admitted_on_
     planned = pool_sites(str(sf), infos)
     with_c = pool_sites(str(sf), {**infos, "c": info_c})
     lines: list[str] = []
-    started: list = []
-    try:
-        with Client(addr, timeout=10, set_as_default=False) as c:
+    with _client_and_its_workers(addr) as (c, started):
 
-            def c_starts(record: dict) -> None:
-                if record["round"] == 0:
-                    _late_worker(procs, addr, c, "c", home_c, started)
+        def c_starts(record: dict) -> None:
+            if record["round"] == 0:
+                _late_worker(procs, addr, c, "c", home_c, started)
 
-            res = train(None, cfg, run, client=c, log=lines.append, on_epoch=c_starts)
-            text = "\n".join(lines)
-            assert "starting with 2 of 3 sites: no report from site(s) c within" in text, text
-            h = res.history
-            assert [e["round"] for e in h] == [0, 1, 2]
-            assert h[0]["admitted"] == ["a", "b"] and h[0]["sampled"] == ["a", "b"]
-            assert h[1]["admitted"] == ["c"] and "admitted" not in h[2]
-            assert f"site c reported and joins the run at round 2 ({info_c['count']:,} training rows" in text, text
-            for e in h[1:]:
-                assert e["sampled"] == e["responded"] == ["a", "b", "c"] and e["applied"], e
-                assert set(e["sites"]) == {"a", "b", "c"} and e["sites"]["c"]["n"] == info_c["n_held_out"]
-            fed = history(run)["federated"]
-            assert fed["planned_from"] == ["a", "b"]
-            assert {n: s["admitted_round"] for n, s in fed["sites"].items()} == {"a": 0, "b": 0, "c": 1}
-            assert fed["sites"]["c"]["rows"] == info_c["count"]
+        res = train(None, cfg, run, client=c, log=lines.append, on_epoch=c_starts)
+        text = "\n".join(lines)
+        assert "starting with 2 of 3 sites: no report from site(s) c within" in text, text
+        h = res.history
+        assert [e["round"] for e in h] == [0, 1, 2]
+        assert h[0]["admitted"] == ["a", "b"] and h[0]["sampled"] == ["a", "b"]
+        assert h[1]["admitted"] == ["c"] and "admitted" not in h[2]
+        assert f"site c reported and joins the run at round 2 ({info_c['count']:,} training rows" in text, text
+        for e in h[1:]:
+            assert e["sampled"] == e["responded"] == ["a", "b", "c"] and e["applied"], e
+            assert set(e["sites"]) == {"a", "b", "c"} and e["sites"]["c"]["n"] == info_c["n_held_out"]
+        fed = history(run)["federated"]
+        assert fed["planned_from"] == ["a", "b"]
+        assert {n: s["admitted_round"] for n, s in fed["sites"].items()} == {"a": 0, "b": 0, "c": 1}
+        assert fed["sites"]["c"]["rows"] == info_c["count"]
 
-            # the model's statistics: pooled from a and b only
-            first = load_file(run / "model.npz", "model")[0]
-            assert first["mean"].tobytes() == planned.mean.tobytes()
-            assert first["std"].tobytes() == planned.std.tobytes()
-            assert not np.array_equal(first["mean"], with_c.mean)  # c's rows would have moved them
-            meta = load_file(run / "checkpoint.npz", "checkpoint")[1]["federated"]
-            assert sorted(meta["admitted"]) == ["a", "b", "c"] and meta["admitted"]["c"]["round"] == 1
+        # the model's statistics: pooled from a and b only
+        first = load_file(run / "model.npz", "model")[0]
+        assert first["mean"].tobytes() == planned.mean.tobytes()
+        assert first["std"].tobytes() == planned.std.tobytes()
+        assert not np.array_equal(first["mean"], with_c.mean)  # c's rows would have moved them
+        meta = load_file(run / "checkpoint.npz", "checkpoint")[1]["federated"]
+        assert sorted(meta["admitted"]) == ["a", "b", "c"] and meta["admitted"]["c"]["round"] == 1
 
-            # --resume: the same statistics and admitted sites (c's worker is up: no re-pooling)
-            resumed_lines: list[str] = []
-            res2 = train(None, _late_cfg(sf, rounds=5), run, client=c, resume=True, log=resumed_lines.append)
-            text2 = "\n".join(resumed_lines)
-            assert [e["round"] for e in res2.history] == list(range(5)), text2
-            assert "joins the run" not in text2 and "starting with" not in text2, text2
-            assert all(e["sampled"] == ["a", "b", "c"] and "admitted" not in e for e in res2.history[3:])
-            second = load_file(run / "model.npz", "model")[0]
-            assert second["mean"].tobytes() == first["mean"].tobytes()
-            assert second["std"].tobytes() == first["std"].tobytes()
-            fed2 = history(run)["federated"]
-            assert {n: s["admitted_round"] for n, s in fed2["sites"].items()} == {"a": 0, "b": 0, "c": 1}
-            wait_for(lambda: not _site_reports_left(c), 10, "no site report left in the scheduler")
-    finally:
-        for p in started:
-            p.kill()
+        # --resume: the same statistics and admitted sites (c's worker is up: no re-pooling)
+        resumed_lines: list[str] = []
+        res2 = train(None, _late_cfg(sf, rounds=5), run, client=c, resume=True, log=resumed_lines.append)
+        text2 = "\n".join(resumed_lines)
+        assert [e["round"] for e in res2.history] == list(range(5)), text2
+        assert "joins the run" not in text2 and "starting with" not in text2, text2
+        assert all(e["sampled"] == ["a", "b", "c"] and "admitted" not in e for e in res2.history[3:])
+        second = load_file(run / "model.npz", "model")[0]
+        assert second["mean"].tobytes() == first["mean"].tobytes()
+        assert second["std"].tobytes() == first["std"].tobytes()
+        fed2 = history(run)["federated"]
+        assert {n: s["admitted_round"] for n, s in fed2["sites"].items()} == {"a": 0, "b": 0, "c": 1}
+        wait_for(lambda: not _site_reports_left(c), 10, "no site report left in the scheduler")
 
 
 @pytest.mark.timeout(240)
 def test_a_late_site_of_another_schema_is_refused_and_the_run_completes(cluster, sites, tmp_path):
     """Site y (a store with 4 classes where the run has letter's 26) has no worker at the
     start; its late report is refused with one line, it is never sampled, the run ends."""
-    from distributed import Client
 
     from pipeline.train import train
 
@@ -455,32 +466,27 @@ def test_a_late_site_of_another_schema_is_refused_and_the_run_completes(cluster,
     sf = _sites_file(tmp_path / "sites.toml", a="a.zarr", b="b.zarr", y="z.zarr")
     run = tmp_path / "run"
     lines: list[str] = []
-    started: list = []
-    try:
-        with Client(addr, timeout=10, set_as_default=False) as c:
+    with _client_and_its_workers(addr) as (c, started):
 
-            def y_starts(record: dict) -> None:
-                if record["round"] == 0:
-                    _late_worker(procs, addr, c, "y", sites["z"], started)
+        def y_starts(record: dict) -> None:
+            if record["round"] == 0:
+                _late_worker(procs, addr, c, "y", sites["z"], started)
 
-            res = train(None, _late_cfg(sf), run, client=c, log=lines.append, on_epoch=y_starts)
-            refusals = [line for line in lines if "refused for this run" in line]
-            assert len(refusals) == 1, lines
-            assert refusals[0].startswith(
-                "warning: site 'y' reported before round 2 and is refused for this run: its store has the classes ["
-            ), refusals
-            assert "the run goes on without it" in refusals[0] and "\n" not in refusals[0]
-            h = res.history
-            assert [e["round"] for e in h] == [0, 1, 2] and all(e["applied"] for e in h)
-            assert all(e["sampled"] == ["a", "b"] and set(e["sites"]) == {"a", "b"} for e in h)
-            assert list(h[1]["refused"]) == ["y"] and h[1]["refused"]["y"].startswith("its store has the classes")
-            y = history(run)["federated"]["sites"]["y"]
-            assert y["admitted_round"] is None and y["refused"] == h[1]["refused"]["y"]
-            assert (run / "model.npz").is_file()
-            wait_for(lambda: not _site_reports_left(c), 10, "no site report left in the scheduler")
-    finally:
-        for p in started:
-            p.kill()
+        res = train(None, _late_cfg(sf), run, client=c, log=lines.append, on_epoch=y_starts)
+        refusals = [line for line in lines if "refused for this run" in line]
+        assert len(refusals) == 1, lines
+        assert refusals[0].startswith(
+            "warning: site 'y' reported before round 2 and is refused for this run: its store has the classes ["
+        ), refusals
+        assert "the run goes on without it" in refusals[0] and "\n" not in refusals[0]
+        h = res.history
+        assert [e["round"] for e in h] == [0, 1, 2] and all(e["applied"] for e in h)
+        assert all(e["sampled"] == ["a", "b"] and set(e["sites"]) == {"a", "b"} for e in h)
+        assert list(h[1]["refused"]) == ["y"] and h[1]["refused"]["y"].startswith("its store has the classes")
+        y = history(run)["federated"]["sites"]["y"]
+        assert y["admitted_round"] is None and y["refused"] == h[1]["refused"]["y"]
+        assert (run / "model.npz").is_file()
+        wait_for(lambda: not _site_reports_left(c), 10, "no site report left in the scheduler")
 
 
 @pytest.mark.timeout(120)
@@ -513,7 +519,6 @@ def test_fewer_sites_than_min_sites_at_the_start_stop_the_run_in_one_line(cluste
 def test_a_site_not_admitted_before_the_checkpoint_joins_the_resumed_run(cluster, sites, tmp_path):
     """A run ends without site c (no worker); resumed with c's worker up, c is asked again,
     admitted, and trains with the statistics the run started with."""
-    from distributed import Client
 
     from pipeline.ingest import ingest
     from pipeline.train import train
@@ -524,36 +529,31 @@ def test_a_site_not_admitted_before_the_checkpoint_joins_the_resumed_run(cluster
     ingest(str(LETTER), home_c / "c.zarr", target=0, rows="17500:19000", like=str(sites["a"] / "a.zarr"))
     sf = _sites_file(tmp_path / "sites.toml", a="a.zarr", b="b.zarr", c="c.zarr")
     run = tmp_path / "run"
-    started: list = []
-    try:
-        with Client(addr, timeout=10, set_as_default=False) as c:
-            res = train(None, _late_cfg(sf, rounds=2), run, client=c)
-            assert all(e["sampled"] == ["a", "b"] for e in res.history)
-            assert history(run)["federated"]["sites"]["c"]["admitted_round"] is None
-            first = load_file(run / "model.npz", "model")[0]
-            wait_for(lambda: not _site_reports_left(c), 10, "no site report left in the scheduler")
-            started.append(procs.worker(addr, "site-c-late", "--resources", "c=1", nanny=False, cwd=home_c))
+    with _client_and_its_workers(addr) as (c, started):
+        res = train(None, _late_cfg(sf, rounds=2), run, client=c)
+        assert all(e["sampled"] == ["a", "b"] for e in res.history)
+        assert history(run)["federated"]["sites"]["c"]["admitted_round"] is None
+        first = load_file(run / "model.npz", "model")[0]
+        wait_for(lambda: not _site_reports_left(c), 10, "no site report left in the scheduler")
+        started.append(procs.worker(addr, "site-c-late", "--resources", "c=1", nanny=False, cwd=home_c))
 
-            def report_arrives(record: dict) -> None:
-                if record["round"] == 2:
-                    wait_for(lambda: _reported(c, "c"), 60, "site c's report")
+        def report_arrives(record: dict) -> None:
+            if record["round"] == 2:
+                wait_for(lambda: _reported(c, "c"), 60, "site c's report")
 
-            lines: list[str] = []
-            res2 = train(
-                None, _late_cfg(sf, rounds=5), run, client=c, resume=True, log=lines.append, on_epoch=report_arrives
-            )
-            text = "\n".join(lines)
-            assert "resuming with the admitted site(s) a, b and the run's statistics; site(s) c may join" in text
-            joined = history(run)["federated"]["sites"]["c"]["admitted_round"]
-            assert joined in (2, 3), text
-            assert res2.history[joined]["admitted"] == ["c"]
-            assert all(e["sampled"] == ["a", "b", "c"] for e in res2.history[joined:])
-            second = load_file(run / "model.npz", "model")[0]
-            assert second["mean"].tobytes() == first["mean"].tobytes()
-            assert second["std"].tobytes() == first["std"].tobytes()
-    finally:
-        for p in started:
-            p.kill()
+        lines: list[str] = []
+        res2 = train(
+            None, _late_cfg(sf, rounds=5), run, client=c, resume=True, log=lines.append, on_epoch=report_arrives
+        )
+        text = "\n".join(lines)
+        assert "resuming with the admitted site(s) a, b and the run's statistics; site(s) c may join" in text
+        joined = history(run)["federated"]["sites"]["c"]["admitted_round"]
+        assert joined in (2, 3), text
+        assert res2.history[joined]["admitted"] == ["c"]
+        assert all(e["sampled"] == ["a", "b", "c"] for e in res2.history[joined:])
+        second = load_file(run / "model.npz", "model")[0]
+        assert second["mean"].tobytes() == first["mean"].tobytes()
+        assert second["std"].tobytes() == first["std"].tobytes()
 
 
 def _site_up(client, site: str) -> bool:
@@ -569,7 +569,6 @@ def test_an_admitted_site_whose_store_changed_is_refused_on_resume_and_never_sam
     where c.zarr is that store). The resumed run asks every site for its report again: c is
     refused with one line naming it and the difference before any round samples it, a and b
     train the remaining rounds, and the checkpoint no longer counts c as admitted."""
-    from distributed import Client
 
     from pipeline.ingest import ingest
     from pipeline.synth import synth
@@ -583,48 +582,43 @@ def test_an_admitted_site_whose_store_changed_is_refused_on_resume_and_never_sam
     synth(str(home_c2 / "c.zarr"), rows=2000, features=16, classes=4, seed=2)
     sf = _sites_file(tmp_path / "sites.toml", a="a.zarr", b="b.zarr", c="c.zarr")
     run = tmp_path / "run"
-    started: list = []
-    try:
-        with Client(addr, timeout=10, set_as_default=False) as c:
-            started.append(procs.worker(addr, "site-c", "--resources", "c=1", nanny=False, cwd=home_c))
-            wait_for(lambda: _site_up(c, "c"), 60, "site c's worker")
-            # site_grace: the start waits for c's report (a loaded machine may be slow to give it)
-            res = train(None, _late_cfg(sf, rounds=2, site_grace=30.0), run, client=c)
-            assert all(e["sampled"] == ["a", "b", "c"] for e in res.history), res.history
-            assert sorted(load_file(run / "checkpoint.npz", "checkpoint")[1]["federated"]["admitted"]) == [
-                "a",
-                "b",
-                "c",
-            ]
-            started.pop().kill()
-            wait_for(lambda: not _site_up(c, "c"), 60, "site c's worker gone")
-            started.append(procs.worker(addr, "site-c2", "--resources", "c=1", nanny=False, cwd=home_c2))
-            wait_for(lambda: _site_up(c, "c"), 60, "site c's new worker")
+    with _client_and_its_workers(addr) as (c, started):
+        started.append(procs.worker(addr, "site-c", "--resources", "c=1", nanny=False, cwd=home_c))
+        wait_for(lambda: _site_up(c, "c"), 60, "site c's worker")
+        # site_grace: the start waits for c's report (a loaded machine may be slow to give it)
+        res = train(None, _late_cfg(sf, rounds=2, site_grace=30.0), run, client=c)
+        assert all(e["sampled"] == ["a", "b", "c"] for e in res.history), res.history
+        assert sorted(load_file(run / "checkpoint.npz", "checkpoint")[1]["federated"]["admitted"]) == [
+            "a",
+            "b",
+            "c",
+        ]
+        started.pop().kill()
+        wait_for(lambda: not _site_up(c, "c"), 60, "site c's worker gone")
+        started.append(procs.worker(addr, "site-c2", "--resources", "c=1", nanny=False, cwd=home_c2))
+        wait_for(lambda: _site_up(c, "c"), 60, "site c's new worker")
 
-            lines: list[str] = []
-            res2 = train(None, _late_cfg(sf, rounds=4), run, client=c, resume=True, log=lines.append)
-            refusals = [line for line in lines if "refused for this run" in line]
-            assert len(refusals) == 1, lines
-            assert refusals[0].startswith(
-                "warning: site 'c', admitted at round 1 before the checkpoint, reported before round 3 and is "
-                "refused for this run: its store has the classes ["
-            ), refusals
-            assert "the run goes on without it" in refusals[0] and "\n" not in refusals[0]
-            h = res2.history
-            assert [e["round"] for e in h] == [0, 1, 2, 3] and all(e["applied"] for e in h[2:])
-            for e in h[2:]:  # c never sampled, trained or evaluated after the change
-                assert e["sampled"] == e["responded"] == ["a", "b"], e
-                assert {t["site"] for t in e["tasks"]} == {"a", "b"} and set(e["sites"]) == {"a", "b"}
-            assert list(h[2]["refused"]) == ["c"] and h[2]["refused"]["c"].startswith("its store has the classes")
-            fed = history(run)["federated"]
-            assert fed["sites"]["c"]["admitted_round"] is None and fed["sites"]["c"]["refused"] == h[2]["refused"]["c"]
-            meta = load_file(run / "checkpoint.npz", "checkpoint")[1]["federated"]
-            assert sorted(meta["admitted"]) == ["a", "b"]
-            assert (run / "model.npz").is_file()
-            wait_for(lambda: not _site_reports_left(c), 10, "no site report left in the scheduler")
-    finally:
-        for p in started:
-            p.kill()
+        lines: list[str] = []
+        res2 = train(None, _late_cfg(sf, rounds=4), run, client=c, resume=True, log=lines.append)
+        refusals = [line for line in lines if "refused for this run" in line]
+        assert len(refusals) == 1, lines
+        assert refusals[0].startswith(
+            "warning: site 'c', admitted at round 1 before the checkpoint, reported before round 3 and is "
+            "refused for this run: its store has the classes ["
+        ), refusals
+        assert "the run goes on without it" in refusals[0] and "\n" not in refusals[0]
+        h = res2.history
+        assert [e["round"] for e in h] == [0, 1, 2, 3] and all(e["applied"] for e in h[2:])
+        for e in h[2:]:  # c never sampled, trained or evaluated after the change
+            assert e["sampled"] == e["responded"] == ["a", "b"], e
+            assert {t["site"] for t in e["tasks"]} == {"a", "b"} and set(e["sites"]) == {"a", "b"}
+        assert list(h[2]["refused"]) == ["c"] and h[2]["refused"]["c"].startswith("its store has the classes")
+        fed = history(run)["federated"]
+        assert fed["sites"]["c"]["admitted_round"] is None and fed["sites"]["c"]["refused"] == h[2]["refused"]["c"]
+        meta = load_file(run / "checkpoint.npz", "checkpoint")[1]["federated"]
+        assert sorted(meta["admitted"]) == ["a", "b"]
+        assert (run / "model.npz").is_file()
+        wait_for(lambda: not _site_reports_left(c), 10, "no site report left in the scheduler")
 
 
 @pytest.mark.timeout(300)
@@ -633,7 +627,6 @@ def test_central_dp_accounts_each_round_at_the_rate_of_the_sites_it_sampled_from
     first round samples 2 of 2 candidates (rate 1), the rounds after c joins 2 of 3. The
     epsilon reported is an accountant's fed those rates round by round (from the history's
     sampled and candidate counts), larger than the uniform 2 of 3 would have claimed."""
-    from distributed import Client
 
     from pipeline.ingest import ingest
     from pipeline.privacy import RdpAccountant
@@ -647,30 +640,25 @@ def test_central_dp_accounts_each_round_at_the_rate_of_the_sites_it_sampled_from
     run = tmp_path / "run"
     z, delta = 1.0, 1e-5
     cfg = _late_cfg(sf, dp="central", clip_norm=1.0, noise_multiplier=z, fraction_fit=0.6, min_clients=2)
-    started: list = []
-    try:
-        with Client(addr, timeout=10, set_as_default=False) as c:
+    with _client_and_its_workers(addr) as (c, started):
 
-            def c_starts(record: dict) -> None:
-                if record["round"] == 0:
-                    _late_worker(procs, addr, c, "c", home_c, started)
+        def c_starts(record: dict) -> None:
+            if record["round"] == 0:
+                _late_worker(procs, addr, c, "c", home_c, started)
 
-            res = train(None, cfg, run, client=c, on_epoch=c_starts)
-            h = res.history
-            assert [(len(e["sampled"]), e["candidates"]) for e in h] == [(2, 2), (2, 3), (2, 3)], h
-            applied = [e for e in h if e["applied"]]
-            assert len(applied) == 3
-            acc = RdpAccountant(z, 2 / 3, delta)
-            for e in applied:
-                acc.step(1, len(e["sampled"]) / e["candidates"])
-                assert e["epsilon"] == pytest.approx(acc.epsilon(), rel=1e-9)
-            uniform = RdpAccountant(z, 2 / 3, delta).epsilon(rounds=3)
-            doc = history(run)["privacy"]
-            assert doc["epsilon"] == pytest.approx(acc.epsilon(), rel=1e-9) and doc["epsilon"] > uniform * 1.05
-            assert doc["sampling_rate"] == pytest.approx(2 / 3) and doc["rates"] == [[1.0, 1]]
-    finally:
-        for p in started:
-            p.kill()
+        res = train(None, cfg, run, client=c, on_epoch=c_starts)
+        h = res.history
+        assert [(len(e["sampled"]), e["candidates"]) for e in h] == [(2, 2), (2, 3), (2, 3)], h
+        applied = [e for e in h if e["applied"]]
+        assert len(applied) == 3
+        acc = RdpAccountant(z, 2 / 3, delta)
+        for e in applied:
+            acc.step(1, len(e["sampled"]) / e["candidates"])
+            assert e["epsilon"] == pytest.approx(acc.epsilon(), rel=1e-9)
+        uniform = RdpAccountant(z, 2 / 3, delta).epsilon(rounds=3)
+        doc = history(run)["privacy"]
+        assert doc["epsilon"] == pytest.approx(acc.epsilon(), rel=1e-9) and doc["epsilon"] > uniform * 1.05
+        assert doc["sampling_rate"] == pytest.approx(2 / 3) and doc["rates"] == [[1.0, 1]]
 
 
 @pytest.mark.timeout(240)
