@@ -30,7 +30,9 @@ Rows:
 * **pipeline default**: ``pipeline.train.train`` on a fresh 2-worker LocalCluster (1 thread
   each), default config except the architecture, ``validation_store`` = the test store and
   ``patience=0``. **pipeline ema=0**: the same without weight averaging (accuracy parity with
-  the peers that do not average).
+  the peers that do not average). **pipeline over TCP only**: ``ps_shared_memory=false``.
+  **pipeline overlap**: ``overlap=true, overlap_steps=1`` (each push travels while the next
+  step runs; its reply is folded in after that step).
 * **pytorch best practice + the same weight averaging**: the best-practice loop plus the
   pipeline's ``ema`` average (decay 0.999, warm-up ``min(ema, (1 + t) / (10 + t))``), updated
   every 16 optimizer steps of 256 rows (the samples of one sync round of the pipeline: 2 workers
@@ -115,6 +117,7 @@ from pipeline.config import TrainConfig
 DEFAULT = "pipeline default (sync, local_steps 8)"
 EMA0 = "pipeline ema=0 (accuracy parity)"
 TCP = "pipeline over TCP only (ps_shared_memory=false)"
+OVERLAP = "pipeline overlap (reply folded in after 1 step)"
 BEST = "pytorch best practice (target)"
 BEST_EMA = "pytorch best practice + the same weight averaging"
 BEST_EMA_LOCAL = "pytorch best practice + the same weight averaging, every 8 steps (sensitivity)"
@@ -303,6 +306,7 @@ def trainers(
     out[DEFAULT] = pipeline({}, DEFAULT, cold)
     out[EMA0] = pipeline({"ema": 0.0}, EMA0, False)
     out[TCP] = pipeline({"ps_shared_memory": False}, TCP, False)
+    out[OVERLAP] = pipeline({"overlap": True, "overlap_steps": 1}, OVERLAP, False)
 
     if info.get("torch"):
         from bench.torch_peers import TorchBest, TorchBestAveraged, TorchTutorial, run_ddp
@@ -355,11 +359,8 @@ def trainers(
 def summarize(passes: list[dict], n_samples: int, flops: int) -> tuple[list[dict], list[dict]]:
     """Table rows (one per trainer: medians and per-pass figures) and the targets."""
     names = list(passes[0]["results"])
-    order = [
-        n
-        for n in (DEFAULT, EMA0, TCP, BEST, BEST_EMA, TUTORIAL, COMPILED, DDP, MEMORY, SKLEARN, DML_TUNED, DML_USER)
-        if n in names
-    ]
+    known = (DEFAULT, EMA0, TCP, OVERLAP, BEST, BEST_EMA, TUTORIAL, COMPILED, DDP, MEMORY, SKLEARN, DML_TUNED, DML_USER)
+    order = [n for n in known if n in names]
 
     def per(name: str, key: str) -> list[float | None]:
         return [p["results"][name].get(key) for p in passes]

@@ -66,7 +66,10 @@ class TrainConfig:
     # full-batch gradient descent over every training row (`ema = 0` saves those weights)
     batch_size: int = 256
     local_steps: int = 8  # minibatches between pushes to the parameter server
-    overlap: bool = False  # keep computing while a push is in flight (costs one round of staleness)
+    overlap: bool = False  # keep computing while a push is in flight; its reply is folded in later
+    # overlap: local steps taken on the old weights before the reply is folded in (waiting for it
+    # if it has not arrived): 1 hides a round behind one step; >= local_steps folds at the next push
+    overlap_steps: int = 1
     # --- parameter server (runs in the scheduler) --------------------------------------------
     mode: str = "sync"  # sync (rounds, reproducible) | async | ssp (bounded staleness)
     staleness: int = 2  # ssp: how many pushes a participant may run ahead of the slowest
@@ -197,6 +200,7 @@ class TrainConfig:
             ("aggregate", self.aggregate in ("sum", "mean"), "'sum' or 'mean'"),
             ("lr", self.lr > 0, "> 0"),
             ("server_lr", self.server_lr > 0, "> 0"),
+            ("overlap_steps", self.overlap_steps >= 1, ">= 1 (local steps before a reply is folded in)"),
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
             ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
             ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),

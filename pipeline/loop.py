@@ -128,15 +128,20 @@ def run_batches(
     sync: Callable[[int, int, float], None] | None = None,
     skip: int = 0,
     timing: dict[str, float] | None = None,
+    fold: Callable[[], None] | None = None,
+    fold_after: int = 0,
 ) -> dict[str, Any]:
     """Train ``trainer`` (a :class:`kernels.mlp.MLPTrainer`) on ``batches``: a step per
     minibatch, or with ``full_batch`` one step with the mean gradient of them all.
 
     Every ``local_steps`` minibatches (and after the last) ``sync(samples, batches, loss)`` is
     called with the rows, minibatches and mean loss since the previous call, as a worker
-    pushes to the parameter server. The first ``skip`` batches are passed over (already
-    trained before an interruption). ``timing["compute"]``, when given, grows by the seconds
-    spent in the kernels as they run (a ``sync`` callback may read it). Returns ``samples``,
+    pushes to the parameter server; ``fold()``, when given, is called after the ``fold_after``-th
+    minibatch following each call (``0 < fold_after < local_steps``), where an overlapped push's
+    reply is folded in: always at the same step, so the run does not depend on timing. The first
+    ``skip`` batches are passed over (already trained before an interruption).
+    ``timing["compute"]``, when given, grows by the seconds spent in the kernels as they run (a
+    ``sync`` callback may read it). Returns ``samples``,
     ``batches``, ``steps`` (optimizer steps taken), ``loss`` (the mean of the minibatch
     losses; full batch: over the rows) and ``row_loss`` (the mean over rows)."""
     samples = n_since = b_since = n_batches = steps = 0
@@ -164,6 +169,8 @@ def run_batches(
             sync(n_since, b_since, float(np.mean(since)))
             n_since = b_since = 0
             since = []
+        elif fold is not None and b_since == fold_after:
+            fold()
     if full_batch:
         t = time.perf_counter()
         steps += 1 if trainer.apply() else 0

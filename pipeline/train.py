@@ -110,7 +110,7 @@ def task_config(cfg: TrainConfig) -> dict[str, Any]:
     ``holdout`` is set when validation rows are held out of the training store: training
     tasks then skip those rows and evaluation tasks read only them (pipeline.loader)."""
     keys = (
-        "optimizer lr momentum beta1 beta2 rho weight_decay batch_size local_steps overlap backend seed "
+        "optimizer lr momentum beta1 beta2 rho weight_decay batch_size local_steps overlap overlap_steps backend seed "
         "shuffle_chunks prefetch normalize barrier_timeout mmap_threshold_mb compression topk_fraction error_feedback"
         " ps_shards ps_shared_memory dp clip_norm noise_multiplier secure_aggregation"
     ).split()

@@ -5,9 +5,9 @@ with the loader (data never passes through the client or the scheduler), takes
 ``local_steps`` minibatch steps with the kernels (by :func:`pipeline.loop.run_batches`, the loop
 in-process training and the estimators use too), pushes ``delta = w_pulled - w_local`` and
 continues (:class:`_Pusher`). With ``overlap`` the push travels while the next local steps run; the reply is
-folded in at the next push boundary (``w = w_server + local progress since the push``), which
-keeps every step's inputs deterministic. Time is split into read / compute / communicate and
-reported through Dask's fine performance metrics and in the task's result.
+folded in after ``overlap_steps`` of them (``w = w_server + local progress since the push``),
+waiting for it there if it is late, which keeps every step's inputs deterministic. Time is split
+into read / compute / communicate and reported through Dask's fine performance metrics and in the task's result.
 """
 
 from __future__ import annotations
@@ -167,8 +167,10 @@ class _Pusher:
     already reported. :meth:`push` is :func:`pipeline.loop.run_batches`'s ``sync`` callback.
 
     A push sends ``delta = anchor - w_local``. Without ``overlap`` the reply replaces the local
-    weights; with it the reply is folded in at the next push boundary, keeping the progress
-    made while it travelled: ``w_local = w_server + (w_local - w_at_push)``.
+    weights; with it the reply is folded in ``overlap_steps`` local steps later (by
+    :meth:`finish`; at the next push boundary when that is sooner), keeping the progress made
+    while it travelled: ``w_local = w_server + (w_local - w_at_push)``. The next push's delta
+    then carries those steps exactly once.
 
     With ``compression`` the delta travels encoded (``compressor``); with error feedback what the
     encoding dropped stays in ``compressor.residual`` and goes out with the next push. The
@@ -404,6 +406,8 @@ def train_task(
                 sync=pusher.push,
                 skip=skip,
                 timing=pusher.timing,
+                fold=pusher.finish if cfg["overlap"] else None,
+                fold_after=int(cfg.get("overlap_steps", 1)),
             )
             pusher.finish()
         except BudgetSpent as exc:

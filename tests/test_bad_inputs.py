@@ -690,6 +690,7 @@ for _id, _setting in {
     "C71": ("clients=10", "secure_aggregation=true"),
     "C72": ("ps_shared_memory=maybe",),
     "C74": ("site_grace=-1",),
+    "C75": ("overlap_steps=0",),
 }.items():
     case(_id)(lambda t, s=_setting: _train_set(t, *(a for v in s for a in ("--set", v))))
 

@@ -29,6 +29,7 @@ CASES = {
         "| pytorch 2-process local SGD",
         "| pipeline ema=0",
         "| pipeline over TCP only (ps_shared_memory=false) |",
+        "| pipeline overlap (reply folded in after 1 step) |",
         "dask-ml Incremental, tuned",
         "Conditions per pass:",
         "Raw figures: `bench/out/results/throughput-quick-",
