@@ -11,13 +11,15 @@ where a single in-scheduler server saturates.
 server SGD lr 1 on the sum of deltas, local Adam lr 1e-3) once per codec (``none`` = float32,
 ``fp16``, ``bf16``, ``topk`` at ``topk_fraction = 0.01``, ``int8``; error feedback on), the
 same epochs and so the same samples, and the test accuracy is compared with float32's *in the
-same seed*. A seed is one pass of the protocol (bench/protocol.py): every codec once, the order
-rotated by one codec per seed, the machine's state recorded around it. Targets: within 0.5
-points of float32 for fp16/bf16, within 1 point for topk and int8, met only when the per-seed
-gap meets it in at least ``ceil(0.8 x seeds)`` seeds (3 of 3). Datasets: ``letter`` (16,000 /
-4,000, MLP 16-256-128-26, batch 128, 4 epochs) and the 784-wide synthetic set
-(``pipeline.synth``, uint8 like MNIST, 30,000 / 5,000 rows, MLP 784-256-128-10, batch 256,
-2 epochs).
+same seed*; ``fp16 + replies``, ``bf16 + replies`` and ``int8 + replies`` also compress the
+server's replies in that codec (``compress_replies``: the change of the weights every worker
+holds, with the rounding of one reply sent in the next), held to the codec's own target. A
+seed is one pass of the protocol (bench/protocol.py): every codec once, the order rotated by
+one codec per seed, the machine's state recorded around it. Targets: within 0.5 points of
+float32 for fp16/bf16, within 1 point for topk and int8, met only when the per-seed gap meets
+it in at least ``ceil(0.8 x seeds)`` seeds (3 of 3). Datasets: ``letter`` (16,000 / 4,000,
+MLP 16-256-128-26, batch 128, 4 epochs) and the 784-wide synthetic set (``pipeline.synth``,
+uint8 like MNIST, 30,000 / 5,000 rows, MLP 784-256-128-10, batch 256, 2 epochs).
 
 **Server cost.** ``bench.ps_limits``' zero-compute pushers (async, server SGD), one job per
 codec and size (1e4 for the per-message cost, 1e6, 1e7 parameters), 1 and 2 pusher processes:
@@ -27,11 +29,13 @@ server's version equals its pushes and zero deltas leave the weights unchanged (
 decodes zeros to zeros).
 
 **Projection.** From those per-push costs: the worker count at which one in-scheduler server
-saturates (its CPU, or its NIC in either direction: replies are float32 whatever the codec), for
+saturates (its CPU, or its NIC in either direction: the pushers' replies here are float32, as
+without ``compress_replies``), for
 a 1M- and a 100M-parameter MLP at local_steps 8, batch 256, on 10 GbE and 100 GbE, for CPU
 workers (a single-threaded training step measured here) and GPU workers (an assumed A100 at
-50% of its 19.5 TFLOP/s fp32). See the printed table's notes for every assumption; a sharded
-server is **not built**: its column is an estimate, not a measurement.
+50% of its 19.5 TFLOP/s fp32). See the printed table's notes for every assumption; its shard
+column is an estimate from these single-server costs, not a measurement of ``ps_shards``
+(``bench.ps_shards`` measures that).
 """
 
 from __future__ import annotations
@@ -50,9 +54,17 @@ from bench import protocol
 from bench.common import load, local_cluster, md_table, mnist_like, run_pipeline, tmpdir, write_out
 
 CODECS = ("none", "fp16", "bf16", "topk", "int8")
-# accuracy runs: each codec at its default, and top-k with 10x the default share
-RUNS = {c: {"compression": c} for c in CODECS} | {"topk 10%": {"compression": "topk", "topk_fraction": 0.1}}
-TARGET_POINTS = {"fp16": 0.5, "bf16": 0.5, "topk": 1.0, "topk 10%": 1.0, "int8": 1.0}
+# accuracy runs: each codec at its default, top-k with 10x the default share, and the dense
+# codecs with the replies compressed too (``compress_replies``)
+DENSE = ("fp16", "bf16", "int8")
+RUNS = (
+    {c: {"compression": c} for c in CODECS}
+    | {"topk 10%": {"compression": "topk", "topk_fraction": 0.1}}
+    | {f"{c} + replies": {"compression": c, "compress_replies": True} for c in DENSE}
+)
+TARGET_POINTS = {"fp16": 0.5, "bf16": 0.5, "topk": 1.0, "topk 10%": 1.0, "int8": 1.0} | {
+    f"{c} + replies": {"fp16": 0.5, "bf16": 0.5, "int8": 1.0}[c] for c in DENSE
+}
 SIZES = (10_000, 1_000_000, 10_000_000)
 PUSHERS = (1, 2)
 GPU_FLOPS = 19.5e12 * 0.5  # A100 fp32 peak (non-tensor-core) at an assumed 50% utilisation

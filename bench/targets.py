@@ -309,7 +309,9 @@ def federated_targets(results: Path = RESULTS) -> list[Target]:
     return out
 
 
-CODEC_LIMITS = {"fp16": 0.5, "bf16": 0.5, "int8": 1.0, "topk": 1.0}
+CODEC_LIMITS = {"fp16": 0.5, "bf16": 0.5, "int8": 1.0, "topk": 1.0} | {
+    f"{c} + replies": limit for c, limit in (("fp16", 0.5), ("bf16", 0.5), ("int8", 1.0))
+}
 
 
 def compression_targets(results: Path = RESULTS) -> list[Target]:
@@ -326,7 +328,8 @@ def compression_targets(results: Path = RESULTS) -> list[Target]:
             out.append(
                 Target(
                     "scale",
-                    f"{codec} deltas: accuracy within {limit} points of float32, {ds}",
+                    f"{codec.replace(' + replies', ' deltas and replies') if '+' in codec else codec + ' deltas'}: "
+                    f"accuracy within {limit} points of float32, {ds}",
                     _per(gaps, "pt") + " points below float32 per seed",
                     f"all {len(gaps)} seeds",
                     all(g <= limit for g in gaps),

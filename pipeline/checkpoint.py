@@ -13,6 +13,7 @@ A training checkpoint (:func:`write_checkpoint`, :func:`read_checkpoint`) holds 
     localI_J        sync shares' local optimizer buffers, named in ``local_states``
     bufferI         asynchronous federated runs (FedBuff): the deltas buffered since the
                     server's last step, in arrival order
+    reply_view      runs with ``compress_replies``: the weights the participants hold
 
 and these meta keys: ``job``, ``epoch`` (the epoch running or next to run), ``version`` (the
 server's round), ``optimizer_t``, ``local_states`` (slot -> ``t``, ``lr`` and ``arrays``: buffer
@@ -155,6 +156,7 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)  # every meta key, as written
     # FedBuff: the buffered deltas, as the parameter server's ``state()["buffer"]`` (None: none)
     buffer: dict[str, list] | None = None
+    reply_view: np.ndarray | None = None  # compress_replies: the participants' weights
 
     @property
     def config(self) -> dict[str, Any]:
@@ -198,6 +200,8 @@ def write_checkpoint(path: str | os.PathLike, run: RunState, server: dict[str, A
     buffered = (
         {"buffer": {k: list(buffer[k]) for k in ("samples", "losses", "staleness")}} if buffer.get("deltas") else {}
     )
+    if server.get("reply_view") is not None:
+        arrays["reply_view"] = np.asarray(server["reply_view"], dtype=np.float32)
     # the privacy spent (rounds accounted, adaptive clipping's clip): a resumed run goes on from it
     privacy = server.get("privacy") or {}
     private = privacy.get("dp", "off") != "off" or privacy.get("secure_aggregation")
@@ -286,4 +290,5 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         progress=meta.get("progress") or {},
         meta=meta,
         buffer=buffer,
+        reply_view=arrays.get("reply_view"),
     )

@@ -93,6 +93,9 @@ class TrainConfig:
     compression: str = "none"
     topk_fraction: float = 0.01  # topk: share of a delta's entries sent per push (k = ceil(fraction x n))
     error_feedback: bool = True  # keep what compression dropped on the worker and add it to the next delta
+    # sync: the server's replies carry the change of the weights in the same codec (fp16 | bf16 |
+    # int8) instead of the float32 weights; the rounding of one reply goes out with the next
+    compress_replies: bool = False
     # split the parameters by range over this many server shards on workers started with
     # `--resources ps-shard=1` (the scheduler then only coordinates); 0 = one server in the scheduler
     ps_shards: int = 0
@@ -280,8 +283,29 @@ class TrainConfig:
                 f"compression = {self.compression!r} with ps_shards = {self.ps_shards} is not supported: "
                 "set compression = 'none' or ps_shards = 0"
             )
+        self._validate_replies()
         self._validate_federation()
         self._validate_privacy()
+
+    def _validate_replies(self) -> None:
+        """Compressed replies: a dense codec, one set of weights shared by every participant."""
+        if not self.compress_replies:
+            return
+        if self.compression not in ("fp16", "bf16", "int8"):
+            raise ConfigError(
+                f"config key 'compress_replies' needs compression = 'fp16', 'bf16' or 'int8', not "
+                f"{self.compression!r} (replies of top-k changes would leave most weights behind the server's)"
+            )
+        if self.mode != "sync":
+            raise ConfigError(
+                f"config key 'compress_replies' needs mode = 'sync', not {self.mode!r} (a reply is the change of "
+                "the weights every participant holds, which only sync rounds keep equal)"
+            )
+        if self.sites or self.clients:
+            raise ConfigError(
+                "config key 'compress_replies' does not apply to a federated run (its clients take the weights "
+                "once per round); set compress_replies = false"
+            )
 
     def _validate_privacy(self) -> None:
         """The privacy keys that only make sense together."""

@@ -825,6 +825,11 @@ class Trainer:
             join_timeout=cfg.join_timeout,
             compression=cfg.compression,
             topk_fraction=cfg.topk_fraction,
+            **(
+                {"reply_codec": cfg.compression, "reply_view": ckpt.reply_view if ckpt else None}
+                if cfg.compress_replies
+                else {}
+            ),
             privacy=privacy_settings(
                 cfg,
                 ckpt.meta.get("privacy") if ckpt else None,

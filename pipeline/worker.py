@@ -42,7 +42,7 @@ from pipeline.ps import ParameterServer
 from pipeline.ps import shm as shmem
 from pipeline.ps.job import SHM_DELTA
 from pipeline.ps.shard import ShardedParameterServer
-from pipeline.ps.wire import DeltaCompressor
+from pipeline.ps.wire import DeltaCompressor, decode_delta
 from pipeline.secagg import mask, new_keypair, quantize, round_info, scale_for
 from pipeline.store import open_store
 
@@ -196,6 +196,7 @@ class _Pusher:
         self.overlap: bool = cfg["overlap"]
         self.timeout: float = cfg["barrier_timeout"]
         self.anchor = np.array(joined["params"], dtype=np.float32)
+        self.held = self.anchor  # the weights the server last sent (compressed replies change them)
         self.version = int(joined["version"])
         self.pending: Any = None  # the push in flight (overlap)
         self.timing: dict[str, float] = {"compute": 0.0}  # run_batches adds the kernels' seconds
@@ -235,11 +236,20 @@ class _Pusher:
             self.trainer.set_params(fresh + (self.trainer.get_params() - self.anchor))
         else:
             self.trainer.set_params(fresh)
-        self.anchor, self.version = fresh, int(r["version"])
+        self.anchor = self.held = fresh
+        self.version = int(r["version"])
 
     def _weights(self, r: dict) -> np.ndarray:
-        """The weights a push reply carries: in it, or in the weights segment at its version
+        """The weights a push reply carries: in it, as their change since the weights this
+        task holds (``compress_replies``: the server adds the same decoded change to its copy
+        of them, so both stay equal bit for bit), or in the weights segment at its version
         (pulled over TCP should a write ever overlap the read: the sequence lock says so)."""
+        if "rdelta" in r:
+            if r.get("since") != self.version:
+                since = r.get("since")
+                raise TrainingError(f"a reply changes the weights of version {since}; this task holds {self.version}")
+            change = decode_delta(r["rdelta"], self.held.size, self.compressor.codec, what="reply")
+            return self.held + change
         if not r.get("shm"):
             return np.asarray(r["params"], dtype=np.float32)
         version = int(r["version"])

@@ -691,6 +691,9 @@ for _id, _setting in {
     "C72": ("ps_shared_memory=maybe",),
     "C74": ("site_grace=-1",),
     "C75": ("overlap_steps=0",),
+    "C76": ("compress_replies=true", "compression=topk"),
+    "C77": ("compress_replies=true", "compression=fp16", "mode=async"),
+    "C78": ("compress_replies=true", "compression=fp16", "clients=10"),
 }.items():
     case(_id)(lambda t, s=_setting: _train_set(t, *(a for v in s for a in ("--set", v))))
 

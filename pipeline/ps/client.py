@@ -134,6 +134,8 @@ class ParameterServer:
         compression: str = "none",
         topk_fraction: float = 0.01,
         privacy: dict | None = None,
+        reply_codec: str = "none",
+        reply_view: Any = None,
     ) -> Reply:
         """Create the job on the scheduler. ``optimizer_state`` (server) and ``local_states``
         (sync: slot -> the share's local optimizer state ``{"t", "lr", "buffers"}``) continue a
@@ -142,7 +144,9 @@ class ParameterServer:
         ``buffer``: the deltas they had buffered (``state()["buffer"]`` of a checkpointed job).
         ``compression`` (with ``topk_fraction``): the codec every delta arrives in
         (:func:`pipeline.ps.wire.compress`); other encodings are refused. ``privacy``: differential
-        privacy and secure aggregation of the updates (:func:`pipeline.privacy.check_privacy`)."""
+        privacy and secure aggregation of the updates (:func:`pipeline.privacy.check_privacy`).
+        ``reply_codec`` (sync): push replies carry the change of the weights in that codec
+        (:meth:`pipeline.ps.job.Job.reply`); ``reply_view``: a checkpoint's ``reply_view``."""
         params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
         opt_state = encode_opt_state(optimizer_state) if optimizer_state else None
         locals_ = {str(k): encode_opt_state(v) for k, v in local_states.items()} if local_states else None
@@ -173,6 +177,8 @@ class ParameterServer:
             buffer=_encode_buffer(buffer),
             compression=compression,
             topk_fraction=float(topk_fraction),
+            reply_codec=reply_codec,
+            **({} if reply_view is None else {"reply_view": encode_vector(np.asarray(reply_view, dtype=np.float32))}),
         )
 
     def expect(
@@ -306,6 +312,8 @@ def _arrays_of_state(r: dict[str, Any]) -> dict[str, Any]:
         loc["buffers"] = {k: np.asarray(v) for k, v in loc["buffers"].items()}
     if r.get("buffer"):
         r["buffer"]["deltas"] = [np.asarray(d) for d in r["buffer"]["deltas"]]
+    if r.get("reply_view") is not None:
+        r["reply_view"] = np.asarray(r["reply_view"])
     averaged = r["optimizer"].get("ema") and r["optimizer_state"]["t"] and "average" in buffers
     r["model"] = buffers["average"] if averaged else r["params"]
     return r

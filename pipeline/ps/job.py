@@ -40,7 +40,16 @@ from pipeline.privacy import (
     noise_rng,
     split_noise,
 )
-from pipeline.ps.wire import CODECS, decode_delta, decode_opt_state, decode_vector, encode_opt_state, encode_vector
+from pipeline.ps.wire import (
+    CODECS,
+    REPLY_CODECS,
+    compress,
+    decode_delta,
+    decode_opt_state,
+    decode_vector,
+    encode_opt_state,
+    encode_vector,
+)
 from pipeline.secagg import KEY_BYTES, dequantize, scale_for
 
 logger = logging.getLogger("pipeline.ps")
@@ -83,6 +92,13 @@ class Job:
     buffer_size: int = 0
     compression: str = "none"  # the codec every delta of the job arrives in (pipeline.ps.wire)
     topk_fraction: float = 0.01
+    # sync: push replies as the change of the weights every participant holds (``held``) since
+    # the version it pushed at, encoded in ``reply_codec``; "none" sends the weights themselves
+    reply_codec: str = "none"
+    held: np.ndarray | None = None  # replaced, never changed in place: replies reference it
+    held_version: int = -1
+    held_from: int = -1  # the version the last change (``held_wire``) starts from
+    held_wire: Any = None
     version: int = 0
     snapshot: np.ndarray | None = None
     snapshot_version: int = -1
@@ -174,6 +190,8 @@ class Job:
         compression: str = "none",
         topk_fraction: float = 0.01,
         privacy: Mapping[str, Any] | None = None,
+        reply_codec: str = "none",
+        reply_view: Any = None,
     ) -> Job:
         """A job from the arguments of ``ps_create`` (wire-encoded vectors or arrays), every
         one checked; :class:`PSError` names the first that is wrong.
@@ -183,7 +201,9 @@ class Job:
         number of deltas. ``buffer_size`` > 0 (async jobs): buffered asynchronous rounds (FedBuff,
         :meth:`push`); ``buffer``: the deltas a checkpointed job had buffered (``state()["buffer"]``).
         ``privacy``: the settings of :func:`pipeline.privacy.check_privacy` (differential
-        privacy and secure aggregation of the updates; sync mode only)."""
+        privacy and secure aggregation of the updates; sync mode only). ``reply_codec`` (sync):
+        push replies carry the change of the participants' weights (:meth:`reply`) in that codec;
+        ``reply_view``: those weights as a checkpointed job left them (``state()["reply_view"]``)."""
         if not isinstance(n_params, int) or not 0 < n_params <= 2**31 - 1:
             raise PSError(f"n_params must be a positive int, got {n_params!r}")
         if mode not in MODES:
@@ -214,7 +234,14 @@ class Job:
             raise PSError(f"unknown compression {compression!r}; use one of {', '.join(CODECS)}")
         if not isinstance(topk_fraction, float | int) or not 0 < topk_fraction <= 1:
             raise PSError(f"topk_fraction must be in (0, 1], got {topk_fraction!r}")
+        if reply_codec not in REPLY_CODECS:
+            raise PSError(f"reply_codec must be one of {', '.join(REPLY_CODECS)}, got {reply_codec!r}")
+        if reply_codec != "none" and mode != "sync":
+            raise PSError(f"reply_codec {reply_codec!r} needs mode 'sync' (every participant holds the same weights)")
         vec = decode_vector(params, n_params, "params").copy()
+        held = None
+        if reply_codec != "none":
+            held = decode_vector(reply_view, n_params, "reply_view").copy() if reply_view is not None else vec.copy()
         opt = ServerOptimizer(**(optimizer or {}), n=n_params)
         if optimizer_state:
             opt.load_state(decode_opt_state(optimizer_state, n_params, "optimizer state"), vec)
@@ -250,6 +277,9 @@ class Job:
             buffer=buffered,
             compression=compression,
             topk_fraction=float(topk_fraction),
+            reply_codec=reply_codec,
+            held=held,
+            held_version=int(version),
             version=int(version),
             join_timeout=float(join_timeout),
             progress={str(k): int(v) for k, v in (progress or {}).items()},
@@ -308,8 +338,37 @@ class Job:
             self.model_snapshot_version = self.version
         return self.model_snapshot
 
-    def reply(self, status: str = "OK", model: bool = False, **extra: Any) -> dict[str, Any]:
-        """A reply carrying the weights to train from, or (``model``) the weights to validate."""
+    def held_weights(self) -> np.ndarray:
+        """With a ``reply_codec``: the weights every participant is given at this version.
+        The first request of a version encodes ``params - held`` and adds what it decodes to
+        to them: the rounding of this change is part of the next one, so the participants'
+        weights follow the server's within one reply's rounding and never drift from them."""
+        if self.held_version != self.version:
+            wire, decoded = compress(self.params - self.held, self.reply_codec)
+            self.held = self.held + decoded
+            self.held_wire, self.held_from, self.held_version = wire, self.held_version, self.version
+        return self.held
+
+    def reply(self, status: str = "OK", model: bool = False, since: int | None = None, **extra: Any) -> dict[str, Any]:
+        """A reply carrying the weights to train from, or (``model``) the weights to validate.
+        With a ``reply_codec`` the weights to train from are the participants' common weights
+        (:meth:`held_weights`), sent as their change since version ``since`` when ``since`` is
+        where that change starts (a participant that pushed at the previous version), else whole."""
+        if self.reply_codec != "none" and not model:
+            held = self.held_weights()
+            if since is not None and since == self.held_from:
+                self.bytes_out += _wire_bytes(self.held_wire, held)
+                return {
+                    "status": status,
+                    "rdelta": self.held_wire,
+                    "since": since,
+                    "version": self.version,
+                    "message": self.failed,
+                    **extra,
+                }
+            self.bytes_out += held.nbytes
+            out = {"status": status, "params": encode_vector(held), "version": self.version, "message": self.failed}
+            return {**out, **extra}
         self.bytes_out += self.params.nbytes
         return {
             "status": status,
@@ -928,7 +987,7 @@ class Job:
             return self.reply("timeout", message=f"barrier not released within {timeout} s")
         if self.failed:
             return self.reply("failed")
-        return self._push_reply(name, staleness=staleness)
+        return self._push_reply(name, since=version, staleness=staleness)
 
     def _shm_usable(self) -> bool:
         """Rounds whose vectors can go through shared memory: sync mode (the weights cannot
@@ -937,6 +996,7 @@ class Job:
         return (
             self.mode == "sync"
             and self.compression == "none"
+            and self.reply_codec == "none"
             and not self.privacy["secure_aggregation"]
             and not self.closed
         )
@@ -947,6 +1007,7 @@ class Job:
         seg = self.shm_weights
         if seg is None or name not in self.shm_push or self.failed:
             return self.reply(**extra)
+        extra.pop("since", None)
         if seg.version != self.version:
             seg.write(self.params, self.version)
         self.bytes_out += self.params.nbytes
@@ -1100,6 +1161,8 @@ class Job:
             # the rounds the accountant has counted and adaptive clipping's clip: a resumed
             # run goes on spending from there
             "privacy": self.privacy_metrics(),
+            # reply_codec: the weights the participants hold (a resumed run sends them the same)
+            **({"reply_view": encode_vector(self.held_weights())} if self.reply_codec != "none" else {}),
         }
 
     def record(self, epoch: Mapping[str, Any] | None = None, checkpoint: bool = False) -> dict[str, Any]:

@@ -108,6 +108,9 @@ def _frame(obj: Any, dtype: str, n: int, what: str) -> np.ndarray:
 # steps of lr 1e-3 on weights near 1). The server itself always adds in float32.
 
 CODECS = ("none", "fp16", "bf16", "topk", "int8")
+# codecs a sync job may send its replies in (dense: every weight moves every round, and the
+# rounding of one reply is sent with the next; top-k would leave most weights a round behind)
+REPLY_CODECS = ("none", "fp16", "bf16", "int8")
 INT8_BLOCK = 4096
 _FP16_MAX = 65504.0
 

@@ -218,3 +218,45 @@ async def test_compressed_pushes_through_the_scheduler(c, s, a, b):
     with pytest.raises(PSError, match="unknown compression 'zip'"):
         await c.scheduler.ps_create(job="z", params=Serialize(w0), n_params=N, compression="zip")
     await c.scheduler.ps_close(job="tk")
+
+
+@gen_cluster(client=True)
+async def test_compressed_replies_follow_the_weights_within_one_rounding(c, s, a, b):
+    """A sync job with ``reply_codec``: a participant that pushed at the previous version gets
+    the change of the common weights in the codec, which it adds to its copy: its weights equal
+    the server's copy bit for bit, stay within one fp16 rounding of the true weights (the rounding
+    goes out with the next reply instead of adding up), and each reply takes half the bytes. A
+    participant at another version (a join) gets the common weights whole."""
+    ParameterServerExtension(s)
+    w0 = _delta(7) * np.float32(1e3)
+    await c.scheduler.ps_create(
+        job="rc",
+        params=Serialize(w0),
+        n_params=N,
+        mode="sync",
+        optimizer={"name": "sgd", "lr": 1.0},
+        compression="fp16",
+        reply_codec="fp16",
+    )
+    joined = await c.scheduler.ps_join(job="rc", name="p")
+    held = np.array(joined["params"], dtype=np.float32)
+    np.testing.assert_array_equal(held, w0)
+    job = s.extensions[EXTENSION_NAME].jobs["rc"]
+    for version in range(6):
+        wire, _ = compress(_delta(version), "fp16")
+        before = job.bytes_out
+        r = await c.scheduler.ps_push(job="rc", name="p", version=version, delta=wire, samples=1, batches=1, loss=0.0)
+        assert r["version"] == version + 1 and r["since"] == version and "params" not in r
+        wanted = job.params - held  # this round's change plus the rounding the last reply left
+        held = held + decode_delta(r["rdelta"], N, "fp16", what="reply")
+        np.testing.assert_array_equal(held, job.held)
+        assert job.bytes_out - before == 2 * N
+        # off the true weights by one fp16 rounding of the change asked for, entry by entry
+        assert np.all(np.abs(held - job.params) <= np.abs(wanted) * 2.0**-11 + 2.0**-24)
+    late = await c.scheduler.ps_join(job="rc", name="q")
+    np.testing.assert_array_equal(np.asarray(late["params"]), held)
+    with pytest.raises(PSError, match="reply_codec 'fp16' needs mode 'sync'"):
+        await c.scheduler.ps_create(job="ra", params=Serialize(w0), n_params=N, mode="async", reply_codec="fp16")
+    with pytest.raises(PSError, match="reply_codec must be one of none, fp16, bf16, int8, got 'topk'"):
+        await c.scheduler.ps_create(job="rt", params=Serialize(w0), n_params=N, reply_codec="topk")
+    await c.scheduler.ps_close(job="rc")

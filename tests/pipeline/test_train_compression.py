@@ -75,3 +75,32 @@ def test_a_resumed_compressed_run_repeats_the_uninterrupted_one(letter_stores, c
     for slot in a.local_states:
         ra, rb = (c.local_states[slot]["buffers"][DeltaCompressor.RESIDUAL] for c in (a, b))
         np.testing.assert_array_equal(ra, rb, err_msg=slot)
+
+
+@pytest.mark.timeout(300)
+def test_compressed_replies_train_about_as_well_as_float32(float32_accuracy, letter_stores, client, tmp_path):
+    """fp16 deltas and fp16 replies on two workers: the model learns about as well as float32,
+    and the checkpoint keeps the weights the participants held (a resume sends them the same)."""
+    cfg = TrainConfig(compression="fp16", compress_replies=True, **RUN)
+    res = train(letter_stores[0], cfg, tmp_path, client=client)
+    acc = evaluate_store(res.model, letter_stores[1], client)["accuracy"]
+    assert acc > float32_accuracy - 0.02, (acc, float32_accuracy)
+    ckpt = read_checkpoint(res.run_dir / "checkpoint.npz")
+    assert ckpt.reply_view is not None and ckpt.reply_view.shape == ckpt.params.shape
+    gap = np.abs(ckpt.reply_view - ckpt.params)
+    assert 0 < gap.max() <= np.abs(ckpt.params).max() * 2.0**-10  # one rounding off, not the same
+
+
+@pytest.mark.timeout(300)
+def test_a_resumed_run_with_compressed_replies_repeats_the_uninterrupted_one(letter_stores, client, tmp_path):
+    cfg = {"epochs": 2, "patience": 0, "min_share_gflop": 0, "compression": "int8", "compress_replies": True}
+    straight = train(letter_stores[0], TrainConfig(**cfg), tmp_path / "straight", client=client)
+    out = tmp_path / "cut"
+    train(letter_stores[0], TrainConfig(**{**cfg, "epochs": 1}), out, client=client)
+    resumed = train(letter_stores[0], TrainConfig(**cfg), out, client=client, resume=True)
+    np.testing.assert_array_equal(resumed.model.params, straight.model.params)
+    a, b = (read_checkpoint(p / "checkpoint.npz") for p in (out, tmp_path / "straight"))
+    np.testing.assert_array_equal(a.reply_view, b.reply_view)
+    plain_cfg = TrainConfig(**{**cfg, "compress_replies": False})
+    plain = train(letter_stores[0], plain_cfg, tmp_path / "plain", client=client)
+    assert not np.array_equal(plain.model.params, straight.model.params)  # the replies did change the run
