@@ -268,6 +268,38 @@ def handler_cost(n: int, reps: int = 20) -> list[dict[str, Any]]:
     return out
 
 
+def reply_cost(n: int, reps: int = 20) -> list[dict[str, Any]]:
+    """What ``compress_replies`` costs the server once per round and saves per reply: a sync
+    :class:`Job` with each dense ``reply_codec`` whose weights moved since its last reply; the
+    encoding of the change (:meth:`pipeline.ps.job.Job.held_weights`, once per version whatever
+    the number of workers) in thread CPU time, best of ``reps``, and a reply's payload bytes
+    against float32 weights."""
+    from pipeline.ps.job import Job, _wire_bytes
+
+    rng = np.random.default_rng(0)
+    out = []
+    for codec in ("fp16", "bf16", "int8"):
+        job = Job.create("reply", rng.standard_normal(n).astype(np.float32), n, mode="sync", reply_codec=codec)
+        times = []
+        for _ in range(reps):
+            job.params += (rng.standard_normal(n) * 1e-3).astype(np.float32)
+            job.version += 1
+            t = time.thread_time()
+            held = job.held_weights()
+            times.append(time.thread_time() - t)
+        wire = _wire_bytes(job.held_wire, held)
+        out.append(
+            {
+                "codec": codec,
+                "params": n,
+                "encode ms per round": 1e3 * min(times),
+                "reply MB": wire / 1e6,
+                "float32 reply MB": 4 * n / 1e6,
+            }
+        )
+    return out
+
+
 def projection(rows: list[dict[str, Any]], cpu: dict[str, float]) -> list[dict[str, Any]]:
     """Workers at which one in-scheduler server saturates, per model, worker kind, codec and link.
 
@@ -411,6 +443,7 @@ def run(
         payload["server"] = rows
     if "server" in parts:
         payload["handler"] = [r for n in sizes for r in handler_cost(n, 5 if quick else 20)]
+        payload["replies"] = [r for n in sizes for r in reply_cost(n, 5 if quick else 20)]
     if "projection" in parts:
         cpu = cpu_step_flops(quick)
         payload["cpu_step"] = cpu
@@ -443,6 +476,17 @@ def run(
             "time, best of the repetitions. The rest of the handler (finite check, server step, the reply's "
             "copy of the weights) works on float32 vectors of the full length whatever the codec.\n\n"
             + md_table(payload["handler"], {"params": ".0e", "decode ms": ".2f", "whole handler ms": ".2f"})
+        )
+    if payload.get("replies"):
+        texts.append(
+            "### Compressed replies (`compress_replies`): the server's cost per round and the bytes per reply\n\n"
+            "A sync `Job` with each `reply_codec` whose weights moved since the last reply: encoding the change "
+            "of the workers' common weights (once per version, whatever the number of workers; thread CPU time, "
+            "best of the repetitions) and the payload of one reply against float32 weights.\n\n"
+            + md_table(
+                payload["replies"],
+                {"params": ".0e", "encode ms per round": ".2f", "reply MB": ".3f", "float32 reply MB": ".3f"},
+            )
         )
     if "projection" in parts:
         texts.append("### Where one in-scheduler server saturates\n\n" + projection_text(payload["projection"], cpu))
