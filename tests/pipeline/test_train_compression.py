@@ -12,6 +12,21 @@ from pipeline.ps.wire import DeltaCompressor
 from pipeline.train import train
 
 RUN = {"epochs": 3, "patience": 0, "topk_fraction": 0.05}
+RESUMED = {"epochs": 2, "patience": 0, "min_share_gflop": 0}
+
+
+def _cut_and_straight(cfg: dict, letter_stores, client, tmp_path) -> tuple:
+    """A 2-epoch sync run with ``cfg``, and the same run stopped after its first epoch and
+    resumed: checks the resumed model equals the straight one bit for bit and returns both
+    checkpoints (resumed, straight) and the straight run's weights."""
+    cfg = {**RESUMED, **cfg}
+    straight = train(letter_stores[0], TrainConfig(**cfg), tmp_path / "straight", client=client)
+    out = tmp_path / "cut"
+    train(letter_stores[0], TrainConfig(**{**cfg, "epochs": 1}), out, client=client)
+    resumed = train(letter_stores[0], TrainConfig(**cfg), out, client=client, resume=True)
+    np.testing.assert_array_equal(resumed.model.params, straight.model.params)
+    a, b = (read_checkpoint(p / "checkpoint.npz") for p in (out, tmp_path / "straight"))
+    return a, b, straight.model.params
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +78,7 @@ def test_a_resumed_compressed_run_repeats_the_uninterrupted_one(letter_stores, c
     """int8 rounds to nearest and the shares' residuals are checkpointed with their local state:
     a sync run stopped after its first epoch and resumed ends with the weights and residuals of a
     run that was never stopped, bit for bit."""
-    cfg = {"epochs": 2, "patience": 0, "min_share_gflop": 0, "compression": "int8"}
-    straight = train(letter_stores[0], TrainConfig(**cfg), tmp_path / "straight", client=client)
-    out = tmp_path / "cut"
-    train(letter_stores[0], TrainConfig(**{**cfg, "epochs": 1}), out, client=client)
-    resumed = train(letter_stores[0], TrainConfig(**cfg), out, client=client, resume=True)
-    np.testing.assert_array_equal(resumed.model.params, straight.model.params)
-    a, b = (read_checkpoint(p / "checkpoint.npz") for p in (out, tmp_path / "straight"))
+    a, b, _ = _cut_and_straight({"compression": "int8"}, letter_stores, client, tmp_path)
     np.testing.assert_array_equal(a.params, b.params)
     assert sorted(a.local_states) == sorted(b.local_states) == ["s0", "s1"]
     for slot in a.local_states:
@@ -93,14 +102,11 @@ def test_compressed_replies_train_about_as_well_as_float32(float32_accuracy, let
 
 @pytest.mark.timeout(300)
 def test_a_resumed_run_with_compressed_replies_repeats_the_uninterrupted_one(letter_stores, client, tmp_path):
-    cfg = {"epochs": 2, "patience": 0, "min_share_gflop": 0, "compression": "int8", "compress_replies": True}
-    straight = train(letter_stores[0], TrainConfig(**cfg), tmp_path / "straight", client=client)
-    out = tmp_path / "cut"
-    train(letter_stores[0], TrainConfig(**{**cfg, "epochs": 1}), out, client=client)
-    resumed = train(letter_stores[0], TrainConfig(**cfg), out, client=client, resume=True)
-    np.testing.assert_array_equal(resumed.model.params, straight.model.params)
-    a, b = (read_checkpoint(p / "checkpoint.npz") for p in (out, tmp_path / "straight"))
+    """The checkpoint keeps the weights the workers hold: a resumed run with compressed replies
+    ends where the uninterrupted one does, bit for bit, and differs from float32 replies."""
+    cfg = {"compression": "int8", "compress_replies": True}
+    a, b, straight = _cut_and_straight(cfg, letter_stores, client, tmp_path)
     np.testing.assert_array_equal(a.reply_view, b.reply_view)
-    plain_cfg = TrainConfig(**{**cfg, "compress_replies": False})
+    plain_cfg = TrainConfig(**{**RESUMED, **cfg, "compress_replies": False})
     plain = train(letter_stores[0], plain_cfg, tmp_path / "plain", client=client)
-    assert not np.array_equal(plain.model.params, straight.model.params)  # the replies did change the run
+    assert not np.array_equal(plain.model.params, straight)  # the replies did change the run
