@@ -1,18 +1,20 @@
-"""Out-of-core: one epoch over synthetic stores of growing size with a small per-worker memory
-limit; peak RSS per worker (should stay flat), throughput (flat) and disk read MB/s.
+"""Out-of-core: ``--epochs`` passes (2 by default) over synthetic stores of growing size with a
+small per-worker memory limit; peak RSS per worker and epoch (should stay flat), throughput
+(flat) and disk read MB/s.
 
     python -m bench.out_of_core                 # 1, 4 and 16 GB stores (X bytes, uint8)
     python -m bench.out_of_core --sizes 1,4     # choose sizes (GB)
     python -m bench.out_of_core --huge          # adds one store larger than memory (26 GB)
     python -m bench.out_of_core --quick         # tiny smoke run
+    python -m bench.out_of_core --sizes 3.5 --memory-cap 1.5GiB   # memory that binds (a cgroup)
 
 Each store (784 uint8 features, 10 classes, ``pipeline.synth`` default chunking and codec) is
-generated under bench/out/, trained on for one epoch (default config: MLP 784-256-128-10, sync,
-local_steps 8; ``validation=0`` so the epoch is training only) on a 2-worker LocalCluster (1
+generated under bench/out/, trained on for ``--epochs`` epochs (default config: MLP 784-256-128-10,
+sync, local_steps 8; ``validation=0`` so each epoch is training only) on a 2-worker LocalCluster (1
 thread each, ``memory_limit`` 2 GiB per worker), then deleted before the next size.
 During training the driver samples every worker process's RSS (psutil, every 0.2 s) and their
 ``read_bytes`` I/O counters (bytes that really came from the block device, page-cache hits
-excluded). Before each epoch it tries ``sync; echo 3 > /proc/sys/vm/drop_caches`` and says
+excluded). Before each store's run it tries ``sync; echo 3 > /proc/sys/vm/drop_caches`` and says
 whether the kernel accepted it (a one-epoch warm-up on a 20,000-row store precedes it, so
 imports and Numba's cache load stay out of the timed epoch; "RSS before" is before the warm-up);
 "disk MB/s" is what the counters saw, "store MB/s" is the
