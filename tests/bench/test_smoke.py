@@ -66,8 +66,10 @@ CASES = {
     "ps_limits": ["pushes/s", "| 1e+05 | 2 |"],
     "ps_compression": [
         "| int8 | 0.",
+        "| bf16 + replies | 0.",
         "within 0.5: ",
         "| topk | 1e+05 | 1 |",
+        "| codec | params | encode ms per round | reply MB | float32 reply MB |",
         "sched ms/push (process)",
         "| 1M | GPU | none |",
         "shards for 64, 100 GbE (estimate)",
