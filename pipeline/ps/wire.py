@@ -128,14 +128,15 @@ def compress(vec: np.ndarray, codec: str, topk_fraction: float = 0.01) -> tuple[
     if codec == "none":
         return to_serialize(vec), vec
     if codec == "fp16":
-        with np.errstate(over="ignore"):
-            half = vec.astype(np.float16)
-        if np.isinf(half).any() and np.isfinite(vec).all():
+        from kernels.half import from_half, to_half  # numba: loaded with the first fp16 vector
+
+        half, overflowed = to_half(vec)
+        if overflowed:
             raise PSError(
                 f"a delta entry exceeds float16's range ({_FP16_MAX:g}); use compression = 'bf16' "
                 "(float32's range) or lower the learning rate"
             )
-        return {"codec": codec, "n": n, "data": to_serialize(half)}, half.astype(np.float32)
+        return {"codec": codec, "n": n, "data": to_serialize(half)}, from_half(half)
     if codec == "bf16":
         bits = vec.view(np.uint32)
         top = ((bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(
@@ -240,7 +241,9 @@ def decode_delta(obj: Any, n: int, codec: str = "none", topk_fraction: float = 0
         if key not in obj:
             raise PSError(f"{what}: {codec} delta without its {key!r} frame")
     if codec == "fp16":
-        return _frame(obj["data"], "<f2", n, f"{what} data").astype(np.float32)
+        from kernels.half import from_half
+
+        return from_half(_frame(obj["data"], "<f2", n, f"{what} data"))
     if codec == "bf16":
         return _from_bf16(_frame(obj["data"], "<u2", n, f"{what} data"))
     if codec == "topk":
