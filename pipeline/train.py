@@ -938,9 +938,16 @@ class Trainer:
         in_task_val = cfg.mode == "sync" and bool(val_ranges) and not done_tasks and bool(work)
         work = [w for w in work if w[0] not in done_tasks]
         val_slices = split_rows(val_ranges, len(work)) if in_task_val else [[] for _ in work]
+        keys = [f"train-chunk-{name}-{self.job}" for name, _, _ in work]
+        # Announce the shares before any of their tasks exists: a task could otherwise start,
+        # join and push before the announcement reached the server, and the first share's
+        # rounds would close without the shares not yet joined (seen with two jobs at once)
+        if cfg.mode == "sync":
+            ps.expect(names=[name for name, _, _ in work], keys=keys, epoch=epoch)
+        else:
+            ps.expect(names=[], keys=[], epoch=epoch)
         futures = {}
-        for (name, ranges, workers), val_slice in zip(work, val_slices, strict=True):
-            key = f"train-chunk-{name}-{self.job}"
+        for key, (name, ranges, workers), val_slice in zip(keys, work, val_slices, strict=True):
             futures[key] = (
                 name,
                 client.submit(
@@ -960,10 +967,6 @@ class Trainer:
                     **self._placement(workers),
                 ),
             )
-        if cfg.mode == "sync":
-            ps.expect(names=[n for n, _ in futures.values()], keys=list(futures), epoch=epoch)
-        else:
-            ps.expect(names=[], keys=[], epoch=epoch)
         pending = {f for _, f in futures.values()}
         results: list[dict] = []
         no_workers_since: float | None = None
