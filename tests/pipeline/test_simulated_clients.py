@@ -65,7 +65,9 @@ def test_asynchronous_simulated_clients_are_replaced_as_they_finish(letter_store
     assert [e["round"] for e in res.history] == [0, 1, 2]
     assert all(e["responded"] >= 6 for e in res.history)  # a round ends once 6 clients finished
     deltas = sum(e["responded"] for e in res.history)
-    assert res.history[-1]["rounds"] == deltas // 2  # one FedBuff step per 2 deltas
+    # one FedBuff step per 2 deltas; a client still in flight when the last round is recorded
+    # (at most `concurrency` = 3) may already have pushed a delta no round counted yet
+    assert deltas // 2 <= res.history[-1]["rounds"] <= (deltas + 3) // 2, (res.history[-1]["rounds"], deltas)
     assert res.history[-1]["val_accuracy"] > 0.05
 
 
