@@ -354,29 +354,16 @@ class Job:
         With a ``reply_codec`` the weights to train from are the participants' common weights
         (:meth:`held_weights`), sent as their change since version ``since`` when ``since`` is
         where that change starts (a participant that pushed at the previous version), else whole."""
+        out = {"status": status, "version": self.version, "message": self.failed}
         if self.reply_codec != "none" and not model:
-            held = self.held_weights()
+            weights = self.held_weights()
             if since is not None and since == self.held_from:
-                self.bytes_out += _wire_bytes(self.held_wire, held)
-                return {
-                    "status": status,
-                    "rdelta": self.held_wire,
-                    "since": since,
-                    "version": self.version,
-                    "message": self.failed,
-                    **extra,
-                }
-            self.bytes_out += held.nbytes
-            out = {"status": status, "params": encode_vector(held), "version": self.version, "message": self.failed}
-            return {**out, **extra}
-        self.bytes_out += self.params.nbytes
-        return {
-            "status": status,
-            "params": encode_vector(self.model_weights() if model else self.weights()),
-            "version": self.version,
-            "message": self.failed,
-            **extra,
-        }
+                self.bytes_out += _wire_bytes(self.held_wire, weights)
+                return {**out, "rdelta": self.held_wire, "since": since, **extra}
+        else:
+            weights = self.model_weights() if model else self.weights()
+        self.bytes_out += weights.nbytes
+        return {**out, "params": encode_vector(weights), **extra}
 
     def drop(self, name: str, why: str) -> None:
         """``name`` leaves (or is no longer expected): no round waits for it any more. A delta
@@ -987,7 +974,7 @@ class Job:
             return self.reply("timeout", message=f"barrier not released within {timeout} s")
         if self.failed:
             return self.reply("failed")
-        return self._push_reply(name, since=version, staleness=staleness)
+        return self._push_reply(name, version, staleness=staleness)
 
     def _shm_usable(self) -> bool:
         """Rounds whose vectors can go through shared memory: sync mode (the weights cannot
@@ -1001,13 +988,13 @@ class Job:
             and not self.closed
         )
 
-    def _push_reply(self, name: str, **extra: Any) -> dict[str, Any]:
-        """The reply to a push: the weights themselves, or for a participant with a push
-        segment their version in the job's weights segment (written once per version)."""
+    def _push_reply(self, name: str, since: int, **extra: Any) -> dict[str, Any]:
+        """The reply to a push made at version ``since``: the weights (or their change since
+        then, :meth:`reply`), or for a participant with a push segment their version in the
+        job's weights segment (written once per version)."""
         seg = self.shm_weights
         if seg is None or name not in self.shm_push or self.failed:
-            return self.reply(**extra)
-        extra.pop("since", None)
+            return self.reply(since=since, **extra)
         if seg.version != self.version:
             seg.write(self.params, self.version)
         self.bytes_out += self.params.nbytes
