@@ -268,6 +268,46 @@ def handler_cost(n: int, reps: int = 20) -> list[dict[str, Any]]:
     return out
 
 
+def encode_cost(n: int, reps: int = 10) -> list[dict[str, Any]]:
+    """What a push's encoding costs the worker that sends it, per codec: the whole compressor
+    (:class:`pipeline.ps.wire.DeltaCompressor`: the residual added, the delta encoded, the
+    decoded copy and the new residual: what a training task runs per push), and the encoder alone
+    beside the NumPy expression it replaced (``kernels.codec``'s references; fp16: NumPy's
+    ``astype``), the two timed alternately in the same loop. Thread CPU time, best of ``reps``."""
+    from kernels.codec import bf16_encode, bf16_encode_reference, topk, topk_reference
+    from kernels.half import to_half
+    from pipeline.ps.wire import DeltaCompressor, topk_count
+
+    delta = (np.random.default_rng(0).standard_normal(n) * 1e-3).astype(np.float32)
+    k = topk_count(n, 0.01)
+    pairs = {
+        "fp16": (lambda: to_half(delta), lambda: delta.astype(np.float16)),
+        "bf16": (lambda: bf16_encode(delta), lambda: bf16_encode_reference(delta)),
+        "topk": (lambda: topk(delta, k), lambda: topk_reference(delta, k)),
+    }
+
+    def best(fn: Any) -> float:
+        t = time.thread_time()
+        fn()
+        return time.thread_time() - t
+
+    out = []
+    for codec in CODECS[1:]:
+        comp = DeltaCompressor(codec, 0.01)
+        comp(delta)  # loads the compiled loops; starts the residual
+        whole, enc, ref = [], [], []
+        for _ in range(reps):
+            whole.append(best(lambda c=comp: c(delta)))
+            if codec in pairs:
+                enc.append(best(pairs[codec][0]))
+                ref.append(best(pairs[codec][1]))
+        row: dict[str, Any] = {"codec": codec, "params": n, "worker ms/push (compressor)": 1e3 * min(whole)}
+        row["encoder ms"] = 1e3 * min(enc) if enc else math.nan
+        row["NumPy encoder ms"] = 1e3 * min(ref) if ref else math.nan
+        out.append(row)
+    return out
+
+
 def reply_cost(n: int, reps: int = 20) -> list[dict[str, Any]]:
     """What ``compress_replies`` costs the server once per round and saves per reply: a sync
     :class:`Job` with each dense ``reply_codec`` whose weights moved since its last reply; the
@@ -300,20 +340,38 @@ def reply_cost(n: int, reps: int = 20) -> list[dict[str, Any]]:
     return out
 
 
-def projection(rows: list[dict[str, Any]], cpu: dict[str, float]) -> list[dict[str, Any]]:
+def _encode_seconds(encode: list[dict[str, Any]] | None, codec: str, params: int) -> float:
+    """The worker's seconds per push to encode ``params`` parameters in ``codec``: the compressor's
+    measured time at the size nearest ``params`` (log scale), scaled linearly to ``params`` (every
+    encoder is a fixed number of passes over the vector). 0 for float32, or without figures (a
+    kept run from before they were measured)."""
+    got = [r for r in encode or () if r["codec"] == codec]
+    if codec == "none" or not got:
+        return 0.0
+    near = min(got, key=lambda r: abs(math.log(r["params"] / params)))
+    return near["worker ms/push (compressor)"] / 1e3 * params / near["params"]
+
+
+def projection(
+    rows: list[dict[str, Any]], cpu: dict[str, float], encode: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """Workers at which one in-scheduler server saturates, per model, worker kind, codec and link.
 
-    A worker (overlap off, the default) pushes every ``compute + latency`` seconds, the latency
-    being the push's own cost: its bytes in over the link, the scheduler's CPU for it, the float32
-    reply back over the link (queueing excluded: it only starts at saturation). The server's CPU
-    saturates at ``period / cpu_per_push`` workers, its link at ``period x bandwidth / max(bytes
-    in, bytes out)``; the smaller binds."""
+    A worker (overlap off, the default) pushes every ``compute + encode + latency`` seconds:
+    its steps, the encoding of the delta on its CPU (``encode``: :func:`encode_cost`'s figures;
+    a GPU worker's delta is encoded on its host's CPU too), and the push's own cost: its bytes in
+    over the link, the scheduler's CPU for it, the float32 reply back over the link (queueing
+    excluded: it only starts at saturation). The server's CPU saturates at ``period /
+    cpu_per_push`` workers, its link at ``period x bandwidth / max(bytes in, bytes out)``; the
+    smaller binds."""
     out = []
     for mname, model in MODELS.items():
         p = n_params(model)
         for kind, flops in (("CPU", cpu["flops"]), ("GPU", GPU_FLOPS)):
-            compute = LOCAL_STEPS * 6 * p * BATCH / flops  # seconds of steps between two pushes
+            steps = LOCAL_STEPS * 6 * p * BATCH / flops  # seconds of steps between two pushes
             for codec in CODECS:
+                enc = _encode_seconds(encode, codec, p)
+                compute = steps + enc
                 ca, cb = _fit(rows, codec, "sched ms/push (process)", p)
                 ba, bb = _fit(rows, codec, "MB/push", p)
                 cpu_push = (ca + cb * p) / 1e3  # scheduler seconds per push
@@ -323,7 +381,8 @@ def projection(rows: list[dict[str, Any]], cpu: dict[str, float]) -> list[dict[s
                     "model": mname,
                     "workers": kind,
                     "codec": codec,
-                    "compute ms/push": 1e3 * compute,
+                    "compute ms/push": 1e3 * steps,
+                    "encode ms/push": 1e3 * enc,
                     "MB in/out per push": f"{bytes_in / 1e6:.2f} / {bytes_out / 1e6:.1f}",
                     "sched ms/push": 1e3 * cpu_push,
                 }
@@ -361,6 +420,7 @@ def projection(rows: list[dict[str, Any]], cpu: dict[str, float]) -> list[dict[s
 def projection_text(proj: list[dict[str, Any]], cpu: dict[str, float]) -> str:
     fmt = {
         "compute ms/push": ".2f",
+        "encode ms/push": ".2f",
         "sched ms/push": ".2f",
         "budget ms/push at 64": ".3f",
         "budget ms/push, 8 per host summed": ".3f",
@@ -380,7 +440,10 @@ def projection_text(proj: list[dict[str, Any]], cpu: dict[str, float]) -> str:
         f"worker pushes less often); GPU worker = an assumed A100 at 50% of 19.5 TFLOP/s fp32 = "
         f"{GPU_FLOPS / 1e12:.2f} TFLOP/s. Models: 1M = MLP {MODELS['1M']} ({n_params(MODELS['1M']):,} "
         f"parameters), 100M = MLP {MODELS['100M']} ({n_params(MODELS['100M']):,}). A worker (overlap off, the "
-        "default) pushes every compute + latency, the latency being the push's own cost: its bytes in over "
+        "default) pushes every compute + encode + latency: its steps, the encoding of its delta on its CPU "
+        "(measured here per codec, the whole compressor with error feedback, scaled linearly from the nearest "
+        "measured size; a GPU worker's delta is encoded on its host's CPU too, so a slow encoder makes the "
+        "worker, not the server, the bottleneck), and the push's own cost: its bytes in over "
         "the link, the scheduler's CPU for it, the float32 reply back (queueing excluded). Scheduler CPU per "
         "push (whole process) and wire bytes per push as a + b x params: a = the 1e4 cell (the per-message "
         "part), b = the per-parameter rest at the nearest measured size (1e6 for 1M, 1e7 for 100M: an "
@@ -415,7 +478,7 @@ def reproject(path: str | os.PathLike) -> str:
     d = json.loads(Path(path).read_text())
     if "server" not in d or "cpu_step" not in d:
         raise SystemExit(f"{path}: no server rows and CPU step kept (run with --parts server,projection)")
-    return projection_text(projection(d["server"], d["cpu_step"]), d["cpu_step"])
+    return projection_text(projection(d["server"], d["cpu_step"], d.get("encode")), d["cpu_step"])
 
 
 # -------------------------------------------------------------------------------------------
@@ -444,10 +507,12 @@ def run(
     if "server" in parts:
         payload["handler"] = [r for n in sizes for r in handler_cost(n, 5 if quick else 20)]
         payload["replies"] = [r for n in sizes for r in reply_cost(n, 5 if quick else 20)]
+    if "server" in parts or "projection" in parts:
+        payload["encode"] = [r for n in sizes[1:] for r in encode_cost(n, 3 if quick else 10)]
     if "projection" in parts:
         cpu = cpu_step_flops(quick)
         payload["cpu_step"] = cpu
-        payload["projection"] = projection(rows, cpu)
+        payload["projection"] = projection(rows, cpu, payload["encode"])
     path = protocol.save_json("ps_compression" + ("-quick" if quick else ""), payload, quick=quick)
     meta["json"] = str(path)
     head = "\n".join(protocol.provenance_lines(meta)) + f"\nLoad average before {load0:.2f}, after {load():.2f}."
@@ -476,6 +541,18 @@ def run(
             "time, best of the repetitions. The rest of the handler (finite check, server step, the reply's "
             "copy of the weights) works on float32 vectors of the full length whatever the codec.\n\n"
             + md_table(payload["handler"], {"params": ".0e", "decode ms": ".2f", "whole handler ms": ".2f"})
+        )
+    if payload.get("encode"):
+        texts.append(
+            "### What encoding a push costs the worker\n\n"
+            "Per codec: the whole compressor a training task runs per push (residual added, delta encoded, "
+            "decoded copy, new residual), and the encoder alone beside the NumPy expression it replaced "
+            "(`kernels.codec`'s references; fp16: NumPy's `astype`), timed alternately; thread CPU time, best "
+            "of the repetitions (top-k at the default 1%).\n\n"
+            + md_table(
+                payload["encode"],
+                {"params": ".0e", "worker ms/push (compressor)": ".2f", "encoder ms": ".2f", "NumPy encoder ms": ".2f"},
+            )
         )
     if payload.get("replies"):
         texts.append(

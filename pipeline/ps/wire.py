@@ -94,7 +94,11 @@ def _frame(obj: Any, dtype: str, n: int, what: str) -> np.ndarray:
 # * ``bf16``: ``data`` uint16 (n,): the top half of each float32, rounded to nearest even. The
 #   float32 range, 8 bits of mantissa.
 # * ``topk``: ``index`` int32 (k,) strictly increasing, ``values`` float32 (k,): the k =
-#   ceil(topk_fraction * n) entries of largest magnitude, sent exactly.
+#   ceil(topk_fraction * n) entries of largest magnitude, sent exactly (of equal magnitudes at
+#   the cut, the lowest indices).
+#
+# The fp16, bf16 and top-k encoders (and the fp16 and bf16 decoders) are compiled loops
+# (kernels/half.py, kernels/codec.py), bit for bit the NumPy expressions they replace.
 # * ``int8``: ``data`` int8 (n,) and ``scales`` float32 (ceil(n / 4096),): block b holds
 #   ``data * scales[b]`` with ``scales[b] = max |x| / 127`` over its 4096 entries. Rounding is to
 #   nearest, not stochastic: with error feedback the rounding error of one push is sent with the
@@ -138,15 +142,15 @@ def compress(vec: np.ndarray, codec: str, topk_fraction: float = 0.01) -> tuple[
             )
         return {"codec": codec, "n": n, "data": to_serialize(half)}, from_half(half)
     if codec == "bf16":
-        bits = vec.view(np.uint32)
-        top = ((bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(
-            np.uint16
-        )
-        return {"codec": codec, "n": n, "data": to_serialize(top)}, _from_bf16(top)
+        from kernels.codec import bf16_decode, bf16_encode  # numba: loaded with the first bf16 vector
+
+        top = bf16_encode(vec)
+        return {"codec": codec, "n": n, "data": to_serialize(top)}, bf16_decode(top)
     if codec == "topk":
+        from kernels.codec import topk  # numba: loaded with the first top-k vector
+
         k = topk_count(n, topk_fraction)
-        index = np.sort(np.argpartition(np.abs(vec), n - k)[n - k :]).astype(np.int32)
-        values = vec[index]
+        index, values = topk(vec, k)
         decoded = np.zeros(n, np.float32)
         decoded[index] = values
         wire = {"codec": codec, "n": n, "k": k, "index": to_serialize(index), "values": to_serialize(values)}
@@ -202,10 +206,6 @@ class DeltaCompressor:
         return wire, decoded
 
 
-def _from_bf16(top: np.ndarray) -> np.ndarray:
-    return (top.astype(np.uint32) << np.uint32(16)).view(np.float32)
-
-
 def _from_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     out = q.astype(np.float32)
     full = (q.size // INT8_BLOCK) * INT8_BLOCK
@@ -245,7 +245,9 @@ def decode_delta(obj: Any, n: int, codec: str = "none", topk_fraction: float = 0
 
         return from_half(_frame(obj["data"], "<f2", n, f"{what} data"))
     if codec == "bf16":
-        return _from_bf16(_frame(obj["data"], "<u2", n, f"{what} data"))
+        from kernels.codec import bf16_decode
+
+        return bf16_decode(_frame(obj["data"], "<u2", n, f"{what} data"))
     if codec == "topk":
         k = topk_count(n, topk_fraction)
         if obj.get("k") != k:

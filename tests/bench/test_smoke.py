@@ -70,6 +70,7 @@ CASES = {
         "within 0.5: ",
         "| topk | 1e+05 | 1 |",
         "| codec | params | encode ms per round | reply MB | float32 reply MB |",
+        "| codec | params | worker ms/push (compressor) | encoder ms | NumPy encoder ms |",
         "sched ms/push (process)",
         "| 1M | GPU | none |",
         "shards for 64, 100 GbE (estimate)",
@@ -344,6 +345,28 @@ def test_compression_projection_is_the_stated_arithmetic() -> None:
     assert r["per-message ms"] == a
     # a budget below the per-message cost cannot be met by any shard count
     assert (r["shards for 64, 100 GbE (estimate)"] == "never (per-message cost)") == (period / 64 * 1e3 <= a)
+    assert r["encode ms/push"] == 0  # no encoding figures given: none assumed
+    # the worker's encoding lengthens its push period: measured at 1e6 and 1e7, scaled linearly
+    # from the size nearest the model's
+    encode = [
+        {"codec": "int8", "params": 1_000_000, "worker ms/push (compressor)": 2.0},
+        {"codec": "int8", "params": 10_000_000, "worker ms/push (compressor)": 30.0},
+    ]
+    r2 = next(
+        x
+        for x in projection(rows, {"flops": 50e9, "params": 1, "step_s": 1.0, "step_wall_s": 1.0}, encode)
+        if (x["model"], x["workers"], x["codec"]) == ("1M", "GPU", "int8")
+    )
+    enc = 2.0e-3 * p / 1e6
+    assert abs(r2["encode ms/push"] - 1e3 * enc) < 1e-9
+    period2 = period + enc
+    assert abs(r2["budget ms/push at 64"] - 1e3 * period2 / 64) < 1e-9
+    big2 = next(
+        x
+        for x in projection(rows, {"flops": 50e9, "params": 1, "step_s": 1.0, "step_wall_s": 1.0}, encode)
+        if (x["model"], x["workers"], x["codec"]) == ("100M", "CPU", "int8")
+    )
+    assert abs(big2["encode ms/push"] - 30.0 * p100 / 1e7) < 1e-9
 
 
 def test_compression_projection_recomputes_from_a_kept_run() -> None:

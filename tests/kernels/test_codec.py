@@ -1,0 +1,96 @@
+"""kernels.codec against the NumPy expressions it replaces: bf16 bit for bit, top-k entry for entry."""
+
+import numpy as np
+import pytest
+
+from kernels.codec import bf16_decode, bf16_encode, bf16_encode_reference, topk, topk_reference
+
+
+def test_every_bf16_widens_like_the_shift():
+    top = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    got = bf16_decode(top)
+    assert got.dtype == np.float32
+    assert np.array_equal(got.view(np.uint32), top.astype(np.uint32) << np.uint32(16))
+
+
+@pytest.mark.parametrize("scale", [1e-40, 1e-20, 1e-3, 1.0, 1e20, 1e37])
+def test_bf16_narrows_like_numpy(scale):
+    rng = np.random.default_rng(int(np.log10(scale) + 50))
+    x = (rng.standard_normal(100_003) * scale).astype(np.float32)
+    assert np.array_equal(bf16_encode(x), bf16_encode_reference(x))
+
+
+def test_bf16_ties_overflow_and_specials_narrow_like_numpy():
+    # every bf16 value's bit pattern with each of the low halves that decide the rounding:
+    # below, at and above the midpoint (ties to even), and the largest (carries into the exponent)
+    high = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
+    lows = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=np.uint32)
+    x = (high[:, None] | lows[None, :]).reshape(-1).view(np.float32)
+    got, want = bf16_encode(x), bf16_encode_reference(x)
+    assert np.array_equal(got, want)
+    # float32's largest finite value rounds up to infinity, as the NumPy expression does
+    assert bf16_encode(np.array([np.finfo(np.float32).max], np.float32))[0] == 0x7F80
+    assert np.array_equal(bf16_decode(bf16_encode(np.array([np.inf, -np.inf], np.float32))), [np.inf, -np.inf])
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 4096, 100_003])
+@pytest.mark.parametrize("fraction", [1e-3, 0.01, 0.1, 0.5, 1.0])
+def test_topk_picks_numpys_entries_without_ties(n, fraction):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+    x = x[np.unique(np.abs(x), return_index=True)[1]]  # distinct magnitudes: no ties at the cut
+    rng.shuffle(x)
+    k = min(x.size, max(1, int(np.ceil(fraction * x.size))))
+    index, values = topk(x, k)
+    assert index.dtype == np.int32 and values.dtype == np.float32
+    assert np.array_equal(index, topk_reference(x, k)[0])
+    assert np.array_equal(values.view(np.uint32), x[index].view(np.uint32))
+
+
+def test_topk_over_magnitudes_sharing_their_leading_bits():
+    # entries that differ only in their last bits: the selection is settled by the second and
+    # third digits of the radix select
+    rng = np.random.default_rng(3)
+    bits = np.uint32(0x3C000000) + rng.permutation(50_000).astype(np.uint32)
+    x = bits.view(np.float32) * np.where(rng.random(50_000) < 0.5, -1, 1).astype(np.float32)
+    for k in (1, 17, 499, 25_000, 50_000):
+        assert np.array_equal(topk(x, k)[0], topk_reference(x, k)[0])
+
+
+def test_ties_at_the_cut_go_to_the_lowest_indices():
+    x = np.array([0.5, -2.0, 2.0, 0.0, -0.5, 2.0, 1.0, 0.0], np.float32)
+    assert topk(x, 2)[0].tolist() == [1, 2]  # three entries of magnitude 2: the first two
+    assert topk(x, 4)[0].tolist() == [1, 2, 5, 6]
+    assert topk(x, 5)[0].tolist() == [0, 1, 2, 5, 6]  # 0.5 and -0.5 tie: the lower index
+    index, values = topk(x, 7)
+    assert index.tolist() == [0, 1, 2, 3, 4, 5, 6] and values.tolist() == x[:7].tolist()
+    # mostly zeros (inactive units): the zeros taken are the first ones, and decode the same
+    z = np.zeros(1000, np.float32)
+    z[[10, 500, 900]] = [3.0, -1.0, 2.0]
+    index, values = topk(z, 10)
+    assert index.tolist() == [0, 1, 2, 3, 4, 5, 6, 10, 500, 900]
+    dense = np.zeros_like(z)
+    dense[index] = values
+    want = np.zeros_like(z)
+    want[topk_reference(z, 10)[0]] = z[topk_reference(z, 10)[0]]
+    assert np.array_equal(dense, want)
+
+
+def test_topk_of_non_finite_entries_takes_them_first():
+    x = np.array([1.0, np.nan, -np.inf, 2.0, 0.5], np.float32)
+    index, values = topk(x, 2)
+    assert index.tolist() == [1, 2] and np.isnan(values[0]) and values[1] == -np.inf
+
+
+def test_topk_refuses_a_k_out_of_range():
+    with pytest.raises(ValueError, match="k must be in"):
+        topk(np.ones(4, np.float32), 0)
+    with pytest.raises(ValueError, match="k must be in"):
+        topk(np.ones(4, np.float32), 5)
+
+
+def test_the_kernels_release_the_gil():
+    from kernels.codec import _bf16_bits, _bf16_widen, _topk_select
+
+    for fn in (_bf16_bits, _bf16_widen, _topk_select):
+        assert fn.targetoptions.get("nogil") is True
