@@ -7,10 +7,13 @@ The embedded cluster preloads :mod:`pipeline.ps` into its scheduler exactly like
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import Iterator
 from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.errors import PipelineError
 
@@ -66,6 +69,22 @@ def _security(scheduler: str, tls_ca: str | None, tls_cert: str | None, tls_key:
     except (OSError, ValueError) as exc:
         raise PipelineError(f"cannot load the TLS certificates ({exc})") from None
     return scheduler, security
+
+
+class QuickExit(WorkerPlugin):
+    """A worker plugin for the LocalClusters started here: when its worker closes, every object
+    of the process moves to the garbage collector's permanent generation (``gc.freeze()``).
+
+    The worker process then ends without the full collections of interpreter shutdown walking
+    the ~170,000 objects its imports (distributed, NumPy, Zarr, Numba and its compiled kernels)
+    left: 0.5-0.6 s of every 2-worker cluster's stop here, against 0.06-0.08 s with them frozen,
+    which the command that started the cluster waited for. Nothing is left uncollected that
+    would have been freed: the process is ending."""
+
+    name = "pipeline-quick-exit"
+
+    def teardown(self, worker: Any) -> None:
+        gc.freeze()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -140,6 +159,7 @@ def cluster_client(
         dashboard_address=dashboard_address,
         scheduler_kwargs=scheduler_kwargs,
         host="127.0.0.1",
+        protocol="tcp",  # also for processes=False, whose default (inproc://) takes no host
     )
     try:
         if sites:
@@ -149,6 +169,8 @@ def cluster_client(
                 cluster.worker_spec[f"site-{name}"] = {"cls": template["cls"], "options": options}
             cluster.sync(cluster._correct_state)
         with Client(cluster, set_as_default=True) as client:
+            if processes:
+                client.register_plugin(QuickExit(), name=QuickExit.name)
             if sites:
                 client.wait_for_workers(len(sites), timeout=120)
             yield client
