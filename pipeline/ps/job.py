@@ -49,6 +49,7 @@ from pipeline.ps.wire import (
     decode_vector,
     encode_opt_state,
     encode_vector,
+    warm_codec,
 )
 from pipeline.secagg import KEY_BYTES, dequantize, scale_for
 
@@ -260,6 +261,7 @@ class Job:
             locals_ = {
                 str(slot): decode_opt_state(v, n_params, f"local_state of {slot}") for slot, v in local_states.items()
             }
+        warm_codec(compression)  # the first delta decoded does not wait for numba on the event loop
         return cls(
             job=job,
             params=vec,

@@ -11,8 +11,10 @@ int8), each frame checked the same way.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -213,6 +215,37 @@ def _from_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     if full < q.size:
         out[full:] *= scales[-1]
     return out
+
+
+_WARMING: dict[str, threading.Thread] = {}
+
+
+def warm_codec(codec: str) -> threading.Thread | None:
+    """Load ``codec``'s compiled conversions (fp16, bf16: :mod:`kernels.half`,
+    :mod:`kernels.codec`) in a background thread, once per process: the parameter server calls
+    it when a job is created, so the first delta it decodes does not stall the scheduler's event
+    loop while numba is imported and the loops are loaded from their cache (or, on a fresh
+    install, compiled: seconds). A decode that comes sooner waits for the same load, as it would
+    have done anyway. Returns the thread (None for the codecs that need no compiled code)."""
+    if codec not in ("fp16", "bf16"):
+        return None
+    with _WARM_LOCK:
+        thread = _WARMING.get(codec)
+        if thread is None:
+            thread = threading.Thread(target=_load_codec, args=(codec,), name=f"pipeline-{codec}-load", daemon=True)
+            _WARMING[codec] = thread
+            thread.start()
+    return thread
+
+
+_WARM_LOCK = threading.Lock()
+
+
+def _load_codec(codec: str) -> None:
+    try:
+        compress(np.zeros(8, np.float32), codec)  # encodes and decodes: every loop of the codec
+    except Exception:  # a warm-up only: the first real delta reports what fails
+        logging.getLogger("pipeline.ps").debug("loading the %s codec failed", codec, exc_info=True)
 
 
 def decode_delta(obj: Any, n: int, codec: str = "none", topk_fraction: float = 0.01, what: str = "delta") -> np.ndarray:

@@ -260,3 +260,39 @@ async def test_compressed_replies_follow_the_weights_within_one_rounding(c, s, a
     with pytest.raises(PSError, match="reply_codec must be one of none, fp16, bf16, int8, got 'topk'"):
         await c.scheduler.ps_create(job="rt", params=Serialize(w0), n_params=N, reply_codec="topk")
     await c.scheduler.ps_close(job="rc")
+
+
+_LOAD_CODEC = """
+import sys, threading
+import numpy as np
+from pipeline.ps.job import Job
+
+Job.create("plain", np.zeros(4, np.float32), 4, mode="async")
+Job.create("topk", np.zeros(4, np.float32), 4, mode="async", compression="topk")
+print("before:", "numba" in sys.modules, "kernels.codec" in sys.modules, "kernels.half" in sys.modules)
+Job.create("j", np.zeros(4, np.float32), 4, mode="async", compression=sys.argv[1])
+for t in threading.enumerate():
+    if t.name.startswith("pipeline-") and t.name.endswith("-load"):
+        t.join(300)
+from kernels import codec, half
+print("loaded:", len(codec._bf16_bits.signatures), len(codec._bf16_widen.signatures),
+      len(half._to_half_bits.signatures), len(half._from_half_bits.signatures))
+"""
+
+
+@pytest.mark.parametrize("codec, loaded", [("bf16", "1 1 0 0"), ("fp16", "0 0 1 1")])
+def test_a_job_loads_its_codec_s_compiled_loops_as_it_is_created(codec, loaded):
+    """A job whose deltas need compiled conversions starts loading them in a background thread
+    when it is created (not on the scheduler's event loop at its first delta); a job without
+    them loads nothing (numba is not even imported)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run(
+        [sys.executable, "-c", _LOAD_CODEC, codec], capture_output=True, text=True, cwd=root, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    assert "before: False False False" in r.stdout, r.stdout
+    assert f"loaded: {loaded}" in r.stdout, r.stdout
