@@ -10,7 +10,8 @@ mode its tasks one after the other) is trained here by the worker task's own loo
 server optimizer, schedule and weight average, applied every ``local_steps`` minibatches). The
 run directory, checkpoints, ``--resume`` and the Ctrl-C / SIGTERM checkpoint are the driver's.
 Such a run equals a one-worker, one-thread sync run on a cluster: same rows, same order, same
-weights (``overlap`` has no push in flight to hide here and is ignored).
+weights, compressed deltas and replies included (``overlap`` has no push in flight to hide here
+and is ignored).
 
 :func:`pipeline.loop.run_batches` is the one in-process minibatch loop: the worker task, this
 module and the scikit-learn estimators' in-memory training (pipeline.estimator) all use it.
@@ -76,11 +77,18 @@ class LocalServer:
         optimizer_state: dict | None = None,
         local_states: dict | None = None,
         progress: dict | None = None,
+        reply_codec: str = "none",
+        reply_view: Any = None,
         **_: Any,
     ) -> None:
         from pipeline.optim import Schedule, ServerOptimizer
 
         self.params = np.array(params, dtype=np.float32)
+        # compress_replies: the weights the share is given, the server's own followed through
+        # the codec with the rounding carried on (pipeline.ps.job.Job.held_weights)
+        self.reply_codec = reply_codec
+        if reply_codec != "none":
+            self.held = np.array(reply_view if reply_view is not None else self.params, dtype=np.float32)
         self.mode = mode
         self.optimizer = ServerOptimizer(**optimizer, n=self.params.size)
         if optimizer_state:
@@ -103,7 +111,16 @@ class LocalServer:
         if not np.isfinite(self.params[:: max(1, self.params.size // 4096)]).all():
             self.failed = f"parameters became non-finite at round {self.version}"
             raise TrainingError(self.failed)
-        return self.params
+        if self.reply_codec != "none":
+            from pipeline.ps.wire import compress
+
+            self.held = self.held + compress(self.params - self.held, self.reply_codec)[1]
+        return self.train_weights()
+
+    def train_weights(self) -> np.ndarray:
+        """The weights the share trains from: the server's, or with compressed replies the
+        common weights a cluster's workers would hold (as :meth:`pipeline.ps.job.Job.reply`)."""
+        return self.held if self.reply_codec != "none" else self.params
 
     def state(self) -> dict[str, Any]:
         opt_state = self.optimizer.state()
@@ -119,6 +136,7 @@ class LocalServer:
             "progress": dict(self.progress),
             "local_states": dict(self.local_states),
             "failed": self.failed,
+            **({"reply_view": self.held.copy()} if self.reply_codec != "none" else {}),
         }
 
     def metrics(self, history: bool = False) -> dict[str, Any]:
@@ -222,7 +240,7 @@ class LocalTrainer(Trainer):
         trainer = self._trainer
         if cfg.mode == "sync":  # the share's own local optimizer state, as a cluster's task loads it
             load_local_state(trainer, ps.local_states.get(SLOT))
-        trainer.set_params(ps.params)
+        trainer.set_params(ps.train_weights())
         anchor = trainer.get_params()
         # compressed deltas as a cluster's push sends them, error feedback included (the residual
         # stays with the share's local state, as on a cluster): the same weights as a one-worker run

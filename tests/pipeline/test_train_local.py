@@ -151,9 +151,19 @@ def test_api_without_client_trains_in_process(store, tmp_path):
     assert Path(res.run_dir, "model.npz").exists()
 
 
-@pytest.mark.parametrize("extra", [("--set", "mode=async"), ("--set", "batch_size=0")])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--set", "mode=async"),
+        ("--set", "batch_size=0"),
+        ("--set", "compression=int8"),
+        ("--set", "compression=fp16", "--set", "compress_replies=true"),
+    ],
+)
 def test_other_modes_in_process_equal_a_one_worker_cluster(store, tmp_path, extra):
-    # async: one task after another (each its own shuffle), not one share; full batch: one step
+    # async: one task after another (each its own shuffle), not one share; full batch: one step;
+    # compressed deltas with error feedback, and replies compressed too (the weights the
+    # share trains from are the server's common weights, not its own float32 ones)
     local, cluster = tmp_path / "local", tmp_path / "cluster"
     assert run("train", store, "--out", str(local), "--set", "epochs=2", *SMALL, *extra, cluster=False).returncode == 0
     r = run(
