@@ -10,8 +10,9 @@ mode its tasks one after the other) is trained here by the worker task's own loo
 server optimizer, schedule and weight average, applied every ``local_steps`` minibatches). The
 run directory, checkpoints, ``--resume`` and the Ctrl-C / SIGTERM checkpoint are the driver's.
 Such a run equals a one-worker, one-thread sync run on a cluster: same rows, same order, same
-weights, compressed deltas and replies included (``overlap`` has no push in flight to hide here
-and is ignored).
+weights, compressed deltas and replies included, and with ``overlap`` the reply folded in
+``overlap_steps`` steps after its push as a worker folds it (here nothing travels meanwhile: it
+is the same arithmetic, not a speed-up).
 
 :func:`pipeline.loop.run_batches` is the one in-process minibatch loop: the worker task, this
 module and the scikit-learn estimators' in-memory training (pipeline.estimator) all use it.
@@ -262,13 +263,30 @@ class LocalTrainer(Trainer):
             trainer.discard_accumulated()
         loader = training_loader(self.store, tcfg, ranges=ranges)
 
+        # overlap: a push's reply is folded in ``overlap_steps`` steps later, keeping the steps
+        # taken meanwhile, exactly as a cluster's worker does (pipeline.worker._Pusher)
+        pending: list[np.ndarray] = []
+
+        def fold() -> None:
+            nonlocal anchor
+            if pending:
+                fresh = pending.pop()
+                trainer.set_params(fresh + (trainer.get_params() - anchor))
+                anchor = fresh
+
         def sync(samples: int, batches: int, loss: float) -> None:
             nonlocal anchor
-            delta = anchor - trainer.get_params()
+            fold()
+            current = trainer.get_params()
+            delta = anchor - current
             sent = delta if compressor is None else compressor(delta)[1]
             fresh = ps.push(name, sent, samples, batches, loss)
-            trainer.set_params(fresh)
-            anchor = trainer.get_params()
+            if cfg.overlap:
+                anchor = current
+                pending.append(fresh.copy())
+            else:
+                trainer.set_params(fresh)
+                anchor = trainer.get_params()
             if time.monotonic() - run.last_checkpoint > cfg.checkpoint_seconds:
                 self._checkpoint(ps, run)
 
@@ -282,7 +300,10 @@ class LocalTrainer(Trainer):
                 local_steps=cfg.local_steps,
                 sync=sync,
                 skip=ps.progress.get(name, 0),
+                fold=fold if cfg.overlap else None,
+                fold_after=cfg.overlap_steps,
             )
+            fold()
         except BaseException:
             try:
                 self._checkpoint(ps, run)

@@ -158,12 +158,24 @@ def test_api_without_client_trains_in_process(store, tmp_path):
         ("--set", "batch_size=0"),
         ("--set", "compression=int8"),
         ("--set", "compression=fp16", "--set", "compress_replies=true"),
+        ("--set", "overlap=true", "--set", "server_optimizer=adam"),
+        (
+            "--set",
+            "overlap=true",
+            "--set",
+            "overlap_steps=8",
+            "--set",
+            "local_steps=4",
+            "--set",
+            "server_optimizer=momentum",
+        ),
     ],
 )
 def test_other_modes_in_process_equal_a_one_worker_cluster(store, tmp_path, extra):
     # async: one task after another (each its own shuffle), not one share; full batch: one step;
     # compressed deltas with error feedback, and replies compressed too (the weights the
-    # share trains from are the server's common weights, not its own float32 ones)
+    # share trains from are the server's common weights, not its own float32 ones); overlap
+    # (the reply folded in a step after the push, or at the next push)
     local, cluster = tmp_path / "local", tmp_path / "cluster"
     assert run("train", store, "--out", str(local), "--set", "epochs=2", *SMALL, *extra, cluster=False).returncode == 0
     r = run(
