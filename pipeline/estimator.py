@@ -54,7 +54,9 @@ Where training runs (the ``client`` and ``cluster_min_rows`` parameters):
   parameter server). With ``client=None`` (default) inputs of fewer than ``cluster_min_rows``
   rows (default 10,000) train in-process too: scikit-learn's checks and small grid searches fit
   hundreds of tiny datasets, where a cluster round trip costs far more than the training. Set
-  ``cluster_min_rows=0`` to send everything to the cluster.
+  ``cluster_min_rows=0`` to send everything to the cluster. An in-process fit (and
+  ``partial_fit``) refuses ``options`` asking for differential privacy or secure aggregation,
+  which only the cluster's parameter server gives (a ValueError with the fix).
 - The cluster: a ``distributed.Client`` passed as ``client``; else the current client
   (``distributed.get_client()``); else one LocalCluster per process with ``n_workers``
   single-threaded worker processes and :mod:`pipeline.ps` preloaded into its scheduler, started
@@ -672,9 +674,29 @@ class _BaseMLP(BaseEstimator):
         batches = ((Xn[idx], t[idx]) for idx in (order[a : a + batch] for a in range(0, len(order), batch)))
         return run_batches(trainer, batches)["row_loss"]
 
+    def _refuse_private_in_process(self, cfg: TrainConfig, why: str) -> None:
+        """A fit in this process has no parameter server: it cannot clip, noise or account
+        rounds (``dp``) nor mask them (``secure_aggregation``). Asked for, they are refused,
+        never left out in silence."""
+        asked = {
+            k: v for k, v in (("dp", cfg.dp), ("secure_aggregation", cfg.secure_aggregation)) if v not in ("off", False)
+        }
+        if asked:
+            raise ValueError(
+                f"options {asked!r} need the parameter server of a Dask cluster (it clips, noises, accounts or "
+                f"masks the rounds), and {why} trains in this process: fit on a cluster (pass a client, or "
+                "cluster_min_rows=0)"
+            )
+
     def _fit_local(self, X: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> None:
         """The driver's loop in one process: epochs of shuffled minibatches, validation split,
         early stopping on validation loss (train loss without one), best epoch's weights."""
+        self._refuse_private_in_process(
+            cfg,
+            "client='local'"
+            if self.client == "local"
+            else f"a fit of fewer than cluster_min_rows = {self.cluster_min_rows} rows",
+        )
         mean = X.mean(axis=0, dtype=np.float64)
         std = X.std(axis=0, dtype=np.float64)
         std = np.where(std > 0, std, 1.0)
@@ -808,6 +830,7 @@ class _BaseMLP(BaseEstimator):
         if _is_path(X):
             raise ValueError("partial_fit takes arrays; to train on a store use fit(store_path)")
         cfg = self._train_config()
+        self._refuse_private_in_process(cfg, "partial_fit")
         first = not hasattr(self, "model_")
         if self._task == "classification":
             if first:

@@ -1272,6 +1272,11 @@ def _(t: Trial) -> Outcome:
     return _fit(t, {"a": "a.zarr"}, None, client=t.shared.client)
 
 
+@case("A15")
+def _(t: Trial) -> Outcome:
+    return _fit(t, _X, _Y, options={"dp": "central"})
+
+
 def _store_call(t: Trial, method: str) -> Outcome:
     from pipeline import estimator
     from pipeline.estimator import MLPClassifier
