@@ -89,6 +89,30 @@ def test_train_uses_the_preloaded_parameter_server(letter_store: Path, tcp_clust
         assert resp.status == 200
 
 
+def test_compressed_deltas_and_replies_on_real_processes(
+    letter_store: Path, tcp_cluster: Procs, tmp_path: Path
+) -> None:
+    """bf16 deltas and replies between `dask worker` processes and the parameter server of a
+    `dask scheduler`: the run learns as float32 does, twice gives the same model (sync rounds
+    are reproducible whatever the timing), and its checkpoint keeps the workers' common weights."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        r = _train(letter_store, tcp_cluster, run, "--set", "compression=bf16", "--set", "compress_replies=true")
+        assert r.returncode == 0, r.stderr
+    hist = _history(runs[0])
+    assert hist["epochs"][-1]["val_accuracy"] > 0.5
+    deltas = hist["round_columns"].index("deltas")
+    assert max(row[deltas] for row in hist["rounds"]) == 2
+    np.testing.assert_array_equal(_params(runs[0]), _params(runs[1]))
+    from pipeline.checkpoint import load_file
+
+    arrays, _ = load_file(runs[0] / "checkpoint.npz", "checkpoint")
+    assert "reply_view" in arrays and arrays["reply_view"].shape == arrays["params"].shape
+    assert not np.array_equal(arrays["reply_view"], arrays["params"])  # within a bf16 rounding, not equal
+    log = tcp_cluster.schedulers[tcp_cluster.address].text()
+    assert "Traceback" not in log, log[-2000:]
+
+
 def test_concurrent_sync_trainings_match_solo_runs(letter_store: Path, tcp_cluster: Procs, tmp_path: Path) -> None:
     solo = tmp_path / "solo"
     r = _train(letter_store, tcp_cluster, solo)
