@@ -56,7 +56,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import special
 
 from pipeline.errors import PSError
 
@@ -164,6 +163,8 @@ def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
     """log A_alpha for an integer order (Mironov et al. 2019, Section 3.2): the binomial
     expansion of E_{z ~ N(0, sigma^2)} [(1 - q + q exp((2z - 1) / (2 sigma^2)))^alpha],
     summed in log space (vectorized over the alpha + 1 terms)."""
+    from scipy import special  # the accountant's only: every worker and scheduler imports this module
+
     k = np.arange(alpha + 1, dtype=np.float64)
     log_binom = special.gammaln(alpha + 1) - special.gammaln(k + 1) - special.gammaln(alpha - k + 1)
     terms = log_binom + k * math.log(q) + (alpha - k) * math.log1p(-q) + (k * k - k) / (2 * sigma**2)
@@ -174,6 +175,8 @@ def _log_a_fractional(q: float, sigma: float, alpha: float, max_terms: int = 100
     """log A_alpha for a fractional order (Mironov et al. 2019, Section 3.3): the integral
     split at z0, where the mixture's two components cross, each side a convergent series,
     summed until both sides' terms fall and are 30 nats below the total (vectorized)."""
+    from scipy import special
+
     z0 = sigma**2 * math.log(1 / q - 1) + 0.5
     i = np.arange(max_terms, dtype=np.float64)
     j = alpha - i
@@ -191,6 +194,8 @@ def _log_a_fractional(q: float, sigma: float, alpha: float, max_terms: int = 100
 
 def _log_erfc_array(x: np.ndarray) -> np.ndarray:
     """log(erfc(x)) elementwise, accurate far in the tail."""
+    from scipy import special
+
     return math.log(2) + special.log_ndtr(-x * math.sqrt(2))
 
 
