@@ -18,7 +18,10 @@ their small metadata:
 * every segment is the server's: created with its pages reserved (``posix_fallocate``, so a
   full ``/dev/shm`` is a refusal at creation, never a ``SIGBUS`` later), unlinked when its
   participant leaves or the job closes, and cleaned by Python's resource tracker if the
-  scheduler dies; a participant never creates or unlinks one. A job's segments take at most a
+  scheduler dies; a participant never creates or unlinks one. A server killed together with
+  its resource tracker (its process group SIGKILLed) leaves its segments: their names carry
+  the PID namespace and the creating process, and the next parameter server to create a
+  segment on the host unlinks those whose creator is gone (:func:`sweep_stale`). A job's segments take at most a
   quarter of ``/dev/shm`` (:func:`budget`; a tmpfs is RAM): past that, participants use TCP.
 
 The weights segment is a seqlock: the writer makes the sequence odd, copies, records the
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from multiprocessing import shared_memory
 from typing import Any
@@ -46,8 +50,71 @@ _MAGIC = 0x314D48535350504E  # b"NPPSSHM1" as little-endian int64
 _MAGIC_AT, _NONCE_AT, _SEQ_AT, _VERSION_AT, _LENGTH_AT = range(5)
 
 
+SHM_DIR = "/dev/shm"
+# a segment's name: pps-<PID namespace>-<pid of the server that created it>-<random>, all hex
+# (at most 31 characters, the shortest limit among POSIX systems); elsewhere pps-<random>
+_OWNED = re.compile(r"^pps-([0-9a-f]{1,8})-([0-9a-f]{1,8})-[0-9a-f]{8}$")
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (the inode of /proc/self/ns/pid, hex); '' where there is none."""
+    try:
+        return format(os.stat("/proc/self/ns/pid").st_ino & 0xFFFFFFFF, "x")
+    except OSError:
+        return ""
+
+
 def _name() -> str:
+    ns = _pid_namespace()
+    if ns:
+        return f"pps-{ns}-{os.getpid() & 0xFFFFFFFF:x}-{secrets.token_hex(4)}"
     return f"pps-{secrets.token_hex(8)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+_SWEPT = False
+
+
+def sweep_stale() -> int:
+    """Unlink the segments that parameter servers of this host left when they died together
+    with their resource tracker (a process group killed at once with SIGKILL: nothing ran to
+    unlink them, and ``/dev/shm`` is RAM). Only segments named by this code, in this PID
+    namespace, whose creating process is gone; once per process (the first segment it creates
+    runs it). Returns how many were removed."""
+    global _SWEPT
+    if _SWEPT:
+        return 0
+    _SWEPT = True
+    ns = _pid_namespace()
+    try:
+        names = os.listdir(SHM_DIR) if ns else []
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        m = _OWNED.match(name)
+        if m is None or m.group(1) != ns:
+            continue
+        pid = int(m.group(2), 16)
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+            removed += 1
+        except OSError:
+            continue
+    if removed:
+        logger.info("removed %d shared-memory segment(s) left by parameter servers that died", removed)
+    return removed
 
 
 class Segment:
@@ -196,6 +263,7 @@ def create(n: int, in_use: int = 0) -> Segment | None:
     if in_use + HEADER + 4 * int(n) > budget():
         logger.info("shared memory budget of %d bytes reached; using TCP", budget())
         return None
+    sweep_stale()
     try:
         return Segment(n)
     except (OSError, ValueError) as exc:

@@ -200,3 +200,54 @@ def test_training_weights_do_not_depend_on_the_transport(client, letter_stores, 
     for name in arrays[True]:
         np.testing.assert_array_equal(arrays[True][name], arrays[False][name], err_msg=name)
     assert not set(created[True]) & _segments()  # every segment of the runs was unlinked
+
+
+_SERVER_KILLED = """
+import os, sys, time
+from pipeline.ps import shm
+seg = shm.create(1000)
+print(seg.name, flush=True)
+time.sleep(600)
+"""
+
+
+@needs_dev_shm
+def test_segments_of_a_server_killed_with_its_resource_tracker_are_swept(monkeypatch):
+    """A server SIGKILLed together with its resource tracker (its process group) leaves its
+    segments in /dev/shm; the next server to create one on the host unlinks them, and never a
+    segment of a live process or one named otherwise."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER_KILLED],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        left = proc.stdout.readline().strip()
+        assert shmem._OWNED.match(left), left
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        proc.stdout.close()
+    assert left in _segments()  # nothing ran to unlink it
+    foreign = SHM_DIR / "pps-0-1-deadbeef"  # another PID namespace's: left alone
+    foreign.write_bytes(b"")
+    monkeypatch.setattr(shmem, "_SWEPT", True)  # (creating this process's own does not sweep yet)
+    mine = shmem.create(10)  # this process is alive: its segment stays
+    try:
+        monkeypatch.setattr(shmem, "_SWEPT", False)
+        assert shmem.sweep_stale() >= 1
+        assert left not in _segments()
+        assert mine.name in _segments() and foreign.exists()
+        monkeypatch.setattr(shmem, "_SWEPT", False)
+        assert shmem.sweep_stale() == 0  # nothing left to remove
+    finally:
+        mine.close()
+        foreign.unlink()
