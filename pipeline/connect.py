@@ -145,22 +145,32 @@ def cluster_client(
         return
     if workers < 1 or threads_per_worker < 1:
         raise PipelineError("--workers and --threads-per-worker must be at least 1")
+    import dask
+
     scheduler_kwargs: dict[str, Any] = {"preload": ["pipeline.ps"]}
     if dashboard_address is None:
         # No dashboard pages; the scheduler's HTTP server (/metrics, /health) still needs a
-        # port, and a free one never collides with another cluster's 8787.
+        # port, and a free one never collides with another cluster's 8787. Nor the training
+        # page: the preload then skips importing Bokeh and the dashboard.
         dashboard_address = "127.0.0.1:0"
         scheduler_kwargs["dashboard"] = False
-    cluster = LocalCluster(
-        n_workers=0 if sites else workers,
-        threads_per_worker=threads_per_worker,
-        processes=processes,
-        memory_limit=memory_limit,
-        dashboard_address=dashboard_address,
-        scheduler_kwargs=scheduler_kwargs,
-        host="127.0.0.1",
-        protocol="tcp",  # also for processes=False, whose default (inproc://) takes no host
-    )
+        page = dask.config.set({"pipeline.dashboard-page": False})
+    else:
+        from pipeline.ps.install import register_dashboard_page
+
+        register_dashboard_page()  # if pipeline.ps was first imported for a cluster without one
+        page = contextlib.nullcontext()
+    with page:
+        cluster = LocalCluster(
+            n_workers=0 if sites else workers,
+            threads_per_worker=threads_per_worker,
+            processes=processes,
+            memory_limit=memory_limit,
+            dashboard_address=dashboard_address,
+            scheduler_kwargs=scheduler_kwargs,
+            host="127.0.0.1",
+            protocol="tcp",  # also for processes=False, whose default (inproc://) takes no host
+        )
     try:
         if sites:
             template = cluster.new_spec

@@ -42,9 +42,13 @@ def register_dashboard_page() -> bool:
     # importing its preloads: registering on import is what puts /pipeline on the dashboard.
     # A worker process never serves that dashboard: it skips the import of Bokeh and the
     # dashboard (~0.5 s of every fresh worker's first training task).
+    # Nor does a scheduler started without a dashboard: the LocalCluster of
+    # pipeline.connect.cluster_client(dashboard_address=None) says so in the Dask config while
+    # its scheduler imports this preload (Bokeh and the dashboard: ~0.4 s of every such start).
+    import dask
     from distributed.worker import Worker
 
-    if Worker._instances:
+    if Worker._instances or not dask.config.get("pipeline.dashboard-page", True):
         return False
     from pipeline.dashboard import register
 

@@ -1,6 +1,11 @@
-"""pipeline.connect's embedded LocalCluster: its worker processes end quickly when it closes."""
+"""pipeline.connect's embedded LocalCluster: its worker processes end quickly when it closes, and
+its scheduler imports no dashboard it will not serve."""
 
 import gc
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from pipeline.connect import QuickExit, cluster_client
 
@@ -28,3 +33,37 @@ def test_a_threaded_local_cluster_leaves_this_process_alone():
     with cluster_client(workers=1, threads_per_worker=1, dashboard_address=None, processes=False) as c:
         assert QuickExit.name not in next(iter(c.run(_plugins).values()))
     assert gc.get_freeze_count() == before
+
+
+_DASHBOARD_OR_NOT = """
+import sys
+import urllib.request
+
+from pipeline.connect import cluster_client
+
+if __name__ == "__main__":
+    with cluster_client(workers=1, dashboard_address=None):
+        print("without a dashboard, bokeh imported:", "bokeh" in sys.modules)
+    with cluster_client(workers=1, dashboard_address="127.0.0.1:0") as c:
+        page = c.dashboard_link.replace("/status", "/pipeline")
+        print("then with one, the training page:", urllib.request.urlopen(page, timeout=60).status)
+"""
+
+
+def test_a_cluster_without_a_dashboard_skips_bokeh_and_a_later_one_has_the_training_page(tmp_path):
+    """The embedded cluster's scheduler imports the parameter server as its preload; without a
+    dashboard that no longer imports Bokeh and the dashboard (~0.4 s of the start), and a later
+    cluster of the same process with a dashboard still serves the training page."""
+    script = tmp_path / "dash.py"
+    script.write_text(_DASHBOARD_OR_NOT)
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "without a dashboard, bokeh imported: False" in r.stdout, r.stdout
+    assert "then with one, the training page: 200" in r.stdout, r.stdout
