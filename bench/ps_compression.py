@@ -286,7 +286,7 @@ def encode_cost(n: int, reps: int = 10) -> list[dict[str, Any]]:
         "topk": (lambda: topk(delta, k), lambda: topk_reference(delta, k)),
     }
 
-    def best(fn: Any) -> float:
+    def timed(fn: Any) -> float:
         t = time.thread_time()
         fn()
         return time.thread_time() - t
@@ -297,10 +297,10 @@ def encode_cost(n: int, reps: int = 10) -> list[dict[str, Any]]:
         comp(delta)  # loads the compiled loops; starts the residual
         whole, enc, ref = [], [], []
         for _ in range(reps):
-            whole.append(best(lambda c=comp: c(delta)))
+            whole.append(timed(lambda c=comp: c(delta)))
             if codec in pairs:
-                enc.append(best(pairs[codec][0]))
-                ref.append(best(pairs[codec][1]))
+                enc.append(timed(pairs[codec][0]))
+                ref.append(timed(pairs[codec][1]))
         row: dict[str, Any] = {"codec": codec, "params": n, "worker ms/push (compressor)": 1e3 * min(whole)}
         row["encoder ms"] = 1e3 * min(enc) if enc else math.nan
         row["NumPy encoder ms"] = 1e3 * min(ref) if ref else math.nan

@@ -431,6 +431,17 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def server_privacy(self) -> dict[str, Any]:
+        """The privacy keys set that only a cluster's parameter server can honour (it clips,
+        noises, accounts or masks the rounds): ``{"dp": ...}`` and/or ``{"secure_aggregation":
+        True}``; empty when none is. Training in this process refuses them."""
+        asked: dict[str, Any] = {}
+        if self.dp != "off":
+            asked["dp"] = self.dp
+        if self.secure_aggregation:
+            asked["secure_aggregation"] = True
+        return asked
+
     def to_toml(self) -> str:
         lines = ["# resolved training configuration"]
         for key, value in self.to_dict().items():

@@ -678,9 +678,7 @@ class _BaseMLP(BaseEstimator):
         """A fit in this process has no parameter server: it cannot clip, noise or account
         rounds (``dp``) nor mask them (``secure_aggregation``). Asked for, they are refused,
         never left out in silence."""
-        asked = {
-            k: v for k, v in (("dp", cfg.dp), ("secure_aggregation", cfg.secure_aggregation)) if v not in ("off", False)
-        }
+        asked = cfg.server_privacy()
         if asked:
             raise ValueError(
                 f"options {asked!r} need the parameter server of a Dask cluster (it clips, noises, accounts or "

@@ -86,7 +86,7 @@ class LocalServer:
 
         self.params = np.array(params, dtype=np.float32)
         # compress_replies: the weights the share is given, the server's own followed through
-        # the codec with the rounding carried on (pipeline.ps.job.Job.held_weights)
+        # the codec with the rounding carried on (pipeline.ps.wire.follow, as on a cluster)
         self.reply_codec = reply_codec
         if reply_codec != "none":
             self.held = np.array(reply_view if reply_view is not None else self.params, dtype=np.float32)
@@ -113,9 +113,9 @@ class LocalServer:
             self.failed = f"parameters became non-finite at round {self.version}"
             raise TrainingError(self.failed)
         if self.reply_codec != "none":
-            from pipeline.ps.wire import compress
+            from pipeline.ps.wire import follow
 
-            self.held = self.held + compress(self.params - self.held, self.reply_codec)[1]
+            self.held = follow(self.held, self.params, self.reply_codec)[1]
         return self.train_weights()
 
     def train_weights(self) -> np.ndarray:
@@ -163,8 +163,9 @@ class LocalTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.cfg.dp != "off" or self.cfg.secure_aggregation:
-            key = "dp" if self.cfg.dp != "off" else "secure_aggregation"
+        asked = self.cfg.server_privacy()
+        if asked:
+            key = next(iter(asked))
             raise ConfigError(
                 f"config key '{key}' = {getattr(self.cfg, key)!r} needs the parameter server of a Dask cluster "
                 "(it clips, noises and accounts the rounds); train with a client (--workers N)"

@@ -43,12 +43,12 @@ from pipeline.privacy import (
 from pipeline.ps.wire import (
     CODECS,
     REPLY_CODECS,
-    compress,
     decode_delta,
     decode_opt_state,
     decode_vector,
     encode_opt_state,
     encode_vector,
+    follow,
     warm_codec,
 )
 from pipeline.secagg import KEY_BYTES, dequantize, scale_for
@@ -346,8 +346,7 @@ class Job:
         to them: the rounding of this change is part of the next one, so the participants'
         weights follow the server's within one reply's rounding and never drift from them."""
         if self.held_version != self.version:
-            wire, decoded = compress(self.params - self.held, self.reply_codec)
-            self.held = self.held + decoded
+            wire, self.held = follow(self.held, self.params, self.reply_codec)
             self.held_wire, self.held_from, self.held_version = wire, self.held_version, self.version
         return self.held
 

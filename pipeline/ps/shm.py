@@ -21,8 +21,9 @@ their small metadata:
   scheduler dies; a participant never creates or unlinks one. A server killed together with
   its resource tracker (its process group SIGKILLed) leaves its segments: their names carry
   the PID namespace and the creating process, and the next parameter server to create a
-  segment on the host unlinks those whose creator is gone (:func:`sweep_stale`). A job's segments take at most a
-  quarter of ``/dev/shm`` (:func:`budget`; a tmpfs is RAM): past that, participants use TCP.
+  segment on the host unlinks those whose creator is gone (:func:`sweep_stale`). A job's
+  segments take at most a quarter of ``/dev/shm`` (:func:`budget`; a tmpfs is RAM): past that,
+  participants use TCP.
 
 The weights segment is a seqlock: the writer makes the sequence odd, copies, records the
 version, makes it even; a reader copies and checks that the sequence did not move, is even, and

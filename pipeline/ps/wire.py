@@ -98,9 +98,6 @@ def _frame(obj: Any, dtype: str, n: int, what: str) -> np.ndarray:
 # * ``topk``: ``index`` int32 (k,) strictly increasing, ``values`` float32 (k,): the k =
 #   ceil(topk_fraction * n) entries of largest magnitude, sent exactly (of equal magnitudes at
 #   the cut, the lowest indices).
-#
-# The fp16, bf16 and top-k encoders (and the fp16 and bf16 decoders) are compiled loops
-# (kernels/half.py, kernels/codec.py), bit for bit the NumPy expressions they replace.
 # * ``int8``: ``data`` int8 (n,) and ``scales`` float32 (ceil(n / 4096),): block b holds
 #   ``data * scales[b]`` with ``scales[b] = max |x| / 127`` over its 4096 entries. Rounding is to
 #   nearest, not stochastic: with error feedback the rounding error of one push is sent with the
@@ -108,10 +105,16 @@ def _frame(obj: Any, dtype: str, n: int, what: str) -> np.ndarray:
 #   runs reproducible whichever worker runs a share (no random stream to carry along) and costs
 #   one pass less.
 #
-# Replies (the weights sent back) stay float32: they are weights, not updates, and rounding
-# them each round loses what no residual can give back (a bf16 weight moves in steps of 2**-8
-# of its size, larger than a typical local update; fp16's 2**-11 still swallows most Adam
-# steps of lr 1e-3 on weights near 1). The server itself always adds in float32.
+# The fp16, bf16 and top-k encoders (and the fp16 and bf16 decoders) are compiled loops
+# (kernels/half.py, kernels/codec.py): fp16 and bf16 bit for bit NumPy's conversions, top-k
+# NumPy's entries (of equal magnitudes at the cut, the lowest indices).
+#
+# Replies (the weights sent back) are float32 unless ``compress_replies``: the weights are
+# not rounded themselves, which would lose what no residual can give back (a bf16 weight moves
+# in steps of 2**-8 of its size, larger than a typical local update; fp16's 2**-11 still
+# swallows most Adam steps of lr 1e-3 on weights near 1); with ``compress_replies`` a reply is
+# the change of the weights every participant holds, with its rounding carried on (:func:`follow`).
+# The server itself always adds in float32.
 
 CODECS = ("none", "fp16", "bf16", "topk", "int8")
 # codecs a sync job may send its replies in (dense: every weight moves every round, and the
@@ -215,6 +218,17 @@ def _from_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     if full < q.size:
         out[full:] *= scales[-1]
     return out
+
+
+def follow(held: np.ndarray, target: np.ndarray, codec: str) -> tuple[Any, np.ndarray]:
+    """One step of compressed replies (``compress_replies``): the change ``target - held``
+    encoded in ``codec`` (what a reply carries) and ``held`` plus what it decodes to (the
+    weights every participant holds next). The rounding of this change stays in the gap to
+    ``target``, so it goes out with the next one: the held weights follow ``target`` within one
+    rounding and never drift from it. The parameter server (:meth:`pipeline.ps.job.Job.held_weights`)
+    and the in-process one (:class:`pipeline.local.LocalServer`) both step through it."""
+    wire, decoded = compress(target - held, codec)
+    return wire, held + decoded
 
 
 _WARMING: dict[str, threading.Thread] = {}
