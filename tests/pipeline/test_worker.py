@@ -41,3 +41,48 @@ def test_a_reply_folded_in_after_one_step_is_reproducible(letter_stores, client,
     assert np.array_equal(one, again)
     assert not np.array_equal(one, late)
     assert runs["one"].history[1]["val_loss"] < runs["one"].history[0]["val_loss"]
+
+
+def test_a_jobs_validation_rows_are_read_once_per_worker(letter_stores, monkeypatch):
+    """A training job's validation batches are read from the store once and kept for its next
+    epochs (the held-out rows are spread over every chunk: reading them is reading the store):
+    the same metrics from the kept batches as from a fresh read, one read per job, none kept
+    without a job or past the cache's bound."""
+    from kernels.mlp import MLPSpec, init_params
+    from pipeline import worker
+    from pipeline.metrics import plain_metrics
+    from pipeline.store import open_store
+    from pipeline.train import build_spec, task_config
+
+    store = open_store(letter_stores[0])
+    cfg = TrainConfig(hidden=[16], validation=0.2)
+    spec, target = build_spec(store, cfg)
+    tcfg = task_config(cfg)
+    params = init_params(MLPSpec(**{**spec, "hidden": tuple(spec["hidden"])}), seed=0)
+    ranges = [(0, store.n_rows // 2), (store.n_rows // 2, store.n_rows)]
+    reads = []
+
+    class Counting(worker.ChunkLoader):
+        def epoch(self, epoch=0):
+            reads.append(self)
+            return super().epoch(epoch)
+
+    monkeypatch.setattr(worker, "ChunkLoader", Counting)
+    monkeypatch.setattr(worker, "_val_batches", type(worker._val_batches)())
+
+    def metrics(*args):
+        return plain_metrics(worker.evaluate_ranges(store, *args, spec, tcfg, target))
+
+    streamed = metrics(ranges, params, None)
+    assert len(reads) == 1 and not worker._val_batches  # no job: read, not kept
+    first = metrics(ranges, params, "job-a")
+    again = metrics(ranges, params + np.float32(0.01), "job-a")
+    assert len(reads) == 2  # job-a's rows read once
+    assert first == streamed  # the kept batches are the streamed ones
+    assert again != first  # evaluated with the new weights, not a kept result
+    metrics(ranges[:1], params, "job-a")
+    assert len(reads) == 3  # other ranges: another entry
+    monkeypatch.setattr(worker, "VAL_CACHE_MB", 1)  # a share that could exceed the bound streams
+    metrics(ranges, params, "job-b")
+    metrics(ranges, params, "job-b")
+    assert len(reads) == 5 and len(worker._val_batches) == 2
