@@ -2,7 +2,7 @@
 
     python -m bench.cold_start                       # 60,000 x 784 store, 1 epoch, 3 passes
     python -m bench.cold_start --epochs 5 --passes 5
-    python -m bench.cold_start --quick               # 4,000 x 784, 1 pass (smoke run)
+    python -m bench.cold_start --quick               # 4,000 x 784, 2 epochs, 1 pass (smoke run)
     python -m bench.cold_start --baseline DIR        # an earlier commit's files in DIR, run in the same passes
 
 (DIR from ``git archive COMMIT | tar -x -C DIR && cp bench/cold_start.py DIR/bench/``.)
@@ -39,6 +39,14 @@ ways: **in process** (the default below ``cluster_min_rows``) and on a **2-worke
   **overhead** = whole process minus training: everything a user waits for that is not the
   minibatch loop (the "start-up, warm-up, validation and checkpointing" of a cold run).
 
+* **overhead of the plain command** (the figure the 2 s target is judged on, with 2 epochs or
+  more): the plain command's wall time minus its epoch count times its median steady-state
+  epoch (the training seconds of epochs 2 to n in its own ``history.json``; validated inside
+  the training tasks, their validation share taken out). It counts what the timed overhead
+  cannot see on a cluster: the first epoch's own warm-up, the workers' kernel loads among it
+  (inside "training" above); and not the timers' own cost (their ``client.run`` on the workers,
+  "timer overhead" above, ~0.2 s).
+
 The timers cost a few ms (the plain command's wall time is given beside the timed one). Whether
 distributed, bokeh, matplotlib and numba were imported at all is recorded per way. Raw figures
 go to ``bench/results/cold_start-<UTC time>.json`` (``bench.protocol``).
@@ -54,7 +62,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -377,6 +385,32 @@ def plain_run(store: str, out: Path, epochs: int, extra: Sequence[str], root: Pa
     return wall, (after.ru_utime + after.ru_stime) - (cpu.ru_utime + cpu.ru_stime)
 
 
+def plain_epochs(out: Path) -> list[dict[str, Any]]:
+    """The plain command's epochs as its ``history.json`` gives them: the driver's seconds of
+    training (``train_s``; validated inside the training tasks, their validation share taken
+    out), of validation and of reads."""
+    epochs = json.loads((out / "history.json").read_text())["epochs"]
+    return [
+        {
+            "train_s": h["train_s"] - (h["validate_s"] if h.get("validated_in_tasks") else 0.0),
+            "validate_s": h["validate_s"],
+            "read_s": h["read_s"],
+            "seconds": h["seconds"],
+        }
+        for h in epochs
+    ]
+
+
+def steady_overhead(wall: float, epochs: Sequence[Mapping[str, Any]]) -> float | None:
+    """What the plain command's process took beyond its epochs' steady-state training: its wall
+    time minus the epoch count times the median training seconds of epochs 2 to n (the first
+    epoch's own warm-up, the workers' kernel loads among it, counts as overhead, like start-up,
+    validation, checkpoints and the exit). ``None`` with fewer than 2 epochs."""
+    if len(epochs) < 2:
+        return None
+    return wall - len(epochs) * _median([e["train_s"] for e in epochs[1:]])
+
+
 def timed_run(store: str, out: Path, epochs: int, extra: Sequence[str], root: Path = ROOT) -> dict[str, Any]:
     """The phases of one cold process under the timers, with its wall time from outside and
     the run's history figures."""
@@ -433,7 +467,9 @@ def run(rows: int, epochs: int, passes: int, quick: bool, baseline: Path | None 
     ways = {w: (extra, ROOT) for w, extra in WAYS.items()}
     if baseline is not None:
         ways.update({f"{w} (baseline)": (extra, baseline) for w, extra in WAYS.items()})
-    results: dict[str, dict[str, list]] = {w: {"plain": [], "plain_cpu": [], "timed": []} for w in ways}
+    results: dict[str, dict[str, list]] = {
+        w: {"plain": [], "plain_cpu": [], "plain_epochs": [], "plain_overhead": [], "timed": []} for w in ways
+    }
     with tmpdir("cold-start-") as tmp:
         store = synth(str(tmp / "s.zarr"), rows=rows, features=784, classes=10, seed=0)
         for root in {r for _, r in ways.values()}:  # page cache and Numba's cache, as a user's second run
@@ -443,9 +479,13 @@ def run(rows: int, epochs: int, passes: int, quick: bool, baseline: Path | None 
             for way in rotated(list(ways), k):
                 extra, root = ways[way]
                 tag = way.replace(" ", "-").replace("(", "").replace(")", "")
-                wall, cpu = plain_run(str(store.path), tmp / f"plain-{tag}-{k}", epochs, extra, root)
+                plain_out = tmp / f"plain-{tag}-{k}"
+                wall, cpu = plain_run(str(store.path), plain_out, epochs, extra, root)
                 results[way]["plain"].append(wall)
                 results[way]["plain_cpu"].append(cpu)
+                hist = plain_epochs(plain_out)
+                results[way]["plain_epochs"].append(hist)
+                results[way]["plain_overhead"].append(steady_overhead(wall, hist))
                 timed = timed_run(str(store.path), tmp / f"timed-{tag}-{k}", epochs, extra, root)
                 timed["load_before"] = load0
                 results[way]["timed"].append(timed)
@@ -483,6 +523,13 @@ def run(rows: int, epochs: int, passes: int, quick: bool, baseline: Path | None 
     for label, key in (("whole process, timed", "wall_s"), ("overhead (process - training)", "overhead_s")):
         rows_out.append({"phase": label, **{f"{w} s": _median([t[key] for t in results[w]["timed"]]) for w in ways}})
     rows_out.append({"phase": "whole process, plain command", **{f"{w} s": _median(results[w]["plain"]) for w in ways}})
+    if epochs >= 2:
+        rows_out.append(
+            {
+                "phase": "overhead of the plain command (process - epochs x steady epoch)",
+                **{f"{w} s": _median(results[w]["plain_overhead"]) for w in ways},
+            }
+        )
     rows_out.append(
         {
             "phase": "CPU s of the plain command (+ workers)",
@@ -540,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     from bench.common import write_out
 
     ap = argparse.ArgumentParser(prog="python -m bench.cold_start", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="4,000 rows, 1 pass (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="4,000 rows, 2 epochs, 1 pass (smoke run)")
     ap.add_argument("--rows", type=int, default=60_000)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--passes", type=int, default=3)
@@ -551,7 +598,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     args = ap.parse_args(argv)
     rows, passes = (4_000, 1) if args.quick else (args.rows, args.passes)
-    text, _ = run(rows, args.epochs, passes, args.quick, args.baseline)
+    epochs = max(2, args.epochs) if args.quick else args.epochs  # 2: the plain command's steady epoch
+    text, _ = run(rows, epochs, passes, args.quick, args.baseline)
     print(text)
     write_out("cold_start" + ("-quick" if args.quick else ""), text)
     return text
