@@ -57,8 +57,9 @@ _stores: OrderedDict[str, Any] = OrderedDict()
 _lock = threading.Lock()
 # A training job's validation rows as evaluation batches, read once per worker process and kept
 # between its epochs (the rows held out of a store are spread over all its chunks: reading them
-# is reading the whole store, ~0.15 s an epoch for a 60,000 x 784 store's share); at most
-# VAL_CACHE_MB per process, the least recently used job's batches dropped first.
+# is reading the whole store, ~0.2 s an epoch for a 60,000 x 784 store's share); at most
+# VAL_CACHE_MB per process and an eighth of the worker's memory limit, the least recently used
+# job's batches dropped first.
 VAL_CACHE_MB = 512
 _val_batches: OrderedDict[tuple, list[tuple[np.ndarray, np.ndarray]]] = OrderedDict()
 
@@ -555,13 +556,25 @@ def _validation_loader(store: Any, ranges: list[tuple[int, int]], cfg: dict, nor
     )
 
 
+def _val_cache_bytes() -> int:
+    """The validation cache's bound here: :data:`VAL_CACHE_MB`, and at most an eighth of the
+    Dask worker's memory limit when this runs on a worker that has one."""
+    bound = int(VAL_CACHE_MB * 2**20)
+    try:
+        limit = get_worker().memory_manager.memory_limit
+    except (ValueError, AttributeError):  # not on a worker (in-process evaluation)
+        limit = None
+    return min(bound, int(limit) // 8) if limit else bound
+
+
 def _kept_validation(
     job: str | None, store: Any, ranges: list[tuple[int, int]], cfg: dict, norm: dict | None
 ) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """The evaluation batches of ``ranges`` for ``job``, from this worker's cache or read into
     it; None (stream them) without a job or when they could exceed :data:`VAL_CACHE_MB`."""
+    bound = _val_cache_bytes()
     rows = sum(b - a for a, b in ranges)
-    if job is None or rows * (store.n_features + 1) * 4 > VAL_CACHE_MB * 2**20:
+    if job is None or rows * (store.n_features + 1) * 4 > bound:
         return None
     key = (
         job,
@@ -585,7 +598,7 @@ def _kept_validation(
     with _lock:
         _val_batches[key] = batches
         total = sum(X.nbytes + y.nbytes for b in _val_batches.values() for X, y in b)
-        while total > VAL_CACHE_MB * 2**20 and len(_val_batches) > 1:
+        while total > bound and len(_val_batches) > 1:
             _, dropped = _val_batches.popitem(last=False)
             total -= sum(X.nbytes + y.nbytes for X, y in dropped)
     return batches

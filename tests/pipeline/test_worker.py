@@ -86,3 +86,15 @@ def test_a_jobs_validation_rows_are_read_once_per_worker(letter_stores, monkeypa
     metrics(ranges, params, "job-b")
     metrics(ranges, params, "job-b")
     assert len(reads) == 5 and len(worker._val_batches) == 2
+
+
+def test_the_validation_cache_is_bounded_by_the_workers_memory_limit():
+    """On a worker the cache keeps at most an eighth of the worker's memory limit (and at most
+    VAL_CACHE_MB); outside a worker, VAL_CACHE_MB."""
+    from pipeline import worker
+    from pipeline.connect import cluster_client
+
+    assert worker._val_cache_bytes() == worker.VAL_CACHE_MB * 2**20
+    with cluster_client(workers=1, memory_limit="1GiB", dashboard_address=None) as small:
+        got = small.submit(worker._val_cache_bytes, pure=False).result()  # as inside a training task
+    assert got == 2**30 // 8
