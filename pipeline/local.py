@@ -27,7 +27,6 @@ import numpy as np
 
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.loop import (
-    holdout_selection,
     load_local_state,
     local_state,
     make_trainer,
@@ -53,6 +52,10 @@ SLOT_WORKER = "this process"  # the one "worker" the epoch is planned for
 BLAS_THREADS = 1
 # validation rows kept in memory between epochs up to this size
 VAL_CACHE_MB = 512
+# Threads of the validation pass, each forwarding every EVAL_THREADS-th batch with a trainer of
+# its own; their metric sums are merged in batch order (the same figures as one thread). Training
+# here holds one BLAS thread and the loader's core is idle between epochs: the pass runs on both.
+EVAL_THREADS = 2
 
 
 class LocalServer:
@@ -172,7 +175,7 @@ class LocalTrainer(Trainer):
             )
         self._trainer: Any = None
         self._residual: np.ndarray | None = None  # async/ssp: the error-feedback residual between tasks
-        self._eval_trainer: Any = None
+        self._eval_trainers: list | None = None
         self._val_batches: list | None = None
         self._val_future: Any = None  # the validation rows being read during the first epoch
 
@@ -330,21 +333,11 @@ class LocalTrainer(Trainer):
 
     def _read_validation(self, val_ranges: Ranges) -> list:
         """The validation rows as the batches of :func:`pipeline.worker.evaluate_ranges`."""
-        from pipeline.loader import ChunkLoader
+        from pipeline.loop import validation_loader
         from pipeline.store import open_store
 
-        cfg, tcfg, norm = self.cfg, task_config(self.cfg), self.val_norm
-        loader = ChunkLoader(
-            self.store if self.val_path == self.store_path else open_store(self.val_path),
-            ranges=val_ranges,
-            batch_size=max(cfg.batch_size, 1024),
-            shuffle=False,
-            normalize=cfg.normalize,
-            prefetch=cfg.prefetch,
-            mean=None if norm is None else norm["mean"],
-            std=None if norm is None else norm["std"],
-            holdout=holdout_selection(tcfg, "validation"),
-        )
+        store = self.store if self.val_path == self.store_path else open_store(self.val_path)
+        loader = validation_loader(store, task_config(self.cfg), val_ranges, self.val_norm)
         try:
             return list(loader.epoch(0))
         finally:
@@ -368,7 +361,8 @@ class LocalTrainer(Trainer):
         :func:`pipeline.worker.evaluate_ranges`, read once (the first time on a thread during
         the first epoch, :meth:`_prefetch_validation`) and kept in memory for the next epochs
         when they take at most ``VAL_CACHE_MB`` (the rows held out of a store are spread over
-        all its chunks: reading them is reading the whole store)."""
+        all its chunks: reading them is reading the whole store), forwarded on
+        ``EVAL_THREADS`` threads and merged in batch order."""
         from pipeline.metrics import evaluate_arrays, finish_metrics, merge_metrics
 
         if not val_ranges:
@@ -383,9 +377,29 @@ class LocalTrainer(Trainer):
                 batches = self._read_validation(val_ranges)
             if sum(X.nbytes + y.nbytes for X, y in batches) <= VAL_CACHE_MB * 2**20:
                 self._val_batches = batches
-        if self._eval_trainer is None:  # one for the run (a cluster's workers keep theirs per job)
-            self._eval_trainer = make_trainer(self.spec, tcfg)
-        trainer = self._eval_trainer
-        trainer.set_params(np.asarray(self._ps.state()["model"], dtype=np.float32))
-        parts = [evaluate_arrays(trainer.forward(X), y, self.target, self.spec["n_out"]) for X, y in batches]
+        if self._eval_trainers is None:  # for the run (a cluster's workers keep theirs per job)
+            self._eval_trainers = [make_trainer(self.spec, tcfg) for _ in range(EVAL_THREADS)]
+        model = np.asarray(self._ps.state()["model"], dtype=np.float32)
+        for trainer in self._eval_trainers:
+            trainer.set_params(model)
+
+        def forward(k: int, step: int) -> list[tuple[int, dict]]:
+            # every step-th batch from the k-th, with the k-th trainer (buffers of its own)
+            trainer = self._eval_trainers[k]
+            return [
+                (i, evaluate_arrays(trainer.forward(X), y, self.target, self.spec["n_out"]))
+                for i, (X, y) in enumerate(batches)
+                if i % step == k
+            ]
+
+        threads = min(EVAL_THREADS, len(batches))
+        if threads <= 1:
+            done = forward(0, 1)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads - 1, thread_name_prefix="pipeline-validation") as pool:
+                others = [pool.submit(forward, k, threads) for k in range(1, threads)]
+                done = forward(0, threads) + [x for f in others for x in f.result()]
+        parts = [p for _, p in sorted(done, key=lambda ip: ip[0])]  # batch order: the same sums as one thread
         return finish_metrics(merge_metrics(parts), self.target)

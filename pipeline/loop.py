@@ -91,6 +91,25 @@ def training_loader(
     )
 
 
+def validation_loader(
+    store: Any, cfg: Mapping[str, Any], ranges: Any, norm: Mapping[str, Any] | None = None
+) -> ChunkLoader:
+    """The evaluation batches of ``ranges`` of ``store`` (their held-out rows when the run holds
+    some out), in order, in batches of at least 1024 rows, standardized with ``norm``'s
+    mean/std when given: what a worker validates and what in-process training validates."""
+    return ChunkLoader(
+        store,
+        ranges=ranges,
+        batch_size=max(cfg["batch_size"], 1024),
+        shuffle=False,
+        normalize=cfg["normalize"],
+        prefetch=cfg["prefetch"],
+        mean=None if norm is None else norm["mean"],
+        std=None if norm is None else norm["std"],
+        holdout=holdout_selection(cfg, "validation"),
+    )
+
+
 def prepare_targets(y: np.ndarray, target: dict | None) -> np.ndarray:
     """Classification labels as int32; regression targets standardized as float32 2-D."""
     if target is None:

@@ -35,6 +35,7 @@ from pipeline.loop import (
     prepare_targets,
     run_batches,
     training_loader,
+    validation_loader,
 )
 from pipeline.metrics import evaluate_arrays, merge_metrics, plain_metrics
 from pipeline.privacy import clip_update, noise_rng, privatize_local
@@ -532,7 +533,7 @@ def evaluate_ranges(
     batches = _kept_validation(job, store, ranges, cfg, norm)
     if batches is not None:
         return merge_metrics([evaluate_arrays(trainer.forward(X), y, target, spec["n_out"]) for X, y in batches])
-    loader = _validation_loader(store, ranges, cfg, norm)
+    loader = validation_loader(store, cfg, ranges, norm)
     parts = []
     try:
         for X, y in loader.epoch(0):
@@ -540,20 +541,6 @@ def evaluate_ranges(
     finally:
         loader.close()
     return merge_metrics(parts)
-
-
-def _validation_loader(store: Any, ranges: list[tuple[int, int]], cfg: dict, norm: dict | None) -> ChunkLoader:
-    return ChunkLoader(
-        store,
-        ranges=ranges,
-        batch_size=max(cfg["batch_size"], 1024),
-        shuffle=False,
-        normalize=cfg["normalize"],
-        prefetch=cfg["prefetch"],
-        mean=None if norm is None else norm["mean"],
-        std=None if norm is None else norm["std"],
-        holdout=holdout_selection(cfg, "validation"),
-    )
 
 
 def _val_cache_bytes() -> int:
@@ -590,7 +577,7 @@ def _kept_validation(
         if batches is not None:
             _val_batches.move_to_end(key)
             return batches
-    loader = _validation_loader(store, ranges, cfg, norm)
+    loader = validation_loader(store, cfg, ranges, norm)
     try:
         batches = list(loader.epoch(0))
     finally:

@@ -62,12 +62,14 @@ def test_a_jobs_validation_rows_are_read_once_per_worker(letter_stores, monkeypa
     ranges = [(0, store.n_rows // 2), (store.n_rows // 2, store.n_rows)]
     reads = []
 
-    class Counting(worker.ChunkLoader):
+    from pipeline import loop
+
+    class Counting(loop.ChunkLoader):
         def epoch(self, epoch=0):
             reads.append(self)
             return super().epoch(epoch)
 
-    monkeypatch.setattr(worker, "ChunkLoader", Counting)
+    monkeypatch.setattr(loop, "ChunkLoader", Counting)
     monkeypatch.setattr(worker, "_val_batches", type(worker._val_batches)())
 
     def metrics(*args):
