@@ -136,12 +136,19 @@ def cold_start_targets(results: Path = RESULTS, limit: float = 2.0) -> list[Targ
     name = "cold `pipeline train`: start-up, warm-up, validation and checkpoints under 2 s"
     if got is None:
         return [_missing("speed", name, "python -m bench.cold_start --epochs 5")]
+    from bench.cold_start import steady_overhead
+
     path, d = got
     out = []
     for layout, res in d["results"].items():
-        # the plain command's overhead over its steady-state epochs where the run has it (the
-        # workers' kernel loads counted, the timers' own cost not); else the timed run's
-        xs = [x for x in res.get("plain_overhead", []) if x is not None] or [t["overhead_s"] for t in res["timed"]]
+        # the plain command's overhead over its steady-state epochs where the run has them (the
+        # workers' kernel loads counted, the timers' own cost not), from its raw epochs; else the
+        # timed run's
+        xs = [
+            x
+            for wall, epochs in zip(res.get("plain", []), res.get("plain_epochs", []), strict=False)
+            if (x := steady_overhead(wall, epochs)) is not None
+        ] or [t["overhead_s"] for t in res["timed"]]
         n_ok = sum(x < limit for x in xs)
         loads = [t.get("load_before", 0.0) for t in res["timed"]]
         flagged = f"{sum(x > d['meta']['host']['cores'] for x in loads)} of {len(loads)} (load)"

@@ -101,7 +101,7 @@ CASES = {
         "| JIT / cache load |",
         "| overhead (process - training) |",
         "| whole process, plain command |",
-        "| overhead of the plain command (process - epochs x steady epoch) |",
+        "| overhead of the plain command (process - epochs 2..n - one steady epoch) |",
         "Raw figures: `bench/out/results/cold_start-quick-",
     ],
     "sklearn_parity": ["| MLPClassifier | iris | 112 / 38 |", "| MLPRegressor | diabetes |"],
