@@ -526,8 +526,8 @@ def evaluate_ranges(
 ) -> dict:
     """Metric partial sums of the model ``params`` on ``ranges`` of an open ``store``
     (standardized with ``norm``'s mean/std when given, else the store's). With a ``job`` the
-    batches are kept for its next epochs on this worker (:data:`VAL_CACHE_MB`); without one
-    (``pipeline evaluate``, prediction) they are read every time."""
+    batches are kept for its next epochs on this worker (:func:`_kept_validation`); without one
+    (``pipeline evaluate``) they are read every time."""
     trainer = cached_trainer(job or "model", "eval", spec, cfg)
     trainer.set_params(np.asarray(params, dtype=np.float32))
     batches = _kept_validation(job, store, ranges, cfg, norm)
@@ -558,7 +558,8 @@ def _kept_validation(
     job: str | None, store: Any, ranges: list[tuple[int, int]], cfg: dict, norm: dict | None
 ) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """The evaluation batches of ``ranges`` for ``job``, from this worker's cache or read into
-    it; None (stream them) without a job or when they could exceed :data:`VAL_CACHE_MB`."""
+    it; None (stream them) without a job or when they could exceed the cache's bound
+    (:func:`_val_cache_bytes`). The batches are shared by the job's evaluations here: read only."""
     bound = _val_cache_bytes()
     rows = sum(b - a for a, b in ranges)
     if job is None or rows * (store.n_features + 1) * 4 > bound:
