@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.loop import (
+    VAL_CACHE_MB,
     load_local_state,
     local_state,
     make_trainer,
@@ -50,8 +51,6 @@ SLOT_WORKER = "this process"  # the one "worker" the epoch is planned for
 # with one, and a 60k-row store's 5 epochs 310 s against 29 s (bench/findings.md, "Where a step
 # and a cold run go").
 BLAS_THREADS = 1
-# validation rows kept in memory between epochs up to this size
-VAL_CACHE_MB = 512
 # Threads of the validation pass, each forwarding every EVAL_THREADS-th batch with a trainer of
 # its own; their metric sums are merged in batch order (the same figures as one thread). Training
 # here holds one BLAS thread and the loader's core is idle between epochs: the pass runs on both.

@@ -91,6 +91,12 @@ def training_loader(
     )
 
 
+# Validation batches kept in memory between epochs, at most this much per process: by in-process
+# training (pipeline.local) and by each worker for its jobs (pipeline.worker, also at most an
+# eighth of the worker's memory limit)
+VAL_CACHE_MB = 512
+
+
 def validation_loader(
     store: Any, cfg: Mapping[str, Any], ranges: Any, norm: Mapping[str, Any] | None = None
 ) -> ChunkLoader:

@@ -28,6 +28,7 @@ from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import TrainingError
 from pipeline.loader import ChunkLoader
 from pipeline.loop import (
+    VAL_CACHE_MB,
     holdout_selection,
     load_local_state,
     local_state,
@@ -59,9 +60,8 @@ _lock = threading.Lock()
 # A training job's validation rows as evaluation batches, read once per worker process and kept
 # between its epochs (the rows held out of a store are spread over all its chunks: reading them
 # is reading the whole store, ~0.2 s an epoch for a 60,000 x 784 store's share); at most
-# VAL_CACHE_MB per process and an eighth of the worker's memory limit, the least recently used
-# job's batches dropped first.
-VAL_CACHE_MB = 512
+# VAL_CACHE_MB (pipeline.loop) per process and an eighth of the worker's memory limit, the least
+# recently used job's batches dropped first.
 _val_batches: OrderedDict[tuple, list[tuple[np.ndarray, np.ndarray]]] = OrderedDict()
 
 

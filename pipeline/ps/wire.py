@@ -232,6 +232,7 @@ def follow(held: np.ndarray, target: np.ndarray, codec: str) -> tuple[Any, np.nd
 
 
 _WARMING: dict[str, threading.Thread] = {}
+_WARM_LOCK = threading.Lock()
 
 
 def warm_codec(codec: str) -> threading.Thread | None:
@@ -250,9 +251,6 @@ def warm_codec(codec: str) -> threading.Thread | None:
             _WARMING[codec] = thread
             thread.start()
     return thread
-
-
-_WARM_LOCK = threading.Lock()
 
 
 def _load_codec(codec: str) -> None:
