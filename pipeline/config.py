@@ -122,6 +122,11 @@ class TrainConfig:
     min_share_gflop: float = 0.0
     shuffle_chunks: int = 4  # row chunks mixed by the loader's shuffle buffer
     prefetch: int = 2  # chunks read ahead by the loader's background thread
+    # a store whose rows take at most this many MiB (on a worker also at most a quarter of its
+    # memory limit) has them kept in memory after their first read, decoded and without the
+    # held-out rows: later epochs do not read and decompress the store again (same batches);
+    # a larger store streams from disk every epoch. 0 = always stream
+    row_cache_mb: int = 1024
     normalize: bool = True  # standardize features with the store's mean/std
     # --- federated learning (docs/federated.md) ----------------------------------------------
     # A sites file (TOML: [sites.NAME] store = "path as that site's workers see it"); each site's
@@ -227,6 +232,7 @@ class TrainConfig:
             ("rows_per_task", self.rows_per_task >= 0, ">= 0"),
             ("min_share_gflop", self.min_share_gflop >= 0, ">= 0 (0 = one share per worker thread)"),
             ("shuffle_chunks", self.shuffle_chunks >= 1, ">= 1"),
+            ("row_cache_mb", self.row_cache_mb >= 0, ">= 0 (0 = always stream from the store)"),
             ("prefetch", self.prefetch >= 1, ">= 1"),
             ("warmup", self.warmup >= 0, ">= 0"),
             ("step_size", self.step_size >= 1, ">= 1"),

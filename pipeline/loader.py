@@ -22,6 +22,11 @@ Validation rows held out of a training store (:func:`held_out_rows`) are dropped
 as it is read (``holdout``, training) or kept alone (evaluation): both read whole row ranges.
 A loader over given row ids (``rows``: a simulated client's rows, :mod:`pipeline.partition`) reads
 the chunks holding them and keeps only those rows of each, the same way.
+
+A training loader given a :class:`RowCache` whose bound admits the whole store keeps each chunk's
+rows (decoded, compact dtype, without the held-out rows) after their first read and serves its
+units from them in later epochs: the same rows in the same order, so the same batches, without
+reading and decompressing the store again. A store over the bound streams every epoch.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import math
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -92,6 +98,105 @@ def _select(store: Store, a: int, b: int, holdout: dict | None, rows: np.ndarray
     return mask if keep is None else mask & keep
 
 
+class RowCache:
+    """Row chunks of stores kept in memory after their first read: decoded, in the store's
+    compact dtype, without the rows a loader's ``holdout`` skips. A training run whose store
+    fits reads and decompresses each chunk once instead of every epoch.
+
+    Entries are whole chunks (Zarr decodes whole chunks anyway, and a sync epoch cuts its
+    shares' row ranges differently every epoch), keyed by ``scope`` (a worker's job), the
+    store's path, the chunk and the held-out selection; past ``max_bytes`` the least recently
+    used are dropped. A loader uses the cache only when the whole store would fit
+    (:meth:`admits`): a store larger than the bound streams every epoch rather than evicting
+    chunks it is about to need again. Thread-safe; two threads missing the same chunk at once
+    both read it. The kept arrays are never written: the loader copies units into its pool."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes kept now."""
+        return self._bytes
+
+    @staticmethod
+    def store_bytes(store: Store) -> int:
+        """What keeping all of ``store``'s rows takes (features, targets and each row's id)."""
+        y_row = int(np.prod(store.y.shape[1:], dtype=np.int64)) * store.y.dtype.itemsize
+        return store.n_rows * (store.n_features * store.X.dtype.itemsize + y_row + 8)
+
+    def admits(self, store: Store) -> bool:
+        """Whether the whole of ``store`` fits under the bound."""
+        return 0 < self.store_bytes(store) <= self.max_bytes
+
+    def resize(self, max_bytes: int) -> None:
+        """A new bound; entries over it are dropped, least recently used first."""
+        with self._lock:
+            self.max_bytes = int(max_bytes)
+            self._evict()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def forget(self, scope: Any) -> None:
+        """Drop the entries of ``scope`` (a finished job's)."""
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == scope]:
+                self._bytes -= sum(a.nbytes for a in self._entries.pop(key))
+
+    def _evict(self) -> None:
+        while self._bytes > self.max_bytes and self._entries:
+            _, (X, y, ids) = self._entries.popitem(last=False)
+            self._bytes -= X.nbytes + y.nbytes + ids.nbytes
+
+    def _chunk(self, scope: Any, store: Store, c: int, holdout: dict | None) -> tuple[np.ndarray, ...]:
+        key = (scope, str(store.path), int(c), None if holdout is None else tuple(sorted(holdout.items())))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry
+        sl = store.chunk_slice(int(c))
+        X, y = store.read_rows(sl.start, sl.stop)
+        ids = np.arange(sl.start, sl.stop, dtype=np.int64)
+        keep = _select(store, sl.start, sl.stop, holdout)
+        if keep is not None:
+            X, y, ids = X[keep], y[keep], ids[keep]
+        entry = (X, y, ids)
+        with self._lock:
+            self.reads += 1
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= sum(a.nbytes for a in old)
+            self._entries[key] = entry
+            self._bytes += X.nbytes + y.nbytes + ids.nbytes
+            self._evict()
+        return entry
+
+    def unit(self, scope: Any, store: Store, a: int, b: int, holdout: dict | None) -> tuple[np.ndarray, np.ndarray]:
+        """The kept rows of ``a:b`` (features, targets), in order, as a loader reading them
+        would have them: views of the kept chunk when ``a:b`` lies in one chunk."""
+        parts = []
+        for c in range(a // store.chunk_rows, (b - 1) // store.chunk_rows + 1):
+            X, y, ids = self._chunk(scope, store, c, holdout)
+            lo, hi = np.searchsorted(ids, a), np.searchsorted(ids, b)
+            parts.append((X[lo:hi], y[lo:hi]))
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def _reader(
     store: Store,
     units: list[tuple[int, int]],
@@ -100,6 +205,7 @@ def _reader(
     holdout: dict | None = None,
     labels: bool = True,
     rows: np.ndarray | None = None,
+    cache: tuple[RowCache, Any] | None = None,
 ) -> None:
     """Read ``units`` in order into ``q``; stops when ``stop`` is set. Runs in its own thread."""
 
@@ -116,12 +222,17 @@ def _reader(
         for a, b in units:
             if stop.is_set():
                 return
-            X, y = store.read_rows(a, b, labels)
-            keep = _select(store, a, b, holdout, rows)
-            if keep is not None:
-                if not keep.any():
+            if cache is not None:
+                X, y = cache[0].unit(cache[1], store, a, b, holdout)
+                if not len(X):
                     continue
-                X, y = X[keep], y[keep]
+            else:
+                X, y = store.read_rows(a, b, labels)
+                keep = _select(store, a, b, holdout, rows)
+                if keep is not None:
+                    if not keep.any():
+                        continue
+                    X, y = X[keep], y[keep]
             if not put((X, y)):
                 return
         put(_END)
@@ -150,6 +261,8 @@ class ChunkLoader:
         holdout: dict | None = None,
         labels: bool = True,
         rows: Any = None,
+        cache: RowCache | None = None,
+        cache_scope: Any = None,
     ) -> None:
         self.store = store if isinstance(store, Store) else open_store(store)
         if sum(x is not None for x in (chunks, ranges, rows)) > 1:
@@ -194,6 +307,11 @@ class ChunkLoader:
         else:
             self.n_rows = sum(b - a for a, b in self.units)
         self.read_seconds = 0.0
+        # ``cache``: the store's chunks kept between epochs (RowCache) when the whole store fits;
+        # ``cache_scope`` parts the entries of different runs (a worker's jobs)
+        self._cache: tuple[RowCache, Any] | None = None
+        if cache is not None and self.rows is None and self.labels and cache.admits(self.store):
+            self._cache = (cache, cache_scope)
         from kernels import rows  # numba: loaded with the first loader, not with this module
 
         self._take_rows, self._draw_rows = rows.take_rows, rows.draw_rows
@@ -261,7 +379,7 @@ class ChunkLoader:
         stop = threading.Event()
         thread = threading.Thread(
             target=_reader,
-            args=(self.store, order, q, stop, self.holdout, self.labels, self.rows),
+            args=(self.store, order, q, stop, self.holdout, self.labels, self.rows, self._cache),
             name="chunk-loader-prefetch",
             daemon=True,
         )

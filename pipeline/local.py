@@ -26,12 +26,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError, TrainingError
+from pipeline.loader import RowCache
 from pipeline.loop import (
     VAL_CACHE_MB,
     load_local_state,
     local_state,
     make_trainer,
     prepare_targets,
+    row_cache_bytes,
     run_batches,
     training_loader,
 )
@@ -177,6 +179,9 @@ class LocalTrainer(Trainer):
         self._eval_trainers: list | None = None
         self._val_batches: list | None = None
         self._val_future: Any = None  # the validation rows being read during the first epoch
+        # the store's training rows kept between epochs when it fits (row_cache_mb, and at most
+        # a quarter of this machine's memory)
+        self._rows = RowCache(row_cache_bytes(self.cfg.row_cache_mb))
 
     def fit(self) -> Any:
         from threadpoolctl import threadpool_limits
@@ -196,6 +201,10 @@ class LocalTrainer(Trainer):
     def _server(self) -> LocalServer:
         self._ps = LocalServer(self.job)
         return self._ps
+
+    def _forget_job(self) -> None:
+        self._rows.clear()  # the store's chunks kept between epochs
+        self._val_batches = None
 
     def _span(self, name: str) -> Any:
         import contextlib
@@ -264,7 +273,7 @@ class LocalTrainer(Trainer):
         full_batch = cfg.batch_size == 0
         if full_batch:
             trainer.discard_accumulated()
-        loader = training_loader(self.store, tcfg, ranges=ranges)
+        loader = training_loader(self.store, tcfg, ranges=ranges, cache=self._rows)
 
         # overlap: a push's reply is folded in ``overlap_steps`` steps later, keeping the steps
         # taken meanwhile, exactly as a cluster's worker does (pipeline.worker._Pusher)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.loader import ChunkLoader
+from pipeline.loader import ChunkLoader, RowCache
 from pipeline.optim import EF_RESIDUAL
 
 # batch_size = 0 (full batch): rows per piece over which a task accumulates its gradient, so
@@ -69,11 +69,15 @@ def training_loader(
     ranges: Any = None,
     rows: Any = None,
     norm: Mapping[str, Any] | None = None,
+    cache: RowCache | None = None,
+    cache_scope: Any = None,
 ) -> ChunkLoader:
     """The minibatch stream a training task reads (the worker task, in-process training and a
     federated client alike): ``ranges`` of ``store`` without their held-out rows, or a simulated
     client's ``rows`` (its training rows already); full batch (``batch_size`` 0) in pieces of
-    ``FULL_BATCH_ROWS``, unshuffled; standardized with ``norm``'s mean/std when given."""
+    ``FULL_BATCH_ROWS``, unshuffled; standardized with ``norm``'s mean/std when given. ``cache``
+    keeps the store's chunks between epochs when the whole store fits its bound
+    (:class:`pipeline.loader.RowCache`, ``row_cache_mb``)."""
     full_batch = cfg["batch_size"] == 0
     return ChunkLoader(
         store,
@@ -88,7 +92,19 @@ def training_loader(
         mean=None if norm is None else norm["mean"],
         std=None if norm is None else norm["std"],
         holdout=holdout_selection(cfg, "train") if rows is None else None,
+        cache=cache,
+        cache_scope=cache_scope,
     )
+
+
+def row_cache_bytes(row_cache_mb: float, memory_limit: float | None = None) -> int:
+    """The bound of a process's :class:`RowCache`: ``row_cache_mb`` MiB, and at most a quarter of
+    ``memory_limit`` (a Dask worker's) or, without one, of this machine's memory."""
+    if memory_limit is None:
+        import psutil
+
+        memory_limit = psutil.virtual_memory().total
+    return int(min(row_cache_mb * 2**20, memory_limit // 4))
 
 
 # Validation batches kept in memory between epochs, at most this much per process: by in-process

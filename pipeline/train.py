@@ -111,8 +111,8 @@ def task_config(cfg: TrainConfig) -> dict[str, Any]:
     tasks then skip those rows and evaluation tasks read only them (pipeline.loader)."""
     keys = (
         "optimizer lr momentum beta1 beta2 rho weight_decay batch_size local_steps overlap overlap_steps backend seed "
-        "shuffle_chunks prefetch normalize barrier_timeout mmap_threshold_mb compression topk_fraction error_feedback"
-        " ps_shards ps_shared_memory dp clip_norm noise_multiplier secure_aggregation"
+        "shuffle_chunks prefetch row_cache_mb normalize barrier_timeout mmap_threshold_mb compression topk_fraction"
+        " error_feedback ps_shards ps_shared_memory dp clip_norm noise_multiplier secure_aggregation"
     ).split()
     out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
     if cfg.validation > 0 and not cfg.validation_store:
@@ -774,6 +774,7 @@ class Trainer:
                 ps.close()
             except Exception:
                 logger.debug("could not close job %s", self.job, exc_info=True)
+            self._forget_job()
         model = Model.from_training(self.store, self.spec, self.target, run.best.params, cfg, run.history)
         model.save(self.run.model)
         history_doc = {
@@ -792,6 +793,17 @@ class Trainer:
             history_doc["privacy"] = privacy
         self.run.write_json(self.run.history, history_doc)
         return TrainResult(self.run.path, model, run.history, stopped_early, installed_by, run.best.epoch, privacy)
+
+    def _forget_job(self) -> None:
+        """Drop what the workers keep for this job between its tasks (trainers, validation
+        batches, store chunks: :func:`pipeline.worker.forget_job`); a worker that cannot is
+        skipped (its cache gives the job's entries up to newer jobs)."""
+        from pipeline.worker import forget_job
+
+        try:
+            self.client.run(forget_job, self.job, on_error="ignore")
+        except Exception:
+            logger.debug("could not release job %s on the workers", self.job, exc_info=True)
 
     def _create_job(self, ps: Any, params: np.ndarray, run: RunState, ckpt: Checkpoint | None) -> None:
         """Create the job on the parameter server from ``params`` (and ``ckpt``'s server state)."""

@@ -26,7 +26,7 @@ from distributed.metrics import context_meter
 
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import TrainingError
-from pipeline.loader import ChunkLoader
+from pipeline.loader import ChunkLoader, RowCache
 from pipeline.loop import (
     VAL_CACHE_MB,
     holdout_selection,
@@ -34,6 +34,7 @@ from pipeline.loop import (
     local_state,
     make_trainer,
     prepare_targets,
+    row_cache_bytes,
     run_batches,
     training_loader,
     validation_loader,
@@ -63,6 +64,10 @@ _lock = threading.Lock()
 # VAL_CACHE_MB (pipeline.loop) per process and an eighth of the worker's memory limit, the least
 # recently used job's batches dropped first.
 _val_batches: OrderedDict[tuple, list[tuple[np.ndarray, np.ndarray]]] = OrderedDict()
+# A training job's store chunks, kept between its epochs when the whole store fits (row_cache_mb,
+# and a quarter of the worker's memory limit): a sync epoch cuts its shares differently every
+# epoch, so a worker keeps the chunks it has read, whichever share needs them next.
+_row_cache = RowCache(0)
 
 
 def _store(path: str) -> Any:
@@ -411,7 +416,8 @@ def train_task(
     full_batch = cfg["batch_size"] == 0  # one step with the mean gradient of every row
     if full_batch:
         trainer.discard_accumulated()  # a failed task on this thread may have left some behind
-    loader = training_loader(_store(store_path), cfg, ranges=ranges)
+    _row_cache.resize(_row_cache_bytes(cfg))
+    loader = training_loader(_store(store_path), cfg, ranges=ranges, cache=_row_cache, cache_scope=job)
     pusher = _Pusher(comm, trainer, loader, name, reply, cfg, compressor)
     stopped = ""
     try:
@@ -543,15 +549,38 @@ def evaluate_ranges(
     return merge_metrics(parts)
 
 
+def forget_job(job: str) -> None:
+    """Drop what this worker process keeps for ``job`` between its tasks: its trainers, error
+    feedback residuals, validation batches and store chunks (the driver calls it when the run
+    ends; a job that ends otherwise gives them up to newer jobs, least recently used first)."""
+    with _lock:
+        for kept in (_trainers, _residuals, _val_batches):
+            for key in [k for k in kept if k[0] == job]:
+                del kept[key]
+    _row_cache.forget(job)
+
+
+def _memory_limit() -> int | None:
+    """This Dask worker's memory limit (None: none, or not on a worker)."""
+    try:
+        limit = get_worker().memory_manager.memory_limit
+    except (ValueError, AttributeError):  # not on a worker (in-process evaluation)
+        return None
+    return int(limit) if limit else None
+
+
+def _row_cache_bytes(cfg: dict) -> int:
+    """The training rows' cache bound here (``row_cache_mb``, a quarter of the memory limit)."""
+    limit = _memory_limit()
+    return row_cache_bytes(cfg.get("row_cache_mb", 0), limit)
+
+
 def _val_cache_bytes() -> int:
     """The validation cache's bound here: :data:`VAL_CACHE_MB`, and at most an eighth of the
     Dask worker's memory limit when this runs on a worker that has one."""
     bound = int(VAL_CACHE_MB * 2**20)
-    try:
-        limit = get_worker().memory_manager.memory_limit
-    except (ValueError, AttributeError):  # not on a worker (in-process evaluation)
-        limit = None
-    return min(bound, int(limit) // 8) if limit else bound
+    limit = _memory_limit()
+    return min(bound, limit // 8) if limit else bound
 
 
 def _kept_validation(

@@ -159,3 +159,79 @@ def test_bad_arguments(tmp_path):
         ChunkLoader(st, batch_size=0)
     with ChunkLoader(str(tmp_path / "s.zarr")) as L:  # a path works too
         assert L.n_rows == 5000
+
+
+def _counting_reads(st, monkeypatch):
+    """Record each ``read_rows`` call of ``st`` (the store's decode of a row range)."""
+    reads = []
+    real = st.read_rows
+
+    def read_rows(a, b, labels=True):
+        reads.append((a, b))
+        return real(a, b, labels)
+
+    monkeypatch.setattr(st, "read_rows", read_rows)
+    return reads
+
+
+def test_row_cache_gives_the_same_batches_and_reads_each_chunk_once(tmp_path, monkeypatch):
+    from pipeline.loader import RowCache
+
+    st = make_store(tmp_path / "s.zarr", n=5000, f=4, chunk_rows=500)
+    reads = _counting_reads(st, monkeypatch)
+    # ranges cut inside chunks (as sync shares are) and one range over a chunk boundary
+    ranges = [(130, 1480), (2210, 2790), (4000, 4512)]
+    holdout = {"fraction": 0.1, "seed": 5, "keep": "train"}
+    common = dict(ranges=ranges, batch_size=64, seed=2, holdout=holdout, buffer_chunks=2)
+    with ChunkLoader(st, **common) as plain:
+        want = [list(plain.epoch(e)) for e in range(3)]
+    assert len(reads) == 3 * len(ranges)
+    reads.clear()
+    cache = RowCache(2**20)
+    with ChunkLoader(st, cache=cache, cache_scope="job-a", **common) as kept:
+        got = [list(kept.epoch(0))]
+        touched = {c for a, b in ranges for c in range(a // 500, (b - 1) // 500 + 1)}
+        assert len(reads) == cache.reads == len(touched) == len(cache)
+        assert sorted(reads) == [(c * 500, c * 500 + 500) for c in sorted(touched)]  # whole chunks
+        got += [list(kept.epoch(e)) for e in (1, 2)]
+    assert len(reads) == len(touched) and cache.hits > 0  # epochs 1 and 2 read nothing
+    for w, g in zip(want, got, strict=True):
+        assert len(w) == len(g)
+        for (Xw, yw), (Xg, yg) in zip(w, g, strict=True):
+            np.testing.assert_array_equal(Xg, Xw)
+            np.testing.assert_array_equal(yg, yw)
+    # the held-out rows stay out, and another scope (a job) or selection is another entry
+    from pipeline.loader import held_out_mask
+
+    held = np.flatnonzero(held_out_mask(st, 0, 5000, 0.1, 5))
+    assert len(held) == 500 and not np.isin(ids(got[0]), held).any()
+    with ChunkLoader(st, cache=cache, cache_scope="job-b", **common) as other:
+        list(other.epoch(0))
+    assert len(cache) == 2 * len(touched)
+
+
+def test_row_cache_streams_a_store_over_its_bound_and_evicts_to_it(tmp_path, monkeypatch):
+    from pipeline.loader import RowCache
+
+    st = make_store(tmp_path / "s.zarr", n=5000, f=4, chunk_rows=500)
+    need = RowCache.store_bytes(st)
+    assert need == 5000 * (4 * 4 + 4 + 8)
+    small = RowCache(need - 1)
+    reads = _counting_reads(st, monkeypatch)
+    with ChunkLoader(st, batch_size=100, cache=small) as L:
+        for e in range(2):
+            list(L.epoch(e))
+    assert len(reads) == 20 and len(small) == 0 and small.reads == 0  # streamed both epochs
+    fits = RowCache(need)
+    with ChunkLoader(st, batch_size=100, cache=fits) as L:
+        list(L.epoch(0))
+    assert len(fits) == 10 and fits.nbytes == need
+    fits.resize(need // 2)
+    assert fits.nbytes <= need // 2 and len(fits) == 5
+    fits.clear()
+    assert len(fits) == 0 and fits.nbytes == 0
+    # prediction (labels=False) and given row ids never use the cache
+    with ChunkLoader(st, batch_size=100, cache=fits, labels=False) as L:
+        assert L._cache is None
+    with ChunkLoader(st, batch_size=100, cache=fits, rows=np.arange(0, 5000, 3)) as L:
+        assert L._cache is None

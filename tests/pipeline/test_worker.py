@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from pipeline.config import TrainConfig
 from pipeline.model import load_model
+from pipeline.store import open_store
 from pipeline.train import train
 
 
@@ -51,7 +54,6 @@ def test_a_jobs_validation_rows_are_read_once_per_worker(letter_stores, monkeypa
     from kernels.mlp import MLPSpec, init_params
     from pipeline import worker
     from pipeline.metrics import plain_metrics
-    from pipeline.store import open_store
     from pipeline.train import build_spec, task_config
 
     store = open_store(letter_stores[0])
@@ -100,3 +102,63 @@ def test_the_validation_cache_is_bounded_by_the_workers_memory_limit():
     with cluster_client(workers=1, memory_limit="1GiB", dashboard_address=None) as small:
         got = small.submit(worker._val_cache_bytes, pure=False).result()  # as inside a training task
     assert got == 2**30 // 8
+
+
+def _row_cache_counts() -> dict:
+    from pipeline import worker
+
+    cache = worker._row_cache
+    return {"reads": cache.reads, "hits": cache.hits, "bytes": cache.nbytes, "bound": cache.max_bytes}
+
+
+def test_workers_keep_a_jobs_training_chunks_and_train_the_same(letter_stores, client, tmp_path):
+    """With the store under ``row_cache_mb`` each worker decodes a chunk once and serves later
+    epochs from memory (the shares' row ranges change every epoch); the run's weights and
+    history are those of the run that streams every epoch (``row_cache_mb = 0``)."""
+    base = {"mode": "sync", "epochs": 3, "patience": 0, "hidden": [32], "local_steps": 4}
+    before = client.run(_row_cache_counts)
+    kept = train(letter_stores[0], TrainConfig(**base), tmp_path / "kept", client=client)
+    after = client.run(_row_cache_counts)
+    streamed = train(letter_stores[0], TrainConfig(**base, row_cache_mb=0), tmp_path / "streamed", client=client)
+    last = client.run(_row_cache_counts)
+    assert np.array_equal(load_model(tmp_path / "kept").params, load_model(tmp_path / "streamed").params)
+    assert [h["val_loss"] for h in kept.history] == [h["val_loss"] for h in streamed.history]
+    n_chunks = open_store(letter_stores[0]).n_chunks
+    for w in after:
+        new_reads = after[w]["reads"] - before[w]["reads"]
+        assert 0 < new_reads <= n_chunks  # each chunk at most once per worker over 3 epochs
+        assert after[w]["hits"] > before[w]["hits"]
+        assert 0 < after[w]["bound"] <= 1024 * 2**20
+        assert last[w]["reads"] == after[w]["reads"] and last[w]["bound"] == 0  # streamed: none kept
+
+
+def test_a_finished_job_leaves_nothing_kept_on_the_workers(letter_stores, client, tmp_path):
+    """When a run ends the driver has the workers drop what they kept for its job between its
+    tasks (store chunks, validation batches, trainers), and only that job's."""
+    from pipeline import worker
+
+    def kept(job):
+        return {
+            "chunks": sum(1 for k in worker._row_cache._entries if k[0] == job),
+            "val": sum(1 for k in worker._val_batches if k[0] == job),
+            "trainers": sum(1 for k in worker._trainers if k[0] == job),
+        }
+
+    def job_entries():  # what the workers keep of this module's earlier jobs (none are running)
+        return {k[0] for kept in (worker._val_batches, worker._trainers) for k in kept}
+
+    cfg = TrainConfig(mode="sync", epochs=2, patience=0, hidden=[16])
+    train(letter_stores[0], cfg, tmp_path / "r", client=client)
+    job = json.loads((tmp_path / "r" / "history.json").read_text())["job"]
+    assert job and all(v == {"chunks": 0, "val": 0, "trainers": 0} for v in client.run(kept, job).values())
+    assert all(job not in v for v in client.run(job_entries).values())
+
+    def fill_and_forget():
+        worker._val_batches[("other-job", "p")] = []
+        worker._val_batches[("this-job", "p")] = []
+        worker.forget_job("this-job")
+        left = sorted(k[0] for k in worker._val_batches if k[0] in ("other-job", "this-job"))
+        del worker._val_batches[("other-job", "p")]
+        return left
+
+    assert all(v == ["other-job"] for v in client.run(fill_and_forget).values())
