@@ -87,6 +87,28 @@ class QuickExit(WorkerPlugin):
         gc.freeze()
 
 
+# Dask's workers sample the stacks of their running tasks every 10 ms (distributed's default
+# ``distributed.worker.profile.interval``) on their event loop, the loop that also carries the
+# parameter server's replies to the training thread. The clusters this project starts sample
+# every 100 ms, ten samples a second per worker thread for the dashboard's Profile page and a
+# ``--report``: a 2-worker run's steady epochs were 5-15% slower at 10 ms on a 2-core machine
+# (bench/findings.md, "Dask's profiler"). An interval set in the Dask config other than the
+# default is kept.
+PROFILE_INTERVAL = "100ms"
+_PROFILE_KEY = "distributed.worker.profile.interval"
+
+
+def own_cluster_config() -> contextlib.AbstractContextManager:
+    """The Dask config a LocalCluster this project starts is made under (its workers read it
+    as they start): :data:`PROFILE_INTERVAL` unless the interval was configured."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    if parse_timedelta(dask.config.get(_PROFILE_KEY, "10ms"), default="ms") != 0.01:
+        return contextlib.nullcontext()
+    return dask.config.set({_PROFILE_KEY: PROFILE_INTERVAL})
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
@@ -160,7 +182,7 @@ def cluster_client(
 
         register_dashboard_page()  # if pipeline.ps was first imported for a cluster without one
         page = contextlib.nullcontext()
-    with page:
+    with page, own_cluster_config():
         cluster = LocalCluster(
             n_workers=0 if sites else workers,
             threads_per_worker=threads_per_worker,

@@ -178,14 +178,17 @@ def _cluster_client(n_workers: int) -> Any:
         if "client" not in _local:
             from distributed import Client, LocalCluster
 
-            cluster = LocalCluster(
-                n_workers=max(1, int(n_workers)),
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                scheduler_kwargs={"preload": ["pipeline.ps"]},
-                host="127.0.0.1",
-            )
+            from pipeline.connect import own_cluster_config
+
+            with own_cluster_config():
+                cluster = LocalCluster(
+                    n_workers=max(1, int(n_workers)),
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    scheduler_kwargs={"preload": ["pipeline.ps"]},
+                    host="127.0.0.1",
+                )
             _local["cluster"] = cluster
             _local["client"] = Client(cluster, set_as_default=False)
             atexit.register(shutdown_local_cluster)

@@ -67,3 +67,35 @@ def test_a_cluster_without_a_dashboard_skips_bokeh_and_a_later_one_has_the_train
     assert r.returncode == 0, r.stderr[-3000:]
     assert "without a dashboard, bokeh imported: False" in r.stdout, r.stdout
     assert "then with one, the training page: 200" in r.stdout, r.stdout
+
+
+def _profile_interval_ms(dask_worker) -> float:
+    return dask_worker.periodic_callbacks["profile"].callback_time
+
+
+def _busy(seconds: float) -> int:
+    import time
+
+    end, n = time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        n += 1
+    return n
+
+
+def test_own_clusters_sample_the_profile_every_100ms_unless_configured():
+    """The workers of a cluster this project starts sample their tasks' stacks every 100 ms
+    (Dask's default is 10 ms) and still fill the profile; an interval set in the Dask config is
+    kept."""
+    import dask
+
+    from pipeline.connect import PROFILE_INTERVAL
+
+    assert PROFILE_INTERVAL == "100ms"
+    with cluster_client(workers=1, dashboard_address=None) as client:
+        assert list(client.run(_profile_interval_ms).values()) == [100]
+        client.submit(_busy, 1.0, pure=False).result()
+        assert client.profile()["count"] > 0  # samples were taken while the task ran
+    assert dask.config.get("distributed.worker.profile.interval") == "10ms"  # only for that cluster
+    with dask.config.set({"distributed.worker.profile.interval": "30ms"}):
+        with cluster_client(workers=1, dashboard_address=None) as client:
+            assert list(client.run(_profile_interval_ms).values()) == [30]
