@@ -141,6 +141,8 @@ def cold_start_targets(results: Path = RESULTS, limit: float = 2.0) -> list[Targ
     path, d = got
     out = []
     for layout, res in d["results"].items():
+        if layout.endswith("(baseline)"):  # an earlier commit's files run beside (--baseline)
+            continue
         # the plain command's overhead over its steady-state epochs where the run has them (the
         # workers' kernel loads counted, the timers' own cost not), from its raw epochs; else the
         # timed run's

@@ -68,6 +68,21 @@ def test_a_flipped_pass_changes_the_verdict(tmp_path: Path) -> None:
     assert "2.50 s" in row.figures
 
 
+def test_a_baseline_run_beside_is_not_a_target(tmp_path: Path) -> None:
+    """``bench.cold_start --baseline DIR`` runs an earlier commit's files in the same passes:
+    its ways are kept in the JSON for the comparison but judge no target."""
+    src = sorted(RESULTS.glob("cold_start-*.json"))[-1]
+    data = json.loads(src.read_text())
+    data["results"] = {
+        **{k: v for k, v in data["results"].items() if not k.endswith("(baseline)")},
+        **{f"{k} (baseline)": v for k, v in data["results"].items() if not k.endswith("(baseline)")},
+    }
+    (tmp_path / src.name).write_text(json.dumps(data))
+    rows = [t for t in collect(tmp_path) if t.source == src.name]
+    assert len(rows) == len(data["results"]) // 2
+    assert rows and not any("baseline" in t.target for t in rows)
+
+
 def test_cold_start_overhead_counts_the_first_epochs_warm_up() -> None:
     from bench.cold_start import steady_overhead
 
