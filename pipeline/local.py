@@ -203,8 +203,7 @@ class LocalTrainer(Trainer):
         return self._ps
 
     def _forget_job(self) -> None:
-        self._rows.clear()  # the store's chunks kept between epochs
-        self._val_batches = None
+        self._rows.clear()  # the store's chunks kept between epochs (up to row_cache_mb)
 
     def _span(self, name: str) -> Any:
         import contextlib

@@ -268,3 +268,29 @@ def test_validation_rows_are_read_on_a_thread_during_the_first_epoch(store, tmp_
     plain._prefetch_validation = lambda: None  # read when first validating, in this thread
     other = plain.fit()
     assert [e["val_loss"] for e in res.history] == [e["val_loss"] for e in other.history]
+
+
+def test_training_in_process_decodes_each_chunk_once_and_lets_go_at_the_end(store, tmp_path):
+    """A store under ``row_cache_mb`` is read once: later epochs come from the kept chunks, and
+    the run's weights are those of ``row_cache_mb = 0``; the kept chunks go when the run ends."""
+    from pipeline.config import TrainConfig
+    from pipeline.local import LocalTrainer
+    from pipeline.model import load_model
+    from pipeline.store import open_store
+
+    seen: dict[str, int] = {}
+
+    class Watched(LocalTrainer):
+        def _forget_job(self):
+            seen.update(reads=self._rows.reads, hits=self._rows.hits, kept=len(self._rows))
+            super()._forget_job()
+
+    n_chunks = open_store(store).n_chunks
+    kept = Watched(store, TrainConfig(hidden=[8], epochs=3, patience=0), tmp_path / "kept", None)
+    kept.fit()
+    assert seen["reads"] == seen["kept"] == n_chunks and seen["hits"] > 0
+    assert len(kept._rows) == 0 and kept._rows.nbytes == 0
+    streamed = Watched(store, TrainConfig(hidden=[8], epochs=3, patience=0, row_cache_mb=0), tmp_path / "s", None)
+    streamed.fit()
+    assert seen == {"reads": 0, "hits": 0, "kept": 0}
+    np.testing.assert_array_equal(load_model(tmp_path / "kept").params, load_model(tmp_path / "s").params)
