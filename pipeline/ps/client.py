@@ -216,6 +216,7 @@ class ParameterServer:
         timeout: float = 600.0,
         wait: bool = True,
         attempt: int | None = None,
+        also: list[dict[str, Any]] | None = None,
     ) -> Reply:
         """Push ``delta`` (a float32 vector, or one already wrapped by ``encode_vector`` or
         encoded by :func:`pipeline.ps.wire.compress` in the job's codec) computed from the
@@ -223,9 +224,11 @@ class ParameterServer:
         ``wait=False`` (sync): the delta is pooled for the round and the reply comes at once,
         without weights (a federated client pushes once and leaves). Secure aggregation:
         ``delta`` is the masked uint32 vector seen as float32, for the round's key-exchange
-        ``attempt``."""
+        ``attempt``. ``also``: the co-senders of a summed push (:meth:`pipeline.ps.job.Job.push`)."""
         wire = encode_vector(delta) if isinstance(delta, np.ndarray) else delta
-        extra = {} if attempt is None else {"attempt": int(attempt)}
+        extra: dict[str, Any] = {} if attempt is None else {"attempt": int(attempt)}
+        if also:
+            extra["also"] = list(also)
         return self._send(
             "push",
             name=name,

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +110,12 @@ class Job:
     expected_since: float = 0.0
     join_timeout: float = 120.0
     pending: dict[str, tuple[np.ndarray, int, float]] = field(default_factory=dict)
+    # sync, pushes summed on a worker (``also``): a participant whose delta came inside another's
+    # push -> that push's sender; and how many participants a pooled delta stands for (1 if absent)
+    covered: dict[str, str] = field(default_factory=dict)
+    pooled_count: dict[str, int] = field(default_factory=dict)
+    round_counts: dict[str, int] = field(default_factory=dict)  # the same for the round being applied
+    round_names: list[str] = field(default_factory=list)  # every participant of the round being applied
     grad: np.ndarray | None = None  # sync: the round's combined delta (reused every round)
     last_applied: list[str] = field(default_factory=list)  # sync: whose deltas the last round combined
     buffer: list = field(default_factory=list)  # FedBuff: (delta, samples, loss, staleness) since the last step
@@ -124,6 +130,7 @@ class Job:
     # metrics (msgpack-able): everything the dashboard and /metrics show
     created: float = field(default_factory=time.time)
     pushes: int = 0
+    summed: int = 0  # of the pushes, deltas that came summed into another participant's push
     samples: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -405,10 +412,16 @@ class Job:
             return
         if self.mode != "sync" or not self.pending or self.failed or self.combining is not None:
             return
-        waiting_for = (set(self.participants) | set(self.expected)) - set(self.pending)
+        waiting_for = (set(self.participants) | set(self.expected)) - set(self.pending) - set(self.covered)
         if waiting_for:
             return
         self._apply_round(sorted(self.pending))
+
+    def _clear_round(self) -> None:
+        """Forget the open sync round's pooled deltas."""
+        self.pending.clear()
+        self.covered.clear()
+        self.pooled_count.clear()
 
     def _apply_round(self, names: list[str]) -> None:
         """Combine the pooled deltas of ``names`` (the whole pool; :meth:`_combine`), take the
@@ -421,6 +434,9 @@ class Job:
         request that would change the job waits for it (:meth:`settled`)."""
         names = sorted(names)  # fixed order: reproducible float sums
         pooled, self.pending = {n: self.pending[n] for n in names}, {}
+        self.round_counts = {n: self.pooled_count.get(n, 1) for n in names}
+        self.round_names = sorted([*names, *(c for c, by in self.covered.items() if by in pooled)])
+        self.covered, self.pooled_count = {}, {}
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -455,11 +471,16 @@ class Job:
         names = list(pooled)
         total = sum(v[1] for v in pooled.values())
         self._privatize(grad, len(names))
-        losses = [v[2] for v in pooled.values()]
+        count = sum(self.round_counts.values())
+        # the round's loss: the mean over its participants (a summed push brings its senders' mean)
+        if count == len(pooled):
+            loss = float(np.mean([v[2] for v in pooled.values()]))
+        else:
+            loss = sum(v[2] * self.round_counts[n] for n, v in pooled.items()) / count
         self.optimizer.step(self.params, grad, self.lr())
         self.version += 1
-        self.last_applied = names
-        self.after_update(float(np.mean(losses)), total, len(names))
+        self.last_applied = self.round_names
+        self.after_update(loss, total, count)
 
     # -- secure aggregation (pipeline.secagg) -------------------------------------------------
 
@@ -718,8 +739,8 @@ class Job:
             # aggregators, off the loop, need none of the optimizer's)
             work=self.optimizer.work_vector(self.params) if self.aggregator == "mean" else None,
         )
-        if self.aggregate == "sum":
-            grad *= np.float32(len(pooled))
+        if self.aggregate == "sum":  # times the participants (a summed push stands for several)
+            grad *= np.float32(sum(self.round_counts.get(n, 1) for n in pooled))
         return grad
 
     def _step_buffer(self) -> None:
@@ -758,7 +779,7 @@ class Job:
         if self.failed is None:
             self.failed = message
             logger.error("job %s: %s", self.job, message)
-        self.pending.clear()
+        self._clear_round()
         self.notify()
 
     async def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
@@ -880,6 +901,7 @@ class Job:
         timeout: float = 600.0,
         wait: bool = True,
         attempt: int | None = None,
+        also: Sequence[Mapping[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Apply (async, ssp) or pool (sync) ``name``'s delta; reply with the weights to go on
         from once the mode lets the participant continue. ``wait=False`` (sync; a federated
@@ -888,7 +910,11 @@ class Job:
         has pushed, or by :meth:`close_round`). With secure aggregation the delta is a masked
         uint32 vector (its bytes as float32) for the round's key-exchange ``attempt``.
         A push arriving while a round is being combined off the event loop waits for it: it
-        then belongs to the next round (or, a delta of the round just applied, is stale)."""
+        then belongs to the next round (or, a delta of the round just applied, is stale).
+        ``also`` (sync, ``combine_pushes``): the other participants whose deltas the worker
+        summed into this push, each ``{"name", "samples", "batches", "loss", "timings"}``;
+        ``delta`` is then the sample-weighted mean of them all with the sender's, ``samples``
+        and the rest the sender's own, and the round weighs the mean by their samples together."""
         await self.settled()
         if self.failed:
             return self.reply("failed")
@@ -899,6 +925,7 @@ class Job:
             raise PSError(f"push for version {version!r}; the server is at version {self.version}")
         if not isinstance(samples, int) or samples < 0:
             raise PSError(f"samples must be an int >= 0, got {samples!r}")
+        group = self._summed_with(name, also) if also else []
         if isinstance(delta, str) and delta == SHM_DELTA:
             seg = self.shm_push.get(name)
             if seg is None:
@@ -911,15 +938,19 @@ class Job:
             self.bytes_in += _wire_bytes(delta, vec)
         loss = float(loss)
         secure = self.mode == "sync" and self.privacy["secure_aggregation"]
-        if not np.isfinite(loss) or (not secure and not np.isfinite(vec).all()):
-            what = "loss" if not np.isfinite(loss) else "update"
+        bad_loss = next((x for x in (loss, *(g[3] for g in group)) if not np.isfinite(x)), None)
+        if bad_loss is not None or (not secure and not np.isfinite(vec).all()):
+            what = "loss" if bad_loss is not None else "update"
             self.fail(
                 f"training diverged at round {self.version}: the {what} is not finite "
-                f"(loss={loss}); lower the learning rate or add warm-up",
+                f"(loss={loss if bad_loss is None else bad_loss}); lower the learning rate or add warm-up",
             )
             return self.reply("failed")
         staleness = self.version - version
         self._count_push(p, samples, loss, staleness, timings)
+        for q, q_samples, _, q_loss, q_timings in group:
+            self._count_push(q, q_samples, q_loss, staleness, q_timings)
+        self.summed += len(group)
 
         if secure:
             return await self._secure_push(name, version, vec, samples, batches, loss, attempt, timeout, wait)
@@ -938,6 +969,13 @@ class Job:
                 own, weight = self._clip(own), 1  # equal weights: sample counts are data
             elif self.privacy["dp"] == "local":
                 weight = 1  # the sites noised their deltas; the mean stays unweighted
+            if group:  # one pooled delta for the sender and its co-senders: their weighted mean
+                weight += sum(g[1] for g in group)
+                loss = (loss + sum(g[3] for g in group)) / (1 + len(group))
+                self.pooled_count[name] = 1 + len(group)
+                for q, _, q_batches, _, _ in group:
+                    self.covered[q.name] = name
+                    self.progress[q.name] = self.progress.get(q.name, 0) + q_batches
             self.pending[name] = (own, weight, loss)
             self.progress[name] = self.progress.get(name, 0) + int(batches)
             self.maybe_close_round()
@@ -976,6 +1014,40 @@ class Job:
         if self.failed:
             return self.reply("failed")
         return self._push_reply(name, version, staleness=staleness)
+
+    def _summed_with(self, name: str, also: Any) -> list[tuple[Participant, int, int, float, dict]]:
+        """The co-senders of a summed push (``also``), checked: a sync job whose round is a
+        sample-weighted mean of float32 deltas, each co-sender an active participant other than
+        ``name`` that has not pushed in the open round."""
+        if self.mode != "sync" or self.aggregator != "mean" or self.compression != "none":
+            raise PSError(
+                f"job {self.job!r}: summed pushes need mode 'sync', aggregator 'mean' and float32 deltas "
+                f"(this job: {self.mode}, {self.aggregator}, {self.compression})"
+            )
+        if self.privacy["dp"] != "off" or self.privacy["secure_aggregation"]:
+            raise PSError(
+                f"job {self.job!r}: summed pushes cannot be used with differential privacy or secure aggregation"
+            )
+        if not isinstance(also, (list, tuple)):
+            raise PSError(f"also must be a list of co-senders, got {type(also).__name__}")
+        out: list[tuple[Participant, int, int, float, dict]] = []
+        seen = {name}
+        for entry in also:
+            q_name = entry.get("name") if isinstance(entry, Mapping) else None
+            q = self.participants.get(q_name) if isinstance(q_name, str) else None
+            if q is None or q_name in seen:
+                raise PSError(f"co-sender {q_name!r} is not another active participant of job {self.job!r}")
+            if q_name in self.pending or q_name in self.covered:
+                raise PSError(f"co-sender {q_name!r} already pushed in round {self.version}")
+            q_samples, q_batches = entry.get("samples", 0), entry.get("batches", 0)
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (q_samples, q_batches)):
+                raise PSError(f"co-sender {q_name!r}: samples and batches must be ints >= 0")
+            timings = entry.get("timings") or {}
+            if not isinstance(timings, Mapping):
+                raise PSError(f"co-sender {q_name!r}: timings must be a mapping")
+            seen.add(q_name)
+            out.append((q, q_samples, q_batches, float(entry.get("loss", float("nan"))), dict(timings)))
+        return out
 
     def _shm_usable(self) -> bool:
         """Rounds whose vectors can go through shared memory: sync mode (the weights cannot
@@ -1097,7 +1169,7 @@ class Job:
                 )
             self._secure_reset(self.sa_attempt + 1)  # wakes the clients still exchanging keys
         elif self.failed:
-            self.pending.clear()
+            self._clear_round()
         elif arrived and sum(counts.get(n, 1) for n in arrived) >= min_count:
             self._apply_round(arrived)
             await self.settled()
@@ -1110,7 +1182,7 @@ class Job:
                     len(arrived),
                     min_count,
                 )
-            self.pending.clear()
+            self._clear_round()
         self.notify()
         return {
             "status": status,
@@ -1177,7 +1249,7 @@ class Job:
         self.closed = True
         self._forget_participants()
         self.release_shm()
-        self.pending.clear()
+        self._clear_round()
         summary = self.metrics()
         summary["history"] = [list(h) for h in list(self.history)[-2000:]]
         self.notify()
@@ -1194,6 +1266,7 @@ class Job:
             "version": self.version,
             "epoch": self.epoch,
             "pushes": self.pushes,
+            "summed": self.summed,
             "samples": self.samples,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,

@@ -281,9 +281,18 @@ class ShardedParameterServer:
             out.update(status=bad["status"], message=bad.get("message"))
         out["params"] = np.concatenate([np.asarray(r["params"], dtype=np.float32) for r in replies])
         out["version"] = min(int(r["version"]) for r in replies)
+        out["shard_versions"] = [int(r["version"]) for r in replies]
         if all(r.get("local_state") for r in replies):
             out["local_state"] = _cat_state([r["local_state"] for r in replies])
         return out
+
+    def adopt_versions(self, reply: Mapping[str, Any]) -> None:
+        """Take each shard's version from a push reply that another handle received (a push
+        summed for several tasks, :class:`pipeline.worker.PushGroup`): this handle's next push
+        is then for the round the shards are in."""
+        versions = reply.get("shard_versions")
+        if versions is not None and len(versions) == len(self._versions):
+            self._versions[:] = [int(v) for v in versions]
 
     # -- routes ------------------------------------------------------------------------------
 
@@ -361,9 +370,11 @@ class ShardedParameterServer:
         loss: float,
         timings: Mapping[str, float] | None = None,
         timeout: float = 600.0,
+        also: Sequence[Mapping[str, Any]] | None = None,
     ) -> Any:
         """Push ``delta``'s slices, each with the version its shard last sent (``version``,
-        the lowest of those, is what the caller saw)."""
+        the lowest of those, is what the caller saw). ``also``: the co-senders of a summed
+        push, sent to every shard (their timings to the first only, as the sender's)."""
         if isinstance(delta, Serialize):  # the worker's pusher wraps a float32 delta for the wire
             delta = delta.data
         delta = np.ascontiguousarray(delta, dtype=np.float32).reshape(-1)
@@ -379,6 +390,11 @@ class ShardedParameterServer:
                     "version": v,
                     "delta": encode_vector(delta[lo:hi]),
                     "timings": dict(timings or {}) if i == 0 else {},
+                    **(
+                        {"also": [{**a, "timings": a.get("timings", {}) if i == 0 else {}} for a in also]}
+                        if also
+                        else {}
+                    ),
                 }
                 for i, ((_, lo, hi), v) in enumerate(zip(self._map, self._versions, strict=True))
             ]

@@ -294,3 +294,91 @@ def test_per_site_evaluation_reaches_the_snapshot_and_prometheus() -> None:
         assert [s.value for s in fams["pipeline_site_metric_worst_decile"].samples] == [0.6]
 
     asyncio.run(main())
+
+
+def _summed(deltas: dict[str, tuple[np.ndarray, int, float]], names: list[str]) -> np.ndarray:
+    """What a worker's push group sends for ``names``: their sample-weighted mean, in name order."""
+    total = sum(deltas[n][1] for n in names)
+    acc = np.zeros(N, np.float32)
+    for n in names:
+        acc += deltas[n][0] * np.float32(deltas[n][1] / total)
+    return acc
+
+
+def test_a_summed_push_pools_its_co_senders_as_if_each_had_pushed() -> None:
+    deltas = {
+        "a": (np.full(N, 1, np.float32), 30, 1.0),
+        "b": (np.full(N, 3, np.float32), 10, 3.0),
+        "c": (np.arange(N, dtype=np.float32), 20, 2.5),
+    }
+
+    async def main() -> None:
+        solo = _job("sync")  # aggregate = "sum": the weighted mean times the participants
+        for n in deltas:
+            solo.join(n, key=f"k{n}")
+        alone = await asyncio.gather(
+            *(solo.push(n, 0, d, samples=s, batches=2, loss=x) for n, (d, s, x) in deltas.items())
+        )
+
+        job = _job("sync")
+        for n in deltas:
+            job.join(n, key=f"k{n}")
+        co_b = {"name": "b", "samples": 10, "batches": 2, "loss": 3.0, "timings": {"compute": 0.5}}
+        first = asyncio.ensure_future(
+            job.push("a", 0, _summed(deltas, ["a", "b"]), samples=30, batches=2, loss=1.0, also=[co_b])
+        )
+        assert await _pending(first)  # "c" has not pushed; "b" has (inside "a"'s push)
+        assert job.covered == {"b": "a"}
+        c = await job.push("c", 0, deltas["c"][0], samples=20, batches=2, loss=2.5)
+        r = await asyncio.wait_for(first, 1)
+        assert r["version"] == c["version"] == 1
+        # the same round as three pushes, up to the order of the float sums
+        np.testing.assert_allclose(_weights(r), _weights(alone[0]), rtol=1e-6)
+        assert not np.array_equal(_weights(r), np.zeros(N))
+        assert job.history[-1][1:] == solo.history[-1][1:] == (1, 2.1666666666666665, 60, 3)
+        assert job.progress == solo.progress == {"a": 2, "b": 2, "c": 2}
+        assert (job.pushes, job.summed, solo.summed) == (3, 1, 0)
+        assert job.last_applied == ["a", "b", "c"]
+        assert job.per_worker["?"]["compute"] == 0.5
+        assert not job.covered and not job.pending
+
+    asyncio.run(main())
+
+
+def test_a_summed_push_is_refused_whole_when_a_co_sender_cannot_be_in_the_round() -> None:
+    async def main() -> None:
+        job = _job("sync")
+        for n in "abc":
+            job.join(n, key=f"k{n}")
+        d = np.ones(N, np.float32)
+        pushed_c = asyncio.ensure_future(job.push("c", 0, d, samples=1, loss=1.0))
+        await asyncio.sleep(0.01)
+        for also, why in (
+            ([{"name": "z", "samples": 1}], "co-sender 'z' is not another active participant"),
+            ([{"name": "a", "samples": 1}], "co-sender 'a' is not another active participant"),
+            ([{"name": "b", "samples": 1}, {"name": "b", "samples": 1}], "co-sender 'b' is not another"),
+            ([{"name": "c", "samples": 1}], "co-sender 'c' already pushed in round 0"),
+            ([{"name": "b", "samples": -1}], "samples and batches must be ints >= 0"),
+        ):
+            with pytest.raises(PSError, match=why):
+                await job.push("a", 0, d, samples=1, loss=1.0, also=also)
+        assert (job.version, sorted(job.pending), job.covered, job.pushes) == (0, ["c"], {}, 1)
+        job.close()
+        await asyncio.wait_for(pushed_c, 1)
+
+        for mode, kw in (("async", {}), ("sync", {"aggregator": "median"})):
+            other = _job(mode, **kw)
+            other.join("a")
+            other.join("b")
+            with pytest.raises(PSError, match="summed pushes need mode 'sync', aggregator 'mean'"):
+                await other.push("a", 0, d, samples=1, loss=1.0, also=[{"name": "b", "samples": 1, "loss": 1.0}])
+            assert other.version == 0 and other.pushes == 0
+
+        # a co-sender's diverged loss fails the job as the sender's own would
+        nan = _job("sync")
+        nan.join("a")
+        nan.join("b")
+        r = await nan.push("a", 0, d, samples=1, loss=1.0, also=[{"name": "b", "samples": 1, "loss": float("nan")}])
+        assert r["status"] == "failed" and "the loss is not finite (loss=nan)" in nan.failed
+
+    asyncio.run(main())
