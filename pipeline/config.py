@@ -102,6 +102,10 @@ class TrainConfig:
     # sync rounds of workers on the scheduler's host move deltas and weights through shared
     # memory instead of TCP (same floats; docs/architecture.md); false = always TCP
     ps_shared_memory: bool = True
+    # sync: the training tasks of one worker process (a worker with --nthreads N, e.g. one per
+    # host) sum their deltas into one push per round (a sample-weighted mean: the same round up to
+    # the order of float sums), so the server receives one message per process, not per task
+    combine_pushes: bool = False
     # --- data and epochs ---------------------------------------------------------------------
     epochs: int = 100  # maximum number of passes over the training rows (early stopping ends sooner)
     patience: int = 5  # stop after this many epochs without validation improvement (0 = never)
@@ -290,6 +294,7 @@ class TrainConfig:
                 "set compression = 'none' or ps_shards = 0"
             )
         self._validate_replies()
+        self._validate_combining()
         self._validate_federation()
         self._validate_privacy()
 
@@ -312,6 +317,23 @@ class TrainConfig:
                 "config key 'compress_replies' does not apply to a federated run (its clients take the weights "
                 "once per round); set compress_replies = false"
             )
+
+    def _validate_combining(self) -> None:
+        """Summed pushes: sync rounds whose combined delta is the weighted mean of float32 deltas."""
+        if not self.combine_pushes:
+            return
+        clash = [
+            (self.mode != "sync", f"mode = 'sync' (rounds), not {self.mode!r}"),
+            (self.aggregator != "mean", f"aggregator = 'mean' (a sum of deltas), not {self.aggregator!r}"),
+            (self.compression != "none", f"compression = 'none' (float32 deltas to sum), not {self.compression!r}"),
+            (self.dp != "off", f"dp = 'off' (each update is clipped and noised on its own), not {self.dp!r}"),
+            (self.secure_aggregation, "secure_aggregation = false (masked updates travel one by one)"),
+            (self.overlap, "overlap = false (the tasks wait for each other's deltas before a push)"),
+            (bool(self.sites or self.clients), "a run that is not federated (a site's client pushes once a round)"),
+        ]
+        for bad, need in clash:
+            if bad:
+                raise ConfigError(f"config key 'combine_pushes' needs {need}; set combine_pushes = false")
 
     def _validate_privacy(self) -> None:
         """The privacy keys that only make sense together."""

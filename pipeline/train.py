@@ -112,7 +112,7 @@ def task_config(cfg: TrainConfig) -> dict[str, Any]:
     keys = (
         "optimizer lr momentum beta1 beta2 rho weight_decay batch_size local_steps overlap overlap_steps backend seed "
         "shuffle_chunks prefetch row_cache_mb normalize barrier_timeout mmap_threshold_mb compression topk_fraction"
-        " error_feedback ps_shards ps_shared_memory dp clip_norm noise_multiplier secure_aggregation"
+        " error_feedback ps_shards ps_shared_memory combine_pushes dp clip_norm noise_multiplier secure_aggregation"
     ).split()
     out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
     if cfg.validation > 0 and not cfg.validation_store:
@@ -785,6 +785,10 @@ class Trainer:
             "epochs": run.history,
             "rounds": metrics.get("history", []),
             "round_columns": ["time", "version", "loss", "samples", "deltas"],
+            # deltas the server received, and of them those summed into another task's push
+            # (combine_pushes): the messages it handled were pushes - summed
+            "pushes": int(metrics.get("pushes", 0)),
+            "summed": int(metrics.get("summed", 0)),
         }
         privacy = metrics.get("privacy") or privacy
         if privacy.get("dp", "off") == "off" and not privacy.get("secure_aggregation"):

@@ -153,6 +153,127 @@ class _Comm:
         return reply
 
 
+class PushGroup:
+    """The sync rounds of one job's training tasks in this worker process, pushed as one.
+
+    ``combine_pushes``: a task enters after joining the parameter server (at the version it was
+    given) and leaves before leaving it. A task's push for version ``v`` waits until every task
+    in the group has pushed for ``v``: the last to arrive sends one push for all of them, the
+    sample-weighted mean of their deltas, summed in the order of their names as the server sums
+    a round, with the others as co-senders (``also``: their samples, minibatches, losses and
+    timings). The server pools it as their deltas (:meth:`pipeline.ps.job.Job.push`); every task
+    of the group waits on that push's reply. A task that has already pushed for ``v`` (alone, as
+    it was the only one in the group then) is not waited for, nor is one that left (its share is
+    done, or it failed): if the others had all pushed, the leaving task's thread sends their push
+    and goes on without waiting for the reply (the server's round waits for the leaving task
+    until it leaves the server).
+
+    On a worker started with one thread per core or GPU (``--nthreads N``, one worker per host)
+    the server then receives one message per host and round instead of N."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.cond = threading.Condition()
+        self.done: dict[str, int] = {}  # member -> the last version it pushed for (joined at: one less)
+        self.entries: dict[str, dict[str, Any]] = {}  # member -> its push not sent yet
+        self.sent: dict[str, Any] = {}  # member -> the future of the push that carried its delta
+        self.pushes = 0  # pushes sent for the group
+        self.deltas = 0  # the tasks' deltas they carried
+
+    def enter(self, name: str, version: int) -> None:
+        with self.cond:
+            self.done[name] = int(version) - 1
+
+    def leave(self, name: str) -> None:
+        with self.cond:
+            self.done.pop(name, None)
+            self.entries.pop(name, None)
+            self.sent.pop(name, None)
+            self._send_complete()
+
+    def push(self, ps: Any, name: str, version: int, delta: np.ndarray, **fields: Any) -> Any:
+        """Add ``name``'s delta for ``version``; the future of the push that carries it (once
+        every member has pushed for that version, through ``ps``: the last one's handle)."""
+        with self.cond:
+            if name not in self.done:
+                raise TrainingError(f"participant {name} pushed without entering its push group")
+            self.entries[name] = {"ps": ps, "version": int(version), "delta": delta, **fields}
+            self._send_complete()
+            deadline = time.monotonic() + self.timeout
+            while name not in self.sent:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.entries.pop(name, None)
+                    waiting = sorted(m for m, v in self.done.items() if v < version and m not in self.entries)
+                    raise TrainingError(
+                        f"participant {name}: the other training tasks of this worker ({', '.join(waiting)}) did "
+                        f"not push within barrier_timeout = {self.timeout:g} s; raise it or set combine_pushes = false"
+                    )
+                self.cond.wait(left)
+            return self.sent.pop(name)
+
+    def _send_complete(self) -> None:
+        # under self.cond: send each version whose every member has pushed for it (or before)
+        for v in sorted({e["version"] for e in self.entries.values()}):
+            names = sorted(n for n, e in self.entries.items() if e["version"] == v)
+            if any(m not in names and done < v for m, done in self.done.items()):
+                continue  # a member still has to push for v
+            group = [(n, self.entries.pop(n)) for n in names]
+            for n, fut in self._send(v, group).items():
+                self.sent[n] = fut
+                self.done[n] = v
+            self.cond.notify_all()
+
+    def _send(self, version: int, group: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+        """Send one round's pushes of ``group`` (same version): one push for all of them; each
+        on its own when only one pushed or none counted samples (no weights to sum by)."""
+        total = sum(e["samples"] for _, e in group)
+        fields = ("samples", "batches", "loss", "timings")
+        if len(group) == 1 or total == 0:
+            out = {}
+            for n, e in group:
+                kw = {k: e[k] for k in fields}
+                out[n] = e["ps"].soon.push(name=n, version=version, delta=e["delta"], **kw, timeout=self.timeout)
+                self.pushes += 1
+                self.deltas += 1
+            return out
+        first, e0 = group[0]
+        acc = weighted_mean([e["delta"] for _, e in group], [e["samples"] for _, e in group])
+        also = [{"name": n, **{k: e[k] for k in fields}} for n, e in group[1:]]
+        fut = e0["ps"].soon.push(
+            name=first, version=version, delta=acc, **{k: e0[k] for k in fields}, timeout=self.timeout, also=also
+        )
+        self.pushes += 1
+        self.deltas += len(group)
+        return {n: fut for n, _ in group}
+
+
+def weighted_mean(deltas: list[np.ndarray], samples: list[int]) -> np.ndarray:
+    """``sum(n_i d_i) / sum(n_i)`` in float32, in the given order, with the float operations of
+    the server's weighted mean (:func:`pipeline.fedagg.aggregate`): each delta times its float32
+    share, summed one by one. ``samples`` must not all be 0."""
+    total = sum(samples)
+    acc = np.empty_like(deltas[0])
+    tmp = np.empty_like(acc)
+    for i, (d, n) in enumerate(zip(deltas, samples, strict=True)):
+        np.multiply(d, np.float32(n / total), out=acc if i == 0 else tmp)
+        if i:
+            acc += tmp
+    return acc
+
+
+_groups: dict[str, PushGroup] = {}  # job -> its push group in this process (combine_pushes)
+
+
+def push_group(job: str, timeout: float) -> PushGroup:
+    """This process's push group of ``job`` (created on first use, kept until the job is forgotten)."""
+    with _lock:
+        group = _groups.get(job)
+        if group is None:
+            group = _groups[job] = PushGroup(timeout)
+        return group
+
+
 class BudgetSpent(Exception):
     """The parameter server applies no further round: the privacy budget is spent."""
 
@@ -203,8 +324,10 @@ class _Pusher:
         joined: dict,
         cfg: dict,
         compressor: DeltaCompressor | None = None,
+        group: PushGroup | None = None,
     ) -> None:
         self.comm, self.trainer, self.loader, self.name = comm, trainer, loader, name
+        self.group = group  # combine_pushes: this process's tasks of the job push as one
         self.compressor = compressor or DeltaCompressor()
         self.overlap: bool = cfg["overlap"]
         self.timeout: float = cfg["barrier_timeout"]
@@ -225,7 +348,7 @@ class _Pusher:
         self.shm_weights: Any = None
         self.shm_push: Any = None
         info = joined.get("shm")
-        if isinstance(info, dict) and self.compressor.codec == "none" and not self.secure:
+        if isinstance(info, dict) and self.compressor.codec == "none" and not self.secure and group is None:
             n = self.anchor.size
             self.shm_weights = shmem.attach(info.get("weights"), n)
             self.shm_push = shmem.attach(info.get("push"), n) if self.shm_weights is not None else None
@@ -244,6 +367,8 @@ class _Pusher:
         r = self.comm.wait(fut)
         if r.get("stop"):
             raise BudgetSpent(r.get("message") or "the privacy budget is spent")
+        if self.group is not None and isinstance(self.comm.ps, ShardedParameterServer):
+            self.comm.ps.adopt_versions(r)  # the push may have gone through another task's handle
         fresh = self._weights(r)
         if self.overlap:
             self.trainer.set_params(fresh + (self.trainer.get_params() - self.anchor))
@@ -293,16 +418,28 @@ class _Pusher:
             self._secure_push(delta, samples, batches, loss, timings)
             return
         wire, _ = (SHM_DELTA, None) if seg is not None else self.compressor(delta)
-        fut = self.comm.ps.soon.push(
-            name=self.name,
-            version=self.version,
-            delta=wire,
-            samples=samples,
-            batches=batches,
-            loss=loss,
-            timings=timings,
-            timeout=self.timeout,
-        )
+        if self.group is not None:
+            fut = self.group.push(
+                self.comm.ps,
+                self.name,
+                self.version,
+                wire,
+                samples=samples,
+                batches=batches,
+                loss=loss,
+                timings=timings,
+            )
+        else:
+            fut = self.comm.ps.soon.push(
+                name=self.name,
+                version=self.version,
+                delta=wire,
+                samples=samples,
+                batches=batches,
+                loss=loss,
+                timings=timings,
+                timeout=self.timeout,
+            )
         self.anchor = current
         if self.overlap:
             self.pending = fut
@@ -387,7 +524,9 @@ def train_task(
     worker = get_worker()
     comm = _Comm(_server(job, cfg), name, cfg["barrier_timeout"])
     slot = name.split("-", 1)[-1]  # "e3-s1" -> "s1": the share, whatever the epoch
-    same_host = {"shm": True} if cfg.get("ps_shared_memory", True) and isinstance(comm.ps, ParameterServer) else {}
+    group = push_group(job, cfg["barrier_timeout"]) if cfg.get("combine_pushes") else None
+    shm_ok = cfg.get("ps_shared_memory", True) and isinstance(comm.ps, ParameterServer) and group is None
+    same_host = {"shm": True} if shm_ok else {}
     reply = comm.wait(
         comm.ps.soon.join(name, key=worker.get_current_task(), worker=worker.address, slot=slot, **same_host)
     )
@@ -418,8 +557,10 @@ def train_task(
         trainer.discard_accumulated()  # a failed task on this thread may have left some behind
     _row_cache.resize(_row_cache_bytes(cfg))
     loader = training_loader(_store(store_path), cfg, ranges=ranges, cache=_row_cache, cache_scope=job)
-    pusher = _Pusher(comm, trainer, loader, name, reply, cfg, compressor)
+    pusher = _Pusher(comm, trainer, loader, name, reply, cfg, compressor, group)
     stopped = ""
+    if group is not None:
+        group.enter(name, pusher.version)
     try:
         try:
             r = run_batches(
@@ -441,6 +582,8 @@ def train_task(
             loss = done["loss"] / done["batches"] if done["batches"] else float("nan")
             r = {"samples": done["samples"], "steps": done["batches"], "loss": loss}
     finally:
+        if group is not None:
+            group.leave(name)  # before leaving the server: the others' round goes on without it
         read_seconds = loader.read_seconds
         loader.close()
         pusher.detach()
@@ -557,6 +700,7 @@ def forget_job(job: str) -> None:
         for kept in (_trainers, _residuals, _val_batches):
             for key in [k for k in kept if k[0] == job]:
                 del kept[key]
+        _groups.pop(job, None)
     _row_cache.forget(job)
 
 

@@ -694,6 +694,8 @@ for _id, _setting in {
     "C76": ("compress_replies=true", "compression=topk"),
     "C77": ("compress_replies=true", "compression=fp16", "mode=async"),
     "C78": ("compress_replies=true", "compression=fp16", "clients=10"),
+    "C79": ("combine_pushes=true", "mode=async"),
+    "C81": ("combine_pushes=true", "compression=int8"),
 }.items():
     case(_id)(lambda t, s=_setting: _train_set(t, *(a for v in s for a in ("--set", v))))
 

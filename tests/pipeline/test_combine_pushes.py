@@ -1,0 +1,142 @@
+"""Summed pushes (``combine_pushes``) on a real cluster: one worker process with two threads,
+whose two training tasks of each sync round reach the parameter server as one push; and the
+same through a sharded server (a ``dask worker --resources ps-shard=1`` process)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.config import TrainConfig
+from pipeline.ps.job import Job
+from pipeline.ps.wire import decode_vector
+from pipeline.train import train
+from pipeline.worker import PushGroup
+from tests.pipeline.test_ps_shard import _start_shard_worker, _wait_for_shard_workers
+
+BASE = {"mode": "sync", "epochs": 2, "patience": 0, "seed": 5, "hidden": [32], "batch_size": 128}
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[object]:
+    """One training worker process with two threads (a host's worker with --nthreads 2)."""
+    from pipeline.connect import cluster_client
+
+    with cluster_client(workers=1, threads_per_worker=2, dashboard_address=None) as c:
+        yield c
+
+
+def _pushes(run: Path) -> tuple[int, int]:
+    doc = json.loads((run / "history.json").read_text())
+    return doc["pushes"], doc["summed"]
+
+
+def test_summed_pushes_give_the_same_weights_with_half_the_messages(letter_stores, client, tmp_path):
+    apart = train(letter_stores[0], TrainConfig(**BASE), tmp_path / "apart", client=client)
+    summed = train(letter_stores[0], TrainConfig(**BASE, combine_pushes=True), tmp_path / "summed", client=client)
+    # two tasks a round in one process: one message each round (but where a share ran alone)
+    assert all(len(h["tasks"]) == 2 for h in summed.history)
+    assert len({t["worker"] for h in summed.history for t in h["tasks"]}) == 1
+    pushes, n_summed = _pushes(summed.run_dir)
+    assert _pushes(apart.run_dir) == (pushes, 0)
+    assert pushes >= 2 * summed.history[-1]["rounds"] - 4 and n_summed >= pushes // 2 - 2
+    # the worker sums as the server does (sample-weighted, in name order): the same floats
+    assert [h["rounds"] for h in summed.history] == [h["rounds"] for h in apart.history]
+    np.testing.assert_array_equal(summed.model.params, apart.model.params)
+    assert [h["val_loss"] for h in summed.history] == [h["val_loss"] for h in apart.history]
+
+
+def test_summed_pushes_through_a_sharded_server(letter_stores, client, tmp_path):
+    proc = _start_shard_worker(client.scheduler.address)
+    try:
+        _wait_for_shard_workers(client, 1)
+        apart = train(letter_stores[0], TrainConfig(**BASE, ps_shards=1), tmp_path / "apart", client=client)
+        cfg = TrainConfig(**BASE, ps_shards=1, combine_pushes=True)
+        summed = train(letter_stores[0], cfg, tmp_path / "summed", client=client)
+    finally:
+        proc.kill()
+        proc.wait()
+    # each task's handle follows the shard's version even when the other task's handle sent the
+    # push: no delta is dropped as stale, and the run is the one without summing
+    assert _pushes(summed.run_dir)[1] > 0
+    assert [h["rounds"] for h in summed.history] == [h["rounds"] for h in apart.history]
+    np.testing.assert_array_equal(summed.model.params, apart.model.params)
+
+
+class _JobHandle:
+    """A task's handle on a real :class:`Job` running on an event loop in another thread (as
+    the scheduler's is): ``soon.push`` returns a concurrent future of the reply."""
+
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        self.job, self.loop = job, loop
+
+    @property
+    def soon(self) -> _JobHandle:
+        return self
+
+    def push(self, **kw: Any) -> Any:
+        name, version, delta = kw.pop("name"), kw.pop("version"), kw.pop("delta")
+        return asyncio.run_coroutine_threadsafe(self.job.push(name, version, delta, **kw), self.loop)
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        async def run() -> Any:
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
+
+
+@pytest.fixture
+def handle() -> Iterator[_JobHandle]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    job = asyncio.run_coroutine_threadsafe(_create(), loop).result(5)
+    try:
+        yield _JobHandle(job, loop)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+async def _create() -> Job:
+    return Job.create("j", np.zeros(4, np.float32), 4, mode="sync", optimizer={"name": "sgd", "lr": 1.0})
+
+
+def test_a_group_never_waits_for_a_task_that_already_pushed_alone_nor_for_one_that_left(handle):
+    job, group, pool = handle.job, PushGroup(timeout=10), ThreadPoolExecutor(2)
+    d = {"a": np.full(4, 1, np.float32), "b": np.full(4, 3, np.float32)}
+
+    def push(name: str, version: int) -> Any:
+        fut = group.push(handle, name, version, d[name], samples=10, batches=1, loss=1.0, timings={})
+        return fut.result(10)
+
+    # both joined the server, but "a" is alone in the group when it pushes round 0: its push
+    # goes at once and waits for the round, which needs "b" (entering the group only now):
+    # "b" must not wait for "a"
+    handle.call(job.join, "a")
+    handle.call(job.join, "b")
+    group.enter("a", 0)
+    first = pool.submit(push, "a", 0)
+    group.enter("b", 0)
+    assert push("b", 0)["version"] == first.result(10)["version"] == 1
+    assert (job.pushes, job.summed, group.pushes, job.history[-1][-1]) == (2, 0, 2, 2)
+    # round 1: both push; one message carries both deltas
+    both = [pool.submit(push, n, 1) for n in ("b", "a")]
+    assert [f.result(10)["version"] for f in both] == [2, 2]
+    assert (job.pushes, job.summed, group.pushes, group.deltas) == (4, 1, 3, 4)
+    np.testing.assert_array_equal(decode_vector(job.reply()["params"], 4), np.full(4, -8, np.float32))
+    # "b" leaves the group (its share is done) before round 2: "a" pushes alone
+    group.leave("b")
+    last = pool.submit(push, "a", 2)
+    handle.call(job.leave, "b")
+    assert last.result(10)["version"] == 3 and (job.summed, group.pushes) == (1, 4)
+    pool.shutdown()
