@@ -340,6 +340,71 @@ def reply_cost(n: int, reps: int = 20) -> list[dict[str, Any]]:
     return out
 
 
+def summed_cost(n: int, k: int = 8, reps: int = 10) -> dict[str, Any]:
+    """What summing ``k`` tasks' deltas into one push (``combine_pushes``) costs and saves, at
+    ``n`` parameters, in this process (no sockets): the server's CPU for a sync round of ``k``
+    pushes, of one push carrying ``k - 1`` co-senders, and of a one-participant round's single
+    push (each delta as the scheduler receives it, a ``Serialized`` frame; the round applied in
+    each), so a co-sender's own bookkeeping is ``(summed - one) / (k - 1)``; and the worker's CPU
+    to sum the ``k`` deltas (:func:`pipeline.worker.weighted_mean`). Thread CPU time, best of
+    ``reps``."""
+    import asyncio
+
+    from distributed.protocol.serialize import Serialized, serialize
+
+    from pipeline.ps.job import Job
+    from pipeline.worker import weighted_mean
+
+    rng = np.random.default_rng(0)
+    deltas = [(rng.standard_normal(n) * 1e-3).astype(np.float32) for _ in range(k)]
+    wires = [Serialized(*serialize(d, serializers=["dask"])) for d in deltas]
+    names = [f"p{i}" for i in range(k)]
+
+    async def round_cost(pushes: int, summed: bool) -> float:
+        job = Job.create("cost", np.zeros(n, np.float32), n, mode="sync")
+        for name in names[:pushes]:
+            job.join(name)
+        best = math.inf
+        for _ in range(reps):
+            t = time.thread_time()
+            if summed:
+                also = [{"name": m, "samples": 256, "batches": 1, "loss": 1.0, "timings": {}} for m in names[1:pushes]]
+                await job.push(names[0], job.version, wires[0], samples=256, batches=1, loss=1.0, wait=False, also=also)
+            else:
+                for name, wire in zip(names[:pushes], wires, strict=False):
+                    await job.push(name, job.version, wire, samples=256, batches=1, loss=1.0, wait=False)
+            best = min(best, time.thread_time() - t)
+        return best
+
+    sep = asyncio.run(round_cost(k, False))
+    summed = asyncio.run(round_cost(k, True))
+    one = asyncio.run(round_cost(1, False))
+    host = math.inf
+    for _ in range(reps):
+        t = time.thread_time()
+        weighted_mean(deltas, [256] * k)
+        host = min(host, time.thread_time() - t)
+    return {
+        "params": n,
+        "tasks": k,
+        f"{k} pushes ms": 1e3 * sep,
+        "1 summed push ms": 1e3 * summed,
+        "1-task round ms": 1e3 * one,
+        "co-sender ms": 1e3 * max(0.0, summed - one) / (k - 1),
+        "host sum ms": 1e3 * host,
+    }
+
+
+def _summed_seconds(summed: list[dict[str, Any]] | None, params: int) -> tuple[float, float]:
+    """(a co-sender's server seconds, the worker's seconds to sum 8 deltas) at ``params``: the
+    co-sender's cost at the nearest measured size (it does not grow with the vector), the sum
+    scaled linearly from the nearest measured size. Zeros without figures (an older run)."""
+    if not summed:
+        return 0.0, 0.0
+    near = min(summed, key=lambda r: abs(math.log(r["params"] / params)))
+    return near["co-sender ms"] / 1e3, near["host sum ms"] / 1e3 * params / near["params"]
+
+
 def _encode_seconds(encode: list[dict[str, Any]] | None, codec: str, params: int) -> float:
     """The worker's seconds per push to encode ``params`` parameters in ``codec``: the compressor's
     measured time at the size nearest ``params`` (log scale), scaled linearly to ``params`` (every
@@ -353,7 +418,10 @@ def _encode_seconds(encode: list[dict[str, Any]] | None, codec: str, params: int
 
 
 def projection(
-    rows: list[dict[str, Any]], cpu: dict[str, float], encode: list[dict[str, Any]] | None = None
+    rows: list[dict[str, Any]],
+    cpu: dict[str, float],
+    encode: list[dict[str, Any]] | None = None,
+    summed: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Workers at which one in-scheduler server saturates, per model, worker kind, codec and link.
 
@@ -408,11 +476,21 @@ def projection(
                 row["budget ms/push at 64"] = 1e3 * period / 64
                 row["budget ms/push, 8 per host summed"] = 1e3 * period / 8
                 row["per-message ms"] = ca  # already ms
-                budget8 = period / 8 - ca / 1e3
-                need8 = per_byte / budget8 if budget8 > 0 else math.inf
-                row["shards for 64, 8 per host summed (estimate)"] = (
-                    "never (per-message cost)" if need8 == math.inf else math.ceil(need8)
-                )
+                # combine_pushes: each host's 8 workers (one worker process, 8 threads) push once;
+                # the push carries 7 co-senders (their bookkeeping measured); the 8 deltas are summed
+                # on the host before the push: at GPU speed (not built: free here) or on its CPU
+                # (measured: it lengthens every worker's push period)
+                co, host_sum = _summed_seconds(summed, p)
+                row["co-senders ms/push"] = 7e3 * co
+                row["host sum ms/push (CPU)"] = 1e3 * host_sum
+                for label, extra in (("", 0.0), (", host sum on CPU", host_sum)):
+                    budget8 = (period + extra) / 8 - ca / 1e3 - 7 * co
+                    need8 = per_byte / budget8 if budget8 > 0 else math.inf
+                    key = f"shards for 64, 8 per host summed{label} (estimate)"
+                    if codec != "none":  # combine_pushes sums float32 deltas only
+                        row[key] = "n/a (float32 only)"
+                    else:
+                        row[key] = "never (per-message cost)" if need8 == math.inf else math.ceil(need8)
                 out.append(row)
     return out
 
@@ -425,6 +503,8 @@ def projection_text(proj: list[dict[str, Any]], cpu: dict[str, float]) -> str:
         "budget ms/push at 64": ".3f",
         "budget ms/push, 8 per host summed": ".3f",
         "per-message ms": ".2f",
+        "co-senders ms/push": ".3f",
+        "host sum ms/push (CPU)": ".2f",
     }
     fmt.update({f"N {link}": ",.1f" for link in LINKS})
     gpu1m = {r["codec"]: r for r in proj if r["model"] == "1M" and r["workers"] == "GPU"}
@@ -463,10 +543,31 @@ def projection_text(proj: list[dict[str, Any]], cpu: dict[str, float]) -> str:
         "most all the time (the push period over 64); ', 8 per host summed' is the same if each host's 8 "
         "workers summed their deltas before one push (8 pushes a round); 'per-message ms' is the measured "
         "cost of a message of any size (the 1e4-parameter cell); 'shards for 64, 8 per host summed' is the "
-        "shard estimate above with 8 pushes a round instead of 64 (summing on the host is NOT built). "
-        "Where the budget is below the per-message "
+        "shard estimate above with 8 pushes a round instead of 64 (`combine_pushes`, one worker process of 8 "
+        "threads per host; float32 deltas only), each push also paying its 7 co-senders' bookkeeping "
+        "('co-senders ms/push', measured) and the host's 8 deltas summed at GPU speed (not built: counted as "
+        "free); ', host sum on CPU' is the same with the sum on the host's CPU as built ('host sum ms/push "
+        "(CPU)', measured and scaled linearly), which lengthens every worker's push period: there the host's "
+        "CPU, not the server, sets the pace. Where the budget is below the per-message "
         "cost, no sharding or compression of this design meets the target: the vectors would have to travel "
-        "outside Python messages (a collective such as an allreduce between the workers)."
+        "outside Python messages (a collective such as an allreduce between the workers). " + summed_verdict(proj)
+    )
+
+
+def summed_verdict(proj: list[dict[str, Any]]) -> str:
+    """The 64-GPU target for the 1M model with each host's 8 workers summed and the server sharded."""
+    row = next(r for r in proj if r["model"] == "1M" and r["workers"] == "GPU" and r["codec"] == "none")
+    free = row["shards for 64, 8 per host summed (estimate)"]
+    cpu = row["shards for 64, 8 per host summed, host sum on CPU (estimate)"]
+    big = next(r for r in proj if r["model"] == "100M" and r["workers"] == "GPU" and r["codec"] == "none")
+    big_free = big["shards for 64, 8 per host summed (estimate)"]
+    return (
+        "With `combine_pushes` (8 per host) and shards, 64 GPU workers on the 1M model need "
+        f"{free} shards (host sum at GPU speed, not built) or {cpu} (host sum on the CPU, as built: the "
+        f"host's {row['host sum ms/push (CPU)']:.2f} ms sum then paces the workers, against "
+        f"{row['compute ms/push']:.2f} ms of steps); the 100M model {big_free} "
+        f"or {big['shards for 64, 8 per host summed, host sum on CPU (estimate)']} (estimates: this machine has "
+        "2 cores and cannot run that many shards)."
     )
 
 
@@ -478,7 +579,7 @@ def reproject(path: str | os.PathLike) -> str:
     d = json.loads(Path(path).read_text())
     if "server" not in d or "cpu_step" not in d:
         raise SystemExit(f"{path}: no server rows and CPU step kept (run with --parts server,projection)")
-    return projection_text(projection(d["server"], d["cpu_step"], d.get("encode")), d["cpu_step"])
+    return projection_text(projection(d["server"], d["cpu_step"], d.get("encode"), d.get("summed")), d["cpu_step"])
 
 
 # -------------------------------------------------------------------------------------------
@@ -509,10 +610,11 @@ def run(
         payload["replies"] = [r for n in sizes for r in reply_cost(n, 5 if quick else 20)]
     if "server" in parts or "projection" in parts:
         payload["encode"] = [r for n in sizes[1:] for r in encode_cost(n, 3 if quick else 10)]
+        payload["summed"] = [summed_cost(n, 8, 3 if quick else 10) for n in sizes]
     if "projection" in parts:
         cpu = cpu_step_flops(quick)
         payload["cpu_step"] = cpu
-        payload["projection"] = projection(rows, cpu, payload["encode"])
+        payload["projection"] = projection(rows, cpu, payload["encode"], payload["summed"])
     path = protocol.save_json("ps_compression" + ("-quick" if quick else ""), payload, quick=quick)
     meta["json"] = str(path)
     head = "\n".join(protocol.provenance_lines(meta)) + f"\nLoad average before {load0:.2f}, after {load():.2f}."
@@ -552,6 +654,28 @@ def run(
             + md_table(
                 payload["encode"],
                 {"params": ".0e", "worker ms/push (compressor)": ".2f", "encoder ms": ".2f", "NumPy encoder ms": ".2f"},
+            )
+        )
+    if payload.get("summed"):
+        texts.append(
+            "### Summed pushes (`combine_pushes`): what one push for 8 tasks costs and saves\n\n"
+            "A sync `Job` in this process (no sockets), each delta as the scheduler receives it: the server's CPU "
+            "for a round of 8 pushes, for the same round as one push naming 7 co-senders, and for a one-task "
+            "round's single push (each round applied); a co-sender's own bookkeeping = (summed - one task) / 7. "
+            "'host sum ms' is the worker's CPU to sum the 8 deltas before the push "
+            "(`pipeline.worker.weighted_mean`, one thread). Thread CPU time, best of the repetitions. On a "
+            "cluster each push is also a message: the per-message cost of the table above (~0.5 ms) is paid "
+            "once per summed push instead of 8 times.\n\n"
+            + md_table(
+                payload["summed"],
+                {
+                    "params": ".0e",
+                    "8 pushes ms": ".3f",
+                    "1 summed push ms": ".3f",
+                    "1-task round ms": ".3f",
+                    "co-sender ms": ".4f",
+                    "host sum ms": ".2f",
+                },
             )
         )
     if payload.get("replies"):

@@ -361,7 +361,7 @@ def projection_targets(results: Path = RESULTS, want: int = 64) -> list[Target]:
     rows = [r for r in d["projection"] if r["model"] == "1M" and r["workers"] == "GPU"]
     figures = "; ".join(f"{r['codec']} {r['N 10 GbE']:.1f} / {r['N 100 GbE']:.1f}" for r in rows)
     best = max(max(r["N 10 GbE"], r["N 100 GbE"]) for r in rows)
-    return [
+    out = [
         Target(
             "scale",
             name + " (one in-scheduler server; workers at saturation on 10 / 100 GbE, by codec)",
@@ -371,6 +371,23 @@ def projection_targets(results: Path = RESULTS, want: int = 64) -> list[Target]:
             path.name,
         )
     ]
+    f32 = next(r for r in rows if r["codec"] == "none")
+    built = f32.get("shards for 64, 8 per host summed, host sum on CPU (estimate)")
+    if built is not None:  # runs since combine_pushes: each host's 8 workers push once
+        free = f32["shards for 64, 8 per host summed (estimate)"]
+        out.append(
+            Target(
+                "scale",
+                name + " (combine_pushes, 8 workers per host, and a sharded server; estimate, 100 GbE)",
+                f"{built} shards with the host's sum on its CPU as built (the sum, "
+                f"{f32['host sum ms/push (CPU)']:.2f} ms, then paces the workers: {f32['compute ms/push']:.2f} ms "
+                f"of steps); {free} with the sum at GPU speed (not built)",
+                "a finite shard count with the sum as built",
+                isinstance(built, int),
+                path.name,
+            )
+        )
+    return out
 
 
 def overlap_targets(results: Path = RESULTS) -> list[Target]:

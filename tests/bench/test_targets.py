@@ -106,3 +106,26 @@ def test_place_replaces_only_its_own_section() -> None:
     twice = place(once, "## Targets: newest full runs\n\n| b |")
     assert "| a |" not in twice and "| b |" in twice
     assert twice.count("## Targets") == 1 and "## Summary\n\ntext" in twice
+
+
+def test_the_summed_projection_is_judged_on_the_sum_as_built(tmp_path: Path) -> None:
+    """With combine_pushes' columns (runs since it exists) a second projection row appears: met
+    only when the shard estimate with the host's sum on its CPU, as built, is a finite count."""
+    from bench.ps_compression import projection
+    from bench.targets import projection_targets
+
+    src = sorted(RESULTS.glob("ps_compression-2*.json"))[-1]
+    d = json.loads(src.read_text())
+    assert "shards for 64, 8 per host summed, host sum on CPU (estimate)" not in d["projection"][0]
+    shutil.copy(src, tmp_path / src.name)
+    assert len(projection_targets(tmp_path)) == 1  # a run from before: the single-server row only
+    summed = [{"params": 10**6, "co-sender ms": 0.01, "host sum ms": 4.0}]
+    newer = dict(d, projection=projection(d["server"], d["cpu_step"], d.get("encode"), summed))
+    (tmp_path / "ps_compression-29991231T000000Z.json").write_text(json.dumps(newer))
+    one, two = projection_targets(tmp_path)
+    assert one.met is False and two.met is True and "host's sum on its CPU as built" in two.figures
+    # a per-message cost above the budget with 8 per host: "never", not met
+    slow = [dict(r, **{"sched ms/push (process)": 50.0}) if r["params"] == 10_000 else r for r in d["server"]]
+    newer = dict(d, projection=projection(slow, d["cpu_step"], d.get("encode"), summed))
+    (tmp_path / "ps_compression-29991231T000000Z.json").write_text(json.dumps(newer))
+    assert projection_targets(tmp_path)[1].met is False
