@@ -375,15 +375,15 @@ def projection_targets(results: Path = RESULTS, want: int = 64) -> list[Target]:
     built = f32.get("shards for 64, 8 per host summed, host sum on CPU (estimate)")
     if built is not None:  # runs since combine_pushes: each host's 8 workers push once
         free = f32["shards for 64, 8 per host summed (estimate)"]
+        host, steps = f32["host sum ms/push (CPU)"], f32["compute ms/push"]
         out.append(
             Target(
                 "scale",
                 name + " (combine_pushes, 8 workers per host, and a sharded server; estimate, 100 GbE)",
-                f"{built} shards with the host's sum on its CPU as built (the sum, "
-                f"{f32['host sum ms/push (CPU)']:.2f} ms, then paces the workers: {f32['compute ms/push']:.2f} ms "
-                f"of steps); {free} with the sum at GPU speed (not built)",
-                "a finite shard count with the sum as built",
-                isinstance(built, int),
+                f"{built} shards with the host's sum on its CPU as built (the sum {host:.2f} ms a push against "
+                f"{steps:.2f} ms of steps); {free} with the sum at GPU speed (not built)",
+                "a finite shard count with the sum as built, and the sum not slower than the steps",
+                isinstance(built, int) and host <= steps,
                 path.name,
             )
         )

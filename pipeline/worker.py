@@ -168,7 +168,7 @@ class PushGroup:
     and goes on without waiting for the reply (the server's round waits for the leaving task
     until it leaves the server).
 
-    On a worker started with one thread per core or GPU (``--nthreads N``, one worker per host)
+    On a worker started with one thread per core (``--nthreads N``, one worker per host)
     the server then receives one message per host and round instead of N."""
 
     def __init__(self, timeout: float) -> None:
