@@ -54,6 +54,7 @@ BENCHMARKS = [
     ("ps_shards", "Sharded parameter server against the scheduler's", "python -m bench.ps_shards"),
     ("ps_saturation", "Parameter-server saturation: measured against predicted", "python -m bench.ps_saturation"),
     ("ps_transport", "Sync rounds: TCP against shared memory", "python -m bench.ps_transport"),
+    ("ps_summed", "Summed pushes on a real cluster", "python -m bench.ps_summed"),
     ("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets", "python -m bench.sklearn_parity"),
     ("fed_strategies", "Robust aggregation against a Byzantine client", "python -m bench.fed_strategies"),
     ("privacy", "The cost of privacy: DP, secure aggregation, both", "python -m bench.privacy"),

@@ -564,16 +564,21 @@ def summed_verdict(proj: list[dict[str, Any]]) -> str:
     big = next(r for r in proj if r["model"] == "100M" and r["workers"] == "GPU" and r["codec"] == "none")
     big_free = big["shards for 64, 8 per host summed (estimate)"]
     paced = row["host sum ms/push (CPU)"] > row["compute ms/push"]
+    cpu1m = next(r for r in proj if r["model"] == "1M" and r["workers"] == "CPU" and r["codec"] == "none")
     return (
         "With `combine_pushes` (8 per host) and shards, 64 GPU workers on the 1M model need "
-        f"{free} shards with the host's sum at GPU speed (not built) or {cpu} with the sum on its CPU as built"
+        f"{free} shards with each host's sum at GPU speed or {cpu} with the sum on its CPU"
         + (
             f", where the {row['host sum ms/push (CPU)']:.2f} ms sum, longer than the "
-            f"{row['compute ms/push']:.2f} ms of steps, paces the workers instead of the server: NOT met as built"
+            f"{row['compute ms/push']:.2f} ms of steps, paces the workers instead of the server"
             if paced
             else ""
         )
-        + f"; the 100M model {big_free} or {big['shards for 64, 8 per host summed, host sum on CPU (estimate)']} "
+        + "; as built neither applies to GPUs (the CUDA backend drives one device per process, so a GPU "
+        "host runs one process per GPU and has nothing to sum): NOT met. 64 CPU workers on the 1M model, "
+        f"summed 8 per host as built, need {cpu1m['shards for 64, 8 per host summed, host sum on CPU (estimate)']} "
+        f"shard(s) (one server saturates at {cpu1m['N 100 GbE']:.1f} without summing). The 100M model on GPUs: "
+        f"{big_free} or {big['shards for 64, 8 per host summed, host sum on CPU (estimate)']} shards "
         "(estimates: this machine has 2 cores and cannot run that many shards)."
     )
 

@@ -380,8 +380,9 @@ def projection_targets(results: Path = RESULTS, want: int = 64) -> list[Target]:
             Target(
                 "scale",
                 name + " (combine_pushes, 8 workers per host, and a sharded server; estimate, 100 GbE)",
-                f"{built} shards with the host's sum on its CPU as built (the sum {host:.2f} ms a push against "
-                f"{steps:.2f} ms of steps); {free} with the sum at GPU speed (not built)",
+                f"{built} shards with each host's sum on its CPU (the sum {host:.2f} ms a push against "
+                f"{steps:.2f} ms of steps); {free} with the sum at GPU speed; as built a GPU host runs one "
+                "process per GPU (the CUDA backend drives one device per process): nothing to sum",
                 "a finite shard count with the sum as built, and the sum not slower than the steps",
                 isinstance(built, int) and host <= steps,
                 path.name,

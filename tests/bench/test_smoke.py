@@ -98,6 +98,12 @@ CASES = {
         "scheduler CPU per push, TCP / shared memory",
         "Raw figures: `bench/out/results/ps_transport-quick-",
     ],
+    "ps_summed": [
+        "| 2 | 10,000 | separate |",
+        "| 2 | 10,000 | summed |",
+        "scheduler CPU per round, separate / summed",
+        "Raw figures: `bench/out/results/ps_summed-quick-",
+    ],
     "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
     "step_anatomy": ["| GEMMs (9 per step) |", "| cluster start |", "driver (scheduler + PS)"],
     "cold_start": [
