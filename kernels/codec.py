@@ -1,4 +1,5 @@
-"""Compiled loops for the parameter server's bf16 and top-k delta codecs.
+"""Compiled loops for the parameter server's bf16 and top-k delta codecs, and for the
+sample-weighted mean a worker's tasks push as one (``combine_pushes``).
 
 Every push of a compressed delta is encoded on the worker that sends it. In NumPy the bf16
 encoder takes four passes and three temporaries (~0.7 ms per million entries here) and the
@@ -22,6 +23,12 @@ codec sends), and the tests hold them to it bit for bit:
   over every entry finds the bucket holding the k-th largest, the next 11 and the last 10 bits
   are resolved among that bucket's entries, and one pass in index order writes the chosen
   indices, already sorted.
+
+* **weighted sum** (:func:`weighted_sum`): ``sum_j shares[j] * deltas[j]`` in one pass over the
+  ``k`` inputs, each product rounded to float32 and added in order, as NumPy's ``multiply`` then
+  ``+=`` per delta do (no fused multiply-add: ``fastmath`` is off): bit for bit the server's
+  weighted mean (:func:`pipeline.fedagg.aggregate`) of the same deltas. NumPy takes two passes
+  and a temporary per delta (7.8 ms for 8 deltas of 1e6 entries here, one thread).
 
 A NaN is not finite: a delta holding one fails the job on the server whatever was selected
 (its bits sort above infinity here). The module loads numba on first use
@@ -102,6 +109,33 @@ def _topk_select(x: np.ndarray, bits: np.ndarray, k: int, index: np.ndarray, val
             j += 1
 
 
+@njit(**_JIT)
+def _weighted_sum(deltas, shares, out):
+    # deltas: k-tuple of (N,) float32; shares: (k,) float32; out: (N,) float32
+    for i in range(out.shape[0]):
+        acc = deltas[0][i] * shares[0]
+        for j in range(1, len(deltas)):
+            acc = acc + deltas[j][i] * shares[j]
+        out[i] = acc
+
+
+def weighted_sum(
+    deltas: tuple[np.ndarray, ...] | list[np.ndarray], shares: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``sum_j shares[j] * deltas[j]`` (float32 vectors of one length, ``shares`` float32, in
+    order) into ``out`` (a new vector when None); bit for bit :func:`weighted_sum_reference`."""
+    parts = tuple(np.ascontiguousarray(d, dtype=np.float32).reshape(-1) for d in deltas)
+    shares = np.ascontiguousarray(shares, dtype=np.float32).reshape(-1)
+    if not parts or len(parts) != shares.size or any(d.size != parts[0].size for d in parts):
+        raise ValueError(
+            f"weighted_sum needs k >= 1 vectors of one length and k shares, got {len(parts)} and {shares.size}"
+        )
+    if out is None:
+        out = np.empty(parts[0].size, np.float32)
+    _weighted_sum(parts, shares, out)
+    return out
+
+
 def bf16_encode(x: np.ndarray) -> np.ndarray:
     """The bf16 halves (uint16) of a float32 vector ``x``, rounded to nearest even."""
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
@@ -145,3 +179,12 @@ def topk_reference(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     index = np.sort(np.argpartition(np.abs(x), x.size - k)[x.size - k :]).astype(np.int32)
     return index, x[index]
+
+
+def weighted_sum_reference(deltas: tuple[np.ndarray, ...] | list[np.ndarray], shares: np.ndarray) -> np.ndarray:
+    """:func:`weighted_sum` in NumPy (a multiply and an add per delta, as
+    :func:`pipeline.fedagg.aggregate`'s weighted mean): what the tests compare with."""
+    out = np.multiply(deltas[0], np.float32(shares[0]))
+    for d, w in zip(deltas[1:], shares[1:], strict=True):
+        out += np.multiply(d, np.float32(w))
+    return out

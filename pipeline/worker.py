@@ -179,7 +179,7 @@ class PushGroup:
         self.sent: dict[str, Any] = {}  # member -> the future of the push that carried its delta
         self.pushes = 0  # pushes sent for the group
         self.deltas = 0  # the tasks' deltas they carried
-        self._sum: tuple[np.ndarray, np.ndarray] | None = None  # the summed push's vector and scratch
+        self._sum: np.ndarray | None = None  # the summed push's vector
 
     def enter(self, name: str, version: int) -> None:
         with self.cond:
@@ -239,12 +239,12 @@ class PushGroup:
                 self.deltas += 1
             return out
         first, e0 = group[0]
-        # the sum's vectors are kept from round to round (fresh ones fault their pages in every
+        # the sum's vector is kept from round to round (a fresh one faults its pages in every
         # round under the nanny's trim threshold): a sync push's frames have left by its reply,
         # which every task of the group waits for before its next push
-        if self._sum is None or self._sum[0].shape != e0["delta"].shape or self._sum[0].dtype != e0["delta"].dtype:
-            self._sum = (np.empty_like(e0["delta"]), np.empty_like(e0["delta"]))
-        acc = weighted_mean([e["delta"] for _, e in group], [e["samples"] for _, e in group], *self._sum)
+        if self._sum is None or self._sum.shape != e0["delta"].shape:
+            self._sum = np.empty(e0["delta"].shape, np.float32)
+        acc = weighted_mean([e["delta"] for _, e in group], [e["samples"] for _, e in group], self._sum)
         also = [{"name": n, **{k: e[k] for k in fields}} for n, e in group[1:]]
         fut = e0["ps"].soon.push(
             name=first, version=version, delta=acc, **{k: e0[k] for k in fields}, timeout=self.timeout, also=also
@@ -254,21 +254,15 @@ class PushGroup:
         return {n: fut for n, _ in group}
 
 
-def weighted_mean(
-    deltas: list[np.ndarray], samples: list[int], out: np.ndarray | None = None, work: np.ndarray | None = None
-) -> np.ndarray:
+def weighted_mean(deltas: list[np.ndarray], samples: list[int], out: np.ndarray | None = None) -> np.ndarray:
     """``sum(n_i d_i) / sum(n_i)`` in float32, in the given order, with the float operations of
     the server's weighted mean (:func:`pipeline.fedagg.aggregate`): each delta times its float32
-    share, summed one by one; into ``out`` (``work``: a scratch vector of the same shape), new
-    vectors when None. ``samples`` must not all be 0."""
+    share, summed one by one (one compiled pass over the deltas, :func:`kernels.codec.weighted_sum`);
+    into ``out`` (a new vector when None). ``samples`` must not all be 0."""
+    from kernels.codec import weighted_sum
+
     total = sum(samples)
-    acc = np.empty_like(deltas[0]) if out is None else out
-    tmp = np.empty_like(acc) if work is None else work
-    for i, (d, n) in enumerate(zip(deltas, samples, strict=True)):
-        np.multiply(d, np.float32(n / total), out=acc if i == 0 else tmp)
-        if i:
-            acc += tmp
-    return acc
+    return weighted_sum(deltas, np.array([n / total for n in samples], dtype=np.float32), out)
 
 
 _groups: dict[str, PushGroup] = {}  # job -> its push group in this process (combine_pushes)

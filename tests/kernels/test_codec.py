@@ -90,7 +90,31 @@ def test_topk_refuses_a_k_out_of_range():
 
 
 def test_the_kernels_release_the_gil():
-    from kernels.codec import _bf16_bits, _bf16_widen, _topk_select
+    from kernels.codec import _bf16_bits, _bf16_widen, _topk_select, _weighted_sum
 
-    for fn in (_bf16_bits, _bf16_widen, _topk_select):
+    for fn in (_bf16_bits, _bf16_widen, _topk_select, _weighted_sum):
         assert fn.targetoptions.get("nogil") is True
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_weighted_sum_is_numpy_s_multiply_and_add_bit_for_bit(k):
+    from kernels.codec import weighted_sum, weighted_sum_reference
+
+    rng = np.random.default_rng(k)
+    deltas = [(rng.standard_normal(10_001) * 10.0 ** rng.integers(-6, 2)).astype(np.float32) for _ in range(k)]
+    samples = rng.integers(1, 300, k)
+    shares = np.array([n / samples.sum() for n in samples], np.float32)
+    want = weighted_sum_reference(deltas, shares)
+    np.testing.assert_array_equal(weighted_sum(deltas, shares), want)
+    out = np.full(10_001, np.nan, np.float32)
+    assert weighted_sum(tuple(deltas), shares, out) is out
+    np.testing.assert_array_equal(out, want)
+
+
+def test_weighted_sum_refuses_mismatched_inputs():
+    from kernels.codec import weighted_sum
+
+    with pytest.raises(ValueError, match="k >= 1 vectors of one length and k shares"):
+        weighted_sum([np.ones(3, np.float32), np.ones(4, np.float32)], np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="k >= 1 vectors of one length and k shares, got 1 and 2"):
+        weighted_sum([np.ones(3, np.float32)], np.ones(2, np.float32))
