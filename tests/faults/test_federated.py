@@ -239,10 +239,10 @@ def test_a_killed_site_is_left_out_until_a_new_worker_for_it_starts(sites, tmp_p
         hist = _ckpt_history(run)
         assert [e["round"] for e in hist] == list(range(len(hist)))  # no round lost, none twice
         # a's response is always enough (min_responses 0.5): every round that heard from a site
-        # applied; a round that heard from none before its 3 s deadline (a's task late on a loaded
-        # machine) is discarded, which is no loss of a response
+        # applied; a sync round that heard from none before its 3 s deadline (a's task late on a
+        # loaded machine) is discarded, which is no loss of a response
         rounds = [(e["round"], e["sampled"], e["responded"], e["applied"]) for e in hist]
-        assert all(e["applied"] == bool(e["responded"]) for e in hist), rounds
+        assert all(e["applied"] for e in hist if e["responded"]), rounds
         assert sum(e["applied"] for e in hist) >= len(hist) // 2, rounds
         gone = [e for e in hist[killed_at:] if "b" not in e["responded"]]
         assert gone and all(e["responded"] == ["a"] for e in gone)
