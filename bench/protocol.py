@@ -292,6 +292,17 @@ def fmt_ratio(s: dict) -> str:
     return f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}; per pass {per})"
 
 
+def conditions_tail(passes: list[dict[str, Any]], layout: str, what: str, path: Any) -> list[str]:
+    """The end of a table run on several clusters one after the other: the conditions of every
+    pass (``what`` says their order), the flagged ones named by their ``layout`` key (each pass
+    record carries it, e.g. ``workers``), and the raw figures' file."""
+    flagged = [f"{p[layout]} {layout} pass {p['pass']}" for p in passes if p["conditions"]["flags"]]
+    lines = ["", f"Conditions per pass ({what}):", "", conditions_table(passes)]
+    if flagged:
+        lines += ["", f"Flagged under load: {', '.join(flagged)}."]
+    return [*lines, "", f"Raw figures: `{path}`."]
+
+
 def conditions_table(passes: list[dict[str, Any]]) -> str:
     """One markdown row per pass: order, load, steal, other processes, GEMM peaks, flag."""
     lines = [

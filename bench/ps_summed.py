@@ -185,12 +185,9 @@ def run(quick: bool = False, passes: int = 5) -> tuple[str, dict[str, Any]]:
             f"| {s['threads']} | {s['params']:,} | {protocol.fmt_ratio(s['sched CPU separate / summed'])} "
             f"| {protocol.fmt_ratio(s['rounds/s summed / separate'])} |"
         )
-    flagged = [f"{p['threads']} threads pass {p['pass']}" for p in recs if p["conditions"]["flags"]]
-    lines += ["", "Conditions per pass (first the 2-thread worker's passes, then the 4-thread one's):", ""]
-    lines.append(protocol.conditions_table(recs))
-    if flagged:
-        lines += ["", f"Flagged under load: {', '.join(flagged)}."]
-    lines += ["", f"Raw figures: `{path}`."]
+    lines += protocol.conditions_tail(
+        recs, "threads", "first the 2-thread worker's passes, then the 4-thread one's", path
+    )
     return "\n".join(lines), payload
 
 

@@ -174,12 +174,9 @@ def run(quick: bool = False, passes: int = 5) -> tuple[str, dict[str, Any]]:
             f"| {s['workers']} | {s['params']:,} | {protocol.fmt_ratio(s['rounds/s shm / tcp'])} "
             f"| {protocol.fmt_ratio(s['sched CPU tcp / shm'])} |"
         )
-    flagged = [f"{p['workers']} workers pass {p['pass']}" for p in recs if p["conditions"]["flags"]]
-    lines += ["", "Conditions per pass (first the 2-worker cluster's passes, then the 4-worker one's):", ""]
-    lines.append(protocol.conditions_table(recs))
-    if flagged:
-        lines += ["", f"Flagged under load: {', '.join(flagged)}."]
-    lines += ["", f"Raw figures: `{path}`."]
+    lines += protocol.conditions_tail(
+        recs, "workers", "first the 2-worker cluster's passes, then the 4-worker one's", path
+    )
     return "\n".join(lines), payload
 
 
