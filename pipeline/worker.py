@@ -169,7 +169,15 @@ class PushGroup:
     until it leaves the server).
 
     On a worker started with one thread per core (``--nthreads N``, one worker per host)
-    the server then receives one message per host and round instead of N."""
+    the server then receives one message per host and round instead of N.
+
+    The sum is shared: with a vector of at least ``min_slice`` floats per task, the round's
+    tasks, all waiting for it, each sum one contiguous slice of it (the compiled sum releases
+    the GIL, so the slices run on as many cores) and the one that finishes last sends the push.
+    Each element is the same float operations in the same order whatever the slicing: the same
+    bits as one task summing it all."""
+
+    min_slice = 1 << 17  # floats per task below which one task sums the whole vector (waking the others costs more)
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
@@ -179,7 +187,10 @@ class PushGroup:
         self.sent: dict[str, Any] = {}  # member -> the future of the push that carried its delta
         self.pushes = 0  # pushes sent for the group
         self.deltas = 0  # the tasks' deltas they carried
+        self.shared = 0  # summed pushes whose sum the round's tasks shared, slice by slice
+        self.sliced: dict[str, int] = {}  # member -> slices of shared sums it summed
         self._sum: np.ndarray | None = None  # the summed push's vector
+        self._jobs: list[_SumJob] = []  # summed pushes whose slices are being summed
 
     def enter(self, name: str, version: int) -> None:
         with self.cond:
@@ -202,7 +213,13 @@ class PushGroup:
             self._send_complete()
             deadline = time.monotonic() + self.timeout
             while name not in self.sent:
+                job = next((j for j in self._jobs if j.unclaimed()), None)
+                if job is not None:  # a summed push is being summed: take a slice of it
+                    self._sum_slice(job, name)
+                    continue
                 left = deadline - time.monotonic()
+                if any(name in j.members for j in self._jobs):
+                    left = max(left, 0.1)  # its slices are claimed: it is sent when they are summed
                 if left <= 0:
                     self.entries.pop(name, None)
                     waiting = sorted(m for m, v in self.done.items() if v < version and m not in self.entries)
@@ -211,7 +228,35 @@ class PushGroup:
                         f"not push within barrier_timeout = {self.timeout:g} s; raise it or set combine_pushes = false"
                     )
                 self.cond.wait(left)
-            return self.sent.pop(name)
+            sent = self.sent.pop(name)
+            if isinstance(sent, BaseException):
+                raise sent
+            return sent
+
+    def _sum_slice(self, job: _SumJob, name: str) -> None:
+        # under self.cond, released while summing: task ``name`` sums the next slice of ``job``;
+        # the one that finishes the last slice sends the push
+        i = job.claim()
+        self.cond.release()
+        try:
+            job.sum(i)
+        except Exception as exc:  # noqa: BLE001 - reported to every task of the round
+            job.error = job.error or exc
+        finally:
+            self.cond.acquire()
+        self.sliced[name] = self.sliced.get(name, 0) + 1
+        job.left -= 1
+        if job.left == 0:
+            self._jobs.remove(job)
+            if job.error is not None:
+                err = TrainingError(f"summing the pushes of {', '.join(job.members)} failed: {job.error!r}")
+                sent = dict.fromkeys(job.members, err)
+            else:
+                sent = self._send_summed(job.version, job.group, job.out)
+            for n, fut in sent.items():
+                self.sent[n] = fut
+                self.done[n] = job.version
+            self.cond.notify_all()
 
     def _send_complete(self) -> None:
         # under self.cond: send each version whose every member has pushed for it (or before)
@@ -220,10 +265,34 @@ class PushGroup:
             if any(m not in names and done < v for m, done in self.done.items()):
                 continue  # a member still has to push for v
             group = [(n, self.entries.pop(n)) for n in names]
+            job = self._split(v, group)
+            if job is not None:  # the waiting tasks sum it, slice by slice (push's loop)
+                self._jobs.append(job)
+                self.shared += 1
+                self.cond.notify_all()
+                continue
             for n, fut in self._send(v, group).items():
                 self.sent[n] = fut
                 self.done[n] = v
             self.cond.notify_all()
+
+    def _split(self, version: int, group: list[tuple[str, dict[str, Any]]]) -> _SumJob | None:
+        """The round's sum as slices for its tasks to share, or None to send it at once (one
+        task, no samples, or a vector too short to be worth dividing)."""
+        total = sum(e["samples"] for _, e in group)
+        size = group[0][1]["delta"].size
+        parts = min(len(group), size // self.min_slice)
+        if len(group) == 1 or total == 0 or parts < 2:
+            return None
+        return _SumJob(version, group, shares_of([e["samples"] for _, e in group]), self._vector(size), parts)
+
+    def _vector(self, size: int) -> np.ndarray:
+        # the sum's vector is kept from round to round (a fresh one faults its pages in every
+        # round under the nanny's trim threshold): a sync push's frames have left by its reply,
+        # which every task of the group waits for before its next push
+        if self._sum is None or self._sum.size != size:
+            self._sum = np.empty(size, np.float32)
+        return self._sum
 
     def _send(self, version: int, group: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         """Send one round's pushes of ``group`` (same version): one push for all of them; each
@@ -238,13 +307,14 @@ class PushGroup:
                 self.pushes += 1
                 self.deltas += 1
             return out
+        deltas, samples = [e["delta"] for _, e in group], [e["samples"] for _, e in group]
+        acc = weighted_mean(deltas, samples, self._vector(total_size(group)))
+        return self._send_summed(version, group, acc)
+
+    def _send_summed(self, version: int, group: list[tuple[str, dict[str, Any]]], acc: np.ndarray) -> dict[str, Any]:
+        """One push of the summed ``acc`` for ``group``: the first names the others as co-senders."""
+        fields = ("samples", "batches", "loss", "timings")
         first, e0 = group[0]
-        # the sum's vector is kept from round to round (a fresh one faults its pages in every
-        # round under the nanny's trim threshold): a sync push's frames have left by its reply,
-        # which every task of the group waits for before its next push
-        if self._sum is None or self._sum.shape != e0["delta"].shape:
-            self._sum = np.empty(e0["delta"].shape, np.float32)
-        acc = weighted_mean([e["delta"] for _, e in group], [e["samples"] for _, e in group], self._sum)
         also = [{"name": n, **{k: e[k] for k in fields}} for n, e in group[1:]]
         fut = e0["ps"].soon.push(
             name=first, version=version, delta=acc, **{k: e0[k] for k in fields}, timeout=self.timeout, also=also
@@ -261,8 +331,48 @@ def weighted_mean(deltas: list[np.ndarray], samples: list[int], out: np.ndarray 
     into ``out`` (a new vector when None). ``samples`` must not all be 0."""
     from kernels.codec import weighted_sum
 
+    return weighted_sum(deltas, shares_of(samples), out)
+
+
+def shares_of(samples: list[int]) -> np.ndarray:
+    """Each delta's float32 share of a weighted mean: its samples over their total."""
     total = sum(samples)
-    return weighted_sum(deltas, np.array([n / total for n in samples], dtype=np.float32), out)
+    return np.array([n / total for n in samples], dtype=np.float32)
+
+
+def total_size(group: list[tuple[str, dict[str, Any]]]) -> int:
+    """The length of a round's deltas (one length for all)."""
+    return int(group[0][1]["delta"].size)
+
+
+class _SumJob:
+    """A summed push being summed by the tasks of its round, one contiguous slice each:
+    ``parts`` slices of ``out`` (bounds fixed up front), claimed in order."""
+
+    def __init__(
+        self, version: int, group: list[tuple[str, dict[str, Any]]], shares: np.ndarray, out: np.ndarray, parts: int
+    ) -> None:
+        self.version, self.group, self.shares, self.out = version, group, shares, out
+        self.members = [n for n, _ in group]
+        self.deltas = [np.ascontiguousarray(e["delta"], dtype=np.float32).reshape(-1) for _, e in group]
+        n = out.size
+        self.bounds = [(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
+        self.next = 0  # the next slice to claim
+        self.left = parts  # slices not summed yet
+        self.error: BaseException | None = None
+
+    def unclaimed(self) -> bool:
+        return self.next < len(self.bounds)
+
+    def claim(self) -> int:
+        self.next += 1
+        return self.next - 1
+
+    def sum(self, i: int) -> None:
+        from kernels.codec import weighted_sum
+
+        a, b = self.bounds[i]
+        weighted_sum([d[a:b] for d in self.deltas], self.shares, self.out[a:b])
 
 
 _groups: dict[str, PushGroup] = {}  # job -> its push group in this process (combine_pushes)

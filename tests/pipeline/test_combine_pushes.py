@@ -5,6 +5,7 @@ same through a sharded server (a ``dask worker --resources ps-shard=1`` process)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -52,6 +53,16 @@ def test_summed_pushes_give_the_same_weights_with_half_the_messages(letter_store
     assert [h["rounds"] for h in summed.history] == [h["rounds"] for h in apart.history]
     np.testing.assert_array_equal(summed.model.params, apart.model.params)
     assert [h["val_loss"] for h in summed.history] == [h["val_loss"] for h in apart.history]
+    # the two tasks share each round's sum, a slice each (letter's 1,402 parameters are below the
+    # default slice, so the worker's threshold is lowered for this run): the same bits again
+    client.run(setattr, PushGroup, "min_slice", 64)
+    try:
+        cfg = TrainConfig(**BASE, combine_pushes=True)
+        shared = train(letter_stores[0], cfg, tmp_path / "shared", client=client)
+    finally:
+        client.run(setattr, PushGroup, "min_slice", PushGroup.min_slice)
+    np.testing.assert_array_equal(shared.model.params, apart.model.params)
+    assert _pushes(shared.run_dir)[0] == pushes and _pushes(shared.run_dir)[1] > 0
 
 
 def test_summed_pushes_through_a_sharded_server(letter_stores, client, tmp_path):
@@ -93,12 +104,13 @@ class _JobHandle:
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
 
 
-@pytest.fixture
-def handle() -> Iterator[_JobHandle]:
+@contextlib.contextmanager
+def _running_job(n: int) -> Iterator[_JobHandle]:
+    """A sync :class:`Job` of ``n`` parameters on an event loop of its own thread."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    job = asyncio.run_coroutine_threadsafe(_create(), loop).result(5)
+    job = asyncio.run_coroutine_threadsafe(_create(n), loop).result(5)
     try:
         yield _JobHandle(job, loop)
     finally:
@@ -107,8 +119,14 @@ def handle() -> Iterator[_JobHandle]:
         loop.close()
 
 
-async def _create() -> Job:
-    return Job.create("j", np.zeros(4, np.float32), 4, mode="sync", optimizer={"name": "sgd", "lr": 1.0})
+@pytest.fixture
+def handle() -> Iterator[_JobHandle]:
+    with _running_job(4) as h:
+        yield h
+
+
+async def _create(n: int) -> Job:
+    return Job.create("j", np.zeros(n, np.float32), n, mode="sync", optimizer={"name": "sgd", "lr": 1.0})
 
 
 def test_a_group_never_waits_for_a_task_that_already_pushed_alone_nor_for_one_that_left(handle):
@@ -140,3 +158,42 @@ def test_a_group_never_waits_for_a_task_that_already_pushed_alone_nor_for_one_th
     handle.call(job.leave, "b")
     assert last.result(10)["version"] == 3 and (job.summed, group.pushes) == (1, 4)
     pool.shutdown()
+
+
+def _push(group: PushGroup, handle: _JobHandle, name: str, version: int, delta: np.ndarray, samples: int) -> Any:
+    fut = group.push(handle, name, version, delta, samples=samples, batches=1, loss=1.0, timings={})
+    return fut.result(10)
+
+
+def test_the_waiting_tasks_share_the_sum_slice_by_slice_with_the_same_bits():
+    """With a vector of ``min_slice`` floats or more per task, the round's three waiting tasks
+    each sum a slice of the summed push and the last one done sends it: the server gets the
+    same floats as from one task summing it all, round after round."""
+    n, names, samples = 1001, ("a", "b", "c"), {"a": 10, "b": 7, "c": 13}
+    rng = np.random.default_rng(3)
+    rounds = [{m: rng.standard_normal(n).astype(np.float32) for m in names} for _ in range(3)]
+    params, groups = [], []
+    for min_slice in (10**9, 100):  # one task sums it all, then 3 slices a round
+        group, pool = PushGroup(timeout=10), ThreadPoolExecutor(3)
+        group.min_slice = min_slice
+        with _running_job(n) as handle:
+            for m in names:
+                handle.call(handle.job.join, m)
+                group.enter(m, 0)
+
+            for v, deltas in enumerate(rounds):
+                replies = [
+                    f.result(10)
+                    for f in [pool.submit(_push, group, handle, m, v, deltas[m], samples[m]) for m in names]
+                ]
+                assert [r["version"] for r in replies] == [v + 1] * 3
+            params.append(decode_vector(handle.job.reply()["params"], n))
+            assert (handle.job.pushes, handle.job.summed) == (9, 6)
+        pool.shutdown()
+        groups.append(group)
+    whole, sliced = groups
+    assert (whole.shared, whole.sliced) == (0, {})
+    assert sliced.shared == 3 and sum(sliced.sliced.values()) == 9 and set(sliced.sliced) <= set(names)
+    assert (sliced.pushes, sliced.deltas) == (whole.pushes, whole.deltas) == (3, 9)
+    np.testing.assert_array_equal(params[1], params[0])
+    assert np.abs(params[0]).max() > 0
