@@ -21,7 +21,9 @@ where launches use small blocks and tiles.
 
 from __future__ import annotations
 
+import itertools
 import math
+import threading
 from typing import Any
 
 import numba
@@ -104,6 +106,35 @@ def require() -> None:
         ok = False
     if not ok:
         raise BackendUnavailable(_UNAVAILABLE)
+
+
+_slots = itertools.count()  # the order in which this process's threads first asked for a device
+_bound = threading.local()  # .device: the GPU this thread computes on
+
+
+def bind_thread() -> int:
+    """The GPU this thread computes on (its index among the visible ones), chosen at its first
+    call: the process's threads take the visible GPUs in turn, the k-th thread to ask getting
+    device k mod N. One worker process with a thread per GPU (``dask worker --nthreads 8`` on a
+    host of 8 GPUs) thus drives every GPU, one training task per thread, and its tasks can sum
+    their deltas into one push a round (``combine_pushes``). With one visible GPU
+    (``CUDA_VISIBLE_DEVICES`` per process, one worker process per GPU) every thread gets device
+    0, as without binding. A thread that already holds a CUDA context keeps its device.
+    :class:`kernels.mlp.MLPTrainer` binds its thread when it is built, before its first
+    allocation: the trainer's device arrays live on that thread's GPU."""
+    # numba.cuda itself, imported here: under the simulator a running kernel swaps this module's
+    # global ``cuda`` for its fake in-kernel module, which other threads would see
+    from numba import cuda as driver
+
+    dev = getattr(_bound, "device", None)
+    if dev is None:
+        dev = next(_slots) % max(len(driver.gpus), 1)
+        try:
+            driver.select_device(dev)
+        except RuntimeError:  # a context of another device is already current here: keep it
+            dev = int(driver.get_current_device().id)
+        _bound.device = dev
+    return dev
 
 
 def act_code(activation: str) -> int:

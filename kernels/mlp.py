@@ -283,6 +283,8 @@ class MLPTrainer:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self._device = bool(getattr(self.K, "DEVICE", False))
+        # a GPU backend: this thread's GPU (threads of one process take the visible GPUs in turn)
+        self.device: int | None = self.K.bind_thread() if hasattr(self.K, "bind_thread") else None
         n = spec.n_params
         self._flat = self.K.zeros(n, self.dtype)
         self._grad = self.K.zeros(n, self.dtype)

@@ -6,6 +6,7 @@ import inspect
 import os
 import subprocess
 import sys
+import threading
 
 import numba
 import pytest
@@ -101,3 +102,56 @@ def test_cpu_specializations_bounded():
             cpu.softmax_cross_entropy(x.copy(), x, np.array([0, 1], dtype=np.int64))
     for fn in (cpu._adam, cpu._bias_act, cpu._softmax_ce):
         assert len(fn.signatures) <= 2, fn
+
+
+class _FakeDevices:
+    """Stands in for numba.cuda's device list and ``select_device`` on a host of ``n`` GPUs
+    (this machine has none; the simulator has one): records which thread selected which."""
+
+    def __init__(self, n: int) -> None:
+        self.gpus = list(range(n))
+        self.selected: list[tuple[str, int]] = []
+
+    def select_device(self, dev: int) -> None:
+        self.selected.append((threading.current_thread().name, dev))
+
+
+def test_threads_of_one_process_take_the_visible_gpus_in_turn(monkeypatch):
+    import itertools
+
+    import kernels.cuda as kc
+
+    fake = _FakeDevices(3)
+    monkeypatch.setattr(numba.cuda, "gpus", fake.gpus)
+    monkeypatch.setattr(numba.cuda, "select_device", fake.select_device)
+    monkeypatch.setattr(kc, "_slots", itertools.count())
+    monkeypatch.setattr(kc, "_bound", threading.local())
+    got: dict[str, list[int]] = {}
+
+    def task(name: str) -> None:
+        got[name] = [kc.bind_thread(), kc.bind_thread()]  # bound once, kept
+
+    for i in range(4):  # one after the other: the order of first calls is the order of the threads
+        t = threading.Thread(target=task, args=(f"t{i}",), name=f"t{i}")
+        t.start()
+        t.join()
+    assert got == {"t0": [0, 0], "t1": [1, 1], "t2": [2, 2], "t3": [0, 0]}
+    assert fake.selected == [("t0", 0), ("t1", 1), ("t2", 2), ("t3", 0)]
+
+
+@pytest.mark.cuda
+def test_a_cuda_trainer_binds_its_thread_to_a_device_before_it_allocates():
+    from kernels.mlp import MLPSpec, MLPTrainer
+
+    out: list[int | None] = []
+
+    def build() -> None:
+        out.append(MLPTrainer(MLPSpec(n_in=3, hidden=(4,), n_out=2), backend="cuda", max_batch=4).device)
+
+    for _ in range(2):  # one after the other: the simulator runs a kernel with this module's globals swapped
+        t = threading.Thread(target=build)
+        t.start()
+        t.join()
+    # one visible device (the simulator, or one GPU): every thread computes on device 0
+    assert out == [0, 0]
+    assert MLPTrainer(MLPSpec(n_in=3, hidden=(4,), n_out=2), backend="cpu", max_batch=4).device is None
