@@ -43,8 +43,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,11 @@ GPU_FLOPS = 19.5e12 * 0.5  # A100 fp32 peak (non-tensor-core) at an assumed 50% 
 LINKS = {"10 GbE": 10e9 / 8, "100 GbE": 100e9 / 8}  # line rate, bytes/s each way
 LOCAL_STEPS, BATCH = 8, 256
 MODELS = {"1M": (784, (1024, 256), 10), "100M": (784, (8192, 8192, 3072), 10)}
+# a GPU host's usable memory bandwidth for the shared host sum (assumed: a 2-socket server with 8
+# DDR4-3200 channels a socket peaks at ~400 GB/s; a quarter of it, the rest left to the NICs and
+# the GPUs' copies)
+HOST_MEM_BW = 100e9
+HOST_THREADS = 8  # a GPU host's worker process: one thread per GPU, the 8 threads sharing the sum
 
 
 # -------------------------------------------------------------------------------------------
@@ -380,9 +387,10 @@ def summed_cost(n: int, k: int = 8, reps: int = 10) -> dict[str, Any]:
     summed = asyncio.run(round_cost(k, True))
     one = asyncio.run(round_cost(1, False))
     host = math.inf
+    out = np.empty(n, np.float32)
     for _ in range(reps):
         t = time.thread_time()
-        weighted_mean(deltas, [256] * k)
+        weighted_mean(deltas, [256] * k, out)
         host = min(host, time.thread_time() - t)
     return {
         "params": n,
@@ -392,19 +400,52 @@ def summed_cost(n: int, k: int = 8, reps: int = 10) -> dict[str, Any]:
         "1-task round ms": 1e3 * one,
         "co-sender ms": 1e3 * max(0.0, summed - one) / (k - 1),
         "host sum ms": 1e3 * host,
+        "host sum, 2 threads sharing ms": 1e3 * shared_sum_seconds(deltas, out, 2, reps),
     }
 
 
-def _summed_seconds(summed: list[dict[str, Any]] | None, params: int) -> tuple[float, float]:
-    """(a co-sender's server seconds, the worker's seconds to sum 8 deltas) at ``params``: the
-    co-sender's cost at the smallest measured size (its bookkeeping does not touch the vector;
-    at larger sizes the difference of two rounds' times is mostly their vector work's noise), the
-    sum scaled linearly from the nearest measured size. Zeros without figures (an older run)."""
+def shared_sum_seconds(deltas: list[np.ndarray], out: np.ndarray, threads: int, reps: int) -> float:
+    """Wall seconds of the sum of ``deltas`` shared by ``threads`` threads, each summing one slice
+    as the tasks of a push group do (:class:`pipeline.worker.PushGroup`, its slices and compiled
+    sum), from their common start to the last slice's end; best of ``reps``."""
+    from pipeline.worker import _SumJob, shares_of
+
+    group = [(f"p{i}", {"delta": d}) for i, d in enumerate(deltas)]
+    shares = shares_of([256] * len(deltas))
+    best = math.inf
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(reps + 1):  # the first: the threads start and the kernel loads
+            job = _SumJob(0, group, shares, out, threads)
+            start = threading.Barrier(threads + 1)
+
+            def part(i: int, job: _SumJob = job, start: threading.Barrier = start) -> tuple[float, float]:
+                start.wait()
+                t = time.perf_counter()
+                job.sum(i)
+                return t, time.perf_counter()
+
+            futs = [pool.submit(part, i) for i in range(threads)]
+            start.wait()
+            spans = [f.result() for f in futs]
+            best = min(best, max(b for _, b in spans) - min(a for a, _ in spans))
+    return best
+
+
+def _summed_seconds(summed: list[dict[str, Any]] | None, params: int) -> tuple[float, float, float | None]:
+    """(a co-sender's server seconds, one thread's seconds to sum 8 deltas, the same sum shared by
+    a GPU host's 8 threads) at ``params``: the co-sender's cost at the smallest measured size (its
+    bookkeeping does not touch the vector; at larger sizes the difference of two rounds' times is
+    mostly their vector work's noise), the sum scaled linearly from the nearest measured size;
+    shared, one thread's time over 8, but no faster than the 8 deltas read and the sum written
+    at the host's assumed memory bandwidth (``HOST_MEM_BW``). Zeros without figures (an older
+    run); no shared figure from a run before the sum was shared."""
     if not summed:
-        return 0.0, 0.0
+        return 0.0, 0.0, None
     small = min(summed, key=lambda r: r["params"])
     near = min(summed, key=lambda r: abs(math.log(r["params"] / params)))
-    return small["co-sender ms"] / 1e3, near["host sum ms"] / 1e3 * params / near["params"]
+    one = near["host sum ms"] / 1e3 * params / near["params"]
+    shared = max(one / HOST_THREADS, 4.0 * params * (HOST_THREADS + 1) / HOST_MEM_BW)
+    return small["co-sender ms"] / 1e3, one, shared if "host sum, 2 threads sharing ms" in near else None
 
 
 def _encode_seconds(encode: list[dict[str, Any]] | None, codec: str, params: int) -> float:
@@ -482,9 +523,12 @@ def projection(
                 # the push carries 7 co-senders (their bookkeeping measured); the 8 deltas are summed
                 # on the host before the push: at GPU speed (not built: free here) or on its CPU
                 # (measured: it lengthens every worker's push period)
-                co, host_sum = _summed_seconds(summed, p)
+                co, host_sum, shared = _summed_seconds(summed, p)
                 row["co-senders ms/push"] = 7e3 * co
                 row["host sum ms/push (CPU)"] = 1e3 * host_sum
+                if shared is not None:  # the host's threads share the sum (runs since it is built)
+                    row["host sum ms/push, 8 threads sharing (estimate)"] = 1e3 * shared
+                    host_sum = shared
                 for label, extra in (("", 0.0), (", host sum on CPU", host_sum)):
                     budget8 = (period + extra) / 8 - ca / 1e3 - 7 * co
                     need8 = per_byte / budget8 if budget8 > 0 else math.inf
@@ -507,6 +551,7 @@ def projection_text(proj: list[dict[str, Any]], cpu: dict[str, float]) -> str:
         "per-message ms": ".2f",
         "co-senders ms/push": ".3f",
         "host sum ms/push (CPU)": ".2f",
+        "host sum ms/push, 8 threads sharing (estimate)": ".2f",
     }
     fmt.update({f"N {link}": ",.1f" for link in LINKS})
     gpu1m = {r["codec"]: r for r in proj if r["model"] == "1M" and r["workers"] == "GPU"}
@@ -548,9 +593,16 @@ def projection_text(proj: list[dict[str, Any]], cpu: dict[str, float]) -> str:
         "shard estimate above with 8 pushes a round instead of 64 (`combine_pushes`, one worker process of 8 "
         "threads per host; float32 deltas only), each push also paying its 7 co-senders' bookkeeping "
         "('co-senders ms/push', measured) and the host's 8 deltas summed at GPU speed (not built: counted as "
-        "free); ', host sum on CPU' is the same with the sum on the host's CPU as built ('host sum ms/push "
-        "(CPU)', measured and scaled linearly), which lengthens every worker's push period: there the host's "
-        "CPU, not the server, sets the pace. Where the budget is below the per-message "
+        "free); ', host sum on CPU' is the same with the sum on the host's CPU as built, which lengthens every "
+        "worker's push period (where it is longer than the steps the host's CPU, not the server, sets the "
+        "pace): 'host sum ms/push (CPU)' is one thread's sum (measured, scaled linearly), '8 threads sharing' "
+        "the same sum divided among the host's 8 threads as the push group does (each thread a slice; one "
+        "thread's time over 8, but no faster than reading the 8 deltas and writing the sum at an assumed "
+        f"{HOST_MEM_BW / 1e9:.0f} GB/s of host memory bandwidth; the table of summed pushes above gives the "
+        "2-thread sharing measured here). A GPU host runs one worker process with a thread per GPU "
+        "(`kernels.cuda.bind_thread`): a slower GPU step than the one assumed (the CUDA backend's launches "
+        "from Python, shared by the host's threads) only lengthens the period and lightens the server. "
+        "Where the budget is below the per-message "
         "cost, no sharding or compression of this design meets the target: the vectors would have to travel "
         "outside Python messages (a collective such as an allreduce between the workers). " + summed_verdict(proj)
     )
@@ -563,19 +615,24 @@ def summed_verdict(proj: list[dict[str, Any]]) -> str:
     cpu = row["shards for 64, 8 per host summed, host sum on CPU (estimate)"]
     big = next(r for r in proj if r["model"] == "100M" and r["workers"] == "GPU" and r["codec"] == "none")
     big_free = big["shards for 64, 8 per host summed (estimate)"]
-    paced = row["host sum ms/push (CPU)"] > row["compute ms/push"]
+    shared = row.get("host sum ms/push, 8 threads sharing (estimate)")
+    host = row["host sum ms/push (CPU)"] if shared is None else shared
+    paced = host > row["compute ms/push"]
+    met = isinstance(cpu, int) and not paced and shared is not None
     cpu1m = next(r for r in proj if r["model"] == "1M" and r["workers"] == "CPU" and r["codec"] == "none")
+    how = "one thread's sum" if shared is None else "the sum shared by the host's 8 threads"
     return (
         "With `combine_pushes` (8 per host) and shards, 64 GPU workers on the 1M model need "
-        f"{free} shards with each host's sum at GPU speed or {cpu} with the sum on its CPU"
+        f"{free} shards with each host's sum at GPU speed or {cpu} with {how} on its CPU "
+        f"({host:.2f} ms a push against {row['compute ms/push']:.2f} ms of steps"
+        + (", so the sum paces the workers instead of the server)" if paced else ")")
         + (
-            f", where the {row['host sum ms/push (CPU)']:.2f} ms sum, longer than the "
-            f"{row['compute ms/push']:.2f} ms of steps, paces the workers instead of the server"
-            if paced
-            else ""
+            "; a GPU host runs one worker process with a thread per GPU, each thread on its own device: "
+            + ("met (an estimate)" if met else "NOT met")
+            if shared is not None
+            else "; as built neither applies to GPUs (the CUDA backend drove one device per process): NOT met"
         )
-        + "; as built neither applies to GPUs (the CUDA backend drives one device per process, so a GPU "
-        "host runs one process per GPU and has nothing to sum): NOT met. 64 CPU workers on the 1M model, "
+        + ". 64 CPU workers on the 1M model, "
         f"summed 8 per host as built, need {cpu1m['shards for 64, 8 per host summed, host sum on CPU (estimate)']} "
         f"shard(s) (one server saturates at {cpu1m['N 100 GbE']:.1f} without summing). The 100M model on GPUs: "
         f"{big_free} or {big['shards for 64, 8 per host summed, host sum on CPU (estimate)']} shards "
@@ -675,7 +732,9 @@ def run(
             "for a round of 8 pushes, for the same round as one push naming 7 co-senders, and for a one-task "
             "round's single push (each round applied); a co-sender's own bookkeeping = (summed - one task) / 7. "
             "'host sum ms' is the worker's CPU to sum the 8 deltas before the push "
-            "(`pipeline.worker.weighted_mean`, one thread). Thread CPU time, best of the repetitions. On a "
+            "(`pipeline.worker.weighted_mean`, one thread), '2 threads sharing' the wall time of the same sum "
+            "divided between two threads as a push group divides it (`pipeline.worker.PushGroup`: a slice each). "
+            "Thread CPU time, best of the repetitions. On a "
             "cluster each push is also a message: the per-message cost of the table above (~0.5 ms) is paid "
             "once per summed push instead of 8 times.\n\n"
             + md_table(
@@ -687,6 +746,7 @@ def run(
                     "1-task round ms": ".3f",
                     "co-sender ms": ".4f",
                     "host sum ms": ".2f",
+                    "host sum, 2 threads sharing ms": ".2f",
                 },
             )
         )

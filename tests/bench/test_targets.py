@@ -108,10 +108,17 @@ def test_place_replaces_only_its_own_section() -> None:
     assert twice.count("## Targets") == 1 and "## Summary\n\ntext" in twice
 
 
+def row_params(row: dict) -> int:
+    from bench.ps_compression import MODELS, n_params
+
+    return n_params(MODELS[row["model"]])
+
+
 def test_the_summed_projection_is_judged_on_the_sum_as_built(tmp_path: Path) -> None:
     """With combine_pushes' columns (runs since it exists) a second projection row appears: met
     only when the shard estimate with the host's sum on its CPU, as built, is a finite count and
-    that sum takes no longer than the GPU worker's steps."""
+    that sum takes no longer than the GPU worker's steps; and only from runs since a GPU host's
+    threads share the sum (each on its own GPU): before, a GPU host had nothing to sum."""
     from bench.ps_compression import projection
     from bench.targets import projection_targets
 
@@ -121,14 +128,25 @@ def test_the_summed_projection_is_judged_on_the_sum_as_built(tmp_path: Path) -> 
     assert "shards for 64, 8 per host summed, host sum on CPU (estimate)" not in d["projection"][0]
     shutil.copy(src, tmp_path / src.name)
     assert len(projection_targets(tmp_path)) == 1  # a run from before: the single-server row only
-    summed = [{"params": 10**6, "co-sender ms": 0.01, "host sum ms": 1.0}]
-    for host_ms, met in ((1.0, True), (4.0, False)):  # the GPU worker's 8 steps take 1.35 ms
-        summed[0]["host sum ms"] = host_ms
+    # the GPU worker's 8 steps take 1.35 ms; one thread's sum of 8 deltas of 1e6 1 or 40 ms; shared
+    # by 8 threads 1/8 of it, but no less than 36 MB at the assumed 100 GB/s (0.39 ms for 1M)
+    for host_ms, shared, met in ((1.0, False, False), (1.0, True, True), (40.0, True, False)):
+        summed = [{"params": 10**6, "co-sender ms": 0.01, "host sum ms": host_ms}]
+        if shared:
+            summed[0]["host sum, 2 threads sharing ms"] = host_ms / 2
         newer = dict(d, projection=projection(d["server"], d["cpu_step"], d.get("encode"), summed))
+        row = next(r for r in newer["projection"] if r["model"] == "1M" and r["workers"] == "GPU")
+        assert ("host sum ms/push, 8 threads sharing (estimate)" in row) is shared
+        if shared:
+            floor = 1e3 * 4.0 * row_params(row) * 9 / 100e9
+            want = max(host_ms * row_params(row) / 1e6 / 8, floor)
+            assert abs(row["host sum ms/push, 8 threads sharing (estimate)"] - want) < 1e-9
         (tmp_path / "ps_compression-29991231T000000Z.json").write_text(json.dumps(newer))
         one, two = projection_targets(tmp_path)
-        assert one.met is False and two.met is met and "each host's sum on its CPU" in two.figures
-    summed[0]["host sum ms"] = 1.0
+        assert one.met is False and two.met is met
+        assert ("the sum shared by the host's 8 threads" in two.figures) is shared
+        assert ("one process per GPU" in two.figures) is not shared
+    summed = [{"params": 10**6, "co-sender ms": 0.01, "host sum ms": 1.0, "host sum, 2 threads sharing ms": 0.5}]
     # a per-message cost above the budget with 8 per host: "never", not met
     slow = [dict(r, **{"sched ms/push (process)": 50.0}) if r["params"] == 10_000 else r for r in d["server"]]
     newer = dict(d, projection=projection(slow, d["cpu_step"], d.get("encode"), summed))
