@@ -222,7 +222,9 @@ class PushGroup:
                     left = max(left, 0.1)  # its slices are claimed: it is sent when they are summed
                 if left <= 0:
                     self.entries.pop(name, None)
-                    waiting = sorted(m for m, v in self.done.items() if v < version and m not in self.entries)
+                    waiting = sorted(
+                        m for m, v in self.done.items() if v < version and m not in self.entries and m != name
+                    )
                     raise TrainingError(
                         f"participant {name}: the other training tasks of this worker ({', '.join(waiting)}) did "
                         f"not push within barrier_timeout = {self.timeout:g} s; raise it or set combine_pushes = false"
@@ -256,6 +258,9 @@ class PushGroup:
             for n, fut in sent.items():
                 self.sent[n] = fut
                 self.done[n] = job.version
+            # a task that entered and pushed while the slices were summed waited for these
+            # members to be done with the version: its push may be complete now
+            self._send_complete()
             self.cond.notify_all()
 
     def _send_complete(self) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -197,3 +198,43 @@ def test_the_waiting_tasks_share_the_sum_slice_by_slice_with_the_same_bits():
     assert (sliced.pushes, sliced.deltas) == (whole.pushes, whole.deltas) == (3, 9)
     np.testing.assert_array_equal(params[1], params[0])
     assert np.abs(params[0]).max() > 0
+
+
+def test_a_task_that_pushes_while_the_others_sum_is_sent_when_they_are_done(monkeypatch):
+    """ "a" and "b" push round 0 and share its sum; "c" (a participant of the round on the
+    server) enters the group and pushes round 0 while they sum. Its push waits for them to be
+    done with round 0, then goes: without it the server's round, and so their replies, never
+    complete."""
+    from pipeline import worker
+
+    gate, real_sum = threading.Event(), worker._SumJob.sum
+
+    def held_sum(self: Any, i: int) -> None:
+        gate.wait(10)
+        real_sum(self, i)
+
+    monkeypatch.setattr(worker._SumJob, "sum", held_sum)
+    group, pool = PushGroup(timeout=5), ThreadPoolExecutor(3)
+    group.min_slice = 4
+    d = {m: np.full(16, k + 1, np.float32) for k, m in enumerate("abc")}
+    with _running_job(16) as handle:
+        for m in "abc":
+            handle.call(handle.job.join, m)
+        group.enter("a", 0)
+        group.enter("b", 0)
+        first = [pool.submit(_push, group, handle, m, 0, d[m], 10) for m in "ab"]
+        _until(lambda: bool(group._jobs))  # their sum is being summed (held)
+        group.enter("c", 0)
+        late = pool.submit(_push, group, handle, "c", 0, d["c"], 10)
+        _until(lambda: "c" in group.entries)
+        gate.set()
+        assert [f.result(10)["version"] for f in (*first, late)] == [1, 1, 1]
+        assert (handle.job.pushes, handle.job.summed, group.shared) == (3, 1, 1)
+    pool.shutdown()
+
+
+def _until(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
