@@ -528,6 +528,8 @@ def projection(
                 row["host sum ms/push (CPU)"] = 1e3 * host_sum
                 if shared is not None:  # the host's threads share the sum (runs since it is built)
                     row["host sum ms/push, 8 threads sharing (estimate)"] = 1e3 * shared
+                    # the host memory bandwidth the shared sum needs to take no longer than the steps
+                    row["host GB/s for the sum within the steps"] = 4.0 * p * (HOST_THREADS + 1) / steps / 1e9
                     host_sum = shared
                 for label, extra in (("", 0.0), (", host sum on CPU", host_sum)):
                     budget8 = (period + extra) / 8 - ca / 1e3 - 7 * co
@@ -552,6 +554,7 @@ def projection_text(proj: list[dict[str, Any]], cpu: dict[str, float]) -> str:
         "co-senders ms/push": ".3f",
         "host sum ms/push (CPU)": ".2f",
         "host sum ms/push, 8 threads sharing (estimate)": ".2f",
+        "host GB/s for the sum within the steps": ".1f",
     }
     fmt.update({f"N {link}": ",.1f" for link in LINKS})
     gpu1m = {r["codec"]: r for r in proj if r["model"] == "1M" and r["workers"] == "GPU"}
@@ -599,7 +602,8 @@ def projection_text(proj: list[dict[str, Any]], cpu: dict[str, float]) -> str:
         "the same sum divided among the host's 8 threads as the push group does (each thread a slice; one "
         "thread's time over 8, but no faster than reading the 8 deltas and writing the sum at an assumed "
         f"{HOST_MEM_BW / 1e9:.0f} GB/s of host memory bandwidth; the table of summed pushes above gives the "
-        "2-thread sharing measured here). A GPU host runs one worker process with a thread per GPU "
+        "2-thread sharing measured here; 'host GB/s for the sum within the steps' is the bandwidth below which "
+        "the shared sum would pace the workers). A GPU host runs one worker process with a thread per GPU "
         "(`kernels.cuda.bind_thread`): a slower GPU step than the one assumed (the CUDA backend's launches "
         "from Python, shared by the host's threads) only lengthens the period and lightens the server. "
         "Where the budget is below the per-message "

@@ -382,7 +382,13 @@ def projection_targets(results: Path = RESULTS, want: int = 64) -> list[Target]:
             "as built a GPU host runs one process per GPU (the CUDA backend drove one device per process): "
             "nothing to sum"
             if shared is None
-            else "a GPU host runs one worker process with a thread per GPU (kernels.cuda.bind_thread)"
+            else "a GPU host runs one worker process with a thread per GPU (kernels.cuda.bind_thread); the "
+            "shared sum assumes 100 GB/s of host memory bandwidth"
+            + (
+                f" and needs {f32['host GB/s for the sum within the steps']:.1f} GB/s to stay within the steps"
+                if "host GB/s for the sum within the steps" in f32
+                else ""
+            )
         )
         out.append(
             Target(
