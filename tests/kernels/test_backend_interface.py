@@ -25,8 +25,9 @@ BACKENDS = {"reference": kernels.reference, "cpu": kernels.cpu, "cuda": kernels.
 
 # Public helpers that belong to the compiled backends only, never to the specification:
 # ``act_code`` turns an activation name into the integer their jitted cores take, ``require``
-# raises BackendUnavailable (with the fix) where CUDA cannot run.
-BACKEND_ONLY = {"act_code": {"cpu", "cuda"}, "require": {"cuda"}}
+# raises BackendUnavailable (with the fix) where CUDA cannot run, ``bind_thread`` puts the calling
+# thread on one of the visible GPUs.
+BACKEND_ONLY = {"act_code": {"cpu", "cuda"}, "require": {"cuda"}, "bind_thread": {"cuda"}}
 
 
 def _function(obj: Any) -> Any:
