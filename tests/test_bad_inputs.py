@@ -8,6 +8,7 @@ row says is created. A row without a case here, or a case without a row, fails.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import shutil
@@ -1315,10 +1316,13 @@ class Shared:
     unreachable: str
 
 
-def _closed_port() -> int:
+@contextlib.contextmanager
+def _refusing_port() -> Iterator[int]:
+    """A loopback port that refuses connections while the block runs: bound, never listening.
+    Kept bound, so no process (another test's scheduler or worker) can be given it meanwhile."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # closed again when the block ends: nothing listens
+        yield int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -1340,6 +1344,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
             n_workers=1, threads_per_worker=2, processes=False, protocol="tcp", dashboard_address=":0"
         ) as cluster,
         Client(cluster) as client,
+        _refusing_port() as port,
     ):
         cfg = TrainConfig().with_overrides(["epochs=1", "validation=0", "hidden=[8]"])
         run = train(str(store4), cfg, root / "run", client=client).run_dir
@@ -1347,7 +1352,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
         ps = ParameterServer("bad-inputs", client)
         ps.create(np.arange(10, dtype=np.float32), mode="async")
         ps.join("p")
-        yield Shared(store4, store5, Path(run), client, ps, f"tcp://127.0.0.1:{_closed_port()}")
+        yield Shared(store4, store5, Path(run), client, ps, f"tcp://127.0.0.1:{port}")
 
 
 def test_the_table_and_the_cases_match() -> None:
