@@ -15,6 +15,22 @@ pull: one pull of the whole parameter vector from the parameter server in the sc
 scheduler's share: the driver process's CPU seconds (the LocalCluster's scheduler and the
 parameter server run there) over a 2-worker training run's wall time, beside the workers'.
 
+The step's GEMMs one by one (1 BLAS thread): each layer's forward, weight-gradient and
+input-gradient product, GFLOP/s against an n x n x n GEMM with 1 thread and with BLAS's
+default threads (the peak the throughput benchmark's GEMM-implied limit divides by, measured as
+``bench.protocol.gemm_peak_numpy`` does).
+
+Where a worker's training thread goes, in the same 2-worker run (no validation): Dask's own
+statistical profiler, sampling every 20 ms for this run (``distributed.worker.profile.interval``;
+100 ms otherwise) in 500 ms cycles, over the epochs after the first (to within a cycle; the
+whole run if it is shorter than that). Each sample is charged to the first of
+these frames on its stack, from the task down: ``_Pusher.push`` / ``finish`` (**push and wait for
+the parameter server**: the delta, the sync barrier, the reply), ``ChunkLoader.epoch`` (**loader**:
+shuffle, gather, standardize, waiting for reads), ``adam_update`` (**optimizer**), ``_gradient``
+(**forward + backward kernels**), ``evaluate_ranges`` (validation); anything else is **other**
+(the minibatch loop itself, weight averaging, bookkeeping). With the run's steady samples/s that
+gives the share of the GEMM-implied limit the run reached and what stands between.
+
 Part 2, a cold ``pipeline train`` process on a synthetic store (``pipeline synth``) with
 ``hidden=[512,256]``, ``patience=0``, in process (the default below ``cluster_min_rows``) and
 with ``--workers 2``: imports (a fresh interpreter importing the command's
@@ -40,6 +56,14 @@ from bench.common import child_env, local_cluster, machine, md_table, tmpdir, wr
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (784, 512, 256, 10)
+# training FLOPs of one sample: forward and weight gradient of every layer, input gradient of all
+# but the first (the throughput benchmark's count: 2.41 MFLOP)
+_W = [a * b for a, b in zip(SIZES[:-1], SIZES[1:], strict=True)]
+FLOPS_PER_SAMPLE = 2 * (3 * sum(_W) - _W[0])
+# the shares run's sampling: every 20 ms, kept in 500 ms cycles (what client.profile(start=...)
+# selects by)
+PROFILE_CONFIG = {"distributed.worker.profile.interval": "20ms", "distributed.worker.profile.cycle": "500ms"}
+PROFILE_INTERVAL = PROFILE_CONFIG["distributed.worker.profile.interval"]
 
 
 def _median_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -82,8 +106,8 @@ def step_parts(batch: int, repeats: int) -> dict[str, float]:
         "step": _median_time(lambda: tr.step(X, y), repeats),
     }
     out["elementwise"] = max(0.0, out["gradient"] - out["gemm"])
-    flops = 6 * sum(a * b for a, b in zip(SIZES[:-1], SIZES[1:], strict=True)) * batch
-    out["gemm_gflops"] = flops / out["gemm"] / 1e9
+    # the 8 GEMMs timed above (the first layer has no input gradient): the training FLOPs
+    out["gemm_gflops"] = FLOPS_PER_SAMPLE * batch / out["gemm"] / 1e9
     out["n_params"] = int(tr.get_params().size)
     return out
 
@@ -117,8 +141,68 @@ def push_pull(client: Any, n_params: int, repeats: int) -> float:
         ps.close()
 
 
-def cluster_shares(client: Any, store: Any, out: Path, epochs: int) -> dict[str, float]:
-    """Driver (scheduler + parameter server) and worker CPU seconds over a training run's wall."""
+def gemm_shapes(batch: int, repeats: int) -> dict[str, Any]:
+    """GFLOP/s of each of the step's GEMMs with 1 BLAS thread, and the n x n x n peaks with 1
+    thread and with BLAS's default threads."""
+    from threadpoolctl import threadpool_limits
+
+    from bench import protocol
+
+    rng = np.random.default_rng(0)
+    rows = []
+    with threadpool_limits(1, user_api="blas"):
+        for fan_in, fan_out in zip(SIZES[:-1], SIZES[1:], strict=True):
+            x = rng.standard_normal((batch, fan_in)).astype(np.float32)
+            w = rng.standard_normal((fan_in, fan_out)).astype(np.float32)
+            dy = rng.standard_normal((batch, fan_out)).astype(np.float32)
+            y, dw, dx = np.empty_like(dy), np.empty_like(w), np.empty_like(x)
+            flops = 2 * batch * fan_in * fan_out
+            for part, fn in (
+                ("forward", lambda x=x, w=w, y=y: np.matmul(x, w, out=y)),
+                ("weight gradient", lambda x=x, dy=dy, dw=dw: np.matmul(x.T, dy, out=dw)),
+                ("input gradient", lambda dy=dy, w=w, dx=dx: np.matmul(dy, w.T, out=dx)),
+            ):
+                seconds = _median_time(fn, repeats)
+                rows.append({"layer": f"{fan_in}x{fan_out}", "part": part, "gflops": flops / seconds / 1e9})
+        peak_1 = protocol.gemm_peak_numpy()
+    return {"gemms": rows, "peak_1_thread": peak_1, "peak_default": protocol.gemm_peak_numpy()}
+
+
+# the categories of a worker's training-thread samples: the first matching frame from the task
+# down decides (module file, function name)
+THREAD_PARTS = (
+    ("push and wait for the parameter server", {("worker.py", "push"), ("worker.py", "finish")}),
+    ("loader", {("loader.py", "epoch")}),
+    ("validation", {("worker.py", "evaluate_ranges")}),
+    ("optimizer", {("cpu.py", "adam_update")}),
+    ("forward + backward kernels", {("mlp.py", "_gradient")}),
+)
+
+
+def thread_split(profile: dict) -> dict[str, float]:
+    """Samples of a Dask profile tree (``client.profile()``) per :data:`THREAD_PARTS` category
+    (and ``other``), as shares of all samples; ``samples`` the count."""
+    counts: dict[str, int] = {name: 0 for name, _ in THREAD_PARTS} | {"other": 0}
+
+    def walk(node: dict, part: str | None) -> None:
+        d = node.get("description", {})
+        frame = (Path(str(d.get("filename", ""))).name, d.get("name"))
+        if part is None:
+            part = next((name for name, frames in THREAD_PARTS if frame in frames), None)
+        children = node.get("children", {}).values()
+        counts[part or "other"] += node["count"] - sum(c["count"] for c in children)
+        for child in children:
+            walk(child, part)
+
+    walk(profile, None)
+    total = sum(counts.values())
+    return {k: v / total if total else float("nan") for k, v in counts.items()} | {"samples": float(total)}
+
+
+def cluster_shares(client: Any, store: Any, out: Path, epochs: int) -> dict[str, Any]:
+    """Driver (scheduler + parameter server) and worker CPU seconds over a training run's wall;
+    the workers' training threads by part (:func:`thread_split`, the epochs after the first)
+    and the run's steady samples/s (median of those epochs)."""
     import psutil
 
     from pipeline.config import TrainConfig
@@ -137,9 +221,19 @@ def cluster_shares(client: Any, store: Any, out: Path, epochs: int) -> dict[str,
     d0, w0 = cpu(me), sum(cpu(k) for k in kids)
     t = time.perf_counter()
     cfg = TrainConfig(hidden=list(SIZES[1:-1]), epochs=epochs, patience=0, validation=0.0)
-    train(str(store.path), cfg, out, client=client, force=True)
+    res = train(str(store.path), cfg, out, client=client, force=True)
     wall = time.perf_counter() - t
-    return {"wall": wall, "driver_cpu": cpu(me) - d0, "workers_cpu": sum(cpu(k) for k in kids) - w0}
+    shares = {"wall": wall, "driver_cpu": cpu(me) - d0, "workers_cpu": sum(cpu(k) for k in kids) - w0}
+    hist = res.history
+    first_end = time.time() - wall + hist[0]["seconds"] if len(hist) > 1 else None  # the first epoch's end, about
+    steady = hist[1:] or hist
+    shares["samples_per_s"] = float(np.median([h["samples"] / h["seconds"] for h in steady]))
+    shares["thread"] = thread_split(client.profile(start=first_end))
+    shares["thread_scope"] = "the epochs after the first"
+    if not shares["thread"]["samples"]:  # a run shorter than a profile cycle after its first epoch
+        shares["thread"] = thread_split(client.profile())
+        shares["thread_scope"] = "the whole run"
+    return shares
 
 
 def cold_run(store_path: str, out: Path, epochs: int, extra: Sequence[str] = ()) -> dict[str, float]:
@@ -229,15 +323,18 @@ def main(argv: Sequence[str] | None = None) -> str:
         ld = loader_per_batch(store, batch)
         with local_cluster(1) as client:
             pp = push_pull(client, parts["n_params"], max(5, repeats // 10))
-        with local_cluster(2) as client:
+        import dask
+
+        with dask.config.set(PROFILE_CONFIG), local_cluster(2) as client:
             shares = cluster_shares(client, store, tmp / "run-shares", epochs)
+        shapes = gemm_shapes(batch, repeats)
         cold = cold_run(str(store.path), tmp / "run-cold", epochs)
         cold_cluster = cold_run(
             str(store.path), tmp / "run-cold-cluster", epochs, ("--workers", "2", "--dashboard-address", "none")
         )
     step = parts["step"]
     per_step = [
-        {"part": "GEMMs (9 per step)", "ms": parts["gemm"] * 1e3, "ms, default BLAS threads": parts2["gemm"] * 1e3},
+        {"part": "GEMMs (8 per step)", "ms": parts["gemm"] * 1e3, "ms, default BLAS threads": parts2["gemm"] * 1e3},
         {
             "part": "element-wise (bias, activations, loss)",
             "ms": parts["elementwise"] * 1e3,
@@ -272,6 +369,17 @@ def main(argv: Sequence[str] | None = None) -> str:
         for k, v in cold.items()
         if k != "epochs"
     ]
+    gemm_rows = [
+        {
+            **r,
+            "% of 1-thread peak": 100 * r["gflops"] / shapes["peak_1_thread"],
+            "% of default-threads peak x 1/2": 100 * r["gflops"] / (shapes["peak_default"] / 2),
+        }
+        for r in shapes["gemms"]
+    ]
+    limit = shapes["peak_default"] * 1e9 / FLOPS_PER_SAMPLE
+    thread = shares["thread"]
+    thread_rows = [{"part": k, "% of samples": 100 * v} for k, v in thread.items() if k != "samples"]
     text = (
         f"Machine: {mach['cpu']}, {mach['cores']} cores (shared, loaded: load {mach['load']}), {mach['date']}; "
         f"MLP {'-'.join(map(str, SIZES))}, batch {batch}, Adam, float32; GEMM rate in the step "
@@ -279,11 +387,42 @@ def main(argv: Sequence[str] | None = None) -> str:
         + md_table(per_step, {"ms": ".3f", "% of step": ".0f", "ms, default BLAS threads": ".3f"})
         + f"\n\nCPU over a 2-worker training run ({rows:,} rows, {epochs} epochs, {shares['wall']:.1f} s wall):\n\n"
         + md_table(share_rows, {"CPU s": ".2f", "% of wall x 2 cores": ".0f"})
-        + f"\n\nCold `pipeline train` ({rows:,} x {SIZES[0]}, {int(cold['epochs'])} epochs), in process "
+        + f"\n\nThe step's GEMMs with 1 BLAS thread (n x n x n peaks: {shapes['peak_1_thread']:.1f} GFLOP/s with 1 "
+        f"thread, {shapes['peak_default']:.1f} with the default threads):\n\n"
+        + md_table(gemm_rows, {"gflops": ".1f", "% of 1-thread peak": ".0f", "% of default-threads peak x 1/2": ".0f"})
+        + f"\n\nA worker's training thread in the same run (Dask's profiler every {PROFILE_INTERVAL}, "
+        f"{int(thread['samples'])} samples over {shares['thread_scope']}; no validation in this run):\n\n"
+        + md_table(thread_rows, {"% of samples": ".1f"})
+        + f"\n\nThat run's steady state: {shares['samples_per_s']:,.0f} samples/s, "
+        f"{100 * shares['samples_per_s'] / limit:.0f}% of the GEMM-implied limit ({limit:,.0f} samples/s: the "
+        f"default-threads peak over {FLOPS_PER_SAMPLE / 1e6:.2f} MFLOP a sample, the throughput benchmark's "
+        "definition).\n" + f"\nCold `pipeline train` ({rows:,} x {SIZES[0]}, {int(cold['epochs'])} epochs), in process "
         "(the default below cluster_min_rows) and on a 2-worker cluster:\n\n"
         + md_table(cold_rows, {"in process (default) s": ".2f", "--workers 2 s": ".2f"})
         + "\n"
     )
+    from bench import protocol
+
+    payload = {
+        "meta": protocol.meta(),
+        "machine": mach,
+        "rows": rows,
+        "epochs": epochs,
+        "batch": batch,
+        "sizes": list(SIZES),
+        "flops_per_sample": FLOPS_PER_SAMPLE,
+        "step_1_thread": parts,
+        "step_default_threads": parts2,
+        "loader_per_batch": ld,
+        "pull": pp,
+        "cluster_run": shares,
+        "gemm_shapes": shapes,
+        "limit_samples_per_s": limit,
+        "cold_in_process": cold,
+        "cold_2_workers": cold_cluster,
+    }
+    path = protocol.save_json("step_anatomy", payload, quick=args.quick)
+    text += f"\nRaw figures: `{path}`.\n"
     print(text)
     write_out("step_anatomy-quick" if args.quick else "step_anatomy", text)
     return text

@@ -105,7 +105,13 @@ CASES = {
         "Raw figures: `bench/out/results/ps_summed-quick-",
     ],
     "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
-    "step_anatomy": ["| GEMMs (9 per step) |", "| cluster start |", "driver (scheduler + PS)"],
+    "step_anatomy": [
+        "| GEMMs (8 per step) |",
+        "| cluster start |",
+        "driver (scheduler + PS)",
+        "| forward + backward kernels |",
+        "| 784x512 | weight gradient |",
+    ],
     "cold_start": [
         "| JIT / cache load |",
         "| overhead (process - training) |",
