@@ -2,8 +2,9 @@
 
     python -m bench.cold_start                       # 60,000 x 784 store, 1 epoch, 3 passes
     python -m bench.cold_start --epochs 5 --passes 5
-    python -m bench.cold_start --quick               # 4,000 x 784, 2 epochs, 1 pass (smoke run)
+    python -m bench.cold_start --quick               # 4,000 x 784, 2 epochs, 1 pass, every way (smoke run)
     python -m bench.cold_start --baseline DIR        # an earlier commit's files in DIR, run in the same passes
+    python -m bench.cold_start --extra               # also in process with --set blas_threads=2
 
 (DIR from ``git archive COMMIT | tar -x -C DIR && cp bench/cold_start.py DIR/bench/``.)
 
@@ -72,6 +73,8 @@ LAUNCH_ENV = "BENCH_COLD_START_LAUNCH"  # the parent's time.time() at launch
 OUT_ENV = "BENCH_COLD_START_OUT"  # where the child writes its phases
 WATCHED = ("distributed", "bokeh", "matplotlib", "numba", "zarr", "dask")
 WAYS = {"in process": (), "2 workers": ("--workers", "2", "--dashboard-address", "none")}
+# labelled extra ways (``--extra``), run in the same passes; the targets judge WAYS alone
+EXTRA_WAYS = {"in process, blas_threads=2": ("--set", "blas_threads=2")}
 PHASES = (
     "interpreter start",
     "imports",
@@ -458,17 +461,20 @@ def _median(xs: Sequence[float]) -> float:
     return float(np.median(xs)) if xs else float("nan")
 
 
-def run(rows: int, epochs: int, passes: int, quick: bool, baseline: Path | None = None) -> tuple[str, dict[str, Any]]:
+def run(
+    rows: int, epochs: int, passes: int, quick: bool, baseline: Path | None = None, extra: bool = False
+) -> tuple[str, dict[str, Any]]:
     """The table and the raw figures; with ``baseline`` (another checkout holding this module
-    as ``bench/cold_start.py``) each way runs from both checkouts in the same passes."""
+    as ``bench/cold_start.py``) each way runs from both checkouts in the same passes; with
+    ``extra`` the :data:`EXTRA_WAYS` too."""
     from bench.common import machine, md_table, tmpdir
     from bench.protocol import meta, provenance_lines, rotated, save_json
     from pipeline.synth import synth
 
     mach = machine()
-    ways = {w: (extra, ROOT) for w, extra in WAYS.items()}
+    ways = {w: (args, ROOT) for w, args in (WAYS | (EXTRA_WAYS if extra else {})).items()}
     if baseline is not None:
-        ways.update({f"{w} (baseline)": (extra, baseline) for w, extra in WAYS.items()})
+        ways.update({f"{w} (baseline)": (args, baseline) for w, args in WAYS.items()})
     results: dict[str, dict[str, list]] = {
         w: {"plain": [], "plain_cpu": [], "plain_epochs": [], "plain_overhead": [], "timed": []} for w in ways
     }
@@ -598,10 +604,15 @@ def main(argv: Sequence[str] | None = None) -> str:
         type=Path,
         help="another checkout (with this file as bench/cold_start.py) to run beside this one in the same passes",
     )
+    ap.add_argument(
+        "--extra",
+        action="store_true",
+        help="also the labelled extra ways: in process with --set blas_threads=2 (not judged as targets)",
+    )
     args = ap.parse_args(argv)
     rows, passes = (4_000, 1) if args.quick else (args.rows, args.passes)
     epochs = max(2, args.epochs) if args.quick else args.epochs  # 2: the plain command's steady epoch
-    text, _ = run(rows, epochs, passes, args.quick, args.baseline)
+    text, _ = run(rows, epochs, passes, args.quick, args.baseline, args.extra or args.quick)  # a smoke run: all ways
     print(text)
     write_out("cold_start" + ("-quick" if args.quick else ""), text)
     return text

@@ -136,12 +136,12 @@ def cold_start_targets(results: Path = RESULTS, limit: float = 2.0) -> list[Targ
     name = "cold `pipeline train`: start-up, warm-up, validation and checkpoints under 2 s"
     if got is None:
         return [_missing("speed", name, "python -m bench.cold_start --epochs 5")]
-    from bench.cold_start import steady_overhead
+    from bench.cold_start import WAYS, steady_overhead
 
     path, d = got
     out = []
     for layout, res in d["results"].items():
-        if layout.endswith("(baseline)"):  # an earlier commit's files run beside (--baseline)
+        if layout not in WAYS:  # an earlier commit's files run beside (--baseline), a labelled extra way
             continue
         # the plain command's overhead over its steady-state epochs where the run has them (the
         # workers' kernel loads counted, the timers' own cost not), from its raw epochs; else the

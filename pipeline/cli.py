@@ -235,7 +235,7 @@ def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: boo
         return ""
     return (
         f"training in this process: {rows:,} rows, under cluster_min_rows = {cfg.cluster_min_rows:,} "
-        "(--workers N or --scheduler ADDRESS trains on a Dask cluster)"
+        f"(--workers N or --scheduler ADDRESS trains on a Dask cluster), blas_threads = {cfg.blas_threads}"
     )
 
 

@@ -167,6 +167,14 @@ class TrainConfig:
     # cluster: starting a cluster costs more than it saves there (bench/findings.md,
     # "Where a step and a cold run go"). 0 = always a cluster.
     cluster_min_rows: int = 100_000
+    # BLAS threads of that training in the command's own process: 1 keeps the run equal to a
+    # one-worker cluster's, weight for weight, and safe on a machine that other work shares (a
+    # multi-threaded GEMM waits for all its threads at every call: under load here a step took
+    # 4-5x longer); 2 or more use that many cores of a machine of its own (the whole command on
+    # 5 epochs of a 60k x 784 store 1.3-1.6x faster on 2 idle cores: bench/findings.md, "BLAS
+    # threads in process"), with the rounding of a multi-threaded BLAS. A cluster's workers take
+    # theirs from the nanny's environment (cluster/README.md).
+    blas_threads: int = 1
     checkpoint_seconds: float = 60.0  # checkpoint the server at most this often mid-epoch
     join_timeout: float = 120.0  # sync: seconds to wait for an announced participant to start
     barrier_timeout: float = 600.0  # seconds a push may wait at a barrier before failing
@@ -245,6 +253,7 @@ class TrainConfig:
             ("compression", self.compression in COMPRESSIONS, f"one of {COMPRESSIONS}"),
             ("topk_fraction", 0 < self.topk_fraction <= 1, "in (0, 1] (e.g. 0.01: 1% of the entries per push)"),
             ("ps_shards", 0 <= self.ps_shards <= MAX_PS_SHARDS, f"between 0 (in the scheduler) and {MAX_PS_SHARDS}"),
+            ("blas_threads", self.blas_threads >= 1, ">= 1 (1 = a worker's single thread)"),
             ("checkpoint_seconds", self.checkpoint_seconds > 0, "> 0"),
             ("join_timeout", self.join_timeout > 0, "> 0"),
             ("barrier_timeout", self.barrier_timeout > 0, "> 0"),

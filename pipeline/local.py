@@ -45,17 +45,20 @@ SLOT = "s0"  # the one share's slot, as a cluster's first sync share is named
 SLOT_WORKER = "this process"  # the one "worker" the epoch is planned for
 
 
-# BLAS threads while training in this process: one, as in a Dask worker (its nanny sets
-# OMP/OpenBLAS/MKL threads to 1). The same thread count gives the same GEMM results, so a run
-# here equals a one-worker cluster run bit for bit (with two threads OpenBLAS sums some products
-# in another order). And a multi-threaded GEMM waits for all its threads at every call: on a
-# loaded 2-core machine a step of MLP 784-512-256-10 took 4-5x longer with 2 BLAS threads than
-# with one, and a 60k-row store's 5 epochs 310 s against 29 s (bench/findings.md, "Where a step
-# and a cold run go").
-BLAS_THREADS = 1
+# BLAS threads while training in this process: the config's ``blas_threads``, by default one, as
+# in a Dask worker (its nanny sets OMP/OpenBLAS/MKL threads to 1). The same thread count gives the
+# same GEMM results, so a run here equals a one-worker cluster run bit for bit (with two threads
+# OpenBLAS sums some products in another order). And a multi-threaded GEMM waits for all its
+# threads at every call: on a loaded 2-core machine a step of MLP 784-512-256-10 took 4-5x longer
+# with 2 BLAS threads than with one, and a 60k-row store's 5 epochs 310 s against 29 s
+# (bench/findings.md, "Where a step and a cold run go"); on 2 idle cores 2 threads made the whole
+# command 1.3-1.6x faster ("BLAS threads in process").
+
 # Threads of the validation pass, each forwarding every EVAL_THREADS-th batch with a trainer of
 # its own; their metric sums are merged in batch order (the same figures as one thread). Training
 # here holds one BLAS thread and the loader's core is idle between epochs: the pass runs on both.
+# With ``blas_threads`` > 1 the BLAS calls use the cores: EVAL_THREADS // blas_threads threads
+# (at least one).
 EVAL_THREADS = 2
 
 
@@ -186,7 +189,7 @@ class LocalTrainer(Trainer):
     def fit(self) -> Any:
         from threadpoolctl import threadpool_limits
 
-        with self.run.claim(self.resume, self.force), threadpool_limits(BLAS_THREADS, user_api="blas"):
+        with self.run.claim(self.resume, self.force), threadpool_limits(self.cfg.blas_threads, user_api="blas"):
             return self._fit()
 
     # the cluster-bound hooks of Trainer._fit
@@ -385,7 +388,8 @@ class LocalTrainer(Trainer):
             if sum(X.nbytes + y.nbytes for X, y in batches) <= VAL_CACHE_MB * 2**20:
                 self._val_batches = batches
         if self._eval_trainers is None:  # for the run (a cluster's workers keep theirs per job)
-            self._eval_trainers = [make_trainer(self.spec, tcfg) for _ in range(EVAL_THREADS)]
+            n = max(1, EVAL_THREADS // self.cfg.blas_threads)
+            self._eval_trainers = [make_trainer(self.spec, tcfg) for _ in range(n)]
         model = np.asarray(self._ps.state()["model"], dtype=np.float32)
         for trainer in self._eval_trainers:
             trainer.set_params(model)
@@ -399,7 +403,7 @@ class LocalTrainer(Trainer):
                 if i % step == k
             ]
 
-        threads = min(EVAL_THREADS, len(batches))
+        threads = min(len(self._eval_trainers), len(batches))
         if threads <= 1:
             done = forward(0, 1)
         else:

@@ -113,6 +113,7 @@ CASES = {
         "| 784x512 | weight gradient |",
     ],
     "cold_start": [
+        "| phase | in process s | 2 workers s | in process, blas_threads=2 s |",
         "| JIT / cache load |",
         "| overhead (process - training) |",
         "| whole process, plain command |",

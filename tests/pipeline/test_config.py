@@ -103,6 +103,7 @@ def test_learner_keys_default_and_override():
         ("seed=-1", "'seed' = -1 is invalid: must be between 0 and 4294967295"),
         ("seed=4294967296", "'seed' = 4294967296 is invalid"),
         ("row_cache_mb=-1", "'row_cache_mb' = -1 is invalid: must be >= 0"),
+        ("blas_threads=0", "'blas_threads' = 0 is invalid: must be >= 1"),
     ],
 )
 def test_non_finite_and_out_of_range_values_are_refused(override, fragment):

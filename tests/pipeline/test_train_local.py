@@ -238,6 +238,37 @@ def test_training_in_process_never_imports_distributed_and_plots_when_asked(stor
         assert (tmp_path / "plotted" / name).stat().st_size > 1000, name
 
 
+def _blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+
+    return max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+
+
+def test_blas_threads_sets_the_blas_threads_of_training_in_this_process(store, tmp_path):
+    """``blas_threads``: the BLAS threads an in-process run trains with (1 by default, as in a
+    worker); with more, the validation pass forwards on one thread and BLAS uses the cores. The
+    process's own setting is back once the run ends."""
+    from pipeline.config import TrainConfig
+    from pipeline.local import LocalTrainer
+
+    seen: list[int] = []
+
+    class Watched(LocalTrainer):
+        def _run_epoch(self, *args, **kwargs):
+            seen.append(_blas_threads())
+            return super()._run_epoch(*args, **kwargs)
+
+    available = _blas_threads()
+    for n, eval_threads in ((1, 2), (2, 1)):
+        seen.clear()
+        cfg = TrainConfig(hidden=[8], epochs=2, patience=0, blas_threads=n)
+        trainer = Watched(store, cfg, tmp_path / f"r{n}", None)
+        trainer.fit()
+        assert seen == [min(n, available)] * 2
+        assert len(trainer._eval_trainers) == eval_threads
+        assert _blas_threads() == available
+
+
 def test_validation_rows_are_read_on_a_thread_during_the_first_epoch(store, tmp_path):
     import threading
 
