@@ -697,6 +697,7 @@ for _id, _setting in {
     "C78": ("compress_replies=true", "compression=fp16", "clients=10"),
     "C79": ("combine_pushes=true", "mode=async"),
     "C81": ("combine_pushes=true", "compression=int8"),
+    "C82": ("blas_threads=0",),
 }.items():
     case(_id)(lambda t, s=_setting: _train_set(t, *(a for v in s for a in ("--set", v))))
 
