@@ -53,13 +53,13 @@ from typing import Any
 import numpy as np
 
 from bench.common import child_env, local_cluster, machine, md_table, tmpdir, write_out
+from bench.throughput import _flops
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (784, 512, 256, 10)
-# training FLOPs of one sample: forward and weight gradient of every layer, input gradient of all
-# but the first (the throughput benchmark's count: 2.41 MFLOP)
-_W = [a * b for a, b in zip(SIZES[:-1], SIZES[1:], strict=True)]
-FLOPS_PER_SAMPLE = 2 * (3 * sum(_W) - _W[0])
+# training FLOPs of one sample, as the throughput benchmark's GEMM-implied limit counts them:
+# forward and weight gradient of every layer, input gradient of all but the first (2.41 MFLOP)
+FLOPS_PER_SAMPLE = _flops(SIZES)
 # the shares run's sampling: every 20 ms, kept in 500 ms cycles (what client.profile(start=...)
 # selects by)
 PROFILE_CONFIG = {"distributed.worker.profile.interval": "20ms", "distributed.worker.profile.cycle": "500ms"}
