@@ -283,6 +283,7 @@ def _train_federated(
     cfg = cfg.with_overrides(list(overrides))
     sites = read_sites(cfg.sites)
     check_federated_config(cfg, sites)
+    cfg.check_on_cluster()
     if not cluster_kw["scheduler"]:
         check_backend(cfg.backend)
     _echo("configuration:\n" + "\n".join(f"  {k} = {json.dumps(v)}" for k, v in cfg.to_dict().items()), quiet)
@@ -405,6 +406,8 @@ def train(
     in_process = _trains_in_process(store, out, cfg, resume, bool(report), cluster_kw)
     if in_process:
         _echo(in_process, quiet)
+    else:
+        cfg.check_on_cluster()  # fail before starting a cluster
     # claimed before the cluster starts, for the whole run: a second training into the same
     # --out (even with --force) is refused until this one ends
     clients = contextlib.nullcontext() if in_process else _client(cluster_kw)

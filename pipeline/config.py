@@ -172,8 +172,10 @@ class TrainConfig:
     # multi-threaded GEMM waits for all its threads at every call: under load here a step took
     # 4-5x longer); 2 or more use that many cores of a machine of its own (the whole command on
     # 5 epochs of a 60k x 784 store 1.3-1.6x faster on 2 idle cores: bench/findings.md, "BLAS
-    # threads in process"), with the rounding of a multi-threaded BLAS. A cluster's workers take
-    # theirs from the nanny's environment (cluster/README.md).
+    # threads in process"), with the rounding of a multi-threaded BLAS. The estimators' fits in
+    # this process use it too. A cluster's workers take theirs from the nanny's environment
+    # (cluster/README.md): a run on a cluster refuses any other value than 1
+    # (:meth:`check_on_cluster`) rather than leave it without effect.
     blas_threads: int = 1
     checkpoint_seconds: float = 60.0  # checkpoint the server at most this often mid-epoch
     join_timeout: float = 120.0  # sync: seconds to wait for an announced participant to start
@@ -478,6 +480,18 @@ class TrainConfig:
         if self.secure_aggregation:
             asked["secure_aggregation"] = True
         return asked
+
+    def check_on_cluster(self) -> None:
+        """Refuse the keys that only training in this process honours, for a run on a Dask
+        cluster: ``blas_threads`` other than 1 (a worker's BLAS threads come from its nanny's
+        environment). A ConfigError names the fix."""
+        if self.blas_threads != 1:
+            raise ConfigError(
+                f"blas_threads = {self.blas_threads} sets the BLAS threads of training in this process, and this "
+                "run trains on a Dask cluster, whose workers take theirs from the nanny's environment: leave "
+                'blas_threads at 1 and set distributed.nanny.pre-spawn-environ (cluster/README.md, "BLAS threads"), '
+                "or train in this process (a store under cluster_min_rows rows, without --workers or --scheduler)"
+            )
 
     def to_toml(self) -> str:
         lines = ["# resolved training configuration"]

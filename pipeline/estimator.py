@@ -51,7 +51,9 @@ Where training runs (the ``client`` and ``cluster_min_rows`` parameters):
   sends it in-process. The temporary store and run directory are deleted after training.
 - In-process rule: ``client="local"`` always trains in this process with the Numba kernels
   (:class:`kernels.mlp.MLPTrainer`, the same minibatch step the workers run, one participant, no
-  parameter server). With ``client=None`` (default) inputs of fewer than ``cluster_min_rows``
+  parameter server), with the BLAS threads of the config's ``blas_threads`` (1, as in a worker,
+  unless ``options`` sets it; a fit on a cluster refuses another value: its workers take their
+  BLAS threads from the nanny's environment). With ``client=None`` (default) inputs of fewer than ``cluster_min_rows``
   rows (default 10,000) train in-process too: scikit-learn's checks and small grid searches fit
   hundreds of tiny datasets, where a cluster round trip costs far more than the training. Set
   ``cluster_min_rows=0`` to send everything to the cluster. An in-process fit (and
@@ -163,6 +165,27 @@ WRITE_BLOCK_ROWS = 1 << 16  # rows per write when copying NumPy input into the t
 # --------------------------------------------------------------------------------------------
 
 _lock = threading.Lock()
+
+
+def _blas_threads(cfg: TrainConfig) -> Any:
+    """The BLAS threads of a fit in this process: ``cfg.blas_threads`` (1 unless ``options``
+    says otherwise), as for `pipeline train` in its own process and as in a Dask worker."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(cfg.blas_threads, user_api="blas")
+
+
+def _check_on_cluster(cfg: TrainConfig) -> None:
+    """A fit on a cluster refuses what only a fit in this process honours (ValueError, as the
+    estimators' other refusals): see :meth:`pipeline.config.TrainConfig.check_on_cluster`."""
+    from pipeline.errors import ConfigError
+
+    try:
+        cfg.check_on_cluster()
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
 _local: dict[str, Any] = {}
 
 
@@ -459,9 +482,11 @@ class _BaseMLP(BaseEstimator):
             if _is_dask(X):
                 # in memory now: the same checks as NumPy input (NaN / inf refused)
                 X, y = self._validate_arrays(np.asarray(X.compute()), np.asarray(_computed(y)), reset=True)
-            self._fit_local(np.asarray(X), y, cfg)
+            with _blas_threads(cfg):
+                self._fit_local(np.asarray(X), y, cfg)
             self.fitted_on_ = "local"
             return self
+        _check_on_cluster(cfg)  # before the store is written
         with tempfile.TemporaryDirectory(prefix="pipeline-estimator-") as tmp:
             store = self._write_store(X, y, os.path.join(tmp, "data.zarr"))
             self._train_on_cluster(store, cfg, os.path.join(tmp, "run"))
@@ -475,6 +500,7 @@ class _BaseMLP(BaseEstimator):
     def _fit_store(self, path: str, cfg: TrainConfig) -> Any:
         from pipeline.store import open_store
 
+        _check_on_cluster(cfg)
         st = open_store(path)
         if st.task != self._task:
             raise ValueError(f"store {path!r} is a {st.task} store; {type(self).__name__} does {self._task}")
@@ -499,6 +525,7 @@ class _BaseMLP(BaseEstimator):
 
         if not stores:
             raise ValueError("fit({}): name at least one site and its store path, e.g. {'site-a': 'a.zarr'}")
+        _check_on_cluster(cfg)
         for name, path in stores.items():
             if not isinstance(name, str) or not SITE_NAME.fullmatch(name):
                 raise ValueError(
@@ -887,13 +914,14 @@ class _BaseMLP(BaseEstimator):
         if model.target is not None:
             target = {k: np.asarray(v, np.float64) for k, v in model.target.items()}
         epoch = self.n_iter_
-        loss = self._epoch(
-            trainer,
-            model.transform_features(X),
-            prepare_targets(y, target),
-            cfg.batch_size,
-            np.random.default_rng([cfg.seed, epoch]),
-        )
+        with _blas_threads(cfg):
+            loss = self._epoch(
+                trainer,
+                model.transform_features(X),
+                prepare_targets(y, target),
+                cfg.batch_size,
+                np.random.default_rng([cfg.seed, epoch]),
+            )
         self.model_ = replace(model, params=trainer.get_params().astype(np.float32), _trainer=None)
         self._opt_state = {"optimizer": cfg.optimizer, "state": local_state(trainer)}
         self.history_ = [*self.history_, {"epoch": epoch, "samples": len(X), "train_loss": float(loss)}]

@@ -1188,10 +1188,13 @@ def train(
     """Train on ``store`` with ``cfg`` on the cluster of ``client``; write the run to ``out``.
     ``client=None`` trains in this process (pipeline.local). With ``cfg.sites`` (a sites
     file) the run is federated (pipeline.federated): ``store`` must be None, every site's
-    store is named in the sites file."""
+    store is named in the sites file. A run on a cluster refuses ``blas_threads`` other than 1
+    (:meth:`pipeline.config.TrainConfig.check_on_cluster`) before it writes anything."""
     if resume and cfg is None:
         RunDir(Path(out)).check(resume, force)  # say why there is nothing to resume
         cfg = resumed_config(out)
+    if cfg is not None and (client is not None or cfg.sites or cfg.clients):
+        cfg.check_on_cluster()  # federated and simulated runs start a cluster without a client
     if cfg is not None and cfg.sites:
         if store:
             raise ConfigError(

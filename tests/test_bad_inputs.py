@@ -736,6 +736,17 @@ def _(t: Trial) -> Outcome:
     return _train_set(t, "--workers", "0")
 
 
+@case("C83")
+def _(t: Trial) -> Outcome:
+    from unittest import mock
+
+    def no_cluster(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cluster was started for a refused configuration")
+
+    with mock.patch("pipeline.cli._client", no_cluster):
+        return _train_set(t, "--workers", "2", "--set", "blas_threads=2")
+
+
 @case("C20")
 def _(t: Trial) -> Outcome:
     t.write("server.toml", "lr = 0.01\n[server]\nlr = 0.5\n")
@@ -1279,6 +1290,16 @@ def _(t: Trial) -> Outcome:
 @case("A15")
 def _(t: Trial) -> Outcome:
     return _fit(t, _X, _Y, options={"dp": "central"})
+
+
+@case("A16")
+def _(t: Trial) -> Outcome:
+    from pipeline import estimator
+
+    started = dict(estimator._local)
+    out = _fit(t, _X, _Y, cluster_min_rows=0, options={"blas_threads": 2})
+    assert estimator._local == started  # no cluster of the estimators' own was started
+    return out
 
 
 def _store_call(t: Trial, method: str) -> Outcome:

@@ -466,6 +466,36 @@ def test_full_batch_rmsprop_with_its_own_rho_in_process():
     np.testing.assert_allclose(est.model_.params[:3], p[:3], rtol=1e-4, atol=1e-5)
 
 
+def _blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+
+    return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+
+def test_fits_in_this_process_train_with_the_configs_blas_threads(monkeypatch):
+    """A fit or partial_fit in this process trains with ``blas_threads`` BLAS threads (1 unless
+    ``options`` says otherwise, as `pipeline train` in its own process and a Dask worker), and
+    the process's own setting is back afterwards."""
+    seen: list[int] = []
+    epoch = MLPClassifier._epoch
+
+    def watched(*args: Any) -> float:
+        seen.append(_blas_threads())
+        return epoch(*args)
+
+    monkeypatch.setattr(MLPClassifier, "_epoch", staticmethod(watched))
+    rng = np.random.default_rng(10)
+    X, y = rng.standard_normal((300, 4)), rng.integers(0, 2, 300)
+    available = _blas_threads()
+    for options, n in (({}, 1), ({"blas_threads": 2}, 2)):
+        seen.clear()
+        clf = MLPClassifier(hidden_layer_sizes=(6,), max_iter=2, n_iter_no_change=0, client="local", options=options)
+        clf.fit(X, y)
+        clf.partial_fit(X, y)
+        assert seen == [min(n, available)] * 3
+        assert _blas_threads() == available
+
+
 def test_step_activation_trains_and_predicts_the_same_from_its_model_file(tmp_path):
     """activation="step" (threshold hidden units, straight-through gradient) learns XOR-like
     quadrants that a linear model cannot, and the saved model predicts the same labels."""

@@ -187,6 +187,19 @@ def test_sync_mode_is_reproducible(letter_stores, client, tmp_path):
     assert not np.array_equal(a.model.params, c.model.params)
 
 
+def test_a_run_on_a_cluster_refuses_blas_threads_before_writing_anything(letter_stores, client, tmp_path):
+    """``blas_threads`` sets the BLAS threads of training in this process; a worker's come from
+    its nanny's environment, so a cluster run refuses another value than 1 rather than ignore
+    it, before its run directory exists; 1 trains."""
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"blas_threads = 2 sets the BLAS threads of training in this process"):
+        train(letter_stores[0], TrainConfig(epochs=1, patience=0, blas_threads=2), tmp_path / "run", client=client)
+    assert not (tmp_path / "run").exists()
+    res = train(letter_stores[0], TrainConfig(epochs=1, patience=0, blas_threads=1), tmp_path / "run", client=client)
+    assert len(res.history) == 1
+
+
 def _kill_worker_mid_task(client, stop: threading.Event, killed: list) -> None:
     """SIGKILL the process of a worker that is running a training task (epoch >= 1)."""
     pids = client.run(os.getpid)
