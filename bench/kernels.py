@@ -1,17 +1,30 @@
-"""Train-step throughput of the kernel backends against PyTorch CPU and scikit-learn, in one run.
+"""Train-step throughput of the kernel backends against PyTorch at best practice and scikit-learn.
 
-    python -m bench.kernels            # MLP 784-512-256-10, batch 256, Adam
+    python -m bench.kernels            # MLP 784-512-256-10, batch 256, Adam, 5 passes
     python -m bench.kernels --quick    # tiny smoke run
 
-Measures this machine's fp32 GEMM peak first (NumPy matmul of large square matrices), validates
-the ``cpu`` step against the ``numpy`` reference step, then times each trainer on the same
-synthetic data, round-robin so background load hits every trainer alike.
+Measures this machine's fp32 GEMM peak, validates the ``cpu`` step against the ``numpy``
+reference step, then times each trainer's epoch on the same synthetic float32 array in memory
+(no reads, no shuffling: every trainer steps through the rows in order), under the protocol of
+:mod:`bench.protocol`: ``--passes`` (5) passes, the order rotated per pass, each trainer's best of
+``--repeat`` (3) epochs within a pass; per-pass ratios against PyTorch with median and range; the
+machine's state (load, steal, other processes, both GEMM peaks) recorded and flagged per pass;
+raw figures in ``bench/results/kernels-*.json``.
+
+Trainers: ``cpu`` and ``numpy`` (:class:`kernels.mlp.MLPTrainer`; BLAS at the process's default
+threads, both cores here), **pytorch best practice** (``torch.set_num_threads(2)``, the same
+initial weights, ``Adam`` fused or foreach as measured faster here (``bench.torch_peers.pick_adam``),
+``zero_grad(set_to_none=True)``, ``OMP_WAIT_POLICY=PASSIVE``: the step of
+``bench.throughput``'s target row without its shuffling) and scikit-learn's ``MLPClassifier``
+(``partial_fit`` over the same rows). This table times steps alone; ``bench.throughput`` times
+whole training runs.
 
 FLOPs per sample count the GEMM work a step does: 2 per weight for the forward product, 2 for dW
 and 2 for dX, except the first layer whose dX nobody needs (every trainer here skips it):
 2 * (3 * n_weights - n_weights_layer0) = 2.41 MFLOP for 784-512-256-10. Biases, activations, the
 loss and the optimizer are not counted. "% of GEMM-implied limit" compares against
-peak / (that count) samples/s; the header also gives the cruder 6 * n_weights figure.
+peak / (that count) samples/s, the peak measured in the same pass; the header also gives the
+cruder 6 * n_weights figure.
 """
 
 from __future__ import annotations
@@ -21,34 +34,12 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from bench.protocol import gemm_peak_numpy
-from kernels.mlp import MLPSpec, MLPTrainer, init_params, views
-
-
-@dataclass
-class Row:
-    name: str
-    samples_per_s: float
-
-
-def _best_rates(epochs: dict[str, Callable[[], None]], n_samples: int, repeat: int) -> dict:
-    """Samples/s of each epoch function, best of ``repeat``, timed round-robin.
-
-    Interleaving the trainers spreads any background load on the machine evenly over them.
-    """
-    for epoch in epochs.values():
-        epoch()  # warm-up: compilation, caches, buffer allocation
-    best = dict.fromkeys(epochs, np.inf)
-    for _ in range(repeat):
-        for name, epoch in epochs.items():
-            t0 = time.perf_counter()
-            epoch()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return {name: n_samples / t for name, t in best.items()}
+from bench import protocol
+from kernels.mlp import MLPSpec, MLPTrainer, init_params
 
 
 def _trainer_epoch(tr: MLPTrainer, X: np.ndarray, y: np.ndarray, batch: int) -> Callable[[], None]:
@@ -72,34 +63,30 @@ def validate(spec: MLPSpec, X: np.ndarray, y: np.ndarray, batch: int) -> None:
     np.testing.assert_allclose(a.get_params(), b.get_params(), rtol=1e-3, atol=1e-5)
 
 
-def torch_epoch(spec: MLPSpec, X: np.ndarray, y: np.ndarray, batch: int) -> Callable[[], None]:
+def torch_epoch(spec: MLPSpec, X: np.ndarray, y: np.ndarray, batch: int) -> tuple[Callable[[], None], str]:
+    """PyTorch at best practice over ``X`` in order: 2 threads, the kernels' initial weights
+    (seed 1), the faster of fused and foreach Adam here, gradients set to None. Returns the epoch
+    and the Adam kind chosen."""
     import torch
 
+    from bench.torch_peers import adam, build_model, pick_adam
+
+    sizes = list(spec.sizes)
+    kind = pick_adam(sizes, batch=batch, threads=2)["kind"]
     torch.set_num_threads(2)
-    layers: list = []
-    s = spec.sizes
-    pv = views(spec, init_params(spec, seed=1))
-    for i in range(spec.n_layers):
-        lin = torch.nn.Linear(s[i], s[i + 1])
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(pv[f"W{i}"].T.copy()))
-            lin.bias.zero_()
-        layers.append(lin)
-        if i < spec.n_layers - 1:
-            layers.append(torch.nn.ReLU())
-    model = torch.nn.Sequential(*layers)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = build_model(sizes, seed=1)
+    opt = adam(model.parameters(), 1e-3, kind)
     loss_fn = torch.nn.CrossEntropyLoss()
     tx, ty = torch.from_numpy(X), torch.from_numpy(y.astype(np.int64))
 
     def epoch() -> None:
         for i in range(0, len(X), batch):
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(tx[i : i + batch]), ty[i : i + batch])
             loss.backward()
             opt.step()
 
-    return epoch
+    return epoch, kind
 
 
 def sklearn_epoch(spec: MLPSpec, X: np.ndarray, y: np.ndarray, batch: int) -> Callable[[], None]:
@@ -125,63 +112,103 @@ def sklearn_epoch(spec: MLPSpec, X: np.ndarray, y: np.ndarray, batch: int) -> Ca
     return epoch
 
 
-def run(quick: bool = False, repeat: int = 5) -> tuple[str, dict[str, float]]:
-    """Run the whole benchmark; returns the markdown table and the measured numbers."""
+TORCH = "pytorch best practice"
+
+
+def run(quick: bool = False, repeat: int = 3, passes: int = 5) -> tuple[str, dict[str, Any]]:
+    """Run the whole benchmark; returns the markdown table and the raw figures (also saved)."""
     if quick:
         spec, batch, n_batches, peak_n = MLPSpec(64, (32, 16), 10), 32, 4, 256
-        repeat = 1
+        repeat, passes = 1, 1
     else:
         spec, batch, n_batches, peak_n = MLPSpec(784, (512, 256), 10), 256, 40, 2048
     rng = np.random.default_rng(0)
     X = rng.standard_normal((batch * n_batches, spec.n_in), dtype=np.float32)
     y = rng.integers(0, spec.n_out, size=len(X)).astype(np.int64)
-    load = os.getloadavg()[0]
-    peak = gemm_peak_numpy(peak_n)
     w_sizes = [v.size for v in spec.layout() if v.name.startswith("W")]
     flops = 2 * (3 * sum(w_sizes) - w_sizes[0])
-    limit = peak * 1e9 / flops
     validate(spec, X, y, batch)
 
     epochs: dict[str, Callable[[], None]] = {}
     for backend in ("cpu", "numpy"):
         tr = MLPTrainer(spec, backend=backend, max_batch=batch, params=init_params(spec, 1))
         epochs[backend] = _trainer_epoch(tr, X, y, batch)
+    adam_kind = None
     try:
-        epochs["pytorch-cpu"] = torch_epoch(spec, X, y, batch)
+        epochs[TORCH], adam_kind = torch_epoch(spec, X, y, batch)
     except ImportError:
         pass
     epochs["sklearn-mlp"] = sklearn_epoch(spec, X, y, batch)
-    rows = [Row(k, v) for k, v in _best_rates(epochs, len(X), repeat).items()]
+    for epoch in epochs.values():
+        epoch()  # warm-up: compilation, caches, buffer allocation
 
-    torch_sps = next((r.samples_per_s for r in rows if r.name == "pytorch-cpu"), None)
+    def timed(epoch: Callable[[], None]) -> Callable[[], dict[str, Any]]:
+        def one() -> dict[str, Any]:
+            best = float("inf")
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                epoch()
+                best = min(best, time.perf_counter() - t0)
+            return {"samples/s": len(X) / best}
+
+        return one
+
+    records = protocol.run_passes({k: timed(e) for k, e in epochs.items()}, passes=passes, peak_n=peak_n)
+    names = list(epochs)
+    rate = {k: [r["results"][k]["samples/s"] for r in records] for k in names}
+    limit = [r["conditions"]["gemm_numpy_gflops"] * 1e9 / flops for r in records]
+    ratios = {k: protocol.ratio_summary(rate[k], rate[TORCH]) for k in names if TORCH in rate}
+    payload: dict[str, Any] = {
+        "benchmark": "kernels",
+        "meta": protocol.meta(),
+        "quick": quick,
+        "sizes": list(spec.sizes),
+        "batch": batch,
+        "samples_per_epoch": len(X),
+        "repeat": repeat,
+        "flops_per_sample": flops,
+        "adam": adam_kind,
+        "passes": records,
+        "ratios_vs_torch": ratios,
+    }
+    path = protocol.save_json("kernels", payload, quick=quick)
+    payload["meta"]["json"] = str(path)
     arch = "-".join(map(str, spec.sizes))
+    peaks = [c["conditions"]["gemm_numpy_gflops"] for c in records]
     lines = [
-        f"MLP {arch}, batch {batch}, Adam, fp32, {len(X)} samples per timed epoch, best of "
-        f"{repeat}; GEMM peak {peak:.1f} GFLOP/s; {flops / 1e6:.3f} GEMM MFLOP/sample "
-        f"({6 * sum(w_sizes) / 1e6:.3f} as 6 x weights); "
-        f"limit {limit:,.0f} samples/s; load average before the run {load:.2f}",
+        f"MLP {arch}, batch {batch}, Adam, fp32, {len(X)} samples per timed epoch (in memory, in order), "
+        f"best of {repeat} epochs per trainer in each of {passes} interleaved passes, order rotated; "
+        f"{flops / 1e6:.3f} GEMM MFLOP/sample ({6 * sum(w_sizes) / 1e6:.3f} as 6 x weights); NumPy GEMM peak "
+        f"{min(peaks):.0f}-{max(peaks):.0f} GFLOP/s, the limit of each pass from its own peak.",
         "",
-        "| trainer | samples/s | GFLOP/s | % of GEMM-implied limit | vs PyTorch |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        *protocol.provenance_lines(payload["meta"]),
+        f"PyTorch Adam: {adam_kind or 'n/a'} (the faster here).",
+        "",
+        "Conditions per pass:",
+        "",
+        protocol.conditions_table(records),
+        "",
+        "| trainer | samples/s (median) | samples/s per pass | % of GEMM-implied limit (median) "
+        "| vs PyTorch best practice (per pass) |",
+        "| --- | ---: | --- | ---: | --- |",
     ]
-    numbers = {"peak_gflops": peak, "limit": limit}
-    for r in rows:
-        ratio = f"{r.samples_per_s / torch_sps:.2f}x" if torch_sps else "n/a"
-        lines.append(
-            f"| {r.name} | {r.samples_per_s:,.0f} | {r.samples_per_s * flops / 1e9:.1f} | "
-            f"{100 * r.samples_per_s / limit:.0f}% | {ratio} |"
-        )
-        numbers[r.name] = r.samples_per_s
-    return "\n".join(lines), numbers
+    for k in names:
+        share = float(np.median([a / b for a, b in zip(rate[k], limit, strict=True)]))
+        vs = protocol.fmt_ratio(ratios[k]) if k in ratios else "n/a"
+        per = " / ".join(f"{x / 1e3:.1f}k" for x in rate[k])
+        lines.append(f"| {k} | {float(np.median(rate[k])):,.0f} | {per} | {100 * share:.0f}% | {vs} |")
+    return "\n".join(lines), payload
 
 
 def main(argv: Sequence[str] | None = None) -> str:
     """Command-line entry point; prints and returns the table."""
     ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke run)")
-    ap.add_argument("--repeat", type=int, default=5, help="timed epochs per trainer (best kept)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one pass (smoke run)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed epochs per trainer in each pass (best kept)")
+    ap.add_argument("--passes", type=int, default=5, help="interleaved passes, the order rotated")
     args = ap.parse_args(argv)
-    table, _ = run(quick=args.quick, repeat=args.repeat)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench.throughput: before torch loads
+    table, _ = run(quick=args.quick, repeat=args.repeat, passes=args.passes)
     print(table)
     return table
 
