@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import OUT, machine, write_out
+from bench.common import OUT, machine
 from bench.figures import FIGURES, TITLES
 from bench.targets import collect
 from bench.targets import render as render_targets
@@ -70,9 +70,7 @@ def _run_one(name: str, quick: bool, ooc: str) -> tuple[str, float]:
     if name == "io":
         argv += ["--out", str(OUT / ("io-quick.md" if quick else "io.md"))]
     t = time.perf_counter()
-    text = mod.main(argv)
-    if name == "kernels":  # the other modules keep their own table in bench/out/
-        write_out("kernels" + ("-quick" if quick else ""), text)
+    text = mod.main(argv)  # each module keeps its own table in bench/out/
     return text, time.perf_counter() - t
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from bench import protocol
+from bench.common import write_out
 from kernels.mlp import MLPSpec, MLPTrainer, init_params
 
 
@@ -210,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench.throughput: before torch loads
     table, _ = run(quick=args.quick, repeat=args.repeat, passes=args.passes)
     print(table)
+    write_out("kernels" + ("-quick" if args.quick else ""), table)
     return table
 
 
