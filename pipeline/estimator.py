@@ -53,12 +53,13 @@ Where training runs (the ``client`` and ``cluster_min_rows`` parameters):
   (:class:`kernels.mlp.MLPTrainer`, the same minibatch step the workers run, one participant, no
   parameter server), with the BLAS threads of the config's ``blas_threads`` (1, as in a worker,
   unless ``options`` sets it; a fit on a cluster refuses another value: its workers take their
-  BLAS threads from the nanny's environment). With ``client=None`` (default) inputs of fewer than ``cluster_min_rows``
-  rows (default 10,000) train in-process too: scikit-learn's checks and small grid searches fit
-  hundreds of tiny datasets, where a cluster round trip costs far more than the training. Set
-  ``cluster_min_rows=0`` to send everything to the cluster. An in-process fit (and
-  ``partial_fit``) refuses ``options`` asking for differential privacy or secure aggregation,
-  which only the cluster's parameter server gives (a ValueError with the fix).
+  BLAS threads from the nanny's environment). With ``client=None`` (default) inputs of fewer
+  than ``cluster_min_rows`` rows (default 10,000) train in-process too: scikit-learn's checks
+  and small grid searches fit hundreds of tiny datasets, where a cluster round trip costs far
+  more than the training. Set ``cluster_min_rows=0`` to send everything to the cluster. An
+  in-process fit (and ``partial_fit``) refuses ``options`` asking for differential privacy or
+  secure aggregation, which only the cluster's parameter server gives (a ValueError with the
+  fix).
 - The cluster: a ``distributed.Client`` passed as ``client``; else the current client
   (``distributed.get_client()``); else one LocalCluster per process with ``n_workers``
   single-threaded worker processes and :mod:`pipeline.ps` preloaded into its scheduler, started
@@ -161,10 +162,8 @@ WRITE_BLOCK_ROWS = 1 << 16  # rows per write when copying NumPy input into the t
 
 
 # --------------------------------------------------------------------------------------------
-# The per-process cluster
+# In this process or on a cluster
 # --------------------------------------------------------------------------------------------
-
-_lock = threading.Lock()
 
 
 def _blas_threads(cfg: TrainConfig) -> Any:
@@ -186,6 +185,11 @@ def _check_on_cluster(cfg: TrainConfig) -> None:
         raise ValueError(str(exc)) from None
 
 
+# --------------------------------------------------------------------------------------------
+# The per-process cluster
+# --------------------------------------------------------------------------------------------
+
+_lock = threading.Lock()
 _local: dict[str, Any] = {}
 
 
