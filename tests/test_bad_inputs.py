@@ -1294,10 +1294,16 @@ def _(t: Trial) -> Outcome:
 
 @case("A16")
 def _(t: Trial) -> Outcome:
+    from unittest import mock
+
     from pipeline import estimator
 
+    def no_store(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a store was written for a refused configuration")
+
     started = dict(estimator._local)
-    out = _fit(t, _X, _Y, cluster_min_rows=0, options={"blas_threads": 2})
+    with mock.patch.object(estimator.MLPClassifier, "_write_store", no_store):
+        out = _fit(t, _X, _Y, cluster_min_rows=0, options={"blas_threads": 2})
     assert estimator._local == started  # no cluster of the estimators' own was started
     return out
 
