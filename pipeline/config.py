@@ -185,7 +185,8 @@ class TrainConfig:
     # Workers whose environment fixed a glibc malloc tunable (a Dask nanny sets
     # MALLOC_TRIM_THRESHOLD_) lose glibc's dynamic mmap threshold: every array over 128 KiB is a
     # fresh mmap that page-faults in (2 MB vector ops 17x slower). Training tasks set it to this
-    # many MiB once per worker process (glibc's own ceiling, 32); 0 = leave the allocator alone.
+    # many MiB once per worker process (glibc's own ceiling, 32), and the trim threshold to twice
+    # that (pipeline/allocator.py); 0 = leave the allocator alone.
     mmap_threshold_mb: int = MAX_MMAP_THRESHOLD_MB
     # --- privacy (docs/privacy.md; sync mode) ----------------------------------------------
     # off | central (the parameter server clips each update on arrival and noises the round's

@@ -44,6 +44,24 @@ def new_mmaps(nbytes: int = 2 << 20) -> int:
     return int(after - before)
 
 
+def kept_at_top(nbytes: int = 4 << 20) -> int:
+    """Bytes the heap keeps at its top after one ``malloc(nbytes)`` is freed (glibc's
+    ``keepcost``): what the next allocation reuses without faulting pages in again."""
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+        ]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.free(libc.malloc(nbytes))
+    return int(libc.mallinfo2().keepcost)
+
+
 def worker_allocator() -> dict:
     return {"trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"), "new_mmaps": new_mmaps()}
 
@@ -82,6 +100,26 @@ def test_restoring_moves_multi_megabyte_blocks_back_to_the_heap():
     assert _run(code, MALLOC_TRIM_THRESHOLD_="65536") == ["1", "1", "False", "True", "0", "True"]
     # a process with glibc's dynamic threshold is left alone
     assert _run(code)[2:4] == ["False", "False"]
+
+
+@needs_glibc
+def test_restoring_keeps_freed_blocks_at_the_heap_top_for_the_next_allocation():
+    """With only the mmap threshold raised, the nanny's 64 KiB trim threshold hands each freed
+    block at the heap's top back to the OS (its pages fault in again next time); restoring
+    raises the trim threshold too, so a freed 4 MiB block stays for the next allocation."""
+    only_mmap = (
+        "import ctypes\n"
+        "from tests.pipeline.test_allocator import kept_at_top\n"
+        "ctypes.CDLL(None).mallopt(-3, 32 << 20)\n"
+        "print(kept_at_top() >= 4 << 20)\n"
+    )
+    restored = (
+        "from tests.pipeline.test_allocator import kept_at_top\n"
+        "from pipeline.allocator import restore_mmap_threshold\n"
+        "print(restore_mmap_threshold(), kept_at_top() >= 4 << 20)\n"
+    )
+    assert _run(only_mmap, MALLOC_TRIM_THRESHOLD_="65536") == ["False"]
+    assert _run(restored, MALLOC_TRIM_THRESHOLD_="65536") == ["True", "True"]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads /proc/self/environ")
