@@ -26,7 +26,8 @@ the chunks holding them and keeps only those rows of each, the same way.
 A training loader given a :class:`RowCache` whose bound admits the whole store keeps each chunk's
 rows (decoded, compact dtype, without the held-out rows) after their first read and serves its
 units from them in later epochs: the same rows in the same order, so the same batches, without
-reading and decompressing the store again. A store over the bound streams every epoch.
+reading and decompressing the store again, and without a reader thread once every unit of the
+epoch is kept (nothing to read ahead). A store over the bound streams every epoch.
 """
 
 from __future__ import annotations
@@ -159,8 +160,22 @@ class RowCache:
             _, (X, y, ids) = self._entries.popitem(last=False)
             self._bytes -= X.nbytes + y.nbytes + ids.nbytes
 
+    @staticmethod
+    def _key(scope: Any, store: Store, c: int, holdout: dict | None) -> tuple:
+        return (scope, str(store.path), int(c), None if holdout is None else tuple(sorted(holdout.items())))
+
+    def holds(self, scope: Any, store: Store, units: Sequence[tuple[int, int]], holdout: dict | None) -> bool:
+        """Whether every chunk of ``units`` is kept now (an epoch over them reads nothing)."""
+        with self._lock:
+            return all(
+                self._key(scope, store, c, holdout) in self._entries
+                for a, b in units
+                if b > a
+                for c in range(a // store.chunk_rows, (b - 1) // store.chunk_rows + 1)
+            )
+
     def _chunk(self, scope: Any, store: Store, c: int, holdout: dict | None) -> tuple[np.ndarray, ...]:
-        key = (scope, str(store.path), int(c), None if holdout is None else tuple(sorted(holdout.items())))
+        key = self._key(scope, store, c, holdout)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -375,6 +390,13 @@ class ChunkLoader:
         rng = np.random.default_rng([self.seed, int(epoch)])
         if self.shuffle:
             order = [order[i] for i in rng.permutation(len(order))]
+        if self._cache is not None and self._cache[0].holds(self._cache[1], self.store, order, self.holdout):
+            # every unit is kept decoded: nothing to read ahead, so no reader thread to hand
+            # the units over (on a busy core each hand-over waits for a thread to be scheduled)
+            kept = (self._cache[0].unit(self._cache[1], self.store, a, b, self.holdout) for a, b in order)
+            units = ((X, y) for X, y in kept if len(X))
+            yield from self._shuffled(units, rng) if self.shuffle else self._sequential(units)
+            return
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         thread = threading.Thread(

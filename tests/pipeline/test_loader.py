@@ -194,7 +194,18 @@ def test_row_cache_gives_the_same_batches_and_reads_each_chunk_once(tmp_path, mo
         assert len(reads) == cache.reads == len(touched) == len(cache)
         assert sorted(reads) == [(c * 500, c * 500 + 500) for c in sorted(touched)]  # whole chunks
         got += [list(kept.epoch(e)) for e in (1, 2)]
-    assert len(reads) == len(touched) and cache.hits > 0  # epochs 1 and 2 read nothing
+        # once every chunk is kept, an epoch starts no reader thread: the units come from the
+        # cache in the consumer's own thread
+        running = kept.epoch(3)
+        next(running)
+        assert kept._threads == []
+        running.close()
+    assert len(reads) == len(touched) and cache.hits > 0  # epochs 1 to 3 read nothing
+    with ChunkLoader(st, cache=RowCache(2**20), cache_scope="job-a", **common) as fresh:
+        running = fresh.epoch(0)  # nothing kept yet: read ahead by a thread
+        next(running)
+        assert len(fresh._threads) == 1
+        running.close()
     for w, g in zip(want, got, strict=True):
         assert len(w) == len(g)
         for (Xw, yw), (Xg, yg) in zip(w, g, strict=True):
