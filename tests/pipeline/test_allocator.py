@@ -24,19 +24,25 @@ def _glibc() -> bool:
 needs_glibc = pytest.mark.skipif(not _glibc(), reason="the mmap threshold is a glibc malloc setting")
 
 
-def new_mmaps(nbytes: int = 2 << 20) -> int:
-    """How many new mmapped blocks one ``malloc(nbytes)`` makes in this process (glibc)."""
+class MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [
-            (name, ctypes.c_size_t)
-            for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
-        ]
 
+def _libc() -> ctypes.CDLL:
+    """This process's glibc with ``malloc``, ``free`` and ``mallinfo2`` typed."""
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = MallInfo2
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
+    return libc
+
+
+def new_mmaps(nbytes: int = 2 << 20) -> int:
+    """How many new mmapped blocks one ``malloc(nbytes)`` makes in this process (glibc)."""
+    libc = _libc()
     before = libc.mallinfo2().hblks
     ptr = libc.malloc(nbytes)
     after = libc.mallinfo2().hblks
@@ -47,17 +53,7 @@ def new_mmaps(nbytes: int = 2 << 20) -> int:
 def kept_at_top(nbytes: int = 4 << 20) -> int:
     """Bytes the heap keeps at its top after one ``malloc(nbytes)`` is freed (glibc's
     ``keepcost``): what the next allocation reuses without faulting pages in again."""
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [
-            (name, ctypes.c_size_t)
-            for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
-        ]
-
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = MallInfo2
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
+    libc = _libc()
     libc.free(libc.malloc(nbytes))
     return int(libc.mallinfo2().keepcost)
 
