@@ -116,6 +116,11 @@ def restore_mmap_threshold(mb: int = MAX_MMAP_THRESHOLD_MB) -> bool:
         libc = _glibc()
         if libc is None:
             return False
-        _restored = bool(libc.mallopt(M_MMAP_THRESHOLD, mb << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, mb << 21))
-        logger.debug("mmap threshold %s to %d MiB", "raised" if _restored else "could not be raised", mb)
+        _restored = bool(libc.mallopt(M_MMAP_THRESHOLD, mb << 20))
+        if not _restored:
+            logger.debug("mmap threshold could not be raised to %d MiB", mb)
+        elif libc.mallopt(M_TRIM_THRESHOLD, mb << 21):
+            logger.debug("mmap threshold raised to %d MiB, trim threshold to %d MiB", mb, 2 * mb)
+        else:  # the threshold that matters most is set: not tried again, but said
+            logger.debug("mmap threshold raised to %d MiB; trim threshold left as it was", mb)
         return _restored
