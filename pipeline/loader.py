@@ -394,8 +394,7 @@ class ChunkLoader:
             # every unit is kept decoded: nothing to read ahead, so no reader thread to hand
             # the units over (on a busy core each hand-over waits for a thread to be scheduled)
             kept = (self._cache[0].unit(self._cache[1], self.store, a, b, self.holdout) for a, b in order)
-            units = ((X, y) for X, y in kept if len(X))
-            yield from self._shuffled(units, rng) if self.shuffle else self._sequential(units)
+            yield from self._batches(((X, y) for X, y in kept if len(X)), rng)
             return
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
@@ -421,10 +420,7 @@ class ChunkLoader:
                 yield item
 
         try:
-            if self.shuffle:
-                yield from self._shuffled(units(), rng)
-            else:
-                yield from self._sequential(units())
+            yield from self._batches(units(), rng)
         finally:
             stop.set()
             while True:
@@ -435,6 +431,10 @@ class ChunkLoader:
             thread.join(timeout=10)
             if entry in self._threads:
                 self._threads.remove(entry)
+
+    def _batches(self, units: Iterator[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator) -> Iterator:
+        """The minibatches cut from a stream of units: through the shuffle buffer, or in order."""
+        return self._shuffled(units, rng) if self.shuffle else self._sequential(units)
 
     def _sequential(self, units: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator:
         bs = self.batch_size
