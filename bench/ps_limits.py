@@ -1,8 +1,8 @@
 """What the scheduler's parameter server absorbs: pushes/s and MB/s against parameter count and
-the number of pushing worker processes.
+the number of pushing worker processes, under the measurement protocol of :mod:`bench.protocol`.
 
-    python -m bench.ps_limits            # 1e4..1e7 parameters x 1, 2, 4, 8 worker processes
-    python -m bench.ps_limits --quick    # tiny smoke run
+    python -m bench.ps_limits            # 1e4..1e7 parameters x 1, 2, 4, 8 worker processes, 5 passes
+    python -m bench.ps_limits --quick    # tiny smoke run (1 pass)
     python -m bench.ps_limits --optimizer adam --sizes 1e6,1e7 --workers 1   # server Adam's cost
 
 For each number of workers a LocalCluster of that many single-threaded worker processes is
@@ -14,9 +14,17 @@ what ``pipeline.worker.train_task`` does, after restoring glibc's mmap threshold
 each push waiting for its reply (the new weights).
 Pushes that complete inside a common measurement window of ``--seconds`` are counted.
 
+On each cluster an untimed short cell first lets the workers import and connect; then
+``--passes`` passes (default 5: a full run takes about 8 minutes on 2 cores) each run every
+parameter count's cell once, the order rotated by one per pass, and record the machine's
+conditions (``protocol.measure_pass``: load, steal, other processes' CPU, GEMM peaks). The
+table gives each cell's median over the passes (and the range of pushes/s); the conditions of
+every pass follow it. Every run's raw figures go to ``bench/results/ps_limits[-<optimizer>]-*.json``
+(quick runs to ``bench/out/results/ps_limits-quick-*.json``).
+
 MB/s in = delta bytes received by the scheduler; the reply carries the same number of bytes back,
-so the loopback moves twice the figure. Validation first: the server's version after the run
-equals the number of pushes it reports, and the weights are unchanged (zero deltas).
+so the loopback moves twice the figure. Validation in every cell: the server's version after the
+run equals the number of pushes it reports, and the weights are unchanged (zero deltas).
 Everything runs on one 2-core machine: with more processes than cores, the workers, the
 scheduler and the kernel share the cores, so the large-N rows understate a real cluster's
 server ceiling less than they overstate it; see bench/README.md for the projection.
@@ -25,14 +33,15 @@ server ceiling less than they overstate it; see bench/README.md for the projecti
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from bench import figures
-from bench.common import load, local_cluster, md_table, write_out
+from bench import figures, protocol
+from bench.common import local_cluster, md_table, write_out
 
 SIZES = (10_000, 100_000, 1_000_000, 10_000_000)
 WORKERS = (1, 2, 4, 8)
@@ -146,26 +155,76 @@ def measure(
     return out
 
 
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def stem_for(quick: bool, optimizer: str) -> str:
+    """The name of the run's table, figure and raw figures: ``ps_limits[-quick][-<optimizer>]``."""
+    return "ps_limits" + ("-quick" if quick else "") + ("" if optimizer == "sgd" else f"-{optimizer}")
+
+
+def _clusters_in_order(workers: Sequence[int]) -> str:
+    """Which cluster's passes come first in the conditions table, e.g. the 1-worker cluster's
+    first, then the 2-worker and 4-worker clusters'."""
+    names = [f"{w}-worker" for w in workers]
+    if len(names) == 1:
+        return f"the {names[0]} cluster's passes"
+    rest = names[1:]
+    later = rest[0] if len(rest) == 1 else ", ".join(rest[:-1]) + " and " + rest[-1]
+    whose = "cluster's" if len(rest) == 1 else "clusters'"
+    return f"the {names[0]} cluster's passes first, then the {later} {whose}"
+
+
 def run(
     quick: bool = False,
     sizes: Sequence[int] = SIZES,
     workers: Sequence[int] = WORKERS,
     seconds: float = 3.0,
     optimizer: str = "sgd",
+    passes: int = 5,
 ) -> tuple[str, list[dict]]:
+    """Every cell ``passes`` times per cluster, the parameter counts' order rotated per pass;
+    returns the table's text and its rows (medians per cell). The raw figures are saved."""
     if quick:
-        sizes, workers, seconds = (10_000, 100_000), (1, 2), 0.5
-    load0 = load()
-    rows: list[dict] = []
+        sizes, workers, seconds, passes = (10_000, 100_000), (1, 2), 0.5, 1
+    m = protocol.meta()
+    recs: list[dict[str, Any]] = []
     for nw in workers:
         with local_cluster(nw) as client:
-            for n in sizes:
-                rows.append(measure(client, nw, n, seconds, optimizer))
-    head = (
-        f"async mode, server {optimizer}, zero-compute deltas, {seconds:g} s window per cell, LocalCluster of N "
-        f"single-threaded worker processes on this machine (loopback TCP); load average before {load0:.2f}, "
-        f"after {load():.2f}"
-    )
+            measure(client, nw, sizes[0], 0.2, optimizer)  # untimed: the workers import and connect once
+            fns = {str(n): (lambda n=n, c=client, w=nw: measure(c, w, n, seconds, optimizer)) for n in sizes}
+            for p in protocol.run_passes(fns, passes, cores=2, log=lambda s, w=nw: _log(f"{w} workers, {s} params")):
+                recs.append({**p, "workers": nw})
+    rows: list[dict] = []
+    for nw in workers:
+        mine = [p for p in recs if p["workers"] == nw]
+        for n in sizes:
+            cells = [p["results"][str(n)] for p in mine]
+            row = {
+                k: v if k in ("params", "workers") or isinstance(v, str) else float(np.median([c[k] for c in cells]))
+                for k, v in cells[0].items()
+            }
+            if passes > 1:
+                per = [c["pushes/s"] for c in cells]
+                row["pushes/s min-max"] = f"{min(per):,.0f}-{max(per):,.0f}"
+            rows.append(row)
+    stem = stem_for(quick, optimizer)
+    payload = {
+        "benchmark": "ps_limits",
+        "meta": m,
+        "quick": quick,
+        "settings": {
+            "sizes": list(sizes),
+            "workers": list(workers),
+            "seconds": seconds,
+            "optimizer": optimizer,
+            "passes": passes,
+        },
+        "passes": recs,
+        "rows": rows,
+    }
+    path = protocol.save_json(stem, payload, quick)
     fmt = {
         "params": ".0e",
         "MB/push": ".2f",
@@ -175,15 +234,28 @@ def run(
         "sched ms/push (loop)": ".2f",
         "sched ms/push (process)": ".2f",
     }
-    return head + "\n\n" + md_table(rows, fmt), rows
+    lines = [
+        f"## Parameter-server limits ({m['date']})",
+        "",
+        *protocol.provenance_lines(m),
+        "",
+        f"async mode, server {optimizer}, zero-compute deltas, {seconds:g} s window per cell, LocalCluster of N "
+        "single-threaded worker processes on this machine (loopback TCP); medians over "
+        f"{passes} pass(es) per cluster, the parameter counts' order rotated by one per pass.",
+        "",
+        md_table(rows, fmt),
+    ]
+    lines += protocol.conditions_tail(recs, "workers", _clusters_in_order(workers), path)
+    return "\n".join(lines), rows
 
 
 def main(argv: Sequence[str] | None = None) -> str:
     ap = argparse.ArgumentParser(prog="python -m bench.ps_limits", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (1 pass)")
     ap.add_argument("--seconds", type=float, default=3.0, help="measurement window per cell")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--workers", default=",".join(map(str, WORKERS)))
+    ap.add_argument("--passes", type=int, default=5, help="passes per cluster, the sizes' order rotated (default 5)")
     ap.add_argument(
         "--optimizer",
         default="sgd",
@@ -197,9 +269,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         [int(s) for s in args.workers.split(",")],
         args.seconds,
         args.optimizer,
+        args.passes,
     )
     print(text)
-    stem = "ps_limits" + ("-quick" if args.quick else "") + ("" if args.optimizer == "sgd" else f"-{args.optimizer}")
+    stem = stem_for(args.quick, args.optimizer)
     write_out(stem, text)
     figures.ps_limits(rows, stem)
     return text
