@@ -26,11 +26,22 @@ the others are reported. Columns:
   the same cluster: the floor Dask puts under any phase of an epoch;
 * **in memory**: the same model and batch in one process over the same rows (this project's
   kernels, 2 BLAS threads), for the gap.
+
+Protocol (:mod:`bench.protocol`): each dataset's cluster run, round trips and in-memory epochs
+are one pass wrapped in :func:`bench.protocol.measure_pass`, which records the load average
+before and after, steal, other processes' CPU and the GEMM peaks; one pass per dataset, as the
+figures are medians over the epochs of that pass rather than comparisons between alternatives
+(the conditions table, one row per dataset, says whether each pass ran under load). The table
+starts with the commit and versions and ends with those conditions. Raw figures: every epoch's
+record of the pipeline's history (including the first, left out of the medians), the 30 round
+trips, the in-memory epoch times and the medians of the table, written to
+``bench/results/epoch_anatomy-<UTC time>.json`` (quick runs: ``bench/out/results/``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,10 +49,10 @@ from typing import Any
 
 import numpy as np
 
+from bench import protocol
 from bench.common import (
     KernelPeer,
     arrays,
-    load,
     local_cluster,
     md_table,
     run_pipeline,
@@ -50,30 +61,50 @@ from bench.common import (
 )
 
 DATASETS = ("letter", "adult", "shuttle")
+TITLE = "Where an epoch goes on small stores"
 
 
 def _noop(x: int) -> int:
     return x
 
 
-def round_trip(client: Any, n_tasks: int, repeats: int = 30) -> float:
-    """Median seconds to submit ``n_tasks`` no-op tasks and gather their results."""
+def round_trips(client: Any, n_tasks: int, repeats: int = 30) -> list[float]:
+    """Seconds to submit ``n_tasks`` no-op tasks and gather their results, ``repeats`` times."""
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         client.gather([client.submit(_noop, i, pure=False) for i in range(n_tasks)])
         times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return times
 
 
 def one_dataset(name: str, tmp: Path, epochs: int, quick: bool) -> dict[str, Any]:
+    """One dataset's pass: the pipeline on a fresh cluster, the no-op round trips and the epochs
+    in memory inside :func:`bench.protocol.measure_pass`. Returns a pass record (``pass``,
+    ``order``, ``conditions``, ``results``) tagged with ``dataset``; its results keep the raw
+    figures (``history``: every epoch's record) beside the medians of the table."""
     from bench.time_to_accuracy import prepare
 
-    train, test, _ = prepare(name, tmp, quick)
-    with local_cluster(2) as client:
-        n_threads = sum(client.nthreads().values())
-        rtt = round_trip(client, n_threads)
-        r = run_pipeline(client, train, tmp / f"{name}-run", validation_store=str(test.path), epochs=epochs, patience=0)
+    train, test, split = prepare(name, tmp, quick)
+    Xtr, ytr = arrays(train)
+    task = train.task
+    n_out = len(train.classes) if task == "classification" else ytr.shape[1]
+    ym = float(train.y_mean[0]) if task != "classification" else 0.0
+    ys = float(train.y_std[0]) if task != "classification" else 1.0
+    with protocol.measure_pass(cores=2) as cond:
+        with local_cluster(2) as client:
+            n_threads = sum(client.nthreads().values())
+            rtts = round_trips(client, n_threads)
+            r = run_pipeline(
+                client, train, tmp / f"{name}-run", validation_store=str(test.path), epochs=epochs, patience=0
+            )
+        kp = KernelPeer(Xtr, ytr, (256, 128), n_out, task=task, y_mean=ym, y_std=ys)
+        kp.epoch()  # compile
+        mem = []
+        for _ in range(3 if quick else 5):
+            t = time.perf_counter()
+            kp.epoch()
+            mem.append(time.perf_counter() - t)
     hist = r["history"][1:] or r["history"]
     med = lambda key: float(np.median([h[key] for h in hist]))  # noqa: E731
     per_task = {
@@ -84,50 +115,44 @@ def one_dataset(name: str, tmp: Path, epochs: int, quick: bool) -> dict[str, Any
     # equal shares of the rows in the default sync mode)
     in_tasks = all(h.get("validated_in_tasks") for h in hist)
     overhead = med("train_s") - sum(per_task.values()) - (med("validate_s") if in_tasks else 0.0)
-    Xtr, ytr = arrays(train)
-    task = train.task
-    n_out = len(train.classes) if task == "classification" else ytr.shape[1]
-    ym = float(train.y_mean[0]) if task != "classification" else 0.0
-    ys = float(train.y_std[0]) if task != "classification" else 1.0
-    kp = KernelPeer(Xtr, ytr, (256, 128), n_out, task=task, y_mean=ym, y_std=ys)
-    kp.epoch()  # compile
-    mem = []
-    for _ in range(3 if quick else 5):
-        t = time.perf_counter()
-        kp.epoch()
-        mem.append(time.perf_counter() - t)
-    return {
-        "name": name,
+    figures = {
+        "split": split,
         "rows": (train.n_rows, test.n_rows),
+        "epochs_run": len(r["history"]),
         "epochs": len(hist),
         "epoch": med("seconds"),
         "train": med("train_s"),
         "validate": med("validate_s"),
         "per_task": per_task,
         "overhead": overhead,
-        "rtt": rtt,
+        "rtt": float(np.median(rtts)),
         "memory": float(np.median(mem)),
         "in_tasks": in_tasks,
         "tasks": len(hist[-1]["tasks"]),
         "rounds": (hist[-1]["rounds"] - hist[0]["rounds"]) / max(1, len(hist) - 1),
+        "raw": {"history": r["history"], "round_trips_s": rtts, "memory_epochs_s": mem, "wall": r["wall"]},
     }
+    return {"pass": 1, "order": [name], "conditions": cond, "results": {name: figures}, "dataset": name}
 
 
-def run(datasets: Sequence[str] = DATASETS, epochs: int = 15, quick: bool = False) -> tuple[str, list[dict]]:
+def run(datasets: Sequence[str] = DATASETS, epochs: int = 15, quick: bool = False) -> tuple[str, dict[str, Any]]:
+    """Each dataset's pass in turn; the table text and the JSON payload."""
     if quick:
         datasets, epochs = ("letter",), 3
-    load0 = load()
-    res = []
+    m = protocol.meta()
+    recs = []
     with tmpdir("bench-anatomy-") as tmp:
         for name in datasets:
-            res.append(one_dataset(name, tmp, epochs, quick))
+            print(f"epoch anatomy: {name}", file=sys.stderr, flush=True)
+            recs.append(one_dataset(name, tmp, epochs, quick))
     ms = lambda s: f"{1000 * s:.0f}"  # noqa: E731
     rows = []
-    for r in res:
+    for p in recs:
+        r = p["results"][p["dataset"]]
         pt = r["per_task"]
         rows.append(
             {
-                "dataset": r["name"],
+                "dataset": p["dataset"],
                 "train / validation rows": f"{r['rows'][0]:,} / {r['rows'][1]:,}",
                 "epochs (median of)": r["epochs"],
                 "tasks / rounds per epoch": f"{r['tasks']} / {r['rounds']:.0f}",
@@ -142,11 +167,28 @@ def run(datasets: Sequence[str] = DATASETS, epochs: int = 15, quick: bool = Fals
                 "epoch / in memory": f"{r['epoch'] / r['memory']:.1f}x",
             }
         )
-    head = (
-        f"median epoch anatomy (first epoch left out), TrainConfig() defaults, 2-worker LocalCluster, "
-        f"validation on the test store; load average before {load0:.2f}, after {load():.2f}"
-    )
-    return head + "\n\n" + md_table(rows), res
+    payload = {"benchmark": "epoch_anatomy", "meta": m, "quick": quick, "epochs": epochs, "passes": recs, "rows": rows}
+    path = protocol.save_json("epoch_anatomy-quick" if quick else "epoch_anatomy", payload, quick)
+    flagged = [p["dataset"] for p in recs if p["conditions"]["flags"]]
+    lines = [
+        f"## {TITLE} ({m['date']})",
+        "",
+        *protocol.provenance_lines(m),
+        "",
+        f"Median epoch anatomy over {epochs} epochs (the first left out), TrainConfig() defaults, 2-worker "
+        "LocalCluster, validation on the test store; one pass per dataset, each on a fresh cluster.",
+        "",
+        md_table(rows),
+        "",
+        "Conditions per pass (one pass per dataset, in the order of the table; the first trainer column names "
+        "the dataset):",
+        "",
+        protocol.conditions_table(recs),
+    ]
+    if flagged:
+        lines += ["", f"Flagged under load: {', '.join(flagged)}."]
+    lines += ["", f"Raw figures: `{path}`."]
+    return "\n".join(lines), payload
 
 
 def main(argv: Sequence[str] | None = None) -> str:
