@@ -103,7 +103,8 @@ def add_noise(vec: np.ndarray, std: float, rng: np.random.Generator) -> None:
 
 
 def noise_rng(seed: int | None = None) -> np.random.Generator:
-    """The generator of privacy noise: fresh OS entropy unless a ``seed`` is given (tests).
+    """The generator of privacy noise: fresh OS entropy unless a ``seed`` is given (tests and
+    benchmarks, which compare runs drawn with the same noise).
     Privacy noise must not be reproducible by whoever knows the run's seed."""
     return np.random.default_rng(seed)
 
@@ -390,7 +391,7 @@ def check_privacy(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     accounted before (a resumed run), ``rates`` (``[[q, n], ...]``: how many of those rounds
     were accounted at a rate ``q`` other than ``sampling_rate``; the rest were at it) and
     ``clip`` (adaptive clipping's clip then); ``seed``: the noise generator's seed (tests
-    only; None = OS entropy)."""
+    and benchmarks only: a real run's noise must not be reproducible; None = OS entropy)."""
     if spec is None:
         spec = {}
     if not isinstance(spec, Mapping):
