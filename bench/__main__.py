@@ -103,9 +103,9 @@ def render(
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']} RAM; written {m['date']}; "
         f"load average when written {m['load']} (the machine was shared with other work: "
         "each table's header gives the load around its own run). Regenerate with `python -m bench`. "
-        "Tables under the protocol of bench/protocol.py (throughput, time to accuracy, out of core) give their "
-        "commit, versions and per-pass conditions in their header and name the JSON under bench/results/ "
-        "their figures come from.",
+        "Every benchmark's table follows the protocol of bench/protocol.py: it gives its commit, versions "
+        "and per-pass conditions in its header and names the JSON under bench/results/ its figures come "
+        "from.",
         "",
     ]
     if not quick:

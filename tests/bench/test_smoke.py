@@ -35,7 +35,14 @@ CASES = {
         "Raw figures: `bench/out/results/throughput-quick-",
         "Targets (",
     ],
-    "local_steps": ["| pipeline sync | 8 |", "kernels in memory"],
+    "local_steps": [
+        "| pipeline sync | 8 |",
+        "kernels in memory",
+        "| pipeline sync | 8 | the reference |",
+        "samples/s vs local_steps 8 (per pass)",
+        "Conditions per pass (the synthetic sweep's passes):",
+        "Raw figures: `bench/out/results/local_steps-quick-",
+    ],
     "time_to_accuracy": [
         "| letter | accuracy >= 0.500 |",
         "within 2 points",
@@ -63,7 +70,12 @@ CASES = {
         "memory binds?",
         "Raw figures: `bench/out/results/out_of_core-quick-",
     ],
-    "ps_limits": ["pushes/s", "| 1e+05 | 2 |"],
+    "ps_limits": [
+        "pushes/s",
+        "| 1e+05 | 2 |",
+        "Conditions per pass (the 1-worker cluster's passes first, then the 2-worker cluster's):",
+        "Raw figures: `bench/out/results/ps_limits-quick-",
+    ],
     "ps_compression": [
         "| int8 | 0.",
         "| bf16 + replies | 0.",
@@ -104,7 +116,12 @@ CASES = {
         "scheduler CPU per round, separate / summed",
         "Raw figures: `bench/out/results/ps_summed-quick-",
     ],
-    "epoch_anatomy": ["| letter | 16,000 / 4,000 |", "no-op round trip ms"],
+    "epoch_anatomy": [
+        "| letter | 16,000 / 4,000 |",
+        "no-op round trip ms",
+        "Conditions per pass (one pass per dataset",
+        "Raw figures: `bench/out/results/epoch_anatomy-quick-",
+    ],
     "step_anatomy": [
         "| GEMMs (8 per step) |",
         "| cluster start |",
@@ -120,12 +137,20 @@ CASES = {
         "| overhead of the plain command (process - epochs 2..n - one steady epoch) |",
         "Raw figures: `bench/out/results/cold_start-quick-",
     ],
-    "sklearn_parity": ["| MLPClassifier | iris | 112 / 38 |", "| MLPRegressor | diabetes |"],
+    "sklearn_parity": [
+        "| MLPClassifier | iris | 112 / 38 |",
+        "| MLPRegressor | diabetes |",
+        "| estimator | dataset | fit time, ours / scikit-learn (per pass) |",
+        "Conditions per pass:",
+        "Raw figures: `bench/out/results/sklearn_parity-quick-",
+    ],
     "fed_strategies": [
         "| mean, no attacker | no |",
         "| krum f=1 | yes |",
         "| multi-krum f=1 m=5 | yes |",
         "Dirichlet(0.3)",
+        "Conditions of the run:",
+        "Raw figures: `bench/out/results/fed_strategies-quick-",
     ],
     "privacy": [
         "| no privacy | 0.000 | n/a |",
@@ -133,6 +158,9 @@ CASES = {
         "| secure aggregation |",
         "| secure aggregation + DP, epsilon 3 |",
         "the job in this process",
+        "| setting | noise multiplier | epsilon | target | rounds | test acc | rounds/s | rounds/s vs no privacy |",
+        "Conditions per pass:",
+        "Raw figures: `bench/out/results/privacy-quick-",
     ],
 }
 
@@ -555,6 +583,14 @@ def test_bench_io_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "| ingest csv |" in out and "| ingest parquet |" in out
     for codec in ("none", "lz4", "zstd"):
         assert f"| {codec} |" in out
+        assert f"| loader rows/s / plain Zarr read rows/s, {codec} | " in out
+    for needle in (
+        "## Ingest and loader I/O (",
+        "| ingest MB/s, Parquet / CSV | ",
+        "Conditions per pass:",
+        "Raw figures: `bench/out/results/io-quick-",
+    ):
+        assert needle in out, needle
     assert (tmp_path / "io.md").read_text().strip() == text.strip()
 
 
