@@ -234,7 +234,7 @@ def run(
         "",
         md_table(rows, fmt),
         "",
-        "| estimator | dataset | fit time, ours / scikit-learn (per pass) |",
+        "| estimator | dataset | fit time, ours / scikit-learn (per pass; below 1.00x ours is faster) |",
         "| --- | --- | --- |",
         *(
             f"| {r['estimator']} | {r['dataset']} | {protocol.fmt_ratio(r['fit time ours / sklearn'])} |"

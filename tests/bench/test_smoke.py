@@ -140,7 +140,7 @@ CASES = {
     "sklearn_parity": [
         "| MLPClassifier | iris | 112 / 38 |",
         "| MLPRegressor | diabetes |",
-        "| estimator | dataset | fit time, ours / scikit-learn (per pass) |",
+        "| estimator | dataset | fit time, ours / scikit-learn (per pass; below 1.00x ours is faster) |",
         "Conditions per pass:",
         "Raw figures: `bench/out/results/sklearn_parity-quick-",
     ],
