@@ -119,6 +119,7 @@ from sklearn.utils.validation import check_is_fitted, check_random_state, valida
 from pipeline.config import TrainConfig
 from pipeline.loop import (
     FULL_BATCH_ROWS,
+    blas_limit,
     load_local_state,
     local_state,
     make_trainer,
@@ -169,9 +170,7 @@ WRITE_BLOCK_ROWS = 1 << 16  # rows per write when copying NumPy input into the t
 def _blas_threads(cfg: TrainConfig) -> Any:
     """The BLAS threads of a fit in this process: ``cfg.blas_threads`` (1 unless ``options``
     says otherwise), as for `pipeline train` in its own process and as in a Dask worker."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(cfg.blas_threads, user_api="blas")
+    return blas_limit(cfg.blas_threads)
 
 
 def _check_on_cluster(cfg: TrainConfig) -> None:

@@ -29,6 +29,7 @@ from pipeline.errors import ConfigError, TrainingError
 from pipeline.loader import RowCache
 from pipeline.loop import (
     VAL_CACHE_MB,
+    blas_limit,
     load_local_state,
     local_state,
     make_trainer,
@@ -187,9 +188,7 @@ class LocalTrainer(Trainer):
         self._rows = RowCache(row_cache_bytes(self.cfg.row_cache_mb))
 
     def fit(self) -> Any:
-        from threadpoolctl import threadpool_limits
-
-        with self.run.claim(self.resume, self.force), threadpool_limits(self.cfg.blas_threads, user_api="blas"):
+        with self.run.claim(self.resume, self.force), blas_limit(self.cfg.blas_threads):
             return self._fit()
 
     # the cluster-bound hooks of Trainer._fit

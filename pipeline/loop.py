@@ -12,6 +12,7 @@ what a sync share hands the parameter server to keep, and what the checkpoint sa
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -24,6 +25,23 @@ from pipeline.optim import EF_RESIDUAL
 # batch_size = 0 (full batch): rows per piece over which a task accumulates its gradient, so
 # that memory stays that of one minibatch whatever the number of rows
 FULL_BATCH_ROWS = 4096
+
+
+@functools.cache
+def _blas_controller() -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def blas_limit(threads: int) -> Any:
+    """A context manager that runs its block with this process's BLAS at ``threads`` threads and
+    restores them on exit: the in-process training of `pipeline train` and of the estimators.
+
+    The BLAS libraries are looked up once per process (threadpoolctl reads the process's memory
+    map, ~4 ms, which was most of a small linear fit): one loaded after the first call (NumPy's
+    is loaded with NumPy) is not limited."""
+    return _blas_controller().limit(limits=int(threads), user_api="blas")
 
 
 def make_trainer(spec: Mapping[str, Any], cfg: Mapping[str, Any], params: np.ndarray | None = None) -> Any:
