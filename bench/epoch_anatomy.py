@@ -169,25 +169,20 @@ def run(datasets: Sequence[str] = DATASETS, epochs: int = 15, quick: bool = Fals
         )
     payload = {"benchmark": "epoch_anatomy", "meta": m, "quick": quick, "epochs": epochs, "passes": recs, "rows": rows}
     path = protocol.save_json("epoch_anatomy-quick" if quick else "epoch_anatomy", payload, quick)
-    flagged = [p["dataset"] for p in recs if p["conditions"]["flags"]]
     lines = [
-        f"## {TITLE} ({m['date']})",
-        "",
-        *protocol.provenance_lines(m),
-        "",
+        *protocol.table_head(TITLE, m),
         f"Median epoch anatomy over {epochs} epochs (the first left out), TrainConfig() defaults, 2-worker "
         "LocalCluster, validation on the test store; one pass per dataset, each on a fresh cluster.",
         "",
         md_table(rows),
-        "",
-        "Conditions per pass (one pass per dataset, in the order of the table; the first trainer column names "
-        "the dataset):",
-        "",
-        protocol.conditions_table(recs),
+        *protocol.table_tail(
+            recs,
+            path,
+            "Conditions per pass (one pass per dataset, in the order of the table; the first trainer column "
+            "names the dataset)",
+            name=lambda p: p["dataset"],
+        ),
     ]
-    if flagged:
-        lines += ["", f"Flagged under load: {', '.join(flagged)}."]
-    lines += ["", f"Raw figures: `{path}`."]
     return "\n".join(lines), payload
 
 

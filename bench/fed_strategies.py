@@ -131,24 +131,15 @@ def run(
     }
     path = protocol.save_json("fed_strategies-quick" if quick else "fed_strategies", payload, quick)
     lines = [
-        f"## {TITLE} ({m['date']})",
-        "",
-        *protocol.provenance_lines(m),
-        "",
+        *protocol.table_head(TITLE, m),
         f"Synthetic {features} features, {n_classes} classes, {rows:,} training rows split among {clients} clients "
         f"by Dirichlet({alpha}) (client sizes {sizes.min()}-{sizes.max()}), {rounds} rounds of 1 local epoch each, "
         "every client every round; client 0 sends -10 x its delta. Accuracy after the last round (seeded: "
         "a row repeats exactly); seconds: wall time of the row's rounds in this one run, for orientation.",
         "",
         md_table(out, {"test acc": ".4f", "seconds": ".2f"}),
-        "",
-        "Conditions of the run:",
-        "",
-        protocol.conditions_table([rec]),
+        *protocol.table_tail([rec], path, "Conditions of the run", name=lambda p: "the run"),
     ]
-    if cond["flags"]:
-        lines += ["", f"Flagged under load: {', '.join(cond['flags'])}."]
-    lines += ["", f"Raw figures: `{path}`."]
     return "\n".join(lines), payload
 
 

@@ -306,10 +306,7 @@ def run(quick: bool = False, passes: int = 5) -> tuple[str, dict[str, Any]]:
     }
     best = max(codec_rows, key=lambda r: r["loader MB/s"])
     parts = [
-        f"## Ingest and loader I/O ({m['date']})",
-        "",
-        *protocol.provenance_lines(m),
-        "",
+        *protocol.table_head("Ingest and loader I/O", m),
         f"{'Quick' if quick else 'Full'} sizes; medians over {passes} interleaved pass(es), the order rotated by one "
         "per pass; the source files and stores are written before the passes, outside the timing, and read from "
         "the page cache.",
@@ -339,11 +336,7 @@ def run(quick: bool = False, passes: int = 5) -> tuple[str, dict[str, Any]]:
             f"| loader rows/s / plain Zarr read rows/s, {c} "
             f"| {protocol.fmt_ratio(summary[f'loader / zarr read rows/s {c}'])} |"
         )
-    flagged = [str(p["pass"]) for p in recs if p["conditions"]["flags"]]
-    parts += ["", "Conditions per pass:", "", protocol.conditions_table(recs)]
-    if flagged:
-        parts += ["", f"Flagged under load: pass {', '.join(flagged)}."]
-    parts += ["", f"Raw figures: `{path}`."]
+    parts += protocol.table_tail(recs, path)
     return "\n".join(parts), payload
 
 

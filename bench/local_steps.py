@@ -256,7 +256,7 @@ def run(
         datasets, steps = ("synthetic",), (1, 8)
     m = protocol.meta()
     results = [sweep(ds, quick, rows, epochs, steps, modes, passes) for ds in datasets]
-    lines = [f"## {TITLE} ({m['date']})", "", *protocol.provenance_lines(m), ""]
+    lines = protocol.table_head(TITLE, m)
     all_rows: list[dict] = []
     summaries: list[dict] = []
     for res in results:

@@ -251,10 +251,7 @@ def run(args: Any, passes: int = 5) -> tuple[str, dict[str, Any]]:
         if not deterministic:
             shown[-1]["test acc range"] = f"{min(r['test acc per pass']):.4f}-{max(r['test acc per pass']):.4f}"
     lines = [
-        f"## {TITLE} ({m['date']})",
-        "",
-        *protocol.provenance_lines(m),
-        "",
+        *protocol.table_head(TITLE, m),
         f"Synthetic {features} features, {n_classes} classes, {args.rows:,} training rows split IID among "
         f"{args.clients} clients; {args.per_round} sampled per round (q = {q:g}), {args.rounds} rounds of "
         f"{args.local_epochs} local epochs; clip {CLIP}, delta {DELTA:g}; the job in this process (no network). "
@@ -265,15 +262,8 @@ def run(args: Any, passes: int = 5) -> tuple[str, dict[str, Any]]:
             shown,
             {"noise multiplier": ".3f", "epsilon": ".3f", "target": "g", "test acc": ".4f", "rounds/s": ".2f"},
         ),
-        "",
-        "Conditions per pass:",
-        "",
-        protocol.conditions_table(recs),
+        *protocol.table_tail(recs, path),
     ]
-    flagged = [f"pass {p['pass']}" for p in recs if p["conditions"]["flags"]]
-    if flagged:
-        lines += ["", f"Flagged under load: {', '.join(flagged)}."]
-    lines += ["", f"Raw figures: `{path}`."]
     return "\n".join(lines), payload
 
 

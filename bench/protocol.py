@@ -303,6 +303,27 @@ def conditions_tail(passes: list[dict[str, Any]], layout: str, what: str, path: 
     return [*lines, "", f"Raw figures: `{path}`."]
 
 
+def table_head(title: str, meta: dict[str, Any]) -> list[str]:
+    """The start of a table: ``## title (date)``, then its provenance (:func:`provenance_lines`)."""
+    return [f"## {title} ({meta['date']})", "", *provenance_lines(meta), ""]
+
+
+def table_tail(
+    passes: list[dict[str, Any]],
+    path: Any,
+    heading: str = "Conditions per pass",
+    name: Callable[[dict[str, Any]], str] | None = None,
+) -> list[str]:
+    """The end of a table: the conditions of every pass under ``heading``, the flagged passes
+    (each named by ``name(pass)``, default "pass N") with the reasons, and the raw figures' file."""
+    label = name or (lambda p: f"pass {p['pass']}")
+    flagged = [f"{label(p)} ({', '.join(p['conditions']['flags'])})" for p in passes if p["conditions"]["flags"]]
+    lines = ["", f"{heading}:", "", conditions_table(passes)]
+    if flagged:
+        lines += ["", f"Flagged under load: {'; '.join(flagged)}."]
+    return [*lines, "", f"Raw figures: `{path}`."]
+
+
 def conditions_table(passes: list[dict[str, Any]]) -> str:
     """One markdown row per pass: order, load, steal, other processes, GEMM peaks, flag."""
     lines = [

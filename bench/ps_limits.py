@@ -235,10 +235,7 @@ def run(
         "sched ms/push (process)": ".2f",
     }
     lines = [
-        f"## Parameter-server limits ({m['date']})",
-        "",
-        *protocol.provenance_lines(m),
-        "",
+        *protocol.table_head("Parameter-server limits", m),
         f"async mode, server {optimizer}, zero-compute deltas, {seconds:g} s window per cell, LocalCluster of N "
         "single-threaded worker processes on this machine (loopback TCP); medians over "
         f"{passes} pass(es) per cluster, the parameter counts' order rotated by one per pass.",

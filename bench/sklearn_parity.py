@@ -223,10 +223,7 @@ def run(
         note = f"scores NOT identical across the {passes} passes: the columns give the first pass's"
     fmt = {"ours": ".4f", "sklearn": ".4f", "diff": "+.4f", "ours s/fit": ".3f", "sklearn s/fit": ".3f"}
     lines = [
-        f"## {TITLE} ({m['date']})",
-        "",
-        *protocol.provenance_lines(m),
-        "",
+        *protocol.table_head(TITLE, m),
         "Estimators at their defaults vs scikit-learn at its defaults. Test accuracy / R^2, "
         f"train_test_split(random_state=0); MLPs averaged over random_state {', '.join(map(str, seeds))}; {note}. "
         f"Within: at most {MARGIN['accuracy'] * 100:.0f} point ({MARGIN['r2']} R^2) below scikit-learn. "
@@ -240,15 +237,8 @@ def run(
             f"| {r['estimator']} | {r['dataset']} | {protocol.fmt_ratio(r['fit time ours / sklearn'])} |"
             for r in ratios
         ),
-        "",
-        "Conditions per pass:",
-        "",
-        protocol.conditions_table(recs),
+        *protocol.table_tail(recs, path),
     ]
-    flagged = [f"pass {p['pass']}" for p in recs if p["conditions"]["flags"]]
-    if flagged:
-        lines += ["", f"Flagged under load: {', '.join(flagged)}."]
-    lines += ["", f"Raw figures: `{path}`."]
     return "\n".join(lines), payload
 
 
