@@ -1,7 +1,10 @@
 """Out-of-core evaluation and prediction on the cluster.
 
 Each task reads its row chunk straight from the store on the worker, runs the model forward
-and returns metric partial sums (evaluation) or writes its rows of the output (prediction):
+exactly as :meth:`pipeline.model.Model.outputs` does for the same rows in memory (the rows as
+stored, standardized with the model's statistics, the float64 reference kernels), so a store's
+predictions and metrics are those of ``load_model(run).predict(X)`` on its rows, to the last
+bit; and returns metric partial sums (evaluation) or writes its rows of the output (prediction):
 a Zarr array whose chunks match the input's, or one Parquet file per input chunk in a
 dataset directory. Outputs are written beside their destination and renamed into place when
 every task succeeded, so a failed run leaves no half-written output.
@@ -13,11 +16,13 @@ replaces an existing output only when it bears that mark, never a user's own dat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +30,9 @@ import numpy as np
 
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import PipelineError, StoreError
-from pipeline.metrics import finish_metrics, merge_metrics
+from pipeline.metrics import evaluate_arrays, finish_metrics, merge_metrics
 from pipeline.model import Model
 from pipeline.store import Store, check_not_inside, layout_mismatch, open_store, replace_dir
-from pipeline.worker import cached_trainer, evaluate_task
 
 PARQUET_MARK = {b"pipeline": b"predictions"}
 _PART = re.compile(r"part-\d{6}\.parquet")
@@ -130,26 +134,9 @@ def check_inputs(
     return store, fmt
 
 
-def _eval_cfg(model: Model) -> dict[str, Any]:
-    cfg = model.config
-    return {
-        "optimizer": "sgd",
-        "lr": 1e-3,
-        "momentum": 0.0,
-        "weight_decay": 0.0,
-        "batch_size": 1024,
-        "backend": cfg.get("backend", "cpu") if cfg.get("backend") != "auto" else "cpu",
-        "seed": 0,
-        "prefetch": 2,
-        "normalize": model.normalize,
-        "mmap_threshold_mb": int(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB)),
-    }
-
-
-def _norm(model: Model) -> dict:
-    """The model's feature statistics: rows are standardized with these, never the store's own,
-    so one model gives one answer whatever store (or array) holds the rows."""
-    return {"mean": np.asarray(model.mean, np.float64).tolist(), "std": np.asarray(model.std, np.float64).tolist()}
+def _mmap_mb(model: Model) -> int:
+    """The allocator setting a worker takes for this model's tasks (config key ``mmap_threshold_mb``)."""
+    return int(model.config.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
 
 
 def _target(model: Model) -> dict | None:
@@ -167,30 +154,43 @@ def _chunk_ranges(store: Store) -> list[tuple[int, int]]:
     return out
 
 
+def model_outputs(
+    model: Model, store: Store, ranges: list[tuple[int, int]], labels: bool = False
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """The model's outputs (:meth:`Model.outputs`) for rows ``ranges`` of ``store``, in order, in
+    batches of 4,096 rows, with their labels when ``labels``. The rows are read as stored (the
+    loader standardizes nothing: the model does, with its own statistics, never the store's)."""
+    from pipeline.loader import ChunkLoader
+
+    model = dataclasses.replace(model, _trainer=None)  # its own kernels' buffers: tasks run in threads
+    loader = ChunkLoader(store, ranges=ranges, batch_size=4096, shuffle=False, normalize=False, labels=labels)
+    try:
+        for X, y in loader.epoch(0):
+            yield model.outputs(X), (y if labels else None)
+    finally:
+        loader.close()
+
+
+def evaluate_task(store_path: str, ranges: list[tuple[int, int]], model: Model) -> dict:
+    """Metric partial sums of ``model`` on rows ``ranges`` of the store (runs on a worker)."""
+    restore_mmap_threshold(_mmap_mb(model))
+    target, n_out = _target(model), model.spec["n_out"]
+    parts = [
+        evaluate_arrays(out, y, target, n_out) for out, y in model_outputs(model, open_store(store_path), ranges, True)
+    ]
+    return merge_metrics(parts)
+
+
 def evaluate_store(model: Model, store_path: str, client: Any) -> dict[str, Any]:
     """Metrics of ``model`` on every row of the store, computed chunk by chunk on the workers:
     accuracy, log loss and confusion matrix, or R^2, RMSE and MAE."""
     store, _ = check_inputs(model, store_path)
     # hash=False: a content-hashed key is shared by back-to-back calls with the same
     # model, and the release of the previous call's future can drop this call's data.
-    params = client.scatter(model.params, broadcast=True, hash=False)
-    cfg = _eval_cfg(model)
+    shared = client.scatter(model, broadcast=True, hash=False)
     token = uuid.uuid4().hex[:8]
     futures = [
-        client.submit(
-            evaluate_task,
-            store.path,
-            [r],
-            params,
-            None,
-            model.spec,
-            cfg,
-            _target(model),
-            _norm(model),
-            key=f"evaluate-{i}-{token}",
-            pure=False,
-            retries=2,
-        )
+        client.submit(evaluate_task, store.path, [r], shared, key=f"evaluate-{i}-{token}", pure=False, retries=2)
         for i, r in enumerate(_chunk_ranges(store))
     ]
     metrics = finish_metrics(merge_metrics(client.gather(futures)), _target(model))
@@ -203,42 +203,18 @@ def predict_task(
     store_path: str,
     row_range: tuple[int, int],
     index: int,
-    params: np.ndarray,
-    spec: dict,
-    cfg: dict,
-    target: dict | None,
+    model: Model,
     out_tmp: str,
     fmt: str,
     proba: bool,
-    classes: list[str] | None,
-    norm: dict | None = None,
 ) -> int:
-    """Predict rows ``row_range`` and write them to the temporary output; returns rows written.
-    ``norm``: the model's mean/std (the store's own when None)."""
-    from pipeline.loader import ChunkLoader
-
-    restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))
-    trainer = cached_trainer("model", "predict", spec, cfg)
-    trainer.set_params(np.asarray(params, dtype=np.float32))
-    loader = ChunkLoader(
-        open_store(store_path),
-        ranges=[row_range],
-        batch_size=4096,
-        shuffle=False,
-        normalize=cfg["normalize"],
-        mean=None if norm is None else norm["mean"],
-        std=None if norm is None else norm["std"],
-        labels=False,
-    )
-    outs = []
-    try:
-        for X, _ in loader.epoch(0):
-            outs.append(trainer.forward(X))
-    finally:
-        loader.close()
+    """Predict rows ``row_range`` and write them to the temporary output; returns rows written."""
+    restore_mmap_threshold(_mmap_mb(model))
+    outs = [out for out, _ in model_outputs(model, open_store(store_path), [row_range])]
     a, b = row_range
-    raw = np.concatenate(outs) if outs else np.zeros((0, spec["n_out"]), np.float32)
-    if target is not None:
+    n_out, target, classes = model.spec["n_out"], _target(model), model.classes
+    raw = np.concatenate(outs) if outs else np.zeros((0, n_out), np.float64)
+    if target is not None:  # as Model.decision de-standardizes
         values = raw.reshape(len(raw), -1) * target["std"] + target["mean"]
         pred: np.ndarray = values[:, 0] if values.shape[1] == 1 else values
     else:
@@ -249,7 +225,7 @@ def predict_task(
         group = zarr.open_group(out_tmp, mode="r+")
         group["prediction"][a:b] = pred
         if proba and target is None:
-            group["proba"][a:b] = raw.astype(np.float32)
+            group["proba"][a:b] = raw
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -264,7 +240,7 @@ def predict_task(
             cols["prediction"] = pred
         if proba and target is None:
             for j, name in enumerate(classes or range(raw.shape[1])):
-                cols[f"proba_{name}"] = raw[:, j].astype(np.float32)
+                cols[f"proba_{name}"] = raw[:, j]
         table = pa.table(cols).replace_schema_metadata(PARQUET_MARK)  # what --force may replace
         pq.write_table(table, os.path.join(out_tmp, f"part-{index:06d}.parquet"))
     return b - a
@@ -298,7 +274,7 @@ def predict_store(
                         "proba",
                         shape=(store.n_rows, model.spec["n_out"]),
                         chunks=(chunk, model.spec["n_out"]),
-                        dtype="float32",
+                        dtype="float64",  # Model.predict_proba's numbers, every bit
                     )
             else:
                 shape = (store.n_rows,) if model.spec["n_out"] == 1 else (store.n_rows, model.spec["n_out"])
@@ -308,9 +284,7 @@ def predict_store(
             )
         else:
             tmp.mkdir(parents=True)
-        params = client.scatter(model.params, broadcast=True, hash=False)
-        cfg = _eval_cfg(model)
-        norm = _norm(model)
+        shared = client.scatter(model, broadcast=True, hash=False)
         token = uuid.uuid4().hex[:8]
         futures = [
             client.submit(
@@ -318,15 +292,10 @@ def predict_store(
                 store.path,
                 r,
                 i,
-                params,
-                model.spec,
-                cfg,
-                target,
+                shared,
                 str(tmp),
                 fmt,
                 proba,
-                model.classes,
-                norm,
                 key=f"predict-{i}-{token}",
                 pure=False,
                 retries=2,

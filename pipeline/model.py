@@ -113,7 +113,8 @@ class Model:
         """In-memory predictions, in float64 through the NumPy reference kernels (backend
         ``numpy``): a row's output does not depend on the other rows of the batch (float32 SIMD
         GEMM blocking changes a row's last bits with its position), as scikit-learn's checks
-        demand. Stores are predicted out of core by the float32 Numba kernels (pipeline.inference)."""
+        demand. Stores are predicted and evaluated the same way, chunk by chunk on the workers
+        (pipeline.inference): one model gives one answer on every path."""
         if self._trainer is None:
             from kernels.mlp import MLPSpec, MLPTrainer
 
@@ -135,9 +136,16 @@ class Model:
             Xf = (Xf - self.mean) / self.std
         return np.ascontiguousarray(Xf, dtype=np.float32)  # what the Numba kernels take
 
+    def outputs(self, X: Any) -> np.ndarray:
+        """The network's float64 outputs for rows ``X`` (encoded like the training store): class
+        probabilities, or standardized regression values. Every path that predicts or evaluates
+        (arrays, the estimators, `pipeline predict` and `pipeline evaluate` on stores) computes
+        them here, so one model gives one answer on all of them."""
+        return self._forward(self.transform_features(X))
+
     def decision(self, X: Any) -> np.ndarray:
         """Class probabilities (classification) or de-standardized predictions (regression)."""
-        out = self._forward(self.transform_features(X))
+        out = self.outputs(X)
         if self.task == "classification":
             return out
         t = self.target or {"mean": [0.0], "std": [1.0]}

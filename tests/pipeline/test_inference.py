@@ -74,6 +74,41 @@ def test_one_model_gives_one_answer_on_every_path(run, client, tmp_path):
     )
 
 
+def test_store_predictions_and_metrics_are_the_arrays_to_the_last_bit(run, client, tmp_path):
+    """`pipeline predict` / `evaluate` on a store give what ``Model.predict`` gives on its rows in
+    memory, bit for bit: probabilities, regression values (de-standardized) and their metrics."""
+    import zarr
+    from sklearn.metrics import log_loss, mean_absolute_error, r2_score
+
+    run_dir, root = run
+    model = load_model(run_dir)
+    st = open_store(root / "tr.zarr")
+    out = tmp_path / "proba.zarr"
+    predict_store(model, st.path, str(out), client, proba=True)
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["proba"][:], model.predict_proba(st.X[:]))
+    m = evaluate_store(model, st.path, client)
+    assert m["log_loss"] == pytest.approx(log_loss(st.y[:], model.predict_proba(st.X[:]), labels=[0, 1, 2]), rel=1e-12)
+
+    rng = np.random.default_rng(3)  # a regression store: y = a - 2b + noise, targets of scale ~1e3
+    X = rng.standard_normal((2000, 3))
+    y = 1000.0 + 300.0 * (X[:, 0] - 2 * X[:, 1]) + rng.standard_normal(2000)
+    src = tmp_path / "reg.csv"
+    lines = [f"{a:.5f},{b:.5f},{c:.5f},{t:.4f}" for (a, b, c), t in zip(X, y, strict=True)]
+    src.write_text("a,b,c,y\n" + "\n".join(lines) + "\n")
+    reg = ingest(src, tmp_path / "reg.zarr", target="y", task="regression")
+    cfg = TrainConfig().with_overrides(["epochs=3", "hidden=[8]", "validation=0", "patience=0"])
+    rmodel = load_model(train(reg.path, cfg, tmp_path / "rrun", client=client).run_dir)
+    rout = tmp_path / "reg.parquet"
+    predict_store(rmodel, reg.path, str(rout), client)
+    got = pq.read_table(rout).to_pandas().sort_values("row")["prediction"].to_numpy()
+    rs = open_store(reg.path)
+    want = rmodel.predict(rs.X[:])
+    np.testing.assert_array_equal(got, want)
+    rm = evaluate_store(rmodel, reg.path, client)
+    assert rm["r2"] == pytest.approx(r2_score(rs.y[:], want), rel=1e-12)
+    assert rm["mae"] == pytest.approx(mean_absolute_error(rs.y[:], want), rel=1e-12)
+
+
 def test_a_store_laid_out_differently_is_refused(run, client, tmp_path):
     run_dir, root = run
     model = load_model(run_dir)
