@@ -948,7 +948,9 @@ class _BaseMLP(BaseEstimator):
         from pipeline.inference import check_inputs, predict_store
 
         check_is_fitted(self, "model_")
-        check_inputs(self.model_, path)  # a missing or mismatched store fails before any cluster
+        # a missing store, or one whose features differ, fails before any cluster; its labels, if
+        # any, are not used, so (as for `pipeline predict`) neither are its task and classes checked
+        check_inputs(self.model_, path, predicting=True)
         with tempfile.TemporaryDirectory(prefix="pipeline-estimator-") as tmp:
             out = os.path.join(tmp, "pred.zarr")
             client = self._cluster()

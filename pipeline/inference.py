@@ -100,24 +100,33 @@ def foreign_output_reason(out: str | os.PathLike) -> str | None:
 
 
 def check_inputs(
-    model: Model, store_path: str, out: str | None = None, *, proba: bool = False, force: bool = False
+    model: Model,
+    store_path: str,
+    out: str | None = None,
+    *,
+    proba: bool = False,
+    force: bool = False,
+    predicting: bool = False,
 ) -> tuple[Store, str]:
     """Everything :func:`evaluate_store` / :func:`predict_store` refuse, checked without a
-    cluster: the store opens and matches the model; ``out`` (for predictions) has a known
-    suffix and is not clobbered without ``force``. Returns the store and the output format."""
+    cluster: the store opens and matches the model (its features; for evaluation, when neither
+    ``out`` nor ``predicting`` is given, also its labels: task and class list); ``out`` (for
+    predictions) has a known suffix and is not clobbered without ``force``. Returns the store
+    and the output format ("" without ``out``)."""
     store = open_store(store_path)
-    if out is None and store.attrs.get("labelled") is False:
+    evaluating = out is None and not predicting
+    if evaluating and store.attrs.get("labelled") is False:
         raise StoreError(
             f"store {store_path!r} has no targets (ingested with --unlabelled), so there is nothing to "
             "evaluate against; use `pipeline predict`, or ingest the data with its target column"
         )
-    if out is None and model.task != store.task:
+    if evaluating and model.task != store.task:
         raise StoreError(f"store {store_path!r} is a {store.task} store; the model does {model.task}")
-    _check_compatible(model, store, labels=out is None)
-    if out is None:
-        return store, ""
+    _check_compatible(model, store, labels=evaluating)
     if proba and model.task != "classification":
         raise PipelineError("--proba is for classification models")
+    if out is None:
+        return store, ""
     dest = Path(out)
     fmt = "zarr" if dest.suffix == ".zarr" else "parquet" if dest.suffix in (".parquet", ".pq") else ""
     if not fmt:

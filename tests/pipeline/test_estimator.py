@@ -132,11 +132,31 @@ def test_store_path_fit_predict_score(letter_stores, client):
     labels = np.asarray(st.classes, dtype=object)[st.y[:]]
     assert len(pred_store) == st.n_rows
     assert abs(np.mean(pred_store == labels) - acc) < 1e-9
-    agree = np.mean(pred_store == clf.predict(st.X[:]))  # in-process on the same rows
-    assert agree > 0.99
+    np.testing.assert_array_equal(pred_store, clf.predict(st.X[:]))  # in-process on the same rows: one answer
     proba = clf.predict_proba(test_path)
     assert proba.shape == (st.n_rows, 26)
-    np.testing.assert_allclose(proba.sum(axis=1), 1, rtol=1e-5)
+    np.testing.assert_array_equal(proba, clf.predict_proba(st.X[:]))
+
+
+def test_store_predictions_need_no_labels(letter_stores, client, tmp_path):
+    """predict(store) uses only the store's features, as `pipeline predict` does: an unlabelled
+    store (ingested --like the training store) is predicted, not refused as unevaluable."""
+    from pipeline.ingest import ingest
+    from pipeline.store import open_store
+
+    train_path, test_path = letter_stores
+    st = open_store(test_path)
+    X = st.X[:40]
+    src = tmp_path / "new.csv"
+    src.write_text(",".join(st.feature_names) + "\n" + "\n".join(",".join(f"{v:g}" for v in row) for row in X) + "\n")
+    new = ingest(src, tmp_path / "new.zarr", like=train_path, unlabelled=True)
+    clf = MLPClassifier(hidden_layer_sizes=(16,), max_iter=2, n_iter_no_change=0, random_state=0, client=client)
+    clf.fit(train_path)
+    np.testing.assert_array_equal(clf.predict(new.path), clf.predict(open_store(new.path).X[:]))
+    from pipeline.errors import StoreError
+
+    with pytest.raises(StoreError, match="no targets"):
+        clf.score(new.path)  # evaluation still needs labels
 
 
 def test_pickle_and_model_file_round_trips_on_cluster_model(cluster_clf, letter, tmp_path):
