@@ -132,6 +132,7 @@ def check_inputs(
     if not fmt:
         raise PipelineError(f"output {out!r}: name it *.zarr (Zarr group) or *.parquet (Parquet dataset)")
     check_not_inside(dest, {"store": store.path})
+    _check_writable(dest, out)
     if dest.exists() or dest.is_symlink():
         reason = foreign_output_reason(dest)
         if reason is not None:
@@ -141,6 +142,25 @@ def check_inputs(
         if not force:
             raise PipelineError(f"output {out!r} already exists; pass --force to overwrite it")
     return store, fmt
+
+
+def _check_writable(dest: Path, out: str) -> None:
+    """Refuse, before any work, an output whose directory cannot be written: the output is
+    written beside ``dest`` and renamed into place, so its nearest existing ancestor directory
+    must take a new entry (probed with a directory made and removed at once)."""
+    import tempfile
+
+    anc = dest.absolute().parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise PipelineError(f"output {out!r}: {str(anc)!r} is not a directory; choose another location")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{dest.name}.probe-", dir=anc))
+    except OSError as exc:
+        raise PipelineError(
+            f"output {out!r} cannot be written in {str(anc)!r} ({exc.strerror or exc}); choose a writable location"
+        ) from None
 
 
 def _mmap_mb(model: Model) -> int:

@@ -109,6 +109,21 @@ def test_store_predictions_and_metrics_are_the_arrays_to_the_last_bit(run, clien
     assert rm["mae"] == pytest.approx(mean_absolute_error(rs.y[:], want), rel=1e-12)
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(run, tmp_path):
+    """One line naming the output and the fix, from the checks that run before a cluster starts."""
+    from pipeline.inference import check_inputs
+
+    run_dir, root = run
+    model = load_model(run_dir)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(PipelineError, match="is not a directory; choose another location"):
+        check_inputs(model, str(root / "tr.zarr"), str(tmp_path / "notes.txt" / "p.parquet"))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    if Path("/proc/self").is_dir():  # a directory no file can be created in, even by root
+        with pytest.raises(PipelineError, match="cannot be written in '/proc'.*choose a writable location"):
+            check_inputs(model, str(root / "tr.zarr"), "/proc/p.parquet")
+
+
 def test_a_store_laid_out_differently_is_refused(run, client, tmp_path):
     run_dir, root = run
     model = load_model(run_dir)
