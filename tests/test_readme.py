@@ -71,8 +71,10 @@ def test_tour_commands_run_as_written(workdir: Path):
     assert (workdir / "runs" / "adult" / "model.npz").is_file()
     assert (workdir / "predictions.parquet").is_dir()
     (py,) = _blocks("python")
+    script = workdir / "readme_example.py"  # run as a saved script, as a user runs it
+    script.write_text(py)
     proc = subprocess.run(
-        [sys.executable, "-c", py], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=400
+        [sys.executable, str(script)], cwd=workdir, env=_env(), capture_output=True, text=True, timeout=400
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "digits accuracy" in proc.stdout and "adult accuracy" in proc.stdout
