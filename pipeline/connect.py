@@ -87,6 +87,23 @@ class QuickExit(WorkerPlugin):
         gc.freeze()
 
 
+class DriverTakesInterrupts(WorkerPlugin):
+    """A worker plugin for the LocalClusters started here with worker processes: the worker
+    process ignores SIGINT. A terminal's Ctrl-C goes to the command's whole process group, the
+    cluster's worker processes included; the command itself checkpoints and then stops the
+    cluster, while each worker process stopped on its own with a KeyboardInterrupt traceback of
+    its event loop. (A ``dask worker`` started by hand is not touched.)"""
+
+    name = "pipeline-driver-takes-interrupts"
+
+    def setup(self, worker: Any) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # where a signal handler can be set
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 # Dask's workers sample the stacks of their running tasks every 10 ms (distributed's default
 # ``distributed.worker.profile.interval``) on their event loop, the loop that also carries the
 # parameter server's replies to the training thread. The clusters this project starts sample
@@ -203,6 +220,7 @@ def cluster_client(
         with Client(cluster, set_as_default=True) as client:
             if processes:
                 client.register_plugin(QuickExit(), name=QuickExit.name)
+                client.register_plugin(DriverTakesInterrupts(), name=DriverTakesInterrupts.name)
             if sites:
                 client.wait_for_workers(len(sites), timeout=120)
             yield client

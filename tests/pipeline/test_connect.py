@@ -1,13 +1,15 @@
-"""pipeline.connect's embedded LocalCluster: its worker processes end quickly when it closes, and
-its scheduler imports no dashboard it will not serve."""
+"""pipeline.connect's embedded LocalCluster: its worker processes end quickly when it closes, leave
+Ctrl-C to the command, and its scheduler imports no dashboard it will not serve."""
 
 import gc
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from pipeline.connect import QuickExit, cluster_client
+from pipeline.connect import DriverTakesInterrupts, QuickExit, cluster_client
 
 
 def _freeze_count(dask_worker) -> int:
@@ -28,11 +30,32 @@ def test_local_workers_freeze_their_objects_when_they_close():
         assert all(n > 10_000 for n in counts), counts  # distributed, NumPy, Zarr...: all frozen
 
 
+def _sigint_ignored(dask_worker) -> bool:
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_local_worker_processes_leave_ctrl_c_to_the_command():
+    """A terminal's Ctrl-C reaches the whole process group: the worker processes ignore it (the
+    command checkpoints and stops the cluster), so they neither die nor print tracebacks."""
+    with cluster_client(workers=2, threads_per_worker=1, dashboard_address=None) as c:
+        assert all(DriverTakesInterrupts.name in p for p in c.run(_plugins).values())
+        assert set(c.run(_sigint_ignored).values()) == {True}
+        pids = c.run(os.getpid)
+        for pid in pids.values():
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert c.run(os.getpid) == pids  # the same processes, still answering
+        assert c.submit(sum, [1, 2], pure=False).result(timeout=30) == 3
+
+
 def test_a_threaded_local_cluster_leaves_this_process_alone():
     before = gc.get_freeze_count()
+    handler = signal.getsignal(signal.SIGINT)
     with cluster_client(workers=1, threads_per_worker=1, dashboard_address=None, processes=False) as c:
-        assert QuickExit.name not in next(iter(c.run(_plugins).values()))
+        plugins = next(iter(c.run(_plugins).values()))
+        assert QuickExit.name not in plugins and DriverTakesInterrupts.name not in plugins
     assert gc.get_freeze_count() == before
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 _DASHBOARD_OR_NOT = """
