@@ -387,7 +387,20 @@ class _BaseMLP(BaseEstimator):
         try:
             return TrainConfig.from_dict(values)
         except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(self._param_error(str(exc))) from None
+
+    def _param_error(self, message: str) -> str:
+        """A config error about a key this estimator's parameter sets, said of the parameter the
+        user passed (``max_iter=0 is invalid: ...``, not ``config key 'epochs' = 0``); keys set
+        through ``options`` keep the config's wording."""
+        import re
+
+        m = re.match(r"config key '(\w+)' = .+? is invalid: (.*)$", message, re.S)
+        params = {key: param for param, key in _CONFIG_KEYS.items()}
+        if m is None or m.group(1) not in params or m.group(1) in (self.options or {}):
+            return message
+        param = params[m.group(1)]
+        return f"{type(self).__name__}({param}={getattr(self, param)!r}) is invalid: {m.group(2)}"
 
     # -- sklearn plumbing ---------------------------------------------------------------------
 

@@ -387,6 +387,23 @@ def test_store_fit_keeps_numeric_labels_dtype(tmp_path, client):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"max_iter": 0}, "MLPClassifier(max_iter=0) is invalid: must be >= 1"),
+        ({"hidden_layer_sizes": (0,)}, "MLPClassifier(hidden_layer_sizes=(0,)) is invalid: must be widths between"),
+        ({"learning_rate_init": -1}, "MLPClassifier(learning_rate_init=-1) is invalid: must be > 0"),
+        ({"alpha": -1.0}, "MLPClassifier(alpha=-1.0) is invalid: must be >= 0"),
+        ({"options": {"epochs": 0}}, "config key 'epochs' = 0 is invalid"),  # set as a config key: said as one
+    ],
+)
+def test_a_bad_parameter_is_named_as_the_user_passed_it(params, message):
+    X, y = np.random.default_rng(0).random((40, 3)), np.arange(40) % 2
+    with pytest.raises(ValueError) as err:
+        MLPClassifier(**params).fit(X, y)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
 def test_errors_are_clear_one_liners(digits, tmp_path):
     Xtr, ytr, _, _ = digits
     clf = MLPClassifier(max_iter=1, random_state=0)
