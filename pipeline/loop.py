@@ -12,7 +12,6 @@ what a sync share hands the parameter server to keep, and what the checkpoint sa
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -27,20 +26,36 @@ from pipeline.optim import EF_RESIDUAL
 FULL_BATCH_ROWS = 4096
 
 
-@functools.cache
+_controller: list[Any] = [None, -1]  # threadpoolctl's controller, and len(sys.modules) when it was made
+
+
 def _blas_controller() -> Any:
+    """threadpoolctl's view of the BLAS libraries in this process, made again only when modules
+    were imported since (a BLAS library is loaded with an extension module: SciPy's own OpenBLAS,
+    say, loaded after NumPy's)."""
+    import sys
+
     from threadpoolctl import ThreadpoolController
 
-    return ThreadpoolController()
+    if "scipy.linalg" not in sys.modules:
+        # SciPy's own BLAS, which Numba's CPU target loads (it imports scipy.linalg) when the
+        # first kernel loads, inside the block: loaded now, so that the limit covers it too
+        try:
+            import scipy.linalg  # noqa: F401
+        except ImportError:
+            pass
+    if _controller[0] is None or _controller[1] != len(sys.modules):
+        _controller[:] = [ThreadpoolController(), len(sys.modules)]
+    return _controller[0]
 
 
 def blas_limit(threads: int) -> Any:
     """A context manager that runs its block with this process's BLAS at ``threads`` threads and
     restores them on exit: the in-process training of `pipeline train` and of the estimators.
 
-    The BLAS libraries are looked up once per process (threadpoolctl reads the process's memory
-    map, ~4 ms, which was most of a small linear fit): one loaded after the first call (NumPy's
-    is loaded with NumPy) is not limited."""
+    threadpoolctl finds the BLAS libraries by reading the process's memory map (~4 ms, which was
+    most of a small linear fit); that is done again only after new imports
+    (:func:`_blas_controller`)."""
     return _blas_controller().limit(limits=int(threads), user_api="blas")
 
 
