@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -182,9 +184,139 @@ LOCK_NAME = ".lock"
 # claims are nested (the command claims before it starts a cluster, the trainer again).
 _HELD: dict[str, list] = {}
 
+# What marks a directory as a Zarr store (v3, v2 group, v2 array): no run is written in one.
+ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
+# The first line of every config.toml a run writes (TrainConfig.to_toml, since the first version)
+_CONFIG_HEADER = "# resolved training configuration"
+_CONFIG_LINE = re.compile(r"[A-Za-z_][A-Za-z0-9_]* = (.+)")
+# The arrays of a simulated federated run's clients.npz (np.savez: no metadata of its own)
+_CLIENTS_ARRAYS = frozenset({"n.npy", "loss.npy", "metric.npy", "round.npy"})
+_LOCK_TEXT = re.compile(rb"(\d+ \S+ \d+\n)?")  # what _Claim writes ("" for a moment after creating it)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TEXT_LIMIT = 1 << 20  # a config.toml or a lock file longer than this is not one a run wrote
+
+
+def _names(names: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _npz_meta(path: Path) -> dict[str, Any] | None:
+    """The metadata record of a file written by :func:`pipeline.checkpoint.save_file`, read
+    without its arrays (and without checking their checksum: a damaged file of a run is still
+    the run's); None when ``path`` is no such file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("__meta__.npy") as fh:
+            raw = np.lib.format.read_array(fh, allow_pickle=False)
+        meta = json.loads(raw.tobytes().decode())
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
+        return None
+    return meta if isinstance(meta.get("sha256"), str) else None
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a config.toml as a run writes it: the header line, then one
+    ``key = JSON`` line per setting (TrainConfig.to_toml)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(_TEXT_LIMIT + 1)
+        lines = data.decode().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if len(data) > _TEXT_LIMIT or not lines or lines[0] != _CONFIG_HEADER:
+        return False
+    for line in lines[1:]:
+        m = _CONFIG_LINE.fullmatch(line)
+        if m is None:
+            return False
+        try:
+            json.loads(m[1])
+        except ValueError:
+            return False
+    return True
+
+
+def _is_run_history(path: Path) -> bool:
+    """Whether ``path`` is a history.json as a run writes it (every version has written these
+    keys: the job, who installed the parameter server, the epochs, the rounds and their columns)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    # a long run's history is megabytes: parsed once per version of the file (a run replaces
+    # it, a new inode), not at every look (each plot's, each check of a command)
+    return _history_doc_ok(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _history_doc_ok(path: str, ino: int, size: int, mtime_ns: int) -> bool:
+    try:
+        doc = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(doc, dict)
+        and isinstance(doc.get("job"), str)
+        and "installed_by" in doc
+        and isinstance(doc.get("epochs"), list)
+        and isinstance(doc.get("rounds"), list)
+        and isinstance(doc.get("round_columns"), list)
+    )
+
+
+def _is_matplotlib_png(path: Path) -> bool:
+    """Whether ``path`` is a PNG image that matplotlib saved (its ``Software`` text chunk says so)."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(8) != _PNG_SIGNATURE:
+                return False
+            while True:  # the chunks before the image data
+                head = fh.read(8)
+                if len(head) < 8:
+                    return False
+                size, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind in (b"IDAT", b"IEND") or size > _TEXT_LIMIT:
+                    return False
+                body = fh.read(size + 4)[:size]  # the data and its CRC
+                if kind == b"tEXt" and body.startswith(b"Software\x00Matplotlib"):
+                    return True
+    except OSError:
+        return False
+
+
+def _is_clients_file(path: Path) -> bool:
+    """Whether ``path`` is the clients.npz a run of simulated clients writes."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return set(zf.namelist()) == _CLIENTS_ARRAYS
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _is_lock_file(path: Path) -> bool:
+    """Whether ``path`` is a run's lock file (see :class:`_Claim`): empty, or "PID HOST TIME"."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return False
+        with open(path, "rb") as fh:
+            data = fh.read(_TEXT_LIMIT + 1)
+    except OSError:
+        return False
+    return _LOCK_TEXT.fullmatch(data) is not None
+
 
 @dataclass
 class RunDir:
+    """A run's directory (layout: the module docstring). Its files count as a run's only when
+    this program wrote them, which their content shows (:meth:`written_here`): a user's file is
+    never removed or written over, ``--force`` included."""
+
     path: Path
 
     @property
@@ -207,39 +339,150 @@ class RunDir:
     def lock(self) -> Path:
         return self.path / LOCK_NAME
 
+    @staticmethod
+    def run_files() -> tuple[str, ...]:
+        """The names a run writes in its directory (besides its lock file)."""
+        from pipeline.plots import PLOT_FILES
+
+        return ("config.toml", "checkpoint.npz", "model.npz", "history.json", *PLOT_FILES, "clients.npz")
+
     def holds_run(self) -> bool:
         """Whether the directory holds anything but its lock file."""
         return self.path.is_dir() and any(p.name != LOCK_NAME for p in self.path.iterdir())
 
+    def written_here(self, name: str) -> bool:
+        """Whether the file ``name`` in the directory is one this program wrote, by its content:
+        a checkpoint or model carries its kind in its ``__meta__`` record, a config.toml starts
+        with the line ``# resolved training configuration`` and holds only ``key = JSON`` lines,
+        a history.json has the keys every run writes, a plot is a PNG matplotlib saved beside the
+        run's history.json, clients.npz holds the arrays of a simulated run's clients. Runs of
+        earlier versions wrote the same. A symbolic link is never the program's."""
+        path = self.path / name
+        if path.is_symlink() or not path.is_file():
+            return False
+        if name in ("checkpoint.npz", "model.npz"):
+            meta = _npz_meta(path)
+            return meta is not None and meta.get("kind") == name.removesuffix(".npz")
+        if name == "config.toml":
+            return _is_run_config(path)
+        if name == "history.json":
+            return _is_run_history(path)
+        if name == "clients.npz":
+            return _is_clients_file(path)
+        if name == LOCK_NAME:
+            return _is_lock_file(path)
+        if name in self.run_files():  # a plot: drawn from the run's history, after it is written
+            return _is_matplotlib_png(path) and self.written_here("history.json")
+        return False
+
+    def foreign_files(self, skip: tuple[str, ...] = ()) -> list[str]:
+        """The names a run writes that the directory holds but this program did not write."""
+        return [
+            n for n in self.run_files() if n not in skip and os.path.lexists(self.path / n) and not self.written_here(n)
+        ]
+
+    def data_store(self) -> Path | None:
+        """The Zarr store the directory is or lies in, the outermost (an array lies in its group):
+        None when none. A run written into a store would make it a directory no ``--force`` of
+        ``synth``, ``ingest`` or ``predict`` replaces."""
+        where = Path(os.path.realpath(self.path))
+        stores = [d for d in (where, *where.parents) if any(os.path.lexists(d / m) for m in ZARR_MARKERS)]
+        return stores[-1] if stores else None
+
+    def _check_place(self, resume: bool) -> None:
+        """Refuse a directory that is or lies in a Zarr store, or whose lock file is a user's."""
+        store = self.data_store()
+        if store is not None:
+            marker = next(m for m in ZARR_MARKERS if os.path.lexists(store / m))
+            fix = (
+                "move the run's files to a directory outside it and resume there"
+                if resume
+                else "choose an --out outside data stores"
+            )
+            if store == Path(os.path.realpath(self.path)):
+                raise TrainingError(
+                    f"run directory {str(self.path)!r} is a Zarr store (it holds {marker}), not a place for a "
+                    f"run; {fix}"
+                )
+            shown = os.path.relpath(store) if store.is_relative_to(Path.cwd()) else str(store)
+            raise TrainingError(
+                f"run directory {str(self.path)!r} lies inside the Zarr store {shown!r}, not a place for a run; {fix}"
+            )
+        if os.path.lexists(self.lock) and not self.written_here(LOCK_NAME):
+            raise TrainingError(
+                f"run directory {str(self.path)!r} holds {LOCK_NAME}, which this program did not write and a run "
+                f"uses as its lock; move it out of {str(self.path)!r}, or choose another --out"
+            )
+
     def check(self, resume: bool, force: bool) -> None:
-        """Raise if resuming without a checkpoint, or starting over an existing run without force."""
+        """Raise if resuming without a checkpoint, or starting over an existing run without
+        force; with or without force, if the directory is or lies in a Zarr store, or holds a
+        file the run would write over that this program did not write."""
+        where = repr(str(self.path))
+        self._check_place(resume)
         if resume:
             if not self.checkpoint.is_file():
-                if self.config.is_file():
+                if self.written_here("config.toml"):
                     raise CheckpointError(
-                        f"nothing to resume: run directory {str(self.path)!r} holds the configuration of a "
+                        f"nothing to resume: run directory {where} holds the configuration of a "
                         "run that stopped before its first checkpoint; start it again with --force"
                     )
                 raise CheckpointError(
                     f"nothing to resume: {str(self.checkpoint)!r} does not exist; train without --resume"
                 )
-        elif self.path.is_file():
-            raise TrainingError(f"run directory {str(self.path)!r} is a file; choose another --out")
-        elif self.holds_run() and not force:
-            if not self.checkpoint.is_file() and self.config.is_file():
+            # a checkpoint that is not one: reading it says what it is (truncated, a text file, ...)
+            foreign = self.foreign_files(skip=("checkpoint.npz",))
+            if foreign:
+                them = "it" if len(foreign) == 1 else "them"
                 raise TrainingError(
-                    f"run directory {str(self.path)!r} holds a run that stopped before its first "
-                    "checkpoint (nothing to resume); pass --force to start it again, or choose another --out"
+                    f"run directory {where} holds {_names(foreign)}, which this program did not write and the "
+                    f"resumed run would write over; move {them} out of {where} to resume the run"
                 )
-            if not self.checkpoint.is_file():
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise TrainingError(f"run directory {where} is a file; choose another --out")
+        if not self.holds_run():
+            return
+        foreign = self.foreign_files()
+        if foreign:
+            them = "it" if len(foreign) == 1 else "them"
+            fix = f"move {them} out of {where}, or choose another --out"
+            if force:
                 raise TrainingError(
-                    f"run directory {str(self.path)!r} is not empty and holds no run; choose another "
-                    "--out, or pass --force to write the run beside its files"
+                    f"run directory {where} holds {_names(foreign)}, which this program did not write and a run "
+                    f"writes (--force replaces only a run's own files); {fix}"
+                )
+            if self.written_here("checkpoint.npz"):
+                raise TrainingError(
+                    f"run directory {where} holds a run and {_names(foreign)}, which this program did not write "
+                    f"and a run writes; {fix}"
                 )
             raise TrainingError(
-                f"run directory {str(self.path)!r} already holds a run; pass --resume to continue it, "
+                f"run directory {where} is not empty and holds no run ({_names(foreign)}: not written by this "
+                f"program, and a run writes {'that name' if len(foreign) == 1 else 'those names'}); {fix}"
+            )
+        if force:
+            return
+        if self.written_here("checkpoint.npz"):
+            raise TrainingError(
+                f"run directory {where} already holds a run; pass --resume to continue it, "
                 "--force to overwrite it, or choose another --out"
             )
+        if self.written_here("config.toml"):
+            raise TrainingError(
+                f"run directory {where} holds a run that stopped before its first "
+                "checkpoint (nothing to resume); pass --force to start it again, or choose another --out"
+            )
+        own = [n for n in self.run_files() if self.written_here(n)]
+        if own:
+            raise TrainingError(
+                f"run directory {where} holds files of an earlier run ({_names(own)}) but nothing to resume; "
+                "pass --force to replace them, or choose another --out"
+            )
+        raise TrainingError(
+            f"run directory {where} is not empty and holds no run; choose another --out, or pass --force to "
+            "write the run beside its files (they are kept: --force replaces only a run's own files)"
+        )
 
     def owner(self) -> str | None:
         """Who trains into this directory now ("pid N on HOST"), or None when nobody does.
@@ -290,7 +533,7 @@ class RunDir:
                 f"model.npz); continue it with `pipeline train {store} --out {self.path} --resume`, or write "
                 f"the model of its best epoch so far with `... --resume --set epochs={max(epoch, 1)}`"
             )
-        if self.config.is_file():
+        if self.written_here("config.toml"):
             return (
                 f"run directory {where} holds a run that stopped before its first checkpoint (no "
                 "model.npz); train it again with --force"
@@ -307,10 +550,14 @@ class RunDir:
         if resume:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        from pipeline.plots import PLOT_FILES  # an earlier run's plots are not this run's
+        from pipeline.plots import PLOT_FILES
 
-        for p in (self.checkpoint, self.model, self.history, *(self.path / n for n in PLOT_FILES)):
-            p.unlink(missing_ok=True)
+        # an earlier run's checkpoint, model, history and plots are not this run's; check has
+        # refused a directory where a file of those names is not the program's, and only the
+        # program's are removed (all looked at before any goes: a plot is known by the history)
+        names = ("checkpoint.npz", "model.npz", "history.json", *PLOT_FILES)
+        for name in [n for n in names if self.written_here(n)]:
+            (self.path / name).unlink(missing_ok=True)
 
     def write_json(self, path: Path, data: Any) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
