@@ -199,6 +199,210 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# What distributed's performance_report writes: bokeh's page titled so (distributed.scheduler).
+_REPORT_TITLE = b"<title>Dask Performance Report</title>"
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _is_performance_report(path: str) -> bool:
+    """Whether the file at ``path`` (local or a URL) is a Dask performance report: its HTML title,
+    read through the compression its name implies (``.gz``: distributed writes it gzipped)."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb", compression="infer") as fh:
+            head = fh.read(1 << 14)
+    except Exception:  # noqa: BLE001 - unreadable or not what its name says: not a report
+        return False
+    return _REPORT_TITLE in head
+
+
+def _run_files() -> frozenset[str]:
+    """The names a run writes in its directory (temporary files start with a dot)."""
+    from pipeline.train import LOCK_NAME, RunDir
+
+    return frozenset({*RunDir.run_files(), "partition", LOCK_NAME})
+
+
+def _check_report(report: str, out: str, force: bool) -> str:
+    """Refuse a --report file the run could not write, or must not replace, before it starts.
+
+    Returns where the report goes (a local path made absolute). An existing file is replaced
+    only with ``force`` and only when it is an earlier Dask performance report; a directory, the
+    run directory or a file the run writes in it are refused; a local destination is probed:
+    its missing parent directories are created, a file is created in it and everything so made
+    is removed again."""
+    from pipeline.errors import ConfigError
+
+    shown = repr(report)
+    replace_hint = "choose another --report path, or pass --force to replace it (only an earlier report is replaced)"
+    if _is_url(report):
+        import fsspec
+
+        try:
+            fs, where = fsspec.core.url_to_fs(report)
+            exists, is_dir = fs.exists(where), fs.isdir(where)
+        except Exception as exc:  # noqa: BLE001 - a missing filesystem package, bad credentials, ...
+            raise ConfigError(f"cannot write --report {shown}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        if is_dir:
+            raise ConfigError(f"--report {shown} is a directory; name a file, such as report.html")
+        if exists and not force:
+            raise ConfigError(f"--report {shown} exists; {replace_hint}")
+        if exists and not _is_performance_report(report):
+            raise ConfigError(
+                f"--report {shown} exists and is not a Dask performance report; --force replaces only an earlier "
+                "report: choose another --report path"
+            )
+        return report
+    path = Path(_on_driver(report))
+    run = Path(os.path.realpath(_on_driver(out)))
+    real = Path(os.path.realpath(path))
+    if real == run:
+        raise ConfigError(f"--report {shown} is the run directory (--out); name a file such as {out}/report.html")
+    if run in real.parents:
+        first = real.relative_to(run).parts[0]
+        if first in _run_files() or first.startswith("."):
+            raise ConfigError(
+                f"--report {shown} is {first!r} of the run directory {out!r}, which the run writes; name another "
+                f"file such as {out}/report.html"
+            )
+    if path.is_dir():
+        raise ConfigError(f"--report {shown} is a directory; name a file, such as report.html")
+    if path.is_symlink():
+        raise ConfigError(f"--report {shown} is a symbolic link; name the file itself, or another path")
+    if path.exists():
+        if not path.is_file():
+            raise ConfigError(f"--report {shown} exists and is not a regular file; choose another --report path")
+        if not force:
+            raise ConfigError(f"--report {shown} exists; {replace_hint}")
+        if not _is_performance_report(str(path)):
+            raise ConfigError(
+                f"--report {shown} exists and is not a Dask performance report; --force replaces only an earlier "
+                "report: choose another --report path"
+            )
+    _probe_directory(path.parent, shown)
+    return str(path)
+
+
+def _probe_directory(directory: Path, shown: str) -> None:
+    """Raise unless a file can be created in ``directory`` (made if missing); leaves nothing behind."""
+    import tempfile
+
+    from pipeline.errors import ConfigError
+
+    made: list[Path] = []  # the deepest first
+    d = directory
+    while not (d.exists() or d.is_symlink()) and d.parent != d:
+        made.append(d)
+        d = d.parent
+    try:
+        for m in reversed(made):
+            m.mkdir()
+        fd, probe = tempfile.mkstemp(prefix=".report-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"cannot write --report {shown}: {why} (creating a file in {str(directory)!r}); choose a writable location"
+        ) from None
+    finally:
+        for m in made:
+            with contextlib.suppress(OSError):
+                m.rmdir()
+
+
+@contextlib.contextmanager
+def _performance_report(report: str | None, out: str) -> Iterator[None]:
+    """Dask's performance report of the block, written to ``report`` (checked by
+    :func:`_check_report`) when it ends, also when it fails. A local report is written beside its
+    destination under a temporary name and renamed into place, after checking again that what is
+    there (if anything) is an earlier report. Failing to write it is one line (a
+    :class:`TrainingError` naming the run's kept outputs), or, when the block failed, only a log
+    line under the block's own error."""
+    if not report:
+        yield
+        return
+    import uuid
+
+    from distributed import performance_report
+
+    from pipeline.errors import TrainingError
+
+    local = not _is_url(report)
+    target = Path(report)
+    # the temporary keeps the name's suffix: distributed compresses by it (.gz)
+    tmp = target.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{target.name}") if local else None
+    existed = local and (target.exists() or target.is_symlink())
+    if local:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    ctx = performance_report(filename=str(tmp) if tmp is not None else report)
+    ctx.__enter__()
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        try:
+            ctx.__exit__(None, None, None)
+            if tmp is not None:
+                if target.exists() or target.is_symlink():
+                    if not existed:
+                        raise OSError(f"{report!r} appeared during the run; it was left as it is")
+                    if target.is_symlink() or not _is_performance_report(report):
+                        raise OSError(f"{report!r} changed during the run and is no longer a Dask performance report")
+                os.replace(tmp, target)
+        except Exception as exc:  # noqa: BLE001 - reported as one line; the run's outputs stay
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            detail = (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0]
+            if not failed:
+                raise TrainingError(
+                    f"the run finished and its outputs are in {out!r}, but the performance report could not be "
+                    f"written to {report!r} ({detail})"
+                ) from None
+            logging.getLogger(__name__).warning("performance report not written to %r (%s)", report, detail)
+
+
+def _check_resume_trains(out: str, cfg: Any, quiet: bool) -> None:
+    """--resume of a run that already has ``cfg.epochs`` epochs trains nothing: refused when its
+    model and history are those of its checkpoint (resuming would only rewrite them), told (one
+    line) when the run was interrupted and resuming writes the model of its best epoch so far."""
+    import json
+
+    from pipeline.checkpoint import load_file
+    from pipeline.errors import CheckpointError
+    from pipeline.train import RunDir
+
+    run = RunDir(Path(out))
+    _, meta = load_file(run.checkpoint, "checkpoint")
+    done = int(meta.get("epoch") or 0)
+    if cfg.epochs > done:
+        return
+    more = f"to train more, resume with --set epochs=N, N > {done}"
+    recorded = -1
+    if run.model.is_file():
+        try:
+            recorded = len(json.loads(run.history.read_text()).get("epochs") or [])
+        except (OSError, ValueError, AttributeError):
+            recorded = -1
+    if recorded == done:
+        raise CheckpointError(
+            f"run directory {out!r} already has {done} epoch(s) and their model, so epochs = {cfg.epochs} trains "
+            f"nothing; {more}"
+        )
+    _echo(
+        f"run directory {out!r} already has {done} epoch(s) and epochs = {cfg.epochs}: nothing is trained, the "
+        f"model of its best epoch so far is written; {more}",
+        quiet,
+    )
+
+
 def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: bool, cluster_kw: dict) -> str:
     """Why ``pipeline train`` runs in this process (its log line), or "" for a Dask cluster:
     a store of fewer than ``cluster_min_rows`` rows, when neither --scheduler, --workers nor
@@ -262,6 +466,7 @@ def _train_federated(
     resume: bool,
     force: bool,
     quiet: bool,
+    report: str | None,
     **cluster_kw: Any,
 ) -> None:
     """`pipeline train --sites FILE`: a federated run on the scheduler's site workers, or on a
@@ -269,7 +474,7 @@ def _train_federated(
     import json
 
     from pipeline.config import TrainConfig
-    from pipeline.federated import check_federated_config
+    from pipeline.federated import check_epochs_unset, check_federated_config
     from pipeline.sites import read_sites
     from pipeline.train import RunDir, check_backend, resumed_config
     from pipeline.train import train as run_training
@@ -283,6 +488,7 @@ def _train_federated(
     cfg = cfg.with_overrides(list(overrides))
     sites = read_sites(cfg.sites)
     check_federated_config(cfg, sites)
+    check_epochs_unset(cfg, base.epochs)  # base: the defaults, or the resumed run's saved settings
     cfg.check_on_cluster()
     if not cluster_kw["scheduler"]:
         check_backend(cfg.backend)
@@ -296,16 +502,17 @@ def _train_federated(
         def on_round(r: dict) -> None:
             _echo(_round_line(r), quiet)
 
-        result = run_training(
-            None,
-            cfg,
-            out,
-            client=client,
-            resume=resume,
-            force=force,
-            log=lambda m: _echo(m, quiet),
-            on_epoch=on_round,
-        )
+        with _performance_report(report, out):
+            result = run_training(
+                None,
+                cfg,
+                out,
+                client=client,
+                resume=resume,
+                force=force,
+                log=lambda m: _echo(m, quiet),
+                on_epoch=on_round,
+            )
     saved = result.best
     click.echo(
         json.dumps(
@@ -332,8 +539,13 @@ def _train_federated(
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one setting (repeatable).")
 @click.option("--out", default="runs/latest", show_default=True, help="Run directory (model, checkpoint, history).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
-@click.option("--report", type=click.Path(), help="Write Dask's performance report (HTML) for the run.")
+@click.option("--force", is_flag=True, help="Overwrite an existing run directory (and an earlier --report of Dask's).")
+@click.option(
+    "--report",
+    type=click.Path(),
+    help="Write Dask's performance report (HTML) for the run; an existing file is refused (--force: replaced "
+    "if it is such a report).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Print only the final metrics.")
 @click.option(
     "--plots", is_flag=True, help="Also draw curves.png, rounds.png and throughput.png into --out (matplotlib)."
@@ -379,13 +591,14 @@ def train(
             "site's store from the sites file"
         )
     RunDir(Path(out)).check(resume, force)  # fail before starting a cluster
+    report_to = _check_report(report, out, force) if report else None
     federated = bool(sites_file)
     if not store and not sites_file:  # the config may name the sites file (key 'sites')
         peek = resumed_config(out) if resume else TrainConfig()
         peek = (TrainConfig.from_toml(config_file, peek) if config_file else peek).with_overrides(list(overrides))
         federated = bool(peek.sites)
     if federated:
-        _train_federated(sites_file, config_file, overrides, out, resume, force, quiet, **cluster_kw)
+        _train_federated(sites_file, config_file, overrides, out, resume, force, quiet, report_to, **cluster_kw)
         return
     if not store:
         raise ConfigError("nothing to train on: pass a STORE, or --sites FILE for a federated run")
@@ -396,6 +609,12 @@ def train(
     base = resumed_config(out) if resume else TrainConfig()  # --resume: the run's own settings
     cfg = TrainConfig.from_toml(config_file, base) if config_file else base
     cfg = cfg.with_overrides(list(overrides))
+    if cfg.clients:  # simulated clients train rounds
+        from pipeline.federated import check_epochs_unset
+
+        check_epochs_unset(cfg, base.epochs)
+    elif resume:
+        _check_resume_trains(out, cfg, quiet)
     if cfg.validation_store:  # fail before starting a cluster
         from pipeline.train import check_validation_store
 
@@ -414,12 +633,6 @@ def train(
     with RunDir(Path(out)).claim(resume, force), _sigterm_interrupts(), clients as client:
         if client is not None:
             _echo(f"dask dashboard: {client.dashboard_link}  (training page: /pipeline)", quiet)
-        if report:
-            from distributed import performance_report
-
-            ctx = performance_report(filename=report)
-        else:
-            ctx = contextlib.nullcontext()
 
         def on_epoch(r: dict) -> None:
             if "round" in r:  # simulated federated clients (clients = N)
@@ -435,7 +648,7 @@ def train(
                 quiet,
             )
 
-        with ctx:
+        with _performance_report(report_to, out):
             result = run_training(
                 store,
                 cfg,
@@ -557,14 +770,35 @@ def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **clus
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def runs(directory: str, as_json: bool) -> None:
     """List the runs in DIRECTORY with the validation metrics of their saved models (the best
-    epoch, which early stopping or a later worse epoch leaves behind the last)."""
+    epoch, which early stopping or a later worse epoch leaves behind the last). DIRECTORY may
+    also be one run directory: that run is listed.
+
+    \b
+    Examples:
+      pipeline runs                 # the runs in ./runs
+      pipeline runs runs/letter     # one run
+    """
     import json
     from pathlib import Path
 
-    from pipeline.train import saved_epoch
+    from pipeline.train import RunDir, saved_epoch
 
+    where = Path(directory)
+    if not where.exists():
+        raise PipelineError(f"directory {directory!r} does not exist; name the directory that holds your runs")
+    if not where.is_dir():
+        raise PipelineError(f"{directory!r} is a file, not a directory; name the directory that holds your runs")
+    run = RunDir(where)
+    one_run = run.history.is_file() or run.checkpoint.is_file() or run.model.is_file() or run.config.is_file()
+    if one_run and not run.history.is_file():  # a run directory without a finished run
+        if as_json:
+            click.echo("[]")
+            return
+        why = run.missing_model()
+        click.echo(why or f"run directory {directory!r} has no history.json: no finished run to list")
+        return
     rows = []
-    for hist in sorted(Path(directory).glob("*/history.json")):
+    for hist in [run.history] if one_run else sorted(where.glob("*/history.json")):
         try:
             data = json.loads(hist.read_text())
         except (OSError, ValueError):

@@ -167,6 +167,17 @@ def check_federated_config(cfg: TrainConfig, sites: list[Site]) -> None:
         )
 
 
+def check_epochs_unset(cfg: TrainConfig, unset: int) -> None:
+    """Refuse an ``epochs`` set for a federated run, which trains ``rounds`` (each sampled client
+    making ``local_epochs`` passes over its rows) and has no use for it: ``unset`` is what
+    ``epochs`` is when nobody set it (the default, or a resumed run's saved value)."""
+    if cfg.epochs != unset:
+        raise ConfigError(
+            f"config key 'epochs' = {cfg.epochs} does not apply to a federated run, which trains rounds "
+            f"(rounds = {cfg.rounds}); set rounds instead, e.g. --set rounds={cfg.epochs}, and leave epochs out"
+        )
+
+
 class FederatedTrainer:
     """Runs one federated training on the sites of ``cfg.sites`` (see the module docstring)."""
 
