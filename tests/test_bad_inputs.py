@@ -1047,6 +1047,63 @@ def _(t: Trial) -> Outcome:
     return t.cli("predict", "failed", "s.zarr", "out.parquet", "--scheduler", t.shared.unreachable)
 
 
+def _users_project(t: Trial) -> None:
+    """A user's directory with their own files at names a run writes."""
+    t.copy(t.shared.store4, "s.zarr")
+    (t.path / "proj").mkdir()
+    t.write("proj/config.toml", "[model]\nhidden = [8]\n# my notes\n")
+    t.write("proj/curves.png", "mine\n")
+    t.write("proj/history.json", '{"mine": 1}\n')
+
+
+@case("C84")
+def _(t: Trial) -> Outcome:
+    _users_project(t)
+    return t.cli("train", "s.zarr", "--out", "proj", "--force", "--config", "proj/config.toml", "--set", "epochs=1")
+
+
+@case("C85")
+def _(t: Trial) -> Outcome:
+    _users_project(t)
+    return t.cli("train", "s.zarr", "--out", "proj", "--config", "proj/config.toml", "--set", "epochs=1")
+
+
+@case("C86")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    return t.cli("train", "s.zarr", "--out", "s.zarr", "--force", "--set", "epochs=1")
+
+
+@case("C87")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    t.write("notes.txt", "my notes, not a report\n")
+    return t.cli("train", "s.zarr", "--out", "run", "--report", "notes.txt", "--force")
+
+
+@case("C88")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    return t.cli("train", "s.zarr", "--out", "run", "--report", "run")
+
+
+@case("C89")
+def _(t: Trial) -> Outcome:
+    return _train_set(t, "--set", "clients=2", "--set", "epochs=5")
+
+
+@case("C90")
+def _(t: Trial) -> Outcome:
+    return t.cli("runs", "nonexist")
+
+
+@case("C91")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    t.copy(t.shared.run, "run")
+    return t.cli("train", "s.zarr", "--out", "run", "--resume", "--scheduler", t.shared.unreachable)
+
+
 # -- clusters and the parameter server -------------------------------------------------------
 
 
