@@ -102,6 +102,7 @@ from pipeline.store import (
     check_not_inside,
     check_replaceable,
     create_store,
+    empty_local_dir,
     open_store,
 )
 
@@ -1260,23 +1261,6 @@ def _ingest_arrays(
 # --------------------------------------------------------------------------------------------
 
 
-def _empty_dir(dest: str | os.PathLike) -> bool:
-    """Whether ``dest`` is an existing empty local directory, not a symbolic link, that is neither
-    the working directory nor one of its parents (replacing it would leave the command's
-    working directory deleted)."""
-    spath = os.fspath(dest)
-    if "://" in spath and not spath.startswith("file://"):
-        return False
-    local = Path(spath.removeprefix("file://"))
-    try:
-        if local.is_symlink() or not local.is_dir() or any(local.iterdir()):
-            return False
-    except OSError:
-        return False
-    real, here = os.path.realpath(local), os.path.realpath(os.getcwd())
-    return not (here == real or here.startswith(real.rstrip(os.sep) + os.sep))
-
-
 def _md5(path: Path, limit: int = 256 * 2**20) -> str | None:
     """MD5 of files up to 256 MB (cheap next to parsing them); None for bigger ones."""
     import hashlib
@@ -1352,7 +1336,7 @@ def ingest(
     check_not_inside(dest, {"source file": path, "labels file": labels, "--like store": like_path})
     # an empty directory the user made for the store holds nothing to lose: filled without --force
     # (replaced by the finished store; a failed ingest leaves it as it was, empty)
-    force = force or _empty_dir(dest)
+    force = force or empty_local_dir(dest)
     check_replaceable(dest, force)
     fmt = format or detect_format(path)
     row_range = parse_rows(rows)

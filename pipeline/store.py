@@ -430,6 +430,23 @@ def foreign_store_reason(dest: str | os.PathLike) -> str | None:
     return None
 
 
+def empty_local_dir(dest: str | os.PathLike) -> bool:
+    """Whether ``dest`` is an existing empty local directory, not a symbolic link, that is neither
+    the working directory nor one of its parents (replacing it would leave the command's
+    working directory deleted)."""
+    spath = os.fspath(dest)
+    if "://" in spath and not spath.startswith("file://"):
+        return False
+    local = Path(spath.removeprefix("file://"))
+    try:
+        if local.is_symlink() or not local.is_dir() or any(local.iterdir()):
+            return False
+    except OSError:
+        return False
+    real, here = os.path.realpath(local), os.path.realpath(os.getcwd())
+    return not (here == real or here.startswith(real.rstrip(os.sep) + os.sep))
+
+
 def check_replaceable(dest: str | os.PathLike, force: bool, what: str = "store") -> None:
     """Refuse an existing ``dest`` unless ``force`` is given and it is a store this program wrote."""
     spath = os.fspath(dest)

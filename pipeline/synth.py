@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.errors import StoreError
 from pipeline.progress import Progress
-from pipeline.store import RunningStats, Store, create_store, default_chunk_rows
+from pipeline.store import RunningStats, Store, create_store, default_chunk_rows, empty_local_dir
 
 BLOCK_ROWS = 4096
 _SAMPLE_ROWS = 20_000
@@ -70,7 +70,9 @@ def synth(
     force: bool = False,
     progress: bool = False,
 ) -> Store:
-    """Write a synthetic store of ``rows`` x ``features`` at ``dest``; see the module docstring."""
+    """Write a synthetic store of ``rows`` x ``features`` at ``dest``; see the module docstring.
+    An empty directory at ``dest`` holds nothing to lose: it is filled without ``force``."""
+    force = force or empty_local_dir(dest)
     if rows <= 0 or features <= 0 or hidden <= 0:
         raise StoreError("--rows, --features and hidden must be positive")
     if classes is not None and classes == 1 or (classes or 0) < 0:

@@ -297,6 +297,19 @@ def test_ingest_fills_an_empty_directory_without_force(tmp_path: Path, monkeypat
     assert "store 'emptyout' exists; pass --force to overwrite" in error_line(invoke("ingest", "data.csv", "emptyout"))
 
 
+def test_synth_fills_an_empty_directory_without_force(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pipeline synth` takes an empty directory as ingest does; one holding a file stays refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "emptyout").mkdir()
+    r = invoke("synth", "emptyout", "--rows", "50", "--features", "3", "--classes", "2", "-q")
+    assert r.exit_code == 0, r.output
+    assert open_store("emptyout").n_rows == 50
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("mine")
+    line = error_line(invoke("synth", "docs", "--rows", "50", "--features", "3", "--classes", "2", "--force"))
+    assert "notes.txt" in line and (tmp_path / "docs" / "notes.txt").read_text() == "mine"
+
+
 def test_a_failed_ingest_leaves_the_empty_directory_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.errors import IngestError
     from pipeline.store import StoreWriter
