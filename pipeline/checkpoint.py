@@ -93,6 +93,21 @@ def _looks_like_text(data: bytes) -> bool:
     return True
 
 
+def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The metadata record of a file :func:`save_file` wrote, read without its arrays and without
+    checking their checksum (a damaged file of this program is still this program's); None when
+    ``path`` is no such file."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(f"{_META}.npy") as fh:
+            raw = np.lib.format.read_array(fh, allow_pickle=False)
+        meta = json.loads(raw.tobytes().decode())
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
+        return None
+    return meta if isinstance(meta.get("sha256"), str) else None
+
+
 def load_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read a file written by :func:`save_file`; refuse a wrong kind, version or checksum."""
     path = Path(path)

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,10 +203,6 @@ def _sigterm_interrupts() -> Iterator[None]:
 _REPORT_TITLE = b"<title>Dask Performance Report</title>"
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 def _is_performance_report(path: str) -> bool:
     """Whether the file at ``path`` (local or a URL) is a Dask performance report: its HTML title,
     read through the compression its name implies (``.gz``: distributed writes it gzipped)."""
@@ -236,10 +232,11 @@ def _check_report(report: str, out: str, force: bool) -> str:
     its missing parent directories are created, a file is created in it and everything so made
     is removed again."""
     from pipeline.errors import ConfigError
+    from pipeline.store import is_url, unwritable_reason
 
     shown = repr(report)
     replace_hint = "choose another --report path, or pass --force to replace it (only an earlier report is replaced)"
-    if _is_url(report):
+    if is_url(report):
         import fsspec
 
         try:
@@ -283,36 +280,12 @@ def _check_report(report: str, out: str, force: bool) -> str:
                 f"--report {shown} exists and is not a Dask performance report; --force replaces only an earlier "
                 "report: choose another --report path"
             )
-    _probe_directory(path.parent, shown)
-    return str(path)
-
-
-def _probe_directory(directory: Path, shown: str) -> None:
-    """Raise unless a file can be created in ``directory`` (made if missing); leaves nothing behind."""
-    import tempfile
-
-    from pipeline.errors import ConfigError
-
-    made: list[Path] = []  # the deepest first
-    d = directory
-    while not (d.exists() or d.is_symlink()) and d.parent != d:
-        made.append(d)
-        d = d.parent
-    try:
-        for m in reversed(made):
-            m.mkdir()
-        fd, probe = tempfile.mkstemp(prefix=".report-probe-", dir=directory)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        why = exc.strerror or type(exc).__name__
+    where, why = unwritable_reason(path)
+    if why is not None:
         raise ConfigError(
-            f"cannot write --report {shown}: {why} (creating a file in {str(directory)!r}); choose a writable location"
-        ) from None
-    finally:
-        for m in made:
-            with contextlib.suppress(OSError):
-                m.rmdir()
+            f"cannot write --report {shown}: {why} (creating a file in {str(where)!r}); choose a writable location"
+        )
+    return str(path)
 
 
 @contextlib.contextmanager
@@ -331,8 +304,9 @@ def _performance_report(report: str | None, out: str) -> Iterator[None]:
     from distributed import performance_report
 
     from pipeline.errors import TrainingError
+    from pipeline.store import is_url
 
-    local = not _is_url(report)
+    local = not is_url(report)
     target = Path(report)
     # the temporary keeps the name's suffix: distributed compresses by it (.gz)
     tmp = target.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{target.name}") if local else None
@@ -369,18 +343,50 @@ def _performance_report(report: str | None, out: str) -> Iterator[None]:
             logging.getLogger(__name__).warning("performance report not written to %r (%s)", report, detail)
 
 
+def _run_training(
+    store: str | None,
+    cfg: Any,
+    out: str,
+    client: Any,
+    resume: bool,
+    force: bool,
+    quiet: bool,
+    report: str | None,
+    on_epoch: Callable[[dict], None],
+    progress: bool = False,
+) -> Any:
+    """:func:`pipeline.train.train` as the command runs it: its log on stderr unless ``quiet``,
+    under Dask's performance report when ``report`` names one."""
+    from pipeline.train import train as run_training
+
+    with _performance_report(report, out):
+        return run_training(
+            store,
+            cfg,
+            out,
+            client=client,
+            resume=resume,
+            force=force,
+            log=lambda m: _echo(m, quiet),
+            on_epoch=on_epoch,
+            progress=progress,
+        )
+
+
 def _check_resume_trains(out: str, cfg: Any, quiet: bool) -> None:
     """--resume of a run that already has ``cfg.epochs`` epochs trains nothing: refused when its
     model and history are those of its checkpoint (resuming would only rewrite them), told (one
     line) when the run was interrupted and resuming writes the model of its best epoch so far."""
     import json
 
-    from pipeline.checkpoint import load_file
+    from pipeline.checkpoint import read_meta
     from pipeline.errors import CheckpointError
     from pipeline.train import RunDir
 
     run = RunDir(Path(out))
-    _, meta = load_file(run.checkpoint, "checkpoint")
+    meta = read_meta(run.checkpoint)  # its record only: the run reads (and checks) the whole file
+    if meta is None or meta.get("kind") != "checkpoint":
+        return  # not a checkpoint: resuming says what it is
     done = int(meta.get("epoch") or 0)
     if cfg.epochs > done:
         return
@@ -477,7 +483,6 @@ def _train_federated(
     from pipeline.federated import check_epochs_unset, check_federated_config
     from pipeline.sites import read_sites
     from pipeline.train import RunDir, check_backend, resumed_config
-    from pipeline.train import train as run_training
 
     if sites_file:
         read_sites(sites_file)  # fail before starting a cluster, naming the file as given
@@ -502,17 +507,7 @@ def _train_federated(
         def on_round(r: dict) -> None:
             _echo(_round_line(r), quiet)
 
-        with _performance_report(report, out):
-            result = run_training(
-                None,
-                cfg,
-                out,
-                client=client,
-                resume=resume,
-                force=force,
-                log=lambda m: _echo(m, quiet),
-                on_epoch=on_round,
-            )
+        result = _run_training(None, cfg, out, client, resume, force, quiet, report, on_round)
     saved = result.best
     click.echo(
         json.dumps(
@@ -583,7 +578,6 @@ def train(
     from pipeline.errors import ConfigError
     from pipeline.store import open_store
     from pipeline.train import RunDir, check_backend, resumed_config
-    from pipeline.train import train as run_training
 
     if store and sites_file:
         raise ConfigError(
@@ -648,18 +642,18 @@ def train(
                 quiet,
             )
 
-        with _performance_report(report_to, out):
-            result = run_training(
-                store,
-                cfg,
-                out,
-                client=client,
-                resume=resume,
-                force=force,
-                log=lambda m: _echo(m, quiet),
-                on_epoch=on_epoch,
-                progress=not quiet and sys.stderr.isatty(),
-            )
+        result = _run_training(
+            store,
+            cfg,
+            out,
+            client,
+            resume,
+            force,
+            quiet,
+            report_to,
+            on_epoch,
+            progress=not quiet and sys.stderr.isatty(),
+        )
     if plots:  # once the model, the history and the cluster are done with
         from pipeline.plots import save_plots
 

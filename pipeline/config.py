@@ -496,7 +496,7 @@ class TrainConfig:
             )
 
     def to_toml(self) -> str:
-        lines = ["# resolved training configuration"]
+        lines = [TOML_HEADER]
         for key, value in self.to_dict().items():
             lines.append(f"{key} = {json.dumps(value)}")
         return "\n".join(lines) + "\n"
@@ -535,6 +535,11 @@ def _flatten(data: dict[str, Any], path: str) -> dict[str, Any]:
                 )
             put(key, inner, f"[{name}]")
     return flat
+
+
+# The first line of every config.toml a run writes (:meth:`TrainConfig.to_toml`, since the first
+# version): what tells a run's config.toml from a user's
+TOML_HEADER = "# resolved training configuration"
 
 
 @functools.cache

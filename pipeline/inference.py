@@ -32,7 +32,7 @@ from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import PipelineError, StoreError
 from pipeline.metrics import evaluate_arrays, finish_metrics, merge_metrics
 from pipeline.model import Model
-from pipeline.store import Store, check_not_inside, layout_mismatch, open_store, replace_dir
+from pipeline.store import Store, check_not_inside, layout_mismatch, open_store, replace_dir, unwritable_reason
 
 PARQUET_MARK = {b"pipeline": b"predictions"}
 _PART = re.compile(r"part-\d{6}\.parquet")
@@ -145,22 +145,13 @@ def check_inputs(
 
 
 def _check_writable(dest: Path, out: str) -> None:
-    """Refuse, before any work, an output whose directory cannot be written: the output is
-    written beside ``dest`` and renamed into place, so its nearest existing ancestor directory
-    must take a new entry (probed with a directory made and removed at once)."""
-    import tempfile
-
-    anc = dest.absolute().parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir():
+    """Refuse, before any work, an output whose directory cannot take a new entry: the output is
+    written beside ``dest`` and renamed into place."""
+    anc, why = unwritable_reason(dest)
+    if anc.exists() and not anc.is_dir():
         raise PipelineError(f"output {out!r}: {str(anc)!r} is not a directory; choose another location")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{dest.name}.probe-", dir=anc))
-    except OSError as exc:
-        raise PipelineError(
-            f"output {out!r} cannot be written in {str(anc)!r} ({exc.strerror or exc}); choose a writable location"
-        ) from None
+    if why is not None:
+        raise PipelineError(f"output {out!r} cannot be written in {str(anc)!r} ({why}); choose a writable location")
 
 
 def _mmap_mb(model: Model) -> int:

@@ -32,6 +32,7 @@ every chunk they read exists and name a missing one instead of returning zeros.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import glob
 import json
 import math
@@ -89,7 +90,8 @@ def _compressors(codec: str, itemsize: int) -> list[Any]:
     return [*comp, Crc32cCodec()]
 
 
-def _is_url(path: str) -> bool:
+def is_url(path: str) -> bool:
+    """Whether ``path`` names a remote location (``scheme://``), not a local one (``file://`` is local)."""
     return "://" in path and not path.startswith("file://")
 
 
@@ -187,7 +189,7 @@ class Store:
         """Whether row-chunk ``i`` of array ``name`` ("X" or "y") is stored (not merely implied)."""
         arr = self.X if name == "X" else self.y
         key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
-        if not _is_url(self.path):
+        if not is_url(self.path):
             return os.path.isfile(os.path.join(_local(self.path), name, *key.split("/")))
         import fsspec
 
@@ -276,7 +278,7 @@ def read_rows_at(store: Store, rows: np.ndarray, labels: bool = True) -> tuple[n
 def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
     """Open the store at ``path`` (a local path or an fsspec URL such as ``s3://bucket/x.zarr``)."""
     spath = os.fspath(path)
-    if not _is_url(spath):
+    if not is_url(spath):
         local = _local(spath)
         if not os.path.exists(local):
             raise StoreError(f"store {spath!r} does not exist; create it with `pipeline ingest` or `pipeline synth`")
@@ -395,7 +397,7 @@ def foreign_store_reason(dest: str | os.PathLike) -> str | None:
     """Why the existing ``dest`` is not a store this program wrote (None: it is one, or an
     empty directory, and ``force`` may replace it)."""
     spath = os.fspath(dest)
-    if _is_url(spath):
+    if is_url(spath):
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(spath)
@@ -430,14 +432,32 @@ def foreign_store_reason(dest: str | os.PathLike) -> str | None:
     return None
 
 
+def unwritable_reason(dest: str | os.PathLike) -> tuple[Path, str | None]:
+    """Where a local output ``dest`` would be created (its nearest existing ancestor directory)
+    and why no entry can be made there, or None when one can: probed with a directory made and
+    removed at once, so nothing is left behind and no missing parent is created."""
+    import tempfile
+
+    anc = Path(_local(dest)).absolute().parent
+    while not (anc.exists() or anc.is_symlink()) and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        return anc, os.strerror(errno.ENOTDIR)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{Path(dest).name}.probe-", dir=anc))
+    except OSError as exc:
+        return anc, exc.strerror or type(exc).__name__
+    return anc, None
+
+
 def empty_local_dir(dest: str | os.PathLike) -> bool:
     """Whether ``dest`` is an existing empty local directory, not a symbolic link, that is neither
     the working directory nor one of its parents (replacing it would leave the command's
     working directory deleted)."""
     spath = os.fspath(dest)
-    if "://" in spath and not spath.startswith("file://"):
+    if is_url(spath):
         return False
-    local = Path(spath.removeprefix("file://"))
+    local = Path(_local(spath))
     try:
         if local.is_symlink() or not local.is_dir() or any(local.iterdir()):
             return False
@@ -450,7 +470,7 @@ def empty_local_dir(dest: str | os.PathLike) -> bool:
 def check_replaceable(dest: str | os.PathLike, force: bool, what: str = "store") -> None:
     """Refuse an existing ``dest`` unless ``force`` is given and it is a store this program wrote."""
     spath = os.fspath(dest)
-    if _is_url(spath):
+    if is_url(spath):
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(spath)
@@ -474,11 +494,11 @@ def check_not_inside(dest: str | os.PathLike, inputs: Mapping[str, str | os.Path
     """Refuse a local ``dest`` that is, or contains, one of the ``inputs`` (label -> path):
     writing it would replace the input."""
     spath = os.fspath(dest)
-    if _is_url(spath):
+    if is_url(spath):
         return
     d = os.path.realpath(_local(spath))
     for label, p in inputs.items():
-        if p is None or _is_url(os.fspath(p)):
+        if p is None or is_url(os.fspath(p)):
             continue
         q = os.path.realpath(_local(os.fspath(p)))
         if q == d or q.startswith(d.rstrip(os.sep) + os.sep):
@@ -587,7 +607,7 @@ class StoreWriter:
         attrs: Mapping[str, Any] | None = None,
     ) -> None:
         self.dest = os.fspath(dest)
-        self.url = _is_url(self.dest)
+        self.url = is_url(self.dest)
         codec = codec or DEFAULT_CODEC
         if codec not in CODECS:
             raise StoreError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
@@ -794,7 +814,7 @@ def verify_store(store: Store | str) -> list[str]:
 
 def bytes_on_disk(store: Store) -> int | None:
     """Total bytes of the store's files (local stores; None elsewhere)."""
-    if _is_url(store.path):
+    if is_url(store.path):
         return None
     total = 0
     for root, _dirs, files in os.walk(_local(store.path)):

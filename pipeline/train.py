@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.checkpoint import Checkpoint, load_file, read_checkpoint, write_checkpoint
-from pipeline.config import TrainConfig
+from pipeline.checkpoint import Checkpoint, load_file, read_checkpoint, read_meta, write_checkpoint
+from pipeline.config import TOML_HEADER, TrainConfig
 from pipeline.errors import CheckpointError, ConfigError, PipelineError, ShardLostError, StoreError, TrainingError
 from pipeline.metrics import array_metrics, finish_metrics, merge_metrics
 from pipeline.model import Model
@@ -186,8 +186,6 @@ _HELD: dict[str, list] = {}
 
 # What marks a directory as a Zarr store (v3, v2 group, v2 array): no run is written in one.
 ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
-# The first line of every config.toml a run writes (TrainConfig.to_toml, since the first version)
-_CONFIG_HEADER = "# resolved training configuration"
 _CONFIG_LINE = re.compile(r"[A-Za-z_][A-Za-z0-9_]* = (.+)")
 # The arrays of a simulated federated run's clients.npz (np.savez: no metadata of its own)
 _CLIENTS_ARRAYS = frozenset({"n.npy", "loss.npy", "metric.npy", "round.npy"})
@@ -201,23 +199,6 @@ def _names(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-def _npz_meta(path: Path) -> dict[str, Any] | None:
-    """The metadata record of a file written by :func:`pipeline.checkpoint.save_file`, read
-    without its arrays (and without checking their checksum: a damaged file of a run is still
-    the run's); None when ``path`` is no such file."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as zf, zf.open("__meta__.npy") as fh:
-            raw = np.lib.format.read_array(fh, allow_pickle=False)
-        meta = json.loads(raw.tobytes().decode())
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError):
-        return None
-    if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
-        return None
-    return meta if isinstance(meta.get("sha256"), str) else None
-
-
 def _is_run_config(path: Path) -> bool:
     """Whether ``path`` is a config.toml as a run writes it: the header line, then one
     ``key = JSON`` line per setting (TrainConfig.to_toml)."""
@@ -227,7 +208,7 @@ def _is_run_config(path: Path) -> bool:
         lines = data.decode().splitlines()
     except (OSError, UnicodeDecodeError):
         return False
-    if len(data) > _TEXT_LIMIT or not lines or lines[0] != _CONFIG_HEADER:
+    if len(data) > _TEXT_LIMIT or not lines or lines[0] != TOML_HEADER:
         return False
     for line in lines[1:]:
         m = _CONFIG_LINE.fullmatch(line)
@@ -353,7 +334,7 @@ class RunDir:
     def written_here(self, name: str) -> bool:
         """Whether the file ``name`` in the directory is one this program wrote, by its content:
         a checkpoint or model carries its kind in its ``__meta__`` record, a config.toml starts
-        with the line ``# resolved training configuration`` and holds only ``key = JSON`` lines,
+        with :data:`pipeline.config.TOML_HEADER` and holds only ``key = JSON`` lines,
         a history.json has the keys every run writes, a plot is a PNG matplotlib saved beside the
         run's history.json, clients.npz holds the arrays of a simulated run's clients. Runs of
         earlier versions wrote the same. A symbolic link is never the program's."""
@@ -361,7 +342,7 @@ class RunDir:
         if path.is_symlink() or not path.is_file():
             return False
         if name in ("checkpoint.npz", "model.npz"):
-            meta = _npz_meta(path)
+            meta = read_meta(path)
             return meta is not None and meta.get("kind") == name.removesuffix(".npz")
         if name == "config.toml":
             return _is_run_config(path)
