@@ -27,6 +27,12 @@ from pathlib import Path
 from bench.common import OUT, machine
 
 BIN = Path(sys.executable).parent
+# ``pipeline`` as the console script runs it, with SIGUSR1 dumping every thread's stack (a driver
+# that does not stop after Ctrl-C shows where it waits)
+DRIVER = (
+    "import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+    "from pipeline.cli import main; sys.argv[0] = 'pipeline'; sys.exit(main())"
+)
 
 
 def _free_port() -> int:
@@ -146,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             c.wait_for_workers(2, timeout=60)
         driver = _start(
             [
-                str(BIN / "pipeline"),
+                sys.executable,
+                "-c",
+                DRIVER,
                 "train",
                 str(store),
                 "--scheduler",
@@ -207,7 +215,14 @@ def main(argv: list[str] | None = None) -> int:
                 next_sample += args.sample
             time.sleep(1)
         driver.send_signal(signal.SIGINT)
-        driver.wait(120)
+        try:
+            driver.wait(120)
+        except subprocess.TimeoutExpired:
+            driver.send_signal(signal.SIGUSR1)  # every thread's stack into driver.log
+            time.sleep(2)
+            tail = (work / "driver.log").read_text(errors="replace").splitlines()[-150:]
+            print("\n".join(tail), file=sys.stderr)
+            raise SystemExit(f"the driver did not stop within 120 s of Ctrl-C; its log: {work / 'driver.log'}") from None
     finally:
         for p in reversed(procs):
             if p.poll() is None:

@@ -374,9 +374,10 @@ def _run_training(
 
 
 def _check_resume_trains(out: str, cfg: Any, quiet: bool) -> None:
-    """--resume of a run that already has ``cfg.epochs`` epochs trains nothing: refused when its
-    model and history are those of its checkpoint (resuming would only rewrite them), told (one
-    line) when the run was interrupted and resuming writes the model of its best epoch so far."""
+    """--resume of a run that already has ``cfg.epochs`` epochs (a federated run: ``cfg.rounds``
+    rounds) trains nothing: refused when its model and history are those of its checkpoint
+    (resuming would only rewrite them), told (one line) when the run was interrupted and resuming
+    writes the model of its best epoch so far."""
     import json
 
     from pipeline.checkpoint import read_meta
@@ -387,10 +388,14 @@ def _check_resume_trains(out: str, cfg: Any, quiet: bool) -> None:
     meta = read_meta(run.checkpoint)  # its record only: the run reads (and checks) the whole file
     if meta is None or meta.get("kind") != "checkpoint":
         return  # not a checkpoint: resuming says what it is
-    done = int(meta.get("epoch") or 0)
-    if cfg.epochs > done:
+    federated = bool(cfg.clients or cfg.sites)
+    if federated != bool(meta.get("federated")):
+        return  # another kind of run: resuming refuses it with its own reason
+    key, unit, asked = ("rounds", "round", cfg.rounds) if federated else ("epochs", "epoch", cfg.epochs)
+    done = int(meta.get("epoch") or 0)  # a federated run counts its rounds there
+    if asked > done:
         return
-    more = f"to train more, resume with --set epochs=N, N > {done}"
+    more = f"to train more, resume with --set {key}=N, N > {done}"
     recorded = -1
     if run.model.is_file():
         try:
@@ -399,12 +404,12 @@ def _check_resume_trains(out: str, cfg: Any, quiet: bool) -> None:
             recorded = -1
     if recorded == done:
         raise CheckpointError(
-            f"run directory {out!r} already has {done} epoch(s) and their model, so epochs = {cfg.epochs} trains "
+            f"run directory {out!r} already has {done} {unit}(s) and their model, so {key} = {asked} trains "
             f"nothing; {more}"
         )
     _echo(
-        f"run directory {out!r} already has {done} epoch(s) and epochs = {cfg.epochs}: nothing is trained, the "
-        f"model of its best epoch so far is written; {more}",
+        f"run directory {out!r} already has {done} {unit}(s) and {key} = {asked}: nothing is trained, the "
+        f"model of its best {unit} so far is written; {more}",
         quiet,
     )
 
@@ -494,6 +499,8 @@ def _train_federated(
     sites = read_sites(cfg.sites)
     check_federated_config(cfg, sites)
     check_epochs_unset(cfg, base.epochs)  # base: the defaults, or the resumed run's saved settings
+    if resume:
+        _check_resume_trains(out, cfg, quiet)
     cfg.check_on_cluster()
     if not cluster_kw["scheduler"]:
         check_backend(cfg.backend)
@@ -607,7 +614,7 @@ def train(
         from pipeline.federated import check_epochs_unset
 
         check_epochs_unset(cfg, base.epochs)
-    elif resume:
+    if resume:
         _check_resume_trains(out, cfg, quiet)
     if cfg.validation_store:  # fail before starting a cluster
         from pipeline.train import check_validation_store

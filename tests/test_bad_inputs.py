@@ -1104,6 +1104,17 @@ def _(t: Trial) -> Outcome:
     return t.cli("train", "s.zarr", "--out", "run", "--resume", "--scheduler", t.shared.unreachable)
 
 
+@case("C92")
+def _(t: Trial) -> Outcome:
+    from pipeline.config import TrainConfig
+    from pipeline.train import train
+
+    t.copy(t.shared.store4, "s.zarr")
+    cfg = TrainConfig(hidden=[8], clients=2, rounds=1, patience=0)
+    train(str(t.path / "s.zarr"), cfg, t.path / "run", client=t.shared.client)
+    return t.cli("train", "s.zarr", "--out", "run", "--resume", "--scheduler", t.shared.unreachable)
+
+
 # -- clusters and the parameter server -------------------------------------------------------
 
 

@@ -154,10 +154,18 @@ def test_iid_sites_reach_the_pooled_accuracy_and_resume_at_the_next_round(cluste
 
     # a resume with another sites file is refused
     moved = _sites_file(tmp_path / "moved.toml", a="a.zarr", b="elsewhere/b.zarr")
-    refused = _federated(procs, addr, moved, run, "--resume")
+    refused = _federated(procs, addr, moved, run, "--resume", "--set", "rounds=64")
     out = _finish(refused, 60)
     assert refused.popen.returncode == 1
     assert "names other sites or store paths than the run" in error_line(out)
+
+    # a resume with no rounds left to train is refused before a round starts, naming the fix
+    again = _federated(procs, addr, sf, run, "--resume")
+    out = _finish(again, 60)
+    assert again.popen.returncode == 1
+    assert error_line(out).endswith("already has 62 round(s) and their model, so rounds = 62 trains nothing; "
+                                    "to train more, resume with --set rounds=N, N > 62"), out[-2000:]
+    assert history(run) == h2  # nothing rewritten
 
 
 @pytest.mark.timeout(120)

@@ -377,3 +377,22 @@ def test_resume_with_no_epochs_left_is_refused_and_loses_nothing(finished_run: P
     r = invoke("train", store, "--out", run, "--resume", "--set", "epochs=3", "-q")
     assert r.exit_code == 0, r.output
     assert [e["epoch"] for e in json.loads((run / "history.json").read_text())["epochs"]] == [0, 1, 2]
+
+
+def test_resume_of_a_federated_run_with_no_rounds_left_is_refused(
+    store: Path, client: Any, scheduler: str, tmp_path: Path
+) -> None:
+    """Simulated clients count rounds: a resume asking for no more of them than the run has is
+    refused as an epoch run's is (it would only rewrite the run's model and history)."""
+    run = tmp_path / "fed"
+    cfg = TrainConfig(hidden=[8], clients=3, rounds=2, patience=0)
+    train(str(store), cfg, run, client=client)
+    before = snapshot(run)
+    for extra in (("--set", "rounds=1"), ()):
+        line = error_line(invoke("train", store, "--out", run, "--resume", "--scheduler", scheduler, *extra))
+        assert f"run directory '{run}' already has 2 round(s) and their model, so rounds = " in line, line
+        assert line.endswith("trains nothing; to train more, resume with --set rounds=N, N > 2")
+    assert snapshot(run) == before
+    r = invoke("train", store, "--out", run, "--resume", "--scheduler", scheduler, "--set", "rounds=3", "-q")
+    assert r.exit_code == 0, r.output
+    assert [e["round"] for e in json.loads((run / "history.json").read_text())["epochs"]] == [0, 1, 2]
