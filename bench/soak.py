@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(2)
             tail = (work / "driver.log").read_text(errors="replace").splitlines()[-150:]
             print("\n".join(tail), file=sys.stderr)
-            raise SystemExit(f"the driver did not stop within 120 s of Ctrl-C; its log: {work / 'driver.log'}") from None
+            raise SystemExit(f"the driver did not stop within 120 s of Ctrl-C; see {work / 'driver.log'}") from None
     finally:
         for p in reversed(procs):
             if p.poll() is None:

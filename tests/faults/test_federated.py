@@ -163,8 +163,10 @@ def test_iid_sites_reach_the_pooled_accuracy_and_resume_at_the_next_round(cluste
     again = _federated(procs, addr, sf, run, "--resume")
     out = _finish(again, 60)
     assert again.popen.returncode == 1
-    assert error_line(out).endswith("already has 62 round(s) and their model, so rounds = 62 trains nothing; "
-                                    "to train more, resume with --set rounds=N, N > 62"), out[-2000:]
+    assert error_line(out).endswith(
+        "already has 62 round(s) and their model, so rounds = 62 trains nothing; "
+        "to train more, resume with --set rounds=N, N > 62"
+    ), out[-2000:]
     assert history(run) == h2  # nothing rewritten
 
 
