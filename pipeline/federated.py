@@ -81,6 +81,7 @@ from pipeline.train import (
     budget_spent_line,
     build_spec,
     check_backend,
+    let_job_tasks_stop,
     privacy_settings,
     task_config,
 )
@@ -400,6 +401,7 @@ class FederatedTrainer:
             self._checkpoint(ps, run)
             raise
         finally:
+            stopped = bool(self._inflight)
             if self._inflight:
                 self.client.cancel(list(self._inflight))
                 self._inflight.clear()
@@ -407,6 +409,8 @@ class FederatedTrainer:
             try:
                 metrics = ps.metrics(history=True)
                 ps.close()
+                if stopped:  # a site's fit still computing ends at its next message, "left"
+                    let_job_tasks_stop(self.client, self.job)
             except Exception:
                 logger.debug("could not close job %s", self.job, exc_info=True)
         model = Model.from_training(schema, self.spec, self.target, run.best.params, cfg, run.history)

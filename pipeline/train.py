@@ -750,6 +750,22 @@ def check_backend(backend: str, client: Any = None) -> None:
         raise ConfigError(f"config key 'backend' = 'cuda' cannot run {where}: {next(iter(bad.values()))}")
 
 
+def let_job_tasks_stop(client: Any, job: str, timeout: float = 10.0) -> None:
+    """After ``job``'s tasks were cancelled: wait until the workers no longer run them
+    (:func:`pipeline.worker.stop_job_tasks`), so that the cluster, when the command closes it,
+    closes no worker under a running task (each would log its cancellation)."""
+    from pipeline.worker import stop_job_tasks
+
+    try:
+        still = client.run(stop_job_tasks, job, timeout, on_error="ignore")
+    except Exception:
+        logger.debug("could not wait for job %s's tasks to stop", job, exc_info=True)
+        return
+    running = sum(n for n in still.values() if isinstance(n, int))
+    if running:
+        logger.debug("job %s: %d task(s) still running after %.0f s", job, running, timeout)
+
+
 class Trainer:
     """Runs one training job on a Dask cluster (see the module docstring)."""
 
@@ -994,6 +1010,7 @@ class Trainer:
             if run.history and run.history[-1]["epoch"] == run.epoch:  # recorded: between epochs
                 run.finish_epoch()
             self._checkpoint(ps, run)
+            let_job_tasks_stop(self.client, self.job)  # cancelled in _run_epoch
             raise
         finally:
             metrics = {}

@@ -12,6 +12,7 @@ into read / compute / communicate and reported through Dask's fine performance m
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import sys
@@ -150,6 +151,10 @@ class _Comm:
                 f"participant {self.name}: {reply.get('message')}; raise barrier_timeout or "
                 "check that every worker is alive"
             )
+        if status == "left":
+            # the task is no longer part of the job (cancelled by the driver, or its worker was
+            # removed from the scheduler): it ends here, and Dask reruns it if it is still wanted
+            raise TrainingError(reply.get("message") or f"participant {self.name} left the job")
         return reply
 
 
@@ -820,6 +825,19 @@ def forget_job(job: str) -> None:
                 del kept[key]
         _groups.pop(job, None)
     _row_cache.forget(job)
+
+
+async def stop_job_tasks(job: str, timeout: float, dask_worker: Any = None) -> int:
+    """Wait (``timeout`` s at most) until no task of ``job`` runs in this worker, and return how
+    many still do. The driver calls it when a run stops early (Ctrl-C, a failure), after it
+    cancelled the job's tasks: a task still computing ends at its next message to the parameter
+    server (the "left" reply), and a cluster closed under it would log each one's cancellation."""
+    deadline = time.monotonic() + timeout
+    while True:
+        running = [ts for ts in (*dask_worker.state.executing, *dask_worker.state.long_running) if job in str(ts.key)]
+        if not running or time.monotonic() >= deadline:
+            return len(running)
+        await asyncio.sleep(0.02)
 
 
 def _memory_limit() -> int | None:

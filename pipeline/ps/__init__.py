@@ -20,7 +20,10 @@ Modes
     slowest active participant waits.
 
 A participant that leaves (its task ended, erred or was cancelled, or its worker died) leaves
-the round at once: no barrier ever waits for the dead.
+the round at once: no barrier ever waits for the dead. A message still in flight from it (a
+cancelled task computes until its next push), or from a task of a job its driver closed, gets
+the reply ``{"status": "left"}`` and changes nothing: the task ends there, and the scheduler
+logs no error. A name that never joined is refused (:class:`PSError`).
 
 The package, from the wire up (each module imports only those above it):
 

@@ -179,6 +179,9 @@ class ParameterServerExtension(SchedulerPlugin):
         return st.expect(**kw)
 
     async def join(self, job: str | None = None, name: str | None = None, **kw: Any) -> dict[str, Any]:
+        closed = self._closed(job)
+        if closed is not None:
+            return closed
         st = self._job(job)
         await st.settled()
         return st.join(name, **kw)
@@ -191,17 +194,30 @@ class ParameterServerExtension(SchedulerPlugin):
         delta: Any = None,
         **kw: Any,
     ) -> dict[str, Any]:
-        return await self._job(job).push(name, version, delta, **kw)
+        closed = self._closed(job)
+        return closed if closed is not None else await self._job(job).push(name, version, delta, **kw)
 
     async def exchange_keys(
         self, job: str | None = None, name: str | None = None, version: int | None = None, **kw: Any
     ) -> dict[str, Any]:
-        return await self._job(job).exchange_keys(name, version, **kw)
+        closed = self._closed(job)
+        return closed if closed is not None else await self._job(job).exchange_keys(name, version, **kw)
+
+    def _closed(self, job: Any) -> dict[str, Any] | None:
+        """A task's message (join, push, key exchange, leave, epoch end) for a job its driver has
+        closed: the "left" reply a task still running gets (it ends there; the scheduler logs no
+        error), else None."""
+        if job in self.jobs or not any(f.get("job") == job for f in self.finished):
+            return None
+        return {"status": "left", "version": -1, "message": f"job {job!r} is closed"}
 
     def pull(self, job: str | None = None, model: bool = False) -> dict[str, Any]:
         return self._job(job).reply(model=bool(model))
 
     async def leave(self, job: str | None = None, name: str | None = None, **kw: Any) -> dict[str, Any]:
+        closed = self._closed(job)
+        if closed is not None:
+            return closed
         st = self._job(job)
         await st.settled()
         return st.leave(name, **kw)
@@ -209,7 +225,8 @@ class ParameterServerExtension(SchedulerPlugin):
     async def epoch_end(self, job: str | None = None, timeout: float = 600.0) -> dict[str, Any]:
         """A participant that has left waits for the epoch's last round (the reply's version
         lets the driver notice a rerun task that joined again after it)."""
-        return await self._job(job).epoch_end(timeout)
+        closed = self._closed(job)
+        return closed if closed is not None else await self._job(job).epoch_end(timeout)
 
     async def close_round(self, job: str | None = None, min_count: Any = 1, counts: Any = None) -> dict[str, Any]:
         return await self._job(job).close_round(min_count, counts)

@@ -59,6 +59,7 @@ MODES = ("sync", "async", "ssp")
 SHM_DELTA = "shm"  # a push whose delta is in the participant's push segment (pipeline.ps.shm)
 _MAX_SLOTS = 4096  # sync shares whose local optimizer states a job keeps
 _HISTORY_LEN = 20_000
+_LEFT_KEPT = 4096  # participants that left, remembered per job (Job.left)
 
 
 @dataclass
@@ -106,6 +107,9 @@ class Job:
     model_snapshot: np.ndarray | None = None  # the same for the model weights (ema > 0)
     model_snapshot_version: int = -1
     participants: dict[str, Participant] = field(default_factory=dict)
+    # participants that left, with why (the newest _LEFT_KEPT): a push still in flight from one
+    # (its task was cancelled, or its worker removed, while it computed) gets a "left" reply
+    left: dict[str, str] = field(default_factory=dict)
     expected: dict[str, str | None] = field(default_factory=dict)  # name -> task key
     expected_since: float = 0.0
     join_timeout: float = 120.0
@@ -357,6 +361,18 @@ class Job:
             self.held_wire, self.held_from, self.held_version = wire, self.held_version, self.version
         return self.held
 
+    def not_joined(self, name: Any) -> dict[str, Any]:
+        """The reply to a push or key exchange from ``name``, not a participant: ``left`` (no
+        error: the scheduler logs nothing) for one that left the job, whose task goes on until
+        its next message (the driver cancelled it, or its worker was removed); :class:`PSError`
+        for a name that never joined."""
+        why = self.left.get(name) if isinstance(name, str) else None
+        if why is None:
+            raise PSError(f"participant {name!r} has not joined job {self.job!r}")
+        logger.debug("job %s: a message from participant %s, which left (%s)", self.job, name, why)
+        message = f"participant {name!r} left job {self.job!r} ({why})"
+        return {"status": "left", "version": self.version, "message": message}
+
     def reply(self, status: str = "OK", model: bool = False, since: int | None = None, **extra: Any) -> dict[str, Any]:
         """A reply carrying the weights to train from, or (``model``) the weights to validate.
         With a ``reply_codec`` the weights to train from are the participants' common weights
@@ -378,6 +394,11 @@ class Job:
         it already pushed in sync mode stays in the open round."""
         p = self.participants.pop(name, None)
         expected_key = self.expected.pop(name, None)
+        if p is not None:
+            self.left.pop(name, None)
+            self.left[name] = why
+            if len(self.left) > _LEFT_KEPT:
+                del self.left[next(iter(self.left))]
         self.release_shm(name)  # a delta it pushed was copied into the round
         for key in (getattr(p, "key", None), expected_key):
             if key is not None:
@@ -492,7 +513,7 @@ class Job:
         if not self.privacy["secure_aggregation"]:
             raise PSError(f"job {self.job!r} does not use secure aggregation")
         if not isinstance(name, str) or name not in self.participants:
-            raise PSError(f"participant {name!r} has not joined job {self.job!r} (or has left it)")
+            return self.not_joined(name)
         if not isinstance(version, int) or not 0 <= version <= self.version:
             raise PSError(f"exchange_keys for version {version!r}; the server is at version {self.version}")
         if not isinstance(public_key, bytes | bytearray) or len(public_key) != KEY_BYTES:
@@ -884,6 +905,7 @@ class Job:
         clocks = [p.clock for p in self.participants.values()]
         start_clock = min(clocks) if clocks else 0
         self.participants[name] = Participant(name, key, worker, clock=start_clock)
+        self.left.pop(name, None)
         self.expected.pop(name, None)
         if key is not None:
             self.keys[key] = (self.job, name)
@@ -920,7 +942,7 @@ class Job:
             return self.reply("failed")
         p = self.participants.get(name) if isinstance(name, str) else None
         if p is None:
-            raise PSError(f"participant {name!r} has not joined job {self.job!r} (or has left it)")
+            return self.not_joined(name)
         if not isinstance(version, int) or not 0 <= version <= self.version:
             raise PSError(f"push for version {version!r}; the server is at version {self.version}")
         if not isinstance(samples, int) or samples < 0:

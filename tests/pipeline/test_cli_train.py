@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,12 +116,59 @@ def test_ctrl_c_stops_cleanly_with_a_checkpoint(letter_stores, tmp_path):
             proc.kill()
     assert proc.returncode == 130, rest[1]
     assert "interrupted" in rest[1]
+    assert "ERROR" not in rest[1] and "Traceback" not in rest[1], rest[1][-3000:]
     arrays, meta = load_file(out / "checkpoint.npz", "checkpoint")
     assert meta["epoch"] >= 2 and arrays["params"].dtype == np.float32
     r = run_cli(
         "train", letter_stores[0], "--out", str(out), "--resume", "--set", f"epochs={meta['epoch'] + 1}", *CLUSTER
     )
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_ctrl_c_mid_epoch_stops_its_tasks_before_the_cluster_closes(tmp_path, mode):
+    """Interrupted while the epoch's tasks compute: they end at their next message to the
+    parameter server (the "left" reply to a cancelled participant) and the command closes its
+    cluster after them: no error from the scheduler, no worker logging a task cancelled under
+    it, no traceback."""
+    from pipeline.synth import synth
+
+    store = synth(tmp_path / "s.zarr", rows=40_000, features=256, classes=10, seed=0).path
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "train",
+            store,
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "epochs=500",
+            "--set",
+            "patience=0",
+            "--set",
+            "hidden=[256,128]",
+            "--set",
+            f"mode={mode}",
+            *CLUSTER,
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        read_until(proc.stderr, "epoch   1")
+        time.sleep(0.7)  # within epoch 2's tasks (an epoch takes several seconds here)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, rest[1]
+    assert "interrupted: writing a checkpoint before stopping" in rest[1], rest[1][-3000:]
+    for noise in ("ERROR", "CancelledError", "Traceback", "Compute Failed"):
+        assert noise not in rest[1], rest[1][-3000:]
 
 
 @pytest.mark.parametrize(

@@ -70,8 +70,15 @@ def test_a_participant_leaving_releases_the_round_without_it() -> None:
             "summaries": {"goes": {"rows": 7}},
         }
         assert job.take_summaries(["goes"])["summaries"] == {}  # handed over once
+        # a push still in flight from it is answered "left" (the worker's task ends; the
+        # scheduler logs no error), and changes nothing; a name that never joined is an error
+        r = await job.push("goes", 1, np.ones(N, np.float32), samples=1)
+        assert r["status"] == "left" and "left job" in r["message"] and "(left)" in r["message"]
+        assert job.version == 1 and "goes" not in job.participants and not job.pending
         with pytest.raises(PSError, match="has not joined"):
-            await job.push("goes", 1, np.ones(N, np.float32), samples=1)
+            await job.push("never", 1, np.ones(N, np.float32), samples=1)
+        job.join("goes", key="k3")  # a rerun of the task joins again: it is a participant
+        assert "goes" not in job.left
 
     asyncio.run(main())
 
