@@ -122,6 +122,9 @@ class ShardExtension(ParameterServerExtension):
         worker.extensions[SHARD_EXTENSION] = self
 
     async def join(self, job: str | None = None, name: str | None = None, ticket: int = 0, **kw: Any) -> dict[str, Any]:
+        closed = self._closed(job)
+        if closed is not None:
+            return closed
         st = self._job(job)
         await st.settled()
         reply = st.join(name, **kw)
@@ -193,7 +196,7 @@ def _cat_state(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def _status(replies: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The first reply that is not OK, a failed one first."""
-    for want in ("failed", "timeout"):
+    for want in ("failed", "timeout", "left"):
         for r in replies:
             if r.get("status") == want:
                 return r
@@ -274,6 +277,8 @@ class ShardedParameterServer:
         """One reply from the shards' replies: the weights concatenated, the lowest version
         (each shard's own kept for the next push)."""
         bad = _status(replies)
+        if bad is not None and bad["status"] == "left":
+            return dict(bad)  # the participant left (a shard dropped it): no weights, the task ends
         if not model:
             self._versions[:] = [int(r["version"]) for r in replies]
         out = dict(replies[0])

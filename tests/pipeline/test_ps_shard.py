@@ -82,6 +82,19 @@ def test_split_ranges_covers_the_vector_in_nearly_equal_consecutive_ranges():
         split_ranges(3, 4)
 
 
+def test_a_left_reply_from_any_shard_is_the_handle_s_reply():
+    """A participant a shard dropped (its task was cancelled) gets "left" from it: the handle
+    answers "left" (the task ends) instead of joining weights that one shard did not send."""
+    from pipeline.ps.shard import ShardedParameterServer
+
+    handle = ShardedParameterServer("j")
+    ok = {"status": "OK", "version": 3, "message": None, "params": np.zeros(2, np.float32)}
+    left = {"status": "left", "version": 3, "message": "participant 'a' left job 'j' (task processing -> forgotten)"}
+    assert handle._join_replies([ok, left]) == left
+    joined = handle._join_replies([ok, ok])
+    assert joined["status"] == "OK" and joined["params"].shape == (4,)
+
+
 def test_sync_on_two_shards_gives_the_single_server_s_weights_bit_for_bit(letter_stores, client, shard_procs, tmp_path):
     base = {"mode": "sync", "epochs": 2, "patience": 0, "seed": 3, "server_optimizer": "adam", "server_lr": 1e-3}
     one = train(letter_stores[0], TrainConfig(**base), tmp_path / "one", client=client)
