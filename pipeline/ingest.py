@@ -29,7 +29,8 @@ Policies (recorded in the store's ``encodings`` attribute so prediction applies 
 * **Labels**: string labels are stripped of whitespace and of one trailing ``.`` (adult.test writes
   ``<=50K.``) and become class indices into the sorted class names; integer labels with at most
   50 distinct values mean classification, other numbers regression (override with ``task``).
-* **Missing values** (empty, ``?``, ``NA``, ``N/A``, ``NaN``, ``null``, ``None`` and +/-inf):
+* **Missing values** (empty, ``?``, ``NA``, ``N/A``, ``NaN``, ``null``, ``None``, any other text
+  Arrow reads as NaN such as ``-nan`` or ``NaN(1)``, and +/-inf):
   ``impute`` (default) fills numeric features with the training mean and categorical features with
   the most frequent category; ``reject`` raises naming the column and row; ``drop`` drops the row.
   A missing target is an error unless ``drop``. The store never holds NaN.
@@ -46,12 +47,19 @@ Policies (recorded in the store's ``encodings`` attribute so prediction applies 
   header). A UTF-8 byte order mark is dropped. Text is UTF-8 unless
   ``text_encoding`` says otherwise; undecodable bytes are an error naming the line.
 * **Comments**: lines starting with ``comment`` (default ``|``, adult.test's first line) are
-  skipped, as are blank lines (a comment line inside the data is skipped when its field count
-  differs from the data's), and ``#`` lines before the first line, except a last one with the
-  data's field count, which is the header (``#id,a,label``).
+  skipped wherever they are, as are blank lines, and ``#`` lines before the first line, except a
+  last one with the data's field count, which is the header (``#id,a,label``). When the
+  delimiter is the comment text (``|``), no line is a comment: ``|2|x`` starts with an empty field.
+* **Numbers as text**: in a comma-delimited file ``"3,655"`` is 3655 (a column mixing such numbers
+  with other text is refused); integers beyond 2^53 are refused as in Parquet. Class labels whose
+  text a number would change (``007``, ``01``, or ``7`` next to ``007``) stay text.
 * **Formats**: from the suffix (``--format`` overrides); an unknown suffix (``.json``, ``.xlsx``) is
-  refused, a name without a suffix is CSV when it starts as UTF-8 text. A directory is a Parquet
-  dataset: its ``*.parquet`` files in name order, with the same columns (what ``predict`` writes).
+  refused, a name without a suffix is CSV when it starts as UTF-8 text; compressions other than
+  gzip are refused; a UTF-16 byte order mark selects UTF-16. A directory is a Parquet dataset: its
+  ``*.parquet`` files in natural name order (``part.2`` before ``part.10``), with the same columns
+  (what ``predict`` writes), hive partition keys (``year=2020/``) read first, as text columns.
+  Parquet booleans are the categories ``false``/``true`` (as a CSV of them); numbers meeting a
+  categorical encoding are matched as their text (``1``).
   Parquet integers beyond 2^53, and types other than numbers, booleans, decimals and strings
   (timestamps, dates, binary, lists), are errors naming the column and suggesting ``drop``.
 * **NumPy labels**: ``(n,)`` or ``(n, 1)`` numbers, or strings (class names).
@@ -91,6 +99,7 @@ from pipeline.ingest_plan import (
     IngestPlan,
     LabelProfile,
     Training,
+    big_integer_error,
     plan_arrays,
     plan_table,
     select_columns,
@@ -103,7 +112,9 @@ from pipeline.store import (
     check_replaceable,
     create_store,
     empty_local_dir,
+    is_url,
     open_store,
+    unwritable_reason,
 )
 
 FORMATS = ("csv", "parquet", "npy", "npz", "idx")
@@ -164,6 +175,12 @@ def detect_format(src: Path) -> str:
         name = name[:-3]
     suffix = Path(name).suffix
     known = suffix in (".parquet", ".pq", ".npy", ".npz", ".idx", ".ubyte", *_CSV_SUFFIXES)
+    packed = {".zst": "zstd", ".zstd": "zstd", ".bz2": "bzip2", ".xz": "xz", ".lz4": "lz4", ".zip": "zip"}
+    if suffix in packed:
+        raise IngestError(
+            f"{str(src)!r} is {packed[suffix]}-compressed, which is not read; decompress it first (e.g. "
+            f"{_DECOMPRESS[packed[suffix]]} {src.name}), or compress it with gzip"
+        )
     if suffix and not known and not suffix[1:].isdigit() and not re.search(r"idx\d", name):
         raise IngestError(
             f"cannot tell the format of {str(src)!r}: {suffix} files are not read; supported: {_SUPPORTED}; "
@@ -216,6 +233,7 @@ class _CsvLayout:
     decimal_comma: bool = False  # "1,5" is the number 1.5 (delimiter other than ",")
     detected: bool = False  # the delimiter was detected, not given
     encoding: str = "utf-8"  # text encoding of the file
+    comment: str = ""  # lines starting with this are skipped ("" when it is the delimiter)
 
     def describe(self) -> str:
         """The delimiter, as error messages show it: "delimiter ';' (detected)"."""
@@ -223,20 +241,23 @@ class _CsvLayout:
         return f"delimiter {shown!r} ({'detected' if self.detected else 'given'})"
 
 
-def _text_error(src: Path, exc: UnicodeDecodeError, encoding: str = "utf-8") -> IngestError:
-    """The message for text that does not decode, naming the first bad byte and its line."""
-    bad = exc.object[exc.start : exc.start + 1].hex() if isinstance(exc.object, bytes) else "?"
+def _text_error(src: Path, exc: UnicodeDecodeError | None = None, encoding: str = "utf-8") -> IngestError:
+    """The message for text that does not decode, naming the first bad byte and its line (the
+    whole file is scanned for it: this is the error path)."""
+    bad = exc.object[exc.start : exc.start + 1].hex() if exc is not None and isinstance(exc.object, bytes) else "?"
     where = ""
-    with _open_text_bytes(src) as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                raw.decode(encoding)
-            except UnicodeDecodeError as e:
-                where = f" on line {i}"
-                bad = raw[e.start : e.start + 1].hex()
-                break
-            if i >= 1_000_000:
-                break
+    codec = "utf-8" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    try:
+        with _open_text_bytes(src) as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    raw.decode(codec)
+                except UnicodeDecodeError as e:
+                    where = f" on line {i}"
+                    bad = raw[e.start : e.start + 1].hex()
+                    break
+    except (OSError, EOFError):
+        pass
     return IngestError(
         f"{str(src)!r} is not {encoding} text: byte 0x{bad}{where} does not decode; re-encode the file as "
         "UTF-8 (e.g. iconv -f latin1 -t utf-8) or pass its encoding with --text-encoding (e.g. latin-1)"
@@ -335,15 +356,22 @@ def _sniff_csv(
                     break
     except UnicodeDecodeError as exc:
         raise _text_error(src, exc, text_encoding) from None
+    except UnicodeError as exc:  # "UTF-16 stream does not start with BOM"
+        raise IngestError(
+            f"{str(src)!r} is not {text_encoding} text ({exc}); pass its encoding with --text-encoding "
+            "(e.g. utf-8, latin-1, cp1252)"
+        ) from None
     if not lines:
         raise IngestError(f"source {str(src)!r} is empty (no data lines); check the file")
     detected = delimiter is None
     if delimiter is None:
         delimiter = _detect_delimiter(lines)
-    elif delimiter in ("\\t", "tab"):
-        delimiter = "\t"
-    elif delimiter in ("whitespace", "space", "\\s"):
-        delimiter = " "
+    else:
+        delimiter = _delimiter_option(delimiter)
+    if comment and comment == delimiter:  # "|2|x" with the delimiter "|": an empty first field, not a comment
+        layout = _sniff_csv(src, delimiter, header, "", text_encoding, expected)
+        layout.detected = detected
+        return layout
     if lead_hash and header is not False:  # the last "#" line is the header when it has the data's shape
         width = len(_fields(lines[0], delimiter))
         if width > 1 and len(_fields(lead_hash[-1], delimiter)) == width:  # "#id,a,label"
@@ -362,17 +390,24 @@ def _sniff_csv(
         header = bool(expected) and set(expected) <= set(first) or _is_header(rows, numeric)
     if header:
         names = [v or f"c{j}" for j, v in enumerate(first)]
-        if len(set(names)) != len(names):
-            seen: dict[str, int] = {}
-            out = []
+        if len(set(names)) != len(names):  # a, a, a.1 -> a, a.2, a.1: generated names clash with none
+            taken, seen, out = set(names), {}, []
             for v in names:
-                seen[v] = seen.get(v, 0) + 1
-                out.append(v if seen[v] == 1 else f"{v}.{seen[v] - 1}")
+                if v not in seen:
+                    seen[v] = 0
+                    out.append(v)
+                    continue
+                k = seen[v] + 1
+                while f"{v}.{k}" in taken:
+                    k += 1
+                seen[v] = k
+                taken.add(f"{v}.{k}")
+                out.append(f"{v}.{k}")
             names = out
         skip += 1
     else:
         names = [f"c{j}" for j in range(len(first))]
-    return _CsvLayout(delimiter, bool(header), names, skip, decimal_comma, detected, text_encoding)
+    return _CsvLayout(delimiter, bool(header), names, skip, decimal_comma, detected, text_encoding, comment)
 
 
 _WS_EDGES = re.compile(rb"(?m)^[ \t]+|[ \t]+(?=\r?$)")
@@ -407,10 +442,10 @@ class _CollapseWhitespace(io.RawIOBase):
         super().close()
 
 
-def _csv_batches(
-    src: Path, layout: _CsvLayout, comment: str, block_size: int | None = None
-) -> Iterator[pa.RecordBatch]:
+def _csv_batches(src: Path, layout: _CsvLayout, block_size: int | None = None) -> Iterator[pa.RecordBatch]:
     import pyarrow.csv as pcsv
+
+    comment = layout.comment
 
     bad: list[Any] = []
 
@@ -442,7 +477,13 @@ def _csv_batches(
                 quoted_strings_can_be_null=False,
             ),
         )
-        yield from reader
+        for b in reader:
+            if comment and b.num_rows:  # a line starting with the comment text, even of the data's width
+                first = pc.utf8_ltrim_whitespace(b.column(0))
+                hit = pc.fill_null(pc.starts_with(first, pattern=comment), False)
+                if pc.any(hit).as_py():
+                    b = b.filter(pc.invert(hit))
+            yield b
     except pa.ArrowInvalid as exc:
         if bad:
             row = bad[0]
@@ -454,10 +495,7 @@ def _csv_batches(
                 "pass --delimiter"
             ) from None
         if "UTF8" in str(exc) or "UTF-8" in str(exc):
-            raise IngestError(
-                f"{str(src)!r} is not UTF-8 text (invalid UTF-8 bytes past the first lines); re-encode the file "
-                "as UTF-8 (e.g. iconv -f latin1 -t utf-8) or pass its encoding with --text-encoding (e.g. latin-1)"
-            ) from None
+            raise _text_error(src, None, layout.encoding) from None
         raise IngestError(f"cannot parse {str(src)!r} as CSV ({exc}); check --delimiter/--format") from None
 
 
@@ -469,44 +507,101 @@ def _find_line(src: Path, text: str) -> int | None:
     return None
 
 
+def _natural_key(path: Path) -> tuple:
+    """``part.2`` before ``part.10`` (Dask and Spark number their files without padding)."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.as_posix()))
+
+
 def _parquet_files(src: Path) -> list[Path]:
     """``src`` itself, or the ``*.parquet``/``*.pq`` files of a dataset directory (what ``predict``
-    writes) in name order, hidden ones (``.name``, ``_name``) left out."""
+    writes) in natural name order (``part.2`` before ``part.10``), hidden ones (``.name``,
+    ``_name``) left out."""
     if not src.is_dir():
         return [src]
     files = sorted(
-        p
-        for p in src.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in (".parquet", ".pq")
-        and not any(part.startswith((".", "_")) for part in p.relative_to(src).parts)
+        (
+            p
+            for p in src.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in (".parquet", ".pq")
+            and not any(part.startswith((".", "_")) for part in p.relative_to(src).parts)
+        ),
+        key=lambda p: _natural_key(p.relative_to(src)),
     )
     if not files:
         raise IngestError(f"source {str(src)!r} is a directory without Parquet files; pass a file or a Parquet dataset")
     return files
 
 
+_HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+
+
+def _partitions(src: Path, path: Path) -> dict[str, str | None]:
+    """The hive-style partition keys of a dataset file (``year=2020/part-0.parquet``) and their
+    values, as text (a CSV of the data would hold them so); None for the null partition."""
+    from urllib.parse import unquote
+
+    if path == src:
+        return {}
+    out: dict[str, str | None] = {}
+    for part in path.relative_to(src).parts[:-1]:
+        if "=" in part:
+            k, v = part.split("=", 1)
+            out[unquote(k)] = None if v == _HIVE_NULL else unquote(v)
+    return out
+
+
 def _parquet_batches(src: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """The record batches of ``columns``; hive partition keys are columns of text values."""
     import pyarrow.parquet as pq
 
     for path in _parquet_files(src):
+        keys = _partitions(src, path)
         try:
             pf = pq.ParquetFile(str(path))
         except (pa.ArrowInvalid, OSError) as exc:
             raise IngestError(f"cannot read {str(path)!r} as Parquet ({exc}); check --format") from None
         with pf:
-            yield from pf.iter_batches(batch_size=65536, columns=columns)
+            file_cols = None if columns is None else [c for c in columns if c not in keys]
+            for b in pf.iter_batches(batch_size=65536, columns=file_cols):
+                if keys:
+                    extra = [k for k in keys if columns is None or k in columns]
+                    b = pa.RecordBatch.from_arrays(
+                        [*b.columns, *(pa.array([keys[k]] * b.num_rows, pa.string()) for k in extra)],
+                        names=[*b.schema.names, *extra],
+                    )
+                yield b
 
 
 def _parquet_names(src: Path) -> list[str]:
+    """The columns of a Parquet file or dataset: hive partition keys first (the default target
+    stays the files' last column), then the files' columns."""
     import pyarrow.parquet as pq
 
     names: list[str] | None = None
+    keys: list[str] | None = None
     for path in _parquet_files(src):
         try:
             these = list(pq.read_schema(str(path)).names)
         except (pa.ArrowInvalid, OSError) as exc:
             raise IngestError(f"cannot read {str(path)!r} as Parquet ({exc}); check --format") from None
+        dup = next((c for c in these if these.count(c) > 1), None)
+        if dup is not None:
+            raise IngestError(f"column {dup!r} appears twice in {str(path)!r}; rename one and write the file again")
+        part = list(_partitions(src, path))
+        if keys is None:
+            keys = part
+        elif set(part) != set(keys):
+            raise IngestError(
+                f"{str(path)!r} lies under the partition directories {part or 'none'}, not those of the other files "
+                f"of the dataset {str(src)!r} ({keys or 'none'}); a dataset's files must share their partitioning"
+            )
+        clash = next((k for k in part if k in these), None)
+        if clash is not None:
+            raise IngestError(
+                f"{str(path)!r} has a column {clash!r} and lies under a partition directory {clash}=...; "
+                "rename one of them"
+            )
         if names is None:
             names = these
         elif set(these) != set(names):
@@ -514,7 +609,7 @@ def _parquet_names(src: Path) -> list[str]:
                 f"{str(path)!r} has the columns {these[:8]}, not those of the other files of the dataset "
                 f"{str(src)!r} ({names[:8]}); a dataset's files must share their columns"
             )
-    return names or []
+    return [*(keys or []), *(names or [])]
 
 
 @dataclass
@@ -526,13 +621,43 @@ class _Parsed:
     nonnum: np.ndarray  # bool: present but not a number
     inf: np.ndarray  # bool
     strings: pa.Array | None  # trimmed strings (string columns only)
+    raw: pa.Array | None = None  # a column of numbers: the array, for its text form
+    thousands: np.ndarray | None = None  # bool: a number written with thousands separators ("3,655")
+    big: tuple[int, str] | None = None  # (index, text) of the first integer beyond 2^53 in a text column
+    _text: pa.Array | None = None
+
+    def text(self) -> pa.Array:
+        """The values as text: the trimmed strings, or the numbers as Arrow writes them ("1", "2.5",
+        as a CSV of the same data holds them); "" where null."""
+        if self.strings is not None:
+            return self.strings
+        if self._text is None:
+            self._text = pc.fill_null(pc.cast(self.raw, pa.string()), "")
+        return self._text
 
 
 _SAFE_INT = 2**53  # integers beyond this lose digits as float64
+# text Arrow parses as NaN ("-nan", "nAn", "NaN(123)"): a missing value, never a number
+_NAN_RE = r"(?i)^[+-]?nan(\(.*\))?$"
+_THOUSANDS_RE = r"^[+-]?\d{1,3}(,\d{3})+(\.\d*)?$"  # "3,655", "1,234,567.5" (comma-delimited sources)
 
 
-def _parse(arr: pa.Array, name: str = "?", decimal_comma: bool = False) -> _Parsed:
-    """Parse one batch of column ``name``. ``decimal_comma``: "1,5" is the number 1.5."""
+def _first_big(vals: np.ndarray, text: pa.Array) -> tuple[int, str] | None:
+    """The first value written as an integer beyond 2^53 (its float64 is rounded)."""
+    with np.errstate(invalid="ignore"):
+        cand = np.nonzero(np.abs(vals) >= _SAFE_INT)[0]
+    for i in cand[:1000].tolist():
+        t = str(text[i].as_py()).replace(",", "")
+        if re.fullmatch(r"[+-]?\d+", t) and abs(int(t)) > _SAFE_INT:
+            return i, str(text[i].as_py())
+    return None
+
+
+def _parse(arr: pa.Array, name: str = "?", decimal_comma: bool = False, as_text: bool | None = None) -> _Parsed:
+    """Parse one batch of column ``name``. ``decimal_comma``: "1,5" is the number 1.5; otherwise a
+    number may have thousands separators ("3,655"). ``as_text``: True reads numbers and booleans
+    as their text (a column the store encodes as categories), False reads booleans as 0/1 (a
+    numeric column of a ``like=`` store); None (pass 1): booleans are text, as in a CSV file."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     n = len(arr)
@@ -540,36 +665,47 @@ def _parse(arr: pa.Array, name: str = "?", decimal_comma: bool = False) -> _Pars
         arr = arr.cast(pa.string())
     if pa.types.is_decimal(arr.type):
         arr = pc.cast(arr, pa.float64(), safe=False)
+    numbers = pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)
+    if (as_text and (numbers or pa.types.is_boolean(arr.type))) or (as_text is None and pa.types.is_boolean(arr.type)):
+        arr = pc.cast(arr, pa.string())
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         s = pc.fill_null(pc.utf8_trim_whitespace(arr), "")  # null -> "" (a missing token)
-        if decimal_comma and pc.any(pc.match_substring(s, ",")).as_py():
-            s = pc.replace_substring_regex(s, _DECIMAL_COMMA_RE, r"\1.\2")
+        num_s = s
+        thousands = None
+        has_comma = pc.any(pc.match_substring(s, ",")).as_py()
+        if decimal_comma and has_comma:
+            num_s = pc.replace_substring_regex(s, _DECIMAL_COMMA_RE, r"\1.\2")
+        elif has_comma:
+            th = pc.match_substring_regex(s, _THOUSANDS_RE)
+            if pc.any(th).as_py():
+                thousands = th.to_numpy(zero_copy_only=False)
+                num_s = pc.if_else(th, pc.replace_substring(s, ",", ""), s)
         miss = pc.is_in(s, value_set=pa.array(MISSING_TOKENS)).to_numpy(zero_copy_only=False)
+        miss = miss | pc.match_substring_regex(s, _NAN_RE).to_numpy(zero_copy_only=False)
         try:
-            vals = pc.cast(pc.if_else(pa.array(miss), None, s), pa.float64()).to_numpy(zero_copy_only=False)
+            vals = pc.cast(pc.if_else(pa.array(miss), None, num_s), pa.float64()).to_numpy(zero_copy_only=False)
             nonnum = np.zeros(n, bool)
         except pa.ArrowInvalid:
-            isnum = pc.match_substring_regex(s, _NUM_RE).to_numpy(zero_copy_only=False) & ~miss
-            vals = pc.cast(pc.if_else(pa.array(isnum), s, None), pa.float64()).to_numpy(zero_copy_only=False)
+            isnum = pc.match_substring_regex(num_s, _NUM_RE).to_numpy(zero_copy_only=False) & ~miss
+            vals = pc.cast(pc.if_else(pa.array(isnum), num_s, None), pa.float64()).to_numpy(zero_copy_only=False)
             nonnum = ~isnum & ~miss
         vals = np.asarray(vals, np.float64)
+        miss = miss | (np.isnan(vals) & ~nonnum)  # anything else Arrow reads as NaN is missing too
         inf = np.isinf(vals)
-        vals = np.where(inf, np.nan, vals)
-        return _Parsed(vals, miss | inf, nonnum, inf, s)
-    if pa.types.is_boolean(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
+        vals = np.where(inf | miss, np.nan, vals)
+        if thousands is not None:
+            thousands = thousands & ~miss & ~nonnum
+        return _Parsed(vals, miss | inf, nonnum, inf, s, None, thousands, _first_big(vals, num_s))
+    if pa.types.is_boolean(arr.type) or numbers:
         if pa.types.is_integer(arr.type) and arr.type.bit_width == 64 and len(arr) - arr.null_count:
             mm = pc.min_max(arr)
             lo, hi = mm["min"].as_py(), mm["max"].as_py()
             if max(abs(lo), abs(hi)) > _SAFE_INT:
-                big = hi if abs(hi) > _SAFE_INT else lo
-                raise IngestError(
-                    f"column {name!r} holds the integer {big}, beyond 2^53, which a float64 cannot hold exactly "
-                    f"(an identifier?); leave it out with --drop {name}, or store it as a string"
-                )
+                raise big_integer_error(name, hi if abs(hi) > _SAFE_INT else lo)
         vals = np.asarray(pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False), np.float64)
         inf = np.isinf(vals)
         miss = np.isnan(vals) | inf
-        return _Parsed(np.where(inf, np.nan, vals), miss, np.zeros(n, bool), inf, None)
+        return _Parsed(np.where(inf, np.nan, vals), miss, np.zeros(n, bool), inf, None, arr)
     raise IngestError(
         f"column {name!r} has the type {arr.type}, which is not supported; leave it out with --drop {name}, "
         "or cast it to a number or a string"
@@ -591,11 +727,21 @@ class _ColumnProfile:
     minimum: float = np.inf
     maximum: float = -np.inf
     integral: bool = True
+    n_thousands: int = 0  # numbers written with thousands separators ("3,655")
+    first_thousands: tuple[int, str] | None = None
+    first_big: tuple[int, str] | None = None  # (row, text) of an integer beyond 2^53 written as text
 
     def update(self, p: _Parsed, row0: int) -> None:
         ok = ~p.missing & ~p.nonnum
         v = p.values[ok]
         self.n_num += len(v)
+        if p.thousands is not None and p.thousands.any():
+            self.n_thousands += int(p.thousands.sum())
+            if self.first_thousands is None:
+                i = int(np.argmax(p.thousands))
+                self.first_thousands = (row0 + i, p.text()[i].as_py())
+        if p.big is not None and self.first_big is None:
+            self.first_big = (row0 + p.big[0], p.big[1])
         if len(v):
             self.total += float(v.sum())
             self.minimum = min(self.minimum, float(v.min()))
@@ -608,8 +754,8 @@ class _ColumnProfile:
                 else:
                     for a, b in zip(u.tolist(), c.tolist(), strict=True):
                         self.num_counts[a] = self.num_counts.get(a, 0) + b
-            if p.strings is not None and self.num_str_counts is not None:
-                vc = pc.value_counts(pc.filter(p.strings, pa.array(ok)))
+            if self.num_str_counts is not None:  # the numbers' text: categories, or labels kept as text
+                vc = pc.value_counts(pc.filter(p.text(), pa.array(ok)))
                 if len(vc) + len(self.num_str_counts) > _MAX_COUNTED:
                     self.num_str_counts = None
                 else:
@@ -678,16 +824,18 @@ def _profile_table(
     columns: list[str],
     decimal_comma: bool,
     prog: Progress,
+    as_text: dict[str, bool | None] | None = None,
 ) -> tuple[dict[str, _ColumnProfile], int, int]:
     """Pass 1 over a table: the profile of each column, the rows read and the rows with a
-    missing value (those ``--missing drop`` drops)."""
+    missing value (those ``--missing drop`` drops). ``as_text``: how to read each column (see
+    :func:`_parse`; None for all: as the source's types say)."""
     profiles = {c: _ColumnProfile(c) for c in columns}
     n_seen = 0
     n_drop = 0
     for row0, b in batches:
         drop_mask = np.zeros(b.num_rows, bool)
         for c in profiles:
-            p = _parse(b.column(c), c, decimal_comma)
+            p = _parse(b.column(c), c, decimal_comma, (as_text or {}).get(c))
             profiles[c].update(p, row0)
             drop_mask |= p.missing
         n_drop += int(drop_mask.sum())
@@ -733,8 +881,14 @@ def _ingest_table(
                 return
 
     # ---- pass 1: profile and validate -------------------------------------------------------
+    training = opts.training
+    as_text: dict[str, bool | None] = {}
+    if training is not None:  # read each column as the training store encodes it
+        as_text = {e["name"]: e["kind"] != "numeric" for e in cols.encodings or []}
+        if cols.target is not None:
+            as_text[cols.target] = training.target.get("kind") == "string"
     profiles, n_seen, n_drop = _profile_table(
-        ranged(), cols.read, decimal_comma, Progress(f"ingest {src.name}: pass 1/2", enabled=opts.progress)
+        ranged(), cols.read, decimal_comma, Progress(f"ingest {src.name}: pass 1/2", enabled=opts.progress), as_text
     )
     if n_seen == 0:
         if opts.rows == (0, None) and table.attrs.get("header"):
@@ -771,14 +925,14 @@ def _ingest_table(
             keep = np.ones(n, bool)
             X = np.zeros((n, n_features), np.float32)
             for e in encodings:
-                p = _parse(b.column(e["name"]), e["name"], decimal_comma)
+                p = _parse(b.column(e["name"]), e["name"], decimal_comma, e["kind"] != "numeric")
                 if missing == "drop":
                     keep &= ~p.missing
                 o = e["offset"]
                 if e["kind"] == "numeric":
                     X[:, o] = np.where(p.missing, e["fill"], p.values)
                     continue
-                s = pc.if_else(pa.array(p.missing), pa.scalar(e["fill"], pa.string()), p.strings)
+                s = pc.if_else(pa.array(p.missing), pa.scalar(e["fill"], pa.string()), p.text())
                 codes = pc.index_in(s, value_set=value_sets[e["name"]]).to_numpy(zero_copy_only=False)
                 codes = np.asarray(pd_fill(codes), np.float64)
                 unk = np.isnan(codes)
@@ -791,14 +945,14 @@ def _ingest_table(
                 else:
                     fill_code = e["categories"].index(e["fill"])
                     X[:, o] = np.where(unk, fill_code, codes)
-            tpar = _parse(b.column(tcol), tcol, decimal_comma) if tcol is not None else None
+            tpar = _parse(b.column(tcol), tcol, decimal_comma, target_plan.string_labels) if tcol is not None else None
             if tpar is not None and missing == "drop":
                 keep &= ~tpar.missing
             if tpar is None:
                 y = np.zeros(n, target_plan.dtype)
             elif target_plan.task == "classification":
                 if target_plan.string_labels:
-                    lab = _clean_label(tpar.strings)
+                    lab = _clean_label(tpar.text())
                     y = pc.index_in(lab, value_set=label_set).to_numpy(zero_copy_only=False)
                     y = np.asarray(pd_fill(y), np.float64)
                 else:
@@ -815,6 +969,8 @@ def _ingest_table(
                 X, y = X[keep], y[keep]
             yield X, y, n
 
+    rounded = _rounded_integers(plan, profiles)
+
     def summary(n_read: int, n_written: int) -> dict[str, Any]:
         return {
             "rows": [start, stop],
@@ -824,18 +980,39 @@ def _ingest_table(
                 c: profiles[c].n_missing for c in cols.features if profiles[c].n_missing and missing == "impute"
             },
             "unknown_categories": unknown,
+            **({"rounded_integers": rounded} if rounded else {}),
         }
 
     store = _write(dest, plan, encoded(), table.attrs, summary, opts, f"ingest {src.name}: pass 2/2", n_seen)
     if unknown:
+        where = f"the training store {training.path!r}" if training is not None else "pass 1 (a bug: please report it)"
+
+        def example(c: str) -> str:
+            return f", e.g. {unknown_example[c]!r}" if unknown_example.get(c) is not None else ""
+
         warnings.warn(
-            "categories unseen in the training store, encoded as unknown (all-zero one-hot, or the most "
+            f"categories unseen in {where}, encoded as unknown (all-zero one-hot, or the most "
             "frequent category's code): "
-            + "; ".join(f"column {c!r}: {k:,} row(s), e.g. {unknown_example[c]!r}" for c, k in unknown.items()),
+            + "; ".join(f"column {c!r}: {k:,} row(s){example(c)}" for c, k in unknown.items()),
             UnseenCategoryWarning,
             stacklevel=3,
         )
     return store
+
+
+def _rounded_integers(plan: IngestPlan, profiles: dict[str, _ColumnProfile]) -> dict[str, float]:
+    """Numeric feature columns of integers beyond 2^24, which float32 features hold rounded,
+    and their largest magnitude (``source.rounded_integers``; the command warns)."""
+    if plan.x_dtype != np.float32:
+        return {}
+    out = {}
+    for e in plan.encodings:
+        pr = profiles.get(e["name"])
+        if e["kind"] == "numeric" and pr is not None and pr.n_num and pr.integral:
+            top = max(abs(pr.minimum), abs(pr.maximum))
+            if top > 2**24:
+                out[e["name"]] = top
+    return out
 
 
 def pd_fill(a: Any) -> np.ndarray:
@@ -885,8 +1062,8 @@ def _write(
     ) as w:
         for X, y, n in batches:
             Xc = np.ascontiguousarray(X.astype(plan.x_dtype, copy=False))
-            if plan.training_stats is None:
-                xstats.update(Xc)
+            _check_no_nan(Xc, y, plan, n_written)
+            xstats.update(Xc)  # this store's own statistics (under like=, next to the training store's)
             if count_classes:
                 class_counts += np.bincount(y, minlength=len(class_counts))
             elif y_stats:
@@ -897,8 +1074,26 @@ def _write(
             prog.update(n)
         prog.done()
         w.attrs.update(plan.final_attrs(xstats, ystats, class_counts))
-        w.attrs["source"] = {**source, **summary(n_read, n_written)}
+        own: dict[str, Any] = {}
+        if plan.training_stats is not None:  # the data's own statistics, for inspect
+            own["feature_stats"] = {"mean": xstats.mean.tolist(), "std": xstats.std.tolist()}
+            if y_stats and n_written:
+                own["target_stats"] = {"mean": ystats.mean.tolist(), "std": ystats.std.tolist()}
+        w.attrs["source"] = {**source, **summary(n_read, n_written), **own}
     return w.commit_result
+
+
+def _check_no_nan(X: np.ndarray, y: np.ndarray, plan: IngestPlan, row0: int) -> None:
+    """The store never holds NaN: every missing value was imputed, refused or dropped before."""
+    for what, a in (("features", X), ("targets", y)):
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            r = int(np.argmax(~np.isfinite(a.reshape(len(a), -1)).all(axis=1)))
+            col = int(np.argmax(~np.isfinite(a.reshape(len(a), -1)[r]))) if what == "features" else 0
+            name = f" (feature {plan.feature_names[col]!r})" if what == "features" else ""
+            raise IngestError(
+                f"internal error: a NaN or infinite value reached the store's {what}{name} at written row "
+                f"{row0 + r}; nothing was written: please report this with the source file"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1096,6 +1291,16 @@ def _profile_arrays(
                 )
             prog.update(len(X))
             continue
+        if y.dtype.kind in "iu" and y.dtype.itemsize == 8 and y.size:
+            big = max(abs(int(y.min())), abs(int(y.max())))
+            if big > _SAFE_INT:
+                value = int(y.max()) if abs(int(y.max())) == big else int(y.min())
+                what = f"the labels {ys.name!r}" if ys is not None else f"target column {tcol}"
+                raise IngestError(
+                    f"{what} hold the integer {value}, beyond 2^53, which a float64 cannot hold exactly "
+                    "(an identifier?); save them as strings (np.save(path, y.astype(str))) to keep them as "
+                    "class names"
+                )
         yv = np.asarray(y, np.float64)
         if y_float and not np.all(np.isfinite(yv)):
             r = int(np.argmax(~np.isfinite(yv.reshape(len(yv), -1)).any(axis=1)))
@@ -1261,6 +1466,86 @@ def _ingest_arrays(
 # --------------------------------------------------------------------------------------------
 
 
+_DELIMITER_NAMES = {
+    "comma": ",",
+    "semicolon": ";",
+    "pipe": "|",
+    "tab": "\t",
+    "\\t": "\t",
+    "space": " ",
+    "whitespace": " ",
+    "\\s": " ",
+}
+
+
+def _delimiter_option(delimiter: str | None) -> str | None:
+    """``--delimiter``: one character, or the name of one (comma, semicolon, pipe, tab, space)."""
+    if delimiter is None:
+        return None
+    d = _DELIMITER_NAMES.get(delimiter.lower(), delimiter)
+    if len(d) != 1 or d in ('"', "\n", "\r"):
+        raise IngestError(
+            f"--delimiter {delimiter!r} is not one character; pass one character, or comma, semicolon, pipe, "
+            "tab or space"
+        )
+    return d
+
+
+def _check_not_in_store(dest: str | os.PathLike) -> None:
+    """Refuse a destination inside an existing Zarr store (the --like store, any other): the new
+    store would become part of it (as ``train --out`` refuses)."""
+    spath = os.fspath(dest)
+    if is_url(spath):
+        return
+    real = Path(os.path.realpath(spath))
+    stores = [d for d in real.parents if any(os.path.lexists(d / m) for m in (*_ZARR_MARKERS,))]
+    if stores:
+        store = stores[-1]
+        shown = os.path.relpath(store) if store.is_relative_to(Path.cwd()) else str(store)
+        raise IngestError(
+            f"destination {spath!r} lies inside the Zarr store {shown!r}; writing there would change that store: "
+            "choose a destination outside data stores"
+        )
+
+
+_ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
+_COMPRESSED = {
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x04\x22\x4d\x18": "lz4",
+    b"PK\x03\x04": "zip",
+}
+_DECOMPRESS = {"zstd": "zstd -d", "bzip2": "bunzip2", "xz": "unxz", "lz4": "lz4 -d", "zip": "unzip"}
+
+
+def _check_not_compressed(path: Path) -> None:
+    """Refuse a CSV compressed other than with gzip (read as text it would be garbage)."""
+    if path.is_dir():
+        return
+    with _open_text_bytes(path) as f:
+        head = f.read(8)
+    for magic, name in _COMPRESSED.items():
+        if head.startswith(magic):
+            raise IngestError(
+                f"{str(path)!r} is {name}-compressed, which is not read; decompress it first (e.g. "
+                f"{_DECOMPRESS[name]} {path.name}), or compress it with gzip"
+            )
+
+
+def _bom_encoding(path: Path) -> str | None:
+    """The encoding a UTF-16/UTF-32 byte order mark announces (Excel's "Unicode text"), or None."""
+    if path.is_dir():
+        return None
+    with _open_text_bytes(path) as f:
+        head = f.read(4)
+    if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "utf-32"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    return None
+
+
 def _md5(path: Path, limit: int = 256 * 2**20) -> str | None:
     """MD5 of files up to 256 MB (cheap next to parsing them); None for bigger ones."""
     import hashlib
@@ -1331,14 +1616,36 @@ def ingest(
         raise IngestError(f"unknown task {task!r}; choose classification or regression")
     if encoding not in ("auto", "onehot", "ordinal"):
         raise IngestError(f"unknown encoding {encoding!r}; choose auto, onehot or ordinal")
+    delimiter = _delimiter_option(delimiter)
     like_path = like.path if isinstance(like, Store) else like
     # --force replaces only a store this program wrote, never an input
     check_not_inside(dest, {"source file": path, "labels file": labels, "--like store": like_path})
+    _check_not_in_store(dest)
     # an empty directory the user made for the store holds nothing to lose: filled without --force
     # (replaced by the finished store; a failed ingest leaves it as it was, empty)
     force = force or empty_local_dir(dest)
     check_replaceable(dest, force)
+    if not is_url(os.fspath(dest)):
+        where, why = unwritable_reason(dest)
+        if why is not None:
+            raise IngestError(
+                f"cannot create the store {os.fspath(dest)!r}: {why} (creating a directory in {str(where)!r}); "
+                "choose a writable destination"
+            )
     fmt = format or detect_format(path)
+    if labels is not None and fmt not in ("npy", "idx"):
+        raise IngestError(
+            f"--labels applies to .npy features and IDX images, not {fmt} sources"
+            + (
+                " (an .npz holds its own labels); drop --labels"
+                if fmt == "npz"
+                else "; name the target column with --target"
+            )
+        )
+    if fmt == "csv":
+        _check_not_compressed(path)
+        if text_encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
+            text_encoding = _bom_encoding(path) or text_encoding
     row_range = parse_rows(rows)
     like_store = like if isinstance(like, Store) or like is None else open_store(like)
     if like_store is not None and task is not None and task != like_store.task:
@@ -1348,6 +1655,8 @@ def ingest(
         "format": fmt,
         "md5": _md5(path) if path.is_file() else None,
     }
+    if like_store is not None:  # its mean/std normalise this store: inspect says so
+        source_attrs["like"] = like_store.path if is_url(like_store.path) else os.path.abspath(like_store.path)
     opts = _Options(
         rows=row_range,
         chunk_rows=chunk_rows,
@@ -1370,7 +1679,7 @@ def ingest(
                     source_attrs["text_encoding"] = text_encoding
 
                 def batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
-                    return _csv_batches(path, layout, comment)
+                    return _csv_batches(path, layout)
 
                 table = _Table(path, batches, names, source_attrs, layout.decimal_comma, layout.describe())
             else:
@@ -1409,5 +1718,10 @@ def ingest(
                 source_attrs["labels"] = str(Path(labels).resolve())
             store = _ingest_arrays(path, os.fspath(dest), xs, ys, source_attrs, opts, target=target, task=task)
     except UnicodeDecodeError as exc:
-        raise _text_error(path, exc) from None
+        raise _text_error(path, exc, text_encoding) from None
+    except UnicodeError as exc:
+        raise IngestError(
+            f"{str(path)!r} is not {text_encoding} text ({exc}); pass its encoding with --text-encoding "
+            "(e.g. utf-8, latin-1, cp1252)"
+        ) from None
     return store

@@ -15,6 +15,7 @@ that read no file and write nothing, so they are testable on their own:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -266,6 +267,14 @@ def decide_target(labels: LabelProfile, task: str | None, training: Training | N
 # --------------------------------------------------------------------------------------------
 
 
+def big_integer_error(name: str, value: Any, fix: str | None = None) -> IngestError:
+    """The refusal of an integer a float64 cannot hold exactly (Parquet, CSV, NumPy labels)."""
+    return IngestError(
+        f"column {name!r} holds the integer {value}, beyond 2^53, which a float64 cannot hold exactly "
+        f"(an identifier?); {fix or f'leave it out with --drop {name}'}, or store it as a string"
+    )
+
+
 def resolve_column(spec: Any, names: list[str], what: str) -> str:
     """The column ``spec`` names: a name or a 0-based index (negative allowed); None is the last."""
     if spec is None:
@@ -364,14 +373,36 @@ def select_columns(
     return Columns(feats, tcol)
 
 
-def table_labels(tp: _ColumnProfile) -> LabelProfile:
-    """The labels of a table's target column, from its profile."""
+_LEADING_ZERO = re.compile(r"[+-]?0\d")
+
+
+def labels_need_text(texts: Sequence[str]) -> bool:
+    """Whether numeric-looking labels lose information as numbers: a leading zero (``007``,
+    ``01``: codes) or two texts of the same number (``7`` and ``007``, ``1`` and ``1.0``)."""
+    seen: set[float] = set()
+    for t in texts:
+        if _LEADING_ZERO.match(t):
+            return True
+        try:
+            v = float(t.replace(",", ""))
+        except ValueError:
+            continue
+        if v in seen:
+            return True
+        seen.add(v)
+    return False
+
+
+def table_labels(tp: _ColumnProfile, classify: bool = False) -> LabelProfile:
+    """The labels of a table's target column, from its profile. ``classify``: the labels are
+    classes, so numbers whose text does not round-trip (:func:`labels_need_text`) stay text."""
     strings: dict[str, int] = {}
     for k, v in {**tp.nonnum_counts, **(tp.num_str_counts or {})}.items():
         k2 = clean_label(k)
         strings[k2] = strings.get(k2, 0) + v
+    as_text = tp.n_nonnum > 0 or (classify and labels_need_text(list(tp.num_str_counts or {})))
     return LabelProfile(
-        kind="string" if tp.n_nonnum > 0 else "numeric",
+        kind="string" if as_text else "numeric",
         strings=strings,
         values=tp.num_counts,
         integral=tp.integral,
@@ -407,6 +438,15 @@ def plan_table(
             raise IngestError(
                 f"column {c!r} is numeric but has the non-numeric value {v!r} at data row {r} (0-based); "
                 "fix the value or mark it missing (empty, ?, NA)"
+            )
+        if numeric_expected and pr.first_big is not None:
+            raise big_integer_error(c, pr.first_big[1])
+        if not numeric_expected and enc is None and pr.n_thousands:
+            (r, v), (r2, v2) = pr.first_thousands, pr.first_nonnum
+            raise IngestError(
+                f"column {c!r} holds numbers with thousands separators ({v!r} at data row {r}) and text that is "
+                f"not a number ({v2!r} at data row {r2}); remove the separators or fix the values (mark missing "
+                f"ones empty), or leave the column out with --drop {c}"
             )
         if missing == "reject" and pr.n_missing:
             r, v = pr.first_missing
@@ -445,7 +485,19 @@ def plan_table(
             raise IngestError(
                 f"target column {tcol!r} is missing ({v!r}) at data row {r} (0-based); fix it or pass --missing drop"
             )
-        labels = table_labels(tp)
+        if (
+            tp.first_big is not None
+            and tp.n_nonnum == 0
+            and not (training is not None and training.target.get("kind") == "string")
+        ):
+            raise big_integer_error(tcol, tp.first_big[1], "check --target")
+        numeric = table_labels(tp)
+        classify = (
+            training is None
+            and numeric.kind == "numeric"
+            and (task == "classification" or (task is None and infer_task(numeric) == "classification"))
+        )
+        labels = table_labels(tp, classify=classify)
     else:  # unlabelled, like=: the training store's classes; y holds zeros
         labels = LabelProfile("numeric", subject="the target")
     target = decide_target(labels, task if training is None else None, training, tcol)
@@ -459,8 +511,9 @@ def plan_table(
         elif e["kind"] == "ordinal" and len(e["categories"]) > 256:
             compact = False
     x_dtype = np.dtype(np.uint8 if compact else np.float32)
-    if chunk_rows is None:
-        chunk_rows = default_chunk_rows(len(feature_names) * x_dtype.itemsize, n_out)
+    default_rows = default_chunk_rows(len(feature_names) * x_dtype.itemsize, n_out)
+    # a chunk larger than the data and the default would only allocate memory (--chunk-rows 1e11)
+    chunk_rows = default_rows if chunk_rows is None else min(chunk_rows, max(default_rows, n_out))
     return IngestPlan(
         feature_names,
         encodings,
@@ -515,8 +568,9 @@ def plan_arrays(
     else:
         x_dtype = np.dtype(np.float32)
     n_out = profile.rows - (profile.rows_with_missing if missing == "drop" else 0)
-    if chunk_rows is None:
-        chunk_rows = default_chunk_rows(n_features * x_dtype.itemsize, n_out)
+    default_rows = default_chunk_rows(n_features * x_dtype.itemsize, n_out)
+    # a chunk larger than the data and the default would only allocate memory (--chunk-rows 1e11)
+    chunk_rows = default_rows if chunk_rows is None else min(chunk_rows, max(default_rows, n_out))
     return IngestPlan(
         [f"x{i}" for i in range(n_features)],
         [],

@@ -181,7 +181,7 @@ def summary(store: Store) -> dict[str, Any]:
     """What a store holds, less its paths and creation time."""
     attrs = json.loads(json.dumps(dict(store.attrs)))
     attrs.pop("created", None)
-    for key in ("path", "labels"):
+    for key in ("path", "labels", "like"):
         attrs.get("source", {}).pop(key, None)
     return {"X": _digest(store.X), "y": _digest(store.y), "attrs": attrs}
 

@@ -147,7 +147,7 @@ def test_latin1_text(tmp_path):
     assert st.feature_names[:3] == ["name=caf\xe90", "name=caf\xe91", "name=caf\xe92"]
     # invalid bytes only far below the sniffed lines: pyarrow's error becomes the same advice
     (tmp_path / "late.csv").write_text("a,label\n" + "1,x\n2,y\n" * 20_000 + "3,caf\xe9\n", encoding="latin-1")
-    with pytest.raises(IngestError, match=r"is not UTF-8 text .* --text-encoding"):
+    with pytest.raises(IngestError, match=r"is not utf-8 text: byte 0xe9 on line 40002 .* --text-encoding"):
         ingest(tmp_path / "late.csv", tmp_path / "t.zarr")
     with pytest.raises(IngestError, match="unknown text encoding 'nope'"):
         ingest(tmp_path / "l.csv", tmp_path / "n.zarr", text_encoding="nope")
