@@ -6,8 +6,13 @@ stored, standardized with the model's statistics, the float64 reference kernels)
 predictions and metrics are those of ``load_model(run).predict(X)`` on its rows, to the last
 bit; and returns metric partial sums (evaluation) or writes its rows of the output (prediction):
 a Zarr array whose chunks match the input's, or one Parquet file per input chunk in a
-dataset directory. Outputs are written beside their destination and renamed into place when
-every task succeeded, so a failed run leaves no half-written output.
+dataset directory. Both hold the same ``prediction``: the class labels as text (what
+``Model.predict`` returns), or the predicted values. Outputs are written beside their
+destination (a temporary carrying its writer's record, so a later prediction to the same output
+removes it if its process was killed) and renamed into place when every task succeeded, so a
+failed run leaves no half-written output. A data error a task meets (a corrupted or missing
+chunk) is returned as a :class:`TaskFailure`, not raised: it is not retried and logs no worker
+traceback, and the driver raises it as one line.
 
 Both kinds of output carry a mark of this program (the Zarr group's ``kind = "predictions"``
 attribute, the ``pipeline = predictions`` key of every Parquet file's schema metadata): ``force``
@@ -16,6 +21,7 @@ replaces an existing output only when it bears that mark, never a user's own dat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,10 +38,22 @@ from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import PipelineError, StoreError
 from pipeline.metrics import evaluate_arrays, finish_metrics, merge_metrics
 from pipeline.model import Model
-from pipeline.store import Store, check_not_inside, layout_mismatch, open_store, replace_dir, unwritable_reason
+from pipeline.store import (
+    Store,
+    _writer_gone,
+    check_not_inside,
+    layout_mismatch,
+    open_store,
+    replace_dir,
+    unwritable_reason,
+    writer_marker,
+)
 
 PARQUET_MARK = {b"pipeline": b"predictions"}
 _PART = re.compile(r"part-\d{6}\.parquet")
+# A Parquet temporary's record of its writer (host, pid, start time), removed before the rename;
+# a Zarr temporary keeps it in its attribute "writer".
+_WRITER_FILE = "_writer.json"
 
 
 def model_layout(model: Model) -> dict[str, Any]:
@@ -46,7 +64,32 @@ def model_layout(model: Model) -> dict[str, Any]:
         "encodings": model.encodings or [],
         "task": model.task,
         "classes": model.classes,
+        "feature_names_generated": model.feature_names_generated,
     }
+
+
+def store_targets(store: Store) -> tuple[str | None, int]:
+    """The target column's name as ingest recorded it (None: not recorded) and the number of
+    target values per row."""
+    name = (store.attrs.get("target") or {}).get("name")
+    return (None if name is None else str(name)), int(np.prod(store.y.shape[1:], dtype=np.int64))
+
+
+def _check_targets(model: Model, store: Store) -> None:
+    """Refuse, for evaluation, a store whose target is another column than the model's (when
+    the model records its target's name: older model files do not) or has another number of
+    values per row."""
+    name, k = store_targets(store)
+    if k != model.n_targets:
+        raise StoreError(
+            f"store {store.path!r} has {k} target value(s) per row but the model predicts {model.n_targets}; "
+            "evaluate it on data with the model's target (ingest it with --like TRAIN_STORE)"
+        )
+    if model.target_name is not None and name is not None and name != model.target_name:
+        raise StoreError(
+            f"store {store.path!r} has the target column {name!r} but the model was trained on "
+            f"{model.target_name!r}; ingest the data with --like TRAIN_STORE (or --target {model.target_name})"
+        )
 
 
 def _check_compatible(model: Model, store: Store, labels: bool = False) -> None:
@@ -99,6 +142,57 @@ def foreign_output_reason(out: str | os.PathLike) -> str | None:
     return None
 
 
+def _temp_writer(tmp: Path, fmt: str) -> Any:
+    """The writer record of ``tmp`` when it holds only what :func:`predict_store` writes into its
+    temporary (else None: not ours, left alone)."""
+    try:
+        names = set(os.listdir(tmp))
+    except OSError:
+        return None
+    try:
+        if fmt == "zarr":
+            if names - {"zarr.json", "prediction", "proba"}:
+                return None
+            attrs = json.loads((tmp / "zarr.json").read_text()).get("attributes") or {}
+            return attrs.get("writer") if attrs.get("kind") == "predictions" else None
+        if _WRITER_FILE not in names:
+            return None
+        parts = names - {_WRITER_FILE}
+        if any(not _PART.fullmatch(n) for n in parts):
+            return None
+        import pyarrow.parquet as pq
+
+        if any((pq.read_schema(tmp / n).metadata or {}).get(b"pipeline") != PARQUET_MARK[b"pipeline"] for n in parts):
+            return None
+        return json.loads((tmp / _WRITER_FILE).read_text())
+    except Exception:  # noqa: BLE001 - unreadable or malformed: not ours to remove
+        return None
+
+
+def clean_stale_outputs(out: str | os.PathLike) -> list[str]:
+    """Remove the temporaries (``.OUT.tmp-xxxxxxxx``) that earlier predictions to ``out`` left
+    when they were killed: only those whose name has the pattern, whose content is what
+    :func:`predict_store` writes (with its writer record) and whose writer process (on this host)
+    is gone. A running prediction's temporary and anything else are left alone. Returns what
+    was removed."""
+    dest = Path(os.path.abspath(out))
+    fmt = "zarr" if dest.suffix == ".zarr" else "parquet"
+    name = re.compile(rf"\.{re.escape(dest.name)}\.tmp-[0-9a-f]{{8}}")
+    removed: list[str] = []
+    try:
+        siblings = [p for p in dest.parent.iterdir() if name.fullmatch(p.name)]
+    except OSError:
+        return removed
+    for p in siblings:
+        if p.is_symlink() or not p.is_dir():
+            continue
+        marker = _temp_writer(p, fmt)
+        if marker is not None and _writer_gone(marker):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(str(p))
+    return removed
+
+
 def check_inputs(
     model: Model,
     store_path: str,
@@ -123,6 +217,8 @@ def check_inputs(
     if evaluating and model.task != store.task:
         raise StoreError(f"store {store_path!r} is a {store.task} store; the model does {model.task}")
     _check_compatible(model, store, labels=evaluating)
+    if evaluating:
+        _check_targets(model, store)
     if proba and model.task != "classification":
         raise PipelineError("--proba is for classification models")
     if out is None:
@@ -191,13 +287,58 @@ def model_outputs(
         loader.close()
 
 
-def evaluate_task(store_path: str, ranges: list[tuple[int, int]], model: Model) -> dict:
-    """Metric partial sums of ``model`` on rows ``ranges`` of the store (runs on a worker)."""
+@dataclasses.dataclass(frozen=True)
+class TaskFailure:
+    """A task's deterministic failure, returned as its value rather than raised: the data is
+    what it is (a corrupted or missing chunk, a store that changed), so Dask must not retry
+    the task (re-reading a corrupted chunk twice more) nor log the worker's traceback; the
+    driver raises ``error`` as the one-line error. Other exceptions (a lost worker, a bug) are
+    raised and retried as before."""
+
+    error: PipelineError
+
+
+def _as_value(exc: PipelineError) -> TaskFailure:
+    """``exc`` without its traceback and cause (they stay on the worker)."""
+    try:
+        clean = type(exc)(*exc.args)
+    except Exception:  # noqa: BLE001 - an unusual constructor: its message is what matters
+        clean = PipelineError(str(exc))
+    return TaskFailure(clean)
+
+
+def _results(client: Any, futures: list[Any]) -> list[Any]:
+    """The futures' results in order; the first :class:`TaskFailure` cancels the others and is
+    raised (as ``client.gather`` raises the first exception)."""
+    from distributed import as_completed
+
+    pos = {f.key: i for i, f in enumerate(futures)}
+    out: list[Any] = [None] * len(futures)
+    try:
+        for fut in as_completed(futures):
+            value = fut.result()
+            if isinstance(value, TaskFailure):
+                raise value.error
+            out[pos[fut.key]] = value
+    except BaseException:
+        with contextlib.suppress(Exception):  # a client going away must not hide the error
+            client.cancel(futures)
+        raise
+    return out
+
+
+def evaluate_task(store_path: str, ranges: list[tuple[int, int]], model: Model) -> dict | TaskFailure:
+    """Metric partial sums of ``model`` on rows ``ranges`` of the store (runs on a worker); a
+    data error is returned as a :class:`TaskFailure`."""
     restore_mmap_threshold(_mmap_mb(model))
     target, n_out = _target(model), model.spec["n_out"]
-    parts = [
-        evaluate_arrays(out, y, target, n_out) for out, y in model_outputs(model, open_store(store_path), ranges, True)
-    ]
+    try:
+        parts = [
+            evaluate_arrays(out, y, target, n_out)
+            for out, y in model_outputs(model, open_store(store_path), ranges, True)
+        ]
+    except PipelineError as exc:
+        return _as_value(exc)
     return merge_metrics(parts)
 
 
@@ -213,7 +354,7 @@ def evaluate_store(model: Model, store_path: str, client: Any) -> dict[str, Any]
         client.submit(evaluate_task, store.path, [r], shared, key=f"evaluate-{i}-{token}", pure=False, retries=2)
         for i, r in enumerate(_chunk_ranges(store))
     ]
-    metrics = finish_metrics(merge_metrics(client.gather(futures)), _target(model))
+    metrics = finish_metrics(merge_metrics(_results(client, futures)), _target(model))
     if model.classes is not None:
         metrics["classes"] = list(model.classes)
     return metrics
@@ -227,10 +368,14 @@ def predict_task(
     out_tmp: str,
     fmt: str,
     proba: bool,
-) -> int:
-    """Predict rows ``row_range`` and write them to the temporary output; returns rows written."""
+) -> int | TaskFailure:
+    """Predict rows ``row_range`` and write them to the temporary output; returns rows written
+    (a data error: a :class:`TaskFailure`)."""
     restore_mmap_threshold(_mmap_mb(model))
-    outs = [out for out, _ in model_outputs(model, open_store(store_path), [row_range])]
+    try:
+        outs = [out for out, _ in model_outputs(model, open_store(store_path), [row_range])]
+    except PipelineError as exc:
+        return _as_value(exc)
     a, b = row_range
     n_out, target, classes = model.spec["n_out"], _target(model), model.classes
     raw = np.concatenate(outs) if outs else np.zeros((0, n_out), np.float64)
@@ -239,11 +384,14 @@ def predict_task(
         pred: np.ndarray = values[:, 0] if values.shape[1] == 1 else values
     else:
         pred = raw.argmax(axis=1).astype(np.int32)
+    labels = None
+    if target is None:  # the class labels, as Model.predict gives them (indices without a class list)
+        labels = np.asarray(classes, dtype=object)[pred] if classes is not None else pred
     if fmt == "zarr":
         import zarr
 
         group = zarr.open_group(out_tmp, mode="r+")
-        group["prediction"][a:b] = pred
+        group["prediction"][a:b] = pred if labels is None else labels
         if proba and target is None:
             group["proba"][a:b] = raw
     else:
@@ -252,7 +400,7 @@ def predict_task(
 
         cols: dict[str, Any] = {"row": np.arange(a, b, dtype=np.int64)}
         if target is None and classes is not None:
-            cols["prediction"] = pa.array(np.asarray(classes, dtype=object)[pred].tolist(), pa.string())
+            cols["prediction"] = pa.array(labels.tolist(), pa.string())
         elif pred.ndim == 2:
             for j in range(pred.shape[1]):
                 cols[f"prediction_{j}"] = pred[:, j]
@@ -281,14 +429,17 @@ def predict_store(
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     ranges = _chunk_ranges(store)
     target = _target(model)
+    clean_stale_outputs(dest)
     try:
         if fmt == "zarr":
             import zarr
 
-            group = zarr.open_group(str(tmp), mode="w")
+            # the writer's record lets a later prediction remove this temporary if the process dies
+            group = zarr.open_group(str(tmp), mode="w", attributes={"writer": writer_marker()})
             chunk = store.chunk_rows
-            if target is None:
-                group.create_array("prediction", shape=(store.n_rows,), chunks=(chunk,), dtype="int32")
+            if target is None:  # labels, as the Parquet output and Model.predict give them
+                dtype = str if model.classes is not None else "int32"
+                group.create_array("prediction", shape=(store.n_rows,), chunks=(chunk,), dtype=dtype)
                 if proba:
                     group.create_array(
                         "proba",
@@ -304,6 +455,7 @@ def predict_store(
             )
         else:
             tmp.mkdir(parents=True)
+            (tmp / _WRITER_FILE).write_text(json.dumps(writer_marker()))
         shared = client.scatter(model, broadcast=True, hash=False)
         token = uuid.uuid4().hex[:8]
         futures = [
@@ -322,13 +474,20 @@ def predict_store(
             )
             for i, r in enumerate(ranges)
         ]
-        rows = sum(client.gather(futures))
+        rows = sum(_results(client, futures))
         if dest.exists() or dest.is_symlink():
             reason = foreign_output_reason(dest)  # it may have changed during the run
             if reason is not None or not force:
                 raise PipelineError(
                     f"output {out!r} appeared or changed while predicting; it was left as it is: choose another name"
                 )
+        if fmt == "zarr":
+            import zarr
+
+            zgroup = zarr.open_group(str(tmp), mode="r+")
+            del zgroup.attrs["writer"]
+        else:
+            (tmp / _WRITER_FILE).unlink()
         replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

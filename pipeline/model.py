@@ -36,12 +36,22 @@ class Model:
     encodings: Any = None
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    # Whether the program made up ``feature_names`` (the training store's source had none: NumPy,
+    # IDX, synth); None: not recorded (older model files, in-memory estimator fits), and
+    # pipeline.store.layout_mismatch then judges by the names' spelling.
+    feature_names_generated: bool | None = None
+    # The training store's target column (None: not recorded, e.g. an older model file; the
+    # target name is then not compared by `pipeline evaluate`).
+    target_name: str | None = None
     _trainer: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_training(
         cls, store: Any, spec: dict, target: dict | None, params: np.ndarray, cfg: Any, history: list[dict]
     ) -> Model:
+        from pipeline.store import names_made_up
+
+        tname = (store.attrs.get("target") or {}).get("name")
         return cls(
             spec=dict(spec),
             params=np.asarray(params, dtype=np.float32).copy(),
@@ -55,11 +65,16 @@ class Model:
             encodings=store.attrs.get("encodings"),
             config=cfg.to_dict(),
             metrics=dict(history[-1]) if history else {},
+            feature_names_generated=names_made_up(store),
+            target_name=None if tname is None else str(tname),
         )
 
     # -- persistence -----------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
+        # Keys added since format 1 (feature_names_generated, target_name) are optional: older
+        # readers ignore them and this reader takes their absence as "not recorded", so the
+        # format number stays 1 and files move both ways between versions.
         meta = {
             "model_format": MODEL_FORMAT,
             "spec": self.spec,
@@ -72,6 +87,10 @@ class Model:
             "config": self.config,
             "metrics": self.metrics,
         }
+        if self.feature_names_generated is not None:
+            meta["feature_names_generated"] = bool(self.feature_names_generated)
+        if self.target_name is not None:
+            meta["target_name"] = self.target_name
         save_file(path, "model", {"params": self.params, "mean": self.mean, "std": self.std}, meta)
 
     @classmethod
@@ -99,6 +118,8 @@ class Model:
                 encodings=meta.get("encodings"),
                 config=meta.get("config", {}),
                 metrics=meta.get("metrics", {}),
+                feature_names_generated=meta.get("feature_names_generated"),
+                target_name=meta.get("target_name"),
             )
         except KeyError as exc:
             raise CheckpointError(f"model file {p!r} lacks {exc}; it is not a complete model") from None
@@ -108,6 +129,11 @@ class Model:
     @property
     def n_features(self) -> int:
         return int(self.spec["n_in"])
+
+    @property
+    def n_targets(self) -> int:
+        """Target columns the model predicts: one class label, or ``n_out`` regression values."""
+        return 1 if self.task == "classification" else int(self.spec["n_out"])
 
     def _forward(self, X: np.ndarray) -> np.ndarray:
         """In-memory predictions, in float64 through the NumPy reference kernels (backend
@@ -127,11 +153,41 @@ class Model:
             )
         return self._trainer.forward(np.asarray(X, dtype=np.float64))
 
+    def _features_hint(self) -> str:
+        """The model's encoded features, and how to get rows encoded that way."""
+        names = list(self.feature_names or [])
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+        encoded = any(isinstance(e, dict) and e.get("kind") not in (None, "numeric") for e in self.encodings or [])
+        what = f"the model's encoded features ({shown})" if names else "the model's features"
+        how = (
+            "ingest the raw rows with `pipeline ingest SRC NEW.zarr --like TRAIN_STORE --unlabelled` and predict "
+            "that store, or encode them the same way"
+        )
+        return f"{what}{' (categorical columns are one-hot encoded)' if encoded else ''}; {how}"
+
     def transform_features(self, X: Any) -> np.ndarray:
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.n_features:
-            raise ValueError(f"expected rows of {self.n_features} features, got shape {X.shape}")
-        Xf = X.astype(np.float64)
+            raise ValueError(
+                f"expected rows of {self.n_features} features, got shape {X.shape}: rows must hold "
+                + self._features_hint()
+            )
+        try:
+            Xf = X.astype(np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"rows of dtype {X.dtype} are not numbers: rows must hold " + self._features_hint()
+            ) from None
+        bad = ~np.isfinite(Xf)
+        if bad.any():
+            row, col = (int(v) for v in np.argwhere(bad)[0])
+            what = "NaN" if np.isnan(Xf[row, col]) else "infinity"
+            name = f" ({self.feature_names[col]!r})" if col < len(self.feature_names or []) else ""
+            raise ValueError(
+                f"Input X contains {what} (row {row}, feature {col}{name}); impute the missing values, or ingest "
+                "the rows with `pipeline ingest SRC NEW.zarr --like TRAIN_STORE --unlabelled` (which fills them "
+                "with the model's values) and predict that store"
+            )
         if self.normalize:
             Xf = (Xf - self.mean) / self.std
         return np.ascontiguousarray(Xf, dtype=np.float32)  # what the Numba kernels take

@@ -325,8 +325,68 @@ def layout_of(store: Store) -> dict[str, Any]:
 
 
 def _generic_names(names: list[str]) -> bool:
-    """Names made up for unnamed columns (x0, x1, ... or f0, f1, ...): they say nothing."""
+    """Names spelled like the ones made up for unnamed columns (x0, x1, ... or f0, f1, ...):
+    the guess :func:`names_made_up` falls back on for sources that record nothing about them."""
     return not names or names == [f"x{i}" for i in range(len(names))] or names == [f"f{i}" for i in range(len(names))]
+
+
+# Sources whose columns have no names: the store's feature names were made up by the program.
+_UNNAMED_SOURCES = frozenset({"synthetic", "npy", "npz", "idx"})
+# Sources whose feature names are the columns' own (a CSV file's header, Parquet's schema).
+_NAMED_SOURCES = frozenset({"csv", "parquet"})
+
+
+def names_made_up(store: Any) -> bool:
+    """Whether ``store``'s feature names were made up by the program rather than read from its
+    source, decided from what the store records about its source (``attrs['source']['format']``:
+    NumPy, IDX and synthetic data have no column names; CSV and Parquet columns have theirs, a
+    headerless CSV file's generated ``c0, c1, ...`` included, which are compared as before), not
+    from the names' spelling: a CSV header ``x0,x1,x2`` names real columns. Only a source that
+    records nothing (an estimator's store, a store of an older version) is judged by spelling."""
+    attrs = getattr(store, "attrs", None) or {}
+    source = attrs.get("source")
+    fmt = source.get("format") if isinstance(source, Mapping) else None
+    if fmt in _UNNAMED_SOURCES:
+        return True
+    if fmt in _NAMED_SOURCES and attrs.get("feature_names"):
+        return False
+    return _generic_names(list(store.feature_names))
+
+
+def _ref_names_made_up(ref: Mapping[str, Any], names: list[str]) -> bool:
+    """:func:`names_made_up` for a reference layout: its recorded flag, else the names' spelling."""
+    flag = ref.get("feature_names_generated")
+    return _generic_names(names) if flag is None else bool(flag)
+
+
+def _fill_mismatch(e: Mapping[str, Any], r: Mapping[str, Any], store: Any) -> str | None:
+    """How column ``e`` of ``store`` was imputed differently from the reference encoding ``r``:
+    its missing cells got another value (the store was ingested without ``--like``, with its
+    own data's means or most frequent categories). None when the fills agree, when either side
+    records none, or when the store imputed no cell of the column (per-column counts in
+    ``attrs['source']['missing_imputed']``, which every table ingest records)."""
+    if "fill" not in e or "fill" not in r or e.get("fill") is None or r.get("fill") is None:
+        return None
+    a, b = e.get("fill"), r.get("fill")
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        same = float(a) == float(b) or abs(float(a) - float(b)) <= 1e-12 * max(abs(float(a)), abs(float(b)))
+    else:
+        same = str(a) == str(b)
+    if same:
+        return None
+    attrs = getattr(store, "attrs", None) or {}
+    source = attrs.get("source") if isinstance(attrs.get("source"), Mapping) else {}
+    counts = source.get("missing_imputed")
+    name = e.get("name")
+    if not isinstance(counts, Mapping):  # not recorded: whether any cell was imputed is unknown
+        return None
+    n = int(counts.get(name) or 0)
+    if not n:
+        return None
+    shown = (f"{a:.6g}", f"{b:.6g}") if isinstance(a, float) and isinstance(b, float) else (repr(a), repr(b))
+    if shown[0] == shown[1]:
+        shown = (repr(a), repr(b))
+    return f"imputed {n:,} missing value(s) of column {name!r} with {shown[0]} instead of {shown[1]}"
 
 
 def _short(items: list[Any], limit: int = 6) -> str:
@@ -337,14 +397,16 @@ def _short(items: list[Any], limit: int = 6) -> str:
 def layout_mismatch(ref: Mapping[str, Any], store: Store, *, labels: bool) -> str | None:
     """How ``store``'s features (names, order, encodings) and, when ``labels``, its task and
     class list differ from ``ref`` (a model's or a training store's, as :func:`layout_of`
-    gives it); None when they agree. Made-up names (x0, x1, ...) and absent encodings are not
-    compared: they carry no meaning. Classes must be the same list in the same order (a store
+    gives it); None when they agree. Names the program made up (:func:`names_made_up`; a
+    reference's ``feature_names_generated``) and absent encodings are not compared: they carry
+    no meaning. A column whose missing cells the store imputed with another value than the
+    reference's fill (:func:`_fill_mismatch`) differs too. Classes must be the same list in the same order (a store
     ingested with ``--like`` has the training store's whole list even when some classes have
     no rows), since labels are stored as indices into it."""
     if store.n_features != int(ref["n_features"]):
         return f"has {store.n_features} features, expected {ref['n_features']}"
     want, have = list(ref.get("feature_names") or []), list(store.feature_names)
-    if not (_generic_names(want) or _generic_names(have)) and want != have:
+    if not (_ref_names_made_up(ref, want) or names_made_up(store)) and want != have:
         if sorted(want) == sorted(have):
             j = next(i for i, (a, b) in enumerate(zip(want, have, strict=True)) if a != b)
             return f"has its features in another order (feature {j} is {have[j]!r}, expected {want[j]!r})"
@@ -360,6 +422,9 @@ def layout_mismatch(ref: Mapping[str, Any], store: Store, *, labels: bool) -> st
             what = f"{e.get('kind')} with categories {_short(list(e.get('categories') or []))}"
             expected = f"{r.get('kind')} with categories {_short(list(r.get('categories') or []))}"
             return f"encodes column {e.get('name')!r} as {what}, expected {expected}"
+        fill = _fill_mismatch(e, r, store)
+        if fill is not None:
+            return fill
     if labels:
         if store.task != ref.get("task"):
             return f"is a {store.task} store, expected {ref.get('task')}"
