@@ -16,6 +16,14 @@ Constructor parameters map onto :class:`pipeline.config.TrainConfig`::
     options -> any other TrainConfig key, as a dict (e.g. {"staleness": 4, "aggregate": "mean"},
                {"rho": 0.9} for rmsprop, {"beta1": 0.8, "server_beta2": 0.99})
 
+A key of ``options`` that a parameter above sets (``hidden``, ``epochs``, ``lr``, ``seed``,
+``validation``, ``cluster_min_rows``, ``rounds``, ...) or that ``fit({site: store})`` sets
+(``sites``) is refused by ``fit`` (ValueError naming the parameter), so ``get_params()`` always
+describes the model trained. A fit in this process (and ``partial_fit``) refuses option keys only
+a cluster acts on (parameter server, loader, federation: ``staleness``, ``compression``, ...), and
+the exact linear solvers (``solver="auto"``) refuse the minibatch ones (``beta1``, ``rho``,
+...), unless the value is TrainConfig's default: an option is used or refused, never ignored.
+
 ``activation`` is one of identity, sigmoid, tanh, relu, leaky_relu and step (the perceptron's
 threshold, trained by the straight-through gradient: :mod:`kernels.reference`). ``batch_size=0``
 is full-batch gradient descent: every epoch is one step with the mean gradient of all training
@@ -60,7 +68,9 @@ Where training runs (the ``client`` and ``cluster_min_rows`` parameters):
   in-process fit (and ``partial_fit``) refuses ``options`` asking for differential privacy or
   secure aggregation, which only the cluster's parameter server gives (a ValueError with the
   fix).
-- The cluster: a ``distributed.Client`` passed as ``client``; else the current client
+- The cluster: a ``distributed.Client`` passed as ``client``, or a scheduler address string
+  (``"tcp://HOST:PORT"``, ``"HOST:PORT"``; a client of it is made once per process and closed by
+  :func:`shutdown_local_cluster`); any other string than ``"local"`` is refused; else the current client
   (``distributed.get_client()``); else one LocalCluster per process with ``n_workers``
   single-threaded worker processes and :mod:`pipeline.ps` preloaded into its scheduler, started
   lazily on first use and closed at interpreter exit (``atexit``) or by
@@ -85,10 +95,22 @@ store path it runs chunk by chunk on the cluster (:mod:`pipeline.inference`) and
 predictions as a NumPy array (one value per row). ``score`` on a store path is the cluster's
 accuracy / R^2 from :func:`pipeline.inference.evaluate_store`.
 
+After ``fit(store)`` (and a federated fit), ``feature_names_in_`` are the store's column names: a
+DataFrame (or any table with string ``.columns``) given to ``predict`` / ``score`` must have them
+in that order, as after ``fit(DataFrame)``; NumPy rows are taken in the store's column order.
+
+Fitted weights, as scikit-learn's on raw features (the standardization folded in):
+``coefs_`` / ``intercepts_`` per layer (a binary classifier's last layer is one logistic unit),
+and ``coef_`` / ``intercept_`` on ``LinearRegression`` / ``LogisticRegression`` (shapes as
+scikit-learn's). An L-BFGS fit that stops before converging warns (``ConvergenceWarning``).
+``fit(..., sample_weight=...)`` is refused (not supported); ``score(X, y, sample_weight=w)``
+weights the rows and ``score(store_path, sample_weight=w)`` is refused.
+
 ``save(path)`` writes an ordinary model file: ``pipeline.load_model(path)`` (a
 :class:`pipeline.model.Model`, the ``pipeline predict`` CLI) reads it and gives the same
 probabilities / values, with class labels as strings; :func:`load_estimator` restores the
-estimator itself with its original label dtype.
+estimator itself with its original label dtype. It refuses an existing ``path`` unless
+``overwrite=True``, and then replaces only a model file this program wrote.
 
 scikit-learn's estimator checks (``parametrize_with_checks``) all pass for every estimator at its
 defaults; ``bench.sklearn_parity`` compares the defaults with scikit-learn's on its bundled
@@ -105,14 +127,17 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_random_state, validate_data
 
@@ -158,6 +183,22 @@ _CONFIG_KEYS = {
     "validation_fraction": "validation",
     "backend": "backend",
 }
+# option keys a named parameter (or the way ``fit`` is called) already sets: refused in ``options``
+_OWNED_KEYS = {
+    **{key: param for param, key in _CONFIG_KEYS.items()},
+    "seed": "random_state",
+    "cluster_min_rows": "cluster_min_rows",
+    "rounds": "max_iter",  # the rounds of a federated fit
+}
+# the TrainConfig keys a fit in this process (and partial_fit) uses; every other key only acts on
+# a Dask cluster, so an in-process fit refuses it in ``options`` rather than ignoring it
+_IN_PROCESS_KEYS = frozenset(
+    {"loss", "optimizer", "momentum", "beta1", "beta2", "rho", "min_samples", "normalize", "blas_threads"}
+)
+# of those, what the exact solvers of linear models (solver="auto" on in-memory rows) use
+_EXACT_SOLVER_KEYS = frozenset({"loss", "normalize", "blas_threads"})
+# a scheduler address: SCHEME://HOST:PORT, or HOST:PORT (as `pipeline train --scheduler` takes it)
+_ADDRESS = re.compile(r"(?:(?:tcp|tls|ucx|inproc|ws|wss)://\S+|[A-Za-z0-9_.\-]+:\d{1,5}|\[[0-9A-Fa-f:.]+\]:\d{1,5})")
 SOLVERS = ("auto", "minibatch")  # auto: linear models on in-memory data solved exactly
 WRITE_BLOCK_ROWS = 1 << 16  # rows per write when copying NumPy input into the temporary store
 
@@ -190,6 +231,27 @@ def _check_on_cluster(cfg: TrainConfig) -> None:
 
 _lock = threading.Lock()
 _local: dict[str, Any] = {}
+_remote: dict[str, Any] = {}  # scheduler address -> this process's client of it
+
+
+def _address_client(address: str) -> Any:
+    """A client of the scheduler at ``address`` (one per address and process, closed with
+    :func:`shutdown_local_cluster`); a ValueError of one line when it cannot be reached."""
+    with _lock:
+        remote = _remote
+        if address not in remote:
+            from distributed import Client
+
+            try:
+                remote[address] = Client(address, set_as_default=False, timeout="10s")
+            except (OSError, TimeoutError, ValueError) as exc:
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                raise ValueError(
+                    f"client={address!r}: cannot connect to a Dask scheduler there ({reason}); start one "
+                    "(`dask scheduler --preload pipeline.ps`) or fix the address"
+                ) from None
+            atexit.register(shutdown_local_cluster)
+        return remote[address]
 
 
 def _cluster_client(n_workers: int) -> Any:
@@ -222,9 +284,13 @@ def _cluster_client(n_workers: int) -> Any:
 
 
 def shutdown_local_cluster() -> None:
-    """Close the LocalCluster the estimators started in this process (if any)."""
+    """Close the LocalCluster the estimators started in this process (if any), and their clients
+    of schedulers given by address (``client="tcp://..."``)."""
     with _lock:
         client, cluster = _local.pop("client", None), _local.pop("cluster", None)
+        remote = [_remote.pop(a) for a in list(_remote)]
+    for other in remote:
+        other.close()
     if client is not None:
         client.close()
     if cluster is not None:
@@ -274,6 +340,51 @@ def _store_classes(st: Any) -> np.ndarray:
         arr = np.asarray(values, dtype=np.float64)
         return arr.astype(np.int64) if np.all(arr == np.round(arr)) else arr
     return np.asarray(st.classes, dtype=object)
+
+
+def _site_classes(names: list[str], paths: Any) -> np.ndarray:
+    """``classes_`` of a federated fit, as :func:`_store_classes` gives them for ``fit(store)``
+    (the label column's numbers when numeric): from a site's store when this process can open it
+    and its class list is the model's, else the model's class names read as numbers when they all
+    are. The order stays the model's (its output columns)."""
+    from pipeline.store import open_store
+
+    for path in paths:
+        try:
+            st = open_store(os.fspath(path))
+        except Exception:  # noqa: BLE001 - a store only the site's workers can read
+            continue
+        if st.task == "classification" and list(st.classes or []) == list(names):
+            return _store_classes(st)
+    try:
+        arr = np.asarray([float(n) for n in names], dtype=np.float64)
+    except (TypeError, ValueError):
+        return np.asarray(names, dtype=object)
+    if not np.all(np.isfinite(arr)):
+        return np.asarray(names, dtype=object)
+    return arr.astype(np.int64) if np.all(arr == np.round(arr)) else arr
+
+
+def _check_save_target(given: str, dest: str, overwrite: bool) -> None:
+    """Refuse, in one line, a ``save`` destination that is a directory, whose directory does not
+    exist or cannot be written, or that exists (without ``overwrite``, or is not a model file)."""
+    from pipeline.checkpoint import read_meta
+
+    where = f"save({given!r})"
+    if os.path.isdir(dest):
+        raise ValueError(f"{where}: it is a directory; give a file path, e.g. {os.path.join(given, 'model.npz')!r}")
+    parent = os.path.dirname(dest)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{where}: the directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{where}: the directory {parent!r} is not writable")
+    if not os.path.lexists(dest):
+        return
+    if not overwrite:
+        raise ValueError(f"{where}: the file exists; pass overwrite=True to replace a model file")
+    meta = None if os.path.islink(dest) else read_meta(dest)
+    if meta is None or meta.get("kind") != "model":
+        raise ValueError(f"{where}: the file exists and is not a model file written by this program; not replaced")
 
 
 def _jsonable(v: Any) -> Any:
@@ -376,7 +487,21 @@ class _BaseMLP(BaseEstimator):
         # n_iter_no_change counts from the first epoch, as in scikit-learn (``options`` may
         # set the command's min_samples floor instead)
         values["min_samples"] = 0
-        values.update(self.options or {})
+        options = self.options or {}
+        if not isinstance(options, Mapping):
+            raise ValueError(f"options={options!r} is invalid: pass a dict of TrainConfig keys, e.g. {{'rho': 0.9}}")
+        if "sites" in options:
+            raise ValueError(
+                f"options={{'sites': {options['sites']!r}}}: train federated with fit({{site: store_path, ...}}) "
+                "instead (options is for the other TrainConfig keys)"
+            )
+        for key in options:
+            if key in _OWNED_KEYS:
+                raise ValueError(
+                    f"options={{{key!r}: {options[key]!r}}} sets what the parameter {_OWNED_KEYS[key]} of "
+                    f"{type(self).__name__} sets: use that parameter (options is for the other TrainConfig keys)"
+                )
+        values.update(options)
         from pipeline.errors import ConfigError
 
         if self.solver not in SOLVERS:
@@ -435,13 +560,49 @@ class _BaseMLP(BaseEstimator):
         if _is_dask(X) or _is_dask(y):
             return self._validate_dask(X, y, reset, reset_classes)
         multi = self._task == "regression"
-        with _one_line_errors():
+        if not reset:
+            self._check_columns(X)
+        with _one_line_errors(), self._store_order_rows(reset):
             X, y = validate_data(
                 self, X, y, reset=reset, dtype=(np.float64, np.float32), multi_output=multi, y_numeric=multi
             )
         if self._task == "regression" and y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
         return X, self._encode_y(y, reset_classes)
+
+    def _check_columns(self, X: Any) -> None:
+        """Column names of a table scikit-learn does not read (any object with string ``.columns``,
+        e.g. a small wrapper) checked against ``feature_names_in_`` as scikit-learn checks a
+        DataFrame's: the same names in the same order, or a ValueError."""
+        names = getattr(self, "feature_names_in_", None)
+        if names is None or not hasattr(X, "columns"):
+            return
+        from sklearn.utils.validation import _get_feature_names
+
+        try:
+            if _get_feature_names(X) is not None:
+                return  # a DataFrame scikit-learn knows: validate_data checks it
+            cols = list(X.columns)
+        except TypeError:
+            return
+        if not cols or not all(isinstance(c, str) for c in cols) or cols == [str(n) for n in names]:
+            return
+        raise ValueError(
+            f"The feature names should match those that were passed during fit: X has columns {cols}, "
+            f"the model was fitted on {[str(n) for n in names]} (in this order); select X's columns in that order"
+        )
+
+    @contextlib.contextmanager
+    def _store_order_rows(self, reset: bool) -> Iterator[None]:
+        """After a fit on a store, NumPy rows are the store's columns in order (as ``pipeline
+        predict`` and ``load_model`` take them): scikit-learn's warning that X has no feature names
+        is not given then; a DataFrame's names are still checked."""
+        if reset or not getattr(self, "_names_from_store", False):
+            yield
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
+            yield
 
     def _validate_dask(self, X: Any, y: Any, reset: bool, reset_classes: bool) -> tuple[Any, Any]:
         import dask.array as da
@@ -477,12 +638,24 @@ class _BaseMLP(BaseEstimator):
 
     # -- fit ----------------------------------------------------------------------------------
 
-    def fit(self, X: Any, y: Any = None) -> Any:
+    def fit(self, X: Any, y: Any = None, **fit_params: Any) -> Any:
         """Train from scratch on arrays (NumPy, pandas, Dask), a store path (``y=None``), or
-        ``{site: store_path}`` (``y=None``): federated over the sites (docs/federated.md)."""
+        ``{site: store_path}`` (``y=None``): federated over the sites (docs/federated.md).
+        ``sample_weight`` is not supported (a ValueError says so; scikit-learn's checks read the
+        signature, so it is not a named parameter)."""
+        if "sample_weight" in fit_params:
+            raise ValueError(
+                f"{type(self).__name__}.fit does not support sample_weight: every row weighs the same; "
+                "repeat or subsample rows to weight them"
+            )
+        if fit_params:
+            name = next(iter(fit_params))
+            raise TypeError(f"{type(self).__name__}.fit() got an unexpected keyword argument {name!r}")
+        self._check_client()
         cfg = self._train_config()
         for attr in ("_opt_state", "model_", "classes_", "history_", "loss_curve_"):
             self.__dict__.pop(attr, None)
+        self._trained_on_arrays = self._names_from_store = False
         if isinstance(X, Mapping) and not hasattr(X, "tocsr"):  # scipy's DOK sparse arrays are dicts
             if y is not None:
                 raise ValueError("fit({site: store_path}, y): each site's store holds its own targets; pass y=None")
@@ -501,16 +674,32 @@ class _BaseMLP(BaseEstimator):
             with _blas_threads(cfg):
                 self._fit_local(np.asarray(X), y, cfg)
             self.fitted_on_ = "local"
+            self._trained_on_arrays = True
             return self
         _check_on_cluster(cfg)  # before the store is written
         with tempfile.TemporaryDirectory(prefix="pipeline-estimator-") as tmp:
             store = self._write_store(X, y, os.path.join(tmp, "data.zarr"))
             self._train_on_cluster(store, cfg, os.path.join(tmp, "run"))
+        self._trained_on_arrays = True
         return self
 
+    def _check_client(self) -> None:
+        """``client`` is None, "local", a scheduler address or a client object (else ValueError)."""
+        c = self.client
+        if c is None or not isinstance(c, str) or c == "local" or _ADDRESS.fullmatch(c):
+            return
+        raise ValueError(
+            f"client={c!r} is invalid: use 'local' (train in this process), a scheduler address "
+            "('tcp://HOST:PORT' or 'HOST:PORT'), a distributed.Client, or None (the current client, else a "
+            "LocalCluster of n_workers)"
+        )
+
     def _cluster(self) -> Any:
+        self._check_client()
         if self.client is not None and not isinstance(self.client, str):
             return self.client
+        if isinstance(self.client, str) and self.client != "local":
+            return _address_client(self.client)
         return _cluster_client(self.n_workers)
 
     def _fit_store(self, path: str, cfg: TrainConfig) -> Any:
@@ -521,8 +710,10 @@ class _BaseMLP(BaseEstimator):
         if st.task != self._task:
             raise ValueError(f"store {path!r} is a {st.task} store; {type(self).__name__} does {self._task}")
         self.n_features_in_ = st.n_features
-        if hasattr(self, "feature_names_in_"):
-            del self.feature_names_in_
+        # the store's column names: a DataFrame given to predict / score must have them, in order
+        # (scikit-learn's check, as after fit(DataFrame)); NumPy rows are taken in the store's order
+        self.feature_names_in_ = np.asarray([str(n) for n in st.feature_names], dtype=object)
+        self._names_from_store = True
         if self._task == "classification":
             self.classes_ = _store_classes(st)
         with tempfile.TemporaryDirectory(prefix="pipeline-estimator-") as tmp:
@@ -553,6 +744,8 @@ class _BaseMLP(BaseEstimator):
                     f"fit({{site: store}}): the store of site {name!r} must be a path, got {type(path).__name__}"
                 )
         user = self.client if self.client is not None and not isinstance(self.client, str) else None
+        if isinstance(self.client, str) and self.client != "local":  # a scheduler address
+            user = _address_client(self.client)
         if user is None and self.client is None:
             try:
                 from distributed import get_client
@@ -591,10 +784,10 @@ class _BaseMLP(BaseEstimator):
         self.loss_curve_ = [float(h["train_loss"]) for h in res.history]
         self.n_iter_ = len(res.history)
         self.n_features_in_ = res.model.n_features
-        if hasattr(self, "feature_names_in_"):
-            del self.feature_names_in_
+        self.feature_names_in_ = np.asarray([str(n) for n in res.model.feature_names], dtype=object)
+        self._names_from_store = True
         if self._task == "classification":
-            self.classes_ = np.asarray(res.model.classes, dtype=object)
+            self.classes_ = _site_classes(res.model.classes, stores.values())
         self.fitted_on_ = "sites"
         self.ps_installed_by_ = res.installed_by
         return self
@@ -732,15 +925,48 @@ class _BaseMLP(BaseEstimator):
                 "cluster_min_rows=0)"
             )
 
+    def _refuse_unused_options(
+        self, cfg: TrainConfig, why: str, exact: bool = False, used: frozenset[str] = _IN_PROCESS_KEYS
+    ) -> None:
+        """``options`` a fit in this process would not use (they act on a cluster's parameter
+        server, loader or federation; with ``exact``, on minibatch training the exact solver does
+        not do) are refused, never ignored. A key at its TrainConfig default changes nothing."""
+        default = TrainConfig()
+        used = _EXACT_SOLVER_KEYS if exact else used
+        unused = {
+            k: v
+            for k, v in (self.options or {}).items()
+            if k not in used and getattr(cfg, k, None) != getattr(default, k, None)
+        }
+        if not unused:
+            return
+        if exact:
+            raise ValueError(
+                f"options {unused!r} set minibatch training, and {type(self).__name__} with solver='auto' solves "
+                "in-memory rows exactly: pass solver='minibatch' to train by minibatch steps, or drop them"
+            )
+        if why == "partial_fit":
+            raise ValueError(
+                f"options {unused!r} do not act in partial_fit (one pass in this process: no parameter server, "
+                "loader, federation or early stopping): drop them"
+            )
+        raise ValueError(
+            f"options {unused!r} act only on a Dask cluster (its parameter server, loader or federation), and "
+            f"{why} trains in this process: fit on a cluster (pass a client, or cluster_min_rows=0), or drop them"
+        )
+
     def _fit_local(self, X: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> None:
         """The driver's loop in one process: epochs of shuffled minibatches, validation split,
         early stopping on validation loss (train loss without one), best epoch's weights."""
-        self._refuse_private_in_process(
-            cfg,
+        why = (
             "client='local'"
             if self.client == "local"
-            else f"a fit of fewer than cluster_min_rows = {self.cluster_min_rows} rows",
+            else f"a fit of fewer than cluster_min_rows = {self.cluster_min_rows} rows"
         )
+        self._refuse_private_in_process(cfg, why)
+        self._refuse_unused_options(cfg, why)
+        if not cfg.hidden and self.solver == "auto":
+            self._refuse_unused_options(cfg, why, exact=True)
         mean = X.mean(axis=0, dtype=np.float64)
         std = X.std(axis=0, dtype=np.float64)
         std = np.where(std > 0, std, 1.0)
@@ -851,6 +1077,13 @@ class _BaseMLP(BaseEstimator):
             theta = res.x.reshape(n_in + 1, k)
             loss = float(objective(res.x)[0] - wd / 2 * float(res.x @ res.x))
             record = {"solver": "lbfgs", "iterations": int(res.nit), "converged": bool(res.success)}
+            if not res.success:
+                warnings.warn(
+                    f"{type(self).__name__}: L-BFGS did not converge in {int(res.nit)} iterations (max_iter="
+                    f"{self.max_iter}, tol={self.tol}): {' '.join(str(res.message).split())}; raise max_iter",
+                    ConvergenceWarning,
+                    stacklevel=4,
+                )
         # the flat layout of a network without hidden layers: W0 (n_in, k) then b0 (k,)
         params = np.concatenate([theta[:n_in].ravel(), theta[n_in]]).astype(np.float32)
         model.params = params
@@ -868,6 +1101,55 @@ class _BaseMLP(BaseEstimator):
         names = getattr(self, "feature_names_in_", None)
         return [str(n) for n in names] if names is not None else [f"x{i}" for i in range(self.n_features_in_)]
 
+    # -- weights ------------------------------------------------------------------------------
+
+    def _raw_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The network's (W, b) per layer in float64, acting on raw features and giving raw
+        outputs: the input standardization folded into the first layer and, for regression, the
+        target's into the last (``X @ W0 + b0`` ... as in scikit-learn's ``coefs_``)."""
+        check_is_fitted(self, "model_")
+        from kernels.mlp import MLPSpec
+
+        model = self.model_
+        spec = MLPSpec(**{**model.spec, "hidden": tuple(model.spec["hidden"])})
+        params = np.asarray(model.params, dtype=np.float64)
+        views = {v.name: params[v.offset : v.offset + v.size].reshape(v.shape) for v in spec.layout()}
+        layers = [(views[f"W{i}"].copy(), views[f"b{i}"].copy()) for i in range(spec.n_layers)]
+        if model.normalize:
+            mean, std = np.asarray(model.mean, np.float64), np.asarray(model.std, np.float64)
+            W, b = layers[0]
+            layers[0] = (W / std[:, None], b - (mean / std) @ W)
+        if self._task == "regression" and model.target is not None:
+            tmean, tstd = np.asarray(model.target["mean"], np.float64), np.asarray(model.target["std"], np.float64)
+            W, b = layers[-1]
+            layers[-1] = (W * tstd[None, :], b * tstd + tmean)
+        return layers
+
+    @property
+    def coefs_(self) -> list[np.ndarray]:
+        """Weight matrices per layer, ``coefs_[i]`` of shape (units of layer i, units of layer
+        i + 1), acting on raw features as scikit-learn's. A binary classifier's softmax over two
+        outputs is given as scikit-learn's one logistic output (its logit ``z1 - z0``), so the last
+        matrix has one column; regression outputs are in the target's units."""
+        return [W for W, _ in self._binary_last(self._raw_layers())]
+
+    @property
+    def intercepts_(self) -> list[np.ndarray]:
+        """Bias vectors per layer, ``intercepts_[i]`` of shape (units of layer i + 1,)."""
+        return [b for _, b in self._binary_last(self._raw_layers())]
+
+    def _binary_last(self, layers: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self._task == "classification" and layers[-1][0].shape[1] == 2:
+            W, b = layers[-1]
+            layers[-1] = ((W[:, 1] - W[:, 0])[:, None], np.asarray([b[1] - b[0]]))
+        return layers
+
+    def _linear_layer(self, what: str) -> tuple[np.ndarray, np.ndarray]:
+        check_is_fitted(self, "model_")
+        if self.model_.spec["hidden"]:
+            raise AttributeError(f"{what} is defined for models without hidden layers; use coefs_ / intercepts_")
+        return self._binary_last(self._raw_layers())[0]
+
     # -- partial_fit --------------------------------------------------------------------------
 
     def _partial_fit(self, X: Any, y: Any, classes: Any = None) -> Any:
@@ -875,6 +1157,8 @@ class _BaseMLP(BaseEstimator):
             raise ValueError("partial_fit takes arrays; to train on a store use fit(store_path)")
         cfg = self._train_config()
         self._refuse_private_in_process(cfg, "partial_fit")
+        # one pass, no early stopping: min_samples (the stopping rule's floor) does not act either
+        self._refuse_unused_options(cfg, "partial_fit", used=_IN_PROCESS_KEYS - {"min_samples"})
         first = not hasattr(self, "model_")
         if self._task == "classification":
             if first:
@@ -884,7 +1168,8 @@ class _BaseMLP(BaseEstimator):
                 check_classification_targets(labels)
                 self._set_classes(labels, reset=True)
             elif classes is not None and not np.array_equal(np.unique(np.asarray(classes)), self.classes_):
-                raise ValueError(f"classes={list(classes)!r} differ from the fitted classes_ {list(self.classes_)!r}")
+                given = np.asarray(classes).tolist()
+                raise ValueError(f"classes={given!r} differ from the fitted classes_ {self.classes_.tolist()!r}")
         if _is_dask(X) or _is_dask(y):  # partial_fit trains in memory: checked as NumPy input
             X, y = np.asarray(_computed(X)), np.asarray(_computed(y))
         try:
@@ -919,6 +1204,7 @@ class _BaseMLP(BaseEstimator):
             )
             self.history_, self.loss_curve_, self.n_iter_ = [], [], 0
             self.fitted_on_ = "local"
+            self._trained_on_arrays, self._names_from_store = True, False
         model = self.model_
         if self._task == "regression" and model.spec["n_out"] != self._n_out(y):
             raise ValueError(f"y has {self._n_out(y)} targets; the model was fitted with {model.spec['n_out']}")
@@ -951,7 +1237,8 @@ class _BaseMLP(BaseEstimator):
         check_is_fitted(self, "model_")
         if _is_dask(X):
             X = X.compute()
-        with _one_line_errors():
+        self._check_columns(X)
+        with _one_line_errors(), self._store_order_rows(reset=False):
             X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
         return self.model_.decision(X)
 
@@ -963,23 +1250,57 @@ class _BaseMLP(BaseEstimator):
         check_is_fitted(self, "model_")
         # a missing store, or one whose features differ, fails before any cluster; its labels, if
         # any, are not used, so (as for `pipeline predict`) neither are its task and classes checked
-        check_inputs(self.model_, path, predicting=True)
+        with self._store_hint():
+            check_inputs(self.model_, path, predicting=True)
         with tempfile.TemporaryDirectory(prefix="pipeline-estimator-") as tmp:
             out = os.path.join(tmp, "pred.zarr")
             client = self._cluster()
             with client.as_current():
                 predict_store(self.model_, path, out, client, proba=proba)
             group = zarr.open_group(out, mode="r")
-            return np.asarray(group["proba" if proba else "prediction"][:])
+            pred = np.asarray(group["proba" if proba else "prediction"][:])
+        if proba or self._task != "classification" or pred.dtype.kind in "iu":
+            return pred
+        # the output holds the class names (as `pipeline predict` writes them): back to positions
+        # in classes_, which keep the label dtype
+        names, inverse = np.unique(pred, return_inverse=True)
+        pos = {str(c): i for i, c in enumerate(self.model_.classes or [])}
+        return np.asarray([pos[str(n)] for n in names], dtype=np.int64)[inverse.ravel()]
 
-    def _score_store(self, path: str | os.PathLike, y: Any) -> float:
+    @contextlib.contextmanager
+    def _store_hint(self) -> Iterator[None]:
+        """A store that does not match a model trained on in-memory arrays: the hint to ingest it
+        ``--like TRAIN_STORE`` names a store there never was, so the error says what to do instead."""
+        from pipeline.errors import StoreError
+
+        try:
+            yield
+        except StoreError as exc:
+            msg = str(exc)
+            hint = "; ingest it with --like TRAIN_STORE"
+            if not getattr(self, "_trained_on_arrays", False) or hint not in msg:
+                raise
+            head = msg[: msg.index(hint)]
+            raise StoreError(
+                f"{head}; the model was trained on in-memory arrays, not a store: write the store with the "
+                f"{self.n_features_in_} feature columns of those arrays, in their order (e.g. `pipeline ingest` "
+                "of a .npy file of them)"
+            ) from None
+
+    def _score_store(self, path: str | os.PathLike, y: Any, sample_weight: Any = None) -> float:
         """Accuracy (classifier) or R^2 (regressor) on every row of a store, on the cluster."""
         if y is not None:
             raise ValueError("score(store_path, y): a store holds its own targets; pass y=None")
+        if sample_weight is not None:
+            raise ValueError(
+                "score(store_path, sample_weight=...): a store's rows cannot be weighted; score arrays "
+                "(score(X, y, sample_weight=w)) to weight them"
+            )
         from pipeline.inference import check_inputs, evaluate_store
 
         check_is_fitted(self, "model_")
-        check_inputs(self.model_, os.fspath(path))  # a missing or mismatched store fails before any cluster
+        with self._store_hint():  # a missing or mismatched store fails before any cluster
+            check_inputs(self.model_, os.fspath(path))
         client = self._cluster()
         with client.as_current():
             metrics = evaluate_store(self.model_, os.fspath(path), client)
@@ -987,9 +1308,16 @@ class _BaseMLP(BaseEstimator):
 
     # -- persistence --------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write a model file (see the module docstring); ``pipeline.load_model`` reads it."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write a model file (see the module docstring); ``pipeline.load_model`` reads it.
+
+        The file is written whole or not at all (a temporary file beside it, then a rename). An
+        existing ``path`` is refused (ValueError) unless ``overwrite=True``, and even then only a
+        model file this program wrote is replaced, never another file; a directory or a place
+        that cannot be written is refused in one line too."""
         check_is_fitted(self, "model_")
+        dest = os.path.abspath(os.fspath(path))
+        _check_save_target(os.fspath(path), dest, overwrite)
         params = {k: v for k, v in self.get_params(deep=False).items() if k != "client"}
         meta: dict[str, Any] = {
             "class": type(self).__name__,
@@ -1002,8 +1330,40 @@ class _BaseMLP(BaseEstimator):
         if self._task == "classification":
             meta["classes"] = _jsonable(self.classes_.tolist())
             meta["classes_dtype"] = self.classes_.dtype.str if self.classes_.dtype != object else "object"
+        if getattr(self, "_trained_on_arrays", False):
+            meta["trained_on"] = "arrays"
+        if getattr(self, "_names_from_store", False):
+            meta["feature_names_from"] = "store"
         model = replace(self.model_, config={**self.model_.config, "estimator": meta}, _trainer=None)
-        model.save(path)
+        parent = os.path.dirname(dest)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".saving", dir=parent)
+        except OSError as exc:
+            raise ValueError(f"save({os.fspath(path)!r}): cannot write in {parent!r} ({exc.strerror})") from None
+        os.close(fd)
+        try:
+            model.save(tmp)
+            if overwrite:
+                os.replace(tmp, dest)
+            else:
+                try:  # refuses, atomically, a file that appeared since the check
+                    os.link(tmp, dest)
+                except FileExistsError:
+                    raise ValueError(
+                        f"save({os.fspath(path)!r}): the file exists; pass overwrite=True to replace a model file"
+                    ) from None
+                except OSError:  # a file system without hard links
+                    if os.path.lexists(dest):
+                        raise ValueError(
+                            f"save({os.fspath(path)!r}): the file exists; pass overwrite=True to replace a model file"
+                        ) from None
+                    os.replace(tmp, dest)
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise ValueError(f"save({os.fspath(path)!r}): cannot write the model file ({reason})") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):
@@ -1040,7 +1400,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def score(self, X: Any, y: Any = None, sample_weight: Any = None) -> float:
         """Mean accuracy on ``X, y``, or on every row of a store path (``y=None``, on the cluster)."""
         if _is_path(X):
-            return self._score_store(X, y)
+            return self._score_store(X, y, sample_weight)
         return float(ClassifierMixin.score(self, X, y, sample_weight=sample_weight))
 
     def partial_fit(self, X: Any, y: Any, classes: Any = None) -> MLPClassifier:
@@ -1085,7 +1445,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     def score(self, X: Any, y: Any = None, sample_weight: Any = None) -> float:
         """R^2 on ``X, y``, or on every row of a store path (``y=None``, on the cluster)."""
         if _is_path(X):
-            return self._score_store(X, y)
+            return self._score_store(X, y, sample_weight)
         return float(RegressorMixin.score(self, X, y, sample_weight=sample_weight))
 
     def partial_fit(self, X: Any, y: Any) -> MLPRegressor:
@@ -1101,7 +1461,22 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
 
 class LogisticRegression(MLPClassifier):
-    """Multinomial logistic regression: :class:`MLPClassifier` without hidden layers."""
+    """Multinomial logistic regression: :class:`MLPClassifier` without hidden layers.
+
+    ``coef_`` (n_classes, n_features) and ``intercept_`` (n_classes,) give the logits
+    ``X @ coef_.T + intercept_`` whose softmax is ``predict_proba``; with two classes, as in
+    scikit-learn, ``coef_`` is (1, n_features) and ``intercept_`` (1,): the log-odds of
+    ``classes_[1]``."""
+
+    @property
+    def coef_(self) -> np.ndarray:
+        """Coefficients on the raw features, (n_classes, n_features) or (1, n_features) for two."""
+        return self._linear_layer("coef_")[0].T.copy()
+
+    @property
+    def intercept_(self) -> np.ndarray:
+        """Intercepts, (n_classes,) or (1,) for two classes."""
+        return self._linear_layer("intercept_")[1].copy()
 
     def __init__(
         self,
@@ -1134,7 +1509,23 @@ class LogisticRegression(MLPClassifier):
 
 
 class LinearRegression(MLPRegressor):
-    """Least-squares linear regression: :class:`MLPRegressor` without hidden layers."""
+    """Least-squares linear regression: :class:`MLPRegressor` without hidden layers.
+
+    ``predict(X) == X @ coef_.T + intercept_``: ``coef_`` is (n_features,) and ``intercept_`` a
+    float for one target, (n_targets, n_features) and (n_targets,) for several, as in
+    scikit-learn."""
+
+    @property
+    def coef_(self) -> np.ndarray:
+        """Coefficients on the raw features: (n_features,) or (n_targets, n_features)."""
+        W = self._linear_layer("coef_")[0].T
+        return W[0].copy() if W.shape[0] == 1 else W.copy()
+
+    @property
+    def intercept_(self) -> Any:
+        """The intercept: a float for one target, else (n_targets,)."""
+        b = self._linear_layer("intercept_")[1]
+        return float(b[0]) if len(b) == 1 else b.copy()
 
     def __init__(
         self,
@@ -1191,6 +1582,8 @@ def load_estimator(path: str | os.PathLike) -> _BaseMLP:
         est.feature_names_in_ = np.asarray(meta["feature_names_in"], dtype=object)
     if "classes" in meta:
         est.classes_ = np.asarray(meta["classes"], dtype=meta.get("classes_dtype", "object"))
+    est._trained_on_arrays = meta.get("trained_on") == "arrays"
+    est._names_from_store = meta.get("feature_names_from") == "store"
     est.history_ = list(meta.get("history", []))
     est.loss_curve_ = [float(h["train_loss"]) for h in est.history_]
     est.n_iter_ = len(est.history_)

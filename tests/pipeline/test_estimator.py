@@ -394,7 +394,7 @@ def test_store_fit_keeps_numeric_labels_dtype(tmp_path, client):
         ({"hidden_layer_sizes": (0,)}, "MLPClassifier(hidden_layer_sizes=(0,)) is invalid: must be widths between"),
         ({"learning_rate_init": -1}, "MLPClassifier(learning_rate_init=-1) is invalid: must be > 0"),
         ({"alpha": -1.0}, "MLPClassifier(alpha=-1.0) is invalid: must be >= 0"),
-        ({"options": {"epochs": 0}}, "config key 'epochs' = 0 is invalid"),  # set as a config key: said as one
+        ({"options": {"rho": 2}}, "config key 'rho' = 2.0 is invalid"),  # set as a config key: said as one
     ],
 )
 def test_a_bad_parameter_is_named_as_the_user_passed_it(params, message):
