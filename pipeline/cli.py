@@ -35,7 +35,7 @@ class _Group(click.Group):
             ctx.exit(1)
         except KeyboardInterrupt as exc:
             click.echo(f"interrupted ({exc})" if str(exc) else "interrupted", err=True)
-            ctx.exit(130)
+            ctx.exit(143 if str(exc) == "SIGTERM" else 130)  # 128 + the signal, as a shell reports it
 
 
 @click.group(name="pipeline", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -181,7 +181,7 @@ def _echo(msg: str, quiet: bool = False) -> None:
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
     """SIGTERM (how Slurm, Kubernetes and ``kill`` stop a job) takes Ctrl-C's path while the
-    block runs: the trainer writes a checkpoint and the command exits with status 130."""
+    block runs: the trainer writes a checkpoint and the command exits with status 143 (128 + SIGTERM)."""
     import signal
     import threading
 
@@ -414,6 +414,17 @@ def _check_resume_trains(out: str, cfg: Any, quiet: bool) -> None:
     )
 
 
+def _check_budget(cfg: Any, clients: int) -> None:
+    """Refuse, before a cluster starts, a privacy budget that the first round spends: a run of
+    ``clients`` federated clients or sites samples some of them per round (0: not federated,
+    every share takes part in every round)."""
+    from pipeline.sites import clients_per_round
+    from pipeline.train import check_budget_allows_a_round
+
+    rate = clients_per_round(clients, cfg.fraction_fit, cfg.min_clients) / clients if clients else 1.0
+    check_budget_allows_a_round(cfg, rate)
+
+
 def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: bool, cluster_kw: dict) -> str:
     """Why ``pipeline train`` runs in this process (its log line), or "" for a Dask cluster:
     a store of fewer than ``cluster_min_rows`` rows, when neither --scheduler, --workers nor
@@ -454,6 +465,29 @@ def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: boo
     )
 
 
+def _preloaded(dask_scheduler: Any) -> bool:
+    """On the scheduler: whether ``--preload pipeline.ps`` installed the parameter server (and
+    with it the dashboard's /pipeline page, which only a preload can add)."""
+    from pipeline.ps.extension import EXTENSION_NAME
+
+    ext = dask_scheduler.extensions.get(EXTENSION_NAME)
+    return ext is not None and ext.installed_by == "preload"
+
+
+def _dashboard_line(client: Any) -> str:
+    """The dashboard's address, and whether it has the training page."""
+    try:
+        page = bool(client.run_on_scheduler(_preloaded))
+    except Exception:  # noqa: BLE001 - a scheduler that cannot run it has no page either
+        page = False
+    if page:
+        return f"dask dashboard: {client.dashboard_link}  (training page: /pipeline)"
+    return (
+        f"dask dashboard: {client.dashboard_link}  (no training page: the scheduler was started without "
+        "--preload pipeline.ps)"
+    )
+
+
 def _round_line(r: dict) -> str:
     """The line printed after a federated round: losses, the pooled metric, each site's."""
     metric = r.get("val_accuracy", r.get("val_r2"))
@@ -466,7 +500,16 @@ def _round_line(r: dict) -> str:
         f"round {r['round'] + 1:>3}  train_loss {r['train_loss']:.4f}  "
         + (f"val_loss {r['val_loss']:.4f}  {name} {metric:.4f}  " if metric is not None else "")
         + (f"sites: {per_site}" if per_site else spread)
+        + (f"  epsilon {r['epsilon']:.3g}" if "epsilon" in r else "")
     )
+
+
+def _privacy_spent(privacy: dict) -> dict:
+    """The final line's privacy figures: what the whole run spent (its last round), not only
+    the saved model's round."""
+    if privacy.get("dp", "off") == "off":
+        return {}
+    return {"epsilon": privacy["epsilon"], "dp_delta": privacy["delta"]}
 
 
 def _train_federated(
@@ -501,6 +544,7 @@ def _train_federated(
     check_epochs_unset(cfg, base.epochs)  # base: the defaults, or the resumed run's saved settings
     if resume:
         _check_resume_trains(out, cfg, quiet)
+    _check_budget(cfg, len(sites))
     cfg.check_on_cluster()
     if not cluster_kw["scheduler"]:
         check_backend(cfg.backend)
@@ -509,7 +553,7 @@ def _train_federated(
         _echo(f"starting a local cluster of one worker per site ({', '.join(s.name for s in sites)})", quiet)
     clients = _client(cluster_kw, sites=None if cluster_kw["scheduler"] else [s.name for s in sites])
     with RunDir(Path(out)).claim(resume, force), _sigterm_interrupts(), clients as client:
-        _echo(f"dask dashboard: {client.dashboard_link}  (training page: /pipeline)", quiet)
+        _echo(_dashboard_line(client), quiet)
 
         def on_round(r: dict) -> None:
             _echo(_round_line(r), quiet)
@@ -524,6 +568,8 @@ def _train_federated(
                 "stopped_early": result.stopped_early,
                 "best_round": saved.get("round"),
                 **{k: v for k, v in saved.items() if k.startswith("val_") or k.startswith("site_")},
+                **({"val_sites": sorted(saved["sites"])} if saved.get("sites") else {}),  # what val_* pools
+                **_privacy_spent(result.privacy),
             }
         )
     )
@@ -616,6 +662,7 @@ def train(
         check_epochs_unset(cfg, base.epochs)
     if resume:
         _check_resume_trains(out, cfg, quiet)
+    _check_budget(cfg, cfg.clients)  # fail before starting a cluster
     if cfg.validation_store:  # fail before starting a cluster
         from pipeline.train import check_validation_store
 
@@ -633,7 +680,7 @@ def train(
     clients = contextlib.nullcontext() if in_process else _client(cluster_kw)
     with RunDir(Path(out)).claim(resume, force), _sigterm_interrupts(), clients as client:
         if client is not None:
-            _echo(f"dask dashboard: {client.dashboard_link}  (training page: /pipeline)", quiet)
+            _echo(_dashboard_line(client), quiet)
 
         def on_epoch(r: dict) -> None:
             if "round" in r:  # simulated federated clients (clients = N)
@@ -675,12 +722,7 @@ def train(
                 "stopped_early": result.stopped_early,
                 "best_epoch": saved.get("epoch"),
                 **{k: v for k, v in saved.items() if k.startswith("val_")},
-                # the privacy the whole run spent (its last round), not only the saved epoch's
-                **(
-                    {"epsilon": result.privacy["epsilon"], "dp_delta": result.privacy["delta"]}
-                    if result.privacy.get("dp", "off") != "off"
-                    else {}
-                ),
+                **_privacy_spent(result.privacy),
             }
         )
     )
@@ -748,7 +790,9 @@ def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **clus
     """Predict every row of STORE with the model of RUN_DIR into OUT (*.zarr or *.parquet).
 
     Rows are processed chunk by chunk on the workers and written in place; OUT appears only
-    when every chunk succeeded.
+    when every chunk succeeded. OUT's `prediction` holds the class labels (as text, the same
+    in Zarr and Parquet and as load_model(RUN_DIR).predict) or the predicted values. Ctrl-C or
+    SIGTERM removes the partial output.
 
     \b
     Example:
@@ -760,7 +804,8 @@ def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **clus
 
     model = _load_run_model(run_dir)
     check_inputs(model, store, out, proba=proba, force=force)  # fail before starting a cluster
-    with _client(cluster_kw) as client:
+    # SIGTERM (Slurm, Kubernetes, kill) takes Ctrl-C's path: the temporary output is removed
+    with _sigterm_interrupts(), _client(cluster_kw) as client:
         result = predict_store(model, _on_driver(store), _on_driver(out), client, proba=proba, force=force)
     result["out"] = out  # as the user named it
     click.echo(json.dumps(result))
@@ -853,14 +898,15 @@ def runs(directory: str, as_json: bool) -> None:
 @click.option(
     "--labels",
     type=click.Path(dir_okay=False),
-    help="Labels file (IDX images, or a .npy of labels for a .npy of features).",
+    help="Labels file (IDX images, or a .npy of labels for a .npy of features; not for CSV, Parquet or .npz).",
 )
 @click.option("--drop", multiple=True, metavar="COL", help="Column to leave out (name or index; repeatable).")
 @click.option("--task", type=click.Choice(["classification", "regression"]), help="Override the inferred task.")
 @click.option(
     "--delimiter",
     metavar="D",
-    help="CSV field separator (default: detected; 'tab', 'space'). With one other than ',', 1,5 is 1.5.",
+    help="CSV field separator: one character or comma, semicolon, pipe, tab, space (default: detected). "
+    "With one other than ',', 1,5 is 1.5; with ',', \"3,655\" is 3655.",
 )
 @click.option(
     "--header/--no-header", default=None, help="Whether the CSV's first line names the columns (default: detected)."
@@ -869,7 +915,8 @@ def runs(directory: str, as_json: bool) -> None:
     "--comment",
     default="|",
     show_default=True,
-    help="Skip CSV lines starting with this ('#' lines before the header are skipped too).",
+    help="Skip CSV lines starting with this ('#' lines before the header are skipped too; "
+    "with the delimiter '|', the default '|' is not a comment).",
 )
 @click.option("--rows", metavar="START:STOP", help="Only data rows START:STOP (0-based, either side may be empty).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), help="Rows per chunk (default: ~16 MB chunks).")
@@ -897,7 +944,7 @@ def runs(directory: str, as_json: bool) -> None:
     default="utf-8",
     show_default=True,
     metavar="CODEC",
-    help="Character encoding of a CSV source (e.g. latin-1, cp1252).",
+    help="Character encoding of a CSV source (e.g. latin-1, cp1252; UTF-16 with a byte order mark is detected).",
 )
 @click.option(
     "--like", metavar="TRAIN_STORE", help="Reuse the training store's columns, encodings, classes and mean/std."
@@ -972,6 +1019,29 @@ def ingest(
         )
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
+    src_attrs = store.attrs.get("source") or {}
+    fills = {e["name"]: e.get("fill") for e in store.attrs.get("encodings") or []}
+    imputed = src_attrs.get("missing_imputed") or {}
+    if imputed:  # a category named NA or None is a missing token too: say what was filled in
+        shown = "; ".join(
+            f"column {c!r}: {n:,} -> {fills.get(c):.6g}"
+            if isinstance(fills.get(c), float)
+            else f"column {c!r}: {n:,} -> {fills.get(c)!r}"
+            for c, n in imputed.items()
+        )
+        click.echo(
+            f"warning: missing values (empty, ?, NA, N/A, NaN, null, None, inf) imputed, cells per column: {shown} "
+            "(--missing reject refuses them)",
+            err=True,
+        )
+    rounded = src_attrs.get("rounded_integers") or {}
+    if rounded:
+        click.echo(
+            "warning: integers beyond 2^24 are stored rounded (features are float32): "
+            + "; ".join(f"column {c!r} up to {v:.0f}" for c, v in rounded.items())
+            + "; leave identifiers out with --drop",
+            err=True,
+        )
     if not quiet:
         what = f"{len(store.classes or [])} classes" if store.task == "classification" else "regression"
         if store.attrs.get("labelled") is False:
@@ -1110,11 +1180,34 @@ def inspect(store: str, as_json: bool, verify: bool) -> None:
             click.echo(f"classes  {len(parts)}: " + ", ".join(parts[:12]) + (" ..." if len(parts) > 12 else ""))
         else:
             t = info["target"]
-            click.echo(f"target   {t['name']}: mean {t['mean']}, std {t['std']}")
-        click.echo("features (name, mean, std):")
+            own_t = src.get("target_stats") if src.get("like") else None
+            if own_t:
+                click.echo(
+                    f"target   {t['name']}: mean {own_t['mean']}, std {own_t['std']} "
+                    f"(normalised with the training store's mean {t['mean']}, std {t['std']})"
+                )
+            else:
+                click.echo(f"target   {t['name']}: mean {t['mean']}, std {t['std']}")
         feats = info["features_stats"]
-        for f in feats[:20]:
-            click.echo(f"  {f['name'][:32]:32s} {f['mean']:12.4g} {f['std']:12.4g}")
+        own = (src.get("feature_stats") or {}) if src.get("like") else {}
+        if src.get("like"):
+            # a --like store is normalised with the training store's statistics, not its own
+            click.echo(
+                f"features (name, mean, std of this store; mean, std of the training store {src['like']!r}, "
+                "which normalise it):"
+            )
+        else:
+            click.echo("features (name, mean, std):")
+        for i, f in enumerate(feats[:20]):
+            if own.get("mean") and i < len(own["mean"]):
+                click.echo(
+                    f"  {f['name'][:32]:32s} {own['mean'][i]:12.4g} {own['std'][i]:12.4g}   "
+                    f"{f['mean']:12.4g} {f['std']:12.4g}"
+                )
+            elif src.get("like"):
+                click.echo(f"  {f['name'][:32]:32s} {'?':>12s} {'?':>12s}   {f['mean']:12.4g} {f['std']:12.4g}")
+            else:
+                click.echo(f"  {f['name'][:32]:32s} {f['mean']:12.4g} {f['std']:12.4g}")
         if len(feats) > 20:
             click.echo(f"  ... {len(feats) - 20} more (--json for all)")
         if verify:

@@ -375,6 +375,7 @@ class FederatedTrainer:
                 record["seconds"] = time.perf_counter() - t0
                 run.history.append(record)
                 if evaluate:
+                    self._compare_over_the_same_sites(stopping, run, record)
                     stopping.epoch = rnd  # patience counts rounds, whatever eval_every
                     stop = stopping.update(record.get("val_loss", record["train_loss"]), self._samples_since(run))
                     if stopping.improved:
@@ -1031,6 +1032,25 @@ class FederatedTrainer:
         }
 
     # -- per-site evaluation ---------------------------------------------------------------
+
+    def _compare_over_the_same_sites(self, stopping: EarlyStopping, run: RunState, record: dict[str, Any]) -> None:
+        """The best round is the one of lowest validation loss among rounds evaluated on the
+        same sites: a loss pooled over other sites (one joined, one left) is not comparable, and
+        the model kept could otherwise predate a site it never trained on. When the evaluated
+        sites change, the comparison (and the patience) starts again with this round."""
+        sites = sorted(record.get("sites") or {})
+        if not sites or run.best.epoch < 0:
+            return
+        best = next((h for h in reversed(run.history) if h.get("round") == run.best.epoch), None)
+        before = sorted((best or {}).get("sites") or {})
+        if not before or before == sites:
+            return
+        self.log(
+            f"round {record['round'] + 1}: validated on sites {', '.join(sites)} (the best round so far, "
+            f"{run.best.epoch + 1}, on {', '.join(before)}): the best model is chosen among rounds validated on "
+            "these sites from now on"
+        )
+        stopping.best_loss, stopping.best_epoch = math.inf, -1
 
     def _evaluate(self, rnd: int, sites: list[str]) -> dict[str, Any]:
         """Each live site's metrics on its own held-out rows, their pooled values (``val_*``)

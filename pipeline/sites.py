@@ -269,7 +269,7 @@ def pool_sites(sites_path: str, infos: Mapping[str, Mapping[str, Any]]) -> Feder
         if problem:
             raise StoreError(
                 f"site {name!r} does not match site {ref_name!r}: its store {problem}; ingest it with "
-                f"--like a reference store (e.g. site {ref_name!r}'s) so that every site shares one schema"
+                f"--like a reference store (e.g. the store of site {ref_name!r}) so that every site shares one schema"
             )
     empty = [n for n in names if int(infos[n]["count"]) <= 0]
     if len(empty) == len(names):

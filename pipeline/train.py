@@ -170,7 +170,37 @@ def privacy_settings(
         out["rates"] = [[float(q), int(n)] for q, n in spent["rates"]]
     if cfg.clip_quantile > 0 and spent.get("clip"):
         out["clip"] = float(spent["clip"])
+    if not out["rounds"]:
+        check_budget_allows_a_round(cfg, sampling_rate)
     return out
+
+
+def check_budget_allows_a_round(cfg: TrainConfig, sampling_rate: float = 1.0) -> None:
+    """Refuse a run whose ``target_epsilon`` is spent by its first round: it would stop before
+    applying any update and save its initial weights as the model."""
+    if cfg.dp == "off" or cfg.target_epsilon <= 0 or cfg.noise_multiplier <= 0:
+        return
+    from pipeline.privacy import RdpAccountant, local_epsilon, noise_for_epsilon
+
+    z, delta, target = cfg.noise_multiplier, cfg.dp_delta, cfg.target_epsilon
+    if cfg.dp == "local":  # not amplified by sampling; sensitivity 2 x clip
+        first, rate, need = local_epsilon(1, z, delta), "", 2 * noise_for_epsilon(target, 1, 1.0, delta)
+    else:
+        first = RdpAccountant(z, sampling_rate, delta).epsilon(rounds=1)
+        share = "every participant" if sampling_rate >= 1 else f"{sampling_rate:.3g} of the participants"
+        rate, need = f" ({share} in each)", noise_for_epsilon(target, 1, sampling_rate, delta)
+    if first <= target:
+        return
+    raise ConfigError(
+        f"config key 'target_epsilon' = {target:g} allows no round: one round at noise_multiplier = {z:g}{rate} "
+        f"spends epsilon = {first:.3g} (delta = {delta:g}); raise noise_multiplier (above {need:.3g} for even one "
+        "round, more for many) or target_epsilon"
+        + (
+            ", or sample fewer clients per round (fraction_fit)"
+            if cfg.dp == "central" and (cfg.sites or cfg.clients)
+            else ""
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -750,6 +780,47 @@ def check_backend(backend: str, client: Any = None) -> None:
         raise ConfigError(f"config key 'backend' = 'cuda' cannot run {where}: {next(iter(bad.values()))}")
 
 
+@contextlib.contextmanager
+def interrupts_between_polls() -> Any:
+    """Within the block, Ctrl-C (and SIGTERM where the command turned it into an interrupt) only
+    records the signal: the ``check()`` it yields raises the KeyboardInterrupt at the block's
+    next poll, outside any call into Dask. An interrupt raised inside one (distributed's
+    ``sync``, before its coroutine has started) makes the event loop log a NameError from
+    sync's cancel callback. A second signal raises at once. Off the main thread (signals are
+    not handled there) ``check()`` does nothing."""
+    import signal
+    import threading
+
+    pending: list[str] = []
+
+    def check() -> None:
+        if pending:
+            raise KeyboardInterrupt(pending[0])
+
+    if threading.current_thread() is not threading.main_thread():
+        yield check
+        return
+
+    def record(signum: int, frame: object) -> None:
+        what = "SIGTERM" if signum == signal.SIGTERM else ""
+        if pending:
+            raise KeyboardInterrupt(what)
+        pending.append(what)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # only where the signal interrupts now: Python's Ctrl-C handler, the command's SIGTERM one
+    ours = [
+        sig for sig, h in previous.items() if h is signal.default_int_handler or (sig == signal.SIGTERM and callable(h))
+    ]
+    for sig in ours:
+        signal.signal(sig, record)
+    try:
+        yield check
+    finally:
+        for sig in ours:
+            signal.signal(sig, previous[sig])
+
+
 def let_job_tasks_stop(client: Any, job: str, timeout: float = 10.0) -> None:
     """After ``job``'s tasks were cancelled: wait until the workers no longer run them
     (:func:`pipeline.worker.stop_job_tasks`), so that the cluster, when the command closes it,
@@ -854,6 +925,22 @@ class Trainer:
 
     # -- where the work runs (pipeline.local.LocalTrainer: in this process) -----------------
 
+    def _wait_for_a_worker(self) -> None:
+        """A cluster with no worker yet (a job script starts the scheduler, the workers and
+        the driver together): wait for one, up to ``no_worker_timeout``, as a run whose workers
+        are all gone waits for capacity."""
+        if self.client.scheduler_info(n_workers=-1)["workers"]:
+            return
+        timeout = self.cfg.no_worker_timeout
+        self.log(f"the cluster has no workers yet: waiting up to {timeout:.0f} s (no_worker_timeout) for one")
+        try:
+            self.client.wait_for_workers(1, timeout=timeout)
+        except TimeoutError:
+            raise TrainingError(
+                f"the cluster has had no workers for {timeout:.0f} s; start some with `dask worker ADDRESS`, "
+                "or raise no_worker_timeout"
+            ) from None
+
     def _connect(self) -> tuple[str, dict[str, int]]:
         """Install the parameter server and check the workers; who installed it, and the
         workers' thread counts."""
@@ -861,12 +948,13 @@ class Trainer:
 
         cfg, client = self.cfg, self.client
         installed_by = ParameterServer.ensure_installed(client)
+        self._wait_for_a_worker()
         check_workers_can_open(client, self.store_path)
         check_backend(cfg.backend, client)
         if cfg.validation_store:
             check_workers_can_open(client, cfg.validation_store)
         threads = _total_threads(client)
-        if not threads:
+        if not threads:  # the workers left again while they were checked
             raise TrainingError("the cluster has no workers; start some with `dask worker ADDRESS`")
         from pipeline.ps.shard import shard_workers
 
@@ -1239,36 +1327,43 @@ class Trainer:
         )
         samples0 = ps.metrics()["samples"] if self.progress else 0
         try:
-            while pending:
-                try:
-                    wait(pending, timeout=1.0, return_when="FIRST_COMPLETED")
-                except TimeoutError:
-                    pass  # nothing finished this second: check workers and checkpoints below
-                done = {f for f in pending if f.done()}
-                pending -= done
-                for f in done:
-                    if f.status == "error":
-                        self._check_shards(ps, ask=True)  # a lost shard fails tasks: restore it
-                        exc = f.exception()
-                        if isinstance(exc, TrainingError):
-                            raise TrainingError(str(exc)) from None
-                        raise TrainingError(f"training task {f.key} failed: {type(exc).__name__}: {exc}") from exc
-                finished = [f for f in done if f.status == "finished"]
-                if finished:
-                    results.extend(self._task_results(ps, finished, futures))
-                    done_tasks.update(futures[f.key][0] for f in finished)
-                    for f in finished:
-                        # released at once: if its worker dies later, Dask must not rerun
-                        # a task whose updates the parameter server already holds
-                        f.release()
-                if pending:
-                    no_workers_since = self._check_workers(no_workers_since)
-                    self._check_shards(ps)
-                if self.progress:
-                    m = ps.metrics()
-                    bar.set(m["samples"] - samples0, f"loss {m['loss']:.4f}" if m["loss"] is not None else "")
-                if time.monotonic() - run.last_checkpoint > cfg.checkpoint_seconds:
-                    self._checkpoint(ps, run)
+            with interrupts_between_polls() as check_interrupt:
+                while pending:
+                    check_interrupt()
+                    try:
+                        wait(pending, timeout=1.0, return_when="FIRST_COMPLETED")
+                    except TimeoutError:
+                        pass  # nothing finished this second: check workers and checkpoints below
+                    done = {f for f in pending if f.done()}
+                    pending -= done
+                    for f in done:
+                        if f.status == "error":
+                            self._check_shards(ps, ask=True)  # a lost shard fails tasks: restore it
+                            exc = f.exception()
+                            if isinstance(exc, TrainingError):
+                                raise TrainingError(str(exc)) from None
+                            raise TrainingError(f"training task {f.key} failed: {type(exc).__name__}: {exc}") from exc
+                    finished = [f for f in done if f.status == "finished"]
+                    if finished:
+                        got = self._task_results(ps, finished, futures)
+                        lost = next((r["shard_lost"] for r in got if "shard_lost" in r), None)
+                        if lost is not None:  # the task stopped on it (pipeline.worker.train_task)
+                            raise ShardLostError(lost)
+                        results.extend(got)
+                        done_tasks.update(futures[f.key][0] for f in finished)
+                        for f in finished:
+                            # released at once: if its worker dies later, Dask must not rerun
+                            # a task whose updates the parameter server already holds
+                            f.release()
+                    if pending:
+                        no_workers_since = self._check_workers(no_workers_since)
+                        self._check_shards(ps)
+                    if self.progress:
+                        m = ps.metrics()
+                        bar.set(m["samples"] - samples0, f"loss {m['loss']:.4f}" if m["loss"] is not None else "")
+                    if time.monotonic() - run.last_checkpoint > cfg.checkpoint_seconds:
+                        self._checkpoint(ps, run)
+                check_interrupt()  # one that came during the last poll
         except BaseException:
             client.cancel(list(pending))
             try:

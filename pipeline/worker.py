@@ -26,7 +26,7 @@ from distributed import get_worker, rejoin, secede
 from distributed.metrics import context_meter
 
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
-from pipeline.errors import TrainingError
+from pipeline.errors import ShardLostError, TrainingError
 from pipeline.loader import ChunkLoader, RowCache
 from pipeline.loop import (
     VAL_CACHE_MB,
@@ -624,6 +624,28 @@ def _allow_profile_sizing() -> None:
 
 
 def train_task(
+    job: str,
+    name: str,
+    store_path: str,
+    ranges: list[tuple[int, int]],
+    epoch: int,
+    spec: dict,
+    cfg: dict,
+    target: dict | None,
+    val: dict | None = None,
+) -> dict[str, Any]:
+    """:func:`_train_task`; a parameter-server shard lost under it (which the driver recovers
+    from: it restores the server from the last checkpoint and runs the epoch again) ends the
+    task with ``{"name", "shard_lost"}`` as its result, not with an error the worker would log
+    with its traceback."""
+    try:
+        return _train_task(job, name, store_path, ranges, epoch, spec, cfg, target, val)
+    except ShardLostError as exc:
+        logger.info("participant %s of job %s: %s", name, job, exc)
+        return {"name": name, "shard_lost": str(exc)}
+
+
+def _train_task(
     job: str,
     name: str,
     store_path: str,

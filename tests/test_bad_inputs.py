@@ -464,6 +464,133 @@ def _(t: Trial) -> Outcome:
     return t.cli("ingest", "one.csv", "out.zarr")
 
 
+@case("F50")
+def _(t: Trial) -> Outcome:
+    t.write("bigy.csv", "a,y\n1,9007199254740993\n2,9007199254740992\n3,9007199254740993\n5,7\n")
+    return t.cli("ingest", "bigy.csv", "out.zarr")
+
+
+@case("F51")
+def _(t: Trial) -> Outcome:
+    np.save(t.path / "x.npy", np.zeros((4, 2), np.float32))
+    np.save(t.path / "ybig.npy", np.array([2**53 + 1, 2**53, 2**53 + 1, 2**53]))
+    return t.cli("ingest", "x.npy", "out.zarr", "--labels", "ybig.npy")
+
+
+@case("F52")
+def _(t: Trial) -> Outcome:
+    t.write("nan.csv", "a,b,label\n1,2,x\n-nan,4,y\n5,6,x\n7,8,y\n")
+    return t.cli("ingest", "nan.csv", "out.zarr", "--missing", "reject")
+
+
+@case("F53")
+def _(t: Trial) -> Outcome:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from pipeline.ingest import ingest
+
+    tab = pa.table({"flag": [True, False, True, False, True, None], "v": [1.5, 2, 2.5, 3, 0.5, 1], "y": list("pqpqpq")})
+    pq.write_table(tab, t.path / "mix.parquet")
+    pacsv.write_csv(tab, t.path / "mix.csv")
+    ingest(t.path / "mix.csv", t.path / "train.zarr")
+    out = t.cli("ingest", "mix.parquet", "out.zarr", "--like", "train.zarr", created={"out.zarr"})
+    assert _open(t).feature_names == ["flag=false", "flag=true", "v"]
+    assert _open(t).read_chunk(0)[0][:5, :2].tolist() == [[0, 1], [1, 0], [0, 1], [1, 0], [0, 1]]
+    return out
+
+
+@case("F54")
+def _(t: Trial) -> Outcome:
+    t.write(
+        "prices.csv",
+        "price,rooms,y\n" + "".join(f'"{v:,}",{i % 5},{i % 2}\n' for i, v in enumerate(range(900, 1300, 50))),
+    )
+    out = t.cli("ingest", "prices.csv", "out.zarr", created={"out.zarr"})
+    assert _open(t).read_chunk(0)[0][:, 0].tolist() == list(range(900, 1300, 50))
+    return out
+
+
+@case("F55")
+def _(t: Trial) -> Outcome:
+    t.write("mixed.csv", 'p,y\n"1,234",a\nabc,b\nxyz,a\ndef,b\n')
+    return t.cli("ingest", "mixed.csv", "out.zarr")
+
+
+@case("F56")
+def _(t: Trial) -> Outcome:
+    t.write("codes.csv", "a,b,code\n1,2,007\n3,4,7\n5,6,010\n7,8,10\n9,9,01\n")
+    out = t.cli("ingest", "codes.csv", "out.zarr", created={"out.zarr"})
+    assert _open(t).classes == ["007", "01", "010", "10", "7"]
+    return out
+
+
+@case("F57")
+def _(t: Trial) -> Outcome:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tab = pa.table({"i": [float(i) for i in range(8)], "label": list("xyxyxyxy"), "year": [2020, 2021] * 4})
+    pq.write_to_dataset(tab, t.path / "hive", partition_cols=["year"])
+    out = t.cli("ingest", "hive", "out.zarr", created={"out.zarr"})
+    assert _open(t).feature_names == ["year", "i"]
+    return out
+
+
+@case("F58")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    np.save(t.path / "y.npy", np.arange(4) % 2)
+    return t.cli("ingest", "good.csv", "out.zarr", "--labels", "y.npy")
+
+
+@case("F59")
+def _(t: Trial) -> Outcome:
+    from pipeline.ingest import ingest
+
+    t.write("good.csv", GOOD_CSV)
+    ingest(t.path / "good.csv", t.path / "train.zarr")
+    return t.cli("ingest", "good.csv", "train.zarr/inner.zarr", "--like", "train.zarr")
+
+
+@case("F60")
+def _(t: Trial) -> Outcome:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays = [pa.array([1, 2, 3]), pa.array([4, 5, 6]), pa.array(["x", "y", "x"])]
+    pq.write_table(pa.Table.from_arrays(arrays, names=["a", "a", "label"]), t.path / "dup.parquet")
+    return t.cli("ingest", "dup.parquet", "out.zarr")
+
+
+@case("F61")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    return t.cli("ingest", "good.csv", "out.zarr", "--delimiter", ";;")
+
+
+@case("F62")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    return t.cli("ingest", "good.csv", "good.csv/x.zarr")
+
+
+@case("F63")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    return t.cli("ingest", "good.csv", "out.zarr", "--text-encoding", "utf-16")
+
+
+@case("F64")
+def _(t: Trial) -> Outcome:
+    import pyarrow as pa
+
+    with pa.CompressedOutputStream(str(t.path / "t.csv.zst"), "zstd") as f:
+        f.write(GOOD_CSV.encode())
+    return t.cli("ingest", "t.csv.zst", "out.zarr", "--format", "csv")
+
+
 @case("F15")
 def _(t: Trial) -> Outcome:
     (t.path / "mydata").mkdir()
@@ -1047,6 +1174,78 @@ def _(t: Trial) -> Outcome:
     return t.cli("predict", "failed", "s.zarr", "out.parquet", "--scheduler", t.shared.unreachable)
 
 
+X_CSV = "x0,x1,x2,label\n" + NAMED_CSV.split("\n", 1)[1]
+
+
+@case("M25")
+def _(t: Trial) -> Outcome:
+    from pipeline.config import TrainConfig
+    from pipeline.ingest import ingest
+    from pipeline.model import Model
+    from pipeline.train import build_spec
+
+    t.write("train.csv", X_CSV)  # a real header that happens to read x0, x1, x2
+    store = ingest(t.path / "train.csv", t.path / "train.zarr")
+    cfg = TrainConfig().with_overrides(["hidden=[4]"])
+    spec, target = build_spec(store, cfg)
+    n = sum(a * b + b for a, b in zip([3, 4], [4, 3], strict=True))
+    (t.path / "run").mkdir()
+    Model.from_training(store, spec, target, np.zeros(n, np.float32), cfg, []).save(t.path / "run" / "model.npz")
+    t.write("swapped.csv", "x1,x0,x2,label\n" + NAMED_CSV.split("\n", 1)[1])
+    t.cli("ingest", "swapped.csv", "swapped.zarr", "--quiet")
+    return t.cli("evaluate", "run", "swapped.zarr", "--scheduler", t.shared.unreachable, "--connect-timeout", "1")
+
+
+@case("M26")
+def _(t: Trial) -> Outcome:
+    _named_run(t)  # column a of train.csv: 0..4, mean 2
+    rows = [ln.split(",") for ln in NAMED_CSV.splitlines()[1:]]
+    t.write("new.csv", "a,b,c,label\n" + "".join(f"{'' if int(a) > 1 else a},{b},{c},{y}\n" for a, b, c, y in rows))
+    t.cli("ingest", "new.csv", "new.zarr", "--quiet")  # its own fill of a: the mean of 0 and 1
+    return t.cli(
+        "predict", "run", "new.zarr", "p.parquet", "--scheduler", t.shared.unreachable, "--connect-timeout", "1"
+    )
+
+
+@case("M27")
+def _(t: Trial) -> Outcome:
+    _named_run(t)
+    t.write("other.csv", "a,b,c,grade\n" + NAMED_CSV.split("\n", 1)[1])
+    t.cli("ingest", "other.csv", "other.zarr", "--quiet")
+    return t.cli("evaluate", "run", "other.zarr", "--scheduler", t.shared.unreachable, "--connect-timeout", "1")
+
+
+@case("M28")
+def _(t: Trial) -> Outcome:
+    from pipeline.model import load_model
+
+    _named_run(t)
+    rows = np.array([[1.0, 2.0, 0.0], [np.nan, 2.0, 0.0]])
+    return t.call(lambda: load_model(t.path / "run").predict(rows))
+
+
+@case("M29")
+def _(t: Trial) -> Outcome:
+    from pipeline.model import load_model
+
+    t.write(
+        "train.csv", "a,colour,label\n" + "".join(f"{i},{'red green blue'.split()[i % 3]},{i % 2}\n" for i in range(30))
+    )
+    from pipeline.config import TrainConfig
+    from pipeline.ingest import ingest
+    from pipeline.model import Model
+    from pipeline.train import build_spec
+
+    store = ingest(t.path / "train.csv", t.path / "train.zarr")
+    cfg = TrainConfig().with_overrides(["hidden=[4]"])
+    spec, target = build_spec(store, cfg)
+    n = store.n_features * 4 + 4 + 4 * spec["n_out"] + spec["n_out"]
+    (t.path / "run").mkdir()
+    Model.from_training(store, spec, target, np.zeros(n, np.float32), cfg, []).save(t.path / "run" / "model.npz")
+    raw = np.array([[1, "red"], [2, "blue"]], dtype=object)  # the CSV's own columns, not encoded
+    return t.call(lambda: load_model(t.path / "run").predict(raw))
+
+
 def _users_project(t: Trial) -> None:
     """A user's directory with their own files at names a run writes."""
     t.copy(t.shared.store4, "s.zarr")
@@ -1113,6 +1312,11 @@ def _(t: Trial) -> Outcome:
     cfg = TrainConfig(hidden=[8], clients=2, rounds=1, patience=0)
     train(str(t.path / "s.zarr"), cfg, t.path / "run", client=t.shared.client)
     return t.cli("train", "s.zarr", "--out", "run", "--resume", "--scheduler", t.shared.unreachable)
+
+
+@case("C93")
+def _(t: Trial) -> Outcome:
+    return _train_set(t, "--set", "dp=central", "--set", "noise_multiplier=1.1", "--set", "target_epsilon=3")
 
 
 # -- clusters and the parameter server -------------------------------------------------------
@@ -1373,6 +1577,57 @@ def _(t: Trial) -> Outcome:
     with mock.patch.object(estimator.MLPClassifier, "_write_store", no_store):
         out = _fit(t, _X, _Y, cluster_min_rows=0, options={"blas_threads": 2})
     assert estimator._local == started  # no cluster of the estimators' own was started
+    return out
+
+
+@case("A17")
+def _(t: Trial) -> Outcome:
+    return _fit(t, _X, _Y, options={"hidden": [5]})
+
+
+@case("A18")
+def _(t: Trial) -> Outcome:
+    from pipeline import estimator
+
+    started = dict(estimator._local)
+    out = _fit(t, _X, _Y, client="lcoal")
+    assert estimator._local == started and not estimator._remote
+    return out
+
+
+@case("A19")
+def _(t: Trial) -> Outcome:
+    return _fit(t, _X, _Y, options={"staleness": 4})
+
+
+def _saved(t: Trial, make: Callable[[Path], object], path: str, **kwargs: object) -> Outcome:
+    from pipeline.estimator import MLPClassifier
+
+    est = MLPClassifier(hidden_layer_sizes=(4,), max_iter=1, random_state=0).fit(_X, _Y)
+    make(t.path)
+    return t.call(lambda: est.save(path, **kwargs))
+
+
+@case("A20")
+def _(t: Trial) -> Outcome:
+    return _saved(t, lambda root: (root / "notes.csv").write_text("my,data\n1,2\n"), "notes.csv", overwrite=True)
+
+
+@case("A21")
+def _(t: Trial) -> Outcome:
+    return _saved(t, lambda root: (root / "runs").mkdir(), "runs")
+
+
+@case("A22")
+def _(t: Trial) -> Outcome:
+    from sklearn.exceptions import NotFittedError
+
+    from pipeline.estimator import LinearRegression
+
+    est = LinearRegression()
+    out = t.call(lambda: est.fit(_X, _X[:, 0], sample_weight=np.ones(len(_X))))
+    with pytest.raises(NotFittedError):
+        est.predict(_X)
     return out
 
 

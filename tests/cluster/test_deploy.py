@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -169,6 +170,63 @@ def test_worker_that_cannot_read_the_store_is_named(letter_store: Path, tmp_path
     assert bad in line and "1 of 2 workers" in line, line
     assert letter_store.name in line
     assert not (out / "model.npz").exists()  # refused before training started
+
+
+def test_a_driver_started_before_its_workers_waits_for_them(letter_store: Path, tmp_path: Path) -> None:
+    """A job script starts the scheduler, the workers and the driver together: the driver waits
+    (up to no_worker_timeout) for a first worker instead of refusing a cluster still starting;
+    with none within it, one line names the fix."""
+    from tests.processes import PIPELINE
+
+    with running_cluster(tmp_path / "cluster", workers=0) as cluster:
+        r = run_cli(
+            [
+                "train",
+                str(letter_store),
+                "--scheduler",
+                cluster.address,
+                "--out",
+                str(tmp_path / "none"),
+                *TRAIN,
+                "--set",
+                "no_worker_timeout=2",
+            ],
+            cwd=tmp_path,
+        )
+        assert r.returncode == 1, r.stdout + r.stderr
+        line = _one_line_error(r.stderr)
+        assert "the cluster has had no workers for 2 s; start some with `dask worker ADDRESS`" in line, line
+        assert not (tmp_path / "none" / "model.npz").exists()
+
+        out = tmp_path / "run"
+        proc = subprocess.Popen(
+            [
+                PIPELINE,
+                "train",
+                str(letter_store),
+                "--scheduler",
+                cluster.address,
+                "--out",
+                str(out),
+                *[a for a in TRAIN if a != "--quiet"],
+            ],
+            cwd=tmp_path,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            time.sleep(4)  # the driver is up and finds no worker
+            cluster.worker(cluster.address, "late")
+            stdout, stderr = proc.communicate(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "the cluster has no workers yet: waiting up to 300 s (no_worker_timeout) for one" in stderr, stderr
+    assert "(training page: /pipeline)" in stderr, stderr  # the preload put the page on the dashboard
+    assert json.loads(stdout.strip().splitlines()[-1])["epochs"] == 3
 
 
 def test_evaluate_and_predict_resolve_relative_paths_on_the_driver(tmp_path: Path) -> None:

@@ -396,3 +396,50 @@ def test_resume_of_a_federated_run_with_no_rounds_left_is_refused(
     r = invoke("train", store, "--out", run, "--resume", "--scheduler", scheduler, "--set", "rounds=3", "-q")
     assert r.exit_code == 0, r.output
     assert [e["round"] for e in json.loads((run / "history.json").read_text())["epochs"]] == [0, 1, 2]
+
+
+def test_a_scheduler_without_the_preload_is_said_to_have_no_training_page(here: Path) -> None:
+    """The parameter server a driver installs as a plugin works, but only the preload puts
+    /pipeline on the dashboard: the command does not point at a page that is not there."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as lc:
+        r = invoke("train", "s.zarr", "--out", "run", "--scheduler", lc.scheduler_address, "--set", "epochs=1")
+    assert r.exit_code == 0, r.output
+    assert "(no training page: the scheduler was started without --preload pipeline.ps)" in r.stderr, r.stderr
+    assert "training page: /pipeline" not in r.stderr
+    assert json.loads((here / "run" / "history.json").read_text())["installed_by"] == "plugin"
+
+
+def test_a_federated_run_with_dp_prints_epsilon_each_round_and_at_the_end(
+    store: Path, client: Any, scheduler: str, tmp_path: Path
+) -> None:
+    """As an epoch run does (docs/privacy.md): each round's line and the final line carry the
+    privacy spent."""
+    r = invoke(
+        "train",
+        store,
+        "--out",
+        tmp_path / "dp",
+        "--scheduler",
+        scheduler,
+        "--set",
+        "clients=4",
+        "--set",
+        "rounds=2",
+        "--set",
+        "hidden=[8]",
+        "--set",
+        "dp=central",
+        "--set",
+        "noise_multiplier=2",
+    )
+    assert r.exit_code == 0, r.output
+    rounds = [ln for ln in r.stderr.splitlines() if ln.startswith("round ") and "train_loss" in ln]
+    assert len(rounds) == 2 and all("  epsilon " in ln for ln in rounds), r.stderr
+    final = last_json(r.stdout)
+    assert final["epsilon"] > 0 and final["dp_delta"] == 1e-5
+    from pipeline.cli import _round_line
+
+    line = _round_line({"round": 0, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5, "epsilon": 2.5})
+    assert line.endswith("epsilon 2.5")

@@ -418,3 +418,40 @@ def test_a_real_parameter_server_checkpoints_and_restores_the_fedbuff_buffer(cli
     finally:
         ps.close()
         twin.close()
+
+
+def test_the_best_round_is_chosen_among_rounds_validated_on_the_same_sites() -> None:
+    """A site joining (or leaving) changes what the pooled validation loss covers: the best
+    round is then chosen again among rounds validated on the new sites, so the model kept never
+    predates a site it did not train on because an easier pool scored lower."""
+    from types import SimpleNamespace
+
+    from pipeline.federated import FederatedTrainer
+    from pipeline.runstate import BestModel, EarlyStopping, RunState
+
+    lines: list[str] = []
+    trainer = SimpleNamespace(log=lines.append)
+    run = RunState("j")
+    stopping = EarlyStopping(patience=5)
+
+    def round_(rnd: int, loss: float, sites: tuple[str, ...]) -> None:
+        record = {"round": rnd, "val_loss": loss, "sites": {s: {"loss": loss} for s in sites}}
+        run.history.append(record)
+        FederatedTrainer._compare_over_the_same_sites(trainer, stopping, run, record)
+        stopping.epoch = rnd
+        stopping.update(loss, 1)
+        if stopping.improved:
+            run.best = BestModel(stopping.best_loss, None, rnd)
+
+    round_(0, 1.0, ("a", "b"))
+    round_(1, 0.5, ("a", "b"))
+    assert run.best.epoch == 1 and not lines
+    round_(2, 0.9, ("a", "b", "c"))  # c joined: its loss is higher, the pool's too
+    assert run.best.epoch == 2 and len(lines) == 1
+    assert "validated on sites a, b, c (the best round so far, 2, on a, b)" in lines[0]
+    round_(3, 0.95, ("a", "b", "c"))
+    assert run.best.epoch == 2  # compared among a, b, c rounds
+    round_(4, 0.2, ("a", "b"))  # c left: an easier pool
+    assert run.best.epoch == 4 and len(lines) == 2
+    round_(5, 0.1, ("a", "b"))
+    assert run.best.epoch == 5 and len(lines) == 2

@@ -191,3 +191,24 @@ def test_check_privacy_fills_defaults_and_names_the_bad_setting() -> None:
 def test_noise_for_epsilon_is_the_least_noise_within_the_budget() -> None:
     z = noise_for_epsilon(3.0, 50, 0.1, 1e-5)
     assert RdpAccountant(z, 0.1, 1e-5).epsilon(rounds=50) <= 3.0 < RdpAccountant(z * 0.99, 0.1).epsilon(rounds=50)
+
+
+def test_the_documented_privacy_example_trains_the_rounds_it_says() -> None:
+    """docs/privacy.md's configuration is one that trains: its first round fits the budget
+    (a budget the first round spends is refused), and it allows the rounds the docs state."""
+    import tomllib
+    from pathlib import Path
+
+    from pipeline.config import TrainConfig
+    from pipeline.errors import ConfigError
+    from pipeline.train import check_budget_allows_a_round
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "privacy.md").read_text()
+    settings = tomllib.loads(text.split("```toml\n", 1)[1].split("```", 1)[0])
+    cfg = TrainConfig(**settings)
+    check_budget_allows_a_round(cfg)  # every participant in every round
+    z, target, delta = cfg.noise_multiplier, cfg.target_epsilon, cfg.dp_delta
+    assert RdpAccountant(z, 1.0, delta).rounds_within(target) == 28
+    assert 2700 <= RdpAccountant(z, 0.1, delta).rounds_within(target) <= 2900  # "about 2,800"
+    with pytest.raises(ConfigError, match="allows no round: one round at noise_multiplier = 1.1"):
+        check_budget_allows_a_round(TrainConfig(**{**settings, "noise_multiplier": 1.1}))

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 from pipeline.config import TrainConfig
 from pipeline.errors import PSError, TrainingError
@@ -225,6 +227,23 @@ def _kill_a_shard_mid_epoch(client, procs, used: list[str], killed: list[str]) -
         time.sleep(0.01)
 
 
+class _ErredTasks(SchedulerPlugin):
+    """Records the keys of the tasks that erred on the scheduler."""
+
+    name = "test-erred-tasks"
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if finish == "erred":
+            self.keys.append(str(key))
+
+
+def _erred_keys(dask_scheduler: Any) -> list[str]:
+    return list(dask_scheduler.plugins[_ErredTasks.name].keys)
+
+
 @pytest.mark.timeout(300)
 def test_a_killed_shard_worker_is_survived(letter_stores, client, shard_procs, tmp_path):
     """A shard's worker SIGKILLed mid-epoch: the job is placed again on the ps-shard workers
@@ -234,6 +253,7 @@ def test_a_killed_shard_worker_is_survived(letter_stores, client, shard_procs, t
 
     spare = _start_shard_worker(client.scheduler.address)
     procs = [*shard_procs, spare]
+    client.register_plugin(_ErredTasks())
     try:
         used = _wait_for_shard_workers(client, 3)[:2]  # ShardedParameterServer takes the first, sorted
         said: list[str] = []
@@ -243,10 +263,15 @@ def test_a_killed_shard_worker_is_survived(letter_stores, client, shard_procs, t
         cfg = TrainConfig(mode="sync", epochs=3, patience=0, ps_shards=2)
         res = train(letter_stores[0], cfg, tmp_path / "run", client=client, log=said.append)
         killer.join()
+        erred = client.run_on_scheduler(_erred_keys)
     finally:
+        client.unregister_scheduler_plugin(_ErredTasks.name)
         spare.kill()
         spare.wait()
     assert killed, "no shard worker was killed: the test did not exercise shard loss"
+    # the training tasks cut off by the lost shard ended with it as their result: no task
+    # erred, so no worker logged a "Compute Failed" traceback for a loss the run recovers from
+    assert not [k for k in erred if str(k).startswith("train-chunk-")], erred
     assert any("restoring the parameter server from the last checkpoint" in m for m in said), said
     assert [h["epoch"] for h in res.history] == [0, 1, 2]
     assert np.isfinite(res.model.params).all()

@@ -497,3 +497,27 @@ def test_training_on_class_sorted_rows_validates_on_every_class(client, tmp_path
     for rec in res.history:
         assert rec["val_n"] == 150
         assert sum(t["samples"] for t in rec["tasks"]) == 1350
+
+
+def test_an_interrupt_between_polls_is_raised_at_the_next_poll_not_inside_it() -> None:
+    """Ctrl-C (or the command's SIGTERM) inside the epoch's polling loop is recorded and raised
+    by ``check()``, outside any call into Dask; a second signal raises at once; the handlers
+    are restored after the block."""
+    import os
+    import signal
+
+    from pipeline.train import interrupts_between_polls
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt) as got:
+        with interrupts_between_polls() as check:
+            check()  # nothing yet
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler ran: recorded, not raised here
+            reached = True
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)  # a second one raises at once
+                time.sleep(1)
+            check()
+    assert reached and str(got.value) == ""
+    assert signal.getsignal(signal.SIGINT) is before

@@ -132,7 +132,7 @@ def test_sigterm_in_process_writes_a_checkpoint_that_resumes(store, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, rest[1]
+    assert proc.returncode == 143, rest[1]
     assert "interrupted (SIGTERM)" in rest[1]
     _, meta = load_file(out / "checkpoint.npz", "checkpoint")
     assert meta["epoch"] >= 2 and not (out / "model.npz").exists()
