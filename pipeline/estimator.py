@@ -832,7 +832,7 @@ class _BaseMLP(BaseEstimator):
             n_features,
             y_shape_tail=y_tail,
             x_dtype=np.float32,
-            y_dtype=np.int32 if cls else np.float32,
+            y_dtype=np.int32 if cls else np.float64,  # regression targets unrounded, as ingest keeps them
             attrs=self._store_attrs(),
         ) as w:
             for Xb, yb in self._blocks(X, y):
@@ -841,7 +841,7 @@ class _BaseMLP(BaseEstimator):
                     yb = yb.astype(np.int32)
                     counts += np.bincount(yb, minlength=len(counts))
                 else:
-                    yb = np.ascontiguousarray(yb, dtype=np.float32)
+                    yb = np.ascontiguousarray(yb, dtype=np.float64)
                     ys.update(yb.reshape(len(yb), -1))
                 xs.update(Xb)
                 w.append(Xb, yb)

@@ -277,7 +277,7 @@ def _fit_group(
         inv_std = np.ascontiguousarray(1.0 / np.where(s > 0, s, 1.0), dtype=np.float32)
     else:
         mean, inv_std = np.zeros(n_f, np.float32), np.ones(n_f, np.float32)
-    y_dtype = np.int32 if store.task == "classification" else np.float32
+    y_dtype = np.int32 if store.task == "classification" else np.float64  # as the loader's
     trainer = cached_trainer(job, "fit", spec, cfg)
     full_batch = cfg["batch_size"] == 0
     size = cfg["batch_size"] or FULL_BATCH_ROWS

@@ -964,7 +964,7 @@ def _ingest_table(
                     raise IngestError(f"target column {tcol!r} has a label not among the classes {classes}")
                 y = np.where(keep, y, 0).astype(np.int32)
             else:
-                y = tpar.values.astype(np.float32)
+                y = tpar.values.astype(np.float64)
             if not keep.all():
                 X, y = X[keep], y[keep]
             yield X, y, n
@@ -1452,7 +1452,7 @@ def _ingest_arrays(
             elif target_plan.task == "classification":
                 yo = np.searchsorted(cv, yv).astype(np.int32)
             else:
-                yo = yv.astype(np.float32)
+                yo = yv.astype(np.float64)
             yield X, yo, n
 
     def summary(n_read: int, n_written: int) -> dict[str, Any]:

@@ -98,7 +98,9 @@ class TargetPlan:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(np.int32 if self.task == "classification" else np.float32)
+        # regression targets keep float64: float32 rounds 1e8 to a multiple of 8, and a metric
+        # computed on rounded targets is not the metric of the data
+        return np.dtype(np.int32 if self.task == "classification" else np.float64)
 
 
 @dataclass

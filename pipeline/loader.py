@@ -343,7 +343,9 @@ class ChunkLoader:
         else:  # (x - 0) * 1 is x exactly: one code path
             self._mean = np.zeros(n_features, np.float32)
             self._inv_std = np.ones(n_features, np.float32)
-        self._y_dtype = np.int32 if self.store.task == "classification" else np.float32
+        # regression targets as stored (float64 since ingest keeps them so): standardized later
+        # in float64 (pipeline.loop.prepare_targets), not rounded to float32 before
+        self._y_dtype = np.int32 if self.store.task == "classification" else np.float64
         self._threads: list[tuple[threading.Thread, threading.Event, queue.Queue]] = []
 
     # -- lifecycle -------------------------------------------------------------------------------

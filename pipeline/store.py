@@ -4,7 +4,8 @@ Layout::
 
     DEST/                 Zarr v3 group; attributes describe the dataset (see ``Store.attrs``)
       X                   (n_rows, n_features), the source's compact dtype (uint8 stays uint8)
-      y                   (n_rows,) int32 class indices, or float32 (n_rows,) / (n_rows, k) targets
+      y                   (n_rows,) int32 class indices, or float64 (n_rows,) / (n_rows, k) targets (float32 in
+                          stores written before, and by pipeline synth)
 
 Both arrays are chunked along rows only, with the same ``chunk_rows``, so row-chunk ``i`` of ``X``
 and of ``y`` hold the same rows and a chunk is the unit of reading and of work. Every chunk goes

@@ -354,3 +354,32 @@ def test_command_warns_about_imputed_cells_and_rounded_integers(tmp_path):
     r = run("ingest", tmp_path / "i.parquet", tmp_path / "i.zarr")
     assert r.exit_code == 0 and "integers beyond 2^24 are stored rounded" in r.stderr and "'id'" in r.stderr
     assert StoreError  # imported for the error classes the command maps
+
+
+def test_regression_targets_are_stored_unrounded(tmp_path) -> None:
+    """A regression target keeps float64: float32 would round 1e8 + 0.25 k to multiples of 8,
+    and every metric computed on the store (evaluate, validation) would score the rounding."""
+    from pipeline.loader import ChunkLoader
+    from pipeline.loop import prepare_targets
+    from pipeline.store import open_store
+
+    n = 400
+    vals = 1e8 + 3 + 0.25 * np.arange(n)
+    x = np.arange(n, dtype=np.float64) % 7
+    csv = tmp_path / "big.csv"
+    pacsv.write_csv(pa.table({"x": x, "price": vals}), str(csv))
+    pq.write_table(pa.table({"x": x, "price": vals}), str(tmp_path / "big.parquet"))
+    for src in (csv, tmp_path / "big.parquet"):
+        st = ingest(src, tmp_path / f"{src.suffix[1:]}.zarr", target="price", chunk_rows=128)
+        assert st.y.dtype == np.float64
+        np.testing.assert_array_equal(st.y[:], vals)
+        t = st.attrs["target"]
+        assert t["mean"][0] == pytest.approx(vals.mean(), rel=1e-15)
+        assert t["std"][0] == pytest.approx(vals.std(), rel=1e-12)
+    # the loader hands training the targets as stored: standardized in float64, then float32
+    st = open_store(tmp_path / "csv.zarr")
+    loader = ChunkLoader(st, batch_size=64, shuffle=False)
+    ys = [y for _, y in loader.epoch(0)]
+    got = np.concatenate([prepare_targets(y, st.attrs["target"])[:, 0] for y in ys])
+    want = ((vals - vals.mean()) / vals.std()).astype(np.float32)
+    np.testing.assert_allclose(np.sort(got), np.sort(want), rtol=0, atol=1e-6)

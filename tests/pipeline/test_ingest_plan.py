@@ -84,7 +84,7 @@ def test_numeric_classes_are_named_from_their_values():
     t = decide_target(table_labels(profiles_of({"y": [3, 1, 1, 3, 2]})["y"]), None, None, "y")
     assert t.task == "classification" and t.classes == ["1", "2", "3"] and t.class_values == [1.0, 2.0, 3.0]
     r = decide_target(table_labels(profiles_of({"y": [0.5, 1.5, 2.25, 3.0]})["y"]), None, None, "y")
-    assert r.task == "regression" and r.classes is None and r.dtype == np.float32
+    assert r.task == "regression" and r.classes is None and r.dtype == np.float64  # regression targets unrounded
 
 
 def test_refusals_without_a_training_store():

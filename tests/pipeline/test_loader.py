@@ -80,7 +80,7 @@ def test_regression_targets(tmp_path):
     st = make_store(tmp_path / "s.zarr", task="regression")
     with ChunkLoader(st, batch_size=32, normalize=False) as L:
         for X, y in L.epoch(0):
-            assert y.dtype == np.float32
+            assert y.dtype == np.float64  # standardized in float64 (prepare_targets), then float32
             np.testing.assert_array_equal(y, X[:, 0])
 
 
