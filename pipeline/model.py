@@ -165,7 +165,38 @@ class Model:
         )
         return f"{what}{' (categorical columns are one-hot encoded)' if encoded else ''}; {how}"
 
+    def _check_column_names(self, X: Any) -> None:
+        """Rows given as a table with string column names (a DataFrame's ``columns``, a pyarrow
+        Table's ``column_names``) must name the model's features in the model's order: the same
+        names reordered, or other names, are refused (the values would be read as other
+        features). Names the model made up (``x0``, ... of NumPy sources) are not compared."""
+        names = getattr(X, "column_names", None)
+        if names is None and hasattr(X, "columns") and not isinstance(X, np.ndarray):
+            names = list(X.columns)
+        if not names or not self.feature_names or self.feature_names_generated:
+            return
+        if not all(isinstance(n, str) for n in names):
+            return  # positional column labels: nothing to compare
+        names, ours = list(names), list(self.feature_names)
+        if names == ours:
+            return
+
+        def short(items: list[str]) -> str:
+            return ", ".join(items[:6]) + (", ..." if len(items) > 6 else "")
+
+        if sorted(names) == sorted(ours):
+            raise ValueError(
+                f"the columns of X are the model's features in another order ({short(names)}); select them in the "
+                f"model's order ({short(ours)}), e.g. X[model.feature_names]"
+            )
+        raise ValueError(
+            f"the columns of X ({short(names)}) are not the model's features ({short(ours)}); give the model's "
+            "encoded features, or ingest the raw rows with `pipeline ingest SRC NEW.zarr --like TRAIN_STORE "
+            "--unlabelled` and predict that store"
+        )
+
     def transform_features(self, X: Any) -> np.ndarray:
+        self._check_column_names(X)
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ValueError(

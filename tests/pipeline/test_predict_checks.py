@@ -301,3 +301,32 @@ def test_a_later_predict_removes_a_killed_predicts_temporary_and_nothing_else(ru
     for name in ("p.parquet", "p.zarr"):  # the final outputs carry no writer record
         assert "_writer.json" not in [p.name for p in (d / name).iterdir()]
     assert "writer" not in zarr.open_group(str(d / "p.zarr"), mode="r").attrs
+
+
+def test_load_model_refuses_a_table_whose_columns_are_not_the_model_s_in_order(run) -> None:
+    """A table with named columns (a pyarrow Table, a DataFrame) is read by position: the same
+    names in another order, or other names, would be predicted as the wrong features."""
+    import pyarrow as pa
+
+    class Frame:
+        """The two things a DataFrame offers here: string ``columns`` and its values."""
+
+        def __init__(self, names: list[str], values: np.ndarray) -> None:
+            self.columns, self.values = names, values
+
+        def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+            return self.values if dtype is None else self.values.astype(dtype)
+
+    run_dir, _ = run
+    model = load_model(run_dir)
+    assert model.feature_names == ["x0", "x1", "x2"] and not model.feature_names_generated
+    X = np.random.default_rng(5).standard_normal((50, 3))
+    want = model.predict(X)
+    np.testing.assert_array_equal(model.predict(Frame(["x0", "x1", "x2"], X)), want)  # the model's order
+    with pytest.raises(ValueError, match=r"the model's features in another order \(x2, x1, x0\); select them"):
+        model.predict(Frame(["x2", "x1", "x0"], X[:, ::-1]))
+    table = pa.table({"x1": X[:, 1], "x0": X[:, 0], "x2": X[:, 2]})
+    with pytest.raises(ValueError, match="another order"):
+        model.predict_proba(table)
+    with pytest.raises(ValueError, match=r"the columns of X \(a, b, c\) are not the model's features \(x0, x1, x2\)"):
+        model.predict(Frame(["a", "b", "c"], X))
