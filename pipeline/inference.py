@@ -298,7 +298,7 @@ class TaskFailure:
     error: PipelineError
 
 
-def _as_value(exc: PipelineError) -> TaskFailure:
+def as_task_failure(exc: PipelineError) -> TaskFailure:
     """``exc`` without its traceback and cause (they stay on the worker)."""
     try:
         clean = type(exc)(*exc.args)
@@ -338,7 +338,7 @@ def evaluate_task(store_path: str, ranges: list[tuple[int, int]], model: Model) 
             for out, y in model_outputs(model, open_store(store_path), ranges, True)
         ]
     except PipelineError as exc:
-        return _as_value(exc)
+        return as_task_failure(exc)
     return merge_metrics(parts)
 
 
@@ -375,7 +375,7 @@ def predict_task(
     try:
         outs = [out for out, _ in model_outputs(model, open_store(store_path), [row_range])]
     except PipelineError as exc:
-        return _as_value(exc)
+        return as_task_failure(exc)
     a, b = row_range
     n_out, target, classes = model.spec["n_out"], _target(model), model.classes
     raw = np.concatenate(outs) if outs else np.zeros((0, n_out), np.float64)

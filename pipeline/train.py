@@ -1349,6 +1349,9 @@ class Trainer:
                         lost = next((r["shard_lost"] for r in got if "shard_lost" in r), None)
                         if lost is not None:  # the task stopped on it (pipeline.worker.train_task)
                             raise ShardLostError(lost)
+                        failed = next((r["failure"] for r in got if "failure" in r), None)
+                        if failed is not None:  # a data error the task returned: the run's error
+                            raise failed.error
                         results.extend(got)
                         done_tasks.update(futures[f.key][0] for f in finished)
                         for f in finished:
@@ -1428,20 +1431,26 @@ class Trainer:
                 since = self._check_workers(since)
                 continue
             try:
-                return [f.result(timeout=10) for f in futures]
+                results = [f.result(timeout=10) for f in futures]
             except TimeoutError:
                 continue  # a worker left with a result: Dask recomputes it, wait again
+            from pipeline.inference import TaskFailure
+
+            failed = next((r for r in results if isinstance(r, TaskFailure)), None)
+            if failed is not None:  # a data error a task returned (pipeline.worker.validate_task)
+                raise failed.error
+            return results
 
     def _evaluate(self, epoch: int, val_ranges: Ranges) -> dict[str, Any]:
         if not val_ranges:
             return {}
-        from pipeline.worker import evaluate_task
+        from pipeline.worker import validate_task
 
         tcfg = task_config(self.cfg)
         groups = group_ranges(val_ranges, 1 << 16)
         futures = [
             self.client.submit(
-                evaluate_task,
+                validate_task,
                 self.val_path,
                 g,
                 None,

@@ -26,7 +26,7 @@ from distributed import get_worker, rejoin, secede
 from distributed.metrics import context_meter
 
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
-from pipeline.errors import ShardLostError, TrainingError
+from pipeline.errors import ShardLostError, StoreError, TrainingError
 from pipeline.loader import ChunkLoader, RowCache
 from pipeline.loop import (
     VAL_CACHE_MB,
@@ -638,11 +638,15 @@ def train_task(
     from: it restores the server from the last checkpoint and runs the epoch again) ends the
     task with ``{"name", "shard_lost"}`` as its result, not with an error the worker would log
     with its traceback."""
+    from pipeline.inference import as_task_failure
+
     try:
         return _train_task(job, name, store_path, ranges, epoch, spec, cfg, target, val)
     except ShardLostError as exc:
         logger.info("participant %s of job %s: %s", name, job, exc)
         return {"name": name, "shard_lost": str(exc)}
+    except StoreError as exc:  # the data is what it is: not retried, no worker traceback
+        return {"name": name, "failure": as_task_failure(exc)}
 
 
 def _train_task(
@@ -806,6 +810,18 @@ def evaluate_task(
     if params is None:
         params = _server(str(job), cfg).pull(model=True)[0]
     return evaluate_ranges(_store(store_path), ranges, params, job, spec, cfg, target, norm)
+
+
+def validate_task(*args: Any) -> Any:
+    """:func:`evaluate_task` for a training run's validation: a data error is returned as a
+    :class:`pipeline.inference.TaskFailure` (not retried, no worker traceback), which the
+    driver raises."""
+    from pipeline.inference import as_task_failure
+
+    try:
+        return evaluate_task(*args)
+    except StoreError as exc:
+        return as_task_failure(exc)
 
 
 def evaluate_ranges(

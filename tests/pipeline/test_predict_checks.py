@@ -330,3 +330,33 @@ def test_load_model_refuses_a_table_whose_columns_are_not_the_model_s_in_order(r
         model.predict_proba(table)
     with pytest.raises(ValueError, match=r"the columns of X \(a, b, c\) are not the model's features \(x0, x1, x2\)"):
         model.predict(Frame(["a", "b", "c"], X))
+
+
+@pytest.mark.parametrize("where", ["training", "validation"])
+def test_training_on_a_corrupted_chunk_is_one_error_line_without_worker_tracebacks(tmp_path, where):
+    """A training task, or a validation task, that meets a corrupted chunk returns the store's
+    error (Dask's retries would read the same bytes again, and each attempt logged a "Compute
+    Failed" traceback on the worker): the run ends with that one line."""
+    tr = ingest(_csv(tmp_path / "tr.csv", 1200, 11), tmp_path / "tr.zarr", chunk_rows=400)
+    va = ingest(_csv(tmp_path / "va.csv", 800, 12), tmp_path / "va.zarr", like=tr.path, chunk_rows=400)
+    _corrupt_last_x_chunk(tr.path if where == "training" else va.path)
+    r = run_cli(
+        "train",
+        tr.path,
+        "--out",
+        tmp_path / "run",
+        "-q",
+        "--set",
+        "epochs=2",
+        "--set",
+        "hidden=[8]",
+        "--set",
+        f"validation_store={json.dumps(str(va.path))}",
+        *CLUSTER,
+    )
+    assert r.returncode == 1, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    chunk = "chunk 2 of array 'X'" if where == "training" else "chunk 1 of array 'X'"
+    assert len(lines) == 1 and lines[0].startswith(f"error: {chunk}"), r.stderr
+    assert "Compute Failed" not in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "model.npz").exists()
