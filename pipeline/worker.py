@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import sys
 import threading
@@ -623,33 +624,32 @@ def _allow_profile_sizing() -> None:
         sys.setrecursionlimit(_MIN_RECURSION_LIMIT)
 
 
+def _quiet_ends(task: Any) -> Any:
+    """``task`` (a training task), ending with a value instead of an error where the run goes
+    on or the driver reports it: a parameter-server shard lost under it (the driver restores
+    the server from the last checkpoint and runs the epoch again) gives ``{"name",
+    "shard_lost"}``, a data error (a corrupted or missing chunk: :class:`StoreError`) gives
+    ``{"name", "failure"}`` (:class:`pipeline.inference.TaskFailure`), which the driver raises.
+    Raised, either would be logged by the worker with its traceback, and the data error retried
+    by Dask on the same bytes."""
+
+    @functools.wraps(task)
+    def run(job: str, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        from pipeline.inference import as_task_failure
+
+        try:
+            return task(job, name, *args, **kwargs)
+        except ShardLostError as exc:
+            logger.info("participant %s of job %s: %s", name, job, exc)
+            return {"name": name, "shard_lost": str(exc)}
+        except StoreError as exc:
+            return {"name": name, "failure": as_task_failure(exc)}
+
+    return run
+
+
+@_quiet_ends
 def train_task(
-    job: str,
-    name: str,
-    store_path: str,
-    ranges: list[tuple[int, int]],
-    epoch: int,
-    spec: dict,
-    cfg: dict,
-    target: dict | None,
-    val: dict | None = None,
-) -> dict[str, Any]:
-    """:func:`_train_task`; a parameter-server shard lost under it (which the driver recovers
-    from: it restores the server from the last checkpoint and runs the epoch again) ends the
-    task with ``{"name", "shard_lost"}`` as its result, not with an error the worker would log
-    with its traceback."""
-    from pipeline.inference import as_task_failure
-
-    try:
-        return _train_task(job, name, store_path, ranges, epoch, spec, cfg, target, val)
-    except ShardLostError as exc:
-        logger.info("participant %s of job %s: %s", name, job, exc)
-        return {"name": name, "shard_lost": str(exc)}
-    except StoreError as exc:  # the data is what it is: not retried, no worker traceback
-        return {"name": name, "failure": as_task_failure(exc)}
-
-
-def _train_task(
     job: str,
     name: str,
     store_path: str,

@@ -95,29 +95,38 @@ def test_resume_continues_from_the_checkpoint(letter_stores, tmp_path):
     assert rounds == sorted(rounds) and rounds[2] > rounds[1]
 
 
-def test_ctrl_c_stops_cleanly_with_a_checkpoint(letter_stores, tmp_path):
-    out = tmp_path / "run"
-    env = cli_env()
+def _interrupt_training(args: list[str], after: str, delay: float = 0.0) -> tuple[int, str]:
+    """Start `pipeline train ARGS`, send it Ctrl-C ``delay`` s after it printed ``after``; its
+    exit status and stderr."""
     proc = subprocess.Popen(
-        [*CLI, "train", letter_stores[0], "--out", str(out), "--set", "epochs=500", "--set", "patience=0", *CLUSTER],
+        [*CLI, "train", *args],
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env=env,
+        env=cli_env(),
         # a test run started in the background of a non-interactive shell has SIGINT ignored,
         # and children inherit that: give the command the disposition a terminal user has
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        read_until(proc.stderr, "epoch   2")
+        read_until(proc.stderr, after)
+        time.sleep(delay)
         proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, rest[1]
-    assert "interrupted" in rest[1]
-    assert "ERROR" not in rest[1] and "Traceback" not in rest[1], rest[1][-3000:]
+    return proc.returncode, err
+
+
+def test_ctrl_c_stops_cleanly_with_a_checkpoint(letter_stores, tmp_path):
+    out = tmp_path / "run"
+    code, err = _interrupt_training(
+        [letter_stores[0], "--out", str(out), "--set", "epochs=500", "--set", "patience=0", *CLUSTER], "epoch   2"
+    )
+    assert code == 130, err
+    assert "interrupted" in err
+    assert "ERROR" not in err and "Traceback" not in err, err[-3000:]
     arrays, meta = load_file(out / "checkpoint.npz", "checkpoint")
     assert meta["epoch"] >= 2 and arrays["params"].dtype == np.float32
     r = run_cli(
@@ -135,41 +144,14 @@ def test_ctrl_c_mid_epoch_stops_its_tasks_before_the_cluster_closes(tmp_path, mo
     from pipeline.synth import synth
 
     store = synth(tmp_path / "s.zarr", rows=40_000, features=256, classes=10, seed=0).path
-    proc = subprocess.Popen(
-        [
-            *CLI,
-            "train",
-            store,
-            "--out",
-            str(tmp_path / "run"),
-            "--set",
-            "epochs=500",
-            "--set",
-            "patience=0",
-            "--set",
-            "hidden=[256,128]",
-            "--set",
-            f"mode={mode}",
-            *CLUSTER,
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    try:
-        read_until(proc.stderr, "epoch   1")
-        time.sleep(0.7)  # within epoch 2's tasks (an epoch takes several seconds here)
-        proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, rest[1]
-    assert "interrupted: writing a checkpoint before stopping" in rest[1], rest[1][-3000:]
+    args = [store, "--out", str(tmp_path / "run"), "--set", "epochs=500", "--set", "patience=0"]
+    args += ["--set", "hidden=[256,128]", "--set", f"mode={mode}", *CLUSTER]
+    # 0.7 s into epoch 2's tasks (an epoch takes several seconds here)
+    code, err = _interrupt_training(args, "epoch   1", delay=0.7)
+    assert code == 130, err
+    assert "interrupted: writing a checkpoint before stopping" in err, err[-3000:]
     for noise in ("ERROR", "CancelledError", "Traceback", "Compute Failed"):
-        assert noise not in rest[1], rest[1][-3000:]
+        assert noise not in err, err[-3000:]
 
 
 @pytest.mark.parametrize(
