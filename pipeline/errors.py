@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class PipelineError(Exception):
     """Base class of the errors the ``pipeline`` command reports as one line (exit status 1)."""
@@ -34,3 +36,23 @@ class PSError(ValueError):
 class ShardLostError(PSError):
     """A parameter-server shard is unreachable (its worker died): the driver restores the
     shards from the last checkpoint and trains the rounds since it again."""
+
+
+@dataclass(frozen=True)
+class TaskFailure:
+    """A task's deterministic failure, returned as its value rather than raised: the data is
+    what it is (a corrupted or missing chunk, a store that changed), so Dask must not retry
+    the task (re-reading a corrupted chunk twice more) nor log the worker's traceback; the
+    driver raises ``error`` as the one-line error. Other exceptions (a lost worker, a bug) are
+    raised and retried as before."""
+
+    error: PipelineError
+
+
+def as_task_failure(exc: PipelineError) -> TaskFailure:
+    """``exc`` without its traceback and cause (they stay on the worker)."""
+    try:
+        clean = type(exc)(*exc.args)
+    except Exception:  # noqa: BLE001 - an unusual constructor: its message is what matters
+        clean = PipelineError(str(exc))
+    return TaskFailure(clean)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
-from pipeline.errors import PipelineError, StoreError
+from pipeline.errors import PipelineError, StoreError, TaskFailure, as_task_failure
 from pipeline.metrics import evaluate_arrays, finish_metrics, merge_metrics
 from pipeline.model import Model
 from pipeline.store import (
@@ -285,26 +285,6 @@ def model_outputs(
             yield model.outputs(X), (y if labels else None)
     finally:
         loader.close()
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskFailure:
-    """A task's deterministic failure, returned as its value rather than raised: the data is
-    what it is (a corrupted or missing chunk, a store that changed), so Dask must not retry
-    the task (re-reading a corrupted chunk twice more) nor log the worker's traceback; the
-    driver raises ``error`` as the one-line error. Other exceptions (a lost worker, a bug) are
-    raised and retried as before."""
-
-    error: PipelineError
-
-
-def as_task_failure(exc: PipelineError) -> TaskFailure:
-    """``exc`` without its traceback and cause (they stay on the worker)."""
-    try:
-        clean = type(exc)(*exc.args)
-    except Exception:  # noqa: BLE001 - an unusual constructor: its message is what matters
-        clean = PipelineError(str(exc))
-    return TaskFailure(clean)
 
 
 def _results(client: Any, futures: list[Any]) -> list[Any]:

@@ -1434,7 +1434,7 @@ class Trainer:
                 results = [f.result(timeout=10) for f in futures]
             except TimeoutError:
                 continue  # a worker left with a result: Dask recomputes it, wait again
-            from pipeline.inference import TaskFailure
+            from pipeline.errors import TaskFailure
 
             failed = next((r for r in results if isinstance(r, TaskFailure)), None)
             if failed is not None:  # a data error a task returned (pipeline.worker.validate_task)

@@ -629,13 +629,13 @@ def _quiet_ends(task: Any) -> Any:
     on or the driver reports it: a parameter-server shard lost under it (the driver restores
     the server from the last checkpoint and runs the epoch again) gives ``{"name",
     "shard_lost"}``, a data error (a corrupted or missing chunk: :class:`StoreError`) gives
-    ``{"name", "failure"}`` (:class:`pipeline.inference.TaskFailure`), which the driver raises.
+    ``{"name", "failure"}`` (:class:`pipeline.errors.TaskFailure`), which the driver raises.
     Raised, either would be logged by the worker with its traceback, and the data error retried
     by Dask on the same bytes."""
 
     @functools.wraps(task)
     def run(job: str, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        from pipeline.inference import as_task_failure
+        from pipeline.errors import as_task_failure
 
         try:
             return task(job, name, *args, **kwargs)
@@ -814,9 +814,9 @@ def evaluate_task(
 
 def validate_task(*args: Any) -> Any:
     """:func:`evaluate_task` for a training run's validation: a data error is returned as a
-    :class:`pipeline.inference.TaskFailure` (not retried, no worker traceback), which the
+    :class:`pipeline.errors.TaskFailure` (not retried, no worker traceback), which the
     driver raises."""
-    from pipeline.inference import as_task_failure
+    from pipeline.errors import as_task_failure
 
     try:
         return evaluate_task(*args)
