@@ -376,7 +376,9 @@ def _check_save_target(given: str, dest: str, overwrite: bool) -> None:
     parent = os.path.dirname(dest)
     if not os.path.isdir(parent):
         raise ValueError(f"{where}: the directory {parent!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    from pipeline.store import unwritable_reason
+
+    if unwritable_reason(dest)[1] is not None:  # probed: a file can be made there
         raise ValueError(f"{where}: the directory {parent!r} is not writable")
     if not os.path.lexists(dest):
         return

@@ -114,6 +114,7 @@ from pipeline.store import (
     empty_local_dir,
     is_url,
     open_store,
+    outermost_store,
     unwritable_reason,
 )
 
@@ -1497,10 +1498,8 @@ def _check_not_in_store(dest: str | os.PathLike) -> None:
     spath = os.fspath(dest)
     if is_url(spath):
         return
-    real = Path(os.path.realpath(spath))
-    stores = [d for d in real.parents if any(os.path.lexists(d / m) for m in (*_ZARR_MARKERS,))]
-    if stores:
-        store = stores[-1]
+    store = outermost_store(spath, itself=False)  # the destination itself: replaced with --force
+    if store is not None:
         shown = os.path.relpath(store) if store.is_relative_to(Path.cwd()) else str(store)
         raise IngestError(
             f"destination {spath!r} lies inside the Zarr store {shown!r}; writing there would change that store: "
@@ -1508,7 +1507,6 @@ def _check_not_in_store(dest: str | os.PathLike) -> None:
         )
 
 
-_ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
 _COMPRESSED = {
     b"\x28\xb5\x2f\xfd": "zstd",
     b"BZh": "bzip2",

@@ -498,6 +498,23 @@ def foreign_store_reason(dest: str | os.PathLike) -> str | None:
     return None
 
 
+# What marks a directory as a Zarr store (v3, v2 group, v2 array).
+ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
+
+
+def outermost_store(path: str | os.PathLike, *, itself: bool = True) -> Path | None:
+    """The outermost Zarr store that the local ``path`` lies in (``itself``: or is), resolved;
+    None when none (an array lies in its group: the group is the one named)."""
+    real = Path(os.path.realpath(path))
+    stores = [d for d in ((real,) if itself else ()) + tuple(real.parents) if store_marker(d)]
+    return stores[-1] if stores else None
+
+
+def store_marker(directory: Path) -> str | None:
+    """The Zarr marker file ``directory`` holds (it is a store), or None."""
+    return next((m for m in ZARR_MARKERS if os.path.lexists(directory / m)), None)
+
+
 def unwritable_reason(dest: str | os.PathLike) -> tuple[Path, str | None]:
     """Where a local output ``dest`` would be created (its nearest existing ancestor directory)
     and why no entry can be made there, or None when one can: probed with a directory made and

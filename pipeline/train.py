@@ -34,7 +34,15 @@ import numpy as np
 
 from pipeline.checkpoint import Checkpoint, load_file, read_checkpoint, read_meta, write_checkpoint
 from pipeline.config import TOML_HEADER, TrainConfig
-from pipeline.errors import CheckpointError, ConfigError, PipelineError, ShardLostError, StoreError, TrainingError
+from pipeline.errors import (
+    CheckpointError,
+    ConfigError,
+    PipelineError,
+    ShardLostError,
+    StoreError,
+    TaskFailure,
+    TrainingError,
+)
 from pipeline.metrics import array_metrics, finish_metrics, merge_metrics
 from pipeline.model import Model
 from pipeline.plan import (  # noqa: F401 - the planning helpers, also importable from here
@@ -52,7 +60,7 @@ from pipeline.plan import (  # noqa: F401 - the planning helpers, also importabl
 )
 from pipeline.progress import Progress
 from pipeline.runstate import BestModel, EarlyStopping, RunState
-from pipeline.store import Store, layout_mismatch, layout_of, open_store
+from pipeline.store import Store, layout_mismatch, layout_of, open_store, outermost_store, store_marker
 
 if TYPE_CHECKING:  # imported where a cluster is used: training in process never loads distributed
     from pipeline.ps import ParameterServer
@@ -183,14 +191,16 @@ def check_budget_allows_a_round(cfg: TrainConfig, sampling_rate: float = 1.0) ->
     from pipeline.privacy import RdpAccountant, local_epsilon, noise_for_epsilon
 
     z, delta, target = cfg.noise_multiplier, cfg.dp_delta, cfg.target_epsilon
-    if cfg.dp == "local":  # not amplified by sampling; sensitivity 2 x clip
-        first, rate, need = local_epsilon(1, z, delta), "", 2 * noise_for_epsilon(target, 1, 1.0, delta)
-    else:
-        first = RdpAccountant(z, sampling_rate, delta).epsilon(rounds=1)
-        share = "every participant" if sampling_rate >= 1 else f"{sampling_rate:.3g} of the participants"
-        rate, need = f" ({share} in each)", noise_for_epsilon(target, 1, sampling_rate, delta)
+    local = cfg.dp == "local"  # not amplified by sampling; sensitivity 2 x clip
+    first = local_epsilon(1, z, delta) if local else RdpAccountant(z, sampling_rate, delta).epsilon(rounds=1)
     if first <= target:
         return
+    # the noise one round needs: searched only for the message
+    if local:
+        rate, need = "", 2 * noise_for_epsilon(target, 1, 1.0, delta)
+    else:
+        share = "every participant" if sampling_rate >= 1 else f"{sampling_rate:.3g} of the participants"
+        rate, need = f" ({share} in each)", noise_for_epsilon(target, 1, sampling_rate, delta)
     raise ConfigError(
         f"config key 'target_epsilon' = {target:g} allows no round: one round at noise_multiplier = {z:g}{rate} "
         f"spends epsilon = {first:.3g} (delta = {delta:g}); raise noise_multiplier (above {need:.3g} for even one "
@@ -214,8 +224,6 @@ LOCK_NAME = ".lock"
 # claims are nested (the command claims before it starts a cluster, the trainer again).
 _HELD: dict[str, list] = {}
 
-# What marks a directory as a Zarr store (v3, v2 group, v2 array): no run is written in one.
-ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
 _CONFIG_LINE = re.compile(r"[A-Za-z_][A-Za-z0-9_]* = (.+)")
 # The arrays of a simulated federated run's clients.npz (np.savez: no metadata of its own)
 _CLIENTS_ARRAYS = frozenset({"n.npy", "loss.npy", "metric.npy", "round.npy"})
@@ -396,15 +404,13 @@ class RunDir:
         """The Zarr store the directory is or lies in, the outermost (an array lies in its group):
         None when none. A run written into a store would make it a directory no ``--force`` of
         ``synth``, ``ingest`` or ``predict`` replaces."""
-        where = Path(os.path.realpath(self.path))
-        stores = [d for d in (where, *where.parents) if any(os.path.lexists(d / m) for m in ZARR_MARKERS)]
-        return stores[-1] if stores else None
+        return outermost_store(self.path)
 
     def _check_place(self, resume: bool) -> None:
         """Refuse a directory that is or lies in a Zarr store, or whose lock file is a user's."""
         store = self.data_store()
         if store is not None:
-            marker = next(m for m in ZARR_MARKERS if os.path.lexists(store / m))
+            marker = store_marker(store)
             fix = (
                 "move the run's files to a directory outside it and resume there"
                 if resume
@@ -1434,8 +1440,6 @@ class Trainer:
                 results = [f.result(timeout=10) for f in futures]
             except TimeoutError:
                 continue  # a worker left with a result: Dask recomputes it, wait again
-            from pipeline.errors import TaskFailure
-
             failed = next((r for r in results if isinstance(r, TaskFailure)), None)
             if failed is not None:  # a data error a task returned (pipeline.worker.validate_task)
                 raise failed.error

@@ -27,7 +27,7 @@ from distributed import get_worker, rejoin, secede
 from distributed.metrics import context_meter
 
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
-from pipeline.errors import ShardLostError, StoreError, TrainingError
+from pipeline.errors import ShardLostError, StoreError, TrainingError, as_task_failure
 from pipeline.loader import ChunkLoader, RowCache
 from pipeline.loop import (
     VAL_CACHE_MB,
@@ -635,8 +635,6 @@ def _quiet_ends(task: Any) -> Any:
 
     @functools.wraps(task)
     def run(job: str, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        from pipeline.errors import as_task_failure
-
         try:
             return task(job, name, *args, **kwargs)
         except ShardLostError as exc:
@@ -816,8 +814,6 @@ def validate_task(*args: Any) -> Any:
     """:func:`evaluate_task` for a training run's validation: a data error is returned as a
     :class:`pipeline.errors.TaskFailure` (not retried, no worker traceback), which the
     driver raises."""
-    from pipeline.errors import as_task_failure
-
     try:
         return evaluate_task(*args)
     except StoreError as exc:
