@@ -443,3 +443,41 @@ def test_a_federated_run_with_dp_prints_epsilon_each_round_and_at_the_end(
 
     line = _round_line({"round": 0, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5, "epsilon": 2.5})
     assert line.endswith("epsilon 2.5")
+
+
+def test_the_event_loop_s_report_of_an_interrupted_dask_call_is_filtered_and_nothing_else() -> None:
+    """distributed's ``sync()``, interrupted by Ctrl-C before its coroutine started, makes the
+    event loop log a NameError from its cancel callback: the command drops that report (the
+    interrupt is handled), and keeps every other error of the loop."""
+    import functools
+    import logging
+    import sys
+
+    from pipeline.cli import _not_an_interrupted_sync
+
+    def sync() -> Any:
+        future: Any
+
+        def cancel() -> Any:
+            return future  # noqa: F821 - unassigned, as in distributed.utils.sync
+
+        return cancel
+
+    cancel = sync()
+    try:
+        cancel()
+    except NameError:
+        interrupted = sys.exc_info()
+    try:
+        raise ValueError("a real error")
+    except ValueError:
+        other = sys.exc_info()
+
+    def record(callback: Any, exc_info: Any) -> logging.LogRecord:
+        return logging.LogRecord(
+            "tornado.application", logging.ERROR, __file__, 1, "Exception in callback %r", (callback,), exc_info
+        )
+
+    assert not _not_an_interrupted_sync(record(functools.partial(cancel), interrupted))
+    assert _not_an_interrupted_sync(record(functools.partial(cancel), other))
+    assert _not_an_interrupted_sync(record(functools.partial(print), interrupted))
