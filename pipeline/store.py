@@ -515,6 +515,23 @@ def store_marker(directory: Path) -> str | None:
     return next((m for m in ZARR_MARKERS if os.path.lexists(directory / m)), None)
 
 
+def store_identity(path: str) -> tuple:
+    """What tells the store at ``path`` apart from another, or from an earlier store at the same
+    path: a local store's absolute path, its directory's inode and its metadata's modification
+    time (a store is committed by renaming a new directory into place, so re-creating one changes
+    both); a URL is itself. A process that keeps stores open looks them up by this key."""
+    if is_url(path):
+        return (path,)
+    local = os.path.abspath(_local(path))
+    try:
+        d = os.stat(local)
+        marker = store_marker(Path(local))
+        m = os.stat(os.path.join(local, marker)).st_mtime_ns if marker else 0
+    except OSError:
+        return (local,)
+    return (local, d.st_dev, d.st_ino, m)
+
+
 def unwritable_reason(dest: str | os.PathLike) -> tuple[Path, str | None]:
     """Where a local output ``dest`` would be created (its nearest existing ancestor directory)
     and why no entry can be made there, or None when one can: probed with a directory made and

@@ -49,7 +49,7 @@ from pipeline.ps.job import SHM_DELTA
 from pipeline.ps.shard import ShardedParameterServer
 from pipeline.ps.wire import DeltaCompressor, decode_delta
 from pipeline.secagg import mask, new_keypair, quantize, round_info, scale_for
-from pipeline.store import open_store
+from pipeline.store import open_store, store_identity
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ _trainers: OrderedDict[tuple, Any] = OrderedDict()
 # async/ssp: a worker thread's error-feedback residual per job, kept from one task to the next as
 # the thread's local optimizer state is (sync shares carry theirs with their local state)
 _residuals: OrderedDict[tuple, np.ndarray] = OrderedDict()
-_stores: OrderedDict[str, Any] = OrderedDict()
+_stores: OrderedDict[tuple, Any] = OrderedDict()
 _lock = threading.Lock()
 # A training job's validation rows as evaluation batches, read once per worker process and kept
 # between its epochs (the rows held out of a store are spread over all its chunks: reading them
@@ -73,11 +73,14 @@ _row_cache = RowCache(0)
 
 
 def _store(path: str) -> Any:
-    """Open stores once per worker process (metadata reads are not free on object stores)."""
+    """Open stores once per worker process (metadata reads are not free on object stores), looked
+    up by what the path names now: a relative path from another directory, or a store re-created
+    at the same path since, is opened afresh (a worker outlives the jobs that send it paths)."""
+    key = store_identity(path)
     with _lock:
-        st = _stores.get(path)
+        st = _stores.get(key)
         if st is None:
-            st = _stores[path] = open_store(path)
+            st = _stores[key] = open_store(path)
             while len(_stores) > _CACHE_SIZE:
                 _stores.popitem(last=False)
         return st

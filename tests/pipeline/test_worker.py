@@ -162,3 +162,48 @@ def test_a_finished_job_leaves_nothing_kept_on_the_workers(letter_stores, client
         return left
 
     assert all(v == ["other-job"] for v in client.run(fill_and_forget).values())
+
+
+def test_a_worker_opens_the_store_a_path_names_now(tmp_path, monkeypatch):
+    """Workers keep stores open between tasks, but a relative path sent from another directory,
+    or a store re-created at the same path, is the store that is there now, not the one kept."""
+    from pipeline import worker
+
+    from .helpers import make_store
+
+    for d, n in (("a", 400), ("b", 2000)):
+        (tmp_path / d).mkdir()
+        make_store(tmp_path / d / "s.zarr", n=n, chunk_rows=100)
+    monkeypatch.chdir(tmp_path / "a")
+    assert worker._store("s.zarr").n_rows == 400
+    monkeypatch.chdir(tmp_path / "b")
+    assert worker._store("s.zarr").n_rows == 2000
+    assert worker._store(str(tmp_path / "b" / "s.zarr")) is worker._store("s.zarr")  # kept, not reopened
+
+    make_store(tmp_path / "c.zarr", n=300, chunk_rows=100)
+    assert worker._store(str(tmp_path / "c.zarr")).n_rows == 300
+    import shutil
+
+    shutil.rmtree(tmp_path / "c.zarr")
+    make_store(tmp_path / "c.zarr", n=700, chunk_rows=100)
+    assert worker._store(str(tmp_path / "c.zarr")).n_rows == 700
+
+
+def test_a_threaded_worker_trains_each_job_on_its_own_store(tmp_path, monkeypatch):
+    """A worker in the driver's process (processes=False) outlives two runs given the same
+    relative store path from two directories: each trains on its own rows."""
+    from distributed import Client, LocalCluster
+
+    from .helpers import make_store
+
+    for d, n in (("a", 400), ("b", 2000)):
+        (tmp_path / d).mkdir()
+        make_store(tmp_path / d / "s.zarr", n=n, chunk_rows=100)
+    cfg = TrainConfig(hidden=[4], epochs=1, patience=0)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as lc:
+        with Client(lc) as c:
+            for d, n in (("a", 400), ("b", 2000)):
+                monkeypatch.chdir(tmp_path / d)
+                train("s.zarr", cfg, tmp_path / d / "run", client=c)
+                history = json.loads((tmp_path / d / "run" / "history.json").read_text())
+                assert history["epochs"][0]["samples"] == round(n * (1 - cfg.validation)), history["epochs"][0]
