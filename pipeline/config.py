@@ -92,7 +92,7 @@ class TrainConfig:
     # topk_fraction of entries, ~8 bytes each) | int8 (a quarter, a float32 scale per 4096 entries).
     # Replies (weights) stay float32. bench/README.md, "Compressed deltas", has the accuracy cost.
     compression: str = "none"
-    topk_fraction: float = 0.01  # topk: share of a delta's entries sent per push (k = ceil(fraction x n))
+    topk_fraction: float = 0.1  # topk: share of a delta's entries sent per push (k = ceil(fraction x n))
     error_feedback: bool = True  # keep what compression dropped on the worker and add it to the next delta
     # sync: the server's replies carry the change of the weights in the same codec (fp16 | bf16 |
     # int8) instead of the float32 weights; the rounding of one reply goes out with the next
@@ -255,7 +255,7 @@ class TrainConfig:
             ("gamma", 0 < self.gamma <= 1, "in (0, 1]"),
             ("ema", 0 <= self.ema < 1, "in [0, 1) (0 = off, e.g. 0.999)"),
             ("compression", self.compression in COMPRESSIONS, f"one of {COMPRESSIONS}"),
-            ("topk_fraction", 0 < self.topk_fraction <= 1, "in (0, 1] (e.g. 0.01: 1% of the entries per push)"),
+            ("topk_fraction", 0 < self.topk_fraction <= 1, "in (0, 1] (e.g. 0.1: 10% of the entries per push)"),
             ("ps_shards", 0 <= self.ps_shards <= MAX_PS_SHARDS, f"between 0 (in the scheduler) and {MAX_PS_SHARDS}"),
             ("blas_threads", self.blas_threads >= 1, ">= 1 (1 = a worker's single thread)"),
             ("checkpoint_seconds", self.checkpoint_seconds > 0, "> 0"),

@@ -32,7 +32,7 @@ from pipeline.metrics import plain_metrics
 from pipeline.partition import open_partition
 from pipeline.privacy import clip_update, noise_rng, privatize_local
 from pipeline.ps import ParameterServer
-from pipeline.ps.wire import DeltaCompressor
+from pipeline.ps.wire import TOPK_FRACTION, DeltaCompressor
 from pipeline.store import read_rows_at
 from pipeline.worker import (
     BudgetSpent,
@@ -338,7 +338,9 @@ def _fit_group(
     del X_all, y_all
     delta = (folded / max(total, 1)).astype(np.float32)
     loss = sum(v["loss"] * v["samples"] for v in summaries.values()) / max(total, 1)
-    compressor = DeltaCompressor(cfg.get("compression", "none"), cfg.get("topk_fraction", 0.01), error_feedback=False)
+    compressor = DeltaCompressor(
+        cfg.get("compression", "none"), cfg.get("topk_fraction", TOPK_FRACTION), error_feedback=False
+    )
     t_push = time.perf_counter()
     late = False
     try:
@@ -430,7 +432,7 @@ def _fit_one(
     feedback = client is None and bool(cfg.get("error_feedback", True))
     compressor = DeltaCompressor(  # secure aggregation is refused with compression (config)
         cfg.get("compression", "none"),
-        cfg.get("topk_fraction", 0.01),
+        cfg.get("topk_fraction", TOPK_FRACTION),
         error_feedback=feedback,
         residual=_RESIDUALS.get((job, store_path)) if feedback else None,
     )

@@ -47,7 +47,7 @@ from pipeline.ps import ParameterServer
 from pipeline.ps import shm as shmem
 from pipeline.ps.job import SHM_DELTA
 from pipeline.ps.shard import ShardedParameterServer
-from pipeline.ps.wire import DeltaCompressor, decode_delta
+from pipeline.ps.wire import TOPK_FRACTION, DeltaCompressor, decode_delta
 from pipeline.secagg import mask, new_keypair, quantize, round_info, scale_for
 from pipeline.store import open_store, store_identity
 
@@ -697,7 +697,7 @@ def train_task(
             residual = _residuals.get(ef_key)
     compressor = DeltaCompressor(
         cfg.get("compression", "none"),
-        cfg.get("topk_fraction", 0.01),
+        cfg.get("topk_fraction", TOPK_FRACTION),
         cfg.get("error_feedback", True),
         None if residual is None else np.asarray(residual, dtype=np.float32),
     )

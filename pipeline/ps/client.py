@@ -12,7 +12,7 @@ import numpy as np
 from pipeline.errors import PSError
 from pipeline.ps.extension import EXTENSION_NAME
 from pipeline.ps.install import InstallParameterServer
-from pipeline.ps.wire import check_job_id, encode_opt_state, encode_vector
+from pipeline.ps.wire import TOPK_FRACTION, check_job_id, encode_opt_state, encode_vector
 
 # The reply of a route (a dict with "status"), or from the ``soon`` view a
 # concurrent.futures.Future of it
@@ -132,7 +132,7 @@ class ParameterServer:
         buffer_size: int = 0,
         buffer: dict | None = None,
         compression: str = "none",
-        topk_fraction: float = 0.01,
+        topk_fraction: float = TOPK_FRACTION,
         privacy: dict | None = None,
         reply_codec: str = "none",
         reply_view: Any = None,

@@ -43,6 +43,7 @@ from pipeline.privacy import (
 from pipeline.ps.wire import (
     CODECS,
     REPLY_CODECS,
+    TOPK_FRACTION,
     decode_delta,
     decode_opt_state,
     decode_vector,
@@ -93,7 +94,7 @@ class Job:
     krum_f: int = 1
     buffer_size: int = 0
     compression: str = "none"  # the codec every delta of the job arrives in (pipeline.ps.wire)
-    topk_fraction: float = 0.01
+    topk_fraction: float = TOPK_FRACTION
     # sync: push replies as the change of the weights every participant holds (``held``) since
     # the version it pushed at, encoded in ``reply_codec``; "none" sends the weights themselves
     reply_codec: str = "none"
@@ -200,7 +201,7 @@ class Job:
         buffer_size: int = 0,
         buffer: Mapping[str, Any] | None = None,
         compression: str = "none",
-        topk_fraction: float = 0.01,
+        topk_fraction: float = TOPK_FRACTION,
         privacy: Mapping[str, Any] | None = None,
         reply_codec: str = "none",
         reply_view: Any = None,

@@ -167,3 +167,18 @@ def test_the_removed_placement_key_reads_as_before_when_dynamic():
     # configurations saved by earlier runs say placement = "dynamic": they still resume
     assert TrainConfig.from_dict({"placement": "dynamic", "epochs": 3}) == TrainConfig(epochs=3)
     assert "placement" not in TrainConfig.keys()
+
+
+def test_one_default_top_k_share_on_every_path():
+    """The command's configuration, the worker's compressor and the server's job send and expect
+    the same share of a top-k delta unless configured: 10%, the share whose accuracy stayed
+    within a point of float32's (1% did not, bench/findings.md)."""
+    import inspect
+
+    from pipeline.ps.client import ParameterServer
+    from pipeline.ps.job import Job
+    from pipeline.ps.wire import TOPK_FRACTION, DeltaCompressor, compress, decode_delta
+
+    assert TrainConfig().topk_fraction == TOPK_FRACTION == 0.1
+    for f in (DeltaCompressor, Job.create, ParameterServer.create, compress, decode_delta):
+        assert inspect.signature(f).parameters["topk_fraction"].default == TOPK_FRACTION, f
