@@ -17,12 +17,26 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
+ours() {  # ours PID: PID runs and is a dask process. A pid file outlives a crash or a reboot, and
+    # its number may since belong to another program's process, which is never signalled.
+    local pid=$1 args
+    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+    if [[ -r /proc/$pid/cmdline ]]; then
+        args=$(tr '\0' ' ' <"/proc/$pid/cmdline")
+    else
+        args=$(ps -o args= -p "$pid" 2>/dev/null || true)
+    fi
+    [[ $args == *dask* ]]
+}
+
 stopped=0
 stop() {  # stop NAME: end the process group recorded in RUN/NAME.pid
     local file="$run/$1.pid" pid
     [[ -f $file ]] || return 0
     pid=$(cat "$file")
-    if [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+    if [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && ! ours "$pid"; then
+        echo "$1: pid $pid in $file is no longer a dask process (the cluster ended without stop-local.sh); left alone" >&2
+    elif ours "$pid"; then
         kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
         for _ in $(seq $((grace * 5))); do
             kill -0 -- "-$pid" 2>/dev/null || break

@@ -366,6 +366,30 @@ def test_start_and_stop_local_scripts(tmp_path: Path) -> None:
             os.killpg(pid, 0)
 
 
+def test_stop_local_leaves_another_programs_process_alone(tmp_path: Path) -> None:
+    """A pid file left by a cluster that ended without stop-local.sh (a crash, a reboot) may name
+    a number another program's process has since; the script does not signal it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    other = subprocess.Popen(["sleep", "120"], start_new_session=True)  # a process group leader, as dask's were
+    try:
+        for name in ("scheduler", "workers"):
+            (run_dir / f"{name}.pid").write_text(f"{other.pid}\n")
+        s = subprocess.run(
+            [str(ROOT / "cluster" / "stop-local.sh"), "--run-dir", str(run_dir), "--grace", "1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert s.returncode == 0, s.stderr
+        assert other.poll() is None, "stop-local.sh signalled a process that is not the cluster's"
+        assert f"scheduler: pid {other.pid} in {run_dir}/scheduler.pid is no longer a dask process" in s.stderr
+        assert "no cluster running from" in s.stdout and not list(run_dir.glob("*.pid"))
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_pipeline_yaml_uses_real_distributed_keys() -> None:
     """Every key of cluster/pipeline.yaml, the commented TLS block included, exists in
     distributed's own schema (distributed/distributed.yaml)."""
