@@ -947,6 +947,21 @@ def runs(directory: str, as_json: bool) -> None:
     help="Character encoding of a CSV source (e.g. latin-1, cp1252; UTF-16 with a byte order mark is detected).",
 )
 @click.option(
+    "--decimal",
+    type=click.Choice(["auto", "comma", "point"]),
+    default="auto",
+    show_default=True,
+    help="What a comma in a number is: comma (1,5 is 1.5), point (1,234 is 1234), or auto: as the file's other "
+    "numbers say (a comma file: thousands); 1,234 alone in a ';' or tab file is refused. --like: the store's.",
+)
+@click.option(
+    "--missing-values",
+    metavar="TOKENS",
+    help="Comma-separated text that is a missing value, replacing ?,NA,N/A,NaN,nan,NAN,null,NULL,None,none "
+    "(e.g. '?,NaN' keeps NA as a category; '' for only the empty field, always missing; a NaN spelling is "
+    "never a number). --like: the store's list.",
+)
+@click.option(
     "--like", metavar="TRAIN_STORE", help="Reuse the training store's columns, encodings, classes and mean/std."
 )
 @click.option("--unlabelled", is_flag=True, help="With --like: the source has no target column (a store to predict).")
@@ -969,6 +984,8 @@ def ingest(
     missing: str,
     encoding: str,
     text_encoding: str,
+    decimal: str,
+    missing_values: str | None,
     like: str | None,
     unlabelled: bool,
     force: bool,
@@ -1016,6 +1033,8 @@ def ingest(
             progress=not quiet and sys.stderr.isatty(),
             unlabelled=unlabelled,
             text_encoding=text_encoding,
+            decimal=decimal,
+            missing_values=missing_values,
         )
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
@@ -1029,9 +1048,15 @@ def ingest(
             else f"column {c!r}: {n:,} -> {fills.get(c)!r}"
             for c, n in imputed.items()
         )
+        tokens = src_attrs.get("missing_values")
+        listed = (
+            "empty, ?, NA, N/A, NaN, null, None, inf"
+            if tokens is None
+            else ", ".join(dict.fromkeys(["empty", *(t for t in tokens if t), "NaN", "inf"]))
+        )
         click.echo(
-            f"warning: missing values (empty, ?, NA, N/A, NaN, null, None, inf) imputed, cells per column: {shown} "
-            "(--missing reject refuses them)",
+            f"warning: missing values ({listed}) imputed, cells per column: {shown} "
+            "(--missing reject refuses them; --missing-values TOKENS sets which text is missing)",
             err=True,
         )
     rounded = src_attrs.get("rounded_integers") or {}

@@ -30,7 +30,9 @@ Policies (recorded in the store's ``encodings`` attribute so prediction applies 
   ``<=50K.``) and become class indices into the sorted class names; integer labels with at most
   50 distinct values mean classification, other numbers regression (override with ``task``).
 * **Missing values** (empty, ``?``, ``NA``, ``N/A``, ``NaN``, ``null``, ``None``, any other text
-  Arrow reads as NaN such as ``-nan`` or ``NaN(1)``, and +/-inf):
+  Arrow reads as NaN such as ``-nan`` or ``NaN(1)``, and +/-inf; ``missing_values`` replaces the
+  tokens, so a category ``NA`` can be kept, while the empty field, NaN spellings and inf stay
+  missing; the list is recorded in ``source.missing_values`` when not the default):
   ``impute`` (default) fills numeric features with the training mean and categorical features with
   the most frequent category; ``reject`` raises naming the column and row; ``drop`` drops the row.
   A missing target is an error unless ``drop``. The store never holds NaN.
@@ -39,8 +41,11 @@ Policies (recorded in the store's ``encodings`` attribute so prediction applies 
   with ``,``); a space delimiter means whitespace-separated: runs of blanks are one separator and
   leading blanks are ignored (aligned columns). Errors about columns name the delimiter and whether
   it was detected. With a delimiter other than ``,``, numbers may have a decimal comma (``1,5``,
-  the convention of semicolon files). A header is detected when every field of the first line is
-  non-numeric while some column below is numeric, or when the columns vote for it: a numeric column
+  the convention of semicolon files) or thousands separators (``1,234,567``): the file's numbers
+  decide for all of them, a file whose only comma numbers are like ``1,234`` is refused, and
+  ``decimal`` says it instead (``source.decimal_comma`` records the reading). A header is
+  detected when every field of the first line is non-numeric while some column below is
+  numeric, or when the columns vote for it: a numeric column
   whose first field is not a number, or a column of few categories whose first field is none of
   them, votes for; a column of few categories whose first field is one of them votes against
   (override with ``header``; under ``like=``, a first line holding the training columns is the
@@ -63,11 +68,12 @@ Policies (recorded in the store's ``encodings`` attribute so prediction applies 
   Parquet integers beyond 2^53, and types other than numbers, booleans, decimals and strings
   (timestamps, dates, binary, lists), are errors naming the column and suggesting ``drop``.
 * **NumPy labels**: ``(n,)`` or ``(n, 1)`` numbers, or strings (class names).
-* ``like=TRAIN_STORE`` reuses the training store's columns, encodings, imputation values, classes
-  and mean/std, so train and test agree; extra columns in the source are ignored. Categories the
-  training data did not have raise an :class:`UnseenCategoryWarning` with counts per column. A
-  training store without encodings (``synth``, NumPy) matches the source's columns by its feature
-  names (``x0``, ``x1``, ...), all numeric. ``unlabelled=True`` ingests a source without the target
+* ``like=TRAIN_STORE`` reuses the training store's columns, encodings, imputation values, classes,
+  mean/std, decimal mark and missing-value tokens, so train and test agree; extra columns in the
+  source are ignored. Categories the training data did not have raise an
+  :class:`UnseenCategoryWarning` with counts per column. A training store without encodings
+  (``synth``, NumPy) matches the source's columns by its feature names (``x0``, ``x1``, ...),
+  all numeric. ``unlabelled=True`` ingests a source without the target
   column: ``y`` holds zeros, the store's ``labelled`` attribute is false, and only ``predict``
   accepts it.
 
@@ -125,6 +131,9 @@ MAX_CATEGORIES = 100_000
 _MAX_COUNTED = 10_000  # distinct numbers counted per column (class labels, mixed columns)
 _NUM_RE = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|Inf|INF|infinity|Infinity)$"
 _DECIMAL_COMMA_RE = r"^([+-]?\d*),(\d+(?:[eE][+-]?\d+)?)$"  # 1,5 under a delimiter other than ","
+# "1,234": a decimal comma (1.234) or a thousands separator (1234), the text cannot tell
+_AMBIGUOUS_COMMA_RE = r"^[+-]?[1-9]\d{0,2},\d{3}$"
+DECIMAL_CHOICES = ("auto", "comma", "point")
 CSV_BLOCK = 8 * 2**20
 ARRAY_BLOCK_BYTES = 32 * 2**20
 _CSV_SUFFIXES = {".csv", ".tsv", ".txt", ".data", ".dat", ".test", ".trn", ".tst", ".train"}
@@ -294,7 +303,7 @@ def _detect_delimiter(lines: list[str]) -> str:
     return ","
 
 
-def _is_header(rows: list[list[str]], numeric: Callable[[str], bool]) -> bool:
+def _is_header(rows: list[list[str]], numeric: Callable[[str], bool], missing: Sequence[str] = MISSING_TOKENS) -> bool:
     """Whether the first row names the columns.
 
     Yes when every field of it is non-numeric while some column below is numeric, or when the
@@ -309,7 +318,7 @@ def _is_header(rows: list[list[str]], numeric: Callable[[str], bool]) -> bool:
         return all(not numeric(v) for v in first)
     for_, against, some_numeric = 0, 0, False
     for j, v in enumerate(first):
-        col = [r[j].strip() for r in body if j < len(r) and r[j].strip() not in MISSING_TOKENS]
+        col = [r[j].strip() for r in body if j < len(r) and r[j].strip() not in missing]
         if not col:
             continue
         if all(numeric(c) for c in col):
@@ -334,9 +343,11 @@ def _sniff_csv(
     comment: str,
     text_encoding: str = "utf-8",
     expected: Sequence[str] = (),
+    missing: Sequence[str] = MISSING_TOKENS,
 ) -> _CsvLayout:
     """The layout of a CSV source. ``expected``: column names the source should have (those of a
-    ``like=`` store); a first line holding them all is the header."""
+    ``like=`` store); a first line holding them all is the header. ``missing``: the missing-value
+    tokens."""
     lines: list[str] = []
     lead_hash: list[str] = []  # "#" lines before the first line: comments, or a "#"-prefixed header
     skip = 0
@@ -370,7 +381,7 @@ def _sniff_csv(
     else:
         delimiter = _delimiter_option(delimiter)
     if comment and comment == delimiter:  # "|2|x" with the delimiter "|": an empty first field, not a comment
-        layout = _sniff_csv(src, delimiter, header, "", text_encoding, expected)
+        layout = _sniff_csv(src, delimiter, header, "", text_encoding, expected, missing)
         layout.detected = detected
         return layout
     if lead_hash and header is not False:  # the last "#" line is the header when it has the data's shape
@@ -385,10 +396,10 @@ def _sniff_csv(
     num_re = re.compile(_NUM_RE if not decimal_comma else f"{_NUM_RE}|{_DECIMAL_COMMA_RE}")
 
     def numeric(v: str) -> bool:
-        return bool(num_re.match(v.strip())) or v.strip() in MISSING_TOKENS
+        return bool(num_re.match(v.strip())) or v.strip() in missing
 
     if header is None:
-        header = bool(expected) and set(expected) <= set(first) or _is_header(rows, numeric)
+        header = bool(expected) and set(expected) <= set(first) or _is_header(rows, numeric, missing)
     if header:
         names = [v or f"c{j}" for j, v in enumerate(first)]
         if len(set(names)) != len(names):  # a, a, a.1 -> a, a.2, a.1: generated names clash with none
@@ -625,6 +636,9 @@ class _Parsed:
     raw: pa.Array | None = None  # a column of numbers: the array, for its text form
     thousands: np.ndarray | None = None  # bool: a number written with thousands separators ("3,655")
     big: tuple[int, str] | None = None  # (index, text) of the first integer beyond 2^53 in a text column
+    # bool masks of numbers whose comma is only a decimal comma ("1,5"), only a thousands separator
+    # ("1,234,567") or either ("1,234"): what decides ``decimal="auto"`` (pass 1 only)
+    commas: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     _text: pa.Array | None = None
 
     def text(self) -> pa.Array:
@@ -654,11 +668,21 @@ def _first_big(vals: np.ndarray, text: pa.Array) -> tuple[int, str] | None:
     return None
 
 
-def _parse(arr: pa.Array, name: str = "?", decimal_comma: bool = False, as_text: bool | None = None) -> _Parsed:
+def _parse(
+    arr: pa.Array,
+    name: str = "?",
+    decimal_comma: bool = False,
+    as_text: bool | None = None,
+    missing: pa.Array | None = None,
+    commas: bool = False,
+) -> _Parsed:
     """Parse one batch of column ``name``. ``decimal_comma``: "1,5" is the number 1.5; otherwise a
     number may have thousands separators ("3,655"). ``as_text``: True reads numbers and booleans
     as their text (a column the store encodes as categories), False reads booleans as 0/1 (a
-    numeric column of a ``like=`` store); None (pass 1): booleans are text, as in a CSV file."""
+    numeric column of a ``like=`` store); None (pass 1): booleans are text, as in a CSV file.
+    ``missing``: the missing-value tokens (default :data:`MISSING_TOKENS`; a NaN spelling is
+    missing whatever they are). ``commas``: also find the numbers whose comma only one reading
+    fits, or both (:attr:`_Parsed.commas`)."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     n = len(arr)
@@ -674,6 +698,12 @@ def _parse(arr: pa.Array, name: str = "?", decimal_comma: bool = False, as_text:
         num_s = s
         thousands = None
         has_comma = pc.any(pc.match_substring(s, ",")).as_py()
+        comma_kinds = None
+        if commas and has_comma:
+            dec = pc.match_substring_regex(s, _DECIMAL_COMMA_RE).to_numpy(zero_copy_only=False)
+            thou = pc.match_substring_regex(s, _THOUSANDS_RE).to_numpy(zero_copy_only=False)
+            amb = pc.match_substring_regex(s, _AMBIGUOUS_COMMA_RE).to_numpy(zero_copy_only=False)
+            comma_kinds = (dec & ~amb, thou & ~dec, amb)
         if decimal_comma and has_comma:
             num_s = pc.replace_substring_regex(s, _DECIMAL_COMMA_RE, r"\1.\2")
         elif has_comma:
@@ -681,7 +711,8 @@ def _parse(arr: pa.Array, name: str = "?", decimal_comma: bool = False, as_text:
             if pc.any(th).as_py():
                 thousands = th.to_numpy(zero_copy_only=False)
                 num_s = pc.if_else(th, pc.replace_substring(s, ",", ""), s)
-        miss = pc.is_in(s, value_set=pa.array(MISSING_TOKENS)).to_numpy(zero_copy_only=False)
+        tokens = pa.array(MISSING_TOKENS, pa.string()) if missing is None else missing
+        miss = pc.is_in(s, value_set=tokens).to_numpy(zero_copy_only=False)
         miss = miss | pc.match_substring_regex(s, _NAN_RE).to_numpy(zero_copy_only=False)
         try:
             vals = pc.cast(pc.if_else(pa.array(miss), None, num_s), pa.float64()).to_numpy(zero_copy_only=False)
@@ -696,7 +727,9 @@ def _parse(arr: pa.Array, name: str = "?", decimal_comma: bool = False, as_text:
         vals = np.where(inf | miss, np.nan, vals)
         if thousands is not None:
             thousands = thousands & ~miss & ~nonnum
-        return _Parsed(vals, miss | inf, nonnum, inf, s, None, thousands, _first_big(vals, num_s))
+        if comma_kinds is not None:
+            comma_kinds = (comma_kinds[0] & ~miss, comma_kinds[1] & ~miss, comma_kinds[2] & ~miss)
+        return _Parsed(vals, miss | inf, nonnum, inf, s, None, thousands, _first_big(vals, num_s), comma_kinds)
     if pa.types.is_boolean(arr.type) or numbers:
         if pa.types.is_integer(arr.type) and arr.type.bit_width == 64 and len(arr) - arr.null_count:
             mm = pc.min_max(arr)
@@ -731,11 +764,20 @@ class _ColumnProfile:
     n_thousands: int = 0  # numbers written with thousands separators ("3,655")
     first_thousands: tuple[int, str] | None = None
     first_big: tuple[int, str] | None = None  # (row, text) of an integer beyond 2^53 written as text
+    # numbers with a decimal comma only ("1,5"), thousands separators only ("1,234,567"), either ("1,234")
+    n_commas: list[int] = field(default_factory=lambda: [0, 0, 0])
+    first_commas: list[tuple[int, str] | None] = field(default_factory=lambda: [None, None, None])
 
     def update(self, p: _Parsed, row0: int) -> None:
         ok = ~p.missing & ~p.nonnum
         v = p.values[ok]
         self.n_num += len(v)
+        for k, mask in enumerate(p.commas or ()):
+            if mask.any():
+                self.n_commas[k] += int(mask.sum())
+                if self.first_commas[k] is None:
+                    i = int(np.argmax(mask))
+                    self.first_commas[k] = (row0 + i, p.text()[i].as_py())
         if p.thousands is not None and p.thousands.any():
             self.n_thousands += int(p.thousands.sum())
             if self.first_thousands is None:
@@ -816,8 +858,11 @@ class _Table:
     batches: Callable[[list[str]], Iterator[pa.RecordBatch]]
     names: list[str]
     attrs: dict[str, Any]  # the store's ``source`` attribute so far
-    decimal_comma: bool = False
+    decimal_comma: bool = False  # how ``decimal="auto"`` reads commas first (a delimiter other than ",")
     layout: str = ""  # the CSV delimiter, as errors show it
+    decimal: str = "auto"  # "comma" / "point": given, or the like= store's; "auto": the data decide
+    decimal_by: str = ""  # who fixed ``decimal``, as errors name it ("--decimal point", the like= store)
+    missing_values: list[str] = field(default_factory=lambda: list(MISSING_TOKENS))
 
 
 def _profile_table(
@@ -826,17 +871,18 @@ def _profile_table(
     decimal_comma: bool,
     prog: Progress,
     as_text: dict[str, bool | None] | None = None,
+    missing: pa.Array | None = None,
 ) -> tuple[dict[str, _ColumnProfile], int, int]:
     """Pass 1 over a table: the profile of each column, the rows read and the rows with a
     missing value (those ``--missing drop`` drops). ``as_text``: how to read each column (see
-    :func:`_parse`; None for all: as the source's types say)."""
+    :func:`_parse`; None for all: as the source's types say); ``missing``: the missing-value tokens."""
     profiles = {c: _ColumnProfile(c) for c in columns}
     n_seen = 0
     n_drop = 0
     for row0, b in batches:
         drop_mask = np.zeros(b.num_rows, bool)
         for c in profiles:
-            p = _parse(b.column(c), c, decimal_comma, (as_text or {}).get(c))
+            p = _parse(b.column(c), c, decimal_comma, (as_text or {}).get(c), missing, commas=True)
             profiles[c].update(p, row0)
             drop_mask |= p.missing
         n_drop += int(drop_mask.sum())
@@ -857,7 +903,8 @@ def _ingest_table(
     encoding: str,
     unlabelled: bool = False,
 ) -> Store:
-    src, names, missing, decimal_comma = table.path, table.names, opts.missing, table.decimal_comma
+    src, names, missing = table.path, table.names, opts.missing
+    tokens = pa.array(table.missing_values, pa.string())
     cols = select_columns(
         names,
         target=target,
@@ -888,9 +935,21 @@ def _ingest_table(
         as_text = {e["name"]: e["kind"] != "numeric" for e in cols.encodings or []}
         if cols.target is not None:
             as_text[cols.target] = training.target.get("kind") == "string"
-    profiles, n_seen, n_drop = _profile_table(
-        ranged(), cols.read, decimal_comma, Progress(f"ingest {src.name}: pass 1/2", enabled=opts.progress), as_text
-    )
+    # "auto" reads commas first as the delimiter suggests, then as the numbers say (a second pass 1
+    # only when they say otherwise: commas that separate thousands in a semicolon or tab file)
+    decimal_comma = table.decimal == "comma" or (table.decimal == "auto" and table.decimal_comma)
+
+    def profile() -> tuple[dict[str, _ColumnProfile], int, int]:
+        prog = Progress(f"ingest {src.name}: pass 1/2", enabled=opts.progress)
+        return _profile_table(ranged(), cols.read, decimal_comma, prog, as_text, tokens)
+
+    profiles, n_seen, n_drop = profile()
+    decided = _decide_decimal(profiles, table, decimal_comma, as_text)
+    if decided is not None and (decided == "comma") != decimal_comma:
+        decimal_comma = decided == "comma"
+        profiles, n_seen, n_drop = profile()
+    if decided is not None:  # absent: no number had a comma (a like= ingest decides from its own data)
+        table.attrs["decimal_comma"] = decided == "comma"
     if n_seen == 0:
         if opts.rows == (0, None) and table.attrs.get("header"):
             raise IngestError(
@@ -926,7 +985,7 @@ def _ingest_table(
             keep = np.ones(n, bool)
             X = np.zeros((n, n_features), np.float32)
             for e in encodings:
-                p = _parse(b.column(e["name"]), e["name"], decimal_comma, e["kind"] != "numeric")
+                p = _parse(b.column(e["name"]), e["name"], decimal_comma, e["kind"] != "numeric", tokens)
                 if missing == "drop":
                     keep &= ~p.missing
                 o = e["offset"]
@@ -946,7 +1005,11 @@ def _ingest_table(
                 else:
                     fill_code = e["categories"].index(e["fill"])
                     X[:, o] = np.where(unk, fill_code, codes)
-            tpar = _parse(b.column(tcol), tcol, decimal_comma, target_plan.string_labels) if tcol is not None else None
+            tpar = (
+                _parse(b.column(tcol), tcol, decimal_comma, target_plan.string_labels, tokens)
+                if tcol is not None
+                else None
+            )
             if tpar is not None and missing == "drop":
                 keep &= ~tpar.missing
             if tpar is None:
@@ -999,6 +1062,69 @@ def _ingest_table(
             stacklevel=3,
         )
     return store
+
+
+def _decide_decimal(
+    profiles: dict[str, _ColumnProfile], table: _Table, read_comma: bool, as_text: dict[str, bool | None]
+) -> str | None:
+    """What the commas of numbers are: "comma" (1,5 is 1.5; ``source.decimal_comma`` true),
+    "point" (1,234 is 1234; false), or None when no number has one (both readings give the same
+    store; absent). Pass 1 read them as ``read_comma`` says; columns of text (and categories of a
+    like= store) do not count.
+
+    A file has one convention: a number only a decimal comma fits ("1,5", "0,125", "1234,5")
+    makes every comma of the file decimal, one only thousands separators fit ("1,234,567",
+    "1,234.5") makes them all separators; a file holding both is refused. Numbers either
+    fits ("1,250", ``999`` beside ``1,234``) are read as the rest of the file says, and refused
+    when nothing says: a guess would be wrong by a factor of a thousand. A given ``decimal``
+    (or the like= store's) is followed, and numbers only the other reading fits are refused.
+    In a comma-delimited file (or Parquet), "auto" reads commas as thousands separators."""
+    found: list[tuple[str, int, str] | None] = [None, None, None]  # first (column, row, text) of each kind
+    for c, pr in profiles.items():
+        if as_text.get(c) or not any(pr.n_commas):
+            continue
+        other = pr.n_commas[1] if read_comma else pr.n_commas[0]  # numbers only the other reading reads
+        text = pr.n_nonnum - other
+        if text and pr.n_num + other <= text:
+            continue  # a column of text: its commas are text too
+        for k, first in enumerate(pr.first_commas):
+            if first is not None and found[k] is None:
+                found[k] = (c, *first)
+    dec, thou, amb = found
+    if table.decimal != "auto":
+        bad = thou if table.decimal == "comma" else dec
+        if bad is not None:
+            c, r, v = bad
+            given = table.decimal_by.startswith("--decimal")
+            if table.decimal == "comma":
+                what, reads = "with thousands separators", "decimal commas"
+                fix = "pass --decimal point" if given else f"write it without separators ({v.replace(',', '')})"
+            else:
+                what, reads = "with a decimal comma", "thousands separators"
+                fix = "pass --decimal comma" if given else f"write it with a decimal point ({v.replace(',', '.')})"
+            raise IngestError(
+                f"column {c!r} has {v!r} at data row {r} (0-based), a number {what}, but {table.decimal_by} "
+                f"reads commas as {reads}; {fix}"
+            )
+        return table.decimal
+    if not table.decimal_comma:
+        return "point" if thou or amb else None
+    if dec and thou:
+        (c, r, v), (c2, r2, v2) = dec, thou
+        raise IngestError(
+            f"column {c!r} has {v!r} at data row {r} (0-based), a number with a decimal comma, but column {c2!r} "
+            f"has {v2!r} at data row {r2}, with thousands separators; write every number of the file one way"
+        )
+    if dec or thou:
+        return "comma" if dec else "point"
+    if amb:
+        c, r, v = amb
+        raise IngestError(
+            f"column {c!r} has numbers such as {v!r} (data row {r}, 0-based) that read as {v.replace(',', '.')} "
+            f"with a decimal comma or {v.replace(',', '')} with a thousands separator, and no number of the file "
+            "tells which; pass --decimal comma or --decimal point"
+        )
+    return None
 
 
 def _rounded_integers(plan: IngestPlan, profiles: dict[str, _ColumnProfile]) -> dict[str, float]:
@@ -1492,6 +1618,61 @@ def _delimiter_option(delimiter: str | None) -> str | None:
     return d
 
 
+def _missing_values_option(missing_values: str | Sequence[str] | None) -> list[str] | None:
+    """``--missing-values``: the text read as a missing value, comma-separated (a list in the API),
+    in place of :data:`MISSING_TOKENS`; the empty field is always one, so ``""`` means only it.
+    None: the default list. A number cannot be a token: the same column in Parquet holds numbers,
+    which no token matches."""
+    if missing_values is None:
+        return None
+    given = missing_values.split(",") if isinstance(missing_values, str) else list(missing_values)
+    tokens = [""]
+    for t in given:
+        if not isinstance(t, str):
+            raise IngestError(f"--missing-values holds {t!r}, which is not text; pass text such as NA,?")
+        t = t.strip()
+        number = any(re.match(rx, t) for rx in (_NUM_RE, _DECIMAL_COMMA_RE, _THOUSANDS_RE))
+        if number and not re.match(r"(?i)^[+-]?inf", t):
+            raise IngestError(
+                f"--missing-values {t!r} is a number, which is never a missing value (in Parquet it stays a "
+                "number); replace it in the file with an empty field, or leave it out of the list"
+            )
+        if t not in tokens:
+            tokens.append(t)
+    return tokens
+
+
+def _shown_tokens(tokens: Sequence[str]) -> str:
+    """Missing-value tokens as ``--missing-values`` takes them ("NA,?"; "" for only the empty field)."""
+    return ",".join(t for t in tokens if t)
+
+
+def _like_choices(like: Store, decimal: str, missing_values: list[str] | None) -> tuple[str, str, list[str] | None]:
+    """The decimal mark, who fixed it, and the missing-value tokens of an ingest like= ``like``: the
+    store's, which a source ingested like it must follow (a different choice given is refused)."""
+    src = like.attrs.get("source") or {}
+    if src.get("format") not in ("csv", "parquet"):  # NumPy, IDX, synth: no text was parsed
+        return decimal, "--decimal " + decimal, missing_values
+    theirs = src.get("missing_values") or MISSING_TOKENS
+    if missing_values is not None and set(missing_values) != set(theirs):
+        raise IngestError(
+            f"--missing-values {_shown_tokens(missing_values)!r} differs from the list the --like store "
+            f"{like.path!r} was ingested with ({_shown_tokens(theirs)!r}); drop --missing-values (the store's "
+            "list applies), so the same text means the same in both stores"
+        )
+    tokens = list(theirs) if "missing_values" in src else None
+    mark = {True: "comma", False: "point"}.get(src.get("decimal_comma"))
+    if mark is None:  # no number of the training data had a comma: this source decides
+        return decimal, "--decimal " + decimal, tokens
+    if decimal not in ("auto", mark):
+        reads = "decimal commas" if mark == "comma" else "thousands separators"
+        raise IngestError(
+            f"--decimal {decimal} contradicts the --like store {like.path!r}, whose numbers were read with commas "
+            f"as {reads} (--decimal {mark}); drop --decimal (the store's reading applies)"
+        )
+    return mark, f"the --like store {like.path!r}", tokens
+
+
 def _check_not_in_store(dest: str | os.PathLike) -> None:
     """Refuse a destination inside an existing Zarr store (the --like store, any other): the new
     store would become part of it (as ``train --out`` refuses)."""
@@ -1579,12 +1760,19 @@ def ingest(
     progress: bool = False,
     unlabelled: bool = False,
     text_encoding: str = "utf-8",
+    decimal: str = "auto",
+    missing_values: str | Sequence[str] | None = None,
 ) -> Store:
     """Ingest ``src`` into a new store at ``dest`` and return it opened. See the module docstring.
 
     ``unlabelled`` (with ``like``): the source has no target column; the store's ``y`` holds
     zeros and its ``labelled`` attribute is false, so it can be predicted but not evaluated or
     trained on. ``text_encoding``: the character encoding of a CSV source (default UTF-8).
+    ``decimal``: what a comma in a number is: ``"comma"`` (1,5 is 1.5), ``"point"`` (1,234 is
+    1234) or ``"auto"`` (see :func:`_decide_decimal`). ``missing_values``: the text that is a
+    missing value (a list, or comma-separated), in place of :data:`MISSING_TOKENS`; the empty
+    field always is. Under ``like``, both are the training store's (recorded in its
+    ``source.decimal_comma`` and ``source.missing_values``); a different one given is refused.
     """
     path = Path(src)
     if not path.exists():
@@ -1614,6 +1802,11 @@ def ingest(
         raise IngestError(f"unknown task {task!r}; choose classification or regression")
     if encoding not in ("auto", "onehot", "ordinal"):
         raise IngestError(f"unknown encoding {encoding!r}; choose auto, onehot or ordinal")
+    if decimal not in DECIMAL_CHOICES:
+        raise IngestError(f"unknown --decimal {decimal!r}; choose auto, comma (1,5 is 1.5) or point (1,234 is 1234)")
+    tokens = _missing_values_option(missing_values)
+    if tokens is not None and set(tokens) == set(MISSING_TOKENS):
+        tokens = None
     delimiter = _delimiter_option(delimiter)
     like_path = like.path if isinstance(like, Store) else like
     # --force replaces only a store this program wrote, never an input
@@ -1648,6 +1841,9 @@ def ingest(
     like_store = like if isinstance(like, Store) or like is None else open_store(like)
     if like_store is not None and task is not None and task != like_store.task:
         raise IngestError(f"--task {task} contradicts the training store's task {like_store.task}; drop --task")
+    decimal_by, given_decimal, given_tokens = "--decimal " + decimal, decimal, tokens
+    if like_store is not None:
+        decimal, decimal_by, tokens = _like_choices(like_store, decimal, tokens)
     source_attrs: dict[str, Any] = {
         "path": str(path.resolve()),
         "format": fmt,
@@ -1655,6 +1851,9 @@ def ingest(
     }
     if like_store is not None:  # its mean/std normalise this store: inspect says so
         source_attrs["like"] = like_store.path if is_url(like_store.path) else os.path.abspath(like_store.path)
+    if tokens is not None and fmt in ("csv", "parquet"):  # absent: MISSING_TOKENS
+        source_attrs["missing_values"] = tokens
+    choices = {"decimal": decimal, "decimal_by": decimal_by, "missing_values": tokens or list(MISSING_TOKENS)}
     opts = _Options(
         rows=row_range,
         chunk_rows=chunk_rows,
@@ -1668,24 +1867,24 @@ def ingest(
         if fmt in ("csv", "parquet"):
             if fmt == "csv":
                 expected = [e["name"] for e in like_store.attrs.get("encodings") or []] if like_store else []
-                layout = _sniff_csv(path, delimiter, header, comment, text_encoding, expected)
+                layout = _sniff_csv(
+                    path, delimiter, header, comment, text_encoding, expected, choices["missing_values"]
+                )
                 names = layout.names
                 source_attrs.update(delimiter=layout.delimiter, header=layout.header)
-                if layout.decimal_comma:
-                    source_attrs["decimal_comma"] = True
                 if text_encoding != "utf-8":
                     source_attrs["text_encoding"] = text_encoding
 
                 def batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
                     return _csv_batches(path, layout)
 
-                table = _Table(path, batches, names, source_attrs, layout.decimal_comma, layout.describe())
+                table = _Table(path, batches, names, source_attrs, layout.decimal_comma, layout.describe(), **choices)
             else:
 
                 def batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
                     return _parquet_batches(path, columns)
 
-                table = _Table(path, batches, _parquet_names(path), source_attrs)
+                table = _Table(path, batches, _parquet_names(path), source_attrs, **choices)
             store = _ingest_table(
                 table,
                 os.fspath(dest),
@@ -1703,6 +1902,9 @@ def ingest(
                 raise IngestError(f"--drop applies to CSV and Parquet sources, not {fmt}")
             if unlabelled:
                 raise IngestError(f"--unlabelled applies to CSV and Parquet sources, not {fmt}")
+            for given, opt in ((given_decimal != "auto", "--decimal"), (given_tokens is not None, "--missing-values")):
+                if given:
+                    raise IngestError(f"{opt} applies to the text of CSV and Parquet sources, not {fmt}; drop {opt}")
             if fmt == "npy":
                 xs = _npy_source(lambda: open(path, "rb"), str(path))
                 ys = _npy_source(lambda: open(labels, "rb"), str(labels)) if labels else None

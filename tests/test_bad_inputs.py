@@ -591,6 +591,68 @@ def _(t: Trial) -> Outcome:
     return t.cli("ingest", "t.csv.zst", "out.zarr", "--format", "csv")
 
 
+@case("F65")
+def _(t: Trial) -> Outcome:
+    t.write("amb.csv", "price;qty;y\n999;1;a\n1,234;2;b\n12,500;3;a\n5;4;b\n")
+    return t.cli("ingest", "amb.csv", "out.zarr")
+
+
+@case("F66")
+def _(t: Trial) -> Outcome:
+    t.write("both.csv", "w;pop;y\n0,5;1,234,567;a\n1,25;2,000,000;b\n2;15;a\n3;7;b\n")
+    return t.cli("ingest", "both.csv", "out.zarr")
+
+
+def _thousands_store(t: Trial) -> None:
+    from pipeline.ingest import ingest
+
+    t.write("train.csv", "price;qty;y\n1,234,567;1;a\n999;2;b\n12,500;3;a\n5;4;b\n")
+    ingest(t.path / "train.csv", t.path / "train.zarr")
+
+
+@case("F67")
+def _(t: Trial) -> Outcome:
+    _thousands_store(t)
+    t.write("test.csv", "price;qty;y\n1,250;1;a\n7;2;b\n")
+    return t.cli("ingest", "test.csv", "out.zarr", "--like", "train.zarr", "--decimal", "comma")
+
+
+@case("F68")
+def _(t: Trial) -> Outcome:
+    _thousands_store(t)
+    t.write("dec.csv", "price;qty;y\n7;1;a\n0,5;2;b\n")
+    return t.cli("ingest", "dec.csv", "out.zarr", "--like", "train.zarr")
+
+
+_REGIONS = "region,v,y\nNA,1,a\nEU,2,b\nNA,3,a\nNone,4,b\n,5,a\nEU,6,b\n?,7,a\nNA,8,b\n"
+
+
+@case("F69")
+def _(t: Trial) -> Outcome:
+    t.write("regions.csv", _REGIONS)
+    out = t.cli("ingest", "regions.csv", "out.zarr", "--missing-values", "?", created={"out.zarr"})
+    st = _open(t)
+    assert st.feature_names == ["region=EU", "region=NA", "region=None", "v"]
+    assert st.attrs["source"]["missing_values"] == ["", "?"]
+    return out
+
+
+@case("F70")
+def _(t: Trial) -> Outcome:
+    from pipeline.ingest import ingest
+
+    t.write("train.csv", _REGIONS)
+    ingest(t.path / "train.csv", t.path / "train.zarr", missing_values="?")
+    t.write("test.csv", "region,v,y\nNA,1,a\nNone,2,b\n")
+    return t.cli("ingest", "test.csv", "out.zarr", "--like", "train.zarr", "--missing-values", "NA")
+
+
+@case("F71")
+def _(t: Trial) -> Outcome:
+    t.write("good.csv", GOOD_CSV)
+    return t.cli("ingest", "good.csv", "out.zarr", "--missing-values=-999")
+
+
 @case("F15")
 def _(t: Trial) -> Outcome:
     (t.path / "mydata").mkdir()

@@ -1,0 +1,240 @@
+"""What a comma in a number is (``--decimal``) and which text is a missing value
+(``--missing-values``): chosen once, recorded in the store's ``source`` attribute, and followed by
+``--like`` ingests so the same text means the same in the training and the test store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.errors import IngestError
+from pipeline.ingest import ingest
+from pipeline.store import open_store
+from tests.pipeline.helpers import read_all
+
+# a semicolon file whose only comma numbers have three digits after one comma: 1.234 or 1234?
+AMBIGUOUS = "price;qty;y\n999;1;a\n1,234;2;b\n12,500;3;a\n5;4;b\n"
+
+
+def run(*args: object):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_line_error(r, *fragments: str) -> str:
+    assert r.exit_code == 1, (r.exit_code, r.output)
+    err = r.stderr
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in r.output, err
+    for f in fragments:
+        assert f in err, (f, err)
+    return err
+
+
+# ---- decimal comma or thousands separator -----------------------------------------------------------
+
+
+def test_ambiguous_commas_are_refused_naming_column_example_and_fix(tmp_path):
+    (tmp_path / "p.csv").write_text(AMBIGUOUS)
+    with pytest.raises(
+        IngestError,
+        match=r"column 'price' has numbers such as '1,234' \(data row 1, 0-based\) that read as 1\.234 with a "
+        r"decimal comma or 1234 with a thousands separator.*; pass --decimal comma or --decimal point$",
+    ):
+        ingest(tmp_path / "p.csv", tmp_path / "p.zarr")
+    assert not (tmp_path / "p.zarr").exists()
+    (tmp_path / "t.tsv").write_text(AMBIGUOUS.replace(";", "\t"))  # a tab file alike
+    with pytest.raises(IngestError, match=r"column 'price' has numbers such as '1,234'"):
+        ingest(tmp_path / "t.tsv", tmp_path / "t.zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv", "t.tsv"]
+
+
+def test_the_command_refuses_ambiguous_commas_in_one_line(tmp_path):
+    (tmp_path / "p.csv").write_text(AMBIGUOUS)
+    r = run("ingest", tmp_path / "p.csv", tmp_path / "p.zarr")
+    one_line_error(r, "column 'price'", "'1,234'", "--decimal comma or --decimal point")
+    assert not (tmp_path / "p.zarr").exists()
+    r = run("ingest", tmp_path / "p.csv", tmp_path / "p.zarr", "--decimal", "point")
+    assert r.exit_code == 0, r.output
+    assert read_all(open_store(str(tmp_path / "p.zarr")))[0][:, 0].tolist() == [999, 1234, 12500, 5]
+
+
+def test_decimal_option_reads_commas_either_way_and_is_recorded(tmp_path):
+    (tmp_path / "p.csv").write_text(AMBIGUOUS)
+    point = ingest(tmp_path / "p.csv", tmp_path / "point.zarr", decimal="point")
+    comma = ingest(tmp_path / "p.csv", tmp_path / "comma.zarr", decimal="comma")
+    np.testing.assert_array_equal(read_all(point)[0][:, 0], [999, 1234, 12500, 5])
+    np.testing.assert_allclose(read_all(comma)[0][:, 0], [999, 1.234, 12.5, 5], rtol=1e-6)
+    assert point.attrs["source"]["decimal_comma"] is False and comma.attrs["source"]["decimal_comma"] is True
+
+
+def test_several_groups_mean_thousands_for_the_whole_file(tmp_path):
+    # 1,234,567 can only be thousands: the file's 1,234 are thousands too (one convention per file)
+    (tmp_path / "p.csv").write_text("price;pop;y\n1,234;1,234,567;a\n999;2,000,000;b\n12,500;15;a\n5;7;b\n")
+    st = ingest(tmp_path / "p.csv", tmp_path / "p.zarr")
+    X, _ = read_all(st)
+    np.testing.assert_array_equal(X[:, 0], [1234, 999, 12500, 5])
+    np.testing.assert_array_equal(X[:, 1], [1234567, 2000000, 15, 7])
+    assert st.feature_names == ["price", "pop"] and st.attrs["source"]["decimal_comma"] is False
+
+
+def test_both_conventions_in_one_file_are_refused(tmp_path):
+    (tmp_path / "p.csv").write_text("w;pop;y\n0,5;1,234,567;a\n1,25;2,000,000;b\n2;15;a\n3;7;b\n")
+    with pytest.raises(
+        IngestError,
+        match=r"column 'w' has '0,5' at data row 0 \(0-based\), a number with a decimal comma, but column 'pop' "
+        r"has '1,234,567' at data row 0, with thousands separators; write every number of the file one way",
+    ):
+        ingest(tmp_path / "p.csv", tmp_path / "p.zarr")
+    assert not (tmp_path / "p.zarr").exists()
+
+
+def test_a_given_decimal_refuses_numbers_only_the_other_reading_fits(tmp_path):
+    (tmp_path / "p.csv").write_text("w;pop;y\n0,5;1;a\n1,25;2;b\n2;15;a\n3;7;b\n")
+    with pytest.raises(IngestError, match=r"column 'w' has '0,5' .* but --decimal point reads commas as thousands"):
+        ingest(tmp_path / "p.csv", tmp_path / "p.zarr", decimal="point")
+    (tmp_path / "t.csv").write_text("w;pop;y\n1;1,234,567;a\n2;2;b\n2;15;a\n3;7;b\n")
+    with pytest.raises(IngestError, match=r"'1,234,567' .* but --decimal comma reads commas as decimal commas; pass"):
+        ingest(tmp_path / "t.csv", tmp_path / "t.zarr", decimal="comma")
+    with pytest.raises(IngestError, match=r"unknown --decimal 'dot'; choose auto, comma"):
+        ingest(tmp_path / "t.csv", tmp_path / "t.zarr", decimal="dot")
+    assert not (tmp_path / "p.zarr").exists() and not (tmp_path / "t.zarr").exists()
+
+
+def test_unambiguous_decimal_commas_decide_and_like_follows_them(tmp_path):
+    # 0,25 and 3,75 can only be decimal commas: the file's 1,250 is 1.25, recorded for --like ingests
+    (tmp_path / "tr.csv").write_text("a;b;y\n0,25;1,250;p\n3,75;2;q\n1;4;p\n2;5;q\n")
+    train = ingest(tmp_path / "tr.csv", tmp_path / "tr.zarr")
+    np.testing.assert_allclose(read_all(train)[0], [[0.25, 1.25], [3.75, 2], [1, 4], [2, 5]], rtol=1e-6)
+    assert train.attrs["source"]["decimal_comma"] is True
+    # a comma-delimited test file with a quoted "1,250": read as the training store read it
+    (tmp_path / "te.csv").write_text('a,b,y\n1,"1,250",p\n"0,5",2,q\n')
+    test = ingest(tmp_path / "te.csv", tmp_path / "te.zarr", like=train)
+    np.testing.assert_allclose(read_all(test)[0], [[1, 1.25], [0.5, 2]], rtol=1e-6)
+    assert test.attrs["source"]["decimal_comma"] is True
+
+
+def test_like_follows_a_thousands_store_and_refuses_what_it_cannot_read(tmp_path):
+    (tmp_path / "tr.csv").write_text("price;qty;y\n1,234,567;1;a\n999;2;b\n12,500;3;a\n5;4;b\n")
+    train = ingest(tmp_path / "tr.csv", tmp_path / "tr.zarr")
+    (tmp_path / "te.csv").write_text("price;qty;y\n1,250;1;a\n7;2;b\n")  # alone it would be refused as ambiguous
+    test = ingest(tmp_path / "te.csv", tmp_path / "te.zarr", like=train)
+    np.testing.assert_array_equal(read_all(test)[0][:, 0], [1250, 7])
+    with pytest.raises(IngestError, match=r"--decimal comma contradicts the --like store .*; drop --decimal"):
+        ingest(tmp_path / "te.csv", tmp_path / "te2.zarr", like=train, decimal="comma")
+    (tmp_path / "dec.csv").write_text("price;qty;y\n0,5;1;a\n7;2;b\n")
+    with pytest.raises(
+        IngestError,
+        match=r"column 'price' has '0,5' .* a number with a decimal comma, but the --like store .* reads commas as "
+        r"thousands separators; write it with a decimal point \(0\.5\)",
+    ):
+        ingest(tmp_path / "dec.csv", tmp_path / "te2.zarr", like=train)
+    assert not (tmp_path / "te2.zarr").exists()
+
+
+def test_the_store_records_the_reading_only_when_a_number_had_a_comma(tmp_path):
+    # comma file: "3,655" is 3655 (unchanged), recorded so a --like ingest of a ';' file reads 1,250 as 1250
+    (tmp_path / "c.csv").write_text('price,y\n"3,655",a\n12,b\n"1,000",a\n7,b\n')
+    st = ingest(tmp_path / "c.csv", tmp_path / "c.zarr")
+    assert read_all(st)[0][:, 0].tolist() == [3655, 12, 1000, 7] and st.attrs["source"]["decimal_comma"] is False
+    # no comma in any number: either reading gives this store, and a --like ingest decides from its data
+    (tmp_path / "s.csv").write_text("a;b;y\n1;2;p\n3;4;q\n5;6;p\n")
+    plain = ingest(tmp_path / "s.csv", tmp_path / "s.zarr")
+    assert "decimal_comma" not in plain.attrs["source"]
+    (tmp_path / "s2.csv").write_text("a;b;y\n1,5;2;p\n3;4;q\n")
+    np.testing.assert_allclose(read_all(ingest(tmp_path / "s2.csv", tmp_path / "s2.zarr", like=plain))[0][0], [1.5, 2])
+
+
+def test_decimal_and_missing_values_apply_to_text_sources_only(tmp_path):
+    np.save(tmp_path / "x.npy", np.arange(8.0).reshape(4, 2))
+    np.save(tmp_path / "y.npy", np.array([0, 1, 0, 1]))
+    with pytest.raises(IngestError, match=r"--decimal applies to the text of CSV and Parquet sources, not npy"):
+        ingest(tmp_path / "x.npy", tmp_path / "o.zarr", labels=tmp_path / "y.npy", decimal="comma")
+    with pytest.raises(IngestError, match=r"--missing-values applies to the text of CSV and Parquet sources, not npy"):
+        ingest(tmp_path / "x.npy", tmp_path / "o.zarr", labels=tmp_path / "y.npy", missing_values="?")
+    assert not (tmp_path / "o.zarr").exists()
+
+
+# ---- missing-value tokens --------------------------------------------------------------------------
+
+REGIONS = "region,v,y\nNA,1,a\nEU,2,b\nNA,3,a\nNone,4,b\n,5,a\nEU,6,b\n?,7,a\nNA,8,b\n"
+
+
+def test_missing_values_keep_na_and_none_as_categories(tmp_path):
+    (tmp_path / "r.csv").write_text(REGIONS)
+    default = ingest(tmp_path / "r.csv", tmp_path / "d.zarr")  # NA and None are missing by default
+    assert default.feature_names == ["region=EU", "v"] and "missing_values" not in default.attrs["source"]
+    st = ingest(tmp_path / "r.csv", tmp_path / "r.zarr", missing_values="?")
+    assert st.feature_names == ["region=EU", "region=NA", "region=None", "v"]
+    assert st.attrs["source"]["missing_values"] == ["", "?"]
+    assert st.attrs["source"]["missing_imputed"] == {"region": 2}  # the empty field and "?"
+    X, _ = read_all(st)
+    assert X[:, :3].sum(axis=0).tolist() == [2, 5, 1]  # the two missing cells became NA, the most frequent
+
+
+def test_only_the_empty_field_is_missing(tmp_path):
+    (tmp_path / "r.csv").write_text(REGIONS)
+    st = ingest(tmp_path / "r.csv", tmp_path / "r.zarr", missing_values=[""])
+    assert st.feature_names == ["region=?", "region=EU", "region=NA", "region=None", "v"]
+    assert st.attrs["source"]["missing_values"] == [""] and st.attrs["source"]["missing_imputed"] == {"region": 1}
+    with pytest.raises(IngestError, match=r"column 'region' has a missing or infinite value \(''\) at data row 4"):
+        ingest(tmp_path / "r.csv", tmp_path / "x.zarr", missing_values="", missing="reject")
+
+
+def test_nan_spellings_stay_missing_whatever_the_list(tmp_path):
+    (tmp_path / "n.csv").write_text("a,b,y\n1,2,p\nNaN,4,q\nnan,6,p\n-nan,8,q\n3,inf,p\n5,10,q\n")
+    st = ingest(tmp_path / "n.csv", tmp_path / "n.zarr", missing_values="")
+    X, _ = read_all(st)
+    assert np.isfinite(X).all() and st.feature_names == ["a", "b"]
+    np.testing.assert_allclose(X[:, 0], [1, 3, 3, 3, 3, 5], rtol=1e-6)
+    assert st.attrs["source"]["missing_imputed"] == {"a": 3, "b": 1}
+
+
+def test_numbers_cannot_be_missing_value_tokens(tmp_path):
+    (tmp_path / "r.csv").write_text(REGIONS)
+    with pytest.raises(IngestError, match=r"--missing-values .-999. is a number, which is never a missing value"):
+        ingest(tmp_path / "r.csv", tmp_path / "r.zarr", missing_values="NA,-999")
+    assert not (tmp_path / "r.zarr").exists()
+
+
+def test_like_follows_the_stores_missing_values_and_refuses_another_list(tmp_path):
+    (tmp_path / "r.csv").write_text(REGIONS)
+    train = ingest(tmp_path / "r.csv", tmp_path / "tr.zarr", missing_values="?")
+    (tmp_path / "te.csv").write_text("region,v,y\nNA,1,a\nNone,2,b\n?,3,a\n")
+    test = ingest(tmp_path / "te.csv", tmp_path / "te.zarr", like=train)
+    X, _ = read_all(test)
+    assert test.feature_names == train.feature_names and test.attrs["source"]["missing_values"] == ["", "?"]
+    np.testing.assert_array_equal(X[:, :3], [[0, 1, 0], [0, 0, 1], [0, 1, 0]])  # "?" -> the training fill NA
+    with pytest.raises(
+        IngestError,
+        match=r"--missing-values 'NA' differs from the list the --like store .* was ingested with \('\?'\); "
+        r"drop --missing-values",
+    ):
+        ingest(tmp_path / "te.csv", tmp_path / "te2.zarr", like=train, missing_values="NA")
+    assert not (tmp_path / "te2.zarr").exists()
+
+
+def test_parquet_strings_follow_the_missing_values(tmp_path):
+    t = pa.table({"region": ["NA", "EU", None, "NA", "None", "EU"], "v": [1.0, 2, 3, 4, 5, 6], "y": list("ababab")})
+    pq.write_table(t, tmp_path / "r.parquet")
+    st = ingest(tmp_path / "r.parquet", tmp_path / "r.zarr", missing_values="")
+    assert st.feature_names == ["region=EU", "region=NA", "region=None", "v"]
+    assert st.attrs["source"]["missing_imputed"] == {"region": 1}  # the null
+
+
+def test_the_command_takes_missing_values_and_names_them_in_its_warning(tmp_path):
+    (tmp_path / "r.csv").write_text(REGIONS)
+    r = run("ingest", tmp_path / "r.csv", tmp_path / "r.zarr", "--missing-values", "?")
+    assert r.exit_code == 0, r.output
+    warning = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: missing values")]
+    assert warning == [
+        "warning: missing values (empty, ?, NaN, inf) imputed, cells per column: column 'region': 2 -> 'NA' "
+        "(--missing reject refuses them; --missing-values TOKENS sets which text is missing)"
+    ]
+    r = run("ingest", tmp_path / "r.csv", tmp_path / "d.zarr")
+    assert "--missing-values TOKENS sets which text is missing" in r.stderr
+    r = run("ingest", tmp_path / "r.csv", tmp_path / "x.zarr", "--like", tmp_path / "r.zarr", "--missing-values", "")
+    one_line_error(r, "--missing-values '' differs from the list", "drop --missing-values")
+    assert not (tmp_path / "x.zarr").exists()
