@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import CheckpointError
+from pipeline.files import new_file_mode
 from pipeline.runstate import BestModel, RunState
 
 FORMAT_VERSION = 1
@@ -71,6 +72,7 @@ def save_file(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray],
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **payload)
             fh.flush()

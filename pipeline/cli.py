@@ -414,6 +414,24 @@ def _check_resume_trains(out: str, cfg: Any, quiet: bool) -> None:
     )
 
 
+def _check_resume_matches(store: str, out: str, cfg: Any) -> None:
+    """Refuse, before a cluster starts, to resume the epoch run in ``out`` with another model
+    config or on other data than its checkpoint's (the trainer checks again when it reads it)."""
+    from pipeline.checkpoint import read_meta
+    from pipeline.errors import CheckpointError
+    from pipeline.store import open_store
+    from pipeline.train import RunDir, build_spec, resume_mismatch, store_stats
+
+    path = RunDir(Path(out)).checkpoint
+    meta = read_meta(path)  # its record only: the run reads (and checks) the whole file
+    if meta is None or meta.get("kind") != "checkpoint" or meta.get("federated"):
+        return  # not a checkpoint, or another kind of run: resuming says what it is
+    opened = open_store(store)
+    problem = resume_mismatch(meta, build_spec(opened, cfg)[0], store_stats(opened), path, store)
+    if problem is not None:
+        raise CheckpointError(problem)
+
+
 def _check_budget(cfg: Any, clients: int) -> None:
     """Refuse, before a cluster starts, a privacy budget that the first round spends: a run of
     ``clients`` federated clients or sites samples some of them per round (0: not federated,
@@ -662,6 +680,8 @@ def train(
         check_epochs_unset(cfg, base.epochs)
     if resume:
         _check_resume_trains(out, cfg, quiet)
+        if not cfg.clients:
+            _check_resume_matches(store, out, cfg)
     _check_budget(cfg, cfg.clients)  # fail before starting a cluster
     if cfg.validation_store:  # fail before starting a cluster
         from pipeline.train import check_validation_store
@@ -714,14 +734,15 @@ def train(
         drawn = save_plots(result.run_dir, json.loads(RunDir(result.run_dir).history.read_text()))
         _echo("plots: " + (", ".join(str(p) for p in drawn) or "none"), quiet)
     saved = result.best  # the metrics of the model written, not of the last epoch
+    unit = "round" if cfg.clients else "epoch"  # simulated clients train rounds, as a --sites run does
     click.echo(
         json.dumps(
             {
                 "run_dir": str(result.run_dir),
-                "epochs": len(result.history),
+                f"{unit}s": len(result.history),
                 "stopped_early": result.stopped_early,
-                "best_epoch": saved.get("epoch"),
-                **{k: v for k, v in saved.items() if k.startswith("val_")},
+                f"best_{unit}": saved.get(unit),
+                **{k: v for k, v in saved.items() if k.startswith("val_") or (cfg.clients and k.startswith("site_"))},
                 **_privacy_spent(result.privacy),
             }
         )
@@ -811,13 +832,66 @@ def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **clus
     click.echo(json.dumps(result))
 
 
+def _run_dirs(where: Path) -> Iterator[Path]:
+    """The directories at or under ``where`` that hold a run (a history.json, checkpoint or
+    config.toml this program wrote), in path order; Zarr stores and hidden directories are not
+    looked into."""
+    from pipeline.store import store_marker
+    from pipeline.train import RunDir
+
+    for top, dirs, _ in os.walk(where):
+        here = Path(top)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not store_marker(here / d))
+        run = RunDir(here)
+        if any(run.written_here(n) for n in ("history.json", "checkpoint.npz", "config.toml")):
+            yield here
+
+
+def _run_row(run_dir: Path) -> tuple[dict | None, str | None]:
+    """The row `pipeline runs` lists for a run directory, or why it lists none (a note)."""
+    import json
+
+    from pipeline.train import RunDir, saved_epoch
+
+    run = RunDir(run_dir)
+    where = repr(str(run_dir))
+    if not run.written_here("history.json"):
+        if os.path.lexists(run.history):
+            model = (
+                f" (its model.npz is intact: `pipeline evaluate {run_dir} STORE` uses it)"
+                if run.written_here("model.npz")
+                else ""
+            )
+            return None, (
+                f"run directory {where} is not listed: its history.json is damaged or not one this program wrote{model}"
+            )
+        why = run.missing_model()
+        return None, why or f"run directory {where} has no history.json: no finished run to list"
+    data = json.loads(run.history.read_text())
+    epochs = data.get("epochs") or []
+    saved = saved_epoch(data)  # the saved model's epoch (its best), not the last one
+    # a federated run's records are its rounds (each names its round, as the final line of train does)
+    federated = isinstance(data.get("federated"), dict) or any("round" in e for e in epochs)
+    unit = "round" if federated else "epoch"
+    return {
+        "run": str(run_dir),
+        f"{unit}s": len(epochs),
+        f"best_{unit}": saved.get(unit, saved.get("epoch")),
+        "val_loss": saved.get("val_loss"),
+        "val_metric": saved.get("val_accuracy", saved.get("val_r2")),
+        "samples_per_s": epochs[-1].get("samples_per_s") if epochs else None,
+    }, None
+
+
 @cli.command()
 @click.argument("directory", default="runs")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def runs(directory: str, as_json: bool) -> None:
-    """List the runs in DIRECTORY with the validation metrics of their saved models (the best
-    epoch, which early stopping or a later worse epoch leaves behind the last). DIRECTORY may
-    also be one run directory: that run is listed.
+    """List the runs in DIRECTORY (and in its subdirectories) with the validation metrics of their
+    saved models (the best epoch, which early stopping or a later worse epoch leaves behind the
+    last; a federated run's best round). DIRECTORY may also be one run directory: that run is
+    listed. Runs with no model to list (interrupted, damaged) are named after the table (with
+    --json, on stderr).
 
     \b
     Examples:
@@ -827,53 +901,42 @@ def runs(directory: str, as_json: bool) -> None:
     import json
     from pathlib import Path
 
-    from pipeline.train import RunDir, saved_epoch
-
     where = Path(directory)
     if not where.exists():
         raise PipelineError(f"directory {directory!r} does not exist; name the directory that holds your runs")
     if not where.is_dir():
         raise PipelineError(f"{directory!r} is a file, not a directory; name the directory that holds your runs")
-    run = RunDir(where)
-    one_run = run.history.is_file() or run.checkpoint.is_file() or run.model.is_file() or run.config.is_file()
-    if one_run and not run.history.is_file():  # a run directory without a finished run
-        if as_json:
-            click.echo("[]")
-            return
-        why = run.missing_model()
-        click.echo(why or f"run directory {directory!r} has no history.json: no finished run to list")
-        return
-    rows = []
-    for hist in [run.history] if one_run else sorted(where.glob("*/history.json")):
-        try:
-            data = json.loads(hist.read_text())
-        except (OSError, ValueError):
-            continue
-        epochs = data.get("epochs") or []
-        saved = saved_epoch(data)  # the saved model's epoch (its best), not the last one
-        rows.append(
-            {
-                "run": str(hist.parent),
-                "epochs": len(epochs),
-                "best_epoch": saved.get("epoch"),
-                "val_loss": saved.get("val_loss"),
-                "val_metric": saved.get("val_accuracy", saved.get("val_r2")),
-                "samples_per_s": epochs[-1].get("samples_per_s") if epochs else None,
-            }
-        )
+    rows, notes = [], []
+    for run_dir in _run_dirs(where):
+        row, note = _run_row(run_dir)
+        if row is not None:
+            rows.append(row)
+        if note is not None:
+            notes.append(note)
     if as_json:
         click.echo(json.dumps(rows))
+        for note in notes:
+            click.echo(note, err=True)
         return
-    if not rows:
+    if not rows and not notes:
         click.echo(f"no runs in {directory!r}")
         return
-    click.echo(f"{'run':<30} {'epochs':>6} {'best':>5} {'val_loss':>9} {'val_metric':>10} {'samples/s':>10}")
-    for r in rows:
-        best = str(r["best_epoch"] + 1) if isinstance(r["best_epoch"], int) else "-"  # 1-based, as printed
-        vl = f"{r['val_loss']:.4f}" if isinstance(r["val_loss"], float) else "-"
-        vm = f"{r['val_metric']:.4f}" if isinstance(r["val_metric"], float) else "-"
-        sps = f"{r['samples_per_s']:,.0f}" if isinstance(r["samples_per_s"], float) else "-"
-        click.echo(f"{r['run']:<30} {r['epochs']:>6} {best:>5} {vl:>9} {vm:>10} {sps:>10}")
+    if rows:
+        kinds = {"epochs" if "epochs" in r else "rounds" for r in rows}
+        head = kinds.pop() if len(kinds) == 1 else "trained"  # a mix: each count names its unit
+        width = max(30, *(len(r["run"]) for r in rows))
+        click.echo(f"{'run':<{width}} {head:>10} {'best':>5} {'val_loss':>9} {'val_metric':>10} {'samples/s':>10}")
+        for r in rows:
+            unit = "epoch" if "epochs" in r else "round"
+            count = r[f"{unit}s"] if head != "trained" else f"{r[f'{unit}s']} {unit}s"
+            best = r[f"best_{unit}"]
+            best = str(best + 1) if isinstance(best, int) else "-"  # 1-based, as printed while training
+            vl = f"{r['val_loss']:.4f}" if isinstance(r["val_loss"], float) else "-"
+            vm = f"{r['val_metric']:.4f}" if isinstance(r["val_metric"], float) else "-"
+            sps = f"{r['samples_per_s']:,.0f}" if isinstance(r["samples_per_s"], float) else "-"
+            click.echo(f"{r['run']:<{width}} {count:>10} {best:>5} {vl:>9} {vm:>10} {sps:>10}")
+    for note in notes:
+        click.echo(note)
 
 
 # --------------------------------------------------------------------------------------------

@@ -114,6 +114,84 @@ def build_spec(store: Store, cfg: TrainConfig) -> tuple[dict, dict | None]:
     return spec, target
 
 
+def store_stats(store: Store) -> dict[str, Any]:
+    """What a model trained on ``store`` depends on besides its layout: the rows, the feature
+    statistics it standardizes with, the classes and names (JSON-safe). A checkpoint records
+    it, so a resume on other data (another store, or the store ingested again) is refused."""
+    return json.loads(
+        json.dumps(
+            {
+                "n_rows": store.n_rows,
+                "feature_names": list(store.feature_names),
+                "classes": None if store.classes is None else [str(c) for c in store.classes],
+                "mean": np.asarray(store.mean, dtype=np.float64).tolist(),
+                "std": np.asarray(store.std, dtype=np.float64).tolist(),
+                "y_mean": np.asarray(store.y_mean, dtype=np.float64).tolist(),
+                "y_std": np.asarray(store.y_std, dtype=np.float64).tolist(),
+            }
+        )
+    )
+
+
+# the model spec's keys set by the configuration (the others, n_in and n_out, by the store)
+_SPEC_KEYS = ("hidden", "activation", "loss")
+
+
+def resume_mismatch(meta: dict[str, Any], spec: dict, stats: dict[str, Any], path: Path, store: str) -> str | None:
+    """Why the checkpoint at ``path`` (its ``meta`` record) cannot be resumed with the model
+    ``spec`` and a store of ``stats`` (:func:`store_stats`) at ``store``; None when it can.
+    Checkpoints of earlier versions, which did not record the store's statistics, are checked
+    by their model spec only."""
+    old, where, was = meta.get("spec"), repr(str(path)), meta.get("store")
+    same = isinstance(was, str) and os.path.realpath(was) == os.path.realpath(store)  # URLs: compared as text
+    trained_on = "the data it started with" if same or not was else f"the store it started with ({was!r})"
+    fresh = f"or start a new run (another --out, or --force to replace {str(path.parent)!r})"
+    if not isinstance(old, dict):
+        return (
+            None
+            if old == spec
+            else f"checkpoint {where} is for a different model or store; resume with the ones it started with, {fresh}"
+        )
+    for key in _SPEC_KEYS:
+        if old.get(key) != spec.get(key):
+            value = old.get(key)
+            shown = value if isinstance(value, str) else json.dumps(value)  # as --set takes it
+            return (
+                f"checkpoint {where} was trained with {key} = {value!r}, not {spec.get(key)!r}; resume with "
+                f"--set {key}={shown} (or without setting {key}), {fresh}"
+            )
+    problem = None
+    if old.get("n_in") != spec.get("n_in"):
+        problem = f"{old.get('n_in')} features, and {store!r} has {spec.get('n_in')}"
+    elif old.get("n_out") != spec.get("n_out"):
+        problem = f"{old.get('n_out')} outputs (classes or targets), and {store!r} has {spec.get('n_out')}"
+    elif old != spec:
+        return f"checkpoint {where} is for a different model; resume with the model config it started with, {fresh}"
+    saved = meta.get("store_stats")
+    if problem is None and isinstance(saved, dict):
+        differ = [
+            what
+            for key, what in (
+                ("n_rows", "row count"),
+                ("feature_names", "feature names"),
+                ("classes", "classes"),
+                ("mean", "feature means"),
+                ("std", "feature standard deviations"),
+                ("y_mean", "target mean"),
+                ("y_std", "target standard deviation"),
+            )
+            if key in saved and saved[key] != stats.get(key)
+        ]
+        if differ:
+            n = f" ({saved['n_rows']:,} rows, now {stats['n_rows']:,})" if "row count" in differ else ""
+            problem = (
+                f"other data: the {_names(differ)} of {store!r} differ{n}; it was ingested again, or is another store"
+            )
+    if problem is None:
+        return None
+    return f"checkpoint {where} was trained on {problem}; resume with {trained_on}, {fresh}"
+
+
 def task_config(cfg: TrainConfig) -> dict[str, Any]:
     """The part of the config that training tasks need (plain, msgpack-friendly).
 
@@ -228,7 +306,6 @@ _CONFIG_LINE = re.compile(r"[A-Za-z_][A-Za-z0-9_]* = (.+)")
 # The arrays of a simulated federated run's clients.npz (np.savez: no metadata of its own)
 _CLIENTS_ARRAYS = frozenset({"n.npy", "loss.npy", "metric.npy", "round.npy"})
 _LOCK_TEXT = re.compile(rb"(\d+ \S+ \d+\n)?")  # what _Claim writes ("" for a moment after creating it)
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TEXT_LIMIT = 1 << 20  # a config.toml or a lock file longer than this is not one a run wrote
 
 
@@ -262,22 +339,27 @@ def _is_run_config(path: Path) -> bool:
 def _is_run_history(path: Path) -> bool:
     """Whether ``path`` is a history.json as a run writes it (every version has written these
     keys: the job, who installed the parameter server, the epochs, the rounds and their columns)."""
+    return _history_job(path) is not None
+
+
+def _history_job(path: Path) -> str | None:
+    """The job of the history.json at ``path`` when it is one a run wrote (:func:`_is_run_history`)."""
     try:
         st = path.stat()
     except OSError:
-        return False
+        return None
     # a long run's history is megabytes: parsed once per version of the file (a run replaces
     # it, a new inode), not at every look (each plot's, each check of a command)
-    return _history_doc_ok(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    return _history_doc_job(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=16)
-def _history_doc_ok(path: str, ino: int, size: int, mtime_ns: int) -> bool:
+def _history_doc_job(path: str, ino: int, size: int, mtime_ns: int) -> str | None:
     try:
         doc = json.loads(Path(path).read_bytes())
     except (OSError, ValueError):
-        return False
-    return (
+        return None
+    ok = (
         isinstance(doc, dict)
         and isinstance(doc.get("job"), str)
         and "installed_by" in doc
@@ -285,26 +367,7 @@ def _history_doc_ok(path: str, ino: int, size: int, mtime_ns: int) -> bool:
         and isinstance(doc.get("rounds"), list)
         and isinstance(doc.get("round_columns"), list)
     )
-
-
-def _is_matplotlib_png(path: Path) -> bool:
-    """Whether ``path`` is a PNG image that matplotlib saved (its ``Software`` text chunk says so)."""
-    try:
-        with open(path, "rb") as fh:
-            if fh.read(8) != _PNG_SIGNATURE:
-                return False
-            while True:  # the chunks before the image data
-                head = fh.read(8)
-                if len(head) < 8:
-                    return False
-                size, kind = int.from_bytes(head[:4], "big"), head[4:]
-                if kind in (b"IDAT", b"IEND") or size > _TEXT_LIMIT:
-                    return False
-                body = fh.read(size + 4)[:size]  # the data and its CRC
-                if kind == b"tEXt" and body.startswith(b"Software\x00Matplotlib"):
-                    return True
-    except OSError:
-        return False
+    return doc["job"] if ok else None
 
 
 def _is_clients_file(path: Path) -> bool:
@@ -373,9 +436,11 @@ class RunDir:
         """Whether the file ``name`` in the directory is one this program wrote, by its content:
         a checkpoint or model carries its kind in its ``__meta__`` record, a config.toml starts
         with :data:`pipeline.config.TOML_HEADER` and holds only ``key = JSON`` lines,
-        a history.json has the keys every run writes, a plot is a PNG matplotlib saved beside the
-        run's history.json, clients.npz holds the arrays of a simulated run's clients. Runs of
-        earlier versions wrote the same. A symbolic link is never the program's."""
+        a history.json has the keys every run writes, a plot is a PNG marked with the job of the
+        run's history.json beside it (:func:`pipeline.plots.plot_job`: a user's image of that name,
+        matplotlib's included, is not), clients.npz holds the arrays of a simulated run's clients.
+        Runs of earlier versions wrote the same, but their plots, which were not marked, count as
+        a user's. A symbolic link is never the program's."""
         path = self.path / name
         if path.is_symlink() or not path.is_file():
             return False
@@ -390,8 +455,11 @@ class RunDir:
             return _is_clients_file(path)
         if name == LOCK_NAME:
             return _is_lock_file(path)
-        if name in self.run_files():  # a plot: drawn from the run's history, after it is written
-            return _is_matplotlib_png(path) and self.written_here("history.json")
+        if name in self.run_files():  # a plot: marked with the job of the run's history it was drawn from
+            from pipeline.plots import plot_job
+
+            job = _history_job(self.history) if self.written_here("history.json") else None
+            return job is not None and plot_job(path) == job
         return False
 
     def foreign_files(self, skip: tuple[str, ...] = ()) -> list[str]:
@@ -431,6 +499,26 @@ class RunDir:
                 f"uses as its lock; move it out of {str(self.path)!r}, or choose another --out"
             )
 
+    def _check_writable(self, resume: bool) -> None:
+        """Refuse a run directory that cannot be created, or written in (probed by making and
+        removing an entry: nothing is left, and no missing parent is created)."""
+        from pipeline.store import unwritable_reason
+
+        where = repr(str(self.path))
+        exists = self.path.is_dir()
+        anc, why = unwritable_reason(self.path / ".probe" if exists else self.path)
+        if why is None:
+            return
+        shown = os.path.relpath(anc) if anc.is_relative_to(Path.cwd()) else str(anc)
+        if exists:
+            fix = "make it writable to resume the run" if resume else "make it writable, or choose another --out"
+            raise TrainingError(f"cannot write in run directory {where}: {why}; {fix}")
+        if anc.exists() and not anc.is_dir():
+            raise TrainingError(f"cannot create run directory {where}: {shown!r} is a file; choose another --out")
+        raise TrainingError(
+            f"cannot create run directory {where}: {why} (in {shown!r}); choose an --out in a writable directory"
+        )
+
     def check(self, resume: bool, force: bool) -> None:
         """Raise if resuming without a checkpoint, or starting over an existing run without
         force; with or without force, if the directory is or lies in a Zarr store, or holds a
@@ -455,9 +543,11 @@ class RunDir:
                     f"run directory {where} holds {_names(foreign)}, which this program did not write and the "
                     f"resumed run would write over; move {them} out of {where} to resume the run"
                 )
+            self._check_writable(resume)
             return
         if self.path.exists() and not self.path.is_dir():
             raise TrainingError(f"run directory {where} is a file; choose another --out")
+        self._check_writable(resume)
         if not self.holds_run():
             return
         foreign = self.foreign_files()
@@ -541,14 +631,16 @@ class RunDir:
             try:
                 _, meta = load_file(self.checkpoint, "checkpoint")
                 epoch, store = int(meta["epoch"]), str(meta.get("store") or store)
-                if isinstance(meta.get("federated"), dict) and meta["federated"].get("sites"):
+                federated = isinstance(meta.get("federated"), dict)  # it counts rounds, not epochs
+                if federated and meta["federated"].get("sites"):
                     store = f"--sites {store}"  # a federated run: its sites file
             except (CheckpointError, KeyError, TypeError, ValueError):
                 return None
+            unit = "round" if federated else "epoch"
             return (
-                f"run directory {where} holds an interrupted run (checkpoint after {epoch} epoch(s), no "
+                f"run directory {where} holds an interrupted run (checkpoint after {epoch} {unit}(s), no "
                 f"model.npz); continue it with `pipeline train {store} --out {self.path} --resume`, or write "
-                f"the model of its best epoch so far with `... --resume --set epochs={max(epoch, 1)}`"
+                f"the model of its best {unit} so far with `... --resume --set {unit}s={max(epoch, 1)}`"
             )
         if self.written_here("config.toml"):
             return (
@@ -569,10 +661,11 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         from pipeline.plots import PLOT_FILES
 
-        # an earlier run's checkpoint, model, history and plots are not this run's; check has
-        # refused a directory where a file of those names is not the program's, and only the
-        # program's are removed (all looked at before any goes: a plot is known by the history)
-        names = ("checkpoint.npz", "model.npz", "history.json", *PLOT_FILES)
+        # an earlier run's checkpoint, model, history, plots and simulated clients' metrics are
+        # not this run's; check has refused a directory where a file of those names is not the
+        # program's, and only the program's are removed (all looked at before any goes: a plot
+        # is known by the history)
+        names = ("checkpoint.npz", "model.npz", "history.json", *PLOT_FILES, "clients.npz")
         for name in [n for n in names if self.written_here(n)]:
             (self.path / name).unlink(missing_ok=True)
 
@@ -1498,6 +1591,7 @@ class Trainer:
             config=self.cfg.to_dict(),
             store=self.store_path,
             spec=self.spec,
+            store_stats=store_stats(self.store),  # a resume on other data is refused
             in_process=self.client is None,  # `pipeline train --resume` continues where it trained
         )
         run.last_checkpoint = time.monotonic()
@@ -1506,11 +1600,9 @@ class Trainer:
     def _load_checkpoint(self) -> Checkpoint:
         path = self.run.checkpoint
         ckpt = read_checkpoint(path)
-        if ckpt.spec != self.spec:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} is for a different model or store; "
-                "resume with the same store and model config"
-            )
+        problem = resume_mismatch(ckpt.meta, self.spec, store_stats(self.store), path, self.store_path)
+        if problem is not None:
+            raise CheckpointError(problem)
         keys = ("optimizer", "lr", "mode")
         changed = [k for k in keys if ckpt.config.get(k) != getattr(self.cfg, k)]
         if ckpt.local_states and changed:

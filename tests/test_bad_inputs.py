@@ -1024,6 +1024,78 @@ def _(t: Trial) -> Outcome:
     return t.cli("evaluate", "altered", "s.zarr")
 
 
+@case("M30")
+def _(t: Trial) -> Outcome:
+    from matplotlib.figure import Figure
+
+    t.copy(t.shared.store4, "s.zarr")
+    t.copy(t.shared.run, "run")
+    fig = Figure(figsize=(2, 2))
+    fig.subplots().plot([1, 2, 3], [3, 1, 2])
+    fig.savefig(t.path / "run" / "curves.png")  # the user's own image, at a plot's name
+    return t.cli(
+        "train",
+        "s.zarr",
+        "--out",
+        "run",
+        "--force",
+        "--plots",
+        "--scheduler",
+        t.shared.unreachable,
+        "--connect-timeout",
+        "1",
+    )
+
+
+@case("M31")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    t.copy(t.shared.run, "run")
+    return t.cli(
+        "train",
+        "s.zarr",
+        "--out",
+        "run",
+        "--resume",
+        "--set",
+        "hidden=[16]",
+        "--set",
+        "epochs=3",
+        "--scheduler",
+        t.shared.unreachable,
+        "--connect-timeout",
+        "1",
+    )
+
+
+@case("M32")
+def _(t: Trial) -> Outcome:
+    from pipeline.synth import synth
+
+    synth(str(t.path / "other.zarr"), rows=300, features=4, classes=3, seed=1)  # the same layout, other rows
+    t.copy(t.shared.run, "run")
+    return t.cli(
+        "train",
+        "other.zarr",
+        "--out",
+        "run",
+        "--resume",
+        "--set",
+        "epochs=3",
+        "--scheduler",
+        t.shared.unreachable,
+        "--connect-timeout",
+        "1",
+    )
+
+
+@case("M33")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    t.write("notes.txt", "mine")
+    return t.cli("train", "s.zarr", "--out", "notes.txt/run", "--scheduler", t.shared.unreachable)
+
+
 class _Boom:
     """Unpickling this would leave a file behind: proof that nothing was unpickled."""
 

@@ -280,10 +280,12 @@ def test_look_alikes_are_not_the_programs(made: Path, tmp_path: Path) -> None:
     (tmp_path / "history.json").write_text(json.dumps({"job": "mine", "epochs": []}))
     Figure().savefig(tmp_path / "curves.png")  # a matplotlib PNG, but no history of a run beside it
     assert run.foreign_files() == ["config.toml", "checkpoint.npz", "model.npz", "history.json", "curves.png"]
-    # the same PNG counts as a plot beside a run's history; the program's own plots do too
+    # beside a run's history the same PNG is still the user's: a plot of the run carries the run's job
     shutil.copy2(made / "run" / "history.json", tmp_path / "history.json")
-    assert run.written_here("curves.png")
+    assert not run.written_here("curves.png")
     history = json.loads((tmp_path / "history.json").read_text())
+    assert {p.name for p in save_plots(tmp_path, history)} == {"rounds.png", "throughput.png"}  # curves.png kept
+    (tmp_path / "curves.png").unlink()
     assert {p.name for p in save_plots(tmp_path, history)} == {"curves.png", "rounds.png", "throughput.png"}
     assert all(run.written_here(n) for n in ("curves.png", "rounds.png", "throughput.png"))
 
