@@ -102,7 +102,25 @@ in that order, as after ``fit(DataFrame)``; NumPy rows are taken in the store's 
 Fitted weights, as scikit-learn's on raw features (the standardization folded in):
 ``coefs_`` / ``intercepts_`` per layer (a binary classifier's last layer is one logistic unit),
 and ``coef_`` / ``intercept_`` on ``LinearRegression`` / ``LogisticRegression`` (shapes as
-scikit-learn's). An L-BFGS fit that stops before converging warns (``ConvergenceWarning``).
+scikit-learn's). An L-BFGS fit that stops before converging warns (``ConvergenceWarning``), and so
+does a minibatch ``fit`` (in this process, on a cluster, federated) that trains ``max_iter``
+epochs without ``n_iter_no_change`` stopping it, in scikit-learn's words ("Stochastic Optimizer:
+Maximum iterations (N) reached and the optimization hasn't converged yet."); ``n_iter_no_change=0``
+asks for exactly ``max_iter`` epochs and does not warn, nor does ``partial_fit``.
+
+The training record, as scikit-learn's MLPs give it, is read from ``history_`` (a record per
+epoch, the run's ``history.json`` epochs on a cluster), so it survives pickle and
+:func:`load_estimator`: ``loss_curve_`` (each epoch's mean training loss: cross-entropy, or the
+squared error of standardized targets; without the ``alpha`` penalty), ``loss_`` (its last value),
+``best_loss_`` (its least; the weights kept are those of the epoch that last lowered it by more
+than ``tol``; None with ``early_stopping=True``, where the validation loss chooses them),
+``validation_scores_`` (accuracy / R^2 on the held-out rows after each epoch; None without
+``early_stopping``), ``best_validation_score_`` (their maximum), ``t_`` (training rows seen),
+``n_iter_``, and ``n_layers_`` / ``n_outputs_`` / ``out_activation_``. The exact solvers record
+one entry: the solution's loss (``n_iter_`` counts the L-BFGS iterations). ``partial_fit``
+appends its epoch's loss (and no validation score). Classifiers have
+``predict_log_proba`` (``log(predict_proba)``); ``LogisticRegression`` has ``decision_function``
+(the logits ``X @ coef_.T + intercept_``; for two classes the (n,) log-odds of ``classes_[1]``).
 ``fit(..., sample_weight=...)`` is refused (not supported); ``score(X, y, sample_weight=w)``
 weights the rows and ``score(store_path, sample_weight=w)`` is refused.
 
@@ -658,6 +676,21 @@ class _BaseMLP(BaseEstimator):
         for attr in ("_opt_state", "model_", "classes_", "history_", "loss_curve_"):
             self.__dict__.pop(attr, None)
         self._trained_on_arrays = self._names_from_store = False
+        stopped = self._fit_from(X, y, cfg)
+        if stopped is False and cfg.patience and self.n_iter_ >= cfg.epochs:
+            # scikit-learn's words and category: the epochs ran out before n_iter_no_change epochs
+            # without a tol improvement stopped the fit (n_iter_no_change=0 asks for max_iter epochs)
+            warnings.warn(
+                f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) reached and the optimization "
+                "hasn't converged yet.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return self
+
+    def _fit_from(self, X: Any, y: Any, cfg: TrainConfig) -> bool | None:
+        """Train from scratch (see :meth:`fit`): whether the stopping rule ended a minibatch
+        training before ``max_iter`` epochs (None for the exact solvers of linear models)."""
         if isinstance(X, Mapping) and not hasattr(X, "tocsr"):  # scipy's DOK sparse arrays are dicts
             if y is not None:
                 raise ValueError("fit({site: store_path}, y): each site's store holds its own targets; pass y=None")
@@ -674,16 +707,16 @@ class _BaseMLP(BaseEstimator):
                 # in memory now: the same checks as NumPy input (NaN / inf refused)
                 X, y = self._validate_arrays(np.asarray(X.compute()), np.asarray(_computed(y)), reset=True)
             with _blas_threads(cfg):
-                self._fit_local(np.asarray(X), y, cfg)
+                stopped = self._fit_local(np.asarray(X), y, cfg)
             self.fitted_on_ = "local"
             self._trained_on_arrays = True
-            return self
+            return stopped
         _check_on_cluster(cfg)  # before the store is written
         with tempfile.TemporaryDirectory(prefix="pipeline-estimator-") as tmp:
             store = self._write_store(X, y, os.path.join(tmp, "data.zarr"))
-            self._train_on_cluster(store, cfg, os.path.join(tmp, "run"))
+            stopped = self._train_on_cluster(store, cfg, os.path.join(tmp, "run"))
         self._trained_on_arrays = True
-        return self
+        return stopped
 
     def _check_client(self) -> None:
         """``client`` is None, "local", a scheduler address or a client object (else ValueError)."""
@@ -704,7 +737,7 @@ class _BaseMLP(BaseEstimator):
             return _address_client(self.client)
         return _cluster_client(self.n_workers)
 
-    def _fit_store(self, path: str, cfg: TrainConfig) -> Any:
+    def _fit_store(self, path: str, cfg: TrainConfig) -> bool:
         from pipeline.store import open_store
 
         _check_on_cluster(cfg)
@@ -719,10 +752,9 @@ class _BaseMLP(BaseEstimator):
         if self._task == "classification":
             self.classes_ = _store_classes(st)
         with tempfile.TemporaryDirectory(prefix="pipeline-estimator-") as tmp:
-            self._train_on_cluster(path, cfg, os.path.join(tmp, "run"))
-        return self
+            return self._train_on_cluster(path, cfg, os.path.join(tmp, "run"))
 
-    def _fit_sites(self, stores: dict[Any, Any], cfg: TrainConfig) -> Any:
+    def _fit_sites(self, stores: dict[Any, Any], cfg: TrainConfig) -> bool:
         """Federated ``fit({site: store_path, ...})`` (pipeline.federated): each site's store is
         read only by the workers that declare the site's resource. With a client of its own
         (``client=`` or the current one) every site needs such a worker there; else a local
@@ -792,9 +824,11 @@ class _BaseMLP(BaseEstimator):
             self.classes_ = _site_classes(res.model.classes, stores.values())
         self.fitted_on_ = "sites"
         self.ps_installed_by_ = res.installed_by
-        return self
+        return bool(res.stopped_early)
 
-    def _train_on_cluster(self, store: str, cfg: TrainConfig, out: str) -> None:
+    def _train_on_cluster(self, store: str, cfg: TrainConfig, out: str) -> bool:
+        """Train on the cluster; whether the run stopped before its last epoch (early stopping,
+        or a spent privacy budget)."""
         from pipeline.train import train
 
         client = self._cluster()
@@ -806,6 +840,7 @@ class _BaseMLP(BaseEstimator):
         self.n_iter_ = len(res.history)
         self.fitted_on_ = "cluster"
         self.ps_installed_by_ = res.installed_by
+        return bool(res.stopped_early)
 
     def _store_attrs(self) -> dict[str, Any]:
         names = getattr(self, "feature_names_in_", None)
@@ -957,9 +992,10 @@ class _BaseMLP(BaseEstimator):
             f"{why} trains in this process: fit on a cluster (pass a client, or cluster_min_rows=0), or drop them"
         )
 
-    def _fit_local(self, X: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> None:
+    def _fit_local(self, X: np.ndarray, y: np.ndarray, cfg: TrainConfig) -> bool | None:
         """The driver's loop in one process: epochs of shuffled minibatches, validation split,
-        early stopping on validation loss (train loss without one), best epoch's weights."""
+        early stopping on validation loss (train loss without one), best epoch's weights.
+        Whether early stopping ended it (None: a linear model solved exactly)."""
         why = (
             "client='local'"
             if self.client == "local"
@@ -993,7 +1029,7 @@ class _BaseMLP(BaseEstimator):
         )
         if not cfg.hidden and self.solver == "auto":
             self._fit_linear(model, X, y, target, cfg)
-            return
+            return None
         Xn = model.transform_features(X)
         t = prepare_targets(y, target)
         rng = np.random.default_rng([cfg.seed, 1])
@@ -1009,6 +1045,7 @@ class _BaseMLP(BaseEstimator):
         stopping = EarlyStopping(cfg.patience, cfg.min_delta, cfg.min_samples)
         best = BestModel(params=trainer.get_params())
         history: list[dict] = []
+        stopped = False
         for epoch in range(cfg.epochs):
             loss = self._epoch(trainer, Xn[tr], t[tr], cfg.batch_size, np.random.default_rng([cfg.seed, epoch]))
             if not np.isfinite(loss):
@@ -1018,11 +1055,13 @@ class _BaseMLP(BaseEstimator):
             if len(va):
                 val_loss = float(trainer.loss(Xn[va], t[va]))
                 record["val_loss"] = val_loss
+                record.update(self._val_metrics(trainer, Xn[va], t[va] if target is None else y[va], target))
             history.append(record)
             stop = stopping.update(val_loss, len(tr))
             if stopping.improved:
                 best = BestModel(stopping.best_loss, trainer.get_params(), epoch)
             if stop:
+                stopped = True
                 break
         model.params = np.asarray(best.params, np.float32).copy()
         model.metrics = dict(history[-1])
@@ -1030,6 +1069,18 @@ class _BaseMLP(BaseEstimator):
         self.history_ = history
         self.loss_curve_ = [h["train_loss"] for h in history]
         self.n_iter_ = len(history)
+        return stopped
+
+    @staticmethod
+    def _val_metrics(trainer: Any, Xv: np.ndarray, yv: np.ndarray, target: dict | None) -> dict[str, Any]:
+        """An epoch's metrics on the held-out rows as a cluster run records them (``val_accuracy``
+        or ``val_r2``, ...; pipeline.metrics), besides the ``val_loss`` early stopping watches.
+        ``yv``: class indices, or the raw regression targets."""
+        from pipeline.metrics import evaluate_arrays, finish_metrics
+
+        out = trainer.forward(Xv)
+        metrics = finish_metrics(evaluate_arrays(out, yv, target, out.shape[1]), target)
+        return {f"val_{k}": v for k, v in metrics.items() if k not in ("loss", "confusion")}
 
     def _fit_linear(self, model: Model, X: np.ndarray, y: np.ndarray, target: dict | None, cfg: TrainConfig) -> None:
         """A linear model on in-memory rows, solved to convergence instead of by minibatch steps:
@@ -1105,10 +1156,9 @@ class _BaseMLP(BaseEstimator):
 
     # -- weights ------------------------------------------------------------------------------
 
-    def _raw_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The network's (W, b) per layer in float64, acting on raw features and giving raw
-        outputs: the input standardization folded into the first layer and, for regression, the
-        target's into the last (``X @ W0 + b0`` ... as in scikit-learn's ``coefs_``)."""
+    def _model_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The network's (W, b) per layer in float64 as the model holds them: acting on the
+        standardized features the model computes (:meth:`pipeline.model.Model.transform_features`)."""
         check_is_fitted(self, "model_")
         from kernels.mlp import MLPSpec
 
@@ -1116,7 +1166,14 @@ class _BaseMLP(BaseEstimator):
         spec = MLPSpec(**{**model.spec, "hidden": tuple(model.spec["hidden"])})
         params = np.asarray(model.params, dtype=np.float64)
         views = {v.name: params[v.offset : v.offset + v.size].reshape(v.shape) for v in spec.layout()}
-        layers = [(views[f"W{i}"].copy(), views[f"b{i}"].copy()) for i in range(spec.n_layers)]
+        return [(views[f"W{i}"].copy(), views[f"b{i}"].copy()) for i in range(spec.n_layers)]
+
+    def _raw_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The network's (W, b) per layer in float64, acting on raw features and giving raw
+        outputs: the input standardization folded into the first layer and, for regression, the
+        target's into the last (``X @ W0 + b0`` ... as in scikit-learn's ``coefs_``)."""
+        layers = self._model_layers()
+        model = self.model_
         if model.normalize:
             mean, std = np.asarray(model.mean, np.float64), np.asarray(model.std, np.float64)
             W, b = layers[0]
@@ -1151,6 +1208,73 @@ class _BaseMLP(BaseEstimator):
         if self.model_.spec["hidden"]:
             raise AttributeError(f"{what} is defined for models without hidden layers; use coefs_ / intercepts_")
         return self._binary_last(self._raw_layers())[0]
+
+    @property
+    def n_layers_(self) -> int:
+        """Layers of the network, input and output included (scikit-learn's count)."""
+        check_is_fitted(self, "model_")
+        return len(self.model_.spec["hidden"]) + 2
+
+    @property
+    def n_outputs_(self) -> int:
+        """Output units as scikit-learn counts them: 1 for two classes (one logistic unit), else
+        the number of classes or of regression targets."""
+        check_is_fitted(self, "model_")
+        n_out = int(self.model_.spec["n_out"])
+        return 1 if self._task == "classification" and n_out == 2 else n_out
+
+    @property
+    def out_activation_(self) -> str:
+        """The output activation: ``"logistic"`` (two classes), ``"softmax"`` or ``"identity"``."""
+        check_is_fitted(self, "model_")
+        if self._task != "classification":
+            return "identity"
+        return "logistic" if self.model_.spec["n_out"] == 2 else "softmax"
+
+    # -- the training record ------------------------------------------------------------------
+    # All read from ``history_`` (the records of the epochs trained, as a run's history.json
+    # keeps them), so they hold after fit, partial_fit, pickle and load_estimator alike.
+
+    @property
+    def loss_(self) -> float:
+        """The training loss of the last epoch (``loss_curve_[-1]``): the mean loss over the
+        epoch's minibatches (cross-entropy, or the squared error of standardized targets), without
+        the ``alpha`` penalty. The weights kept are the best epoch's, not always the last's."""
+        check_is_fitted(self, "model_")
+        return float(self.loss_curve_[-1])
+
+    @property
+    def best_loss_(self) -> float | None:
+        """The least training loss of ``loss_curve_``; None when the fit held out validation rows
+        (``early_stopping=True``), whose loss chose the model kept: see ``validation_scores_``."""
+        check_is_fitted(self, "model_")
+        if any("val_loss" in h for h in self.history_):
+            return None
+        finite = [float(v) for v in self.loss_curve_ if np.isfinite(v)]  # a federated round may have none
+        return min(finite) if finite else float("nan")
+
+    @property
+    def validation_scores_(self) -> list[float] | None:
+        """The score on the held-out rows after each validated epoch: accuracy (classifiers) or
+        R^2 (regressors), as ``score`` would give; None without validation (``early_stopping``
+        False). A fit validates every epoch (a federated one every ``eval_every`` rounds);
+        ``partial_fit`` adds none."""
+        check_is_fitted(self, "model_")
+        key = "val_accuracy" if self._task == "classification" else "val_r2"
+        scores = [float(h[key]) for h in self.history_ if key in h]
+        return scores or None
+
+    @property
+    def best_validation_score_(self) -> float | None:
+        """``max(validation_scores_)``, or None without validation."""
+        scores = self.validation_scores_
+        return max(scores) if scores else None
+
+    @property
+    def t_(self) -> int:
+        """Training samples seen over all epochs (held-out validation rows not counted)."""
+        check_is_fitted(self, "model_")
+        return sum(int(h.get("samples", 0)) for h in self.history_)
 
     # -- partial_fit --------------------------------------------------------------------------
 
@@ -1235,14 +1359,18 @@ class _BaseMLP(BaseEstimator):
 
     # -- prediction ---------------------------------------------------------------------------
 
-    def _decision(self, X: Any) -> np.ndarray:
+    def _predict_rows(self, X: Any) -> np.ndarray:
+        """In-memory rows to predict, checked as scikit-learn checks them (features, names)."""
         check_is_fitted(self, "model_")
         if _is_dask(X):
             X = X.compute()
         self._check_columns(X)
         with _one_line_errors(), self._store_order_rows(reset=False):
-            X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
-        return self.model_.decision(X)
+            return validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
+
+    def _decision(self, X: Any) -> np.ndarray:
+        rows = self._predict_rows(X)  # NotFittedError first
+        return self.model_.decision(rows)
 
     def _predict_store(self, path: str, proba: bool) -> np.ndarray:
         import zarr
@@ -1415,6 +1543,13 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             return self._predict_store(os.fspath(X), proba=True).astype(np.float64)
         return self._decision(X).astype(np.float64)
 
+    def predict_log_proba(self, X: Any) -> np.ndarray:
+        """``log(predict_proba(X))`` (a probability of 0 gives -inf), columns in the order of
+        ``classes_``; a store path predicts on the cluster, as ``predict_proba``."""
+        proba = self.predict_proba(X)
+        with np.errstate(divide="ignore"):
+            return np.log(proba)
+
     def predict(self, X: Any) -> np.ndarray:
         """Class labels (values of ``classes_``)."""
         if _is_path(X):
@@ -1479,6 +1614,24 @@ class LogisticRegression(MLPClassifier):
     def intercept_(self) -> np.ndarray:
         """Intercepts, (n_classes,) or (1,) for two classes."""
         return self._linear_layer("intercept_")[1].copy()
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """The logits ``X @ coef_.T + intercept_``: (n, n_classes), or for two classes (n,), the
+        log-odds of ``classes_[1]`` (positive: ``predict`` gives ``classes_[1]``). Computed as
+        ``predict_proba`` computes them (on the model's standardized features), so their argmax
+        (sign) is ``predict``'s class. In-memory rows only: a store path is refused."""
+        if _is_path(X):
+            raise ValueError(
+                "decision_function takes in-memory rows; for a store use predict_proba(store_path) "
+                "(its log-odds are log(p[:, 1]) - log(p[:, 0]) for two classes)"
+            )
+        check_is_fitted(self, "model_")
+        if self.model_.spec["hidden"]:
+            raise AttributeError("decision_function is defined for models without hidden layers; use predict_proba")
+        (W, b) = self._model_layers()[0]
+        Xn = self.model_.transform_features(self._predict_rows(X)).astype(np.float64)
+        z = Xn @ W + b
+        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
 
     def __init__(
         self,
@@ -1588,7 +1741,9 @@ def load_estimator(path: str | os.PathLike) -> _BaseMLP:
     est._names_from_store = meta.get("feature_names_from") == "store"
     est.history_ = list(meta.get("history", []))
     est.loss_curve_ = [float(h["train_loss"]) for h in est.history_]
-    est.n_iter_ = len(est.history_)
+    first = est.history_[0] if est.history_ else {}
+    # an exact solver's one record counts its iterations (L-BFGS), as fit's n_iter_ does
+    est.n_iter_ = int(first["iterations"]) if len(est.history_) == 1 and "iterations" in first else len(est.history_)
     return est
 
 

@@ -1737,7 +1737,7 @@ def _(t: Trial) -> Outcome:
 def _saved(t: Trial, make: Callable[[Path], object], path: str, **kwargs: object) -> Outcome:
     from pipeline.estimator import MLPClassifier
 
-    est = MLPClassifier(hidden_layer_sizes=(4,), max_iter=1, random_state=0).fit(_X, _Y)
+    est = MLPClassifier(hidden_layer_sizes=(4,), max_iter=1, n_iter_no_change=0, random_state=0).fit(_X, _Y)
     make(t.path)
     return t.call(lambda: est.save(path, **kwargs))
 
@@ -1769,7 +1769,7 @@ def _store_call(t: Trial, method: str) -> Outcome:
     from pipeline import estimator
     from pipeline.estimator import MLPClassifier
 
-    est = MLPClassifier(hidden_layer_sizes=(4,), max_iter=1, random_state=0).fit(_X, _Y)
+    est = MLPClassifier(hidden_layer_sizes=(4,), max_iter=1, n_iter_no_change=0, random_state=0).fit(_X, _Y)
     started = dict(estimator._local)
     out = t.call(lambda: getattr(est, method)("mistyped.zarr"))
     assert estimator._local == started  # no cluster of the estimators' own was started

@@ -22,7 +22,7 @@ def main() -> None:
     X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
 
     clf = MLPClassifier(
-        hidden_layer_sizes=(256, 128), activation="relu", batch_size=32, max_iter=30, n_iter_no_change=5, random_state=0
+        hidden_layer_sizes=(256, 128), activation="relu", batch_size=32, max_iter=30, n_iter_no_change=0, random_state=0
     )
     clf.fit(X_tr, y_tr)
     pred = clf.predict(X_te)

@@ -279,7 +279,9 @@ def test_estimator_fits_sites_on_its_own_cluster_of_one_worker_per_site(sites, c
             MLPClassifier(client=c).fit({"a": stores["a"], "q": stores["b"]})
     with pytest.raises(ValueError, match="each site's store holds its own targets; pass y=None"):
         MLPClassifier().fit(stores, [0, 1])
-    clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=4, learning_rate_init=3e-3, options={"ema": 0})
+    clf = MLPClassifier(
+        hidden_layer_sizes=(32,), max_iter=4, n_iter_no_change=0, learning_rate_init=3e-3, options={"ema": 0}
+    )
     clf.fit(stores)
     assert clf.fitted_on_ == "sites" and clf.n_iter_ == 4 and len(clf.classes_) == 26
     assert [h["responded"] for h in clf.history_] == [["a", "b"]] * 4

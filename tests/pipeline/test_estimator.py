@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -33,6 +34,9 @@ from tests.pipeline.helpers import DATA
 CHECKED = [MLPClassifier(), MLPRegressor(), LogisticRegression(), LinearRegression()]
 
 
+# The checks fit tiny random datasets that max_iter=200 epochs may not fit to tol: the
+# ConvergenceWarning saying so (as scikit-learn's MLPs give it there) is not what they check.
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 @parametrize_with_checks(CHECKED, expected_failed_checks=expected_failed_checks)
 def test_sklearn_estimator_checks(estimator: Any, check: Any) -> None:
     check(estimator)
@@ -183,8 +187,9 @@ def test_pickle_and_model_file_round_trips_on_cluster_model(cluster_clf, letter,
 
 def test_digits_accuracy_in_process(digits):
     Xtr, ytr, Xte, yte = digits
-    clf = MLPClassifier(random_state=0).fit(Xtr, ytr)
-    assert clf.fitted_on_ == "local"
+    with pytest.warns(ConvergenceWarning, match=r"Maximum iterations \(200\) reached"):
+        clf = MLPClassifier(random_state=0).fit(Xtr, ytr)  # the training loss still falls by > tol
+    assert clf.fitted_on_ == "local" and clf.n_iter_ == 200
     assert clf.score(Xte, yte) > 0.9  # chance is 0.1
     assert clf.predict_proba(Xte).shape == (len(Xte), 10)
     logit = LogisticRegression(learning_rate_init=1e-2, random_state=0).fit(Xtr, ytr)
@@ -194,11 +199,12 @@ def test_digits_accuracy_in_process(digits):
 def test_regression_r2(housing):
     X, y = housing
     Xtr, Xte, ytr, yte = train_test_split(X[:8000], y[:8000], random_state=0)
-    reg = MLPRegressor(hidden_layer_sizes=(64, 32), max_iter=30, random_state=0).fit(Xtr, ytr)
+    reg = MLPRegressor(hidden_layer_sizes=(64, 32), max_iter=30, n_iter_no_change=0, random_state=0).fit(Xtr, ytr)
     assert reg.score(Xte, yte) > 0.65
     lin = LinearRegression(learning_rate_init=1e-2, max_iter=30, random_state=0).fit(Xtr, ytr)
     assert 0.5 < lin.score(Xte, yte) < reg.score(Xte, yte)
-    two = MLPRegressor(hidden_layer_sizes=(32,), max_iter=10, random_state=0).fit(Xtr, np.c_[ytr, 2 * ytr])
+    two = MLPRegressor(hidden_layer_sizes=(32,), max_iter=10, n_iter_no_change=0, random_state=0)
+    two.fit(Xtr, np.c_[ytr, 2 * ytr])
     assert two.predict(Xte).shape == (len(Xte), 2)
 
 
@@ -228,7 +234,8 @@ def test_linear_models_in_memory_are_solved_and_minibatch_remains_available():
     lin = LinearRegression().fit(X, y)
     assert lin.history_[0]["solver"] == "lstsq" and lin.n_iter_ == 1
     np.testing.assert_allclose(lin.predict(X), SkLinear().fit(X, y).predict(X), rtol=1e-4, atol=1e-3)
-    steps = LinearRegression(solver="minibatch", max_iter=3, random_state=0).fit(X, y)
+    with pytest.warns(ConvergenceWarning, match=r"Maximum iterations \(3\) reached"):
+        steps = LinearRegression(solver="minibatch", max_iter=3, random_state=0).fit(X, y)
     assert [h["epoch"] for h in steps.history_] == [0, 1, 2] and "solver" not in steps.history_[0]
     Xd, yd = load_digits(return_X_y=True)
     logit = LogisticRegression().fit(Xd, yd)
@@ -238,15 +245,18 @@ def test_linear_models_in_memory_are_solved_and_minibatch_remains_available():
 
 def test_early_stopping_holds_out_validation_only_when_asked(digits):
     Xtr, ytr, _, _ = digits
-    plain = MLPClassifier(hidden_layer_sizes=(16,), max_iter=3, random_state=0).fit(Xtr, ytr)
+    plain = MLPClassifier(hidden_layer_sizes=(16,), max_iter=3, n_iter_no_change=0, random_state=0).fit(Xtr, ytr)
     assert plain.history_[0]["samples"] == len(Xtr) and "val_loss" not in plain.history_[0]
-    held = MLPClassifier(hidden_layer_sizes=(16,), max_iter=3, early_stopping=True, random_state=0).fit(Xtr, ytr)
+    with pytest.warns(ConvergenceWarning):  # 3 epochs: early stopping (patience 10) cannot act
+        held = MLPClassifier(hidden_layer_sizes=(16,), max_iter=3, early_stopping=True, random_state=0).fit(Xtr, ytr)
     assert held.history_[0]["samples"] == len(Xtr) - int(0.1 * len(Xtr)) and "val_loss" in held.history_[0]
 
 
 def test_pipeline_and_grid_search(digits):
     Xtr, ytr, Xte, yte = digits
-    pipe = make_pipeline(StandardScaler(), MLPClassifier(batch_size=32, max_iter=10, random_state=0))
+    pipe = make_pipeline(
+        StandardScaler(), MLPClassifier(batch_size=32, max_iter=10, n_iter_no_change=0, random_state=0)
+    )
     grid = GridSearchCV(pipe, {"mlpclassifier__hidden_layer_sizes": [(16,), (64,)]}, cv=2)
     grid.fit(Xtr, ytr)
     assert grid.best_params_["mlpclassifier__hidden_layer_sizes"] in [(16,), (64,)]
@@ -255,7 +265,7 @@ def test_pipeline_and_grid_search(digits):
 
 def test_pickle_and_model_file_in_process_with_integer_labels(digits, tmp_path):
     Xtr, ytr, Xte, _ = digits
-    clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=5, random_state=0).fit(Xtr, ytr)
+    clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=5, n_iter_no_change=0, random_state=0).fit(Xtr, ytr)
     pred, proba = clf.predict(Xte), clf.predict_proba(Xte)
     clone = pickle.loads(pickle.dumps(clf))
     np.testing.assert_array_equal(clone.predict(Xte), pred)
@@ -282,7 +292,7 @@ def test_partial_fit_improves_and_continues(digits):
     # a partial pass on rows lacking some classes keeps classes_; it continues a full fit too
     clf.partial_fit(Xtr[ytr < 5], ytr[ytr < 5])
     assert list(clf.classes_) == list(range(10))
-    full = MLPClassifier(hidden_layer_sizes=(64,), max_iter=3, random_state=0).fit(Xtr, ytr)
+    full = MLPClassifier(hidden_layer_sizes=(64,), max_iter=3, n_iter_no_change=0, random_state=0).fit(Xtr, ytr)
     before = full.model_.params.copy()
     full.partial_fit(Xtr, ytr)
     assert not np.array_equal(before, full.model_.params) and full.n_iter_ == 4
@@ -406,7 +416,7 @@ def test_a_bad_parameter_is_named_as_the_user_passed_it(params, message):
 
 def test_errors_are_clear_one_liners(digits, tmp_path):
     Xtr, ytr, _, _ = digits
-    clf = MLPClassifier(max_iter=1, random_state=0)
+    clf = MLPClassifier(max_iter=1, n_iter_no_change=0, random_state=0)
     cases = [
         (lambda: clf.fit(Xtr, None), "requires y"),
         (lambda: clf.fit(Xtr, ytr[:-1]), "inconsistent numbers of samples"),
@@ -439,14 +449,15 @@ from pipeline import estimator
 
 if __name__ == "__main__":
     X, y = load_digits(return_X_y=True)
-    small = MLPClassifier(hidden_layer_sizes=(8,), max_iter=1, random_state=0).fit(X, y)  # in-process
+    small = MLPClassifier(hidden_layer_sizes=(8,), max_iter=1, n_iter_no_change=0, random_state=0).fit(X, y)
     for call in (small.predict, small.predict_proba, small.score):
         try:
             call("mistyped.zarr")
         except Exception as exc:
             assert "does not exist" in str(exc), exc
         assert not estimator._local, "a mistyped store path started a cluster"
-    clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=2, cluster_min_rows=0, random_state=0).fit(X, y)
+    clf = MLPClassifier(hidden_layer_sizes=(32,), max_iter=2, n_iter_no_change=0, cluster_min_rows=0, random_state=0)
+    clf.fit(X, y)
     assert clf.fitted_on_ == "cluster" and "client" in estimator._local, clf.fitted_on_
     print("OK", clf.ps_installed_by_, round(clf.score(X, y), 3))
 """
@@ -463,7 +474,7 @@ def test_without_a_client_the_estimator_starts_and_closes_its_own_cluster(tmp_pa
     proc = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("OK "), proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "ConvergenceWarning" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_full_batch_rmsprop_with_its_own_rho_in_process():

@@ -106,7 +106,7 @@ def test_fit_store_sets_feature_names_and_refuses_reordered_columns(store_fit, t
 
 def test_save_refuses_what_it_did_not_write(tmp_path):
     X, y = _data()
-    clf = MLPClassifier(hidden_layer_sizes=(4,), max_iter=2, random_state=0).fit(X, y)
+    clf = MLPClassifier(hidden_layer_sizes=(4,), max_iter=2, n_iter_no_change=0, random_state=0).fit(X, y)
     notes = tmp_path / "notes.csv"
     notes.write_text("my,data\n1,2\n")
     with pytest.raises(ValueError, match="the file exists; pass overwrite=True"):
@@ -124,7 +124,7 @@ def test_save_refuses_what_it_did_not_write(tmp_path):
     clf.save(model)
     with pytest.raises(ValueError, match="the file exists"):
         clf.save(model)
-    other = MLPClassifier(hidden_layer_sizes=(4,), max_iter=3, random_state=1).fit(X, y)
+    other = MLPClassifier(hidden_layer_sizes=(4,), max_iter=3, n_iter_no_change=0, random_state=1).fit(X, y)
     other.save(model, overwrite=True)  # a model file of this program may be replaced when asked
     np.testing.assert_array_equal(load_estimator(model).predict_proba(X), other.predict_proba(X))
     assert sorted(os.listdir(tmp_path)) == ["m.npz", "notes.csv", "runs"]  # no temporary left
@@ -176,8 +176,8 @@ def test_options_a_fit_in_this_process_would_ignore_are_refused():
     with pytest.raises(ValueError, match=r"options \{'min_samples': 100\} do not act in partial_fit"):
         MLPClassifier(max_iter=1, options={"min_samples": 100}).partial_fit(X, y, classes=[1, 2, 10])
     # options that act in this process, or that restate a default, are accepted
-    LogisticRegression(solver="minibatch", max_iter=2, options={"beta1": 0.5}).fit(X, y)
-    MLPClassifier(max_iter=1, optimizer="rmsprop", options={"staleness": 2, "rho": 0.5}).fit(X, y)
+    LogisticRegression(solver="minibatch", max_iter=2, n_iter_no_change=0, options={"beta1": 0.5}).fit(X, y)
+    MLPClassifier(max_iter=1, n_iter_no_change=0, optimizer="rmsprop", options={"staleness": 2, "rho": 0.5}).fit(X, y)
 
 
 def test_a_client_string_is_local_or_a_scheduler_address(client):
@@ -280,11 +280,11 @@ def test_logistic_regression_coef_reproduces_decision_values():
     p = binary.predict_proba(X)
     log_odds = np.log(p[:, 1]) - np.log(p[:, 0])
     np.testing.assert_allclose((X @ binary.coef_.T + binary.intercept_)[:, 0], log_odds, rtol=1e-5, atol=1e-5)
-    minibatch = LogisticRegression(solver="minibatch", max_iter=3, random_state=0).fit(X, y)
+    minibatch = LogisticRegression(solver="minibatch", max_iter=3, n_iter_no_change=0, random_state=0).fit(X, y)
     np.testing.assert_allclose(
         _softmax(X @ minibatch.coef_.T + minibatch.intercept_), minibatch.predict_proba(X), atol=1e-6
     )
-    hidden = LogisticRegression(hidden_layer_sizes=(4,), max_iter=1, solver="minibatch").fit(X, y)
+    hidden = LogisticRegression(hidden_layer_sizes=(4,), max_iter=1, n_iter_no_change=0, solver="minibatch").fit(X, y)
     with pytest.raises(AttributeError, match="without hidden layers"):
         _ = hidden.coef_
     assert not hasattr(LogisticRegression(), "coef_")  # unfitted: no attribute, as scikit-learn
@@ -292,7 +292,8 @@ def test_logistic_regression_coef_reproduces_decision_values():
 
 def test_mlp_coefs_reproduce_predictions():
     X, y = _data(300)
-    clf = MLPClassifier(hidden_layer_sizes=(5, 4), activation="tanh", max_iter=3, random_state=0).fit(X, y)
+    kw = dict(max_iter=3, n_iter_no_change=0, random_state=0)
+    clf = MLPClassifier(hidden_layer_sizes=(5, 4), activation="tanh", **kw).fit(X, y)
     assert [c.shape for c in clf.coefs_] == [(3, 5), (5, 4), (4, 3)]
     assert [b.shape for b in clf.intercepts_] == [(5,), (4,), (3,)]
     h = X
@@ -300,12 +301,12 @@ def test_mlp_coefs_reproduce_predictions():
         h = np.tanh(h @ W + b)
     np.testing.assert_allclose(_softmax(h @ clf.coefs_[-1] + clf.intercepts_[-1]), clf.predict_proba(X), atol=1e-6)
     yb = (y == 1).astype(np.int64)
-    binary = MLPClassifier(hidden_layer_sizes=(5,), max_iter=3, random_state=0).fit(X, yb)
+    binary = MLPClassifier(hidden_layer_sizes=(5,), **kw).fit(X, yb)
     assert [c.shape for c in binary.coefs_] == [(3, 5), (5, 1)]  # scikit-learn's one logistic output
     z = np.maximum(X @ binary.coefs_[0] + binary.intercepts_[0], 0) @ binary.coefs_[1] + binary.intercepts_[1]
     np.testing.assert_allclose(1 / (1 + np.exp(-z[:, 0])), binary.predict_proba(X)[:, 1], atol=1e-6)
     t = X @ np.array([1.0, 2.0, 3.0]) * 10 + 100
-    reg = MLPRegressor(hidden_layer_sizes=(6,), max_iter=3, random_state=0).fit(X, t)
+    reg = MLPRegressor(hidden_layer_sizes=(6,), **kw).fit(X, t)
     out = np.maximum(X @ reg.coefs_[0] + reg.intercepts_[0], 0) @ reg.coefs_[1] + reg.intercepts_[1]
     np.testing.assert_allclose(out[:, 0], reg.predict(X), rtol=1e-6, atol=1e-5)
 
@@ -353,7 +354,8 @@ def test_store_mismatch_hint_fits_how_the_model_was_trained(store_fit, tmp_path)
     other = str(tmp_path / "five.zarr")
     synth(other, rows=100, features=5, classes=3, seed=0)
     X = np.random.default_rng(0).random((60, 4))
-    arrays = MLPClassifier(hidden_layer_sizes=(4,), max_iter=1, random_state=0).fit(X, np.arange(60) % 3)
+    arrays = MLPClassifier(hidden_layer_sizes=(4,), max_iter=1, n_iter_no_change=0, random_state=0)
+    arrays.fit(X, np.arange(60) % 3)
     for call in (arrays.score, arrays.predict):
         with pytest.raises(StoreError) as err:
             call(other)
