@@ -169,7 +169,7 @@ from pipeline.loop import (
     prepare_targets,
     run_batches,
 )
-from pipeline.model import Model
+from pipeline.model import Model, record_of
 from pipeline.runstate import BestModel, EarlyStopping
 
 __all__ = [
@@ -1064,7 +1064,7 @@ class _BaseMLP(BaseEstimator):
                 stopped = True
                 break
         model.params = np.asarray(best.params, np.float32).copy()
-        model.metrics = dict(history[-1])
+        model.metrics = record_of(history, best.epoch)
         self.model_ = model
         self.history_ = history
         self.loss_curve_ = [h["train_loss"] for h in history]

@@ -414,7 +414,7 @@ class FederatedTrainer:
                     let_job_tasks_stop(self.client, self.job)
             except Exception:
                 logger.debug("could not close job %s", self.job, exc_info=True)
-        model = Model.from_training(schema, self.spec, self.target, run.best.params, cfg, run.history)
+        model = Model.from_training(schema, self.spec, self.target, run.best.params, cfg, run.history, run.best.epoch)
         model.save(self.run.model)
         history_doc = {
             "job": self.job,

@@ -20,6 +20,15 @@ from pipeline.errors import CheckpointError
 MODEL_FORMAT = 1
 
 
+def record_of(history: list[dict], epoch: int | None) -> dict:
+    """The record of ``epoch`` in ``history`` (its ``epoch`` or ``round`` field), else the last one."""
+    if epoch is not None and epoch >= 0:
+        for h in history:
+            if h.get("epoch", h.get("round")) == epoch:
+                return dict(h)
+    return dict(history[-1]) if history else {}
+
+
 @dataclass
 class Model:
     """A trained multi-layer perceptron with the preprocessing it was trained with."""
@@ -47,8 +56,18 @@ class Model:
 
     @classmethod
     def from_training(
-        cls, store: Any, spec: dict, target: dict | None, params: np.ndarray, cfg: Any, history: list[dict]
+        cls,
+        store: Any,
+        spec: dict,
+        target: dict | None,
+        params: np.ndarray,
+        cfg: Any,
+        history: list[dict],
+        best_epoch: int | None = None,
     ) -> Model:
+        """The model of ``params``; its ``metrics`` are the record of the epoch (or round) those
+        weights are from, ``best_epoch`` (an ``epoch``/``round`` field of ``history``), else the
+        last record: the figures `pipeline runs` and the run's final line show for it."""
         from pipeline.store import names_made_up
 
         tname = (store.attrs.get("target") or {}).get("name")
@@ -64,7 +83,7 @@ class Model:
             target=None if target is None else {k: np.asarray(v).tolist() for k, v in target.items()},
             encodings=store.attrs.get("encodings"),
             config=cfg.to_dict(),
-            metrics=dict(history[-1]) if history else {},
+            metrics=record_of(history, best_epoch),
             feature_names_generated=names_made_up(store),
             target_name=None if tname is None else str(tname),
         )

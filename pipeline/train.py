@@ -1207,7 +1207,9 @@ class Trainer:
             except Exception:
                 logger.debug("could not close job %s", self.job, exc_info=True)
             self._forget_job()
-        model = Model.from_training(self.store, self.spec, self.target, run.best.params, cfg, run.history)
+        model = Model.from_training(
+            self.store, self.spec, self.target, run.best.params, cfg, run.history, run.best.epoch
+        )
         model.save(self.run.model)
         history_doc = {
             "job": self.job,

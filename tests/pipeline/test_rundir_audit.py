@@ -340,3 +340,18 @@ def test_a_runs_files_are_as_readable_as_the_users_other_files(tmp_path: Path, m
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir() if p.is_file()}
     assert {"model.npz", "checkpoint.npz", "curves.png", "history.json"} <= set(modes), modes
     assert set(modes.values()) == {0o640}, {k: oct(v) for k, v in modes.items()}
+
+
+def test_a_models_metrics_are_those_of_the_epoch_its_weights_are_from(tmp_path: Path) -> None:
+    """The model keeps the best validation epoch's weights; the metrics saved with it are that
+    epoch's too (what `pipeline runs` and the final line show), not the last epoch's."""
+    from pipeline.model import load_model
+
+    synth(tmp_path / "b.zarr", rows=600, features=8, classes=3, seed=0)
+    cfg = TrainConfig().with_overrides(["epochs=8", "patience=0", "hidden=[64]", "lr=0.05", "ema=0"])
+    train(str(tmp_path / "b.zarr"), cfg, tmp_path / "run", client=None)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    best = history["best_epoch"]
+    assert best != history["epochs"][-1]["epoch"], "this run's best epoch is its last: the test proves nothing"
+    metrics = load_model(tmp_path / "run").metrics
+    assert metrics["epoch"] == best and metrics["val_loss"] == history["epochs"][best]["val_loss"]
