@@ -65,6 +65,7 @@ def model_layout(model: Model) -> dict[str, Any]:
         "task": model.task,
         "classes": model.classes,
         "feature_names_generated": model.feature_names_generated,
+        "reading": model.reading or {},
     }
 
 

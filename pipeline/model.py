@@ -52,6 +52,9 @@ class Model:
     # The training store's target column (None: not recorded, e.g. an older model file; the
     # target name is then not compared by `pipeline evaluate`).
     target_name: str | None = None
+    # how the training data's text was read (pipeline.store.source_reading): the decimal mark and
+    # the missing-value tokens, where ingest recorded them; None: not recorded
+    reading: dict | None = None
     _trainer: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -68,7 +71,7 @@ class Model:
         """The model of ``params``; its ``metrics`` are the record of the epoch (or round) those
         weights are from, ``best_epoch`` (an ``epoch``/``round`` field of ``history``), else the
         last record: the figures `pipeline runs` and the run's final line show for it."""
-        from pipeline.store import names_made_up
+        from pipeline.store import names_made_up, source_reading
 
         tname = (store.attrs.get("target") or {}).get("name")
         return cls(
@@ -86,12 +89,13 @@ class Model:
             metrics=record_of(history, best_epoch),
             feature_names_generated=names_made_up(store),
             target_name=None if tname is None else str(tname),
+            reading=source_reading(store) or None,
         )
 
     # -- persistence -----------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> None:
-        # Keys added since format 1 (feature_names_generated, target_name) are optional: older
+        # Keys added since format 1 (feature_names_generated, target_name, reading) are optional: older
         # readers ignore them and this reader takes their absence as "not recorded", so the
         # format number stays 1 and files move both ways between versions.
         meta = {
@@ -110,6 +114,8 @@ class Model:
             meta["feature_names_generated"] = bool(self.feature_names_generated)
         if self.target_name is not None:
             meta["target_name"] = self.target_name
+        if self.reading:
+            meta["reading"] = self.reading
         save_file(path, "model", {"params": self.params, "mean": self.mean, "std": self.std}, meta)
 
     @classmethod
@@ -139,6 +145,7 @@ class Model:
                 metrics=meta.get("metrics", {}),
                 feature_names_generated=meta.get("feature_names_generated"),
                 target_name=meta.get("target_name"),
+                reading=meta.get("reading"),
             )
         except KeyError as exc:
             raise CheckpointError(f"model file {p!r} lacks {exc}; it is not a complete model") from None

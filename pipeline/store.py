@@ -322,7 +322,34 @@ def layout_of(store: Store) -> dict[str, Any]:
         "encodings": store.attrs.get("encodings") or [],
         "task": store.task,
         "classes": store.classes,
+        "reading": source_reading(store),
     }
+
+
+def source_reading(store: Any) -> dict[str, Any]:
+    """How ingest read the text of ``store``'s source, where it recorded it: ``decimal_comma``
+    (True: ``1,5`` was 1.5; False: commas were thousands separators; absent: no number had a
+    comma) and ``missing_values`` (the tokens that were missing values; absent: the default list)."""
+    source = store.attrs.get("source") if isinstance(getattr(store, "attrs", None), Mapping) else None
+    if not isinstance(source, Mapping):
+        return {}
+    return {k: source[k] for k in ("decimal_comma", "missing_values") if k in source}
+
+
+def _reading_mismatch(ref: Mapping[str, Any], store: Any) -> str | None:
+    """Whether ``store``'s numbers were read with another decimal mark than the reference's (a
+    model's or a training store's, as :func:`layout_of` gives it): ``1,250`` is then 1.25 in one
+    and 1250 in the other, in a numeric column no other check sees. A side that records no mark
+    made no choice (its file had no comma numbers). Other missing-value tokens show as other
+    encodings, fills or columns, which :func:`layout_mismatch` compares already."""
+    want, have = (ref.get("reading") or {}), source_reading(store)
+    if "decimal_comma" not in want or "decimal_comma" not in have:
+        return None
+    w, h = bool(want["decimal_comma"]), bool(have["decimal_comma"])
+    if w == h:
+        return None
+    marks = {True: "decimal commas (--decimal comma)", False: "commas as thousands separators (--decimal point)"}
+    return f"read its numbers with {marks[h]}, the training data with {marks[w]}"
 
 
 def _generic_names(names: list[str]) -> bool:
@@ -426,6 +453,9 @@ def layout_mismatch(ref: Mapping[str, Any], store: Store, *, labels: bool) -> st
         fill = _fill_mismatch(e, r, store)
         if fill is not None:
             return fill
+    reading = _reading_mismatch(ref, store)
+    if reading is not None:
+        return reading
     if labels:
         if store.task != ref.get("task"):
             return f"is a {store.task} store, expected {ref.get('task')}"

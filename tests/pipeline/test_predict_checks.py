@@ -360,3 +360,24 @@ def test_training_on_a_corrupted_chunk_is_one_error_line_without_worker_tracebac
     assert len(lines) == 1 and lines[0].startswith(f"error: {chunk}"), r.stderr
     assert "Compute Failed" not in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "model.npz").exists()
+
+
+def test_a_store_whose_text_was_read_otherwise_is_refused(tmp_path):
+    """A model records the decimal mark its training data's numbers were read with; a store read
+    with the other one (1,250 as 1250, not 1.25) is refused, a store ingested --like is accepted."""
+    rows = "".join(f"{i % 7},{i % 5};{i % 3};{'abc'[i % 3]}\n" for i in range(60))  # p: 0,0 ... 6,4
+    (tmp_path / "d.csv").write_text("p;q;y\n" + rows)
+    train_store = ingest(tmp_path / "d.csv", tmp_path / "d.zarr")
+    assert train_store.attrs["source"]["decimal_comma"] is True
+    cfg = TrainConfig().with_overrides(["epochs=1", "hidden=[4]", "patience=0"])
+    train(str(tmp_path / "d.zarr"), cfg, tmp_path / "run", client=None)
+    model = load_model(tmp_path / "run")
+    (tmp_path / "new.csv").write_text("p;q;y\n1,250;2;a\n3,500;1;b\n2;0;c\n")  # 1,250: 1.25 or 1250
+    point = ingest(tmp_path / "new.csv", tmp_path / "pt.zarr", decimal="point")
+    with pytest.raises(StoreError, match=r"read its numbers with commas as thousands separators \(--decimal point\)"):
+        check_inputs(model, point.path, str(tmp_path / "p.parquet"))
+    like = ingest(tmp_path / "new.csv", tmp_path / "like.zarr", like=tmp_path / "d.zarr")
+    check_inputs(model, like.path, str(tmp_path / "p.parquet"))
+    assert like.attrs["source"]["decimal_comma"] is True  # the training store's reading
+    # the model keeps the reading through its file
+    assert model.reading == {"decimal_comma": True}
