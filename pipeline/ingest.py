@@ -41,9 +41,12 @@ Policies (recorded in the store's ``encodings`` attribute so prediction applies 
   with ``,``); a space delimiter means whitespace-separated: runs of blanks are one separator and
   leading blanks are ignored (aligned columns). Errors about columns name the delimiter and whether
   it was detected. With a delimiter other than ``,``, numbers may have a decimal comma (``1,5``,
-  the convention of semicolon files) or thousands separators (``1,234,567``): the file's numbers
-  decide for all of them, a file whose only comma numbers are like ``1,234`` is refused, and
-  ``decimal`` says it instead (``source.decimal_comma`` records the reading). A header is
+  the convention of semicolon files, with dots separating thousands: ``1.234,5``, ``1.234.567``)
+  or thousands separators (``1,234,567``, with a decimal point): the file's numbers decide for all
+  of them (``1.234`` is 1234 beside ``0,5``), a file mixing the two (``0,5`` and ``1.5``) or whose
+  only comma numbers are like ``1,234`` is refused, and ``decimal`` says it instead
+  (``source.decimal_comma`` records the reading, ``source.thousands_dot`` that dots separated
+  thousands); without comma numbers dots are decimal points. A header is
   detected when every field of the first line is non-numeric while some column below is
   numeric, or when the columns vote for it: a numeric column
   whose first field is not a number, or a column of few categories whose first field is none of
@@ -133,6 +136,11 @@ _NUM_RE = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|Inf|INF|infinity|
 _DECIMAL_COMMA_RE = r"^([+-]?\d*),(\d+(?:[eE][+-]?\d+)?)$"  # 1,5 under a delimiter other than ","
 # "1,234": a decimal comma (1.234) or a thousands separator (1234), the text cannot tell
 _AMBIGUOUS_COMMA_RE = r"^[+-]?[1-9]\d{0,2},\d{3}$"
+# "1.234,5", "1.234.567", "-12.345,678": dots separating thousands, before a decimal comma or none
+_DOT_GROUPS_RE = r"^[+-]?[1-9]\d{0,2}(?:\.\d{3})+(?:,\d+)?$"
+# "1.234": a decimal point (1.234) or a dot thousands separator (1234), the text cannot tell
+_AMBIGUOUS_DOT_RE = r"^[+-]?[1-9]\d{0,2}\.\d{3}$"
+_DOT_GROUP_START_RE = r"^[+-]?[1-9]\d{0,2}\.\d{3}(?:$|[.,])"  # how both of these start
 DECIMAL_CHOICES = ("auto", "comma", "point")
 CSV_BLOCK = 8 * 2**20
 ARRAY_BLOCK_BYTES = 32 * 2**20
@@ -285,9 +293,9 @@ def _detect_delimiter(lines: list[str]) -> str:
     """The first of ``, TAB ; |`` that splits every line (header included, quotes respected) into
     the same number (> 1) of fields, then whitespace; failing that, the same tests without the
     first line (a header of a different shape); else ",". When "," and another one fit, the
-    other wins if it is ";" or its fields hold decimal commas ("1,5"): files with those
+    other wins if it is ";" or its fields hold decimal commas ("1,5", "1.234,5"): files with those
     delimiters write decimal commas, comma files rarely hold semicolons."""
-    decimal = re.compile(_DECIMAL_COMMA_RE)
+    decimal = re.compile(f"{_DECIMAL_COMMA_RE}|{_DOT_GROUPS_RE}")
     for sample in (lines, lines[1:] or lines):
         fits = []
         for cand in (",", "\t", ";", "|", " "):
@@ -296,7 +304,7 @@ def _detect_delimiter(lines: list[str]) -> str:
                 fits.append(cand)
         if len(fits) > 1 and fits[0] == ",":
             other = fits[1]
-            if other == ";" or any(decimal.match(f.strip()) for ln in sample for f in _fields(ln, other)):
+            if other == ";" or any("," in f and decimal.match(f.strip()) for ln in sample for f in _fields(ln, other)):
                 return other
         if fits:
             return fits[0]
@@ -393,7 +401,7 @@ def _sniff_csv(
     rows = [_fields(ln, delimiter) for ln in lines]
     first = [c.strip() for c in rows[0]]
     decimal_comma = delimiter != ","
-    num_re = re.compile(_NUM_RE if not decimal_comma else f"{_NUM_RE}|{_DECIMAL_COMMA_RE}")
+    num_re = re.compile(_NUM_RE if not decimal_comma else f"{_NUM_RE}|{_DECIMAL_COMMA_RE}|{_DOT_GROUPS_RE}")
 
     def numeric(v: str) -> bool:
         return bool(num_re.match(v.strip())) or v.strip() in missing
@@ -636,9 +644,8 @@ class _Parsed:
     raw: pa.Array | None = None  # a column of numbers: the array, for its text form
     thousands: np.ndarray | None = None  # bool: a number written with thousands separators ("3,655")
     big: tuple[int, str] | None = None  # (index, text) of the first integer beyond 2^53 in a text column
-    # bool masks of numbers whose comma is only a decimal comma ("1,5"), only a thousands separator
-    # ("1,234,567") or either ("1,234"): what decides ``decimal="auto"`` (pass 1 only)
-    commas: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # bool masks of the numbers of each kind of :data:`_MARKS` (what decides ``decimal="auto"``; pass 1 only)
+    marks: list[np.ndarray] | None = None
     _text: pa.Array | None = None
 
     def text(self) -> pa.Array:
@@ -655,6 +662,14 @@ _SAFE_INT = 2**53  # integers beyond this lose digits as float64
 # text Arrow parses as NaN ("-nan", "nAn", "NaN(123)"): a missing value, never a number
 _NAN_RE = r"(?i)^[+-]?nan(\(.*\))?$"
 _THOUSANDS_RE = r"^[+-]?\d{1,3}(,\d{3})+(\.\d*)?$"  # "3,655", "1,234,567.5" (comma-delimited sources)
+# kinds of numbers by the marks in them, which decide how a file's commas and dots read:
+_DEC = 0  # only a decimal comma fits: "1,5", "0,125", "1234,5", and dots grouping thousands "1.234,5", "1.234.567"
+_THOU = 1  # only thousands separators fit: "1,234,567", "1,234.5"
+_AMB = 2  # either comma: "1,234" (1.234 or 1234)
+_POINT = 3  # only a decimal point fits: "1.5", "0.234", "1234.5"
+_AMB_DOT = 4  # either dot: "1.234" (1.234 or 1234)
+_GROUPS = 5  # the _DEC numbers with dots ("1.234,5", "1.234.567"), which only dot thousands separators read
+_MARKS = 6
 
 
 def _first_big(vals: np.ndarray, text: pa.Array) -> tuple[int, str] | None:
@@ -674,15 +689,19 @@ def _parse(
     decimal_comma: bool = False,
     as_text: bool | None = None,
     missing: pa.Array | None = None,
-    commas: bool = False,
+    marks: bool = False,
+    thousands_dot: bool = False,
+    dot_marks: bool = False,
 ) -> _Parsed:
     """Parse one batch of column ``name``. ``decimal_comma``: "1,5" is the number 1.5; otherwise a
-    number may have thousands separators ("3,655"). ``as_text``: True reads numbers and booleans
+    number may have thousands separators ("3,655"). ``thousands_dot`` (with ``decimal_comma``):
+    dots separate thousands ("1.234,5" is 1234.5, "1.234" 1234) and "1.5" is not a number; without
+    it dots are decimal points. ``as_text``: True reads numbers and booleans
     as their text (a column the store encodes as categories), False reads booleans as 0/1 (a
     numeric column of a ``like=`` store); None (pass 1): booleans are text, as in a CSV file.
     ``missing``: the missing-value tokens (default :data:`MISSING_TOKENS`; a NaN spelling is
-    missing whatever they are). ``commas``: also find the numbers whose comma only one reading
-    fits, or both (:attr:`_Parsed.commas`)."""
+    missing whatever they are). ``marks``: also find the numbers of each kind of :data:`_MARKS`
+    (:attr:`_Parsed.marks`), those with dots only with ``dot_marks``."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     n = len(arr)
@@ -698,14 +717,34 @@ def _parse(
         num_s = s
         thousands = None
         has_comma = pc.any(pc.match_substring(s, ",")).as_py()
-        comma_kinds = None
-        if commas and has_comma:
-            dec = pc.match_substring_regex(s, _DECIMAL_COMMA_RE).to_numpy(zero_copy_only=False)
-            thou = pc.match_substring_regex(s, _THOUSANDS_RE).to_numpy(zero_copy_only=False)
-            amb = pc.match_substring_regex(s, _AMBIGUOUS_COMMA_RE).to_numpy(zero_copy_only=False)
-            comma_kinds = (dec & ~amb, thou & ~dec, amb)
+        dotted = pc.match_substring(s, ".") if (dot_marks and marks) or (decimal_comma and thousands_dot) else None
+        has_dot = dotted is not None and pc.any(dotted).as_py()
+        kinds = None
+        if marks and (has_comma or (dot_marks and has_dot)):
+
+            def match(rx: str, t: pa.Array = s) -> np.ndarray:
+                return pc.match_substring_regex(t, rx).to_numpy(zero_copy_only=False)
+
+            kinds = [np.zeros(n, bool) for _ in range(_MARKS)]
+            if has_comma:
+                dec, amb = match(_DECIMAL_COMMA_RE), match(_AMBIGUOUS_COMMA_RE)
+                kinds[_DEC], kinds[_THOU], kinds[_AMB] = dec & ~amb, match(_THOUSANDS_RE) & ~dec, amb
+            if dot_marks and has_dot:
+                amb_dot, groups = kinds[_AMB_DOT], kinds[_GROUPS]
+                if pc.any(pc.match_substring_regex(s, _DOT_GROUP_START_RE)).as_py():  # most decimals are not
+                    amb_dot = match(_AMBIGUOUS_DOT_RE)
+                    groups = match(_DOT_GROUPS_RE) & ~amb_dot
+                kinds[_DEC] |= groups
+                # the other numbers with a dot (found below when the reading of dots leaves them numbers)
+                kinds[_POINT] = dotted.to_numpy(zero_copy_only=False) & ~amb_dot & ~groups
+                if decimal_comma and thousands_dot:
+                    kinds[_POINT] &= match(_NUM_RE)
+                kinds[_AMB_DOT], kinds[_GROUPS] = amb_dot, groups
+        if decimal_comma and thousands_dot and has_dot:  # "1.234,5" -> "1234,5"; "1.5" is no number
+            groups = pc.match_substring_regex(s, _DOT_GROUPS_RE)
+            num_s = pc.if_else(groups, pc.replace_substring(s, ".", ""), pc.if_else(dotted, "x", s))
         if decimal_comma and has_comma:
-            num_s = pc.replace_substring_regex(s, _DECIMAL_COMMA_RE, r"\1.\2")
+            num_s = pc.replace_substring_regex(num_s, _DECIMAL_COMMA_RE, r"\1.\2")
         elif has_comma:
             th = pc.match_substring_regex(s, _THOUSANDS_RE)
             if pc.any(th).as_py():
@@ -727,9 +766,11 @@ def _parse(
         vals = np.where(inf | miss, np.nan, vals)
         if thousands is not None:
             thousands = thousands & ~miss & ~nonnum
-        if comma_kinds is not None:
-            comma_kinds = (comma_kinds[0] & ~miss, comma_kinds[1] & ~miss, comma_kinds[2] & ~miss)
-        return _Parsed(vals, miss | inf, nonnum, inf, s, None, thousands, _first_big(vals, num_s), comma_kinds)
+        if kinds is not None:
+            if not (decimal_comma and thousands_dot):
+                kinds[_POINT] &= ~nonnum
+            kinds = [k & ~miss for k in kinds]
+        return _Parsed(vals, miss | inf, nonnum, inf, s, None, thousands, _first_big(vals, num_s), kinds)
     if pa.types.is_boolean(arr.type) or numbers:
         if pa.types.is_integer(arr.type) and arr.type.bit_width == 64 and len(arr) - arr.null_count:
             mm = pc.min_max(arr)
@@ -764,20 +805,20 @@ class _ColumnProfile:
     n_thousands: int = 0  # numbers written with thousands separators ("3,655")
     first_thousands: tuple[int, str] | None = None
     first_big: tuple[int, str] | None = None  # (row, text) of an integer beyond 2^53 written as text
-    # numbers with a decimal comma only ("1,5"), thousands separators only ("1,234,567"), either ("1,234")
-    n_commas: list[int] = field(default_factory=lambda: [0, 0, 0])
-    first_commas: list[tuple[int, str] | None] = field(default_factory=lambda: [None, None, None])
+    # numbers of each kind of _MARKS ("1,5", "1,234,567", "1,234", "1.5", "1.234", "1.234,5"), the first's (row, text)
+    n_marks: list[int] = field(default_factory=lambda: [0] * _MARKS)
+    first_marks: list[tuple[int, str] | None] = field(default_factory=lambda: [None] * _MARKS)
 
     def update(self, p: _Parsed, row0: int) -> None:
         ok = ~p.missing & ~p.nonnum
         v = p.values[ok]
         self.n_num += len(v)
-        for k, mask in enumerate(p.commas or ()):
+        for k, mask in enumerate(p.marks or ()):
             if mask.any():
-                self.n_commas[k] += int(mask.sum())
-                if self.first_commas[k] is None:
+                self.n_marks[k] += int(mask.sum())
+                if self.first_marks[k] is None:
                     i = int(np.argmax(mask))
-                    self.first_commas[k] = (row0 + i, p.text()[i].as_py())
+                    self.first_marks[k] = (row0 + i, p.text()[i].as_py())
         if p.thousands is not None and p.thousands.any():
             self.n_thousands += int(p.thousands.sum())
             if self.first_thousands is None:
@@ -863,6 +904,10 @@ class _Table:
     decimal: str = "auto"  # "comma" / "point": given, or the like= store's; "auto": the data decide
     decimal_by: str = ""  # who fixed ``decimal``, as errors name it ("--decimal point", the like= store)
     missing_values: list[str] = field(default_factory=lambda: list(MISSING_TOKENS))
+    # what a dot in a number is when commas are decimal: None, thousands separators ("1.234,5" is
+    # 1234.5), recorded as ``source.thousands_dot`` when a number had one; True: so, as the like=
+    # store recorded; False: decimal points ("1.5"), a like= store that recorded no reading of dots
+    thousands_dot: bool | None = None
 
 
 def _profile_table(
@@ -872,17 +917,29 @@ def _profile_table(
     prog: Progress,
     as_text: dict[str, bool | None] | None = None,
     missing: pa.Array | None = None,
+    thousands_dot: bool = False,
+    dot_marks: bool = False,
 ) -> tuple[dict[str, _ColumnProfile], int, int]:
     """Pass 1 over a table: the profile of each column, the rows read and the rows with a
     missing value (those ``--missing drop`` drops). ``as_text``: how to read each column (see
-    :func:`_parse`; None for all: as the source's types say); ``missing``: the missing-value tokens."""
+    :func:`_parse`; None for all: as the source's types say); ``missing``: the missing-value tokens;
+    ``thousands_dot``, ``dot_marks``: as :func:`_parse` takes them."""
     profiles = {c: _ColumnProfile(c) for c in columns}
     n_seen = 0
     n_drop = 0
     for row0, b in batches:
         drop_mask = np.zeros(b.num_rows, bool)
         for c in profiles:
-            p = _parse(b.column(c), c, decimal_comma, (as_text or {}).get(c), missing, commas=True)
+            p = _parse(
+                b.column(c),
+                c,
+                decimal_comma,
+                (as_text or {}).get(c),
+                missing,
+                marks=True,
+                thousands_dot=thousands_dot,
+                dot_marks=dot_marks,
+            )
             profiles[c].update(p, row0)
             drop_mask |= p.missing
         n_drop += int(drop_mask.sum())
@@ -935,21 +992,31 @@ def _ingest_table(
         as_text = {e["name"]: e["kind"] != "numeric" for e in cols.encodings or []}
         if cols.target is not None:
             as_text[cols.target] = training.target.get("kind") == "string"
-    # "auto" reads commas first as the delimiter suggests, then as the numbers say (a second pass 1
-    # only when they say otherwise: commas that separate thousands in a semicolon or tab file)
+    # "auto" reads commas first as the delimiter suggests and dots as decimal points, then as the
+    # numbers say (a second pass 1 only when they say otherwise: commas that separate thousands in a
+    # semicolon or tab file, or dots that do beside decimal commas)
     decimal_comma = table.decimal == "comma" or (table.decimal == "auto" and table.decimal_comma)
+    thousands_dot = table.decimal == "comma" and table.thousands_dot is not False
+    dot_marks = table.decimal != "auto" or table.decimal_comma  # dots tell nothing in a comma file
 
     def profile() -> tuple[dict[str, _ColumnProfile], int, int]:
         prog = Progress(f"ingest {src.name}: pass 1/2", enabled=opts.progress)
-        return _profile_table(ranged(), cols.read, decimal_comma, prog, as_text, tokens)
+        return _profile_table(ranged(), cols.read, decimal_comma, prog, as_text, tokens, thousands_dot, dot_marks)
 
     profiles, n_seen, n_drop = profile()
-    decided = _decide_decimal(profiles, table, decimal_comma, as_text)
-    if decided is not None and (decided == "comma") != decimal_comma:
-        decimal_comma = decided == "comma"
-        profiles, n_seen, n_drop = profile()
-    if decided is not None:  # absent: no number had a comma (a like= ingest decides from its own data)
-        table.attrs["decimal_comma"] = decided == "comma"
+    decided = _decide_decimal(profiles, table, decimal_comma, thousands_dot, as_text)
+    # numbers the reading of dots changes ("1.234", "1.234,5"; "1.5" beside decimal commas is refused)
+    dots = any(pr.n_marks[_AMB_DOT] or pr.n_marks[_GROUPS] for pr in profiles.values())
+    if decided is not None:
+        comma = decided == "comma"
+        dot = comma and table.thousands_dot is not False
+        if comma != decimal_comma or (dot != thousands_dot and dots):
+            decimal_comma, thousands_dot = comma, dot
+            profiles, n_seen, n_drop = profile()
+        thousands_dot = dot
+        table.attrs["decimal_comma"] = comma  # absent: no number had a comma (a like= ingest decides from its data)
+        if dot and (dots or table.thousands_dot):  # absent: dots are decimal points, or no number had one
+            table.attrs["thousands_dot"] = True
     if n_seen == 0:
         if opts.rows == (0, None) and table.attrs.get("header"):
             raise IngestError(
@@ -985,7 +1052,14 @@ def _ingest_table(
             keep = np.ones(n, bool)
             X = np.zeros((n, n_features), np.float32)
             for e in encodings:
-                p = _parse(b.column(e["name"]), e["name"], decimal_comma, e["kind"] != "numeric", tokens)
+                p = _parse(
+                    b.column(e["name"]),
+                    e["name"],
+                    decimal_comma,
+                    e["kind"] != "numeric",
+                    tokens,
+                    thousands_dot=thousands_dot,
+                )
                 if missing == "drop":
                     keep &= ~p.missing
                 o = e["offset"]
@@ -1006,7 +1080,9 @@ def _ingest_table(
                     fill_code = e["categories"].index(e["fill"])
                     X[:, o] = np.where(unk, fill_code, codes)
             tpar = (
-                _parse(b.column(tcol), tcol, decimal_comma, target_plan.string_labels, tokens)
+                _parse(
+                    b.column(tcol), tcol, decimal_comma, target_plan.string_labels, tokens, thousands_dot=thousands_dot
+                )
                 if tcol is not None
                 else None
             )
@@ -1065,58 +1141,87 @@ def _ingest_table(
 
 
 def _decide_decimal(
-    profiles: dict[str, _ColumnProfile], table: _Table, read_comma: bool, as_text: dict[str, bool | None]
+    profiles: dict[str, _ColumnProfile],
+    table: _Table,
+    read_comma: bool,
+    read_dot: bool,
+    as_text: dict[str, bool | None],
 ) -> str | None:
     """What the commas of numbers are: "comma" (1,5 is 1.5; ``source.decimal_comma`` true),
     "point" (1,234 is 1234; false), or None when no number has one (both readings give the same
-    store; absent). Pass 1 read them as ``read_comma`` says; columns of text (and categories of a
-    like= store) do not count.
+    store; absent). Pass 1 read them as ``read_comma`` says, and dots as thousands separators if
+    ``read_dot``; columns of text (and categories of a like= store) do not count.
 
-    A file has one convention: a number only a decimal comma fits ("1,5", "0,125", "1234,5")
-    makes every comma of the file decimal, one only thousands separators fit ("1,234,567",
-    "1,234.5") makes them all separators; a file holding both is refused. Numbers either
-    fits ("1,250", ``999`` beside ``1,234``) are read as the rest of the file says, and refused
-    when nothing says: a guess would be wrong by a factor of a thousand. A given ``decimal``
-    (or the like= store's) is followed, and numbers only the other reading fits are refused.
-    In a comma-delimited file (or Parquet), "auto" reads commas as thousands separators."""
-    found: list[tuple[str, int, str] | None] = [None, None, None]  # first (column, row, text) of each kind
+    A file has one convention: a decimal comma with dots separating thousands ("1,5", "1.234,5",
+    "1.234.567"), or a decimal point with commas separating thousands ("1.5", "1,234,567"). A
+    number only one fits ("1,5", "0,125", "1234,5", "1.234,5", "1.234.567"; "1,234,567", "1,234.5")
+    makes every comma and dot of the file read so; a file holding both is refused, as is one
+    holding decimal commas and decimal points ("1,5" and "1.5"). Numbers either fits ("1,250",
+    ``999`` beside ``1,234``; "1.250") are read as the rest of the file says, a decimal point
+    ("1.5") saying it too, and a file whose only comma numbers are such is refused: a guess would
+    be wrong by a factor of a thousand. Without comma numbers dots stay decimal points ("1.234" is
+    1.234). A given ``decimal`` (or the like= store's) is followed, and numbers only the other
+    reading fits are refused. In a comma-delimited file (or Parquet), "auto" reads commas as
+    thousands separators and dots as decimal points."""
+    found: list[tuple[str, int, str] | None] = [None] * _MARKS  # first (column, row, text) of each kind
     for c, pr in profiles.items():
-        if as_text.get(c) or not any(pr.n_commas):
+        n = pr.n_marks
+        if as_text.get(c) or not any(n):
             continue
-        other = pr.n_commas[1] if read_comma else pr.n_commas[0]  # numbers only the other reading reads
+        # numbers only the other reading reads
+        other = n[_THOU] + (n[_POINT] if read_dot else n[_GROUPS]) if read_comma else n[_DEC]
         text = pr.n_nonnum - other
         if text and pr.n_num + other <= text:
-            continue  # a column of text: its commas are text too
-        for k, first in enumerate(pr.first_commas):
+            continue  # a column of text: its commas and dots are text too
+        for k, first in enumerate(pr.first_marks):
             if first is not None and found[k] is None:
                 found[k] = (c, *first)
-    dec, thou, amb = found
+    dec, thou, amb, point, _, groups = found
     if table.decimal != "auto":
-        bad = thou if table.decimal == "comma" else dec
+        given = table.decimal_by.startswith("--decimal")
+        if table.decimal == "comma":
+            dots = table.thousands_dot is not False
+            bad = thou or (point if dots else groups)
+        else:
+            bad = dec
         if bad is not None:
             c, r, v = bad
-            given = table.decimal_by.startswith("--decimal")
-            if table.decimal == "comma":
-                what, reads = "with thousands separators", "decimal commas"
+            if bad is thou:
+                what, reads = "with thousands separators", "commas as decimal commas"
                 fix = "pass --decimal point" if given else f"write it without separators ({v.replace(',', '')})"
+            elif bad is point:
+                what, reads = "with a decimal point", "commas as decimal commas and dots as thousands separators"
+                fix = "pass --decimal point" if given else f"write it with a decimal comma ({v.replace('.', ',')})"
+            elif table.decimal == "comma":  # "1.234,5" for a like= store whose dots are decimal points
+                what, reads = "with dots as thousands separators", "dots as decimal points"
+                fix = f"write it without them ({v.replace('.', '')})"
             else:
-                what, reads = "with a decimal comma", "thousands separators"
-                fix = "pass --decimal comma" if given else f"write it with a decimal point ({v.replace(',', '.')})"
+                what = "with a decimal comma" if "," in v else "with dots as thousands separators"
+                reads = "commas as thousands separators" if "," in v else "dots as decimal points"
+                fix = "pass --decimal comma" if given else f"write it with a decimal point ({_as_point(v)})"
+                if not given and "," not in v:
+                    fix = f"write it without separators ({_as_point(v)})"
             raise IngestError(
                 f"column {c!r} has {v!r} at data row {r} (0-based), a number {what}, but {table.decimal_by} "
-                f"reads commas as {reads}; {fix}"
+                f"reads {reads}; {fix}"
             )
         return table.decimal
     if not table.decimal_comma:
         return "point" if thou or amb else None
-    if dec and thou:
-        (c, r, v), (c2, r2, v2) = dec, thou
-        raise IngestError(
-            f"column {c!r} has {v!r} at data row {r} (0-based), a number with a decimal comma, but column {c2!r} "
-            f"has {v2!r} at data row {r2}, with thousands separators; write every number of the file one way"
-        )
-    if dec or thou:
-        return "comma" if dec else "point"
+    for other, how in ((thou, "thousands separators"), (point, "a decimal point")):
+        if dec and other:
+            (c, r, v), (c2, r2, v2) = dec, other
+            what = "a decimal comma" if "," in v else "dots as thousands separators"
+            if other is thou and "," not in v:
+                how = "commas as thousands separators"
+            raise IngestError(
+                f"column {c!r} has {v!r} at data row {r} (0-based), a number with {what}, but column {c2!r} "
+                f"has {v2!r} at data row {r2}, with {how}; write every number of the file one way"
+            )
+    if dec:
+        return "comma"
+    if thou or (amb and point):
+        return "point"
     if amb:
         c, r, v = amb
         raise IngestError(
@@ -1125,6 +1230,12 @@ def _decide_decimal(
             "tells which; pass --decimal comma or --decimal point"
         )
     return None
+
+
+def _as_point(v: str) -> str:
+    """A number with a decimal comma and dots separating thousands written with a decimal point
+    ("1.234,5" -> "1234.5")."""
+    return v.replace(".", "").replace(",", ".")
 
 
 def _rounded_integers(plan: IngestPlan, profiles: dict[str, _ColumnProfile]) -> dict[str, float]:
@@ -1631,7 +1742,7 @@ def _missing_values_option(missing_values: str | Sequence[str] | None) -> list[s
         if not isinstance(t, str):
             raise IngestError(f"--missing-values holds {t!r}, which is not text; pass text such as NA,?")
         t = t.strip()
-        number = any(re.match(rx, t) for rx in (_NUM_RE, _DECIMAL_COMMA_RE, _THOUSANDS_RE))
+        number = any(re.match(rx, t) for rx in (_NUM_RE, _DECIMAL_COMMA_RE, _THOUSANDS_RE, _DOT_GROUPS_RE))
         if number and not re.match(r"(?i)^[+-]?inf", t):
             raise IngestError(
                 f"--missing-values {t!r} is a number, which is never a missing value (in Parquet it stays a "
@@ -1647,12 +1758,15 @@ def _shown_tokens(tokens: Sequence[str]) -> str:
     return ",".join(t for t in tokens if t)
 
 
-def _like_choices(like: Store, decimal: str, missing_values: list[str] | None) -> tuple[str, str, list[str] | None]:
-    """The decimal mark, who fixed it, and the missing-value tokens of an ingest like= ``like``: the
-    store's, which a source ingested like it must follow (a different choice given is refused)."""
+def _like_choices(
+    like: Store, decimal: str, missing_values: list[str] | None
+) -> tuple[str, str, list[str] | None, bool | None]:
+    """The decimal mark, who fixed it, the missing-value tokens and the reading of dots (see
+    :attr:`_Table.thousands_dot`) of an ingest like= ``like``: the store's, which a source ingested
+    like it must follow (a different choice given is refused)."""
     src = like.attrs.get("source") or {}
     if src.get("format") not in ("csv", "parquet"):  # NumPy, IDX, synth: no text was parsed
-        return decimal, "--decimal " + decimal, missing_values
+        return decimal, "--decimal " + decimal, missing_values, None
     theirs = src.get("missing_values") or MISSING_TOKENS
     if missing_values is not None and set(missing_values) != set(theirs):
         raise IngestError(
@@ -1663,14 +1777,15 @@ def _like_choices(like: Store, decimal: str, missing_values: list[str] | None) -
     tokens = list(theirs) if "missing_values" in src else None
     mark = {True: "comma", False: "point"}.get(src.get("decimal_comma"))
     if mark is None:  # no number of the training data had a comma: this source decides
-        return decimal, "--decimal " + decimal, tokens
+        return decimal, "--decimal " + decimal, tokens, None
     if decimal not in ("auto", mark):
         reads = "decimal commas" if mark == "comma" else "thousands separators"
         raise IngestError(
             f"--decimal {decimal} contradicts the --like store {like.path!r}, whose numbers were read with commas "
             f"as {reads} (--decimal {mark}); drop --decimal (the store's reading applies)"
         )
-    return mark, f"the --like store {like.path!r}", tokens
+    # a decimal-comma store without thousands_dot read dots as decimal points ("1.5"), or had none
+    return mark, f"the --like store {like.path!r}", tokens, bool(src.get("thousands_dot"))
 
 
 def _check_not_in_store(dest: str | os.PathLike) -> None:
@@ -1768,11 +1883,12 @@ def ingest(
     ``unlabelled`` (with ``like``): the source has no target column; the store's ``y`` holds
     zeros and its ``labelled`` attribute is false, so it can be predicted but not evaluated or
     trained on. ``text_encoding``: the character encoding of a CSV source (default UTF-8).
-    ``decimal``: what a comma in a number is: ``"comma"`` (1,5 is 1.5), ``"point"`` (1,234 is
-    1234) or ``"auto"`` (see :func:`_decide_decimal`). ``missing_values``: the text that is a
-    missing value (a list, or comma-separated), in place of :data:`MISSING_TOKENS`; the empty
-    field always is. Under ``like``, both are the training store's (recorded in its
-    ``source.decimal_comma`` and ``source.missing_values``); a different one given is refused.
+    ``decimal``: what a comma in a number is: ``"comma"`` (1,5 is 1.5, and dots separate thousands:
+    1.234,5 is 1234.5), ``"point"`` (1,234 is 1234) or ``"auto"`` (see :func:`_decide_decimal`).
+    ``missing_values``: the text that is a missing value (a list, or comma-separated), in place of
+    :data:`MISSING_TOKENS`; the empty field always is. Under ``like``, both are the training store's (recorded in its
+    ``source.decimal_comma``, ``source.thousands_dot`` and ``source.missing_values``); a different
+    one given is refused.
     """
     path = Path(src)
     if not path.exists():
@@ -1842,8 +1958,9 @@ def ingest(
     if like_store is not None and task is not None and task != like_store.task:
         raise IngestError(f"--task {task} contradicts the training store's task {like_store.task}; drop --task")
     decimal_by, given_decimal, given_tokens = "--decimal " + decimal, decimal, tokens
+    thousands_dot = None
     if like_store is not None:
-        decimal, decimal_by, tokens = _like_choices(like_store, decimal, tokens)
+        decimal, decimal_by, tokens, thousands_dot = _like_choices(like_store, decimal, tokens)
     source_attrs: dict[str, Any] = {
         "path": str(path.resolve()),
         "format": fmt,
@@ -1853,7 +1970,12 @@ def ingest(
         source_attrs["like"] = like_store.path if is_url(like_store.path) else os.path.abspath(like_store.path)
     if tokens is not None and fmt in ("csv", "parquet"):  # absent: MISSING_TOKENS
         source_attrs["missing_values"] = tokens
-    choices = {"decimal": decimal, "decimal_by": decimal_by, "missing_values": tokens or list(MISSING_TOKENS)}
+    choices = {
+        "decimal": decimal,
+        "decimal_by": decimal_by,
+        "missing_values": tokens or list(MISSING_TOKENS),
+        "thousands_dot": thousands_dot,
+    }
     opts = _Options(
         rows=row_range,
         chunk_rows=chunk_rows,

@@ -653,6 +653,50 @@ def _(t: Trial) -> Outcome:
     return t.cli("ingest", "good.csv", "out.zarr", "--missing-values=-999")
 
 
+@case("F72")
+def _(t: Trial) -> Outcome:
+    t.write("mixed.csv", "w;v;y\n3,5;1.5;a\n1;2;b\n2;7;a\n")
+    return t.cli("ingest", "mixed.csv", "out.zarr")
+
+
+@case("F73")
+def _(t: Trial) -> Outcome:
+    t.write("eu.csv", "pop;qty;y\n1.234.567;1;a\n2.000.000;2;b\n999;3;a\n")
+    return t.cli("ingest", "eu.csv", "out.zarr", "--decimal", "point")
+
+
+_EURO = "p;q;y\n1.234,5;2;a\n2.500,25;3;b\n3,5;4;a\n999,1;5;b\n"
+
+
+@case("F74")
+def _(t: Trial) -> Outcome:
+    from pipeline.ingest import ingest
+
+    t.write("train.csv", _EURO)
+    ingest(t.path / "train.csv", t.path / "train.zarr")
+    t.write("pt.csv", "p;q;y\n7;1;a\n1.5;2;b\n")
+    return t.cli("ingest", "pt.csv", "out.zarr", "--like", "train.zarr")
+
+
+@case("F75")
+def _(t: Trial) -> Outcome:
+    from pipeline.ingest import ingest
+
+    t.write("small.csv", "p;q;y\n0,5;2;a\n2,5;3;b\n3;4;a\n")
+    ingest(t.path / "small.csv", t.path / "small.zarr")
+    t.write("big.csv", "p;q;y\n7;1;a\n1.234,5;2;b\n")
+    return t.cli("ingest", "big.csv", "out.zarr", "--like", "small.zarr")
+
+
+@case("F76")
+def _(t: Trial) -> Outcome:
+    t.write("eu.csv", _EURO)
+    out = t.cli("ingest", "eu.csv", "out.zarr", created={"out.zarr"})
+    st = _open(t)
+    assert st.feature_names == ["p", "q"] and st.attrs["source"]["thousands_dot"] is True
+    return out
+
+
 @case("F15")
 def _(t: Trial) -> Outcome:
     (t.path / "mydata").mkdir()

@@ -238,3 +238,146 @@ def test_the_command_takes_missing_values_and_names_them_in_its_warning(tmp_path
     r = run("ingest", tmp_path / "r.csv", tmp_path / "x.zarr", "--like", tmp_path / "r.zarr", "--missing-values", "")
     one_line_error(r, "--missing-values '' differs from the list", "drop --missing-values")
     assert not (tmp_path / "x.zarr").exists()
+
+
+# ---- dots separating thousands beside a decimal comma ---------------------------------------------
+
+EURO = "p;q;y\n1.234,5;2;a\n2.500,25;3;b\n3,5;4;a\n999,1;5;b\n"
+
+
+def test_dots_separating_thousands_read_as_numbers_beside_decimal_commas(tmp_path):
+    (tmp_path / "eu.csv").write_text(EURO)
+    st = ingest(tmp_path / "eu.csv", tmp_path / "eu.zarr")
+    assert st.feature_names == ["p", "q"]  # not one-hot categories p=1.234,5, p=2.500,25, ...
+    np.testing.assert_allclose(read_all(st)[0][:, 0], [1234.5, 2500.25, 3.5, 999.1], rtol=1e-6)
+    assert st.attrs["source"]["decimal_comma"] is True and st.attrs["source"]["thousands_dot"] is True
+    (tmp_path / "big.csv").write_text("a;b;y\n1.234.567,89;-12.345,678;p\n0,5;1.000.000;q\n2;3;p\n")
+    X, _ = read_all(ingest(tmp_path / "big.csv", tmp_path / "big.zarr"))
+    np.testing.assert_allclose(X, [[1234567.89, -12345.678], [0.5, 1e6], [2, 3]], rtol=1e-6)
+
+
+def test_several_dot_groups_decide_and_one_dot_of_three_digits_is_thousands(tmp_path):
+    # 1.234.567 can only be thousands: the file's dots are thousands separators, so 1.234 is 1234
+    (tmp_path / "p.csv").write_text("pop;n;y\n1.234.567;1.234;a\n2.000.000;12.500;b\n999;7;a\n5;8;b\n")
+    st = ingest(tmp_path / "p.csv", tmp_path / "p.zarr")
+    X, _ = read_all(st)
+    np.testing.assert_array_equal(X, [[1234567, 1234], [2000000, 12500], [999, 7], [5, 8]])
+    assert st.feature_names == ["pop", "n"] and st.attrs["source"]["thousands_dot"] is True
+    (tmp_path / "t.tsv").write_text("1.234,5\t7\ta\n2.500,25\t8\tb\n9.999,75\t9\ta\n")  # tabs, not commas, split it
+    X, _ = read_all(ingest(tmp_path / "t.tsv", tmp_path / "t.zarr"))
+    np.testing.assert_allclose(X, [[1234.5, 7], [2500.25, 8], [9999.75, 9]], rtol=1e-6)
+
+
+def test_one_dot_of_three_digits_follows_the_files_decimal_comma(tmp_path):
+    # 0,5 says the file writes decimal commas: its 1.234 is 1234 (a decimal point would mix conventions)
+    (tmp_path / "p.csv").write_text("w;n;y\n0,5;1.234;a\n1,25;12.500;b\n2;7;a\n")
+    st = ingest(tmp_path / "p.csv", tmp_path / "p.zarr")
+    np.testing.assert_allclose(read_all(st)[0], [[0.5, 1234], [1.25, 12500], [2, 7]], rtol=1e-6)
+    (tmp_path / "g.csv").write_text("w;n;y\n7;1.234;a\n1;12.500;b\n2;7;a\n")
+    np.testing.assert_array_equal(
+        read_all(ingest(tmp_path / "g.csv", tmp_path / "g.zarr", decimal="comma"))[0][:, 1], [1234, 12500, 7]
+    )
+    # without comma numbers dots stay decimal points and nothing is recorded, as before
+    (tmp_path / "d.csv").write_text("w;n;y\n1.5;1.234;a\n2.25;12.500;b\n2;7;a\n")
+    st = ingest(tmp_path / "d.csv", tmp_path / "d.zarr")
+    np.testing.assert_allclose(read_all(st)[0], [[1.5, 1.234], [2.25, 12.5], [2, 7]], rtol=1e-6)
+    assert "decimal_comma" not in st.attrs["source"] and "thousands_dot" not in st.attrs["source"]
+    # a comma-delimited file is read as before: "1.234,5" and 1.234.567 are text there
+    (tmp_path / "c.csv").write_text('a,b,y\n"1.234,5",1.234.567,p\n2,3,q\n')
+    st = ingest(tmp_path / "c.csv", tmp_path / "c.zarr")
+    assert st.feature_names == ["a=1.234,5", "a=2", "b=1.234.567", "b=3"] and "decimal_comma" not in st.attrs["source"]
+
+
+def test_decimal_commas_beside_decimal_points_are_refused(tmp_path):
+    (tmp_path / "m.csv").write_text("w;v;y\n3,5;1.5;a\n1;2;b\n2;7;a\n")
+    with pytest.raises(
+        IngestError,
+        match=r"^column 'w' has '3,5' at data row 0 \(0-based\), a number with a decimal comma, but column 'v' "
+        r"has '1\.5' at data row 0, with a decimal point; write every number of the file one way$",
+    ):
+        ingest(tmp_path / "m.csv", tmp_path / "m.zarr")
+    (tmp_path / "g.csv").write_text("w;v;y\n1;0.25;a\n1.234.567;2;b\n2;7;a\n")
+    with pytest.raises(
+        IngestError,
+        match=r"column 'w' has '1\.234\.567' at data row 1 \(0-based\), a number with dots as thousands separators, "
+        r"but column 'v' has '0\.25' at data row 0, with a decimal point",
+    ):
+        ingest(tmp_path / "g.csv", tmp_path / "g.zarr")
+    r = run("ingest", tmp_path / "m.csv", tmp_path / "m.zarr")
+    one_line_error(r, "'3,5'", "'1.5'", "write every number of the file one way")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.csv", "m.csv"]
+
+
+def test_a_decimal_point_decides_ambiguous_commas(tmp_path):
+    # 2.5 says the file writes decimal points: its 1,234 is 1234, as 0,5 would make it 1.234
+    (tmp_path / "p.csv").write_text("price;w;y\n1,234;2.5;a\n12,500;3;b\n999;4;a\n")
+    st = ingest(tmp_path / "p.csv", tmp_path / "p.zarr")
+    np.testing.assert_allclose(read_all(st)[0], [[1234, 2.5], [12500, 3], [999, 4]], rtol=1e-6)
+    assert st.attrs["source"]["decimal_comma"] is False and "thousands_dot" not in st.attrs["source"]
+
+
+def test_a_given_decimal_refuses_dot_numbers_only_the_other_reading_fits(tmp_path):
+    (tmp_path / "p.csv").write_text("w;v;y\n1,5;1.5;a\n2;3;b\n")
+    with pytest.raises(
+        IngestError,
+        match=r"column 'v' has '1\.5' at data row 0 \(0-based\), a number with a decimal point, but --decimal comma "
+        r"reads commas as decimal commas and dots as thousands separators; pass --decimal point$",
+    ):
+        ingest(tmp_path / "p.csv", tmp_path / "p.zarr", decimal="comma")
+    (tmp_path / "e.csv").write_text("w;v;y\n1.234,5;1;a\n2;3;b\n")
+    with pytest.raises(
+        IngestError,
+        match=r"column 'w' has '1\.234,5' .* a number with a decimal comma, but --decimal point reads commas as "
+        r"thousands separators; pass --decimal comma$",
+    ):
+        ingest(tmp_path / "e.csv", tmp_path / "e.zarr", decimal="point")
+    (tmp_path / "g.csv").write_text("w;v;y\n1.234.567;1;a\n2;3;b\n")
+    r = run("ingest", tmp_path / "g.csv", tmp_path / "g.zarr", "--decimal", "point")
+    one_line_error(r, "'1.234.567'", "dots as thousands separators", "--decimal point reads dots as decimal points")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.csv", "g.csv", "p.csv"]
+
+
+def test_like_reads_dots_as_the_store_did(tmp_path):
+    (tmp_path / "tr.csv").write_text(EURO)
+    train = ingest(tmp_path / "tr.csv", tmp_path / "tr.zarr")
+    # a comma-delimited test file with a quoted "1.234,5" and a 1.234: read as the training store read its numbers
+    (tmp_path / "te.csv").write_text('p,q,y\n"1.234,5",1.234,a\n"0,5",2,b\n')
+    test = ingest(tmp_path / "te.csv", tmp_path / "te.zarr", like=train)
+    np.testing.assert_allclose(read_all(test)[0], [[1234.5, 1234], [0.5, 2]], rtol=1e-6)
+    assert test.attrs["source"]["thousands_dot"] is True
+    (tmp_path / "pt.csv").write_text("p;q;y\n1.5;2;a\n")
+    with pytest.raises(
+        IngestError,
+        match=r"column 'p' has '1\.5' .* a number with a decimal point, but the --like store .* reads commas as "
+        r"decimal commas and dots as thousands separators; write it with a decimal comma \(1,5\)$",
+    ):
+        ingest(tmp_path / "pt.csv", tmp_path / "x.zarr", like=train)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_like_a_decimal_comma_store_without_thousands_dot_reads_dots_as_decimal_points(tmp_path):
+    # a store whose numbers had decimal commas but no dot records no reading of dots: its --like
+    # ingests read them as decimal points, as such stores always did, and refuse "1.234,5"
+    (tmp_path / "tr.csv").write_text("p;q;y\n0,5;2;a\n2,5;3;b\n3;4;a\n")
+    train = ingest(tmp_path / "tr.csv", tmp_path / "tr.zarr")
+    assert train.attrs["source"]["decimal_comma"] is True and "thousands_dot" not in train.attrs["source"]
+    (tmp_path / "te.csv").write_text("p;q;y\n1.5;1.234;a\n3,5;2;b\n")
+    np.testing.assert_allclose(
+        read_all(ingest(tmp_path / "te.csv", tmp_path / "te.zarr", like=train))[0], [[1.5, 1.234], [3.5, 2]], rtol=1e-6
+    )
+    (tmp_path / "g.csv").write_text("p;q;y\n1.234,5;1;a\n")
+    with pytest.raises(
+        IngestError,
+        match=r"column 'p' has '1\.234,5' at data row 0 \(0-based\), a number with dots as thousands separators, but "
+        r"the --like store .* reads dots as decimal points; write it without them \(1234,5\)$",
+    ):
+        ingest(tmp_path / "g.csv", tmp_path / "x.zarr", like=train)
+    # a store whose commas were thousands separators refuses dots that separate thousands
+    (tmp_path / "th.csv").write_text("p;q;y\n1,234,567;1;a\n2;3;b\n")
+    thousands = ingest(tmp_path / "th.csv", tmp_path / "th.zarr")
+    with pytest.raises(
+        IngestError,
+        match=r"'1\.234,5' .* reads commas as thousands separators; write it with a decimal point \(1234\.5\)$",
+    ):
+        ingest(tmp_path / "g.csv", tmp_path / "x.zarr", like=thousands)
+    assert not (tmp_path / "x.zarr").exists()
