@@ -45,8 +45,8 @@ Policies (recorded in the store's ``encodings`` attribute so prediction applies 
   or thousands separators (``1,234,567``, with a decimal point): the file's numbers decide for all
   of them (``1.234`` is 1234 beside ``0,5``), a file mixing the two (``0,5`` and ``1.5``) or whose
   only comma numbers are like ``1,234`` is refused, and ``decimal`` says it instead
-  (``source.decimal_comma`` records the reading, ``source.thousands_dot`` that dots separated
-  thousands); without comma numbers dots are decimal points. A header is
+  (``source.decimal_comma`` records the reading, and with decimal commas ``source.thousands_dot``
+  what dots were); without comma numbers dots are decimal points. A header is
   detected when every field of the first line is non-numeric while some column below is
   numeric, or when the columns vote for it: a numeric column
   whose first field is not a number, or a column of few categories whose first field is none of
@@ -905,8 +905,9 @@ class _Table:
     decimal_by: str = ""  # who fixed ``decimal``, as errors name it ("--decimal point", the like= store)
     missing_values: list[str] = field(default_factory=lambda: list(MISSING_TOKENS))
     # what a dot in a number is when commas are decimal: None, thousands separators ("1.234,5" is
-    # 1234.5), recorded as ``source.thousands_dot`` when a number had one; True: so, as the like=
-    # store recorded; False: decimal points ("1.5"), a like= store that recorded no reading of dots
+    # 1234.5); True: so, as the like= store recorded; False: decimal points ("1.5"), as a like=
+    # store of an earlier version (no record of dots) read them. A decimal-comma store records it
+    # as ``source.thousands_dot``
     thousands_dot: bool | None = None
 
 
@@ -1015,8 +1016,8 @@ def _ingest_table(
             profiles, n_seen, n_drop = profile()
         thousands_dot = dot
         table.attrs["decimal_comma"] = comma  # absent: no number had a comma (a like= ingest decides from its data)
-        if dot and (dots or table.thousands_dot):  # absent: dots are decimal points, or no number had one
-            table.attrs["thousands_dot"] = True
+        if comma:  # what dots are in a decimal-comma store, so a like= ingest reads them the same
+            table.attrs["thousands_dot"] = dot  # (absent in stores of earlier versions: decimal points)
     if n_seen == 0:
         if opts.rows == (0, None) and table.attrs.get("header"):
             raise IngestError(

@@ -329,11 +329,13 @@ def layout_of(store: Store) -> dict[str, Any]:
 def source_reading(store: Any) -> dict[str, Any]:
     """How ingest read the text of ``store``'s source, where it recorded it: ``decimal_comma``
     (True: ``1,5`` was 1.5; False: commas were thousands separators; absent: no number had a
-    comma) and ``missing_values`` (the tokens that were missing values; absent: the default list)."""
+    comma), ``thousands_dot`` (with decimal commas, True: dots grouped thousands, ``1.234`` was
+    1234; False or absent: dots were decimal points) and ``missing_values`` (the tokens that
+    were missing values; absent: the default list)."""
     source = store.attrs.get("source") if isinstance(getattr(store, "attrs", None), Mapping) else None
     if not isinstance(source, Mapping):
         return {}
-    return {k: source[k] for k in ("decimal_comma", "missing_values") if k in source}
+    return {k: source[k] for k in ("decimal_comma", "thousands_dot", "missing_values") if k in source}
 
 
 def _reading_mismatch(ref: Mapping[str, Any], store: Any) -> str | None:
@@ -346,10 +348,15 @@ def _reading_mismatch(ref: Mapping[str, Any], store: Any) -> str | None:
     if "decimal_comma" not in want or "decimal_comma" not in have:
         return None
     w, h = bool(want["decimal_comma"]), bool(have["decimal_comma"])
-    if w == h:
-        return None
     marks = {True: "decimal commas (--decimal comma)", False: "commas as thousands separators (--decimal point)"}
-    return f"read its numbers with {marks[h]}, the training data with {marks[w]}"
+    if w != h:
+        return f"read its numbers with {marks[h]}, the training data with {marks[w]}"
+    if w and "thousands_dot" in want and "thousands_dot" in have:
+        wd, hd = bool(want["thousands_dot"]), bool(have["thousands_dot"])
+        if wd != hd:
+            dots = {True: "dots as thousands separators (1.234 is 1234)", False: "dots as decimal points"}
+            return f"read its numbers with {dots[hd]}, the training data with {dots[wd]}"
+    return None
 
 
 def _generic_names(names: list[str]) -> bool:

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import zarr
 from click.testing import CliRunner
 
 from pipeline.cli import cli
@@ -356,11 +357,14 @@ def test_like_reads_dots_as_the_store_did(tmp_path):
 
 
 def test_like_a_decimal_comma_store_without_thousands_dot_reads_dots_as_decimal_points(tmp_path):
-    # a store whose numbers had decimal commas but no dot records no reading of dots: its --like
-    # ingests read them as decimal points, as such stores always did, and refuse "1.234,5"
+    # a decimal-comma store of an earlier version records no reading of dots: its --like ingests
+    # read them as decimal points, as such stores always did, and refuse "1.234,5"
     (tmp_path / "tr.csv").write_text("p;q;y\n0,5;2;a\n2,5;3;b\n3;4;a\n")
-    train = ingest(tmp_path / "tr.csv", tmp_path / "tr.zarr")
-    assert train.attrs["source"]["decimal_comma"] is True and "thousands_dot" not in train.attrs["source"]
+    made = ingest(tmp_path / "tr.csv", tmp_path / "tr.zarr")
+    assert made.attrs["source"]["decimal_comma"] is True and made.attrs["source"]["thousands_dot"] is True
+    group = zarr.open_group(str(tmp_path / "tr.zarr"), mode="r+")
+    group.attrs["source"] = {k: v for k, v in made.attrs["source"].items() if k != "thousands_dot"}
+    train = open_store(tmp_path / "tr.zarr")
     (tmp_path / "te.csv").write_text("p;q;y\n1.5;1.234;a\n3,5;2;b\n")
     np.testing.assert_allclose(
         read_all(ingest(tmp_path / "te.csv", tmp_path / "te.zarr", like=train))[0], [[1.5, 1.234], [3.5, 2]], rtol=1e-6

@@ -380,4 +380,25 @@ def test_a_store_whose_text_was_read_otherwise_is_refused(tmp_path):
     check_inputs(model, like.path, str(tmp_path / "p.parquet"))
     assert like.attrs["source"]["decimal_comma"] is True  # the training store's reading
     # the model keeps the reading through its file
-    assert model.reading == {"decimal_comma": True}
+    assert model.reading == {"decimal_comma": True, "thousands_dot": True}
+
+
+def test_a_store_whose_dots_were_read_otherwise_is_refused(tmp_path):
+    """A decimal-comma store records what its dots were (thousands, in a file that writes 1,5):
+    a --like ingest reads them the same, and a store whose dots were decimal points is refused."""
+    rows = "".join(f"{i % 7},{i % 5};{i % 3};{'abc'[i % 3]}\n" for i in range(60))  # decimal commas, no dots
+    (tmp_path / "d.csv").write_text("p;q;y\n" + rows)
+    assert ingest(tmp_path / "d.csv", tmp_path / "d.zarr").attrs["source"]["thousands_dot"] is True
+    cfg = TrainConfig().with_overrides(["epochs=1", "hidden=[4]", "patience=0"])
+    train(str(tmp_path / "d.zarr"), cfg, tmp_path / "run", client=None)
+    model = load_model(tmp_path / "run")
+    (tmp_path / "new.csv").write_text("p;q;y\n1.250;2;a\n3,5;1;b\n2;0;c\n")
+    like = ingest(tmp_path / "new.csv", tmp_path / "like.zarr", like=tmp_path / "d.zarr")
+    alone = ingest(tmp_path / "new.csv", tmp_path / "alone.zarr")
+    for st in (like, alone):  # 1.250 beside 3,5 is 1250, on its own and --like
+        assert float(np.asarray(st.X[0, 0])) == 1250 and st.attrs["source"]["thousands_dot"] is True
+    check_inputs(model, like.path, str(tmp_path / "p.parquet"))
+    src = dict(like.attrs["source"], thousands_dot=False)  # as if its dots had been decimal points
+    zarr.open_group(str(tmp_path / "like.zarr"), mode="r+").attrs["source"] = src
+    with pytest.raises(StoreError, match=r"read its numbers with dots as decimal points, the training data with dots"):
+        check_inputs(model, str(tmp_path / "like.zarr"), str(tmp_path / "q.parquet"))
