@@ -199,6 +199,22 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _cluster_for_training(clients: contextlib.AbstractContextManager) -> Iterator[Any]:
+    """Enter ``clients`` (a cluster being started or connected to, for ``pipeline train``): a
+    Ctrl-C while that happens ends the command after the cluster is closed, with one line saying
+    that training had not started (the run directory is written only once it has: a new one is
+    removed again, an existing one is left as it was)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            client = stack.enter_context(clients)
+        except KeyboardInterrupt as exc:
+            if str(exc):  # SIGTERM: its own line and exit status
+                raise
+            raise KeyboardInterrupt("before training started; nothing was written") from None
+        yield client
+
+
 # What distributed's performance_report writes: bokeh's page titled so (distributed.scheduler).
 _REPORT_TITLE = b"<title>Dask Performance Report</title>"
 
@@ -415,8 +431,9 @@ def _check_resume_trains(out: str, cfg: Any, quiet: bool) -> None:
 
 
 def _check_resume_matches(store: str, out: str, cfg: Any) -> None:
-    """Refuse, before a cluster starts, to resume the epoch run in ``out`` with another model
-    config or on other data than its checkpoint's (the trainer checks again when it reads it)."""
+    """Refuse, before a cluster starts, to resume the epoch run in ``out`` (or, ``cfg.clients``
+    set, its run of simulated clients) with another model config or on other data than its
+    checkpoint's (the trainer checks again when it reads it)."""
     from pipeline.checkpoint import read_meta
     from pipeline.errors import CheckpointError
     from pipeline.store import open_store
@@ -424,7 +441,9 @@ def _check_resume_matches(store: str, out: str, cfg: Any) -> None:
 
     path = RunDir(Path(out)).checkpoint
     meta = read_meta(path)  # its record only: the run reads (and checks) the whole file
-    if meta is None or meta.get("kind") != "checkpoint" or meta.get("federated"):
+    fed = meta.get("federated") if meta is not None else None
+    simulated = isinstance(fed, dict) and fed.get("clients") is not None
+    if meta is None or meta.get("kind") != "checkpoint" or (bool(fed) or bool(cfg.clients)) != simulated:
         return  # not a checkpoint, or another kind of run: resuming says what it is
     opened = open_store(store)
     problem = resume_mismatch(meta, build_spec(opened, cfg)[0], store_stats(opened), path, store)
@@ -570,7 +589,7 @@ def _train_federated(
     if not cluster_kw["scheduler"]:
         _echo(f"starting a local cluster of one worker per site ({', '.join(s.name for s in sites)})", quiet)
     clients = _client(cluster_kw, sites=None if cluster_kw["scheduler"] else [s.name for s in sites])
-    with RunDir(Path(out)).claim(resume, force), _sigterm_interrupts(), clients as client:
+    with RunDir(Path(out)).claim(resume, force), _sigterm_interrupts(), _cluster_for_training(clients) as client:
         _echo(_dashboard_line(client), quiet)
 
         def on_round(r: dict) -> None:
@@ -680,8 +699,7 @@ def train(
         check_epochs_unset(cfg, base.epochs)
     if resume:
         _check_resume_trains(out, cfg, quiet)
-        if not cfg.clients:
-            _check_resume_matches(store, out, cfg)
+        _check_resume_matches(store, out, cfg)
     _check_budget(cfg, cfg.clients)  # fail before starting a cluster
     if cfg.validation_store:  # fail before starting a cluster
         from pipeline.train import check_validation_store
@@ -698,7 +716,7 @@ def train(
     # claimed before the cluster starts, for the whole run: a second training into the same
     # --out (even with --force) is refused until this one ends
     clients = contextlib.nullcontext() if in_process else _client(cluster_kw)
-    with RunDir(Path(out)).claim(resume, force), _sigterm_interrupts(), clients as client:
+    with RunDir(Path(out)).claim(resume, force), _sigterm_interrupts(), _cluster_for_training(clients) as client:
         if client is not None:
             _echo(_dashboard_line(client), quiet)
 

@@ -131,6 +131,65 @@ def _one_line(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
+def _interrupts_held(processes: bool) -> Iterator[list[tuple[int, Any]]]:
+    """While a LocalCluster starts: Ctrl-C (SIGINT), and SIGTERM when a Python handler takes it,
+    are noted (the list yielded: each signal and the handler it would have run) instead of
+    interrupting the start, which would leave workers half started for distributed to close at
+    exit with an ``AssertionError`` traceback. The caller acts on them once the cluster is up
+    and can be closed; a second signal of the same kind acts at once.
+
+    ``processes``: SIGINT is also blocked in the threads started meanwhile (the event loop's,
+    and those that spawn the worker processes), so that the worker processes start with it
+    blocked: a terminal's Ctrl-C, sent to the whole process group, reaches the command alone
+    and not a worker still importing (which would die with a traceback of its own). The
+    multiprocessing resource tracker is started first: starting it unblocks SIGINT in the
+    thread that does. Nothing is held off the main thread, where no handler can be set."""
+    import signal
+    import threading
+
+    held: list[tuple[int, Any]] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    previous: dict[int, Any] = {}
+    starting = [True]  # False while the handlers are put back: noted, never run there
+
+    def _note(signum: int, frame: Any) -> None:
+        handler = previous[signum]
+        if starting[0] and any(s == signum for s, _ in held):
+            handler(signum, frame)  # asked again: now
+        held.append((signum, handler))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            previous[sig] = handler
+            signal.signal(sig, _note)
+    mask = None
+    try:
+        if processes:
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        yield held
+    finally:
+        starting[0] = False
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a SIGINT held pending arrives: noted
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _act_on(held: list[tuple[int, Any]]) -> None:
+    """Run the handler of the first signal :func:`_interrupts_held` noted (Ctrl-C's raises
+    KeyboardInterrupt), if any."""
+    if held:
+        signum, handler = held[0]
+        handler(signum, None)
+
+
+@contextlib.contextmanager
 def cluster_client(
     scheduler: str | None = None,
     *,
@@ -199,30 +258,48 @@ def cluster_client(
 
         register_dashboard_page()  # if pipeline.ps was first imported for a cluster without one
         page = contextlib.nullcontext()
-    with page, own_cluster_config():
-        cluster = LocalCluster(
-            n_workers=0 if sites else workers,
-            threads_per_worker=threads_per_worker,
-            processes=processes,
-            memory_limit=memory_limit,
-            dashboard_address=dashboard_address,
-            scheduler_kwargs=scheduler_kwargs,
-            host="127.0.0.1",
-            protocol="tcp",  # also for processes=False, whose default (inproc://) takes no host
-        )
-    try:
-        if sites:
-            template = cluster.new_spec
-            for name in sites:
-                options = {**template["options"], "resources": {name: 1}}
-                cluster.worker_spec[f"site-{name}"] = {"cls": template["cls"], "options": options}
-            cluster.sync(cluster._correct_state)
-        with Client(cluster, set_as_default=True) as client:
+    # an interrupt while the cluster starts is acted on once it is up (_interrupts_held): the
+    # cluster is then closed here, every worker process ended, before it propagates
+    with _interrupts_held(processes) as held:
+        with page, own_cluster_config():
+            cluster = LocalCluster(
+                n_workers=0 if sites else workers,
+                threads_per_worker=threads_per_worker,
+                processes=processes,
+                memory_limit=memory_limit,
+                dashboard_address=dashboard_address,
+                scheduler_kwargs=scheduler_kwargs,
+                host="127.0.0.1",
+                protocol="tcp",  # also for processes=False, whose default (inproc://) takes no host
+            )
+        client = None
+        try:
+            if sites:
+                template = cluster.new_spec
+                for name in sites:
+                    options = {**template["options"], "resources": {name: 1}}
+                    cluster.worker_spec[f"site-{name}"] = {"cls": template["cls"], "options": options}
+                cluster.sync(cluster._correct_state)
+            client = Client(cluster, set_as_default=True)
             if processes:
                 client.register_plugin(QuickExit(), name=QuickExit.name)
                 client.register_plugin(DriverTakesInterrupts(), name=DriverTakesInterrupts.name)
             if sites:
                 client.wait_for_workers(len(sites), timeout=120)
-            yield client
+        except BaseException:
+            _close(client, cluster)
+            raise
+    try:
+        _act_on(held)
+        yield client
+    finally:
+        _close(client, cluster)
+
+
+def _close(client: Any, cluster: Any) -> None:
+    """Close ``client`` (if any), then ``cluster`` and its worker processes."""
+    try:
+        if client is not None:
+            client.close()
     finally:
         cluster.close()

@@ -33,7 +33,7 @@ from pipeline.partition import open_partition
 from pipeline.privacy import clip_update, noise_rng, privatize_local
 from pipeline.ps import ParameterServer
 from pipeline.ps.wire import TOPK_FRACTION, DeltaCompressor
-from pipeline.store import read_rows_at
+from pipeline.store import read_rows_at, store_identity
 from pipeline.worker import (
     BudgetSpent,
     _allow_profile_sizing,
@@ -52,14 +52,15 @@ _RESIDUALS: dict[tuple[str, str], np.ndarray] = {}
 _MAX_RESIDUALS = 16
 
 # Simulated clients: the decoded row-chunks of the run's store, kept by a worker process between
-# rounds (job, store path) -> {chunk: (X, y)}. A round's clients' rows are scattered over every
-# chunk of the store, so without them each task read (and checked) the whole store every round.
-# Only a store whose X and y fit in CHUNK_CACHE_SHARE of the worker's memory limit (at most
-# CHUNK_CACHE_MAX_BYTES) is kept; a larger one is read as before. One job's chunks at a time: a
-# store does not change during a run, and a new run drops the last one's.
+# rounds: (job, the store's identity, pipeline.store.store_identity) -> {chunk: (X, y)}. A round's
+# clients' rows are scattered over every chunk of the store, so without them each task read (and
+# checked) the whole store every round. Only a store whose X and y fit in CHUNK_CACHE_SHARE of the
+# worker's memory limit (at most CHUNK_CACHE_MAX_BYTES) is kept; a larger one is read as before.
+# One job's chunks at a time: a new run drops the last one's. A resumed run keeps its job's name:
+# a store re-created at its path since is another identity, whose chunks are read afresh.
 CHUNK_CACHE_SHARE = 0.25
 CHUNK_CACHE_MAX_BYTES = 1 << 30
-_chunks: dict[tuple[str, str], dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+_chunks: dict[tuple[str, tuple], dict[int, tuple[np.ndarray, np.ndarray]]] = {}
 _chunks_lock = threading.Lock()
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def read_client_rows(store: Any, rows: np.ndarray, job: str) -> tuple[np.ndarray
     lo, hi = int(rows.min()), int(rows.max())
     if lo < 0 or hi >= store.n_rows:
         return read_rows_at(store, rows)  # its error names the row
-    key = (job, str(store.path))
+    key = (job, store_identity(str(store.path)))  # a resumed job keeps its name; a re-created store is another
     with _chunks_lock:
         for other in [k for k in _chunks if k[0] != job]:
             del _chunks[other]

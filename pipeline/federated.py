@@ -16,7 +16,11 @@ statistics, and one that differs is refused for the run with one line (never sam
 and the admitted sites, with the round each joined at, are in every checkpoint: ``--resume``
 trains with the same statistics and may still admit the others; every admitted site is asked
 for its report again and sampled only once it agrees with the plan (one whose store changed is
-refused for the run with one line). Then, round after round:
+refused for the run with one line). The checkpoint also records what each admitted site's
+report said of its data (rows, class counts, a digest of its sums): a resume whose sites report
+other data before its first round (a store ingested again, or another one at that path) is
+refused with one line, as an epoch run's resume on other data is; a site whose changed report
+comes later is refused for the run. Then, round after round:
 
 1. the *available* sites are the admitted ones with at least one worker holding their resource; the round
    samples ``max(min_clients, ceil(fraction_fit * available))`` of them with a generator seeded
@@ -44,6 +48,8 @@ after every round, ``history.json``, ``model.npz`` with the plan's mean/std and 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -83,6 +89,8 @@ from pipeline.train import (
     check_backend,
     let_job_tasks_stop,
     privacy_settings,
+    resume_mismatch,
+    store_stats,
     task_config,
 )
 
@@ -179,6 +187,40 @@ def check_epochs_unset(cfg: TrainConfig, unset: int) -> None:
         )
 
 
+def report_data(info: dict[str, Any]) -> dict[str, Any]:
+    """What a site's report (:func:`pipeline.fedclient.site_info`) says of its data, as a
+    checkpoint records it for each admitted site: its training and held-out rows, its class
+    counts and a digest of its feature (and target) sums, what the plan's statistics pool."""
+    sums = json.dumps([info.get(k) for k in ("sum", "sumsq", "y_sum", "y_sumsq")])
+    return {
+        "rows": int(info["count"]),
+        "held_out": int(info.get("n_held_out", 0)),
+        "class_counts": [int(c) for c in info.get("class_counts") or []],
+        "sums": hashlib.sha256(sums.encode()).hexdigest(),
+    }
+
+
+def data_change(saved: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """How a site's report ``info`` differs from the :func:`report_data` ``saved`` when it was
+    admitted (None: the same data)."""
+    now = report_data(info)
+    differ = [
+        what
+        for key, what in (
+            ("rows", "training rows"),
+            ("held_out", "held-out rows"),
+            ("class_counts", "class counts"),
+            ("sums", "feature sums"),
+        )
+        if key in saved and saved[key] != now[key]
+    ]
+    if not differ:
+        return None
+    names = differ[0] if len(differ) == 1 else ", ".join(differ[:-1]) + f" and {differ[-1]}"
+    rows = f" ({saved['rows']:,} training rows, now {now['rows']:,})" if "training rows" in differ else ""
+    return f"its {names} differ{rows}"
+
+
 class FederatedTrainer:
     """Runs one federated training on the sites of ``cfg.sites`` (see the module docstring)."""
 
@@ -213,10 +255,12 @@ class FederatedTrainer:
         self._late: dict[Any, str] = {}  # site_info futures not yet collected -> their site
         self.admitted: dict[str, int] = {}  # site -> the round it joined at (0: the start)
         self.site_rows: dict[str, tuple[int, int]] = {}  # admitted site -> (training rows, held-out rows)
+        self.site_data: dict[str, dict] = {}  # admitted site -> report_data of its report when admitted
         self.refused: dict[str, str] = {}  # site -> why its late report was refused
         # --resume: admitted sites whose report has not agreed with the plan in this process yet
         # (never sampled until it has: a store may have changed between the runs)
         self._unchecked: set[str] = set()
+        self._resuming = False  # --resume: the admitted sites' reports are checked before the first round
         self._start_round = 0  # the round the run starts (or resumes) at
         self._events: dict[str, Any] = {}  # admissions and refusals since the last round's record
         self._resumed_fed: dict[str, Any] | None = None  # the checkpoint's federated meta (--resume)
@@ -460,6 +504,8 @@ class FederatedTrainer:
                 if name in self.store_of:
                     self.admitted[name] = int(entry["round"])
                     self.site_rows[name] = (int(entry["rows"]), int(entry["held_out"]))
+                    if isinstance(entry.get("data"), dict):  # checkpoints of earlier versions: none
+                        self.site_data[name] = entry["data"]
             awaited = sorted(set(self.store_of) - set(self.admitted))
             self._unchecked = set(self.admitted)
             for name in self.store_of:
@@ -476,6 +522,7 @@ class FederatedTrainer:
             fed = pool_sites(self.cfg.sites, infos)
             self.admitted = dict.fromkeys(sorted(infos), 0)
             self.site_rows = {n: (fed.rows[n], fed.held_out[n]) for n in infos}
+            self.site_data = {n: report_data(infos[n]) for n in infos}
             if self._resumed_fed is None:
                 self._events["admitted"] = sorted(infos)
         self.fed = fed
@@ -577,12 +624,18 @@ class FederatedTrainer:
 
     def _checkpoint_meta(self) -> dict[str, Any]:
         """The sites' fingerprint, the plan (schema and pooled statistics, fixed for the run) and
-        the admitted sites with the round each joined at: a resumed run trains with the same."""
+        the admitted sites with the round each joined at and what its report said of its data
+        (:func:`report_data`): a resumed run trains with the same, on the same data."""
         meta: dict[str, Any] = {"sites": self.digest}
         if self.fed is not None:
             meta["plan"] = self.fed.plan()
             meta["admitted"] = {
-                n: {"round": r, "rows": self.site_rows[n][0], "held_out": self.site_rows[n][1]}
+                n: {
+                    "round": r,
+                    "rows": self.site_rows[n][0],
+                    "held_out": self.site_rows[n][1],
+                    **({"data": self.site_data[n]} if n in self.site_data else {}),
+                }
                 for n, r in sorted(self.admitted.items())
             }
         return meta
@@ -601,22 +654,40 @@ class FederatedTrainer:
         from distributed import wait
 
         t0 = time.monotonic()
-        while True:
-            self._poll_late(rnd)
-            have = site_resources(self.client.scheduler_info(n_workers=-1))
-            waiting = sorted(s for s in self._unchecked if have.get(s))
-            if not waiting:
-                return
-            if time.monotonic() - t0 > self.cfg.no_worker_timeout:
-                self.log(
-                    f"resuming without site(s) {', '.join(waiting)} for now: no report within "
-                    f"{self.cfg.no_worker_timeout:.0f} s; each is sampled again once its report agrees with the run's"
-                )
-                return
-            try:
-                wait(list(self._late), timeout=0.5, return_when="FIRST_COMPLETED")
-            except TimeoutError:
-                pass
+        self._resuming = True  # a site reporting other data than the checkpoint's refuses the resume
+        try:
+            while True:
+                self._poll_late(rnd)
+                have = site_resources(self.client.scheduler_info(n_workers=-1))
+                waiting = sorted(s for s in self._unchecked if have.get(s))
+                if not waiting:
+                    return
+                if time.monotonic() - t0 > self.cfg.no_worker_timeout:
+                    self.log(
+                        f"resuming without site(s) {', '.join(waiting)} for now: no report within "
+                        f"{self.cfg.no_worker_timeout:.0f} s; each is sampled again once its report agrees with the "
+                        "run's"
+                    )
+                    return
+                try:
+                    wait(list(self._late), timeout=0.5, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    pass
+        finally:
+            self._resuming = False
+
+    def _refuse_other_data(self, name: str, changed: str) -> None:
+        """Refuse the resume (before its first round, nothing written): site ``name``, admitted
+        before the checkpoint, now reports other data (``changed``, :func:`data_change`)."""
+        planned = self.fed is not None and name in self.fed.rows  # one of the sites the statistics pool
+        made = "the run's pooled statistics were made from" if planned else "the model was trained on"
+        raise CheckpointError(
+            f"checkpoint {str(self.run.checkpoint)!r} was trained on other data: site {name!r} reports other data "
+            f"than when it was admitted, which {made} ({changed}); its store "
+            f"{self.store_of[name]!r} was ingested again, or is another store; resume with the data it started with "
+            f"(restore the store of site {name!r}), or start a new run (another --out, or --force to replace "
+            f"{str(self.run.path)!r})"
+        )
 
     def _live_sites(self, ps: ParameterServer, run: RunState) -> list[str]:
         """The sites available for this round; waits while fewer than ``min_sites`` (or
@@ -790,16 +861,25 @@ class FederatedTrainer:
                 problem = f"its store {diff}" if diff else None
             readmitted = name in self._unchecked
             self._unchecked.discard(name)
+            changed = None  # a site of the checkpoint whose store holds other data than when it was admitted
+            if problem is None and readmitted and info is not None and name in self.site_data:
+                changed = data_change(self.site_data[name], info)
+                if changed is not None:
+                    if self._resuming:  # before the first round: the resume is refused
+                        self._refuse_other_data(name, changed)
+                    problem = f"{changed} from its report when it was admitted"
             if problem is not None:
                 self.refused[name] = problem
                 self._events.setdefault("refused", {})[name] = problem
                 if readmitted:  # its store changed since it was admitted: out of the run, and of the checkpoint
                     since = self.admitted.pop(name)
                     self.site_rows.pop(name, None)
+                    self.site_data.pop(name, None)
+                    fix = "its store" if changed else "its store, or ingest it with --like a reference store,"
                     self.log(
                         f"warning: site {name!r}, admitted at round {since + 1} before the checkpoint, reported before "
                         f"round {rnd + 1} and is refused for this run: {problem}; the run goes on without it (restore "
-                        "its store, or ingest it with --like a reference store, so that it can join a resumed run)"
+                        f"{fix} so that it can join a resumed run)"
                     )
                     continue
                 self.log(
@@ -808,11 +888,14 @@ class FederatedTrainer:
                     "a resumed run)"
                 )
                 continue
-            if readmitted:  # the plan's site as before: sampled again (its rows may have grown)
+            if readmitted:  # the plan's site as before: sampled again (a checkpoint of an earlier version
+                # records no data to check: its rows may have grown)
                 self.site_rows[name] = (int(info["count"]), int(info.get("n_held_out", 0)))
+                self.site_data.setdefault(name, report_data(info))
                 continue
             self.admitted[name] = rnd
             self.site_rows[name] = (int(info["count"]), int(info.get("n_held_out", 0)))
+            self.site_data[name] = report_data(info)
             self._events.setdefault("admitted", []).append(name)
             self.log(
                 f"site {name} reported and joins the run at round {rnd + 1} ({int(info['count']):,} training rows, "
@@ -1138,9 +1221,15 @@ class FederatedTrainer:
             spec=self.spec,
             in_process=False,
             federated=self._checkpoint_meta(),
+            **self._data_meta(),
         )
         run.last_checkpoint = time.monotonic()
         ps.record(epoch=shown, checkpoint=True)
+
+    def _data_meta(self) -> dict[str, Any]:
+        """What a checkpoint records of the data besides the federated meta (a run of sites:
+        the sites' reports, in the admitted sites of :meth:`_checkpoint_meta`)."""
+        return {}
 
     def _load_checkpoint(self) -> Any:
         path = self.run.checkpoint
@@ -1191,7 +1280,10 @@ def client_groups(sizes: np.ndarray, rows: int = EVAL_GROUP_ROWS) -> list[tuple[
 class SimulatedTrainer(FederatedTrainer):
     """Federated training of ``cfg.clients`` simulated clients on one store: client ``k`` is a
     row-index view of it from a partition (``cfg.partition``) computed once, out of core, into
-    ``OUT/partition/`` (a resumed run reuses it, and refuses one made otherwise). The sampled
+    ``OUT/partition/`` (a resumed run reuses it, refuses one made with other settings, and makes it
+    again when it was made for other rows: :meth:`pipeline.partition.Partition.stale_for`). Its
+    checkpoints record the store's statistics (:func:`pipeline.train.store_stats`): a resume on
+    other data is refused as an epoch run's is (:func:`pipeline.train.resume_mismatch`). The sampled
     clients run in ordinary tasks on any worker, a group of them per task reading only their
     rows (and, :meth:`_folds`, pushing one weighted-mean delta for the group); the driver holds the
     partition's offsets and sizes and per-client metric arrays (written to
@@ -1227,6 +1319,7 @@ class SimulatedTrainer(FederatedTrainer):
             raise StoreError(
                 f"store {self._store_arg!r} has no targets (ingested with --unlabelled); train on a labelled store"
             )
+        self.stats = store_stats(self.store)  # in every checkpoint: a resume on other data is refused
 
     @property
     def partition_dir(self) -> Path:
@@ -1246,15 +1339,21 @@ class SimulatedTrainer(FederatedTrainer):
             "seed": cfg.seed,
             "exclude_held_out": self._held_out(),
         }
+        part = None
         if self.resume and (self.partition_dir / "meta.json").is_file():
             part = open_partition(self.partition_dir)
+            # a partition of other rows (the store written again since) is never used: it is made again
+            stale = part.stale_for(self.store)
             problem = part.mismatch(self.store, cfg.clients, cfg.partition, **args)
-            if problem:
+            if problem and problem != stale:  # made with other settings
                 raise CheckpointError(
                     f"the partition in {str(self.partition_dir)!r} was made otherwise ({problem}); resume with the "
                     "settings the run started with, or start a new run (--force)"
                 )
-        else:
+            if stale:
+                self.log(f"the partition in {str(self.partition_dir)!r} {stale}: partitioning the store again")
+                part = None
+        if part is None:
             t0 = time.perf_counter()
             part = make_partition(self.store, cfg.clients, cfg.partition, **args, out=self.partition_dir, force=True)
             self.log(
@@ -1485,6 +1584,9 @@ class SimulatedTrainer(FederatedTrainer):
     def _checkpoint_meta(self) -> dict[str, Any]:
         return {"clients": int(self.cfg.clients), "partition": self.cfg.partition}
 
+    def _data_meta(self) -> dict[str, Any]:
+        return {"store_stats": self.stats}
+
     def _load_checkpoint(self) -> Any:
         path = self.run.checkpoint
         ckpt = read_checkpoint(path)
@@ -1498,4 +1600,9 @@ class SimulatedTrainer(FederatedTrainer):
                 f"checkpoint {str(path)!r} is of store {ckpt.meta.get('store')!r}, not {self.store_path!r}; resume "
                 "with the store the run started with"
             )
+        # the store at that path ingested again with other rows: refused as an epoch run's resume is
+        # (checkpoints of earlier versions record no statistics: checked on the model only)
+        problem = resume_mismatch(ckpt.meta, build_spec(self.store, self.cfg)[0], self.stats, path, self.store_path)
+        if problem is not None:
+            raise CheckpointError(problem)
         return ckpt

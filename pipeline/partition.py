@@ -32,7 +32,8 @@ complete, so an interrupted run leaves no half-written partition.
 Layout of ``out``::
 
     meta.json     kind, n_clients, seed, alpha, classes, column, exclude_held_out, min_rows,
-                  store (path) and store_rows, rows (assigned), unassigned, values (column)
+                  store (path), store_rows and store_key (:func:`store_key`: the rows it was
+                  made for), rows (assigned), unassigned, values (column)
     offsets.npy   (n_clients + 1,) int64: client k's rows are rows[offsets[k]:offsets[k + 1]]
     rows.npy      (n_assigned,) int64 row ids of the store, sorted within each client
     counts.npy    (n_groups, n_clients) int64: rows of each class (value; 1 group for iid) per client
@@ -41,6 +42,7 @@ Layout of ``out``::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -137,15 +139,54 @@ class Partition:
         seed: int = 0,
         exclude_held_out: tuple[float, int] | None = None,
     ) -> str | None:
-        """How this partition differs from the one these arguments would make (None: the same),
-        e.g. to refuse resuming a run with another partition."""
+        """How this partition differs from the one these arguments would make (None: the same):
+        its settings, e.g. to refuse resuming a run with another partition, then the rows it was
+        made for (:meth:`stale_for`)."""
         want = _meta_args(store, n_clients, kind, alpha, classes, column, seed, exclude_held_out)
         for key, value in want.items():
+            if key in _STORE_KEYS:
+                continue
             if key == "n_clients" and not value and kind == "column":
                 continue  # 0: as many clients as the column has values
             if self.meta.get(key) != value:
                 return f"its {key} is {self.meta.get(key)!r}, not {value!r}"
+        return self.stale_for(store)
+
+    def stale_for(self, store: Store) -> str | None:
+        """Why this partition is not one of ``store``'s rows as they are now (None: it is): made
+        for another store, or for the store at that path before it was written again (its
+        :func:`store_key` differs, even with as many rows), or by an earlier version that did
+        not record the key. Such a partition is never used: it is made again."""
+        path = _store_path(store)
+        if self.meta.get("store") != path:
+            return f"was made for the store {self.meta.get('store')!r}, not {path!r}"
+        rows = self.meta.get("store_rows")
+        if rows != store.n_rows:
+            return f"was made for {rows!r} rows of {path!r}, which now has {store.n_rows:,}"
+        key = self.meta.get("store_key")
+        if key is None:
+            return f"does not record which rows of {path!r} it was made for (an earlier version made it)"
+        if key != store_key(store):
+            return f"was made for other rows of {path!r} (the store was written again since)"
         return None
+
+
+def _store_path(store: Store) -> str:
+    """The store's path as a partition records it (a local one absolute)."""
+    return store.path if "://" in store.path else os.path.abspath(store.path)
+
+
+# the keys of a partition's meta.json that say which store (and which rows of it) it was made for
+_STORE_KEYS = ("store", "store_rows", "store_key")
+
+
+def store_key(store: Store) -> str:
+    """A fingerprint of ``store``'s rows as written: a digest of its attributes, which say when
+    and from what it was written (``created``, ``source``: a file's MD5, a synthetic store's
+    seed), its row count, chunking, statistics and classes. A store written again at the same
+    path, even with as many rows, has another; the same store, opened again, the same."""
+    text = json.dumps(store.attrs, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def open_partition(path: str | os.PathLike) -> Partition:
@@ -166,7 +207,7 @@ def _meta_args(
     exclude_held_out: tuple[float, int] | None,
 ) -> dict[str, Any]:
     """What a partition records of its arguments (what a resume compares)."""
-    path = store.path if "://" in store.path else os.path.abspath(store.path)
+    path = _store_path(store)
     held = None if exclude_held_out is None else [float(exclude_held_out[0]), int(exclude_held_out[1])]
     return {
         "kind": kind,
@@ -393,7 +434,7 @@ def make_partition(
         counts = np.diag(group_rows)
 
     meta = _meta_args(st, n_clients, kind, alpha, classes, column, seed, exclude_held_out)
-    meta |= {"min_rows": int(min_rows), "n_classes": n_classes, "rows": int(counts.sum())}
+    meta |= {"min_rows": int(min_rows), "n_classes": n_classes, "rows": int(counts.sum()), "store_key": store_key(st)}
     meta["unassigned"] = n_train - meta["rows"]
     if col is not None and values is not None:
         meta["values"] = [col.label(int(v)) for v in values.tolist()]

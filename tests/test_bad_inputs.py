@@ -1145,6 +1145,31 @@ def _(t: Trial) -> Outcome:
     return t.cli("train", "s.zarr", "--out", "notes.txt/run", "--scheduler", t.shared.unreachable)
 
 
+@case("M34")
+def _(t: Trial) -> Outcome:
+    from pipeline.config import TrainConfig
+    from pipeline.synth import synth
+    from pipeline.train import train
+
+    synth(str(t.path / "s.zarr"), rows=400, features=4, classes=3, seed=0)
+    cfg = TrainConfig().with_overrides(["clients=2", "rounds=1", "hidden=[8]", "validation=0"])
+    train(str(t.path / "s.zarr"), cfg, t.path / "run", client=t.shared.client)
+    synth(str(t.path / "s.zarr"), rows=400, features=4, classes=3, seed=1, force=True)  # other rows
+    return t.cli(
+        "train",
+        "s.zarr",
+        "--out",
+        "run",
+        "--resume",
+        "--set",
+        "rounds=2",
+        "--scheduler",
+        t.shared.unreachable,
+        "--connect-timeout",
+        "1",
+    )
+
+
 class _Boom:
     """Unpickling this would leave a file behind: proof that nothing was unpickled."""
 

@@ -179,7 +179,7 @@ def test_a_worker_keeps_the_decoded_chunks_of_a_runs_store(tmp_path, monkeypatch
     # the chunks it decoded for the run (same arrays as a read from the store), not another run's.
     import pipeline.fedclient as fc
     from pipeline.errors import StoreError
-    from pipeline.store import read_rows_at
+    from pipeline.store import read_rows_at, store_identity
     from pipeline.synth import synth
 
     store = synth(tmp_path / "s.zarr", rows=3_000, features=6, classes=3, chunk_rows=500, force=True)
@@ -187,7 +187,7 @@ def test_a_worker_keeps_the_decoded_chunks_of_a_runs_store(tmp_path, monkeypatch
     want = read_rows_at(store, rows)
     got = fc.read_client_rows(store, rows, "job-a")
     assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got, want, strict=True))
-    assert sorted(fc._chunks[("job-a", str(store.path))]) == list(range(6))
+    assert sorted(fc._chunks[("job-a", store_identity(store.path))]) == list(range(6))
     # served from memory: a chunk overwritten after the first read is not read again by the run
     chunk = tmp_path / "s.zarr" / "X" / "c" / "0" / "0"
     chunk.write_bytes(bytes(chunk.stat().st_size))
@@ -196,11 +196,11 @@ def test_a_worker_keeps_the_decoded_chunks_of_a_runs_store(tmp_path, monkeypatch
     # another run drops them and reads the store (which now fails its checksum, naming the chunk)
     with pytest.raises(StoreError, match="chunk 0 of array 'X'"):
         fc.read_client_rows(store, rows, "job-b")
-    assert ("job-a", str(store.path)) not in fc._chunks
+    assert ("job-a", store_identity(store.path)) not in fc._chunks
     # a store larger than the worker's budget is read from the store every time
     monkeypatch.setattr(fc, "CHUNK_CACHE_MAX_BYTES", 1024)
     other = synth(tmp_path / "t.zarr", rows=1_000, features=6, classes=3, force=True)
     assert np.array_equal(
         fc.read_client_rows(other, rows[rows < 1_000], "job-c")[0], read_rows_at(other, rows[rows < 1_000])[0]
     )
-    assert ("job-c", str(other.path)) not in fc._chunks
+    assert ("job-c", store_identity(other.path)) not in fc._chunks
