@@ -81,6 +81,7 @@ from pipeline.sites import (
     site_spread,
     sites_digest,
 )
+from pipeline.store import for_workers
 from pipeline.train import (
     RunDir,
     TrainResult,
@@ -1480,8 +1481,8 @@ class SimulatedTrainer(FederatedTrainer):
                     self.job,
                     [names[c] for c in group],
                     [int(c[1:]) for c in group],
-                    self.store_path,
-                    str(self.partition_dir),
+                    for_workers(self.store_path),
+                    for_workers(self.partition_dir),
                     rnd,
                     self.spec,
                     self.tcfg,
@@ -1521,7 +1522,7 @@ class SimulatedTrainer(FederatedTrainer):
             val_futures = [
                 client.submit(
                     evaluate_task,
-                    self.store_path,
+                    for_workers(self.store_path),
                     g,
                     None,
                     self.job,
@@ -1540,8 +1541,8 @@ class SimulatedTrainer(FederatedTrainer):
             client.submit(
                 evaluate_clients,
                 self.job,
-                self.store_path,
-                str(self.partition_dir),
+                for_workers(self.store_path),
+                for_workers(self.partition_dir),
                 a,
                 b,
                 self.spec,

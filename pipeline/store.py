@@ -552,6 +552,14 @@ def store_marker(directory: Path) -> str | None:
     return next((m for m in ZARR_MARKERS if os.path.lexists(directory / m)), None)
 
 
+def for_workers(path: str | os.PathLike) -> str:
+    """``path`` as the driver sends it to workers: a local path made absolute (a worker process
+    resolves a relative one from its own working directory, another machine's or the one it
+    started in, not the driver's); a URL as it is."""
+    s = os.fspath(path)
+    return s if is_url(s) else os.path.abspath(_local(s))
+
+
 def store_identity(path: str) -> tuple:
     """What tells the store at ``path`` apart from another, or from an earlier store at the same
     path: a local store's absolute path, its directory's inode and its metadata's modification

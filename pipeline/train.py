@@ -60,7 +60,7 @@ from pipeline.plan import (  # noqa: F401 - the planning helpers, also importabl
 )
 from pipeline.progress import Progress
 from pipeline.runstate import BestModel, EarlyStopping, RunState
-from pipeline.store import Store, layout_mismatch, layout_of, open_store, outermost_store, store_marker
+from pipeline.store import Store, for_workers, layout_mismatch, layout_of, open_store, outermost_store, store_marker
 
 if TYPE_CHECKING:  # imported where a cluster is used: training in process never loads distributed
     from pipeline.ps import ParameterServer
@@ -1048,10 +1048,10 @@ class Trainer:
         cfg, client = self.cfg, self.client
         installed_by = ParameterServer.ensure_installed(client)
         self._wait_for_a_worker()
-        check_workers_can_open(client, self.store_path)
+        check_workers_can_open(client, for_workers(self.store_path))
         check_backend(cfg.backend, client)
         if cfg.validation_store:
-            check_workers_can_open(client, cfg.validation_store)
+            check_workers_can_open(client, for_workers(cfg.validation_store))
         threads = _total_threads(client)
         if not threads:  # the workers left again while they were checked
             raise TrainingError("the cluster has no workers; start some with `dask worker ADDRESS`")
@@ -1404,13 +1404,17 @@ class Trainer:
                     train_task,
                     self.job,
                     name,
-                    self.store_path,
+                    for_workers(self.store_path),
                     ranges,
                     epoch,
                     spec,
                     tcfg,
                     self.target,
-                    {"path": self.val_path, "ranges": val_slice, "norm": self.val_norm} if val_slice else None,
+                    (
+                        {"path": for_workers(self.val_path), "ranges": val_slice, "norm": self.val_norm}
+                        if val_slice
+                        else None
+                    ),
                     key=key,
                     retries=2,
                     pure=False,
@@ -1550,7 +1554,7 @@ class Trainer:
         futures = [
             self.client.submit(
                 validate_task,
-                self.val_path,
+                for_workers(self.val_path),
                 g,
                 None,
                 self.job,

@@ -277,3 +277,26 @@ def test_a_workers_kept_chunks_are_of_the_store_at_the_path_now(tmp_path: Path) 
     assert not np.array_equal(before[0], want[0])  # the two stores differ in these rows
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("federated", [False, True], ids=["epochs", "clients"])
+def test_relative_paths_from_the_python_api_reach_workers_started_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, federated: bool
+) -> None:
+    """Worker processes resolve a relative path from the directory they started in: the driver
+    sends the store's, the validation store's and the partition's paths made absolute."""
+    from distributed import Client, LocalCluster
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "here").mkdir()
+    synth(tmp_path / "here" / "s.zarr", rows=600, features=4, classes=3, seed=0)
+    synth(tmp_path / "here" / "v.zarr", rows=200, features=4, classes=3, seed=1)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # where the worker processes start
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as lc, Client(lc) as c:
+        monkeypatch.chdir(tmp_path / "here")
+        extra = ["clients=2", "rounds=1"] if federated else ["epochs=1", "validation_store=v.zarr"]
+        cfg = TrainConfig().with_overrides(["hidden=[4]", "patience=0", *extra])
+        res = train("s.zarr", cfg, "run", client=c)
+    history = json.loads((tmp_path / "here" / "run" / "history.json").read_text())
+    assert res.history and history["epochs"], history
+    assert "val_loss" in history["epochs"][-1], history["epochs"][-1]
