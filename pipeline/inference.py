@@ -42,6 +42,7 @@ from pipeline.store import (
     Store,
     _writer_gone,
     check_not_inside,
+    for_workers,
     layout_mismatch,
     open_store,
     replace_dir,
@@ -288,6 +289,32 @@ def model_outputs(
         loader.close()
 
 
+def check_memory(model: Model, store: Store, ranges: list[tuple[int, int]], what: str) -> None:
+    """Refuse (a :class:`PipelineError` naming the fix) a task whose rows this worker's memory
+    limit cannot hold: the chunks it decodes and the model's outputs for them, on top of what
+    the worker holds now; otherwise its nanny would restart the worker under it again and again."""
+    from pipeline.loader import row_bytes, unit_read_bytes
+    from pipeline.worker import check_task_memory
+
+    ranges = [(a, b) for a, b in ranges if b > a]
+    if not ranges:
+        return
+    rows = max(b - a for a, b in ranges)
+    need = max(unit_read_bytes(store, a, b) for a, b in ranges) + 2 * rows * int(model.spec["n_out"]) * 8
+    check_task_memory(
+        need,
+        f"{what} of {rows:,} rows (row chunks of {store.chunk_rows * row_bytes(store) / 2**20:,.0f} MiB)",
+        "or ingest the store with a smaller --chunk-rows",
+        PipelineError,
+    )
+
+
+def _release_memory() -> None:
+    from pipeline.worker import release_freed_memory
+
+    release_freed_memory()
+
+
 def _results(client: Any, futures: list[Any]) -> list[Any]:
     """The futures' results in order; the first :class:`TaskFailure` cancels the others and is
     raised (as ``client.gather`` raises the first exception)."""
@@ -314,12 +341,13 @@ def evaluate_task(store_path: str, ranges: list[tuple[int, int]], model: Model) 
     restore_mmap_threshold(_mmap_mb(model))
     target, n_out = _target(model), model.spec["n_out"]
     try:
-        parts = [
-            evaluate_arrays(out, y, target, n_out)
-            for out, y in model_outputs(model, open_store(store_path), ranges, True)
-        ]
+        store = open_store(store_path)
+        check_memory(model, store, ranges, "an evaluation task")
+        parts = [evaluate_arrays(out, y, target, n_out) for out, y in model_outputs(model, store, ranges, True)]
     except PipelineError as exc:
         return as_task_failure(exc)
+    finally:
+        _release_memory()
     return merge_metrics(parts)
 
 
@@ -331,8 +359,9 @@ def evaluate_store(model: Model, store_path: str, client: Any) -> dict[str, Any]
     # model, and the release of the previous call's future can drop this call's data.
     shared = client.scatter(model, broadcast=True, hash=False)
     token = uuid.uuid4().hex[:8]
+    path = for_workers(store.path)
     futures = [
-        client.submit(evaluate_task, store.path, [r], shared, key=f"evaluate-{i}-{token}", pure=False, retries=2)
+        client.submit(evaluate_task, path, [r], shared, key=f"evaluate-{i}-{token}", pure=False, retries=2)
         for i, r in enumerate(_chunk_ranges(store))
     ]
     metrics = finish_metrics(merge_metrics(_results(client, futures)), _target(model))
@@ -354,8 +383,11 @@ def predict_task(
     (a data error: a :class:`TaskFailure`)."""
     restore_mmap_threshold(_mmap_mb(model))
     try:
-        outs = [out for out, _ in model_outputs(model, open_store(store_path), [row_range])]
+        store = open_store(store_path)
+        check_memory(model, store, [row_range], "a prediction task")
+        outs = [out for out, _ in model_outputs(model, store, [row_range])]
     except PipelineError as exc:
+        _release_memory()
         return as_task_failure(exc)
     a, b = row_range
     n_out, target, classes = model.spec["n_out"], _target(model), model.classes
@@ -392,6 +424,9 @@ def predict_task(
                 cols[f"proba_{name}"] = raw[:, j]
         table = pa.table(cols).replace_schema_metadata(PARQUET_MARK)  # what --force may replace
         pq.write_table(table, os.path.join(out_tmp, f"part-{index:06d}.parquet"))
+        del table, cols
+    del outs, raw, pred, labels
+    _release_memory()
     return b - a
 
 
@@ -442,11 +477,11 @@ def predict_store(
         futures = [
             client.submit(
                 predict_task,
-                store.path,
+                for_workers(store.path),
                 r,
                 i,
                 shared,
-                str(tmp),
+                for_workers(tmp),
                 fmt,
                 proba,
                 key=f"predict-{i}-{token}",

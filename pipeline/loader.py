@@ -99,6 +99,52 @@ def _select(store: Store, a: int, b: int, holdout: dict | None, rows: np.ndarray
     return mask if keep is None else mask & keep
 
 
+def unit_read_bytes(store: Store, a: int, b: int) -> int:
+    """Bytes reading rows ``a:b`` takes at its peak: the whole chunks they span, decoded (a
+    store decodes whole chunks), and the rows copied out of them."""
+    if b <= a:
+        return 0
+    row = row_bytes(store)
+    c0, c1 = a // store.chunk_rows, (b - 1) // store.chunk_rows
+    span = min(store.n_rows, (c1 + 1) * store.chunk_rows) - c0 * store.chunk_rows
+    return (span + (b - a)) * row
+
+
+def row_bytes(store: Store) -> int:
+    """Bytes of one row as the loader holds it (features and targets in the store's dtypes)."""
+    y_row = int(np.prod(store.y.shape[1:], dtype=np.int64)) * store.y.dtype.itemsize
+    return store.n_features * store.X.dtype.itemsize + y_row
+
+
+def buffer_bytes(
+    store: Store,
+    units: Sequence[tuple[int, int]],
+    *,
+    batch_size: int,
+    buffer_chunks: int,
+    prefetch: int,
+    shuffle: bool = True,
+    certain: bool = False,
+) -> int:
+    """The most bytes an epoch of a loader over ``units`` holds in its buffers at once (reading
+    from the store, not from a :class:`RowCache`): the shuffle pool (``buffer_chunks`` of its
+    largest units and one more; without ``shuffle`` a unit carried over), the units read ahead
+    (``prefetch``), the one being read (:func:`unit_read_bytes`) and the one being put into the
+    pool. ``certain``: only what every epoch over them surely holds at once (the rows the pool
+    fills up to, and the largest unit's read), a lower bound of its peak."""
+    units = [(int(a), int(b)) for a, b in units if b > a]
+    if not units:
+        return 0
+    row = row_bytes(store)
+    max_unit = max(b - a for a, b in units)
+    rows = sum(b - a for a, b in units)
+    read = max(unit_read_bytes(store, a, b) for a, b in units)
+    fill = max(buffer_chunks * max_unit, batch_size) if shuffle else max_unit
+    if certain:
+        return min(rows, fill) * row + read
+    return (fill + max_unit) * row + read + (prefetch + 1) * max_unit * row
+
+
 class RowCache:
     """Row chunks of stores kept in memory after their first read: decoded, in the store's
     compact dtype, without the rows a loader's ``holdout`` skips. A training run whose store
@@ -131,8 +177,7 @@ class RowCache:
     @staticmethod
     def store_bytes(store: Store) -> int:
         """What keeping all of ``store``'s rows takes (features, targets and each row's id)."""
-        y_row = int(np.prod(store.y.shape[1:], dtype=np.int64)) * store.y.dtype.itemsize
-        return store.n_rows * (store.n_features * store.X.dtype.itemsize + y_row + 8)
+        return store.n_rows * (row_bytes(store) + 8)
 
     def admits(self, store: Store) -> bool:
         """Whether the whole of ``store`` fits under the bound."""
@@ -380,6 +425,18 @@ class ChunkLoader:
             return self.n_rows // self.batch_size
         return -(-self.n_rows // self.batch_size)
 
+    def buffer_bytes(self, certain: bool = False) -> int:
+        """:func:`buffer_bytes` of this loader's units and settings."""
+        return buffer_bytes(
+            self.store,
+            self.units,
+            batch_size=self.batch_size,
+            buffer_chunks=self.buffer_chunks,
+            prefetch=self.prefetch,
+            shuffle=self.shuffle,
+            certain=certain,
+        )
+
     # -- the stream -------------------------------------------------------------------------------
 
     def _take(self, X: np.ndarray, y: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -420,6 +477,8 @@ class ChunkLoader:
                 if isinstance(item, _Failure):
                     raise item.exc
                 yield item
+                # not kept while waiting for the next unit: the pool holds a copy of its rows
+                item = None
 
         try:
             yield from self._batches(units(), rng)
@@ -478,6 +537,7 @@ class ChunkLoader:
                 pool_X[n : n + m] = X
                 pool_y[n : n + m] = y
                 n += m
+                X = y = None  # copied into the pool: not kept while the next unit is read
             if exhausted:
                 break
             # steady state: pool holds >= fill rows; take one random batch, refill holes from the tail

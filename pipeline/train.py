@@ -1447,6 +1447,14 @@ class Trainer:
                             exc = f.exception()
                             if isinstance(exc, TrainingError):
                                 raise TrainingError(str(exc)) from None
+                            if type(exc).__name__ == "KilledWorker":  # the nanny restarted it, more than once
+                                died = int(getattr(exc, "allowed_failures", 2)) + 1
+                                raise TrainingError(
+                                    f"training task {f.key} failed: the {died} worker process(es) that ran it "
+                                    "died under it, most often by going over their memory limit; raise "
+                                    "--memory-limit, or lower the rows a task holds (--set shuffle_chunks=1 "
+                                    "--set prefetch=1, or ingest with a smaller --chunk-rows)"
+                                ) from None
                             raise TrainingError(f"training task {f.key} failed: {type(exc).__name__}: {exc}") from exc
                     finished = [f for f in done if f.status == "finished"]
                     if finished:

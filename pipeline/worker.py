@@ -28,8 +28,9 @@ from distributed.metrics import context_meter
 
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
 from pipeline.errors import ShardLostError, StoreError, TrainingError, as_task_failure
-from pipeline.loader import ChunkLoader, RowCache
+from pipeline.loader import ChunkLoader, RowCache, buffer_bytes, row_bytes
 from pipeline.loop import (
+    FULL_BATCH_ROWS,
     VAL_CACHE_MB,
     holdout_selection,
     load_local_state,
@@ -671,6 +672,7 @@ def train_task(
     t_start = time.perf_counter()
     restore_mmap_threshold(cfg.get("mmap_threshold_mb", MAX_MMAP_THRESHOLD_MB))  # see pipeline/allocator.py
     _allow_profile_sizing()
+    store = _store(store_path)
     worker = get_worker()
     comm = _Comm(_server(job, cfg), name, cfg["barrier_timeout"])
     slot = name.split("-", 1)[-1]  # "e3-s1" -> "s1": the share, whatever the epoch
@@ -705,8 +707,18 @@ def train_task(
     full_batch = cfg["batch_size"] == 0  # one step with the mean gradient of every row
     if full_batch:
         trainer.discard_accumulated()  # a failed task on this thread may have left some behind
-    _row_cache.resize(_row_cache_bytes(cfg))
-    loader = training_loader(_store(store_path), cfg, ranges=ranges, cache=_row_cache, cache_scope=job)
+    # refused when the worker's memory limit cannot hold the loader's buffers besides the
+    # trainer (the nanny would restart the worker again and again under the task)
+    need = _training_buffer_bytes(store, ranges, cfg)
+    check_task_memory(
+        _training_buffer_bytes(store, ranges, cfg, certain=True),
+        f"a training task's loader (shuffle_chunks = {cfg['shuffle_chunks']}, prefetch = {cfg['prefetch']}, "
+        f"row chunks of {_mib(store.chunk_rows * row_bytes(store))})",
+        "or lower shuffle_chunks / prefetch (--set), or ingest the store with a smaller --chunk-rows",
+        TrainingError,
+    )
+    _row_cache.resize(_row_cache_bytes(cfg, need))
+    loader = training_loader(store, cfg, ranges=ranges, cache=_row_cache, cache_scope=job)
     pusher = _Pusher(comm, trainer, loader, name, reply, cfg, compressor, group)
     stopped = ""
     if group is not None:
@@ -737,6 +749,8 @@ def train_task(
         read_seconds = loader.read_seconds
         loader.close()
         pusher.detach()
+        del loader
+        fit_kept_memory()  # the loader's buffers and kept rows: not holding the worker paused
     compute, version = pusher.timing["compute"], pusher.version
     summary = {
         "name": name,
@@ -785,6 +799,7 @@ def train_task(
             return summary
         validate = time.perf_counter() - t_val
         context_meter.digest_metric("validate", validate, "seconds")
+        fit_kept_memory()
         summary = {**summary, "val": plain_metrics(partial), "val_version": int(final["version"]), "validate": validate}
         try:  # the same route again: only the summary changes (the participant left already)
             comm.ps.soon.leave(name, summary=summary).result(timeout=30)
@@ -849,6 +864,8 @@ def evaluate_ranges(
             parts.append(evaluate_arrays(trainer.forward(X), y, target, spec["n_out"]))
     finally:
         loader.close()
+    del loader
+    release_freed_memory()
     return merge_metrics(parts)
 
 
@@ -886,10 +903,125 @@ def _memory_limit() -> int | None:
     return int(limit) if limit else None
 
 
-def _row_cache_bytes(cfg: dict) -> int:
-    """The training rows' cache bound here (``row_cache_mb``, a quarter of the memory limit)."""
+def _row_cache_bytes(cfg: dict, need: int = 0) -> int:
+    """The training rows' cache bound here: ``row_cache_mb``, a quarter of the memory limit, and
+    what the worker can keep besides what it holds now (the kept rows aside) and the loader's
+    buffers (``need`` bytes) without reaching the fraction of its limit at which Dask pauses it.
+    Kept rows stay between tasks: over that fraction the worker would stay paused and start no
+    further task of the run (each epoch then waits for ``join_timeout`` and goes on without it)."""
     limit = _memory_limit()
-    return row_cache_bytes(cfg.get("row_cache_mb", 0), limit)
+    bound = row_cache_bytes(cfg.get("row_cache_mb", 0), limit)
+    if limit:
+        pause, _ = memory_fractions()
+        held = max(0, process_memory() - _row_cache.nbytes)
+        bound = min(bound, int(pause * limit) - held - int(need))
+    return max(0, bound)
+
+
+def _training_buffer_bytes(store: Any, ranges: list[tuple[int, int]], cfg: dict, certain: bool = False) -> int:
+    """:func:`pipeline.loader.buffer_bytes` of a training task's loader over ``ranges``."""
+    full_batch = cfg["batch_size"] == 0
+    return buffer_bytes(
+        store,
+        ranges,
+        batch_size=cfg["batch_size"] or FULL_BATCH_ROWS,
+        buffer_chunks=cfg["shuffle_chunks"],
+        prefetch=cfg["prefetch"],
+        shuffle=not full_batch,
+        certain=certain,
+    )
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def memory_fractions() -> tuple[float, float]:
+    """The fractions of a worker's memory limit at which Dask pauses it and at which its nanny
+    restarts it (``distributed.worker.memory.pause`` / ``.terminate``; 1.0 where switched off)."""
+    import dask
+
+    def fraction(key: str, default: float) -> float:
+        value = dask.config.get(f"distributed.worker.memory.{key}", default)
+        return float(value) if value else 1.0
+
+    terminate = fraction("terminate", 0.95)
+    return min(fraction("pause", 0.8), terminate), terminate
+
+
+def process_memory() -> int:
+    """This process's resident memory (what Dask compares with a worker's memory limit)."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def check_task_memory(need: int, what: str, fix: str, error: type[Exception]) -> None:
+    """Raise ``error`` (one line naming the fix) when this worker's memory limit cannot hold
+    ``need`` more bytes (``what`` holds them) on top of what the worker holds now: below the
+    fraction at which its nanny restarts it. Nothing off a worker or without a limit."""
+    limit = _memory_limit()
+    if not limit or need <= 0:
+        return
+    pause, terminate = memory_fractions()
+    held = process_memory()
+    if held + need <= terminate * limit:
+        return
+    want = (held + need) / pause
+    raise error(
+        f"the worker's memory limit ({_mib(limit)}) is too small: {what} holds at least {_mib(need)} on top of "
+        f"the {_mib(held)} the worker uses, over the {terminate:.0%} of the limit at which Dask restarts it; "
+        f"raise --memory-limit (to about {_mib(want)} or more), {fix}"
+    )
+
+
+def fit_kept_memory() -> None:
+    """After a task: return freed memory to the OS and, while the worker is still over the
+    fraction of its memory limit at which Dask pauses it, drop kept store chunks, then kept
+    validation batches (least recently used first). What a worker keeps between tasks must not
+    keep it paused: a paused worker starts none of the tasks the run waits for."""
+    release_freed_memory()
+    limit = _memory_limit()
+    if not limit:
+        return
+    pause, _ = memory_fractions()
+    over = process_memory() - int(0.95 * pause * limit)
+    if over <= 0:
+        return
+    if _row_cache.nbytes:
+        _row_cache.resize(max(0, min(_row_cache.max_bytes, _row_cache.nbytes - over)))
+        release_freed_memory()
+        over = process_memory() - int(0.95 * pause * limit)
+    with _lock:
+        while over > 0 and _val_batches:
+            _, dropped = _val_batches.popitem(last=False)
+            over -= sum(X.nbytes + y.nbytes for X, y in dropped)
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Return the heap's free pages to the OS (glibc's ``malloc_trim``): the chunk-sized arrays
+    a task frees stay in the heap under the raised mmap threshold (pipeline/allocator.py), and
+    Dask counts them as the worker's memory (unmanaged memory, pausing the worker at its
+    ``pause`` fraction) until the next task reuses them. Nothing off glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import os
+
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return None
+        return ctypes.CDLL(None)
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _val_cache_bytes() -> int:
@@ -929,6 +1061,8 @@ def _kept_validation(
         batches = list(loader.epoch(0))
     finally:
         loader.close()
+    del loader
+    release_freed_memory()
     with _lock:
         _val_batches[key] = batches
         total = sum(X.nbytes + y.nbytes for b in _val_batches.values() for X, y in b)

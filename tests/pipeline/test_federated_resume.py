@@ -300,3 +300,28 @@ def test_relative_paths_from_the_python_api_reach_workers_started_elsewhere(
     history = json.loads((tmp_path / "here" / "run" / "history.json").read_text())
     assert res.history and history["epochs"], history
     assert "val_loss" in history["epochs"][-1], history["epochs"][-1]
+
+
+def test_evaluate_and_predict_from_the_python_api_send_workers_absolute_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``evaluate_store`` / ``predict_store`` with relative paths, on workers started in another
+    directory: the store and the output's temporary reach them as absolute paths."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.inference import evaluate_store, predict_store
+    from pipeline.model import load_model
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "here").mkdir()
+    synth(tmp_path / "here" / "s.zarr", rows=600, features=4, classes=3, seed=0)
+    cfg = TrainConfig().with_overrides(["hidden=[4]", "patience=0", "epochs=1"])
+    train(str(tmp_path / "here" / "s.zarr"), cfg, tmp_path / "here" / "run", client=None)
+    model = load_model(tmp_path / "here" / "run")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # where the worker processes start
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as lc, Client(lc) as c:
+        monkeypatch.chdir(tmp_path / "here")
+        metrics = evaluate_store(model, "s.zarr", c)
+        predict_store(model, "s.zarr", "p.parquet", c)
+    assert 0 <= metrics["accuracy"] <= 1
+    assert (tmp_path / "here" / "p.parquet").is_dir() and not list((tmp_path / "elsewhere").iterdir())
