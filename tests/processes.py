@@ -200,11 +200,13 @@ class Procs:
         nanny: bool = True,
         cwd: Path | None = None,
         port: int | None = None,
+        wrap: Sequence[str] = (),
         **env: str,
     ) -> Proc:
         """A single-threaded `dask worker` of the scheduler at ``address``, registered with it.
 
-        ``nanny=False`` makes a killed worker stay dead (no nanny restarts it)."""
+        ``nanny=False`` makes a killed worker stay dead (no nanny restarts it). ``wrap``: a
+        command the worker's command line is given to (it must exec it, keeping the pid)."""
         before = self.registered(address)
         args = [DASK, "worker", address, "--nthreads", "1", "--host", "127.0.0.1", "--name", name]
         if nanny:
@@ -213,7 +215,7 @@ class Procs:
             args += ["--no-nanny", "--no-dashboard", "--memory-limit", "0"]
         if port:
             args += ["--worker-port", str(port)]
-        proc = self.start(name, [*args, *extra, *self.tls_args("worker")], cwd=cwd, **env)
+        proc = self.start(name, [*wrap, *args, *extra, *self.tls_args("worker")], cwd=cwd, **env)
         self.wait(proc, f"registration of {name}", lambda: self.registered(address) > before)
         return proc
 

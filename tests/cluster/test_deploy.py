@@ -148,16 +148,27 @@ def test_concurrent_sync_trainings_match_solo_runs(letter_store: Path, tcp_clust
     assert len(jobs) == 3
 
 
+def _hiding(directory: Path) -> list[str]:
+    """A command prefix that runs a command in a mount namespace of its own where ``directory``
+    is an empty file system: a worker on a machine without the shared file system the store is
+    on (root: ``unshare -m``; another user: a user namespace, ``unshare -rm``)."""
+    unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
+    probe = subprocess.run([*unshare, "sh", "-c", f"mount -t tmpfs none '{directory}'"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no mount namespace here ({probe.stderr.decode().strip()}): a worker cannot be kept from a path")
+    return [*unshare, "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"', str(directory)]
+
+
 def test_worker_that_cannot_read_the_store_is_named(letter_store: Path, tmp_path: Path) -> None:
-    # The store is given as a relative path: the driver and the good worker run in the store's
-    # directory, the other worker in another directory where the path does not exist.
+    # The store is given as a relative path, which the driver makes absolute; one worker runs
+    # where the store's directory is another, empty file system (as on a host without the share).
     here = letter_store.parent
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     bad_port = free_port()
     with running_cluster(tmp_path / "cluster", workers=0) as cluster:
         cluster.worker(cluster.address, "good", cwd=here)
-        cluster.worker(cluster.address, "bad", cwd=elsewhere, port=bad_port)
+        cluster.worker(cluster.address, "bad", cwd=elsewhere, port=bad_port, wrap=_hiding(here))
         out = tmp_path / "run"
         r = run_cli(
             ["train", letter_store.name, "--scheduler", cluster.address, "--out", str(out), *TRAIN],
