@@ -128,9 +128,10 @@ class TrainConfig:
     shuffle_chunks: int = 4  # row chunks mixed by the loader's shuffle buffer
     prefetch: int = 2  # chunks read ahead by the loader's background thread
     # a store whose rows take at most this many MiB (on a worker also at most a quarter of its
-    # memory limit) has them kept in memory after their first read, decoded and without the
-    # held-out rows: later epochs do not read and decompress the store again (same batches);
-    # a larger store streams from disk every epoch. 0 = always stream
+    # memory limit, and what leaves it below Dask's pause fraction with its other memory) has
+    # them kept in memory after their first read, decoded and without the held-out rows: later
+    # epochs do not read and decompress the store again (same batches); a larger store streams
+    # from disk every epoch. 0 = always stream
     row_cache_mb: int = 1024
     normalize: bool = True  # standardize features with the store's mean/std
     # --- federated learning (docs/federated.md) ----------------------------------------------
