@@ -3,6 +3,7 @@ readers, a chunk corrupter and the ``pipeline`` command run as its own process."
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from click.testing import CliRunner, Result
 
 from pipeline.store import Store, create_store, open_store
 
@@ -23,6 +25,29 @@ CLI = (sys.executable, "-m", "pipeline.cli")
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment of a `pipeline` child: this one, warnings not turned into errors."""
     return dict(os.environ, PYTHONWARNINGS="ignore", **extra)
+
+
+def invoke(*args: object) -> Result:
+    """The `pipeline` command run in this process (click's runner), arguments as strings."""
+    from pipeline.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def error_line(result: Result) -> str:
+    """The one line of a refused command (exit status 1, no traceback)."""
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``root`` (directories as ``/``)."""
+    return {
+        p.relative_to(root).as_posix(): "/" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

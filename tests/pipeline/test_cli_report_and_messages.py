@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -12,39 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 
-from pipeline.cli import cli
 from pipeline.config import TrainConfig
 from pipeline.store import open_store
 from pipeline.synth import synth
 from pipeline.train import train
-from tests.pipeline.helpers import run_cli
+from tests.pipeline.helpers import error_line, invoke, run_cli, snapshot
 
 SMALL = ("--set", "epochs=1", "--set", "hidden=[8]", "--set", "patience=0")
 LOCAL = ("--workers", "1", "--dashboard-address", "none")
 REPORT_TITLE = "<title>Dask Performance Report</title>"
 GOOD_CSV = "a,b,c\n1,2,x\n3,4,y\n5,6,x\n7,8,y\n"
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def error_line(result: Result) -> str:
-    """The one line of a refused command (exit status 1, no traceback)."""
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under ``root`` (directories as ``/``)."""
-    return {
-        p.relative_to(root).as_posix(): "/" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-    }
 
 
 def last_json(text: str) -> dict[str, Any]:

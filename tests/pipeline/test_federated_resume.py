@@ -4,7 +4,6 @@ cluster starts."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,10 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 
 from pipeline.checkpoint import load_file, save_file
-from pipeline.cli import cli
 from pipeline.config import TrainConfig
 from pipeline.errors import CheckpointError
 from pipeline.loader import held_out_mask
@@ -28,30 +25,10 @@ from pipeline.partition import make_partition, open_partition
 from pipeline.store import open_store, read_rows_at
 from pipeline.synth import synth
 from pipeline.train import train
-from tests.pipeline.helpers import CLI, cli_env
+from tests.pipeline.helpers import CLI, cli_env, error_line, invoke, snapshot
 from tests.processes import group_members, wait_for
 
 SMALL = {"hidden": [8], "patience": 0, "batch_size": 64}
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def error_line(result: Result) -> str:
-    """The one line of a refused command (exit status 1, no traceback)."""
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under ``root`` (directories as ``/``)."""
-    return {
-        p.relative_to(root).as_posix(): "/" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-    }
 
 
 def as_an_earlier_version_wrote_it(checkpoint: Path, drop: Callable[[dict], object]) -> None:

@@ -5,7 +5,6 @@ made. Each is refused (or listed) in one line, and nothing of the user's is writ
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -13,34 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 
-from pipeline.cli import cli
 from pipeline.config import TrainConfig
 from pipeline.synth import synth
 from pipeline.train import RunDir, train
+from tests.pipeline.helpers import error_line, invoke, snapshot
 
 SMALL = ("--set", "epochs=1", "--set", "hidden=[8]", "--set", "patience=0", "-q")
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def error_line(result: Result) -> str:
-    """The one line of a refused command (exit status 1, no traceback)."""
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under ``root`` (directories as ``/``)."""
-    return {
-        p.relative_to(root).as_posix(): "/" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-    }
 
 
 def users_png(path: Path) -> None:

@@ -4,7 +4,6 @@ writes over a user's file; and no run is written into (or inside) a Zarr store."
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,17 +16,10 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.errors import TrainingError
 from pipeline.train import RunDir
+from tests.pipeline.helpers import snapshot
 
 TRAIN = ("--set", "epochs=1", "--set", "hidden=[8]", "--set", "validation=0.2", "-q")
 RUN_FILES = ("config.toml", "checkpoint.npz", "model.npz", "history.json", "curves.png", "rounds.png", "throughput.png")
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under ``root`` (directories as ``/``)."""
-    return {
-        p.relative_to(root).as_posix(): "/" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-    }
 
 
 def pipeline(*args: str | Path) -> tuple[int, str]:
