@@ -42,6 +42,17 @@ def error_line(result: Result) -> str:
     return lines[0]
 
 
+def one_line_error(result: Result, *fragments: str) -> str:
+    """The error a refused command printed: one ``error:`` line with each of ``fragments``,
+    exit status 1 and no traceback."""
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    err = result.stderr
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in result.output, err
+    for f in fragments:
+        assert f in err, (f, err)
+    return err
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file under ``root`` (directories as ``/``)."""
     return {

@@ -11,27 +11,13 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
-from pipeline.cli import cli
 from pipeline.errors import IngestError, StoreError
 from pipeline.ingest import UnseenCategoryWarning, ingest
-from tests.pipeline.helpers import read_all
+from tests.pipeline.helpers import invoke as run
+from tests.pipeline.helpers import one_line_error, read_all
 
 AB = "a,b,label\n1,2,cat\n3,4,dog\n5,6,cat\n7,8,dog\n"
-
-
-def run(*args: object):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(r, *fragments: str) -> str:
-    assert r.exit_code == 1, (r.exit_code, r.output)
-    err = r.stderr
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in r.output, err
-    for f in fragments:
-        assert f in err, (f, err)
-    return err
 
 
 # ---- 1: integers beyond 2^53 ----------------------------------------------------------------------

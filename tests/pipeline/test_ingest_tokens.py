@@ -9,29 +9,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zarr
-from click.testing import CliRunner
 
-from pipeline.cli import cli
 from pipeline.errors import IngestError
 from pipeline.ingest import ingest
 from pipeline.store import open_store
-from tests.pipeline.helpers import read_all
+from tests.pipeline.helpers import invoke as run
+from tests.pipeline.helpers import one_line_error, read_all
 
 # a semicolon file whose only comma numbers have three digits after one comma: 1.234 or 1234?
 AMBIGUOUS = "price;qty;y\n999;1;a\n1,234;2;b\n12,500;3;a\n5;4;b\n"
-
-
-def run(*args: object):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(r, *fragments: str) -> str:
-    assert r.exit_code == 1, (r.exit_code, r.output)
-    err = r.stderr
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in r.output, err
-    for f in fragments:
-        assert f in err, (f, err)
-    return err
 
 
 # ---- decimal comma or thousands separator -----------------------------------------------------------
