@@ -46,17 +46,8 @@ done
 if [[ -x "$root/.venv/bin/dask" ]]; then bin="$root/.venv/bin/"; else bin=""; fi
 command -v "${bin}dask" >/dev/null || die "the dask command was not found (activate the virtualenv)"
 
-ours() {  # ours PID: PID runs and is a dask process. A pid file outlives a crash or a reboot, and
-    # its number may since belong to another program's process, which is never signalled.
-    local pid=$1 args
-    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
-    if [[ -r /proc/$pid/cmdline ]]; then
-        args=$(tr '\0' ' ' <"/proc/$pid/cmdline")
-    else
-        args=$(ps -o args= -p "$pid" 2>/dev/null || true)
-    fi
-    [[ $args == *dask* ]]
-}
+# shellcheck source=cluster/pids.sh
+source "$here/pids.sh"
 
 mkdir -p "$run"
 run=$(cd "$run" && pwd)
