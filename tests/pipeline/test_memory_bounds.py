@@ -54,17 +54,22 @@ def test_prediction_refuses_a_chunk_over_the_limit(one_big_chunk, tmp_path):
     assert not (tmp_path / "out.parquet").exists()
 
 
-def _row_cache_on_a_busy_worker(store_path: str, ballast_mb: int) -> dict:
-    """On a worker: hold ``ballast_mb`` MB elsewhere, bound the row cache as a training task
+def _row_cache_on_a_busy_worker(store_path: str, fraction: float) -> dict:
+    """On a worker: hold memory elsewhere until the process uses ``fraction`` of its limit (over
+    Dask's pause fraction, under its terminate fraction), bound the row cache as a training task
     does, and tell whether a training loader of the store keeps its rows."""
     import numpy as np
+    import psutil
+    from distributed import get_worker
 
     from pipeline import worker
     from pipeline.config import TrainConfig
     from pipeline.loop import training_loader
     from pipeline.train import task_config
 
-    ballast = np.ones(ballast_mb * 2**20 // 8)  # touched: resident
+    limit = get_worker().memory_manager.memory_limit
+    rss = psutil.Process().memory_info().rss
+    ballast = np.ones(max(0, int(fraction * limit) - rss) // 8)  # touched: resident
     cfg = task_config(TrainConfig(row_cache_mb=1024))
     store = worker._store(store_path)
     worker._row_cache.resize(worker._row_cache_bytes(cfg))
@@ -81,8 +86,8 @@ def test_kept_rows_leave_room_below_the_pause_fraction(tmp_path):
     between tasks, and a worker held over that fraction by them stays paused and starts none of
     the run's next tasks (each epoch then waits join_timeout for its share and goes on without)."""
     store = make_store(tmp_path / "s.zarr", n=50_000, f=500, chunk_rows=2_000)  # 100 MB of rows
-    with _cluster("500MB") as client:
-        got = client.submit(_row_cache_on_a_busy_worker, store.path, 250, pure=False).result()
+    with _cluster("1GB") as client:
+        got = client.submit(_row_cache_on_a_busy_worker, store.path, 0.86, pure=False).result()
     assert not got["kept"] and got["bound"] < got["store"], got
 
 
