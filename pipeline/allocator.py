@@ -47,6 +47,7 @@ _lock = threading.Lock()
 _restored = False  # this process's threshold was set (it stays set until the process ends)
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
@@ -124,3 +125,13 @@ def restore_mmap_threshold(mb: int = MAX_MMAP_THRESHOLD_MB) -> bool:
         else:  # the threshold that matters most is set: not tried again, but said
             logger.debug("mmap threshold raised to %d MiB; trim threshold left as it was", mb)
         return _restored
+
+
+def release_freed_memory() -> None:
+    """Return the heap's free pages to the OS (glibc's ``malloc_trim``): the chunk-sized arrays
+    a task frees stay in the heap under the raised mmap threshold (:func:`restore_mmap_threshold`),
+    and Dask counts them as the worker's memory (unmanaged memory, pausing the worker at its
+    ``pause`` fraction) until the next task reuses them. Nothing off glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -165,14 +165,6 @@ def _client(kw: dict, sites: list[str] | None = None):
     )
 
 
-def _on_driver(path: str) -> str:
-    """A local path made absolute here, on the driver: tasks run in worker processes whose
-    working directory (on a --scheduler cluster) is not the command's. URLs are left alone."""
-    if "://" in path and not path.startswith("file://"):
-        return path
-    return os.path.abspath(path.removeprefix("file://"))
-
-
 def _echo(msg: str, quiet: bool = False) -> None:
     if not quiet:
         click.echo(msg, err=True)
@@ -248,7 +240,7 @@ def _check_report(report: str, out: str, force: bool) -> str:
     its missing parent directories are created, a file is created in it and everything so made
     is removed again."""
     from pipeline.errors import ConfigError
-    from pipeline.store import is_url, unwritable_reason
+    from pipeline.store import for_workers, is_url, unwritable_reason
 
     shown = repr(report)
     replace_hint = "choose another --report path, or pass --force to replace it (only an earlier report is replaced)"
@@ -270,8 +262,8 @@ def _check_report(report: str, out: str, force: bool) -> str:
                 "report: choose another --report path"
             )
         return report
-    path = Path(_on_driver(report))
-    run = Path(os.path.realpath(_on_driver(out)))
+    path = Path(for_workers(report))
+    run = Path(os.path.realpath(for_workers(out)))
     real = Path(os.path.realpath(path))
     if real == run:
         raise ConfigError(f"--report {shown} is the run directory (--out); name a file such as {out}/report.html")
@@ -797,11 +789,12 @@ def evaluate(run_dir: str, store: str, as_json: bool, **cluster_kw) -> None:
     import json
 
     from pipeline.inference import check_inputs, evaluate_store
+    from pipeline.store import for_workers
 
     model = _load_run_model(run_dir)
     check_inputs(model, store)  # fail before starting a cluster
     with _client(cluster_kw) as client:
-        metrics = evaluate_store(model, _on_driver(store), client)
+        metrics = evaluate_store(model, for_workers(store), client)
     if as_json:
         click.echo(json.dumps(metrics))
         return
@@ -840,12 +833,13 @@ def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **clus
     import json
 
     from pipeline.inference import check_inputs, predict_store
+    from pipeline.store import for_workers
 
     model = _load_run_model(run_dir)
     check_inputs(model, store, out, proba=proba, force=force)  # fail before starting a cluster
     # SIGTERM (Slurm, Kubernetes, kill) takes Ctrl-C's path: the temporary output is removed
     with _sigterm_interrupts(), _client(cluster_kw) as client:
-        result = predict_store(model, _on_driver(store), _on_driver(out), client, proba=proba, force=force)
+        result = predict_store(model, for_workers(store), for_workers(out), client, proba=proba, force=force)
     result["out"] = out  # as the user named it
     click.echo(json.dumps(result))
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
+from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, release_freed_memory, restore_mmap_threshold
 from pipeline.errors import PipelineError, StoreError, TaskFailure, as_task_failure
 from pipeline.metrics import evaluate_arrays, finish_metrics, merge_metrics
 from pipeline.model import Model
@@ -309,12 +309,6 @@ def check_memory(model: Model, store: Store, ranges: list[tuple[int, int]], what
     )
 
 
-def _release_memory() -> None:
-    from pipeline.worker import release_freed_memory
-
-    release_freed_memory()
-
-
 def _results(client: Any, futures: list[Any]) -> list[Any]:
     """The futures' results in order; the first :class:`TaskFailure` cancels the others and is
     raised (as ``client.gather`` raises the first exception)."""
@@ -347,7 +341,7 @@ def evaluate_task(store_path: str, ranges: list[tuple[int, int]], model: Model) 
     except PipelineError as exc:
         return as_task_failure(exc)
     finally:
-        _release_memory()
+        release_freed_memory()
     return merge_metrics(parts)
 
 
@@ -387,7 +381,7 @@ def predict_task(
         check_memory(model, store, [row_range], "a prediction task")
         outs = [out for out, _ in model_outputs(model, store, [row_range])]
     except PipelineError as exc:
-        _release_memory()
+        release_freed_memory()
         return as_task_failure(exc)
     a, b = row_range
     n_out, target, classes = model.spec["n_out"], _target(model), model.classes
@@ -426,7 +420,7 @@ def predict_task(
         pq.write_table(table, os.path.join(out_tmp, f"part-{index:06d}.parquet"))
         del table, cols
     del outs, raw, pred, labels
-    _release_memory()
+    release_freed_memory()
     return b - a
 
 

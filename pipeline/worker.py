@@ -26,7 +26,7 @@ import numpy as np
 from distributed import get_worker, rejoin, secede
 from distributed.metrics import context_meter
 
-from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, restore_mmap_threshold
+from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, release_freed_memory, restore_mmap_threshold
 from pipeline.errors import ShardLostError, StoreError, TrainingError, as_task_failure
 from pipeline.loader import ChunkLoader, RowCache, buffer_bytes, row_bytes
 from pipeline.loop import (
@@ -997,31 +997,6 @@ def fit_kept_memory() -> None:
             _, dropped = _val_batches.popitem(last=False)
             over -= sum(X.nbytes + y.nbytes for X, y in dropped)
     release_freed_memory()
-
-
-def release_freed_memory() -> None:
-    """Return the heap's free pages to the OS (glibc's ``malloc_trim``): the chunk-sized arrays
-    a task frees stay in the heap under the raised mmap threshold (pipeline/allocator.py), and
-    Dask counts them as the worker's memory (unmanaged memory, pausing the worker at its
-    ``pause`` fraction) until the next task reuses them. Nothing off glibc."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _libc() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-    import os
-
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return None
-        return ctypes.CDLL(None)
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _val_cache_bytes() -> int:
