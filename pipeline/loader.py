@@ -425,18 +425,6 @@ class ChunkLoader:
             return self.n_rows // self.batch_size
         return -(-self.n_rows // self.batch_size)
 
-    def buffer_bytes(self, certain: bool = False) -> int:
-        """:func:`buffer_bytes` of this loader's units and settings."""
-        return buffer_bytes(
-            self.store,
-            self.units,
-            batch_size=self.batch_size,
-            buffer_chunks=self.buffer_chunks,
-            prefetch=self.prefetch,
-            shuffle=self.shuffle,
-            certain=certain,
-        )
-
     # -- the stream -------------------------------------------------------------------------------
 
     def _take(self, X: np.ndarray, y: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
