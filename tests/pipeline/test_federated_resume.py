@@ -64,7 +64,6 @@ def test_simulated_resume_on_the_store_made_again_is_refused(tmp_path: Path, cli
     cfg = TrainConfig.from_dict({**SMALL, "clients": 3, "rounds": 1})
     train(store, cfg, tmp_path / "run", client=client)
     synth(store, rows=600, features=4, classes=3, seed=1, force=True)  # other rows, as many
-    client.restart()  # workers that never read the first store's rows
     before = snapshot(tmp_path / "run")
     line = error_line(invoke("train", store, "--out", "run", "--resume", "--set", "rounds=2", "--workers", "1"))
     assert line.startswith("error: checkpoint 'run/checkpoint.npz' was trained on other data: the feature means"), line
@@ -165,7 +164,6 @@ def test_a_resumed_run_partitions_the_store_again_when_its_rows_changed(tmp_path
     run = tmp_path / "run"
     train(path, cfg, run, client=client)
     synth(path, rows=1200, features=4, classes=3, seed=0, chunk_rows=300, force=True)
-    client.restart()  # workers that never read the first store's chunks
     lines: list[str] = []
     train(path, cfg.with_overrides(["rounds=2"]), run, client=client, resume=True, log=lines.append)
     assert any("was made for other rows of" in ln and "partitioning the store again" in ln for ln in lines), lines
