@@ -227,15 +227,28 @@ def test_a_driver_started_before_its_workers_waits_for_them(letter_store: Path, 
             stderr=subprocess.PIPE,
             text=True,
         )
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader.start()
         try:
-            time.sleep(4)  # the driver is up and finds no worker
+            # the worker starts once the driver is up and has found none (however long its start takes)
+            waiting = "the cluster has no workers yet: waiting up to 300 s (no_worker_timeout) for one"
+            deadline = time.monotonic() + 120
+            while not any(waiting in ln for ln in list(lines)) and proc.poll() is None:
+                assert time.monotonic() < deadline, "".join(lines)
+                time.sleep(0.1)
             cluster.worker(cluster.address, "late")
-            stdout, stderr = proc.communicate(timeout=180)
+            proc.wait(timeout=180)
+            stdout = proc.stdout.read()
         finally:
             if proc.poll() is None:
                 proc.kill()
+            reader.join(timeout=30)  # the pipe ends with the process
+            proc.stdout.close()
+            proc.stderr.close()
+        stderr = "".join(lines)
     assert proc.returncode == 0, stderr
-    assert "the cluster has no workers yet: waiting up to 300 s (no_worker_timeout) for one" in stderr, stderr
+    assert waiting in stderr, stderr
     assert "(training page: /pipeline)" in stderr, stderr  # the preload put the page on the dashboard
     assert json.loads(stdout.strip().splitlines()[-1])["epochs"] == 3
 

@@ -498,7 +498,7 @@ def test_a_late_site_of_another_schema_is_refused_and_the_run_completes(cluster,
         assert "the run goes on without it" in refusals[0] and "\n" not in refusals[0]
         h = res.history
         assert [e["round"] for e in h] == [0, 1, 2] and all(e["applied"] for e in h)
-        assert all(e["sampled"] == ["a", "b"] and set(e["sites"]) == {"a", "b"} for e in h)
+        assert all(e["sampled"] == ["a", "b"] and set(e.get("sites", ())) == {"a", "b"} for e in h), (h, lines)
         assert list(h[1]["refused"]) == ["y"] and h[1]["refused"]["y"].startswith("its store has the classes")
         y = history(run)["federated"]["sites"]["y"]
         assert y["admitted_round"] is None and y["refused"] == h[1]["refused"]["y"]
