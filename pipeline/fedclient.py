@@ -33,7 +33,7 @@ from pipeline.partition import open_partition
 from pipeline.privacy import clip_update, noise_rng, privatize_local
 from pipeline.ps import ParameterServer
 from pipeline.ps.wire import TOPK_FRACTION, DeltaCompressor
-from pipeline.store import read_rows_at, store_identity
+from pipeline.store import RunningStats, read_rows_at, store_identity
 from pipeline.worker import (
     BudgetSpent,
     _allow_profile_sizing,
@@ -137,6 +137,10 @@ def site_info(store_path: str, holdout: dict | None = None) -> dict[str, Any]:
     n_classes = len(store.classes or [])
     counts = np.zeros(n_classes, np.int64)
     count = held = 0
+    # the sums of squared deviations about this site's mean, which the driver pools exactly (raw
+    # sums of squares cancel when a column's mean is large against its spread); the raw sums stay
+    # in the report, which a resumed run compares
+    xstats, ystats = RunningStats(n_f), RunningStats(width)
     for i in range(store.n_chunks):
         sl = store.chunk_slice(i)
         X, y = store.read_chunk(i)
@@ -148,12 +152,14 @@ def site_info(store_path: str, holdout: dict | None = None) -> dict[str, Any]:
         count += len(x)
         s += x.sum(axis=0)
         ss += np.square(x).sum(axis=0)
+        xstats.update(x)
         if store.task == "classification":
             counts += np.bincount(np.asarray(y, np.int64).reshape(-1), minlength=n_classes)[:n_classes]
         else:
             yy = np.asarray(y, np.float64).reshape(len(y), -1)
             ys += yy.sum(axis=0)
             yss += np.square(yy).sum(axis=0)
+            ystats.update(yy)
     return {
         "worker": _worker_address(),
         "n_rows": store.n_rows,
@@ -172,6 +178,8 @@ def site_info(store_path: str, holdout: dict | None = None) -> dict[str, Any]:
         "class_counts": counts.tolist(),
         "y_sum": ys.tolist(),
         "y_sumsq": yss.tolist(),
+        "m2": xstats.m2.tolist(),
+        "y_m2": ystats.m2.tolist(),
     }
 
 
@@ -549,7 +557,11 @@ def evaluate_clients(
     n = np.bincount(owner, minlength=k).astype(np.int64)
     loss_sum = np.zeros(k)
     hit = np.zeros(k)
-    sse, sy, syy = np.zeros(k), np.zeros(k), np.zeros(k)
+    # regression: per client and target column, the errors' and the targets' sums of squares, the
+    # targets taken about the training mean (raw sums of y and y^2 cancel when the mean is large
+    # against the spread, as in pipeline.metrics.evaluate_arrays)
+    width = int(np.prod(store.y.shape[1:], dtype=np.int64))
+    sse, sy, syy = np.zeros((k, width)), np.zeros((k, width)), np.zeros((k, width))
     step = 1 << 14
     for a in range(0, len(rows), step):
         X, y = read_rows_at(store, rows[a : a + step])
@@ -568,14 +580,17 @@ def evaluate_clients(
             pred = np.asarray(out, np.float64).reshape(len(y), -1) * target["std"] + target["mean"]
             z = ((pred - yy) / target["std"]) ** 2
             loss_sum += np.bincount(own, weights=z.mean(axis=1), minlength=k)
-            sse += np.bincount(own, weights=((pred - yy) ** 2).sum(axis=1), minlength=k)
-            sy += np.bincount(own, weights=yy.sum(axis=1), minlength=k)
-            syy += np.bincount(own, weights=(yy**2).sum(axis=1), minlength=k)
+            dy = yy - np.asarray(target["mean"], np.float64)
+            for c in range(width):
+                sse[:, c] += np.bincount(own, weights=(pred[:, c] - yy[:, c]) ** 2, minlength=k)
+                sy[:, c] += np.bincount(own, weights=dy[:, c], minlength=k)
+                syy[:, c] += np.bincount(own, weights=dy[:, c] ** 2, minlength=k)
     with np.errstate(invalid="ignore", divide="ignore"):
         loss = np.where(n > 0, loss_sum / np.maximum(n, 1), np.nan)
         if target is None:
             metric = np.where(n > 0, hit / np.maximum(n, 1), np.nan)
         else:
-            sst = syy - sy**2 / np.maximum(n, 1)
-            metric = np.where((n > 0) & (sst > 0), 1 - sse / np.where(sst > 0, sst, 1.0), np.nan)
+            sst = syy - sy**2 / np.maximum(n, 1)[:, None]
+            r2 = np.where(sst > 0, 1 - sse / np.where(sst > 0, sst, 1.0), np.nan)
+            metric = np.where(n > 0, r2.mean(axis=1), np.nan)  # per column, averaged as scikit-learn's
     return {"version": int(version), "n": n.tolist(), "loss": loss.tolist(), "metric": metric.tolist()}

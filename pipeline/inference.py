@@ -37,7 +37,7 @@ import numpy as np
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, release_freed_memory, restore_mmap_threshold
 from pipeline.errors import PipelineError, StoreError, TaskFailure, as_task_failure
 from pipeline.metrics import evaluate_arrays, finish_metrics, merge_metrics
-from pipeline.model import Model
+from pipeline.model import Model, target_name_of
 from pipeline.store import (
     Store,
     _writer_gone,
@@ -71,10 +71,10 @@ def model_layout(model: Model) -> dict[str, Any]:
 
 
 def store_targets(store: Store) -> tuple[str | None, int]:
-    """The target column's name as ingest recorded it (None: not recorded) and the number of
-    target values per row."""
-    name = (store.attrs.get("target") or {}).get("name")
-    return (None if name is None else str(name)), int(np.prod(store.y.shape[1:], dtype=np.int64))
+    """The target column's name as the store's source gave it (None: not recorded, or made up for
+    a source without column names: :func:`pipeline.model.target_name_of`) and the number of target
+    values per row."""
+    return target_name_of(store), int(np.prod(store.y.shape[1:], dtype=np.int64))
 
 
 def _check_targets(model: Model, store: Store) -> None:

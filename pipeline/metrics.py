@@ -27,13 +27,17 @@ def evaluate_arrays(probs_or_pred: np.ndarray, y: np.ndarray, target: dict | Non
     pred = np.asarray(probs_or_pred, dtype=np.float64).reshape(len(y), -1) * target["std"] + target["mean"]
     err = pred - yy
     zerr = err / target["std"]
+    # The targets' sums are taken about the training mean (the same shift in every part, so they
+    # still add up): raw sums of y and y^2 cancel catastrophically in R^2's sum of squares when
+    # the mean is large against the spread (timestamps, 1.7e9 +- 3, gave R^2 = -1840 for 0.92).
+    dy = yy - np.asarray(target["mean"], dtype=np.float64)
     return {
         "n": len(yy),
         "loss_sum": float(np.mean(zerr**2, axis=1).sum()),
         "sse": (err**2).sum(axis=0),
         "sae": np.abs(err).sum(axis=0),
-        "sum_y": yy.sum(axis=0),
-        "sum_y2": (yy**2).sum(axis=0),
+        "sum_dy": dy.sum(axis=0),
+        "sum_dy2": (dy**2).sum(axis=0),
         "min_y": yy.min(axis=0),  # merged by minimum / maximum: tell a constant target exactly
         "max_y": yy.max(axis=0),
     }
@@ -80,7 +84,7 @@ def finish_metrics(sums: dict, target: dict | None) -> dict[str, Any]:
             "accuracy": float(np.trace(conf) / n),
             "confusion": conf.tolist(),
         }
-    sst = sums["sum_y2"] - sums["sum_y"] ** 2 / n
+    sst = sums["sum_dy2"] - sums["sum_dy"] ** 2 / n  # about the training mean: see evaluate_arrays
     r2 = 1 - sums["sse"] / np.where(sst > 0, sst, 1.0)
     if "min_y" in sums:
         # A constant target has no variance to explain: R^2 is 1 for exact predictions and 0

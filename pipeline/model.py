@@ -9,6 +9,7 @@ store's normalization itself.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,21 @@ from pipeline.checkpoint import load_file, save_file
 from pipeline.errors import CheckpointError
 
 MODEL_FORMAT = 1
+# Sources whose target has no column name of its own: the program names it ("labels" or "x3" of
+# NumPy and IDX files, "y" of synthetic data and of the estimators' stores of in-memory arrays).
+_UNNAMED_TARGET_SOURCES = frozenset({"synthetic", "npy", "npz", "idx", "estimator"})
+
+
+def target_name_of(store: Any) -> str | None:
+    """The name of ``store``'s target column as its source gave it, or None when the program made
+    it up (:data:`_UNNAMED_TARGET_SOURCES`) or did not record one: a made-up name says nothing about
+    which column the targets are, so a model trained on in-memory arrays, NumPy or synthetic data
+    is not refused on a store whose target is named (as its made-up feature names are not)."""
+    attrs = getattr(store, "attrs", None) or {}
+    name = (attrs.get("target") or {}).get("name")
+    source = attrs.get("source")
+    fmt = source.get("format") if isinstance(source, Mapping) else None
+    return None if name is None or fmt in _UNNAMED_TARGET_SOURCES else str(name)
 
 
 def record_of(history: list[dict], epoch: int | None) -> dict:
@@ -49,8 +65,9 @@ class Model:
     # IDX, synth); None: not recorded (older model files, in-memory estimator fits), and
     # pipeline.store.layout_mismatch then judges by the names' spelling.
     feature_names_generated: bool | None = None
-    # The training store's target column (None: not recorded, e.g. an older model file; the
-    # target name is then not compared by `pipeline evaluate`).
+    # The training store's target column (None: not recorded, e.g. an older model file, or made up
+    # for a source without column names: :func:`target_name_of`; the target name is then not
+    # compared by `pipeline evaluate`).
     target_name: str | None = None
     # how the training data's text was read (pipeline.store.source_reading): the decimal mark and
     # the missing-value tokens, where ingest recorded them; None: not recorded
@@ -73,7 +90,6 @@ class Model:
         last record: the figures `pipeline runs` and the run's final line show for it."""
         from pipeline.store import names_made_up, source_reading
 
-        tname = (store.attrs.get("target") or {}).get("name")
         return cls(
             spec=dict(spec),
             params=np.asarray(params, dtype=np.float32).copy(),
@@ -88,7 +104,7 @@ class Model:
             config=cfg.to_dict(),
             metrics=record_of(history, best_epoch),
             feature_names_generated=names_made_up(store),
-            target_name=None if tname is None else str(tname),
+            target_name=target_name_of(store),
             reading=source_reading(store) or None,
         )
 

@@ -23,7 +23,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -247,10 +247,25 @@ def schema_mismatch(reference: Mapping[str, Any], info: Mapping[str, Any]) -> st
     return problem
 
 
-def _pooled(count: int, s: np.ndarray, ss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and population std (0 replaced by 1) from a count, sums and sums of squares."""
+def _pooled(infos: Sequence[Mapping[str, Any]], prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """The pooled mean and population std (0 replaced by 1) of the sites' reports ``infos``:
+    their counts, sums (``{prefix}sum``) and sums of squared deviations about each site's own
+    mean (``{prefix}m2``), combined as Chan et al.'s parallel update does, so a column whose mean
+    is large against its spread (timestamps: 1.7e9 +- 3) keeps its spread; from a report without
+    them (an earlier version's), the raw sums of squares."""
+    count = sum(int(i["count"]) for i in infos)
+    s = sum(np.asarray(i[f"{prefix}sum"], np.float64) for i in infos)
     mean = s / max(count, 1)
-    var = np.maximum(ss / max(count, 1) - mean**2, 0.0)
+    if all(f"{prefix}m2" in i for i in infos):
+        m2 = sum(
+            np.asarray(i[f"{prefix}m2"], np.float64)
+            + int(i["count"]) * (np.asarray(i[f"{prefix}sum"], np.float64) / max(int(i["count"]), 1) - mean) ** 2
+            for i in infos
+        )
+        var = m2 / max(count, 1)
+    else:
+        ss = sum(np.asarray(i[f"{prefix}sumsq"], np.float64) for i in infos)
+        var = np.maximum(ss / max(count, 1) - mean**2, 0.0)
     std = np.sqrt(var)
     return mean, np.where(std > 0, std, 1.0)
 
@@ -274,19 +289,14 @@ def pool_sites(sites_path: str, infos: Mapping[str, Mapping[str, Any]]) -> Feder
     empty = [n for n in names if int(infos[n]["count"]) <= 0]
     if len(empty) == len(names):
         raise StoreError(f"no site of {sites_path!r} has rows to train on (every store is empty or held out)")
-    count = sum(int(infos[n]["count"]) for n in names)
-    s = sum(np.asarray(infos[n]["sum"], np.float64) for n in names)
-    ss = sum(np.asarray(infos[n]["sumsq"], np.float64) for n in names)
-    mean, std = _pooled(count, s, ss)
+    mean, std = _pooled([infos[n] for n in names])
     width = int(ref.get("y_width", 1))
     if ref["task"] == "classification":
         counts = sum(np.asarray(infos[n]["class_counts"], np.int64) for n in names)
         y_mean, y_std = np.zeros(width), np.ones(width)
     else:
         counts = None
-        ys = sum(np.asarray(infos[n]["y_sum"], np.float64) for n in names)
-        yss = sum(np.asarray(infos[n]["y_sumsq"], np.float64) for n in names)
-        y_mean, y_std = _pooled(count, ys, yss)
+        y_mean, y_std = _pooled([infos[n] for n in names], "y_")
     return Federation(
         path=sites_path,
         task=ref["task"],

@@ -138,3 +138,28 @@ def test_site_resources_and_spread():
     spread = site_spread(per, "accuracy")
     assert spread["site_worst_decile"] == pytest.approx(0.05)  # the worst 2 of 11 sites
     assert spread["site_mean"] == pytest.approx((sum(i for i in range(10)) + 90) / 190)
+
+
+def test_pooled_statistics_of_columns_far_from_zero_keep_their_spread(tmp_path):
+    """Sites report their sums of squared deviations about their own means, which pool exactly: a
+    target of Unix times (1.7e9, a few seconds apart) pooled from raw sums of squares had a std
+    of 1 (its variance cancelled to 0) where the rows' is about 3."""
+    from pipeline.fedclient import site_info
+    from pipeline.ingest import ingest
+    from pipeline.store import open_store
+
+    rng = np.random.default_rng(0)
+    stores = {}
+    for name, n, shift in (("a", 400, 0.0), ("b", 250, 2.0)):
+        x = rng.standard_normal((n, 2))
+        t = 1.7e9 + shift + 3.0 * x[:, 0] + rng.standard_normal(n)
+        src = tmp_path / f"{name}.csv"
+        src.write_text("p,q,t\n" + "".join(f"{a:.5f},{b + 3e4:.4f},{c:.6f}\n" for (a, b), c in zip(x, t, strict=True)))
+        stores[name] = str(ingest(src, tmp_path / f"{name}.zarr", target="t").path)
+    fed = pool_sites("s.toml", {name: site_info(path) for name, path in stores.items()})
+    X = np.vstack([np.asarray(open_store(p).X[:], np.float64) for p in stores.values()])
+    y = np.concatenate([np.asarray(open_store(p).y[:], np.float64).reshape(-1) for p in stores.values()])
+    np.testing.assert_allclose(fed.y_mean, [y.mean()], rtol=1e-12)
+    np.testing.assert_allclose(fed.y_std, [y.std()], rtol=1e-6)
+    np.testing.assert_allclose(fed.mean, X.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(fed.std, X.std(axis=0), rtol=1e-6)
