@@ -759,6 +759,12 @@ def train(
     )
 
 
+def _figure(v: float) -> str:
+    """A metric as `evaluate` prints it: 4 decimals, or 4 significant digits for a small one (the
+    errors of a target measured in millionths would all print as 0.0000)."""
+    return f"{v:.4g}" if v != 0 and abs(v) < 1e-3 else f"{v:.4f}"
+
+
 def _load_run_model(run_dir: str):
     """The model of ``run_dir`` (a run directory or a model file); a run directory without
     one is explained: still training, interrupted (how to finish it), or failed."""
@@ -801,7 +807,7 @@ def evaluate(run_dir: str, store: str, as_json: bool, **cluster_kw) -> None:
     for k, v in metrics.items():
         if k in ("confusion", "classes"):
             continue
-        click.echo(f"{k:>10}: {v:.4f}" if isinstance(v, float) else f"{k:>10}: {v}")
+        click.echo(f"{k:>10}: {_figure(v)}" if isinstance(v, float) else f"{k:>10}: {v}")
     if "confusion" in metrics:
         classes = metrics.get("classes") or [str(i) for i in range(len(metrics["confusion"]))]
         click.echo("confusion matrix (rows: true, columns: predicted):")

@@ -112,3 +112,26 @@ def test_simulated_clients_r2_of_a_target_far_from_zero(client, tmp_path):
         metric, n = z["metric"], z["n"]
     assert (n > 0).all() and np.isfinite(metric).all()
     assert (metric > 0.5).all() and (metric < 1.0).all(), metric
+
+
+def test_evaluate_prints_small_errors_in_significant_digits(client, tmp_path):
+    """A target measured in millionths: `pipeline evaluate` printed rmse and mae as 0.0000; they
+    are printed to 4 significant digits, the figures of its --json output."""
+    from tests.pipeline.helpers import invoke
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((600, 2))
+    y = 1e-6 * (X @ [2.0, -1.0]) + 1e-7 * rng.standard_normal(600)
+    src = tmp_path / "small.csv"
+    src.write_text("a,b,t\n" + "".join(f"{a:.5f},{b:.5f},{t:.6e}\n" for (a, b), t in zip(X, y, strict=True)))
+    store = ingest(src, tmp_path / "small.zarr", target="t").path
+    cfg = TrainConfig().with_overrides(["epochs=2", "hidden=[]", "patience=0"])
+    run = train(store, cfg, tmp_path / "run").run_dir
+    address = client.scheduler.address
+    shown = invoke("evaluate", run, store, "--scheduler", address)
+    assert shown.exit_code == 0, shown.output
+    figures = json.loads(invoke("evaluate", run, store, "--scheduler", address, "--json").stdout)
+    lines = dict(ln.split(":", 1) for ln in shown.stdout.splitlines() if ":" in ln)
+    for key in ("rmse", "mae"):
+        assert 0 < figures[key] < 1e-3
+        assert float(lines[key.rjust(10)]) == pytest.approx(figures[key], rel=1e-3), shown.stdout
