@@ -1065,6 +1065,7 @@ def _ingest_table(
                     keep &= ~p.missing
                 o = e["offset"]
                 if e["kind"] == "numeric":
+                    _check_float32_range(p.values, ~p.missing, e["name"], _row0)
                     X[:, o] = np.where(p.missing, e["fill"], p.values)
                     continue
                 s = pc.if_else(pa.array(p.missing), pa.scalar(e["fill"], pa.string()), p.text())
@@ -1300,18 +1301,25 @@ def _write(
         attrs=plan.store_attrs(source),
     ) as w:
         for X, y, n in batches:
-            Xc = np.ascontiguousarray(X.astype(plan.x_dtype, copy=False))
-            _check_no_nan(Xc, y, plan, n_written)
+            with np.errstate(over="ignore"):  # a finite value beyond float32's range: named below
+                Xc = np.ascontiguousarray(X.astype(plan.x_dtype, copy=False))
+            _check_no_nan(Xc, y, plan, n_written, X)
             xstats.update(Xc)  # this store's own statistics (under like=, next to the training store's)
             if count_classes:
                 class_counts += np.bincount(y, minlength=len(class_counts))
             elif y_stats:
-                ystats.update(y.reshape(len(y), -1))
+                with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below
+                    ystats.update(y.reshape(len(y), -1))
             w.append(Xc, y)
             n_read += n
             n_written += len(Xc)
             prog.update(n)
         prog.done()
+        if y_stats and not (np.isfinite(ystats.mean).all() and np.isfinite(ystats.m2).all()):
+            raise IngestError(
+                f"the target {target.name!r} holds values too large to standardize in float64 (its squares "
+                "overflow; the largest magnitude allowed is about 1e154); scale the column, e.g. to other units"
+            )
         w.attrs.update(plan.final_attrs(xstats, ystats, class_counts))
         own: dict[str, Any] = {}
         if plan.training_stats is not None:  # the data's own statistics, for inspect
@@ -1322,13 +1330,38 @@ def _write(
     return w.commit_result
 
 
-def _check_no_nan(X: np.ndarray, y: np.ndarray, plan: IngestPlan, row0: int) -> None:
-    """The store never holds NaN: every missing value was imputed, refused or dropped before."""
+def _check_float32_range(values: np.ndarray, present: np.ndarray, name: str, row0: int) -> None:
+    """Refuse a feature value beyond float32's range (features are stored as float32), naming the
+    column and its 0-based data row, instead of storing it as infinity."""
+    top = float(np.finfo(np.float32).max)
+    with np.errstate(invalid="ignore"):
+        over = present & (np.abs(values) > top)
+    if over.any():
+        r = int(np.argmax(over))
+        raise IngestError(
+            f"column {name!r} holds {float(values[r]):g} at data row {row0 + r} (0-based), beyond the range of "
+            f"float32 features (+-{top:.3g}); scale the column (e.g. to other units) or leave it out with --drop"
+        )
+
+
+def _check_no_nan(X: np.ndarray, y: np.ndarray, plan: IngestPlan, row0: int, source: np.ndarray | None = None) -> None:
+    """The store never holds NaN: every missing value was imputed, refused or dropped before. A
+    feature whose value in ``source`` (the rows before their cast to the store's dtype) is
+    finite but beyond the store's float range is the user's to scale: refused naming it."""
     for what, a in (("features", X), ("targets", y)):
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             r = int(np.argmax(~np.isfinite(a.reshape(len(a), -1)).all(axis=1)))
             col = int(np.argmax(~np.isfinite(a.reshape(len(a), -1)[r]))) if what == "features" else 0
             name = f" (feature {plan.feature_names[col]!r})" if what == "features" else ""
+            if what == "features" and source is not None:
+                value = np.asarray(source).reshape(len(a), -1)[r, col]
+                if np.isfinite(value):
+                    top = float(np.finfo(a.dtype).max)
+                    raise IngestError(
+                        f"feature {plan.feature_names[col]!r} holds {float(value):g} at written row {row0 + r}, "
+                        f"beyond the range of the store's {a.dtype} features (+-{top:.3g}); scale the column "
+                        "(e.g. to other units) or leave it out with --drop"
+                    )
             raise IngestError(
                 f"internal error: a NaN or infinite value reached the store's {what}{name} at written row "
                 f"{row0 + r}; nothing was written: please report this with the source file"

@@ -369,3 +369,37 @@ def test_regression_targets_are_stored_unrounded(tmp_path) -> None:
     got = np.concatenate([prepare_targets(y, st.attrs["target"])[:, 0] for y in ys])
     want = ((vals - vals.mean()) / vals.std()).astype(np.float32)
     np.testing.assert_allclose(np.sort(got), np.sort(want), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "npy"])
+def test_a_feature_beyond_float32s_range_is_refused_naming_it(tmp_path, fmt):
+    """1e39 fits a float64 but not the store's float32 features: it became infinity and the
+    command ended with "internal error ... please report this"; it is refused naming the column
+    and the fix, and nothing is created."""
+    a = np.array([1.0, 2.0, 1e39, 3.0])
+    if fmt == "csv":
+        src = tmp_path / "s.csv"
+        src.write_text("a,t\n" + "".join(f"{v:g},{i % 2}\n" for i, v in enumerate(a)))
+        args = [src, tmp_path / "s.zarr"]
+    elif fmt == "parquet":
+        src = tmp_path / "s.parquet"
+        pq.write_table(pa.table({"a": a, "t": [0, 1, 0, 1]}), src)
+        args = [src, tmp_path / "s.zarr"]
+    else:
+        np.save(tmp_path / "s.npy", a.reshape(-1, 1))
+        np.save(tmp_path / "y.npy", np.array([0, 1, 0, 1]))
+        args = [tmp_path / "s.npy", tmp_path / "s.zarr", "--labels", tmp_path / "y.npy"]
+    name = "x0" if fmt == "npy" else "a"
+    line = one_line_error(run("ingest", *args), f"{name!r} holds 1e+39 at ", "row 2", "beyond the range of")
+    assert "scale the column" in line and "--drop" in line and "internal error" not in line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_regression_target_too_large_to_standardize_is_refused(tmp_path):
+    """A target near 1e308: its squares overflow, so the store was written with std [None] and
+    training then failed with non-finite parameters; it is refused at ingest, nothing created."""
+    src = tmp_path / "t.csv"
+    src.write_text("a,t\n1,1e308\n2,-1e308\n3,1.5e308\n")
+    line = one_line_error(run("ingest", src, tmp_path / "t.zarr", "--task", "regression"), "too large to standardize")
+    assert "'t'" in line and "scale the column" in line
+    assert not (tmp_path / "t.zarr").exists()
