@@ -45,6 +45,7 @@ def main() -> None:
     X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.2, random_state=0)
 
     gd = LinearRegression(
+        solver="minibatch",  # gradient steps ("auto" solves a linear least-squares fit exactly)
         batch_size=0,
         optimizer="sgd",
         learning_rate_init=0.1,
