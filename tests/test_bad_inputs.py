@@ -702,6 +702,18 @@ def _(t: Trial) -> Outcome:
     return out
 
 
+@case("F77")
+def _(t: Trial) -> Outcome:
+    t.write("big.csv", "a,t\n1,x\n1e39,y\n2,x\n")
+    return t.cli("ingest", "big.csv", "out.zarr")
+
+
+@case("F78")
+def _(t: Trial) -> Outcome:
+    t.write("huge.csv", "a,t\n1,1e308\n2,-1e308\n3,1.5e308\n")
+    return t.cli("ingest", "huge.csv", "out.zarr", "--task", "regression")
+
+
 @case("F15")
 def _(t: Trial) -> Outcome:
     (t.path / "mydata").mkdir()
