@@ -70,7 +70,10 @@ Where training runs (the ``client`` and ``cluster_min_rows`` parameters):
   fix).
 - The cluster: a ``distributed.Client`` passed as ``client``, or a scheduler address string
   (``"tcp://HOST:PORT"``, ``"HOST:PORT"``; a client of it is made once per process and closed by
-  :func:`shutdown_local_cluster`); any other string than ``"local"`` is refused; else the current client
+  :func:`shutdown_local_cluster`, and made again once it closed: a scheduler restarted at the
+  address is reached); any other string than ``"local"`` is refused, and so is a closed client
+  object (a ValueError before anything is written; ``clone`` shares a client object, a pickled
+  copy has ``client=None`` and the estimator pickled keeps its client); else the current client
   (``distributed.get_client()``); else one LocalCluster per process with ``n_workers``
   single-threaded worker processes and :mod:`pipeline.ps` preloaded into its scheduler, started
   lazily on first use and closed at interpreter exit (``atexit``) or by
@@ -87,12 +90,18 @@ from its rows and, for classifiers, needs ``classes`` (every label of all calls)
 scikit-learn: ``classes_`` are those, and a batch with a label outside them is refused. Dask
 arrays are computed and checked like NumPy input (NaN / inf refused). ``fit`` starts over.
 
+A ``fit`` that fails or is interrupted (Ctrl-C: ``KeyboardInterrupt``), and a first
+``partial_fit`` that does, leaves the estimator unfitted, with none of the fitted attributes of
+a previous fit or of its own (``check_is_fitted`` and ``predict`` agree); its temporary store and
+run directory are removed and the cluster's job of it ends, so the next ``fit`` starts clean.
+
 ``predict`` / ``score`` on a store path check the store (it exists, matches the model) before
 any cluster is used or started.
 
-Prediction on in-memory arrays runs in this process through :class:`pipeline.model.Model`; on a
-store path it runs chunk by chunk on the cluster (:mod:`pipeline.inference`) and returns the
-predictions as a NumPy array (one value per row). ``score`` on a store path is the cluster's
+Prediction on in-memory arrays runs in this process through :class:`pipeline.model.Model`, on a
+Dask array one row block at a time (computed by the current Dask scheduler; the array is never
+held whole); on a store path it runs chunk by chunk on the cluster (:mod:`pipeline.inference`).
+Either way the predictions are a NumPy array (one value per row). ``score`` on a store path is the cluster's
 accuracy / R^2 from :func:`pipeline.inference.evaluate_store`.
 
 After ``fit(store)`` (and a federated fit), ``feature_names_in_`` are the store's column names: a
@@ -257,6 +266,10 @@ def _address_client(address: str) -> Any:
     :func:`shutdown_local_cluster`); a ValueError of one line when it cannot be reached."""
     with _lock:
         remote = _remote
+        if address in remote and _closed(remote[address]):
+            # the scheduler went away and the client gave up reconnecting: connect afresh (to the
+            # scheduler restarted there, or fail in one line below) instead of reusing a dead client
+            remote.pop(address).close()
         if address not in remote:
             from distributed import Client
 
@@ -281,6 +294,10 @@ def _cluster_client(n_workers: int) -> Any:
     except ValueError:
         pass
     with _lock:
+        if "client" in _local and _closed(_local["client"]):
+            # its client was closed (``estimator._cluster().close()``): the cluster is started again
+            _local.pop("client")
+            _local.pop("cluster").close()
         if "client" not in _local:
             from distributed import Client, LocalCluster
 
@@ -299,6 +316,12 @@ def _cluster_client(n_workers: int) -> Any:
             _local["client"] = Client(cluster, set_as_default=False)
             atexit.register(shutdown_local_cluster)
         return _local["client"]
+
+
+def _closed(client: Any) -> bool:
+    """Whether ``client`` was closed (by its owner, or after losing its scheduler for good):
+    nothing can run through it again."""
+    return getattr(client, "status", "running") in ("closing", "closed")
 
 
 def shutdown_local_cluster() -> None:
@@ -347,6 +370,26 @@ def _one_line_errors() -> Iterator[None]:
         else:
             msg = " ".join(lines)
         raise ValueError(msg) from None
+
+
+@contextlib.contextmanager
+def _temporary_run(tmp: str) -> Iterator[None]:
+    """Training in the temporary directory ``tmp`` (removed when the fit ends): an error telling
+    to resume from its last checkpoint (the scheduler was lost) names a run directory that will
+    not exist, so it says instead to fit again."""
+    from pipeline.errors import PipelineError
+
+    try:
+        yield
+    except PipelineError as exc:
+        msg = str(exc)
+        cut = msg.find("; the last checkpoint is in")
+        if cut < 0 or tmp not in msg:
+            raise
+        raise type(exc)(
+            f"{msg[:cut]}; the fit's temporary store and run directory are removed: fit again on a running "
+            "cluster (with a new client if this one was closed)"
+        ) from None
 
 
 def _store_classes(st: Any) -> np.ndarray:
@@ -554,12 +597,26 @@ class _BaseMLP(BaseEstimator):
         tags.non_deterministic = False
         return tags
 
+    def __sklearn_clone__(self) -> Any:
+        """scikit-learn's clone, sharing a ``client`` object instead of deep-copying it: a
+        ``distributed.Client`` is a connection to a cluster, not a parameter value, and it cannot
+        be copied (``clone``, ``GridSearchCV`` and ``cross_val_score`` failed on it)."""
+        client = self.client
+        if client is None or isinstance(client, str):
+            return super().__sklearn_clone__()
+        twin = type(self).__new__(type(self))
+        twin.__dict__.update(vars(self), client=None)
+        new = twin.__sklearn_clone__()
+        new.client = client
+        return new
+
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
+        # a copy: scikit-learn's is this estimator's own __dict__, which pickling must not change
+        state = dict(super().__getstate__())
         if isinstance(state.get("model_"), Model):  # the cached kernel trainer does not pickle
             state["model_"] = replace(state["model_"], _trainer=None)
         if not isinstance(state.get("client"), str | type(None)):
-            state["client"] = None  # a live Client does not pickle either
+            state["client"] = None  # a live Client does not pickle either (the estimator keeps it)
         return state
 
     # -- input --------------------------------------------------------------------------------
@@ -673,10 +730,12 @@ class _BaseMLP(BaseEstimator):
             raise TypeError(f"{type(self).__name__}.fit() got an unexpected keyword argument {name!r}")
         self._check_client()
         cfg = self._train_config()
-        for attr in ("_opt_state", "model_", "classes_", "history_", "loss_curve_"):
-            self.__dict__.pop(attr, None)
-        self._trained_on_arrays = self._names_from_store = False
-        stopped = self._fit_from(X, y, cfg)
+        self._forget_fit()
+        try:
+            stopped = self._fit_from(X, y, cfg)
+        except BaseException:  # refused, failed or interrupted (Ctrl-C): unfitted, as constructed
+            self._forget_fit()
+            raise
         if stopped is False and cfg.patience and self.n_iter_ >= cfg.epochs:
             # scikit-learn's words and category: the epochs ran out before n_iter_no_change epochs
             # without a tol improvement stopped the fit (n_iter_no_change=0 asks for max_iter epochs)
@@ -687,6 +746,17 @@ class _BaseMLP(BaseEstimator):
                 stacklevel=2,
             )
         return self
+
+    def _forget_fit(self) -> None:
+        """Drop everything a fit set (the attributes ending in ``_`` and the private state beside
+        them): a fit starts over, and one that fails or is interrupted leaves no mix of the
+        previous fit's attributes (``n_iter_``, ``ps_installed_by_``, ...) and its own
+        (``classes_``) that ``check_is_fitted`` would take for a fitted estimator."""
+        for attr in [a for a in vars(self) if a.endswith("_") and not a.startswith("__")]:
+            delattr(self, attr)
+        for attr in ("_opt_state", "_n_outputs"):
+            self.__dict__.pop(attr, None)
+        self._trained_on_arrays = self._names_from_store = False
 
     def _fit_from(self, X: Any, y: Any, cfg: TrainConfig) -> bool | None:
         """Train from scratch (see :meth:`fit`): whether the stopping rule ended a minibatch
@@ -719,8 +789,16 @@ class _BaseMLP(BaseEstimator):
         return stopped
 
     def _check_client(self) -> None:
-        """``client`` is None, "local", a scheduler address or a client object (else ValueError)."""
+        """``client`` is None, "local", a scheduler address or a client object that is not closed
+        (else ValueError)."""
         c = self.client
+        if c is not None and not isinstance(c, str) and _closed(c):
+            # refused before a store is written: training through it would fail with the lost
+            # scheduler's resume hint, naming a temporary run directory that is then removed
+            raise ValueError(
+                f"client={c!r} is closed: pass a running distributed.Client (e.g. Client(LocalCluster())), "
+                "or client=None (the current client, else a LocalCluster of n_workers)"
+            )
         if c is None or not isinstance(c, str) or c == "local" or _ADDRESS.fullmatch(c):
             return
         raise ValueError(
@@ -811,7 +889,7 @@ class _BaseMLP(BaseEstimator):
                 clients: Any = contextlib.nullcontext(user)
             else:
                 clients = cluster_client(workers=1, dashboard_address=None, sites=sorted(stores))
-            with clients as client, client.as_current():
+            with _temporary_run(tmp), clients as client, client.as_current():
                 res = train(None, fcfg, os.path.join(tmp, "run"), client=client, force=True)
         self.model_ = res.model
         self.history_ = list(res.history)
@@ -832,7 +910,7 @@ class _BaseMLP(BaseEstimator):
         from pipeline.train import train
 
         client = self._cluster()
-        with client.as_current():  # the driver's distributed.wait() looks up the current client
+        with _temporary_run(os.path.dirname(out)), client.as_current():  # the driver's wait() needs it current
             res = train(store, cfg, out, client=client, force=True)
         self.model_ = res.model
         self.history_ = list(res.history)
@@ -1279,6 +1357,17 @@ class _BaseMLP(BaseEstimator):
     # -- partial_fit --------------------------------------------------------------------------
 
     def _partial_fit(self, X: Any, y: Any, classes: Any = None) -> Any:
+        first = not hasattr(self, "model_")
+        try:
+            return self._partial_pass(X, y, classes)
+        except BaseException:
+            if first:  # a refused, failed or interrupted first call leaves the estimator unfitted
+                self._forget_fit()
+            raise
+
+    def _partial_pass(self, X: Any, y: Any, classes: Any = None) -> Any:
+        """:meth:`partial_fit`'s pass; on the first call its model is set before training, so
+        :meth:`_partial_fit` forgets it again if the pass does not end."""
         if _is_path(X):
             raise ValueError("partial_fit takes arrays; to train on a store use fit(store_path)")
         cfg = self._train_config()
@@ -1298,14 +1387,8 @@ class _BaseMLP(BaseEstimator):
                 raise ValueError(f"classes={given!r} differ from the fitted classes_ {self.classes_.tolist()!r}")
         if _is_dask(X) or _is_dask(y):  # partial_fit trains in memory: checked as NumPy input
             X, y = np.asarray(_computed(X)), np.asarray(_computed(y))
-        try:
-            # classifiers: classes_ come from ``classes`` (above); y's labels must be among them
-            X, y = self._validate_arrays(X, y, reset=first, reset_classes=first and self._task == "regression")
-        except ValueError:
-            if first:  # a refused first call leaves the estimator as it was
-                for attr in ("classes_", "n_features_in_", "feature_names_in_"):
-                    self.__dict__.pop(attr, None)
-            raise
+        # classifiers: classes_ come from ``classes`` (above); y's labels must be among them
+        X, y = self._validate_arrays(X, y, reset=first, reset_classes=first and self._task == "regression")
         X = np.asarray(X)
         if first:
             mean, std = X.mean(axis=0, dtype=np.float64), X.std(axis=0, dtype=np.float64)
@@ -1368,9 +1451,20 @@ class _BaseMLP(BaseEstimator):
         with _one_line_errors(), self._store_order_rows(reset=False):
             return validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
 
+    def _by_rows(self, X: Any, f: Any) -> np.ndarray:
+        """``f`` of the checked rows of ``X``. A Dask array is computed one row block at a time
+        and the results joined (a NumPy array), so predicting on an array larger than memory
+        holds one block and the predictions, as ``fit`` writes it block by block. The results are
+        the whole array's up to float64 rounding (a product of fewer rows may round otherwise)."""
+        check_is_fitted(self, "model_")  # NotFittedError first
+        if not _is_dask(X) or X.ndim != 2 or X.numblocks[0] < 2:
+            return f(self._predict_rows(X))
+        X = X.rechunk({1: -1})
+        return np.concatenate([f(self._predict_rows(np.asarray(X.blocks[i].compute()))) for i in range(X.numblocks[0])])
+
     def _decision(self, X: Any) -> np.ndarray:
-        rows = self._predict_rows(X)  # NotFittedError first
-        return self.model_.decision(rows)
+        check_is_fitted(self, "model_")  # NotFittedError first
+        return self._by_rows(X, self.model_.decision)
 
     def _predict_store(self, path: str, proba: bool) -> np.ndarray:
         import zarr
@@ -1629,8 +1723,7 @@ class LogisticRegression(MLPClassifier):
         if self.model_.spec["hidden"]:
             raise AttributeError("decision_function is defined for models without hidden layers; use predict_proba")
         (W, b) = self._model_layers()[0]
-        Xn = self.model_.transform_features(self._predict_rows(X)).astype(np.float64)
-        z = Xn @ W + b
+        z = self._by_rows(X, lambda rows: self.model_.transform_features(rows).astype(np.float64) @ W + b)
         return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
 
     def __init__(

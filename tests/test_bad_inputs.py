@@ -1851,6 +1851,42 @@ def _(t: Trial) -> Outcome:
     return out
 
 
+@case("A23")
+def _(t: Trial) -> Outcome:
+    from distributed import Client, LocalCluster
+    from sklearn.exceptions import NotFittedError
+
+    from pipeline.estimator import MLPClassifier
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        c = Client(cluster, set_as_default=False)
+        c.close()
+    est = MLPClassifier(client=c, cluster_min_rows=0)
+    out = t.call(lambda: est.fit(_X, _Y))
+    with pytest.raises(NotFittedError):
+        est.predict(_X)
+    return out
+
+
+@case("A24")
+def _(t: Trial) -> Outcome:
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    from pipeline.estimator import MLPClassifier
+
+    est = MLPClassifier(hidden_layer_sizes=(4,), max_iter=2, n_iter_no_change=0).fit(_X, _Y)
+    bad = _X.copy()
+    bad[0, 0] = np.nan
+    out = t.call(lambda: est.fit(bad, _Y))
+    with pytest.raises(NotFittedError):
+        check_is_fitted(est)
+    with pytest.raises(NotFittedError):
+        est.predict(_X)
+    assert not [a for a in vars(est) if a.endswith("_")], vars(est)
+    return out
+
+
 def _store_call(t: Trial, method: str) -> Outcome:
     from pipeline import estimator
     from pipeline.estimator import MLPClassifier
