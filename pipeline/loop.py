@@ -217,8 +217,9 @@ def run_batches(
     ``timing["compute"]``, when given, grows by the seconds spent in the kernels as they run (a
     ``sync`` callback may read it). Returns ``samples``,
     ``batches``, ``steps`` (optimizer steps taken), ``loss`` (the mean of the minibatch
-    losses; full batch: over the rows) and ``row_loss`` (the mean over rows)."""
-    samples = n_since = b_since = n_batches = steps = 0
+    losses; full batch: over the rows), ``row_loss`` (the mean over rows) and
+    ``skipped_samples`` (the rows of the batches passed over: the epoch trained them before)."""
+    samples = n_since = b_since = n_batches = steps = skipped = 0
     weighted = 0.0
     losses: list[float] = []
     since: list[float] = []
@@ -226,6 +227,7 @@ def run_batches(
     clock.setdefault("compute", 0.0)
     for i, (X, y) in enumerate(batches):
         if i < skip:
+            skipped += len(X)
             continue
         b = len(X)
         t = time.perf_counter()
@@ -259,4 +261,5 @@ def run_batches(
         "steps": steps,
         "loss": float(np.mean(losses)) if losses else float("nan"),
         "row_loss": weighted / max(1, samples),
+        "skipped_samples": skipped,
     }

@@ -199,10 +199,14 @@ def task_order(n_tasks: int, seed: int, epoch: int) -> list[int]:
     return [int(i) for i in rng.permutation(n_tasks)]
 
 
-def epoch_work(plan: EpochPlan, cfg: TrainConfig, epoch: int, threads: dict[str, int], spec: dict) -> list[Work]:
+def epoch_work(
+    plan: EpochPlan, cfg: TrainConfig, epoch: int, threads: dict[str, int], spec: dict, slots: int = 0
+) -> list[Work]:
     """The training tasks of ``epoch`` of the model ``spec`` on workers with ``threads``
     threads each, in submission order: the plan's tasks (async, ssp), or one share per worker
-    thread (sync). Empty shares are left out. No task is pinned to a worker: a task pinned,
+    thread (sync; ``slots``, if given, is the thread count to split over instead: an epoch
+    resumed after some of its rounds keeps the split it started with, whose positions the
+    server holds by share). Empty shares are left out. No task is pinned to a worker: a task pinned,
     even loosely, to a worker that has died sits in Dask's no-worker state and is not
     rescheduled when a new worker joins (federated runs route by site resource instead,
     pipeline.federated)."""
@@ -214,7 +218,6 @@ def epoch_work(plan: EpochPlan, cfg: TrainConfig, epoch: int, threads: dict[str,
     # counts, not whole tasks: the shares meet at every sync round, so an epoch lasts as long
     # as its largest share (tasks are whole chunks or equal parts of one: 15 chunk tasks over
     # 2 shares would make one 14% larger)
-    slots = [w for w, n in sorted(threads.items()) for _ in range(n)]
-    n = n_sync_shares(plan.train_rows, spec, len(slots), cfg.min_share_gflop)
+    n = n_sync_shares(plan.train_rows, spec, slots or sum(threads.values()), cfg.min_share_gflop)
     shares = split_rows([r for j in order for r in tasks[j]], n)
     return [Work(f"e{epoch}-s{k}", share, None) for k, share in enumerate(shares) if share]

@@ -758,6 +758,7 @@ def train_task(
         "samples": r["samples"],
         "steps": r["steps"],
         "skipped": skip,
+        "skipped_samples": r.get("skipped_samples", 0),  # trained by an earlier attempt of this task
         "loss": r["loss"],
         "read": read_seconds,
         "compute": compute,
