@@ -822,7 +822,18 @@ def _total_threads(client: Any) -> dict[str, int]:
 def check_validation_store(store: Store, validation_store: str) -> None:
     """Refuse a validation store whose features (count, names, order, encodings), task or
     classes differ from the training store's."""
-    problem = layout_mismatch(layout_of(store), open_store(validation_store), labels=True)
+    from pipeline.inference import store_targets
+
+    vs = open_store(validation_store)
+    problem = layout_mismatch(layout_of(store), vs, labels=True)
+    if problem is None:
+        # the targets too: another column, or another number of them, broadcast against the
+        # model's outputs and gave meaningless validation figures (R^2 of -163) to stop on
+        (name, k), (vname, vk) = store_targets(store), store_targets(vs)
+        if vk != k:
+            problem = f"has {vk} target value(s) per row, not {k}"
+        elif name is not None and vname is not None and vname != name:
+            problem = f"has the target column {vname!r}, not {name!r}"
     if problem:
         raise StoreError(
             f"validation store {validation_store!r} does not match the training store {store.path!r}: "

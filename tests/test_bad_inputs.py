@@ -829,6 +829,14 @@ def _(t: Trial) -> Outcome:
     return t.cli("inspect", "s.zarr", "--verify")
 
 
+@case("S17")
+def _(t: Trial) -> Outcome:
+    t.write("d.csv", "a,b,t,u\n1,2,0.5,7.25\n3,4,1.5,8.5\n5,6,2.5,6.75\n7,8,3.5,9.125\n")
+    t.cli("ingest", "d.csv", "t.zarr", "--target", "t", "--drop", "u", "--quiet")
+    t.cli("ingest", "d.csv", "u.zarr", "--target", "u", "--drop", "t", "--quiet")
+    return t.cli("train", "t.zarr", "--out", "run", "--set", "validation_store=u.zarr")
+
+
 @case("S11")
 def _(t: Trial) -> Outcome:
     t.write("good.csv", GOOD_CSV)

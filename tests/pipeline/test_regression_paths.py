@@ -135,3 +135,33 @@ def test_evaluate_prints_small_errors_in_significant_digits(client, tmp_path):
     for key in ("rmse", "mae"):
         assert 0 < figures[key] < 1e-3
         assert float(lines[key.rjust(10)]) == pytest.approx(figures[key], rel=1e-3), shown.stdout
+
+
+def test_a_validation_store_of_another_target_is_refused(tmp_path):
+    """A validation store with the training store's features but another target column, or two
+    targets for one, was accepted: its targets broadcast against the model's outputs and early
+    stopping ran on meaningless figures. It is refused naming the difference, before training."""
+    from pipeline.errors import StoreError
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 2))
+    t, u = X @ [1.0, 2.0], X @ [-1.0, 0.5] + 7
+    src = tmp_path / "d.csv"
+    rows = zip(X, t, u, strict=True)
+    src.write_text("a,b,t,u\n" + "".join(f"{a:.5f},{b:.5f},{c:.5f},{d:.5f}\n" for (a, b), c, d in rows))
+    train_store = ingest(src, tmp_path / "t.zarr", target="t", drop=["u"]).path
+    other = ingest(src, tmp_path / "u.zarr", target="u", drop=["t"]).path
+    np.save(tmp_path / "x.npy", X.astype(np.float32))
+    np.save(tmp_path / "y1.npy", t.reshape(-1, 1))
+    np.save(tmp_path / "y2.npy", np.stack([t, u], axis=1))
+    one = ingest(tmp_path / "x.npy", tmp_path / "one.zarr", labels=tmp_path / "y1.npy", task="regression").path
+    two = ingest(tmp_path / "x.npy", tmp_path / "two.zarr", labels=tmp_path / "y2.npy", task="regression").path
+    for store, vs, says in (
+        (train_store, other, "has the target column 'u', not 't'"),
+        (one, two, "has 2 target value(s) per row, not 1"),
+    ):
+        cfg = TrainConfig().with_overrides(["epochs=1", "hidden=[]", f"validation_store={vs}"])
+        with pytest.raises(StoreError, match="does not match the training store") as err:
+            train(store, cfg, tmp_path / "run")
+        assert says in str(err.value) and f"--like {store}" in str(err.value), err.value
+        assert not (tmp_path / "run").exists()
