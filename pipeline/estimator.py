@@ -75,7 +75,8 @@ Where training runs (the ``client`` and ``cluster_min_rows`` parameters):
   object (a ValueError before anything is written; ``clone`` shares a client object, a pickled
   copy has ``client=None`` and the estimator pickled keeps its client); else the current client
   (``distributed.get_client()``); else one LocalCluster per process with ``n_workers``
-  single-threaded worker processes and :mod:`pipeline.ps` preloaded into its scheduler, started
+  single-threaded worker processes (threads in a joblib worker of ``n_jobs > 1``, which cannot
+  start processes) and :mod:`pipeline.ps` preloaded into its scheduler, started
   lazily on first use and closed at interpreter exit (``atexit``) or by
   :func:`shutdown_local_cluster`. It is never made the default client, so it does not capture
   the user's own Dask work (the estimators enter ``client.as_current()`` around their cluster
@@ -307,15 +308,28 @@ def _cluster_client(n_workers: int) -> Any:
                 cluster = LocalCluster(
                     n_workers=max(1, int(n_workers)),
                     threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=None,
-                    scheduler_kwargs={"preload": ["pipeline.ps"]},
+                    processes=_can_spawn_workers(),
+                    # no dashboard pages; the scheduler's HTTP server takes a free port, never
+                    # another cluster's 8787 (two of these at once warned "Port 8787 is already in use")
+                    dashboard_address="127.0.0.1:0",
+                    scheduler_kwargs={"preload": ["pipeline.ps"], "dashboard": False},
                     host="127.0.0.1",
+                    protocol="tcp",  # also for threads, whose default (inproc://) takes no host
                 )
             _local["cluster"] = cluster
             _local["client"] = Client(cluster, set_as_default=False)
             atexit.register(shutdown_local_cluster)
         return _local["client"]
+
+
+def _can_spawn_workers() -> bool:
+    """Whether this process can start worker processes: not in a joblib worker (scikit-learn's
+    ``n_jobs > 1``), whose start method ('loky') a spawned process cannot find (the nanny failed
+    with "cannot find context for 'loky'"); there the LocalCluster's workers are threads of this
+    process, the kernels releasing the GIL as they run."""
+    import multiprocessing
+
+    return multiprocessing.get_start_method(allow_none=True) in (None, "fork", "spawn", "forkserver")
 
 
 def _closed(client: Any) -> bool:

@@ -254,3 +254,32 @@ def test_pickling_leaves_the_estimators_client_alone(client):
     assert copy.client is None
     assert clf.client is client
     assert clf.fit(X, y).fitted_on_ == "cluster" and not est_mod._local
+
+
+def test_a_grid_search_of_n_jobs_2_fits_on_a_cluster_in_each_joblib_worker() -> None:
+    """Without a client, each joblib worker (``n_jobs=2``) starts its own LocalCluster: its
+    start method ('loky') cannot spawn worker processes (every fit failed with "Nanny failed to
+    start"), so there the workers are threads; the scores are those of ``n_jobs=1``."""
+    from sklearn.model_selection import GridSearchCV
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, 4))
+    y = (X[:, 0] + 0.3 * X[:, 1] > 0).astype(int)
+    base = MLPClassifier(
+        cluster_min_rows=0,
+        max_iter=8,
+        n_iter_no_change=0,
+        hidden_layer_sizes=(8,),
+        batch_size=16,
+        learning_rate_init=0.01,
+        random_state=0,
+    )
+    scores = {
+        n_jobs: GridSearchCV(base, {"alpha": [1e-4, 1e-1]}, cv=2, n_jobs=n_jobs, error_score="raise")
+        .fit(X, y)
+        .cv_results_["mean_test_score"]
+        for n_jobs in (1, 2)
+    }
+    est_mod.shutdown_local_cluster()
+    assert (scores[2] > 0.8).all(), scores
+    np.testing.assert_array_equal(scores[1], scores[2])
