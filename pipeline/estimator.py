@@ -56,7 +56,9 @@ Where training runs (the ``client`` and ``cluster_min_rows`` parameters):
   a local cluster of one worker per site is started for the fit (paths made absolute here).
 - ``fit(X, y)`` with arrays writes a temporary store (:func:`pipeline.store.create_store`; Dask
   arrays block by block, never computed whole) and trains on the cluster, unless the rule below
-  sends it in-process. The temporary store and run directory are deleted after training.
+  sends it in-process. The temporary store and run directory are deleted after training. They
+  are under this machine's temporary directory (``tempfile.gettempdir()``): on a cluster of
+  other hosts set ``TMPDIR`` to a directory every worker can read, or fit on a store path.
 - In-process rule: ``client="local"`` always trains in this process with the Numba kernels
   (:class:`kernels.mlp.MLPTrainer`, the same minibatch step the workers run, one participant, no
   parameter server), with the BLAS threads of the config's ``blas_threads`` (1, as in a worker,
@@ -390,20 +392,31 @@ def _one_line_errors() -> Iterator[None]:
 def _temporary_run(tmp: str) -> Iterator[None]:
     """Training in the temporary directory ``tmp`` (removed when the fit ends): an error telling
     to resume from its last checkpoint (the scheduler was lost) names a run directory that will
-    not exist, so it says instead to fit again."""
+    not exist, so it says instead to fit again; workers that cannot open the fit's temporary
+    store (on other hosts, which do not see this machine's temporary directory) are told what
+    makes them able to."""
     from pipeline.errors import PipelineError
 
     try:
         yield
     except PipelineError as exc:
         msg = str(exc)
-        cut = msg.find("; the last checkpoint is in")
-        if cut < 0 or tmp not in msg:
+        if tmp not in msg:
             raise
-        raise type(exc)(
-            f"{msg[:cut]}; the fit's temporary store and run directory are removed: fit again on a running "
-            "cluster (with a new client if this one was closed)"
-        ) from None
+        cut = msg.find("; the last checkpoint is in")
+        if cut >= 0:
+            raise type(exc)(
+                f"{msg[:cut]}; the fit's temporary store and run directory are removed: fit again on a running "
+                "cluster (with a new client if this one was closed)"
+            ) from None
+        cut = msg.find("; put the store on a path or URL every worker can reach")
+        if cut >= 0 and "cannot open store" in msg:
+            raise type(exc)(
+                f"{msg[:cut]}; the fit's arrays are written to a temporary store under this machine's temporary "
+                f"directory ({os.path.dirname(tmp)}): set TMPDIR to a directory every worker can read (e.g. a "
+                "shared file system), or ingest the data to such a store and fit on its path"
+            ) from None
+        raise
 
 
 def _store_classes(st: Any) -> np.ndarray:

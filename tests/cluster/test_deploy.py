@@ -446,3 +446,38 @@ def test_pipeline_yaml_uses_real_distributed_keys() -> None:
     assert ours["distributed"]["scheduler"]["preload"] == ["pipeline.ps"]
     env = ours["distributed"]["nanny"]["pre-spawn-environ"]
     assert {env[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")} == {1}
+
+
+def test_an_estimators_temporary_store_out_of_the_workers_reach_names_tmpdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fit(X, y) on a cluster writes its arrays to a temporary store under this machine's
+    temporary directory; a worker of another host cannot read it, and the error says how to
+    give the fit a directory the workers share (TMPDIR), which then trains."""
+    import tempfile
+
+    from distributed import Client
+
+    from pipeline.errors import StoreError
+    from pipeline.estimator import MLPClassifier
+
+    local, shared = tmp_path / "local", tmp_path / "shared"
+    local.mkdir()
+    shared.mkdir()
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 3))
+    y = (X[:, 0] > 0).astype(int)
+    with running_cluster(tmp_path / "cluster", workers=0) as cluster:
+        cluster.worker(cluster.address, "elsewhere", cwd=shared, wrap=_hiding(local))
+        with Client(cluster.address, timeout=30, set_as_default=False) as c:
+            c.wait_for_workers(1, timeout=60)
+            est = MLPClassifier(client=c, cluster_min_rows=0, hidden_layer_sizes=(4,), max_iter=2, n_iter_no_change=0)
+            monkeypatch.setattr(tempfile, "tempdir", str(local))
+            with pytest.raises(StoreError) as err:
+                est.fit(X, y)
+            msg = str(err.value)
+            assert "1 of 1 workers cannot open store" in msg and "\n" not in msg, msg
+            assert f"under this machine's temporary directory ({local})" in msg and "set TMPDIR" in msg, msg
+            assert list(local.iterdir()) == []  # the temporary store is removed
+            monkeypatch.setattr(tempfile, "tempdir", str(shared))
+            assert est.fit(X, y).n_iter_ == 2
