@@ -759,6 +759,22 @@ def train(
     )
 
 
+def _reading_line(reading: dict[str, Any]) -> str:
+    """How ingest read the source's text (:func:`pipeline.store.source_reading`), as `inspect`
+    shows it: what ``--like`` ingests follow and models compare; empty when nothing was recorded."""
+    parts = []
+    if "decimal_comma" in reading:
+        if reading["decimal_comma"]:
+            dots = "dots grouping thousands" if reading.get("thousands_dot") else "dots as decimal points"
+            parts.append(f"decimal commas, 1,5 is 1.5 ({dots}; --decimal comma)")
+        else:
+            parts.append("commas as thousands separators, 1,234 is 1234 (--decimal point)")
+    if "missing_values" in reading:
+        tokens = ", ".join(repr(t) for t in reading["missing_values"]) or "none"
+        parts.append(f"missing values {tokens} (--missing-values)")
+    return "; ".join(parts)
+
+
 def _figure(v: float) -> str:
     """A metric as `evaluate` prints it: 4 decimals, or 4 significant digits for a small one (the
     errors of a target measured in millionths would all print as 0.0000)."""
@@ -1249,7 +1265,7 @@ def inspect(store: str, as_json: bool, verify: bool) -> None:
     import json
 
     from pipeline.errors import StoreError
-    from pipeline.store import describe, open_store, verify_store
+    from pipeline.store import describe, open_store, source_reading, verify_store
 
     st = open_store(store)
     info = describe(st)
@@ -1274,6 +1290,9 @@ def inspect(store: str, as_json: bool, verify: bool) -> None:
         )
         src = info.get("source") or {}
         click.echo(f"source   {src.get('path', src.get('format', '?'))}  rows {src.get('rows', '')}")
+        reading = _reading_line(source_reading(st))
+        if reading:
+            click.echo(f"read     {reading}")
         if st.attrs.get("labelled") is False:
             click.echo(
                 f"labels   none (ingested with --unlabelled, for predict only); classes {', '.join(st.classes or [])}"

@@ -403,3 +403,22 @@ def test_a_regression_target_too_large_to_standardize_is_refused(tmp_path):
     line = one_line_error(run("ingest", src, tmp_path / "t.zarr", "--task", "regression"), "too large to standardize")
     assert "'t'" in line and "scale the column" in line
     assert not (tmp_path / "t.zarr").exists()
+
+
+def test_inspect_shows_how_the_sources_text_was_read(tmp_path):
+    """The decimal mark and the missing-value tokens ingest chose are what --like ingests follow
+    and models compare; inspect shows them (they were only in the store's attributes)."""
+    (tmp_path / "eu.csv").write_text("a;b;y\n1,5;2;x\n3,25;4;y\n1.234,5;5;x\n")
+    (tmp_path / "na.csv").write_text("a,y\n1,NA\n2,x\n?,y\n")
+    (tmp_path / "plain.csv").write_text("a,y\n1.5,x\n2,y\n")
+    assert run("ingest", tmp_path / "eu.csv", tmp_path / "eu.zarr").exit_code == 0
+    assert run("ingest", tmp_path / "na.csv", tmp_path / "na.zarr", "--missing-values", "?").exit_code == 0
+    assert run("ingest", tmp_path / "plain.csv", tmp_path / "plain.zarr").exit_code == 0
+
+    def read_line(store: str) -> list[str]:
+        out = run("inspect", tmp_path / store).stdout
+        return [ln for ln in out.splitlines() if ln.startswith("read ")]
+
+    assert read_line("eu.zarr") == ["read     decimal commas, 1,5 is 1.5 (dots grouping thousands; --decimal comma)"]
+    assert read_line("na.zarr") == ["read     missing values '', '?' (--missing-values)"]
+    assert read_line("plain.zarr") == []
