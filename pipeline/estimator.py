@@ -1585,6 +1585,9 @@ class _BaseMLP(BaseEstimator):
             meta["trained_on"] = "arrays"
         if getattr(self, "_names_from_store", False):
             meta["feature_names_from"] = "store"
+        for attr in ("fitted_on_", "ps_installed_by_"):  # where it trained, as a pickle keeps it
+            if hasattr(self, attr):
+                meta[attr.rstrip("_")] = getattr(self, attr)
         model = replace(self.model_, config={**self.model_.config, "estimator": meta}, _trainer=None)
         parent = os.path.dirname(dest)
         try:
@@ -1859,6 +1862,9 @@ def load_estimator(path: str | os.PathLike) -> _BaseMLP:
         est.classes_ = np.asarray(meta["classes"], dtype=meta.get("classes_dtype", "object"))
     est._trained_on_arrays = meta.get("trained_on") == "arrays"
     est._names_from_store = meta.get("feature_names_from") == "store"
+    for attr in ("fitted_on_", "ps_installed_by_"):  # not in files of earlier versions
+        if attr.rstrip("_") in meta:
+            setattr(est, attr, meta[attr.rstrip("_")])
     est.history_ = list(meta.get("history", []))
     est.loss_curve_ = [float(h["train_loss"]) for h in est.history_]
     first = est.history_[0] if est.history_ else {}

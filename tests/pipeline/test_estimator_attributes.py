@@ -26,7 +26,16 @@ from pipeline.estimator import (
 )
 
 MAX_ITER = r"Stochastic Optimizer: Maximum iterations \(%d\) reached and the optimization hasn't converged yet\."
-RECORD = ("loss_", "best_loss_", "loss_curve_", "validation_scores_", "best_validation_score_", "t_", "n_iter_")
+RECORD = (
+    "loss_",
+    "best_loss_",
+    "loss_curve_",
+    "validation_scores_",
+    "best_validation_score_",
+    "t_",
+    "n_iter_",
+    "fitted_on_",
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -352,4 +361,6 @@ def test_cluster_fit_of_a_store_records_its_losses(tmp_path, client):
     with pytest.warns(ConvergenceWarning, match=MAX_ITER % 2):
         MLPClassifier(hidden_layer_sizes=(8,), max_iter=2, random_state=0, client=client).fit(path)
     clf.save(tmp_path / "m.npz")
-    assert _record(load_estimator(tmp_path / "m.npz")) == _record(clf)
+    back = load_estimator(tmp_path / "m.npz")
+    assert _record(back) == _record(clf)
+    assert back.ps_installed_by_ == clf.ps_installed_by_ and clf.ps_installed_by_  # who installed the server
