@@ -64,10 +64,16 @@ Policies (recorded in the store's ``encodings`` attribute so prediction applies 
 * **Formats**: from the suffix (``--format`` overrides); an unknown suffix (``.json``, ``.xlsx``) is
   refused, a name without a suffix is CSV when it starts as UTF-8 text; compressions other than
   gzip are refused; a UTF-16 byte order mark selects UTF-16. A directory is a Parquet dataset: its
-  ``*.parquet`` files in natural name order (``part.2`` before ``part.10``), with the same columns
-  (what ``predict`` writes), hive partition keys (``year=2020/``) read first, as text columns.
-  Parquet booleans are the categories ``false``/``true`` (as a CSV of them); numbers meeting a
-  categorical encoding are matched as their text (``1``).
+  ``*.parquet`` files in natural name order (``part.2`` before ``part.10``; ``_metadata``,
+  ``_SUCCESS`` and hidden files skipped), with the same columns in any order and types (a column
+  some files lack is refused unless dropped; files without rows may have any), hive partition
+  keys (``year=2020/``) read first, as text columns. The index pandas and Dask write is no data
+  column: an unnamed one (``__index_level_0__``, ``__null_dask_index__``) is left out unless
+  ``target``/``drop`` names it, a named one comes first (the default target stays the last data
+  column). A file's all-None column (the type null) is missing values. Parquet booleans are the
+  categories ``false``/``true`` (as a CSV of them); numbers meeting a categorical encoding are
+  matched as their text (``1``). Integer decimals (``DECIMAL(38,0)``) beyond 2^53 are refused as
+  integers are.
   Parquet integers beyond 2^53, and types other than numbers, booleans, decimals and strings
   (timestamps, dates, binary, lists), are errors naming the column and suggesting ``drop``.
 * **NumPy labels**: ``(n,)`` or ``(n, 1)`` numbers, or strings (class names).
@@ -93,7 +99,7 @@ import os
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +149,7 @@ _AMBIGUOUS_DOT_RE = r"^[+-]?[1-9]\d{0,2}\.\d{3}$"
 _DOT_GROUP_START_RE = r"^[+-]?[1-9]\d{0,2}\.\d{3}(?:$|[.,])"  # how both of these start
 DECIMAL_CHOICES = ("auto", "comma", "point")
 CSV_BLOCK = 8 * 2**20
+PARQUET_BUFFER = 2**20  # bytes of a Parquet column chunk read at a time
 ARRAY_BLOCK_BYTES = 32 * 2**20
 _CSV_SUFFIXES = {".csv", ".tsv", ".txt", ".data", ".dat", ".test", ".trn", ".tst", ".train"}
 
@@ -578,10 +585,14 @@ def _parquet_batches(src: Path, columns: list[str] | None = None) -> Iterator[pa
     for path in _parquet_files(src):
         keys = _partitions(src, path)
         try:
-            pf = pq.ParquetFile(str(path))
+            # pre_buffer (pyarrow's default) reads every row group of the file before the first batch:
+            # a file's whole size in memory; a buffered stream reads a column chunk 1 MiB at a time
+            pf = pq.ParquetFile(str(path), pre_buffer=False, buffer_size=PARQUET_BUFFER)
         except (pa.ArrowInvalid, OSError) as exc:
             raise IngestError(f"cannot read {str(path)!r} as Parquet ({exc}); check --format") from None
         with pf:
+            if pf.metadata.num_rows == 0:  # its columns need not be the dataset's (see _parquet_names)
+                continue
             file_cols = None if columns is None else [c for c in columns if c not in keys]
             for b in pf.iter_batches(batch_size=65536, columns=file_cols):
                 if keys:
@@ -593,21 +604,52 @@ def _parquet_batches(src: Path, columns: list[str] | None = None) -> Iterator[pa
                 yield b
 
 
-def _parquet_names(src: Path) -> list[str]:
-    """The columns of a Parquet file or dataset: hive partition keys first (the default target
-    stays the files' last column), then the files' columns."""
+_UNNAMED_INDEX = re.compile(r"__index_level_\d+__|__null_dask_index__")
+
+
+def _pandas_index(schema: pa.Schema) -> tuple[list[str], list[str]]:
+    """The columns a file's pandas metadata (written by pandas and Dask) marks as the index: those
+    without a name of their own (``__index_level_0__``, Dask's ``__null_dask_index__``: row labels,
+    never data) and the named ones (``df.set_index("id")``)."""
+    try:
+        meta = schema.pandas_metadata or {}
+    except ValueError:  # metadata that is not JSON: no index known
+        return [], []
+    index = [c for c in meta.get("index_columns") or [] if isinstance(c, str)]  # a RangeIndex is no column
+    names = {c.get("field_name"): c.get("name") for c in meta.get("columns") or [] if isinstance(c, dict)}
+    unnamed = [c for c in index if names.get(c) is None or _UNNAMED_INDEX.fullmatch(c)]
+    return unnamed, [c for c in index if c not in unnamed]
+
+
+def _parquet_names(
+    src: Path, named: Collection[str] = (), dropped: Collection[str] = (), needed: Collection[str] | None = None
+) -> list[str]:
+    """The columns of a Parquet file or dataset: hive partition keys first, then the named index
+    columns pandas and Dask write, then the files' other columns (so the default target stays the
+    files' last data column). An unnamed index (``__index_level_0__``, ``__null_dask_index__``) is
+    left out unless ``named`` (by ``--target``, ``--drop`` or the ``like=`` store). Files may lack
+    a column that is ``dropped``, or (``needed``: the columns a ``like=`` store reads) not needed;
+    a file without rows (pandas writes an empty frame without columns) may have any columns."""
     import pyarrow.parquet as pq
 
-    names: list[str] | None = None
     keys: list[str] | None = None
-    for path in _parquet_files(src):
+    files = _parquet_files(src)
+    columns: dict[Path, list[str]] = {}  # the files with rows (an empty one has no values to miss) and their columns
+    empty: dict[Path, list[str]] = {}
+    index: list[str] = []
+    for path in files:
         try:
-            these = list(pq.read_schema(str(path)).names)
+            meta = pq.read_metadata(str(path))
+            schema = meta.schema.to_arrow_schema()
         except (pa.ArrowInvalid, OSError) as exc:
             raise IngestError(f"cannot read {str(path)!r} as Parquet ({exc}); check --format") from None
+        these = list(schema.names)
         dup = next((c for c in these if these.count(c) > 1), None)
         if dup is not None:
             raise IngestError(f"column {dup!r} appears twice in {str(path)!r}; rename one and write the file again")
+        unnamed, named_index = _pandas_index(schema)
+        these = [c for c in these if c not in unnamed or c in named]
+        index += [c for c in named_index if c not in index]
         part = list(_partitions(src, path))
         if keys is None:
             keys = part
@@ -622,14 +664,33 @@ def _parquet_names(src: Path) -> list[str]:
                 f"{str(path)!r} has a column {clash!r} and lies under a partition directory {clash}=...; "
                 "rename one of them"
             )
-        if names is None:
-            names = these
-        elif set(these) != set(names):
-            raise IngestError(
-                f"{str(path)!r} has the columns {these[:8]}, not those of the other files of the dataset "
-                f"{str(src)!r} ({names[:8]}); a dataset's files must share their columns"
-            )
-    return [*(keys or []), *(names or [])]
+        (columns if meta.num_rows else empty)[path] = these
+    where: dict[str, list[Path]] = {}  # column -> the files that have it, columns in first-seen order
+    for path, these in (columns or empty).items():
+        for c in these:
+            where.setdefault(c, []).append(path)
+    counted = list(columns or empty)
+    odd = [
+        c
+        for c, having in where.items()
+        if any(p not in having for p in counted) and c not in dropped and (needed is None or c in needed)
+    ]
+    if odd:
+        c, having = odd[0], where[odd[0]]
+        lacking = next(p for p in counted if p not in having)
+        more = f" (nor is {', '.join(map(repr, odd[1:6]))}{' ...' if len(odd) > 6 else ''})" if len(odd) > 1 else ""
+        fix = (
+            "ingest files that all have the training store's columns"
+            if needed is not None
+            else f"leave {'them' if more else 'it'} out with {' '.join(f'--drop {o}' for o in odd[:6])}, "
+            "or write the files with the same columns"
+        )
+        raise IngestError(
+            f"column {c!r} of {str(having[0])!r} is not in {str(lacking)!r}{more}; a dataset's files must share "
+            f"their columns: {fix}"
+        )
+    cols = [c for c in where if c not in index]
+    return [*(keys or []), *(c for c in index if c in where), *cols]
 
 
 @dataclass
@@ -705,9 +766,16 @@ def _parse(
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     n = len(arr)
+    if pa.types.is_null(arr.type):  # pandas writes a file's all-None column so: every value missing
+        arr = pa.nulls(n, pa.string())
     if pa.types.is_dictionary(arr.type):
         arr = arr.cast(pa.string())
     if pa.types.is_decimal(arr.type):
+        if arr.type.scale <= 0 and len(arr) - arr.null_count:  # integers (Spark's DECIMAL(38,0)): as int64 ones
+            mm = pc.min_max(arr)
+            lo, hi = int(mm["min"].as_py()), int(mm["max"].as_py())
+            if max(abs(lo), abs(hi)) > _SAFE_INT:
+                raise big_integer_error(name, hi if abs(hi) > _SAFE_INT else lo)
         arr = pc.cast(arr, pa.float64(), safe=False)
     numbers = pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)
     if (as_text and (numbers or pa.types.is_boolean(arr.type))) or (as_text is None and pa.types.is_boolean(arr.type)):
@@ -2040,7 +2108,15 @@ def ingest(
                 def batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
                     return _parquet_batches(path, columns)
 
-                table = _Table(path, batches, _parquet_names(path), source_attrs, **choices)
+                training = opts.training
+                given = [c for c in (target, *drop) if isinstance(c, str)]
+                needed = None
+                if training is not None:  # the columns the training store reads; files may lack others
+                    needed = {*(e["name"] for e in training.encodings), *training.feature_names}
+                    needed.add(target if isinstance(target, str) else training.target.get("name"))
+                    given += sorted(c for c in needed if c is not None)
+                names = _parquet_names(path, set(given), {c for c in drop if isinstance(c, str)}, needed)
+                table = _Table(path, batches, names, source_attrs, **choices)
             store = _ingest_table(
                 table,
                 os.fspath(dest),

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -712,6 +714,23 @@ def _(t: Trial) -> Outcome:
 def _(t: Trial) -> Outcome:
     t.write("huge.csv", "a,t\n1,1e308\n2,-1e308\n3,1.5e308\n")
     return t.cli("ingest", "huge.csv", "out.zarr", "--task", "regression")
+
+
+@case("F79")
+def _(t: Trial) -> Outcome:
+    (t.path / "ds").mkdir()
+    pq.write_table(pa.table({"a": [1.0, 2.0], "b": [3.0, 4.0], "y": ["p", "q"]}), t.path / "ds" / "part.0.parquet")
+    pq.write_table(pa.table({"a": [5.0, 6.0], "y": ["q", "p"]}), t.path / "ds" / "part.1.parquet")
+    return t.cli("ingest", "ds", "out.zarr")
+
+
+@case("F80")
+def _(t: Trial) -> Outcome:
+    import decimal
+
+    ids = pa.array([decimal.Decimal(1), decimal.Decimal(2**53 + 1)], pa.decimal128(38, 0))
+    pq.write_table(pa.table({"id": ids, "a": [1.0, 2.0], "y": ["p", "q"]}), t.path / "d.parquet")
+    return t.cli("ingest", "d.parquet", "out.zarr")
 
 
 @case("F15")
