@@ -18,11 +18,14 @@ A training checkpoint (:func:`write_checkpoint`, :func:`read_checkpoint`) holds 
 and these meta keys: ``job``, ``epoch`` (the epoch running or next to run), ``version`` (the
 server's round), ``optimizer_t``, ``local_states`` (slot -> ``t``, ``lr`` and ``arrays``: buffer
 name -> array name), ``progress`` (task -> pushes done), ``done_tasks`` (tasks of ``epoch``
-finished), ``history``, ``best_loss`` (1e300 for none), ``best_epoch`` (-1 for none),
+finished), ``done_results`` (what those tasks trained: task -> ``samples``, ``trained``, ``loss``;
+absent when none is), ``history``, ``best_loss`` (1e300 for none), ``best_epoch`` (-1 for none),
 ``privacy`` (the privacy spent: ``rounds`` accounted, ``clip``, ``epsilon``; absent without
 DP), ``buffer`` (the buffered deltas' ``samples``, ``losses`` and ``staleness``; absent when
-nothing is buffered), ``config``, ``store``, ``spec``, ``n_threads``, ``in_process`` and ``time``. Format version 1;
-a reader of a later version reads every file an earlier one wrote.
+nothing is buffered), ``rounds`` (runs in this process: the server's rounds so far, each
+``[time, version, loss, samples, deltas]`` as in history.json; absent on a cluster),
+``config``, ``store``, ``spec``, ``n_threads``, ``in_process`` and ``time``. Format version 1; a
+reader of a later version reads every file an earlier one wrote.
 """
 
 from __future__ import annotations
@@ -60,8 +63,38 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _writer_tag() -> str:
+    """This process, as its temporary files are named: ``PID@HOST``."""
+    import socket
+
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries of ``path`` that writers killed mid-write (SIGKILL, the OOM killer,
+    a job's time limit) left beside it: those named after a process of this host that no longer
+    runs. A checkpoint is rewritten every ``checkpoint_seconds``, so a kill lands in a write
+    sooner or later, and each temporary is as large as the checkpoint."""
+    import glob
+    import socket
+
+    host = socket.gethostname()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*@*.tmp"):
+        tag = tmp.name[len(path.name) + 2 : -len(".tmp")].rsplit(".", 1)[0]  # PID@HOST.RANDOM
+        pid, _, where = tag.partition("@")
+        if where != host or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # alive, another user's
+            continue
+
+
 def save_file(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-    """Write ``arrays`` and ``meta`` to ``path`` atomically (temp file + fsync + rename)."""
+    """Write ``arrays`` and ``meta`` to ``path`` atomically (temp file + fsync + rename); the
+    temporaries of ``path`` that killed writers left are removed."""
     path = Path(path)
     if _META in arrays:
         raise ValueError(f"array name {_META!r} is reserved")
@@ -70,7 +103,8 @@ def save_file(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray],
     payload = dict(arrays)
     payload[_META] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as fh:
@@ -174,6 +208,7 @@ class Checkpoint:
     # FedBuff: the buffered deltas, as the parameter server's ``state()["buffer"]`` (None: none)
     buffer: dict[str, list] | None = None
     reply_view: np.ndarray | None = None  # compress_replies: the participants' weights
+    rounds: list[list] | None = None  # runs in this process: the server's rounds so far (None: not kept)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -225,6 +260,8 @@ def write_checkpoint(path: str | os.PathLike, run: RunState, server: dict[str, A
     record = {
         **({"privacy": privacy} if private else {}),
         **buffered,
+        # runs in this process: the server's rounds so far (a resumed run's history.json holds them)
+        **({"rounds": [list(r) for r in server["rounds"]]} if server.get("rounds") else {}),
         "job": run.job,
         "epoch": run.epoch,
         "version": server["version"],
@@ -232,6 +269,8 @@ def write_checkpoint(path: str | os.PathLike, run: RunState, server: dict[str, A
         "local_states": local_meta,
         "progress": server.get("progress", {}),
         "done_tasks": sorted(run.done_tasks),
+        # what the finished tasks of ``epoch`` trained: an epoch resumed after them records their rows
+        **({"done_results": {k: run.done_results[k] for k in sorted(run.done_results)}} if run.done_results else {}),
         "history": run.history,
         "best_loss": run.best.loss if math.isfinite(run.best.loss) else NO_BEST_LOSS,
         "best_epoch": run.best.epoch,
@@ -283,6 +322,10 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             epoch=int(meta["epoch"]),
             history=list(meta["history"]),
             done_tasks=set(meta.get("done_tasks", [])),
+            done_results={
+                str(k): {"samples": int(v["samples"]), "trained": int(v["trained"]), "loss": float(v["loss"])}
+                for k, v in (meta.get("done_results") or {}).items()
+            },
             best=BestModel(
                 math.inf if best_loss >= NO_BEST_LOSS else best_loss,
                 arrays.get("best_params", params),
@@ -291,10 +334,18 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             n_threads=int(meta.get("n_threads", 0)),
         )
         version = int(meta["version"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise CheckpointError(
             f"checkpoint {str(path)!r} lacks part of a run's state; resume from an earlier checkpoint"
         ) from None
+    rounds = meta.get("rounds")
+    if rounds is not None and not (
+        isinstance(rounds, list)
+        and all(isinstance(r, list) and len(r) == 5 and all(isinstance(x, int | float) for x in r) for r in rounds)
+    ):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has a malformed round history; resume from an earlier checkpoint"
+        )
     return Checkpoint(
         run=run,
         params=params,
@@ -308,4 +359,5 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         meta=meta,
         buffer=buffer,
         reply_view=arrays.get("reply_view"),
+        rounds=rounds,
     )

@@ -21,6 +21,7 @@ module and the scikit-learn estimators' in-memory training (pipeline.estimator) 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ from pipeline.loop import (
 )
 from pipeline.plan import epoch_work
 from pipeline.runstate import RunState
-from pipeline.train import Ranges, Trainer, task_config
+from pipeline.train import Ranges, Trainer, interrupts_between_polls, task_config
 
 SLOT = "s0"  # the one share's slot, as a cluster's first sync share is named
 SLOT_WORKER = "this process"  # the one "worker" the epoch is planned for
@@ -109,7 +110,16 @@ class LocalServer:
         self.progress = {str(k): int(v) for k, v in (progress or {}).items()}
 
     def push(self, name: str, delta: np.ndarray, samples: int, batches: int, loss: float) -> np.ndarray:
-        """Apply one participant's ``delta`` as the server does (a round of one); the new weights."""
+        """Apply one participant's ``delta`` as the server does (a round of one); the new weights.
+        A non-finite loss or delta fails the job before it is applied, in the server's words
+        (:meth:`pipeline.ps.job.Job.push`): the weights stay those of the last good round."""
+        bad = not np.isfinite(loss)
+        if bad or not np.isfinite(delta).all():
+            self.failed = (
+                f"training diverged at round {self.version}: the {'loss' if bad else 'update'} is not finite "
+                f"(loss={float(loss)}); lower the learning rate or add warm-up"
+            )
+            raise TrainingError(self.failed)
         lr = self.optimizer.lr * self.schedule.factor(self.version)
         self.optimizer.step(self.params, delta, lr)
         self.version += 1
@@ -146,6 +156,8 @@ class LocalServer:
             "local_states": dict(self.local_states),
             "failed": self.failed,
             **({"reply_view": self.held.copy()} if self.reply_codec != "none" else {}),
+            # the rounds so far, kept with the checkpoint: a resumed run's history.json holds them all
+            "rounds": list(self.history),
         }
 
     def metrics(self, history: bool = False) -> dict[str, Any]:
@@ -183,6 +195,7 @@ class LocalTrainer(Trainer):
         self._eval_trainers: list | None = None
         self._val_batches: list | None = None
         self._val_future: Any = None  # the validation rows being read during the first epoch
+        self._check_interrupt: Any = lambda: None  # raises a Ctrl-C deferred to the next minibatch
         # the store's training rows kept between epochs when it fits (row_cache_mb, and at most
         # a quarter of this machine's memory)
         self._rows = RowCache(row_cache_bytes(self.cfg.row_cache_mb))
@@ -203,6 +216,11 @@ class LocalTrainer(Trainer):
     def _server(self) -> LocalServer:
         self._ps = LocalServer(self.job)
         return self._ps
+
+    def _create_job(self, ps: Any, params: np.ndarray, run: RunState, ckpt: Any) -> None:
+        super()._create_job(ps, params, run, ckpt)
+        if ckpt is not None and ckpt.rounds is not None:  # the rounds before the run was stopped
+            ps.history = [(float(t), int(v), float(loss), int(n), int(d)) for t, v, loss, n, d in ckpt.rounds]
 
     def _forget_job(self) -> None:
         self._rows.clear()  # the store's chunks kept between epochs (up to row_cache_mb)
@@ -231,18 +249,33 @@ class LocalTrainer(Trainer):
             "communicate": 0.0,
         }
         results = []
-        for name, ranges in work:
-            if name in done_tasks or not ranges:
-                continue
-            r = self._run_task(ps, run, name, ranges)
-            results.append(r)
-            done_tasks.add(name)
-            stats["tasks"].append({"name": name, "worker": "this process", "samples": r["samples"]})
-            for k in ("read", "compute"):
-                stats[k] += r[k]
-        samples = sum(r["samples"] for r in results)
-        stats["samples"] = samples
-        stats["loss"] = sum(r["loss"] * r["samples"] for r in results if r["samples"]) / max(samples, 1)
+        # Ctrl-C and SIGTERM stop the epoch between two minibatches, never inside a round: the
+        # server's weights, optimizer state and progress are then one round's, as a checkpoint needs
+        with interrupts_between_polls() as self._check_interrupt:
+            for name, ranges in work:
+                if not ranges:
+                    continue
+                if name in done_tasks:  # finished before the run was stopped: its rows are the epoch's
+                    if name in run.done_results:
+                        results.append({**run.done_results[name], "trained_now": 0})
+                        stats["tasks"].append(
+                            {"name": name, "worker": "this process", "samples": results[-1]["samples"]}
+                        )
+                    continue
+                r = self._run_task(ps, run, name, ranges)
+                results.append(r)
+                run.done_results[name] = {k: r[k] for k in ("samples", "trained", "loss")}
+                done_tasks.add(name)
+                stats["tasks"].append({"name": name, "worker": "this process", "samples": r["samples"]})
+                for k in ("read", "compute"):
+                    stats[k] += r[k]
+            self._check_interrupt()  # one that came during the last round
+        # the rows of the batches an earlier attempt trained count too (as on a cluster: the
+        # server absorbed them); the loss is over the rows trained in each task's last attempt
+        stats["samples"] = sum(r["samples"] for r in results)
+        stats["trained"] = sum(r["trained_now"] for r in results)
+        trained = sum(r["trained"] for r in results)
+        stats["loss"] = sum(r["loss"] * r["trained"] for r in results if r["trained"]) / max(trained, 1)
         stats["tasks"].sort(key=lambda t: t["name"])
         return stats
 
@@ -305,18 +338,28 @@ class LocalTrainer(Trainer):
 
         t0 = time.perf_counter()
         target = self.target
+
+        def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for X, y in loader.epoch(epoch):
+                self._check_interrupt()  # a Ctrl-C stops the task here, between two minibatches
+                yield X, prepare_targets(y, target)
+
         try:
-            r = run_batches(
-                trainer,
-                ((X, prepare_targets(y, target)) for X, y in loader.epoch(epoch)),
-                full_batch=full_batch,
-                local_steps=cfg.local_steps,
-                sync=sync,
-                skip=ps.progress.get(name, 0),
-                fold=fold if cfg.overlap else None,
-                fold_after=cfg.overlap_steps,
-            )
-            fold()
+            # weights that overflow make the kernels' products inf or NaN: the server's check
+            # names the diverged round and the fix in one line, where NumPy's warnings would add
+            # two lines per kind of overflow
+            with np.errstate(over="ignore", invalid="ignore"):
+                r = run_batches(
+                    trainer,
+                    batches(),
+                    full_batch=full_batch,
+                    local_steps=cfg.local_steps,
+                    sync=sync,
+                    skip=ps.progress.get(name, 0),
+                    fold=fold if cfg.overlap else None,
+                    fold_after=cfg.overlap_steps,
+                )
+                fold()
         except BaseException:
             try:
                 self._checkpoint(ps, run)
@@ -334,7 +377,10 @@ class LocalTrainer(Trainer):
             self._residual = None if compressor is None else compressor.residual
         total = time.perf_counter() - t0
         return {
-            "samples": r["samples"],
+            # the task's rows, those an earlier attempt trained (skipped here) included
+            "samples": r["samples"] + r["skipped_samples"],
+            "trained": r["samples"],
+            "trained_now": r["samples"],
             "loss": r["loss"] if r["samples"] else 0.0,
             "read": read,
             "compute": max(0.0, total - read),

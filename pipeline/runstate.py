@@ -25,12 +25,16 @@ class BestModel:
 @dataclass
 class RunState:
     """Where a run is: ``epoch`` is the one running (or next to run), ``done_tasks`` the
-    training tasks of that epoch already finished, ``history`` the records of the epochs done."""
+    training tasks of that epoch already finished, ``history`` the records of the epochs done.
+    ``done_results`` holds what finished tasks of that epoch trained (name -> ``samples``, the
+    rows of its ranges, ``trained``, those trained by its last attempt, and ``loss``), so that
+    an epoch resumed after some of them still records all its rows and its loss."""
 
     job: str
     epoch: int = 0
     history: list[dict] = field(default_factory=list)
     done_tasks: set[str] = field(default_factory=set)
+    done_results: dict[str, dict] = field(default_factory=dict)
     best: BestModel = field(default_factory=BestModel)
     n_threads: int = 0  # the thread count the epochs were planned for, kept for --resume (0: unknown)
     last_checkpoint: float = 0.0  # time.monotonic() of the last checkpoint (not saved)
@@ -44,6 +48,7 @@ class RunState:
         """The epoch recorded last in ``history`` is over: the next one starts with no task done."""
         self.epoch = self.history[-1]["epoch"] + 1 if self.history else self.epoch + 1
         self.done_tasks = set()
+        self.done_results = {}
 
 
 @dataclass
