@@ -29,6 +29,11 @@ class TrainingError(PipelineError):
     """Training cannot go on (divergence, no workers, parameter-server refusal)."""
 
 
+class JobFailedError(TrainingError):
+    """The parameter server failed the job (divergence, a bad update): every participant's
+    request gets its message; the driver reports it, so a training task ends with it quietly."""
+
+
 class PSError(ValueError):
     """A request the parameter server refuses (unknown job, wrong length or dtype, ...)."""
 

@@ -1209,7 +1209,7 @@ class FederatedTrainer:
             if "sites" in record:
                 shown["sites"] = record["sites"]
         if st.get("failed"):
-            logger.warning("not checkpointing job %s: %s", self.job, st["failed"])
+            logger.info("not checkpointing job %s: %s", self.job, st["failed"])  # the run's error says it
             if shown is not None:
                 ps.record(epoch=shown)
             return

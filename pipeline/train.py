@@ -1683,7 +1683,7 @@ class Trainer:
         st = state if state is not None else ps.state()
         if st.get("failed"):
             # a diverged job's weights are not a state to resume from: keep the last good one
-            logger.warning("not checkpointing job %s: %s", self.job, st["failed"])
+            logger.info("not checkpointing job %s: %s", self.job, st["failed"])  # the run's error says it
             if record is not None:
                 ps.record(epoch=record)
             return

@@ -27,7 +27,7 @@ from distributed import get_worker, rejoin, secede
 from distributed.metrics import context_meter
 
 from pipeline.allocator import MAX_MMAP_THRESHOLD_MB, release_freed_memory, restore_mmap_threshold
-from pipeline.errors import ShardLostError, StoreError, TrainingError, as_task_failure
+from pipeline.errors import JobFailedError, ShardLostError, StoreError, TrainingError, as_task_failure
 from pipeline.loader import ChunkLoader, RowCache, buffer_bytes, row_bytes
 from pipeline.loop import (
     FULL_BATCH_ROWS,
@@ -150,7 +150,7 @@ class _Comm:
             self.seconds += time.perf_counter() - t
         status = reply.get("status")
         if status == "failed":
-            raise TrainingError(reply.get("message") or "the parameter server failed the job")
+            raise JobFailedError(reply.get("message") or "the parameter server failed the job")
         if status == "timeout":
             raise TrainingError(
                 f"participant {self.name}: {reply.get('message')}; raise barrier_timeout or "
@@ -633,9 +633,10 @@ def _quiet_ends(task: Any) -> Any:
     on or the driver reports it: a parameter-server shard lost under it (the driver restores
     the server from the last checkpoint and runs the epoch again) gives ``{"name",
     "shard_lost"}``, a data error (a corrupted or missing chunk: :class:`StoreError`) gives
-    ``{"name", "failure"}`` (:class:`pipeline.errors.TaskFailure`), which the driver raises.
-    Raised, either would be logged by the worker with its traceback, and the data error retried
-    by Dask on the same bytes."""
+    ``{"name", "failure"}`` (:class:`pipeline.errors.TaskFailure`), which the driver raises, and
+    so does a job the parameter server failed (a diverged run: :class:`JobFailedError`). Raised,
+    each would be logged by the worker with its traceback, and the data error retried by Dask on
+    the same bytes."""
 
     @functools.wraps(task)
     def run(job: str, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -644,7 +645,7 @@ def _quiet_ends(task: Any) -> Any:
         except ShardLostError as exc:
             logger.info("participant %s of job %s: %s", name, job, exc)
             return {"name": name, "shard_lost": str(exc)}
-        except StoreError as exc:
+        except (StoreError, JobFailedError) as exc:
             return {"name": name, "failure": as_task_failure(exc)}
 
     return run
@@ -725,18 +726,21 @@ def train_task(
         group.enter(name, pusher.version)
     try:
         try:
-            r = run_batches(
-                trainer,
-                ((X, prepare_targets(y, target)) for X, y in loader.epoch(epoch)),
-                full_batch=full_batch,
-                local_steps=cfg["local_steps"],
-                sync=pusher.push,
-                skip=skip,
-                timing=pusher.timing,
-                fold=pusher.finish if cfg["overlap"] else None,
-                fold_after=int(cfg.get("overlap_steps", 1)),
-            )
-            pusher.finish()
+            # weights that overflow make the kernels' products inf or NaN: the server names the
+            # diverged round and the fix in one line, where NumPy would warn from every worker
+            with np.errstate(over="ignore", invalid="ignore"):
+                r = run_batches(
+                    trainer,
+                    ((X, prepare_targets(y, target)) for X, y in loader.epoch(epoch)),
+                    full_batch=full_batch,
+                    local_steps=cfg["local_steps"],
+                    sync=pusher.push,
+                    skip=skip,
+                    timing=pusher.timing,
+                    fold=pusher.finish if cfg["overlap"] else None,
+                    fold_after=int(cfg.get("overlap_steps", 1)),
+                )
+                pusher.finish()
         except BudgetSpent as exc:
             # the server applies no further round: the task ends with what it took
             stopped = str(exc)

@@ -1184,6 +1184,16 @@ def _(t: Trial) -> Outcome:
     return t.cli("train", "s.zarr", "--out", "notes.txt/run", "--scheduler", t.shared.unreachable)
 
 
+@case("M35")
+def _(t: Trial) -> Outcome:
+    t.cli("synth", "s.zarr", "--rows", "600", "--features", "4", "--quiet")
+    t.before = snapshot(t.path)
+    r = CliRunner().invoke(cli, ["train", "s.zarr", "--out", "run", "--set", "lr=1e30", "--set", "epochs=2", "-q"])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.stderr  # one line, no warning before it
+    assert sorted(p.name for p in (t.path / "run").iterdir()) == ["config.toml"]
+    return Outcome("1", r.stderr.strip(), {"run"})
+
+
 @case("M34")
 def _(t: Trial) -> Outcome:
     from pipeline.config import TrainConfig
