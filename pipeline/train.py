@@ -1549,6 +1549,12 @@ class Trainer:
                             raise failed.error
                         results.extend(got)
                         done_tasks.update(futures[f.key][0] for f in finished)
+                        for r in got:  # kept with checkpoints: a resume within the epoch counts their rows
+                            run.done_results[r["name"]] = {
+                                "samples": r["samples"] + r.get("skipped_samples", 0),
+                                "trained": r["samples"],
+                                "loss": r["loss"],
+                            }
                         for f in finished:
                             # released at once: if its worker dies later, Dask must not rerun
                             # a task whose updates the parameter server already holds
@@ -1571,10 +1577,20 @@ class Trainer:
             raise
         bar.clear()
         trained = sum(r["samples"] for r in results)
-        loss = sum(r["loss"] * r["samples"] for r in results if r["samples"]) / max(trained, 1)
+        # tasks that finished before the run was stopped and resumed inside this epoch (their
+        # results kept by the checkpoint; an earlier version's records none)
+        ran = {r["name"] for r in results}
+        before = {n: run.done_results[n] for n in sorted(done_tasks - ran) if n in run.done_results}
+        rows = trained + sum(e["trained"] for e in before.values())
+        loss = (
+            sum(r["loss"] * r["samples"] for r in results if r["samples"])
+            + sum(e["loss"] * e["trained"] for e in before.values() if e["trained"])
+        ) / max(rows, 1)
         # the rows an earlier attempt of a task had trained (its worker left, or the run was
         # stopped and resumed inside the epoch) are the epoch's too: the server absorbed them
-        samples = trained + sum(r.get("skipped_samples", 0) for r in results)
+        samples = (
+            trained + sum(r.get("skipped_samples", 0) for r in results) + sum(e["samples"] for e in before.values())
+        )
         val, val_version, validate = None, None, 0.0
         wanted = {name for (name, _, _), sl in zip(work, val_slices, strict=True) if sl}
         got = {r["name"]: r for r in results if "val" in r}
@@ -1588,10 +1604,18 @@ class Trainer:
             "val_version": val_version,
             "validate": validate,
             "tasks": sorted(
-                (
-                    {"name": r["name"], "worker": r["worker"], "samples": r["samples"] + r.get("skipped_samples", 0)}
-                    for r in results
-                ),
+                [
+                    *(
+                        {
+                            "name": r["name"],
+                            "worker": r["worker"],
+                            "samples": r["samples"] + r.get("skipped_samples", 0),
+                        }
+                        for r in results
+                    ),
+                    # finished before a stop: the worker that ran them is not recorded
+                    *({"name": n, "worker": "", "samples": e["samples"]} for n, e in before.items()),
+                ],
                 key=lambda t: t["name"],
             ),
             "samples": samples,

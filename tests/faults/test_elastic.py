@@ -131,3 +131,31 @@ def test_sync_run_resumed_mid_epoch_on_more_threads_keeps_the_epochs_shares(
     if epoch == 0:  # the next epoch: aggregate = "sum", so no more shares than the run started with
         assert len(epochs[1]["tasks"]) == 2, epochs[1]["tasks"]
         assert "epoch 2: 3 worker thread(s), 2 sync share(s), as many as the run started with" in out, out[-3000:]
+
+
+@pytest.mark.timeout(240)
+def test_an_async_epoch_resumed_after_some_of_its_tasks_records_their_rows(
+    procs: Procs, small_store: Path, tmp_path: Path
+) -> None:
+    """Stopped after some of an async epoch's tasks had finished: the resumed epoch runs only the
+    others, and it recorded only their rows; the checkpoint now keeps what the finished tasks
+    trained, so the epoch's samples are all its training rows, as the uninterrupted epoch's."""
+    _, addr = procs.scheduler()
+    for name in ("w0", "w1"):
+        procs.worker(addr, name, "--preload", "slowpatch", nanny=False, FAULTS_SLOW_STEP="0.05")
+    run = tmp_path / "run"
+    args = ("--set", "epochs=2", "--set", "checkpoint_seconds=0.3", "--set", "mode=async", "--set", "patience=0")
+    train = procs.train(small_store, addr, run, *args, "--set", "hidden=[32]", "--set", "batch_size=128")
+    wait_for(lambda: bool(_checkpoint_meta(run).get("done_tasks")) or not train.alive(), 120, "a task finished")
+    assert train.alive(), train.text()[-3000:]
+    _stop(train)
+    meta = _checkpoint_meta(run)
+    epoch, done = meta["epoch"], meta["done_tasks"]
+    assert done and sorted(meta["done_results"]) == sorted(done), meta.get("done_results")
+    _finish(procs.train(small_store, addr, run, "--resume"), 180)
+    epochs = history(run)["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    full = epochs[1 - epoch]["samples"]
+    assert epochs[epoch]["samples"] == full == sum(t["samples"] for t in epochs[epoch]["tasks"]), epochs
+    assert len(epochs[epoch]["tasks"]) == len(epochs[1 - epoch]["tasks"])
+    assert epochs[epoch]["train_loss"] > 0
