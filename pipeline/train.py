@@ -637,10 +637,13 @@ class RunDir:
             except (CheckpointError, KeyError, TypeError, ValueError):
                 return None
             unit = "round" if federated else "epoch"
+            resume = f"continue it with `pipeline train {store} --out {self.path} --resume`"
+            if epoch < 1:  # no epoch finished: no best model to write yet
+                return f"run directory {where} holds a run interrupted in its first {unit} (no model.npz); {resume}"
             return (
                 f"run directory {where} holds an interrupted run (checkpoint after {epoch} {unit}(s), no "
-                f"model.npz); continue it with `pipeline train {store} --out {self.path} --resume`, or write "
-                f"the model of its best {unit} so far with `... --resume --set {unit}s={max(epoch, 1)}`"
+                f"model.npz); {resume}, or write the model of its best {unit} so far with "
+                f"`... --resume --set {unit}s={epoch}`"
             )
         if self.written_here("config.toml"):
             return (

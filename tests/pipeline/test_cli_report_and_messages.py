@@ -255,6 +255,16 @@ def test_runs_of_a_run_directory_lists_that_run(finished_run: Path, tmp_path: Pa
     r = invoke("runs", cut)
     assert r.exit_code == 0 and "holds an interrupted run (checkpoint after 2 epoch(s)" in r.stdout, r.output
     assert json.loads(invoke("runs", cut, "--json").stdout) == []
+    # interrupted in its first epoch: no best model to write yet, so only resuming is offered
+    from pipeline.checkpoint import load_file, save_file
+
+    arrays, meta = load_file(cut / "checkpoint.npz", "checkpoint")
+    for key in ("kind", "format_version", "sha256"):
+        meta.pop(key)
+    save_file(cut / "checkpoint.npz", "checkpoint", arrays, {**meta, "epoch": 0, "history": []})
+    out = invoke("runs", cut).stdout
+    assert f"run directory '{cut}' holds a run interrupted in its first epoch (no model.npz); continue it" in out, out
+    assert "--set epochs=" not in out
     (tmp_path / "empty").mkdir()
     assert invoke("runs", tmp_path / "empty").stdout.strip() == f"no runs in '{tmp_path / 'empty'}'"
 
