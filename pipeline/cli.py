@@ -75,12 +75,17 @@ class _OneLineDaskErrors(logging.Filter):
     close coroutines (``CancelledError`` while shutting down) before the pipeline reports the
     loss as one line. Shutdown cancellations are dropped; any other traceback logged by Dask or
     the event loop under it (distributed, tornado, asyncio) is folded into its message's first
-    line. ``--verbose`` shows them all.
+    line. A job failure the in-process parameter server logs is dropped: the driver reports it.
+    ``--verbose`` shows them all.
     """
 
     _SOURCES = ("distributed", "tornado", "asyncio")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "driver_reports", False):
+            # the parameter server of the command's own local cluster (its scheduler runs in
+            # this process) failing a job: the driver's error line says the same
+            return False
         if not record.exc_info or record.name.split(".", 1)[0] not in self._SOURCES:
             return True
         exc = record.exc_info[1]

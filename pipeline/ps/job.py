@@ -800,7 +800,9 @@ class Job:
         """Fail the job (the first message stays): every waiter and later request gets it."""
         if self.failed is None:
             self.failed = message
-            logger.error("job %s: %s", self.job, message)
+            # a deployed scheduler's log keeps it; the command's own local cluster leaves it to
+            # the driver's error line (pipeline.cli's log filter)
+            logger.error("job %s: %s", self.job, message, extra={"driver_reports": True})
         self._clear_round()
         self.notify()
 

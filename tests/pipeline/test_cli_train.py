@@ -409,3 +409,18 @@ def test_dp_trains_on_a_cluster_and_prints_epsilon_until_the_budget_stops_it(sma
     assert "privacy budget: stopping after 11 rounds" in r.stderr  # z = 5, q = 1: 11 rounds within 3
     final = json.loads(r.stdout.strip().splitlines()[-1])
     assert 0 < final["epsilon"] <= 3 and final["dp_delta"] == 1e-5 and final["epochs"] < 40
+
+
+def test_a_diverged_run_on_a_local_cluster_is_one_line(tmp_path: Path) -> None:
+    """lr=1e30 on two worker processes: the command's whole stderr is the one error line. It was
+    that line after the in-process parameter server's ERROR log, each worker's "Compute Failed"
+    block with its traceback and NumPy's overflow warnings."""
+    from pipeline.synth import synth
+
+    synth(str(tmp_path / "s.zarr"), rows=2000, features=4, classes=3, seed=0)
+    r = run_cli("train", tmp_path / "s.zarr", "--out", tmp_path / "run", "--workers", "2", "--set", "lr=1e30", "-q")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.splitlines() == [
+        "error: training diverged at round 0: the loss is not finite (loss=nan); lower the learning rate or add "
+        "warm-up"
+    ], r.stderr
