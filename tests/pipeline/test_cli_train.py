@@ -421,6 +421,5 @@ def test_a_diverged_run_on_a_local_cluster_is_one_line(tmp_path: Path) -> None:
     r = run_cli("train", tmp_path / "s.zarr", "--out", tmp_path / "run", "--workers", "2", "--set", "lr=1e30", "-q")
     assert r.returncode == 1, r.stdout + r.stderr
     assert r.stderr.splitlines() == [
-        "error: training diverged at round 0: the loss is not finite (loss=nan); lower the learning rate or add "
-        "warm-up"
+        "error: training diverged at round 0: the loss is not finite (loss=nan); lower the learning rate or add warm-up"
     ], r.stderr
