@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,32 @@ def child_env(**extra: str) -> dict[str, str]:
         DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL="15s",
         **extra,
     )
+
+
+# min_share_gflop=0: these stores are tiny, and the faults need every worker to hold a share
+FAST = (
+    "--set",
+    "patience=0",
+    "--set",
+    "hidden=[32]",
+    "--set",
+    "local_steps=4",
+    "--set",
+    "batch_size=128",
+    "--set",
+    "min_share_gflop=0",
+)
+
+
+def finish(proc, timeout: float) -> str:
+    """Wait for a command started by :class:`Procs` to end (killed and failed after ``timeout``
+    seconds, with its output); its output."""
+    try:
+        proc.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"{proc.name} did not finish within {timeout} s:\n{proc.text()[-3000:]}") from None
+    return proc.text()
 
 
 def fault_procs(root: Path) -> Procs:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -20,21 +19,7 @@ import pytest
 from pipeline.checkpoint import load_file
 from tests.processes import PIPELINE, Procs, wait_for
 
-from .conftest import error_line, fault_procs, history, wait_workers
-
-# min_share_gflop=0: these stores are tiny, and the faults need every worker to hold a share
-FAST = (
-    "--set",
-    "patience=0",
-    "--set",
-    "hidden=[32]",
-    "--set",
-    "local_steps=4",
-    "--set",
-    "batch_size=128",
-    "--set",
-    "min_share_gflop=0",
-)
+from .conftest import FAST, error_line, fault_procs, finish, history, wait_workers
 
 
 def _checkpoint_epoch(run: Path) -> int:
@@ -42,15 +27,6 @@ def _checkpoint_epoch(run: Path) -> int:
         return int(load_file(run / "checkpoint.npz", "checkpoint")[1]["epoch"])
     except Exception:  # noqa: BLE001 - not written yet, or being replaced
         return -1
-
-
-def _finish(proc, timeout: float) -> str:
-    try:
-        proc.popen.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"{proc.name} did not finish within {timeout} s:\n{proc.text()[-3000:]}") from None
-    return proc.text()
 
 
 @pytest.mark.timeout(240)
@@ -67,7 +43,7 @@ def test_all_workers_killed_then_a_new_worker_joins(procs: Procs, small_store: P
     time.sleep(4)  # capacity is gone for a while: the driver must wait, not fail or hang
     assert train.alive(), train.text()
     procs.worker(addr, "w-new", nanny=False)
-    out = _finish(train, 150)
+    out = finish(train, 150)
     assert train.popen.returncode == 0, out[-3000:]
     h = history(run)
     assert [e["epoch"] for e in h["epochs"]] == list(range(6))
@@ -86,7 +62,7 @@ def test_no_worker_returns_fails_with_one_line_after_no_worker_timeout(
     for w in workers:
         w.kill()
     t0 = time.monotonic()
-    out = _finish(train, 60)
+    out = finish(train, 60)
     elapsed = time.monotonic() - t0
     assert train.popen.returncode == 1, out[-3000:]
     line = error_line(out)
@@ -117,7 +93,7 @@ def test_scheduler_killed_then_resume_on_a_new_scheduler(procs: Procs, small_sto
     wait_for(lambda: _checkpoint_epoch(run) >= 2 or not train.alive(), 150, "two epochs")
     assert train.alive(), train.text()
     sched.kill()
-    out = _finish(train, 90)  # the driver must notice and stop, not hang
+    out = finish(train, 90)  # the driver must notice and stop, not hang
     assert train.popen.returncode == 1, out[-3000:]
     line = error_line(out)
     assert "scheduler" in line and "--resume" in line, line
@@ -131,7 +107,7 @@ def test_scheduler_killed_then_resume_on_a_new_scheduler(procs: Procs, small_sto
     resumed = procs.start(
         "resume", [PIPELINE, "train", str(small_store), "--resume", "--out", str(run), "--scheduler", addr2]
     )
-    out = _finish(resumed, 150)
+    out = finish(resumed, 150)
     assert resumed.popen.returncode == 0, out[-3000:]
     h = history(run)
     assert [e["epoch"] for e in h["epochs"]] == list(range(epochs))  # nothing lost, nothing twice
@@ -164,7 +140,7 @@ def test_divergence_stops_with_the_round_and_keeps_the_last_good_checkpoint(
     run = tmp_path / "run"
     # a sane first epoch, so there is a good checkpoint to keep ...
     first = procs.train(small_store, addr, run, "--set", "epochs=1", "--set", "mode=async", *FAST)
-    assert _finish(first, 90) and first.popen.returncode == 0, first.text()[-3000:]
+    assert finish(first, 90) and first.popen.returncode == 0, first.text()[-3000:]
     good, _ = load_file(run / "checkpoint.npz", "checkpoint")
     # ... then resume it with a server step that overflows float32
     bad = procs.start(
@@ -184,7 +160,7 @@ def test_divergence_stops_with_the_round_and_keeps_the_last_good_checkpoint(
             "server_lr=1e30",
         ],
     )
-    out = _finish(bad, 90)
+    out = finish(bad, 90)
     assert bad.popen.returncode == 1, out[-3000:]
     line = error_line(out)
     assert "diverged at round" in line and "lower the learning rate" in line, line
@@ -205,12 +181,12 @@ def test_corrupted_chunk_is_named_by_train_and_inspect(cluster, small_store: Pat
         data[i] ^= 0xFF
     chunk.write_bytes(bytes(data[: len(data) - 5]))  # flipped and truncated
     train = procs.train(store, addr, tmp_path / "run", "--set", "epochs=2", "--set", "validation=0", *FAST)
-    out = _finish(train, 90)
+    out = finish(train, 90)
     assert train.popen.returncode == 1, out[-3000:]
     line = error_line(out)
     assert "chunk 3" in line and str(store) in line, line
     insp = procs.start("inspect", [PIPELINE, "inspect", str(store), "--verify"])
-    out = _finish(insp, 60)
+    out = finish(insp, 60)
     assert insp.popen.returncode == 1
     line = error_line(out)
     assert "chunk 3" in line and str(store) in line, line
@@ -254,7 +230,7 @@ def test_slow_worker_does_not_hold_back_the_fast_one(cluster, small_store: Path,
             "validation=0",
             *FAST,
         )
-        out = _finish(train, 120)
+        out = finish(train, 120)
     finally:
         stop.set()
         sampler.join(30)

@@ -7,7 +7,6 @@ scheduler --preload pipeline.ps` plus `dask worker --no-nanny` subprocesses; tra
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,23 +14,10 @@ import pytest
 from pipeline.checkpoint import load_file
 from tests.processes import Procs, wait_for
 
-from .conftest import history
+from .conftest import FAST, finish, history
 
 # every worker thread holds a sync share even on this small store
-SYNC = (
-    "--set",
-    "mode=sync",
-    "--set",
-    "patience=0",
-    "--set",
-    "hidden=[32]",
-    "--set",
-    "local_steps=4",
-    "--set",
-    "batch_size=128",
-    "--set",
-    "min_share_gflop=0",
-)
+SYNC = ("--set", "mode=sync", *FAST)
 
 
 def _checkpoint_meta(run: Path) -> dict:
@@ -50,22 +36,13 @@ def _mid_epoch(meta: dict) -> bool:
 def _stop(proc, timeout: float = 60) -> str:
     """SIGTERM (a checkpoint is written) and wait for the command to end."""
     proc.popen.send_signal(signal.SIGTERM)
-    try:
-        proc.popen.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"{proc.name} did not stop within {timeout} s:\n{proc.text()[-3000:]}") from None
-    return proc.text()
+    return finish(proc, timeout)
 
 
 def _finish(proc, timeout: float) -> str:
-    try:
-        proc.popen.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"{proc.name} did not finish within {timeout} s:\n{proc.text()[-3000:]}") from None
-    assert proc.popen.returncode == 0, proc.text()[-3000:]
-    return proc.text()
+    out = finish(proc, timeout)
+    assert proc.popen.returncode == 0, out[-3000:]
+    return out
 
 
 @pytest.mark.timeout(240)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ import pytest
 from pipeline.checkpoint import load_file
 from tests.processes import PIPELINE, ROOT, Procs, wait_for
 
-from .conftest import error_line, fault_procs, history
+from .conftest import error_line, fault_procs, finish, history
 
 LETTER = ROOT / "data" / "letter" / "letter-recognition.data"
 FAST = ("--set", "hidden=[64]", "--set", "lr=3e-3", "--set", "ema=0", "--set", "batch_size=128", "--set", "patience=0")
@@ -73,15 +72,6 @@ def _federated(procs: Procs, addr: str, sites_file: Path, out: Path, *args: str)
     )
 
 
-def _finish(proc, timeout: float) -> str:
-    try:
-        proc.popen.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"{proc.name} did not finish within {timeout} s:\n{proc.text()[-3000:]}") from None
-    return proc.text()
-
-
 def _accuracy(model_dir: Path, store: Path) -> float:
     from pipeline.model import load_model
     from pipeline.store import open_store
@@ -119,7 +109,7 @@ def test_iid_sites_reach_the_pooled_accuracy_and_resume_at_the_next_round(cluste
     run = tmp_path / "run"
     rounds = 60
     train = _federated(procs, addr, sf, run, "--set", f"rounds={rounds}", *FAST)
-    out = _finish(train, 240)
+    out = finish(train, 240)
     assert train.popen.returncode == 0, out[-3000:]
     h = history(run)
     assert [e["round"] for e in h["epochs"]] == list(range(rounds))
@@ -145,7 +135,7 @@ def test_iid_sites_reach_the_pooled_accuracy_and_resume_at_the_next_round(cluste
     resumed = procs.start(
         "resume", [PIPELINE, "train", "--out", str(run), "--resume", "--scheduler", addr, "--set", "rounds=62"]
     )
-    out = _finish(resumed, 120)
+    out = finish(resumed, 120)
     assert resumed.popen.returncode == 0, out[-3000:]
     h2 = history(run)
     assert [e["round"] for e in h2["epochs"]] == list(range(62))
@@ -155,13 +145,13 @@ def test_iid_sites_reach_the_pooled_accuracy_and_resume_at_the_next_round(cluste
     # a resume with another sites file is refused
     moved = _sites_file(tmp_path / "moved.toml", a="a.zarr", b="elsewhere/b.zarr")
     refused = _federated(procs, addr, moved, run, "--resume", "--set", "rounds=64")
-    out = _finish(refused, 60)
+    out = finish(refused, 60)
     assert refused.popen.returncode == 1
     assert "names other sites or store paths than the run" in error_line(out)
 
     # a resume with no rounds left to train is refused before a round starts, naming the fix
     again = _federated(procs, addr, sf, run, "--resume")
-    out = _finish(again, 60)
+    out = finish(again, 60)
     assert again.popen.returncode == 1
     assert error_line(out).endswith(
         "already has 62 round(s) and their model, so rounds = 62 trains nothing; "
@@ -176,7 +166,7 @@ def test_a_site_whose_schema_differs_is_refused_before_training(cluster, tmp_pat
     sf = _sites_file(tmp_path / "sites.toml", a="a.zarr", z="z.zarr")
     run = tmp_path / "run"
     train = _federated(procs, addr, sf, run, "--set", "rounds=3", *FAST)
-    out = _finish(train, 90)
+    out = finish(train, 90)
     assert train.popen.returncode == 1, out[-3000:]
     line = error_line(out)
     assert line.startswith("error: site 'z' does not match site 'a': its store has the classes"), line
@@ -190,7 +180,7 @@ def test_a_store_path_only_another_site_can_resolve_fails_loudly(cluster, tmp_pa
     procs, addr = cluster
     sf = _sites_file(tmp_path / "sites.toml", a="a.zarr", b="a.zarr")
     train = _federated(procs, addr, sf, tmp_path / "run", "--set", "rounds=2", *FAST)
-    out = _finish(train, 90)
+    out = finish(train, 90)
     assert train.popen.returncode == 1, out[-3000:]
     line = error_line(out)
     assert "site 'b' cannot read its store 'a.zarr'" in line and "does not exist" in line, line
@@ -243,7 +233,7 @@ def test_a_killed_site_is_left_out_until_a_new_worker_for_it_starts(sites, tmp_p
         assert train.alive(), train.text()
         t0 = time.monotonic()
         os.killpg(train.popen.pid, signal.SIGTERM)  # checkpoint and stop
-        out = _finish(train, 60)
+        out = finish(train, 60)
         assert train.popen.returncode == 143, out[-3000:]
         assert time.monotonic() - t0 < 30
         hist = _ckpt_history(run)
