@@ -1231,6 +1231,11 @@ class Trainer:
             self._checkpoint(ps, run)
             let_job_tasks_stop(self.client, self.job)  # cancelled in _run_epoch
             raise
+        except TrainingError:
+            # a failed job (a diverged run): the other tasks end at their next message to the
+            # server; the cluster the command then closes must not close a worker under one
+            let_job_tasks_stop(self.client, self.job)
+            raise
         finally:
             metrics = {}
             try:
