@@ -5,6 +5,7 @@ read at a time rather than by a file's size."""
 from __future__ import annotations
 
 import decimal
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -29,9 +30,15 @@ def table(lo: int = 0, hi: int = N) -> pa.Table:
     return pa.table({"a": A[lo:hi], "b": B[lo:hi], "c": C[lo:hi], "label": LABEL[lo:hi]})
 
 
-def frame(lo: int = 0, hi: int = N):
-    """The rows as a pandas DataFrame (the test is skipped without pandas)."""
-    return pytest.importorskip("pandas").DataFrame(table(lo, hi).to_pydict())
+def pandas_file(path, t: pa.Table, index: np.ndarray, name: str | None) -> None:
+    """``t`` written as pandas writes a frame with a non-range index (Dask: the name
+    ``__null_dask_index__``): the index as the last column, ``__index_level_0__`` when unnamed,
+    and named in the schema's pandas metadata (:func:`test_pandas_file_is_what_pandas_writes`)."""
+    field = name or "__index_level_0__"
+    cols = [{"name": c, "field_name": c} for c in t.column_names] + [{"name": name, "field_name": field}]
+    t = t.append_column(field, pa.array(index))
+    meta = {"index_columns": [field], "columns": cols}
+    pq.write_table(t.replace_schema_metadata({b"pandas": json.dumps(meta).encode()}), path)
 
 
 def labels(store) -> np.ndarray:
@@ -42,14 +49,11 @@ def labels(store) -> np.ndarray:
 
 
 def test_dask_index_column_is_neither_target_nor_feature(tmp_path):
-    pd = pytest.importorskip("pandas")
     # what dask.dataframe's to_parquet(write_metadata_file=True) writes of a frame with a default index
     d = tmp_path / "ds"
     d.mkdir()
     for k, (lo, hi) in enumerate(((0, 100), (100, 200), (200, N))):
-        frame(lo, hi).set_axis(pd.Index(np.arange(lo, hi))).rename_axis("__null_dask_index__").to_parquet(
-            d / f"part.{k}.parquet"
-        )
+        pandas_file(d / f"part.{k}.parquet", table(lo, hi), np.arange(lo, hi), "__null_dask_index__")
     schema = pq.read_schema(d / "part.0.parquet")
     pq.write_metadata(schema, d / "_common_metadata")
     pq.write_metadata(schema, d / "_metadata")
@@ -68,26 +72,53 @@ def test_dask_index_column_is_neither_target_nor_feature(tmp_path):
 
 
 def test_pandas_index_columns(tmp_path):
-    pd = pytest.importorskip("pandas")
-    df = frame()
-    df[df.b % 2 == 0].to_parquet(tmp_path / "f.parquet")  # a filtered frame: its index is written
+    even = B % 2 == 0
+    pandas_file(tmp_path / "f.parquet", table().filter(pa.array(even)), np.nonzero(even)[0], None)  # a filtered frame
     assert "__index_level_0__" in pq.read_schema(tmp_path / "f.parquet").names
     st = ingest(tmp_path / "f.parquet", tmp_path / "f.zarr")
     assert st.attrs["target"]["name"] == "label" and "__index_level_0__" not in st.feature_names
-    np.testing.assert_array_equal(labels(st), LABEL[B % 2 == 0])
+    np.testing.assert_array_equal(labels(st), LABEL[even])
     # a named index is data: a feature placed first, and the default target stays the last data column
-    df.set_index(pd.Index(ID, name="id")).to_parquet(tmp_path / "n.parquet")
+    pandas_file(tmp_path / "n.parquet", table(), ID, "id")
     st = ingest(tmp_path / "n.parquet", tmp_path / "n.zarr")
     assert st.attrs["target"]["name"] == "label"
     assert st.feature_names[:3] == ["id", "a", "b"]
     np.testing.assert_array_equal(read_all(st)[0][:, 0], ID)
     # a training store with such a column as a feature (a file without pandas metadata) finds it
-    plain = pa.Table.from_pandas(df[df.b % 2 == 0].reset_index(names="__index_level_0__"), preserve_index=False)
-    pq.write_table(plain.replace_schema_metadata(None), tmp_path / "p.parquet")
+    plain = table().filter(pa.array(even))
+    plain = plain.add_column(0, "__index_level_0__", pa.array(np.nonzero(even)[0]))
+    pq.write_table(plain, tmp_path / "p.parquet")
     train = ingest(tmp_path / "p.parquet", tmp_path / "p.zarr")
     assert train.feature_names[0] == "__index_level_0__"
     st = ingest(tmp_path / "f.parquet", tmp_path / "t.zarr", like=train)
-    np.testing.assert_array_equal(read_all(st)[0][:, 0], np.nonzero(B % 2 == 0)[0])
+    np.testing.assert_array_equal(read_all(st)[0][:, 0], np.nonzero(even)[0])
+
+
+def test_pandas_file_is_what_pandas_writes(tmp_path):
+    """The files above carry the index as pandas itself writes it (checked where pandas is installed)."""
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame(table().to_pydict())
+    even = B % 2 == 0
+    cases = [
+        (df[even], table().filter(pa.array(even)), np.nonzero(even)[0], None),
+        (df.set_index(pd.Index(ID, name="id")), table(), ID, "id"),
+        (
+            df.set_axis(pd.Index(np.arange(N))).rename_axis("__null_dask_index__"),
+            table(),
+            np.arange(N),
+            "__null_dask_index__",
+        ),
+    ]
+    for k, (frame, t, index, name) in enumerate(cases):
+        frame.to_parquet(tmp_path / f"pandas{k}.parquet")
+        pandas_file(tmp_path / f"ours{k}.parquet", t, index, name)
+        real, ours = (pq.read_table(tmp_path / f"{w}{k}.parquet") for w in ("pandas", "ours"))
+        assert real.column_names == ours.column_names
+        for got in (real, ours):
+            meta = got.schema.pandas_metadata
+            assert meta["index_columns"] == [ours.column_names[-1]]
+            assert meta["columns"][-1]["name"] == name and meta["columns"][-1]["field_name"] == ours.column_names[-1]
+        assert real.column(ours.column_names[-1]).to_pylist() == ours.column(ours.column_names[-1]).to_pylist()
 
 
 # ---- layouts and types of the tools' datasets ----------------------------------------------------------
@@ -169,9 +200,10 @@ def test_drifting_schemas_and_types_are_exact(tmp_path):
 def test_all_none_column_of_one_file_is_missing_values(tmp_path):
     d = tmp_path / "ds"
     d.mkdir()
-    frame(0, 150).to_parquet(d / "part.0.parquet", index=False)
-    other = frame(150, N).assign(c=None)  # pandas writes an all-None column as the type null
-    other.to_parquet(d / "part.1.parquet", index=False)
+    pq.write_table(table(0, 150), d / "part.0.parquet")
+    other = table(150, N)  # pandas writes a file's all-None column with the type null
+    other = other.set_column(other.column_names.index("c"), "c", pa.nulls(len(other)))
+    pq.write_table(other, d / "part.1.parquet")
     assert pa.types.is_null(pq.read_schema(d / "part.1.parquet").field("c").type)
     st = ingest(d, tmp_path / "s.zarr")
     assert st.n_rows == N
@@ -235,9 +267,9 @@ def test_integer_decimals_beyond_2_53_are_refused_as_integers_are(tmp_path):
 def test_an_empty_frame_without_columns_among_the_files(tmp_path):
     d = tmp_path / "ds"
     d.mkdir()
-    frame(0, 150).to_parquet(d / "part.0.parquet", index=False)
-    frame(0, 0)[[]].to_parquet(d / "part.1.parquet", index=False)  # a day without data: no rows, no columns
-    frame(150, N).to_parquet(d / "part.2.parquet", index=False)
+    pq.write_table(table(0, 150), d / "part.0.parquet")
+    pq.write_table(pa.table({}), d / "part.1.parquet")  # a day without data (pandas: DataFrame()): no rows, no columns
+    pq.write_table(table(150, N), d / "part.2.parquet")
     st = ingest(d, tmp_path / "s.zarr")
     assert st.n_rows == N and st.attrs["target"]["name"] == "label"
     np.testing.assert_array_equal(read_all(st)[0][:, 0], A.astype(np.float32))
