@@ -87,6 +87,7 @@ from pipeline.train import (
     TrainResult,
     budget_spent_line,
     build_spec,
+    changed,
     check_backend,
     let_job_tasks_stop,
     privacy_settings,
@@ -205,21 +206,17 @@ def data_change(saved: dict[str, Any], info: dict[str, Any]) -> str | None:
     """How a site's report ``info`` differs from the :func:`report_data` ``saved`` when it was
     admitted (None: the same data)."""
     now = report_data(info)
-    differ = [
-        what
-        for key, what in (
-            ("rows", "training rows"),
-            ("held_out", "held-out rows"),
-            ("class_counts", "class counts"),
-            ("sums", "feature sums"),
-        )
-        if key in saved and saved[key] != now[key]
-    ]
-    if not differ:
+    fields = (
+        ("rows", "training rows"),
+        ("held_out", "held-out rows"),
+        ("class_counts", "class counts"),
+        ("sums", "feature sums"),
+    )
+    differ = changed(saved, now, fields)
+    if differ is None:
         return None
-    names = differ[0] if len(differ) == 1 else ", ".join(differ[:-1]) + f" and {differ[-1]}"
     rows = f" ({saved['rows']:,} training rows, now {now['rows']:,})" if "training rows" in differ else ""
-    return f"its {names} differ{rows}"
+    return f"its {differ} differ{rows}"
 
 
 class FederatedTrainer:

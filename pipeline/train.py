@@ -25,7 +25,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,24 +169,19 @@ def resume_mismatch(meta: dict[str, Any], spec: dict, stats: dict[str, Any], pat
         return f"checkpoint {where} is for a different model; resume with the model config it started with, {fresh}"
     saved = meta.get("store_stats")
     if problem is None and isinstance(saved, dict):
-        differ = [
-            what
-            for key, what in (
-                ("n_rows", "row count"),
-                ("feature_names", "feature names"),
-                ("classes", "classes"),
-                ("mean", "feature means"),
-                ("std", "feature standard deviations"),
-                ("y_mean", "target mean"),
-                ("y_std", "target standard deviation"),
-            )
-            if key in saved and saved[key] != stats.get(key)
-        ]
+        fields = (
+            ("n_rows", "row count"),
+            ("feature_names", "feature names"),
+            ("classes", "classes"),
+            ("mean", "feature means"),
+            ("std", "feature standard deviations"),
+            ("y_mean", "target mean"),
+            ("y_std", "target standard deviation"),
+        )
+        differ = changed(saved, stats, fields)
         if differ:
             n = f" ({saved['n_rows']:,} rows, now {stats['n_rows']:,})" if "row count" in differ else ""
-            problem = (
-                f"other data: the {_names(differ)} of {store!r} differ{n}; it was ingested again, or is another store"
-            )
+            problem = f"other data: the {differ} of {store!r} differ{n}; it was ingested again, or is another store"
     if problem is None:
         return None
     return f"checkpoint {where} was trained on {problem}; resume with {trained_on}, {fresh}"
@@ -312,6 +307,14 @@ _TEXT_LIMIT = 1 << 20  # a config.toml or a lock file longer than this is not on
 def _names(names: list[str]) -> str:
     """``a``, ``a and b``, ``a, b and c``."""
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def changed(saved: dict[str, Any], now: dict[str, Any], fields: Sequence[tuple[str, str]]) -> str | None:
+    """What of the data a checkpoint recorded (``saved``) differs from ``now``: the ``(key,
+    label)`` ``fields`` recorded in ``saved`` whose values differ, their labels joined ("row
+    count and feature means"); None when none does."""
+    differ = [label for key, label in fields if key in saved and saved[key] != now.get(key)]
+    return _names(differ) if differ else None
 
 
 def _is_run_config(path: Path) -> bool:
