@@ -248,7 +248,7 @@ class LocalTrainer(Trainer):
             "compute": 0.0,
             "communicate": 0.0,
         }
-        results = []
+        ran: list[str] = []  # the tasks run in this attempt
         # Ctrl-C and SIGTERM stop the epoch between two minibatches, never inside a round: the
         # server's weights, optimizer state and progress are then one round's, as a checkpoint needs
         with interrupts_between_polls() as self._check_interrupt:
@@ -257,13 +257,12 @@ class LocalTrainer(Trainer):
                     continue
                 if name in done_tasks:  # finished before the run was stopped: its rows are the epoch's
                     if name in run.done_results:
-                        results.append({**run.done_results[name], "trained_now": 0})
                         stats["tasks"].append(
-                            {"name": name, "worker": "this process", "samples": results[-1]["samples"]}
+                            {"name": name, "worker": "this process", "samples": run.done_results[name]["samples"]}
                         )
                     continue
                 r = self._run_task(ps, run, name, ranges)
-                results.append(r)
+                ran.append(name)
                 run.done_results[name] = {k: r[k] for k in ("samples", "trained", "loss")}
                 done_tasks.add(name)
                 stats["tasks"].append({"name": name, "worker": "this process", "samples": r["samples"]})
@@ -272,10 +271,7 @@ class LocalTrainer(Trainer):
             self._check_interrupt()  # one that came during the last round
         # the rows of the batches an earlier attempt trained count too (as on a cluster: the
         # server absorbed them); the loss is over the rows trained in each task's last attempt
-        stats["samples"] = sum(r["samples"] for r in results)
-        stats["trained"] = sum(r["trained_now"] for r in results)
-        trained = sum(r["trained"] for r in results)
-        stats["loss"] = sum(r["loss"] * r["trained"] for r in results if r["trained"]) / max(trained, 1)
+        stats["samples"], stats["trained"], stats["loss"] = run.epoch_totals(ran)
         stats["tasks"].sort(key=lambda t: t["name"])
         return stats
 
@@ -380,7 +376,6 @@ class LocalTrainer(Trainer):
             # the task's rows, those an earlier attempt trained (skipped here) included
             "samples": r["samples"] + r["skipped_samples"],
             "trained": r["samples"],
-            "trained_now": r["samples"],
             "loss": r["loss"] if r["samples"] else 0.0,
             "read": read,
             "compute": max(0.0, total - read),

@@ -8,6 +8,7 @@ counter testable alone. The estimators' in-process loop can use the same two.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,17 @@ class RunState:
     def samples(self) -> int:
         """Training samples seen in the recorded epochs."""
         return sum(int(h.get("samples", 0)) for h in self.history)
+
+    def epoch_totals(self, ran: Collection[str]) -> tuple[int, int, float]:
+        """The running epoch's rows so far (every finished task's, those finished before a resume
+        within the epoch included: the server absorbed them), the rows the tasks ``ran`` trained
+        in this attempt, and the loss over the rows each finished task trained in its last
+        attempt, from ``done_results`` (a task an earlier version's checkpoint recorded without
+        one is left out)."""
+        done = [self.done_results[n] for n in sorted(self.done_tasks) if n in self.done_results]
+        rows = sum(d["trained"] for d in done)
+        loss = sum(d["loss"] * d["trained"] for d in done if d["trained"]) / max(rows, 1)
+        return sum(d["samples"] for d in done), sum(self.done_results[n]["trained"] for n in ran), loss
 
     def finish_epoch(self) -> None:
         """The epoch recorded last in ``history`` is over: the next one starts with no task done."""

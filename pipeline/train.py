@@ -1587,21 +1587,12 @@ class Trainer:
                 logger.debug("checkpoint after failure did not succeed", exc_info=True)
             raise
         bar.clear()
-        trained = sum(r["samples"] for r in results)
-        # tasks that finished before the run was stopped and resumed inside this epoch (their
-        # results kept by the checkpoint; an earlier version's records none)
+        # the epoch's rows include those an earlier attempt of a task had trained (its worker left,
+        # or the run was stopped and resumed inside the epoch) and those of tasks finished before
+        # a resume (their results kept by the checkpoint): the server absorbed them
         ran = {r["name"] for r in results}
         before = {n: run.done_results[n] for n in sorted(done_tasks - ran) if n in run.done_results}
-        rows = trained + sum(e["trained"] for e in before.values())
-        loss = (
-            sum(r["loss"] * r["samples"] for r in results if r["samples"])
-            + sum(e["loss"] * e["trained"] for e in before.values() if e["trained"])
-        ) / max(rows, 1)
-        # the rows an earlier attempt of a task had trained (its worker left, or the run was
-        # stopped and resumed inside the epoch) are the epoch's too: the server absorbed them
-        samples = (
-            trained + sum(r.get("skipped_samples", 0) for r in results) + sum(e["samples"] for e in before.values())
-        )
+        samples, trained, loss = run.epoch_totals(ran)
         val, val_version, validate = None, None, 0.0
         wanted = {name for (name, _, _), sl in zip(work, val_slices, strict=True) if sl}
         got = {r["name"]: r for r in results if "val" in r}
