@@ -110,11 +110,13 @@ import pyarrow.compute as pc
 
 from pipeline.errors import IngestError
 from pipeline.ingest_plan import (
+    ROW_PLACE,
     ArrayProfile,
     IngestPlan,
     LabelProfile,
     Training,
     big_integer_error,
+    data_row,
     plan_arrays,
     plan_table,
     select_columns,
@@ -602,6 +604,28 @@ def _parquet_batches(src: Path, columns: list[str] | None = None) -> Iterator[pa
                         names=[*b.schema.names, *extra],
                     )
                 yield b
+
+
+def _parquet_row_place(src: Path) -> Callable[[int], str | None]:
+    """Where data row ``r`` of the dataset directory ``src`` is: its file (relative to ``src``) and
+    its row there, counted as :func:`_parquet_batches` reads them; the files' footers are read only
+    when an error names a row."""
+
+    def place(r: int) -> str | None:
+        import pyarrow.parquet as pq
+
+        start = 0
+        for path in _parquet_files(src):
+            try:
+                n = pq.read_metadata(str(path)).num_rows
+            except (pa.ArrowInvalid, OSError):
+                return None
+            if r < start + n:
+                return f"row {r - start} of file {path.relative_to(src).as_posix()!r}"
+            start += n
+        return None
+
+    return place
 
 
 _UNNAMED_INDEX = re.compile(r"__index_level_\d+__|__null_dask_index__")
@@ -1272,8 +1296,7 @@ def _decide_decimal(
                 if not given and "," not in v:
                     fix = f"write it without separators ({_as_point(v)})"
             raise IngestError(
-                f"column {c!r} has {v!r} at data row {r} (0-based), a number {what}, but {table.decimal_by} "
-                f"reads {reads}; {fix}"
+                f"column {c!r} has {v!r} at {data_row(r)}, a number {what}, but {table.decimal_by} reads {reads}; {fix}"
             )
         return table.decimal
     if not table.decimal_comma:
@@ -1285,7 +1308,7 @@ def _decide_decimal(
             if other is thou and "," not in v:
                 how = "commas as thousands separators"
             raise IngestError(
-                f"column {c!r} has {v!r} at data row {r} (0-based), a number with {what}, but column {c2!r} "
+                f"column {c!r} has {v!r} at {data_row(r)}, a number with {what}, but column {c2!r} "
                 f"has {v2!r} at data row {r2}, with {how}; write every number of the file one way"
             )
     if dec:
@@ -1407,7 +1430,7 @@ def _check_float32_range(values: np.ndarray, present: np.ndarray, name: str, row
     if over.any():
         r = int(np.argmax(over))
         raise IngestError(
-            f"column {name!r} holds {float(values[r]):g} at data row {row0 + r} (0-based), beyond the range of "
+            f"column {name!r} holds {float(values[r]):g} at {data_row(row0 + r)}, beyond the range of "
             f"float32 features (+-{top:.3g}); scale the column (e.g. to other units) or leave it out with --drop"
         )
 
@@ -2087,6 +2110,8 @@ def ingest(
         force=force,
         progress=progress,
     )
+    # a dataset of several files: an error naming a data row names its file too
+    places = ROW_PLACE.set(_parquet_row_place(path) if fmt == "parquet" and path.is_dir() else None)
     try:
         if fmt in ("csv", "parquet"):
             if fmt == "csv":
@@ -2156,4 +2181,6 @@ def ingest(
             f"{str(path)!r} is not {text_encoding} text ({exc}); pass its encoding with --text-encoding "
             "(e.g. utf-8, latin-1, cp1252)"
         ) from None
+    finally:
+        ROW_PLACE.reset(places)
     return store

@@ -16,7 +16,8 @@ that read no file and write nothing, so they are testable on their own:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,18 @@ if TYPE_CHECKING:
 
 ONEHOT_MAX = 16
 MAX_CLASSES_INFERRED = 50
+
+# where a data row of the source being ingested is, for a source of several files (a Parquet
+# dataset): "row 12 of file 'part.3.parquet'"; None for a single file
+ROW_PLACE: ContextVar[Callable[[int], str | None] | None] = ContextVar("ROW_PLACE", default=None)
+
+
+def data_row(r: int) -> str:
+    """How an error names the source's 0-based data row ``r``: with its file and row there when
+    the source is a dataset of several files (a Spark or Dask dataset of many part files)."""
+    where = ROW_PLACE.get()
+    place = where(r) if where is not None else None
+    return f"data row {r} (0-based{'; ' + place if place else ''})"
 
 
 @dataclass(frozen=True)
@@ -226,7 +239,7 @@ def decide_target(labels: LabelProfile, task: str | None, training: Training | N
         if task == "regression" and labels.first_string is not None:
             r, v = labels.first_string
             raise IngestError(
-                f"{labels.subject} has the non-numeric value {v!r} at data row {r} (0-based) but the training "
+                f"{labels.subject} has the non-numeric value {v!r} at {data_row(r)} but the training "
                 f"store {training.path!r} is a regression; fix the value or leave the row out"
             )
         class_values = None if labels.kind_from_dtype and string_labels else training.target.get("class_values")
@@ -239,7 +252,7 @@ def decide_target(labels: LabelProfile, task: str | None, training: Training | N
         if string_labels:
             r, v = labels.first_string or (0, "?")
             raise IngestError(
-                f"{labels.subject} has the non-numeric value {v!r} at data row {r} (0-based) but the "
+                f"{labels.subject} has the non-numeric value {v!r} at {data_row(r)} but the "
                 "task is regression; pass --task classification or fix the value"
             )
         return TargetPlan(name, task, False, None, None, shape)
@@ -438,7 +451,7 @@ def plan_table(
         if numeric_expected and pr.n_nonnum:
             r, v = pr.first_nonnum
             raise IngestError(
-                f"column {c!r} is numeric but has the non-numeric value {v!r} at data row {r} (0-based); "
+                f"column {c!r} is numeric but has the non-numeric value {v!r} at {data_row(r)}; "
                 "fix the value or mark it missing (empty, ?, NA)"
             )
         if numeric_expected and pr.first_big is not None:
@@ -453,7 +466,7 @@ def plan_table(
         if missing == "reject" and pr.n_missing:
             r, v = pr.first_missing
             raise IngestError(
-                f"column {c!r} has a missing or infinite value ({v!r}) at data row {r} (0-based) and "
+                f"column {c!r} has a missing or infinite value ({v!r}) at {data_row(r)} and "
                 "--missing reject was given; fix the data or use --missing impute/drop"
             )
         if enc is not None:
@@ -485,7 +498,7 @@ def plan_table(
         if tp.n_missing and missing != "drop":
             r, v = tp.first_missing
             raise IngestError(
-                f"target column {tcol!r} is missing ({v!r}) at data row {r} (0-based); fix it or pass --missing drop"
+                f"target column {tcol!r} is missing ({v!r}) at {data_row(r)}; fix it or pass --missing drop"
             )
         if (
             tp.first_big is not None
