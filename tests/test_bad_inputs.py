@@ -1895,7 +1895,7 @@ def _(t: Trial) -> Outcome:
 
     from pipeline.estimator import MLPClassifier
 
-    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster:
         c = Client(cluster, set_as_default=False)
         c.close()
     est = MLPClassifier(client=c, cluster_min_rows=0)

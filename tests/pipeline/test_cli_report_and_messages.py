@@ -390,7 +390,7 @@ def test_a_scheduler_without_the_preload_is_said_to_have_no_training_page(here: 
     /pipeline on the dashboard: the command does not point at a page that is not there."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as lc:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as lc:
         r = invoke("train", "s.zarr", "--out", "run", "--scheduler", lc.scheduler_address, "--set", "epochs=1")
     assert r.exit_code == 0, r.output
     assert "(no training page: the scheduler was started without --preload pipeline.ps)" in r.stderr, r.stderr

@@ -267,7 +267,7 @@ def test_relative_paths_from_the_python_api_reach_workers_started_elsewhere(
     synth(tmp_path / "here" / "s.zarr", rows=600, features=4, classes=3, seed=0)
     synth(tmp_path / "here" / "v.zarr", rows=200, features=4, classes=3, seed=1)
     monkeypatch.chdir(tmp_path / "elsewhere")  # where the worker processes start
-    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as lc, Client(lc) as c:
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as lc, Client(lc) as c:
         monkeypatch.chdir(tmp_path / "here")
         extra = ["clients=2", "rounds=1"] if federated else ["epochs=1", "validation_store=v.zarr"]
         cfg = TrainConfig().with_overrides(["hidden=[4]", "patience=0", *extra])
@@ -294,7 +294,7 @@ def test_evaluate_and_predict_from_the_python_api_send_workers_absolute_paths(
     train(str(tmp_path / "here" / "s.zarr"), cfg, tmp_path / "here" / "run", client=None)
     model = load_model(tmp_path / "here" / "run")
     monkeypatch.chdir(tmp_path / "elsewhere")  # where the worker processes start
-    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as lc, Client(lc) as c:
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as lc, Client(lc) as c:
         monkeypatch.chdir(tmp_path / "here")
         metrics = evaluate_store(model, "s.zarr", c)
         predict_store(model, "s.zarr", "p.parquet", c)

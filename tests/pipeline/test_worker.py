@@ -200,7 +200,7 @@ def test_a_threaded_worker_trains_each_job_on_its_own_store(tmp_path, monkeypatc
         (tmp_path / d).mkdir()
         make_store(tmp_path / d / "s.zarr", n=n, chunk_rows=100)
     cfg = TrainConfig(hidden=[4], epochs=1, patience=0)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as lc:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as lc:
         with Client(lc) as c:
             for d, n in (("a", 400), ("b", 2000)):
                 monkeypatch.chdir(tmp_path / d)
