@@ -292,6 +292,7 @@ def check_budget_allows_a_round(cfg: TrainConfig, sampling_rate: float = 1.0) ->
 
 
 LOCK_NAME = ".lock"
+PAUSED_WARNING = 10.0  # seconds every worker is paused before the run says why it waits
 
 # Run directories this process holds, by resolved path: the open lock file and how many
 # claims are nested (the command claims before it starts a cluster, the trainer again).
@@ -987,6 +988,8 @@ class Trainer:
         self.force = force
         self.log = log or (lambda msg: logger.info(msg))
         self.warn = log or (lambda msg: logger.warning(msg))
+        self._paused_since: float | None = None  # since when every worker is paused (_note_paused)
+        self._paused_said = False
         self.train_rows = self.store.n_rows
         self.on_epoch = on_epoch
         self.spec, self.target = build_spec(self.store, cfg)
@@ -1636,8 +1639,12 @@ class Trainer:
         return [got[n] if n in got else f.result() for n, f in zip(names, finished, strict=True)]
 
     def _check_workers(self, since: float | None) -> float | None:
-        """Track how long the cluster has had no workers; fail after ``no_worker_timeout``."""
-        if self.client.scheduler_info(n_workers=-1)["workers"]:
+        """Track how long the cluster has had no workers; fail after ``no_worker_timeout``. Workers
+        that are all paused (their memory above Dask's pause fraction) start no task: the run
+        waits for them, and says why once they have been paused for ``PAUSED_WARNING`` seconds."""
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        if workers:
+            self._note_paused(workers)
             return None
         since = since or time.monotonic()
         if time.monotonic() - since > self.cfg.no_worker_timeout:
@@ -1646,6 +1653,26 @@ class Trainer:
                 "raise no_worker_timeout (a checkpoint was written; use --resume)"
             )
         return since
+
+    def _note_paused(self, workers: dict[str, dict]) -> None:
+        """Log once per episode that every worker is paused (Dask's memory pause), and when they run again."""
+        paused = all(w.get("status") == "paused" for w in workers.values())
+        if not paused:
+            if self._paused_since is not None and self._paused_said:
+                self.log("the workers run again")
+            self._paused_since, self._paused_said = None, False
+            return
+        now = time.monotonic()
+        if self._paused_since is None:
+            self._paused_since = now
+        if not self._paused_said and now - self._paused_since >= PAUSED_WARNING:
+            self.warn(
+                f"every worker has been paused for {now - self._paused_since:.0f} s: its memory is above the "
+                "fraction of its limit at which Dask starts no task (distributed.worker.memory.pause, 0.8 by "
+                "default); the run waits. Raise --memory-limit, or lower the rows a task holds "
+                "(--set shuffle_chunks=1 --set prefetch=1)"
+            )
+            self._paused_said = True
 
     def _gather(self, futures: list) -> list:
         """``client.gather`` that gives up after ``no_worker_timeout`` without workers."""
