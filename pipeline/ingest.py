@@ -1470,12 +1470,18 @@ class _ArraySource:
     dtype: np.dtype
     open: Callable[[], Any]  # -> readable binary stream positioned at the first element
     name: str
+    # column-major on disk (np.save of a Fortran-ordered array, as pandas' to_numpy() gives):
+    # read by seeking, one run of rows per element of a row
+    fortran: bool = False
 
     def blocks(self, rows_per_block: int, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
         row_items = int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
         row_bytes = row_items * self.dtype.itemsize
         stop = self.shape[0] if stop is None else min(stop, self.shape[0])
         with self.open() as f:
+            if self.fortran and len(self.shape) > 1:
+                yield from self._fortran_blocks(f, row_items, rows_per_block, start, stop)
+                return
             if start:
                 if f.seekable():
                     f.seek(start * row_bytes, io.SEEK_CUR)
@@ -1487,6 +1493,23 @@ class _ArraySource:
                 buf = _read_exact(f, k * row_bytes, self.name)
                 yield np.frombuffer(buf, dtype=self.dtype).reshape(k, *self.shape[1:])
                 pos += k
+
+    def _fortran_blocks(
+        self, f: Any, row_items: int, rows_per_block: int, start: int, stop: int
+    ) -> Iterator[np.ndarray]:
+        """Row blocks of a column-major array: element ``j`` of a row (the row's trailing indices
+        flattened first-fastest) holds all rows in one run, so a block is one read per element."""
+        base, n, item = f.tell(), self.shape[0], self.dtype.itemsize
+        pos = start
+        while pos < stop:
+            k = min(rows_per_block, stop - pos)
+            runs = np.empty((row_items, k), dtype=self.dtype)
+            for j in range(row_items):
+                f.seek(base + (j * n + pos) * item)
+                runs[j] = np.frombuffer(_read_exact(f, k * item, self.name), dtype=self.dtype)
+            # runs[j] is trailing element j in Fortran order: reversed dims in C order, then transposed
+            yield np.ascontiguousarray(runs.reshape(*self.shape[:0:-1], k).transpose())
+            pos += k
 
 
 def _read_exact(f: Any, n: int, name: str) -> bytes:
@@ -1504,7 +1527,9 @@ def _skip(f: Any, n: int) -> None:
         n -= k
 
 
-def _npy_source(opener: Callable[[], Any], name: str) -> _ArraySource:
+def _npy_source(opener: Callable[[], Any], name: str, seekable: bool = False) -> _ArraySource:
+    """The array of an .npy stream; ``seekable``: the stream is a file, which can be read in
+    column-major (Fortran) order."""
     with opener() as f:
         try:
             version = np.lib.format.read_magic(f)
@@ -1524,8 +1549,8 @@ def _npy_source(opener: Callable[[], Any], name: str) -> _ArraySource:
         raise IngestError(f"{name} holds Python objects; save a numeric array")
     if len(shape) == 0:
         raise IngestError(f"{name} holds a single value (a 0-d array); save one row per sample")
-    if fortran and len(shape) > 1:
-        raise IngestError(f"{name} is Fortran-ordered; save it with np.ascontiguousarray")
+    if fortran and len(shape) > 1 and not seekable:  # a zip member: a backward seek decompresses it again
+        raise IngestError(f"{name} is Fortran-ordered inside an archive; save it with np.ascontiguousarray")
 
     class _Opened:
         def __enter__(self) -> Any:
@@ -1537,7 +1562,7 @@ def _npy_source(opener: Callable[[], Any], name: str) -> _ArraySource:
         def __exit__(self, *a: Any) -> None:
             self.f.__exit__(*a)
 
-    return _ArraySource(tuple(shape), dtype, _Opened, name)
+    return _ArraySource(tuple(shape), dtype, _Opened, name, fortran=bool(fortran))
 
 
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -2163,8 +2188,8 @@ def ingest(
                 if given:
                     raise IngestError(f"{opt} applies to the text of CSV and Parquet sources, not {fmt}; drop {opt}")
             if fmt == "npy":
-                xs = _npy_source(lambda: open(path, "rb"), str(path))
-                ys = _npy_source(lambda: open(labels, "rb"), str(labels)) if labels else None
+                xs = _npy_source(lambda: open(path, "rb"), str(path), seekable=True)
+                ys = _npy_source(lambda: open(labels, "rb"), str(labels), seekable=True) if labels else None
             elif fmt == "npz":
                 xs, ys = _npz_sources(path)
             else:
