@@ -764,6 +764,10 @@ def train(
     )
 
 
+def _rows_hold(n: int) -> str:
+    return "1 row holds" if n == 1 else f"{n:,} rows hold"
+
+
 def _reading_line(reading: dict[str, Any]) -> str:
     """How ingest read the source's text (:func:`pipeline.store.source_reading`), as `inspect`
     shows it: what ``--like`` ingests follow and models compare; empty when nothing was recorded."""
@@ -1159,6 +1163,12 @@ def ingest(
         click.echo(
             f"warning: missing values ({listed}) imputed, cells per column: {shown} "
             "(--missing reject refuses them; --missing-values TOKENS sets which text is missing)",
+            err=True,
+        )
+    elif src_attrs.get("rows_with_missing") and store.attrs.get("missing") == "impute":  # a NumPy or IDX source
+        click.echo(
+            f"warning: {_rows_hold(src_attrs['rows_with_missing'])} missing or infinite values (NaN, inf), "
+            "imputed with the training mean (--missing reject refuses them; --missing drop leaves the rows out)",
             err=True,
         )
     rounded = src_attrs.get("rounded_integers") or {}

@@ -53,3 +53,26 @@ def test_a_fortran_ordered_array_inside_an_npz_is_refused_with_the_fix(tmp_path)
     with pytest.raises(IngestError, match=r"Fortran-ordered inside an archive; save it with np\.ascontiguousarray"):
         ingest(tmp_path / "d.npz", tmp_path / "d.zarr")
     assert not (tmp_path / "d.zarr").exists()
+
+
+def test_the_command_says_how_many_rows_of_an_array_it_imputed(tmp_path):
+    """A NumPy source's NaN and inf are imputed with the training mean, as a CSV's missing cells
+    are, and the command says so as it does for CSV (it said nothing)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    rng = np.random.default_rng(3)
+    X = rng.random((300, 4))
+    X[[5, 9], 2], X[17, 0] = np.nan, np.inf
+    np.save(tmp_path / "x.npy", X)
+    np.save(tmp_path / "y.npy", rng.integers(0, 2, 300))
+    args = ["ingest", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")]
+    res = CliRunner().invoke(cli, [*args[:2], str(tmp_path / "a.zarr"), *args[2:]])
+    assert res.exit_code == 0, res.output
+    assert "warning: 3 rows hold missing or infinite values (NaN, inf), imputed with the training mean" in res.stderr
+    stored = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")
+    assert np.isfinite(stored["X"][:]).all()
+    res = CliRunner().invoke(cli, [*args[:2], str(tmp_path / "b.zarr"), *args[2:], "--missing", "drop"])
+    assert res.exit_code == 0 and "warning" not in res.stderr, res.output
+    assert zarr.open_group(str(tmp_path / "b.zarr"), mode="r")["X"].shape == (297, 4)
