@@ -221,6 +221,7 @@ class LocalTrainer(Trainer):
         super()._create_job(ps, params, run, ckpt)
         if ckpt is not None and ckpt.rounds is not None:  # the rounds before the run was stopped
             ps.history = [(float(t), int(v), float(loss), int(n), int(d)) for t, v, loss, n, d in ckpt.rounds]
+        self._rounds_before = []  # this server holds them: its state and metrics give them all
 
     def _forget_job(self) -> None:
         self._rows.clear()  # the store's chunks kept between epochs (up to row_cache_mb)

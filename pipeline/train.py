@@ -1260,7 +1260,7 @@ class Trainer:
             "best_epoch": run.best.epoch,
             "stopped_early": stopped_early,
             "epochs": run.history,
-            "rounds": metrics.get("history", []),
+            "rounds": self._rounds(metrics),
             "round_columns": ["time", "version", "loss", "samples", "deltas"],
             # deltas the server received, and of them those summed into another task's push
             # (combine_pushes): the messages it handled were pushes - summed
@@ -1342,6 +1342,8 @@ class Trainer:
     def _create_job(self, ps: Any, params: np.ndarray, run: RunState, ckpt: Checkpoint | None) -> None:
         """Create the job on the parameter server from ``params`` (and ``ckpt``'s server state)."""
         cfg = self.cfg
+        # the server's rounds before a resume: the new job records only its own
+        self._rounds_before = [list(r) for r in ckpt.rounds] if ckpt is not None and ckpt.rounds else []
         ps.create(
             params,
             mode=cfg.mode,
@@ -1734,6 +1736,8 @@ class Trainer:
         (layout: pipeline.checkpoint); tell the server (and its dashboard) about it, with the
         epoch's ``record`` if one is given."""
         st = state if state is not None else ps.state()
+        if "rounds" not in st:  # a cluster's server: its rounds so far, for a resumed run's history.json
+            st = {**st, "rounds": self._rounds(ps.metrics(history=True))}
         if st.get("failed"):
             # a diverged job's weights are not a state to resume from: keep the last good one
             logger.info("not checkpointing job %s: %s", self.job, st["failed"])  # the run's error says it
@@ -1754,6 +1758,10 @@ class Trainer:
         )
         run.last_checkpoint = time.monotonic()
         ps.record(epoch=record, checkpoint=True)
+
+    def _rounds(self, metrics: dict[str, Any]) -> list[list]:
+        """The run's rounds: those before a resume (kept by the checkpoint) and the server's."""
+        return [*getattr(self, "_rounds_before", []), *(list(r) for r in metrics.get("history") or [])]
 
     def _load_checkpoint(self) -> Checkpoint:
         path = self.run.checkpoint
