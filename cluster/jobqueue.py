@@ -61,34 +61,54 @@ def make_cluster(kind: str):
     raise SystemExit(f"unknown batch system {kind!r}: use slurm or pbs")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The options, and the ``--set KEY=VALUE`` settings given after ``--``. The settings are
+    split off before parsing: argparse gives a trailing positional list nothing once options
+    have come between it and the positionals before it, and refuses what follows ``--``."""
+    ours, settings = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="after --: --set KEY=VALUE ... as for pipeline train"
+    )
     p.add_argument("kind", choices=["slurm", "pbs"])
     p.add_argument("store", help="path or URL every compute node can read")
     p.add_argument("--out", default="runs/hpc")
     p.add_argument("--jobs", type=int, default=2, help="batch jobs (each CORES_PER_JOB workers)")
     p.add_argument("--print-script", action="store_true", help="show the job script and exit")
-    p.add_argument("overrides", nargs="*", help="after --: --set KEY=VALUE ... as for pipeline train")
-    args = p.parse_args(argv)
+    args = p.parse_args(ours)
+    q = argparse.ArgumentParser(prog=f"{p.prog} ... --", description="training settings, as for pipeline train")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings")
+    return args, q.parse_args(settings).settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, sets = parse(sys.argv[1:] if argv is None else list(argv))
 
     from distributed import Client
 
     from pipeline.config import TrainConfig
+    from pipeline.errors import ConfigError
     from pipeline.train import train
 
-    cluster = make_cluster(args.kind)
+    try:
+        cfg = TrainConfig().with_overrides(sets)  # a bad setting is refused before any job is submitted
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    try:
+        cluster = make_cluster(args.kind)
+    except ModuleNotFoundError as exc:
+        if exc.name != "dask_jobqueue":
+            raise
+        raise SystemExit("error: dask-jobqueue is not installed: pip install dask-jobqueue") from None
     if args.print_script:
         print(cluster.job_script())
         cluster.close()
         return 0
-    sets = [v for k, v in zip(args.overrides, args.overrides[1:], strict=False) if k == "--set"]
-    cfg = TrainConfig().with_overrides(sets)
     with cluster, Client(cluster) as client:
         cluster.scale(jobs=args.jobs)
         client.wait_for_workers(args.jobs * CORES_PER_JOB, timeout=1800)  # queue wait
         print(f"dashboard: {client.dashboard_link} (training page: /pipeline)", file=sys.stderr)
         result = train(args.store, cfg, args.out, client=client, log=lambda m: print(m, file=sys.stderr))
-    print(result.final)
+    print(result.best)  # the saved model's epoch, as the last line of `pipeline train`
     return 0
 
 

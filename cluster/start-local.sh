@@ -36,7 +36,7 @@ while [[ $# -gt 0 ]]; do
         --tls) tls=1; shift ;;
         --certs) certs=$2; shift 2 ;;
         --run-dir) run=$2; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done

@@ -12,7 +12,7 @@ while [[ $# -gt 0 ]]; do
     case $1 in
         --run-dir) run=$2; shift 2 ;;
         --grace) grace=$2; shift 2 ;;
-        -h|--help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 1 ;;
     esac
 done

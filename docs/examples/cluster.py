@@ -51,9 +51,9 @@ def main() -> None:
     cfg = TrainConfig(epochs=12, patience=0, mode="sync", seed=0)
     with cluster_client(workers=2, threads_per_worker=1, dashboard_address=None) as client:
         result = train(tr.path, cfg, out / "run", client=client)
-        for h in result.history:
+        for h in result.history:  # `epoch` counts from 0 in the history, from 1 in the log
             print(
-                f"epoch {h['epoch']}: train loss {h['train_loss']:.3f}, "
+                f"epoch {h['epoch'] + 1}: train loss {h['train_loss']:.3f}, "
                 f"val accuracy {h.get('val_accuracy', float('nan')):.3f}, rounds {h['rounds']}"
             )
         metrics = evaluate_store(result.model, te.path, client)
