@@ -764,6 +764,14 @@ def train(
     )
 
 
+def _rows_text(rows: Any) -> str:
+    """The source rows a store holds, as --rows spells them ("all" for a whole CSV or Parquet source)."""
+    if not isinstance(rows, list | tuple) or len(rows) != 2:
+        return "?"
+    start, stop = rows
+    return "all" if start == 0 and stop is None else f"{start}:{'' if stop is None else stop}"
+
+
 def _rows_hold(n: int) -> str:
     return "1 row holds" if n == 1 else f"{n:,} rows hold"
 
@@ -1304,7 +1312,7 @@ def inspect(store: str, as_json: bool, verify: bool) -> None:
             f"size     {disk if disk is not None else '?':,} bytes on disk{ratio}" if disk else "size     ? (remote)"
         )
         src = info.get("source") or {}
-        click.echo(f"source   {src.get('path', src.get('format', '?'))}  rows {src.get('rows', '')}")
+        click.echo(f"source   {src.get('path', src.get('format', '?'))}  rows {_rows_text(src.get('rows'))}")
         reading = _reading_line(source_reading(st))
         if reading:
             click.echo(f"read     {reading}")

@@ -178,3 +178,12 @@ def test_not_a_store(tmp_path):
 @pytest.mark.parametrize("bad", ["abc", "5:2"])
 def test_bad_rows_option(tmp_path, bad):
     fails(run("ingest", LETTER, tmp_path / "s.zarr", "--rows", bad), "--rows")
+
+
+def test_inspect_names_the_source_rows_as_rows_spells_them(tmp_path):
+    src = tmp_path / "t.csv"
+    src.write_text("a,b,y\n" + "".join(f"{i},{i * 2},{i % 2}\n" for i in range(10)))
+    assert run("ingest", src, tmp_path / "all.zarr").exit_code == 0
+    assert run("ingest", src, tmp_path / "part.zarr", "--rows", "2:").exit_code == 0
+    assert f"source   {src}  rows all\n" in run("inspect", tmp_path / "all.zarr").output
+    assert f"source   {src}  rows 2:\n" in run("inspect", tmp_path / "part.zarr").output
