@@ -1066,6 +1066,15 @@ class Trainer:
         from pipeline.ps import ParameterServer
 
         cfg, client = self.cfg, self.client
+        if cfg.ps_shards:  # a shard holds a range of at least one parameter
+            from kernels.mlp import MLPSpec
+
+            n_params = MLPSpec(**{**self.spec, "hidden": tuple(self.spec["hidden"])}).n_params
+            if cfg.ps_shards > n_params:
+                raise TrainingError(
+                    f"ps_shards = {cfg.ps_shards} is more than the model's {n_params} parameters; set ps_shards "
+                    f"to at most {n_params} (0 = the parameter server in the scheduler)"
+                )
         installed_by = ParameterServer.ensure_installed(client)
         self._wait_for_a_worker()
         check_workers_can_open(client, for_workers(self.store_path))
@@ -1076,11 +1085,16 @@ class Trainer:
         if not threads:  # the workers left while they were checked (a nanny restarting one): wait again
             self._wait_for_a_worker()
             threads = _total_threads(client)
-        if not threads:
-            raise TrainingError("the cluster has no workers; start some with `dask worker ADDRESS`")
         from pipeline.ps.shard import shard_workers
 
         n_shard = len(shard_workers(client.scheduler_info(n_workers=-1)))
+        if not threads and n_shard:
+            raise TrainingError(
+                f"the cluster's {n_shard} worker(s) are all started with `--resources ps-shard=1`, reserved for "
+                "parameter-server shards; start a worker to train with `dask worker ADDRESS` (without that resource)"
+            )
+        if not threads:
+            raise TrainingError("the cluster has no workers; start some with `dask worker ADDRESS`")
         if cfg.ps_shards > n_shard:
             raise TrainingError(
                 f"ps_shards = {cfg.ps_shards} but the cluster has {n_shard} worker(s) started with "

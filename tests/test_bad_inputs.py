@@ -1717,6 +1717,35 @@ def _(t: Trial) -> Outcome:
     return _train_set(t, "--set", "ps_shards=2")
 
 
+@case("C94")
+def _(t: Trial) -> Outcome:
+    from pipeline.config import TrainConfig
+    from pipeline.train import train
+
+    jobs_before = t.shared.client.run_on_scheduler(_job_names)
+    cfg = TrainConfig().with_overrides(["epochs=1", "validation=0", "hidden=[]", "ps_shards=16"])
+    out = t.call(lambda: train(str(t.shared.store4), cfg, t.path / "run", client=t.shared.client))
+    assert t.shared.client.run_on_scheduler(_job_names) == jobs_before
+    return out
+
+
+@case("C96")
+def _(t: Trial) -> Outcome:
+    from distributed import Client, LocalCluster
+
+    from pipeline.config import TrainConfig
+    from pipeline.train import train
+
+    cfg = TrainConfig().with_overrides(["epochs=1", "validation=0", "hidden=[8]"])
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0", resources={"ps-shard": 1}
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        return t.call(lambda: train(str(t.shared.store4), cfg, t.path / "run", client=client))
+
+
 @case("C66")
 def _(t: Trial) -> Outcome:
     client = t.shared.client

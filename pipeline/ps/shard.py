@@ -15,7 +15,8 @@ Who does what
 * The **driver** (:class:`ShardedParameterServer` on the client) picks ``k`` ``ps-shard``
   workers, creates the job's slice on each (``ps_create``), and records the shard map on the
   scheduler (``ps_place``). It announces epochs to every shard, and reads a checkpoint as
-  each shard's state concatenated by range: the checkpoint format is the single server's, so
+  each shard's state concatenated by range, all of one round (a shard a round's pushes have
+  not all reached yet is asked again): the checkpoint format is the single server's, so
   a run resumes on any shard count, 0 (the in-scheduler server) included.
 * The **scheduler** keeps coordination only (:class:`pipeline.ps.extension.ShardMap`): the
   shard map, and which task key is which participant. When a participant's task ends or its
@@ -51,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -59,7 +61,7 @@ import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol.serialize import Serialize
 
-from pipeline.errors import PSError, ShardLostError
+from pipeline.errors import PSError, ShardLostError, TrainingError
 from pipeline.ps.client import dask_endpoint
 from pipeline.ps.extension import ParameterServerExtension, merge_shard_metrics
 from pipeline.ps.wire import check_job_id, encode_opt_state, encode_vector
@@ -69,6 +71,7 @@ logger = logging.getLogger("pipeline.ps")
 SHARD_RESOURCE = "ps-shard"
 SHARD_EXTENSION = "pipeline_ps_shard"
 _FINISHED_KEPT = 8
+_TORN_RETRY = 0.01  # seconds between fetches of the shards' states while they are at different rounds
 
 # worker route -> handler method of the shard extension (the scheduler's routes over jobs,
 # plus ps_drop: a participant's task ended, forwarded by the scheduler)
@@ -194,6 +197,18 @@ def _cat_state(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _torn(states: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the shards' ``ps_state`` replies are of different moments of the job: another
+    round, other batches pushed, or another step of a share's local state on some shard."""
+
+    def moment(r: Mapping[str, Any]) -> tuple:
+        steps = {s: int(v.get("t", 0)) for s, v in (r.get("local_states") or {}).items()}
+        return int(r["version"]), dict(r.get("progress") or {}), steps
+
+    first = moment(states[0])
+    return any(moment(r) != first for r in states[1:])
+
+
 def _status(replies: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The first reply that is not OK, a failed one first."""
     for want in ("failed", "timeout", "left"):
@@ -305,6 +320,11 @@ class ShardedParameterServer:
         """Create the job's slice on ``n_shards`` ``ps-shard`` workers and record the map on
         the scheduler. Arguments as :meth:`pipeline.ps.ParameterServer.create`."""
         params = np.ascontiguousarray(params, dtype=np.float32).reshape(-1)
+        if self.n_shards > params.size:  # a shard holds a range of at least one parameter
+            raise TrainingError(
+                f"ps_shards = {self.n_shards} is more than the model's {params.size} parameters; set ps_shards "
+                f"to at most {params.size} (0 = the parameter server in the scheduler)"
+            )
         client = self._client
         client.register_plugin(InstallShard(), name=InstallShard.name)
         workers = shard_workers(client.scheduler_info(n_workers=-1))
@@ -463,11 +483,29 @@ class ShardedParameterServer:
 
         return self._run(request)
 
-    def state(self) -> dict[str, Any]:
-        """Every shard's state joined by range: the single server's checkpoint layout."""
+    def state(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Every shard's state joined by range: the single server's checkpoint layout.
+
+        The shards take a round's pushes (and a participant's leave) each at its own moment, so
+        one fetch can find a round applied on some shards and not yet on the others: joined,
+        those would be weights of no round, and a resume would skip batches whose update part
+        of the vector never got. The states are fetched again until every shard is at the same
+        round with the same progress (a failed job as it is). Shards that still disagree after
+        ``timeout`` seconds never will (a participant died with its push delivered to some of
+        them only): :class:`ShardLostError`, so that the driver restores the job from its last
+        checkpoint."""
 
         async def request(sched: Any, pool: Any) -> dict[str, Any]:
+            deadline = time.monotonic() + timeout
             rs = await self._fan(pool, "state")
+            while _torn(rs) and not any(r.get("failed") for r in rs):
+                if time.monotonic() > deadline:
+                    raise ShardLostError(
+                        f"the shards of job {self.job} disagree on the rounds applied after {timeout:.0f} s "
+                        f"(versions {[int(r['version']) for r in rs]}): a push reached only some of them"
+                    )
+                await asyncio.sleep(_TORN_RETRY)
+                rs = await self._fan(pool, "state")
             out = dict(rs[0])
             out["params"] = np.concatenate([np.asarray(r["params"], dtype=np.float32) for r in rs])
             out["version"] = min(int(r["version"]) for r in rs)
