@@ -810,6 +810,12 @@ def _load_run_model(run_dir: str):
     why = RunDir(Path(run_dir)).missing_model()
     if why:
         raise CheckpointError(why)
+    if Path(run_dir, "zarr.json").is_file() and not Path(run_dir, "model.npz").exists():
+        # the arguments in the other order: RUN_DIR comes first, then STORE
+        raise CheckpointError(
+            f"{run_dir!r} is a store, not a run directory or model file; give the run (or its model.npz) "
+            "first, then the store"
+        )
     return load_model(run_dir)
 
 
@@ -844,7 +850,9 @@ def evaluate(run_dir: str, store: str, as_json: bool, **cluster_kw) -> None:
     if "confusion" in metrics:
         classes = metrics.get("classes") or [str(i) for i in range(len(metrics["confusion"]))]
         click.echo("confusion matrix (rows: true, columns: predicted):")
-        width = max(5, *(len(str(c)) for c in classes)) + 1
+        # as wide as the longest class name or count: 6-digit counts must not run together
+        cells = [str(c) for c in classes] + [str(v) for line in metrics["confusion"] for v in line]
+        width = max(5, *(len(c) for c in cells)) + 1
         click.echo(" " * width + "".join(f"{str(c):>{width}}" for c in classes))
         for c, line in zip(classes, metrics["confusion"], strict=True):
             click.echo(f"{str(c):>{width}}" + "".join(f"{v:>{width}}" for v in line))

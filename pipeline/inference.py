@@ -55,6 +55,8 @@ _PART = re.compile(r"part-\d{6}\.parquet")
 # A Parquet temporary's record of its writer (host, pid, start time), removed before the rename;
 # a Zarr temporary keeps it in its attribute "writer".
 _WRITER_FILE = "_writer.json"
+# Seconds a failed or interrupted evaluation or prediction waits for its tasks still computing.
+TASK_END_TIMEOUT = 30.0
 
 
 def model_layout(model: Model) -> dict[str, Any]:
@@ -209,6 +211,11 @@ def check_inputs(
     ``out`` nor ``predicting`` is given, also its labels: task and class list); ``out`` (for
     predictions) has a known suffix and is not clobbered without ``force``. Returns the store
     and the output format ("" without ``out``)."""
+    if os.path.isfile(store_path):  # a CSV or Parquet file of new rows: they are ingested first
+        raise StoreError(
+            f"{store_path!r} is a file, not a store; ingest it first with `pipeline ingest {store_path} NEW.zarr "
+            "--like TRAIN_STORE` (add --unlabelled when it has no target column) and use NEW.zarr"
+        )
     store = open_store(store_path)
     evaluating = out is None and not predicting
     if evaluating and store.attrs.get("labelled") is False:
@@ -230,6 +237,7 @@ def check_inputs(
     if not fmt:
         raise PipelineError(f"output {out!r}: name it *.zarr (Zarr group) or *.parquet (Parquet dataset)")
     check_not_inside(dest, {"store": store.path})
+    _check_not_in_store(dest, out, store)
     _check_writable(dest, out)
     if dest.exists() or dest.is_symlink():
         reason = foreign_output_reason(dest)
@@ -240,6 +248,19 @@ def check_inputs(
         if not force:
             raise PipelineError(f"output {out!r} already exists; pass --force to overwrite it")
     return store, fmt
+
+
+def _check_not_in_store(dest: Path, out: str, store: Store) -> None:
+    """Refuse an output inside the input store's directory: it would become a member of the
+    store's Zarr group (and go with the store when it is ingested again with --force)."""
+    if "://" in str(store.path):
+        return
+    root = os.path.realpath(store.path).rstrip(os.sep) + os.sep
+    if os.path.realpath(dest).startswith(root):
+        raise PipelineError(
+            f"output {out!r} is inside the store {store.path!r}; writing it there would change the store: "
+            "choose a location outside it"
+        )
 
 
 def _check_writable(dest: Path, out: str) -> None:
@@ -309,9 +330,22 @@ def check_memory(model: Model, store: Store, ranges: list[tuple[int, int]], what
     )
 
 
-def _results(client: Any, futures: list[Any]) -> list[Any]:
-    """The futures' results in order; the first :class:`TaskFailure` cancels the others and is
-    raised (as ``client.gather`` raises the first exception)."""
+def _stop_tasks(client: Any, futures: list[Any], token: str) -> None:
+    """Cancel ``futures`` (keys ending in ``-token``) and wait, up to :data:`TASK_END_TIMEOUT`
+    seconds, until no worker still runs one: a cancelled task that is computing runs to its end,
+    and would write its rows into a prediction's temporary after the driver removed it (Zarr
+    creates the directories again: a half-written temporary no later prediction recognizes), or
+    be closed under by the cluster the command then closes (each logs its cancellation)."""
+    from pipeline.worker import stop_job_tasks
+
+    with contextlib.suppress(Exception):  # a client going away must not hide the error
+        client.cancel(futures)
+        client.run(stop_job_tasks, f"-{token}", TASK_END_TIMEOUT, on_error="ignore")
+
+
+def _results(client: Any, futures: list[Any], token: str) -> list[Any]:
+    """The futures' results in order; the first :class:`TaskFailure` stops the others
+    (:func:`_stop_tasks`) and is raised (as ``client.gather`` raises the first exception)."""
     from distributed import as_completed
 
     pos = {f.key: i for i, f in enumerate(futures)}
@@ -323,8 +357,7 @@ def _results(client: Any, futures: list[Any]) -> list[Any]:
                 raise value.error
             out[pos[fut.key]] = value
     except BaseException:
-        with contextlib.suppress(Exception):  # a client going away must not hide the error
-            client.cancel(futures)
+        _stop_tasks(client, futures, token)
         raise
     return out
 
@@ -358,7 +391,7 @@ def evaluate_store(model: Model, store_path: str, client: Any) -> dict[str, Any]
         client.submit(evaluate_task, path, [r], shared, key=f"evaluate-{i}-{token}", pure=False, retries=2)
         for i, r in enumerate(_chunk_ranges(store))
     ]
-    metrics = finish_metrics(merge_metrics(_results(client, futures)), _target(model))
+    metrics = finish_metrics(merge_metrics(_results(client, futures, token)), _target(model))
     if model.classes is not None:
         metrics["classes"] = list(model.classes)
     return metrics
@@ -440,6 +473,8 @@ def predict_store(
     ranges = _chunk_ranges(store)
     target = _target(model)
     clean_stale_outputs(dest)
+    token = uuid.uuid4().hex[:8]
+    futures: list[Any] = []
     try:
         if fmt == "zarr":
             import zarr
@@ -467,7 +502,6 @@ def predict_store(
             tmp.mkdir(parents=True)
             (tmp / _WRITER_FILE).write_text(json.dumps(writer_marker()))
         shared = client.scatter(model, broadcast=True, hash=False)
-        token = uuid.uuid4().hex[:8]
         futures = [
             client.submit(
                 predict_task,
@@ -484,7 +518,7 @@ def predict_store(
             )
             for i, r in enumerate(ranges)
         ]
-        rows = sum(_results(client, futures))
+        rows = sum(_results(client, futures, token))
         if dest.exists() or dest.is_symlink():
             reason = foreign_output_reason(dest)  # it may have changed during the run
             if reason is not None or not force:
@@ -500,6 +534,8 @@ def predict_store(
             (tmp / _WRITER_FILE).unlink()
         replace_dir(tmp, dest)
     except BaseException:
+        if futures:  # no task may write into the temporary once it is removed
+            _stop_tasks(client, futures, token)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"rows": rows, "out": str(dest), "format": fmt}

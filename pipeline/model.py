@@ -19,6 +19,8 @@ from pipeline.checkpoint import load_file, save_file
 from pipeline.errors import CheckpointError
 
 MODEL_FORMAT = 1
+# Rows of every product of the in-memory forward pass (Model._forward): one shape, one BLAS kernel.
+FORWARD_ROWS = 256
 # Sources whose target has no column name of its own: the program names it ("labels" or "x3" of
 # NumPy and IDX files, "y" of synthetic data and of the estimators' stores of in-memory arrays).
 _UNNAMED_TARGET_SOURCES = frozenset({"synthetic", "npy", "npz", "idx", "estimator"})
@@ -182,7 +184,13 @@ class Model:
         ``numpy``): a row's output does not depend on the other rows of the batch (float32 SIMD
         GEMM blocking changes a row's last bits with its position), as scikit-learn's checks
         demand. Stores are predicted and evaluated the same way, chunk by chunk on the workers
-        (pipeline.inference): one model gives one answer on every path."""
+        (pipeline.inference): one model gives one answer on every path.
+
+        Every product has the same shape, :data:`FORWARD_ROWS` rows (the last block padded with
+        zeros): BLAS picks its kernel by the matrices' sizes (OpenBLAS has a small-matrix kernel,
+        and a 1-row product is a matrix-vector one) and those kernels sum in other orders, so a
+        row's last bits would otherwise depend on how many rows came with it (a store's chunk, a
+        Dask block, one row)."""
         if self._trainer is None:
             from kernels.mlp import MLPSpec, MLPTrainer
 
@@ -190,10 +198,20 @@ class Model:
                 MLPSpec(**{**self.spec, "hidden": tuple(self.spec["hidden"])}),
                 backend="numpy",
                 params=np.asarray(self.params, dtype=np.float64),
-                max_batch=4096,
+                max_batch=FORWARD_ROWS,
                 dtype=np.float64,
             )
-        return self._trainer.forward(np.asarray(X, dtype=np.float64))
+        X = np.asarray(X, dtype=np.float64)
+        n = X.shape[0]
+        out = np.empty((n, int(self.spec["n_out"])), dtype=np.float64)
+        for a in range(0, n, FORWARD_ROWS):
+            b = min(n, a + FORWARD_ROWS)
+            block = X[a:b]
+            if b - a < FORWARD_ROWS:
+                block = np.zeros((FORWARD_ROWS, X.shape[1]), dtype=np.float64)
+                block[: b - a] = X[a:b]
+            out[a:b] = self._trainer.forward(block)[: b - a]
+        return out
 
     def _features_hint(self) -> str:
         """The model's encoded features, and how to get rows encoded that way."""
@@ -278,7 +296,8 @@ class Model:
         if self.task == "classification":
             return out
         t = self.target or {"mean": [0.0], "std": [1.0]}
-        return out.reshape(len(out), -1) * np.asarray(t["std"]) + np.asarray(t["mean"])
+        # (rows, outputs) whatever the rows: no rows give (0, outputs), not a reshape error
+        return out.reshape(out.shape[0], int(self.spec["n_out"])) * np.asarray(t["std"]) + np.asarray(t["mean"])
 
     def predict_proba(self, X: Any) -> np.ndarray:
         if self.task != "classification":

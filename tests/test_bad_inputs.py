@@ -1284,6 +1284,30 @@ def _(t: Trial) -> Outcome:
     return t.cli("predict", "run", "s.zarr", "preds.txt")
 
 
+@case("M36")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.run, "run")
+    t.write("new.csv", "a,b,c,d\n1,2,3,4\n")
+    unreachable = ("--scheduler", t.shared.unreachable, "--connect-timeout", "1")  # refused before connecting
+    return t.cli("predict", "run", "new.csv", "p.parquet", *unreachable)
+
+
+@case("M37")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    t.copy(t.shared.run, "run")
+    unreachable = ("--scheduler", t.shared.unreachable, "--connect-timeout", "1")
+    return t.cli("predict", "run", "s.zarr", "s.zarr/p.zarr", *unreachable)
+
+
+@case("M38")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    t.copy(t.shared.run, "run")
+    unreachable = ("--scheduler", t.shared.unreachable, "--connect-timeout", "1")
+    return t.cli("predict", "s.zarr", "run", "p.parquet", *unreachable)
+
+
 @case("M11")
 def _(t: Trial) -> Outcome:
     import pyarrow as pa
