@@ -67,6 +67,7 @@ from pipeline.errors import CheckpointError, ConfigError, PipelineError, StoreEr
 from pipeline.fedclient import evaluate_client, evaluate_clients, fit_client, fit_clients, site_info
 from pipeline.metrics import array_metrics, finish_metrics, merge_metrics
 from pipeline.model import Model
+from pipeline.privacy import resumed_privacy
 from pipeline.ps import ParameterServer
 from pipeline.runstate import BestModel, EarlyStopping, RunState
 from pipeline.sites import (
@@ -332,6 +333,9 @@ class FederatedTrainer:
                 f"{'mode = ' + repr(cfg.mode) if cfg.mode != 'async' else f'buffer_size = {buffer_size}'} cannot take; "
                 f"resume with mode = 'async' and buffer_size > {n}"
             )
+        rate = self._per_round / max(1, self._n_clients())  # the base sampling rate of the accountant
+        # refused before the config is saved when the checkpoint's rounds cannot be accounted
+        spent = resumed_privacy(ckpt.meta.get("privacy") if ckpt else None, cfg.dp, cfg.noise_multiplier, rate)
         self.run.config.write_text(cfg.to_toml())
         ps = ParameterServer(self.job, client)
         ps.create(
@@ -361,8 +365,8 @@ class FederatedTrainer:
             # one is a candidate; a round sampled from fewer is accounted at its own rate (_round)
             privacy=privacy_settings(
                 cfg,
-                ckpt.meta.get("privacy") if ckpt else None,
-                self._per_round / max(1, self._n_clients()),
+                spent,
+                rate,
                 participants=self._per_round,
             ),
         )
@@ -588,6 +592,15 @@ class FederatedTrainer:
         pushes its own delta)."""
         return dict(names)
 
+    def _secure_weights(self, rows: dict[str, int]) -> dict[str, int] | None:
+        """Secure aggregation without DP: the round's participants' training rows, with which
+        each scales its delta before masking so that the masked sum makes the sample-weighted
+        mean of a plain round (:func:`pipeline.secagg.roster_share`); None otherwise (central
+        DP combines the deltas with equal weights)."""
+        if not self.cfg.secure_aggregation or self.cfg.dp != "off":
+            return None
+        return {n: int(r) for n, r in rows.items()}
+
     def _submit_round(
         self,
         sampled: list[str],
@@ -598,6 +611,7 @@ class FederatedTrainer:
         parts: dict[str, str] | None = None,
     ) -> dict[Any, list[str]]:
         """Submit the round's training tasks: a future -> the clients it trains (one site each)."""
+        weights = self._secure_weights({names[s]: self.site_rows[s][0] for s in sampled if s in self.site_rows})
         return {
             self.client.submit(
                 fit_client,
@@ -609,6 +623,7 @@ class FederatedTrainer:
                 self.tcfg,
                 self.target,
                 self.norm,
+                weights=weights,
                 key=keys[site],
                 resources={site: 1},
                 pure=False,

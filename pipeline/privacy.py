@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PSError
+from pipeline.errors import ConfigError, PSError
 
 DP_MODES = ("off", "central", "local")
 
@@ -310,6 +310,12 @@ def noise_for_epsilon(target_epsilon: float, rounds: int, sampling_rate: float, 
     budget."""
     if target_epsilon <= 0 or rounds < 1:
         raise ValueError(f"need target_epsilon > 0 and rounds >= 1, got {target_epsilon}, {rounds}")
+    # checked here: out of range, the accountant's epsilon is 0 for any noise (delta >= 1, no
+    # sampling) or infinite (delta 0), and the search would answer a meaningless multiplier
+    if not 0 < sampling_rate <= 1:
+        raise ValueError(f"sampling_rate must be in (0, 1] (sampled / available participants), got {sampling_rate}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1) (e.g. 1e-5), got {delta}")
 
     def eps(z: float) -> float:
         return RdpAccountant(z, sampling_rate, delta).epsilon(rounds=rounds)
@@ -326,6 +332,49 @@ def noise_for_epsilon(target_epsilon: float, rounds: int, sampling_rate: float, 
         else:
             hi = mid
     return hi
+
+
+def resumed_privacy(
+    spent: Mapping[str, Any] | None, dp: str, noise_multiplier: float, sampling_rate: float
+) -> dict[str, Any] | None:
+    """The privacy a checkpoint ``spent`` (the job's :meth:`privacy_metrics`), as the accountant
+    of a run resumed with ``dp``, ``noise_multiplier`` and base ``sampling_rate`` must go on
+    from it.
+
+    The accountant composes ``rounds`` at one noise multiplier and one base sampling rate (plus
+    ``rates``: rounds at other rates). A resume at another sampling rate (``fraction_fit``)
+    keeps the checkpoint's rounds at their old base rate in ``rates``, so they are not accounted
+    again at the new one. A resume at another ``noise_multiplier`` or ``dp`` would account the
+    rounds already released under the old noise as if made with the new, and report an epsilon
+    below the one spent: :class:`ConfigError`."""
+    if not spent or not int(spent.get("rounds", 0)) or spent.get("dp", "off") == "off":
+        return dict(spent) if spent else spent
+    rounds = int(spent["rounds"])
+    before = f"the checkpoint's {rounds} round(s) were released under dp = {spent['dp']!r}"
+    if dp != spent["dp"]:
+        raise ConfigError(
+            f"config key 'dp' = {dp!r} cannot resume this run: {before} (epsilon = {spent['epsilon']:.4g}); "
+            f"resume with dp = {spent['dp']!r}, or start a new run (--force)"
+        )
+    old_z = float(spent.get("noise_multiplier", noise_multiplier))
+    if not math.isclose(noise_multiplier, old_z, rel_tol=1e-9):
+        raise ConfigError(
+            f"config key 'noise_multiplier' = {noise_multiplier:g} cannot resume this run: {before} at "
+            f"noise_multiplier = {old_z:g} (epsilon = {spent['epsilon']:.4g}), which the accountant would count "
+            f"as if made at {noise_multiplier:g}; resume with noise_multiplier = {old_z:g}, or start a new run "
+            "(--force)"
+        )
+    old_q = float(spent.get("sampling_rate", sampling_rate))
+    if dp != "central" or math.isclose(old_q, sampling_rate, rel_tol=1e-12):
+        return dict(spent)
+    rates: dict[float, int] = {}
+    for q, n in spent.get("rates") or []:
+        rates[float(q)] = rates.get(float(q), 0) + int(n)
+    base = rounds - sum(rates.values())  # the rounds accounted at the checkpoint's base rate
+    if base > 0:
+        rates[old_q] = rates.get(old_q, 0) + base
+    rates.pop(sampling_rate, None)  # rounds at the new base rate need no entry
+    return {**spent, "sampling_rate": sampling_rate, "rates": [[q, n] for q, n in sorted(rates.items())]}
 
 
 def local_epsilon(rounds: int, noise_multiplier: float, delta: float) -> float:

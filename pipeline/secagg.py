@@ -82,6 +82,21 @@ def quantize(delta: np.ndarray, scale: float) -> np.ndarray:
     return np.rint(delta.astype(np.float64) * scale).astype(np.int64).astype(np.uint32)
 
 
+def roster_share(name: str, roster: Mapping[str, object], weights: Mapping[str, int] | None) -> float:
+    """The factor participant ``name`` multiplies its clipped delta by before quantizing, so
+    that the server's equal-weight mean of the roster's sum (the sum divided by the roster's
+    size) is the mean weighted by ``weights`` (name -> sample count) over the roster:
+    ``n x w_name / sum of the roster's w``. The factors of a roster sum to ``n``, so the sum's
+    coordinates stay within ``n x clip`` and the fixed-point range of :func:`scale_for` holds.
+    1.0 (equal weights) without ``weights`` or when one member's weight is unknown."""
+    if not weights or any(m not in weights for m in roster):
+        return 1.0
+    total = sum(max(0, int(weights[m])) for m in roster)
+    if total <= 0:
+        return 1.0
+    return len(roster) * max(0, int(weights[name])) / total
+
+
 def dequantize(total: np.ndarray, scale: float) -> np.ndarray:
     """The float32 sum from a uint32 sum of quantized vectors (read as signed 32-bit)."""
     return (total.view(np.int32).astype(np.float64) / scale).astype(np.float32)

@@ -58,6 +58,7 @@ from pipeline.plan import (  # noqa: F401 - the planning helpers, also importabl
     split_rows,
     train_flops_per_row,
 )
+from pipeline.privacy import resumed_privacy
 from pipeline.progress import Progress
 from pipeline.runstate import BestModel, EarlyStopping, RunState
 from pipeline.store import Store, for_workers, layout_mismatch, layout_of, open_store, outermost_store, store_marker
@@ -1162,6 +1163,9 @@ class Trainer:
         self._max_slots = run.n_threads  # see _epoch_threads
         self._split_slots = 0  # set by _epoch_threads for each epoch
         self._split_said: tuple[int, str] | None = None  # the split last reported, and why
+        # a resume at another noise or dp cannot account the checkpoint's rounds: refused
+        # before its config is saved (_create_job goes on from the privacy they spent)
+        self._spent(ckpt)
         self.run.config.write_text(cfg.to_toml())
         self.plan(run.n_threads)
         plan = self.epoch_plan
@@ -1394,7 +1398,7 @@ class Trainer:
             ),
             privacy=privacy_settings(
                 cfg,
-                ckpt.meta.get("privacy") if ckpt else None,
+                self._spent(ckpt),
                 participants=self.epoch_plan.sync_shares or self.epoch_plan.n_threads,
             ),
         )
@@ -1772,6 +1776,13 @@ class Trainer:
         )
         run.last_checkpoint = time.monotonic()
         ps.record(epoch=record, checkpoint=True)
+
+    def _spent(self, ckpt: Checkpoint | None) -> dict | None:
+        """The privacy ``ckpt``'s rounds spent, as this run's accountant goes on from it
+        (:func:`pipeline.privacy.resumed_privacy`: every share of a sync epoch takes part in its
+        rounds, a sampling rate of 1)."""
+        spent = ckpt.meta.get("privacy") if ckpt is not None else None
+        return resumed_privacy(spent, self.cfg.dp, self.cfg.noise_multiplier, 1.0)
 
     def _rounds(self, metrics: dict[str, Any]) -> list[list]:
         """The run's rounds: those before a resume (kept by the checkpoint) and the server's."""

@@ -1753,6 +1753,22 @@ def _(t: Trial) -> Outcome:
     return out
 
 
+@case("C95")
+def _(t: Trial) -> Outcome:
+    from pipeline.config import TrainConfig
+    from pipeline.train import train
+
+    sets = ["epochs=1", "validation=0", "hidden=[8]", "dp=central", "clip_norm=1.0"]
+    train(
+        str(t.shared.store4),
+        TrainConfig().with_overrides([*sets, "noise_multiplier=1.0"]),
+        t.path / "run",
+        client=t.shared.client,
+    )
+    cfg = TrainConfig().with_overrides([*sets, "noise_multiplier=10.0", "epochs=2"])
+    return t.call(lambda: train(str(t.shared.store4), cfg, t.path / "run", client=t.shared.client, resume=True))
+
+
 @case("C96")
 def _(t: Trial) -> Outcome:
     from distributed import Client, LocalCluster

@@ -75,6 +75,15 @@ def test_a_resumed_run_goes_on_spending_from_its_checkpoint(letter_stores, clien
     assert rec["dp_rounds"] == rec["rounds"] > spent["dp_rounds"]  # counted from the checkpoint's rounds
     assert rec["epsilon"] == pytest.approx(RdpAccountant(0.1, 1.0, 1e-5).epsilon(rounds=rec["dp_rounds"]))
     assert resumed.privacy["clip"] != 0.1  # adaptive clipping moved the clip, and resumed from it
+    # the checkpoint's rounds were released at z = 0.1: a resume at z = 10 would account them as
+    # if made at 10 and report less privacy spent than it was; refused, the run left as it was
+    config, checkpoint = (out / "config.toml").read_bytes(), (out / "checkpoint.npz").read_bytes()
+    louder = {**cfg, "noise_multiplier": 10.0, "clip_quantile": 0.0}
+    with pytest.raises(
+        ConfigError, match=r"'noise_multiplier' = 10 cannot resume this run: .* at noise_multiplier = 0.1"
+    ):
+        train(letter_stores[0], TrainConfig(**louder, epochs=3), out, client=client, resume=True)
+    assert (out / "config.toml").read_bytes() == config and (out / "checkpoint.npz").read_bytes() == checkpoint
 
 
 def test_secure_aggregation_trains_as_clipped_plain_aggregation_does(letter_stores, client, tmp_path) -> None:
