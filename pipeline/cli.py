@@ -823,23 +823,37 @@ def _load_run_model(run_dir: str):
 @click.argument("run_dir")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option(
+    "--site",
+    default=None,
+    metavar="NAME",
+    help="STORE is this federation site's, as its workers see it: run every task on the workers that declare "
+    "the site's Dask resource (--resources NAME=1), which alone read its rows.",
+)
 @cluster_options
-def evaluate(run_dir: str, store: str, as_json: bool, **cluster_kw) -> None:
+def evaluate(run_dir: str, store: str, as_json: bool, site: str | None, **cluster_kw) -> None:
     """Evaluate the model of RUN_DIR (or a model file) on every row of STORE, out of core.
 
     \b
-    Example:
+    Examples:
       pipeline evaluate runs/letter data/stores/letter-test.zarr
+      pipeline evaluate runs/fed /data/a/test.zarr --site hospital-a --scheduler tcp://coordinator:8786
     """
     import json
 
     from pipeline.inference import check_inputs, evaluate_store
+    from pipeline.sites import SITE_NAME
     from pipeline.store import for_workers
 
     model = _load_run_model(run_dir)
-    check_inputs(model, store)  # fail before starting a cluster
-    with _client(cluster_kw) as client:
-        metrics = evaluate_store(model, for_workers(store), client)
+    if site is None:
+        check_inputs(model, store)  # fail before starting a cluster
+        store = for_workers(store)
+    elif not SITE_NAME.fullmatch(site):
+        raise PipelineError(f"--site {site!r} is not a site name: use letters, digits, '_', '.' and '-'")
+    # without --scheduler, a local cluster of one worker declaring the site (its store is local)
+    with _client(cluster_kw, sites=[site] if site and not cluster_kw.get("scheduler") else None) as client:
+        metrics = evaluate_store(model, store, client, site=site)
     if as_json:
         click.echo(json.dumps(metrics))
         return

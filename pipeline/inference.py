@@ -378,18 +378,41 @@ def evaluate_task(store_path: str, ranges: list[tuple[int, int]], model: Model) 
     return merge_metrics(parts)
 
 
-def evaluate_store(model: Model, store_path: str, client: Any) -> dict[str, Any]:
-    """Metrics of ``model`` on every row of the store, computed chunk by chunk on the workers:
-    accuracy, log loss and confusion matrix, or R^2, RMSE and MAE."""
+def _site_store(model: Model, store_path: str) -> tuple[list[tuple[int, int]], str]:
+    """On a site's worker: :func:`check_inputs` of its store, and the store's chunk ranges and
+    path as its workers open it (the driver may not see the store at all)."""
     store, _ = check_inputs(model, store_path)
+    return _chunk_ranges(store), for_workers(store.path)
+
+
+def evaluate_store(model: Model, store_path: str, client: Any, site: str | None = None) -> dict[str, Any]:
+    """Metrics of ``model`` on every row of the store, computed chunk by chunk on the workers:
+    accuracy, log loss and confusion matrix, or R^2, RMSE and MAE.
+
+    ``site`` (a federation's store): every task, the checks of the store included, runs on the
+    workers that declare the site's Dask resource, which alone may read the site's rows; only
+    the metrics' sums leave them."""
+    placement: dict[str, Any] = {}
+    if site is None:
+        store, _ = check_inputs(model, store_path)
+        ranges, path = _chunk_ranges(store), for_workers(store.path)
+    else:
+        from pipeline.sites import site_resources
+
+        if not site_resources(client.scheduler_info(n_workers=-1)).get(site):
+            raise PipelineError(
+                f"no worker of the cluster declares site {site!r}; start one with `dask worker SCHEDULER "
+                f"--resources {site}=1` where the site's store is, or check the site's name"
+            )
+        placement = {"resources": {site: 1}}
+        ranges, path = client.submit(_site_store, model, store_path, pure=False, **placement).result()
     # hash=False: a content-hashed key is shared by back-to-back calls with the same
     # model, and the release of the previous call's future can drop this call's data.
     shared = client.scatter(model, broadcast=True, hash=False)
     token = uuid.uuid4().hex[:8]
-    path = for_workers(store.path)
     futures = [
-        client.submit(evaluate_task, path, [r], shared, key=f"evaluate-{i}-{token}", pure=False, retries=2)
-        for i, r in enumerate(_chunk_ranges(store))
+        client.submit(evaluate_task, path, [r], shared, key=f"evaluate-{i}-{token}", pure=False, retries=2, **placement)
+        for i, r in enumerate(ranges)
     ]
     metrics = finish_metrics(merge_metrics(_results(client, futures, token)), _target(model))
     if model.classes is not None:
