@@ -317,9 +317,14 @@ class TrainConfig:
         if not self.compress_replies:
             return
         if self.compression not in ("fp16", "bf16", "int8"):
+            why = (
+                " (replies of top-k changes would leave most weights behind the server's)"
+                if self.compression == "topk"
+                else ""
+            )
             raise ConfigError(
                 f"config key 'compress_replies' needs compression = 'fp16', 'bf16' or 'int8', not "
-                f"{self.compression!r} (replies of top-k changes would leave most weights behind the server's)"
+                f"{self.compression!r}{why}; set compress_replies = false or one of those codecs"
             )
         if self.mode != "sync":
             raise ConfigError(

@@ -110,3 +110,17 @@ def test_a_resumed_run_with_compressed_replies_repeats_the_uninterrupted_one(let
     plain_cfg = TrainConfig(**{**RESUMED, **cfg, "compress_replies": False})
     plain = train(letter_stores[0], plain_cfg, tmp_path / "plain", client=client)
     assert not np.array_equal(plain.model.params, straight)  # the replies did change the run
+
+
+@pytest.mark.parametrize("codec", ["none", "topk"])
+def test_compressed_replies_without_a_dense_codec_name_the_fix(codec):
+    """A resume that turns compression off keeps the run's compress_replies: the refusal says to
+    turn that off too, and gives top-k's reason only for top-k."""
+    from pipeline.config import TrainConfig
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        TrainConfig().with_overrides([f"compression={codec}", "compress_replies=true"])
+    msg = str(info.value)
+    assert msg.endswith("set compress_replies = false or one of those codecs"), msg
+    assert ("top-k" in msg) == (codec == "topk"), msg
