@@ -499,6 +499,30 @@ def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: boo
     )
 
 
+def _scores_in_process(store: str, cluster_kw: dict, doing: str) -> str:
+    """Why ``evaluate``/``predict`` run in this process (their log line), or "" for a Dask
+    cluster: as ``train`` (:func:`_trains_in_process`), a store of fewer than the default
+    ``cluster_min_rows`` rows, unless --scheduler, --workers or --threads-per-worker asks for a
+    cluster (which would take longer to start than the store takes to score)."""
+    from click.core import ParameterSource
+
+    from pipeline.config import TrainConfig
+    from pipeline.store import open_store
+
+    ctx = click.get_current_context()
+    if cluster_kw["scheduler"] or any(
+        ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None) for k in ("workers", "threads_per_worker")
+    ):
+        return ""
+    rows, limit = open_store(store).n_rows, TrainConfig().cluster_min_rows
+    if not rows < limit:
+        return ""
+    return (
+        f"{doing} in this process: {rows:,} rows, under cluster_min_rows = {limit:,} "
+        f"(--workers N or --scheduler ADDRESS uses a Dask cluster)"
+    )
+
+
 def _preloaded(dask_scheduler: Any) -> bool:
     """On the scheduler: whether ``--preload pipeline.ps`` installed the parameter server (and
     with it the dashboard's /pipeline page, which only a preload can add)."""
@@ -834,6 +858,9 @@ def _load_run_model(run_dir: str):
 def evaluate(run_dir: str, store: str, as_json: bool, site: str | None, **cluster_kw) -> None:
     """Evaluate the model of RUN_DIR (or a model file) on every row of STORE, out of core.
 
+    A store of fewer than 100,000 rows (cluster_min_rows) is evaluated in this process unless
+    --workers, --threads-per-worker or --scheduler asks for a Dask cluster.
+
     \b
     Examples:
       pipeline evaluate runs/letter data/stores/letter-test.zarr
@@ -851,8 +878,15 @@ def evaluate(run_dir: str, store: str, as_json: bool, site: str | None, **cluste
         store = for_workers(store)
     elif not SITE_NAME.fullmatch(site):
         raise PipelineError(f"--site {site!r} is not a site name: use letters, digits, '_', '.' and '-'")
+    in_process = "" if site else _scores_in_process(store, cluster_kw, "evaluating")
+    _echo(in_process, not in_process)
     # without --scheduler, a local cluster of one worker declaring the site (its store is local)
-    with _client(cluster_kw, sites=[site] if site and not cluster_kw.get("scheduler") else None) as client:
+    clients = (
+        contextlib.nullcontext()
+        if in_process
+        else _client(cluster_kw, sites=[site] if site and not cluster_kw.get("scheduler") else None)
+    )
+    with clients as client:
         metrics = evaluate_store(model, store, client, site=site)
     if as_json:
         click.echo(json.dumps(metrics))
@@ -885,7 +919,9 @@ def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **clus
     Rows are processed chunk by chunk on the workers and written in place; OUT appears only
     when every chunk succeeded. OUT's `prediction` holds the class labels (as text, the same
     in Zarr and Parquet and as load_model(RUN_DIR).predict) or the predicted values. Ctrl-C or
-    SIGTERM removes the partial output.
+    SIGTERM removes the partial output. A store of fewer than 100,000 rows (cluster_min_rows) is
+    predicted in this process unless --workers, --threads-per-worker or --scheduler asks for a
+    Dask cluster.
 
     \b
     Example:
@@ -898,8 +934,10 @@ def predict(run_dir: str, store: str, out: str, proba: bool, force: bool, **clus
 
     model = _load_run_model(run_dir)
     check_inputs(model, store, out, proba=proba, force=force)  # fail before starting a cluster
+    in_process = _scores_in_process(store, cluster_kw, "predicting")
+    _echo(in_process, not in_process)
     # SIGTERM (Slurm, Kubernetes, kill) takes Ctrl-C's path: the temporary output is removed
-    with _sigterm_interrupts(), _client(cluster_kw) as client:
+    with _sigterm_interrupts(), contextlib.nullcontext() if in_process else _client(cluster_kw) as client:
         result = predict_store(model, for_workers(store), for_workers(out), client, proba=proba, force=force)
     result["out"] = out  # as the user named it
     click.echo(json.dumps(result))

@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -393,6 +393,8 @@ def evaluate_store(model: Model, store_path: str, client: Any, site: str | None 
     workers that declare the site's Dask resource, which alone may read the site's rows; only
     the metrics' sums leave them."""
     placement: dict[str, Any] = {}
+    if site is not None and client is None:
+        raise PipelineError("a site's store is evaluated on the workers of its site: pass a client")
     if site is None:
         store, _ = check_inputs(model, store_path)
         ranges, path = _chunk_ranges(store), for_workers(store.path)
@@ -406,15 +408,21 @@ def evaluate_store(model: Model, store_path: str, client: Any, site: str | None 
             )
         placement = {"resources": {site: 1}}
         ranges, path = client.submit(_site_store, model, store_path, pure=False, **placement).result()
-    # hash=False: a content-hashed key is shared by back-to-back calls with the same
-    # model, and the release of the previous call's future can drop this call's data.
-    shared = client.scatter(model, broadcast=True, hash=False)
-    token = uuid.uuid4().hex[:8]
-    futures = [
-        client.submit(evaluate_task, path, [r], shared, key=f"evaluate-{i}-{token}", pure=False, retries=2, **placement)
-        for i, r in enumerate(ranges)
-    ]
-    metrics = finish_metrics(merge_metrics(_results(client, futures, token)), _target(model))
+    if client is None:  # in this process: the same tasks, one after the other
+        parts = _in_process([lambda r=r: evaluate_task(path, [r], model) for r in ranges])
+    else:
+        # hash=False: a content-hashed key is shared by back-to-back calls with the same
+        # model, and the release of the previous call's future can drop this call's data.
+        shared = client.scatter(model, broadcast=True, hash=False)
+        token = uuid.uuid4().hex[:8]
+        futures = [
+            client.submit(
+                evaluate_task, path, [r], shared, key=f"evaluate-{i}-{token}", pure=False, retries=2, **placement
+            )
+            for i, r in enumerate(ranges)
+        ]
+        parts = _results(client, futures, token)
+    metrics = finish_metrics(merge_metrics(parts), _target(model))
     if model.classes is not None:
         metrics["classes"] = list(model.classes)
     return metrics
@@ -480,6 +488,51 @@ def predict_task(
     return b - a
 
 
+def _predict_on_cluster(
+    client: Any,
+    model: Model,
+    store: Store,
+    ranges: list[tuple[int, int]],
+    tmp: Path,
+    fmt: str,
+    proba: bool,
+    token: str,
+    futures: list[Any],
+) -> int:
+    """The prediction tasks on the cluster; ``futures`` (the caller's list) gets them, so that a
+    failure stops them before the temporary is removed. The rows written."""
+    shared = client.scatter(model, broadcast=True, hash=False)
+    futures.extend(
+        client.submit(
+            predict_task,
+            for_workers(store.path),
+            r,
+            i,
+            shared,
+            for_workers(tmp),
+            fmt,
+            proba,
+            key=f"predict-{i}-{token}",
+            pure=False,
+            retries=2,
+        )
+        for i, r in enumerate(ranges)
+    )
+    return sum(_results(client, futures, token))
+
+
+def _in_process(tasks: list[Callable[[], Any]]) -> list[Any]:
+    """The tasks' results, run one after the other in this process; the first
+    :class:`TaskFailure` is raised (as on a cluster)."""
+    out = []
+    for task in tasks:
+        value = task()
+        if isinstance(value, TaskFailure):
+            raise value.error
+        out.append(value)
+    return out
+
+
 def predict_store(
     model: Model,
     store_path: str,
@@ -489,7 +542,8 @@ def predict_store(
     proba: bool = False,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Write predictions for every row of the store to ``out`` (``.zarr`` or ``.parquet``)."""
+    """Write predictions for every row of the store to ``out`` (``.zarr`` or ``.parquet``), on the
+    cluster of ``client``, or in this process when ``client`` is None."""
     store, fmt = check_inputs(model, store_path, out, proba=proba, force=force)
     dest = Path(out)
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -524,24 +578,12 @@ def predict_store(
         else:
             tmp.mkdir(parents=True)
             (tmp / _WRITER_FILE).write_text(json.dumps(writer_marker()))
-        shared = client.scatter(model, broadcast=True, hash=False)
-        futures = [
-            client.submit(
-                predict_task,
-                for_workers(store.path),
-                r,
-                i,
-                shared,
-                for_workers(tmp),
-                fmt,
-                proba,
-                key=f"predict-{i}-{token}",
-                pure=False,
-                retries=2,
-            )
-            for i, r in enumerate(ranges)
-        ]
-        rows = sum(_results(client, futures, token))
+        if client is None:  # in this process: the same tasks, one after the other
+            path, where = for_workers(store.path), str(tmp)
+            tasks = [lambda i=i, r=r: predict_task(path, r, i, model, where, fmt, proba) for i, r in enumerate(ranges)]
+            rows = sum(_in_process(tasks))
+        else:
+            rows = _predict_on_cluster(client, model, store, ranges, tmp, fmt, proba, token, futures)
         if dest.exists() or dest.is_symlink():
             reason = foreign_output_reason(dest)  # it may have changed during the run
             if reason is not None or not force:

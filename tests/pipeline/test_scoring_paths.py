@@ -95,7 +95,8 @@ def test_a_failed_command_prints_one_error_line(tmp_path):
     synth(src, rows=60000, features=64, classes=2, chunk_rows=20000, seed=4)
     corrupt_chunk(src, "X", 0)
     _model(src, [512, 256], 2).save(tmp_path / "model.npz")
-    r = run_cli("predict", tmp_path / "model.npz", src, tmp_path / "p.zarr", "--proba", "--dashboard-address", "none")
+    on_a_cluster = ("--workers", "2", "--dashboard-address", "none")  # 60,000 rows would be predicted in process
+    r = run_cli("predict", tmp_path / "model.npz", src, tmp_path / "p.zarr", "--proba", *on_a_cluster)
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: chunk 0 of array 'X'"), r.stderr
