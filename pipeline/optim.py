@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PSError
+from pipeline.errors import CheckpointError, PSError
 
 SCHEDULES = ("constant", "step", "cosine")
 # The name of error feedback's residual among a sync share's local-state buffers
@@ -31,6 +31,11 @@ SCHEDULES = ("constant", "step", "cosine")
 EF_RESIDUAL = "ef_residual"
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "fedadam", "adagrad", "yogi")
 ADAPTIVE = ("fedadam", "adagrad", "yogi")  # the FedOpt family: m, v and tau, no bias correction
+
+
+class OptimizerStateError(PSError, CheckpointError):
+    """A saved server-optimizer state that another server optimizer made: refused by the
+    parameter server, and one line for the command (a resume with another ``server_optimizer``)."""
 
 
 @dataclass(frozen=True)
@@ -231,14 +236,19 @@ class ServerOptimizer:
         """Restore what :meth:`state` gave (buffers already float32 vectors of this length).
 
         A saved average is derived state and dropped when ``ema`` is off; with ``ema`` on and
-        no average saved, the average starts from ``params``. :class:`PSError` names a buffer
-        this optimizer does not have (a state saved by another optimizer)."""
+        no average saved, the average starts from ``params``. :class:`OptimizerStateError` (a
+        :class:`PSError`) names a buffer this optimizer does not have (a state saved by another
+        optimizer) and the fix."""
         buffers = dict(state.get("buffers") or {})
         if not self.ema:
             buffers.pop("average", None)
         unknown = sorted(set(buffers) - set(self.buffers))
         if unknown:
-            raise PSError(f"optimizer state has unknown buffer {unknown[0]!r}")
+            raise OptimizerStateError(
+                f"optimizer state has unknown buffer {unknown[0]!r}: the checkpoint was saved by another "
+                f"server optimizer than {self.name!r}; resume with the server_optimizer it trained with, "
+                "or start a new run (another --out)"
+            )
         self.t = int(state.get("t", 0))
         self.buffers.update(buffers)
         if self.ema and "average" not in buffers:

@@ -113,7 +113,8 @@ class EpochPlan:
     them), ``val_ranges`` the ranges evaluation reads (of the validation store,
     or of the training store whose held-out rows they select), ``train_rows`` the rows left
     to train on, ``sync_shares`` how many shares a sync epoch over ``n_threads`` threads splits
-    into (0 unless sync), ``warning`` a message for the user (or empty)."""
+    into (0 unless sync), ``rounds_per_epoch`` the server's rounds an epoch takes (what a
+    cosine schedule counts), ``warning`` a message for the user (or empty)."""
 
     tasks: list[Ranges]
     val_ranges: Ranges
@@ -167,9 +168,12 @@ def plan_epochs(
     if cfg.mode == "sync":
         shares = n_sync_shares(train_rows, spec, n_threads, cfg.min_share_gflop)
     plan = EpochPlan(tasks, val, rows_per_task, store.n_rows, train_rows, held, n_threads, shares, 0, warning)
-    rounds = sum(  # full batch (batch_size 0): one round per task
-        math.ceil(plan.task_rows(t) / cfg.batch_size / cfg.local_steps) if cfg.batch_size else 1 for t in tasks
-    )
+    # the server's rounds per epoch (a cosine schedule spans epochs x these): one per push of
+    # every task (async, ssp), but in sync mode one per push of the largest share, since every
+    # round combines one delta of each share; full batch (batch_size 0): one push per task
+    groups = split_rows([r for t in tasks for r in t], shares) if shares else tasks
+    pushes = [math.ceil(plan.task_rows(t) / cfg.batch_size / cfg.local_steps) if cfg.batch_size else 1 for t in groups]
+    rounds = max(pushes, default=0) if shares else sum(pushes)
     return EpochPlan(
         tasks,
         val,

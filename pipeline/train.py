@@ -1794,6 +1794,16 @@ class Trainer:
         problem = resume_mismatch(ckpt.meta, self.spec, store_stats(self.store), path, self.store_path)
         if problem is not None:
             raise CheckpointError(problem)
+        was = ckpt.config.get("server_optimizer", self.cfg.server_optimizer)
+        if was != self.cfg.server_optimizer:
+            # its moments and step count belong to the optimizer that made them (another one
+            # refuses them; adam would take sgd's step count and skip its bias correction)
+            self.log(
+                f"server optimizer changed since the checkpoint ({was} -> {self.cfg.server_optimizer}): it starts "
+                "with a fresh state (the weights' average is kept)"
+            )
+            buffers = ckpt.optimizer_state.get("buffers") or {}
+            ckpt.optimizer_state = {"t": 0, "buffers": {k: v for k, v in buffers.items() if k == "average"}}
         keys = ("optimizer", "lr", "mode")
         changed = [k for k in keys if ckpt.config.get(k) != getattr(self.cfg, k)]
         if ckpt.local_states and changed:

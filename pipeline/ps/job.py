@@ -125,6 +125,9 @@ class Job:
     last_applied: list[str] = field(default_factory=list)  # sync: whose deltas the last round combined
     buffer: list = field(default_factory=list)  # FedBuff: (delta, samples, loss, staleness) since the last step
     progress: dict[str, int] = field(default_factory=dict)  # participant -> batches absorbed
+    # sync: the batches of the deltas pooled in the open round (counted in ``progress``, which a
+    # rerun task skips, but not yet in the weights: a checkpoint leaves them out, :meth:`state`)
+    pooled_batches: dict[str, int] = field(default_factory=dict)
     summaries: dict[str, dict] = field(default_factory=dict)  # participant -> its task's result
     local_states: dict[str, dict] = field(default_factory=dict)  # sync: slot -> local optimizer state
     failed: str | None = None
@@ -440,7 +443,11 @@ class Job:
         self._apply_round(sorted(self.pending))
 
     def _clear_round(self) -> None:
-        """Forget the open sync round's pooled deltas."""
+        """Forget the open sync round's pooled deltas: their batches are not absorbed."""
+        for name, batches in self.pooled_batches.items():
+            if name in self.progress:
+                self.progress[name] = max(0, self.progress[name] - batches)
+        self.pooled_batches.clear()
         self.pending.clear()
         self.covered.clear()
         self.pooled_count.clear()
@@ -458,7 +465,7 @@ class Job:
         pooled, self.pending = {n: self.pending[n] for n in names}, {}
         self.round_counts = {n: self.pooled_count.get(n, 1) for n in names}
         self.round_names = sorted([*names, *(c for c, by in self.covered.items() if by in pooled)])
-        self.covered, self.pooled_count = {}, {}
+        self.covered, self.pooled_count, self.pooled_batches = {}, {}, {}
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -1001,8 +1008,10 @@ class Job:
                 for q, _, q_batches, _, _ in group:
                     self.covered[q.name] = name
                     self.progress[q.name] = self.progress.get(q.name, 0) + q_batches
+                    self.pooled_batches[q.name] = q_batches
             self.pending[name] = (own, weight, loss)
             self.progress[name] = self.progress.get(name, 0) + int(batches)
+            self.pooled_batches[name] = int(batches)
             self.maybe_close_round()
             if not wait:
                 return {"status": "OK", "version": self.version, "pooled": True, "message": self.failed}
@@ -1230,7 +1239,9 @@ class Job:
             "version": self.version,
             "optimizer": self.optimizer.config(),
             "optimizer_state": encode_opt_state(self.optimizer.state()),
-            "progress": dict(self.progress),
+            # the batches in the weights: a delta pooled in the open round is not, and a run
+            # resumed from this state trains those batches again rather than skip them
+            "progress": {n: b - self.pooled_batches.get(n, 0) for n, b in self.progress.items()},
             # sync: each share's local optimizer state as its last task left it (replaced, never
             # changed in place, when a task leaves: no copy needed)
             "local_states": {k: encode_opt_state(v) for k, v in self.local_states.items()},

@@ -57,8 +57,9 @@ def test_default_rows_per_task_gives_about_four_tasks_per_thread(store):
     assert plan.rows_per_task == math.ceil(store.n_rows / 8)
     assert plan.held_out == 0 and plan.val_ranges == [] and plan.train_rows == store.n_rows
     full, _, _ = _plan(store, n_threads=2, batch_size=0, validation=0)
-    # full batch: a thread's share of the rows per task (whole chunks), one round per task
-    assert full.rows_per_task == 1000 and full.rounds_per_epoch == len(full.tasks) == 3
+    # full batch: a thread's share of the rows per task (whole chunks); a sync round combines one
+    # push of every share: one round an epoch
+    assert full.rows_per_task == 1000 and full.rounds_per_epoch == 1 and len(full.tasks) == 3
     assert [sum(b - a for a, b in t) for t in full.tasks] == [900, 900, 200]
 
 
