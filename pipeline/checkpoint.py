@@ -262,6 +262,8 @@ def write_checkpoint(path: str | os.PathLike, run: RunState, server: dict[str, A
         **buffered,
         # runs in this process: the server's rounds so far (a resumed run's history.json holds them)
         **({"rounds": [list(r) for r in server["rounds"]]} if server.get("rounds") else {}),
+        # a cluster's server: the deltas it received and those summed into another's push, so far
+        **({k: int(server[k]) for k in ("pushes", "summed") if k in server}),
         "job": run.job,
         "epoch": run.epoch,
         "version": server["version"],

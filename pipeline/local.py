@@ -161,7 +161,8 @@ class LocalServer:
         }
 
     def metrics(self, history: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {"samples": self.samples, "loss": self.loss}
+        # every round is one push here, those before a resume included (the version counts them)
+        out: dict[str, Any] = {"samples": self.samples, "loss": self.loss, "pushes": self.version, "summed": 0}
         if history:
             out["history"] = [list(h) for h in self.history]
         return out
@@ -221,7 +222,7 @@ class LocalTrainer(Trainer):
         super()._create_job(ps, params, run, ckpt)
         if ckpt is not None and ckpt.rounds is not None:  # the rounds before the run was stopped
             ps.history = [(float(t), int(v), float(loss), int(n), int(d)) for t, v, loss, n, d in ckpt.rounds]
-        self._rounds_before = []  # this server holds them: its state and metrics give them all
+        self._rounds_before, self._counts_before = [], {}  # this server holds them: its metrics give them all
 
     def _forget_job(self) -> None:
         self._rows.clear()  # the store's chunks kept between epochs (up to row_cache_mb)

@@ -1282,8 +1282,7 @@ class Trainer:
             "round_columns": ["time", "version", "loss", "samples", "deltas"],
             # deltas the server received, and of them those summed into another task's push
             # (combine_pushes): the messages it handled were pushes - summed
-            "pushes": int(metrics.get("pushes", 0)),
-            "summed": int(metrics.get("summed", 0)),
+            **self._counts(metrics),
         }
         privacy = metrics.get("privacy") or privacy
         if privacy.get("dp", "off") == "off" and not privacy.get("secure_aggregation"):
@@ -1362,6 +1361,7 @@ class Trainer:
         cfg = self.cfg
         # the server's rounds before a resume: the new job records only its own
         self._rounds_before = [list(r) for r in ckpt.rounds] if ckpt is not None and ckpt.rounds else []
+        self._counts_before = {k: int(ckpt.meta.get(k, 0)) for k in ("pushes", "summed")} if ckpt is not None else {}
         ps.create(
             params,
             mode=cfg.mode,
@@ -1754,8 +1754,9 @@ class Trainer:
         (layout: pipeline.checkpoint); tell the server (and its dashboard) about it, with the
         epoch's ``record`` if one is given."""
         st = state if state is not None else ps.state()
-        if "rounds" not in st:  # a cluster's server: its rounds so far, for a resumed run's history.json
-            st = {**st, "rounds": self._rounds(ps.metrics(history=True))}
+        if "rounds" not in st:  # a cluster's server: its rounds and counts so far, for a resumed run's history.json
+            m = ps.metrics(history=True)
+            st = {**st, "rounds": self._rounds(m), **self._counts(m)}
         if st.get("failed"):
             # a diverged job's weights are not a state to resume from: keep the last good one
             logger.info("not checkpointing job %s: %s", self.job, st["failed"])  # the run's error says it
@@ -1783,6 +1784,12 @@ class Trainer:
         rounds, a sampling rate of 1)."""
         spent = ckpt.meta.get("privacy") if ckpt is not None else None
         return resumed_privacy(spent, self.cfg.dp, self.cfg.noise_multiplier, 1.0)
+
+    def _counts(self, metrics: dict[str, Any]) -> dict[str, int]:
+        """The deltas the server received (``pushes``) and those summed into another task's push
+        (``summed``): those before a resume (kept by the checkpoint) and the server's."""
+        before = getattr(self, "_counts_before", {})
+        return {k: int(before.get(k, 0)) + int(metrics.get(k, 0)) for k in ("pushes", "summed")}
 
     def _rounds(self, metrics: dict[str, Any]) -> list[list]:
         """The run's rounds: those before a resume (kept by the checkpoint) and the server's."""

@@ -246,8 +246,10 @@ def test_resume_continues_rounds_and_history(letter_stores, client, tmp_path):
     assert resumed.history[3]["rounds"] > resumed.history[2]["rounds"]
     # history.json's rounds are the whole run's: those before the resume (kept by the checkpoint)
     # and the resumed server's, one per version
-    versions = [r[1] for r in json.loads((out / "history.json").read_text())["rounds"]]
+    doc = json.loads((out / "history.json").read_text())
+    versions = [r[1] for r in doc["rounds"]]
     assert versions == list(range(1, resumed.history[3]["rounds"] + 1))
+    assert doc["pushes"] == sum(r[4] for r in doc["rounds"])  # every delta received, before the resume too
 
 
 def test_sync_resume_at_an_epoch_boundary_repeats_the_uninterrupted_run(letter_stores, client, tmp_path):
