@@ -39,6 +39,13 @@ epoch's). ``LogisticRegression`` defaults to ``alpha=1e-3`` (L2 on the mean loss
 scikit-learn's ``C=1`` on a thousand rows), ``LinearRegression`` to none. In-process fits start
 from scikit-learn's Glorot-uniform initialization; the cluster path from the command's.
 
+Counts (``hidden_layer_sizes``' widths, ``batch_size``, ``max_iter``, ...) take integers, or floats
+without a fraction; rates take numbers. Any other value (scikit-learn's ``batch_size="auto"``,
+``max_iter=2.5``) is refused by ``fit`` and ``partial_fit`` naming the parameter, never truncated. ``X`` is dense:
+sparse input (a ``OneHotEncoder``'s default output) is refused with a TypeError naming the settings
+that make a Pipeline's step dense. Classifiers take one label per row (a multilabel ``y`` is refused
+naming ``sklearn.multioutput.MultiOutputClassifier``).
+
 ``solver="auto"`` (default) solves linear models (``hidden_layer_sizes=()``) on in-memory data
 to convergence: least squares in closed form (ridge with ``alpha``) for ``LinearRegression``,
 L-BFGS (at most ``max_iter`` iterations, gradient tolerance ``tol``) for ``LogisticRegression``.
@@ -156,6 +163,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import numbers
 import os
 import re
 import tempfile
@@ -374,7 +382,8 @@ def _computed(a: Any) -> Any:
 
 @contextlib.contextmanager
 def _one_line_errors() -> Iterator[None]:
-    """scikit-learn's validation errors on one line (the NaN one, a paragraph, cut to its point)."""
+    """scikit-learn's validation errors on one line (the NaN one, a paragraph, cut to its point;
+    sparse input's with the fix that applies in a Pipeline)."""
     try:
         yield
     except ValueError as exc:
@@ -386,6 +395,15 @@ def _one_line_errors() -> Iterator[None]:
         else:
             msg = " ".join(lines)
         raise ValueError(msg) from None
+    except TypeError as exc:
+        # scikit-learn's fix, X.toarray(), cannot be applied to what a Pipeline's step before
+        # (a OneHotEncoder, a ColumnTransformer) hands on: name the settings that make it dense
+        if not str(exc).startswith("Sparse data was passed"):
+            raise
+        raise TypeError(
+            "Sparse data was passed for X, but dense data is required: pass X.toarray(), or make the Pipeline's "
+            "step before dense (OneHotEncoder(sparse_output=False), ColumnTransformer(..., sparse_threshold=0))"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -558,18 +576,27 @@ class _BaseMLP(BaseEstimator):
         for param, key in _CONFIG_KEYS.items():
             values[key] = getattr(self, param)
         hidden = self.hidden_layer_sizes
-        if isinstance(hidden, int | np.integer):
+        if isinstance(hidden, int | np.integer) and not isinstance(hidden, bool):
             hidden = [hidden]
-        values["hidden"] = [int(h) for h in hidden]
+        if isinstance(hidden, str | bytes | Mapping) or not hasattr(hidden, "__iter__"):
+            raise ValueError(
+                f"{type(self).__name__}(hidden_layer_sizes={hidden!r}) is invalid: pass the width of each hidden "
+                "layer, e.g. (100,) or (64, 32); () for none"
+            )
+        values["hidden"] = [self._integer("hidden_layer_sizes", h, hidden) for h in hidden]
         rs = self.random_state
         if isinstance(rs, int | np.integer):
             values["seed"] = int(rs)
         else:
             values["seed"] = int(check_random_state(rs).randint(0, 2**31 - 1))
+        params = {key: param for param, key in _CONFIG_KEYS.items()}
         for k in ("lr", "momentum", "weight_decay", "server_lr", "min_delta", "validation"):
-            values[k] = float(values[k])
+            v = values[k]
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise ValueError(f"{type(self).__name__}({params[k]}={v!r}) is invalid: must be a number")
+            values[k] = float(v)
         for k in ("batch_size", "local_steps", "epochs", "patience"):
-            values[k] = int(values[k])
+            values[k] = self._integer(params[k], values[k])
         # as scikit-learn: validation_fraction is held out only with early_stopping; without,
         # every row trains and n_iter_no_change watches the training loss
         if not self.early_stopping:
@@ -603,6 +630,20 @@ class _BaseMLP(BaseEstimator):
             return TrainConfig.from_dict(values)
         except ConfigError as exc:
             raise ValueError(self._param_error(str(exc))) from None
+
+    def _integer(self, param: str, value: Any, given: Any = None) -> int:
+        """``value`` of ``param`` as an int: integers, and floats without a fraction (``1e3``).
+        Anything else is refused naming the parameter, never truncated (``batch_size=0.5`` would
+        be full-batch training) nor failing in ``int()`` (scikit-learn's ``batch_size="auto"``)."""
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+            return int(value)
+        shown = given if given is not None else value
+        hint = ""
+        if param == "batch_size":
+            hint = " number of rows per minibatch (0: full batch; scikit-learn's 'auto' is min(200, n_samples))"
+        raise ValueError(f"{type(self).__name__}({param}={shown!r}) is invalid: must be an integer{hint}")
 
     def _param_error(self, message: str) -> str:
         """A config error about a key this estimator's parameter sets, said of the parameter the
@@ -664,6 +705,16 @@ class _BaseMLP(BaseEstimator):
         if _is_dask(X) or _is_dask(y):
             return self._validate_dask(X, y, reset, reset_classes)
         multi = self._task == "regression"
+        # the shape without converting y (np.shape calls array functions some array-likes refuse)
+        shape = tuple(getattr(y, "shape", ()))
+        if not shape and isinstance(y, list | tuple) and y and isinstance(y[0], list | tuple):
+            shape = (len(y), len(y[0]))
+        if not multi and len(shape) == 2 and shape[1] > 1:
+            # scikit-learn's MLPClassifier takes a multilabel indicator matrix; this one does not
+            raise ValueError(
+                f"y has shape {shape}: {type(self).__name__} takes one label per row (a 1-D y); for several "
+                "labels per row wrap it in sklearn.multioutput.MultiOutputClassifier"
+            )
         if not reset:
             self._check_columns(X)
         with _one_line_errors(), self._store_order_rows(reset):

@@ -1974,6 +1974,33 @@ def _(t: Trial) -> Outcome:
     return out
 
 
+@case("A25")
+def _(t: Trial) -> Outcome:
+    return _fit(t, _X, _Y, batch_size="auto")
+
+
+@case("A26")
+def _(t: Trial) -> Outcome:
+    return _fit(t, _X, _Y, learning_rate_init=None)
+
+
+@case("A27")
+def _(t: Trial) -> Outcome:
+    return _fit(t, _X, _Y, hidden_layer_sizes=(5.5,))
+
+
+@case("A28")
+def _(t: Trial) -> Outcome:
+    from scipy import sparse
+
+    return _fit(t, sparse.csr_matrix(_X), _Y)
+
+
+@case("A29")
+def _(t: Trial) -> Outcome:
+    return _fit(t, _X, np.stack([_Y, 1 - _Y], axis=1))
+
+
 @case("A24")
 def _(t: Trial) -> Outcome:
     from sklearn.exceptions import NotFittedError
