@@ -314,11 +314,12 @@ def _cluster_client(n_workers: int) -> Any:
 
             from pipeline.connect import own_cluster_config
 
+            processes = _can_spawn_workers()
             with own_cluster_config():
                 cluster = LocalCluster(
                     n_workers=max(1, int(n_workers)),
                     threads_per_worker=1,
-                    processes=_can_spawn_workers(),
+                    processes=processes,
                     # no dashboard pages; the scheduler's HTTP server takes a free port, never
                     # another cluster's 8787 (two of these at once warned "Port 8787 is already in use")
                     dashboard_address="127.0.0.1:0",
@@ -328,6 +329,13 @@ def _cluster_client(n_workers: int) -> Any:
                 )
             _local["cluster"] = cluster
             _local["client"] = Client(cluster, set_as_default=False)
+            if processes:
+                from pipeline.connect import DriverTakesInterrupts, QuickExit
+
+                # as the command's clusters: worker processes that end at once when the cluster
+                # closes (without them, each lingered until its nanny killed it after 4 s)
+                for plugin in (QuickExit(), DriverTakesInterrupts()):
+                    _local["client"].register_plugin(plugin, name=plugin.name)
             atexit.register(shutdown_local_cluster)
         return _local["client"]
 

@@ -283,3 +283,18 @@ def test_a_grid_search_of_n_jobs_2_fits_on_a_cluster_in_each_joblib_worker() -> 
     est_mod.shutdown_local_cluster()
     assert (scores[2] > 0.8).all(), scores
     np.testing.assert_array_equal(scores[1], scores[2])
+
+
+def test_the_estimators_own_cluster_has_the_commands_worker_plugins() -> None:
+    """The LocalCluster the estimators start ends its worker processes as the command's does
+    (pipeline.connect.QuickExit, DriverTakesInterrupts): without them each lingered after a
+    cluster fit until its nanny killed it, about 4 s, at every shutdown_local_cluster()."""
+    from pipeline.connect import DriverTakesInterrupts, QuickExit
+
+    est_mod.shutdown_local_cluster()
+    client = est_mod._cluster_client(1)
+    try:
+        plugins = client.run(lambda dask_worker: sorted(dask_worker.plugins))
+        assert plugins and all({QuickExit.name, DriverTakesInterrupts.name} <= set(p) for p in plugins.values())
+    finally:
+        est_mod.shutdown_local_cluster()
