@@ -16,8 +16,11 @@ imported as a scheduler preload.
 
 from __future__ import annotations
 
+import html
+import math
 import time
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -52,31 +55,43 @@ def _all_sources() -> list[JobSource]:
 
 
 def _rates(history: list, window: float = 5.0) -> tuple[list[float], list[float], list[float]]:
-    """Samples/s and rounds/s over time from the round history (seconds since the first round)."""
+    """Samples/s and rounds/s over time from the round history (seconds since the first round).
+
+    Each bin is divided by the time it covers: the bins are ``window`` seconds long but the last,
+    which runs to the latest round (between ``window`` and twice that), so the curve neither ends
+    in an empty bin (a drop to 0 that never happened) nor in a short one read as a full window.
+    The first round only marks the start: its samples were trained before it."""
     if len(history) < 2:
         return [], [], []
-    h = np.asarray([(r[0], r[1], r[3]) for r in history], dtype=np.float64)
-    t0 = h[0, 0]
-    edges = np.arange(t0, h[-1, 0] + window, window)
-    idx = np.searchsorted(edges, h[:, 0], side="right") - 1
-    samples = np.bincount(idx, weights=h[:, 2], minlength=len(edges))
-    rounds = np.bincount(idx, minlength=len(edges)).astype(float)
-    xs = (edges - t0 + window / 2).tolist()
-    return xs, (samples / window).tolist(), (rounds / window).tolist()
+    h = np.asarray([(r[0], r[3]) for r in history], dtype=np.float64)
+    t = h[:, 0] - h[0, 0]
+    span = float(t[-1])
+    if not span > 0:
+        return [], [], []
+    n = max(1, int(span // window))
+    starts = np.arange(n) * window
+    widths = np.append(np.full(n - 1, window), span - starts[-1])
+    idx = np.minimum((t // window).astype(np.int64), n - 1)
+    after_first = np.arange(len(t)) > 0
+    samples = np.bincount(idx, weights=h[:, 1] * after_first, minlength=n)
+    rounds = np.bincount(idx, weights=after_first.astype(np.float64), minlength=n)
+    xs = (starts + widths / 2).tolist()
+    return xs, (samples / widths).tolist(), (rounds / widths).tolist()
 
 
 def _summary_html(snap: JobSnapshot) -> str:
     """The line above the plots: the job's state and counters."""
     elapsed = max(1e-9, (snap.last_push or time.time()) - snap.created)
     ckpt = snap.checkpoint_time
-    state = "failed: " + snap.failed if snap.failed else ("finished" if snap.closed else "running")
+    # the failure's text quotes exceptions (``<class ...>``): shown as text, never as markup
+    state = "failed: " + html.escape(snap.failed) if snap.failed else ("finished" if snap.closed else "running")
     loss = snap.loss if snap.loss is not None else float("nan")
     return (
         f"<b>{snap.job}</b> ({state}) &mdash; mode <b>{snap.mode}</b>, "
         + (f"on {len(snap.shards)} parameter-server shards, " if snap.shards else "")
         + f"{snap.n_params:,} parameters, round {snap.version:,}, epoch {snap.epoch}, "
         f"{snap.pushes:,} pushes, {snap.samples:,} samples, "
-        f"{snap.samples / elapsed:,.0f} samples/s, {snap.version / elapsed:,.1f} rounds/s, "
+        f"{snap.samples / elapsed:,.0f} samples/s, {_rounds_per_s(snap, elapsed):,.1f} rounds/s, "
         f"loss {loss:.4f}, lr {snap.lr:.3g}, participants {len(snap.participants)}, "
         + (
             f"privacy <b>{snap.privacy['dp']}</b> DP: epsilon {snap.epsilon:.3g} at delta {snap.privacy['delta']:g} "
@@ -93,6 +108,15 @@ def _summary_html(snap: JobSnapshot) -> str:
     )
 
 
+def _rounds_per_s(snap: JobSnapshot, elapsed: float) -> float:
+    """The rounds this job applied per second, from its round history: ``version`` counts the
+    rounds of the checkpoint a job resumed from too, which its own time cannot be divided by."""
+    hist = snap.history
+    if len(hist) >= 2 and hist[-1][0] > hist[0][0]:
+        return (hist[-1][1] - hist[0][1]) / (hist[-1][0] - hist[0][0])
+    return len(hist) / elapsed
+
+
 def _sites_html(snap: JobSnapshot) -> str:
     """A federated job's last per-site evaluation: each site's loss and metric, and the spread."""
     spread = ""
@@ -105,6 +129,23 @@ def _sites_html(snap: JobSnapshot) -> str:
         for site, v in sorted(snap.sites.items())
     )
     return f"<br>sites (accuracy / R^2): {cells}" + (f"; {spread}" if spread else "")
+
+
+def _new_rounds(drawn: Mapping[str, Any], snap: JobSnapshot) -> list | None:
+    """The rounds of ``snap`` after those the loss plot holds (``drawn``: its job, the job's
+    creation time and the plot's last ``(time, version)``); None when the plot must be drawn
+    again (another job, a job started again under its name, a history that no longer holds the
+    last round drawn). Only the new rounds go to the browser: sending every round twice a
+    second (up to 20,000 of them) slowed the scheduler and the browser while a long job trained."""
+    if drawn["job"] != snap.job or drawn["created"] != snap.created or drawn["last"] is None:
+        return None
+    hist = snap.history
+    for i in range(len(hist) - 1, -1, -1):
+        if tuple(hist[i][:2]) == drawn["last"]:
+            return list(hist[i + 1 :])
+        if hist[i][1] < drawn["last"][1]:
+            break
+    return None
 
 
 def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:
@@ -158,6 +199,8 @@ def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:
         legend_label=["read", "compute", "communicate"],
     )
 
+    drawn: dict[str, Any] = {"job": None, "created": None, "last": None}  # the rounds the loss plot holds
+
     def update() -> None:
         src_now = source_of(scheduler)
         if src_now is None:
@@ -171,7 +214,12 @@ def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:
         if snap is None:
             return
         hist = snap.history
-        src_rounds.data = {"round": [h[1] for h in hist], "loss": [h[2] for h in hist]}
+        new = _new_rounds(drawn, snap)
+        if new is None:  # another job, or a history that does not continue the one drawn
+            src_rounds.data = {"round": [h[1] for h in hist], "loss": [h[2] for h in hist]}
+        elif new:
+            src_rounds.stream({"round": [h[1] for h in new], "loss": [h[2] for h in new]}, rollover=len(hist))
+        drawn.update(job=snap.job, created=snap.created, last=tuple(hist[-1][:2]) if hist else None)
         ep = snap.epochs
         src_epochs.data = {
             "epoch": [e.get("epoch", i) for i, e in enumerate(ep)],
@@ -283,22 +331,33 @@ class TrainingCollector:
                 fams["pushes"].add_metric(lab, st.pushes)
                 fams["bytes_in"].add_metric(lab, st.bytes_in)
                 fams["bytes_out"].add_metric(lab, st.bytes_out)
-                fams["loss"].add_metric(lab, st.loss if st.loss is not None else float("nan"))
-                val = st.epochs[-1].get("val_loss", float("nan")) if st.epochs else float("nan")
-                fams["val"].add_metric(lab, val)
+                # a value not known yet (no push, no evaluation) is left out, not exported as NaN
+                _add_known(fams["loss"], lab, st.loss)
+                _add_known(fams["val"], lab, st.epochs[-1].get("val_loss") if st.epochs else None)
                 fams["participants"].add_metric(lab, len(st.participants))
                 fams["staleness"].add_metric(lab, st.mean_staleness())
                 fams["ckpt"].add_metric(lab, now - st.checkpoint_time if st.checkpoint_time else -1.0)
                 if st.epsilon is not None:
                     fams["epsilon"].add_metric(lab, st.epsilon)
                 for site, v in sorted(st.sites.items()):
-                    fams["site_loss"].add_metric([st.job, site], float(v.get("loss", float("nan"))))
-                    fams["site_metric"].add_metric([st.job, site], float(v.get("metric", float("nan"))))
-                if st.site_mean is not None:
-                    fams["site_mean"].add_metric(lab, float(st.site_mean))
-                if st.site_worst_decile is not None:
-                    fams["site_worst"].add_metric(lab, float(st.site_worst_decile))
+                    _add_known(fams["site_loss"], [st.job, site], v.get("loss"))
+                    _add_known(fams["site_metric"], [st.job, site], v.get("metric"))
+                _add_known(fams["site_mean"], lab, st.site_mean)
+                _add_known(fams["site_worst"], lab, st.site_worst_decile)
         yield from fams.values()
+
+
+def _add_known(family: Any, labels: list[str], value: Any) -> None:
+    """Add ``value`` to ``family`` when it is a finite number: a gauge without a value yet has no
+    sample (an alert on ``pipeline_loss > 1`` never sees a NaN it cannot compare)."""
+    if value is None or isinstance(value, bool):
+        return
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return
+    if math.isfinite(number):
+        family.add_metric(labels, number)
 
 
 def register_prometheus() -> bool:

@@ -1,0 +1,205 @@
+"""The training page's figures and ``/metrics`` as a user reads them: throughput as it was,
+no NaN gauges, and only the new rounds sent to an open page while a long job trains."""
+
+from __future__ import annotations
+
+import math
+import urllib.request
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from pipeline.dashboard import _rates, _summary_html, source_of, training_doc, watch
+from pipeline.jobview import JobSnapshot
+
+
+def _history(n: int, every: float, samples: int = 100, t0: float = 1_000.0, v0: int = 1) -> list[tuple]:
+    """``n`` rounds ``every`` seconds apart, each of ``samples`` samples."""
+    return [(t0 + i * every, v0 + i, 1.0 / (i + 1), samples, 1) for i in range(n)]
+
+
+@pytest.mark.parametrize("every", [1.2, 0.7, 0.3, 0.01])
+def test_throughput_of_a_steady_job_is_steady_to_its_last_point(every):
+    # 100 samples every `every` seconds: the plot shows that rate everywhere, its last point included
+    # (the last bin used to be empty or cut short but divided by a whole window: a drop to 0 or half)
+    hist = _history(int(60 / every) + 1, every)
+    t, sps, rps = _rates(hist)
+    assert len(t) == len(sps) == len(rps) >= 2
+    assert t == sorted(t) and t[-1] <= hist[-1][0] - hist[0][0]
+    for s, r in zip(sps, rps, strict=True):
+        assert s == pytest.approx(100 / every, rel=0.25), sps
+        assert r == pytest.approx(1 / every, rel=0.25), rps
+    # the bins (centres t) tile the run, and every sample after the first round is counted once
+    start, counted = 0.0, 0.0
+    for centre, rate in zip(t, sps, strict=True):
+        width = 2 * (centre - start)
+        counted, start = counted + rate * width, start + width
+    assert start == pytest.approx(hist[-1][0] - hist[0][0])
+    assert counted == pytest.approx(100 * (len(hist) - 1), rel=1e-6)
+
+
+def test_throughput_needs_time_between_rounds():
+    assert _rates(_history(1, 1.0)) == ([], [], [])
+    assert _rates(_history(3, 0.0)) == ([], [], [])
+    assert _rates(_history(2, 1.0)) == ([0.5], [100.0], [1.0])
+
+
+def _snapshot(job: str, hist: list[tuple], created: float = 1_000.0, **kw) -> JobSnapshot:
+    """A job's snapshot as the parameter server gives it (see ``Job.metrics``)."""
+    m = {
+        "job": job,
+        "mode": "async",
+        "n_params": 10,
+        "version": hist[-1][1] if hist else 0,
+        "pushes": len(hist),
+        "samples": sum(h[3] for h in hist),
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "loss": hist[-1][2] if hist else None,
+        "lr": 0.1,
+        "participants": [],
+        "staleness": {},
+        "per_worker": {},
+        "created": created,
+        "last_push": hist[-1][0] if hist else 0.0,
+        "checkpoint_time": 0.0,
+        "failed": None,
+        "closed": False,
+        "history": [list(h) for h in hist],
+    }
+    m.update(kw)
+    return JobSnapshot.from_metrics(m)
+
+
+class ListSource:
+    """A job source holding the snapshots it is given (the newest of each job)."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, JobSnapshot] = {}
+
+    def job_names(self) -> list[str]:
+        return list(self.jobs)
+
+    def snapshot(self, job: str | None = None) -> JobSnapshot | None:
+        if job is None:
+            return next(reversed(self.jobs.values()), None)
+        return self.jobs.get(job)
+
+    def running(self) -> list[JobSnapshot]:
+        return [s for s in self.jobs.values() if not s.closed]
+
+
+class Scheduler:
+    """What the page is given as its scheduler: only looked up, never called."""
+
+
+@pytest.fixture
+def page() -> Iterator[tuple[ListSource, object, list]]:
+    """The training page's document for a fresh scheduler, its refresh and the rows each refresh
+    sent for the loss plot (``("replaced" | "streamed", rows)``)."""
+    from bokeh.document import Document
+    from bokeh.document.events import ColumnDataChangedEvent, ColumnsStreamedEvent
+
+    sched, src = Scheduler(), ListSource()
+    watch(sched, src)
+    assert source_of(sched) is src
+    doc = Document()
+    training_doc(sched, {}, doc)
+    (callback,) = doc.session_callbacks
+    loss = doc.select_one({"name": "pipeline-loss"}).renderers[0].data_source
+    sent: list[tuple[str, int]] = []
+
+    def record(event: object) -> None:
+        if isinstance(event, ColumnsStreamedEvent) and event.model is loss:
+            sent.append(("streamed", len(event.data["round"])))
+        elif isinstance(event, ColumnDataChangedEvent) and event.model is loss:
+            sent.append(("replaced", len(loss.data["round"])))
+
+    doc.on_change(record)
+    yield src, (callback.callback, loss), sent
+
+
+def test_open_page_is_sent_only_the_new_rounds(page):
+    src, (refresh, loss), sent = page
+    hist = _history(5000, 0.01)
+    src.jobs["run-a"] = _snapshot("run-a", hist[:4000])
+    refresh()
+    assert list(loss.data["round"]) == [h[1] for h in hist[:4000]]
+    sent.clear()
+    src.jobs["run-a"] = _snapshot("run-a", hist)
+    refresh()
+    # the 1,000 new rounds, not all 5,000 again (twice a second while a long job trains)
+    assert sent == [("streamed", 1000)], sent
+    assert list(loss.data["round"]) == [h[1] for h in hist]
+    assert list(loss.data["loss"]) == [h[2] for h in hist]
+    sent.clear()
+    refresh()
+    assert sent == []  # nothing new, nothing sent
+
+
+def test_page_draws_again_what_does_not_continue_the_plot(page):
+    src, (refresh, loss), sent = page
+    hist = _history(300, 0.1)
+    src.jobs["run-a"] = _snapshot("run-a", hist)
+    refresh()
+    # the job's history kept only its newest rounds (the server's window rolled over)
+    src.jobs["run-a"] = _snapshot("run-a", _history(250, 0.1, v0=101, t0=1_010.0) + _history(40, 0.1, 1, 1_035.0, 351))
+    refresh()
+    assert list(loss.data["round"]) == list(range(101, 391))
+    # the same name started again from an earlier checkpoint: drawn again, not appended to
+    src.jobs["run-a"] = _snapshot("run-a", _history(20, 0.1, t0=2_000.0, v0=200), created=1_999.0)
+    refresh()
+    assert list(loss.data["round"]) == list(range(200, 220))
+    assert sent[-1] == ("replaced", 20)
+
+
+def test_summary_shows_a_failure_message_as_text():
+    snap = _snapshot("run-a", _history(3, 0.1), failed="aggregator <class 'ValueError'> failed & stopped")
+    text = _summary_html(snap)
+    assert "&lt;class &#x27;ValueError&#x27;&gt;" in text and "&amp; stopped" in text
+    assert "<class" not in text
+
+
+@pytest.fixture(scope="module")
+def dash_client() -> Iterator[object]:
+    from pipeline.connect import cluster_client
+
+    with cluster_client(workers=1, dashboard_address="127.0.0.1:0") as c:
+        yield c
+
+
+def test_metrics_have_no_nan_before_a_job_has_a_loss(dash_client):
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pipeline.ps.client import ParameterServer
+
+    ps = ParameterServer("fresh-job", dash_client)
+    ps.create(np.zeros(16, dtype=np.float32), mode="async")
+    try:
+        url = dash_client.dashboard_link.rsplit("/", 1)[0] + "/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+    finally:
+        ps.close()
+    samples = {
+        s.name: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.labels.get("job") == "fresh-job"
+    }
+    assert samples.get("pipeline_rounds_total") == 0.0, samples
+    assert "pipeline_loss" not in samples and "pipeline_validation_loss" not in samples, samples
+    assert not [n for n, v in samples.items() if math.isnan(v)], samples
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE pipeline_")]
+    assert len(types) == len(set(types)), types
+
+
+def test_summary_rate_of_a_resumed_job_counts_its_own_rounds():
+    # resumed at round 990: 330 rounds of its own in 33 s, its counter going on from the checkpoint
+    hist = _history(330, 0.1, t0=1_000.0, v0=991)
+    snap = _snapshot("run-a", hist, created=999.0)
+    assert snap.version == 1320
+    text = _summary_html(snap)
+    assert "round 1,320" in text
+    assert "10.0 rounds/s" in text, text
