@@ -33,7 +33,6 @@ from pipeline.partition import open_partition
 from pipeline.privacy import clip_update, noise_rng, privatize_local
 from pipeline.ps import ParameterServer
 from pipeline.ps.wire import TOPK_FRACTION, DeltaCompressor
-from pipeline.secagg import mask, new_keypair, quantize, roster_share, round_info, scale_for
 from pipeline.store import RunningStats, read_rows_at, store_identity
 from pipeline.worker import (
     BudgetSpent,
@@ -42,6 +41,7 @@ from pipeline.worker import (
     _store,
     cached_trainer,
     evaluate_ranges,
+    masked_for_round,
 )
 
 # Error feedback of a real site's compressed deltas, kept by the site's worker process between
@@ -392,29 +392,6 @@ def _fit_group(
     return summaries
 
 
-def _masked_for_round(
-    comm: _Comm, name: str, version: int, delta: np.ndarray, clip: float, weights: dict[str, int] | None
-) -> tuple[Any, int] | dict:
-    """Secure aggregation of a federated client: exchange the round's keys and return ``delta``
-    (clipped to ``clip``) scaled by its share of the roster's ``weights``, quantized and masked
-    for the roster, with the round's attempt (as :func:`pipeline.worker.masked_for_round`).
-    The server divides the masked sum by the roster's size: scaled, the deltas make the
-    sample-weighted mean a plain FedAvg round makes, also for a smaller roster after a redo.
-    Without ``weights`` (central DP: sample counts would change the sensitivity) the mean is
-    unweighted."""
-    private, public = new_keypair()
-    r = comm.wait(comm.ps.soon.exchange_keys(name, version, public, timeout=comm.timeout))
-    if r.get("stop"):
-        raise BudgetSpent(r.get("message") or "the privacy budget is spent")
-    if "roster" not in r:
-        return r
-    roster, attempt = r["roster"], int(r["attempt"])
-    share = roster_share(name, roster, weights)
-    q = quantize(delta.astype(np.float64) * share, scale_for(len(roster), clip))
-    masked = mask(q, name, private, roster, round_info(comm.ps.job, version, attempt, sorted(roster)))
-    return masked.view(np.float32), attempt
-
-
 def _fit_one(
     job: str,
     name: str,
@@ -482,7 +459,7 @@ def _fit_one(
             wire, attempt = delta, None
             if cfg.get("secure_aggregation"):
                 shares = weights if cfg.get("dp", "off") == "off" else None  # DP: equal weights
-                got = _masked_for_round(comm, name, version, delta, clip, shares)
+                got = masked_for_round(comm, name, version, delta, clip, shares)
                 if isinstance(got, dict):  # the round closed before the roster was fixed
                     raise PSError(got.get("message") or "the round closed before its keys were exchanged")
                 wire, attempt = got

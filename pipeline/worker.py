@@ -49,7 +49,7 @@ from pipeline.ps import shm as shmem
 from pipeline.ps.job import SHM_DELTA
 from pipeline.ps.shard import ShardedParameterServer
 from pipeline.ps.wire import TOPK_FRACTION, DeltaCompressor, decode_delta
-from pipeline.secagg import mask, new_keypair, quantize, round_info, scale_for
+from pipeline.secagg import mask, new_keypair, quantize, roster_share, round_info, scale_for
 from pipeline.store import open_store, store_identity
 
 logger = logging.getLogger(__name__)
@@ -406,11 +406,18 @@ class BudgetSpent(Exception):
     """The parameter server applies no further round: the privacy budget is spent."""
 
 
-def masked_for_round(comm: _Comm, name: str, version: int, delta: np.ndarray, clip: float) -> tuple[Any, int] | dict:
+def masked_for_round(
+    comm: _Comm, name: str, version: int, delta: np.ndarray, clip: float, weights: dict[str, int] | None = None
+) -> tuple[Any, int] | dict:
     """Secure aggregation (pipeline.secagg): exchange this round's keys through the server
     and return ``delta`` (already clipped to ``clip``) quantized and masked for the round's
     roster, as the float32 view the wire carries, with the round's attempt; or the server's
-    reply when the participant is not in a round any more (``dropped``, ``stop``)."""
+    reply when the participant is not in a round any more (``dropped``, ``stop``).
+
+    ``weights`` (a federated round without DP: each participant's sample count): the delta is
+    first scaled by its share of the roster's (:func:`pipeline.secagg.roster_share`), so that the
+    server's mean of the masked sum over the roster's size is the sample-weighted mean a plain
+    FedAvg round makes, also for a smaller roster after a redo. Without them the mean is unweighted."""
     private, public = new_keypair()
     r = comm.wait(comm.ps.soon.exchange_keys(name, version, public, timeout=comm.timeout))
     if r.get("stop"):
@@ -418,6 +425,8 @@ def masked_for_round(comm: _Comm, name: str, version: int, delta: np.ndarray, cl
     if "roster" not in r:
         return r
     roster, attempt = r["roster"], int(r["attempt"])
+    if weights:
+        delta = delta.astype(np.float64) * roster_share(name, roster, weights)
     q = quantize(delta, scale_for(len(roster), clip))
     masked = mask(q, name, private, roster, round_info(comm.ps.job, version, attempt, sorted(roster)))
     return masked.view(np.float32), attempt
