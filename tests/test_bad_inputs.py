@@ -1292,20 +1292,22 @@ def _(t: Trial) -> Outcome:
     return t.cli("predict", "run", "new.csv", "p.parquet", *unreachable)
 
 
-@case("M37")
-def _(t: Trial) -> Outcome:
+def _predict_refused_before_connecting(t: Trial, *args: str) -> Outcome:
+    """`pipeline predict ARGS` beside a copy of the shared store and run, on an unreachable
+    scheduler: the refusal comes before any connection."""
     t.copy(t.shared.store4, "s.zarr")
     t.copy(t.shared.run, "run")
-    unreachable = ("--scheduler", t.shared.unreachable, "--connect-timeout", "1")
-    return t.cli("predict", "run", "s.zarr", "s.zarr/p.zarr", *unreachable)
+    return t.cli("predict", *args, "--scheduler", t.shared.unreachable, "--connect-timeout", "1")
+
+
+@case("M37")
+def _(t: Trial) -> Outcome:
+    return _predict_refused_before_connecting(t, "run", "s.zarr", "s.zarr/p.zarr")
 
 
 @case("M38")
 def _(t: Trial) -> Outcome:
-    t.copy(t.shared.store4, "s.zarr")
-    t.copy(t.shared.run, "run")
-    unreachable = ("--scheduler", t.shared.unreachable, "--connect-timeout", "1")
-    return t.cli("predict", "s.zarr", "run", "p.parquet", *unreachable)
+    return _predict_refused_before_connecting(t, "s.zarr", "run", "p.parquet")
 
 
 @case("M11")
