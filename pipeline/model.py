@@ -140,7 +140,14 @@ class Model:
     def load(cls, path: str | os.PathLike) -> Model:
         p = os.fspath(path)
         if os.path.isdir(p):
-            p = os.path.join(p, "model.npz")
+            run, p = p, os.path.join(p, "model.npz")
+            if not os.path.exists(p) and os.path.isfile(os.path.join(run, "checkpoint.npz")):
+                # `pipeline evaluate`/`predict` say which (pipeline.train.RunDir.missing_model)
+                raise CheckpointError(
+                    f"run directory {run!r} has no model.npz yet: its run is still training or was interrupted "
+                    f"(it holds a checkpoint); wait for it to end, or continue it with `pipeline train STORE --out "
+                    f"{run} --resume`"
+                )
         arrays, meta = load_file(p, "model")
         if meta.get("model_format", 0) > MODEL_FORMAT:
             raise CheckpointError(

@@ -172,3 +172,22 @@ def test_a_store_given_where_the_run_goes_says_which_comes_first(wide, tmp_path)
     for args in (("evaluate", wide, run), ("predict", wide, run, tmp_path / "p.parquet")):
         one_line_error(invoke(*args), "is a store, not a run directory or model file", "first, then the store")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_load_model_of_an_interrupted_run_says_what_the_run_is(tmp_path):
+    """From Python, a run directory holding a checkpoint but no model yet is named as such, with
+    the command that continues it (it said only that model.npz was not found)."""
+    from pipeline.config import TrainConfig
+    from pipeline.errors import CheckpointError
+    from pipeline.model import load_model
+    from pipeline.train import train
+
+    src = tmp_path / "s.zarr"
+    synth(src, rows=300, features=3, classes=2, seed=5)
+    run = tmp_path / "run"
+    train(str(src), TrainConfig().with_overrides(["epochs=1", "hidden=[4]"]), run)
+    (run / "model.npz").unlink()  # as a run stopped before its end leaves it
+    with pytest.raises(CheckpointError, match=r"has no model\.npz yet: .* interrupted .*--resume"):
+        load_model(run)
+    with pytest.raises(CheckpointError, match=r"model file .* not found"):  # a directory of no run
+        load_model(tmp_path)
