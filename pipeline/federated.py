@@ -335,7 +335,8 @@ class FederatedTrainer:
             )
         rate = self._per_round / max(1, self._n_clients())  # the base sampling rate of the accountant
         # refused before the config is saved when the checkpoint's rounds cannot be accounted
-        spent = resumed_privacy(ckpt.meta.get("privacy") if ckpt else None, cfg.dp, cfg.noise_multiplier, rate)
+        spent, released = (ckpt.meta.get("privacy"), int(ckpt.version)) if ckpt else (None, 0)
+        spent = resumed_privacy(spent, cfg.dp, cfg.noise_multiplier, rate, released)
         self.run.config.write_text(cfg.to_toml())
         ps = ParameterServer(self.job, client)
         ps.create(

@@ -335,7 +335,7 @@ def noise_for_epsilon(target_epsilon: float, rounds: int, sampling_rate: float, 
 
 
 def resumed_privacy(
-    spent: Mapping[str, Any] | None, dp: str, noise_multiplier: float, sampling_rate: float
+    spent: Mapping[str, Any] | None, dp: str, noise_multiplier: float, sampling_rate: float, released: int = 0
 ) -> dict[str, Any] | None:
     """The privacy a checkpoint ``spent`` (the job's :meth:`privacy_metrics`), as the accountant
     of a run resumed with ``dp``, ``noise_multiplier`` and base ``sampling_rate`` must go on
@@ -346,7 +346,15 @@ def resumed_privacy(
     keeps the checkpoint's rounds at their old base rate in ``rates``, so they are not accounted
     again at the new one. A resume at another ``noise_multiplier`` or ``dp`` would account the
     rounds already released under the old noise as if made with the new, and report an epsilon
-    below the one spent: :class:`ConfigError`."""
+    below the one spent: :class:`ConfigError`. So is a resume with DP of a checkpoint whose
+    ``released`` rounds (its server's version) were made without it: no epsilon bounds what
+    those released, and counting from 0 would claim one."""
+    if dp != "off" and released > 0 and (not spent or spent.get("dp", "off") == "off"):
+        raise ConfigError(
+            f"config key 'dp' = {dp!r} cannot resume this run: the checkpoint's {released} round(s) were released "
+            "without differential privacy, which no epsilon bounds; start a new run with dp (--force, or "
+            "another --out)"
+        )
     if not spent or not int(spent.get("rounds", 0)) or spent.get("dp", "off") == "off":
         return dict(spent) if spent else spent
     rounds = int(spent["rounds"])

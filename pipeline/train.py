@@ -1783,7 +1783,8 @@ class Trainer:
         (:func:`pipeline.privacy.resumed_privacy`: every share of a sync epoch takes part in its
         rounds, a sampling rate of 1)."""
         spent = ckpt.meta.get("privacy") if ckpt is not None else None
-        return resumed_privacy(spent, self.cfg.dp, self.cfg.noise_multiplier, 1.0)
+        released = ckpt.version if ckpt is not None else 0
+        return resumed_privacy(spent, self.cfg.dp, self.cfg.noise_multiplier, 1.0, released)
 
     def _counts(self, metrics: dict[str, Any]) -> dict[str, int]:
         """The deltas the server received (``pushes``) and those summed into another task's push

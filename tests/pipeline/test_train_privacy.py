@@ -142,3 +142,15 @@ def test_secure_aggregation_with_one_share_per_round_is_refused(letter_stores, c
     cfg = TrainConfig(**SMALL, epochs=1, secure_aggregation=True, min_share_gflop=1e9)  # one share
     with pytest.raises(ConfigError, match="needs at least 2 participants per round"):
         train(letter_stores[0], cfg, tmp_path / "run", client=client)
+
+
+def test_a_run_trained_without_dp_is_not_resumed_with_it(letter_stores, client, tmp_path) -> None:
+    """The rounds a checkpoint released without noise are bounded by no epsilon: a resume that
+    turns DP on would count from 0 and claim one. Refused before its config is saved."""
+    out = tmp_path / "run"
+    train(letter_stores[0], TrainConfig(**SMALL, epochs=1), out, client=client)
+    config = (out / "config.toml").read_bytes()
+    private = TrainConfig(**SMALL, epochs=2, dp="central", noise_multiplier=1.0, clip_norm=1.0)
+    with pytest.raises(ConfigError, match=r"'dp' = 'central' cannot resume this run: .* released without differential"):
+        train(letter_stores[0], private, out, client=client, resume=True)
+    assert (out / "config.toml").read_bytes() == config
