@@ -22,10 +22,11 @@ finished), ``done_results`` (what those tasks trained: task -> ``samples``, ``tr
 absent when none is), ``history``, ``best_loss`` (1e300 for none), ``best_epoch`` (-1 for none),
 ``privacy`` (the privacy spent: ``rounds`` accounted, ``clip``, ``epsilon``; absent without
 DP), ``buffer`` (the buffered deltas' ``samples``, ``losses`` and ``staleness``; absent when
-nothing is buffered), ``rounds`` (runs in this process: the server's rounds so far, each
-``[time, version, loss, samples, deltas]`` as in history.json; absent on a cluster),
-``config``, ``store``, ``spec``, ``n_threads``, ``in_process`` and ``time``. Format version 1; a
-reader of a later version reads every file an earlier one wrote.
+nothing is buffered), ``rounds`` (the server's rounds so far, each ``[time, version, loss,
+samples, deltas]`` as in history.json), ``pushes`` and ``summed`` (a cluster's server: the deltas
+it received and those summed into another's push, so far), ``config``, ``store``, ``spec``,
+``n_threads``, ``in_process`` and ``time``. Format version 1; a reader of a later version reads
+every file an earlier one wrote.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ class Checkpoint:
     # FedBuff: the buffered deltas, as the parameter server's ``state()["buffer"]`` (None: none)
     buffer: dict[str, list] | None = None
     reply_view: np.ndarray | None = None  # compress_replies: the participants' weights
-    rounds: list[list] | None = None  # runs in this process: the server's rounds so far (None: not kept)
+    rounds: list[list] | None = None  # the server's rounds so far (None: not kept, an older checkpoint)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -260,7 +261,7 @@ def write_checkpoint(path: str | os.PathLike, run: RunState, server: dict[str, A
     record = {
         **({"privacy": privacy} if private else {}),
         **buffered,
-        # runs in this process: the server's rounds so far (a resumed run's history.json holds them)
+        # the server's rounds so far (a resumed run's history.json holds them)
         **({"rounds": [list(r) for r in server["rounds"]]} if server.get("rounds") else {}),
         # a cluster's server: the deltas it received and those summed into another's push, so far
         **({k: int(server[k]) for k in ("pushes", "summed") if k in server}),

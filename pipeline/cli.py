@@ -459,24 +459,24 @@ def _check_budget(cfg: Any, clients: int) -> None:
     check_budget_allows_a_round(cfg, rate)
 
 
+def _cluster_asked(cluster_kw: dict) -> bool:
+    """Whether the command line asks for a Dask cluster: --scheduler, or --workers or
+    --threads-per-worker given (even at their defaults)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    return bool(cluster_kw["scheduler"]) or any(
+        ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None) for k in ("workers", "threads_per_worker")
+    )
+
+
 def _trains_in_process(store: str, out: str, cfg: Any, resume: bool, report: bool, cluster_kw: dict) -> str:
     """Why ``pipeline train`` runs in this process (its log line), or "" for a Dask cluster:
     a store of fewer than ``cluster_min_rows`` rows, when neither --scheduler, --workers nor
     --threads-per-worker (nor --report, Dask's report) asks for a cluster; --resume continues
     where the run trained."""
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context()
-    asked = (
-        bool(cluster_kw["scheduler"])
-        or report
-        or any(
-            ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)
-            for k in ("workers", "threads_per_worker")
-        )
-    )
-    if asked or cfg.clients or cfg.dp != "off" or cfg.secure_aggregation:  # simulated clients are tasks on a
-        # cluster; privacy lives in the parameter server
+    # simulated clients are tasks on a cluster; privacy lives in the parameter server
+    if report or _cluster_asked(cluster_kw) or cfg.clients or cfg.dp != "off" or cfg.secure_aggregation:
         return ""
     if resume:
         from pipeline.checkpoint import load_file
@@ -504,15 +504,10 @@ def _scores_in_process(store: str, cluster_kw: dict, doing: str) -> str:
     cluster: as ``train`` (:func:`_trains_in_process`), a store of fewer than the default
     ``cluster_min_rows`` rows, unless --scheduler, --workers or --threads-per-worker asks for a
     cluster (which would take longer to start than the store takes to score)."""
-    from click.core import ParameterSource
-
     from pipeline.config import TrainConfig
     from pipeline.store import open_store
 
-    ctx = click.get_current_context()
-    if cluster_kw["scheduler"] or any(
-        ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None) for k in ("workers", "threads_per_worker")
-    ):
+    if _cluster_asked(cluster_kw):
         return ""
     rows, limit = open_store(store).n_rows, TrainConfig().cluster_min_rows
     if not rows < limit:

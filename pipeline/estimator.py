@@ -1540,9 +1540,10 @@ class _BaseMLP(BaseEstimator):
     def _by_rows(self, X: Any, f: Any) -> np.ndarray:
         """``f`` of the checked rows of ``X``. A Dask array is computed one row block at a time
         and the results joined (a NumPy array), so predicting on an array larger than memory
-        holds one block and the predictions, as ``fit`` writes it block by block. The results are
-        the whole array's up to float64 rounding (a product of fewer rows may round otherwise).
-        Callers check that the estimator is fitted first."""
+        holds one block and the predictions, as ``fit`` writes it block by block. The model's
+        outputs are the whole array's to the bit (:meth:`pipeline.model.Model._forward` computes
+        every product on the same number of rows); a plain product of ``f`` (the linear models'
+        ``decision_function``) may round otherwise. Callers check that the estimator is fitted first."""
         if not _is_dask(X) or X.ndim != 2 or X.numblocks[0] < 2:
             return f(self._predict_rows(X))
         X = X.rechunk({1: -1})

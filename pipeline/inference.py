@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -409,7 +409,7 @@ def evaluate_store(model: Model, store_path: str, client: Any, site: str | None 
         placement = {"resources": {site: 1}}
         ranges, path = client.submit(_site_store, model, store_path, pure=False, **placement).result()
     if client is None:  # in this process: the same tasks, one after the other
-        parts = _in_process([lambda r=r: evaluate_task(path, [r], model) for r in ranges])
+        parts = _in_process(evaluate_task(path, [r], model) for r in ranges)
     else:
         # hash=False: a content-hashed key is shared by back-to-back calls with the same
         # model, and the release of the previous call's future can drop this call's data.
@@ -521,12 +521,12 @@ def _predict_on_cluster(
     return sum(_results(client, futures, token))
 
 
-def _in_process(tasks: list[Callable[[], Any]]) -> list[Any]:
-    """The tasks' results, run one after the other in this process; the first
-    :class:`TaskFailure` is raised (as on a cluster)."""
+def _in_process(results: Iterable[Any]) -> list[Any]:
+    """The tasks' results, computed one after the other in this process as ``results`` (a
+    generator) is read; the first :class:`TaskFailure` is raised (as on a cluster), and the
+    tasks after it are not run."""
     out = []
-    for task in tasks:
-        value = task()
+    for value in results:
         if isinstance(value, TaskFailure):
             raise value.error
         out.append(value)
@@ -579,9 +579,8 @@ def predict_store(
             tmp.mkdir(parents=True)
             (tmp / _WRITER_FILE).write_text(json.dumps(writer_marker()))
         if client is None:  # in this process: the same tasks, one after the other
-            path, where = for_workers(store.path), str(tmp)
-            tasks = [lambda i=i, r=r: predict_task(path, r, i, model, where, fmt, proba) for i, r in enumerate(ranges)]
-            rows = sum(_in_process(tasks))
+            path = for_workers(store.path)
+            rows = sum(_in_process(predict_task(path, r, i, model, str(tmp), fmt, proba) for i, r in enumerate(ranges)))
         else:
             rows = _predict_on_cluster(client, model, store, ranges, tmp, fmt, proba, token, futures)
         if dest.exists() or dest.is_symlink():

@@ -991,6 +991,9 @@ class Trainer:
         self.warn = log or (lambda msg: logger.warning(msg))
         self._paused_since: float | None = None  # since when every worker is paused (_note_paused)
         self._paused_said = False
+        # the server's rounds and push counts before a resume (_create_job): the new job records only its own
+        self._rounds_before: list[list] = []
+        self._counts_before: dict[str, int] = {}
         self.train_rows = self.store.n_rows
         self.on_epoch = on_epoch
         self.spec, self.target = build_spec(self.store, cfg)
@@ -1359,7 +1362,6 @@ class Trainer:
     def _create_job(self, ps: Any, params: np.ndarray, run: RunState, ckpt: Checkpoint | None) -> None:
         """Create the job on the parameter server from ``params`` (and ``ckpt``'s server state)."""
         cfg = self.cfg
-        # the server's rounds before a resume: the new job records only its own
         self._rounds_before = [list(r) for r in ckpt.rounds] if ckpt is not None and ckpt.rounds else []
         self._counts_before = {k: int(ckpt.meta.get(k, 0)) for k in ("pushes", "summed")} if ckpt is not None else {}
         ps.create(
@@ -1789,12 +1791,11 @@ class Trainer:
     def _counts(self, metrics: dict[str, Any]) -> dict[str, int]:
         """The deltas the server received (``pushes``) and those summed into another task's push
         (``summed``): those before a resume (kept by the checkpoint) and the server's."""
-        before = getattr(self, "_counts_before", {})
-        return {k: int(before.get(k, 0)) + int(metrics.get(k, 0)) for k in ("pushes", "summed")}
+        return {k: int(self._counts_before.get(k, 0)) + int(metrics.get(k, 0)) for k in ("pushes", "summed")}
 
     def _rounds(self, metrics: dict[str, Any]) -> list[list]:
         """The run's rounds: those before a resume (kept by the checkpoint) and the server's."""
-        return [*getattr(self, "_rounds_before", []), *(list(r) for r in metrics.get("history") or [])]
+        return [*self._rounds_before, *(list(r) for r in metrics.get("history") or [])]
 
     def _load_checkpoint(self) -> Checkpoint:
         path = self.run.checkpoint

@@ -117,3 +117,17 @@ def read_until(stream: IO[str], prefix: str, timeout: float = 120) -> list[str]:
             break
     assert lines and lines[-1].startswith(prefix), "".join(lines)
     return lines
+
+
+def letter_sites(root: Path, bounds: list[int]) -> Path:
+    """letter's rows ``bounds[i]:bounds[i+1]`` as the stores of sites a, b, c... (each ingested
+    ``--like`` the first) under ``root``, and the sites file naming them."""
+    from pipeline.ingest import ingest
+
+    names = [chr(ord("a") + i) for i in range(len(bounds) - 1)]
+    first = None
+    for name, lo, hi in zip(names, bounds, bounds[1:], strict=False):
+        st = ingest(str(LETTER), root / f"{name}.zarr", target=0, rows=f"{lo}:{hi}", like=first)
+        first = first or st.path
+    (root / "sites.toml").write_text("".join(f'[sites.{s}]\nstore = "{root / (s + ".zarr")}"\n' for s in names))
+    return root / "sites.toml"

@@ -13,7 +13,7 @@ import pytest
 from pipeline.config import TrainConfig
 from pipeline.privacy import RdpAccountant
 from pipeline.train import train
-from tests.pipeline.helpers import LETTER
+from tests.pipeline.helpers import letter_sites
 
 FAST = {"hidden": [32], "lr": 3e-3, "ema": 0.0, "batch_size": 128, "patience": 0}
 
@@ -21,16 +21,7 @@ FAST = {"hidden": [32], "lr": 3e-3, "ema": 0.0, "batch_size": 128, "patience": 0
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """letter's training rows split over three sites; the sites file naming their stores."""
-    from pipeline.ingest import ingest
-
-    root = tmp_path_factory.mktemp("fedpriv")
-    a = ingest(str(LETTER), root / "a.zarr", target=0, rows="0:5000")
-    ingest(str(LETTER), root / "b.zarr", target=0, rows="5000:10000", like=a.path)
-    ingest(str(LETTER), root / "c.zarr", target=0, rows="10000:15000", like=a.path)
-    (root / "sites.toml").write_text(
-        "".join(f'[sites.{s}]\nstore = "{root / (s + ".zarr")}"\n' for s in ("a", "b", "c"))
-    )
-    return root / "sites.toml"
+    return letter_sites(tmp_path_factory.mktemp("fedpriv"), [0, 5000, 10000, 15000])
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import TrainConfig
 from pipeline.privacy import RdpAccountant, noise_for_epsilon
 from pipeline.train import train
-from tests.pipeline.helpers import LETTER
+from tests.pipeline.helpers import letter_sites
 
 FAST = {"hidden": [16], "lr": 3e-3, "ema": 0.0, "batch_size": 128, "patience": 0, "seed": 7}
 
@@ -20,16 +20,7 @@ FAST = {"hidden": [16], "lr": 3e-3, "ema": 0.0, "batch_size": 128, "patience": 0
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """letter's rows over three sites of very different sizes; the sites file naming their stores."""
-    from pipeline.ingest import ingest
-
-    root = tmp_path_factory.mktemp("fedstudy")
-    a = ingest(str(LETTER), root / "a.zarr", target=0, rows="0:600")
-    ingest(str(LETTER), root / "b.zarr", target=0, rows="600:4600", like=a.path)
-    ingest(str(LETTER), root / "c.zarr", target=0, rows="4600:5400", like=a.path)
-    (root / "sites.toml").write_text(
-        "".join(f'[sites.{s}]\nstore = "{root / (s + ".zarr")}"\n' for s in ("a", "b", "c"))
-    )
-    return root / "sites.toml"
+    return letter_sites(tmp_path_factory.mktemp("fedstudy"), [0, 600, 4600, 5400])
 
 
 @pytest.fixture(scope="module")
