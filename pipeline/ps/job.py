@@ -120,6 +120,10 @@ class Job:
     covered: dict[str, str] = field(default_factory=dict)
     pooled_count: dict[str, int] = field(default_factory=dict)
     round_counts: dict[str, int] = field(default_factory=dict)  # the same for the round being applied
+    # the training samples a pooled delta stands for (its weight is 1 under DP: samples are data,
+    # but the history and the dashboard count what was trained); the round being applied's total
+    pooled_samples: dict[str, int] = field(default_factory=dict)
+    round_samples: int = 0
     round_names: list[str] = field(default_factory=list)  # every participant of the round being applied
     grad: np.ndarray | None = None  # sync: the round's combined delta (reused every round)
     last_applied: list[str] = field(default_factory=list)  # sync: whose deltas the last round combined
@@ -451,6 +455,7 @@ class Job:
         self.pending.clear()
         self.covered.clear()
         self.pooled_count.clear()
+        self.pooled_samples.clear()
 
     def _apply_round(self, names: list[str]) -> None:
         """Combine the pooled deltas of ``names`` (the whole pool; :meth:`_combine`), take the
@@ -464,8 +469,9 @@ class Job:
         names = sorted(names)  # fixed order: reproducible float sums
         pooled, self.pending = {n: self.pending[n] for n in names}, {}
         self.round_counts = {n: self.pooled_count.get(n, 1) for n in names}
+        self.round_samples = sum(self.pooled_samples.get(n, pooled[n][1]) for n in names)
         self.round_names = sorted([*names, *(c for c, by in self.covered.items() if by in pooled)])
-        self.covered, self.pooled_count, self.pooled_batches = {}, {}, {}
+        self.covered, self.pooled_count, self.pooled_batches, self.pooled_samples = {}, {}, {}, {}
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -498,7 +504,6 @@ class Job:
     def _step_round(self, pooled: dict[str, tuple[np.ndarray, int, float]], grad: np.ndarray) -> None:
         """The server's step with the round's combined delta ``grad``: the next round starts."""
         names = list(pooled)
-        total = sum(v[1] for v in pooled.values())
         self._privatize(grad, len(names))
         count = sum(self.round_counts.values())
         # the round's loss: the mean over its participants (a summed push brings its senders' mean)
@@ -509,7 +514,7 @@ class Job:
         self.optimizer.step(self.params, grad, self.lr())
         self.version += 1
         self.last_applied = self.round_names
-        self.after_update(loss, total, count)
+        self.after_update(loss, self.round_samples, count)
 
     # -- secure aggregation (pipeline.secagg) -------------------------------------------------
 
@@ -1001,6 +1006,7 @@ class Job:
                 own, weight = self._clip(own), 1  # equal weights: sample counts are data
             elif self.privacy["dp"] == "local":
                 weight = 1  # the sites noised their deltas; the mean stays unweighted
+            self.pooled_samples[name] = samples + sum(g[1] for g in group)
             if group:  # one pooled delta for the sender and its co-senders: their weighted mean
                 weight += sum(g[1] for g in group)
                 loss = (loss + sum(g[3] for g in group)) / (1 + len(group))

@@ -296,3 +296,19 @@ def test_each_round_is_accounted_at_the_sampling_rate_its_expect_announced() -> 
             _job({**privacy, "rounds": 1, "rates": [[0.5, 2]]})
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("dp", ["central", "local"])
+def test_a_private_rounds_history_counts_the_samples_trained_not_the_participants(dp: str) -> None:
+    """Under DP each delta weighs 1 in the mean (sample counts are data), but the round's
+    history row (and the dashboard's samples/s, the run's history.json) counts the samples
+    the participants trained: 10 + 20 here, not 2."""
+
+    async def main() -> None:
+        job = _job({"dp": dp, "clip_norm": 1.0, "noise_multiplier": 0.0})
+        await _round(job, {"a": np.zeros(N, np.float32), "b": np.zeros(N, np.float32)})
+        assert job.history[-1][3] == 30
+        assert job.history[-1][4] == 2
+        assert job.metrics()["samples"] == 30
+
+    asyncio.run(main())
