@@ -140,8 +140,9 @@ one entry: the solution's loss (``n_iter_`` counts the L-BFGS iterations). ``par
 appends its epoch's loss (and no validation score). Classifiers have
 ``predict_log_proba`` (``log(predict_proba)``); ``LogisticRegression`` has ``decision_function``
 (the logits ``X @ coef_.T + intercept_``; for two classes the (n,) log-odds of ``classes_[1]``).
-``fit(..., sample_weight=...)`` is refused (not supported); ``score(X, y, sample_weight=w)``
-weights the rows and ``score(store_path, sample_weight=w)`` is refused.
+``fit(..., sample_weight=...)`` and ``partial_fit(..., sample_weight=...)`` are refused (not
+supported); ``score(X, y, sample_weight=w)`` weights the rows and ``score(store_path,
+sample_weight=w)`` is refused.
 
 ``save(path)`` writes an ordinary model file: ``pipeline.load_model(path)`` (a
 :class:`pipeline.model.Model`, the ``pipeline predict`` CLI) reads it and gives the same
@@ -806,14 +807,7 @@ class _BaseMLP(BaseEstimator):
         ``{site: store_path}`` (``y=None``): federated over the sites (docs/federated.md).
         ``sample_weight`` is not supported (a ValueError says so; scikit-learn's checks read the
         signature, so it is not a named parameter)."""
-        if "sample_weight" in fit_params:
-            raise ValueError(
-                f"{type(self).__name__}.fit does not support sample_weight: every row weighs the same; "
-                "repeat or subsample rows to weight them"
-            )
-        if fit_params:
-            name = next(iter(fit_params))
-            raise TypeError(f"{type(self).__name__}.fit() got an unexpected keyword argument {name!r}")
+        self._refuse_fit_params("fit", fit_params)
         self._check_client()
         cfg = self._train_config()
         self._forget_fit()
@@ -1113,6 +1107,18 @@ class _BaseMLP(BaseEstimator):
         order = rng.permutation(len(Xn))
         batches = ((Xn[idx], t[idx]) for idx in (order[a : a + batch] for a in range(0, len(order), batch)))
         return run_batches(trainer, batches)["row_loss"]
+
+    def _refuse_fit_params(self, method: str, fit_params: dict[str, Any]) -> None:
+        """``sample_weight`` is refused with the way to weight rows (a ValueError), any other
+        keyword as Python refuses an unknown one (a TypeError)."""
+        if "sample_weight" in fit_params:
+            raise ValueError(
+                f"{type(self).__name__}.{method} does not support sample_weight: every row weighs the same; "
+                "repeat or subsample rows to weight them"
+            )
+        if fit_params:
+            name = next(iter(fit_params))
+            raise TypeError(f"{type(self).__name__}.{method}() got an unexpected keyword argument {name!r}")
 
     def _refuse_private_in_process(self, cfg: TrainConfig, why: str) -> None:
         """A fit in this process has no parameter server: it cannot clip, noise or account
@@ -1717,8 +1723,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             return self._score_store(X, y, sample_weight)
         return float(ClassifierMixin.score(self, X, y, sample_weight=sample_weight))
 
-    def partial_fit(self, X: Any, y: Any, classes: Any = None) -> MLPClassifier:
-        """One pass over ``X, y`` continuing from the current weights (module docstring)."""
+    def partial_fit(self, X: Any, y: Any, classes: Any = None, **fit_params: Any) -> MLPClassifier:
+        """One pass over ``X, y`` continuing from the current weights (module docstring);
+        ``sample_weight`` is refused as by :meth:`fit`."""
+        self._refuse_fit_params("partial_fit", fit_params)
         return self._partial_fit(X, y, classes)
 
     def predict_proba(self, X: Any) -> np.ndarray:
@@ -1769,8 +1777,10 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             return self._score_store(X, y, sample_weight)
         return float(RegressorMixin.score(self, X, y, sample_weight=sample_weight))
 
-    def partial_fit(self, X: Any, y: Any) -> MLPRegressor:
-        """One pass over ``X, y`` continuing from the current weights (module docstring)."""
+    def partial_fit(self, X: Any, y: Any, **fit_params: Any) -> MLPRegressor:
+        """One pass over ``X, y`` continuing from the current weights (module docstring);
+        ``sample_weight`` is refused as by :meth:`fit`."""
+        self._refuse_fit_params("partial_fit", fit_params)
         return self._partial_fit(X, y)
 
     def predict(self, X: Any) -> np.ndarray:

@@ -326,6 +326,12 @@ def test_sample_weight_is_refused_or_used(store_fit):
         with pytest.raises(ValueError, match=r"\.fit does not support sample_weight") as err:
             est.fit(X, target, sample_weight=np.ones(len(X)))
         assert "\n" not in str(err.value) and not hasattr(est, "model_")
+        # partial_fit refuses it the same way, not with Python's unexpected-keyword TypeError
+        with pytest.raises(ValueError, match=r"\.partial_fit does not support sample_weight"):
+            est.partial_fit(X, target, sample_weight=np.ones(len(X)))
+        assert not hasattr(est, "model_")
+        with pytest.raises(TypeError, match=r"partial_fit\(\) got an unexpected keyword argument 'weights'"):
+            est.partial_fit(X, target, weights=np.ones(len(X)))
     clf, path = store_fit
     with pytest.raises(ValueError, match=r"score\(store_path, sample_weight=...\): a store's rows cannot be weighted"):
         clf.score(path, sample_weight=np.ones(600))
