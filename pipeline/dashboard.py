@@ -322,10 +322,16 @@ class TrainingCollector:
                 labels=["job"],
             ),
         }
+        fams["running"] = GaugeMetricFamily(
+            "pipeline_job_running", "1 while the job trains, 0 once it finished (or failed)", labels=["job"]
+        )
         now = time.time()
         for src in _all_sources():
-            for st in src.running():
+            # a finished job keeps its last counters (until newer jobs push it out of the
+            # scheduler's recent list) so that the scrape after its end still sees them
+            for st in [*src.finished_jobs(), *src.running()]:
                 lab = [st.job]
+                fams["running"].add_metric(lab, 0.0 if st.closed else 1.0)
                 fams["rounds"].add_metric(lab, st.version)
                 fams["samples"].add_metric(lab, st.samples)
                 fams["pushes"].add_metric(lab, st.pushes)
@@ -336,7 +342,8 @@ class TrainingCollector:
                 _add_known(fams["val"], lab, st.epochs[-1].get("val_loss") if st.epochs else None)
                 fams["participants"].add_metric(lab, len(st.participants))
                 fams["staleness"].add_metric(lab, st.mean_staleness())
-                fams["ckpt"].add_metric(lab, now - st.checkpoint_time if st.checkpoint_time else -1.0)
+                if not st.closed:  # a finished job's checkpoint does not age
+                    fams["ckpt"].add_metric(lab, now - st.checkpoint_time if st.checkpoint_time else -1.0)
                 if st.epsilon is not None:
                     fams["epsilon"].add_metric(lab, st.epsilon)
                 for site, v in sorted(st.sites.items()):

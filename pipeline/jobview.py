@@ -120,3 +120,7 @@ class JobSource(Protocol):
     def running(self) -> list[JobSnapshot]:
         """Every running job, without round history."""
         ...
+
+    def finished_jobs(self) -> list[JobSnapshot]:
+        """The recently finished jobs not running again (oldest first), without round history."""
+        ...

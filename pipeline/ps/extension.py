@@ -415,6 +415,13 @@ class ParameterServerExtension(SchedulerPlugin):
                 return JobSnapshot.from_metrics(f)
         return None
 
+    def finished_jobs(self) -> list[JobSnapshot]:
+        running = set(self.jobs) | set(self.sharded)
+        last = {
+            f["job"]: f for f in list(self.finished) if f["job"] not in running
+        }  # a job resumed and finished again: its last run
+        return [JobSnapshot.from_metrics({k: v for k, v in f.items() if k != "history"}) for f in last.values()]
+
     def running(self) -> list[JobSnapshot]:
         snaps = [st.view() for st in list(self.jobs.values())]
         for sm in list(self.sharded.values()):

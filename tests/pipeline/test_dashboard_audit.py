@@ -89,6 +89,9 @@ class ListSource:
     def running(self) -> list[JobSnapshot]:
         return [s for s in self.jobs.values() if not s.closed]
 
+    def finished_jobs(self) -> list[JobSnapshot]:
+        return [s for s in self.jobs.values() if s.closed]
+
 
 class Scheduler:
     """What the page is given as its scheduler: only looked up, never called."""
@@ -193,6 +196,47 @@ def test_metrics_have_no_nan_before_a_job_has_a_loss(dash_client):
     assert not [n for n, v in samples.items() if math.isnan(v)], samples
     types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE pipeline_")]
     assert len(types) == len(set(types)), types
+
+
+def _scrape(client) -> dict[tuple[str, str], float]:
+    """``/metrics`` of the scheduler of ``client``: (metric, job) -> value for the pipeline's families."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = client.dashboard_link.rsplit("/", 1)[0] + "/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    out: dict[tuple[str, str], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name.startswith("pipeline_") and "job" in s.labels and "site" not in s.labels:
+                key = (s.name, s.labels["job"])
+                assert key not in out, f"{key} exported twice"
+                out[key] = s.value
+    return out
+
+
+def test_metrics_keep_a_finished_jobs_last_counters(dash_client):
+    """A scrape after a job ended (Prometheus scrapes every 15 s or so; a short job may end
+    between two) still sees its final counters, marked not running, once per job name even
+    when the job was resumed and finished again."""
+    pytest.importorskip("prometheus_client")
+    from pipeline.ps.client import ParameterServer
+
+    for _ in range(2):  # the second run stands for a resume of the same job name
+        ps = ParameterServer("short-job", dash_client)
+        ps.create(np.zeros(16, dtype=np.float32), mode="async")
+        try:
+            reply = ps.join("w0")
+            for _ in range(3):
+                reply = ps.push("w0", reply["version"], np.full(16, 0.01, np.float32), 32, 1, 0.5)
+            running = _scrape(dash_client)
+            assert running[("pipeline_job_running", "short-job")] == 1.0
+        finally:
+            ps.close()
+        done = _scrape(dash_client)
+        assert done[("pipeline_job_running", "short-job")] == 0.0, done
+        assert done[("pipeline_rounds_total", "short-job")] == 3.0
+        assert done[("pipeline_samples_total", "short-job")] == 96.0
+        assert ("pipeline_checkpoint_age_seconds", "short-job") not in done
 
 
 def test_summary_rate_of_a_resumed_job_counts_its_own_rounds():

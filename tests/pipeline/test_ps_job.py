@@ -290,6 +290,9 @@ def test_per_site_evaluation_reaches_the_snapshot_and_prometheus() -> None:
             def running(self) -> list:
                 return [snap]
 
+            def finished_jobs(self) -> list:
+                return []
+
         holder, source = type("Scheduler", (), {})(), Source()
         dashboard.watch(holder, source)
         try:

@@ -96,6 +96,9 @@ def test_the_collector_reads_the_snapshots_of_the_source_it_was_given() -> None:
         def running(self) -> list[JobSnapshot]:
             return [self.job.view()]
 
+        def finished_jobs(self) -> list[JobSnapshot]:
+            return []
+
     owner = Owner()
     source = Source(Job.create("seam-job", np.zeros(3, np.float32), 3, mode="async"))
     source.job.version = 7

@@ -234,6 +234,9 @@ def test_the_dashboard_and_prometheus_show_the_privacy_spent() -> None:
         def running(self) -> list[JobSnapshot]:
             return [job.view()]
 
+        def finished_jobs(self) -> list[JobSnapshot]:
+            return []
+
     owner, source = Owner(), Source()
     dashboard.watch(owner, source)
     eps = job.epsilon()
