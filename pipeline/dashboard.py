@@ -60,10 +60,12 @@ def _rates(history: list, window: float = 5.0) -> tuple[list[float], list[float]
     Each bin is divided by the time it covers: the bins are ``window`` seconds long but the last,
     which runs to the latest round (between ``window`` and twice that), so the curve neither ends
     in an empty bin (a drop to 0 that never happened) nor in a short one read as a full window.
-    The first round only marks the start: its samples were trained before it."""
+    The first round only marks the start: its samples were trained before it. A row stands for
+    the rounds since the row before (its version's step: a finished job's history merges
+    consecutive rounds, :func:`pipeline.ps.job.coarse_history`)."""
     if len(history) < 2:
         return [], [], []
-    h = np.asarray([(r[0], r[3]) for r in history], dtype=np.float64)
+    h = np.asarray([(r[0], r[3], r[1]) for r in history], dtype=np.float64)
     t = h[:, 0] - h[0, 0]
     span = float(t[-1])
     if not span > 0:
@@ -74,7 +76,8 @@ def _rates(history: list, window: float = 5.0) -> tuple[list[float], list[float]
     idx = np.minimum((t // window).astype(np.int64), n - 1)
     after_first = np.arange(len(t)) > 0
     samples = np.bincount(idx, weights=h[:, 1] * after_first, minlength=n)
-    rounds = np.bincount(idx, weights=after_first.astype(np.float64), minlength=n)
+    steps = np.maximum(np.diff(h[:, 2], prepend=h[0, 2]), 1.0)  # rounds per row (1 unless merged)
+    rounds = np.bincount(idx, weights=steps * after_first, minlength=n)
     xs = (starts + widths / 2).tolist()
     return xs, (samples / widths).tolist(), (rounds / widths).tolist()
 

@@ -60,7 +60,26 @@ MODES = ("sync", "async", "ssp")
 SHM_DELTA = "shm"  # a push whose delta is in the participant's push segment (pipeline.ps.shm)
 _MAX_SLOTS = 4096  # sync shares whose local optimizer states a job keeps
 _HISTORY_LEN = 20_000
+_FINISHED_HISTORY = 2_000  # rows a finished job keeps for the dashboard (coarse_history)
 _LEFT_KEPT = 4096  # participants that left, remembered per job (Job.left)
+
+
+def coarse_history(rows: Sequence[Sequence[Any]], most: int) -> list[list]:
+    """The round history ``rows`` (``time, version, loss, samples, deltas``) in at most ``most``
+    rows spanning all of it: the first row as it is, then runs of consecutive rounds merged
+    into one row each (the last round's time and version, the mean of the finite losses, the
+    summed samples and deltas). A finished job's plots then still show its beginning, and the
+    samples/s and rounds/s the dashboard computes from the merged rows stay what they were."""
+    if len(rows) <= most:
+        return [list(r) for r in rows]
+    out = [list(rows[0])]
+    edges = np.linspace(1, len(rows), most).astype(np.int64)
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        group = rows[a:b]
+        losses = [float(r[2]) for r in group if r[2] is not None and math.isfinite(r[2])]
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        out.append([group[-1][0], group[-1][1], loss, sum(int(r[3]) for r in group), sum(int(r[4]) for r in group)])
+    return out
 
 
 @dataclass
@@ -1293,7 +1312,7 @@ class Job:
         self.release_shm()
         self._clear_round()
         summary = self.metrics()
-        summary["history"] = [list(h) for h in list(self.history)[-2000:]]
+        summary["history"] = coarse_history(list(self.history), _FINISHED_HISTORY)
         self.notify()
         return summary
 

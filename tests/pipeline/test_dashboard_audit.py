@@ -39,6 +39,37 @@ def test_throughput_of_a_steady_job_is_steady_to_its_last_point(every):
     assert counted == pytest.approx(100 * (len(hist) - 1), rel=1e-6)
 
 
+def test_a_finished_jobs_history_spans_the_whole_run_at_the_same_rates():
+    """A finished job keeps 2,000 rows of history for its page: merged runs of rounds from the
+    first to the last (it kept the last 2,000 rounds, so the plots lost the run's beginning),
+    with the samples/s and rounds/s the page draws from them unchanged."""
+    import asyncio
+
+    from pipeline.ps.job import Job, coarse_history
+
+    hist = _history(9_001, 0.01, samples=64)
+    rows = coarse_history(hist, 2_000)
+    assert len(rows) == 2_000
+    assert rows[0] == list(hist[0]) and rows[-1][:2] == list(hist[-1][:2])
+    assert sum(r[3] for r in rows) == sum(h[3] for h in hist) and sum(r[4] for r in rows) == len(hist)
+    full, coarse = _rates(hist), _rates(rows)
+    assert coarse[0] == full[0]
+    np.testing.assert_allclose(coarse[1], full[1], rtol=0.02)
+    np.testing.assert_allclose(coarse[2], full[2], rtol=0.02)
+    assert coarse_history(hist[:50], 2_000) == [list(h) for h in hist[:50]]
+
+    async def main() -> list:
+        job = Job.create("long-job", np.zeros(3, np.float32), 3, mode="async", optimizer={"name": "sgd", "lr": 0.1})
+        reply = job.join("w0")
+        for _ in range(2_500):
+            reply = await job.push("w0", reply["version"], np.full(3, 1e-3, np.float32), samples=8, batches=1, loss=0.5)
+        return job.close()["history"]
+
+    kept = asyncio.run(main())
+    assert len(kept) == 2_000 and kept[0][1] == 1 and kept[-1][1] == 2_500
+    assert sum(r[3] for r in kept) == 8 * 2_500
+
+
 def test_throughput_needs_time_between_rounds():
     assert _rates(_history(1, 1.0)) == ([], [], [])
     assert _rates(_history(3, 0.0)) == ([], [], [])
