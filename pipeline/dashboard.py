@@ -20,7 +20,6 @@ import html
 import math
 import time
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -29,6 +28,7 @@ from pipeline.jobview import JobSnapshot, JobSource
 
 ROUTE = "/pipeline"
 _REFRESH_MS = 500
+_PAGE_ROUNDS = 20_000  # rounds the page holds (a running job keeps as many)
 # (scheduler, its job source), both held weakly: the dashboard never keeps a scheduler alive
 _sources: list[tuple[weakref.ref, weakref.ref]] = []
 _collector_registered = False
@@ -134,23 +134,6 @@ def _sites_html(snap: JobSnapshot) -> str:
     return f"<br>sites (accuracy / R^2): {cells}" + (f"; {spread}" if spread else "")
 
 
-def _new_rounds(drawn: Mapping[str, Any], snap: JobSnapshot) -> list | None:
-    """The rounds of ``snap`` after those the loss plot holds (``drawn``: its job, the job's
-    creation time and the plot's last ``(time, version)``); None when the plot must be drawn
-    again (another job, a job started again under its name, a history that no longer holds the
-    last round drawn). Only the new rounds go to the browser: sending every round twice a
-    second (up to 20,000 of them) slowed the scheduler and the browser while a long job trained."""
-    if drawn["job"] != snap.job or drawn["created"] != snap.created or drawn["last"] is None:
-        return None
-    hist = snap.history
-    for i in range(len(hist) - 1, -1, -1):
-        if tuple(hist[i][:2]) == drawn["last"]:
-            return list(hist[i + 1 :])
-        if hist[i][1] < drawn["last"][1]:
-            break
-    return None
-
-
 def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:
     """Bokeh document of the training page (signature of Dask's dashboard applications)."""
     from bokeh.layouts import column, row
@@ -202,7 +185,9 @@ def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:
         legend_label=["read", "compute", "communicate"],
     )
 
-    drawn: dict[str, Any] = {"job": None, "created": None, "last": None}  # the rounds the loss plot holds
+    # the rounds the page holds (the loss plot's and the throughput's): its job, the job's
+    # creation time, its rows; each refresh asks the job only for the rounds after the last row
+    drawn: dict[str, Any] = {"job": None, "created": None, "rows": []}
 
     def update() -> None:
         src_now = source_of(scheduler)
@@ -213,16 +198,24 @@ def training_doc(scheduler: Any, extra: dict, doc: Any) -> None:
             select.options = names_now
             if select.value not in names_now:
                 select.value = names_now[-1]
-        snap = src_now.snapshot(select.value if select.value in names_now else None)
+        name = select.value if select.value in names_now else None
+        rows = drawn["rows"]
+        since = rows[-1][1] if rows and name is not None and name == drawn["job"] else None
+        snap = src_now.snapshot(name, since=since)
+        if snap is not None and since is not None and snap.created != drawn["created"]:
+            snap, since = src_now.snapshot(name), None  # the job started again under its name
         if snap is None:
             return
-        hist = snap.history
-        new = _new_rounds(drawn, snap)
-        if new is None:  # another job, or a history that does not continue the one drawn
-            src_rounds.data = {"round": [h[1] for h in hist], "loss": [h[2] for h in hist]}
-        elif new:
-            src_rounds.stream({"round": [h[1] for h in new], "loss": [h[2] for h in new]}, rollover=len(hist))
-        drawn.update(job=snap.job, created=snap.created, last=tuple(hist[-1][:2]) if hist else None)
+        if since is None:  # another job: its whole history
+            rows[:] = snap.history[-_PAGE_ROUNDS:]
+            src_rounds.data = {"round": [h[1] for h in rows], "loss": [h[2] for h in rows]}
+        elif snap.history:
+            new = snap.history[-_PAGE_ROUNDS:]
+            rows.extend(new)
+            del rows[: max(0, len(rows) - _PAGE_ROUNDS)]
+            src_rounds.stream({"round": [h[1] for h in new], "loss": [h[2] for h in new]}, rollover=_PAGE_ROUNDS)
+        drawn.update(job=snap.job, created=snap.created)
+        hist = rows
         ep = snap.epochs
         src_epochs.data = {
             "epoch": [e.get("epoch", i) for i, e in enumerate(ep)],

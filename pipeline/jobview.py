@@ -8,7 +8,7 @@ extension to the dashboard as its source.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -105,6 +105,21 @@ class JobSnapshot:
         return sum(k * v for k, v in self.staleness.items()) / n if n else 0.0
 
 
+def rounds_after(rows: Sequence[Sequence[Any]], since: int | None) -> list[list]:
+    """The history rows (``time, version, ...``, in version order) of versions above ``since``;
+    every row when ``since`` is None. Read from the newest back, so a page asking for the few
+    rounds since its last refresh costs those, not the whole history."""
+    if since is None:
+        return [list(r) for r in rows]
+    out = []
+    for r in reversed(rows):  # a list, tuple or deque
+        if r[1] <= since:
+            break
+        out.append(list(r))
+    out.reverse()
+    return out
+
+
 class JobSource(Protocol):
     """What the dashboard reads: the jobs of one scheduler's parameter server."""
 
@@ -112,9 +127,10 @@ class JobSource(Protocol):
         """Recently finished jobs (oldest first, those not running again), then running ones."""
         ...
 
-    def snapshot(self, job: str | None = None) -> JobSnapshot | None:
-        """``job`` (running or recently finished) with its round history; the most recent job
-        when ``job`` is None; None when there is no such job."""
+    def snapshot(self, job: str | None = None, since: int | None = None) -> JobSnapshot | None:
+        """``job`` (running or recently finished) with its round history (``since``: only the
+        rounds of later versions); the most recent job when ``job`` is None; None when there is
+        no such job."""
         ...
 
     def running(self) -> list[JobSnapshot]:

@@ -13,14 +13,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from pipeline.allocator import restore_mmap_threshold
 from pipeline.errors import PSError
-from pipeline.jobview import JobSnapshot
+from pipeline.jobview import JobSnapshot, rounds_after
 from pipeline.ps.job import Job
 from pipeline.ps.wire import check_job_id
 
@@ -397,7 +397,7 @@ class ParameterServerExtension(SchedulerPlugin):
         running = list(self.jobs) + list(self.sharded)
         return [f["job"] for f in self.finished if f["job"] not in running] + running
 
-    def snapshot(self, job: str | None = None) -> JobSnapshot | None:
+    def snapshot(self, job: str | None = None, since: int | None = None) -> JobSnapshot | None:
         if job is None:
             running = list(self.jobs) + list(self.sharded)
             if running:
@@ -407,12 +407,15 @@ class ParameterServerExtension(SchedulerPlugin):
             else:
                 return None
         if job in self.jobs:
-            return self.jobs[job].view(history=True)
+            return self.jobs[job].view(history=True, since=since)
         if job in self.sharded:
-            return self._sharded_view(self.sharded[job], history=True)
+            snap = self._sharded_view(self.sharded[job], history=True)
+            if snap is None or since is None:
+                return snap
+            return replace(snap, history=tuple(tuple(r) for r in rounds_after(snap.history, since)))
         for f in reversed(self.finished):
             if f["job"] == job:
-                return JobSnapshot.from_metrics(f)
+                return JobSnapshot.from_metrics({**f, "history": rounds_after(f.get("history", ()), since)})
         return None
 
     def finished_jobs(self) -> list[JobSnapshot]:

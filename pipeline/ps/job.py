@@ -28,7 +28,7 @@ from distributed.protocol.serialize import Serialized
 import pipeline.ps.shm as shmem
 from pipeline import fedagg
 from pipeline.errors import PSError
-from pipeline.jobview import JobSnapshot
+from pipeline.jobview import JobSnapshot, rounds_after
 from pipeline.optim import Schedule, ServerOptimizer
 from pipeline.privacy import (
     AdaptiveClip,
@@ -1318,8 +1318,9 @@ class Job:
 
     # -- what the outside sees ---------------------------------------------------------------
 
-    def metrics(self, history: bool = False) -> dict[str, Any]:
-        """The job's counters (msgpack-able); ``history``: with every round kept."""
+    def metrics(self, history: bool = False, since: int | None = None) -> dict[str, Any]:
+        """The job's counters (msgpack-able); ``history``: with every round kept (``since``: the
+        rounds of later versions only)."""
         out = {
             "job": self.job,
             "mode": self.mode,
@@ -1349,7 +1350,7 @@ class Job:
             **self._site_metrics(),
         }
         if history:
-            out["history"] = [list(h) for h in self.history]
+            out["history"] = rounds_after(self.history, since)
         return out
 
     def _site_metrics(self) -> dict[str, Any]:
@@ -1365,9 +1366,9 @@ class Job:
                 }
         return {}
 
-    def view(self, history: bool = False) -> JobSnapshot:
+    def view(self, history: bool = False, since: int | None = None) -> JobSnapshot:
         """The job's public, read-only snapshot (for the dashboard and Prometheus)."""
-        return JobSnapshot.from_metrics(self.metrics(history=history))
+        return JobSnapshot.from_metrics(self.metrics(history=history, since=since))
 
 
 def _decode_buffer(buffer: Mapping[str, Any], n_params: int, buffer_size: int) -> list:

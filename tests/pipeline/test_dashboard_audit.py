@@ -3,6 +3,7 @@ no NaN gauges, and only the new rounds sent to an open page while a long job tra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import urllib.request
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.dashboard import _rates, _summary_html, source_of, training_doc, watch
-from pipeline.jobview import JobSnapshot
+from pipeline.jobview import JobSnapshot, rounds_after
 
 
 def _history(n: int, every: float, samples: int = 100, t0: float = 1_000.0, v0: int = 1) -> list[tuple]:
@@ -108,14 +109,17 @@ class ListSource:
 
     def __init__(self) -> None:
         self.jobs: dict[str, JobSnapshot] = {}
+        self.asked: list[int] = []  # the versions the page asked for the rounds after
 
     def job_names(self) -> list[str]:
         return list(self.jobs)
 
-    def snapshot(self, job: str | None = None) -> JobSnapshot | None:
-        if job is None:
-            return next(reversed(self.jobs.values()), None)
-        return self.jobs.get(job)
+    def snapshot(self, job: str | None = None, since: int | None = None) -> JobSnapshot | None:
+        snap = next(reversed(self.jobs.values()), None) if job is None else self.jobs.get(job)
+        if snap is None or since is None:
+            return snap
+        self.asked.append(since)
+        return dataclasses.replace(snap, history=tuple(tuple(r) for r in rounds_after(snap.history, since)))
 
     def running(self) -> list[JobSnapshot]:
         return [s for s in self.jobs.values() if not s.closed]
@@ -170,6 +174,8 @@ def test_open_page_is_sent_only_the_new_rounds(page):
     sent.clear()
     refresh()
     assert sent == []  # nothing new, nothing sent
+    # the page asked the job only for the rounds after those it holds
+    assert src.asked == [4000, 5000], src.asked
 
 
 def test_page_draws_again_what_does_not_continue_the_plot(page):
@@ -177,10 +183,11 @@ def test_page_draws_again_what_does_not_continue_the_plot(page):
     hist = _history(300, 0.1)
     src.jobs["run-a"] = _snapshot("run-a", hist)
     refresh()
-    # the job's history kept only its newest rounds (the server's window rolled over)
+    # the job's history kept only its newest rounds (the server's window rolled over): the page
+    # keeps the rounds it holds and adds the new ones
     src.jobs["run-a"] = _snapshot("run-a", _history(250, 0.1, v0=101, t0=1_010.0) + _history(40, 0.1, 1, 1_035.0, 351))
     refresh()
-    assert list(loss.data["round"]) == list(range(101, 391))
+    assert list(loss.data["round"]) == list(range(1, 391))
     # the same name started again from an earlier checkpoint: drawn again, not appended to
     src.jobs["run-a"] = _snapshot("run-a", _history(20, 0.1, t0=2_000.0, v0=200), created=1_999.0)
     refresh()
