@@ -56,6 +56,9 @@ from bench import protocol
 from bench.common import load, local_cluster, md_table, mnist_like, run_pipeline, tmpdir, write_out
 
 CODECS = ("none", "fp16", "bf16", "topk", "int8")
+# the share of the entries top-k keeps in the cost measurements (server, handler, encoding) and the
+# projection; the configuration's default, ``TrainConfig.topk_fraction``, is 10 times that
+COST_TOPK_FRACTION = 0.01
 # accuracy runs: each codec, top-k at 1% ("topk") and at 10% (the default share), and the dense
 # codecs with the replies compressed too (``compress_replies``)
 DENSE = ("fp16", "bf16", "int8")
@@ -172,7 +175,7 @@ def server_cost(sizes: Sequence[int], pushers: Sequence[int], seconds: float) ->
         with local_cluster(nw) as client:
             for n in sizes:
                 for codec in CODECS:
-                    r = measure(client, nw, n, seconds, compression=codec)
+                    r = measure(client, nw, n, seconds, compression=codec, topk_fraction=COST_TOPK_FRACTION)
                     rows.append({"codec": codec, **{k: v for k, v in r.items() if k != "codec"}})
     return rows
 
@@ -255,15 +258,17 @@ def handler_cost(n: int, reps: int = 20) -> list[dict[str, Any]]:
     delta = (np.random.default_rng(0).standard_normal(n) * 1e-3).astype(np.float32)
     out = []
     for codec in CODECS:
-        wire = remote(compress(delta, codec, 0.01)[0])
+        wire = remote(compress(delta, codec, COST_TOPK_FRACTION)[0])
 
         async def go(wire: Any = wire, codec: str = codec) -> tuple[float, float]:
-            job = Job.create("cost", np.zeros(n, np.float32), n, mode="async", compression=codec, topk_fraction=0.01)
+            job = Job.create(
+                "cost", np.zeros(n, np.float32), n, mode="async", compression=codec, topk_fraction=COST_TOPK_FRACTION
+            )
             job.join("p")
             dec, tot = [], []
             for _ in range(reps):
                 t = time.thread_time()
-                decode_delta(wire, n, codec, 0.01)
+                decode_delta(wire, n, codec, COST_TOPK_FRACTION)
                 dec.append(time.thread_time() - t)
                 t = time.thread_time()
                 await job.push("p", job.version, wire, samples=1, loss=0.0)
@@ -273,6 +278,21 @@ def handler_cost(n: int, reps: int = 20) -> list[dict[str, Any]]:
         dec, tot = asyncio.run(go())
         out.append({"codec": codec, "params": n, "decode ms": 1e3 * dec, "whole handler ms": 1e3 * tot})
     return out
+
+
+def encode_note() -> str:
+    """The header of the encoding-cost table: what is timed, and at which top-k share."""
+    from pipeline.config import TrainConfig
+
+    share = f"top-k at {COST_TOPK_FRACTION:.0%} of the entries"
+    if COST_TOPK_FRACTION == TrainConfig().topk_fraction:
+        share += ", the default"
+    return (
+        "Per codec: the whole compressor a training task runs per push (residual added, delta encoded, "
+        "decoded copy, new residual), and the encoder alone beside the NumPy expression it replaced "
+        "(`kernels.codec`'s references; fp16: NumPy's `astype`), timed alternately; thread CPU time, best "
+        f"of the repetitions ({share})."
+    )
 
 
 def encode_cost(n: int, reps: int = 10) -> list[dict[str, Any]]:
@@ -286,7 +306,7 @@ def encode_cost(n: int, reps: int = 10) -> list[dict[str, Any]]:
     from pipeline.ps.wire import DeltaCompressor, topk_count
 
     delta = (np.random.default_rng(0).standard_normal(n) * 1e-3).astype(np.float32)
-    k = topk_count(n, 0.01)
+    k = topk_count(n, COST_TOPK_FRACTION)
     pairs = {
         "fp16": (lambda: to_half(delta), lambda: delta.astype(np.float16)),
         "bf16": (lambda: bf16_encode(delta), lambda: bf16_encode_reference(delta)),
@@ -300,7 +320,7 @@ def encode_cost(n: int, reps: int = 10) -> list[dict[str, Any]]:
 
     out = []
     for codec in CODECS[1:]:
-        comp = DeltaCompressor(codec, 0.01)
+        comp = DeltaCompressor(codec, COST_TOPK_FRACTION)
         comp(delta)  # loads the compiled loops; starts the residual
         whole, enc, ref = [], [], []
         for _ in range(reps):
@@ -720,10 +740,8 @@ def run(
     if payload.get("encode"):
         texts.append(
             "### What encoding a push costs the worker\n\n"
-            "Per codec: the whole compressor a training task runs per push (residual added, delta encoded, "
-            "decoded copy, new residual), and the encoder alone beside the NumPy expression it replaced "
-            "(`kernels.codec`'s references; fp16: NumPy's `astype`), timed alternately; thread CPU time, best "
-            "of the repetitions (top-k at the default 1%).\n\n"
+            + encode_note()
+            + "\n\n"
             + md_table(
                 payload["encode"],
                 {"params": ".0e", "worker ms/push (compressor)": ".2f", "encoder ms": ".2f", "NumPy encoder ms": ".2f"},

@@ -171,6 +171,19 @@ def cold_start_targets(results: Path = RESULTS, limit: float = 2.0) -> list[Targ
 VARIANTS = ("default", "ema=0")  # the pipeline's defaults, and the same without weight averaging
 
 
+def seed_cell(two: int | None, one: int | None) -> str:
+    """One seed's figure: 2 workers' epochs to the threshold over one process's, or which of the
+    two did not reach it (a ratio needs both; "not reached" alone would hide a 2-worker run that
+    reached the threshold when the one-process reference did not)."""
+    if two and one:
+        return f"{two / one:.2f}x"
+    if two:
+        return f"2 workers {two} epochs, one process not reached"
+    if one:
+        return f"2 workers not reached, one process {one} epochs"
+    return "neither reached"
+
+
 def statistical_efficiency_targets(results: Path = RESULTS, limit: float = 1.25) -> list[Target]:
     """Per dataset, the default settings and ``ema=0``, each from the newest full run that has it
     (runs of other settings tried, ``--variant local_steps=4`` etc., are not the target's)."""
@@ -189,10 +202,12 @@ def statistical_efficiency_targets(results: Path = RESULTS, limit: float = 1.25)
         ref = v["references"][variant]
         two = next(k for k in v["passes"][0]["results"] if k.startswith("2 ") and k.endswith(f"[{variant}]"))
         ratios: list[float | None] = []
+        cells: list[str] = []
         for p in v["passes"]:
             a, b = p["results"][two]["epochs_to_threshold"], p["results"][ref]["epochs_to_threshold"]
             ratios.append(a / b if a and b else None)
-        shown = " / ".join("not reached" if r is None else f"{r:.2f}x" for r in ratios) + " per seed"
+            cells.append(seed_cell(a, b))
+        shown = " / ".join(cells) + " per seed"
         if any(r is None for r in ratios):
             met = False
         else:
