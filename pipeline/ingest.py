@@ -149,6 +149,19 @@ _DOT_GROUPS_RE = r"^[+-]?[1-9]\d{0,2}(?:\.\d{3})+(?:,\d+)?$"
 # "1.234": a decimal point (1.234) or a dot thousands separator (1234), the text cannot tell
 _AMBIGUOUS_DOT_RE = r"^[+-]?[1-9]\d{0,2}\.\d{3}$"
 _DOT_GROUP_START_RE = r"^[+-]?[1-9]\d{0,2}\.\d{3}(?:$|[.,])"  # how both of these start
+# "1 234,5", "12 345 678", "1 234.5": no-break, narrow no-break or thin spaces separating thousands,
+# as spreadsheets in French, Nordic or Slavic locales write them; read as "1234,5", "12345678". A
+# plain space does so only where commas may be decimal (a delimiter other than ","), those locales'
+# files: in a comma file "800 600" may be two numbers of a text
+_GROUP_SPACES = "\u00a0\u202f\u2009"
+
+
+def _space_groups_re(plain: bool) -> tuple[str, str]:
+    """The regular expressions of a whole number grouped by spaces and of how one starts."""
+    sp = f"[{' ' if plain else ''}{_GROUP_SPACES}]"
+    return rf"^[+-]?[1-9]\d{{0,2}}(?:{sp}\d{{3}})+(?:[.,]\d+)?$", rf"^[+-]?[1-9]\d{{0,2}}{sp}\d{{3}}"
+
+
 DECIMAL_CHOICES = ("auto", "comma", "point")
 CSV_BLOCK = 8 * 2**20
 PARQUET_BUFFER = 2**20  # bytes of a Parquet column chunk read at a time
@@ -261,6 +274,12 @@ class _CsvLayout:
     detected: bool = False  # the delimiter was detected, not given
     encoding: str = "utf-8"  # text encoding of the file
     comment: str = ""  # lines starting with this are skipped ("" when it is the delimiter)
+    # first columns without a name (or named "Unnamed: 0" as pandas names such a column) holding
+    # increasing integers: the row labels pandas' to_csv and R's write.csv write (",a,b" over
+    # "0,...", "1,..."), no data
+    index: list[str] = field(default_factory=list)
+    # a last column without a name, empty in every line read: a delimiter ending each line ("a,b,")
+    trailing: str | None = None
 
     def describe(self) -> str:
         """The delimiter, as error messages show it: "delimiter ';' (detected)"."""
@@ -274,28 +293,70 @@ def _text_error(src: Path, exc: UnicodeDecodeError | None = None, encoding: str 
     bad = exc.object[exc.start : exc.start + 1].hex() if exc is not None and isinstance(exc.object, bytes) else "?"
     where = ""
     codec = "utf-8" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    # a byte 0x80-0x9f in a line that does not decode is Windows-1252 (the euro sign, curly quotes),
+    # which Latin-1 would read as control characters: the lines after the first bad one may tell
+    windows, first = False, None
     try:
         with _open_text_bytes(src) as f:
             for i, raw in enumerate(f, 1):
                 try:
                     raw.decode(codec)
                 except UnicodeDecodeError as e:
-                    where = f" on line {i}"
-                    bad = raw[e.start : e.start + 1].hex()
+                    if first is None:
+                        first, where, bad = i, f" on line {i}", raw[e.start : e.start + 1].hex()
+                    windows = re.search(rb"[\x80-\x9f]", raw) is not None
+                if windows or (first is not None and i - first >= 10_000):
                     break
     except (OSError, EOFError):
         pass
+    legacy, short = ("cp1252", "cp1252") if windows else ("latin-1", "latin1")
     return IngestError(
         f"{str(src)!r} is not {encoding} text: byte 0x{bad}{where} does not decode; re-encode the file as "
-        "UTF-8 (e.g. iconv -f latin1 -t utf-8) or pass its encoding with --text-encoding (e.g. latin-1)"
+        f"UTF-8 (e.g. iconv -f {short} -t utf-8) or pass its encoding with --text-encoding (e.g. {legacy})"
     )
 
 
 def _fields(line: str, delimiter: str) -> list[str]:
-    """The fields of one line; quoted fields may hold the delimiter."""
+    """The fields of one record; quoted fields may hold the delimiter and line breaks (a line
+    break outside quotes ends the record)."""
     if delimiter == " ":
         return line.split()
-    return next(csv.reader([line], delimiter=delimiter, quotechar='"', skipinitialspace=True), [])
+    rows = csv.reader(io.StringIO(line, newline=""), delimiter=delimiter, quotechar='"', skipinitialspace=True)
+    return next(rows, [])
+
+
+_MAX_RECORD_LINES = 1000  # lines a quoted field of the sniffed records may span (more: a stray quote)
+
+
+def _open_quote(line: str, inside: bool = False) -> bool:
+    """Whether ``line`` ends inside a quoted field (``inside``: it starts inside one), so that the
+    record goes on on the next line (Excel, pandas and databases quote a field holding a line
+    break). A quote opens a field only at its start (after the line start or one of ``, TAB ; |``,
+    and blanks after them), as the CSV parsers read it (``5" pipe`` and ``24 " screen`` hold a
+    quote); inside, ``""`` is a quote and a lone one closes the field."""
+    if '"' not in line:
+        return inside
+    start, i = not inside, 0
+    while i < len(line):
+        ch = line[i]
+        if inside:
+            if ch == '"':
+                if line[i + 1 : i + 2] == '"':
+                    i += 1
+                else:
+                    inside = False
+        elif ch == '"' and start:
+            inside = True
+        else:
+            if ch in ",;\t|\r\n":
+                start = True
+            elif ch != " ":  # a blank keeps what came before it
+                start = False
+            i += 1
+            continue
+        start = False
+        i += 1
+    return inside
 
 
 def _detect_delimiter(lines: list[str]) -> str:
@@ -328,11 +389,17 @@ def _is_header(rows: list[list[str]], numeric: Callable[[str], bool], missing: S
     number votes for; a column of repeated strings (categories, labels) votes for when its
     first field is none of them, against when it is one (only columns of at most a quarter as many
     distinct strings as lines vote, so a rare first value of a headerless file is not taken for a
-    name). A header-only file is a header when none of its fields is a number.
+    name). A header-only file is a header when none of its fields is a number. A first row of the
+    column positions ``0,1,2,...`` (or from 1; after an empty field, the index's name) is the header
+    pandas writes for a frame of an array (``pd.DataFrame(X).to_csv()``), unless a row below repeats it.
     """
     first, body = [v.strip() for v in rows[0]], rows[1:]
     if not body:
         return all(not numeric(v) for v in first)
+    positions = first[1:] if first[0] == "" else first
+    if len(positions) >= 3 and positions[0] in ("0", "1") and all([v.strip() for v in r] != first for r in body):
+        if positions == [str(j + int(positions[0])) for j in range(len(positions))]:
+            return True
     for_, against, some_numeric = 0, 0, False
     for j, v in enumerate(first):
         col = [r[j].strip() for r in body if j < len(r) and r[j].strip() not in missing]
@@ -365,13 +432,31 @@ def _sniff_csv(
     """The layout of a CSV source. ``expected``: column names the source should have (those of a
     ``like=`` store); a first line holding them all is the header. ``missing``: the missing-value
     tokens."""
-    lines: list[str] = []
+    lines: list[str] = []  # the first records (a quoted field may hold line breaks)
+    spans: list[int] = []  # the lines of the file each of them takes
     lead_hash: list[str] = []  # "#" lines before the first line: comments, or a "#"-prefixed header
     skip = 0
+    pending: list[str] = []  # the lines so far of a record whose quoted field holds a line break
+    sep_hint = None
     try:
         with _open_text(src, text_encoding) as text:
             for line in text:
+                if pending:
+                    pending.append(line)
+                    if _open_quote(line, inside=True) and len(pending) < _MAX_RECORD_LINES:
+                        continue
+                    lines.append("".join(pending).rstrip("\r\n"))
+                    spans.append(len(pending))
+                    pending = []
+                    if len(lines) >= 50:
+                        break
+                    continue
                 stripped = line.strip()
+                hint = re.fullmatch(r"sep=(.)", line.rstrip("\r\n")) if skip == 0 and not lines else None
+                if hint is not None and not lead_hash:  # Excel's first line "sep=;" names the delimiter
+                    sep_hint = hint.group(1)
+                    skip += 1
+                    continue
                 if not lines and (not stripped or (comment and stripped.startswith(comment))):
                     skip += 1 + len(lead_hash)
                     lead_hash = []
@@ -380,9 +465,16 @@ def _sniff_csv(
                     lead_hash.append(line.rstrip("\r\n"))
                     continue
                 if stripped and not (comment and stripped.startswith(comment)):
+                    if _open_quote(line):
+                        pending = [line]
+                        continue
                     lines.append(line.rstrip("\r\n"))
+                    spans.append(1)
                 if len(lines) >= 50:
                     break
+            if pending:  # the file ends inside a quoted field (the parser names the line)
+                lines.append("".join(pending).rstrip("\r\n"))
+                spans.append(len(pending))
     except UnicodeDecodeError as exc:
         raise _text_error(src, exc, text_encoding) from None
     except UnicodeError as exc:  # "UTF-16 stream does not start with BOM"
@@ -394,7 +486,7 @@ def _sniff_csv(
         raise IngestError(f"source {str(src)!r} is empty (no data lines); check the file")
     detected = delimiter is None
     if delimiter is None:
-        delimiter = _detect_delimiter(lines)
+        delimiter = sep_hint or _detect_delimiter(lines)
     else:
         delimiter = _delimiter_option(delimiter)
     if comment and comment == delimiter:  # "|2|x" with the delimiter "|": an empty first field, not a comment
@@ -405,6 +497,7 @@ def _sniff_csv(
         width = len(_fields(lines[0], delimiter))
         if width > 1 and len(_fields(lead_hash[-1], delimiter)) == width:  # "#id,a,label"
             lines.insert(0, lead_hash.pop()[1:])
+            spans.insert(0, 1)
             header = True
     skip += len(lead_hash)  # the other "#" lines are comments
     rows = [_fields(ln, delimiter) for ln in lines]
@@ -433,10 +526,31 @@ def _sniff_csv(
                 taken.add(f"{v}.{k}")
                 out.append(f"{v}.{k}")
             names = out
-        skip += 1
+        skip += spans[0]
     else:
         names = [f"c{j}" for j in range(len(first))]
-    return _CsvLayout(delimiter, bool(header), names, skip, decimal_comma, detected, text_encoding, comment)
+    body = rows[1:] if header else rows
+    width = len(names)
+    if header and body and all(len(r) == width + 1 and not r[-1].strip() for r in body):
+        names.append(next(f"c{j}" for j in range(width, 2 * width + 2) if f"c{j}" not in names))  # "a,b" over "1,2,"
+        width += 1
+    index: list[str] = []
+    for j, v in enumerate(first[: width - 2] if header and len(body) > 1 else []):  # a feature and a target stay
+        if v and not re.fullmatch(r"Unnamed: \d+", v):
+            break
+        labels = [r[j].strip() if j < len(r) else "" for r in body]
+        if not all(re.fullmatch(r"\d+", t) for t in labels) or any(
+            int(a) >= int(b) for a, b in zip(labels, labels[1:], strict=False)
+        ):
+            break
+        index.append(names[j])
+    trailing = None
+    if width > 2 and (not header or len(first) < width or not first[-1]) and body:
+        if all(len(r) == width and not r[-1].strip() for r in body):
+            trailing = names[-1]
+    return _CsvLayout(
+        delimiter, bool(header), names, skip, decimal_comma, detected, text_encoding, comment, index, trailing
+    )
 
 
 _WS_EDGES = re.compile(rb"(?m)^[ \t]+|[ \t]+(?=\r?$)")
@@ -471,12 +585,29 @@ class _CollapseWhitespace(io.RawIOBase):
         super().close()
 
 
-def _csv_batches(src: Path, layout: _CsvLayout, block_size: int | None = None) -> Iterator[pa.RecordBatch]:
+def _unnamed_left_out(layout: _CsvLayout, target: Any, drop: Sequence[Any], expected: Collection[str]) -> list[str]:
+    """The columns without a name that are no data of a CSV source (:attr:`_CsvLayout.index`,
+    :attr:`_CsvLayout.trailing`), as the index pandas writes is none of a Parquet file: left out
+    unless ``--target``, ``--drop`` or the ``like=`` store (``expected``) names them, and none when
+    ``--target`` or ``--drop`` gives a column by position (positions count every column of the file)."""
+    specs = [c for c in (target, *drop) if c is not None]
+    if any(str(c) not in layout.names and re.fullmatch(r"\s*-?\d+\s*", str(c)) for c in specs):
+        return []
+    named = {str(c) for c in specs} | set(expected)
+    return [c for c in (*layout.index, layout.trailing) if c is not None and c not in named]
+
+
+def _csv_batches(
+    src: Path, layout: _CsvLayout, block_size: int | None = None, empty: str | None = None
+) -> Iterator[pa.RecordBatch]:
+    """The record batches of a CSV source, every column as text. ``empty``: a column left out as
+    the trailing delimiter's (:attr:`_CsvLayout.trailing`), refused when a line holds a value in it."""
     import pyarrow.csv as pcsv
 
     comment = layout.comment
 
     bad: list[Any] = []
+    n_rows = 0
 
     def handler(row: Any) -> str:
         text = (row.text or "").strip()
@@ -498,7 +629,13 @@ def _csv_batches(src: Path, layout: _CsvLayout, block_size: int | None = None) -
                 encoding=layout.encoding,
             ),
             parse_options=pcsv.ParseOptions(
-                delimiter=layout.delimiter, quote_char='"', ignore_empty_lines=True, invalid_row_handler=handler
+                delimiter=layout.delimiter,
+                quote_char='"',
+                ignore_empty_lines=True,
+                invalid_row_handler=handler,
+                # a quoted field may hold a line break (Excel, pandas, databases); without this a file
+                # larger than a block stops with "CSV parser got out of sync with chunker"
+                newlines_in_values=True,
             ),
             convert_options=pcsv.ConvertOptions(
                 column_types={n: pa.string() for n in layout.names},
@@ -512,16 +649,29 @@ def _csv_batches(src: Path, layout: _CsvLayout, block_size: int | None = None) -
                 hit = pc.fill_null(pc.starts_with(first, pattern=comment), False)
                 if pc.any(hit).as_py():
                     b = b.filter(pc.invert(hit))
+            if empty is not None:
+                held = pc.not_equal(pc.utf8_trim_whitespace(b.column(empty)), "").to_numpy(zero_copy_only=False)
+                if held.any():
+                    i = int(np.argmax(held))
+                    raise IngestError(
+                        f"the last column of {str(src)!r} has no name and was empty in the first lines (a "
+                        f"delimiter ending each line), but data row {n_rows + i} (0-based) holds "
+                        f"{b.column(empty)[i].as_py()!r} in it; name it in the header, or leave it out with "
+                        f"--drop {len(layout.names) - 1}"
+                    )
+            n_rows += b.num_rows
             yield b
     except pa.ArrowInvalid as exc:
         if bad:
             row = bad[0]
-            line = _find_line(src, row.text)
-            where = f"line {line}" if line else "a line"
+            first, *more = re.split(r"\r\n|\r|\n", row.text)  # a quoted field may hold line breaks
+            line = _find_line(src, first)
+            where = (f"the record starting on line {line}" if more else f"line {line}") if line else "a line"
+            quote = "; a quote opening a field must close it" if more else ""
             raise IngestError(
                 f"ragged CSV: {where} of {str(src)!r} has {row.actual_columns} fields, expected "
                 f"{row.expected_columns} ({row.text[:60]!r}) with the {layout.describe()}; fix the row or "
-                "pass --delimiter"
+                f"pass --delimiter{quote}"
             ) from None
         if "UTF8" in str(exc) or "UTF-8" in str(exc):
             raise _text_error(src, None, layout.encoding) from None
@@ -777,6 +927,7 @@ def _parse(
     marks: bool = False,
     thousands_dot: bool = False,
     dot_marks: bool = False,
+    booleans: dict[str, str] | None = None,
 ) -> _Parsed:
     """Parse one batch of column ``name``. ``decimal_comma``: "1,5" is the number 1.5; otherwise a
     number may have thousands separators ("3,655"). ``thousands_dot`` (with ``decimal_comma``):
@@ -786,7 +937,9 @@ def _parse(
     numeric column of a ``like=`` store); None (pass 1): booleans are text, as in a CSV file.
     ``missing``: the missing-value tokens (default :data:`MISSING_TOKENS`; a NaN spelling is
     missing whatever they are). ``marks``: also find the numbers of each kind of :data:`_MARKS`
-    (:attr:`_Parsed.marks`), those with dots only with ``dot_marks``."""
+    (:attr:`_Parsed.marks`), those with dots only with ``dot_marks``. ``booleans``: how the ``like=``
+    store spells the booleans of this column (:func:`_boolean_spelling`), which booleans and their
+    text in another case (``TRUE``, ``True``, ``true``) take."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     n = len(arr)
@@ -801,11 +954,22 @@ def _parse(
             if max(abs(lo), abs(hi)) > _SAFE_INT:
                 raise big_integer_error(name, hi if abs(hi) > _SAFE_INT else lo)
         arr = pc.cast(arr, pa.float64(), safe=False)
+    if booleans is not None and pa.types.is_boolean(arr.type):
+        arr = pc.if_else(arr, booleans.get("true", "true"), booleans.get("false", "false"))
     numbers = pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)
     if (as_text and (numbers or pa.types.is_boolean(arr.type))) or (as_text is None and pa.types.is_boolean(arr.type)):
         arr = pc.cast(arr, pa.string())
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-        s = pc.fill_null(pc.utf8_trim_whitespace(arr), "")  # null -> "" (a missing token)
+        text = pc.fill_null(pc.utf8_trim_whitespace(arr), "")  # null -> "" (a missing token)
+        if booleans is not None:  # "TRUE" in a file whose store holds "true" (or the reverse)
+            low = pc.utf8_lower(text)
+            for word, spelt in booleans.items():
+                text = pc.if_else(pc.equal(low, word), spelt, text)
+        s = text
+        groups_re, start_re = _space_groups_re(plain=decimal_comma)
+        if pc.any(pc.match_substring_regex(text, start_re)).as_py():  # "1 234,5": 1234,5
+            grouped = pc.match_substring_regex(text, groups_re)
+            s = pc.if_else(grouped, pc.replace_substring_regex(text, f"[ {_GROUP_SPACES}]", ""), text)
         num_s = s
         thousands = None
         has_comma = pc.any(pc.match_substring(s, ",")).as_py()
@@ -843,8 +1007,8 @@ def _parse(
                 thousands = th.to_numpy(zero_copy_only=False)
                 num_s = pc.if_else(th, pc.replace_substring(s, ",", ""), s)
         tokens = pa.array(MISSING_TOKENS, pa.string()) if missing is None else missing
-        miss = pc.is_in(s, value_set=tokens).to_numpy(zero_copy_only=False)
-        miss = miss | pc.match_substring_regex(s, _NAN_RE).to_numpy(zero_copy_only=False)
+        miss = pc.is_in(text, value_set=tokens).to_numpy(zero_copy_only=False)
+        miss = miss | pc.match_substring_regex(text, _NAN_RE).to_numpy(zero_copy_only=False)
         try:
             vals = pc.cast(pc.if_else(pa.array(miss), None, num_s), pa.float64()).to_numpy(zero_copy_only=False)
             nonnum = np.zeros(n, bool)
@@ -862,7 +1026,7 @@ def _parse(
             if not (decimal_comma and thousands_dot):
                 kinds[_POINT] &= ~nonnum
             kinds = [k & ~miss for k in kinds]
-        return _Parsed(vals, miss | inf, nonnum, inf, s, None, thousands, _first_big(vals, num_s), kinds)
+        return _Parsed(vals, miss | inf, nonnum, inf, text, None, thousands, _first_big(vals, num_s), kinds)
     if pa.types.is_boolean(arr.type) or numbers:
         if pa.types.is_integer(arr.type) and arr.type.bit_width == 64 and len(arr) - arr.null_count:
             mm = pc.min_max(arr)
@@ -970,6 +1134,19 @@ def _clean_label(s: pa.Array) -> pa.Array:
     return pc.replace_substring_regex(s, r"\.$", "")
 
 
+def _boolean_spelling(categories: Sequence[Any] | None) -> dict[str, str] | None:
+    """How a store's categories (or classes) spell booleans, e.g. ``{"false": "FALSE", "true":
+    "TRUE"}``, when they are ``true``/``false`` in some case: Excel and R write ``TRUE``, pandas
+    ``True``, Spark and Parquet ``true``, and a file of one ingested like a store of another
+    holds the same values. None for other categories."""
+    if not categories:
+        return None
+    spelt = {str(c).lower(): str(c) for c in categories}
+    if set(spelt) - {"false", "true"} or len(spelt) != len(categories):
+        return None
+    return spelt
+
+
 @dataclass
 class _Options:
     """How to write, shared by table and array sources."""
@@ -1012,11 +1189,13 @@ def _profile_table(
     missing: pa.Array | None = None,
     thousands_dot: bool = False,
     dot_marks: bool = False,
+    booleans: dict[str, dict[str, str]] | None = None,
 ) -> tuple[dict[str, _ColumnProfile], int, int]:
     """Pass 1 over a table: the profile of each column, the rows read and the rows with a
     missing value (those ``--missing drop`` drops). ``as_text``: how to read each column (see
     :func:`_parse`; None for all: as the source's types say); ``missing``: the missing-value tokens;
-    ``thousands_dot``, ``dot_marks``: as :func:`_parse` takes them."""
+    ``thousands_dot``, ``dot_marks``: as :func:`_parse` takes them; ``booleans``: per column, as
+    :func:`_parse` takes it."""
     profiles = {c: _ColumnProfile(c) for c in columns}
     n_seen = 0
     n_drop = 0
@@ -1032,6 +1211,7 @@ def _profile_table(
                 marks=True,
                 thousands_dot=thousands_dot,
                 dot_marks=dot_marks,
+                booleans=(booleans or {}).get(c),
             )
             profiles[c].update(p, row0)
             drop_mask |= p.missing
@@ -1081,10 +1261,15 @@ def _ingest_table(
     # ---- pass 1: profile and validate -------------------------------------------------------
     training = opts.training
     as_text: dict[str, bool | None] = {}
+    booleans: dict[str, dict[str, str]] = {}  # columns of booleans, as the training store spells them
     if training is not None:  # read each column as the training store encodes it
         as_text = {e["name"]: e["kind"] != "numeric" for e in cols.encodings or []}
+        spelt = {e["name"]: _boolean_spelling(e.get("categories")) for e in cols.encodings or []}
         if cols.target is not None:
             as_text[cols.target] = training.target.get("kind") == "string"
+            if as_text[cols.target]:
+                spelt[cols.target] = _boolean_spelling(training.classes)
+        booleans = {c: b for c, b in spelt.items() if b is not None}
     # "auto" reads commas first as the delimiter suggests and dots as decimal points, then as the
     # numbers say (a second pass 1 only when they say otherwise: commas that separate thousands in a
     # semicolon or tab file, or dots that do beside decimal commas)
@@ -1094,7 +1279,9 @@ def _ingest_table(
 
     def profile() -> tuple[dict[str, _ColumnProfile], int, int]:
         prog = Progress(f"ingest {src.name}: pass 1/2", enabled=opts.progress)
-        return _profile_table(ranged(), cols.read, decimal_comma, prog, as_text, tokens, thousands_dot, dot_marks)
+        return _profile_table(
+            ranged(), cols.read, decimal_comma, prog, as_text, tokens, thousands_dot, dot_marks, booleans
+        )
 
     profiles, n_seen, n_drop = profile()
     decided = _decide_decimal(profiles, table, decimal_comma, thousands_dot, as_text)
@@ -1152,6 +1339,7 @@ def _ingest_table(
                     e["kind"] != "numeric",
                     tokens,
                     thousands_dot=thousands_dot,
+                    booleans=booleans.get(e["name"]),
                 )
                 if missing == "drop":
                     keep &= ~p.missing
@@ -1175,7 +1363,13 @@ def _ingest_table(
                     X[:, o] = np.where(unk, fill_code, codes)
             tpar = (
                 _parse(
-                    b.column(tcol), tcol, decimal_comma, target_plan.string_labels, tokens, thousands_dot=thousands_dot
+                    b.column(tcol),
+                    tcol,
+                    decimal_comma,
+                    target_plan.string_labels,
+                    tokens,
+                    thousands_dot=thousands_dot,
+                    booleans=booleans.get(tcol),
                 )
                 if tcol is not None
                 else None
@@ -2144,13 +2338,16 @@ def ingest(
                 layout = _sniff_csv(
                     path, delimiter, header, comment, text_encoding, expected, choices["missing_values"]
                 )
-                names = layout.names
+                left_out = _unnamed_left_out(layout, target, drop, expected)
+                names = [n for n in layout.names if n not in left_out]
                 source_attrs.update(delimiter=layout.delimiter, header=layout.header)
+                if left_out:
+                    source_attrs["left_out"] = left_out
                 if text_encoding != "utf-8":
                     source_attrs["text_encoding"] = text_encoding
 
                 def batches(columns: list[str]) -> Iterator[pa.RecordBatch]:
-                    return _csv_batches(path, layout)
+                    return _csv_batches(path, layout, empty=layout.trailing if layout.trailing in left_out else None)
 
                 table = _Table(path, batches, names, source_attrs, layout.decimal_comma, layout.describe(), **choices)
             else:

@@ -427,6 +427,16 @@ def table_labels(tp: _ColumnProfile, classify: bool = False) -> LabelProfile:
     )
 
 
+def _missing_values_hint(features: Sequence[str], profiles: dict[str, _ColumnProfile]) -> str:
+    """The ``--missing-values`` that would mark missing every text found in the numeric columns
+    (a spreadsheet's error values ``#N/A``, ``#DIV/0!``): the default list's ``?`` and ``NA`` and
+    them, so that one rerun does; "" when they are many or do not fit in the option's list."""
+    texts = sorted({t for c in features for t in profiles[c].nonnum_counts if profiles[c].n_num > profiles[c].n_nonnum})
+    if not texts or len(texts) > 10 or any(re.search(r"[,'\s]", t) for t in texts):
+        return ""
+    return f", or pass --missing-values '?,NA,{','.join(texts)}'"
+
+
 def plan_table(
     columns: Columns,
     profiles: dict[str, _ColumnProfile],
@@ -444,15 +454,17 @@ def plan_table(
     if n_out == 0:
         raise IngestError("every row has a missing value; use --missing impute")
     encodings = [dict(e) for e in columns.encodings or []]
+    given = {e["name"]: e for e in encodings}  # a dict: a search of the list per column is quadratic in width
     for c in columns.features:
         pr = profiles[c]
-        enc = next((e for e in encodings if e["name"] == c), None)
+        enc = given.get(c)
         numeric_expected = enc["kind"] == "numeric" if enc else (pr.n_nonnum == 0 or pr.n_num > pr.n_nonnum)
         if numeric_expected and pr.n_nonnum:
             r, v = pr.first_nonnum
             raise IngestError(
                 f"column {c!r} is numeric but has the non-numeric value {v!r} at {data_row(r)}; "
                 "fix the value or mark it missing (empty, ?, NA)"
+                + ("" if training is not None else _missing_values_hint(columns.features, profiles))
             )
         if numeric_expected and pr.first_big is not None:
             raise big_integer_error(c, pr.first_big[1])
