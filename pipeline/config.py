@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -41,6 +42,8 @@ MAX_WIDTH = 1 << 16
 MAX_PARAMS = 1 << 28
 MAX_SEED = (1 << 32) - 1  # seeds NumPy's generators, which take no negative seed
 MAX_PS_SHARDS = 64  # parameter-server shards (one worker each)
+# a decimal number without a digit on one side of its point (`.001`, `1.`, `5.e-4`), which TOML refuses
+_POINT_NUMBER = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 @dataclass
@@ -301,6 +304,14 @@ class TrainConfig:
         for key, ok, want in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' = {getattr(self, key)!r} is invalid: must be {want}")
+        # the weights between the hidden layers alone, whatever the data's features and outputs: refused
+        # here, before any path (a store's run, an estimator's fit in this process) allocates them
+        between = sum(a * b + b for a, b in zip(self.hidden[:-1], self.hidden[1:], strict=True))
+        if between > MAX_PARAMS:
+            raise ConfigError(
+                f"config key 'hidden' = {self.hidden} is invalid: {between:,} parameters between the hidden layers "
+                f"alone (limit {MAX_PARAMS:,}); use narrower layers"
+            )
         if self.ps_shards and self.compression != "none":
             # a sharded push slices the float32 delta by range; a compressed frame is not sliceable
             raise ConfigError(
@@ -472,7 +483,10 @@ class TrainConfig:
             try:
                 values[key] = tomllib.loads(f"v = {raw.strip()}")["v"]
             except tomllib.TOMLDecodeError:
-                values[key] = raw.strip()
+                # TOML wants digits on both sides of a decimal point; for a number key `lr=.001` and
+                # `lr=1.` are the numbers they spell, not the text '.001' it would refuse as text
+                number = _type_hints(TrainConfig).get(key) in (float, int, "float", "int")
+                values[key] = float(raw) if number and _POINT_NUMBER.fullmatch(raw.strip()) else raw.strip()
         return TrainConfig.from_dict(values, self)
 
     def to_dict(self) -> dict[str, Any]:

@@ -288,7 +288,20 @@ class Model:
             )
         if self.normalize:
             Xf = (Xf - self.mean) / self.std
-        return np.ascontiguousarray(Xf, dtype=np.float32)  # what the Numba kernels take
+        with np.errstate(over="ignore"):
+            X32 = np.ascontiguousarray(Xf, dtype=np.float32)  # what the Numba kernels take
+        # The network computes on float32 features, as training did: a finite value beyond float32's
+        # range became infinity there, and the outputs NaN (class 0, NaN probabilities): refused
+        if not np.isfinite(X32).all():
+            row, col = (int(v) for v in np.argwhere(~np.isfinite(X32))[0])
+            name = f" ({self.feature_names[col]!r})" if col < len(self.feature_names or []) else ""
+            scaled = f", {float(Xf[row, col]):g} after standardization" if self.normalize else ""
+            raise ValueError(
+                f"Input X contains a value too large for float32 (row {row}, feature {col}{name}: "
+                f"{float(X[row, col]):g}{scaled}); the model computes on float32 features, as it was trained: clip "
+                "or rescale that feature to the range of the training data"
+            )
+        return X32
 
     def outputs(self, X: Any) -> np.ndarray:
         """The network's float64 outputs for rows ``X`` (encoded like the training store): class
