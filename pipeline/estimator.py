@@ -376,6 +376,21 @@ def shutdown_local_cluster() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_float32_range(a: np.ndarray, name: str) -> None:
+    """Refuse a finite value beyond float32's range: stores and the kernels hold float32, where it
+    becomes infinity (a fit on the cluster then "diverged", a prediction gave NaN)."""
+    if a.dtype != np.float64 or not a.size:
+        return
+    big = np.abs(a) > np.finfo(np.float32).max
+    if big.any():
+        where = np.argwhere(big.reshape(len(a), -1))[0]
+        at = f"row {where[0]}" + (f", feature {where[1]}" if a.ndim == 2 else "")
+        raise ValueError(
+            f"Input {name} contains a value too large for float32 ({at}: {float(a[tuple(where[: a.ndim])]):g}); "
+            "the model trains and predicts on float32 values: clip or rescale it"
+        )
+
+
 def _is_path(X: Any) -> bool:
     return isinstance(X, str | os.PathLike)
 
@@ -732,6 +747,9 @@ class _BaseMLP(BaseEstimator):
             )
         if self._task == "regression" and y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
+        _check_float32_range(X, "X")
+        if self._task == "regression":
+            _check_float32_range(y, "y")
         return X, self._encode_y(y, reset_classes)
 
     def _check_columns(self, X: Any) -> None:

@@ -380,3 +380,27 @@ def test_fit_refuses_an_unknown_keyword_like_python():
     X, y = _data(40)
     with pytest.raises(TypeError, match="unexpected keyword argument 'epochs'"):
         MLPClassifier().fit(X, y, epochs=3)
+
+
+@pytest.mark.parametrize("cluster_min_rows", [0, 10_000])
+def test_values_beyond_float32_are_refused_before_training(cluster_min_rows):
+    """A finite value too large for float32 becomes infinity in the store and the kernels: the
+    cluster fit then "diverged" naming the learning rate. Refused at once, naming the cell, on both
+    paths, and nothing is fitted."""
+    X, y = _data(120)
+    X[5, 1] = 1e39
+    started = "cluster" in est_mod._local
+    clf = MLPClassifier(max_iter=1, cluster_min_rows=cluster_min_rows)
+    with pytest.raises(
+        ValueError, match=r"Input X contains a value too large for float32 \(row 5, feature 1: 1e\+39\)"
+    ):
+        clf.fit(X, y)
+    assert not hasattr(clf, "model_")
+    X[5, 1] = 0.5
+    target = X[:, 0].copy()
+    target[3] = -2e39
+    reg = MLPRegressor(max_iter=1, cluster_min_rows=cluster_min_rows)
+    with pytest.raises(ValueError, match=r"Input y contains a value too large for float32 \(row 3: -2e\+39\)"):
+        reg.fit(X, target)
+    assert not hasattr(reg, "model_")
+    assert ("cluster" in est_mod._local) == started  # refused before a cluster was started for it
