@@ -733,6 +733,132 @@ def _(t: Trial) -> Outcome:
     return t.cli("ingest", "d.parquet", "out.zarr")
 
 
+def _comma(v: float) -> str:
+    return str(v).replace(".", ",")
+
+
+@case("F81")
+def _(t: Trial) -> Outcome:
+    notes = ["plain", "two\nlines; here", 'said ""hi"",\r\nthen left']
+    t.write(
+        "notes.csv",
+        '"note";"x\n(cm)";label\r\n'
+        + "".join(f'"{notes[i % 3]}";{_comma(a)};{y}\r\n' for i, (a, _, y) in enumerate(_AB)),
+    )
+    out = t.cli("ingest", "notes.csv", "out.zarr", created={"out.zarr"})
+    st = _open(t)
+    assert st.n_rows == len(_AB) and st.attrs["source"]["delimiter"] == ";"
+    assert st.feature_names[-1] == "x\n(cm)" and len(st.attrs["encodings"][0]["categories"]) == 3
+    np.testing.assert_allclose(st.read_chunk(0)[0][:, -1], [a for a, _, _ in _AB])
+    return out
+
+
+@case("F82")
+def _(t: Trial) -> Outcome:
+    rows = [f"{a},{y}" for a, _, y in _AB]
+    rows[2] = '"' + rows[2]  # the quote opens a field that runs to the end of the file
+    t.write("stray.csv", "x,label\n" + "\n".join(rows) + "\n")
+    return t.cli("ingest", "stray.csv", "out.zarr")
+
+
+@case("F83")
+def _(t: Trial) -> Outcome:
+    # a no-break space, a narrow no-break space, and a plain space (a semicolon file)
+    prices = ["42\u00a0376,67", "1\u202f234,5", "2 500,25", "3,5", "999", "-12\u00a0000"]
+    (t.path / "fr.csv").write_text(
+        "prix;qte;label\n" + "".join(f"{p};{i};{y}\n" for i, (p, (*_, y)) in enumerate(zip(prices, _AB, strict=True))),
+        encoding="utf-8",
+    )
+    out = t.cli("ingest", "fr.csv", "out.zarr", created={"out.zarr"})
+    st = _open(t)
+    assert st.attrs["encodings"][0]["kind"] == "numeric" and st.feature_names == ["prix", "qte"]
+    np.testing.assert_allclose(st.read_chunk(0)[0][:, 0], [42376.67, 1234.5, 2500.25, 3.5, 999, -12000], rtol=1e-6)
+    return out
+
+
+@case("F84")
+def _(t: Trial) -> Outcome:
+    flag = [True, False, False, True, True, False]
+    churn = [y == "yes" for *_, y in _AB]
+    t.write(
+        "train.csv",
+        "x,flag,churn\n"
+        + "".join(f"{a},{str(f).upper()},{str(c).upper()}\n" for (a, *_), f, c in zip(_AB, flag, churn, strict=True)),
+    )
+    pq.write_table(pa.table({"x": [a for a, _, _ in _AB], "flag": flag, "churn": churn}), t.path / "test.parquet")
+    t.cli("ingest", "train.csv", "train.zarr", "--quiet")
+    out = t.cli("ingest", "test.parquet", "out.zarr", "--like", "train.zarr", created={"out.zarr"})
+    test, train = _open(t).read_chunk(0), _open(t, "train.zarr").read_chunk(0)
+    assert _open(t).attrs["source"]["unknown_categories"] == {}
+    np.testing.assert_array_equal(test[0], train[0])
+    np.testing.assert_array_equal(test[1], train[1])
+    return out
+
+
+@case("F85")
+def _(t: Trial) -> Outcome:
+    t.write("t.csv", ",x,k,label\n" + "".join(f"{i},{a},{i % 3},{y}\n" for i, (a, _, y) in enumerate(_AB)))
+    t.cli("ingest", "t.csv", "c0.zarr", "--target", "c0", "--quiet")
+    assert _open(t, "c0.zarr").attrs["target"]["name"] == "c0"  # named, the column counts
+    out = t.cli("ingest", "t.csv", "out.zarr", created={"out.zarr"})
+    st = _open(t)
+    assert st.feature_names == ["x", "k"] and st.attrs["target"]["name"] == "label"
+    return out
+
+
+@case("F86")
+def _(t: Trial) -> Outcome:
+    t.write("trail.csv", "x;k;label;\n" + "".join(f"{_comma(a)};{i % 3};{y};\n" for i, (a, _, y) in enumerate(_AB)))
+    out = t.cli("ingest", "trail.csv", "out.zarr", created={"out.zarr"})
+    st = _open(t)
+    assert st.attrs["target"]["name"] == "label" and st.feature_names == ["x", "k"] and st.n_rows == len(_AB)
+    return out
+
+
+@case("F87")
+def _(t: Trial) -> Outcome:
+    lines = [f"{_comma(a)};{i % 3};{y};\n" for i, (a, _, y) in enumerate(_AB * 10)]  # beyond the lines read first
+    t.write("trail.csv", "x;k;label;\n" + "".join(lines) + "1,5;2;yes;late\n")
+    t.cli("ingest", "trail.csv", "dropped.zarr", "--drop", "3", "--quiet")
+    assert _open(t, "dropped.zarr").n_rows == len(lines) + 1
+    out = t.cli("ingest", "trail.csv", "out.zarr")
+    assert out.message.endswith("--drop 3"), out.message
+    return out
+
+
+@case("F88")
+def _(t: Trial) -> Outcome:
+    t.write(
+        "excel.csv",
+        "sep=;\r\nx;k;label\r\n" + "".join(f"{_comma(a)};{i % 3};{y}\r\n" for i, (a, _, y) in enumerate(_AB)),
+    )
+    out = t.cli("ingest", "excel.csv", "out.zarr", created={"out.zarr"})
+    st = _open(t)
+    assert st.attrs["source"]["delimiter"] == ";" and st.feature_names == ["x", "k"] and st.n_rows == len(_AB)
+    return out
+
+
+@case("F89")
+def _(t: Trial) -> Outcome:
+    t.write("array.csv", ",0,1,2,3\n" + "".join(f"{i},{a},{b},{-a},{i % 2}\n" for i, (a, b, _) in enumerate(_AB)))
+    out = t.cli("ingest", "array.csv", "out.zarr", created={"out.zarr"})
+    st = _open(t)
+    assert st.attrs["source"]["header"] is True and st.n_rows == len(_AB)
+    assert st.feature_names == ["0", "1", "2"] and st.classes == ["0", "1"]
+    return out
+
+
+@case("F90")
+def _(t: Trial) -> Outcome:
+    a = [str(a) for a, _, _ in _AB]
+    b = [str(i % 3) for i in range(len(_AB))]
+    a[1], a[3], b[4] = "#DIV/0!", "#N/A", "#VALUE!"
+    t.write("sheet.csv", "a,b,label\n" + "".join(f"{a[i]},{b[i]},{y}\n" for i, (*_, y) in enumerate(_AB)))
+    t.cli("ingest", "sheet.csv", "read.zarr", "--missing-values", "?,NA,#DIV/0!,#N/A,#VALUE!", "--quiet")
+    assert _open(t, "read.zarr").attrs["source"]["missing_imputed"] == {"a": 2, "b": 1}
+    return t.cli("ingest", "sheet.csv", "out.zarr")
+
+
 @case("F15")
 def _(t: Trial) -> Outcome:
     (t.path / "mydata").mkdir()
@@ -949,6 +1075,23 @@ def _(t: Trial) -> Outcome:
 @case("C62")
 def _(t: Trial) -> Outcome:
     return _train_set(t, "--set", "secure_aggregation=true", "--set", "dp=central", "--set", "clip_quantile=0.5")
+
+
+@case("C97")
+def _(t: Trial) -> Outcome:
+    import tomllib
+
+    t.copy(t.shared.store4, "s.zarr")
+    sets = ("lr=.002", "epochs=1", "validation=0", "hidden=[8]")
+    out = t.cli("train", "s.zarr", "--out", "run", *(a for s in sets for a in ("--set", s)), "-q", created={"run"})
+    lr = tomllib.loads((t.path / "run" / "config.toml").read_text())["lr"]
+    assert lr == 0.002 and isinstance(lr, float), lr
+    return out
+
+
+@case("C98")
+def _(t: Trial) -> Outcome:
+    return _train_set(t, "--set", "hidden=[30000,30000]")
 
 
 for _id, _setting in {
@@ -2001,6 +2144,18 @@ def _(t: Trial) -> Outcome:
 @case("A29")
 def _(t: Trial) -> Outcome:
     return _fit(t, _X, np.stack([_Y, 1 - _Y], axis=1))
+
+
+@case("A30")
+def _(t: Trial) -> Outcome:
+    from pipeline.estimator import MLPClassifier
+
+    big = _X.copy()
+    big[2, 1] = 1e39
+    fitted = _fit(t, big, _Y)  # refused, and the estimator stays unfitted
+    assert fitted.exit == "ValueError" and "contains a value too large for float32" in fitted.message, fitted
+    clf = MLPClassifier(hidden_layer_sizes=(4,), max_iter=1, n_iter_no_change=0, random_state=0).fit(_X, _Y)
+    return t.call(lambda: clf.predict_proba(big))
 
 
 @case("A24")
