@@ -11,16 +11,19 @@ Every array argument of a launcher is a device array (``numba.cuda`` device arra
 with ``__cuda_array_interface__``); launchers never copy to the host except the losses, which
 return the scalar mean loss. Matrix products use a tiled shared-memory GEMM of our own
 (transposes and ragged edges handled in the tile loads), or cuBLAS through CuPy when ``cupy`` is
-importable on a real GPU. Element-wise kernels use grid-stride loops.
+importable on a real GPU (a product of more rows than a grid holds, over ~1M, is done in strips of
+rows). Element-wise kernels use grid-stride loops. Launchers may be called from several threads
+at once (a worker with a thread per GPU): each thread's losses accumulate on its own device.
 
 Importing this module never touches the driver. On a machine without a GPU, :func:`require`
 (called by ``kernels.get_backend("cuda")``) raises ``BackendUnavailable``; with
 ``NUMBA_ENABLE_CUDASIM=1`` everything runs on Numba's CUDA simulator (slowly: keep shapes small),
-where launches use small blocks and tiles.
+where launches use small blocks and tiles and the threads of a process take turns to launch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import threading
@@ -38,6 +41,7 @@ SIM = bool(config.ENABLE_CUDASIM)
 TILE = 8 if SIM else 16  # GEMM tile edge (threads per block = TILE * TILE)
 TPB = 32 if SIM else 256  # threads per block of the element-wise kernels
 MAX_BLOCKS = 1 if SIM else 1024  # grid-stride loops cover the rest
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's y dimension: the tiled GEMM's row blocks
 IDENTITY, SIGMOID, TANH, RELU, LEAKY_RELU, STEP = range(6)
 _CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
 
@@ -89,6 +93,20 @@ def _simulator_shared_arrays_thread_safe() -> None:
 
 if SIM:
     _simulator_shared_arrays_thread_safe()
+
+# Numba's simulator runs one kernel at a time per process (a second launch from another thread
+# fails inside the simulator) and, while a kernel runs, rebinds this module's global ``cuda`` to
+# its in-kernel fake, which another thread allocating through it would get. Under the simulator
+# the threads of one process (a worker with a thread per GPU) therefore take turns for every
+# launch and allocation. Real GPUs take launches from any thread: no lock there.
+_SIM_LOCK: Any = threading.RLock() if SIM else contextlib.nullcontext()
+
+
+def _launch(kernel: Any, grid: Any, block: Any, *args: Any) -> None:
+    """``kernel[grid, block](*args)``, one thread at a time under the simulator."""
+    with _SIM_LOCK:
+        kernel[grid, block](*args)
+
 
 _UNAVAILABLE = (
     "CUDA backend unavailable: no usable CUDA GPU/driver; install a GPU driver, "
@@ -156,24 +174,27 @@ def _blocks(n: int) -> int:
 def empty(shape: tuple[int, ...] | int, dtype: Any) -> Any:
     """An uninitialised device buffer."""
     require()
-    return cuda.device_array(shape, dtype=dtype)
+    with _SIM_LOCK:
+        return cuda.device_array(shape, dtype=dtype)
 
 
 def zeros(shape: tuple[int, ...] | int, dtype: Any) -> Any:
     """A zeroed device buffer."""
     require()
-    arr = cuda.device_array(shape, dtype=dtype)
+    with _SIM_LOCK:
+        arr = cuda.device_array(shape, dtype=dtype)
     flat = arr.reshape(arr.size) if arr.ndim != 1 else arr
-    _fill_k[_blocks(arr.size), TPB](flat, 0)
+    _launch(_fill_k, _blocks(arr.size), TPB, flat, 0)
     return arr
 
 
 def to_device(arr: np.ndarray, out: Any = None) -> Any:
     """Copy a host array to the device (into ``out`` when given, same dtype required)."""
     require()
-    if out is None:
-        return cuda.to_device(np.ascontiguousarray(arr))
-    out.copy_to_device(np.ascontiguousarray(arr, dtype=out.dtype))
+    with _SIM_LOCK:
+        if out is None:
+            return cuda.to_device(np.ascontiguousarray(arr))
+        out.copy_to_device(np.ascontiguousarray(arr, dtype=out.dtype))
     return out
 
 
@@ -230,7 +251,8 @@ _GEMM = {np.dtype(np.float32): _make_gemm(numba.float32), np.dtype(np.float64): 
 @cuda.jit(device=True)
 def _apply(z, code, slope):
     if code == RELU:
-        return z if z > 0 else z * 0
+        # max(z, 0) as np.maximum: +0 for every z <= 0, NaN kept (z * 0 made NaN of -inf)
+        return slope - slope if z <= 0 else z  # slope - slope: +0 in the array's dtype
     if code == LEAKY_RELU:
         return z if z > 0 else z * slope
     if code == TANH:
@@ -267,7 +289,7 @@ def _act_bwd_k(dx, dy, y, code, slope):  # dx, dy, y: (B, O)
         g = dy[i, j]
         yy = y[i, j]
         if code == RELU:
-            g = g if yy > 0 else g * 0
+            g = g if yy > 0 else slope - slope  # +0, also for an infinite dy (g * 0 was NaN)
         elif code == LEAKY_RELU:
             g = g if yy > 0 else g * slope
         elif code == TANH:
@@ -405,15 +427,16 @@ def _adam_k(params, m, v, grad, b1, one_m_b1, b2, one_m_b2, step_size, bc2_sqrt,
 # ----------------------------------------------------------------------------------------------
 # launchers (same signatures as kernels.reference)
 
-_ACC: dict[str, Any] = {}
+_ACC = threading.local()  # .acc: this thread's loss accumulator, on its own GPU (bind_thread)
 
 
 def _acc() -> Any:
-    """The device float64 scalar the loss kernels accumulate into, zeroed."""
-    if "acc" not in _ACC:
-        _ACC["acc"] = cuda.device_array(1, dtype=np.float64)
-    acc = _ACC["acc"]
-    _fill_k[1, 1](acc, 0.0)
+    """The calling thread's device float64 scalar the loss kernels accumulate into, zeroed: one
+    per thread, so that the losses of concurrent training tasks (a thread per GPU) never mix."""
+    acc = getattr(_ACC, "acc", None)
+    if acc is None:
+        acc = _ACC.acc = empty(1, np.float64)
+    _launch(_fill_k, 1, 1, acc, 0.0)
     return acc
 
 
@@ -434,8 +457,14 @@ def gemm(
         ca, cb = _cupy.asarray(a), _cupy.asarray(b)
         _cupy.matmul(ca.T if trans_a else ca, cb.T if trans_b else cb, out=_cupy.asarray(out))
         return
+    rows = MAX_GRID_Y * TILE  # a grid's y dimension holds at most MAX_GRID_Y blocks of TILE rows
+    if m > rows:  # a batch of over ~1M rows: strips of rows, each a grid of its own
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            gemm(out[r0:r1], a[:, r0:r1] if trans_a else a[r0:r1], b, trans_a, trans_b)
+        return
     grid = ((n + TILE - 1) // TILE, (m + TILE - 1) // TILE)
-    _GEMM[np.dtype(out.dtype)][grid, (TILE, TILE)](out, a, b, bool(trans_a), bool(trans_b), m, n, kk)
+    _launch(_GEMM[np.dtype(out.dtype)], grid, (TILE, TILE), out, a, b, bool(trans_a), bool(trans_b), m, n, kk)
 
 
 def dense_forward(
@@ -469,7 +498,7 @@ def bias_backward(
     dout: Any,  # (B, O)
 ) -> None:
     """dbias = column sums of dout."""
-    _colsum_k[_blocks(dout.shape[1]), TPB](dbias, dout)
+    _launch(_colsum_k, _blocks(dout.shape[1]), TPB, dbias, dout)
 
 
 def bias_act_forward(
@@ -481,7 +510,7 @@ def bias_act_forward(
 ) -> None:
     """out = f(x + bias), fused."""
     dt = np.dtype(x.dtype).type
-    _bias_act_k[_blocks(x.size), TPB](out, x, bias, True, act_code(activation), dt(slope))
+    _launch(_bias_act_k, _blocks(x.size), TPB, out, x, bias, True, act_code(activation), dt(slope))
 
 
 def act_forward(
@@ -492,7 +521,7 @@ def act_forward(
 ) -> None:
     """out = f(x)."""
     dt = np.dtype(x.dtype).type
-    _bias_act_k[_blocks(x.size), TPB](out, x, x[0], False, act_code(activation), dt(slope))
+    _launch(_bias_act_k, _blocks(x.size), TPB, out, x, x[0], False, act_code(activation), dt(slope))
 
 
 def act_backward(
@@ -504,7 +533,7 @@ def act_backward(
 ) -> None:
     """dx = dy * f'(x) written in terms of y = f(x)."""
     dt = np.dtype(y.dtype).type
-    _act_bwd_k[_blocks(y.size), TPB](dx, dy, y, act_code(activation), dt(slope))
+    _launch(_act_bwd_k, _blocks(y.size), TPB, dx, dy, y, act_code(activation), dt(slope))
 
 
 def softmax(
@@ -512,7 +541,7 @@ def softmax(
     logits: Any,  # (B, O)
 ) -> None:
     """Row-wise softmax, max-shifted."""
-    _softmax_k[_blocks(logits.shape[0]), TPB](out, logits)
+    _launch(_softmax_k, _blocks(logits.shape[0]), TPB, out, logits)
 
 
 def softmax_cross_entropy(
@@ -522,7 +551,7 @@ def softmax_cross_entropy(
 ) -> float:
     """Mean softmax cross-entropy and its gradient, fused; returns the scalar to the host."""
     acc = _acc()
-    _softmax_ce_k[_blocks(logits.shape[0]), TPB](dlogits, logits, labels, acc)
+    _launch(_softmax_ce_k, _blocks(logits.shape[0]), TPB, dlogits, logits, labels, acc)
     return float(acc.copy_to_host()[0])
 
 
@@ -533,7 +562,7 @@ def bce_with_logits(
 ) -> float:
     """Mean binary cross-entropy with logits and its gradient, fused."""
     acc = _acc()
-    _bce_k[_blocks(logits.size), TPB](dlogits, logits, targets, acc)
+    _launch(_bce_k, _blocks(logits.size), TPB, dlogits, logits, targets, acc)
     return float(acc.copy_to_host()[0])
 
 
@@ -544,7 +573,7 @@ def mse_loss(
 ) -> float:
     """Mean squared error and its gradient, fused."""
     acc = _acc()
-    _mse_k[_blocks(pred.size), TPB](dpred, pred, target, acc)
+    _launch(_mse_k, _blocks(pred.size), TPB, dpred, pred, target, acc)
     return float(acc.copy_to_host()[0])
 
 
@@ -555,7 +584,7 @@ def l2_decay(
 ) -> None:
     """dparams += weight_decay * params."""
     dt = np.dtype(params.dtype).type
-    _l2_k[_blocks(params.size), TPB](dparams, params, dt(weight_decay))
+    _launch(_l2_k, _blocks(params.size), TPB, dparams, params, dt(weight_decay))
 
 
 def sgd_update(
@@ -566,7 +595,7 @@ def sgd_update(
 ) -> None:
     """params -= lr * (grad + wd * params)."""
     dt = np.dtype(params.dtype).type
-    _sgd_k[_blocks(params.size), TPB](params, grad, dt(lr), dt(weight_decay))
+    _launch(_sgd_k, _blocks(params.size), TPB, params, grad, dt(lr), dt(weight_decay))
 
 
 def momentum_update(
@@ -580,9 +609,8 @@ def momentum_update(
 ) -> None:
     """Heavy-ball / Nesterov momentum (PyTorch form)."""
     dt = np.dtype(params.dtype).type
-    _momentum_k[_blocks(params.size), TPB](
-        params, velocity, grad, dt(lr), dt(momentum), bool(nesterov), dt(weight_decay)
-    )
+    args = (params, velocity, grad, dt(lr), dt(momentum), bool(nesterov), dt(weight_decay))
+    _launch(_momentum_k, _blocks(params.size), TPB, *args)
 
 
 def rmsprop_update(
@@ -596,7 +624,8 @@ def rmsprop_update(
 ) -> None:
     """RMSprop (PyTorch form)."""
     dt = np.dtype(params.dtype).type
-    _rmsprop_k[_blocks(params.size), TPB](params, sq_avg, grad, dt(lr), dt(rho), dt(1 - rho), dt(eps), dt(weight_decay))
+    args = (params, sq_avg, grad, dt(lr), dt(rho), dt(1 - rho), dt(eps), dt(weight_decay))
+    _launch(_rmsprop_k, _blocks(params.size), TPB, *args)
 
 
 def _adam_launch(params, m, v, grad, lr, beta1, beta2, eps, t, wd, decay) -> None:
@@ -605,7 +634,10 @@ def _adam_launch(params, m, v, grad, lr, beta1, beta2, eps, t, wd, decay) -> Non
     dt = np.dtype(params.dtype).type
     step_size = lr / (1 - beta1**t)
     bc2_sqrt = math.sqrt(1 - beta2**t)
-    _adam_k[_blocks(params.size), TPB](
+    _launch(
+        _adam_k,
+        _blocks(params.size),
+        TPB,
         params,
         m,
         v,
