@@ -66,7 +66,7 @@ def _bias_act(out, x, bias, code, slope):  # out, x: (B, O); bias: (O,)
         elif code == RELU:
             for j in range(o):
                 z = x[i, j] + bias[j]
-                out[i, j] = z if z > zero else zero
+                out[i, j] = zero if z <= zero else z  # NaN stays NaN, as np.maximum(z, 0)
         elif code == LEAKY_RELU:
             for j in range(o):
                 z = x[i, j] + bias[j]

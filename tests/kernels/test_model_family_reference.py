@@ -367,3 +367,19 @@ def test_hidden_layers_beyond_the_parameter_limit_are_refused_by_the_config():
         TrainConfig().with_overrides(["hidden=[8, 20000, 20000]"])
     width = math.isqrt(MAX_PARAMS) - 1  # just inside the limit
     assert TrainConfig(hidden=[width, width]).hidden == [width, width]
+
+
+@pytest.mark.parametrize("name", ["numpy", "cpu"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_relu_of_nan_is_nan_as_np_maximum(name, fused):
+    """A NaN pre-activation (a diverged weight) stays NaN through relu, as np.maximum(z, 0) keeps
+    it, so the loss shows the divergence: made 0, it silenced the unit and hid the NaN weight."""
+    K = get_backend(name)
+    x = np.array([[np.nan, -1.0, 2.0, -0.0]], np.float32)
+    out = np.empty_like(x)
+    if fused:
+        K.bias_act_forward(out, x.copy(), np.zeros(4, np.float32), "relu", 0.0)
+    else:
+        K.act_forward(out, x.copy(), "relu", 0.0)
+    assert np.isnan(out[0, 0])
+    np.testing.assert_array_equal(out[0, 1:], [0.0, 2.0, 0.0])
