@@ -103,9 +103,12 @@ def save_file(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray],
     record.update(kind=kind, format_version=FORMAT_VERSION, sha256=_digest(arrays))
     payload = dict(arrays)
     payload[_META] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _not_written(path, kind, exc) from None
     try:
         os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as fh:
@@ -113,10 +116,28 @@ def save_file(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray],
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _not_written(path, kind, exc) from None
         raise
     return path
+
+
+def _not_written(path: Path, kind: str, exc: OSError) -> CheckpointError:
+    """The one-line error of a write of ``path`` that failed (a full disk, a file size limit, a
+    directory made read-only): the file there before, if any, is whole and kept (the write went
+    to a temporary, removed). A run stopped by it resumes from the checkpoint kept."""
+    why = exc.strerror or type(exc).__name__
+    if path.is_file():
+        kept = f"the {kind} written before is kept"
+        again = "then continue the run with --resume" if kind == "checkpoint" else "and write it again"
+    else:
+        kept, again = "nothing was written", "and try again"
+    return CheckpointError(
+        f"cannot write {kind} file {str(path)!r} ({why}); {kept}: free space on its disk or make "
+        f"{str(path.parent)!r} writable, {again}"
+    )
 
 
 def _looks_like_text(data: bytes) -> bool:
@@ -145,6 +166,16 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
     return meta if isinstance(meta.get("sha256"), str) else None
 
 
+class UnreadableFileError(CheckpointError):
+    """A file at a checkpoint's or model's path that is not a whole one of this program
+    (truncated, damaged, another file): ``problem`` says which, without the fix the message
+    ends with for one loaded by its path; resuming a run names its own fix (pipeline.train)."""
+
+    def __init__(self, message: str, problem: str = "") -> None:
+        super().__init__(message)
+        self.problem = problem or message
+
+
 def load_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read a file written by :func:`save_file`; refuse a wrong kind, version or checksum."""
     path = Path(path)
@@ -155,28 +186,30 @@ def load_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray]
             data = fh.read()
         if not data.startswith(b"PK"):  # not a zip: np.load would take it for a pickle
             what = "a text file" if _looks_like_text(data) else "not a NumPy .npz archive"
-            raise CheckpointError(
-                f"{str(path)!r} is not a {kind} file of this project ({what}); pass the run "
-                f"directory or the {'model.npz' if kind == 'model' else 'checkpoint.npz'} it holds"
+            problem = f"{str(path)!r} is not a {kind} file of this project ({what})"
+            raise UnreadableFileError(
+                f"{problem}; pass the run directory or the {'model.npz' if kind == 'model' else 'checkpoint.npz'} "
+                "it holds",
+                problem,
             )
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         if "allow_pickle" in str(exc):
-            raise CheckpointError(
+            raise UnreadableFileError(
                 f"{kind} file {str(path)!r} holds pickled Python objects, which are never loaded; "
                 f"it is not a {kind} of this project"
             ) from None
-        raise CheckpointError(f"{kind} file {str(path)!r} is unreadable or truncated ({exc})") from None
+        raise UnreadableFileError(f"{kind} file {str(path)!r} is unreadable or truncated ({exc})") from None
     raw = arrays.pop(_META, None)
     if raw is None:
-        raise CheckpointError(f"{str(path)!r} is not a {kind} file of this project (no metadata)")
+        raise UnreadableFileError(f"{str(path)!r} is not a {kind} file of this project (no metadata)")
     try:
         meta = json.loads(raw.tobytes().decode())
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{kind} file {str(path)!r} has corrupted metadata") from None
+        raise UnreadableFileError(f"{kind} file {str(path)!r} has corrupted metadata") from None
     if meta.get("kind") != kind:
-        raise CheckpointError(f"{str(path)!r} holds a {meta.get('kind')!r}, not a {kind}")
+        raise UnreadableFileError(f"{str(path)!r} holds a {meta.get('kind')!r}, not a {kind}")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(
@@ -184,7 +217,8 @@ def load_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray]
             f"project reads up to {FORMAT_VERSION}: upgrade the project to load it"
         )
     if meta.get("sha256") != _digest(arrays):
-        raise CheckpointError(f"{kind} file {str(path)!r} failed its checksum (corrupted); use an earlier checkpoint")
+        problem = f"{kind} file {str(path)!r} failed its checksum (corrupted)"
+        raise UnreadableFileError(f"{problem}; use an earlier checkpoint", problem)
     return arrays, meta
 
 

@@ -429,12 +429,12 @@ def _check_resume_trains(out: str, cfg: Any, quiet: bool) -> None:
 
 def _check_resume_matches(store: str, out: str, cfg: Any) -> None:
     """Refuse, before a cluster starts, to resume the epoch run in ``out`` (or, ``cfg.clients``
-    set, its run of simulated clients) with another model config or on other data than its
-    checkpoint's (the trainer checks again when it reads it)."""
+    set, its run of simulated clients) with another model config, on other data or with other
+    validation rows than its checkpoint's (the trainer checks again when it reads it)."""
     from pipeline.checkpoint import read_meta
     from pipeline.errors import CheckpointError
     from pipeline.store import open_store
-    from pipeline.train import RunDir, build_spec, resume_mismatch, store_stats
+    from pipeline.train import RunDir, build_spec, epoch_plan_mismatch, holdout_mismatch, resume_mismatch, store_stats
 
     path = RunDir(Path(out)).checkpoint
     meta = read_meta(path)  # its record only: the run reads (and checks) the whole file
@@ -444,6 +444,8 @@ def _check_resume_matches(store: str, out: str, cfg: Any) -> None:
         return  # not a checkpoint, or another kind of run: resuming says what it is
     opened = open_store(store)
     problem = resume_mismatch(meta, build_spec(opened, cfg)[0], store_stats(opened), path, store)
+    problem = problem or holdout_mismatch(meta.get("config") or {}, cfg, path)
+    problem = problem or epoch_plan_mismatch(meta, cfg, path)
     if problem is not None:
         raise CheckpointError(problem)
 
@@ -986,7 +988,34 @@ def _run_row(run_dir: Path) -> tuple[dict | None, str | None]:
         "val_loss": saved.get("val_loss"),
         "val_metric": saved.get("val_accuracy", saved.get("val_r2")),
         "samples_per_s": epochs[-1].get("samples_per_s") if epochs else None,
-    }, None
+    }, _resumed_note(run, len(epochs), unit)
+
+
+def _resumed_note(run: Any, listed: int, unit: str) -> str | None:
+    """What `pipeline runs` says of a listed run (its model.npz and history.json, of ``listed``
+    epochs or rounds) that a resume is training now, or that a resume of an epoch run stopped
+    before writing its own (its checkpoint is further on): the row is the model of the run
+    before that resume."""
+    from pipeline.checkpoint import read_meta
+
+    where, owner = repr(str(run.path)), run.owner()
+    if owner is not None:
+        return (
+            f"run directory {where} is training again ({owner}): listed is the model it saved after {listed} "
+            f"{unit}(s); its new model.npz is written when the run ends"
+        )
+    meta = read_meta(run.checkpoint) if run.written_here("checkpoint.npz") else None
+    # an epoch run's checkpoint counts the epochs its history records (a federated run's, its
+    # rounds, of which its history may record only those it evaluated: not compared)
+    done = meta.get("epoch") if meta is not None and not meta.get("federated") else None
+    if not isinstance(done, int) or done <= listed:
+        return None
+    store = str(meta.get("store") or "STORE")
+    return (
+        f"run directory {where} holds an interrupted resume: its checkpoint is after {done} {unit}(s), its listed "
+        f"model.npz and history.json after {listed}; continue it with `pipeline train {store} --out {run.path} "
+        f"--resume`, or write the model of its best {unit} so far with `... --resume --set {unit}s={done}`"
+    )
 
 
 @cli.command()

@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.checkpoint import Checkpoint, load_file, read_checkpoint, read_meta, write_checkpoint
+from pipeline.checkpoint import (
+    Checkpoint,
+    UnreadableFileError,
+    load_file,
+    read_checkpoint,
+    read_meta,
+    write_checkpoint,
+)
 from pipeline.config import TOML_HEADER, TrainConfig
 from pipeline.errors import (
     CheckpointError,
@@ -186,6 +193,87 @@ def resume_mismatch(meta: dict[str, Any], spec: dict, stats: dict[str, Any], pat
     if problem is None:
         return None
     return f"checkpoint {where} was trained on {problem}; resume with {trained_on}, {fresh}"
+
+
+def _validated_on(config: dict[str, Any]) -> str:
+    """The validation rows a run's ``config`` (a config dict) names, as a resume refusal says them."""
+    if config.get("validation_store"):
+        return f"validation_store {config['validation_store']!r}"
+    if not config.get("validation"):
+        return "no held-out rows (validation = 0)"
+    return f"validation = {config['validation']:g} (the rows seed = {config.get('seed', 0)} holds out)"
+
+
+def holdout_mismatch(was: dict[str, Any], cfg: TrainConfig, path: Path) -> str | None:
+    """Why the run whose checkpoint at ``path`` was saved with the config ``was`` cannot resume
+    with ``cfg``'s validation rows; None when it can. Another validation store, or other rows
+    of the store held out (``validation``, or the ``seed`` that draws them), would train on rows
+    the run validated on (or validate on rows it trained on), and its best epoch so far was
+    chosen on the old rows: its loss is not comparable with the new ones'."""
+    now = cfg.to_dict()
+    if any(k not in was for k in ("validation_store", "validation", "seed")):
+        return None  # a config of an earlier version: not checked
+    old_store, new_store = was["validation_store"], now["validation_store"]
+    if old_store or new_store:
+        same = bool(old_store and new_store) and os.path.realpath(old_store) == os.path.realpath(new_store)
+        differ = [] if same else ["validation_store"]
+    else:
+        held = was["validation"] and now["validation"]  # the rows held out are drawn by the seed
+        differ = [k for k in ("validation", *(("seed",) if held else ())) if was[k] != now[k]]
+    if not differ:
+        return None
+    import shlex
+
+    shown = {k: shlex.quote(was[k]) if isinstance(was[k], str) else json.dumps(was[k]) for k in differ}
+    back = " ".join(f"--set {k}={v}" for k, v in shown.items())
+    return (
+        f"checkpoint {str(path)!r} was validated on {_validated_on(was)}, not {_validated_on(now)}: the resumed run "
+        "would train on rows it validated on (or the other way round) and compare its best epoch's loss with "
+        f"other rows'; resume with {back} (or without setting {' and '.join(differ)}), or start a new run "
+        f"(another --out, or --force to replace {str(path.parent)!r})"
+    )
+
+
+# the settings that decide an epoch's tasks and the rows of each minibatch (with the thread count,
+# which a resumed epoch keeps): a resume within an epoch skips the batches its tasks pushed
+_EPOCH_PLAN_KEYS = ("mode", "batch_size", "rows_per_task", "shuffle_chunks", "seed", "min_share_gflop")
+
+
+def epoch_plan_mismatch(meta: dict[str, Any], cfg: TrainConfig, path: Path) -> str | None:
+    """Why the checkpoint at ``path`` (its ``meta`` record), taken partway through an epoch,
+    cannot be resumed with ``cfg``; None when it can (or it was taken between epochs). Its
+    finished tasks are known by name and its unfinished ones skip the minibatches they pushed:
+    another mode (sync shares against async tasks), batch size, task size, shuffle or seed
+    plans other tasks and batches, which would train some of the epoch's rows twice (and count
+    them twice in its record) or never."""
+    was = meta.get("config")
+    if not isinstance(was, dict) or meta.get("federated"):
+        return None
+    epoch = meta.get("epoch")
+    started = meta.get("done_tasks") or any(str(k).startswith(f"e{epoch}-") for k in meta.get("progress") or {})
+    if not isinstance(epoch, int) or not started:
+        return None
+    now = cfg.to_dict()
+
+    def plans(k: str, v: Any) -> Any:  # async and ssp epochs plan the same tasks
+        return v == "sync" if k == "mode" else v
+
+    differ = [k for k in _EPOCH_PLAN_KEYS if k in was and plans(k, was[k]) != plans(k, now[k])]
+    if not differ:
+        return None
+    import shlex
+
+    def shown(v: Any) -> str:  # as --set takes it
+        return shlex.quote(v) if isinstance(v, str) else json.dumps(v)
+
+    changes = " and ".join(f"{k} = {shown(was[k])} -> {shown(now[k])}" for k in differ)
+    back = " ".join(f"--set {k}={shown(was[k])}" for k in differ)
+    return (
+        f"checkpoint {str(path)!r} was taken partway through epoch {epoch + 1}, planned with the settings it "
+        f"started with ({changes}): resumed so, some of its rows would be trained twice or never; finish that "
+        f"epoch first with `--resume --set epochs={epoch + 1}` (with {back}, or without setting "
+        f"{' and '.join(differ)}), then resume with the new settings and --set epochs={was.get('epochs', 'N')}"
+    )
 
 
 def task_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -639,6 +727,12 @@ class RunDir:
                 federated = isinstance(meta.get("federated"), dict)  # it counts rounds, not epochs
                 if federated and meta["federated"].get("sites"):
                     store = f"--sites {store}"  # a federated run: its sites file
+            except UnreadableFileError as exc:
+                return (
+                    f"run directory {where} holds a damaged checkpoint and no model.npz ({exc.problem}): nothing "
+                    f"to use or resume; restore its checkpoint.npz from a copy, or move checkpoint.npz out of "
+                    f"{where} and start the run again with --force"
+                )
             except (CheckpointError, KeyError, TypeError, ValueError):
                 return None
             unit = "round" if federated else "epoch"
@@ -678,9 +772,25 @@ class RunDir:
             (self.path / name).unlink(missing_ok=True)
 
     def write_json(self, path: Path, data: Any) -> None:
+        self.write_text(path, json.dumps(data, indent=1, default=_json_default))
+
+    def write_text(self, path: Path, text: str) -> None:
+        """Write ``text`` to ``path`` whole or not at all (a temporary renamed over it): a write
+        that fails (a full disk, a directory made read-only) leaves the file there before, which
+        a resumed run reads and :meth:`written_here` knows, never half of one; one line says so."""
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            kept = f"the {path.name} written before is kept" if path.is_file() else "nothing was written"
+            again = "continue the run with --resume" if self.written_here("checkpoint.npz") else "start it again"
+            raise TrainingError(
+                f"cannot write {str(path)!r} ({exc.strerror or type(exc).__name__}); {kept}: free space on its "
+                f"disk or make {str(self.path)!r} writable, then {again}"
+            ) from None
 
 
 def _hostname() -> str:
@@ -1169,7 +1279,7 @@ class Trainer:
         # a resume at another noise or dp cannot account the checkpoint's rounds: refused
         # before its config is saved (_create_job goes on from the privacy they spent)
         self._spent(ckpt)
-        self.run.config.write_text(cfg.to_toml())
+        self.run.write_text(self.run.config, cfg.to_toml())
         self.plan(run.n_threads)
         plan = self.epoch_plan
         ps = self._server()
@@ -1274,7 +1384,10 @@ class Trainer:
         model = Model.from_training(
             self.store, self.spec, self.target, run.best.params, cfg, run.history, run.best.epoch
         )
-        model.save(self.run.model)
+        try:
+            model.save(self.run.model)
+        except CheckpointError as exc:  # a full disk: the checkpoint holds the whole run
+            raise CheckpointError(f"{exc} (`--resume` writes the model of the run's checkpoint)") from None
         history_doc = {
             "job": self.job,
             "installed_by": installed_by,
@@ -1799,8 +1912,13 @@ class Trainer:
 
     def _load_checkpoint(self) -> Checkpoint:
         path = self.run.checkpoint
-        ckpt = read_checkpoint(path)
+        try:
+            ckpt = read_checkpoint(path)
+        except UnreadableFileError as exc:
+            raise damaged_checkpoint(self.run.path, exc) from None
         problem = resume_mismatch(ckpt.meta, self.spec, store_stats(self.store), path, self.store_path)
+        problem = problem or holdout_mismatch(ckpt.config, self.cfg, path)
+        problem = problem or epoch_plan_mismatch(ckpt.meta, self.cfg, path)
         if problem is not None:
             raise CheckpointError(problem)
         was = ckpt.config.get("server_optimizer", self.cfg.server_optimizer)
@@ -1822,9 +1940,23 @@ class Trainer:
         return ckpt
 
 
+def damaged_checkpoint(run_dir: Path, exc: UnreadableFileError) -> CheckpointError:
+    """The refusal to resume the run in ``run_dir`` whose checkpoint ``exc`` found damaged: a
+    run directory keeps one checkpoint, so the fix is a copy of it or a new start (``--force``
+    replaces a checkpoint only when it can tell it is this program's)."""
+    where = repr(str(run_dir))
+    return CheckpointError(
+        f"cannot resume the run in {where}: {exc.problem}; restore its checkpoint.npz from a copy, or move "
+        f"checkpoint.npz out of {where} and start the run again with --force"
+    )
+
+
 def resumed_config(out: str | os.PathLike) -> TrainConfig:
     """The configuration saved in the checkpoint of run directory ``out``."""
-    _, meta = load_file(RunDir(Path(out)).checkpoint, "checkpoint")
+    try:
+        _, meta = load_file(RunDir(Path(out)).checkpoint, "checkpoint")
+    except UnreadableFileError as exc:
+        raise damaged_checkpoint(Path(out), exc) from None
     return TrainConfig.from_dict(meta["config"])
 
 
