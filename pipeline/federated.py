@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.checkpoint import read_checkpoint, write_checkpoint
+from pipeline.checkpoint import UnreadableFileError, read_checkpoint, write_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.errors import CheckpointError, ConfigError, PipelineError, StoreError, TrainingError
 from pipeline.fedclient import evaluate_client, evaluate_clients, fit_client, fit_clients, site_info
@@ -90,6 +90,8 @@ from pipeline.train import (
     build_spec,
     changed,
     check_backend,
+    damaged_checkpoint,
+    holdout_mismatch,
     let_job_tasks_stop,
     privacy_settings,
     resume_mismatch,
@@ -337,7 +339,7 @@ class FederatedTrainer:
         # refused before the config is saved when the checkpoint's rounds cannot be accounted
         spent, released = (ckpt.meta.get("privacy"), int(ckpt.version)) if ckpt else (None, 0)
         spent = resumed_privacy(spent, cfg.dp, cfg.noise_multiplier, rate, released)
-        self.run.config.write_text(cfg.to_toml())
+        self.run.write_text(self.run.config, cfg.to_toml())
         ps = ParameterServer(self.job, client)
         ps.create(
             params,
@@ -1247,7 +1249,10 @@ class FederatedTrainer:
 
     def _load_checkpoint(self) -> Any:
         path = self.run.checkpoint
-        ckpt = read_checkpoint(path)
+        try:
+            ckpt = read_checkpoint(path)
+        except UnreadableFileError as exc:
+            raise damaged_checkpoint(self.run.path, exc) from None
         fed = ckpt.meta.get("federated")
         if not isinstance(fed, dict):
             raise CheckpointError(
@@ -1603,7 +1608,10 @@ class SimulatedTrainer(FederatedTrainer):
 
     def _load_checkpoint(self) -> Any:
         path = self.run.checkpoint
-        ckpt = read_checkpoint(path)
+        try:
+            ckpt = read_checkpoint(path)
+        except UnreadableFileError as exc:
+            raise damaged_checkpoint(self.run.path, exc) from None
         fed = ckpt.meta.get("federated")
         if not isinstance(fed, dict) or fed.get("clients") is None:
             raise CheckpointError(
@@ -1617,6 +1625,7 @@ class SimulatedTrainer(FederatedTrainer):
         # the store at that path ingested again with other rows: refused as an epoch run's resume is
         # (checkpoints of earlier versions record no statistics: checked on the model only)
         problem = resume_mismatch(ckpt.meta, build_spec(self.store, self.cfg)[0], self.stats, path, self.store_path)
+        problem = problem or holdout_mismatch(ckpt.config, self.cfg, path)
         if problem is not None:
             raise CheckpointError(problem)
         return ckpt

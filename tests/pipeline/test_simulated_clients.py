@@ -55,6 +55,16 @@ def test_simulated_clients_train_resume_and_keep_their_partition(letter_stores, 
         train(
             letter_stores[0], cfg.with_overrides(["rounds=7", "partition_alpha=2.0"]), run, client=client, resume=True
         )
+    # and so is one holding out other validation rows, as for an epoch run
+    config_before = (run / "config.toml").read_bytes()
+    with pytest.raises(CheckpointError, match=r"was validated on validation = 0\.1 .*not validation = 0\.3"):
+        train(letter_stores[0], cfg.with_overrides(["rounds=7", "validation=0.3"]), run, client=client, resume=True)
+    assert (run / "config.toml").read_bytes() == config_before
+    # a damaged checkpoint is named with its fix
+    ckpt = run / "checkpoint.npz"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"cannot resume the run in .*restore its checkpoint\.npz from a copy"):
+        train(letter_stores[0], cfg.with_overrides(["rounds=7"]), run, client=client, resume=True)
 
 
 def test_asynchronous_simulated_clients_are_replaced_as_they_finish(letter_stores, client, tmp_path):
