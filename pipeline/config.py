@@ -42,6 +42,31 @@ MAX_WIDTH = 1 << 16
 MAX_PARAMS = 1 << 28
 MAX_SEED = (1 << 32) - 1  # seeds NumPy's generators, which take no negative seed
 MAX_PS_SHARDS = 64  # parameter-server shards (one worker each)
+# the keys only a federated run (sites or simulated clients) acts on: refused elsewhere unless at
+# their defaults (TrainConfig.check_federated_keys); server_tau also serves a plain run's fedadam,
+# adagrad or yogi server optimizer
+FEDERATED_KEYS = (
+    "partition",
+    "partition_alpha",
+    "partition_classes",
+    "partition_column",
+    "rounds",
+    "fraction_fit",
+    "min_clients",
+    "round_deadline",
+    "min_responses",
+    "local_epochs",
+    "min_sites",
+    "site_grace",
+    "eval_every",
+    "strategy",
+    "proximal_mu",
+    "aggregator",
+    "trim_fraction",
+    "krum_f",
+    "buffer_size",
+    "concurrency",
+)
 # a decimal number without a digit on one side of its point (`.001`, `1.`, `5.e-4`), which TOML refuses
 _POINT_NUMBER = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
@@ -513,6 +538,22 @@ class TrainConfig:
                 "run trains on a Dask cluster, whose workers take theirs from the nanny's environment: leave "
                 'blas_threads at 1 and set distributed.nanny.pre-spawn-environ (cluster/README.md, "BLAS threads"), '
                 "or train in this process (a store under cluster_min_rows rows, without --workers or --scheduler)"
+            )
+
+    def check_federated_keys(self) -> None:
+        """Refuse the keys only a federated run acts on (``sites`` or ``clients``: rounds,
+        sampling, strategy, robust aggregation, ...) set to other than their defaults in a run
+        that is not federated, where they would be silently ignored. A ConfigError names them."""
+        if self.sites or self.clients:
+            return
+        default = TrainConfig()
+        unused = [k for k in FEDERATED_KEYS if getattr(self, k) != getattr(default, k)]
+        if unused:
+            shown = ", ".join(f"{k} = {getattr(self, k)!r}" for k in unused)
+            raise ConfigError(
+                f"{shown}: {'this key applies' if len(unused) == 1 else 'these keys apply'} only to federated runs "
+                "(a sites file or clients = N), and this run is not federated: leave "
+                f"{'it' if len(unused) == 1 else 'them'} unset, or train federated (docs/federated.md)"
             )
 
     def to_toml(self) -> str:

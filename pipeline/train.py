@@ -1489,6 +1489,7 @@ class Trainer:
                 "momentum": cfg.server_momentum,
                 "beta1": cfg.server_beta1,
                 "beta2": cfg.server_beta2,
+                "tau": cfg.server_tau,  # fedadam, adagrad and yogi's adaptivity
                 "ema": cfg.ema,
             },
             schedule={
@@ -1982,6 +1983,8 @@ def train(
         cfg = resumed_config(out)
     if cfg is not None and (client is not None or cfg.sites or cfg.clients):
         cfg.check_on_cluster()  # federated and simulated runs start a cluster without a client
+    if cfg is not None:
+        cfg.check_federated_keys()  # a plain run would ignore them
     if cfg is not None and cfg.sites:
         if store:
             raise ConfigError(

@@ -1094,6 +1094,11 @@ def _(t: Trial) -> Outcome:
     return _train_set(t, "--set", "hidden=[30000,30000]")
 
 
+@case("C99")
+def _(t: Trial) -> Outcome:
+    return _train_set(t, "--set", "aggregator=median")
+
+
 for _id, _setting in {
     "C34": ("placement=federated",),
     "C35": ("sites=sites.toml", "clients=10"),
