@@ -1458,6 +1458,92 @@ def _(t: Trial) -> Outcome:
     return _predict_refused_before_connecting(t, "s.zarr", "run", "p.parquet")
 
 
+@case("M39")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    t.copy(t.shared.run, "run")  # trained with validation = 0
+    return t.cli(
+        "train",
+        "s.zarr",
+        "--out",
+        "run",
+        "--resume",
+        "--set",
+        "validation=0.3",
+        "--set",
+        "epochs=2",
+        "--scheduler",
+        t.shared.unreachable,
+        "--connect-timeout",
+        "1",
+    )
+
+
+@case("M40")
+def _(t: Trial) -> Outcome:
+    from pipeline.checkpoint import load_file, save_file
+
+    t.copy(t.shared.store4, "s.zarr")
+    run = t.copy(t.shared.run, "run")
+    # the driver killed in its first epoch, after one of its tasks finished: no model yet
+    (run / "model.npz").unlink()
+    (run / "history.json").unlink()
+    arrays, meta = load_file(run / "checkpoint.npz", "checkpoint")
+    tasks = sorted(task["name"] for task in meta["history"][0]["tasks"])
+    meta.update(epoch=0, history=[], done_tasks=tasks[:1], progress={}, best_epoch=-1, best_loss=1e300)
+    save_file(run / "checkpoint.npz", "checkpoint", arrays, meta)
+    return t.cli(
+        "train",
+        "s.zarr",
+        "--out",
+        "run",
+        "--resume",
+        "--set",
+        "batch_size=32",
+        "--scheduler",
+        t.shared.unreachable,
+        "--connect-timeout",
+        "1",
+    )
+
+
+def _damaged_checkpoint(t: Trial, name: str) -> None:
+    """A copy of the shared run as a killed driver leaves it (a checkpoint, no model or history
+    yet), its checkpoint then cut in half."""
+    run = t.copy(t.shared.run, name)
+    (run / "model.npz").unlink()
+    (run / "history.json").unlink()
+    ck = run / "checkpoint.npz"
+    ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])
+
+
+@case("M41")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    _damaged_checkpoint(t, "cut")
+    return t.cli("train", "s.zarr", "--out", "cut", "--resume", "--scheduler", t.shared.unreachable)
+
+
+@case("M42")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.run, "runs/good")
+    _damaged_checkpoint(t, "runs/cut")
+    t.before = snapshot(t.path)
+    r = CliRunner().invoke(cli, ["runs", "runs"])
+    assert r.exit_code == 0 and not r.stderr, r.output
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3 and lines[1].split()[:2] == ["runs/good", "1"], r.output  # the table: the good run
+    assert lines[2].startswith(
+        "run directory 'runs/cut' holds a damaged checkpoint and no model.npz (checkpoint file "
+        "'runs/cut/checkpoint.npz' is unreadable or truncated"
+    ), r.output
+    assert lines[2].endswith(
+        "nothing to use or resume; restore its checkpoint.npz from a copy, or move checkpoint.npz out of "
+        "'runs/cut' and start the run again with --force"
+    ), r.output
+    return Outcome("0", "")
+
+
 @case("M11")
 def _(t: Trial) -> Outcome:
     import pyarrow as pa
