@@ -3,13 +3,16 @@
 A model file (``model.npz``, written atomically and checksummed by :mod:`pipeline.checkpoint`)
 loads without a cluster: ``pipeline.load_model(path).predict(X)``. ``X`` holds rows encoded
 like the training store (what ``pipeline ingest --like`` produces); the model applies the
-store's normalization itself.
+store's normalization itself. One loaded model serves predictions from many threads at once
+(each borrows kernels of its own) and pickles whether or not it has predicted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +24,8 @@ from pipeline.errors import CheckpointError
 MODEL_FORMAT = 1
 # Rows of every product of the in-memory forward pass (Model._forward): one shape, one BLAS kernel.
 FORWARD_ROWS = 256
+# The fix for a model file whose metadata was edited or damaged (Model.load).
+_EDITED = "it was edited or damaged: use the file as training wrote it, or train the model again"
 # Sources whose target has no column name of its own: the program names it ("labels" or "x3" of
 # NumPy and IDX files, "y" of synthetic data and of the estimators' stores of in-memory arrays).
 _UNNAMED_TARGET_SOURCES = frozenset({"synthetic", "npy", "npz", "idx", "estimator"})
@@ -45,6 +50,28 @@ def record_of(history: list[dict], epoch: int | None) -> dict:
             if h.get("epoch", h.get("round")) == epoch:
                 return dict(h)
     return dict(history[-1]) if history else {}
+
+
+class _KernelPool:
+    """A model's forward-pass kernels, lent to one prediction at a time: as many are made as
+    predictions ever ran at once (a server's thread pool), and each is used again afterwards,
+    whichever thread asks (a server may start a thread per request)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[Any] = []
+
+    @contextlib.contextmanager
+    def borrow(self, make: Callable[[], Any]) -> Iterator[Any]:
+        with self._lock:
+            kernels = self._free.pop() if self._free else None
+        if kernels is None:
+            kernels = make()
+        try:
+            yield kernels
+        finally:
+            with self._lock:
+                self._free.append(kernels)
 
 
 @dataclass
@@ -74,7 +101,23 @@ class Model:
     # how the training data's text was read (pipeline.store.source_reading): the decimal mark and
     # the missing-value tokens, where ingest recorded them; None: not recorded
     reading: dict | None = None
+    # Forward-pass kernels, each lent to one prediction at a time (:class:`_KernelPool`): their
+    # buffers hold the rows being predicted, so requests served at once from several threads
+    # cannot share one. Never copied: a copy (dataclasses.replace, pickle) makes its own, for its
+    # own weights.
     _trainer: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._trainer = _KernelPool()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The model without its kernels (they hold modules, which do not pickle): a model that has
+        predicted can go to Dask workers, joblib or another process."""
+        return {k: v for k, v in self.__dict__.items() if k != "_trainer"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._trainer = _KernelPool()
 
     @classmethod
     def from_training(
@@ -149,13 +192,16 @@ class Model:
                     f"{run} --resume`"
                 )
         arrays, meta = load_file(p, "model")
-        if meta.get("model_format", 0) > MODEL_FORMAT:
+        fmt = meta.get("model_format", 0)
+        if not isinstance(fmt, int) or isinstance(fmt, bool):
+            raise CheckpointError(f"model file {p!r} has the model format {fmt!r}, not a number; " + _EDITED)
+        if fmt > MODEL_FORMAT:
             raise CheckpointError(
                 f"model file {p!r} has model format {meta.get('model_format')}; this version reads up "
                 f"to {MODEL_FORMAT}: upgrade the project to load it"
             )
         try:
-            return cls(
+            model = cls(
                 spec=meta["spec"],
                 params=arrays["params"],
                 task=meta["task"],
@@ -174,6 +220,60 @@ class Model:
             )
         except KeyError as exc:
             raise CheckpointError(f"model file {p!r} lacks {exc}; it is not a complete model") from None
+        problem = model._inconsistency()
+        if problem:
+            raise CheckpointError(f"model file {p!r} is not a consistent model: {problem}; " + _EDITED)
+        return model
+
+    def _inconsistency(self) -> str | None:
+        """What in a loaded model's record contradicts the rest (None: nothing). The checksum covers the
+        weights and statistics, not the metadata: an edited architecture, task or class list gave
+        a traceback at the first prediction, or wrong answers (a classifier's probabilities as
+        regression values, labels from another class list)."""
+        spec = self.spec
+        if not isinstance(spec, dict):
+            return f"its spec is {type(spec).__name__}, not a table"
+        keys = ("n_in", "hidden", "n_out", "activation", "loss")
+        missing = [k for k in keys if k not in spec]
+        if missing:
+            return f"its spec lacks {', '.join(missing)}"
+        widths = [spec["n_in"], spec["n_out"], *(spec["hidden"] if isinstance(spec["hidden"], list) else [None])]
+        if not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+            shown = f"n_in={spec['n_in']!r}, hidden={spec['hidden']!r}, n_out={spec['n_out']!r}"
+            return f"its spec has the layer widths {shown}"
+        from kernels.mlp import MLPSpec
+
+        try:
+            mlp = MLPSpec(**{**spec, "hidden": tuple(spec["hidden"])})
+        except (TypeError, ValueError) as exc:
+            return f"its spec is not a network ({exc})"
+        params, mean, std = (np.asarray(a) for a in (self.params, self.mean, self.std))
+        if params.shape != (mlp.n_params,):
+            return f"its spec {mlp.sizes} needs {mlp.n_params:,} weights, the file holds {params.size:,}"
+        if mean.shape != (mlp.n_in,) or std.shape != (mlp.n_in,):
+            return f"its spec has {mlp.n_in} features, its feature statistics {mean.size}"
+        if self.feature_names and len(self.feature_names) != mlp.n_in:
+            return f"its spec has {mlp.n_in} features, its feature names {len(self.feature_names)}"
+        if not isinstance(self.normalize, bool):
+            return f"normalize is {self.normalize!r}, not true or false"
+        if self.task == "classification":
+            if mlp.loss == "mse":
+                return "it is a classifier with the regression loss mse"
+            if self.classes is not None and not isinstance(self.classes, list):
+                return f"its class list is {self.classes!r}, not a list of {mlp.n_out} names"
+            if self.classes is not None and len(self.classes) != mlp.n_out:
+                return f"it has {len(self.classes)} class name(s) for {mlp.n_out} outputs"
+        elif self.task == "regression":
+            if mlp.loss != "mse":
+                return f"it is a regression model with the classification loss {mlp.loss}"
+            t = self.target
+            scaling = [t.get(k) for k in ("mean", "std")] if isinstance(t, dict) else [None]
+            fits = all(v is not None and np.ndim(v) <= 1 and np.size(v) == mlp.n_out for v in scaling)
+            if t is not None and not fits:
+                return f"its target scaling {t!r} does not have {mlp.n_out} means and standard deviations"
+        else:
+            return f"its task is {self.task!r}, not classification or regression"
+        return None
 
     # -- inference -------------------------------------------------------------------------
 
@@ -198,27 +298,32 @@ class Model:
         and a 1-row product is a matrix-vector one) and those kernels sum in other orders, so a
         row's last bits would otherwise depend on how many rows came with it (a store's chunk, a
         Dask block, one row)."""
-        if self._trainer is None:
-            from kernels.mlp import MLPSpec, MLPTrainer
-
-            self._trainer = MLPTrainer(
-                MLPSpec(**{**self.spec, "hidden": tuple(self.spec["hidden"])}),
-                backend="numpy",
-                params=np.asarray(self.params, dtype=np.float64),
-                max_batch=FORWARD_ROWS,
-                dtype=np.float64,
-            )
+        if not isinstance(self._trainer, _KernelPool):  # set to None by hand
+            self._trainer = _KernelPool()
         X = np.asarray(X, dtype=np.float64)
         n = X.shape[0]
         out = np.empty((n, int(self.spec["n_out"])), dtype=np.float64)
-        for a in range(0, n, FORWARD_ROWS):
-            b = min(n, a + FORWARD_ROWS)
-            block = X[a:b]
-            if b - a < FORWARD_ROWS:
-                block = np.zeros((FORWARD_ROWS, X.shape[1]), dtype=np.float64)
-                block[: b - a] = X[a:b]
-            out[a:b] = self._trainer.forward(block)[: b - a]
+        with self._trainer.borrow(self._new_kernels) as trainer:
+            for a in range(0, n, FORWARD_ROWS):
+                b = min(n, a + FORWARD_ROWS)
+                block = X[a:b]
+                if b - a < FORWARD_ROWS:
+                    block = np.zeros((FORWARD_ROWS, X.shape[1]), dtype=np.float64)
+                    block[: b - a] = X[a:b]
+                out[a:b] = trainer.forward(block)[: b - a]
         return out
+
+    def _new_kernels(self) -> Any:
+        """The float64 NumPy reference kernels of this model's weights, for :meth:`_forward`."""
+        from kernels.mlp import MLPSpec, MLPTrainer
+
+        return MLPTrainer(
+            MLPSpec(**{**self.spec, "hidden": tuple(self.spec["hidden"])}),
+            backend="numpy",
+            params=np.asarray(self.params, dtype=np.float64),
+            max_batch=FORWARD_ROWS,
+            dtype=np.float64,
+        )
 
     def _features_hint(self) -> str:
         """The model's encoded features, and how to get rows encoded that way."""
@@ -256,6 +361,13 @@ class Model:
                 f"the columns of X are the model's features in another order ({short(names)}); select them in the "
                 f"model's order ({short(ours)}), e.g. X[model.feature_names]"
             )
+        extra = [n for n in names if n not in set(ours)]
+        if not set(ours) - set(names) and len(names) == len(set(names)):
+            # every feature is there, beside others (an id, the target, a timestamp of the request)
+            raise ValueError(
+                f"X has columns that are not the model's features ({short(extra)}); select the model's features, "
+                "in its order: X[model.feature_names]"
+            )
         raise ValueError(
             f"the columns of X ({short(names)}) are not the model's features ({short(ours)}); give the model's "
             "encoded features, or ingest the raw rows with `pipeline ingest SRC NEW.zarr --like TRAIN_STORE "
@@ -264,7 +376,23 @@ class Model:
 
     def transform_features(self, X: Any) -> np.ndarray:
         self._check_column_names(X)
+        if isinstance(X, Mapping) or (isinstance(X, list | tuple) and X and isinstance(X[0], Mapping)):
+            # np.asarray makes no rows of them (shape () or (n,)): say how to make some
+            raise ValueError(
+                f"X is {'a dict' if isinstance(X, Mapping) else 'a list of dicts'}; give rows as a 2-D array or a "
+                "DataFrame with the model's features in its order, e.g. pandas.DataFrame(X)[model.feature_names]"
+            )
+        if isinstance(X, str | os.PathLike):
+            raise ValueError(
+                f"X is a path ({os.fspath(X)!r}), not rows; predict a store's rows with `pipeline predict MODEL STORE "
+                "OUT.parquet`, or give them as an array: pipeline.store.open_store(path).X[:]"
+            )
         X = np.asarray(X)
+        if X.ndim == 1 and X.shape[0] == self.n_features:
+            raise ValueError(
+                f"expected rows of {self.n_features} features, got one row as a 1-D array of shape {X.shape}; "
+                "give it as a 2-D array of one row: X.reshape(1, -1) (a DataFrame: X.to_frame().T)"
+            )
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ValueError(
                 f"expected rows of {self.n_features} features, got shape {X.shape}: rows must hold "
@@ -273,9 +401,7 @@ class Model:
         try:
             Xf = X.astype(np.float64)
         except (TypeError, ValueError):
-            raise ValueError(
-                f"rows of dtype {X.dtype} are not numbers: rows must hold " + self._features_hint()
-            ) from None
+            Xf = self._object_rows(X)
         bad = ~np.isfinite(Xf)
         if bad.any():
             row, col = (int(v) for v in np.argwhere(bad)[0])
@@ -302,6 +428,26 @@ class Model:
                 "or rescale that feature to the range of the training data"
             )
         return X32
+
+    def _object_rows(self, X: np.ndarray) -> np.ndarray:
+        """Rows whose cells are not all numbers (a DataFrame of object or nullable columns) as
+        float64, missing cells (None, pandas.NA, NaT) as NaN, which :meth:`transform_features`
+        then refuses naming the cell; a cell that is text or another object is refused here,
+        named (they were "rows of dtype object are not numbers", a missing value among them too).
+        Reading stops at the first missing cell: the rows are refused at it, or at a NaN before it."""
+        Xf = np.full(X.shape, np.nan)
+        for (row, col), v in np.ndenumerate(X):
+            try:
+                Xf[row, col] = float(v)
+            except (TypeError, ValueError):
+                if v is None or type(v).__name__ in ("NAType", "NaTType"):
+                    return Xf
+                name = f" ({self.feature_names[col]!r})" if col < len(self.feature_names or []) else ""
+                raise ValueError(
+                    f"Input X holds {v!r} at row {row}, feature {col}{name}, which is not a number: rows must hold "
+                    + self._features_hint()
+                ) from None
+        return Xf
 
     def outputs(self, X: Any) -> np.ndarray:
         """The network's float64 outputs for rows ``X`` (encoded like the training store): class
