@@ -741,9 +741,9 @@ class _BaseMLP(BaseEstimator):
             )
         if not reset:
             self._check_columns(X)
-        with _one_line_errors(), self._store_order_rows(reset):
-            X, y = validate_data(
-                self, X, y, reset=reset, dtype=(np.float64, np.float32), multi_output=multi, y_numeric=multi
+        with _one_line_errors():
+            X, y = self._validate(
+                X, y, reset=reset, dtype=(np.float64, np.float32), multi_output=multi, y_numeric=multi
             )
         if self._task == "regression" and y.ndim == 2 and y.shape[1] == 1:
             y = y[:, 0]
@@ -774,17 +774,23 @@ class _BaseMLP(BaseEstimator):
             f"the model was fitted on {[str(n) for n in names]} (in this order); select X's columns in that order"
         )
 
-    @contextlib.contextmanager
-    def _store_order_rows(self, reset: bool) -> Iterator[None]:
-        """After a fit on a store, NumPy rows are the store's columns in order (as ``pipeline
-        predict`` and ``load_model`` take them): scikit-learn's warning that X has no feature names
-        is not given then; a DataFrame's names are still checked."""
-        if reset or not getattr(self, "_names_from_store", False):
-            yield
-            return
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
-            yield
+    def _validate(self, X: Any, y: Any = None, reset: bool = False, **check_params: Any) -> Any:
+        """scikit-learn's ``validate_data``, except that after a fit on a store NumPy rows are the
+        store's columns in order (as ``pipeline predict`` and ``load_model`` take them): they are
+        checked as ``validate_data`` checks them but for its warning that X has no feature names
+        (a DataFrame's names are still checked). No warning filter is changed: filters are the
+        process's, and predictions served from several threads would install or drop them under
+        each other."""
+        from sklearn.utils.validation import _check_n_features, _get_feature_names, check_array, check_X_y
+
+        if reset or not getattr(self, "_names_from_store", False) or _get_feature_names(X) is not None:
+            return validate_data(self, X, **({} if y is None else {"y": y}), reset=reset, **check_params)
+        if y is None:
+            out = X = check_array(X, input_name="X", estimator=self, **check_params)
+        else:
+            X, y = out = check_X_y(X, y, estimator=self, **check_params)
+        _check_n_features(self, X, reset=False)
+        return out
 
     def _validate_dask(self, X: Any, y: Any, reset: bool, reset_classes: bool) -> tuple[Any, Any]:
         import dask.array as da
@@ -1558,8 +1564,8 @@ class _BaseMLP(BaseEstimator):
         if _is_dask(X):
             X = X.compute()
         self._check_columns(X)
-        with _one_line_errors(), self._store_order_rows(reset=False):
-            return validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
+        with _one_line_errors():
+            return self._validate(X, reset=False, dtype=(np.float64, np.float32))
 
     def _by_rows(self, X: Any, f: Any) -> np.ndarray:
         """``f`` of the checked rows of ``X``. A Dask array is computed one row block at a time
