@@ -208,6 +208,8 @@ def load_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray]
         meta = json.loads(raw.tobytes().decode())
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise UnreadableFileError(f"{kind} file {str(path)!r} has corrupted metadata") from None
+    if not isinstance(meta, dict):  # valid JSON, but not the record this project writes
+        raise UnreadableFileError(f"{kind} file {str(path)!r} has corrupted metadata")
     if meta.get("kind") != kind:
         raise UnreadableFileError(f"{str(path)!r} holds a {meta.get('kind')!r}, not a {kind}")
     version = meta.get("format_version")

@@ -174,3 +174,13 @@ def test_a_version_1_checkpoint_resumes(tmp_path):
     assert res.history[2]["rounds"] > res.history[1]["rounds"]  # the server's round went on
     new = read_checkpoint(run / "checkpoint.npz")
     assert new.run.job == old.job and new.run.epoch == 3 and new.version == res.history[2]["rounds"]
+
+
+@pytest.mark.parametrize("meta", ["[1]", '"text"', "7", "null"])
+def test_metadata_that_is_json_but_no_record_is_corrupted_metadata(tmp_path, meta):
+    """A file's metadata edited into other JSON (a list, a string, a number) is named as
+    corrupted, not an AttributeError traceback."""
+    path = tmp_path / "model.npz"
+    np.savez(path, params=np.zeros(3, np.float32), __meta__=np.frombuffer(meta.encode(), np.uint8))
+    with pytest.raises(CheckpointError, match=r"model file .* has corrupted metadata$"):
+        load_file(path, "model")
