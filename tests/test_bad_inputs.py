@@ -1544,6 +1544,57 @@ def _(t: Trial) -> Outcome:
     return Outcome("0", "")
 
 
+def _edited_model(t: Trial, name: str, edit: Callable[[dict], object]) -> None:
+    """A copy of the shared run whose model file's metadata was changed by ``edit`` (as a text
+    editor would change it: the weights and their checksum are kept)."""
+    from pipeline.checkpoint import load_file, save_file
+
+    run = t.copy(t.shared.run, name)
+    arrays, meta = load_file(run / "model.npz", "model")
+    edit(meta)
+    save_file(run / "model.npz", "model", arrays, meta)
+
+
+@case("M43")
+def _(t: Trial) -> Outcome:
+    _edited_model(t, "edited", lambda meta: meta.__setitem__("task", "regression"))
+    t.copy(t.shared.store4, "s.zarr")
+    return t.cli("predict", "edited", "s.zarr", "p.zarr", "--scheduler", t.shared.unreachable, "--connect-timeout", "1")
+
+
+@case("M44")
+def _(t: Trial) -> Outcome:
+    from pipeline.errors import CheckpointError
+    from pipeline.model import load_model
+
+    _edited_model(t, "edited", lambda meta: meta["spec"].pop("hidden"))
+    t.copy(t.shared.store4, "s.zarr")
+    with pytest.raises(CheckpointError, match="its spec lacks hidden"):
+        load_model(t.path / "edited")
+    return t.cli("predict", "edited", "s.zarr", "p.zarr", "--scheduler", t.shared.unreachable, "--connect-timeout", "1")
+
+
+def _shared_rows(t: Trial, n: int) -> tuple[object, np.ndarray]:
+    """The shared run's model and the first ``n`` rows of its store."""
+    from pipeline.model import load_model
+    from pipeline.store import open_store
+
+    return load_model(t.shared.run), np.asarray(open_store(str(t.shared.store4)).X[:n])
+
+
+@case("M45")
+def _(t: Trial) -> Outcome:
+    model, X = _shared_rows(t, 3)
+    rows = [dict(zip(model.feature_names, map(float, row), strict=True)) for row in X]
+    return t.call(lambda: model.predict(rows))
+
+
+@case("M46")
+def _(t: Trial) -> Outcome:
+    model, X = _shared_rows(t, 1)
+    return t.call(lambda: model.predict(X[0]))
+
+
 @case("M11")
 def _(t: Trial) -> Outcome:
     import pyarrow as pa
