@@ -706,9 +706,7 @@ class _BaseMLP(BaseEstimator):
 
     def __getstate__(self) -> dict[str, Any]:
         # a copy: scikit-learn's is this estimator's own __dict__, which pickling must not change
-        state = dict(super().__getstate__())
-        if isinstance(state.get("model_"), Model):  # the cached kernel trainer does not pickle
-            state["model_"] = replace(state["model_"], _trainer=None)
+        state = dict(super().__getstate__())  # model_ pickles without its kernels (Model.__getstate__)
         if not isinstance(state.get("client"), str | type(None)):
             state["client"] = None  # a live Client does not pickle either (the estimator keeps it)
         return state
@@ -1551,7 +1549,7 @@ class _BaseMLP(BaseEstimator):
                 cfg.batch_size,
                 np.random.default_rng([cfg.seed, epoch]),
             )
-        self.model_ = replace(model, params=trainer.get_params().astype(np.float32), _trainer=None)
+        self.model_ = replace(model, params=trainer.get_params().astype(np.float32))
         self._opt_state = {"optimizer": cfg.optimizer, "state": local_state(trainer)}
         self.history_ = [*self.history_, {"epoch": epoch, "samples": len(X), "train_loss": float(loss)}]
         self.loss_curve_ = [*self.loss_curve_, float(loss)]
@@ -1680,7 +1678,7 @@ class _BaseMLP(BaseEstimator):
         for attr in ("fitted_on_", "ps_installed_by_"):  # where it trained, as a pickle keeps it
             if hasattr(self, attr):
                 meta[attr.rstrip("_")] = getattr(self, attr)
-        model = replace(self.model_, config={**self.model_.config, "estimator": meta}, _trainer=None)
+        model = replace(self.model_, config={**self.model_.config, "estimator": meta})
         parent = os.path.dirname(dest)
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".saving", dir=parent)

@@ -22,7 +22,6 @@ replaces an existing output only when it bears that mark, never a user's own dat
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -301,7 +300,6 @@ def model_outputs(
     loader standardizes nothing: the model does, with its own statistics, never the store's)."""
     from pipeline.loader import ChunkLoader
 
-    model = dataclasses.replace(model, _trainer=None)  # its own kernels' buffers: tasks run in threads
     loader = ChunkLoader(store, ranges=ranges, batch_size=4096, shuffle=False, normalize=False, labels=labels)
     try:
         for X, y in loader.epoch(0):

@@ -105,19 +105,19 @@ class Model:
     # buffers hold the rows being predicted, so requests served at once from several threads
     # cannot share one. Never copied: a copy (dataclasses.replace, pickle) makes its own, for its
     # own weights.
-    _trainer: Any = field(default=None, repr=False, compare=False)
+    _kernels: _KernelPool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._trainer = _KernelPool()
+        self._kernels = _KernelPool()
 
     def __getstate__(self) -> dict[str, Any]:
         """The model without its kernels (they hold modules, which do not pickle): a model that has
         predicted can go to Dask workers, joblib or another process."""
-        return {k: v for k, v in self.__dict__.items() if k != "_trainer"}
+        return {k: v for k, v in self.__dict__.items() if k != "_kernels"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._trainer = _KernelPool()
+        self._kernels = _KernelPool()
 
     @classmethod
     def from_training(
@@ -298,12 +298,10 @@ class Model:
         and a 1-row product is a matrix-vector one) and those kernels sum in other orders, so a
         row's last bits would otherwise depend on how many rows came with it (a store's chunk, a
         Dask block, one row)."""
-        if not isinstance(self._trainer, _KernelPool):  # set to None by hand
-            self._trainer = _KernelPool()
         X = np.asarray(X, dtype=np.float64)
         n = X.shape[0]
         out = np.empty((n, int(self.spec["n_out"])), dtype=np.float64)
-        with self._trainer.borrow(self._new_kernels) as trainer:
+        with self._kernels.borrow(self._new_kernels) as trainer:
             for a in range(0, n, FORWARD_ROWS):
                 b = min(n, a + FORWARD_ROWS)
                 block = X[a:b]

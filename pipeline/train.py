@@ -195,6 +195,13 @@ def resume_mismatch(meta: dict[str, Any], spec: dict, stats: dict[str, Any], pat
     return f"checkpoint {where} was trained on {problem}; resume with {trained_on}, {fresh}"
 
 
+def _set_value(v: Any) -> str:
+    """A config value as ``--set KEY=VALUE`` takes it (text quoted for the shell, else JSON)."""
+    import shlex
+
+    return shlex.quote(v) if isinstance(v, str) else json.dumps(v)
+
+
 def _validated_on(config: dict[str, Any]) -> str:
     """The validation rows a run's ``config`` (a config dict) names, as a resume refusal says them."""
     if config.get("validation_store"):
@@ -222,10 +229,7 @@ def holdout_mismatch(was: dict[str, Any], cfg: TrainConfig, path: Path) -> str |
         differ = [k for k in ("validation", *(("seed",) if held else ())) if was[k] != now[k]]
     if not differ:
         return None
-    import shlex
-
-    shown = {k: shlex.quote(was[k]) if isinstance(was[k], str) else json.dumps(was[k]) for k in differ}
-    back = " ".join(f"--set {k}={v}" for k, v in shown.items())
+    back = " ".join(f"--set {k}={_set_value(was[k])}" for k in differ)
     return (
         f"checkpoint {str(path)!r} was validated on {_validated_on(was)}, not {_validated_on(now)}: the resumed run "
         "would train on rows it validated on (or the other way round) and compare its best epoch's loss with "
@@ -261,13 +265,8 @@ def epoch_plan_mismatch(meta: dict[str, Any], cfg: TrainConfig, path: Path) -> s
     differ = [k for k in _EPOCH_PLAN_KEYS if k in was and plans(k, was[k]) != plans(k, now[k])]
     if not differ:
         return None
-    import shlex
-
-    def shown(v: Any) -> str:  # as --set takes it
-        return shlex.quote(v) if isinstance(v, str) else json.dumps(v)
-
-    changes = " and ".join(f"{k} = {shown(was[k])} -> {shown(now[k])}" for k in differ)
-    back = " ".join(f"--set {k}={shown(was[k])}" for k in differ)
+    changes = " and ".join(f"{k} = {_set_value(was[k])} -> {_set_value(now[k])}" for k in differ)
+    back = " ".join(f"--set {k}={_set_value(was[k])}" for k in differ)
     return (
         f"checkpoint {str(path)!r} was taken partway through epoch {epoch + 1}, planned with the settings it "
         f"started with ({changes}): resumed so, some of its rows would be trained twice or never; finish that "
@@ -730,8 +729,7 @@ class RunDir:
             except UnreadableFileError as exc:
                 return (
                     f"run directory {where} holds a damaged checkpoint and no model.npz ({exc.problem}): nothing "
-                    f"to use or resume; restore its checkpoint.npz from a copy, or move checkpoint.npz out of "
-                    f"{where} and start the run again with --force"
+                    f"to use or resume; {_damaged_fix(where)}"
                 )
             except (CheckpointError, KeyError, TypeError, ValueError):
                 return None
@@ -1946,9 +1944,14 @@ def damaged_checkpoint(run_dir: Path, exc: UnreadableFileError) -> CheckpointErr
     run directory keeps one checkpoint, so the fix is a copy of it or a new start (``--force``
     replaces a checkpoint only when it can tell it is this program's)."""
     where = repr(str(run_dir))
-    return CheckpointError(
-        f"cannot resume the run in {where}: {exc.problem}; restore its checkpoint.npz from a copy, or move "
-        f"checkpoint.npz out of {where} and start the run again with --force"
+    return CheckpointError(f"cannot resume the run in {where}: {exc.problem}; {_damaged_fix(where)}")
+
+
+def _damaged_fix(where: str) -> str:
+    """What to do with the run directory ``where`` (quoted) whose one checkpoint is damaged."""
+    return (
+        f"restore its checkpoint.npz from a copy, or move checkpoint.npz out of {where} and start the run again "
+        "with --force"
     )
 
 

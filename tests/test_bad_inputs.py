@@ -1283,25 +1283,21 @@ def _(t: Trial) -> Outcome:
     )
 
 
+def _resume_offline(t: Trial, *sets: str) -> Outcome:
+    """`pipeline train s.zarr --out run --resume --set SETTING ...` on the trial's copies of the
+    shared store and run (``run`` copied already when its checkpoint was prepared), against an
+    unreachable scheduler: a refusal comes before any cluster is reached."""
+    t.copy(t.shared.store4, "s.zarr")
+    if not (t.path / "run").exists():
+        t.copy(t.shared.run, "run")
+    settings = [a for setting in sets for a in ("--set", setting)]
+    offline = ("--scheduler", t.shared.unreachable, "--connect-timeout", "1")
+    return t.cli("train", "s.zarr", "--out", "run", "--resume", *settings, *offline)
+
+
 @case("M31")
 def _(t: Trial) -> Outcome:
-    t.copy(t.shared.store4, "s.zarr")
-    t.copy(t.shared.run, "run")
-    return t.cli(
-        "train",
-        "s.zarr",
-        "--out",
-        "run",
-        "--resume",
-        "--set",
-        "hidden=[16]",
-        "--set",
-        "epochs=3",
-        "--scheduler",
-        t.shared.unreachable,
-        "--connect-timeout",
-        "1",
-    )
+    return _resume_offline(t, "hidden=[16]", "epochs=3")
 
 
 @case("M32")
@@ -1460,30 +1456,13 @@ def _(t: Trial) -> Outcome:
 
 @case("M39")
 def _(t: Trial) -> Outcome:
-    t.copy(t.shared.store4, "s.zarr")
-    t.copy(t.shared.run, "run")  # trained with validation = 0
-    return t.cli(
-        "train",
-        "s.zarr",
-        "--out",
-        "run",
-        "--resume",
-        "--set",
-        "validation=0.3",
-        "--set",
-        "epochs=2",
-        "--scheduler",
-        t.shared.unreachable,
-        "--connect-timeout",
-        "1",
-    )
+    return _resume_offline(t, "validation=0.3", "epochs=2")  # the shared run held out no rows
 
 
 @case("M40")
 def _(t: Trial) -> Outcome:
     from pipeline.checkpoint import load_file, save_file
 
-    t.copy(t.shared.store4, "s.zarr")
     run = t.copy(t.shared.run, "run")
     # the driver killed in its first epoch, after one of its tasks finished: no model yet
     (run / "model.npz").unlink()
@@ -1492,19 +1471,7 @@ def _(t: Trial) -> Outcome:
     tasks = sorted(task["name"] for task in meta["history"][0]["tasks"])
     meta.update(epoch=0, history=[], done_tasks=tasks[:1], progress={}, best_epoch=-1, best_loss=1e300)
     save_file(run / "checkpoint.npz", "checkpoint", arrays, meta)
-    return t.cli(
-        "train",
-        "s.zarr",
-        "--out",
-        "run",
-        "--resume",
-        "--set",
-        "batch_size=32",
-        "--scheduler",
-        t.shared.unreachable,
-        "--connect-timeout",
-        "1",
-    )
+    return _resume_offline(t, "batch_size=32")
 
 
 def _damaged_checkpoint(t: Trial, name: str) -> None:

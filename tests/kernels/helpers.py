@@ -33,3 +33,13 @@ def put(K: ModuleType, arr: np.ndarray) -> Any:
 
 def get(K: ModuleType, arr: Any) -> np.ndarray:
     return K.to_host(arr)
+
+
+def targets(rng: np.random.Generator, loss: str, n: int, k: int) -> np.ndarray:
+    """Random float64 targets of ``n`` rows for a network of ``k`` outputs and ``loss``: class
+    indices (softmax_ce), 0/1 per output (bce_logits) or normal values (mse)."""
+    if loss == "softmax_ce":
+        return rng.integers(0, k, n)
+    if loss == "bce_logits":
+        return rng.integers(0, 2, (n, k)).astype(np.float64)
+    return rng.standard_normal((n, k))

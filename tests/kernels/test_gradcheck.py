@@ -7,7 +7,7 @@ import pytest
 
 from kernels import reference as R
 from kernels.mlp import MLPSpec, MLPTrainer, init_params
-from tests.kernels.helpers import ALL_BACKENDS, backend, get, put
+from tests.kernels.helpers import ALL_BACKENDS, backend, get, put, targets
 
 EPS = 1e-6
 RTOL, ATOL = 1e-6, 1e-8
@@ -89,12 +89,7 @@ def test_three_layer_mlp_gradient(loss, activation):
     spec = MLPSpec(5, (4, 3), 3, activation=activation, loss=loss, leaky_slope=0.1)
     rng = np.random.default_rng(3)
     X = rng.standard_normal((7, 5)).astype(np.float64)
-    if loss == "softmax_ce":
-        y = rng.integers(0, 3, 7)
-    elif loss == "bce_logits":
-        y = rng.integers(0, 2, (7, 3)).astype(np.float64)
-    else:
-        y = rng.standard_normal((7, 3))
+    y = targets(rng, loss, 7, spec.n_out)
     p0 = init_params(spec, seed=4, dtype=np.float64)
     p0 += 0.1 * rng.standard_normal(p0.shape)  # non-zero biases too
     tr = MLPTrainer(spec, backend="numpy", optimizer="sgd", lr=1.0, dtype=np.float64, params=p0)

@@ -18,6 +18,7 @@ from pipeline.config import MAX_PARAMS, TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.model import Model
 from pipeline.optim import Schedule
+from tests.kernels.helpers import targets
 
 ACTS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "step")
 # |z| > 100, float32's overflow and underflow edges, signed zeros and denormals
@@ -130,12 +131,7 @@ def test_gradients_of_width_one_networks_are_pytorch_s(depth, activation):
         spec = MLPSpec(4, (1,) * depth, 3 if loss == "softmax_ce" else 2, activation, loss)
         p = init_params(spec, seed=depth, dtype=np.float64) + 0.3 * rng.standard_normal(spec.n_params)
         X = rng.standard_normal((6, 4))
-        if loss == "softmax_ce":
-            y = rng.integers(0, 3, 6)
-        elif loss == "bce_logits":
-            y = rng.integers(0, 2, (6, 2)).astype(np.float64)
-        else:
-            y = rng.standard_normal((6, 2))
+        y = targets(rng, loss, 6, spec.n_out)
         tr = MLPTrainer(spec, backend="cpu", optimizer="sgd", lr=1.0, params=p, dtype=np.float64, max_batch=8)
         got = tr._gradient(X, y)
         want, grad = _torch_loss(torch, spec, p, X, y)

@@ -134,7 +134,7 @@ def test_evaluate_refuses_another_target_column_and_accepts_old_model_files(run,
         check_inputs(model, other.path)
     check_inputs(model, other.path, predicting=True)  # predicting reads no labels
     # a model file of an older version records no target name (nor whether names were made up)
-    old = dataclasses.replace(model, target_name=None, feature_names_generated=None, _trainer=None)
+    old = dataclasses.replace(model, target_name=None, feature_names_generated=None)
     old.save(tmp_path / "old.npz")
     loaded = load_model(tmp_path / "old.npz")
     assert loaded.target_name is None and loaded.feature_names_generated is None

@@ -58,7 +58,7 @@ def test_a_model_that_has_predicted_pickles_and_a_copy_predicts_with_its_own_wei
     again = pickle.loads(pickle.dumps(model))
     assert np.array_equal(again.predict_proba(X), before)
     halved = dataclasses.replace(model, params=model.params * np.float32(0.5))
-    fresh = Model(**{f.name: getattr(halved, f.name) for f in dataclasses.fields(Model) if f.name != "_trainer"})
+    fresh = Model(**{f.name: getattr(halved, f.name) for f in dataclasses.fields(Model) if f.init})
     assert np.array_equal(halved.predict_proba(X), fresh.predict_proba(X))
     assert not np.array_equal(halved.predict_proba(X), before)
 
