@@ -104,6 +104,35 @@ class DriverTakesInterrupts(WorkerPlugin):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class _HeartbeatLost(logging.Filter):
+    """Drops a worker's "Failed to communicate with scheduler during heartbeat" error record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, OSError) and record.msg == _HEARTBEAT_FAILED)
+
+
+_HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat."
+
+
+class QuietSchedulerClose(WorkerPlugin):
+    """A worker plugin for the LocalClusters started here with worker processes: the worker does
+    not log a heartbeat that the closing scheduler cut off.
+
+    A worker's heartbeat in flight as its scheduler closes fails with a ``CommClosedError``, and
+    distributed's worker logs it as an error with a 20-line traceback (dask/distributed#7105),
+    printed on the command's terminal after its own error line or summary, in some runs of
+    every cluster. These clusters' scheduler lives in the process that started them, which
+    reports any failure of its own; a worker process ends with it."""
+
+    name = "pipeline-quiet-scheduler-close"
+
+    def setup(self, worker: Any) -> None:
+        log = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, _HeartbeatLost) for f in log.filters):
+            log.addFilter(_HeartbeatLost())
+
+
 # Dask's workers sample the stacks of their running tasks every 10 ms (distributed's default
 # ``distributed.worker.profile.interval``) on their event loop, the loop that also carries the
 # parameter server's replies to the training thread. The clusters this project starts sample
@@ -284,6 +313,7 @@ def cluster_client(
             if processes:
                 client.register_plugin(QuickExit(), name=QuickExit.name)
                 client.register_plugin(DriverTakesInterrupts(), name=DriverTakesInterrupts.name)
+                client.register_plugin(QuietSchedulerClose(), name=QuietSchedulerClose.name)
             if sites:
                 client.wait_for_workers(len(sites), timeout=120)
         except BaseException:

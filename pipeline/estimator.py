@@ -333,11 +333,12 @@ def _cluster_client(n_workers: int) -> Any:
             _local["cluster"] = cluster
             _local["client"] = Client(cluster, set_as_default=False)
             if processes:
-                from pipeline.connect import DriverTakesInterrupts, QuickExit
+                from pipeline.connect import DriverTakesInterrupts, QuickExit, QuietSchedulerClose
 
                 # as the command's clusters: worker processes that end at once when the cluster
-                # closes (without them, each lingered until its nanny killed it after 4 s)
-                for plugin in (QuickExit(), DriverTakesInterrupts()):
+                # closes (without them, each lingered until its nanny killed it after 4 s), and
+                # no heartbeat traceback from a worker as the cluster's scheduler closes
+                for plugin in (QuickExit(), DriverTakesInterrupts(), QuietSchedulerClose()):
                     _local["client"].register_plugin(plugin, name=plugin.name)
             atexit.register(shutdown_local_cluster)
         return _local["client"]

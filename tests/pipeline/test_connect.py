@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.connect import DriverTakesInterrupts, QuickExit, cluster_client
+from pipeline.connect import DriverTakesInterrupts, QuickExit, QuietSchedulerClose, cluster_client
 
 
 def _freeze_count(dask_worker) -> int:
@@ -48,12 +48,46 @@ def test_local_worker_processes_leave_ctrl_c_to_the_command():
         assert c.submit(sum, [1, 2], pure=False).result(timeout=30) == 3
 
 
+def _worker_logs(dask_worker) -> list[str]:
+    """What distributed's worker logger passes on: the error its heartbeat logs when the
+    scheduler's comm closes under it (distributed.worker.Worker.heartbeat), then another error."""
+    import logging
+
+    from distributed.comm.core import CommClosedError
+
+    log = logging.getLogger("distributed.worker")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log.addHandler(handler)
+    try:
+        try:
+            raise CommClosedError("in <TCP (closed) ConnectionPool.heartbeat_worker>: Stream is closed")
+        except OSError:
+            log.exception("Failed to communicate with scheduler during heartbeat.")
+        try:
+            raise CommClosedError("Stream is closed")
+        except OSError:
+            log.exception("Worker stream died during communication")
+    finally:
+        log.removeHandler(handler)
+    return seen
+
+
+def test_local_workers_log_no_heartbeat_cut_off_by_the_closing_scheduler():
+    """A heartbeat in flight as the cluster's scheduler closes: its traceback was printed after
+    the command's own one-line error. The worker processes drop that one record, no other."""
+    with cluster_client(workers=2, threads_per_worker=1, dashboard_address=None) as c:
+        assert all(QuietSchedulerClose.name in p for p in c.run(_plugins).values())
+        assert list(c.run(_worker_logs).values()) == [["Worker stream died during communication"]] * 2
+
+
 def test_a_threaded_local_cluster_leaves_this_process_alone():
     before = gc.get_freeze_count()
     handler = signal.getsignal(signal.SIGINT)
     with cluster_client(workers=1, threads_per_worker=1, dashboard_address=None, processes=False) as c:
         plugins = next(iter(c.run(_plugins).values()))
-        assert QuickExit.name not in plugins and DriverTakesInterrupts.name not in plugins
+        assert not {QuickExit.name, DriverTakesInterrupts.name, QuietSchedulerClose.name} & set(plugins)
     assert gc.get_freeze_count() == before
     assert signal.getsignal(signal.SIGINT) is handler
 
