@@ -2247,7 +2247,7 @@ def _(t: Trial) -> Outcome:
 def _(t: Trial) -> Outcome:
     from scipy import sparse
 
-    return _fit(t, sparse.csr_matrix(_X), _Y)
+    return _fit(t, sparse.csr_matrix(_X), _Y, cluster_min_rows=0)
 
 
 @case("A29")
@@ -2265,6 +2265,66 @@ def _(t: Trial) -> Outcome:
     assert fitted.exit == "ValueError" and "contains a value too large for float32" in fitted.message, fitted
     clf = MLPClassifier(hidden_layer_sizes=(4,), max_iter=1, n_iter_no_change=0, random_state=0).fit(_X, _Y)
     return t.call(lambda: clf.predict_proba(big))
+
+
+@case("A31")
+def _(t: Trial) -> Outcome:
+    from scipy import sparse
+
+    from pipeline.estimator import LogisticRegression
+
+    est = LogisticRegression()
+    out = t.call(lambda: est.fit(sparse.csr_matrix(_X), _Y))
+    assert not hasattr(est, "model_")
+    return out
+
+
+def _warm(t: Trial, X: object, y: object, **change: object) -> Outcome:
+    """A warm start refused: the fitted model is kept as it was."""
+    from pipeline.estimator import MLPClassifier
+
+    est = MLPClassifier(hidden_layer_sizes=(4,), max_iter=2, n_iter_no_change=0, warm_start=True, random_state=0)
+    est.fit(_X, _Y)
+    before, curve = est.predict_proba(_X), list(est.loss_curve_)
+    out = t.call(lambda: est.set_params(**change).fit(X, y))
+    assert est.loss_curve_ == curve
+    np.testing.assert_array_equal(est.predict_proba(_X), before)
+    return out
+
+
+@case("A32")
+def _(t: Trial) -> Outcome:
+    return _warm(t, _X, _Y, hidden_layer_sizes=(5,))
+
+
+@case("A33")
+def _(t: Trial) -> Outcome:
+    return _warm(t, _X, np.arange(40) % 3)
+
+
+@case("A34")
+def _(t: Trial) -> Outcome:
+    cluster = _warm(t, _X, _Y, cluster_min_rows=0)
+    assert cluster.exit == "ValueError" and "trains on a Dask cluster from new weights" in cluster.message, cluster
+    return _warm(t, str(t.path / "train.zarr"), None, cluster_min_rows=10_000)
+
+
+@case("A35")
+def _(t: Trial) -> Outcome:
+    return _fit(t, _X, _Y, solver="sgd")
+
+
+@case("A36")
+def _(t: Trial) -> Outcome:
+    from sklearn.exceptions import NotFittedError
+
+    from pipeline.estimator import MLPClassifier
+
+    est = MLPClassifier(max_iter=1, early_stopping=True)
+    out = t.call(lambda: est.partial_fit(_X, _Y, classes=[0, 1]))
+    with pytest.raises(NotFittedError):
+        est.predict(_X)
+    return out
 
 
 @case("A24")

@@ -187,9 +187,8 @@ def test_pickle_and_model_file_round_trips_on_cluster_model(cluster_clf, letter,
 
 def test_digits_accuracy_in_process(digits):
     Xtr, ytr, Xte, yte = digits
-    with pytest.warns(ConvergenceWarning, match=r"Maximum iterations \(200\) reached"):
-        clf = MLPClassifier(random_state=0).fit(Xtr, ytr)  # the training loss still falls by > tol
-    assert clf.fitted_on_ == "local" and clf.n_iter_ == 200
+    clf = MLPClassifier(random_state=0).fit(Xtr, ytr)  # stopped by scikit-learn's rule: no warning
+    assert clf.fitted_on_ == "local" and 100 < clf.n_iter_ < 200
     assert clf.score(Xte, yte) > 0.9  # chance is 0.1
     assert clf.predict_proba(Xte).shape == (len(Xte), 10)
     logit = LogisticRegression(learning_rate_init=1e-2, random_state=0).fit(Xtr, ytr)
@@ -575,5 +574,5 @@ def test_options_min_samples_is_a_floor_under_in_process_early_stopping():
     # tol so large that no epoch after the first counts as an improvement
     quick = MLPClassifier(n_iter_no_change=1, tol=1e9, random_state=0).fit(X, y)
     floored = MLPClassifier(n_iter_no_change=1, tol=1e9, random_state=0, options={"min_samples": 150 * 6}).fit(X, y)
-    assert quick.n_iter_ == 2
+    assert quick.n_iter_ == 3  # scikit-learn's rule: more than n_iter_no_change epochs without a gain
     assert floored.n_iter_ == 6  # 150 rows an epoch: the floor is reached after the sixth

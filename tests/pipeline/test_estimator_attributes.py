@@ -63,15 +63,6 @@ def _held_out_rows(n: int, seed: int, fraction: float = 0.1) -> np.ndarray:
     return np.random.default_rng([seed, 1]).permutation(n)[: int(n * fraction)]
 
 
-def _best_epoch(val_loss: list[float], tol: float) -> int:
-    """The epoch whose weights the fit keeps: the last that lowered the validation loss by > tol."""
-    best, loss = 0, val_loss[0]
-    for i, v in enumerate(val_loss[1:], start=1):
-        if v < loss - tol:
-            best, loss = i, v
-    return best
-
-
 def _record(est: Any) -> dict[str, Any]:
     return {name: getattr(est, name) for name in RECORD}
 
@@ -118,7 +109,7 @@ def test_best_loss_is_the_least_training_loss_when_the_curve_rises():
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_validation_scores_are_the_held_out_rows_scores(task):
     """With early stopping, ``validation_scores_`` are the accuracy / R^2 of every epoch's model on
-    the held-out rows; the kept model (the least validation loss) scores its epoch's value there."""
+    the held-out rows; the kept model (the best score's, as scikit-learn's) scores it there."""
     if task == "classification":
         X, y = _blobs(600)
         est: Any = MLPClassifier(hidden_layer_sizes=(8,), max_iter=25, early_stopping=True, random_state=3)
@@ -138,7 +129,7 @@ def test_validation_scores_are_the_held_out_rows_scores(task):
     assert est.best_loss_ is None  # the validation loss chose the model, as in scikit-learn
     assert est.t_ == est.n_iter_ * (len(X) - int(0.1 * len(X)))
     va = _held_out_rows(len(X), 3)
-    best = _best_epoch([h["val_loss"] for h in est.history_], 1e-3)
+    best = int(np.argmax(scores))
     if task == "classification":
         assert abs(np.mean(est.predict(X[va]) == y[va]) - scores[best]) <= 1 / len(va)
         assert 0.5 < scores[best] <= 1
@@ -203,13 +194,14 @@ def test_a_minibatch_fit_that_runs_out_of_epochs_warns_as_scikit_learn():
 def test_no_warning_when_early_stopping_ends_the_fit_or_is_off():
     """Warnings are errors in these tests: each fit below must not warn."""
     X, y = _blobs(200)
-    # tol so large that no epoch after the first improves: stopped after n_iter_no_change + 1
+    # tol so large that no epoch after the first improves: stopped after n_iter_no_change + 2 (scikit-learn's
+    # rule: more than n_iter_no_change epochs in a row without a gain)
     stopped = MLPClassifier(hidden_layer_sizes=(4,), n_iter_no_change=2, tol=1e9, max_iter=50, random_state=0)
     stopped.fit(X, y)
-    assert stopped.n_iter_ == 3 and stopped.loss_ == stopped.loss_curve_[2]
+    assert stopped.n_iter_ == 4 and stopped.loss_ == stopped.loss_curve_[3]
     # stopped by the rule on the very last epoch: it did stop, no warning
-    last = MLPClassifier(hidden_layer_sizes=(4,), n_iter_no_change=2, tol=1e9, max_iter=3, random_state=0).fit(X, y)
-    assert last.n_iter_ == 3 and last.loss_curve_ == stopped.loss_curve_
+    last = MLPClassifier(hidden_layer_sizes=(4,), n_iter_no_change=2, tol=1e9, max_iter=4, random_state=0).fit(X, y)
+    assert last.n_iter_ == 4 and last.loss_curve_ == stopped.loss_curve_
     # n_iter_no_change=0: exactly max_iter epochs were asked for
     fixed = MLPClassifier(hidden_layer_sizes=(4,), n_iter_no_change=0, max_iter=3, random_state=0).fit(X, y)
     assert fixed.n_iter_ == 3 and fixed.best_loss_ == min(fixed.loss_curve_)
@@ -311,7 +303,9 @@ def test_partial_fit_continues_the_loss_curve():
     with pytest.warns(ConvergenceWarning):  # 4 epochs: n_iter_no_change=10 cannot stop it
         held.fit(X, y)
     scores = list(held.validation_scores_)
-    held.partial_fit(X, y)  # trains on every row given: no validation, as in scikit-learn
+    with pytest.raises(ValueError, match="partial_fit does not support early_stopping=True"):
+        held.partial_fit(X, y)  # as scikit-learn's: a pass holds out no rows
+    held.set_params(early_stopping=False).partial_fit(X, y)  # trains on every row given: no validation
     assert held.validation_scores_ == scores and held.n_iter_ == 5 and len(held.loss_curve_) == 5
     assert held.best_loss_ is None and held.loss_ == held.loss_curve_[-1]
 
