@@ -23,10 +23,12 @@ absent when none is), ``history``, ``best_loss`` (1e300 for none), ``best_epoch`
 ``privacy`` (the privacy spent: ``rounds`` accounted, ``clip``, ``epsilon``; absent without
 DP), ``buffer`` (the buffered deltas' ``samples``, ``losses`` and ``staleness``; absent when
 nothing is buffered), ``rounds`` (the server's rounds so far, each ``[time, version, loss,
-samples, deltas]`` as in history.json), ``pushes`` and ``summed`` (a cluster's server: the deltas
-it received and those summed into another's push, so far), ``config``, ``store``, ``spec``,
-``n_threads``, ``in_process`` and ``time``. Format version 1; a reader of a later version reads
-every file an earlier one wrote.
+samples, deltas]`` as in history.json, at most :data:`ROUNDS_KEPT` rows: :func:`kept_rounds`),
+``pushes`` and ``summed`` (a cluster's server: the deltas it received and those summed into
+another's push, so far), ``cluster`` (the cluster options the run was given, for the resume
+command its hints print: :func:`pipeline.train.resume_command`), ``config``, ``store``,
+``spec``, ``n_threads``, ``in_process`` and ``time``. Format version 1; a reader of a later
+version reads every file an earlier one wrote.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import os
 import tempfile
 import time
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ import numpy as np
 
 from pipeline.errors import CheckpointError
 from pipeline.files import new_file_mode
+from pipeline.jobview import coarse_history
 from pipeline.runstate import BestModel, RunState
 
 FORMAT_VERSION = 1
@@ -229,6 +233,22 @@ def load_file(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray]
 # --------------------------------------------------------------------------------------------
 
 NO_BEST_LOSS = 1e300  # ``best_loss`` of a run without a best epoch (JSON has no infinity)
+ROUNDS_KEPT = 20_000  # per-round rows a checkpoint and history.json keep (kept_rounds)
+
+
+def kept_rounds(rows: Sequence[Sequence[Any]], most: int | None = None) -> list[list]:
+    """The per-round rows ``rows`` (``time, version, loss, samples, deltas``, in version order)
+    that a checkpoint and history.json keep: every one up to ``most`` (None: :data:`ROUNDS_KEPT`);
+    beyond, the newest ``most // 2`` whole and the older ones merged into the other half
+    (:func:`pipeline.jobview.coarse_history`: the run's first round, its samples, deltas and
+    their rate over time stay). A run resumed many times, or one of millions of rounds, then
+    keeps a checkpoint, a write time and a history.json of bounded size (the per-epoch records
+    are kept whole: resuming, the best epoch and the privacy spent read those)."""
+    rows, most = list(rows), ROUNDS_KEPT if most is None else most
+    if len(rows) <= most:
+        return [list(r) for r in rows]
+    recent = most // 2
+    return [*coarse_history(rows[:-recent], most - recent), *(list(r) for r in rows[-recent:])]
 
 
 @dataclass
@@ -298,7 +318,7 @@ def write_checkpoint(path: str | os.PathLike, run: RunState, server: dict[str, A
         **({"privacy": privacy} if private else {}),
         **buffered,
         # the server's rounds so far (a resumed run's history.json holds them)
-        **({"rounds": [list(r) for r in server["rounds"]]} if server.get("rounds") else {}),
+        **({"rounds": kept_rounds(server["rounds"])} if server.get("rounds") else {}),
         # a cluster's server: the deltas it received and those summed into another's push, so far
         **({k: int(server[k]) for k in ("pushes", "summed") if k in server}),
         "job": run.job,

@@ -8,10 +8,13 @@ extension to the dashboard as its source.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,24 @@ def rounds_after(rows: Sequence[Sequence[Any]], since: int | None) -> list[list]
             break
         out.append(list(r))
     out.reverse()
+    return out
+
+
+def coarse_history(rows: Sequence[Sequence[Any]], most: int) -> list[list]:
+    """The round history ``rows`` (``time, version, loss, samples, deltas``) in at most ``most``
+    rows spanning all of it: the first row as it is, then runs of consecutive rounds merged
+    into one row each (the last round's time and version, the mean of the finite losses, the
+    summed samples and deltas). A finished job's plots then still show its beginning, and the
+    samples/s and rounds/s the dashboard computes from the merged rows stay what they were."""
+    if len(rows) <= most:
+        return [list(r) for r in rows]
+    out = [list(rows[0])]
+    edges = np.linspace(1, len(rows), most).astype(np.int64)
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        group = rows[a:b]
+        losses = [float(r[2]) for r in group if r[2] is not None and math.isfinite(r[2])]
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        out.append([group[-1][0], group[-1][1], loss, sum(int(r[3]) for r in group), sum(int(r[4]) for r in group)])
     return out
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from pipeline.checkpoint import (
     Checkpoint,
     UnreadableFileError,
+    kept_rounds,
     load_file,
     read_checkpoint,
     read_meta,
@@ -68,7 +69,16 @@ from pipeline.plan import (  # noqa: F401 - the planning helpers, also importabl
 from pipeline.privacy import resumed_privacy
 from pipeline.progress import Progress
 from pipeline.runstate import BestModel, EarlyStopping, RunState
-from pipeline.store import Store, for_workers, layout_mismatch, layout_of, open_store, outermost_store, store_marker
+from pipeline.store import (
+    Store,
+    for_workers,
+    is_url,
+    layout_mismatch,
+    layout_of,
+    open_store,
+    outermost_store,
+    store_marker,
+)
 
 if TYPE_CHECKING:  # imported where a cluster is used: training in process never loads distributed
     from pipeline.ps import ParameterServer
@@ -734,7 +744,7 @@ class RunDir:
             except (CheckpointError, KeyError, TypeError, ValueError):
                 return None
             unit = "round" if federated else "epoch"
-            resume = f"continue it with `pipeline train {store} --out {self.path} --resume`"
+            resume = f"continue it with `{resume_command(store, self.path, meta.get('cluster'))}`"
             if epoch < 1:  # no epoch finished: no best model to write yet
                 return f"run directory {where} holds a run interrupted in its first {unit} (no model.npz); {resume}"
             return (
@@ -1147,11 +1157,12 @@ class Trainer:
                 if not lost and self.client.status == "running":
                     raise
                 where = getattr(self.client.scheduler, "address", None) or "its address"
+                cluster = {"scheduler": "ADDRESS", **cluster_options(self.client)}
                 raise TrainingError(
                     f"lost the Dask scheduler at {where} and the parameter server in it "
                     f"({type(exc).__name__}); the last checkpoint is in {str(self.run.path)!r}: start a "
-                    f"scheduler and workers, then run `pipeline train {self.store_path} --out "
-                    f"{self.run.path} --resume --scheduler ADDRESS`"
+                    f"scheduler and workers, then run `{resume_command(self.store_path, self.run.path, cluster)}`"
+                    + (" (with the new scheduler's address if it changed)" if cluster["scheduler"] != "ADDRESS" else "")
                 ) from None
 
     # -- where the work runs (pipeline.local.LocalTrainer: in this process) -----------------
@@ -1245,6 +1256,23 @@ class Trainer:
         return span(name)
 
     def _fit(self) -> TrainResult:
+        """Train (:meth:`_fit_run`); a resume that fails or is stopped before it writes a
+        checkpoint puts the run's config.toml back as it was: the settings it was given (``--set``)
+        are the run's only once a checkpoint holds them (a plain ``--resume`` trains with its
+        checkpoint's), and config.toml says what the run trains with."""
+        self._config_before: str | None = None  # the run's config.toml a resume replaced
+        self._checkpointed = False
+        try:
+            return self._fit_run()
+        except BaseException:
+            if self._config_before is not None and not self._checkpointed:
+                try:
+                    self.run.write_text(self.run.config, self._config_before)
+                except TrainingError as exc:  # the error being raised says what stopped the run
+                    logger.warning("%s", exc)
+            raise
+
+    def _fit_run(self) -> TrainResult:
         cfg = self.cfg
         self.run.prepare(self.resume, self.force)
         installed_by, threads = self._connect()
@@ -1277,6 +1305,8 @@ class Trainer:
         # a resume at another noise or dp cannot account the checkpoint's rounds: refused
         # before its config is saved (_create_job goes on from the privacy they spent)
         self._spent(ckpt)
+        if self.resume and self.run.written_here("config.toml"):
+            self._config_before = self.run.config.read_text()
         self.run.write_text(self.run.config, cfg.to_toml())
         self.plan(run.n_threads)
         plan = self.epoch_plan
@@ -1473,7 +1503,9 @@ class Trainer:
     def _create_job(self, ps: Any, params: np.ndarray, run: RunState, ckpt: Checkpoint | None) -> None:
         """Create the job on the parameter server from ``params`` (and ``ckpt``'s server state)."""
         cfg = self.cfg
-        self._rounds_before = [list(r) for r in ckpt.rounds] if ckpt is not None and ckpt.rounds else []
+        # the checkpoint's rounds up to its version (one pushed while it was written is trained again)
+        rounds = ckpt.rounds if ckpt is not None and ckpt.rounds else []
+        self._rounds_before = [list(r) for r in rounds if r[1] <= ckpt.version]
         self._counts_before = {k: int(ckpt.meta.get(k, 0)) for k in ("pushes", "summed")} if ckpt is not None else {}
         ps.create(
             params,
@@ -1870,7 +1902,10 @@ class Trainer:
         st = state if state is not None else ps.state()
         if "rounds" not in st:  # a cluster's server: its rounds and counts so far, for a resumed run's history.json
             m = ps.metrics(history=True)
-            st = {**st, "rounds": self._rounds(m), **self._counts(m)}
+            # kept here too: the server keeps its latest rounds only, and a round pushed since
+            # ``st`` is not the checkpoint's (a resume trains it again)
+            self._rounds_before = self._rounds(m, upto=st["version"])
+            st = {**st, "rounds": self._rounds_before, **self._counts(m)}
         if st.get("failed"):
             # a diverged job's weights are not a state to resume from: keep the last good one
             logger.info("not checkpointing job %s: %s", self.job, st["failed"])  # the run's error says it
@@ -1886,10 +1921,13 @@ class Trainer:
             spec=self.spec,
             store_stats=store_stats(self.store),  # a resume on other data is refused
             in_process=self.client is None,  # `pipeline train --resume` continues where it trained
+            # the scheduler and TLS files the run was given: the resume command its hints print
+            **({"cluster": cluster} if (cluster := cluster_options(self.client)) else {}),
             # the thread count the running epoch's sync shares split over: a resume within it keeps it
             epoch_threads=getattr(self, "_split_slots", run.n_threads),
         )
         run.last_checkpoint = time.monotonic()
+        self._checkpointed = True
         ps.record(epoch=record, checkpoint=True)
 
     def _spent(self, ckpt: Checkpoint | None) -> dict | None:
@@ -1905,9 +1943,14 @@ class Trainer:
         (``summed``): those before a resume (kept by the checkpoint) and the server's."""
         return {k: int(self._counts_before.get(k, 0)) + int(metrics.get(k, 0)) for k in ("pushes", "summed")}
 
-    def _rounds(self, metrics: dict[str, Any]) -> list[list]:
-        """The run's rounds: those before a resume (kept by the checkpoint) and the server's."""
-        return [*self._rounds_before, *(list(r) for r in metrics.get("history") or [])]
+    def _rounds(self, metrics: dict[str, Any], upto: int | None = None) -> list[list]:
+        """The run's rounds, as many as :func:`pipeline.checkpoint.kept_rounds` keeps: those kept
+        before (by the checkpoint resumed, by the last checkpoint written) and the server's of
+        later versions (up to version ``upto`` when given)."""
+        last = self._rounds_before[-1][1] if self._rounds_before else -1
+        rows = metrics.get("history") or ()
+        new = [list(r) for r in rows if r[1] > last and (upto is None or r[1] <= upto)]
+        return kept_rounds([*self._rounds_before, *new])
 
     def _load_checkpoint(self) -> Checkpoint:
         path = self.run.checkpoint
@@ -1955,6 +1998,59 @@ def _damaged_fix(where: str) -> str:
     )
 
 
+_CLUSTER_OPTIONS = {
+    "scheduler": "--scheduler",
+    "tls_ca_file": "--tls-ca-file",
+    "tls_cert": "--tls-cert",
+    "tls_key": "--tls-key",
+}
+
+
+def cluster_options(client: Any) -> dict[str, str]:
+    """The cluster options of ``pipeline train`` that reach the scheduler ``client`` is connected
+    to (a checkpoint's ``cluster`` meta): its address and TLS files (absolute paths), or none for
+    a cluster the run started (a local one, gone with the run) or a run in this process."""
+    if client is None or getattr(client, "cluster", None) is not None:
+        return {}
+    address = getattr(client.scheduler, "address", None)
+    if not isinstance(address, str) or not address:
+        return {}
+    out = {"scheduler": address}
+    security = getattr(client, "security", None)
+    for key, attr in (("tls_ca_file", "tls_ca_file"), ("tls_cert", "tls_client_cert"), ("tls_key", "tls_client_key")):
+        path = getattr(security, attr, None)
+        if address.startswith("tls://") and isinstance(path, str) and os.path.isfile(path):  # not PEM text
+            out[key] = os.path.abspath(path)
+    return out
+
+
+def resume_command(store: str, out: str | os.PathLike, cluster: Any = None) -> str:
+    """The command that continues the run in ``out`` on ``store``, with the cluster options the
+    run was given (``cluster``: :func:`cluster_options`, as its checkpoint keeps them): a hint
+    copied as it is printed reaches the run's scheduler (with its TLS files) instead of starting
+    a local cluster."""
+    import shlex
+
+    words = ["pipeline train", shlex.quote(str(store)), "--out", shlex.quote(str(out)), "--resume"]
+    if isinstance(cluster, dict):
+        for key, option in _CLUSTER_OPTIONS.items():
+            if isinstance(cluster.get(key), str) and cluster[key]:
+                words += [option, shlex.quote(cluster[key])]
+    return " ".join(words)
+
+
+def check_local_out(out: str | os.PathLike) -> None:
+    """Refuse a run directory ``out`` that is a URL (``s3://bucket/run``): a run writes its files
+    beside their final names and renames them into place, which object stores cannot do, and
+    ``Path`` would silently make ``s3:/bucket/run`` of it, a local directory."""
+    if is_url(os.fspath(out)):
+        raise ConfigError(
+            f"--out {os.fspath(out)!r} is a URL; the run directory (model, checkpoint, history) is written to a "
+            "local path and renamed into place, which object stores cannot do: name a local directory and copy "
+            "it to the bucket afterwards"
+        )
+
+
 def resumed_config(out: str | os.PathLike) -> TrainConfig:
     """The configuration saved in the checkpoint of run directory ``out``."""
     try:
@@ -1981,6 +2077,7 @@ def train(
     file) the run is federated (pipeline.federated): ``store`` must be None, every site's
     store is named in the sites file. A run on a cluster refuses ``blas_threads`` other than 1
     (:meth:`pipeline.config.TrainConfig.check_on_cluster`) before it writes anything."""
+    check_local_out(out)
     if resume and cfg is None:
         RunDir(Path(out)).check(resume, force)  # say why there is nothing to resume
         cfg = resumed_config(out)

@@ -28,7 +28,7 @@ from distributed.protocol.serialize import Serialized
 import pipeline.ps.shm as shmem
 from pipeline import fedagg
 from pipeline.errors import PSError
-from pipeline.jobview import JobSnapshot, rounds_after
+from pipeline.jobview import JobSnapshot, coarse_history, rounds_after
 from pipeline.optim import Schedule, ServerOptimizer
 from pipeline.privacy import (
     AdaptiveClip,
@@ -62,24 +62,7 @@ _MAX_SLOTS = 4096  # sync shares whose local optimizer states a job keeps
 _HISTORY_LEN = 20_000
 _FINISHED_HISTORY = 2_000  # rows a finished job keeps for the dashboard (coarse_history)
 _LEFT_KEPT = 4096  # participants that left, remembered per job (Job.left)
-
-
-def coarse_history(rows: Sequence[Sequence[Any]], most: int) -> list[list]:
-    """The round history ``rows`` (``time, version, loss, samples, deltas``) in at most ``most``
-    rows spanning all of it: the first row as it is, then runs of consecutive rounds merged
-    into one row each (the last round's time and version, the mean of the finite losses, the
-    summed samples and deltas). A finished job's plots then still show its beginning, and the
-    samples/s and rounds/s the dashboard computes from the merged rows stay what they were."""
-    if len(rows) <= most:
-        return [list(r) for r in rows]
-    out = [list(rows[0])]
-    edges = np.linspace(1, len(rows), most).astype(np.int64)
-    for a, b in zip(edges[:-1], edges[1:], strict=True):
-        group = rows[a:b]
-        losses = [float(r[2]) for r in group if r[2] is not None and math.isfinite(r[2])]
-        loss = sum(losses) / len(losses) if losses else float("nan")
-        out.append([group[-1][0], group[-1][1], loss, sum(int(r[3]) for r in group), sum(int(r[4]) for r in group)])
-    return out
+_EPOCHS_KEPT = 2_000  # epoch records a job keeps for the dashboard (thinned beyond: Job.record)
 
 
 @dataclass
@@ -1290,6 +1273,13 @@ class Job:
         """The driver records an epoch's validation metrics or that it saved a checkpoint."""
         if epoch is not None:
             self.epochs.append(dict(epoch))
+            if len(self.epochs) > _EPOCHS_KEPT:
+                # every other record of the older half goes (the first stays, the newer half is
+                # whole): the dashboard's curves still span the run, and every metrics reply
+                # (each page refresh, scrape, and the driver's state at each epoch's end) stays
+                # bounded on a run of many epochs; the driver keeps every epoch's record itself
+                half = len(self.epochs) // 2
+                self.epochs = [*self.epochs[:half:2], *self.epochs[half:]]
         if checkpoint:
             self.checkpoint_time = time.time()
         return {"status": "OK"}

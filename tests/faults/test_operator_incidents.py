@@ -323,6 +323,7 @@ def test_runs_names_a_resume_training_now_and_one_killed_before_its_model(
     r = invoke("runs", tmp_path)
     assert r.output.splitlines()[2] == (
         f"run directory '{run}' holds an interrupted resume: its checkpoint is after {done} epoch(s), its listed "
-        f"model.npz and history.json after 1; continue it with `pipeline train {small_store} --out {run} --resume`, "
+        f"model.npz and history.json after 1; continue it with `pipeline train {small_store} --out {run} --resume "
+        f"--scheduler {address}`, "
         f"or write the model of its best epoch so far with `... --resume --set epochs={done}`"
     )
