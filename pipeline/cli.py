@@ -685,13 +685,14 @@ def train(
     from pipeline.config import TrainConfig
     from pipeline.errors import ConfigError
     from pipeline.store import open_store
-    from pipeline.train import RunDir, check_backend, resumed_config
+    from pipeline.train import RunDir, check_backend, check_local_out, resumed_config
 
     if store and sites_file:
         raise ConfigError(
             f"pass either STORE ({store!r}) or --sites ({sites_file!r}), not both: a federated run reads each "
             "site's store from the sites file"
         )
+    check_local_out(out)
     RunDir(Path(out)).check(resume, force)  # fail before starting a cluster
     report_to = _check_report(report, out, force) if report else None
     federated = bool(sites_file)
@@ -811,6 +812,13 @@ def _reading_line(reading: dict[str, Any]) -> str:
         tokens = ", ".join(repr(t) for t in reading["missing_values"]) or "none"
         parts.append(f"missing values {tokens} (--missing-values)")
     return "; ".join(parts)
+
+
+def _one_line(text: Any) -> str:
+    """``text`` as `inspect` prints a name: a line break, tab or other control character (from a
+    quoted CSV header or value) escaped as Python writes it (``\\n``), so a name stays on its row."""
+    text = str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _figure(v: float) -> str:
@@ -1010,11 +1018,14 @@ def _resumed_note(run: Any, listed: int, unit: str) -> str | None:
     done = meta.get("epoch") if meta is not None and not meta.get("federated") else None
     if not isinstance(done, int) or done <= listed:
         return None
+    from pipeline.train import resume_command
+
     store = str(meta.get("store") or "STORE")
     return (
         f"run directory {where} holds an interrupted resume: its checkpoint is after {done} {unit}(s), its listed "
-        f"model.npz and history.json after {listed}; continue it with `pipeline train {store} --out {run.path} "
-        f"--resume`, or write the model of its best {unit} so far with `... --resume --set {unit}s={done}`"
+        f"model.npz and history.json after {listed}; continue it with "
+        f"`{resume_command(store, run.path, meta.get('cluster'))}`, or write the model of its best {unit} so far "
+        f"with `... --resume --set {unit}s={done}`"
     )
 
 
@@ -1396,30 +1407,31 @@ def inspect(store: str, as_json: bool, verify: bool) -> None:
             f"size     {disk if disk is not None else '?':,} bytes on disk{ratio}" if disk else "size     ? (remote)"
         )
         src = info.get("source") or {}
-        click.echo(f"source   {src.get('path', src.get('format', '?'))}  rows {_rows_text(src.get('rows'))}")
+        click.echo(f"source   {_one_line(src.get('path', src.get('format', '?')))}  rows {_rows_text(src.get('rows'))}")
         reading = _reading_line(source_reading(st))
         if reading:
             click.echo(f"read     {reading}")
         if st.attrs.get("labelled") is False:
             click.echo(
-                f"labels   none (ingested with --unlabelled, for predict only); classes {', '.join(st.classes or [])}"
+                "labels   none (ingested with --unlabelled, for predict only); classes "
+                + ", ".join(map(_one_line, st.classes or []))
                 if st.task == "classification"
                 else "labels   none (ingested with --unlabelled, for predict only)"
             )
         elif "classes" in info:
             total = max(1, sum(info["classes"].values()))
-            parts = [f"{c}: {n} ({100 * n / total:.1f}%)" for c, n in info["classes"].items()]
+            parts = [f"{_one_line(c)}: {n} ({100 * n / total:.1f}%)" for c, n in info["classes"].items()]
             click.echo(f"classes  {len(parts)}: " + ", ".join(parts[:12]) + (" ..." if len(parts) > 12 else ""))
         else:
             t = info["target"]
             own_t = src.get("target_stats") if src.get("like") else None
             if own_t:
                 click.echo(
-                    f"target   {t['name']}: mean {own_t['mean']}, std {own_t['std']} "
+                    f"target   {_one_line(t['name'])}: mean {own_t['mean']}, std {own_t['std']} "
                     f"(normalised with the training store's mean {t['mean']}, std {t['std']})"
                 )
             else:
-                click.echo(f"target   {t['name']}: mean {t['mean']}, std {t['std']}")
+                click.echo(f"target   {_one_line(t['name'])}: mean {t['mean']}, std {t['std']}")
         feats = info["features_stats"]
         own = (src.get("feature_stats") or {}) if src.get("like") else {}
         if src.get("like"):
@@ -1431,15 +1443,16 @@ def inspect(store: str, as_json: bool, verify: bool) -> None:
         else:
             click.echo("features (name, mean, std):")
         for i, f in enumerate(feats[:20]):
+            name = _one_line(f["name"])
             if own.get("mean") and i < len(own["mean"]):
                 click.echo(
-                    f"  {f['name'][:32]:32s} {own['mean'][i]:12.4g} {own['std'][i]:12.4g}   "
+                    f"  {name[:32]:32s} {own['mean'][i]:12.4g} {own['std'][i]:12.4g}   "
                     f"{f['mean']:12.4g} {f['std']:12.4g}"
                 )
             elif src.get("like"):
-                click.echo(f"  {f['name'][:32]:32s} {'?':>12s} {'?':>12s}   {f['mean']:12.4g} {f['std']:12.4g}")
+                click.echo(f"  {name[:32]:32s} {'?':>12s} {'?':>12s}   {f['mean']:12.4g} {f['std']:12.4g}")
             else:
-                click.echo(f"  {f['name'][:32]:32s} {f['mean']:12.4g} {f['std']:12.4g}")
+                click.echo(f"  {name[:32]:32s} {f['mean']:12.4g} {f['std']:12.4g}")
         if len(feats) > 20:
             click.echo(f"  ... {len(feats) - 20} more (--json for all)")
         if verify:

@@ -22,6 +22,11 @@ Policies (recorded in the store's ``encodings`` attribute so prediction applies 
   that is not dropped; ``drop`` removes columns (they are not even read from Parquet). A column
   is numeric when its values parse as numbers; a column whose values are mostly numbers but has a
   few that are not is an error (naming column and row); a column of strings is categorical.
+  Under ``encoding="auto"``, a text column of amounts with a currency or percent sign or in
+  accounting parentheses (``$1,234.50``, ``12.5%``, ``(1,234.00)``) is refused (its categories
+  would order ``$10`` before ``$9``), as is an identifier: more than 100 distinct values, more than
+  half its rows (order IDs, e-mails, free text); the error names every such column and the
+  ``--drop`` options, and an explicit encoding keeps them as categories.
 * **Categorical features**: ``encoding="auto"`` one-hot encodes columns of at most 16 categories
   (features ``name=category``) and ordinal-encodes the others (codes 0..K-1 in sorted category
   order); ``"onehot"``/``"ordinal"`` force one. Categories unseen in training (``like=``) become an
@@ -97,6 +102,7 @@ import gzip
 import io
 import os
 import re
+import shlex
 import warnings
 import zipfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -108,7 +114,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import IngestError
+from pipeline.errors import IngestError, StoreError
 from pipeline.ingest_plan import (
     ROW_PLACE,
     ArrayProfile,
@@ -129,6 +135,7 @@ from pipeline.store import (
     check_replaceable,
     create_store,
     empty_local_dir,
+    finish_interrupted_replace,
     is_url,
     open_store,
     outermost_store,
@@ -1043,6 +1050,51 @@ def _parse(
     )
 
 
+def _parse_many(
+    arrays: Sequence[pa.Array],
+    names: Sequence[str],
+    as_text: Sequence[bool | None],
+    booleans: Sequence[dict[str, str] | None],
+    **kw: Any,
+) -> list[_Parsed]:
+    """:func:`_parse` of one batch of each column of ``arrays`` (``kw``: its other options), giving
+    the same :class:`_Parsed` each. The text columns are parsed as one array: in a wide file (a CSV of
+    10,000 columns holds about 100 rows per block) Arrow's cost per call, not the values, would
+    dominate. A column where the text pattern of a number finds other text (Arrow may read some as
+    numbers), or holding integers beyond 2^53, is parsed alone, as are all when Arrow refuses one."""
+    arrs = [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays]
+    out: list[_Parsed | None] = [None] * len(arrs)
+    fast = [i for i, a in enumerate(arrs) if a.type == pa.string() and booleans[i] is None and len(a)]
+    if len(fast) > 1:
+        starts = np.concatenate([[0], np.cumsum([len(arrs[i]) for i in fast])]).tolist()
+        try:
+            whole: _Parsed | None = _parse(pa.concat_arrays([arrs[i] for i in fast]), "?", **kw)
+        except pa.ArrowInvalid:
+            whole = None
+        if whole is not None:
+            with np.errstate(invalid="ignore"):
+                big = np.abs(whole.values) >= _SAFE_INT
+            for k, i in enumerate(fast):
+                lo, hi = starts[k], starts[k + 1]
+                if whole.nonnum[lo:hi].any() or big[lo:hi].any():
+                    continue
+                out[i] = _Parsed(
+                    whole.values[lo:hi],
+                    whole.missing[lo:hi],
+                    whole.nonnum[lo:hi],
+                    whole.inf[lo:hi],
+                    whole.strings.slice(lo, hi - lo),
+                    None,
+                    None if whole.thousands is None else whole.thousands[lo:hi],
+                    None,
+                    None if whole.marks is None else [m[lo:hi] for m in whole.marks],
+                )
+    return [
+        p if p is not None else _parse(a, c, as_text=t, booleans=b, **kw)
+        for p, a, c, t, b in zip(out, arrs, names, as_text, booleans, strict=True)
+    ]
+
+
 @dataclass
 class _ColumnProfile:
     name: str
@@ -1052,8 +1104,11 @@ class _ColumnProfile:
     first_nonnum: tuple[int, str] | None = None
     first_missing: tuple[int, str] | None = None
     nonnum_counts: dict[str, int] = field(default_factory=dict)
-    num_counts: dict[float, int] | None = field(default_factory=dict)
-    num_str_counts: dict[str, int] | None = field(default_factory=dict)
+    # the distinct numbers and the distinct texts of numbers, with counts (None: more than _MAX_COUNTED),
+    # as :class:`_Counts` of per-batch pieces (a wide file's columns hold mostly distinct numbers: a dict
+    # per column updated value by value costs a Python step per cell); read as dicts: num_counts, num_str_counts
+    numbers: _Counts = field(default_factory=lambda: _Counts(float))
+    number_texts: _Counts = field(default_factory=lambda: _Counts(str))
     total: float = 0.0
     minimum: float = np.inf
     maximum: float = -np.inf
@@ -1065,7 +1120,9 @@ class _ColumnProfile:
     n_marks: list[int] = field(default_factory=lambda: [0] * _MARKS)
     first_marks: list[tuple[int, str] | None] = field(default_factory=lambda: [None] * _MARKS)
 
-    def update(self, p: _Parsed, row0: int) -> None:
+    def update(self, p: _Parsed, row0: int, number_texts: tuple[Any, np.ndarray] | None = None) -> None:
+        """Add one batch of the column (``row0``: its first data row). ``number_texts``: the distinct
+        texts of its numbers and their counts, when counted already (:func:`_number_texts`)."""
         ok = ~p.missing & ~p.nonnum
         v = p.values[ok]
         self.n_num += len(v)
@@ -1087,22 +1144,14 @@ class _ColumnProfile:
             self.minimum = min(self.minimum, float(v.min()))
             self.maximum = max(self.maximum, float(v.max()))
             self.integral = self.integral and bool(np.all(v == np.round(v)))
-            if self.num_counts is not None:
+            if self.numbers.counting:  # a continuous column stops counting
                 u, c = np.unique(v, return_counts=True)
-                if len(u) + len(self.num_counts) > _MAX_COUNTED:  # a continuous column: stop counting
-                    self.num_counts = None
-                else:
-                    for a, b in zip(u.tolist(), c.tolist(), strict=True):
-                        self.num_counts[a] = self.num_counts.get(a, 0) + b
-            if self.num_str_counts is not None:  # the numbers' text: categories, or labels kept as text
-                vc = pc.value_counts(pc.filter(p.text(), pa.array(ok)))
-                if len(vc) + len(self.num_str_counts) > _MAX_COUNTED:
-                    self.num_str_counts = None
-                else:
-                    for item in vc.to_pylist():
-                        self.num_str_counts[item["values"]] = (
-                            self.num_str_counts.get(item["values"], 0) + item["counts"]
-                        )
+                self.numbers.add(u, c)
+            if self.number_texts.counting:  # the numbers' text: categories, or labels kept as text
+                if number_texts is None:
+                    vc = pc.value_counts(pc.filter(p.text(), pa.array(ok)))
+                    number_texts = vc.field("values"), vc.field("counts").to_numpy()
+                self.number_texts.add(*number_texts)
         nm = int(p.missing.sum())
         if nm:
             self.n_missing += nm
@@ -1128,6 +1177,101 @@ class _ColumnProfile:
     @property
     def mean(self) -> float:
         return self.total / self.n_num if self.n_num else 0.0
+
+    @property
+    def num_counts(self) -> dict[float, int] | None:
+        """The distinct numbers and their counts; None when more than :data:`_MAX_COUNTED`."""
+        return self.numbers.as_dict()
+
+    @property
+    def num_str_counts(self) -> dict[str, int] | None:
+        """The distinct texts of the numbers and their counts; None when more than :data:`_MAX_COUNTED`."""
+        return self.number_texts.as_dict()
+
+
+class _Counts:
+    """Distinct values of a column and their counts, kept as the per-batch pieces (distinct values,
+    counts) that NumPy or Arrow count, merged only when their total could pass :data:`_MAX_COUNTED`
+    (then counting stops, as a dict would when a batch's distinct values and the ones so far pass it)
+    and when read."""
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind  # float (NumPy arrays) or str (Arrow arrays)
+        self.pieces: list[tuple[Any, np.ndarray]] | None = []
+        self.bound = 0  # the pieces' lengths: at least the number of distinct values so far
+
+    @property
+    def counting(self) -> bool:
+        return self.pieces is not None
+
+    def add(self, values: Any, counts: np.ndarray) -> None:
+        """One batch's distinct values and counts."""
+        if self.pieces is None:
+            return
+        if len(counts) + self.bound > _MAX_COUNTED:
+            self._merge()
+            if len(counts) + self.bound > _MAX_COUNTED:
+                self.pieces = None
+                return
+        self.pieces.append((values, counts))
+        self.bound += len(counts)
+
+    def _merge(self) -> None:
+        if self.pieces is None or len(self.pieces) < 2:
+            return
+        counts = np.concatenate([c for _, c in self.pieces]).astype(np.int64)
+        if self.kind is float:
+            u, inv = np.unique(np.concatenate([v for v, _ in self.pieces]), return_inverse=True)
+            merged: tuple[Any, np.ndarray] = (u, np.bincount(inv, weights=counts, minlength=len(u)).astype(np.int64))
+        else:
+            t = pa.table({"v": pa.concat_arrays([_texts(v) for v, _ in self.pieces]), "c": counts}).group_by("v")
+            t = t.aggregate([("c", "sum")])
+            merged = (t.column("v").combine_chunks(), t.column("c_sum").to_numpy())
+        self.pieces = [merged]
+        self.bound = len(merged[1])
+
+    def as_dict(self) -> dict[Any, int] | None:
+        if self.pieces is None:
+            return None
+        self._merge()
+        if not self.pieces:
+            return {}
+        values, counts = self.pieces[0]
+        keys = values.tolist() if self.kind is float else _texts(values).to_pylist()
+        return dict(zip(keys, counts.tolist(), strict=True))
+
+
+def _texts(values: pa.Array | tuple[pa.Array, np.ndarray]) -> pa.Array:
+    """Text values of a :class:`_Counts` piece as a string array: an array, or a batch's dictionary
+    of texts and the indices of this column's (:func:`_number_texts`)."""
+    if isinstance(values, tuple):
+        dictionary, indices = values
+        values = dictionary.take(pa.array(indices))
+    return values if values.type == pa.string() else values.cast(pa.string())  # large_string in some files
+
+
+def _number_texts(parsed: Sequence[_Parsed], counting: Sequence[bool]) -> list[tuple[Any, np.ndarray] | None]:
+    """The distinct texts of the numbers of each column of a batch and their counts (as
+    :meth:`_ColumnProfile.update` counts them), for the ``counting`` columns with numbers, found in
+    one pass over the batch: one count per column would cost Arrow's per-call time 10,000 times in a
+    CSV of 10,000 columns. None for the others."""
+    out: list[tuple[Any, np.ndarray] | None] = [None] * len(parsed)
+    cols = [i for i, p in enumerate(parsed) if counting[i] and p.text().type == pa.string()]
+    if len(cols) < 2:
+        return out
+    oks = [~parsed[i].missing & ~parsed[i].nonnum for i in cols]
+    ok = np.concatenate(oks)
+    which = np.repeat(np.arange(len(cols)), [len(m) for m in oks])[ok]
+    texts = pa.concat_arrays([parsed[i].text() for i in cols]).filter(pa.array(ok))
+    coded = pc.dictionary_encode(texts)
+    dictionary, indices = coded.dictionary, coded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    keys, counts = np.unique(which * max(len(dictionary), 1) + indices, return_counts=True)
+    bounds = np.searchsorted(keys // max(len(dictionary), 1), np.arange(len(cols) + 1))
+    for k, i in enumerate(cols):
+        lo, hi = bounds[k], bounds[k + 1]
+        if hi > lo:
+            out[i] = (dictionary, keys[lo:hi] % max(len(dictionary), 1)), counts[lo:hi]
+    return out
 
 
 def _clean_label(s: pa.Array) -> pa.Array:
@@ -1201,19 +1345,20 @@ def _profile_table(
     n_drop = 0
     for row0, b in batches:
         drop_mask = np.zeros(b.num_rows, bool)
-        for c in profiles:
-            p = _parse(
-                b.column(c),
-                c,
-                decimal_comma,
-                (as_text or {}).get(c),
-                missing,
-                marks=True,
-                thousands_dot=thousands_dot,
-                dot_marks=dot_marks,
-                booleans=(booleans or {}).get(c),
-            )
-            profiles[c].update(p, row0)
+        parsed = _parse_many(
+            [b.column(c) for c in profiles],
+            list(profiles),
+            [(as_text or {}).get(c) for c in profiles],
+            [(booleans or {}).get(c) for c in profiles],
+            decimal_comma=decimal_comma,
+            missing=missing,
+            marks=True,
+            thousands_dot=thousands_dot,
+            dot_marks=dot_marks,
+        )
+        texts = _number_texts(parsed, [pr.number_texts.counting for pr in profiles.values()])
+        for c, p, t in zip(profiles, parsed, texts, strict=True):
+            profiles[c].update(p, row0, t)
             drop_mask |= p.missing
         n_drop += int(drop_mask.sum())
         n_seen += b.num_rows
@@ -1331,16 +1476,16 @@ def _ingest_table(
             n = b.num_rows
             keep = np.ones(n, bool)
             X = np.zeros((n, n_features), np.float32)
-            for e in encodings:
-                p = _parse(
-                    b.column(e["name"]),
-                    e["name"],
-                    decimal_comma,
-                    e["kind"] != "numeric",
-                    tokens,
-                    thousands_dot=thousands_dot,
-                    booleans=booleans.get(e["name"]),
-                )
+            parsed = _parse_many(
+                [b.column(e["name"]) for e in encodings],
+                [e["name"] for e in encodings],
+                [e["kind"] != "numeric" for e in encodings],
+                [booleans.get(e["name"]) for e in encodings],
+                decimal_comma=decimal_comma,
+                missing=tokens,
+                thousands_dot=thousands_dot,
+            )
+            for e, p in zip(encodings, parsed, strict=True):
                 if missing == "drop":
                     keep &= ~p.missing
                 o = e["offset"]
@@ -2184,6 +2329,26 @@ def _bom_encoding(path: Path) -> str | None:
     return None
 
 
+def _finish_interrupted_replace(dest: str | os.PathLike) -> list[str]:
+    """Finish a replacement of ``dest`` that a killed ingest (or other writer) left midway, before
+    this ingest decides whether ``dest`` exists (:func:`pipeline.store.finish_interrupted_replace`).
+    Returns what was done and, for each store set aside that it cannot judge, how to settle it."""
+    done, left = finish_interrupted_replace(dest)
+    there = os.path.lexists(os.fspath(dest))
+    for aside in left:
+        fix = (
+            f"remove it (rm -r {shlex.quote(str(aside))}) if {os.fspath(dest)!r} holds the store you want"
+            if there
+            else f"put it back (mv {shlex.quote(str(aside))} {shlex.quote(os.fspath(dest))}) or remove it"
+        )
+        done.append(
+            f"{str(aside)!r} is left from a replacement of {os.fspath(dest)!r} that was stopped (by an earlier "
+            f"version of this program, on another host, or while removing it), which ingest cannot finish; it was "
+            f"left as it is: {fix}"
+        )
+    return done
+
+
 def _md5(path: Path, limit: int = 256 * 2**20) -> str | None:
     """MD5 of files up to 256 MB (cheap next to parsing them); None for bigger ones."""
     import hashlib
@@ -2234,6 +2399,11 @@ def ingest(
     ``source.decimal_comma``, ``source.thousands_dot`` and ``source.missing_values``); a different
     one given is refused.
     """
+    if is_url(os.fspath(src)):
+        raise IngestError(
+            f"source {os.fspath(src)!r} is a URL; ingest reads local files: download it first (e.g. aws s3 cp "
+            f"{os.fspath(src)} .) and ingest the copy"
+        )
     path = Path(src)
     if not path.exists():
         raise IngestError(f"source file {str(src)!r} does not exist; check the path")
@@ -2274,8 +2444,16 @@ def ingest(
     _check_not_in_store(dest)
     # an empty directory the user made for the store holds nothing to lose: filled without --force
     # (replaced by the finished store; a failed ingest leaves it as it was, empty)
+    recovered = [] if is_url(os.fspath(dest)) else _finish_interrupted_replace(dest)
     force = force or empty_local_dir(dest)
-    check_replaceable(dest, force)
+    try:
+        check_replaceable(dest, force)
+    except StoreError as exc:  # the command prints no warning of a refused ingest: the error says it
+        if recovered:
+            raise StoreError(f"{exc} (before that, {'; '.join(recovered)})") from None
+        raise
+    for what in recovered:
+        warnings.warn(what, UserWarning, stacklevel=2)
     if not is_url(os.fspath(dest)):
         where, why = unwritable_reason(dest)
         if why is not None:

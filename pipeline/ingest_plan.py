@@ -16,7 +16,8 @@ that read no file and write nothing, so they are testable on their own:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+import shlex
+from collections.abc import Callable, Collection, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 
 ONEHOT_MAX = 16
 MAX_CLASSES_INFERRED = 50
+# a text column of more distinct values than this, most of them seen once (more distinct values than
+# half its rows), is no category: an identifier, an e-mail, free text; ordinal codes of it would let
+# a model learn which row is which. The bundled datasets' categorical columns have at most 42 values
+IDENTIFIER_MIN_DISTINCT = 100
 
 # where a data row of the source being ingested is, for a source of several files (a Parquet
 # dataset): "row 12 of file 'part.3.parquet'"; None for a single file
@@ -390,6 +395,21 @@ def select_columns(
 
 _LEADING_ZERO = re.compile(r"[+-]?0\d")
 
+# an amount a spreadsheet or shop export formats: "$1,234.50", "€12", "12,50 €", "12.5%", "USD 7",
+# "(1,234.00)" (an accounting negative), "-$5"; a column of them is numbers, not categories
+_UNITS = r"[$€£¥₹%]|(?:USD|EUR|GBP|CHF|JPY|CAD|AUD)\b"
+_AMOUNT = re.compile(rf"[+-]?\(?[+-]?(?:{_UNITS})?\s*[+-]?\d(?:[\d,.' \u00a0\u202f]*\d)?\s*(?:{_UNITS})?\)?")
+_MARKED = re.compile(rf"{_UNITS}|^[+-]?\(.*\)$")
+
+
+_DATE = re.compile(r"\d{4}-\d\d-\d\d|\d{1,2}[./-]\d{1,2}[./-]\d{2,4}(?!\d)")  # 2024-01-05, 05.01.2024, 1/5/24
+
+
+def formatted_amounts(texts: Collection[str]) -> bool:
+    """Whether every text is a number written with a currency or percent sign or in accounting
+    parentheses, some with one: what a column of prices, balances or rates exported as text holds."""
+    return any(_MARKED.search(t) for t in texts) and all(_AMOUNT.fullmatch(t) for t in texts)
+
 
 def labels_need_text(texts: Sequence[str]) -> bool:
     """Whether numeric-looking labels lose information as numbers: a leading zero (``007``,
@@ -437,6 +457,47 @@ def _missing_values_hint(features: Sequence[str], profiles: dict[str, _ColumnPro
     return f", or pass --missing-values '?,NA,{','.join(texts)}'"
 
 
+def _not_categories(c: str, pr: _ColumnProfile) -> tuple[str, str] | None:
+    """Whether a text column that ``encoding="auto"`` would make categories of is none, and why:
+    ``("amounts", example)`` for amounts with a currency or percent sign (their codes would order
+    ``$10`` before ``$9``), ``("identifier", counts)`` for an identifier (most of its many values
+    distinct); None for categories. An explicit ``--encoding`` keeps them as categories."""
+    texts = pr.nonnum_counts
+    if texts and formatted_amounts(texts):
+        r, v = pr.first_nonnum
+        return "amounts", f"{v!r} at {data_row(r)}"
+    distinct = len(texts) + len(pr.num_str_counts or {})
+    if distinct > IDENTIFIER_MIN_DISTINCT and 2 * distinct > pr.n_num + pr.n_nonnum:
+        dates = pr.first_nonnum is not None and _DATE.match(pr.first_nonnum[1])
+        kind = f"; dates such as {pr.first_nonnum[1]!r}, which are not read as numbers" if dates else ""
+        return "identifier", f"{distinct:,} distinct values in {pr.n_num + pr.n_nonnum:,} rows{kind}"
+    return None
+
+
+def _refuse_non_categories(found: dict[str, tuple[str, str]]) -> None:
+    """One error naming every column :func:`_not_categories` found, amounts first, and the --drop
+    options that leave them out."""
+    for kind in ("amounts", "identifier"):
+        cols = {c: why for c, (k, why) in found.items() if k == kind}
+        if not cols:
+            continue
+        named = ", ".join(f"{c!r} ({why})" for c, why in list(cols.items())[:5]) + (" ..." if len(cols) > 5 else "")
+        drops = " ".join(f"--drop {shlex.quote(c)}" for c in cols)  # "Order ID" as the shell takes it
+        s = "s" if len(cols) > 1 else ""
+        if kind == "amounts":
+            raise IngestError(
+                f"column{s} {named} hold{'' if s else 's'} amounts with a currency or percent sign or in "
+                "parentheses, which would be read as categories, not numbers; write them as plain numbers "
+                f"(e.g. -1234.50, or 0.125 for 12.5%), or leave {'them' if s else 'it'} out with {drops} "
+                "(--encoding onehot keeps such columns as categories)"
+            )
+        raise IngestError(
+            f"column{s} {named} look{'' if s else 's'} like an identifier, e-mail or free text, whose category "
+            f"codes would tell rows apart rather than generalize; leave {'them' if s else 'it'} out with {drops}, "
+            "or pass --encoding ordinal to keep such columns as categories"
+        )
+
+
 def plan_table(
     columns: Columns,
     profiles: dict[str, _ColumnProfile],
@@ -455,12 +516,19 @@ def plan_table(
         raise IngestError("every row has a missing value; use --missing impute")
     encodings = [dict(e) for e in columns.encodings or []]
     given = {e["name"]: e for e in encodings}  # a dict: a search of the list per column is quadratic in width
+    not_categories: dict[str, tuple[str, str]] = {}  # text columns "auto" would wrongly make categories of
     for c in columns.features:
         pr = profiles[c]
         enc = given.get(c)
         numeric_expected = enc["kind"] == "numeric" if enc else (pr.n_nonnum == 0 or pr.n_num > pr.n_nonnum)
         if numeric_expected and pr.n_nonnum:
             r, v = pr.first_nonnum
+            if formatted_amounts(pr.nonnum_counts):  # "$1,300" among plain numbers: no missing-value text
+                raise IngestError(
+                    f"column {c!r} is numeric but has {pr.n_nonnum:,} value(s) written with a currency or percent "
+                    f"sign or in parentheses ({v!r} at {data_row(r)}); write them as plain numbers (e.g. -1234.50, "
+                    "or 0.125 for 12.5%)"
+                )
             raise IngestError(
                 f"column {c!r} is numeric but has the non-numeric value {v!r} at {data_row(r)}; "
                 "fix the value or mark it missing (empty, ?, NA)"
@@ -468,6 +536,10 @@ def plan_table(
             )
         if numeric_expected and pr.first_big is not None:
             raise big_integer_error(c, pr.first_big[1])
+        if not numeric_expected and enc is None and encoding == "auto":
+            why = _not_categories(c, pr)
+            if why is not None:
+                not_categories[c] = why
         if not numeric_expected and enc is None and pr.n_thousands:
             (r, v), (r2, v2) = pr.first_thousands, pr.first_nonnum
             raise IngestError(
@@ -496,6 +568,7 @@ def plan_table(
             kind = encoding if encoding != "auto" else ("onehot" if len(cats) <= ONEHOT_MAX else "ordinal")
             fill = max(cats, key=lambda k: (counts[k], k))
             encodings.append({"name": c, "kind": kind, "categories": cats, "fill": fill})
+    _refuse_non_categories(not_categories)
     feature_names: list[str] = []
     for e in encodings:
         e["offset"] = len(feature_names)
