@@ -42,6 +42,7 @@ from pipeline.store import (
     _writer_gone,
     check_not_inside,
     for_workers,
+    is_url,
     layout_mismatch,
     open_store,
     replace_dir,
@@ -231,6 +232,12 @@ def check_inputs(
         raise PipelineError("--proba is for classification models")
     if out is None:
         return store, ""
+    if is_url(out):  # Path() would make "s3://b/p.zarr" the local directory "s3:/b/p.zarr"
+        raise PipelineError(
+            f"output {out!r} is a URL; predictions are written to a local path (a file system every worker "
+            "shares, on a cluster) and renamed into place, which object stores cannot do: name a local "
+            "output and copy it to the bucket afterwards"
+        )
     dest = Path(out)
     fmt = "zarr" if dest.suffix == ".zarr" else "parquet" if dest.suffix in (".parquet", ".pq") else ""
     if not fmt:

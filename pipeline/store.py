@@ -22,7 +22,9 @@ Replacing (``force``) is allowed only over a store this program wrote: a directo
 but ``zarr.json``, ``X`` and ``y`` whose group attributes carry ``format_version`` (or an empty
 directory). A folder of documents, a source file or any other data is refused, never deleted.
 The old store is renamed aside, the new one renamed into place, and only then is the old one
-removed, so an interruption never leaves the destination empty-handed.
+removed, so an interruption never leaves the destination empty-handed. A writer killed between those
+steps leaves the old store set aside (``.DEST.old-*``, its name recording the replacing temporary and
+the writer); the next writer to ``DEST`` finishes that replacement (:func:`finish_interrupted_replace`).
 
 Every chunk of ``X`` and ``y`` is written, including chunks equal to the fill value (Zarr skips
 those by default), and the store records it (``all_chunks_written``). Zarr reads an absent chunk
@@ -38,6 +40,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -49,7 +52,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from pipeline.errors import StoreError
+from pipeline.errors import PipelineError, StoreError
 
 FORMAT_VERSION = 1
 CODECS = ("lz4", "zstd", "none")
@@ -63,6 +66,9 @@ DEFAULT_CODEC = "none"
 # decompress call) is amortised, small enough that a loader buffering 4 chunks plus 2 in flight
 # stays within ~100-200 MB. bench/io.py, plain lz4 read by chunk size 4/16/64 MB: 1620/1885/733 MB/s.
 TARGET_CHUNK_BYTES = 16 * 2**20
+# Seconds opening a store on an object store, or checking what is at a URL, waits for the service:
+# its client retries a silent endpoint for many minutes (s3fs: 5 tries of botocore's 5, 15 s each).
+REMOTE_TIMEOUT = 60.0
 MIN_CHUNK_ROWS = 1024
 
 
@@ -204,13 +210,26 @@ class Store:
         for i in range(rows.start // self.chunk_rows, (rows.stop - 1) // self.chunk_rows + 1):
             if (name, i) in self._present:
                 continue
-            if not self.chunk_exists(name, i):
-                a, b = i * self.chunk_rows, min((i + 1) * self.chunk_rows, self.n_rows)
+            a, b = i * self.chunk_rows, min((i + 1) * self.chunk_rows, self.n_rows)
+            try:
+                there = self.chunk_exists(name, i)
+            except Exception as exc:  # an object store that refuses or cannot be reached
+                raise StoreError(self._unreachable(i, name, slice(a, b), exc)) from exc
+            if not there:
                 raise StoreError(
                     f"chunk {i} of array {name!r} (rows {a}:{b}) in store {self.path!r} is missing "
                     "(Zarr would read it as zeros); re-create the store from its source"
                 )
             self._present.add((name, i))
+
+    def _unreachable(self, chunk: int | str, name: str, rows: slice, exc: BaseException) -> str:
+        """The message for a chunk of a store on an object store that could not be fetched: the
+        service failed (down, refusing, denying), the chunk may well be intact."""
+        return (
+            f"chunk {chunk} of array {name!r} (rows {rows.start}:{rows.stop}) of store {self.path!r} could not be "
+            f"fetched from its object store ({_first_line(exc)}); check the endpoint (AWS_ENDPOINT_URL), the network "
+            "and the credentials, then run again"
+        )
 
     def _read(self, name: str, rows: slice, chunk: int | str) -> np.ndarray:
         arr = self.X if name == "X" else self.y
@@ -218,6 +237,8 @@ class Store:
         try:
             return np.asarray(arr[rows])
         except Exception as exc:  # checksum mismatch, truncated or undecodable chunk
+            if is_url(self.path) and not isinstance(exc, (ValueError, RuntimeError, TypeError)):
+                raise StoreError(self._unreachable(chunk, name, rows, exc)) from exc  # not the chunk's fault
             detail = str(exc).split(". ")[0].strip().rstrip(".")
             raise StoreError(
                 f"chunk {chunk} of array {name!r} (rows {rows.start}:{rows.stop}) in store {self.path!r} "
@@ -276,6 +297,61 @@ def read_rows_at(store: Store, rows: np.ndarray, labels: bool = True) -> tuple[n
     return X, y
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _remote_failure(url: str, exc: BaseException) -> str | None:
+    """What keeps the store at ``url`` from opening, in one line naming the fix, when the object
+    store is the cause: no package for the scheme, access denied, the endpoint unreachable, no
+    such bucket or key. None when the store is there and its contents are to blame."""
+    if isinstance(exc, ImportError):
+        return f"cannot open {url!r} ({_first_line(exc)}); install the fsspec package of its scheme (s3fs for s3://)"
+    if isinstance(exc, PermissionError):
+        return (
+            f"access to {url!r} is denied ({_first_line(exc)}); check the credentials (e.g. AWS_ACCESS_KEY_ID, "
+            "AWS_PROFILE) in the environment of this process and of every worker"
+        )
+    if not isinstance(exc, (FileNotFoundError, KeyError, ValueError, TypeError)):
+        # our own time limit (REMOTE_TIMEOUT), or the client's
+        why = f"no answer within {REMOTE_TIMEOUT:g} s" if isinstance(exc, TimeoutError) else _first_line(exc)
+        return (
+            f"cannot reach the object store of {url!r} ({why}); check its endpoint "
+            "(AWS_ENDPOINT_URL), the network, and that the service is up"
+        )
+    import fsspec
+
+    try:  # nothing found: which part of the URL is missing
+        fs, root = fsspec.core.url_to_fs(url)
+        bucket = fs._strip_protocol(root).split("/", 1)[0]
+        if not fs.exists(bucket, timeout=REMOTE_TIMEOUT):
+            return f"bucket {bucket!r} of {url!r} does not exist; check the URL, or create the bucket"
+        if not fs.exists(root, timeout=REMOTE_TIMEOUT):
+            return f"store {url!r} does not exist; check the URL, or create it with `pipeline ingest`"
+    except Exception as again:  # noqa: BLE001 - denied or unreachable now: say so
+        return _remote_failure(url, again) if not isinstance(again, (FileNotFoundError, ValueError)) else None
+    return None
+
+
+def _remote_exists(url: str) -> bool:
+    """Whether anything is at ``url``, for a writer about to create it there: a missing bucket, an
+    object store that refuses or cannot be reached is a :class:`StoreError` naming it, before any work."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        if fs.exists(root, timeout=REMOTE_TIMEOUT):
+            return True
+        bucket = fs._strip_protocol(root).split("/", 1)[0]
+        bucket_there = fs.exists(bucket, timeout=REMOTE_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - no package, denied, unreachable: one line each
+        raise StoreError(_remote_failure(url, exc) or f"cannot write {url!r} ({_first_line(exc)})") from None
+    if not bucket_there:
+        raise StoreError(f"bucket {bucket!r} of {url!r} does not exist; check the URL, or create the bucket")
+    return False
+
+
 def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
     """Open the store at ``path`` (a local path or an fsspec URL such as ``s3://bucket/x.zarr``)."""
     spath = os.fspath(path)
@@ -287,16 +363,34 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
     else:
         target = spath
     try:
-        group = zarr.open_group(target, mode=mode)
+        if is_url(spath):  # an endpoint that takes connections but never answers must not hang the caller
+            from zarr.api.asynchronous import open_group
+            from zarr.core.sync import sync
+
+            group = zarr.Group(sync(open_group(target, mode=mode), timeout=REMOTE_TIMEOUT))
+        else:
+            group = zarr.open_group(target, mode=mode)
     except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
+        remote = _remote_failure(spath, exc) if is_url(spath) else None
         raise StoreError(
-            f"{spath!r} is not a pipeline store ({type(exc).__name__}: {exc}); create one with `pipeline ingest`"
+            remote
+            or f"{spath!r} is not a pipeline store ({type(exc).__name__}: {exc}); create one with `pipeline ingest`"
         ) from None
     except Exception as exc:
         if type(exc).__name__ in ("GroupNotFoundError", "NodeTypeValidationError", "ContainsArrayError"):
             raise StoreError(f"{spath!r} is not a pipeline store; create one with `pipeline ingest`") from None
-        raise
+        remote = _remote_failure(spath, exc) if is_url(spath) else None
+        if remote is None:
+            raise
+        raise StoreError(remote) from None
     version = group.attrs.get("format_version")
+    if version is None and isinstance(group.attrs.get("writer"), Mapping):
+        # an object store has no rename: its writer writes in place and adds format_version last
+        w = group.attrs["writer"]
+        raise StoreError(
+            f"store {spath!r} is unfinished: its writer (process {w.get('pid')} on {w.get('host')}) stopped before "
+            "completing it, or is still writing it; create it again with `pipeline ingest ... --force`"
+        )
     if version is None:
         raise StoreError(
             f"{spath!r} is a Zarr group but not a pipeline store (no format_version); create one with `pipeline ingest`"
@@ -517,7 +611,16 @@ def foreign_store_reason(dest: str | os.PathLike) -> str | None:
             attrs = json.loads(fs.cat(f"{root}/zarr.json")).get("attributes") or {}
         except (OSError, ValueError, AttributeError):
             attrs = {}
-        return None if "format_version" in attrs else "it is not a store written by this program"
+        if "format_version" in attrs:
+            return None
+        if isinstance(attrs.get("writer"), Mapping):  # unfinished: its writer was killed, or still writes
+            w = attrs["writer"]
+            return (
+                f"it is being written by process {w.get('pid')} on this host"
+                if not _writer_gone(w) and (w.get("host") == socket.gethostname())
+                else None
+            )
+        return "it is not a store written by this program"
     path = Path(_local(spath))
     if path.is_symlink():
         return "it is a symbolic link"
@@ -616,10 +719,7 @@ def check_replaceable(dest: str | os.PathLike, force: bool, what: str = "store")
     """Refuse an existing ``dest`` unless ``force`` is given and it is a store this program wrote."""
     spath = os.fspath(dest)
     if is_url(spath):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(spath)
-        exists = fs.exists(root)
+        exists = _remote_exists(spath)
     else:
         local = Path(_local(spath))
         exists = local.exists() or local.is_symlink()
@@ -654,14 +754,33 @@ def check_not_inside(dest: str | os.PathLike, inputs: Mapping[str, str | os.Path
             )
 
 
+def _host_digest() -> str:
+    """Six hex digits naming this host in the name of a store set aside (a host name may hold dashes)."""
+    import hashlib
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _aside_re(name: str) -> re.Pattern[str]:
+    """The name :func:`replace_dir` gives ``name`` set aside: ``.NAME.old-TOKEN-HOST-PID-START``,
+    TOKEN that of the ``NAME.tmp-TOKEN`` replacing it, HOST, PID and START those of the writer."""
+    return re.compile(rf"\.{re.escape(name)}\.old-([0-9a-f]{{8}})-([0-9a-f]{{6}})-(\d+)-(\d*)")
+
+
 def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
     """Move the finished directory ``tmp`` to ``dest``, replacing what is there: the old
     ``dest`` is renamed aside first and removed only once ``tmp`` is in place (put back if the
-    move fails), so ``dest`` is at every moment either the old or the new one, never a mix."""
+    move fails), so ``dest`` is at every moment either the old or the new one, never a mix. The
+    name set aside records ``tmp`` and this process, so that if it is killed between the two
+    renames or before the removal, the next writer to ``dest`` can finish the replacement
+    (:func:`finish_interrupted_replace`)."""
     dest = Path(dest)
     aside = None
     if dest.exists() or dest.is_symlink():
-        aside = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        m = re.search(r"\.tmp-([0-9a-f]{8})$", Path(tmp).name)
+        token = m.group(1) if m else uuid.uuid4().hex[:8]
+        me = writer_marker()
+        aside = dest.with_name(f".{dest.name}.old-{token}-{_host_digest()}-{me['pid']}-{me['started']}")
         os.replace(dest, aside)
     try:
         os.replace(tmp, dest)
@@ -731,6 +850,62 @@ def clean_stale_temps(dest: str | os.PathLike) -> list[str]:
     return removed
 
 
+def _our_store(path: Path) -> bool:
+    """Whether ``path`` is a directory holding a store this program wrote, or nothing."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return foreign_store_reason(path) is None
+
+
+def finish_interrupted_replace(dest: str | os.PathLike) -> tuple[list[str], list[Path]]:
+    """Finish replacing the local store ``dest`` where a writer killed in :func:`replace_dir` left
+    it, as that writer would have: the old store set aside (``.DEST.old-*``) is removed when
+    ``dest`` is in place; when ``dest`` is missing (killed between the two renames), the finished
+    new store (``DEST.tmp-*``) is moved into place and the old one removed, or, with no finished
+    new store, the old one is put back. Only stores this program wrote, set aside by a writer of
+    this host that is no longer running, are touched. Returns what was done (one sentence each)
+    and the other stores set aside (by an earlier version of this program, on another host, or
+    left partly removed), which are left as they are."""
+    local = Path(os.path.abspath(_local(os.fspath(dest))))
+    done: list[str] = []
+    left: list[Path] = []
+    try:
+        asides = sorted(local.parent.glob(f".{glob.escape(local.name)}.old-*"))
+    except OSError:
+        return done, left
+    pattern = _aside_re(local.name)
+    for aside in asides:
+        m = pattern.fullmatch(aside.name)
+        if m is None or not _our_store(aside) or m.group(2) != _host_digest():
+            left.append(aside)
+            continue
+        token, _host, pid, started = m.groups()
+        if not _writer_gone({"host": socket.gethostname(), "pid": pid, "started": started}):
+            continue  # its writer is replacing the store right now
+        if local.exists() or local.is_symlink():
+            shutil.rmtree(aside)
+            done.append(
+                f"removed {str(aside)!r}, the old store left by a replacement of {str(local)!r} that was stopped "
+                "after putting the new store in place"
+            )
+            continue
+        new = local.with_name(f"{local.name}.tmp-{token}")
+        attrs = _group_attrs(new) if _our_store(new) else None
+        if attrs is not None and "format_version" in attrs and "writer" not in attrs:  # committed
+            os.replace(new, local)
+            shutil.rmtree(aside)
+            done.append(
+                f"moved the finished store {str(new)!r} to {str(local)!r} and removed the old one, completing "
+                "a replacement that was stopped midway"
+            )
+        else:
+            os.replace(aside, local)
+            done.append(
+                f"put the store {str(local)!r} back from {str(aside)!r}, where a replacement that was stopped left it"
+            )
+    return done, left
+
+
 class StoreWriter:
     """Appends rows to a new store in chunk-aligned writes; see :func:`create_store`.
 
@@ -769,18 +944,23 @@ class StoreWriter:
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._pending_rows = 0
         self._done = False
+        self._swapping = False  # copying a finished store over the one at a URL dest
         if self.url:
             import fsspec
 
             self._fs, self._fs_path = fsspec.core.url_to_fs(self.dest)
             check_replaceable(self.dest, force)
-            if self._fs.exists(self._fs_path):
-                self._fs.rm(self._fs_path, recursive=True)
-            self.tmp = self.dest  # object stores have no rename: write in place, delete on failure
+            # Object stores have no rename. A new store is written in place: readers take it for
+            # a store only once commit adds format_version. One replacing a store is written
+            # beside it and copied over it at commit, so a writer that fails leaves the old one whole.
+            replacing = _remote_exists(self.dest)
+            self.tmp = f"{self.dest.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}" if replacing else self.dest
+            self._tmp_path = self._fs_path.rstrip("/") + self.tmp[len(self.dest.rstrip("/")) :]
         else:
             local = Path(os.path.abspath(_local(self.dest)))
             if not local.name or local.parent == local:
                 raise StoreError(f"{self.dest!r} cannot hold a store; name a directory such as data.zarr")
+            finish_interrupted_replace(local)  # an earlier writer's replacement of dest, killed midway
             check_replaceable(self.dest, force)
             local.parent.mkdir(parents=True, exist_ok=True)
             clean_stale_temps(local)
@@ -829,7 +1009,12 @@ class StoreWriter:
         self._pending.append((X, y))
         self._pending_rows += len(X)
         if self._pending_rows >= self.chunk_rows:
-            self._flush(final=False)
+            try:
+                self._flush(final=False)
+            except Exception as exc:
+                if (err := self._remote_write_error(exc)) is exc:
+                    raise
+                raise err from exc
 
     def _flush(self, final: bool) -> None:
         if not self._pending:
@@ -863,9 +1048,11 @@ class StoreWriter:
                 "chunk_rows": self.chunk_rows,
                 "all_chunks_written": True,
             }
-            if "writer" in self.group.attrs:
-                del self.group.attrs["writer"]
-            self.group.attrs.update(_jsonable(attrs))
+            # one write: a store written in place is unfinished (writer) or complete, never neither
+            kept = {k: v for k, v in self.group.attrs.asdict().items() if k != "writer"}
+            self.group.attrs.put({**kept, **_jsonable(attrs)})
+            if self.url and self.tmp != self.dest:
+                self._copy_over_dest()
             if not self.url:
                 local = Path(os.path.abspath(_local(self.dest)))
                 if local.exists() or local.is_symlink():
@@ -878,19 +1065,66 @@ class StoreWriter:
                     if not self.force:
                         raise StoreError(f"store {self.dest!r} appeared while writing; pass --force to overwrite")
                 replace_dir(self.tmp, local)
-        except BaseException:
+        except BaseException as exc:
             self.abort()
-            raise
+            if not isinstance(exc, Exception) or (err := self._remote_write_error(exc)) is exc:
+                raise
+            raise err from exc
         self._done = True
         return open_store(self.dest)
+
+    def _remote_write_error(self, exc: Exception) -> Exception:
+        """``exc`` as it is, or, for a store on an object store that failed to take a write (down,
+        refusing, denying), a :class:`StoreError` saying so in one line and what is left."""
+        if not self.url or isinstance(exc, (PipelineError, ValueError, TypeError, MemoryError)):
+            return exc
+        if self._swapping:
+            left = f"it is unfinished now, and the new store is whole at {self.tmp!r}"
+        elif self.tmp != self.dest:
+            left = "the store there is as it was"
+        else:
+            left = "nothing was kept"
+        return StoreError(
+            f"writing the store {self.dest!r} failed ({_first_line(exc)}); {left}: check the endpoint "
+            "(AWS_ENDPOINT_URL), the network and the credentials, then run the command again with --force"
+        )
+
+    def _copy_over_dest(self) -> None:
+        """Replace the store at the URL ``dest`` by the finished one written beside it. The
+        destination's group metadata is first made that of an unfinished store (a writer record,
+        no format_version), so that while its arrays are swapped a reader refuses it as unfinished
+        and ``--force`` may replace it; the finished metadata is copied last, the temporary removed."""
+        fs, src, dst = self._fs, self._tmp_path, self._fs_path.rstrip("/")
+        fs.invalidate_cache()
+        reason = foreign_store_reason(self.dest) if fs.exists(dst) else None  # it may have changed meanwhile
+        if reason is not None:
+            raise StoreError(
+                f"{self.dest!r} changed while the store was written and {reason}; it was left as it is: "
+                "choose another destination"
+            )
+        meta = json.loads(fs.cat(f"{src}/zarr.json"))
+        self._swapping = True  # from here on a failure leaves dest unfinished: the new store is kept
+        fs.pipe(f"{dst}/zarr.json", json.dumps({**meta, "attributes": {"writer": writer_marker()}}).encode())
+        for name in ("X", "y"):
+            if fs.exists(f"{dst}/{name}"):
+                fs.rm(f"{dst}/{name}", recursive=True)
+        files = [f for f in fs.find(src) if f != f"{src}/zarr.json"]
+        fs.copy(files, [dst + f[len(src) :] for f in files])
+        fs.copy(f"{src}/zarr.json", f"{dst}/zarr.json")
+        self._swapping = False
+        fs.rm(src, recursive=True)
+        fs.invalidate_cache()
 
     def abort(self) -> None:
         """Remove everything written so far."""
         self._done = True
+        if self.url and self._swapping:
+            return  # dest is unfinished: the finished new store stays where it was written
         if self.url:
             try:
-                if self._fs.exists(self._fs_path):
-                    self._fs.rm(self._fs_path, recursive=True)
+                self._fs.invalidate_cache(self._tmp_path)
+                if self._fs.exists(self._tmp_path):
+                    self._fs.rm(self._tmp_path, recursive=True)
             except Exception:  # noqa: BLE001 - best effort on object stores
                 pass
         else:
