@@ -734,8 +734,7 @@ class RunDir:
                 _, meta = load_file(self.checkpoint, "checkpoint")
                 epoch, store = int(meta["epoch"]), str(meta.get("store") or store)
                 federated = isinstance(meta.get("federated"), dict)  # it counts rounds, not epochs
-                if federated and meta["federated"].get("sites"):
-                    store = f"--sites {store}"  # a federated run: its sites file
+                sites = federated and bool(meta["federated"].get("sites"))  # a federated run: its sites file
             except UnreadableFileError as exc:
                 return (
                     f"run directory {where} holds a damaged checkpoint and no model.npz ({exc.problem}): nothing "
@@ -744,7 +743,7 @@ class RunDir:
             except (CheckpointError, KeyError, TypeError, ValueError):
                 return None
             unit = "round" if federated else "epoch"
-            resume = f"continue it with `{resume_command(store, self.path, meta.get('cluster'))}`"
+            resume = f"continue it with `{resume_command(store, self.path, meta.get('cluster'), sites=sites)}`"
             if epoch < 1:  # no epoch finished: no best model to write yet
                 return f"run directory {where} holds a run interrupted in its first {unit} (no model.npz); {resume}"
             return (
@@ -2024,14 +2023,15 @@ def cluster_options(client: Any) -> dict[str, str]:
     return out
 
 
-def resume_command(store: str, out: str | os.PathLike, cluster: Any = None) -> str:
+def resume_command(store: str, out: str | os.PathLike, cluster: Any = None, sites: bool = False) -> str:
     """The command that continues the run in ``out`` on ``store``, with the cluster options the
     run was given (``cluster``: :func:`cluster_options`, as its checkpoint keeps them): a hint
     copied as it is printed reaches the run's scheduler (with its TLS files) instead of starting
     a local cluster."""
     import shlex
 
-    words = ["pipeline train", shlex.quote(str(store)), "--out", shlex.quote(str(out)), "--resume"]
+    words = ["pipeline train", *(["--sites"] if sites else []), shlex.quote(str(store))]
+    words += ["--out", shlex.quote(str(out)), "--resume"]
     if isinstance(cluster, dict):
         for key, option in _CLUSTER_OPTIONS.items():
             if isinstance(cluster.get(key), str) and cluster[key]:
