@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import shutil
 import socket
@@ -81,6 +82,9 @@ class Trial:
     path: Path
     shared: Shared
     before: dict[str, str] | None = None
+    fixture: Callable[[str], object] | None = None  # another fixture of the module, by name
+    stdout: str = ""  # what the last command printed on stdout
+    stderr: str = ""  # and on stderr (warnings, notes)
 
     def write(self, name: str, text: str) -> Path:
         p = self.path / name
@@ -98,7 +102,8 @@ class Trial:
         r = CliRunner().invoke(cli, [str(a) for a in args])
         if r.exception is not None and not isinstance(r.exception, SystemExit):
             raise r.exception
-        stderr = r.stderr
+        self.stdout, stderr = r.stdout, r.stderr
+        self.stderr = stderr
         assert "Traceback" not in stderr, stderr
         lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
         message = lines[-1] if lines and r.exit_code else ""
@@ -859,6 +864,125 @@ def _(t: Trial) -> Outcome:
     return t.cli("ingest", "sheet.csv", "out.zarr")
 
 
+@case("F91")
+def _(t: Trial) -> Outcome:
+    amounts = ["$1,234.50", "12.5%", "(1,234.00)", "$87.10", "4.0%", "(12.00)"]
+    t.write("shop.csv", "qty,price,label\n" + "".join(f'{i % 3},"{v}",{"ab"[i % 2]}\n' for i, v in enumerate(amounts)))
+    # euros after the amount, in a semicolon file of decimal commas: refused alike
+    t.write("eur.csv", "qty;price;label\n" + "".join(f"{i % 3};{i},50 €;{'ab'[i % 2]}\n" for i in range(6)))
+    euros = t.cli("ingest", "eur.csv", "out.zarr")
+    assert euros.exit == "1" and "column 'price' ('0,50 €' at data row 0 (0-based)) holds amounts" in euros.message
+    out = t.cli("ingest", "shop.csv", "out.zarr")
+    assert out.message.startswith("error: column 'price' ('$1,234.50' at data row 0 (0-based)) holds"), out.message
+    return out
+
+
+@case("F92")
+def _(t: Trial) -> Outcome:
+    t.write("mixed.csv", 'price,label\n1200,a\n"$1,300.00",b\n900,a\n1000,b\n')
+    mixed = t.cli("ingest", "mixed.csv", "out.zarr")
+    assert mixed.exit == "1" and "column 'price' is numeric but has 1 value(s)" in mixed.message, mixed
+    t.write("train.csv", "price,label\n1200,a\n1300,b\n900,a\n1000,b\n")
+    t.write("test.csv", "price,label\n$1200,a\n12%,b\n")
+    t.cli("ingest", "train.csv", "train.zarr", "--quiet")
+    return t.cli("ingest", "test.csv", "t.zarr", "--like", "train.zarr")
+
+
+@case("F93")
+def _(t: Trial) -> Outcome:
+    countries = ["DE", "FR", "US"]
+    rows = [f"ORD-{100000 + i},user{i}@example.com,{countries[i % 3]},{i % 50}.5,{'yn'[i % 2]}\n" for i in range(300)]
+    t.write("orders.csv", "order_id,email,country,amount,returned\n" + "".join(rows))
+    t.cli("ingest", "orders.csv", "dropped.zarr", "--drop", "order_id", "--drop", "email", "--quiet")
+    assert _open(t, "dropped.zarr").feature_names == ["country=DE", "country=FR", "country=US", "amount"]
+    t.cli("ingest", "orders.csv", "kept.zarr", "--encoding", "ordinal", "--quiet")
+    assert _open(t, "kept.zarr").feature_names == ["order_id", "email", "country", "amount"]
+    return t.cli("ingest", "orders.csv", "out.zarr")
+
+
+@case("F94")
+def _(t: Trial) -> Outcome:
+    import datetime as dt
+
+    days = [dt.date(2024, 1, 1) + dt.timedelta(days=i) for i in range(200)]
+    rows = "".join(f"{d},{i * 1.5:.2f},{'ab'[i % 2]}\n" for i, d in enumerate(days))
+    t.write("statement.csv", "date,amount,kind\n" + rows)
+    return t.cli("ingest", "statement.csv", "out.zarr")
+
+
+_KILLED_SWAP = """
+import os, signal, sys
+import pipeline.store as store
+from pipeline.ingest import ingest
+
+src, dest = sys.argv[1:3]
+replace = os.replace
+
+def killed_replace(a, b):
+    if ".tmp-" in str(a) and os.path.basename(str(b)) == os.path.basename(dest):
+        os.kill(os.getpid(), signal.SIGKILL)  # the old store set aside, the new one not yet moved in
+    return replace(a, b)
+
+store.os.replace = killed_replace
+ingest(src, dest, force=True)
+"""
+
+
+def _rows_csv(t: Trial, name: str, n: int) -> None:
+    t.write(name, "a,b,label\n" + "".join(f"{i},{i % 3},{'xy'[i % 2]}\n" for i in range(n)))
+
+
+@case("F95")
+def _(t: Trial) -> Outcome:
+    import subprocess
+    import sys
+
+    _rows_csv(t, "a.csv", 10)
+    _rows_csv(t, "new.csv", 16)
+    t.cli("ingest", "a.csv", "out.zarr", "--quiet")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_SWAP, "new.csv", "out.zarr"], env=env, capture_output=True, timeout=120
+    )
+    assert killed.returncode == -9, killed.stderr
+    left = sorted(p.name for p in t.path.iterdir() if ".old-" in p.name or ".tmp-" in p.name)
+    assert len(left) == 2 and not (t.path / "out.zarr").exists(), left
+    out = t.cli("ingest", "a.csv", "out.zarr")
+    assert out.message.endswith("completing a replacement that was stopped midway)"), out.message
+    assert not any(".old-" in p.name or ".tmp-" in p.name for p in t.path.iterdir())
+    assert _open(t).n_rows == 16  # the killed ingest's store, finished
+    # the leftovers are gone and out.zarr replaced, as the row says; nothing else changed
+    t.before = {k: v for k, v in t.before.items() if k.split("/")[0] not in left}
+    out.created = {"out.zarr"}
+    return out
+
+
+@case("F96")
+def _(t: Trial) -> Outcome:
+    _rows_csv(t, "a.csv", 10)
+    t.cli("ingest", "a.csv", ".out.zarr.old-1234abcd", "--quiet")  # set aside by an earlier version
+    t.cli("ingest", "a.csv", "out.zarr", "--quiet")
+    out = t.cli("ingest", "a.csv", "out.zarr", "--force", "--quiet", created={"out.zarr"})
+    warning = [ln for ln in t.stderr.splitlines() if ln.startswith("warning: ")]
+    assert len(warning) == 1 and ".out.zarr.old-1234abcd' is left from a replacement of 'out.zarr'" in warning[0]
+    assert "remove it (rm -r " in warning[0], warning
+    assert _open(t, ".out.zarr.old-1234abcd").n_rows == 10
+    t.before = {k: v for k, v in t.before.items() if k.split("/")[0] != "out.zarr"}  # replaced, as asked
+    return out
+
+
+@case("F97")
+def _(t: Trial) -> Outcome:
+    rows = "".join(f"{i},{i % 3},{'xy'[i % 2]},{'yes' if i % 2 else 'no'}\n" for i in range(8))
+    t.write("quoted.csv", '"order\nid",amount,"a\tb","bought\r\nit"\n' + rows)
+    t.cli("ingest", "quoted.csv", "out.zarr", "--quiet")
+    out = t.cli("inspect", "out.zarr")
+    lines = t.stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("features"))
+    assert [ln.split()[0] for ln in lines[start + 1 :]] == ["order\\nid", "amount", "a\\tb=x", "a\\tb=y"], t.stdout
+    return out
+
+
 @case("F15")
 def _(t: Trial) -> Outcome:
     (t.path / "mydata").mkdir()
@@ -1016,6 +1140,113 @@ def _(t: Trial) -> Outcome:
 @case("S16")
 def _(t: Trial) -> Outcome:
     return _train_sites(t, "", name="empty.toml")
+
+
+def _s3(t: Trial) -> str:
+    """The URL of the bucket on the module's S3 server (``s3`` below)."""
+    assert t.fixture is not None
+    return str(t.fixture("s3"))
+
+
+def _fresh_listings() -> None:
+    """Forget what this process's S3 file system listed: another process wrote, or the service changed."""
+    import s3fs
+
+    s3fs.S3FileSystem().invalidate_cache()
+
+
+def _bucket(url: str) -> list[str]:
+    """The objects under ``url``."""
+    import s3fs
+
+    _fresh_listings()
+    return sorted(s3fs.S3FileSystem().find(url.removeprefix("s3://")))
+
+
+@case("S18")
+def _(t: Trial) -> Outcome:
+    bucket = _s3(t)
+    before = _bucket(bucket)
+    out = _predict_refused_before_connecting(t, "run", "s.zarr", f"{bucket}/p.parquet")
+    assert _bucket(bucket) == before
+    return out
+
+
+_KILLED_S3_WRITER = """
+import os, signal, sys
+import numpy as np
+from pipeline.store import create_store
+w = create_store(sys.argv[1], 2, x_dtype="float32", y_dtype="int32", chunk_rows=10, force=True, attrs={})
+w.append(np.ones((30, 2), np.float32), np.zeros(30, np.int32))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@case("S19")
+def _(t: Trial) -> Outcome:
+    import subprocess
+    import sys
+
+    url = f"{_s3(t)}/killed.zarr"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_S3_WRITER, url], env=env, capture_output=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    before = _bucket(url)
+    out = t.cli("inspect", url)
+    assert _bucket(url) == before and before, before
+    return out
+
+
+@case("S20")
+def _(t: Trial) -> Outcome:
+    absent = t.cli("inspect", f"{_s3(t)}/absent.zarr")
+    assert absent.exit == "1" and f"store '{_s3(t)}/absent.zarr' does not exist; check the URL" in absent.message
+    return t.cli("inspect", "s3://nobucket/s.zarr")
+
+
+@case("S21")
+def _(t: Trial) -> Outcome:
+    return t.cli("ingest", "s3://b/x.csv", "s.zarr")
+
+
+@case("S22")
+def _(t: Trial) -> Outcome:
+    import requests
+
+    from pipeline.synth import synth
+
+    url = f"{_s3(t)}/guarded.zarr"
+    synth(url, rows=40, features=2, classes=2, seed=0)
+    auth = f"{os.environ['AWS_ENDPOINT_URL']}/moto-api/reset-auth"
+    requests.post(auth, data=b"0", timeout=10).raise_for_status()  # keys are checked from now on
+    try:
+        _fresh_listings()
+        return t.cli("inspect", url)
+    finally:
+        requests.post(auth, data=b"inf", timeout=10).raise_for_status()
+
+
+@case("S23")
+def _(t: Trial) -> Outcome:
+    """The command as a child process: this process's S3 file system keeps the endpoint it was made with."""
+    import subprocess
+    import sys
+
+    url = f"{_s3(t)}/s.zarr"
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    t.before = snapshot(t.path)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "inspect", url], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr  # one line, nothing else
+    return Outcome(str(done.returncode), done.stderr.strip())
+
+
+@case("S24")
+def _(t: Trial) -> Outcome:
+    t.copy(t.shared.store4, "s.zarr")
+    offline = ("--scheduler", t.shared.unreachable, "--connect-timeout", "1")  # refused before connecting
+    return t.cli("train", "s.zarr", "--out", "s3://b/run", *offline)
 
 
 # -- training settings -----------------------------------------------------------------------
@@ -1560,6 +1791,76 @@ def _(t: Trial) -> Outcome:
 def _(t: Trial) -> Outcome:
     model, X = _shared_rows(t, 1)
     return t.call(lambda: model.predict(X[0]))
+
+
+def _in_process_run(t: Trial) -> None:
+    """s.zarr of 600 rows and run/, a run of 1 epoch trained on it in this process."""
+    t.cli("synth", "s.zarr", "--rows", "600", "--features", "4", "--quiet")
+    assert t.cli("train", "s.zarr", "--out", "run", "--set", "epochs=1", "--set", "hidden=[8]", "-q").exit == "0"
+
+
+def _with_scheduler(t: Trial, name: str, **meta: object) -> Path:
+    """A copy of the shared run whose checkpoint records, as a run on a scheduler started by hand
+    does, the scheduler's address (and ``meta``)."""
+    from pipeline.checkpoint import load_file, save_file
+
+    run = t.copy(t.shared.run, name)
+    arrays, ck = load_file(run / "checkpoint.npz", "checkpoint")
+    ck = {k: v for k, v in ck.items() if k not in ("kind", "format_version", "sha256")}
+    ck.update(cluster={"scheduler": "tcp://10.0.0.5:8786"}, **meta)
+    save_file(run / "checkpoint.npz", "checkpoint", arrays, ck)
+    return run
+
+
+@case("M47")
+def _(t: Trial) -> Outcome:
+    _in_process_run(t)
+    return t.cli("train", "s.zarr", "--out", "run", "--resume", "--set", "epochs=2", "--set", "lr=1e30", "-q")
+
+
+@case("M48")
+def _(t: Trial) -> Outcome:
+    run = _with_scheduler(t, "stopped")
+    (run / "model.npz").unlink()  # stopped before it wrote its model
+    (run / "history.json").unlink()
+    t.copy(t.shared.store4, "s.zarr")
+    return t.cli("evaluate", "stopped", "s.zarr")
+
+
+@case("M49")
+def _(t: Trial) -> Outcome:
+    _with_scheduler(t, "runs/done", epoch=3)  # its resume checkpointed epoch 3, then was killed
+    out = t.cli("runs", "runs")
+    lines = t.stdout.splitlines()
+    assert len(lines) == 3 and lines[1].split()[:2] == ["runs/done", "1"], t.stdout
+    assert lines[2].startswith(
+        "run directory 'runs/done' holds an interrupted resume: its checkpoint is after 3 epoch(s)"
+    ), t.stdout
+    assert "--out runs/done --resume --scheduler tcp://10.0.0.5:8786`, or write the model" in lines[2], t.stdout
+    return out
+
+
+@case("M50")
+def _(t: Trial) -> Outcome:
+    _in_process_run(t)
+    run = t.path / "run"
+    config = (run / "config.toml").read_text()
+    (run / ".config.toml.tmp").write_text(config[: len(config) // 2])  # a writer SIGKILLed mid-write
+    (run / ".history.json.tmp").write_text('{"epochs": [')
+    (run / ".notes.tmp").write_text("the user's")
+    listed = t.cli("runs", ".")
+    assert listed.exit == "0" and t.stdout.splitlines()[1].split()[:2] == ["run", "1"], t.stdout
+    out = t.cli("train", "s.zarr", "--out", "run", "--resume", "--set", "epochs=2", "-q", created={"run"})
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".notes.tmp",
+        "checkpoint.npz",
+        "config.toml",
+        "history.json",
+        "model.npz",
+    ]
+    assert (run / ".notes.tmp").read_text() == "the user's" and "epochs = 2" in (run / "config.toml").read_text()
+    t.before = {k: v for k, v in t.before.items() if k.split("/")[0] != "run"}  # the resumed run, as asked
+    return out
 
 
 @case("M11")
@@ -2421,6 +2722,15 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
         yield Shared(store4, store5, Path(run), client, ps, f"tcp://127.0.0.1:{port}")
 
 
+@pytest.fixture(scope="module")
+def s3() -> Iterator[str]:
+    """The URL of an empty bucket on a moto S3 server on 127.0.0.1 (tests/s3server.py)."""
+    from tests.s3server import s3_bucket
+
+    with s3_bucket("bad-inputs") as url:
+        yield url
+
+
 def test_the_table_and_the_cases_match() -> None:
     assert len(ROWS) >= 25
     assert set(ROWS) == set(CASES), (sorted(set(ROWS) - set(CASES)), sorted(set(CASES) - set(ROWS)))
@@ -2430,10 +2740,12 @@ def test_the_table_and_the_cases_match() -> None:
 
 
 @pytest.mark.parametrize("row_id", list(ROWS))
-def test_bad_input(row_id: str, shared: Shared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_input(
+    row_id: str, shared: Shared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     row = ROWS[row_id]
     monkeypatch.chdir(tmp_path)
-    trial = Trial(tmp_path, shared)
+    trial = Trial(tmp_path, shared, fixture=request.getfixturevalue)
     out = CASES[row_id](trial)
     assert out.exit == row.exit, (out.exit, out.message)
     assert row.fragment in out.message, out.message

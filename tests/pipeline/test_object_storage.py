@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 s3fs = pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.errors import PipelineError, StoreError  # noqa: E402
@@ -26,6 +26,7 @@ from pipeline.model import load_model  # noqa: E402
 from pipeline.store import create_store, open_store  # noqa: E402
 from pipeline.train import train  # noqa: E402
 from tests.pipeline.helpers import CLI, LETTER, cli_env, make_store  # noqa: E402
+from tests.s3server import s3_bucket  # noqa: E402
 
 BUCKET = "pipeline-data"
 
@@ -39,27 +40,8 @@ def _fresh_listings() -> None:
 def s3() -> Iterator[str]:
     """The URL of an empty bucket on a moto S3 server on 127.0.0.1; the environment points every
     process started from now on (workers included) at it."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_MAX_ATTEMPTS": "1",  # an endpoint that is down fails at once
-    }
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in env.items():
-                mp.setenv(k, v)
-            for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-                mp.delenv(k, raising=False)
-            s3fs.S3FileSystem.clear_instance_cache()  # made before: they read another environment
-            s3fs.S3FileSystem().mkdir(BUCKET)
-            yield f"s3://{BUCKET}"
-    finally:
-        server.stop()
+    with s3_bucket(BUCKET) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
