@@ -90,10 +90,12 @@ from pipeline.train import (
     build_spec,
     changed,
     check_backend,
+    cluster_options,
     damaged_checkpoint,
     holdout_mismatch,
     let_job_tasks_stop,
     privacy_settings,
+    resume_command,
     resume_mismatch,
     store_stats,
     task_config,
@@ -291,12 +293,15 @@ class FederatedTrainer:
                 if not lost and self.client.status == "running":
                     raise
                 where = getattr(self.client.scheduler, "address", None) or "its address"
-                what = f"--sites {self.cfg.sites}" if self.cfg.sites else self.store_path
+                cluster = {"scheduler": "ADDRESS", **cluster_options(self.client)}
+                command = resume_command(
+                    self.cfg.sites or self.store_path, self.run.path, cluster, sites=bool(self.cfg.sites)
+                )
                 raise TrainingError(
                     f"lost the Dask scheduler at {where} and the parameter server in it "
                     f"({type(exc).__name__}); the last checkpoint is in {str(self.run.path)!r}: start a "
-                    f"scheduler and the workers, then run `pipeline train {what} --out {self.run.path} --resume "
-                    "--scheduler ADDRESS`"
+                    f"scheduler and the workers, then run `{command}`"
+                    + (" (with the new scheduler's address if it changed)" if cluster["scheduler"] != "ADDRESS" else "")
                 ) from None
             finally:
                 self._drop_late()  # the reports of sites that never came: nothing left pending
@@ -1238,6 +1243,7 @@ class FederatedTrainer:
             in_process=False,
             federated=self._checkpoint_meta(),
             **self._data_meta(),
+            **({"cluster": cluster} if (cluster := cluster_options(self.client)) else {}),
         )
         run.last_checkpoint = time.monotonic()
         ps.record(epoch=shown, checkpoint=True)

@@ -21,6 +21,8 @@ import pytest
 import pipeline.checkpoint
 from pipeline.checkpoint import kept_rounds, load_file, read_checkpoint
 from pipeline.config import TrainConfig
+from pipeline.errors import CheckpointError
+from pipeline.model import load_model
 from pipeline.train import train
 from tests.cluster.conftest import running_cluster
 from tests.faults.conftest import FAST, child_env, error_line
@@ -156,6 +158,30 @@ def test_a_resume_that_fails_before_its_first_checkpoint_leaves_the_run_s_config
     # once the resume has checkpointed, the run's config is its new one
     assert pipeline_cmd([*args, "--resume", "--set", "epochs=2", "--set", "server_lr=0.5"], tmp_path).returncode == 0
     assert "server_lr = 0.5" in (run / "config.toml").read_text().splitlines()
+
+
+def test_a_federated_run_records_its_scheduler_for_the_resume_hint(
+    cluster: Procs, small_store: Path, tmp_path: Path
+) -> None:
+    """A run of simulated clients on a hand-started scheduler: its checkpoint keeps the scheduler
+    (it kept none), so the hint of the interrupted run names it as a plain run's does."""
+    from distributed import Client
+
+    from pipeline.train import RunDir
+
+    run = tmp_path / "fed"
+    cfg = TrainConfig().with_overrides([*SETTINGS, "clients=4", "rounds=2"])
+    with Client(cluster.address, timeout=30) as client:
+        train(str(small_store), cfg, run, client=client)
+    _, meta = load_file(run / "checkpoint.npz", "checkpoint")
+    assert meta.get("cluster") == {"scheduler": cluster.address}
+    (run / "model.npz").unlink()  # as a run stopped before its model
+    hint = RunDir(run).missing_model(str(small_store))
+    assert hint is not None and f"--out {run} --resume --scheduler {cluster.address}`" in hint, hint
+    # load_model on the run directory says the same (it named STORE and no scheduler)
+    with pytest.raises(CheckpointError) as refused:
+        load_model(run)
+    assert f"pipeline train {small_store} --out {run} --resume --scheduler {cluster.address}`" in str(refused.value)
 
 
 # --------------------------------------------------------------------------------------------
