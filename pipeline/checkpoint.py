@@ -68,14 +68,14 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _writer_tag() -> str:
+def writer_tag() -> str:
     """This process, as its temporary files are named: ``PID@HOST``."""
     import socket
 
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-def _remove_stale_temporaries(path: Path) -> None:
+def remove_stale_temporaries(path: Path) -> None:
     """Remove the temporaries of ``path`` that writers killed mid-write (SIGKILL, the OOM killer,
     a job's time limit) left beside it: those named after a process of this host that no longer
     runs. A checkpoint is rewritten every ``checkpoint_seconds``, so a kill lands in a write
@@ -109,8 +109,8 @@ def save_file(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray],
     payload[_META] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
+        remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise _not_written(path, kind, exc) from None
     try:

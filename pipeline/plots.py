@@ -125,7 +125,10 @@ def _save(fig: Any, path: Path, job: str) -> list[Path]:
             path.parent,
         )
         return []
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    from pipeline.checkpoint import remove_stale_temporaries, writer_tag
+
+    remove_stale_temporaries(path)  # a drawing killed mid-save (SIGKILL) left its temporary
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as fh:

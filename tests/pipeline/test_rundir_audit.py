@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,44 @@ def test_an_interrupted_plot_leaves_no_partial_file(work: Path, monkeypatch: pyt
         "history.json",
         "model.npz",
     ]
+
+
+def test_a_plot_killed_mid_save_leaves_no_temporary_after_the_next_drawing(work: Path) -> None:
+    """A process killed (SIGKILL) while it saves a plot leaves its temporary beside the run's
+    files: the next drawing of the run removes it (it stayed for good), and keeps a user's
+    file of a like name."""
+    import subprocess
+    import sys
+
+    run = work / "run"
+    for name in ("curves.png", "rounds.png", "throughput.png"):
+        (run / name).unlink()
+    killed = textwrap.dedent(
+        f"""
+        import json, os, signal
+        from pathlib import Path
+        from matplotlib.figure import Figure
+        from pipeline.plots import save_plots
+
+        def killed(self, fname, *args, **kwargs):
+            fname.write(b"\\x89PNG")
+            fname.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        Figure.savefig = killed
+        run = Path({str(run)!r})
+        save_plots(run, json.loads((run / "history.json").read_text()))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", killed], capture_output=True, cwd=Path(__file__).parents[2])
+    assert done.returncode == -9, done.stderr.decode()
+    left = [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert len(left) == 1 and left[0].startswith(".curves.png."), left
+    (run / ".curves.png.mine.tmp").write_text("a user's")
+    from pipeline.plots import save_plots
+
+    assert save_plots(run, json.loads((run / "history.json").read_text()))
+    assert sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp")) == [".curves.png.mine.tmp"]
 
 
 # --------------------------------------------------------------------------------------------
