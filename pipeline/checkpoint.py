@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import CheckpointError
-from pipeline.files import new_file_mode
+from pipeline.files import new_file_mode, remove_stale_temporaries, writer_tag
 from pipeline.jobview import coarse_history
 from pipeline.runstate import BestModel, RunState
 
@@ -66,35 +66,6 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
         h.update(str(a.shape).encode())
         h.update(memoryview(a).cast("B"))
     return h.hexdigest()
-
-
-def writer_tag() -> str:
-    """This process, as its temporary files are named: ``PID@HOST``."""
-    import socket
-
-    return f"{os.getpid()}@{socket.gethostname()}"
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Remove the temporaries of ``path`` that writers killed mid-write (SIGKILL, the OOM killer,
-    a job's time limit) left beside it: those named after a process of this host that no longer
-    runs. A checkpoint is rewritten every ``checkpoint_seconds``, so a kill lands in a write
-    sooner or later, and each temporary is as large as the checkpoint."""
-    import glob
-    import socket
-
-    host = socket.gethostname()
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*@*.tmp"):
-        tag = tmp.name[len(path.name) + 2 : -len(".tmp")].rsplit(".", 1)[0]  # PID@HOST.RANDOM
-        pid, _, where = tag.partition("@")
-        if where != host or not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # alive, another user's
-            continue
 
 
 def save_file(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:

@@ -14,7 +14,6 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -186,13 +185,9 @@ class Model:
         if os.path.isdir(p):
             run, p = p, os.path.join(p, "model.npz")
             if not os.path.exists(p) and os.path.isfile(os.path.join(run, "checkpoint.npz")):
-                # which, with the command that continues it on its store and scheduler, as `pipeline
-                # evaluate`/`predict` say it
-                from pipeline.train import RunDir
-
+                # `pipeline evaluate`/`predict` say which (pipeline.train.RunDir.missing_model)
                 raise CheckpointError(
-                    RunDir(Path(run)).missing_model()
-                    or f"run directory {run!r} has no model.npz yet: its run is still training or was interrupted "
+                    f"run directory {run!r} has no model.npz yet: its run is still training or was interrupted "
                     f"(it holds a checkpoint); wait for it to end, or continue it with `pipeline train STORE --out "
                     f"{run} --resume`"
                 )

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.files import new_file_mode
+from pipeline.files import new_file_mode, remove_stale_temporaries, writer_tag
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +125,6 @@ def _save(fig: Any, path: Path, job: str) -> list[Path]:
             path.parent,
         )
         return []
-    from pipeline.checkpoint import remove_stale_temporaries, writer_tag
-
     remove_stale_temporaries(path)  # a drawing killed mid-save (SIGKILL) left its temporary
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
     try:
