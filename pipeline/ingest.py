@@ -1055,16 +1055,19 @@ def _parse_many(
     names: Sequence[str],
     as_text: Sequence[bool | None],
     booleans: Sequence[dict[str, str] | None],
+    texts: Sequence[bool],
     **kw: Any,
 ) -> list[_Parsed]:
     """:func:`_parse` of one batch of each column of ``arrays`` (``kw``: its other options), giving
     the same :class:`_Parsed` each. The text columns are parsed as one array: in a wide file (a CSV of
     10,000 columns holds about 100 rows per block) Arrow's cost per call, not the values, would
     dominate. A column where the text pattern of a number finds other text (Arrow may read some as
-    numbers), or holding integers beyond 2^53, is parsed alone, as are all when Arrow refuses one."""
+    numbers), or holding integers beyond 2^53, is parsed alone, as are all when Arrow refuses one;
+    so are the ``texts`` columns, known to hold text (categories, or text seen in an earlier batch),
+    which would otherwise be parsed twice."""
     arrs = [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays]
     out: list[_Parsed | None] = [None] * len(arrs)
-    fast = [i for i, a in enumerate(arrs) if a.type == pa.string() and booleans[i] is None and len(a)]
+    fast = [i for i, a in enumerate(arrs) if a.type == pa.string() and booleans[i] is None and not texts[i] and len(a)]
     if len(fast) > 1:
         starts = np.concatenate([[0], np.cumsum([len(arrs[i]) for i in fast])]).tolist()
         try:
@@ -1350,6 +1353,7 @@ def _profile_table(
             list(profiles),
             [(as_text or {}).get(c) for c in profiles],
             [(booleans or {}).get(c) for c in profiles],
+            [pr.n_nonnum > 0 for pr in profiles.values()],
             decimal_comma=decimal_comma,
             missing=missing,
             marks=True,
@@ -1481,6 +1485,7 @@ def _ingest_table(
                 [e["name"] for e in encodings],
                 [e["kind"] != "numeric" for e in encodings],
                 [booleans.get(e["name"]) for e in encodings],
+                [e["kind"] != "numeric" for e in encodings],
                 decimal_comma=decimal_comma,
                 missing=tokens,
                 thousands_dot=thousands_dot,

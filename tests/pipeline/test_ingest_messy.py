@@ -320,7 +320,7 @@ def test_parsing_the_columns_of_a_batch_together_gives_what_each_alone_does():
     arrays = [pa.array(v, pa.string()) for v in columns.values()]
     names = list(columns)
     for kw in ({"marks": True}, {"marks": True, "decimal_comma": True, "dot_marks": True}, {}):
-        together = _parse_many(arrays, names, [None] * len(names), [None] * len(names), **kw)
+        together = _parse_many(arrays, names, [None] * len(names), [None] * len(names), [False] * len(names), **kw)
         for name, arr, p in zip(names, arrays, together, strict=True):
             alone = _parse(arr, name, **kw)
             np.testing.assert_array_equal(p.values, alone.values, err_msg=name)
