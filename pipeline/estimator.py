@@ -1027,18 +1027,11 @@ class _BaseMLP(BaseEstimator):
             return self._fit_store(os.fspath(X), cfg)
         X, y = self._validate_arrays(X, y, reset=True)
         n = X.shape[0]
-        local = self.client == "local" or (self.client is None and n < int(self.cluster_min_rows))
+        local = self._trains_here(n)
         if _is_sparse(X) and not local:
             raise self._sparse_on_cluster(n)
         if local:
-            if _is_dask(X):
-                # in memory now: the same checks as NumPy input (NaN / inf refused)
-                X, y = self._validate_arrays(np.asarray(X.compute()), np.asarray(_computed(y)), reset=True)
-            with _blas_threads(cfg):
-                stopped = self._fit_local(X if _is_sparse(X) else np.asarray(X), y, cfg)
-            self.fitted_on_ = "local"
-            self._trained_on_arrays = True
-            return stopped
+            return self._fit_here(X, y, cfg, warm=False)
         _check_on_cluster(cfg)  # before the store is written
         with tempfile.TemporaryDirectory(prefix="pipeline-estimator-") as tmp:
             store = self._write_store(X, y, os.path.join(tmp, "data.zarr"))
@@ -1090,13 +1083,23 @@ class _BaseMLP(BaseEstimator):
                 "train from scratch"
             ) from None
         n = X.shape[0]
-        if not (self.client == "local" or (self.client is None and n < int(self.cluster_min_rows))):
+        if not self._trains_here(n):
             many = f"{n} rows, cluster_min_rows={self.cluster_min_rows},"
             raise self._warm_on_cluster("rows with a client" if self.client is not None else many)
+        return self._fit_here(X, y, cfg, warm=True)
+
+    def _trains_here(self, n: int) -> bool:
+        """Whether a fit of ``n`` in-memory rows trains in this process (``client="local"``, or no
+        client and fewer than ``cluster_min_rows`` rows) rather than on a Dask cluster."""
+        return self.client == "local" or (self.client is None and n < int(self.cluster_min_rows))
+
+    def _fit_here(self, X: Any, y: Any, cfg: TrainConfig, warm: bool) -> bool | None:
+        """Train validated in-memory rows in this process (:meth:`_fit_local`; with ``warm`` from the
+        fitted model): whether the stopping rule ended it."""
         if _is_dask(X):  # in memory now: the same checks as NumPy input (NaN / inf refused)
-            X, y = self._validate_arrays(np.asarray(X.compute()), np.asarray(_computed(y)), reset=False)
+            X, y = self._validate_arrays(np.asarray(X.compute()), np.asarray(_computed(y)), reset=not warm)
         with _blas_threads(cfg):
-            stopped = self._fit_local(X if _is_sparse(X) else np.asarray(X), y, cfg, warm=True)
+            stopped = self._fit_local(X if _is_sparse(X) else np.asarray(X), y, cfg, warm=warm)
         self.fitted_on_ = "local"
         self._trained_on_arrays = True
         return stopped
@@ -1480,7 +1483,7 @@ class _BaseMLP(BaseEstimator):
                 record.update(self._val_sparse(trainer, Xva, t[va], t[va] if target is None else y[va], target))
             elif len(va):
                 record["val_loss"] = float(trainer.loss(Xn[va], t[va]))
-                record.update(self._val_metrics(trainer, Xn[va], t[va] if target is None else y[va], target))
+                record.update(self._val_scores(trainer.forward(Xn[va]), t[va] if target is None else y[va], target))
             history.append(record)
             stop = stopping.update(record[score_key or "train_loss"], len(tr))
             # as scikit-learn: the best validation score's weights with early_stopping, else the last's
@@ -1523,26 +1526,20 @@ class _BaseMLP(BaseEstimator):
 
     @staticmethod
     def _val_sparse(trainer: Any, Xv: _SparseRows, tv: np.ndarray, yv: np.ndarray, target: dict | None) -> dict:
-        """``val_loss`` and :meth:`_val_metrics` of sparse held-out rows, a dense block at a time."""
-        from pipeline.metrics import evaluate_arrays, finish_metrics
-
+        """``val_loss`` and :meth:`_val_scores` of sparse held-out rows, a dense block at a time."""
         total, outs = 0.0, []
         for sl, rows in Xv.blocks():
             total += float(trainer.loss(rows, tv[sl])) * (sl.stop - sl.start)
             outs.append(trainer.forward(rows))
-        out = np.concatenate(outs)
-        metrics = finish_metrics(evaluate_arrays(out, yv, target, out.shape[1]), target)
-        scores = {f"val_{k}": v for k, v in metrics.items() if k not in ("loss", "confusion")}
-        return {"val_loss": total / len(Xv), **scores}
+        return {"val_loss": total / len(Xv), **_BaseMLP._val_scores(np.concatenate(outs), yv, target)}
 
     @staticmethod
-    def _val_metrics(trainer: Any, Xv: np.ndarray, yv: np.ndarray, target: dict | None) -> dict[str, Any]:
-        """An epoch's metrics on the held-out rows as a cluster run records them (``val_accuracy``
-        or ``val_r2``, ...; pipeline.metrics), besides the ``val_loss`` early stopping watches.
-        ``yv``: class indices, or the raw regression targets."""
+    def _val_scores(out: np.ndarray, yv: np.ndarray, target: dict | None) -> dict[str, Any]:
+        """An epoch's metrics on the held-out rows, from the network's outputs ``out`` there, as a
+        cluster run records them (``val_accuracy`` or ``val_r2``, ...; pipeline.metrics), besides
+        the ``val_loss``. ``yv``: class indices, or the raw regression targets."""
         from pipeline.metrics import evaluate_arrays, finish_metrics
 
-        out = trainer.forward(Xv)
         metrics = finish_metrics(evaluate_arrays(out, yv, target, out.shape[1]), target)
         return {f"val_{k}": v for k, v in metrics.items() if k not in ("loss", "confusion")}
 

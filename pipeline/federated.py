@@ -95,8 +95,8 @@ from pipeline.train import (
     holdout_mismatch,
     let_job_tasks_stop,
     privacy_settings,
-    resume_command,
     resume_mismatch,
+    scheduler_lost,
     store_stats,
     task_config,
 )
@@ -292,17 +292,8 @@ class FederatedTrainer:
                 lost = isinstance(exc, CommClosedError) or "scheduler-connection-lost" in str(exc)
                 if not lost and self.client.status == "running":
                     raise
-                where = getattr(self.client.scheduler, "address", None) or "its address"
-                cluster = {"scheduler": "ADDRESS", **cluster_options(self.client)}
-                command = resume_command(
-                    self.cfg.sites or self.store_path, self.run.path, cluster, sites=bool(self.cfg.sites)
-                )
-                raise TrainingError(
-                    f"lost the Dask scheduler at {where} and the parameter server in it "
-                    f"({type(exc).__name__}); the last checkpoint is in {str(self.run.path)!r}: start a "
-                    f"scheduler and the workers, then run `{command}`"
-                    + (" (with the new scheduler's address if it changed)" if cluster["scheduler"] != "ADDRESS" else "")
-                ) from None
+                what = self.cfg.sites or self.store_path
+                raise scheduler_lost(self.client, exc, self.run.path, what, sites=bool(self.cfg.sites)) from None
             finally:
                 self._drop_late()  # the reports of sites that never came: nothing left pending
 

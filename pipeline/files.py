@@ -32,8 +32,9 @@ def writer_tag() -> str:
 def remove_stale_temporaries(path: Path) -> None:
     """Remove the temporaries of ``path`` that writers killed mid-write (SIGKILL, the OOM killer,
     a job's time limit) left beside it: those named after a process of this host that no longer
-    runs. A checkpoint is rewritten every ``checkpoint_seconds``, so a kill lands in a write
-    sooner or later, and each temporary is as large as the checkpoint."""
+    runs (the temporaries :func:`writer_tag` names: checkpoints, models, plots). A checkpoint is
+    rewritten every ``checkpoint_seconds``, so a kill lands in a write sooner or later, and each
+    temporary is as large as the file it replaces."""
     import glob
     import socket
 

@@ -1155,14 +1155,7 @@ class Trainer:
                 lost = isinstance(exc, CommClosedError) or "scheduler-connection-lost" in str(exc)
                 if not lost and self.client.status == "running":
                     raise
-                where = getattr(self.client.scheduler, "address", None) or "its address"
-                cluster = {"scheduler": "ADDRESS", **cluster_options(self.client)}
-                raise TrainingError(
-                    f"lost the Dask scheduler at {where} and the parameter server in it "
-                    f"({type(exc).__name__}); the last checkpoint is in {str(self.run.path)!r}: start a "
-                    f"scheduler and workers, then run `{resume_command(self.store_path, self.run.path, cluster)}`"
-                    + (" (with the new scheduler's address if it changed)" if cluster["scheduler"] != "ADDRESS" else "")
-                ) from None
+                raise scheduler_lost(self.client, exc, self.run.path, self.store_path) from None
 
     # -- where the work runs (pipeline.local.LocalTrainer: in this process) -----------------
 
@@ -2037,6 +2030,20 @@ def resume_command(store: str, out: str | os.PathLike, cluster: Any = None, site
             if isinstance(cluster.get(key), str) and cluster[key]:
                 words += [option, shlex.quote(cluster[key])]
     return " ".join(words)
+
+
+def scheduler_lost(client: Any, exc: BaseException, out: Path, store: str, sites: bool = False) -> TrainingError:
+    """The error of a run in ``out`` whose Dask scheduler (``client``'s) went away, with the command
+    that resumes it there, or on a new scheduler (``--scheduler ADDRESS`` when the address is
+    unknown)."""
+    where = getattr(client.scheduler, "address", None) or "its address"
+    cluster = {"scheduler": "ADDRESS", **cluster_options(client)}
+    return TrainingError(
+        f"lost the Dask scheduler at {where} and the parameter server in it ({type(exc).__name__}); the last "
+        f"checkpoint is in {str(out)!r}: start a scheduler and the workers, then run "
+        f"`{resume_command(store, out, cluster, sites=sites)}`"
+        + (" (with the new scheduler's address if it changed)" if cluster["scheduler"] != "ADDRESS" else "")
+    )
 
 
 def check_local_out(out: str | os.PathLike) -> None:
