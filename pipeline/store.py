@@ -214,6 +214,8 @@ class Store:
             try:
                 there = self.chunk_exists(name, i)
             except Exception as exc:  # an object store that refuses or cannot be reached
+                if not is_url(self.path):
+                    raise
                 raise StoreError(self._unreachable(i, name, slice(a, b), exc)) from exc
             if not there:
                 raise StoreError(
