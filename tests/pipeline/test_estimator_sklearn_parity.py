@@ -269,7 +269,9 @@ def test_sparse_refusals_name_the_fix():
         MLPClassifier(cluster_min_rows=0).fit(X, y)
     with pytest.raises(ValueError, match=r"X is a sparse matrix, .*pass solver='minibatch'"):
         LogisticRegression().fit(X, y)
-    assert LogisticRegression(solver="minibatch", max_iter=2, n_iter_no_change=0).fit(X, y).score(X, y) > 0.5
+    # seeded, and 10 epochs: 2 epochs of an unseeded fit scored 0.42-0.71 on these rows (3 classes)
+    minibatch = LogisticRegression(solver="minibatch", max_iter=10, n_iter_no_change=0, random_state=0)
+    assert minibatch.fit(X, y).score(X, y) > 0.5
 
 
 # --------------------------------------------------------------------------------------------
