@@ -30,6 +30,14 @@ codec sends), and the tests hold them to it bit for bit:
   weighted mean (:func:`pipeline.fedagg.aggregate`) of the same deltas. NumPy takes two passes
   and a temporary per delta (7.8 ms for 8 deltas of 1e6 entries here, one thread).
 
+* **the server's round** (:func:`weighted_mean_into`, :func:`sgd_step`): the weighted mean of a
+  sync round's deltas, one pass per delta (one compiled signature whatever the number of
+  deltas, so no round compiles a new one in the scheduler), and the server's SGD step with its
+  weights' moving average (``ema``) in one pass: NumPy takes two passes per delta and five for
+  the step (1.4 ms a round for the 535,818 weights of a 784-512-256-10 MLP here, in the
+  scheduler's event loop while every worker waits for the reply). Bit for bit the NumPy code
+  they replace (:func:`weighted_mean_reference`, :func:`sgd_step_reference`).
+
 A NaN is not finite: a delta holding one fails the job on the server whatever was selected
 (its bits sort above infinity here). The module loads numba on first use
 (:mod:`pipeline.ps.wire` imports it with the first bf16 or top-k vector); the compiled loops
@@ -117,6 +125,83 @@ def _weighted_sum(deltas, shares, out):
         for j in range(1, len(deltas)):
             acc = acc + deltas[j][i] * shares[j]
         out[i] = acc
+
+
+@njit(**_JIT)
+def _scaled_add(out, delta, share, first):
+    # out, delta: (N,) float32; share: float32. first: out = delta * share; else out += delta * share
+    if first:
+        for i in range(out.shape[0]):
+            out[i] = delta[i] * share
+    else:
+        for i in range(out.shape[0]):
+            out[i] = out[i] + delta[i] * share
+
+
+@njit(**_JIT)
+def _sgd_step(params, grad, lr, average, keep, mode):
+    # params, grad, average: (N,) float32; lr, keep: float32. mode 0: no average; 1: the
+    # average's first update (it becomes the weights); 2: average += (params - average) * keep
+    for i in range(params.shape[0]):
+        p = params[i] - grad[i] * lr
+        params[i] = p
+        if mode == 1:
+            average[i] = average[i] + (p - average[i])
+        elif mode == 2:
+            average[i] = average[i] + (p - average[i]) * keep
+
+
+def weighted_mean_into(
+    deltas: list[np.ndarray] | tuple[np.ndarray, ...], shares: np.ndarray, out: np.ndarray
+) -> np.ndarray:
+    """``sum_j shares[j] * deltas[j]`` into ``out`` (float32 vectors of one length, contiguous;
+    ``shares`` float32), a pass per delta; bit for bit :func:`weighted_mean_reference`."""
+    shares = np.asarray(shares, dtype=np.float32).reshape(-1)
+    if not len(deltas) or len(deltas) != shares.size or any(d.shape != out.shape for d in deltas):
+        raise ValueError(
+            f"weighted_mean_into needs k >= 1 vectors of out's length and k shares, got {len(deltas)} and {shares.size}"
+        )
+    for j, d in enumerate(deltas):
+        _scaled_add(out, np.ascontiguousarray(d, dtype=np.float32), shares[j], j == 0)
+    return out
+
+
+def weighted_mean_reference(
+    deltas: list[np.ndarray] | tuple[np.ndarray, ...], shares: np.ndarray, out: np.ndarray
+) -> np.ndarray:
+    """:func:`weighted_mean_into` in NumPy: the parameter server's former weighted mean, a
+    multiply into a scratch vector and an add per delta."""
+    tmp = np.empty_like(out)
+    for j, d in enumerate(deltas):
+        np.multiply(d, np.float32(shares[j]), out=out if j == 0 else tmp)
+        if j:
+            out += tmp
+    return out
+
+
+def sgd_step(params: np.ndarray, grad: np.ndarray, lr: float, average: np.ndarray | None, keep: float | None) -> None:
+    """In place: ``params -= grad * lr``, then, with ``average``, ``average += (params -
+    average) * keep`` (``keep`` None: ``average += params - average``, its first update), all in
+    float32 and one pass; bit for bit :func:`sgd_step_reference`. Contiguous float32 vectors."""
+    if average is None:
+        _sgd_step(params, grad, np.float32(lr), params, np.float32(0), 0)
+    else:
+        _sgd_step(
+            params, grad, np.float32(lr), average, np.float32(0 if keep is None else keep), 1 if keep is None else 2
+        )
+
+
+def sgd_step_reference(
+    params: np.ndarray, grad: np.ndarray, lr: float, average: np.ndarray | None, keep: float | None
+) -> None:
+    """:func:`sgd_step` in NumPy, operation by operation as the server's optimizer took it."""
+    tmp = np.multiply(grad, np.float32(lr))
+    params -= tmp
+    if average is not None:
+        np.subtract(params, average, out=tmp)
+        if keep is not None:
+            tmp *= np.float32(keep)
+        average += tmp
 
 
 def weighted_sum(

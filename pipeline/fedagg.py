@@ -89,12 +89,18 @@ def aggregate(
 
 
 def _mean(deltas: Sequence[np.ndarray], w: np.ndarray, out: np.ndarray, work: np.ndarray | None) -> np.ndarray:
-    """The weighted mean: each delta times its float32 weight, summed in order."""
+    """The weighted mean: each delta times its float32 weight, summed in order (a compiled
+    pass per delta, :func:`kernels.codec.weighted_mean_into`, for contiguous float32 vectors;
+    NumPy's multiply and add, the same float32 operations, otherwise)."""
     total = float(w.sum())
+    shares = np.array([float(w[i]) / total if total else 1 / len(deltas) for i in range(len(deltas))], np.float32)
+    if out.dtype == np.float32 and out.flags.c_contiguous and all(d.dtype == np.float32 for d in deltas):
+        from kernels.codec import weighted_mean_into  # numba: loaded off the event loop by the server
+
+        return weighted_mean_into(list(deltas), shares, out)
     tmp = work if work is not None else np.empty_like(out)
     for i, d in enumerate(deltas):
-        weight = np.float32(float(w[i]) / total if total else 1 / len(deltas))
-        np.multiply(d, weight, out=out if i == 0 else tmp)
+        np.multiply(d, shares[i], out=out if i == 0 else tmp)
         if i:
             out += tmp
     return out

@@ -16,7 +16,9 @@ no bias correction, where ``v`` is ``v + d^2`` (``adagrad``), ``v - (1 - beta2) 
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -84,11 +86,55 @@ class Schedule:
         }
 
 
+def server_kernels() -> Any:
+    """:mod:`kernels.codec`, the server's compiled loops (imports numba on first use)."""
+    import kernels.codec
+
+    return kernels.codec
+
+
+def _one_pass(params: np.ndarray, grad: np.ndarray, average: np.ndarray | None) -> bool:
+    """Whether the compiled step takes these vectors: contiguous float32 of one length."""
+    return all(
+        v.dtype == np.float32 and v.flags.c_contiguous and v.shape == params.shape
+        for v in (params, grad, *(() if average is None else (average,)))
+    )
+
+
+_WARMING: list[threading.Thread] = []
+_WARM_LOCK = threading.Lock()
+
+
+def warm_server_kernels() -> threading.Thread:
+    """Load the server's compiled loops (:func:`server_kernels`) in a background thread, once per
+    process: a job's creation calls it, so its first round does not stall the scheduler's event
+    loop while numba is imported and the loops are loaded from their cache (compiled, on a
+    fresh install: seconds). A round that comes sooner waits for the same load."""
+    with _WARM_LOCK:
+        if not _WARMING:
+            thread = threading.Thread(target=_load_server_kernels, name="pipeline-server-kernels-load", daemon=True)
+            _WARMING.append(thread)
+            thread.start()
+        return _WARMING[0]
+
+
+def _load_server_kernels() -> None:
+    try:
+        k = server_kernels()
+        v = np.zeros(8, np.float32)
+        k.weighted_mean_into([v, v], np.ones(2, np.float32), np.empty_like(v))
+        k.sgd_step(v.copy(), v, 1.0, None, None)
+        k.sgd_step(v.copy(), v, 1.0, v.copy(), 0.5)
+    except Exception:  # a warm-up only: the first real round reports what fails
+        logging.getLogger("pipeline.ps").debug("loading the server's compiled loops failed", exc_info=True)
+
+
 class ServerOptimizer:
     """The server's optimizer over the flat parameter vector; the combined delta is its gradient.
 
-    Plain NumPy in place (a few vector passes per round): cheap enough for the event loop at
-    the sizes this project trains, and free of JIT compilation inside the scheduler.
+    In place, through scratch vectors kept between rounds: NumPy passes for momentum and the
+    adaptive family, one compiled pass for SGD and its average (:mod:`kernels.codec`, loaded off
+    the event loop when a job is created: :func:`warm_server_kernels`).
 
     ``ema`` > 0 also keeps an exponential moving average of the weights (Polyak averaging), the
     buffer ``average``: after update ``t`` (1-based) ``average += (1 - d) * (params - average)``
@@ -148,8 +194,15 @@ class ServerOptimizer:
         """Apply one update in place; ``grad`` is read only. Element-wise results equal the
         plain expressions (``params -= lr * grad`` ...): the products go through scratch
         vectors kept between rounds (one; two for the adam family) instead of fresh temporaries
-        per round."""
+        per round. SGD, the default, and its average take one compiled pass
+        (:func:`kernels.codec.sgd_step`, the same float32 operations)."""
         self.t += 1
+        if self.name == "sgd" and _one_pass(params, grad, self.buffers.get("average")):
+            keep = None
+            if self.ema and self.t > 1:
+                keep = 1 - min(self.ema, (1 + self.t) / (10 + self.t))
+            server_kernels().sgd_step(params, grad, lr, self.buffers["average"] if self.ema else None, keep)
+            return
         tmp = self.work_vector(params)
         if self.name == "sgd":
             np.multiply(grad, np.float32(lr), out=tmp)

@@ -32,9 +32,11 @@ from pipeline.loader import ChunkLoader, RowCache, buffer_bytes, row_bytes
 from pipeline.loop import (
     FULL_BATCH_ROWS,
     VAL_CACHE_MB,
+    Lookahead,
     holdout_selection,
     load_local_state,
     local_state,
+    lookahead_batches,
     make_trainer,
     prepare_targets,
     row_cache_bytes,
@@ -472,6 +474,9 @@ class _Pusher:
         self.held = self.anchor  # the weights the server last sent (compressed replies change them)
         self.version = int(joined["version"])
         self.pending: Any = None  # the push in flight (overlap)
+        # the task's minibatches, and how many of them to make while a round closes (sync wait)
+        self.ahead: Lookahead | None = None
+        self.ahead_n = 0
         self.timing: dict[str, float] = {"compute": 0.0}  # run_batches adds the kernels' seconds
         self.reported = {"read": 0.0, "compute": 0.0, "communicate": 0.0}
         # local DP: each delta is clipped and noised here, before it leaves the site
@@ -581,6 +586,8 @@ class _Pusher:
         if self.overlap:
             self.pending = fut
         else:
+            if self.ahead is not None:  # the next steps' minibatches, made while the round closes
+                self.ahead.fill(self.ahead_n)
             self._fold(fut)
 
     def _secure_push(self, delta: np.ndarray, samples: int, batches: int, loss: float, timings: dict) -> None:
@@ -730,6 +737,9 @@ def train_task(
     _row_cache.resize(_row_cache_bytes(cfg, need))
     loader = training_loader(store, cfg, ranges=ranges, cache=_row_cache, cache_scope=job)
     pusher = _Pusher(comm, trainer, loader, name, reply, cfg, compressor, group)
+    batches = Lookahead((X, prepare_targets(y, target)) for X, y in loader.epoch(epoch))
+    pusher.ahead = batches
+    pusher.ahead_n = lookahead_batches(cfg["batch_size"] or FULL_BATCH_ROWS, store.n_features, cfg["local_steps"])
     stopped = ""
     if group is not None:
         group.enter(name, pusher.version)
@@ -740,7 +750,7 @@ def train_task(
             with np.errstate(over="ignore", invalid="ignore"):
                 r = run_batches(
                     trainer,
-                    ((X, prepare_targets(y, target)) for X, y in loader.epoch(epoch)),
+                    batches,
                     full_batch=full_batch,
                     local_steps=cfg["local_steps"],
                     sync=pusher.push,

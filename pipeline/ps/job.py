@@ -29,7 +29,7 @@ import pipeline.ps.shm as shmem
 from pipeline import fedagg
 from pipeline.errors import PSError
 from pipeline.jobview import JobSnapshot, coarse_history, rounds_after
-from pipeline.optim import Schedule, ServerOptimizer
+from pipeline.optim import Schedule, ServerOptimizer, warm_server_kernels
 from pipeline.privacy import (
     AdaptiveClip,
     RdpAccountant,
@@ -283,6 +283,7 @@ class Job:
                 str(slot): decode_opt_state(v, n_params, f"local_state of {slot}") for slot, v in local_states.items()
             }
         warm_codec(compression)  # the first delta decoded does not wait for numba on the event loop
+        warm_server_kernels()  # nor the first round's mean and step
         return cls(
             job=job,
             params=vec,

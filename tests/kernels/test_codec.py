@@ -118,3 +118,48 @@ def test_weighted_sum_refuses_mismatched_inputs():
         weighted_sum([np.ones(3, np.float32), np.ones(4, np.float32)], np.ones(2, np.float32))
     with pytest.raises(ValueError, match="k >= 1 vectors of one length and k shares, got 1 and 2"):
         weighted_sum([np.ones(3, np.float32)], np.ones(2, np.float32))
+
+
+def _vectors(rng: np.random.Generator, k: int, n: int = 10_001) -> list[np.ndarray]:
+    return [(rng.standard_normal(n) * 10.0 ** rng.integers(-6, 2)).astype(np.float32) for _ in range(k)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 16])
+def test_weighted_mean_into_is_the_server_s_former_numpy_mean_bit_for_bit(k):
+    from kernels.codec import weighted_mean_into, weighted_mean_reference
+
+    rng = np.random.default_rng(10 + k)
+    deltas = _vectors(rng, k)
+    samples = rng.integers(1, 300, k)
+    shares = np.array([n / samples.sum() for n in samples], np.float32)
+    want = weighted_mean_reference(deltas, shares, np.empty(10_001, np.float32))
+    out = np.full(10_001, np.nan, np.float32)
+    assert weighted_mean_into(deltas, shares, out) is out
+    np.testing.assert_array_equal(out, want)
+    with pytest.raises(ValueError, match="k >= 1 vectors of out's length and k shares, got 2 and 1"):
+        weighted_mean_into(deltas[:1] * 2, shares[:1], out)
+
+
+@pytest.mark.parametrize("average, keep", [(False, None), (True, None), (True, 0.0989)])
+def test_sgd_step_is_the_server_s_former_numpy_step_bit_for_bit(average, keep):
+    from kernels.codec import sgd_step, sgd_step_reference
+
+    rng = np.random.default_rng(3)
+    params, grad, avg = _vectors(rng, 3)
+    for lr in (1.0, 0.37):
+        p1, p2 = params.copy(), params.copy()
+        a1, a2 = (avg.copy(), avg.copy()) if average else (None, None)
+        sgd_step(p1, grad, lr, a1, keep)
+        sgd_step_reference(p2, grad, lr, a2, keep)
+        np.testing.assert_array_equal(p1, p2)
+        assert not np.array_equal(p1, params)  # a step was taken
+        if average:
+            np.testing.assert_array_equal(a1, a2)
+            assert not np.array_equal(a1, avg)
+
+
+def test_the_server_s_loops_release_the_gil():
+    from kernels.codec import _scaled_add, _sgd_step
+
+    for fn in (_scaled_add, _sgd_step):
+        assert fn.targetoptions.get("nogil") is True

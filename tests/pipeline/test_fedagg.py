@@ -455,3 +455,14 @@ def test_the_best_round_is_chosen_among_rounds_validated_on_the_same_sites() -> 
     assert run.best.epoch == 4 and len(lines) == 2
     round_(5, 0.1, ("a", "b"))
     assert run.best.epoch == 5 and len(lines) == 2
+
+
+def test_the_compiled_mean_and_numpy_s_mean_agree_bit_for_bit() -> None:
+    # contiguous float32 vectors take the compiled pass, a strided output NumPy's passes
+    deltas = _deltas(n=4, seed=9)
+    samples = [3, 1, 4, 1]
+    fused = fedagg.aggregate(deltas, samples, "mean")
+    wide = np.zeros(2 * deltas[0].size, np.float32)
+    strided = fedagg.aggregate(deltas, samples, "mean", out=wide[::2])
+    np.testing.assert_array_equal(fused, strided)
+    np.testing.assert_array_equal(fused, _old_mean(deltas, samples))

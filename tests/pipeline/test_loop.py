@@ -92,3 +92,68 @@ def test_server_optimizer_state_round_trip():
     np.testing.assert_array_equal(d.buffers["average"], params)
     with pytest.raises(PSError, match="optimizer state has unknown buffer 'm'"):
         ServerOptimizer(name="momentum", lr=0.1, n=10).load_state(saved, params)
+
+
+def test_lookahead_yields_the_same_items_in_order_whatever_is_taken_ahead():
+    from pipeline.loop import Lookahead
+
+    made: list[int] = []
+
+    def items():
+        for i in range(10):
+            made.append(i)
+            yield i
+
+    ahead = Lookahead(items())
+    assert next(ahead) == 0 and made == [0]
+    ahead.fill(3)
+    assert made == [0, 1, 2, 3] and len(ahead) == 3  # made now, handed out later
+    ahead.fill(2)  # already 3 ahead: nothing more made
+    assert made == [0, 1, 2, 3]
+    assert [next(ahead), next(ahead)] == [1, 2]
+    ahead.fill(20)  # to the end, not past it
+    assert len(ahead) == 7 and made == list(range(10))
+    assert list(ahead) == list(range(3, 10))
+    ahead.fill(4)
+    assert len(ahead) == 0 and list(ahead) == []
+
+
+def test_lookahead_raises_an_error_where_its_item_is_asked_for():
+    from pipeline.loop import Lookahead
+
+    def items():
+        yield 1
+        yield 2
+        raise OSError("chunk 3 could not be read")
+
+    ahead = Lookahead(items())
+    ahead.fill(5)  # the error does not come out of the fill
+    assert len(ahead) == 2
+    assert next(ahead) == 1 and next(ahead) == 2
+    with pytest.raises(OSError, match="chunk 3 could not be read"):
+        next(ahead)
+    assert list(ahead) == []
+
+
+def test_lookahead_batches_are_a_round_bounded_by_bytes():
+    from pipeline.loop import LOOKAHEAD_BYTES, lookahead_batches
+
+    assert lookahead_batches(256, 784, 8) == 8  # 0.8 MB a batch: the whole round
+    assert lookahead_batches(256, 784, 1) == 1
+    big = LOOKAHEAD_BYTES // (4 * 1000) + 1  # rows of one batch over the bound
+    assert lookahead_batches(big, 1000, 8) == 1
+    assert lookahead_batches(big // 4, 1000, 8) == 4
+
+
+def test_run_batches_over_a_lookahead_trains_the_same_weights():
+    from pipeline.loop import Lookahead
+
+    batches = _batches(12)
+    plain, ahead = _trainer("adam"), _trainer("adam")
+    calls: list[int] = []
+    run_batches(plain, batches, local_steps=4, sync=lambda n, b, loss: calls.append(b))
+    feed = Lookahead(batches)
+    # the push fills the next round's batches, as a sync worker's push does while it waits
+    run_batches(ahead, feed, local_steps=4, sync=lambda n, b, loss: feed.fill(4))
+    np.testing.assert_array_equal(plain.get_params(), ahead.get_params())
+    assert calls == [4, 4, 4]

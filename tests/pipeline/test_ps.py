@@ -580,3 +580,26 @@ async def test_local_states_round_trip_through_state_and_create(c, s, a, b):
     with pytest.raises(PSError, match="local_state of s0"):
         await _create(c, "b", np.zeros(N, np.float32), mode="sync", local_states=short)
     assert "b" not in s.extensions[EXTENSION_NAME].jobs  # a refused create leaves no job
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.999])
+def test_server_sgd_takes_the_compiled_pass_with_the_numpy_step_s_bits(ema):
+    # the default server optimizer (sgd, lr 1, ema 0.999) steps contiguous float32 vectors in
+    # one compiled pass; a strided view takes NumPy's passes: the same weights and average
+    rng = np.random.default_rng(7)
+    n = 4099
+    fused = ServerOptimizer("sgd", lr=1.0, ema=ema, n=n)
+    numpy_ = ServerOptimizer("sgd", lr=1.0, ema=ema, n=n)
+    start = rng.standard_normal(n).astype(np.float32)
+    p1 = start.copy()
+    wide = np.zeros(2 * n, np.float32)
+    p2 = wide[::2]  # not contiguous: NumPy's path
+    p2[:] = start
+    for _ in range(12):
+        g = (rng.standard_normal(n) * 1e-2).astype(np.float32)
+        fused.step(p1, g, 1.0)
+        numpy_.step(p2, g, 1.0)
+        np.testing.assert_array_equal(p1, p2)
+        np.testing.assert_array_equal(fused.model(p1), numpy_.model(p2))
+    assert fused._work is None and numpy_._work is not None  # only NumPy's path needed a scratch vector
+    assert not np.array_equal(p1, start)
