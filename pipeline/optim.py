@@ -122,7 +122,9 @@ def _load_server_kernels() -> None:
     try:
         k = server_kernels()
         v = np.zeros(8, np.float32)
-        k.weighted_mean_into([v, v], np.ones(2, np.float32), np.empty_like(v))
+        frozen = v.copy()
+        frozen.flags.writeable = False  # a delta read off the wire: numba compiles it apart
+        k.weighted_mean_into([v, frozen], np.ones(2, np.float32), np.empty_like(v))
         k.sgd_step(v.copy(), v, 1.0, None, None)
         k.sgd_step(v.copy(), v, 1.0, v.copy(), 0.5)
     except Exception:  # a warm-up only: the first real round reports what fails

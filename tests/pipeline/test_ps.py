@@ -603,3 +603,20 @@ def test_server_sgd_takes_the_compiled_pass_with_the_numpy_step_s_bits(ema):
         np.testing.assert_array_equal(fused.model(p1), numpy_.model(p2))
     assert fused._work is None and numpy_._work is not None  # only NumPy's path needed a scratch vector
     assert not np.array_equal(p1, start)
+
+
+def test_the_server_s_compiled_loops_are_loaded_for_deltas_off_the_wire_before_the_first_round():
+    # a delta decoded from a message is a read-only array, a type numba compiles apart: the
+    # warm-up at job creation loads that one too, or the first round compiles it on the event
+    # loop. In a fresh process, so that no other test has loaded them.
+    import subprocess
+    import sys
+
+    code = (
+        "from pipeline.optim import warm_server_kernels\n"
+        "warm_server_kernels().join(timeout=300)\n"
+        "from kernels import codec\n"
+        "print(sorted({sig[1].mutable for sig in codec._scaled_add.signatures}), len(codec._sgd_step.signatures))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    assert out.stdout.split() == ["[False,", "True]", "1"], out.stdout + out.stderr
