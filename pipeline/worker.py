@@ -943,9 +943,14 @@ def _row_cache_bytes(cfg: dict, need: int = 0) -> int:
 
 
 def _training_buffer_bytes(store: Any, ranges: list[tuple[int, int]], cfg: dict, certain: bool = False) -> int:
-    """:func:`pipeline.loader.buffer_bytes` of a training task's loader over ``ranges``."""
+    """:func:`pipeline.loader.buffer_bytes` of a training task's loader over ``ranges``, and (not
+    ``certain``) the minibatches its pushes make ahead (:func:`pipeline.loop.lookahead_batches`)."""
     full_batch = cfg["batch_size"] == 0
-    return buffer_bytes(
+    ahead = 0
+    if not certain and not full_batch and ranges:
+        ahead = lookahead_batches(cfg["batch_size"], store.n_features, cfg["local_steps"])
+        ahead *= cfg["batch_size"] * store.n_features * 4
+    return ahead + buffer_bytes(
         store,
         ranges,
         batch_size=cfg["batch_size"] or FULL_BATCH_ROWS,

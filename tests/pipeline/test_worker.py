@@ -207,3 +207,21 @@ def test_a_threaded_worker_trains_each_job_on_its_own_store(tmp_path, monkeypatc
                 train("s.zarr", cfg, tmp_path / d / "run", client=c)
                 history = json.loads((tmp_path / d / "run" / "history.json").read_text())
                 assert history["epochs"][0]["samples"] == round(n * (1 - cfg.validation)), history["epochs"][0]
+
+
+def test_a_training_task_s_memory_counts_the_minibatches_its_pushes_make_ahead(tmp_path):
+    from pipeline.loader import buffer_bytes
+    from pipeline.synth import synth
+    from pipeline.train import task_config
+    from pipeline.worker import _training_buffer_bytes
+
+    store = synth(str(tmp_path / "s.zarr"), rows=3000, features=40, classes=3, seed=0)
+    ranges = [(0, 3000)]
+    cfg = task_config(TrainConfig(batch_size=64, local_steps=8))
+    loader_only = buffer_bytes(
+        store, ranges, batch_size=64, buffer_chunks=cfg["shuffle_chunks"], prefetch=cfg["prefetch"]
+    )
+    # a sync round's 8 minibatches of 64 rows x 40 float32 features, made while it closes
+    assert _training_buffer_bytes(store, ranges, cfg) == loader_only + 8 * 64 * 40 * 4
+    # what is refused is judged on what every epoch surely holds: the loader's own fill
+    assert _training_buffer_bytes(store, ranges, cfg, certain=True) < loader_only
