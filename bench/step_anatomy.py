@@ -115,8 +115,10 @@ def step_parts(batch: int, repeats: int) -> dict[str, float]:
     out = {
         "gemm": _median_time(gemms, repeats),
         "gradient": _median_time(lambda: tr._gradient(X, y), repeats),
-        "optimizer": _median_time(lambda: tr.optimizer.step(tr._flat, tr._grad), repeats),
+        # the whole step before the optimizer alone: the latter's repeats of one gradient take
+        # the weights far from where training would
         "step": _median_time(step, repeats),
+        "optimizer": _median_time(lambda: tr.optimizer.step(tr._flat, tr._grad), repeats),
     }
     out["elementwise"] = max(0.0, out["gradient"] - out["gemm"])
     # the 8 GEMMs timed above (the first layer has no input gradient): the training FLOPs

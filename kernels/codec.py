@@ -31,8 +31,9 @@ codec sends), and the tests hold them to it bit for bit:
   and a temporary per delta (7.8 ms for 8 deltas of 1e6 entries here, one thread).
 
 * **the server's round** (:func:`weighted_mean_into`, :func:`sgd_step`): the weighted mean of a
-  sync round's deltas, one pass per delta (one compiled signature whatever the number of
-  deltas, so no round compiles a new one in the scheduler), and the server's SGD step with its
+  sync round's deltas, one pass per delta (the same compiled signatures whatever the number of
+  deltas: one for writable deltas, one for read-only ones, both loaded when a job is created,
+  :func:`pipeline.optim.warm_server_kernels`), and the server's SGD step with its
   weights' moving average (``ema``) in one pass: NumPy takes two passes per delta and five for
   the step (1.4 ms a round for the 535,818 weights of a 784-512-256-10 MLP here, in the
   scheduler's event loop while every worker waits for the reply). Bit for bit the NumPy code
@@ -157,10 +158,11 @@ def weighted_mean_into(
     """``sum_j shares[j] * deltas[j]`` into ``out`` (float32 vectors of one length, contiguous;
     ``shares`` float32), a pass per delta; bit for bit :func:`weighted_mean_reference`."""
     shares = np.asarray(shares, dtype=np.float32).reshape(-1)
-    if not len(deltas) or len(deltas) != shares.size or any(d.shape != out.shape for d in deltas):
-        raise ValueError(
-            f"weighted_mean_into needs k >= 1 vectors of out's length and k shares, got {len(deltas)} and {shares.size}"
-        )
+    if not len(deltas) or len(deltas) != shares.size:
+        raise ValueError(f"weighted_mean_into needs k >= 1 vectors and k shares, got {len(deltas)} and {shares.size}")
+    if any(d.shape != out.shape for d in deltas):
+        shapes = sorted({d.shape for d in deltas})
+        raise ValueError(f"weighted_mean_into: every delta must have out's shape {out.shape}, got {shapes}")
     for j, d in enumerate(deltas):
         _scaled_add(out, np.ascontiguousarray(d, dtype=np.float32), shares[j], j == 0)
     return out

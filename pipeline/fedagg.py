@@ -55,7 +55,8 @@ def aggregate(
 ) -> np.ndarray:
     """Combine ``deltas`` (equal-length float32 vectors) with ``method`` (module docstring) into
     ``out`` (a new vector when None) and return it. ``weights``: one per delta (samples).
-    ``work``: a scratch vector of the same length for ``mean`` (allocated when None)."""
+    ``work``: a scratch vector of the same length for the NumPy path of ``mean`` (vectors that are not
+    contiguous float32; allocated when None)."""
     check(method, trim_fraction, krum_f, krum_m)
     n = len(deltas)
     if n == 0:

@@ -25,7 +25,7 @@ from pipeline.optim import EF_RESIDUAL
 # batch_size = 0 (full batch): rows per piece over which a task accumulates its gradient, so
 # that memory stays that of one minibatch whatever the number of rows
 FULL_BATCH_ROWS = 4096
-# the most bytes of minibatches a Lookahead takes ahead of time (the features, as float32)
+# the most bytes of minibatches a Lookahead takes ahead of time (features and targets, 4 bytes each)
 LOOKAHEAD_BYTES = 16 * 2**20
 
 
@@ -39,8 +39,10 @@ class Lookahead:
     steps after it would otherwise wait for. The items and their order are the same either
     way: a loader's minibatches do not depend on the weights.
 
-    An error raised while filling is raised where the item it stands for is asked for, after
-    the items taken before it."""
+    An exception raised while filling is raised where the item it stands for is asked for, after
+    the items taken before it (an interrupt, ``KeyboardInterrupt``, goes out of :meth:`fill` at
+    once). :meth:`close` lets go of the items taken ahead and closes ``items`` (a generator's
+    loader with it), for a consumer that stops before the end."""
 
     def __init__(self, items: Iterable[Any]) -> None:
         self._it: Iterator[Any] | None = iter(items)
@@ -64,6 +66,15 @@ class Lookahead:
         """The items taken ahead and not yet asked for."""
         return len(self._ahead)
 
+    def close(self) -> None:
+        """Drop the items taken ahead and close ``items`` if it can be closed; then exhausted."""
+        self._ahead.clear()
+        self._error = None
+        it, self._it = self._it, None
+        closer = getattr(it, "close", None)
+        if closer is not None:
+            closer()
+
     def fill(self, n: int) -> None:
         """Take items until ``n`` are ahead (fewer at the end of ``items`` or at an error)."""
         while len(self._ahead) < n and self._it is not None and self._error is None:
@@ -75,10 +86,10 @@ class Lookahead:
                 self._error = exc
 
 
-def lookahead_batches(batch_rows: int, n_features: int, local_steps: int) -> int:
+def lookahead_batches(batch_rows: int, row_values: int, local_steps: int) -> int:
     """The minibatches a worker makes while it waits for a round: the round's ``local_steps``,
-    at most :data:`LOOKAHEAD_BYTES` of float32 features (at least one)."""
-    per_batch = max(1, batch_rows * n_features * 4)
+    at most :data:`LOOKAHEAD_BYTES` of rows of ``row_values`` 4-byte values (at least one)."""
+    per_batch = max(1, batch_rows * row_values * 4)
     return max(1, min(int(local_steps), LOOKAHEAD_BYTES // per_batch))
 
 

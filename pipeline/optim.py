@@ -122,11 +122,13 @@ def _load_server_kernels() -> None:
     try:
         k = server_kernels()
         v = np.zeros(8, np.float32)
+        # a read-only delta (one joined from a message's several frames, or an in-process
+        # caller's) is a type numba compiles apart from a writable one: both are loaded
         frozen = v.copy()
-        frozen.flags.writeable = False  # a delta read off the wire: numba compiles it apart
+        frozen.flags.writeable = False
         k.weighted_mean_into([v, frozen], np.ones(2, np.float32), np.empty_like(v))
-        k.sgd_step(v.copy(), v, 1.0, None, None)
-        k.sgd_step(v.copy(), v, 1.0, v.copy(), 0.5)
+        for grad in (v, frozen):  # async and ssp step with the delta itself
+            k.sgd_step(v.copy(), grad, 1.0, None, None)
     except Exception:  # a warm-up only: the first real round reports what fails
         logging.getLogger("pipeline.ps").debug("loading the server's compiled loops failed", exc_info=True)
 

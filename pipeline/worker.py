@@ -586,7 +586,7 @@ class _Pusher:
         if self.overlap:
             self.pending = fut
         else:
-            if self.ahead is not None:  # the next steps' minibatches, made while the round closes
+            if self.ahead is not None and self.ahead_n:  # the next steps' minibatches, made while the round closes
                 self.ahead.fill(self.ahead_n)
             self._fold(fut)
 
@@ -739,7 +739,7 @@ def train_task(
     pusher = _Pusher(comm, trainer, loader, name, reply, cfg, compressor, group)
     batches = Lookahead((X, prepare_targets(y, target)) for X, y in loader.epoch(epoch))
     pusher.ahead = batches
-    pusher.ahead_n = lookahead_batches(cfg["batch_size"] or FULL_BATCH_ROWS, store.n_features, cfg["local_steps"])
+    pusher.ahead_n = _ahead_batches(store, cfg)
     stopped = ""
     if group is not None:
         group.enter(name, pusher.version)
@@ -769,6 +769,10 @@ def train_task(
     finally:
         if group is not None:
             group.leave(name)  # before leaving the server: the others' round goes on without it
+        # a task stopped early (privacy budget, error) lets go of the minibatches made ahead and
+        # of the loader's generator, which holds its shuffle buffer
+        batches.close()
+        pusher.ahead = None
         read_seconds = loader.read_seconds
         loader.close()
         pusher.detach()
@@ -942,14 +946,27 @@ def _row_cache_bytes(cfg: dict, need: int = 0) -> int:
     return max(0, bound)
 
 
+def _target_width(store: Any) -> int:
+    """Target values per row (1 for class labels and a single regression target)."""
+    return int(np.prod(store.y.shape[1:], dtype=np.int64)) if len(store.y.shape) > 1 else 1
+
+
+def _ahead_batches(store: Any, cfg: dict) -> int:
+    """The minibatches a training task's pushes make while a round closes: a round's worth
+    (:func:`pipeline.loop.lookahead_batches`) for pushes that wait for their reply; none for
+    full-batch steps, ``overlap`` (the steps go on instead) and secure aggregation."""
+    if cfg["batch_size"] == 0 or cfg["overlap"] or cfg.get("secure_aggregation"):
+        return 0
+    return lookahead_batches(cfg["batch_size"], store.n_features + _target_width(store), cfg["local_steps"])
+
+
 def _training_buffer_bytes(store: Any, ranges: list[tuple[int, int]], cfg: dict, certain: bool = False) -> int:
     """:func:`pipeline.loader.buffer_bytes` of a training task's loader over ``ranges``, and (not
     ``certain``) the minibatches its pushes make ahead (:func:`pipeline.loop.lookahead_batches`)."""
     full_batch = cfg["batch_size"] == 0
     ahead = 0
-    if not certain and not full_batch and ranges:
-        ahead = lookahead_batches(cfg["batch_size"], store.n_features, cfg["local_steps"])
-        ahead *= cfg["batch_size"] * store.n_features * 4
+    if not certain and ranges:
+        ahead = _ahead_batches(store, cfg) * cfg["batch_size"] * (store.n_features + _target_width(store)) * 4
     return ahead + buffer_bytes(
         store,
         ranges,

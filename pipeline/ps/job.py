@@ -772,9 +772,8 @@ class Job:
             trim_fraction=self.trim_fraction,
             krum_f=self.krum_f,
             out=grad,
-            # the weighted mean's scratch vector, free until the optimizer's step (the robust
-            # aggregators, off the loop, need none of the optimizer's)
-            work=self.optimizer.work_vector(self.params) if self.aggregator == "mean" else None,
+            # no scratch vector: the weighted mean of float32 deltas (every decoded delta is)
+            # takes compiled passes straight into ``grad``
         )
         if self.aggregate == "sum":  # times the participants (a summed push stands for several)
             grad *= np.float32(sum(self.round_counts.get(n, 1) for n in pooled))

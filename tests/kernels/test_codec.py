@@ -136,8 +136,10 @@ def test_weighted_mean_into_is_the_server_s_former_numpy_mean_bit_for_bit(k):
     out = np.full(10_001, np.nan, np.float32)
     assert weighted_mean_into(deltas, shares, out) is out
     np.testing.assert_array_equal(out, want)
-    with pytest.raises(ValueError, match="k >= 1 vectors of out's length and k shares, got 2 and 1"):
+    with pytest.raises(ValueError, match="k >= 1 vectors and k shares, got 2 and 1"):
         weighted_mean_into(deltas[:1] * 2, shares[:1], out)
+    with pytest.raises(ValueError, match=r"every delta must have out's shape \(10001,\), got \[\(7,\)"):
+        weighted_mean_into([np.ones(7, np.float32)], shares[:1], out)
 
 
 @pytest.mark.parametrize("average, keep", [(False, None), (True, None), (True, 0.0989)])

@@ -118,6 +118,27 @@ def test_lookahead_yields_the_same_items_in_order_whatever_is_taken_ahead():
     assert len(ahead) == 0 and list(ahead) == []
 
 
+def test_a_closed_lookahead_lets_go_of_its_items_and_closes_their_generator():
+    from pipeline.loop import Lookahead
+
+    closed: list[bool] = []
+
+    def items():
+        try:
+            yield from range(10)
+        finally:
+            closed.append(True)  # a loader's generator stops its reader and frees its buffer here
+
+    ahead = Lookahead(items())
+    next(ahead)
+    ahead.fill(3)
+    ahead.close()
+    assert closed == [True] and len(ahead) == 0
+    assert list(ahead) == []
+    ahead.fill(2)
+    assert len(ahead) == 0
+
+
 def test_lookahead_raises_an_error_where_its_item_is_asked_for():
     from pipeline.loop import Lookahead
 

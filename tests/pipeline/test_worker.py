@@ -221,7 +221,10 @@ def test_a_training_task_s_memory_counts_the_minibatches_its_pushes_make_ahead(t
     loader_only = buffer_bytes(
         store, ranges, batch_size=64, buffer_chunks=cfg["shuffle_chunks"], prefetch=cfg["prefetch"]
     )
-    # a sync round's 8 minibatches of 64 rows x 40 float32 features, made while it closes
-    assert _training_buffer_bytes(store, ranges, cfg) == loader_only + 8 * 64 * 40 * 4
+    # a sync round's 8 minibatches of 64 rows x (40 float32 features + a label), made while it closes
+    assert _training_buffer_bytes(store, ranges, cfg) == loader_only + 8 * 64 * 41 * 4
     # what is refused is judged on what every epoch surely holds: the loader's own fill
     assert _training_buffer_bytes(store, ranges, cfg, certain=True) < loader_only
+    # pushes that do not wait for their reply make nothing ahead
+    for other in (TrainConfig(batch_size=64, overlap=True), TrainConfig(batch_size=64, secure_aggregation=True)):
+        assert _training_buffer_bytes(store, ranges, task_config(other)) == loader_only
