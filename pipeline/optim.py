@@ -4,7 +4,8 @@ server's optimizer itself.
 A schedule maps a step count (server rounds on the parameter server) to a multiplier of the
 base learning rate. Pure Python, no arrays: the parameter server calls it once per update.
 :class:`ServerOptimizer` is the parameter server's optimizer over the flat weight vector
-(plain NumPy in place); the parameter server (:mod:`pipeline.ps`) owns one per job.
+(in place: NumPy passes, and one compiled pass for SGD and its average); the parameter server
+(:mod:`pipeline.ps`) owns one per job.
 
 Besides ``sgd``, ``momentum`` and ``adam`` (with bias correction) it has the adaptive server
 optimizers of federated learning (Reddi et al. 2021, "Adaptive Federated Optimization"), with
