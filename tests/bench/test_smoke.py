@@ -702,3 +702,31 @@ def test_statistical_efficiency_reads_epochs_and_references_as_stated() -> None:
     assert reference_of(v) == {"ema": 0.0} and reference_of({"aggregate": "mean"}) == {}
     with pytest.raises(ConfigError, match="unknown config key 'local_step'"):
         parse_variant("local_step=4")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ab_runs_the_pipeline_row_of_two_checkouts_side_by_side(tmp_path: Path) -> None:
+    # this checkout against itself: both sides train, in their own processes, the same model
+    import json
+
+    from bench.ab import BASE, OWN, run
+
+    text, payload = run(ROOT, quick=True)
+    (rec,) = payload["passes"]
+    assert set(rec["results"]) == {OWN, BASE}
+    own, base = rec["results"][OWN], rec["results"][BASE]
+    assert own["samples"] == base["samples"] == payload["rows"] * payload["settings"]["epochs"]
+    assert own["acc"] == base["acc"]  # the same code and data: the same weights, bit for bit
+    assert payload["ratio"]["per_pass"][0] == pytest.approx(own["samples/s"] / base["samples/s"])
+    assert "Same test accuracy in every pass: yes." in text
+    kept = json.loads((ROOT / payload["meta"]["json"]).read_text())
+    assert kept["baseline"]["commit"] == payload["baseline"]["commit"] != "unknown"
+
+
+def test_ab_refuses_a_baseline_that_is_not_a_checkout(tmp_path: Path, capsys) -> None:
+    from bench.ab import main
+
+    with pytest.raises(SystemExit):
+        main(["--baseline", str(tmp_path), "--quick"])
+    assert "is not a checkout of this project (no pipeline/train.py in it)" in capsys.readouterr().err
