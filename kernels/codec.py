@@ -33,11 +33,11 @@ codec sends), and the tests hold them to it bit for bit:
 * **the server's round** (:func:`weighted_mean_into`, :func:`sgd_step`): the weighted mean of a
   sync round's deltas, one pass per delta (the same compiled signatures whatever the number of
   deltas: one for writable deltas, one for read-only ones, both loaded when a job is created,
-  :func:`pipeline.optim.warm_server_kernels`), and the server's SGD step with its
+  :func:`pipeline.ps.wire.warm_server_loops`), and the server's SGD step with its
   weights' moving average (``ema``) in one pass: NumPy takes two passes per delta and five for
   the step (1.4 ms a round for the 535,818 weights of a 784-512-256-10 MLP here, in the
   scheduler's event loop while every worker waits for the reply). Bit for bit the NumPy code
-  they replace (:func:`weighted_mean_reference`, :func:`sgd_step_reference`).
+  they replace (:func:`weighted_sum_reference`, :func:`sgd_step_reference`).
 
 A NaN is not finite: a delta holding one fails the job on the server whatever was selected
 (its bits sort above infinity here). The module loads numba on first use
@@ -156,7 +156,7 @@ def weighted_mean_into(
     deltas: list[np.ndarray] | tuple[np.ndarray, ...], shares: np.ndarray, out: np.ndarray
 ) -> np.ndarray:
     """``sum_j shares[j] * deltas[j]`` into ``out`` (float32 vectors of one length, contiguous;
-    ``shares`` float32), a pass per delta; bit for bit :func:`weighted_mean_reference`."""
+    ``shares`` float32), a pass per delta; bit for bit :func:`weighted_sum_reference`."""
     shares = np.asarray(shares, dtype=np.float32).reshape(-1)
     if not len(deltas) or len(deltas) != shares.size:
         raise ValueError(f"weighted_mean_into needs k >= 1 vectors and k shares, got {len(deltas)} and {shares.size}")
@@ -165,19 +165,6 @@ def weighted_mean_into(
         raise ValueError(f"weighted_mean_into: every delta must have out's shape {out.shape}, got {shapes}")
     for j, d in enumerate(deltas):
         _scaled_add(out, np.ascontiguousarray(d, dtype=np.float32), shares[j], j == 0)
-    return out
-
-
-def weighted_mean_reference(
-    deltas: list[np.ndarray] | tuple[np.ndarray, ...], shares: np.ndarray, out: np.ndarray
-) -> np.ndarray:
-    """:func:`weighted_mean_into` in NumPy: the parameter server's former weighted mean, a
-    multiply into a scratch vector and an add per delta."""
-    tmp = np.empty_like(out)
-    for j, d in enumerate(deltas):
-        np.multiply(d, np.float32(shares[j]), out=out if j == 0 else tmp)
-        if j:
-            out += tmp
     return out
 
 

@@ -17,9 +17,7 @@ no bias correction, where ``v`` is ``v + d^2`` (``adagrad``), ``v - (1 - beta2) 
 
 from __future__ import annotations
 
-import logging
 import math
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -102,44 +100,12 @@ def _one_pass(params: np.ndarray, grad: np.ndarray, average: np.ndarray | None) 
     )
 
 
-_WARMING: list[threading.Thread] = []
-_WARM_LOCK = threading.Lock()
-
-
-def warm_server_kernels() -> threading.Thread:
-    """Load the server's compiled loops (:func:`server_kernels`) in a background thread, once per
-    process: a job's creation calls it, so its first round does not stall the scheduler's event
-    loop while numba is imported and the loops are loaded from their cache (compiled, on a
-    fresh install: seconds). A round that comes sooner waits for the same load."""
-    with _WARM_LOCK:
-        if not _WARMING:
-            thread = threading.Thread(target=_load_server_kernels, name="pipeline-server-kernels-load", daemon=True)
-            _WARMING.append(thread)
-            thread.start()
-        return _WARMING[0]
-
-
-def _load_server_kernels() -> None:
-    try:
-        k = server_kernels()
-        v = np.zeros(8, np.float32)
-        # a read-only delta (one joined from a message's several frames, or an in-process
-        # caller's) is a type numba compiles apart from a writable one: both are loaded
-        frozen = v.copy()
-        frozen.flags.writeable = False
-        k.weighted_mean_into([v, frozen], np.ones(2, np.float32), np.empty_like(v))
-        for grad in (v, frozen):  # async and ssp step with the delta itself
-            k.sgd_step(v.copy(), grad, 1.0, None, None)
-    except Exception:  # a warm-up only: the first real round reports what fails
-        logging.getLogger("pipeline.ps").debug("loading the server's compiled loops failed", exc_info=True)
-
-
 class ServerOptimizer:
     """The server's optimizer over the flat parameter vector; the combined delta is its gradient.
 
     In place, through scratch vectors kept between rounds: NumPy passes for momentum and the
     adaptive family, one compiled pass for SGD and its average (:mod:`kernels.codec`, loaded off
-    the event loop when a job is created: :func:`warm_server_kernels`).
+    the event loop when a job is created: :func:`pipeline.ps.wire.warm_server_loops`).
 
     ``ema`` > 0 also keeps an exponential moving average of the weights (Polyak averaging), the
     buffer ``average``: after update ``t`` (1-based) ``average += (1 - d) * (params - average)``

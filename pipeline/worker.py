@@ -772,7 +772,6 @@ def train_task(
         # a task stopped early (privacy budget, error) lets go of the minibatches made ahead and
         # of the loader's generator, which holds its shuffle buffer
         batches.close()
-        pusher.ahead = None
         read_seconds = loader.read_seconds
         loader.close()
         pusher.detach()

@@ -29,7 +29,7 @@ import pipeline.ps.shm as shmem
 from pipeline import fedagg
 from pipeline.errors import PSError
 from pipeline.jobview import JobSnapshot, coarse_history, rounds_after
-from pipeline.optim import Schedule, ServerOptimizer, warm_server_kernels
+from pipeline.optim import Schedule, ServerOptimizer
 from pipeline.privacy import (
     AdaptiveClip,
     RdpAccountant,
@@ -51,6 +51,7 @@ from pipeline.ps.wire import (
     encode_vector,
     follow,
     warm_codec,
+    warm_server_loops,
 )
 from pipeline.secagg import KEY_BYTES, dequantize, scale_for
 
@@ -283,7 +284,7 @@ class Job:
                 str(slot): decode_opt_state(v, n_params, f"local_state of {slot}") for slot, v in local_states.items()
             }
         warm_codec(compression)  # the first delta decoded does not wait for numba on the event loop
-        warm_server_kernels()  # nor the first round's mean and step
+        warm_server_loops()  # nor the first round's mean and step
         return cls(
             job=job,
             params=vec,

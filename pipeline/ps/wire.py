@@ -15,7 +15,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -241,6 +241,17 @@ _WARMING: dict[str, threading.Thread] = {}
 _WARM_LOCK = threading.Lock()
 
 
+def _warm_once(key: str, load: Callable[[], None]) -> threading.Thread:
+    """Run ``load`` in a daemon thread, once per process for ``key``; returns that thread."""
+    with _WARM_LOCK:
+        thread = _WARMING.get(key)
+        if thread is None:
+            thread = threading.Thread(target=load, name=f"pipeline-{key}-load", daemon=True)
+            _WARMING[key] = thread
+            thread.start()
+    return thread
+
+
 def warm_codec(codec: str) -> threading.Thread | None:
     """Load ``codec``'s compiled conversions (fp16, bf16: :mod:`kernels.half`,
     :mod:`kernels.codec`) in a background thread, once per process: the parameter server calls
@@ -250,13 +261,7 @@ def warm_codec(codec: str) -> threading.Thread | None:
     have done anyway. Returns the thread (None for the codecs that need no compiled code)."""
     if codec not in ("fp16", "bf16"):
         return None
-    with _WARM_LOCK:
-        thread = _WARMING.get(codec)
-        if thread is None:
-            thread = threading.Thread(target=_load_codec, args=(codec,), name=f"pipeline-{codec}-load", daemon=True)
-            _WARMING[codec] = thread
-            thread.start()
-    return thread
+    return _warm_once(codec, lambda: _load_codec(codec))
 
 
 def _load_codec(codec: str) -> None:
@@ -264,6 +269,30 @@ def _load_codec(codec: str) -> None:
         compress(np.zeros(8, np.float32), codec)  # encodes and decodes: every loop of the codec
     except Exception:  # a warm-up only: the first real delta reports what fails
         logging.getLogger("pipeline.ps").debug("loading the %s codec failed", codec, exc_info=True)
+
+
+def warm_server_loops() -> threading.Thread:
+    """Load the server's compiled round (the weighted mean and the SGD step,
+    :mod:`kernels.codec`) in a background thread, once per process, as :func:`warm_codec` does
+    for a codec: the first round does not stall the event loop. A round that comes sooner waits
+    for the same load."""
+    return _warm_once("server-round", _load_server_loops)
+
+
+def _load_server_loops() -> None:
+    try:
+        from kernels.codec import sgd_step, weighted_mean_into
+
+        v = np.zeros(8, np.float32)
+        # a read-only delta (one joined from a message's several frames, or an in-process
+        # caller's) is a type numba compiles apart from a writable one: both are loaded
+        frozen = v.copy()
+        frozen.flags.writeable = False
+        weighted_mean_into([v, frozen], np.ones(2, np.float32), np.empty_like(v))
+        for grad in (v, frozen):  # async and ssp step with the delta itself
+            sgd_step(v.copy(), grad, 1.0, None, None)
+    except Exception:  # a warm-up only: the first real round reports what fails
+        logging.getLogger("pipeline.ps").debug("loading the server's compiled loops failed", exc_info=True)
 
 
 def decode_delta(

@@ -614,8 +614,8 @@ def test_the_server_s_compiled_loops_are_loaded_for_deltas_off_the_wire_before_t
     import sys
 
     code = (
-        "from pipeline.optim import warm_server_kernels\n"
-        "warm_server_kernels().join(timeout=300)\n"
+        "from pipeline.ps.wire import warm_server_loops\n"
+        "warm_server_loops().join(timeout=300)\n"
         "from kernels import codec\n"
         "print(sorted({sig[1].mutable for sig in codec._scaled_add.signatures}))\n"
         "print(sorted({sig[1].mutable for sig in codec._sgd_step.signatures}))\n"
