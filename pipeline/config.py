@@ -118,7 +118,8 @@ class TrainConfig:
     ema: float = 0.999  # average the weights over rounds (decay <= ema): the model validated and saved; 0 = off
     # deltas on the wire: none (float32) | fp16 | bf16 (half the bytes) | topk (the largest
     # topk_fraction of entries, ~8 bytes each) | int8 (a quarter, a float32 scale per 4096 entries).
-    # Replies (weights) stay float32. bench/README.md, "Compressed deltas", has the accuracy cost.
+    # Replies (weights) stay float32 unless compress_replies. With ps_shards each shard's slice is
+    # encoded on its own. bench/README.md, "Compressed deltas", has the accuracy cost.
     compression: str = "none"
     topk_fraction: float = 0.1  # topk: share of a delta's entries sent per push (k = ceil(fraction x n))
     error_feedback: bool = True  # keep what compression dropped on the worker and add it to the next delta
@@ -336,12 +337,6 @@ class TrainConfig:
             raise ConfigError(
                 f"config key 'hidden' = {self.hidden} is invalid: {between:,} parameters between the hidden layers "
                 f"alone (limit {MAX_PARAMS:,}); use narrower layers"
-            )
-        if self.ps_shards and self.compression != "none":
-            # a sharded push slices the float32 delta by range; a compressed frame is not sliceable
-            raise ConfigError(
-                f"compression = {self.compression!r} with ps_shards = {self.ps_shards} is not supported: "
-                "set compression = 'none' or ps_shards = 0"
             )
         self._validate_replies()
         self._validate_combining()

@@ -50,7 +50,7 @@ from pipeline.ps import ParameterServer
 from pipeline.ps import shm as shmem
 from pipeline.ps.job import SHM_DELTA
 from pipeline.ps.shard import ShardedParameterServer
-from pipeline.ps.wire import TOPK_FRACTION, DeltaCompressor, decode_delta
+from pipeline.ps.wire import TOPK_FRACTION, DeltaCompressor, decode_delta, decode_vector
 from pipeline.secagg import mask, new_keypair, quantize, roster_share, round_info, scale_for
 from pipeline.store import open_store, store_identity
 
@@ -528,8 +528,17 @@ class _Pusher:
             if r.get("since") != self.version:
                 since = r.get("since")
                 raise TrainingError(f"a reply changes the weights of version {since}; this task holds {self.version}")
-            change = decode_delta(r["rdelta"], self.held.size, self.compressor.codec, what="reply")
-            return self.held + change
+            if not isinstance(r["rdelta"], list):
+                change = decode_delta(r["rdelta"], self.held.size, self.compressor.codec, what="reply")
+                return self.held + change
+            # a sharded server's: each shard's change of its slice, or the slice whole
+            fresh = np.empty_like(self.held)
+            for (lo, hi), (kind, part) in zip(r["ranges"], r["rdelta"], strict=True):
+                if kind == "rdelta":
+                    fresh[lo:hi] = self.held[lo:hi] + decode_delta(part, hi - lo, self.compressor.codec, what="reply")
+                else:
+                    fresh[lo:hi] = decode_vector(part, hi - lo, "reply")
+            return fresh
         if not r.get("shm"):
             return np.asarray(r["params"], dtype=np.float32)
         version = int(r["version"])
@@ -559,7 +568,9 @@ class _Pusher:
             self.anchor = current
             self._secure_push(delta, samples, batches, loss, timings)
             return
-        wire, _ = (SHM_DELTA, None) if seg is not None else self.compressor(delta)
+        # a sharded server decodes each shard's slice on its own: a compressed delta is encoded slice by slice
+        ranges = self.comm.ps.ranges if isinstance(self.comm.ps, ShardedParameterServer) else None
+        wire, _ = (SHM_DELTA, None) if seg is not None else self.compressor(delta, ranges)
         if self.group is not None:
             fut = self.group.push(
                 self.comm.ps,

@@ -1288,11 +1288,6 @@ for _id, _setting in {
     case(_id)(lambda t, s=_setting: _train_set(t, "--set", s))
 
 
-@case("C67")
-def _(t: Trial) -> Outcome:
-    return _train_set(t, "--set", "compression=fp16", "--set", "ps_shards=2")
-
-
 @case("C58")
 def _(t: Trial) -> Outcome:
     return _train_set(t, "--set", "dp=central", "--set", "mode=async")

@@ -26,7 +26,10 @@ Who does what
 * A **participant** (a training task) asks the scheduler once for the map (``ps_shards``, at
   join), then joins, pushes and pulls its slices to every shard in parallel
   (``asyncio.gather`` over the worker's connection pool), each slice a zero-copy float32
-  frame; the weights it trains from are the shards' replies concatenated. Each shard keeps
+  frame, or with ``compression`` a delta encoded for that slice alone
+  (:func:`pipeline.ps.wire.compress_ranges`: each shard's job decodes a vector of its range's
+  length); the weights it trains from are the shards' replies concatenated (with
+  ``compress_replies``, each slice's change added to the slice it holds). Each shard keeps
   its own version; the participant pushes each slice with the version that shard last sent.
 * A ``ps-shard`` worker never runs training or evaluation tasks of a job (they are restricted
   to the other workers), whether or not the job is sharded.
@@ -246,6 +249,12 @@ class ShardedParameterServer:
         """The shard map ``[(address, lo, hi), ...]`` (empty until created or joined)."""
         return list(self._map)
 
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """Each shard's range ``[(lo, hi), ...]`` of the flat vector, in shard order: what a
+        compressed push encodes one by one (:func:`pipeline.ps.wire.compress_ranges`)."""
+        return [(lo, hi) for _, lo, hi in self._map]
+
     # -- plumbing ----------------------------------------------------------------------------
 
     def _endpoint(self) -> tuple[Any, Any, Any]:
@@ -299,7 +308,22 @@ class ShardedParameterServer:
         out = dict(replies[0])
         if bad is not None:
             out.update(status=bad["status"], message=bad.get("message"))
-        out["params"] = np.concatenate([np.asarray(r["params"], dtype=np.float32) for r in replies])
+        if not model and any("rdelta" in r for r in replies):
+            # compressed replies (``compress_replies``): each shard's change of its slice of the
+            # participants' weights, or that slice whole (a shard the participant did not push to
+            # at the previous version); the participant adds each to its own copy of the slice
+            sinces = {int(r["since"]) for r in replies if "rdelta" in r}
+            if len(sinces) != 1:
+                raise TrainingError(
+                    f"the shards of job {self.job} reply with changes since versions {sorted(sinces)}: "
+                    "a participant holds the weights of one version"
+                )
+            out.pop("params", None)
+            out["since"] = sinces.pop()
+            out["rdelta"] = [("rdelta", r["rdelta"]) if "rdelta" in r else ("params", r["params"]) for r in replies]
+            out["ranges"] = self.ranges
+        else:
+            out["params"] = np.concatenate([np.asarray(r["params"], dtype=np.float32) for r in replies])
         out["version"] = min(int(r["version"]) for r in replies)
         out["shard_versions"] = [int(r["version"]) for r in replies]
         if all(r.get("local_state") for r in replies):
@@ -339,12 +363,15 @@ class ShardedParameterServer:
         opt_state = kw.pop("optimizer_state", None)
         local_states = kw.pop("local_states", None) or {}
         overwrite = kw.pop("overwrite", False)
+        view = kw.pop("reply_view", None)  # compressed replies: the participants' weights, sliced too
+        view = None if view is None else np.ascontiguousarray(view, dtype=np.float32).reshape(-1)
         kws = []
         for _, lo, hi in self._map:
             locals_ = {str(s): _slice_state(v, lo, hi) for s, v in local_states.items()} or None
             kws.append(
                 {
                     **kw,
+                    **({} if view is None else {"reply_view": encode_vector(view[lo:hi])}),
                     "params": encode_vector(params[lo:hi]),
                     "n_params": hi - lo,
                     "optimizer_state": _slice_state(opt_state, lo, hi),
@@ -398,22 +425,29 @@ class ShardedParameterServer:
         also: Sequence[Mapping[str, Any]] | None = None,
     ) -> Any:
         """Push ``delta``'s slices, each with the version its shard last sent (``version``,
-        the lowest of those, is what the caller saw). ``also``: the co-senders of a summed
-        push, sent to every shard (their timings to the first only, as the sender's)."""
+        the lowest of those, is what the caller saw). ``delta``: the float32 vector, or a list
+        of one compressed delta per shard in shard order (:func:`pipeline.ps.wire.compress_ranges`
+        over :attr:`ranges`). ``also``: the co-senders of a summed push, sent to every shard
+        (their timings to the first only, as the sender's)."""
         if isinstance(delta, Serialize):  # the worker's pusher wraps a float32 delta for the wire
             delta = delta.data
-        delta = np.ascontiguousarray(delta, dtype=np.float32).reshape(-1)
+        if not isinstance(delta, list):
+            delta = np.ascontiguousarray(delta, dtype=np.float32).reshape(-1)
         base = {"samples": int(samples), "batches": int(batches), "loss": float(loss), "timeout": float(timeout)}
 
         async def request(sched: Any, pool: Any) -> dict[str, Any]:
             if not self._map:
                 await self._locate(sched)
+            if isinstance(delta, list) and len(delta) != len(self._map):
+                raise PSError(
+                    f"a push of {len(delta)} compressed slices to job {self.job}, which has {len(self._map)} shards"
+                )
             kws = [
                 {
                     **base,
                     "name": name,
                     "version": v,
-                    "delta": encode_vector(delta[lo:hi]),
+                    "delta": delta[i] if isinstance(delta, list) else encode_vector(delta[lo:hi]),
                     "timings": dict(timings or {}) if i == 0 else {},
                     **(
                         {"also": [{**a, "timings": a.get("timings", {}) if i == 0 else {}} for a in also]}
@@ -513,6 +547,9 @@ class ShardedParameterServer:
             slots = set.intersection(*(set(r.get("local_states") or {}) for r in rs))
             out["local_states"] = {s: _cat_state([r["local_states"][s] for r in rs]) for s in sorted(slots)}
             out["failed"] = next((r["failed"] for r in rs if r.get("failed")), None)
+            out.pop("reply_view", None)  # the first shard's slice: the whole, or none
+            if all(r.get("reply_view") is not None for r in rs):
+                out["reply_view"] = np.concatenate([np.asarray(r["reply_view"], dtype=np.float32) for r in rs])
             out["metrics"] = self._merge_metrics([r["metrics"] for r in rs])
             buffers = out["optimizer_state"]["buffers"]
             averaged = out["optimizer"].get("ema") and out["optimizer_state"]["t"] and "average" in buffers

@@ -15,7 +15,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -179,6 +179,29 @@ def compress(vec: np.ndarray, codec: str, topk_fraction: float = TOPK_FRACTION) 
     raise PSError(f"unknown compression {codec!r}; use one of {', '.join(CODECS)}")
 
 
+def compress_ranges(
+    vec: np.ndarray, codec: str, ranges: Sequence[tuple[int, int]], topk_fraction: float = TOPK_FRACTION
+) -> tuple[list[Any], np.ndarray]:
+    """``(wires, decoded)``: ``vec`` encoded range by range, one wire per ``(lo, hi)`` of
+    ``ranges`` (consecutive, covering ``vec``), each a delta of its own length in ``codec``,
+    as each shard of a sharded server decodes its slice; and the float32 vector they decode
+    to. Top-k keeps ``topk_fraction`` of each range's entries, int8 scales each range's own
+    blocks: per range, the encoding is that of a vector of the range's length."""
+    vec = np.ascontiguousarray(vec, dtype=np.float32).reshape(-1)
+    if (
+        not ranges
+        or ranges[0][0] != 0
+        or ranges[-1][1] != vec.size
+        or any(a[1] != b[0] for a, b in zip(ranges[:-1], ranges[1:], strict=True))
+    ):
+        raise PSError(f"ranges {list(ranges)!r} do not cover a vector of {vec.size} entries in order")
+    wires, decoded = [], np.empty_like(vec)
+    for lo, hi in ranges:
+        wire, decoded[lo:hi] = compress(vec[lo:hi], codec, topk_fraction)
+        wires.append(wire)
+    return wires, decoded
+
+
 class DeltaCompressor:
     """Encodes one participant's deltas in ``codec``, with error feedback: what compression
     dropped from a delta (``delta - decoded``) is kept in :attr:`residual` and added to the
@@ -203,15 +226,19 @@ class DeltaCompressor:
         if self.error_feedback and residual is not None:
             self.residual = np.array(residual, dtype=np.float32).reshape(-1)
 
-    def __call__(self, delta: np.ndarray) -> tuple[Any, np.ndarray]:
+    def __call__(self, delta: np.ndarray, ranges: Sequence[tuple[int, int]] | None = None) -> tuple[Any, np.ndarray]:
         """``(wire, decoded)`` for ``delta`` (plus the residual kept so far); updates the residual.
-        With ``none`` the wire is ``delta`` itself (a float32 array)."""
+        With ``none`` the wire is ``delta`` itself (a float32 array). ``ranges`` (a sharded
+        server's): the wire is a list of one encoded delta per range (:func:`compress_ranges`)."""
         if self.codec == "none":
             return delta, delta
         delta = np.asarray(delta, dtype=np.float32)
         if self.residual is not None and self.residual.shape == delta.shape:
             delta = delta + self.residual
-        wire, decoded = compress(delta, self.codec, self.topk_fraction)
+        if ranges is not None:
+            wire, decoded = compress_ranges(delta, self.codec, ranges, self.topk_fraction)
+        else:
+            wire, decoded = compress(delta, self.codec, self.topk_fraction)
         if self.error_feedback:
             self.residual = delta - decoded
         return wire, decoded

@@ -133,6 +133,27 @@ def test_error_feedback_sends_the_sum_up_to_the_last_residual(codec):
         assert np.abs(got_plain - total).sum() > 10 * np.abs(got + ef.residual - total).sum()
 
 
+@pytest.mark.parametrize("codec", [c for c in CODECS if c != "none"])
+def test_a_sharded_push_encodes_each_range_as_its_shard_decodes_it(codec):
+    """With shards each range travels as a delta of its own length: every wire decodes, at its
+    range's length (as that shard's job decodes it), to the decoded slice; error feedback keeps
+    the whole vector's residual."""
+    x = _delta(7)
+    ranges = [(0, 1000), (1000, 1001), (1001, N)]
+    ef = DeltaCompressor(codec, FRACTION)
+    wires, decoded = ef(x, ranges)
+    assert isinstance(wires, list) and len(wires) == len(ranges)
+    for (lo, hi), wire in zip(ranges, wires, strict=True):
+        back = decode_delta(_remote(wire), hi - lo, codec, FRACTION)
+        np.testing.assert_array_equal(back, decoded[lo:hi])
+        np.testing.assert_array_equal(back, compress(x[lo:hi], codec, FRACTION)[1])
+    np.testing.assert_array_equal(ef.residual, x - decoded)
+    if codec == "topk":  # each range keeps its own share of entries: a 1-entry range sends its one
+        assert decoded[1000] == x[1000]
+    with pytest.raises(PSError, match="do not cover a vector of"):
+        DeltaCompressor(codec, FRACTION)(x, [(0, 10), (11, N)])
+
+
 def test_none_passes_the_delta_through():
     x = _delta()
     wire, decoded = DeltaCompressor("none")(x)

@@ -109,9 +109,9 @@ def test_sync_on_two_shards_gives_the_single_server_s_weights_bit_for_bit(letter
     assert [h["val_loss"] for h in two.history] == [h["val_loss"] for h in one.history]
 
 
-@pytest.mark.parametrize("mode", ["async", "ssp"])
-def test_async_and_ssp_on_two_shards_learn(mode, letter_stores, client, shard_procs, tmp_path):
-    cfg = TrainConfig(mode=mode, epochs=3, patience=0, ps_shards=2)
+@pytest.mark.parametrize("mode, codec", [("async", "none"), ("ssp", "none"), ("async", "topk")])
+def test_async_and_ssp_on_two_shards_learn(mode, codec, letter_stores, client, shard_procs, tmp_path):
+    cfg = TrainConfig(mode=mode, epochs=3, patience=0, ps_shards=2, compression=codec)
     res = train(letter_stores[0], cfg, tmp_path / "a", client=client)
     assert all(np.isfinite(res.model.params))
     accs = [h["val_accuracy"] for h in res.history]
@@ -143,6 +143,57 @@ def test_a_checkpoint_resumes_on_any_shard_count(letter_stores, client, shard_pr
     b, _ = load_file(tmp_path / "straight" / "checkpoint.npz", "checkpoint")
     for k in ("params", "opt_m", "opt_v", "opt_average", "local0_0", "local1_1"):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("codec, replies", [("fp16", False), ("bf16", True)])
+def test_elementwise_codecs_on_two_shards_give_the_single_server_s_weights(
+    codec, replies, letter_stores, client, shard_procs, tmp_path
+):
+    """Each shard decodes its own slice of a compressed delta (and encodes its slice of a
+    compressed reply): fp16 and bf16 round each entry alone, so two shards train the single
+    server's run bit for bit."""
+    base = {"mode": "sync", "epochs": 2, "patience": 0, "seed": 3, "compression": codec, "compress_replies": replies}
+    one = train(letter_stores[0], TrainConfig(**base), tmp_path / "one", client=client)
+    two = train(letter_stores[0], TrainConfig(**base, ps_shards=2), tmp_path / "two", client=client)
+    assert [h["rounds"] for h in two.history] == [h["rounds"] for h in one.history]
+    np.testing.assert_array_equal(two.model.params, one.model.params)
+    plain = train(
+        letter_stores[0],
+        TrainConfig(**{**base, "compression": "none", "compress_replies": False}, ps_shards=2),
+        tmp_path / "plain",
+        client=client,
+    )
+    assert not np.array_equal(plain.model.params, two.model.params)  # the deltas did travel compressed
+
+
+@pytest.mark.parametrize("codec", ["topk", "int8"])
+def test_topk_and_int8_on_two_shards_learn_as_the_single_server_does(
+    codec, letter_stores, client, shard_procs, tmp_path
+):
+    """Top-k keeps its share of each shard's range, int8 scales each range's own blocks: not
+    the single server's bytes, but the same learning."""
+    base = {"mode": "sync", "epochs": 3, "patience": 0, "seed": 3, "compression": codec}
+    if codec == "int8":
+        base["compress_replies"] = True
+    one = train(letter_stores[0], TrainConfig(**base), tmp_path / "one", client=client)
+    two = train(letter_stores[0], TrainConfig(**base, ps_shards=2), tmp_path / "two", client=client)
+    assert all(np.isfinite(two.model.params))
+    got, want = two.history[-1]["val_accuracy"], one.history[-1]["val_accuracy"]
+    assert got > 0.6 and abs(got - want) < 0.02, (got, want)
+
+
+def test_a_compressed_run_resumes_across_shard_counts(letter_stores, client, shard_procs, tmp_path):
+    """The residuals of error feedback and the participants' weights of compressed replies are
+    sliced to the shards and joined back in the checkpoint: 2 shards, then the scheduler's
+    server, then 2 shards end as a run never stopped, bit for bit."""
+    cfg = {"mode": "sync", "patience": 0, "seed": 5, "compression": "fp16", "compress_replies": True}
+    straight = train(letter_stores[0], TrainConfig(**cfg, epochs=3), tmp_path / "straight", client=client)
+    out = tmp_path / "cut"
+    train(letter_stores[0], TrainConfig(**cfg, epochs=1, ps_shards=2), out, client=client)
+    train(letter_stores[0], TrainConfig(**cfg, epochs=2, ps_shards=0), out, client=client, resume=True)
+    resumed = train(letter_stores[0], TrainConfig(**cfg, epochs=3, ps_shards=2), out, client=client, resume=True)
+    assert [h["rounds"] for h in resumed.history] == [h["rounds"] for h in straight.history]
+    np.testing.assert_array_equal(resumed.model.params, straight.model.params)
 
 
 def _sharded_page(dask_scheduler, rounds: int | None = None) -> dict | None:
