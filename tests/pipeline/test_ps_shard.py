@@ -296,14 +296,16 @@ def _erred_keys(dask_scheduler: Any) -> list[str]:
 
 
 @pytest.mark.timeout(300)
-def test_a_killed_shard_worker_is_survived(letter_stores, client, shard_procs, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_killed_shard_worker_is_survived(mode, letter_stores, client, shard_procs, tmp_path):
     """A shard's worker SIGKILLed mid-epoch: the job is placed again on the ps-shard workers
     present (a spare joined for it) from the last checkpoint, the epoch is trained again and
     the run ends with every epoch, a finite model that learned."""
     import threading
 
-    spare = _start_shard_worker(client.scheduler.address)
-    procs = [*shard_procs, spare]
+    live = len(shard_workers(client.scheduler_info(n_workers=-1)))  # an earlier case killed some
+    spares = [_start_shard_worker(client.scheduler.address) for _ in range(max(1, 3 - live))]
+    procs = [*shard_procs, *spares]
     client.register_plugin(_ErredTasks())
     try:
         used = _wait_for_shard_workers(client, 3)[:2]  # ShardedParameterServer takes the first, sorted
@@ -311,14 +313,15 @@ def test_a_killed_shard_worker_is_survived(letter_stores, client, shard_procs, t
         killed: list[str] = []
         killer = threading.Thread(target=_kill_a_shard_mid_epoch, args=(client, procs, used, killed), daemon=True)
         killer.start()
-        cfg = TrainConfig(mode="sync", epochs=3, patience=0, ps_shards=2)
+        cfg = TrainConfig(mode=mode, epochs=3, patience=0, ps_shards=2)
         res = train(letter_stores[0], cfg, tmp_path / "run", client=client, log=said.append)
         killer.join()
         erred = client.run_on_scheduler(_erred_keys)
     finally:
         client.unregister_scheduler_plugin(_ErredTasks.name)
-        spare.kill()
-        spare.wait()
+        for spare in spares:
+            spare.kill()
+            spare.wait()
     assert killed, "no shard worker was killed: the test did not exercise shard loss"
     # the training tasks cut off by the lost shard ended with it as their result: no task
     # erred, so no worker logged a "Compute Failed" traceback for a loss the run recovers from
