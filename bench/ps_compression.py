@@ -480,11 +480,31 @@ def _encode_seconds(encode: list[dict[str, Any]] | None, codec: str, params: int
     return near["worker ms/push (compressor)"] / 1e3 * params / near["params"]
 
 
+def _reply_seconds(replies: list[dict[str, Any]] | None, codec: str, params: int) -> float | None:
+    """The server's seconds to encode one round's compressed reply of ``params`` parameters in
+    ``codec`` (:func:`reply_cost`'s figures, scaled linearly from the nearest measured size), or
+    None where none was measured (a codec replies cannot use, or a run from before)."""
+    got = [r for r in replies or () if r["codec"] == codec]
+    if not got:
+        return None
+    near = min(got, key=lambda r: abs(math.log(r["params"] / params)))
+    return near["encode ms per round"] / 1e3 * params / near["params"]
+
+
+def _reply_bytes(codec: str, params: int) -> float:
+    """A compressed reply's payload: fp16 and bf16 2 bytes a parameter, int8 1 plus a float32
+    scale per block (:func:`pipeline.ps.wire.compress`)."""
+    from pipeline.ps.wire import INT8_BLOCK
+
+    return float(params + 4 * -(-params // INT8_BLOCK)) if codec == "int8" else 2.0 * params
+
+
 def projection(
     rows: list[dict[str, Any]],
     cpu: dict[str, float],
     encode: list[dict[str, Any]] | None = None,
     summed: list[dict[str, Any]] | None = None,
+    replies: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Workers at which one in-scheduler server saturates, per model, worker kind, codec and link.
 
@@ -494,7 +514,10 @@ def projection(
     over the link, the scheduler's CPU for it, the float32 reply back over the link (queueing
     excluded: it only starts at saturation). The server's CPU saturates at ``period /
     cpu_per_push`` workers, its link at ``period x bandwidth / max(bytes in, bytes out)``; the
-    smaller binds."""
+    smaller binds. With ``compress_replies`` (sync, the dense codecs; ``replies``:
+    :func:`reply_cost`'s figures) the reply carries the change of the weights in the codec: fewer
+    bytes out, and the server encodes it once a round, ``e`` seconds shared by the round's ``N``
+    pushes, so its CPU saturates at ``(period - e) / cpu_per_push`` workers."""
     out = []
     for mname, model in MODELS.items():
         p = n_params(model)
@@ -523,6 +546,17 @@ def projection(
                     n_nic = period * bw / max(bytes_in, bytes_out)
                     row[f"N {link}"] = min(n_cpu, n_nic)
                     row[f"binds {link}"] = "CPU" if n_cpu <= n_nic else "link"
+                e = _reply_seconds(replies, codec, p) if codec in DENSE else None
+                for link, bw in LINKS.items():
+                    key = f"N {link}, replies compressed"
+                    if e is None:
+                        row[key] = "n/a" if codec in ("none", "topk") else "not measured"
+                        continue
+                    out_c = _reply_bytes(codec, p)
+                    period = compute + cpu_push + (bytes_in + out_c) / bw
+                    n_cpu = max(0.0, period - e) / cpu_push
+                    n_nic = period * bw / max(bytes_in, out_c)
+                    row[key] = min(n_cpu, n_nic)
                 # sharded (estimate): S shards, each with its own CPU and link; a push costs every
                 # shard the per-message part ``ca`` and 1/S of the per-byte parts (CPU and link)
                 bw = LINKS["100 GbE"]
@@ -577,6 +611,7 @@ def projection_text(proj: list[dict[str, Any]], cpu: dict[str, float]) -> str:
         "host GB/s for the sum within the steps": ".1f",
     }
     fmt.update({f"N {link}": ",.1f" for link in LINKS})
+    fmt.update({f"N {link}, replies compressed": ",.1f" for link in LINKS})
     gpu1m = {r["codec"]: r for r in proj if r["model"] == "1M" and r["workers"] == "GPU"}
     verdict = []
     for codec in ("none", *[c for c in CODECS if c != "none"]):
@@ -600,9 +635,12 @@ def projection_text(proj: list[dict[str, Any]], cpu: dict[str, float]) -> str:
         "extrapolation), per size the smaller of the 1- and 2-pusher figures. "
         "N = workers at which the server saturates, "
         "the smaller of its CPU (period / CPU per push) and its link (period x line rate / the larger of bytes "
-        "in and out); 'binds' says which. Replies are float32 whatever the codec, so compression never "
-        "lowers the bytes out. The CPU figures come from a shared 2-core machine under load (see the load "
-        "average above): a dedicated core does better, so read N as a lower bound within a factor of ~2. "
+        "in and out); 'binds' says which. Replies are float32 by default whatever the codec; 'N ..., replies "
+        "compressed' is the same with `compress_replies` (sync, fp16, bf16 or int8: the reply is the change of "
+        "the weights in the codec, encoded by the server once a round, that time shared by the round's pushes; "
+        "n/a for top-k and float32, 'not measured' for a run that kept no reply costs). The CPU figures come "
+        "from a shared 2-core machine under load (see the load average above): a dedicated core does better, "
+        "so read N as a lower bound within a factor of ~2. "
         "Sharding (`ps_shards`) cannot add cores on a 2-core machine: 'shards for 64' keeps the per-message CPU "
         "part whole on every shard and divides the per-byte parts (CPU and link) by the shard count; it is an "
         "estimate, not a measurement.\n\n"
@@ -672,7 +710,8 @@ def reproject(path: str | os.PathLike) -> str:
     d = json.loads(Path(path).read_text())
     if "server" not in d or "cpu_step" not in d:
         raise SystemExit(f"{path}: no server rows and CPU step kept (run with --parts server,projection)")
-    return projection_text(projection(d["server"], d["cpu_step"], d.get("encode"), d.get("summed")), d["cpu_step"])
+    proj = projection(d["server"], d["cpu_step"], d.get("encode"), d.get("summed"), d.get("replies"))
+    return projection_text(proj, d["cpu_step"])
 
 
 # -------------------------------------------------------------------------------------------
@@ -707,7 +746,7 @@ def run(
     if "projection" in parts:
         cpu = cpu_step_flops(quick)
         payload["cpu_step"] = cpu
-        payload["projection"] = projection(rows, cpu, payload["encode"], payload["summed"])
+        payload["projection"] = projection(rows, cpu, payload["encode"], payload["summed"], payload.get("replies"))
     path = protocol.save_json("ps_compression" + ("-quick" if quick else ""), payload, quick=quick)
     meta["json"] = str(path)
     head = "\n".join(protocol.provenance_lines(meta)) + f"\nLoad average before {load0:.2f}, after {load():.2f}."

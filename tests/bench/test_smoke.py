@@ -414,6 +414,36 @@ def test_compression_projection_is_the_stated_arithmetic() -> None:
     assert abs(big2["encode ms/push"] - 30.0 * p100 / 1e7) < 1e-9
 
 
+def test_compressed_replies_in_the_projection_are_fewer_bytes_out_and_one_encode_a_round() -> None:
+    """With ``compress_replies`` the reply's bytes are the codec's (fp16 2 a parameter, int8 1
+    plus a scale a block) and the server's encode, once a round, is shared by the round's pushes:
+    its CPU saturates at (period - encode) / CPU per push; float32 and top-k replies have no such
+    column."""
+    from bench.ps_compression import BATCH, LINKS, LOCAL_STEPS, MODELS, n_params, projection
+
+    rows = [
+        {"codec": c, "params": n, "workers": 1, "sched ms/push (process)": 0.5 + n * 1e-6, "MB/push": n / 1e6}
+        for c in ("none", "fp16", "bf16", "topk", "int8")
+        for n in (10_000, 1_000_000, 10_000_000)
+    ]
+    replies = [{"codec": "int8", "params": 1_000_000, "encode ms per round": 6.0}]
+    cpu_step = {"flops": 50e9, "params": 1, "step_s": 1.0, "step_wall_s": 1.0}
+    proj = projection(rows, cpu_step, None, None, replies)
+    pick = {(x["model"], x["workers"], x["codec"]): x for x in proj}
+    p = n_params(MODELS["1M"])
+    r = pick[("1M", "CPU", "int8")]
+    cpu = (0.5 + (1.0 - 0.01) / 1e6 * p + 0.01) / 1e3  # a + b x params, as the float32 column
+    assert abs(r["sched ms/push"] - 1e3 * cpu) < 1e-9
+    out = p + 4 * -(-p // 4096)
+    for link, bw in LINKS.items():
+        period = LOCAL_STEPS * 6 * p * BATCH / 50e9 + cpu + (1e6 * (0.01 + 0.99 / 1e6 * p) + out) / bw
+        want = min((period - 6e-3 * p / 1e6) / cpu, period * bw / max(1e6 * (0.01 + 0.99 / 1e6 * p), out))
+        assert abs(r[f"N {link}, replies compressed"] - want) < 1e-6
+    assert pick[("1M", "GPU", "topk")]["N 10 GbE, replies compressed"] == "n/a"
+    assert pick[("1M", "GPU", "none")]["N 100 GbE, replies compressed"] == "n/a"
+    assert pick[("1M", "GPU", "fp16")]["N 100 GbE, replies compressed"] == "not measured"
+
+
 def test_compression_projection_recomputes_from_a_kept_run() -> None:
     from bench.protocol import RESULTS
     from bench.ps_compression import reproject
