@@ -11,7 +11,8 @@ For each number of pushers P a LocalCluster of P single-threaded worker processe
 ``async`` job (server SGD lr 1) is created on each shard count in turn (the order rotated by one
 per pass: bench/protocol.py) and one task per pusher joins it and pushes zero-compute deltas back
 to back, each push waiting for its reply (the new weights), exactly as ``bench.ps_limits`` does
-for the in-scheduler server; pushes completing inside a common window of ``--seconds`` count.
+for the in-scheduler server; pushes completing inside a common window of ``--seconds`` count
+(longer for larger vectors, :func:`window`: 4x at 1e7 parameters). 5 passes by default.
 
 Columns: ``MB/s in`` = delta bytes absorbed (the replies carry as many back); ``sched CPU
 ms/push`` = this process's CPU time during the window (the scheduler's event loop and its
@@ -49,6 +50,15 @@ SIZES = (1_000_000, 10_000_000)
 PUSHERS = (1, 2, 4, 8, 16)
 SHARDS = (0, 1, 2, 4)
 SHARD_WORKERS = 4
+# the window grows with the vector beyond this size (a 1e7-parameter push moves 40 MB each way:
+# a 2 s window at 16 pushers completed none on a loaded machine)
+WINDOW_PARAMS = 2_500_000
+
+
+def window(n: int, seconds: float) -> float:
+    """The measurement window of a cell of ``n`` parameters: ``seconds``, scaled up in proportion
+    to ``n`` above :data:`WINDOW_PARAMS` so that each pusher completes several pushes."""
+    return seconds * max(1.0, n / WINDOW_PARAMS)
 
 
 def push_loop(job: str, name: str, n: int, shards: int, start: float, seconds: float) -> dict[str, Any]:
@@ -96,7 +106,8 @@ def _start_shard_worker(address: str) -> subprocess.Popen:
 
 
 def measure(client: Any, pushers: list[str], n: int, shards: int, seconds: float) -> dict[str, Any]:
-    """One cell: ``len(pushers)`` processes pushing zero deltas of ``n`` floats to ``shards``."""
+    """One cell: ``len(pushers)`` processes pushing zero deltas of ``n`` floats to ``shards``
+    for ``seconds`` (the cell's window)."""
     from pipeline.ps import ParameterServer, ShardedParameterServer
     from pipeline.ps.shard import shard_workers
 
@@ -128,6 +139,7 @@ def measure(client: Any, pushers: list[str], n: int, shards: int, seconds: float
             "pushers": len(pushers),
             "params": n,
             "shards": shards,
+            "window s": seconds,
             **failed,
             "shard CPU ms/push": None,
             "error": why,
@@ -147,6 +159,7 @@ def measure(client: Any, pushers: list[str], n: int, shards: int, seconds: float
         "pushers": len(pushers),
         "params": n,
         "shards": shards,
+        "window s": seconds,
         "pushes/s": pushes / seconds,
         "MB/s in": pushes * 4 * n / 1e6 / seconds,
         "median push ms": float(np.median(lat)) if (lat := [r["latency_ms"] for r in res if r["pushes"]]) else None,
@@ -163,7 +176,7 @@ def run(
     pushers: Sequence[int] = PUSHERS,
     shards: Sequence[int] = SHARDS,
     seconds: float = 2.0,
-    passes: int = 2,
+    passes: int = 5,
 ) -> tuple[str, dict[str, Any]]:
     from pipeline.connect import cluster_client
     from pipeline.ps.shard import shard_workers
@@ -185,7 +198,7 @@ def run(
                 for k in range(passes):
                     with protocol.measure_pass(peak_n=512) as cond:
                         rows = [
-                            measure(client, mine, n, s, seconds)
+                            measure(client, mine, n, s, window(n, seconds))
                             for n in sizes
                             for s in protocol.rotated(list(shards), k)
                         ]
@@ -231,7 +244,8 @@ def render(records: list[dict[str, Any]], seconds: float) -> str:
     }
     passes = max((rec["pass"] for rec in records), default=0)
     head = (
-        f"async mode, server SGD, zero-compute deltas, {seconds:g} s window per cell, median of {passes} "
+        f"async mode, server SGD, zero-compute deltas, {seconds:g} s window per cell (x params / "
+        f"{WINDOW_PARAMS:.1e} above {WINDOW_PARAMS:.1e} parameters), median of {passes} "
         "pass(es) (shard counts interleaved, order rotated per pass); LocalCluster of N single-threaded pushing "
         "processes + ps-shard worker processes, all on this machine's "
         f"{os.cpu_count()} cores (shards cannot add cores here: see the module docstring)"
@@ -251,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--pushers", default=",".join(map(str, PUSHERS)))
     ap.add_argument("--shards", default=",".join(map(str, SHARDS)))
-    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--render", metavar="JSON", help="print the table of an earlier run's raw figures, run nothing")
     args = ap.parse_args(argv)
     if args.render:
