@@ -41,7 +41,7 @@ from bench import protocol
 from bench.common import md_table, write_out
 
 N_PARAMS = 100_000
-PUSHERS = (2, 4, 8, 12, 16, 24, 32)
+PUSHERS = (2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 32)  # finer around the predicted knee (~12)
 WORKERS = 8
 KNEE = 12  # the rate is chosen so that the predicted saturation point is this many pushers
 
