@@ -88,15 +88,21 @@ HOST_THREADS = 8  # a GPU host's worker process: one thread per GPU, the 8 threa
 # -------------------------------------------------------------------------------------------
 
 
-def _datasets(tmp: Any, quick: bool) -> list[tuple[str, Any, Any, dict[str, Any]]]:
+def _datasets(
+    tmp: Any, quick: bool, names: Sequence[str] | None = None, synthetic_rows: int = 30_000
+) -> list[tuple[str, Any, Any, dict[str, Any]]]:
+    """The accuracy runs' datasets: letter and the 784-wide synthetic set (``synthetic_rows``
+    training rows); ``names``: only those."""
     out = []
     if not quick:
         from bench.time_to_accuracy import prepare
 
-        tr, te, _ = prepare("letter", tmp)
-        out.append(("letter", tr, te, {"hidden": [256, 128], "batch_size": 128, "epochs": 4}))
-        tr, te = mnist_like(tmp / "synth", 30_000, 5_000, 784, 10)
-        out.append(("synthetic-784", tr, te, {"hidden": [256, 128], "batch_size": 256, "epochs": 2}))
+        if names is None or "letter" in names:
+            tr, te, _ = prepare("letter", tmp)
+            out.append(("letter", tr, te, {"hidden": [256, 128], "batch_size": 128, "epochs": 4}))
+        if names is None or "synthetic-784" in names:
+            tr, te = mnist_like(tmp / "synth", synthetic_rows, 5_000, 784, 10)
+            out.append(("synthetic-784", tr, te, {"hidden": [256, 128], "batch_size": 256, "epochs": 2}))
     else:
         tr, te = mnist_like(tmp / "synth", 3_000, 1_000, 64, 10)
         out.append(("synthetic-64", tr, te, {"hidden": [32, 16], "batch_size": 128, "epochs": 1}))
