@@ -49,6 +49,12 @@ TARGET_POINTS = 0.5
 SYNTHETIC_ROWS = 30_000  # the synthetic set's training rows (bench.ps_compression's accuracy runs)
 
 
+def results_name(datasets: Sequence[str] | None = None, synthetic_rows: int = SYNTHETIC_ROWS) -> str:
+    """The raw figures' and table's name: ``overlap`` for the default run (the one the targets
+    table judges), ``overlap_variant`` for a run of other datasets or rows."""
+    return "overlap_variant" if datasets is not None or synthetic_rows != SYNTHETIC_ROWS else "overlap"
+
+
 def run(
     quick: bool = False,
     seeds: Sequence[int] = (0, 1, 2),
@@ -57,7 +63,6 @@ def run(
 ) -> tuple[str, dict[str, Any]]:
     if quick:
         seeds = tuple(seeds)[:2]
-    variant = datasets is not None or synthetic_rows != SYNTHETIC_ROWS
     meta = protocol.meta()
     load0 = load()
     results: dict[str, Any] = {}
@@ -76,7 +81,7 @@ def run(
                         got[setting] = {"acc": float(r["history"][-1]["val_accuracy"]), "seconds": r["epoch_seconds"]}
                 passes.append({"seed": seed, "order": order, "conditions": cond, "results": got})
             results[name] = {"settings": settings, "rows": [train.n_rows, test.n_rows], "passes": passes}
-    stem = "overlap_variant" if variant else "overlap"
+    stem = results_name(datasets, synthetic_rows)
     payload = {"meta": meta, "results": results, "synthetic_rows": synthetic_rows}
     path = protocol.save_json(stem + ("-quick" if quick else ""), payload, quick)
     meta["json"] = str(path)
@@ -127,8 +132,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     names = [d for d in args.datasets.split(",") if d] or None
     text, _ = run(args.quick, tuple(int(s) for s in args.seeds.split(",")), names, args.synthetic_rows)
     print(text)
-    variant = names is not None or args.synthetic_rows != SYNTHETIC_ROWS
-    write_out("overlap" + ("_variant" if variant else "") + ("-quick" if args.quick else ""), text)
+    write_out(results_name(names, args.synthetic_rows) + ("-quick" if args.quick else ""), text)
     return text
 
 

@@ -444,6 +444,30 @@ def test_compressed_replies_in_the_projection_are_fewer_bytes_out_and_one_encode
     assert pick[("1M", "GPU", "fp16")]["N 100 GbE, replies compressed"] == "not measured"
 
 
+def test_an_overlap_variant_run_does_not_replace_the_judged_run(tmp_path: Path) -> None:
+    """``bench.overlap --synthetic-rows N`` keeps its figures as ``overlap_variant-*.json``: the
+    overlap targets stay judged on the newest default run, however new the variant is."""
+    import json
+
+    from bench.overlap import results_name
+    from bench.targets import overlap_targets
+
+    assert results_name() == "overlap" and results_name(["letter", "synthetic-784"]) == "overlap_variant"
+    assert results_name(synthetic_rows=120_000) == "overlap_variant"
+
+    def write(name: str, gap: float) -> None:
+        passes = [
+            {"seed": s, "results": {"overlap off": {"acc": 0.8}, "overlap on": {"acc": 0.8 - gap / 100}}}
+            for s in (0, 1, 2)
+        ]
+        (tmp_path / name).write_text(json.dumps({"results": {"letter": {"passes": passes}}}))
+
+    write("overlap-20261201T000000Z.json", 0.1)
+    write(f"{results_name(synthetic_rows=120_000)}-20261205T000000Z.json", 5.0)
+    rows = overlap_targets(tmp_path)
+    assert [r.met for r in rows] == [True] and "overlap-20261201T000000Z.json" in rows[0].source
+
+
 def test_compression_projection_recomputes_from_a_kept_run() -> None:
     from bench.protocol import RESULTS
     from bench.ps_compression import reproject
