@@ -5,6 +5,8 @@ where a single in-scheduler server saturates.
                                               # server cost at 1e6 and 1e7 parameters, projection
     python -m bench.ps_compression --quick    # tiny smoke run
     python -m bench.ps_compression --parts server,projection   # skip the accuracy runs
+    python -m bench.ps_compression --parts accuracy --datasets synthetic-784 --synthetic-rows 120000 --runs topk
+                                              # a variant: its raw figures kept as ps_compression_variant-*
 
 **Accuracy.** For each dataset and seed the pipeline trains end to end from the Zarr store on a
 2-worker LocalCluster (1 thread each, sync mode, default settings otherwise: 8 local steps,
@@ -109,16 +111,26 @@ def _datasets(
     return out
 
 
-def accuracy(client: Any, seeds: Sequence[int], quick: bool, log: Any = print) -> dict[str, Any]:
-    """Test accuracy per dataset, seed and codec, with the per-seed gap to float32."""
+def accuracy(
+    client: Any,
+    seeds: Sequence[int],
+    quick: bool,
+    log: Any = print,
+    datasets: Sequence[str] | None = None,
+    synthetic_rows: int = 30_000,
+    runs: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Test accuracy per dataset, seed and codec, with the per-seed gap to float32 (``runs``:
+    only those rows of :data:`RUNS`, float32 always among them)."""
+    chosen = [r for r in RUNS if runs is None or r in runs or r == "none"]
     results: dict[str, Any] = {}
     with tmpdir("bench-compress-") as tmp:
-        for name, train, test, settings in _datasets(tmp, quick):
+        for name, train, test, settings in _datasets(tmp, quick, datasets, synthetic_rows):
             base = {**settings, "patience": 0, "validation_store": str(test.path), "min_share_gflop": 0.0}
             run_pipeline(client, test, tmp / "warm", **{**base, "epochs": 1, "validation_store": ""})
             passes = []
             for k, seed in enumerate(seeds):
-                order = protocol.rotated(list(RUNS), k)
+                order = protocol.rotated(chosen, k)
                 accs: dict[str, float] = {}
                 with protocol.measure_pass() as cond:
                     for codec in order:
@@ -136,7 +148,7 @@ def accuracy_table(results: dict[str, Any]) -> str:
         passes = res["passes"]
         need = protocol.needed(len(passes))
         rows = []
-        for codec in RUNS:
+        for codec in [r for r in RUNS if r in passes[0]["accuracy"]]:  # a variant runs some of them
             accs = [p["accuracy"][codec] for p in passes]
             gaps = [100 * (p["accuracy"]["none"] - p["accuracy"][codec]) for p in passes]
             row: dict[str, Any] = {"codec": codec}
@@ -723,11 +735,23 @@ def reproject(path: str | os.PathLike) -> str:
 # -------------------------------------------------------------------------------------------
 
 
+def results_name(
+    datasets: Sequence[str] | None = None, synthetic_rows: int = 30_000, runs: Sequence[str] | None = None
+) -> str:
+    """``ps_compression`` for a default run (the one the targets table judges),
+    ``ps_compression_variant`` for a run of other datasets, rows or codecs."""
+    variant = datasets is not None or synthetic_rows != 30_000 or runs is not None
+    return "ps_compression_variant" if variant else "ps_compression"
+
+
 def run(
     quick: bool = False,
     parts: Sequence[str] = ("accuracy", "server", "projection"),
     seeds: Sequence[int] = (0, 1, 2),
     seconds: float = 3.0,
+    datasets: Sequence[str] | None = None,
+    synthetic_rows: int = 30_000,
+    runs: Sequence[str] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     sizes, pushers = SIZES, PUSHERS
     if quick:
@@ -738,7 +762,7 @@ def run(
     texts = []
     if "accuracy" in parts:
         with local_cluster(2) as client:
-            payload["accuracy"] = accuracy(client, seeds, quick)
+            payload["accuracy"] = accuracy(client, seeds, quick, print, datasets, synthetic_rows, runs)
     rows: list[dict[str, Any]] = []
     if "server" in parts or "projection" in parts:
         rows = server_cost(sizes, pushers, seconds)
@@ -753,7 +777,8 @@ def run(
         cpu = cpu_step_flops(quick)
         payload["cpu_step"] = cpu
         payload["projection"] = projection(rows, cpu, payload["encode"], payload["summed"], payload.get("replies"))
-    path = protocol.save_json("ps_compression" + ("-quick" if quick else ""), payload, quick=quick)
+    name = results_name(datasets, synthetic_rows, runs)
+    path = protocol.save_json(name + ("-quick" if quick else ""), payload, quick=quick)
     meta["json"] = str(path)
     head = "\n".join(protocol.provenance_lines(meta)) + f"\nLoad average before {load0:.2f}, after {load():.2f}."
     if "accuracy" in parts:
@@ -840,19 +865,29 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--seconds", type=float, default=3.0, help="measurement window per server cell")
     ap.add_argument("--reproject", metavar="JSON", help="print the projection recomputed from a kept run's figures")
+    ap.add_argument("--datasets", default="", help="accuracy: comma-separated letter, synthetic-784 (default both)")
+    ap.add_argument("--synthetic-rows", type=int, default=30_000, help="accuracy: the synthetic set's training rows")
+    ap.add_argument("--runs", default="", help=f"accuracy: comma-separated rows of {', '.join(RUNS)} (default all)")
     args = ap.parse_args(argv)
     if args.reproject:
         text = reproject(args.reproject)
         print(text)
         return text
+    datasets = [d for d in args.datasets.split(",") if d] or None
+    runs = [r for r in args.runs.split(",") if r] or None
+    if runs and (bad := [r for r in runs if r not in RUNS]):
+        raise SystemExit(f"unknown --runs {bad}; choose from {', '.join(RUNS)}")
     text, _ = run(
         args.quick,
         args.parts.split(","),
         tuple(int(s) for s in args.seeds.split(",")),
         args.seconds,
+        datasets,
+        args.synthetic_rows,
+        runs,
     )
     print(text)
-    write_out("ps_compression" + ("-quick" if args.quick else ""), text)
+    write_out(results_name(datasets, args.synthetic_rows, runs) + ("-quick" if args.quick else ""), text)
     return text
 
 

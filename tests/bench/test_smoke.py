@@ -468,6 +468,32 @@ def test_an_overlap_variant_run_does_not_replace_the_judged_run(tmp_path: Path) 
     assert [r.met for r in rows] == [True] and "overlap-20261201T000000Z.json" in rows[0].source
 
 
+def test_a_compression_variant_is_named_apart_and_tables_only_its_rows() -> None:
+    """A run of some codecs or other rows (``--runs``, ``--synthetic-rows``) keeps its figures as
+    ``ps_compression_variant``, whose table has only the rows it ran, each against float32."""
+    from bench.ps_compression import accuracy_table, results_name
+
+    assert results_name() == "ps_compression"
+    assert results_name(runs=["topk"]) == results_name(synthetic_rows=120_000) == "ps_compression_variant"
+    cond = {
+        "load_before": 0.1,
+        "load_after": 0.2,
+        "steal_share": 0.0,
+        "other_cores": 0.0,
+        "gemm_numpy_gflops": 100.0,
+        "gemm_torch_gflops": 90.0,
+        "flags": [],
+    }
+    passes = [
+        {"seed": s, "order": ["none", "topk"], "conditions": cond, "accuracy": {"none": 0.6, "topk": 0.59}}
+        for s in (0, 1, 2)
+    ]
+    res = {"synthetic-784": {"settings": {"hidden": [4], "batch_size": 8, "epochs": 1}, "rows": [10, 5]}}
+    res["synthetic-784"]["passes"] = passes
+    text = accuracy_table(res)
+    assert "| topk |" in text and "+1.00 / +1.00 / +1.00" in text and "| int8 |" not in text
+
+
 def test_compression_projection_recomputes_from_a_kept_run() -> None:
     from bench.protocol import RESULTS
     from bench.ps_compression import reproject
