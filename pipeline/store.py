@@ -852,6 +852,39 @@ def clean_stale_temps(dest: str | os.PathLike) -> list[str]:
     return removed
 
 
+def clean_stale_remote_temps(fs: Any, dest: str) -> list[str]:
+    """Remove ``DEST.tmp-*`` prefixes of an object store (``fs``, ``dest`` its path there) left by
+    writers of this program that are no longer running: a writer replacing a store writes its
+    new one beside it, and a writer killed before it copied that over ``dest`` leaves it behind.
+    As :func:`clean_stale_temps` on a local disk, only a temporary holding nothing but a store's
+    entries, whose writer record names this host and a process that has ended, is removed."""
+    removed = []
+    try:
+        fs.invalidate_cache()
+        siblings = fs.glob(f"{glob.escape(dest.rstrip('/'))}.tmp-*")
+    except Exception:  # noqa: BLE001 - best effort: an unlistable prefix is left as it is
+        return removed
+    for p in siblings:
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        if not re.search(r"\.tmp-[0-9a-f]{8}$", name):
+            continue
+        try:
+            entries = {e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False)}
+            meta = json.loads(fs.cat(f"{p.rstrip('/')}/zarr.json"))
+        except Exception:  # noqa: BLE001 - not a store's group: not ours to judge
+            continue
+        attrs = meta.get("attributes") if isinstance(meta, dict) and meta.get("node_type") == "group" else None
+        if not isinstance(attrs, dict) or entries - STORE_ENTRIES:
+            continue
+        if _writer_gone(attrs.get("writer")):
+            try:
+                fs.rm(p, recursive=True)
+            except Exception:  # noqa: BLE001 - best effort: the next writer tries again
+                continue
+            removed.append(p)
+    return removed
+
+
 def _our_store(path: Path) -> bool:
     """Whether ``path`` is a directory holding a store this program wrote, or nothing."""
     if path.is_symlink() or not path.is_dir():
@@ -952,6 +985,7 @@ class StoreWriter:
 
             self._fs, self._fs_path = fsspec.core.url_to_fs(self.dest)
             check_replaceable(self.dest, force)
+            clean_stale_remote_temps(self._fs, self._fs_path)  # those of writers killed while replacing dest
             # Object stores have no rename. A new store is written in place: readers take it for
             # a store only once commit adds format_version. One replacing a store is written
             # beside it and copied over it at commit, so a writer that fails leaves the old one whole.

@@ -131,6 +131,32 @@ def test_a_killed_forced_writer_leaves_the_old_store_whole(s3):
     assert st.n_rows == 100 and st.read_rows(0, 100)[0][:, 0].tolist() == list(range(100))
 
 
+def test_the_next_writer_removes_what_a_killed_forced_writer_left_beside_the_store(s3):
+    """A writer replacing a store on S3 writes the new one beside it (``DEST.tmp-*``); killed, it
+    leaves that behind. The next writer to the destination removes it (its writer ran on this
+    host and has ended), but not a temporary whose writer still runs, nor one it did not write."""
+    fs = s3fs.S3FileSystem()
+    url = f"{s3}/swept.zarr"
+    make_store(url, n=100, f=2, chunk_rows=50)
+    _killed_writer(url)
+    path = url.removeprefix("s3://")
+    left = fs.glob(f"{path}.tmp-*")
+    assert len(left) == 1, left
+    live = create_store(url, 2, x_dtype="float32", y_dtype="int32", chunk_rows=10, force=True, attrs={})
+    try:
+        live.append(np.ones((20, 2), np.float32), np.zeros(20, np.int32))
+        fs.pipe(f"{path}.tmp-0123abcd/notes.txt", b"someone else's")  # not a store this program wrote
+        _fresh_listings()
+        with create_store(url, 2, x_dtype="float32", y_dtype="int32", chunk_rows=10, force=True, attrs={}) as w:
+            w.append(np.full((15, 2), 3, np.float32), np.ones(15, np.int32))
+        _fresh_listings()
+        kept = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{path}.tmp-*"))
+        assert kept == sorted([live.tmp.rsplit("/", 1)[-1], "swept.zarr.tmp-0123abcd"]), kept
+    finally:
+        live.abort()
+    assert open_store(url).n_rows == 15
+
+
 def test_a_store_still_being_written_is_not_replaced(s3):
     url = f"{s3}/live.zarr"
     w = create_store(url, 2, x_dtype="float32", y_dtype="int32", chunk_rows=10, attrs={})
