@@ -75,16 +75,25 @@ class _OneLineDaskErrors(logging.Filter):
     close coroutines (``CancelledError`` while shutting down) before the pipeline reports the
     loss as one line. Shutdown cancellations are dropped; any other traceback logged by Dask or
     the event loop under it (distributed, tornado, asyncio) is folded into its message's first
-    line. A job failure the in-process parameter server logs is dropped: the driver reports it.
+    line. A job failure the in-process parameter server logs is dropped: the driver reports it,
+    and so is the client's "Failed to reconnect to scheduler" during `pipeline train`, whose
+    error line names the lost scheduler and the command that resumes the run.
     ``--verbose`` shows them all.
     """
 
     _SOURCES = ("distributed", "tornado", "asyncio")
+    reports_lost_scheduler = False  # set by a command whose error line reports a lost scheduler
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "driver_reports", False):
             # the parameter server of the command's own local cluster (its scheduler runs in
             # this process) failing a job: the driver's error line says the same
+            return False
+        if (
+            self.reports_lost_scheduler
+            and record.name == "distributed.client"
+            and record.getMessage().startswith("Failed to reconnect to scheduler")
+        ):
             return False
         if not record.exc_info or record.name.split(".", 1)[0] not in self._SOURCES:
             return True
@@ -694,6 +703,7 @@ def train(
         )
     check_local_out(out)
     RunDir(Path(out)).check(resume, force)  # fail before starting a cluster
+    _OneLineDaskErrors.reports_lost_scheduler = True  # its error line says so, with the resume command
     report_to = _check_report(report, out, force) if report else None
     federated = bool(sites_file)
     if not store and not sites_file:  # the config may name the sites file (key 'sites')

@@ -253,6 +253,51 @@ def test_a_driver_started_before_its_workers_waits_for_them(letter_store: Path, 
     assert json.loads(stdout.strip().splitlines()[-1])["epochs"] == 3
 
 
+def test_a_killed_scheduler_is_one_line_with_the_resume_command(letter_store: Path, tmp_path: Path) -> None:
+    """The scheduler SIGKILLed mid-run: `pipeline train` ends with one line naming the lost
+    scheduler and the command that resumes the run (not Dask's "Failed to reconnect" before it),
+    and the checkpoint it names is there."""
+    from tests.processes import PIPELINE
+
+    out = tmp_path / "run"
+    with running_cluster(tmp_path / "cluster", workers=1) as cluster:
+        sched = cluster.schedulers[cluster.address]
+        args = [a for a in TRAIN if a != "--quiet"] + ["--set", "epochs=200"]
+        proc = subprocess.Popen(
+            [PIPELINE, "train", str(letter_store), "--scheduler", cluster.address, "--out", str(out), *args],
+            cwd=tmp_path,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+        reader.start()
+        try:
+            deadline = time.monotonic() + 120
+            while not any(ln.startswith("epoch   2") for ln in list(lines)) and proc.poll() is None:
+                assert time.monotonic() < deadline, "".join(lines)
+                time.sleep(0.05)
+            sched.kill()
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            reader.join(timeout=30)
+            proc.stdout.close()
+            proc.stderr.close()
+    stderr = "".join(lines)
+    assert proc.returncode == 1, stderr
+    shown = [ln for ln in stderr.splitlines() if ln.strip()]
+    last_epoch = max(i for i, ln in enumerate(shown) if ln.startswith("epoch "))
+    after = shown[last_epoch + 1 :]  # what the command said once training stopped
+    assert "Failed to reconnect" not in stderr, stderr
+    assert len(after) == 1 and after[0].startswith("error: lost the Dask scheduler at "), stderr
+    assert f"--out {out} --resume --scheduler {cluster.address}" in after[0], after[0]
+    assert (out / "checkpoint.npz").is_file()
+
+
 def test_evaluate_and_predict_resolve_relative_paths_on_the_driver(tmp_path: Path) -> None:
     # The worker runs in another directory: relative STORE and OUT must reach it as absolute paths.
     here = tmp_path / "here"
