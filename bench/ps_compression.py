@@ -867,7 +867,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--reproject", metavar="JSON", help="print the projection recomputed from a kept run's figures")
     ap.add_argument("--datasets", default="", help="accuracy: comma-separated letter, synthetic-784 (default both)")
     ap.add_argument("--synthetic-rows", type=int, default=30_000, help="accuracy: the synthetic set's training rows")
-    ap.add_argument("--runs", default="", help=f"accuracy: comma-separated rows of {', '.join(RUNS)} (default all)")
+    names = ", ".join(RUNS).replace("%", "%%")  # argparse formats help with %
+    ap.add_argument("--runs", default="", help=f"accuracy: comma-separated rows of {names} (default all)")
     args = ap.parse_args(argv)
     if args.reproject:
         text = reproject(args.reproject)
