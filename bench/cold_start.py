@@ -48,6 +48,25 @@ ways: **in process** (the default below ``cluster_min_rows``) and on a **2-worke
   epoch's own warm-up, the workers' kernel loads among it (inside "training" above); and not
   the timers' own cost (their ``client.run`` on the workers, "timer overhead" above, ~0.2 s).
 
+**Against PyTorch** (when torch is installed): in the same rotated passes, once per pass, PyTorch
+at its best practice as a whole process from the same store to a saved model (:func:`peer_child`,
+``python -m bench.cold_start torch ...``): :class:`bench.torch_peers.TorchBest`, the throughput
+benchmark's target row and cold peer, with the same model, batch 256, Adam (fused or foreach,
+whichever :func:`bench.torch_peers.pick_adam` measures faster here), float32 and initial weights;
+its imports, the store read whole into memory and standardized with the store's statistics, the
+rows the pipeline holds out for validation (the same rows, given as a file) split off, the same
+epochs each followed by a validation pass over those rows, and ``torch.save``, its wall time
+taken from outside as the plain command's is. Per pass, PyTorch's seconds over the plain
+command's is the whole-process ratio (the target: at least 1.0x in 4 of 5 passes, for the command's
+own ways); the peer's own phases stand in its column. Before any figure is reported the peer is
+checked to have trained the rows the pipeline trained in every epoch. Both sides run with
+``OMP_WAIT_POLICY=PASSIVE`` unless it is set (as in ``bench.throughput``: PyTorch's spinning
+OpenMP threads otherwise slow it on a shared machine).
+
+Every pass follows :mod:`bench.protocol` (:func:`bench.protocol.measure_pass`): load average,
+steal before and after, other processes' CPU and both GEMM peaks are kept per pass in the JSON
+(``passes``) and shown under the header, with the passes flagged as taken under load.
+
 The timers cost a few ms (the plain command's wall time is given beside the timed one). Whether
 distributed, bokeh, matplotlib and numba were imported at all is recorded per way. Raw figures
 go to ``bench/results/cold_start-<UTC time>.json`` (``bench.protocol``).
@@ -73,6 +92,9 @@ LAUNCH_ENV = "BENCH_COLD_START_LAUNCH"  # the parent's time.time() at launch
 OUT_ENV = "BENCH_COLD_START_OUT"  # where the child writes its phases
 WATCHED = ("distributed", "bokeh", "matplotlib", "numba", "zarr", "dask")
 WAYS = {"in process": (), "2 workers": ("--workers", "2", "--dashboard-address", "none")}
+PEER = "pytorch best practice"  # the whole-process peer (peer_child), run in the same passes
+PEER_TARGET = 1.0  # the pipeline's whole process at least as fast as the peer's
+PEER_PHASES = ("store read into memory", "model and optimizer set-up")  # the peer's phases the command has not
 # labelled extra ways (``--extra``), run in the same passes; the targets judge WAYS alone
 EXTRA_WAYS = {"in process, blas_threads=2": ("--set", "blas_threads=2")}
 PHASES = (
@@ -346,6 +368,83 @@ def child(argv: Sequence[str] | None = None) -> int:
 
 
 # -------------------------------------------------------------------------------------------
+# the PyTorch peer's process
+# -------------------------------------------------------------------------------------------
+
+
+def peer_child(argv: Sequence[str]) -> int:
+    """``python -m bench.cold_start torch STORE HELD.npy OUT.pt EPOCHS ADAM SIZES PHASES.json``: PyTorch
+    at its best practice as a whole process, from the Zarr store to a saved model, the peer the
+    pipeline's whole process is judged against.
+
+    The peer is :class:`bench.torch_peers.TorchBest` (the throughput benchmark's target row and
+    cold peer, ``python -m bench.torch_peers cold``) started as that cold peer starts: the store
+    read whole into memory and standardized with its own statistics (:func:`bench.common.arrays`);
+    then the rows in ``HELD.npy`` (the rows the pipeline holds out for validation; an empty
+    array: none) split off, ``EPOCHS`` epochs each followed by a validation pass over the held-out
+    rows (loss and accuracy, as the pipeline's), and the model saved with ``torch.save``. Its
+    phases, a few ``perf_counter`` calls, go to ``PHASES.json``; its wall time is taken from
+    outside, as the plain command's is."""
+    t_start = time.perf_counter()
+    launched = float(os.environ.get(LAUNCH_ENV, time.time()))
+    interpreter = max(0.0, time.time() - launched)
+    store_path, held_path, out, n_epochs, kind, sizes_s, dest = argv[:7]
+    phases: dict[str, float] = {}
+    t = time.perf_counter()
+    import numpy as np
+    import torch
+
+    from bench.common import arrays
+    from bench.torch_peers import TorchBest
+    from pipeline.store import open_store
+
+    phases["imports"] = time.perf_counter() - t
+    t = time.perf_counter()
+    X, y = arrays(open_store(store_path))
+    held = np.zeros(len(X), bool)
+    held[np.load(held_path)] = True
+    Xva, yva = X[held], y[held]
+    if held.any():
+        X, y = X[~held], y[~held]
+    phases["store read into memory"] = time.perf_counter() - t
+    t = time.perf_counter()
+    peer = TorchBest(X, y, [int(v) for v in sizes_s.split(",")], adam_kind=kind)
+    phases["model and optimizer set-up"] = time.perf_counter() - t  # torch.optim loads torch._dynamo here
+    epochs: list[dict[str, Any]] = []
+    train_s = validate_s = 0.0
+    for _ in range(int(n_epochs)):
+        t = time.perf_counter()
+        peer.epoch()
+        dt = time.perf_counter() - t
+        train_s += dt
+        epoch: dict[str, Any] = {"train_s": dt, "samples": len(X)}
+        if len(Xva):
+            t = time.perf_counter()
+            scores = torch.from_numpy(peer.predict(Xva))
+            epoch["val_loss"] = float(torch.nn.functional.cross_entropy(scores, torch.from_numpy(yva)))
+            epoch["val_accuracy"] = float((scores.argmax(1).numpy() == yva).mean())
+            epoch["validate_s"] = time.perf_counter() - t
+            validate_s += epoch["validate_s"]
+        epochs.append(epoch)
+    phases["training"], phases["validation"] = train_s, validate_s
+    t = time.perf_counter()
+    torch.save(peer.model.state_dict(), out)
+    phases["model save"] = time.perf_counter() - t
+    total = time.perf_counter() - t_start
+    phases["other"] = total - sum(phases.values())
+    phases["interpreter start"] = interpreter
+    got = {
+        "phases": phases,
+        "epochs": epochs,
+        "train_rows": len(X),
+        "held_out_rows": len(Xva),
+        "process_in_timer_s": total + interpreter,
+    }
+    Path(dest).write_text(json.dumps(got, indent=1))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------
 # the benchmark (the parent process)
 # -------------------------------------------------------------------------------------------
 
@@ -399,6 +498,8 @@ def plain_epochs(out: Path) -> list[dict[str, Any]]:
             "validate_s": h["validate_s"],
             "read_s": h["read_s"],
             "seconds": h["seconds"],
+            "samples": h["samples"],
+            "val_accuracy": h.get("val_accuracy"),
         }
         for h in epochs
     ]
@@ -455,10 +556,68 @@ def timed_run(store: str, out: Path, epochs: int, extra: Sequence[str], root: Pa
     return got
 
 
+def held_out_file(store: Any, dest: Path) -> int:
+    """Write the rows the pipeline holds out of ``store`` for validation at its defaults
+    (``validation`` share, ``seed``; :func:`pipeline.loader.held_out_rows`) to ``dest`` (.npy),
+    for the PyTorch peer to validate on the same rows; returns how many."""
+    import numpy as np
+
+    from pipeline.config import TrainConfig
+    from pipeline.loader import held_out_rows
+
+    cfg = TrainConfig()
+    rows = [held_out_rows(store, c, cfg.validation, cfg.seed) for c in range(store.n_chunks)]
+    held = np.concatenate(rows) if cfg.validation > 0 and rows else np.empty(0, np.int64)
+    np.save(dest, held.astype(np.int64))
+    return len(held)
+
+
+def peer_run(store: str, held: Path, out: Path, epochs: int, adam_kind: str) -> dict[str, Any]:
+    """One cold process of the PyTorch peer (:func:`peer_child`): its wall seconds from outside
+    (``wall_s``), the CPU seconds of the process, its phases and epochs, and its overhead over
+    its steady-state epochs reckoned as the plain command's (:func:`steady_overhead`)."""
+    import resource
+    import subprocess
+
+    from bench.common import child_env
+
+    dest = out.parent / f"{out.name}-phases.json"
+    sizes = ",".join(map(str, (784, *HIDDEN, 10)))
+    env = {**child_env(ROOT), LAUNCH_ENV: repr(time.time())}
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "bench.cold_start", "torch", store, str(held), str(out), str(epochs), adam_kind, sizes]
+        + [str(dest)],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    got = json.loads(dest.read_text())
+    got["wall_s"] = wall
+    got["cpu_s"] = (after.ru_utime + after.ru_stime) - (cpu.ru_utime + cpu.ru_stime)
+    got["phases"]["exit"] = max(0.0, wall - got["process_in_timer_s"])
+    got["overhead_s"] = wall - got["phases"]["training"]
+    got["steady_overhead_s"] = steady_overhead(wall, got["epochs"])
+    return got
+
+
 def _median(xs: Sequence[float]) -> float:
     import numpy as np
 
     return float(np.median(xs)) if xs else float("nan")
+
+
+def peer_ratio(d: Mapping[str, Any], way: str) -> dict[str, Any]:
+    """Per pass, the PyTorch peer's whole process seconds over the plain command's of ``way``
+    (above 1: the pipeline's process is the faster), judged against :data:`PEER_TARGET` by the
+    protocol's rule (:func:`bench.protocol.ratio_summary`: in at least 4 of 5 passes)."""
+    from bench.protocol import ratio_summary
+
+    return ratio_summary([r["wall_s"] for r in d["peer"]["runs"]], d["results"][way]["plain"], PEER_TARGET)
 
 
 def run(
@@ -466,57 +625,122 @@ def run(
 ) -> tuple[str, dict[str, Any]]:
     """The table and the raw figures; with ``baseline`` (another checkout holding this module
     as ``bench/cold_start.py``) each way runs from both checkouts in the same passes; with
-    ``extra`` the :data:`EXTRA_WAYS` too."""
-    from bench.common import machine, md_table, tmpdir
-    from bench.protocol import meta, provenance_lines, rotated, save_json
+    ``extra`` the :data:`EXTRA_WAYS` too. The PyTorch peer (:func:`peer_child`, when torch is
+    installed) runs once per pass among the ways, and every pass is measured by
+    :func:`bench.protocol.measure_pass`."""
+    from bench.common import machine, tmpdir
+    from bench.protocol import measure_pass, meta, rotated, save_json
     from pipeline.synth import synth
 
+    # PyTorch's OpenMP threads otherwise spin on a shared machine (bench.throughput's docstring);
+    # set before anything loads OpenMP, for every process alike, and recorded in the header
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     mach = machine()
+    m = meta()  # the commit and versions as the run starts
     ways = {w: (args, ROOT) for w, args in (WAYS | (EXTRA_WAYS if extra else {})).items()}
     if baseline is not None:
         ways.update({f"{w} (baseline)": (args, baseline) for w, args in WAYS.items()})
     results: dict[str, dict[str, list]] = {
         w: {"plain": [], "plain_cpu": [], "plain_epochs": [], "plain_overhead": [], "timed": []} for w in ways
     }
+    peer: dict[str, Any] | None = None
+    try:
+        import torch  # noqa: F401
+
+        from bench.torch_peers import pick_adam
+
+        peer = {"name": PEER, "adam": pick_adam((784, *HIDDEN, 10)), "runs": []}
+    except ImportError:  # the peer is optional (the bench extra): its column and ratio say so
+        pass
+    records: list[dict[str, Any]] = []
     with tmpdir("cold-start-") as tmp:
         store = synth(str(tmp / "s.zarr"), rows=rows, features=784, classes=10, seed=0)
+        held = tmp / "held-out.npy"
+        held_rows = held_out_file(store, held)
         for root in {r for _, r in ways.values()}:  # page cache and Numba's cache, as a user's second run
             plain_run(str(store.path), tmp / "warm", 1, (), root)
+        if peer is not None:  # likewise torch's libraries in the page cache
+            peer_run(str(store.path), held, tmp / "warm.pt", 1, peer["adam"]["kind"])
+            peer["held_out_rows"] = held_rows
+        names = [*ways, *([PEER] if peer is not None else [])]
         for k in range(passes):
-            load0 = os.getloadavg()[0]
-            for way in rotated(list(ways), k):
-                extra, root = ways[way]
-                tag = way.replace(" ", "-").replace("(", "").replace(")", "")
-                plain_out = tmp / f"plain-{tag}-{k}"
-                wall, cpu = plain_run(str(store.path), plain_out, epochs, extra, root)
-                results[way]["plain"].append(wall)
-                results[way]["plain_cpu"].append(cpu)
-                hist = plain_epochs(plain_out)
-                results[way]["plain_epochs"].append(hist)
-                results[way]["plain_overhead"].append(steady_overhead(wall, hist))
-                timed = timed_run(str(store.path), tmp / f"timed-{tag}-{k}", epochs, extra, root)
-                timed["load_before"] = load0
-                results[way]["timed"].append(timed)
+            order = rotated(names, k)
+            with measure_pass(cores=2, peak_n=256 if quick else 1024) as cond:
+                for way in order:
+                    if peer is not None and way == PEER:
+                        peer["runs"].append(
+                            peer_run(str(store.path), held, tmp / f"peer-{k}.pt", epochs, peer["adam"]["kind"])
+                        )
+                        continue
+                    args, root = ways[way]
+                    tag = way.replace(" ", "-").replace("(", "").replace(")", "")
+                    plain_out = tmp / f"plain-{tag}-{k}"
+                    wall, cpu = plain_run(str(store.path), plain_out, epochs, args, root)
+                    results[way]["plain"].append(wall)
+                    results[way]["plain_cpu"].append(cpu)
+                    hist = plain_epochs(plain_out)
+                    results[way]["plain_epochs"].append(hist)
+                    results[way]["plain_overhead"].append(steady_overhead(wall, hist))
+                    timed = timed_run(str(store.path), tmp / f"timed-{tag}-{k}", epochs, args, root)
+                    timed["load_before"] = cond["load_before"]
+                    results[way]["timed"].append(timed)
+            records.append({"pass": k + 1, "order": order, "conditions": cond})
+    if peer is not None:
+        check_peer(peer, results["in process"]["plain_epochs"], quick)
     payload = {
-        "meta": meta(),
+        "meta": m,
+        "quick": quick,
         "rows": rows,
         "features": 784,
         "hidden": list(HIDDEN),
         "epochs": epochs,
-        "passes": passes,
+        "passes": records,
         "results": results,
+        "peer": peer,
         "baseline": str(baseline) if baseline else None,
     }
-    info = dict(payload["meta"])
-    info["json"] = str(save_json("cold_start" + ("-quick" if quick else ""), payload, quick))
+    m["json"] = str(save_json("cold_start" + ("-quick" if quick else ""), payload, quick))
+    return render(payload, mach), payload
+
+
+def check_peer(peer: Mapping[str, Any], plain: Sequence[Sequence[Mapping[str, Any]]], quick: bool) -> None:
+    """Like for like before any figure is reported: the peer trained the rows the pipeline
+    trained in every epoch (the same store less the same held-out rows) and, in a full run,
+    learned (validation accuracy after its last epoch above twice chance)."""
+    want = [e["samples"] for run in plain for e in run]
+    got = [e["samples"] for run in peer["runs"] for e in run["epochs"]]
+    if set(got) != set(want):
+        raise AssertionError(
+            f"the PyTorch peer trained {sorted(set(got))} rows an epoch, the pipeline {sorted(set(want))}"
+        )
+    for run in peer["runs"]:
+        acc = run["epochs"][-1].get("val_accuracy")
+        if not quick and acc is not None and acc < 0.2:
+            raise AssertionError(f"the PyTorch peer did not learn: validation accuracy {acc:.3f}")
+
+
+def render(d: Mapping[str, Any], mach: Mapping[str, str]) -> str:
+    """The tables of a run's raw figures ``d``: the phases by way (the PyTorch peer's beside
+    them), the main thread's CPU by phase, the whole processes against the peer per pass, and
+    the conditions of every pass."""
+    from bench.common import md_table
+    from bench.protocol import conditions_table, provenance_lines
+
+    results, peer, epochs, rows = d["results"], d.get("peer"), d["epochs"], d["rows"]
+    ways = list(results)
+    runs = peer["runs"] if peer else []
+    col = f"{PEER} s"
     rows_out = []
     first_imports = [f"of imports: {m}" for m in (*WATCHED, "pipeline", "kernels")]
     first_imports.append("of imports: (other packages)")
     extra_rows = ("of training: reads (read_s)", "workers' JIT / cache load (sum)", *first_imports)
-    for phase in (*PHASES, *extra_rows):
+    for phase in (*PHASES[:5], *PEER_PHASES, *PHASES[5:], *extra_rows):
         row: dict[str, Any] = {"phase": phase}
         for way in ways:
             timed = results[way]["timed"]
+            if phase in PEER_PHASES:
+                row[f"{way} s"] = ""  # the command reads inside training (the reads row), sets up in others
+                continue
             if phase.startswith("of training: reads"):
                 vals = [t["history"]["read_s"] for t in timed]
             elif phase.startswith("of imports: "):
@@ -527,21 +751,38 @@ def run(
             else:
                 vals = [t["phases"].get(phase, 0.0) for t in timed]
             row[f"{way} s"] = _median(vals)
+        if runs:
+            row[col] = _median([r["phases"][phase] for r in runs]) if phase in runs[0]["phases"] else ""
         rows_out.append(row)
+    # the peer's one run per pass is both its timed and its plain process (its timers are a few perf_counter calls)
     for label, key in (("whole process, timed", "wall_s"), ("overhead (process - training)", "overhead_s")):
-        rows_out.append({"phase": label, **{f"{w} s": _median([t[key] for t in results[w]["timed"]]) for w in ways}})
-    rows_out.append({"phase": "whole process, plain command", **{f"{w} s": _median(results[w]["plain"]) for w in ways}})
+        rows_out.append(
+            {
+                "phase": label,
+                **{f"{w} s": _median([t[key] for t in results[w]["timed"]]) for w in ways},
+                **({col: _median([r[key] for r in runs])} if runs else {}),
+            }
+        )
+    rows_out.append(
+        {
+            "phase": "whole process, plain command",
+            **{f"{w} s": _median(results[w]["plain"]) for w in ways},
+            **({col: _median([r["wall_s"] for r in runs])} if runs else {}),
+        }
+    )
     if epochs >= 2:
         rows_out.append(
             {
                 "phase": "overhead of the plain command (process - epochs 2..n - one steady epoch)",
                 **{f"{w} s": _median(results[w]["plain_overhead"]) for w in ways},
+                **({col: _median([r["steady_overhead_s"] for r in runs])} if runs else {}),
             }
         )
     rows_out.append(
         {
             "phase": "CPU s of the plain command (+ workers)",
             **{f"{w} s": _median(results[w]["plain_cpu"]) for w in ways},
+            **({col: _median([r["cpu_s"] for r in runs])} if runs else {}),
         }
     )
     # the main thread's CPU seconds by phase: what a machine's load does not stretch
@@ -568,13 +809,19 @@ def run(
         way: ", ".join(m for m in WATCHED if results[way]["timed"][-1]["imported"][m]) or "none" for way in ways
     }
     numba = {way: results[way]["timed"][-1]["numba"] for way in ways}
+    passes = d["passes"]
+    fmt = {f"{w} s": ".3f" for w in ways} | {col: ".3f"}
     text = (
         f"Cold `pipeline train` by phase: {rows:,} x 784 synthetic store, MLP 784-{'-'.join(map(str, HIDDEN))}-10, "
-        f"{epochs} epoch(s), defaults otherwise; medians of {passes} interleaved pass(es). Machine: {mach['cpu']}, "
-        f"{mach['cores']} cores (shared), load {mach['load']}, {mach['date']}.\n"
-        + "\n".join(provenance_lines(info))
+        f"{epochs} epoch(s), defaults otherwise; medians of {len(passes)} interleaved pass(es), the order rotated "
+        f"per pass. Machine: {mach['cpu']}, {mach['cores']} cores (shared), load {mach['load']}, {mach['date']}.\n"
+        + "\n".join(provenance_lines(d["meta"]))
+        + "\n\nConditions per pass:\n\n"
+        + conditions_table(passes)
         + "\n\n"
-        + md_table(rows_out, {f"{w} s": ".3f" for w in ways})
+        + md_table(rows_out, fmt)
+        + "\n\n"
+        + peer_text(d)
         + "\n\nThe main thread's CPU seconds by phase (time.thread_time(), exclusive like the wall times; "
         "a loaded machine stretches the wall times, much less these; on a cluster the driver's main thread mostly "
         "waits, its event loop and the workers do the work: see the CPU row above):\n\n"
@@ -588,7 +835,63 @@ def run(
         )
         + ".\n"
     )
-    return text, payload
+    flagged = [f"pass {p['pass']} ({', '.join(p['conditions']['flags'])})" for p in passes if p["conditions"]["flags"]]
+    if flagged:
+        text += f"\nFlagged under load: {'; '.join(flagged)}.\n"
+    return text
+
+
+def peer_text(d: Mapping[str, Any]) -> str:
+    """The whole processes against the PyTorch peer, per pass, for every way (the command's own
+    ways judged against :data:`PEER_TARGET`), and what the peer is."""
+    from bench.common import md_table
+    from bench.protocol import fmt_ratio
+
+    peer = d.get("peer")
+    if not peer:
+        return f"{PEER}: not run (torch is not installed; `pip install torch`, the bench extra)."
+    runs = peer["runs"]
+    rows = []
+    for way, res in d["results"].items():
+        s = peer_ratio(d, way)
+        judged = way in WAYS
+        rows.append(
+            {
+                "way": way,
+                "pipeline command s per pass": " / ".join(f"{x:.2f}" for x in res["plain"]),
+                f"{PEER} s per pass": " / ".join(f"{r['wall_s']:.2f}" for r in runs),
+                "PyTorch / pipeline (time ratio)": fmt_ratio(s),
+                f">= {PEER_TARGET:.1f}x": (
+                    f"{s['hits']} of {s['passes']} passes (need {s['needed']}): {'met' if s['met'] else 'NOT met'}"
+                    if judged
+                    else "not judged"
+                ),
+            }
+        )
+
+    def last_acc(epochs: Sequence[Mapping[str, Any]]) -> float | None:
+        return epochs[-1].get("val_accuracy") if epochs else None
+
+    accs = {w: [last_acc(e) for e in res["plain_epochs"]] for w, res in d["results"].items()}
+    accs[PEER] = [last_acc(r["epochs"]) for r in runs]
+    shown = "; ".join(
+        f"{w} {_median([a for a in xs if a is not None]):.4f}"
+        for w, xs in accs.items()
+        if any(a is not None for a in xs)
+    )
+    adam = peer["adam"]
+    return (
+        f"Whole process against {PEER} (`python -m bench.cold_start torch`: the throughput benchmark's peer, "
+        f"`bench.torch_peers.TorchBest`, 2 threads, Adam {adam['kind']} as measured faster here): a fresh process "
+        f"from the same store to a saved model, timed from outside like the plain command: imports, the store read "
+        f"whole into memory and standardized, the same {peer.get('held_out_rows', 0):,} held-out rows split off, "
+        f"{d['epochs']} epochs of batch 256 each followed by a validation pass over them, `torch.save`. Per pass "
+        "ratio = its seconds / the plain command's (above 1: the pipeline's process faster); met in at least "
+        "ceil(0.8 n) of n passes (4 of 5):\n\n"
+        + md_table(rows)
+        + f"\n\nValidation accuracy after the last epoch (median over passes): {shown or 'n/a'} (the pipeline "
+        "validates its weight average, `ema`; the peer its weights)."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -619,4 +922,6 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["torch"]:
+        sys.exit(peer_child(sys.argv[2:]))
     main()

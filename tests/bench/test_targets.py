@@ -30,7 +30,10 @@ def test_targets_follow_the_newest_full_run_and_skip_quick_ones(tmp_path: Path) 
     path, got = newest("throughput", tmp_path)
     assert path.name == src.name
     rows = [t for t in collect(tmp_path) if t.source == src.name]
-    assert [t.target for t in rows] == [t["target"] for t in data["targets"]]
+    # the cold row names the setting it was measured in (no bench.cold_start run with its peer here)
+    assert [t.target.split(", measured by bench.throughput: ")[0] for t in rows] == [
+        t["target"] for t in data["targets"]
+    ]
     assert [t.met for t in rows] == [bool(t["met"]) for t in data["targets"]]
     # every other benchmark has no run in this directory: listed as such, never as met
     others = [t for t in collect(tmp_path) if t.source != src.name]
@@ -87,6 +90,65 @@ def test_a_baseline_run_beside_or_an_extra_way_is_not_a_target(tmp_path: Path) -
     rows = [t for t in collect(tmp_path) if t.source == src.name]
     assert len(rows) == len(WAYS)
     assert not any("baseline" in t.target or "blas_threads" in t.target for t in rows)
+
+
+def _cold_run(plain: dict[str, list[float]], peer: list[float], flags: list[list[str]]) -> dict:
+    """A bench.cold_start run's raw figures, as few as the targets read: per way the plain
+    command's seconds per pass, the PyTorch peer's per pass and the conditions' flags."""
+    epochs = [{"train_s": 1.0}, {"train_s": 1.0}]
+    return {
+        "meta": {"host": {"cores": 2}},
+        "quick": False,
+        "rows": 60_000,
+        "features": 784,
+        "epochs": 5,
+        "results": {
+            way: {"plain": walls, "plain_epochs": [epochs] * len(walls), "timed": [{"overhead_s": 1.0}] * len(walls)}
+            for way, walls in plain.items()
+        },
+        "passes": [{"pass": k + 1, "order": [], "conditions": {"flags": f}} for k, f in enumerate(flags)],
+        "peer": {"name": "pytorch best practice", "runs": [{"wall_s": w} for w in peer]},
+    }
+
+
+def test_the_cold_row_is_judged_on_the_cold_start_run_with_its_pytorch_peer(tmp_path: Path) -> None:
+    """With a bench.cold_start run that has the PyTorch whole-process peer, the row "pipeline
+    train process >= 1.0x PyTorch's process" is judged there, per pass PyTorch's seconds over the
+    plain command's, for the default way (in process) and --workers 2, 4 of 5 passes; the
+    throughput run's cold row gives way. Without one the throughput row stays, naming its store."""
+    from bench.targets import COLD_ROW
+
+    src = sorted(RESULTS.glob("throughput-2*.json"))[-1]
+    shutil.copy(src, tmp_path / src.name)
+    data = json.loads(src.read_text())
+    (fallback,) = [t for t in collect(tmp_path) if t.target.startswith(COLD_ROW)]
+    assert fallback.source == src.name
+    assert f"measured by bench.throughput: {data['rows']:,} x 784 store" in fallback.target
+    assert f"{data['epochs']} epochs, a 2-worker cluster" in fallback.target
+    flags = [[], ["steal 3.0%"], [], [], []]
+    # in process: PyTorch slower in 4 of 5 passes (met); 2 workers: in 3 of 5 (not met)
+    run = _cold_run(
+        {"in process": [6.0, 6.0, 6.0, 6.0, 8.0], "2 workers": [6.0, 6.0, 6.0, 8.0, 8.0]},
+        [7.5, 6.0, 9.0, 6.6, 7.2],
+        flags,
+    )
+    (tmp_path / "cold_start-29991231T000000Z.json").write_text(json.dumps(run))
+    rows = [t for t in collect(tmp_path) if t.target.startswith(COLD_ROW)]
+    assert [t.source for t in rows] == ["cold_start-29991231T000000Z.json"] * 2
+    inproc, two = rows
+    assert "the plain command: in process below cluster_min_rows, 5 epochs of 60,000 x 784" in inproc.target
+    assert "`--workers 2`, 5 epochs of 60,000 x 784" in two.target
+    assert inproc.figures.startswith("1.25x / 1.00x / 1.50x / 1.10x / 0.90x")
+    assert two.figures.startswith("1.25x / 1.00x / 1.50x / 0.82x / 0.90x")
+    assert (inproc.met, two.met) == (True, False)
+    assert inproc.rule == "4 of 5 passes" and inproc.flagged == "1 of 5"
+    # a newer run without the peer (torch not installed) does not hide it; a quick one neither
+    (tmp_path / "cold_start-29991231T000001Z.json").write_text(json.dumps(dict(run, peer=None)))
+    (tmp_path / "cold_start-29991231T000002Z.json").write_text(
+        json.dumps(dict(_cold_run({"in process": [9.0] * 5, "2 workers": [9.0] * 5}, [1.0] * 5, flags), quick=True))
+    )
+    again = [t for t in collect(tmp_path) if t.target.startswith(COLD_ROW)]
+    assert [(t.source, t.met) for t in again] == [(t.source, t.met) for t in rows]
 
 
 def test_cold_start_overhead_counts_the_first_epochs_warm_up() -> None:
