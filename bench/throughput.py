@@ -19,11 +19,39 @@ and cluster start, imports, reading and standardizing the data, and one untimed 
 over the test rows (a throw-away model; the timed run starts from the initial weights). It
 *includes* one validation pass over the 10,000 test rows per epoch for every trainer (the
 pipeline's ``validation_store``; the peers predict the test rows after each epoch): validation
-is counted for all. *Cold* is a fresh process from the same Zarr store to a saved model
-(imports, cluster start, reads, warm-up/JIT, training with validation, save): measured for the
-pipeline (``pipeline train`` as a user runs it) and the PyTorch best-practice peer (``python -m
-bench.torch_peers cold``); the two-process PyTorch peer's cold figure starts its processes from
-the standardized arrays in an ``.npz`` (no store read). The other peers have no cold figure.
+is counted for all. *Cold* is a fresh process from the same Zarr training store to a saved
+model, for every trainer, timed from outside (start to exit) right after the row's steady run
+in the same pass: imports, cluster start where the trainer uses one, reading and standardizing
+the training and test stores, compiling where the tool compiles (Numba, ``torch.compile``), the
+same epochs with the same validation as the steady row, trained by the row's own code (one
+constructor or function per row serves both runs), and saving the model as is natural for the
+tool. No throw-away warm-up epoch: it only moves one-time costs out of a steady timer. On-disk
+compile caches are as a user's second run finds them. The processes (:func:`cold_runs`):
+
+* pipeline rows: ``pipeline train STORE --config C --set KEY=VALUE --workers 2 -q`` (``C``: the
+  steady settings; ``--set``: the row's, ``PIPELINE_ROWS``); it writes ``model.npz``. A store of
+  the full run's size gets the 2-worker cluster by default; ``--workers 2`` gives the quick
+  run's small store the same, where ``pipeline train`` would train in process.
+* PyTorch in process (tutorial, best practice, + ``torch.compile``, + the weight averaging):
+  ``python -m bench.torch_peers cold-peer KIND``, the row's peer
+  (:func:`bench.torch_peers.make_peer`), ``torch.save`` of the state dict it predicts with.
+* PyTorch 2-process local SGD: ``python -m bench.torch_peers ddp-store``: both processes read
+  and standardize the store themselves; rank 0 saves the averaged model. (Its steady run starts
+  from an ``.npz`` of the arrays; that process's time, warm-up included, is kept per pass as
+  ``npz process s``.)
+* kernels in memory, scikit-learn: ``python -m bench.throughput cold memory|sklearn``
+  (:func:`cold_main`): ``np.savez`` of the parameters, the estimator pickled.
+* dask-ml: ``python -m bench.throughput cold dask-ml-tuned|dask-ml-users`` on distributed's own
+  ``LocalCluster`` (tuned: one worker, both cores to its BLAS and the allocator setting, no
+  dashboard; as users run it: Dask's defaults here, two 1-thread workers and the dashboard),
+  the fitted estimator pickled.
+
+The peers' processes also import their bench module (a few tens of milliseconds beyond NumPy
+here), which counts against them. A cold process that fails or saves no model leaves its cold
+figure n/a and the reason under the table (the benchmark goes on). The JSON keeps each row's
+command (``cold_commands``), the rows without a figure (``cold_missing``) and per pass each
+row's ``cold`` seconds, ``cold model`` and ``cold acc`` (the test accuracy the process
+reported).
 
 Rows:
 
@@ -78,11 +106,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
+import re
+import shutil
 import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +126,7 @@ from bench.common import (
     Peer,
     SklearnPeer,
     arrays,
+    child_env,
     local_cluster,
     md_table,
     metric,
@@ -133,6 +166,18 @@ WORKERS = 2  # the pipeline's LocalCluster
 EMA = TrainConfig().ema  # the pipeline's default weight averaging, given to the averaging peer
 ROUND_STEPS = WORKERS * TrainConfig().local_steps  # minibatches of 256 in one sync round
 
+# each pipeline row's settings over the default, in the steady run and as the cold command's --set
+PIPELINE_ROWS: dict[str, dict[str, Any]] = {
+    DEFAULT: {},
+    EMA0: {"ema": 0.0},
+    TCP: {"ps_shared_memory": False},
+    OVERLAP: {"overlap": True, "overlap_steps": 1},
+}
+# the rows of bench.torch_peers.make_peer, by its kind
+TORCH_ROWS = {BEST: "best", BEST_EMA: "averaged", TUTORIAL: "tutorial", COMPILED: "compiled"}
+# the rows whose cold run is this module's `cold` command, by its kind
+OWN_ROWS = {MEMORY: "memory", SKLEARN: "sklearn", DML_TUNED: "dask-ml-tuned", DML_USER: "dask-ml-users"}
+
 
 def _check_samples(name: str, got: int, want: int) -> None:
     if got != want:
@@ -168,7 +213,12 @@ def dask_ml_run(
     epochs: int,
     n_classes: int,
     warm: bool,
+    save: str | Path | None = None,
 ) -> dict:
+    """dask-ml's ``Incremental(MLPClassifier)`` over the store's blocks (standardized lazily, as a
+    dask-ml user writes it), ``epochs`` timed ``partial_fit`` passes each followed by a prediction
+    of the test rows; ``warm``: an untimed throw-away fit first; ``save``: pickle the fitted
+    estimator there afterwards (the cold run's model)."""
     import dask.array as da
     from dask_ml.wrappers import Incremental
     from sklearn.exceptions import ConvergenceWarning
@@ -205,6 +255,9 @@ def dask_ml_run(
             inc.partial_fit(Xf, y, classes=classes)
             pred = inc.estimator_.predict_proba(test_X)
         dt = time.perf_counter() - t
+    if save is not None:
+        with open(save, "wb") as f:
+            pickle.dump(inc.estimator_, f)
     return {"seconds": dt, "acc": metric(pred, test_y, "classification")}
 
 
@@ -218,53 +271,155 @@ def _tune_worker() -> str:
     return f"mmap threshold restored: {restore_mmap_threshold()}"
 
 
-def _pipeline_cold(train: Any, test: Any, tmp: Path, hidden: Sequence[int], epochs: int, batch: int) -> float:
-    """``pipeline train`` as a whole process, as a user runs it, to a saved model."""
-    cfg = tmp / "cold.toml"
+def own_peer(kind: str, X: np.ndarray, y: np.ndarray, hidden: Sequence[int], n_classes: int, batch: int) -> Peer:
+    """The in-process peer of ``kind`` ("memory": the kernels, "sklearn": ``partial_fit``): one
+    constructor for its steady and cold runs."""
+    if kind == "memory":
+        return KernelPeer(X, y, hidden, n_classes, batch=batch)
+    if kind == "sklearn":
+        return SklearnPeer(X, y, hidden, n_classes, batch=batch)
+    raise ValueError(f"unknown in-process peer {kind!r}")
+
+
+@dataclass(frozen=True)
+class ColdRun:
+    """One trainer's cold run: its fresh process's command and environment, the model file the
+    process saves, and what to remove first (an earlier pass's output)."""
+
+    command: list[str]
+    env: dict[str, str]
+    model: Path
+    clear: Path
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48]
+
+
+def cold_runs(
+    train: Any, test: Any, tmp: Path, sizes: Sequence[int], batch: int, epochs: int, info: dict
+) -> dict[str, ColdRun]:
+    """Trainer name -> its cold run, for every row :func:`trainers` builds with the same ``info``:
+    the pipeline rows as ``pipeline train`` with the row's ``--set`` on a ``WORKERS``-worker local
+    cluster; the in-process PyTorch rows as ``python -m bench.torch_peers cold-peer``; the
+    two-process peer as ``python -m bench.torch_peers ddp-store``; the others as ``python -m
+    bench.throughput cold`` (:func:`cold_main`). Every process reads the same stores."""
+    hidden = list(sizes[1:-1])
+    shape = ",".join(map(str, sizes))
+    env = child_env()
+    py, tr, te = sys.executable, str(train.path), str(test.path)
+    where = tmp / "cold"
+    where.mkdir(exist_ok=True)
+    cfg = where / "pipeline.toml"
     cfg.write_text(
-        f"hidden = {list(hidden)}\nepochs = {epochs}\nbatch_size = {batch}\npatience = 0\n"
-        f"validation_store = {json.dumps(str(test.path))}\n"
+        f"hidden = {hidden}\nepochs = {epochs}\nbatch_size = {batch}\npatience = 0\n"
+        f"validation_store = {json.dumps(te)}\n"
     )
-    t = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "train",
-            str(train.path),
-            "--config",
-            str(cfg),
-            "--out",
-            str(tmp / "cold-run"),
-            "--force",
-            "-q",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return time.perf_counter() - t
+    out: dict[str, ColdRun] = {}
+    for name, over in PIPELINE_ROWS.items():
+        run = where / _slug(name)
+        sets = [a for k, v in over.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+        command = [py, "-m", "pipeline.cli", "train", tr, "--config", str(cfg), *sets, "--workers", str(WORKERS)]
+        out[name] = ColdRun([*command, "--out", str(run), "--force", "-q"], env, run / "model.npz", run)
+    if info.get("torch"):
+        adam = info["adam"]["kind"]
+        for name, kind in TORCH_ROWS.items():
+            if name == COMPILED and info.get("compile") is not None:
+                continue  # no row: the table's header says why
+            model = where / f"torch-{kind}.pt"
+            command = [py, "-m", "bench.torch_peers", "cold-peer", kind, tr, te, str(model), str(epochs), adam]
+            out[name] = ColdRun([*command, shape, str(batch), str(EMA), str(ROUND_STEPS)], env, model, model)
+        report = where / "ddp.json"
+        command = [py, "-m", "bench.torch_peers", "ddp-store", tr, te, str(report), shape, str(batch), str(epochs)]
+        ddp_env = {**env, "OMP_NUM_THREADS": "1"}  # as the steady run's processes
+        out[DDP] = ColdRun([*command, "8", adam], ddp_env, Path(f"{report}.pt"), Path(f"{report}.pt"))
+    for name, kind in OWN_ROWS.items():
+        if kind.startswith("dask-ml") and not info.get("dask_ml"):
+            continue
+        model = where / (f"{kind}.npz" if kind == "memory" else f"{kind}.pkl")
+        command = [py, "-m", "bench.throughput", "cold", kind, tr, te, str(model), str(epochs), shape, str(batch)]
+        out[name] = ColdRun(command, env, model, model)
+    return out
 
 
-def _torch_cold(train: Any, test: Any, tmp: Path, sizes: Sequence[int], epochs: int, kind: str) -> float:
+def run_cold(run: ColdRun) -> dict[str, Any]:
+    """Time ``run``'s process from outside, from its start to its exit: ``cold`` seconds, the
+    ``cold model`` it saved and the test accuracy it printed (``cold acc``). A process that fails
+    or saves no model gives ``cold`` None and the reason (``cold error``): the row says why
+    instead of ending the benchmark."""
+    if run.clear.is_dir():
+        shutil.rmtree(run.clear)
+    else:
+        run.clear.unlink(missing_ok=True)
     t = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.torch_peers",
-            "cold",
-            str(train.path),
-            str(test.path),
-            str(tmp / "cold.pt"),
-            str(epochs),
-            kind,
-            ",".join(map(str, sizes)),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return time.perf_counter() - t
+    proc = subprocess.run(run.command, env=run.env, capture_output=True, text=True, check=False)
+    dt = time.perf_counter() - t
+    if proc.returncode != 0:
+        tail = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        return {"cold": None, "cold error": f"exit {proc.returncode}: {tail[-1][:200] if tail else 'no message'}"}
+    if not run.model.is_file():
+        return {"cold": None, "cold error": f"the process saved no model ({run.model.name})"}
+    acc = None
+    for line in reversed(proc.stdout.splitlines()):
+        try:
+            said = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(said, dict):
+            acc = said.get("acc", said.get("val_accuracy"))
+            break
+    return {"cold": dt, "cold model": str(run.model), "cold acc": acc}
+
+
+def with_cold(fn: Callable[[], dict], run: ColdRun) -> Callable[[], dict]:
+    """``fn`` (a row's steady run) followed by the row's cold run in the same pass; the cold run
+    is kept as the function's ``cold`` attribute."""
+
+    def both() -> dict:
+        return {**fn(), **run_cold(run)}
+
+    both.cold = run  # type: ignore[attr-defined]
+    return both
+
+
+def cold_main(argv: Sequence[str]) -> None:
+    """``python -m bench.throughput cold KIND TRAIN.zarr TEST.zarr OUT EPOCHS SIZES BATCH``: the cold
+    run of the row ``KIND`` (``OWN_ROWS``) as a whole process: read and standardize both stores,
+    for dask-ml start its cluster (:func:`dask_ml_run`'s rows: ``dask-ml-tuned`` one worker with
+    both cores to its BLAS, dashboard off; ``dask-ml-users`` Dask's defaults for this machine, two
+    1-thread workers and the dashboard), train ``EPOCHS`` epochs predicting the test rows after
+    each, save the model (``np.savez`` of the kernels' parameters; the scikit-learn estimator
+    pickled) to ``OUT``; prints the test accuracy as a JSON line."""
+    kind, train_p, test_p, out, epochs_s, sizes_s, batch_s = argv[:7]
+    from pipeline.store import open_store
+
+    epochs, batch = int(epochs_s), int(batch_s)
+    sizes = [int(v) for v in sizes_s.split(",")]
+    hidden, n_classes = sizes[1:-1], sizes[-1]
+    tr, te = open_store(train_p), open_store(test_p)
+    Xte, yte = arrays(te, like=tr)
+    if kind in ("dask-ml-tuned", "dask-ml-users"):
+        from distributed import Client, LocalCluster
+
+        tuned = kind == "dask-ml-tuned"
+        kw: dict[str, Any] = {"n_workers": 1, "dashboard_address": None} if tuned else {"n_workers": WORKERS}
+        with LocalCluster(threads_per_worker=1, **kw) as cluster, Client(cluster) as client:
+            if tuned:
+                client.run(_tune_worker)
+            acc = dask_ml_run(client, tr, Xte, yte, hidden, batch, epochs, n_classes, False, save=out)["acc"]
+    else:
+        X, y = arrays(tr)
+        peer = own_peer(kind, X, y, hidden, n_classes, batch)
+        for _ in range(epochs):
+            peer.epoch()
+            pred = peer.predict(Xte)
+        acc = metric(pred, yte, "classification")
+        if isinstance(peer, KernelPeer):
+            np.savez(out, params=peer.tr.get_params(), sizes=np.asarray(sizes))
+        else:
+            with open(out, "wb") as f:
+                pickle.dump(peer.est, f)
+    print(json.dumps({"acc": acc}), flush=True)
 
 
 def trainers(
@@ -279,66 +434,61 @@ def trainers(
     cold: bool,
     info: dict,
 ) -> dict[str, Callable[[], dict]]:
-    """Name -> a function training that row once and returning its figures."""
+    """Name -> a function training that row once and returning its figures: its steady run, then
+    with ``cold`` its cold run (:func:`cold_runs`, :func:`with_cold`) in the same pass."""
     sizes = (data["Xtr"].shape[1], *hidden, n_classes)
     n_samples = epochs * len(data["Xtr"])
     base = pipeline_settings(test, hidden, epochs, batch)
     out: dict[str, Callable[[], dict]] = {}
 
-    def pipeline(over: dict, name: str, with_cold: bool) -> Callable[[], dict]:
+    def pipeline(over: dict, name: str) -> Callable[[], dict]:
         def fn() -> dict:
-            with local_cluster(2) as client:
+            with local_cluster(WORKERS) as client:
                 run_pipeline(client, test, tmp / "warm", **{**base, **over, "epochs": 1, "validation_store": ""})
                 r = run_pipeline(client, train, tmp / "run", **{**base, **over})
             _check_samples(name, r["samples"], n_samples)
-            res = {
+            return {
                 "seconds": r["epoch_seconds"],
                 "acc": float(r["history"][-1]["val_accuracy"]),
                 "driver wall": r["wall"],
                 "rounds": int(r["history"][-1]["rounds"]),
             }
-            if with_cold:
-                res["cold"] = _pipeline_cold(train, test, tmp, hidden, epochs, batch)
-            return res
 
         return fn
 
-    out[DEFAULT] = pipeline({}, DEFAULT, cold)
-    out[EMA0] = pipeline({"ema": 0.0}, EMA0, False)
-    out[TCP] = pipeline({"ps_shared_memory": False}, TCP, False)
-    out[OVERLAP] = pipeline({"overlap": True, "overlap_steps": 1}, OVERLAP, False)
+    for name, over in PIPELINE_ROWS.items():
+        out[name] = pipeline(over, name)
 
     if info.get("torch"):
-        from bench.torch_peers import TorchBest, TorchBestAveraged, TorchTutorial, run_ddp
+        from bench.torch_peers import make_peer, run_ddp
 
         kind = info["adam"]["kind"]
 
-        def best() -> dict:
-            r = steady(lambda X, y: TorchBest(X, y, sizes, batch, adam_kind=kind), data, epochs)
-            if cold:
-                r["cold"] = _torch_cold(train, test, tmp, sizes, epochs, kind)
-            return r
+        def torch_row(peer: str) -> Callable[[], dict]:
+            def fn() -> dict:
+                return steady(
+                    lambda X, y: make_peer(peer, X, y, sizes, batch, kind, ema=EMA, every=ROUND_STEPS), data, epochs
+                )
 
-        out[BEST] = best
-        out[BEST_EMA] = lambda: steady(
-            lambda X, y: TorchBestAveraged(X, y, sizes, batch, adam_kind=kind, ema=EMA, every=ROUND_STEPS), data, epochs
-        )
-        out[TUTORIAL] = lambda: steady(lambda X, y: TorchTutorial(X, y, sizes, batch), data, epochs)
-        if info.get("compile") is None:
-            out[COMPILED] = lambda: steady(
-                lambda X, y: TorchBest(X, y, sizes, batch, adam_kind=kind, compile=True), data, epochs
-            )
+            return fn
+
+        for name, peer in TORCH_ROWS.items():
+            if name != COMPILED or info.get("compile") is None:
+                out[name] = torch_row(peer)
 
         def ddp() -> dict:
-            return run_ddp(tmp / "arrays.npz", tmp / "ddp.json", sizes, batch, epochs, 8, kind)
+            r = run_ddp(tmp / "arrays.npz", tmp / "ddp.json", sizes, batch, epochs, 8, kind)
+            # its whole process from the .npz, with the untimed warm-up: not a cold run
+            r["npz process s"] = r.pop("cold")
+            return r
 
         out[DDP] = ddp
 
-    def kernels() -> dict:
-        return steady(lambda X, y: KernelPeer(X, y, hidden, n_classes, batch=batch), data, epochs)
-
-    out[MEMORY] = kernels
-    out[SKLEARN] = lambda: steady(lambda X, y: SklearnPeer(X, y, hidden, n_classes, batch=batch), data, epochs)
+    for name, peer in OWN_ROWS.items():
+        if not peer.startswith("dask-ml"):
+            out[name] = lambda peer=peer: steady(
+                lambda X, y: own_peer(peer, X, y, hidden, n_classes, batch), data, epochs
+            )
 
     if info.get("dask_ml"):
 
@@ -348,12 +498,15 @@ def trainers(
                 return dask_ml_run(client, train, data["Xte"], data["yte"], hidden, batch, epochs, n_classes, True)
 
         def as_users() -> dict:
-            with local_cluster(2) as client:
+            with local_cluster(WORKERS) as client:
                 return dask_ml_run(client, train, data["Xte"], data["yte"], hidden, batch, epochs, n_classes, False)
 
         out[DML_TUNED] = tuned
         out[DML_USER] = as_users
-    return out
+    if not cold:
+        return out
+    runs = cold_runs(train, test, tmp, sizes, batch, epochs, info)
+    return {name: with_cold(fn, runs[name]) for name, fn in out.items()}
 
 
 def summarize(passes: list[dict], n_samples: int, flops: int) -> tuple[list[dict], list[dict]]:
@@ -405,6 +558,30 @@ def summarize(passes: list[dict], n_samples: int, flops: int) -> tuple[list[dict
     targets.append({**lim, "target": "steady: pipeline >= 75% of the GEMM-implied limit", "want": 0.75})
     targets += accuracy_targets(passes)
     return rows, targets
+
+
+def cold_missing(passes: list[dict], cold: bool = True) -> dict[str, str]:
+    """Trainer -> why it has no cold figure in some pass (the failed process's message, or the
+    cold runs not asked for); trainers with a cold figure in every pass are left out."""
+    out = {}
+    for name in passes[0]["results"]:
+        why = [
+            f"pass {p['pass']}: {p['results'][name].get('cold error', 'no cold run')}"
+            for p in passes
+            if p["results"][name].get("cold") is None
+        ]
+        if why:
+            out[name] = "not run (--no-cold)" if not cold else "; ".join(why)
+    return out
+
+
+def cold_lines(missing: dict[str, str], cold: bool = True) -> list[str]:
+    """The lines under the table saying which rows lack a cold figure and why (none if all have one)."""
+    if not cold:
+        return ["Cold runs not taken (--no-cold): the cold column is n/a for every trainer.", ""]
+    if not missing:
+        return []
+    return ["No cold figure:", "", *(f"* {name}: {why}" for name, why in missing.items()), ""]
 
 
 def points_target(label: str, gaps: list[float]) -> dict:
@@ -493,6 +670,11 @@ def run(
         np.savez(tmp / "arrays.npz", X=Xtr, y=ytr, Xte=Xte, yte=yte)
         n_samples = epochs * len(Xtr)
         fns = trainers(train, test, tmp, data, hidden, batch, epochs, n_classes, cold, info)
+        commands = {
+            n: " ".join(Path(a).name if a.startswith(str(tmp)) else a for a in f.cold.command[1:])
+            for n, f in fns.items()
+            if hasattr(f, "cold")
+        }
         recs = run_passes(fns, passes, cores=2, peak_n=peak_n, log=lambda m: print(m, file=sys.stderr, flush=True))
     # validate: every trainer learned (clearly above chance after the run)
     if not quick:
@@ -502,6 +684,7 @@ def run(
                     raise AssertionError(f"{name} did not learn in pass {p['pass']}: accuracy {r['acc']:.3f}")
     rows_out, targets = summarize(recs, n_samples, flops)
     flagged = [p["pass"] for p in recs if p["conditions"]["flags"]]
+    no_cold = cold_missing(recs, cold)
     payload = {
         "benchmark": "throughput",
         "meta": m,
@@ -516,6 +699,8 @@ def run(
         "passes": recs,
         "table": rows_out,
         "targets": targets,
+        "cold_commands": commands,
+        "cold_missing": no_cold,
     }
     m["json"] = str(save_json("throughput" + ("-quick" if quick else ""), payload, quick))
     arch = "-".join(map(str, sizes))
@@ -546,6 +731,7 @@ def run(
             "",
             md_table(rows_out, fmt),
             "",
+            *cold_lines(no_cold, cold),
             "Targets (per-pass ratios; met = in at least 4 of 5 passes):",
             "",
             *target_lines(targets, flagged),
@@ -760,4 +946,7 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "cold":
+        cold_main(sys.argv[2:])
+    else:
+        main()

@@ -32,6 +32,15 @@ with the gloo backend, one thread each, each training on its half of a shuffled 
 (shared seed) with ``PostLocalSGDOptimizer`` averaging the parameters every ``period`` (8) steps
 (``PeriodicModelAverager``, from the first step): the structural twin of two Dask workers
 pushing every 8 local steps.
+
+Cold runs (a fresh process from the Zarr store to a saved model; ``bench.throughput`` times them
+from outside): ``python -m bench.torch_peers cold-peer KIND ...`` for the in-process peers
+(:func:`cold_peer`: ``KIND`` is one of :data:`PEER_KINDS`, built by :func:`make_peer` exactly as
+the steady rows build it) and ``python -m bench.torch_peers ddp-store ...`` for the two-process
+peer (:func:`ddp_store_main`: each process reads and standardizes the store itself). Each reads
+the training and test stores, trains the given epochs predicting the test rows after each, and
+writes the model it predicts with by ``torch.save(state_dict)``. ``python -m bench.torch_peers
+cold`` (:func:`cold_main`) is the best-practice peer alone, at batch 256.
 """
 
 from __future__ import annotations
@@ -249,6 +258,33 @@ class TorchTutorial(TorchBest):
             self.opt.step()
 
 
+PEER_KINDS = ("best", "averaged", "tutorial", "compiled")  # the in-process peers :func:`make_peer` builds
+
+
+def make_peer(
+    kind: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    sizes: Sequence[int],
+    batch: int = 256,
+    adam_kind: str = "fused",
+    ema: float = 0.999,
+    every: int = 16,
+) -> TorchBest:
+    """The in-process peer ``kind`` (:data:`PEER_KINDS`) on ``X, y``: best practice, best practice
+    + the weight average (``ema``, every ``every`` steps), the tutorial loop, or best practice +
+    ``torch.compile``. One constructor for a row's steady and cold runs, so both train the same."""
+    if kind == "best":
+        return TorchBest(X, y, sizes, batch, adam_kind=adam_kind)
+    if kind == "averaged":
+        return TorchBestAveraged(X, y, sizes, batch, adam_kind=adam_kind, ema=ema, every=every)
+    if kind == "tutorial":
+        return TorchTutorial(X, y, sizes, batch)
+    if kind == "compiled":
+        return TorchBest(X, y, sizes, batch, adam_kind=adam_kind, compile=True)
+    raise ValueError(f"unknown peer {kind!r}: one of {', '.join(PEER_KINDS)}")
+
+
 def compile_works(sizes: Sequence[int]) -> str | None:
     """None if ``torch.compile`` trains a step here, else the reason (first line of the error)."""
     try:
@@ -280,7 +316,10 @@ def _ddp_worker(
     period: int,
     adam_kind: str,
     out: str,
+    test_store: str = "",
 ) -> None:
+    """One process of the two-process peer: ``data`` is the ``.npz`` of standardized arrays, or
+    with ``test_store`` the training store, which the process reads and standardizes itself."""
     import torch
     import torch.distributed as dist
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
@@ -289,7 +328,16 @@ def _ddp_worker(
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    d = np.load(data)
+    if test_store:  # from the stores on disk, as a user's script would start
+        from bench.common import arrays
+        from pipeline.store import open_store
+
+        tr = open_store(data)
+        X, Y = arrays(tr)
+        Xte, Yte = arrays(open_store(test_store), like=tr)
+        d: Any = {"X": X, "y": Y, "Xte": Xte, "yte": Yte}
+    else:
+        d = np.load(data)
     tx, ty = torch.from_numpy(d["X"]), torch.from_numpy(d["y"].astype(np.int64))
     te_x, te_y = torch.from_numpy(d["Xte"]), torch.from_numpy(d["yte"].astype(np.int64))
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -403,6 +451,72 @@ def cold_main(argv: Sequence[str]) -> None:
     torch.save(peer.model.state_dict(), out)
 
 
+def ddp_store_main(argv: Sequence[str]) -> None:
+    """``python -m bench.torch_peers ddp-store TRAIN.zarr TEST.zarr OUT.json SIZES BATCH EPOCHS PERIOD ADAM``:
+    the two-process peer as a cold run: both processes read and standardize the stores, no
+    warm-up; rank 0 writes ``OUT.json`` (``seconds``, ``acc``; also printed) and the averaged model
+    to ``OUT.json.pt`` (``torch.save(state_dict)``)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    train, test, out, sizes, batch, epochs, period, kind = argv[:8]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    shape = [int(x) for x in sizes.split(",")]
+    mp.spawn(
+        _ddp_worker,
+        args=(2, port, train, shape, int(batch), int(epochs), False, int(period), kind, out, test),
+        nprocs=2,
+        join=True,
+    )
+    print(Path(out).read_text(), flush=True)  # rank 0's report, for the caller
+
+
+def cold_peer(
+    kind: str,
+    train: str,
+    test: str,
+    out: str,
+    epochs: int,
+    sizes: Sequence[int],
+    batch: int = 256,
+    adam_kind: str = "fused",
+    ema: float = 0.999,
+    every: int = 16,
+) -> dict[str, Any]:
+    """The in-process peer ``kind`` (:func:`make_peer`) from the stores on disk to a saved model:
+    read and standardize both stores, train ``epochs`` epochs predicting the test rows after each
+    (validation counted, as in the steady rows), ``torch.save`` the state dict of the module it
+    predicts with (the average for ``averaged``) to ``out``. Returns the test accuracy."""
+    import torch
+
+    from bench.common import arrays
+    from pipeline.store import open_store
+
+    tr, te = open_store(train), open_store(test)
+    X, y = arrays(tr)
+    Xte, yte = arrays(te, like=tr)
+    peer = make_peer(kind, X, y, sizes, batch, adam_kind, ema, every)
+    pred = None
+    for _ in range(epochs):
+        peer.epoch()
+        pred = peer.predict(Xte)
+    torch.save(peer.scored().state_dict(), out)
+    return {"acc": None if pred is None else float(np.mean(pred.argmax(axis=1) == yte))}
+
+
+def cold_peer_main(argv: Sequence[str]) -> None:
+    """``python -m bench.torch_peers cold-peer KIND TRAIN.zarr TEST.zarr OUT.pt EPOCHS ADAM SIZES BATCH [EMA EVERY]``:
+    :func:`cold_peer` as a whole process; prints its result as one JSON line."""
+    kind, train, test, out, epochs, kind_adam, sizes_s, batch = argv[:8]
+    extra = {"ema": float(argv[8]), "every": int(argv[9])} if len(argv) >= 10 else {}
+    sizes = [int(v) for v in sizes_s.split(",")]
+    res = cold_peer(kind, train, test, out, int(epochs), sizes, int(batch), kind_adam, **extra)
+    print(json.dumps(res), flush=True)
+
+
 # -------------------------------------------------------------------------------------------
 # streaming the Zarr store (out of core)
 # -------------------------------------------------------------------------------------------
@@ -490,6 +604,10 @@ if __name__ == "__main__":
         ddp_main(sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "cold":
         cold_main(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "cold-peer":
+        cold_peer_main(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "ddp-store":
+        ddp_store_main(sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "stream":
         stream_main(sys.argv[2:])
     else:
