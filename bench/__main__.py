@@ -1,16 +1,31 @@
 """Run every benchmark and write bench/RESULTS.md.
 
-    python -m bench                  # full runs (tens of minutes; out-of-core 1/4/16 GB dominates)
+    python -m bench                  # full runs, each as the targets table judges it (hours in all)
     python -m bench --quick          # tiny sizes, writes bench/out/RESULTS-quick.md instead
     python -m bench --only throughput,local_steps
     python -m bench --collect        # rebuild RESULTS.md from the tables the modules last wrote
                                      # to bench/out/ (after running them one by one)
-    python -m bench --ooc-sizes 1,4  # pass sizes to the out-of-core benchmark
+    python -m bench --ooc-sizes 1,4  # the out-of-core benchmark on other store sizes
+
+Each entry of :data:`BENCHMARKS` carries the arguments of the run that bench/targets.py judges
+(the command RESULTS.md quotes above each table), so that a regenerated RESULTS.md keeps every
+row of its targets table: ``bench.cold_start --epochs 5 --passes 5 --extra`` (the 2 s target is
+judged on the plain command's steady epochs, which need several epochs; ``--extra`` as in the run
+of record), ``bench.out_of_core --sizes 3.5 --memory-cap 1.5GiB --epochs 2`` (memory binds: a
+3.3 GiB store under a 1.5 GiB cgroup around the workers; where no memory cgroup can be made the
+cap is left out, the run goes on and its table says whether memory bound: without a cap only a
+store of twice the RAM does), and ``bench.throughput
+--accuracy-only --seeds 0,1,2`` at 120,000 and 60,000 rows (the accuracy targets over seeds,
+both store sizes). ``--quick`` runs every module with ``--quick`` and only the arguments that
+choose what it runs (``--accuracy-only``), never the full sizes; a quick entry that would repeat
+another's quick run exactly is run once.
 
 A table whose module drew a figure (bench/figures.py) gets it linked underneath; a full run's
 figures are copied to bench/figures/, kept in git beside RESULTS.md.
 
-Each module also runs alone (``python -m bench.<name>``) and keeps its table in bench/out/.
+Each module also runs alone (``python -m bench.<name>``) and keeps its table in bench/out/; a run
+of ``python -m bench`` also keeps each entry's table there under the entry's name, which
+``--collect`` reads.
 """
 
 from __future__ import annotations
@@ -18,8 +33,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import shutil
+import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import OUT, machine
@@ -28,47 +45,108 @@ from bench.targets import collect
 from bench.targets import render as render_targets
 
 HERE = Path(__file__).resolve().parent
-# (module, title, full command)
+
+# the out-of-core run the "memory binding" target is judged on (bench/targets.py)
+OOC_SIZES = "3.5"
+OOC_CAP = "1.5GiB"
+# the accuracy targets over seeds (bench/targets.py: accuracy_targets), one run per store size
+ACCURACY_SEEDS = "0,1,2"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One section of RESULTS.md: ``python -m bench.<module> <args>``.
+
+    ``key`` names the section (``--only``, and its table's file ``bench/out/<key>[-quick].md``);
+    ``args`` are the full run's arguments, the run bench/targets.py judges; ``quick_args`` the
+    ones a ``--quick`` run keeps beside ``--quick`` (those that choose what runs, not sizes)."""
+
+    key: str
+    title: str
+    args: tuple[str, ...] = ()
+    quick_args: tuple[str, ...] = ()
+    module: str = ""  # the module under bench/, when it is not the key
+
+    @property
+    def name(self) -> str:
+        return self.module or self.key
+
+
 BENCHMARKS = [
-    ("kernels", "Kernel train-step throughput", "python -m bench.kernels"),
-    ("io", "Ingest and loader I/O", "python -m bench.io"),
-    ("throughput", "End-to-end throughput against peers", "python -m bench.throughput"),
-    ("local_steps", "Push interval: throughput vs convergence", "python -m bench.local_steps"),
-    ("time_to_accuracy", "Time to accuracy and default-settings quality", "python -m bench.time_to_accuracy"),
-    (
-        "statistical_efficiency",
-        "Statistical efficiency: epochs to a test accuracy, 2 workers vs one process",
-        "python -m bench.statistical_efficiency",
+    Benchmark("kernels", "Kernel train-step throughput"),
+    Benchmark("io", "Ingest and loader I/O"),
+    Benchmark("throughput", "End-to-end throughput against peers"),
+    Benchmark(
+        "throughput-accuracy",
+        "Accuracy parity over seeds, 120,000 rows x 2 epochs",
+        ("--accuracy-only", "--seeds", ACCURACY_SEEDS),
+        ("--accuracy-only",),
+        module="throughput",
     ),
-    ("epoch_anatomy", "Where an epoch goes on small stores", "python -m bench.epoch_anatomy"),
-    ("step_anatomy", "Where a training step and a cold `pipeline train` go", "python -m bench.step_anatomy"),
-    ("cold_start", "A cold `pipeline train` process by phase", "python -m bench.cold_start"),
-    ("out_of_core", "Out of core: memory, throughput, disk", "python -m bench.out_of_core --sizes {ooc}"),
-    ("ps_limits", "Parameter-server limits", "python -m bench.ps_limits"),
-    (
-        "ps_compression",
-        "Compressed deltas: accuracy, server cost, where one server saturates",
-        "python -m bench.ps_compression",
+    Benchmark(
+        "throughput-accuracy-60000",
+        "Accuracy parity over seeds, 60,000 rows x 2 epochs",
+        ("--accuracy-only", "--seeds", ACCURACY_SEEDS, "--rows", "60000"),
+        ("--accuracy-only",),
+        module="throughput",
     ),
-    ("overlap", "Overlap: accuracy with the push in flight", "python -m bench.overlap"),
-    ("ps_shards", "Sharded parameter server against the scheduler's", "python -m bench.ps_shards"),
-    ("ps_saturation", "Parameter-server saturation: measured against predicted", "python -m bench.ps_saturation"),
-    ("ps_transport", "Sync rounds: TCP against shared memory", "python -m bench.ps_transport"),
-    ("ps_summed", "Summed pushes on a real cluster", "python -m bench.ps_summed"),
-    ("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets", "python -m bench.sklearn_parity"),
-    ("fed_strategies", "Robust aggregation against a Byzantine client", "python -m bench.fed_strategies"),
-    ("privacy", "The cost of privacy: DP, secure aggregation, both", "python -m bench.privacy"),
-    ("federated", "Federated simulation vs Flower", "python -m bench.federated"),
+    Benchmark("local_steps", "Push interval: throughput vs convergence"),
+    Benchmark("time_to_accuracy", "Time to accuracy and default-settings quality"),
+    Benchmark("statistical_efficiency", "Statistical efficiency: epochs to a test accuracy, 2 workers vs one process"),
+    Benchmark("epoch_anatomy", "Where an epoch goes on small stores"),
+    Benchmark("step_anatomy", "Where a training step and a cold `pipeline train` go"),
+    Benchmark("cold_start", "A cold `pipeline train` process by phase", ("--epochs", "5", "--passes", "5", "--extra")),
+    Benchmark(
+        "out_of_core",
+        "Out of core: memory, throughput, disk",
+        ("--sizes", OOC_SIZES, "--memory-cap", OOC_CAP, "--epochs", "2"),
+    ),
+    Benchmark("ps_limits", "Parameter-server limits"),
+    Benchmark("ps_compression", "Compressed deltas: accuracy, server cost, where one server saturates"),
+    Benchmark("overlap", "Overlap: accuracy with the push in flight"),
+    Benchmark("ps_shards", "Sharded parameter server against the scheduler's"),
+    Benchmark("ps_saturation", "Parameter-server saturation: measured against predicted"),
+    Benchmark("ps_transport", "Sync rounds: TCP against shared memory"),
+    Benchmark("ps_summed", "Summed pushes on a real cluster"),
+    Benchmark("sklearn_parity", "Estimator defaults vs scikit-learn on its bundled datasets"),
+    Benchmark("fed_strategies", "Robust aggregation against a Byzantine client"),
+    Benchmark("privacy", "The cost of privacy: DP, secure aggregation, both"),
+    Benchmark("federated", "Federated simulation vs Flower"),
 ]
 
 
-def _run_one(name: str, quick: bool, ooc: str) -> tuple[str, float]:
-    mod = importlib.import_module(f"bench.{name}")
-    argv = ["--quick"] if quick else []
-    if name == "out_of_core" and not quick:
-        argv += ["--sizes", ooc]
-    if name == "io":
-        argv += ["--out", str(OUT / ("io-quick.md" if quick else "io.md"))]
+def _set(args: list[str], flag: str, value: str | None) -> list[str]:
+    """``args`` with ``flag``'s value replaced by ``value`` in place (the flag and its value dropped
+    when ``value`` is None; appended when ``args`` lacks the flag)."""
+    if flag not in args:
+        return args if value is None else [*args, flag, value]
+    i = args.index(flag)
+    return [*args[:i], *(() if value is None else (flag, value)), *args[i + 2 :]]
+
+
+def module_argv(b: Benchmark, quick: bool, ooc_sizes: str | None = None, memory_cap: bool = True) -> list[str]:
+    """The arguments ``bench.<module>.main`` gets for entry ``b``: the judged run's, or ``--quick``
+    and the arguments that choose what runs. For out_of_core, ``ooc_sizes`` replaces the store
+    sizes (the cap and epochs kept) and ``memory_cap=False`` leaves the cap out, for a machine where
+    no memory cgroup can be made (bench.out_of_core refuses ``--memory-cap`` there)."""
+    if quick:
+        return ["--quick", *b.quick_args]
+    args = list(b.args)
+    if b.name == "out_of_core":
+        if ooc_sizes:
+            args = _set(args, "--sizes", ooc_sizes)
+        if not memory_cap:
+            args = _set(args, "--memory-cap", None)
+    return args
+
+
+def command(b: Benchmark, argv: Sequence[str]) -> str:
+    """The command RESULTS.md quotes above the entry's table."""
+    return " ".join(["python", "-m", f"bench.{b.name}", *argv])
+
+
+def _run_one(b: Benchmark, argv: list[str]) -> tuple[str, float]:
+    mod = importlib.import_module(f"bench.{b.name}")
     t = time.perf_counter()
     text = mod.main(argv)  # each module keeps its own table in bench/out/
     return text, time.perf_counter() - t
@@ -124,9 +202,16 @@ def render(
 def main(argv: Sequence[str] | None = None) -> str:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
-    ap.add_argument("--only", default="", help="comma-separated benchmark names")
+    ap.add_argument(
+        "--only", default="", help="comma-separated benchmark names (a module's name selects all its entries)"
+    )
     ap.add_argument("--collect", action="store_true", help="assemble RESULTS.md from bench/out/*.md")
-    ap.add_argument("--ooc-sizes", default="1,4,16", help="out-of-core store sizes in GB")
+    ap.add_argument(
+        "--ooc-sizes",
+        default=None,
+        help=f"out-of-core store sizes in GB (default {OOC_SIZES}: the store on which the {OOC_CAP} memory cap "
+        "around the workers binds; the cap and 2 epochs are kept)",
+    )
     ap.add_argument(
         "--preamble",
         default=str(Path(__file__).with_name("findings.md")),
@@ -134,24 +219,48 @@ def main(argv: Sequence[str] | None = None) -> str:
         "written summary of the last full run: update it when the figures change)",
     )
     args = ap.parse_args(argv)
-    chosen = [b for b in BENCHMARKS if not args.only or b[0] in args.only.split(",")]
+    only = {s for s in args.only.split(",") if s}
+    chosen = [b for b in BENCHMARKS if not only or b.key in only or b.name in only]
+    suffix = "-quick" if args.quick else ""
+    memory_cap = True
+    if not args.quick and not args.collect and any(b.name == "out_of_core" for b in chosen):
+        from bench.out_of_core import cap_support
+
+        memory_cap, why = cap_support()
+        if not memory_cap:
+            print(
+                f"out_of_core: no memory cgroup can be made here ({why}); it runs without --memory-cap, "
+                "and its table says whether memory bound",
+                file=sys.stderr,
+            )
     sections = []
     figs: dict[str, str] = {}
-    for name, title, cmd in chosen:
-        cmd = cmd.format(ooc=args.ooc_sizes) + (" --quick" if args.quick else "")
+    ran: set[tuple[str, ...]] = set()
+    for b in chosen:
+        run_argv = module_argv(b, args.quick, args.ooc_sizes, memory_cap)
+        if (b.name, *run_argv) in ran:
+            continue  # a quick entry whose run another entry's quick run already was
+        ran.add((b.name, *run_argv))
+        cmd = command(b, run_argv)
         if args.collect:
-            f = OUT / f"{name}{'-quick' if args.quick else ''}.md"
+            f = OUT / f"{b.key}{suffix}.md"
             if not f.exists():
                 continue
             text, secs = f.read_text(), None
         else:
-            text, secs = _run_one(name, args.quick, args.ooc_sizes)
-        sections.append((title, cmd, text, secs))
-        fig = publish_figure(name, args.quick)
+            text, secs = _run_one(b, run_argv)
+        sections.append((b, b.title, cmd, text, secs))
+        fig = publish_figure(b.key, args.quick)
         if fig:
-            figs[title] = fig
+            figs[b.title] = fig
+    if not args.collect:
+        # each entry's table under its own name: two entries of one module (throughput's accuracy
+        # runs) write the same file of the module's, the later over the earlier
+        OUT.mkdir(parents=True, exist_ok=True)
+        for b, _, _, text, _ in sections:
+            (OUT / f"{b.key}{suffix}.md").write_text(text.rstrip("\n") + "\n")
     pre = Path(args.preamble).read_text() if args.preamble and Path(args.preamble).is_file() else ""
-    doc = render(sections, args.quick, pre, figs)
+    doc = render([s[1:] for s in sections], args.quick, pre, figs)
     dest = OUT / "RESULTS-quick.md" if args.quick else HERE / "RESULTS.md"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(doc)

@@ -19,6 +19,12 @@ whether the kernel accepted it (a one-epoch warm-up on a 20,000-row store preced
 imports and Numba's cache load stay out of the timed epoch; "RSS before" is before the warm-up);
 "disk MB/s" is what the counters saw, "store MB/s" is the
 compressed store bytes over the epoch time (what was read, from disk or cache).
+
+Each store is one pass of :mod:`bench.protocol` (``measure_pass``: load average, steal, other
+processes' CPU, GEMM peaks, flagged when under load) around both trainers' epochs on it; the
+table's header gives the commit and versions and every pass's conditions, the JSON keeps them
+(``passes``). With ``--memory-cap`` the PyTorch peer runs once, in a cgroup of its own capped like
+the workers'.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Any
 
 from bench import figures
 from bench.common import OUT, load, local_cluster, md_table, run_pipeline, write_out
-from bench.protocol import meta, provenance_lines, save_json
+from bench.protocol import conditions_table, measure_pass, meta, provenance_lines, save_json
 
 FEATURES = 784
 
@@ -305,9 +311,9 @@ def one_size(
             if samples != rows * epochs:
                 raise AssertionError(f"trained {samples} samples, expected {rows * epochs}")
             restarts = sum(1 for w in pids if w not in client.scheduler_info(n_workers=-1)["workers"])
-        tstream = _torch_stream(path, epochs, (FEATURES, *hidden, 10), None) if torch_peer else []
-        if cap is not None and torch_peer:
-            with MemoryCap(cap) as c2:
+        tstream: list[dict] = []
+        if torch_peer:  # under the same cap as the workers when there is one (its own cgroup)
+            with MemoryCap(cap) if cap is not None else contextlib.nullcontext() as c2:
                 tstream = _torch_stream(path, epochs, (FEATURES, *hidden, 10), c2)
     finally:
         shutil.rmtree(path, ignore_errors=True)
@@ -382,14 +388,30 @@ def run(
     ]
     if cap and not ok:
         raise SystemExit(f"--memory-cap {cap}: no memory cgroup can be created here ({why}); run without it")
+    import importlib.util
     import tempfile
 
+    order = ["pipeline"] + (["pytorch IterableDataset"] if importlib.util.find_spec("torch") is not None else [])
+    passes: list[dict[str, Any]] = []
     for gb, rows in plan:
         if gb * 1.1 > free - 5:
             notes.append(f"skipped {gb:g} GB: only {free:.0f} GB free on the disk")
             continue
-        with tempfile.TemporaryDirectory(prefix="bench-ooc-", dir=OUT) as d:
-            rows_out.extend(one_size(gb, Path(d), memory_limit, rows, epochs=epochs, cap=cap_bytes))
+        # one protocol pass per store: the machine's state around both trainers' epochs on it
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-ooc-", dir=OUT) as d,
+            measure_pass(cores=2, peak_n=256 if quick else 1024) as cond,
+        ):
+            got = one_size(gb, Path(d), memory_limit, rows, epochs=epochs, cap=cap_bytes)
+        rows_out.extend(got)
+        passes.append(
+            {
+                "pass": len(passes) + 1,
+                "order": order,
+                "store GB (X)": got[0]["store GB (X)"] if got else gb,
+                "conditions": cond,
+            }
+        )
     pipe = [r for r in rows_out if r["trainer"] == "pipeline"]
     if pipe:
         p = [r["peak RSS MB (max process)"] for r in pipe]
@@ -414,6 +436,7 @@ def run(
                 "cap": cap,
                 "cap_support": why,
                 "notes": notes,
+                "passes": passes,
                 "rows": [{k: v for k, v in r.items() if k != "_series"} for r in rows_out],
             },
             quick,
@@ -439,8 +462,39 @@ def run(
         "epoch s": ".2f",
     }
     shown = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows_out]
-    text = "\n".join([head, "", *provenance_lines(m), "", md_table(shown, fmt), "", *(f"- {n}" for n in notes)])
+    text = "\n".join(
+        [
+            head,
+            "",
+            *provenance_lines(m),
+            "",
+            *conditions_lines(passes),
+            "",
+            md_table(shown, fmt),
+            "",
+            *(f"- {n}" for n in notes),
+        ]
+    )
     return text, rows_out
+
+
+def conditions_lines(passes: list[dict[str, Any]]) -> list[str]:
+    """The conditions of every store's pass (:mod:`bench.protocol`) and the flagged ones: the
+    header of the table, so that a figure is read with the load it was taken under."""
+    lines = [
+        "Conditions per pass (one pass per store, in the order of the table: the pipeline's epochs, then the "
+        "PyTorch peer's):",
+        "",
+        conditions_table(passes),
+    ]
+    flagged = [
+        f"pass {p['pass']} ({p['store GB (X)']:.3f} GB store: {', '.join(p['conditions']['flags'])})"
+        for p in passes
+        if p["conditions"]["flags"]
+    ]
+    if flagged:
+        lines += ["", f"Flagged under load: {'; '.join(flagged)}."]
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -40,22 +40,32 @@ with ``--workers 2``: imports (a fresh interpreter importing the command's
 modules), cluster start (a LocalCluster of 2 workers, --workers 2 only), worker warm-up (first epoch minus the
 median of the others), per-epoch training and validation (history.json), checkpoint and model
 save (timed again on the run's own files), and the whole process's wall time from outside.
+
+Each measurement above (the step with 1 BLAS thread and with the default threads, the loader,
+the pull, the 2-worker run, the GEMMs one by one, each cold process) is one pass of
+:mod:`bench.protocol` (``measure_pass``: load average, steal, other processes' CPU, GEMM peaks,
+flagged when under load): the table's header gives the commit, versions and every pass's
+conditions, the JSON keeps them (``passes``), so that a phase timed while the machine was busy is
+known as such.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench import protocol
 from bench.common import child_env, local_cluster, machine, md_table, tmpdir, write_out
 from bench.throughput import _flops
 
@@ -317,6 +327,26 @@ def cold_run(store_path: str, out: Path, epochs: int, extra: Sequence[str] = ())
     }
 
 
+@contextlib.contextmanager
+def phase(passes: list[dict[str, Any]], label: str, peak_n: int = 1024) -> Iterator[None]:
+    """Run one measurement as a protocol pass: its conditions are appended to ``passes`` as a pass
+    record whose ``order`` names the measurement (the conditions table's first column)."""
+    with protocol.measure_pass(cores=2, peak_n=peak_n) as cond:
+        yield
+    passes.append({"pass": len(passes) + 1, "order": [label], "conditions": cond})
+
+
+def conditions_lines(passes: list[dict[str, Any]]) -> list[str]:
+    """The conditions table of the run's passes and the flagged ones, for the table's header."""
+    flagged = [f"{p['order'][0]} ({', '.join(p['conditions']['flags'])})" for p in passes if p["conditions"]["flags"]]
+    lines = [
+        "Conditions per pass (one pass per measurement, in the order run; the first trainer column names it):",
+        "",
+        protocol.conditions_table(passes),
+    ]
+    return lines + (["", f"Flagged under load: {'; '.join(flagged)}."] if flagged else [])
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
@@ -324,29 +354,39 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--epochs", type=int, default=5)
     args = ap.parse_args(argv)
     rows, epochs, repeats = (4_000, 2, 20) if args.quick else (args.rows, args.epochs, 300)
+    # the passes' torch.mm peak loads OpenMP: its threads must not spin beside the timed phases
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     batch = 256
+    peak_n = 256 if args.quick else 1024
     mach = machine()
+    m = protocol.meta()  # the commit and versions as the run starts
+    passes: list[dict[str, Any]] = []
     from pipeline.synth import synth
 
     with tmpdir("step-anatomy") as tmp:
         store = synth(str(tmp / "s.zarr"), rows=rows, features=SIZES[0], classes=SIZES[-1], seed=0)
         from threadpoolctl import threadpool_limits
 
-        with threadpool_limits(1, user_api="blas"):  # as in a worker and in-process training
-            parts = step_parts(batch, repeats)
-        parts2 = step_parts(batch, repeats)  # BLAS's default threads (the cores)
-        ld = loader_per_batch(store, batch)
-        with local_cluster(1) as client:
+        with phase(passes, "step, 1 BLAS thread", peak_n), threadpool_limits(1, user_api="blas"):
+            parts = step_parts(batch, repeats)  # as in a worker and in-process training
+        with phase(passes, "step, default BLAS threads", peak_n):
+            parts2 = step_parts(batch, repeats)  # BLAS's default threads (the cores)
+        with phase(passes, "loader batch", peak_n):
+            ld = loader_per_batch(store, batch)
+        with phase(passes, "pull (1-worker cluster)", peak_n), local_cluster(1) as client:
             pp = push_pull(client, parts["n_params"], max(5, repeats // 10))
         import dask
 
-        with dask.config.set(PROFILE_CONFIG), local_cluster(2) as client:
+        with phase(passes, "2-worker run", peak_n), dask.config.set(PROFILE_CONFIG), local_cluster(2) as client:
             shares = cluster_shares(client, store, tmp / "run-shares", epochs)
-        shapes = gemm_shapes(batch, repeats)
-        cold = cold_run(str(store.path), tmp / "run-cold", epochs)
-        cold_cluster = cold_run(
-            str(store.path), tmp / "run-cold-cluster", epochs, ("--workers", "2", "--dashboard-address", "none")
-        )
+        with phase(passes, "GEMMs one by one", peak_n):
+            shapes = gemm_shapes(batch, repeats)
+        with phase(passes, "cold, in process", peak_n):
+            cold = cold_run(str(store.path), tmp / "run-cold", epochs)
+        with phase(passes, "cold, 2 workers", peak_n):
+            cold_cluster = cold_run(
+                str(store.path), tmp / "run-cold-cluster", epochs, ("--workers", "2", "--dashboard-address", "none")
+            )
     step = parts["step"]
     per_step = [
         {"part": "GEMMs (8 per step)", "ms": parts["gemm"] * 1e3, "ms, default BLAS threads": parts2["gemm"] * 1e3},
@@ -395,10 +435,34 @@ def main(argv: Sequence[str] | None = None) -> str:
     limit = shapes["peak_default"] * 1e9 / FLOPS_PER_SAMPLE
     thread = shares["thread"]
     thread_rows = [{"part": k, "% of samples": 100 * v} for k, v in thread.items() if k != "samples"]
+    payload = {
+        "benchmark": "step_anatomy",
+        "meta": m,
+        "quick": args.quick,
+        "machine": mach,
+        "rows": rows,
+        "epochs": epochs,
+        "batch": batch,
+        "sizes": list(SIZES),
+        "flops_per_sample": FLOPS_PER_SAMPLE,
+        "step_1_thread": parts,
+        "step_default_threads": parts2,
+        "loader_per_batch": ld,
+        "pull": pp,
+        "cluster_run": shares,
+        "gemm_shapes": shapes,
+        "limit_samples_per_s": limit,
+        "cold_in_process": cold,
+        "cold_2_workers": cold_cluster,
+        "passes": passes,
+    }
+    m["json"] = str(protocol.save_json("step_anatomy" + ("-quick" if args.quick else ""), payload, quick=args.quick))
     text = (
         f"Machine: {mach['cpu']}, {mach['cores']} cores (shared, loaded: load {mach['load']}), {mach['date']}; "
         f"MLP {'-'.join(map(str, SIZES))}, batch {batch}, Adam, float32; GEMM rate in the step "
         f"{parts['gemm_gflops']:.1f} GFLOP/s with 1 BLAS thread, {parts2['gemm_gflops']:.1f} with the default\n\n"
+        + "\n".join([*protocol.provenance_lines(m), "", *conditions_lines(passes)])
+        + "\n\n"
         + md_table(per_step, {"ms": ".3f", "% of step": ".0f", "ms, default BLAS threads": ".3f"})
         + f"\n\nCPU over a 2-worker training run ({rows:,} rows, {epochs} epochs, {shares['wall']:.1f} s wall):\n\n"
         + md_table(share_rows, {"CPU s": ".2f", "% of wall x 2 cores": ".0f"})
@@ -416,28 +480,6 @@ def main(argv: Sequence[str] | None = None) -> str:
         + md_table(cold_rows, {"in process (default) s": ".2f", "--workers 2 s": ".2f"})
         + "\n"
     )
-    from bench import protocol
-
-    payload = {
-        "meta": protocol.meta(),
-        "machine": mach,
-        "rows": rows,
-        "epochs": epochs,
-        "batch": batch,
-        "sizes": list(SIZES),
-        "flops_per_sample": FLOPS_PER_SAMPLE,
-        "step_1_thread": parts,
-        "step_default_threads": parts2,
-        "loader_per_batch": ld,
-        "pull": pp,
-        "cluster_run": shares,
-        "gemm_shapes": shapes,
-        "limit_samples_per_s": limit,
-        "cold_in_process": cold,
-        "cold_2_workers": cold_cluster,
-    }
-    path = protocol.save_json("step_anatomy", payload, quick=args.quick)
-    text += f"\nRaw figures: `{path}`.\n"
     print(text)
     write_out("step_anatomy-quick" if args.quick else "step_anatomy", text)
     return text

@@ -59,7 +59,11 @@ and warm (the same job again on that cluster) side by side. Raw figures:
 default model and local optimizer run by this project's kernels in one process on the whole
 in-memory array (no Dask, no parameter server, no reads): where even it is not first, no
 scheduling of the pipeline's work can make the pipeline first. The time-to-threshold run of the pipeline
-validates on the test store (as the peers are scored on it after every epoch). The default-settings table's
+validates on the test store (as the peers are scored on it after every epoch). Each dataset and
+seed is one pass of :mod:`bench.protocol` (``measure_pass``: load average, steal, other processes'
+CPU, GEMM peaks, flagged when under load) around all its trainers, in a fixed order
+(``TRAINER_ORDER``); the table's header gives every pass's conditions, and each per-seed record
+of the JSON keeps its own (``pass``, ``order``, ``conditions``). The default-settings table's
 "pipeline default" is a second run with ``TrainConfig()`` untouched: early stopping on its own 10%
 validation split of the training rows, the returned (best-validation-epoch) model then scored on
 the test rows; "early stop on test" is the first run's best epoch (optimistic); the peers' figures
@@ -94,7 +98,7 @@ from bench.common import (
     val_metric,
     write_out,
 )
-from bench.protocol import meta, provenance_lines, save_json
+from bench.protocol import conditions_table, measure_pass, meta, provenance_lines, save_json
 from pipeline.config import TrainConfig
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -353,6 +357,21 @@ def one_dataset(
     }
 
 
+# the order in which one_dataset runs the trainers (a pass's ``order``; a PyTorch peer that did not
+# run, for a regression store or without torch, is left out)
+TRAINER_ORDER = (
+    "pipeline",
+    "pipeline (warm cluster)",
+    "pipeline (validation 10% of train)",
+    "pipeline command, cold",
+    "pytorch",
+    "pytorch best practice",
+    "scikit-learn",
+    "kernels in memory",
+    "peers' cold start-up",
+)
+
+
 def _agg(vals: Sequence[float | None]) -> tuple[float | None, str]:
     """Median over the seeds that reached the threshold, and ``median (min-max; k of n)``; a
     system that missed it in most seeds has no median."""
@@ -400,10 +419,18 @@ def run(
     load0 = load()
     m = meta()  # the commit and versions as the run starts
     res, raw = [], []
+    n_pass = 0
     with tmpdir("bench-tta-") as tmp:
         for name in datasets:
             prepared = prepare(name, tmp, quick)
-            per_seed = [one_dataset(name, tmp, quick, max_epochs, overrides, seed, prepared) for seed in range(seeds)]
+            per_seed = []
+            for seed in range(seeds):
+                # one protocol pass per dataset and seed: the machine's state around its trainers
+                with measure_pass(cores=2, peak_n=256 if quick else 1024) as cond:
+                    rec = one_dataset(name, tmp, quick, max_epochs, overrides, seed, prepared)
+                n_pass += 1
+                order = [t for t in TRAINER_ORDER if not t.startswith("pytorch") or t in rec["curves"]]
+                per_seed.append(rec | {"pass": n_pass, "order": order, "conditions": cond})
             raw.append(per_seed)
             res.append(merge_seeds(per_seed))
     m["json"] = str(
@@ -499,11 +526,23 @@ def run(
     )
     if overrides:
         head += "; pipeline settings changed: " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+    passes = [p for ps in raw for p in ps]
+    flagged = [
+        f"pass {p['pass']} ({p['name']}, seed {p['seed']}: {', '.join(p['conditions']['flags'])})"
+        for p in passes
+        if p["conditions"]["flags"]
+    ]
     text = "\n".join(
         [
             head,
             "",
             *provenance_lines(m),
+            "",
+            "Conditions per pass (one pass per dataset and seed, in the order of the table, seeds in order; the "
+            "trainers in the same order in every pass, the pipeline first):",
+            "",
+            conditions_table(passes),
+            *(["", f"Flagged under load: {'; '.join(flagged)}."] if flagged else []),
             "",
             "### time to threshold (seconds)",
             "",
