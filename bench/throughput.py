@@ -933,7 +933,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     if args.accuracy_only:
         text, _ = run_accuracy(quick=args.quick, rows=args.rows, epochs=args.epochs, seeds=seeds)
         print(text)
-        write_out("throughput-accuracy" + ("-quick" if args.quick else ""), text)
+        # the 120,000-row run keeps the plain name; another size its own (`python -m bench --collect`
+        # reads throughput-accuracy-60000 beside it)
+        size = f"-{args.rows}" if args.rows != 120_000 and not args.quick else ""
+        write_out("throughput-accuracy" + size + ("-quick" if args.quick else ""), text)
         return text
     text, numbers = run(quick=args.quick, rows=args.rows, epochs=args.epochs, passes=args.passes, cold=not args.no_cold)
     print(text)

@@ -52,6 +52,7 @@ CASES = {
         "(in process)",
         "command cold / fastest peer cold",
         "Raw figures: `bench/out/results/time_to_accuracy-quick-",
+        "Conditions per pass (one pass per dataset and seed",
     ],
     "statistical_efficiency": [
         "| 1 process [default] |",
@@ -69,6 +70,7 @@ CASES = {
         "| 2 |",
         "memory binds?",
         "Raw figures: `bench/out/results/out_of_core-quick-",
+        "Conditions per pass (one pass per store",
     ],
     "ps_limits": [
         "pushes/s",
@@ -128,6 +130,8 @@ CASES = {
         "driver (scheduler + PS)",
         "| forward + backward kernels |",
         "| 784x512 | weight gradient |",
+        "Conditions per pass (one pass per measurement",
+        "Raw figures: `bench/out/results/step_anatomy-quick-",
     ],
     "cold_start": [
         "| phase | in process s | 2 workers s | in process, blas_threads=2 s |",
@@ -165,8 +169,8 @@ CASES = {
 }
 
 
-# throughput's smoke run starts five clusters and four fresh processes (cold timings, torch.compile,
-# two-process PyTorch); time_to_accuracy's runs two seeds: minutes on a loaded 2-core machine
+# throughput's smoke run starts five clusters and a fresh cold process per trainer (13: torch.compile
+# and two-process PyTorch among them); time_to_accuracy's runs two seeds: minutes on a loaded 2-core machine
 TIMEOUT = {
     "throughput": 900,
     "time_to_accuracy": 600,

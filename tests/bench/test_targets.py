@@ -247,3 +247,31 @@ def test_top_k_is_judged_at_each_share_of_the_entries_it_ran_at(tmp_path: Path) 
     (tmp_path / "ps_compression-20990101T000000Z.json").write_text(json.dumps(run))
     rows = {t.target: t for t in compression_targets(tmp_path)}
     assert not rows["topk deltas (10% of the entries, the default): accuracy within 1.0 points of float32, letter"].met
+
+
+def test_out_of_core_is_judged_on_the_newest_run_in_which_memory_bound(tmp_path: Path) -> None:
+    """A newer run in which memory did not bind (no cgroup on the machine, stores that fit) does
+    not hide the run that measured what the target asks; its passes' flags are counted."""
+    import json
+
+    from bench.targets import out_of_core_targets
+
+    def rows(binds: str, rss: tuple[float, float]) -> list[dict]:
+        out = []
+        for epoch, mb in enumerate(rss, 1):
+            common = {"store GB (X)": 3.3, "epoch": epoch, "memory binds?": binds}
+            out.append({**common, "trainer": "pipeline", "peak RSS MB (max process)": mb, "samples/s": 100.0})
+            out.append({**common, "trainer": "pytorch", "peak RSS MB (max process)": 900.0, "samples/s": 40.0})
+        return out
+
+    cond = {"flags": ["other processes 1.10 cores"]}
+    bound = {"rows": rows("yes (cap 1.5 GiB)", (430.0, 436.0)), "passes": [{"conditions": cond}]}
+    loose = {"rows": rows("no: the store fits in RAM", (300.0, 900.0))}
+    (tmp_path / "out_of_core-20261201T000000Z.json").write_text(json.dumps(bound))
+    (tmp_path / "out_of_core-20261202T000000Z.json").write_text(json.dumps(loose))
+    [row] = out_of_core_targets(tmp_path)
+    assert row.source == "out_of_core-20261201T000000Z.json" and row.met is True, row
+    assert row.flagged == "1 of 1" and "2.50x / 2.50x" in row.figures, row
+    (tmp_path / "out_of_core-20261201T000000Z.json").unlink()
+    [row] = out_of_core_targets(tmp_path)  # only the loose run left: said so, not judged
+    assert row.met is None and row.figures == "memory did not bind in the newest run", row
