@@ -473,6 +473,8 @@ class _Pusher:
         self.anchor = np.array(joined["params"], dtype=np.float32)
         self.held = self.anchor  # the weights the server last sent (compressed replies change them)
         self.version = int(joined["version"])
+        # a sharded server's: the version of each shard's slice of ``held``
+        self.shard_versions = [int(v) for v in joined.get("shard_versions") or ()]
         self.pending: Any = None  # the push in flight (overlap)
         # the task's minibatches, and how many of them to make while a round closes (sync wait)
         self.ahead: Lookahead | None = None
@@ -518,6 +520,7 @@ class _Pusher:
             self.trainer.set_params(fresh)
         self.anchor = self.held = fresh
         self.version = int(r["version"])
+        self.shard_versions = [int(v) for v in r.get("shard_versions") or ()]
 
     def _weights(self, r: dict) -> np.ndarray:
         """The weights a push reply carries: in it, as their change since the weights this
@@ -525,16 +528,24 @@ class _Pusher:
         of them, so both stay equal bit for bit), or in the weights segment at its version
         (pulled over TCP should a write ever overlap the read: the sequence lock says so)."""
         if "rdelta" in r:
-            if r.get("since") != self.version:
-                since = r.get("since")
-                raise TrainingError(f"a reply changes the weights of version {since}; this task holds {self.version}")
             if not isinstance(r["rdelta"], list):
+                if r.get("since") != self.version:
+                    since = r.get("since")
+                    raise TrainingError(
+                        f"a reply changes the weights of version {since}; this task holds {self.version}"
+                    )
                 change = decode_delta(r["rdelta"], self.held.size, self.compressor.codec, what="reply")
                 return self.held + change
-            # a sharded server's: each shard's change of its slice, or the slice whole
+            # a sharded server's: each shard's change of its slice since the version of it this
+            # task holds, or the slice whole
             fresh = np.empty_like(self.held)
-            for (lo, hi), (kind, part) in zip(r["ranges"], r["rdelta"], strict=True):
+            parts = zip(r["ranges"], r["rdelta"], r["since"], self.shard_versions, strict=True)
+            for (lo, hi), (kind, part), since, held in parts:
                 if kind == "rdelta":
+                    if since != held:
+                        raise TrainingError(
+                            f"a reply changes the slice [{lo}, {hi}) of version {since}; this task holds {held}"
+                        )
                     fresh[lo:hi] = self.held[lo:hi] + decode_delta(part, hi - lo, self.compressor.codec, what="reply")
                 else:
                     fresh[lo:hi] = decode_vector(part, hi - lo, "reply")

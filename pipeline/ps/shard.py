@@ -310,16 +310,12 @@ class ShardedParameterServer:
             out.update(status=bad["status"], message=bad.get("message"))
         if not model and any("rdelta" in r for r in replies):
             # compressed replies (``compress_replies``): each shard's change of its slice of the
-            # participants' weights, or that slice whole (a shard the participant did not push to
-            # at the previous version); the participant adds each to its own copy of the slice
-            sinces = {int(r["since"]) for r in replies if "rdelta" in r}
-            if len(sinces) != 1:
-                raise TrainingError(
-                    f"the shards of job {self.job} reply with changes since versions {sorted(sinces)}: "
-                    "a participant holds the weights of one version"
-                )
+            # participants' weights since the version of that slice the participant holds, or that
+            # slice whole (a shard the participant did not push to at the previous version). The
+            # shards take a round each at its own moment: a participant that joined between two
+            # shards' rounds holds their slices at different versions (``since``, one per shard)
             out.pop("params", None)
-            out["since"] = sinces.pop()
+            out["since"] = [int(r["since"]) if "rdelta" in r else None for r in replies]
             out["rdelta"] = [("rdelta", r["rdelta"]) if "rdelta" in r else ("params", r["params"]) for r in replies]
             out["ranges"] = self.ranges
         else:
