@@ -927,7 +927,8 @@ class Job:
         self.expected.pop(name, None)
         if key is not None:
             self.keys[key] = (self.job, name)
-        return self.reply(skip_batches=self.progress.get(name, 0), **extra)
+        # the mode: a sharded handle lines a sync participant's slices up at one version
+        return self.reply(skip_batches=self.progress.get(name, 0), mode=self.mode, **extra)
 
     async def push(
         self,

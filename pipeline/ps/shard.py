@@ -75,6 +75,9 @@ SHARD_RESOURCE = "ps-shard"
 SHARD_EXTENSION = "pipeline_ps_shard"
 _FINISHED_KEPT = 8
 _TORN_RETRY = 0.01  # seconds between fetches of the shards' states while they are at different rounds
+# seconds a sync participant that joined between two shards' rounds waits for the shards behind to
+# close theirs (their last pushes are in flight: milliseconds), before it trains from them as they are
+_ALIGN_WAIT = 2.0
 
 # worker route -> handler method of the shard extension (the scheduler's routes over jobs,
 # plus ps_drop: a participant's task ended, forwarded by the scheduler)
@@ -399,14 +402,56 @@ class ShardedParameterServer:
         return self._run(request)
 
     def join(self, name: str, key: str | None = None, worker: str | None = None, slot: str | None = None) -> Any:
-        """Ask the scheduler for the map (registering ``key``), then join every shard."""
+        """Ask the scheduler for the map (registering ``key``), then join every shard; in sync
+        mode at one version on every shard (:meth:`_align`)."""
 
         async def request(sched: Any, pool: Any) -> dict[str, Any]:
             ticket = await self._locate(sched, names=[name], keys=[key], worker=worker)
             kw = {"name": name, "key": key, "worker": worker, "slot": slot, "ticket": ticket}
-            return self._join_replies(await self._fan(pool, "join", [kw] * len(self._map)))
+            replies = await self._fan(pool, "join", [kw] * len(self._map))
+            return self._join_replies(await self._align(pool, kw, replies))
 
         return self._run(request)
+
+    async def _align(self, pool: Any, kw: Mapping[str, Any], replies: list[dict]) -> list[dict]:
+        """Sync rounds close on each shard when the round's last push reaches it, so a
+        participant that joins between two shards' closings (a task run again after its worker
+        died, or one that joined late) would hold their slices at different versions: its
+        pushes would then land in different rounds on different shards for as long as it
+        trains, the shards' versions would stay apart, and no checkpoint could join their
+        states. The shards behind are left again, so that their open round closes without this
+        participant, and joined once they are at the others' version (at most
+        :data:`_ALIGN_WAIT` seconds; after that it is joined there as it is)."""
+        if any(r.get("status") != "OK" or r.get("mode") != "sync" for r in replies):
+            return replies
+        top = max(int(r["version"]) for r in replies)
+        behind = [i for i, r in enumerate(replies) if int(r["version"]) < top]
+        if not behind:
+            return replies
+        name = kw["name"]
+
+        async def one(i: int, route: str, **args: Any) -> dict:
+            addr = self._map[i][0]
+            try:
+                return await getattr(pool(addr), f"ps_{route}")(job=self.job, **args)
+            except OSError as exc:
+                raise ShardLostError(
+                    f"parameter-server shard {addr} of job {self.job} is unreachable ({type(exc).__name__}: {exc})"
+                ) from None
+
+        await asyncio.gather(*(one(i, "leave", name=name) for i in behind))
+        deadline = time.monotonic() + _ALIGN_WAIT
+
+        async def caught_up(i: int) -> None:
+            while time.monotonic() < deadline and int((await one(i, "metrics"))["version"]) < top:
+                await asyncio.sleep(_TORN_RETRY)
+
+        await asyncio.gather(*(caught_up(i) for i in behind))
+        again = await asyncio.gather(*(one(i, "join", **kw) for i in behind))
+        replies = list(replies)
+        for i, r in zip(behind, again, strict=True):
+            replies[i] = r
+        return replies
 
     def push(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -153,10 +154,12 @@ def test_a_participant_joining_between_two_shards_rounds_holds_each_shard_s_weig
     replies: str, client: Any, shard_procs: list
 ) -> None:
     """Participant q's push reaches shard A (closing A's round 0) before shard B; p joins in
-    between (a retried task, or one that joined after join_timeout), so it holds A's slice at
-    version 1 and B's at version 0. p's next push is in B's round 0 and A's round 1, and its
-    reply changes each slice from the version p holds of it: p's weights are then each shard's,
-    bit for bit, round after round (with compressed replies, each shard's ``held``)."""
+    between (a retried task, or one that joined after join_timeout). Here q's push to B is
+    sent only after p's join, so B cannot close its round within the wait of p's join, which
+    then joins B where it is: p holds A's slice at version 1 and B's at version 0. p's next push
+    is in B's round 0 and A's round 1, and its reply changes each slice from the version p holds
+    of it: p's weights are then each shard's, bit for bit, round after round (with compressed
+    replies, each shard's ``held``)."""
     rng = np.random.default_rng(1)
     handle = _sharded_job(client, f"between-{replies}", replies)
     try:
@@ -175,6 +178,41 @@ def test_a_participant_joining_between_two_shards_rounds_holds_each_shard_s_weig
             assert to_b.result(timeout=30)["version"] == step + 1
             assert _push_slice(client, job, "q", a, step + 1, rng).result(timeout=30)["version"] == step + 2
             _fold_and_compare(client, handle, pusher, replies, [step + 2, step + 1])
+    finally:
+        handle.close()
+
+
+@pytest.mark.parametrize("replies", ["none", "int8"])
+def test_a_participant_joining_between_two_shards_rounds_is_joined_at_one_version(
+    replies: str, client: Any, shard_procs: list
+) -> None:
+    """As above, but q's push to shard B is in flight, as it is when a worker pushes to every
+    shard at once: p's join leaves B, whose round then closes without p, and joins B again at
+    A's version. p holds both slices at one version, the shards stay at one version round
+    after round, and a checkpoint can join their states (before, it found them a round apart
+    for as long as p trained, gave up after 30 s and restored the job from the last checkpoint)."""
+    rng = np.random.default_rng(3)
+    handle = _sharded_job(client, f"aligned-{replies}", replies)
+    try:
+        job, (a, b) = handle.job, handle.shards
+        for addr, _, _ in (a, b):
+            _send(client, addr, "ps_join", job, name="q").result(timeout=30)
+        assert _push_slice(client, job, "q", a, 0, rng).result(timeout=30)["version"] == 1
+        got: list = []
+        joining = threading.Thread(target=lambda: got.append(_task(client, job, "p", replies)))
+        joining.start()
+        time.sleep(0.3)  # p has joined both shards and left B, waiting for B's round to close
+        assert _push_slice(client, job, "q", b, 0, rng).result(timeout=30)["version"] == 1
+        joining.join(timeout=60)
+        pusher, trainer, joined = got[0]
+        assert joined["shard_versions"] == [1, 1] and joined["version"] == 1
+        for step in range(1, 3):
+            _train_a_step(trainer, rng)
+            pusher.push(samples=1, batches=1, loss=0.5)
+            to = [_push_slice(client, job, "q", shard, step, rng) for shard in (a, b)]
+            assert [f.result(timeout=30)["version"] for f in to] == [step + 1, step + 1]
+            _fold_and_compare(client, handle, pusher, replies, [step + 1, step + 1])
+        assert handle.state(timeout=5)["version"] == 3
     finally:
         handle.close()
 
