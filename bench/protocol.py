@@ -197,6 +197,23 @@ def under_load(cond: dict[str, Any], cores: int) -> list[str]:
     return why
 
 
+# what measure_pass records of each pass
+CONDITION_KEYS = frozenset(
+    {
+        "load_before",
+        "load_after",
+        "steal_before",
+        "steal_after",
+        "steal_share",
+        "other_cores",
+        "gemm_numpy_gflops",
+        "gemm_torch_gflops",
+        "wall",
+        "flags",
+    }
+)
+
+
 @contextlib.contextmanager
 def measure_pass(cores: int = 2, peak_n: int = 1024) -> Iterator[dict[str, Any]]:
     """Record the machine's state around one pass into the yielded dict (filled on exit)."""

@@ -286,19 +286,20 @@ class ShardedParameterServer:
             self._versions[:] = [0] * len(shards)
         return int(r["ticket"])
 
+    async def _call(self, pool: Any, addr: str, route: str, **kw: Any) -> dict:
+        """``ps_<route>`` on the shard at ``addr``; :class:`ShardLostError` if it is unreachable."""
+        try:
+            return await getattr(pool(addr), f"ps_{route}")(job=self.job, **kw)
+        except OSError as exc:
+            raise ShardLostError(
+                f"parameter-server shard {addr} of job {self.job} is unreachable ({type(exc).__name__}: {exc})"
+            ) from None
+
     async def _fan(self, pool: Any, route: str, kws: Sequence[Mapping[str, Any]] | None = None) -> list[dict]:
         """``ps_<route>`` on every shard at once (``kws``: each shard's own arguments)."""
         kws = kws if kws is not None else [{}] * len(self._map)
-
-        async def one(addr: str, kw: Mapping[str, Any]) -> dict:
-            try:
-                return await getattr(pool(addr), f"ps_{route}")(job=self.job, **kw)
-            except OSError as exc:
-                raise ShardLostError(
-                    f"parameter-server shard {addr} of job {self.job} is unreachable ({type(exc).__name__}: {exc})"
-                ) from None
-
-        return list(await asyncio.gather(*(one(a, kw) for (a, _, _), kw in zip(self._map, kws, strict=True))))
+        calls = (self._call(pool, a, route, **kw) for (a, _, _), kw in zip(self._map, kws, strict=True))
+        return list(await asyncio.gather(*calls))
 
     def _join_replies(self, replies: Sequence[Mapping[str, Any]], model: bool = False) -> dict[str, Any]:
         """One reply from the shards' replies: the weights concatenated, the lowest version
@@ -430,14 +431,8 @@ class ShardedParameterServer:
             return replies
         name = kw["name"]
 
-        async def one(i: int, route: str, **args: Any) -> dict:
-            addr = self._map[i][0]
-            try:
-                return await getattr(pool(addr), f"ps_{route}")(job=self.job, **args)
-            except OSError as exc:
-                raise ShardLostError(
-                    f"parameter-server shard {addr} of job {self.job} is unreachable ({type(exc).__name__}: {exc})"
-                ) from None
+        def one(i: int, route: str, **args: Any) -> Any:
+            return self._call(pool, self._map[i][0], route, **args)
 
         await asyncio.gather(*(one(i, "leave", name=name) for i in behind))
         deadline = time.monotonic() + _ALIGN_WAIT

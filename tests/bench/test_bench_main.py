@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-import os
 import re
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -18,21 +15,11 @@ from pathlib import Path
 import pytest
 
 import bench.__main__ as runner
+from bench.protocol import CONDITION_KEYS
+from tests.bench.quick import quick_json
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAG = re.compile(r"(?<![\w-])(--[a-z][\w-]*)")
-CONDITION_KEYS = {
-    "load_before",
-    "load_after",
-    "steal_before",
-    "steal_after",
-    "steal_share",
-    "other_cores",
-    "gemm_numpy_gflops",
-    "gemm_torch_gflops",
-    "wall",
-    "flags",
-}
 
 
 def _entries(name: str) -> list[runner.Benchmark]:
@@ -172,22 +159,6 @@ def test_each_entry_keeps_its_own_table_and_collect_reads_it(scratch: Path, monk
     assert doc.index("| throughput --accuracy-only --seeds 0,1,2 |") < small
 
 
-def _quick_json(module: str, timeout: float) -> tuple[str, dict]:
-    proc = subprocess.run(
-        [sys.executable, "-m", f"bench.{module}", "--quick"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    found = re.search(r"Raw figures: `([^`]+)`", proc.stdout)
-    assert found, proc.stdout
-    return proc.stdout, json.loads((ROOT / found.group(1)).read_text())
-
-
 def _check_conditions(cond: dict) -> None:
     assert CONDITION_KEYS <= set(cond), set(cond)
     assert isinstance(cond["flags"], list) and cond["wall"] > 0 and cond["gemm_numpy_gflops"] > 0
@@ -196,7 +167,7 @@ def _check_conditions(cond: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(660)
 def test_time_to_accuracy_quick_json_keeps_each_seeds_conditions() -> None:
-    out, rec = _quick_json("time_to_accuracy", 600)
+    out, rec = quick_json("time_to_accuracy", timeout=600)
     seeds = rec["per_seed"][0]
     assert [p["pass"] for p in seeds] == list(range(1, len(seeds) + 1)) and len(seeds) == 2
     for p in seeds:
@@ -208,7 +179,7 @@ def test_time_to_accuracy_quick_json_keeps_each_seeds_conditions() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_out_of_core_quick_json_keeps_each_stores_conditions() -> None:
-    out, rec = _quick_json("out_of_core", 420)
+    out, rec = quick_json("out_of_core", timeout=420)
     assert [p["pass"] for p in rec["passes"]] == [1, 2]
     stores = sorted({round(r["store GB (X)"], 3) for r in rec["rows"]})
     assert [round(p["store GB (X)"], 3) for p in rec["passes"]] == stores

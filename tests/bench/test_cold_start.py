@@ -4,28 +4,15 @@ the protocol's conditions kept for every pass."""
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.protocol import CONDITION_KEYS
+from tests.bench.quick import quick_json
+
 ROOT = Path(__file__).resolve().parents[2]
-CONDITIONS = {
-    "load_before",
-    "load_after",
-    "steal_before",
-    "steal_after",
-    "steal_share",
-    "other_cores",
-    "gemm_numpy_gflops",
-    "gemm_torch_gflops",
-    "flags",
-}
 
 
 def test_the_peer_holds_out_the_rows_the_pipeline_holds_out(tmp_path: Path) -> None:
@@ -83,36 +70,21 @@ def test_quick_run_keeps_the_peer_and_the_conditions_of_every_pass() -> None:
     """``python -m bench.cold_start --quick``: the JSON holds the PyTorch peer's whole process per
     pass beside the plain command's and each pass's conditions (bench.protocol.measure_pass); the
     table shows the peer's column, the ratio per way and the conditions."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.cold_start", "--quick"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=360,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    found = re.search(r"Raw figures: `(bench/out/results/cold_start-quick-[^`]+\.json)`", proc.stdout)
-    assert found, proc.stdout
-    d = json.loads((ROOT / found.group(1)).read_text())
+    stdout, d = quick_json("cold_start")
+    assert "bench/out/results/cold_start-quick-" in stdout
     assert d["quick"] is True and len(d["passes"]) == 1
     (rec,) = d["passes"]
-    assert CONDITIONS <= set(rec["conditions"]) and rec["conditions"]["gemm_numpy_gflops"] > 0
+    assert CONDITION_KEYS <= set(rec["conditions"]) and rec["conditions"]["gemm_numpy_gflops"] > 0
     assert set(rec["order"]) >= {"in process", "2 workers"}
-    assert "Conditions per pass:" in proc.stdout and "| pass | first trainer |" in proc.stdout
+    assert "Conditions per pass:" in stdout and "| pass | first trainer |" in stdout
     if importlib.util.find_spec("torch") is None:
-        assert d["peer"] is None and "pytorch best practice: not run" in proc.stdout
+        assert d["peer"] is None and "pytorch best practice: not run" in stdout
         return
     (run,) = d["peer"]["runs"]
     plain = d["results"]["in process"]["plain_epochs"][0]
     assert [e["samples"] for e in run["epochs"]] == [e["samples"] for e in plain]
     assert run["wall_s"] > run["phases"]["training"] > 0 and run["held_out_rows"] == d["peer"]["held_out_rows"] > 0
     assert "pytorch best practice" in rec["order"] and rec["conditions"]["gemm_torch_gflops"] > 0
-    assert "| phase | in process s | 2 workers s | in process, blas_threads=2 s | pytorch best practice s |" in (
-        proc.stdout
-    )
+    assert "| phase | in process s | 2 workers s | in process, blas_threads=2 s | pytorch best practice s |" in stdout
     ratio = run["wall_s"] / d["results"]["in process"]["plain"][0]
-    assert f"| in process | {d['results']['in process']['plain'][0]:.2f} | {run['wall_s']:.2f} | {ratio:.2f}x" in (
-        proc.stdout
-    )
+    assert f"| in process | {d['results']['in process']['plain'][0]:.2f} | {run['wall_s']:.2f} | {ratio:.2f}x" in stdout

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.bench.quick import quick_json
+
 ROOT = Path(__file__).resolve().parents[2]
 
 CASES = {
@@ -233,25 +235,9 @@ def test_throughput_accuracy_only_quick() -> None:
     figures: every row has a finite accuracy in [0, 1] for each seed, the PyTorch averaging row
     took as many averaging updates as the pipeline took sync rounds, and the averaging target is
     reported."""
-    import json
     import math
-    import re
 
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.throughput", "--quick", "--accuracy-only", "--seeds", "0,1"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=360,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    found = re.search(r"Raw figures: `([^`]+)`", proc.stdout)
-    assert found, proc.stdout
-    path = Path(found.group(1))
-    rec = json.loads((path if path.is_absolute() else ROOT / "bench" / path.relative_to("bench")).read_text())
+    stdout, rec = quick_json("throughput", "--accuracy-only", "--seeds", "0,1")
     assert [p["seed"] for p in rec["passes"]] == [0, 1]
     want = {"pipeline default (sync, local_steps 8)", "pipeline ema=0 (accuracy parity)"}
     if importlib.util.find_spec("torch") is not None:
@@ -265,7 +251,7 @@ def test_throughput_accuracy_only_quick() -> None:
             updates = p["results"]["pytorch best practice + the same weight averaging"]["updates"]
             assert updates == p["results"]["pipeline default (sync, local_steps 8)"]["rounds"] >= 1
     if importlib.util.find_spec("torch") is not None:
-        assert "| pytorch best practice + the same weight averaging |" in proc.stdout
+        assert "| pytorch best practice + the same weight averaging |" in stdout
         labels = [t["target"] for t in rec["targets"]]
         assert "accuracy within 1 point of PyTorch best practice + the same weight averaging (ema on)" in labels
 

@@ -1,16 +1,13 @@
 """bench.step_anatomy's helpers: the training FLOPs it divides by and how it splits a worker's
 profiled training thread; its quick run's table and JSON under the protocol."""
 
-import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench import step_anatomy, throughput
+from bench.protocol import CONDITION_KEYS
+from tests.bench.quick import quick_json
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,19 +67,7 @@ def test_quick_run_records_every_measurements_conditions_and_provenance():
     """Each measurement is a protocol pass: the JSON keeps its conditions (load, steal, other
     processes, GEMM peaks, flags) beside the figures it had before, and the table's header gives
     the commit, the versions and the conditions per pass."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.step_anatomy", "--quick"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=270,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    found = re.search(r"Raw figures: `([^`]+)`", proc.stdout)
-    assert found, proc.stdout
-    rec = json.loads((ROOT / found.group(1)).read_text())
+    stdout, rec = quick_json("step_anatomy", timeout=270)
     assert rec["quick"] is True
     labels = [p["order"][0] for p in rec["passes"]]
     assert labels == [
@@ -98,10 +83,10 @@ def test_quick_run_records_every_measurements_conditions_and_provenance():
     assert [p["pass"] for p in rec["passes"]] == list(range(1, 9))
     for p in rec["passes"]:
         cond = p["conditions"]
-        assert {"load_before", "load_after", "steal_share", "other_cores", "gemm_numpy_gflops", "flags"} <= set(cond)
+        assert CONDITION_KEYS <= set(cond)
         assert isinstance(cond["flags"], list) and cond["wall"] > 0
     for key in ("step_1_thread", "cluster_run", "gemm_shapes", "cold_in_process", "cold_2_workers"):
         assert key in rec, key
-    header = proc.stdout.split("| part |")[0]
+    header = stdout.split("| part |")[0]
     assert f"Commit {rec['meta']['commit']}" in header and "numpy " in header
     assert "Conditions per pass (one pass per measurement" in header and "| 8 | cold, 2 workers |" in header

@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -183,11 +184,50 @@ def test_worker_that_cannot_read_the_store_is_named(letter_store: Path, tmp_path
     assert not (out / "model.npz").exists()  # refused before training started
 
 
+@contextlib.contextmanager
+def _train_in_background(
+    store: Path, address: str, out: Path, args: list[str], cwd: Path
+) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+    """`pipeline train STORE --scheduler ADDRESS --out OUT ARGS` running beside the test: the
+    process and the list its stderr lines are read into as they come. On exit the process is
+    killed if it still runs and its pipes are closed."""
+    from tests.processes import PIPELINE
+
+    proc = subprocess.Popen(
+        [PIPELINE, "train", str(store), "--scheduler", address, "--out", str(out), *args],
+        cwd=cwd,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(timeout=30)  # the pipe ends with the process
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def _wait_for_line(
+    proc: subprocess.Popen, lines: list[str], found: Callable[[str], bool], timeout: float = 120
+) -> None:
+    """Wait until a line of ``lines`` is ``found`` (or the process ended)."""
+    deadline = time.monotonic() + timeout
+    while not any(found(ln) for ln in list(lines)) and proc.poll() is None:
+        assert time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.05)
+
+
 def test_a_driver_started_before_its_workers_waits_for_them(letter_store: Path, tmp_path: Path) -> None:
     """A job script starts the scheduler, the workers and the driver together: the driver waits
     (up to no_worker_timeout) for a first worker instead of refusing a cluster still starting;
     with none within it, one line names the fix."""
-    from tests.processes import PIPELINE
 
     with running_cluster(tmp_path / "cluster", workers=0) as cluster:
         r = run_cli(
@@ -209,43 +249,14 @@ def test_a_driver_started_before_its_workers_waits_for_them(letter_store: Path, 
         assert "the cluster has had no workers for 2 s; start some with `dask worker ADDRESS`" in line, line
         assert not (tmp_path / "none" / "model.npz").exists()
 
-        out = tmp_path / "run"
-        proc = subprocess.Popen(
-            [
-                PIPELINE,
-                "train",
-                str(letter_store),
-                "--scheduler",
-                cluster.address,
-                "--out",
-                str(out),
-                *[a for a in TRAIN if a != "--quiet"],
-            ],
-            cwd=tmp_path,
-            env=child_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
-        reader.start()
-        try:
+        args = [a for a in TRAIN if a != "--quiet"]
+        with _train_in_background(letter_store, cluster.address, tmp_path / "run", args, tmp_path) as (proc, lines):
             # the worker starts once the driver is up and has found none (however long its start takes)
             waiting = "the cluster has no workers yet: waiting up to 300 s (no_worker_timeout) for one"
-            deadline = time.monotonic() + 120
-            while not any(waiting in ln for ln in list(lines)) and proc.poll() is None:
-                assert time.monotonic() < deadline, "".join(lines)
-                time.sleep(0.1)
+            _wait_for_line(proc, lines, lambda ln: waiting in ln)
             cluster.worker(cluster.address, "late")
             proc.wait(timeout=180)
             stdout = proc.stdout.read()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            reader.join(timeout=30)  # the pipe ends with the process
-            proc.stdout.close()
-            proc.stderr.close()
         stderr = "".join(lines)
     assert proc.returncode == 0, stderr
     assert waiting in stderr, stderr
@@ -257,36 +268,14 @@ def test_a_killed_scheduler_is_one_line_with_the_resume_command(letter_store: Pa
     """The scheduler SIGKILLed mid-run: `pipeline train` ends with one line naming the lost
     scheduler and the command that resumes the run (not Dask's "Failed to reconnect" before it),
     and the checkpoint it names is there."""
-    from tests.processes import PIPELINE
-
     out = tmp_path / "run"
     with running_cluster(tmp_path / "cluster", workers=1) as cluster:
         sched = cluster.schedulers[cluster.address]
         args = [a for a in TRAIN if a != "--quiet"] + ["--set", "epochs=200"]
-        proc = subprocess.Popen(
-            [PIPELINE, "train", str(letter_store), "--scheduler", cluster.address, "--out", str(out), *args],
-            cwd=tmp_path,
-            env=child_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
-        reader.start()
-        try:
-            deadline = time.monotonic() + 120
-            while not any(ln.startswith("epoch   2") for ln in list(lines)) and proc.poll() is None:
-                assert time.monotonic() < deadline, "".join(lines)
-                time.sleep(0.05)
+        with _train_in_background(letter_store, cluster.address, out, args, tmp_path) as (proc, lines):
+            _wait_for_line(proc, lines, lambda ln: ln.startswith("epoch   2"))
             sched.kill()
             proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            reader.join(timeout=30)
-            proc.stdout.close()
-            proc.stderr.close()
     stderr = "".join(lines)
     assert proc.returncode == 1, stderr
     shown = [ln for ln in stderr.splitlines() if ln.strip()]

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,11 +52,11 @@ def _wait_for_shard_workers(client: object, n: int, timeout: float = 60) -> list
     raise AssertionError(f"fewer than {n} ps-shard workers joined within {timeout} s")
 
 
-@pytest.fixture(scope="module")
-def client() -> Iterator[object]:
-    """The module's LocalCluster (two training workers), made and used with a 5 s connect
-    timeout: Distributed retries a refused connection until ``comm.timeouts.connect`` (30 s by
-    default), which is how long a push to a killed shard's worker would wait before it fails."""
+@contextlib.contextmanager
+def shard_test_cluster() -> Iterator[Any]:
+    """A LocalCluster of two training workers, made and used with a 5 s connect timeout:
+    Distributed retries a refused connection until ``comm.timeouts.connect`` (30 s by default),
+    which is how long a push to a killed shard's worker would wait before it fails."""
     import dask
 
     from pipeline.connect import cluster_client
@@ -64,17 +66,31 @@ def client() -> Iterator[object]:
             yield c
 
 
-@pytest.fixture(scope="module")
-def shard_procs(client) -> Iterator[list[subprocess.Popen]]:
-    """Two ps-shard workers beside the module's two training workers."""
-    procs = [_start_shard_worker(client.scheduler.address) for _ in range(2)]
+@contextlib.contextmanager
+def running_shard_workers(client: Any, n: int = 2) -> Iterator[list[subprocess.Popen]]:
+    """``n`` ps-shard worker processes joined to ``client``'s cluster, killed on exit."""
+    procs = [_start_shard_worker(client.scheduler.address) for _ in range(n)]
     try:
-        _wait_for_shard_workers(client, 2)
+        _wait_for_shard_workers(client, n)
         yield procs
     finally:
         for p in procs:
             p.kill()
             p.wait()
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[object]:
+    """The module's LocalCluster (two training workers)."""
+    with shard_test_cluster() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def shard_procs(client) -> Iterator[list[subprocess.Popen]]:
+    """Two ps-shard workers beside the module's two training workers."""
+    with running_shard_workers(client) as procs:
+        yield procs
 
 
 def test_split_ranges_covers_the_vector_in_nearly_equal_consecutive_ranges():
@@ -125,6 +141,18 @@ def test_more_shards_than_shard_workers_is_refused_in_one_line(letter_stores, cl
     assert not (tmp_path / "x" / "checkpoint.npz").exists()
 
 
+def resumed_across_shard_counts(client: Any, store: str, cfg: dict, epochs: int, straight: Path, out: Path) -> None:
+    """Train ``epochs`` epochs of ``cfg`` straight into ``straight``, and into ``out`` in three
+    runs: on 2 shards, resumed on the scheduler's server for one more epoch, then on 2 shards
+    to the end; the two runs end with the same rounds and weights, bit for bit."""
+    whole = train(store, TrainConfig(**cfg, epochs=epochs), straight, client=client)
+    train(store, TrainConfig(**cfg, epochs=epochs - 2, ps_shards=2), out, client=client)
+    train(store, TrainConfig(**cfg, epochs=epochs - 1, ps_shards=0), out, client=client, resume=True)
+    resumed = train(store, TrainConfig(**cfg, epochs=epochs, ps_shards=2), out, client=client, resume=True)
+    assert [h["rounds"] for h in resumed.history] == [h["rounds"] for h in whole.history]
+    np.testing.assert_array_equal(resumed.model.params, whole.model.params)
+
+
 def test_a_checkpoint_resumes_on_any_shard_count(letter_stores, client, shard_procs, tmp_path):
     """The checkpoint holds the shards' states joined by range (the single server's layout): a
     run trained on 2 shards, resumed on the scheduler's server, then on 2 shards again ends
@@ -132,13 +160,8 @@ def test_a_checkpoint_resumes_on_any_shard_count(letter_stores, client, shard_pr
     from pipeline.checkpoint import load_file
 
     cfg = {"mode": "sync", "patience": 0, "server_optimizer": "adam", "server_lr": 1e-3}
-    straight = train(letter_stores[0], TrainConfig(**cfg, epochs=4), tmp_path / "straight", client=client)
     out = tmp_path / "cut"
-    train(letter_stores[0], TrainConfig(**cfg, epochs=2, ps_shards=2), out, client=client)
-    train(letter_stores[0], TrainConfig(**cfg, epochs=3, ps_shards=0), out, client=client, resume=True)
-    resumed = train(letter_stores[0], TrainConfig(**cfg, epochs=4, ps_shards=2), out, client=client, resume=True)
-    assert [h["rounds"] for h in resumed.history] == [h["rounds"] for h in straight.history]
-    np.testing.assert_array_equal(resumed.model.params, straight.model.params)
+    resumed_across_shard_counts(client, letter_stores[0], cfg, 4, tmp_path / "straight", out)
     a, _ = load_file(out / "checkpoint.npz", "checkpoint")
     b, _ = load_file(tmp_path / "straight" / "checkpoint.npz", "checkpoint")
     for k in ("params", "opt_m", "opt_v", "opt_average", "local0_0", "local1_1"):
@@ -187,13 +210,7 @@ def test_a_compressed_run_resumes_across_shard_counts(letter_stores, client, sha
     sliced to the shards and joined back in the checkpoint: 2 shards, then the scheduler's
     server, then 2 shards end as a run never stopped, bit for bit."""
     cfg = {"mode": "sync", "patience": 0, "seed": 5, "compression": "fp16", "compress_replies": True}
-    straight = train(letter_stores[0], TrainConfig(**cfg, epochs=3), tmp_path / "straight", client=client)
-    out = tmp_path / "cut"
-    train(letter_stores[0], TrainConfig(**cfg, epochs=1, ps_shards=2), out, client=client)
-    train(letter_stores[0], TrainConfig(**cfg, epochs=2, ps_shards=0), out, client=client, resume=True)
-    resumed = train(letter_stores[0], TrainConfig(**cfg, epochs=3, ps_shards=2), out, client=client, resume=True)
-    assert [h["rounds"] for h in resumed.history] == [h["rounds"] for h in straight.history]
-    np.testing.assert_array_equal(resumed.model.params, straight.model.params)
+    resumed_across_shard_counts(client, letter_stores[0], cfg, 3, tmp_path / "straight", tmp_path / "cut")
 
 
 def _sharded_page(dask_scheduler, rounds: int | None = None) -> dict | None:
@@ -295,15 +312,16 @@ def _erred_keys(dask_scheduler: Any) -> list[str]:
     return list(dask_scheduler.plugins[_ErredTasks.name].keys)
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_a_killed_shard_worker_is_survived(mode, letter_stores, client, shard_procs, tmp_path):
-    """A shard's worker SIGKILLed mid-epoch: the job is placed again on the ps-shard workers
-    present (a spare joined for it) from the last checkpoint, the epoch is trained again and
-    the run ends with every epoch, a finite model that learned."""
+def train_through_a_shard_kill(
+    client: Any, shard_procs: list[subprocess.Popen], store: str, cfg: TrainConfig, out: Path
+) -> tuple[Any, list[str], list[str], list[str]]:
+    """Train ``cfg`` while the worker of the job's first shard is SIGKILLed mid-epoch, a spare
+    ps-shard worker joined for it (enough spares for 3 live ones: an earlier kill took some):
+    the run's result, the lines it logged, the keys of the tasks that erred and the workers
+    killed."""
     import threading
 
-    live = len(shard_workers(client.scheduler_info(n_workers=-1)))  # an earlier case killed some
+    live = len(shard_workers(client.scheduler_info(n_workers=-1)))
     spares = [_start_shard_worker(client.scheduler.address) for _ in range(max(1, 3 - live))]
     procs = [*shard_procs, *spares]
     client.register_plugin(_ErredTasks())
@@ -313,8 +331,7 @@ def test_a_killed_shard_worker_is_survived(mode, letter_stores, client, shard_pr
         killed: list[str] = []
         killer = threading.Thread(target=_kill_a_shard_mid_epoch, args=(client, procs, used, killed), daemon=True)
         killer.start()
-        cfg = TrainConfig(mode=mode, epochs=3, patience=0, ps_shards=2)
-        res = train(letter_stores[0], cfg, tmp_path / "run", client=client, log=said.append)
+        res = train(store, cfg, out, client=client, log=said.append)
         killer.join()
         erred = client.run_on_scheduler(_erred_keys)
     finally:
@@ -322,11 +339,28 @@ def test_a_killed_shard_worker_is_survived(mode, letter_stores, client, shard_pr
         for spare in spares:
             spare.kill()
             spare.wait()
+    return res, said, erred, killed
+
+
+def assert_survived(res: Any, said: list[str], erred: list[str], killed: list[str]) -> None:
+    """A run through a shard's loss (:func:`train_through_a_shard_kill`): the shard was killed,
+    the job restored from the last checkpoint, and the run ended with every epoch (3) and a
+    finite model that learned. The training tasks cut off by the lost shard ended with it as
+    their result: no task erred, so no worker logged a "Compute Failed" traceback for a loss
+    the run recovers from."""
     assert killed, "no shard worker was killed: the test did not exercise shard loss"
-    # the training tasks cut off by the lost shard ended with it as their result: no task
-    # erred, so no worker logged a "Compute Failed" traceback for a loss the run recovers from
     assert not [k for k in erred if str(k).startswith("train-chunk-")], erred
     assert any("restoring the parameter server from the last checkpoint" in m for m in said), said
     assert [h["epoch"] for h in res.history] == [0, 1, 2]
     assert np.isfinite(res.model.params).all()
     assert res.history[-1]["val_accuracy"] > 0.6, [h["val_accuracy"] for h in res.history]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_killed_shard_worker_is_survived(mode, letter_stores, client, shard_procs, tmp_path):
+    """A shard's worker SIGKILLed mid-epoch: the job is placed again on the ps-shard workers
+    present (a spare joined for it) from the last checkpoint, the epoch is trained again and
+    the run ends with every epoch, a finite model that learned."""
+    cfg = TrainConfig(mode=mode, epochs=3, patience=0, ps_shards=2)
+    assert_survived(*train_through_a_shard_kill(client, shard_procs, letter_stores[0], cfg, tmp_path / "run"))

@@ -22,16 +22,15 @@ import pytest
 from pipeline.checkpoint import read_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.loop import make_trainer
-from pipeline.ps.shard import SHARD_EXTENSION, ShardedParameterServer, shard_workers
+from pipeline.ps.shard import SHARD_EXTENSION, ShardedParameterServer
 from pipeline.ps.wire import DeltaCompressor, compress
 from pipeline.train import task_config, train
 from pipeline.worker import _Comm, _Pusher
 from tests.pipeline.test_ps_shard import (
-    _erred_keys,
-    _ErredTasks,
-    _kill_a_shard_mid_epoch,
-    _start_shard_worker,
-    _wait_for_shard_workers,
+    assert_survived,
+    running_shard_workers,
+    shard_test_cluster,
+    train_through_a_shard_kill,
 )
 
 SPEC = {"n_in": 16, "hidden": [8], "n_out": 4, "activation": "relu"}
@@ -40,28 +39,16 @@ N_PARAMS = 16 * 8 + 8 + 8 * 4 + 4
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
-    """The module's LocalCluster (two training workers), made and used with a 5 s connect
-    timeout, as test_ps_shard's."""
-    import dask
-
-    from pipeline.connect import cluster_client
-
-    with dask.config.set({"distributed.comm.timeouts.connect": "5s"}):
-        with cluster_client(workers=2, threads_per_worker=1, dashboard_address=None) as c:
-            yield c
+    """The module's LocalCluster (two training workers), as test_ps_shard's."""
+    with shard_test_cluster() as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
 def shard_procs(client: Any) -> Iterator[list]:
     """Two ps-shard workers beside the module's two training workers."""
-    procs = [_start_shard_worker(client.scheduler.address) for _ in range(2)]
-    try:
-        _wait_for_shard_workers(client, 2)
+    with running_shard_workers(client) as procs:
         yield procs
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
 
 
 class _Reads:
@@ -298,31 +285,9 @@ def test_a_killed_shard_worker_is_survived_with_compressed_replies(
     """A shard's worker SIGKILLed mid-epoch of a run with int8 deltas and replies: the job is
     placed again from the last checkpoint, each shard from its slice of the participants'
     weights there (``reply_view``), and the run ends with every epoch and a model that learned."""
-    live = len(shard_workers(client.scheduler_info(n_workers=-1)))
-    spares = [_start_shard_worker(client.scheduler.address) for _ in range(max(1, 3 - live))]
-    procs = [*shard_procs, *spares]
-    client.register_plugin(_ErredTasks())
-    try:
-        used = _wait_for_shard_workers(client, 3)[:2]  # ShardedParameterServer takes the first, sorted
-        said: list[str] = []
-        killed: list[str] = []
-        killer = threading.Thread(target=_kill_a_shard_mid_epoch, args=(client, procs, used, killed), daemon=True)
-        killer.start()
-        cfg = TrainConfig(mode="sync", epochs=3, patience=0, ps_shards=2, compression="int8", compress_replies=True)
-        res = train(letter_stores[0], cfg, tmp_path / "run", client=client, log=said.append)
-        killer.join()
-        erred = client.run_on_scheduler(_erred_keys)
-    finally:
-        client.unregister_scheduler_plugin(_ErredTasks.name)
-        for spare in spares:
-            spare.kill()
-            spare.wait()
-    assert killed, "no shard worker was killed: the test did not exercise shard loss"
-    assert not [k for k in erred if str(k).startswith("train-chunk-")], erred
-    assert any("restoring the parameter server from the last checkpoint" in m for m in said), said
-    assert [h["epoch"] for h in res.history] == [0, 1, 2]
-    assert np.isfinite(res.model.params).all()
-    assert res.history[-1]["val_accuracy"] > 0.6, [h["val_accuracy"] for h in res.history]
+    cfg = TrainConfig(mode="sync", epochs=3, patience=0, ps_shards=2, compression="int8", compress_replies=True)
+    res, *rest = train_through_a_shard_kill(client, shard_procs, letter_stores[0], cfg, tmp_path / "run")
+    assert_survived(res, *rest)
     # the restored shards' checkpoints hold the participants' weights joined from every slice
     view = read_checkpoint(tmp_path / "run" / "checkpoint.npz").reply_view
     assert view is not None and view.shape == res.model.params.shape and np.isfinite(view).all()
