@@ -378,7 +378,7 @@ def peer_child(argv: Sequence[str]) -> int:
     pipeline's whole process is judged against.
 
     The peer is :class:`bench.torch_peers.TorchBest` (the throughput benchmark's target row and
-    cold peer, ``python -m bench.torch_peers cold``) started as that cold peer starts: the store
+    cold peer, ``python -m bench.torch_peers cold-peer best``) started as that cold peer starts: the store
     read whole into memory and standardized with its own statistics (:func:`bench.common.arrays`);
     then the rows in ``HELD.npy`` (the rows the pipeline holds out for validation; an empty
     array: none) split off, ``EPOCHS`` epochs each followed by a validation pass over the held-out

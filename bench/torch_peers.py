@@ -39,8 +39,7 @@ from outside): ``python -m bench.torch_peers cold-peer KIND ...`` for the in-pro
 the steady rows build it) and ``python -m bench.torch_peers ddp-store ...`` for the two-process
 peer (:func:`ddp_store_main`: each process reads and standardizes the store itself). Each reads
 the training and test stores, trains the given epochs predicting the test rows after each, and
-writes the model it predicts with by ``torch.save(state_dict)``. ``python -m bench.torch_peers
-cold`` (:func:`cold_main`) is the best-practice peer alone, at batch 256.
+writes the model it predicts with by ``torch.save(state_dict)``.
 """
 
 from __future__ import annotations
@@ -430,27 +429,6 @@ def run_ddp(
     return res
 
 
-def cold_main(argv: Sequence[str]) -> None:
-    """``python -m bench.torch_peers cold TRAIN.zarr TEST.zarr OUT.pt EPOCHS ADAM SIZES``: the best-practice
-    peer as a whole process, from the store on disk to a saved model (imports, reads,
-    standardization, training with a validation pass per epoch, save)."""
-    import torch
-
-    from bench.common import arrays
-    from pipeline.store import open_store
-
-    train_p, test_p, out, epochs, kind, sizes_s = argv[:6]
-    tr, te = open_store(train_p), open_store(test_p)
-    X, y = arrays(tr)
-    Xte, yte = arrays(te, like=tr)
-    sizes = [int(v) for v in sizes_s.split(",")]
-    peer = TorchBest(X, y, sizes, adam_kind=kind)
-    for _ in range(int(epochs)):
-        peer.epoch()
-        peer.predict(Xte)
-    torch.save(peer.model.state_dict(), out)
-
-
 def ddp_store_main(argv: Sequence[str]) -> None:
     """``python -m bench.torch_peers ddp-store TRAIN.zarr TEST.zarr OUT.json SIZES BATCH EPOCHS PERIOD ADAM``:
     the two-process peer as a cold run: both processes read and standardize the stores, no
@@ -602,8 +580,6 @@ def stream_main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "ddp":
         ddp_main(sys.argv[2:])
-    elif len(sys.argv) > 1 and sys.argv[1] == "cold":
-        cold_main(sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "cold-peer":
         cold_peer_main(sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "ddp-store":

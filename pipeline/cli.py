@@ -61,6 +61,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    _OneLineDaskErrors.reports_lost_scheduler = False  # until a command that reports it says so
     if not verbose:
         quiet = _OneLineDaskErrors()
         for name in ("", *_OneLineDaskErrors._SOURCES):

@@ -586,6 +586,11 @@ def _group_attrs(path: Path) -> dict[str, Any] | None:
         meta = json.loads((path / "zarr.json").read_text())
     except (OSError, ValueError):
         return None
+    return _attributes(meta)
+
+
+def _attributes(meta: Any) -> dict[str, Any] | None:
+    """The attributes in a Zarr v3 ``zarr.json`` document ``meta``, if it is a group's (else None)."""
     if not isinstance(meta, dict) or meta.get("node_type") != "group":
         return None
     attrs = meta.get("attributes")
@@ -873,8 +878,8 @@ def clean_stale_remote_temps(fs: Any, dest: str) -> list[str]:
             meta = json.loads(fs.cat(f"{p.rstrip('/')}/zarr.json"))
         except Exception:  # noqa: BLE001 - not a store's group: not ours to judge
             continue
-        attrs = meta.get("attributes") if isinstance(meta, dict) and meta.get("node_type") == "group" else None
-        if not isinstance(attrs, dict) or entries - STORE_ENTRIES:
+        attrs = _attributes(meta)
+        if attrs is None or entries - STORE_ENTRIES:
             continue
         if _writer_gone(attrs.get("writer")):
             try:
